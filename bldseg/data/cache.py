@@ -1,0 +1,311 @@
+"""The one-time decoded cache: "load once, in 5 seconds", without holding it all in RAM.
+
+Every image is decoded once into memory-mapped ``.npy`` files::
+
+    cache_dir/
+        images.npy      uint8 (N, H, W, 3)   RGB
+        masks.npy       uint8 (N, H, W)      0/1 (absent for unlabelled data, e.g. test.csv)
+        sources.json    one entry per sample: img_id, source path, window, size, mtime, hash
+        manifest.json   format version, shapes, fingerprint of the sources (written last)
+
+Opening is O(1) in the cache size: ``np.load(mmap_mode="r")`` maps the files and reads only the
+``.npy`` headers; ``sources.json`` is parsed only when ids are asked for.
+
+A build writes into a hidden temporary folder and renames it into place at the end, with
+``manifest.json`` written last, so an interrupted build never leaves a cache that looks valid.
+The fingerprint (paths, sizes, mtimes, RLE strings, windows) detects stale caches, which
+:func:`ensure_cache` rebuilds. Concurrent builders (several Ray workers) are serialised with a
+file lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from bldseg.data.readers import SourceRecord, load_record
+
+CACHE_FORMAT_VERSION = 1
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def fingerprint_records(records: Sequence[SourceRecord]) -> str:
+    """Hash of what a cache is built from: ids, paths, windows, file stats and mask RLEs.
+
+    Cheap (stat calls only), so it can be checked on every start. Any edited, replaced or
+    re-labelled source changes it.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"v{CACHE_FORMAT_VERSION}\n".encode())
+    stats: dict[Path, list[int]] = {}
+    for r in records:
+        for p in (r.image_path, r.mask_path):
+            if p is not None and p not in stats:
+                stats[p] = _stat_key(p)
+        entry = [
+            r.img_id,
+            str(r.image_path),
+            stats[r.image_path],
+            r.mask_rle,
+            None if r.mask_path is None else [str(r.mask_path), *stats[r.mask_path]],
+            r.window,
+        ]
+        h.update(json.dumps(entry).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+
+
+class DatasetCache:
+    """A decoded dataset, memory-mapped from a cache folder.
+
+    Pickles as its path only, so a DataLoader worker or a Ray task reopens the maps instead of
+    receiving a copy of the arrays.
+
+    Attributes:
+        root: The cache folder.
+        manifest: The parsed ``manifest.json``.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        manifest_path = self.root / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{self.root} is not a complete bldseg cache (no manifest.json); build it with "
+                "bldseg.data.ensure_cache"
+            )
+        self.manifest = json.loads(manifest_path.read_text())
+        version = self.manifest.get("format_version")
+        if version != CACHE_FORMAT_VERSION:
+            raise ValueError(
+                f"{self.root}: cache format {version}, this bldseg reads {CACHE_FORMAT_VERSION}; "
+                "delete the folder or call ensure_cache to rebuild it"
+            )
+        self._open()
+
+    def _open(self) -> None:
+        self.images = np.load(self.root / "images.npy", mmap_mode="r")  # (N, H, W, 3) uint8
+        masks_path = self.root / "masks.npy"
+        self.masks = np.load(masks_path, mmap_mode="r") if masks_path.exists() else None
+        expected = (self.manifest["n"], self.manifest["height"], self.manifest["width"], 3)
+        if self.images.shape != expected:
+            raise ValueError(
+                f"{self.root}: images.npy has shape {self.images.shape}, manifest says "
+                f"{expected}; the cache is damaged, rebuild it"
+            )
+
+    def __getstate__(self) -> dict:
+        return {"root": str(self.root)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
+
+    def __len__(self) -> int:
+        return self.manifest["n"]
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"DatasetCache({str(self.root)!r}, n={m['n']}, size={m['height']}x{m['width']}, "
+            f"masks={m['has_masks']})"
+        )
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of every cached image."""
+        return self.manifest["height"], self.manifest["width"]
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the sources the cache was built from."""
+        return self.manifest["fingerprint"]
+
+    @cached_property
+    def sources(self) -> list[dict]:
+        """Per-sample provenance: img_id, path, window, size, mtime_ns, content hash."""
+        return json.loads((self.root / "sources.json").read_text())
+
+    @cached_property
+    def ids(self) -> list[str]:
+        """Sample ids in cache order."""
+        return [s["img_id"] for s in self.sources]
+
+
+def _is_current(cache_dir: Path, fingerprint: str) -> bool:
+    try:
+        manifest = json.loads((cache_dir / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return (
+        manifest.get("format_version") == CACHE_FORMAT_VERSION
+        and manifest.get("fingerprint") == fingerprint
+    )
+
+
+def build_cache(
+    records: Sequence[SourceRecord],
+    cache_dir: str | os.PathLike,
+    *,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> DatasetCache:
+    """Decodes every record once into a new cache folder, replacing any old one atomically.
+
+    Args:
+        records: What to decode (see :mod:`bldseg.data.readers`). All must have the same image
+            size, and either all or none must carry a mask.
+        cache_dir: Destination folder.
+        num_threads: Decoding threads (OpenCV releases the GIL); default: the CPU count.
+        progress: Show a progress bar.
+
+    Returns:
+        The opened cache.
+
+    Raises:
+        ValueError: No records, mixed labelled/unlabelled records, images of different sizes
+            (naming the first offender), or any decoding error from the readers.
+    """
+    if not records:
+        raise ValueError("no records to cache")
+    with_masks = records[0].has_mask
+    for r in records:
+        if r.has_mask != with_masks:
+            raise ValueError(
+                f"{r.img_id}: mixes labelled and unlabelled samples in one cache "
+                f"({records[0].img_id} has_mask={with_masks})"
+            )
+    cache_dir = Path(cache_dir)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = fingerprint_records(records)
+    t0 = time.perf_counter()
+
+    # The first record fixes the size every other one must have.
+    first_image, _ = load_record(records[0])
+    h, w = first_image.shape[:2]
+    n = len(records)
+
+    tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        images = np.lib.format.open_memmap(
+            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, h, w, 3)
+        )
+        masks = (
+            np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, h, w))
+            if with_masks
+            else None
+        )
+        hashes: dict[Path, str] = {}
+
+        def decode(i: int) -> dict:
+            r = records[i]
+            image, mask = load_record(r)
+            if image.shape[:2] != (h, w):
+                raise ValueError(
+                    f"{r.img_id} ({r.image_path}): image is {image.shape[0]}x{image.shape[1]}, "
+                    f"expected {h}x{w} like {records[0].img_id}; every sample of one cache must "
+                    "have the same size (use tile_size for scenes of varying size)"
+                )
+            images[i] = image
+            if masks is not None:
+                masks[i] = mask
+            # Tiles of one scene share a file: hash it once. The dict race between threads is
+            # benign (same value written twice).
+            if r.image_path not in hashes:
+                hashes[r.image_path] = _file_hash(r.image_path)
+            return {
+                "img_id": r.img_id,
+                "path": str(r.image_path),
+                "window": r.window,
+                "mask_path": None if r.mask_path is None else str(r.mask_path),
+                "size": r.image_path.stat().st_size,
+                "mtime_ns": r.image_path.stat().st_mtime_ns,
+                "blake2b": hashes[r.image_path],
+            }
+
+        workers = num_threads or os.cpu_count() or 1
+        with ThreadPoolExecutor(workers) as pool:
+            sources = list(
+                tqdm(
+                    pool.map(decode, range(n)),
+                    total=n,
+                    desc=f"caching {cache_dir.name}",
+                    unit="img",
+                    disable=not progress,
+                )
+            )
+        images.flush()
+        if masks is not None:
+            masks.flush()
+        (tmp / "sources.json").write_text(json.dumps(sources))
+        manifest = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "n": n,
+            "height": h,
+            "width": w,
+            "has_masks": with_masks,
+            "fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        # Written last: its presence is what makes the folder a valid cache.
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _swap_into_place(tmp, cache_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return DatasetCache(cache_dir)
+
+
+def _swap_into_place(tmp: Path, cache_dir: Path) -> None:
+    """Renames ``tmp`` to ``cache_dir``, moving an old cache aside first."""
+    old = None
+    if cache_dir.exists():
+        old = cache_dir.parent / f".{cache_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(cache_dir, old)
+    os.replace(tmp, cache_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_cache(
+    records: Sequence[SourceRecord],
+    cache_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+) -> DatasetCache:
+    """Opens ``cache_dir`` if it was built from exactly these sources, else (re)builds it.
+
+    Safe to call from many processes at once: a file lock beside the folder serialises builds,
+    and a process that waited finds the cache the first one built.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = fingerprint_records(records)
+    if _is_current(cache_dir, fingerprint):
+        return DatasetCache(cache_dir)
+    with FileLock(str(cache_dir.parent / f".{cache_dir.name}.lock")):
+        if _is_current(cache_dir, fingerprint):
+            return DatasetCache(cache_dir)
+        return build_cache(records, cache_dir, progress=progress)

@@ -1,0 +1,213 @@
+"""Train/validation split and torch datasets over a :class:`~bldseg.data.cache.DatasetCache`.
+
+Training samples random crops (224 by default) from the large cached images, as the reference
+workflow did; validation uses fixed tiles covering each validation image, so it mirrors the
+competition's 224x224 test tiles.
+
+Both datasets hold the cache by path (it pickles as its folder), so ``num_workers > 0``
+DataLoader workers map the same files instead of copying the arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from bldseg.data.cache import DatasetCache
+from bldseg.data.readers import tile_windows
+
+Transform = Callable[..., dict]
+
+
+def split_indices(
+    n: int, val_fraction: float = 0.05, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic split of ``n`` images into train and validation indices (by image).
+
+    Args:
+        n: Number of images.
+        val_fraction: Share of images for validation (the reference workflow used 5%). At least
+            one image goes to each side when ``n >= 2``.
+        seed: Seed of the permutation.
+
+    Returns:
+        ``(train_idx, val_idx)``, each sorted ascending.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if n < 2:
+        raise ValueError(f"need at least 2 images to split, got {n}")
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A fixed window of a cached image.
+
+    Attributes:
+        index: Image index in the cache.
+        y: Top row of the window.
+        x: Left column of the window.
+        size: Window height and width.
+    """
+
+    index: int
+    y: int
+    x: int
+    size: int
+
+    def tile_id(self, ids: Sequence[str]) -> str:
+        """Stable id ``<img_id>_y<y>_x<x>`` for logs and the ensemble library."""
+        return f"{ids[self.index]}_y{self.y}_x{self.x}"
+
+
+def validation_tiles(cache: DatasetCache, indices: Sequence[int], tile_size: int) -> list[Tile]:
+    """Tiles of ``tile_size`` covering every image in ``indices`` (edge tiles shifted inwards).
+
+    Raises:
+        ValueError: ``tile_size`` is larger than the cached images.
+    """
+    h, w = cache.image_size
+    if tile_size > min(h, w):
+        raise ValueError(f"tile_size {tile_size} is larger than the cached images ({h}x{w})")
+    windows = tile_windows(h, w, tile_size)
+    return [Tile(int(i), y, x, tile_size) for i in indices for (y, x, _, _) in windows]
+
+
+def _to_tensors(image, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 3) array or (3, H, W) tensor + (H, W) mask -> image (3, H, W), mask (1, H, W)."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    if image.dtype == torch.uint8:
+        # No Normalize in the pipeline: scale to [0, 1] so models never see 0..255.
+        image = image.float().div_(255.0)
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    return image.float(), mask.float().reshape(1, *mask.shape[-2:])
+
+
+class RandomCropDataset(Dataset):
+    """Random windows from cached images, then an albumentations pipeline.
+
+    Reading only a window from the memory map (instead of the whole 1024x1024 image) is what
+    makes the cache fast: ``window`` should be large enough for the pipeline's own scale and
+    crop steps (for RandomScale(0.2) then RandomCrop(224): ceil(224 / 0.8) = 280).
+
+    Each item is ``{"image": (3, S, S) float, "mask": (1, S, S) float, "index": int}``.
+    Randomness is keyed by ``(seed, epoch, item)``, so a run is reproducible with any number
+    of workers; call :meth:`set_epoch` at the start of each epoch.
+    """
+
+    def __init__(
+        self,
+        cache: DatasetCache,
+        indices: Sequence[int],
+        transform: Transform | None = None,
+        *,
+        window: int = 280,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+    ):
+        """Creates the dataset.
+
+        Args:
+            cache: The cache (must have masks).
+            indices: Cache indices of the training images.
+            transform: An albumentations pipeline called as ``transform(image=, mask=)``; None
+                gives the raw window scaled to [0, 1].
+            window: Side of the random window read from the cache (clipped to the image).
+            samples_per_epoch: Items per epoch; default one per training image.
+            seed: Base seed.
+        """
+        if cache.masks is None:
+            raise ValueError(f"{cache.root}: training needs masks, this cache has none")
+        if len(indices) == 0:
+            raise ValueError("no training images")
+        self.cache = cache
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        h, w = cache.image_size
+        self.window = (min(window, h), min(window, w))
+        self.samples_per_epoch = samples_per_epoch or len(self.indices)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the random stream of ``epoch`` (call before iterating each epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, item: int) -> dict:
+        rng = np.random.default_rng((self.seed, self.epoch, item))
+        index = int(self.indices[item % len(self.indices)])
+        h, w = self.cache.image_size
+        wh, ww = self.window
+        y = int(rng.integers(0, h - wh + 1))
+        x = int(rng.integers(0, w - ww + 1))
+        # np.array copies only the window out of the memory map: (wh, ww, 3) and (wh, ww).
+        image = np.array(self.cache.images[index, y : y + wh, x : x + ww])
+        mask = np.array(self.cache.masks[index, y : y + wh, x : x + ww])
+        if self.transform is not None:
+            if hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(int(rng.integers(2**31)))
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        image_t, mask_t = _to_tensors(image, mask)
+        return {"image": image_t, "mask": mask_t, "index": index}
+
+
+class TileDataset(Dataset):
+    """Fixed tiles of cached images (validation and prediction), deterministic.
+
+    Each item is ``{"image": (3, S, S) float, "mask": (1, S, S) float (if the cache has
+    masks), "tile": int}`` where ``tile`` indexes ``tiles``.
+    """
+
+    def __init__(
+        self,
+        cache: DatasetCache,
+        tiles: Sequence[Tile],
+        transform: Transform | None = None,
+    ):
+        """Creates the dataset.
+
+        Args:
+            cache: The cache.
+            tiles: Windows to read, e.g. from :func:`validation_tiles`.
+            transform: A deterministic pipeline (Normalize); None scales to [0, 1].
+        """
+        self.cache = cache
+        self.tiles = list(tiles)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, item: int) -> dict:
+        t = self.tiles[item]
+        sl = (t.index, slice(t.y, t.y + t.size), slice(t.x, t.x + t.size))
+        image = np.array(self.cache.images[sl])
+        has_mask = self.cache.masks is not None
+        mask = np.array(self.cache.masks[sl]) if has_mask else np.zeros(image.shape[:2], np.uint8)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        image_t, mask_t = _to_tensors(image, mask)
+        sample = {"image": image_t, "tile": item}
+        if has_mask:
+            sample["mask"] = mask_t
+        return sample
+
+
+def window_for(crop_size: int, scale_limit: float = 0.0) -> int:
+    """Window side that a RandomScale(scale_limit) + RandomCrop(crop_size) pipeline needs."""
+    return math.ceil(crop_size / max(1e-6, 1.0 - scale_limit))

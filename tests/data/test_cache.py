@@ -1,0 +1,105 @@
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bldseg.data.cache import DatasetCache, build_cache, ensure_cache
+from bldseg.data.readers import read_competition_csv, read_folder_dataset
+from tests.data.test_readers import make_competition, write_png
+
+
+def test_build_and_open(tmp_path):
+    csv, truth = make_competition(tmp_path / "ds", n=4, size=32)
+    cache = build_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    assert len(cache) == 4 and cache.image_size == (32, 32)
+    assert isinstance(cache.images, np.memmap) and cache.images.shape == (4, 32, 32, 3)
+    for i, (img, mask) in enumerate(truth):
+        np.testing.assert_array_equal(cache.images[i], img)
+        np.testing.assert_array_equal(cache.masks[i], mask)
+    assert cache.ids == ["TRAIN_0000", "TRAIN_0001", "TRAIN_0002", "TRAIN_0003"]
+    src = cache.sources[0]
+    assert src["size"] > 0 and len(src["blake2b"]) == 32
+    # nothing temporary is left beside the cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ds"]
+
+
+def test_pickles_as_path_and_reopens(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds")
+    cache = build_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    blob = pickle.dumps(cache)
+    assert len(blob) < 500  # the arrays are not in the pickle
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.images[1], cache.images[1])
+
+
+def test_ensure_cache_reuses_then_rebuilds_when_stale(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds")
+    first = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    created = first.manifest["created"]
+    again = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    assert again.manifest["fingerprint"] == first.fingerprint
+
+    # relabel one image: the fingerprint changes and the cache is rebuilt with the new mask
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[0, "mask_rle"] = "1 5"
+    df.to_csv(csv, index=False)
+    rebuilt = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    assert rebuilt.fingerprint != first.fingerprint
+    assert rebuilt.masks[0].reshape(-1)[:6].tolist() == [1, 1, 1, 1, 1, 0]
+    assert rebuilt.manifest["created"] >= created
+
+    # replace an image file: detected by size/mtime
+    p = tmp_path / "ds" / "train_img" / "TRAIN_0002.png"
+    write_png(p, np.full((32, 32, 3), 7, np.uint8))
+    os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))
+    rebuilt2 = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    assert (rebuilt2.images[2] == 7).all()
+
+
+def test_interrupted_build_leaves_no_valid_cache(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds", n=3)
+    bad = tmp_path / "ds" / "train_img" / "TRAIN_0002.png"
+    bad.write_bytes(b"garbage")  # decoding fails part-way through the build
+    with pytest.raises(ValueError, match=r"TRAIN_0002\.png: cannot decode"):
+        build_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+    with pytest.raises(FileNotFoundError, match="not a complete bldseg cache"):
+        DatasetCache(tmp_path / "cache")
+
+
+def test_failed_rebuild_keeps_the_old_cache(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds", n=3)
+    good = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    before = np.array(good.images)
+    (tmp_path / "ds" / "train_img" / "TRAIN_0001.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError):
+        ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    np.testing.assert_array_equal(DatasetCache(tmp_path / "cache").images, before)
+
+
+def test_mismatched_sizes_name_the_file(tmp_path):
+    write_png(tmp_path / "images" / "a.png", np.zeros((16, 16, 3), np.uint8))
+    write_png(tmp_path / "images" / "b.png", np.zeros((16, 24, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"b \(.*b.png\): image is 16x24, expected 16x16 like a"):
+        build_cache(read_folder_dataset(tmp_path / "images"), tmp_path / "c", progress=False)
+
+
+def test_version_mismatch_is_explained(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds")
+    cache = build_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    manifest = json.loads((cache.root / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (cache.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="cache format 999"):
+        DatasetCache(cache.root)
+
+
+def test_unlabelled_cache(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds")
+    cache = build_cache(read_competition_csv(csv, with_masks=False), tmp_path / "c", progress=False)
+    assert cache.masks is None and not cache.manifest["has_masks"]

@@ -1,0 +1,111 @@
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from bldseg.data.cache import build_cache
+from bldseg.data.dataset import (
+    RandomCropDataset,
+    TileDataset,
+    split_indices,
+    validation_tiles,
+    window_for,
+)
+from bldseg.data.readers import read_competition_csv
+from tests.data.test_readers import make_competition
+
+
+@pytest.fixture
+def cache(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds", n=5, size=64)
+    return build_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    tr, va = split_indices(100, 0.05, seed=3)
+    assert len(va) == 5 and len(tr) == 95
+    assert set(tr).isdisjoint(va) and set(tr) | set(va) == set(range(100))
+    tr2, va2 = split_indices(100, 0.05, seed=3)
+    assert (va == va2).all() and (tr == tr2).all()
+    assert not np.array_equal(split_indices(100, 0.05, seed=4)[1], va)
+    assert len(split_indices(3, 0.05)[1]) == 1  # at least one validation image
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_indices(10, 1.5)
+
+
+def test_validation_tiles_cover_images(cache):
+    tiles = validation_tiles(cache, [1, 3], 24)
+    assert {t.index for t in tiles} == {1, 3}
+    assert len(tiles) == 2 * 9  # 64 px with 24 px tiles: starts 0, 24, 40
+    assert tiles[0].tile_id(cache.ids) == "TRAIN_0001_y0_x0"
+    with pytest.raises(ValueError, match="larger than the cached images"):
+        validation_tiles(cache, [0], 128)
+
+
+def test_tile_dataset_returns_exact_windows(cache):
+    tiles = validation_tiles(cache, [2], 32)
+    ds = TileDataset(cache, tiles)
+    s = ds[3]
+    t = tiles[3]
+    expect = cache.images[2, t.y : t.y + 32, t.x : t.x + 32].transpose(2, 0, 1) / 255.0
+    np.testing.assert_allclose(s["image"].numpy(), expect, atol=1e-7)
+    np.testing.assert_array_equal(
+        s["mask"][0].numpy(), cache.masks[2, t.y : t.y + 32, t.x : t.x + 32]
+    )
+    assert s["tile"] == 3
+
+
+def reference_pipeline(crop: int) -> A.Compose:
+    return A.Compose(
+        [
+            A.RandomScale(scale_limit=0.2, p=0.5),
+            A.RandomCrop(crop, crop),
+            A.VerticalFlip(p=0.5),
+            A.HorizontalFlip(p=0.5),
+            A.Normalize(),
+        ]
+    )
+
+
+def test_random_crops_are_consistent_and_deterministic(cache):
+    ds = RandomCropDataset(cache, [0, 1, 2], None, window=32, seed=7)
+    s = ds[1]
+    assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (1, 32, 32)
+    # image and mask come from the same window: find it in the source image
+    img = (s["image"].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    src = cache.images[s["index"]]
+    found = [
+        (y, x)
+        for y in range(64 - 32 + 1)
+        for x in range(64 - 32 + 1)
+        if np.array_equal(src[y : y + 32, x : x + 32], img)
+    ]
+    assert len(found) == 1
+    y, x = found[0]
+    np.testing.assert_array_equal(
+        s["mask"][0].numpy(), cache.masks[s["index"], y : y + 32, x : x + 32]
+    )
+
+    aug = RandomCropDataset(cache, [0, 1, 2], reference_pipeline(24), window=window_for(24, 0.2))
+    a, b = aug[0], aug[0]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    aug.set_epoch(1)
+    assert not torch.equal(aug[0]["image"], a["image"])
+    assert a["image"].shape == (3, 24, 24) and a["image"].dtype == torch.float32
+    assert set(a["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_dataloader_workers_match_main_process(cache):
+    ds = RandomCropDataset(cache, [0, 1, 2, 3], reference_pipeline(24), window=30, seed=1)
+    main = [ds[i]["image"] for i in range(4)]
+    loader = DataLoader(ds, batch_size=2, num_workers=2, shuffle=False)
+    got = torch.cat([b["image"] for b in loader])
+    assert torch.equal(got, torch.stack(main))
+
+
+def test_training_needs_masks(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds")
+    unl = build_cache(read_competition_csv(csv, with_masks=False), tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="training needs masks"):
+        RandomCropDataset(unl, [0])

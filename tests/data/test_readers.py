@@ -1,0 +1,176 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from bldseg.data.readers import (
+    load_record,
+    read_competition_csv,
+    read_folder_dataset,
+    read_image,
+    tile_windows,
+)
+from bldseg.data.rle import rle_encode
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bgr = rgb[..., ::-1] if rgb.ndim == 3 else rgb
+    assert cv2.imwrite(str(path), np.ascontiguousarray(bgr))
+
+
+def make_competition(tmp_path: Path, n: int = 3, size: int = 32) -> tuple[Path, list]:
+    rng = np.random.default_rng(0)
+    rows, masks = [], []
+    for i in range(n):
+        img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        mask = (rng.random((size, size)) > 0.7).astype(np.uint8)
+        write_png(tmp_path / "train_img" / f"TRAIN_{i:04d}.png", img)
+        rows.append((f"TRAIN_{i:04d}", f"./train_img/TRAIN_{i:04d}.png", rle_encode(mask)))
+        masks.append((img, mask))
+    pd.DataFrame(rows, columns=["img_id", "img_path", "mask_rle"]).to_csv(
+        tmp_path / "train.csv", index=False
+    )
+    return tmp_path / "train.csv", masks
+
+
+def test_competition_csv_round_trip(tmp_path):
+    csv, truth = make_competition(tmp_path)
+    records = read_competition_csv(csv)
+    assert [r.img_id for r in records] == ["TRAIN_0000", "TRAIN_0001", "TRAIN_0002"]
+    assert all(r.image_path.is_absolute() for r in records)
+    for r, (img, mask) in zip(records, truth, strict=True):
+        got_img, got_mask = load_record(r)
+        np.testing.assert_array_equal(got_img, img)  # RGB order preserved
+        np.testing.assert_array_equal(got_mask, mask)
+
+
+def test_missing_column_names_file_and_columns(tmp_path):
+    csv, _ = make_competition(tmp_path)
+    df = pd.read_csv(csv).drop(columns=["mask_rle"])
+    df.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=r"train\.csv: missing column\(s\) \['mask_rle'\]"):
+        read_competition_csv(csv, with_masks=True)
+    # test.csv style: masks not required
+    assert len(read_competition_csv(csv, with_masks=False)) == 3
+
+
+def test_missing_image_names_row(tmp_path):
+    csv, _ = make_competition(tmp_path)
+    (tmp_path / "train_img" / "TRAIN_0001.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"row 2 \(TRAIN_0001\): image not found"):
+        read_competition_csv(csv)
+
+
+def test_path_escaping_csv_folder_is_rejected(tmp_path):
+    sub = tmp_path / "ds"
+    csv, _ = make_competition(sub)
+    write_png(tmp_path / "outside.png", np.zeros((32, 32, 3), np.uint8))
+    df = pd.read_csv(csv)
+    df.loc[0, "img_path"] = "../outside.png"
+    df.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="outside the CSV's folder"):
+        read_competition_csv(csv)
+
+
+def test_duplicate_and_empty_rle(tmp_path):
+    csv, _ = make_competition(tmp_path)
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[2, "img_id"] = "TRAIN_0000"
+    df.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=r"row 3: duplicate img_id 'TRAIN_0000' \(first at row 1"):
+        read_competition_csv(csv)
+    df.loc[2, "img_id"] = "TRAIN_0002"
+    df.loc[1, "mask_rle"] = ""
+    df.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="empty mask_rle; an empty mask is written -1"):
+        read_competition_csv(csv)
+
+
+def test_malformed_rle_names_image_and_row(tmp_path):
+    csv, _ = make_competition(tmp_path)
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[1, "mask_rle"] = "5 3 7"  # odd token count
+    df.to_csv(csv, index=False)
+    records = read_competition_csv(csv)
+    with pytest.raises(ValueError, match=r"TRAIN_0001 .*CSV row 2\)"):
+        load_record(records[1])
+
+
+def test_rle_past_image_end(tmp_path):
+    csv, _ = make_competition(tmp_path, size=8)
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[0, "mask_rle"] = "60 10"  # 8x8 image has 64 pixels
+    df.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="TRAIN_0000"):
+        load_record(read_competition_csv(csv)[0])
+
+
+def test_corrupt_png(tmp_path):
+    p = tmp_path / "bad.png"
+    write_png(p, np.zeros((16, 16, 3), np.uint8))
+    p.write_bytes(p.read_bytes()[:20])  # truncated
+    with pytest.raises(ValueError, match=r"bad\.png: cannot decode"):
+        read_image(p)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="cannot decode"):
+        read_image(tmp_path / "text.png")
+
+
+def test_non_rgb_images(tmp_path):
+    write_png(tmp_path / "gray.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(ValueError, match=r"expected an RGB image .* got shape \(16, 16\)"):
+        read_image(tmp_path / "gray.png")
+    cv2.imwrite(str(tmp_path / "deep.png"), np.zeros((16, 16, 3), np.uint16))
+    with pytest.raises(ValueError, match="expected an 8-bit image"):
+        read_image(tmp_path / "deep.png")
+    rgba = np.full((16, 16, 4), 255, np.uint8)
+    cv2.imwrite(str(tmp_path / "opaque.png"), rgba)
+    assert read_image(tmp_path / "opaque.png").shape == (16, 16, 3)
+    rgba[0, 0, 3] = 0
+    cv2.imwrite(str(tmp_path / "transparent.png"), rgba)
+    with pytest.raises(ValueError, match="transparent"):
+        read_image(tmp_path / "transparent.png")
+
+
+def test_tile_windows_cover_without_padding():
+    wins = tile_windows(100, 70, 32)
+    ys = sorted({w[0] for w in wins})
+    xs = sorted({w[1] for w in wins})
+    assert ys == [0, 32, 64, 68] and xs == [0, 32, 38]
+    covered = np.zeros((100, 70), bool)
+    for y, x, h, w in wins:
+        assert (h, w) == (32, 32) and y + h <= 100 and x + w <= 70
+        covered[y : y + h, x : x + w] = True
+    assert covered.all()
+    assert tile_windows(20, 20, 32) == [(0, 0, 20, 20)]
+
+
+def test_folder_dataset_tiles_large_scenes(tmp_path):
+    rng = np.random.default_rng(1)
+    scene = rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    mask = (rng.random((80, 96)) > 0.5).astype(np.uint8) * 255
+    write_png(tmp_path / "images" / "austin1.png", scene)
+    write_png(tmp_path / "masks" / "austin1.png", mask)
+    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks", tile_size=32)
+    assert len(records) == 3 * 3
+    r = next(r for r in records if r.window == (48, 64, 32, 32))
+    assert r.img_id == "austin1_y48_x64"
+    img, m = load_record(r)
+    np.testing.assert_array_equal(img, scene[48:80, 64:96])
+    np.testing.assert_array_equal(m, (mask[48:80, 64:96] > 0).astype(np.uint8))
+
+
+def test_folder_dataset_errors(tmp_path):
+    write_png(tmp_path / "images" / "a.png", np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(FileNotFoundError, match="no mask named a"):
+        read_folder_dataset(tmp_path / "images", tmp_path / "masks")
+    write_png(tmp_path / "masks" / "a.png", np.zeros((8, 16), np.uint8))
+    (r,) = read_folder_dataset(tmp_path / "images", tmp_path / "masks")
+    with pytest.raises(ValueError, match="is 8x16 but the image is 16x16"):
+        load_record(r)
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        read_folder_dataset(tmp_path / "nope")
