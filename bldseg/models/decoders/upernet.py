@@ -1,0 +1,120 @@
+"""UPerNet decode head and the auxiliary FCN head (as in mmsegmentation's UPerHead/FCNHead).
+
+Inputs are the backbone's multi-scale features, NCHW, at strides 4/8/16/32. Every 3x3/1x1 conv
+is followed by BatchNorm and ReLU and has no bias (the BN's shift plays that role), matching
+the parameter counts of the published UPerNet-InternImage models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class PyramidPooling(nn.Module):
+    """Pyramid pooling module: pooled context at several grid sizes, upsampled and concatenated."""
+
+    def __init__(self, in_channels: int, channels: int, pool_scales: Sequence[int]):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels, channels, 1))
+            for s in pool_scales
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        size = x.shape[-2:]
+        # each: (B, channels, s, s) -> (B, channels, H, W)
+        return [
+            F.interpolate(stage(x), size=size, mode="bilinear", align_corners=False)
+            for stage in self.stages
+        ]
+
+
+class UPerHead(nn.Module):
+    """UPerNet head: PPM on the last level, FPN top-down path, fusion at stride 4.
+
+    Args:
+        in_channels: Channels of the four input levels (strides 4, 8, 16, 32).
+        channels: Width of the head (512 in the published models).
+        num_classes: Output channels (1: one building logit per pixel).
+        pool_scales: Grid sizes of the pyramid pooling.
+        dropout: Dropout before the classifier.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        channels: int = 512,
+        num_classes: int = 1,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        *lower, last = in_channels
+        self.ppm = PyramidPooling(last, channels, pool_scales)
+        self.bottleneck = ConvBNReLU(last + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in lower)
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in lower)
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Maps features [(B, C_i, H/s_i, W/s_i)] to logits (B, num_classes, H/4, W/4)."""
+        *lower, last = features
+        # 1. Pyramid pooling on the last level: (B, C_last + n*ch, H/32, W/32) -> (B, ch, ...).
+        top = self.bottleneck(torch.cat([last, *self.ppm(last)], dim=1))
+        # 2. Laterals: every lower level to `channels`.
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, lower, strict=True)] + [top]
+        # 3. Top-down path: add each upsampled coarser level to the finer one.
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False
+            )
+        # 4. 3x3 FPN convs on all but the top, then everything up to stride 4 and concatenated.
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1], strict=True)]
+        outs.append(laterals[-1])
+        size = outs[0].shape[-2:]
+        outs = [outs[0]] + [
+            F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]
+        ]
+        # 5. Fuse (B, 4*ch, H/4, W/4) -> (B, ch, H/4, W/4) and classify.
+        fused = self.fpn_bottleneck(torch.cat(outs, dim=1))
+        return self.classifier(self.dropout(fused))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head: one 3x3 conv block and a classifier on a single level.
+
+    Args:
+        in_channels: Channels of its input level (level 3, stride 16).
+        channels: Width (256 in the published models).
+        num_classes: Output channels.
+        dropout: Dropout before the classifier.
+    """
+
+    def __init__(
+        self, in_channels: int, channels: int = 256, num_classes: int = 1, dropout: float = 0.1
+    ):
+        super().__init__()
+        self.conv = ConvBNReLU(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, num_classes, h, w)."""
+        return self.classifier(self.dropout(self.conv(x)))

@@ -1,0 +1,131 @@
+"""Augmentation pipelines built from plain data, through albumentations.
+
+The reference workflow's pipeline is the default::
+
+    RandomScale(0.2, p=0.5) -> RandomCrop(224) -> VerticalFlip -> HorizontalFlip -> Normalize
+
+Every knob a search space may turn is a field of :class:`AugConfig`, so a trial's augmentation
+is a flat dict of numbers; the built pipeline is serialised with ``A.to_dict`` into the run's
+record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import albumentations as A
+
+# ImageNet statistics, as the pretrained InternImage backbones expect (x/255 then standardised).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugConfig:
+    """Training augmentation; probabilities are per sample, 0 disables a step."""
+
+    crop_size: int = 224  # side of the training crops (the competition's test tiles are 224)
+    scale_limit: float = 0.2  # RandomScale range: factor in [1 - limit, 1 + limit]
+    scale_p: float = 0.5  # probability of RandomScale
+    vflip_p: float = 0.5  # VerticalFlip
+    hflip_p: float = 0.5  # HorizontalFlip
+    rotate90_p: float = 0.0  # RandomRotate90 (nadir imagery has no "up")
+    transpose_p: float = 0.0  # Transpose (swap rows and columns)
+    brightness_contrast_p: float = 0.0  # RandomBrightnessContrast
+    brightness_limit: float = 0.2  # its brightness range (+-)
+    contrast_limit: float = 0.2  # its contrast range (+-)
+    hsv_p: float = 0.0  # HueSaturationValue
+    hue_shift: int = 10  # its hue shift limit (+-, OpenCV units)
+    sat_shift: int = 20  # its saturation shift limit (+-)
+    val_shift: int = 10  # its value shift limit (+-)
+    noise_p: float = 0.0  # GaussNoise
+    noise_std: float = 0.05  # its maximum standard deviation, as a fraction of 255
+    blur_p: float = 0.0  # GaussianBlur
+    blur_sigma: float = 1.0  # its maximum sigma (pixels)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("_p") and not 0.0 <= v <= 1.0:
+                raise ValueError(f"augmentation parameter {f.name}={v}: a probability in [0, 1]")
+        checks = {
+            "crop_size": self.crop_size >= 8,
+            "scale_limit": 0.0 <= self.scale_limit < 1.0,
+            "brightness_limit": 0.0 <= self.brightness_limit <= 1.0,
+            "contrast_limit": 0.0 <= self.contrast_limit <= 1.0,
+            "hue_shift": 0 <= self.hue_shift <= 180,
+            "sat_shift": 0 <= self.sat_shift <= 255,
+            "val_shift": 0 <= self.val_shift <= 255,
+            "noise_std": 0.0 < self.noise_std <= 1.0,
+            "blur_sigma": self.blur_sigma >= 0.1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"augmentation parameter {name}={getattr(self, name)} is out of range"
+                )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AugConfig:
+        """Builds a config from a (search-space) dict, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown augmentation parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        """Plain dict (what MLflow and Ray see)."""
+        return asdict(self)
+
+    @property
+    def window(self) -> int:
+        """Side of the window to read from the cache so scale + crop never pads."""
+        import math
+
+        return (
+            math.ceil(self.crop_size / (1.0 - self.scale_limit))
+            if self.scale_p > 0
+            else (self.crop_size)
+        )
+
+
+def build_train_transform(cfg: AugConfig, normalize: bool = True) -> A.Compose:
+    """The training pipeline for ``cfg`` (image uint8 (H, W, 3) + mask (H, W))."""
+    t: list = []
+    if cfg.scale_p > 0 and cfg.scale_limit > 0:
+        t.append(A.RandomScale(scale_limit=cfg.scale_limit, interpolation=1, p=cfg.scale_p))
+    t.append(A.RandomCrop(cfg.crop_size, cfg.crop_size, pad_if_needed=True))
+    optional = [
+        (cfg.vflip_p, lambda p: A.VerticalFlip(p=p)),
+        (cfg.hflip_p, lambda p: A.HorizontalFlip(p=p)),
+        (cfg.rotate90_p, lambda p: A.RandomRotate90(p=p)),
+        (cfg.transpose_p, lambda p: A.Transpose(p=p)),
+        (
+            cfg.brightness_contrast_p,
+            lambda p: A.RandomBrightnessContrast(cfg.brightness_limit, cfg.contrast_limit, p=p),
+        ),
+        (
+            cfg.hsv_p,
+            lambda p: A.HueSaturationValue(cfg.hue_shift, cfg.sat_shift, cfg.val_shift, p=p),
+        ),
+        (cfg.noise_p, lambda p: A.GaussNoise(std_range=(0.0, cfg.noise_std), p=p)),
+        (
+            cfg.blur_p,
+            lambda p: A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, cfg.blur_sigma), p=p),
+        ),
+    ]
+    t += [make(p) for p, make in optional if p > 0]
+    if normalize:
+        t.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    return A.Compose(t)
+
+
+def build_eval_transform(normalize: bool = True) -> A.Compose | None:
+    """Deterministic pipeline for validation and prediction tiles."""
+    return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]) if normalize else None
+
+
+def serialize(transform: A.Compose) -> dict:
+    """The pipeline as a plain dict (``A.to_dict``), for the run's record."""
+    return A.to_dict(transform)

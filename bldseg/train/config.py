@@ -1,0 +1,205 @@
+"""The typed run config of one training run, and its round trip to a flat dict.
+
+A flat dict (``{"aug.crop_size": 224, "optim.lr": 1e-3, ...}``) is what MLflow params and Ray
+Tune search spaces see; :meth:`RunConfig.from_flat` rebuilds the config and names any unknown
+or invalid key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from bldseg.train.augment import AugConfig
+from bldseg.train.losses import LOSSES
+from bldseg.train.schedulers import SCHEDULERS
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings."""
+
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.05  # decoupled weight decay (not applied to norms, biases, gammas)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    layer_decay: float = 1.0  # layer-wise LR decay of the backbone (1.0 = off; InternImage: 0.9)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class SchedConfig:
+    """Per-iteration LR schedule."""
+
+    name: Literal["onecycle", "cosine_restarts", "poly", "constant"] = "onecycle"
+    pct_start: float = 0.3  # onecycle: share of steps rising
+    div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: final lr = initial / final_div_factor
+    cycles: int = 1  # cosine_restarts: number of equal first cycles the run would hold
+    cycle_mult: float = 1.0  # cosine_restarts: growth of the cycle length
+    gamma: float = 1.0  # cosine_restarts: peak decay per cycle
+    warmup_frac: float = 0.05  # cosine_restarts/poly: warm-up share of a (first) cycle
+    min_lr: float = 1e-6  # cosine_restarts/poly: floor
+    power: float = 1.0  # poly: exponent
+
+    def scheduler_kwargs(self, total_steps: int) -> dict[str, Any]:
+        """Keyword arguments of :func:`bldseg.train.schedulers.build_scheduler` for this run."""
+        if self.name == "onecycle":
+            return dict(
+                pct_start=self.pct_start,
+                div_factor=self.div_factor,
+                final_div_factor=self.final_div_factor,
+            )
+        if self.name == "cosine_restarts":
+            first = max(2, total_steps // max(1, self.cycles))
+            return dict(
+                first_cycle_steps=first,
+                cycle_mult=self.cycle_mult,
+                gamma=self.gamma,
+                min_lr=self.min_lr,
+                warmup_steps=min(first - 1, int(self.warmup_frac * first)),
+            )
+        if self.name == "poly":
+            return dict(
+                warmup_steps=int(self.warmup_frac * total_steps),
+                power=self.power,
+                min_lr=self.min_lr,
+            )
+        return {}
+
+
+@dataclass
+class CoTeachConfig:
+    """Co-teaching (Han et al., 2018): two networks teach each other on small-loss samples."""
+
+    enabled: bool = False  # train two networks with co-teaching
+    tau: float = 0.1  # final forget rate: share of samples/pixels dropped per batch
+    t_k: int = 5  # epochs over which the forget rate ramps linearly up to tau
+    granularity: Literal["tile", "pixel"] = "tile"  # what is ranked and dropped
+
+    def keep_ratio(self, epoch: int) -> float:
+        """R(T) = 1 - min(T / T_k * tau, tau), with T the 0-based epoch."""
+        return 1.0 - min(epoch / max(1, self.t_k) * self.tau, self.tau)
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run depends on."""
+
+    model: str = "upernet_internimage_tiny"  # a name from bldseg.models.list_models()
+    drop_path_rate: float | None = None  # override the variant's stochastic depth
+    data: str | None = None  # dataset folder with train.csv; None: built-in synthetic world
+    val_fraction: float = 0.05  # share of images held out for validation (by image)
+    split_seed: int = 0  # seed of the train/val split: keep it fixed across compared runs
+    val_tile: int = 0  # side of validation tiles; 0: the training crop size
+    epochs: int = 10  # training epochs
+    samples_per_epoch: int = 0  # crops per epoch; 0: one per training image
+    batch_size: int = 8  # crops per step
+    loss: str = "bce"  # bce | dice | bce_dice | lovasz
+    aux_weight: float = 0.4  # weight of the auxiliary head's loss
+    aug: AugConfig = field(default_factory=AugConfig)  # training augmentation
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer
+    sched: SchedConfig = field(default_factory=SchedConfig)  # LR schedule
+    coteach: CoTeachConfig = field(default_factory=CoTeachConfig)  # noisy-label training
+    threshold_lo: float = 0.30  # threshold sweep range, low end
+    threshold_hi: float = 0.70  # threshold sweep range, high end
+    tta: bool = False  # flip test-time augmentation in validation
+    seed: int = 0  # seeds the split, the crops, the init and the batches
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    num_workers: int = 0  # DataLoader workers
+    impl: Literal["auto", "compiled", "reference"] = "auto"  # DCNv3 implementation
+
+    def __post_init__(self) -> None:
+        if isinstance(self.aug, dict):
+            self.aug = AugConfig.from_dict(self.aug)
+        for name, cls in (
+            ("optim", OptimConfig),
+            ("sched", SchedConfig),
+            ("coteach", CoTeachConfig),
+        ):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, _from_dict(cls, getattr(self, name), name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first invalid parameter."""
+        from bldseg.models import list_models
+
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"run config: {name}={_lookup(self, name)!r} {why}")
+
+        if self.model not in list_models():
+            bad("model", f"is not a registered model {list_models()}")
+        if self.loss not in LOSSES:
+            bad("loss", f"is not one of {sorted(LOSSES)}")
+        if self.sched.name not in SCHEDULERS:
+            bad("sched.name", f"is not one of {list(SCHEDULERS)}")
+        if self.coteach.granularity not in ("tile", "pixel"):
+            bad("coteach.granularity", "must be 'tile' or 'pixel'")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            bad("precision", "must be auto, fp32, bf16 or fp16")
+        checks = [
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
+            ("optim.lr", 0 < self.optim.lr < 1, "must be in (0, 1)"),
+            ("optim.layer_decay", 0 < self.optim.layer_decay <= 1, "must be in (0, 1]"),
+            ("coteach.tau", 0 <= self.coteach.tau < 1, "must be in [0, 1)"),
+            (
+                "threshold_lo",
+                0 <= self.threshold_lo <= self.threshold_hi <= 1,
+                "needs 0 <= threshold_lo <= threshold_hi <= 1",
+            ),
+            ("aux_weight", self.aux_weight >= 0, "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                bad(name, why)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat dict with dotted keys for the nested configs (MLflow params, Ray configs)."""
+        out: dict[str, Any] = {}
+        for k, v in asdict(self).items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_flat`; also accepts nested dicts. Unknown keys are an error."""
+        nested: dict[str, Any] = {}
+        for k, v in flat.items():
+            if "." in k:
+                head, tail = k.split(".", 1)
+                nested.setdefault(head, {})[tail] = v
+            elif isinstance(v, dict):
+                nested.setdefault(k, {}).update(v)
+            else:
+                nested[k] = v
+        return _from_dict(cls, nested, "run config")
+
+    def with_updates(self, flat: dict[str, Any]) -> RunConfig:
+        """A copy with some flat (dotted) keys replaced."""
+        return RunConfig.from_flat({**self.to_flat(), **flat})
+
+    def to_json(self) -> str:
+        """JSON of the flat dict."""
+        return json.dumps(self.to_flat(), indent=2, sort_keys=True)
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _from_dict(cls: type, d: dict[str, Any], where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)

@@ -1,0 +1,85 @@
+"""Co-teaching (Han et al., NeurIPS 2018) for noisy building masks.
+
+Two networks f and g see the same mini-batch. Each keeps the ``R(T)`` fraction of the batch on
+which *its own* loss is smallest (likely clean labels), and the *other* network is updated on
+that kept set, so the two filter different errors instead of confirming their own.
+``R(T) = 1 - min(T / T_k * tau, tau)`` (:meth:`CoTeachConfig.keep_ratio`).
+
+Granularity ``tile`` ranks whole crops by their mean loss; ``pixel`` ranks all pixels of the
+batch by per-pixel BCE (a wrong building outline is a few wrong pixels, not a wrong tile).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bldseg.train.losses import LossFn, pixel_bce
+
+
+def small_loss_mask(losses: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Boolean mask of the ``ceil(keep_ratio * n)`` smallest entries of ``losses``.
+
+    Args:
+        losses: Any shape; ranked over all its elements.
+        keep_ratio: Share to keep, in (0, 1].
+
+    Returns:
+        bool tensor of the same shape; ties broken by position (a stable sort).
+    """
+    flat = losses.detach().reshape(-1)
+    n_keep = max(1, math.ceil(keep_ratio * flat.numel()))
+    order = torch.sort(flat, stable=True).indices[:n_keep]
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order] = True
+    return mask.reshape(losses.shape)
+
+
+def coteaching_losses(
+    outs: list[dict[str, torch.Tensor]],
+    target: torch.Tensor,
+    loss_fn: LossFn,
+    keep_ratio: float,
+    granularity: str,
+    aux_weight: float,
+) -> list[torch.Tensor]:
+    """Training losses of f and g, each on the samples the other network kept.
+
+    Args:
+        outs: Outputs of f and g: dicts with ``logits`` (B, 1, S, S) and optionally
+            ``aux_logits``.
+        target: (B, 1, S, S) masks.
+        loss_fn: Per-sample loss (see :mod:`bldseg.train.losses`).
+        keep_ratio: R(T).
+        granularity: "tile" or "pixel".
+        aux_weight: Weight of the auxiliary-head loss.
+
+    Returns:
+        ``[loss_f, loss_g]``, scalars.
+    """
+    f, g = outs
+
+    def total(o: dict[str, torch.Tensor], sel: torch.Tensor | None, weight=None) -> torch.Tensor:
+        logits, aux = o["logits"], o.get("aux_logits")
+        if sel is not None:  # tile granularity: keep whole samples
+            logits, tgt = logits[sel], target[sel]
+            aux = aux[sel] if aux is not None else None
+        else:
+            tgt = target
+        loss = loss_fn(logits, tgt, weight).mean()
+        if aux is not None and aux_weight > 0:
+            loss = loss + aux_weight * loss_fn(aux, tgt, weight).mean()
+        return loss
+
+    if granularity == "tile":
+        with torch.no_grad():
+            keep_f = small_loss_mask(loss_fn(f["logits"], target, None), keep_ratio)  # (B,)
+            keep_g = small_loss_mask(loss_fn(g["logits"], target, None), keep_ratio)
+        return [total(f, keep_g), total(g, keep_f)]
+    if granularity == "pixel":
+        with torch.no_grad():
+            keep_f = small_loss_mask(pixel_bce(f["logits"], target), keep_ratio).float()
+            keep_g = small_loss_mask(pixel_bce(g["logits"], target), keep_ratio).float()
+        return [total(f, None, keep_g), total(g, None, keep_f)]
+    raise ValueError(f"coteach.granularity={granularity!r} must be 'tile' or 'pixel'")

@@ -1,0 +1,159 @@
+"""Learning-rate schedulers by name, stepped once per iteration.
+
+* ``onecycle``: :class:`torch.optim.lr_scheduler.OneCycleLR` (the reference workflow's first).
+* ``cosine_restarts``: :class:`CosineAnnealingWarmupRestarts` — linear warm-up then cosine
+  decay in each cycle, cycles growing by ``cycle_mult``, the peak multiplied by ``gamma`` each
+  cycle (torch has no such scheduler: implemented here).
+* ``poly``: linear warm-up then polynomial decay to ``min_lr`` (mmsegmentation's default).
+* ``constant``: the optimizer's LR throughout.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+
+class CosineAnnealingWarmupRestarts(LRScheduler):
+    """Cosine annealing with linear warm-up and warm restarts.
+
+    Cycle ``c`` (0-based) lasts ``first_cycle_steps * cycle_mult**c`` steps; within it the LR
+    rises linearly from ``min_lr`` to ``max_lr * gamma**c`` over ``warmup_steps`` steps, then
+    follows a half cosine back down to ``min_lr`` at the cycle's end.
+
+    Args:
+        optimizer: The optimizer; its parameter groups' LRs are overwritten.
+        first_cycle_steps: Length of the first cycle, in steps.
+        cycle_mult: Growth factor of the cycle length (1.0: equal cycles).
+        max_lr: Peak LR of the first cycle.
+        min_lr: Floor LR.
+        warmup_steps: Linear warm-up steps at the start of every cycle (< first_cycle_steps).
+        gamma: Decay of the peak per cycle.
+        last_epoch: Index of the last step (-1 to start).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        first_cycle_steps: int,
+        cycle_mult: float = 1.0,
+        max_lr: float = 1e-3,
+        min_lr: float = 1e-6,
+        warmup_steps: int = 0,
+        gamma: float = 1.0,
+        last_epoch: int = -1,
+    ):
+        if first_cycle_steps < 1:
+            raise ValueError(f"first_cycle_steps={first_cycle_steps} must be >= 1")
+        if not 0 <= warmup_steps < first_cycle_steps:
+            raise ValueError(
+                f"warmup_steps={warmup_steps} must be in [0, first_cycle_steps={first_cycle_steps})"
+            )
+        if cycle_mult < 1.0:
+            raise ValueError(f"cycle_mult={cycle_mult} must be >= 1")
+        if not 0 <= min_lr <= max_lr:
+            raise ValueError(f"need 0 <= min_lr ({min_lr}) <= max_lr ({max_lr})")
+        self.first_cycle_steps = first_cycle_steps
+        self.cycle_mult = cycle_mult
+        self.max_lr = max_lr
+        self.min_lr = min_lr
+        self.warmup_steps = warmup_steps
+        self.gamma = gamma
+        super().__init__(optimizer, last_epoch)
+
+    def _cycle_position(self, step: int) -> tuple[int, int, int]:
+        """(cycle index, step within the cycle, cycle length) of a global step."""
+        if self.cycle_mult == 1.0:
+            return (
+                step // self.first_cycle_steps,
+                step % self.first_cycle_steps,
+                (self.first_cycle_steps),
+            )
+        # Cycle c starts at first * (mult^c - 1) / (mult - 1): invert for c, then fix float edges.
+        m, f = self.cycle_mult, self.first_cycle_steps
+        c = int(math.log(step * (m - 1) / f + 1, m))
+        start = lambda k: round(f * (m**k - 1) / (m - 1))  # noqa: E731
+        while start(c + 1) <= step:
+            c += 1
+        while c > 0 and start(c) > step:
+            c -= 1
+        length = start(c + 1) - start(c)
+        return c, step - start(c), length
+
+    def lr_at(self, step: int) -> float:
+        """The LR at a global step (a pure function: used by tests and plots)."""
+        cycle, pos, length = self._cycle_position(step)
+        peak = self.max_lr * self.gamma**cycle
+        if pos < self.warmup_steps:
+            return self.min_lr + (peak - self.min_lr) * pos / self.warmup_steps
+        frac = (pos - self.warmup_steps) / (length - self.warmup_steps)
+        return self.min_lr + (peak - self.min_lr) * (1 + math.cos(math.pi * frac)) / 2
+
+    def get_lr(self) -> list[float]:
+        lr = self.lr_at(max(0, self.last_epoch))
+        return [lr for _ in self.optimizer.param_groups]
+
+
+def poly_warmup(
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+    warmup_ratio: float = 1e-3,
+) -> LambdaLR:
+    """Linear warm-up from ``warmup_ratio * lr`` to ``lr``, then ``(1 - t)^power`` decay."""
+    base = [g["lr"] for g in optimizer.param_groups]
+
+    def factor(step: int, base_lr: float) -> float:
+        if step < warmup_steps:
+            return warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        floor = min_lr / base_lr if base_lr > 0 else 0.0
+        return (1 - floor) * (1 - t) ** power + floor
+
+    return LambdaLR(optimizer, [lambda s, b=b: factor(s, b) for b in base])
+
+
+SCHEDULERS = ("onecycle", "cosine_restarts", "poly", "constant")
+
+
+def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, **kw) -> LRScheduler:
+    """Builds a per-iteration scheduler by name.
+
+    Args:
+        name: One of :data:`SCHEDULERS`.
+        optimizer: The optimizer (its LR is the peak for ``onecycle``/``poly``).
+        total_steps: Iterations of the whole run.
+        **kw: The scheduler's own parameters. ``onecycle``: ``pct_start``, ``div_factor``,
+            ``final_div_factor``; ``cosine_restarts``: ``first_cycle_steps`` (default: the
+            whole run), ``cycle_mult``, ``min_lr``, ``warmup_steps``, ``gamma`` (``max_lr`` is
+            the optimizer's LR); ``poly``: ``warmup_steps``, ``power``, ``min_lr``.
+
+    Raises:
+        ValueError: Unknown name or parameter (named).
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    allowed = {
+        "onecycle": {"pct_start", "div_factor", "final_div_factor"},
+        "cosine_restarts": {"first_cycle_steps", "cycle_mult", "min_lr", "warmup_steps", "gamma"},
+        "poly": {"warmup_steps", "power", "min_lr"},
+        "constant": set(),
+    }
+    if name not in allowed:
+        raise ValueError(f"unknown scheduler {name!r}; known: {list(SCHEDULERS)}")
+    unknown = sorted(set(kw) - allowed[name])
+    if unknown:
+        raise ValueError(
+            f"scheduler {name!r} has no parameter(s) {unknown}; it takes {sorted(allowed[name])}"
+        )
+    if name == "onecycle":
+        return OneCycleLR(optimizer, max_lr=lr, total_steps=max(2, total_steps), **kw)
+    if name == "cosine_restarts":
+        kw.setdefault("first_cycle_steps", total_steps)
+        return CosineAnnealingWarmupRestarts(optimizer, max_lr=lr, **kw)
+    if name == "poly":
+        return poly_warmup(optimizer, total_steps, **kw)
+    return LambdaLR(optimizer, lambda _: 1.0)

@@ -1,0 +1,26 @@
+"""Shared fixtures: one small synthetic world per test session (fast, deterministic)."""
+
+import pytest
+import torch
+
+from bldseg.data.prepare import prepare_data
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
+    # The CI machine has 2 cores; more threads only add contention.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A 24-image 96-px synthetic world with 30% noisy masks, 32-px test tiles, cached."""
+    root = tmp_path_factory.mktemp("world")
+    return prepare_data(
+        None,
+        data_root=root,
+        synthetic=dict(
+            n_train=24, train_size=96, n_test=18, test_size=32, noise_fraction=0.3, seed=0
+        ),
+        progress=False,
+    )

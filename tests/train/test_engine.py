@@ -1,0 +1,178 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bldseg import metrics
+from bldseg.predict import EnsembleSpec, load_checkpoint, predict_cache, write_submission
+from bldseg.train import engine
+from bldseg.train.config import RunConfig
+from bldseg.train.engine import fit, threshold_metrics
+from bldseg.train.losses import LOSSES, bce_loss
+from bldseg.train.suspects import precision_at_k, rank_suspects, write_suspects
+
+BASE = {
+    "aug.crop_size": 64,
+    "batch_size": 8,
+    "val_fraction": 0.25,
+    "samples_per_epoch": 64,
+    "optim.lr": 3e-3,
+    "impl": "compiled",
+}
+
+
+def cfg(**kw) -> RunConfig:
+    return RunConfig.from_flat({**BASE, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(small_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return fit(cfg(epochs=6), out, data=small_world, resume=False), out
+
+
+def test_tiny_model_learns(trained):
+    result, out = trained
+    assert result.status == "completed" and len(result.history) == 6
+    dice = [h["val_dice_best"] for h in result.history]
+    assert max(dice[-2:]) > dice[0] + 0.08, dice
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    for name in ("best.pt", "last.pt", "val_probs.npz", "history.json", "augmentation.json"):
+        assert (out / name).exists(), name
+    for png in ("curves.png", "threshold_curve.png", "roc.png", "worst_tiles.png"):
+        assert (out / "plots" / png).stat().st_size > 5000, png
+
+
+def test_saved_library_matches_best_epoch(trained, small_world):
+    result, out = trained
+    z = np.load(out / "val_probs.npz")
+    assert z["probs"].dtype == np.uint8 and z["probs"].shape == z["truth"].shape
+    assert len(z["tile_ids"]) == len(z["probs"]) == len(z["image_ids"])
+    # the metrics of the saved maps are the best epoch's metrics, recomputed from scratch
+    m = threshold_metrics(z["probs"], z["truth"].astype(bool))
+    assert m["dice_best"] == pytest.approx(result.best["val_dice_best"], abs=1e-12)
+    # truth really is the cached mask under each tile
+    i = small_world.train.ids.index(str(z["image_ids"][0]))
+    y, x = z["tile_yx"][0]
+    s = z["probs"].shape[-1]
+    np.testing.assert_array_equal(z["truth"][0], small_world.train.masks[i, y : y + s, x : x + s])
+
+
+def test_threshold_metrics_agree_with_brute_force(trained):
+    _, out = trained
+    z = np.load(out / "val_probs.npz")
+    probs, truth = z["probs"], z["truth"].astype(bool)
+    m = threshold_metrics(probs, truth, 0.3, 0.7)
+    assert m["dice_05"] == metrics.competition_score(probs >= 128, truth)
+    brute = max(
+        (metrics.competition_score(probs >= L, truth), -L)
+        for L in range(77, 179)  # 0.30..0.70
+    )
+    assert m["dice_best"] == brute[0] and m["thr_best"] == -brute[1] / 255
+
+
+def test_resume_continues_exactly(small_world, tmp_path):
+    c = cfg(epochs=3)
+    straight = fit(c, tmp_path / "a", data=small_world)
+
+    # interrupt after 2 epochs: run a 2-epoch prefix by stopping via the callback
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(row, _):
+        if row["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(c, tmp_path / "b", data=small_world, on_epoch_end=stop_after_two)
+    resumed = fit(c, tmp_path / "b", data=small_world)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_dice_best"] == b["val_dice_best"]
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["models"][0]
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["models"][0]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_refuses_other_config(small_world, tmp_path):
+    fit(cfg(epochs=1), tmp_path, data=small_world)
+    with pytest.raises(ValueError, match="different config"):
+        fit(cfg(epochs=1, **{"optim.lr": 1e-3}), tmp_path, data=small_world)
+
+
+def test_coteaching_end_to_end(small_world, tmp_path):
+    c = cfg(epochs=2, **{"coteach.enabled": True, "coteach.tau": 0.25, "coteach.t_k": 1})
+    r = fit(c, tmp_path, data=small_world)
+    assert r.status == "completed"
+    assert [h["keep_ratio"] for h in r.history] == [1.0, 0.75]
+    assert all(h["val_net"] in ("f", "g") for h in r.history)
+    # the reported network is the better one
+    for h in r.history:
+        assert h["val_dice_best"] >= h["val_dice_best_other"]
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert len(state["models"]) == 2
+
+
+def test_diverging_run_ends_as_diverged(small_world, tmp_path, monkeypatch):
+    def nan_after_first_step(logits, target, weight=None):
+        nan_after_first_step.calls += 1
+        base = bce_loss(logits, target, weight)
+        return base * float("nan") if nan_after_first_step.calls > 2 else base
+
+    nan_after_first_step.calls = 0
+    monkeypatch.setitem(LOSSES, "bce", nan_after_first_step)
+    r = fit(cfg(epochs=2), tmp_path, data=small_world)
+    assert r.status == "diverged"
+    assert "became nan at epoch 1, step 2" in r.message
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "diverged"
+
+
+def test_layer_decay_groups():
+    from bldseg.models import create_model
+
+    model = create_model("upernet_internimage_tiny", impl="reference")
+    c = cfg(**{"optim.layer_decay": 0.5, "optim.weight_decay": 0.1})
+    opt = engine.build_optimizer(model, c)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    stem = by_param[id(named["backbone.patch_embed.conv1.weight"])]
+    head = by_param[id(named["decode_head.classifier.weight"])]
+    assert head["lr"] == pytest.approx(3e-3) and stem["lr"] == pytest.approx(3e-3 * 0.5**6)
+    assert by_param[id(named["backbone.patch_embed.conv1.bias"])]["weight_decay"] == 0.0
+    assert head["weight_decay"] == 0.1
+
+
+def test_predict_writes_scored_submission(trained, small_world, tmp_path):
+    result, out = trained
+    _model, c, m = load_checkpoint(out / "best.pt")
+    assert c.epochs == 6 and m["epoch"] == result.best["epoch"]
+    spec = EnsembleSpec([str(out / "best.pt")], threshold=result.best["val_thr_best"])
+    pred = predict_cache(spec, small_world.test, progress=False)
+    sub = write_submission(small_world.test.ids, pred, tmp_path / "submission.csv")
+    assert list(sub["img_id"]) == list(pd.read_csv(small_world.root / "test.csv")["img_id"])
+    assert ((sub["mask_rle"] == "-1") == (pred.sum((1, 2)) == 0)).all()
+    score = metrics.score_csv(small_world.test_truth_csv, tmp_path / "submission.csv")
+    assert 0.0 < score <= 1.0
+    # two copies of the same model as an equal-weight ensemble predict exactly the same
+    pair = EnsembleSpec([str(out / "best.pt")] * 2, threshold=spec.threshold)
+    assert np.array_equal(predict_cache(pair, small_world.test, progress=False), pred)
+    spec.min_area = 10**6
+    assert not predict_cache(spec, small_world.test, progress=False).any()
+
+
+def test_suspects_rank_noisy_masks_first(trained, small_world, tmp_path):
+    _, out = trained
+    model, _, _ = load_checkpoint(out / "best.pt")
+    df = rank_suspects(model, small_world.train, range(len(small_world.train)))
+    assert len(df) == 24 and df["dice_vs_model"].is_monotonic_increasing
+    noise = pd.read_csv(small_world.root / "train_noise.csv")
+    noisy = set(noise.loc[noise["noise"] != "none", "img_id"])
+    p = precision_at_k(df["img_id"], noisy)
+    assert 0.0 <= p <= 1.0
+    csv, png = write_suspects(df, small_world.train, model, tmp_path, top=4)
+    assert pd.read_csv(csv)["img_id"].tolist() == df["img_id"].tolist()
+    assert png.stat().st_size > 5000
