@@ -153,6 +153,15 @@ class RunConfig:
                 "needs 0 <= threshold_lo <= threshold_hi <= 1",
             ),
             ("aux_weight", self.aux_weight >= 0, "must be >= 0"),
+            ("sched.pct_start", 0 < self.sched.pct_start < 1, "must be in (0, 1)"),
+            ("sched.div_factor", self.sched.div_factor > 0, "must be > 0"),
+            ("sched.final_div_factor", self.sched.final_div_factor > 0, "must be > 0"),
+            ("sched.cycles", self.sched.cycles >= 1, "must be >= 1"),
+            ("sched.cycle_mult", self.sched.cycle_mult >= 1, "must be >= 1"),
+            ("sched.gamma", 0 < self.sched.gamma <= 1, "must be in (0, 1]"),
+            ("sched.warmup_frac", 0 <= self.sched.warmup_frac < 1, "must be in [0, 1)"),
+            ("sched.min_lr", 0 <= self.sched.min_lr < self.optim.lr, "must be in [0, optim.lr)"),
+            ("sched.power", self.sched.power > 0, "must be > 0"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -29,7 +29,8 @@ def small_loss_mask(losses: torch.Tensor, keep_ratio: float) -> torch.Tensor:
         bool tensor of the same shape; ties broken by position (a stable sort).
     """
     flat = losses.detach().reshape(-1)
-    n_keep = max(1, math.ceil(keep_ratio * flat.numel()))
+    # the epsilon absorbs float error: 0.55 * 100 is 55.000000000000007, which must keep 55
+    n_keep = max(1, math.ceil(keep_ratio * flat.numel() - 1e-9))
     order = torch.sort(flat, stable=True).indices[:n_keep]
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[order] = True

@@ -51,6 +51,8 @@ class CosineAnnealingWarmupRestarts(LRScheduler):
             raise ValueError(
                 f"warmup_steps={warmup_steps} must be in [0, first_cycle_steps={first_cycle_steps})"
             )
+        if not 0 < gamma <= 1.0:
+            raise ValueError(f"gamma={gamma} must be in (0, 1]")
         if cycle_mult < 1.0:
             raise ValueError(f"cycle_mult={cycle_mult} must be >= 1")
         if not 0 <= min_lr <= max_lr:
@@ -92,8 +94,11 @@ class CosineAnnealingWarmupRestarts(LRScheduler):
         return self.min_lr + (peak - self.min_lr) * (1 + math.cos(math.pi * frac)) / 2
 
     def get_lr(self) -> list[float]:
+        # The curve is for the group with the largest initial LR; the other groups (layer-wise
+        # decay) follow it scaled by their own initial LR, keeping their ratios.
         lr = self.lr_at(max(0, self.last_epoch))
-        return [lr for _ in self.optimizer.param_groups]
+        top = max(self.base_lrs)
+        return [lr * base / top if top > 0 else lr for base in self.base_lrs]
 
 
 def poly_warmup(
@@ -135,7 +140,8 @@ def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, **kw) -> 
     Raises:
         ValueError: Unknown name or parameter (named).
     """
-    lr = optimizer.param_groups[0]["lr"]
+    # every group's own LR is its peak, so layer-wise LR ratios survive scheduling
+    group_lrs = [g["lr"] for g in optimizer.param_groups]
     allowed = {
         "onecycle": {"pct_start", "div_factor", "final_div_factor"},
         "cosine_restarts": {"first_cycle_steps", "cycle_mult", "min_lr", "warmup_steps", "gamma"},
@@ -150,10 +156,15 @@ def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, **kw) -> 
             f"scheduler {name!r} has no parameter(s) {unknown}; it takes {sorted(allowed[name])}"
         )
     if name == "onecycle":
-        return OneCycleLR(optimizer, max_lr=lr, total_steps=max(2, total_steps), **kw)
+        return OneCycleLR(optimizer, max_lr=group_lrs, total_steps=max(2, total_steps), **kw)
     if name == "cosine_restarts":
         kw.setdefault("first_cycle_steps", total_steps)
-        return CosineAnnealingWarmupRestarts(optimizer, max_lr=lr, **kw)
+        return CosineAnnealingWarmupRestarts(optimizer, max_lr=max(group_lrs), **kw)
     if name == "poly":
+        if not 0 <= kw.get("warmup_steps", 0) < max(1, total_steps):
+            raise ValueError(f"poly: warmup_steps={kw['warmup_steps']} must be in "
+                             f"[0, total_steps={total_steps})")
+        if kw.get("power", 1.0) <= 0 or kw.get("min_lr", 0.0) < 0:
+            raise ValueError(f"poly: power must be > 0 and min_lr >= 0, got {kw}")
         return poly_warmup(optimizer, total_steps, **kw)
     return LambdaLR(optimizer, lambda _: 1.0)

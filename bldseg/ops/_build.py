@@ -1,0 +1,385 @@
+"""The one JIT loader for bldseg's native code.
+
+Every native op (DCNv3, the ensemble search's hot loop, ...) is built here with
+``torch.utils.cpp_extension.load`` and ninja, on first use, into a folder keyed by a hash of
+all its sources and headers, the torch version, the compiler flags and the CUDA arch list, so
+edits and upgrades rebuild and nothing stale is ever loaded.
+
+Concurrency: a finished build is marked by a ``.done`` file written last; processes that find
+it load the library without building or locking. Otherwise they take a file lock on the key
+folder, so when many Ray workers start at once one builds and the others wait, then load.
+
+Build root: ``$BLDSEG_BUILD_DIR`` if set, else ``~/.cache/bldseg/ops``. The environment is
+read, never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+# Repository folder holding the native sources (csrc/<op>/...).
+CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+
+# Host-code flags. No -march=native (build folders may be shared by different machines) and
+# no -ffast-math (the ops must equal the float64 reference within 1e-10).
+_BASE_CFLAGS = ("-O3",)  # torch adds the C++ standard it needs
+_OPENMP_CFLAGS = ("-fopenmp",)
+_OPENMP_LDFLAGS = ("-fopenmp",)
+_HEADER_SUFFIXES = (".h", ".hpp", ".cuh", ".inl")
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | str] = {}  # key -> module (python) or library path (ops)
+
+
+class BuildError(RuntimeError):
+    """Raised when a native extension cannot be built or loaded; carries the compiler output."""
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """Where and how an extension was built."""
+
+    name: str  # the extension's base name, e.g. "bldseg_dcnv3"
+    folder: Path  # build folder (keyed by the hash of sources, headers, torch, flags, arch)
+    library: Path  # the shared library inside ``folder``
+    built: bool  # True when this call compiled it, False when a finished build was reused
+    seconds: float  # wall time of this call (build or load)
+    with_cuda: bool  # whether CUDA sources were compiled in
+
+
+def build_root() -> Path:
+    """Root folder of all build folders: ``$BLDSEG_BUILD_DIR`` or ``~/.cache/bldseg/ops``."""
+    env = os.environ.get("BLDSEG_BUILD_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bldseg" / "ops"
+
+
+def cuda_build_available() -> bool:
+    """True when CUDA sources can be compiled and run: a CUDA device and a CUDA toolkit."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _openmp_supported() -> bool:
+    # GCC and Clang on Linux take -fopenmp; Apple Clang does not without extra setup.
+    return sys.platform.startswith("linux")
+
+
+def _cuda_arch_list() -> str:
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+
+
+def _default_depends(sources: Sequence[Path]) -> list[Path]:
+    # Every header under the folders of the sources: a header edit must change the key.
+    roots = {src.parent for src in sources}
+    found = {
+        path
+        for root in roots
+        for path in root.rglob("*")
+        if path.is_file() and path.suffix in _HEADER_SUFFIXES
+    }
+    return sorted(found)
+
+
+def _build_key(
+    name: str,
+    files: Sequence[Path],
+    cflags: Sequence[str],
+    cuda_cflags: Sequence[str],
+    ldflags: Sequence[str],
+    with_cuda: bool,
+    is_python_module: bool,
+) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    parts = [
+        name,
+        torch.__version__,
+        str(torch.version.cuda),
+        sys.version.split()[0],
+        platform.machine(),
+        " ".join(cflags),
+        " ".join(cuda_cflags),
+        " ".join(ldflags),
+        f"cuda={with_cuda}",
+        _cuda_arch_list() if with_cuda else "",
+        f"python_module={is_python_module}",
+    ]
+    digest.update("\0".join(parts).encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_library(path: Path, module_name: str, is_python_module: bool) -> ModuleType | str:
+    if not is_python_module:
+        torch.ops.load_library(str(path))
+        return str(path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise BuildError(f"cannot import the extension {module_name} from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_extension(
+    name: str,
+    sources: Sequence[str | os.PathLike],
+    *,
+    depends: Sequence[str | os.PathLike] | None = None,
+    cuda_sources: Sequence[str | os.PathLike] = (),
+    extra_cflags: Sequence[str] = (),
+    extra_cuda_cflags: Sequence[str] = (),
+    extra_include_paths: Sequence[str | os.PathLike] = (),
+    is_python_module: bool = False,
+    verbose: bool = False,
+) -> tuple[ModuleType | str, BuildInfo]:
+    """Builds (once per machine) and loads (once per process) a native extension.
+
+    Args:
+        name: Base name of the extension; the library is ``<name>_<key>.so``.
+        sources: C++ sources, always compiled.
+        depends: Extra files that change the build (headers); default: every header under
+            the folders of ``sources`` and ``cuda_sources``.
+        cuda_sources: Sources (``.cu`` and CUDA glue ``.cpp``) compiled only when
+            :func:`cuda_build_available` is true.
+        extra_cflags: Host compiler flags added to ``-O3 [-fopenmp]``.
+        extra_cuda_cflags: nvcc flags added to ``-O3``.
+        extra_include_paths: Include folders (the folders of the sources are not implied).
+        is_python_module: True for a pybind11 module (``PYBIND11_MODULE(TORCH_EXTENSION_NAME,
+            m)``), returned as a module; False for a library that registers ``torch.ops``
+            (``TORCH_LIBRARY``), returned as the library path.
+        verbose: Print the compiler commands and output.
+
+    Returns:
+        The loaded module (or library path) and a :class:`BuildInfo`.
+
+    Raises:
+        BuildError: The build failed (the message carries the compiler output), ninja or a
+            source is missing, or the library cannot be loaded.
+    """
+    start = time.perf_counter()
+    src_paths = [Path(s).resolve() for s in sources]
+    with_cuda = bool(cuda_sources) and cuda_build_available()
+    if with_cuda:
+        src_paths += [Path(s).resolve() for s in cuda_sources]
+    missing = [str(p) for p in src_paths if not p.is_file()]
+    if missing:
+        raise BuildError(
+            f"extension {name!r}: source files not found: {missing}. bldseg builds its native "
+            "ops from the repository's csrc/ folder; install it from a checkout "
+            "(pip install -e .)."
+        )
+    if depends is None:
+        dep_paths = _default_depends(src_paths + [Path(s).resolve() for s in cuda_sources])
+    else:
+        dep_paths = [Path(d).resolve() for d in depends]
+
+    cflags = list(_BASE_CFLAGS) + list(extra_cflags)
+    ldflags: list[str] = []
+    if _openmp_supported():
+        cflags += _OPENMP_CFLAGS
+        ldflags += _OPENMP_LDFLAGS
+    cuda_cflags = ["-O3", *extra_cuda_cflags] if with_cuda else []
+    if with_cuda:
+        cflags.append("-DBLDSEG_WITH_CUDA")
+
+    key = _build_key(
+        name,
+        sorted(set(src_paths + dep_paths)),
+        cflags,
+        cuda_cflags,
+        ldflags,
+        with_cuda,
+        is_python_module,
+    )
+    # The key is in the module name too, so two versions can be loaded by one process (tests).
+    module_name = f"{name}_{key}"
+    folder = build_root() / module_name
+    library = folder / f"{module_name}.so"
+    done = folder / ".done"
+
+    with _lock:
+        if key in _loaded:
+            info = BuildInfo(name, folder, library, False, time.perf_counter() - start, with_cuda)
+            return _loaded[key], info
+        built = False
+        if not done.is_file():
+            built = _build_locked(
+                module_name,
+                src_paths,
+                folder,
+                cflags,
+                cuda_cflags,
+                ldflags,
+                [str(p) for p in extra_include_paths],
+                with_cuda,
+                verbose,
+            )
+        try:
+            loaded = _load_library(library, module_name, is_python_module)
+        except (OSError, ImportError, RuntimeError) as err:
+            raise BuildError(
+                f"extension {name!r} was built in {folder} but could not be loaded: {err}. "
+                f"Delete that folder to force a rebuild."
+            ) from err
+        _loaded[key] = loaded
+        info = BuildInfo(name, folder, library, built, time.perf_counter() - start, with_cuda)
+        return loaded, info
+
+
+def _build_locked(
+    module_name: str,
+    sources: list[Path],
+    folder: Path,
+    cflags: list[str],
+    cuda_cflags: list[str],
+    ldflags: list[str],
+    include_paths: list[str],
+    with_cuda: bool,
+    verbose: bool,
+) -> bool:
+    """Builds under a file lock; returns False when another process finished it meanwhile."""
+    from filelock import FileLock
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:
+        raise BuildError(
+            "ninja was not found on PATH; it is needed to compile bldseg's native ops. "
+            "Install it (pip install ninja) and make sure the environment's bin/ folder is on "
+            "PATH (activate the virtual environment)."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        done = folder / ".done"
+        if done.is_file():
+            return False
+        try:
+            # load() also imports the library; _load_library below loads it again, which is a
+            # no-op for an already loaded shared object.
+            load(
+                name=module_name,
+                sources=[str(s) for s in sources],
+                extra_cflags=cflags,
+                extra_cuda_cflags=cuda_cflags,
+                extra_ldflags=ldflags,
+                extra_include_paths=include_paths,
+                build_directory=str(folder),
+                verbose=verbose,
+                with_cuda=with_cuda,
+                is_python_module=False,
+                is_standalone=False,
+            )
+        except (RuntimeError, OSError, ImportError) as err:
+            raise BuildError(f"building {module_name} in {folder} failed:\n{err}") from err
+        done.write_text(f"{torch.__version__}\n")
+        return True
+
+
+class NativeExtension:
+    """One native extension of bldseg: built and loaded on first use, failure remembered.
+
+    Ops hold one instance at module level. ``load()`` builds and loads (raising
+    :class:`BuildError` with the compiler output, the same error on every later call, so a
+    broken build is not retried in a loop); ``try_load()`` is the fast-path helper: it returns
+    False and warns once per process instead of raising.
+
+    Args:
+        name: Base name of the extension (see :func:`load_extension`).
+        sources: C++ sources, always compiled.
+        cuda_sources: Sources compiled only where CUDA can be built.
+        on_load: Called once after a successful load with the loaded module or library path,
+            e.g. to register fake and autograd implementations of the ops.
+        **options: More keyword arguments of :func:`load_extension`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        sources: Sequence[str | os.PathLike],
+        *,
+        cuda_sources: Sequence[str | os.PathLike] = (),
+        on_load: Callable[[ModuleType | str], None] | None = None,
+        **options: Any,
+    ) -> None:
+        self.name = name
+        self.sources = list(sources)
+        self.cuda_sources = list(cuda_sources)
+        self.on_load = on_load
+        self.options = options
+        self.ready = False  # True once loaded; read on every call of an op, so keep it cheap
+        self.info: BuildInfo | None = None
+        self.library: ModuleType | str | None = None
+        self._error: BuildError | None = None
+        self._warned = False
+        self._lock = threading.Lock()
+
+    @torch.compiler.disable
+    def load(self, verbose: bool = False) -> BuildInfo:
+        """Builds (if needed) and loads the extension; returns its :class:`BuildInfo`.
+
+        Raises:
+            BuildError: The build or the load failed, now or in an earlier call.
+        """
+        with self._lock:
+            if self.ready:
+                assert self.info is not None
+                return self.info
+            if self._error is not None:
+                raise self._error
+            try:
+                library, info = load_extension(
+                    self.name,
+                    self.sources,
+                    cuda_sources=self.cuda_sources,
+                    verbose=verbose,
+                    **self.options,
+                )
+                if self.on_load is not None:
+                    self.on_load(library)
+            except BuildError as err:
+                self._error = err
+                raise
+            self.library, self.info, self.ready = library, info, True
+            return info
+
+    @torch.compiler.disable
+    def try_load(self) -> bool:
+        """Loads the extension; on failure warns once per process and returns False."""
+        try:
+            self.load()
+        except BuildError as err:
+            self.warn_once(f"{err}")
+            return False
+        return True
+
+    def warn_once(self, reason: str) -> None:
+        """Warns (once per process) that the pure-PyTorch reference runs instead, and why."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"bldseg: the native extension {self.name!r} is not available, using the "
+                f"pure-PyTorch reference instead (slower, more memory). Reason: {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )

@@ -1,0 +1,256 @@
+"""Benchmark the DCNv3 op: compiled vs the pure-PyTorch reference, forward and forward+backward.
+
+Shapes are those of the four InternImage levels at a 224 input (kernel 3, stride 1, pad 1,
+group_channels 16): T = channels 64/128/256/512, groups 4/8/16/32 at 56/28/14/7; B = channels
+112/224/448/896, groups 7/14/28/56.
+
+Memory: on the CPU each (level, impl, mode) runs in a fresh subprocess, and peak memory is
+the growth of its resident set during the first call: VmHWM is reset through
+/proc/self/clear_refs, then peak = VmHWM - VmRSS(before the call), so the imports, the inputs
+and any allocator cache from earlier calls are left out. On CUDA it is
+torch.cuda.max_memory_allocated() minus the memory allocated before the call.
+Time: best and median of --repeat calls after one warm-up call; the table shows the best,
+which is the least disturbed by other work on a shared machine (the JSON has both).
+
+    python experiments/bench_dcnv3.py                      # T and B levels, CPU (+ CUDA)
+    python experiments/bench_dcnv3.py --levels T --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bldseg.ops import dcnv3, load_dcnv3_op
+
+# level name -> list of (height = width, channels, group) at a 224 input.
+LEVELS: dict[str, list[tuple[int, int, int]]] = {
+    "T": [(56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32)],
+    "B": [(56, 112, 7), (28, 224, 14), (14, 448, 28), (7, 896, 56)],
+}
+MODES = ("fwd", "fwd+bwd")
+IMPLS = ("compiled", "reference")
+
+
+@dataclass
+class Case:
+    level: str  # "T" or "B"
+    size: int  # H = W of the feature map
+    channels: int  # group * group_channels
+    group: int  # DCNv3 groups
+    batch: int  # N
+    impl: str  # "compiled" or "reference"
+    mode: str  # "fwd" or "fwd+bwd"
+    device: str  # "cpu" or "cuda"
+    dtype: str  # "float32", "float64", ...
+
+
+@dataclass
+class Result:
+    case: Case
+    ms: float  # median time of one call
+    ms_min: float  # best time of one call (the table uses it: robust to a busy machine)
+    peak_mb: float  # peak memory growth during one call, MiB
+
+
+def _inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, case.dtype)
+    n, s, c, g = case.batch, case.size, case.channels, case.group
+    grad = case.mode == "fwd+bwd"
+    x = torch.randn(n, s, s, c, generator=gen, dtype=dtype)
+    offset = torch.randn(n, s, s, g * 9 * 2, generator=gen, dtype=dtype)
+    mask = torch.softmax(torch.randn(n, s, s, g, 9, generator=gen, dtype=dtype), -1)
+    tensors = [t.to(case.device) for t in (x, offset, mask.reshape(n, s, s, g * 9))]
+    return tuple(t.requires_grad_(grad) for t in tensors)  # type: ignore[return-value]
+
+
+def _call(case: Case, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> None:
+    c = case.channels // case.group
+    out = dcnv3(x, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, case.group, c, 1.0, 256, impl=case.impl)
+    if case.mode == "fwd+bwd":
+        out.backward(torch.ones_like(out))
+        for t in (x, offset, mask):
+            t.grad = None
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_case(case: Case, repeat: int) -> Result:
+    """Measures one case in this process (a fresh one on the CPU, for the memory figure)."""
+    if case.impl == "compiled":
+        load_dcnv3_op()
+    x, offset, mask = _inputs(case)
+    # 1. Peak memory of the first call.
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _call(case, x, offset, mask)
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+        before_kb = _proc_status_kb("VmRSS")
+        _call(case, x, offset, mask)
+        peak_mb = (_proc_status_kb("VmHWM") - before_kb) / 1024
+    # 2. Time.
+    times = []
+    for _ in range(repeat):
+        _sync(case.device)
+        start = time.perf_counter()
+        _call(case, x, offset, mask)
+        _sync(case.device)
+        times.append(time.perf_counter() - start)
+    return Result(case, 1000 * statistics.median(times), 1000 * min(times), peak_mb)
+
+
+def run_in_subprocess(case: Case, repeat: int) -> Result:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one-case",
+        json.dumps(asdict(case)),
+        "--repeat",
+        str(repeat),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return Result(Case(**data["case"]), data["ms"], data["ms_min"], data["peak_mb"])
+
+
+def _table(results: list[Result]) -> str:
+    # One row per (device, level, shape, mode): compiled vs reference and the ratios.
+    rows = {}
+    for r in results:
+        c = r.case
+        key = (c.device, c.level, c.size, c.channels, c.group, c.mode)
+        rows.setdefault(key, {})[c.impl] = r
+    head = (
+        f"{'dev':4} {'lvl':3} {'shape (N,H,W,C) G':>22} {'mode':8} "
+        f"{'comp ms':>9} {'ref ms':>9} {'speedup':>8} {'comp MiB':>9} {'ref MiB':>9} {'mem x':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    totals: dict[tuple[str, str, str], list[float]] = {}
+    for key, by_impl in rows.items():
+        device, level, size, channels, group, mode = key
+        comp, ref = by_impl.get("compiled"), by_impl.get("reference")
+        batch = (comp or ref).case.batch  # type: ignore[union-attr]
+        shape = f"({batch},{size},{size},{channels}) {group}"
+        speed = ref.ms_min / comp.ms_min if comp and ref else float("nan")
+        mem = ref.peak_mb / comp.peak_mb if comp and ref and comp.peak_mb > 0 else float("nan")
+        lines.append(
+            f"{device:4} {level:3} {shape:>22} {mode:8} "
+            f"{comp.ms_min if comp else float('nan'):9.2f} "
+            f"{ref.ms_min if ref else float('nan'):9.2f} "
+            f"{speed:8.2f} {comp.peak_mb if comp else float('nan'):9.1f} "
+            f"{ref.peak_mb if ref else float('nan'):9.1f} {mem:6.2f}"
+        )
+        if comp and ref:
+            tot = totals.setdefault((device, level, mode), [0.0, 0.0, 0.0, 0.0])
+            tot[0] += comp.ms_min
+            tot[1] += ref.ms_min
+            tot[2] = max(tot[2], comp.peak_mb)
+            tot[3] = max(tot[3], ref.peak_mb)
+    lines.append("-" * len(head))
+    lines.append("level totals (time: sum over the 4 shapes; memory: max over them)")
+    for (device, level, mode), (ct, rt, cm, rm) in totals.items():
+        lines.append(
+            f"{device:4} {level:3} {'all 4 shapes':>22} {mode:8} {ct:9.2f} {rt:9.2f} "
+            f"{rt / ct:8.2f} {cm:9.1f} {rm:9.1f} {rm / cm if cm > 0 else float('nan'):6.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="T,B", help="comma-separated: T, B")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls per case")
+    parser.add_argument("--devices", default="auto", help="cpu, cuda or auto (cpu + cuda if any)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--one-case", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one_case is not None:  # child process: one CPU case, JSON on the last line
+        result = run_case(Case(**json.loads(args.one_case)), args.repeat)
+        print(json.dumps(asdict(result)))
+        return
+
+    info = load_dcnv3_op()  # build once up front, so no child pays for it
+    devices = ["cpu", "cuda"] if args.devices == "auto" else args.devices.split(",")
+    if "cuda" in devices and not torch.cuda.is_available():
+        devices.remove("cuda")
+    results: list[Result] = []
+    for device in devices:
+        for level in args.levels.split(","):
+            for size, channels, group in LEVELS[level]:
+                for mode in MODES:
+                    for impl in IMPLS:
+                        case = Case(
+                            level, size, channels, group, args.batch, impl, mode, device, args.dtype
+                        )
+                        if device == "cpu":
+                            result = run_in_subprocess(case, args.repeat)
+                        else:
+                            result = run_case(case, args.repeat)
+                        results.append(result)
+                        print(
+                            f"  {device} {level} {size}x{size}x{channels} G{group} {mode:8} "
+                            f"{impl:9} best {result.ms_min:9.2f} ms, median {result.ms:9.2f} ms, "
+                            f"peak {result.peak_mb:8.1f} MiB",
+                            flush=True,
+                        )
+    print()
+    print(
+        f"DCNv3 benchmark: torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {args.dtype}, batch {args.batch}, op built in "
+        f"{info.folder}"
+    )
+    print(_table(results))
+    if args.json is not None:
+        payload = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "memory_method": {
+                "cpu": "VmHWM - VmRSS growth during the first call in a fresh subprocess",
+                "cuda": "torch.cuda.max_memory_allocated growth during the first call",
+            },
+            "results": [
+                asdict(r.case) | {"ms_median": r.ms, "ms_min": r.ms_min, "peak_mb": r.peak_mb}
+                for r in results
+            ],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

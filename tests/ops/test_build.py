@@ -1,0 +1,193 @@
+"""The JIT loader: caching by content, failure reporting, fallback, concurrency, build CLI."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from bldseg.ops import BuildError, NativeExtension, build_root, dcnv3, dcnv3_reference
+from bldseg.ops import build as build_cli
+from bldseg.ops._build import load_extension
+
+REPO = Path(__file__).resolve().parents[2]
+# The submodule, not the function of the same name that bldseg.ops exports.
+dcnv3_module = importlib.import_module("bldseg.ops.dcnv3")
+
+# A tiny CPython extension (no torch headers, so it compiles in about a second) whose result
+# comes from a header, to check that headers are part of the build key.
+TINY_SOURCE = textwrap.dedent(
+    """
+    #include <Python.h>
+    #include "tiny.h"
+    #define BLD_CAT2(a, b) a##b
+    #define BLD_CAT(a, b) BLD_CAT2(a, b)
+    #define BLD_STR2(x) #x
+    #define BLD_STR(x) BLD_STR2(x)
+    static PyObject* value(PyObject*, PyObject*) { return PyLong_FromLong(TINY_VALUE); }
+    static PyMethodDef methods[] = {{"value", value, METH_NOARGS, ""}, {NULL, NULL, 0, NULL}};
+    static struct PyModuleDef def = {
+        PyModuleDef_HEAD_INIT, BLD_STR(TORCH_EXTENSION_NAME), NULL, -1, methods};
+    PyMODINIT_FUNC BLD_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&def); }
+    """
+)
+
+BROKEN_SOURCE = "int bldseg_broken(int x) { return x + bldseg_syntax_error_marker }\n"
+
+
+def _write_tiny(folder: Path, value: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny.h").write_text(f"#define TINY_VALUE {value}\n")
+    source = folder / "tiny.cpp"
+    source.write_text(TINY_SOURCE)
+    return source
+
+
+def _write_broken(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "broken.cpp"
+    source.write_text(BROKEN_SOURCE)
+    return source
+
+
+def test_build_root_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path))
+    assert build_root() == tmp_path
+    monkeypatch.delenv("BLDSEG_BUILD_DIR")
+    assert build_root() == Path.home() / ".cache" / "bldseg" / "ops"
+
+
+def test_builds_once_and_rebuilds_on_header_change(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    environ_before = dict(os.environ)
+    source = _write_tiny(tmp_path / "src", value=7)
+
+    module, info = load_extension("bldseg_tiny", [source], is_python_module=True)
+    assert module.value() == 7
+    assert info.built and info.folder.parent == tmp_path / "builds"
+    assert info.library.is_file() and (info.folder / ".done").is_file()
+
+    again, info_again = load_extension("bldseg_tiny", [source], is_python_module=True)
+    assert again is module and not info_again.built  # cached in this process
+
+    (source.parent / "tiny.h").write_text("#define TINY_VALUE 8\n")  # header only
+    changed, info_changed = load_extension("bldseg_tiny", [source], is_python_module=True)
+    assert changed.value() == 8
+    assert info_changed.built and info_changed.folder != info.folder
+    assert dict(os.environ) == environ_before  # the loader never writes the environment
+
+
+def test_build_failure_carries_compiler_message(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    source = _write_broken(tmp_path / "src")
+    with pytest.raises(BuildError, match="bldseg_syntax_error_marker") as err:
+        load_extension("bldseg_broken", [source])
+    assert "error" in str(err.value)
+    assert isinstance(err.value, RuntimeError)
+
+
+def test_native_extension_remembers_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    ext = NativeExtension("bldseg_broken", [_write_broken(tmp_path / "src")])
+    with pytest.raises(BuildError) as first:
+        ext.load()
+    with pytest.raises(BuildError) as second:
+        ext.load()
+    assert second.value is first.value  # not rebuilt
+    assert not ext.ready
+
+
+def test_auto_falls_back_with_one_warning_and_compiled_raises(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    broken = NativeExtension("bldseg_broken", [_write_broken(tmp_path / "src")])
+    monkeypatch.setattr(dcnv3_module, "_OP", broken)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, generator=gen, dtype=torch.float64)
+    offset = torch.randn(1, 4, 4, 2 * 9 * 2, generator=gen, dtype=torch.float64)
+    mask = torch.rand(1, 4, 4, 2 * 9, generator=gen, dtype=torch.float64)
+    params = (3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [dcnv3(x, offset, mask, *params, impl="auto") for _ in range(3)]
+    ours = [w for w in caught if "bldseg" in str(w.message)]
+    assert len(ours) == 1
+    assert issubclass(ours[0].category, RuntimeWarning)
+    assert "bldseg_syntax_error_marker" in str(ours[0].message)  # the compiler's message
+    expected = dcnv3_reference(x, offset, mask, *params)
+    for out in outs:
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+    with pytest.raises(BuildError, match="bldseg_syntax_error_marker"):
+        dcnv3(x, offset, mask, *params, impl="compiled")
+
+    # impl="reference" (here from the environment) never touches the broken build.
+    monkeypatch.setenv(dcnv3_module.IMPL_ENV_VAR, "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(dcnv3(x, offset, mask, *params), expected, atol=0, rtol=0)
+
+
+def test_concurrent_processes_build_once(tmp_path: Path) -> None:
+    # Several fresh processes ask for the same extension at once: one builds, all load it.
+    source = _write_tiny(tmp_path / "src", value=11)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from bldseg.ops._build import load_extension
+        module, info = load_extension("bldseg_tiny", [{str(source)!r}], is_python_module=True)
+        print(json.dumps({{"value": module.value(), "built": info.built}}))
+        """
+    )
+    env = dict(os.environ, BLDSEG_BUILD_DIR=str(tmp_path / "builds"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["value"] for r in results] == [11, 11, 11]
+    assert sum(r["built"] for r in results) == 1
+
+
+def test_build_cli_prints_folder_and_seconds(dcnv3_op, capsys: pytest.CaptureFixture) -> None:
+    assert build_cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert str(dcnv3_op.folder) in out
+    assert " s -> " in out
+
+
+def test_build_cli_reports_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    broken = NativeExtension("bldseg_broken", [_write_broken(tmp_path / "src")])
+    monkeypatch.setattr(dcnv3_module, "_OP", broken)
+    assert build_cli.main([]) == 1
+    assert "bldseg_syntax_error_marker" in capsys.readouterr().err

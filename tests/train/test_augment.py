@@ -1,0 +1,211 @@
+"""Augmentation pipelines: structure, outputs, image/mask alignment, serialisation, validation."""
+
+import albumentations as A
+import numpy as np
+import pytest
+
+from bldseg.train.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugConfig,
+    build_eval_transform,
+    build_train_transform,
+    serialize,
+)
+
+DEFAULT_STEPS = ["RandomScale", "RandomCrop", "VerticalFlip", "HorizontalFlip", "Normalize"]
+# Optional steps in pipeline order, with the field that turns each on.
+OPTIONAL = [
+    ("rotate90_p", "RandomRotate90"),
+    ("transpose_p", "Transpose"),
+    ("brightness_contrast_p", "RandomBrightnessContrast"),
+    ("hsv_p", "HueSaturationValue"),
+    ("noise_p", "GaussNoise"),
+    ("blur_p", "GaussianBlur"),
+]
+
+
+def _names(t: A.Compose) -> list[str]:
+    return [type(x).__name__ for x in t.transforms]
+
+
+def _coded_image(size: int = 300) -> np.ndarray:
+    """uint8 (size, size, 3) whose pixel values encode their (row, col) uniquely."""
+    y, x = np.mgrid[:size, :size]
+    return np.stack([y % 256, x % 256, (y // 256) * 16 + x // 256], -1).astype(np.uint8)
+
+
+def _seeded(t: A.Compose, seed: int) -> A.Compose:
+    t.set_random_seed(seed)
+    return t
+
+
+def test_default_is_reference_pipeline():
+    t = build_train_transform(AugConfig())
+    assert _names(t) == DEFAULT_STEPS
+    scale, crop, vflip, hflip, norm = t.transforms
+    assert scale.p == 0.5 and tuple(scale.scale_limit) == pytest.approx((-0.2, 0.2))
+    assert (crop.height, crop.width, crop.p) == (224, 224, 1.0)
+    assert vflip.p == 0.5 and hflip.p == 0.5
+    assert tuple(norm.mean) == pytest.approx(IMAGENET_MEAN)
+    assert tuple(norm.std) == pytest.approx(IMAGENET_STD)
+    assert norm.max_pixel_value == 255.0
+
+
+def test_normalize_off_and_eval_transform():
+    assert _names(build_train_transform(AugConfig(), normalize=False)) == DEFAULT_STEPS[:-1]
+    assert build_eval_transform(normalize=False) is None
+    assert _names(build_eval_transform()) == ["Normalize"]
+
+
+@pytest.mark.parametrize("field, cls", OPTIONAL)
+def test_optional_step_only_when_p_positive(field, cls):
+    t = build_train_transform(AugConfig(**{field: 0.3}))
+    names = _names(t)
+    assert names == [*DEFAULT_STEPS[:-1], cls, "Normalize"]
+    assert t.transforms[names.index(cls)].p == 0.3
+    assert cls not in _names(build_train_transform(AugConfig(**{field: 0.0})))
+
+
+def test_all_optional_steps_in_order_with_params():
+    kw = {field: 0.5 for field, _ in OPTIONAL}
+    cfg = AugConfig(
+        **kw,
+        brightness_limit=0.1,
+        contrast_limit=0.3,
+        hue_shift=7,
+        sat_shift=11,
+        val_shift=13,
+        noise_std=0.02,
+        blur_sigma=2.0,
+    )
+    t = build_train_transform(cfg)
+    assert _names(t) == DEFAULT_STEPS[:-1] + [c for _, c in OPTIONAL] + ["Normalize"]
+    steps = {type(x).__name__: x for x in t.transforms}
+    bc = steps["RandomBrightnessContrast"]
+    assert tuple(bc.brightness_limit) == pytest.approx((-0.1, 0.1))
+    assert tuple(bc.contrast_limit) == pytest.approx((-0.3, 0.3))
+    hsv = steps["HueSaturationValue"]
+    assert tuple(hsv.hue_shift_limit) == (-7, 7)
+    assert tuple(hsv.sat_shift_limit) == (-11, 11)
+    assert tuple(hsv.val_shift_limit) == (-13, 13)
+    assert tuple(steps["GaussNoise"].std_range) == pytest.approx((0.0, 0.02))
+    assert tuple(steps["GaussianBlur"].sigma_limit) == pytest.approx((0.1, 2.0))
+
+
+@pytest.mark.parametrize("kw", [dict(scale_p=0.0), dict(scale_limit=0.0)])
+def test_scale_off(kw):
+    assert _names(build_train_transform(AugConfig(**kw))) == DEFAULT_STEPS[1:]
+
+
+@pytest.mark.parametrize("flip", ["vflip_p", "hflip_p"])
+def test_flip_off(flip):
+    cls = {"vflip_p": "VerticalFlip", "hflip_p": "HorizontalFlip"}[flip]
+    assert cls not in _names(build_train_transform(AugConfig(**{flip: 0.0})))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_output_shapes_and_types(seed):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    mask = (rng.random((300, 300)) > 0.5).astype(np.uint8)
+    out = _seeded(build_train_transform(AugConfig()), seed)(image=image, mask=mask)
+    assert out["image"].shape == (224, 224, 3) and out["image"].dtype == np.float32
+    assert out["mask"].shape == (224, 224) and out["mask"].dtype == np.uint8
+    assert set(np.unique(out["mask"])) <= {0, 1}
+    lo = (0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    hi = (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    assert np.all(out["image"] >= lo - 1e-5) and np.all(out["image"] <= hi + 1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_normalised_output_is_a_crop_of_the_input(seed):
+    image = _coded_image()
+    t = _seeded(build_train_transform(AugConfig(scale_p=0.0, vflip_p=0.0, hflip_p=0.0)), seed)
+    out = t(image=image)["image"]
+    raw = np.rint((out * IMAGENET_STD + IMAGENET_MEAN) * 255).astype(np.int64)
+    y0, x0 = raw[0, 0, 0] + 256 * (raw[0, 0, 2] // 16), raw[0, 0, 1] + 256 * (raw[0, 0, 2] % 16)
+    assert 0 <= y0 <= 300 - 224 and 0 <= x0 <= 300 - 224
+    np.testing.assert_array_equal(raw, image[y0 : y0 + 224, x0 : x0 + 224])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_image_and_mask_stay_aligned(seed):
+    cfg = AugConfig(
+        crop_size=64, scale_p=0.0, vflip_p=0.5, hflip_p=0.5, rotate90_p=0.5, transpose_p=0.5
+    )
+    image = np.random.default_rng(seed).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    mask = (image[..., 0] > 127).astype(np.uint8)
+    out = _seeded(build_train_transform(cfg, normalize=False), seed)(image=image, mask=mask)
+    np.testing.assert_array_equal(out["mask"], (out["image"][..., 0] > 127).astype(np.uint8))
+
+
+def test_geometric_steps_do_change_the_tile():
+    # With p = 1 the flips and rotations must move pixels (else the alignment test is vacuous).
+    image = _coded_image()
+    base = AugConfig(crop_size=64, scale_p=0.0, vflip_p=0.0, hflip_p=0.0)
+    flipped = AugConfig(crop_size=64, scale_p=0.0, vflip_p=1.0, hflip_p=0.0)
+    a = _seeded(build_train_transform(base, normalize=False), 0)(image=image)["image"]
+    b = _seeded(build_train_transform(flipped, normalize=False), 0)(image=image)["image"]
+    np.testing.assert_array_equal(b, a[::-1])
+
+
+@pytest.mark.parametrize("kw", [{}, {field: 0.5 for field, _ in OPTIONAL}])
+def test_serialize_round_trip(kw):
+    t = build_train_transform(AugConfig(**kw))
+    d = serialize(t)
+    assert isinstance(d, dict)
+    rebuilt = A.from_dict(d)
+    assert _names(rebuilt) == _names(t)
+    assert serialize(rebuilt) == d
+    image = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    mask = (image[..., 1] > 100).astype(np.uint8)
+    a = _seeded(t, 5)(image=image, mask=mask)
+    b = _seeded(rebuilt, 5)(image=image, mask=mask)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
+@pytest.mark.parametrize(
+    "kw, named",
+    [
+        (dict(vflip_p=1.5), "vflip_p"),
+        (dict(scale_p=-0.1), "scale_p"),
+        (dict(blur_p=2.0), "blur_p"),
+        (dict(crop_size=4), "crop_size"),
+        (dict(scale_limit=1.0), "scale_limit"),
+        (dict(brightness_limit=1.5), "brightness_limit"),
+        (dict(contrast_limit=-0.1), "contrast_limit"),
+        (dict(hue_shift=181), "hue_shift"),
+        (dict(sat_shift=-1), "sat_shift"),
+        (dict(val_shift=300), "val_shift"),
+        (dict(noise_std=0.0), "noise_std"),
+        (dict(blur_sigma=0.05), "blur_sigma"),
+    ],
+)
+def test_invalid_value_names_parameter(kw, named):
+    with pytest.raises(ValueError, match=named):
+        AugConfig(**kw)
+    with pytest.raises(ValueError, match=named):
+        AugConfig.from_dict(kw)
+
+
+def test_unknown_key_named():
+    with pytest.raises(ValueError, match=r"\['crop_sise'\]"):
+        AugConfig.from_dict({"crop_sise": 64})
+
+
+def test_dict_round_trip():
+    cfg = AugConfig(crop_size=96, hsv_p=0.2, noise_std=0.1)
+    assert AugConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_window():
+    assert AugConfig().window == 280  # ceil(224 / 0.8)
+    assert AugConfig(scale_p=0.0).window == 224
+    assert AugConfig(crop_size=100, scale_limit=0.5).window == 200
+    assert AugConfig(crop_size=64, scale_limit=0.3).window == 92  # ceil(91.43)
+    for crop, limit in [(224, 0.2), (64, 0.3), (96, 0.25), (33, 0.1)]:
+        w = AugConfig(crop_size=crop, scale_limit=limit).window
+        assert w * (1 - limit) >= crop  # the smallest scale still covers the crop
+        assert (w - 1) * (1 - limit) < crop  # ... and the window is no larger than needed

@@ -1,0 +1,144 @@
+"""RunConfig: flat-dict round trip, validation messages, co-teaching rate, schedule kwargs."""
+
+import json
+
+import pytest
+import torch
+
+from bldseg.train.augment import AugConfig
+from bldseg.train.config import CoTeachConfig, OptimConfig, RunConfig, SchedConfig
+from bldseg.train.schedulers import SCHEDULERS, build_scheduler
+
+
+def test_flat_round_trip_default():
+    cfg = RunConfig()
+    flat = cfg.to_flat()
+    assert flat["aug.crop_size"] == 224
+    assert flat["optim.lr"] == 1e-3
+    assert flat["coteach.granularity"] == "tile"
+    assert not any(isinstance(v, dict) for v in flat.values())
+    back = RunConfig.from_flat(flat)
+    assert back == cfg
+    assert isinstance(back.aug, AugConfig) and isinstance(back.optim, OptimConfig)
+
+
+def test_flat_round_trip_non_default_through_json():
+    cfg = RunConfig(
+        loss="lovasz",
+        epochs=3,
+        drop_path_rate=0.1,
+        aug=AugConfig(crop_size=64, hsv_p=0.3),
+        sched=SchedConfig(name="poly", power=0.9),
+        coteach=CoTeachConfig(enabled=True, granularity="pixel"),
+    )
+    back = RunConfig.from_flat(json.loads(cfg.to_json()))
+    assert back == cfg
+    assert back != RunConfig()
+
+
+def test_from_flat_accepts_nested_dicts():
+    cfg = RunConfig.from_flat({"aug": {"crop_size": 64}, "optim.lr": 3e-4, "epochs": 2})
+    assert cfg.aug.crop_size == 64 and cfg.optim.lr == 3e-4 and cfg.epochs == 2
+    assert cfg.aug.scale_p == AugConfig().scale_p  # the rest stays default
+
+
+def test_with_updates_returns_a_modified_copy():
+    cfg = RunConfig()
+    new = cfg.with_updates({"aug.crop_size": 96, "sched.name": "cosine_restarts", "seed": 3})
+    assert (new.aug.crop_size, new.sched.name, new.seed) == (96, "cosine_restarts", 3)
+    assert (cfg.aug.crop_size, cfg.sched.name, cfg.seed) == (224, "onecycle", 0)
+    assert new.with_updates({}) == new
+
+
+@pytest.mark.parametrize(
+    "key, named",
+    [
+        ("aug.crop_sise", "crop_sise"),
+        ("optim.learning_rate", "learning_rate"),
+        ("sched.warmup", "warmup"),
+        ("coteach.rate", "rate"),
+        ("epoch", "epoch"),
+        ("optimizer.lr", "optimizer"),
+    ],
+)
+def test_unknown_flat_key_is_named(key, named):
+    with pytest.raises(ValueError, match=rf"\['{named}'\]"):
+        RunConfig.from_flat({key: 1})
+    with pytest.raises(ValueError, match=rf"\['{named}'\]"):
+        RunConfig().with_updates({key: 1})
+
+
+@pytest.mark.parametrize(
+    "update, named",
+    [
+        ({"model": "resnet50"}, "model='resnet50'"),
+        ({"loss": "focal"}, "loss='focal'"),
+        ({"epochs": 0}, "epochs=0"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"val_fraction": 1.0}, "val_fraction=1.0"),
+        ({"optim.lr": 2}, "optim.lr=2"),
+        ({"optim.layer_decay": 0.0}, "optim.layer_decay=0.0"),
+        ({"coteach.granularity": "image"}, "coteach.granularity='image'"),
+        ({"coteach.tau": 1.0}, "coteach.tau=1.0"),
+        ({"sched.name": "step"}, "sched.name='step'"),
+        ({"precision": "fp8"}, "precision='fp8'"),
+        ({"threshold_lo": 0.8}, "threshold_lo=0.8"),
+        ({"aux_weight": -1.0}, "aux_weight=-1.0"),
+        ({"aug.vflip_p": 2.0}, "vflip_p=2.0"),
+    ],
+)
+def test_invalid_value_names_parameter(update, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        RunConfig().with_updates(update)
+
+
+def test_valid_models_accepted():
+    from bldseg.models import list_models
+
+    for name in list_models():
+        assert RunConfig(model=name).model == name
+
+
+@pytest.mark.parametrize("tau, t_k", [(0.1, 5), (0.3, 2), (0.0, 4)])
+def test_keep_ratio_follows_formula(tau, t_k):
+    c = CoTeachConfig(tau=tau, t_k=t_k)
+    for epoch in range(3 * t_k):
+        assert c.keep_ratio(epoch) == pytest.approx(1 - min(epoch / t_k * tau, tau))
+
+
+def test_keep_ratio_by_hand():
+    c = CoTeachConfig(tau=0.2, t_k=4)
+    got = [c.keep_ratio(e) for e in range(6)]
+    assert got == pytest.approx([1.0, 0.95, 0.9, 0.85, 0.8, 0.8])
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_scheduler_kwargs_build_valid_schedulers(name):
+    sc = SchedConfig(name=name)
+    total = 40
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    s = build_scheduler(name, opt, total, **sc.scheduler_kwargs(total))
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert all(0 <= lr <= 1e-3 * (1 + 1e-9) for lr in lrs)
+    assert max(lrs) == pytest.approx(1e-3)
+
+
+def test_scheduler_kwargs_values():
+    cos = SchedConfig(
+        name="cosine_restarts", cycles=4, cycle_mult=2.0, gamma=0.5, warmup_frac=0.1, min_lr=1e-5
+    )
+    assert cos.scheduler_kwargs(100) == dict(
+        first_cycle_steps=25, cycle_mult=2.0, gamma=0.5, min_lr=1e-5, warmup_steps=2
+    )
+    # Tiny runs still give a valid cycle (warm-up shorter than the cycle).
+    tiny = SchedConfig(name="cosine_restarts", warmup_frac=0.9).scheduler_kwargs(1)
+    assert tiny["first_cycle_steps"] == 2 and tiny["warmup_steps"] == 1
+    poly = SchedConfig(name="poly", warmup_frac=0.05, power=0.9).scheduler_kwargs(200)
+    assert poly == dict(warmup_steps=10, power=0.9, min_lr=1e-6)
+    one = SchedConfig(pct_start=0.2).scheduler_kwargs(10)
+    assert one == dict(pct_start=0.2, div_factor=25.0, final_div_factor=1e4)
+    assert SchedConfig(name="constant").scheduler_kwargs(10) == {}

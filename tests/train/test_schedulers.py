@@ -1,0 +1,224 @@
+"""LR schedulers: hand-computed values of the cosine restarts curve, and build_scheduler."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from bldseg.train.schedulers import SCHEDULERS, CosineAnnealingWarmupRestarts, build_scheduler
+
+
+def _optimizer(lr: float = 0.1, group_lrs: tuple[float, ...] = ()) -> torch.optim.Optimizer:
+    """SGD over one (or one per ``group_lrs``) scalar parameter."""
+    if not group_lrs:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": g} for g in group_lrs]
+    return torch.optim.SGD(groups, lr=lr)
+
+
+def _lrs(opt: torch.optim.Optimizer, sched, n: int) -> list[float]:
+    """LR of group 0 at steps 0 .. n-1 (read before each ``sched.step()``)."""
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def _cosine(**kw) -> CosineAnnealingWarmupRestarts:
+    args = dict(first_cycle_steps=10, max_lr=1.0, min_lr=0.1, warmup_steps=2, gamma=0.5)
+    return CosineAnnealingWarmupRestarts(_optimizer(), **{**args, **kw})
+
+
+# --- CosineAnnealingWarmupRestarts -------------------------------------------------------------
+
+
+def test_cosine_warmup_values_by_hand():
+    s = _cosine()  # cycle 10 steps, warm-up 2, lr in [0.1, 1.0]
+    assert s.lr_at(0) == pytest.approx(0.1)  # warm-up starts at min_lr
+    assert s.lr_at(1) == pytest.approx(0.55)  # half-way up
+    assert s.lr_at(2) == pytest.approx(1.0)  # end of warm-up: the peak
+
+
+def test_cosine_decay_values_by_hand():
+    s = _cosine()
+    # Decay spans steps 2..10 (8 steps): step 6 is half-way, cos(pi/2) = 0.
+    assert s.lr_at(6) == pytest.approx(0.55)
+    # Step 9 (the cycle's last): frac = 7/8.
+    last = 0.1 + 0.9 * (1 + math.cos(math.pi * 7 / 8)) / 2
+    assert s.lr_at(9) == pytest.approx(last)
+    assert 0.1 < s.lr_at(9) < 0.14
+    # Monotone decay after the warm-up.
+    decay = [s.lr_at(k) for k in range(2, 10)]
+    assert all(a > b for a, b in itertools.pairwise(decay))
+
+
+def test_cosine_second_cycle_peak_decays_by_gamma():
+    s = _cosine()
+    assert s.lr_at(10) == pytest.approx(0.1)  # restart: warm-up from min_lr again
+    assert s.lr_at(11) == pytest.approx(0.1 + (0.5 - 0.1) / 2)
+    assert s.lr_at(12) == pytest.approx(0.5)  # peak of cycle 1 = max_lr * gamma
+    assert s.lr_at(22) == pytest.approx(0.25)  # peak of cycle 2 = max_lr * gamma**2
+    assert s.lr_at(16) == pytest.approx(0.1 + 0.4 * 0.5)  # mid-cosine of cycle 1
+
+
+def test_cosine_cycle_mult_boundaries():
+    # No warm-up: the LR equals max_lr exactly at the start of each cycle and nowhere else.
+    s = _cosine(cycle_mult=2.0, warmup_steps=0, gamma=1.0)
+    peaks = [k for k in range(80) if s.lr_at(k) == pytest.approx(1.0)]
+    assert peaks == [0, 10, 30, 70]  # cycle lengths 10, 20, 40
+
+
+def test_cosine_cycle_mult_with_warmup():
+    s = _cosine(cycle_mult=2.0, warmup_steps=2, gamma=0.5)
+    # Cycle 1 spans steps 10..29: warm-up 10..12, decay over 18 steps, half-way at 12 + 9.
+    assert s.lr_at(10) == pytest.approx(0.1)
+    assert s.lr_at(12) == pytest.approx(0.5)
+    assert s.lr_at(21) == pytest.approx(0.1 + 0.4 * 0.5)
+    assert s.lr_at(29) == pytest.approx(0.1 + 0.4 * (1 + math.cos(math.pi * 17 / 18)) / 2)
+    # Cycle 2 spans 30..69.
+    assert s.lr_at(30) == pytest.approx(0.1)
+    assert s.lr_at(32) == pytest.approx(0.25)
+    assert s.lr_at(70) == pytest.approx(0.1)
+
+
+def test_cosine_real_stepping_matches_lr_at():
+    s = _cosine(cycle_mult=2.0)
+    got = _lrs(s.optimizer, s, 75)
+    assert got == pytest.approx([s.lr_at(k) for k in range(75)])
+    assert s.get_last_lr() == pytest.approx([s.lr_at(75)])
+
+
+def test_cosine_state_dict_round_trip_resumes_curve():
+    ref = _cosine(cycle_mult=2.0)
+    expected = _lrs(ref.optimizer, ref, 40)
+
+    first = _cosine(cycle_mult=2.0)
+    head = _lrs(first.optimizer, first, 13)
+    state = first.state_dict()
+
+    resumed = _cosine(cycle_mult=2.0)
+    resumed.optimizer.load_state_dict(first.optimizer.state_dict())
+    resumed.load_state_dict(state)
+    tail = _lrs(resumed.optimizer, resumed, 27)
+    assert head + tail == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(first_cycle_steps=0), "first_cycle_steps"),
+        (dict(warmup_steps=10), "warmup_steps"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(cycle_mult=0.5), "cycle_mult"),
+        (dict(min_lr=2.0), "min_lr"),
+        (dict(min_lr=-1e-3), "min_lr"),
+    ],
+)
+def test_cosine_invalid_args_named(kw, name):
+    with pytest.raises(ValueError, match=name):
+        _cosine(**kw)
+
+
+# --- build_scheduler ---------------------------------------------------------------------------
+
+
+def test_onecycle_peaks_at_optimizer_lr_at_pct_start():
+    opt = _optimizer(0.1)
+    s = build_scheduler("onecycle", opt, 100, pct_start=0.3, div_factor=25.0, final_div_factor=1e4)
+    lrs = _lrs(opt, s, 100)
+    assert lrs[0] == pytest.approx(0.1 / 25)
+    assert max(lrs) == pytest.approx(0.1)
+    assert lrs.index(max(lrs)) == 29  # torch's OneCycleLR: peak at pct_start * total - 1
+    assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4)
+
+
+def test_cosine_restarts_by_name_uses_optimizer_lr_and_whole_run():
+    opt = _optimizer(0.1)
+    s = build_scheduler("cosine_restarts", opt, 50, min_lr=1e-4, warmup_steps=5)
+    assert isinstance(s, CosineAnnealingWarmupRestarts)
+    lrs = _lrs(opt, s, 50)
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[5] == pytest.approx(0.1)  # peak = the optimizer's LR
+    assert max(lrs) == pytest.approx(0.1)
+    assert lrs[-1] < 1e-3  # one cycle spanning the run: ends near min_lr
+    assert s.lr_at(50) == pytest.approx(1e-4)  # ... and would restart after it
+
+
+def test_poly_warmup_and_decay_values():
+    opt = _optimizer(0.1)
+    s = build_scheduler("poly", opt, 100, warmup_steps=10, power=2.0, min_lr=1e-3)
+    lrs = _lrs(opt, s, 120)
+    ratio = 1e-3  # poly_warmup's default warm-up start, as a share of the LR
+    assert lrs[0] == pytest.approx(0.1 * ratio)
+    assert lrs[5] == pytest.approx(0.1 * (ratio + (1 - ratio) * 0.5))
+    assert lrs[10] == pytest.approx(0.1)
+    # t = 45 / 90 = 0.5: (1 - floor) * 0.5**2 + floor, floor = min_lr / lr = 0.01.
+    assert lrs[55] == pytest.approx(0.1 * (0.99 * 0.25 + 0.01))
+    assert lrs[100] == pytest.approx(1e-3)
+    assert lrs[119] == pytest.approx(1e-3)  # stays at the floor past the end
+
+
+def test_constant_keeps_optimizer_lr():
+    opt = _optimizer(0.03)
+    s = build_scheduler("constant", opt, 10)
+    assert _lrs(opt, s, 20) == pytest.approx([0.03] * 20)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_name_builds_and_steps(name):
+    opt = _optimizer(0.1)
+    lrs = _lrs(opt, build_scheduler(name, opt, 20), 20)
+    assert all(0 <= lr <= 0.1 + 1e-12 for lr in lrs)
+    assert max(lrs) == pytest.approx(0.1, rel=0.05)
+
+
+def test_unknown_name_is_named():
+    with pytest.raises(ValueError, match=r"'cosine'.*onecycle"):
+        build_scheduler("cosine", _optimizer(), 10)
+
+
+@pytest.mark.parametrize(
+    "name, kw, bad",
+    [
+        ("poly", dict(gamma=0.5), "gamma"),
+        ("constant", dict(pct_start=0.2), "pct_start"),
+        ("onecycle", dict(warmup_steps=3), "warmup_steps"),
+        ("cosine_restarts", dict(max_lr=1.0), "max_lr"),  # max_lr is the optimizer's LR
+    ],
+)
+def test_unknown_parameter_is_named(name, kw, bad):
+    with pytest.raises(ValueError, match=bad):
+        build_scheduler(name, _optimizer(), 10, **kw)
+
+
+@pytest.mark.parametrize(
+    "name, kw, bad",
+    [
+        ("cosine_restarts", dict(warmup_steps=10), "warmup_steps"),
+        ("cosine_restarts", dict(cycle_mult=0.5), "cycle_mult"),
+        ("cosine_restarts", dict(min_lr=1.0), "min_lr"),
+        ("onecycle", dict(pct_start=1.5), "pct_start"),
+    ],
+)
+def test_invalid_argument_is_named(name, kw, bad):
+    with pytest.raises(ValueError, match=bad):
+        build_scheduler(name, _optimizer(0.1), 10, **kw)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["onecycle", "cosine_restarts", "poly", "constant"],
+)
+def test_per_group_lr_ratios_are_kept(name):
+    # engine.build_optimizer gives each layer-decay group its own LR (o.lr * lr_scale); a
+    # schedule must scale them together, not flatten them to param_groups[0]["lr"].
+    opt = _optimizer(0.1, group_lrs=(0.01, 0.1))
+    s = build_scheduler(name, opt, 100)
+    for _ in range(30):
+        opt.step()
+        s.step()
+    lo, hi = (g["lr"] for g in opt.param_groups)
+    assert hi == pytest.approx(10 * lo)
