@@ -1,0 +1,192 @@
+"""The command line shared by ``experiments/tune_aug.py``, ``tune_sched.py`` and ``tune_tau.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import pandas as pd
+
+from bldseg.tune.runner import METRIC, SearchSpec, run_search
+
+#: Fixed trial settings for the built-in synthetic world on a 2-core CPU: the tiny model on
+#: 64-px crops, so a default search (8 trials, ASHA) finishes in a few minutes.
+CPU_DEMO = {
+    "model": "upernet_internimage_tiny",
+    "aug.crop_size": 64,
+    "batch_size": 8,
+    "samples_per_epoch": 192,
+    "val_fraction": 0.2,
+    "optim.lr": 3e-3,
+}
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set optim.lr=1e-3")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v  # a bare string such as a model name
+    return out
+
+
+def build_parser(space: str, description: str) -> argparse.ArgumentParser:
+    """The shared flags, with ``space`` as the default search space."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    a = p.add_argument
+    a("--space", default=space, help=f"search space in tune_spaces (default: {space})")
+    a(
+        "--data",
+        default=None,
+        help="dataset folder with train.csv; default: the built-in synthetic world",
+    )
+    a(
+        "--model",
+        default=None,
+        help="model name (default: upernet_internimage_tiny on the synthetic world, else "
+        "upernet_internimage_t); see bldseg.models.list_models()",
+    )
+    a("--trials", type=int, default=8, help="number of trials (default 8)")
+    a("--epochs", type=int, default=8, help="epochs per trial, ASHA's max_t (default 8)")
+    a("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial (default 1)")
+    a(
+        "--gpus-per-trial",
+        type=float,
+        default=0.0,
+        help="GPUs per trial; fractions share a GPU, e.g. 0.5 (default 0)",
+    )
+    a(
+        "--search",
+        choices=["optuna", "random"],
+        default="optuna",
+        help="searcher: Optuna TPE or random sampling of the same space (default optuna)",
+    )
+    a(
+        "--scheduler",
+        choices=["asha", "fifo"],
+        default="asha",
+        help="trial scheduler: ASHA early stopping or FIFO (default asha)",
+    )
+    a("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
+    a("--name", default=None, help="experiment name (default: <space>-<timestamp>)")
+    a(
+        "--storage",
+        default="runs",
+        help="results folder; shared storage on a cluster (default runs)",
+    )
+    a(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: sqlite:////<cwd>/mlflow.db); an http:// server works",
+    )
+    a(
+        "--address",
+        default=None,
+        help="address of an existing Ray cluster, e.g. 10.0.0.1:6379 (default: local Ray, or "
+        "$RAY_ADDRESS)",
+    )
+    a(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted search --name (default: the latest of this space)",
+    )
+    a("--seed", type=int, default=0, help="searcher seed (default 0)")
+    a("--max-concurrent", type=int, default=0, help="max trials at once (default: resources)")
+    a(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fix a run-config value for all trials, e.g. --set loss=bce_dice (repeatable)",
+    )
+    return p
+
+
+def main(
+    space: str,
+    description: str,
+    argv: list[str] | None = None,
+    extra_base: dict[str, Any] | None = None,
+) -> int:
+    """Parses flags, runs the search, prints the trial table and where to look next."""
+    args = build_parser(space, description).parse_args(argv)
+    base: dict[str, Any] = dict(CPU_DEMO) if args.data is None else {}
+    base.update(extra_base or {})
+    if args.model:
+        base["model"] = args.model
+    elif args.data is not None:
+        base["model"] = "upernet_internimage_t"
+    base.update(_parse_set(args.set))
+    spec = SearchSpec(
+        space=args.space,
+        name=args.name,
+        base=base,
+        trials=args.trials,
+        epochs=args.epochs,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        search=args.search,
+        scheduler=args.scheduler,
+        grace_period=args.grace_period,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        address=args.address,
+        resume=args.resume,
+        seed=args.seed,
+        data=args.data,
+        max_concurrent=args.max_concurrent,
+    )
+    try:
+        result = run_search(spec)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = result.table
+    cols = [
+        "trial_id",
+        METRIC,
+        "val_thr_best",
+        "val_dice_05",
+        "best_epoch",
+        "epochs_run",
+        "status",
+    ] + [c for c in t.columns if c.startswith("config/")]
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format
+    ):
+        print(f"\n=== {result.name}: {len(t)} trials ===")
+        print(t[[c for c in cols if c in t.columns]].to_string(index=False))
+    if result.best:
+        print(
+            f"\nbest trial {result.best['trial_id']}: {METRIC}={result.best[METRIC]:.4f} "
+            f"at threshold {result.best['val_thr_best']:.3f}"
+        )
+        print(
+            "  config: "
+            + json.dumps(
+                {
+                    k.removeprefix("config/"): v
+                    for k, v in result.best.items()
+                    if k.startswith("config/")
+                }
+            )
+        )
+        print(f"  checkpoint: {result.best['run_dir']}/best.pt")
+    print(
+        f"\nwall {result.wall_s:.1f} s; trial epochs {result.train_s:.1f} s over "
+        f"{result.slots} slot(s); overhead (Ray, MLflow, start-up) {100 * result.overhead:.1f}%"
+    )
+    print(f"results: {result.path} (Ray cluster {result.ray_address})")
+    print(
+        f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}   "
+        f"(experiment {result.name!r}, parent run {result.parent_run_id})"
+    )
+    return 0

@@ -1,0 +1,54 @@
+import optuna
+import pytest
+
+from bldseg.tune.cli import CPU_DEMO
+from bldseg.tune.runner import get_space, validate_space
+from tune_spaces import SPACES
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_every_space_builds_valid_configs(name):
+    validate_space(get_space(name), CPU_DEMO, samples=32)
+
+
+def test_scheduler_space_is_conditional():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        t = study.ask()
+        SPACES["scheduler"](t)
+        name = t.params["sched.name"]
+        seen.add(name)
+        assert ("sched.pct_start" in t.params) == (name == "onecycle")
+        assert ("sched.cycles" in t.params) == (name == "cosine_restarts")
+        assert ("sched.power" in t.params) == (name == "poly")
+        study.tell(t, 0.0)
+    assert seen == {"onecycle", "cosine_restarts", "poly"}
+
+
+def test_coteaching_space_enables_coteaching():
+    study = optuna.create_study()
+    t = study.ask()
+    assert SPACES["coteaching"](t) == {"coteach.enabled": True}
+    assert 0.0 <= t.params["coteach.tau"] <= 0.4
+
+
+def test_typo_in_space_is_named():
+    def typo(trial):
+        trial.suggest_float("aug.scale_limt", 0.0, 0.3)
+
+    with pytest.raises(ValueError, match=r"unknown augmentation parameter.*scale_limt"):
+        validate_space(typo, CPU_DEMO)
+
+
+def test_impossible_value_is_named():
+    def impossible(trial):
+        trial.suggest_float("aug.vflip_p", 0.5, 2.0)
+
+    with pytest.raises(ValueError, match=r"aug.*vflip_p=1\.\d+: a probability in \[0, 1\]"):
+        validate_space(impossible, CPU_DEMO)
+
+
+def test_unknown_space_name():
+    with pytest.raises(ValueError, match="unknown search space 'augmentations'"):
+        get_space("augmentations")

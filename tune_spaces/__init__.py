@@ -1,0 +1,16 @@
+"""Search spaces: Optuna define-by-run functions over flat ``RunConfig`` keys, and nothing else.
+
+A space is ``space(trial: optuna.Trial) -> dict | None``: it suggests values named by the flat
+config keys they set (``"aug.scale_limit"``, ``"sched.name"``, ...) and may return constants.
+Conditional parameters are plain ``if``s: the scheduler type decides which of its parameters
+exist. ``bldseg.tune.validate_space`` samples a space before any trial starts and rejects an
+unknown key or an impossible value, naming it.
+"""
+
+from tune_spaces.augmentation import space as augmentation
+from tune_spaces.coteaching import space as coteaching
+from tune_spaces.scheduler import space as scheduler
+
+SPACES = {"augmentation": augmentation, "scheduler": scheduler, "coteaching": coteaching}
+
+__all__ = ["SPACES", "augmentation", "coteaching", "scheduler"]

@@ -1,0 +1,21 @@
+"""Augmentation search: the reference pipeline's knobs and more (keys of ``AugConfig``)."""
+
+import optuna
+
+
+def space(trial: optuna.Trial) -> None:
+    """Scale/flip probabilities of the reference pipeline, plus rotations, colour, noise, blur.
+
+    The blur strength exists only when blur is on (a conditional parameter).
+    """
+    trial.suggest_float("aug.scale_limit", 0.0, 0.4)
+    trial.suggest_float("aug.scale_p", 0.0, 1.0)
+    trial.suggest_float("aug.vflip_p", 0.0, 0.5)
+    trial.suggest_float("aug.hflip_p", 0.0, 0.5)
+    trial.suggest_float("aug.rotate90_p", 0.0, 1.0)
+    trial.suggest_float("aug.transpose_p", 0.0, 0.5)
+    trial.suggest_float("aug.brightness_contrast_p", 0.0, 0.8)
+    trial.suggest_float("aug.hsv_p", 0.0, 0.8)
+    trial.suggest_float("aug.noise_p", 0.0, 0.5)
+    if trial.suggest_float("aug.blur_p", 0.0, 0.5) > 0.05:
+        trial.suggest_float("aug.blur_sigma", 0.3, 1.5)

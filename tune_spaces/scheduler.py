@@ -1,0 +1,19 @@
+"""LR-schedule search: the schedule type decides which of its parameters exist."""
+
+import optuna
+
+
+def space(trial: optuna.Trial) -> None:
+    """OneCycleLR vs CosineAnnealingWarmupRestarts vs poly, with the peak LR."""
+    trial.suggest_float("optim.lr", 3e-4, 1e-2, log=True)
+    name = trial.suggest_categorical("sched.name", ["onecycle", "cosine_restarts", "poly"])
+    if name == "onecycle":
+        trial.suggest_float("sched.pct_start", 0.1, 0.5)
+        trial.suggest_float("sched.div_factor", 5.0, 50.0, log=True)
+    elif name == "cosine_restarts":
+        trial.suggest_int("sched.cycles", 1, 4)
+        trial.suggest_float("sched.gamma", 0.5, 1.0)
+        trial.suggest_float("sched.warmup_frac", 0.0, 0.3)
+    else:
+        trial.suggest_float("sched.power", 0.5, 2.0)
+        trial.suggest_float("sched.warmup_frac", 0.0, 0.2)
