@@ -1,0 +1,246 @@
+"""A model library: N trained models' quantised probabilities on the same validation tiles.
+
+Each trained model is a run folder holding ``val_probs.npz`` (written by
+``bldseg.train.engine.save_val_probs``: ``probs`` uint8 (T, S, S), ``truth`` uint8 (T, S, S),
+``tile_ids`` (T,), ``image_ids`` (T,) = source image of each tile, ``tile_yx`` (T, 2)) and
+``best.pt``. A library is built from the run folders of a search (found recursively) or from
+explicit paths, and every model must hold exactly the same tiles with the same ground truth;
+tiles stored in another order are put in the first model's order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["VAL_FILE", "ModelLibrary", "find_runs", "load_library", "split_by_image"]
+
+VAL_FILE = "val_probs.npz"
+"""The file of a run folder holding its validation probabilities."""
+
+CHECKPOINT_FILE = "best.pt"
+
+
+@dataclass
+class ModelLibrary:
+    """N models' uint8 probability maps on T shared tiles, with the ground truth."""
+
+    names: list[str]  # (N,) model names (run folder paths relative to the search root)
+    sources: list[Path]  # (N,) the npz file each model was read from
+    checkpoints: list[Path]  # (N,) best.pt next to each npz (may not exist for fake libraries)
+    probs: np.ndarray  # (N, T, S, S) uint8, q = round(255 p)
+    truth: np.ndarray  # (T, S, S) bool ground truth
+    tile_ids: np.ndarray  # (T,) str
+    image_ids: np.ndarray  # (T,) str: the source image of each tile (splits are by image)
+
+    @property
+    def n_models(self) -> int:
+        return int(self.probs.shape[0])
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.probs.shape[1])
+
+    def subset(self, tiles: np.ndarray) -> ModelLibrary:
+        """The library restricted to some tiles (indices or a boolean mask), same models."""
+        tiles = np.asarray(tiles)
+        if tiles.dtype == np.bool_:
+            tiles = np.flatnonzero(tiles)
+        if tiles.size == 0:
+            raise ValueError("a library subset needs at least one tile")
+        return ModelLibrary(
+            names=list(self.names),
+            sources=list(self.sources),
+            checkpoints=list(self.checkpoints),
+            probs=np.ascontiguousarray(self.probs[:, tiles]),
+            truth=np.ascontiguousarray(self.truth[tiles]),
+            tile_ids=self.tile_ids[tiles],
+            image_ids=self.image_ids[tiles],
+        )
+
+
+def find_runs(root: str | os.PathLike, file_name: str = VAL_FILE) -> list[Path]:
+    """Every run folder under ``root`` (recursively) holding ``file_name``, sorted by path.
+
+    Raises:
+        FileNotFoundError: if ``root`` does not exist or holds no such run folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"search results folder not found: {root}")
+    runs = sorted(p.parent for p in root.rglob(file_name) if p.is_file())
+    if not runs:
+        raise FileNotFoundError(
+            f"no run folder under {root} holds {file_name}; point --runs at a search's results "
+            "folder (trials write it after their first validation) or pass --models"
+        )
+    return runs
+
+
+def _npz_path(path: Path, file_name: str) -> Path:
+    return path / file_name if path.is_dir() else path
+
+
+def _names(paths: Sequence[Path], root: Path | None) -> list[str]:
+    """Short unique names: paths relative to the common root, else the folder names."""
+    if root is not None:
+        names = [str(p.relative_to(root)) if p != root else p.name for p in paths]
+    else:
+        names = [p.name if p.is_dir() else p.stem for p in paths]
+    if len(set(names)) < len(names):
+        common = Path(os.path.commonpath([str(p.resolve()) for p in paths]))
+        names = [str(p.resolve().relative_to(common)) or p.name for p in paths]
+    return names
+
+
+def load_library(
+    paths: Sequence[str | os.PathLike],
+    *,
+    file_name: str = VAL_FILE,
+    root: str | os.PathLike | None = None,
+) -> ModelLibrary:
+    """Loads N models' probabilities and checks that their tiles align.
+
+    Args:
+        paths: run folders (holding ``file_name``) or npz files.
+        file_name: the npz inside a run folder (``val_probs.npz``; e.g. ``test_probs.npz`` for
+            a held-out test library of the same models).
+        root: the search results folder the run folders were found in (for short names).
+
+    Returns:
+        The library, tiles in the first model's order.
+
+    Raises:
+        FileNotFoundError: a run folder has no ``file_name``.
+        ValueError: naming the model and the tile, when models hold different tiles, a tile's
+            ground truth or source image differs, arrays have the wrong dtype or shape, or a
+            model is given twice.
+    """
+    if not paths:
+        raise ValueError("a model library needs at least one model")
+    run_paths = [Path(p) for p in paths]
+    npz = [_npz_path(p, file_name) for p in run_paths]
+    for p, f in zip(run_paths, npz, strict=True):
+        if not f.is_file():
+            raise FileNotFoundError(f"model {p}: {f} not found")
+    resolved = [f.resolve() for f in npz]
+    dup = {str(f) for f in resolved if resolved.count(f) > 1}
+    if dup:
+        raise ValueError(f"model(s) given more than once: {sorted(dup)}")
+    names = _names(run_paths, Path(root) if root is not None else None)
+
+    probs = None
+    truth = tile_ids = image_ids = None
+    for m, (name, f) in enumerate(zip(names, npz, strict=True)):
+        with np.load(f, allow_pickle=False) as z:
+            missing = [a for a in ("probs", "truth", "tile_ids", "image_ids") if a not in z]
+            if missing:
+                raise ValueError(f"model {name!r} ({f}) lacks array(s) {missing}")
+            p, t = z["probs"], z["truth"]
+            tid, iid = z["tile_ids"].astype(str), z["image_ids"].astype(str)
+        if p.dtype != np.uint8 or p.ndim != 3:
+            raise ValueError(
+                f"model {name!r} ({f}): probs must be uint8 (T, S, S) quantised maps, got "
+                f"{p.dtype} {p.shape}"
+            )
+        if t.shape != p.shape or tid.shape != (p.shape[0],) or iid.shape != tid.shape:
+            raise ValueError(
+                f"model {name!r} ({f}): truth {t.shape}, tile_ids {tid.shape} and image_ids "
+                f"{iid.shape} do not match probs {p.shape}"
+            )
+        if len(set(tid.tolist())) != len(tid):
+            raise ValueError(f"model {name!r} ({f}) holds a tile id more than once")
+        if probs is None:
+            probs = np.empty((len(npz), *p.shape), dtype=np.uint8)  # (N, T, S, S)
+            truth, tile_ids, image_ids = t.astype(bool), tid, iid
+            probs[0] = p
+            continue
+        if p.shape[1:] != probs.shape[2:]:
+            raise ValueError(
+                f"model {name!r} ({f}) has {p.shape[1]}x{p.shape[2]} tiles, but model "
+                f"{names[0]!r} has {probs.shape[2]}x{probs.shape[3]}"
+            )
+        order = _align(tid, tile_ids, name, names[0])
+        if order is not None:
+            p, t, iid = p[order], t[order], iid[order]
+        bad = np.flatnonzero(iid != image_ids)
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"model {name!r}: tile {str(tile_ids[i])!r} comes from image {str(iid[i])!r}, but "
+                f"from {str(image_ids[i])!r} in model {names[0]!r}"
+            )
+        diff = np.flatnonzero((t.astype(bool) != truth).any(axis=(1, 2)))
+        if diff.size:
+            raise ValueError(
+                f"model {name!r}: the ground truth of tile {str(tile_ids[int(diff[0])])!r} differs "
+                f"from model {names[0]!r} ({diff.size} tile(s) differ); the models were "
+                "validated on different data"
+            )
+        probs[m] = p
+    assert probs is not None and truth is not None
+    return ModelLibrary(
+        names=names,
+        sources=npz,
+        checkpoints=[f.parent / CHECKPOINT_FILE for f in npz],
+        probs=probs,
+        truth=truth,
+        tile_ids=tile_ids,
+        image_ids=image_ids,
+    )
+
+
+def _align(tid: np.ndarray, ref: np.ndarray, name: str, ref_name: str) -> np.ndarray | None:
+    """Index putting ``tid`` in the order of ``ref``; None if already aligned."""
+    if tid.shape == ref.shape and np.array_equal(tid, ref):
+        return None
+    pos = {t: i for i, t in enumerate(tid.tolist())}
+    missing = [t for t in ref.tolist() if t not in pos]
+    if missing:
+        raise ValueError(
+            f"model {name!r} has no tile {missing[0]!r} (which model {ref_name!r} has; "
+            f"{len(missing)} tile(s) missing); all models must be validated on the same tiles"
+        )
+    if len(tid) != len(ref):
+        extra = sorted(set(tid.tolist()) - set(ref.tolist()))
+        raise ValueError(
+            f"model {name!r} has tile {extra[0]!r} that model {ref_name!r} does not have "
+            f"({len(extra)} extra tile(s)); all models must be validated on the same tiles"
+        )
+    return np.array([pos[t] for t in ref.tolist()], dtype=np.int64)
+
+
+def split_by_image(
+    image_ids: np.ndarray, fraction: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Splits tiles by source image into a selection part and a check part.
+
+    Every tile of an image lands on the same side, so neighbouring tiles of one scene never
+    leak between the part an ensemble is chosen on and the part it is reported on.
+
+    Args:
+        image_ids: (T,) source image of each tile.
+        fraction: share of the images in the selection part.
+        seed: seed of the image shuffle.
+
+    Returns:
+        ``(selection, check)`` sorted tile indices.
+
+    Raises:
+        ValueError: if there are fewer than two source images or ``fraction`` is not in (0, 1).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    images = np.unique(np.asarray(image_ids).astype(str))
+    if images.size < 2:
+        raise ValueError(
+            f"an honest split needs tiles from at least two source images, got {images.size}"
+        )
+    perm = np.random.default_rng(seed).permutation(images.size)
+    n_sel = min(max(1, round(fraction * images.size)), images.size - 1)
+    selected = np.isin(np.asarray(image_ids).astype(str), images[perm[:n_sel]])
+    return np.flatnonzero(selected), np.flatnonzero(~selected)

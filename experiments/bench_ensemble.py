@@ -1,0 +1,222 @@
+"""Benchmark the exact ensemble search (issue 7) on synthetic libraries.
+
+1. Per combination, on one core, on the same combinations of one library (27 models):
+   - ``naive``: the reference workflow's plain numpy loop: mean map, then for every threshold
+     level of [lo, hi] binarise and compute the per-image Dice and its mean;
+   - ``numpy-hist``: one per-image histogram of the summed map per combination
+     (``bldseg.metrics.level_counts``), Dice at every level from cumulative counts;
+   - ``native``: pruned pixels + incremental sums + compiled kernel (``bldseg.ensemble``).
+   All three must give the same best (combination, level, score).
+2. Scale: a 2,000-tile 224^2 library of 27 models, k=6: combinations per second with 1 and 2
+   Ray workers on rank ranges spread over C(27, 6) = 296,010, the projected full-search time
+   (``--full`` runs the whole search instead).
+
+Prints a table and writes JSON with --json.
+
+    python experiments/bench_ensemble.py --json bench/ensemble.json
+    python experiments/bench_ensemble.py --quick          # small sizes, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bldseg import metrics
+from bldseg.ensemble import kernels
+from bldseg.ensemble.combinatorics import chunk_ranges, n_combinations, unrank
+from bldseg.ensemble.prune import level_window, prune
+from bldseg.ensemble.search import exhaustive_search, score_members
+from bldseg.ensemble.synthetic import fake_library
+
+
+def naive_best(probs, truth, combo, lo, hi) -> tuple[int, float]:
+    """The plain loop: mean map, every level in [lo, hi], per-image Dice, mean."""
+    k = len(combo)
+    total = probs[list(combo)].astype(np.uint16).sum(axis=0)  # (T, S, S): the mean map x 255k
+    first, last = level_window(k, lo, hi)
+    best = (-1, -1.0)
+    for level in range(first, last + 1):
+        s = metrics.competition_score(total >= level, truth)
+        if s > best[1]:
+            best = (level, s)
+    return best
+
+
+def per_combination(args) -> dict:
+    lib = fake_library(args.models, args.tiles, args.size, seed=args.seed)
+    k, lo, hi = args.k, args.lo, args.hi
+    n = lib.n_models
+    combos = [unrank(r, n, k) for r in range(args.naive_combos)]
+    t = time.perf_counter()
+    naive = [naive_best(lib.probs, lib.truth, c, lo, hi) for c in combos]
+    t_naive = (time.perf_counter() - t) / len(combos)
+    t = time.perf_counter()
+    hist = [score_members(lib.probs, lib.truth, c, lo, hi)[1:] for c in combos]
+    t_hist = (time.perf_counter() - t) / len(combos)
+
+    kernels.load_native()
+    first, last = level_window(k, lo, hi)
+    t = time.perf_counter()
+    pl = prune(lib.probs, lib.truth, k, first, last)
+    t_prune = time.perf_counter() - t
+    off, lev, sc = kernels.search_chunk(pl, combos[0], len(combos), len(combos))
+    native = sorted(zip(off.tolist(), lev.tolist(), sc.tolist(), strict=True))
+    native = [(lv, s) for _, lv, s in native]
+    # Time per combination over a longer run (start-up amortised as in a real search).
+    count = args.native_combos
+    t = time.perf_counter()
+    kernels.search_chunk(pl, unrank(0, n, k), count, 20)
+    t_native = (time.perf_counter() - t) / count
+    same = naive == hist == native
+    return {
+        "library": f"{n} models x {args.tiles} tiles x {args.size}^2, k={k}, [{lo}, {hi}]",
+        "levels": last - first + 1,
+        "kept_fraction": pl.kept_fraction,
+        "prune_s": t_prune,
+        "same_result": bool(same),
+        "naive_ms": t_naive * 1e3,
+        "numpy_hist_ms": t_hist * 1e3,
+        "native_ms": t_native * 1e3,
+        "speedup_vs_naive": t_naive / t_native,
+        "speedup_vs_numpy_hist": t_hist / t_native,
+        "naive_combos": len(combos),
+        "native_combos": count,
+    }
+
+
+def scale(args) -> dict:
+    import ray
+
+    t = time.perf_counter()
+    lib = fake_library(args.models, args.scale_tiles, args.size, seed=args.seed)
+    t_gen = time.perf_counter() - t
+    k, lo, hi = args.k, args.lo, args.hi
+    n = lib.n_models
+    total = n_combinations(n, k)
+    first, last = level_window(k, lo, hi)
+    t = time.perf_counter()
+    pl = prune(lib.probs, lib.truth, k, first, last)
+    t_prune = time.perf_counter() - t
+    out = {
+        "library": f"{n} models x {args.scale_tiles} tiles x {args.size}^2, k={k}",
+        "combinations": total,
+        "generate_s": t_gen,
+        "prune_s": t_prune,
+        "kept_fraction": pl.kept_fraction,
+    }
+    kernels.load_native()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+
+        @ray.remote(num_cpus=1)
+        def run(pl, a, b):
+            kernels.search_chunk(pl, unrank(a, n, k), b - a, 20)
+            return b - a
+
+        @ray.remote(num_cpus=1)
+        def warm():
+            kernels.load_native()
+            time.sleep(2.0)  # both tasks overlap, so two worker processes start
+
+        ray.get([warm.remote(), warm.remote()])  # start both workers (import, load the kernel)
+        ref = ray.put(pl)
+        # Sample ranges spread over the whole rank space (costs vary with the prefix).
+        spots = [r[0] for r in chunk_ranges(total, args.samples)]
+        ranges = [(s, min(total, s + args.sample_size)) for s in spots]
+        for workers in (1, 2):
+            t = time.perf_counter()
+            pending, done = [], 0
+            todo = list(ranges)
+            while todo or pending:
+                while todo and len(pending) < workers:
+                    a, b = todo.pop(0)
+                    pending.append(run.remote(ref, a, b))
+                ready, pending = ray.wait(pending, num_returns=1)
+                done += sum(ray.get(ready))
+            dt = time.perf_counter() - t
+            out[f"rate_{workers}w"] = done / dt
+            out[f"projected_full_{workers}w_min"] = total / (done / dt) / 60
+        out["speedup_2w_vs_1w"] = out["rate_2w"] / out["rate_1w"]
+        if args.full:
+            t = time.perf_counter()
+            best, _ = exhaustive_search(lib, k, lo, hi, top=20, workers=2, progress=True)
+            out["full_search_min"] = (time.perf_counter() - t) / 60
+            out["full_best"] = {"members": best[0].members, "score": best[0].score}
+    finally:
+        ray.shutdown()
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", type=int, default=27)
+    p.add_argument("-k", type=int, default=6)
+    p.add_argument("--lo", type=float, default=0.30)
+    p.add_argument("--hi", type=float, default=0.70)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--tiles", type=int, default=200, help="tiles of the per-combination library")
+    p.add_argument("--naive-combos", type=int, default=2, help="combinations the naive loop runs")
+    p.add_argument("--native-combos", type=int, default=3000)
+    p.add_argument("--scale-tiles", type=int, default=2000)
+    p.add_argument("--samples", type=int, default=8, help="rank ranges sampled for the rate")
+    p.add_argument("--sample-size", type=int, default=150, help="combinations per range")
+    p.add_argument("--full", action="store_true", help="also run the whole C(27,6) search")
+    p.add_argument("--skip-scale", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.models, args.tiles, args.size, args.scale_tiles = 12, 20, 64, 40
+        args.native_combos, args.sample_size = 200, 20
+    res = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "per_combination": per_combination(args),
+    }
+    pc = res["per_combination"]
+    print(
+        f"\nper combination, one core: {pc['library']}, {pc['levels']} levels, "
+        f"{100 * pc['kept_fraction']:.1f}% pixels kept"
+    )
+    print(f"{'method':<12}{'ms/comb':>12}{'vs native':>12}")
+    for name, key in (
+        ("naive", "naive_ms"),
+        ("numpy-hist", "numpy_hist_ms"),
+        ("native", "native_ms"),
+    ):
+        print(f"{name:<12}{pc[key]:>12.3f}{pc[key] / pc['native_ms']:>11.1f}x")
+    print(f"same best result: {pc['same_result']}")
+    if not args.skip_scale:
+        sc = res["scale"] = scale(args)
+        print(
+            f"\nscale: {sc['library']}: {sc['combinations']} combinations, "
+            f"{100 * sc['kept_fraction']:.1f}% pixels kept (generate {sc['generate_s']:.0f} s,"
+            f" prune {sc['prune_s']:.1f} s)"
+        )
+        print(f"{'workers':<10}{'comb/s':>10}{'full search (min)':>20}")
+        for w in (1, 2):
+            print(f"{w:<10}{sc[f'rate_{w}w']:>10.1f}{sc[f'projected_full_{w}w_min']:>20.1f}")
+        print(f"2 vs 1 worker: {sc['speedup_2w_vs_1w']:.2f}x")
+        if "full_search_min" in sc:
+            print(f"full search, 2 workers: {sc['full_search_min']:.1f} min")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2, default=str))
+        os.replace(tmp, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

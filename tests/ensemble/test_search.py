@@ -1,0 +1,148 @@
+"""Exact agreement of the fast search with brute force built on bldseg.metrics."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from bldseg.ensemble import kernels
+from bldseg.ensemble.combinatorics import n_combinations, unrank
+from bldseg.ensemble.library import ModelLibrary
+from bldseg.ensemble.prune import level_window, prune
+from bldseg.ensemble.search import brute_force, exhaustive_search, greedy_search, score_members
+from bldseg.ensemble.synthetic import fake_library
+
+METHODS = ["native", "numpy"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _native():
+    if not kernels.native_available():
+        pytest.skip("the native ensemble kernel cannot be built here")
+
+
+def _all(lib, k, lo, hi, method):
+    """Every combination's (level, score) by the fast path, in rank order."""
+    first, last = level_window(k, lo, hi)
+    pl = prune(lib.probs, lib.truth, k, first, last)
+    total = n_combinations(lib.n_models, k)
+    off, lev, sc = kernels.search_chunk(pl, unrank(0, lib.n_models, k), total, total, method)
+    out = [None] * total
+    for o, lv, s in zip(off, lev, sc, strict=True):
+        out[o] = (int(lv), float(s))
+    return out
+
+
+def _brute(lib, k, lo, hi):
+    return [
+        score_members(lib.probs, lib.truth, c, lo, hi)[1:]
+        for c in itertools.combinations(range(lib.n_models), k)
+    ]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("n", "tiles", "size", "k", "lo", "hi", "seed"),
+    [
+        (5, 12, 16, 1, 0.3, 0.7, 0),
+        (6, 20, 24, 3, 0.3, 0.7, 1),
+        (7, 9, 20, 4, 0.42, 0.70, 2),
+        (6, 130, 8, 2, 0.0, 1.0, 3),  # > 128 tiles: numpy's pairwise summation splits
+        (5, 16, 16, 5, 0.4, 0.4, 4),  # one level (510 / 1275)
+    ],
+)
+def test_every_combination_equals_brute_force(method, n, tiles, size, k, lo, hi, seed):
+    lib = fake_library(n, tiles, size, seed=seed)
+    assert _all(lib, k, lo, hi, method) == _brute(lib, k, lo, hi)  # bit-identical floats
+
+
+def _handmade(n=4, tiles=6, size=6, seed=0):
+    rng = np.random.default_rng(seed)
+    probs = rng.choice(
+        np.array([0, 1, 60, 127, 128, 200, 254, 255], np.uint8), (n, tiles, size, size)
+    )
+    truth = rng.random((tiles, size, size)) < 0.4
+    truth[0] = False  # empty tile that some models predict on
+    truth[1] = False
+    probs[:, 1] = 0  # empty tile predicted empty by every model: left out of the mean
+    probs[:, 2] = 0  # a building nobody finds
+    ids = np.array([f"t{i}" for i in range(tiles)])
+    return ModelLibrary(
+        [f"m{i}" for i in range(n)], [], [], probs, truth, ids, np.array(["a", "b"] * (tiles // 2))
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_empty_tiles_and_exact_level_boundaries(method, k):
+    lib = _handmade()
+    assert _all(lib, k, 0.3, 0.7, method) == _brute(lib, k, 0.3, 0.7)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_empty_predictions_and_truth_score_one(method):
+    lib = _handmade()
+    lib.probs[:] = 0
+    lib.truth[:] = False
+    assert _all(lib, 2, 0.3, 0.7, method) == _brute(lib, 2, 0.3, 0.7)
+    assert _all(lib, 2, 0.3, 0.7, method)[0][1] == 1.0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_chunks_and_top_m_merge_like_brute_force(chunk):
+    lib = fake_library(7, 10, 16, seed=5)
+    got, per_k = exhaustive_search(lib, [2, 3], top=9, chunk_size=chunk, progress=False)
+    want = brute_force(lib, [2, 3])
+    assert got == want[:9]
+    assert per_k[2] == next(e for e in want if e.k == 2)
+    assert per_k[3] == next(e for e in want if e.k == 3)
+
+
+def test_ties_keep_lexicographic_order():
+    lib = fake_library(5, 6, 8, seed=0)
+    lib.probs[:] = lib.probs[0]  # every model identical: every combination ties
+    got, _ = exhaustive_search(lib, 2, top=10, progress=False)
+    assert [e.rank for e in got] == list(range(10))
+    assert got == brute_force(lib, 2)
+
+
+def test_pruning_keeps_few_pixels_on_confident_maps():
+    lib = fake_library(8, 16, 64, seed=0)
+    first, last = level_window(4, 0.3, 0.7)
+    pl = prune(lib.probs, lib.truth, 4, first, last)
+    assert 0 < pl.kept_fraction < 0.3
+    assert pl.img_start[-1] == pl.vals.shape[1]
+    assert (pl.gt == lib.truth.reshape(16, -1).sum(1)).all()
+
+
+def test_bad_k_and_window():
+    lib = fake_library(4, 4, 8)
+    with pytest.raises(ValueError, match="larger than the library"):
+        exhaustive_search(lib, 5, progress=False)
+    with pytest.raises(ValueError, match="no threshold level"):
+        exhaustive_search(lib, 1, lo=0.5, hi=0.501, progress=False)
+
+
+def test_greedy_with_replacement_matches_manual_steps():
+    lib = fake_library(5, 12, 16, seed=2)
+    best, hist = greedy_search(lib, 4, progress=False)
+    assert [e.k for e in hist] == [1, 2, 3, 4]
+    # step 1 is the best single model; each step adds the best model, repeats allowed
+    singles = [score_members(lib.probs, lib.truth, [m], 0.3, 0.7)[2] for m in range(5)]
+    assert hist[0].members == (int(np.argmax(singles)),)
+    for prev, nxt in itertools.pairwise(hist):
+        cands = [
+            score_members(lib.probs, lib.truth, sorted([*prev.members, m]), 0.3, 0.7)[2]
+            for m in range(5)
+        ]
+        assert nxt.score == max(cands)
+    assert best.score == max(e.score for e in hist)
+    _best2, hist2 = greedy_search(lib, 4, init=2, progress=False)
+    assert hist2[0].k == 2 and len(hist2) == 3
+
+
+def test_ray_tasks_equal_in_process(ray_session):
+    lib = fake_library(7, 10, 16, seed=9)
+    local, _ = exhaustive_search(lib, 3, top=5, progress=False)
+    remote, _ = exhaustive_search(lib, 3, top=5, workers=2, chunk_size=4, progress=False)
+    assert remote == local == brute_force(lib, 3)[:5]
