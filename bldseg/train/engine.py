@@ -367,7 +367,8 @@ def fit(
                     if not torch.isfinite(loss):
                         raise DivergedError(
                             f"loss of network {k} became {loss.item()} at epoch {epoch + 1}, "
-                            f"step {n_batches + 1}; lower optim.lr / optim.weight_decay or set optim.grad_clip"
+                            f"step {n_batches + 1}; lower optim.lr / optim.weight_decay or "
+                            "set optim.grad_clip"
                         )
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()

@@ -162,8 +162,9 @@ def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, **kw) -> 
         return CosineAnnealingWarmupRestarts(optimizer, max_lr=max(group_lrs), **kw)
     if name == "poly":
         if not 0 <= kw.get("warmup_steps", 0) < max(1, total_steps):
-            raise ValueError(f"poly: warmup_steps={kw['warmup_steps']} must be in "
-                             f"[0, total_steps={total_steps})")
+            raise ValueError(
+                f"poly: warmup_steps={kw['warmup_steps']} must be in [0, total_steps={total_steps})"
+            )
         if kw.get("power", 1.0) <= 0 or kw.get("min_lr", 0.0) < 0:
             raise ValueError(f"poly: power must be > 0 and min_lr >= 0, got {kw}")
         return poly_warmup(optimizer, total_steps, **kw)
