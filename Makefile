@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m bldseg.ops.build
-	$(PY) experiments/prepare_data.py
+	$(PY) experiments/tune_aug.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -39,6 +39,7 @@ build-ops: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/bench_data.py --json bench/data.json
 	$(PY) experiments/bench_dcnv3.py --json bench/dcnv3.json
+	$(PY) experiments/bench_ensemble.py --json bench/ensemble.json
 
 clean:
 	rm -rf $(VENV) data/cache .pytest_cache .ruff_cache

@@ -23,7 +23,8 @@ CPU_DEMO = {
 }
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "model=upernet_internimage_t"]`` -> typed dict (JSON values)."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -124,7 +125,7 @@ def main(
         base["model"] = args.model
     elif args.data is not None:
         base["model"] = "upernet_internimage_t"
-    base.update(_parse_set(args.set))
+    base.update(parse_set(args.set))
     spec = SearchSpec(
         space=args.space,
         name=args.name,
