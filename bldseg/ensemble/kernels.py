@@ -80,9 +80,9 @@ def search_chunk(
                     torch.from_numpy(a)
                     for a in (
                         lib.vals,
+                        lib.suf_min,
+                        lib.suf_max,
                         lib.truth,
-                        lib.vmin,
-                        lib.vmax,
                         lib.img_start,
                         lib.above_tp,
                         lib.above_pp,

@@ -10,6 +10,10 @@ reaches ``last`` (positive at every level). Per pixel the sum of any k of the N 
 between the sum of its k smallest and its k largest values, so a pixel can only change its
 decision inside the window when ``top_k >= first`` and ``bottom_k < last``. Only those pixels
 are kept; the others become constant per-image counts. This is exact, not an approximation.
+
+The search adds members in increasing model order, so after the member ``m`` the rest come
+from models ``m+1..N-1``: per kept pixel the library also holds the min and max over every
+such suffix of models, which the search uses to drop pixels decided by the prefix so far.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ class PrunedLibrary:
 
     vals: np.ndarray  # (N, P) uint8: kept pixels of every model, model-major
     truth: np.ndarray  # (P,) uint8 0/1
-    vmin: np.ndarray  # (P,) uint8: smallest value over the N models
-    vmax: np.ndarray  # (P,) uint8: largest value over the N models
+    suf_min: np.ndarray  # (N, P) uint8: suf_min[m] = smallest value over models m..N-1
+    suf_max: np.ndarray  # (N, P) uint8: suf_max[m] = largest value over models m..N-1
     img_start: np.ndarray  # (T+1,) int64: kept pixels of tile t are [img_start[t], ...[t+1])
     above_tp: np.ndarray  # (T,) int64: building pixels positive at every window level
     above_pp: np.ndarray  # (T,) int64: pixels positive at every window level
@@ -92,7 +96,7 @@ def prune(probs: np.ndarray, truth: np.ndarray, k: int, first: int, last: int) -
     per = int(np.prod(probs.shape[2:]))
     maps = probs.reshape(n, t, per)  # (N, T, S*S)
     gts = truth.reshape(t, per)
-    vals, tru, vmin, vmax, counts = [], [], [], [], []
+    vals, tru, counts = [], [], []
     above_tp = np.zeros(t, dtype=np.int64)
     above_pp = np.zeros(t, dtype=np.int64)
     gt = np.count_nonzero(gts, axis=1).astype(np.int64)
@@ -119,15 +123,17 @@ def prune(probs: np.ndarray, truth: np.ndarray, k: int, first: int, last: int) -
         counts.append(keep.reshape(nt, per).sum(axis=1))
         vals.append(x[:, idx])
         tru.append(g[idx].astype(np.uint8))
-        vmin.append(mn[idx])
-        vmax.append(mx[idx])
     img_start = np.zeros(t + 1, dtype=np.int64)
     np.cumsum(np.concatenate(counts), out=img_start[1:])
+    kept = np.ascontiguousarray(np.concatenate(vals, axis=1))  # (N, P)
+    # Running min / max from the last model backwards: row m covers models m..N-1.
+    suf_min = np.ascontiguousarray(np.minimum.accumulate(kept[::-1], axis=0)[::-1])
+    suf_max = np.ascontiguousarray(np.maximum.accumulate(kept[::-1], axis=0)[::-1])
     return PrunedLibrary(
-        vals=np.ascontiguousarray(np.concatenate(vals, axis=1)),
+        vals=kept,
         truth=np.concatenate(tru),
-        vmin=np.concatenate(vmin),
-        vmax=np.concatenate(vmax),
+        suf_min=suf_min,
+        suf_max=suf_max,
         img_start=img_start,
         above_tp=above_tp,
         above_pp=above_pp,

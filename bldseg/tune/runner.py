@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 METRIC = "val_dice_best"  # what the searcher and ASHA optimise (validation Dice, best threshold)
 CHECKPOINT_FILES = ("last.pt", "best.pt", "val_probs.npz", "history.json")
+# Names inside Tune checkpoints: prefixed, so that a checkpoint folder never looks like a run
+# folder to the ensemble search (which collects every folder holding val_probs.npz).
+CKPT_PREFIX = "ckpt_"
 META_FILE = "bldseg_search.json"
 
 
@@ -64,6 +67,7 @@ class SearchSpec:
     max_failures: int = 1  # retries of a failed trial from its checkpoint
     max_concurrent: int = 0  # 0: as many as resources allow
     project_dir: str = "."  # where mlflow.db / mlartifacts go by default
+    parent_tags: dict[str, str] = field(default_factory=dict)  # extra tags of the parent run
 
 
 @dataclass
@@ -224,8 +228,8 @@ def trial_fn(
     if ckpt is not None:  # retried or resumed: continue from the last reported epoch
         with ckpt.as_directory() as d:
             for name in CHECKPOINT_FILES:
-                if (Path(d) / name).exists():
-                    shutil.copy2(Path(d) / name, run_dir / name)
+                if (Path(d) / (CKPT_PREFIX + name)).exists():
+                    shutil.copy2(Path(d) / (CKPT_PREFIX + name), run_dir / name)
 
     client = tracking.MlflowClient(tracking_uri=tracking_uri)
     run_id, created = tracking.get_or_create_child_run(
@@ -244,7 +248,8 @@ def trial_fn(
         with tempfile.TemporaryDirectory() as tmp:
             for name in CHECKPOINT_FILES:
                 if (out / name).exists():
-                    os.link(out / name, Path(tmp) / name)  # no copy: Tune persists the folder
+                    # a hard link, no copy: Tune persists the folder itself
+                    os.link(out / name, Path(tmp) / (CKPT_PREFIX + name))
             tune.report({**row, "diverged": 0}, checkpoint=Checkpoint.from_directory(tmp))
 
     data = _open_data(data_paths)
@@ -354,6 +359,7 @@ def run_search(spec: SearchSpec) -> SearchResult:
                 "git_commit": tracking.git_commit(project),
                 "model": base.get("model", "default"),
                 "data_fingerprint": data.train.fingerprint,
+                **spec.parent_tags,
             },
         )
         parent_run_id = parent.info.run_id

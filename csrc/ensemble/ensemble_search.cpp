@@ -8,21 +8,34 @@
 //
 //   1. sum the members' uint8 values per kept pixel, reusing the partial sums of the longest
 //      unchanged prefix (one state per depth), and at every depth drop the pixels that can no
-//      longer cross the window whatever the remaining members (they join the constant counts);
-//   2. build one small histogram per image of the final sums clamped to [first - 1, last];
-//   3. turn it into true-positive / predicted-positive counts at every level of the window,
-//      then the official per-image Dice, then the mean over images with exactly numpy's
-//      pairwise summation order, so the score equals bldseg.metrics.scores_from_counts bit
-//      for bit;
+//      longer cross the window whatever the remaining members, which all come after the
+//      current one (suffix bounds: remaining x the min / max over the later models); dropped
+//      pixels join the constant counts;
+//   2. per image, a histogram of the final sums and a bitmap of its occupied levels. A
+//      image's Dice is piecewise constant in the level and only changes just above a sum that
+//      occurs in it, so walking the occupied levels gives its Dice on every level range with
+//      one division per distinct sum; each change goes into a difference array over levels,
+//      in 64-bit fixed point (exact integer adds, so the prefix sums are the fixed-point sums
+//      of the rounded per-image Dice). Images without undecided pixels add a constant,
+//      computed once per (k-1)-prefix;
+//   3. the prefix sums give every level's mean Dice to within a proven bound `tol`; the
+//      levels that can still be the best (and only the first of a run of levels where no
+//      image changes, as those score identically) are scored exactly: per-image counts,
+//      the official Dice and the mean with numpy's pairwise summation order, so the score
+//      equals bldseg.metrics.scores_from_counts bit for bit. A combination whose best
+//      possible score is below the worst of a full top-m heap is never scored exactly;
 //   4. keep the best level (first maximum) and push (score, rank) into a top-m heap.
 //
-// Shapes: vals (N, P) uint8 model-major; truth, vmin, vmax (P,) uint8; img_start (I+1,) int64
-// (pixels of image i are [img_start[i], img_start[i+1])); above_tp, above_pp, gt (I,) int64.
+// Shapes: vals, suf_min, suf_max (N, P) uint8 model-major (suf_min[m] = the min over models
+// m..N-1, likewise max); truth (P,) uint8; img_start (I+1,) int64 (pixels of image i are
+// [img_start[i], img_start[i+1])); above_tp, above_pp, gt (I,) int64.
 
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <queue>
 #include <tuple>
 #include <vector>
@@ -31,12 +44,14 @@ namespace {
 
 constexpr double kSmooth = 1e-7;  // bldseg.metrics.SMOOTH
 constexpr int64_t kBlock = 128;   // numpy's PW_BLOCKSIZE
+constexpr uint16_t kTruthBit = 0x8000;  // state sums carry the pixel's truth in the top bit
+constexpr uint16_t kSumMask = 0x7fff;   // sums are at most 255 k < 2^15
 
 struct Library {
   const uint8_t* vals;
+  const uint8_t* suf_min;
+  const uint8_t* suf_max;
   const uint8_t* truth;
-  const uint8_t* vmin;
-  const uint8_t* vmax;
   const int64_t* img_start;
   const int64_t* above_tp;
   const int64_t* above_pp;
@@ -47,7 +62,7 @@ struct Library {
 // Pixels still undecided after summing the first d members of the current combination.
 struct Depth {
   std::vector<int32_t> idx;       // (P_d,) pixel index into the library
-  std::vector<uint16_t> sum;      // (P_d,) partial sum of d members
+  std::vector<uint16_t> sum;      // (P_d,) partial sum of d members | truth << 15
   std::vector<int64_t> start;     // (I+1,) pixels of image i: [start[i], start[i+1])
   std::vector<int64_t> above_tp;  // (I,) building pixels positive at every window level
   std::vector<int64_t> above_pp;  // (I,) all pixels positive at every window level
@@ -68,6 +83,36 @@ struct WorseFirst {
   }
 };
 
+// The official per-image Dice, the same float64 expression as bldseg.metrics._dice; an image
+// empty/empty at a level is NaN there, which numpy zeroes before summing (and doesn't count).
+inline double dice(int64_t tp, int64_t pp, int64_t g) {
+  const double den = static_cast<double>(pp + g);
+  return den != 0.0 ? (static_cast<double>(2 * tp) + kSmooth) / (den + kSmooth) : 0.0;
+}
+
+// numpy's pairwise_sum of a[0..n) (float64, contiguous): the order np.add.reduce uses.
+double pairwise_sum(const double* a, int64_t n) {
+  if (n < 8) {
+    double res = 0.0;
+    for (int64_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= kBlock) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8) {
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    }
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
 class Searcher {
  public:
   Searcher(const Library& lib, int64_t k, int64_t first, int64_t last)
@@ -75,160 +120,226 @@ class Searcher {
     depth_.resize(k);
     Depth& d0 = depth_[0];
     d0.idx.resize(lib.n_pixels);
-    for (int64_t p = 0; p < lib.n_pixels; ++p) d0.idx[p] = static_cast<int32_t>(p);
-    d0.sum.assign(lib.n_pixels, 0);
+    d0.sum.resize(lib.n_pixels);
+    for (int64_t p = 0; p < lib.n_pixels; ++p) {
+      d0.idx[p] = static_cast<int32_t>(p);
+      d0.sum[p] = lib.truth[p] ? kTruthBit : 0;
+    }
     d0.start.assign(lib.img_start, lib.img_start + lib.n_images + 1);
     d0.above_tp.assign(lib.above_tp, lib.above_tp + lib.n_images);
     d0.above_pp.assign(lib.above_pp, lib.above_pp + lib.n_images);
+    // Histogram bins: 0 = below the window, b = sum lo + b, nlev = at or above `last`.
     hist_.assign(2 * (nlev_ + 1), 0);
-    tpd_.resize(nlev_);
-    ppd_.resize(nlev_);
-    dice_.resize(nlev_);
-    count_.resize(nlev_);
-    acc_.assign(8 * nlev_, 0.0);
-    // One scratch row per recursion depth of the pairwise sum (log2(I / 128) + 2 suffices).
-    int depth = 2;
-    for (int64_t n = lib.n_images; n > kBlock; n /= 2) ++depth;
-    rows_.assign(depth, std::vector<double>(nlev_, 0.0));
-    scores_.resize(nlev_);
+    words_ = (nlev_ + 1 + 63) / 64;
+    bitmap_.assign(words_, 0);
+    qdiff_.assign(nlev_, 0);
+    cdiff_.assign(nlev_, 0);
+    changed_.assign(nlev_, 0);
+    dice_.resize(lib.n_images);
+    // Fixed point: q = round(Dice * 2^shift_) with I * 2^shift_ < 2^62, so sums never overflow.
+    int bits = 0;
+    for (int64_t n = lib.n_images; n > 0; n >>= 1) ++bits;
+    shift_ = 62 - bits;
+    // Bound on |approximate sum - numpy's float sum| over I values in [0, 1]: the fixed-point
+    // rounding (I / 2 ulps of 2^-shift), the conversion of the integer sum to double, and the
+    // pairwise summation's own error (at most ~(26 + log2(I / 128)) ulps of the sum; 64 +
+    // bits is a wide margin). Divided by the image count per level, plus the divisions.
+    const double n = static_cast<double>(lib.n_images);
+    sum_err_ = n * std::ldexp(1.0, -shift_) + (64.0 + bits) * n * std::ldexp(1.0, -52);
+    if (k == 1) finish_last_state();
   }
 
   // Rebuild depth d (d >= 1) from depth d-1 and member c = combo[d-1].
   void extend(int64_t d, int64_t c) {
     const Depth& src = depth_[d - 1];
     Depth& dst = depth_[d];
-    const int64_t remaining = k_ - d;  // members still to add after this one
+    const int64_t remaining = k_ - d;  // members still to add, all from models c+1..N-1
     const uint8_t* v = lib_.vals + c * lib_.n_pixels;
-    dst.idx.clear();
-    dst.sum.clear();
-    dst.start.assign(lib_.n_images + 1, 0);
+    const uint8_t* rmin = lib_.suf_min + (c + 1) * lib_.n_pixels;
+    const uint8_t* rmax = lib_.suf_max + (c + 1) * lib_.n_pixels;
+    dst.idx.resize(src.idx.size());
+    dst.sum.resize(src.idx.size());
+    int32_t* out_idx = dst.idx.data();
+    uint16_t* out_sum = dst.sum.data();
+    int64_t n_out = 0;
+    dst.start.resize(lib_.n_images + 1);
+    dst.start[0] = 0;
     dst.above_tp = src.above_tp;
     dst.above_pp = src.above_pp;
     for (int64_t i = 0; i < lib_.n_images; ++i) {
       int64_t up_tp = 0, up_pp = 0;
       for (int64_t p = src.start[i]; p < src.start[i + 1]; ++p) {
         const int32_t j = src.idx[p];
-        const int64_t s = static_cast<int64_t>(src.sum[p]) + v[j];
-        if (s + remaining * lib_.vmin[j] >= last_) {
+        const uint16_t w = src.sum[p];
+        const int64_t s = static_cast<int64_t>(w & kSumMask) + v[j];
+        if (s + remaining * rmin[j] >= last_) {
           up_pp += 1;  // positive at every window level whatever the rest of the ensemble
-          up_tp += lib_.truth[j];
-        } else if (s + remaining * lib_.vmax[j] >= first_) {
-          dst.idx.push_back(j);
-          dst.sum.push_back(static_cast<uint16_t>(s));
+          up_tp += w >> 15;
+        } else if (s + remaining * rmax[j] >= first_) {
+          out_idx[n_out] = j;
+          out_sum[n_out] = static_cast<uint16_t>(s | (w & kTruthBit));
+          ++n_out;
         }  // else: negative at every window level, contributes nothing
       }
       dst.above_tp[i] += up_tp;
       dst.above_pp[i] += up_pp;
-      dst.start[i + 1] = static_cast<int64_t>(dst.idx.size());
+      dst.start[i + 1] = n_out;
     }
+    dst.idx.resize(n_out);
+    dst.sum.resize(n_out);
+    if (d == k_ - 1) finish_last_state();
   }
 
-  // Per-image Dice at every window level of the combination (prefix state, last member c).
-  void image_dice(int64_t i, const Depth& st, const uint8_t* v) {
-    const int64_t lo = first_ - 1;
-    int64_t* h = hist_.data();  // (nlev+1, 2): bin 0 = below the window, bin b = level lo + b
-    for (int64_t p = st.start[i]; p < st.start[i + 1]; ++p) {
-      const int32_t j = st.idx[p];
-      int64_t s = static_cast<int64_t>(st.sum[p]) + v[j];
-      s = std::min(std::max(s, lo), last_);  // a sum >= last is positive at every level
-      h[2 * (s - lo) + lib_.truth[j]] += 1;
-    }
-    // Reverse cumulative counts: pixels with sum >= level; clears the histogram as it goes.
-    int64_t tp = st.above_tp[i], pp = st.above_pp[i];
-    const int64_t g = lib_.gt[i];
-    for (int64_t b = nlev_; b >= 1; --b) {
-      tp += h[2 * b + 1];
-      pp += h[2 * b] + h[2 * b + 1];
-      h[2 * b] = 0;
-      h[2 * b + 1] = 0;
-      tpd_[b - 1] = static_cast<double>(2 * tp);
-      ppd_[b - 1] = static_cast<double>(pp + g);
-    }
-    h[0] = 0;
-    h[1] = 0;
-    // The official Dice, the same float64 expression as bldseg.metrics._dice; images that
-    // are empty/empty at a level add 0.0 (numpy zeroes NaNs before summing) and are not
-    // counted.
-    double* d = dice_.data();
-    int64_t* cnt = count_.data();
-    for (int64_t l = 0; l < nlev_; ++l) {
-      const double den = ppd_[l];
-      const bool valid = den != 0.0;
-      d[l] = valid ? (tpd_[l] + kSmooth) / (den + kSmooth) : 0.0;
-      cnt[l] += valid;
-    }
-  }
-
-  // numpy's pairwise sum over images [i0, i0 + n) of the per-image Dice rows, into out.
-  void pairwise(int64_t i0, int64_t n, int level, double* out, const Depth& st,
-                const uint8_t* v) {
-    if (n < 8) {
-      std::fill(out, out + nlev_, 0.0);
-      for (int64_t i = i0; i < i0 + n; ++i) {
-        image_dice(i, st, v);
-        for (int64_t l = 0; l < nlev_; ++l) out[l] += dice_[l];
-      }
-    } else if (n <= kBlock) {
-      double* r = acc_.data();  // (8, nlev) accumulators r[0..7]
-      for (int64_t j = 0; j < 8; ++j) {
-        image_dice(i0 + j, st, v);
-        std::copy(dice_.begin(), dice_.end(), r + j * nlev_);
-      }
-      int64_t i = 8;
-      for (; i < n - (n % 8); ++i) {
-        image_dice(i0 + i, st, v);
-        double* rj = r + (i % 8) * nlev_;
-        for (int64_t l = 0; l < nlev_; ++l) rj[l] += dice_[l];
-      }
-      for (int64_t l = 0; l < nlev_; ++l) {
-        const double* q = r + l;
-        const int64_t s = nlev_;
-        out[l] = ((q[0] + q[s]) + (q[2 * s] + q[3 * s])) +
-                 ((q[4 * s] + q[5 * s]) + (q[6 * s] + q[7 * s]));
-      }
-      for (; i < n; ++i) {
-        image_dice(i0 + i, st, v);
-        for (int64_t l = 0; l < nlev_; ++l) out[l] += dice_[l];
-      }
-    } else {
-      int64_t n2 = n / 2;
-      n2 -= n2 % 8;
-      pairwise(i0, n2, level + 1, out, st, v);
-      double* right = rows_[level].data();
-      pairwise(i0 + n2, n - n2, level + 1, right, st, v);
-      for (int64_t l = 0; l < nlev_; ++l) out[l] += right[l];
-    }
-  }
-
-  // Score of the combination whose first k-1 members are in the deepest state: best level.
-  std::pair<int64_t, double> score(int64_t last_member) {
+  // Scores the combination whose first k-1 members are in the deepest state and whose last
+  // member is `last_member`. Returns false (and scores nothing) when no level can score
+  // above `floor`; else sets the best level (lowest on ties) and its exact score.
+  bool score(int64_t last_member, double floor, int64_t* level, double* best_score) {
     const Depth& st = depth_[k_ - 1];
     const uint8_t* v = lib_.vals + last_member * lib_.n_pixels;
-    std::fill(count_.begin(), count_.end(), 0);
-    // 0.0 + pairwise(all images): np.add.reduce starts from the identity.
-    pairwise(0, lib_.n_images, 0, scores_.data(), st, v);
-    int64_t best = 0;
-    double best_score = -1.0;
+    for (const int64_t i : busy_) image_diff(i, st, v);
+    // Prefix sums: every level's approximate mean; one entry per run of equal levels.
+    runs_.clear();
+    int64_t q = const_q_, cnt = const_cnt_;
+    double hi_best = -1.0, lo_best = -1.0;
     for (int64_t l = 0; l < nlev_; ++l) {
-      const double s = count_[l] > 0 ? (0.0 + scores_[l]) / static_cast<double>(count_[l]) : 1.0;
-      if (s > best_score) {  // strict: ties go to the lowest level
-        best_score = s;
-        best = l;
+      q += qdiff_[l];
+      cnt += cdiff_[l];
+      qdiff_[l] = 0;
+      cdiff_[l] = 0;
+      if (l > 0 && !changed_[l]) continue;
+      changed_[l] = 0;
+      Run r{l, 1.0, 0.0};
+      if (cnt > 0) {
+        const double c = static_cast<double>(cnt);
+        r.approx = std::ldexp(static_cast<double>(q), -shift_) / c;
+        r.tol = sum_err_ / c + std::ldexp(1.0, -48);
+      }
+      hi_best = std::max(hi_best, r.approx + r.tol);
+      lo_best = std::max(lo_best, r.approx - r.tol);
+      runs_.push_back(r);
+    }
+    if (hi_best < floor) return false;
+    // Exact scores of the runs that can hold the maximum, in level order (first max wins).
+    *best_score = -1.0;
+    for (const Run& r : runs_) {
+      if (r.approx + r.tol < lo_best) continue;
+      const double s = exact_score(st, v, first_ + r.level);
+      if (s > *best_score) {
+        *best_score = s;
+        *level = first_ + r.level;
       }
     }
-    return {first_ + best, best_score};
+    return true;
   }
 
-  Depth& depth(int64_t d) { return depth_[d]; }
-
  private:
+  struct Run {
+    int64_t level;  // index into the window of the run's first level
+    double approx;  // mean Dice from the fixed-point sums
+    double tol;     // |approx - exact| <= tol
+  };
+
+  static int64_t to_fixed(double x, int shift) {
+    return static_cast<int64_t>(std::nearbyint(std::ldexp(x, shift)));
+  }
+
+  // After the (k-1)-prefix state changes: images without undecided pixels have the same
+  // Dice at every level and for every last member; add them up once.
+  void finish_last_state() {
+    const Depth& st = depth_[k_ - 1];
+    busy_.clear();
+    const_q_ = 0;
+    const_cnt_ = 0;
+    for (int64_t i = 0; i < lib_.n_images; ++i) {
+      if (st.start[i + 1] > st.start[i]) {
+        busy_.push_back(i);
+      } else {
+        const int64_t pp = st.above_pp[i], g = lib_.gt[i];
+        const_q_ += to_fixed(dice(st.above_tp[i], pp, g), shift_);
+        const_cnt_ += (pp + g) != 0;
+      }
+    }
+  }
+
+  // Adds image i's per-level Dice (fixed point) and valid count to the difference arrays.
+  void image_diff(int64_t i, const Depth& st, const uint8_t* v) {
+    const int64_t lo = first_ - 1;
+    int64_t* h = hist_.data();    // (nlev+1, 2) counts by [bin][truth]
+    uint64_t* bm = bitmap_.data();  // occupied bins
+    for (int64_t p = st.start[i]; p < st.start[i + 1]; ++p) {
+      const uint16_t w = st.sum[p];
+      int64_t s = static_cast<int64_t>(w & kSumMask) + v[st.idx[p]];
+      s = std::min(std::max(s, lo), last_) - lo;
+      h[2 * s + (w >> 15)] += 1;
+      bm[s >> 6] |= uint64_t(1) << (s & 63);
+    }
+    // Counts at the top level: constant pixels plus the sums at or above `last`.
+    const int64_t g = lib_.gt[i];
+    int64_t tp = st.above_tp[i] + h[2 * nlev_ + 1];
+    int64_t pp = st.above_pp[i] + h[2 * nlev_] + h[2 * nlev_ + 1];
+    h[2 * nlev_] = h[2 * nlev_ + 1] = 0;
+    h[0] = h[1] = 0;
+    int64_t q = to_fixed(dice(tp, pp, g), shift_);
+    int64_t valid = (pp + g) != 0;
+    // Walk the occupied bins b = 1..nlev-1 downwards (sum lo + b: the counts change between
+    // level lo + b + 1 and lo + b, i.e. at window index b).
+    bm[nlev_ >> 6] &= ~(uint64_t(1) << (nlev_ & 63));
+    bm[0] &= ~uint64_t(1);
+    for (int64_t wi = words_ - 1; wi >= 0; --wi) {
+      uint64_t bits = bm[wi];
+      bm[wi] = 0;
+      while (bits) {
+        const int top = 63 - __builtin_clzll(bits);
+        bits &= ~(uint64_t(1) << top);
+        const int64_t b = wi * 64 + top;
+        tp += h[2 * b + 1];
+        pp += h[2 * b] + h[2 * b + 1];
+        h[2 * b] = h[2 * b + 1] = 0;
+        const int64_t q_below = to_fixed(dice(tp, pp, g), shift_);
+        const int64_t valid_below = (pp + g) != 0;
+        qdiff_[b] += q - q_below;
+        cdiff_[b] += valid - valid_below;
+        changed_[b] = 1;
+        q = q_below;
+        valid = valid_below;
+      }
+    }
+    qdiff_[0] += q;
+    cdiff_[0] += valid;
+  }
+
+  // The official score at one level: per-image counts, Dice, numpy's pairwise mean.
+  double exact_score(const Depth& st, const uint8_t* v, int64_t level) {
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < lib_.n_images; ++i) {
+      int64_t tp = st.above_tp[i], pp = st.above_pp[i];
+      for (int64_t p = st.start[i]; p < st.start[i + 1]; ++p) {
+        const uint16_t w = st.sum[p];
+        const int64_t pos = static_cast<int64_t>(w & kSumMask) + v[st.idx[p]] >= level;
+        pp += pos;
+        tp += pos & (w >> 15);
+      }
+      const int64_t g = lib_.gt[i];
+      dice_[i] = dice(tp, pp, g);
+      cnt += (pp + g) != 0;
+    }
+    if (cnt == 0) return 1.0;  // every image empty/empty: scores_from_counts gives 1.0
+    // 0.0 + pairwise(all images): np.add.reduce starts from the identity.
+    return (0.0 + pairwise_sum(dice_.data(), lib_.n_images)) / static_cast<double>(cnt);
+  }
+
   const Library& lib_;
-  int64_t k_, first_, last_, nlev_;
+  int64_t k_, first_, last_, nlev_, words_;
+  int shift_;
+  double sum_err_;
   std::vector<Depth> depth_;
-  std::vector<int64_t> hist_;
-  std::vector<double> tpd_, ppd_, dice_, acc_, scores_;
-  std::vector<int64_t> count_;
-  std::vector<std::vector<double>> rows_;
+  std::vector<int64_t> hist_, qdiff_, cdiff_;
+  std::vector<uint64_t> bitmap_;
+  std::vector<uint8_t> changed_;
+  std::vector<double> dice_;
+  std::vector<int64_t> busy_;  // images with undecided pixels in the (k-1)-prefix state
+  int64_t const_q_ = 0, const_cnt_ = 0;
+  std::vector<Run> runs_;
 };
 
 void check(const torch::Tensor& t, torch::ScalarType dtype, int64_t dim, const char* name) {
@@ -242,13 +353,13 @@ void check(const torch::Tensor& t, torch::ScalarType dtype, int64_t dim, const c
 // Searches `count` combinations in lexicographic order from `start` (k sorted member
 // indices); returns the best `top_m` as (offsets from start, levels, scores), best first.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> search_chunk(
-    torch::Tensor vals, torch::Tensor truth, torch::Tensor vmin, torch::Tensor vmax,
+    torch::Tensor vals, torch::Tensor suf_min, torch::Tensor suf_max, torch::Tensor truth,
     torch::Tensor img_start, torch::Tensor above_tp, torch::Tensor above_pp, torch::Tensor gt,
     torch::Tensor start, int64_t count, int64_t first, int64_t last, int64_t top_m) {
   check(vals, torch::kUInt8, 2, "vals");
+  check(suf_min, torch::kUInt8, 2, "suf_min");
+  check(suf_max, torch::kUInt8, 2, "suf_max");
   check(truth, torch::kUInt8, 1, "truth");
-  check(vmin, torch::kUInt8, 1, "vmin");
-  check(vmax, torch::kUInt8, 1, "vmax");
   check(img_start, torch::kInt64, 1, "img_start");
   check(above_tp, torch::kInt64, 1, "above_tp");
   check(above_pp, torch::kInt64, 1, "above_pp");
@@ -257,10 +368,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> search_chunk(
   const int64_t n_models = vals.size(0), n_pixels = vals.size(1), n_images = gt.size(0);
   const int64_t k = start.size(0);
   TORCH_CHECK(n_pixels < (int64_t(1) << 31), "ensemble search: at most 2^31 kept pixels");
-  TORCH_CHECK(k >= 1 && k <= n_models && 255 * k < 65536, "ensemble search: bad k ", k);
-  TORCH_CHECK(truth.size(0) == n_pixels && vmin.size(0) == n_pixels &&
-                  vmax.size(0) == n_pixels,
-              "ensemble search: per-pixel arrays must have ", n_pixels, " entries");
+  TORCH_CHECK(n_images < (int64_t(1) << 40), "ensemble search: too many images");
+  TORCH_CHECK(k >= 1 && k <= n_models && 255 * k <= kSumMask, "ensemble search: bad k ", k);
+  TORCH_CHECK(suf_min.sizes() == vals.sizes() && suf_max.sizes() == vals.sizes(),
+              "ensemble search: suf_min and suf_max must have the shape of vals");
+  TORCH_CHECK(truth.size(0) == n_pixels, "ensemble search: truth must have ", n_pixels,
+              " entries");
   TORCH_CHECK(img_start.size(0) == n_images + 1 && above_tp.size(0) == n_images &&
                   above_pp.size(0) == n_images && n_images > 0,
               "ensemble search: per-image arrays disagree");
@@ -272,24 +385,32 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> search_chunk(
     TORCH_CHECK(c[j] >= 0 && c[j] < n_models && (j == 0 || c[j] > c[j - 1]),
                 "ensemble search: start must be k increasing member indices");
   }
-  const Library lib{vals.data_ptr<uint8_t>(),   truth.data_ptr<uint8_t>(),
-                    vmin.data_ptr<uint8_t>(),   vmax.data_ptr<uint8_t>(),
+  const Library lib{vals.data_ptr<uint8_t>(),      suf_min.data_ptr<uint8_t>(),
+                    suf_max.data_ptr<uint8_t>(),   truth.data_ptr<uint8_t>(),
                     img_start.data_ptr<int64_t>(), above_tp.data_ptr<int64_t>(),
                     above_pp.data_ptr<int64_t>(),  gt.data_ptr<int64_t>(),
-                    n_models, n_pixels, n_images};
+                    n_models,                      n_pixels,
+                    n_images};
   std::priority_queue<Candidate, std::vector<Candidate>, WorseFirst> heap;
   {
     pybind11::gil_scoped_release no_gil;
     Searcher searcher(lib, k, first, last);
     for (int64_t d = 1; d < k; ++d) searcher.extend(d, c[d - 1]);
     for (int64_t off = 0; off < count; ++off) {
-      const auto [level, score] = searcher.score(c[k - 1]);
-      const Candidate cand{score, off, level};
-      if (static_cast<int64_t>(heap.size()) < top_m) {
-        heap.push(cand);
-      } else if (WorseFirst()(cand, heap.top())) {
-        heap.pop();
-        heap.push(cand);
+      // A candidate enters a full heap only with a strictly higher score than its worst (a
+      // tie loses to the lower rank already in it).
+      const bool full = static_cast<int64_t>(heap.size()) >= top_m;
+      const double floor = full ? heap.top().score : -std::numeric_limits<double>::infinity();
+      int64_t level = 0;
+      double score = 0.0;
+      if (searcher.score(c[k - 1], floor, &level, &score)) {
+        const Candidate cand{score, off, level};
+        if (!full) {
+          heap.push(cand);
+        } else if (WorseFirst()(cand, heap.top())) {
+          heap.pop();
+          heap.push(cand);
+        }
       }
       if (off + 1 == count) break;
       // Next combination in lexicographic order; rebuild the states after the changed slot.

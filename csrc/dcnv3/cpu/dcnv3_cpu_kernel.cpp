@@ -12,19 +12,23 @@
 // backward runs over (n, g) pairs, which own disjoint slices of grad_input[n, :, :, g, :], so
 // no two threads scatter into the same element; when there are fewer pairs than threads the
 // output rows are also split, each chunk scattering into a private buffer summed afterwards.
-// Results do not depend on the thread count within a code path.
-//
-// Inner loops run over the group channels, contiguous in memory, as `omp simd` loops (the
-// dot-product reductions of the backward may be reordered there, which is fine numerically
-// and keeps results deterministic).
+// Work is handed out in blocks from a shared counter rather than split evenly up front: on a
+// shared machine one thread is often descheduled, and the others then take over its blocks.
+// Which thread runs a block never changes what the block computes, so results do not depend
+// on the thread count or the schedule within a code path.
 //
 // Speed: the work per sampling point is small (4 corners x C channels), so the scalar index
-// math matters as much as the vector part. Two things keep both short:
+// math matters as much as the vector part. What keeps both short:
 //   - group_channels 16 and 32 (all InternImage variants use 16) are compile-time constants
 //     (template CF), so the channel loops unroll and the forward accumulates in registers;
 //   - on x86-64 each kernel is also compiled for AVX2+FMA and picked at run time
 //     (__builtin_cpu_supports), so one build folder serves old and new CPUs (no -march).
-//     FMA changes rounding in the last bit only; results stay within 1e-10 of the reference.
+//     For CF 16 and 32 the AVX2 channel loops are written with intrinsics (Avx2Channels):
+//     the compiler's own vectorisation of the backward summed the four per-corner dot
+//     products one lane at a time and spilled registers. Elsewhere the `omp simd` loops of
+//     ScalarChannels are compiled for whichever ISA the enclosing function targets.
+//     FMA and the reordered sums change rounding in the last bits only; results stay within
+//     1e-10 of the reference in float64.
 
 #include "dcnv3_cpu_kernel.h"
 
@@ -32,10 +36,16 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace bldseg {
 namespace dcnv3 {
@@ -53,6 +63,18 @@ namespace {
 #else
 #define BLDSEG_ALWAYS_INLINE inline
 #endif
+// Helpers that use AVX2 intrinsics: inlined into the BLDSEG_AVX2 kernels only.
+#define BLDSEG_AVX2_INLINE BLDSEG_ALWAYS_INLINE BLDSEG_AVX2
+// The kernel bodies below are templates on their channel loops, without a target of their own;
+// the wrappers that instantiate them (baseline and AVX2) are flattened, so that everything,
+// the AVX2 channel loops included, is inlined into a function compiled for the right ISA.
+// (always_inline on the bodies would not do: GCC inlines the AVX2 loops into the generic body
+// first, and refuses.)
+#if defined(__GNUC__) || defined(__clang__)
+#define BLDSEG_FLATTEN __attribute__((flatten))
+#else
+#define BLDSEG_FLATTEN
+#endif
 
 // AVX2+FMA kernels where the CPU has them, unless $BLDSEG_CPU_NO_AVX2 is set (read once; the
 // tests use it to cover the baseline kernels on AVX2 machines).
@@ -64,6 +86,24 @@ bool cpu_has_avx2() {
 #else
   return false;
 #endif
+}
+
+// Runs fn(begin, end) over [0, total) in blocks of `grain` items, which the threads take from
+// a shared counter: a descheduled thread holds up one block, not a fixed share of the work.
+template <typename Fn>
+void parallel_blocks(int64_t total, int64_t grain, const Fn& fn) {
+  if (total <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t blocks = (total + grain - 1) / grain;
+  std::atomic<int64_t> next{0};
+  // One task per thread (fewer when there are fewer blocks); each drains the counter. Inside
+  // another parallel region at::parallel_for runs the single task inline, which drains it all.
+  at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1,
+                   [&](int64_t, int64_t) {
+                     for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) {
+                       fn(b * grain, std::min(total, (b + 1) * grain));
+                     }
+                   });
 }
 
 // The four bilinear corners of one sampling location.
@@ -118,10 +158,201 @@ BLDSEG_ALWAYS_INLINE T grid_origin(int64_t out, int64_t stride, int64_t pad, int
   return T(half - pad + out * stride) - T(half) * scale;
 }
 
-// Forward for output pixels [begin, end) (flat index over N*H_out*W_out). CF > 0 is the
-// compile-time group_channels, 0 means "read it from geo".
+// Rows of the four corners of one located point, in `data` whose pixels are `stride` apart.
+// Outside corners get `outside + k*outside_step` instead: a zero row to read (its products
+// vanish) or a private sink row per corner to scatter into, so the four rows never alias and
+// the channel loops have no branch.
+template <typename P>
+BLDSEG_ALWAYS_INLINE void corner_rows(const Bilinear<typename std::remove_const<P>::type>& b,
+                                      P* data, int64_t stride, int64_t width, P* outside,
+                                      int64_t outside_step, P* rows[4]) {
+  if (b.interior) {
+    rows[0] = data + b.base * stride;
+    rows[1] = rows[0] + stride;
+    rows[2] = rows[0] + width * stride;
+    rows[3] = rows[2] + stride;
+    return;
+  }
+  for (int k = 0; k < 4; ++k) {
+    rows[k] = b.pixel[k] >= 0 ? data + b.pixel[k] * stride : outside + k * outside_step;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channel loops. A policy object holds the per-pixel state (forward accumulator, backward
+// grad_output row) and does the work over the C channels of one sampling point:
+//   begin(out) / add(a, v) / finish(out): out[c] = sum over points of sum_k a[k] * v[k][c];
+//   set_top(top) / backprop(a, v, gi, d): gi[k][c] += a[k] * top[c] and d[k] = <top, v[k]>.
+
+// Portable version: `omp simd` loops, vectorised for whatever ISA the enclosing function
+// targets. CF > 0 is the compile-time group_channels (accumulator in registers), 0 = runtime.
 template <typename T, int CF>
-BLDSEG_ALWAYS_INLINE void forward_pixels(const T* input, const T* offset, const T* mask,
+struct ScalarChannels {
+  int64_t C;
+  T* acc;
+  const T* top;
+  T acc_fixed[CF > 0 ? CF : 1];
+  T top_fixed[CF > 0 ? CF : 1];
+
+  explicit ScalarChannels(int64_t channels) : C(CF > 0 ? CF : channels) {}
+
+  BLDSEG_ALWAYS_INLINE void begin(T* out) {
+    acc = CF > 0 ? acc_fixed : out;
+    for (int64_t c = 0; c < C; ++c) acc[c] = T(0);
+  }
+  BLDSEG_ALWAYS_INLINE void add(const T a[4], const T* const v[4]) {
+    const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    const T *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      acc[c] += a0 * v0[c] + a1 * v1[c] + a2 * v2[c] + a3 * v3[c];
+    }
+  }
+  BLDSEG_ALWAYS_INLINE void finish(T* out) {
+    if constexpr (CF > 0) {
+      for (int64_t c = 0; c < C; ++c) out[c] = acc[c];
+    }
+  }
+
+  BLDSEG_ALWAYS_INLINE void set_top(const T* t) {
+    if constexpr (CF > 0) {
+      for (int64_t c = 0; c < C; ++c) top_fixed[c] = t[c];
+      top = top_fixed;
+    } else {
+      top = t;
+    }
+  }
+  BLDSEG_ALWAYS_INLINE void backprop(const T a[4], const T* const v[4], T* const gi[4], T d[4]) {
+    const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    const T *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+    T *gi0 = gi[0], *gi1 = gi[1], *gi2 = gi[2], *gi3 = gi[3];
+    T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    for (int64_t c = 0; c < C; ++c) {
+      const T t = top[c];
+      d0 += t * v0[c];
+      d1 += t * v1[c];
+      d2 += t * v2[c];
+      d3 += t * v3[c];
+      gi0[c] += a0 * t;
+      gi1[c] += a1 * t;
+      gi2[c] += a2 * t;
+      gi3[c] += a3 * t;
+    }
+    d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
+  }
+};
+
+#if BLDSEG_X86_DISPATCH
+// One AVX2 register of T: 8 floats or 4 doubles.
+template <typename T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  using V = __m256;
+  static constexpr int L = 8;
+  static BLDSEG_AVX2_INLINE V zero() { return _mm256_setzero_ps(); }
+  static BLDSEG_AVX2_INLINE V set1(float a) { return _mm256_set1_ps(a); }
+  static BLDSEG_AVX2_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static BLDSEG_AVX2_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static BLDSEG_AVX2_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static BLDSEG_AVX2_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  // out[k] = sum of the lanes of d_k: three horizontal adds leave, in each 128-bit half, one
+  // partial sum per k; adding the halves finishes all four at once.
+  static BLDSEG_AVX2_INLINE void sum4(V d0, V d1, V d2, V d3, float out[4]) {
+    const V h = _mm256_hadd_ps(_mm256_hadd_ps(d0, d1), _mm256_hadd_ps(d2, d3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+};
+
+template <>
+struct Simd<double> {
+  using V = __m256d;
+  static constexpr int L = 4;
+  static BLDSEG_AVX2_INLINE V zero() { return _mm256_setzero_pd(); }
+  static BLDSEG_AVX2_INLINE V set1(double a) { return _mm256_set1_pd(a); }
+  static BLDSEG_AVX2_INLINE V load(const double* p) { return _mm256_loadu_pd(p); }
+  static BLDSEG_AVX2_INLINE void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static BLDSEG_AVX2_INLINE V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static BLDSEG_AVX2_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  // hadd gives (d0, d1) and (d2, d3) pair sums per 128-bit half; the two halves hold the
+  // low and high lane pairs, so one cross-half shuffle and an add finish all four.
+  static BLDSEG_AVX2_INLINE void sum4(V d0, V d1, V d2, V d3, double out[4]) {
+    const V h01 = _mm256_hadd_pd(d0, d1);  // d0[0:2] d1[0:2] | d0[2:4] d1[2:4]
+    const V h23 = _mm256_hadd_pd(d2, d3);  // d2[0:2] d3[0:2] | d2[2:4] d3[2:4]
+    const V lo = _mm256_permute2f128_pd(h01, h23, 0x20);
+    const V hi = _mm256_permute2f128_pd(h01, h23, 0x31);
+    _mm256_storeu_pd(out, _mm256_add_pd(lo, hi));
+  }
+};
+
+// Intrinsics version for CF a multiple of the register width (16 and 32).
+template <typename T, int CF>
+struct Avx2Channels {
+  using S = Simd<T>;
+  using V = typename S::V;
+  static constexpr int NV = CF / S::L;  // registers per row of C channels
+  static_assert(CF > 0 && CF % S::L == 0, "Avx2Channels needs CF a multiple of the width");
+  // The forward keeps K partial sums per register so that its FMA chains (one per corner and
+  // register) are not latency-bound: K*NV = 8 chains in flight.
+  static constexpr int K = NV >= 8 ? 1 : (NV >= 4 ? 2 : 4);
+
+  V acc[K][NV];
+  V top[NV];
+
+  explicit Avx2Channels(int64_t) {}
+
+  inline BLDSEG_AVX2 void begin(T*) {
+    for (int k = 0; k < K; ++k)
+      for (int r = 0; r < NV; ++r) acc[k][r] = S::zero();
+  }
+  inline BLDSEG_AVX2 void add(const T a[4], const T* const v[4]) {
+    for (int corner = 0; corner < 4; ++corner) {
+      const V w = S::set1(a[corner]);
+      V* sum = acc[corner % K];
+      for (int r = 0; r < NV; ++r) sum[r] = S::fmadd(w, S::load(v[corner] + r * S::L), sum[r]);
+    }
+  }
+  inline BLDSEG_AVX2 void finish(T* out) {
+    for (int r = 0; r < NV; ++r) {
+      V sum = acc[0][r];
+      for (int k = 1; k < K; ++k) sum = S::add(sum, acc[k][r]);
+      S::store(out + r * S::L, sum);
+    }
+  }
+
+  inline BLDSEG_AVX2 void set_top(const T* t) {
+    for (int r = 0; r < NV; ++r) top[r] = S::load(t + r * S::L);
+  }
+  inline BLDSEG_AVX2 void backprop(const T a[4], const T* const v[4], T* const gi[4], T d[4]) {
+    // All reads of the input rows come before the first store to grad_input: the compiler
+    // cannot tell that they never alias, and would otherwise keep them in program order.
+    V dot[4];
+    for (int corner = 0; corner < 4; ++corner) {
+      dot[corner] = S::zero();
+      for (int r = 0; r < NV; ++r) {
+        dot[corner] = S::fmadd(top[r], S::load(v[corner] + r * S::L), dot[corner]);
+      }
+    }
+    for (int corner = 0; corner < 4; ++corner) {
+      const V w = S::set1(a[corner]);
+      for (int r = 0; r < NV; ++r) {
+        T* row = gi[corner] + r * S::L;
+        S::store(row, S::fmadd(w, top[r], S::load(row)));
+      }
+    }
+    S::sum4(dot[0], dot[1], dot[2], dot[3], d);
+  }
+};
+#endif  // BLDSEG_X86_DISPATCH
+
+// ---------------------------------------------------------------------------------------------
+// Kernel bodies, shared by the baseline and the AVX2 builds (Channels picks the loops).
+
+// Forward for output pixels [begin, end) (flat index over N*H_out*W_out).
+template <typename T, int CF, typename Channels>
+inline void forward_pixels(const T* input, const T* offset, const T* mask,
                                          T* output, const Geometry& geo, int64_t begin,
                                          int64_t end) {
   const int64_t C = CF > 0 ? CF : geo.group_channels, G = geo.group, GC = G * C;
@@ -130,9 +361,8 @@ BLDSEG_ALWAYS_INLINE void forward_pixels(const T* input, const T* offset, const 
   const int64_t half_h = (geo.dilation_h * (Kh - 1)) >> 1;
   const int64_t half_w = (geo.dilation_w * (Kw - 1)) >> 1;
   const T s = static_cast<T>(geo.offset_scale);
-  // Corners outside the input read from this zero row, so the channel loop has no branch.
-  const std::vector<T> zeros(C, T(0));
-  T acc_fixed[CF > 0 ? CF : 1];  // register accumulator when C is a compile-time constant
+  const std::vector<T> zeros(C, T(0));  // what corners outside the input read
+  Channels ch(C);
   for (int64_t pix = begin; pix < end; ++pix) {
     const int64_t n = pix / (Ho * Wo);
     const int64_t ho = (pix / Wo) % Ho;
@@ -145,8 +375,7 @@ BLDSEG_ALWAYS_INLINE void forward_pixels(const T* input, const T* offset, const 
       const T* off_g = offset + (pix * G + g) * P * 2;  // (P, 2) as [x, y]
       const T* mask_g = mask + (pix * G + g) * P;       // (P,)
       T* out = output + pix * GC + g * C;               // (C,)
-      T* acc = CF > 0 ? acc_fixed : out;
-      for (int64_t c = 0; c < C; ++c) acc[c] = T(0);
+      ch.begin(out);
       for (int64_t i = 0; i < Kw; ++i) {
         for (int64_t j = 0; j < Kh; ++j) {
           const int64_t p = i * Kh + j;
@@ -155,72 +384,22 @@ BLDSEG_ALWAYS_INLINE void forward_pixels(const T* input, const T* offset, const 
           Bilinear<T> b;
           if (!locate(loc_h, loc_w, Hi, Wi, b)) continue;
           const T m = mask_g[p];
-          const T *v0, *v1, *v2, *v3;
-          T a0, a1, a2, a3;
-          if (b.interior) {
-            v0 = in_g + b.base * GC;
-            v1 = v0 + GC;
-            v2 = v0 + Wi * GC;
-            v3 = v2 + GC;
-            a0 = m * b.weight[0], a1 = m * b.weight[1];
-            a2 = m * b.weight[2], a3 = m * b.weight[3];
-          } else {
-            const T* v[4];
-            T a[4];
-            for (int k = 0; k < 4; ++k) {
-              const bool inside = b.pixel[k] >= 0;
-              v[k] = inside ? in_g + b.pixel[k] * GC : zeros.data();
-              a[k] = inside ? m * b.weight[k] : T(0);
-            }
-            v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
-            a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-          }
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            acc[c] += a0 * v0[c] + a1 * v1[c] + a2 * v2[c] + a3 * v3[c];
-          }
+          const T* v[4];
+          corner_rows(b, in_g, GC, Wi, zeros.data(), 0, v);
+          const T a[4] = {m * b.weight[0], m * b.weight[1], m * b.weight[2], m * b.weight[3]};
+          ch.add(a, v);
         }
       }
-      if constexpr (CF > 0) {
-        for (int64_t c = 0; c < C; ++c) out[c] = acc[c];
-      }
+      ch.finish(out);
     }
   }
 }
 
-template <typename T, int CF>
-void forward_pixels_base(const T* input, const T* offset, const T* mask, T* output,
-                         const Geometry& geo, int64_t begin, int64_t end) {
-  forward_pixels<T, CF>(input, offset, mask, output, geo, begin, end);
-}
-
-template <typename T, int CF>
-BLDSEG_AVX2 void forward_pixels_avx2(const T* input, const T* offset, const T* mask, T* output,
-                                     const Geometry& geo, int64_t begin, int64_t end) {
-  forward_pixels<T, CF>(input, offset, mask, output, geo, begin, end);
-}
-
-template <typename T, int CF>
-void forward_impl(const T* input, const T* offset, const T* mask, T* output,
-                  const Geometry& geo) {
-  const int64_t pixels = geo.batch * geo.height_out * geo.width_out;
-  const int64_t work = geo.group * geo.points() * geo.group_channels;
-  // Enough work per task to amortise the scheduling (~32k multiply-adds).
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work));
-  const bool avx2 = cpu_has_avx2();
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    if (avx2) {
-      forward_pixels_avx2<T, CF>(input, offset, mask, output, geo, begin, end);
-    } else {
-      forward_pixels_base<T, CF>(input, offset, mask, output, geo, begin, end);
-    }
-  });
-}
-
 // Backward for the output rows [row_begin, row_end) of one (n, g) pair. grad_in_g points to
 // pixel (0, 0) of this pair's grad_input slice, whose pixels are `grad_in_stride` apart.
-template <typename T, int CF>
-BLDSEG_ALWAYS_INLINE void backward_rows(const T* input, const T* offset, const T* mask,
+// `zeros` (C) is read for corners outside the input, `sink` (4*C) scattered into for them.
+template <typename T, int CF, typename Channels>
+inline void backward_rows(const T* input, const T* offset, const T* mask,
                                         const T* grad_output, T* grad_in_g,
                                         int64_t grad_in_stride, T* grad_offset, T* grad_mask,
                                         const Geometry& geo, int64_t n, int64_t g,
@@ -233,18 +412,14 @@ BLDSEG_ALWAYS_INLINE void backward_rows(const T* input, const T* offset, const T
   const int64_t half_w = (geo.dilation_w * (Kw - 1)) >> 1;
   const T s = static_cast<T>(geo.offset_scale);
   const T* in_g = input + n * Hi * Wi * GC + g * C;  // (Hi, Wi) pixels, stride GC
-  T top_fixed[CF > 0 ? CF : 1];                      // grad_output row kept in registers
+  Channels ch(C);
 
   for (int64_t ho = row_begin; ho < row_end; ++ho) {
     const T origin_h = grid_origin(ho, geo.stride_h, geo.pad_h, half_h, s);
     for (int64_t wo = 0; wo < Wo; ++wo) {
       const T origin_w = grid_origin(wo, geo.stride_w, geo.pad_w, half_w, s);
       const int64_t pix = (n * Ho + ho) * Wo + wo;
-      const T* top = grad_output + pix * GC + g * C;  // (C,)
-      if constexpr (CF > 0) {
-        for (int64_t c = 0; c < C; ++c) top_fixed[c] = top[c];
-        top = top_fixed;
-      }
+      ch.set_top(grad_output + pix * GC + g * C);       // (C,)
       const T* off_g = offset + (pix * G + g) * P * 2;  // (P, 2)
       const T* mask_g = mask + (pix * G + g) * P;       // (P,)
       T* goff_g = grad_offset + (pix * G + g) * P * 2;  // (P, 2), every entry written
@@ -260,73 +435,90 @@ BLDSEG_ALWAYS_INLINE void backward_rows(const T* input, const T* offset, const T
             continue;
           }
           const T m = mask_g[p];
-          // Outside corners read zeros (their dot product is 0) and scatter into a private
-          // sink row per corner, so the four grad rows never alias and the loop stays flat.
-          const T *v0, *v1, *v2, *v3;
-          T *gi0, *gi1, *gi2, *gi3;
-          if (b.interior) {
-            v0 = in_g + b.base * GC;
-            v1 = v0 + GC;
-            v2 = v0 + Wi * GC;
-            v3 = v2 + GC;
-            gi0 = grad_in_g + b.base * grad_in_stride;
-            gi1 = gi0 + grad_in_stride;
-            gi2 = gi0 + Wi * grad_in_stride;
-            gi3 = gi2 + grad_in_stride;
-          } else {
-            const T* v[4];
-            T* gi[4];
-            for (int k = 0; k < 4; ++k) {
-              const bool inside = b.pixel[k] >= 0;
-              v[k] = inside ? in_g + b.pixel[k] * GC : zeros;
-              gi[k] = inside ? grad_in_g + b.pixel[k] * grad_in_stride : sink + k * C;
-            }
-            v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
-            gi0 = gi[0], gi1 = gi[1], gi2 = gi[2], gi3 = gi[3];
-          }
-          const T a0 = m * b.weight[0], a1 = m * b.weight[1];
-          const T a2 = m * b.weight[2], a3 = m * b.weight[3];
-          T d0 = 0, d1 = 0, d2 = 0, d3 = 0;  // <grad_out, corner value> per corner
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-          for (int64_t c = 0; c < C; ++c) {
-            const T t = top[c];
-            d0 += t * v0[c];
-            d1 += t * v1[c];
-            d2 += t * v2[c];
-            d3 += t * v3[c];
-            gi0[c] += a0 * t;
-            gi1[c] += a1 * t;
-            gi2[c] += a2 * t;
-            gi3[c] += a3 * t;
-          }
+          const T* v[4];
+          T* gi[4];
+          corner_rows(b, in_g, GC, Wi, zeros, 0, v);
+          corner_rows(b, grad_in_g, grad_in_stride, Wi, sink, C, gi);
+          const T a[4] = {m * b.weight[0], m * b.weight[1], m * b.weight[2], m * b.weight[3]};
+          T d[4];  // <grad_out, corner value> per corner
+          ch.backprop(a, v, gi, d);
           // d out / d mask = bilinear value; d out / d loc from the derivative of the weights.
-          gmask_g[p] = b.weight[0] * d0 + b.weight[1] * d1 + b.weight[2] * d2 + b.weight[3] * d3;
+          gmask_g[p] = b.weight[0] * d[0] + b.weight[1] * d[1] + b.weight[2] * d[2] +
+                       b.weight[3] * d[3];
           const T sm = s * m;
-          goff_g[2 * p] = sm * (-b.hh * d0 + b.hh * d1 - b.lh * d2 + b.lh * d3);
-          goff_g[2 * p + 1] = sm * (-b.hw * d0 - b.lw * d1 + b.hw * d2 + b.lw * d3);
+          goff_g[2 * p] = sm * (-b.hh * d[0] + b.hh * d[1] - b.lh * d[2] + b.lh * d[3]);
+          goff_g[2 * p + 1] = sm * (-b.hw * d[0] - b.lw * d[1] + b.hw * d[2] + b.lw * d[3]);
         }
       }
     }
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Baseline and AVX2 builds of the bodies, and the run-time choice between them.
+
 template <typename T, int CF>
-void backward_rows_base(const T* input, const T* offset, const T* mask, const T* grad_output,
-                        T* grad_in_g, int64_t grad_in_stride, T* grad_offset, T* grad_mask,
-                        const Geometry& geo, int64_t n, int64_t g, int64_t row_begin,
-                        int64_t row_end, const T* zeros, T* sink) {
-  backward_rows<T, CF>(input, offset, mask, grad_output, grad_in_g, grad_in_stride, grad_offset,
-                       grad_mask, geo, n, g, row_begin, row_end, zeros, sink);
+BLDSEG_FLATTEN void forward_pixels_base(const T* input, const T* offset, const T* mask, T* output,
+                         const Geometry& geo, int64_t begin, int64_t end) {
+  forward_pixels<T, CF, ScalarChannels<T, CF>>(input, offset, mask, output, geo, begin, end);
 }
 
 template <typename T, int CF>
-BLDSEG_AVX2 void backward_rows_avx2(const T* input, const T* offset, const T* mask,
+BLDSEG_AVX2 BLDSEG_FLATTEN void forward_pixels_avx2(const T* input, const T* offset, const T* mask, T* output,
+                                     const Geometry& geo, int64_t begin, int64_t end) {
+#if BLDSEG_X86_DISPATCH
+  if constexpr (CF > 0) {
+    forward_pixels<T, CF, Avx2Channels<T, CF>>(input, offset, mask, output, geo, begin, end);
+    return;
+  }
+#endif
+  forward_pixels<T, CF, ScalarChannels<T, CF>>(input, offset, mask, output, geo, begin, end);
+}
+
+template <typename T, int CF>
+BLDSEG_FLATTEN void backward_rows_base(const T* input, const T* offset, const T* mask, const T* grad_output,
+                        T* grad_in_g, int64_t grad_in_stride, T* grad_offset, T* grad_mask,
+                        const Geometry& geo, int64_t n, int64_t g, int64_t row_begin,
+                        int64_t row_end, const T* zeros, T* sink) {
+  backward_rows<T, CF, ScalarChannels<T, CF>>(input, offset, mask, grad_output, grad_in_g,
+                                              grad_in_stride, grad_offset, grad_mask, geo, n, g,
+                                              row_begin, row_end, zeros, sink);
+}
+
+template <typename T, int CF>
+BLDSEG_AVX2 BLDSEG_FLATTEN void backward_rows_avx2(const T* input, const T* offset, const T* mask,
                                     const T* grad_output, T* grad_in_g, int64_t grad_in_stride,
                                     T* grad_offset, T* grad_mask, const Geometry& geo, int64_t n,
                                     int64_t g, int64_t row_begin, int64_t row_end,
                                     const T* zeros, T* sink) {
-  backward_rows<T, CF>(input, offset, mask, grad_output, grad_in_g, grad_in_stride, grad_offset,
-                       grad_mask, geo, n, g, row_begin, row_end, zeros, sink);
+#if BLDSEG_X86_DISPATCH
+  if constexpr (CF > 0) {
+    backward_rows<T, CF, Avx2Channels<T, CF>>(input, offset, mask, grad_output, grad_in_g,
+                                              grad_in_stride, grad_offset, grad_mask, geo, n, g,
+                                              row_begin, row_end, zeros, sink);
+    return;
+  }
+#endif
+  backward_rows<T, CF, ScalarChannels<T, CF>>(input, offset, mask, grad_output, grad_in_g,
+                                              grad_in_stride, grad_offset, grad_mask, geo, n, g,
+                                              row_begin, row_end, zeros, sink);
+}
+
+template <typename T, int CF>
+void forward_impl(const T* input, const T* offset, const T* mask, T* output,
+                  const Geometry& geo) {
+  const int64_t pixels = geo.batch * geo.height_out * geo.width_out;
+  const int64_t work = geo.group * geo.points() * geo.group_channels;
+  // Enough work per block to amortise taking it (~32k multiply-adds).
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work));
+  const bool avx2 = cpu_has_avx2();
+  parallel_blocks(pixels, grain, [&](int64_t begin, int64_t end) {
+    if (avx2) {
+      forward_pixels_avx2<T, CF>(input, offset, mask, output, geo, begin, end);
+    } else {
+      forward_pixels_base<T, CF>(input, offset, mask, output, geo, begin, end);
+    }
+  });
 }
 
 template <typename T, int CF>
@@ -350,13 +542,19 @@ void backward_impl(const T* input, const T* offset, const T* mask, const T* grad
   };
 
   if (pairs >= threads || Ho == 1) {
-    // Each (n, g) pair owns grad_input[n, :, :, g, :]: scatter straight into it.
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    // Each (n, g) pair owns grad_input[n, :, :, g, :]: zero it (grad_input is allocated
+    // uninitialised, so this is the only pass over it, and it leaves the slice in this core's
+    // cache) and scatter straight into it.
+    parallel_blocks(pairs, 1, [&](int64_t begin, int64_t end) {
       const std::vector<T> zeros(C, T(0));
       std::vector<T> sink(4 * C, T(0));
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, g = ng % G;
-        rows(grad_input + n * Hi * Wi * GC + g * C, GC, n, g, 0, Ho, zeros.data(), sink.data());
+        T* grad_in_g = grad_input + n * Hi * Wi * GC + g * C;
+        for (int64_t pixel = 0; pixel < Hi * Wi; ++pixel) {
+          std::memset(grad_in_g + pixel * GC, 0, C * sizeof(T));
+        }
+        rows(grad_in_g, GC, n, g, 0, Ho, zeros.data(), sink.data());
       }
     });
     return;
@@ -364,12 +562,12 @@ void backward_impl(const T* input, const T* offset, const T* mask, const T* grad
 
   // Few pairs (small batch and group): split the output rows into chunks too. Chunks of one
   // pair may scatter into the same input pixel, so each chunk gets a private (Hi, Wi, C)
-  // buffer; buffers are summed in a fixed order afterwards.
+  // buffer; buffers are summed in a fixed order into grad_input afterwards.
   const int64_t chunks = std::min<int64_t>(Ho, (2 * threads + pairs - 1) / pairs);
   const int64_t rows_per_chunk = (Ho + chunks - 1) / chunks;
   const int64_t slice = Hi * Wi * C;
   std::vector<T> buffers(static_cast<size_t>(pairs * chunks * slice), T(0));
-  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     const std::vector<T> zeros(C, T(0));
     std::vector<T> sink(4 * C, T(0));
     for (int64_t task = begin; task < end; ++task) {
@@ -380,13 +578,15 @@ void backward_impl(const T* input, const T* offset, const T* mask, const T* grad
            sink.data());
     }
   });
-  at::parallel_for(0, pairs * Hi * Wi, 256, [&](int64_t begin, int64_t end) {
+  parallel_blocks(pairs * Hi * Wi, 256, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t ng = idx / (Hi * Wi), pixel = idx % (Hi * Wi);
       const int64_t n = ng / G, g = ng % G;
       T* dst = grad_input + (n * Hi * Wi + pixel) * GC + g * C;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const T* src = buffers.data() + (ng * chunks + chunk) * slice + pixel * C;
+      const T* first = buffers.data() + ng * chunks * slice + pixel * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = first[c];
+      for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+        const T* src = first + chunk * slice;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
       }
@@ -429,12 +629,15 @@ at::Tensor dcnv3_forward_cpu_kernel(const at::Tensor& input, const at::Tensor& o
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu_kernel(
     const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& grad_output, const Geometry& geo) {
-  // grad_input is scattered into, so it starts at zero; the kernel writes every entry of
-  // grad_offset and grad_mask (zero for points that sample outside the input).
-  auto grad_input = at::zeros_like(input);
+  // The kernel writes every entry of the three gradients: grad_input is zeroed slice by slice
+  // by the thread that then scatters into it, grad_offset and grad_mask are zero for points
+  // that sample outside the input. With no output pixels nothing is scattered: zeros.
+  if (grad_output.numel() == 0) {
+    return {at::zeros_like(input), at::zeros_like(offset), at::zeros_like(mask)};
+  }
+  auto grad_input = at::empty_like(input);
   auto grad_offset = at::empty_like(offset);
   auto grad_mask = at::empty_like(mask);
-  if (grad_output.numel() == 0) return {grad_input, grad_offset, grad_mask};
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnv3_backward_cpu", [&] {
     dispatch_channels(geo.group_channels, [&](auto cf) {
       backward_impl<scalar_t, decltype(cf)::value>(
