@@ -14,15 +14,7 @@ import numpy as np
 import pandas as pd
 
 from bldseg import metrics
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+from bldseg.train.plots import save_figure
 
 
 def _bars(ax, groups: list[str], series: dict[str, list[float]], title: str) -> None:
@@ -90,7 +82,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         {"validation (chosen on)": val, "held-out test": test},
         "Best single model per search stage",
     )
-    _save(fig, assets / "stages.png")
+    save_figure(fig, assets / "stages.png")
     lines += [
         "",
         "## Best single model per search stage",
@@ -141,7 +133,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             axes[1].set(xlabel="tau (forget rate)", ylabel="official Dice", title="tune_tau trials")
             axes[1].legend(fontsize=8)
             axes[1].grid(alpha=0.3)
-        _save(fig, assets / "coteaching.png")
+        save_figure(fig, assets / "coteaching.png")
         lines += [
             "",
             "## Plain BCE vs co-teaching",
@@ -181,7 +173,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             },
             f"Thresholds of the best {names[-1]} model",
         )
-        _save(fig, assets / "thresholds.png")
+        save_figure(fig, assets / "thresholds.png")
         lines += [
             "",
             "## Thresholds: 0.5 vs sweep vs Youden",
@@ -212,7 +204,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             },
             "Best single model vs best ensemble",
         )
-        _save(fig, assets / "ensemble.png")
+        save_figure(fig, assets / "ensemble.png")
         lines += [
             "",
             "## Best single model vs best ensemble",

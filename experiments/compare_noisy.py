@@ -14,24 +14,10 @@ from pathlib import Path
 
 from bldseg import metrics
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, prepare_data
-from bldseg.data.rle import rle_decode
+from bldseg.pipeline import test_truth
 from bldseg.predict import EnsembleSpec, predict_cache
 from bldseg.train import RunConfig, fit
 from bldseg.tune.cli import CPU_DEMO, parse_set
-
-
-def test_truth(data):
-    """The held-out masks, in test-cache order: (N, S, S) bool."""
-    import numpy as np
-    import pandas as pd
-
-    df = pd.read_csv(data.test_truth_csv, dtype={"mask_rle": str}).set_index("img_id")
-    return np.stack(
-        [
-            rle_decode(df.loc[i, "mask_rle"], (int(df.loc[i, "height"]), int(df.loc[i, "width"])))
-            for i in data.test.ids
-        ]
-    ).astype(bool)
 
 
 def main() -> None:

@@ -23,10 +23,11 @@ import numpy as np
 from bldseg import metrics
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Saves and closes a figure, atomically (temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
     return path
@@ -64,7 +65,7 @@ def plot_threshold_curve(
     ax.set(xlabel="threshold", ylabel="Dice (empty/empty excluded)", title=title, xlim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower center", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(probs: np.ndarray, truth: np.ndarray, path: Path) -> Path:
@@ -79,7 +80,7 @@ def plot_roc(probs: np.ndarray, truth: np.ndarray, path: Path) -> Path:
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="Pixel ROC")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_worst_tiles(
@@ -119,7 +120,7 @@ def plot_worst_tiles(
         axes[row, 2].set_title("TP green / FN red / FP blue", fontsize=8)
         for ax in axes[row]:
             ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_history(history: list[dict], path: Path) -> Path:
@@ -140,7 +141,7 @@ def plot_history(history: list[dict], path: Path) -> Path:
     axes[2].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_run_plots(

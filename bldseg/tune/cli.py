@@ -17,7 +17,7 @@ CPU_DEMO = {
     "model": "upernet_internimage_tiny",
     "aug.crop_size": 64,
     "batch_size": 8,
-    "samples_per_epoch": 192,
+    "samples_per_epoch": 384,
     "val_fraction": 0.2,
     "optim.lr": 3e-3,
 }
@@ -56,7 +56,7 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         "upernet_internimage_t); see bldseg.models.list_models()",
     )
     a("--trials", type=int, default=8, help="number of trials (default 8)")
-    a("--epochs", type=int, default=8, help="epochs per trial, ASHA's max_t (default 8)")
+    a("--epochs", type=int, default=10, help="epochs per trial, ASHA's max_t (default 10)")
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial (default 1)")
     a(
         "--gpus-per-trial",

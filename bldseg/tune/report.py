@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+from bldseg.train.plots import save_figure
 
 STATUS_COLOURS = {
     "completed": "tab:green",
@@ -57,9 +58,4 @@ def plot_trials(table: pd.DataFrame, path: Path, metric: str) -> Path:
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax1)
     else:
         ax1.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)
