@@ -19,6 +19,10 @@
 //
 // Speed: the work per sampling point is small (4 corners x C channels), so the scalar index
 // math matters as much as the vector part. What keeps both short:
+//   - the points of one output pixel (all groups in the forward, one group in the backward)
+//     are located together into a PointPlan before any channel work; on AVX2 that is
+//     vectorised over the points (Avx2Planner), and the channel loops then only read the
+//     corner index and the four weights of each point;
 //   - group_channels 16 and 32 (all InternImage variants use 16) are compile-time constants
 //     (template CF), so the channel loops unroll and the forward accumulates in registers;
 //   - on x86-64 each kernel is also compiled for AVX2+FMA and picked at run time
@@ -37,6 +41,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -154,29 +159,138 @@ BLDSEG_ALWAYS_INLINE bool locate(T loc_h, T loc_w, int64_t height, int64_t width
 // Start of the sampling grid of output pixel `out` along one axis, before the kernel offset:
 // p0 - half*s in the official kernel.
 template <typename T>
-BLDSEG_ALWAYS_INLINE T grid_origin(int64_t out, int64_t stride, int64_t pad, int64_t half, T scale) {
+BLDSEG_ALWAYS_INLINE T grid_origin(int64_t out, int64_t stride, int64_t pad, int64_t half,
+                                   T scale) {
   return T(half - pad + out * stride) - T(half) * scale;
 }
 
-// Rows of the four corners of one located point, in `data` whose pixels are `stride` apart.
-// Outside corners get `outside + k*outside_step` instead: a zero row to read (its products
-// vanish) or a private sink row per corner to scatter into, so the four rows never alias and
-// the channel loops have no branch.
+// The four corner rows of a point whose corners are all inside, in `data` whose pixels are
+// `stride` apart; `base` is the pixel index of the (lo, lo) corner.
+template <typename P>
+BLDSEG_ALWAYS_INLINE void interior_rows(P* data, int64_t base, int64_t stride, int64_t width,
+                                        P* rows[4]) {
+  rows[0] = data + base * stride;
+  rows[1] = rows[0] + stride;
+  rows[2] = rows[0] + width * stride;
+  rows[3] = rows[2] + stride;
+}
+
+// Rows of the four corners of any located point. Outside corners get
+// `outside + k*outside_step` instead: a zero row to read (its products vanish) or a private
+// sink row per corner to scatter into, so the four rows never alias and the channel loops have
+// no branch.
 template <typename P>
 BLDSEG_ALWAYS_INLINE void corner_rows(const Bilinear<typename std::remove_const<P>::type>& b,
                                       P* data, int64_t stride, int64_t width, P* outside,
                                       int64_t outside_step, P* rows[4]) {
   if (b.interior) {
-    rows[0] = data + b.base * stride;
-    rows[1] = rows[0] + stride;
-    rows[2] = rows[0] + width * stride;
-    rows[3] = rows[2] + stride;
+    interior_rows(data, b.base, stride, width, rows);
     return;
   }
   for (int k = 0; k < 4; ++k) {
     rows[k] = b.pixel[k] >= 0 ? data + b.pixel[k] * stride : outside + k * outside_step;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sampling plans. The kernels first locate all the points of one output pixel (and group) at
+// once, into a PointPlan, and then run the channel loops point by point from it. Locating is
+// the scalar half of the work; done in bulk it vectorises (Avx2Planner), and the channel
+// loops that follow keep few values live.
+
+// Status of a point in PointPlan::base, besides the pixel index of an interior point.
+constexpr int64_t kOutside = -1;  // all four corners outside: the point contributes nothing
+constexpr int64_t kBorder = -2;   // some corners outside: locate() it again, corner by corner
+
+// Structure of arrays over the points of one plan, padded to a whole number of registers.
+template <typename T>
+struct PointPlan {
+  static constexpr int64_t kPad = 8;  // the widest register, in elements (8 floats)
+  int64_t capacity;
+  std::vector<T> storage;
+  std::vector<int64_t> base;  // (capacity,) h_low*W_in + w_low when all four corners are
+                              // inside, else kOutside or kBorder
+  T* loc_h;                   // (capacity,) sampling location, in input pixels
+  T* loc_w;
+  T* a[4];      // (capacity,) mask * bilinear weight of each corner (lo,lo) (lo,hi) (hi,lo) (hi,hi)
+  T* weight[4];  // bilinear weights (backward only)
+  T *lh, *lw, *hh, *hw;  // fractional parts and their complements (backward only)
+
+  explicit PointPlan(int64_t points)
+      : capacity((points + kPad - 1) / kPad * kPad),
+        storage(static_cast<size_t>(14 * capacity)),
+        base(static_cast<size_t>(capacity)) {
+    T* next = storage.data();
+    auto take = [&] {
+      T* p = next;
+      next += capacity;
+      return p;
+    };
+    loc_h = take(), loc_w = take();
+    for (int k = 0; k < 4; ++k) a[k] = take();
+    for (int k = 0; k < 4; ++k) weight[k] = take();
+    lh = take(), lw = take(), hh = take(), hw = take();
+  }
+};
+
+// Where the points of one plan sample, before the per-pixel origin and the learned offsets:
+// grid_w[k] = i*dilation_w and grid_h[k] = j*dilation_h for point k = g*P + i*Kh + j, over
+// `groups` groups; padded like a PointPlan.
+template <typename T>
+struct KernelGrid {
+  std::vector<T> w, h;
+  KernelGrid(const Geometry& geo, int64_t groups) {
+    const int64_t Kh = geo.kernel_h, Kw = geo.kernel_w, P = Kh * Kw;
+    const int64_t padded = (groups * P + PointPlan<T>::kPad - 1) / PointPlan<T>::kPad *
+                           PointPlan<T>::kPad;
+    w.assign(static_cast<size_t>(padded), T(0));
+    h.assign(static_cast<size_t>(padded), T(0));
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t i = 0; i < Kw; ++i) {
+        for (int64_t j = 0; j < Kh; ++j) {
+          w[g * P + i * Kh + j] = T(i * geo.dilation_w);
+          h[g * P + i * Kh + j] = T(j * geo.dilation_h);
+        }
+      }
+    }
+  }
+};
+
+// What a planner gets: `count` points with offsets `off` (count, 2) as [x, y] and masks `mask`
+// (count,), sampling at origin + (grid + offset) * scale in an input of height x width.
+template <typename T>
+struct PlanArgs {
+  const T* off;
+  const T* mask;
+  const KernelGrid<T>& grid;
+  int64_t count;
+  T origin_h, origin_w, scale;
+  int64_t height, width;
+};
+
+// Portable planner: locate() point by point. kGrad also fills the backward-only fields.
+template <typename T, bool kGrad>
+struct ScalarPlanner {
+  static BLDSEG_ALWAYS_INLINE void fill(const PlanArgs<T>& in, PointPlan<T>& plan) {
+    for (int64_t k = 0; k < in.count; ++k) {
+      const T loc_w = in.origin_w + (in.grid.w[k] + in.off[2 * k]) * in.scale;
+      const T loc_h = in.origin_h + (in.grid.h[k] + in.off[2 * k + 1]) * in.scale;
+      plan.loc_h[k] = loc_h;
+      plan.loc_w[k] = loc_w;
+      Bilinear<T> b;
+      if (!locate(loc_h, loc_w, in.height, in.width, b)) {
+        plan.base[k] = kOutside;
+        continue;
+      }
+      plan.base[k] = b.interior ? b.base : kBorder;
+      for (int c = 0; c < 4; ++c) plan.a[c][k] = in.mask[k] * b.weight[c];
+      if constexpr (kGrad) {
+        for (int c = 0; c < 4; ++c) plan.weight[c][k] = b.weight[c];
+        plan.lh[k] = b.lh, plan.lw[k] = b.lw, plan.hh[k] = b.hh, plan.hw[k] = b.hw;
+      }
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Channel loops. A policy object holds the per-pixel state (forward accumulator, backward
@@ -257,7 +371,54 @@ struct Simd<float> {
   static BLDSEG_AVX2_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
   static BLDSEG_AVX2_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static BLDSEG_AVX2_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static BLDSEG_AVX2_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static BLDSEG_AVX2_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static BLDSEG_AVX2_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static BLDSEG_AVX2_INLINE V floor(V a) { return _mm256_floor_ps(a); }
+  static BLDSEG_AVX2_INLINE V both(V a, V b) { return _mm256_and_ps(a, b); }
+  // Ordered comparisons: false for NaN.
+  static BLDSEG_AVX2_INLINE V gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static BLDSEG_AVX2_INLINE V lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static BLDSEG_AVX2_INLINE V ge(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+  static BLDSEG_AVX2_INLINE V le(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+  // p[0:n] and zeros (n may be <= 0 or >= L); the masked load never touches p[n:].
+  static BLDSEG_AVX2_INLINE V load_first(const float* p, int64_t n) {
+    if (n >= L) return load(p);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int n32 = static_cast<int>(std::max<int64_t>(n, 0));
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n32), lane));
+  }
+  // x and y of n <= L points stored as [x0 y0 x1 y1 ...].
+  static BLDSEG_AVX2_INLINE void load_xy(const float* p, int64_t n, V& x, V& y) {
+    const V a = load_first(p, 2 * n), b = load_first(p + L, 2 * n - L);
+    // Per 128-bit half: x0 x1 x4 x5 | x2 x3 x6 x7; then swap the middle 64-bit quarters.
+    const V xs = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const V ys = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    x = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xs), 0xD8));
+    y = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ys), 0xD8));
+  }
+  // out[0:L] = interior ? fh*width + fw : (valid ? kBorder : kOutside), in int64.
+  static BLDSEG_AVX2_INLINE void store_base(V fh, V fw, V valid, V interior, int64_t width,
+                                            int64_t* out) {
+    const __m256i h = _mm256_cvttps_epi32(fh), w = _mm256_cvttps_epi32(fw);
+    const __m256i v = _mm256_castps_si256(valid), in = _mm256_castps_si256(interior);
+    store_base4(_mm256_castsi256_si128(h), _mm256_castsi256_si128(w),
+                _mm256_castsi256_si128(v), _mm256_castsi256_si128(in), width, out);
+    store_base4(_mm256_extracti128_si256(h, 1), _mm256_extracti128_si256(w, 1),
+                _mm256_extracti128_si256(v, 1), _mm256_extracti128_si256(in, 1), width, out + 4);
+  }
+  static BLDSEG_AVX2_INLINE void store_base4(__m128i h, __m128i w, __m128i valid,
+                                             __m128i interior, int64_t width, int64_t* out) {
+    // mul_epi32 multiplies the low (signed) 32 bits of each 64-bit lane: exact for int32 h, W.
+    const __m256i base = _mm256_add_epi64(
+        _mm256_mul_epi32(_mm256_cvtepi32_epi64(h), _mm256_set1_epi64x(width)),
+        _mm256_cvtepi32_epi64(w));
+    const __m256i status = _mm256_blendv_epi8(_mm256_set1_epi64x(kOutside),
+                                              _mm256_set1_epi64x(kBorder),
+                                              _mm256_cvtepi32_epi64(valid));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_blendv_epi8(status, base, _mm256_cvtepi32_epi64(interior)));
+  }
   // out[k] = sum of the lanes of d_k: three horizontal adds leave, in each 128-bit half, one
   // partial sum per k; adding the halves finishes all four at once.
   static BLDSEG_AVX2_INLINE void sum4(V d0, V d1, V d2, V d3, float out[4]) {
@@ -275,7 +436,38 @@ struct Simd<double> {
   static BLDSEG_AVX2_INLINE V load(const double* p) { return _mm256_loadu_pd(p); }
   static BLDSEG_AVX2_INLINE void store(double* p, V v) { _mm256_storeu_pd(p, v); }
   static BLDSEG_AVX2_INLINE V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static BLDSEG_AVX2_INLINE V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  static BLDSEG_AVX2_INLINE V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static BLDSEG_AVX2_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static BLDSEG_AVX2_INLINE V floor(V a) { return _mm256_floor_pd(a); }
+  static BLDSEG_AVX2_INLINE V both(V a, V b) { return _mm256_and_pd(a, b); }
+  static BLDSEG_AVX2_INLINE V gt(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_GT_OQ); }
+  static BLDSEG_AVX2_INLINE V lt(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
+  static BLDSEG_AVX2_INLINE V ge(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_GE_OQ); }
+  static BLDSEG_AVX2_INLINE V le(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_LE_OQ); }
+  static BLDSEG_AVX2_INLINE V load_first(const double* p, int64_t n) {
+    if (n >= L) return load(p);
+    const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+    return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), lane));
+  }
+  static BLDSEG_AVX2_INLINE void load_xy(const double* p, int64_t n, V& x, V& y) {
+    const V a = load_first(p, 2 * n), b = load_first(p + L, 2 * n - L);
+    // x0 x2 x1 x3 (and y likewise); then swap the middle lanes.
+    x = _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
+    y = _mm256_permute4x64_pd(_mm256_unpackhi_pd(a, b), 0xD8);
+  }
+  static BLDSEG_AVX2_INLINE void store_base(V fh, V fw, V valid, V interior, int64_t width,
+                                            int64_t* out) {
+    const __m256i base = _mm256_add_epi64(
+        _mm256_mul_epi32(_mm256_cvtepi32_epi64(_mm256_cvttpd_epi32(fh)),
+                         _mm256_set1_epi64x(width)),
+        _mm256_cvtepi32_epi64(_mm256_cvttpd_epi32(fw)));
+    const __m256i status =
+        _mm256_blendv_epi8(_mm256_set1_epi64x(kOutside), _mm256_set1_epi64x(kBorder),
+                           _mm256_castpd_si256(valid));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_blendv_epi8(status, base, _mm256_castpd_si256(interior)));
+  }
   // hadd gives (d0, d1) and (d2, d3) pair sums per 128-bit half; the two halves hold the
   // low and high lane pairs, so one cross-half shuffle and an add finish all four.
   static BLDSEG_AVX2_INLINE void sum4(V d0, V d1, V d2, V d3, double out[4]) {
@@ -284,6 +476,51 @@ struct Simd<double> {
     const V lo = _mm256_permute2f128_pd(h01, h23, 0x20);
     const V hi = _mm256_permute2f128_pd(h01, h23, 0x31);
     _mm256_storeu_pd(out, _mm256_add_pd(lo, hi));
+  }
+};
+
+// Vectorised planner: the arithmetic of locate() (floor is exact either way), L points at a
+// time.
+template <typename T, bool kGrad>
+struct Avx2Planner {
+  using S = Simd<T>;
+  using V = typename S::V;
+  static inline BLDSEG_AVX2 void fill(const PlanArgs<T>& in, PointPlan<T>& plan) {
+    // Pixel indices are computed in int32 lanes.
+    if (in.height > INT32_MAX / 2 || in.width > INT32_MAX / 2) {
+      ScalarPlanner<T, kGrad>::fill(in, plan);
+      return;
+    }
+    const V scale = S::set1(in.scale), origin_h = S::set1(in.origin_h);
+    const V origin_w = S::set1(in.origin_w), one = S::set1(T(1)), zero = S::zero();
+    const V height = S::set1(T(in.height)), width = S::set1(T(in.width));
+    const V h_last_low = S::set1(T(in.height - 2)), w_last_low = S::set1(T(in.width - 2));
+    for (int64_t k = 0; k < in.count; k += S::L) {
+      const int64_t n = std::min<int64_t>(S::L, in.count - k);
+      V off_x, off_y;
+      S::load_xy(in.off + 2 * k, n, off_x, off_y);
+      const V loc_w = S::add(origin_w, S::mul(S::add(S::load(in.grid.w.data() + k), off_x), scale));
+      const V loc_h = S::add(origin_h, S::mul(S::add(S::load(in.grid.h.data() + k), off_y), scale));
+      S::store(plan.loc_h + k, loc_h);
+      S::store(plan.loc_w + k, loc_w);
+      const V valid = S::both(S::both(S::gt(loc_h, S::set1(T(-1))), S::gt(loc_w, S::set1(T(-1)))),
+                              S::both(S::lt(loc_h, height), S::lt(loc_w, width)));
+      const V h_low = S::floor(loc_h), w_low = S::floor(loc_w);
+      const V lh = S::sub(loc_h, h_low), lw = S::sub(loc_w, w_low);
+      const V hh = S::sub(one, lh), hw = S::sub(one, lw);
+      const V weight[4] = {S::mul(hh, hw), S::mul(hh, lw), S::mul(lh, hw), S::mul(lh, lw)};
+      const V mask = S::load_first(in.mask + k, n);
+      for (int c = 0; c < 4; ++c) S::store(plan.a[c] + k, S::mul(mask, weight[c]));
+      if constexpr (kGrad) {
+        for (int c = 0; c < 4; ++c) S::store(plan.weight[c] + k, weight[c]);
+        S::store(plan.lh + k, lh), S::store(plan.lw + k, lw);
+        S::store(plan.hh + k, hh), S::store(plan.hw + k, hw);
+      }
+      const V interior =
+          S::both(S::both(valid, S::both(S::ge(h_low, zero), S::le(h_low, h_last_low))),
+                  S::both(S::ge(w_low, zero), S::le(w_low, w_last_low)));
+      S::store_base(h_low, w_low, valid, interior, in.width, plan.base.data() + k);
+    }
   }
 };
 
@@ -348,13 +585,13 @@ struct Avx2Channels {
 #endif  // BLDSEG_X86_DISPATCH
 
 // ---------------------------------------------------------------------------------------------
-// Kernel bodies, shared by the baseline and the AVX2 builds (Channels picks the loops).
+// Kernel bodies, shared by the baseline and the AVX2 builds (Planner and Channels pick the
+// implementations).
 
 // Forward for output pixels [begin, end) (flat index over N*H_out*W_out).
-template <typename T, int CF, typename Channels>
-inline void forward_pixels(const T* input, const T* offset, const T* mask,
-                                         T* output, const Geometry& geo, int64_t begin,
-                                         int64_t end) {
+template <typename T, int CF, typename Planner, typename Channels>
+inline void forward_pixels(const T* input, const T* offset, const T* mask, T* output,
+                           const Geometry& geo, int64_t begin, int64_t end) {
   const int64_t C = CF > 0 ? CF : geo.group_channels, G = geo.group, GC = G * C;
   const int64_t Kh = geo.kernel_h, Kw = geo.kernel_w, P = Kh * Kw;
   const int64_t Hi = geo.height_in, Wi = geo.width_in, Ho = geo.height_out, Wo = geo.width_out;
@@ -362,33 +599,36 @@ inline void forward_pixels(const T* input, const T* offset, const T* mask,
   const int64_t half_w = (geo.dilation_w * (Kw - 1)) >> 1;
   const T s = static_cast<T>(geo.offset_scale);
   const std::vector<T> zeros(C, T(0));  // what corners outside the input read
+  const KernelGrid<T> grid(geo, G);     // the points of all groups of a pixel
+  PointPlan<T> plan(G * P);
   Channels ch(C);
   for (int64_t pix = begin; pix < end; ++pix) {
     const int64_t n = pix / (Ho * Wo);
     const int64_t ho = (pix / Wo) % Ho;
     const int64_t wo = pix % Wo;
-    const T origin_h = grid_origin(ho, geo.stride_h, geo.pad_h, half_h, s);
-    const T origin_w = grid_origin(wo, geo.stride_w, geo.pad_w, half_w, s);
+    // The offsets (G, P, 2) and masks (G, P) of one pixel are contiguous: one plan for all.
+    Planner::fill({offset + pix * G * P * 2, mask + pix * G * P, grid, G * P,
+                   grid_origin(ho, geo.stride_h, geo.pad_h, half_h, s),
+                   grid_origin(wo, geo.stride_w, geo.pad_w, half_w, s), s, Hi, Wi},
+                  plan);
     const T* in_n = input + n * Hi * Wi * GC;
     for (int64_t g = 0; g < G; ++g) {
-      const T* in_g = in_n + g * C;                     // (Hi, Wi) pixels, stride GC
-      const T* off_g = offset + (pix * G + g) * P * 2;  // (P, 2) as [x, y]
-      const T* mask_g = mask + (pix * G + g) * P;       // (P,)
-      T* out = output + pix * GC + g * C;               // (C,)
+      const T* in_g = in_n + g * C;        // (Hi, Wi) pixels, stride GC
+      T* out = output + pix * GC + g * C;  // (C,)
       ch.begin(out);
-      for (int64_t i = 0; i < Kw; ++i) {
-        for (int64_t j = 0; j < Kh; ++j) {
-          const int64_t p = i * Kh + j;
-          const T loc_w = origin_w + (T(i * geo.dilation_w) + off_g[2 * p]) * s;
-          const T loc_h = origin_h + (T(j * geo.dilation_h) + off_g[2 * p + 1]) * s;
+      for (int64_t k = g * P; k < (g + 1) * P; ++k) {
+        const int64_t base = plan.base[k];
+        if (base == kOutside) continue;
+        const T* v[4];
+        if (base >= 0) {
+          interior_rows(in_g, base, GC, Wi, v);
+        } else {
           Bilinear<T> b;
-          if (!locate(loc_h, loc_w, Hi, Wi, b)) continue;
-          const T m = mask_g[p];
-          const T* v[4];
+          if (!locate(plan.loc_h[k], plan.loc_w[k], Hi, Wi, b)) continue;  // (never: kBorder)
           corner_rows(b, in_g, GC, Wi, zeros.data(), 0, v);
-          const T a[4] = {m * b.weight[0], m * b.weight[1], m * b.weight[2], m * b.weight[3]};
-          ch.add(a, v);
         }
+        const T a[4] = {plan.a[0][k], plan.a[1][k], plan.a[2][k], plan.a[3][k]};
+        ch.add(a, v);
       }
       ch.finish(out);
     }
@@ -398,13 +638,11 @@ inline void forward_pixels(const T* input, const T* offset, const T* mask,
 // Backward for the output rows [row_begin, row_end) of one (n, g) pair. grad_in_g points to
 // pixel (0, 0) of this pair's grad_input slice, whose pixels are `grad_in_stride` apart.
 // `zeros` (C) is read for corners outside the input, `sink` (4*C) scattered into for them.
-template <typename T, int CF, typename Channels>
-inline void backward_rows(const T* input, const T* offset, const T* mask,
-                                        const T* grad_output, T* grad_in_g,
-                                        int64_t grad_in_stride, T* grad_offset, T* grad_mask,
-                                        const Geometry& geo, int64_t n, int64_t g,
-                                        int64_t row_begin, int64_t row_end, const T* zeros,
-                                        T* sink) {
+template <typename T, int CF, typename Planner, typename Channels>
+inline void backward_rows(const T* input, const T* offset, const T* mask, const T* grad_output,
+                          T* grad_in_g, int64_t grad_in_stride, T* grad_offset, T* grad_mask,
+                          const Geometry& geo, int64_t n, int64_t g, int64_t row_begin,
+                          int64_t row_end, const T* zeros, T* sink) {
   const int64_t C = CF > 0 ? CF : geo.group_channels, G = geo.group, GC = G * C;
   const int64_t Kh = geo.kernel_h, Kw = geo.kernel_w, P = Kh * Kw;
   const int64_t Hi = geo.height_in, Wi = geo.width_in, Ho = geo.height_out, Wo = geo.width_out;
@@ -412,43 +650,47 @@ inline void backward_rows(const T* input, const T* offset, const T* mask,
   const int64_t half_w = (geo.dilation_w * (Kw - 1)) >> 1;
   const T s = static_cast<T>(geo.offset_scale);
   const T* in_g = input + n * Hi * Wi * GC + g * C;  // (Hi, Wi) pixels, stride GC
+  const KernelGrid<T> grid(geo, 1);
+  PointPlan<T> plan(P);
   Channels ch(C);
 
   for (int64_t ho = row_begin; ho < row_end; ++ho) {
     const T origin_h = grid_origin(ho, geo.stride_h, geo.pad_h, half_h, s);
     for (int64_t wo = 0; wo < Wo; ++wo) {
-      const T origin_w = grid_origin(wo, geo.stride_w, geo.pad_w, half_w, s);
       const int64_t pix = (n * Ho + ho) * Wo + wo;
-      ch.set_top(grad_output + pix * GC + g * C);       // (C,)
-      const T* off_g = offset + (pix * G + g) * P * 2;  // (P, 2)
       const T* mask_g = mask + (pix * G + g) * P;       // (P,)
       T* goff_g = grad_offset + (pix * G + g) * P * 2;  // (P, 2), every entry written
       T* gmask_g = grad_mask + (pix * G + g) * P;       // (P,), every entry written
-      for (int64_t i = 0; i < Kw; ++i) {
-        for (int64_t j = 0; j < Kh; ++j) {
-          const int64_t p = i * Kh + j;
-          const T loc_w = origin_w + (T(i * geo.dilation_w) + off_g[2 * p]) * s;
-          const T loc_h = origin_h + (T(j * geo.dilation_h) + off_g[2 * p + 1]) * s;
+      Planner::fill({offset + (pix * G + g) * P * 2, mask_g, grid, P, origin_h,
+                     grid_origin(wo, geo.stride_w, geo.pad_w, half_w, s), s, Hi, Wi},
+                    plan);
+      ch.set_top(grad_output + pix * GC + g * C);  // (C,)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t base = plan.base[p];
+        const T* v[4];
+        T* gi[4];
+        if (base >= 0) {
+          interior_rows(in_g, base, GC, Wi, v);
+          interior_rows(grad_in_g, base, grad_in_stride, Wi, gi);
+        } else {
           Bilinear<T> b;
-          if (!locate(loc_h, loc_w, Hi, Wi, b)) {
+          if (base == kOutside || !locate(plan.loc_h[p], plan.loc_w[p], Hi, Wi, b)) {
             gmask_g[p] = goff_g[2 * p] = goff_g[2 * p + 1] = T(0);
             continue;
           }
-          const T m = mask_g[p];
-          const T* v[4];
-          T* gi[4];
           corner_rows(b, in_g, GC, Wi, zeros, 0, v);
           corner_rows(b, grad_in_g, grad_in_stride, Wi, sink, C, gi);
-          const T a[4] = {m * b.weight[0], m * b.weight[1], m * b.weight[2], m * b.weight[3]};
-          T d[4];  // <grad_out, corner value> per corner
-          ch.backprop(a, v, gi, d);
-          // d out / d mask = bilinear value; d out / d loc from the derivative of the weights.
-          gmask_g[p] = b.weight[0] * d[0] + b.weight[1] * d[1] + b.weight[2] * d[2] +
-                       b.weight[3] * d[3];
-          const T sm = s * m;
-          goff_g[2 * p] = sm * (-b.hh * d[0] + b.hh * d[1] - b.lh * d[2] + b.lh * d[3]);
-          goff_g[2 * p + 1] = sm * (-b.hw * d[0] - b.lw * d[1] + b.hw * d[2] + b.lw * d[3]);
         }
+        const T a[4] = {plan.a[0][p], plan.a[1][p], plan.a[2][p], plan.a[3][p]};
+        T d[4];  // <grad_out, corner value> per corner
+        ch.backprop(a, v, gi, d);
+        // d out / d mask = bilinear value; d out / d loc from the derivative of the weights.
+        gmask_g[p] = plan.weight[0][p] * d[0] + plan.weight[1][p] * d[1] +
+                     plan.weight[2][p] * d[2] + plan.weight[3][p] * d[3];
+        const T sm = s * mask_g[p];
+        const T lh = plan.lh[p], lw = plan.lw[p], hh = plan.hh[p], hw = plan.hw[p];
+        goff_g[2 * p] = sm * (-hh * d[0] + hh * d[1] - lh * d[2] + lh * d[3]);
+        goff_g[2 * p + 1] = sm * (-hw * d[0] - lw * d[1] + hw * d[2] + lw * d[3]);
       }
     }
   }
@@ -458,50 +700,55 @@ inline void backward_rows(const T* input, const T* offset, const T* mask,
 // Baseline and AVX2 builds of the bodies, and the run-time choice between them.
 
 template <typename T, int CF>
-BLDSEG_FLATTEN void forward_pixels_base(const T* input, const T* offset, const T* mask, T* output,
-                         const Geometry& geo, int64_t begin, int64_t end) {
-  forward_pixels<T, CF, ScalarChannels<T, CF>>(input, offset, mask, output, geo, begin, end);
+BLDSEG_FLATTEN void forward_pixels_base(const T* input, const T* offset, const T* mask,
+                                        T* output, const Geometry& geo, int64_t begin,
+                                        int64_t end) {
+  forward_pixels<T, CF, ScalarPlanner<T, false>, ScalarChannels<T, CF>>(input, offset, mask,
+                                                                         output, geo, begin, end);
 }
 
 template <typename T, int CF>
-BLDSEG_AVX2 BLDSEG_FLATTEN void forward_pixels_avx2(const T* input, const T* offset, const T* mask, T* output,
-                                     const Geometry& geo, int64_t begin, int64_t end) {
+BLDSEG_AVX2 BLDSEG_FLATTEN void forward_pixels_avx2(const T* input, const T* offset,
+                                                    const T* mask, T* output, const Geometry& geo,
+                                                    int64_t begin, int64_t end) {
 #if BLDSEG_X86_DISPATCH
-  if constexpr (CF > 0) {
-    forward_pixels<T, CF, Avx2Channels<T, CF>>(input, offset, mask, output, geo, begin, end);
-    return;
-  }
+  using Planner = Avx2Planner<T, false>;
+  using Channels = std::conditional_t<(CF > 0), Avx2Channels<T, CF>, ScalarChannels<T, CF>>;
+  forward_pixels<T, CF, Planner, Channels>(input, offset, mask, output, geo, begin, end);
+#else
+  forward_pixels_base<T, CF>(input, offset, mask, output, geo, begin, end);
 #endif
-  forward_pixels<T, CF, ScalarChannels<T, CF>>(input, offset, mask, output, geo, begin, end);
 }
 
 template <typename T, int CF>
-BLDSEG_FLATTEN void backward_rows_base(const T* input, const T* offset, const T* mask, const T* grad_output,
-                        T* grad_in_g, int64_t grad_in_stride, T* grad_offset, T* grad_mask,
-                        const Geometry& geo, int64_t n, int64_t g, int64_t row_begin,
-                        int64_t row_end, const T* zeros, T* sink) {
-  backward_rows<T, CF, ScalarChannels<T, CF>>(input, offset, mask, grad_output, grad_in_g,
-                                              grad_in_stride, grad_offset, grad_mask, geo, n, g,
-                                              row_begin, row_end, zeros, sink);
+BLDSEG_FLATTEN void backward_rows_base(const T* input, const T* offset, const T* mask,
+                                       const T* grad_output, T* grad_in_g, int64_t grad_in_stride,
+                                       T* grad_offset, T* grad_mask, const Geometry& geo,
+                                       int64_t n, int64_t g, int64_t row_begin, int64_t row_end,
+                                       const T* zeros, T* sink) {
+  backward_rows<T, CF, ScalarPlanner<T, true>, ScalarChannels<T, CF>>(
+      input, offset, mask, grad_output, grad_in_g, grad_in_stride, grad_offset, grad_mask, geo, n,
+      g, row_begin, row_end, zeros, sink);
 }
 
 template <typename T, int CF>
-BLDSEG_AVX2 BLDSEG_FLATTEN void backward_rows_avx2(const T* input, const T* offset, const T* mask,
-                                    const T* grad_output, T* grad_in_g, int64_t grad_in_stride,
-                                    T* grad_offset, T* grad_mask, const Geometry& geo, int64_t n,
-                                    int64_t g, int64_t row_begin, int64_t row_end,
-                                    const T* zeros, T* sink) {
+BLDSEG_AVX2 BLDSEG_FLATTEN void backward_rows_avx2(const T* input, const T* offset,
+                                                   const T* mask, const T* grad_output,
+                                                   T* grad_in_g, int64_t grad_in_stride,
+                                                   T* grad_offset, T* grad_mask,
+                                                   const Geometry& geo, int64_t n, int64_t g,
+                                                   int64_t row_begin, int64_t row_end,
+                                                   const T* zeros, T* sink) {
 #if BLDSEG_X86_DISPATCH
-  if constexpr (CF > 0) {
-    backward_rows<T, CF, Avx2Channels<T, CF>>(input, offset, mask, grad_output, grad_in_g,
-                                              grad_in_stride, grad_offset, grad_mask, geo, n, g,
-                                              row_begin, row_end, zeros, sink);
-    return;
-  }
+  using Planner = Avx2Planner<T, true>;
+  using Channels = std::conditional_t<(CF > 0), Avx2Channels<T, CF>, ScalarChannels<T, CF>>;
+  backward_rows<T, CF, Planner, Channels>(input, offset, mask, grad_output, grad_in_g,
+                                          grad_in_stride, grad_offset, grad_mask, geo, n, g,
+                                          row_begin, row_end, zeros, sink);
+#else
+  backward_rows_base<T, CF>(input, offset, mask, grad_output, grad_in_g, grad_in_stride,
+                            grad_offset, grad_mask, geo, n, g, row_begin, row_end, zeros, sink);
 #endif
-  backward_rows<T, CF, ScalarChannels<T, CF>>(input, offset, mask, grad_output, grad_in_g,
-                                              grad_in_stride, grad_offset, grad_mask, geo, n, g,
-                                              row_begin, row_end, zeros, sink);
 }
 
 template <typename T, int CF>
