@@ -140,12 +140,14 @@ class Searcher {
     int bits = 0;
     for (int64_t n = lib.n_images; n > 0; n >>= 1) ++bits;
     shift_ = 62 - bits;
+    scale_ = std::ldexp(1.0, shift_);
+    inv_scale_ = std::ldexp(1.0, -shift_);
     // Bound on |approximate sum - numpy's float sum| over I values in [0, 1]: the fixed-point
     // rounding (I / 2 ulps of 2^-shift), the conversion of the integer sum to double, and the
     // pairwise summation's own error (at most ~(26 + log2(I / 128)) ulps of the sum; 64 +
     // bits is a wide margin). Divided by the image count per level, plus the divisions.
     const double n = static_cast<double>(lib.n_images);
-    sum_err_ = n * std::ldexp(1.0, -shift_) + (64.0 + bits) * n * std::ldexp(1.0, -52);
+    sum_err_ = 2.0 * n * inv_scale_ + (64.0 + bits) * n * std::ldexp(1.0, -52);
     if (k == 1) finish_last_state();
   }
 
@@ -166,20 +168,27 @@ class Searcher {
     dst.start[0] = 0;
     dst.above_tp = src.above_tp;
     dst.above_pp = src.above_pp;
+    const int32_t* __restrict in_idx = src.idx.data();
+    const uint16_t* __restrict in_sum = src.sum.data();
+    const int32_t first = static_cast<int32_t>(first_), last = static_cast<int32_t>(last_);
+    const int32_t rem = static_cast<int32_t>(remaining);
     for (int64_t i = 0; i < lib_.n_images; ++i) {
       int64_t up_tp = 0, up_pp = 0;
-      for (int64_t p = src.start[i]; p < src.start[i + 1]; ++p) {
-        const int32_t j = src.idx[p];
-        const uint16_t w = src.sum[p];
-        const int64_t s = static_cast<int64_t>(w & kSumMask) + v[j];
-        if (s + remaining * rmin[j] >= last_) {
-          up_pp += 1;  // positive at every window level whatever the rest of the ensemble
-          up_tp += w >> 15;
-        } else if (s + remaining * rmax[j] >= first_) {
-          out_idx[n_out] = j;
-          out_sum[n_out] = static_cast<uint16_t>(s | (w & kTruthBit));
-          ++n_out;
-        }  // else: negative at every window level, contributes nothing
+      const int64_t p_end = src.start[i + 1];
+      // Branch-free: every pixel is written at n_out, which only advances for kept ones.
+      for (int64_t p = src.start[i]; p < p_end; ++p) {
+        const int32_t j = in_idx[p];
+        const uint16_t w = in_sum[p];
+        const int32_t s = static_cast<int32_t>(w & kSumMask) + v[j];
+        // Positive at every window level whatever the rest of the ensemble: constant.
+        const int32_t up = s + rem * rmin[j] >= last;
+        // Negative at every window level (contributes nothing) unless this holds.
+        const int32_t keep = (up ^ 1) & (s + rem * rmax[j] >= first);
+        out_idx[n_out] = j;
+        out_sum[n_out] = static_cast<uint16_t>(s | (w & kTruthBit));
+        n_out += keep;
+        up_pp += up;
+        up_tp += up & (w >> 15);
       }
       dst.above_tp[i] += up_tp;
       dst.above_pp[i] += up_pp;
@@ -211,7 +220,7 @@ class Searcher {
       Run r{l, 1.0, 0.0};
       if (cnt > 0) {
         const double c = static_cast<double>(cnt);
-        r.approx = std::ldexp(static_cast<double>(q), -shift_) / c;
+        r.approx = static_cast<double>(q) * inv_scale_ / c;
         r.tol = sum_err_ / c + std::ldexp(1.0, -48);
       }
       hi_best = std::max(hi_best, r.approx + r.tol);
@@ -239,9 +248,8 @@ class Searcher {
     double tol;     // |approx - exact| <= tol
   };
 
-  static int64_t to_fixed(double x, int shift) {
-    return static_cast<int64_t>(std::nearbyint(std::ldexp(x, shift)));
-  }
+  // Dice in [0, 1] to fixed point, within one unit of 2^-shift.
+  int64_t to_fixed(double x) const { return static_cast<int64_t>(x * scale_ + 0.5); }
 
   // After the (k-1)-prefix state changes: images without undecided pixels have the same
   // Dice at every level and for every last member; add them up once.
@@ -255,7 +263,7 @@ class Searcher {
         busy_.push_back(i);
       } else {
         const int64_t pp = st.above_pp[i], g = lib_.gt[i];
-        const_q_ += to_fixed(dice(st.above_tp[i], pp, g), shift_);
+        const_q_ += to_fixed(dice(st.above_tp[i], pp, g));
         const_cnt_ += (pp + g) != 0;
       }
     }
@@ -263,39 +271,49 @@ class Searcher {
 
   // Adds image i's per-level Dice (fixed point) and valid count to the difference arrays.
   void image_diff(int64_t i, const Depth& st, const uint8_t* v) {
-    const int64_t lo = first_ - 1;
-    int64_t* h = hist_.data();    // (nlev+1, 2) counts by [bin][truth]
-    uint64_t* bm = bitmap_.data();  // occupied bins
-    for (int64_t p = st.start[i]; p < st.start[i + 1]; ++p) {
-      const uint16_t w = st.sum[p];
-      int64_t s = static_cast<int64_t>(w & kSumMask) + v[st.idx[p]];
-      s = std::min(std::max(s, lo), last_) - lo;
-      h[2 * s + (w >> 15)] += 1;
-      bm[s >> 6] |= uint64_t(1) << (s & 63);
+    const int32_t lo = static_cast<int32_t>(first_ - 1), hi = static_cast<int32_t>(last_);
+    const int32_t nlev = static_cast<int32_t>(nlev_);
+    int32_t* __restrict h = hist_.data();     // (nlev+1, 2) by [bin][truth]
+    uint64_t* __restrict bm = bitmap_.data();  // (words,) occupied bins
+    const int32_t* __restrict idx = st.idx.data();
+    const uint16_t* __restrict sum = st.sum.data();
+    const int64_t p_end = st.start[i + 1];
+    for (int64_t p = st.start[i]; p < p_end; ++p) {
+      const uint16_t w = sum[p];
+      int32_t b = static_cast<int32_t>(w & kSumMask) + v[idx[p]];
+      b = std::min(std::max(b, lo), hi) - lo;
+      h[2 * b + (w >> 15)] += 1;
+      bm[b >> 6] |= uint64_t(1) << (b & 63);
     }
+    auto take = [h](int64_t slot) {  // reads and clears one (bin, truth) count
+      const int64_t n = h[slot];
+      h[slot] = 0;
+      return n;
+    };
     // Counts at the top level: constant pixels plus the sums at or above `last`.
     const int64_t g = lib_.gt[i];
-    int64_t tp = st.above_tp[i] + h[2 * nlev_ + 1];
-    int64_t pp = st.above_pp[i] + h[2 * nlev_] + h[2 * nlev_ + 1];
-    h[2 * nlev_] = h[2 * nlev_ + 1] = 0;
-    h[0] = h[1] = 0;
-    int64_t q = to_fixed(dice(tp, pp, g), shift_);
+    const int64_t top_tp = take(2 * nlev + 1);
+    int64_t tp = st.above_tp[i] + top_tp;
+    int64_t pp = st.above_pp[i] + take(2 * nlev) + top_tp;
+    take(0);
+    take(1);
+    int64_t q = to_fixed(dice(tp, pp, g));
     int64_t valid = (pp + g) != 0;
     // Walk the occupied bins b = 1..nlev-1 downwards (sum lo + b: the counts change between
     // level lo + b + 1 and lo + b, i.e. at window index b).
-    bm[nlev_ >> 6] &= ~(uint64_t(1) << (nlev_ & 63));
-    bm[0] &= ~uint64_t(1);
     for (int64_t wi = words_ - 1; wi >= 0; --wi) {
       uint64_t bits = bm[wi];
       bm[wi] = 0;
+      if (wi == (nlev >> 6)) bits &= ~(uint64_t(1) << (nlev & 63));
+      if (wi == 0) bits &= ~uint64_t(1);
       while (bits) {
         const int top = 63 - __builtin_clzll(bits);
         bits &= ~(uint64_t(1) << top);
         const int64_t b = wi * 64 + top;
-        tp += h[2 * b + 1];
-        pp += h[2 * b] + h[2 * b + 1];
-        h[2 * b] = h[2 * b + 1] = 0;
-        const int64_t q_below = to_fixed(dice(tp, pp, g), shift_);
+        const int64_t t1 = take(2 * b + 1);
+        tp += t1;
+        pp += take(2 * b) + t1;
+        const int64_t q_below = to_fixed(dice(tp, pp, g));
         const int64_t valid_below = (pp + g) != 0;
         qdiff_[b] += q - q_below;
         cdiff_[b] += valid - valid_below;
@@ -311,11 +329,14 @@ class Searcher {
   // The official score at one level: per-image counts, Dice, numpy's pairwise mean.
   double exact_score(const Depth& st, const uint8_t* v, int64_t level) {
     int64_t cnt = 0;
+    const int32_t* __restrict idx = st.idx.data();
+    const uint16_t* __restrict sum = st.sum.data();
     for (int64_t i = 0; i < lib_.n_images; ++i) {
       int64_t tp = st.above_tp[i], pp = st.above_pp[i];
-      for (int64_t p = st.start[i]; p < st.start[i + 1]; ++p) {
-        const uint16_t w = st.sum[p];
-        const int64_t pos = static_cast<int64_t>(w & kSumMask) + v[st.idx[p]] >= level;
+      const int64_t p_end = st.start[i + 1];
+      for (int64_t p = st.start[i]; p < p_end; ++p) {
+        const uint16_t w = sum[p];
+        const int64_t pos = static_cast<int64_t>(w & kSumMask) + v[idx[p]] >= level;
         pp += pos;
         tp += pos & (w >> 15);
       }
@@ -331,9 +352,10 @@ class Searcher {
   const Library& lib_;
   int64_t k_, first_, last_, nlev_, words_;
   int shift_;
-  double sum_err_;
+  double scale_, inv_scale_, sum_err_;
   std::vector<Depth> depth_;
-  std::vector<int64_t> hist_, qdiff_, cdiff_;
+  std::vector<int32_t> hist_;
+  std::vector<int64_t> qdiff_, cdiff_;
   std::vector<uint64_t> bitmap_;
   std::vector<uint8_t> changed_;
   std::vector<double> dice_;
