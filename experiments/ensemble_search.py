@@ -80,9 +80,9 @@ def main(argv=None) -> int:
 
         # ray.init() connects to RAY_ADDRESS when set (e.g. under `ray job submit`).
         address = a.address or os.environ.get("RAY_ADDRESS")
-        ray.init(
-            address=address, include_dashboard=False if not address else None, log_to_driver=False
-        )
+        # a Ray started here for this job listens on loopback only
+        local = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, log_to_driver=False, **local)
         workers = workers or default_workers()
     cfg = SearchConfig(
         runs=a.runs,
