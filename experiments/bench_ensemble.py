@@ -115,9 +115,7 @@ def scale(args) -> dict:
         "kept_fraction": pl.kept_fraction,
     }
     kernels.load_native()
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
-    )  # a local benchmark: loopback only
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
 
         @ray.remote(num_cpus=1)

@@ -80,9 +80,11 @@ def main(argv=None) -> int:
 
         # ray.init() connects to RAY_ADDRESS when set (e.g. under `ray job submit`).
         address = a.address or os.environ.get("RAY_ADDRESS")
-        # a Ray started here for this job listens on loopback only
-        local = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, log_to_driver=False, **local)
+        ray.init(
+            address=address,
+            log_to_driver=False,
+            **({} if address else {"include_dashboard": False}),
+        )
         workers = workers or default_workers()
     cfg = SearchConfig(
         runs=a.runs,

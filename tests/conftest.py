@@ -1,6 +1,13 @@
 """Shared fixtures: one small synthetic world per test session (fast, deterministic)."""
 
+import os
+
 import pytest
+
+# Ray maps 127.0.0.1 to the host's network address unless it is told the cluster is one machine;
+# the test harness keeps every Ray address on loopback (set before anything imports Ray, and
+# inherited by the scripts the tests start).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import torch
 
 from bldseg.data.prepare import prepare_data
@@ -32,9 +39,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
-        )  # loopback only
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

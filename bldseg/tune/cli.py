@@ -185,6 +185,13 @@ def main(
         f"\nwall {result.wall_s:.1f} s; trial epochs {result.train_s:.1f} s over "
         f"{result.slots} slot(s); overhead (Ray, MLflow, start-up) {100 * result.overhead:.1f}%"
     )
+    if len(t) and "trial_s" in t:
+        inside = float(t["trial_s"].sum() - result.train_s)
+        print(
+            f"inside trials: {inside:.1f} s of reporting/checkpointing/MLflow "
+            f"({100 * inside / max(1e-9, float(t['trial_s'].sum())):.1f}% of trial time); the "
+            "rest is start-up and slots idle while the last trials finish"
+        )
     print(f"results: {result.path} (Ray cluster {result.ray_address})")
     print(
         f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}   "
