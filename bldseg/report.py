@@ -71,6 +71,8 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
     for k in ("data", "trials", "epochs", "cpus_per_trial", "k_min", "k_max", "seed"):
         lines.append(f"| {k} | {cfg[k] if cfg[k] is not None else 'built-in synthetic world'} |")
     lines.append(f"| fixed run config | `{cfg['base']}` |")
+    if "wall_s_last_call" in state:
+        lines.append(f"| wall time of the last pipeline call | {state['wall_s_last_call']:.0f} s |")
 
     # 1. best single model per stage
     val = [stages[s]["best"]["val_dice_best"] for s in names]
