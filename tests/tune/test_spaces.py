@@ -52,3 +52,15 @@ def test_impossible_value_is_named():
 def test_unknown_space_name():
     with pytest.raises(ValueError, match="unknown search space 'augmentations'"):
         get_space("augmentations")
+
+
+def test_ideal_wall_packs_trials_on_free_slots():
+    import pandas as pd
+
+    from bldseg.tune.runner import ideal_wall
+
+    t = pd.DataFrame({"started": [0.0, 1.0, 2.0, 3.0], "train_s": [10.0, 4.0, 4.0, 5.0]})
+    # slot A: 10; slot B: 4 + 4 + 5 = 13 (each trial goes to the first free slot)
+    assert ideal_wall(t, 2) == 13.0
+    assert ideal_wall(t, 1) == 23.0
+    assert ideal_wall(t, 4) == 10.0
