@@ -18,13 +18,13 @@ import ctypes
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from bldseg.ops import dcnv3, dcnv3_output_size, dcnv3_reference
+from bldseg.ops import dcnv3, dcnv3_reference
+from tests.ops.cases import Case
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA_DIR = REPO / "csrc" / "dcnv3" / "cuda"
@@ -47,42 +47,6 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 
 # ---------------------------------------------------------------------------------------------
 # Cases
-
-
-@dataclass(frozen=True)
-class Case:
-    n: int  # batch
-    h: int  # input height
-    w: int  # input width
-    group: int  # G
-    gc: int  # group_channels C
-    kernel: tuple[int, int] = (3, 3)  # (kernel_h, kernel_w)
-    stride: tuple[int, int] = (1, 1)
-    pad: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    offset_scale: float = 1.0
-    offset_std: float = 1.5  # spread of the random offsets, in pixels
-
-    def params(self) -> tuple:
-        """The 11 op parameters after the tensors, in schema order (no im2col_step)."""
-        return (
-            *self.kernel,
-            *self.stride,
-            *self.pad,
-            *self.dilation,
-            self.group,
-            self.gc,
-            self.offset_scale,
-        )
-
-    def out_size(self) -> tuple[int, int]:
-        ho = dcnv3_output_size(
-            self.h, self.kernel[0], self.stride[0], self.pad[0], self.dilation[0]
-        )
-        wo = dcnv3_output_size(
-            self.w, self.kernel[1], self.stride[1], self.pad[1], self.dilation[1]
-        )
-        return ho, wo
 
 
 # Chosen to reach every path of the kernels: group_channels 1 (one lane per unit), 3 (a
