@@ -23,14 +23,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from bldseg import metrics
-from bldseg.data.dataset import TileDataset, validation_tiles
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, PreparedData, prepare_data
 from bldseg.data.rle import rle_decode
-from bldseg.predict import EnsembleSpec, load_checkpoint, predict_cache, write_submission
-from bldseg.train.augment import build_eval_transform
+from bldseg.predict import (
+    EnsembleSpec,
+    image_loader,
+    load_checkpoint,
+    predict_cache,
+    write_submission,
+)
 from bldseg.train.engine import predict_probs
 from bldseg.tune import tracking
 from bldseg.tune.runner import METRIC, SearchSpec, run_search
@@ -110,10 +113,7 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     if path.exists():
         return path
     model, _, _ = load_checkpoint(run_dir / "best.pt")
-    size = data.test.image_size[0]
-    tiles = validation_tiles(data.test, range(len(data.test)), size)
-    loader = DataLoader(TileDataset(data.test, tiles, build_eval_transform()), batch_size=32)
-    probs = predict_probs(model, loader, model_device(model))
+    probs = predict_probs(model, image_loader(data.test, 32), next(model.parameters()).device)
     tmp = path.with_name("test_probs.tmp.npz")
     ids = np.array(data.test.ids)
     np.savez(
@@ -126,11 +126,6 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     )
     os.replace(tmp, path)
     return path
-
-
-def model_device(model) -> Any:
-    """The device a model's parameters live on."""
-    return next(model.parameters()).device
 
 
 def _single_test_scores(run_dir: Path, truth: np.ndarray, thresholds: dict[str, float]) -> dict:

@@ -96,6 +96,15 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     return model.to(device).eval(), cfg, state.get("metrics", {})
 
 
+def image_loader(cache: DatasetCache, batch_size: int = 16) -> DataLoader:
+    """Every (square) image of a cache as one normalised tile, in cache order."""
+    h, w = cache.image_size
+    if h != w:
+        raise ValueError(f"{cache.root}: prediction expects square tiles, got {h}x{w}")
+    tiles = validation_tiles(cache, range(len(cache)), h)
+    return DataLoader(TileDataset(cache, tiles, build_eval_transform()), batch_size=batch_size)
+
+
 def predict_cache(
     spec: EnsembleSpec,
     cache: DatasetCache,
@@ -106,11 +115,7 @@ def predict_cache(
 ) -> np.ndarray:
     """Binary predictions (N, H, W) bool for every image of a cache (whole images as tiles)."""
     dev = resolve_device(device)
-    h, w = cache.image_size
-    if h != w:
-        raise ValueError(f"{cache.root}: prediction expects square tiles, got {h}x{w}")
-    tiles = validation_tiles(cache, range(len(cache)), h)
-    loader = DataLoader(TileDataset(cache, tiles, build_eval_transform()), batch_size=batch_size)
+    loader = image_loader(cache, batch_size)
     weights = spec.weights or [1.0] * len(spec.checkpoints)
     equal = len(set(weights)) == 1
     total = None

@@ -17,7 +17,7 @@ from bldseg.data.prepare import DEFAULT_DATA_ROOT, prepare_data
 from bldseg.pipeline import test_truth
 from bldseg.predict import EnsembleSpec, predict_cache
 from bldseg.train import RunConfig, fit
-from bldseg.tune.cli import CPU_DEMO, parse_set
+from bldseg.tune.cli import fixed_config
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     data = prepare_data(None, data_root=args.data_root)
     truth = test_truth(data)
-    base = {**CPU_DEMO, "epochs": 16, "samples_per_epoch": 384, **parse_set(args.set)}
+    base = fixed_config(None, sets=["epochs=16", "samples_per_epoch=384", *args.set])
     runs = {
         "bce": base,
         "coteaching": {

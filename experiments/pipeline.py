@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from bldseg.pipeline import PipelineConfig, run_pipeline
-from bldseg.tune.cli import CPU_DEMO, parse_set
+from bldseg.tune.cli import fixed_config
 
 
 def main() -> int:
@@ -53,10 +53,7 @@ def main() -> int:
         help="also copy REPORT.md (and its plots) to this path, e.g. REPORT.md",
     )
     args = p.parse_args()
-    base = dict(CPU_DEMO) if args.data is None else {"model": "upernet_internimage_t"}
-    if args.model:
-        base["model"] = args.model
-    base.update(parse_set(args.set))
+    base = fixed_config(args.data, args.model, args.set)
     cfg = PipelineConfig(
         name=args.name,
         out=args.out,

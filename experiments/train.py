@@ -13,7 +13,7 @@ import json
 
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, prepare_data
 from bldseg.train import RunConfig, fit
-from bldseg.tune.cli import CPU_DEMO, parse_set
+from bldseg.tune.cli import fixed_config
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         help="run-config value, e.g. --set epochs=20 (repeatable)",
     )
     args = p.parse_args()
-    flat = {**(CPU_DEMO if args.data is None else {}), "data": args.data, **parse_set(args.set)}
+    flat = {**fixed_config(args.data, sets=args.set), "data": args.data}
     cfg = RunConfig.from_flat(flat)
     data = prepare_data(args.data, data_root=args.data_root)
     result = fit(cfg, args.out, data=data, progress=True)

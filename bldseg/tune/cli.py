@@ -37,6 +37,19 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def fixed_config(data: str | None, model: str | None = None, sets: list[str] = ()) -> dict:
+    """Run-config values fixed for every run of an entry script.
+
+    The CPU demo settings on the built-in synthetic world, ``upernet_internimage_t`` on the
+    user's data; then ``--model`` and ``--set key=value`` on top.
+    """
+    base: dict[str, Any] = dict(CPU_DEMO) if data is None else {"model": "upernet_internimage_t"}
+    if model:
+        base["model"] = model
+    base.update(parse_set(list(sets)))
+    return base
+
+
 def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     """The shared flags, with ``space`` as the default search space."""
     p = argparse.ArgumentParser(
@@ -115,17 +128,10 @@ def main(
     space: str,
     description: str,
     argv: list[str] | None = None,
-    extra_base: dict[str, Any] | None = None,
 ) -> int:
     """Parses flags, runs the search, prints the trial table and where to look next."""
     args = build_parser(space, description).parse_args(argv)
-    base: dict[str, Any] = dict(CPU_DEMO) if args.data is None else {}
-    base.update(extra_base or {})
-    if args.model:
-        base["model"] = args.model
-    elif args.data is not None:
-        base["model"] = "upernet_internimage_t"
-    base.update(parse_set(args.set))
+    base = fixed_config(args.data, args.model, args.set)
     spec = SearchSpec(
         space=args.space,
         name=args.name,
