@@ -1,14 +1,18 @@
 """Scoring a run of consecutive combinations: the compiled hot loop and its numpy reference.
 
 Both take a :class:`~bldseg.ensemble.prune.PrunedLibrary`, the first combination of a rank
-range and its length, and return the range's best ``top_m`` combinations as ``(offsets from
-the start, levels, scores)``, best first (ties: lower rank first). A combination's level is
+range, its length and a score floor, and return the best ``top_m`` of the range's
+combinations that score at least the floor as ``(offsets from the start, levels, scores)``,
+best first (ties: lower rank first). A combination's level is
 the lowest best level of the window and its score the official mean Dice at that level,
 equal bit for bit to ``bldseg.metrics.scores_from_counts`` on the full maps.
 
 The compiled kernel (``csrc/ensemble/ensemble_search.cpp``, built by the one JIT loader)
-reuses partial sums along the lexicographic order and drops decided pixels at every depth;
-``search_chunk_numpy`` is the readable reference and the fallback when no compiler is found.
+reuses partial sums along the lexicographic order, drops decided pixels at every depth, bounds
+each block of ``block`` threshold levels from one coarse pass and looks level by level only at
+the blocks that can still hold the best score; a floor (the worst of a merged top-m so far)
+lets it end most combinations after the coarse pass. ``search_chunk_numpy`` is the readable
+reference and the fallback when no compiler is found.
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ from bldseg import metrics
 from bldseg.ensemble.prune import PrunedLibrary
 from bldseg.ops._build import CSRC_DIR, BuildError, NativeExtension
 
-__all__ = ["load_native", "native_available", "search_chunk", "search_chunk_numpy"]
+__all__ = ["DEFAULT_BLOCK", "load_native", "native_available", "search_chunk", "search_chunk_numpy"]
+
+# Threshold levels per block of the kernel's coarse pass: smaller blocks bound more tightly
+# (fewer levels walked one by one) but cost more divisions per image in the coarse pass.
+# Measured with experiments/bench_ensemble.py --blocks on a 2,000-tile 224^2 library, k=6.
+DEFAULT_BLOCK = 16
 
 _EXT = NativeExtension(
     "bldseg_ensemble",
@@ -48,6 +57,8 @@ def search_chunk(
     count: int,
     top_m: int,
     method: str = "native",
+    floor: float = -np.inf,
+    block: int = DEFAULT_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best ``top_m`` of ``count`` combinations from ``start`` (see the module docstring).
 
@@ -58,13 +69,20 @@ def search_chunk(
         top_m: how many to return.
         method: ``"native"`` (compiled; falls back to numpy with a warning when it cannot be
             built) or ``"numpy"``.
+        floor: only combinations scoring at least this are returned (``-inf``: all).
+        block: threshold levels per block of the native kernel's coarse pass (any value
+            gives the same result).
 
     Returns:
-        ``(offsets, levels, scores)``: int64, int64, float64 arrays of length
-        ``min(top_m, count)``.
+        ``(offsets, levels, scores)``: int64, int64, float64 arrays of length at most
+        ``min(top_m, count)`` (shorter when fewer combinations reach ``floor``).
     """
     if len(start) != lib.k:
         raise ValueError(f"start {tuple(start)} has {len(start)} members, the library k={lib.k}")
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    if np.isnan(floor):
+        raise ValueError("floor must be a number or -inf, got NaN")
     if method == "native":
         try:
             mod = load_native()
@@ -91,12 +109,19 @@ def search_chunk(
                 ]
             first_combo = torch.tensor(list(start), dtype=torch.int64)
             off, lev, sc = mod.search_chunk(
-                *t, first_combo, int(count), lib.first, lib.last, int(top_m)
+                *t,
+                first_combo,
+                int(count),
+                lib.first,
+                lib.last,
+                int(top_m),
+                float(floor),
+                int(block),
             )
             return off.numpy(), lev.numpy(), sc.numpy()
     elif method != "numpy":
         raise ValueError(f"method must be 'native' or 'numpy', got {method!r}")
-    return search_chunk_numpy(lib, start, count, top_m)
+    return search_chunk_numpy(lib, start, count, top_m, floor)
 
 
 def window_scores(lib: PrunedLibrary, combo: Sequence[int]) -> np.ndarray:
@@ -123,7 +148,7 @@ def window_scores(lib: PrunedLibrary, combo: Sequence[int]) -> np.ndarray:
 
 
 def search_chunk_numpy(
-    lib: PrunedLibrary, start: Sequence[int], count: int, top_m: int
+    lib: PrunedLibrary, start: Sequence[int], count: int, top_m: int, floor: float = -np.inf
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference implementation of :func:`search_chunk` (one combination at a time)."""
     n, k = lib.n_models, lib.k
@@ -132,9 +157,10 @@ def search_chunk_numpy(
     for off in range(count):
         sc = window_scores(lib, combo)
         i = int(np.argmax(sc))  # first maximum: the lowest level wins ties
-        offs.append(off)
-        levels.append(lib.first + i)
-        scores.append(float(sc[i]))
+        if sc[i] >= floor:
+            offs.append(off)
+            levels.append(lib.first + i)
+            scores.append(float(sc[i]))
         if off + 1 < count:
             j = k - 1
             while j >= 0 and combo[j] == n - k + j:
