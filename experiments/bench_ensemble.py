@@ -5,15 +5,20 @@
      level of [lo, hi] binarise and compute the per-image Dice and its mean;
    - ``numpy-hist``: one per-image histogram of the summed map per combination
      (``bldseg.metrics.level_counts``), Dice at every level from cumulative counts;
-   - ``native``: pruned pixels + incremental sums + compiled kernel (``bldseg.ensemble``).
-   All three must give the same best (combination, level, score).
+   - ``native``: pruned pixels + incremental sums + block bounds + compiled kernel
+     (``bldseg.ensemble``), as the search runs it (a top-20 heap: combinations that cannot
+     enter it end after the bounds), and ``native-all`` with every combination scored to the
+     end (no floor); ``--blocks`` also times other block sizes of the kernel's coarse pass.
+   All must give the same best (combination, level, score).
 2. Scale: a 2,000-tile 224^2 library of 27 models, k=6: combinations per second with 1 and 2
-   Ray workers on rank ranges spread over C(27, 6) = 296,010, the projected full-search time
-   (``--full`` runs the whole search instead).
+   Ray workers on the same rank ranges spread over C(27, 6) = 296,010 (each task starting
+   without a floor, so a conservative rate), the projected full-search time, and with
+   ``--full`` the whole search as ``exhaustive_search`` runs it on 2 workers, timed.
 
 Prints a table and writes JSON with --json.
 
-    python experiments/bench_ensemble.py --json bench/ensemble.json
+    python experiments/bench_ensemble.py --full --json bench/ensemble.json
+    python experiments/bench_ensemble.py --skip-scale --blocks 8,16,32,64
     python experiments/bench_ensemble.py --quick          # small sizes, a smoke test
 """
 
@@ -74,10 +79,25 @@ def per_combination(args) -> dict:
     native = [(lv, s) for _, lv, s in native]
     # Time per combination over a longer run (start-up amortised as in a real search).
     count = args.native_combos
-    t = time.perf_counter()
-    kernels.search_chunk(pl, unrank(0, n, k), count, 20)
-    t_native = (time.perf_counter() - t) / count
-    same = naive == hist == native
+    start = unrank(0, n, k)
+
+    def timed(top, block=kernels.DEFAULT_BLOCK):
+        t = time.perf_counter()
+        res = kernels.search_chunk(pl, start, count, top, block=block)
+        return (time.perf_counter() - t) / count, res
+
+    t_native, best = timed(20)
+    t_all, every = timed(count)
+    # The top-20 run and the run scoring everything agree on the best combinations.
+    same_top = all(
+        np.array_equal(a, b[: len(a)]) for a, b in zip(best, every, strict=True)
+    ) and len(best[0]) == min(20, count)
+    blocks = {}
+    for b in sorted(set(args.blocks)):
+        tb, res = timed(20, b)
+        same_b = all(np.array_equal(x, y) for x, y in zip(res, best, strict=True))
+        blocks[b] = {"ms": tb * 1e3, "same": same_b}
+    same = naive == hist == native and same_top and all(b["same"] for b in blocks.values())
     return {
         "library": f"{n} models x {args.tiles} tiles x {args.size}^2, k={k}, [{lo}, {hi}]",
         "levels": last - first + 1,
@@ -87,8 +107,12 @@ def per_combination(args) -> dict:
         "naive_ms": t_naive * 1e3,
         "numpy_hist_ms": t_hist * 1e3,
         "native_ms": t_native * 1e3,
+        "native_all_ms": t_all * 1e3,
         "speedup_vs_naive": t_naive / t_native,
+        "speedup_all_vs_naive": t_naive / t_all,
         "speedup_vs_numpy_hist": t_hist / t_native,
+        "block": kernels.DEFAULT_BLOCK,
+        "blocks_ms": {b: v["ms"] for b, v in blocks.items()},
         "naive_combos": len(combos),
         "native_combos": count,
     }
@@ -120,7 +144,7 @@ def scale(args) -> dict:
 
         @ray.remote(num_cpus=1)
         def run(pl, a, b):
-            kernels.search_chunk(pl, unrank(a, n, k), b - a, 20)
+            kernels.search_chunk(pl, unrank(a, n, k), b - a, 20)  # no floor: conservative
             return b - a
 
         @ray.remote(num_cpus=1)
@@ -151,7 +175,12 @@ def scale(args) -> dict:
             t = time.perf_counter()
             best, _ = exhaustive_search(lib, k, lo, hi, top=20, workers=2, progress=True)
             out["full_search_min"] = (time.perf_counter() - t) / 60
-            out["full_best"] = {"members": best[0].members, "score": best[0].score}
+            out["full_rate"] = total / (out["full_search_min"] * 60)
+            out["full_best"] = {
+                "members": best[0].members,
+                "level": best[0].level,
+                "score": best[0].score,
+            }
     finally:
         ray.shutdown()
     return out
@@ -169,7 +198,13 @@ def main() -> int:
     p.add_argument("--native-combos", type=int, default=3000)
     p.add_argument("--scale-tiles", type=int, default=2000)
     p.add_argument("--samples", type=int, default=8, help="rank ranges sampled for the rate")
-    p.add_argument("--sample-size", type=int, default=150, help="combinations per range")
+    p.add_argument("--sample-size", type=int, default=1000, help="combinations per range")
+    p.add_argument(
+        "--blocks",
+        type=lambda x: [int(b) for b in x.split(",")],
+        default=[],
+        help="also time these block sizes of the kernel's coarse pass, e.g. 8,16,32",
+    )
     p.add_argument("--full", action="store_true", help="also run the whole C(27,6) search")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -179,6 +214,7 @@ def main() -> int:
     if args.quick:
         args.models, args.tiles, args.size, args.scale_tiles = 12, 20, 64, 40
         args.native_combos, args.sample_size = 200, 20
+        args.blocks = args.blocks or [4, 1000]
     res = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "per_combination": per_combination(args),
@@ -189,12 +225,17 @@ def main() -> int:
         f"{100 * pc['kept_fraction']:.1f}% pixels kept"
     )
     print(f"{'method':<12}{'ms/comb':>12}{'vs native':>12}")
-    for name, key in (
+    rows = [
         ("naive", "naive_ms"),
         ("numpy-hist", "numpy_hist_ms"),
+        ("native-all", "native_all_ms"),
         ("native", "native_ms"),
-    ):
+    ]
+    for name, key in rows:
         print(f"{name:<12}{pc[key]:>12.3f}{pc[key] / pc['native_ms']:>11.1f}x")
+    for b, ms in pc["blocks_ms"].items():
+        name = f"block {b}" + (" *" if b == pc["block"] else "")
+        print(f"{name:<12}{ms:>12.3f}{ms / pc['native_ms']:>11.1f}x")
     print(f"same best result: {pc['same_result']}")
     if not args.skip_scale:
         sc = res["scale"] = scale(args)
@@ -208,7 +249,10 @@ def main() -> int:
             print(f"{w:<10}{sc[f'rate_{w}w']:>10.1f}{sc[f'projected_full_{w}w_min']:>20.1f}")
         print(f"2 vs 1 worker: {sc['speedup_2w_vs_1w']:.2f}x")
         if "full_search_min" in sc:
-            print(f"full search, 2 workers: {sc['full_search_min']:.1f} min")
+            print(
+                f"full search, 2 workers: {sc['full_search_min']:.1f} min "
+                f"({sc['full_rate']:.1f} comb/s), best {sc['full_best']}"
+            )
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

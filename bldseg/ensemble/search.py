@@ -4,8 +4,10 @@ For each ensemble size k the library is pruned once (``prune.py``: only pixels t
 decision inside the threshold window are kept), the pruned arrays are put in the Ray object
 store once, and the ``C(N, k)`` combinations are split into rank ranges; each task unranks the
 first combination of its range, scores the range with the compiled kernel (``kernels.py``)
-and returns its top-m; the driver merges. Without Ray (``workers=0``) the same chunks run in
-this process.
+and returns its top-m; the driver merges. Each task also gets the score floor of what has been
+merged so far (a combination below it can neither enter the top nor be its k's best), which
+lets the kernel drop most combinations after one cheap bound. Without Ray (``workers=0``) the
+same chunks run in this process.
 
 A combination's result is ``(level, score)``: the lowest level of the window with the best
 official mean Dice, and that Dice; it equals ``bldseg.metrics.best_level`` on the uint16 sum
@@ -119,11 +121,24 @@ def _order(ens: list[Ensemble]) -> list[Ensemble]:
     return sorted(ens, key=lambda e: (-e.score, e.k, e.rank))
 
 
+def _floor(found: list[Ensemble], res: list[Ensemble], top: int) -> float:
+    """The score a combination of the k being searched needs to matter, or ``-inf``.
+
+    ``found`` is the merged top of the sizes already searched, ``res`` that of this k so far
+    (both ordered). A combination scoring below the ``top``-th best of both cannot enter the
+    result, and one below this k's best cannot be the best of its k (ties can still win on
+    k or rank, so the kernel keeps scores equal to the floor).
+    """
+    scores = sorted((e.score for e in (*found, *res)), reverse=True)
+    enter = scores[top - 1] if len(scores) >= top else -np.inf
+    return min(enter, res[0].score) if res else -np.inf
+
+
 def _run_chunk(
-    pl: PrunedLibrary, n: int, start: int, stop: int, top: int, method: str
+    pl: PrunedLibrary, n: int, start: int, stop: int, top: int, method: str, floor: float
 ) -> list[Ensemble]:
     combo = unrank(start, n, pl.k)
-    off, lev, sc = kernels.search_chunk(pl, combo, stop - start, top, method)
+    off, lev, sc = kernels.search_chunk(pl, combo, stop - start, top, method, floor)
     # The kernel reports offsets along the lexicographic order; unrank them on the driver side.
     return [
         Ensemble(unrank(start + int(o), n, pl.k), int(lv), float(s), start + int(o))
@@ -135,8 +150,8 @@ def _ray_task():
     import ray
 
     @ray.remote(num_cpus=1)
-    def search_range(pl, n, start, stop, top, method):
-        return _run_chunk(pl, n, start, stop, top, method)
+    def search_range(pl, n, start, stop, top, method, floor):
+        return _run_chunk(pl, n, start, stop, top, method, floor)
 
     return search_range
 
@@ -193,11 +208,11 @@ def exhaustive_search(
             size = chunk_size or max(1, min(_MAX_CHUNK, math.ceil(n_k / max(4 * workers, 1))))
             ranges = chunk_ranges(n_k, math.ceil(n_k / size))
             if workers > 0:
-                res = _search_ray(pl, n, ranges, top, method, workers, bar)
+                res = _search_ray(pl, n, ranges, top, method, workers, bar, found)
             else:
                 res = []
                 for a, b in ranges:
-                    res.extend(_run_chunk(pl, n, a, b, top, method))
+                    res.extend(_run_chunk(pl, n, a, b, top, method, _floor(found, res, top)))
                     bar.update(b - a)
                     res = _order(res)[:top]
             res = _order(res)
@@ -208,8 +223,11 @@ def exhaustive_search(
     return found, per_k
 
 
-def _search_ray(pl, n, ranges, top, method, workers, bar) -> list[Ensemble]:
-    """Runs the rank ranges as Ray tasks, at most ``workers`` at a time; merges top-m."""
+def _search_ray(pl, n, ranges, top, method, workers, bar, found) -> list[Ensemble]:
+    """Runs the rank ranges as Ray tasks, at most ``workers`` at a time; merges top-m.
+
+    Tasks are submitted as slots free up, each with the floor of what is merged by then.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -222,7 +240,8 @@ def _search_ray(pl, n, ranges, top, method, workers, bar) -> list[Ensemble]:
     while todo or pending:
         while todo and len(pending) < workers:
             a, b = todo.pop(0)
-            pending[task.remote(ref, n, a, b, top, method)] = b - a
+            floor = _floor(found, best, top)
+            pending[task.remote(ref, n, a, b, top, method, floor)] = b - a
         done, _ = ray.wait(list(pending), num_returns=1)
         for d in done:
             best = _order(best + ray.get(d))[:top]

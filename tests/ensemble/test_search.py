@@ -21,12 +21,18 @@ def _native():
         pytest.skip("the native ensemble kernel cannot be built here")
 
 
-def _all(lib, k, lo, hi, method):
-    """Every combination's (level, score) by the fast path, in rank order."""
+def _pruned(lib, k, lo=0.3, hi=0.7):
     first, last = level_window(k, lo, hi)
-    pl = prune(lib.probs, lib.truth, k, first, last)
+    return prune(lib.probs, lib.truth, k, first, last)
+
+
+def _all(lib, k, lo, hi, method, block=kernels.DEFAULT_BLOCK):
+    """Every combination's (level, score) by the fast path, in rank order."""
+    pl = _pruned(lib, k, lo, hi)
     total = n_combinations(lib.n_models, k)
-    off, lev, sc = kernels.search_chunk(pl, unrank(0, lib.n_models, k), total, total, method)
+    off, lev, sc = kernels.search_chunk(
+        pl, unrank(0, lib.n_models, k), total, total, method, block=block
+    )
     out = [None] * total
     for o, lv, s in zip(off, lev, sc, strict=True):
         out[o] = (int(lv), float(s))
@@ -54,6 +60,58 @@ def _brute(lib, k, lo, hi):
 def test_every_combination_equals_brute_force(method, n, tiles, size, k, lo, hi, seed):
     lib = fake_library(n, tiles, size, seed=seed)
     assert _all(lib, k, lo, hi, method) == _brute(lib, k, lo, hi)  # bit-identical floats
+
+
+def _ranked(brute, floor=-np.inf, start=0):
+    """(offset, level, score) of brute-force results scoring >= floor, best first."""
+    rows = [(r - start, lv, s) for r, (lv, s) in enumerate(brute) if r >= start and s >= floor]
+    return sorted(rows, key=lambda t: (-t[2], t[0]))
+
+
+def _rows(result):
+    off, lev, sc = result
+    return [(int(o), int(lv), float(s)) for o, lv, s in zip(off, lev, sc, strict=True)]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 1000])
+@pytest.mark.parametrize("k", [2, 4])
+def test_block_size_never_changes_the_result(block, k):
+    # Small blocks make the kept bins of one combination miss the blocks the next one wants
+    # (the kernel passes over the pixels again); one block covering the window never does.
+    lib = fake_library(7, 24, 24, seed=11)
+    brute = _brute(lib, k, 0.3, 0.7)
+    assert _all(lib, k, 0.3, 0.7, "native", block) == brute
+    pl = _pruned(lib, k)
+    total = n_combinations(lib.n_models, k)
+    top = kernels.search_chunk(pl, unrank(0, lib.n_models, k), total, 5, block=block)
+    assert _rows(top) == _ranked(brute)[:5]  # a full heap lets the kernel skip combinations
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_floor_keeps_exactly_the_combinations_scoring_at_least_it(method):
+    lib = fake_library(7, 16, 24, seed=12)
+    k, n = 3, lib.n_models
+    brute = _brute(lib, k, 0.3, 0.7)
+    pl = _pruned(lib, k)
+    scores = sorted(s for _, s in brute)
+    total = len(brute)
+    # a score that occurs (ties with the floor are kept), the best, above the best, nothing
+    for floor in (scores[total // 2], scores[-1], np.nextafter(scores[-1], 2.0), -np.inf):
+        got = kernels.search_chunk(pl, unrank(0, n, k), total, total, method, floor)
+        assert _rows(got) == _ranked(brute, floor)
+    # a chunk from the middle of the rank space, a small top-m and a floor together
+    start, count, floor = 11, 17, scores[total // 3]
+    got = kernels.search_chunk(pl, unrank(start, n, k), count, 4, method, floor)
+    want = [t for t in _ranked(brute, floor, start) if t[0] < count][:4]
+    assert _rows(got) == want
+
+
+def test_kernel_rejects_bad_block_and_floor():
+    pl = _pruned(fake_library(4, 4, 8), 2)
+    with pytest.raises(ValueError, match="block must be at least 1"):
+        kernels.search_chunk(pl, (0, 1), 2, 2, block=0)
+    with pytest.raises(ValueError, match="floor must be a number"):
+        kernels.search_chunk(pl, (0, 1), 2, 2, floor=float("nan"))
 
 
 def _handmade(n=4, tiles=6, size=6, seed=0):
