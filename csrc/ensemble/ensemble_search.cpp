@@ -12,32 +12,35 @@
 //      longer cross the window whatever the remaining members, which all come after the
 //      current one (suffix bounds: remaining x the min / max over the later models); dropped
 //      pixels join the constant counts;
-//   2. coarse pass: the window is cut into blocks of B levels. One pass over the pixels
-//      histograms, per image, the block holding each pixel's highest positive level, which
-//      gives every image's exact counts at each block's lowest level and hence
+//   2. one pass over the pixels: per image, a histogram of (final sum, truth) at full
+//      resolution (AVX2 where the CPU has it for the compaction of step 1 and the reads
+//      here). The window is cut into blocks of B levels; reading the histogram back from the
+//      top gives every image's exact counts at each block's lowest level, hence
 //        - the mean Dice at every block's lowest level (a lower bound on the best score), and
 //        - per block an upper bound on the mean Dice of any level inside it: per image, the
 //          largest tp and the smallest pp of the block (Dice is monotone in both), over the
 //          smallest count of scored images in the block.
-//      Per-image Dice values are summed in 64-bit fixed point (exact integer adds, so the sum
-//      does not depend on the order), which approximates the official float mean within a
-//      proven bound `tol`. A combination whose every block bound is below `floor` (the worst
-//      score of a full top-m heap, or a floor given by the caller) ends here;
-//   3. fine pass, only over the blocks whose bound reaches max(floor, lower bound): a second
-//      pass histograms those blocks' pixels by level. An image's Dice only changes just below
-//      a level where one of its pixels stops being positive, so walking the occupied levels
-//      down from the block's top (whose exact counts are known from step 2) gives its Dice at
-//      every level of the block with one division per distinct sum; each change goes into a
-//      difference array over levels. Its prefix sums give every level's mean within `tol`;
+//      The level bins of some blocks are kept (those the previous combination wanted and
+//      their neighbours; neighbouring combinations want nearly the same levels). Per-image
+//      Dice values are summed in 64-bit fixed point (exact integer adds, so the sum does not
+//      depend on the order), which approximates the official float mean within a proven
+//      bound `tol`. A combination whose every block bound is below `floor` (the worst score
+//      of a full top-m heap, or a floor given by the caller) ends here, as most do;
+//   3. the wanted blocks, whose bound reaches max(floor, lower bound), are walked level by
+//      level from their kept bins (a wanted block whose bins were not kept costs one more
+//      pass). An image's Dice only changes just below a level where one of its pixels stops
+//      being positive, so walking the occupied levels down from the block's top (whose
+//      exact counts step 2 found) gives its Dice at every level of the block with one
+//      division per distinct sum; each change goes into a difference array over levels.
+//      Its prefix sums give every level's mean within `tol`;
 //   4. the levels that can still be the best (and only the first of a run of levels where no
-//      image changes, as those score identically) are scored exactly: per-image counts, the
-//      official Dice and the mean with numpy's pairwise summation order, so the score equals
-//      bldseg.metrics.scores_from_counts bit for bit; keep the best level (first maximum) and
-//      push (score, rank) into a top-m heap.
+//      image changes, as those score identically) are scored exactly from the kept bins:
+//      per-image counts, the official Dice and the mean with numpy's pairwise summation
+//      order, so the score equals bldseg.metrics.scores_from_counts bit for bit; keep the
+//      best level (first maximum) and push (score, rank) into a top-m heap.
 //
 // Pixel values are stored doubled with the truth in bit 0, w = 2 sum + truth (uint16, so
-// 255 k <= 32767): a level test `sum >= L` is `w >= 2 L` and one table lookup on w gives the
-// histogram slot of (block or level, truth).
+// 255 k <= 32767): a level test `sum >= L` is `w >= 2 L`, and w + 2 v indexes the histogram.
 //
 // Shapes: vals, suf_min, suf_max (N, P) uint8 model-major (suf_min[m] = the min over models
 // m..N-1, likewise max); truth (P,) uint8; img_start (I+1,) int64 (pixels of image i are
@@ -137,6 +140,9 @@ double pairwise_sum(const double* a, int64_t n) {
 }
 
 #define BLDSEG_AVX2 __attribute__((target("avx2,popcnt")))
+// Inlines every call into the AVX2 entry points, so the generic helpers they use are
+// compiled for AVX2 too (a call from generic code into AVX2 code cannot be inlined).
+#define BLDSEG_FLATTEN __attribute__((flatten))
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
@@ -327,7 +333,7 @@ void digest_scalar(int32_t* h, const Blocks& b, int64_t tp, int64_t pp, int64_t*
   digest(h, b, tp, pp, tps, pps, kept, take_bins_scalar);
 }
 
-BLDSEG_AVX2 void digest_avx2(int32_t* h, const Blocks& b, int64_t tp, int64_t pp,
+BLDSEG_AVX2 BLDSEG_FLATTEN void digest_avx2(int32_t* h, const Blocks& b, int64_t tp, int64_t pp,
                              int64_t* tps, int64_t* pps, int32_t* kept) {
   digest(h, b, tp, pp, tps, pps, kept,
          [](int32_t* hh, int64_t x0, int64_t x1, int64_t* all, int64_t* odd)
