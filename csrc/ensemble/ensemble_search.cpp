@@ -304,8 +304,10 @@ BLDSEG_AVX2 inline void take_bins_avx2(int32_t* __restrict h, int64_t x0, int64_
 
 // The image's counts at every block's lowest level from its histogram, top down: tps / pps
 // [nb] = the constant pixels plus those above the window, [j] = [j + 1] plus the pixels
-// whose highest positive level lies in block j. The bins of kept blocks are copied to
-// `kept + slot[j]` first; every bin read is zeroed.
+// whose highest positive level lies in block j. A final sum s sits in bins 2 s (truth 0) and
+// 2 s + 1, so window level t's pixels are bins 2 (first + t) and + 1, and sums above `last`
+// start at 2 (first + nlev). The bins of kept blocks are copied to `kept + slot[j]` first;
+// every bin read is zeroed (those below the window are left for the caller).
 struct Blocks {
   int64_t first, nlev, block, n_blocks, n_x;  // n_x: histogram bins, 2 (255 k + 1)
   const int64_t* slot;  // (n_blocks,) first slot of a kept block in `kept`, or -1
@@ -513,10 +515,6 @@ class Searcher {
     return cnt > 0 ? sum_err_ / static_cast<double>(cnt) + std::ldexp(1.0, -48) : 0.0;
   }
 
-  // Histogram bins x = 2 sum + truth of the window level t (t < nlev - 1: sum = first + t;
-  // the top level also takes no more: sums above `last` are "above", bins >= x_above).
-  int64_t bin_of_level(int64_t t) const { return 2 * (first_ + t); }
-
   // After the (k-1)-prefix state changes: images without undecided pixels have the same
   // Dice at every level and for every last member; add them up once.
   void finish_last_state() {
@@ -555,7 +553,7 @@ class Searcher {
     }
     for (int64_t j = 0; j < nb; ++j) upper_q_[j] = const_q_;
     int32_t* h = hist_.data();
-    const int64_t x_first = bin_of_level(0);
+    const int64_t x_first = 2 * first_;  // bins of sums below the window end here
     // Bins below the window (never positive) are never read: clear them once per pass
     // rather than per image (their counts only need to stay far from overflowing).
     std::fill(h, h + x_first, 0);
