@@ -8,7 +8,7 @@
    - ``native``: pruned pixels + incremental sums + block bounds + compiled kernel
      (``bldseg.ensemble``), as the search runs it (a top-20 heap: combinations that cannot
      enter it end after the bounds), and ``native-all`` with every combination scored to the
-     end (no floor); ``--blocks`` also times other block sizes of the kernel's coarse pass.
+     end (no floor); ``--blocks`` also times other block sizes of the kernel's bounds.
    All must give the same best (combination, level, score).
 2. Scale: a 2,000-tile 224^2 library of 27 models, k=6: combinations per second with 1 and 2
    Ray workers on the same rank ranges spread over C(27, 6) = 296,010 (each task starting
@@ -203,7 +203,7 @@ def main() -> int:
         "--blocks",
         type=lambda x: [int(b) for b in x.split(",")],
         default=[],
-        help="also time these block sizes of the kernel's coarse pass, e.g. 8,16,32",
+        help="also time these block sizes of the kernel's bounds, e.g. 8,16,32",
     )
     p.add_argument("--full", action="store_true", help="also run the whole C(27,6) search")
     p.add_argument("--skip-scale", action="store_true")

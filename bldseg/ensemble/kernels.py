@@ -9,9 +9,9 @@ equal bit for bit to ``bldseg.metrics.scores_from_counts`` on the full maps.
 
 The compiled kernel (``csrc/ensemble/ensemble_search.cpp``, built by the one JIT loader)
 reuses partial sums along the lexicographic order, drops decided pixels at every depth, bounds
-each block of ``block`` threshold levels from one coarse pass and looks level by level only at
-the blocks that can still hold the best score; a floor (the worst of a merged top-m so far)
-lets it end most combinations after the coarse pass. ``search_chunk_numpy`` is the readable
+each block of ``block`` threshold levels from one histogram pass and looks level by level only
+at the blocks that can still hold the best score; a floor (the worst of a merged top-m so far)
+lets it end most combinations right after the bounds. ``search_chunk_numpy`` is the readable
 reference and the fallback when no compiler is found.
 """
 
@@ -71,8 +71,8 @@ def search_chunk(
         method: ``"native"`` (compiled; falls back to numpy with a warning when it cannot be
             built) or ``"numpy"``.
         floor: only combinations scoring at least this are returned (``-inf``: all).
-        block: threshold levels per block of the native kernel's coarse pass (any value
-            gives the same result).
+        block: threshold levels per block of the native kernel's bounds (any value gives the
+            same result).
 
     Returns:
         ``(offsets, levels, scores)``: int64, int64, float64 arrays of length at most

@@ -48,11 +48,17 @@
 
 #include <torch/extension.h>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BLDSEG_X86_DISPATCH 1
 #include <immintrin.h>
+#else
+#define BLDSEG_X86_DISPATCH 0
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <queue>
 #include <tuple>
@@ -139,30 +145,17 @@ double pairwise_sum(const double* a, int64_t n) {
   return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-#define BLDSEG_AVX2 __attribute__((target("avx2,popcnt")))
-// Inlines every call into the AVX2 entry points, so the generic helpers they use are
-// compiled for AVX2 too (a call from generic code into AVX2 code cannot be inlined).
-#define BLDSEG_FLATTEN __attribute__((flatten))
-
+// AVX2 paths where the CPU has them, unless $BLDSEG_CPU_NO_AVX2 is set (read once; the same
+// switch as the DCNv3 op's, which the tests use to cover the scalar paths on AVX2 machines).
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+#if BLDSEG_X86_DISPATCH
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") &&
+                          std::getenv("BLDSEG_CPU_NO_AVX2") == nullptr;
   return has;
+#else
+  return false;
+#endif
 }
-
-// Lane order that packs the lanes of an 8-bit mask to the front (AVX2 stream compaction).
-struct CompactTable {
-  alignas(16) uint8_t lanes[256][8];
-  CompactTable() {
-    for (int m = 0; m < 256; ++m) {
-      int n = 0;
-      for (int b = 0; b < 8; ++b) {
-        if (m >> b & 1) lanes[m][n++] = static_cast<uint8_t>(b);
-      }
-      for (; n < 8; ++n) lanes[m][n] = 0;
-    }
-  }
-};
-const CompactTable kCompact;
 
 // Step 1 for n pixels: adds member v, keeps the pixels still undecided. Every pixel is
 // written at n_out, which only advances for kept ones (branch-free), so `out_*` need room for
@@ -203,6 +196,27 @@ int64_t extend_scalar(const int32_t* __restrict in_idx, const uint16_t* __restri
   *up_tp += tp;
   return n_out;
 }
+
+#if BLDSEG_X86_DISPATCH
+#define BLDSEG_AVX2 __attribute__((target("avx2,popcnt")))
+// Inlines every call into the AVX2 entry points, so the generic helpers they use are
+// compiled for AVX2 too (a call from generic code into AVX2 code cannot be inlined).
+#define BLDSEG_FLATTEN __attribute__((flatten))
+
+// Lane order that packs the lanes of an 8-bit mask to the front (AVX2 stream compaction).
+struct CompactTable {
+  alignas(16) uint8_t lanes[256][8];
+  CompactTable() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int b = 0; b < 8; ++b) {
+        if (m >> b & 1) lanes[m][n++] = static_cast<uint8_t>(b);
+      }
+      for (; n < 8; ++n) lanes[m][n] = 0;
+    }
+  }
+};
+const CompactTable kCompact;
 
 BLDSEG_AVX2 int64_t extend_avx2(const int32_t* __restrict in_idx,
                                 const uint16_t* __restrict in_w, int64_t n, const ExtendArgs& a,
@@ -254,6 +268,17 @@ BLDSEG_AVX2 int64_t extend_avx2(const int32_t* __restrict in_idx,
   return extend_scalar(in_idx, in_w, p, n, a, out_idx, out_w, n_out, up_pp, up_tp);
 }
 
+#endif  // BLDSEG_X86_DISPATCH
+
+int64_t extend_pixels(bool avx2, const int32_t* in_idx, const uint16_t* in_w, int64_t n,
+                      const ExtendArgs& a, int32_t* out_idx, uint16_t* out_w, int64_t* up_pp,
+                      int64_t* up_tp) {
+#if BLDSEG_X86_DISPATCH
+  if (avx2) return extend_avx2(in_idx, in_w, n, a, out_idx, out_w, up_pp, up_tp);
+#endif
+  return extend_scalar(in_idx, in_w, 0, n, a, out_idx, out_w, 0, up_pp, up_tp);
+}
+
 // h[w + 2 v] += 1 for n pixels: the histogram of x = 2 sum + truth at full resolution. A
 // direct index (no lookup table, no clamping) is the shortest dependency chain per pixel
 // (measured: clamping to the window costs more than it saves in reading the bins back).
@@ -274,32 +299,6 @@ void take_bins_scalar(int32_t* __restrict h, int64_t x0, int64_t x1, int64_t* al
   }
   *all += e + o;
   *odd += o;
-}
-
-BLDSEG_AVX2 inline int64_t hsum_avx2(__m256i x) {
-  const __m128i a = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
-  const __m128i b = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
-  return _mm_cvtsi128_si32(_mm_add_epi32(b, _mm_shuffle_epi32(b, 0xb1)));
-}
-
-BLDSEG_AVX2 inline void take_bins_avx2(int32_t* __restrict h, int64_t x0, int64_t x1,
-                                       int64_t* all, int64_t* odd) {
-  // Lanes 1, 3, 5, 7 hold odd bins (x0 is even). Per-lane int32 sums cannot overflow: the
-  // bins of one image hold at most its pixel count.
-  const __m256i odd_lanes = _mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1);
-  const __m256i zero = _mm256_setzero_si256();
-  __m256i acc_all = zero, acc_odd = zero;
-  int64_t x = x0;
-  for (; x + 8 <= x1; x += 8) {
-    __m256i* at = reinterpret_cast<__m256i*>(h + x);
-    const __m256i b = _mm256_loadu_si256(at);
-    acc_all = _mm256_add_epi32(acc_all, b);
-    acc_odd = _mm256_add_epi32(acc_odd, _mm256_and_si256(b, odd_lanes));
-    _mm256_storeu_si256(at, zero);
-  }
-  *all += hsum_avx2(acc_all);
-  *odd += hsum_avx2(acc_odd);
-  take_bins_scalar(h, x, x1, all, odd);
 }
 
 // The image's counts at every block's lowest level from its histogram, top down: tps / pps
@@ -330,16 +329,47 @@ inline void digest(int32_t* __restrict h, const Blocks& b, int64_t tp, int64_t p
   }
 }
 
-void digest_scalar(int32_t* h, const Blocks& b, int64_t tp, int64_t pp, int64_t* tps,
-                   int64_t* pps, int32_t* kept) {
-  digest(h, b, tp, pp, tps, pps, kept, take_bins_scalar);
+#if BLDSEG_X86_DISPATCH
+BLDSEG_AVX2 inline int64_t hsum_avx2(__m256i x) {
+  const __m128i a = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  const __m128i b = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(b, _mm_shuffle_epi32(b, 0xb1)));
+}
+
+BLDSEG_AVX2 inline void take_bins_avx2(int32_t* __restrict h, int64_t x0, int64_t x1,
+                                       int64_t* all, int64_t* odd) {
+  // Lanes 1, 3, 5, 7 hold odd bins (x0 is even). Per-lane int32 sums cannot overflow: the
+  // bins of one image hold at most its pixel count.
+  const __m256i odd_lanes = _mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i acc_all = zero, acc_odd = zero;
+  int64_t x = x0;
+  for (; x + 8 <= x1; x += 8) {
+    __m256i* at = reinterpret_cast<__m256i*>(h + x);
+    const __m256i b = _mm256_loadu_si256(at);
+    acc_all = _mm256_add_epi32(acc_all, b);
+    acc_odd = _mm256_add_epi32(acc_odd, _mm256_and_si256(b, odd_lanes));
+    _mm256_storeu_si256(at, zero);
+  }
+  *all += hsum_avx2(acc_all);
+  *odd += hsum_avx2(acc_odd);
+  take_bins_scalar(h, x, x1, all, odd);
 }
 
 BLDSEG_AVX2 BLDSEG_FLATTEN void digest_avx2(int32_t* h, const Blocks& b, int64_t tp, int64_t pp,
-                             int64_t* tps, int64_t* pps, int32_t* kept) {
+                                           int64_t* tps, int64_t* pps, int32_t* kept) {
   digest(h, b, tp, pp, tps, pps, kept,
          [](int32_t* hh, int64_t x0, int64_t x1, int64_t* all, int64_t* odd)
              BLDSEG_AVX2 { take_bins_avx2(hh, x0, x1, all, odd); });
+}
+#endif  // BLDSEG_X86_DISPATCH
+
+void digest_image(bool avx2, int32_t* h, const Blocks& b, int64_t tp, int64_t pp, int64_t* tps,
+                  int64_t* pps, int32_t* kept) {
+#if BLDSEG_X86_DISPATCH
+  if (avx2) return digest_avx2(h, b, tp, pp, tps, pps, kept);
+#endif
+  digest(h, b, tp, pp, tps, pps, kept, take_bins_scalar);
 }
 
 class Searcher {
@@ -425,10 +455,8 @@ class Searcher {
       const uint16_t* in_w = src.w.data() + a;
       int32_t* out_idx = dst.idx.data() + n_out;
       uint16_t* out_w = dst.w.data() + n_out;
-      n_out += avx2_ ? extend_avx2(in_idx, in_w, n, args, out_idx, out_w, &dst.above_pp[i],
-                                   &dst.above_tp[i])
-                     : extend_scalar(in_idx, in_w, 0, n, args, out_idx, out_w, 0,
-                                     &dst.above_pp[i], &dst.above_tp[i]);
+      n_out += extend_pixels(avx2_, in_idx, in_w, n, args, out_idx, out_w, &dst.above_pp[i],
+                             &dst.above_tp[i]);
       dst.start[i + 1] = n_out;
     }
     if (d == k_ - 1) finish_last_state();
@@ -565,8 +593,7 @@ class Searcher {
       int64_t* tps = img_tp_.data() + i * (nb + 1);
       int64_t* pps = img_pp_.data() + i * (nb + 1);
       int32_t* kept = bins_.data() + i * n_slots;
-      (avx2_ ? digest_avx2 : digest_scalar)(h, blocks, st.above_tp[i], st.above_pp[i], tps, pps,
-                                            kept);
+      digest_image(avx2_, h, blocks, st.above_tp[i], st.above_pp[i], tps, pps, kept);
       const int64_t g = lib_.gt[i];
       for (int64_t j = 0; j <= nb; ++j) {
         bound_q_[j] += to_fixed(dice(tps[j], pps[j], g));
@@ -696,7 +723,7 @@ void check(const torch::Tensor& t, torch::ScalarType dtype, int64_t dim, const c
 
 // Searches `count` combinations in lexicographic order from `start` (k sorted member
 // indices); returns the best `top_m` of those scoring at least `floor` as (offsets from
-// start, levels, scores), best first. `block` is the coarse pass's block of levels.
+// start, levels, scores), best first. `block`: threshold levels per block of the bounds.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> search_chunk(
     torch::Tensor vals, torch::Tensor suf_min, torch::Tensor suf_max, torch::Tensor truth,
     torch::Tensor img_start, torch::Tensor above_tp, torch::Tensor above_pp, torch::Tensor gt,

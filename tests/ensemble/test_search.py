@@ -1,6 +1,11 @@
 """Exact agreement of the fast search with brute force built on bldseg.metrics."""
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +109,42 @@ def test_floor_keeps_exactly_the_combinations_scoring_at_least_it(method):
     got = kernels.search_chunk(pl, unrank(start, n, k), count, 4, method, floor)
     want = [t for t in _ranked(brute, floor, start) if t[0] < count][:4]
     assert _rows(got) == want
+
+
+def test_scalar_paths_without_avx2():
+    # The kernel picks its AVX2 paths at run time; force the scalar ones in a fresh process
+    # (the switch is read once) and check them against brute force, with and without a heap.
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        import itertools
+        from bldseg.ensemble import kernels
+        from bldseg.ensemble.combinatorics import n_combinations, unrank
+        from bldseg.ensemble.prune import level_window, prune
+        from bldseg.ensemble.search import score_members
+        from bldseg.ensemble.synthetic import fake_library
+        for n, tiles, size, k, block in ((6, 20, 24, 3, 2), (7, 24, 24, 4, 16)):
+            lib = fake_library(n, tiles, size, seed=n)
+            first, last = level_window(k, 0.3, 0.7)
+            pl = prune(lib.probs, lib.truth, k, first, last)
+            brute = [score_members(lib.probs, lib.truth, c, 0.3, 0.7)[1:]
+                     for c in itertools.combinations(range(n), k)]
+            total = n_combinations(n, k)
+            for top in (total, 5):
+                off, lev, sc = kernels.search_chunk(pl, unrank(0, n, k), total, top, block=block)
+                want = sorted(((r, lv, s) for r, (lv, s) in enumerate(brute)),
+                              key=lambda t: (-t[2], t[0]))[:top]
+                got = [(int(o), int(lv), float(s)) for o, lv, s in zip(off, lev, sc)]
+                assert got == want, (n, k, block, top)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, BLDSEG_CPU_NO_AVX2="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_kernel_rejects_bad_block_and_floor():
