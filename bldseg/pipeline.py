@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from bldseg import metrics
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, PreparedData, prepare_data
+from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
 from bldseg.data.rle import rle_decode
 from bldseg.predict import (
     EnsembleSpec,
@@ -51,7 +51,8 @@ class PipelineConfig:
     name: str = "pipeline"  # names the MLflow experiment, the results folders
     out: str = "results"  # state, ensemble outputs, submission, report go to <out>/<name>
     storage: str = "runs"  # search results go to <storage>/<name>/<stage>
-    data: str | None = None  # dataset folder; None: the built-in synthetic world
+    data: str | None = None  # dataset folder or cache; None: the built-in synthetic world
+    data_options: DataOptions = field(default_factory=DataOptions)  # folder layout, decoding
     data_root: str = str(DEFAULT_DATA_ROOT)  # caches and the synthetic world
     base: dict[str, Any] = field(default_factory=dict)  # fixed run-config values
     trials: int = 6  # trials per search stage
@@ -153,7 +154,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     client = tracking.check_tracking(uri)
 
     # 0. data + cache (idempotent: an up-to-date cache is only opened)
-    data = prepare_data(cfg.data, data_root=cfg.data_root)
+    data = prepare_data(cfg.data, options=cfg.data_options, data_root=cfg.data_root, verbose=True)
     if "pipeline_run_id" not in state:
         exp_id = tracking.ensure_experiment(client, cfg.name, uri, ".")
         run = client.create_run(
@@ -200,6 +201,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 resume=(storage / name / "bldseg_search.json").exists(),
                 seed=cfg.seed,
                 data=cfg.data,
+                data_options=cfg.data_options,
                 data_root=cfg.data_root,
                 parent_tags={
                     "bldseg.pipeline_run_id": pipeline_run,

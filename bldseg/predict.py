@@ -1,4 +1,4 @@
-"""Prediction: a model or an ensemble -> probability maps -> the competition's submission CSV.
+"""Prediction: a model or an ensemble -> probability maps -> a submission CSV or mask files.
 
 An ensemble spec is JSON (written by the ensemble search, or by hand)::
 
@@ -7,32 +7,77 @@ An ensemble spec is JSON (written by the ensemble search, or by hand)::
 
 Members' probabilities are quantised to uint8 exactly as in validation and summed, and the sum
 is thresholded at the same integer level the ensemble search chose, so a submission reproduces
-the searched ensemble bit for bit. A tile whose predicted area is below ``min_area`` pixels is
-written empty (``-1``).
+the searched ensemble bit for bit (:func:`combine_members`). An image whose predicted area is
+below ``min_area`` pixels is predicted empty (``-1`` in a submission).
+
+Two ways in:
+
+- :func:`predict_cache`: every image of a cache (the competition's test tiles) as one tile,
+  for :func:`write_submission`.
+- :func:`predict_folder`: every image under a folder, of any size, to one mask PNG per image
+  (and a GeoTIFF mask for a georeferenced GeoTIFF), optionally scored against mask files.
+
+Large scenes (:func:`predict_image`)
+    A scene is cut into square windows of ``window`` px (default: the size the model was
+    validated on, ``val_tile`` or else ``aug.crop_size``) on a grid whose step is
+    ``window * (1 - overlap)`` (``overlap`` 0.25 by default); the last row and column of
+    windows are shifted inwards so that every window lies inside the scene. Each window is
+    predicted like a validation tile (quantised to uint8), and each pixel gets the weighted
+    mean of the windows covering it. The weight of a window's pixel is the product of two
+    triangular ramps, 1 at the window's centre falling linearly towards its edges, floored at
+    :data:`EDGE_WEIGHT`: pixels near a window's edge see less context (and the model's own
+    zero padding to a multiple of 32), so the window in which a pixel lies most centrally
+    dominates, while the floor keeps pixels that only edge windows cover (the scene's border)
+    defined. A scene smaller than the window is padded to it by reflection, and the padding
+    is cropped off the result. A scene of exactly one window gets that window's map
+    unchanged, so :func:`predict_folder` on a tile-sized image equals :func:`predict_cache`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Sequence
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bldseg import metrics
+from bldseg.data import geo
 from bldseg.data.cache import DatasetCache
 from bldseg.data.dataset import TileDataset, validation_tiles
+from bldseg.data.readers import (
+    DEFAULT_READ,
+    ReadOptions,
+    read_folder_dataset,
+    read_image,
+    read_mask_image,
+)
 from bldseg.data.rle import rle_encode
 from bldseg.models import create_model
 from bldseg.train.augment import build_eval_transform
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import predict_probs, resolve_device
+
+#: Default fraction of a window that neighbouring windows share.
+DEFAULT_OVERLAP = 0.25
+#: Largest overlap accepted: beyond it each pixel is predicted ten or more times.
+MAX_OVERLAP = 0.9
+#: Smallest window: the models downsample by 32, so a smaller input has no deepest feature map.
+MIN_WINDOW = 32
+#: Blending weight of a window's edge pixels relative to its centre (see the module docstring).
+EDGE_WEIGHT = 0.05
 
 
 @dataclass
@@ -42,7 +87,7 @@ class EnsembleSpec:
     checkpoints: list[str]  # best.pt files of the members
     weights: list[float] = field(default_factory=list)  # per member; empty: equal weights
     threshold: float = 0.5  # positive iff (weighted) mean probability >= threshold
-    min_area: int = 0  # tiles with fewer predicted pixels are written empty
+    min_area: int = 0  # images with fewer predicted pixels are predicted empty
     tta: bool = False  # flip test-time augmentation
 
     @classmethod
@@ -67,9 +112,7 @@ class EnsembleSpec:
         path = Path(path)
         members = [
             {"checkpoint": c, "weight": w}
-            for c, w in zip(
-                self.checkpoints, self.weights or [1.0] * len(self.checkpoints), strict=True
-            )
+            for c, w in zip(self.checkpoints, self.member_weights(), strict=True)
         ]
         d = {
             "members": members,
@@ -80,6 +123,10 @@ class EnsembleSpec:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(d, indent=2))
         os.replace(tmp, path)
+
+    def member_weights(self) -> list[float]:
+        """One weight per member (equal weights when none are given)."""
+        return self.weights or [1.0] * len(self.checkpoints)
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -94,6 +141,54 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     model = create_model(cfg.model, impl=cfg.impl)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state.get("metrics", {})
+
+
+def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarray:
+    """The ensemble's decision from its members' quantised maps, as the ensemble search makes it.
+
+    Equal weights: the integer sum ``S`` of the ``k`` uint8 maps is compared with the level
+    ``L(t)`` on the ``0..255 k`` scale (:func:`bldseg.metrics.level_from_threshold`), so the
+    decision is the searched one bit for bit. Unequal weights: the weighted mean probability
+    ``sum(w_i q_i) / (255 sum(w_i))`` is compared with ``t`` in float64. Then every image with
+    fewer than ``spec.min_area`` predicted pixels is predicted empty.
+
+    Args:
+        maps: One uint8 map per member, in the order of ``spec.checkpoints``, all of one shape:
+            (N, H, W) for N images, or (H, W) for one image. A generator lets the caller load
+            one member at a time.
+        spec: Weights, threshold and ``min_area``.
+
+    Returns:
+        bool array of the maps' shape.
+
+    Raises:
+        ValueError: The number of maps differs from the number of members.
+    """
+    weights = spec.member_weights()
+    k = len(weights)
+    equal = len(set(weights)) == 1
+    total = None
+    n = 0
+    for q in maps:
+        if n == k:
+            raise ValueError(f"more maps than the {k} member(s) of the ensemble")
+        wt = weights[n]
+        n += 1
+        if equal:
+            total = q.astype(np.uint32) if total is None else total + q
+        else:
+            total = (q * wt if total is None else total + q * wt).astype(np.float64)
+    if n != k:
+        raise ValueError(f"{n} map(s) for an ensemble of {k} member(s)")
+    if equal:
+        # the same integer rule as the ensemble search: sum >= L(t) on the 0..255k scale
+        pred = total >= metrics.level_from_threshold(spec.threshold, metrics.QUANT_MAX * k)
+    else:
+        pred = total / (metrics.QUANT_MAX * sum(weights)) >= spec.threshold
+    if spec.min_area > 0:
+        images = pred.reshape(-1, *pred.shape[-2:])  # (N, H, W), a view of pred
+        images[images.reshape(len(images), -1).sum(1) < spec.min_area] = False
+    return pred
 
 
 def image_loader(cache: DatasetCache, batch_size: int = 16) -> DataLoader:
@@ -116,26 +211,16 @@ def predict_cache(
     """Binary predictions (N, H, W) bool for every image of a cache (whole images as tiles)."""
     dev = resolve_device(device)
     loader = image_loader(cache, batch_size)
-    weights = spec.weights or [1.0] * len(spec.checkpoints)
-    equal = len(set(weights)) == 1
-    total = None
-    members = tqdm(spec.checkpoints, desc="members", disable=not progress or len(weights) == 1)
-    for ckpt, wt in zip(members, weights, strict=True):
-        model, _, _ = load_checkpoint(ckpt, dev)
-        q = predict_probs(model, loader, dev, tta=spec.tta)  # uint8 (N, H, W)
-        if equal:
-            total = q.astype(np.uint32) if total is None else total + q
-        else:
-            total = (q * wt if total is None else total + q * wt).astype(np.float64)
-    k = len(weights)
-    if equal:
-        # the same integer rule as the ensemble search: sum >= L(t) on the 0..255k scale
-        pred = total >= metrics.level_from_threshold(spec.threshold, metrics.QUANT_MAX * k)
-    else:
-        pred = total / (metrics.QUANT_MAX * sum(weights)) >= spec.threshold
-    if spec.min_area > 0:
-        pred[pred.reshape(len(pred), -1).sum(1) < spec.min_area] = False
-    return pred
+    weights = spec.member_weights()
+
+    def member_maps() -> Iterator[np.ndarray]:
+        # One member in memory at a time; each map is uint8 (N, H, W).
+        bar = tqdm(spec.checkpoints, desc="members", disable=not progress or len(weights) == 1)
+        for ckpt in bar:
+            model, _, _ = load_checkpoint(ckpt, dev)
+            yield predict_probs(model, loader, dev, tta=spec.tta)
+
+    return combine_members(member_maps(), spec)
 
 
 def write_submission(ids: Sequence[str], pred: np.ndarray, path: str | os.PathLike) -> pd.DataFrame:
@@ -151,3 +236,346 @@ def write_submission(ids: Sequence[str], pred: np.ndarray, path: str | os.PathLi
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
     return df
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding-window prediction of images of any size
+# --------------------------------------------------------------------------------------------
+
+
+def check_window(window: int, what: str = "--window") -> int:
+    """``window`` as an int, or ValueError naming ``what`` if it is below :data:`MIN_WINDOW`."""
+    if int(window) != window or window < MIN_WINDOW:
+        raise ValueError(
+            f"{what} = {window}: a window must be a whole number of at least {MIN_WINDOW} px "
+            "(the models downsample by 32); pass a larger --window, e.g. the training crop size"
+        )
+    return int(window)
+
+
+def check_overlap(overlap: float) -> float:
+    """``overlap`` as a float, or ValueError naming ``--overlap`` if outside [0, 0.9]."""
+    if not 0.0 <= overlap <= MAX_OVERLAP:  # also refuses NaN
+        raise ValueError(
+            f"--overlap {overlap}: the overlap is a fraction of the window in [0, {MAX_OVERLAP}] "
+            f"(default {DEFAULT_OVERLAP})"
+        )
+    return float(overlap)
+
+
+def default_window(cfg: RunConfig) -> int:
+    """The window a model is best run on: its validation tile (``val_tile``, else the crop)."""
+    return cfg.val_tile or cfg.aug.crop_size
+
+
+def _starts(length: int, window: int, step: int) -> list[int]:
+    """Window offsets covering ``[0, length)``, ``length >= window``; the last one shifted in."""
+    starts = list(range(0, length - window + 1, step))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+
+def sliding_windows(
+    height: int, width: int, window: int, overlap: float = DEFAULT_OVERLAP
+) -> list[tuple[int, int]]:
+    """Top-left corners ``(y, x)`` of the windows that cover an image (see the module docstring).
+
+    The grid step is ``window - round(overlap * window)`` (at least 1); the last row and column
+    are shifted inwards so every window lies inside the image, which therefore needs
+    ``height, width >= window`` (pad smaller images first).
+
+    Raises:
+        ValueError: The image is smaller than the window, or a bad window or overlap.
+    """
+    check_window(window)
+    check_overlap(overlap)
+    if height < window or width < window:
+        raise ValueError(f"a {height}x{width} image is smaller than the {window} px window; pad it")
+    step = max(1, window - round(overlap * window))
+    return [(y, x) for y in _starts(height, window, step) for x in _starts(width, window, step)]
+
+
+def blend_weights(window: int) -> np.ndarray:
+    """Blending weights of a window's pixels: float32 (window, window), ~1 at the centre.
+
+    The outer product of two triangular ramps ``max(1 - |2 (i + 0.5) / window - 1|,
+    EDGE_WEIGHT)`` over pixel centres ``i + 0.5``: symmetric, positive everywhere, falling
+    linearly from the centre to :data:`EDGE_WEIGHT` at the edges.
+    """
+    centres = (np.arange(window, dtype=np.float64) + 0.5) / window  # (S,) in (0, 1)
+    ramp = np.maximum(1.0 - np.abs(2.0 * centres - 1.0), EDGE_WEIGHT)  # (S,)
+    return np.outer(ramp, ramp).astype(np.float32)  # (S, S)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def predict_image(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    window: int,
+    overlap: float = DEFAULT_OVERLAP,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    tta: bool = False,
+) -> np.ndarray:
+    """One model's probability map of an image of any size, by blended sliding windows.
+
+    Each window is normalised and predicted exactly like a validation tile
+    (:func:`bldseg.train.engine.predict_probs`: sigmoid, optional flip TTA, quantised to
+    uint8); the maps of overlapping windows are blended with :func:`blend_weights` and
+    quantised again. See the module docstring for the window grid and the padding.
+
+    Args:
+        model: Maps (B, 3, S, S) normalised images to (B, 1, S, S) logits.
+        image: uint8 (H, W, 3) RGB.
+        window: Window side in px (at least :data:`MIN_WINDOW`).
+        overlap: Fraction of the window that neighbouring windows share, in [0, 0.9].
+        batch_size: Windows per forward pass.
+        device: Where to run; default: where the model's parameters are.
+        tta: Flip test-time augmentation (mean of identity, horizontal and vertical flips).
+
+    Returns:
+        uint8 (H, W): the quantised probability map (``q / 255`` is the probability).
+
+    Raises:
+        ValueError: ``image`` is not (H, W, 3) uint8, or a bad window or overlap.
+    """
+    window = check_window(window)
+    overlap = check_overlap(overlap)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    h, w = image.shape[:2]
+    # Reflection (not zeros) keeps the padding looking like ground, not like a black border.
+    padded = np.pad(
+        image, ((0, max(0, window - h)), (0, max(0, window - w)), (0, 0)), mode="reflect"
+    )  # (Hp, Wp, 3)
+    hp, wp = padded.shape[:2]
+    corners = sliding_windows(hp, wp, window, overlap)
+    normalise = build_eval_transform()
+    weight = blend_weights(window)  # (S, S)
+    acc = np.zeros((hp, wp), np.float32)  # sum of weight * probability
+    norm = np.zeros((hp, wp), np.float32)  # sum of weights
+    for start in range(0, len(corners), batch_size):
+        batch = corners[start : start + batch_size]
+        tiles = [normalise(image=padded[y : y + window, x : x + window])["image"] for y, x in batch]
+        # (B, 3, S, S) float32, channel-first as TileDataset gives it to validation
+        xb = torch.from_numpy(np.ascontiguousarray(np.stack(tiles).transpose(0, 3, 1, 2)))
+        q = predict_probs(model, [{"image": xb}], dev, tta=tta)  # uint8 (B, S, S)
+        for (y, x), qi in zip(batch, q, strict=True):
+            p = qi.astype(np.float32) / metrics.QUANT_MAX  # (S, S)
+            acc[y : y + window, x : x + window] += weight * p
+            norm[y : y + window, x : x + window] += weight
+    # Where one window covers a pixel, (w * q/255) / w is q/255 to within an ulp, far inside
+    # the half-level rounding margin, so quantising gives back q exactly.
+    probs = np.clip(acc[:h, :w] / norm[:h, :w], 0.0, 1.0)  # (H, W)
+    return metrics.quantise(probs)
+
+
+# --------------------------------------------------------------------------------------------
+# Folders of images -> mask files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FolderResult:
+    """Outcome of :func:`predict_folder`.
+
+    Attributes:
+        out_dir: The output folder.
+        images: The input images, sorted.
+        masks: The mask PNG written for each image, in the order of ``images``.
+        geotiffs: The GeoTIFF masks written (one per georeferenced GeoTIFF input).
+        empty: How many images were predicted without any building.
+        scores: With ground truth: ``official_score`` (mean per-image Dice, competition rules),
+            ``pixel_iou``, ``pixel_f1``, counts and ``per_image`` rows; else None.
+    """
+
+    out_dir: Path
+    images: list[Path] = field(default_factory=list)
+    masks: list[Path] = field(default_factory=list)
+    geotiffs: list[Path] = field(default_factory=list)
+    empty: int = 0
+    scores: dict[str, Any] | None = None
+
+
+def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
+    """Writes a binary (H, W) mask as a single-channel 0/255 PNG, atomically.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    ok, buf = cv2.imencode(".png", np.where(mask, np.uint8(255), np.uint8(0)))
+    if not ok:
+        raise ValueError(f"{path}: OpenCV could not encode the mask as PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A hidden name in the same folder: never listed as an image, and os.replace stays atomic.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(buf.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_out_dir(images_dir: Path, out_dir: Path, recursive: bool) -> None:
+    if out_dir == images_dir or (recursive and out_dir.is_relative_to(images_dir)):
+        raise ValueError(
+            f"--out {out_dir} is inside the image folder {images_dir}: the masks would be read "
+            "as images next time (and a .tif mask could replace its scene); write them elsewhere"
+        )
+
+
+def _scores(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """Official score and pixel IoU/F1 from per-image counts (sizes may differ per image)."""
+    tp = np.array([r["intersection"] for r in rows], np.int64)[:, None]  # (N, 1)
+    pp = np.array([r["pred_pixels"] for r in rows], np.int64)[:, None]
+    gt = np.array([r["truth_pixels"] for r in rows], np.int64)  # (N,)
+    # Counts at one level, so the metric module applies the competition's rules exactly.
+    official = float(metrics.scores_from_counts(tp, pp, gt)[0])
+    dice = metrics.dice_from_counts(tp, pp, gt)[:, 0]  # (N,), NaN for empty/empty
+    inter, pred_sum, truth_sum = int(tp.sum()), int(pp.sum()), int(gt.sum())
+    union = pred_sum + truth_sum - inter
+    for r, d in zip(rows, dice, strict=True):
+        r["dice"] = None if math.isnan(d) else float(d)
+    return {
+        "official_score": official,
+        # Over all pixels of all images; 1.0 when nothing is predicted and nothing is there,
+        # as the official score does for all-empty sets.
+        "pixel_iou": inter / union if union else 1.0,
+        "pixel_f1": 2 * inter / (pred_sum + truth_sum) if pred_sum + truth_sum else 1.0,
+        "n_images": len(rows),
+        "n_scored": int((~np.isnan(dice)).sum()),
+        "threshold": threshold,
+        "per_image": rows,
+    }
+
+
+def predict_folder(
+    spec: EnsembleSpec,
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    options: ReadOptions = DEFAULT_READ,
+    window: int | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    recursive: bool = True,
+    masks_dir: str | os.PathLike | None = None,
+    mask_pattern: str | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = True,
+) -> FolderResult:
+    """Predicts every image under a folder and writes one mask per image.
+
+    For ``images_dir/sub/name.ext`` it writes ``out_dir/sub/name.png`` (single channel, 0/255)
+    and, when the image is a georeferenced GeoTIFF, ``out_dir/sub/name.tif`` with its CRS and
+    transform; each file atomically. Each member predicts each image with
+    :func:`predict_image`, and the members' maps are combined by :func:`combine_members`, the
+    rule of :func:`predict_cache`.
+
+    Args:
+        spec: The model(s) and the decision rule.
+        images_dir: Folder of images (suffixes of :data:`bldseg.data.readers.IMAGE_SUFFIXES`).
+        out_dir: Folder for the masks (created; not inside ``images_dir``).
+        options: How images (and masks) are decoded.
+        window: Sliding-window side in px; None: each member's validation tile
+            (:func:`default_window`).
+        overlap: Fraction of the window shared by neighbouring windows, in [0, 0.9].
+        recursive: Include sub-folders of ``images_dir`` (mirrored in ``out_dir``).
+        masks_dir: Ground-truth masks, matched to images as the folder reader does (same
+            relative path; ``mask_pattern`` or the default names); the scores are returned
+            and written to ``out_dir/scores.json``.
+        mask_pattern: Mask file name for an image stem (see
+            :func:`bldseg.data.readers.mask_name`).
+        batch_size: Windows per forward pass.
+        device: ``auto``, ``cpu``, ``cuda``...
+        progress: Show a progress bar over the images.
+
+    Returns:
+        A :class:`FolderResult`.
+
+    Raises:
+        FileNotFoundError: A folder, checkpoint or an image's mask is missing (the message
+            names the image and the mask names tried).
+        ValueError: Unreadable image or mask (naming the file), a mask of another size than
+            its image, a bad window or overlap, or ``out_dir`` inside ``images_dir``.
+    """
+    overlap = check_overlap(overlap)
+    if window is not None:
+        window = check_window(window)
+    images_dir = Path(images_dir).resolve()
+    out_dir = Path(out_dir).resolve()
+    _check_out_dir(images_dir, out_dir, recursive)
+    # The folder reader lists the images and, with masks_dir, matches every image to its mask
+    # (or says which names it tried); images whose stems collide are refused there too.
+    records = read_folder_dataset(
+        images_dir, masks_dir, mask_pattern=mask_pattern, recursive=recursive, options=options
+    )
+    dev = resolve_device(device)
+    members = []
+    for ckpt in spec.checkpoints:
+        model, cfg, _ = load_checkpoint(ckpt, dev)
+        what = f"the validation tile of {ckpt}"
+        members.append((model, window or check_window(default_window(cfg), what)))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = FolderResult(out_dir)
+    rows: list[dict[str, Any]] = []
+    warned_geo = False
+    for rec in tqdm(records, desc="images", unit="img", disable=not progress):
+        image = read_image(rec.image_path, options)  # (H, W, 3) uint8
+        maps = (
+            predict_image(
+                m, image, window=s, overlap=overlap, batch_size=batch_size, device=dev, tta=spec.tta
+            )
+            for m, s in members
+        )
+        pred = combine_members(maps, spec)  # (H, W) bool
+        rel = rec.image_path.relative_to(images_dir).with_suffix("")
+        result.images.append(rec.image_path)
+        result.masks.append(write_mask_png(pred, out_dir / rel.with_suffix(".png")))
+        result.empty += int(not pred.any())
+        if rec.image_path.suffix.lower() in geo.GEO_SUFFIXES:
+            if geo.geo_available():
+                if geo.has_georeference(rec.image_path):
+                    tif = out_dir / rel.with_suffix(".tif")
+                    geo.write_geotiff_mask(pred.astype(np.uint8), tif, like=rec.image_path)
+                    result.geotiffs.append(tif)
+            elif not warned_geo:
+                warned_geo = True
+                warnings.warn(
+                    f"{rec.image_path}: without the geo extra (pip install 'bldseg[geo]') "
+                    "GeoTIFF inputs get PNG masks only, without their georeference",
+                    stacklevel=2,
+                )
+        if rec.mask_path is not None:
+            truth = read_mask_image(rec.mask_path, options).mask.astype(bool)  # (H, W)
+            if truth.shape != pred.shape:
+                raise ValueError(
+                    f"mask {rec.mask_path} is {truth.shape[0]}x{truth.shape[1]} but the image "
+                    f"{rec.image_path} is {pred.shape[0]}x{pred.shape[1]}"
+                )
+            rows.append(
+                {
+                    "image": str(rec.image_path.relative_to(images_dir)),
+                    "mask": str(rec.mask_path),
+                    "intersection": int((pred & truth).sum()),
+                    "pred_pixels": int(pred.sum()),
+                    "truth_pixels": int(truth.sum()),
+                }
+            )
+    if masks_dir is not None:
+        result.scores = _scores(rows, spec.threshold)
+        tmp = out_dir / f".scores.json.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(result.scores, indent=2))
+        os.replace(tmp, out_dir / "scores.json")
+    return result

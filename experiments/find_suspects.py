@@ -11,7 +11,7 @@ import argparse
 
 import pandas as pd
 
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, prepare_data
+from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.predict import load_checkpoint
 from bldseg.train.suspects import precision_at_k, rank_suspects, write_suspects
 
@@ -21,8 +21,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="best.pt of a trained model")
-    p.add_argument("--data", default=None, help="folder with train.csv (default: synthetic world)")
-    p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
+    add_data_arguments(p)
     p.add_argument("--out", required=True, help="folder for suspects.csv / suspects.png")
     p.add_argument("--top", type=int, default=12, help="images in the contact sheet")
     p.add_argument(
@@ -34,7 +33,12 @@ def main() -> None:
     args = p.parse_args()
     model, _, m = load_checkpoint(args.checkpoint)
     thr = args.threshold if args.threshold is not None else float(m.get("val_thr_best", 0.5))
-    data = prepare_data(args.data, data_root=args.data_root)
+    try:
+        data = prepare_data(
+            args.data, options=data_options(args), data_root=args.data_root, verbose=True
+        )
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from e
     df = rank_suspects(model, data.train, range(len(data.train)), threshold=thr)
     csv, png = write_suspects(df, data.train, model, args.out, top=args.top, threshold=thr)
     print(df.head(args.top).to_string(index=False))

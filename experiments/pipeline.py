@@ -17,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.pipeline import PipelineConfig, run_pipeline
 from bldseg.tune.cli import fixed_config
 
@@ -28,8 +29,13 @@ def main() -> int:
     p.add_argument("--name", default="pipeline", help="run name (MLflow experiment, folders)")
     p.add_argument("--out", default="results", help="state, ensemble, submission, report")
     p.add_argument("--storage", default="runs", help="search results (shared on a cluster)")
-    p.add_argument("--data", default=None, help="folder with train.csv (default: synthetic)")
-    p.add_argument("--model", default=None, help="model name (default: tiny on synthetic)")
+    add_data_arguments(p)
+    p.add_argument(
+        "--split-group",
+        default=None,
+        help="regex on source file names grouping tiles on one side of the validation split",
+    )
+    p.add_argument("--model", default=None, help="model name (default: tiny on a CPU)")
     p.add_argument("--trials", type=int, default=6, help="trials per search stage (default 6)")
     p.add_argument("--epochs", type=int, default=8, help="epochs per trial (default 8)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
@@ -53,12 +59,21 @@ def main() -> int:
         help="also copy REPORT.md (and its plots) to this path, e.g. REPORT.md",
     )
     args = p.parse_args()
-    base = fixed_config(args.data, args.model, args.set)
+    base = fixed_config(
+        args.data or args.images,
+        args.model,
+        args.set,
+        gpu=args.gpus_per_trial > 0 or None,
+        split_group=args.split_group,
+        announce=True,
+    )
     cfg = PipelineConfig(
         name=args.name,
         out=args.out,
         storage=args.storage,
         data=args.data,
+        data_options=data_options(args),
+        data_root=args.data_root,
         base=base,
         trials=args.trials,
         epochs=args.epochs,

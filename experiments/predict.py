@@ -1,38 +1,129 @@
-"""Writes a submission CSV from a model checkpoint or an ensemble spec, and scores it if it can.
+"""Predicts with a model checkpoint or an ensemble spec: a submission CSV, or mask files.
+
+A dataset's test split -> submission CSV (scored when the dataset has held-out truth):
 
     python experiments/predict.py --checkpoint runs/.../best.pt            # one model
     python experiments/predict.py --ensemble results/best_ensemble.json    # an ensemble
     python experiments/predict.py --checkpoint a.pt --data /path/to/comp --out submission.csv
 
-With one checkpoint the threshold defaults to the one chosen on its validation tiles. When the
-dataset has held-out ground truth (the synthetic world's test_truth.csv, or --truth), the
-submission is scored with the official metric.
+A folder of images (any size, sub-folders mirrored) -> one mask per image in --out:
+
+    python experiments/predict.py --checkpoint a.pt --images scenes/ --out masks/
+    python experiments/predict.py --ensemble e.json --images tiles/ --masks gt/ --out masks/
+
+Each mask is NAME.png (one channel, 0/255) beside the image's relative path; a georeferenced
+GeoTIFF also gets NAME.tif with its CRS and transform. Images larger than the window are
+predicted in overlapping windows (--window, default each model's validation tile; --overlap,
+default 0.25 of the window; the last row/column shifted inwards) whose probabilities are blended
+with weights falling linearly from each window's centre to its edge (floor 0.05), so each pixel
+is decided mostly by the window that sees it most centrally. Images smaller than the window are
+padded by reflection. With --masks, the official score (mean per-image Dice), the pixel IoU and
+F1 are printed and written to OUT/scores.json.
+
+With one checkpoint the threshold defaults to the one chosen on its validation tiles.
 """
 
 import argparse
 import time
+from pathlib import Path
 
 from bldseg import metrics
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, prepare_data
-from bldseg.predict import EnsembleSpec, load_checkpoint, predict_cache, write_submission
+from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
+from bldseg.predict import (
+    DEFAULT_OVERLAP,
+    EnsembleSpec,
+    check_overlap,
+    check_window,
+    load_checkpoint,
+    predict_cache,
+    predict_folder,
+    write_submission,
+)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line, checked: every refusal names the flag."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", action="append", help="best.pt of a model (repeatable)")
     src.add_argument("--ensemble", help="ensemble spec JSON (from ensemble_search.py)")
-    p.add_argument("--data", default=None, help="folder with test.csv (default: synthetic world)")
-    p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="caches and synthetic data")
-    p.add_argument("--out", default="submission.csv", help="submission CSV to write")
+    add_data_arguments(p, training=False)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="submission CSV to write (default submission.csv); with --images: the mask folder",
+    )
     p.add_argument("--threshold", type=float, default=None, help="override the threshold")
-    p.add_argument("--min-area", type=int, default=None, help="tiles with fewer pixels -> -1")
+    p.add_argument("--min-area", type=int, default=None, help="images with fewer pixels: empty")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--truth", default=None, help="ground-truth CSV to score against")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--truth", default=None, help="ground-truth CSV to score against (--data)")
+    f = p.add_argument_group("folder prediction (--images)")
+    f.add_argument(
+        "--masks",
+        default=None,
+        help="ground-truth mask folder: score the predictions (same relative paths and names "
+        "as the images, see --mask-pattern)",
+    )
+    f.add_argument(
+        "--mask-pattern",
+        default=None,
+        help="mask file name for an image stem, e.g. '{stem}_mask.png', or a regex "
+        "substitution '(\\d+)_img=>\\1.png' (default: {stem}.png, {stem}.tif, "
+        "{stem}_mask.png, ...; exactly one must exist)",
+    )
+    f.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="sliding-window side in px, >= 32 (default: each model's validation tile, "
+        "val_tile or else aug.crop_size)",
+    )
+    f.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help=f"fraction of the window shared by neighbouring windows, 0..0.9 (default "
+        f"{DEFAULT_OVERLAP}); overlaps are blended with centre-weighted (triangular) weights",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="tiles (or windows) per batch")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
 
+    folder_only = [
+        ("--masks", args.masks),
+        ("--mask-pattern", args.mask_pattern),
+        ("--window", args.window),
+        ("--overlap", args.overlap),
+    ]
+    if args.images is None:
+        for flag, value in folder_only:
+            if value is not None:
+                p.error(f"{flag} applies to folder prediction: pass --images DIR with it")
+        return args
+    if args.data is not None:
+        p.error("give --data (a dataset's test split -> CSV) or --images (a folder -> masks)")
+    if args.truth is not None:
+        p.error("--truth scores a submission CSV; with --images score with --masks DIR")
+    if args.tile_size is not None:
+        p.error("--tile-size cuts training data; with --images set the --window instead")
+    if args.out is None:
+        p.error("--images needs --out DIR, the folder for the masks")
+    if args.out.lower().endswith(".csv"):
+        p.error(f"--out {args.out}: with --images, --out is a folder for the mask files, not a CSV")
+    if args.mask_pattern is not None and args.masks is None:
+        p.error("--mask-pattern names ground-truth masks: pass --masks DIR with it")
+    try:
+        if args.window is not None:
+            check_window(args.window)
+        if args.overlap is not None:
+            check_overlap(args.overlap)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.ensemble:
         spec = EnsembleSpec.load(args.ensemble)
     else:
@@ -43,21 +134,55 @@ def main() -> None:
     if args.min_area is not None:
         spec.min_area = args.min_area
     spec.tta = spec.tta or args.tta
+    options = data_options(args)
+    t0 = time.perf_counter()
 
-    data = prepare_data(args.data, data_root=args.data_root)
+    if args.images is not None:
+        try:
+            r = predict_folder(
+                spec,
+                args.images,
+                args.out,
+                options=options.read,
+                window=args.window,
+                overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap,
+                recursive=options.recursive,
+                masks_dir=args.masks,
+                mask_pattern=args.mask_pattern,
+                batch_size=args.batch_size,
+                device=args.device,
+            )
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise SystemExit(f"error: {e}") from e
+        geotiffs = f" + {len(r.geotiffs)} GeoTIFF(s)" if r.geotiffs else ""
+        print(
+            f"wrote {len(r.masks)} mask(s){geotiffs} to {r.out_dir}: {r.empty} empty, "
+            f"{len(spec.checkpoints)} model(s), threshold {spec.threshold:.4f}, "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        if r.scores is not None:
+            s = r.scores
+            print(
+                f"official score (mean Dice over {s['n_scored']} of {s['n_images']} images): "
+                f"{s['official_score']:.5f}; pixel IoU {s['pixel_iou']:.5f}, "
+                f"pixel F1 {s['pixel_f1']:.5f} -> {Path(r.out_dir) / 'scores.json'}"
+            )
+        return
+
+    out = args.out or "submission.csv"
+    data = prepare_data(args.data, options=options, data_root=args.data_root, verbose=True)
     if data.test is None:
         raise SystemExit(f"{data.root} has no test.csv to predict")
-    t0 = time.perf_counter()
     pred = predict_cache(spec, data.test, batch_size=args.batch_size, device=args.device)
-    write_submission(data.test.ids, pred, args.out)
+    write_submission(data.test.ids, pred, out)
     print(
-        f"wrote {args.out}: {len(pred)} tiles, {int((pred.sum((1, 2)) == 0).sum())} empty, "
+        f"wrote {out}: {len(pred)} tiles, {int((pred.sum((1, 2)) == 0).sum())} empty, "
         f"{len(spec.checkpoints)} model(s), threshold {spec.threshold:.4f}, "
         f"{time.perf_counter() - t0:.1f} s"
     )
     truth = args.truth or data.test_truth_csv
     if truth:
-        print(f"official score vs {truth}: {metrics.score_csv(truth, args.out):.5f}")
+        print(f"official score vs {truth}: {metrics.score_csv(truth, out):.5f}")
 
 
 if __name__ == "__main__":

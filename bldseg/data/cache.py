@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -35,9 +36,9 @@ import numpy as np
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from bldseg.data.readers import SourceRecord, load_record
+from bldseg.data.readers import SourceRecord, decode_record
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 def _stat_key(path: Path) -> list[int]:
@@ -46,7 +47,8 @@ def _stat_key(path: Path) -> list[int]:
 
 
 def fingerprint_records(records: Sequence[SourceRecord]) -> str:
-    """Hash of what a cache is built from: ids, paths, windows, file stats and mask RLEs.
+    """Hash of what a cache is built from: ids, paths, windows, groups, file stats, mask RLEs
+    and the decoding options.
 
     Cheap (stat calls only), so it can be checked on every start. Any edited, replaced or
     re-labelled source changes it.
@@ -65,6 +67,8 @@ def fingerprint_records(records: Sequence[SourceRecord]) -> str:
             r.mask_rle,
             None if r.mask_path is None else [str(r.mask_path), *stats[r.mask_path]],
             r.window,
+            r.group,
+            r.options.key(),
         ]
         h.update(json.dumps(entry).encode())
         h.update(b"\n")
@@ -147,6 +151,12 @@ class DatasetCache:
         return json.loads((self.root / "sources.json").read_text())
 
     @cached_property
+    def groups(self) -> list[str]:
+        """Split group of every sample: the CSV's group column, else the source image path
+        (tiles cut from one scene share it)."""
+        return [s.get("group") or s["path"] for s in self.sources]
+
+    @cached_property
     def ids(self) -> list[str]:
         """Sample ids in cache order."""
         return [s["img_id"] for s in self.sources]
@@ -201,7 +211,7 @@ def build_cache(
     t0 = time.perf_counter()
 
     # The first record fixes the size every other one must have.
-    first_image, _ = load_record(records[0])
+    first_image = decode_record(records[0]).image
     h, w = first_image.shape[:2]
     n = len(records)
 
@@ -217,19 +227,27 @@ def build_cache(
             else None
         )
         hashes: dict[Path, str] = {}
+        not_binary: set[Path] = set()  # mask files binarised at the threshold
+        positive: list[int] = []  # a sample with a building pixel, if any (set-wide check)
 
         def decode(i: int) -> dict:
             r = records[i]
-            image, mask = load_record(r)
+            decoded = decode_record(r)
+            image, mask = decoded.image, decoded.mask
             if image.shape[:2] != (h, w):
                 raise ValueError(
                     f"{r.img_id} ({r.image_path}): image is {image.shape[0]}x{image.shape[1]}, "
                     f"expected {h}x{w} like {records[0].img_id}; every sample of one cache must "
-                    "have the same size (use tile_size for scenes of varying size)"
+                    "have the same size: pass --tile-size (tile_size=) to cut scenes of "
+                    "varying size into equal tiles"
                 )
             images[i] = image
             if masks is not None:
                 masks[i] = mask
+                if not decoded.mask_binary and r.mask_path is not None:
+                    not_binary.add(r.mask_path)
+                if not positive and mask.any():
+                    positive.append(i)
             # Tiles of one scene share a file: hash it once. The dict race between threads is
             # benign (same value written twice).
             if r.image_path not in hashes:
@@ -242,6 +260,7 @@ def build_cache(
                 "size": r.image_path.stat().st_size,
                 "mtime_ns": r.image_path.stat().st_mtime_ns,
                 "blake2b": hashes[r.image_path],
+                "group": r.group if r.group is not None else str(r.image_path),
             }
 
         workers = num_threads or os.cpu_count() or 1
@@ -258,6 +277,7 @@ def build_cache(
         images.flush()
         if masks is not None:
             masks.flush()
+            _check_masks(records, not_binary, bool(positive))
         (tmp / "sources.json").write_text(json.dumps(sources))
         manifest = {
             "format_version": CACHE_FORMAT_VERSION,
@@ -266,6 +286,7 @@ def build_cache(
             "width": w,
             "has_masks": with_masks,
             "fingerprint": fingerprint,
+            "masks_not_binary": sorted(str(p) for p in not_binary),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
@@ -276,6 +297,27 @@ def build_cache(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return DatasetCache(cache_dir)
+
+
+def _check_masks(records: Sequence[SourceRecord], not_binary: set[Path], any_positive: bool):
+    """Set-wide mask checks: an all-empty mask set is an error, binarised files a warning."""
+    if not any_positive:
+        first = records[0]
+        where = first.mask_path.parent if first.mask_path is not None else first.image_path.parent
+        raise ValueError(
+            f"every one of the {len(records)} masks is empty (first: "
+            f"{first.mask_path or first.img_id}, in {where}): wrong mask folder, or buildings "
+            "stored as values these options do not read (name them with --mask-values)"
+        )
+    if not_binary:
+        files = {r.mask_path for r in records if r.mask_path is not None}
+        example = sorted(not_binary)[0]
+        warnings.warn(
+            f"{len(not_binary)} of {len(files)} mask files were not binary (antialiased edges "
+            f"or JPEG artefacts), e.g. {example}; binarised at "
+            f"{records[0].options.mask_threshold:g} of their range (--mask-threshold to change)",
+            stacklevel=3,
+        )
 
 
 def _swap_into_place(tmp: Path, cache_dir: Path) -> None:

@@ -11,8 +11,10 @@ DataLoader workers map the same files instead of copying the arrays.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,26 +27,91 @@ Transform = Callable[..., dict]
 
 
 def split_indices(
-    n: int, val_fraction: float = 0.05, seed: int = 0
+    n: int,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic split of ``n`` images into train and validation indices (by image).
+    """Deterministic split of ``n`` samples into train and validation indices, by group.
+
+    Whole groups go to one side, so tiles cut from one scene (or one area, see
+    :func:`split_groups`) never sit on both sides. Groups are shuffled and taken for validation
+    until they hold ``round(n * val_fraction)`` samples; with one group per sample this is the
+    plain random split by image.
 
     Args:
-        n: Number of images.
-        val_fraction: Share of images for validation (the reference workflow used 5%). At least
-            one image goes to each side when ``n >= 2``.
+        n: Number of samples.
+        val_fraction: Share of samples for validation (the reference workflow used 5%). At
+            least one group goes to each side.
         seed: Seed of the permutation.
+        groups: Group label of every sample; None: every sample is its own group.
 
     Returns:
         ``(train_idx, val_idx)``, each sorted ascending.
+
+    Raises:
+        ValueError: ``val_fraction`` outside (0, 1), or fewer than 2 groups.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if n < 2:
-        raise ValueError(f"need at least 2 images to split, got {n}")
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    if groups is None:
+        codes = np.arange(n)
+    else:
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} group labels for {n} samples")
+        # Codes in order of first appearance, so the split does not depend on label spelling.
+        _, first, codes = np.unique(
+            np.asarray(groups, dtype=object).astype(str), return_index=True, return_inverse=True
+        )
+        order = np.argsort(np.argsort(first))
+        codes = order[codes]
+    n_groups = int(codes.max()) + 1 if n else 0
+    if n_groups < 2:
+        raise ValueError(
+            f"need at least 2 split groups (source scenes) to split, got {n_groups} for {n} "
+            "samples; cut more scenes, or give a group column / --split-group pattern"
+        )
+    target = min(n - 1, max(1, round(n * val_fraction)))
+    sizes = np.bincount(codes, minlength=n_groups)
+    perm = np.random.default_rng(seed).permutation(n_groups)
+    # Take groups until the target is reached, keeping at least one group for training.
+    taken = np.searchsorted(np.cumsum(sizes[perm]), target) + 1
+    val_groups = perm[: min(taken, n_groups - 1)]
+    is_val = np.isin(codes, val_groups)
+    idx = np.arange(n)
+    return idx[~is_val], idx[is_val]
+
+
+def split_groups(cache: DatasetCache, pattern: str | None = None) -> list[str]:
+    """The split group of every sample of a cache.
+
+    Args:
+        cache: The cache; its groups are the CSV's group column or the source image path.
+        pattern: A regular expression searched in each source file's name (without suffix);
+            the concatenated capture groups (or the whole match) form the group, so
+            neighbouring map tiles stay together: ``r"x(\\d+)\\d_"`` groups tiles ``x120_...``
+            to ``x129_...``. A name it does not match is an error.
+
+    Raises:
+        ValueError: ``pattern`` does not compile or does not match a file name.
+    """
+    if pattern is None:
+        return cache.groups
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"split group pattern {pattern!r}: {e}") from e
+    out = []
+    for src in cache.sources:
+        name = Path(src["path"]).stem
+        m = rx.search(name)
+        if m is None:
+            raise ValueError(
+                f"split group pattern {pattern!r} does not match {src['path']} "
+                f"(searched in {name!r})"
+            )
+        out.append("".join(g or "" for g in m.groups()) if m.groups() else m.group(0))
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,37 @@
-"""From "where the data is" to opened caches: the one call entry scripts make.
+"""From "where the data is" to opened caches: the one call every entry script makes.
 
-``prepare_data(None)`` uses the built-in synthetic world (generated on first use); a folder
-holding ``train.csv`` (competition layout) or a path to a ``train.csv`` uses the user's data.
-Both go through the same readers and cache, so the demo exercises the real ingestion path.
+``--data`` may name any of (the kind is detected and printed):
+
+- nothing: the built-in synthetic world (generated on first use);
+- a competition folder holding ``train.csv`` (and optionally ``test.csv``), or the CSV itself;
+- an image/mask folder: ``DATA/images/`` + ``DATA/masks/`` (or ``DATA/footprints/`` with
+  vector labels), or any layout through ``--images`` / ``--masks`` / ``--footprints``;
+- an existing bldseg cache: a cache folder (``manifest.json``) or a folder of caches
+  (``train/``, optionally ``test/``).
+
+Every kind goes through the same readers and cache, so the demo exercises the real ingestion
+path. Caches live under ``data_root/cache/`` keyed by the dataset's location (never inside a
+possibly read-only dataset folder), and are rebuilt when a source file or a decoding option
+changes.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from bldseg.data.cache import DatasetCache, ensure_cache
-from bldseg.data.readers import read_competition_csv
+from bldseg.data.readers import (
+    DEFAULT_MASK_PATTERNS,
+    ReadOptions,
+    read_competition_csv,
+    read_folder_dataset,
+)
 
 #: Where the built-in synthetic world and caches live unless told otherwise (relative to the
 #: working directory, ignored by git).
@@ -23,18 +41,71 @@ DEFAULT_DATA_ROOT = Path("data")
 #: the way real ground truth is wrong (the test split keeps clean masks for honest scoring).
 DEFAULT_SYNTHETIC = {"noise_fraction": 0.3}
 
+DataKind = Literal["synthetic", "competition", "folders", "cache"]
+
+
+@dataclass
+class DataOptions:
+    """How to find and decode a user's dataset (the entry scripts' data flags).
+
+    Attributes:
+        images: Image folder; default ``DATA/images`` for a folder dataset.
+        masks: Mask folder; default ``DATA/masks``.
+        footprints: Vector labels instead of masks (a folder of ``NAME.geojson``... or one
+            file); default ``DATA/footprints`` when there is no mask folder.
+        mask_pattern: Mask file name for an image stem (``{stem}_mask.png`` or
+            ``REGEX=>REPLACEMENT``); default: the usual names, exactly one must exist.
+        tile_size: Cut images into tiles of this size (large scenes; mixed sizes).
+        recursive: Search sub-folders of the image folder.
+        group_column: Competition CSV column naming each row's split group.
+        read: How images and masks are decoded.
+    """
+
+    images: str | None = None
+    masks: str | None = None
+    footprints: str | None = None
+    mask_pattern: str | None = None
+    tile_size: int | None = None
+    recursive: bool = True
+    group_column: str | None = None
+    read: ReadOptions = field(default_factory=ReadOptions)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataOptions:
+        """Inverse of ``dataclasses.asdict`` (lists back to tuples)."""
+        d = dict(d)
+        read = {k: _tuples(v) for k, v in (d.pop("read", None) or {}).items()}
+        return cls(**d, read=ReadOptions(**read))
+
+    def key(self) -> str:
+        """Short hash of the options that change which files are read (the cache folder)."""
+        d = asdict(self)
+        d.pop("read")
+        d = {
+            k: str(Path(v).resolve()) if k in ("images", "masks", "footprints") and v else v
+            for k, v in d.items()
+        }
+        return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
+def _tuples(v):
+    """JSON lists back to (nested) tuples."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
 
 @dataclass
 class PreparedData:
     """Caches of one dataset.
 
     Attributes:
-        root: The dataset folder (holding ``train.csv``).
+        root: The dataset folder (holding ``train.csv``, ``images/``, or the caches).
         train: Cache of the training images and masks.
-        test: Cache of the test images (no masks), or None when there is no ``test.csv``.
+        test: Cache of the test images (no masks), or None when there is no test split.
         test_truth_csv: Held-out ground truth of the test images (synthetic world only).
         clean_train_csv: Clean training masks when the training masks carry injected noise
             (synthetic world only).
+        kind: What ``--data`` named.
+        description: One line saying what was found (printed by the entry scripts).
     """
 
     root: Path
@@ -42,71 +113,352 @@ class PreparedData:
     test: DatasetCache | None
     test_truth_csv: Path | None
     clean_train_csv: Path | None
+    kind: DataKind = "competition"
+    description: str = ""
 
 
-def _cache_dir(cache_root: Path, dataset_root: Path) -> Path:
+def _cache_dir(cache_root: Path, dataset_root: Path, extra: str = "") -> Path:
     # Keyed by the dataset's absolute path, so two datasets with the same folder name never
     # share a cache, and a read-only dataset folder is never written to.
-    key = hashlib.blake2b(str(dataset_root).encode(), digest_size=4).hexdigest()
+    key = hashlib.blake2b(f"{dataset_root}{extra}".encode(), digest_size=4).hexdigest()
     return cache_root / "cache" / f"{dataset_root.name}-{key}"
+
+
+def _is_cache(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def detect_data(data: str | os.PathLike | None, options: DataOptions | None = None) -> DataKind:
+    """What ``--data`` (and the folder flags) name; see the module docstring.
+
+    Raises:
+        FileNotFoundError: ``data`` does not exist or is none of the known kinds (the message
+            lists what was looked for).
+    """
+    options = options or DataOptions()
+    if options.images is not None:
+        return "folders"
+    if data is None:
+        return "synthetic"
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return "competition"
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {path}: no such folder or CSV file")
+    if (path / "train.csv").is_file():
+        return "competition"
+    if _is_cache(path) or _is_cache(path / "train"):
+        return "cache"
+    if (path / "images").is_dir():
+        return "folders"
+    raise FileNotFoundError(
+        f"--data {path}: not a dataset bldseg knows. Looked for train.csv (competition "
+        "layout), images/ + masks/ (or footprints/) (image/mask folders), manifest.json or "
+        "train/manifest.json (a bldseg cache). For another layout pass --images DIR and "
+        "--masks DIR"
+    )
 
 
 def prepare_data(
     data: str | os.PathLike | None = None,
     *,
+    options: DataOptions | None = None,
     data_root: str | os.PathLike = DEFAULT_DATA_ROOT,
     synthetic: dict | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> PreparedData:
     """Finds (or generates) a dataset and opens its caches, building them when needed.
 
     Args:
-        data: A folder with ``train.csv`` (and optionally ``test.csv``), a ``train.csv`` path,
-            or None for the built-in synthetic world.
+        data: A competition folder or ``train.csv``, an image/mask folder, a bldseg cache, or
+            None for the built-in synthetic world (see the module docstring).
+        options: Folder layout and decoding options (:class:`DataOptions`).
         data_root: Folder for the synthetic world and the caches.
         synthetic: Keyword arguments for :func:`bldseg.data.synthetic.generate_world` when
             ``data`` is None (default: :data:`DEFAULT_SYNTHETIC`).
         progress: Show progress bars.
+        verbose: Print what was found (the entry scripts do).
 
     Returns:
         The opened caches.
 
     Raises:
-        FileNotFoundError: ``data`` has no ``train.csv``.
+        FileNotFoundError: ``data`` is none of the known kinds, or files are missing.
+        ValueError: Bad files (each error names the file and what to do); an existing cache
+            is left untouched.
     """
+    options = options or DataOptions()
     data_root = Path(data_root).resolve()
-    if data is None:
+    kind = detect_data(data, options)
+    if kind == "synthetic":
         from bldseg.data.synthetic import generate_world
 
         world_dir = data_root / "synthetic"
         generate_world(
             world_dir, progress=progress, **(DEFAULT_SYNTHETIC if synthetic is None else synthetic)
         )
-        data = world_dir
-    path = Path(data).resolve()
-    train_csv = path if path.suffix == ".csv" else path / "train.csv"
-    if not train_csv.is_file():
-        raise FileNotFoundError(
-            f"no train.csv at {train_csv}; pass the folder holding the competition's train.csv "
-            "(img_id,img_path,mask_rle) or the CSV itself"
+        prepared = _prepare_competition(world_dir, options, data_root, progress)
+        prepared.kind = "synthetic"
+        prepared.description = (
+            f"built-in synthetic world at {world_dir}: {_describe_cache(prepared.train)}"
         )
+    elif kind == "competition":
+        prepared = _prepare_competition(Path(data), options, data_root, progress)
+    elif kind == "cache":
+        prepared = _prepare_cache(Path(data))
+    else:
+        prepared = _prepare_folders(data, options, data_root, progress)
+    if verbose:
+        print(f"data ({prepared.kind}): {prepared.description}", flush=True)
+    return prepared
+
+
+def _describe_cache(cache: DatasetCache) -> str:
+    h, w = cache.image_size
+    scenes = len(set(cache.groups))
+    masks = "with masks" if cache.masks is not None else "no masks"
+    return f"{len(cache)} samples of {h}x{w} from {scenes} source scene(s), {masks}"
+
+
+def _prepare_competition(
+    data: Path, options: DataOptions, data_root: Path, progress: bool
+) -> PreparedData:
+    path = data.resolve()
+    train_csv = path if path.suffix.lower() == ".csv" else path / "train.csv"
     root = train_csv.parent
     cache_dir = _cache_dir(data_root, root)
     train = ensure_cache(
-        read_competition_csv(train_csv, with_masks=True), cache_dir / "train", progress=progress
+        read_competition_csv(
+            train_csv, with_masks=True, group_column=options.group_column, options=options.read
+        ),
+        cache_dir / "train",
+        progress=progress,
     )
     test = None
     test_csv = root / "test.csv"
     if test_csv.is_file():
         test = ensure_cache(
-            read_competition_csv(test_csv, with_masks=False), cache_dir / "test", progress=progress
+            read_competition_csv(test_csv, with_masks=False, options=options.read),
+            cache_dir / "test",
+            progress=progress,
         )
     truth = root / "test_truth.csv"
     clean = root / "train_clean.csv"
+    test_part = f"; test: {len(test)} images" if test is not None else "; no test.csv"
     return PreparedData(
         root=root,
         train=train,
         test=test,
         test_truth_csv=truth if truth.is_file() else None,
         clean_train_csv=clean if clean.is_file() else None,
+        kind="competition",
+        description=f"competition layout {train_csv}: {_describe_cache(train)}{test_part}",
+    )
+
+
+def _prepare_cache(path: Path) -> PreparedData:
+    path = path.resolve()
+    train_dir = path if _is_cache(path) else path / "train"
+    train = DatasetCache(train_dir)
+    if train.masks is None:
+        raise ValueError(
+            f"{train_dir}: this cache has no masks (a test cache); --data needs a training "
+            "cache, or the folder holding train/ and test/"
+        )
+    test_dir = path / "test"
+    test = DatasetCache(test_dir) if train_dir != path and _is_cache(test_dir) else None
+    test_part = f"; test: {len(test)} images" if test is not None else ""
+    return PreparedData(
+        root=path,
+        train=train,
+        test=test,
+        test_truth_csv=None,
+        clean_train_csv=None,
+        kind="cache",
+        description=f"bldseg cache {train_dir}: {_describe_cache(train)}{test_part}",
+    )
+
+
+def folder_layout(
+    data: str | os.PathLike | None, options: DataOptions
+) -> tuple[Path, Path | None, Path | None]:
+    """The image folder and the mask folder or footprints of a folder dataset.
+
+    Raises:
+        FileNotFoundError: No image folder, or no labels (masks/ or footprints/) at all.
+    """
+    base = Path(data).resolve() if data is not None else None
+    images = Path(options.images).resolve() if options.images else None
+    if images is None:
+        if base is None:
+            raise FileNotFoundError("pass --data DIR (with images/ + masks/) or --images DIR")
+        images = base / "images"
+    masks = Path(options.masks).resolve() if options.masks else None
+    footprints = Path(options.footprints).resolve() if options.footprints else None
+    if masks is None and footprints is None and base is not None:
+        if (base / "masks").is_dir():
+            masks = base / "masks"
+        elif (base / "footprints").is_dir():
+            footprints = base / "footprints"
+    return images, masks, footprints
+
+
+def _prepare_folders(
+    data: str | os.PathLike | None, options: DataOptions, data_root: Path, progress: bool
+) -> PreparedData:
+    images, masks, footprints = folder_layout(data, options)
+    if masks is None and footprints is None:
+        raise FileNotFoundError(
+            f"{images}: no labels for training; expected a masks/ (or footprints/) folder "
+            "beside it, or pass --masks DIR / --footprints PATH"
+        )
+    records = read_folder_dataset(
+        images,
+        masks,
+        tile_size=options.tile_size,
+        mask_pattern=options.mask_pattern,
+        footprints=footprints,
+        recursive=options.recursive,
+        options=options.read,
+    )
+    root = Path(data).resolve() if data is not None else images.parent
+    train = ensure_cache(
+        records, _cache_dir(data_root, root, options.key()) / "train", progress=progress
+    )
+    labels = (
+        f"{masks} (patterns: {options.mask_pattern or ', '.join(DEFAULT_MASK_PATTERNS[:4])}...)"
+    )
+    if footprints is not None:
+        labels = f"footprints {footprints}"
+    tiles = f", tiles of {options.tile_size}" if options.tile_size else ""
+    return PreparedData(
+        root=root,
+        train=train,
+        test=None,
+        test_truth_csv=None,
+        clean_train_csv=None,
+        kind="folders",
+        description=f"image/mask folders {images} + {labels}{tiles}: {_describe_cache(train)}",
+    )
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _colour_list(text: str) -> tuple[tuple[int, int, int], ...]:
+    colours = tuple(_int_list(c) for c in text.split(";") if c.strip())
+    if not colours or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colours):
+        raise argparse.ArgumentTypeError(f"expected R,G,B[;R,G,B...] in 0..255, got {text!r}")
+    return colours
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, training: bool = True) -> None:
+    """Adds the data flags every entry script shares (``--data`` and the folder options)."""
+    g = parser.add_argument_group("data")
+    a = g.add_argument
+    a(
+        "--data",
+        default=None,
+        help="competition folder (train.csv), image/mask folder (images/ + masks/), or a "
+        "bldseg cache; default: the built-in synthetic world",
+    )
+    a("--data-root", default=str(DEFAULT_DATA_ROOT), help="caches and the synthetic world")
+    a(
+        "--images",
+        default=None,
+        help="image folder, for layouts other than DATA/images"
+        if training
+        else "predict every image under this folder (mask PNGs to --out) instead of a test split",
+    )
+    if training:
+        a("--masks", default=None, help="mask folder, for layouts other than DATA/masks")
+        a(
+            "--footprints",
+            default=None,
+            help="building polygons instead of masks: a folder of NAME.geojson/.gpkg/.shp or "
+            "one vector file (georeferenced images; needs bldseg[geo])",
+        )
+        a(
+            "--mask-pattern",
+            default=None,
+            help="mask file name for an image stem, e.g. '{stem}_mask.png', or a regex "
+            "substitution '(\\d+)_img=>\\1.png' (default: {stem}.png, {stem}.tif, "
+            "{stem}_mask.png, {stem}.mask.tif, ...; exactly one must exist)",
+        )
+        a(
+            "--mask-values",
+            type=_int_list,
+            default=None,
+            help="mask values / palette indices that are buildings, e.g. 1,2 (default: nonzero)",
+        )
+        a(
+            "--mask-colors",
+            type=_colour_list,
+            default=None,
+            help="colour-coded class masks: RGB colours that are buildings, e.g. '0,0,255' "
+            "(ISPRS); several separated by ';'",
+        )
+        a(
+            "--mask-threshold",
+            type=float,
+            default=0.5,
+            help="non-binary masks (antialiased, JPEG) are binarised at this fraction of their "
+            "range (default 0.5)",
+        )
+        a("--group-column", default=None, help="competition CSV column with split groups")
+    a("--tile-size", type=int, default=None, help="cut large or mixed-size images into tiles")
+    a("--no-recursive", action="store_true", help="do not search sub-folders of --images")
+    a(
+        "--alpha",
+        choices=["refuse", "fill"],
+        default="refuse",
+        help="images with transparent pixels: refuse (default) or fill them with black",
+    )
+    a(
+        "--bands",
+        type=_int_list,
+        default=None,
+        help="1-based raster bands read as RGB (3) or grey (1), e.g. 5,3,2 (default 1,2,3)",
+    )
+    a(
+        "--stretch",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="percentiles mapped to 0/255 for 16-bit or float rasters (default 2 98)",
+    )
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    """:class:`DataOptions` from the flags of :func:`add_data_arguments`.
+
+    Raises:
+        SystemExit: A flag value is invalid (the message names the flag).
+    """
+    try:
+        read = ReadOptions(
+            mask_threshold=getattr(args, "mask_threshold", 0.5),
+            mask_values=getattr(args, "mask_values", None),
+            mask_colors=getattr(args, "mask_colors", None),
+            alpha=args.alpha,
+            bands=args.bands,
+            stretch=tuple(args.stretch) if args.stretch else ReadOptions().stretch,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    return DataOptions(
+        images=args.images,
+        masks=getattr(args, "masks", None),
+        footprints=getattr(args, "footprints", None),
+        mask_pattern=getattr(args, "mask_pattern", None),
+        tile_size=args.tile_size,
+        recursive=not args.no_recursive,
+        group_column=getattr(args, "group_column", None),
+        read=read,
     )

@@ -2,31 +2,111 @@
 
 Both readers return a list of :class:`SourceRecord` (one per cached sample); nothing is decoded
 here except to check sizes, so listing 7,140 files is quick. Decoding happens once, when the
-cache is built (:mod:`bldseg.data.cache`).
+cache is built (:mod:`bldseg.data.cache`), with the :class:`ReadOptions` the records carry.
 
-Competition layout (``train.csv``: ``img_id,img_path,mask_rle``; ``test.csv``:
-``img_id,img_path``): ``img_path`` is relative to the CSV's folder and may not escape it.
+Competition layout (``train.csv``: ``img_id,img_path,mask_rle``, optional ``group``;
+``test.csv``: ``img_id,img_path``): ``img_path`` is relative to the CSV's folder and may not
+escape it.
 
-Folder layout: ``images/NAME.png`` + ``masks/NAME.png`` (matched by file stem; masks are single
-channel, nonzero = building). Large scenes such as Inria's 5000x5000 are cut into a grid of
+Folder layout: images anywhere under an image folder (searched recursively), each matched to
+one mask in a mask folder by a naming pattern (``{stem}.png``, ``{stem}_mask.png``,
+``{stem}.mask.tif``, ... or the user's), or to a vector file of building footprints
+(:mod:`bldseg.data.geo`). Large scenes such as Inria's 5000x5000 are cut into a grid of
 ``tile_size`` tiles; the last row/column of tiles is shifted inwards so tiles cover the scene
 without padding.
+
+Masks are decoded exactly as real datasets ship them (see :func:`read_mask_image`): one
+channel 0/1 or 0/255 (8 or 16 bit), three equal channels, palette PNGs (index > 0 is a
+building unless ``mask_values`` names the building indices). A mask that is not binary
+(antialiased edges, JPEG artefacts) is binarised at the midpoint of its range and counted, so
+the cache build can warn; anything ambiguous is an error naming the file.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from bldseg.data import geo
 from bldseg.data.rle import rle_decode
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+
+#: Mask file names tried for an image ``{stem}`` when no pattern is given, in this order; every
+#: one that exists is a candidate, and two candidates for one image are an error.
+DEFAULT_MASK_PATTERNS = (
+    "{stem}.png",
+    "{stem}.tif",
+    "{stem}.tiff",
+    "{stem}_mask.png",
+    "{stem}_mask.tif",
+    "{stem}.mask.png",
+    "{stem}.mask.tif",
+    "{stem}_gt.png",
+    "{stem}.jpg",
+    "{stem}.webp",
+)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How images and masks are decoded (part of the cache's fingerprint).
+
+    Attributes:
+        mask_threshold: A mask that is not binary is binarised at this fraction of its range
+            (0..1 for masks whose maximum is 1, else 0..255 or 0..65535 by bit depth).
+        mask_values: Values (palette indices, class ids) that mean "building"; None: any
+            nonzero value of a binary mask, or a palette index > 0.
+        mask_colors: RGB colours that mean "building" in colour-coded class masks (ISPRS
+            Potsdam/Vaihingen: ``((0, 0, 255),)``); None: colour masks must be grey.
+        alpha: Images with transparent pixels: ``"refuse"`` (an error naming the file) or
+            ``"fill"`` (composited over black, so transparent pixels become 0).
+        bands: 1-based band indices read as RGB (one band is replicated to grey); None: bands
+            1, 2, 3 of a multi-band raster, the single band of a grey one.
+        stretch: Low/high percentiles mapped to 0 and 255 when an image is not 8-bit.
+    """
+
+    mask_threshold: float = 0.5
+    mask_values: tuple[int, ...] | None = None
+    mask_colors: tuple[tuple[int, int, int], ...] | None = None
+    alpha: Literal["refuse", "fill"] = "refuse"
+    bands: tuple[int, ...] | None = None
+    stretch: tuple[float, float] = geo.DEFAULT_STRETCH
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if self.alpha not in ("refuse", "fill"):
+            raise ValueError(f"alpha must be 'refuse' or 'fill', got {self.alpha!r}")
+        if self.mask_colors is not None and any(len(c) != 3 for c in self.mask_colors):
+            raise ValueError(f"mask_colors: give R,G,B triples, got {self.mask_colors}")
+        if self.bands is not None and len(self.bands) not in (1, 3):
+            raise ValueError(f"bands: give 1 (grey) or 3 (RGB) band indices, got {self.bands}")
+        lo, hi = self.stretch
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"stretch percentiles need 0 <= low < high <= 100, got {self.stretch}")
+
+    def key(self) -> list:
+        """JSON-able identity for the cache fingerprint."""
+        return [
+            self.mask_threshold,
+            None if self.mask_values is None else list(self.mask_values),
+            None if self.mask_colors is None else [list(c) for c in self.mask_colors],
+            self.alpha,
+            None if self.bands is None else list(self.bands),
+            list(self.stretch),
+        ]
+
+
+DEFAULT_READ = ReadOptions()
 
 
 @dataclass(frozen=True)
@@ -34,13 +114,16 @@ class SourceRecord:
     """One sample as found on disk, before decoding.
 
     Attributes:
-        img_id: Unique id, written to submissions (``TRAIN_0001``, ``austin1_r0_c1024``).
-        image_path: Absolute path of the RGB image file.
+        img_id: Unique id, written to submissions (``TRAIN_0001``, ``austin1_y0_x1024``).
+        image_path: Absolute path of the image file.
         mask_rle: Competition RLE of the mask (``-1`` for empty), or None.
-        mask_path: Path of a mask image (folder layout), or None.
+        mask_path: Path of a mask image or of a vector file of footprints, or None.
         window: ``(y, x, h, w)`` crop of the source image this sample covers, or None for the
             whole image.
         csv_row: 1-based data row in the source CSV (for error messages), or None.
+        group: Split group (tiles of one group never sit on both sides of a train/validation
+            split); None: the source image.
+        options: How to decode the files.
     """
 
     img_id: str
@@ -49,6 +132,8 @@ class SourceRecord:
     mask_path: Path | None = None
     window: tuple[int, int, int, int] | None = None
     csv_row: int | None = None
+    group: str | None = None
+    options: ReadOptions = field(default=DEFAULT_READ)
 
     @property
     def has_mask(self) -> bool:
@@ -65,13 +150,22 @@ def _check_columns(df: pd.DataFrame, required: tuple[str, ...], path: Path) -> N
         )
 
 
-def read_competition_csv(csv_path: str | os.PathLike, *, with_masks: bool | None = None):
+def read_competition_csv(
+    csv_path: str | os.PathLike,
+    *,
+    with_masks: bool | None = None,
+    group_column: str | None = None,
+    options: ReadOptions = DEFAULT_READ,
+):
     """Reads ``train.csv`` or ``test.csv`` of the competition layout.
 
     Args:
         csv_path: The CSV file; ``img_path`` values are relative to its folder.
         with_masks: Require the ``mask_rle`` column (True), ignore it (False) or use it when
             present (None).
+        group_column: Column naming each row's split group (e.g. the scene a tile was cut
+            from); required when given. Without it a ``group`` column is used when present.
+        options: How to decode the images.
 
     Returns:
         A list of :class:`SourceRecord`, in CSV order.
@@ -90,12 +184,17 @@ def read_competition_csv(csv_path: str | os.PathLike, *, with_masks: bool | None
     if with_masks is None:
         with_masks = has_rle
     _check_columns(df, ("img_id", "img_path", *(("mask_rle",) if with_masks else ())), csv_path)
+    if group_column is not None:
+        _check_columns(df, (group_column,), csv_path)
+    elif "group" in df.columns:
+        group_column = "group"
     if len(df) == 0:
         raise ValueError(f"{csv_path}: the CSV has no data rows")
 
     root = csv_path.parent
     records: list[SourceRecord] = []
     seen: dict[str, int] = {}
+    groups = df[group_column].astype(str).str.strip() if group_column else None
     for i, row in enumerate(df.itertuples(index=False), start=1):
         img_id = str(row.img_id).strip()
         where = f"{csv_path}, row {i}"
@@ -119,7 +218,14 @@ def read_competition_csv(csv_path: str | os.PathLike, *, with_masks: bool | None
             rle = str(row.mask_rle).strip()
             if not rle:
                 raise ValueError(f"{where} ({img_id}): empty mask_rle; an empty mask is written -1")
-        records.append(SourceRecord(img_id, image_path, mask_rle=rle, csv_row=i))
+        group = None
+        if groups is not None:
+            group = groups.iloc[i - 1]
+            if not group:
+                raise ValueError(f"{where} ({img_id}): empty {group_column!r} cell")
+        records.append(
+            SourceRecord(img_id, image_path, mask_rle=rle, csv_row=i, group=group, options=options)
+        )
     return records
 
 
@@ -152,6 +258,8 @@ def image_size(path: Path) -> tuple[int, int]:
     Raises:
         ValueError: The file is not a readable image.
     """
+    if path.suffix.lower() in geo.GEO_SUFFIXES and geo.geo_available():
+        return geo.raster_size(path)
     try:
         with Image.open(path) as im:
             return im.height, im.width
@@ -159,133 +267,422 @@ def image_size(path: Path) -> tuple[int, int]:
         raise ValueError(f"{path}: cannot read the image header: {e}") from e
 
 
+def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (suffixes :data:`IMAGE_SUFFIXES`, any case), sorted.
+
+    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are skipped.
+
+    Raises:
+        FileNotFoundError: The folder does not exist.
+        ValueError: It holds no image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    walk = folder.rglob("*") if recursive else folder.iterdir()
+    found = sorted(
+        p
+        for p in walk
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not found:
+        where = "under" if recursive else "in"
+        raise ValueError(f"no images with suffix {'/'.join(IMAGE_SUFFIXES)} {where} {folder}")
+    return found
+
+
+def mask_name(pattern: str, stem: str) -> str:
+    """The mask file name that ``pattern`` gives for an image stem.
+
+    A pattern is a format string with ``{stem}`` (``"{stem}_mask.png"``), or a regular
+    expression substitution ``"REGEX=>REPLACEMENT"`` applied to the whole stem
+    (``"(\\d+)_img=>\\1\\1.png"`` maps CrowdAI's ``1_img`` to ``11.png``).
+
+    Raises:
+        ValueError: A regular-expression pattern does not match the stem, or a bad pattern.
+    """
+    if "=>" in pattern:
+        regex, repl = pattern.split("=>", 1)
+        m = re.fullmatch(regex, stem)
+        if m is None:
+            raise ValueError(f"mask pattern {pattern!r}: {regex!r} does not match {stem!r}")
+        return m.expand(repl)
+    if "{stem}" not in pattern:
+        raise ValueError(f"mask pattern {pattern!r} has no {{stem}} (or REGEX=>REPLACEMENT)")
+    return pattern.format(stem=stem)
+
+
+def _mask_candidates(
+    image: Path, images_dir: Path, masks_dir: Path, patterns: tuple[str, ...]
+) -> list[Path]:
+    """Mask paths for ``image``: in the mirrored sub-folder of ``masks_dir``, then its top."""
+    rel_dir = image.parent.relative_to(images_dir)
+    dirs = [masks_dir / rel_dir] + ([masks_dir] if rel_dir != Path(".") else [])
+    out: list[Path] = []
+    for d in dirs:
+        for pat in patterns:
+            try:
+                cand = d / mask_name(pat, image.stem)
+            except ValueError:
+                continue  # a regex pattern that does not apply to this stem
+            if cand not in out and cand != image:
+                out.append(cand)
+    return out
+
+
+def _sample_id(image: Path, images_dir: Path) -> str:
+    """``sub/dir/name.png`` -> ``sub__dir__name``: unique across sub-folders, CSV-safe."""
+    return "__".join(image.relative_to(images_dir).with_suffix("").parts)
+
+
 def read_folder_dataset(
     images_dir: str | os.PathLike,
     masks_dir: str | os.PathLike | None = None,
     *,
     tile_size: int | None = None,
+    mask_pattern: str | None = None,
+    footprints: str | os.PathLike | None = None,
+    recursive: bool = True,
+    options: ReadOptions = DEFAULT_READ,
 ) -> list[SourceRecord]:
-    """Reads an image folder (+ a mask folder with matching file stems).
+    """Reads an image folder, with a mask (or footprint) file per image.
 
     Args:
-        images_dir: Folder of RGB images.
-        masks_dir: Folder of single-channel masks named like the images (any of the image
-            suffixes); None for unlabelled data.
+        images_dir: Folder of images (searched recursively unless ``recursive=False``).
+        masks_dir: Folder of masks: each image ``sub/NAME.ext`` is matched to
+            ``masks_dir/sub/<pattern>`` or ``masks_dir/<pattern>``; None for unlabelled data.
         tile_size: Cut every image into a grid of tiles of this size (for large scenes such as
             Inria's 5000x5000); None keeps whole images.
+        mask_pattern: Mask file name for an image stem (see :func:`mask_name`); default: each
+            of :data:`DEFAULT_MASK_PATTERNS`, where exactly one must exist.
+        footprints: Instead of masks, a folder of vector files named like the images
+            (``NAME.geojson``/``.gpkg``/``.shp``) or one vector file covering every image; the
+            images must be georeferenced (needs ``bldseg[geo]``).
+        recursive: Search sub-folders of ``images_dir``.
+        options: How to decode images and masks.
 
     Returns:
-        One :class:`SourceRecord` per image or tile, sorted by file name.
+        One :class:`SourceRecord` per image or tile, sorted by path; the tiles of one image
+        share its split group.
 
     Raises:
-        FileNotFoundError: A folder is missing, or an image has no mask.
-        ValueError: The folder holds no images.
+        FileNotFoundError: A folder is missing, or an image has no mask (listing the names
+            tried).
+        ValueError: No images, two images with one id, two candidate masks for one image, or
+            both ``masks_dir`` and ``footprints``.
     """
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {images_dir}")
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"{images_dir}: no images with suffix {IMAGE_SUFFIXES}")
-    masks: dict[str, Path] = {}
+    images_dir = Path(images_dir).resolve()
+    if masks_dir is not None and footprints is not None:
+        raise ValueError("give masks or footprints, not both")
+    if tile_size is not None and tile_size < 8:
+        raise ValueError(f"tile_size must be >= 8, got {tile_size}")
+    images = list_images(images_dir, recursive=recursive)
+    patterns = (mask_pattern,) if mask_pattern else DEFAULT_MASK_PATTERNS
+    label_of: dict[Path, Path] = {}
     if masks_dir is not None:
-        masks_dir = Path(masks_dir)
+        masks_dir = Path(masks_dir).resolve()
         if not masks_dir.is_dir():
             raise FileNotFoundError(f"mask folder not found: {masks_dir}")
-        masks = {
-            p.stem: p.resolve() for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-        }
-    records = []
+        label_of = _match_masks(images, images_dir, masks_dir, patterns)
+        # Masks kept beside their images (``a.png`` + ``a_mask.png`` in one folder) are not
+        # images to train on.
+        mask_files = set(label_of.values())
+        images = [p for p in images if p not in mask_files]
+    elif footprints is not None:
+        label_of = _match_footprints(images, Path(footprints).resolve())
+
+    records: list[SourceRecord] = []
+    seen: dict[str, Path] = {}
     for img in images:
-        mask_path = None
-        if masks_dir is not None:
-            mask_path = masks.get(img.stem)
-            if mask_path is None:
-                raise FileNotFoundError(f"{img}: no mask named {img.stem}.* in {masks_dir}")
+        sid = _sample_id(img, images_dir)
+        if sid in seen:
+            raise ValueError(
+                f"two images with the id {sid!r}: {seen[sid]} and {img}; rename one (ids are "
+                "the file path without its suffix)"
+            )
+        seen[sid] = img
+        label = label_of.get(img)
         if tile_size is None:
-            records.append(SourceRecord(img.stem, img.resolve(), mask_path=mask_path))
+            records.append(SourceRecord(sid, img, mask_path=label, options=options))
             continue
         h, w = image_size(img)
         for y, x, th, tw in tile_windows(h, w, tile_size):
             records.append(
                 SourceRecord(
-                    f"{img.stem}_y{y}_x{x}",
-                    img.resolve(),
-                    mask_path=mask_path,
-                    window=(y, x, th, tw),
+                    f"{sid}_y{y}_x{x}", img, mask_path=label, window=(y, x, th, tw), options=options
                 )
             )
     return records
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decodes an 8-bit RGB image.
+def _match_masks(
+    images: list[Path], images_dir: Path, masks_dir: Path, patterns: tuple[str, ...]
+) -> dict[Path, Path]:
+    """Image -> its one mask file; errors name the image and every name tried."""
+    existing = {p for p in masks_dir.rglob("*") if p.is_file()}
+    out: dict[Path, Path] = {}
+    unmatched: list[tuple[Path, list[Path]]] = []
+    for img in images:
+        cands = _mask_candidates(img, images_dir, masks_dir, patterns)
+        found = [c for c in cands if c in existing]
+        if len(found) > 1:
+            raise ValueError(
+                f"{img}: two candidate masks {[str(f) for f in found]}; keep one, or name the "
+                "right one with --mask-pattern"
+            )
+        if found:
+            out[img] = found[0]
+        else:
+            unmatched.append((img, cands))
+    # Beside-the-image masks (images_dir == masks_dir) are listed as images too: an unmatched
+    # file that is some image's mask is not an error.
+    mask_files = set(out.values())
+    unmatched = [(img, c) for img, c in unmatched if img not in mask_files]
+    if unmatched:
+        img, cands = unmatched[0]
+        tried = ", ".join(str(c.relative_to(masks_dir)) for c in cands) or "(no pattern applies)"
+        raise FileNotFoundError(
+            f"{img}: no mask found in {masks_dir} ({len(unmatched)} of {len(images)} images "
+            f"unmatched); tried {tried}. Name masks like the images, or pass --mask-pattern, "
+            "e.g. '{stem}_label.png' or '(\\d+)_img=>\\1.png'"
+        )
+    return out
+
+
+def _match_footprints(images: list[Path], footprints: Path) -> dict[Path, Path]:
+    """Image -> vector file: one file for all, or ``NAME.<vector suffix>`` in a folder."""
+    if footprints.is_file():
+        return dict.fromkeys(images, footprints)
+    if not footprints.is_dir():
+        raise FileNotFoundError(f"footprints not found: {footprints}")
+    out = {}
+    for img in images:
+        cands = [footprints / f"{img.stem}{suf}" for suf in geo.VECTOR_SUFFIXES]
+        found = [c for c in cands if c.is_file()]
+        if len(found) != 1:
+            what = "no footprint file" if not found else "two footprint files"
+            raise FileNotFoundError(
+                f"{img}: {what} in {footprints}; tried "
+                f"{', '.join(c.name for c in cands)}; or pass one vector file for every image"
+            )
+        out[img] = found[0]
+    return out
+
+
+def _fill_alpha(bgr: np.ndarray, alpha: np.ndarray, path: Path, options: ReadOptions):
+    """Drops an opaque alpha channel; transparent pixels: composite over black or refuse."""
+    if int(alpha.min()) == 255:
+        return bgr
+    if options.alpha == "fill":
+        a = alpha.astype(np.float32)[..., None] / 255.0  # (H, W, 1)
+        return np.rint(bgr.astype(np.float32) * a).astype(np.uint8)
+    n = int((alpha < 255).sum())
+    raise ValueError(
+        f"{path}: {n} transparent pixel(s) in the alpha channel; pass --alpha fill to composite "
+        "them over black, or save the image without transparency"
+    )
+
+
+def read_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> np.ndarray:
+    """Decodes an image as 8-bit RGB.
+
+    8-bit RGB is kept as is; an opaque alpha channel is dropped (transparent pixels: see
+    ``options.alpha``); grey is replicated to three channels; 16-bit and multi-band rasters
+    (GeoTIFFs) are read with rasterio and stretched to 8-bit per band between the
+    ``options.stretch`` percentiles (:func:`bldseg.data.geo.read_raster_rgb`).
 
     Returns:
         uint8 array (H, W, 3) in RGB order.
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: The file is not a decodable image (corrupt or truncated), is not 8-bit, or
-            is not RGB (grayscale, RGBA with transparency).
+        ValueError: The file is not a decodable image, has transparent pixels (unless
+            ``alpha="fill"``), or a band selection that does not fit it.
+        ImportError: A GeoTIFF or 16-bit image without the ``bldseg[geo]`` extra.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    # IMREAD_UNCHANGED so grayscale, 16-bit and alpha images are seen as what they are instead of
+    if path.suffix.lower() in geo.GEO_SUFFIXES and geo.needs_raster_reader(path):
+        geo.require_geo(str(path))
+        return geo.read_raster_rgb(path, bands=options.bands, stretch=options.stretch)
+    # IMREAD_UNCHANGED so grey, 16-bit and alpha images are seen as what they are instead of
     # being silently converted.
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ValueError(f"{path}: cannot decode the image (corrupt, truncated or not an image)")
     if img.dtype != np.uint8:
-        raise ValueError(f"{path}: expected an 8-bit image, got {img.dtype}")
-    if img.ndim == 3 and img.shape[2] == 4:
-        if img[..., 3].min() < 255:
-            raise ValueError(f"{path}: RGBA image with transparent pixels; expected RGB")
-        img = img[..., :3]
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"{path}: expected an RGB image (H, W, 3), got shape {img.shape}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        geo.require_geo(f"{path} ({img.dtype} image)")
+        return geo.read_raster_rgb(path, bands=options.bands, stretch=options.stretch)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[2] == 2:  # grey + alpha
+        img = _fill_alpha(img[..., :1], img[..., 1], path, options)
+    elif img.shape[2] == 4:  # BGRA
+        img = _fill_alpha(img[..., :3], img[..., 3], path, options)
+    if img.shape[2] == 1:
+        grey = img[..., 0]
+        if options.bands not in (None, (1,)):
+            raise ValueError(f"{path}: --bands {options.bands} but the image has one band")
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.shape[2] != 3:
+        raise ValueError(f"{path}: expected 1, 3 or 4 channels, got shape {img.shape}")
+    rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if options.bands is not None and options.bands != (1, 2, 3):
+        if max(options.bands) > 3 or min(options.bands) < 1:
+            raise ValueError(f"{path}: --bands {options.bands} but the image has 3 bands (1-3)")
+        sel = rgb[..., [b - 1 for b in options.bands]]
+        rgb = np.repeat(sel, 3, axis=2) if sel.shape[2] == 1 else np.ascontiguousarray(sel)
+    return rgb
 
 
-def read_mask_image(path: str | os.PathLike) -> np.ndarray:
-    """Decodes a mask image; nonzero pixels are buildings.
+@dataclass
+class MaskRead:
+    """A decoded mask.
 
-    Returns:
-        uint8 array (H, W) of 0/1.
+    Attributes:
+        mask: uint8 (H, W) of 0/1.
+        binary: Whether the file held exactly two values (or palette indices / named values);
+            False when it was binarised at the threshold (antialiased, JPEG).
+    """
+
+    mask: np.ndarray
+    binary: bool
+
+
+def _nominal_max(m: np.ndarray) -> float:
+    """Top of a mask's value range: 1 for 0..1 masks, else the bit depth's maximum."""
+    top = float(m.max())
+    if top <= 1.0:
+        return 1.0
+    if np.issubdtype(m.dtype, np.integer):
+        return float(np.iinfo(m.dtype).max)
+    return top
+
+
+def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> MaskRead:
+    """Decodes a mask image exactly as datasets ship it.
+
+    - one channel, 8 or 16 bit: a mask holding one nonzero value (0/1, 0/255, 0/65535) is
+      exact; any other is binarised at ``options.mask_threshold`` of its range (0..1 when
+      its maximum is 1, else the bit depth's) and reported as not binary;
+    - three (or four, with an opaque alpha) equal channels: as one channel;
+    - palette PNGs: the palette index is the label; index > 0 is a building, or the indices in
+      ``options.mask_values``;
+    - ``options.mask_values`` set: exactly those values are buildings (class-id masks);
+    - ``options.mask_colors`` set: colour-coded class masks, exactly those RGB colours are
+      buildings.
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: Corrupt file, or a colour mask whose channels differ.
+        ValueError: Corrupt file; colour channels that differ; a mask stored only in the alpha
+            channel; transparent pixels. Messages name the file and say what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask not found: {path}")
-    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if m is None:
-        raise ValueError(f"{path}: cannot decode the mask (corrupt, truncated or not an image)")
-    if m.ndim == 3:
-        if not (m[..., :3] == m[..., :1]).all():
-            raise ValueError(f"{path}: colour mask with differing channels; expected one channel")
-        m = m[..., 0]
-    return (m > 0).astype(np.uint8)
+    palette = False
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("P", "PA"):
+                palette = True
+                m = np.asarray(im.getchannel(0) if im.mode == "PA" else im)  # (H, W) indices
+    except (OSError, Image.UnidentifiedImageError):
+        pass  # not for PIL (e.g. some TIFFs): OpenCV decides below
+    if not palette:
+        m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if m is None:
+            raise ValueError(f"{path}: cannot decode the mask (corrupt, truncated or not an image)")
+        if m.ndim == 3 and options.mask_colors is not None:
+            return MaskRead(_colour_classes(m, options.mask_colors, path), True)
+        if m.ndim == 3:
+            m = _one_channel(m, path)
+    if options.mask_values is not None:
+        return MaskRead(np.isin(m, options.mask_values).astype(np.uint8), True)
+    if palette:
+        return MaskRead((m > 0).astype(np.uint8), True)
+    values = np.unique(m) if m.dtype != np.uint8 else np.flatnonzero(np.bincount(m.ravel()))
+    if (len(values) <= 2 and values[0] == 0) or len(values) == 1:
+        return MaskRead((m > 0).astype(np.uint8), True)
+    cut = options.mask_threshold * _nominal_max(m)
+    return MaskRead((m > cut).astype(np.uint8), False)
 
 
-def load_record(record: SourceRecord) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decodes one record: its image (H, W, 3) uint8 and mask (H, W) uint8 0/1 or None.
+def _colour_classes(m: np.ndarray, colours, path: Path) -> np.ndarray:
+    """(H, W, 3|4) BGR(A) class-colour mask -> (H, W) 0/1 where the RGB is a building colour."""
+    if m.shape[2] not in (3, 4) or m.dtype != np.uint8:
+        raise ValueError(f"{path}: --mask-colors needs an 8-bit RGB mask, got {m.shape} {m.dtype}")
+    rgb = m[..., 2::-1] if m.shape[2] == 3 else m[..., 2::-1][..., :3]  # (H, W, 3) RGB
+    hit = np.zeros(m.shape[:2], bool)
+    for c in colours:
+        hit |= (rgb == np.asarray(c, np.uint8)).all(axis=2)
+    return hit.astype(np.uint8)
+
+
+def _top_colours(colour: np.ndarray, k: int = 4) -> list[list[int]]:
+    """The ``k`` most frequent RGB colours of a (H, W, 3) BGR array."""
+    flat = colour.reshape(-1, 3)[:, ::-1]
+    uniq, counts = np.unique(flat, axis=0, return_counts=True)
+    return [uniq[i].tolist() for i in np.argsort(-counts)[:k]]
+
+
+def _one_channel(m: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, C) colour mask (BGR/BGRA/grey+alpha) -> (H, W), refusing what is ambiguous."""
+    colour, alpha = (m, None) if m.shape[2] in (1, 3) else (m[..., :-1], m[..., -1])
+    if alpha is not None and int(alpha.min()) < int(np.iinfo(m.dtype).max):
+        if (colour == colour.reshape(-1, colour.shape[2])[0]).all():
+            raise ValueError(
+                f"{path}: the mask is stored only in the alpha channel (the colour channels "
+                "are constant); save the alpha channel as a single-channel mask"
+            )
+        raise ValueError(
+            f"{path}: mask with transparent pixels; save it as a single-channel image without alpha"
+        )
+    if not (colour == colour[..., :1]).all():
+        ys, xs = np.nonzero((colour != colour[..., :1]).any(axis=2))
+        px = colour[ys[0], xs[0]][::-1].tolist()  # BGR -> RGB
+        raise ValueError(
+            f"{path}: colour mask with differing channels (pixel y={ys[0]}, x={xs[0]} is RGB "
+            f"{px}; most frequent colours {_top_colours(colour)}); bldseg needs one channel "
+            "(0 background, nonzero building): for a colour-coded class mask name the building "
+            "colour with --mask-colors R,G,B (e.g. 0,0,255 for ISPRS), else save the building "
+            "class as a single-channel or palette PNG"
+        )
+    return colour[..., 0]
+
+
+@dataclass
+class DecodedRecord:
+    """A record decoded: image (H, W, 3) uint8, mask (H, W) uint8 0/1 or None, and whether
+    the mask file was binary as stored (False: binarised at the threshold)."""
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    mask_binary: bool = True
+
+
+def decode_record(record: SourceRecord) -> DecodedRecord:
+    """Decodes one record with its options, cropped to its window.
 
     Raises:
         ValueError: The mask's size differs from the image's, or the RLE is malformed (the
-            message names the image id and the CSV row).
+            message names the image id and the CSV row), or any decoding error.
     """
-    image = read_image(record.image_path)
+    image = read_image(record.image_path, record.options)
     full_hw = image.shape[:2]
-    mask = None
+    mask, binary = None, True
     try:
         if record.mask_rle is not None:
             mask = rle_decode(record.mask_rle, full_hw)
         elif record.mask_path is not None:
-            mask = read_mask_image(record.mask_path)
+            if record.mask_path.suffix.lower() in geo.VECTOR_SUFFIXES:
+                geo.require_geo(f"footprints {record.mask_path}")
+                mask = geo.rasterize_footprints(record.image_path, record.mask_path)
+            else:
+                read = read_mask_image(record.mask_path, record.options)
+                mask, binary = read.mask, read.binary
             if mask.shape != full_hw:
                 raise ValueError(
                     f"mask {record.mask_path} is {mask.shape[0]}x{mask.shape[1]} but the image "
@@ -298,4 +695,10 @@ def load_record(record: SourceRecord) -> tuple[np.ndarray, np.ndarray | None]:
         y, x, h, w = record.window
         image = image[y : y + h, x : x + w]
         mask = None if mask is None else mask[y : y + h, x : x + w]
-    return image, mask
+    return DecodedRecord(image, mask, binary)
+
+
+def load_record(record: SourceRecord) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decodes one record: its image (H, W, 3) uint8 and mask (H, W) uint8 0/1 or None."""
+    d = decode_record(record)
+    return d.image, d.mask

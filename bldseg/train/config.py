@@ -89,8 +89,9 @@ class RunConfig:
 
     model: str = "upernet_internimage_tiny"  # a name from bldseg.models.list_models()
     drop_path_rate: float | None = None  # override the variant's stochastic depth
-    data: str | None = None  # dataset folder with train.csv; None: built-in synthetic world
-    val_fraction: float = 0.05  # share of images held out for validation (by image)
+    data: str | None = None  # competition/image-mask folder or cache; None: synthetic world
+    val_fraction: float = 0.05  # share of samples held out for validation (by source scene)
+    split_group: str | None = None  # regex on source file names whose match groups tiles
     split_seed: int = 0  # seed of the train/val split: keep it fixed across compared runs
     val_tile: int = 0  # side of validation tiles; 0: the training crop size
     epochs: int = 10  # training epochs

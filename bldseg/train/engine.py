@@ -31,7 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bldseg import metrics
-from bldseg.data.dataset import RandomCropDataset, TileDataset, split_indices, validation_tiles
+from bldseg.data.dataset import (
+    RandomCropDataset,
+    TileDataset,
+    split_groups,
+    split_indices,
+    validation_tiles,
+)
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.models import create_model
 from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
@@ -269,7 +275,9 @@ def fit(
     seed_everything(cfg.seed)
 
     cache = data.train
-    train_idx, val_idx = split_indices(len(cache), cfg.val_fraction, seed=cfg.split_seed)
+    # By source scene (or the configured group): tiles of one scene never sit on both sides.
+    groups = split_groups(cache, cfg.split_group)
+    train_idx, val_idx = split_indices(len(cache), cfg.val_fraction, cfg.split_seed, groups)
     crop = cfg.aug.crop_size
     h, w = cache.image_size
     if crop > min(h, w):

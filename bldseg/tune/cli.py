@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.tune.runner import METRIC, SearchSpec, run_search
 
 #: Fixed trial settings for the built-in synthetic world on a 2-core CPU: the tiny model on
@@ -37,16 +38,50 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def fixed_config(data: str | None, model: str | None = None, sets: list[str] = ()) -> dict:
+def fixed_config(
+    data: str | None,
+    model: str | None = None,
+    sets: list[str] = (),
+    *,
+    gpu: bool | None = None,
+    split_group: str | None = None,
+    announce: bool = False,
+) -> dict:
     """Run-config values fixed for every run of an entry script.
 
-    The CPU demo settings on the built-in synthetic world, ``upernet_internimage_t`` on the
-    user's data; then ``--model`` and ``--set key=value`` on top.
+    The CPU demo settings (:data:`CPU_DEMO`) on the built-in synthetic world and on any data
+    when there is no GPU, so a search on a laptop finishes in minutes; ``upernet_internimage_t``
+    on the user's data with a GPU. Then ``--model``, ``--split-group`` and ``--set key=value``
+    on top.
+
+    Args:
+        data: ``--data`` (None: the synthetic world).
+        model: ``--model``.
+        sets: ``--set key=value`` items.
+        gpu: Whether trials get a GPU; None: ``torch.cuda.is_available()``.
+        split_group: ``--split-group`` regex.
+        announce: Print which defaults were chosen when they are the CPU ones on user data.
     """
-    base: dict[str, Any] = dict(CPU_DEMO) if data is None else {"model": "upernet_internimage_t"}
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    small = data is None or not gpu
+    base: dict[str, Any] = dict(CPU_DEMO) if small else {"model": "upernet_internimage_t"}
     if model:
         base["model"] = model
-    base.update(parse_set(list(sets)))
+    if split_group:
+        base["split_group"] = split_group
+    sets = parse_set(list(sets))
+    base.update(sets)
+    if announce and small and data is not None:
+        kept = {k: v for k, v in CPU_DEMO.items() if k not in sets and not (k == "model" and model)}
+        print(
+            "no GPU: training on your data with the CPU demo's small settings "
+            + json.dumps(kept)
+            + "; pass --model / --set key=value (and --gpus-per-trial on a GPU machine) to change",
+            flush=True,
+        )
     return base
 
 
@@ -57,16 +92,18 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--space", default=space, help=f"search space in tune_spaces (default: {space})")
+    add_data_arguments(p)
     a(
-        "--data",
+        "--split-group",
         default=None,
-        help="dataset folder with train.csv; default: the built-in synthetic world",
+        help="regex on source file names; its match groups tiles that stay on one side of the "
+        "train/validation split (default: tiles of one source scene stay together)",
     )
     a(
         "--model",
         default=None,
-        help="model name (default: upernet_internimage_tiny on the synthetic world, else "
-        "upernet_internimage_t); see bldseg.models.list_models()",
+        help="model name (default: upernet_internimage_tiny on a CPU or the synthetic world, "
+        "upernet_internimage_t on your data with a GPU); see bldseg.models.list_models()",
     )
     a("--trials", type=int, default=12, help="number of trials (default 12)")
     a("--epochs", type=int, default=10, help="epochs per trial, ASHA's max_t (default 10)")
@@ -131,7 +168,14 @@ def main(
 ) -> int:
     """Parses flags, runs the search, prints the trial table and where to look next."""
     args = build_parser(space, description).parse_args(argv)
-    base = fixed_config(args.data, args.model, args.set)
+    base = fixed_config(
+        args.data or args.images,
+        args.model,
+        args.set,
+        gpu=args.gpus_per_trial > 0 or None,
+        split_group=args.split_group,
+        announce=True,
+    )
     spec = SearchSpec(
         space=args.space,
         name=args.name,
@@ -149,6 +193,8 @@ def main(
         resume=args.resume,
         seed=args.seed,
         data=args.data,
+        data_options=data_options(args),
+        data_root=args.data_root,
         max_concurrent=args.max_concurrent,
     )
     try:

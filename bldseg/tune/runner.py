@@ -29,7 +29,7 @@ import optuna
 import pandas as pd
 
 from bldseg.data.cache import DatasetCache
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, PreparedData, prepare_data
+from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
 from bldseg.train.config import RunConfig
 from bldseg.tune import tracking
 
@@ -62,7 +62,8 @@ class SearchSpec:
     address: str | None = None  # Ray cluster address; None: start or join a local Ray
     resume: bool = False  # continue the named (or latest) interrupted search
     seed: int = 0  # searcher seed
-    data: str | None = None  # dataset folder; None: the built-in synthetic world
+    data: str | None = None  # dataset folder or cache; None: the built-in synthetic world
+    data_options: DataOptions = field(default_factory=DataOptions)  # folder layout, decoding
     data_root: str = str(DEFAULT_DATA_ROOT)  # caches and the synthetic world
     max_failures: int = 1  # retries of a failed trial from its checkpoint
     max_concurrent: int = 0  # 0: as many as resources allow
@@ -340,17 +341,21 @@ def run_search(spec: SearchSpec) -> SearchResult:
         meta = json.loads((exp_dir / META_FILE).read_text())
         name = exp_dir.name
         base = meta["base"]
+        data_options = DataOptions.from_dict(meta["spec"].get("data_options") or {})
     else:
         name = spec.name or f"{spec.space}-{time.strftime('%Y%m%d-%H%M%S')}"
         exp_dir = storage / name
         if exp_dir.exists():
             raise ValueError(f"{exp_dir} exists: pass --resume to continue it, or a new --name")
         base = {**spec.base, "epochs": spec.epochs, "data": spec.data}
+        data_options = spec.data_options
         RunConfig.from_flat(base)  # a bad fixed value fails here, naming it
     space = get_space(spec.space)
     validate_space(space, base)
 
-    data = prepare_data(base.get("data"), data_root=spec.data_root)
+    data = prepare_data(
+        base.get("data"), options=data_options, data_root=spec.data_root, verbose=True
+    )
     experiment_id = tracking.ensure_experiment(client, name, uri, project)
     if spec.resume:
         parent_run_id = meta["parent_run_id"]

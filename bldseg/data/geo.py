@@ -1,0 +1,507 @@
+"""Optional geospatial input: GeoTIFF scenes and vector building footprints.
+
+Real satellite scenes often ship as GeoTIFFs that plain 8-bit decoding cannot represent
+(16-bit or float pixels, more than four bands, a CRS that footprint polygons are expressed in).
+This module reads them with rasterio into the uint8 (H, W, 3) RGB the rest of bldseg expects,
+burns vector footprints (GeoJSON, Shapefile, GeoPackage) into the image's pixel grid, and
+writes predicted masks back as GeoTIFFs that line up with the scene in a GIS.
+
+The geo packages (rasterio, geopandas, pyogrio, shapely, pyproj) are the optional extra
+``bldseg[geo]``: this module imports without them, so :mod:`bldseg.data.readers` can always
+import it; each function that needs them imports them when called and raises ``ImportError``
+naming the file and the ``pip install`` line when they are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import struct
+import uuid
+import warnings
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+GEO_SUFFIXES = (".tif", ".tiff")
+VECTOR_SUFFIXES = (".geojson", ".json", ".shp", ".gpkg")
+# Low/high percentiles (per band) mapped to 0 and 255 when a raster is not 8-bit: clipping the
+# 2% tails keeps a few saturated roofs or dark shadows from squashing the rest of the scene.
+DEFAULT_STRETCH = (2.0, 98.0)
+
+_PIP_HINT = "pip install 'bldseg[geo]'"
+
+PathLike = str | os.PathLike[str]
+
+
+def _import_optional(name: str) -> ModuleType:
+    """Imports one optional geo dependency by name.
+
+    Every import of a geo package goes through here, so tests can simulate a missing extra by
+    patching this one function instead of the installed packages.
+    """
+    return importlib.import_module(name)
+
+
+def _require(what: str, *names: str) -> tuple[ModuleType, ...]:
+    """Imports ``names`` or raises ImportError saying that ``what`` needs the geo extra."""
+    modules = []
+    for name in names:
+        try:
+            modules.append(_import_optional(name))
+        except ImportError as e:
+            raise ImportError(
+                f"{what} needs the optional geo extra: {_PIP_HINT} (cannot import {name}: {e})"
+            ) from e
+    return tuple(modules)
+
+
+def geo_available() -> bool:
+    """Whether rasterio can be imported (the ``bldseg[geo]`` extra is installed)."""
+    try:
+        _import_optional("rasterio")
+    except ImportError:
+        return False
+    return True
+
+
+def require_geo(what: str) -> None:
+    """Raises ImportError unless rasterio can be imported.
+
+    Args:
+        what: What needs it, starting with the file, e.g. ``"scene.tif: reading GeoTIFF"``;
+            the message continues with ``needs the optional geo extra: pip install ...``.
+
+    Raises:
+        ImportError: rasterio is not installed.
+    """
+    _require(what, "rasterio")
+
+
+@contextlib.contextmanager
+def _open_raster(path: Path, what: str) -> Iterator[Any]:
+    """Opens ``path`` with rasterio (read mode); errors name the file."""
+    (rasterio,) = _require(f"{path}: {what}", "rasterio")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    with warnings.catch_warnings():
+        # A plain TIFF has no georeference; that is a normal input here, not something to warn of.
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        try:
+            src = rasterio.open(path)
+        except rasterio.errors.RasterioIOError as e:
+            raise ValueError(
+                f"{path}: cannot read this file as a raster ({e}); check that it is a complete "
+                "GeoTIFF/TIFF"
+            ) from e
+    with src:
+        yield src
+
+
+def _carries_georeference(src: Any) -> bool:
+    """Whether an open dataset has a CRS, a geotransform or ground control points."""
+    return src.crs is not None or not src.transform.is_identity or bool(src.gcps[0])
+
+
+def _tiff_header(path: Path) -> tuple[int, int, int] | None:
+    """``(bits per sample, samples per pixel, sample format)`` of a TIFF's first image.
+
+    Read from the first IFD (classic TIFF or BigTIFF) without decoding pixels; None when the
+    file is not a TIFF. Used only without rasterio: OpenCV reads a 2-band TIFF as grey and
+    decodes a whole scene just to report its dtype, and PIL refuses 16-bit multi-band files.
+    """
+    sizes = {3: 2, 4: 4, 16: 8}  # field types met for these tags -> bytes: SHORT, LONG, LONG8
+    codes = {2: "H", 4: "I", 8: "Q"}  # unsigned struct code of each byte size
+    wanted = {258: 1, 277: 1, 339: 1}  # BitsPerSample, SamplesPerPixel, SampleFormat (defaults)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            order = {b"II": "<", b"MM": ">"}.get(head[:2])
+            if order is None:
+                return None
+            version = struct.unpack(order + "H", head[2:4])[0]
+            if version == 42:  # classic TIFF: 2-byte entry count, 4-byte counts and values
+                (ifd,) = struct.unpack(order + "I", head[4:8])
+                n_bytes, word = 2, 4
+            elif version == 43:  # BigTIFF: 8-byte entry count, 8-byte counts and values
+                (ifd,) = struct.unpack(order + "Q", head[8:16])
+                n_bytes, word = 8, 8
+            else:
+                return None
+            f.seek(ifd)
+            (n,) = struct.unpack(order + codes[n_bytes], f.read(n_bytes))
+            entry_size = 4 + 2 * word  # tag (2), type (2), value count (word), value (word)
+            entries = f.read(n * entry_size)
+            for i in range(n):
+                entry = entries[i * entry_size : (i + 1) * entry_size]
+                tag, typ = struct.unpack(order + "HH", entry[:4])
+                if tag not in wanted or typ not in sizes:
+                    continue
+                size = sizes[typ]
+                (count,) = struct.unpack(order + codes[word], entry[4 : 4 + word])
+                value = entry[4 + word :]
+                if count * size > word:  # the values live elsewhere; the field holds an offset
+                    (offset,) = struct.unpack(order + codes[word], value)
+                    f.seek(offset)
+                    value = f.read(size)
+                # Only the first value: bands of one image share their depth and format.
+                (wanted[tag],) = struct.unpack(order + codes[size], value[:size])
+    except (OSError, struct.error):
+        return None
+    return wanted[258], wanted[277], wanted[339]
+
+
+def needs_raster_reader(path: PathLike) -> bool:
+    """Whether a TIFF needs :func:`read_raster_rgb` instead of plain 8-bit RGB decoding.
+
+    True when ``path`` is a TIFF whose pixels are not uint8, whose band count is not 1, 3 or 4,
+    or (with rasterio) that carries a CRS/geotransform, so the georeference is kept for
+    footprints and GeoTIFF outputs. Other suffixes give False.
+
+    Without rasterio the TIFF header is read directly: 16-bit, float or multi-band files give
+    True, so the caller can :func:`require_geo`; an 8-bit 1/3/4-band GeoTIFF gives False, as its
+    pixels decode the same either way and only the georeference (unusable then) is lost. A file
+    that is not a readable TIFF gives False, leaving the error to the plain decoder.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: rasterio cannot read the file (message names it).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in GEO_SUFFIXES:
+        return False
+    if geo_available():
+        with _open_raster(path, "reading TIFF") as src:
+            return (
+                any(dt != "uint8" for dt in src.dtypes)
+                or src.count not in (1, 3, 4)
+                or _carries_georeference(src)
+            )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    header = _tiff_header(path)
+    if header is None:
+        return False
+    bits, samples, sample_format = header
+    return bits != 8 or sample_format != 1 or samples not in (1, 3, 4)
+
+
+def raster_size(path: PathLike) -> tuple[int, int]:
+    """``(H, W)`` of a raster, from its header.
+
+    Raises:
+        ImportError: rasterio is not installed.
+        FileNotFoundError, ValueError: Missing or unreadable file.
+    """
+    with _open_raster(Path(path), "reading GeoTIFF") as src:
+        return src.height, src.width
+
+
+def has_georeference(path: PathLike) -> bool:
+    """Whether ``path`` is a TIFF with both a CRS and a non-identity geotransform.
+
+    Non-TIFF suffixes give False without importing rasterio.
+
+    Raises:
+        ImportError: rasterio is not installed.
+        FileNotFoundError, ValueError: Missing or unreadable TIFF.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in GEO_SUFFIXES:
+        return False
+    with _open_raster(path, "reading GeoTIFF") as src:
+        return src.crs is not None and not src.transform.is_identity
+
+
+def _resolve_bands(path: Path, count: int, bands: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The 1-based bands to read (1 or 3 of them), checked against the file's ``count``."""
+    if bands is None:
+        if count == 1:
+            return (1,)
+        if count == 2:
+            raise ValueError(
+                f"{path}: the raster has 2 bands; choose what to read with --bands, "
+                "e.g. --bands 1 (grey) or --bands 1,2,2"
+            )
+        return (1, 2, 3)
+    bands = tuple(int(b) for b in bands)
+    if len(bands) not in (1, 3):
+        raise ValueError(
+            f"{path}: --bands takes 1 (grey) or 3 (RGB) band indices, got {list(bands)}"
+        )
+    bad = [b for b in bands if not 1 <= b <= count]
+    if bad:
+        raise ValueError(
+            f"{path}: band(s) {bad} out of range: the raster has {count} band(s), numbered "
+            f"1..{count}; choose others with --bands"
+        )
+    return bands
+
+
+def _check_stretch(stretch: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(v) for v in stretch)
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"stretch percentiles need 0 <= low < high <= 100, got {stretch}")
+    return low, high
+
+
+@lru_cache(maxsize=256)
+def _band_limits(
+    path: str, mtime_ns: int, size: int, band: int, low: float, high: float
+) -> tuple[float, float] | None:
+    """Stretch limits ``(lo, hi)`` of one band over the whole raster; None if it is constant.
+
+    Cached per file version (``mtime_ns``, ``size`` are part of the key), because a scene read
+    as many tiles would otherwise be read whole once per tile.
+    """
+    with _open_raster(Path(path), "reading GeoTIFF") as src:
+        data = src.read(band)  # (H, W), the whole band
+        valid = (src.read_masks(band) > 0) & np.isfinite(data)  # nodata/mask and NaN/inf out
+        values = data[valid]
+    if values.size == 0:
+        return None
+    lo, hi = np.percentile(values, [low, high])  # numpy's default linear interpolation
+    if not hi > lo:
+        return None
+    return float(lo), float(hi)
+
+
+def read_raster_rgb(
+    path: PathLike,
+    *,
+    bands: tuple[int, ...] | None = None,
+    stretch: tuple[float, float] = DEFAULT_STRETCH,
+    window: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """Reads a GeoTIFF/TIFF with rasterio as uint8 (H, W, 3) RGB.
+
+    Band choice: ``bands`` are 1-based indices (rasterio's convention), one (replicated to
+    grey) or three (R, G, B). None reads a 1-band raster as grey and bands 1, 2, 3 of a raster
+    with 3 or more bands (a 4th band, often alpha or near-infrared, is dropped); a 2-band raster
+    needs an explicit choice.
+
+    Pixel values: uint8 bands are kept as they are, nodata included (no stretch). Other dtypes
+    (uint16, int16, float32, ...) are stretched per band: the ``stretch`` low/high percentiles
+    (numpy's linear interpolation) of the band's valid pixels over the WHOLE raster, not just
+    ``window``, so all tiles of a scene get one stretch, map linearly to 0 and 255; values are
+    rounded to the nearest integer and clipped to 0..255. Valid pixels exclude nodata (rasterio's
+    mask, which also honours mask bands) and NaN/inf; invalid pixels come out 0. A band that is
+    constant over its valid pixels, or has none, comes out 0.
+
+    Args:
+        path: The raster file.
+        bands: 1-based band indices, 1 or 3 of them; None for the default above.
+        stretch: Low and high percentiles (0 <= low < high <= 100) for non-uint8 bands.
+        window: ``(y, x, h, w)`` crop to read, inside the raster; None reads all of it.
+
+    Returns:
+        uint8 array (h, w, 3).
+
+    Raises:
+        ImportError: rasterio is not installed.
+        FileNotFoundError: The file does not exist.
+        ValueError: Unreadable file, 2 bands without ``bands``, a band index out of range, a
+            bad ``stretch`` or a window outside the raster. Messages name the file.
+    """
+    path = Path(path)
+    low, high = _check_stretch(stretch)
+    with _open_raster(path, "reading GeoTIFF") as src:
+        chosen = _resolve_bands(path, src.count, bands)
+        height, width = src.height, src.width
+        if window is None:
+            y, x, h, w = 0, 0, height, width
+        else:
+            y, x, h, w = (int(v) for v in window)
+            if h <= 0 or w <= 0 or y < 0 or x < 0 or y + h > height or x + w > width:
+                raise ValueError(
+                    f"{path}: window (y, x, h, w) = {tuple(window)} is not inside the raster "
+                    f"of {height}x{width}"
+                )
+        rio_window = _import_optional("rasterio.windows").Window(x, y, w, h)
+        by_band: dict[int, np.ndarray] = {}  # band -> (h, w) uint8; each band read once
+        for b in dict.fromkeys(chosen):
+            data = src.read(b, window=rio_window)  # (h, w)
+            if src.dtypes[b - 1] == "uint8":
+                by_band[b] = data
+                continue
+            stat = path.stat()
+            limits = _band_limits(str(path.resolve()), stat.st_mtime_ns, stat.st_size, b, low, high)
+            out = np.zeros((h, w), np.uint8)
+            if limits is not None:
+                lo, hi = limits
+                valid = (src.read_masks(b, window=rio_window) > 0) & np.isfinite(data)
+                scaled = (data[valid].astype(np.float64) - lo) * (255.0 / (hi - lo))
+                out[valid] = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+            by_band[b] = out
+    rgb = [by_band[b] for b in (chosen * 3 if len(chosen) == 1 else chosen)]
+    return np.ascontiguousarray(np.stack(rgb, axis=-1))  # (h, w, 3)
+
+
+def rasterize_footprints(
+    image_path: PathLike, vector_path: PathLike, *, all_touched: bool = False
+) -> np.ndarray:
+    """Burns building polygons into the pixel grid of a georeferenced image.
+
+    The vector file (GeoJSON, Shapefile, GeoPackage; read with geopandas) is reprojected to the
+    image's CRS when it has another one. A file without a CRS is taken to be in the image's CRS,
+    but only if its bounds overlap the image's; otherwise the CRS is surely wrong and this is an
+    error. Points and lines are ignored (multi-part geometries and collections are split into
+    their polygons). A file with no geometry is a valid tile without buildings.
+
+    Args:
+        image_path: The georeferenced raster whose grid the mask follows.
+        vector_path: The footprint polygons.
+        all_touched: Burn every pixel a polygon touches, instead of the pixels whose centre is
+            inside it (GDAL's default rule).
+
+    Returns:
+        uint8 (H, W) mask, 1 inside a building, 0 elsewhere.
+
+    Raises:
+        ImportError: rasterio or geopandas is not installed.
+        FileNotFoundError: Either file does not exist.
+        ValueError: The image has no CRS/geotransform; the vector file is unreadable, holds no
+            polygon at all, has no CRS and lies elsewhere, or none of its polygons overlaps the
+            image. Messages name both files.
+    """
+    image_path, vector_path = Path(image_path), Path(vector_path)
+    both = f"footprints {vector_path} on image {image_path}"
+    features, gpd = _require(
+        f"{vector_path}: reading footprints", "rasterio", "rasterio.features", "geopandas"
+    )[1:]
+    if not vector_path.is_file():
+        raise FileNotFoundError(f"{vector_path}: footprint file not found (for {image_path})")
+    with _open_raster(image_path, "reading GeoTIFF") as src:
+        crs, transform, shape, bounds = src.crs, src.transform, src.shape, src.bounds
+    if crs is None or transform.is_identity:
+        raise ValueError(
+            f"{both}: the image has no CRS/geotransform, so polygons in map coordinates cannot "
+            "be placed on its pixels; use the georeferenced GeoTIFF the footprints were drawn on"
+        )
+    try:
+        gdf = gpd.read_file(vector_path)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{vector_path}: cannot read the footprints ({e}) (for {image_path})"
+        ) from e
+
+    geoms = gdf.geometry
+    geoms = geoms[~(geoms.isna() | geoms.is_empty)]
+    mask = np.zeros(shape, np.uint8)  # (H, W)
+    if len(geoms) == 0:
+        return mask
+    parts = geoms.explode(index_parts=False)  # MultiPolygon / GeometryCollection -> parts
+    polys = parts[parts.geom_type == "Polygon"]
+    if len(polys) == 0:
+        kinds = sorted(set(geoms.geom_type))
+        raise ValueError(f"{both}: the file holds no polygons, only {kinds}; footprints are areas")
+
+    image_crs = crs.to_wkt()
+    if polys.crs is None:
+        if not _bounds_overlap(polys.total_bounds, bounds):
+            raise ValueError(
+                f"{both}: the footprint file has no CRS and its bounds "
+                f"{_fmt_bounds(polys.total_bounds)} do not overlap the image's "
+                f"{_fmt_bounds(bounds)} in the image's CRS ({crs}); write the footprints with "
+                "their CRS (e.g. ogr2ogr -a_srs EPSG:XXXX)"
+            )
+    elif polys.crs != image_crs:
+        polys = polys.to_crs(image_crs)
+
+    b = polys.bounds  # per polygon: minx, miny, maxx, maxy in the image's CRS
+    hit = (b.minx < bounds.right) & (b.maxx > bounds.left)
+    hit &= (b.miny < bounds.top) & (b.maxy > bounds.bottom)
+    if not hit.any():
+        raise ValueError(
+            f"{both}: none of the {len(polys)} polygons overlaps the image (footprints "
+            f"{_fmt_bounds(polys.total_bounds)}, image {_fmt_bounds(bounds)} in {crs}); "
+            "check the CRS of both files"
+        )
+    try:
+        features.rasterize(
+            ((g, 1) for g in polys[hit.to_numpy()]),
+            out=mask,
+            transform=transform,
+            fill=0,
+            all_touched=all_touched,
+        )
+    except ValueError as e:  # rasterio refuses when every geometry is invalid
+        raise ValueError(f"{both}: cannot rasterize the polygons ({e})") from e
+    return mask
+
+
+def _bounds_overlap(a: Any, b: Any) -> bool:
+    """Whether ``(minx, miny, maxx, maxy)`` boxes ``a`` and ``b`` overlap."""
+    ax0, ay0, ax1, ay1 = (float(v) for v in a)
+    bx0, by0, bx1, by1 = (float(v) for v in b)
+    return ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1
+
+
+def _fmt_bounds(b: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in b) + ")"
+
+
+def write_geotiff_mask(mask: np.ndarray, out_path: PathLike, *, like: PathLike) -> None:
+    """Writes a mask as a single-band uint8 GeoTIFF on the grid of the raster ``like``.
+
+    The file gets ``like``'s CRS and geotransform (none if ``like`` has none), so the mask
+    overlays the scene in a GIS. It is written to a temporary name in the output folder and
+    renamed into place, so a reader never sees half a file.
+
+    Args:
+        mask: (H, W) bool or integer mask with values 0/255, or 0/1 (scaled to 0/255).
+        out_path: The GeoTIFF to write (replaced if it exists; its folder is created).
+        like: The raster whose (H, W), CRS and transform the mask follows.
+
+    Raises:
+        ImportError: rasterio is not installed.
+        ValueError: The mask is not 2-D, has other values, or its shape differs from ``like``.
+    """
+    out_path, like = Path(out_path), Path(like)
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{out_path}: the mask must be (H, W), got shape {mask.shape}")
+    if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"{out_path}: the mask must be bool or integer, got {mask.dtype}")
+    low, top = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
+    if low < 0 or top not in (0, 1, 255) or not np.all((mask == 0) | (mask == top)):
+        raise ValueError(
+            f"{out_path}: mask values must be 0/1 or 0/255, got values in [{low}, {top}]; "
+            "binarise it first"
+        )
+    data = (mask != 0).astype(np.uint8) * np.uint8(255)  # (H, W) 0/255
+
+    (rasterio,) = _require(f"{out_path}: writing a GeoTIFF", "rasterio")
+    with _open_raster(like, "reading GeoTIFF") as src:
+        if src.shape != data.shape:
+            raise ValueError(
+                f"{out_path}: the mask is {data.shape[0]}x{data.shape[1]} but {like} is "
+                f"{src.height}x{src.width}; write masks on the grid of their own scene"
+            )
+        profile = dict(
+            driver="GTiff",
+            height=src.height,
+            width=src.width,
+            count=1,
+            dtype="uint8",
+            crs=src.crs,
+            transform=src.transform,
+            compress="deflate",
+        )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so os.replace is an atomic rename; a unique name, so writers do not collide.
+    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(data, 1)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

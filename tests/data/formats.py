@@ -1,0 +1,160 @@
+"""Fixture generator: one synthetic scene written in every image/mask format users bring.
+
+Each :class:`FormatCase` is an image file and a mask file as a real dataset ships them
+(palette PNG, antialiased edges, JPEG mask, 16-bit, alpha-only, ...), with the decoding bldseg
+must produce (or the error it must raise). The pixels come from
+:func:`bldseg.data.synthetic.generate_scene`, so nothing is copied from real datasets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from bldseg.data.synthetic import generate_scene
+
+
+@dataclass
+class FormatCase:
+    """An image + mask pair on disk and what decoding them must give.
+
+    Attributes:
+        image: Image file.
+        mask: Mask file.
+        rgb: Expected decoded image (H, W, 3) uint8, or None when only the mask is checked.
+        truth: Expected decoded mask (H, W) 0/1, or None when decoding must fail.
+        binary: Whether the mask counts as binary as stored (False: binarised, warned about).
+        error: Regex of the expected error, or None.
+    """
+
+    image: Path
+    mask: Path
+    rgb: np.ndarray | None
+    truth: np.ndarray | None
+    binary: bool = True
+    error: str | None = None
+
+
+def scene(size: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic scene: RGB (size, size, 3) uint8 and a 0/1 mask with buildings."""
+    s = generate_scene(seed, size, size, min_buildings=2)
+    return s.image, s.mask
+
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def _cv2(path: Path, array: np.ndarray, params: list[int] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array, params or [])
+    return path
+
+
+def write_cases(root: Path, size: int = 48, seed: int = 0) -> dict[str, FormatCase]:
+    """Writes every format under ``root/<case>/{images,masks}/`` and returns the cases."""
+    rgb, m = scene(size, seed)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    cases: dict[str, FormatCase] = {}
+
+    def case(name: str, mask_file: str, write_mask, **kw) -> None:
+        img = _cv2(root / name / "images" / "tile.png", bgr)
+        mask = write_mask(root / name / "masks" / mask_file)
+        kw.setdefault("rgb", rgb)
+        kw.setdefault("truth", m)
+        cases[name] = FormatCase(img, mask, **kw)
+
+    case("gray01", "tile.png", lambda p: _png(p, m))
+    case("gray255", "tile.png", lambda p: _png(p, m * 255))
+    case("rgb255", "tile.png", lambda p: _png(p, np.repeat(m[..., None] * 255, 3, axis=2)))
+    case("uint16_01", "tile.png", lambda p: _cv2(p, m.astype(np.uint16)))
+    case("uint16_65535", "tile.png", lambda p: _cv2(p, m.astype(np.uint16) * 65535))
+
+    # Palette PNG whose index 0 is drawn white and index 1 black: decoding the colours (as
+    # OpenCV does) would invert the mask; the index is the label.
+    def palette(p: Path) -> Path:
+        im = Image.fromarray(m, "P")
+        im.putpalette([255, 255, 255, 0, 0, 0] + [0] * (256 - 2) * 3)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        im.save(p)
+        return p
+
+    case("palette", "tile.png", palette)
+
+    # Palette with classes: 1 = road, 2 = building; --mask-values 2 selects buildings.
+    classes = m * 2 + ((1 - m) * (np.arange(size)[None, :] % 7 == 0)).astype(np.uint8)
+
+    def palette_classes(p: Path) -> Path:
+        im = Image.fromarray(classes.astype(np.uint8), "P")
+        im.putpalette([0, 0, 0, 128, 128, 128, 255, 0, 0] + [0] * (256 - 3) * 3)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        im.save(p)
+        return p
+
+    case("palette_classes", "tile.png", palette_classes)
+
+    # Antialiased edges: a blurred 0/255 mask, binarised at 127.5 gives the blur's midline.
+    soft = cv2.GaussianBlur((m * 255).astype(np.uint8), (5, 5), 1.0)
+    case(
+        "antialiased",
+        "tile.png",
+        lambda p: _png(p, soft),
+        truth=(soft > 127.5).astype(np.uint8),
+        binary=False,
+    )
+
+    # A JPEG mask: compression noise around 0 and 255.
+    def jpeg(p: Path) -> Path:
+        return _cv2(p, (m * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
+
+    case("jpeg", "tile.jpg", jpeg, truth=None, binary=False)  # truth: decoded from the file
+
+    # Colour masks that cannot be read as one channel.
+    def colour(p: Path) -> Path:
+        a = np.zeros((size, size, 3), np.uint8)
+        a[m > 0] = (255, 0, 0)
+        return _png(p, a)
+
+    case("colour", "tile.png", colour, truth=None, error="colour mask with differing channels")
+
+    def alpha_only(p: Path) -> Path:
+        a = np.zeros((size, size, 4), np.uint8)
+        a[..., 3] = m * 255
+        return _png(p, a, "RGBA")
+
+    case("alpha_only", "tile.png", alpha_only, truth=None, error="stored only in the alpha")
+    case(
+        "rgba_opaque",
+        "tile.png",
+        lambda p: _png(p, np.dstack([np.repeat(m[..., None] * 255, 3, 2), np.full_like(m, 255)])),
+    )
+    return cases
+
+
+def write_image_cases(root: Path, size: int = 48, seed: int = 1) -> dict[str, tuple[Path, dict]]:
+    """Image formats: path -> expected RGB and the options that read it (or an error)."""
+    rgb, _ = scene(size, seed)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    alpha = np.full((size, size), 255, np.uint8)
+    out: dict[str, tuple[Path, dict]] = {}
+    out["rgb_png"] = (_cv2(root / "rgb.png", bgr), {"rgb": rgb})
+    out["rgb_webp"] = (_cv2(root / "rgb.webp", bgr, [cv2.IMWRITE_WEBP_QUALITY, 101]), {"rgb": rgb})
+    out["rgb_tif"] = (_cv2(root / "rgb.tif", bgr), {"rgb": rgb})
+    out["grey"] = (_cv2(root / "grey.png", grey), {"rgb": np.repeat(grey[..., None], 3, 2)})
+    out["rgba_opaque"] = (_cv2(root / "opaque.png", np.dstack([bgr, alpha])), {"rgb": rgb})
+    holes = alpha.copy()
+    holes[: size // 4] = 0
+    holes[size // 4 : size // 2] = 128
+    filled = np.rint(rgb.astype(np.float32) * (holes[..., None] / 255.0)).astype(np.uint8)
+    out["rgba_transparent"] = (
+        _cv2(root / "holes.png", np.dstack([bgr, holes])),
+        {"rgb": filled, "error": "transparent pixel"},
+    )
+    return out

@@ -1,0 +1,234 @@
+"""Real-world image and mask formats: exact decoding, loud errors, set-wide checks."""
+
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+
+from bldseg.data.cache import DatasetCache, ensure_cache
+from bldseg.data.readers import (
+    ReadOptions,
+    read_folder_dataset,
+    read_image,
+    read_mask_image,
+)
+from tests.data.formats import scene, write_cases, write_image_cases
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    return write_cases(tmp_path_factory.mktemp("formats"))
+
+
+EXACT = ["gray01", "gray255", "rgb255", "uint16_01", "uint16_65535", "palette", "rgba_opaque"]
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_binary_masks_decode_exactly(cases, name):
+    c = cases[name]
+    read = read_mask_image(c.mask)
+    assert read.binary
+    assert read.mask.dtype == np.uint8
+    np.testing.assert_array_equal(read.mask, c.truth)
+
+
+def test_palette_index_is_the_label_not_the_colour(cases):
+    # Index 0 is drawn white: decoding colours would give an inverted mask.
+    c = cases["palette"]
+    as_colour = cv2.imread(str(c.mask), cv2.IMREAD_GRAYSCALE)
+    assert (as_colour[c.truth == 0] == 255).all()
+    np.testing.assert_array_equal(read_mask_image(c.mask).mask, c.truth)
+
+
+def test_palette_building_indices(cases):
+    c = cases["palette_classes"]
+    anything = read_mask_image(c.mask).mask
+    assert anything.sum() > c.truth.sum()  # roads (index 1) count as > 0
+    named = read_mask_image(c.mask, ReadOptions(mask_values=(2,)))
+    np.testing.assert_array_equal(named.mask, c.truth)
+
+
+def test_antialiased_mask_is_binarised_at_the_midpoint(cases):
+    c = cases["antialiased"]
+    read = read_mask_image(c.mask)
+    assert not read.binary
+    np.testing.assert_array_equal(read.mask, c.truth)
+    # A lower threshold keeps more of the soft edge.
+    low = read_mask_image(c.mask, ReadOptions(mask_threshold=0.1)).mask
+    assert low.sum() > read.mask.sum()
+
+
+def test_jpeg_mask_is_binarised_and_close_to_the_truth(cases):
+    c = cases["jpeg"]
+    _, m = scene()
+    read = read_mask_image(c.mask)
+    assert not read.binary
+    stored = cv2.imread(str(c.mask), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(read.mask, (stored > 127.5).astype(np.uint8))
+    assert (read.mask != m).mean() < 0.01
+
+
+@pytest.mark.parametrize("name", ["colour", "alpha_only"])
+def test_ambiguous_masks_are_errors_naming_the_file(cases, name):
+    c = cases[name]
+    with pytest.raises(ValueError, match=c.error) as e:
+        read_mask_image(c.mask)
+    assert str(c.mask) in str(e.value)
+
+
+def test_image_formats(tmp_path):
+    for name, (path, exp) in write_image_cases(tmp_path).items():
+        if "error" in exp:
+            with pytest.raises(ValueError, match=exp["error"]) as e:
+                read_image(path)
+            assert "--alpha fill" in str(e.value) and str(path) in str(e.value)
+            got = read_image(path, ReadOptions(alpha="fill"))
+        else:
+            got = read_image(path)
+        assert got.dtype == np.uint8 and got.shape == exp["rgb"].shape, name
+        np.testing.assert_array_equal(got, exp["rgb"], err_msg=name)
+
+
+def test_band_selection_on_plain_images(tmp_path):
+    path, exp = write_image_cases(tmp_path)["rgb_png"]
+    rgb = exp["rgb"]
+    np.testing.assert_array_equal(read_image(path, ReadOptions(bands=(3, 2, 1))), rgb[..., ::-1])
+    np.testing.assert_array_equal(
+        read_image(path, ReadOptions(bands=(2,))), np.repeat(rgb[..., 1:2], 3, 2)
+    )
+    with pytest.raises(ValueError, match="has 3 bands"):
+        read_image(path, ReadOptions(bands=(4, 2, 1)))
+    with pytest.raises(ValueError, match="1 \\(grey\\) or 3"):
+        ReadOptions(bands=(1, 2))
+
+
+def _folder(tmp_path, names, size=32, seed=0, mask_name="{stem}.png", sub=""):
+    for i, n in enumerate(names):
+        rgb, m = scene(size, seed + i)
+        img = tmp_path / "images" / sub / f"{n}.png"
+        img.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(img), rgb[..., ::-1])
+        mp = tmp_path / "masks" / sub / mask_name.format(stem=n)
+        mp.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(mp), m * 255)
+    return tmp_path / "images", tmp_path / "masks"
+
+
+@pytest.mark.parametrize("pattern", ["{stem}.png", "{stem}_mask.png", "{stem}.mask.tif"])
+def test_default_mask_patterns(tmp_path, pattern):
+    images, masks = _folder(tmp_path, ["a", "b"], mask_name=pattern)
+    records = read_folder_dataset(images, masks)
+    assert [r.mask_path.name for r in records] == [pattern.format(stem=s) for s in "ab"]
+
+
+def test_user_patterns_and_regex(tmp_path):
+    images, masks = _folder(tmp_path, ["1_img", "2_img"], mask_name="{stem}_label.png")
+    (r,) = read_folder_dataset(images, masks, mask_pattern="{stem}_label.png")[:1]
+    assert r.mask_path.name == "1_img_label.png"
+    for p in list(masks.iterdir()):  # CrowdAI: image N_img.png <-> mask NN.png
+        n = p.name.split("_")[0]
+        p.rename(masks / f"{n}{n}.png")
+    records = read_folder_dataset(images, masks, mask_pattern=r"(\d+)_img=>\1\1.png")
+    assert [r.mask_path.name for r in records] == ["11.png", "22.png"]
+
+
+def test_unmatched_image_lists_what_was_tried(tmp_path):
+    images, masks = _folder(tmp_path, ["a", "b"])
+    (masks / "b.png").rename(masks / "b_other.png")
+    with pytest.raises(FileNotFoundError) as e:
+        read_folder_dataset(images, masks)
+    msg = str(e.value)
+    assert "b.png: no mask found" in msg and "1 of 2 images unmatched" in msg
+    assert "b_mask.png" in msg and "b.mask.tif" in msg and "--mask-pattern" in msg
+
+
+def test_two_candidate_masks_are_an_error(tmp_path):
+    images, masks = _folder(tmp_path, ["a"])
+    cv2.imwrite(str(masks / "a.tif"), np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"a\.png: two candidate masks .*a\.png.*a\.tif"):
+        read_folder_dataset(images, masks)
+
+
+def test_recursive_folders_mirror_sub_folders(tmp_path):
+    _folder(tmp_path, ["a"], sub="austin")
+    images, masks = _folder(tmp_path, ["a"], seed=5, sub="chicago")
+    records = read_folder_dataset(images, masks)
+    assert [r.img_id for r in records] == ["austin__a", "chicago__a"]
+    assert [r.mask_path.parent.name for r in records] == ["austin", "chicago"]
+    with pytest.raises(ValueError, match="no images"):
+        read_folder_dataset(images, masks, recursive=False)
+
+
+def test_masks_beside_images(tmp_path):
+    images, _ = _folder(tmp_path, ["a", "b"])
+    for n in "ab":
+        _, m = scene(32, ord(n))
+        cv2.imwrite(str(images / f"{n}_mask.png"), m * 255)
+    records = read_folder_dataset(images, images, mask_pattern="{stem}_mask.png")
+    assert [r.img_id for r in records] == ["a", "b"]
+
+
+def test_non_binary_masks_warn_with_a_count(tmp_path):
+    images, masks = _folder(tmp_path, ["a", "b", "c"])
+    m = cv2.imread(str(masks / "b.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(masks / "b.png"), cv2.GaussianBlur(m, (5, 5), 1.0))
+    records = read_folder_dataset(images, masks)
+    with pytest.warns(UserWarning, match=r"1 of 3 mask files were not binary.*b\.png"):
+        cache = ensure_cache(records, tmp_path / "cache", progress=False)
+    assert cache.manifest["masks_not_binary"] == [str(masks / "b.png")]
+
+
+def test_all_empty_mask_set_is_an_error_and_keeps_the_old_cache(tmp_path):
+    images, masks = _folder(tmp_path, ["a", "b"])
+    good = ensure_cache(read_folder_dataset(images, masks), tmp_path / "cache", progress=False)
+    before = np.array(good.masks)
+    for p in masks.iterdir():
+        cv2.imwrite(str(p), np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"every one of the 2 masks is empty \(first: .*a\.png"):
+        ensure_cache(read_folder_dataset(images, masks), tmp_path / "cache", progress=False)
+    # Nothing already cached is lost.
+    np.testing.assert_array_equal(DatasetCache(tmp_path / "cache").masks, before)
+
+
+def test_bad_mask_in_a_folder_names_the_file(tmp_path):
+    images, masks = _folder(tmp_path, ["a", "b"])
+    (masks / "b.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"b \(.*b\.png\): .*b\.png: cannot decode the mask"):
+        ensure_cache(read_folder_dataset(images, masks), tmp_path / "cache", progress=False)
+    # An undecodable PNG is not silently skipped, and no cache appears.
+    assert not (tmp_path / "cache").exists()
+
+
+def test_option_change_rebuilds_the_cache(tmp_path):
+    images, masks = _folder(tmp_path, ["a", "b"])
+    m = cv2.imread(str(masks / "a.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(masks / "a.png"), cv2.GaussianBlur(m, (5, 5), 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c1 = ensure_cache(read_folder_dataset(images, masks), tmp_path / "c", progress=False)
+        n1 = int(np.asarray(c1.masks[0]).sum())
+        opts = ReadOptions(mask_threshold=0.1)
+        c2 = ensure_cache(
+            read_folder_dataset(images, masks, options=opts), tmp_path / "c", progress=False
+        )
+    assert c1.fingerprint != c2.fingerprint
+    assert int(np.asarray(c2.masks[0]).sum()) > n1
+
+
+def test_colour_coded_class_masks(tmp_path):
+    # ISPRS style: building blue, road white, trees green.
+    _, m = scene()
+    rgb = np.zeros((*m.shape, 3), np.uint8)
+    rgb[:] = (255, 255, 255)
+    rgb[::3] = (0, 255, 0)
+    rgb[m > 0] = (0, 0, 255)
+    path = tmp_path / "isprs.png"
+    cv2.imwrite(str(path), rgb[..., ::-1])
+    with pytest.raises(ValueError, match=r"--mask-colors R,G,B .*") as e:
+        read_mask_image(path)
+    assert "[0, 0, 255]" in str(e.value)  # the colours found are listed
+    read = read_mask_image(path, ReadOptions(mask_colors=((0, 0, 255),)))
+    np.testing.assert_array_equal(read.mask, m)
+    two = read_mask_image(path, ReadOptions(mask_colors=((0, 0, 255), (0, 255, 0))))
+    assert two.mask.sum() > m.sum()

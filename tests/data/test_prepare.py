@@ -1,0 +1,144 @@
+"""``--data`` for every kind of dataset, and splits that keep source scenes together."""
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from bldseg.data.dataset import split_groups, split_indices
+from bldseg.data.prepare import DataOptions, detect_data, prepare_data
+from bldseg.data.readers import ReadOptions, read_folder_dataset
+from bldseg.data.rle import rle_encode
+from tests.data.formats import scene
+
+
+def _scenes(root, sizes, seed=0):
+    """images/<name>.png + masks/<name>.png for scenes of the given (h, w)."""
+    for i, (h, w) in enumerate(sizes):
+        s = scene(max(h, w), seed + i)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "images" / f"scene{i}.png"), s[0][:h, :w, ::-1])
+        cv2.imwrite(str(root / "masks" / f"scene{i}.png"), s[1][:h, :w] * 255)
+    return root
+
+
+def test_detects_every_kind(tmp_path, small_world):
+    assert detect_data(None) == "synthetic"
+    assert detect_data(small_world.root) == "competition"
+    assert detect_data(small_world.root / "train.csv") == "competition"
+    assert detect_data(small_world.train.root) == "cache"
+    assert detect_data(small_world.train.root.parent) == "cache"
+    assert detect_data(_scenes(tmp_path / "f", [(32, 32)])) == "folders"
+    assert detect_data(None, DataOptions(images=str(tmp_path))) == "folders"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train.csv .*images/ \+ masks/.*--images"):
+        detect_data(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        detect_data(tmp_path / "nope")
+
+
+def test_folder_dataset_with_tiles_is_cached_and_described(tmp_path, capsys):
+    root = _scenes(tmp_path / "ds", [(64, 64), (96, 64), (64, 128), (32, 32)])
+    data = prepare_data(
+        root,
+        options=DataOptions(tile_size=32),
+        data_root=tmp_path / "work",
+        progress=False,
+        verbose=True,
+    )
+    assert data.kind == "folders" and data.test is None
+    assert len(data.train) == 4 + 6 + 8 + 1 and data.train.image_size == (32, 32)
+    out = capsys.readouterr().out
+    assert "data (folders): image/mask folders" in out and "19 samples of 32x32 from 4" in out
+    # The same folder as a cache: no rebuild, same arrays.
+    again = prepare_data(data.train.root, data_root=tmp_path / "work", progress=False)
+    assert again.kind == "cache" and again.train.fingerprint == data.train.fingerprint
+
+
+def test_mixed_sizes_without_tiles_name_the_flag(tmp_path):
+    root = _scenes(tmp_path / "ds", [(32, 32), (64, 64)])
+    with pytest.raises(ValueError, match=r"scene1 .*64x64, expected 32x32 .*--tile-size"):
+        prepare_data(root, data_root=tmp_path / "work", progress=False)
+
+
+def test_explicit_folders_and_options(tmp_path):
+    root = _scenes(tmp_path / "ds", [(32, 32), (32, 32)])
+    (root / "masks").rename(root / "gt")
+    opts = DataOptions(images=str(root / "images"), masks=str(root / "gt"))
+    data = prepare_data(None, options=opts, data_root=tmp_path / "work", progress=False)
+    assert len(data.train) == 2
+    with pytest.raises(FileNotFoundError, match="no labels for training"):
+        prepare_data(root, data_root=tmp_path / "work", progress=False)
+
+
+def test_split_never_puts_one_scene_on_both_sides(tmp_path):
+    sizes = [(64, 96)] * 5 + [(32, 32)] * 6 + [(96, 96)] * 3
+    root = _scenes(tmp_path / "ds", sizes)
+    cache = prepare_data(
+        root, options=DataOptions(tile_size=32), data_root=tmp_path / "w", progress=False
+    ).train
+    groups = split_groups(cache)
+    assert len(set(groups)) == len(sizes)
+    for seed in range(10):
+        tr, va = split_indices(len(cache), 0.2, seed, groups)
+        assert len(tr) + len(va) == len(cache) and len(va) > 0
+        assert not {groups[i] for i in tr} & {groups[i] for i in va}
+        # close to the asked share although whole scenes (up to 9 tiles) move together
+        assert abs(len(va) / len(cache) - 0.2) < 0.2
+
+
+def test_split_by_image_is_unchanged_without_groups():
+    for n in (3, 24, 100):
+        perm = np.random.default_rng(7).permutation(n)
+        n_val = min(n - 1, max(1, round(n * 0.2)))
+        _, va = split_indices(n, 0.2, 7)
+        np.testing.assert_array_equal(va, np.sort(perm[:n_val]))
+        _, va_groups = split_indices(n, 0.2, 7, [f"g{i}" for i in range(n)])
+        np.testing.assert_array_equal(va_groups, va)
+    with pytest.raises(ValueError, match="at least 2 split groups"):
+        split_indices(4, 0.5, 0, ["a"] * 4)
+
+
+def test_split_group_pattern_keeps_map_blocks_together(tmp_path):
+    # Map tiles x120..x139: the pattern captures the x block of ten.
+    root = tmp_path / "tiles"
+    names = [f"tile_x{x}_y5" for x in range(120, 140)]
+    for i, n in enumerate(names):
+        s = scene(32, i)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "images" / f"{n}.png"), s[0][..., ::-1])
+        cv2.imwrite(str(root / "masks" / f"{n}.png"), s[1] * 255)
+    cache = prepare_data(root, data_root=tmp_path / "w", progress=False).train
+    groups = split_groups(cache, r"x(\d+)\d_")
+    assert sorted(set(groups)) == ["12", "13"]
+    _, va = split_indices(len(cache), 0.3, 0, groups)
+    assert len(va) == 10 and len({groups[i] for i in va}) == 1
+    with pytest.raises(ValueError, match=r"does not match .*tile_x120_y5"):
+        split_groups(cache, r"zz(\d)")
+
+
+def test_competition_group_column(tmp_path):
+    rows = []
+    for i in range(6):
+        rgb, m = scene(32, i)
+        cv2.imwrite(str(tmp_path / f"t{i}.png"), rgb[..., ::-1])
+        rows.append((f"T{i}", f"t{i}.png", rle_encode(m), f"area{i // 2}"))
+    df = pd.DataFrame(rows, columns=["img_id", "img_path", "mask_rle", "group"])
+    df.to_csv(tmp_path / "train.csv", index=False)
+    cache = prepare_data(tmp_path, data_root=tmp_path / "w", progress=False).train
+    assert cache.groups == ["area0", "area0", "area1", "area1", "area2", "area2"]
+    df.rename(columns={"group": "city"}).to_csv(tmp_path / "train.csv", index=False)
+    opts = DataOptions(group_column="city")
+    cache = prepare_data(tmp_path, options=opts, data_root=tmp_path / "w", progress=False).train
+    assert cache.groups[0] == "area0"
+    with pytest.raises(ValueError, match=r"missing column.*'region'"):
+        prepare_data(tmp_path, options=DataOptions(group_column="region"), data_root=tmp_path / "w")
+
+
+def test_read_options_are_part_of_the_folder_cache(tmp_path):
+    root = _scenes(tmp_path / "ds", [(32, 32), (32, 32)])
+    a = read_folder_dataset(root / "images", root / "masks")
+    b = read_folder_dataset(root / "images", root / "masks", options=ReadOptions(alpha="fill"))
+    assert a[0].options != b[0].options

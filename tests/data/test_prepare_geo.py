@@ -1,0 +1,81 @@
+"""A folder of GeoTIFF scenes + footprint polygons, end to end into the cache (bldseg[geo])."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rasterio")
+gpd = pytest.importorskip("geopandas")
+
+from bldseg.data import geo  # noqa: E402
+from bldseg.data.prepare import DataOptions, prepare_data  # noqa: E402
+from bldseg.data.readers import ReadOptions  # noqa: E402
+from tests.data.test_geo import (  # noqa: E402
+    RECTS,
+    H,
+    W,
+    assert_close_mask,
+    rect_mask,
+    to_wgs84,
+    utm_polygon,
+    write_tif,
+)
+
+
+def _geo_dataset(root):
+    """images/scene{0,1}.tif (uint16, 4 bands, UTM) + footprints/scene{0,1}.geojson (WGS84)."""
+    rng = np.random.default_rng(3)
+    (root / "images").mkdir(parents=True)
+    (root / "footprints").mkdir()
+    for i in range(2):
+        data = rng.integers(200, 4000, (4, H, W), dtype=np.uint16)
+        write_tif(root / "images" / f"scene{i}.tif", data)
+        polys = to_wgs84([utm_polygon(r) for r in RECTS[i:]])
+        gdf = gpd.GeoDataFrame(geometry=polys, crs="EPSG:4326")
+        gdf.to_file(root / "footprints" / f"scene{i}.geojson", driver="GeoJSON")
+    return root
+
+
+def test_geotiff_scenes_with_footprints(tmp_path, capsys):
+    root = _geo_dataset(tmp_path / "ds")
+    data = prepare_data(
+        root,
+        options=DataOptions(tile_size=20, read=ReadOptions(bands=(3, 2, 1))),
+        data_root=tmp_path / "w",
+        progress=False,
+        verbose=True,
+    )
+    assert "footprints" in capsys.readouterr().out
+    cache = data.train
+    # 40x50 scenes in 20-px tiles: rows 0, 20; columns 0, 20, 30.
+    assert len(cache) == 2 * 6 and cache.image_size == (20, 20)
+    assert len(set(cache.groups)) == 2
+    # Reassemble scene 0's mask and image from its tiles.
+    mask = np.zeros((H, W), np.uint8)
+    image = np.zeros((H, W, 3), np.uint8)
+    for k, src in enumerate(cache.sources[:6]):
+        y, x, h, w = src["window"]
+        mask[y : y + h, x : x + w] = cache.masks[k]
+        image[y : y + h, x : x + w] = cache.images[k]
+    assert_close_mask(mask, rect_mask(RECTS))
+    expected = geo.read_raster_rgb(root / "images" / "scene0.tif", bands=(3, 2, 1))
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_one_vector_file_for_every_scene(tmp_path):
+    root = _geo_dataset(tmp_path / "ds")
+    everything = gpd.GeoDataFrame(
+        geometry=to_wgs84([utm_polygon(r) for r in RECTS]), crs="EPSG:4326"
+    )
+    everything.to_file(tmp_path / "all.gpkg", driver="GPKG")
+    opts = DataOptions(images=str(root / "images"), footprints=str(tmp_path / "all.gpkg"))
+    cache = prepare_data(None, options=opts, data_root=tmp_path / "w", progress=False).train
+    assert len(cache) == 2 and cache.image_size == (H, W)
+    for k in range(2):  # both scenes share one footprint: the file covers both
+        assert_close_mask(np.asarray(cache.masks[k]), rect_mask(RECTS))
+
+
+def test_missing_footprint_file_names_the_image(tmp_path):
+    root = _geo_dataset(tmp_path / "ds")
+    (root / "footprints" / "scene1.geojson").unlink()
+    with pytest.raises(FileNotFoundError, match=r"scene1\.tif: no footprint file .*scene1\.gpkg"):
+        prepare_data(root, data_root=tmp_path / "w", progress=False)

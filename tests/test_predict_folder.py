@@ -1,0 +1,437 @@
+"""Folder prediction: sliding windows, blending, mask files, GeoTIFF outputs, scoring, the CLI.
+
+Two kinds of model keep these tests fast and exact:
+
+- the tiny UPerNet-InternImage, randomly initialised and saved as a real checkpoint: a
+  realistic network for the equivalence with :func:`predict_cache` and for the CLI;
+- a "pointwise" model registered for the test, whose probability at a pixel is that pixel's
+  red value / 255: every window agrees on every pixel, so a blended map must equal the red
+  channel exactly, which catches any misplaced, mis-padded or mis-cropped window.
+"""
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bldseg import metrics
+from bldseg.data.cache import ensure_cache
+from bldseg.data.readers import read_folder_dataset
+from bldseg.models import create_model, registry
+from bldseg.predict import (
+    EnsembleSpec,
+    blend_weights,
+    combine_members,
+    load_checkpoint,
+    predict_cache,
+    predict_folder,
+    predict_image,
+    sliding_windows,
+)
+from bldseg.train.augment import IMAGENET_MEAN, IMAGENET_STD
+from bldseg.train.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "upernet_internimage_tiny"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def write_png(path: Path, rgb: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def read_png(path: Path) -> np.ndarray:
+    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert m is not None, path
+    return m
+
+
+def noise_image(h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth random RGB (blurred noise), so the network sees structure, not white noise."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(img, (5, 5), 0)
+
+
+def save_checkpoint(path: Path, model_name: str, seed: int, **flat) -> Path:
+    """A checkpoint in the format load_checkpoint reads (what fit() writes as best.pt)."""
+    cfg = RunConfig.from_flat({"model": model_name, "impl": "reference", **flat})
+    torch.manual_seed(seed)
+    model = create_model(cfg.model, impl=cfg.impl)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"model": model.state_dict(), "config": cfg.to_flat(), "metrics": {"val_thr_best": 0.5}},
+        path,
+    )
+    return path
+
+
+class Pointwise(nn.Module):
+    """Probability of a pixel = its red value / 255 (undoing the ImageNet normalisation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = x[:, :1] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # (B, 1, H, W) in [0, 1]
+        # float64 so the logit round trip lands within far less than half a level of red/255
+        return torch.logit(red.double().clamp(1e-9, 1 - 1e-9)).float()
+
+
+class WindowRamp(nn.Module):
+    """Probability = column index inside the window / (S - 1): differs between windows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.shape[-1]
+        ramp = torch.linspace(0.0, 1.0, s, dtype=torch.float64).clamp(1e-9, 1 - 1e-9)
+        return torch.logit(ramp).float().expand(x.shape[0], 1, x.shape[-2], s)
+
+
+class Constant(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.logit = float(np.log(p / (1 - p)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1, *x.shape[-2:]), self.logit)
+
+
+@pytest.fixture
+def pointwise_model(monkeypatch):
+    """Registers the pointwise model for this test, so real checkpoints can name it."""
+    monkeypatch.setitem(registry._MODELS, "test_pointwise", lambda **kw: Pointwise())
+    return "test_pointwise"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory):
+    """Two randomly initialised tiny UPerNet-InternImage checkpoints validated on 32-px tiles."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return [
+        str(save_checkpoint(root / f"m{s}" / "best.pt", TINY, s, **{"aug.crop_size": 32}))
+        for s in (0, 1)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Windows and blending
+# --------------------------------------------------------------------------------------------
+
+
+def test_sliding_windows_cover_with_last_row_shifted_inwards():
+    assert sliding_windows(32, 32, 32, 0.25) == [(0, 0)]
+    # step 32 - 8 = 24: 0, 24, 48, then the last shifted to 100 - 32 = 68
+    ys = sorted({y for y, _ in sliding_windows(100, 75, 32, 0.25)})
+    xs = sorted({x for _, x in sliding_windows(100, 75, 32, 0.25)})
+    assert ys == [0, 24, 48, 68] and xs == [0, 24, 43]
+    assert sorted({x for _, x in sliding_windows(64, 64, 32, 0.0)}) == [0, 32]
+    w = blend_weights(32)
+    assert w.shape == (32, 32) and np.array_equal(w, w.T) and np.array_equal(w, w[::-1])
+    assert w.min() == pytest.approx(0.05**2) and w.max() == pytest.approx((1 - 1 / 32) ** 2)
+
+
+@pytest.mark.parametrize("shape", [(100, 75), (20, 40), (32, 32), (33, 90), (1, 50)])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+def test_pointwise_model_blends_to_itself(shape, overlap):
+    # Every window predicts every pixel as its red value, so any weighting must give it back;
+    # a window placed, padded or cropped wrongly would not.
+    image = noise_image(*shape, seed=sum(shape))
+    q = predict_image(Pointwise(), image, window=32, overlap=overlap, batch_size=3)
+    assert q.shape == shape and q.dtype == np.uint8
+    np.testing.assert_array_equal(q, image[..., 0])
+
+
+@pytest.mark.parametrize("p", [0.6, 0.3, 0.5, 0.97])
+def test_constant_model_blends_to_the_constant(p):
+    torch.manual_seed(0)
+    image = noise_image(100, 75, seed=1)
+    q = predict_image(Constant(p), image, window=32, overlap=0.5)
+    one_window = predict_image(Constant(p), image[:32, :32], window=32)
+    assert one_window.min() == one_window.max()
+    assert (q == one_window[0, 0]).all()
+    assert abs(int(q[0, 0]) - p * 255) <= 0.5
+
+
+def test_blend_matches_naive_weighted_mean():
+    # A model whose answer depends on where a pixel sits in its window: the blend must be the
+    # weight-averaged answer of the windows covering each pixel (reference in float64).
+    h, w, s, overlap = 70, 50, 32, 0.4
+    q = predict_image(WindowRamp(), noise_image(h, w, seed=2), window=s, overlap=overlap)
+    local = metrics.quantise(np.linspace(0.0, 1.0, s)) / 255.0  # (S,) one window's map
+    weight = blend_weights(s).astype(np.float64)
+    num = np.zeros((h, w))
+    den = np.zeros((h, w))
+    for y, x in sliding_windows(h, w, s, overlap):
+        num[y : y + s, x : x + s] += weight * local[None, :]
+        den[y : y + s, x : x + s] += weight
+    ref = metrics.quantise(num / den)
+    assert np.abs(q.astype(int) - ref.astype(int)).max() <= 1
+    assert (q == ref).mean() > 0.99
+    assert len(np.unique(q)) > 20  # really blended, not one window's ramp
+
+
+# --------------------------------------------------------------------------------------------
+# Folders -> masks
+# --------------------------------------------------------------------------------------------
+
+
+def test_tile_sized_images_match_predict_cache(tiny_ckpts, tmp_path):
+    images = tmp_path / "images"
+    for i in range(3):
+        write_png(images / f"t{i}.png", noise_image(32, 32, seed=i))
+    cache = ensure_cache(read_folder_dataset(images), tmp_path / "cache", progress=False)
+    # Thresholds on a level the random networks hit often (their maps sit around 0.5), so a
+    # pixel on either side of the integer rule would show.
+    q0 = predict_image(load_checkpoint(tiny_ckpts[0])[0], noise_image(32, 32, seed=0), window=32)
+    t = float(np.median(q0)) / 255
+    specs = {
+        "one": EnsembleSpec(tiny_ckpts[:1], threshold=t),
+        "pair": EnsembleSpec(tiny_ckpts, threshold=t),
+        "weighted": EnsembleSpec(tiny_ckpts, [1.0, 2.5], threshold=t),
+        "min_area": EnsembleSpec(tiny_ckpts, threshold=t, min_area=400),
+        "tta": EnsembleSpec(tiny_ckpts[:1], threshold=t, tta=True),
+    }
+    for name, spec in specs.items():
+        ref = predict_cache(spec, cache, batch_size=1, device="cpu", progress=False)
+        r = predict_folder(spec, images, tmp_path / name, device="cpu", progress=False)
+        got = np.stack([read_png(p) == 255 for p in r.masks])
+        assert [p.stem for p in r.masks] == cache.ids, name
+        np.testing.assert_array_equal(got, ref, err_msg=name)
+        assert 0 < ref.mean() < 1 or name == "min_area", name
+        assert r.empty == int((ref.sum((1, 2)) == 0).sum())
+
+
+def test_large_image_gives_full_size_png_in_mirrored_folder(tiny_ckpts, tmp_path):
+    images = tmp_path / "images"
+    big = noise_image(100, 75, seed=3)
+    write_png(images / "area" / "north" / "scene.png", big)
+    write_png(images / "tile.jpg", noise_image(32, 32, seed=4))
+    spec = EnsembleSpec(tiny_ckpts, threshold=0.5)
+    r = predict_folder(spec, images, tmp_path / "out", device="cpu", progress=False)
+    out = tmp_path / "out"
+    assert r.masks == [out / "area" / "north" / "scene.png", out / "tile.png"]
+    mask = read_png(out / "area" / "north" / "scene.png")
+    assert mask.shape == (100, 75) and mask.dtype == np.uint8  # single channel
+    assert set(np.unique(mask)) <= {0, 255}
+    # the members' blended maps, combined by the ensemble rule
+    models = [load_checkpoint(c)[0] for c in tiny_ckpts]
+    ref = combine_members((predict_image(m, big, window=32) for m in models), spec)
+    np.testing.assert_array_equal(mask == 255, ref)
+    # atomic writes leave no temporary files behind; nothing but the masks is written
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["scene.png", "tile.png"]
+
+
+def test_window_from_config_and_flag(pointwise_model, tmp_path):
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 48})
+    _, cfg, _ = load_checkpoint(ckpt)
+    assert cfg.val_tile == 0 and cfg.aug.crop_size == 48
+    images = tmp_path / "images"
+    img = noise_image(20, 90, seed=5)
+    write_png(images / "a.png", img)
+    spec = EnsembleSpec([str(ckpt)], threshold=0.5)
+    for window in (None, 32, 64):
+        r = predict_folder(spec, images, tmp_path / f"out{window}", window=window, progress=False)
+        np.testing.assert_array_equal(read_png(r.masks[0]) == 255, img[..., 0] >= 128)
+
+
+def test_geotiff_input_gives_georeferenced_mask(tiny_ckpts, tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rgb = noise_image(40, 48, seed=6)
+    transform = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4649776.0)  # 0.5 m pixels, UTM 33N
+    profile = dict(
+        driver="GTiff",
+        height=40,
+        width=48,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=transform,
+    )
+    with rasterio.open(images / "scene.tif", "w", **profile) as dst:
+        dst.write(rgb.transpose(2, 0, 1))
+    write_png(images / "plain.png", noise_image(32, 32, seed=7))
+    r = predict_folder(
+        EnsembleSpec(tiny_ckpts[:1], threshold=0.5), images, tmp_path / "out", progress=False
+    )
+    assert r.geotiffs == [tmp_path / "out" / "scene.tif"]  # the PNG input gets no GeoTIFF
+    with rasterio.open(r.geotiffs[0]) as src:
+        assert src.crs.to_epsg() == 32633 and src.transform == transform
+        assert src.count == 1 and src.dtypes == ("uint8",)
+        tif_mask = src.read(1)
+    np.testing.assert_array_equal(tif_mask, read_png(tmp_path / "out" / "scene.png"))
+
+
+def _dice(p: np.ndarray, g: np.ndarray) -> float:
+    return (2 * (p & g).sum() + 1e-7) / (p.sum() + g.sum() + 1e-7)
+
+
+def test_masks_are_scored_like_the_competition(pointwise_model, tmp_path):
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    # predictions are red >= 128: a ramp, an all-empty image and an all-building image
+    ramp = np.zeros((40, 60, 3), np.uint8)
+    ramp[..., 0] = np.linspace(0, 255, 60).astype(np.uint8)[None, :]
+    empty = np.zeros((32, 32, 3), np.uint8)
+    full = np.full((50, 36, 3), 200, np.uint8)
+    truth = {
+        "ramp": np.zeros((40, 60), bool),
+        "empty": np.zeros((32, 32), bool),  # empty/empty: left out of the official mean
+        "full": np.zeros((50, 36), bool),
+    }
+    truth["ramp"][5:30, 20:50] = True
+    truth["full"][:25] = True
+    write_png(images / "ramp.png", ramp)
+    write_png(images / "empty.png", empty)
+    write_png(images / "sub" / "full.png", full)
+    # mask names as the folder reader matches them: {stem}.png, {stem}_mask.png, mirrored
+    (masks / "sub").mkdir(parents=True)
+    cv2.imwrite(str(masks / "ramp.png"), truth["ramp"].astype(np.uint8) * 255)
+    cv2.imwrite(str(masks / "empty_mask.png"), truth["empty"].astype(np.uint8) * 255)
+    cv2.imwrite(str(masks / "sub" / "full.png"), truth["full"].astype(np.uint8))  # a 0/1 mask
+
+    r = predict_folder(
+        EnsembleSpec([str(ckpt)], threshold=0.5),
+        images,
+        tmp_path / "out",
+        masks_dir=masks,
+        progress=False,
+    )
+    pred = {p.stem: read_png(p) == 255 for p in r.masks}
+    np.testing.assert_array_equal(pred["ramp"], ramp[..., 0] >= 128)
+    assert not pred["empty"].any() and pred["full"].all()
+    dice = {k: _dice(pred[k], truth[k]) for k in ("ramp", "full")}
+    inter = sum(int((pred[k] & truth[k]).sum()) for k in truth)
+    p_sum = sum(int(pred[k].sum()) for k in truth)
+    g_sum = sum(int(truth[k].sum()) for k in truth)
+    s = r.scores
+    assert s["official_score"] == pytest.approx((dice["ramp"] + dice["full"]) / 2, abs=1e-12)
+    assert s["pixel_iou"] == pytest.approx(inter / (p_sum + g_sum - inter), abs=1e-12)
+    assert s["pixel_f1"] == pytest.approx(2 * inter / (p_sum + g_sum), abs=1e-12)
+    assert s["n_images"] == 3 and s["n_scored"] == 2
+    # the official score equals the metric module's on the same masks
+    assert s["official_score"] == pytest.approx(
+        np.nanmean([metrics.dice_per_image(pred[k][None], truth[k][None])[0] for k in truth])
+    )
+    saved = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert saved["official_score"] == s["official_score"]
+    by_image = {row["image"]: row for row in saved["per_image"]}
+    assert by_image["empty.png"]["dice"] is None
+    assert by_image[str(Path("sub") / "full.png")]["dice"] == pytest.approx(dice["full"])
+
+
+def test_missing_mask_names_image_and_names_tried(pointwise_model, tmp_path):
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    write_png(tmp_path / "images" / "lonely.png", noise_image(32, 32, seed=8))
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"lonely\.png.*tried lonely\.png, lonely\.tif"):
+        predict_folder(
+            EnsembleSpec([str(ckpt)]),
+            tmp_path / "images",
+            tmp_path / "out",
+            masks_dir=tmp_path / "masks",
+            progress=False,
+        )
+
+
+def test_errors_name_the_flag_or_the_file(pointwise_model, tmp_path):
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    spec = EnsembleSpec([str(ckpt)])
+    images = tmp_path / "images"
+    write_png(images / "good.png", noise_image(32, 32, seed=9))
+    for kw, flag in (
+        ({"window": 16}, "--window"),
+        ({"overlap": 0.95}, "--overlap"),
+        ({"overlap": -0.1}, "--overlap"),
+        ({"overlap": float("nan")}, "--overlap"),
+    ):
+        with pytest.raises(ValueError, match=flag):
+            predict_folder(spec, images, tmp_path / "out", progress=False, **kw)
+    with pytest.raises(ValueError, match="--window"):
+        predict_image(Pointwise(), noise_image(40, 40, 0), window=31)
+    with pytest.raises(ValueError, match="inside the image folder"):
+        predict_folder(spec, images, images / "masks", progress=False)
+    small = save_checkpoint(tmp_path / "small.pt", pointwise_model, 0, **{"aug.crop_size": 16})
+    with pytest.raises(ValueError, match=r"validation tile of .*small\.pt = 16"):
+        predict_folder(EnsembleSpec([str(small)]), images, tmp_path / "out", progress=False)
+
+    (images / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match=r"bad\.png: cannot decode"):
+        predict_folder(spec, images, tmp_path / "out", progress=False)
+    (images / "bad.png").unlink()
+    (tmp_path / "masks").mkdir()
+    cv2.imwrite(str(tmp_path / "masks" / "good.png"), np.zeros((32, 30), np.uint8))
+    with pytest.raises(ValueError, match=r"masks/good\.png is 32x30 but the image .*good\.png"):
+        predict_folder(spec, images, tmp_path / "out", masks_dir=tmp_path / "masks", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The entry script
+# --------------------------------------------------------------------------------------------
+
+
+def run_script(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
+    """experiments/predict.py in this process: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["predict.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / "experiments" / "predict.py"), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--window", "16"], "--window = 16"),
+        (["--overlap", "0.95"], "--overlap 0.95"),
+        (["--out", "masks.csv"], "--out masks.csv: with --images, --out is a folder"),
+        (["--tile-size", "64"], "--tile-size"),
+        (["--truth", "t.csv"], "--truth"),
+    ],
+)
+def test_cli_refuses_bad_flags(monkeypatch, capsys, tmp_path, flags, message):
+    argv = ["--checkpoint", "x.pt", "--images", str(tmp_path), "--out", str(tmp_path / "o")]
+    code, err = run_script(monkeypatch, capsys, *argv, *flags)
+    assert code == 2 and message in err, err
+
+
+def test_cli_folder_flags_need_images(monkeypatch, capsys):
+    code, err = run_script(monkeypatch, capsys, "--checkpoint", "x.pt", "--masks", "m")
+    assert code == 2 and "--masks applies to folder prediction" in err
+
+
+def test_cli_predicts_a_folder(tiny_ckpts, tmp_path):
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    write_png(images / "a.png", noise_image(32, 32, seed=10))
+    write_png(images / "sub" / "b.png", noise_image(45, 70, seed=11))
+    (masks / "sub").mkdir(parents=True)
+    cv2.imwrite(str(masks / "a_mask.png"), np.full((32, 32), 255, np.uint8))
+    cv2.imwrite(str(masks / "sub" / "b_mask.png"), np.full((45, 70), 255, np.uint8))
+    proc = subprocess.run(
+        [
+            sys.executable, str(REPO / "experiments" / "predict.py"),
+            "--checkpoint", tiny_ckpts[0], "--images", str(images), "--out", str(out),
+            "--masks", str(masks), "--mask-pattern", "{stem}_mask.png",
+            "--overlap", "0.5", "--threshold", "0", "--device", "cpu",
+        ],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 2 mask(s)" in proc.stdout
+    # threshold 0: everything is a building, and every truth pixel is one
+    assert "official score (mean Dice over 2 of 2 images): 1.00000" in proc.stdout
+    assert read_png(out / "sub" / "b.png").shape == (45, 70)
+    assert (read_png(out / "a.png") == 255).all()
+    assert json.loads((out / "scores.json").read_text())["pixel_iou"] == 1.0
