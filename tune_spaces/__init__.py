@@ -7,9 +7,9 @@ exist. ``bldseg.tune.validate_space`` samples a space before any trial starts an
 unknown key or an impossible value, naming it.
 """
 
-from tune_spaces.augmentation import space as augmentation
-from tune_spaces.coteaching import space as coteaching
-from tune_spaces.scheduler import space as scheduler
+from .augmentation import space as augmentation
+from .coteaching import space as coteaching
+from .scheduler import space as scheduler
 
 SPACES = {"augmentation": augmentation, "scheduler": scheduler, "coteaching": coteaching}
 

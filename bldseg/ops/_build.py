@@ -32,8 +32,22 @@ from typing import Any
 
 import torch
 
-# Repository folder holding the native sources (csrc/<op>/...).
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+
+def _find_csrc() -> Path:
+    """The folder of native sources (``csrc/<op>/...``).
+
+    The repository keeps ``csrc/`` at its top level; a wheel ships the same files as the package
+    data ``bldseg/_csrc`` (``pyproject.toml`` maps one onto the other), so an installed copy
+    (``pip install .``, run from any folder) builds from its own sources.
+    """
+    installed = Path(__file__).resolve().parents[1] / "_csrc"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+# Folder holding the native sources (csrc/<op>/...).
+CSRC_DIR = _find_csrc()
 
 # Host-code flags. No -march=native (build folders may be shared by different machines) and
 # no -ffast-math (the ops must equal the float64 reference within 1e-10).
@@ -187,8 +201,8 @@ def load_extension(
     if missing:
         raise BuildError(
             f"extension {name!r}: source files not found: {missing}. bldseg builds its native "
-            "ops from the repository's csrc/ folder; install it from a checkout "
-            "(pip install -e .)."
+            "ops from csrc/ (bldseg/_csrc in an installed copy); reinstall the package "
+            "(pip install .) from a complete checkout."
         )
     if depends is None:
         dep_paths = _default_depends(src_paths + [Path(s).resolve() for s in cuda_sources])

@@ -3,13 +3,16 @@
 * ``onecycle``: :class:`torch.optim.lr_scheduler.OneCycleLR` (the reference workflow's first).
 * ``cosine_restarts``: :class:`CosineAnnealingWarmupRestarts` — linear warm-up then cosine
   decay in each cycle, cycles growing by ``cycle_mult``, the peak multiplied by ``gamma`` each
-  cycle (torch has no such scheduler: implemented here).
+  cycle (torch has no such scheduler: implemented here with the parameter names and the
+  curve of the widely used implementation, katsura-jp/pytorch-cosine-annealing-with-warmup,
+  which the reference workflow used, so a ported config gives the same curve).
 * ``poly``: linear warm-up then polynomial decay to ``min_lr`` (mmsegmentation's default).
 * ``constant``: the optimizer's LR throughout.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 
 from torch.optim import Optimizer
@@ -19,9 +22,13 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 class CosineAnnealingWarmupRestarts(LRScheduler):
     """Cosine annealing with linear warm-up and warm restarts.
 
-    Cycle ``c`` (0-based) lasts ``first_cycle_steps * cycle_mult**c`` steps; within it the LR
-    rises linearly from ``min_lr`` to ``max_lr * gamma**c`` over ``warmup_steps`` steps, then
-    follows a half cosine back down to ``min_lr`` at the cycle's end.
+    The first cycle lasts ``first_cycle_steps`` steps and each next one
+    ``int((L - warmup_steps) * cycle_mult) + warmup_steps`` where ``L`` is the previous cycle's
+    length (only the part after the warm-up grows, truncated to whole steps: the widely used
+    implementation's rule, not ``first_cycle_steps * cycle_mult**c``). Within cycle ``c``
+    (0-based) the LR rises linearly from ``min_lr`` to ``max_lr * gamma**c`` over
+    ``warmup_steps`` steps, then follows a half cosine back down towards ``min_lr`` at the
+    cycle's end.
 
     Args:
         optimizer: The optimizer; its parameter groups' LRs are overwritten.
@@ -63,26 +70,18 @@ class CosineAnnealingWarmupRestarts(LRScheduler):
         self.min_lr = min_lr
         self.warmup_steps = warmup_steps
         self.gamma = gamma
+        self._starts = [0, first_cycle_steps]  # global step at which each cycle starts
         super().__init__(optimizer, last_epoch)
 
     def _cycle_position(self, step: int) -> tuple[int, int, int]:
         """(cycle index, step within the cycle, cycle length) of a global step."""
-        if self.cycle_mult == 1.0:
-            return (
-                step // self.first_cycle_steps,
-                step % self.first_cycle_steps,
-                (self.first_cycle_steps),
-            )
-        # Cycle c starts at first * (mult^c - 1) / (mult - 1): invert for c, then fix float edges.
-        m, f = self.cycle_mult, self.first_cycle_steps
-        c = int(math.log(step * (m - 1) / f + 1, m))
-        start = lambda k: round(f * (m**k - 1) / (m - 1))  # noqa: E731
-        while start(c + 1) <= step:
-            c += 1
-        while c > 0 and start(c) > step:
-            c -= 1
-        length = start(c + 1) - start(c)
-        return c, step - start(c), length
+        # Cycle starts, extended on demand: a run holds few cycles, so this stays short.
+        while self._starts[-1] <= step:
+            length = self._starts[-1] - self._starts[-2]
+            grown = int((length - self.warmup_steps) * self.cycle_mult) + self.warmup_steps
+            self._starts.append(self._starts[-1] + grown)
+        c = bisect.bisect_right(self._starts, step) - 1
+        return c, step - self._starts[c], self._starts[c + 1] - self._starts[c]
 
     def lr_at(self, step: int) -> float:
         """The LR at a global step (a pure function: used by tests and plots)."""

@@ -73,15 +73,54 @@ def test_cosine_cycle_mult_boundaries():
 
 def test_cosine_cycle_mult_with_warmup():
     s = _cosine(cycle_mult=2.0, warmup_steps=2, gamma=0.5)
-    # Cycle 1 spans steps 10..29: warm-up 10..12, decay over 18 steps, half-way at 12 + 9.
+    # Cycle 1: int((10 - 2) * 2) + 2 = 18 steps, 10..27: warm-up 10..12, decay over 16 steps.
     assert s.lr_at(10) == pytest.approx(0.1)
     assert s.lr_at(12) == pytest.approx(0.5)
-    assert s.lr_at(21) == pytest.approx(0.1 + 0.4 * 0.5)
-    assert s.lr_at(29) == pytest.approx(0.1 + 0.4 * (1 + math.cos(math.pi * 17 / 18)) / 2)
-    # Cycle 2 spans 30..69.
-    assert s.lr_at(30) == pytest.approx(0.1)
-    assert s.lr_at(32) == pytest.approx(0.25)
-    assert s.lr_at(70) == pytest.approx(0.1)
+    assert s.lr_at(20) == pytest.approx(0.1 + 0.4 * 0.5)
+    assert s.lr_at(27) == pytest.approx(0.1 + 0.4 * (1 + math.cos(math.pi * 15 / 16)) / 2)
+    # Cycle 2: int((18 - 2) * 2) + 2 = 34 steps, 28..61.
+    assert s.lr_at(28) == pytest.approx(0.1)
+    assert s.lr_at(30) == pytest.approx(0.25)
+    assert s.lr_at(62) == pytest.approx(0.1)
+
+
+def _published_curve(first, mult, max_lr, min_lr, warmup, gamma, steps):
+    """The widely used implementation's per-step rule, transcribed from its published
+    formula: step_in_cycle += 1; on reaching the cycle's length, cycle += 1 and the next
+    length is int((length - warmup) * mult) + warmup; the peak is max_lr * gamma**cycle."""
+    out, cycle, pos, length = [], 0, 0, first
+    for _ in range(steps):
+        peak = max_lr * gamma**cycle
+        if pos < warmup:
+            out.append((peak - min_lr) * pos / warmup + min_lr)
+        else:
+            frac = (pos - warmup) / (length - warmup)
+            out.append(min_lr + (peak - min_lr) * (1 + math.cos(math.pi * frac)) / 2)
+        pos += 1
+        if pos >= length:
+            cycle, pos = cycle + 1, pos - length
+            length = int((length - warmup) * mult) + warmup
+    return out
+
+
+@pytest.mark.parametrize(
+    "first, mult, warmup, gamma",
+    [(10, 1.0, 3, 0.8), (10, 1.5, 3, 0.9), (7, 2.0, 2, 0.5), (25, 1.3, 0, 1.0), (12, 2.7, 5, 0.7)],
+)
+def test_cosine_matches_the_published_formula(first, mult, warmup, gamma):
+    s = _cosine(first_cycle_steps=first, cycle_mult=mult, warmup_steps=warmup, gamma=gamma)
+    expected = _published_curve(first, mult, 1.0, 0.1, warmup, gamma, 300)
+    assert [s.lr_at(k) for k in range(300)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # ... and stepping the real scheduler gives the same curve.
+    assert _lrs(s.optimizer, s, 300) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_cosine_ported_config_known_steps():
+    # first 10, mult 1.5, warm-up 3: cycles of 10, int(7 * 1.5) + 3 = 13, int(10 * 1.5) + 3 = 18,
+    # 25 steps, so restarts (LR back at min_lr) at steps 10, 23, 41, 66 — not at 10, 25, 47.
+    s = _cosine(first_cycle_steps=10, cycle_mult=1.5, warmup_steps=3, gamma=1.0)
+    restarts = [k for k in range(1, 80) if s.lr_at(k) == pytest.approx(0.1)]
+    assert restarts == [10, 23, 41, 66]
 
 
 def test_cosine_real_stepping_matches_lr_at():

@@ -3,7 +3,7 @@ import pytest
 
 from bldseg.tune.cli import CPU_DEMO
 from bldseg.tune.runner import get_space, validate_space
-from tune_spaces import SPACES
+from bldseg.tune_spaces import SPACES
 
 
 @pytest.mark.parametrize("name", sorted(SPACES))
