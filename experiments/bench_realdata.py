@@ -49,7 +49,8 @@ def _run(cmd: list[str]) -> tuple[str, float]:
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        tail = f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{tail}")
     return r.stdout, wall
 
 
