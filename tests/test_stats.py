@@ -1,0 +1,80 @@
+"""Cluster-bootstrap intervals: exact estimates, coverage, pairing, NaN handling."""
+
+import numpy as np
+import pytest
+
+from bldseg.stats import bootstrap_mean, mean_interval, paired_difference
+
+
+def test_estimate_is_the_mean_of_valid_tiles():
+    scores = np.array([0.5, np.nan, 1.0, 0.0, np.nan])
+    iv = bootstrap_mean(scores, ["a", "a", "b", "c", "c"])
+    assert iv.estimate == pytest.approx(0.5)
+    assert iv.n == 3 and iv.clusters == 3
+    assert iv.low <= iv.estimate <= iv.high
+    with pytest.raises(ValueError, match="no valid"):
+        bootstrap_mean([np.nan, np.nan])
+
+
+def test_interval_is_deterministic_and_narrows_with_more_data():
+    rng = np.random.default_rng(0)
+    small = bootstrap_mean(rng.random(50))
+    assert small == bootstrap_mean(np.random.default_rng(0).random(50))
+    large = bootstrap_mean(rng.random(5000))
+    assert large.high - large.low < (small.high - small.low) / 5
+
+
+def test_clusters_widen_the_interval():
+    # 20 images x 10 tiles whose scores share the image's level: the tiles are not 200
+    # independent samples, and resampling images gives a much wider interval than tiles.
+    rng = np.random.default_rng(1)
+    level = rng.random(20)
+    scores = np.repeat(level, 10) + rng.normal(0, 0.01, 200)
+    groups = np.repeat(np.arange(20), 10)
+    by_tile = bootstrap_mean(scores)
+    by_image = bootstrap_mean(scores, groups)
+    assert by_image.high - by_image.low > 2.5 * (by_tile.high - by_tile.low)
+
+
+def test_coverage_of_a_known_mean():
+    # 95% intervals around the mean of Bernoulli(0.7) samples cover 0.7 about 95% of the time.
+    rng = np.random.default_rng(2)
+    hits = 0
+    for trial in range(200):
+        x = (rng.random(100) < 0.7).astype(float)
+        iv = bootstrap_mean(x, draws=500, seed=trial)
+        hits += iv.low <= 0.7 <= iv.high
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_paired_difference_cancels_shared_difficulty():
+    rng = np.random.default_rng(3)
+    difficulty = rng.random(300)
+    a = difficulty + 0.02  # a beats b by exactly 0.02 on every tile
+    b = difficulty
+    paired = paired_difference(a, b)
+    assert paired.estimate == pytest.approx(0.02)
+    assert paired.low == pytest.approx(0.02) and paired.high == pytest.approx(0.02)
+    assert paired.excludes_zero
+    # Unpaired intervals of the two means overlap heavily: pairing is what shows the gain.
+    ia, ib = bootstrap_mean(a), bootstrap_mean(b)
+    assert ia.low < ib.high
+    # No real difference: the interval contains zero.
+    noise = paired_difference(difficulty + rng.normal(0, 0.05, 300), difficulty)
+    assert not noise.excludes_zero
+
+
+def test_paired_difference_handles_each_arms_nan():
+    a = np.array([1.0, np.nan, 0.5, 0.5])
+    b = np.array([0.5, 0.5, np.nan, 0.5])
+    d = paired_difference(a, b, ["x", "x", "y", "y"])
+    assert d.estimate == pytest.approx((2.0 / 3) - 0.5)
+    with pytest.raises(ValueError, match="same tiles"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_mean_interval_of_seeds():
+    iv = mean_interval([0.70, 0.72, 0.74])
+    assert iv.estimate == pytest.approx(0.72)
+    assert 0.70 - 1e-9 <= iv.low < iv.high <= 0.74 + 1e-9
+    assert str(iv) == f"0.7200 [{iv.low:.4f}, {iv.high:.4f}]"
