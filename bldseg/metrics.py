@@ -54,22 +54,28 @@ from bldseg.data.rle import rle_decode
 __all__ = [
     "QUANT_MAX",
     "SMOOTH",
+    "WIDE_RANGE",
+    "LevelChoice",
     "LevelCounts",
     "best_level",
     "best_threshold",
     "binarise",
+    "choose_level",
     "competition_score",
     "dice_at_levels",
     "dice_from_counts",
     "dice_per_image",
     "level_counts",
     "level_from_threshold",
+    "level_range",
+    "on_range_edge",
     "quantise",
     "roc_curve",
     "score_csv",
     "score_csv_per_image",
     "scores_from_counts",
     "threshold_from_level",
+    "widened_range",
     "youden_threshold",
 ]
 
@@ -78,6 +84,11 @@ SMOOTH = 1e-7
 
 QUANT_MAX = 255
 """Quantised probability maps are uint8 with 255 meaning probability 1."""
+
+WIDE_RANGE = (0.05, 0.95)
+"""The threshold sweep a choice falls back to when its best threshold lies on an edge of the
+default range (``[0.30, 0.70]``); see :func:`choose_level` and ``docs/thresholds.md``. Not
+``[0, 1]``: near the ends a threshold is decided by a handful of pixels."""
 
 # Pixels per chunk when quantising: bounds the float64 temporaries to 128 MiB.
 _CHUNK_PIXELS = 1 << 24
@@ -371,18 +382,105 @@ def best_level(
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (m + 1,):
         raise ValueError(f"scores must have shape ({m + 1},) for max_value={m}, got {scores.shape}")
-    first = level_from_threshold(lo, m)
+    first, last = level_range(m, lo, hi)
+    window = scores[first : last + 1]
+    if np.isnan(window).any():
+        raise ValueError("scores contain NaN; compute them with scores_from_counts")
+    i = int(np.argmax(window))
+    return first + i, float(window[i])
+
+
+def level_range(max_value: int, lo: float, hi: float) -> tuple[int, int]:
+    """The levels ``first..last`` whose thresholds ``L / M`` lie in ``[lo, hi]``.
+
+    Raises:
+        ValueError: if no level lies in the range.
+    """
+    m = _check_max_value(max_value)
+    first = int(level_from_threshold(lo, m))
     # Last level with L / m <= hi: one before the first level with L / m > hi.
     last = min(int(np.searchsorted(np.arange(m + 1) / m, hi, side="right")) - 1, m)
     if first > last:
         raise ValueError(
             f"no threshold level k/{m} lies in [lo, hi] = [{lo}, {hi}]; widen the range"
         )
-    window = scores[first : last + 1]
-    if np.isnan(window).any():
-        raise ValueError("scores contain NaN; compute them with scores_from_counts")
-    i = int(np.argmax(window))
-    return first + i, float(window[i])
+    return first, last
+
+
+def widened_range(
+    lo: float, hi: float, wide: tuple[float, float] = WIDE_RANGE
+) -> tuple[float, float]:
+    """The sweep range after widening: ``[lo, hi]`` grown to cover ``wide``, never shrunk."""
+    return min(lo, wide[0]), max(hi, wide[1])
+
+
+def on_range_edge(
+    level: int,
+    max_value: int,
+    lo: float,
+    hi: float,
+    wide: tuple[float, float] = WIDE_RANGE,
+) -> bool:
+    """Whether ``level`` is the first or last level of ``[lo, hi]`` on a side ``wide`` extends.
+
+    Such a choice is clipped by the range: the score may still rise beyond the edge. An edge
+    that already reaches the wide range's end (or beyond) is not one the range can move.
+    """
+    first, last = level_range(max_value, lo, hi)
+    return (level == first and lo > wide[0]) or (level == last and hi < wide[1])
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """A chosen threshold level and how it was found (see :func:`choose_level`)."""
+
+    level: int  # positive iff value >= level
+    score: float  # official score at that level
+    max_value: int  # M of the maps (255 k for a sum of k maps)
+    widened: bool  # the default range's best lay on its edge, so the sweep was widened
+    lo: float  # the range the choice was made in (the widened one when ``widened``)
+    hi: float
+
+    @property
+    def threshold(self) -> float:
+        """``level / M``: the float threshold the level stands for."""
+        return self.level / self.max_value
+
+
+def choose_level(
+    scores: np.ndarray,
+    max_value: int,
+    lo: float = 0.30,
+    hi: float = 0.70,
+    wide: tuple[float, float] | None = WIDE_RANGE,
+) -> LevelChoice:
+    """The best level in ``[lo, hi]``, widened to ``wide`` when that best sits on an edge.
+
+    A best threshold on the edge of the default range means the range cut the curve while it
+    was still rising (the optimum lies outside), so the sweep widens to
+    :func:`widened_range`. The wider sweep replaces the default choice only when it scores
+    strictly higher: among equal scores the default range wins, because a threshold far from
+    0.5 that buys nothing on a small validation set is noise, not signal
+    (``docs/thresholds.md``).
+
+    Args:
+        scores: (M+1,) score per level, e.g. from :func:`scores_from_counts`.
+        max_value: M.
+        lo: Low end of the default range.
+        hi: High end of the default range.
+        wide: The range to widen to; None never widens.
+
+    Returns:
+        The choice, with ``widened`` set when the sweep was widened.
+    """
+    level, score = best_level(scores, max_value, lo, hi)
+    if wide is None or not on_range_edge(level, max_value, lo, hi, wide):
+        return LevelChoice(level, score, int(max_value), False, lo, hi)
+    w_lo, w_hi = widened_range(lo, hi, wide)
+    w_level, w_score = best_level(scores, max_value, w_lo, w_hi)
+    if w_score > score:
+        level, score = w_level, w_score
+    return LevelChoice(level, score, int(max_value), True, w_lo, w_hi)
 
 
 def best_threshold(

@@ -4,11 +4,18 @@
                                                                                   -> REPORT.md
 
 Each search starts from the best configuration found so far. Every stage records its output in
-``<out>/pipeline_state.json``; a stage whose output exists is skipped, and an interrupted search
-is resumed, so re-running the same command continues instead of redoing work. MLflow: a
-pipeline experiment with a parent run; each search's parent run carries tags linking it to the
-pipeline run and to the previous stage's run; the ensemble search and the prediction are child
-runs of the pipeline run.
+``<out>/pipeline_state.json`` once it has finished, and only then; a stage whose output exists
+is skipped, and an interrupted search is resumed, so re-running the same command continues
+instead of redoing work. Ctrl-C (``KeyboardInterrupt``) in any stage leaves that stage
+unrecorded, marks the pipeline's MLflow run KILLED and propagates. A search recorded by an
+older bldseg although it never finished (a trial folder without a finished epoch) is resumed,
+and the stages after it redone. MLflow: a pipeline experiment with a parent run; each search's
+parent run carries tags linking it to the pipeline run and to the previous stage's run; the
+ensemble search and the prediction are child runs of the pipeline run.
+
+What is submitted: the ensemble search's ``submit.json``, i.e. the best ensemble only when its
+gain over the best single model on the check half is beyond its 95% bootstrap interval, else
+that single model (:func:`bldseg.ensemble.run.submission_decision`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bldseg import metrics
+from bldseg import metrics, stats
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
 from bldseg.data.rle import rle_decode
 from bldseg.predict import (
@@ -36,12 +46,16 @@ from bldseg.predict import (
 )
 from bldseg.train.engine import predict_probs
 from bldseg.tune import tracking
+from bldseg.tune.runner import META_FILE as SEARCH_META
 from bldseg.tune.runner import METRIC, SearchSpec, run_search
 
 log = logging.getLogger(__name__)
 
 STAGES = (("tune_aug", "augmentation"), ("tune_sched", "scheduler"), ("tune_tau", "coteaching"))
 TEST_FILE = "test_probs.npz"
+# Batch size of every prediction of the test split: the test library and the submission use
+# the same one, so a one-member submission reproduces its model's library score exactly.
+PREDICT_BATCH = 16
 
 
 @dataclass
@@ -109,12 +123,16 @@ def test_truth(data: PreparedData) -> np.ndarray:
 
 
 def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> Path:
-    """``test_probs.npz`` next to a model's ``val_probs.npz``: its held-out test maps."""
+    """``test_probs.npz`` next to a model's ``val_probs.npz``: its held-out test maps.
+
+    Kept while it is newer than ``best.pt`` (a resumed trial may have saved a better epoch).
+    """
     path = run_dir / TEST_FILE
-    if path.exists():
+    if path.exists() and path.stat().st_mtime_ns >= (run_dir / "best.pt").stat().st_mtime_ns:
         return path
     model, _, _ = load_checkpoint(run_dir / "best.pt")
-    probs = predict_probs(model, image_loader(data.test, 32), next(model.parameters()).device)
+    loader = image_loader(data.test, PREDICT_BATCH)
+    probs = predict_probs(model, loader, next(model.parameters()).device)
     tmp = path.with_name("test_probs.tmp.npz")
     ids = np.array(data.test.ids)
     np.savez(
@@ -122,7 +140,8 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
         probs=probs,
         truth=truth.astype(np.uint8),
         tile_ids=ids,
-        image_ids=ids,
+        # the source scene of each test image: the unit the report's intervals resample
+        image_ids=np.array(data.test.groups),
         tile_yx=np.zeros((len(ids), 2), np.int64),
     )
     os.replace(tmp, path)
@@ -140,8 +159,150 @@ def _single_test_scores(run_dir: Path, truth: np.ndarray, thresholds: dict[str, 
     }
 
 
+def unfinished_trials(table: pd.DataFrame, trials: int) -> str | None:
+    """Why a search's trial table is not that of a finished search, or None if it is.
+
+    A finished search has all its trials, and every trial either failed (status ``error``) or
+    was closed by the search's driver: its ``status.json`` says ``"final": true`` (written
+    however the trial ended, ASHA stop included). A search stopped by Ctrl-C leaves trials that
+    never started, or that were still running.
+
+    Args:
+        table: The search's trial table (``trials.csv``; ``status`` and ``run_dir`` columns).
+        trials: The number of trials the search was asked for.
+    """
+    if len(table) < trials:
+        return f"{len(table)} of {trials} trials exist"
+    for _, row in table.iterrows():
+        run = Path(str(row["run_dir"]))
+        if row["status"] == "error":
+            continue
+        status = run / "status.json"
+        try:
+            final = json.loads(status.read_text()).get("final", False)
+        except (FileNotFoundError, json.JSONDecodeError):
+            final = False
+        if not final:
+            return f"trial {row['trial_id']} did not finish ({status} is missing or not final)"
+    return None
+
+
+def _search_trials(search_dir: Path, default: int) -> int:
+    """The trial count a search was started with (a resumed search keeps it)."""
+    meta = search_dir / SEARCH_META
+    if not meta.is_file():
+        return default
+    return int(json.loads(meta.read_text()).get("spec", {}).get("trials", default))
+
+
+def _recorded_stage_problem(info: dict, trials: int) -> str | None:
+    """Why a stage recorded in the state did not really finish (state files of older runs)."""
+    best_run = Path(str(info.get("best", {}).get("run_dir", "")))
+    if not (best_run / "history.json").is_file():
+        return f"its best trial's folder {best_run} holds no finished epoch"
+    csv = Path(info["path"]) / "trials.csv"
+    if not csv.is_file():
+        return f"{csv} does not exist"
+    return unfinished_trials(pd.read_csv(csv), _search_trials(Path(info["path"]), trials))
+
+
+def _repair_state(cfg: PipelineConfig, state: dict, storage: Path) -> None:
+    """Forgets a recorded search that never finished, and everything after it.
+
+    The unfinished search is resumed by the stage loop. The later searches started from its
+    partial best configuration: their folders move to ``<storage>/<name>.stale/`` (outside
+    the folder the ensemble search reads), so they are searched again from the right start.
+    """
+    stages = state.get("stages", {})
+    names = [stage for stage, _ in STAGES]
+    for i, stage in enumerate(names):
+        if stage not in stages:
+            continue
+        why = _recorded_stage_problem(stages[stage], cfg.trials)
+        if why is None:
+            continue
+        log.warning(
+            "stage %s was recorded as done but did not finish (%s): resuming it and redoing "
+            "the stages after it",
+            stage,
+            why,
+        )
+        del stages[stage]
+        stale = Path(cfg.storage) / f"{cfg.name}.stale"
+        for later in names[i + 1 :]:
+            stages.pop(later, None)
+            folder = storage / f"{cfg.name}-{later}"
+            if folder.exists():
+                dest = stale / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(folder), str(dest))
+                log.warning("moved %s (started from the unfinished stage) to %s", folder, dest)
+        for key in ("ensemble", "predict", "report"):
+            state.pop(key, None)
+        _save_state(cfg, state)
+        return
+
+
+def _terminate(client, run_id: str, status: str) -> None:
+    """Ends an MLflow run; a tracking failure is logged, never raised over the real error."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as e:  # the exception being handled matters more than the tracking
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
+
+
+@contextmanager
+def _stage(client, run_id: str, name: str) -> Iterator[None]:
+    """Runs one stage: on Ctrl-C or an error the pipeline run ends KILLED or FAILED.
+
+    The state is written only after a stage's body has finished, so an interrupted stage is
+    never recorded as done; the exception propagates.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.warning(
+            "interrupted during %s: it is not recorded as done; run the same command again to "
+            "resume",
+            name,
+        )
+        _terminate(client, run_id, "KILLED")
+        raise
+    except Exception:
+        _terminate(client, run_id, "FAILED")
+        raise
+
+
+def _best_epoch(run_dir: Path) -> dict:
+    """The best epoch's row of a trial's ``history.json`` (by validation Dice)."""
+    path = run_dir / "history.json"
+    if not path.is_file():
+        raise RuntimeError(
+            f"{path} does not exist: the trial never finished an epoch; run the same command "
+            "again to resume its search"
+        )
+    return max(json.loads(path.read_text()), key=lambda h: h["val_dice_best"])
+
+
+def _submission_interval(data: PreparedData, submission: Path) -> dict:
+    """The submission's official score with a bootstrap interval over source images."""
+    per_image = metrics.score_csv_per_image(data.test_truth_csv, submission)
+    dice = per_image["dice"].to_numpy()
+    if not np.isfinite(dice).any():
+        return {}
+    group = dict(zip(data.test.ids, data.test.groups, strict=True))
+    groups = [group.get(str(i), str(i)) for i in per_image["img_id"]]
+    return stats.bootstrap_mean(dice, groups).to_dict()
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Runs (or continues) every stage; returns the pipeline state (also written as JSON)."""
+    """Runs (or continues) every stage; returns the pipeline state (also written as JSON).
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C; the interrupted stage is not recorded, the pipeline's
+            MLflow run is KILLED, and the same call resumes.
+        RuntimeError: A search in which no trial completed, or that did not finish.
+    """
     from bldseg.ensemble.run import SearchConfig as EnsembleConfig
     from bldseg.ensemble.run import run_search as run_ensemble
     from bldseg.report import write_report
@@ -178,7 +339,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             }
         )
         _save_state(cfg, state)
+    else:
+        # a continued pipeline: its run was KILLED (Ctrl-C), FAILED or FINISHED before
+        client.update_run(state["pipeline_run_id"], status="RUNNING")
     pipeline_run = state["pipeline_run_id"]
+    _repair_state(cfg, state, storage)
 
     # 1-3. the three searches, each starting from the best config so far
     base = dict(cfg.base)
@@ -190,6 +355,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             spec = SearchSpec(
                 space=space,
                 name=name,
+                experiment=cfg.name,
                 base=base,
                 trials=cfg.trials,
                 epochs=cfg.epochs,
@@ -198,7 +364,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 storage=str(storage),
                 tracking_uri=uri,
                 address=cfg.address,
-                resume=(storage / name / "bldseg_search.json").exists(),
+                resume=(storage / name / SEARCH_META).exists(),
                 seed=cfg.seed,
                 data=cfg.data,
                 data_options=cfg.data_options,
@@ -208,7 +374,22 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                     "bldseg.previous_run_id": previous_run,
                 },
             )
-            result = run_search(spec)
+            with _stage(client, pipeline_run, f"search {stage}"):
+                result = run_search(spec)
+                if not result.n_completed:
+                    raise RuntimeError(
+                        f"stage {stage}: no trial of {result.name} completed; "
+                        f"{result.first_failure}"
+                    )
+                unfinished = unfinished_trials(
+                    result.table, _search_trials(result.path, cfg.trials)
+                )
+                if unfinished is not None:
+                    raise RuntimeError(
+                        f"stage {stage}: the search {result.name} ended before it finished "
+                        f"({unfinished}), e.g. interrupted; run the same command again to "
+                        "resume it"
+                    )
             done = {
                 "name": result.name,
                 "path": str(result.path),
@@ -227,86 +408,104 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     truth = test_truth(data) if data.test is not None and data.test_truth_csv else None
     runs = sorted(p.parent for p in storage.rglob("best.pt"))
     if truth is not None:
-        for r in runs:
-            write_test_library(r, data, truth)
+        with _stage(client, pipeline_run, "test library"):
+            for r in runs:
+                write_test_library(r, data, truth)
 
     # 5. ensemble search over every trial's saved model
     if "ensemble" not in state:
-        ens = run_ensemble(
-            EnsembleConfig(
-                runs=str(storage),
-                k=list(range(cfg.k_min, min(cfg.k_max, len(runs)) + 1)),
-                out=str(out / "ensemble"),
-                tracking_uri=uri,
-                experiment=cfg.name,
-                parent_run_id=pipeline_run,
-                workers=cfg.ensemble_workers,
-                seed=cfg.seed,
+        with _stage(client, pipeline_run, "ensemble search"):
+            ens = run_ensemble(
+                EnsembleConfig(
+                    runs=str(storage),
+                    k=list(range(cfg.k_min, min(cfg.k_max, len(runs)) + 1)),
+                    out=str(out / "ensemble"),
+                    tracking_uri=uri,
+                    experiment=cfg.name,
+                    parent_run_id=pipeline_run,
+                    workers=cfg.ensemble_workers,
+                    seed=cfg.seed,
+                )
             )
-        )
         state["ensemble"] = {
             "best": ens.best,
             "best_single": ens.best_single,
+            "gain": ens.gain,
+            "decision": ens.decision,
+            "threshold_range": list(ens.threshold_range),
+            "widened": ens.widened,
             "files": ens.files,
             "mlflow_run_id": ens.mlflow_run_id,
             "seconds": ens.seconds,
         }
         _save_state(cfg, state)
 
-    # 6. submission from the chosen ensemble, scored where ground truth exists
+    # 6. submission (ensemble or best single model, see the decision), scored where truth exists
     if "predict" not in state and data.test is not None:
-        spec = EnsembleSpec.load(state["ensemble"]["files"]["spec"])
-        pred = predict_cache(spec, data.test, progress=False)
-        sub = out / "submission.csv"
-        write_submission(data.test.ids, pred, sub)
-        score = metrics.score_csv(data.test_truth_csv, sub) if data.test_truth_csv else None
-        run = client.create_run(
-            state["experiment_id"],
-            run_name="predict",
-            tags={
-                tracking.PARENT_TAG: pipeline_run,
-                "bldseg.previous_run_id": state["ensemble"]["mlflow_run_id"] or "",
-            },
-        )
-        if score is not None:
-            tracking.log_metrics(client, run.info.run_id, {"test_dice": score}, step=0)
-        tracking.log_artifacts(client, run.info.run_id, [sub])
-        client.set_terminated(run.info.run_id)
+        files = state["ensemble"]["files"]
+        with _stage(client, pipeline_run, "prediction"):
+            spec = EnsembleSpec.load(files.get("submit", files["spec"]))
+            pred = predict_cache(spec, data.test, batch_size=PREDICT_BATCH, progress=False)
+            sub = out / "submission.csv"
+            write_submission(data.test.ids, pred, sub)
+            score = metrics.score_csv(data.test_truth_csv, sub) if data.test_truth_csv else None
+            interval = _submission_interval(data, sub) if score is not None else {}
+            run = client.create_run(
+                state["experiment_id"],
+                run_name="predict",
+                tags={
+                    tracking.PARENT_TAG: pipeline_run,
+                    "bldseg.previous_run_id": state["ensemble"]["mlflow_run_id"] or "",
+                },
+            )
+            try:
+                if score is not None:
+                    tracking.log_metrics(client, run.info.run_id, {"test_dice": score}, step=0)
+                tracking.log_artifacts(client, run.info.run_id, [sub])
+            except BaseException as e:  # Ctrl-C included: the run must not stay RUNNING
+                status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                _terminate(client, run.info.run_id, status)
+                raise
+            client.set_terminated(run.info.run_id)
         state["predict"] = {
             "submission": str(sub),
             "test_dice": score,
+            "test_interval": interval,
+            "submitted": state["ensemble"].get("decision", {}).get("submit", "ensemble"),
             "members": len(spec.checkpoints),
             "threshold": spec.threshold,
         }
         _save_state(cfg, state)
 
     # 7. per-stage best single models on held-out data, then the report
-    if truth is not None:
-        for info in state["stages"].values():
-            run_dir = Path(info["best"]["run_dir"])
-            b = info["best"]
-            hist = json.loads((run_dir / "history.json").read_text())
-            best_row = max(hist, key=lambda h: h["val_dice_best"])
-            info["test"] = _single_test_scores(
-                run_dir,
-                truth,
-                {"05": 0.5, "sweep": b["val_thr_best"], "youden": best_row["val_thr_youden"]},
-            )
-            info["val_thresholds"] = {
-                k: best_row[k]
-                for k in (
-                    "val_dice_05",
-                    "val_dice_best",
-                    "val_dice_youden",
-                    "val_thr_best",
-                    "val_thr_youden",
+    with _stage(client, pipeline_run, "report"):
+        if truth is not None:
+            for info in state["stages"].values():
+                run_dir = Path(info["best"]["run_dir"])
+                b = info["best"]
+                best_row = _best_epoch(run_dir)
+                info["test"] = _single_test_scores(
+                    run_dir,
+                    truth,
+                    {"05": 0.5, "sweep": b["val_thr_best"], "youden": best_row["val_thr_youden"]},
                 )
-            }
-    state["wall_s_last_call"] = time.perf_counter() - t_start
-    _save_state(cfg, state)
-    report = write_report(state, out, truth is not None)
-    tracking.log_artifacts(client, pipeline_run, [report, *sorted((out / "report").glob("*.png"))])
-    client.set_terminated(pipeline_run)
+                info["val_thresholds"] = {
+                    k: best_row.get(k, 0.0)  # val_thr_widened: absent in older runs' rows
+                    for k in (
+                        "val_dice_05",
+                        "val_dice_best",
+                        "val_dice_youden",
+                        "val_thr_best",
+                        "val_thr_youden",
+                        "val_thr_widened",
+                    )
+                }
+        state["wall_s_last_call"] = time.perf_counter() - t_start
+        report = write_report(state, out, truth is not None)
+        tracking.log_artifacts(
+            client, pipeline_run, [report, *sorted((out / "report").glob("*.png"))]
+        )
     state["report"] = str(report)
     _save_state(cfg, state)
+    client.set_terminated(pipeline_run)
     return state

@@ -66,9 +66,10 @@ from bldseg.data.readers import (
 )
 from bldseg.data.rle import rle_encode
 from bldseg.models import create_model
+from bldseg.models.pretrained import overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform
 from bldseg.train.config import RunConfig
-from bldseg.train.engine import predict_probs, resolve_device
+from bldseg.train.engine import load_state, predict_probs, resolve_device
 
 #: Default fraction of a window that neighbouring windows share.
 DEFAULT_OVERLAP = 0.25
@@ -92,12 +93,30 @@ class EnsembleSpec:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EnsembleSpec:
-        """Reads a spec JSON; member paths are relative to the JSON's folder."""
+        """Reads a spec JSON; member paths are relative to the JSON's folder.
+
+        Raises:
+            ValueError: No members, or a member without a ``checkpoint`` entry.
+            FileNotFoundError: A member's checkpoint file does not exist (the message names the
+                spec and the file), checked here rather than after the first members have
+                already been run over the whole test set.
+        """
         path = Path(path)
         d = json.loads(path.read_text())
         if "members" not in d or not d["members"]:
             raise ValueError(f"{path}: an ensemble spec needs a non-empty 'members' list")
-        ckpts = [str((path.parent / m["checkpoint"]).resolve()) for m in d["members"]]
+        ckpts = []
+        for i, m in enumerate(d["members"]):
+            if not isinstance(m, dict) or "checkpoint" not in m:
+                raise ValueError(f"{path}: member {i} has no 'checkpoint' entry: {m!r}")
+            ckpt = (path.parent / m["checkpoint"]).resolve()
+            if not ckpt.is_file():
+                raise FileNotFoundError(
+                    f"{path}: member {i} checkpoint {ckpt} does not exist; fix its path in the "
+                    "spec (relative paths are relative to the spec's folder) or re-run the "
+                    "ensemble search"
+                )
+            ckpts.append(str(ckpt))
         weights = [float(m.get("weight", 1.0)) for m in d["members"]]
         return cls(
             ckpts,
@@ -130,15 +149,25 @@ class EnsembleSpec:
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """A trained model from ``best.pt``: ``(model in eval mode, RunConfig, metrics dict)``."""
+    """A trained model from ``best.pt``: ``(model in eval mode, RunConfig, metrics dict)``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: The file is not a bldseg checkpoint, or it holds pickled objects beyond
+            tensors and plain data, which are refused rather than unpickled
+            (:func:`bldseg.train.engine.load_state`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state(path)  # refuses pickled objects: a checkpoint may come from anywhere
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a bldseg checkpoint (no 'model'/'config' entries)")
     cfg = RunConfig.from_flat(state["config"])
-    model = create_model(cfg.model, impl=cfg.impl)
+    # Built as fit() built it (with_cp, drop path), with layer scale when the weights carry
+    # gammas (a run fine-tuned from the official T segmentor); never re-reads `pretrained`.
+    kwargs = {**cfg.model_kwargs(), **overrides_for_checkpoint(state["model"])}
+    model = create_model(cfg.model, **kwargs)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state.get("metrics", {})
 

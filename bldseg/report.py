@@ -1,9 +1,18 @@
 """REPORT.md of a pipeline run: what each stage found, on the data it was chosen on and on
-held-out data, so the optimism of every selection is visible."""
+held-out data, so the optimism of every selection is visible.
+
+Every score carries a 95% cluster-bootstrap interval over source images, and every comparison
+of two models (or two thresholds) on the same tiles a paired one (:mod:`bldseg.stats`): an
+interval that contains 0 is no evidence of a difference. :func:`compare_arms` does the same
+for experiments repeated over seeds (``experiments/compare_noisy.py``).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -13,24 +22,196 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from bldseg import metrics
+from bldseg import metrics, stats
+from bldseg.train.config import RunConfig
 from bldseg.train.plots import save_figure
 
+__all__ = ["TileScores", "compare_arms", "tile_scores", "write_report"]
 
-def _bars(ax, groups: list[str], series: dict[str, list[float]], title: str) -> None:
-    width = 0.8 / max(1, len(series))
-    x = np.arange(len(groups))
-    for i, (label, values) in enumerate(series.items()):
-        bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(x, groups)
-    ax.set(title=title, ylabel="official Dice")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+INTERVAL_NOTE = (
+    "Intervals: `estimate [low, high]` is a 95% bootstrap interval that resamples source "
+    "images (tiles of one image move together; `bldseg.stats`); a Δ is a *paired* difference "
+    "on the same tiles, and an interval that contains 0 is no evidence of a difference. A best "
+    "trial's validation Dice is also the maximum over many trials and epochs: its optimism is "
+    "not in the interval, the held-out columns show it."
+)
+
+
+@dataclass
+class TileScores:
+    """Per-tile official Dice of one model at one threshold on one split."""
+
+    dice: np.ndarray  # (T,) float64, NaN where prediction and truth are both empty
+    tile_ids: np.ndarray  # (T,) str
+    image_ids: np.ndarray  # (T,) str: the source image of each tile (the resampled unit)
+
+    def interval(self) -> stats.Interval | None:
+        """Mean Dice with its bootstrap interval; None when no tile has a defined score."""
+        if not np.isfinite(self.dice).any():
+            return None
+        return stats.bootstrap_mean(self.dice, self.image_ids)
+
+    def minus(self, other: TileScores) -> stats.Interval | None:
+        """Paired difference ``self - other``; None unless both hold the same tiles."""
+        if self.tile_ids.shape != other.tile_ids.shape or not np.array_equal(
+            self.tile_ids, other.tile_ids
+        ):
+            return None
+        if not (np.isfinite(self.dice).any() and np.isfinite(other.dice).any()):
+            return None
+        return stats.paired_difference(self.dice, other.dice, self.image_ids)
+
+
+def tile_scores(npz: str | os.PathLike, threshold: float) -> TileScores | None:
+    """Per-tile Dice of a model's library (``val_probs.npz``, ``test_probs.npz``) at a threshold.
+
+    Returns:
+        The scores, or None when the file does not exist.
+    """
+    npz = Path(npz)
+    if not npz.is_file():
+        return None
+    with np.load(npz) as z:
+        level = metrics.level_from_threshold(float(threshold))
+        dice = metrics.dice_per_image(z["probs"] >= level, z["truth"].astype(bool))
+        # Resample by source scene when the library records it (tiles of one scene are not
+        # independent), else by sample.
+        groups = z["group_ids"] if "group_ids" in z else z["image_ids"]
+        return TileScores(dice, z["tile_ids"].astype(str), groups.astype(str))
+
+
+def compare_arms(
+    arms: dict[str, Sequence[TileScores]], baseline: str, *, seeds: Sequence[int] | None = None
+) -> dict:
+    """Arms of an experiment (e.g. plain BCE vs co-teaching), each trained with several seeds
+    and scored on the same tiles: per arm a mean with its interval, per other arm the paired
+    difference from ``baseline``.
+
+    Two kinds of luck, two intervals. ``interval``: the seeds of an arm are pooled and the
+    bootstrap resamples source images, each drawn image bringing its tiles' scores under every
+    seed; it covers which test images were drawn, and the estimate is the mean over seeds and
+    tiles. Seed ``i`` of an arm is paired with seed ``i`` of the baseline (same split, crops
+    and initialisation), tile by tile. ``seed_interval``: a bootstrap over the per-seed
+    scores (or differences); it covers training randomness, crudely with few seeds. A
+    difference is ``beyond_noise`` only when both of its intervals exclude 0 on the same side.
+
+    Args:
+        arms: Arm name -> one :class:`TileScores` per seed, all on the same tiles.
+        baseline: The arm the others are compared with.
+        seeds: The seeds, in the order of each arm's list (for the record only).
+
+    Returns:
+        ``{"arms": {name: {"per_seed", "mean_of_seeds", "interval", "seed_interval"}},
+        "differences": {name: {"interval", "seed_interval", "per_seed", "beyond_noise"}},
+        "baseline", "seeds"}``; intervals as :meth:`bldseg.stats.Interval.to_dict`.
+
+    Raises:
+        ValueError: Arms with different numbers of seeds or different tiles.
+    """
+    if baseline not in arms:
+        raise ValueError(f"baseline {baseline!r} is not one of the arms {sorted(arms)}")
+    n = {len(v) for v in arms.values()}
+    if len(n) != 1 or 0 in n:
+        raise ValueError(f"every arm needs the same (non-zero) number of seeds, got {n}")
+    ref = arms[baseline][0]
+    for name, runs in arms.items():
+        for r in runs:
+            if not np.array_equal(r.tile_ids, ref.tile_ids):
+                raise ValueError(f"arm {name!r} was scored on other tiles than {baseline!r}")
+
+    def pooled(runs: Sequence[TileScores]) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            np.concatenate([r.dice for r in runs]),
+            np.concatenate([r.image_ids for r in runs]),
+        )
+
+    def official(r: TileScores) -> float:
+        valid = np.isfinite(r.dice)
+        return float(r.dice[valid].mean()) if valid.any() else 1.0
+
+    out: dict = {"baseline": baseline, "seeds": list(seeds or []), "arms": {}, "differences": {}}
+    base_dice, groups = pooled(arms[baseline])
+    for name, runs in arms.items():
+        dice, g = pooled(runs)
+        per_seed = [official(r) for r in runs]
+        out["arms"][name] = {
+            "per_seed": per_seed,
+            "mean_of_seeds": float(np.mean(per_seed)),
+            "interval": stats.bootstrap_mean(dice, g).to_dict()
+            if np.isfinite(dice).any()
+            else None,
+            "seed_interval": stats.mean_interval(per_seed).to_dict(),
+        }
+        if name != baseline:
+            diffs = [
+                a - b for a, b in zip(per_seed, out["arms"][baseline]["per_seed"], strict=True)
+            ]
+            tiles_iv = stats.paired_difference(dice, base_dice, groups)
+            seeds_iv = stats.mean_interval(diffs)
+            out["differences"][name] = {
+                "interval": tiles_iv.to_dict(),
+                "seed_interval": seeds_iv.to_dict(),
+                "per_seed": diffs,
+                "beyond_noise": bool(
+                    (tiles_iv.low > 0 and seeds_iv.low > 0)
+                    or (tiles_iv.high < 0 and seeds_iv.high < 0)
+                ),
+            }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
 
 
 def _f(v) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"
+
+
+def _iv(iv: stats.Interval | dict | None, value: float | None = None, signed: bool = False) -> str:
+    """``estimate [low, high]``; ``value`` replaces the estimate (the exact official score)."""
+    if iv is None:
+        return _f(value) if value is not None else "–"
+    d = iv.to_dict() if isinstance(iv, stats.Interval) else iv
+    est = d["estimate"] if value is None else value
+    f = "+.4f" if signed else ".4f"
+    if np.isnan(d["low"]):
+        return f"{est:{f}}"
+    return f"{est:{f}} [{d['low']:{f}}, {d['high']:{f}}]"
+
+
+def _err(iv: stats.Interval | dict | None, value: float) -> tuple[float, float]:
+    """Error-bar lengths below and above ``value`` (0 without an interval)."""
+    if iv is None or np.isnan(value):
+        return 0.0, 0.0
+    d = iv.to_dict() if isinstance(iv, stats.Interval) else iv
+    return max(0.0, value - d["low"]), max(0.0, d["high"] - value)
+
+
+def _bars(
+    ax,
+    groups: list[str],
+    series: dict[str, list[float]],
+    title: str,
+    errors: dict[str, list] | None = None,
+) -> None:
+    """Grouped bars, with 95% interval error bars where ``errors`` has intervals."""
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (label, values) in enumerate(series.items()):
+        yerr = None
+        if errors and label in errors:
+            lo_hi = [_err(iv, v) for iv, v in zip(errors[label], values, strict=True)]
+            yerr = np.array(lo_hi, dtype=float).T  # (2, groups)
+        bars = ax.bar(
+            x + i * width - 0.4 + width / 2, values, width, label=label, yerr=yerr, capsize=3
+        )
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, label_type="center")
+    ax.set_xticks(x, groups)
+    ax.set(title=title, ylabel="official Dice")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def _trial_test_dice(trials_csv: Path, truth_ok: bool) -> pd.DataFrame:
@@ -48,56 +229,122 @@ def _trial_test_dice(trials_csv: Path, truth_ok: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _widened_trials(stages: dict) -> tuple[int, int]:
+    """Trials (of every stage) whose best epoch's sweep was widened, and trials counted."""
+    widened = counted = 0
+    for st in stages.values():
+        csv = Path(st["path"]) / "trials.csv"
+        if not csv.is_file():
+            continue
+        for run_dir in pd.read_csv(csv)["run_dir"]:
+            hist = Path(str(run_dir)) / "history.json"
+            if not hist.is_file():  # a failed trial: no epoch to count
+                continue
+            best = max(json.loads(hist.read_text()), key=lambda h: h["val_dice_best"])
+            counted += 1
+            widened += bool(best.get("val_thr_widened", 0))
+    return widened, counted
+
+
+def _stage_scores(st: dict, has_truth: bool) -> dict[str, dict[str, TileScores | None]]:
+    """Per-tile scores of a stage's best model: split -> threshold rule -> scores."""
+    run = Path(st["best"]["run_dir"])
+    v = st.get("val_thresholds", {})
+    thresholds = {"sweep": st["best"]["val_thr_best"], "05": 0.5}
+    if "val_thr_youden" in v:
+        thresholds["youden"] = v["val_thr_youden"]
+    out = {"val": {k: tile_scores(run / "val_probs.npz", t) for k, t in thresholds.items()}}
+    if has_truth:
+        out["test"] = {k: tile_scores(run / "test_probs.npz", t) for k, t in thresholds.items()}
+    return out
+
+
+def _interval(s: TileScores | None) -> stats.Interval | None:
+    return s.interval() if s is not None else None
+
+
+def _minus(a: TileScores | None, b: TileScores | None) -> stats.Interval | None:
+    return a.minus(b) if a is not None and b is not None else None
+
+
+def _sweep_range(cfg: dict) -> tuple[float, float]:
+    base = cfg.get("base", {})
+    return (
+        float(base.get("threshold_lo", RunConfig.threshold_lo)),
+        float(base.get("threshold_hi", RunConfig.threshold_hi)),
+    )
+
+
 def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
     """Writes ``<out>/REPORT.md`` and its plots under ``<out>/report/``."""
     out = Path(out)
     assets = out / "report"
     stages = state["stages"]
     names = list(stages)
+    cfg = state["config"]
+    lo, hi = _sweep_range(cfg)
+    wide_lo, wide_hi = metrics.widened_range(lo, hi)
+    scores = {s: _stage_scores(stages[s], has_truth) for s in names}
     lines = [
-        f"# bldseg pipeline report: {state['config']['name']}",
+        f"# bldseg pipeline report: {cfg['name']}",
         "",
         "Generated by `experiments/pipeline.py` from a real run; the numbers are whatever that",
         "run produced. *Validation* Dice is measured on the validation tiles (drawn from the",
         "training images, so their masks carry the same label noise); *test* Dice on the",
         "held-out test split with clean masks, never used for any choice.",
         "",
+        INTERVAL_NOTE,
+        "",
         "## Configuration",
         "",
         "| setting | value |",
         "|---|---|",
     ]
-    cfg = state["config"]
     for k in ("data", "trials", "epochs", "cpus_per_trial", "k_min", "k_max", "seed"):
         lines.append(f"| {k} | {cfg[k] if cfg[k] is not None else 'built-in synthetic world'} |")
     lines.append(f"| fixed run config | `{cfg['base']}` |")
+    lines.append(
+        f"| threshold sweep | [{lo:.2f}, {hi:.2f}], widened to [{wide_lo:.2f}, {wide_hi:.2f}] "
+        "when the best threshold lies on an edge |"
+    )
     if "wall_s_last_call" in state:
         lines.append(f"| wall time of the last pipeline call | {state['wall_s_last_call']:.0f} s |")
 
     # 1. best single model per stage
     val = [stages[s]["best"]["val_dice_best"] for s in names]
     test = [stages[s].get("test", {}).get("test_dice_sweep", np.nan) for s in names]
+    val_iv = [_interval(scores[s]["val"]["sweep"]) for s in names]
+    test_iv = [_interval(scores[s].get("test", {}).get("sweep")) for s in names]
     fig, ax = plt.subplots(figsize=(7, 4))
     _bars(
         ax,
         names,
         {"validation (chosen on)": val, "held-out test": test},
-        "Best single model per search stage",
+        "Best single model per search stage (95% intervals)",
+        {"validation (chosen on)": val_iv, "held-out test": test_iv},
     )
     save_figure(fig, assets / "stages.png")
     lines += [
         "",
         "## Best single model per search stage",
         "",
-        "| stage | trials | wall (s) | overhead | best val Dice | threshold | test Dice |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | trials | wall (s) | overhead | best val Dice | threshold | test Dice | "
+        "test Δ vs previous stage |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for s in names:
+    for i, s in enumerate(names):
         st = stages[s]
+        thr = f"{st['best']['val_thr_best']:.3f}"
+        if st.get("val_thresholds", {}).get("val_thr_widened"):
+            thr += " (widened)"
+        delta = "–"
+        if i and has_truth:
+            d = _minus(scores[s]["test"]["sweep"], scores[names[i - 1]]["test"]["sweep"])
+            delta = _iv(d, signed=True)
         lines.append(
             f"| {s} | {cfg['trials']} | {st['wall_s']:.0f} | {100 * st['overhead']:.0f}% | "
-            f"{_f(st['best']['val_dice_best'])} | {st['best']['val_thr_best']:.3f} | "
-            f"{_f(st.get('test', {}).get('test_dice_sweep'))} |"
+            f"{_iv(val_iv[i], st['best']['val_dice_best'])} | {thr} | "
+            f"{_iv(test_iv[i], st.get('test', {}).get('test_dice_sweep'))} | {delta} |"
         )
     lines += ["", "![stages](report/stages.png)", ""]
     lines.append(
@@ -115,10 +362,12 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
     # 2. plain BCE vs co-teaching
     if "tune_sched" in stages and "tune_tau" in stages:
         plain, cot = stages["tune_sched"], stages["tune_tau"]
+        sp, sc = scores["tune_sched"], scores["tune_tau"]
+        labels = ["plain BCE (best of tune_sched)", "co-teaching (best of tune_tau)"]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         _bars(
             axes[0],
-            ["plain BCE (best of tune_sched)", "co-teaching (best of tune_tau)"],
+            labels,
             {
                 "validation": [plain["best"]["val_dice_best"], cot["best"]["val_dice_best"]],
                 "held-out test": [
@@ -126,7 +375,14 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
                     cot.get("test", {}).get("test_dice_sweep", np.nan),
                 ],
             },
-            "Plain BCE vs co-teaching",
+            "Plain BCE vs co-teaching (95% intervals)",
+            {
+                "validation": [_interval(sp["val"]["sweep"]), _interval(sc["val"]["sweep"])],
+                "held-out test": [
+                    _interval(sp.get("test", {}).get("sweep")),
+                    _interval(sc.get("test", {}).get("sweep")),
+                ],
+            },
         )
         tau = _trial_test_dice(Path(cot["path"]) / "trials.csv", has_truth)
         if "config/coteach.tau" in tau:
@@ -136,57 +392,96 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             axes[1].legend(fontsize=8)
             axes[1].grid(alpha=0.3)
         save_figure(fig, assets / "coteaching.png")
+        d_val = _minus(sc["val"]["sweep"], sp["val"]["sweep"])
+        d_test = _minus(sc.get("test", {}).get("sweep"), sp.get("test", {}).get("sweep"))
+        rows = []
+        for label, st, sco in (
+            ("plain BCE (best tune_sched trial)", plain, sp),
+            ("co-teaching (best tune_tau trial)", cot, sc),
+        ):
+            val_cell = _iv(_interval(sco["val"]["sweep"]), st["best"]["val_dice_best"])
+            test_cell = _iv(
+                _interval(sco.get("test", {}).get("sweep")),
+                st.get("test", {}).get("test_dice_sweep"),
+            )
+            rows.append(f"| {label} | {val_cell} | {test_cell} |")
+        val_delta = _iv(d_val, signed=True) if d_val else "– (different validation tiles)"
         lines += [
             "",
             "## Plain BCE vs co-teaching",
             "",
             "| model | val Dice | test Dice |",
             "|---|---|---|",
-            f"| plain BCE (best tune_sched trial) | {_f(plain['best']['val_dice_best'])} | "
-            f"{_f(plain.get('test', {}).get('test_dice_sweep'))} |",
-            f"| co-teaching (best tune_tau trial) | {_f(cot['best']['val_dice_best'])} | "
-            f"{_f(cot.get('test', {}).get('test_dice_sweep'))} |",
+            *rows,
+            f"| Δ co-teaching − plain (paired) | {val_delta} | {_iv(d_test, signed=True)} |",
             "",
             "![co-teaching](report/coteaching.png)",
             "",
             "The two are not the same budget-matched experiment (the tau search starts from "
-            "the best schedule); `experiments/compare_noisy.py` runs the controlled one.",
+            "the best schedule, one seed each); `experiments/compare_noisy.py` runs the "
+            "controlled one over several seeds.",
         ]
 
     # 3. thresholds of the final best single model
     last = stages[names[-1]]
     if "val_thresholds" in last:
         v, t = last["val_thresholds"], last.get("test", {})
+        sl = scores[names[-1]]
+        rules = [("05", "fixed 0.5", 0.5), ("sweep", "best of sweep", v["val_thr_best"])]
+        rules.append(("youden", "Youden's index", v["val_thr_youden"]))
+        val_vals = [v["val_dice_05"], v["val_dice_best"], v["val_dice_youden"]]
+        test_vals = [t.get(f"test_dice_{k}", np.nan) for k in ("05", "sweep", "youden")]
+        widened = bool(v.get("val_thr_widened"))
+        sweep_label = (
+            f"sweep ({wide_lo:.2f}-{wide_hi:.2f}, widened)"
+            if widened
+            else f"sweep ({lo:.2f}-{hi:.2f})"
+        )
         fig, ax = plt.subplots(figsize=(7, 4))
         _bars(
             ax,
-            ["0.5", "sweep (0.30-0.70)", "Youden"],
+            ["0.5", sweep_label, "Youden"],
+            {"validation (chosen on)": val_vals, "held-out test": test_vals},
+            f"Thresholds of the best {names[-1]} model (95% intervals)",
             {
-                "validation (chosen on)": [
-                    v["val_dice_05"],
-                    v["val_dice_best"],
-                    v["val_dice_youden"],
-                ],
-                "held-out test": [
-                    t.get("test_dice_05", np.nan),
-                    t.get("test_dice_sweep", np.nan),
-                    t.get("test_dice_youden", np.nan),
-                ],
+                "validation (chosen on)": [_interval(sl["val"].get(k)) for k, _, _ in rules],
+                "held-out test": [_interval(sl.get("test", {}).get(k)) for k, _, _ in rules],
             },
-            f"Thresholds of the best {names[-1]} model",
         )
         save_figure(fig, assets / "thresholds.png")
         lines += [
             "",
             "## Thresholds: 0.5 vs sweep vs Youden",
             "",
-            "| rule | threshold | val Dice | test Dice |",
-            "|---|---|---|---|",
-            f"| fixed 0.5 | 0.500 | {_f(v['val_dice_05'])} | {_f(t.get('test_dice_05'))} |",
-            f"| best of sweep | {v['val_thr_best']:.3f} | {_f(v['val_dice_best'])} | "
-            f"{_f(t.get('test_dice_sweep'))} |",
-            f"| Youden's index | {v['val_thr_youden']:.3f} | {_f(v['val_dice_youden'])} | "
-            f"{_f(t.get('test_dice_youden'))} |",
+            "| rule | threshold | val Dice | test Dice | val Δ vs 0.5 | test Δ vs 0.5 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (key, label, thr), vv, tv in zip(rules, val_vals, test_vals, strict=True):
+            dv = dt = "–"
+            if key != "05":
+                dv = _iv(_minus(sl["val"].get(key), sl["val"]["05"]), signed=True)
+                st_test = sl.get("test", {})
+                dt = _iv(_minus(st_test.get(key), st_test.get("05")), signed=True)
+            if key == "sweep" and widened:
+                label += " (widened)"
+            lines.append(
+                f"| {label} | {thr:.3f} | {_iv(_interval(sl['val'].get(key)), vv)} | "
+                f"{_iv(_interval(sl.get('test', {}).get(key)), tv)} | {dv} | {dt} |"
+            )
+        n_wide, n_trials = _widened_trials(stages)
+        lines += [
+            "",
+            f"The sweep covers [{lo:.2f}, {hi:.2f}]: on a small validation set the argmax over "
+            "many thresholds fits noise, and a range around 0.5 keeps it from wandering. When "
+            "the best threshold sits on an edge, the range cut the curve while it was still "
+            f"rising, so the sweep widens to [{wide_lo:.2f}, {wide_hi:.2f}] (see "
+            "`docs/thresholds.md`). "
+            + (
+                "This model's sweep was widened. "
+                if widened
+                else "This model's best threshold lay inside the range. "
+            )
+            + f"Widened: {n_wide} of {n_trials} trials (best epoch of each).",
             "",
             "![thresholds](report/thresholds.png)",
         ]
@@ -195,6 +490,8 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
     ens = state.get("ensemble")
     if ens:
         b, s1 = ens["best"], ens["best_single"]
+        gain = ens.get("gain", {})
+        b_iv, s_iv = b.get("intervals", {}), s1.get("intervals", {})
         splits = [k for k in ("selection", "check", "test") if f"{k}_dice" in b]
         fig, ax = plt.subplots(figsize=(7, 4))
         _bars(
@@ -204,36 +501,64 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
                 "best single model": [s1[f"{k}_dice"] for k in splits],
                 f"best ensemble (k={b['k']})": [b[f"{k}_dice"] for k in splits],
             },
-            "Best single model vs best ensemble",
+            "Best single model vs best ensemble (95% intervals)",
+            {
+                "best single model": [s_iv.get(k) for k in splits],
+                f"best ensemble (k={b['k']})": [b_iv.get(k) for k in splits],
+            },
         )
         save_figure(fig, assets / "ensemble.png")
+        t_lo, t_hi = ens.get("threshold_range", (lo, hi))
         lines += [
             "",
             "## Best single model vs best ensemble",
             "",
             "Both chosen on the *selection* half of the validation tiles (split by source "
-            "image); the *check* half and the test split were not used for the choice.",
+            "image); the *check* half decides what is submitted (below), the test split was "
+            "not used for any choice. Thresholds searched in "
+            f"[{t_lo:.2f}, {t_hi:.2f}]"
+            + (
+                " (widened: a choice lay on the edge of the default range)."
+                if ens.get("widened")
+                else "."
+            ),
             "",
             "| | members | threshold | selection | check | test |",
             "|---|---|---|---|---|---|",
             f"| best single | {s1['members']} | {s1['threshold']:.3f} | "
-            f"{_f(s1.get('selection_dice'))} | {_f(s1.get('check_dice'))} | "
-            f"{_f(s1.get('test_dice'))} |",
+            + " | ".join(
+                _iv(s_iv.get(k), s1.get(f"{k}_dice")) for k in ("selection", "check", "test")
+            )
+            + " |",
             f"| best ensemble | {b['members']} | {b['threshold']:.3f} | "
-            f"{_f(b.get('selection_dice'))} | {_f(b.get('check_dice'))} | "
-            f"{_f(b.get('test_dice'))} |",
+            + " | ".join(
+                _iv(b_iv.get(k), b.get(f"{k}_dice")) for k in ("selection", "check", "test")
+            )
+            + " |",
+            "| Δ ensemble − single (paired) | | | "
+            + " | ".join(_iv(gain.get(k), signed=True) for k in ("selection", "check", "test"))
+            + " |",
             "",
             "![ensemble](report/ensemble.png)",
         ]
+        dec = ens.get("decision")
+        if dec:
+            what = "the best ensemble" if dec["submit"] == "ensemble" else "the best single model"
+            lines += [
+                "",
+                f"**Submitted: {what}** ({dec['members']}, threshold {dec['threshold']:.4f}). "
+                f"Rule: {dec['rule']}. Here: {dec['reason']}.",
+            ]
     pred = state.get("predict")
     if pred:
+        score = _iv(pred.get("test_interval") or None, pred["test_dice"])
         lines += [
             "",
             "## Submission",
             "",
             f"`{pred['submission']}`: {pred['members']} model(s), threshold "
             f"{pred['threshold']:.4f}; official score against the held-out ground truth: "
-            f"**{_f(pred['test_dice'])}**.",
+            f"**{score}** (95% bootstrap interval over test images).",
         ]
     path = out / "REPORT.md"
     tmp = path.with_name("REPORT.tmp.md")

@@ -42,6 +42,7 @@ from bldseg.ensemble.combinatorics import chunk_ranges, n_combinations, unrank
 from bldseg.ensemble.prune import level_window, prune
 from bldseg.ensemble.search import exhaustive_search, score_members
 from bldseg.ensemble.synthetic import fake_library
+from bldseg.tune.runner import init_ray
 
 
 def naive_best(probs, truth, combo, lo, hi) -> tuple[int, float]:
@@ -139,7 +140,7 @@ def scale(args) -> dict:
         "kept_fraction": pl.kept_fraction,
     }
     kernels.load_native()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2)
     try:
 
         @ray.remote(num_cpus=1)

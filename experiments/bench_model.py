@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bldseg.models import create_model
+from bldseg.models import create_backbone, create_model
 
 PUBLISHED = {
     "internimage_t": 30e6,
@@ -70,7 +70,8 @@ def main() -> None:
     print(f"{'model':<28}{'params':>14}{'published':>12}{'diff':>8}")
     for name, pub in PUBLISHED.items():
         kw = {"num_classes": 1000} if name.startswith("internimage") else {"num_classes": 150}
-        n = n_params(create_model(name, **kw))
+        build = create_backbone if name.startswith("internimage") else create_model
+        n = n_params(build(name, **kw))
         n1 = None if name.startswith("internimage") else n_params(create_model(name))
         counts[name] = {"params": n, "published": pub, "params_one_class": n1}
         print(f"{name:<28}{n / 1e6:>13.2f}M{pub / 1e6:>11.0f}M{100 * (n - pub) / pub:>7.2f}%")

@@ -1,102 +1,13 @@
 """The whole workflow in one resumable command: data -> cache -> tune_aug -> tune_sched ->
 tune_tau -> ensemble search -> predict -> submission.csv -> score -> REPORT.md.
 
-    python experiments/pipeline.py                        # synthetic world, 2-core CPU, ~30 min
-    python experiments/pipeline.py --trials 2 --epochs 2  # a quick smoke run
-    python experiments/pipeline.py --data /path/to/comp --model upernet_internimage_b \\
-        --gpus-per-trial 1 --address <ray-head>:6379 --storage /shared/runs \\
-        --tracking-uri http://<mlflow-host>:5000 --trials 24 --epochs 60
-
-Re-running the same command continues where it stopped: finished stages are skipped and an
-interrupted search is resumed. Outputs: <out>/<name>/{pipeline_state.json, ensemble/,
-submission.csv, REPORT.md, report/*.png}; every stage is an MLflow run linked to the previous.
+The ``bldseg pipeline`` command (:mod:`bldseg.commands.pipeline`),
+run from a checkout: the same flags, listed by ``--help``.
 """
 
-import argparse
-import shutil
 import sys
-from pathlib import Path
 
-from bldseg.data.prepare import add_data_arguments, data_options
-from bldseg.pipeline import PipelineConfig, run_pipeline
-from bldseg.tune.cli import fixed_config
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--name", default="pipeline", help="run name (MLflow experiment, folders)")
-    p.add_argument("--out", default="results", help="state, ensemble, submission, report")
-    p.add_argument("--storage", default="runs", help="search results (shared on a cluster)")
-    add_data_arguments(p)
-    p.add_argument(
-        "--split-group",
-        default=None,
-        help="regex on source file names grouping tiles on one side of the validation split",
-    )
-    p.add_argument("--model", default=None, help="model name (default: tiny on a CPU)")
-    p.add_argument("--trials", type=int, default=6, help="trials per search stage (default 6)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs per trial (default 8)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--address", default=None, help="Ray cluster address")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default sqlite in cwd)")
-    p.add_argument("--k-min", type=int, default=2, help="smallest ensemble size")
-    p.add_argument("--k-max", type=int, default=6, help="largest ensemble size")
-    p.add_argument("--ensemble-workers", type=int, default=0, help="Ray tasks (0: in-process)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fixed run-config value for every trial (repeatable)",
-    )
-    p.add_argument(
-        "--report-to",
-        default=None,
-        help="also copy REPORT.md (and its plots) to this path, e.g. REPORT.md",
-    )
-    args = p.parse_args()
-    base = fixed_config(
-        args.data or args.images,
-        args.model,
-        args.set,
-        gpu=args.gpus_per_trial > 0 or None,
-        split_group=args.split_group,
-        announce=True,
-    )
-    cfg = PipelineConfig(
-        name=args.name,
-        out=args.out,
-        storage=args.storage,
-        data=args.data,
-        data_options=data_options(args),
-        data_root=args.data_root,
-        base=base,
-        trials=args.trials,
-        epochs=args.epochs,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-        address=args.address,
-        tracking_uri=args.tracking_uri,
-        k_min=args.k_min,
-        k_max=args.k_max,
-        ensemble_workers=args.ensemble_workers,
-        seed=args.seed,
-    )
-    state = run_pipeline(cfg)
-    report = Path(state["report"])
-    print(report.read_text())
-    if args.report_to:
-        dest = Path(args.report_to)
-        shutil.copyfile(report, dest)
-        shutil.copytree(report.parent / "report", dest.parent / "report", dirs_exist_ok=True)
-        print(f"copied the report to {dest}")
-    print(f"report: {report}")
-    return 0
-
+from bldseg.commands.pipeline import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,16 +1,12 @@
 """Augmentation search: the reference pipeline's scale/crop/flip knobs, rotations, colour, noise.
 
-    python experiments/tune_aug.py                      # built-in synthetic world, tiny model, CPU
-    python experiments/tune_aug.py --data /path/to/comp --model upernet_internimage_b \
-        --gpus-per-trial 1 --address <ray-head>:6379 --storage /shared/runs \
-        --tracking-uri http://<mlflow-host>:5000
-
-Run with --help for every flag. Trials are logged to MLflow (one child run per trial).
+The ``bldseg tune aug`` command (:mod:`bldseg.commands.tune`), run from a checkout: the same
+flags, listed by ``--help``.
 """
 
 import sys
 
-from bldseg.tune.cli import main
+from bldseg.commands.tune import main
 
 if __name__ == "__main__":
-    sys.exit(main("augmentation", __doc__))
+    sys.exit(main("aug"))

@@ -1,33 +1,64 @@
-"""End-to-end: the whole pipeline at its smallest size, as a user runs it (slow: ~2 minutes)."""
+"""The pipeline: end to end at its smallest size as a user runs it (slow), and its control flow
+(interruption at every stage, resuming, repairing a state that recorded an unfinished search)
+with the searches replaced by copies of two trained models (fast)."""
 
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+ARGS = [
+    "--trials",
+    "2",
+    "--epochs",
+    "1",
+    "--k-max",
+    "2",
+    "--set",
+    "samples_per_epoch=32",
+]
+
+
+def _env() -> dict[str, str]:
+    return {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+
+
+def _pipeline_cmd() -> list[str]:
+    return [sys.executable, str(REPO / "experiments" / "pipeline.py"), *ARGS]
+
+
+def normalise_report(text: str) -> str:
+    """A report without what differs between two equal runs: timings and Ray's trial ids."""
+    text = re.sub(r"\| wall time of the last pipeline call \| \d+ s \|", "| wall time |", text)
+    # the stage table's wall (s) and overhead columns
+    text = re.sub(r"(\| tune_\w+ \| \d+ \| )\d+ \| \d+% \|", r"\1W | O |", text)
+    # trial ids are random: two runs name the same trial differently
+    return re.sub(r"trial_[0-9a-f]{5,}(_\d+)?", "trial_*", text)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The pipeline run once, start to end, as a user runs it."""
+    cwd = tmp_path_factory.mktemp("pipeline")
+    out = subprocess.run(
+        _pipeline_cmd(), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1200
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return cwd
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_and_rerun_skips(tmp_path):
-    args = [
-        sys.executable,
-        str(REPO / "experiments" / "pipeline.py"),
-        "--trials",
-        "2",
-        "--epochs",
-        "1",
-        "--k-max",
-        "2",
-        "--set",
-        "samples_per_epoch=32",
-    ]
-    env = {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
-    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stderr[-4000:]
+def test_pipeline_end_to_end_and_rerun_skips(uninterrupted):
+    tmp_path = uninterrupted
     res = tmp_path / "results" / "pipeline"
     state = json.loads((res / "pipeline_state.json").read_text())
     assert list(state["stages"]) == ["tune_aug", "tune_sched", "tune_tau"]
@@ -41,6 +72,7 @@ def test_pipeline_end_to_end_and_rerun_skips(tmp_path):
         "Plain BCE vs co-teaching",
         "Thresholds: 0.5 vs sweep vs Youden",
         "Best single model vs best ensemble",
+        "**Submitted: ",
     ):
         assert section in report
     for png in ("stages", "coteaching", "thresholds", "ensemble"):
@@ -49,25 +81,385 @@ def test_pipeline_end_to_end_and_rerun_skips(tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(state["pipeline_run_id"]).info.status == "FINISHED"
     prev = state["pipeline_run_id"]
     for stage in ("tune_aug", "tune_sched", "tune_tau"):
         parent = client.get_run(state["stages"][stage]["parent_run_id"])
         assert parent.data.tags["bldseg.previous_run_id"] == prev
         prev = parent.info.run_id
-    # later stages start from the best config found before them
+    # later stages start from the best config found before them: it is among the constants of
+    # the next search (its parent run's params; the trials log only what they searched)
     aug_best = state["stages"]["tune_aug"]["best_config"]
     sched = client.get_run(state["stages"]["tune_sched"]["parent_run_id"])
+    for key, value in aug_best.items():
+        got = sched.data.params[key]
+        if isinstance(value, float):  # MLflow params are strings, floats written shortened
+            assert float(got) == pytest.approx(value, rel=1e-5), key
+        else:
+            assert got == str(value), key
     children = client.search_runs(
         [sched.info.experiment_id], f"tags.`mlflow.parentRunId` = '{sched.info.run_id}'"
     )
     assert len(children) == 2
-    for child in children:
-        for key, value in aug_best.items():
-            assert child.data.params[key] == str(value), key
 
     # re-running continues: nothing is trained again
     mtime = (res / "submission.csv").stat().st_mtime_ns
-    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        _pipeline_cmd(), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-4000:]
     assert (res / "submission.csv").stat().st_mtime_ns == mtime
     assert "Trial status" not in again.stdout + again.stderr  # no Ray Tune search ran
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_search_then_the_same_command_resumes(uninterrupted, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) once the first trial
+    folder exists: the command stops within seconds with status 130, records no stage, and
+    the same command then finishes with the uninterrupted run's report."""
+    proc = subprocess.Popen(
+        _pipeline_cmd(),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, like a foreground job
+    )
+    search = tmp_path / "runs" / "pipeline" / "pipeline-tune_aug"
+    deadline = time.monotonic() + 600
+    while not list(search.glob("trial_*/run")):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "no trial folder appeared"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    stopped_s = time.monotonic() - t0
+    assert proc.returncode == 130, output[-4000:]
+    assert stopped_s < 60, stopped_s  # a bound on a hang, not a speed test
+    state = json.loads((tmp_path / "results" / "pipeline" / "pipeline_state.json").read_text())
+    assert state["stages"] == {} and "ensemble" not in state
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(state["pipeline_run_id"]).info.status == "KILLED"
+
+    again = subprocess.run(
+        _pipeline_cmd(), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    report = (tmp_path / "results" / "pipeline" / "REPORT.md").read_text()
+    want = (uninterrupted / "results" / "pipeline" / "REPORT.md").read_text()
+    assert normalise_report(report) == normalise_report(want)
+    assert client.get_run(state["pipeline_run_id"]).info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------------------------
+# Control flow with the searches replaced by copies of two trained models (fast)
+# --------------------------------------------------------------------------------------------
+
+TRAIN = {
+    "aug.crop_size": 64,
+    "batch_size": 8,
+    "val_fraction": 0.25,
+    "samples_per_epoch": 32,
+    "epochs": 1,
+    "impl": "compiled",
+}
+SEARCHED = {"tune_aug": "aug.hflip_p", "tune_sched": "optim.lr", "tune_tau": "coteach.tau"}
+
+
+@pytest.fixture(scope="module")
+def two_models(small_world, tmp_path_factory):
+    """Run folders of two tiny models (one epoch each, different seeds)."""
+    from bldseg.train import RunConfig, fit
+
+    root = tmp_path_factory.mktemp("models")
+    for seed in (0, 1):
+        fit(RunConfig.from_flat({**TRAIN, "seed": seed}), root / f"m{seed}", data=small_world)
+    return [root / "m0", root / "m1"]
+
+
+class FakeSearches:
+    """Stands in for :func:`bldseg.tune.runner.run_search`: a search "trains" its two trials
+    by copying the trained run folders. ``interrupt = stage`` stops that search once by Ctrl-C,
+    after its first trial and with the second trial's folder half-written."""
+
+    def __init__(self, models: list[Path]):
+        self.models = models
+        self.interrupt: str | None = None
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, spec):
+        from bldseg.tune.runner import META_FILE, SearchResult
+
+        stage = spec.name.split("-", 1)[1]
+        self.calls.append((stage, spec.resume))
+        exp = Path(spec.storage) / spec.name
+        assert spec.resume == exp.exists()
+        exp.mkdir(parents=True, exist_ok=True)
+        (exp / META_FILE).write_text(json.dumps({"spec": {"trials": spec.trials}}))
+        rows = []
+        for i, model in enumerate(self.models):
+            run = exp / f"trial_{i}" / "run"
+            if self.interrupt == stage and i == 1:
+                self.interrupt = None
+                run.mkdir(parents=True)  # started, no epoch finished: no history.json
+                (run / "augmentation.json").write_text("{}")
+                raise KeyboardInterrupt
+            if not (run / "history.json").exists():
+                shutil.copytree(model, run, dirs_exist_ok=True)
+                # what the search's driver writes when it closes a trial
+                (run / "status.json").write_text(json.dumps({"status": "completed", "final": True}))
+            best = json.loads((run / "history.json").read_text())[-1]
+            rows.append(
+                {
+                    "trial_id": str(i),
+                    "val_dice_best": best["val_dice_best"],
+                    "val_thr_best": best["val_thr_best"],
+                    "val_dice_05": best["val_dice_05"],
+                    "best_epoch": 1,
+                    "epochs_run": 1,
+                    "status": "completed",
+                    "run_dir": str(run),
+                    "message": "",
+                    f"config/{SEARCHED[stage]}": 0.1 * (i + 1),
+                }
+            )
+        table = pd.DataFrame(rows).sort_values("val_dice_best", ascending=False, kind="stable")
+        table = table.reset_index(drop=True)
+        table.to_csv(exp / "trials.csv", index=False)
+        return SearchResult(
+            name=spec.name,
+            path=exp,
+            table=table,
+            best=table.iloc[0].to_dict(),
+            parent_run_id=f"parent-{stage}",
+            tracking_uri=spec.tracking_uri,
+            wall_s=2.0,
+            train_s=2.0,
+            slots=2,
+            ray_address="fake",
+            ideal_s=2.0,
+            n_completed=len(table),
+        )
+
+
+def _config(small_world, root: Path):
+    from bldseg.pipeline import PipelineConfig
+
+    return PipelineConfig(
+        out=str(root / "results"),
+        storage=str(root / "runs"),
+        data=str(small_world.root),
+        data_root=str(small_world.root.parent),
+        base=dict(TRAIN),
+        trials=2,
+        epochs=1,
+        k_max=2,
+        tracking_uri=f"sqlite:///{root}/mlflow.db",
+    )
+
+
+def _state(root: Path) -> dict:
+    return json.loads((root / "results" / "pipeline" / "pipeline_state.json").read_text())
+
+
+def _report(root: Path) -> str:
+    # the report names the submission by its path: compare it relative to the run's folder
+    text = (root / "results" / "pipeline" / "REPORT.md").read_text()
+    return normalise_report(text.replace(str(root), "<root>"))
+
+
+@pytest.fixture(scope="module")
+def fake_baseline(small_world, two_models, tmp_path_factory):
+    """The fake pipeline run once without interruption: (its folder, its state)."""
+    from bldseg import pipeline
+
+    root = tmp_path_factory.mktemp("baseline")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "run_search", FakeSearches(two_models))
+    try:
+        state = pipeline.run_pipeline(_config(small_world, root))
+    finally:
+        mp.undo()
+    return root, state
+
+
+def _raise_on_call(n: int, real):
+    """A stand-in for ``real`` that raises KeyboardInterrupt on its ``n``-th call."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+def test_fake_pipeline_submits_what_the_ensemble_search_decided(fake_baseline):
+    _, state = fake_baseline
+    ens, pred = state["ensemble"], state["predict"]
+    decision = ens["decision"]
+    assert decision["submit"] == ("ensemble" if ens["gain"]["check"]["low"] > 0 else "single")
+    row = ens["best"] if decision["submit"] == "ensemble" else ens["best_single"]
+    assert pred["submitted"] == decision["submit"] and pred["threshold"] == row["threshold"]
+    assert pred["members"] == len(row["members"].split("+"))
+    # the submission reproduces the chosen one's score on its test library exactly (a single
+    # model as a one-member ensemble spec included)
+    assert pred["test_dice"] == row["test_dice"]
+    iv = pred["test_interval"]
+    assert iv["low"] <= pred["test_dice"] <= iv["high"]
+    assert iv["estimate"] == pytest.approx(pred["test_dice"], abs=1e-12)
+    for info in state["stages"].values():
+        assert info["val_thresholds"]["val_thr_widened"] in (0.0, 1.0)
+
+
+def test_fake_pipeline_report_carries_intervals_and_the_rule(fake_baseline):
+    root, state = fake_baseline
+    report = (root / "results" / "pipeline" / "REPORT.md").read_text()
+    assert "95% bootstrap interval" in report
+    # every score cell of the comparisons holds an interval
+    for heading in ("## Best single model per search stage", "## Plain BCE vs co-teaching"):
+        table = report.split(heading, 1)[1].split("\n\n", 2)[1]
+        assert table.count("[") >= 4, table
+    assert "Δ co-teaching − plain (paired)" in report
+    assert "| Δ ensemble − single (paired) |" in report
+    assert "val Δ vs 0.5" in report
+    d = state["ensemble"]["decision"]
+    assert (
+        f"**Submitted: the best {'ensemble' if d['submit'] == 'ensemble' else 'single model'}"
+        in (report)
+    )
+    assert d["reason"] in report and "check half" in report
+    assert "widened to [0.05, 0.95]" in report
+
+
+def test_ctrl_c_in_every_stage_records_nothing_and_the_rerun_resumes(
+    small_world, two_models, fake_baseline, tmp_path, monkeypatch
+):
+    from mlflow.tracking import MlflowClient
+
+    from bldseg import pipeline, report
+    from bldseg.ensemble import run as ensemble_run
+
+    searches = FakeSearches(two_models)
+    monkeypatch.setattr(pipeline, "run_search", searches)
+    cfg = _config(small_world, tmp_path)
+    client = MlflowClient(cfg.tracking_uri)
+
+    def interrupted(patch: tuple | None, stage: str | None = None) -> dict:
+        searches.interrupt = stage
+        with monkeypatch.context() as m:
+            if patch is not None:
+                m.setattr(*patch)
+            with pytest.raises(KeyboardInterrupt):
+                pipeline.run_pipeline(cfg)
+        state = _state(tmp_path)
+        assert client.get_run(state["pipeline_run_id"]).info.status == "KILLED"
+        return state
+
+    # 1. in the second search, with a half-written trial folder left behind
+    state = interrupted(None, "tune_sched")
+    assert list(state["stages"]) == ["tune_aug"]
+    half = tmp_path / "runs" / "pipeline" / "pipeline-tune_sched" / "trial_1" / "run"
+    assert half.is_dir() and not (half / "history.json").exists()
+    # 2. while writing the test library: the searches are done, nothing after them
+    state = interrupted(
+        (pipeline, "write_test_library", _raise_on_call(2, pipeline.write_test_library))
+    )
+    assert list(state["stages"]) == ["tune_aug", "tune_sched", "tune_tau"]
+    assert ("tune_sched", True) in searches.calls  # the interrupted search was resumed
+    assert "ensemble" not in state
+    # 3. in the ensemble search, after its table was written
+    state = interrupted((ensemble_run, "_plots", _raise_on_call(1, ensemble_run._plots)))
+    assert "ensemble" not in state
+    # 4. in the prediction, after the maps were computed
+    state = interrupted(
+        (pipeline, "write_submission", _raise_on_call(1, pipeline.write_submission))
+    )
+    assert "ensemble" in state and "predict" not in state
+    # 5. while writing the report
+    state = interrupted((report, "write_report", _raise_on_call(1, report.write_report)))
+    assert "predict" in state and "report" not in state
+    # then the same call finishes, with the uninterrupted run's report
+    state = pipeline.run_pipeline(cfg)
+    assert client.get_run(state["pipeline_run_id"]).info.status == "FINISHED"
+    assert _report(tmp_path) == _report(fake_baseline[0])
+    assert [s for s, _ in searches.calls] == ["tune_aug", "tune_sched", "tune_sched", "tune_tau"]
+
+
+def test_a_recorded_but_unfinished_search_is_resumed_and_later_stages_redone(
+    small_world, two_models, fake_baseline, tmp_path, monkeypatch, caplog
+):
+    """A state written by an older bldseg, which recorded a search stopped by Ctrl-C as done:
+    its best trial's folder has no finished epoch (the rerun crashed on history.json)."""
+    from bldseg import pipeline
+
+    base_root, _ = fake_baseline
+    shutil.copytree(base_root, tmp_path, dirs_exist_ok=True)
+    state = _state(tmp_path)
+    for key, value in list(state.items()):  # the state refers to the baseline's folders
+        state[key] = json.loads(json.dumps(value).replace(str(base_root), str(tmp_path)))
+    aug = state["stages"]["tune_aug"]
+    run_dir = Path(aug["path"]) / "trial_1" / "run"
+    for f in run_dir.iterdir():
+        if f.is_file() and f.name != "augmentation.json":
+            f.unlink()
+    shutil.rmtree(run_dir / "plots", ignore_errors=True)
+    aug["best"]["run_dir"] = str(run_dir)
+    path = tmp_path / "results" / "pipeline" / "pipeline_state.json"
+    path.write_text(json.dumps(state))
+
+    searches = FakeSearches(two_models)
+    monkeypatch.setattr(pipeline, "run_search", searches)
+    state = pipeline.run_pipeline(_config(small_world, tmp_path))
+    assert "did not finish" in caplog.text
+    assert searches.calls == [("tune_aug", True), ("tune_sched", False), ("tune_tau", False)]
+    stale = list((tmp_path / "runs" / "pipeline.stale").iterdir())
+    assert sorted(p.name.rsplit("-", 2)[0] for p in stale) == [
+        "pipeline-tune_sched",
+        "pipeline-tune_tau",
+    ]
+    assert (run_dir / "history.json").is_file()
+    assert _report(tmp_path) == _report(base_root)
+
+
+def test_a_search_that_returns_unfinished_is_not_recorded(
+    small_world, two_models, tmp_path, monkeypatch
+):
+    """A search runner that swallowed Ctrl-C and returned partial results."""
+    from bldseg import pipeline
+
+    searches = FakeSearches(two_models)
+
+    def partial(spec):
+        result = searches(spec)
+        run = Path(result.table["run_dir"][1])
+        (run / "history.json").unlink()
+        (run / "summary.json").unlink(missing_ok=True)
+        (run / "status.json").unlink(missing_ok=True)
+        return result
+
+    monkeypatch.setattr(pipeline, "run_search", partial)
+    with pytest.raises(RuntimeError, match=r"ended before it finished .*did not finish"):
+        pipeline.run_pipeline(_config(small_world, tmp_path))
+    assert _state(tmp_path)["stages"] == {}
+
+
+def test_command_exits_130_on_ctrl_c(monkeypatch, capsys):
+    from bldseg.commands import pipeline as command
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run_pipeline", interrupted)
+    assert command.main(["--trials", "1"], prog="bldseg pipeline") == 130
+    assert "run the same command again" in capsys.readouterr().err

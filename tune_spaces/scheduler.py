@@ -3,7 +3,7 @@
 import optuna
 
 
-def space(trial: optuna.Trial) -> None:
+def space(trial: optuna.Trial) -> dict | None:
     """OneCycleLR vs CosineAnnealingWarmupRestarts vs poly, with the peak LR."""
     trial.suggest_float("optim.lr", 3e-4, 1e-2, log=True)
     name = trial.suggest_categorical("sched.name", ["onecycle", "cosine_restarts", "poly"])
@@ -17,3 +17,7 @@ def space(trial: optuna.Trial) -> None:
     else:
         trial.suggest_float("sched.power", 0.5, 2.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.2)
+        # A fixed warm-up length (the pretrained recipe's 1500 steps) would override the
+        # searched share: the searched value must be the one that applies.
+        return {"sched.warmup_steps": 0}
+    return None

@@ -141,7 +141,10 @@ def load_library(
             if missing:
                 raise ValueError(f"model {name!r} ({f}) lacks array(s) {missing}")
             p, t = z["probs"], z["truth"]
-            tid, iid = z["tile_ids"].astype(str), z["image_ids"].astype(str)
+            # Source scenes when recorded (tiles of one scene must stay on one side of the
+            # selection/check split), else the sample ids of older libraries.
+            ids_key = "group_ids" if "group_ids" in z else "image_ids"
+            tid, iid = z["tile_ids"].astype(str), z[ids_key].astype(str)
         if p.dtype != np.uint8 or p.ndim != 3:
             raise ValueError(
                 f"model {name!r} ({f}): probs must be uint8 (T, S, S) quantised maps, got "

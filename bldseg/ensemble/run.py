@@ -6,6 +6,14 @@ both, next to the best single model (chosen the same way). A held-out test libra
 models (``test_probs.npz`` next to each ``val_probs.npz``, e.g. on the synthetic world) is
 scored too when present. The gap between the selection and the check Dice is the optimism of
 the choice; the reference workflow reported only the former.
+
+Every score carries a 95% cluster-bootstrap interval over source images
+(:mod:`bldseg.stats`), and the ensemble's gain over the best single model a paired one on the
+same tiles. What to submit (``submit.json``): the ensemble only when its gain on the check half
+is beyond that interval (its low end above 0), else the best single model as a one-member
+ensemble. The threshold sweep covers ``[lo, hi]`` and widens to
+:data:`bldseg.metrics.WIDE_RANGE` when a chosen threshold lies on its edge
+(``docs/thresholds.md``).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from bldseg import metrics
+from bldseg import metrics, stats
 from bldseg.ensemble.library import ModelLibrary, find_runs, load_library, split_by_image
 from bldseg.ensemble.search import (
     Ensemble,
@@ -30,7 +38,17 @@ from bldseg.ensemble.search import (
 )
 from bldseg.predict import EnsembleSpec
 
-__all__ = ["SearchConfig", "SearchSummary", "evaluate", "run_search"]
+__all__ = [
+    "SearchConfig",
+    "SearchSummary",
+    "evaluate",
+    "run_search",
+    "submission_decision",
+    "summary_lines",
+    "tile_scores",
+]
+
+SPLITS = ("selection", "check", "test")
 
 
 @dataclass
@@ -40,8 +58,8 @@ class SearchConfig:
     runs: str | None = None  # search results folder; run folders are found recursively
     models: list[str] = field(default_factory=list)  # or explicit run folders / npz files
     k: list[int] = field(default_factory=lambda: [6])  # ensemble sizes (exhaustive)
-    lo: float = 0.30  # lowest threshold considered
-    hi: float = 0.70  # highest threshold considered
+    lo: float = 0.30  # lowest threshold considered (widened when a choice lies on the edge)
+    hi: float = 0.70  # highest threshold considered (widened likewise)
     method: Literal["exhaustive", "greedy"] = "exhaustive"
     greedy_size: int = 10  # greedy: stop at this many members (with repetition)
     greedy_init: int = 0  # greedy: start from this many best single models
@@ -68,6 +86,10 @@ class SearchSummary:
     files: dict[str, str]  # name -> path of every output file
     mlflow_run_id: str | None
     seconds: float
+    gain: dict = field(default_factory=dict)  # split -> paired interval: ensemble - single
+    decision: dict = field(default_factory=dict)  # what to submit, the rule and its numbers
+    threshold_range: tuple[float, float] = (0.30, 0.70)  # the sweep the choices were made in
+    widened: bool = False  # a choice lay on the edge of [lo, hi], so the sweep was widened
 
 
 def evaluate(lib: ModelLibrary, members: tuple[int, ...], level: int) -> float:
@@ -76,6 +98,74 @@ def evaluate(lib: ModelLibrary, members: tuple[int, ...], level: int) -> float:
     for m in members:
         total += lib.probs[m]
     return metrics.competition_score(total >= level, lib.truth)
+
+
+def tile_scores(lib: ModelLibrary, members: tuple[int, ...], level: int) -> np.ndarray:
+    """Per-tile Dice (T,) of an ensemble at a fixed level; NaN where the tile is empty/empty."""
+    total = np.zeros(lib.probs.shape[1:], dtype=np.uint16)
+    for m in members:
+        total += lib.probs[m]
+    return metrics.dice_per_image(total >= level, lib.truth)
+
+
+def _interval(scores: np.ndarray, groups: np.ndarray) -> dict | None:
+    """Bootstrap interval over source images as a dict; None when no tile has a score."""
+    if not np.isfinite(scores).any():
+        return None
+    return stats.bootstrap_mean(scores, groups).to_dict()
+
+
+def _paired(a: np.ndarray, b: np.ndarray, groups: np.ndarray) -> dict | None:
+    """Paired interval of mean(a) - mean(b) over source images; None when an arm has no score."""
+    if not (np.isfinite(a).any() and np.isfinite(b).any()):
+        return None
+    return stats.paired_difference(a, b, groups).to_dict()
+
+
+def submission_decision(best: dict, single: dict, gain_check: dict | None) -> dict:
+    """What to submit: the ensemble only when its gain on the check half is beyond noise.
+
+    Rule: the 95% paired bootstrap interval (over source images) of the ensemble's Dice minus
+    the best single model's, on the check half, must lie above 0. The selection half cannot
+    decide: both were chosen there, and the ensemble had far more candidates to be lucky with.
+
+    Args:
+        best: The best ensemble's row (members, threshold, Dice per split).
+        single: The best single model's row.
+        gain_check: The paired interval on the check half (``Interval.to_dict``), or None when
+            no check tile has a defined score.
+
+    Returns:
+        ``{"submit": "ensemble" | "single", "members", "threshold", "rule", "reason",
+        "gain_check"}``.
+    """
+    rule = (
+        "submit the ensemble only if its gain over the best single model on the check half "
+        "(95% paired bootstrap interval over source images) lies above 0"
+    )
+    if gain_check is None:
+        chosen, reason = "single", "no check tile has a defined Dice, so no gain can be shown"
+    elif gain_check["low"] > 0:
+        chosen = "ensemble"
+        reason = (
+            f"gain on the check half {gain_check['estimate']:+.4f} "
+            f"[{gain_check['low']:+.4f}, {gain_check['high']:+.4f}] lies above 0"
+        )
+    else:
+        chosen = "single"
+        reason = (
+            f"gain on the check half {gain_check['estimate']:+.4f} "
+            f"[{gain_check['low']:+.4f}, {gain_check['high']:+.4f}] does not lie above 0"
+        )
+    row = best if chosen == "ensemble" else single
+    return {
+        "submit": chosen,
+        "members": row["members"],
+        "threshold": row["threshold"],
+        "rule": rule,
+        "reason": reason,
+        "gain_check": gain_check,
+    }
 
 
 def _load(cfg: SearchConfig, file_name: str | None = None) -> ModelLibrary:
@@ -122,7 +212,55 @@ def _row(e: Ensemble, lib, sel, chk, test) -> dict:
     return row
 
 
-def _plots(out: Path, per_k: dict, sel, chk, best: Ensemble, cfg: SearchConfig) -> dict:
+def _split_libs(sel, chk, test) -> dict[str, ModelLibrary]:
+    libs = {"selection": sel, "check": chk}
+    if test is not None:
+        libs["test"] = test
+    return libs
+
+
+def _with_intervals(row: dict, e: Ensemble, libs: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """The row with ``intervals`` (split -> bootstrap interval), and its per-tile scores."""
+    tiles = {split: tile_scores(lib, e.members, e.level) for split, lib in libs.items()}
+    intervals = {split: _interval(tiles[split], libs[split].image_ids) for split in libs}
+    return {**row, "intervals": intervals}, tiles
+
+
+def _on_edge(e: Ensemble, lo: float, hi: float) -> bool:
+    return metrics.on_range_edge(e.level, e.max_value, lo, hi)
+
+
+def _search(
+    cfg: SearchConfig, sel: ModelLibrary, lo: float, hi: float
+) -> tuple[Ensemble, list[Ensemble], dict[int, Ensemble]]:
+    """Best single model, top ensembles and the best of each k, all chosen in ``[lo, hi]``."""
+    # Best single model, chosen on the selection half like the ensembles.
+    singles, _ = exhaustive_search(sel, 1, lo, hi, top=1, method=cfg.kernel, progress=False)
+    single = singles[0]
+    if cfg.method == "exhaustive":
+        top, per_k = exhaustive_search(
+            sel,
+            cfg.k,
+            lo,
+            hi,
+            top=cfg.top,
+            workers=cfg.workers,
+            method=cfg.kernel,
+            progress=cfg.progress,
+        )
+    elif cfg.method == "greedy":
+        best_g, history = greedy_search(
+            sel, cfg.greedy_size, lo, hi, init=cfg.greedy_init, progress=cfg.progress
+        )
+        top = sorted(history, key=lambda e: (-e.score, e.k))[: cfg.top]
+        assert top[0] is best_g
+        per_k = {e.k: e for e in history}
+    else:
+        raise ValueError(f"method must be 'exhaustive' or 'greedy', got {cfg.method!r}")
+    return single, top, per_k
+
+
+def _plots(out: Path, per_k: dict, sel, chk, best: Ensemble, lo: float, hi: float) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,12 +284,12 @@ def _plots(out: Path, per_k: dict, sel, chk, best: Ensemble, cfg: SearchConfig) 
 
     mv = metrics.QUANT_MAX * best.k
     t = np.arange(mv + 1) / mv
-    s_sel = score_members(sel.probs, sel.truth, best.members, cfg.lo, cfg.hi)[0]
-    s_chk = score_members(chk.probs, chk.truth, best.members, cfg.lo, cfg.hi)[0]
+    s_sel = score_members(sel.probs, sel.truth, best.members, lo, hi)[0]
+    s_chk = score_members(chk.probs, chk.truth, best.members, lo, hi)[0]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(t, s_sel, label="selection")
     ax.plot(t, s_chk, label="check")
-    ax.axvspan(cfg.lo, cfg.hi, color="grey", alpha=0.1, label="searched range")
+    ax.axvspan(lo, hi, color="grey", alpha=0.1, label="searched range")
     ax.axvline(best.threshold, color="k", ls=":", label=f"chosen {best.threshold:.4f}")
     ax.set_xlabel("threshold on the mean probability")
     ax.set_ylabel("mean Dice")
@@ -195,8 +333,10 @@ def _log_mlflow(cfg: SearchConfig, params: dict, scalars: dict, files: dict) -> 
         )
         for path in files.values():
             client.log_artifact(rid, path)
-    except Exception:
-        client.set_terminated(rid, status="FAILED")
+    except BaseException as e:  # Ctrl-C included: the run must not stay RUNNING
+        client.set_terminated(
+            rid, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        )
         raise
     client.set_terminated(rid)
     return rid
@@ -206,7 +346,8 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     """Runs the whole job (see the module docstring) and writes its outputs to ``cfg.out``.
 
     Returns:
-        The summary; ``files`` lists the CSV, plots, spec JSON and summary JSON.
+        The summary; ``files`` lists the CSV, plots, summary JSON and the specs:
+        ``best_ensemble.json``, ``best_single.json`` and ``submit.json`` (the decided one).
     """
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -216,29 +357,19 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     sel, chk = lib.subset(sel_idx), lib.subset(chk_idx)
     test = _test_library(cfg, lib)
 
-    # Best single model, chosen on the selection half like the ensembles.
-    singles, _ = exhaustive_search(sel, 1, cfg.lo, cfg.hi, top=1, method=cfg.kernel, progress=False)
-    single = singles[0]
-    if cfg.method == "exhaustive":
-        top, per_k = exhaustive_search(
-            sel,
-            cfg.k,
-            cfg.lo,
-            cfg.hi,
-            top=cfg.top,
-            workers=cfg.workers,
-            method=cfg.kernel,
-            progress=cfg.progress,
-        )
-    elif cfg.method == "greedy":
-        best_g, history = greedy_search(
-            sel, cfg.greedy_size, cfg.lo, cfg.hi, init=cfg.greedy_init, progress=cfg.progress
-        )
-        top = sorted(history, key=lambda e: (-e.score, e.k))[: cfg.top]
-        assert top[0] is best_g
-        per_k = {e.k: e for e in history}
-    else:
-        raise ValueError(f"method must be 'exhaustive' or 'greedy', got {cfg.method!r}")
+    lo, hi = cfg.lo, cfg.hi
+    single, top, per_k = _search(cfg, sel, lo, hi)
+    # A choice on the edge of the range was clipped by it: search the wider range again (the
+    # whole search, since another combination may win there). Its choices replace the default
+    # range's only where they score strictly higher, as in bldseg.metrics.choose_level.
+    widened = _on_edge(top[0], lo, hi) or _on_edge(single, lo, hi)
+    if widened:
+        lo, hi = metrics.widened_range(lo, hi)
+        w_single, w_top, w_per_k = _search(cfg, sel, lo, hi)
+        if w_single.score > single.score:
+            single = w_single
+        if w_top[0].score > top[0].score:
+            top, per_k = w_top, w_per_k
     per_k.setdefault(1, single)
     best = top[0]
 
@@ -250,8 +381,11 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
             _write_atomic(out / "top_ensembles.csv", lambda p: table.to_csv(p, index=False))
         )
     }
-    per_k_rows = {k: _row(e, lib, sel, chk, test) for k, e in per_k.items()}
-    files.update(_plots(out, per_k_rows, sel, chk, best, cfg))
+    libs = _split_libs(sel, chk, test)
+    per_k_rows = {
+        k: _with_intervals(_row(e, lib, sel, chk, test), e, libs)[0] for k, e in per_k.items()
+    }
+    files.update(_plots(out, per_k_rows, sel, chk, best, lo, hi))
 
     spec = EnsembleSpec(
         checkpoints=[str(lib.checkpoints[m].resolve()) for m in best.members],
@@ -261,16 +395,42 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     spec_path = out / "best_ensemble.json"
     spec.save(spec_path)
     files["spec"] = str(spec_path)
+    # The best single model as a one-member ensemble: k = 1, so predict applies its level on
+    # the 0..255 scale, exactly the rule its scores here were computed with.
+    single_spec = EnsembleSpec(
+        checkpoints=[str(lib.checkpoints[m].resolve()) for m in single.members],
+        weights=[],
+        threshold=single.threshold,
+    )
+    single_spec.save(out / "best_single.json")
+    files["single_spec"] = str(out / "best_single.json")
 
-    best_d = rows[0]
-    single_d = _row(single, lib, sel, chk, test)
+    best_d, best_tiles = _with_intervals(rows[0], best, libs)
+    single_d, single_tiles = _with_intervals(_row(single, lib, sel, chk, test), single, libs)
+    gain = {
+        split: _paired(best_tiles[split], single_tiles[split], libs[split].image_ids)
+        for split in libs
+    }
+    decision = submission_decision(best_d, single_d, gain["check"])
+    chosen_spec = spec if decision["submit"] == "ensemble" else single_spec
+    chosen_spec.save(out / "submit.json")
+    files["submit"] = str(out / "submit.json")
+    decision["spec"] = files["submit"]
     summary = {
         "config": asdict(cfg),
         "n_models": lib.n_models,
         "n_tiles": {"selection": sel.n_tiles, "check": chk.n_tiles},
+        "n_images": {
+            "selection": int(np.unique(sel.image_ids).size),
+            "check": int(np.unique(chk.image_ids).size),
+        },
         "test_library": test is not None,
+        "threshold_range": [lo, hi],
+        "widened": widened,
         "best": best_d,
         "best_single": single_d,
+        "gain": gain,
+        "decision": decision,
         "best_per_k": {str(k): v for k, v in sorted(per_k_rows.items())},
     }
     files["summary"] = str(
@@ -286,6 +446,8 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
             "k": ",".join(map(str, cfg.k)),
             "lo": cfg.lo,
             "hi": cfg.hi,
+            "threshold_range": f"{lo},{hi}",
+            "widened": widened,
             "n_models": lib.n_models,
             "n_tiles_selection": sel.n_tiles,
             "n_tiles_check": chk.n_tiles,
@@ -293,13 +455,17 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
             "best_members": best_d["members"],
             "best_threshold": best_d["threshold"],
             "best_single": single_d["members"],
+            "submit": decision["submit"],
         }
         scalars = {
             f"{who}_{split}_dice": d[f"{split}_dice"]
             for who, d in (("ensemble", best_d), ("single", single_d))
-            for split in ("selection", "check", "test")
+            for split in SPLITS
             if f"{split}_dice" in d
         }
+        for split, g in gain.items():
+            if g is not None:
+                scalars.update({f"gain_{split}_{k}": g[k] for k in ("estimate", "low", "high")})
         run_id = _log_mlflow(cfg, params, scalars, files)
     return SearchSummary(
         best=best_d,
@@ -308,4 +474,43 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         files=files,
         mlflow_run_id=run_id,
         seconds=time.perf_counter() - t0,
+        gain=gain,
+        decision=decision,
+        threshold_range=(lo, hi),
+        widened=widened,
     )
+
+
+def _fmt(value: float, iv: dict | None, signed: bool = False) -> str:
+    f = "+.4f" if signed else ".4f"
+    if iv is None:
+        return f"{value:{f}}"
+    return f"{value:{f}} [{iv['low']:{f}}, {iv['high']:{f}}]"
+
+
+def summary_lines(s: SearchSummary) -> list[str]:
+    """The job's result for a terminal: both choices with intervals, the gain, the decision."""
+    lines = []
+    for who, d in (("ensemble", s.best), ("best single", s.best_single)):
+        ivs = d.get("intervals", {})
+        scores = ", ".join(
+            f"{split} {_fmt(d[f'{split}_dice'], ivs.get(split))}"
+            for split in SPLITS
+            if f"{split}_dice" in d
+        )
+        lines.append(f"{who:12s} {d['members']} @ t={d['threshold']:.4f}: {scores}")
+    gains = ", ".join(
+        f"{split} {_fmt(g['estimate'], g, signed=True)}" for split, g in s.gain.items() if g
+    )
+    if gains:
+        lines.append(f"{'gain':12s} ensemble - best single (paired, 95%): {gains}")
+    lo, hi = s.threshold_range
+    if s.widened:
+        lines.append(
+            f"{'thresholds':12s} a choice lay on the edge of the default sweep, widened to "
+            f"[{lo:.2f}, {hi:.2f}]"
+        )
+    if s.decision:
+        what = "the ensemble" if s.decision["submit"] == "ensemble" else "the best single model"
+        lines.append(f"{'submit':12s} {what} ({s.decision['reason']}): {s.decision['spec']}")
+    return lines

@@ -79,7 +79,8 @@ def fake_library(
         seed: everything is drawn from this seed.
 
     Returns:
-        The library (checkpoints point at ``best.pt`` files that do not exist).
+        The library (checkpoints point at ``best.pt`` files that do not exist;
+        :func:`write_runs` writes empty stand-ins).
     """
     rng = np.random.default_rng(seed)
     truth = _truth(rng, n_tiles, size, empty_fraction)
@@ -116,6 +117,10 @@ def fake_library(
 def write_runs(lib: ModelLibrary, root: str | os.PathLike, file_name: str = VAL_FILE) -> list[Path]:
     """Writes a library as run folders ``root/trial_<m>/<file_name>`` (the training layout).
 
+    Each folder also gets an empty ``best.pt`` stand-in for the model the fake library does not
+    have, so that an ensemble spec chosen from these runs passes ``EnsembleSpec.load``'s check
+    that every member file exists (loading it as a model fails: it is not a checkpoint).
+
     Returns:
         The run folders, in model order.
     """
@@ -135,5 +140,6 @@ def write_runs(lib: ModelLibrary, root: str | os.PathLike, file_name: str = VAL_
             tile_yx=tile_yx,
         )
         os.replace(tmp, run / file_name)
+        (run / CHECKPOINT_FILE).touch()
         out.append(run)
     return out

@@ -11,8 +11,6 @@ bottom/right and the logits cropped back, so a 224 or 250 tile gives a 224 or 25
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +19,13 @@ from bldseg.models.backbones.internimage import InternImage, internimage
 from bldseg.models.decoders.upernet import FCNHead, UPerHead
 from bldseg.models.registry import register_model
 
-#: Official classification checkpoints keep the ImageNet classifier under these prefixes.
-CLASSIFIER_PREFIXES = ("conv_head.", "head.")
-
 
 class SegmentationModel(nn.Module):
     """Backbone + UPerNet head + optional auxiliary head.
+
+    Parameters live under ``backbone.*``, ``decode_head.*`` and ``aux_head.*`` (mmseg's
+    ``auxiliary_head``): the names of the official mmseg checkpoints, but for three prefixes
+    (:data:`bldseg.models.pretrained.MMSEG_TO_BLDSEG`).
 
     Args:
         backbone: Returns four NCHW feature maps at strides 4/8/16/32 and has ``out_channels``.
@@ -76,49 +75,6 @@ class SegmentationModel(nn.Module):
         return {"logits": logits, "aux_logits": aux}
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Loads an official InternImage classification checkpoint into a backbone, strictly.
-
-    Args:
-        model: A :class:`SegmentationModel` (loads into ``model.backbone``) or an
-            :class:`InternImage`.
-        path: ``internimage_{t,s,b}_1k_224.pth`` (weights under ``"model"``, or a bare state
-            dict). Never downloaded: it must be on disk.
-
-    Returns:
-        The checkpoint keys that were dropped (the ImageNet classifier).
-
-    Raises:
-        FileNotFoundError: No file at ``path``.
-        RuntimeError: Missing, unexpected or mis-shaped parameters, listed by name.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (bldseg never downloads weights)")
-    backbone = model.backbone if isinstance(model, SegmentationModel) else model
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-    own = backbone.state_dict()
-    has_classifier = any(k.startswith(CLASSIFIER_PREFIXES) for k in own)
-    dropped = [] if has_classifier else [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]
-    state = {k: v for k, v in state.items() if k not in dropped}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise RuntimeError(
-            f"{path} does not match {type(backbone).__name__}"
-            f" ({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped):"
-            f"\n  missing: {missing[:20]}\n  unexpected: {unexpected[:20]}\n  shapes: {shapes[:20]}"
-            "\nIs it the checkpoint of the same variant (t/s/b)?"
-        )
-    backbone.load_state_dict(state, strict=True)
-    return dropped
-
-
 def _upernet(
     variant: str,
     head_channels: int,
@@ -129,6 +85,7 @@ def _upernet(
     dropout: float = 0.1,
     **backbone_kw,
 ) -> SegmentationModel:
+    # backbone_kw: InternImageConfig fields (drop_path_rate, with_cp, layer_scale, impl, ...)
     return SegmentationModel(
         internimage(variant, **backbone_kw),
         head_channels=head_channels,
@@ -161,27 +118,3 @@ def upernet_internimage_s(**kw) -> SegmentationModel:
 def upernet_internimage_b(**kw) -> SegmentationModel:
     """UPerNet-InternImage-B (128M parameters with 150 classes)."""
     return _upernet("b", kw.pop("head_channels", 512), kw.pop("aux_channels", 256), **kw)
-
-
-@register_model
-def internimage_t(**kw) -> InternImage:
-    """InternImage-T classifier/backbone (30M parameters with the ImageNet head)."""
-    return internimage("t", **kw)
-
-
-@register_model
-def internimage_s(**kw) -> InternImage:
-    """InternImage-S classifier/backbone (50M parameters with the ImageNet head)."""
-    return internimage("s", **kw)
-
-
-@register_model
-def internimage_b(**kw) -> InternImage:
-    """InternImage-B classifier/backbone (97M parameters with the ImageNet head)."""
-    return internimage("b", **kw)
-
-
-@register_model
-def internimage_tiny(**kw) -> InternImage:
-    """Tiny InternImage backbone for tests."""
-    return internimage("tiny", **kw)

@@ -8,6 +8,7 @@ or invalid key.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ class SchedConfig:
     cycle_mult: float = 1.0  # cosine_restarts: growth of the cycle length
     gamma: float = 1.0  # cosine_restarts: peak decay per cycle
     warmup_frac: float = 0.05  # cosine_restarts/poly: warm-up share of a (first) cycle
+    warmup_steps: int = 0  # poly: warm-up in iterations (> 0 replaces warmup_frac; official 1500)
     min_lr: float = 1e-6  # cosine_restarts/poly: floor
     power: float = 1.0  # poly: exponent
 
@@ -61,8 +63,12 @@ class SchedConfig:
                 warmup_steps=min(first - 1, int(self.warmup_frac * first)),
             )
         if self.name == "poly":
+            # A fixed warm-up longer than a short run fills all of it but the last step.
+            warmup = int(self.warmup_frac * total_steps)
+            if self.warmup_steps > 0:
+                warmup = min(self.warmup_steps, max(0, total_steps - 1))
             return dict(
-                warmup_steps=int(self.warmup_frac * total_steps),
+                warmup_steps=warmup,
                 power=self.power,
                 min_lr=self.min_lr,
             )
@@ -88,7 +94,12 @@ class RunConfig:
     """Everything one training run depends on."""
 
     model: str = "upernet_internimage_tiny"  # a name from bldseg.models.list_models()
-    drop_path_rate: float | None = None  # override the variant's stochastic depth
+    # Official checkpoint to start from, a path on the training machine (never downloaded):
+    # ImageNet internimage_{t,s,b}_1k_224.pth (backbone) or mmseg
+    # upernet_internimage_{t,s,b}_512_160k_ade20k.pth (whole model). See recipe_defaults().
+    pretrained: str | None = None
+    drop_path_rate: float | None = None  # override the variant's stochastic depth (T/S/B: .2/.3/.4)
+    with_cp: bool = False  # activation checkpointing per backbone block: less GPU memory, slower
     data: str | None = None  # competition/image-mask folder or cache; None: synthetic world
     val_fraction: float = 0.05  # share of samples held out for validation (by source scene)
     split_group: str | None = None  # regex on source file names whose match groups tiles
@@ -113,6 +124,8 @@ class RunConfig:
     impl: Literal["auto", "compiled", "reference"] = "auto"  # DCNv3 implementation
 
     def __post_init__(self) -> None:
+        if isinstance(self.pretrained, os.PathLike):
+            self.pretrained = os.fspath(self.pretrained)  # flat dicts stay JSON
         if isinstance(self.aug, dict):
             self.aug = AugConfig.from_dict(self.aug)
         for name, cls in (
@@ -126,13 +139,22 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the first invalid parameter."""
-        from bldseg.models import list_models
+        from bldseg.models import model_name_problem
 
         def bad(name: str, why: str) -> None:
             raise ValueError(f"run config: {name}={_lookup(self, name)!r} {why}")
 
-        if self.model not in list_models():
-            bad("model", f"is not a registered model {list_models()}")
+        problem = model_name_problem(self.model)
+        if problem is not None:
+            bad("model", problem)
+        # The file itself is checked where it is read (fit): a saved run's config stays valid
+        # on a machine without the checkpoint.
+        if self.pretrained is not None and not (
+            isinstance(self.pretrained, str) and self.pretrained
+        ):
+            bad("pretrained", "must be the path of a checkpoint file, or None")
+        if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
+            bad("drop_path_rate", "must be in [0, 1), or None for the variant's default")
         if self.loss not in LOSSES:
             bad("loss", f"is not one of {sorted(LOSSES)}")
         if self.sched.name not in SCHEDULERS:
@@ -161,12 +183,21 @@ class RunConfig:
             ("sched.cycle_mult", self.sched.cycle_mult >= 1, "must be >= 1"),
             ("sched.gamma", 0 < self.sched.gamma <= 1, "must be in (0, 1]"),
             ("sched.warmup_frac", 0 <= self.sched.warmup_frac < 1, "must be in [0, 1)"),
+            ("sched.warmup_steps", self.sched.warmup_steps >= 0, "must be >= 0"),
             ("sched.min_lr", 0 <= self.sched.min_lr < self.optim.lr, "must be in [0, optim.lr)"),
             ("sched.power", self.sched.power > 0, "must be > 0"),
         ]
         for name, ok, why in checks:
             if not ok:
                 bad(name, why)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`bldseg.models.create_model` for this run (not the
+        checkpoint: ``pretrained=self.pretrained`` is passed on its own)."""
+        kw: dict[str, Any] = {"impl": self.impl, "with_cp": self.with_cp}
+        if self.drop_path_rate is not None:
+            kw["drop_path_rate"] = self.drop_path_rate
+        return kw
 
     def to_flat(self) -> dict[str, Any]:
         """Flat dict with dotted keys for the nested configs (MLflow params, Ray configs)."""
@@ -199,6 +230,43 @@ class RunConfig:
     def to_json(self) -> str:
         """JSON of the flat dict."""
         return json.dumps(self.to_flat(), indent=2, sort_keys=True)
+
+
+#: The official UPerNet-InternImage fine-tuning recipe (segmentation/configs/ade20k/
+#: upernet_internimage_{t,s,b}_512_160k_ade20k.py): AdamW 6e-5, betas (0.9, 0.999), weight decay
+#: 0.05, layer decay 1.0 (off), poly decay (power 1, to 0) after a 1500-iteration linear warm-up.
+#: Its drop path rates 0.2/0.3/0.4 (T/S/B) are the variants' defaults already, so a searched
+#: model keeps its own.
+PRETRAINED_RECIPE: dict[str, Any] = {
+    "optim.lr": 6e-5,
+    "optim.beta1": 0.9,
+    "optim.beta2": 0.999,
+    "optim.weight_decay": 0.05,
+    "optim.layer_decay": 1.0,
+    "sched.name": "poly",
+    "sched.power": 1.0,
+    "sched.min_lr": 0.0,
+    "sched.warmup_steps": 1500,
+}
+
+
+def recipe_defaults(pretrained: str | os.PathLike) -> dict[str, Any]:
+    """Flat run-config defaults for fine-tuning from ``pretrained``: the official recipe.
+
+    Merge them *under* the values the user set, and the search space over both::
+
+        base = {**scripts_defaults, **recipe_defaults(path), **user_sets}
+        cfg = RunConfig.from_flat({**base, **trial_config})
+
+    Args:
+        pretrained: The checkpoint. Made absolute, since trials may run in another folder;
+            not opened here (it may exist only on the training machines).
+
+    Returns:
+        :data:`PRETRAINED_RECIPE` plus ``{"pretrained": absolute path}``.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(pretrained)))
+    return {**PRETRAINED_RECIPE, "pretrained": path}
 
 
 def _lookup(cfg: Any, dotted: str) -> Any:

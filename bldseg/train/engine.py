@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -134,10 +136,70 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2))
 
 
+#: What a checkpoint may hold besides tensors: plain config data, nothing that unpickling would
+#: have to construct from a class (``torch.load(weights_only=True)`` refuses anything else).
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raises TypeError naming the first entry that ``weights_only=True`` could not load."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:  # exact types: np.float64 is a float
+        return
+    if isinstance(obj, dict):  # dict or OrderedDict (state dicts)
+        for k, v in obj.items():
+            if type(k) not in _PLAIN:
+                raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint holds only "
+        "tensors, dicts, lists, str, int, float, bool and None (convert it, e.g. with .item(), "
+        "float() or torch.as_tensor(), where it is made)"
+    )
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
+    # Checked before writing: a file that load_state would refuse is never written.
+    _check_plain(obj, path.name)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_state(
+    path: str | os.PathLike, map_location: torch.device | str = "cpu", *, mmap: bool = False
+) -> Any:
+    """Reads a checkpoint (``best.pt``, ``last.pt``) without unpickling arbitrary objects.
+
+    ``torch.load(weights_only=True)``: tensors and plain data only. Unpickling anything else can
+    run code chosen by whoever wrote the file, so such a file is refused, not loaded.
+
+    Args:
+        path: The checkpoint file.
+        map_location: Where tensors go, as in :func:`torch.load`.
+        mmap: Map the file instead of reading it (to read the small entries of a large file).
+
+    Raises:
+        ValueError: The file holds a pickled object other than tensors and plain data (the
+            message names the file and the object), or is not a PyTorch checkpoint at all.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+        raise ValueError(
+            f"{path} holds {what}, not only tensors and plain data; it will not be unpickled "
+            "(unpickling can run arbitrary code). bldseg writes checkpoints that load safely: "
+            "retrain, or re-save the weights as a plain state dict if you trust where the file "
+            "came from"
+        ) from None
+    except (EOFError, RuntimeError) as e:  # empty, truncated or not a torch.save file
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -175,29 +237,40 @@ def predict_probs(
 
 
 def threshold_metrics(
-    probs: np.ndarray, truth: np.ndarray, lo: float = 0.3, hi: float = 0.7
+    probs: np.ndarray,
+    truth: np.ndarray,
+    lo: float = 0.3,
+    hi: float = 0.7,
+    *,
+    wide: tuple[float, float] | None = metrics.WIDE_RANGE,
 ) -> dict[str, float]:
-    """Official Dice at 0.5, at the best threshold in ``[lo, hi]`` and at Youden's threshold.
+    """Official Dice at 0.5, at the best threshold of the sweep and at Youden's threshold.
+
+    The sweep covers ``[lo, hi]``; when its best threshold sits on an edge, it widens to
+    ``wide`` (:func:`bldseg.metrics.choose_level`) and ``thr_widened`` is 1.
 
     Args:
         probs: uint8 (N, S, S) quantised probabilities.
         truth: (N, S, S) binary ground truth.
         lo: Low end of the sweep.
         hi: High end of the sweep.
+        wide: Range to widen to; None keeps the sweep at ``[lo, hi]``.
     """
     scores = metrics.dice_at_levels(probs, truth)  # (256,)
     level_05 = metrics.level_from_threshold(0.5)
-    best_level, best_score = metrics.best_level(scores, metrics.QUANT_MAX, lo, hi)
+    choice = metrics.choose_level(scores, metrics.QUANT_MAX, lo, hi, wide)
     try:
         t_youden, _ = metrics.youden_threshold(probs, truth)
     except ValueError:  # no building or no background pixel at all: J is undefined
         t_youden = 0.5
     return {
         "dice_05": float(scores[level_05]),
-        "dice_best": float(best_score),
-        "thr_best": best_level / metrics.QUANT_MAX,
+        "dice_best": float(choice.score),
+        "thr_best": choice.threshold,
         "dice_youden": float(scores[metrics.level_from_threshold(t_youden)]),
         "thr_youden": float(t_youden),
+        # 1.0, not True: epoch metrics go to MLflow and Tune, which take numbers only
+        "thr_widened": float(choice.widened),
     }
 
 
@@ -231,17 +304,37 @@ def _step_losses(
 
 
 def _rng_state() -> dict[str, Any]:
+    """The global RNG states as tensors and plain data (a checkpoint must load safely)."""
+    algo, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    version, internal, gauss_next = random.getstate()
     return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),  # noqa: NPY002
-        "python": random.getstate(),
+        "torch": torch.get_rng_state(),  # uint8 tensor
+        "numpy": {
+            "algo": str(algo),
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # (624,) uint32 values
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    random.setstate(state["python"])
+    # .cpu(): last.pt is loaded onto the training device, the RNG states live on the host
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (
+            n["algo"],
+            n["keys"].cpu().numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
 def fit(
@@ -307,11 +400,10 @@ def fit(
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     for k in range(n_nets):
-        torch.manual_seed(cfg.seed + k)  # the two co-teaching networks start differently
-        kw = {"impl": cfg.impl}
-        if cfg.drop_path_rate is not None:
-            kw["drop_path_rate"] = cfg.drop_path_rate
-        m = create_model(cfg.model, **kw).to(device)
+        # The two co-teaching networks start differently: everything a checkpoint does not set
+        # (the decoder under ImageNet weights, the re-made classifiers) has its own seed.
+        torch.manual_seed(cfg.seed + k)
+        m = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs()).to(device)
         if device.type == "cuda":
             m = m.to(memory_format=torch.channels_last)
         opt = build_optimizer(m, cfg)
@@ -321,6 +413,11 @@ def fit(
         models.append(m)
         optimizers.append(opt)
         schedulers.append(sch)
+    if cfg.pretrained is not None:
+        # Every network reads the same file the same way: one record for the run.
+        report = models[0].pretrained_report
+        log.info("%s", report.summary())
+        _write_json(out / "pretrained.json", {**report.to_dict(), "networks": n_nets})
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     loss_fn = build_loss(cfg.loss)
 
@@ -329,8 +426,9 @@ def fit(
     start_epoch = 0
     last_path = out / "last.pt"
     if resume and last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        if state["config"] != cfg.to_flat():
+        state = load_state(last_path, map_location=device)
+        # Normalised through RunConfig so keys added since (with their defaults) compare equal.
+        if RunConfig.from_flat(state["config"]).to_flat() != cfg.to_flat():
             raise ValueError(f"{last_path} was written by a different config; use a new out_dir")
         for m, s in zip(models, state["models"], strict=True):
             m.load_state_dict(s)
@@ -429,7 +527,7 @@ def fit(
                 },
                 out / "best.pt",
             )
-            save_val_probs(out / "val_probs.npz", probs, val_truth, tiles, cache.ids)
+            save_val_probs(out / "val_probs.npz", probs, val_truth, tiles, cache.ids, groups)
         _save_atomic(
             {
                 "config": cfg.to_flat(),
@@ -448,17 +546,26 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(row, out)
     _write_json(out / "status.json", {"status": status, "message": message})
-    write_run_plots(out, tiles_from_cache(cache), lo=cfg.threshold_lo, hi=cfg.threshold_hi)
+    # The plot shades the range the best epoch's threshold was chosen in.
+    lo, hi = cfg.threshold_lo, cfg.threshold_hi
+    if best.get("val_thr_widened"):
+        lo, hi = metrics.widened_range(lo, hi)
+    write_run_plots(out, tiles_from_cache(cache), lo=lo, hi=hi)
     return FitResult(status, message, history, best, out)
 
 
-def save_val_probs(path: Path, probs: np.ndarray, truth: np.ndarray, tiles, ids) -> None:
+def save_val_probs(
+    path: Path, probs: np.ndarray, truth: np.ndarray, tiles, ids, groups=None
+) -> None:
     """Writes the validation library entry of one model (atomically).
 
     Arrays: ``probs`` uint8 (N, S, S), ``truth`` uint8 (N, S, S), ``tile_ids`` (N,) str,
-    ``image_ids`` (N,) str: the source image of each tile (for splits by source image),
-    ``tile_yx`` (N, 2) int: the tile's top-left corner in its source image.
+    ``image_ids`` (N,) str: the cached sample each tile was read from (plots find its pixels
+    by it), ``group_ids`` (N,) str: the sample's split group, i.e. its source scene (the
+    ensemble library splits and resamples by it, so tiles cut from one scene stay together),
+    ``tile_yx`` (N, 2) int: the tile's top-left corner in its sample.
     """
+    groups = ids if groups is None else groups
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(
         tmp,
@@ -466,6 +573,7 @@ def save_val_probs(path: Path, probs: np.ndarray, truth: np.ndarray, tiles, ids)
         truth=truth.astype(np.uint8),
         tile_ids=np.array([t.tile_id(ids) for t in tiles]),
         image_ids=np.array([ids[t.index] for t in tiles]),
+        group_ids=np.array([str(groups[t.index]) for t in tiles]),
         tile_yx=np.array([(t.y, t.x) for t in tiles], dtype=np.int64).reshape(-1, 2),
     )
     os.replace(tmp, path)

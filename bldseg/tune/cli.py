@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from bldseg.data.prepare import add_data_arguments, data_options
-from bldseg.tune.runner import METRIC, SearchSpec, run_search
+from bldseg.train.config import recipe_defaults
+from bldseg.tune.runner import DEFAULT_EXPERIMENT, METRIC, SearchInterrupted, SearchSpec, run_search
 
 #: Fixed trial settings for the built-in synthetic world on a 2-core CPU: the tiny model on
 #: 64-px crops, so a default search (12 trials, ASHA) finishes in about 5 minutes.
@@ -45,14 +47,16 @@ def fixed_config(
     *,
     gpu: bool | None = None,
     split_group: str | None = None,
+    pretrained: str | None = None,
     announce: bool = False,
 ) -> dict:
     """Run-config values fixed for every run of an entry script.
 
     The CPU demo settings (:data:`CPU_DEMO`) on the built-in synthetic world and on any data
     when there is no GPU, so a search on a laptop finishes in minutes; ``upernet_internimage_t``
-    on the user's data with a GPU. Then ``--model``, ``--split-group`` and ``--set key=value``
-    on top.
+    on the user's data with a GPU. With ``--pretrained`` the official fine-tuning recipe
+    (:func:`bldseg.train.config.recipe_defaults`) goes over those defaults. Then ``--model``,
+    ``--split-group`` and ``--set key=value`` on top (the search space goes over everything).
 
     Args:
         data: ``--data`` (None: the synthetic world).
@@ -60,6 +64,7 @@ def fixed_config(
         sets: ``--set key=value`` items.
         gpu: Whether trials get a GPU; None: ``torch.cuda.is_available()``.
         split_group: ``--split-group`` regex.
+        pretrained: ``--pretrained`` checkpoint (or ``--set pretrained=PATH``).
         announce: Print which defaults were chosen when they are the CPU ones on user data.
     """
     if gpu is None:
@@ -68,14 +73,27 @@ def fixed_config(
         gpu = torch.cuda.is_available()
     small = data is None or not gpu
     base: dict[str, Any] = dict(CPU_DEMO) if small else {"model": "upernet_internimage_t"}
+    sets = parse_set(list(sets))
+    pretrained = pretrained or sets.pop("pretrained", None)
+    recipe = recipe_defaults(pretrained) if pretrained else {}
+    base.update(recipe)
     if model:
         base["model"] = model
     if split_group:
         base["split_group"] = split_group
-    sets = parse_set(list(sets))
     base.update(sets)
+    if announce and recipe:
+        print(
+            f"fine-tuning from {recipe['pretrained']} with the official recipe's defaults "
+            + json.dumps({k: v for k, v in recipe.items() if k != "pretrained" and k not in sets}),
+            flush=True,
+        )
     if announce and small and data is not None:
-        kept = {k: v for k, v in CPU_DEMO.items() if k not in sets and not (k == "model" and model)}
+        kept = {
+            k: v
+            for k, v in CPU_DEMO.items()
+            if k not in sets and k not in recipe and not (k == "model" and model)
+        }
         print(
             "no GPU: training on your data with the CPU demo's small settings "
             + json.dumps(kept)
@@ -83,6 +101,29 @@ def fixed_config(
             flush=True,
         )
     return base
+
+
+def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
+    """``--pretrained PATH``: an official InternImage checkpoint the user owns."""
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="PATH",
+        help="fine-tune from an official checkpoint you own: internimage_{t,s,b}_1k_224.pth "
+        "(backbone) or upernet_internimage_{t,s,b}_512_160k_ade20k.pth (whole model); sets the "
+        "official recipe's defaults (AdamW 6e-5, poly + 1500-step warm-up) under --set",
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
 
 
 def build_parser(space: str, description: str) -> argparse.ArgumentParser:
@@ -99,14 +140,20 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         help="regex on source file names; its match groups tiles that stay on one side of the "
         "train/validation split (default: tiles of one source scene stay together)",
     )
+    add_pretrained_argument(p)
     a(
         "--model",
         default=None,
         help="model name (default: upernet_internimage_tiny on a CPU or the synthetic world, "
         "upernet_internimage_t on your data with a GPU); see bldseg.models.list_models()",
     )
-    a("--trials", type=int, default=12, help="number of trials (default 12)")
-    a("--epochs", type=int, default=10, help="epochs per trial, ASHA's max_t (default 10)")
+    a("--trials", type=positive_int, default=12, help="number of trials (default 12)")
+    a(
+        "--epochs",
+        type=positive_int,
+        default=10,
+        help="epochs per trial, ASHA's max_t (default 10)",
+    )
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial (default 1)")
     a(
         "--gpus-per-trial",
@@ -127,7 +174,18 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         help="trial scheduler: ASHA early stopping or FIFO (default asha)",
     )
     a("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
-    a("--name", default=None, help="experiment name (default: <space>-<timestamp>)")
+    a(
+        "--name",
+        default=None,
+        help="search name: its results folder and its MLflow parent run (default: "
+        "<space>-<timestamp>)",
+    )
+    a(
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        help=f"MLflow experiment holding the project's searches, one parent run per search "
+        f"(default {DEFAULT_EXPERIMENT})",
+    )
     a(
         "--storage",
         default="runs",
@@ -147,7 +205,8 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     a(
         "--resume",
         action="store_true",
-        help="continue the interrupted search --name (default: the latest of this space)",
+        help="continue the interrupted search --name (default: the latest of this space); "
+        "after Ctrl-C the search says the command",
     )
     a("--seed", type=int, default=0, help="searcher seed (default 0)")
     a("--max-concurrent", type=int, default=0, help="max trials at once (default: resources)")
@@ -166,7 +225,13 @@ def main(
     description: str,
     argv: list[str] | None = None,
 ) -> int:
-    """Parses flags, runs the search, prints the trial table and where to look next."""
+    """Parses flags, runs the search, prints the trial table and where to look next.
+
+    Returns:
+        The exit status: 0 when at least one trial completed, 1 when none did (the reason is
+        printed), 2 when the search could not start, 130 when it was interrupted (Ctrl-C; the
+        message says how to continue it).
+    """
     args = build_parser(space, description).parse_args(argv)
     base = fixed_config(
         args.data or args.images,
@@ -174,6 +239,7 @@ def main(
         args.set,
         gpu=args.gpus_per_trial > 0 or None,
         split_group=args.split_group,
+        pretrained=args.pretrained,
         announce=True,
     )
     spec = SearchSpec(
@@ -189,6 +255,7 @@ def main(
         grace_period=args.grace_period,
         storage=args.storage,
         tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
         address=args.address,
         resume=args.resume,
         seed=args.seed,
@@ -202,6 +269,10 @@ def main(
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SearchInterrupted as e:
+        # the exit status of a process ended by SIGINT, with the way back in the message
+        print(f"\ninterrupted: {e}", file=sys.stderr)
+        return 130
     t = result.table
     cols = [
         "trial_id",
@@ -217,7 +288,7 @@ def main(
     ):
         print(f"\n=== {result.name}: {len(t)} trials ===")
         print(t[[c for c in cols if c in t.columns]].to_string(index=False))
-    if result.best:
+    if result.n_completed and result.best:
         print(
             f"\nbest trial {result.best['trial_id']}: {METRIC}={result.best[METRIC]:.4f} "
             f"at threshold {result.best['val_thr_best']:.3f}"
@@ -232,7 +303,8 @@ def main(
                 }
             )
         )
-        print(f"  checkpoint: {result.best['run_dir']}/best.pt")
+        ckpt = Path(result.best["run_dir"]) / "best.pt"
+        print(f"  checkpoint: {ckpt}" + ("" if ckpt.is_file() else " (missing!)"))
     print(
         f"\nwall {result.wall_s:.1f} s; trial epochs {result.train_s:.1f} s over "
         f"{result.slots} slot(s): {100 * result.overhead:.1f}% of slot time not training"
@@ -246,8 +318,22 @@ def main(
             "reporting, checkpointing, MLflow)"
         )
     print(f"results: {result.path} (Ray cluster {result.ray_address})")
-    print(
-        f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}   "
-        f"(experiment {result.name!r}, parent run {result.parent_run_id})"
+    serve = (
+        ""
+        if result.tracking_uri.startswith(("http://", "https://"))
+        else f"mlflow ui --backend-store-uri {result.tracking_uri}, then open "
     )
+    print(
+        f"MLflow: {serve}{result.mlflow_url}   (experiment {result.experiment!r}, "
+        f"run {result.name!r}: {result.parent_run_id})"
+    )
+    if result.n_completed == 0:
+        counts = t["status"].value_counts().items() if "status" in t else []
+        print(
+            f"\nerror: no trial of {result.name} completed, so there is no best model ("
+            + (", ".join(f"{n} {s}" for s, n in counts) or "no trial ran")
+            + f"); first failure: {result.first_failure or 'unknown'}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

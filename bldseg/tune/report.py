@@ -8,30 +8,58 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from bldseg.train.plots import save_figure
 
+#: One colour per trial status, in both panels of ``trials.png``.
 STATUS_COLOURS = {
     "completed": "tab:green",
     "early-stopped": "tab:orange",
     "diverged": "tab:red",
     "error": "black",
 }
+OTHER_STATUS = "tab:gray"  # a status not listed above (a search recorded by an older bldseg)
 
 
 def plot_trials(table: pd.DataFrame, path: Path, metric: str) -> Path:
-    """Left: best metric per trial, coloured by status. Right: parallel coordinates of the
-    numeric searched parameters (min-max scaled), one line per trial coloured by the metric."""
+    """``trials.png``: the trials of a search, coloured by how they ended.
+
+    Left: the best ``metric`` of each trial (bars). Right: parallel coordinates of the numeric
+    searched parameters and, on the last axis, the metric (each min-max scaled to [0, 1]), one
+    line per trial. Both legends list only the statuses present, with their counts.
+
+    Args:
+        table: :func:`bldseg.tune.runner.trial_table` (``trial_id``, ``status``, ``metric``,
+            ``config/*`` columns).
+        path: The PNG to write.
+        metric: The optimised metric's column.
+    """
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=[1, 2])
+    statuses = table["status"].astype(str)
+    colours = [STATUS_COLOURS.get(s, OTHER_STATUS) for s in statuses]
+    counts = statuses.value_counts()
+    # the listed statuses in their fixed order, then any others
+    present = [s for s in STATUS_COLOURS if s in counts] + [
+        s for s in counts.index if s not in STATUS_COLOURS
+    ]
+
     labels = [str(t)[-5:] for t in table["trial_id"]]
-    ax0.bar(labels, table[metric], color=[STATUS_COLOURS.get(s, "gray") for s in table["status"]])
+    ax0.bar(labels, table[metric], color=colours)
     ax0.set(title=f"best {metric} per trial", ylabel=metric)
     ax0.tick_params(axis="x", rotation=60, labelsize=7)
-    for status, c in STATUS_COLOURS.items():
-        ax0.bar([], [], color=c, label=status)
-    ax0.legend(fontsize=7)
+    ax0.legend(
+        handles=[
+            Patch(color=STATUS_COLOURS.get(s, OTHER_STATUS), label=f"{s} ({counts[s]})")
+            for s in present
+        ],
+        fontsize=7,
+        title="status",
+        title_fontsize=7,
+    )
+
     cols = [
         c
         for c in table.columns
@@ -40,22 +68,33 @@ def plot_trials(table: pd.DataFrame, path: Path, metric: str) -> Path:
         and table[c].nunique() > 1
     ]
     if cols:
-        x = table[cols].astype(float)
+        axes = [*cols, metric]
+        x = table[axes].astype(float)
         scaled = (x - x.min()) / (x.max() - x.min()).replace(0, 1)
-        scores = table[metric].to_numpy()
-        norm = plt.Normalize(np.nanmin(scores), np.nanmax(scores))
-        cmap = plt.get_cmap("viridis")
-        for i in range(len(table)):
-            ax1.plot(range(len(cols)), scaled.iloc[i], color=cmap(norm(scores[i])), alpha=0.8)
+        # completed trials drawn last: on top of the ones that ended early
+        order = sorted(range(len(table)), key=lambda i: statuses.iloc[i] == "completed")
+        for i in order:
+            ax1.plot(range(len(axes)), scaled.iloc[i], color=colours[i], alpha=0.8, lw=1.3)
         ax1.set_xticks(
-            range(len(cols)),
-            [c.removeprefix("config/") for c in cols],
+            range(len(axes)),
+            [c.removeprefix("config/") for c in axes],
             rotation=35,
             ha="right",
             fontsize=7,
         )
-        ax1.set(title="searched parameters (scaled to [0, 1]), colour = " + metric)
-        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax1)
+        ax1.get_xticklabels()[-1].set_fontweight("bold")
+        ax1.axvline(len(axes) - 1, color="gray", lw=0.8)
+        ax1.set(
+            title=f"searched parameters and {metric} (each scaled to [0, 1])", ylim=(-0.05, 1.05)
+        )
+        ax1.legend(
+            handles=[
+                Line2D([], [], color=STATUS_COLOURS.get(s, OTHER_STATUS), label=s) for s in present
+            ],
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+        )
     else:
         ax1.axis("off")
     return save_figure(fig, path, dpi=100)

@@ -4,13 +4,35 @@
 
 * Searcher: ``OptunaSearch`` over a define-by-run space from ``tune_spaces`` (TPE, or
   Optuna's random sampler for ``search="random"``); scheduler: ASHA (early stopping) or FIFO.
+  Tune's console table shows :data:`METRIC` and the best trial so far.
 * The dataset cache is built once on the driver; trials open the same memory-mapped files.
-* Each trial reports per-epoch metrics and a checkpoint (``last.pt`` + the best model and its
-  validation maps); a failed trial is retried from its checkpoint; ``resume=True`` continues an
-  interrupted search (``Tuner.restore``) without re-running finished trials.
-* MLflow: one experiment per search, a parent run for the search, one child run per trial
-  (found again on retry/resume, never duplicated). A driver-side callback closes the child
-  runs of trials that ASHA stopped or that errored.
+* Each trial trains in its run folder ``<storage>/<name>/trial_<id>/run`` (``best.pt``,
+  ``last.pt``, ``val_probs.npz``, ...), the only copy of its weights. Each epoch it reports its
+  metrics and a Tune checkpoint that holds no weights, only the epoch it stands for
+  (:data:`CKPT_FILE`): ``last.pt`` is the state to continue from. A failed trial is retried,
+  ``resume=True`` continues an interrupted search (``Tuner.restore``) without re-running
+  finished trials; either way the trial first re-reports the epochs its run folder holds
+  beyond its Tune checkpoint. The results folder must therefore be one folder every node
+  sees (shared storage on a cluster), as the ensemble search needs anyway.
+* A trial may end inside any ``tune.report``: ASHA stops it there, at a rung or at its last
+  epoch, and the trial's code after that report never runs. So a trial writes everything that
+  must survive *before* each report (``status.json``, ``summary.json``, its MLflow metrics
+  with the ``best_*`` summary, flushed), and the driver finalises each trial when Tune ends it
+  (:class:`_SearchDriver`): the truthful status (completed = trained every epoch, also when
+  ASHA stopped it after its last one; early-stopped; diverged; error), the plots, and the MLflow
+  run's status, tags and artifacts.
+* Local Ray (no ``address``, no ``RAY_ADDRESS``) is started by bldseg and listens on
+  127.0.0.1 only (:func:`init_ray`); joining a cluster is always explicit.
+* MLflow: one experiment per project (:attr:`SearchSpec.experiment`), a parent run per search
+  named after it (found again by ``--resume``) with the constant config as params, one child run
+  per trial with only the searched params (found again on retry/resume, never duplicated). Calls
+  go through :class:`bldseg.tune.tracking.Tracker`: a tracking server that dies mid-search is
+  reported (once per trial) and the search goes on without it.
+* Ctrl-C: Tune saves the experiment and returns; :func:`run_search` then marks the MLflow runs
+  KILLED and raises :class:`SearchInterrupted` (a ``KeyboardInterrupt``), so a partial search is
+  never taken for a finished one. ``resume=True`` continues it.
+* A search in which no trial completed says so: :attr:`SearchResult.n_completed` is 0,
+  :attr:`SearchResult.best` is empty and :attr:`SearchResult.first_failure` says why.
 """
 
 from __future__ import annotations
@@ -18,9 +40,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +61,30 @@ from bldseg.tune import tracking
 log = logging.getLogger(__name__)
 
 METRIC = "val_dice_best"  # what the searcher and ASHA optimise (validation Dice, best threshold)
-CHECKPOINT_FILES = ("last.pt", "best.pt", "val_probs.npz", "history.json")
-# Names inside Tune checkpoints: prefixed, so that a checkpoint folder never looks like a run
-# folder to the ensemble search (which collects every folder holding val_probs.npz).
-CKPT_PREFIX = "ckpt_"
+# Reported first: Tune's console table shows the first four metrics a trial reports.
+CONSOLE_METRICS = (METRIC, "val_thr_best", "epoch", "train_loss")
+# The one file of a trial's Tune checkpoint: {"epoch": n, "trial_id": ...}. The weights stay in
+# the run folder; copying them into every checkpoint kept each trial's weights three times.
+CKPT_FILE = "bldseg_checkpoint.json"
 META_FILE = "bldseg_search.json"
+# A trial's state in its run folder: {"status", "message", "final", "epochs_run", ...}; written
+# by the trial before each report, made final by the driver when Tune ends the trial.
+STATUS_FILE = "status.json"
+# status.json plus the best epoch's metrics.
+SUMMARY_FILE = "summary.json"
+# Written in a trial's run folder when its MLflow logging failed (the driver reports it).
+TRACKING_ERROR_FILE = "mlflow_error.txt"
+# Trial statuses of trials that ran to their end or were stopped early by ASHA: usable models.
+USABLE = ("completed", "early-stopped")
+DEFAULT_EXPERIMENT = "bldseg"  # the MLflow experiment of a project's searches
+CODE_DIR = Path(__file__).resolve().parents[2]  # bldseg's checkout (or site-packages)
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """The search was interrupted (Ctrl-C); its state is saved and ``resume=True`` continues it.
+
+    A ``KeyboardInterrupt``: code that does not know it still stops, as on any Ctrl-C.
+    """
 
 
 @dataclass
@@ -48,7 +92,7 @@ class SearchSpec:
     """A search: what to vary, how long, where results and logs go."""
 
     space: str = "augmentation"  # a name from tune_spaces.SPACES
-    name: str | None = None  # experiment name; default "<space>-<timestamp>"
+    name: str | None = None  # search name (results folder, parent run); default "<space>-<time>"
     base: dict[str, Any] = field(default_factory=dict)  # flat RunConfig values fixed for all trials
     trials: int = 8  # number of trials
     epochs: int = 8  # epochs per trial (ASHA's max_t)
@@ -59,7 +103,8 @@ class SearchSpec:
     grace_period: int = 2  # ASHA: epochs every trial runs before it can be stopped
     storage: str = "runs"  # results folder (shared storage on a cluster)
     tracking_uri: str | None = None  # MLflow URI; default sqlite:////<project>/mlflow.db
-    address: str | None = None  # Ray cluster address; None: start or join a local Ray
+    experiment: str = DEFAULT_EXPERIMENT  # MLflow experiment; each search is a parent run in it
+    address: str | None = None  # Ray cluster address; None: $RAY_ADDRESS, else a new local Ray
     resume: bool = False  # continue the named (or latest) interrupted search
     seed: int = 0  # searcher seed
     data: str | None = None  # dataset folder or cache; None: the built-in synthetic world
@@ -78,7 +123,7 @@ class SearchResult:
     name: str
     path: Path  # the experiment folder under storage
     table: pd.DataFrame  # one row per trial
-    best: dict[str, Any]  # the best trial's row
+    best: dict[str, Any]  # the best completed/early-stopped trial's row; {} when there is none
     parent_run_id: str
     tracking_uri: str
     wall_s: float
@@ -86,6 +131,17 @@ class SearchResult:
     slots: int  # trials that could run at once
     ray_address: str  # the Ray cluster the trials ran on
     ideal_s: float  # the same trials' epochs scheduled with no orchestration cost
+    n_completed: int = 0  # trials with a usable model (status completed or early-stopped)
+    first_failure: str = ""  # why the first failed trial failed (error or divergence); "" if none
+    tracking_errors: dict[str, str] = field(default_factory=dict)  # trial id/"search": MLflow error
+    experiment: str = DEFAULT_EXPERIMENT  # the MLflow experiment holding the parent run
+    experiment_id: str = ""  # its id
+
+    @property
+    def mlflow_url(self) -> str:
+        """Where the MLflow UI shows the search: its experiment's runs (``mlflow ui``'s default
+        address for a local store)."""
+        return tracking.experiment_url(self.tracking_uri, self.experiment_id)
 
     @property
     def orchestration_overhead(self) -> float:
@@ -100,15 +156,19 @@ class SearchResult:
 
 def get_space(name: str):
     """The define-by-run function registered as ``name`` in ``tune_spaces``."""
-    from tune_spaces import SPACES
+    from bldseg.tune_spaces import SPACES
 
     if name not in SPACES:
         raise ValueError(f"unknown search space {name!r}; known: {sorted(SPACES)}")
     return SPACES[name]
 
 
-def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0) -> None:
+def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0) -> set[str]:
     """Samples a space and builds a RunConfig from each sample, before any trial starts.
+
+    Returns:
+        The config keys the space sets in any sample (suggested or returned as constants):
+        what the trials' MLflow runs carry as params.
 
     Raises:
         ValueError: A suggested key is not a config key, or a value is invalid; the message
@@ -116,6 +176,7 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
     """
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     name = getattr(space, "__module__", str(space))
+    keys: set[str] = set()
     for _ in range(samples):
         trial = study.ask()
         try:
@@ -127,7 +188,9 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
             RunConfig.from_flat({**base, **sample})
         except (TypeError, ValueError) as e:
             raise ValueError(f"search space {name} is invalid: {e} (sample: {sample})") from e
+        keys.update(sample)
         study.tell(trial, 0.0)
+    return keys
 
 
 def _make_searcher(spec: SearchSpec):
@@ -146,9 +209,9 @@ def _make_scheduler(spec: SearchSpec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if spec.scheduler == "asha":
+        # metric and mode come from the TuneConfig (Tune refuses them twice), where the console
+        # reporter finds them too
         return ASHAScheduler(
-            metric=METRIC,
-            mode="max",
             time_attr="training_iteration",
             max_t=spec.epochs,
             grace_period=min(spec.grace_period, spec.epochs),
@@ -157,6 +220,38 @@ def _make_scheduler(spec: SearchSpec):
     if spec.scheduler == "fifo":
         return FIFOScheduler()
     raise ValueError(f"--scheduler {spec.scheduler!r}: use asha or fifo")
+
+
+def _legacy_reporter():
+    """Tune's old console table (``RAY_AIR_NEW_OUTPUT=0``) with the optimised metric first;
+    None with the new output engine, which ignores a reporter (with a warning) and takes its
+    columns from the first metrics a trial reports (:data:`CONSOLE_METRICS`)."""
+    if os.environ.get("RAY_AIR_NEW_OUTPUT", "1") != "0":
+        return None
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        metric_columns=list(CONSOLE_METRICS), metric=METRIC, mode="max", sort_by_metric=True
+    )
+
+
+@contextmanager
+def _quiet_libraries():
+    """Optuna's per-study INFO lines and Ray's deprecation warnings off while a search runs.
+
+    Optuna's warnings and errors, and every other warning, still show; the user's settings
+    come back afterwards.
+    """
+    from ray.util.annotations import RayDeprecationWarning
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _data_paths(data: PreparedData) -> dict[str, str | None]:
@@ -206,6 +301,118 @@ def trial_run_dir(exp_dir: str | os.PathLike, trial_id: str) -> Path:
     return Path(exp_dir) / f"trial_{trial_id}" / "run"
 
 
+def _checkpoint_epoch(ckpt, trial_id: str) -> int:
+    """The epoch a trial's Tune checkpoint stands for (0 without one)."""
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        meta = Path(d) / CKPT_FILE
+        if not meta.is_file():
+            raise RuntimeError(
+                f"trial {trial_id}: its Tune checkpoint {d} has no {CKPT_FILE}: it was written "
+                "by an older bldseg (weights copied into the checkpoint, pickled RNG state) and "
+                "cannot be continued safely; start a new search (another --name)"
+            )
+        return int(json.loads(meta.read_text())["epoch"])
+
+
+def _trained_history(last_path: Path) -> list[dict[str, Any]]:
+    """The epochs recorded in ``last.pt`` (mapped, not read: only the history is needed)."""
+    from bldseg.train.engine import load_state
+
+    if not last_path.exists():
+        return []
+    return load_state(last_path, mmap=True)["history"]
+
+
+def _metric_steps(client, run_id: str, key: str) -> set[int]:
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    # atomic: the driver and a resumed trial read these files while others may write them
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+
+
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of the best epoch by :data:`METRIC` (the first of equals, as :func:`fit` keeps
+    ``best.pt``), or {} before the first epoch."""
+    best: dict[str, Any] = {}
+    for row in history:
+        if not best or row[METRIC] > best[METRIC]:
+            best = row
+    return best
+
+
+def best_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The ``best_*`` summary MLflow shows for a run: its best epoch so far, not its last."""
+    best = best_epoch(history)
+    if not best:
+        return {}
+    return {
+        "best_val_dice": best[METRIC],
+        "best_threshold": best["val_thr_best"],
+        "best_epoch": best["epoch"],
+        "best_val_dice_05": best["val_dice_05"],
+        "best_val_dice_youden": best["val_dice_youden"],
+    }
+
+
+def write_trial_record(
+    run_dir: Path,
+    *,
+    trial_id: str,
+    status: str,
+    message: str,
+    history: list[dict[str, Any]],
+    max_epochs: int,
+    final: bool = False,
+) -> dict[str, Any]:
+    """Writes a trial's ``status.json`` and ``summary.json``; returns the summary.
+
+    Args:
+        run_dir: The trial's run folder.
+        trial_id: Tune's trial id.
+        status: "running", "completed", "early-stopped", "diverged" or "error".
+        message: Why it stands there, in words.
+        history: The epochs trained so far (rows of :func:`fit`'s history).
+        max_epochs: The epochs the trial was given.
+        final: Whether the trial has ended (written by the driver, which knows).
+    """
+    best = best_epoch(history)
+    state = {
+        "status": status,
+        "message": message,
+        "final": final,
+        "epochs_run": history[-1]["epoch"] if history else 0,
+        "max_epochs": max_epochs,
+    }
+    summary = {
+        "trial_id": trial_id,
+        **state,
+        "best_epoch": best.get("epoch", 0),
+        "best": best,
+        "run_dir": str(run_dir),
+    }
+    _write_json(run_dir / STATUS_FILE, state)
+    _write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def _report_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A history row as reported to Tune: :data:`CONSOLE_METRICS` first, for the console."""
+    return {**{k: row[k] for k in CONSOLE_METRICS if k in row}, **row, "diverged": 0}
+
+
 def trial_fn(
     config: dict[str, Any],
     *,
@@ -218,7 +425,12 @@ def trial_fn(
     threads: int,
     exp_dir: str,
 ) -> None:
-    """The Ray Tune trainable: one :func:`fit` whose epochs are reported to Tune and MLflow."""
+    """The Ray Tune trainable: one :func:`fit` whose epochs are reported to Tune and MLflow.
+
+    ASHA may end the trial inside any report, so what must survive is written before each
+    one: the run folder's status and summary, and the epoch's MLflow metrics (flushed). The
+    driver finalises the trial (:class:`_SearchDriver`).
+    """
     import torch
     from ray import tune
     from ray.tune import Checkpoint
@@ -231,86 +443,404 @@ def trial_fn(
     cfg = RunConfig.from_flat({**base, **config})
     run_dir = trial_run_dir(exp_dir, trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:  # retried or resumed: continue from the last reported epoch
-        with ckpt.as_directory() as d:
-            for name in CHECKPOINT_FILES:
-                if (Path(d) / (CKPT_PREFIX + name)).exists():
-                    shutil.copy2(Path(d) / (CKPT_PREFIX + name), run_dir / name)
-
-    client = tracking.MlflowClient(tracking_uri=tracking_uri)
-    run_id, created = tracking.get_or_create_child_run(
-        client,
-        experiment_id,
-        parent_run_id,
-        trial_id,
-        trial_name,
-        {**tags, "bldseg.trial_dir": str(run_dir.parent), "model": cfg.model},
+    error_file = run_dir / TRACKING_ERROR_FILE
+    error_file.unlink(missing_ok=True)  # a new attempt; a failure is recorded again if it recurs
+    tracker = tracking.Tracker(
+        tracking_uri, f"trial {trial_id}", on_error=lambda m: error_file.write_text(m + "\n")
     )
-    if created:
-        tracking.log_params(client, run_id, cfg.to_flat())
+    seen: list[dict[str, Any]] = []  # the epochs reported so far, in order
 
-    def on_epoch_end(row: dict[str, Any], out: Path) -> None:
-        tracking.log_metrics(client, run_id, row, step=row["epoch"])
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in CHECKPOINT_FILES:
-                if (out / name).exists():
-                    # a hard link, no copy: Tune persists the folder itself
-                    os.link(out / name, Path(tmp) / (CKPT_PREFIX + name))
-            tune.report({**row, "diverged": 0}, checkpoint=Checkpoint.from_directory(tmp))
+    def record(status: str, message: str) -> None:
+        write_trial_record(
+            run_dir,
+            trial_id=trial_id,
+            status=status,
+            message=message,
+            history=seen,
+            max_epochs=cfg.epochs,
+        )
 
-    data = _open_data(data_paths)
-    result = fit(cfg, run_dir, data=data, on_epoch_end=on_epoch_end, resume=True)
-    summary = {
-        "trial_id": trial_id,
-        "status": result.status,
-        "message": result.message,
-        "epochs_run": len(result.history),
-        "best": result.best,
-        "run_dir": str(run_dir),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    tracking.set_tags(
-        client, run_id, {"bldseg.status": result.status, "bldseg.message": result.message[:500]}
-    )
-    log_run_artifacts(client, run_id, run_dir)
-    if result.status == "diverged":
-        client.set_terminated(run_id, status="FAILED")
-        # a final report so the searcher learns this region is bad; Dice 0 is the honest floor
-        tune.report({METRIC: 0.0, "diverged": 1, "epoch": len(result.history)})
+    try:
+        # Retried or resumed: the run folder may hold epochs Tune never heard of (the trial or
+        # the driver stopped between writing last.pt and reporting); they are re-reported below.
+        reported = _checkpoint_epoch(tune.get_checkpoint(), trial_id)
+        history = _trained_history(run_dir / "last.pt")
+        trained = history[-1]["epoch"] if history else 0
+        if reported > trained:
+            where = f"is at epoch {trained}" if history else "does not exist"
+            raise RuntimeError(
+                f"trial {trial_id}: its Tune checkpoint is at epoch {reported} but "
+                f"{run_dir / 'last.pt'} {where}. The results folder (--storage) must be one "
+                "folder that every Ray node sees (shared storage), and must not change during a "
+                "search"
+            )
+        seen.extend(r for r in history if r["epoch"] <= reported)
+        child = tracker.call(
+            tracking.get_or_create_child_run,
+            experiment_id,
+            parent_run_id,
+            trial_id,
+            trial_name,
+            {
+                **tags,
+                "bldseg.trial_dir": str(run_dir.parent),
+                "bldseg.status": "running",
+                "model": cfg.model,
+            },
+        )
+        run_id, created = child if child is not None else (None, False)
+        if created:  # only what the searcher chose: the constants are the parent run's params
+            tracker.submit(tracking.log_params, run_id, config)
+        # epochs that reached MLflow before an interruption are not logged twice
+        logged = tracker.call(_metric_steps, run_id, METRIC) if history and not created else None
+
+        def on_epoch_end(row: dict[str, Any], out: Path) -> None:
+            seen[:] = [r for r in seen if r["epoch"] < row["epoch"]] + [row]
+            last = row["epoch"] >= cfg.epochs
+            record(
+                "completed" if last else "running",
+                f"trained {cfg.epochs} epochs" if last else f"epoch {row['epoch']} of {cfg.epochs}",
+            )
+            if run_id is not None and row["epoch"] not in (logged or ()):
+                # Awaited (one small batch): after the report the trial may be gone.
+                tracker.wait(
+                    tracker.submit(
+                        tracking.log_metrics,
+                        run_id,
+                        # best_* first: MLflow's compare view plots a run's first metric
+                        {**best_metrics(seen), **row},
+                        step=row["epoch"],
+                    )
+                )
+            # A checkpoint without weights: nothing to copy, link or keep per epoch (last.pt in
+            # the run folder is the state), so any filesystem works for --storage.
+            with tempfile.TemporaryDirectory() as tmp:
+                meta = {"epoch": row["epoch"], "trial_id": trial_id}
+                (Path(tmp) / CKPT_FILE).write_text(json.dumps(meta))
+                tune.report(_report_row(row), checkpoint=Checkpoint.from_directory(tmp))
+
+        before = _read_json(run_dir / STATUS_FILE, {})  # the last attempt's, if any
+        for row in history:
+            if row["epoch"] > reported:
+                on_epoch_end(row, run_dir)
+        if trained >= cfg.epochs:  # it had trained every epoch before the interruption
+            status, message = "completed", f"trained {cfg.epochs} epochs"
+        elif before.get("status") == "diverged":  # it had diverged before the interruption
+            status, message = "diverged", before.get("message", "a loss became non-finite")
+        else:
+            result = fit(
+                cfg, run_dir, data=_open_data(data_paths), on_epoch_end=on_epoch_end, resume=True
+            )
+            status, message = result.status, result.message
+        record(status if status in ("completed", "diverged") else "running", message)
+        if status == "diverged":
+            tracker.close()  # its metrics are in MLflow before the last report
+            # a final report so the searcher learns this region is bad; Dice 0 is the honest floor
+            tune.report({METRIC: 0.0, "diverged": 1, "epoch": seen[-1]["epoch"] if seen else 0})
+    except Exception as e:
+        # Recorded for the driver, which finalises the trial once Tune gives up on it.
+        record("error", f"{type(e).__name__}: {str(e).strip()[:1000]}")
+        raise
+    finally:
+        # ASHA stops a trial inside tune.report: end the logging thread of a reused worker
+        tracker.close(wait=False)
+
+
+def _error_line(trial) -> str:
+    """The last line of a Tune trial's error (its exception), or a generic message."""
+    try:
+        error = trial.get_error()
+    except (OSError, ValueError) as e:
+        return f"the trial failed (its error could not be read: {e})"
+    lines = [ln.strip() for ln in str(error or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "the trial failed"
+
+
+def _plots_stale(run_dir: Path) -> bool:
+    """Whether a run folder's plots are missing or older than the files they are drawn from."""
+    sources = [run_dir / n for n in ("history.json", "val_probs.npz") if (run_dir / n).exists()]
+    if not sources:
+        return False
+    newest = max(p.stat().st_mtime_ns for p in sources)
+    wanted = ["curves.png"]
+    if (run_dir / "val_probs.npz").exists():
+        wanted += ["threshold_curve.png", "worst_tiles.png"]
+    plots = [run_dir / "plots" / n for n in wanted]
+    return any(not p.exists() or p.stat().st_mtime_ns < newest for p in plots)
+
+
+def finalise_trial(
+    run_dir: Path,
+    trial_id: str,
+    max_epochs: int,
+    error: str | None = None,
+    images_for_tiles: Callable | None = None,
+    lo: float = 0.3,
+    hi: float = 0.7,
+) -> dict[str, Any]:
+    """A trial's final status, summary and plots, from what its run folder holds; returns the
+    summary.
+
+    The status is the truth whatever ended the trial: ``completed`` when it trained every
+    epoch (also when ASHA stopped it at its last report), ``early-stopped`` when the scheduler
+    stopped it before, ``diverged`` when a loss became non-finite, ``error`` when it failed.
+
+    Args:
+        run_dir: The trial's run folder.
+        trial_id: Tune's trial id.
+        max_epochs: The epochs the trial was given.
+        error: Why it failed, when Tune says it did.
+        images_for_tiles: Tile reader for ``worst_tiles.png`` (see :func:`write_run_plots`).
+        lo: Low end of the trial's threshold sweep (shaded in the plots).
+        hi: High end of the threshold sweep.
+    """
+    from bldseg.train.plots import write_run_plots
+
+    history = _read_json(run_dir / "history.json", [])
+    before = _read_json(run_dir / STATUS_FILE, {})
+    epochs = history[-1]["epoch"] if history else 0
+    if error is not None:
+        status = "error"
+        message = before["message"] if before.get("status") == "error" else error
+    elif before.get("status") == "diverged":
+        status, message = "diverged", before.get("message", "a loss became non-finite")
+    elif epochs >= max_epochs:
+        status, message = "completed", f"trained {max_epochs} epochs"
+    elif epochs == 0:
+        status, message = "error", "the trial ended before it trained an epoch"
     else:
-        client.set_terminated(run_id, status="FINISHED")
+        status = "early-stopped"
+        message = f"stopped by the scheduler after {epochs} of {max_epochs} epochs"
+    summary = write_trial_record(
+        run_dir,
+        trial_id=trial_id,
+        status=status,
+        message=message,
+        history=history,
+        max_epochs=max_epochs,
+        final=True,
+    )
+    if _plots_stale(run_dir):
+        if summary["best"].get("val_thr_widened"):
+            # as fit draws them: shaded, the range the best epoch's threshold was chosen in
+            from bldseg.metrics import widened_range
+
+            lo, hi = widened_range(lo, hi)
+        try:
+            write_run_plots(run_dir, images_for_tiles, lo=lo, hi=hi)
+        except Exception as e:  # a plot is a by-product: its failure must not end the search
+            log.warning("plots of trial %s: %s: %s", trial_id, type(e).__name__, e)
+    return summary
 
 
-def _closing_callback(tracking_uri: str, experiment_id: str, parent_run_id: str, exp_dir: str):
-    """A Tune callback that closes the MLflow runs of trials stopped early or errored."""
+def _close_child_run(
+    client,
+    experiment_id: str,
+    parent_run_id: str,
+    trial_id: str,
+    run_dir: Path,
+    status: str,
+    message: str,
+) -> None:
+    """The final MLflow record of a trial: missing epochs, status tags, artifacts, end."""
+    run = tracking.find_child_run(client, experiment_id, parent_run_id, trial_id)
+    if run is None:
+        return  # its MLflow logging failed from the start (reported by the trial)
+    run_id = run.info.run_id
+    # epochs trained but never reported (a trial that failed right after one) are logged here
+    history = _read_json(run_dir / "history.json", [])
+    logged = _metric_steps(client, run_id, METRIC)
+    for i, row in enumerate(history):
+        if row["epoch"] not in logged:
+            metrics = {**best_metrics(history[: i + 1]), **row}
+            tracking.log_metrics(client, run_id, metrics, step=row["epoch"])
+    tracking.set_tags(client, run_id, {"bldseg.status": status, "bldseg.message": message[:500]})
+    log_run_artifacts(client, run_id, run_dir)
+    client.set_terminated(run_id, status="FINISHED" if status in USABLE else "FAILED")
+
+
+def _stop_runs(client, experiment_id: str, parent_run_id: str, status: str) -> None:
+    """Ends the parent run and its children that are still running: ``KILLED`` for an
+    interrupted search (it can be resumed), ``FAILED`` for one that cannot go on."""
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        ),
+    )
+    for run in running:
+        reason = "interrupted" if status == "KILLED" else "error"
+        tracking.set_tags(client, run.info.run_id, {"bldseg.status": reason})
+        client.set_terminated(run.info.run_id, status=status)
+    client.set_terminated(parent_run_id, status=status)
+
+
+class _SearchDriver:
+    """The driver's side of a running search: finalises each trial as Tune ends it.
+
+    Tune's callbacks (:func:`_search_callback`) run in the driver's tuning loop, so they only
+    queue work: one thread writes a trial's final status, summary and plots
+    (:func:`finalise_trial`), then queues its MLflow record on the search's
+    :class:`~bldseg.tune.tracking.Tracker`. It also remembers which trials were unfinished at
+    the end of Tune's last step: an interrupted search has some.
+
+    Args:
+        tracking_uri: The MLflow tracking URI.
+        experiment_id: The MLflow experiment.
+        parent_run_id: The search's parent run.
+        exp_dir: The search's results folder.
+        max_epochs: The epochs each trial is given.
+        base: The constant run config (with a trial's config: its threshold sweep range).
+        images_for_tiles: Tile reader for ``worst_tiles.png``.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        exp_dir: Path,
+        max_epochs: int,
+        base: dict[str, Any],
+        images_for_tiles: Callable | None,
+    ):
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.exp_dir = exp_dir
+        self.max_epochs = max_epochs
+        self.base = base
+        self.images_for_tiles = images_for_tiles
+        self.tracker = tracking.Tracker(tracking_uri, f"search {parent_run_id}")
+        self.unfinished: list[str] | None = None  # at the end of Tune's last step; None: no step
+        self.n_trials = 0  # trials Tune had created by then
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bldseg-finalise")
+        self._pending: list[Future] = []
+
+    def observe(self, trials) -> None:
+        """Records which trials are not finished (called at the end of each Tune step)."""
+        self.n_trials = len(trials)
+        self.unfinished = [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+
+    def finalise(self, trial_id: str, config: dict[str, Any], error: str | None = None) -> None:
+        """Queues the finalisation of a trial that Tune ended (``error``: why it failed)."""
+        self._pending.append(self._pool.submit(self._finalise, trial_id, config, error))
+
+    def _finalise(self, trial_id: str, config: dict[str, Any], error: str | None) -> None:
+        run_dir = trial_run_dir(self.exp_dir, trial_id)
+        if not run_dir.is_dir():  # it failed before its first line ran; nothing to record
+            return
+        cfg = RunConfig.from_flat({**self.base, **config})
+        try:
+            summary = finalise_trial(
+                run_dir,
+                trial_id,
+                self.max_epochs,
+                error,
+                self.images_for_tiles,
+                cfg.threshold_lo,
+                cfg.threshold_hi,
+            )
+        except (OSError, ValueError) as e:  # unreadable records of a killed trial
+            log.warning("could not finalise trial %s: %s", trial_id, e)
+            return
+        self.tracker.submit(
+            _close_child_run,
+            self.experiment_id,
+            self.parent_run_id,
+            trial_id,
+            run_dir,
+            summary["status"],
+            summary["message"],
+        )
+
+    def drain(self) -> None:
+        """Waits until every queued finalisation has written its files."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def close(self) -> None:
+        """Drains, then ends the MLflow queue once it is sent (bounded, see Tracker.close)."""
+        self.drain()
+        self._pool.shutdown()
+        self.tracker.close()
+
+
+# Driver-side state of running searches, by parent run id: Tune restores callbacks from its own
+# pickle on resume, so the callback finds its driver here instead of holding it.
+_DRIVERS: dict[str, _SearchDriver] = {}
+
+
+def _driver_of(parent_run_id: str) -> _SearchDriver | None:
+    driver = _DRIVERS.get(parent_run_id)
+    if driver is None:
+        log.warning("no driver for search run %s: its trials are not finalised", parent_run_id)
+    return driver
+
+
+def _search_callback(parent_run_id: str):
+    """The Tune callback of a search: hands each ended trial to its :class:`_SearchDriver`."""
     from ray.tune import Callback
 
-    class CloseRuns(Callback):
-        def _close(self, trial, status: str, reason: str) -> None:
-            client = tracking.MlflowClient(tracking_uri=tracking_uri)
-            run = tracking.find_child_run(client, experiment_id, parent_run_id, trial.trial_id)
-            if run is None or run.info.status != "RUNNING":
-                return  # finished by the trial itself (completed or diverged)
-            run_dir = trial_run_dir(exp_dir, trial.trial_id)
-            if run_dir.is_dir():
-                from bldseg.train.plots import write_run_plots
-
-                try:
-                    write_run_plots(run_dir)
-                except (OSError, ValueError) as e:  # partial files of a killed trial
-                    log.warning("plots of %s: %s", trial.trial_id, e)
-                log_run_artifacts(client, run.info.run_id, run_dir)
-            tracking.set_tags(client, run.info.run_id, {"bldseg.status": reason})
-            client.set_terminated(run.info.run_id, status=status)
+    # Tune pickles its callbacks with the experiment: this class holds only the run id and
+    # reaches the driver through module-level functions (pickled by reference, not by value).
+    class FinaliseTrials(Callback):
+        def on_step_end(self, iteration, trials, **info):
+            if (driver := _driver_of(parent_run_id)) is not None:
+                driver.observe(trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._close(trial, "FINISHED", "early-stopped")
+            if (driver := _driver_of(parent_run_id)) is not None:
+                driver.finalise(trial.trial_id, trial.config)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._close(trial, "FAILED", "error")
+            if (driver := _driver_of(parent_run_id)) is not None:
+                driver.finalise(trial.trial_id, trial.config, _error_line(trial))
 
-    return CloseRuns()
+    return FinaliseTrials()
+
+
+@contextmanager
+def _loopback_node():
+    # Ray replaces a loopback node address by the host's network address (so that other nodes
+    # could join) unless its cluster switch is off; the switch is read once, at import, from
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER. It is turned off for this ray.init only, rather than
+    # by setting that variable in the user's environment.
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # a Ray without the switch
+        yield
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> str:
+    """Connects this process to Ray; returns the cluster's (GCS) address.
+
+    With ``address`` (or ``$RAY_ADDRESS``): joins that cluster. Without: starts a new local
+    instance whose servers (GCS, raylet, workers, agents) listen on 127.0.0.1 only, so nothing
+    on the network can submit work to it. It never joins a Ray that merely happens to run on
+    this machine (plain ``ray.init()`` would join the latest ``ray start`` instance): a cluster
+    is always named explicitly.
+
+    Args:
+        address: ``host:port`` of a Ray cluster's head, or None.
+        **kwargs: More ``ray.init`` arguments (e.g. ``num_cpus``).
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    opts = {"include_dashboard": False, "log_to_driver": False, **kwargs}
+    if address:
+        ray.init(address=address, **opts)
+    else:
+        with _loopback_node():
+            ray.init(address="local", _node_ip_address="127.0.0.1", **opts)
+    return ray.get_runtime_context().gcs_address
 
 
 def _latest(storage: Path, space: str) -> Path:
@@ -320,15 +850,63 @@ def _latest(storage: Path, space: str) -> Path:
     return candidates[-1].parent
 
 
+def _open_parent(
+    client,
+    experiment_id: str,
+    name: str,
+    meta: dict[str, Any] | None,
+) -> tuple[str, str] | None:
+    """``(run_id, experiment_id)`` of the parent run of an existing search, found by its name
+    tag (or, for a search started before the tag existed, by the id in its results folder)."""
+    run = tracking.find_search_run(client, experiment_id, name)
+    if run is None and meta and meta.get("parent_run_id"):
+        try:
+            run = client.get_run(meta["parent_run_id"])
+        except Exception as e:  # MLflow raises several types for a run it does not hold
+            log.warning("--resume: parent run %s not found (%s)", meta["parent_run_id"], e)
+    if run is None:
+        return None
+    client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id, run.info.experiment_id
+
+
+def _interrupted(driver: _SearchDriver, grid, n_trials: int) -> bool:
+    """Whether Tune returned before every trial ended (Ctrl-C): Tune's SIGINT handler ends the
+    tuning loop, saves the experiment and returns normally."""
+    if driver.unfinished is None:  # no step ran (a restored search that had ended): its states
+        ended = grid.num_terminated + grid.num_errors
+        return len(grid) < n_trials or ended < len(grid)
+    # Not the trials' states after fit(): Tune marks the trials it stops on the way out as
+    # terminated, so only the last step's view tells an interruption from an end.
+    return bool(driver.unfinished) or driver.n_trials < n_trials
+
+
 def run_search(spec: SearchSpec) -> SearchResult:
     """Runs (or resumes) a search; returns its trial table and the best trial.
 
+    A search in which no trial completed returns normally: its result has ``n_completed == 0``,
+    an empty ``best`` and the reason in ``first_failure`` (the caller decides; the CLI exits
+    non-zero).
+
     Raises:
+        SearchInterrupted: Ctrl-C; the experiment state is saved, the MLflow runs are marked
+            KILLED, and ``resume=True`` with the same ``name`` continues the search.
         RuntimeError: The MLflow tracking store is unreachable (before any trial starts).
         ValueError: An invalid space, base config or option (named).
     """
+    if spec.trials < 1:
+        raise ValueError(f"trials={spec.trials}: a search needs at least 1 trial (--trials)")
+    if spec.epochs < 1:
+        raise ValueError(f"epochs={spec.epochs}: a trial needs at least 1 epoch (--epochs)")
+    with _quiet_libraries():
+        return _run_search(spec)
+
+
+def _run_search(spec: SearchSpec) -> SearchResult:
     import ray
     from ray import tune
+
+    from bldseg.train.plots import tiles_from_cache
 
     t0 = time.perf_counter()
     project = Path(spec.project_dir).resolve()
@@ -336,12 +914,15 @@ def run_search(spec: SearchSpec) -> SearchResult:
     uri = spec.tracking_uri or tracking.default_tracking_uri(project)
     client = tracking.check_tracking(uri)  # fail fast, before Ray or data
 
+    meta: dict[str, Any] | None = None
     if spec.resume:
         exp_dir = storage / spec.name if spec.name else _latest(storage, spec.space)
         meta = json.loads((exp_dir / META_FILE).read_text())
         name = exp_dir.name
         base = meta["base"]
         data_options = DataOptions.from_dict(meta["spec"].get("data_options") or {})
+        experiment = meta.get("experiment") or spec.experiment
+        n_trials = int(meta["spec"].get("trials", spec.trials))
     else:
         name = spec.name or f"{spec.space}-{time.strftime('%Y%m%d-%H%M%S')}"
         exp_dir = storage / name
@@ -350,124 +931,229 @@ def run_search(spec: SearchSpec) -> SearchResult:
         base = {**spec.base, "epochs": spec.epochs, "data": spec.data}
         data_options = spec.data_options
         RunConfig.from_flat(base)  # a bad fixed value fails here, naming it
+        experiment = spec.experiment
+        n_trials = spec.trials
+    max_epochs = int(base["epochs"])
     space = get_space(spec.space)
-    validate_space(space, base)
+    searched = validate_space(space, base)
 
     data = prepare_data(
         base.get("data"), options=data_options, data_root=spec.data_root, verbose=True
     )
-    experiment_id = tracking.ensure_experiment(client, name, uri, project)
-    if spec.resume:
-        parent_run_id = meta["parent_run_id"]
-        client.update_run(parent_run_id, status="RUNNING")
+    experiment_id = tracking.ensure_experiment(client, experiment, uri, project)
+    # the commit of the code that runs (bldseg's checkout), not of the folder it runs in
+    source = tracking.source_tags(CODE_DIR)
+    found = _open_parent(client, experiment_id, name, meta) if spec.resume else None
+    if found is not None:
+        parent_run_id, experiment_id = found
     else:
+        if spec.resume:
+            log.warning("--resume: no MLflow run of search %s; starting a new one", name)
         parent = client.create_run(
             experiment_id,
-            run_name=f"search:{name}",
+            run_name=name,
             tags={
                 "bldseg.kind": "search",
+                tracking.SEARCH_TAG: name,
                 "bldseg.space": spec.space,
-                "git_commit": tracking.git_commit(project),
                 "model": base.get("model", "default"),
                 "data_fingerprint": data.train.fingerprint,
+                **source,
                 **spec.parent_tags,
             },
         )
         parent_run_id = parent.info.run_id
+        # The constants of every trial once, here; children carry only the searched values.
+        constants = {
+            k: v for k, v in RunConfig.from_flat(base).to_flat().items() if k not in searched
+        }
+        settings = ("space", "trials", "search", "scheduler", "grace_period", "seed")
         tracking.log_params(
             client,
             parent_run_id,
-            {
-                **{f"search.{k}": v for k, v in asdict(spec).items() if k != "base"},
-                **{f"base.{k}": v for k, v in base.items()},
-            },
+            {**constants, **{f"search.{k}": getattr(spec, k) for k in settings}},
         )
+    if meta is None or meta.get("parent_run_id") != parent_run_id:
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / META_FILE).write_text(
             json.dumps(
                 {
                     "parent_run_id": parent_run_id,
                     "experiment_id": experiment_id,
+                    "experiment": experiment,
                     "base": base,
                     "tracking_uri": uri,
-                    "spec": asdict(spec),
+                    "spec": (meta or {}).get("spec") or asdict(spec),
                 },
                 indent=2,
                 default=str,
             )
         )
 
-    if not ray.is_initialized():
-        address = spec.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-
-    tags = {
-        "git_commit": tracking.git_commit(project),
-        "data_fingerprint": data.train.fingerprint,
-        "bldseg.space": spec.space,
-    }
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            trial_fn,
-            base=base,
-            data_paths=_data_paths(data),
-            tracking_uri=uri,
-            experiment_id=experiment_id,
-            parent_run_id=parent_run_id,
-            tags=tags,
-            threads=max(1, int(spec.cpus_per_trial)),
-            exp_dir=str(exp_dir),
-        ),
-        {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial},
+    resume_hint = (
+        f"search {name!r} was interrupted; its state is saved: continue it with --resume "
+        f"--name {name} (MLflow experiment {experiment!r}, run {parent_run_id})"
     )
-    callbacks = [_closing_callback(uri, experiment_id, parent_run_id, str(exp_dir))]
-    if spec.resume and tune.Tuner.can_restore(str(exp_dir)):
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=_make_searcher(spec),
-                scheduler=_make_scheduler(spec),
-                num_samples=spec.trials,
-                max_concurrent_trials=spec.max_concurrent or None,
-                # one worker process serves several trials: torch import, op load and model
-                # build happen once per slot instead of once per trial
-                reuse_actors=True,
-                trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
-                trial_name_creator=lambda t: f"trial_{t.trial_id}",
+    driver = _SearchDriver(
+        uri,
+        experiment_id,
+        parent_run_id,
+        exp_dir,
+        max_epochs,
+        base,
+        tiles_from_cache(data.train),
+    )
+    _DRIVERS[parent_run_id] = driver
+    try:
+        if not ray.is_initialized():
+            init_ray(spec.address)
+        tags = {
+            "data_fingerprint": data.train.fingerprint,
+            "bldseg.space": spec.space,
+            **source,
+        }
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                trial_fn,
+                base=base,
+                data_paths=_data_paths(data),
+                tracking_uri=uri,
+                experiment_id=experiment_id,
+                parent_run_id=parent_run_id,
+                tags=tags,
+                threads=max(1, int(spec.cpus_per_trial)),
+                exp_dir=str(exp_dir),
             ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(storage),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                # two, not one: each trial keeps its latest checkpoint even while the next is
-                # being written, and Tune snapshots its state half as often
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=callbacks,
-                verbose=1,
-            ),
+            {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial},
         )
-    # trial slots the cluster offers: the denominator of the overhead figure
-    slots = int(ray.cluster_resources().get("CPU", 1) // max(spec.cpus_per_trial, 1e-9))
-    if spec.max_concurrent:
-        slots = min(slots, spec.max_concurrent)
-    grid = tuner.fit()
-    wall = time.perf_counter() - t0
-    table = trial_table(grid, spec.epochs)
-    train_s = float(table["train_s"].sum()) if len(table) else 0.0
-    best = table.iloc[0].to_dict() if len(table) else {}
-    slots = max(1, min(slots, len(table)))
-    _finish_parent(client, parent_run_id, exp_dir, table, wall, train_s, slots)
+        if spec.resume and tune.Tuner.can_restore(str(exp_dir)):
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    # here rather than on the scheduler: the console then shows the best trial
+                    metric=METRIC,
+                    mode="max",
+                    search_alg=_make_searcher(spec),
+                    scheduler=_make_scheduler(spec),
+                    num_samples=n_trials,
+                    max_concurrent_trials=spec.max_concurrent or None,
+                    # one worker process serves several trials: torch import, op load and model
+                    # build happen once per slot instead of once per trial
+                    reuse_actors=True,
+                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+                    trial_name_creator=lambda t: f"trial_{t.trial_id}",
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=str(storage),
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    # two, not one: each trial keeps its latest checkpoint even while the next
+                    # is being written (checkpoints are a few bytes: the weights stay in the run
+                    # folder)
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[_search_callback(parent_run_id)],
+                    progress_reporter=_legacy_reporter(),
+                    verbose=1,
+                ),
+            )
+        # trial slots the cluster offers: the denominator of the overhead figure
+        slots = int(ray.cluster_resources().get("CPU", 1) // max(spec.cpus_per_trial, 1e-9))
+        if spec.max_concurrent:
+            slots = min(slots, spec.max_concurrent)
+        grid = tuner.fit()
+        driver.drain()
+        if _interrupted(driver, grid, n_trials):
+            driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "KILLED")
+            driver.close()
+            raise SearchInterrupted(resume_hint)
+        # Trials Tune ended without a callback reaching the driver (a driver killed between
+        # the two) are finalised now, from their run folders.
+        for r in grid:
+            trial_id = Path(r.path).name.removeprefix("trial_")
+            record = _read_json(trial_run_dir(exp_dir, trial_id) / STATUS_FILE, {})
+            if not record.get("final"):
+                error = str(r.error).strip().splitlines()[-1] if r.error is not None else None
+                driver.finalise(trial_id, r.config or {}, error)
+        driver.drain()
+        wall = time.perf_counter() - t0
+        table = trial_table(grid, max_epochs)
+        train_s = float(table["train_s"].sum()) if len(table) else 0.0
+        usable = table[table["status"].isin(USABLE)] if len(table) else table
+        best = usable.iloc[0].to_dict() if len(usable) else {}
+        failed = table[~table["status"].isin(USABLE)] if len(table) else table
+        first_failure = ""
+        if len(failed):
+            f = failed.sort_values("started", kind="stable").iloc[0]
+            first_failure = f"trial {f['trial_id']} {f['status']}: {f['message']}"
+        slots = max(1, min(slots, len(table)))
+        _finish_parent(driver.tracker, parent_run_id, exp_dir, table, wall, train_s, slots)
+        driver.close()  # bounded: a dead tracking server is given up on, not waited for
+    except SearchInterrupted:
+        raise
+    except Exception:
+        # the search cannot go on: its runs must not stay RUNNING in the UI
+        driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "FAILED")
+        driver.tracker.close()
+        raise
+    except KeyboardInterrupt as e:
+        # Ctrl-C outside Tune's loop (starting Ray, or a second Ctrl-C): the search is as
+        # resumable as Tune's last saved state; its runs are marked KILLED, without waiting long.
+        driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "KILLED")
+        driver.tracker.close()
+        raise SearchInterrupted(resume_hint) from e
+    finally:
+        _DRIVERS.pop(parent_run_id, None)
+    tracking_errors = {
+        t: (trial_run_dir(exp_dir, t) / TRACKING_ERROR_FILE).read_text().strip()
+        for t in table.get("trial_id", [])
+        if (trial_run_dir(exp_dir, t) / TRACKING_ERROR_FILE).is_file()
+    }
+    for t, message in tracking_errors.items():  # once per trial, here where the user sees it
+        log.warning("MLflow logging of trial %s failed: %s", t, message)
+    if driver.tracker.error is not None:
+        tracking_errors["search"] = driver.tracker.error
     address = ray.get_runtime_context().gcs_address
     ideal = ideal_wall(table, slots) if len(table) else 0.0
     return SearchResult(
-        name, exp_dir, table, best, parent_run_id, uri, wall, train_s, slots, address, ideal
+        name,
+        exp_dir,
+        table,
+        best,
+        parent_run_id,
+        uri,
+        wall,
+        train_s,
+        slots,
+        address,
+        ideal,
+        n_completed=len(usable),
+        first_failure=first_failure,
+        tracking_errors=tracking_errors,
+        experiment=experiment,
+        experiment_id=experiment_id,
     )
 
 
+def _failure_message(result, run_dir: Path, status: str) -> str:
+    """Why a trial did not complete, in one line ("" when it did)."""
+    if status == "error" and result.error is not None:
+        # Ray wraps the trial's exception with its traceback: its last line is the exception
+        lines = [ln.strip() for ln in str(result.error).splitlines() if ln.strip()]
+        return lines[-1] if lines else type(result.error).__name__
+    if status == "diverged":
+        return _read_json(run_dir / STATUS_FILE, {}).get("message", "a loss became non-finite")
+    return ""
+
+
 def trial_table(grid, max_epochs: int) -> pd.DataFrame:
-    """One row per trial: searched config, best Dice and threshold, epochs run, status."""
+    """One row per trial: searched config, best Dice and threshold, epochs run, status.
+
+    The status and its message are the trial's final record in its run folder
+    (:func:`finalise_trial`); without one (an older search), they are derived from Tune's
+    results the same way.
+    """
     rows = []
     for r in grid:
         df = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
@@ -504,16 +1190,23 @@ def trial_table(grid, max_epochs: int) -> pd.DataFrame:
         row["started"] = (
             float(first["timestamp"] - first["time_this_iter_s"]) if first is not None else 0.0
         )
-        if r.error is not None:
-            status = "error"
-        elif diverged:
-            status = "diverged"
-        elif epochs < max_epochs:
-            status = "early-stopped"
+        run_dir = trial_run_dir(Path(r.path).parent, trial_id)
+        record = _read_json(run_dir / STATUS_FILE, {})
+        if record.get("final"):
+            status, message = record["status"], record["message"]
         else:
-            status = "completed"
+            if r.error is not None:
+                status = "error"
+            elif diverged:
+                status = "diverged"
+            elif epochs < max_epochs:
+                status = "early-stopped"
+            else:
+                status = "completed"
+            message = _failure_message(r, run_dir, status)
         row["status"] = status
-        row["run_dir"] = str(trial_run_dir(Path(r.path).parent, trial_id))
+        row["run_dir"] = str(run_dir)
+        row["message"] = message
         row.update({f"config/{k}": v for k, v in cfg.items()})
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -543,7 +1236,7 @@ def ideal_wall(table: pd.DataFrame, slots: int) -> float:
 
 
 def _finish_parent(
-    client,
+    tracker: tracking.Tracker,
     parent_run_id: str,
     exp_dir: Path,
     table: pd.DataFrame,
@@ -551,7 +1244,8 @@ def _finish_parent(
     train_s: float,
     slots: int,
 ) -> None:
-    """Trial table, summary plot and overhead figures on the parent run."""
+    """Trial table, summary plot and overhead figures on the parent run (queued on ``tracker``);
+    the parent run FAILED when no trial completed."""
     from bldseg.tune.report import plot_trials
 
     csv = exp_dir / "trials.csv"
@@ -559,20 +1253,28 @@ def _finish_parent(
     table.to_csv(tmp, index=False)
     os.replace(tmp, csv)
     files = [csv]
+    usable = table[table["status"].isin(USABLE)] if len(table) else table
     if len(table):
         files.append(plot_trials(table, exp_dir / "trials.png", METRIC))
-    tracking.log_metrics(
-        client,
+    tracker.submit(
+        tracking.log_metrics,
         parent_run_id,
         {
             "wall_s": wall,
             "train_s": train_s,
             "slots": slots,
             "overhead_frac": overhead_fraction(wall, train_s, slots),
-            f"best_{METRIC}": float(table[METRIC].max()) if len(table) else 0.0,
+            "best_val_dice": float(usable[METRIC].max()) if len(usable) else 0.0,
             "trials": len(table),
+            "trials_usable": len(usable),
+            **{
+                f"trials_{status.replace('-', '_')}": int((table["status"] == status).sum())
+                for status in ("completed", "early-stopped", "diverged", "error")
+                if len(table)
+            },
         },
         step=0,
     )
-    tracking.log_artifacts(client, parent_run_id, files)
-    client.set_terminated(parent_run_id, status="FINISHED")
+    tracker.submit(tracking.log_artifacts, parent_run_id, files)
+    status = "FINISHED" if len(usable) else "FAILED"
+    tracker.submit(tracking.MlflowClient.set_terminated, parent_run_id, status=status)

@@ -1,9 +1,24 @@
-"""MLflow plumbing for searches: one experiment per search, a parent run, one child run per trial.
+"""MLflow plumbing for searches: one experiment per project, a parent run per search, one child
+run per trial.
+
+Runs follow MLflow's own conventions, so its UI shows them as it shows any training run: the
+experiment is tagged as model development (:data:`EXPERIMENT_KIND_TAG`; MLflow 3.17's UI
+follows its GenAI / model-training switch instead, so links carry :data:`TRAINING_VIEW`), the
+source and commit are MLflow's ``mlflow.source.*`` tags (:func:`source_tags`), the epoch is a
+metric's step and never a metric of its own, and floats are rounded to
+:data:`SIGNIFICANT_DIGITS` significant digits.
 
 The default store is an absolute ``sqlite:////<project>/mlflow.db`` (trials change directory,
 so a relative URI would scatter databases). Artifacts of a sqlite store go to an absolute
 ``<project>/mlartifacts`` folder set on the experiment; an ``http(s)://`` tracking server stores
 them itself.
+
+Once a search runs, MLflow calls go through a :class:`Tracker`: they never hold up training,
+and a tracking server that dies mid-search costs a bounded wait, one warning per trial, and an
+incomplete MLflow record, never a hung search. (The MLflow client retries a failed request for
+minutes, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` times with exponential back-off, and reads those
+settings only from environment variables; bldseg leaves them to the user and bounds its own
+waits instead.)
 """
 
 from __future__ import annotations
@@ -11,9 +26,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +45,21 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "bldseg.trial_id"
+#: The parent run of a search carries its name here: ``--resume`` finds the run by it.
+SEARCH_TAG = "bldseg.search"
+#: MLflow 3's experiment kind: "custom_model_development" marks model training (a UI that reads
+#: it opens the experiment on its runs; untagged, on the GenAI traces page).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: MLflow 3.17's UI ignores the kind tag: a global GenAI / model-training switch (GenAI unless
+#: changed, remembered by the browser) decides, and a link can set it with this query.
+TRAINING_VIEW = "workflowType=machine_learning"
+#: Significant digits of logged floats (params and metrics): 0.0030000000000000001 reads 0.003.
+SIGNIFICANT_DIGITS = 6
+#: A tracking server that has not answered its health probe for this long is given up on.
+DEAD_AFTER_S = 30.0
+#: How often a wait on a slow MLflow call checks that the server still answers.
+PROBE_EVERY_S = 5.0
 
 
 def default_tracking_uri(project_dir: str | os.PathLike = ".") -> str:
@@ -60,18 +96,27 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
 def ensure_experiment(
     client: MlflowClient, name: str, uri: str, project_dir: str | os.PathLike = "."
 ) -> str:
-    """The id of experiment ``name``, created if missing (absolute artifact root for sqlite)."""
+    """The id of experiment ``name``, created if missing (absolute artifact root for sqlite).
+
+    The experiment is tagged as model development (:data:`EXPERIMENT_KIND_TAG`), also when it
+    exists already without the tag.
+    """
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if not uri.startswith(("http://", "https://")):
         location = (Path(project_dir).resolve() / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
-def git_commit(repo_dir: str | os.PathLike = ".") -> str:
-    """The current git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+def git_revision(repo_dir: str | os.PathLike = ".") -> tuple[str, bool]:
+    """``(commit, dirty)``: the checked-out commit (``unknown`` outside git) and whether tracked
+    files differ from it."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -88,9 +133,61 @@ def git_commit(repo_dir: str | os.PathLike = ".") -> str:
             text=True,
             timeout=10,
         ).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
+        return sha, bool(dirty.strip())
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", False
+
+
+def git_commit(repo_dir: str | os.PathLike = ".") -> str:
+    """The current git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    sha, dirty = git_revision(repo_dir)
+    return sha + ("-dirty" if dirty else "")
+
+
+def source_tags(repo_dir: str | os.PathLike = ".", entry: str | None = None) -> dict[str, str]:
+    """MLflow's source tags: the UI's Source and Version columns show them.
+
+    Args:
+        repo_dir: The checkout whose commit is recorded.
+        entry: What was run (default: the running script, relative to ``repo_dir`` when it
+            lies there, e.g. ``experiments/tune_aug.py``).
+
+    Returns:
+        ``mlflow.source.{name,type,git.commit}`` and ``bldseg.git_dirty`` (whether the commit
+        had uncommitted changes: MLflow's commit tag holds only the commit).
+    """
+    sha, dirty = git_revision(repo_dir)
+    if entry is None:
+        script = Path(sys.argv[0] or "python").resolve()
+        try:
+            entry = str(script.relative_to(Path(repo_dir).resolve()))
+        except ValueError:
+            entry = script.name
+    tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    if sha != "unknown":
+        tags["mlflow.source.git.commit"] = sha
+        tags["bldseg.git_dirty"] = str(dirty).lower()
+    return tags
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs.
+
+    For a local store: the address ``mlflow ui`` serves by default (http://127.0.0.1:5000).
+    """
+    host = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{host}/#/experiments/{experiment_id}?{TRAINING_VIEW}"
+
+
+def find_search_run(client: MlflowClient, experiment_id: str, name: str):
+    """The newest parent run of search ``name`` (tag :data:`SEARCH_TAG`), or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SEARCH_TAG}` = '{name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 def find_child_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str):
@@ -123,20 +220,39 @@ def get_or_create_child_run(
     return run.info.run_id, True
 
 
+def round_float(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """``value`` rounded to ``digits`` significant digits (what the UI should show)."""
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+
+
+def param_text(value: Any) -> str:
+    """A param value as MLflow shows it: floats rounded (:func:`round_float`), ``repr``-free."""
+    if isinstance(value, float):
+        return f"{value:.{SIGNIFICANT_DIGITS}g}"
+    return str(value)
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    """Logs a flat dict of params in batches of 100 (MLflow's limit)."""
-    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    """Logs a flat dict of params in batches of 100 (MLflow's limit); floats rounded."""
+    items = [Param(k, param_text(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    """Logs the numeric entries of ``metrics`` at ``step`` (non-finite values are skipped)."""
+    """Logs the numeric entries of ``metrics`` at ``step``, rounded (non-finite ones skipped).
+
+    The step is the epoch: an ``epoch`` entry is not logged (as a metric it would only plot a
+    line against itself, and MLflow's compare view would pick it as its default metric).
+    """
     ts = int(time.time() * 1000)
     items = [
-        Metric(k, float(v), ts, step)
+        Metric(k, round_float(float(v)), ts, step)
         for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if k != "epoch"
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
     ]
     if items:
         client.log_batch(run_id, metrics=items)
@@ -154,3 +270,146 @@ def log_artifacts(
     for p in paths:
         if Path(p).is_file():
             client.log_artifact(run_id, str(p), artifact_path)
+
+
+# Tracking URIs whose server a Tracker of this process gave up on: the next trial in a reused
+# worker checks once instead of waiting DEAD_AFTER_S again.
+_UNREACHABLE: set[str] = set()
+
+
+def server_answers(uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether the tracking server behind ``uri`` answers at all (always True for local stores).
+
+    Any HTTP response counts, even an error status: the server is there, just unhappy.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            r.read()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:  # refused, reset, timed out, unresolvable
+        return False
+    return True
+
+
+class Tracker:
+    """MLflow calls on one background thread, in order, that never stall their caller for long.
+
+    ``submit`` queues a call and returns at once (per-epoch metrics: training goes on while they
+    are sent); ``call`` waits for its result. A wait goes on while the tracking server answers its
+    health probe (a large artifact upload may take long) and ends after ``dead_after_s`` of
+    silence. The first failure, an exception or a server that stopped answering, is reported
+    once (a warning, ``on_error``) and turns every later call into a no-op returning None: the
+    work goes on without MLflow instead of retrying each call for minutes.
+
+    Args:
+        uri: The tracking URI.
+        label: Who is logging, for the report (e.g. ``trial 3f2a_00001``).
+        on_error: Called once with the message of the first failure (e.g. to record it in the
+            run folder, where the driver finds it).
+        dead_after_s: How long a server may stay silent before it is given up on.
+        probe_every_s: How often a waiting caller probes the server.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        label: str,
+        *,
+        on_error: Callable[[str], None] | None = None,
+        dead_after_s: float = DEAD_AFTER_S,
+        probe_every_s: float = PROBE_EVERY_S,
+    ):
+        self.uri = uri
+        self.label = label
+        self.client = MlflowClient(tracking_uri=uri)
+        self.error: str | None = None  # the first failure, once there was one
+        self._on_error = on_error
+        self._dead_after_s = dead_after_s
+        self._probe_every_s = probe_every_s
+        self._closed = False
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # A daemon thread, not an executor: a call stuck in MLflow's retries must not keep the
+        # process from exiting (executor threads are joined at interpreter exit).
+        self._thread = threading.Thread(target=self._work, name=f"mlflow {label}", daemon=True)
+        self._thread.start()
+        if uri in _UNREACHABLE:
+            if server_answers(uri):
+                _UNREACHABLE.discard(uri)
+            else:
+                self._fail(f"tracking server {uri} does not answer (it stopped earlier)")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Queues ``fn(client, *args, **kwargs)``; its future holds the result, None on failure."""
+        fut: Future = Future()
+        if self.error is not None or self._closed:
+            fut.set_result(None)
+        else:
+            self._queue.put((fn, args, kwargs, fut))
+        return fut
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(client, *args, **kwargs)`` after the calls queued before it; None on failure."""
+        return self.wait(self.submit(fn, *args, **kwargs))
+
+    def wait(self, fut: Future) -> Any:
+        """The result of a submitted call; None if tracking failed or the server went silent."""
+        silent_since = None
+        while True:
+            try:
+                return fut.result(timeout=self._probe_every_s)
+            except TimeoutError:
+                if server_answers(self.uri):
+                    silent_since = None
+                    continue
+                now = time.monotonic()
+                silent_since = silent_since if silent_since is not None else now
+                if now - silent_since >= self._dead_after_s:
+                    _UNREACHABLE.add(self.uri)
+                    self._fail(
+                        f"tracking server {self.uri} stopped answering "
+                        f"(no reply for {self._dead_after_s:.0f} s)"
+                    )
+                    return None
+
+    def close(self, wait: bool = True) -> None:
+        """Ends the thread after the queued calls; ``wait``: until they are done (as
+        :meth:`wait` waits). Calls submitted afterwards do nothing."""
+        if self._closed:
+            return
+        if wait:
+            self.wait(self.submit(lambda client: None))
+        self._closed = True
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args, kwargs, fut = item
+            if self.error is not None:
+                fut.set_result(None)
+                continue
+            try:
+                fut.set_result(fn(self.client, *args, **kwargs))
+            except Exception as e:  # MLflow raises many types; each one means the record is lost
+                self._fail(f"{type(e).__name__}: {str(e).strip()[:500]}")
+                fut.set_result(None)
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            if self.error is not None:
+                return
+            self.error = message
+        log.warning(
+            "MLflow logging of %s stopped: %s. It goes on without MLflow; its MLflow record is "
+            "incomplete (the run folder has everything).",
+            self.label,
+            message,
+        )
+        if self._on_error is not None:
+            try:
+                self._on_error(message)
+            except OSError as e:
+                log.warning("could not record the MLflow failure of %s: %s", self.label, e)

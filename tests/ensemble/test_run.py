@@ -10,10 +10,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from bldseg.ensemble.run import SearchConfig, evaluate, run_search
+from bldseg import stats
+from bldseg.ensemble.library import find_runs, load_library, split_by_image
+from bldseg.ensemble.run import (
+    SearchConfig,
+    evaluate,
+    run_search,
+    submission_decision,
+    summary_lines,
+    tile_scores,
+)
 from bldseg.ensemble.search import brute_force
 from bldseg.ensemble.synthetic import fake_library, write_runs
 from bldseg.predict import EnsembleSpec
@@ -55,8 +65,6 @@ def test_run_search_outputs_and_mlflow(results):
     assert not list(out.glob("*.tmp*"))
 
     # chosen on the selection half exactly as brute force on that half would choose
-    from bldseg.ensemble.library import find_runs, load_library, split_by_image
-
     full = load_library(find_runs(root / "results"), root=root / "results")
     sel_idx, chk_idx = split_by_image(full.image_ids, 0.5, 0)
     want = brute_force(full.subset(sel_idx), [2, 3])[0]
@@ -81,6 +89,113 @@ def test_run_search_outputs_and_mlflow(results):
     assert run.data.params["best_threshold"] == str(want.level / (255 * want.k))
     arts = {a.path for a in client.list_artifacts(s.mlflow_run_id)}
     assert {"top_ensembles.csv", "score_vs_k.png", "threshold_curve.png"} <= arts
+
+
+def _members(d: dict) -> tuple[int, ...]:
+    return tuple(int(m) for m in d["member_ids"].split())
+
+
+def test_summary_intervals_gain_and_decision(results, tmp_path):
+    root, _lib, test = results
+    out = tmp_path / "out"
+    s = run_search(SearchConfig(runs=str(root / "results"), k=[2, 3], out=str(out), progress=False))
+    summary = json.loads((out / "summary.json").read_text())
+    full = load_library(find_runs(root / "results"), root=root / "results")
+    sel_idx, chk_idx = split_by_image(full.image_ids, 0.5, 0)
+    libs = {"selection": full.subset(sel_idx), "check": full.subset(chk_idx), "test": test}
+    best, single = summary["best"], summary["best_single"]
+    for row in (best, single, *summary["best_per_k"].values()):
+        for split, lib in libs.items():
+            iv = row["intervals"][split]
+            assert iv["low"] <= iv["estimate"] <= iv["high"]
+            assert iv["estimate"] == pytest.approx(row[f"{split}_dice"], abs=1e-12)
+            assert iv["clusters"] == np.unique(lib.image_ids).size  # resampled by source image
+    # the gain is the paired interval over source images, recomputed here from the tiles
+    for split, lib in libs.items():
+        a = tile_scores(lib, _members(best), best["level"])
+        b = tile_scores(lib, _members(single), single["level"])
+        want = stats.paired_difference(a, b, lib.image_ids).to_dict()
+        assert summary["gain"][split] == pytest.approx(want)
+    decision = summary["decision"]
+    chosen = "ensemble" if summary["gain"]["check"]["low"] > 0 else "single"
+    assert decision["submit"] == chosen == s.decision["submit"]
+    assert decision["gain_check"] == summary["gain"]["check"]
+    # submit.json is the spec of the chosen one; best_single.json a one-member ensemble
+    submit = EnsembleSpec.load(out / "submit.json")
+    row = best if chosen == "ensemble" else single
+    assert submit.threshold == row["threshold"]
+    assert [Path(c).parent.name for c in submit.checkpoints] == row["members"].split("+")
+    one = EnsembleSpec.load(out / "best_single.json")
+    assert len(one.checkpoints) == 1 and one.threshold == single["level"] / 255
+    lines = "\n".join(summary_lines(s))
+    assert "gain" in lines and "submit" in lines and "[" in lines
+
+
+def test_submission_decision_rule():
+    best = {"members": "a+b", "threshold": 0.4}
+    single = {"members": "a", "threshold": 0.45}
+
+    def gain(low, high):
+        return {"estimate": (low + high) / 2, "low": low, "high": high}
+
+    assert submission_decision(best, single, gain(0.001, 0.02))["submit"] == "ensemble"
+    for g in (gain(-0.001, 0.02), gain(0.0, 0.02), gain(-0.03, -0.01), None):
+        d = submission_decision(best, single, g)
+        assert d["submit"] == "single" and d["members"] == "a" and d["threshold"] == 0.45
+    d = submission_decision(best, single, gain(-0.001, 0.02))
+    assert "-0.0010" in d["reason"] and "check half" in d["rule"]
+
+
+def test_ensemble_is_submitted_only_with_a_clear_gain(tmp_path):
+    # independent model errors: averaging five models clearly beats the best one
+    lib = fake_library(5, 60, 16, seed=1, tiles_per_image=2, noise=4.0, rho=0.0)
+    write_runs(lib, tmp_path / "clear")
+    s = run_search(
+        SearchConfig(runs=str(tmp_path / "clear"), k=[5], out=str(tmp_path / "o1"), progress=False)
+    )
+    assert s.gain["check"]["low"] > 0 and s.decision["submit"] == "ensemble"
+    assert len(EnsembleSpec.load(tmp_path / "o1" / "submit.json").checkpoints) == 5
+    # copies of one model: an ensemble of them is that model, no gain at all
+    lib.probs[:] = lib.probs[0]
+    write_runs(lib, tmp_path / "same")
+    s = run_search(
+        SearchConfig(runs=str(tmp_path / "same"), k=[2], out=str(tmp_path / "o2"), progress=False)
+    )
+    assert s.gain["check"]["estimate"] == 0.0 and s.decision["submit"] == "single"
+    assert len(EnsembleSpec.load(tmp_path / "o2" / "submit.json").checkpoints) == 1
+
+
+def test_threshold_on_the_edge_widens_the_ensemble_search(tmp_path):
+    # under-confident models: every best threshold lies below 0.30
+    lib = fake_library(4, 24, 16, seed=3, tiles_per_image=2)
+    lib.probs = np.round(lib.probs * 0.25).astype(np.uint8)
+    write_runs(lib, tmp_path / "runs")
+    s = run_search(
+        SearchConfig(runs=str(tmp_path / "runs"), k=[2], out=str(tmp_path / "out"), progress=False)
+    )
+    assert s.widened and s.threshold_range == (0.05, 0.95)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["widened"] and summary["threshold_range"] == [0.05, 0.95]
+    full = load_library(find_runs(tmp_path / "runs"), root=tmp_path / "runs")
+    sel = full.subset(split_by_image(full.image_ids, 0.5, 0)[0])
+    want = brute_force(sel, [2], 0.05, 0.95)[0]
+    assert _members(s.best) == want.members and s.best["selection_dice"] == want.score
+    assert s.best["threshold"] < 0.3
+    single = brute_force(sel, [1], 0.05, 0.95)[0]
+    assert _members(s.best_single) == single.members and s.best_single["level"] == single.level
+    assert any("widened" in line for line in summary_lines(s))
+    # the same library with the range fixed wide from the start finds the same
+    fixed = run_search(
+        SearchConfig(
+            runs=str(tmp_path / "runs"),
+            k=[2],
+            lo=0.05,
+            hi=0.95,
+            out=str(tmp_path / "fixed"),
+            progress=False,
+        )
+    )
+    assert not fixed.widened and fixed.best["member_ids"] == s.best["member_ids"]
 
 
 def test_greedy_job(results):

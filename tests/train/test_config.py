@@ -1,12 +1,23 @@
-"""RunConfig: flat-dict round trip, validation messages, co-teaching rate, schedule kwargs."""
+"""RunConfig: flat-dict round trip, validation messages, co-teaching rate, schedule kwargs,
+model arguments and the pretrained recipe."""
 
 import json
+import os
 
 import pytest
 import torch
 
+from bldseg.models import create_model
+from bldseg.models.backbones.internimage import INTERNIMAGE_VARIANTS
 from bldseg.train.augment import AugConfig
-from bldseg.train.config import CoTeachConfig, OptimConfig, RunConfig, SchedConfig
+from bldseg.train.config import (
+    PRETRAINED_RECIPE,
+    CoTeachConfig,
+    OptimConfig,
+    RunConfig,
+    SchedConfig,
+    recipe_defaults,
+)
 from bldseg.train.schedulers import SCHEDULERS, build_scheduler
 
 
@@ -27,8 +38,10 @@ def test_flat_round_trip_non_default_through_json():
         loss="lovasz",
         epochs=3,
         drop_path_rate=0.1,
+        pretrained="/weights/internimage_t_1k_224.pth",
+        with_cp=True,
         aug=AugConfig(crop_size=64, hsv_p=0.3),
-        sched=SchedConfig(name="poly", power=0.9),
+        sched=SchedConfig(name="poly", power=0.9, warmup_steps=1500),
         coteach=CoTeachConfig(enabled=True, granularity="pixel"),
     )
     back = RunConfig.from_flat(json.loads(cfg.to_json()))
@@ -72,6 +85,10 @@ def test_unknown_flat_key_is_named(key, named):
     "update, named",
     [
         ({"model": "resnet50"}, "model='resnet50'"),
+        ({"model": "internimage_t"}, "model='internimage_t' is a backbone, not a segmentation"),
+        ({"pretrained": ""}, "pretrained=''"),
+        ({"drop_path_rate": 1.5}, "drop_path_rate=1.5"),
+        ({"sched.warmup_steps": -1}, "sched.warmup_steps=-1"),
         ({"loss": "focal"}, "loss='focal'"),
         ({"epochs": 0}, "epochs=0"),
         ({"batch_size": 0}, "batch_size=0"),
@@ -90,6 +107,11 @@ def test_unknown_flat_key_is_named(key, named):
 def test_invalid_value_names_parameter(update, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):
         RunConfig().with_updates(update)
+
+
+def test_backbone_name_is_refused_with_the_model_to_use():
+    with pytest.raises(ValueError, match="a backbone, not a segmentation model; use 'upernet_inte"):
+        RunConfig(model="internimage_s")
 
 
 def test_valid_models_accepted():
@@ -142,3 +164,44 @@ def test_scheduler_kwargs_values():
     one = SchedConfig(pct_start=0.2).scheduler_kwargs(10)
     assert one == dict(pct_start=0.2, div_factor=25.0, final_div_factor=1e4)
     assert SchedConfig(name="constant").scheduler_kwargs(10) == {}
+    poly_fixed = SchedConfig(name="poly", warmup_frac=0.05, warmup_steps=1500)
+    assert poly_fixed.scheduler_kwargs(160_000)["warmup_steps"] == 1500
+    # a run shorter than the warm-up warms up over all of it but its last step
+    assert poly_fixed.scheduler_kwargs(100)["warmup_steps"] == 99
+
+
+def test_model_kwargs_reach_the_model():
+    cfg = RunConfig.from_flat({"with_cp": True, "drop_path_rate": 0.25, "impl": "reference"})
+    assert cfg.model_kwargs() == {"impl": "reference", "with_cp": True, "drop_path_rate": 0.25}
+    model = create_model(cfg.model, **cfg.model_kwargs())
+    assert model.backbone.cfg.with_cp and model.backbone.levels[-1].blocks[-1].with_cp
+    assert model.backbone.levels[-1].blocks[-1].drop_path.p == pytest.approx(0.25)
+    # unset: the variant's own stochastic depth
+    assert "drop_path_rate" not in RunConfig().model_kwargs()
+
+
+def test_recipe_defaults_apply_under_explicit_user_values():
+    recipe = recipe_defaults("weights/upernet_internimage_t_512_160k_ade20k.pth")
+    assert recipe["pretrained"] == os.path.abspath(
+        "weights/upernet_internimage_t_512_160k_ade20k.pth"
+    )
+    # what an entry script does: its defaults < the recipe < the user's --set < a search space
+    script = {"model": "upernet_internimage_t", "optim.lr": 3e-3, "aug.crop_size": 64}
+    user = {"optim.weight_decay": 0.01, "sched.warmup_steps": 200}
+    cfg = RunConfig.from_flat({**script, **recipe, **user})
+    assert (cfg.optim.lr, cfg.optim.layer_decay, cfg.optim.weight_decay) == (6e-5, 1.0, 0.01)
+    assert (cfg.sched.name, cfg.sched.power, cfg.sched.min_lr) == ("poly", 1.0, 0.0)
+    assert cfg.sched.warmup_steps == 200 and cfg.aug.crop_size == 64
+    assert cfg.pretrained == recipe["pretrained"]
+    trial = RunConfig.from_flat({**script, **recipe, **user, "optim.lr": 1e-4})
+    assert trial.optim.lr == 1e-4
+    # every recipe key is a run-config key
+    assert set(recipe) <= set(RunConfig().to_flat())
+    assert RunConfig.from_flat(recipe).sched.warmup_steps == PRETRAINED_RECIPE["sched.warmup_steps"]
+
+
+def test_official_drop_path_rates_are_the_variant_defaults():
+    # the recipe leaves drop_path_rate unset because T/S/B already default to the official values
+    assert "drop_path_rate" not in PRETRAINED_RECIPE
+    official = {"t": 0.2, "s": 0.3, "b": 0.4}
+    assert {v: INTERNIMAGE_VARIANTS[v]["drop_path_rate"] for v in official} == official

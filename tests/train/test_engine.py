@@ -61,17 +61,56 @@ def test_saved_library_matches_best_epoch(trained, small_world):
     np.testing.assert_array_equal(z["truth"][0], small_world.train.masks[i, y : y + s, x : x + s])
 
 
+def _brute_best(probs, truth, levels) -> tuple[float, int]:
+    """Best score and its lowest level among ``levels``, by thresholding each one."""
+    score, neg_level = max((metrics.competition_score(probs >= L, truth), -L) for L in levels)
+    return score, -neg_level
+
+
 def test_threshold_metrics_agree_with_brute_force(trained):
     _, out = trained
     z = np.load(out / "val_probs.npz")
     probs, truth = z["probs"], z["truth"].astype(bool)
-    m = threshold_metrics(probs, truth, 0.3, 0.7)
+    m = threshold_metrics(probs, truth, 0.3, 0.7, wide=None)
     assert m["dice_05"] == metrics.competition_score(probs >= 128, truth)
-    brute = max(
-        (metrics.competition_score(probs >= L, truth), -L)
-        for L in range(77, 179)  # 0.30..0.70
-    )
-    assert m["dice_best"] == brute[0] and m["thr_best"] == -brute[1] / 255
+    score, level = _brute_best(probs, truth, range(77, 179))  # 0.30..0.70
+    assert m["dice_best"] == score and m["thr_best"] == level / 255
+    assert m["thr_widened"] == 0.0
+    # with widening (the default) the choice is the narrow one unless that sat on an edge
+    w = threshold_metrics(probs, truth, 0.3, 0.7)
+    if level in (77, 178):
+        wide_score, wide_level = _brute_best(probs, truth, range(13, 243))  # 0.05..0.95
+        assert w["thr_widened"] == 1.0
+        if wide_score > score:
+            assert (w["dice_best"], w["thr_best"]) == (wide_score, wide_level / 255)
+    else:
+        assert w == {**m, "thr_widened": 0.0}
+
+
+@pytest.mark.parametrize("scale", [0.25, 1.0])
+def test_threshold_on_the_edge_widens_the_sweep(scale):
+    """Under-confident maps (all probabilities scaled down) have their best threshold below
+    0.30: the sweep widens and finds it; confident maps keep the default range."""
+    from bldseg.ensemble.synthetic import fake_library
+
+    lib = fake_library(1, 32, 32, seed=5, noise=1.0)
+    probs = np.round(lib.probs[0] * scale).astype(np.uint8)
+    m = threshold_metrics(probs, lib.truth)
+    score, level = _brute_best(probs, lib.truth, range(13, 243))  # 0.05..0.95
+    if scale < 1:
+        assert m["thr_widened"] == 1.0
+        assert m["thr_best"] == level / 255 < 0.3 and m["dice_best"] == score
+        narrow = threshold_metrics(probs, lib.truth, wide=None)
+        assert narrow["thr_widened"] == 0.0 and narrow["thr_best"] == 77 / 255
+        assert m["dice_best"] > narrow["dice_best"]
+    else:
+        assert m["thr_widened"] == 0.0 and 0.3 < m["thr_best"] < 0.7
+
+
+def test_epoch_rows_record_the_widening(trained):
+    result, out = trained
+    assert all(h["val_thr_widened"] in (0.0, 1.0) for h in result.history)
+    assert json.loads((out / "history.json").read_text())[-1]["val_thr_widened"] in (0.0, 1.0)
 
 
 def test_resume_continues_exactly(small_world, tmp_path):
@@ -92,8 +131,8 @@ def test_resume_continues_exactly(small_world, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for a, b in zip(straight.history, resumed.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_dice_best"] == b["val_dice_best"]
-    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["models"][0]
-    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["models"][0]
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["models"][0]
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["models"][0]
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
 
@@ -113,7 +152,7 @@ def test_coteaching_end_to_end(small_world, tmp_path):
     # the reported network is the better one
     for h in r.history:
         assert h["val_dice_best"] >= h["val_dice_best_other"]
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert len(state["models"]) == 2
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bldseg.tune.runner import SearchSpec, run_search
+from bldseg.tune.runner import METRIC, SearchSpec, run_search
+from bldseg.tune_spaces import SPACES
 from tests.conftest import free_port
+from tests.tune.servers import start_mlflow_server, stop_mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -45,43 +47,9 @@ def _post(url: str, body: dict) -> dict:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend, for this module."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115  (open for the server's lifetime)
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((root / "server.log").read_text()) from None
-            time.sleep(0.5)
-    else:
-        raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text())
+    proc, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    log.close()
+    stop_mlflow_server(proc)
 
 
 def spec_for(world, tmp_path, **kw) -> SearchSpec:
@@ -101,29 +69,116 @@ def spec_for(world, tmp_path, **kw) -> SearchSpec:
     )
 
 
+def _searched_keys(space: str) -> set[str]:
+    """Every key a space can set (sampled widely: some are conditional)."""
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    keys: set[str] = set()
+    for _ in range(64):
+        t = study.ask()
+        constants = SPACES[space](t) or {}  # first: it suggests the params
+        keys.update({**t.params, **constants})
+        study.tell(t, 0.0)
+    return keys
+
+
+def _rounded(value: float) -> bool:
+    return value == float(f"{value:.6g}")
+
+
+def check_trial_records(result, client) -> dict[str, str]:
+    """Each trial's folder and MLflow run agree with its history; returns {trial id: status}.
+
+    Folder: final status.json and summary.json, the plots (worst_tiles.png included).
+    MLflow: the status tag, FINISHED for a usable model and FAILED otherwise, the best epoch's
+    ``best_*`` metrics (so the runs table shows the best, not the last), no ``epoch`` metric.
+    """
+    max_epochs = json.loads((result.path / "bldseg_search.json").read_text())["base"]["epochs"]
+    statuses = {}
+    for row in result.table.to_dict("records"):
+        run_dir = Path(row["run_dir"])
+        status = json.loads((run_dir / "status.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert status["final"] and status["status"] == row["status"] == summary["status"], row
+        path = run_dir / "history.json"
+        history = json.loads(path.read_text()) if path.exists() else []  # [] if none trained
+        epochs = history[-1]["epoch"] if history else 0
+        if row["status"] in ("completed", "early-stopped"):
+            # the truth, whatever ASHA did: all epochs trained is "completed"
+            assert row["status"] == ("completed" if epochs == max_epochs else "early-stopped")
+        assert summary["epochs_run"] == epochs
+        run = client.search_runs(
+            [client.get_run(result.parent_run_id).info.experiment_id],
+            f"tags.`bldseg.trial_id` = '{row['trial_id']}'",
+        )[0]
+        assert run.data.tags["bldseg.status"] == row["status"]
+        usable = row["status"] in ("completed", "early-stopped")
+        assert run.info.status == ("FINISHED" if usable else "FAILED")
+        m = run.data.metrics
+        assert "epoch" not in m and all(_rounded(v) for v in m.values()), m
+        if history:
+            best = max(history, key=lambda h: (h[METRIC], -h["epoch"]))  # the first of equals
+            assert summary["best_epoch"] == best["epoch"]
+            plots = {p.name for p in (run_dir / "plots").glob("*.png")}
+            assert {"curves.png", "threshold_curve.png", "worst_tiles.png"} <= plots, plots
+            assert m["best_epoch"] == best["epoch"]
+            assert m["best_val_dice"] == pytest.approx(best[METRIC], rel=1e-5)
+            assert m["best_threshold"] == pytest.approx(best["val_thr_best"], rel=1e-5)
+        steps = [x.step for x in client.get_metric_history(run.info.run_id, METRIC)]
+        assert sorted(steps) == [h["epoch"] for h in history]  # each epoch once, step = epoch
+        statuses[row["trial_id"]] = row["status"]
+    return statuses
+
+
 def test_search_is_logged_to_mlflow_server(small_world, ray_session, mlflow_server, tmp_path):
-    result = run_search(spec_for(small_world, tmp_path, name="it", tracking_uri=mlflow_server))
+    result = run_search(
+        spec_for(small_world, tmp_path, name="it", experiment="proj", tracking_uri=mlflow_server)
+    )
     assert len(result.table) == 2 and set(result.table["status"]) == {"completed"}
+    assert result.experiment == "proj"
     api = mlflow_server + "/api/2.0/mlflow"
-    exp = _get(f"{api}/experiments/get-by-name?experiment_name=it")["experiment"]
+    exp = _get(f"{api}/experiments/get-by-name?experiment_name=proj")["experiment"]
+    # the UI opens it on its training runs, not on the GenAI traces page
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
     runs = _post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     assert len(runs) == 3  # the parent and one child per trial, no duplicates
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r for r, t in zip(runs, tags, strict=True) if t.get("bldseg.kind") == "search"]
     assert len(parents) == 1
-    parent_id = parents[0]["info"]["run_id"]
-    assert parents[0]["info"]["status"] == "FINISHED"
+    parent, parent_tags = parents[0], tags[runs.index(parents[0])]
+    parent_id = parent["info"]["run_id"]
+    assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_name"] == "it"
+    assert parent_tags["bldseg.search"] == "it"
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert parent_tags["mlflow.source.git.commit"] == commit
+    assert parent_tags["mlflow.source.type"] == "LOCAL" and parent_tags["mlflow.source.name"]
+    searched = _searched_keys("augmentation")
+    assert "aug.scale_limit" in searched and "aug.crop_size" not in searched
+    # the constants once, on the parent; the searched values only on the children
+    parent_params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert parent_params["aug.crop_size"] == "64" and parent_params["batch_size"] == "8"
+    assert parent_params["search.space"] == "augmentation"
+    assert not searched & set(parent_params)
     children = [
         (r, t) for r, t in zip(runs, tags, strict=True) if t.get("mlflow.parentRunId") == parent_id
     ]
     assert len(children) == 2
     for run, t in children:
         rid = run["info"]["run_id"]
-        assert run["info"]["status"] == "FINISHED"
+        assert run["info"]["status"] == "FINISHED" and t["bldseg.status"] == "completed"
         assert t["model"] == "upernet_internimage_tiny" and t["data_fingerprint"]
-        assert t["git_commit"]
+        assert t["mlflow.source.git.commit"] == commit
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
-        assert params["aug.crop_size"] == "64" and "aug.scale_limit" in params
+        assert "aug.scale_limit" in params and set(params) <= searched, params
+        for value in params.values():  # rounded: 0.219525, not 0.21952540157092992
+            assert len(value.replace("-", "").replace(".", "").lstrip("0")) <= 6, value
+        metrics = {m["key"] for m in run["data"]["metrics"]}
+        assert "epoch" not in metrics and {"best_val_dice", "best_threshold"} <= metrics
         hist = _get(f"{api}/metrics/get-history?run_id={rid}&metric_key=val_dice_best")
         assert sorted(m["step"] for m in hist["metrics"]) == [1, 2]
         for key in ("train_loss", "lr", "val_dice_05", "val_dice_youden", "val_thr_best"):
@@ -138,6 +193,7 @@ def test_search_is_logged_to_mlflow_server(small_world, ray_session, mlflow_serv
             "best.pt",
             "val_probs.npz",
             "summary.json",
+            "status.json",
             "plots",
         } <= files
         plots = {f["path"] for f in _get(f"{api}/artifacts/list?run_id={rid}&path=plots")["files"]}
@@ -148,6 +204,45 @@ def test_search_is_logged_to_mlflow_server(small_world, ray_session, mlflow_serv
             "plots/worst_tiles.png",
         } <= plots
     assert (result.path / "trials.csv").exists() and (result.path / "trials.png").exists()
+
+    # a second search goes into the same experiment, as another parent run
+    again = run_search(
+        spec_for(
+            small_world,
+            tmp_path,
+            name="it2",
+            experiment="proj",
+            tracking_uri=mlflow_server,
+            trials=1,
+            epochs=1,
+        )
+    )
+    runs = _post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert len(runs) == 5 and again.experiment == "proj"
+
+
+def test_asha_trials_leave_records_however_they_end(small_world, ray_session, tmp_path):
+    """Under ASHA a trial ends inside its last report (stopped at a rung, or at its last epoch):
+    every trial still has its records, plots and a truthful MLflow status."""
+    from mlflow.tracking import MlflowClient
+
+    result = run_search(
+        spec_for(
+            small_world,
+            tmp_path,
+            name="asha",
+            scheduler="asha",
+            grace_period=1,
+            trials=4,
+            epochs=2,
+            # one at a time: ASHA's decisions then follow from the (seeded) trials' scores
+            # alone; the first trial always runs to the end, later ones below the median stop
+            max_concurrent=1,
+        )
+    )
+    statuses = check_trial_records(result, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    assert set(statuses.values()) == {"completed", "early-stopped"}, statuses
+    assert result.n_completed == 4
 
 
 def test_unreachable_tracking_server_fails_fast(small_world, tmp_path):
@@ -179,28 +274,36 @@ def faulty_space(trial):
 
 
 def test_erroring_and_diverging_trials(small_world, ray_session, tmp_path, monkeypatch):
-    import tune_spaces
+    from bldseg import tune_spaces
 
     monkeypatch.setitem(tune_spaces.SPACES, "augmentation", faulty_space)
     result = run_search(
         spec_for(small_world, tmp_path, trials=3, max_concurrent=1, search="random")
     )
+    from mlflow.tracking import MlflowClient
+
     status = dict(zip(result.table["trial_id"], result.table["status"], strict=True))
     assert sorted(status.values()) == ["completed", "diverged", "error"]
-    diverged = result.table[result.table["status"] == "diverged"].iloc[0]
-    summary = json.loads((Path(diverged["run_dir"]) / "summary.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert check_trial_records(result, client) == status
+    by_status = {r["status"]: r for r in result.table.to_dict("records")}
+    summary = json.loads((Path(by_status["diverged"]["run_dir"]) / "summary.json").read_text())
     assert summary["status"] == "diverged" and "became nan" in summary["message"]
+    # the error happens before any epoch: its record says why
+    record = json.loads((Path(by_status["error"]["run_dir"]) / "status.json").read_text())
+    assert "larger than the cached images" in record["message"]
 
 
-def _trial_dirs(exp: Path) -> dict[str, dict]:
-    out = {}
-    for s in exp.glob("trial_*/run/summary.json"):
-        out[s.parent.parent.name] = json.loads(s.read_text())
-    return out
+def _reported(exp: Path) -> list[Path]:
+    """Run folders of trials that reported an epoch (each writes status.json before it does)."""
+    return sorted(exp.glob("trial_*/run/status.json"))
 
 
-def test_interrupted_search_resumes_without_rerunning(small_world, tmp_path):
-    """Ctrl-C after the first trial finished; --resume completes the rest, nothing re-run."""
+def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
+    """Ctrl-C once a trial has reported: the script says how to continue and exits non-zero,
+    its MLflow runs are KILLED; --resume finishes every trial without training an epoch twice."""
+    from mlflow.tracking import MlflowClient
+
     db = f"sqlite:///{tmp_path}/mlflow.db"
     args = [
         sys.executable,
@@ -225,42 +328,61 @@ def test_interrupted_search_resumes_without_rerunning(small_world, tmp_path):
     for k, v in BASE.items():
         args += ["--set", f"{k}={json.dumps(v)}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # its own Ray: a subprocess cannot join the test session's in-process Ray
+    # its own Ray: a subprocess cannot join the test session's in-process Ray. Its own process
+    # group, signalled as a terminal signals the foreground job on Ctrl-C.
     proc = subprocess.Popen(
         args,
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     exp = tmp_path / "runs" / "resumable"
-    deadline = time.time() + 300
-    while time.time() < deadline and not _trial_dirs(exp):
-        time.sleep(0.5)
-    first = _trial_dirs(exp)
-    assert len(first) == 1, "no trial finished in time"
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=120)
-    (done_trial,) = first
-    done_mtime = (exp / done_trial / "run" / "summary.json").stat().st_mtime_ns
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not _reported(exp) and proc.poll() is None:
+            time.sleep(0.2)
+        assert _reported(exp), "no trial reported in time"
+        os.killpg(proc.pid, signal.SIGINT)
+        # a bound on a hang (Tune saves its state and stops the trials), not a speed test
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err and "--resume --name resumable" in err, err[-3000:]
+    client = MlflowClient(db)
+    exp_id = client.get_experiment_by_name("bldseg").experiment_id
+    (parent,) = client.search_runs([exp_id], "tags.`bldseg.search` = 'resumable'")
+    assert parent.info.status == "KILLED"
+    assert "RUNNING" not in {r.info.status for r in client.search_runs([exp_id])}
+    first = {
+        p.parent.parent.name: json.loads((p.parent / "history.json").read_text())
+        for p in _reported(exp)
+        if (p.parent / "history.json").exists()
+    }
+    assert first, "no epoch was trained before Ctrl-C"
 
     out = subprocess.run(
         [*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    after = _trial_dirs(exp)
-    assert len(after) == 3 and all(s["status"] == "completed" for s in after.values())
-    # the finished trial was not trained again
-    assert (exp / done_trial / "run" / "summary.json").stat().st_mtime_ns == done_mtime
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(db)
-    exp_id = client.get_experiment_by_name("resumable").experiment_id
+    statuses = {p.parent.parent.name: json.loads(p.read_text())["status"] for p in _reported(exp)}
+    assert list(statuses.values()) == ["completed"] * 3, statuses
+    # the epochs trained before Ctrl-C were kept, not trained again
+    for trial, history in first.items():
+        after = json.loads((exp / trial / "run" / "history.json").read_text())
+        assert after[: len(history)] == history
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
     runs = client.search_runs([exp_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 3 and len(runs) == 4  # no duplicate runs
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and len(runs) == 4  # the same parent, no duplicate runs
     for r in children:
+        assert r.info.status == "FINISHED" and r.data.tags["bldseg.status"] == "completed"
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_dice_best")]
         assert sorted(steps) == [1, 2], steps  # each epoch logged once
 

@@ -25,6 +25,7 @@ import torch
 import torch.utils.checkpoint as cp
 from torch import nn
 
+from bldseg.models.registry import register_backbone
 from bldseg.ops import DCNv3
 from bldseg.ops._layers import build_act_layer, build_norm_layer
 
@@ -58,7 +59,9 @@ class InternImageConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / channels
     drop_path_rate: float = 0.1  # stochastic depth, rising linearly to this over all blocks
     post_norm: bool = False  # norm after each branch (S/B) instead of before (T)
-    layer_scale: float | None = None  # init value of the per-channel branch scales (S/B: 1e-5)
+    # init value of the per-channel branch scales gamma1/gamma2; None: no scales (T). S/B: 1e-5
+    # (their ImageNet runs); the official segmentation configs use 1.0, also for T.
+    layer_scale: float | None = None
     offset_scale: float = 1.0  # DCNv3 offset_scale
     with_cp: bool = False  # activation checkpointing per block (saves GPU memory)
     num_classes: int = 0  # > 0 adds the ImageNet classifier (for parameter counts and loading)
@@ -304,3 +307,27 @@ def internimage(variant: str, **overrides) -> InternImage:
     if variant not in INTERNIMAGE_VARIANTS:
         raise ValueError(f"unknown InternImage variant {variant!r}: {list(INTERNIMAGE_VARIANTS)}")
     return InternImage(InternImageConfig(**{**INTERNIMAGE_VARIANTS[variant], **overrides}))
+
+
+@register_backbone
+def internimage_tiny(**kw) -> InternImage:
+    """Tiny InternImage backbone for tests."""
+    return internimage("tiny", **kw)
+
+
+@register_backbone
+def internimage_t(**kw) -> InternImage:
+    """InternImage-T backbone (30M parameters as a classifier, ``num_classes=1000``)."""
+    return internimage("t", **kw)
+
+
+@register_backbone
+def internimage_s(**kw) -> InternImage:
+    """InternImage-S backbone (50M parameters as a classifier, ``num_classes=1000``)."""
+    return internimage("s", **kw)
+
+
+@register_backbone
+def internimage_b(**kw) -> InternImage:
+    """InternImage-B backbone (97M parameters as a classifier, ``num_classes=1000``)."""
+    return internimage("b", **kw)

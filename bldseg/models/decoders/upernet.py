@@ -3,10 +3,17 @@
 Inputs are the backbone's multi-scale features, NCHW, at strides 4/8/16/32. Every 3x3/1x1 conv
 is followed by BatchNorm and ReLU and has no bias (the BN's shift plays that role), matching
 the parameter counts of the published UPerNet-InternImage models.
+
+Module names follow mmseg's, so the official checkpoints load key for key: ``psp_modules.i.1``,
+``bottleneck``, ``lateral_convs.i``, ``fpn_convs.i`` and ``fpn_bottleneck`` are mmcv
+``ConvModule``s (``conv`` + ``bn``). Only the classifiers (mmseg ``conv_seg``, ours
+``classifier``) and the auxiliary conv (mmseg ``convs.0``, ours ``conv``) differ; the key map is
+:data:`bldseg.models.pretrained.MMSEG_TO_BLDSEG`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -14,23 +21,43 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _rename_prefix(state_dict: dict, old: str, new: str) -> None:
+    """Moves every ``old*`` key of a state dict to ``new*`` (in place)."""
+    for k in [k for k in state_dict if k.startswith(old)]:
+        state_dict[new + k[len(old) :]] = state_dict.pop(k)
+
+
 class ConvBNReLU(nn.Sequential):
-    """Conv2d (no bias) -> BatchNorm2d -> ReLU."""
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU, named ``conv``/``bn``/``act`` as mmcv's
+    ConvModule."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            OrderedDict(
+                conv=nn.Conv2d(
+                    in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+                ),
+                bn=nn.BatchNorm2d(out_channels),
+                act=nn.ReLU(inplace=True),
+            )
         )
+        self.register_load_state_dict_pre_hook(self._load_legacy_names)
+
+    @staticmethod
+    def _load_legacy_names(module, state_dict, prefix, *_) -> None:
+        # Run folders written before the mmseg names numbered the children: 0 (conv), 1 (bn).
+        _rename_prefix(state_dict, prefix + "0.", prefix + "conv.")
+        _rename_prefix(state_dict, prefix + "1.", prefix + "bn.")
 
 
-class PyramidPooling(nn.Module):
-    """Pyramid pooling module: pooled context at several grid sizes, upsampled and concatenated."""
+class PyramidPooling(nn.ModuleList):
+    """Pyramid pooling module: pooled context at several grid sizes, upsampled.
+
+    Entry ``i`` is (AdaptiveAvgPool2d(s_i), ConvBNReLU 1x1), as mmseg's PPM.
+    """
 
     def __init__(self, in_channels: int, channels: int, pool_scales: Sequence[int]):
-        super().__init__()
-        self.stages = nn.ModuleList(
+        super().__init__(
             nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels, channels, 1))
             for s in pool_scales
         )
@@ -40,7 +67,7 @@ class PyramidPooling(nn.Module):
         # each: (B, channels, s, s) -> (B, channels, H, W)
         return [
             F.interpolate(stage(x), size=size, mode="bilinear", align_corners=False)
-            for stage in self.stages
+            for stage in self
         ]
 
 
@@ -65,19 +92,25 @@ class UPerHead(nn.Module):
     ):
         super().__init__()
         *lower, last = in_channels
-        self.ppm = PyramidPooling(last, channels, pool_scales)
+        self.psp_modules = PyramidPooling(last, channels, pool_scales)
         self.bottleneck = ConvBNReLU(last + len(pool_scales) * channels, channels, 3)
         self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in lower)
         self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in lower)
         self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.register_load_state_dict_pre_hook(self._load_legacy_names)
+
+    @staticmethod
+    def _load_legacy_names(module, state_dict, prefix, *_) -> None:
+        # Run folders written before the mmseg names kept the pooling under ppm.stages.
+        _rename_prefix(state_dict, prefix + "ppm.stages.", prefix + "psp_modules.")
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Maps features [(B, C_i, H/s_i, W/s_i)] to logits (B, num_classes, H/4, W/4)."""
         *lower, last = features
         # 1. Pyramid pooling on the last level: (B, C_last + n*ch, H/32, W/32) -> (B, ch, ...).
-        top = self.bottleneck(torch.cat([last, *self.ppm(last)], dim=1))
+        top = self.bottleneck(torch.cat([last, *self.psp_modules(last)], dim=1))
         # 2. Laterals: every lower level to `channels`.
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, lower, strict=True)] + [top]
         # 3. Top-down path: add each upsampled coarser level to the finer one.

@@ -1,0 +1,223 @@
+"""Predicts with a model checkpoint or an ensemble spec: a submission CSV, or mask files.
+
+A dataset's test split -> submission CSV (scored when the dataset has held-out truth):
+
+    bldseg predict --checkpoint runs/.../best.pt            # one model
+    bldseg predict --ensemble results/best_ensemble.json    # an ensemble
+    bldseg predict --checkpoint a.pt --data /path/to/comp --out submission.csv
+
+A folder of images (any size, sub-folders mirrored) -> one mask per image in --out:
+
+    bldseg predict --checkpoint a.pt --images scenes/ --out masks/
+    bldseg predict --ensemble e.json --images tiles/ --masks gt/ --out masks/
+
+From a checkout, python experiments/predict.py takes the same flags.
+
+Each mask is NAME.png (one channel, 0/255) beside the image's relative path; a georeferenced
+GeoTIFF also gets NAME.tif with its CRS and transform. Images larger than the window are
+predicted in overlapping windows (--window, default each model's validation tile; --overlap,
+default 0.25 of the window; the last row/column shifted inwards) whose probabilities are blended
+with weights falling linearly from each window's centre to its edge (floor 0.05), so each pixel
+is decided mostly by the window that sees it most centrally. Images smaller than the window are
+padded by reflection. With --masks, the official score (mean per-image Dice), the pixel IoU and
+F1 are printed and written to OUT/scores.json.
+
+With one checkpoint the threshold defaults to the one chosen on its validation tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bldseg import metrics
+from bldseg.commands import USER_ERRORS, fail
+from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
+from bldseg.predict import (
+    DEFAULT_OVERLAP,
+    EnsembleSpec,
+    check_overlap,
+    check_window,
+    load_checkpoint,
+    predict_cache,
+    predict_folder,
+    write_submission,
+)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of ``bldseg predict`` (``experiments/predict.py``); see :func:`parse_args`.
+
+    Args:
+        prog: Program name in the usage line (default: the running script's name).
+    """
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", action="append", help="best.pt of a model (repeatable)")
+    src.add_argument("--ensemble", help="ensemble spec JSON (from bldseg ensemble)")
+    add_data_arguments(p, training=False)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="submission CSV to write (default submission.csv); with --images: the mask folder",
+    )
+    p.add_argument("--threshold", type=float, default=None, help="override the threshold")
+    p.add_argument("--min-area", type=int, default=None, help="images with fewer pixels: empty")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--truth", default=None, help="ground-truth CSV to score against (--data)")
+    f = p.add_argument_group("folder prediction (--images)")
+    f.add_argument(
+        "--masks",
+        default=None,
+        help="ground-truth mask folder: score the predictions (same relative paths and names "
+        "as the images, see --mask-pattern)",
+    )
+    f.add_argument(
+        "--mask-pattern",
+        default=None,
+        help="mask file name for an image stem, e.g. '{stem}_mask.png', or a regex "
+        "substitution '(\\d+)_img=>\\1.png' (default: {stem}.png, {stem}.tif, "
+        "{stem}_mask.png, ...; exactly one must exist)",
+    )
+    f.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="sliding-window side in px, >= 32 (default: each model's validation tile, "
+        "val_tile or else aug.crop_size)",
+    )
+    f.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help=f"fraction of the window shared by neighbouring windows, 0..0.9 (default "
+        f"{DEFAULT_OVERLAP}); overlaps are blended with centre-weighted (triangular) weights",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="tiles (or windows) per batch")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """The command line, checked: every refusal names the flag.
+
+    Args:
+        argv: Arguments after the command (default: ``sys.argv[1:]``).
+        prog: Program name in the usage line.
+
+    Raises:
+        SystemExit: A flag is missing, invalid or does not fit the others (status 2).
+    """
+    p = build_parser(prog)
+    args = p.parse_args(argv)
+
+    folder_only = [
+        ("--masks", args.masks),
+        ("--mask-pattern", args.mask_pattern),
+        ("--window", args.window),
+        ("--overlap", args.overlap),
+    ]
+    if args.images is None:
+        for flag, value in folder_only:
+            if value is not None:
+                p.error(f"{flag} applies to folder prediction: pass --images DIR with it")
+        return args
+    if args.data is not None:
+        p.error("give --data (a dataset's test split -> CSV) or --images (a folder -> masks)")
+    if args.truth is not None:
+        p.error("--truth scores a submission CSV; with --images score with --masks DIR")
+    if args.tile_size is not None:
+        p.error("--tile-size cuts training data; with --images set the --window instead")
+    if args.out is None:
+        p.error("--images needs --out DIR, the folder for the masks")
+    if args.out.lower().endswith(".csv"):
+        p.error(f"--out {args.out}: with --images, --out is a folder for the mask files, not a CSV")
+    if args.mask_pattern is not None and args.masks is None:
+        p.error("--mask-pattern names ground-truth masks: pass --masks DIR with it")
+    try:
+        if args.window is not None:
+            check_window(args.window)
+        if args.overlap is not None:
+            check_overlap(args.overlap)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Predicts; returns the exit status (1 with a message on stderr for bad input).
+
+    Args:
+        argv: Arguments after the command (default: ``sys.argv[1:]``).
+        prog: Program name in the usage line.
+    """
+    args = parse_args(argv, prog)
+    try:
+        if args.ensemble:
+            spec = EnsembleSpec.load(args.ensemble)
+        else:
+            _, _, m = load_checkpoint(args.checkpoint[0])
+            spec = EnsembleSpec(args.checkpoint, threshold=float(m.get("val_thr_best", 0.5)))
+    except USER_ERRORS as e:
+        return fail(e)
+    if args.threshold is not None:
+        spec.threshold = args.threshold
+    if args.min_area is not None:
+        spec.min_area = args.min_area
+    spec.tta = spec.tta or args.tta
+    options = data_options(args)
+    t0 = time.perf_counter()
+
+    if args.images is not None:
+        try:
+            r = predict_folder(
+                spec,
+                args.images,
+                args.out,
+                options=options.read,
+                window=args.window,
+                overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap,
+                recursive=options.recursive,
+                masks_dir=args.masks,
+                mask_pattern=args.mask_pattern,
+                batch_size=args.batch_size,
+                device=args.device,
+            )
+        except USER_ERRORS as e:
+            return fail(e)
+        geotiffs = f" + {len(r.geotiffs)} GeoTIFF(s)" if r.geotiffs else ""
+        print(
+            f"wrote {len(r.masks)} mask(s){geotiffs} to {r.out_dir}: {r.empty} empty, "
+            f"{len(spec.checkpoints)} model(s), threshold {spec.threshold:.4f}, "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        if r.scores is not None:
+            s = r.scores
+            print(
+                f"official score (mean Dice over {s['n_scored']} of {s['n_images']} images): "
+                f"{s['official_score']:.5f}; pixel IoU {s['pixel_iou']:.5f}, "
+                f"pixel F1 {s['pixel_f1']:.5f} -> {Path(r.out_dir) / 'scores.json'}"
+            )
+        return 0
+
+    out = args.out or "submission.csv"
+    try:
+        data = prepare_data(args.data, options=options, data_root=args.data_root, verbose=True)
+    except USER_ERRORS as e:
+        return fail(e)
+    if data.test is None:
+        return fail(f"{data.root} has no test.csv to predict")
+    pred = predict_cache(spec, data.test, batch_size=args.batch_size, device=args.device)
+    write_submission(data.test.ids, pred, out)
+    print(
+        f"wrote {out}: {len(pred)} tiles, {int((pred.sum((1, 2)) == 0).sum())} empty, "
+        f"{len(spec.checkpoints)} model(s), threshold {spec.threshold:.4f}, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    truth = args.truth or data.test_truth_csv
+    if truth:
+        print(f"official score vs {truth}: {metrics.score_csv(truth, out):.5f}")
+    return 0

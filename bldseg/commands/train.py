@@ -1,0 +1,85 @@
+"""Trains one model (no search): the reference workflow's single run, as one command.
+
+    bldseg train --out runs/single                    # synthetic world, tiny model
+    bldseg train --data /path/to/comp --set model=upernet_internimage_b \\
+        --set epochs=50 --set aug.crop_size=224 --out runs/b_single
+    bldseg train --data /path/to/inria --tile-size 512 --out runs/inria
+                                                       # images/ + masks/ folders
+    python experiments/train.py --out runs/single     # the same, from a checkout
+
+On a CPU the defaults are the demo's small settings (tiny model, 64-px crops) on any data.
+
+Writes best.pt, last.pt (resumable: run the same command again), val_probs.npz, history.json
+and plots/ under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bldseg.commands import USER_ERRORS, fail
+from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
+from bldseg.train import RunConfig, fit
+from bldseg.tune.cli import add_pretrained_argument, fixed_config
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of ``bldseg train`` (``experiments/train.py``).
+
+    Args:
+        prog: Program name in the usage line (default: the running script's name).
+    """
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--model", default=None, help="model name (see bldseg.models.list_models())")
+    p.add_argument(
+        "--split-group",
+        default=None,
+        help="regex on source file names grouping tiles on one side of the validation split",
+    )
+    add_pretrained_argument(p)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config value, e.g. --set epochs=20 (repeatable)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Trains; returns the exit status (1 with a message on stderr for bad data or config).
+
+    Args:
+        argv: Arguments after the command (default: ``sys.argv[1:]``).
+        prog: Program name in the usage line.
+    """
+    args = build_parser(prog).parse_args(argv)
+    fixed = fixed_config(
+        args.data or args.images,
+        args.model,
+        args.set,
+        split_group=args.split_group,
+        pretrained=args.pretrained,
+        announce=True,
+    )
+    try:
+        cfg = RunConfig.from_flat({**fixed, "data": args.data})
+        data = prepare_data(
+            args.data, options=data_options(args), data_root=args.data_root, verbose=True
+        )
+    except USER_ERRORS as e:
+        return fail(e)
+    result = fit(cfg, args.out, data=data, progress=True)
+    for row in result.history:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    print(
+        f"{result.status}: {result.message}; best epoch {result.best.get('epoch')} "
+        f"val Dice {result.best.get('val_dice_best', float('nan')):.4f}; {args.out}/best.pt"
+    )
+    return 0

@@ -1,0 +1,347 @@
+"""Official InternImage weights into our models: ImageNet classifiers and mmseg UPerNets.
+
+    model = create_model("upernet_internimage_t", pretrained="internimage_t_1k_224.pth")
+    model.pretrained_report.summary()
+
+Two layouts, told apart by their keys (never by the file name):
+
+* classification, ``internimage_{t,s,b}_1k_224.pth`` = ``{"model": state_dict}``: our backbone's
+  names. The ImageNet classifier (``conv_head.*``, ``head.*``; ``avgpool`` has no weights) is
+  dropped; the rest loads strictly into the backbone and the decoder keeps its fresh init.
+* segmentation, ``upernet_internimage_{t,s,b}_512_160k_ade20k.pth`` = ``{"state_dict": ...,
+  "meta": ...}``: mmseg's names, ours but for three prefixes (:data:`MMSEG_TO_BLDSEG`). The
+  classifiers are re-made when their class count differs from the model's (ADE20K's 150 vs our
+  1); everything else loads strictly into the whole model. Our own ``best.pt`` reads the same.
+
+Files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a
+file can never run code here. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bldseg.models.backbones.internimage import InternImage
+from bldseg.models.segmentor import SegmentationModel
+
+#: mmseg key prefix -> ours. The other mmseg names already are ours: ``backbone.*`` and
+#: ``decode_head.{psp_modules.i.1,bottleneck,lateral_convs.i,fpn_convs.i,fpn_bottleneck}`` with
+#: their ``{conv,bn}`` (mmcv ConvModule).
+MMSEG_TO_BLDSEG: tuple[tuple[str, str], ...] = (
+    ("decode_head.conv_seg.", "decode_head.classifier."),
+    ("auxiliary_head.convs.0.", "aux_head.conv."),
+    ("auxiliary_head.conv_seg.", "aux_head.classifier."),
+)
+
+#: The ImageNet classifier of the official classification models (the backbone's own names).
+CLASSIFIER_PREFIXES = ("conv_head.", "head.")
+
+#: The per-pixel classifiers of a segmentation model, re-made when the class count differs.
+SEGMENTATION_CLASSIFIERS = ("decode_head.classifier.", "aux_head.classifier.")
+
+_GAMMAS = (".gamma1", ".gamma2")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk, with our parameter names.
+
+    Attributes:
+        path: The file.
+        layout: ``"classification"`` (backbone names) or ``"segmentation"`` (``backbone.*``,
+            ``decode_head.*``, ...).
+        state_dict: Tensors by our names.
+        file_names: Our name -> the name in the file, where they differ (for messages).
+    """
+
+    path: str
+    layout: Literal["classification", "segmentation"]
+    state_dict: dict[str, torch.Tensor]
+    file_names: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did (written to ``pretrained.json`` by a training run).
+
+    Attributes:
+        path: The checkpoint file.
+        layout: ``"classification"`` or ``"segmentation"``.
+        loaded: Model keys set from the checkpoint (the model's names).
+        dropped: Why -> checkpoint keys not loaded (the file's names).
+        initialised: Model keys that keep their fresh init (e.g. the decoder under a
+            classification checkpoint, the re-made classifiers).
+        overrides: Architecture settings :func:`~bldseg.models.create_model` took from the
+            checkpoint (``{"layer_scale": 1.0}`` for a T segmentation checkpoint).
+    """
+
+    path: str
+    layout: str
+    loaded: list[str]
+    dropped: dict[str, list[str]]
+    initialised: list[str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for logs."""
+        dropped = "; ".join(f"dropped {len(v)} ({why})" for why, v in self.dropped.items())
+        parts = [
+            f"loaded {len(self.loaded)} tensors from {self.path} ({self.layout})",
+            dropped,
+            f"{len(self.initialised)} keep their init" if self.initialised else "",
+            f"built with {self.overrides}" if self.overrides else "",
+        ]
+        return "; ".join(p for p in parts if p)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Reads an official (or bldseg) checkpoint without running any code from it.
+
+    Args:
+        path: ``{"model": sd}``, ``{"state_dict": sd, ...}`` or a bare state dict, saved by
+            ``torch.save``. Never downloaded: it must be on disk.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: The file needs pickled Python objects (refused: unpickling could run code;
+            the message says how to extract the weights), or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained checkpoint not found: {path} (bldseg never downloads weights: pass the "
+            "path of a file on this machine)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(_refusal(path, e)) from None
+    except (RuntimeError, KeyError, EOFError) as e:  # torch's errors for non-checkpoint bytes
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    sd = obj
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):  # mmseg, then the classification trainer
+            if isinstance(obj.get(key), Mapping):
+                sd = obj[key]
+                break
+    if not (
+        isinstance(sd, Mapping) and sd and all(isinstance(v, torch.Tensor) for v in sd.values())
+    ):
+        found = sorted(map(str, obj))[:20] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(
+            f"{path} holds no state dict: expected {{'model': state_dict}} (classification), "
+            f"{{'state_dict': state_dict}} (mmseg) or a bare state dict of tensors; found {found}"
+        )
+    sd = dict(sd)
+    if all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if not any(k.startswith("backbone.") for k in sd):
+        return Checkpoint(str(path), "classification", sd)
+    state, file_names = {}, {}
+    for k, v in sd.items():
+        ours = _to_ours(k)
+        state[ours] = v
+        if ours != k:
+            file_names[ours] = k
+    return Checkpoint(str(path), "segmentation", state, file_names)
+
+
+def _to_ours(key: str) -> str:
+    for theirs, ours in MMSEG_TO_BLDSEG:
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    return key
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    names = set(re.findall(r"GLOBAL ([\w.]+)", str(err)))
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch>=2.5
+    if find is not None:
+        # ValueError: not the zip format; the names in torch's message must do
+        with contextlib.suppress(ValueError):
+            names.update(find(path))
+    if not names:  # no object to name: the bytes are not a pickle at all
+        return f"{path} is not a PyTorch checkpoint (torch.load could not unpickle it)"
+    return (
+        f"refusing {path}: besides tensors it holds pickled Python objects ({sorted(names)}), and "
+        "unpickling them could run code from the file; bldseg reads weights with "
+        "torch.load(weights_only=True) only. If you trust the file, extract its weights once "
+        f"and pass the new file:\n  python -c \"import torch; c = torch.load('{path}', "
+        "weights_only=False); torch.save({'model': c['model']}, 'weights.pth')\"\n"
+        "(an mmseg checkpoint keeps them under 'state_dict' instead of 'model')"
+    )
+
+
+def overrides_for_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Architecture settings a state dict implies, as model keyword arguments.
+
+    ``{"layer_scale": 1.0}`` when it has layer-scale parameters (``gamma1``/``gamma2``): the
+    official segmentation configs build every variant with ``layer_scale=1.0``, so the T
+    segmentation checkpoints have 60 of them (4+4+18+4 layers x 2) where the T classification
+    checkpoint and our default T have none. For S/B, which always have them, only the init
+    value changes and the loaded values overwrite it.
+
+    Also rebuilds the model of a saved run: ``create_model(name,
+    **overrides_for_checkpoint(best["model"]))``.
+    """
+    return {"layer_scale": 1.0} if any(k.endswith(_GAMMAS) for k in state_dict) else {}
+
+
+def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint) -> LoadReport:
+    """Loads official weights into a model, strictly, but for the classifiers it re-makes.
+
+    Args:
+        model: A :class:`SegmentationModel` (classification checkpoints go into its backbone,
+            segmentation ones into the whole model) or an :class:`InternImage` (a segmentation
+            checkpoint gives its ``backbone.*`` part).
+        checkpoint: A path, or what :func:`read_checkpoint` returned.
+
+    Returns:
+        What was loaded, dropped and left at init.
+
+    Raises:
+        FileNotFoundError: No file at the path.
+        ValueError: An unsafe or unreadable file (see :func:`read_checkpoint`).
+        RuntimeError: Every missing, unexpected and mis-shaped key, listed by name and grouped,
+            with what to do.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    state = dict(ckpt.state_dict)
+    in_file = {k: ckpt.file_names.get(k, k) for k in state}  # current key -> name in the file
+    dropped: dict[str, list[str]] = {}
+
+    def drop(why: str, keys: list[str]) -> None:
+        if keys:
+            dropped[why] = sorted(in_file[k] for k in keys)
+            for k in keys:
+                del state[k]
+
+    if isinstance(model, SegmentationModel) and ckpt.layout == "classification":
+        target, prefix = model.backbone, "backbone."
+    elif isinstance(model, SegmentationModel):
+        target, prefix = model, ""
+    elif isinstance(model, InternImage):
+        target, prefix = model, ""
+        if ckpt.layout == "segmentation":
+            drop(
+                "decoder (not part of a backbone)",
+                [k for k in state if not k.startswith("backbone.")],
+            )
+            state = {k.removeprefix("backbone."): v for k, v in state.items()}
+            in_file = {k.removeprefix("backbone."): n for k, n in in_file.items()}
+    else:
+        raise TypeError(
+            f"load_pretrained: expected a SegmentationModel or an InternImage, got "
+            f"{type(model).__name__}"
+        )
+    own = target.state_dict()
+    if not any(k.startswith(CLASSIFIER_PREFIXES) for k in own):
+        drop(
+            "ImageNet classifier (conv_head, head; avgpool has no weights)",
+            [k for k in state if k.startswith(CLASSIFIER_PREFIXES)],
+        )
+    remade: list[str] = []
+    if target is model and isinstance(model, SegmentationModel):
+        if model.aux_head is None:
+            drop(
+                "auxiliary head (the model has none)",
+                [k for k in state if k.startswith("aux_head.")],
+            )
+        remade = [
+            k
+            for k in state
+            if k.startswith(SEGMENTATION_CLASSIFIERS)
+            and k in own
+            and state[k].shape != own[k].shape
+        ]
+        if remade:
+            n_file = state[remade[0]].shape[0]
+            n_own = own[remade[0]].shape[0]
+            drop(f"{n_file}-class classifiers, re-made for the model's {n_own}", remade)
+
+    missing = sorted(set(own) - set(state) - set(remade))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise RuntimeError(
+            _mismatch_message(
+                ckpt.path,
+                f"the backbone of {type(model).__name__}" if prefix else type(model).__name__,
+                own,
+                state,
+                in_file,
+                missing,
+                unexpected,
+                shapes,
+            )
+        )
+    # Strict: every key of the target is given, the re-made classifiers their own fresh values.
+    target.load_state_dict({**own, **state}, strict=True)
+    loaded = {prefix + k for k in state}
+    return LoadReport(
+        path=ckpt.path,
+        layout=ckpt.layout,
+        loaded=sorted(loaded),
+        dropped=dropped,
+        initialised=sorted(k for k in model.state_dict() if k not in loaded),
+    )
+
+
+def _mismatch_message(
+    path: str,
+    target: str,
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    in_file: Mapping[str, str],
+    missing: list[str],
+    unexpected: list[str],
+    shapes: list[str],
+) -> str:
+    lines = [
+        f"{path} does not fit {target}: {len(missing)} missing, "
+        f"{len(unexpected)} unexpected, {len(shapes)} of another shape (names as in the file)"
+    ]
+    groups = [
+        ("missing from the checkpoint", missing),
+        ("unexpected in the checkpoint", [in_file[k] for k in unexpected]),
+        (
+            "shape mismatch",
+            [
+                f"{in_file[k]}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in shapes
+            ],
+        ),
+    ]
+    for title, keys in groups:
+        if keys:
+            lines.append(f"  {title} ({len(keys)}):")
+            lines += [f"    {k}" for k in keys]
+    own_gammas = any(k.endswith(_GAMMAS) for k in own)
+    file_gammas = any(k.endswith(_GAMMAS) for k in state)
+    if file_gammas and not own_gammas:
+        lines.append(
+            "The checkpoint has layer-scale parameters (gamma1/gamma2) and the model has none: "
+            "build it with layer_scale=1.0, as the official segmentation configs do "
+            "(create_model(name, pretrained=path) does this by itself)."
+        )
+    elif own_gammas and not file_gammas:
+        lines.append(
+            "The model has layer-scale parameters (gamma1/gamma2) and the checkpoint has none: "
+            "T weights for an S/B model, or a model built with layer_scale it does not need."
+        )
+    lines.append("Is it a checkpoint of the same variant (t, s or b) as the model?")
+    return "\n".join(lines)

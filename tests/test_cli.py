@@ -1,0 +1,160 @@
+"""The ``bldseg`` command line: every entry script is a sub-command with the same flags."""
+
+import argparse
+import runpy
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from bldseg import cli
+from bldseg.commands import tune
+
+REPO = Path(__file__).resolve().parents[1]
+
+# bldseg sub-command -> its entry script in experiments/
+SCRIPTS = {
+    "prepare": "prepare_data",
+    "train": "train",
+    "tune aug": "tune_aug",
+    "tune sched": "tune_sched",
+    "tune tau": "tune_tau",
+    "ensemble": "ensemble_search",
+    "predict": "predict",
+    "pipeline": "pipeline",
+    "suspects": "find_suspects",
+}
+
+
+def _help_of(monkeypatch, capsys, run) -> tuple[argparse.ArgumentParser, str]:
+    """Runs ``run()`` (which must end in ``--help``): (the parser that printed it, its output)."""
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def recording(self, args=None, namespace=None):
+        parsers.append(self)
+        return parse_args(self, args, namespace)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", recording)
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code == 0
+    return parsers[-1], capsys.readouterr().out
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+def test_help_lists_every_command_on_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("usage: bldseg ")
+    for name, (_, summary) in cli.COMMANDS.items():
+        assert f"    {name:10s}{summary}" in lines, name
+    assert {c.split()[0] for c in SCRIPTS} == set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("command", SCRIPTS)
+def test_command_has_the_flags_of_its_script(command, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "100")
+    cmd_parser, cmd_help = _help_of(
+        monkeypatch, capsys, lambda: cli.main([*command.split(), "--help"])
+    )
+    script = SCRIPTS[command]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    script_parser, script_help = _help_of(
+        monkeypatch,
+        capsys,
+        lambda: runpy.run_path(str(REPO / "experiments" / f"{script}.py"), run_name="__main__"),
+    )
+    assert cmd_parser.prog == f"bldseg {command}"
+    assert cmd_help.startswith(f"usage: bldseg {command} [-h]")
+    assert script_help.startswith(f"usage: {script}.py [-h]")
+    options = _option_strings(script_parser)
+    assert "--help" in options and len(options) > 5
+    assert _option_strings(cmd_parser) == options
+    missing = [s for s in options if s not in cmd_help]
+    assert not missing, f"bldseg {command} --help lacks {missing}"
+    # The same description: both ways of running are named in it.
+    assert cmd_parser.description == script_parser.description
+    assert f"bldseg {command}" in cmd_help and f"experiments/{script}.py" in cmd_help
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["frobnicate", "--help"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'frobnicate'" in err
+    assert all(name in err for name in cli.COMMANDS)
+
+
+@pytest.mark.parametrize("argv", [["tune"], ["tune", "--trials", "2"]])
+def test_tune_needs_a_search(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "required: {aug,sched,tau}" in capsys.readouterr().err
+
+
+def test_tune_unknown_search_lists_the_searches(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["tune", "augmentation"])
+    assert e.value.code == 2
+    assert "choose from 'aug', 'sched', 'tau'" in capsys.readouterr().err
+    assert list(cli.TUNE_SEARCHES) == list(tune.SEARCHES)
+
+
+def test_no_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bldseg {version('bldseg')}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--out", "x", "--set", "optim.lr=-1", "--", "y"],
+        ["--data", "train", "--out=tune", "--version", "-h"],
+    ],
+)
+def test_arguments_reach_the_command_verbatim(argv, monkeypatch):
+    import bldseg.commands.train
+
+    calls = []
+    monkeypatch.setattr(bldseg.commands.train, "main", lambda a, prog: calls.append((a, prog)))
+    cli.main(["train", *argv])
+    assert calls == [(argv, "bldseg train")]
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert cli.main(["predict", "--checkpoint", f"{missing}.pt", "--out", "s.csv"]) == 1
+    assert capsys.readouterr().err == f"error: checkpoint not found: {missing}.pt\n"
+    assert cli.main(["ensemble", "--runs", missing, "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bldseg ensemble: error: ") and missing in err
+
+
+def test_python_m_bldseg_without_torch():
+    """``python -m bldseg`` works, and listing the commands does not import torch (fast)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "bldseg", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and r.stdout.startswith("usage: bldseg "), r.stderr
+    code = "import sys; from bldseg import cli; cli.build_parser(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr

@@ -1,0 +1,110 @@
+"""Per-tile scores and the seed-repeated arm comparison behind REPORT.md and compare_noisy."""
+
+import numpy as np
+import pytest
+
+from bldseg import stats
+from bldseg.report import TileScores, compare_arms, tile_scores
+
+IDS = np.array([f"t{i}" for i in range(12)])
+GROUPS = np.array([f"img{i // 3}" for i in range(12)])  # 4 source images of 3 tiles
+
+
+def _arm(rng, mean: float, seeds: int = 3) -> list[TileScores]:
+    return [
+        TileScores(np.clip(rng.normal(mean, 0.05, 12), 0, 1), IDS, GROUPS) for _ in range(seeds)
+    ]
+
+
+def test_tile_scores_of_a_library(tmp_path):
+    probs = np.zeros((3, 4, 4), np.uint8)
+    probs[0, :2] = 200  # half the tile predicted
+    truth = np.zeros((3, 4, 4), np.uint8)
+    truth[0] = 1
+    truth[1, 0, 0] = 1  # missed entirely
+    np.savez(
+        tmp_path / "val_probs.npz",
+        probs=probs,
+        truth=truth,
+        tile_ids=np.array(["a", "b", "c"]),
+        image_ids=np.array(["x", "x", "y"]),
+    )
+    s = tile_scores(tmp_path / "val_probs.npz", 0.5)
+    assert s.dice[0] == pytest.approx(2 * 8 / (8 + 16))
+    assert s.dice[1] == pytest.approx(0.0, abs=1e-6) and np.isnan(s.dice[2])  # empty/empty
+    assert list(s.image_ids) == ["x", "x", "y"]
+    assert s.interval().clusters == 2
+    assert tile_scores(tmp_path / "missing.npz", 0.5) is None
+
+
+def test_paired_difference_needs_the_same_tiles():
+    a = TileScores(np.linspace(0, 1, 12), IDS, GROUPS)
+    b = TileScores(np.linspace(0, 1, 12)[::-1], IDS, GROUPS)
+    assert a.minus(b).to_dict() == stats.paired_difference(a.dice, b.dice, GROUPS).to_dict()
+    other = TileScores(b.dice, IDS[::-1], GROUPS)
+    assert a.minus(other) is None
+
+
+def test_compare_arms_pools_seeds_and_pairs_them():
+    rng = np.random.default_rng(0)
+    arms = {"bce": _arm(rng, 0.5), "coteaching": _arm(rng, 0.7)}
+    out = compare_arms(arms, "bce", seeds=[0, 1, 2])
+    assert out["seeds"] == [0, 1, 2] and out["baseline"] == "bce"
+    for name, runs in arms.items():
+        a = out["arms"][name]
+        assert a["per_seed"] == pytest.approx([r.dice.mean() for r in runs])
+        iv = a["interval"]
+        assert iv["estimate"] == pytest.approx(np.mean(a["per_seed"]))  # same tiles per seed
+        assert iv["low"] <= iv["estimate"] <= iv["high"]
+        assert iv["clusters"] == 4 and iv["n"] == 36  # 4 images; 3 seeds x 12 tiles
+    d = out["differences"]["coteaching"]
+    assert d["interval"]["low"] > 0  # a 0.2 gain on every tile is beyond noise
+    assert d["seed_interval"]["low"] > 0 and d["beyond_noise"]
+    for name in arms:
+        iv = out["arms"][name]["seed_interval"]
+        assert iv["n"] == 3 and iv["low"] <= out["arms"][name]["mean_of_seeds"] <= iv["high"]
+    cot, bce = out["arms"]["coteaching"]["per_seed"], out["arms"]["bce"]["per_seed"]
+    assert d["per_seed"] == pytest.approx([c - b for c, b in zip(cot, bce, strict=True)])
+    assert "bce" not in out["differences"]
+
+
+def test_compare_arms_without_a_difference_includes_zero():
+    rng = np.random.default_rng(1)
+    same = _arm(rng, 0.6)
+    out = compare_arms({"bce": same, "coteaching": list(same)}, "bce")
+    d = out["differences"]["coteaching"]
+    assert d["interval"]["estimate"] == 0 and d["interval"]["low"] <= 0 <= d["interval"]["high"]
+    assert not d["beyond_noise"]
+
+
+def test_seeds_that_disagree_are_not_beyond_noise():
+    """One lucky seed: the pooled tiles favour the arm, the seeds do not agree."""
+    rng = np.random.default_rng(3)
+    bce = _arm(rng, 0.5)
+    cot = [
+        TileScores(np.clip(r.dice + shift, 0, 1), IDS, GROUPS)
+        for r, shift in zip(bce, (0.3, -0.02, -0.02), strict=True)
+    ]
+    d = compare_arms({"bce": bce, "coteaching": cot}, "bce")["differences"]["coteaching"]
+    assert d["interval"]["low"] > 0  # over test images alone it looks like a gain
+    assert d["seed_interval"]["low"] < 0 and not d["beyond_noise"]
+
+
+@pytest.mark.parametrize(
+    ("arms", "match"),
+    [
+        ({"x": []}, "baseline"),
+        ({"bce": [], "coteaching": []}, "same .*number of seeds"),
+    ],
+)
+def test_compare_arms_rejects(arms, match):
+    with pytest.raises(ValueError, match=match):
+        compare_arms(arms, "bce")
+
+
+def test_compare_arms_rejects_other_tiles():
+    rng = np.random.default_rng(2)
+    a = _arm(rng, 0.5, seeds=1)
+    b = [TileScores(a[0].dice, IDS[::-1], GROUPS)]
+    with pytest.raises(ValueError, match="other tiles"):
+        compare_arms({"bce": a, "coteaching": b}, "bce")

@@ -1,0 +1,42 @@
+"""The fixed run config an entry script builds: CPU defaults, the pretrained recipe, --set."""
+
+import os
+
+from bldseg.train.config import PRETRAINED_RECIPE, RunConfig
+from bldseg.tune.cli import CPU_DEMO, build_parser, fixed_config
+
+
+def test_pretrained_recipe_goes_under_the_users_values(tmp_path, capsys):
+    ckpt = tmp_path / "upernet_internimage_t_512_160k_ade20k.pth"
+    base = fixed_config(
+        "data",
+        "upernet_internimage_t",
+        ["optim.lr=1e-4"],
+        gpu=True,
+        pretrained=str(ckpt),
+        announce=True,
+    )
+    assert base["optim.lr"] == 1e-4  # the user's --set wins
+    for k, v in PRETRAINED_RECIPE.items():
+        if k != "optim.lr":
+            assert base[k] == v, k
+    assert base["pretrained"] == str(ckpt) and os.path.isabs(base["pretrained"])
+    assert "official recipe" in capsys.readouterr().out
+    RunConfig.from_flat(base)  # a valid config
+    # --set pretrained=PATH is the same as --pretrained PATH
+    same = fixed_config(
+        "data", "upernet_internimage_t", ["optim.lr=1e-4", f"pretrained={ckpt}"], gpu=True
+    )
+    assert same == base
+
+
+def test_cpu_defaults_without_pretrained():
+    base = fixed_config("data", None, [], gpu=False)
+    assert base == CPU_DEMO and "pretrained" not in base
+    gpu = fixed_config("data", None, [], gpu=True)
+    assert gpu == {"model": "upernet_internimage_t"}
+
+
+def test_search_parser_takes_pretrained():
+    args = build_parser("augmentation", "").parse_args(["--pretrained", "w.pth", "--trials", "2"])
+    assert args.pretrained == "w.pth" and args.trials == 2

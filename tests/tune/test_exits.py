@@ -1,0 +1,129 @@
+"""Honest ends of a search: nothing completed, bad counts, a tracking server that dies."""
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bldseg.tune import cli
+from bldseg.tune.runner import TRACKING_ERROR_FILE, run_search
+from tests.tune.servers import start_mlflow_server, stop_mlflow_server
+from tests.tune.test_runner import BASE, spec_for
+
+# Every trial fails at run time: crops larger than the 96-px images of the small world.
+FAILING = {**BASE, "aug.crop_size": 160}
+
+
+def test_search_without_a_completed_trial_says_so(small_world, ray_session, tmp_path):
+    result = run_search(spec_for(small_world, tmp_path, base=FAILING, trials=1, epochs=1))
+    assert list(result.table["status"]) == ["error"]
+    assert result.n_completed == 0 and result.best == {}
+    assert "larger than the cached images" in result.first_failure, result.first_failure
+    assert result.first_failure.startswith(f"trial {result.table['trial_id'][0]} error: ")
+    assert "larger than the cached images" in result.table["message"][0]
+
+
+def test_cli_exits_non_zero_when_no_trial_completed(
+    small_world, ray_session, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--trials", "1", "--epochs", "1", "--scheduler", "fifo", "--name", "broken"]
+    argv += ["--storage", str(tmp_path / "runs")]
+    for k, v in FAILING.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert cli.main("augmentation", "test", argv) == 1
+    out, err = capsys.readouterr()
+    assert "error: no trial of broken completed" in err
+    assert "larger than the cached images" in err
+    assert "checkpoint:" not in out and "best trial" not in out
+
+
+@pytest.mark.parametrize("flag", ["--trials", "--epochs"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_counts_below_one_are_usage_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser("augmentation", "test").parse_args([flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: {int(value)} is below 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["trials", "epochs"])
+def test_run_search_rejects_counts_below_one(small_world, tmp_path, field):
+    with pytest.raises(ValueError, match=rf"{field}=0: .* at least 1"):
+        run_search(spec_for(small_world, tmp_path, **{field: 0}))
+    assert not (tmp_path / "runs").exists()
+
+
+def _json(url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _kill_after_first_trial_run(url: str, experiment: str, proc, killed: threading.Event) -> None:
+    """Kills the server as soon as the first trial's MLflow run exists (it is about to train)."""
+    api = url + "/api/2.0/mlflow"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            exp = _json(f"{api}/experiments/get-by-name?experiment_name={experiment}")
+            runs = _json(
+                f"{api}/runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]]}
+            ).get("runs", [])
+            tags = [t["key"] for r in runs for t in r["data"].get("tags", [])]
+            if "mlflow.parentRunId" in tags:
+                stop_mlflow_server(proc, signal.SIGKILL)
+                killed.set()
+                return
+        except OSError:  # the experiment does not exist yet
+            pass
+        time.sleep(0.2)
+
+
+def test_dead_tracking_server_does_not_hang_the_search(small_world, ray_session, tmp_path):
+    proc, url = start_mlflow_server(tmp_path / "mlflow")
+    killed = threading.Event()
+    killer = threading.Thread(
+        target=_kill_after_first_trial_run, args=(url, "outage", proc, killed), daemon=True
+    )
+    killer.start()
+    try:
+        t0 = time.perf_counter()
+        result = run_search(
+            spec_for(
+                small_world,
+                tmp_path,
+                name="outage",
+                experiment="outage",
+                tracking_uri=url,
+                trials=2,
+                epochs=3,
+                max_concurrent=1,
+            )
+        )
+        wall = time.perf_counter() - t0
+    finally:
+        stop_mlflow_server(proc, signal.SIGKILL)
+    assert killed.is_set(), "the server was not killed mid-search"
+    # a bound on a hang, not a speed test: MLflow alone would retry each call for minutes
+    assert wall < 180, wall
+    # the trials trained on without MLflow
+    assert list(result.table["status"]) == ["completed", "completed"], result.table.to_dict()
+    assert result.n_completed == 2
+    for run_dir in result.table["run_dir"]:
+        assert (Path(run_dir) / "best.pt").is_file()
+        assert json.loads((Path(run_dir) / "history.json").read_text())[-1]["epoch"] == 3
+    # each failure reported once: one line per trial, one for the search's own logging
+    trials = set(result.table["trial_id"])
+    assert set(result.tracking_errors) == trials | {"search"}, result.tracking_errors
+    for t in trials:
+        run_dir = tmp_path / "runs" / "outage" / f"trial_{t}" / "run"
+        assert len((run_dir / TRACKING_ERROR_FILE).read_text().splitlines()) == 1
+    port = url.rsplit(":", 1)[1]
+    assert all(port in m for m in result.tracking_errors.values()), result.tracking_errors

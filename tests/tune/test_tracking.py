@@ -1,0 +1,65 @@
+"""The MLflow call queue of a search: never stalls its caller, reports a failure once."""
+
+import threading
+import time
+
+from bldseg.tune import tracking
+from tests.conftest import free_port
+
+
+def test_silent_server_is_given_up_on_once():
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there: like a server that died
+    errors = []
+    # the test's pace; by default a server is probed every 5 s and given up on after 30 s
+    tracker = tracking.Tracker(
+        uri, "trial t", on_error=errors.append, dead_after_s=1.0, probe_every_s=0.2
+    )
+    release = threading.Event()
+    started = threading.Event()
+
+    def stuck(client):  # stands for MLflow retrying a request for minutes
+        started.set()
+        release.wait(60)
+
+    t0 = time.monotonic()
+    assert tracker.call(stuck) is None
+    assert started.is_set() and time.monotonic() - t0 < 10
+    ran = []
+    assert tracker.call(lambda client: ran.append(1)) is None  # dropped, not queued behind
+    tracker.close()
+    release.set()
+    assert not ran
+    assert len(errors) == 1 and "stopped answering" in errors[0] and uri in errors[0]
+    assert tracker.error == errors[0]
+    # the next tracker of this process checks once instead of waiting again
+    again = []
+    t0 = time.monotonic()
+    tracking.Tracker(uri, "trial u", on_error=again.append)
+    assert again and "does not answer" in again[0] and time.monotonic() - t0 < 10
+
+
+def test_first_exception_is_reported_once_and_later_calls_are_skipped(tmp_path):
+    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
+    errors = []
+    tracker = tracking.Tracker(uri, "trial t", on_error=errors.append)
+
+    def boom(client):
+        raise RuntimeError("no such run")
+
+    ran = []
+    assert tracker.call(lambda client: 7) == 7
+    for _ in range(3):
+        tracker.submit(boom)
+    tracker.submit(lambda client: ran.append(1))
+    tracker.close()
+    assert errors == ["RuntimeError: no such run"] and not ran
+    assert tracker.submit(lambda client: ran.append(2)).result(timeout=1) is None and not ran
+
+
+def test_queued_calls_run_in_order_before_close_returns(tmp_path):
+    tracker = tracking.Tracker("sqlite:///" + str(tmp_path / "mlflow.db"), "search")
+    seen = []
+    for i in range(20):
+        tracker.submit(lambda client, i=i: seen.append(i))
+    tracker.close()
+    assert seen == list(range(20)) and tracker.error is None
