@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bldseg-installed
+# Standard peers (segmentation_models_pytorch, timm) live in their own venv: they need
+# torchvision, which the registry serves only as a CUDA build (it runs on the CPU too).
+PEERS  ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.bldseg-installed
 
-.PHONY: demo test test-all lint format build-ops bench clean
+.PHONY: demo test test-all lint format build-ops bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,10 +40,22 @@ format: $(STAMP)
 build-ops: $(STAMP)
 	$(PY) -m bldseg.ops.build
 
+$(PEERS_STAMP): pyproject.toml
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PEERS)/bin/python -m pip install -q -e ".[smp]"
+	touch $(PEERS_STAMP)
+
+# The demo's best trial vs an smp UNet through the same pipeline (tens of minutes).
+bench-quality: $(PEERS_STAMP)
+	$(PEERS)/bin/python -m bldseg.ops.build
+	$(PEERS)/bin/python experiments/bench_quality.py --json bench/quality.json $(ARGS)
+
 bench: $(STAMP)
 	$(PY) experiments/bench_data.py --json bench/data.json
 	$(PY) experiments/bench_dcnv3.py --json bench/dcnv3.json
 	$(PY) experiments/bench_ensemble.py --json bench/ensemble.json
 
 clean:
-	rm -rf $(VENV) data/cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) data/cache .pytest_cache .ruff_cache

@@ -2,13 +2,24 @@
 
 An ensemble spec is JSON (written by the ensemble search, or by hand)::
 
-    {"members": [{"checkpoint": "runs/a/best.pt", "weight": 1.0}, ...],
-     "threshold": 0.43, "min_area": 0, "tta": false}
+    {"members": [{"checkpoint": "../runs/a/best.pt", "weight": 1.0, "threshold": 0.47}, ...],
+     "rule": "mean", "threshold": 0.43, "votes": 0, "empty_votes": 0, "empty_area": 0,
+     "min_area": 0, "tta": false}
 
-Members' probabilities are quantised to uint8 exactly as in validation and summed, and the sum
-is thresholded at the same integer level the ensemble search chose, so a submission reproduces
-the searched ensemble bit for bit (:func:`combine_members`). An image whose predicted area is
-below ``min_area`` pixels is predicted empty (``-1`` in a submission).
+Member paths are relative to the spec's folder (absolute paths of older specs still load), so
+a folder holding the spec and the runs can be moved. Members' probabilities are quantised to
+uint8 exactly as in validation and combined by the spec's ``rule``
+(:func:`combine_members`), with the same integers the ensemble search scored, so a submission
+reproduces the searched ensemble bit for bit:
+
+- ``"mean"`` / ``"weighted"``: the (weighted) sum of the maps against the chosen level;
+- ``"vote"``: each member's own mask (its map at its own ``threshold``), positive where at
+  least ``votes`` members agree;
+- empty-tile rule (any rule, off when ``empty_votes`` is 0): an image where at least
+  ``empty_votes`` members' own masks have fewer than ``empty_area`` pixels is predicted empty;
+- then an image whose predicted area is below ``min_area`` pixels is predicted empty.
+
+An empty image is ``-1`` in a submission.
 
 Two ways in:
 
@@ -43,7 +54,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -81,22 +92,57 @@ MIN_WINDOW = 32
 EDGE_WEIGHT = 0.05
 
 
+Rule = Literal["mean", "weighted", "vote"]
+RULES: tuple[str, ...] = get_args(Rule)
+
+
 @dataclass
 class EnsembleSpec:
-    """Members, weights and decision rule of a submission."""
+    """Members, weights and decision rule of a submission (see the module docstring)."""
 
     checkpoints: list[str]  # best.pt files of the members
     weights: list[float] = field(default_factory=list)  # per member; empty: equal weights
-    threshold: float = 0.5  # positive iff (weighted) mean probability >= threshold
+    threshold: float = 0.5  # mean/weighted: positive iff (weighted) mean probability >= this
     min_area: int = 0  # images with fewer predicted pixels are predicted empty
     tta: bool = False  # flip test-time augmentation
+    rule: Rule = "mean"  # how the members' maps are combined
+    member_thresholds: list[float] = field(default_factory=list)  # per member: its own mask's
+    # threshold (the vote and empty-tile rules); empty when neither is used
+    votes: int = 0  # vote rule: positive where at least this many members' masks are
+    empty_votes: int = 0  # empty-tile rule: this many members' masks nearly empty -> empty; 0 off
+    empty_area: int = 0  # empty-tile rule: a member's mask is "nearly empty" below this many px
+
+    def check(self) -> None:
+        """Raises ValueError, naming the field, when the rule's parameters do not fit."""
+        k = len(self.checkpoints)
+        if k == 0:
+            raise ValueError("an ensemble spec needs at least one member")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.weights and len(self.weights) != k:
+            raise ValueError(f"{len(self.weights)} weights for {k} member(s)")
+        if any(not w > 0 for w in self.member_weights()):
+            raise ValueError(f"weights must be positive, got {self.member_weights()}")
+        own = self.rule == "vote" or self.empty_votes > 0
+        if own and len(self.member_thresholds) != k:
+            raise ValueError(
+                f"the {self.rule!r} rule{' with the empty-tile rule' * (self.empty_votes > 0)} "
+                f"needs one member threshold per member ({k}), got {len(self.member_thresholds)}"
+            )
+        if self.rule == "vote" and not 1 <= self.votes <= k:
+            raise ValueError(f"votes must lie in 1..{k} (the members), got {self.votes}")
+        if not 0 <= self.empty_votes <= k:
+            raise ValueError(f"empty_votes must lie in 0..{k} (0: off), got {self.empty_votes}")
+        if self.empty_votes > 0 and self.empty_area < 1:
+            raise ValueError(f"empty_area must be at least 1 pixel, got {self.empty_area}")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EnsembleSpec:
-        """Reads a spec JSON; member paths are relative to the JSON's folder.
+        """Reads a spec JSON; relative member paths are relative to the JSON's folder.
 
         Raises:
-            ValueError: No members, or a member without a ``checkpoint`` entry.
+            ValueError: No members, a member without a ``checkpoint`` entry, or rule
+                parameters that do not fit (:meth:`check`; the message names the spec).
             FileNotFoundError: A member's checkpoint file does not exist (the message names the
                 spec and the file), checked here rather than after the first members have
                 already been run over the whole test set.
@@ -109,6 +155,7 @@ class EnsembleSpec:
         for i, m in enumerate(d["members"]):
             if not isinstance(m, dict) or "checkpoint" not in m:
                 raise ValueError(f"{path}: member {i} has no 'checkpoint' entry: {m!r}")
+            # An absolute path (older specs) is kept as it is by the join.
             ckpt = (path.parent / m["checkpoint"]).resolve()
             if not ckpt.is_file():
                 raise FileNotFoundError(
@@ -118,24 +165,51 @@ class EnsembleSpec:
                 )
             ckpts.append(str(ckpt))
         weights = [float(m.get("weight", 1.0)) for m in d["members"]]
-        return cls(
+        own = [m.get("threshold") for m in d["members"]]
+        spec = cls(
             ckpts,
             weights,
             float(d.get("threshold", 0.5)),
             int(d.get("min_area", 0)),
             bool(d.get("tta", False)),
+            rule=d.get("rule", "mean"),
+            member_thresholds=[float(t) for t in own] if None not in own else [],
+            votes=int(d.get("votes", 0)),
+            empty_votes=int(d.get("empty_votes", 0)),
+            empty_area=int(d.get("empty_area", 0)),
         )
+        try:
+            spec.check()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return spec
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the spec JSON atomically."""
+        """Writes the spec JSON atomically, member paths relative to its folder.
+
+        Relative paths keep a folder holding the spec and the runs movable; a member on
+        another drive (Windows), which has no relative path, is written absolute.
+        """
+        self.check()
         path = Path(path)
-        members = [
-            {"checkpoint": c, "weight": w}
-            for c, w in zip(self.checkpoints, self.member_weights(), strict=True)
-        ]
+        folder = path.parent.resolve()
+        members = []
+        for i, (c, w) in enumerate(zip(self.checkpoints, self.member_weights(), strict=True)):
+            try:
+                rel = os.path.relpath(Path(c).resolve(), folder)
+            except ValueError:
+                rel = str(Path(c).resolve())
+            m: dict[str, Any] = {"checkpoint": Path(rel).as_posix(), "weight": w}
+            if self.member_thresholds:
+                m["threshold"] = self.member_thresholds[i]
+            members.append(m)
         d = {
             "members": members,
+            "rule": self.rule,
             "threshold": self.threshold,
+            "votes": self.votes,
+            "empty_votes": self.empty_votes,
+            "empty_area": self.empty_area,
             "min_area": self.min_area,
             "tta": self.tta,
         }
@@ -146,6 +220,10 @@ class EnsembleSpec:
     def member_weights(self) -> list[float]:
         """One weight per member (equal weights when none are given)."""
         return self.weights or [1.0] * len(self.checkpoints)
+
+    def member_levels(self) -> list[int]:
+        """Each member's own mask level on the 0..255 scale (``q >= level``)."""
+        return [int(metrics.level_from_threshold(t)) for t in self.member_thresholds]
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -175,47 +253,68 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarray:
     """The ensemble's decision from its members' quantised maps, as the ensemble search makes it.
 
-    Equal weights: the integer sum ``S`` of the ``k`` uint8 maps is compared with the level
-    ``L(t)`` on the ``0..255 k`` scale (:func:`bldseg.metrics.level_from_threshold`), so the
-    decision is the searched one bit for bit. Unequal weights: the weighted mean probability
-    ``sum(w_i q_i) / (255 sum(w_i))`` is compared with ``t`` in float64. Then every image with
-    fewer than ``spec.min_area`` predicted pixels is predicted empty.
+    Mean rule, equal or whole-number weights ``w_i``: the integer sum ``S = sum(w_i q_i)`` of
+    the uint8 maps is compared with the level ``L(t)`` on the ``0..255 W`` scale (``W =
+    sum(w_i)``, :func:`bldseg.metrics.level_from_threshold`), so the decision is the searched
+    one bit for bit. Other weights: the weighted mean probability ``sum(w_i q_i) / (255 W)``
+    is compared with ``t`` in float64. Vote rule: member ``i``'s mask is ``q_i >= L_i`` (its
+    own threshold's level on 0..255), and a pixel is positive where at least ``spec.votes``
+    masks are. Then the empty-tile rule (every image where at least ``spec.empty_votes`` of
+    the masks ``q_i >= L_i`` hold fewer than ``spec.empty_area`` pixels is predicted empty),
+    then every image with fewer than ``spec.min_area`` predicted pixels is predicted empty.
 
     Args:
         maps: One uint8 map per member, in the order of ``spec.checkpoints``, all of one shape:
             (N, H, W) for N images, or (H, W) for one image. A generator lets the caller load
             one member at a time.
-        spec: Weights, threshold and ``min_area``.
+        spec: Rule, weights, thresholds and area rules.
 
     Returns:
         bool array of the maps' shape.
 
     Raises:
-        ValueError: The number of maps differs from the number of members.
+        ValueError: The number of maps differs from the number of members, or the spec's
+            rule parameters do not fit (:meth:`EnsembleSpec.check`).
     """
+    spec.check()
     weights = spec.member_weights()
     k = len(weights)
-    equal = len(set(weights)) == 1
-    total = None
+    if len(set(weights)) == 1:
+        weights = [1.0] * k  # equal weights: the plain sum of the maps, as the search scores it
+    whole = all(float(w).is_integer() for w in weights)
+    own = spec.member_levels()  # (k,) levels of the members' own masks, or []
+    total = None  # (..., H, W): uint32 sum, float64 weighted sum, or uint16 vote count
+    small = None  # (N,) images where so many members' own masks are nearly empty
     n = 0
     for q in maps:
         if n == k:
             raise ValueError(f"more maps than the {k} member(s) of the ensemble")
-        wt = weights[n]
-        n += 1
-        if equal:
-            total = q.astype(np.uint32) if total is None else total + q
+        if spec.rule == "vote":
+            add = (q >= own[n]).astype(np.uint16)
+        elif whole:
+            add = q.astype(np.uint32) * np.uint32(weights[n])
         else:
-            total = (q * wt if total is None else total + q * wt).astype(np.float64)
+            add = q * np.float64(weights[n])
+        total = add if total is None else total + add
+        if spec.empty_votes > 0:
+            area = (q >= own[n]).reshape(-1, q.shape[-2] * q.shape[-1]).sum(1)  # (N,)
+            nearly_empty = (area < spec.empty_area).astype(np.int64)
+            small = nearly_empty if small is None else small + nearly_empty
+        n += 1
     if n != k:
         raise ValueError(f"{n} map(s) for an ensemble of {k} member(s)")
-    if equal:
-        # the same integer rule as the ensemble search: sum >= L(t) on the 0..255k scale
-        pred = total >= metrics.level_from_threshold(spec.threshold, metrics.QUANT_MAX * k)
+    if spec.rule == "vote":
+        pred = total >= spec.votes
+    elif whole:
+        # the same integer rule as the ensemble search: sum >= L(t) on the 0..255 W scale
+        mv = metrics.QUANT_MAX * int(sum(weights))
+        pred = total >= metrics.level_from_threshold(spec.threshold, mv)
     else:
         pred = total / (metrics.QUANT_MAX * sum(weights)) >= spec.threshold
+    images = pred.reshape(-1, *pred.shape[-2:])  # (N, H, W), a view of pred
+    if spec.empty_votes > 0:
+        images[small >= spec.empty_votes] = False
     if spec.min_area > 0:
-        images = pred.reshape(-1, *pred.shape[-2:])  # (N, H, W), a view of pred
         images[images.reshape(len(images), -1).sum(1) < spec.min_area] = False
     return pred
 

@@ -10,6 +10,7 @@ Running it again with the same arguments returns at once (the world is already c
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from bldseg.data.synthetic import generate_world
 
@@ -17,25 +18,31 @@ from bldseg.data.synthetic import generate_world
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", default="data/synthetic", help="world folder")
-    parser.add_argument("--n-train", type=int, default=64, help="training scenes")
-    parser.add_argument("--train-size", type=int, default=256, help="training scene side (px)")
-    parser.add_argument("--n-test", type=int, default=128, help="test tiles")
-    parser.add_argument("--test-size", type=int, default=64, help="test tile side (px)")
-    parser.add_argument(
-        "--test-scene-size", type=int, default=None, help="side of the scenes tiles are cut from"
+    # Defaults: generate_world's own (the demo world), read from its signature.
+    d = {k: v.default for k, v in inspect.signature(generate_world).parameters.items()}
+    a = parser.add_argument
+    a("--n-train", type=int, default=d["n_train"], help=f"training scenes ({d['n_train']})")
+    a("--train-size", type=int, default=d["train_size"], help="training scene side, px")
+    a("--n-test", type=int, default=d["n_test"], help=f"test tiles ({d['n_test']})")
+    a("--test-size", type=int, default=d["test_size"], help=f"test tile side ({d['test_size']})")
+    a(
+        "--test-scene-size",
+        type=int,
+        default=d["test_scene_size"],
+        help=f"side of the scenes test tiles are cut from ({d['test_scene_size']})",
     )
     parser.add_argument(
         "--competition",
         action="store_true",
         help="competition sizes: 1024 px training scenes, 224 px test tiles",
     )
-    parser.add_argument("--noise-fraction", type=float, default=0.0, help="share of noisy masks")
+    a("--noise-fraction", type=float, default=0.3, help="share of noisy masks (0.3, the demo's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a different world")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if args.competition:
-        args.train_size, args.test_size = 1024, 224
+        args.train_size, args.test_size, args.test_scene_size = 1024, 224, 1024
     world = generate_world(
         args.out_dir,
         n_train=args.n_train,

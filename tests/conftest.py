@@ -27,7 +27,13 @@ def small_world(tmp_path_factory):
         None,
         data_root=root,
         synthetic=dict(
-            n_train=24, train_size=96, n_test=18, test_size=32, noise_fraction=0.3, seed=0
+            n_train=24,
+            train_size=96,
+            n_test=18,
+            test_size=32,
+            test_scene_size=96,
+            noise_fraction=0.3,
+            seed=0,
         ),
         progress=False,
     )

@@ -207,7 +207,9 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
     from bldseg.data.synthetic import generate_world
 
     world = tmp_path / "world"
-    generate_world(world, n_train=16, train_size=96, n_test=8, test_size=32, progress=False)
+    generate_world(
+        world, n_train=16, train_size=96, n_test=8, test_size=32, test_scene_size=96, progress=False
+    )
     bldseg = target / "bin" / "bldseg"
     data = ["--data", world, "--data-root", tmp_path / "data"]
     t = time.perf_counter()

@@ -9,8 +9,14 @@ unknown key or an impossible value, naming it.
 
 from .augmentation import space as augmentation
 from .coteaching import space as coteaching
+from .models import space as models
 from .scheduler import space as scheduler
 
-SPACES = {"augmentation": augmentation, "scheduler": scheduler, "coteaching": coteaching}
+SPACES = {
+    "augmentation": augmentation,
+    "scheduler": scheduler,
+    "coteaching": coteaching,
+    "models": models,  # needs bldseg[smp]: UPerNet-InternImage vs smp UNet/UPerNet/FPN
+}
 
-__all__ = ["SPACES", "augmentation", "coteaching", "scheduler"]
+__all__ = ["SPACES", "augmentation", "coteaching", "models", "scheduler"]

@@ -5,9 +5,21 @@ source image), reports them on both halves next to the best single model, and wr
 top_ensembles.csv, score_vs_k.png, threshold_curve.png, summary.json and best_ensemble.json
 (for ``bldseg predict --ensemble``) to --out; with --tracking-uri also an MLflow run.
 
+Rules (--rules, --empty-tile), each searched exactly on the selection half and reported per
+rule with 95% bootstrap intervals on the check half (and the test library, when present):
+  mean      mean of the members' probabilities, one threshold (the default; always searched)
+  vote      each member's own mask (its best threshold on the selection half); a pixel is
+            positive where >= v of the k masks agree, every v in 1..k
+  weighted  whole weights 1..--max-weight per member by coordinate passes from the
+            --weighted-starts best mean ensembles, threshold searched for every weight vector
+  --empty-tile  with every rule: a tile is predicted empty (-1) when >= m of its k members'
+            own masks hold fewer than a pixels, m in 1..k and a from --empty-areas
+best_ensemble.json holds the best rule on the selection half, best_ensemble_<rule>.json each.
+
     bldseg ensemble --runs ray_results/tune_aug -k 6
     bldseg ensemble --models runs/a runs/b runs/c --k-range 2 3 --workers 0
     bldseg ensemble --runs ray_results --method greedy --greedy-size 12
+    bldseg ensemble --runs ray_results -k 6 --rules mean vote weighted --empty-tile
     python experiments/ensemble_search.py --runs ray_results/tune_aug -k 6   # from a checkout
     # on a Ray cluster (the address is also read from RAY_ADDRESS); python -m puts the
     # uploaded working directory, with its bldseg/, on the path:
@@ -20,6 +32,7 @@ import argparse
 import json
 import sys
 
+from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
 from bldseg.ensemble.run import SearchConfig, run_search, summary_lines
 from bldseg.ensemble.search import default_workers
 
@@ -50,6 +63,44 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--greedy-size", type=int, default=10, help="greedy: members to stop at")
     p.add_argument("--greedy-init", type=int, default=0, help="greedy: sorted initialisation")
     p.add_argument("--kernel", choices=("native", "numpy"), default="native")
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        choices=RULES,
+        default=["mean"],
+        help="ensemble rules to search (default: mean; mean is always searched)",
+    )
+    p.add_argument(
+        "--empty-tile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also search the empty-tile rule with every rule (default: off)",
+    )
+    p.add_argument(
+        "--empty-areas",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_EMPTY_AREAS),
+        metavar="PX",
+        help="empty-tile rule: pixel counts a searched (default: "
+        + " ".join(map(str, DEFAULT_EMPTY_AREAS))
+        + "; 1: the member predicts nothing)",
+    )
+    p.add_argument(
+        "--empty-candidates",
+        type=int,
+        default=5,
+        help="empty-tile rule: searched on this many best ensembles per rule (default 5)",
+    )
+    p.add_argument(
+        "--weighted-starts",
+        type=int,
+        default=3,
+        help="weighted rule: start from this many best mean ensembles (default 3)",
+    )
+    p.add_argument(
+        "--max-weight", type=int, default=3, help="weighted rule: weights 1..this (default 3)"
+    )
     p.add_argument(
         "--address",
         default=None,
@@ -116,6 +167,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         experiment=a.experiment,
         parent_run_id=a.parent_run_id,
         progress=not a.no_progress,
+        rules=["mean", *(r for r in a.rules if r != "mean")],
+        empty_tile=a.empty_tile,
+        empty_areas=a.empty_areas,
+        empty_candidates=a.empty_candidates,
+        weighted_starts=a.weighted_starts,
+        max_weight=a.max_weight,
     )
     try:
         s = run_search(cfg)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.pipeline import PipelineConfig, run_pipeline
-from bldseg.tune.cli import add_pretrained_argument, fixed_config
+from bldseg.tune.cli import DEFAULT_EPOCHS, add_pretrained_argument, fixed_config
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -47,7 +47,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add_pretrained_argument(p)
     p.add_argument("--model", default=None, help="model name (default: tiny on a CPU)")
     p.add_argument("--trials", type=int, default=6, help="trials per search stage (default 6)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs per trial (default 8)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        help=f"epochs per trial (default {DEFAULT_EPOCHS})",
+    )
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--address", default=None, help="Ray cluster address")

@@ -147,6 +147,19 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     return args
 
 
+def _decision(spec: EnsembleSpec) -> str:
+    """The spec's rule in a few words, for the summary line."""
+    if spec.rule == "vote":
+        out = f"vote >= {spec.votes} of {len(spec.checkpoints)}"
+    else:
+        out = f"threshold {spec.threshold:.4f}"
+        if spec.rule == "weighted":
+            out = "weighted " + out
+    if spec.empty_votes:
+        out += f", empty if >= {spec.empty_votes} masks < {spec.empty_area} px"
+    return out
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Predicts; returns the exit status (1 with a message on stderr for bad input).
 
@@ -164,6 +177,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except USER_ERRORS as e:
         return fail(e)
     if args.threshold is not None:
+        if spec.rule == "vote":
+            return fail(
+                f"--threshold sets the threshold of a mean ensemble, but {args.ensemble} votes "
+                f"(>= {spec.votes} of {len(spec.checkpoints)} members' masks); edit its "
+                "member thresholds or votes instead"
+            )
         spec.threshold = args.threshold
     if args.min_area is not None:
         spec.min_area = args.min_area
@@ -191,7 +210,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         geotiffs = f" + {len(r.geotiffs)} GeoTIFF(s)" if r.geotiffs else ""
         print(
             f"wrote {len(r.masks)} mask(s){geotiffs} to {r.out_dir}: {r.empty} empty, "
-            f"{len(spec.checkpoints)} model(s), threshold {spec.threshold:.4f}, "
+            f"{len(spec.checkpoints)} model(s), {_decision(spec)}, "
             f"{time.perf_counter() - t0:.1f} s"
         )
         if r.scores is not None:
@@ -214,7 +233,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     write_submission(data.test.ids, pred, out)
     print(
         f"wrote {out}: {len(pred)} tiles, {int((pred.sum((1, 2)) == 0).sum())} empty, "
-        f"{len(spec.checkpoints)} model(s), threshold {spec.threshold:.4f}, "
+        f"{len(spec.checkpoints)} model(s), {_decision(spec)}, "
         f"{time.perf_counter() - t0:.1f} s"
     )
     truth = args.truth or data.test_truth_csv

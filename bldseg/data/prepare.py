@@ -195,8 +195,13 @@ def prepare_data(
         from bldseg.data.synthetic import generate_world
 
         world_dir = data_root / "synthetic"
+        # The built-in world's folder is ours: one made by an older generator or with other
+        # parameters is regenerated (generate_world still refuses a folder that is not a world).
         generate_world(
-            world_dir, progress=progress, **(DEFAULT_SYNTHETIC if synthetic is None else synthetic)
+            world_dir,
+            progress=progress,
+            overwrite=_is_generated_world(world_dir),
+            **(DEFAULT_SYNTHETIC if synthetic is None else synthetic),
         )
         prepared = _prepare_competition(world_dir, options, data_root, progress)
         prepared.kind = "synthetic"
@@ -212,6 +217,12 @@ def prepare_data(
     if verbose:
         print(f"data ({prepared.kind}): {prepared.description}", flush=True)
     return prepared
+
+
+def _is_generated_world(world_dir: Path) -> bool:
+    from bldseg.data.synthetic import is_world
+
+    return is_world(world_dir)
 
 
 def _describe_cache(cache: DatasetCache) -> str:

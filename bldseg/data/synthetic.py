@@ -41,6 +41,7 @@ import pandas as pd
 from bldseg.data.rle import EMPTY_RLE, rle_encode
 
 __all__ = [
+    "BUILDING_SIZES",
     "FORMAT_VERSION",
     "NOISE_KINDS",
     "SyntheticScene",
@@ -48,11 +49,12 @@ __all__ = [
     "corrupt_mask",
     "generate_scene",
     "generate_world",
+    "is_world",
 ]
 
 #: Bumped whenever the generator's output changes, so an old world on disk is not mistaken for
 #: a current one (the version is part of the parameters compared by ``generate_world``).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 NoiseKind = Literal["missing", "shift", "dilate", "erode", "empty"]
 #: Kinds of label noise, in the order ``corrupt_mask`` documents them.
@@ -83,6 +85,7 @@ class SyntheticScene:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     mask: np.ndarray  # (H, W) uint8 in {0, 1}: building footprints, including occluded parts
     instances: np.ndarray  # (H, W) int32: 0 background, k > 0 building k (label noise drops some)
+    kinds: tuple[str, ...] = ()  # kind of building k at kinds[k - 1] (keys of BUILDING_SIZES)
 
 
 @dataclass
@@ -284,29 +287,29 @@ _ARCHETYPES: dict[str, tuple[float, float, dict[str, float]]] = {
     "dense": (
         0.30,
         1.6,
-        {"house": 30, "apartment": 25, "l_shape": 15, "courtyard": 10, "shed": 12, "industrial": 8},
+        {"house": 30, "apartment": 25, "l_shape": 15, "courtyard": 10, "shed": 6, "industrial": 8},
     ),
-    "suburban": (0.35, 0.6, {"house": 55, "l_shape": 20, "shed": 20, "apartment": 5}),
-    "rural": (0.20, -0.6, {"house": 45, "shed": 35, "l_shape": 12, "industrial": 8}),
-    "industrial": (0.15, 1.0, {"industrial": 45, "house": 15, "shed": 25, "apartment": 15}),
+    "suburban": (0.35, 0.6, {"house": 60, "l_shape": 20, "shed": 10, "apartment": 5}),
+    "rural": (0.20, -0.6, {"house": 50, "shed": 20, "l_shape": 15, "industrial": 8}),
+    "industrial": (0.15, 1.0, {"industrial": 45, "house": 15, "shed": 12, "apartment": 15}),
 }
 # Roof colours (RGB) and weights; "ground" copies the ground under the building.
 _ROOFS: dict[str, tuple[tuple[float, float, float] | None, float]] = {
-    "grey": ((0.55, 0.55, 0.54), 3.0),
-    "dark": ((0.31, 0.32, 0.34), 2.0),
+    "grey": ((0.55, 0.55, 0.54), 2.0),
+    "dark": ((0.31, 0.32, 0.34), 1.5),
     "red": ((0.60, 0.31, 0.25), 2.0),
     "blue": ((0.30, 0.45, 0.60), 2.0),
     "green": ((0.33, 0.50, 0.40), 1.5),
     "white": ((0.86, 0.86, 0.84), 1.5),
     "brown": ((0.44, 0.34, 0.27), 1.5),
     "beige": ((0.68, 0.63, 0.52), 1.0),
-    "ground": (None, 1.8),
+    "ground": (None, 0.8),
 }
 
 
 def _style(rng: np.random.Generator, allow_empty: bool) -> _Style:
     arche = _pick(rng, {k: v[0] for k, v in _ARCHETYPES.items()})
-    if allow_empty and rng.random() < 0.12:
+    if allow_empty and rng.random() < 0.05:
         arche = "empty"
     return _Style(
         archetype=arche,
@@ -395,42 +398,44 @@ def _road_polylines(
     return roads
 
 
+#: Footprint sizes (px at 0.5 m/px) of each building kind, before the scene's size cap:
+#: (length range, depth range, height range in metres). Length runs along the long axis. Houses
+#: are 10-20 m (20-40 px) long, apartment blocks and halls 25-90 m (50-180 px), sheds and
+#: garages 4-7 m; the test in tests/data checks that generated footprints keep to these.
+BUILDING_SIZES: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
+    "shed": ((8, 14), (6, 11), (2.0, 3.5)),
+    "house": ((20, 40), (16, 30), (5.0, 9.0)),
+    "l_shape": ((30, 60), (26, 46), (6.0, 14.0)),
+    "apartment": ((50, 120), (22, 36), (15.0, 40.0)),
+    "courtyard": ((56, 110), (50, 90), (10.0, 22.0)),
+    "industrial": ((60, 180), (40, 100), (6.0, 12.0)),
+}
+
+
 def _building_shape(
     rng: np.random.Generator, kind: str, cap: float
 ) -> tuple[list[np.ndarray], float, float]:
     """Local contours (x along the long axis), height (m) and depth (px) of one building."""
-
-    def u(a: float, b: float) -> float:
-        return float(min(rng.uniform(a, b), cap))
-
-    if kind == "shed":
-        length, depth = u(6, 13), u(5, 9)
-        return [_rect(length, depth)], rng.uniform(2, 3.5), depth
-    if kind == "house":
-        length, depth = u(18, 36), u(13, 24)
-        return [_rect(length, depth)], rng.uniform(5, 9), depth
-    if kind == "apartment":
-        length, depth = u(40, 90), u(18, 30)
-        return [_rect(length, depth)], rng.uniform(15, 40), depth
-    if kind == "industrial":
-        length, depth = u(45, 130), u(28, 65)
-        return [_rect(length, depth)], rng.uniform(6, 12), depth
+    if kind not in BUILDING_SIZES:
+        raise ValueError(f"unknown building kind {kind!r}")
+    (l0, l1), (d0, d1), (h0, h1) = BUILDING_SIZES[kind]
+    # A square-ish footprint keeps its long axis: depth never exceeds length.
+    length = float(min(rng.uniform(l0, l1), cap))
+    depth = float(min(rng.uniform(d0, d1), cap, length))
+    height = float(rng.uniform(h0, h1))
     if kind == "l_shape":
-        length, depth = u(24, 52), u(20, 40)
         cw, ch = length * rng.uniform(0.35, 0.6), depth * rng.uniform(0.35, 0.6)
         a, b = length / 2, depth / 2
         poly = np.array(
             [[-a + cw, -b], [a, -b], [a, b], [-a, b], [-a, -b + ch], [-a + cw, -b + ch]]
         )
         poly *= rng.choice([-1, 1], size=2)  # which corner is cut
-        return [poly], rng.uniform(6, 14), depth
+        return [poly], height, depth
     if kind == "courtyard":
-        length, depth = u(40, 85), u(40, 70)
-        ring = rng.uniform(9, 16)
-        ring = min(ring, depth / 3, length / 3)
+        ring = min(rng.uniform(10, 18), depth / 3, length / 3)
         inner = _rect(length - 2 * ring, depth - 2 * ring)
-        return [_rect(length, depth), inner], rng.uniform(10, 22), ring * 2
-    raise ValueError(f"unknown building kind {kind!r}")
+        return [_rect(length, depth), inner], height, ring * 2
+    return [_rect(length, depth)], height, depth
 
 
 def _roof_colour(rng: np.random.Generator, ground: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -483,13 +488,28 @@ def _plan_buildings(
     cap = 0.45 * min(h, w)
     out: list[_Building] = []
 
-    def attempt(center: np.ndarray, angle: float, kind: str | None, force: bool = False) -> bool:
-        # Cheap rejections first (taken spot, countryside), then the shape and the raster.
-        x, y = min(max(int(center[0]), 0), w - 1), min(max(int(center[1]), 0), h - 1)
-        if not force and (occ[y, x] or rng.random() > urban[y, x]):
-            return False
+    def attempt(
+        center: np.ndarray,
+        angle: float,
+        kind: str | None,
+        force: bool = False,
+        facing: tuple[np.ndarray, float] | None = None,
+    ) -> bool:
+        # facing = (unit normal away from the road, road half-width + front yard in px):
+        # `center` is then a point on the road and the building stands its half-depth further.
+        if facing is None:
+            # Cheap rejections first (taken spot, countryside), then the shape and the raster.
+            x, y = min(max(int(center[0]), 0), w - 1), min(max(int(center[1]), 0), h - 1)
+            if not force and (occ[y, x] or rng.random() > urban[y, x]):
+                return False
         kind = kind or _pick(rng, mix)
         local, height, depth = _building_shape(rng, kind, cap)
+        if facing is not None:
+            normal, verge = facing
+            center = center + normal * (verge + np.abs(local[0][:, 1]).max())
+            x, y = min(max(int(center[0]), 0), w - 1), min(max(int(center[1]), 0), h - 1)
+            if occ[y, x] or rng.random() > urban[y, x]:
+                return False
         if rng.random() < 0.15:
             angle += rng.normal(0, 0.08)  # not every building is square to the street
         contours = _place(local, center, angle)
@@ -530,10 +550,10 @@ def _plan_buildings(
             n = np.array([-d[1], d[0]])
             p = pts[i] + d * (t - cum[i])
             for side in (-1, 1):
-                kind = _pick(rng, mix)
-                setback = width / 2 + rng.uniform(3, 9) + (12 if kind in ("apartment",) else 10)
-                attempt(p + side * n * setback, math.atan2(d[1], d[0]), kind)
-            t += rng.uniform(10, 26)
+                # A front yard of 2-6 m between the kerb (or sidewalk) and the wall.
+                verge = width / 2 + rng.uniform(4, 12)
+                attempt(p, math.atan2(d[1], d[0]), None, facing=(side * n, verge))
+            t += rng.uniform(12, 30)
 
     # 2. Inside the blocks, aligned with the street grid (a second row, backyards, halls).
     n_free = int(h * w / 600 * (1.0 if st.archetype != "rural" else 0.5))
@@ -638,6 +658,13 @@ def _render_flat(rng: np.random.Generator, img: np.ndarray, f: _Flat, fine: np.n
     if f.kind == "greenhouse":
         ribs = _stripes(bb, f.angle + math.pi / 2, 3.0)
         col = col * (1 + 0.08 * ribs[..., None])
+    elif f.kind == "pad":
+        # Poured concrete: expansion joints on a 3-5 m grid, darker hairlines in both directions.
+        period = rng.uniform(6, 10)
+        joints = (_stripes(bb, f.angle, period) > 0.93) | (
+            _stripes(bb, f.angle + math.pi / 2, period) > 0.93
+        )
+        col = col * np.where(joints, 0.85, 1.0)[..., None]
     _paint(img, m, bb, col.astype(np.float32))
     dt = cv2.distanceTransform(m, cv2.DIST_L2, 3)
     if f.kind == "pool":
@@ -784,6 +811,9 @@ def _render_building(
         hgt = np.minimum(dt, b.depth / 2) * slope
         shade = _lambert(hgt, light)
         shade *= 1 + 0.035 * np.sin(2 * math.pi * dt / 2.2)
+    if b.roof in ("hip", "gable"):
+        # Eaves and gutters: the outermost half metre of a pitched roof is a darker rim.
+        shade[(dt > 0) & (dt <= 1.0)] *= 0.82
     else:
         shade = np.ones_like(dt)
         shade[(dt > 0) & (dt <= 1.5)] = rng.uniform(1.05, 1.2)  # parapet catches light
@@ -934,9 +964,16 @@ def generate_scene(
     # Shadows of everything with a height, cast on what lies below (ground, roads, flats).
     tan_el = math.tan(st.sun_elevation)
     shadow = np.zeros((h, w), np.uint8)
-    for obj in [*buildings, *flats]:
-        if obj.height_m > 0:
-            _sweep(shadow, obj.contours, shadow_dir * obj.height_m / _GSD / tan_el)
+    for b in buildings:
+        _sweep(shadow, b.contours, shadow_dir * b.height_m / _GSD / tan_el)
+    for f in flats:
+        if f.height_m > 0:
+            # A greenhouse is drawn before the shadows: its own roof stays lit (a self-shadowed
+            # tunnel turns dark and bluish and looks like a slate roof).
+            own = np.zeros((h, w), np.uint8)
+            _sweep(own, f.contours, shadow_dir * f.height_m / _GSD / tan_el)
+            _fill_full(own, f.contours, 0)
+            shadow |= own
     soft = cv2.GaussianBlur(shadow.astype(np.float32), (0, 0), 0.7)
     # Shadows are lit by the blue sky only: darker in red than in blue.
     tint = st.shadow_strength * np.array([0.92, 1.0, 1.15], np.float32)
@@ -950,12 +987,17 @@ def generate_scene(
 
     # Sensor: exposure, colour cast, haze, optics blur, noise.
     img *= rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3).astype(np.float32)
-    haze = rng.uniform(0, 0.15)
+    haze = rng.uniform(0, 0.08)
     img = (1 - haze) * img + haze * np.array([0.62, 0.66, 0.72], np.float32)
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 0.9))
     img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0.006, 0.018)
     image = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return SyntheticScene(image=image, mask=(inst > 0).astype(np.uint8), instances=inst)
+    return SyntheticScene(
+        image=image,
+        mask=(inst > 0).astype(np.uint8),
+        instances=inst,
+        kinds=tuple(b.kind for b in buildings),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1051,11 +1093,11 @@ def _noise_plan(seed: int, n_train: int, noise_fraction: float) -> list[str]:
 def generate_world(
     out_dir: str | os.PathLike,
     *,
-    n_train: int = 64,
-    train_size: int = 256,
-    n_test: int = 128,
-    test_size: int = 64,
-    test_scene_size: int | None = None,
+    n_train: int = 96,
+    train_size: int = 512,
+    n_test: int = 256,
+    test_size: int = 224,
+    test_scene_size: int | None = 448,
     noise_fraction: float = 0.0,
     seed: int = 0,
     progress: bool = True,
@@ -1063,15 +1105,17 @@ def generate_world(
 ) -> SyntheticWorld:
     """Generates (or finds) a synthetic world in the competition layout.
 
-    The defaults make a world a 2-core CPU demo trains on in minutes (generated in a few
-    seconds): 64 training scenes of 256x256 and 128 test tiles of 64x64 cut from 8 other
-    256x256 scenes. The competition's sizes are ``train_size=1024, test_size=224``.
+    The defaults are the demo's world at the competition's scale (0.5 m/pixel, houses 20-40 px
+    long, test tiles of the competition's 224x224): 96 training scenes of 512x512 and 256 test
+    tiles cut from 64 other 448x448 scenes, 4 tiles per scene. The competition's training
+    images are 1024x1024; 512 keeps the world's generation and a demo search within minutes on
+    a 2-core CPU, and training sees crops of them anyway.
 
     Layout (paths in the CSVs are relative to ``out_dir``)::
 
         train_img/TRAIN_0000.png ...   train.csv (img_id,img_path,mask_rle; noisy masks)
         train_clean.csv                train_noise.csv (img_id,noise)
-        test_img/TEST_00000.png ...    test.csv (img_id,img_path)
+        test_img/TEST_00000.png ...    test.csv (img_id,img_path,group)
         test_truth.csv (img_id,mask_rle,height,width)   sample_submission.csv (all -1)
         world.json                     parameters + format version, written last
 
@@ -1081,7 +1125,7 @@ def generate_world(
         train_size: Side of a training scene (px).
         n_test: Number of test tiles.
         test_size: Side of a test tile (px); some tiles hold no building.
-        test_scene_size: Side of the scenes test tiles are cut from (default ``train_size``);
+        test_scene_size: Side of the scenes test tiles are cut from (None: ``train_size``);
             they are separate from the training scenes.
         noise_fraction: Share of training images whose mask in ``train.csv`` is corrupted
             (see ``corrupt_mask``); ``train_clean.csv`` keeps the clean masks.
@@ -1125,12 +1169,18 @@ def generate_world(
         old = json.loads(meta_path.read_text()).get("params")
         if old == params:
             return world
+        diff = {
+            k: (old.get(k) if old else None, v)
+            for k, v in params.items()
+            if not old or old.get(k) != v
+        }
+        if overwrite and progress:
+            print(
+                f"{root}: replacing the synthetic world made with other parameters (old, new): "
+                f"{diff}",
+                flush=True,
+            )
         if not overwrite:
-            diff = {
-                k: (old.get(k) if old else None, v)
-                for k, v in params.items()
-                if not old or old.get(k) != v
-            }
             raise ValueError(
                 f"{root} holds a synthetic world made with other parameters "
                 f"(old, new): {diff}; pass overwrite=True to replace it or choose another folder"
@@ -1142,6 +1192,18 @@ def generate_world(
         )
     _build(world, progress)
     return world
+
+
+def is_world(root: str | os.PathLike) -> bool:
+    """Whether ``root`` holds a world written by :func:`generate_world` (complete or not)."""
+    root = Path(root)
+    if (root / _MARKER).is_file():
+        return True
+    try:
+        meta = json.loads((root / _WORLD_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("generator") == "bldseg.data.synthetic"
 
 
 def _build(world: SyntheticWorld, progress: bool) -> None:
@@ -1194,7 +1256,7 @@ def _build(world: SyntheticWorld, progress: bool) -> None:
                 rel = f"test_img/{img_id}.png"
                 sl = (slice(ty * ts, (ty + 1) * ts), slice(tx * ts, (tx + 1) * ts))
                 _write_png(root / rel, np.ascontiguousarray(scene.image[sl]))
-                test_rows.append((img_id, rel))
+                test_rows.append((img_id, rel, f"scene_{s:04d}"))
                 truth_rows.append((img_id, rle_encode(scene.mask[sl]), ts, ts))
                 t += 1
         bar.update()
@@ -1204,7 +1266,10 @@ def _build(world: SyntheticWorld, progress: bool) -> None:
     _write_csv(world.train_csv, pd.DataFrame(train_rows, columns=cols))
     _write_csv(world.train_clean_csv, pd.DataFrame(clean_rows, columns=cols))
     _write_csv(world.train_noise_csv, pd.DataFrame(noise_rows, columns=["img_id", "noise"]))
-    _write_csv(world.test_csv, pd.DataFrame(test_rows, columns=["img_id", "img_path"]))
+    # `group`: the source scene of each tile. Tiles of one scene share its buildings, roads and
+    # light, so they are not independent samples: readers take the column as the split group,
+    # and the bootstrap intervals over the test split resample whole scenes (bldseg.stats).
+    _write_csv(world.test_csv, pd.DataFrame(test_rows, columns=["img_id", "img_path", "group"]))
     _write_csv(
         world.test_truth_csv,
         pd.DataFrame(truth_rows, columns=["img_id", "mask_rle", "height", "width"]),

@@ -3,6 +3,7 @@
 - :func:`load_library`, :func:`find_runs`, :func:`split_by_image`: the model library.
 - :func:`exhaustive_search`: every k-combination at every threshold level (compiled, on Ray).
 - :func:`greedy_search`: Caruana-style forward selection with replacement.
+- :mod:`bldseg.ensemble.rules`: the vote, weighted-mean and empty-tile rules, searched exactly.
 - :func:`run_search`: the whole job (honest split, report, plots, MLflow, ensemble spec).
 - :func:`fake_library`: realistic synthetic libraries for tests and benchmarks.
 """
@@ -10,6 +11,13 @@
 from bldseg.ensemble.combinatorics import chunk_ranges, n_combinations, rank, unrank
 from bldseg.ensemble.library import ModelLibrary, find_runs, load_library, split_by_image
 from bldseg.ensemble.prune import PrunedLibrary, level_window, prune
+from bldseg.ensemble.rules import (
+    RuleEnsemble,
+    empty_search,
+    member_levels,
+    vote_search,
+    weighted_search,
+)
 from bldseg.ensemble.run import SearchConfig, SearchSummary, evaluate, run_search
 from bldseg.ensemble.search import (
     Ensemble,
@@ -24,10 +32,12 @@ __all__ = [
     "Ensemble",
     "ModelLibrary",
     "PrunedLibrary",
+    "RuleEnsemble",
     "SearchConfig",
     "SearchSummary",
     "brute_force",
     "chunk_ranges",
+    "empty_search",
     "evaluate",
     "exhaustive_search",
     "fake_library",
@@ -35,6 +45,7 @@ __all__ = [
     "greedy_search",
     "level_window",
     "load_library",
+    "member_levels",
     "n_combinations",
     "prune",
     "rank",
@@ -42,5 +53,7 @@ __all__ = [
     "score_members",
     "split_by_image",
     "unrank",
+    "vote_search",
+    "weighted_search",
     "write_runs",
 ]

@@ -126,9 +126,7 @@ def prune(probs: np.ndarray, truth: np.ndarray, k: int, first: int, last: int) -
     img_start = np.zeros(t + 1, dtype=np.int64)
     np.cumsum(np.concatenate(counts), out=img_start[1:])
     kept = np.ascontiguousarray(np.concatenate(vals, axis=1))  # (N, P)
-    # Running min / max from the last model backwards: row m covers models m..N-1.
-    suf_min = np.ascontiguousarray(np.minimum.accumulate(kept[::-1], axis=0)[::-1])
-    suf_max = np.ascontiguousarray(np.maximum.accumulate(kept[::-1], axis=0)[::-1])
+    suf_min, suf_max = _suffix_min_max(kept)
     return PrunedLibrary(
         vals=kept,
         truth=np.concatenate(tru),
@@ -143,3 +141,28 @@ def prune(probs: np.ndarray, truth: np.ndarray, k: int, first: int, last: int) -
         last=int(last),
         n_pixels_total=int(t * per),
     )
+
+
+def _suffix_min_max(kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Running min / max from the last model backwards: row m covers models m..N-1.
+
+    Filled row by row into fresh arrays rather than by accumulating over a reversed view:
+    ``np.ascontiguousarray`` does not copy a reversed view of one row (a (1, P) array counts
+    as contiguous whatever its row stride), so a one-model library kept a negative stride,
+    which ``torch.from_numpy`` refuses in the native kernel.
+
+    Args:
+        kept: (N, P) uint8 kept pixels, model-major.
+
+    Returns:
+        ``(suf_min, suf_max)``: (N, P) uint8 each, C-contiguous with positive strides.
+    """
+    suf_min = np.empty_like(kept, order="C")  # (N, P)
+    suf_max = np.empty_like(kept, order="C")
+    if kept.shape[0]:
+        suf_min[-1] = kept[-1]
+        suf_max[-1] = kept[-1]
+    for m in range(kept.shape[0] - 2, -1, -1):
+        np.minimum(suf_min[m + 1], kept[m], out=suf_min[m])
+        np.maximum(suf_max[m + 1], kept[m], out=suf_max[m])
+    return suf_min, suf_max

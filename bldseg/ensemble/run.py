@@ -14,6 +14,14 @@ is beyond that interval (its low end above 0), else the best single model as a o
 ensemble. The threshold sweep covers ``[lo, hi]`` and widens to
 :data:`bldseg.metrics.WIDE_RANGE` when a chosen threshold lies on its edge
 (``docs/thresholds.md``).
+
+Rules (``SearchConfig.rules``, ``empty_tile``; :mod:`bldseg.ensemble.rules`): besides the mean
+of probabilities, the vote of the members' own masks and a weighted mean, each optionally with
+the empty-tile rule, are searched on the selection half and reported per rule (as ``rules`` in
+the summary, ``best_ensemble_<rule>.json`` specs). ``best_ensemble.json`` holds the best of
+them on the selection half (ties: the simplest, in the order mean, vote, weighted, then the
+same with the empty-tile rule); each rule's selection score is recomputed through
+``bldseg.predict.combine_members`` and must equal the searched one.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ import numpy as np
 import pandas as pd
 
 from bldseg import metrics, stats
+from bldseg.ensemble import rules as rules_mod
 from bldseg.ensemble.library import ModelLibrary, find_runs, load_library, split_by_image
+from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES, RuleEnsemble
 from bldseg.ensemble.search import (
     Ensemble,
     exhaustive_search,
@@ -74,6 +84,12 @@ class SearchConfig:
     experiment: str = "ensemble_search"  # MLflow experiment name
     parent_run_id: str | None = None  # MLflow parent run (tag mlflow.parentRunId)
     progress: bool = True  # tqdm bars
+    rules: list[str] = field(default_factory=lambda: ["mean"])  # "mean", "vote", "weighted"
+    empty_tile: bool = False  # also search the empty-tile rule with every rule
+    empty_areas: list[int] = field(default_factory=lambda: list(DEFAULT_EMPTY_AREAS))  # px grid
+    empty_candidates: int = 5  # empty-tile rule: searched on this many best ensembles per rule
+    weighted_starts: int = 3  # weighted rule: coordinate passes from this many best ensembles
+    max_weight: int = 3  # weighted rule: whole weights in 1..max_weight
 
 
 @dataclass
@@ -90,6 +106,7 @@ class SearchSummary:
     decision: dict = field(default_factory=dict)  # what to submit, the rule and its numbers
     threshold_range: tuple[float, float] = (0.30, 0.70)  # the sweep the choices were made in
     widened: bool = False  # a choice lay on the edge of [lo, hi], so the sweep was widened
+    rules: dict = field(default_factory=dict)  # rule variant -> its best ensemble's row
 
 
 def evaluate(lib: ModelLibrary, members: tuple[int, ...], level: int) -> float:
@@ -260,6 +277,101 @@ def _search(
     return single, top, per_k
 
 
+def _check_rules(cfg: SearchConfig) -> None:
+    bad = [r for r in cfg.rules if r not in RULES]
+    if bad or not cfg.rules:
+        raise ValueError(f"rules must be some of {RULES}, got {cfg.rules}")
+    if "mean" not in cfg.rules:
+        # the mean search chooses the threshold range and seeds the weighted rule
+        raise ValueError("rules must include 'mean' (the other rules build on its search)")
+    if cfg.method != "exhaustive" and (cfg.rules != ["mean"] or cfg.empty_tile):
+        raise ValueError(
+            "the vote and weighted rules and the empty-tile rule need --method exhaustive"
+        )
+    if cfg.empty_tile and (not cfg.empty_areas or min(cfg.empty_areas) < 1):
+        raise ValueError(f"empty-tile areas must be at least 1 pixel, got {cfg.empty_areas}")
+
+
+def _search_rules(
+    cfg: SearchConfig,
+    sel: ModelLibrary,
+    top: list[Ensemble],
+    levels: np.ndarray,
+    lo: float,
+    hi: float,
+) -> dict[str, RuleEnsemble]:
+    """The best ensemble of every rule variant asked for, chosen on the selection half.
+
+    Returns:
+        Variant name (``mean``, ``vote``, ``weighted``, then ``<rule>_empty``) -> ensemble, in
+        the order of preference among equal scores.
+    """
+    tops: dict[str, list[RuleEnsemble]] = {"mean": [rules_mod.from_mean(e) for e in top]}
+    if "vote" in cfg.rules:
+        tops["vote"], _ = rules_mod.vote_search(
+            sel,
+            levels,
+            cfg.k,
+            top=cfg.top,
+            workers=cfg.workers,
+            method=cfg.kernel,
+            progress=cfg.progress,
+        )
+    if "weighted" in cfg.rules:
+        tops["weighted"] = rules_mod.weighted_search(
+            sel, top[: cfg.weighted_starts], lo, hi, max_weight=cfg.max_weight
+        )
+    found = {name: t[0] for name, t in tops.items()}
+    if cfg.empty_tile:
+        for name, t in tops.items():
+            cands = [
+                rules_mod.empty_search(sel, e, levels, cfg.empty_areas, lo, hi)
+                for e in t[: cfg.empty_candidates]
+            ]
+            found[f"{name}_empty"] = max(cands, key=lambda e: e.score)  # ties: the first
+    return found
+
+
+def _rule_row(
+    name: str, e: RuleEnsemble, lib: ModelLibrary, libs: dict, levels: np.ndarray
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """A rule variant's row (scores and intervals per split) and its per-tile Dice.
+
+    Every split is predicted through ``bldseg.predict.combine_members``, as ``bldseg predict
+    --ensemble`` predicts with the variant's spec.
+
+    Raises:
+        RuntimeError: the selection score of that prediction differs from the searched one.
+    """
+    row: dict = {
+        "rule": e.rule,
+        "k": e.k,
+        "rank": e.rank,
+        "members": "+".join(lib.names[m] for m in e.members),
+        "member_ids": " ".join(str(m) for m in e.members),
+        "weights": list(e.weights),
+        "cut": e.cut,
+        "threshold": e.threshold,
+        "empty_votes": e.empty_votes,
+        "empty_area": e.empty_area,
+    }
+    if e.rule == "vote" or e.empty_votes:
+        row["member_thresholds"] = [int(levels[m]) / metrics.QUANT_MAX for m in e.members]
+    tiles, intervals = {}, {}
+    for split, split_lib in libs.items():
+        pred = rules_mod.predict_library(split_lib, e, levels)  # (T, S, S) bool
+        row[f"{split}_dice"] = metrics.competition_score(pred, split_lib.truth)
+        tiles[split] = metrics.dice_per_image(pred, split_lib.truth)
+        intervals[split] = _interval(tiles[split], split_lib.image_ids)
+    if row["selection_dice"] != e.score:
+        raise RuntimeError(
+            f"rule {name}: the prediction scores {row['selection_dice']!r} on the selection "
+            f"half, the search {e.score!r}; the search and bldseg.predict disagree (a bug)"
+        )
+    row["intervals"] = intervals
+    return row, tiles
+
+
 def _plots(out: Path, per_k: dict, sel, chk, best: Ensemble, lo: float, hi: float) -> dict:
     import matplotlib
 
@@ -350,6 +462,7 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         ``best_ensemble.json``, ``best_single.json`` and ``submit.json`` (the decided one).
     """
     t0 = time.perf_counter()
+    _check_rules(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     lib = _load(cfg)
@@ -406,6 +519,25 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     files["single_spec"] = str(out / "best_single.json")
 
     best_d, best_tiles = _with_intervals(rows[0], best, libs)
+    best_d["rule"] = "mean"
+    rule_rows: dict[str, dict] = {}
+    if cfg.rules != ["mean"] or cfg.empty_tile:
+        # Own mask levels chosen on the selection half only (bldseg.ensemble.rules).
+        levels = rules_mod.member_levels(sel, cfg.lo, cfg.hi)
+        found = _search_rules(cfg, sel, top, levels, lo, hi)
+        rule_tiles = {}
+        for name, e in found.items():
+            rule_rows[name], rule_tiles[name] = _rule_row(name, e, lib, libs, levels)
+            rule_spec = e.spec([c.resolve() for c in lib.checkpoints], levels)
+            path = out / f"best_ensemble_{name}.json"
+            rule_spec.save(path)
+            files[f"spec_{name}"] = str(path)
+        # max keeps the first of equal scores: the simplest rule (the order of found)
+        name = max(found, key=lambda n: found[n].score)
+        if name != "mean":
+            spec = found[name].spec([c.resolve() for c in lib.checkpoints], levels)
+            spec.save(spec_path)
+            best_d, best_tiles = rule_rows[name], rule_tiles[name]
     single_d, single_tiles = _with_intervals(_row(single, lib, sel, chk, test), single, libs)
     gain = {
         split: _paired(best_tiles[split], single_tiles[split], libs[split].image_ids)
@@ -432,6 +564,7 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         "gain": gain,
         "decision": decision,
         "best_per_k": {str(k): v for k, v in sorted(per_k_rows.items())},
+        "rules": rule_rows,
     }
     files["summary"] = str(
         _write_atomic(
@@ -456,6 +589,9 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
             "best_threshold": best_d["threshold"],
             "best_single": single_d["members"],
             "submit": decision["submit"],
+            "rules": ",".join(cfg.rules),
+            "empty_tile": cfg.empty_tile,
+            "best_rule": best_d["rule"],
         }
         scalars = {
             f"{who}_{split}_dice": d[f"{split}_dice"]
@@ -463,6 +599,14 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
             for split in SPLITS
             if f"{split}_dice" in d
         }
+        scalars.update(
+            {
+                f"rule_{name}_{split}_dice": row[f"{split}_dice"]
+                for name, row in rule_rows.items()
+                for split in SPLITS
+                if f"{split}_dice" in row
+            }
+        )
         for split, g in gain.items():
             if g is not None:
                 scalars.update({f"gain_{split}_{k}": g[k] for k in ("estimate", "low", "high")})
@@ -478,6 +622,7 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         decision=decision,
         threshold_range=(lo, hi),
         widened=widened,
+        rules=rule_rows,
     )
 
 
@@ -486,6 +631,19 @@ def _fmt(value: float, iv: dict | None, signed: bool = False) -> str:
     if iv is None:
         return f"{value:{f}}"
     return f"{value:{f}} [{iv['low']:{f}}, {iv['high']:{f}}]"
+
+
+def _rule_cut(d: dict) -> str:
+    """How a rule row decides, in a few characters: ``@ t=0.4510 w=1,2`` or ``>= 2 votes``."""
+    if d["rule"] == "vote":
+        cut = f">= {d['cut']} of {d['k']} votes"
+    else:
+        cut = f"@ t={d['threshold']:.4f}"
+        if d["rule"] == "weighted":
+            cut += " w=" + ",".join(map(str, d["weights"]))
+    if d["empty_votes"]:
+        cut += f", empty if >= {d['empty_votes']} masks < {d['empty_area']} px"
+    return cut
 
 
 def summary_lines(s: SearchSummary) -> list[str]:
@@ -498,7 +656,16 @@ def summary_lines(s: SearchSummary) -> list[str]:
             for split in SPLITS
             if f"{split}_dice" in d
         )
-        lines.append(f"{who:12s} {d['members']} @ t={d['threshold']:.4f}: {scores}")
+        cut = _rule_cut(d) if "cut" in d else f"@ t={d['threshold']:.4f}"
+        lines.append(f"{who:12s} {d['members']} {cut}: {scores}")
+    for name, d in s.rules.items():
+        ivs = d.get("intervals", {})
+        scores = ", ".join(
+            f"{split} {_fmt(d[f'{split}_dice'], ivs.get(split))}"
+            for split in SPLITS
+            if f"{split}_dice" in d
+        )
+        lines.append(f"{'rule ' + name:12s} {d['members']} {_rule_cut(d)}: {scores}")
     gains = ", ".join(
         f"{split} {_fmt(g['estimate'], g, signed=True)}" for split, g in s.gain.items() if g
     )

@@ -72,7 +72,9 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **overr
             classification (``internimage_{t,s,b}_1k_224.pth``, into the backbone) or mmseg
             UPerNet (``upernet_internimage_{t,s,b}_512_160k_ade20k.pth``, into the whole
             model). See :func:`bldseg.models.pretrained.load_pretrained`; what was loaded and
-            dropped is ``model.pretrained_report``.
+            dropped is ``model.pretrained_report``. A model function with a
+            ``load_pretrained(model, checkpoint)`` attribute reads its own formats instead
+            (the smp models' encoder weights, :func:`bldseg.models.smp.load_smp_pretrained`).
         **overrides: Keyword arguments for the model function (e.g. ``drop_path_rate``,
             ``with_cp``, ``impl``), overriding the variant's defaults.
 
@@ -114,6 +116,13 @@ def _build(fn: Callable[..., nn.Module], pretrained, overrides: dict) -> nn.Modu
     # Read first: the checkpoint decides parts of the architecture (layer scale), and a missing
     # or unsafe file fails before a large model is built.
     ckpt = read_checkpoint(pretrained)
+    own_loader = getattr(fn, "load_pretrained", None)
+    if own_loader is not None:
+        # A family with its own weight formats (bldseg.models.smp): built as asked, then loaded
+        # by its loader, which returns the same LoadReport.
+        model = fn(**overrides)
+        model.pretrained_report = own_loader(model, ckpt)
+        return model
     chosen = overrides_for_checkpoint(ckpt.state_dict)
     model = fn(**{**chosen, **overrides})
     report = load_pretrained(model, ckpt)

@@ -25,6 +25,7 @@ class AugConfig:
     """Training augmentation; probabilities are per sample, 0 disables a step."""
 
     crop_size: int = 224  # side of the training crops (the competition's test tiles are 224)
+    crop_fit: bool = False  # a crop_size above the images' side becomes that side (else an error)
     scale_limit: float = 0.2  # RandomScale range: factor in [1 - limit, 1 + limit]
     scale_p: float = 0.5  # probability of RandomScale
     vflip_p: float = 0.5  # VerticalFlip

@@ -371,10 +371,18 @@ def fit(
     # By source scene (or the configured group): tiles of one scene never sit on both sides.
     groups = split_groups(cache, cfg.split_group)
     train_idx, val_idx = split_indices(len(cache), cfg.val_fraction, cfg.split_seed, groups)
-    crop = cfg.aug.crop_size
     h, w = cache.image_size
-    if crop > min(h, w):
-        raise ValueError(f"aug.crop_size={crop} is larger than the cached images ({h}x{w})")
+    if cfg.aug.crop_size > min(h, w):
+        if not cfg.aug.crop_fit:
+            raise ValueError(
+                f"aug.crop_size={cfg.aug.crop_size} is larger than the cached images ({h}x{w}); "
+                f"pass e.g. --set aug.crop_size={min(h, w)}"
+            )
+        # The CPU defaults' 192-px crops on smaller tiles: whole tiles instead. The checkpoint
+        # and the run's files record the crop that was used.
+        print(f"aug.crop_size={cfg.aug.crop_size} > images {h}x{w}: crops of {min(h, w)} px")
+        cfg = cfg.with_updates({"aug.crop_size": min(h, w)})
+    crop = cfg.aug.crop_size
     train_tf = build_train_transform(cfg.aug)
     _write_json(out / "augmentation.json", serialize(train_tf))
     train_ds = RandomCropDataset(

@@ -101,6 +101,7 @@ class SearchSpec:
     search: str = "optuna"  # "optuna" (TPE) or "random"
     scheduler: str = "asha"  # "asha" (early stopping) or "fifo"
     grace_period: int = 2  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 4  # ASHA: a rung keeps the best 1/reduction_factor (Ray's default)
     storage: str = "runs"  # results folder (shared storage on a cluster)
     tracking_uri: str | None = None  # MLflow URI; default sqlite:////<project>/mlflow.db
     experiment: str = DEFAULT_EXPERIMENT  # MLflow experiment; each search is a parent run in it
@@ -215,7 +216,7 @@ def _make_scheduler(spec: SearchSpec):
             time_attr="training_iteration",
             max_t=spec.epochs,
             grace_period=min(spec.grace_period, spec.epochs),
-            reduction_factor=2,
+            reduction_factor=spec.reduction_factor,
         )
     if spec.scheduler == "fifo":
         return FIFOScheduler()
@@ -898,6 +899,12 @@ def run_search(spec: SearchSpec) -> SearchResult:
         raise ValueError(f"trials={spec.trials}: a search needs at least 1 trial (--trials)")
     if spec.epochs < 1:
         raise ValueError(f"epochs={spec.epochs}: a trial needs at least 1 epoch (--epochs)")
+    if spec.scheduler == "asha" and (spec.grace_period < 1 or spec.reduction_factor < 2):
+        raise ValueError(
+            f"grace_period={spec.grace_period}, reduction_factor={spec.reduction_factor}: ASHA "
+            "needs a grace period of at least 1 epoch and a factor of at least 2 "
+            "(--grace-period, --reduction-factor)"
+        )
     with _quiet_libraries():
         return _run_search(spec)
 
@@ -967,7 +974,15 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         constants = {
             k: v for k, v in RunConfig.from_flat(base).to_flat().items() if k not in searched
         }
-        settings = ("space", "trials", "search", "scheduler", "grace_period", "seed")
+        settings = (
+            "space",
+            "trials",
+            "search",
+            "scheduler",
+            "grace_period",
+            "reduction_factor",
+            "seed",
+        )
         tracking.log_params(
             client,
             parent_run_id,

@@ -142,3 +142,22 @@ def test_read_options_are_part_of_the_folder_cache(tmp_path):
     a = read_folder_dataset(root / "images", root / "masks")
     b = read_folder_dataset(root / "images", root / "masks", options=ReadOptions(alpha="fill"))
     assert a[0].options != b[0].options
+
+
+def test_builtin_world_is_regenerated_with_new_parameters(tmp_path, capsys):
+    small = dict(n_train=3, train_size=48, n_test=4, test_size=16, test_scene_size=32, seed=1)
+    a = prepare_data(None, data_root=tmp_path, synthetic=small, progress=False)
+    # the test split's groups are the tiles' source scenes (4 tiles per 32-px scene)
+    assert a.test.groups == ["scene_0000"] * 4
+    # Other parameters (an older default, a newer generator): the built-in folder is replaced
+    # with a message, not refused, and the cache follows the new images.
+    b = prepare_data(None, data_root=tmp_path, synthetic={**small, "n_train": 4}, progress=True)
+    assert "replacing the synthetic world made with other parameters" in capsys.readouterr().out
+    assert len(b.train) == 4 and b.train.fingerprint != a.train.fingerprint
+    # A folder there that is not a world of ours is still never overwritten.
+    other = tmp_path / "other"
+    (other / "synthetic").mkdir(parents=True)
+    (other / "synthetic" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a synthetic world"):
+        prepare_data(None, data_root=other, synthetic=small, progress=False)
+    assert (other / "synthetic" / "notes.txt").read_text() == "mine"

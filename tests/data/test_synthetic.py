@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -119,6 +120,59 @@ def test_sweep_equals_union_of_shifted_copies() -> None:
     assert swept[12, 12] and swept[34, 38] and not swept[50, 12]
 
 
+def _long_side(pixels: np.ndarray) -> float:
+    # Longest side (px) of the smallest rotated rectangle holding an instance's (N, 2) pixels.
+    (_, _), (w, h), _ = cv2.minAreaRect(pixels[:, ::-1].astype(np.float32))
+    return max(w, h) + 1
+
+
+def test_building_sizes_keep_to_the_documented_ranges() -> None:
+    # Footprints that lie wholly inside 448-px scenes, measured on the instance map: each kind's
+    # long side within its BUILDING_SIZES length range (2.5 px of rasterisation slack: the
+    # pixel hull of a small rotated footprint is up to about 2 px longer than the polygon).
+    sides: dict[str, list[float]] = {}
+    for i in range(6):
+        s = generate_scene(np.random.SeedSequence([21, i]), 448, 448, min_buildings=1)
+        for k in np.unique(s.instances[s.instances > 0]):
+            px = np.argwhere(s.instances == k)  # (N, 2) y, x
+            if px.min() == 0 or px.max() == 447:
+                continue  # cut by the scene's border
+            sides.setdefault(s.kinds[k - 1], []).append(_long_side(px))
+    for kind, values in sides.items():
+        (lo, hi), _, _ = synthetic.BUILDING_SIZES[kind]
+        assert lo - 2.5 <= min(values) and max(values) <= hi + 2.5, (kind, min(values), max(values))
+    houses = np.array(sides["house"])
+    assert len(houses) >= 20 and 15 <= np.median(houses) <= 40  # 0.5 m/px: 10-20 m houses
+    assert max(max(v) for v in sides.values()) >= 100  # large buildings, 50 m and more
+    # Houses outnumber sheds: most buildings are large enough to score on.
+    assert len(sides["house"]) > len(sides.get("shed", []))
+
+
+def test_default_test_tiles_hold_several_buildings(tmp_path: Path) -> None:
+    # The default world's test tiles (its default tile and scene sizes), from a few scenes:
+    # buildings are the connected components of the truth (placement keeps a gap between them).
+    defaults = inspect.signature(generate_world).parameters
+    size = defaults["test_size"].default
+    scene = defaults["test_scene_size"].default
+    per_scene = (scene // size) ** 2
+    w = generate_world(
+        tmp_path / "w",
+        n_train=1,
+        train_size=32,
+        n_test=6 * per_scene,
+        test_scene_size=scene,
+        progress=False,
+    )
+    truth = pd.read_csv(w.test_truth_csv, keep_default_na=False)
+    assert (truth.height == size).all() and (truth.width == size).all()
+    counts = np.array(
+        [cv2.connectedComponents(rle_decode(r, (size, size)))[0] - 1 for r in truth.mask_rle]
+    )
+    assert np.median(counts) >= 5, counts
+    assert (counts >= 3).mean() >= 0.7, counts
+    assert (counts == 0).mean() <= 0.2, counts  # some empty tiles, as in the competition
+
+
 # --- label noise ----------------------------------------------------------------------------
 
 
@@ -162,7 +216,7 @@ def test_world_layout_and_columns(world: synthetic.SyntheticWorld) -> None:
     assert list(train.columns) == ["img_id", "img_path", "mask_rle"]
     assert list(clean.columns) == ["img_id", "img_path", "mask_rle"]
     assert list(noise.columns) == ["img_id", "noise"]
-    assert list(test.columns) == ["img_id", "img_path"]
+    assert list(test.columns) == ["img_id", "img_path", "group"]
     assert list(truth.columns) == ["img_id", "mask_rle", "height", "width"]
     assert list(sub.columns) == ["img_id", "mask_rle"]
     assert len(train) == 12 and len(test) == 40 and len(truth) == 40 and len(sub) == 40
@@ -177,6 +231,8 @@ def test_world_layout_and_columns(world: synthetic.SyntheticWorld) -> None:
         assert (r.height, r.width) == (32, 32)
         rle_decode(r.mask_rle, (32, 32))
     assert _read_rgb(root / test.img_path.iloc[0]).shape == (32, 32, 3)
+    # 9 tiles per 96-px scene: the group names each tile's source scene, in cutting order
+    assert test.group.tolist() == [f"scene_{t // 9:04d}" for t in range(40)]
     meta = json.loads((root / "world.json").read_text())
     assert meta["params"]["format_version"] == synthetic.FORMAT_VERSION
     assert meta["params"]["n_train"] == 12 and meta["params"]["seed"] == 3

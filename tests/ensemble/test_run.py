@@ -328,3 +328,217 @@ def test_cli_two_workers_on_a_real_local_ray_cluster(results, tmp_path):
             head.kill()
             head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules, relocatable specs, and predict reproducing every rule's searched score
+# --------------------------------------------------------------------------------------------
+
+VARIANTS = ["mean", "vote", "weighted", "mean_empty", "vote_empty", "weighted_empty"]
+
+
+def _rules_lib():
+    # Many empty tiles and loosely correlated errors: the vote, weights and empty-tile rule
+    # each change the result on this library.
+    return fake_library(6, 48, 16, seed=2, tiles_per_image=2, empty_fraction=0.5, rho=0.2)
+
+
+@pytest.fixture(scope="module")
+def rule_search(tmp_path_factory):
+    """A project folder (runs + search output) searched with every rule and the empty rule."""
+    proj = tmp_path_factory.mktemp("rules") / "project"
+    write_runs(_rules_lib(), proj / "runs")
+    write_runs(fake_library(6, 12, 16, seed=5), proj / "runs", file_name="test_probs.npz")
+    cfg = SearchConfig(
+        runs=str(proj / "runs"),
+        k=[2, 3],
+        top=5,
+        out=str(proj / "out"),
+        rules=["mean", "vote", "weighted"],
+        empty_tile=True,
+        progress=False,
+    )
+    return proj, run_search(cfg)
+
+
+def _fake_predict(monkeypatch, maps_by_ckpt: dict[str, np.ndarray]) -> None:
+    """predict_cache with every member's model replaced by its library maps (no network)."""
+    import bldseg.predict as P
+
+    monkeypatch.setattr(P, "image_loader", lambda cache, batch_size=16: cache)
+    monkeypatch.setattr(P, "load_checkpoint", lambda ckpt, device="cpu": (str(ckpt), None, {}))
+    monkeypatch.setattr(P, "predict_probs", lambda model, loader, *a, **kw: loader[model])
+
+
+def _selection_maps(runs: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Checkpoint path -> the model's maps of the selection half, and the half's truth."""
+    full = load_library(find_runs(runs), root=runs)
+    sel = full.subset(split_by_image(full.image_ids, 0.5, 0)[0])
+    maps = {str(c.resolve()): sel.probs[m] for m, c in enumerate(full.checkpoints)}
+    return maps, sel.truth
+
+
+def test_rule_summary_reports_every_variant_with_intervals(rule_search):
+    proj, s = rule_search
+    summary = json.loads((proj / "out" / "summary.json").read_text())
+    assert list(summary["rules"]) == VARIANTS == list(s.rules)
+    for name, row in summary["rules"].items():
+        assert row["rule"] == name.removesuffix("_empty")
+        for split in ("selection", "check", "test"):
+            iv = row["intervals"][split]
+            assert iv["low"] <= iv["estimate"] <= iv["high"]
+            assert iv["estimate"] == pytest.approx(row[f"{split}_dice"], abs=1e-12)
+        assert (proj / "out" / f"best_ensemble_{name}.json").is_file()
+    rows = summary["rules"]
+    assert rows["mean"]["selection_dice"] == s.table["selection_dice"][0]
+    assert any(rows[f"{r}_empty"]["empty_votes"] > 0 for r in ("mean", "vote", "weighted"))
+    assert rows["vote"]["cut"] in range(1, rows["vote"]["k"] + 1)
+    for r in ("mean", "vote", "weighted"):  # the empty rule is kept only when it helps
+        assert rows[f"{r}_empty"]["selection_dice"] >= rows[r]["selection_dice"]
+    assert rows["weighted"]["selection_dice"] >= rows["mean"]["selection_dice"]
+    # best_ensemble.json holds the best variant on the selection half
+    best = max(VARIANTS, key=lambda n: rows[n]["selection_dice"])
+    assert summary["best"]["selection_dice"] == rows[best]["selection_dice"]
+    assert summary["best"]["rule"] == rows[best]["rule"]
+    assert EnsembleSpec.load(proj / "out" / "best_ensemble.json").rule == rows[best]["rule"]
+    lines = "\n".join(summary_lines(s))
+    assert "rule vote_empty" in lines and "votes" in lines
+
+
+def test_predict_reproduces_every_rules_selection_score(rule_search, monkeypatch):
+    from bldseg import metrics
+    from bldseg.predict import predict_cache
+
+    proj, s = rule_search
+    maps, truth = _selection_maps(proj / "runs")
+    _fake_predict(monkeypatch, maps)
+    for name, row in s.rules.items():
+        spec = EnsembleSpec.load(proj / "out" / f"best_ensemble_{name}.json")
+        assert spec.rule == row["rule"] and spec.empty_votes == row["empty_votes"]
+        pred = predict_cache(spec, maps, progress=False)
+        assert metrics.competition_score(pred, truth) == row["selection_dice"], name
+
+
+def test_spec_paths_are_relative_and_the_project_folder_can_move(
+    rule_search, tmp_path, monkeypatch
+):
+    from bldseg import metrics
+    from bldseg.predict import predict_cache
+
+    proj, s = rule_search
+    # A copy of the module's project is moved, so the fixture stays usable; the checks below
+    # make sure that nothing the moved specs name lies outside the moved folder.
+    shutil.copytree(proj, tmp_path / "project")
+    moved = tmp_path / "elsewhere" / "moved_project"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "project", moved)
+    raw = json.loads((moved / "out" / "best_ensemble_vote_empty.json").read_text())
+    assert all(m["checkpoint"].startswith("../runs/trial_") for m in raw["members"])
+    maps, truth = _selection_maps(moved / "runs")
+    _fake_predict(monkeypatch, maps)
+    for name, row in s.rules.items():
+        spec = EnsembleSpec.load(moved / "out" / f"best_ensemble_{name}.json")
+        assert all(Path(c).is_relative_to(moved.resolve()) for c in spec.checkpoints)
+        pred = predict_cache(spec, maps, progress=False)
+        assert metrics.competition_score(pred, truth) == row["selection_dice"], name
+    # a member that is gone is named, with the spec
+    victim = Path(EnsembleSpec.load(moved / "out" / "best_ensemble.json").checkpoints[0])
+    victim.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        EnsembleSpec.load(moved / "out" / "best_ensemble.json")
+    assert str(moved / "out" / "best_ensemble.json") in str(err.value)
+    assert str(victim) in str(err.value)
+
+
+def test_old_spec_with_absolute_paths_loads_unchanged(tmp_path):
+    for name in "ab":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.pt").touch()
+    members = [{"checkpoint": str(tmp_path / n / "best.pt"), "weight": 1.0} for n in "ab"]
+    old = {"members": members, "threshold": 0.43, "min_area": 0, "tta": False}
+    (tmp_path / "spec_dir").mkdir()
+    path = tmp_path / "spec_dir" / "best_ensemble.json"
+    path.write_text(json.dumps(old))
+    spec = EnsembleSpec.load(path)
+    assert spec.checkpoints == [str(tmp_path / n / "best.pt") for n in "ab"]
+    assert (spec.rule, spec.threshold, spec.votes, spec.empty_votes) == ("mean", 0.43, 0, 0)
+    assert spec.member_thresholds == []
+    spec.save(path)  # written back relative to its folder, same members
+    assert json.loads(path.read_text())["members"][0]["checkpoint"] == "../a/best.pt"
+    assert EnsembleSpec.load(path) == spec
+
+
+def test_rules_need_the_exhaustive_search_and_known_names(results):
+    root, _, _ = results
+    base = {"runs": str(root / "results"), "out": str(root / "x"), "progress": False}
+    with pytest.raises(ValueError, match="need --method exhaustive"):
+        run_search(SearchConfig(**base, method="greedy", rules=["mean", "vote"]))
+    with pytest.raises(ValueError, match="rules must be some of"):
+        run_search(SearchConfig(**base, rules=["mean", "median"]))
+
+
+def test_one_model_library_with_k1_end_to_end(tmp_path):
+    write_runs(fake_library(1, 16, 16, seed=0, tiles_per_image=2), tmp_path / "runs")
+    s = run_search(
+        SearchConfig(
+            runs=str(tmp_path / "runs"),
+            k=[1],
+            out=str(tmp_path / "out"),
+            rules=["mean", "vote", "weighted"],
+            empty_tile=True,
+            progress=False,
+        )
+    )
+    assert s.best["k"] == 1 and s.best_single["member_ids"] == "0"
+    assert s.rules["vote"]["selection_dice"] == s.rules["mean"]["selection_dice"]
+
+
+def test_cli_rules_flags(results, tmp_path):
+    root, _, _ = results
+    out = tmp_path / "cli"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments/ensemble_search.py"),
+            "--runs",
+            str(root / "results"),
+            "-k",
+            "2",
+            "--rules",
+            "vote",
+            "weighted",
+            "--empty-tile",
+            "--empty-areas",
+            "1",
+            "8",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["rules"]) == VARIANTS
+    assert summary["config"]["empty_areas"] == [1, 8]
+    assert "rule weighted" in r.stdout
+    h = subprocess.run(
+        [sys.executable, str(REPO / "experiments/ensemble_search.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "--rules" in h.stdout and "--empty-tile" in h.stdout and "vote" in h.stdout
+
+
+def test_predict_cli_refuses_a_threshold_for_a_vote_spec(rule_search, capsys):
+    from bldseg.commands import predict as predict_cmd
+
+    proj, _ = rule_search
+    spec = proj / "out" / "best_ensemble_vote.json"
+    assert predict_cmd.main(["--ensemble", str(spec), "--threshold", "0.4"]) == 1
+    assert "--threshold sets the threshold of a mean ensemble" in capsys.readouterr().err

@@ -245,3 +245,24 @@ def test_ray_tasks_equal_in_process(ray_session):
     local, _ = exhaustive_search(lib, 3, top=5, progress=False)
     remote, _ = exhaustive_search(lib, 3, top=5, workers=2, chunk_size=4, progress=False)
     assert remote == local == brute_force(lib, 3)[:5]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_model_library_with_k1(method):
+    # A one-model library once reached the native kernel with a negative row stride (the
+    # suffix min/max of a single row), which torch.from_numpy refuses.
+    lib = fake_library(1, 8, 16, seed=0)
+    pl = _pruned(lib, 1)
+    for a in (pl.suf_min, pl.suf_max):
+        assert all(s >= 0 for s in a.strides) and a.flags.c_contiguous
+    np.testing.assert_array_equal(pl.suf_min, pl.vals)
+    got, per_k = exhaustive_search(lib, 1, method=method, progress=False)
+    assert got == brute_force(lib, 1) and per_k[1] == got[0]
+
+
+def test_suffix_min_max_over_models():
+    lib = fake_library(4, 6, 8, seed=1)
+    pl = _pruned(lib, 2)
+    for m in range(4):
+        np.testing.assert_array_equal(pl.suf_min[m], pl.vals[m:].min(axis=0))
+        np.testing.assert_array_equal(pl.suf_max[m], pl.vals[m:].max(axis=0))

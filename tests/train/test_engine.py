@@ -215,3 +215,21 @@ def test_suspects_rank_noisy_masks_first(trained, small_world, tmp_path):
     csv, png = write_suspects(df, small_world.train, model, tmp_path, top=4)
     assert pd.read_csv(csv)["img_id"].tolist() == df["img_id"].tolist()
     assert png.stat().st_size > 5000
+
+
+def test_crop_larger_than_the_images(small_world, tmp_path, capsys):
+    # An explicit crop above the 96-px images is an error naming the flag to change ...
+    with pytest.raises(ValueError, match=r"aug.crop_size=192 .*\(96x96\).*--set aug.crop_size=96"):
+        fit(cfg(**{"aug.crop_size": 192}, epochs=1), tmp_path / "a", data=small_world)
+    # ... while the CPU defaults' crop_fit trains on whole images and records that crop.
+    run = fit(
+        cfg(**{"aug.crop_size": 192, "aug.crop_fit": True}, epochs=1, samples_per_epoch=8),
+        tmp_path / "b",
+        data=small_world,
+    )
+    assert run.status == "completed"
+    assert "crops of 96 px" in capsys.readouterr().out
+    _, saved, _ = load_checkpoint(tmp_path / "b" / "best.pt")
+    assert saved.aug.crop_size == 96 and saved.aug.crop_fit
+    z = np.load(tmp_path / "b" / "val_probs.npz")
+    assert z["probs"].shape[-2:] == (96, 96)

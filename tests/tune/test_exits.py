@@ -59,6 +59,15 @@ def test_run_search_rejects_counts_below_one(small_world, tmp_path, field):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "change", [{"grace_period": 0}, {"reduction_factor": 1}], ids=["grace", "factor"]
+)
+def test_run_search_rejects_an_asha_that_cannot_stop(small_world, tmp_path, change):
+    with pytest.raises(ValueError, match=r"ASHA needs .*--grace-period, --reduction-factor"):
+        run_search(spec_for(small_world, tmp_path, scheduler="asha", **change))
+    assert not (tmp_path / "runs").exists()
+
+
 def _json(url: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
