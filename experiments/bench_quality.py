@@ -72,6 +72,10 @@ def best_trial(search_dir: Path) -> tuple[Path, dict[str, Any]]:
     """
     from bldseg.tune.runner import METRIC, USABLE
 
+    if (search_dir / "best.pt").is_file() and (search_dir / "summary.json").is_file():
+        # One trial's run folder (e.g. of an interrupted search, which has no trials.csv).
+        _, cfg, _ = load_checkpoint(search_dir / "best.pt")
+        return search_dir, cfg.to_flat()
     csv = search_dir / "trials.csv"
     if not csv.is_file():
         raise FileNotFoundError(f"{csv}: not found; pass the folder of a finished search")
@@ -239,8 +243,9 @@ def main() -> None:
     a(
         "--search",
         default=None,
-        help="a finished search's folder (e.g. the demo's runs/augmentation-...): 'ours' is its "
-        "best trial, scored as it is (other seeds retrained), and every arm takes its config",
+        help="a finished search's folder (e.g. the demo's runs/augmentation-...) or one trial's "
+        "run folder: 'ours' is its best trial, scored as it is (other seeds retrained), and "
+        "every arm takes its config",
     )
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config value, both arms")
     a("--ours", default=CPU_DEMO["model"], help=f"our model (default {CPU_DEMO['model']})")

@@ -17,8 +17,8 @@ from bldseg.tune.runner import DEFAULT_EXPERIMENT, METRIC, SearchInterrupted, Se
 #: Fixed trial settings for a 2-core CPU (the built-in world, or any data without a GPU): the
 #: tiny model on 192-px crops of the 0.5 m/px scenes, 4 per step, 512 per epoch. At this scale
 #: learning is bought with CPU seconds: 192-px crops reach the same test Dice per CPU second
-#: as 128-px crops and more in total, and a default search (12 trials of up to 20 epochs,
-#: ASHA) finishes in about 10 minutes with its best trial near 0.77 clean-test Dice
+#: as 128-px crops and more in total. A default search (6 trials of up to 20 epochs, ASHA)
+#: takes 7-8 minutes on 2 cores, and its best trial reaches about 0.76 clean-test Dice
 #: (experiments/bench_quality.py).
 CPU_DEMO = {
     "model": "upernet_internimage_tiny",
@@ -32,6 +32,10 @@ CPU_DEMO = {
 
 #: Epochs per trial of a search (ASHA's max_t), the demo's budget for its best trial.
 DEFAULT_EPOCHS = 20
+#: Trials of a search. With 20 epochs, ASHA (grace 2, factor 4) still runs 2-3 of 6 trials to
+#: the end (the first ones have nobody to lose against): about 55 epochs, 7-8 minutes on 2
+#: cores, so `make demo` with its one-time install and op build stays within 10 minutes.
+DEFAULT_TRIALS = 6
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -155,7 +159,12 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         help="model name (default: upernet_internimage_tiny on a CPU or the synthetic world, "
         "upernet_internimage_t on your data with a GPU); see bldseg.models.list_models()",
     )
-    a("--trials", type=positive_int, default=12, help="number of trials (default 12)")
+    a(
+        "--trials",
+        type=positive_int,
+        default=DEFAULT_TRIALS,
+        help=f"trials (default {DEFAULT_TRIALS})",
+    )
     a(
         "--epochs",
         type=positive_int,
