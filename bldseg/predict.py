@@ -7,10 +7,14 @@ An ensemble spec is JSON (written by the ensemble search, or by hand)::
      "min_area": 0, "tta": false}
 
 Member paths are relative to the spec's folder (absolute paths of older specs still load), so
-a folder holding the spec and the runs can be moved. Members' probabilities are quantised to
-uint8 exactly as in validation and combined by the spec's ``rule``
-(:func:`combine_members`), with the same integers the ensemble search scored, so a submission
-reproduces the searched ensemble bit for bit:
+a folder holding the spec and the runs can be moved. A member is a ``best.pt``, or the
+``folds.json`` of a K-fold run (:mod:`bldseg.train.folds`): its map is the mean of its K fold
+models' probabilities (and flips, with TTA), quantised once, exactly as one model's map is;
+the ensemble search scored the run's out-of-fold maps, each tile by the one fold model that did
+not train on it, so on new images a K-fold member is an average the search did not score.
+Members' probabilities are quantised to uint8 exactly as in validation and combined by the
+spec's ``rule`` (:func:`combine_members`), with the same integers the ensemble search scored,
+so a submission of single-model members reproduces the searched ensemble bit for bit:
 
 - ``"mean"`` / ``"weighted"``: the (weighted) sum of the maps against the chosen level;
 - ``"vote"``: each member's own mask (its map at its own ``threshold``), positive where at
@@ -81,6 +85,7 @@ from bldseg.models.pretrained import overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import load_state, predict_probs, resolve_device
+from bldseg.train.folds import FOLDS_FILE, fold_dir
 
 #: Default fraction of a window that neighbouring windows share.
 DEFAULT_OVERLAP = 0.25
@@ -100,7 +105,7 @@ RULES: tuple[str, ...] = get_args(Rule)
 class EnsembleSpec:
     """Members, weights and decision rule of a submission (see the module docstring)."""
 
-    checkpoints: list[str]  # best.pt files of the members
+    checkpoints: list[str]  # best.pt files of the members (folds.json of K-fold runs)
     weights: list[float] = field(default_factory=list)  # per member; empty: equal weights
     threshold: float = 0.5  # mean/weighted: positive iff (weighted) mean probability >= this
     min_area: int = 0  # images with fewer predicted pixels are predicted empty
@@ -250,6 +255,48 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     return model.to(device).eval(), cfg, state.get("metrics", {})
 
 
+def resolve_member(path: str | os.PathLike) -> Path:
+    """A member's file: a run folder gives its ``folds.json`` (a K-fold run) or ``best.pt``;
+    a file is itself."""
+    path = Path(path)
+    if path.is_dir():
+        folds = path / FOLDS_FILE
+        return folds if folds.is_file() else path / "best.pt"
+    return path
+
+
+def load_member(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """The model(s) of one ensemble member: ``(model or models, RunConfig, metrics dict)``.
+
+    ``best.pt`` gives one model and its best epoch's metrics. A K-fold run (its ``folds.json``
+    or its folder) gives the list of its K fold models (:func:`predict_probs` averages them),
+    its config and its out-of-fold metrics (``val_thr_best``: the threshold chosen on the
+    out-of-fold maps).
+
+    Raises:
+        FileNotFoundError: No such file, or a fold's ``best.pt`` is missing.
+        ValueError: Not a bldseg checkpoint or K-fold manifest.
+    """
+    path = resolve_member(path)
+    if path.name != FOLDS_FILE:
+        return load_checkpoint(path, device)
+    if not path.is_file():
+        raise FileNotFoundError(f"K-fold manifest not found: {path}")
+    manifest = json.loads(path.read_text())
+    if "folds" not in manifest or "config" not in manifest:
+        raise ValueError(f"{path} is not a K-fold run manifest (no 'folds'/'config' entries)")
+    models = []
+    for f in range(int(manifest["folds"])):
+        ckpt = fold_dir(path.parent, f) / "best.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(
+                f"{path}: fold {f} has no {ckpt}; train it (bldseg train --folds "
+                f"{manifest['folds']} --out {path.parent}) before predicting"
+            )
+        models.append(load_checkpoint(ckpt, device)[0])
+    return models, RunConfig.from_flat(manifest["config"]), manifest.get("oof", {})
+
+
 def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarray:
     """The ensemble's decision from its members' quantised maps, as the ensemble search makes it.
 
@@ -345,8 +392,8 @@ def predict_cache(
         # One member in memory at a time; each map is uint8 (N, H, W).
         bar = tqdm(spec.checkpoints, desc="members", disable=not progress or len(weights) == 1)
         for ckpt in bar:
-            model, _, _ = load_checkpoint(ckpt, dev)
-            yield predict_probs(model, loader, dev, tta=spec.tta)
+            models, _, _ = load_member(ckpt, dev)
+            yield predict_probs(models, loader, dev, tta=spec.tta)
 
     return combine_members(member_maps(), spec)
 
@@ -436,13 +483,15 @@ def blend_weights(window: int) -> np.ndarray:
     return np.outer(ramp, ramp).astype(np.float32)  # (S, S)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def _model_device(model: nn.Module | Sequence[nn.Module]) -> torch.device:
+    if not isinstance(model, nn.Module):
+        model = model[0]
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
 def predict_image(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     image: np.ndarray,
     *,
     window: int,
@@ -459,7 +508,8 @@ def predict_image(
     quantised again. See the module docstring for the window grid and the padding.
 
     Args:
-        model: Maps (B, 3, S, S) normalised images to (B, 1, S, S) logits.
+        model: Maps (B, 3, S, S) normalised images to (B, 1, S, S) logits; several models
+            (a K-fold run's) are averaged per window as :func:`predict_probs` does.
         image: uint8 (H, W, 3) RGB.
         window: Window side in px (at least :data:`MIN_WINDOW`).
         overlap: Fraction of the window that neighbouring windows share, in [0, 0.9].
@@ -651,9 +701,9 @@ def predict_folder(
     dev = resolve_device(device)
     members = []
     for ckpt in spec.checkpoints:
-        model, cfg, _ = load_checkpoint(ckpt, dev)
+        models, cfg, _ = load_member(ckpt, dev)
         what = f"the validation tile of {ckpt}"
-        members.append((model, window or check_window(default_window(cfg), what)))
+        members.append((models, window or check_window(default_window(cfg), what)))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result = FolderResult(out_dir)

@@ -23,6 +23,10 @@ padded by reflection. With --masks, the official score (mean per-image Dice), th
 F1 are printed and written to OUT/scores.json.
 
 With one checkpoint the threshold defaults to the one chosen on its validation tiles.
+
+A K-fold run (bldseg train --folds K) predicts as one model: pass its folder or its
+folds.json as --checkpoint; the K fold models' probabilities are averaged (then quantised, as
+in validation), and the threshold defaults to the one chosen on its out-of-fold maps.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ from bldseg.predict import (
     EnsembleSpec,
     check_overlap,
     check_window,
-    load_checkpoint,
+    load_member,
     predict_cache,
     predict_folder,
+    resolve_member,
     write_submission,
 )
 
@@ -56,7 +61,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", action="append", help="best.pt of a model (repeatable)")
+    src.add_argument(
+        "--checkpoint",
+        action="append",
+        help="best.pt of a model, or a K-fold run's folder or folds.json (repeatable)",
+    )
     src.add_argument("--ensemble", help="ensemble spec JSON (from bldseg ensemble)")
     add_data_arguments(p, training=False)
     p.add_argument(
@@ -172,8 +181,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if args.ensemble:
             spec = EnsembleSpec.load(args.ensemble)
         else:
-            _, _, m = load_checkpoint(args.checkpoint[0])
-            spec = EnsembleSpec(args.checkpoint, threshold=float(m.get("val_thr_best", 0.5)))
+            members = [str(resolve_member(c)) for c in args.checkpoint]
+            _, _, m = load_member(members[0])
+            spec = EnsembleSpec(members, threshold=float(m.get("val_thr_best", 0.5)))
     except USER_ERRORS as e:
         return fail(e)
     if args.threshold is not None:

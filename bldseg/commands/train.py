@@ -11,6 +11,15 @@ On a CPU the defaults are the demo's small settings (tiny model, 64-px crops) on
 
 Writes best.pt, last.pt (resumable: run the same command again), val_probs.npz, history.json
 and plots/ under --out.
+
+K-fold training (bldseg.train.folds), folds split by source scene:
+
+    bldseg train --folds 5 --out runs/kfold           # 5 models, one after the other
+    bldseg train --folds 5 --fold 2 --out runs/kfold  # fold 2 only (e.g. one per GPU); the
+                                                       # command without --fold finishes
+
+trains fold f into --out/fold<f>/ and writes the out-of-fold val_probs.npz (every training
+image, predicted by the fold model that did not train on it) and folds.json under --out.
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ import argparse
 import json
 
 from bldseg.commands import USER_ERRORS, fail
+from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.train import RunConfig, fit
-from bldseg.tune.cli import add_pretrained_argument, fixed_config
+from bldseg.train.folds import fit_folds
+from bldseg.tune.cli import add_folds_argument, add_pretrained_argument, fixed_config
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -42,6 +53,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="regex on source file names grouping tiles on one side of the validation split",
     )
     add_pretrained_argument(p)
+    add_folds_argument(p)
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        metavar="F",
+        help="with --folds K: train fold F (0..K-1) only",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -59,7 +78,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
         prog: Program name in the usage line.
     """
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.fold is not None and args.folds is None:
+        parser.error("--fold F selects one fold of K-fold training: pass --folds K with it")
+    if args.fold is not None and not 0 <= args.fold < args.folds:
+        last = args.folds - 1
+        parser.error(f"--fold {args.fold}: the folds of --folds {args.folds} are 0..{last}")
     fixed = fixed_config(
         args.data or args.images,
         args.model,
@@ -68,16 +93,32 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         pretrained=args.pretrained,
         announce=True,
     )
+    if args.folds is not None:
+        fixed["folds"] = args.folds
     try:
         cfg = RunConfig.from_flat({**fixed, "data": args.data})
         data = prepare_data(
             args.data, options=data_options(args), data_root=args.data_root, verbose=True
         )
+        if cfg.folds >= 2:  # more folds than source scenes: said here, naming --folds
+            groups = split_groups(data.train, cfg.split_group)
+            fold_assignment(len(data.train), cfg.folds, cfg.split_seed, groups)
     except USER_ERRORS as e:
         return fail(e)
-    result = fit(cfg, args.out, data=data, progress=True)
+    if cfg.folds >= 2:
+        result = fit_folds(cfg, args.out, data=data, progress=True, only=args.fold)
+    else:
+        result = fit(cfg, args.out, data=data, progress=True)
     for row in result.history:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    if cfg.folds >= 2:
+        what = "mean over folds" if result.status == "completed" else "folds so far"
+        print(
+            f"{result.status}: {result.message}; best epoch {result.best.get('epoch')} "
+            f"({what}) val Dice {result.best.get('val_dice_best', float('nan')):.4f}; "
+            f"{args.out}/folds.json"
+        )
+        return 0
     print(
         f"{result.status}: {result.message}; best epoch {result.best.get('epoch')} "
         f"val Dice {result.best.get('val_dice_best', float('nan')):.4f}; {args.out}/best.pt"

@@ -54,17 +54,7 @@ def split_indices(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if groups is None:
-        codes = np.arange(n)
-    else:
-        if len(groups) != n:
-            raise ValueError(f"{len(groups)} group labels for {n} samples")
-        # Codes in order of first appearance, so the split does not depend on label spelling.
-        _, first, codes = np.unique(
-            np.asarray(groups, dtype=object).astype(str), return_index=True, return_inverse=True
-        )
-        order = np.argsort(np.argsort(first))
-        codes = order[codes]
+    codes = _group_codes(n, groups)
     n_groups = int(codes.max()) + 1 if n else 0
     if n_groups < 2:
         raise ValueError(
@@ -80,6 +70,87 @@ def split_indices(
     is_val = np.isin(codes, val_groups)
     idx = np.arange(n)
     return idx[~is_val], idx[is_val]
+
+
+def _group_codes(n: int, groups: Sequence[str] | None) -> np.ndarray:
+    """(n,) int group code of every sample, numbered in order of first appearance (so a split
+    does not depend on how the labels are spelled); one group per sample when None."""
+    if groups is None:
+        return np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group labels for {n} samples")
+    _, first, codes = np.unique(
+        np.asarray(groups, dtype=object).astype(str), return_index=True, return_inverse=True
+    )
+    order = np.argsort(np.argsort(first))
+    return order[codes]
+
+
+def fold_assignment(
+    n: int, folds: int, seed: int = 0, groups: Sequence[str] | None = None
+) -> np.ndarray:
+    """The validation fold of every sample for K-fold training, by group.
+
+    Whole groups go to one fold, so tiles cut from one scene are validated together and never
+    trained on by the model that validates them. Groups are shuffled by ``seed`` and dealt,
+    largest first (ties in shuffled order), each to the fold holding the fewest samples so far:
+    every fold gets at least one group and the folds' sizes stay close. With one group per
+    sample this is a plain shuffled K-fold split.
+
+    Args:
+        n: Number of samples.
+        folds: K, at least 2 and at most the number of groups.
+        seed: Seed of the group shuffle (the run config's ``split_seed``).
+        groups: Group label of every sample; None: every sample is its own group.
+
+    Returns:
+        (n,) int array, the fold (0..K-1) whose validation set holds each sample.
+
+    Raises:
+        ValueError: ``folds`` below 2 or above the number of groups (the message names
+            ``--folds``).
+    """
+    codes = _group_codes(n, groups)
+    n_groups = int(codes.max()) + 1 if n else 0
+    if folds < 2:
+        raise ValueError(
+            f"--folds {folds}: K-fold training needs at least 2 folds (0 gives the plain "
+            "holdout split of val_fraction)"
+        )
+    if folds > n_groups:
+        raise ValueError(
+            f"--folds {folds}: the data has only {n_groups} split group(s) (source scenes), and "
+            f"each fold needs at least one; use --folds {n_groups} or fewer (at least 2), or a "
+            "--split-group pattern that groups more finely"
+        )
+    sizes = np.bincount(codes, minlength=n_groups)
+    perm = np.random.default_rng(seed).permutation(n_groups)
+    order = perm[np.argsort(-sizes[perm], kind="stable")]  # largest first, ties shuffled
+    fold_of_group = np.empty(n_groups, dtype=np.int64)
+    load = np.zeros(folds, dtype=np.int64)
+    for g in order:
+        f = int(np.argmin(load))  # the lightest fold; the lowest index among equals
+        fold_of_group[g] = f
+        load[f] += sizes[g]
+    return fold_of_group[codes]
+
+
+def fold_indices(
+    n: int, folds: int, fold: int, seed: int = 0, groups: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, val_idx)`` of fold ``fold`` of K (see :func:`fold_assignment`).
+
+    The validation sets of the K folds partition the samples; each fold trains on the rest.
+
+    Raises:
+        ValueError: A bad ``folds`` (see :func:`fold_assignment`) or ``fold`` outside
+            ``0..folds-1`` (the message names ``--fold``).
+    """
+    if not 0 <= fold < max(folds, 1):
+        raise ValueError(f"--fold {fold}: the folds of --folds {folds} are 0..{folds - 1}")
+    assigned = fold_assignment(n, folds, seed, groups)
+    idx = np.arange(n)
+    return idx[assigned != fold], idx[assigned == fold]
 
 
 def split_groups(cache: DatasetCache, pattern: str | None = None) -> list[str]:

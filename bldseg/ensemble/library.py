@@ -6,6 +6,14 @@ Each trained model is a run folder holding ``val_probs.npz`` (written by
 ``best.pt``. A library is built from the run folders of a search (found recursively) or from
 explicit paths, and every model must hold exactly the same tiles with the same ground truth;
 tiles stored in another order are put in the first model's order.
+
+A K-fold run (``--folds K``, :mod:`bldseg.train.folds`) is one model of a library: its folder
+holds ``folds.json`` and the out-of-fold ``val_probs.npz`` (every training image, each
+predicted by the fold model that did not train on it), its folds ``fold<f>/`` their own
+run folders, which are part of it and never models of their own. Its checkpoint is
+``folds.json``: predicting with it averages the K fold models (:func:`bldseg.predict.load_member`).
+Every K-fold configuration trained on the same data and split covers the same tiles, so their
+libraries combine unchanged.
 """
 
 from __future__ import annotations
@@ -17,12 +25,30 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VAL_FILE", "ModelLibrary", "find_runs", "load_library", "split_by_image"]
+__all__ = [
+    "FOLDS_FILE",
+    "VAL_FILE",
+    "ModelLibrary",
+    "find_runs",
+    "load_library",
+    "member_checkpoint",
+    "split_by_image",
+]
 
 VAL_FILE = "val_probs.npz"
 """The file of a run folder holding its validation probabilities."""
 
 CHECKPOINT_FILE = "best.pt"
+
+FOLDS_FILE = "folds.json"
+"""The manifest of a K-fold run folder (``bldseg.train.folds.FOLDS_FILE``)."""
+
+
+def member_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """What predicts for a run folder: ``folds.json`` of a K-fold run, else ``best.pt``."""
+    run_dir = Path(run_dir)
+    folds = run_dir / FOLDS_FILE
+    return folds if folds.is_file() else run_dir / CHECKPOINT_FILE
 
 
 @dataclass
@@ -31,7 +57,8 @@ class ModelLibrary:
 
     names: list[str]  # (N,) model names (run folder paths relative to the search root)
     sources: list[Path]  # (N,) the npz file each model was read from
-    checkpoints: list[Path]  # (N,) best.pt next to each npz (may not exist for fake libraries)
+    # (N,) best.pt (folds.json of a K-fold run) next to each npz (may not exist for fakes)
+    checkpoints: list[Path]
     probs: np.ndarray  # (N, T, S, S) uint8, q = round(255 p)
     truth: np.ndarray  # (T, S, S) bool ground truth
     tile_ids: np.ndarray  # (T,) str
@@ -66,19 +93,34 @@ class ModelLibrary:
 def find_runs(root: str | os.PathLike, file_name: str = VAL_FILE) -> list[Path]:
     """Every run folder under ``root`` (recursively) holding ``file_name``, sorted by path.
 
+    The folds of a K-fold run (folders inside one holding ``folds.json``) are not listed: the
+    K-fold run is, by its out-of-fold file.
+
     Raises:
         FileNotFoundError: if ``root`` does not exist or holds no such run folder.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"search results folder not found: {root}")
-    runs = sorted(p.parent for p in root.rglob(file_name) if p.is_file())
+    runs = sorted(
+        p.parent for p in root.rglob(file_name) if p.is_file() and not _inside_kfold(p.parent, root)
+    )
     if not runs:
         raise FileNotFoundError(
             f"no run folder under {root} holds {file_name}; point --runs at a search's results "
             "folder (trials write it after their first validation) or pass --models"
         )
     return runs
+
+
+def _inside_kfold(run: Path, root: Path) -> bool:
+    """Whether ``run`` is a fold of a K-fold run folder at or below ``root``."""
+    for parent in run.parents:
+        if (parent / FOLDS_FILE).is_file():
+            return True
+        if parent == root:
+            return False
+    return False
 
 
 def _npz_path(path: Path, file_name: str) -> Path:
@@ -189,7 +231,7 @@ def load_library(
     return ModelLibrary(
         names=names,
         sources=npz,
-        checkpoints=[f.parent / CHECKPOINT_FILE for f in npz],
+        checkpoints=[member_checkpoint(f.parent) for f in npz],
         probs=probs,
         truth=truth,
         tile_ids=tile_ids,

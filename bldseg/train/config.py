@@ -104,6 +104,10 @@ class RunConfig:
     val_fraction: float = 0.05  # share of samples held out for validation (by source scene)
     split_group: str | None = None  # regex on source file names whose match groups tiles
     split_seed: int = 0  # seed of the train/val split: keep it fixed across compared runs
+    # K-fold training (by split group): 0 = the plain holdout split of val_fraction; K >= 2 =
+    # K models, fold f validated on the f-th partition of the groups (val_fraction unused).
+    folds: int = 0
+    fold: int = 0  # with folds >= 2: the held-out partition this run trains without (0..K-1)
     val_tile: int = 0  # side of validation tiles; 0: the training crop size
     epochs: int = 10  # training epochs
     samples_per_epoch: int = 0  # crops per epoch; 0: one per training image
@@ -163,6 +167,12 @@ class RunConfig:
             bad("coteach.granularity", "must be 'tile' or 'pixel'")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             bad("precision", "must be auto, fp32, bf16 or fp16")
+        if self.folds == 1 or self.folds < 0:
+            bad("folds", "must be 0 (the holdout split of val_fraction) or at least 2 (--folds K)")
+        if self.folds >= 2 and not 0 <= self.fold < self.folds:
+            bad("fold", f"is not one of the folds 0..{self.folds - 1} of folds={self.folds}")
+        if self.folds == 0 and self.fold != 0:
+            bad("fold", "selects a fold of K-fold training: set folds (--folds K) too")
         checks = [
             ("epochs", self.epochs >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),

@@ -21,7 +21,7 @@ import pickle
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from bldseg import metrics
 from bldseg.data.dataset import (
     RandomCropDataset,
     TileDataset,
+    fold_indices,
     split_groups,
     split_indices,
     validation_tiles,
@@ -59,7 +60,7 @@ class FitResult:
     """Outcome of :func:`fit`.
 
     Attributes:
-        status: "completed", "diverged" or "stopped".
+        status: "completed", "diverged" or "stopped" (at ``stop_after``, to be resumed).
         message: Why the run ended, in words.
         history: One metrics dict per finished epoch.
         best: Metrics of the best epoch (by Dice at the best threshold), or {}.
@@ -210,7 +211,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 @torch.no_grad()
 def predict_probs(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     loader: DataLoader,
     device: torch.device,
     amp: torch.dtype | None = None,
@@ -219,18 +220,26 @@ def predict_probs(
     """Sigmoid probabilities of every tile in ``loader``, quantised: uint8 (N, S, S).
 
     With ``tta``, the mean of the identity, horizontal-flip and vertical-flip predictions.
+    Several models (the K folds of a K-fold run): the mean of their probabilities (and flips),
+    quantised once, as one model's are.
     """
-    model.eval()
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    for m in models:
+        m.eval()
+    n_views = len(models) * (3 if tta else 1)
     out = []
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
         ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
         with ctx:
-            p = torch.sigmoid(model(x).float())  # (B, 1, S, S)
-            if tta:
-                p = p + torch.sigmoid(model(x.flip(-1)).float()).flip(-1)
-                p = p + torch.sigmoid(model(x.flip(-2)).float()).flip(-2)
-                p = p / 3
+            p = 0
+            for m in models:
+                p = p + torch.sigmoid(m(x).float())  # (B, 1, S, S)
+                if tta:
+                    p = p + torch.sigmoid(m(x.flip(-1)).float()).flip(-1)
+                    p = p + torch.sigmoid(m(x.flip(-2)).float()).flip(-2)
+            if n_views > 1:
+                p = p / n_views
         out.append(p[:, 0].cpu().numpy())
     probs = np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
     return metrics.quantise(np.clip(probs, 0.0, 1.0))
@@ -345,8 +354,13 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     resume: bool = True,
     progress: bool = False,
+    stop_after: int | None = None,
 ) -> FitResult:
     """Trains one model (or a co-teaching pair) and validates it every epoch.
+
+    With ``cfg.folds >= 2`` it trains fold ``cfg.fold`` of K: validated on that partition of
+    the split groups, trained on the others (:func:`bldseg.data.dataset.fold_indices`);
+    :func:`bldseg.train.folds.fit_folds` trains all K.
 
     Args:
         cfg: The run config.
@@ -356,6 +370,8 @@ def fit(
             the checkpoints are written), e.g. to report to Ray Tune.
         resume: Continue from ``out_dir/last.pt`` if present.
         progress: Show a per-epoch progress bar.
+        stop_after: Return (status ``"stopped"``, no plots) once this many epochs are trained;
+            calling again with ``resume`` continues exactly (K folds trained in lockstep).
 
     Returns:
         A :class:`FitResult`; ``status == "diverged"`` when a loss became non-finite.
@@ -370,7 +386,10 @@ def fit(
     cache = data.train
     # By source scene (or the configured group): tiles of one scene never sit on both sides.
     groups = split_groups(cache, cfg.split_group)
-    train_idx, val_idx = split_indices(len(cache), cfg.val_fraction, cfg.split_seed, groups)
+    if cfg.folds >= 2:
+        train_idx, val_idx = fold_indices(len(cache), cfg.folds, cfg.fold, cfg.split_seed, groups)
+    else:
+        train_idx, val_idx = split_indices(len(cache), cfg.val_fraction, cfg.split_seed, groups)
     h, w = cache.image_size
     if cfg.aug.crop_size > min(h, w):
         if not cfg.aug.crop_fit:
@@ -450,6 +469,9 @@ def fit(
 
     status, message = "completed", f"trained {cfg.epochs} epochs"
     for epoch in range(start_epoch, cfg.epochs):
+        if stop_after is not None and epoch >= stop_after:
+            status, message = "stopped", f"stopped after epoch {epoch} of {cfg.epochs}"
+            break
         t0 = time.perf_counter()
         train_ds.set_epoch(epoch)
         order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -554,6 +576,8 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(row, out)
     _write_json(out / "status.json", {"status": status, "message": message})
+    if status == "stopped":  # plots once the run is done
+        return FitResult(status, message, history, best, out)
     # The plot shades the range the best epoch's threshold was chosen in.
     lo, hi = cfg.threshold_lo, cfg.threshold_hi
     if best.get("val_thr_widened"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -127,6 +126,34 @@ def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def fold_count(text: str) -> int:
+    """An argparse type: the K of ``--folds K``, at least 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"{value}: K-fold training needs K >= 2 folds (leave --folds out for the holdout "
+            "split of val_fraction)"
+        )
+    return value
+
+
+def add_folds_argument(parser: argparse.ArgumentParser) -> None:
+    """``--folds K``: K models per configuration, each validated on its own fold."""
+    parser.add_argument(
+        "--folds",
+        type=fold_count,
+        default=None,
+        metavar="K",
+        help="K-fold training: K models per configuration, fold f validated on the f-th of K "
+        "partitions of the source scenes (split_seed), trained on the rest; the run's "
+        "out-of-fold val_probs.npz covers every training image (default: one model, "
+        "val_fraction held out)",
+    )
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:
@@ -153,6 +180,7 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         "train/validation split (default: tiles of one source scene stay together)",
     )
     add_pretrained_argument(p)
+    add_folds_argument(p)
     a(
         "--model",
         default=None,
@@ -266,6 +294,8 @@ def main(
         pretrained=args.pretrained,
         announce=True,
     )
+    if args.folds is not None:
+        base["folds"] = args.folds
     spec = SearchSpec(
         space=args.space,
         name=args.name,
@@ -328,7 +358,9 @@ def main(
                 }
             )
         )
-        ckpt = Path(result.best["run_dir"]) / "best.pt"
+        from bldseg.ensemble.library import member_checkpoint
+
+        ckpt = member_checkpoint(result.best["run_dir"])  # best.pt, or a K-fold run's folds.json
         print(f"  checkpoint: {ckpt}" + ("" if ckpt.is_file() else " (missing!)"))
     print(
         f"\nwall {result.wall_s:.1f} s; trial epochs {result.train_s:.1f} s over "

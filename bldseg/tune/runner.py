@@ -28,6 +28,13 @@
   per trial with only the searched params (found again on retry/resume, never duplicated). Calls
   go through :class:`bldseg.tune.tracking.Tracker`: a tracking server that dies mid-search is
   reported (once per trial) and the search goes on without it.
+* K-fold trials (``base["folds"] = K``, ``--folds K``): a trial trains its configuration's K
+  folds in lockstep inside its run folder (:func:`bldseg.train.folds.fit_folds`: ``fold<f>/``
+  each, ``folds.json``), epoch e of every fold before epoch e + 1 of any, and reports per epoch
+  the mean over folds of each metric: ASHA compares trials on the configuration's cross-
+  validated score at equal epochs, as it compares holdout trials. Before each report the
+  trial's out-of-fold ``val_probs.npz`` (each fold's best epoch so far) is rewritten, so a
+  trial that ASHA stops leaves a whole library, covering every training image, like any other.
 * Ctrl-C: Tune saves the experiment and returns; :func:`run_search` then marks the MLflow runs
   KILLED and raises :class:`SearchInterrupted` (a ``KeyboardInterrupt``), so a partial search is
   never taken for a finished one. ``resume=True`` continues it.
@@ -291,6 +298,7 @@ def log_run_artifacts(client, run_id: str, run_dir: Path) -> None:
                 "status.json",
                 "val_probs.npz",
                 "best.pt",
+                "folds.json",  # a K-fold trial: its folds' weights stay in the run folder
             )
         ],
     )
@@ -317,13 +325,12 @@ def _checkpoint_epoch(ckpt, trial_id: str) -> int:
         return int(json.loads(meta.read_text())["epoch"])
 
 
-def _trained_history(last_path: Path) -> list[dict[str, Any]]:
-    """The epochs recorded in ``last.pt`` (mapped, not read: only the history is needed)."""
-    from bldseg.train.engine import load_state
+def _trained_history(run_dir: Path, cfg: RunConfig) -> list[dict[str, Any]]:
+    """The epochs a trial's run folder has trained: its ``last.pt``'s (mapped, not read: only
+    the history is needed), or a K-fold trial's mean rows over the epochs all folds trained."""
+    from bldseg.train.folds import trained_history
 
-    if not last_path.exists():
-        return []
-    return load_state(last_path, mmap=True)["history"]
+    return trained_history(run_dir, cfg)
 
 
 def _metric_steps(client, run_id: str, key: str) -> set[int]:
@@ -437,6 +444,7 @@ def trial_fn(
     from ray.tune import Checkpoint
 
     from bldseg.train.engine import fit
+    from bldseg.train.folds import fit_folds
 
     torch.set_num_threads(max(1, threads))
     ctx = tune.get_context()
@@ -465,13 +473,13 @@ def trial_fn(
         # Retried or resumed: the run folder may hold epochs Tune never heard of (the trial or
         # the driver stopped between writing last.pt and reporting); they are re-reported below.
         reported = _checkpoint_epoch(tune.get_checkpoint(), trial_id)
-        history = _trained_history(run_dir / "last.pt")
+        history = _trained_history(run_dir, cfg)
         trained = history[-1]["epoch"] if history else 0
         if reported > trained:
-            where = f"is at epoch {trained}" if history else "does not exist"
+            where = f"is at epoch {trained}" if history else "has trained none"
             raise RuntimeError(
-                f"trial {trial_id}: its Tune checkpoint is at epoch {reported} but "
-                f"{run_dir / 'last.pt'} {where}. The results folder (--storage) must be one "
+                f"trial {trial_id}: its Tune checkpoint is at epoch {reported} but its run "
+                f"folder {run_dir} {where}. The results folder (--storage) must be one "
                 "folder that every Ray node sees (shared storage), and must not change during a "
                 "search"
             )
@@ -529,9 +537,23 @@ def trial_fn(
         elif before.get("status") == "diverged":  # it had diverged before the interruption
             status, message = "diverged", before.get("message", "a loss became non-finite")
         else:
-            result = fit(
-                cfg, run_dir, data=_open_data(data_paths), on_epoch_end=on_epoch_end, resume=True
-            )
+            if cfg.folds >= 2:
+                result = fit_folds(
+                    cfg,
+                    run_dir,
+                    data=_open_data(data_paths),
+                    on_epoch_end=on_epoch_end,
+                    resume=True,
+                    lockstep=True,
+                )
+            else:
+                result = fit(
+                    cfg,
+                    run_dir,
+                    data=_open_data(data_paths),
+                    on_epoch_end=on_epoch_end,
+                    resume=True,
+                )
             status, message = result.status, result.message
         record(status if status in ("completed", "diverged") else "running", message)
         if status == "diverged":
@@ -947,6 +969,12 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     data = prepare_data(
         base.get("data"), options=data_options, data_root=spec.data_root, verbose=True
     )
+    fixed = RunConfig.from_flat(base)
+    if fixed.folds >= 2:  # more folds than source scenes: refused before any trial starts
+        from bldseg.data.dataset import fold_assignment, split_groups
+
+        groups = split_groups(data.train, fixed.split_group)
+        fold_assignment(len(data.train), fixed.folds, fixed.split_seed, groups)
     experiment_id = tracking.ensure_experiment(client, experiment, uri, project)
     # the commit of the code that runs (bldseg's checkout), not of the folder it runs in
     source = tracking.source_tags(CODE_DIR)

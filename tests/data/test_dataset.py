@@ -8,6 +8,8 @@ from bldseg.data.cache import build_cache
 from bldseg.data.dataset import (
     RandomCropDataset,
     TileDataset,
+    fold_assignment,
+    fold_indices,
     split_indices,
     validation_tiles,
     window_for,
@@ -32,6 +34,57 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert len(split_indices(3, 0.05)[1]) == 1  # at least one validation image
     with pytest.raises(ValueError, match="val_fraction"):
         split_indices(10, 1.5)
+
+
+def _scenes(sizes: list[int]) -> list[str]:
+    """Group labels: scene i cut into sizes[i] tiles, tiles interleaved as a cache lists them."""
+    labels = [f"scene{i}" for i, n in enumerate(sizes) for _ in range(n)]
+    return [labels[i] for i in np.random.default_rng(0).permutation(len(labels))]
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 7])
+def test_folds_partition_the_groups(k):
+    groups = _scenes([9, 1, 4, 4, 6, 2, 3, 3, 5, 1, 2])  # 40 tiles of 11 scenes
+    fold = fold_assignment(len(groups), k, seed=1, groups=groups)
+    assert fold.shape == (40,) and set(fold.tolist()) == set(range(k))  # no fold is empty
+    for g in set(groups):  # a scene lies in one fold
+        assert len({int(f) for f, gg in zip(fold, groups, strict=True) if gg == g}) == 1, g
+    sizes = np.bincount(fold, minlength=k)
+    assert sizes.max() - sizes.min() <= 9  # at most the largest scene apart
+    seen = np.zeros(40, int)
+    for f in range(k):
+        tr, va = fold_indices(len(groups), k, f, seed=1, groups=groups)
+        # each fold trains on every other fold's images, never on a scene it validates on
+        assert set(tr) | set(va) == set(range(40)) and set(tr).isdisjoint(va)
+        assert {groups[i] for i in tr}.isdisjoint({groups[i] for i in va})
+        np.testing.assert_array_equal(va, np.flatnonzero(fold == f))
+        seen[va] += 1
+    assert (seen == 1).all()  # every image in exactly one validation fold
+    np.testing.assert_array_equal(fold, fold_assignment(40, k, seed=1, groups=groups))
+    # labels spelt differently, same scenes: the same folds (codes by first appearance)
+    renamed = [g.replace("scene", "S-") for g in groups]
+    np.testing.assert_array_equal(fold, fold_assignment(40, k, seed=1, groups=renamed))
+
+
+def test_folds_depend_on_the_seed_and_balance_single_images():
+    a = fold_assignment(20, 4, seed=0)
+    assert (np.bincount(a) == 5).all()  # one group per image: equal folds
+    assert not np.array_equal(a, fold_assignment(20, 4, seed=1))
+    # K = number of groups: one scene per fold
+    groups = _scenes([3, 2, 5])
+    assert sorted(np.bincount(fold_assignment(10, 3, 0, groups))) == [2, 3, 5]
+
+
+def test_fold_errors_name_the_flag():
+    groups = _scenes([3, 2, 5])
+    with pytest.raises(ValueError, match=r"--folds 4: the data has only 3 split group"):
+        fold_assignment(10, 4, 0, groups)
+    with pytest.raises(ValueError, match=r"--folds 1: K-fold training needs at least 2"):
+        fold_assignment(10, 1, 0, groups)
+    with pytest.raises(ValueError, match=r"--fold 3: the folds of --folds 3 are 0\.\.2"):
+        fold_indices(10, 3, 3, 0, groups)
+    with pytest.raises(ValueError, match=r"--fold -1"):
+        fold_indices(10, 3, -1, 0, groups)
 
 
 def test_validation_tiles_cover_images(cache):

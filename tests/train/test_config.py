@@ -205,3 +205,18 @@ def test_official_drop_path_rates_are_the_variant_defaults():
     assert "drop_path_rate" not in PRETRAINED_RECIPE
     official = {"t": 0.2, "s": 0.3, "b": 0.4}
     assert {v: INTERNIMAGE_VARIANTS[v]["drop_path_rate"] for v in official} == official
+
+
+@pytest.mark.parametrize(
+    "update, named",
+    [
+        ({"folds": 1}, r"folds=1 must be 0 .* or at least 2 \(--folds K\)"),
+        ({"folds": -2}, r"folds=-2"),
+        ({"folds": 3, "fold": 3}, r"fold=3 is not one of the folds 0\.\.2 of folds=3"),
+        ({"fold": 1}, r"fold=1 selects a fold of K-fold training: set folds \(--folds K\)"),
+    ],
+)
+def test_fold_settings_are_checked(update, named):
+    with pytest.raises(ValueError, match=named):
+        RunConfig.from_flat(update)
+    assert RunConfig.from_flat({"folds": 3, "fold": 2}).fold == 2

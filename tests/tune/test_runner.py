@@ -468,3 +468,48 @@ def test_runner_joins_a_real_local_cluster(small_world, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_kfold_trials_leave_out_of_fold_libraries(small_world, ray_session, tmp_path):
+    """--folds 2: each trial trains its 2 folds in lockstep and reports their mean per epoch
+    (ASHA decides on it), and leaves an out-of-fold library of the whole training set that the
+    ensemble search takes as one model per trial."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from bldseg.ensemble.library import find_runs
+    from bldseg.ensemble.run import SearchConfig
+    from bldseg.ensemble.run import run_search as ensemble_search
+
+    result = run_search(
+        spec_for(
+            small_world,
+            tmp_path,
+            name="kfold",
+            base={**BASE, "folds": 2, "split_group": r"TRAIN_\d\d(\d)"},
+            scheduler="asha",
+            grace_period=1,
+            max_concurrent=1,
+        )
+    )
+    check_trial_records(result, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+    assert result.n_completed == 2
+    for row in result.table.to_dict("records"):
+        run_dir = Path(row["run_dir"])
+        history = json.loads((run_dir / "history.json").read_text())
+        folds = [json.loads((run_dir / f"fold{f}" / "history.json").read_text()) for f in (0, 1)]
+        epochs = len(history)
+        assert [len(h) for h in folds] == [epochs, epochs]  # lockstep: every fold as far
+        mean = (folds[0][-1][METRIC] + folds[1][-1][METRIC]) / 2
+        assert history[-1][METRIC] == pytest.approx(mean)
+        z = np.load(run_dir / "val_probs.npz")
+        assert sorted(set(z["image_ids"])) == sorted(small_world.train.ids)
+        assert len(set(z["tile_ids"])) == len(z["tile_ids"]) and set(z["fold"]) == {0, 1}
+    # the trials' out-of-fold libraries, not their folds, are the ensemble search's models
+    runs = find_runs(result.path)
+    assert runs == sorted(Path(r) for r in result.table["run_dir"])
+    ens = SearchConfig(runs=str(result.path), k=[2], out=str(tmp_path / "ens"), progress=False)
+    ensemble_search(ens)
+    spec = json.loads((tmp_path / "ens" / "best_ensemble.json").read_text())
+    assert len(spec["members"]) == 2
+    assert all(m["checkpoint"].endswith("run/folds.json") for m in spec["members"])

@@ -1,0 +1,265 @@
+"""K-fold training: K models of one configuration, each validated on its own fold.
+
+    result = fit_folds(RunConfig(folds=5, epochs=10), "runs/kfold")
+
+The training images are dealt into K folds by split group (source scene, or the
+``split_group`` pattern; :func:`bldseg.data.dataset.fold_assignment`, seeded by
+``split_seed``): fold ``f`` validates on the f-th partition and trains on the other K-1, so
+tiles of one scene are never on both sides. A K-fold run folder holds::
+
+    folds.json       the manifest: K, the config, the folds' folders, out-of-fold metrics
+    fold<f>/         fold f's own run folder (fit): best.pt, last.pt, val_probs.npz, plots/
+    val_probs.npz    the out-of-fold (OOF) library: the K folds' held-out maps, each at its
+                     fold's best epoch, so every training image appears exactly once
+    history.json     per epoch, the mean over the folds (``epoch_s`` summed, per-fold Dice)
+    status.json, plots/
+
+The OOF ``val_probs.npz`` has the layout of a single run's (plus ``fold``: the fold of each
+tile), so the ensemble search takes a K-fold run as one model; K-fold runs of different
+configurations on the same data and split cover the same tiles. Predicting with one
+(``folds.json`` as a checkpoint) averages its K fold models' probabilities
+(:func:`bldseg.predict.load_member`).
+
+Folds train one after the other (``bldseg train --folds K``), or in lockstep, epoch by epoch
+(a search: each epoch's mean over folds is what Tune and ASHA see). Lockstep resumes each fold
+from its ``last.pt``, which continues exactly, so both orders train the same models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bldseg.data.dataset import fold_assignment, split_groups
+from bldseg.data.prepare import PreparedData, prepare_data
+from bldseg.train.config import RunConfig
+from bldseg.train.engine import EpochCallback, FitResult, fit, load_state, threshold_metrics
+from bldseg.train.plots import tiles_from_cache, write_run_plots
+
+#: The manifest of a K-fold run folder (``bldseg.ensemble.library`` knows it by this name).
+FOLDS_FILE = "folds.json"
+#: A run folder's validation library (written by ``bldseg.train.engine.save_val_probs``).
+VAL_FILE = "val_probs.npz"
+
+#: Arrays of a validation library, concatenated over the folds.
+_LIBRARY_ARRAYS = ("probs", "truth", "tile_ids", "image_ids", "group_ids", "tile_yx")
+
+
+def fold_dir(out_dir: str | os.PathLike, fold: int) -> Path:
+    """The run folder of fold ``fold`` inside a K-fold run folder."""
+    return Path(out_dir) / f"fold{fold}"
+
+
+def fold_config(cfg: RunConfig, fold: int) -> RunConfig:
+    """The config of one fold: ``cfg`` with ``fold`` set."""
+    return cfg.with_updates({"fold": fold})
+
+
+def run_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The epochs a single run folder has trained (its ``last.pt``, mapped), or []."""
+    last = Path(run_dir) / "last.pt"
+    if not last.exists():
+        return []
+    return load_state(last, mmap=True)["history"]
+
+
+def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One epoch of K folds as one row: the mean of each number over the folds.
+
+    ``epoch_s`` is summed (the wall time the configuration spent on the epoch) and
+    ``val_thr_widened`` is the maximum (1 when any fold widened); text fields are left out.
+    ``fold<f>_val_dice_best`` keeps each fold's own Dice.
+    """
+    out: dict[str, Any] = {}
+    for key in rows[0]:
+        values = [r.get(key) for r in rows]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            continue
+        if key == "epoch":
+            out[key] = int(values[0])
+        elif key == "epoch_s":
+            out[key] = float(sum(values))
+        elif key == "val_thr_widened":
+            out[key] = float(max(values))
+        else:
+            out[key] = float(np.mean(values))
+    for f, r in enumerate(rows):
+        out[f"fold{f}_val_dice_best"] = r["val_dice_best"]
+    return out
+
+
+def mean_history(histories: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean rows (:func:`mean_row`) of the epochs every fold has trained."""
+    complete = min(len(h) for h in histories)
+    return [mean_row([h[e] for h in histories]) for e in range(complete)]
+
+
+def trained_history(run_dir: str | os.PathLike, cfg: RunConfig) -> list[dict[str, Any]]:
+    """The epochs a run folder has trained: a single run's rows, or a K-fold run's mean rows
+    of the epochs all its folds have trained."""
+    if cfg.folds < 2:
+        return run_history(run_dir)
+    return mean_history([run_history(fold_dir(run_dir, f)) for f in range(cfg.folds)])
+
+
+def write_oof(out_dir: str | os.PathLike, folds: int) -> Path:
+    """Writes the out-of-fold library ``<out_dir>/val_probs.npz`` (atomically) from the K folds'
+    ``val_probs.npz`` (each at its fold's best epoch so far), in fold order.
+
+    Raises:
+        FileNotFoundError: A fold has no validation library yet.
+        ValueError: A tile appears in two folds (the folds were not split by one assignment).
+    """
+    out = Path(out_dir)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*_LIBRARY_ARRAYS, "fold")}
+    for f in range(folds):
+        path = fold_dir(out, f) / VAL_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"fold {f} of {out} has no {VAL_FILE} yet: train it first")
+        with np.load(path, allow_pickle=False) as z:
+            for k in _LIBRARY_ARRAYS:
+                parts[k].append(z[k])
+            parts["fold"].append(np.full(len(z["tile_ids"]), f, dtype=np.int64))
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    if len(np.unique(arrays["tile_ids"])) != len(arrays["tile_ids"]):
+        raise ValueError(f"{out}: a tile is validated in two folds; retrain the folds of one run")
+    tmp = out / "val_probs.tmp.npz"
+    np.savez(tmp, **arrays)
+    path = out / VAL_FILE
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _best(history: list[dict[str, Any]]) -> dict[str, Any]:
+    best: dict[str, Any] = {}
+    for row in history:  # the first of equals, as fit keeps best.pt
+        if not best or row["val_dice_best"] > best["val_dice_best"]:
+            best = row
+    return dict(best)
+
+
+def fit_folds(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    *,
+    data: PreparedData | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    resume: bool = True,
+    progress: bool = False,
+    lockstep: bool = False,
+    only: int | None = None,
+) -> FitResult:
+    """Trains the K folds of ``cfg`` (``cfg.folds >= 2``) and writes the out-of-fold library.
+
+    Args:
+        cfg: The run config; its ``fold`` is ignored (every fold is trained).
+        out_dir: The K-fold run folder (see the module docstring).
+        data: Prepared caches; default ``prepare_data(cfg.data)``.
+        on_epoch_end: Called with the mean row of each epoch once every fold has trained it,
+            after ``history.json`` and the out-of-fold ``val_probs.npz`` are written (e.g. to
+            report to Ray Tune). Folds trained one after the other reach that point only
+            during the last fold.
+        resume: Continue each fold from its ``last.pt``.
+        progress: Show per-epoch progress bars.
+        lockstep: Train epoch e of every fold before epoch e + 1 of any (a search), instead
+            of fold after fold.
+        only: Train this fold only (e.g. folds on several machines); the out-of-fold library
+            is written when every fold has trained all its epochs.
+
+    Returns:
+        A :class:`FitResult` over the mean rows; ``best`` is the best mean epoch, the message
+        gives the out-of-fold Dice. ``status == "diverged"`` when a fold diverged.
+
+    Raises:
+        ValueError: ``cfg.folds`` below 2, or more folds than split groups (naming ``--folds``).
+    """
+    k = cfg.folds
+    if k < 2:
+        raise ValueError(f"folds={k}: fit_folds trains K >= 2 folds (--folds K); use fit")
+    if only is not None and not 0 <= only < k:
+        raise ValueError(f"--fold {only}: the folds of --folds {k} are 0..{k - 1}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = data or prepare_data(cfg.data, progress=progress)
+    cache = data.train
+    # Checked before any fold trains: more folds than groups fails here, naming --folds.
+    assigned = fold_assignment(len(cache), k, cfg.split_seed, split_groups(cache, cfg.split_group))
+    cfg = fold_config(cfg, 0)
+    manifest: dict[str, Any] = {
+        "folds": k,
+        "runs": [fold_dir(out, f).name for f in range(k)],
+        "val_images": [int((assigned == f).sum()) for f in range(k)],
+        "config": cfg.to_flat(),
+        "status": "running",
+    }
+    _write_json(out / FOLDS_FILE, manifest)
+
+    histories = [run_history(fold_dir(out, f)) if resume else [] for f in range(k)]
+    emitted = min(len(h) for h in histories)  # epochs the caller already knows of
+    todo = range(k) if only is None else [only]
+    if lockstep:
+        schedule = [(f, e) for e in range(1, cfg.epochs + 1) for f in todo]
+    else:
+        schedule = [(f, cfg.epochs) for f in todo]
+    started: set[int] = set()
+    for f, until in schedule:
+        if len(histories[f]) >= until:
+            continue  # trained before (a resumed run)
+        if progress and f not in started:
+            print(f"fold {f + 1}/{k}: {fold_dir(out, f)}", flush=True)
+        result = fit(
+            fold_config(cfg, f),
+            fold_dir(out, f),
+            data=data,
+            resume=resume or f in started,
+            progress=progress,
+            stop_after=until,
+        )
+        started.add(f)
+        histories[f] = result.history
+        if result.status == "diverged":
+            message = f"fold {f}: {result.message}"
+            _write_json(out / "status.json", {"status": "diverged", "message": message})
+            history = mean_history(histories)
+            return FitResult("diverged", message, history, _best(history), out)
+        complete = min(len(h) for h in histories)
+        if complete > emitted:
+            history = mean_history(histories)
+            write_oof(out, k)
+            _write_json(out / "history.json", history)
+            for row in history[emitted:complete]:
+                if on_epoch_end is not None:
+                    on_epoch_end(row, out)
+            emitted = complete
+
+    history = mean_history(histories)
+    if len(history) < cfg.epochs:  # `only`: the other folds are still to train
+        status = "stopped"
+        message = f"fold {only} trained; {k - 1} other fold(s) of {out} still to train"
+        return FitResult(status, message, history, _best(history), out)
+    write_oof(out, k)
+    with np.load(out / VAL_FILE, allow_pickle=False) as z:
+        oof = threshold_metrics(
+            z["probs"], z["truth"].astype(bool), cfg.threshold_lo, cfg.threshold_hi
+        )
+    manifest.update(status="completed", oof={f"val_{key}": v for key, v in oof.items()})
+    _write_json(out / FOLDS_FILE, manifest)
+    _write_json(out / "history.json", history)
+    message = (
+        f"trained {k} folds of {cfg.epochs} epochs; out-of-fold Dice {oof['dice_best']:.4f} "
+        f"at threshold {oof['thr_best']:.3f} over {int(sum(manifest['val_images']))} images"
+    )
+    _write_json(out / "status.json", {"status": "completed", "message": message})
+    write_run_plots(out, tiles_from_cache(cache), lo=cfg.threshold_lo, hi=cfg.threshold_hi)
+    return FitResult("completed", message, history, _best(history), out)

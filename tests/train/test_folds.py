@@ -1,0 +1,189 @@
+"""K-fold training end to end on the tiny world: folds, out-of-fold library, prediction, and
+the ensemble search over K-fold runs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bldseg import metrics
+from bldseg.commands import train as train_cmd
+from bldseg.data.dataset import fold_indices, split_groups
+from bldseg.data.readers import tile_windows
+from bldseg.ensemble.library import find_runs, load_library
+from bldseg.ensemble.run import SearchConfig, run_search
+from bldseg.predict import EnsembleSpec, image_loader, load_member, predict_cache
+from bldseg.train.config import RunConfig
+from bldseg.train.engine import predict_probs
+from bldseg.train.folds import fit_folds
+
+# The tiny world's images are TRAIN_0000..TRAIN_0023: grouped by their tens digit, 3 "scenes".
+SCENES = r"TRAIN_\d\d(\d)"
+TINY = [
+    "aug.crop_size=64",
+    "batch_size=8",
+    "samples_per_epoch=32",
+    "epochs=2",
+    "impl=compiled",
+]
+
+
+def train(world, out: Path, *extra: str) -> int:
+    argv = ["--data", str(world.root), "--data-root", str(world.root.parent), "--out", str(out)]
+    argv += ["--split-group", SCENES, *extra]
+    for s in TINY:
+        argv += ["--set", s]
+    return train_cmd.main(argv)
+
+
+@pytest.fixture(scope="module")
+def kfold_runs(small_world, tmp_path_factory):
+    """Two configurations, each trained as a 2-fold run by the train command."""
+    root = tmp_path_factory.mktemp("kfold") / "runs"
+    assert train(small_world, root / "a", "--folds", "2") == 0
+    assert train(small_world, root / "b", "--folds", "2", "--set", "optim.lr=3e-3") == 0
+    return root
+
+
+def test_kfold_run_folder(kfold_runs):
+    run = kfold_runs / "a"
+    manifest = json.loads((run / "folds.json").read_text())
+    assert manifest["folds"] == 2 and manifest["runs"] == ["fold0", "fold1"]
+    assert manifest["status"] == "completed" and sum(manifest["val_images"]) == 24
+    for f in (0, 1):
+        for name in ("best.pt", "last.pt", "val_probs.npz", "history.json"):
+            assert (run / f"fold{f}" / name).is_file(), (f, name)
+        assert RunConfig.from_flat(torch.load(run / f"fold{f}" / "best.pt")["config"]).fold == f
+    history = json.loads((run / "history.json").read_text())
+    folds = [json.loads((run / f"fold{f}" / "history.json").read_text()) for f in (0, 1)]
+    assert [h["epoch"] for h in history] == [1, 2]
+    for e, row in enumerate(history):  # the mean over folds, and each fold's own
+        assert row["val_dice_best"] == pytest.approx(
+            (folds[0][e]["val_dice_best"] + folds[1][e]["val_dice_best"]) / 2
+        )
+        assert row["fold1_val_dice_best"] == folds[1][e]["val_dice_best"]
+    # the out-of-fold metrics are those of the out-of-fold maps
+    z = np.load(run / "val_probs.npz")
+    oof = metrics.choose_level(
+        metrics.dice_at_levels(z["probs"], z["truth"].astype(bool)), metrics.QUANT_MAX, 0.3, 0.7
+    )
+    assert manifest["oof"]["val_dice_best"] == pytest.approx(oof.score)
+    assert {"curves.png", "threshold_curve.png", "worst_tiles.png"} <= {
+        p.name for p in (run / "plots").glob("*.png")
+    }
+
+
+def test_oof_library_covers_every_training_image_once(kfold_runs, small_world):
+    cache = small_world.train
+    run = kfold_runs / "a"
+    z = np.load(run / "val_probs.npz")
+    groups = split_groups(cache, SCENES)
+    windows = tile_windows(*cache.image_size, 64)
+    assert len(z["tile_ids"]) == len(set(z["tile_ids"])) == len(cache) * len(windows)
+    assert sorted(set(z["image_ids"])) == sorted(cache.ids)
+    for t in range(len(z["tile_ids"])):  # the right truth under each tile, its scene recorded
+        i = cache.ids.index(str(z["image_ids"][t]))
+        y, x = z["tile_yx"][t]
+        np.testing.assert_array_equal(z["truth"][t], cache.masks[i, y : y + 64, x : x + 64])
+        assert z["group_ids"][t] == groups[i]
+    for f in (0, 1):
+        # fold f's tiles are exactly its validation images, at its own best epoch's maps
+        _, val = fold_indices(len(cache), 2, f, 0, groups)
+        mine = z["fold"] == f
+        assert set(z["image_ids"][mine]) == {cache.ids[i] for i in val}
+        own = np.load(run / f"fold{f}" / "val_probs.npz")
+        np.testing.assert_array_equal(z["probs"][mine], own["probs"])
+        np.testing.assert_array_equal(z["tile_ids"][mine], own["tile_ids"])
+    # no scene is validated by two folds
+    assert set(z["group_ids"][z["fold"] == 0]).isdisjoint(z["group_ids"][z["fold"] == 1])
+
+
+def test_lockstep_trains_the_models_of_the_sequential_run(kfold_runs, small_world, tmp_path):
+    manifest = json.loads((kfold_runs / "a" / "folds.json").read_text())
+    cfg = RunConfig.from_flat(manifest["config"])
+    seen = []
+
+    def on_epoch_end(row, out):
+        # the out-of-fold library is whole before each report (a search may stop here)
+        z = np.load(out / "val_probs.npz")
+        seen.append((row["epoch"], len(set(z["image_ids"]))))
+
+    r = fit_folds(
+        cfg, tmp_path / "lock", data=small_world, on_epoch_end=on_epoch_end, lockstep=True
+    )
+    assert r.status == "completed" and seen == [(1, 24), (2, 24)]
+    # the same calls as the train command but without its progress bars (which change the
+    # training stream of fit itself, with or without folds)
+    fit_folds(cfg, tmp_path / "seq", data=small_world)
+    a, b = np.load(tmp_path / "seq" / "val_probs.npz"), np.load(tmp_path / "lock" / "val_probs.npz")
+    for key in ("probs", "tile_ids", "fold"):
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_one_fold_at_a_time(small_world, tmp_path):
+    assert train(small_world, tmp_path, "--folds", "2", "--fold", "1") == 0
+    assert (tmp_path / "fold1" / "best.pt").is_file() and not (tmp_path / "fold0").exists()
+    assert not (tmp_path / "val_probs.npz").exists()  # not until every fold is trained
+    done = (tmp_path / "fold1" / "best.pt").stat().st_mtime_ns
+    assert train(small_world, tmp_path, "--folds", "2") == 0  # trains fold 0 only
+    assert (tmp_path / "fold1" / "best.pt").stat().st_mtime_ns == done
+    assert len(np.load(tmp_path / "val_probs.npz")["tile_ids"]) == 24 * 4
+
+
+def test_fold_flags_are_checked(small_world, tmp_path, capsys):
+    assert train(small_world, tmp_path / "x", "--folds", "4") == 1
+    err = capsys.readouterr().err
+    assert "--folds 4: the data has only 3 split group(s)" in err and "--folds 3" in err
+    assert not (tmp_path / "x" / "fold0").exists()
+    for flags, said in [
+        (["--folds", "1"], "argument --folds: 1: K-fold training needs K >= 2"),
+        (["--folds", "2", "--fold", "2"], "--fold 2: the folds of --folds 2 are 0..1"),
+        (["--fold", "0"], "--fold F selects one fold of K-fold training: pass --folds K"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            train(small_world, tmp_path / "y", *flags)
+        assert e.value.code == 2 and said in capsys.readouterr().err, flags
+
+
+def test_predicting_with_a_kfold_run_averages_its_folds(kfold_runs, small_world, tmp_path):
+    run = kfold_runs / "a"
+    models, cfg, found = load_member(run)
+    assert len(models) == 2 and cfg.folds == 2
+    manifest = json.loads((run / "folds.json").read_text())
+    assert found["val_thr_best"] == manifest["oof"]["val_thr_best"]
+    loader = image_loader(small_world.test, 8)
+    q = predict_probs(models, loader, torch.device("cpu"))
+    with torch.no_grad():  # by hand: the mean of the two folds' probabilities, quantised once
+        x = torch.cat([b["image"] for b in loader])
+        p = (torch.sigmoid(models[0](x)) + torch.sigmoid(models[1](x))) / 2
+    np.testing.assert_array_equal(q, metrics.quantise(p[:, 0].numpy()))
+    # the predict command takes the run folder as a checkpoint, at its out-of-fold threshold
+    from bldseg.commands import predict as predict_cmd
+
+    out = tmp_path / "sub.csv"
+    argv = ["--checkpoint", str(run), "--data", str(small_world.root)]
+    argv += ["--data-root", str(small_world.root.parent), "--out", str(out)]
+    assert predict_cmd.main(argv) == 0
+    level = metrics.level_from_threshold(found["val_thr_best"])
+    spec = EnsembleSpec([str(run / "folds.json")], threshold=found["val_thr_best"])
+    np.testing.assert_array_equal(predict_cache(spec, small_world.test, progress=False), q >= level)
+
+
+def test_ensemble_search_on_kfold_libraries(kfold_runs, small_world, tmp_path):
+    runs = find_runs(kfold_runs)
+    assert runs == [kfold_runs / "a", kfold_runs / "b"]  # the folds are no models of their own
+    lib = load_library(runs, root=kfold_runs)
+    assert lib.n_models == 2 and lib.n_tiles == 24 * 4
+    assert lib.checkpoints == [kfold_runs / n / "folds.json" for n in "ab"]
+    s = run_search(
+        SearchConfig(runs=str(kfold_runs), k=[2], out=str(tmp_path / "ens"), progress=False)
+    )
+    # the selection/check split is by scene: 2 of the 3 scenes choose, the third checks
+    summary = json.loads((tmp_path / "ens" / "summary.json").read_text())
+    assert s.best["members"] and np.isfinite(summary["best"]["check_dice"])
+    spec = EnsembleSpec.load(tmp_path / "ens" / "best_ensemble.json")
+    assert [Path(c).name for c in spec.checkpoints] == ["folds.json", "folds.json"]
+    pred = predict_cache(spec, small_world.test, progress=False)  # 2 runs x 2 folds
+    assert pred.shape == (len(small_world.test), 32, 32) and pred.dtype == bool
