@@ -475,11 +475,15 @@ def fit(
         t0 = time.perf_counter()
         train_ds.set_epoch(epoch)
         order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        # The epoch's order drawn here, not by a shuffling sampler: that one draws when its
+        # iterator starts, and tqdm starts one iterator more (tqdm.asyncio calls iter() in its
+        # constructor), so runs with and without a progress bar trained on other batches.
+        # The loader's own generator only seeds workers (crops are keyed by seed, epoch, item).
         loader = DataLoader(
             train_ds,
             batch_size=cfg.batch_size,
-            shuffle=True,
-            generator=order,
+            sampler=torch.randperm(len(train_ds), generator=order).tolist(),
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
             num_workers=cfg.num_workers,
             pin_memory=pin,
             drop_last=False,

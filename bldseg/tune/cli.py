@@ -93,6 +93,8 @@ def fixed_config(
     if split_group:
         base["split_group"] = split_group
     base.update(sets)
+    if "aug.crop_size" in sets and "aug.crop_fit" not in sets:
+        base["aug.crop_fit"] = False  # a crop asked for by name is checked, never shrunk
     if announce and recipe:
         print(
             f"fine-tuning from {recipe['pretrained']} with the official recipe's defaults "

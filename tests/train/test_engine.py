@@ -233,3 +233,12 @@ def test_crop_larger_than_the_images(small_world, tmp_path, capsys):
     assert saved.aug.crop_size == 96 and saved.aug.crop_fit
     z = np.load(tmp_path / "b" / "val_probs.npz")
     assert z["probs"].shape[-2:] == (96, 96)
+
+
+def test_a_progress_bar_does_not_change_training(small_world, tmp_path):
+    # tqdm starts an extra iterator over the loader: the batches must not depend on it.
+    c = cfg(epochs=1, samples_per_epoch=16, batch_size=4)
+    quiet = fit(c, tmp_path / "quiet", data=small_world, progress=False, resume=False)
+    shown = fit(c, tmp_path / "shown", data=small_world, progress=True, resume=False)
+    for a, b in zip(quiet.history, shown.history, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_dice_best"] == b["val_dice_best"]

@@ -40,3 +40,12 @@ def test_cpu_defaults_without_pretrained():
 def test_search_parser_takes_pretrained():
     args = build_parser("augmentation", "").parse_args(["--pretrained", "w.pth", "--trials", "2"])
     assert args.pretrained == "w.pth" and args.trials == 2
+
+
+def test_cpu_crop_fits_small_images_unless_asked_for():
+    # The CPU defaults' crop shrinks to small images; a crop given by --set is checked instead.
+    assert fixed_config(None)["aug.crop_fit"] is True
+    asked = fixed_config("data", sets=["aug.crop_size=160"], gpu=False)
+    assert asked["aug.crop_size"] == 160 and asked["aug.crop_fit"] is False
+    both = fixed_config("data", sets=["aug.crop_size=160", "aug.crop_fit=true"], gpu=False)
+    assert both["aug.crop_fit"] is True
