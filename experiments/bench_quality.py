@@ -1,8 +1,9 @@
 """The demo's model vs a standard peer on the built-in world's clean held-out test split.
 
 Both arms go through the same ``fit()`` with the same run config (the CPU demo's settings,
-``CPU_DEMO`` with the demo's 10 epochs, or a demo trial's config with ``--config``): same
-crops, augmentation, schedule, batches and steps; only the model differs. Ours is the demo's
+``CPU_DEMO`` with the demo's 20 epochs, a search's best trial with ``--search``, or a config
+with ``--config``): same crops, augmentation, schedule, batches and steps; only the model
+differs. Ours is the demo's
 tiny UPerNet-InternImage, the peer an smp UNet with a small encoder (ResNet-18 by default;
 needs ``pip install 'bldseg[smp]'``), both from random initialisation.
 
