@@ -1,7 +1,10 @@
 """Real-data smoke benchmark (by hand, not in CI): a user's image/mask folder, end to end by CLI.
 
     python experiments/bench_realdata.py --data ../shared/realdata/inria_argh41 \\
-        --split-group '^([a-z]+\\d+)_' --json bench/realdata_inria.json
+        --json bench/realdata_inria.json
+
+(``--split-group '^([a-z]+\\d+)_'`` groups tiles by city; on this 41-tile sample the held-out
+cities leave one city for training, which the validation split refuses, naming the flag.)
 
 1. holds out whole source scenes (``--test-fraction``, grouped like the training split, by
    ``--split-group`` when given) as a test folder;
