@@ -53,25 +53,12 @@ def plain_vote(lib, levels, k):
     return sorted(out, key=lambda e: (-e.score, e.k, e.rank))
 
 
-def plain_weighted_best(lib, members, weights, lo, hi):
-    """Best (level, score) of the float weighted mean, every level of [lo, hi], plain loop."""
-    mv = metrics.QUANT_MAX * sum(weights)
-    mean = sum(w * lib.probs[m].astype(np.float64) for m, w in zip(members, weights, strict=True))
-    mean /= mv  # (T, S, S)
-    first, last = metrics.level_range(mv, lo, hi)
-    scores = [
-        metrics.competition_score(mean >= lv / mv, lib.truth) for lv in range(first, last + 1)
-    ]
-    i = int(np.argmax(scores))
-    return first + i, scores[i]
-
-
 def plain_weighted(lib, starts, lo, hi, max_weight):
     """The coordinate passes of ``rules.weighted_search`` with plain scoring."""
     out = []
     for start in starts:
         w = [1] * start.k
-        level, score = plain_weighted_best(lib, start.members, w, lo, hi)
+        level, score = R.brute_force_weighted(lib, start.members, w, lo, hi)
         changed = True
         while changed:
             changed = False
@@ -80,45 +67,11 @@ def plain_weighted(lib, starts, lo, hi, max_weight):
                     trial = [*w[:i], value, *w[i + 1 :]]
                     if value == w[i] or math.gcd(*trial) > 1:
                         continue
-                    lv, sc = plain_weighted_best(lib, start.members, trial, lo, hi)
+                    lv, sc = R.brute_force_weighted(lib, start.members, trial, lo, hi)
                     if sc > score:
                         w, level, score, changed = trial, lv, sc, True
         out.append(R.RuleEnsemble("weighted", start.members, tuple(w), level, score, start.rank))
     return sorted(out, key=lambda e: -e.score)
-
-
-def plain_empty(lib, e, levels, areas, lo, hi):
-    """The empty-tile search as a loop over (area, members, cut) on binary predictions."""
-    masks = np.stack([lib.probs[m] >= levels[m] for m in e.members])  # (k, T, S, S)
-    pixels = masks.reshape(e.k, lib.n_tiles, -1).sum(axis=2)  # (k, T)
-    if e.rule == "vote":
-        values, cuts = masks.sum(axis=0), range(1, e.k + 1)
-    else:
-        values = sum(
-            w * lib.probs[m].astype(np.int64) for m, w in zip(e.members, e.weights, strict=True)
-        )
-        first, last = metrics.level_range(e.max_value, lo, hi)
-        cuts = range(first, last + 1)
-
-    def best(emptied):
-        scores = []
-        for c in cuts:
-            pred = values >= c
-            pred[emptied] = False
-            scores.append(metrics.competition_score(pred, lib.truth))
-        i = int(np.argmax(scores))
-        return cuts[i], scores[i]
-
-    cut, score = best(np.zeros(lib.n_tiles, bool))
-    choice = (0, 0)
-    for a in areas:
-        for m in range(e.k, 0, -1):
-            emptied = (pixels < a).sum(axis=0) >= m
-            if emptied.any():
-                c, s = best(emptied)
-                if s > score:
-                    cut, score, choice = c, s, (m, int(a))
-    return R.RuleEnsemble(e.rule, e.members, e.weights, cut, score, e.rank, *choice)
 
 
 def timed(fn):
@@ -182,7 +135,9 @@ def run(args) -> list[dict]:
     cands = [R.from_mean(top[0]), vote_best]
     areas = R.DEFAULT_EMPTY_AREAS
     fast, t_fast = timed(lambda: [R.empty_search(lib, e, levels, areas, lo, hi) for e in cands])
-    plain, t_plain = timed(lambda: [plain_empty(lib, e, levels, areas, lo, hi) for e in cands])
+    plain, t_plain = timed(
+        lambda: [R.brute_force_empty(lib, e, levels, areas, lo, hi) for e in cands]
+    )
     add("empty-tile (areas x m x cut)", len(cands), "ensemble", fast, t_fast, plain, t_plain)
     return rows
 

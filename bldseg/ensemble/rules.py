@@ -53,6 +53,8 @@ __all__ = [
     "DEFAULT_EMPTY_AREAS",
     "RULES",
     "RuleEnsemble",
+    "brute_force_empty",
+    "brute_force_weighted",
     "empty_search",
     "from_mean",
     "member_levels",
@@ -360,3 +362,62 @@ def predict_library(lib: ModelLibrary, ens: RuleEnsemble, levels: np.ndarray | N
     """
     spec = ens.spec(lib.checkpoints, levels)
     return combine_members((lib.probs[m] for m in ens.members), spec)
+
+
+def brute_force_weighted(
+    lib: ModelLibrary, members: Sequence[int], weights: Sequence[int], lo: float, hi: float
+) -> tuple[int, float]:
+    """Readable reference of the weighted rule: best (level, score) of the float weighted
+    mean, every level of [lo, hi], scored one by one (tests and benchmarks check the fast
+    search against it)."""
+    mv = metrics.QUANT_MAX * sum(weights)
+    mean = sum(w * lib.probs[m].astype(np.float64) for m, w in zip(members, weights, strict=True))
+    mean /= mv  # (T, S, S)
+    first, last = metrics.level_range(mv, lo, hi)
+    scores = [
+        metrics.competition_score(mean >= lv / mv, lib.truth) for lv in range(first, last + 1)
+    ]
+    i = int(np.argmax(scores))
+    return first + i, scores[i]
+
+
+def brute_force_empty(
+    lib: ModelLibrary,
+    e: RuleEnsemble,
+    levels: np.ndarray,
+    areas: Sequence[int],
+    lo: float = 0.30,
+    hi: float = 0.70,
+) -> RuleEnsemble:
+    """Readable reference of :func:`empty_search`: a plain loop over (area, members, cut) on
+    binary predictions (tests and benchmarks check the fast search against it)."""
+    masks = np.stack([lib.probs[m] >= levels[m] for m in e.members])  # (k, T, S, S)
+    pixels = masks.reshape(e.k, lib.n_tiles, -1).sum(axis=2)  # (k, T)
+    if e.rule == "vote":
+        values, cuts = masks.sum(axis=0), range(1, e.k + 1)
+    else:
+        values = sum(
+            w * lib.probs[m].astype(np.int64) for m, w in zip(e.members, e.weights, strict=True)
+        )
+        first, last = metrics.level_range(e.max_value, lo, hi)
+        cuts = range(first, last + 1)
+
+    def best(emptied):
+        scores = []
+        for c in cuts:
+            pred = values >= c
+            pred[emptied] = False
+            scores.append(metrics.competition_score(pred, lib.truth))
+        i = int(np.argmax(scores))
+        return cuts[i], scores[i]
+
+    cut, score = best(np.zeros(lib.n_tiles, bool))
+    choice = (0, 0)
+    for a in areas:
+        for m in range(e.k, 0, -1):
+            emptied = (pixels < a).sum(axis=0) >= m
+            if emptied.any():
+                c, s = best(emptied)
+                if s > score:
+                    cut, score, choice = c, s, (m, int(a))
+    return RuleEnsemble(e.rule, e.members, e.weights, cut, score, e.rank, *choice)

@@ -75,19 +75,6 @@ def test_vote_scores_reference_agrees_with_thresholded_votes():
     assert R.vote_scores(lib, levels, combo).tolist() == want
 
 
-def _weighted_plain(lib, members, weights, lo=0.3, hi=0.7):
-    """Best (level, score) of a float weighted mean, every level in [lo, hi], plain loop."""
-    mv = 255 * sum(weights)
-    mean = sum(w * lib.probs[m].astype(np.float64) for m, w in zip(members, weights, strict=True))
-    mean /= mv
-    first, last = metrics.level_range(mv, lo, hi)
-    scores = [
-        metrics.competition_score(mean >= lv / mv, lib.truth) for lv in range(first, last + 1)
-    ]
-    i = int(np.argmax(scores))
-    return first + i, scores[i]
-
-
 def test_weighted_search_is_exact_and_a_local_optimum():
     lib = _lib(2)
     top, _ = exhaustive_search(lib, [2, 3], top=3, progress=False)
@@ -100,46 +87,12 @@ def test_weighted_search_is_exact_and_a_local_optimum():
         start = next(t for t in top if t.members == e.members)
         assert e.score >= start.score and e.rule == "weighted"
         # the level and score of the float weighted mean, computed the plain way
-        assert _weighted_plain(lib, e.members, e.weights) == (e.cut, e.score)
+        assert R.brute_force_weighted(lib, e.members, e.weights, 0.3, 0.7) == (e.cut, e.score)
         # no single weight change (without a common factor) scores strictly higher
         for i, v in itertools.product(range(e.k), range(1, 4)):
             trial = [*e.weights[:i], v, *e.weights[i + 1 :]]
             if math.gcd(*trial) == 1:
-                assert _weighted_plain(lib, e.members, trial)[1] <= e.score
-
-
-def _empty_plain(lib, e, levels, areas, lo=0.3, hi=0.7):
-    """The empty-tile search as a plain loop over (a, m, cut) on binary predictions."""
-    masks = _masks(lib, levels, e.members)
-    pixels = masks.reshape(e.k, lib.n_tiles, -1).sum(axis=2)  # (k, T)
-    if e.rule == "vote":
-        values, cuts = masks.sum(axis=0), range(1, e.k + 1)
-    else:
-        values = sum(
-            w * lib.probs[m].astype(np.int64) for m, w in zip(e.members, e.weights, strict=True)
-        )
-        first, last = metrics.level_range(e.max_value, lo, hi)
-        cuts = range(first, last + 1)
-
-    def best(emptied):
-        scores = []
-        for c in cuts:
-            pred = values >= c
-            pred[emptied] = False
-            scores.append(metrics.competition_score(pred, lib.truth))
-        i = int(np.argmax(scores))
-        return cuts[i], scores[i]
-
-    cut, score = best(np.zeros(lib.n_tiles, bool))
-    choice = (0, 0)
-    for a in areas:
-        for m in range(e.k, 0, -1):
-            emptied = (pixels < a).sum(axis=0) >= m
-            if emptied.any():
-                c, s = best(emptied)
-                if s > score:
-                    cut, score, choice = c, s, (m, a)
-    return cut, score, choice
+                assert R.brute_force_weighted(lib, e.members, trial, 0.3, 0.7)[1] <= e.score
 
 
 @pytest.mark.parametrize("rule", R.RULES)
@@ -156,8 +109,13 @@ def test_empty_search_equals_a_plain_loop(rule):
     areas = (1, 8, 16, 32, 64)
     for e in cands:
         got = R.empty_search(lib, e, levels, areas)
-        cut, score, (m, a) = _empty_plain(lib, e, levels, areas)
-        assert (got.cut, got.score, got.empty_votes, got.empty_area) == (cut, score, m, a)
+        ref = R.brute_force_empty(lib, e, levels, areas)
+        assert (got.cut, got.score, got.empty_votes, got.empty_area) == (
+            ref.cut,
+            ref.score,
+            ref.empty_votes,
+            ref.empty_area,
+        )
         assert got.score >= e.score
     assert R.empty_search(lib, cands[0], levels, areas).empty_votes > 0  # the rule helps here
 
