@@ -18,6 +18,12 @@ Wall times are of whatever else the machine was running too: quality is the resu
     python experiments/bench_quality.py --search runs/augmentation-20261202-012605  # the demo's
     python experiments/bench_quality.py --config best_trial.json      # a demo trial's config
     python experiments/bench_quality.py --peer smp_unet_efficientnet_b0 --seeds 0
+    python experiments/bench_quality.py --search runs/... --peer-epochs 3  # equal CPU time
+
+``ep`` in the table is the best epoch / the epochs trained; ``CPU s`` the training process's
+CPU seconds (all torch threads; NaN for a run trained before they were recorded). With
+``--peer-epochs`` the peer trains fewer (or more) epochs on its own full schedule: the
+comparison at an equal CPU budget rather than equal steps.
 
 Runs are kept under ``--out`` keyed by the data and the config, so re-running with more seeds
 trains only the new ones.
@@ -143,6 +149,7 @@ def train_and_score(
         "wall_s": wall,  # of this call: 0 for a run trained before
         "train_s": sum(h["epoch_s"] for h in history),  # the run's epochs, whenever trained
         "epoch_s": [h["epoch_s"] for h in history],
+        "cpu_s": sum(h.get("cpu_s", float("nan")) for h in history),  # NaN: an older run
     }
     if status not in ("completed", "early-stopped") or not best:
         row["message"] = message
@@ -203,8 +210,8 @@ def _fmt(iv: dict) -> str:
 
 def print_table(rows: list[dict], summary: dict) -> None:
     """The per-run table, then each arm over seeds and the paired difference."""
-    head = f"{'arm':<5} {'model':<26} {'params':>7} {'seed':>4} {'ep':>3} {'val Dice':>8} "
-    head += f"{'thr':>5} {'test Dice [95% CI]':>26} {'test@0.5':>8} {'train s':>7}"
+    head = f"{'arm':<5} {'model':<26} {'params':>7} {'seed':>4} {'ep':>5} {'val Dice':>8} "
+    head += f"{'thr':>5} {'test Dice [95% CI]':>26} {'test@0.5':>8} {'train s':>7} {'CPU s':>6}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "per_tile" not in r:
@@ -212,8 +219,9 @@ def print_table(rows: list[dict], summary: dict) -> None:
             continue
         print(
             f"{r['arm']:<5} {r['model']:<26} {r['params'] / 1e6:>6.2f}M {r['seed']:>4} "
-            f"{r['best_epoch']:>3} {r['val_dice_best']:>8.4f} {r['val_thr_best']:>5.3f} "
-            f"{_fmt(r['test_dice']):>26} {r['test_dice_05']:>8.4f} {r['train_s']:>7.0f}"
+            f"{r['best_epoch']:>2}/{len(r['epoch_s']):<2} {r['val_dice_best']:>8.4f} "
+            f"{r['val_thr_best']:>5.3f} {_fmt(r['test_dice']):>26} {r['test_dice_05']:>8.4f} "
+            f"{r['train_s']:>7.0f} {r['cpu_s']:>6.0f}"
         )
     print()
     for arm in ("ours", "peer"):
@@ -252,6 +260,13 @@ def main() -> None:
     a("--ours", default=CPU_DEMO["model"], help=f"our model (default {CPU_DEMO['model']})")
     a("--peer", default="smp_unet_resnet18", help="peer model (default smp_unet_resnet18)")
     a("--epochs", type=int, default=DEMO_EPOCHS, help=f"epochs (default {DEMO_EPOCHS})")
+    a(
+        "--peer-epochs",
+        type=int,
+        default=None,
+        help="the peer's epochs, its schedule fitted to them (e.g. so that its CPU seconds "
+        "match ours', from bench_train.py); default --epochs",
+    )
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per arm (default 0 1)")
     a("--arms", nargs="+", choices=["ours", "peer"], default=["ours", "peer"])
     a("--out", default="runs/bench_quality", help="run folders go here")
@@ -284,7 +299,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for arm in args.arms:
-            cfg = RunConfig.from_flat({**base, "model": models[arm], "seed": seed})
+            own = {"epochs": args.peer_epochs} if arm == "peer" and args.peer_epochs else {}
+            cfg = RunConfig.from_flat({**base, "model": models[arm], "seed": seed, **own})
             print(f"== {arm}: {cfg.model}, seed {seed}", flush=True)
             reuse = trial_dir if arm == "ours" and cfg.to_flat() == trial else None
             rows.append(train_and_score(arm, cfg, Path(args.out), data, truth, groups, reuse))

@@ -472,7 +472,7 @@ def fit(
         if stop_after is not None and epoch >= stop_after:
             status, message = "stopped", f"stopped after epoch {epoch} of {cfg.epochs}"
             break
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_ds.set_epoch(epoch)
         order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         # The epoch's order drawn here, not by a shuffling sampler: that one draws when its
@@ -540,6 +540,9 @@ def fit(
             "lr": optimizers[0].param_groups[-1]["lr"],
             **{f"val_{k}": v for k, v in vm.items()},
             "epoch_s": time.perf_counter() - t0,
+            # CPU seconds of this process, every torch thread counted (DataLoader workers,
+            # num_workers > 0, are other processes and not included).
+            "cpu_s": time.process_time() - c0,
         }
         if cfg.coteach.enabled:
             row.update(

@@ -11,7 +11,7 @@ tiles of one scene are never on both sides. A K-fold run folder holds::
     fold<f>/         fold f's own run folder (fit): best.pt, last.pt, val_probs.npz, plots/
     val_probs.npz    the out-of-fold (OOF) library: the K folds' held-out maps, each at its
                      fold's best epoch, so every training image appears exactly once
-    history.json     per epoch, the mean over the folds (``epoch_s`` summed, per-fold Dice)
+    history.json     per epoch, the mean over the folds (times summed, per-fold Dice)
     status.json, plots/
 
 The OOF ``val_probs.npz`` has the layout of a single run's (plus ``fold``: the fold of each
@@ -71,7 +71,7 @@ def run_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One epoch of K folds as one row: the mean of each number over the folds.
 
-    ``epoch_s`` is summed (the wall time the configuration spent on the epoch) and
+    ``epoch_s`` and ``cpu_s`` are summed (the time the configuration spent on the epoch) and
     ``val_thr_widened`` is the maximum (1 when any fold widened); text fields are left out.
     ``fold<f>_val_dice_best`` keeps each fold's own Dice.
     """
@@ -82,7 +82,7 @@ def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             continue
         if key == "epoch":
             out[key] = int(values[0])
-        elif key == "epoch_s":
+        elif key in ("epoch_s", "cpu_s"):
             out[key] = float(sum(values))
         elif key == "val_thr_widened":
             out[key] = float(max(values))

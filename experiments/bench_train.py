@@ -1,0 +1,324 @@
+"""Test Dice against CPU seconds: the demo's model vs standard peers, side by side in one run.
+
+Every arm trains through the same ``fit()`` with the same run config (the CPU demo's settings,
+``CPU_DEMO``, for ``--epochs``): same data, crops, augmentation, schedule, batches and steps;
+only the model differs. Peers are segmentation_models_pytorch UNets from random
+initialisation (``pip install 'bldseg[smp]'``; ``make bench-quality`` builds a venv with them).
+The arms train one after the other, never at once: on a 2-core machine a second job would
+slow the first.
+
+After every epoch the epoch's model (``last.pt``) is scored on the clean held-out test tiles
+with the official metric at the epoch's validation threshold; that scoring is not counted in
+the run's time. An arm's value at a budget of ``t`` CPU seconds is the test Dice of the
+checkpoint a user stopping at ``t`` keeps, the best validation epoch finished by then
+(:mod:`bldseg.curves`). CPU seconds are the training process's (``time.process_time``, all
+torch threads, validation included); wall seconds are printed beside them. The 95% intervals
+are cluster bootstraps over the test tiles' source scenes; ``ours - peer`` is paired on the
+same tiles.
+
+    python experiments/bench_train.py --json bench/train.json
+    python experiments/bench_train.py --peers smp_unet_mobilenetv3_small smp_unet_resnet18
+
+Prints a table, writes JSON and a plot (``--plot``, default beside the JSON). Runs are kept
+under ``--out`` keyed by the data and the config, so a rerun scores finished runs again
+without training them (their recorded times are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bldseg import metrics, stats
+from bldseg.curves import EpochPoint, cumulative, epoch_at, first_reaching
+from bldseg.data.prepare import DEFAULT_DATA_ROOT, DEFAULT_SYNTHETIC, prepare_data
+from bldseg.models import create_model
+from bldseg.pipeline import test_truth
+from bldseg.predict import image_loader
+from bldseg.train import RunConfig, fit
+from bldseg.train.engine import load_state, predict_probs, resolve_device
+from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
+
+# The sibling benchmark's helpers (this folder is on sys.path when a script here runs).
+from bench_quality import _json_arg, _run_key  # isort: skip
+
+CURVE_FILE = "test_curve.json"  # per epoch: threshold and per-tile test Dice, in the run folder
+
+
+def _write_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    os.replace(tmp, path)
+
+
+def train_curve(
+    arm: str, cfg: RunConfig, out: Path, data, truth: np.ndarray
+) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Trains one arm (or reads a finished run) and scores every epoch's model on the test tiles.
+
+    Returns:
+        The run folder, its history (``cpu_s``, ``epoch_s``, validation per epoch) and the
+        per-epoch test scores (``epoch``, ``threshold``, ``per_tile`` with NaN as None).
+    """
+    run_dir = out / f"{arm}-seed{cfg.seed}-{_run_key(data.train.fingerprint, cfg.to_flat())}"
+    curve_path = run_dir / CURVE_FILE
+    curve: list[dict[str, Any]] = json.loads(curve_path.read_text()) if curve_path.is_file() else []
+    device = resolve_device(cfg.device)
+    model = create_model(cfg.model, **cfg.model_kwargs()).to(device)
+    test_loader = image_loader(data.test, 32)
+
+    def score(row: dict[str, Any], folder: Path) -> None:
+        # The epoch's weights are in last.pt (best.pt only when validation improved).
+        model.load_state_dict(load_state(folder / "last.pt", device)["models"][0])
+        probs = predict_probs(model, test_loader, device)  # (N, S, S) uint8
+        thr = float(row["val_thr_best"])
+        per_tile = metrics.dice_per_image(probs >= metrics.level_from_threshold(thr), truth)
+        curve[:] = [c for c in curve if c["epoch"] < row["epoch"]]
+        curve.append(
+            {
+                "epoch": int(row["epoch"]),
+                "threshold": thr,
+                "per_tile": [None if np.isnan(v) else float(v) for v in per_tile],
+            }
+        )
+        _write_atomic(curve_path, curve)
+
+    result = fit(cfg, run_dir, data=data, resume=True, progress=True, on_epoch_end=score)
+    if result.status != "completed":
+        raise RuntimeError(f"{arm} ({cfg.model}): {result.status}: {result.message}")
+    missing = {h["epoch"] for h in result.history} - {c["epoch"] for c in curve}
+    if missing:
+        raise RuntimeError(
+            f"{run_dir}: epochs {sorted(missing)} were trained without test scores (a run "
+            f"trained outside this benchmark?); delete the folder to retrain it"
+        )
+    if any("cpu_s" not in h for h in result.history):
+        raise RuntimeError(f"{run_dir}: its history has no cpu_s (an older run); delete it")
+    return run_dir, result.history, curve
+
+
+def _tiles(entry: dict[str, Any]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in entry["per_tile"]])
+
+
+def arm_points(history: list[dict], curve: list[dict], clock: str) -> list[EpochPoint]:
+    """The run's epochs as :class:`EpochPoint` on the ``cpu_s`` or ``epoch_s`` clock."""
+    by_epoch = {c["epoch"]: c for c in curve}
+    seconds = cumulative([h[clock] for h in history])
+    return [
+        EpochPoint(
+            h["epoch"], s, h["val_dice_best"], float(np.nanmean(_tiles(by_epoch[h["epoch"]])))
+        )
+        for h, s in zip(history, seconds, strict=True)
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    a = p.add_argument
+    a("--ours", default=CPU_DEMO["model"], help=f"our model (default {CPU_DEMO['model']})")
+    a(
+        "--peers",
+        nargs="+",
+        default=["smp_unet_mobilenetv3_small"],
+        help="peer models (default smp_unet_mobilenetv3_small)",
+    )
+    a("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
+    a("--seed", type=int, default=0)
+    a("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config value, all arms")
+    a(
+        "--at",
+        type=float,
+        nargs="+",
+        default=None,
+        help="CPU-second budgets of the table (default: quarters of the longest arm's time)",
+    )
+    a("--out", default="runs/bench_train", help="run folders go here")
+    a("--data-root", default=str(DEFAULT_DATA_ROOT), help="the synthetic world and caches")
+    a(
+        "--synthetic",
+        type=_json_arg,
+        default=None,
+        help="generate_world keywords replacing DEFAULT_SYNTHETIC (use another --data-root)",
+    )
+    a("--json", default="bench/train.json", help="write the results here")
+    a("--plot", default=None, help="the curves' PNG (default: the JSON's path with .png)")
+    args = p.parse_args()
+
+    synthetic = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
+    data = prepare_data(None, data_root=args.data_root, synthetic=synthetic, verbose=True)
+    truth = test_truth(data)  # (N, 224, 224) bool, test-cache order
+    groups = list(data.test.groups)
+    print(f"test: {len(truth)} tiles from {len(set(groups))} held-out scenes")
+    base = {**CPU_DEMO, "epochs": args.epochs, "seed": args.seed, **parse_set(args.set)}
+    arms = {"ours": args.ours, **{f"peer{i + 1}": m for i, m in enumerate(args.peers)}}
+
+    runs: dict[str, dict[str, Any]] = {}
+    for arm, model in arms.items():
+        cfg = RunConfig.from_flat({**base, "model": model})
+        print(f"== {arm}: {model}", flush=True)
+        t0 = time.perf_counter()
+        run_dir, history, curve = train_curve(arm, cfg, Path(args.out), data, truth)
+        params = sum(p.numel() for p in create_model(model, **cfg.model_kwargs()).parameters())
+        runs[arm] = {
+            "model": model,
+            "params": params,
+            "run_dir": str(run_dir),
+            "call_s": time.perf_counter() - t0,  # this call: ~0 for a run trained before
+            "cpu": arm_points(history, curve, "cpu_s"),
+            "wall": arm_points(history, curve, "epoch_s"),
+            "tiles": {c["epoch"]: _tiles(c) for c in curve},
+        }
+
+    longest = max(r["cpu"][-1].seconds for r in runs.values())
+    budgets = sorted(args.at) if args.at else [longest * q for q in (0.25, 0.5, 0.75, 1.0)]
+    table = []
+    for t in budgets:
+        row: dict[str, Any] = {"cpu_s": t}
+        kept = {arm: epoch_at(r["cpu"], t) for arm, r in runs.items()}
+        for arm, k in kept.items():
+            if k is None:
+                row[arm] = None
+                continue
+            iv = stats.bootstrap_mean(runs[arm]["tiles"][k.epoch], groups)
+            row[arm] = {
+                "epoch": k.epoch,
+                "done": t >= runs[arm]["cpu"][-1].seconds,
+                **iv.to_dict(),
+            }
+        for arm in list(arms)[1:]:
+            if kept["ours"] is not None and kept[arm] is not None:
+                d = stats.paired_difference(
+                    runs["ours"]["tiles"][kept["ours"].epoch],
+                    runs[arm]["tiles"][kept[arm].epoch],
+                    groups,
+                )
+                row[f"ours-{arm}"] = d.to_dict()
+        table.append(row)
+
+    # The table: each arm's kept checkpoint at each budget.
+    print("\ntest Dice [95% CI over scenes] of the checkpoint kept at each CPU-second budget")
+    print(f"(torch threads {torch.get_num_threads()}; '*' = the arm had finished by then)")
+    names = {arm: f"{arm} {r['model']} ({r['params'] / 1e6:.2f}M)" for arm, r in runs.items()}
+    for arm in arms:
+        print(f"  {names[arm]}")
+    head = f"{'CPU s':>7} " + " ".join(f"{arm:>27}" for arm in arms)
+    head += " " + " ".join(f"{'ours-' + arm:>27}" for arm in list(arms)[1:])
+    print(head + "\n" + "-" * len(head))
+    for row in table:
+        cells = []
+        for arm in arms:
+            v = row[arm]
+            if v is None:
+                cells.append(f"{'(no epoch yet)':>27}")
+            else:
+                mark = "*" if v["done"] else " "
+                iv = f"{v['estimate']:.3f} [{v['low']:.3f},{v['high']:.3f}]"
+                cells.append(f"{iv} e{v['epoch']:<2}{mark:>2}")
+        for arm in list(arms)[1:]:
+            d = row.get(f"ours-{arm}")
+            cells.append(
+                f"{'-':>27}"
+                if d is None
+                else f"{d['estimate']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}]    "
+            )
+        print(f"{row['cpu_s']:>7.0f} " + " ".join(f"{c:>27}" for c in cells))
+
+    print()
+    reach = {}
+    for arm, r in runs.items():
+        cpu, wall = r["cpu"][-1].seconds, r["wall"][-1].seconds
+        final = epoch_at(r["cpu"], cpu)
+        print(
+            f"{names[arm]}: {len(r['cpu'])} epochs in {cpu:.0f} CPU s ({wall:.0f} s wall), "
+            f"{cpu / len(r['cpu']):.1f} CPU s/epoch; kept epoch {final.epoch}: "
+            f"test Dice {final.test:.4f}"
+        )
+    for arm in list(arms)[1:]:
+        peer_final = epoch_at(runs[arm]["cpu"], runs[arm]["cpu"][-1].seconds)
+        got = first_reaching(runs["ours"]["cpu"], peer_final.test)
+        reach[arm] = None if got is None else {"epoch": got.epoch, "cpu_s": got.seconds}
+        if got is None:
+            print(f"ours never reaches {arm}'s final test Dice {peer_final.test:.4f}")
+        else:
+            total = runs[arm]["cpu"][-1].seconds
+            print(
+                f"ours reaches {arm}'s final test Dice {peer_final.test:.4f} at epoch {got.epoch}, "
+                f"{got.seconds:.0f} CPU s = {got.seconds / total:.0%} of {arm}'s {total:.0f}"
+            )
+
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot = Path(args.plot) if args.plot else path.with_suffix(".png")
+    _plot(runs, names, plot)
+    record = {
+        "base_config": base,
+        "synthetic": synthetic,
+        "data": data.description,
+        "test_tiles": len(truth),
+        "test_scenes": len(set(groups)),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads",
+        "arms": {
+            arm: {
+                "model": r["model"],
+                "params": r["params"],
+                "run_dir": r["run_dir"],
+                "epochs": [
+                    {
+                        "epoch": c.epoch,
+                        "cpu_s": c.seconds,
+                        "wall_s": w.seconds,
+                        "val_dice": c.val,
+                        "test_dice": c.test,
+                    }
+                    for c, w in zip(r["cpu"], r["wall"], strict=True)
+                ],
+            }
+            for arm, r in runs.items()
+        },
+        "budgets": table,
+        "ours_reaches_peer_final": reach,
+        "plot": str(plot),
+    }
+    _write_atomic(path, record)
+    print(f"wrote {path} and {plot}")
+
+
+def _plot(runs: dict[str, dict[str, Any]], names: dict[str, str], path: Path) -> None:
+    """Kept checkpoint's test Dice against CPU seconds, one step line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, r in runs.items():
+        xs = [p.seconds for p in r["cpu"]]
+        ys = [epoch_at(r["cpu"], x).test for x in xs]
+        ax.step(xs, ys, where="post", marker="o", ms=3, label=names[arm])
+    ax.set_xlabel("CPU seconds (training process, validation included)")
+    ax.set_ylabel("test Dice of the kept checkpoint")
+    ax.set_title("Quality against CPU time, same data, crops and schedule")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""experiments/bench_train.py end to end on a tiny world: curves, table, JSON, plot, reuse."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = {
+    "n_train": 6,
+    "n_test": 8,
+    "train_size": 96,
+    "test_size": 64,
+    "test_scene_size": 128,
+    "noise_fraction": 0.3,
+}
+
+
+def _bench(tmp_path: Path) -> subprocess.CompletedProcess:
+    # Our own tiny model as the "peer": the benchmark's logic without segmentation_models_pytorch.
+    args = [
+        sys.executable,
+        str(REPO / "experiments" / "bench_train.py"),
+        "--data-root", str(tmp_path / "data"),
+        "--synthetic", json.dumps(WORLD),
+        "--epochs", "2",
+        "--peers", "upernet_internimage_tiny",
+        "--set", "aug.crop_size=64",
+        "--set", "samples_per_epoch=16",
+        "--out", str(tmp_path / "runs"),
+        "--json", str(tmp_path / "train.json"),
+    ]  # fmt: skip
+    return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+
+def test_bench_train_writes_curves_and_reuses_finished_runs(tmp_path):
+    done = _bench(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "train.json").read_text())
+    assert set(record["arms"]) == {"ours", "peer1"}
+    for arm in record["arms"].values():
+        epochs = arm["epochs"]
+        assert [e["epoch"] for e in epochs] == [1, 2]
+        # Cumulative clocks rise; CPU seconds are counted (2 torch threads may exceed wall).
+        assert 0 < epochs[0]["cpu_s"] < epochs[1]["cpu_s"]
+        assert 0 < epochs[0]["wall_s"] < epochs[1]["wall_s"]
+        assert all(0.0 <= e["test_dice"] <= 1.0 for e in epochs)
+        curve = json.loads((Path(arm["run_dir"]) / "test_curve.json").read_text())
+        assert [len(c["per_tile"]) for c in curve] == [8, 8]
+    budgets = record["budgets"]
+    assert len(budgets) == 4 and budgets[-1]["cpu_s"] == max(
+        a["epochs"][-1]["cpu_s"] for a in record["arms"].values()
+    )
+    last = budgets[-1]
+    assert last["ours"]["done"] and last["peer1"]["done"]
+    assert last["ours"]["low"] <= last["ours"]["estimate"] <= last["ours"]["high"]
+    assert "ours-peer1" in last
+    assert (tmp_path / "train.png").stat().st_size > 0
+    assert "test Dice [95% CI over scenes]" in done.stdout
+
+    # A rerun trains nothing: the finished runs and their per-epoch test scores are reused.
+    again = _bench(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 1/2" not in again.stderr
+    rerun = json.loads((tmp_path / "train.json").read_text())
+    assert rerun["arms"]["ours"]["epochs"] == record["arms"]["ours"]["epochs"]
