@@ -463,3 +463,19 @@ def test_command_exits_130_on_ctrl_c(monkeypatch, capsys):
     monkeypatch.setattr(command, "run_pipeline", interrupted)
     assert command.main(["--trials", "1"], prog="bldseg pipeline") == 130
     assert "run the same command again" in capsys.readouterr().err
+
+
+def test_folds_flag_reaches_every_trial(monkeypatch):
+    from bldseg.commands import pipeline as command
+
+    seen = {}
+
+    def capture(cfg):
+        seen["base"] = cfg.base
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(command, "run_pipeline", capture)
+    assert command.main(["--trials", "1", "--folds", "3"]) == 130
+    assert seen["base"]["folds"] == 3
+    with pytest.raises(SystemExit):  # K < 2 is refused by the parser
+        command.main(["--folds", "1"])

@@ -7,6 +7,12 @@ tune_tau -> ensemble search -> predict -> submission.csv -> score -> REPORT.md.
         --gpus-per-trial 1 --address <ray-head>:6379 --storage /shared/runs \\
         --tracking-uri http://<mlflow-host>:5000 --trials 24 --epochs 60
     python experiments/pipeline.py --trials 2 --epochs 2   # the same, from a checkout
+    bldseg pipeline --folds 5                       # every configuration as 5 fold models
+
+With ``--folds K`` every trial trains K models, each validated on its own fold (by source
+scene), so the ensemble search chooses members and thresholds on out-of-fold maps of the whole
+training set instead of one validation split, and each member of the submission averages its
+K fold models.
 
 Re-running the same command continues where it stopped: finished stages are skipped and an
 interrupted search is resumed. Ctrl-C stops it (exit status 130) without recording the stage
@@ -23,7 +29,12 @@ from pathlib import Path
 
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.pipeline import PipelineConfig, run_pipeline
-from bldseg.tune.cli import DEFAULT_EPOCHS, add_pretrained_argument, fixed_config
+from bldseg.tune.cli import (
+    DEFAULT_EPOCHS,
+    add_folds_argument,
+    add_pretrained_argument,
+    fixed_config,
+)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -45,6 +56,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="regex on source file names grouping tiles on one side of the validation split",
     )
     add_pretrained_argument(p)
+    add_folds_argument(p)
     p.add_argument("--model", default=None, help="model name (default: tiny on a CPU)")
     p.add_argument("--trials", type=int, default=6, help="trials per search stage (default 6)")
     p.add_argument(
@@ -99,6 +111,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         pretrained=args.pretrained,
         announce=True,
     )
+    if args.folds is not None:
+        base["folds"] = args.folds
     cfg = PipelineConfig(
         name=args.name,
         out=args.out,

@@ -3,6 +3,11 @@
     bldseg suspects --checkpoint runs/single/best.pt --out runs/suspects
     python experiments/find_suspects.py --checkpoint runs/single/best.pt --out runs/suspects
 
+    bldseg suspects --checkpoint runs/kfold --out runs/suspects   # a K-fold run (--folds K)
+
+With a K-fold run (its folder or ``folds.json``) every image is scored by the fold model that
+held it out, at that fold's threshold: no model judges masks it was trained on.
+
 Writes suspects.csv (most suspect first) and suspects.png (contact sheet of the top ones). On
 the synthetic world, whose train_noise.csv records the injected label noise, it also prints
 precision@k: the share of truly noisy masks among the top k (k = number of noisy images).
@@ -11,13 +16,22 @@ precision@k: the share of truly noisy masks among the top k (k = number of noisy
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bldseg.commands import USER_ERRORS, fail
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
-from bldseg.predict import load_checkpoint
-from bldseg.train.suspects import precision_at_k, rank_suspects, write_suspects
+from bldseg.predict import load_checkpoint, resolve_member
+from bldseg.train.folds import FOLDS_FILE, VAL_FILE, fold_dir
+from bldseg.train.suspects import (
+    precision_at_k,
+    rank_suspects,
+    rank_suspects_oof,
+    write_suspects,
+)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -29,7 +43,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--checkpoint", required=True, help="best.pt of a trained model")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="best.pt of a trained model, or a K-fold run's folder / folds.json (out of fold)",
+    )
     add_data_arguments(p)
     p.add_argument("--out", required=True, help="folder for suspects.csv / suspects.png")
     p.add_argument("--top", type=int, default=12, help="images in the contact sheet")
@@ -50,16 +68,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prog: Program name in the usage line.
     """
     args = build_parser(prog).parse_args(argv)
+    member = resolve_member(args.checkpoint)
     try:
-        model, _, m = load_checkpoint(args.checkpoint)
         data = prepare_data(
             args.data, options=data_options(args), data_root=args.data_root, verbose=True
         )
+        if member.name == FOLDS_FILE:
+            folds = _load_folds(member, data.train.ids, args.threshold)
+            models = [m for m, _, _ in folds]
+            print(f"{member}: {len(folds)} folds, each image scored by the fold that held it out")
+            df = rank_suspects_oof(folds, data.train)
+            csv, png = write_suspects(df, data.train, models, args.out, top=args.top)
+        else:
+            model, _, m = load_checkpoint(member)
+            thr = args.threshold
+            thr = float(m.get("val_thr_best", 0.5)) if thr is None else thr
+            df = rank_suspects(model, data.train, range(len(data.train)), threshold=thr)
+            csv, png = write_suspects(df, data.train, model, args.out, top=args.top, threshold=thr)
     except USER_ERRORS as e:
         return fail(e)
-    thr = args.threshold if args.threshold is not None else float(m.get("val_thr_best", 0.5))
-    df = rank_suspects(model, data.train, range(len(data.train)), threshold=thr)
-    csv, png = write_suspects(df, data.train, model, args.out, top=args.top, threshold=thr)
     print(df.head(args.top).to_string(index=False))
     print(f"wrote {csv} and {png}")
     noise_csv = data.root / "train_noise.csv"
@@ -74,3 +101,35 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 f"(random ranking: {k / len(df):.3f})"
             )
     return 0
+
+
+def _load_folds(manifest_path: Path, ids: list[str], threshold: float | None) -> list:
+    """``(model, config, threshold)`` of every fold of a K-fold run trained on these images.
+
+    Raises:
+        FileNotFoundError: A fold's ``best.pt`` is missing.
+        ValueError: The run's out-of-fold library names other images than the data's (its
+            folds were drawn on another dataset).
+    """
+    manifest = json.loads(manifest_path.read_text())
+    if "folds" not in manifest:
+        raise ValueError(f"{manifest_path} is not a K-fold run manifest (no 'folds' entry)")
+    run = manifest_path.parent
+    oof = run / VAL_FILE
+    if oof.is_file():
+        seen = set(np.load(oof)["image_ids"].tolist())
+        if seen != set(ids):
+            raise ValueError(
+                f"{run}: its out-of-fold library covers {len(seen)} images, "
+                f"{len(seen - set(ids))} of them not in this data ({len(ids)} images); pass the "
+                "--data the run was trained on"
+            )
+    folds = []
+    for f in range(int(manifest["folds"])):
+        ckpt = fold_dir(run, f) / "best.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{run}: fold {f} has no {ckpt}; finish training it first")
+        model, cfg, m = load_checkpoint(ckpt)
+        thr = float(m.get("val_thr_best", 0.5)) if threshold is None else threshold
+        folds.append((model, cfg, thr))
+    return folds

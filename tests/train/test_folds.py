@@ -2,9 +2,11 @@
 the ensemble search over K-fold runs."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -187,3 +189,42 @@ def test_ensemble_search_on_kfold_libraries(kfold_runs, small_world, tmp_path):
     assert [Path(c).name for c in spec.checkpoints] == ["folds.json", "folds.json"]
     pred = predict_cache(spec, small_world.test, progress=False)  # 2 runs x 2 folds
     assert pred.shape == (len(small_world.test), 32, 32) and pred.dtype == bool
+
+
+def test_suspects_of_a_kfold_run_are_scored_out_of_fold(kfold_runs, small_world, tmp_path, capsys):
+    from bldseg.commands import suspects as suspects_cmd
+
+    cache = small_world.train
+    run = kfold_runs / "a"
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    assert suspects_cmd.main(["--checkpoint", str(run), *argv, "--out", str(tmp_path)]) == 0
+    assert "each image scored by the fold that held it out" in capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "suspects.csv")
+    assert sorted(df["img_id"]) == sorted(cache.ids)  # every image once
+    groups = split_groups(cache, SCENES)
+    for f in (0, 1):
+        _, val = fold_indices(len(cache), 2, f, 0, groups)
+        mine = df[df["fold"] == f]
+        assert set(mine["img_id"]) == {cache.ids[i] for i in val}
+        thr = torch.load(run / f"fold{f}" / "best.pt")["metrics"]["val_thr_best"]
+        assert np.allclose(mine["threshold"], thr)
+    # most suspect first, and the contact sheet drawn with each image's own fold
+    assert df["dice_vs_model"].is_monotonic_increasing
+    assert (tmp_path / "suspects.png").stat().st_size > 0
+
+    # One model (a fold's best.pt): every image by that model, no fold columns.
+    one = tmp_path / "one"
+    ckpt = str(run / "fold0" / "best.pt")
+    assert suspects_cmd.main(["--checkpoint", ckpt, *argv, "--out", str(one)]) == 0
+    assert "fold" not in pd.read_csv(one / "suspects.csv").columns
+
+    # A K-fold run of other images: refused with a message naming the run, nothing written.
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    z = dict(np.load(moved / "val_probs.npz"))
+    z["image_ids"] = np.array([f"OTHER_{v}" for v in z["image_ids"]])
+    np.savez(moved / "val_probs.npz", **z)
+    bad = tmp_path / "bad"
+    assert suspects_cmd.main(["--checkpoint", str(moved), *argv, "--out", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(moved) in err and "not in this data" in err and not bad.exists()
