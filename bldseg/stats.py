@@ -173,6 +173,36 @@ def paired_difference(
     return _interval(est, boot, level, int(min(na.sum(), nb.sum())), len(sa))
 
 
+def unpaired_difference(
+    a: Sequence[float] | np.ndarray,
+    groups_a: Sequence | None,
+    b: Sequence[float] | np.ndarray,
+    groups_b: Sequence | None,
+    *,
+    level: float = 0.95,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+) -> Interval:
+    """Mean of ``a`` minus mean of ``b`` on *different* tiles (e.g. validation vs test Dice).
+
+    Each side is resampled by its own source images with its own draws (the two samples are
+    independent), so the interval carries both sides' uncertainty. ``n`` and ``clusters`` of
+    the result are the smaller side's.
+
+    Raises:
+        ValueError: A side without a valid score, or mismatched lengths.
+    """
+    sa, na, _ = _cluster_sums(np.asarray(a), groups_a)
+    sb, nb, _ = _cluster_sums(np.asarray(b), groups_b)
+    if na.sum() == 0 or nb.sum() == 0:
+        raise ValueError("a side has no valid (finite) score")
+    wa, wb = _draws(len(sa), draws, seed), _draws(len(sb), draws, seed + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = (wa @ sa) / (wa @ na) - (wb @ sb) / (wb @ nb)
+    est = sa.sum() / na.sum() - sb.sum() / nb.sum()
+    return _interval(est, boot, level, int(min(na.sum(), nb.sum())), min(len(sa), len(sb)))
+
+
 def mean_interval(
     values: Sequence[float], *, level: float = 0.95, draws: int = DEFAULT_DRAWS, seed: int = 0
 ) -> Interval:

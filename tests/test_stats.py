@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bldseg.stats import bootstrap_mean, mean_interval, paired_difference
+from bldseg.stats import bootstrap_mean, mean_interval, paired_difference, unpaired_difference
 
 
 def test_estimate_is_the_mean_of_valid_tiles():
@@ -78,3 +78,23 @@ def test_mean_interval_of_seeds():
     assert iv.estimate == pytest.approx(0.72)
     assert 0.70 - 1e-9 <= iv.low < iv.high <= 0.74 + 1e-9
     assert str(iv) == f"0.7200 [{iv.low:.4f}, {iv.high:.4f}]"
+
+
+def test_unpaired_difference_of_independent_samples():
+    rng = np.random.default_rng(3)
+    a = rng.normal(0.8, 0.1, 400)
+    b = rng.normal(0.7, 0.1, 300)
+    ga, gb = np.repeat(np.arange(100), 4), np.repeat(np.arange(100, 200), 3)
+    d = unpaired_difference(a, ga, b, gb)
+    assert d.estimate == pytest.approx(a.mean() - b.mean())
+    assert d.low < 0.1 < d.high and d.excludes_zero
+    # wider than either side alone: both sides' uncertainty is carried
+    width = d.high - d.low
+    for side, g in ((a, ga), (b, gb)):
+        iv = bootstrap_mean(side, g)
+        assert width > iv.high - iv.low
+    # equal distributions: an interval around zero
+    same = unpaired_difference(a, ga, a[::-1].copy(), ga)
+    assert same.low < 0 < same.high
+    with pytest.raises(ValueError, match="no valid"):
+        unpaired_difference([np.nan], None, [1.0], None)
