@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.bldseg-installed
 PEERS  ?= .venv-peers
 PEERS_STAMP := $(PEERS)/.bldseg-installed
 
-.PHONY: demo test test-all lint format build-ops bench bench-quality clean
+.PHONY: demo test test-all lint format build-ops bench bench-quality bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ $(PEERS_STAMP): pyproject.toml
 bench-quality: $(PEERS_STAMP)
 	$(PEERS)/bin/python -m bldseg.ops.build
 	$(PEERS)/bin/python experiments/bench_quality.py --json bench/quality.json $(ARGS)
+
+bench-train: $(PEERS_STAMP)
+	$(PEERS)/bin/python -m bldseg.ops.build
+	$(PEERS)/bin/python experiments/bench_train.py --json bench/train.json $(ARGS)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_data.py --json bench/data.json
