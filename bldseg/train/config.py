@@ -126,6 +126,10 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     num_workers: int = 0  # DataLoader workers
     impl: Literal["auto", "compiled", "reference"] = "auto"  # DCNv3 implementation
+    # torch.compile backend of the training steps ("inductor"), as timm's --torchcompile;
+    # "" = eager. Validation and prediction stay eager (no recompiles for their batch shapes).
+    # On a 2-core CPU it pays only after a few thousand steps: experiments/bench_compile.py.
+    compile: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.pretrained, os.PathLike):
@@ -167,6 +171,12 @@ class RunConfig:
             bad("coteach.granularity", "must be 'tile' or 'pixel'")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             bad("precision", "must be auto, fp32, bf16 or fp16")
+        if self.compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile not in backends:
+                bad("compile", f"is not a torch.compile backend ({', '.join(backends)}), or ''")
         if self.folds == 1 or self.folds < 0:
             bad("folds", "must be 0 (the holdout split of val_fraction) or at least 2 (--folds K)")
         if self.folds >= 2 and not 0 <= self.fold < self.folds:

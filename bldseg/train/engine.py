@@ -467,6 +467,10 @@ def fit(
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         log.info("resumed %s at epoch %d", out, start_epoch)
 
+    # The training steps run through torch.compile when asked; the wrappers share the models'
+    # parameters, so validation, checkpoints and state dicts use the eager modules.
+    steppers = [torch.compile(m, backend=cfg.compile) for m in models] if cfg.compile else models
+
     status, message = "completed", f"trained {cfg.epochs} epochs"
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after is not None and epoch >= stop_after:
@@ -500,7 +504,7 @@ def fit(
 
                 iterator = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
             for batch in iterator:
-                losses = _step_losses(models, batch, cfg, loss_fn, keep, device, amp)
+                losses = _step_losses(steppers, batch, cfg, loss_fn, keep, device, amp)
                 for k, (loss, m, opt, sch) in enumerate(
                     zip(losses, models, optimizers, schedulers, strict=True)
                 ):

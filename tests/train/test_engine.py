@@ -244,3 +244,21 @@ def test_a_progress_bar_does_not_change_training(small_world, tmp_path):
     shown = fit(c, tmp_path / "shown", data=small_world, progress=True, resume=False)
     for a, b in zip(quiet.history, shown.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_dice_best"] == b["val_dice_best"]
+
+
+def test_compiled_training_steps_train_the_same_model(small_world, tmp_path):
+    # Dynamo's graph capture with the "eager" backend runs the captured graph as is: the
+    # wiring (compiled steps, eager validation and checkpoints) without inductor's minutes of
+    # compilation, and results equal to plain eager training.
+    c = cfg(epochs=1, samples_per_epoch=16, batch_size=4)
+    plain = fit(c, tmp_path / "plain", data=small_world, resume=False)
+    traced = fit(c.with_updates({"compile": "eager"}), tmp_path / "c", data=small_world)
+    assert traced.status == "completed"
+    for a, b in zip(plain.history, traced.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_dice_best"] == pytest.approx(b["val_dice_best"], abs=1e-3)
+    # the checkpoint holds the eager module's keys (no "_orig_mod." prefix)
+    state = torch.load(tmp_path / "c" / "best.pt", weights_only=True)["model"]
+    assert state.keys() == torch.load(tmp_path / "plain" / "best.pt")["model"].keys()
+    with pytest.raises(ValueError, match=r"compile='nope' is not a torch\.compile backend"):
+        cfg(compile="nope")
