@@ -186,6 +186,86 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+#: DCNv3 module variants: (label, op implementation, fused offset/mask path).
+MODULE_VARIANTS = (
+    ("reference op", "reference", False),
+    ("compiled op", "compiled", False),
+    ("compiled op + fused", "compiled", True),
+)
+
+
+def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]:
+    """The whole DCNv3 module (projections, depthwise conv, offsets, softmax, op) fwd+bwd.
+
+    In this process (times only), median and best of ``repeat`` after a warm-up, per level
+    shape and variant (:data:`MODULE_VARIANTS`); offsets and masks randomised so the op
+    samples off the grid as in a trained model.
+    """
+    from bldseg.ops.dcnv3 import DCNv3
+
+    rows = []
+    for size, channels, group in LEVELS[level]:
+        torch.manual_seed(0)
+        module = DCNv3(channels, group=group).to(device)
+        with torch.no_grad():
+            for p in (module.offset.weight, module.mask.weight):
+                p.normal_(0, 0.1)
+        x = torch.randn(batch, size, size, channels, device=device, requires_grad=True)
+        for label, impl, fused in MODULE_VARIANTS:
+            module.impl, module.fused = impl, fused
+
+            module(x).sum().backward()  # warm-up
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                module(x).sum().backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            rows.append(
+                {
+                    "level": level,
+                    "size": size,
+                    "channels": channels,
+                    "group": group,
+                    "batch": batch,
+                    "variant": label,
+                    "device": device,
+                    "ms_median": 1e3 * statistics.median(times),
+                    "ms_min": 1e3 * min(times),
+                }
+            )
+            print(
+                f"  module {device} {level} {size}x{size}x{channels} G{group} {label:20} "
+                f"best {rows[-1]['ms_min']:8.2f} ms, median {rows[-1]['ms_median']:8.2f} ms",
+                flush=True,
+            )
+    return rows
+
+
+def _module_table(rows: list[dict]) -> str:
+    """Module fwd+bwd per shape: each variant's best time and speed-up over the first."""
+    labels = [v[0] for v in MODULE_VARIANTS]
+    lines = [
+        "DCNv3 module fwd+bwd (best ms; x = speed-up over the reference op module)",
+        f"{'device':<6} {'shape':<18}" + "".join(f"{lab:>22}" for lab in labels),
+    ]
+    keys = sorted({(r["device"], r["level"], r["size"], r["channels"], r["group"]) for r in rows})
+    for dev, level, size, ch, g in sorted(keys, key=lambda k: (k[0], k[1], -k[2])):
+        cell = {
+            r["variant"]: r["ms_min"]
+            for r in rows
+            if (r["device"], r["size"], r["channels"]) == (dev, size, ch)
+        }
+        base = cell[labels[0]]
+        shape = f"{level} {size}x{size}x{ch} G{g}"
+        lines.append(
+            f"{dev:<6} {shape:<18}"
+            + "".join(f"{cell[lab]:>13.2f} ({base / cell[lab]:4.1f}x)" for lab in labels)
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="T,B", help="comma-separated: T, B")
@@ -194,6 +274,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per case")
     parser.add_argument("--devices", default="auto", help="cpu, cuda or auto (cpu + cuda if any)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--modules",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the whole DCNv3 module per level (default: on)",
+    )
     parser.add_argument("--one-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -233,6 +319,13 @@ def main() -> None:
         f"{info.folder}"
     )
     print(_table(results))
+    modules: list[dict] = []
+    if args.modules:
+        for device in devices:
+            for level in args.levels.split(","):
+                modules += time_modules(level, args.batch, args.repeat, device)
+        print()
+        print(_module_table(modules))
     if args.json is not None:
         payload = {
             "torch": torch.__version__,
@@ -247,6 +340,7 @@ def main() -> None:
                 asdict(r.case) | {"ms_median": r.ms, "ms_min": r.ms_min, "peak_mb": r.peak_mb}
                 for r in results
             ],
+            "modules": modules,
         }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
