@@ -39,6 +39,7 @@ def _pipeline_cmd() -> list[str]:
 def normalise_report(text: str) -> str:
     """A report without what differs between two equal runs: timings and Ray's trial ids."""
     text = re.sub(r"\| wall time of the last pipeline call \| \d+ s \|", "| wall time |", text)
+    text = re.sub(r"\| wall time of the searches[^|]*\| \d+ s \(\d+ min\) \|", "| total |", text)
     # the stage table's wall (s) and overhead columns
     text = re.sub(r"(\| tune_\w+ \| \d+ \| )\d+ \| \d+% \|", r"\1W | O |", text)
     # trial ids are random: two runs name the same trial differently
