@@ -186,12 +186,8 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-#: DCNv3 module variants: (label, op implementation, fused offset/mask path).
-MODULE_VARIANTS = (
-    ("reference op", "reference", False),
-    ("compiled op", "compiled", False),
-    ("compiled op + fused", "compiled", True),
-)
+#: DCNv3 module variants: (label, op implementation).
+MODULE_VARIANTS = (("reference op", "reference"), ("compiled op", "compiled"))
 
 
 def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]:
@@ -211,8 +207,8 @@ def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]
             for p in (module.offset.weight, module.mask.weight):
                 p.normal_(0, 0.1)
         x = torch.randn(batch, size, size, channels, device=device, requires_grad=True)
-        for label, impl, fused in MODULE_VARIANTS:
-            module.impl, module.fused = impl, fused
+        for label, impl in MODULE_VARIANTS:
+            module.impl = impl
 
             module(x).sum().backward()  # warm-up
             times = []

@@ -391,9 +391,6 @@ class DCNv3(nn.Module):
         self.center_feature_scale = center_feature_scale
         self.remove_center = int(remove_center)
         self.impl = impl
-        # Offsets and masks by one GEMM and a vectorised softmax (_offset_mask_fused); False:
-        # the readable reference (_offset_mask_reference), kept for tests and benchmarks.
-        self.fused = True
         # Points with learned offsets and masks (the centre one is dropped by remove_center).
         points = kernel_size * kernel_size - self.remove_center
 
@@ -450,48 +447,15 @@ class DCNv3(nn.Module):
         )
         return offset.reshape(n, h, w, -1), mask.reshape(n, h, w, -1)
 
-    def _offset_mask_reference(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Offsets (N, H, W, G*P*2) and softmaxed masks (N, H, W, G*P), the readable way."""
-        n, h, w, _ = x1.shape
-        offset = self.offset(x1)
-        mask = self.mask(x1).reshape(n, h, w, self.group, -1)  # (N, H, W, G, P)
-        return offset, F.softmax(mask, -1).reshape(n, h, w, -1)
-
-    def _offset_mask_fused(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`_offset_mask_reference`, faster; equal up to float rounding.
-
-        One GEMM for both projections (x1 read once; the parameters keep their official
-        names, concatenated per call: (G*P*3, C), tiny). On the CPU the softmax over the P
-        points runs on the transposed (P, rows) view: PyTorch's CPU softmax along a short last
-        dimension is scalar per row (12 ms for 8x56x56x4x9), along the first it vectorises
-        across rows (3 ms with the copy back).
-        """
-        n, h, w, _ = x1.shape
-        n_off = self.offset.out_features
-        both = F.linear(
-            x1,
-            torch.cat([self.offset.weight, self.mask.weight]),
-            torch.cat([self.offset.bias, self.mask.bias]),
-        )  # (N, H, W, G*P*3)
-        offset, logits = both[..., :n_off], both[..., n_off:]
-        points = logits.shape[-1] // self.group
-        if logits.device.type == "cpu":
-            rows = logits.reshape(-1, points)  # (N*H*W*G, P), a copy of the strided slice
-            mask = F.softmax(rows.t(), 0).t().reshape(n, h, w, -1)  # (N, H, W, G*P)
-        else:
-            mask = F.softmax(logits.reshape(n, h, w, self.group, points), -1).reshape(n, h, w, -1)
-        return offset, mask
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """(N, H, W, channels) -> (N, H, W, channels)."""
+        n, h, w, _ = input.shape
         x = self.input_proj(input)  # (N, H, W, C)
         x_proj = x
         x1 = self.dw_conv(input.permute(0, 3, 1, 2))  # (N, H, W, C), channels-last after LN
-        if self.fused:
-            offset, mask = self._offset_mask_fused(x1)
-        else:
-            offset, mask = self._offset_mask_reference(x1)
-        mask = mask.type(x.dtype)
+        offset = self.offset(x1)  # (N, H, W, G*P*2)
+        mask = self.mask(x1).reshape(n, h, w, self.group, -1)
+        mask = F.softmax(mask, -1).reshape(n, h, w, -1).type(x.dtype)  # (N, H, W, G*P)
         if self.remove_center:
             offset, mask = self._insert_center(offset, mask)
         k = self.kernel_size

@@ -128,7 +128,8 @@ class RunConfig:
     impl: Literal["auto", "compiled", "reference"] = "auto"  # DCNv3 implementation
     # torch.compile backend of the training steps ("inductor"), as timm's --torchcompile;
     # "" = eager. Validation and prediction stay eager (no recompiles for their batch shapes).
-    # On a 2-core CPU it pays only after a few thousand steps: experiments/bench_compile.py.
+    # On a 2-core CPU it does not pay for the tiny model (0.95x per step after 55 s of
+    # compiling, experiments/bench_compile.py); measure it on your hardware first.
     compile: str = ""
 
     def __post_init__(self) -> None:
