@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """
     args = build_parser(prog).parse_args(argv)
     member = resolve_member(args.checkpoint)
+    if not member.is_file():  # before the data is prepared, which can take minutes
+        return fail(FileNotFoundError(f"checkpoint not found: {member}"))
     try:
         data = prepare_data(
             args.data, options=data_options(args), data_root=args.data_root, verbose=True

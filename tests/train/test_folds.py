@@ -228,3 +228,9 @@ def test_suspects_of_a_kfold_run_are_scored_out_of_fold(kfold_runs, small_world,
     assert suspects_cmd.main(["--checkpoint", str(moved), *argv, "--out", str(bad)]) == 1
     err = capsys.readouterr().err
     assert str(moved) in err and "not in this data" in err and not bad.exists()
+
+    # A wrong path is reported before the data is read.
+    assert (
+        suspects_cmd.main(["--checkpoint", str(tmp_path / "nope"), *argv, "--out", str(bad)]) == 1
+    )
+    assert "checkpoint not found" in capsys.readouterr().err
