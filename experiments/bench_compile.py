@@ -16,7 +16,6 @@ Prints a table and writes JSON (``--json``). Run it on a quiet machine: the time
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 
 from bldseg.models import create_model
 from bldseg.tune.cli import CPU_DEMO
+
+from bench_quality import write_json  # isort: skip  (this folder is on sys.path)
 
 
 def step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer):
@@ -121,9 +122,7 @@ def main() -> None:
         "speedup": speedup,
         "breakeven_steps": breakeven,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, record, indent=2)
     print(f"wrote {path}")
 
 

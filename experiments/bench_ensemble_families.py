@@ -26,21 +26,18 @@ Prints a table and writes JSON; the two searches' outputs go to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bldseg import stats
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, DEFAULT_SYNTHETIC, prepare_data
 from bldseg.ensemble.library import find_runs, load_library
 from bldseg.ensemble.run import SearchConfig, run_search, tile_scores
 from bldseg.pipeline import TEST_FILE, test_truth, write_test_library
 from bldseg.predict import load_checkpoint
 
-from bench_quality import _json_arg  # isort: skip  (this folder is on sys.path)
+from bench_quality import add_world_arguments, load_world, write_json  # isort: skip
 
 
 def _runs(folders: list[str]) -> list[Path]:
@@ -73,19 +70,12 @@ def main() -> None:
     a("--internimage", nargs="+", required=True, help="folders of InternImage runs")
     a("--others", nargs="+", required=True, help="folders of runs of other families")
     a("-k", type=int, nargs="+", default=[2, 3, 4], help="ensemble sizes (default 2 3 4)")
-    a("--data-root", default=str(DEFAULT_DATA_ROOT), help="the synthetic world and caches")
-    a(
-        "--synthetic",
-        type=_json_arg,
-        default=None,
-        help="generate_world keywords replacing DEFAULT_SYNTHETIC (use another --data-root)",
-    )
+    add_world_arguments(p)
     a("--out", default="runs/bench_families", help="the searches' outputs")
     a("--json", default="bench/families.json", help="write the results here")
     args = p.parse_args()
 
-    synthetic = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
-    data = prepare_data(None, data_root=args.data_root, synthetic=synthetic, verbose=True)
+    synthetic, data = load_world(args)
     truth = test_truth(data)
     groups = list(data.test.groups)
     models = {}
@@ -153,6 +143,7 @@ def main() -> None:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
+        "synthetic": synthetic,
         "data": data.description,
         "k": args.k,
         "test_tiles": len(truth),
@@ -164,9 +155,7 @@ def main() -> None:
         },
         "mixed_minus_internimage_test": diff,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, record, indent=2, default=str)
     print(f"wrote {path}")
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ import numpy as np
 import pandas as pd
 
 from bldseg import metrics, stats
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, DEFAULT_SYNTHETIC, prepare_data
 from bldseg.data.rle import rle_decode
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader, load_member
@@ -42,7 +40,7 @@ from bldseg.train.engine import predict_probs, resolve_device
 from bldseg.train.folds import FOLDS_FILE, VAL_FILE, fit_folds
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
-from bench_quality import _json_arg, _run_key  # isort: skip  (this folder is on sys.path)
+from bench_quality import _run_key, add_world_arguments, load_world, write_json  # isort: skip
 
 
 def clean_truth(data, z) -> np.ndarray:
@@ -107,18 +105,11 @@ def main() -> None:
     a("--seed", type=int, default=0)
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config value")
     a("--out", default="runs/bench_folds", help="run folders go here")
-    a("--data-root", default=str(DEFAULT_DATA_ROOT), help="the synthetic world and caches")
-    a(
-        "--synthetic",
-        type=_json_arg,
-        default=None,
-        help="generate_world keywords replacing DEFAULT_SYNTHETIC (use another --data-root)",
-    )
+    add_world_arguments(p)
     a("--json", default="bench/folds.json", help="write the results here")
     args = p.parse_args()
 
-    synthetic = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
-    data = prepare_data(None, data_root=args.data_root, synthetic=synthetic, verbose=True)
+    synthetic, data = load_world(args)
     truth = test_truth(data)  # (N, 224, 224) bool
     groups = list(data.test.groups)
     base = {**CPU_DEMO, "epochs": args.epochs, "seed": args.seed, **parse_set(args.set)}
@@ -167,15 +158,14 @@ def main() -> None:
         "base_config": base,
         "folds": args.folds,
         "val_fraction": args.val_fraction,
+        "synthetic": synthetic,
         "data": data.description,
         "test_tiles": len(truth),
         "test_scenes": len(set(groups)),
         "arms": rows,
         "kfold_minus_split_test": diff,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    write_json(path, record, indent=2, default=float)
     print(f"wrote {path}")
 
 

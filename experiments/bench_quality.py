@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -68,6 +69,37 @@ def _json_arg(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object")
     # A trial row from trials.csv names its searched values config/<key>.
     return {k.removeprefix("config/"): v for k, v in value.items()}
+
+
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-root`` and ``--synthetic``: the built-in world the benchmarks of this folder use."""
+    parser.add_argument(
+        "--data-root", default=str(DEFAULT_DATA_ROOT), help="the synthetic world and caches"
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=_json_arg,
+        default=None,
+        help="generate_world keywords replacing DEFAULT_SYNTHETIC (use another --data-root)",
+    )
+
+
+def load_world(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """The world's generate_world keywords and its prepared data, from the world arguments."""
+    synthetic = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
+    return synthetic, prepare_data(
+        None, data_root=args.data_root, synthetic=synthetic, verbose=True
+    )
+
+
+def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
+    """Writes ``obj`` as JSON through a temporary name, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, **dumps) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def best_trial(search_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -270,18 +302,11 @@ def main() -> None:
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per arm (default 0 1)")
     a("--arms", nargs="+", choices=["ours", "peer"], default=["ours", "peer"])
     a("--out", default="runs/bench_quality", help="run folders go here")
-    a("--data-root", default=str(DEFAULT_DATA_ROOT), help="the synthetic world and caches")
-    a(
-        "--synthetic",
-        type=_json_arg,
-        default=None,
-        help="generate_world keywords replacing DEFAULT_SYNTHETIC (use another --data-root)",
-    )
+    add_world_arguments(p)
     a("--json", default=None, help="write the results here")
     args = p.parse_args()
 
-    synthetic = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
-    data = prepare_data(None, data_root=args.data_root, synthetic=synthetic, verbose=True)
+    synthetic, data = load_world(args)
     truth = test_truth(data)  # (N, 224, 224) bool, test-cache order
     groups = list(data.test.groups)  # each tile's source scene (the world's test.csv `group`)
     empty = float(np.mean(~truth.reshape(len(truth), -1).any(axis=1)))
@@ -321,7 +346,7 @@ def main() -> None:
             "runs": rows,
             "summary": summary,
         }
-        path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+        write_json(path, record, indent=2, default=float)
         print(f"wrote {path}")
 
 

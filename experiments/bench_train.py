@@ -39,7 +39,6 @@ import torch
 
 from bldseg import metrics, stats
 from bldseg.curves import EpochPoint, cumulative, epoch_at, first_reaching
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, DEFAULT_SYNTHETIC, prepare_data
 from bldseg.models import create_model
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader
@@ -48,15 +47,9 @@ from bldseg.train.engine import load_state, predict_probs, resolve_device
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
 # The sibling benchmark's helpers (this folder is on sys.path when a script here runs).
-from bench_quality import _json_arg, _run_key  # isort: skip
+from bench_quality import _run_key, add_world_arguments, load_world, write_json  # isort: skip
 
 CURVE_FILE = "test_curve.json"  # per epoch: threshold and per-tile test Dice, in the run folder
-
-
-def _write_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
 
 
 def train_curve(
@@ -89,7 +82,7 @@ def train_curve(
                 "per_tile": [None if np.isnan(v) else float(v) for v in per_tile],
             }
         )
-        _write_atomic(curve_path, curve)
+        write_json(curve_path, curve)
 
     result = fit(cfg, run_dir, data=data, resume=True, progress=True, on_epoch_end=score)
     if result.status != "completed":
@@ -144,19 +137,12 @@ def main() -> None:
         help="CPU-second budgets of the table (default: quarters of the longest arm's time)",
     )
     a("--out", default="runs/bench_train", help="run folders go here")
-    a("--data-root", default=str(DEFAULT_DATA_ROOT), help="the synthetic world and caches")
-    a(
-        "--synthetic",
-        type=_json_arg,
-        default=None,
-        help="generate_world keywords replacing DEFAULT_SYNTHETIC (use another --data-root)",
-    )
+    add_world_arguments(p)
     a("--json", default="bench/train.json", help="write the results here")
     a("--plot", default=None, help="the curves' PNG (default: the JSON's path with .png)")
     args = p.parse_args()
 
-    synthetic = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
-    data = prepare_data(None, data_root=args.data_root, synthetic=synthetic, verbose=True)
+    synthetic, data = load_world(args)
     truth = test_truth(data)  # (N, 224, 224) bool, test-cache order
     groups = list(data.test.groups)
     print(f"test: {len(truth)} tiles from {len(set(groups))} held-out scenes")
@@ -291,7 +277,7 @@ def main() -> None:
         "ours_reaches_peer_final": reach,
         "plot": str(plot),
     }
-    _write_atomic(path, record)
+    write_json(path, record)
     print(f"wrote {path} and {plot}")
 
 
