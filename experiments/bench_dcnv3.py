@@ -127,7 +127,16 @@ def run_case(case: Case, repeat: int) -> Result:
     return Result(case, 1000 * statistics.median(times), 1000 * min(times), peak_mb)
 
 
-def run_in_subprocess(case: Case, repeat: int) -> Result:
+#: CPU instruction sets of the compiled op, and the environment that selects each (read once
+#: per process by the op, so each runs in its own subprocess).
+ISA_ENV = {
+    "baseline": {"BLDSEG_CPU_NO_AVX2": "1"},
+    "avx2": {},
+    "avx512": {"BLDSEG_CPU_AVX512": "1"},
+}
+
+
+def run_in_subprocess(case: Case, repeat: int, env: dict[str, str] | None = None) -> Result:
     cmd = [
         sys.executable,
         __file__,
@@ -136,7 +145,10 @@ def run_in_subprocess(case: Case, repeat: int) -> Result:
         "--repeat",
         str(repeat),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("BLDSEG_CPU_")}
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env=child_env | (env or {})
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -183,6 +195,43 @@ def _table(results: list[Result]) -> str:
             f"{device:4} {level:3} {'all 4 shapes':>22} {mode:8} {ct:9.2f} {rt:9.2f} "
             f"{rt / ct:8.2f} {cm:9.1f} {rm:9.1f} {rm / cm if cm > 0 else float('nan'):6.2f}"
         )
+    return "\n".join(lines)
+
+
+def time_isas(
+    levels: list[str], batch: int, dtype: str, repeat: int, isas: list[str]
+) -> list[dict]:
+    """The compiled op on the CPU with each instruction set, fwd+bwd per level shape."""
+    rows = []
+    for level in levels:
+        for size, channels, group in LEVELS[level]:
+            case = Case(level, size, channels, group, batch, "compiled", "fwd+bwd", "cpu", dtype)
+            for isa in isas:
+                result = run_in_subprocess(case, repeat, ISA_ENV[isa])
+                rows.append(
+                    {
+                        "level": level,
+                        "size": size,
+                        "channels": channels,
+                        "group": group,
+                        "isa": isa,
+                        "ms_min": result.ms_min,
+                        "ms_median": result.ms,
+                    }
+                )
+    return rows
+
+
+def _isa_table(rows: list[dict], isas: list[str]) -> str:
+    by_shape: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        key = (r["level"], r["size"], r["channels"], r["group"])
+        by_shape.setdefault(key, {})[r["isa"]] = r["ms_min"]
+    lines = ["compiled op fwd+bwd on the CPU by instruction set (best ms; x = vs " + isas[0] + ")"]
+    lines.append(f"{'shape':<22}" + "".join(f"{isa:>18}" for isa in isas))
+    for (level, size, channels, group), ms in by_shape.items():
+        cells = "".join(f"{ms[isa]:>10.2f} ({ms[isas[0]] / ms[isa]:4.2f}x)" for isa in isas)
+        lines.append(f"{f'{level} {size}x{size}x{channels} G{group}':<22}{cells}")
     return "\n".join(lines)
 
 
@@ -276,8 +325,17 @@ def main() -> None:
         default=True,
         help="also time the whole DCNv3 module per level (default: on)",
     )
+    parser.add_argument(
+        "--isa",
+        default=None,
+        help="also time the compiled CPU op with each of these instruction sets, e.g. "
+        "avx2,avx512 (baseline, avx2, avx512); default: only what the op picks",
+    )
     parser.add_argument("--one-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.isa and sorted(set(args.isa.split(",")) - set(ISA_ENV)):
+        parser.error(f"--isa: choose from {', '.join(ISA_ENV)}, comma-separated")
 
     if args.one_case is not None:  # child process: one CPU case, JSON on the last line
         result = run_case(Case(**json.loads(args.one_case)), args.repeat)
@@ -322,6 +380,12 @@ def main() -> None:
                 modules += time_modules(level, args.batch, args.repeat, device)
         print()
         print(_module_table(modules))
+    isa_rows: list[dict] = []
+    if args.isa and "cpu" in devices:
+        isas = args.isa.split(",")
+        isa_rows = time_isas(args.levels.split(","), args.batch, args.dtype, args.repeat, isas)
+        print()
+        print(_isa_table(isa_rows, isas))
     if args.json is not None:
         payload = {
             "torch": torch.__version__,
@@ -337,6 +401,7 @@ def main() -> None:
                 for r in results
             ],
             "modules": modules,
+            "isa": isa_rows,
         }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")

@@ -201,8 +201,45 @@ def test_backward_paths_agree_for_any_thread_count(dcnv3_op, threads: int) -> No
         torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=0)
 
 
-def test_baseline_kernels_without_avx2(dcnv3_op) -> None:
-    # The kernels also exist without AVX2 (picked at run time); force them in a fresh process.
+def test_backward_task_split_does_not_change_results(dcnv3_op) -> None:
+    # 2 images x 4 groups: with 1 thread each task is a whole image; with 2, 3 and 8 threads
+    # the groups are split into blocks of 2, 2 and 1. Each grad_input element gets its
+    # contributions in the same order either way, so the results are bit for bit the same.
+    case = Case(2, 7, 6, 4, 16)
+    inputs = make_inputs(case, seed=5)
+    _, grads_ref = _forward_and_grads(dcnv3_reference, case, inputs)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            results.append(_forward_and_grads(_compiled, case, inputs)[1])
+    finally:
+        torch.set_num_threads(before)
+    for g, g_ref in zip(results[0], grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=0)
+    for grads in results[1:]:
+        for g, g_first in zip(grads, results[0], strict=True):
+            assert torch.equal(g, g_first)
+
+
+def _cpu_has_avx512() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return all(f in flags for f in ("avx512f", "avx512vl", "avx512dq", "avx512bw"))
+
+
+@pytest.mark.parametrize(
+    "env_var",
+    [
+        "BLDSEG_CPU_NO_AVX2",  # the baseline kernels
+        pytest.param(
+            "BLDSEG_CPU_AVX512",  # the opt-in AVX-512 kernels
+            marks=pytest.mark.skipif(not _cpu_has_avx512(), reason="CPU without AVX-512"),
+        ),
+    ],
+)
+def test_other_isa_kernels(dcnv3_op, env_var: str) -> None:
+    # The ISA is chosen once per process, at run time: force the others in a fresh process.
     script = textwrap.dedent(
         f"""
         import sys
@@ -211,7 +248,8 @@ def test_baseline_kernels_without_avx2(dcnv3_op) -> None:
         import torch
         from test_dcnv3 import Case, make_inputs, _forward_and_grads, _compiled
         from bldseg.ops import dcnv3_reference
-        cases = (Case(2, 6, 5, 2, 16), Case(1, 5, 6, 3, 5, stride=(2, 1)), Case(1, 7, 5, 1, 32))
+        cases = (Case(2, 6, 5, 2, 16), Case(1, 5, 6, 3, 5, stride=(2, 1)), Case(1, 7, 5, 1, 32),
+                 Case(4, 6, 5, 3, 16))
         for case in cases:
             for dtype in (torch.float64, torch.float32):
                 inputs = make_inputs(case, dtype)
@@ -223,7 +261,7 @@ def test_baseline_kernels_without_avx2(dcnv3_op) -> None:
         print("ok")
         """
     )
-    env = dict(os.environ, BLDSEG_CPU_NO_AVX2="1")
+    env = dict(os.environ, **{env_var: "1"})
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
     )

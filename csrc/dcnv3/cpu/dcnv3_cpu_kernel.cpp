@@ -9,9 +9,11 @@
 // bilinear corner outside the input reads zero.
 //
 // Parallelism: the forward runs over output pixels (each writes its own output row). The
-// backward runs over (n, g) pairs, which own disjoint slices of grad_input[n, :, :, g, :], so
-// no two threads scatter into the same element; when there are fewer pairs than threads the
-// output rows are also split, each chunk scattering into a private buffer summed afterwards.
+// backward runs over images, or (image, block of groups) when there are few images, which own
+// disjoint slices of grad_input[n, :, :, block, :], so no two threads scatter into the same
+// element; when there are fewer (n, g) pairs than threads the output rows are also split, each
+// chunk scattering into a private buffer summed afterwards. Each element of grad_input gets
+// its contributions in the same order (output pixels in row order) however the work is split.
 // Work is handed out in blocks from a shared counter rather than split evenly up front: on a
 // shared machine one thread is often descheduled, and the others then take over its blocks.
 // Which thread runs a block never changes what the block computes, so results do not depend
@@ -30,7 +32,10 @@
 //     For CF 16 and 32 the AVX2 channel loops are written with intrinsics (Avx2Channels):
 //     the compiler's own vectorisation of the backward summed the four per-corner dot
 //     products one lane at a time and spilled registers. Elsewhere the `omp simd` loops of
-//     ScalarChannels are compiled for whichever ISA the enclosing function targets.
+//     ScalarChannels are compiled for whichever ISA the enclosing function targets;
+//   - where the CPU has AVX-512 (F, VL, DQ, BW) a third build runs the channel loops on 512-bit
+//     registers (Avx512Channels), a row of 16 float channels in one register; opt-in, see
+//     cpu_isa().
 //     FMA and the reordered sums change rounding in the last bits only; results stay within
 //     1e-10 of the reference in float64.
 
@@ -59,17 +64,21 @@ namespace {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define BLDSEG_X86_DISPATCH 1
 #define BLDSEG_AVX2 __attribute__((target("avx2,fma")))
+// A superset of the AVX2 target, so the AVX2 helpers inline into the AVX-512 kernels too.
+#define BLDSEG_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #else
 #define BLDSEG_X86_DISPATCH 0
 #define BLDSEG_AVX2
+#define BLDSEG_AVX512
 #endif
 #if defined(__GNUC__) || defined(__clang__)
 #define BLDSEG_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define BLDSEG_ALWAYS_INLINE inline
 #endif
-// Helpers that use AVX2 intrinsics: inlined into the BLDSEG_AVX2 kernels only.
+// Helpers that use AVX2 (AVX-512) intrinsics: inlined into the kernels of that ISA only.
 #define BLDSEG_AVX2_INLINE BLDSEG_ALWAYS_INLINE BLDSEG_AVX2
+#define BLDSEG_AVX512_INLINE BLDSEG_ALWAYS_INLINE BLDSEG_AVX512
 // The kernel bodies below are templates on their channel loops, without a target of their own;
 // the wrappers that instantiate them (baseline and AVX2) are flattened, so that everything,
 // the AVX2 channel loops included, is inlined into a function compiled for the right ISA.
@@ -81,15 +90,32 @@ namespace {
 #define BLDSEG_FLATTEN
 #endif
 
-// AVX2+FMA kernels where the CPU has them, unless $BLDSEG_CPU_NO_AVX2 is set (read once; the
-// tests use it to cover the baseline kernels on AVX2 machines).
-bool cpu_has_avx2() {
+// The instruction set the kernels run with, chosen once at run time from what the CPU has:
+// AVX2+FMA where present, else the baseline. $BLDSEG_CPU_NO_AVX2 forces the baseline kernels
+// (the tests cover them on AVX2 machines that way). The AVX-512 kernels are opt-in,
+// $BLDSEG_CPU_AVX512=1, on CPUs with AVX-512 F/VL/DQ/BW: on the AMD Zen 4 we measure on
+// (512-bit operations issued as two 256-bit halves) they are no faster than the AVX2 ones
+// (experiments/bench_dcnv3.py --isa), so they are not worth a default there; CPUs with full-width
+// 512-bit units may differ, and the benchmark says which to use.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
 #if BLDSEG_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("BLDSEG_CPU_NO_AVX2") == nullptr;
-  return has;
+  static const Isa isa = [] {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ||
+        std::getenv("BLDSEG_CPU_NO_AVX2") != nullptr) {
+      return Isa::kBaseline;
+    }
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+        std::getenv("BLDSEG_CPU_AVX512") != nullptr) {
+      return Isa::kAvx512;
+    }
+    return Isa::kAvx2;
+  }();
+  return isa;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
 }
 
@@ -582,6 +608,104 @@ struct Avx2Channels {
     S::sum4(dot[0], dot[1], dot[2], dot[3], d);
   }
 };
+
+// One AVX-512 register of T (16 floats or 8 doubles): what the channel loops need. A row of
+// 16 float channels (every InternImage variant) is then one register, so each corner costs
+// one FMA in the forward and one load-FMA-store in the backward instead of two.
+template <typename T>
+struct Simd512;
+
+template <>
+struct Simd512<float> {
+  using V = __m512;
+  static constexpr int L = 16;
+  static BLDSEG_AVX512_INLINE V zero() { return _mm512_setzero_ps(); }
+  static BLDSEG_AVX512_INLINE V set1(float a) { return _mm512_set1_ps(a); }
+  static BLDSEG_AVX512_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static BLDSEG_AVX512_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static BLDSEG_AVX512_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static BLDSEG_AVX512_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // Folds the two 256-bit halves, then the AVX2 reduction finishes all four sums at once.
+  static BLDSEG_AVX512_INLINE __m256 fold(V d) {
+    return _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+  }
+  static BLDSEG_AVX512_INLINE void sum4(V d0, V d1, V d2, V d3, float out[4]) {
+    Simd<float>::sum4(fold(d0), fold(d1), fold(d2), fold(d3), out);
+  }
+};
+
+template <>
+struct Simd512<double> {
+  using V = __m512d;
+  static constexpr int L = 8;
+  static BLDSEG_AVX512_INLINE V zero() { return _mm512_setzero_pd(); }
+  static BLDSEG_AVX512_INLINE V set1(double a) { return _mm512_set1_pd(a); }
+  static BLDSEG_AVX512_INLINE V load(const double* p) { return _mm512_loadu_pd(p); }
+  static BLDSEG_AVX512_INLINE void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static BLDSEG_AVX512_INLINE V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static BLDSEG_AVX512_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static BLDSEG_AVX512_INLINE __m256d fold(V d) {
+    return _mm256_add_pd(_mm512_castpd512_pd256(d), _mm512_extractf64x4_pd(d, 1));
+  }
+  static BLDSEG_AVX512_INLINE void sum4(V d0, V d1, V d2, V d3, double out[4]) {
+    Simd<double>::sum4(fold(d0), fold(d1), fold(d2), fold(d3), out);
+  }
+};
+
+// Avx2Channels with AVX-512 registers, for CF a multiple of 16 floats (8 doubles).
+template <typename T, int CF>
+struct Avx512Channels {
+  using S = Simd512<T>;
+  using V = typename S::V;
+  static constexpr int NV = CF / S::L;
+  static_assert(CF > 0 && CF % S::L == 0, "Avx512Channels needs CF a multiple of the width");
+  static constexpr int K = NV >= 8 ? 1 : (NV >= 4 ? 2 : 4);
+
+  V acc[K][NV];
+  V top[NV];
+
+  explicit Avx512Channels(int64_t) {}
+
+  inline BLDSEG_AVX512 void begin(T*) {
+    for (int k = 0; k < K; ++k)
+      for (int r = 0; r < NV; ++r) acc[k][r] = S::zero();
+  }
+  inline BLDSEG_AVX512 void add(const T a[4], const T* const v[4]) {
+    for (int corner = 0; corner < 4; ++corner) {
+      const V w = S::set1(a[corner]);
+      V* sum = acc[corner % K];
+      for (int r = 0; r < NV; ++r) sum[r] = S::fmadd(w, S::load(v[corner] + r * S::L), sum[r]);
+    }
+  }
+  inline BLDSEG_AVX512 void finish(T* out) {
+    for (int r = 0; r < NV; ++r) {
+      V sum = acc[0][r];
+      for (int k = 1; k < K; ++k) sum = S::add(sum, acc[k][r]);
+      S::store(out + r * S::L, sum);
+    }
+  }
+
+  inline BLDSEG_AVX512 void set_top(const T* t) {
+    for (int r = 0; r < NV; ++r) top[r] = S::load(t + r * S::L);
+  }
+  inline BLDSEG_AVX512 void backprop(const T a[4], const T* const v[4], T* const gi[4], T d[4]) {
+    V dot[4];  // all reads before the first store, as in Avx2Channels
+    for (int corner = 0; corner < 4; ++corner) {
+      dot[corner] = S::zero();
+      for (int r = 0; r < NV; ++r) {
+        dot[corner] = S::fmadd(top[r], S::load(v[corner] + r * S::L), dot[corner]);
+      }
+    }
+    for (int corner = 0; corner < 4; ++corner) {
+      const V w = S::set1(a[corner]);
+      for (int r = 0; r < NV; ++r) {
+        T* row = gi[corner] + r * S::L;
+        S::store(row, S::fmadd(w, top[r], S::load(row)));
+      }
+    }
+    S::sum4(dot[0], dot[1], dot[2], dot[3], d);
+  }
+};
 #endif  // BLDSEG_X86_DISPATCH
 
 // ---------------------------------------------------------------------------------------------
@@ -635,69 +759,79 @@ inline void forward_pixels(const T* input, const T* offset, const T* mask, T* ou
   }
 }
 
-// Backward for the output rows [row_begin, row_end) of one (n, g) pair. grad_in_g points to
-// pixel (0, 0) of this pair's grad_input slice, whose pixels are `grad_in_stride` apart.
-// `zeros` (C) is read for corners outside the input, `sink` (4*C) scattered into for them.
+// Backward for the output rows [row_begin, row_end) of image n and groups [g_begin, g_end).
+// grad_in points to pixel (0, 0) of group g_begin's grad_input slice, whose pixels are
+// `grad_in_stride` apart (group g's slice starts (g - g_begin)*C further). `zeros` (C) is read
+// for corners outside the input, `sink` (4*C) scattered into for them. As in the forward, the
+// points of all the block's groups of a pixel are located in one plan: their offsets, masks,
+// grad_output and gradients are contiguous, so memory is streamed once per image rather than
+// once per group (at InternImage level 1 the per-group passes stalled on those loads).
 template <typename T, int CF, typename Planner, typename Channels>
 inline void backward_rows(const T* input, const T* offset, const T* mask, const T* grad_output,
-                          T* grad_in_g, int64_t grad_in_stride, T* grad_offset, T* grad_mask,
-                          const Geometry& geo, int64_t n, int64_t g, int64_t row_begin,
-                          int64_t row_end, const T* zeros, T* sink) {
+                          T* grad_in, int64_t grad_in_stride, T* grad_offset, T* grad_mask,
+                          const Geometry& geo, int64_t n, int64_t g_begin, int64_t g_end,
+                          int64_t row_begin, int64_t row_end, const T* zeros, T* sink) {
   const int64_t C = CF > 0 ? CF : geo.group_channels, G = geo.group, GC = G * C;
   const int64_t Kh = geo.kernel_h, Kw = geo.kernel_w, P = Kh * Kw;
   const int64_t Hi = geo.height_in, Wi = geo.width_in, Ho = geo.height_out, Wo = geo.width_out;
   const int64_t half_h = (geo.dilation_h * (Kh - 1)) >> 1;
   const int64_t half_w = (geo.dilation_w * (Kw - 1)) >> 1;
   const T s = static_cast<T>(geo.offset_scale);
-  const T* in_g = input + n * Hi * Wi * GC + g * C;  // (Hi, Wi) pixels, stride GC
-  const KernelGrid<T> grid(geo, 1);
-  PointPlan<T> plan(P);
+  const int64_t groups = g_end - g_begin, GP = groups * P;
+  const T* in_n = input + n * Hi * Wi * GC;  // (Hi, Wi) pixels, stride GC
+  const KernelGrid<T> grid(geo, groups);
+  PointPlan<T> plan(GP);
   Channels ch(C);
 
   for (int64_t ho = row_begin; ho < row_end; ++ho) {
     const T origin_h = grid_origin(ho, geo.stride_h, geo.pad_h, half_h, s);
     for (int64_t wo = 0; wo < Wo; ++wo) {
       const int64_t pix = (n * Ho + ho) * Wo + wo;
-      const T* mask_g = mask + (pix * G + g) * P;       // (P,)
-      T* goff_g = grad_offset + (pix * G + g) * P * 2;  // (P, 2), every entry written
-      T* gmask_g = grad_mask + (pix * G + g) * P;       // (P,), every entry written
-      Planner::fill({offset + (pix * G + g) * P * 2, mask_g, grid, P, origin_h,
+      const int64_t first = (pix * G + g_begin) * P;  // this block's first point of the pixel
+      const T* mask_b = mask + first;                 // (groups, P)
+      T* goff_b = grad_offset + first * 2;            // (groups, P, 2), every entry written
+      T* gmask_b = grad_mask + first;                 // (groups, P), every entry written
+      Planner::fill({offset + first * 2, mask_b, grid, GP, origin_h,
                      grid_origin(wo, geo.stride_w, geo.pad_w, half_w, s), s, Hi, Wi},
                     plan);
-      ch.set_top(grad_output + pix * GC + g * C);  // (C,)
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t base = plan.base[p];
-        const T* v[4];
-        T* gi[4];
-        if (base >= 0) {
-          interior_rows(in_g, base, GC, Wi, v);
-          interior_rows(grad_in_g, base, grad_in_stride, Wi, gi);
-        } else {
-          Bilinear<T> b;
-          if (base == kOutside || !locate(plan.loc_h[p], plan.loc_w[p], Hi, Wi, b)) {
-            gmask_g[p] = goff_g[2 * p] = goff_g[2 * p + 1] = T(0);
-            continue;
+      for (int64_t g = g_begin; g < g_end; ++g) {
+        const T* in_g = in_n + g * C;
+        T* grad_in_g = grad_in + (g - g_begin) * C;
+        ch.set_top(grad_output + pix * GC + g * C);  // (C,)
+        for (int64_t k = (g - g_begin) * P; k < (g - g_begin + 1) * P; ++k) {
+          const int64_t base = plan.base[k];
+          const T* v[4];
+          T* gi[4];
+          if (base >= 0) {
+            interior_rows(in_g, base, GC, Wi, v);
+            interior_rows(grad_in_g, base, grad_in_stride, Wi, gi);
+          } else {
+            Bilinear<T> b;
+            if (base == kOutside || !locate(plan.loc_h[k], plan.loc_w[k], Hi, Wi, b)) {
+              gmask_b[k] = goff_b[2 * k] = goff_b[2 * k + 1] = T(0);
+              continue;
+            }
+            corner_rows(b, in_g, GC, Wi, zeros, 0, v);
+            corner_rows(b, grad_in_g, grad_in_stride, Wi, sink, C, gi);
           }
-          corner_rows(b, in_g, GC, Wi, zeros, 0, v);
-          corner_rows(b, grad_in_g, grad_in_stride, Wi, sink, C, gi);
+          const T a[4] = {plan.a[0][k], plan.a[1][k], plan.a[2][k], plan.a[3][k]};
+          T d[4];  // <grad_out, corner value> per corner
+          ch.backprop(a, v, gi, d);
+          // d out / d mask = bilinear value; d out / d loc from the derivative of the weights.
+          gmask_b[k] = plan.weight[0][k] * d[0] + plan.weight[1][k] * d[1] +
+                       plan.weight[2][k] * d[2] + plan.weight[3][k] * d[3];
+          const T sm = s * mask_b[k];
+          const T lh = plan.lh[k], lw = plan.lw[k], hh = plan.hh[k], hw = plan.hw[k];
+          goff_b[2 * k] = sm * (-hh * d[0] + hh * d[1] - lh * d[2] + lh * d[3]);
+          goff_b[2 * k + 1] = sm * (-hw * d[0] - lw * d[1] + hw * d[2] + lw * d[3]);
         }
-        const T a[4] = {plan.a[0][p], plan.a[1][p], plan.a[2][p], plan.a[3][p]};
-        T d[4];  // <grad_out, corner value> per corner
-        ch.backprop(a, v, gi, d);
-        // d out / d mask = bilinear value; d out / d loc from the derivative of the weights.
-        gmask_g[p] = plan.weight[0][p] * d[0] + plan.weight[1][p] * d[1] +
-                     plan.weight[2][p] * d[2] + plan.weight[3][p] * d[3];
-        const T sm = s * mask_g[p];
-        const T lh = plan.lh[p], lw = plan.lw[p], hh = plan.hh[p], hw = plan.hw[p];
-        goff_g[2 * p] = sm * (-hh * d[0] + hh * d[1] - lh * d[2] + lh * d[3]);
-        goff_g[2 * p + 1] = sm * (-hw * d[0] - lw * d[1] + hw * d[2] + lw * d[3]);
       }
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Baseline and AVX2 builds of the bodies, and the run-time choice between them.
+// Baseline, AVX2 and AVX-512 builds of the bodies, and the run-time choice between them.
 
 template <typename T, int CF>
 BLDSEG_FLATTEN void forward_pixels_base(const T* input, const T* offset, const T* mask,
@@ -708,47 +842,105 @@ BLDSEG_FLATTEN void forward_pixels_base(const T* input, const T* offset, const T
 }
 
 template <typename T, int CF>
+BLDSEG_FLATTEN void backward_rows_base(const T* input, const T* offset, const T* mask,
+                                       const T* grad_output, T* grad_in, int64_t grad_in_stride,
+                                       T* grad_offset, T* grad_mask, const Geometry& geo,
+                                       int64_t n, int64_t g_begin, int64_t g_end, int64_t row_begin, int64_t row_end,
+                                       const T* zeros, T* sink) {
+  backward_rows<T, CF, ScalarPlanner<T, true>, ScalarChannels<T, CF>>(
+      input, offset, mask, grad_output, grad_in, grad_in_stride, grad_offset, grad_mask, geo, n,
+      g_begin, g_end, row_begin, row_end, zeros, sink);
+}
+
+#if BLDSEG_X86_DISPATCH
+// Channel loops of each vector build: intrinsics where a row of CF channels is whole
+// registers, else the `omp simd` loops compiled for that build's ISA. The AVX-512 build keeps
+// the AVX2 planner: a plan is 9 to 36 points, and its share of the time is small.
+template <typename T, int CF>
+using Avx2ChannelsFor =
+    std::conditional_t<(CF > 0), Avx2Channels<T, CF>, ScalarChannels<T, CF>>;
+template <typename T, int CF>
+using Avx512ChannelsFor = std::conditional_t<(CF > 0 && CF % Simd512<T>::L == 0),
+                                             Avx512Channels<T, CF>, Avx2ChannelsFor<T, CF>>;
+
+template <typename T, int CF>
 BLDSEG_AVX2 BLDSEG_FLATTEN void forward_pixels_avx2(const T* input, const T* offset,
                                                     const T* mask, T* output, const Geometry& geo,
                                                     int64_t begin, int64_t end) {
-#if BLDSEG_X86_DISPATCH
-  using Planner = Avx2Planner<T, false>;
-  using Channels = std::conditional_t<(CF > 0), Avx2Channels<T, CF>, ScalarChannels<T, CF>>;
-  forward_pixels<T, CF, Planner, Channels>(input, offset, mask, output, geo, begin, end);
-#else
-  forward_pixels_base<T, CF>(input, offset, mask, output, geo, begin, end);
-#endif
+  forward_pixels<T, CF, Avx2Planner<T, false>, Avx2ChannelsFor<T, CF>>(input, offset, mask,
+                                                                        output, geo, begin, end);
 }
 
 template <typename T, int CF>
-BLDSEG_FLATTEN void backward_rows_base(const T* input, const T* offset, const T* mask,
-                                       const T* grad_output, T* grad_in_g, int64_t grad_in_stride,
-                                       T* grad_offset, T* grad_mask, const Geometry& geo,
-                                       int64_t n, int64_t g, int64_t row_begin, int64_t row_end,
-                                       const T* zeros, T* sink) {
-  backward_rows<T, CF, ScalarPlanner<T, true>, ScalarChannels<T, CF>>(
-      input, offset, mask, grad_output, grad_in_g, grad_in_stride, grad_offset, grad_mask, geo, n,
-      g, row_begin, row_end, zeros, sink);
+BLDSEG_AVX512 BLDSEG_FLATTEN void forward_pixels_avx512(const T* input, const T* offset,
+                                                        const T* mask, T* output,
+                                                        const Geometry& geo, int64_t begin,
+                                                        int64_t end) {
+  forward_pixels<T, CF, Avx2Planner<T, false>, Avx512ChannelsFor<T, CF>>(input, offset, mask,
+                                                                          output, geo, begin, end);
 }
 
 template <typename T, int CF>
 BLDSEG_AVX2 BLDSEG_FLATTEN void backward_rows_avx2(const T* input, const T* offset,
                                                    const T* mask, const T* grad_output,
-                                                   T* grad_in_g, int64_t grad_in_stride,
+                                                   T* grad_in, int64_t grad_in_stride,
                                                    T* grad_offset, T* grad_mask,
-                                                   const Geometry& geo, int64_t n, int64_t g,
+                                                   const Geometry& geo, int64_t n, int64_t g_begin, int64_t g_end,
                                                    int64_t row_begin, int64_t row_end,
                                                    const T* zeros, T* sink) {
+  backward_rows<T, CF, Avx2Planner<T, true>, Avx2ChannelsFor<T, CF>>(
+      input, offset, mask, grad_output, grad_in, grad_in_stride, grad_offset, grad_mask, geo, n,
+      g_begin, g_end, row_begin, row_end, zeros, sink);
+}
+
+template <typename T, int CF>
+BLDSEG_AVX512 BLDSEG_FLATTEN void backward_rows_avx512(const T* input, const T* offset,
+                                                       const T* mask, const T* grad_output,
+                                                       T* grad_in, int64_t grad_in_stride,
+                                                       T* grad_offset, T* grad_mask,
+                                                       const Geometry& geo, int64_t n, int64_t g_begin, int64_t g_end,
+                                                       int64_t row_begin, int64_t row_end,
+                                                       const T* zeros, T* sink) {
+  backward_rows<T, CF, Avx2Planner<T, true>, Avx512ChannelsFor<T, CF>>(
+      input, offset, mask, grad_output, grad_in, grad_in_stride, grad_offset, grad_mask, geo, n,
+      g_begin, g_end, row_begin, row_end, zeros, sink);
+}
+#endif  // BLDSEG_X86_DISPATCH
+
+// forward_pixels / backward_rows built for `isa`.
+template <typename T, int CF>
+void forward_pixels_for(Isa isa, const T* input, const T* offset, const T* mask, T* output,
+                        const Geometry& geo, int64_t begin, int64_t end) {
 #if BLDSEG_X86_DISPATCH
-  using Planner = Avx2Planner<T, true>;
-  using Channels = std::conditional_t<(CF > 0), Avx2Channels<T, CF>, ScalarChannels<T, CF>>;
-  backward_rows<T, CF, Planner, Channels>(input, offset, mask, grad_output, grad_in_g,
-                                          grad_in_stride, grad_offset, grad_mask, geo, n, g,
-                                          row_begin, row_end, zeros, sink);
-#else
-  backward_rows_base<T, CF>(input, offset, mask, grad_output, grad_in_g, grad_in_stride,
-                            grad_offset, grad_mask, geo, n, g, row_begin, row_end, zeros, sink);
+  if (isa == Isa::kAvx512) {
+    return forward_pixels_avx512<T, CF>(input, offset, mask, output, geo, begin, end);
+  }
+  if (isa == Isa::kAvx2) {
+    return forward_pixels_avx2<T, CF>(input, offset, mask, output, geo, begin, end);
+  }
 #endif
+  forward_pixels_base<T, CF>(input, offset, mask, output, geo, begin, end);
+}
+
+template <typename T, int CF>
+void backward_rows_for(Isa isa, const T* input, const T* offset, const T* mask,
+                       const T* grad_output, T* grad_in, int64_t grad_in_stride,
+                       T* grad_offset, T* grad_mask, const Geometry& geo, int64_t n, int64_t g_begin, int64_t g_end,
+                       int64_t row_begin, int64_t row_end, const T* zeros, T* sink) {
+#if BLDSEG_X86_DISPATCH
+  if (isa == Isa::kAvx512) {
+    return backward_rows_avx512<T, CF>(input, offset, mask, grad_output, grad_in,
+                                       grad_in_stride, grad_offset, grad_mask, geo, n, g_begin, g_end,
+                                       row_begin, row_end, zeros, sink);
+  }
+  if (isa == Isa::kAvx2) {
+    return backward_rows_avx2<T, CF>(input, offset, mask, grad_output, grad_in, grad_in_stride,
+                                     grad_offset, grad_mask, geo, n, g_begin, g_end, row_begin, row_end, zeros,
+                                     sink);
+  }
+#endif
+  backward_rows_base<T, CF>(input, offset, mask, grad_output, grad_in, grad_in_stride,
+                            grad_offset, grad_mask, geo, n, g_begin, g_end, row_begin, row_end, zeros, sink);
 }
 
 template <typename T, int CF>
@@ -758,13 +950,9 @@ void forward_impl(const T* input, const T* offset, const T* mask, T* output,
   const int64_t work = geo.group * geo.points() * geo.group_channels;
   // Enough work per block to amortise taking it (~32k multiply-adds).
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work));
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   parallel_blocks(pixels, grain, [&](int64_t begin, int64_t end) {
-    if (avx2) {
-      forward_pixels_avx2<T, CF>(input, offset, mask, output, geo, begin, end);
-    } else {
-      forward_pixels_base<T, CF>(input, offset, mask, output, geo, begin, end);
-    }
+    forward_pixels_for<T, CF>(isa, input, offset, mask, output, geo, begin, end);
   });
 }
 
@@ -776,32 +964,37 @@ void backward_impl(const T* input, const T* offset, const T* mask, const T* grad
   const int64_t pairs = geo.batch * G;
   if (pairs == 0) return;
   const int64_t threads = at::get_num_threads();
-  const bool avx2 = cpu_has_avx2();
-  auto rows = [&](T* grad_in_g, int64_t stride, int64_t n, int64_t g, int64_t row_begin,
-                  int64_t row_end, const T* zeros, T* sink) {
-    if (avx2) {
-      backward_rows_avx2<T, CF>(input, offset, mask, grad_output, grad_in_g, stride, grad_offset,
-                                grad_mask, geo, n, g, row_begin, row_end, zeros, sink);
-    } else {
-      backward_rows_base<T, CF>(input, offset, mask, grad_output, grad_in_g, stride, grad_offset,
-                                grad_mask, geo, n, g, row_begin, row_end, zeros, sink);
-    }
+  const Isa isa = cpu_isa();
+  auto rows = [&](T* grad_in, int64_t stride, int64_t n, int64_t g_begin, int64_t g_end,
+                  int64_t row_begin, int64_t row_end, const T* zeros, T* sink) {
+    backward_rows_for<T, CF>(isa, input, offset, mask, grad_output, grad_in, stride, grad_offset,
+                             grad_mask, geo, n, g_begin, g_end, row_begin, row_end, zeros, sink);
   };
 
   if (pairs >= threads || Ho == 1) {
-    // Each (n, g) pair owns grad_input[n, :, :, g, :]: zero it (grad_input is allocated
-    // uninitialised, so this is the only pass over it, and it leaves the slice in this core's
-    // cache) and scatter straight into it.
-    parallel_blocks(pairs, 1, [&](int64_t begin, int64_t end) {
+    // Tasks are (image, block of groups): a task owns grad_input[n, :, :, block, :], zeroes it
+    // (grad_input is allocated uninitialised, so this is the only pass over it, and it leaves
+    // the slice in this core's cache) and scatters straight into it. Whole images when there
+    // are enough of them (two tasks per thread), else the groups are split into blocks.
+    const int64_t N = geo.batch;
+    const int64_t wanted = std::min<int64_t>(G, (2 * threads + N - 1) / N);
+    const int64_t block = (G + wanted - 1) / wanted;  // groups per task
+    const int64_t blocks = (G + block - 1) / block;   // tasks per image
+    parallel_blocks(N * blocks, 1, [&](int64_t begin, int64_t end) {
       const std::vector<T> zeros(C, T(0));
       std::vector<T> sink(4 * C, T(0));
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / G, g = ng % G;
-        T* grad_in_g = grad_input + n * Hi * Wi * GC + g * C;
-        for (int64_t pixel = 0; pixel < Hi * Wi; ++pixel) {
-          std::memset(grad_in_g + pixel * GC, 0, C * sizeof(T));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks;
+        const int64_t g_begin = (task % blocks) * block, g_end = std::min(G, g_begin + block);
+        T* grad_in = grad_input + n * Hi * Wi * GC + g_begin * C;
+        if (g_end - g_begin == G) {
+          std::memset(grad_in, 0, Hi * Wi * GC * sizeof(T));
+        } else {
+          for (int64_t pixel = 0; pixel < Hi * Wi; ++pixel) {
+            std::memset(grad_in + pixel * GC, 0, (g_end - g_begin) * C * sizeof(T));
+          }
         }
-        rows(grad_in_g, GC, n, g, 0, Ho, zeros.data(), sink.data());
+        rows(grad_in, GC, n, g_begin, g_end, 0, Ho, zeros.data(), sink.data());
       }
     });
     return;
@@ -821,8 +1014,8 @@ void backward_impl(const T* input, const T* offset, const T* mask, const T* grad
       const int64_t ng = task / chunks, chunk = task % chunks;
       const int64_t row_begin = std::min(Ho, chunk * rows_per_chunk);
       const int64_t row_end = std::min(Ho, row_begin + rows_per_chunk);
-      rows(buffers.data() + task * slice, C, ng / G, ng % G, row_begin, row_end, zeros.data(),
-           sink.data());
+      rows(buffers.data() + task * slice, C, ng / G, ng % G, ng % G + 1, row_begin, row_end,
+           zeros.data(), sink.data());
     }
   });
   parallel_blocks(pairs * Hi * Wi, 256, [&](int64_t begin, int64_t end) {
