@@ -1,5 +1,6 @@
-"""Benchmark: parameter counts of every model variant, and CPU (or GPU) forward+backward
-throughput of UPerNet-InternImage with the compiled DCNv3 op vs the pure-PyTorch reference.
+"""Benchmark: parameter counts of every model variant, and the CPU (or GPU) training step
+(forward, backward, AdamW) of UPerNet-InternImage with the compiled DCNv3 op vs the
+pure-PyTorch reference: time and peak memory, each variant in a fresh process.
 
     python experiments/bench_model.py --json bench/model.json
     python experiments/bench_model.py --model upernet_internimage_t --size 224 --batch 8
@@ -10,12 +11,19 @@ classes): T 30M / 59M, S 50M / 80M, B 97M / 128M.
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bldseg.models import create_backbone, create_model
+from bldseg.ops import load_dcnv3_op
 
 PUBLISHED = {
     "internimage_t": 30e6,
@@ -32,40 +40,76 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def throughput(
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def train_step_stats(
     model_name: str, impl: str, size: int, batch: int, iters: int, device: torch.device
-) -> float:
-    """Images per second of forward + backward (training mode), best of ``iters``."""
+) -> dict:
+    """One training step after another (forward, BCE loss on logits and aux logits, backward,
+    the AdamW step of ``build_optimizer``), as in ``fit``; returns times and peak memory.
+
+    Time: best and median of ``iters`` steps after one warm-up step. Peak memory: on the CPU
+    the growth of the resident set from before the first step to its high-water mark over
+    all steps (run each variant in a fresh process: ``--one-impl``), which includes the
+    optimizer state; on CUDA ``max_memory_allocated`` growth over the same span.
+    """
+    from bldseg.train.config import RunConfig
+    from bldseg.train.engine import build_optimizer
+
     torch.manual_seed(0)
     model = create_model(model_name, impl=impl).to(device).train()
+    opt = build_optimizer(model, RunConfig())
     x = torch.randn(batch, 3, size, size, device=device)
-    best = float("inf")
-    for i in range(iters + 1):
+    y = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_kb("VmRSS") * 1024
+    times = []
+    for _ in range(iters + 1):
         t0 = time.perf_counter()
         out = model(x)
-        loss = out["logits"].mean() + out["aux_logits"].mean()
+        loss = F.binary_cross_entropy_with_logits(out["logits"], y)
+        loss = loss + 0.4 * F.binary_cross_entropy_with_logits(out["aux_logits"], y)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
+        opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i > 0:  # the first iteration warms up allocators and the op
-            best = min(best, time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    return batch / best
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = _status_kb("VmHWM") * 1024 - before
+    steady = times[1:]  # the first step warms up allocators and the op
+    return {
+        "impl": impl,
+        "ms_min": 1000 * min(steady),
+        "ms_median": 1000 * statistics.median(steady),
+        "images_per_s": batch / min(steady),
+        "peak_mib": peak / 2**20,
+    }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--model", default="upernet_internimage_t")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-    device = torch.device(args.device)
+def _in_subprocess(args: argparse.Namespace, impl: str) -> dict:
+    cmd = [sys.executable, __file__, "--one-impl", impl, "--model", args.model]
+    cmd += ["--size", str(args.size), "--batch", str(args.batch), "--iters", str(args.iters)]
+    proc = subprocess.run([*cmd, "--device", args.device], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} step failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
+
+def param_counts() -> dict:
+    """Parameter counts of every variant next to the published ones (printed as a table)."""
     counts = {}
     print(f"{'model':<28}{'params':>14}{'published':>12}{'diff':>8}")
     for name, pub in PUBLISHED.items():
@@ -82,30 +126,68 @@ def main() -> None:
         "(internimage_*: with the ImageNet head; upernet_*: with 150 classes as published; our"
         " one-class models are smaller by the two classifiers)"
     )
+    return counts
 
-    rates = {
-        impl: throughput(args.model, impl, args.size, args.batch, args.iters, device)
-        for impl in ("compiled", "reference")
-    }
-    print(
-        f"\n{args.model} fwd+bwd, batch {args.batch} at {args.size}px on {device} "
-        f"({torch.get_num_threads()} threads):"
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for impl, r in rates.items():
-        print(f"  {impl:<10}{r:8.2f} images/s")
-    print(f"  speed-up  {rates['compiled'] / rates['reference']:8.2f}x")
+    p.add_argument("--model", default="upernet_internimage_t")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+    p.add_argument("--skip-params", action="store_true", help="only the training step")
+    p.add_argument("--one-impl", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.one_impl is not None:  # child: one variant's steps, JSON on the last line
+        if args.one_impl == "compiled":
+            load_dcnv3_op()
+        stats = train_step_stats(
+            args.model, args.one_impl, args.size, args.batch, args.iters, device
+        )
+        print(json.dumps(stats))
+        return
+    load_dcnv3_op()  # built once here, not timed in a child
+
+    counts = {} if args.skip_params else param_counts()
+
+    steps = {impl: _in_subprocess(args, impl) for impl in ("compiled", "reference")}
+    print(
+        f"\n{args.model} training step (fwd + bwd + AdamW), batch {args.batch} at "
+        f"{args.size}px on {device} ({torch.get_num_threads()} threads), "
+        f"best / median of {args.iters}:"
+    )
+    print(f"  {'DCNv3 op':<10}{'best ms':>10}{'median ms':>11}{'images/s':>10}{'peak MiB':>10}")
+    for impl, r in steps.items():
+        print(
+            f"  {impl:<10}{r['ms_min']:10.0f}{r['ms_median']:11.0f}{r['images_per_s']:10.2f}"
+            f"{r['peak_mib']:10.0f}"
+        )
+    c, r = steps["compiled"], steps["reference"]
+    print(
+        f"  speed-up {r['ms_min'] / c['ms_min']:.2f}x (best), "
+        f"{r['ms_median'] / c['ms_median']:.2f}x (median); "
+        f"peak memory {c['peak_mib'] / r['peak_mib']:.2f}x the reference's"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
             json.dumps(
                 {
                     "params": counts,
-                    "throughput": {
+                    "train_step": {
                         "model": args.model,
                         "size": args.size,
                         "batch": args.batch,
                         "device": str(device),
-                        "images_per_s": rates,
+                        "threads": torch.get_num_threads(),
+                        "memory_method": "CPU: VmHWM - VmRSS before the first step, in a fresh"
+                        " process; CUDA: max_memory_allocated growth",
+                        "steps": steps,
                     },
                 },
                 indent=2,

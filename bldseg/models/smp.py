@@ -23,6 +23,8 @@ one class, in millions (smp 0.6.0, timm 1.0; ``_param_table()`` prints them)::
     convnext_atto      5.77    11.01   5.15
     convnext_femto     7.48    12.69   6.64
     tiny               0.49     0.52   0.45
+    mobilenetv3_small_075_narrow
+                       0.94      -      -    (CPU_UNETS: UNet only)
 
 smp's own EfficientNet-B0 encoder keeps the classifier's 1x1 conv and norm (``_conv_head``,
 ``_bn1``) though its features end before them: they get no gradient (a
@@ -91,6 +93,17 @@ ENCODERS: dict[str, str] = {
     "efficientnetv2_b0": "tu-tf_efficientnetv2_b0",  # the 3rd place's family
     "convnext_atto": "tu-convnext_atto",
     "convnext_femto": "tu-convnext_femto",
+}
+
+#: Peers sized for a CPU, registered with the UNet decoder only: name -> (encoder, keywords).
+#: ``smp_unet_mobilenetv3_small_075_narrow`` (0.94M parameters: the 0.75-width MobileNetV3-small
+#: encoder, 0.57M, and decoder channels 64/32/16/16/8) is the peer the time-to-quality
+#: benchmark (experiments/bench_train.py) was first measured against.
+CPU_UNETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mobilenetv3_small_075_narrow": (
+        "tu-mobilenetv3_small_075",
+        {"decoder_channels": (64, 32, 16, 16, 8)},
+    ),
 }
 
 #: The registered decoders: the name in model names -> smp's architecture.
@@ -430,6 +443,15 @@ def _register_defaults() -> None:
                 name=f"smp_{arch_name}_{enc_name}",
                 doc=f"smp {arch}, encoder {encoder!r}, random init.",
             )
+        if arch_name == "unet":
+            for enc_name, (encoder, kwargs) in CPU_UNETS.items():
+                register_smp_model(
+                    arch,
+                    encoder,
+                    name=f"smp_unet_{enc_name}",
+                    doc=f"smp Unet, encoder {encoder!r}, {kwargs}, random init.",
+                    **kwargs,
+                )
         register_smp_model(
             arch,
             TINY_ENCODER,

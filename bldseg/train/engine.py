@@ -134,7 +134,14 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
         {"params": ps, "weight_decay": wd, "lr": o.lr * scale, "lr_scale": scale}
         for (wd, scale), ps in sorted(groups.items())
     ]
-    return torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2))
+    # torch's fused AdamW kernel, where it has one: one pass over each parameter instead of a
+    # dozen small ops (experiments/bench_model.py: 4.0 -> 0.75 ms per step for the tiny model,
+    # 154 -> 37 ms for T, on 2 CPU cores). The same update up to rounding (tested).
+    devices = {p.device.type for g in param_groups for p in g["params"]}
+    fused = bool(devices) and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(
+        param_groups, lr=o.lr, betas=(o.beta1, o.beta2), fused=True if fused else None
+    )
 
 
 #: What a checkpoint may hold besides tensors: plain config data, nothing that unpickling would

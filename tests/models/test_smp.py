@@ -1,6 +1,7 @@
 """smp models as bldseg segmentation models: names, output contract, training, reloading,
 encoder weights from disk and a model search space."""
 
+import importlib
 import json
 
 import pytest
@@ -25,7 +26,9 @@ from bldseg.train.config import RunConfig
 from bldseg.train.engine import fit
 from bldseg.tune.cli import CPU_DEMO
 from bldseg.tune.runner import validate_space
-from bldseg.tune_spaces import models as models_space
+
+# The module, not the package's `models` (which is the module's space function).
+models_space = importlib.import_module("bldseg.tune_spaces.models")
 
 TINY = ["smp_unet_tiny", "smp_upernet_tiny", "smp_fpn_tiny"]
 
@@ -50,7 +53,14 @@ def test_the_factory_names_any_pair(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", [*TINY, "smp_unet_resnet18", "smp_upernet_convnext_atto", "smp_fpn_mobilenetv3_small"]
+    "name",
+    [
+        *TINY,
+        "smp_unet_resnet18",
+        "smp_upernet_convnext_atto",
+        "smp_fpn_mobilenetv3_small",
+        "smp_unet_mobilenetv3_small_075_narrow",
+    ],
 )
 def test_logits_have_the_input_size_in_train_and_eval(name):
     torch.manual_seed(0)
@@ -236,3 +246,10 @@ def test_models_search_space_samples_valid_buildable_configs():
             built.add(name)
         study.tell(trial, 0.0)
     assert len(built) >= 6
+
+
+def test_cpu_peer_is_the_narrow_unet():
+    # The time-to-quality benchmark's first peer: 0.94M parameters, 0.57M of them the encoder.
+    model = create_model("smp_unet_mobilenetv3_small_075_narrow")
+    assert sum(p.numel() for p in model.parameters()) == 935_249
+    assert sum(p.numel() for p in model.net.encoder.parameters()) == 573_480

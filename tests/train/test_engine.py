@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -185,6 +186,39 @@ def test_layer_decay_groups():
     assert head["lr"] == pytest.approx(3e-3) and stem["lr"] == pytest.approx(3e-3 * 0.5**6)
     assert by_param[id(named["backbone.patch_embed.conv1.bias"])]["weight_decay"] == 0.0
     assert head["weight_decay"] == 0.1
+
+
+def test_optimizer_is_fused_and_matches_the_loop_implementation():
+    from bldseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("upernet_internimage_tiny", impl="reference").eval()  # no dropout
+    c = cfg(**{"optim.layer_decay": 0.5, "optim.weight_decay": 0.1})
+    opt = engine.build_optimizer(model, c)
+    assert all(g["fused"] for g in opt.param_groups)
+    # The same groups (LRs, decays) on a copy, with torch's per-parameter loop.
+    loop_model = copy.deepcopy(model)
+    by_name = dict(loop_model.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    loop_opt = torch.optim.AdamW(
+        [
+            {**g, "params": [by_name[names[id(p)]] for p in g["params"]], "fused": None}
+            for g in opt.param_groups
+        ],
+        foreach=False,
+    )
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(3):
+        for m, o in ((model, opt), (loop_model, loop_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()  # eval mode: the logits (N, 1, H, W)
+            o.step()
+    moved = 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, by_name[name], atol=1e-6, rtol=1e-5, msg=name)
+        moved += not torch.equal(p, start[name])
+    assert moved > len(start) // 2
 
 
 def test_predict_writes_scored_submission(trained, small_world, tmp_path):
