@@ -18,6 +18,8 @@ same tiles.
 
     python experiments/bench_train.py --json bench/train.json
     python experiments/bench_train.py --peers smp_unet_mobilenetv3_small smp_unet_resnet18
+    python experiments/bench_train.py --peers smp_unet_mobilenetv3_small_075_narrow \
+        --ours-epochs 34     # equal CPU: our own schedule over the peer's 20-epoch CPU time
 
 Prints a table, writes JSON and a plot (``--plot``, default beside the JSON). Runs are kept
 under ``--out`` keyed by the data and the config, so a rerun scores finished runs again
@@ -127,6 +129,13 @@ def main() -> None:
         help="peer models (default smp_unet_mobilenetv3_small)",
     )
     a("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
+    a(
+        "--ours-epochs",
+        type=int,
+        default=None,
+        help="epochs of our arm only, its schedule spanning them (default --epochs): e.g. the "
+        "epochs that take a peer's CPU time, for an equal-budget comparison",
+    )
     a("--seed", type=int, default=0)
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config value, all arms")
     a(
@@ -151,7 +160,8 @@ def main() -> None:
 
     runs: dict[str, dict[str, Any]] = {}
     for arm, model in arms.items():
-        cfg = RunConfig.from_flat({**base, "model": model})
+        epochs = args.ours_epochs if arm == "ours" and args.ours_epochs else base["epochs"]
+        cfg = RunConfig.from_flat({**base, "model": model, "epochs": epochs})
         print(f"== {arm}: {model}", flush=True)
         t0 = time.perf_counter()
         run_dir, history, curve = train_curve(arm, cfg, Path(args.out), data, truth)
@@ -246,7 +256,12 @@ def main() -> None:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     plot = Path(args.plot) if args.plot else path.with_suffix(".png")
-    _plot(runs, names, plot)
+    if args.ours_epochs and args.ours_epochs != base["epochs"]:
+        title = f"Quality against CPU time, same data and crops, ours over {args.ours_epochs}"
+        title += f" epochs, peers over {base['epochs']}"
+    else:
+        title = "Quality against CPU time, same data, crops and schedule"
+    _plot(runs, names, plot, title)
     record = {
         "base_config": base,
         "synthetic": synthetic,
@@ -281,7 +296,7 @@ def main() -> None:
     print(f"wrote {path} and {plot}")
 
 
-def _plot(runs: dict[str, dict[str, Any]], names: dict[str, str], path: Path) -> None:
+def _plot(runs: dict[str, dict[str, Any]], names: dict[str, str], path: Path, title: str) -> None:
     """Kept checkpoint's test Dice against CPU seconds, one step line per arm."""
     import matplotlib
 
@@ -295,7 +310,7 @@ def _plot(runs: dict[str, dict[str, Any]], names: dict[str, str], path: Path) ->
         ax.step(xs, ys, where="post", marker="o", ms=3, label=names[arm])
     ax.set_xlabel("CPU seconds (training process, validation included)")
     ax.set_ylabel("test Dice of the kept checkpoint")
-    ax.set_title("Quality against CPU time, same data, crops and schedule")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

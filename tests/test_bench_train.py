@@ -16,7 +16,7 @@ WORLD = {
 }
 
 
-def _bench(tmp_path: Path) -> subprocess.CompletedProcess:
+def _bench(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     # Our own tiny model as the "peer": the benchmark's logic without segmentation_models_pytorch.
     args = [
         sys.executable,
@@ -29,6 +29,7 @@ def _bench(tmp_path: Path) -> subprocess.CompletedProcess:
         "--set", "samples_per_epoch=16",
         "--out", str(tmp_path / "runs"),
         "--json", str(tmp_path / "train.json"),
+        *extra,
     ]  # fmt: skip
     return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
@@ -64,3 +65,14 @@ def test_bench_train_writes_curves_and_reuses_finished_runs(tmp_path):
     assert "epoch 1/2" not in again.stderr
     rerun = json.loads((tmp_path / "train.json").read_text())
     assert rerun["arms"]["ours"]["epochs"] == record["arms"]["ours"]["epochs"]
+
+
+def test_ours_epochs_lengthens_only_our_arm(tmp_path):
+    # Equal CPU budget: our arm on its own, longer schedule; the peer keeps --epochs.
+    done = _bench(tmp_path, "--ours-epochs", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    arms = json.loads((tmp_path / "train.json").read_text())["arms"]
+    assert [e["epoch"] for e in arms["ours"]["epochs"]] == [1, 2, 3]
+    assert [e["epoch"] for e in arms["peer1"]["epochs"]] == [1, 2]
+    status = json.loads((Path(arms["ours"]["run_dir"]) / "status.json").read_text())
+    assert status == {"status": "completed", "message": "trained 3 epochs"}
