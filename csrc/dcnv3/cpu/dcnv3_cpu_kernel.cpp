@@ -652,7 +652,9 @@ struct Simd512<double> {
   }
 };
 
-// Avx2Channels with AVX-512 registers, for CF a multiple of 16 floats (8 doubles).
+// Avx2Channels with AVX-512 registers, for CF a multiple of 16 floats (8 doubles). A separate
+// struct, not Avx2Channels templated on the register type: a function's target ISA cannot be a
+// template parameter, and the always-inline helpers need a caller compiled for their ISA.
 template <typename T, int CF>
 struct Avx512Channels {
   using S = Simd512<T>;
