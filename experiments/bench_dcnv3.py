@@ -91,7 +91,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _proc_status_kb(field: str) -> int:
+def proc_status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM, ...)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -113,9 +114,9 @@ def run_case(case: Case, repeat: int) -> Result:
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
-        before_kb = _proc_status_kb("VmRSS")
+        before_kb = proc_status_kb("VmRSS")
         _call(case, x, offset, mask)
-        peak_mb = (_proc_status_kb("VmHWM") - before_kb) / 1024
+        peak_mb = (proc_status_kb("VmHWM") - before_kb) / 1024
     # 2. Time.
     times = []
     for _ in range(repeat):

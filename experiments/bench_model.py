@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bldseg.models import create_backbone, create_model
 from bldseg.ops import load_dcnv3_op
 
+from bench_dcnv3 import proc_status_kb  # isort: skip  (this folder is on sys.path)
+
 PUBLISHED = {
     "internimage_t": 30e6,
     "internimage_s": 50e6,
@@ -38,13 +40,6 @@ PUBLISHED = {
 def n_params(m: torch.nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in m.parameters())
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def train_step_stats(
@@ -72,7 +67,7 @@ def train_step_stats(
         before = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _status_kb("VmRSS") * 1024
+        before = proc_status_kb("VmRSS") * 1024
     times = []
     for _ in range(iters + 1):
         t0 = time.perf_counter()
@@ -88,7 +83,7 @@ def train_step_stats(
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = _status_kb("VmHWM") * 1024 - before
+        peak = proc_status_kb("VmHWM") * 1024 - before
     steady = times[1:]  # the first step warms up allocators and the op
     return {
         "impl": impl,
