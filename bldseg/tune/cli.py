@@ -11,6 +11,7 @@ import pandas as pd
 
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.train.config import recipe_defaults
+from bldseg.tune import tracking
 from bldseg.tune.runner import DEFAULT_EXPERIMENT, METRIC, SearchInterrupted, SearchSpec, run_search
 
 #: Fixed trial settings for a 2-core CPU (the built-in world, or any data without a GPU): the
@@ -251,6 +252,14 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: sqlite:////<cwd>/mlflow.db); an http:// server works",
     )
     a(
+        "--tracking-timeout",
+        type=float,
+        default=tracking.DEAD_AFTER_S,
+        metavar="S",
+        help="seconds a tracking server may stay silent before the search goes on without "
+        f"MLflow, noting it in each run folder (default {tracking.DEAD_AFTER_S:g})",
+    )
+    a(
         "--address",
         default=None,
         help="address of an existing Ray cluster, e.g. 10.0.0.1:6379 (default: local Ray, or "
@@ -312,6 +321,7 @@ def main(
         reduction_factor=args.reduction_factor,
         storage=args.storage,
         tracking_uri=args.tracking_uri,
+        tracking_timeout_s=args.tracking_timeout,
         experiment=args.experiment,
         address=args.address,
         resume=args.resume,

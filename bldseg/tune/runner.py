@@ -111,6 +111,8 @@ class SearchSpec:
     reduction_factor: int = 4  # ASHA: a rung keeps the best 1/reduction_factor (Ray's default)
     storage: str = "runs"  # results folder (shared storage on a cluster)
     tracking_uri: str | None = None  # MLflow URI; default sqlite:////<project>/mlflow.db
+    # seconds a silent tracking server is waited for before the search goes on without MLflow
+    tracking_timeout_s: float = tracking.DEAD_AFTER_S
     experiment: str = DEFAULT_EXPERIMENT  # MLflow experiment; each search is a parent run in it
     address: str | None = None  # Ray cluster address; None: $RAY_ADDRESS, else a new local Ray
     resume: bool = False  # continue the named (or latest) interrupted search
@@ -432,6 +434,7 @@ def trial_fn(
     tags: dict[str, str],
     threads: int,
     exp_dir: str,
+    tracking_timeout_s: float = tracking.DEAD_AFTER_S,
 ) -> None:
     """The Ray Tune trainable: one :func:`fit` whose epochs are reported to Tune and MLflow.
 
@@ -455,7 +458,10 @@ def trial_fn(
     error_file = run_dir / TRACKING_ERROR_FILE
     error_file.unlink(missing_ok=True)  # a new attempt; a failure is recorded again if it recurs
     tracker = tracking.Tracker(
-        tracking_uri, f"trial {trial_id}", on_error=lambda m: error_file.write_text(m + "\n")
+        tracking_uri,
+        f"trial {trial_id}",
+        on_error=lambda m: error_file.write_text(m + "\n"),
+        dead_after_s=tracking_timeout_s,
     )
     seen: list[dict[str, Any]] = []  # the epochs reported so far, in order
 
@@ -715,6 +721,7 @@ class _SearchDriver:
         max_epochs: The epochs each trial is given.
         base: The constant run config (with a trial's config: its threshold sweep range).
         images_for_tiles: Tile reader for ``worst_tiles.png``.
+        tracking_timeout_s: How long a silent tracking server is waited for.
     """
 
     def __init__(
@@ -726,6 +733,7 @@ class _SearchDriver:
         max_epochs: int,
         base: dict[str, Any],
         images_for_tiles: Callable | None,
+        tracking_timeout_s: float = tracking.DEAD_AFTER_S,
     ):
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -733,7 +741,9 @@ class _SearchDriver:
         self.max_epochs = max_epochs
         self.base = base
         self.images_for_tiles = images_for_tiles
-        self.tracker = tracking.Tracker(tracking_uri, f"search {parent_run_id}")
+        self.tracker = tracking.Tracker(
+            tracking_uri, f"search {parent_run_id}", dead_after_s=tracking_timeout_s
+        )
         self.unfinished: list[str] | None = None  # at the end of Tune's last step; None: no step
         self.n_trials = 0  # trials Tune had created by then
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bldseg-finalise")
@@ -927,6 +937,11 @@ def run_search(spec: SearchSpec) -> SearchResult:
             "needs a grace period of at least 1 epoch and a factor of at least 2 "
             "(--grace-period, --reduction-factor)"
         )
+    if not spec.tracking_timeout_s > 0:
+        raise ValueError(
+            f"tracking_timeout_s={spec.tracking_timeout_s}: the wait on a silent tracking server "
+            "must be positive (--tracking-timeout)"
+        )
     with _quiet_libraries():
         return _run_search(spec)
 
@@ -1045,6 +1060,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         max_epochs,
         base,
         tiles_from_cache(data.train),
+        spec.tracking_timeout_s,
     )
     _DRIVERS[parent_run_id] = driver
     try:
@@ -1066,6 +1082,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                 tags=tags,
                 threads=max(1, int(spec.cpus_per_trial)),
                 exp_dir=str(exp_dir),
+                tracking_timeout_s=spec.tracking_timeout_s,
             ),
             {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial},
         )

@@ -254,6 +254,21 @@ def test_unreachable_tracking_server_fails_fast(small_world, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"trials": 0}, r"trials=0.*--trials"),
+        ({"epochs": 0}, r"epochs=0.*--epochs"),
+        ({"scheduler": "asha", "reduction_factor": 1}, r"reduction_factor=1.*--reduction-factor"),
+        ({"tracking_timeout_s": 0.0}, r"tracking_timeout_s=0\.0.*--tracking-timeout"),
+    ],
+)
+def test_invalid_search_options_are_named(small_world, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        run_search(spec_for(small_world, tmp_path, **kw))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_invalid_base_is_rejected_before_trials(small_world, tmp_path):
     spec = spec_for(small_world, tmp_path, base={**BASE, "aug.scale_p": 3.0})
     with pytest.raises(ValueError, match=r"scale_p=3\.0"):
