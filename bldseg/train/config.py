@@ -124,7 +124,9 @@ class RunConfig:
     seed: int = 0  # seeds the split, the crops, the init and the batches
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    num_workers: int = 0  # DataLoader workers
+    # DataLoader worker processes; 0: batches made in the loop (the history's data_s says
+    # how long it waited for them; with the demo's crops 4% of an epoch, so workers do not pay)
+    num_workers: int = 0
     impl: Literal["auto", "compiled", "reference"] = "auto"  # DCNv3 implementation
     # torch.compile backend of the training steps ("inductor"), as timm's --torchcompile;
     # "" = eager. Validation and prediction stay eager (no recompiles for their batch shapes).

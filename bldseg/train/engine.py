@@ -353,6 +353,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
+def _timed(batches: Any, waited: list[float]):
+    """Yields from ``batches``, adding the time each batch took to arrive to ``waited[0]``."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t0
+        yield batch
+
+
 def fit(
     cfg: RunConfig,
     out_dir: str | os.PathLike,
@@ -504,13 +517,14 @@ def fit(
             m.train()
         sums = [0.0] * n_nets
         n_batches = 0
+        waited = [0.0]  # seconds the loop waited for batches (cropping, augmenting, collating)
         try:
             iterator = loader
             if progress:
                 from tqdm.auto import tqdm
 
                 iterator = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-            for batch in iterator:
+            for batch in _timed(iterator, waited):
                 losses = _step_losses(steppers, batch, cfg, loss_fn, keep, device, amp)
                 for k, (loss, m, opt, sch) in enumerate(
                     zip(losses, models, optimizers, schedulers, strict=True)
@@ -551,6 +565,9 @@ def fit(
             "lr": optimizers[0].param_groups[-1]["lr"],
             **{f"val_{k}": v for k, v in vm.items()},
             "epoch_s": time.perf_counter() - t0,
+            # of which the training loop waited for its batches (mmseg's data_time): with
+            # num_workers=0 it is the cropping and augmentation itself; workers overlap it
+            "data_s": waited[0],
             # CPU seconds of this process, every torch thread counted (DataLoader workers,
             # num_workers > 0, are other processes and not included).
             "cpu_s": time.process_time() - c0,

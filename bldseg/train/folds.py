@@ -71,9 +71,9 @@ def run_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One epoch of K folds as one row: the mean of each number over the folds.
 
-    ``epoch_s`` and ``cpu_s`` are summed (the time the configuration spent on the epoch) and
-    ``val_thr_widened`` is the maximum (1 when any fold widened); text fields are left out.
-    ``fold<f>_val_dice_best`` keeps each fold's own Dice.
+    ``epoch_s``, ``data_s`` and ``cpu_s`` are summed (the time the configuration spent on the
+    epoch) and ``val_thr_widened`` is the maximum (1 when any fold widened); text fields are
+    left out. ``fold<f>_val_dice_best`` keeps each fold's own Dice.
     """
     out: dict[str, Any] = {}
     for key in rows[0]:
@@ -82,7 +82,7 @@ def mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             continue
         if key == "epoch":
             out[key] = int(values[0])
-        elif key in ("epoch_s", "cpu_s"):
+        elif key in ("epoch_s", "data_s", "cpu_s"):
             out[key] = float(sum(values))
         elif key == "val_thr_widened":
             out[key] = float(max(values))

@@ -1,5 +1,6 @@
 import copy
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -278,6 +279,22 @@ def test_a_progress_bar_does_not_change_training(small_world, tmp_path):
     shown = fit(c, tmp_path / "shown", data=small_world, progress=True, resume=False)
     for a, b in zip(quiet.history, shown.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_dice_best"] == b["val_dice_best"]
+
+
+def test_history_records_the_time_spent_waiting_for_batches(small_world, tmp_path, monkeypatch):
+    from bldseg.data.dataset import RandomCropDataset
+
+    read = RandomCropDataset.__getitem__
+
+    def slow_read(self, item):  # a slow disk or augmentation: 20 ms per crop
+        time.sleep(0.02)
+        return read(self, item)
+
+    monkeypatch.setattr(RandomCropDataset, "__getitem__", slow_read)
+    result = fit(cfg(epochs=2, samples_per_epoch=16), tmp_path, data=small_world, resume=False)
+    for row in result.history:
+        # 16 crops at 20 ms each were waited for, inside the epoch's wall time
+        assert 16 * 0.02 <= row["data_s"] < row["epoch_s"], row
 
 
 def test_compiled_training_steps_train_the_same_model(small_world, tmp_path):
