@@ -26,7 +26,7 @@ from ._build import CSRC_DIR, BuildError, BuildInfo, NativeExtension
 from ._layers import ActName, NormName, build_act_layer, build_norm_layer
 from .dcnv3_reference import dcnv3_reference
 
-__all__ = ["DCNv3", "Impl", "dcnv3", "dcnv3_output_size", "load_dcnv3_op"]
+__all__ = ["DCNv3", "Impl", "dcnv3", "dcnv3_output_size", "load_dcnv3_op", "point_softmax"]
 
 Impl = Literal["auto", "compiled", "reference"]
 IMPL_ENV_VAR = "BLDSEG_DCNV3_IMPL"
@@ -99,7 +99,7 @@ def _backward_fake(
 def _forward_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     input, offset, mask, *params = inputs
     ctx.save_for_backward(input, offset, mask)
-    ctx.params = params  # the 12 ints/float after the tensors, in schema order
+    ctx.params = params  # the ints, float and bool after the tensors, in schema order
 
 
 def _forward_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -251,6 +251,7 @@ def dcnv3(
     offset_scale: float,
     im2col_step: int = 256,
     impl: Impl | None = None,
+    mask_softmax: bool = False,
 ) -> torch.Tensor:
     """Deformable convolution v3 core, channels-last (no learnable weights).
 
@@ -277,6 +278,10 @@ def dcnv3(
             validated but unused on the CPU.
         impl: "auto", "compiled" or "reference"; None reads ``$BLDSEG_DCNV3_IMPL`` (default
             "auto").
+        mask_softmax: ``mask`` holds logits: the op uses the softmax over the P points of
+            each group (what the DCNv3 module does before the op), and its gradient is that of
+            the logits. The CPU kernels fuse it (PyTorch's CPU softmax over a last dimension
+            of 9 is slow); elsewhere it runs as ``torch.softmax``.
 
     Returns:
         (N, H_out, W_out, group*group_channels), dtype of ``input``.
@@ -315,10 +320,23 @@ def dcnv3(
         float(offset_scale),
     )
     if not _compiled_available(_resolve_impl(impl), input.device):
+        if mask_softmax:
+            mask = point_softmax(mask, group)
         return dcnv3_reference(input, offset, mask, *params)
     return torch.ops.bldseg.dcnv3_forward(
-        input.contiguous(), offset.contiguous(), mask.contiguous(), *params, im2col_step
+        input.contiguous(),
+        offset.contiguous(),
+        mask.contiguous(),
+        *params,
+        im2col_step,
+        mask_softmax,
     )
+
+
+def point_softmax(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, H, W, group*P) logits -> probabilities, softmax over each group's P points."""
+    n, h, w, gp = mask.shape
+    return F.softmax(mask.reshape(n, h, w, group, gp // group), -1).reshape(n, h, w, gp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -391,6 +409,10 @@ class DCNv3(nn.Module):
         self.center_feature_scale = center_feature_scale
         self.remove_center = int(remove_center)
         self.impl = impl
+        # Whether the op takes the mask softmax itself (fused in the CPU kernels, where torch's
+        # softmax over 9 points was a fifth of the module); False: torch.softmax before the op,
+        # as the official module does (the readable path; same result within rounding).
+        self.fused_softmax = True
         # Points with learned offsets and masks (the centre one is dropped by remove_center).
         points = kernel_size * kernel_size - self.remove_center
 
@@ -449,13 +471,17 @@ class DCNv3(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """(N, H, W, channels) -> (N, H, W, channels)."""
-        n, h, w, _ = input.shape
+        # (N, H, W, channels)
         x = self.input_proj(input)  # (N, H, W, C)
         x_proj = x
         x1 = self.dw_conv(input.permute(0, 3, 1, 2))  # (N, H, W, C), channels-last after LN
         offset = self.offset(x1)  # (N, H, W, G*P*2)
-        mask = self.mask(x1).reshape(n, h, w, self.group, -1)
-        mask = F.softmax(mask, -1).reshape(n, h, w, -1).type(x.dtype)  # (N, H, W, G*P)
+        mask = self.mask(x1).type(x.dtype)  # (N, H, W, G*P) logits
+        # The op takes the softmax over each group's points (fused in the CPU kernel), except
+        # with remove_center: the inserted centre needs a zero probability, not a zero logit.
+        fused_softmax = self.fused_softmax and not self.remove_center
+        if not fused_softmax:
+            mask = point_softmax(mask, self.group).type(x.dtype)  # autocast: float32 out
         if self.remove_center:
             offset, mask = self._insert_center(offset, mask)
         k = self.kernel_size
@@ -476,6 +502,7 @@ class DCNv3(nn.Module):
             self.offset_scale,
             256,
             impl=self.impl,
+            mask_softmax=fused_softmax,
         )
         if self.center_feature_scale:
             scale = F.linear(

@@ -5,6 +5,9 @@
 //
 // Shapes (channels-last): input (N, H_in, W_in, G*C), offset (N, H_out, W_out, G*P*2),
 // mask (N, H_out, W_out, G*P), output (N, H_out, W_out, G*C); P = kernel_h*kernel_w.
+// mask_softmax=True: mask holds logits and the op takes the softmax over the P points of each
+// group (InternImage's DCNv3 module does it before the op); the backward then returns the
+// gradient of the logits.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -28,11 +31,13 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input, const at::Tensor& offset,
                              const at::Tensor& mask, int64_t kernel_h, int64_t kernel_w,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
                              int64_t dilation_h, int64_t dilation_w, int64_t group,
-                             int64_t group_channels, double offset_scale, int64_t im2col_step) {
+                             int64_t group_channels, double offset_scale, int64_t im2col_step,
+                             bool mask_softmax) {
   const char* op = "bldseg::dcnv3_forward";
-  const Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
-                                          stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                                          group_channels, offset_scale, im2col_step);
+  Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
+                                    stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                                    group_channels, offset_scale, im2col_step);
+  geo.mask_softmax = mask_softmax;
   TORCH_CHECK(input.device().is_cpu(), op, ": the CPU kernel got tensors on ", input.device());
   // im2col_step batches the column buffer of the CUDA kernel; the CPU kernel has no column
   // buffer, so it is only validated here.
@@ -48,11 +53,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
     const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& grad_output, int64_t kernel_h, int64_t kernel_w, int64_t stride_h,
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
-    int64_t group, int64_t group_channels, double offset_scale, int64_t im2col_step) {
+    int64_t group, int64_t group_channels, double offset_scale, int64_t im2col_step,
+    bool mask_softmax) {
   const char* op = "bldseg::dcnv3_backward";
-  const Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
-                                          stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                                          group_channels, offset_scale, im2col_step);
+  Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
+                                    stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                                    group_channels, offset_scale, im2col_step);
+  geo.mask_softmax = mask_softmax;
   check_dcnv3_grad_output(op, grad_output, input, geo);
   TORCH_CHECK(input.device().is_cpu(), op, ": the CPU kernel got tensors on ", input.device());
   if (is_reduced(input)) {
@@ -73,12 +80,14 @@ TORCH_LIBRARY(bldseg, m) {
   m.def(
       "dcnv3_forward(Tensor input, Tensor offset, Tensor mask, int kernel_h, int kernel_w, "
       "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
-      "int group, int group_channels, float offset_scale, int im2col_step) -> Tensor");
+      "int group, int group_channels, float offset_scale, int im2col_step, "
+      "bool mask_softmax=False) -> Tensor");
   m.def(
       "dcnv3_backward(Tensor input, Tensor offset, Tensor mask, Tensor grad_output, "
       "int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, "
       "int dilation_h, int dilation_w, int group, int group_channels, float offset_scale, "
-      "int im2col_step) -> (Tensor grad_input, Tensor grad_offset, Tensor grad_mask)");
+      "int im2col_step, bool mask_softmax=False) -> (Tensor grad_input, Tensor grad_offset, "
+      "Tensor grad_mask)");
 }
 
 TORCH_LIBRARY_IMPL(bldseg, CPU, m) {

@@ -36,6 +36,9 @@ struct Geometry {
   int64_t group;           // G
   int64_t group_channels;  // C, channels per group
   double offset_scale;     // scales both the base grid and the learned offsets
+  // mask holds logits: the kernel takes the softmax over the P points of each group itself
+  // (forward), and the backward returns the gradient of the logits.
+  bool mask_softmax = false;
   int64_t points() const { return kernel_h * kernel_w; }        // P
   int64_t channels() const { return group * group_channels; }  // G*C
 };

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bldseg.ops import DCNv3, dcnv3, dcnv3_reference
-from bldseg.ops.dcnv3 import IMPL_ENV_VAR
+from bldseg.ops.dcnv3 import IMPL_ENV_VAR, point_softmax
 from tests.ops.cases import Case
 
 F64 = torch.float64
@@ -185,19 +185,61 @@ def test_compiled_matches_reference_float64(dcnv3_op, case: Case) -> None:
         )
 
 
+def _softmax_then_reference(input, offset, logits, *params):
+    """The readable path of mask_softmax: softmax over each group's points, then the op."""
+    return dcnv3_reference(input, offset, point_softmax(logits, params[8]), *params)
+
+
+def _compiled_softmax(*args):
+    return dcnv3(*args, impl="compiled", mask_softmax=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_fused_mask_softmax_matches_reference_float64(dcnv3_op, case: Case) -> None:
+    # The kernels take the softmax of the logits themselves and return the logits' gradient.
+    inputs = make_inputs(case, seed=7)
+    out_ref, grads_ref = _forward_and_grads(_softmax_then_reference, case, inputs)
+    out, grads = _forward_and_grads(_compiled_softmax, case, inputs)
+    torch.testing.assert_close(out, out_ref, atol=1e-10, rtol=0)
+    for name, g, g_ref in zip(("input", "offset", "logits"), grads, grads_ref, strict=True):
+        torch.testing.assert_close(
+            g, g_ref, atol=1e-10, rtol=0, msg=lambda m, n=name: f"grad_{n}: {m}"
+        )
+    if case.n:  # the logits' gradient sums to zero over each group's points
+        p = case.kernel[0] * case.kernel[1]
+        sums = grads[2].reshape(*grads[2].shape[:3], case.group, p).sum(-1)
+        torch.testing.assert_close(sums, torch.zeros_like(sums), atol=1e-10, rtol=0)
+
+
+def test_fused_mask_softmax_reference_impl_and_gradcheck(dcnv3_op) -> None:
+    case = Case(2, 4, 5, 2, 3, offset_std=0.7)
+    inputs = make_inputs(case, seed=2)
+    want, _ = _forward_and_grads(_softmax_then_reference, case, inputs)
+    got, _ = _forward_and_grads(
+        lambda *a: dcnv3(*a, impl="reference", mask_softmax=True), case, inputs
+    )
+    assert torch.equal(got, want)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: _compiled_softmax(a, b, c, *case.params()), leaves
+    )
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_backward_paths_agree_for_any_thread_count(dcnv3_op, threads: int) -> None:
     # One (n, g) pair: with 1 thread it scatters directly, with 3 into row-chunk buffers.
     case = Case(1, 11, 9, 1, 16)
     inputs = make_inputs(case, seed=3)
     _, grads_ref = _forward_and_grads(dcnv3_reference, case, inputs)
+    _, grads_ref_softmax = _forward_and_grads(_softmax_then_reference, case, inputs)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _, grads = _forward_and_grads(_compiled, case, inputs)
+        _, grads_softmax = _forward_and_grads(_compiled_softmax, case, inputs)
     finally:
         torch.set_num_threads(before)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
+    for g, g_ref in zip(grads + grads_softmax, grads_ref + grads_ref_softmax, strict=True):
         torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=0)
 
 
@@ -242,19 +284,23 @@ def test_other_isa_kernels(dcnv3_op, env_var: str) -> None:
     # The ISA is chosen once per process, at run time: force the others in a fresh process.
     script = textwrap.dedent(
         f"""
+        import itertools
         import sys
         sys.path.insert(0, {str(REPO)!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import torch
-        from test_dcnv3 import Case, make_inputs, _forward_and_grads, _compiled
+        from test_dcnv3 import (Case, make_inputs, _forward_and_grads, _compiled,
+                                _compiled_softmax, _softmax_then_reference)
         from bldseg.ops import dcnv3_reference
         cases = (Case(2, 6, 5, 2, 16), Case(1, 5, 6, 3, 5, stride=(2, 1)), Case(1, 7, 5, 1, 32),
                  Case(4, 6, 5, 3, 16))
-        for case in cases:
-            for dtype in (torch.float64, torch.float32):
+        paths = ((_compiled, dcnv3_reference), (_compiled_softmax, _softmax_then_reference))
+        for case, dtype, (fn, ref) in itertools.product(
+            cases, (torch.float64, torch.float32), paths
+        ):
                 inputs = make_inputs(case, dtype)
-                out_ref, grads_ref = _forward_and_grads(dcnv3_reference, case, inputs)
-                out, grads = _forward_and_grads(_compiled, case, inputs)
+                out_ref, grads_ref = _forward_and_grads(ref, case, inputs)
+                out, grads = _forward_and_grads(fn, case, inputs)
                 tol = 1e-10 if dtype == torch.float64 else 1e-4
                 for a, b in zip((out, *grads), (out_ref, *grads_ref), strict=True):
                     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
@@ -542,11 +588,17 @@ def _randomise(module: DCNv3, seed: int = 0) -> None:
             param.copy_(0.3 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
 
 
-@pytest.mark.parametrize("center_feature_scale", [False, True])
-def test_module_compiled_matches_reference(dcnv3_op, center_feature_scale: bool) -> None:
-    module = DCNv3(channels=16, group=2, center_feature_scale=center_feature_scale).double()
+@pytest.mark.parametrize(
+    "channels, group, center_feature_scale",
+    [(16, 2, False), (16, 2, True), (64, 4, False)],  # 64/4: InternImage's group_channels 16
+)
+def test_module_compiled_matches_reference(
+    dcnv3_op, channels: int, group: int, center_feature_scale: bool
+) -> None:
+    # The compiled path takes the mask softmax inside the op; the reference one before it.
+    module = DCNv3(channels, group=group, center_feature_scale=center_feature_scale).double()
     _randomise(module)
-    x = torch.randn(2, 6, 5, 16, dtype=F64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 6, 5, channels, dtype=F64, generator=torch.Generator().manual_seed(1))
     outs, grads = [], []
     for impl in ("compiled", "reference"):
         module.impl = impl

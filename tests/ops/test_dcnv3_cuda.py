@@ -522,6 +522,22 @@ def test_cuda_matches_cpu_op(dcnv3_op, dtype: torch.dtype) -> None:
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_mask_softmax_matches_cpu_op(dcnv3_op, dtype: torch.dtype) -> None:
+    # On CUDA the softmax of mask_softmax runs as ATen's around the kernels; on the CPU inside.
+    case = Case(3, 14, 14, 4, 16, offset_std=3.0)
+    x, offset, logits, grad_out = (t.to(dtype) for t in make_inputs(case, seed=4))
+    got, want = [], []
+    for device, results in (("cuda", got), ("cpu", want)):
+        leaves = [t.detach().to(device).requires_grad_() for t in (x, offset, logits)]
+        out = dcnv3(*leaves, *case.params(), impl="compiled", mask_softmax=True)
+        out.backward(grad_out.to(device))
+        results.extend(t.detach().cpu() for t in (out, *(leaf.grad for leaf in leaves)))
+    assert_matches(tuple(got), tuple(t.to(F64) for t in want), dtype)
+
+
+@pytest.mark.gpu
+@requires_gpu
 def test_cuda_gradcheck(dcnv3_op) -> None:
     case = Case(2, 4, 5, 2, 3, offset_std=0.7)
     x, offset, mask, _ = make_inputs(case)

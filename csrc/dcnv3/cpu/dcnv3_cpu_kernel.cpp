@@ -6,7 +6,9 @@
 //   loc_h = (half_h - pad_h + ho*stride_h) - half_h*s + (j*dilation_h + offset_y[g, p]) * s
 // with half = (dilation*(kernel-1)) >> 1 and s = offset_scale, in unpadded input pixels.
 // A point contributes only when -1 < loc < size (else all four corners are outside), and each
-// bilinear corner outside the input reads zero.
+// bilinear corner outside the input reads zero. With mask_softmax the mask holds logits: each
+// pixel's probabilities (softmax over the P points of a group) are computed before its plan,
+// and the backward turns the gradient of the probabilities into that of the logits in place.
 //
 // Parallelism: the forward runs over output pixels (each writes its own output row). The
 // backward runs over images, or (image, block of groups) when there are few images, which own
@@ -714,6 +716,33 @@ struct Avx512Channels {
 // Kernel bodies, shared by the baseline and the AVX2 builds (Planner and Channels pick the
 // implementations).
 
+// mask_softmax: the logits of `groups` groups of P points, (groups, P), to probabilities,
+// each group's softmax as torch.softmax computes it (max subtracted, then normalised).
+template <typename T>
+inline void point_softmax(const T* logit, T* prob, int64_t groups, int64_t P) {
+  for (int64_t g = 0; g < groups; ++g, logit += P, prob += P) {
+    T top = logit[0];
+    for (int64_t p = 1; p < P; ++p) top = std::max(top, logit[p]);
+    T sum = T(0);
+    for (int64_t p = 0; p < P; ++p) {
+      prob[p] = std::exp(logit[p] - top);
+      sum += prob[p];
+    }
+    for (int64_t p = 0; p < P; ++p) prob[p] /= sum;
+  }
+}
+
+// The backward of point_softmax in place: grad (groups, P) of the probabilities becomes the
+// gradient of the logits, prob_p * (grad_p - sum_q prob_q * grad_q) per group.
+template <typename T>
+inline void point_softmax_backward(const T* prob, T* grad, int64_t groups, int64_t P) {
+  for (int64_t g = 0; g < groups; ++g, prob += P, grad += P) {
+    T dot = T(0);
+    for (int64_t p = 0; p < P; ++p) dot += prob[p] * grad[p];
+    for (int64_t p = 0; p < P; ++p) grad[p] = prob[p] * (grad[p] - dot);
+  }
+}
+
 // Forward for output pixels [begin, end) (flat index over N*H_out*W_out).
 template <typename T, int CF, typename Planner, typename Channels>
 inline void forward_pixels(const T* input, const T* offset, const T* mask, T* output,
@@ -727,13 +756,19 @@ inline void forward_pixels(const T* input, const T* offset, const T* mask, T* ou
   const std::vector<T> zeros(C, T(0));  // what corners outside the input read
   const KernelGrid<T> grid(geo, G);     // the points of all groups of a pixel
   PointPlan<T> plan(G * P);
+  std::vector<T> prob(geo.mask_softmax ? G * P : 0);  // (G, P) of one pixel
   Channels ch(C);
   for (int64_t pix = begin; pix < end; ++pix) {
     const int64_t n = pix / (Ho * Wo);
     const int64_t ho = (pix / Wo) % Ho;
     const int64_t wo = pix % Wo;
+    const T* mask_pix = mask + pix * G * P;  // (G, P)
+    if (geo.mask_softmax) {
+      point_softmax(mask_pix, prob.data(), G, P);
+      mask_pix = prob.data();
+    }
     // The offsets (G, P, 2) and masks (G, P) of one pixel are contiguous: one plan for all.
-    Planner::fill({offset + pix * G * P * 2, mask + pix * G * P, grid, G * P,
+    Planner::fill({offset + pix * G * P * 2, mask_pix, grid, G * P,
                    grid_origin(ho, geo.stride_h, geo.pad_h, half_h, s),
                    grid_origin(wo, geo.stride_w, geo.pad_w, half_w, s), s, Hi, Wi},
                   plan);
@@ -783,6 +818,9 @@ inline void backward_rows(const T* input, const T* offset, const T* mask, const 
   const T* in_n = input + n * Hi * Wi * GC;  // (Hi, Wi) pixels, stride GC
   const KernelGrid<T> grid(geo, groups);
   PointPlan<T> plan(GP);
+  // mask_softmax: the block's probabilities of one pixel, recomputed from the logits (G*P exps
+  // per pixel cost less than storing them in the forward and reading them back here).
+  std::vector<T> prob(geo.mask_softmax ? GP : 0);  // (groups, P)
   Channels ch(C);
 
   for (int64_t ho = row_begin; ho < row_end; ++ho) {
@@ -791,6 +829,10 @@ inline void backward_rows(const T* input, const T* offset, const T* mask, const 
       const int64_t pix = (n * Ho + ho) * Wo + wo;
       const int64_t first = (pix * G + g_begin) * P;  // this block's first point of the pixel
       const T* mask_b = mask + first;                 // (groups, P)
+      if (geo.mask_softmax) {
+        point_softmax(mask_b, prob.data(), groups, P);
+        mask_b = prob.data();
+      }
       T* goff_b = grad_offset + first * 2;            // (groups, P, 2), every entry written
       T* gmask_b = grad_mask + first;                 // (groups, P), every entry written
       Planner::fill({offset + first * 2, mask_b, grid, GP, origin_h,
@@ -828,6 +870,7 @@ inline void backward_rows(const T* input, const T* offset, const T* mask, const 
           goff_b[2 * k + 1] = sm * (-hw * d[0] - lw * d[1] + hw * d[2] + lw * d[3]);
         }
       }
+      if (geo.mask_softmax) point_softmax_backward(mask_b, gmask_b, groups, P);
     }
   }
 }

@@ -90,12 +90,27 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(err));
 }
 
+// (N, H, W, G*P) logits -> probabilities, softmax over the P points of each group.
+at::Tensor point_softmax(const at::Tensor& mask, int64_t group) {
+  TORCH_CHECK(mask.dim() == 4 && mask.size(3) % group == 0, "bldseg::dcnv3: mask of shape ",
+              shape_str(mask), " does not split into ", group, " groups");
+  return at::softmax(mask.reshape({-1, mask.size(3) / group}), -1).view(mask.sizes());
+}
+
 at::Tensor dcnv3_forward_cuda(const at::Tensor& input, const at::Tensor& offset,
                               const at::Tensor& mask, int64_t kernel_h, int64_t kernel_w,
                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
                               int64_t dilation_h, int64_t dilation_w, int64_t group,
-                              int64_t group_channels, double offset_scale, int64_t im2col_step) {
+                              int64_t group_channels, double offset_scale, int64_t im2col_step,
+                              bool mask_softmax) {
   const char* op = "bldseg::dcnv3_forward";
+  if (mask_softmax) {
+    // The CUDA kernels read probabilities; the softmax over the P points runs as ATen's own
+    // (fast on a GPU, unlike the CPU's over a short last dim, which the CPU kernel fuses).
+    return dcnv3_forward_cuda(input, offset, point_softmax(mask, group), kernel_h, kernel_w,
+                              stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                              group_channels, offset_scale, im2col_step, false);
+  }
   const Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
                                           stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                                           group_channels, offset_scale, im2col_step);
@@ -126,8 +141,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
     const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& grad_output, int64_t kernel_h, int64_t kernel_w, int64_t stride_h,
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
-    int64_t group, int64_t group_channels, double offset_scale, int64_t im2col_step) {
+    int64_t group, int64_t group_channels, double offset_scale, int64_t im2col_step,
+    bool mask_softmax) {
   const char* op = "bldseg::dcnv3_backward";
+  if (mask_softmax) {
+    // Gradient of the probabilities from the kernels, then through ATen's softmax backward.
+    const at::Tensor prob = point_softmax(mask, group);
+    auto grads = dcnv3_backward_cuda(input, offset, prob, grad_output, kernel_h, kernel_w,
+                                     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+                                     group, group_channels, offset_scale, im2col_step, false);
+    const int64_t points = mask.size(3) / group;
+    const at::Tensor grad_logit =
+        at::_softmax_backward_data(std::get<2>(grads).reshape({-1, points}),
+                                   prob.reshape({-1, points}), -1, prob.scalar_type());
+    return {std::get<0>(grads), std::get<1>(grads), grad_logit.view(mask.sizes())};
+  }
   const Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
                                           stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                                           group_channels, offset_scale, im2col_step);
