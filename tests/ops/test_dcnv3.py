@@ -371,6 +371,23 @@ def test_float32_close_to_float64(dcnv3_op) -> None:
         torch.testing.assert_close(g32.double(), g64, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("spread", [1.0, 40.0])
+def test_fused_mask_softmax_float32_close_to_float64(dcnv3_op, spread: float) -> None:
+    # float32 takes the vectorised exponentials; logits 40x wider push some probabilities
+    # below float32's range (the clamped path), where they must come out as ~0, not NaN.
+    case = Case(2, 8, 8, 4, 16, offset_std=2.0)
+    x, offset, logits = make_inputs(case, seed=3)
+    inputs64 = (x, offset, spread * logits)
+    out64, _ = _forward_and_grads(_softmax_then_reference, case, inputs64)
+    grad_out = torch.randn(out64.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    _, grads64 = _forward_and_grads(_softmax_then_reference, case, inputs64, grad_out)
+    inputs32 = tuple(t.float() for t in inputs64)
+    out32, grads32 = _forward_and_grads(_compiled_softmax, case, inputs32, grad_out.float())
+    torch.testing.assert_close(out32.double(), out64, atol=1e-4, rtol=1e-4)
+    for g32, g64 in zip(grads32, grads64, strict=True):
+        torch.testing.assert_close(g32.double(), g64, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_runs_in_float32(dcnv3_op, dtype: torch.dtype) -> None:
     case = Case(1, 6, 6, 2, 8)
