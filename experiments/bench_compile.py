@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bldseg.io import write_json
 from bldseg.models import create_model
 from bldseg.tune.cli import CPU_DEMO
-
-from bench_quality import write_json  # isort: skip  (this folder is on sys.path)
 
 
 def step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer):

@@ -12,7 +12,6 @@ Also measures the cache build and the time to open it. Prints a table and writes
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from bldseg.data.cache import DatasetCache, ensure_cache
 from bldseg.data.dataset import RandomCropDataset, window_for
 from bldseg.data.readers import load_record, read_competition_csv
 from bldseg.data.synthetic import generate_world
+from bldseg.io import write_json
 
 
 def reference_pipeline(crop: int) -> A.Compose:
@@ -114,7 +114,7 @@ def main() -> None:
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
         print(f"wrote {args.json}")
 
 

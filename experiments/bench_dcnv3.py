@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bldseg.io import write_json
 from bldseg.ops import dcnv3, load_dcnv3_op
 
 # level name -> list of (height = width, channels, group) at a 224 input.
@@ -411,7 +412,7 @@ def main() -> None:
             "modules": modules,
             "isa": isa_rows,
         }
-        args.json.write_text(json.dumps(payload, indent=2))
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
 
 

@@ -25,7 +25,6 @@ Prints a table and writes JSON with --json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ from bldseg.ensemble.combinatorics import chunk_ranges, n_combinations, unrank
 from bldseg.ensemble.prune import level_window, prune
 from bldseg.ensemble.search import exhaustive_search, score_members
 from bldseg.ensemble.synthetic import fake_library
+from bldseg.io import write_json
 from bldseg.tune.runner import init_ray
 
 
@@ -255,11 +255,7 @@ def main() -> int:
                 f"({sc['full_rate']:.1f} comb/s), best {sc['full_best']}"
             )
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=str))
-        os.replace(tmp, path)
+        write_json(args.json, res, default=str)
     return 0
 
 

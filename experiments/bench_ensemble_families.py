@@ -34,10 +34,11 @@ import numpy as np
 from bldseg import stats
 from bldseg.ensemble.library import find_runs, load_library
 from bldseg.ensemble.run import SearchConfig, run_search, tile_scores
+from bldseg.io import write_json
 from bldseg.pipeline import TEST_FILE, test_truth, write_test_library
 from bldseg.predict import load_checkpoint
 
-from bench_quality import add_world_arguments, load_world, write_json  # isort: skip
+from bench_quality import add_world_arguments, load_world  # isort: skip
 
 
 def _runs(folders: list[str]) -> list[Path]:

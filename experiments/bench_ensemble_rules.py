@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import platform
@@ -40,6 +39,7 @@ from bldseg.ensemble import kernels
 from bldseg.ensemble import rules as R
 from bldseg.ensemble.search import exhaustive_search
 from bldseg.ensemble.synthetic import fake_library
+from bldseg.io import write_json
 
 
 def plain_vote(lib, levels, k):
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 

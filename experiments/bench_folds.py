@@ -33,6 +33,7 @@ import pandas as pd
 
 from bldseg import metrics, stats
 from bldseg.data.rle import rle_decode
+from bldseg.io import write_json
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader, load_member
 from bldseg.train import RunConfig, fit
@@ -40,7 +41,7 @@ from bldseg.train.engine import predict_probs, resolve_device
 from bldseg.train.folds import FOLDS_FILE, VAL_FILE, fit_folds
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
-from bench_quality import _run_key, add_world_arguments, load_world, write_json  # isort: skip
+from bench_quality import _run_key, add_world_arguments, load_world  # isort: skip
 
 
 def clean_truth(data, z) -> np.ndarray:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 
 from bldseg import metrics, stats
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, DEFAULT_SYNTHETIC, prepare_data
+from bldseg.io import write_json
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader, load_checkpoint
 from bldseg.train import RunConfig, fit
@@ -90,16 +90,6 @@ def load_world(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     return synthetic, prepare_data(
         None, data_root=args.data_root, synthetic=synthetic, verbose=True
     )
-
-
-def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
-    """Writes ``obj`` as JSON through a temporary name, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, **dumps) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def best_trial(search_dir: Path) -> tuple[Path, dict[str, Any]]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from bldseg.data.dataset import split_indices
 from bldseg.data.readers import read_folder_dataset
+from bldseg.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,7 +157,7 @@ def main() -> None:
     print(f"validation Dice by epoch: {np.round(dice, 3).tolist()}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**row, "history": history}, indent=2))
+        write_json(args.json, {**row, "history": history})
         print(f"wrote {args.json}")
 
 

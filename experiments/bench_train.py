@@ -41,6 +41,7 @@ import torch
 
 from bldseg import metrics, stats
 from bldseg.curves import EpochPoint, cumulative, epoch_at, first_reaching
+from bldseg.io import write_json
 from bldseg.models import create_model
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader
@@ -49,7 +50,7 @@ from bldseg.train.engine import load_state, predict_probs, resolve_device
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
 # The sibling benchmark's helpers (this folder is on sys.path when a script here runs).
-from bench_quality import _run_key, add_world_arguments, load_world, write_json  # isort: skip
+from bench_quality import _run_key, add_world_arguments, load_world  # isort: skip
 
 CURVE_FILE = "test_curve.json"  # per epoch: threshold and per-tile test Dice, in the run folder
 

@@ -10,13 +10,13 @@ Needs the geo extra: pip install 'bldseg[geo]'.
 """
 
 import argparse
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from bldseg.data.geo import rasterize_footprints, require_geo
+from bldseg.io import write_json
 
 
 def read_expected(path: Path) -> np.ndarray:
@@ -87,7 +87,7 @@ def main() -> None:
             "all_touched": args.all_touched,
             **m,
         }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.json, record)
         print(f"\nwrote {args.json}")
 
 

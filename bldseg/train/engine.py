@@ -13,7 +13,6 @@ optimizer, scheduler, epoch, RNG states). A non-finite loss ends the run with st
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from bldseg.data.dataset import (
     validation_tiles,
 )
 from bldseg.data.prepare import PreparedData, prepare_data
+from bldseg.io import write_json
 from bldseg.models import create_model
 from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
 from bldseg.train.config import RunConfig
@@ -208,12 +208,6 @@ def load_state(
         ) from None
     except (EOFError, RuntimeError) as e:  # empty, truncated or not a torch.save file
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -423,7 +417,7 @@ def fit(
         cfg = cfg.with_updates({"aug.crop_size": min(h, w)})
     crop = cfg.aug.crop_size
     train_tf = build_train_transform(cfg.aug)
-    _write_json(out / "augmentation.json", serialize(train_tf))
+    write_json(out / "augmentation.json", serialize(train_tf))
     train_ds = RandomCropDataset(
         cache,
         train_idx,
@@ -464,7 +458,7 @@ def fit(
         # Every network reads the same file the same way: one record for the run.
         report = models[0].pretrained_report
         log.info("%s", report.summary())
-        _write_json(out / "pretrained.json", {**report.to_dict(), "networks": n_nets})
+        write_json(out / "pretrained.json", {**report.to_dict(), "networks": n_nets})
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     loss_fn = build_loss(cfg.loss)
 
@@ -547,7 +541,7 @@ def fit(
                 n_batches += 1
         except DivergedError as e:
             status, message = "diverged", str(e)
-            _write_json(out / "status.json", {"status": status, "message": message})
+            write_json(out / "status.json", {"status": status, "message": message})
             return FitResult(status, message, history, best, out)
 
         # Validate every network; co-teaching keeps the better one (reported as such).
@@ -607,10 +601,10 @@ def fit(
             },
             last_path,
         )
-        _write_json(out / "history.json", history)
+        write_json(out / "history.json", history)
         if on_epoch_end is not None:
             on_epoch_end(row, out)
-    _write_json(out / "status.json", {"status": status, "message": message})
+    write_json(out / "status.json", {"status": status, "message": message})
     if status == "stopped":  # plots once the run is done
         return FitResult(status, message, history, best, out)
     # The plot shades the range the best epoch's threshold was chosen in.

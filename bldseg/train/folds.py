@@ -27,7 +27,6 @@ from its ``last.pt``, which continues exactly, so both orders train the same mod
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import PreparedData, prepare_data
+from bldseg.io import write_json
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import EpochCallback, FitResult, fit, load_state, threshold_metrics
 from bldseg.train.plots import tiles_from_cache, write_run_plots
@@ -135,12 +135,6 @@ def write_oof(out_dir: str | os.PathLike, folds: int) -> Path:
     return path
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
-
-
 def _best(history: list[dict[str, Any]]) -> dict[str, Any]:
     best: dict[str, Any] = {}
     for row in history:  # the first of equals, as fit keeps best.pt
@@ -203,7 +197,7 @@ def fit_folds(
         "config": cfg.to_flat(),
         "status": "running",
     }
-    _write_json(out / FOLDS_FILE, manifest)
+    write_json(out / FOLDS_FILE, manifest)
 
     histories = [run_history(fold_dir(out, f)) if resume else [] for f in range(k)]
     emitted = min(len(h) for h in histories)  # epochs the caller already knows of
@@ -230,14 +224,14 @@ def fit_folds(
         histories[f] = result.history
         if result.status == "diverged":
             message = f"fold {f}: {result.message}"
-            _write_json(out / "status.json", {"status": "diverged", "message": message})
+            write_json(out / "status.json", {"status": "diverged", "message": message})
             history = mean_history(histories)
             return FitResult("diverged", message, history, _best(history), out)
         complete = min(len(h) for h in histories)
         if complete > emitted:
             history = mean_history(histories)
             write_oof(out, k)
-            _write_json(out / "history.json", history)
+            write_json(out / "history.json", history)
             for row in history[emitted:complete]:
                 if on_epoch_end is not None:
                     on_epoch_end(row, out)
@@ -254,12 +248,12 @@ def fit_folds(
             z["probs"], z["truth"].astype(bool), cfg.threshold_lo, cfg.threshold_hi
         )
     manifest.update(status="completed", oof={f"val_{key}": v for key, v in oof.items()})
-    _write_json(out / FOLDS_FILE, manifest)
-    _write_json(out / "history.json", history)
+    write_json(out / FOLDS_FILE, manifest)
+    write_json(out / "history.json", history)
     message = (
         f"trained {k} folds of {cfg.epochs} epochs; out-of-fold Dice {oof['dice_best']:.4f} "
         f"at threshold {oof['thr_best']:.3f} over {int(sum(manifest['val_images']))} images"
     )
-    _write_json(out / "status.json", {"status": "completed", "message": message})
+    write_json(out / "status.json", {"status": "completed", "message": message})
     write_run_plots(out, tiles_from_cache(cache), lo=cfg.threshold_lo, hi=cfg.threshold_hi)
     return FitResult("completed", message, history, _best(history), out)

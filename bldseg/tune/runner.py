@@ -62,6 +62,7 @@ import pandas as pd
 
 from bldseg.data.cache import DatasetCache
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
+from bldseg.io import write_json
 from bldseg.train.config import RunConfig
 from bldseg.tune import tracking
 
@@ -339,13 +340,6 @@ def _metric_steps(client, run_id: str, key: str) -> set[int]:
     return {m.step for m in client.get_metric_history(run_id, key)}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    # atomic: the driver and a resumed trial read these files while others may write them
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path, default: Any) -> Any:
     try:
         return json.loads(path.read_text())
@@ -413,8 +407,8 @@ def write_trial_record(
         "best": best,
         "run_dir": str(run_dir),
     }
-    _write_json(run_dir / STATUS_FILE, state)
-    _write_json(run_dir / SUMMARY_FILE, summary)
+    write_json(run_dir / STATUS_FILE, state)
+    write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
 
