@@ -471,7 +471,6 @@ class DCNv3(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """(N, H, W, channels) -> (N, H, W, channels)."""
-        # (N, H, W, channels)
         x = self.input_proj(input)  # (N, H, W, C)
         x_proj = x
         x1 = self.dw_conv(input.permute(0, 3, 1, 2))  # (N, H, W, C), channels-last after LN
