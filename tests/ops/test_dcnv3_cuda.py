@@ -487,10 +487,15 @@ def test_emulated_kernels_misaligned_pointers(
 
 
 def _cuda_op_grads(
-    case: Case, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, grad_out: torch.Tensor
+    case: Case,
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    grad_out: torch.Tensor,
+    mask_softmax: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     leaves = [t.detach().cuda().requires_grad_() for t in (x, offset, mask)]
-    out = dcnv3(*leaves, *case.params(), impl="compiled")
+    out = dcnv3(*leaves, *case.params(), impl="compiled", mask_softmax=mask_softmax)
     out.backward(grad_out.cuda())
     return (out.detach(), *(t.grad for t in leaves))
 
@@ -509,31 +514,18 @@ def test_cuda_matches_reference(dcnv3_op, name: str, dtype: torch.dtype) -> None
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("mask_softmax", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_matches_cpu_op(dcnv3_op, dtype: torch.dtype) -> None:
+def test_cuda_matches_cpu_op(dcnv3_op, dtype: torch.dtype, mask_softmax: bool) -> None:
+    # mask_softmax: on CUDA ATen's softmax runs around the kernels, on the CPU inside them.
     case = Case(3, 14, 14, 4, 16, offset_std=3.0)
     x, offset, mask, grad_out = (t.to(dtype) for t in make_inputs(case, seed=1))
     leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
-    out = dcnv3(*leaves, *case.params(), impl="compiled")
+    out = dcnv3(*leaves, *case.params(), impl="compiled", mask_softmax=mask_softmax)
     out.backward(grad_out)
     want = (out.detach().to(F64), *(t.grad.to(F64) for t in leaves))
-    assert_matches(_cuda_op_grads(case, x, offset, mask, grad_out), want, dtype)
-
-
-@pytest.mark.gpu
-@requires_gpu
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_mask_softmax_matches_cpu_op(dcnv3_op, dtype: torch.dtype) -> None:
-    # On CUDA the softmax of mask_softmax runs as ATen's around the kernels; on the CPU inside.
-    case = Case(3, 14, 14, 4, 16, offset_std=3.0)
-    x, offset, logits, grad_out = (t.to(dtype) for t in make_inputs(case, seed=4))
-    got, want = [], []
-    for device, results in (("cuda", got), ("cpu", want)):
-        leaves = [t.detach().to(device).requires_grad_() for t in (x, offset, logits)]
-        out = dcnv3(*leaves, *case.params(), impl="compiled", mask_softmax=True)
-        out.backward(grad_out.to(device))
-        results.extend(t.detach().cpu() for t in (out, *(leaf.grad for leaf in leaves)))
-    assert_matches(tuple(got), tuple(t.to(F64) for t in want), dtype)
+    got = _cuda_op_grads(case, x, offset, mask, grad_out, mask_softmax=mask_softmax)
+    assert_matches(got, want, dtype)
 
 
 @pytest.mark.gpu

@@ -300,19 +300,31 @@ struct PlanArgs {
 };
 
 // mask_softmax: the logits of `groups` groups of P points, (groups, P), to probabilities,
-// each group's softmax as torch.softmax computes it (max subtracted, then normalised).
+// each group's softmax as torch.softmax computes it (max subtracted, then normalised), in
+// three steps so the planners can vectorise the middle one.
 template <typename T>
-inline void point_softmax(const T* logit, T* prob, int64_t groups, int64_t P) {
-  for (int64_t g = 0; g < groups; ++g, logit += P, prob += P) {
+inline void subtract_group_max(const T* logit, T* shifted, int64_t groups, int64_t P) {
+  for (int64_t g = 0; g < groups; ++g, logit += P, shifted += P) {
     T top = logit[0];
     for (int64_t p = 1; p < P; ++p) top = std::max(top, logit[p]);
+    for (int64_t p = 0; p < P; ++p) shifted[p] = logit[p] - top;
+  }
+}
+
+template <typename T>
+inline void normalise_groups(T* prob, int64_t groups, int64_t P) {
+  for (int64_t g = 0; g < groups; ++g, prob += P) {
     T sum = T(0);
-    for (int64_t p = 0; p < P; ++p) {
-      prob[p] = std::exp(logit[p] - top);
-      sum += prob[p];
-    }
+    for (int64_t p = 0; p < P; ++p) sum += prob[p];
     for (int64_t p = 0; p < P; ++p) prob[p] /= sum;
   }
+}
+
+template <typename T>
+inline void point_softmax(const T* logit, T* prob, int64_t groups, int64_t P) {
+  subtract_group_max(logit, prob, groups, P);
+  for (int64_t k = 0; k < groups * P; ++k) prob[k] = std::exp(prob[k]);
+  normalise_groups(prob, groups, P);
 }
 
 // The backward of point_softmax in place: grad (groups, P) of the probabilities becomes the
@@ -581,12 +593,7 @@ struct Avx2Planner {
       point_softmax(logit, prob, groups, P);
     } else {
       const int64_t count = groups * P;
-      for (int64_t g = 0; g < groups; ++g) {  // prob = logit - the group's max
-        const float* l = logit + g * P;
-        float top = l[0];
-        for (int64_t p = 1; p < P; ++p) top = std::max(top, l[p]);
-        for (int64_t p = 0; p < P; ++p) prob[g * P + p] = l[p] - top;
-      }
+      subtract_group_max(logit, prob, groups, P);
       int64_t k = 0;
       for (; k + 8 <= count; k += 8) _mm256_storeu_ps(prob + k, exp_ps(_mm256_loadu_ps(prob + k)));
       if (k < count) {
@@ -594,12 +601,7 @@ struct Avx2Planner {
         _mm256_store_ps(tail, exp_ps(S::load_first(prob + k, count - k)));
         std::memcpy(prob + k, tail, (count - k) * sizeof(float));
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        float* q = prob + g * P;
-        float sum = 0.0f;
-        for (int64_t p = 0; p < P; ++p) sum += q[p];
-        for (int64_t p = 0; p < P; ++p) q[p] /= sum;
-      }
+      normalise_groups(prob, groups, P);
     }
   }
   static inline BLDSEG_AVX2 void fill(const PlanArgs<T>& in, PointPlan<T>& plan) {
