@@ -326,7 +326,7 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
         "--data",
         str(small_world.root),
         "--trials",
-        "3",
+        "2",
         "--epochs",
         "2",
         "--scheduler",
@@ -386,7 +386,7 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     statuses = {p.parent.parent.name: json.loads(p.read_text())["status"] for p in _reported(exp)}
-    assert list(statuses.values()) == ["completed"] * 3, statuses
+    assert list(statuses.values()) == ["completed"] * 2, statuses
     # the epochs trained before Ctrl-C were kept, not trained again
     for trial, history in first.items():
         after = json.loads((exp / trial / "run" / "history.json").read_text())
@@ -395,7 +395,7 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
     assert parent.info.status == "FINISHED"
     runs = client.search_runs([exp_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3 and len(runs) == 4  # the same parent, no duplicate runs
+    assert len(children) == 2 and len(runs) == 3  # the same parent, no duplicate runs
     for r in children:
         assert r.info.status == "FINISHED" and r.data.tags["bldseg.status"] == "completed"
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_dice_best")]
