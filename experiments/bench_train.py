@@ -19,7 +19,7 @@ same tiles.
     python experiments/bench_train.py --json bench/train.json
     python experiments/bench_train.py --peers smp_unet_mobilenetv3_small smp_unet_resnet18
     python experiments/bench_train.py --peers smp_unet_mobilenetv3_small_075_narrow \
-        --ours-epochs 34     # equal CPU: our own schedule over the peer's 20-epoch CPU time
+        --ours-epochs 30     # about equal CPU: our own schedule over the peer's 20-epoch time
 
 Prints a table, writes JSON and a plot (``--plot``, default beside the JSON). Runs are kept
 under ``--out`` keyed by the data and the config, so a rerun scores finished runs again
@@ -117,7 +117,7 @@ def arm_points(history: list[dict], curve: list[dict], clock: str) -> list[Epoch
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -150,7 +150,7 @@ def main() -> None:
     add_world_arguments(p)
     a("--json", default="bench/train.json", help="write the results here")
     a("--plot", default=None, help="the curves' PNG (default: the JSON's path with .png)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     synthetic, data = load_world(args)
     truth = test_truth(data)  # (N, 224, 224) bool, test-cache order
@@ -258,8 +258,8 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     plot = Path(args.plot) if args.plot else path.with_suffix(".png")
     if args.ours_epochs and args.ours_epochs != base["epochs"]:
-        title = f"Quality against CPU time, same data and crops, ours over {args.ours_epochs}"
-        title += f" epochs, peers over {base['epochs']}"
+        title = "Quality against CPU time, same data and crops,\n"
+        title += f"ours over {args.ours_epochs} epochs, peers over {base['epochs']}"
     else:
         title = "Quality against CPU time, same data, crops and schedule"
     _plot(runs, names, plot, title)
