@@ -84,7 +84,7 @@ from bldseg.models import create_model
 from bldseg.models.pretrained import overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform
 from bldseg.train.config import RunConfig
-from bldseg.train.engine import load_state, predict_probs, resolve_device
+from bldseg.train.engine import load_state, predict_probs, resolve_device, to_run_memory_format
 from bldseg.train.folds import FOLDS_FILE, fold_dir
 
 #: Default fraction of a window that neighbouring windows share.
@@ -252,7 +252,9 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     kwargs = {**cfg.model_kwargs(), **overrides_for_checkpoint(state["model"])}
     model = create_model(cfg.model, **kwargs)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, state.get("metrics", {})
+    device = torch.device(device)
+    model = to_run_memory_format(model.to(device), cfg, device)  # as it was validated in fit()
+    return model.eval(), cfg, state.get("metrics", {})
 
 
 def resolve_member(path: str | os.PathLike) -> Path:

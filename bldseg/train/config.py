@@ -133,6 +133,10 @@ class RunConfig:
     # On a 2-core CPU it does not pay for the tiny model (0.95x per step after 55 s of
     # compiling, experiments/bench_compile.py); measure it on your hardware first.
     compile: str = ""
+    # Channels-last (NHWC) weights, so the convolutions run NHWC; None: on a GPU only. On a
+    # 2-core CPU it pays for the demo's tiny model (a training step 11% and a validation
+    # forward 16% less CPU, 192-px crops; CPU_DEMO turns it on) but not for T at 224 (2% more).
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.pretrained, os.PathLike):

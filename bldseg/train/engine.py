@@ -284,6 +284,14 @@ def threshold_metrics(
     }
 
 
+def to_run_memory_format(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
+    """The model with channels-last (NHWC) weights when the run asks for them (``channels_last``;
+    None: on a GPU): every convolution then runs NHWC, its input following the weight."""
+    if cfg.channels_last or (cfg.channels_last is None and device.type == "cuda"):
+        return model.to(memory_format=torch.channels_last)
+    return model
+
+
 def _step_losses(
     models: list[nn.Module],
     batch: dict,
@@ -445,8 +453,7 @@ def fit(
         # (the decoder under ImageNet weights, the re-made classifiers) has its own seed.
         torch.manual_seed(cfg.seed + k)
         m = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs()).to(device)
-        if device.type == "cuda":
-            m = m.to(memory_format=torch.channels_last)
+        m = to_run_memory_format(m, cfg, device)
         opt = build_optimizer(m, cfg)
         sch = build_scheduler(
             cfg.sched.name, opt, total_steps, **cfg.sched.scheduler_kwargs(total_steps)

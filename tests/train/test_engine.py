@@ -313,3 +313,25 @@ def test_compiled_training_steps_train_the_same_model(small_world, tmp_path):
     assert state.keys() == torch.load(tmp_path / "plain" / "best.pt")["model"].keys()
     with pytest.raises(ValueError, match=r"compile='nope' is not a torch\.compile backend"):
         cfg(compile="nope")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_runs_keep_nhwc_weights_through_prediction(
+    small_world, tmp_path, channels_last
+):
+    """``channels_last`` trains with NHWC weights, and the checkpoint's model is rebuilt the
+    same way for prediction; both layouts compute the same function."""
+    out = tmp_path / "run"
+    fit(cfg(epochs=1, channels_last=channels_last), out, data=small_world)
+    model, c, _ = load_checkpoint(out / "best.pt")
+    assert c.channels_last is channels_last
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
+    other = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert not other.backbone.patch_embed.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # (B, 3, S, S)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x), rtol=1e-4, atol=1e-5)
