@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 from bldseg.models.registry import list_models, register_model
-from bldseg.models.segmentor import SegmentationModel, _upernet
+from bldseg.models.segmentor import SegmentationModel, upernet_internimage_tiny
 
 # The sibling benchmark (this folder is on sys.path when a script here runs).
 import bench_train  # isort: skip
@@ -51,9 +51,9 @@ def register_shapes(shapes: list[str]) -> list[str]:
             head, aux, overrides = SHAPES[shape]
 
             def build(_head=head, _aux=aux, _over=overrides, **kw) -> SegmentationModel:
-                head_channels = kw.pop("head_channels", _head)
-                aux_channels = kw.pop("aux_channels", _aux)
-                return _upernet("tiny", head_channels, aux_channels, **{**_over, **kw})
+                # the demo's builder with this shape's widths and backbone overrides
+                shape = {"head_channels": _head, "aux_channels": _aux, **_over}
+                return upernet_internimage_tiny(**{**shape, **kw})
 
             build.__name__ = name
             register_model(build)
