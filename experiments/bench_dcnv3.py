@@ -237,14 +237,27 @@ def _isa_table(rows: list[dict], isas: list[str]) -> str:
     return "\n".join(lines)
 
 
-#: DCNv3 module variants: (label, op implementation).
-#: (label, op implementation, softmax fused into the op): the official module's path with the
-#: reference op, then with ours, then ours with the mask softmax inside the kernel (default).
+#: DCNv3 module variants: (label, op implementation, softmax fused into the op): the official
+#: module's path with the reference op, then with ours, then ours with the mask softmax inside
+#: the kernel (default).
 MODULE_VARIANTS = (
     ("reference op", "reference", False),
     ("compiled, torch softmax", "compiled", False),
     ("compiled op", "compiled", True),
 )
+#: Timed beside the variants: the module's four projections alone (input_proj, offset, mask,
+#: output_proj; fwd+bwd on inputs of the module's shape), the floor that no work on the op,
+#: the depthwise conv or the norms can go under.
+PROJECTIONS = "projections alone"
+
+
+def _projections(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """The four Linear layers of a DCNv3 module, forward and backward, on (N, H, W, C) ``x``."""
+    # offset/mask see the depthwise conv's output and output_proj the op's: same shape as x.
+    outs = [
+        layer(x) for layer in (module.input_proj, module.offset, module.mask, module.output_proj)
+    ]
+    sum(out.sum() for out in outs).backward()
 
 
 def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]:
@@ -264,18 +277,22 @@ def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]
             for p in (module.offset.weight, module.mask.weight):
                 p.normal_(0, 0.1)
         x = torch.randn(batch, size, size, channels, device=device, requires_grad=True)
-        times: dict[str, list[float]] = {label: [] for label, _, _ in MODULE_VARIANTS}
+        labels = [label for label, _, _ in MODULE_VARIANTS] + [PROJECTIONS]
+        times: dict[str, list[float]] = {label: [] for label in labels}
         # Variants alternate call by call, so a busy spell of the machine hits all of them.
         for i in range(repeat + 1):
-            for label, impl, fused in MODULE_VARIANTS:
-                module.impl, module.fused_softmax = impl, fused
+            for label, impl, fused in [*MODULE_VARIANTS, (PROJECTIONS, None, None)]:
                 t0 = time.perf_counter()
-                module(x).sum().backward()
+                if label == PROJECTIONS:
+                    _projections(module, x)
+                else:
+                    module.impl, module.fused_softmax = impl, fused
+                    module(x).sum().backward()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 if i:  # the first round warms up
                     times[label].append(time.perf_counter() - t0)
-        for label, _, _ in MODULE_VARIANTS:
+        for label in labels:
             rows.append(
                 {
                     "level": level,
@@ -298,11 +315,15 @@ def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]
 
 
 def _module_table(rows: list[dict]) -> str:
-    """Module fwd+bwd per shape: each variant's best time and speed-up over the first."""
+    """Module fwd+bwd per shape: each variant's best time and speed-up over the first, and the
+    projections alone with their share of the default module."""
     labels = [v[0] for v in MODULE_VARIANTS]
     lines = [
-        "DCNv3 module fwd+bwd (best ms; x = speed-up over the reference op module)",
-        f"{'device':<6} {'shape':<18}" + "".join(f"{lab:>26}" for lab in labels),
+        "DCNv3 module fwd+bwd (best ms; x = speed-up over the reference op module; "
+        f"{PROJECTIONS}: their share of the {labels[-1]} module)",
+        f"{'device':<6} {'shape':<18}"
+        + "".join(f"{lab:>26}" for lab in labels)
+        + f"{PROJECTIONS:>26}",
     ]
     keys = sorted({(r["device"], r["level"], r["size"], r["channels"], r["group"]) for r in rows})
     for dev, level, size, ch, g in sorted(keys, key=lambda k: (k[0], k[1], -k[2])):
@@ -313,9 +334,11 @@ def _module_table(rows: list[dict]) -> str:
         }
         base = cell[labels[0]]
         shape = f"{level} {size}x{size}x{ch} G{g}"
+        floor = cell[PROJECTIONS]
         lines.append(
             f"{dev:<6} {shape:<18}"
             + "".join(f"{cell[lab]:>17.2f} ({base / cell[lab]:4.1f}x)" for lab in labels)
+            + f"{floor:>17.2f} ({floor / cell[labels[-1]]:4.0%})"
         )
     return "\n".join(lines)
 

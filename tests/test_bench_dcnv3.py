@@ -1,0 +1,44 @@
+"""experiments/bench_dcnv3.py: the module timing, with the projections-alone floor beside it."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import bench_dcnv3  # noqa: E402
+
+from bldseg.ops.dcnv3 import DCNv3  # noqa: E402
+
+
+def test_projections_run_the_four_linear_layers_forward_and_backward():
+    torch.manual_seed(0)
+    module = DCNv3(16, group=2)
+    x = torch.randn(2, 5, 5, 16, requires_grad=True)
+    bench_dcnv3._projections(module, x)
+    layers = (module.input_proj, module.offset, module.mask, module.output_proj)
+    for layer in layers:
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    # d/dx of sum(x @ W.T + b) over the four layers: the column sums of their weights
+    want = sum(layer.weight.sum(0) for layer in layers).expand_as(x)
+    torch.testing.assert_close(x.grad, want)
+    # the rest of the module (depthwise conv, norm) is not part of the floor
+    assert all(p.grad is None for p in module.dw_conv.parameters())
+
+
+def test_module_timing_has_every_variant_and_the_floor(monkeypatch):
+    monkeypatch.setitem(bench_dcnv3.LEVELS, "tiny", [(6, 32, 2)])
+    rows = bench_dcnv3.time_modules("tiny", batch=2, repeat=2, device="cpu")
+    labels = [v[0] for v in bench_dcnv3.MODULE_VARIANTS] + [bench_dcnv3.PROJECTIONS]
+    assert [r["variant"] for r in rows] == labels
+    assert all(r["ms_min"] > 0 and r["ms_median"] >= r["ms_min"] for r in rows)
+    table = bench_dcnv3._module_table(rows)
+    line = table.splitlines()[-1]
+    assert line.startswith("cpu    tiny 6x6x32 G2")
+    # a speed-up per variant, the first over itself, then the floor's share of the module in %
+    cells = line.split("(")[1:]
+    assert [c.split(")")[0].strip()[-1] for c in cells] == ["x", "x", "x", "%"]
+    assert cells[0].startswith(" 1.0x)")
+    floor, module = rows[-1]["ms_min"], rows[-2]["ms_min"]
+    assert cells[-1].strip() == f"{floor / module:4.0%})".strip()
