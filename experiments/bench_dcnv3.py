@@ -138,6 +138,15 @@ ISA_ENV = {
 }
 
 
+#: glibc tunables that keep freed memory in the process's heap (no munmap, no trimming), for
+#: --malloc-retain. With glibc's defaults a large tensor freed and allocated again comes back
+#: either as the same heap memory or as fresh pages that fault on first touch, depending on the
+#: heap's state, which differs from process to process: the T level-1 backward then runs at
+#: about 5 or about 11 ms (2 threads) by process. Retaining memory costs resident memory
+#: (UPerNet-InternImage-T training step: peak 4.3 instead of 3.8 GiB, 12% faster).
+MALLOC_RETAIN = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+
+
 def run_in_subprocess(case: Case, repeat: int, env: dict[str, str] | None = None) -> Result:
     cmd = [
         sys.executable,
@@ -363,6 +372,12 @@ def main() -> None:
         help="also time the compiled CPU op with each of these instruction sets, e.g. "
         "avx2,avx512 (baseline, avx2, avx512); default: only what the op picks",
     )
+    parser.add_argument(
+        "--malloc-retain",
+        action="store_true",
+        help="run the op cases with glibc keeping freed memory (MALLOC_RETAIN): times without "
+        "the per-process page-fault lottery of large allocations, for comparing kernels",
+    )
     parser.add_argument("--one-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -388,7 +403,8 @@ def main() -> None:
                             level, size, channels, group, args.batch, impl, mode, device, args.dtype
                         )
                         if device == "cpu":
-                            result = run_in_subprocess(case, args.repeat)
+                            env = MALLOC_RETAIN if args.malloc_retain else None
+                            result = run_in_subprocess(case, args.repeat, env)
                         else:
                             result = run_case(case, args.repeat)
                         results.append(result)
@@ -423,6 +439,7 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
+            "malloc_retain": MALLOC_RETAIN if args.malloc_retain else None,
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "memory_method": {
                 "cpu": "VmHWM - VmRSS growth during the first call in a fresh subprocess",

@@ -42,3 +42,11 @@ def test_module_timing_has_every_variant_and_the_floor(monkeypatch):
     assert cells[0].startswith(" 1.0x)")
     floor, module = rows[-1]["ms_min"], rows[-2]["ms_min"]
     assert cells[-1].strip() == f"{floor / module:4.0%})".strip()
+
+
+def test_an_op_case_runs_in_a_child_with_the_retaining_allocator():
+    case = bench_dcnv3.Case("T", 6, 32, 2, 2, "compiled", "fwd+bwd", "cpu", "float32")
+    result = bench_dcnv3.run_in_subprocess(case, repeat=2, env=bench_dcnv3.MALLOC_RETAIN)
+    assert result.case == case
+    assert 0 < result.ms_min <= result.ms
+    assert set(bench_dcnv3.MALLOC_RETAIN) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
