@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["EpochPoint", "cumulative", "epoch_at", "first_reaching"]
+__all__ = ["EpochPoint", "behind_at_epoch_ends", "cumulative", "epoch_at", "first_reaching"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,25 @@ def first_reaching(points: Sequence[EpochPoint], target: float) -> EpochPoint | 
         if kept is not None and kept.test >= target:
             return p
     return None
+
+
+def behind_at_epoch_ends(
+    ours: Sequence[EpochPoint], other: Sequence[EpochPoint]
+) -> tuple[int, list[tuple[float, float]]]:
+    """Where the kept checkpoint of ``ours`` has a lower test Dice than ``other``'s.
+
+    Compared at every epoch end of either run (the moments either curve changes) once both
+    have finished an epoch, so no choice of budgets can hide a stretch where ``ours`` is behind.
+    Returns the number of moments compared and, for those where ``ours`` is behind,
+    ``(seconds, ours - other)`` in time order.
+    """
+    times = sorted({p.seconds for p in (*ours, *other)})
+    compared, behind = 0, []
+    for t in times:
+        a, b = epoch_at(ours, t), epoch_at(other, t)
+        if a is None or b is None:
+            continue
+        compared += 1
+        if a.test < b.test:
+            behind.append((t, a.test - b.test))
+    return compared, behind

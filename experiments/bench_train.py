@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from bldseg import metrics, stats
-from bldseg.curves import EpochPoint, cumulative, epoch_at, first_reaching
+from bldseg.curves import EpochPoint, behind_at_epoch_ends, cumulative, epoch_at, first_reaching
 from bldseg.io import write_json
 from bldseg.models import create_model
 from bldseg.pipeline import test_truth
@@ -254,6 +254,24 @@ def main(argv: list[str] | None = None) -> None:
                 f"{got.seconds:.0f} CPU s = {got.seconds / total:.0%} of {arm}'s {total:.0f}"
             )
 
+    # Every epoch end of either arm, not only the table's budgets: a stretch where ours is
+    # behind cannot fall between them unseen.
+    behind = {}
+    for arm in list(arms)[1:]:
+        compared, points = behind_at_epoch_ends(runs["ours"]["cpu"], runs[arm]["cpu"])
+        behind[arm] = {
+            "compared": compared,
+            "behind": [{"cpu_s": t, "diff": d} for t, d in points],
+        }
+        if points:
+            t, d = min(points, key=lambda p: p[1])
+            print(
+                f"ours is behind {arm} at {len(points)} of {compared} epoch ends "
+                f"(most: {d:+.3f} at {t:.0f} CPU s)"
+            )
+        else:
+            print(f"ours is at or above {arm} at all {compared} epoch ends")
+
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     plot = Path(args.plot) if args.plot else path.with_suffix(".png")
@@ -291,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "budgets": table,
         "ours_reaches_peer_final": reach,
+        "behind_at_epoch_ends": behind,
         "plot": str(plot),
     }
     write_json(path, record)

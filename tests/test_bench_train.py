@@ -56,6 +56,10 @@ def test_bench_train_writes_curves_and_reuses_finished_runs(tmp_path):
     assert last["ours"]["done"] and last["peer1"]["done"]
     assert last["ours"]["low"] <= last["ours"]["estimate"] <= last["ours"]["high"]
     assert "ours-peer1" in last
+    behind = record["behind_at_epoch_ends"]["peer1"]
+    assert 1 <= behind["compared"] <= 4 and len(behind["behind"]) <= behind["compared"]
+    assert all(b["diff"] < 0 for b in behind["behind"])
+    assert " epoch ends" in done.stdout
     assert (tmp_path / "train.png").stat().st_size > 0
     assert "test Dice [95% CI over scenes]" in done.stdout
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bldseg.curves import EpochPoint, cumulative, epoch_at, first_reaching
+from bldseg.curves import EpochPoint, behind_at_epoch_ends, cumulative, epoch_at, first_reaching
 
 # Validation peaks at epoch 2 while test keeps rising: the kept checkpoint follows validation.
 POINTS = [
@@ -32,3 +32,19 @@ def test_first_reaching_uses_the_kept_checkpoint_not_the_best_test_epoch():
     assert first_reaching(POINTS, 0.6).epoch == 2
     assert first_reaching(POINTS, 0.65) is None
     assert first_reaching(POINTS, 0.4).epoch == 1
+
+
+def test_behind_at_epoch_ends_checks_every_moment_either_curve_changes():
+    # The other run's epochs end at 15 and 25 s; ours at 10, 20, 30, 40 (POINTS: kept tests
+    # 0.40, 0.60, 0.60, 0.60). Budgets 20 and 40 alone would show ours level or ahead.
+    other = [EpochPoint(1, 15.0, val=0.5, test=0.55), EpochPoint(2, 25.0, val=0.6, test=0.62)]
+    compared, behind = behind_at_epoch_ends(POINTS, other)
+    # 10 s: the other run has no epoch yet; 15, 20, 25, 30, 40 s are compared.
+    assert compared == 5
+    assert behind == [
+        (15.0, pytest.approx(0.40 - 0.55)),
+        (25.0, pytest.approx(0.60 - 0.62)),
+        (30.0, pytest.approx(0.60 - 0.62)),
+        (40.0, pytest.approx(0.60 - 0.62)),
+    ]
+    assert behind_at_epoch_ends(other, other) == (2, [])

@@ -610,7 +610,8 @@ struct Simd<double> {
                                                     _mm256_set1_epi64x(1 << k)));
     }
     // the low 32 bits of each 64-bit lane: elements 0, 2, 4, 6
-    const __m256i packed = _mm256_permutevar8x32_epi32(bits, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0));
+    const __m256i packed =
+        _mm256_permutevar8x32_epi32(bits, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
   }
   // hadd gives (d0, d1) and (d2, d3) pair sums per 128-bit half; the two halves hold the
