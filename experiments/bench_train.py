@@ -46,7 +46,7 @@ from bldseg.models import create_model
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader
 from bldseg.train import RunConfig, fit
-from bldseg.train.engine import load_state, predict_probs, resolve_device
+from bldseg.train.engine import eval_weights, load_state, predict_probs, resolve_device
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
 # The sibling benchmark's helpers (this folder is on sys.path when a script here runs).
@@ -73,7 +73,7 @@ def train_curve(
 
     def score(row: dict[str, Any], folder: Path) -> None:
         # The epoch's weights are in last.pt (best.pt only when validation improved).
-        model.load_state_dict(load_state(folder / "last.pt", device)["models"][0])
+        model.load_state_dict(eval_weights(load_state(folder / "last.pt", device))[0])
         probs = predict_probs(model, test_loader, device)  # (N, S, S) uint8
         thr = float(row["val_thr_best"])
         per_tile = metrics.dice_per_image(probs >= metrics.level_from_threshold(thr), truth)

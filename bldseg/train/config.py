@@ -27,6 +27,9 @@ class OptimConfig:
     beta2: float = 0.999  # AdamW beta2
     layer_decay: float = 1.0  # layer-wise LR decay of the backbone (1.0 = off; InternImage: 0.9)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # decay of an exponential moving average of the weights, used for validation, best.pt and
+    # predictions (bldseg.train.ema); 0 = off. Averages over about 1 / (1 - ema) steps.
+    ema: float = 0.0
 
 
 @dataclass
@@ -196,6 +199,7 @@ class RunConfig:
             ("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
             ("optim.lr", 0 < self.optim.lr < 1, "must be in (0, 1)"),
             ("optim.layer_decay", 0 < self.optim.layer_decay <= 1, "must be in (0, 1]"),
+            ("optim.ema", 0 <= self.optim.ema < 1, "must be in [0, 1) (0 = off)"),
             ("coteach.tau", 0 <= self.coteach.tau < 1, "must be in [0, 1)"),
             (
                 "threshold_lo",

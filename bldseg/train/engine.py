@@ -46,6 +46,7 @@ from bldseg.models import create_model
 from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
 from bldseg.train.config import RunConfig
 from bldseg.train.coteaching import coteaching_losses
+from bldseg.train.ema import WeightEMA
 from bldseg.train.losses import build_loss
 from bldseg.train.plots import tiles_from_cache, write_run_plots
 from bldseg.train.schedulers import build_scheduler
@@ -208,6 +209,13 @@ def load_state(
         ) from None
     except (EOFError, RuntimeError) as e:  # empty, truncated or not a torch.save file
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+
+
+def eval_weights(state: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """The state dicts a ``last.pt`` predicts with, one per network: the weights' moving
+    averages when the run kept them (``optim.ema``), else the trained weights."""
+    emas = state.get("emas") or []
+    return [e["module"] for e in emas] or list(state["models"])
 
 
 @torch.no_grad()
@@ -461,6 +469,9 @@ def fit(
         models.append(m)
         optimizers.append(opt)
         schedulers.append(sch)
+    # The weights validation, best.pt and predictions use: each network's average, with optim.ema
+    emas = [WeightEMA(m, cfg.optim.ema) for m in models] if cfg.optim.ema else []
+    eval_models = [e.module for e in emas] or models
     if cfg.pretrained is not None:
         # Every network reads the same file the same way: one record for the run.
         report = models[0].pretrained_report
@@ -484,6 +495,8 @@ def fit(
             o.load_state_dict(s)
         for sc, s in zip(schedulers, state["schedulers"], strict=True):
             sc.load_state_dict(s)
+        for e, s in zip(emas, state.get("emas", []), strict=True):
+            e.load_state_dict(s)
         _set_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         log.info("resumed %s at epoch %d", out, start_epoch)
@@ -543,6 +556,8 @@ def fit(
                         nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.grad_clip)
                     scaler.step(opt)
                     sch.step()
+                    if emas:
+                        emas[k].update(m)
                     sums[k] += loss.item()
                 scaler.update()
                 n_batches += 1
@@ -553,7 +568,7 @@ def fit(
 
         # Validate every network; co-teaching keeps the better one (reported as such).
         val = []
-        for m in models:
+        for m in eval_models:
             probs = predict_probs(m, val_loader, device, amp, cfg.tta)
             val.append(
                 (threshold_metrics(probs, val_truth, cfg.threshold_lo, cfg.threshold_hi), probs)
@@ -587,7 +602,7 @@ def fit(
             _save_atomic(
                 {
                     "config": cfg.to_flat(),
-                    "model": models[chosen].state_dict(),
+                    "model": eval_models[chosen].state_dict(),
                     "epoch": epoch + 1,
                     "metrics": row,
                 },
@@ -601,7 +616,8 @@ def fit(
                 "history": history,
                 "best": best,
                 "status": "running",
-                "models": [m.state_dict() for m in models],
+                "models": [m.state_dict() for m in models],  # the trained weights
+                "emas": [e.state_dict() for e in emas],  # their averages (optim.ema)
                 "optimizers": [o.state_dict() for o in optimizers],
                 "schedulers": [s.state_dict() for s in schedulers],
                 "rng": _rng_state(),
