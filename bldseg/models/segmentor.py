@@ -18,6 +18,7 @@ from torch import nn
 from bldseg.models.backbones.internimage import InternImage, internimage
 from bldseg.models.decoders.upernet import FCNHead, UPerHead
 from bldseg.models.registry import register_model
+from bldseg.models.resize import resize_bilinear
 
 
 class SegmentationModel(nn.Module):
@@ -64,14 +65,10 @@ class SegmentationModel(nn.Module):
         feats = self.backbone(x)
         size = x.shape[-2:]
         # (B, K, H/4, W/4) -> (B, K, H, W), then drop the padding
-        logits = F.interpolate(
-            self.decode_head(feats), size=size, mode="bilinear", align_corners=False
-        )[..., :h, :w]
+        logits = resize_bilinear(self.decode_head(feats), size)[..., :h, :w]
         if not (self.training and self.aux_head is not None):
             return logits
-        aux = F.interpolate(
-            self.aux_head(feats[2]), size=size, mode="bilinear", align_corners=False
-        )[..., :h, :w]
+        aux = resize_bilinear(self.aux_head(feats[2]), size)[..., :h, :w]
         return {"logits": logits, "aux_logits": aux}
 
 

@@ -17,8 +17,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from bldseg.models.resize import resize_bilinear
 
 
 def _rename_prefix(state_dict: dict, old: str, new: str) -> None:
@@ -65,10 +66,7 @@ class PyramidPooling(nn.ModuleList):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         size = x.shape[-2:]
         # each: (B, channels, s, s) -> (B, channels, H, W)
-        return [
-            F.interpolate(stage(x), size=size, mode="bilinear", align_corners=False)
-            for stage in self
-        ]
+        return [resize_bilinear(stage(x), size) for stage in self]
 
 
 class UPerHead(nn.Module):
@@ -115,16 +113,14 @@ class UPerHead(nn.Module):
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, lower, strict=True)] + [top]
         # 3. Top-down path: add each upsampled coarser level to the finer one.
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(
-                laterals[i], size=laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False
+            laterals[i - 1] = laterals[i - 1] + resize_bilinear(
+                laterals[i], laterals[i - 1].shape[-2:]
             )
         # 4. 3x3 FPN convs on all but the top, then everything up to stride 4 and concatenated.
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1], strict=True)]
         outs.append(laterals[-1])
         size = outs[0].shape[-2:]
-        outs = [outs[0]] + [
-            F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]
-        ]
+        outs = [outs[0]] + [resize_bilinear(o, size) for o in outs[1:]]
         # 5. Fuse (B, 4*ch, H/4, W/4) -> (B, ch, H/4, W/4) and classify.
         fused = self.fpn_bottleneck(torch.cat(outs, dim=1))
         return self.classifier(self.dropout(fused))
