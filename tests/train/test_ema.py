@@ -5,15 +5,7 @@ from torch import nn
 from bldseg.train.config import RunConfig
 from bldseg.train.ema import WeightEMA
 from bldseg.train.engine import eval_weights, fit
-
-BASE = {
-    "aug.crop_size": 64,
-    "batch_size": 8,
-    "val_fraction": 0.25,
-    "samples_per_epoch": 64,
-    "optim.lr": 3e-3,
-    "impl": "compiled",
-}
+from tests.train.test_engine import BASE  # the engine tests' small, fast run
 
 
 def _net() -> nn.Module:
