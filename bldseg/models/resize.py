@@ -84,29 +84,20 @@ def _weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def _separable(x: torch.Tensor, m_h: torch.Tensor, m_w: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C, H, W) = m_h (H, h) @ x @ m_w (W, w)^T, keeping the memory format."""
+    """(B, C, h, w) -> (B, C, H, W) = m_h (H, h) @ x @ m_w (W, w)^T, NCHW out.
+
+    Only NCHW maps come here (channels-last ones go to ATen); a gradient in another layout is
+    copied to NCHW by the reshapes, which stays correct.
+    """
     b, c, h, w = x.shape
     out_h, out_w = m_h.shape[0], m_w.shape[0]
-    nhwc = _channels_last(x)
-    out = torch.empty(
-        (b, c, out_h, out_w),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=torch.channels_last if nhwc else torch.contiguous_format,
-    )
+    out = torch.empty((b, c, out_h, out_w), dtype=x.dtype, device=x.device)
     step = max(1, _CHUNK_FLOATS // max(1, c * h * w))
     for i in range(0, b, step):
         xs, n = x[i : i + step], min(step, b - i)
-        if nhwc:
-            # NHWC in memory: (n, h, w*C) rows first, then (n*H, w, C) columns, no layout copies
-            v = xs.permute(0, 2, 3, 1)  # (n, h, w, C), a view
-            y = torch.matmul(m_h, v.reshape(n, h, w * c))  # (n, H, w*C)
-            y = torch.matmul(m_w, y.reshape(n * out_h, w, c))  # (n*H, W, C)
-            out[i : i + n].permute(0, 2, 3, 1).copy_(y.reshape(n, out_h, out_w, c))
-        else:
-            # NCHW: one plain GEMM over the columns, then the rows per (image, channel) map
-            y = (xs.reshape(n * c * h, w) @ m_w.t()).reshape(n * c, h, out_w)  # (n*C, h, W)
-            out[i : i + n] = torch.matmul(m_h, y).reshape(n, c, out_h, out_w)
+        # one plain GEMM over the columns, then the rows per (image, channel) map
+        y = (xs.reshape(n * c * h, w) @ m_w.t()).reshape(n * c, h, out_w)  # (n*C, h, W)
+        out[i : i + n] = torch.matmul(m_h, y).reshape(n, c, out_h, out_w)
     return out
 
 

@@ -66,3 +66,13 @@ def test_without_gradients_and_in_several_gemm_batches(channels_last, monkeypatc
         F.interpolate(x, size=(28, 36), mode="bilinear", align_corners=False), x, grad
     )
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_channels_last_gradient_of_an_nchw_map():
+    # the backward's GEMMs take any gradient layout (copied to NCHW by the reshapes)
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, 24, 24, dtype=torch.float64).to(memory_format=torch.channels_last)
+    (g_ours,) = torch.autograd.grad(resize_bilinear(x, (24, 24)), x, grad)
+    ref = F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
