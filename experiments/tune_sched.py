@@ -1,4 +1,4 @@
-"""LR-schedule search: OneCycleLR vs CosineAnnealingWarmupRestarts vs poly, with their parameters.
+"""LR-schedule search: OneCycleLR vs CosineAnnealingWarmupRestarts vs poly vs schedule-free AdamW.
 
 The ``bldseg tune sched`` command (:mod:`bldseg.commands.tune`), run from a checkout: the same
 flags, listed by ``--help``.

@@ -4,9 +4,12 @@ import optuna
 
 
 def space(trial: optuna.Trial) -> dict | None:
-    """OneCycleLR vs CosineAnnealingWarmupRestarts vs poly, with the peak LR."""
+    """OneCycleLR vs CosineAnnealingWarmupRestarts vs poly vs schedule-free AdamW, with the
+    peak LR."""
     trial.suggest_float("optim.lr", 3e-4, 1e-2, log=True)
-    name = trial.suggest_categorical("sched.name", ["onecycle", "cosine_restarts", "poly"])
+    name = trial.suggest_categorical(
+        "sched.name", ["onecycle", "cosine_restarts", "poly", "schedulefree"]
+    )
     if name == "onecycle":
         trial.suggest_float("sched.pct_start", 0.1, 0.5)
         trial.suggest_float("sched.div_factor", 5.0, 50.0, log=True)
@@ -14,6 +17,8 @@ def space(trial: optuna.Trial) -> dict | None:
         trial.suggest_int("sched.cycles", 1, 4)
         trial.suggest_float("sched.gamma", 0.5, 1.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.3)
+    elif name == "schedulefree":
+        trial.suggest_float("sched.warmup_frac", 0.0, 0.2)
     else:
         trial.suggest_float("sched.power", 0.5, 2.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.2)

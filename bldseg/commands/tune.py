@@ -23,7 +23,8 @@ Run with --help for every flag. Trials are logged to MLflow (one child run per t
 """
 
 SCHED = """\
-LR-schedule search: OneCycleLR vs CosineAnnealingWarmupRestarts vs poly, with their parameters.
+LR-schedule search: OneCycleLR vs CosineAnnealingWarmupRestarts vs poly vs schedule-free AdamW,
+with their parameters.
 
     bldseg tune sched                     # built-in synthetic world, tiny model, CPU
     bldseg tune sched --data /path/to/comp --model upernet_internimage_b \\

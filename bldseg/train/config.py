@@ -36,14 +36,15 @@ class OptimConfig:
 class SchedConfig:
     """Per-iteration LR schedule."""
 
-    name: Literal["onecycle", "cosine_restarts", "poly", "constant"] = "onecycle"
+    # schedulefree: schedule-free AdamW instead of AdamW and a schedule (bldseg.train.schedulers)
+    name: Literal["onecycle", "cosine_restarts", "poly", "constant", "schedulefree"] = "onecycle"
     pct_start: float = 0.3  # onecycle: share of steps rising
     div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor
     final_div_factor: float = 1e4  # onecycle: final lr = initial / final_div_factor
     cycles: int = 1  # cosine_restarts: number of equal first cycles the run would hold
     cycle_mult: float = 1.0  # cosine_restarts: growth of the cycle length
     gamma: float = 1.0  # cosine_restarts: peak decay per cycle
-    warmup_frac: float = 0.05  # cosine_restarts/poly: warm-up share of a (first) cycle
+    warmup_frac: float = 0.05  # cosine_restarts/poly/schedulefree: warm-up share of a (first) cycle
     warmup_steps: int = 0  # poly: warm-up in iterations (> 0 replaces warmup_frac; official 1500)
     min_lr: float = 1e-6  # cosine_restarts/poly: floor
     power: float = 1.0  # poly: exponent
@@ -187,6 +188,9 @@ class RunConfig:
             backends = torch._dynamo.list_backends(exclude_tags=())
             if self.compile not in backends:
                 bad("compile", f"is not a torch.compile backend ({', '.join(backends)}), or ''")
+        if self.sched.name == "schedulefree" and self.optim.ema:
+            # Its model is already an average of the iterates; a second average would lag it.
+            bad("optim.ema", "must be 0 with sched.name=schedulefree (it averages the weights)")
         if self.folds == 1 or self.folds < 0:
             bad("folds", "must be 0 (the holdout split of val_fraction) or at least 2 (--folds K)")
         if self.folds >= 2 and not 0 <= self.fold < self.folds:

@@ -3,7 +3,8 @@
     result = fit(RunConfig(epochs=5), "runs/demo")
 
 Per epoch: random crops from the cache through the augmentation pipeline, AdamW with a
-per-iteration schedule, optional co-teaching, then validation on fixed tiles with the official
+per-iteration schedule (or schedule-free AdamW, ``sched.name=schedulefree``), optional
+co-teaching, then validation on fixed tiles with the official
 Dice at 0.5, at the best threshold of a sweep and at Youden's threshold. The best epoch's
 validation probabilities (uint8, with tile ids and ground truth; the input of the ensemble
 search) and its weights are saved; ``last.pt`` makes the run resumable exactly (model,
@@ -118,8 +119,16 @@ def _layer_id(name: str, depths: list[int]) -> int:
     return sum(depths) + 1
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW with no decay on norms/biases/gammas and optional layer-wise LR decay."""
+def build_optimizer(
+    model: nn.Module, cfg: RunConfig, total_steps: int = 0
+) -> torch.optim.Optimizer:
+    """AdamW with no decay on norms/biases/gammas and optional layer-wise LR decay.
+
+    With ``sched.name=schedulefree``, schedule-free AdamW with the same parameter groups,
+    warming up over ``sched.warmup_frac`` of ``total_steps``. Its parameters hold the point
+    the gradients are taken at while it is in train mode and its average in eval mode
+    (:func:`set_optimizer_mode`).
+    """
     o = cfg.optim
     backbone_cfg = getattr(getattr(model, "backbone", None), "cfg", None)
     depths = list(backbone_cfg.depths) if backbone_cfg is not None else [0]
@@ -138,11 +147,36 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     # torch's fused AdamW kernel, where it has one: one pass over each parameter instead of a
     # dozen small ops (experiments/bench_model.py: 4.0 -> 0.75 ms per step for the tiny model,
     # 154 -> 37 ms for T, on 2 CPU cores). The same update up to rounding (tested).
+    if cfg.sched.name == "schedulefree":
+        import schedulefree
+
+        warmup = int(cfg.sched.warmup_frac * total_steps)
+        return schedulefree.AdamWScheduleFree(
+            param_groups, lr=o.lr, betas=(o.beta1, o.beta2), warmup_steps=warmup
+        )
     devices = {p.device.type for g in param_groups for p in g["params"]}
     fused = bool(devices) and devices <= {"cpu", "cuda"}
     return torch.optim.AdamW(
         param_groups, lr=o.lr, betas=(o.beta1, o.beta2), fused=True if fused else None
     )
+
+
+def set_optimizer_mode(optimizers: Sequence[torch.optim.Optimizer], train: bool) -> None:
+    """Puts schedule-free optimizers in train or eval mode (others have no modes).
+
+    In train mode their parameters hold the point the gradients are taken at; in eval mode
+    the average the run predicts with. Validation, ``best.pt`` and ``last.pt`` see eval mode
+    (the package's rule for checkpoints), so a ``last.pt`` holds the weights to predict with
+    and a resumed run switches back exactly as the uninterrupted one did.
+    """
+    for opt in optimizers:
+        switch = getattr(opt, "train" if train else "eval", None)
+        if callable(switch):
+            switch()
+
+
+def _stepped_lr(group: dict[str, Any]) -> float:
+    return float(group.get("scheduled_lr", group["lr"]))
 
 
 #: What a checkpoint may hold besides tensors: plain config data, nothing that unpickling would
@@ -462,7 +496,7 @@ def fit(
         torch.manual_seed(cfg.seed + k)
         m = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs()).to(device)
         m = to_run_memory_format(m, cfg, device)
-        opt = build_optimizer(m, cfg)
+        opt = build_optimizer(m, cfg, total_steps)
         sch = build_scheduler(
             cfg.sched.name, opt, total_steps, **cfg.sched.scheduler_kwargs(total_steps)
         )
@@ -529,6 +563,7 @@ def fit(
         keep = cfg.coteach.keep_ratio(epoch) if cfg.coteach.enabled else 1.0
         for m in models:
             m.train()
+        set_optimizer_mode(optimizers, train=True)
         sums = [0.0] * n_nets
         n_batches = 0
         waited = [0.0]  # seconds the loop waited for batches (cropping, augmenting, collating)
@@ -567,6 +602,7 @@ def fit(
             return FitResult(status, message, history, best, out)
 
         # Validate every network; co-teaching keeps the better one (reported as such).
+        set_optimizer_mode(optimizers, train=False)
         val = []
         for m in eval_models:
             probs = predict_probs(m, val_loader, device, amp, cfg.tta)
@@ -578,7 +614,8 @@ def fit(
         row = {
             "epoch": epoch + 1,
             "train_loss": sums[chosen] / max(1, n_batches),
-            "lr": optimizers[0].param_groups[-1]["lr"],
+            # schedule-free AdamW keeps its base LR and logs the warmed-up one it stepped with
+            "lr": _stepped_lr(optimizers[0].param_groups[-1]),
             **{f"val_{k}": v for k, v in vm.items()},
             "epoch_s": time.perf_counter() - t0,
             # of which the training loop waited for its batches (mmseg's data_time): with

@@ -8,6 +8,11 @@
   which the reference workflow used, so a ported config gives the same curve).
 * ``poly``: linear warm-up then polynomial decay to ``min_lr`` (mmsegmentation's default).
 * ``constant``: the optimizer's LR throughout.
+* ``schedulefree``: no schedule at all: the run trains with schedule-free AdamW (Defazio et
+  al. 2024, the ``schedulefree`` package), which warms up by itself and evaluates at an average
+  of its iterates, so every epoch's model is as good as a schedule ending there would make it.
+  The optimizer is built by :func:`bldseg.train.engine.build_optimizer`; the scheduler here
+  keeps its LR constant.
 """
 
 from __future__ import annotations
@@ -121,7 +126,7 @@ def poly_warmup(
     return LambdaLR(optimizer, [lambda s, b=b: factor(s, b) for b in base])
 
 
-SCHEDULERS = ("onecycle", "cosine_restarts", "poly", "constant")
+SCHEDULERS = ("onecycle", "cosine_restarts", "poly", "constant", "schedulefree")
 
 
 def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, **kw) -> LRScheduler:
@@ -146,6 +151,7 @@ def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, **kw) -> 
         "cosine_restarts": {"first_cycle_steps", "cycle_mult", "min_lr", "warmup_steps", "gamma"},
         "poly": {"warmup_steps", "power", "min_lr"},
         "constant": set(),
+        "schedulefree": set(),  # the optimizer warms up and averages itself
     }
     if name not in allowed:
         raise ValueError(f"unknown scheduler {name!r}; known: {list(SCHEDULERS)}")

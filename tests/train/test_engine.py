@@ -179,7 +179,11 @@ def test_layer_decay_groups():
 
     model = create_model("upernet_internimage_tiny", impl="reference")
     c = cfg(**{"optim.layer_decay": 0.5, "optim.weight_decay": 0.1})
-    opt = engine.build_optimizer(model, c)
+    check_layer_decay_groups(model, engine.build_optimizer(model, c))
+
+
+def check_layer_decay_groups(model, opt) -> None:
+    """The groups of optim.layer_decay=0.5, optim.weight_decay=0.1 on the tiny model."""
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
     stem = by_param[id(named["backbone.patch_embed.conv1.weight"])]

@@ -28,7 +28,10 @@ def test_scheduler_space_is_conditional():
         assert ("sched.cycles" in t.params) == (name == "cosine_restarts")
         assert ("sched.power" in t.params) == (name == "poly")
         study.tell(t, 0.0)
-    assert seen == {"onecycle", "cosine_restarts", "poly"}
+        assert ("sched.warmup_frac" in t.params) == (
+            name in ("cosine_restarts", "poly", "schedulefree")
+        )
+    assert seen == {"onecycle", "cosine_restarts", "poly", "schedulefree"}
 
 
 def test_coteaching_space_enables_coteaching():
