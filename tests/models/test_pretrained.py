@@ -306,9 +306,9 @@ def test_fit_starts_both_networks_from_the_checkpoint(
     at_start = []
     real = engine.build_optimizer
 
-    def spy(model, cfg):  # called once per network, before any step
+    def spy(model, cfg, total_steps):  # called once per network, before any step
         at_start.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real(model, cfg)
+        return real(model, cfg, total_steps)
 
     monkeypatch.setattr(engine, "build_optimizer", spy)
     result = engine.fit(cfg, tmp_path, data=small_world, resume=False)
