@@ -44,7 +44,8 @@ class SchedConfig:
     cycles: int = 1  # cosine_restarts: number of equal first cycles the run would hold
     cycle_mult: float = 1.0  # cosine_restarts: growth of the cycle length
     gamma: float = 1.0  # cosine_restarts: peak decay per cycle
-    warmup_frac: float = 0.05  # cosine_restarts/poly/schedulefree: warm-up share of a (first) cycle
+    # cosine_restarts/poly: warm-up share of a (first) cycle; schedulefree: of the whole run
+    warmup_frac: float = 0.05
     warmup_steps: int = 0  # poly: warm-up in iterations (> 0 replaces warmup_frac; official 1500)
     min_lr: float = 1e-6  # cosine_restarts/poly: floor
     power: float = 1.0  # poly: exponent

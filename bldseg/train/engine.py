@@ -4,12 +4,11 @@
 
 Per epoch: random crops from the cache through the augmentation pipeline, AdamW with a
 per-iteration schedule (or schedule-free AdamW, ``sched.name=schedulefree``), optional
-co-teaching, then validation on fixed tiles with the official
-Dice at 0.5, at the best threshold of a sweep and at Youden's threshold. The best epoch's
-validation probabilities (uint8, with tile ids and ground truth; the input of the ensemble
-search) and its weights are saved; ``last.pt`` makes the run resumable exactly (model,
-optimizer, scheduler, epoch, RNG states). A non-finite loss ends the run with status
-``"diverged"`` instead of raising.
+co-teaching, then validation on fixed tiles with the official Dice at 0.5, at the best
+threshold of a sweep and at Youden's threshold. The best epoch's validation probabilities
+(uint8, with tile ids and ground truth; the input of the ensemble search) and its weights are
+saved; ``last.pt`` makes the run resumable exactly (model, optimizer, scheduler, epoch, RNG
+states). A non-finite loss ends the run with status ``"diverged"`` instead of raising.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import schedulefree
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -144,16 +144,14 @@ def build_optimizer(
         {"params": ps, "weight_decay": wd, "lr": o.lr * scale, "lr_scale": scale}
         for (wd, scale), ps in sorted(groups.items())
     ]
-    # torch's fused AdamW kernel, where it has one: one pass over each parameter instead of a
-    # dozen small ops (experiments/bench_model.py: 4.0 -> 0.75 ms per step for the tiny model,
-    # 154 -> 37 ms for T, on 2 CPU cores). The same update up to rounding (tested).
     if cfg.sched.name == "schedulefree":
-        import schedulefree
-
         warmup = int(cfg.sched.warmup_frac * total_steps)
         return schedulefree.AdamWScheduleFree(
             param_groups, lr=o.lr, betas=(o.beta1, o.beta2), warmup_steps=warmup
         )
+    # torch's fused AdamW kernel, where it has one: one pass over each parameter instead of a
+    # dozen small ops (experiments/bench_model.py: 4.0 -> 0.75 ms per step for the tiny model,
+    # 154 -> 37 ms for T, on 2 CPU cores). The same update up to rounding (tested).
     devices = {p.device.type for g in param_groups for p in g["params"]}
     fused = bool(devices) and devices <= {"cpu", "cuda"}
     return torch.optim.AdamW(
