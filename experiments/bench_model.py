@@ -4,12 +4,14 @@ pure-PyTorch reference: time and peak memory, each variant in a fresh process.
 
     python experiments/bench_model.py --json bench/model.json
     python experiments/bench_model.py --model upernet_internimage_t --size 224 --batch 8
+    python experiments/bench_model.py --skip-params --precision bf16   # CPU or GPU autocast
 
 Prints a table and writes JSON. Published sizes (ImageNet classifiers / UPerNet with 150
 classes): T 30M / 59M, S 50M / 80M, B 97M / 128M.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -43,10 +45,17 @@ def n_params(m: torch.nn.Module) -> int:
 
 
 def train_step_stats(
-    model_name: str, impl: str, size: int, batch: int, iters: int, device: torch.device
+    model_name: str,
+    impl: str,
+    size: int,
+    batch: int,
+    iters: int,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> dict:
-    """One training step after another (forward, BCE loss on logits and aux logits, backward,
-    the AdamW step of ``build_optimizer``), as in ``fit``; returns times and peak memory.
+    """One training step after another (forward under ``precision``'s autocast as ``fit`` runs
+    it, BCE loss on float32 logits and aux logits, backward, the AdamW step of
+    ``build_optimizer``), as in ``fit``; returns times and peak memory.
 
     Time: best and median of ``iters`` steps after one warm-up step. Peak memory: on the CPU
     the growth of the resident set from before the first step to its high-water mark over
@@ -54,11 +63,12 @@ def train_step_stats(
     optimizer state; on CUDA ``max_memory_allocated`` growth over the same span.
     """
     from bldseg.train.config import RunConfig
-    from bldseg.train.engine import build_optimizer
+    from bldseg.train.engine import autocast_dtype, build_optimizer
 
     torch.manual_seed(0)
     model = create_model(model_name, impl=impl).to(device).train()
     opt = build_optimizer(model, RunConfig())
+    amp = autocast_dtype(precision, device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
     if device.type == "cuda":
@@ -71,9 +81,11 @@ def train_step_stats(
     times = []
     for _ in range(iters + 1):
         t0 = time.perf_counter()
-        out = model(x)
-        loss = F.binary_cross_entropy_with_logits(out["logits"], y)
-        loss = loss + 0.4 * F.binary_cross_entropy_with_logits(out["aux_logits"], y)
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            out = model(x)
+        logits, aux = out["logits"].float(), out["aux_logits"].float()
+        loss = F.binary_cross_entropy_with_logits(logits, y)
+        loss = loss + 0.4 * F.binary_cross_entropy_with_logits(aux, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -87,6 +99,7 @@ def train_step_stats(
     steady = times[1:]  # the first step warms up allocators and the op
     return {
         "impl": impl,
+        "precision": precision,
         "ms_min": 1000 * min(steady),
         "ms_median": 1000 * statistics.median(steady),
         "images_per_s": batch / min(steady),
@@ -97,6 +110,7 @@ def train_step_stats(
 def _in_subprocess(args: argparse.Namespace, impl: str) -> dict:
     cmd = [sys.executable, __file__, "--one-impl", impl, "--model", args.model]
     cmd += ["--size", str(args.size), "--batch", str(args.batch), "--iters", str(args.iters)]
+    cmd += ["--precision", args.precision]
     proc = subprocess.run([*cmd, "--device", args.device], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} step failed:\n{proc.stderr[-4000:]}")
@@ -133,6 +147,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="the training step's autocast, as the run config's precision (fp16: CUDA only)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--skip-params", action="store_true", help="only the training step")
     p.add_argument("--one-impl", default=None, help=argparse.SUPPRESS)
@@ -142,7 +162,7 @@ def main() -> None:
         if args.one_impl == "compiled":
             load_dcnv3_op()
         stats = train_step_stats(
-            args.model, args.one_impl, args.size, args.batch, args.iters, device
+            args.model, args.one_impl, args.size, args.batch, args.iters, device, args.precision
         )
         print(json.dumps(stats))
         return
@@ -153,7 +173,7 @@ def main() -> None:
     steps = {impl: _in_subprocess(args, impl) for impl in ("compiled", "reference")}
     print(
         f"\n{args.model} training step (fwd + bwd + AdamW), batch {args.batch} at "
-        f"{args.size}px on {device} ({torch.get_num_threads()} threads), "
+        f"{args.size}px on {device} ({torch.get_num_threads()} threads, {args.precision}), "
         f"best / median of {args.iters}:"
     )
     print(f"  {'DCNv3 op':<10}{'best ms':>10}{'median ms':>11}{'images/s':>10}{'peak MiB':>10}")
@@ -179,6 +199,7 @@ def main() -> None:
                         "size": args.size,
                         "batch": args.batch,
                         "device": str(device),
+                        "precision": args.precision,
                         "threads": torch.get_num_threads(),
                         "memory_method": "CPU: VmHWM - VmRSS before the first step, in a fresh"
                         " process; CUDA: max_memory_allocated growth",

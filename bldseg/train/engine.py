@@ -54,6 +54,8 @@ from bldseg.train.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
 
+CPUINFO = Path("/proc/cpuinfo")  # the CPU's feature flags (Linux)
+
 EpochCallback = Callable[[dict[str, Any], Path], None]
 
 
@@ -87,10 +89,49 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision setting (None: float32, no autocast)."""
-    if device.type != "cuda" or precision == "fp32":
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bfloat16 products in hardware (x86 AVX512-BF16 or AMX-BF16,
+    Arm BF16); None where the CPU's flags cannot be read (not Linux)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
         return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting (None: float32, no autocast).
+
+    ``auto`` is bf16 on a GPU and float32 on a CPU. ``bf16`` on a CPU runs CPU autocast:
+    convolutions and matrix products in bfloat16 through oneDNN (native on AVX512-BF16 / AMX
+    CPUs, where it halves UPerNet-InternImage-T's training step; emulated and slower elsewhere,
+    which is logged); the DCNv3 op samples and the loss is taken in float32, and the rest
+    follows torch's CPU autocast rules.
+
+    Raises:
+        ValueError: ``fp16`` on a CPU (CPUs have no fast float16 kernels, and its loss scaling
+            is CUDA's); use bf16 or fp32 there.
+    """
+    if precision == "fp32" or device.type not in ("cuda", "cpu"):
+        return None
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise ValueError(
+                "precision='fp16' needs a CUDA device; on the CPU use precision=bf16 (native on "
+                "CPUs with AVX512-BF16 or AMX) or fp32"
+            )
+        if precision == "auto":
+            return None
+        if cpu_has_native_bf16() is False:
+            log.warning(
+                "precision=bf16 on a CPU without native bfloat16 (no avx512_bf16 / amx_bf16 "
+                "flag): oneDNN emulates it, usually slower than fp32"
+            )
+        return torch.bfloat16
     if precision == "fp16":
         return torch.float16
     return torch.bfloat16
