@@ -49,8 +49,9 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
+        reduced = x.dtype in (torch.float16, torch.bfloat16)
+        if not reduced or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)  # float32 / float64 as they come; a bf16 model as it is
         with torch.autocast(x.device.type, enabled=False):
             # (..., C) float32 out, as CUDA's autocast returns it
             return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)

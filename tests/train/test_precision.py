@@ -119,6 +119,10 @@ def test_layer_norm_normalises_in_float32_under_autocast():
     # outside autocast it is nn.LayerNorm, in any dtype (the float64 module tests)
     x64 = x.double()
     torch.testing.assert_close(ln.double()(x64), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is never narrowed
+        y64 = ln(x64)
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64, want)
     # official state-dict keys: the norm sits at the same Sequential index
     norm = build_norm_layer(16, "LN", "channels_first", "channels_first")
     assert isinstance(norm[1], LayerNorm) and set(norm.state_dict()) == {"1.weight", "1.bias"}
