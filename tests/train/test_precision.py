@@ -108,14 +108,14 @@ def test_layer_norm_normalises_in_float32_under_autocast():
     ln = LayerNorm(16, eps=1e-6)
     nn.init.normal_(ln.weight)
     nn.init.normal_(ln.bias)
-    x = (3 + 5 * torch.randn(2, 5, 5, 16)).bfloat16()  # a large mean: bf16 statistics lose it
+    x = (3 + 5 * torch.randn(2, 5, 5, 16)).bfloat16()  # (N, H, W, C), off-centre as features are
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ln(x)
         plain = nn.functional.layer_norm(x, (16,), ln.weight, ln.bias, 1e-6)
     want = nn.functional.layer_norm(x.double(), (16,), ln.weight.double(), ln.bias.double(), 1e-6)
     assert y.dtype == torch.float32  # as CUDA's autocast returns layer_norm
     torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
-    assert (plain.double() - want).abs().max() > 1e-3  # what CPU autocast alone gives
+    assert (plain.double() - want).abs().max() > 1e-3  # CPU autocast alone: bf16 out
     # outside autocast it is nn.LayerNorm, in any dtype (the float64 module tests)
     x64 = x.double()
     torch.testing.assert_close(ln.double()(x64), want)
