@@ -7,7 +7,8 @@
                                                        # images/ + masks/ folders
     python experiments/train.py --out runs/single     # the same, from a checkout
 
-On a CPU the defaults are the demo's small settings (tiny model, 64-px crops) on any data.
+On a CPU the defaults are the demo's small settings (``bldseg.tune.cli.CPU_DEMO``: tiny model,
+192-px crops, schedule-free AdamW, bf16 where the CPU has it) on any data.
 
 Writes best.pt, last.pt (resumable: run the same command again), val_probs.npz, history.json
 and plots/ under --out.

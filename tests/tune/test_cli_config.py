@@ -49,3 +49,24 @@ def test_cpu_crop_fits_small_images_unless_asked_for():
     assert asked["aug.crop_size"] == 160 and asked["aug.crop_fit"] is False
     both = fixed_config("data", sets=["aug.crop_size=160", "aug.crop_fit=true"], gpu=False)
     assert both["aug.crop_fit"] is True
+
+
+def test_cpu_demo_takes_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch):
+    # The demo's precision follows the CPU flags: emulated bf16 is slower than float32, and an
+    # unreadable /proc/cpuinfo (macOS) must not turn it on.
+    from bldseg.train import engine
+    from bldseg.tune.cli import demo_precision
+
+    assert CPU_DEMO["precision"] == ("bf16" if engine.cpu_has_native_bf16() else "auto")
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(engine, "CPUINFO", info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert demo_precision() == "bf16"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert demo_precision() == "auto"
+    info.unlink()
+    assert demo_precision() == "auto"
+    # Whatever this machine chose, the demo settings are a valid run config with schedule-free
+    # AdamW, so its trials report anytime models to ASHA.
+    cfg = RunConfig.from_flat(CPU_DEMO)
+    assert cfg.sched.name == "schedulefree" and cfg.precision in ("bf16", "auto")
