@@ -129,6 +129,7 @@ class RunConfig:
     seed: int = 0  # seeds the split, the crops, the init and the batches
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
     # auto: bf16 on GPU, fp32 on CPU; bf16 on a CPU: T's step 1.7-2.2x on AVX512-BF16
+    # (CPU_DEMO sets bf16 where the CPU has it natively)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # DataLoader worker processes; 0: batches made in the loop (the history's data_s says
     # how long it waited for them; with the demo's crops 4% of an epoch, so workers do not pay)
