@@ -3,7 +3,10 @@
     data -> cache -> tune_aug -> tune_sched -> tune_tau -> ensemble search -> predict -> score
                                                                                   -> REPORT.md
 
-Each search starts from the best configuration found so far. Every stage records its output in
+Each search starts from the best configuration found so far: a stage's best configuration is
+carried forward only when its best trial beats the best so far on validation Dice (the same
+validation tiles in every stage), so a stage whose search found nothing better leaves the
+configuration as it was instead of making it worse. Every stage records its output in
 ``<out>/pipeline_state.json`` once it has finished, and only then; a stage whose output exists
 is skipped, and an interrupted search is resumed, so re-running the same command continues
 instead of redoing work. Ctrl-C (``KeyboardInterrupt``) in any stage leaves that stage
@@ -109,6 +112,13 @@ def best_config(table: pd.DataFrame) -> dict[str, Any]:
         for k, v in row.items()
         if k.startswith("config/") and not (isinstance(v, float) and np.isnan(v))
     }
+
+
+def carries_forward(stage: dict, best_val: float) -> bool:
+    """Whether a finished stage's best configuration goes into the next stages' base: its best
+    trial's validation Dice is above ``best_val``, the best of the stages carried so far (a tie
+    keeps the earlier configuration, which needs no new setting)."""
+    return float(stage["best"][METRIC]) > best_val
 
 
 def test_truth(data: PreparedData) -> np.ndarray:
@@ -348,6 +358,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # 1-3. the three searches, each starting from the best config so far
     base = dict(cfg.base)
     previous_run = pipeline_run
+    incumbent: str | None = None  # the stage whose best configuration is the best so far
+    best_val = float("-inf")
     for stage, space in STAGES:
         done = state["stages"].get(stage)
         if done is None:
@@ -398,10 +410,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 "overhead": result.overhead,
                 "best_config": best_config(result.table),
                 "best": {k: v for k, v in result.best.items() if not k.startswith("config/")},
+                "started_from": incumbent,
             }
             state["stages"][stage] = done
             _save_state(cfg, state)
-        base.update(done["best_config"])
+        carried = carries_forward(done, best_val)
+        if done.get("carried_forward") != carried:
+            done["carried_forward"] = carried  # derived: recorded for the report
+            _save_state(cfg, state)
+        if carried:
+            base.update(done["best_config"])
+            best_val, incumbent = float(done["best"][METRIC]), stage
+        else:
+            log.warning(
+                "%s: its best validation Dice %.4f is not above %s's %.4f, so its "
+                "configuration is not carried forward: the best so far stays %s's",
+                stage,
+                float(done["best"][METRIC]),
+                incumbent,
+                best_val,
+                incumbent,
+            )
         previous_run = done["parent_run_id"]
 
     # 4. held-out test maps of every trained model (the synthetic world has test truth)

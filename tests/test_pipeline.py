@@ -191,16 +191,19 @@ class FakeSearches:
     by copying the trained run folders. ``interrupt = stage`` stops that search once by Ctrl-C,
     after its first trial and with the second trial's folder half-written."""
 
-    def __init__(self, models: list[Path]):
+    def __init__(self, models: list[Path], val_shift: dict[str, float] | None = None):
         self.models = models
         self.interrupt: str | None = None
         self.calls: list[tuple[str, bool]] = []
+        self.val_shift = val_shift or {}  # added to a stage's recorded validation Dice
+        self.bases: dict[str, dict] = {}  # the base config each stage's search started from
 
     def __call__(self, spec):
         from bldseg.tune.runner import META_FILE, SearchResult
 
         stage = spec.name.split("-", 1)[1]
         self.calls.append((stage, spec.resume))
+        self.bases[stage] = dict(spec.base)
         exp = Path(spec.storage) / spec.name
         assert spec.resume == exp.exists()
         exp.mkdir(parents=True, exist_ok=True)
@@ -221,7 +224,7 @@ class FakeSearches:
             rows.append(
                 {
                     "trial_id": str(i),
-                    "val_dice_best": best["val_dice_best"],
+                    "val_dice_best": best["val_dice_best"] + self.val_shift.get(stage, 0.0),
                     "val_thr_best": best["val_thr_best"],
                     "val_dice_05": best["val_dice_05"],
                     "best_epoch": 1,
@@ -341,6 +344,36 @@ def test_fake_pipeline_report_carries_intervals_and_the_rule(fake_baseline):
     )
     assert d["reason"] in report and "check half" in report
     assert "widened to [0.05, 0.95]" in report
+
+
+def test_a_stage_that_finds_nothing_better_is_not_carried_forward(
+    small_world, two_models, tmp_path, monkeypatch
+):
+    # The schedule search's best trial is below the augmentation search's on validation Dice,
+    # the tau search's above it: the tau search must start from tune_aug's configuration
+    # without tune_sched's values, and the report must compare co-teaching with tune_aug's.
+    from bldseg import pipeline
+
+    fake = FakeSearches(two_models, val_shift={"tune_sched": -0.1, "tune_tau": 0.05})
+    monkeypatch.setattr(pipeline, "run_search", fake)
+    state = pipeline.run_pipeline(_config(small_world, tmp_path))
+    st = state["stages"]
+    assert [st[s]["carried_forward"] for s in SEARCHED] == [True, False, True]
+    assert [st[s]["started_from"] for s in SEARCHED] == [None, "tune_aug", "tune_aug"]
+    aug, sched = st["tune_aug"]["best_config"], st["tune_sched"]["best_config"]
+    assert set(aug) == {SEARCHED["tune_aug"]} and set(sched) == {SEARCHED["tune_sched"]}
+    assert fake.bases["tune_sched"].items() >= aug.items()
+    assert fake.bases["tune_tau"].items() >= aug.items()
+    assert SEARCHED["tune_sched"] not in fake.bases["tune_tau"]
+    report = _report(tmp_path)
+    row = next(line for line in report.splitlines() if line.startswith("| tune_sched |"))
+    assert row.endswith("| no: not above the best so far |"), row
+    assert "carried forward (from tune_aug, tune_tau): `" in report
+    assert "| plain BCE (best tune_aug trial) |" in report and "tune_aug's, one seed" in report
+    # a rerun recomputes the same decisions from the recorded stages and trains nothing
+    fake.calls.clear()
+    again = pipeline.run_pipeline(_config(small_world, tmp_path))
+    assert fake.calls == [] and again["stages"] == st
 
 
 def test_ctrl_c_in_every_stage_records_nothing_and_the_rerun_resumes(
