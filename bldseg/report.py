@@ -338,7 +338,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         "## Best single model per search stage",
         "",
         "| stage | trials | wall (s) | overhead | best val Dice | threshold | test Dice | "
-        "test Δ vs previous stage | carried forward |",
+        "test Δ vs the stage it started from | carried forward |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, s in enumerate(names):
@@ -347,9 +347,12 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         if st.get("val_thresholds", {}).get("val_thr_widened"):
             thr += " (widened)"
         delta = "–"
-        if i and has_truth:
-            d = _minus(scores[s]["test"]["sweep"], scores[names[i - 1]]["test"]["sweep"])
-            delta = _iv(d, signed=True)
+        # the stage whose configuration this search started from (bldseg.pipeline records
+        # it; states without the record carried every stage, so it was the one before)
+        start = st.get("started_from", names[i - 1] if i else None)
+        if start in scores and has_truth:
+            d = _minus(scores[s]["test"]["sweep"], scores[start]["test"]["sweep"])
+            delta = f"{_iv(d, signed=True)} (vs {start})"
         lines.append(
             f"| {s} | {cfg['trials']} | {st['wall_s']:.0f} | {100 * st['overhead']:.0f}% | "
             f"{_iv(val_iv[i], st['best']['val_dice_best'])} | {thr} | "

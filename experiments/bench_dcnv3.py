@@ -14,11 +14,17 @@ which is the least disturbed by other work on a shared machine (the JSON has bot
 
     python experiments/bench_dcnv3.py                      # T and B levels, CPU (+ CUDA)
     python experiments/bench_dcnv3.py --levels T --json out.json
+    python experiments/bench_dcnv3.py --levels T --dtype bfloat16   # as bf16 training runs it
+
+--dtype bfloat16 gives both ops bf16 tensors (what they get in a module under bf16 autocast;
+ours converts to float32 around its kernels, the reference's grid_sample runs in bf16), and
+runs the module cases under torch.autocast, weights in float32, as `precision=bf16` trains.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -69,12 +75,14 @@ class Result:
 def _inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, case.dtype)
+    # bf16 (and fp16) inputs are the float32 ones rounded: the same values as far as they go
+    draw = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     n, s, c, g = case.batch, case.size, case.channels, case.group
     grad = case.mode == "fwd+bwd"
-    x = torch.randn(n, s, s, c, generator=gen, dtype=dtype)
-    offset = torch.randn(n, s, s, g * 9 * 2, generator=gen, dtype=dtype)
-    mask = torch.softmax(torch.randn(n, s, s, g, 9, generator=gen, dtype=dtype), -1)
-    tensors = [t.to(case.device) for t in (x, offset, mask.reshape(n, s, s, g * 9))]
+    x = torch.randn(n, s, s, c, generator=gen, dtype=draw)
+    offset = torch.randn(n, s, s, g * 9 * 2, generator=gen, dtype=draw)
+    mask = torch.softmax(torch.randn(n, s, s, g, 9, generator=gen, dtype=draw), -1)
+    tensors = [t.to(case.device, dtype) for t in (x, offset, mask.reshape(n, s, s, g * 9))]
     return tuple(t.requires_grad_(grad) for t in tensors)  # type: ignore[return-value]
 
 
@@ -269,12 +277,16 @@ def _projections(module: torch.nn.Module, x: torch.Tensor) -> None:
     sum(out.sum() for out in outs).backward()
 
 
-def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]:
+def time_modules(
+    level: str, batch: int, repeat: int, device: str, autocast: torch.dtype | None = None
+) -> list[dict]:
     """The whole DCNv3 module (projections, depthwise conv, offsets, softmax, op) fwd+bwd.
 
     In this process (times only), median and best of ``repeat`` after a warm-up, per level
     shape and variant (:data:`MODULE_VARIANTS`); offsets and masks randomised so the op
-    samples off the grid as in a trained model.
+    samples off the grid as in a trained model. ``autocast``: run every variant's forward
+    under ``torch.autocast(device, autocast)`` (float32 weights and input, as mixed-precision
+    training runs the module); None: float32 throughout.
     """
     from bldseg.ops.dcnv3 import DCNv3
 
@@ -292,11 +304,13 @@ def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]
         for i in range(repeat + 1):
             for label, impl, fused in [*MODULE_VARIANTS, (PROJECTIONS, None, None)]:
                 t0 = time.perf_counter()
-                if label == PROJECTIONS:
-                    _projections(module, x)
-                else:
-                    module.impl, module.fused_softmax = impl, fused
-                    module(x).sum().backward()
+                mixed = torch.autocast(device, autocast) if autocast else contextlib.nullcontext()
+                with mixed:
+                    if label == PROJECTIONS:
+                        _projections(module, x)
+                    else:
+                        module.impl, module.fused_softmax = impl, fused
+                        module(x).float().sum().backward()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 if i:  # the first round warms up
@@ -311,6 +325,7 @@ def time_modules(level: str, batch: int, repeat: int, device: str) -> list[dict]
                     "batch": batch,
                     "variant": label,
                     "device": device,
+                    "autocast": str(autocast).removeprefix("torch.") if autocast else None,
                     "ms_median": 1e3 * statistics.median(times[label]),
                     "ms_min": 1e3 * min(times[label]),
                 }
@@ -356,7 +371,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="T,B", help="comma-separated: T, B")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64", "bfloat16"],
+        help="the ops' tensors; bfloat16 also runs the module cases under bf16 autocast "
+        "(float64: the op cases only, the modules stay float32)",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per case")
     parser.add_argument("--devices", default="auto", help="cpu, cuda or auto (cpu + cuda if any)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -425,8 +446,16 @@ def main() -> None:
     if args.modules:
         for device in devices:
             for level in args.levels.split(","):
-                modules += time_modules(level, args.batch, args.repeat, device)
+                modules += time_modules(
+                    level,
+                    args.batch,
+                    args.repeat,
+                    device,
+                    torch.bfloat16 if args.dtype == "bfloat16" else None,
+                )
         print()
+        if args.dtype == "bfloat16":
+            print("modules under bf16 autocast (float32 weights and input)")
         print(_module_table(modules))
     isa_rows: list[dict] = []
     if args.isa and "cpu" in devices:

@@ -1,5 +1,6 @@
 """experiments/bench_dcnv3.py: the module timing, with the projections-alone floor beside it."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -50,3 +51,35 @@ def test_an_op_case_runs_in_a_child_with_the_retaining_allocator():
     assert result.case == case
     assert 0 < result.ms_min <= result.ms
     assert set(bench_dcnv3.MALLOC_RETAIN) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+
+
+def test_bfloat16_gives_the_ops_bf16_tensors_and_runs_the_modules_under_autocast(monkeypatch):
+    # the submodule (bldseg.ops.dcnv3, the attribute, is the op function)
+    dcnv3_module = importlib.import_module("bldseg.ops.dcnv3")
+
+    # the op cases: the float32 inputs rounded to bf16, still leaves of the autograd graph
+    f32 = bench_dcnv3.Case("T", 6, 32, 2, 2, "compiled", "fwd+bwd", "cpu", "float32")
+    bf16 = bench_dcnv3.Case("T", 6, 32, 2, 2, "compiled", "fwd+bwd", "cpu", "bfloat16")
+    for a, b in zip(bench_dcnv3._inputs(f32), bench_dcnv3._inputs(bf16), strict=True):
+        assert b.dtype == torch.bfloat16 and b.requires_grad and b.is_leaf
+        assert torch.equal(b.detach(), a.detach().to(torch.bfloat16))
+    result = bench_dcnv3.run_in_subprocess(bf16, repeat=2)
+    assert result.case == bf16 and 0 < result.ms_min <= result.ms
+
+    # the module cases: under autocast the op sees bf16 (the projections' output) and the
+    # rows say so; without it, float32
+    seen = []
+    real = dcnv3_module.dcnv3
+
+    def recording(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(dcnv3_module, "dcnv3", recording)
+    monkeypatch.setitem(bench_dcnv3.LEVELS, "tiny", [(6, 32, 2)])
+    for autocast, want in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+        seen.clear()
+        rows = bench_dcnv3.time_modules("tiny", 2, 1, "cpu", autocast)
+        assert {r["autocast"] for r in rows} == {"bfloat16" if autocast else None}
+        # 3 module variants, a warm-up round and one timed round
+        assert seen == [want] * 6

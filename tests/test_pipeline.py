@@ -368,6 +368,10 @@ def test_a_stage_that_finds_nothing_better_is_not_carried_forward(
     report = _report(tmp_path)
     row = next(line for line in report.splitlines() if line.startswith("| tune_sched |"))
     assert row.endswith("| no: not above the best so far |"), row
+    # test Δ: each search against the configuration it started from, named
+    tau_row = next(line for line in report.splitlines() if line.startswith("| tune_tau |"))
+    assert "(vs tune_aug) |" in row and "(vs tune_aug) |" in tau_row, tau_row
+    assert "vs tune_sched" not in report
     assert "carried forward (from tune_aug, tune_tau): `" in report
     assert "| plain BCE (best tune_aug trial) |" in report and "tune_aug's, one seed" in report
     # a rerun recomputes the same decisions from the recorded stages and trains nothing
