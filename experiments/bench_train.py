@@ -19,7 +19,12 @@ same tiles.
     python experiments/bench_train.py --json bench/train.json
     python experiments/bench_train.py --peers smp_unet_mobilenetv3_small smp_unet_resnet18
     python experiments/bench_train.py --peers smp_unet_mobilenetv3_small_075_narrow \
-        --ours-epochs 30     # about equal CPU: our own schedule over the peer's 20-epoch time
+        --ours-epochs 30     # about equal CPU: our arm runs over the peer's 20-epoch time
+
+With ``--ours-epochs`` a OneCycle-like schedule spans our arm's own epochs. Schedule-free
+AdamW (the CPU settings) has no schedule but its warm-up, a share of the run's steps: our arm
+then keeps the ``--epochs`` run's warm-up length in steps (``sched.warmup_steps``), so both
+arms see the same learning rate at every step (:func:`same_warmup`).
 
 Prints a table, writes JSON and a plot (``--plot``, default beside the JSON). Runs are kept
 under ``--out`` keyed by the data and the config, so a rerun scores finished runs again
@@ -46,7 +51,13 @@ from bldseg.models import create_model
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader
 from bldseg.train import RunConfig, fit
-from bldseg.train.engine import eval_weights, load_state, predict_probs, resolve_device
+from bldseg.train.engine import (
+    eval_weights,
+    load_state,
+    predict_probs,
+    resolve_device,
+    steps_per_epoch,
+)
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
 # The sibling benchmark's helpers (this folder is on sys.path when a script here runs).
@@ -101,6 +112,21 @@ def train_curve(
     return run_dir, result.history, curve
 
 
+def same_warmup(base: dict[str, Any], epochs: int, data) -> dict[str, Any]:
+    """Run-config values that give an arm of ``epochs`` epochs the warm-up of ``base``'s run.
+
+    Only for schedule-free AdamW, whose warm-up (``sched.warmup_frac`` of the run's steps) is
+    the one part of it that depends on the run's length; {} where the warm-up is already a
+    fixed number of steps, the epochs are the same, or the schedule is another.
+    """
+    cfg = RunConfig.from_flat(base)
+    if cfg.sched.name != "schedulefree" or cfg.sched.warmup_steps or epochs == cfg.epochs:
+        return {}
+    # the same product as fit()'s warm-up, int(frac * total_steps), for base's run
+    steps = int(cfg.sched.warmup_frac * (steps_per_epoch(cfg, data) * cfg.epochs))
+    return {"sched.warmup_steps": steps} if steps else {}
+
+
 def _tiles(entry: dict[str, Any]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in entry["per_tile"]])
 
@@ -134,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         "--ours-epochs",
         type=int,
         default=None,
-        help="epochs of our arm only, its schedule spanning them (default --epochs): e.g. the "
-        "epochs that take a peer's CPU time, for an equal-budget comparison",
+        help="epochs of our arm only (default --epochs): e.g. the epochs that take a peer's CPU "
+        "time, for an equal-budget comparison; a schedule spans them, schedule-free's warm-up "
+        "keeps the --epochs run's length",
     )
     a("--seed", type=int, default=0)
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config value, all arms")
@@ -162,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, dict[str, Any]] = {}
     for arm, model in arms.items():
         epochs = args.ours_epochs if arm == "ours" and args.ours_epochs else base["epochs"]
-        cfg = RunConfig.from_flat({**base, "model": model, "epochs": epochs})
-        print(f"== {arm}: {model}", flush=True)
+        pinned = same_warmup(base, epochs, data)
+        cfg = RunConfig.from_flat({**base, "model": model, "epochs": epochs, **pinned})
+        print(f"== {arm}: {model}" + (f", {pinned}" if pinned else ""), flush=True)
         t0 = time.perf_counter()
         run_dir, history, curve = train_curve(arm, cfg, Path(args.out), data, truth)
         params = sum(p.numel() for p in create_model(model, **cfg.model_kwargs()).parameters())
@@ -171,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": model,
             "params": params,
             "run_dir": str(run_dir),
+            "config_beyond_base": {"epochs": epochs, **pinned},
             "call_s": time.perf_counter() - t0,  # this call: ~0 for a run trained before
             "cpu": arm_points(history, curve, "cpu_s"),
             "wall": arm_points(history, curve, "epoch_s"),
@@ -294,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                 "model": r["model"],
                 "params": r["params"],
                 "run_dir": r["run_dir"],
+                "config_beyond_base": r["config_beyond_base"],
                 "epochs": [
                     {
                         "epoch": c.epoch,

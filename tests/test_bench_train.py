@@ -72,11 +72,21 @@ def test_bench_train_writes_curves_and_reuses_finished_runs(tmp_path):
 
 
 def test_ours_epochs_lengthens_only_our_arm(tmp_path):
-    # Equal CPU budget: our arm on its own, longer schedule; the peer keeps --epochs.
-    done = _bench(tmp_path, "--ours-epochs", "3")
+    # Equal CPU budget: our arm on its own, longer run; the peer keeps --epochs. The CPU
+    # settings' schedule-free warm-up (a quarter of the steps here: 2 of the peer's 8) stays
+    # 2 steps in our 12-step run, not 3, so both arms see the same learning rate at every step.
+    import torch
+
+    done = _bench(tmp_path, "--ours-epochs", "3", "--set", "sched.warmup_frac=0.25")
     assert done.returncode == 0, done.stderr[-3000:]
     arms = json.loads((tmp_path / "train.json").read_text())["arms"]
     assert [e["epoch"] for e in arms["ours"]["epochs"]] == [1, 2, 3]
     assert [e["epoch"] for e in arms["peer1"]["epochs"]] == [1, 2]
     status = json.loads((Path(arms["ours"]["run_dir"]) / "status.json").read_text())
     assert status == {"status": "completed", "message": "trained 3 epochs"}
+    assert arms["ours"]["config_beyond_base"] == {"epochs": 3, "sched.warmup_steps": 2}
+    assert arms["peer1"]["config_beyond_base"] == {"epochs": 2}
+    for arm in arms.values():
+        last = torch.load(Path(arm["run_dir"]) / "last.pt", map_location="cpu", weights_only=False)
+        groups = last["optimizers"][0]["param_groups"]
+        assert {g["warmup_steps"] for g in groups} == {2}, arm["model"]

@@ -17,12 +17,11 @@ def space(trial: optuna.Trial) -> dict | None:
         trial.suggest_int("sched.cycles", 1, 4)
         trial.suggest_float("sched.gamma", 0.5, 1.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.3)
-    elif name == "schedulefree":
-        trial.suggest_float("sched.warmup_frac", 0.0, 0.2)
     else:
-        trial.suggest_float("sched.power", 0.5, 2.0)
+        if name == "poly":
+            trial.suggest_float("sched.power", 0.5, 2.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.2)
-        # A fixed warm-up length (the pretrained recipe's 1500 steps) would override the
-        # searched share: the searched value must be the one that applies.
+        # poly and schedule-free: a fixed warm-up length (the pretrained recipe's 1500 steps)
+        # would override the searched share: the searched value must be the one that applies.
         return {"sched.warmup_steps": 0}
     return None

@@ -46,7 +46,8 @@ class SchedConfig:
     gamma: float = 1.0  # cosine_restarts: peak decay per cycle
     # cosine_restarts/poly: warm-up share of a (first) cycle; schedulefree: of the whole run
     warmup_frac: float = 0.05
-    warmup_steps: int = 0  # poly: warm-up in iterations (> 0 replaces warmup_frac; official 1500)
+    # poly, schedulefree: warm-up in iterations (> 0 replaces warmup_frac; official poly 1500)
+    warmup_steps: int = 0
     min_lr: float = 1e-6  # cosine_restarts/poly: floor
     power: float = 1.0  # poly: exponent
 

@@ -167,7 +167,8 @@ def build_optimizer(
     """AdamW with no decay on norms/biases/gammas and optional layer-wise LR decay.
 
     With ``sched.name=schedulefree``, schedule-free AdamW with the same parameter groups,
-    warming up over ``sched.warmup_frac`` of ``total_steps``. Its parameters hold the point
+    warming up over ``sched.warmup_steps`` steps where that is set (> 0), else over
+    ``sched.warmup_frac`` of ``total_steps``. Its parameters hold the point
     the gradients are taken at while it is in train mode and its average in eval mode
     (:func:`set_optimizer_mode`).
     """
@@ -187,7 +188,8 @@ def build_optimizer(
         for (wd, scale), ps in sorted(groups.items())
     ]
     if cfg.sched.name == "schedulefree":
-        warmup = int(cfg.sched.warmup_frac * total_steps)
+        # Its warm-up is the only part of its "schedule" that depends on the run's length.
+        warmup = cfg.sched.warmup_steps or int(cfg.sched.warmup_frac * total_steps)
         return schedulefree.AdamWScheduleFree(
             param_groups, lr=o.lr, betas=(o.beta1, o.beta2), warmup_steps=warmup
         )
@@ -450,6 +452,24 @@ def _timed(batches: Any, waited: list[float]):
         yield batch
 
 
+def split_for(cfg: RunConfig, cache: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of ``cache``'s images that :func:`fit` uses for ``cfg``.
+
+    By source scene (or ``cfg.split_group``): tiles of one scene never sit on both sides;
+    with ``cfg.folds >= 2``, fold ``cfg.fold`` validates and the others train.
+    """
+    groups = split_groups(cache, cfg.split_group)
+    if cfg.folds >= 2:
+        return fold_indices(len(cache), cfg.folds, cfg.fold, cfg.split_seed, groups)
+    return split_indices(len(cache), cfg.val_fraction, cfg.split_seed, groups)
+
+
+def steps_per_epoch(cfg: RunConfig, data: PreparedData) -> int:
+    """Optimizer steps in one epoch of ``fit(cfg, data=data)`` (the last batch may be short)."""
+    n = cfg.samples_per_epoch or len(split_for(cfg, data.train)[0])
+    return math.ceil(n / cfg.batch_size)
+
+
 def fit(
     cfg: RunConfig,
     out_dir: str | os.PathLike,
@@ -488,12 +508,8 @@ def fit(
     seed_everything(cfg.seed)
 
     cache = data.train
-    # By source scene (or the configured group): tiles of one scene never sit on both sides.
-    groups = split_groups(cache, cfg.split_group)
-    if cfg.folds >= 2:
-        train_idx, val_idx = fold_indices(len(cache), cfg.folds, cfg.fold, cfg.split_seed, groups)
-    else:
-        train_idx, val_idx = split_indices(len(cache), cfg.val_fraction, cfg.split_seed, groups)
+    groups = split_groups(cache, cfg.split_group)  # the validation probabilities record them
+    train_idx, val_idx = split_for(cfg, cache)
     h, w = cache.image_size
     if cfg.aug.crop_size > min(h, w):
         if not cfg.aug.crop_fit:
@@ -528,8 +544,7 @@ def fit(
 
     n_nets = 2 if cfg.coteach.enabled else 1
     models, optimizers, schedulers = [], [], []
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = math.ceil(len(train_ds) / cfg.batch_size) * cfg.epochs
     for k in range(n_nets):
         # The two co-teaching networks start differently: everything a checkpoint does not set
         # (the decoder under ImageNet weights, the re-made classifiers) has its own seed.

@@ -24,6 +24,11 @@ def test_groups_warm_up_and_config_checks():
     # the same groups as AdamW's: layer-wise LRs, no decay on biases and norms
     check_layer_decay_groups(model, opt)
     assert all(g["warmup_steps"] == 100 for g in opt.param_groups)
+    # a fixed warm-up length replaces the share, whatever the run's length
+    fixed = RunConfig.from_flat({**SF, "sched.warmup_frac": 0.1, "sched.warmup_steps": 128})
+    for total in (1000, 3840):
+        opt = build_optimizer(model, fixed, total_steps=total)
+        assert all(g["warmup_steps"] == 128 for g in opt.param_groups)
     # AdamW itself has no modes: switching it is a no-op
     adamw = build_optimizer(model, RunConfig.from_flat(BASE))
     set_optimizer_mode([adamw], train=False)

@@ -21,8 +21,11 @@ def test_scheduler_space_is_conditional():
     seen = set()
     for _ in range(40):
         t = study.ask()
-        SPACES["scheduler"](t)
+        fixed = SPACES["scheduler"](t) or {}
         name = t.params["sched.name"]
+        # a searched warm-up share must not be overridden by a fixed length (the pretrained
+        # recipe's 1500 steps), for every schedule whose warm-up reads one
+        assert fixed.get("sched.warmup_steps") == (0 if name in ("poly", "schedulefree") else None)
         seen.add(name)
         assert ("sched.pct_start" in t.params) == (name == "onecycle")
         assert ("sched.cycles" in t.params) == (name == "cosine_restarts")
