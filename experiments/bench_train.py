@@ -305,7 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     plot = Path(args.plot) if args.plot else path.with_suffix(".png")
     if args.ours_epochs and args.ours_epochs != base["epochs"]:
-        title = "Quality against CPU time, same data and crops,\n"
+        same_lr = any("sched.warmup_steps" in r["config_beyond_base"] for r in runs.values())
+        title = "Quality against CPU time, same data, crops"
+        title += " and LR at every step,\n" if same_lr else ",\n"
         title += f"ours over {args.ours_epochs} epochs, peers over {base['epochs']}"
     else:
         title = "Quality against CPU time, same data, crops and schedule"
