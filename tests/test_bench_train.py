@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 WORLD = {
     "n_train": 6,
@@ -90,3 +93,36 @@ def test_ours_epochs_lengthens_only_our_arm(tmp_path):
         last = torch.load(Path(arm["run_dir"]) / "last.pt", map_location="cpu", weights_only=False)
         groups = last["optimizers"][0]["param_groups"]
         assert {g["warmup_steps"] for g in groups} == {2}, arm["model"]
+
+
+def test_behind_moments_carry_paired_intervals():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import bench_train
+
+    from bldseg.curves import EpochPoint
+
+    groups = [0, 0, 1, 1, 2, 2, 3, 3]  # 8 test tiles from 4 scenes
+    base = np.linspace(0.5, 0.8, 8)
+    ours = {
+        # epoch 1 is clearly worse than the peer's; epoch 2 worse by a hair, mixed scene by scene
+        "cpu": [EpochPoint(1, 10.0, 0.5, 0.0), EpochPoint(2, 20.0, 0.6, 0.0)],
+        "tiles": {1: base - 0.1, 2: base + np.repeat([0.03, -0.04, 0.02, -0.03], 2)},
+    }
+    peer = {"cpu": [EpochPoint(1, 15.0, 0.5, 0.0)], "tiles": {1: base}}
+    for arm in (ours, peer):  # the curves' test Dice is the tiles' mean, as arm_points makes it
+        arm["cpu"] = [
+            EpochPoint(p.epoch, p.seconds, p.val, float(arm["tiles"][p.epoch].mean()))
+            for p in arm["cpu"]
+        ]
+    got = bench_train.behind_with_intervals(ours, peer, groups)
+    assert got["compared"] == 2  # 15 s and 20 s: once both arms have an epoch
+    rows = got["behind"]
+    assert [(r["cpu_s"], r["ours_epoch"], r["peer_epoch"]) for r in rows] == [
+        (15.0, 1, 1),
+        (20.0, 2, 1),
+    ]
+    assert rows[0]["diff"] == pytest.approx(-0.1)
+    assert rows[0]["high"] < 0  # every scene lower: the whole interval is below zero
+    assert rows[1]["diff"] == pytest.approx(-0.005)
+    assert rows[1]["low"] < 0 < rows[1]["high"]  # a shortfall the scenes cannot tell apart
+    assert got["interval_below_zero"] == 1
