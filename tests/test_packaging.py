@@ -138,6 +138,17 @@ module = kernels.load_native()
 compiled_here(kernels._EXT.info)
 assert Path(module.__file__).resolve().is_relative_to(BUILD) and module.search_chunk
 assert kernels.native_available()
+
+from bldseg.train import optim
+
+optim._EXT.load()
+compiled_here(optim._EXT.info)
+w = torch.nn.Parameter(torch.ones(3))
+sf = optim.AdamWScheduleFree([w], lr=0.1, fused=True)
+sf.train()
+w.grad = torch.ones(3)
+sf.step()
+assert torch.all(w < 1), w
 print("installed copy OK")
 """
 

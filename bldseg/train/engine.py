@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import schedulefree
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -49,6 +48,7 @@ from bldseg.train.config import RunConfig
 from bldseg.train.coteaching import coteaching_losses
 from bldseg.train.ema import WeightEMA
 from bldseg.train.losses import build_loss
+from bldseg.train.optim import AdamWScheduleFree
 from bldseg.train.plots import tiles_from_cache, write_run_plots
 from bldseg.train.schedulers import build_scheduler
 
@@ -190,7 +190,8 @@ def build_optimizer(
     if cfg.sched.name == "schedulefree":
         # Its warm-up is the only part of its "schedule" that depends on the run's length.
         warmup = cfg.sched.warmup_steps or int(cfg.sched.warmup_frac * total_steps)
-        return schedulefree.AdamWScheduleFree(
+        # The package's optimizer with its CPU step compiled (bldseg.train.optim).
+        return AdamWScheduleFree(
             param_groups, lr=o.lr, betas=(o.beta1, o.beta2), warmup_steps=warmup
         )
     # torch's fused AdamW kernel, where it has one: one pass over each parameter instead of a

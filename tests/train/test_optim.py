@@ -1,0 +1,140 @@
+"""The compiled schedule-free AdamW step against the schedulefree package's own step."""
+
+import copy
+
+import pytest
+import schedulefree
+import torch
+from torch import nn
+
+from bldseg.train.optim import AdamWScheduleFree, update_reference
+
+
+def _model(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU(), nn.Conv2d(8, 1, 1)
+    )
+    # channels-last weights: their gradients and state are not contiguous, but dense
+    return m.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def _groups(m: nn.Module) -> list[dict]:
+    decay = [p for p in m.parameters() if p.ndim > 1]
+    no_decay = [p for p in m.parameters() if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": 0.05},
+        {"params": no_decay, "weight_decay": 0.0, "lr": 2e-3},
+    ]
+
+
+def _train(opt_cls, dtype, steps=7, **kw):
+    """``steps`` steps on the same gradients for any optimizer (drawn, not back-propagated, so
+    that rounding differences do not compound through the model)."""
+    m = _model(dtype)
+    opt = opt_cls(_groups(m), lr=3e-3, betas=(0.9, 0.999), warmup_steps=3, **kw)
+    opt.train()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in m.parameters():
+            # empty_like keeps the parameter's layout, as autograd's gradients do
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+        opt.step()
+    return m, opt
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+def test_fused_step_matches_the_package(dtype, tol):
+    ref_m, ref_opt = _train(schedulefree.AdamWScheduleFree, dtype)
+    m, opt = _train(AdamWScheduleFree, dtype, fused=True)
+    for p, q in zip(ref_m.parameters(), m.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+        for key in ("z", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[q][key], ref_opt.state[p][key], rtol=tol, atol=tol)
+            assert opt.state[q][key].stride() == q.stride()
+    for g, h in zip(opt.param_groups, ref_opt.param_groups, strict=True):
+        for key in ("k", "weight_sum", "lr_max", "scheduled_lr"):
+            assert g[key] == pytest.approx(h[key], rel=1e-15)
+    # eval mode (the average x) and back, through the package's own mode switches
+    opt.eval(), ref_opt.eval()
+    for p, q in zip(ref_m.parameters(), m.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+    # a checkpoint of one loads into the other
+    other = AdamWScheduleFree(_groups(copy.deepcopy(ref_m)), lr=3e-3, warmup_steps=3)
+    other.load_state_dict(ref_opt.state_dict())
+    assert other.param_groups[0]["k"] == 7
+
+
+def test_fused_default_on_cpu_and_the_package_elsewhere():
+    # autograd's gradients of channels-last weights share their layout: the flat pass takes all
+    m = _model(torch.float32)
+    opt = AdamWScheduleFree(_groups(m))
+    opt.train()
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    m(x).sum().backward()
+    assert all(p.grad.stride() == p.stride() for p in m.parameters())
+    assert any(not p.is_contiguous() for p in m.parameters())
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step()
+    assert opt._use_fused()
+    assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+    _, off = _train(AdamWScheduleFree, torch.float32, steps=1, fused=False)
+    assert not off._use_fused()
+    half = nn.Linear(2, 2).to(torch.bfloat16)
+    assert not AdamWScheduleFree(half.parameters())._use_fused()
+    with pytest.raises(ValueError, match="float32 or float64 CPU"):
+        AdamWScheduleFree(half.parameters(), fused=True)._use_fused()
+
+
+def test_a_gradient_of_another_layout_takes_the_reference_update():
+    # A gradient assigned by hand with a layout unlike its parameter's: the flat pass cannot
+    # walk them together, so that parameter alone goes through update_reference.
+    results = []
+    for cls, kw in ((schedulefree.AdamWScheduleFree, {}), (AdamWScheduleFree, {"fused": True})):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+        b = nn.Parameter(torch.randn(6, dtype=torch.float64))
+        opt = cls([w, b], lr=1e-2, weight_decay=0.1, **kw)
+        opt.train()
+        for step in range(3):
+            g = torch.randn(
+                6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step)
+            )
+            w.grad = g.t()  # (4, 6) with strides (1, 4)
+            b.grad = g[:, 0].clone()
+            opt.step()
+        results.append((w.detach().clone(), b.detach().clone(), opt.state[w]["z"].clone()))
+    for ref, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_op_rejects_mismatched_lists_before_changing_anything():
+    y = torch.zeros(3)
+    z, v, g = torch.ones(3), torch.zeros(3), torch.ones(4)
+    assert AdamWScheduleFree([nn.Parameter(y)], fused=True)._use_fused()  # loads the op
+    with pytest.raises(RuntimeError, match=r"parameter 0 .* differs"):
+        torch.ops.bldseg.schedulefree_adamw_step_(
+            [y], [g], [z], [v], 0.1, 0.9, 0.99, 1e-8, 0.0, 0.5, 0.01
+        )
+    with pytest.raises(RuntimeError, match="one entry per parameter"):
+        torch.ops.bldseg.schedulefree_adamw_step_(
+            [y], [], [z], [v], 0.1, 0.9, 0.99, 1e-8, 0.0, 0.5, 0.01
+        )
+    assert torch.equal(y, torch.zeros(3)) and torch.equal(z, torch.ones(3))
+
+
+def test_update_reference_is_the_packages_update():
+    # One step of the package on one tensor against update_reference with its scalars.
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    q = p.detach().clone()
+    opt = schedulefree.AdamWScheduleFree([p], lr=0.1, warmup_steps=0, weight_decay=0.2)
+    opt.train()
+    p.grad = torch.randn(5, dtype=torch.float64)
+    g = p.grad.clone()
+    opt.step()
+    z, v = q.clone(), torch.zeros_like(q)
+    update_reference(q, g, z, v, 0.1, 0.9, 0.999, 1e-8, 0.2, 1.0, 1 - 0.999)
+    torch.testing.assert_close(q, p.detach(), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(z, opt.state[p]["z"], rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(v, opt.state[p]["exp_avg_sq"], rtol=1e-14, atol=1e-14)
