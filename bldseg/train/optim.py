@@ -45,23 +45,30 @@ class AdamWScheduleFree(schedulefree.AdamWScheduleFree):
     """
 
     def __init__(self, params, *, fused: bool | None = None, **kwargs) -> None:
+        self._fused_ok: bool | None = None  # decided at the first step (add_param_group resets)
         super().__init__(params, **kwargs)
         self.fused = fused
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._fused_ok = None
+
     def _use_fused(self) -> bool:
+        """Whether ``step()`` runs the compiled op; decided once, not on every step."""
         if self.fused is False:
             return False
-        eligible = all(
-            p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
-            for g in self.param_groups
-            for p in g["params"]
-        )
-        if self.fused:
-            if not eligible:
-                raise ValueError("fused=True needs float32 or float64 CPU parameters")
-            _EXT.load()
-            return True
-        return eligible and native_step_available()
+        if self._fused_ok is None:
+            eligible = all(
+                p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+                for g in self.param_groups
+                for p in g["params"]
+            )
+            if self.fused:
+                if not eligible:
+                    raise ValueError("fused=True needs float32 or float64 CPU parameters")
+                _EXT.load()
+            self._fused_ok = eligible and (bool(self.fused) or native_step_available())
+        return self._fused_ok
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -138,3 +138,22 @@ def test_update_reference_is_the_packages_update():
     torch.testing.assert_close(q, p.detach(), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(z, opt.state[p]["z"], rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(v, opt.state[p]["exp_avg_sq"], rtol=1e-14, atol=1e-14)
+
+
+def test_without_the_op_the_package_steps_with_one_warning(monkeypatch, tmp_path):
+    from bldseg.ops._build import NativeExtension
+    from bldseg.train import optim
+    from tests.ops.test_build import _write_broken
+
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    broken = NativeExtension("bldseg_broken", [_write_broken(tmp_path / "src")])
+    monkeypatch.setattr(optim, "_EXT", broken)
+    with pytest.warns(RuntimeWarning, match="bldseg_broken") as caught:
+        m, opt = _train(AdamWScheduleFree, torch.float64, steps=3)
+    assert len([w for w in caught if "bldseg" in str(w.message)]) == 1
+    assert not opt._use_fused()
+    ref_m, _ = _train(schedulefree.AdamWScheduleFree, torch.float64, steps=3)
+    for p, q in zip(ref_m.parameters(), m.parameters(), strict=True):
+        assert torch.equal(p, q)  # the package's own step, bit for bit
+    with pytest.raises(Exception, match="broken"):
+        AdamWScheduleFree(nn.Linear(2, 2).parameters(), fused=True)._use_fused()
