@@ -16,9 +16,9 @@ from collections.abc import Callable
 import schedulefree
 import torch
 
-from bldseg.ops._build import CSRC_DIR, NativeExtension
+from bldseg.ops._build import CSRC_DIR, BuildInfo, NativeExtension
 
-__all__ = ["AdamWScheduleFree", "native_step_available", "update_reference"]
+__all__ = ["AdamWScheduleFree", "load_step_op", "native_step_available", "update_reference"]
 
 # -fno-math-errno: sqrt never sets errno, so the loop vectorises (IEEE sqrt is exact either way)
 _EXT = NativeExtension(
@@ -26,6 +26,15 @@ _EXT = NativeExtension(
     [CSRC_DIR / "optim" / "schedulefree_adamw_cpu.cpp"],
     extra_cflags=("-fno-math-errno",),
 )
+
+
+def load_step_op(verbose: bool = False) -> BuildInfo:
+    """Builds (once per machine) and loads (once per process) the compiled step.
+
+    Raises:
+        BuildError: The op cannot be built; the message carries the compiler output.
+    """
+    return _EXT.load(verbose=verbose)
 
 
 def native_step_available() -> bool:

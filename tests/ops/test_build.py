@@ -177,10 +177,14 @@ def test_concurrent_processes_build_once(tmp_path: Path) -> None:
 
 
 def test_build_cli_prints_folder_and_seconds(dcnv3_op, capsys: pytest.CaptureFixture) -> None:
+    from bldseg.train import optim
+
     assert build_cli.main([]) == 0
     out = capsys.readouterr().out
     assert str(dcnv3_op.folder) in out
-    assert " s -> " in out
+    # the training ops: DCNv3 and schedule-free's compiled step, both loaded now
+    assert str(optim.load_step_op().folder) in out and "schedule-free AdamW step" in out
+    assert out.count(" s -> ") == 2
 
 
 def test_build_cli_reports_failure(
