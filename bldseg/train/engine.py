@@ -48,7 +48,7 @@ from bldseg.train.config import RunConfig
 from bldseg.train.coteaching import coteaching_losses
 from bldseg.train.ema import WeightEMA
 from bldseg.train.losses import build_loss
-from bldseg.train.optim import AdamWScheduleFree
+from bldseg.train.optim import AdamWScheduleFree, clip_grad_norm_
 from bldseg.train.plots import tiles_from_cache, write_run_plots
 from bldseg.train.schedulers import build_scheduler
 
@@ -644,7 +644,7 @@ def fit(
                     scaler.scale(loss).backward()
                     if cfg.optim.grad_clip > 0:
                         scaler.unscale_(opt)
-                        nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.grad_clip)
+                        clip_grad_norm_(m.parameters(), cfg.optim.grad_clip)
                     scaler.step(opt)
                     sch.step()
                     if emas:

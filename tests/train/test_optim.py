@@ -7,7 +7,7 @@ import schedulefree
 import torch
 from torch import nn
 
-from bldseg.train.optim import AdamWScheduleFree, update_reference
+from bldseg.train.optim import AdamWScheduleFree, clip_grad_norm_, update_reference
 
 
 def _model(dtype: torch.dtype) -> nn.Module:
@@ -157,3 +157,71 @@ def test_without_the_op_the_package_steps_with_one_warning(monkeypatch, tmp_path
         assert torch.equal(p, q)  # the package's own step, bit for bit
     with pytest.raises(Exception, match="broken"):
         AdamWScheduleFree(nn.Linear(2, 2).parameters(), fused=True)._use_fused()
+
+
+def _grads(dtype: torch.dtype, scale: float) -> nn.Module:
+    """The test model with drawn gradients of about ``scale`` global norm per element."""
+    m = _model(dtype)
+    gen = torch.Generator().manual_seed(2)
+    for p in m.parameters():
+        p.grad = torch.empty_like(p).copy_(scale * torch.randn(p.shape, generator=gen, dtype=dtype))
+    return m
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("scale", [1.0, 1e-4])  # clipped, and below max_norm (left unchanged)
+def test_clip_grad_norm_matches_torch(dtype, tol, scale):
+    ref, ours = _grads(dtype, scale), _grads(dtype, scale)
+    total_ref = nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    total = clip_grad_norm_(ours.parameters(), 0.5, fused=True)
+    assert total.dtype == total_ref.dtype and total.ndim == 0
+    torch.testing.assert_close(total, total_ref, rtol=tol, atol=0)
+    assert (float(total) > 0.5) == (scale == 1.0)
+    for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=tol, atol=0)
+        assert q.grad.stride() == q.stride()
+        if scale != 1.0:
+            assert torch.equal(q.grad, _grads(dtype, scale).get_parameter(_name(ours, q)).grad)
+    clipped = torch.sqrt(sum((q.grad.double() ** 2).sum() for q in ours.parameters()))
+    assert float(clipped) == pytest.approx(min(0.5, float(total)), rel=1e-5)
+
+
+def _name(m: nn.Module, p: torch.Tensor) -> str:
+    return next(n for n, q in m.named_parameters() if q is p)
+
+
+def test_clip_grad_norm_sums_in_one_order_whatever_the_threads():
+    # more elements than one task's block, so the two passes split across threads
+    g = torch.randn(300_000, generator=torch.Generator().manual_seed(3))
+    totals = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            p = nn.Parameter(torch.zeros_like(g))
+            p.grad = g.clone()
+            totals.append((clip_grad_norm_([p], 1.0, fused=True), p.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(totals[0][0], totals[1][0]) and torch.equal(totals[0][1], totals[1][1])
+    torch.testing.assert_close(totals[0][0], g.double().norm().float(), rtol=1e-6, atol=0)
+
+
+def test_clip_grad_norm_nonfinite_and_fallbacks():
+    # a NaN gradient: torch scales every gradient by NaN (error_if_nonfinite=False); so do we
+    for fused in (True, False):
+        a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+        a.grad, b.grad = torch.tensor([1.0, float("nan"), 0.0]), torch.ones(2)
+        assert torch.isnan(clip_grad_norm_([a, b], 1.0, fused=fused))
+        assert torch.isnan(b.grad).all()
+    # no gradients: zero, as torch
+    assert float(clip_grad_norm_([nn.Parameter(torch.ones(2))], 1.0)) == 0.0
+    # bfloat16 (or any gradient the op cannot take) goes to torch's own, which the op refuses
+    h = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    h.grad = torch.full((4,), 2.0, dtype=torch.bfloat16)
+    assert float(clip_grad_norm_([h], 1.0)) == pytest.approx(4.0)
+    assert float(h.grad.float().norm()) == pytest.approx(1.0, rel=1e-2)
+    h.grad = torch.full((4,), 2.0, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"gradient 0 is BFloat16"):
+        clip_grad_norm_([h], 1.0, fused=True)
+    assert torch.equal(h.grad, torch.full((4,), 2.0, dtype=torch.bfloat16))

@@ -1,0 +1,159 @@
+"""The optimizer's part of a CPU training step: the schedulefree package's step and torch's
+``clip_grad_norm_`` against bldseg's compiled ones, on one model's gradients.
+
+The model is built as the CPU demo builds it (``CPU_DEMO``: channels-last, so its gradients
+and the optimizer state are channels-last too) and back-propagates one batch; each timed call
+then runs on those gradients (copied back before every clipping call, so it clips the same
+values). CPU ms per call: the median of ``--calls`` after ``--warmup``, process CPU time (all
+torch threads), at each ``--threads``. A check beside the times: the two clipped gradients
+and norms, and the parameters after the same steps, agree to rounding.
+
+    python experiments/bench_optim.py                         # the demo model
+    python experiments/bench_optim.py --model upernet_internimage_t --size 224 --batch 2
+
+Prints a table and writes JSON (``--json``). Run it on a quiet machine: the times are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import schedulefree
+import torch
+import torch.nn.functional as F
+
+from bldseg.io import write_json
+from bldseg.models import create_model
+from bldseg.train.optim import AdamWScheduleFree, clip_grad_norm_, load_step_op
+
+
+def cpu_ms(fn: Callable[[], object], warmup: int, calls: int) -> float:
+    """Median process CPU milliseconds of ``fn()`` over ``calls`` after ``warmup`` calls."""
+    times = []
+    for i in range(warmup + calls):
+        c0 = time.process_time()
+        fn()
+        if i >= warmup:
+            times.append(time.process_time() - c0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="upernet_internimage_tiny")
+    ap.add_argument("--size", type=int, default=192, help="crop size of the one batch (px)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--max-norm", type=float, default=1e-3, help="small, so every call scales")
+    ap.add_argument("--json", type=Path, default=Path("results/bench_optim.json"))
+    args = ap.parse_args()
+    load_step_op()
+
+    torch.manual_seed(0)
+    model = create_model(args.model).to(memory_format=torch.channels_last).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)  # (B, 3, S, S)
+    y = (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.7).float()
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    loss = F.binary_cross_entropy_with_logits(out["logits"], y)
+    if out.get("aux_logits") is not None:  # as fit() trains: every tensor gets a gradient
+        loss = loss + model.aux_weight * F.binary_cross_entropy_with_logits(out["aux_logits"], y)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in params]
+    n_elem = sum(p.numel() for p in params)
+
+    def restore() -> None:
+        for p, gr in zip(params, grads, strict=True):
+            p.grad.copy_(gr)
+
+    # numerics beside the times: the same clipping and 5 steps from the same point
+    restore()
+    norm_torch = torch.nn.utils.clip_grad_norm_(params, args.max_norm)
+    clipped = [p.grad.clone() for p in params]
+    restore()
+    norm_ours = clip_grad_norm_(params, args.max_norm, fused=True)
+    clip_diff = max(float((p.grad - c).abs().max()) for p, c in zip(params, clipped, strict=True))
+    restore()
+    twins = {}
+    for name, cls, kw in (
+        ("package", schedulefree.AdamWScheduleFree, {}),
+        ("bldseg", AdamWScheduleFree, {"fused": True}),
+    ):
+        twin = copy.deepcopy(params)
+        opt = cls(twin, lr=3e-3, warmup_steps=2, **kw)
+        opt.train()
+        for _ in range(5):
+            # the package leaves its normalised gradient in .grad: every step gets the original
+            for t, gr in zip(twin, grads, strict=True):
+                t.grad = gr.clone()
+            opt.step()
+        twins[name] = (twin, opt)
+    step_diff = max(
+        float((a - b).detach().abs().max())
+        for a, b in zip(twins["package"][0], twins["bldseg"][0], strict=True)
+    )
+
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        row: dict[str, float | int] = {"threads": threads}
+        for name, (_, opt) in twins.items():
+            row[f"step_{name}_ms"] = cpu_ms(opt.step, args.warmup, args.calls)
+
+        def clip_torch() -> None:
+            restore()
+            torch.nn.utils.clip_grad_norm_(params, args.max_norm)
+
+        def clip_ours() -> None:
+            restore()
+            clip_grad_norm_(params, args.max_norm)
+
+        row["restore_ms"] = cpu_ms(restore, args.warmup, args.calls)
+        # the copy back is timed alone and taken off both clipping times
+        row["clip_torch_ms"] = cpu_ms(clip_torch, args.warmup, args.calls) - row["restore_ms"]
+        row["clip_bldseg_ms"] = cpu_ms(clip_ours, args.warmup, args.calls) - row["restore_ms"]
+        rows.append(row)
+
+    print(f"{args.model}: {len(params)} tensors, {n_elem:,} parameters; CPU ms per call, median")
+    print(f"{'threads':>7} {'step pkg':>9} {'step ours':>9} {'clip torch':>10} {'clip ours':>9}")
+    for r in rows:
+        print(
+            f"{r['threads']:>7} {r['step_package_ms']:>9.3f} {r['step_bldseg_ms']:>9.3f} "
+            f"{r['clip_torch_ms']:>10.3f} {r['clip_bldseg_ms']:>9.3f}"
+        )
+    print(
+        f"clipped norm torch {float(norm_torch):.6g} / ours {float(norm_ours):.6g}; largest "
+        f"difference of a clipped gradient {clip_diff:.2e}, of a parameter after 5 steps "
+        f"{step_diff:.2e}"
+    )
+    path = write_json(
+        args.json,
+        {
+            "model": args.model,
+            "tensors": len(params),
+            "parameters": n_elem,
+            "size": args.size,
+            "batch": args.batch,
+            "calls": args.calls,
+            "rows": rows,
+            "norm_torch": float(norm_torch),
+            "norm_bldseg": float(norm_ours),
+            "clip_max_abs_diff": clip_diff,
+            "step_max_abs_diff": step_diff,
+            "machine": platform.processor() or platform.machine(),
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
