@@ -1,7 +1,7 @@
 // torch.nn.utils.clip_grad_norm_ (2-norm, error_if_nonfinite=False) on the CPU as two passes
 // over all gradients instead of per-tensor calls. On the CPU torch's foreach norm and multiply
-// are loops of one ATen call per tensor: for the CPU demo's 168 gradient tensors that was about
-// 1.2 ms of a training step, most of it dispatch, with the second thread idle.
+// are loops of one ATen call per tensor: for the CPU demo's 168 gradient tensors that was 0.67
+// CPU ms per step, most of it dispatch (experiments/bench_optim.py: 0.14 ms this way).
 //
 //   total = sqrt(sum over every element of every gradient of g * g)
 //   coef  = max_norm / (total + 1e-6), clamped to at most 1 (NaN stays NaN, as torch.clamp)

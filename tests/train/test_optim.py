@@ -214,6 +214,10 @@ def test_clip_grad_norm_nonfinite_and_fallbacks():
         a.grad, b.grad = torch.tensor([1.0, float("nan"), 0.0]), torch.ones(2)
         assert torch.isnan(clip_grad_norm_([a, b], 1.0, fused=fused))
         assert torch.isnan(b.grad).all()
+    # gradients off the CPU (meta here, CUDA where there is one) go to torch's own
+    m = nn.Parameter(torch.ones(3, device="meta"))
+    m.grad = torch.ones(3, device="meta")
+    assert clip_grad_norm_([m], 1.0).device.type == "meta"
     # no gradients: zero, as torch
     assert float(clip_grad_norm_([nn.Parameter(torch.ones(2))], 1.0)) == 0.0
     # bfloat16 (or any gradient the op cannot take) goes to torch's own, which the op refuses
