@@ -22,23 +22,13 @@
 #include <cmath>
 #include <vector>
 
+#include "flat_parts.h"
+
 namespace bldseg {
 namespace optim {
 namespace {
 
 constexpr int64_t kBlock = 32768;  // elements per task: ~0.02-0.05 ms, enough to amortise it
-
-// Calls fn(tensor index, first element, end element) for the parts of tensors that lie in
-// the flat range [begin, end); start[i] is the flat index of tensor i's first element.
-template <typename Fn>
-void for_each_part(const std::vector<int64_t>& start, int64_t begin, int64_t end, Fn fn) {
-  auto i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-  for (; begin < end; ++i) {
-    const int64_t stop = std::min(end, start[i + 1]);
-    if (stop > begin) fn(i, begin - start[i], stop - start[i]);
-    begin = stop;
-  }
-}
 
 template <typename T>
 double sum_squares(const T* __restrict g, int64_t begin, int64_t end) {
@@ -64,8 +54,7 @@ at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm) {
   }
   // torch returns the norm as a 0-d tensor of the gradients' dtype (float32 if none)
   const auto dtype = grads.empty() ? at::kFloat : grads[0].scalar_type();
-  std::vector<int64_t> start(grads.size() + 1, 0);
-  for (const auto i : c10::irange(grads.size())) start[i + 1] = start[i] + grads[i].numel();
+  const std::vector<int64_t> start = flat_starts(grads);
   const int64_t n = start.back();
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<double> partial(blocks, 0.0);

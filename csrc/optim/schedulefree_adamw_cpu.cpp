@@ -24,9 +24,10 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "flat_parts.h"
 
 namespace bldseg {
 namespace optim {
@@ -98,9 +99,8 @@ void schedulefree_adamw_step_cpu(at::TensorList params, at::TensorList grads, at
   check_lists(params, grads, z, exp_avg_sq);
   if (params.empty()) return;
   // Elements of all the parameters as one index space, so that small tensors share a task
-  // and large ones are split: start[i] is the first index of parameter i.
-  std::vector<int64_t> start(params.size() + 1, 0);
-  for (const auto i : c10::irange(params.size())) start[i + 1] = start[i] + params[i].numel();
+  // and large ones are split.
+  const std::vector<int64_t> start = flat_starts(params);
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "schedulefree_adamw_step_cpu", [&] {
     using T = scalar_t;
     const Coeffs<T> c{T(beta2),       T(1 - beta2), T(bias_correction2),
@@ -112,13 +112,10 @@ void schedulefree_adamw_step_cpu(at::TensorList params, at::TensorList grads, at
     }
     // ~32k elements per task: about 0.1 ms of work, enough to amortise taking it.
     at::parallel_for(0, start.back(), 32768, [&](int64_t begin, int64_t end) {
-      auto i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-      for (; begin < end; ++i) {
-        const int64_t stop = std::min(end, start[i + 1]);
+      for_each_part(start, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
         update_any<T>(params[i].data_ptr<T>(), grads[i].const_data_ptr<T>(), z[i].data_ptr<T>(),
-                  exp_avg_sq[i].data_ptr<T>(), begin - start[i], stop - start[i], c);
-        begin = stop;
-      }
+                      exp_avg_sq[i].data_ptr<T>(), lo, hi, c);
+      });
     });
   });
 }
