@@ -111,9 +111,21 @@ class AdamWScheduleFree(schedulefree.AdamWScheduleFree):
     """
 
     def __init__(self, params, *, fused: bool | None = None, **kwargs) -> None:
-        self._fused_ok: bool | None = None  # decided at the first step (add_param_group resets)
+        # decided at the first step; add_param_group and assigning `fused` decide again
+        self._fused_ok: bool | None = None
+        self._fused = fused
         super().__init__(params, **kwargs)
         self.fused = fused
+
+    @property
+    def fused(self) -> bool | None:
+        """True, False or None as in the constructor; assigning it takes effect at the next step."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool | None) -> None:
+        self._fused = value
+        self._fused_ok = None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

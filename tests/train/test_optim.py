@@ -86,6 +86,39 @@ def test_fused_default_on_cpu_and_the_package_elsewhere():
         AdamWScheduleFree(half.parameters(), fused=True)._use_fused()
 
 
+def test_assigning_fused_after_a_step_switches_the_step():
+    # Observable without timing: the package's step leaves its normalised update in .grad,
+    # the compiled step leaves the gradient as autograd made it.
+    m = _model(torch.float32)
+    opt = AdamWScheduleFree(_groups(m))
+    opt.train()
+    x = torch.randn(2, 3, 8, 8)
+
+    def step_keeps_grads() -> bool:
+        opt.zero_grad()
+        m(x).sum().backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        opt.step()
+        return all(torch.equal(g, p.grad) for g, p in zip(grads, m.parameters(), strict=True))
+
+    assert step_keeps_grads()  # decided at the first step: compiled
+    opt.fused = False
+    assert opt.fused is False
+    assert not step_keeps_grads()  # the package's step from the next step on
+    opt.fused = None
+    assert step_keeps_grads()
+    # bf16 parameters take the package's step by default; asking for the compiled one after
+    # that first decision must refuse at the next step, not go on with the package's
+    half = nn.Linear(2, 2).to(torch.bfloat16)
+    opt = AdamWScheduleFree(half.parameters())
+    opt.train()
+    half(torch.ones(1, 2, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    opt.fused = True
+    with pytest.raises(ValueError, match="float32 or float64 CPU"):
+        opt.step()
+
+
 def test_a_gradient_of_another_layout_takes_the_reference_update():
     # A gradient assigned by hand with a layout unlike its parameter's: the flat pass cannot
     # walk them together, so that parameter alone goes through update_reference.
