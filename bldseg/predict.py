@@ -267,6 +267,39 @@ def resolve_member(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_member(path: str | os.PathLike) -> Path:
+    """A member's file (:func:`resolve_member`), checked to exist without loading it, so that
+    a typo in the last of several members is refused before the first is run over a test set.
+
+    Raises:
+        FileNotFoundError: The file, or a fold's ``best.pt`` of a K-fold run, is missing.
+    """
+    path = resolve_member(path)
+    if not path.is_file():
+        what = "K-fold manifest" if path.name == FOLDS_FILE else "checkpoint"
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.name == FOLDS_FILE:
+        _fold_checkpoints(path)
+    return path
+
+
+def _fold_checkpoints(manifest_path: Path) -> tuple[list[Path], dict]:
+    """The fold checkpoints of a K-fold manifest, each checked to exist, and the manifest."""
+    manifest = json.loads(manifest_path.read_text())
+    if "folds" not in manifest or "config" not in manifest:
+        raise ValueError(
+            f"{manifest_path} is not a K-fold run manifest (no 'folds'/'config' entries)"
+        )
+    ckpts = [fold_dir(manifest_path.parent, f) / "best.pt" for f in range(int(manifest["folds"]))]
+    for f, ckpt in enumerate(ckpts):
+        if not ckpt.is_file():
+            raise FileNotFoundError(
+                f"{manifest_path}: fold {f} has no {ckpt}; train it (bldseg train --folds "
+                f"{manifest['folds']} --out {manifest_path.parent}) before predicting"
+            )
+    return ckpts, manifest
+
+
 def load_member(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """The model(s) of one ensemble member: ``(model or models, RunConfig, metrics dict)``.
 
@@ -284,18 +317,8 @@ def load_member(path: str | os.PathLike, device: torch.device | str = "cpu"):
         return load_checkpoint(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"K-fold manifest not found: {path}")
-    manifest = json.loads(path.read_text())
-    if "folds" not in manifest or "config" not in manifest:
-        raise ValueError(f"{path} is not a K-fold run manifest (no 'folds'/'config' entries)")
-    models = []
-    for f in range(int(manifest["folds"])):
-        ckpt = fold_dir(path.parent, f) / "best.pt"
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"{path}: fold {f} has no {ckpt}; train it (bldseg train --folds "
-                f"{manifest['folds']} --out {path.parent}) before predicting"
-            )
-        models.append(load_checkpoint(ckpt, device)[0])
+    ckpts, manifest = _fold_checkpoints(path)
+    models = [load_checkpoint(ckpt, device)[0] for ckpt in ckpts]
     return models, RunConfig.from_flat(manifest["config"]), manifest.get("oof", {})
 
 
@@ -720,7 +743,8 @@ def predict_folder(
             for m, s in members
         )
         pred = combine_members(maps, spec)  # (H, W) bool
-        rel = rec.image_path.relative_to(images_dir).with_suffix("")
+        # only the last suffix goes: "scene.2019.png" and "scene.2020.png" are two masks
+        rel = rec.image_path.relative_to(images_dir)
         result.images.append(rec.image_path)
         result.masks.append(write_mask_png(pred, out_dir / rel.with_suffix(".png")))
         result.empty += int(not pred.any())

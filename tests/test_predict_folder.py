@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -443,3 +444,58 @@ def test_cli_predicts_a_folder(tiny_ckpts, tmp_path):
     assert read_png(out / "sub" / "b.png").shape == (45, 70)
     assert (read_png(out / "a.png") == 255).all()
     assert json.loads((out / "scores.json").read_text())["pixel_iou"] == 1.0
+
+
+def test_dotted_names_keep_one_mask_each(pointwise_model, tmp_path):
+    # Only the last suffix is the format: "scene.2019.png" and "scene.2020.png" are two scenes.
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    images = tmp_path / "images"
+    first = write_png(images / "scene.2019.png", noise_image(32, 32, seed=1))
+    second = write_png(images / "scene.2020.png", noise_image(32, 32, seed=2))
+    r = predict_folder(EnsembleSpec([str(ckpt)]), images, tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.png")) == ["scene.2019.png", "scene.2020.png"]
+    assert r.masks == [out / "scene.2019.png", out / "scene.2020.png"]
+    for image, mask in ((first, r.masks[0]), (second, r.masks[1])):
+        red = cv2.imread(str(image))[..., 2]
+        np.testing.assert_array_equal(read_png(mask) == 255, red >= 128)
+
+
+def test_cli_scores_a_truth_csv_without_sizes(tiny_ckpts, small_world, tmp_path, capsys):
+    # The competition's truth has only img_id,mask_rle: the tiles' own shape scores it.
+    from bldseg.commands import predict as predict_cmd
+
+    truth = tmp_path / "truth.csv"
+    pd.read_csv(small_world.test_truth_csv)[["img_id", "mask_rle"]].to_csv(truth, index=False)
+    out = tmp_path / "sub.csv"
+    argv = ["--data", str(small_world.root), "--out", str(out), "--device", "cpu"]
+    assert predict_cmd.main(["--checkpoint", tiny_ckpts[0], *argv, "--truth", str(truth)]) == 0
+    printed = capsys.readouterr().out
+    expected = metrics.score_csv(small_world.test_truth_csv, out)  # the truth with its sizes
+    assert f"official score vs {truth}: {expected:.5f}" in printed, printed
+    # a truth CSV of other tiles fails with one line naming it, the submission kept
+    other = tmp_path / "other.csv"
+    other.write_text("img_id,mask_rle\nnot_a_tile,1 2\n")
+    assert predict_cmd.main(["--checkpoint", tiny_ckpts[0], *argv, "--truth", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: scoring against {other}: ") and "not_a_tile" in err, err
+    assert out.is_file()
+
+
+def test_cli_checks_every_member_before_predicting(tiny_ckpts, small_world, tmp_path, capsys):
+    from bldseg.commands import predict as predict_cmd
+
+    out = tmp_path / "sub.csv"
+    typo = tmp_path / "typo.pt"
+    argv = ["--data", str(small_world.root), "--out", str(out), "--device", "cpu"]
+    assert predict_cmd.main(["--checkpoint", tiny_ckpts[0], "--checkpoint", str(typo), *argv]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"error: checkpoint not found: {typo}\n"
+    assert "members" not in captured.err and not out.exists()  # refused before predicting
+    # two members without --threshold: says whose threshold the mean uses
+    assert (
+        predict_cmd.main(["--checkpoint", tiny_ckpts[0], "--checkpoint", tiny_ckpts[1], *argv]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"threshold 0.5000 is {tiny_ckpts[0]}'s own validation threshold" in printed, printed
+    assert "wrote " in printed and out.is_file()

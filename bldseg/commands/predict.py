@@ -41,12 +41,12 @@ from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.predict import (
     DEFAULT_OVERLAP,
     EnsembleSpec,
+    check_member,
     check_overlap,
     check_window,
     load_member,
     predict_cache,
     predict_folder,
-    resolve_member,
     write_submission,
 )
 
@@ -181,9 +181,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if args.ensemble:
             spec = EnsembleSpec.load(args.ensemble)
         else:
-            members = [str(resolve_member(c)) for c in args.checkpoint]
+            # every member checked before any is run over the test set
+            members = [str(check_member(c)) for c in args.checkpoint]
             _, _, m = load_member(members[0])
             spec = EnsembleSpec(members, threshold=float(m.get("val_thr_best", 0.5)))
+            if len(members) > 1 and args.threshold is None:
+                print(
+                    f"threshold {spec.threshold:.4f} is {members[0]}'s own validation "
+                    "threshold, not one chosen for this mean of members; pass --threshold, "
+                    "or use `bldseg ensemble` to choose one on validation data"
+                )
     except USER_ERRORS as e:
         return fail(e)
     if args.threshold is not None:
@@ -239,7 +246,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return fail(e)
     if data.test is None:
         return fail(f"{data.root} has no test.csv to predict")
-    pred = predict_cache(spec, data.test, batch_size=args.batch_size, device=args.device)
+    try:
+        pred = predict_cache(spec, data.test, batch_size=args.batch_size, device=args.device)
+    except USER_ERRORS as e:
+        return fail(e)
     write_submission(data.test.ids, pred, out)
     print(
         f"wrote {out}: {len(pred)} tiles, {int((pred.sum((1, 2)) == 0).sum())} empty, "
@@ -248,5 +258,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     truth = args.truth or data.test_truth_csv
     if truth:
-        print(f"official score vs {truth}: {metrics.score_csv(truth, out):.5f}")
+        # a truth CSV in the competition's format has no height/width: the tiles' shape
+        try:
+            score = metrics.score_csv(truth, out, shape=tuple(pred.shape[1:]))
+        except USER_ERRORS as e:
+            return fail(f"scoring against {truth}: {e}")
+        print(f"official score vs {truth}: {score:.5f}")
     return 0
