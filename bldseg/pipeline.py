@@ -321,7 +321,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     state = _load_state(cfg)
     out = Path(cfg.out) / cfg.name
     storage = Path(cfg.storage) / cfg.name
-    uri = cfg.tracking_uri or tracking.default_tracking_uri(".")
+    # absolute: the searches' trials and the ensemble's workers run in other folders
+    uri = tracking.absolute_uri(cfg.tracking_uri or tracking.default_tracking_uri("."))
     client = tracking.check_tracking(uri)
 
     # 0. data + cache (idempotent: an up-to-date cache is only opened)

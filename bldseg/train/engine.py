@@ -248,6 +248,26 @@ def _check_plain(obj: Any, where: str) -> None:
     )
 
 
+VAL_PROBS_FILE = "val_probs.npz"
+_BEST_FILES = ("best.pt", VAL_PROBS_FILE)  # written together for each new best epoch
+
+
+def _pending(out: Path, name: str, epoch: int) -> Path:
+    """Where a best epoch's file waits until last.pt records that epoch as the best."""
+    return out / f"{name}.epoch{epoch:05d}.pending"
+
+
+def _settle_pending(out: Path, best_epoch: int | None) -> None:
+    """Renames the best epoch's pending files into place; removes any other pending file (an
+    epoch whose last.pt was never written: it is trained again after a resume)."""
+    for name in _BEST_FILES:
+        for path in out.glob(f"{name}.epoch*.pending"):
+            if best_epoch is not None and path == _pending(out, name, best_epoch):
+                os.replace(path, out / name)
+            else:
+                path.unlink()
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     # Checked before writing: a file that load_state would refuse is never written.
     _check_plain(obj, path.name)
@@ -589,6 +609,7 @@ def fit(
             e.load_state_dict(s)
         _set_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        _settle_pending(out, best.get("epoch"))
         log.info("resumed %s at epoch %d", out, start_epoch)
 
     # The training steps run through torch.compile when asked; the wrappers share the models'
@@ -690,7 +711,10 @@ def fit(
                 }
             )
         history.append(row)
-        if not best or row["val_dice_best"] > best["val_dice_best"]:
+        improved = not best or row["val_dice_best"] > best["val_dice_best"]
+        if improved:
+            # Written under pending names, renamed once last.pt records this epoch as the
+            # best: a run killed in between resumes with best.pt and last.pt telling one story.
             best = dict(row)
             _save_atomic(
                 {
@@ -699,9 +723,16 @@ def fit(
                     "epoch": epoch + 1,
                     "metrics": row,
                 },
-                out / "best.pt",
+                _pending(out, "best.pt", epoch + 1),
             )
-            save_val_probs(out / "val_probs.npz", probs, val_truth, tiles, cache.ids, groups)
+            save_val_probs(
+                _pending(out, VAL_PROBS_FILE, epoch + 1),
+                probs,
+                val_truth,
+                tiles,
+                cache.ids,
+                groups,
+            )
         _save_atomic(
             {
                 "config": cfg.to_flat(),
@@ -717,6 +748,8 @@ def fit(
             },
             last_path,
         )
+        if improved:
+            _settle_pending(out, best["epoch"])
         write_json(out / "history.json", history)
         if on_epoch_end is not None:
             on_epoch_end(row, out)

@@ -268,7 +268,8 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     a(
         "--tracking-uri",
         default=None,
-        help="MLflow tracking URI (default: sqlite:////<cwd>/mlflow.db); an http:// server works",
+        help="MLflow tracking URI (default: sqlite:////<cwd>/mlflow.db; a relative sqlite or "
+        "folder path is taken from the current folder); an http:// server works",
     )
     a(
         "--tracking-timeout",

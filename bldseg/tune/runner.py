@@ -53,7 +53,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,44 @@ def get_space(name: str):
     return SPACES[name]
 
 
+#: Config keys a space may not set: the search owns them (the epoch budget is ASHA's max_t and
+#: each trial's status is judged against it; folds and data are checked once for all trials).
+RUNNER_KEYS = frozenset({"epochs", "folds", "data"})
+
+#: A search's settings that a resume takes from its record (``bldseg_search.json``), not from
+#: the command line: a resumed search runs on as it was started.
+RESUMED_SETTINGS = (
+    "space",
+    "trials",
+    "epochs",
+    "search",
+    "scheduler",
+    "grace_period",
+    "reduction_factor",
+    "seed",
+)
+
+
+def resumed_spec(spec: SearchSpec, meta: dict[str, Any]) -> SearchSpec:
+    """``spec`` with the search settings recorded when the search was started.
+
+    Flags given with ``--resume`` that differ from the record are named in a warning, as
+    they have no effect.
+    """
+    recorded = meta.get("spec") or {}
+    kept = {k: recorded[k] for k in RESUMED_SETTINGS if recorded.get(k) is not None}
+    if "epochs" in meta.get("base", {}):
+        kept["epochs"] = meta["base"]["epochs"]
+    kept = {k: type(getattr(spec, k))(v) for k, v in kept.items()}
+    differ = {k: (getattr(spec, k), v) for k, v in kept.items() if getattr(spec, k) != v}
+    if differ:
+        log.warning(
+            "--resume continues the search as it was started: %s",
+            ", ".join(f"{k}={v!r} (not {given!r})" for k, (given, v) in differ.items()),
+        )
+    return replace(spec, **kept)
+
+
 def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0) -> set[str]:
     """Samples a space and builds a RunConfig from each sample, before any trial starts.
 
@@ -195,6 +233,12 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
         except Exception as e:
             raise ValueError(f"search space {name} failed while sampling: {e}") from e
         sample = {**trial.params, **constants}
+        owned = sorted(RUNNER_KEYS.intersection(sample))
+        if owned:
+            raise ValueError(
+                f"search space {name} sets {', '.join(owned)}, which the search fixes for all "
+                "trials (--epochs, --folds, --data); remove it from the space"
+            )
         try:
             RunConfig.from_flat({**base, **sample})
         except (TypeError, ValueError) as e:
@@ -949,13 +993,18 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     t0 = time.perf_counter()
     project = Path(spec.project_dir).resolve()
     storage = Path(spec.storage).resolve()
-    uri = spec.tracking_uri or tracking.default_tracking_uri(project)
+    if spec.tracking_uri:
+        uri = tracking.absolute_uri(spec.tracking_uri)
+    else:
+        uri = tracking.default_tracking_uri(project)
     client = tracking.check_tracking(uri)  # fail fast, before Ray or data
 
     meta: dict[str, Any] | None = None
     if spec.resume:
         exp_dir = storage / spec.name if spec.name else _latest(storage, spec.space)
         meta = json.loads((exp_dir / META_FILE).read_text())
+        # the search goes on as it was started, whatever today's defaults and flags say
+        spec = resumed_spec(spec, meta)
         name = exp_dir.name
         base = meta["base"]
         data_options = DataOptions.from_dict(meta["spec"].get("data_options") or {})
@@ -1027,19 +1076,18 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         )
     if meta is None or meta.get("parent_run_id") != parent_run_id:
         exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / META_FILE).write_text(
-            json.dumps(
-                {
-                    "parent_run_id": parent_run_id,
-                    "experiment_id": experiment_id,
-                    "experiment": experiment,
-                    "base": base,
-                    "tracking_uri": uri,
-                    "spec": (meta or {}).get("spec") or asdict(spec),
-                },
-                indent=2,
-                default=str,
-            )
+        # atomically: a resume needs this file whole, and rewrites it for a new parent run
+        write_json(
+            exp_dir / META_FILE,
+            {
+                "parent_run_id": parent_run_id,
+                "experiment_id": experiment_id,
+                "experiment": experiment,
+                "base": base,
+                "tracking_uri": uri,
+                "spec": (meta or {}).get("spec") or asdict(spec),
+            },
+            default=str,
         )
 
     resume_hint = (
@@ -1060,6 +1108,14 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     try:
         if not ray.is_initialized():
             init_ray(spec.address)
+        if uri.startswith("sqlite:") and sum(n.get("Alive", False) for n in ray.nodes()) > 1:
+            log.warning(
+                "trials on %d Ray nodes log to the sqlite file %s: every node must see it at "
+                "that path, and sqlite on a network folder can lock up; an MLflow server "
+                "(--tracking-uri http://...) is the safer store for a cluster",
+                sum(n.get("Alive", False) for n in ray.nodes()),
+                uri,
+            )
         tags = {
             "data_fingerprint": data.train.fingerprint,
             "bldseg.space": spec.space,

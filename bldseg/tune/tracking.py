@@ -67,6 +67,29 @@ def default_tracking_uri(project_dir: str | os.PathLike = ".") -> str:
     return "sqlite:///" + str(Path(project_dir).resolve() / "mlflow.db")
 
 
+def absolute_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
+    """``uri`` with a relative sqlite or file-store path made absolute against ``cwd``.
+
+    Trials run in their own folders (Ray changes directory), so ``sqlite:///mlflow.db`` would
+    open a new, empty database in every trial's folder and their runs would be lost to the
+    search. Servers (``http://``...) and other databases are returned unchanged.
+    """
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if path and not Path(path).is_absolute():
+            return "sqlite:///" + str((base / path).resolve())
+        return uri
+    if uri.startswith("file:"):
+        path = uri[len("file:") :]
+        if not path.startswith("/"):  # file:./mlruns or file:mlruns
+            return (base / path).resolve().as_uri()
+        return uri
+    if uri == "databricks" or ":" in uri or Path(uri).is_absolute():
+        return uri  # another store (databricks, postgresql:..., ...) or an absolute folder
+    return str((base / uri).resolve())  # a plain relative folder: a file store
+
+
 def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
     """A client for ``uri`` after one round trip to it; fails fast with a clear message.
 

@@ -141,6 +141,42 @@ def test_resume_continues_exactly(small_world, tmp_path):
         assert torch.equal(sa[k], sb[k]), k
 
 
+def test_killed_between_best_and_last_keeps_one_story(small_world, tmp_path, monkeypatch):
+    # A run killed after a new best epoch's files but before last.pt: best.pt must still be
+    # the best epoch last.pt records, and the resumed run must end as an uninterrupted one.
+    c = cfg(epochs=3)
+    straight = fit(c, tmp_path / "a", data=small_world)
+    out = tmp_path / "b"
+    save = engine._save_atomic
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_a_later_best(obj, path):
+        if path.name == "last.pt" and obj["epoch"] >= 2 and obj["best"]["epoch"] == obj["epoch"]:
+            raise Killed(obj["epoch"])
+        save(obj, path)
+
+    monkeypatch.setattr(engine, "_save_atomic", killed_at_a_later_best)
+    with pytest.raises(Killed) as killed:
+        fit(c, out, data=small_world)
+    monkeypatch.setattr(engine, "_save_atomic", save)
+    recorded = torch.load(out / "last.pt", weights_only=True)["best"]["epoch"]
+    assert recorded < killed.value.args[0]
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == recorded
+    resumed = fit(c, out, data=small_world)
+    for key in ("epoch", "val_dice_best", "train_loss"):
+        assert resumed.best[key] == straight.best[key], key
+    best_a = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    best_b = torch.load(out / "best.pt", weights_only=True)
+    assert best_b["epoch"] == straight.best["epoch"]
+    for k, v in best_a["model"].items():
+        assert torch.equal(v, best_b["model"][k]), k
+    a, b = np.load(tmp_path / "a" / "val_probs.npz"), np.load(out / "val_probs.npz")
+    assert np.array_equal(a["probs"], b["probs"])
+    assert not list(out.glob("*.pending"))
+
+
 def test_resume_refuses_other_config(small_world, tmp_path):
     fit(cfg(epochs=1), tmp_path, data=small_world)
     with pytest.raises(ValueError, match="different config"):

@@ -457,8 +457,9 @@ def test_runner_joins_a_real_local_cluster(small_world, tmp_path):
             f"127.0.0.1:{port}",
             "--storage",
             str(tmp_path / "runs"),
+            # relative, as a user types it: trials run in their own folders, yet log here
             "--tracking-uri",
-            f"sqlite:///{tmp_path}/mlflow.db",
+            "sqlite:///mlflow.db",
             "--name",
             "cluster",
         ]
@@ -476,6 +477,13 @@ def test_runner_joins_a_real_local_cluster(small_world, tmp_path):
         assert "1 trials" in out.stdout and "completed" in out.stdout
         ran_on = out.stdout.rsplit("(Ray cluster ", 1)[-1].split(")")[0]
         assert ran_on.endswith(f":{port}"), ran_on  # it ran on the cluster the test started
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(trials) == 1 and METRIC in trials[0].data.metrics, [r.data for r in runs]
+        assert [p.name for p in tmp_path.rglob("mlflow.db")] == ["mlflow.db"]  # no stray stores
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -1,9 +1,13 @@
+import logging
+from pathlib import Path
+
 import optuna
 import pytest
 
 from bldseg.models.smp import smp_available
+from bldseg.tune import tracking
 from bldseg.tune.cli import CPU_DEMO
-from bldseg.tune.runner import get_space, validate_space
+from bldseg.tune.runner import SearchSpec, get_space, resumed_spec, validate_space
 from bldseg.tune_spaces import SPACES
 
 
@@ -58,6 +62,62 @@ def test_impossible_value_is_named():
 
     with pytest.raises(ValueError, match=r"aug.*vflip_p=1\.\d+: a probability in \[0, 1\]"):
         validate_space(impossible, CPU_DEMO)
+
+
+@pytest.mark.parametrize("key", ["epochs", "folds", "data"])
+def test_space_may_not_set_what_the_search_fixes(key):
+    # Every trial's status is judged against the search's epoch budget (ASHA's max_t), and
+    # folds/data are checked once for all trials: a space that varies them is refused.
+    def owns(trial):
+        if key == "epochs":
+            trial.suggest_int("epochs", 3, 30)
+        else:
+            return {key: 2 if key == "folds" else "elsewhere"}
+        return None
+
+    with pytest.raises(ValueError, match=rf"sets {key}, which the search fixes for all trials"):
+        validate_space(owns, CPU_DEMO)
+
+
+def test_resume_takes_the_recorded_search_settings(caplog):
+    started = SearchSpec(scheduler="fifo", epochs=3, trials=2, seed=7, grace_period=1)
+    meta = {"base": {"epochs": 3}, "spec": {**started.__dict__, "data_options": None}}
+    today = SearchSpec(resume=True, name="s", cpus_per_trial=2.0)  # default flags otherwise
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        spec = resumed_spec(today, meta)
+    assert (spec.scheduler, spec.epochs, spec.trials, spec.seed, spec.grace_period) == (
+        "fifo",
+        3,
+        2,
+        7,
+        1,
+    )
+    # what a resume may change is kept: resources, the flag itself
+    assert spec.resume and spec.cpus_per_trial == 2.0 and spec.name == "s"
+    assert "scheduler='fifo' (not 'asha')" in caplog.text and "epochs=3 (not 8)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        assert resumed_spec(spec, meta) == spec
+    assert caplog.text == ""  # the same flags again: nothing to say
+
+
+def test_relative_tracking_uris_become_absolute(tmp_path):
+    # trials run in their own folders: a relative store would be a new one in each
+    assert (
+        tracking.absolute_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    )
+    assert tracking.absolute_uri("sqlite:///a/../m.db", tmp_path) == f"sqlite:///{tmp_path}/m.db"
+    assert tracking.absolute_uri("mlruns", tmp_path) == str(tmp_path / "mlruns")
+    assert tracking.absolute_uri("file:./mlruns", tmp_path) == (tmp_path / "mlruns").as_uri()
+    for fixed in (
+        f"sqlite:///{tmp_path}/x.db",
+        "http://127.0.0.1:5000",
+        "postgresql://u@h/db",
+        "databricks",
+        str(Path("/abs/mlruns")),
+        "file:///abs/mlruns",
+    ):
+        assert tracking.absolute_uri(fixed, tmp_path) == fixed
 
 
 def test_unknown_space_name():
