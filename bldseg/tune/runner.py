@@ -1027,6 +1027,14 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     data = prepare_data(
         base.get("data"), options=data_options, data_root=spec.data_root, verbose=True
     )
+    started_on = (meta or {}).get("data_fingerprint")
+    if started_on and started_on != data.train.fingerprint:
+        raise ValueError(
+            f"--resume {name}: the training data differ from those the search started on "
+            f"(fingerprint {data.train.fingerprint}, recorded {started_on}; data "
+            f"{base.get('data') or 'built-in synthetic'}); its trials would compare models "
+            "trained on different data: start a new search (another --name) instead"
+        )
     fixed = RunConfig.from_flat(base)
     if fixed.folds >= 2:  # more folds than source scenes: refused before any trial starts
         from bldseg.data.dataset import fold_assignment, split_groups
@@ -1085,6 +1093,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                 "experiment": experiment,
                 "base": base,
                 "tracking_uri": uri,
+                "data_fingerprint": started_on or data.train.fingerprint,
                 "spec": (meta or {}).get("spec") or asdict(spec),
             },
             default=str,

@@ -314,6 +314,26 @@ def _reported(exp: Path) -> list[Path]:
     return sorted(exp.glob("trial_*/run/status.json"))
 
 
+def test_resume_on_other_data_is_refused(small_world, tmp_path):
+    # A search's trials are compared with each other: resuming it on changed data would mix
+    # models of two datasets in one table. Refused before Ray starts, naming both.
+    from bldseg.io import write_json
+    from bldseg.tune.runner import META_FILE
+
+    spec = spec_for(small_world, tmp_path, name="moved", resume=True)
+    write_json(
+        tmp_path / "runs" / "moved" / META_FILE,
+        {
+            "base": {**BASE, "epochs": 2, "data": str(small_world.root)},
+            "spec": {"trials": 2, "data_options": None},
+            "data_fingerprint": "0123456789abcdef",
+        },
+    )
+    with pytest.raises(ValueError, match="--resume moved: the training data differ") as e:
+        run_search(spec)
+    assert small_world.train.fingerprint in str(e.value) and "0123456789abcdef" in str(e.value)
+
+
 def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
     """Ctrl-C once a trial has reported: the script says how to continue and exits non-zero,
     its MLflow runs are KILLED; --resume finishes every trial without training an epoch twice."""
@@ -369,6 +389,8 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
             proc.wait()
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted" in err and "--resume --name resumable" in err, err[-3000:]
+    meta = json.loads((exp / "bldseg_search.json").read_text())
+    assert meta["data_fingerprint"] == small_world.train.fingerprint
     client = MlflowClient(db)
     exp_id = client.get_experiment_by_name("bldseg").experiment_id
     (parent,) = client.search_runs([exp_id], "tags.`bldseg.search` = 'resumable'")
