@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -108,8 +108,18 @@ def _carries_georeference(src: Any) -> bool:
     return src.crs is not None or not src.transform.is_identity or bool(src.gcps[0])
 
 
-def _tiff_header(path: Path) -> tuple[int, int, int] | None:
-    """``(bits per sample, samples per pixel, sample format)`` of a TIFF's first image.
+class _TiffHeader(NamedTuple):
+    """The fields of a TIFF's first image that decide how it can be decoded."""
+
+    bits: int  # BitsPerSample (of the first band: bands of one image share it)
+    samples: int  # SamplesPerPixel: the band count
+    sample_format: int  # 1 unsigned integer, 2 signed, 3 float
+    photometric: int | None  # 1 BlackIsZero (grey), 2 RGB, 3 palette, 6 YCbCr, ...; None: absent
+    extra: int  # ExtraSamples of the first band past the colour ones: 0 unspecified, 1/2 alpha
+
+
+def _tiff_header(path: Path) -> _TiffHeader | None:
+    """The decoding-relevant fields of a TIFF's first image (see :class:`_TiffHeader`).
 
     Read from the first IFD (classic TIFF or BigTIFF) without decoding pixels; None when the
     file is not a TIFF. Used only without rasterio: OpenCV reads a 2-band TIFF as grey and
@@ -117,7 +127,9 @@ def _tiff_header(path: Path) -> tuple[int, int, int] | None:
     """
     sizes = {3: 2, 4: 4, 16: 8}  # field types met for these tags -> bytes: SHORT, LONG, LONG8
     codes = {2: "H", 4: "I", 8: "Q"}  # unsigned struct code of each byte size
-    wanted = {258: 1, 277: 1, 339: 1}  # BitsPerSample, SamplesPerPixel, SampleFormat (defaults)
+    # BitsPerSample, SamplesPerPixel, SampleFormat, PhotometricInterpretation, ExtraSamples,
+    # with their defaults (-1: absent).
+    wanted = {258: 1, 277: 1, 339: 1, 262: -1, 338: 0}
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -149,24 +161,61 @@ def _tiff_header(path: Path) -> tuple[int, int, int] | None:
                     (offset,) = struct.unpack(order + codes[word], value)
                     f.seek(offset)
                     value = f.read(size)
-                # Only the first value: bands of one image share their depth and format.
+                # Only the first value: bands of one image share their depth and format, and
+                # the first extra sample is the one OpenCV would take for alpha.
                 (wanted[tag],) = struct.unpack(order + codes[size], value[:size])
     except (OSError, struct.error):
         return None
-    return wanted[258], wanted[277], wanted[339]
+    photometric = None if wanted[262] == -1 else wanted[262]
+    return _TiffHeader(wanted[258], wanted[277], wanted[339], photometric, wanted[338])
 
 
-def needs_raster_reader(path: PathLike) -> bool:
+def _plain_colour_layout(count: int, colours: tuple[str, ...]) -> bool:
+    """Whether OpenCV decodes these bands as they are meant: grey, RGB, or RGB + a declared alpha.
+
+    OpenCV reads a MINISBLACK (grey) TIFF of 3+ bands as one grey band, and takes any 4th band
+    for alpha, also one declared "unspecified" (often near-infrared); such files need rasterio.
+
+    Args:
+        count: The band count.
+        colours: The bands' colour interpretations as GDAL names them (``"red"``, ``"gray"``,
+            ``"alpha"``, ``"undefined"``, ...).
+    """
+    if count == 1:
+        return True
+    rgb = tuple(colours[:3]) == ("red", "green", "blue")
+    return rgb and (count == 3 or (count == 4 and colours[3] == "alpha"))
+
+
+def _header_colours(header: _TiffHeader) -> tuple[str, ...]:
+    """The colour interpretations GDAL would give a TIFF's bands, from its header alone."""
+    # YCbCr is decoded to RGB by libtiff and GDAL alike; any other photometric is not RGB.
+    colours = ["red", "green", "blue"] if header.photometric in (2, 6) else ["gray"]
+    # The first band past the colour ones: ExtraSamples 1 (associated) and 2 (unassociated)
+    # are alpha, 0 is unspecified.
+    colours.append("alpha" if header.extra in (1, 2) else "undefined")
+    colours += ["undefined"] * (header.samples - len(colours))
+    return tuple(colours[: header.samples])
+
+
+def needs_raster_reader(path: PathLike, *, bands: tuple[int, ...] | None = None) -> bool:
     """Whether a TIFF needs :func:`read_raster_rgb` instead of plain 8-bit RGB decoding.
 
-    True when ``path`` is a TIFF whose pixels are not uint8, whose band count is not 1, 3 or 4,
-    or (with rasterio) that carries a CRS/geotransform, so the georeference is kept for
-    footprints and GeoTIFF outputs. Other suffixes give False.
+    True when ``path`` is a TIFF whose pixels are not uint8 or whose band count is not 1, 3 or
+    4. With rasterio, also when OpenCV would misread its bands (3+ bands that are not RGB, as
+    in a MINISBLACK multi-band TIFF, or a 4th band not declared alpha, e.g. near-infrared),
+    when it carries a CRS/geotransform (kept for footprints and GeoTIFF outputs), or when
+    ``bands`` are given. Other suffixes give False.
 
     Without rasterio the TIFF header is read directly: 16-bit, float or multi-band files give
-    True, so the caller can :func:`require_geo`; an 8-bit 1/3/4-band GeoTIFF gives False, as its
-    pixels decode the same either way and only the georeference (unusable then) is lost. A file
-    that is not a readable TIFF gives False, leaving the error to the plain decoder.
+    True, so the caller can :func:`require_geo`; an 8-bit 1/3/4-band file gives False (OpenCV
+    reads it; a georeference is unusable then), unless ``bands`` are asked of a file whose
+    bands OpenCV would misread. A file that is not a readable TIFF gives False, leaving the
+    error to the plain decoder.
+
+    Args:
+        path: The image file.
+        bands: The 1-based bands the caller will read (``ReadOptions.bands``), or None.
 
     Raises:
         FileNotFoundError: The file does not exist.
@@ -180,15 +229,20 @@ def needs_raster_reader(path: PathLike) -> bool:
             return (
                 any(dt != "uint8" for dt in src.dtypes)
                 or src.count not in (1, 3, 4)
+                or not _plain_colour_layout(src.count, tuple(c.name for c in src.colorinterp))
                 or _carries_georeference(src)
+                or bands is not None
             )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     header = _tiff_header(path)
     if header is None:
         return False
-    bits, samples, sample_format = header
-    return bits != 8 or sample_format != 1 or samples not in (1, 3, 4)
+    if header.bits != 8 or header.sample_format != 1 or header.samples not in (1, 3, 4):
+        return True
+    # Without bands OpenCV's reading is kept (it needs no extra); with them, a layout it
+    # misreads would give the wrong bands, so the caller asks for rasterio.
+    return bands is not None and not _plain_colour_layout(header.samples, _header_colours(header))
 
 
 def raster_size(path: PathLike) -> tuple[int, int]:

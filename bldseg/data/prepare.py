@@ -408,6 +408,12 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, training: bool = True
             help="mask values / palette indices that are buildings, e.g. 1,2 (default: nonzero)",
         )
         a(
+            "--mask-nonzero",
+            action="store_true",
+            help="every nonzero mask value is a building: instance-id masks (each building "
+            "numbered 1..N), which are refused without it",
+        )
+        a(
             "--mask-colors",
             type=_colour_list,
             default=None,
@@ -456,6 +462,7 @@ def data_options(args: argparse.Namespace) -> DataOptions:
         read = ReadOptions(
             mask_threshold=getattr(args, "mask_threshold", 0.5),
             mask_values=getattr(args, "mask_values", None),
+            mask_nonzero=getattr(args, "mask_nonzero", False),
             mask_colors=getattr(args, "mask_colors", None),
             alpha=args.alpha,
             bands=args.bands,

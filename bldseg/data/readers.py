@@ -16,10 +16,12 @@ one mask in a mask folder by a naming pattern (``{stem}.png``, ``{stem}_mask.png
 without padding.
 
 Masks are decoded exactly as real datasets ship them (see :func:`read_mask_image`): one
-channel 0/1 or 0/255 (8 or 16 bit), three equal channels, palette PNGs (index > 0 is a
-building unless ``mask_values`` names the building indices). A mask that is not binary
-(antialiased edges, JPEG artefacts) is binarised at the midpoint of its range and counted, so
-the cache build can warn; anything ambiguous is an error naming the file.
+channel 0/1 or 0/255 (8 or 16 bit), three equal channels, palette PNGs (a grey palette is read
+as its grey values; in a colour palette index > 0 is a building unless ``mask_values`` names
+the building indices). A mask that is not binary but looks like one with antialiased edges or
+JPEG artefacts is binarised at the midpoint of its range and counted, so the cache build can
+warn; a label mask (class or instance ids) needs ``mask_values`` or ``mask_nonzero``; anything
+ambiguous is an error naming the file.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ DEFAULT_MASK_PATTERNS = (
 )
 
 
+#: Version of the decoding rules, part of every cache fingerprint: bumped when a file read with
+#: the same options decodes differently (2: grey palettes read as grey values, label masks
+#: refused), so caches built by older rules are rebuilt.
+DECODE_RULES = 2
+
+
 @dataclass(frozen=True)
 class ReadOptions:
     """How images and masks are decoded (part of the cache's fingerprint).
@@ -64,7 +72,10 @@ class ReadOptions:
         mask_threshold: A mask that is not binary is binarised at this fraction of its range
             (0..1 for masks whose maximum is 1, else 0..255 or 0..65535 by bit depth).
         mask_values: Values (palette indices, class ids) that mean "building"; None: any
-            nonzero value of a binary mask, or a palette index > 0.
+            nonzero value of a binary mask, or a colour palette's index > 0.
+        mask_nonzero: Every nonzero value is a building, as in instance-id masks (each
+            building numbered 1..N); False: masks with more than two values must look like
+            antialiased/JPEG binary masks, or name their building values in ``mask_values``.
         mask_colors: RGB colours that mean "building" in colour-coded class masks (ISPRS
             Potsdam/Vaihingen: ``((0, 0, 255),)``); None: colour masks must be grey.
         alpha: Images with transparent pixels: ``"refuse"`` (an error naming the file) or
@@ -76,6 +87,7 @@ class ReadOptions:
 
     mask_threshold: float = 0.5
     mask_values: tuple[int, ...] | None = None
+    mask_nonzero: bool = False
     mask_colors: tuple[tuple[int, int, int], ...] | None = None
     alpha: Literal["refuse", "fill"] = "refuse"
     bands: tuple[int, ...] | None = None
@@ -86,6 +98,10 @@ class ReadOptions:
             raise ValueError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.alpha not in ("refuse", "fill"):
             raise ValueError(f"alpha must be 'refuse' or 'fill', got {self.alpha!r}")
+        if self.mask_nonzero and self.mask_values is not None:
+            raise ValueError(
+                f"give mask_values or mask_nonzero, not both (mask_values={self.mask_values})"
+            )
         if self.mask_colors is not None and any(len(c) != 3 for c in self.mask_colors):
             raise ValueError(f"mask_colors: give R,G,B triples, got {self.mask_colors}")
         if self.bands is not None and len(self.bands) not in (1, 3):
@@ -97,8 +113,10 @@ class ReadOptions:
     def key(self) -> list:
         """JSON-able identity for the cache fingerprint."""
         return [
+            f"rules{DECODE_RULES}",
             self.mask_threshold,
             None if self.mask_values is None else list(self.mask_values),
+            self.mask_nonzero,
             None if self.mask_colors is None else [list(c) for c in self.mask_colors],
             self.alpha,
             None if self.bands is None else list(self.bands),
@@ -370,8 +388,8 @@ def read_folder_dataset(
     Raises:
         FileNotFoundError: A folder is missing, or an image has no mask (listing the names
             tried).
-        ValueError: No images, two images with one id, two candidate masks for one image, or
-            both ``masks_dir`` and ``footprints``.
+        ValueError: No images, two images with one id, two candidate masks for one image, one
+            mask matched to two images, or both ``masks_dir`` and ``footprints``.
     """
     images_dir = Path(images_dir).resolve()
     if masks_dir is not None and footprints is not None:
@@ -436,6 +454,7 @@ def _match_masks(
             out[img] = found[0]
         else:
             unmatched.append((img, cands))
+    _refuse_shared_masks(out)
     # Beside-the-image masks (images_dir == masks_dir) are listed as images too: an unmatched
     # file that is some image's mask is not an error.
     mask_files = set(out.values())
@@ -449,6 +468,25 @@ def _match_masks(
             "e.g. '{stem}_label.png' or '(\\d+)_img=>\\1.png'"
         )
     return out
+
+
+def _refuse_shared_masks(mask_of: dict[Path, Path]) -> None:
+    """Raises ValueError when one mask file was matched to two or more images.
+
+    Images in sub-folders also look for their mask at the top of the mask folder, so
+    ``images/austin/1.png`` and ``images/chicago/1.png`` would both take ``masks/1.png``.
+    """
+    images_of: dict[Path, list[Path]] = {}
+    for img, mask in mask_of.items():
+        images_of.setdefault(mask, []).append(img)
+    for mask, imgs in images_of.items():
+        if len(imgs) > 1:
+            shown = ", ".join(str(p) for p in imgs[:4]) + (", ..." if len(imgs) > 4 else "")
+            raise ValueError(
+                f"{mask}: one mask matched to {len(imgs)} images ({shown}); every image needs "
+                "its own mask: put the masks in sub-folders that mirror the images' "
+                "(masks/<sub-folder>/NAME), or name them with --mask-pattern"
+            )
 
 
 def _match_footprints(images: list[Path], footprints: Path) -> dict[Path, Path]:
@@ -485,6 +523,33 @@ def _fill_alpha(bgr: np.ndarray, alpha: np.ndarray, path: Path, options: ReadOpt
     )
 
 
+#: How far from a JPEG file's end its end-of-image marker may sit (some writers append a few
+#: bytes of padding or metadata after it).
+_JPEG_TAIL = 1024
+
+
+def _refuse_truncated_jpeg(path: Path) -> None:
+    """Raises ValueError when ``path`` is a JPEG whose end-of-image marker (FF D9) is missing.
+
+    OpenCV decodes a truncated JPEG without an error (the missing rows come out grey) and only
+    prints "Premature end of JPEG file", without the file's name. Entropy-coded data never holds
+    FF D9 (a data byte FF is written FF 00), so a marker-free tail means the file was cut.
+    Files that do not start like a JPEG (FF D8 FF) are left to the decoder, whatever their
+    suffix.
+    """
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _JPEG_TAIL))
+        tail = f.read()
+    if b"\xff\xd9" not in tail:
+        raise ValueError(
+            f"{path}: truncated JPEG (no end-of-image marker in its last {_JPEG_TAIL} bytes, "
+            f"{size} bytes in all); the file is incomplete: copy or download it again"
+        )
+
+
 def read_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> np.ndarray:
     """Decodes an image as 8-bit RGB.
 
@@ -493,6 +558,12 @@ def read_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> 
     (GeoTIFFs) are read with rasterio and stretched to 8-bit per band between the
     ``options.stretch`` percentiles (:func:`bldseg.data.geo.read_raster_rgb`).
 
+    With rasterio, TIFFs whose bands OpenCV would misread are read with it too
+    (:func:`bldseg.data.geo.needs_raster_reader`): a 3+ band grey (MINISBLACK) TIFF gives its
+    bands 1, 2, 3, and RGB plus an extra band that is not declared alpha (e.g. near-infrared)
+    gives its RGB unchanged, the extra band unused (``--bands`` picks others); so does any
+    TIFF read with ``options.bands``. A truncated JPEG is refused.
+
     Returns:
         uint8 array (H, W, 3) in RGB order.
 
@@ -500,13 +571,18 @@ def read_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> 
         FileNotFoundError: The file does not exist.
         ValueError: The file is not a decodable image, has transparent pixels (unless
             ``alpha="fill"``), or a band selection that does not fit it.
-        ImportError: A GeoTIFF or 16-bit image without the ``bldseg[geo]`` extra.
+        ImportError: A GeoTIFF or 16-bit image, or ``options.bands`` of a multi-band TIFF
+            that is not plain RGB(A), without the ``bldseg[geo]`` extra.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    if path.suffix.lower() in geo.GEO_SUFFIXES and geo.needs_raster_reader(path):
-        geo.require_geo(str(path))
+    _refuse_truncated_jpeg(path)
+    if path.suffix.lower() in geo.GEO_SUFFIXES and geo.needs_raster_reader(
+        path, bands=options.bands
+    ):
+        bands = f" with --bands {','.join(map(str, options.bands))}" if options.bands else ""
+        geo.require_geo(f"{path}: reading this TIFF{bands}")
         return geo.read_raster_rgb(path, bands=options.bands, stretch=options.stretch)
     # IMREAD_UNCHANGED so grey, 16-bit and alpha images are seen as what they are instead of
     # being silently converted.
@@ -566,32 +642,41 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
     """Decodes a mask image exactly as datasets ship it.
 
     - one channel, 8 or 16 bit: a mask holding one nonzero value (0/1, 0/255, 0/65535) is
-      exact; any other is binarised at ``options.mask_threshold`` of its range (0..1 when
-      its maximum is 1, else the bit depth's) and reported as not binary;
+      exact; one that looks like a binary mask with antialiased or JPEG-noisy edges (pixels
+      near the top of its range, no flat areas of mid-range values) is binarised at
+      ``options.mask_threshold`` of its range (0..1 when its maximum is 1, else the bit
+      depth's) and reported as not binary; a label mask (class or instance ids) is an error
+      unless ``options.mask_values`` or ``options.mask_nonzero`` says which values are
+      buildings;
     - three (or four, with an opaque alpha) equal channels: as one channel;
-    - palette PNGs: the palette index is the label; index > 0 is a building, or the indices in
-      ``options.mask_values``;
+    - palette PNGs: when every colour the image uses is grey (PIL's ``quantize`` often puts
+      white at index 0), the grey values, read as one channel; in a colour (class) palette the
+      index is the label: index > 0 is a building, or the indices in ``options.mask_values``,
+      or the indices of the colours in ``options.mask_colors``;
     - ``options.mask_values`` set: exactly those values are buildings (class-id masks);
+    - ``options.mask_nonzero`` set: every nonzero value is a building (instance-id masks);
     - ``options.mask_colors`` set: colour-coded class masks, exactly those RGB colours are
       buildings.
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: Corrupt file; colour channels that differ; a mask stored only in the alpha
-            channel; transparent pixels. Messages name the file and say what to do.
+        ValueError: Corrupt or truncated file; colour channels that differ; a mask stored only
+            in the alpha channel; transparent pixels; a label mask without ``mask_values`` or
+            ``mask_nonzero``. Messages name the file and say what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask not found: {path}")
-    palette = False
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("P", "PA"):
-                palette = True
-                m = np.asarray(im.getchannel(0) if im.mode == "PA" else im)  # (H, W) indices
-    except (OSError, Image.UnidentifiedImageError):
-        pass  # not for PIL (e.g. some TIFFs): OpenCV decides below
-    if not palette:
+    _refuse_truncated_jpeg(path)
+    palette = _read_palette(path)
+    if palette is not None:
+        indices, colours = palette
+        labels = _palette_labels(indices, colours, options)
+        if labels is not None:
+            return MaskRead(labels, True)
+        # (H, W) uint8 grey values (all >= 0 here): read on as a one-channel mask.
+        m = colours[:, 0][indices].astype(np.uint8)
+    else:
         m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if m is None:
             raise ValueError(f"{path}: cannot decode the mask (corrupt, truncated or not an image)")
@@ -601,13 +686,114 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
             m = _one_channel(m, path)
     if options.mask_values is not None:
         return MaskRead(np.isin(m, options.mask_values).astype(np.uint8), True)
-    if palette:
+    if options.mask_nonzero:
         return MaskRead((m > 0).astype(np.uint8), True)
-    values = np.unique(m) if m.dtype != np.uint8 else np.flatnonzero(np.bincount(m.ravel()))
+    if m.dtype == np.uint8:
+        counts = np.bincount(m.ravel(), minlength=256)
+        values = np.flatnonzero(counts)
+        counts = counts[values]
+    else:
+        values, counts = np.unique(m, return_counts=True)
     if (len(values) <= 2 and values[0] == 0) or len(values) == 1:
         return MaskRead((m > 0).astype(np.uint8), True)
     cut = options.mask_threshold * _nominal_max(m)
+    _refuse_label_mask(m, values, counts, cut, path)
     return MaskRead((m > cut).astype(np.uint8), False)
+
+
+def _read_palette(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A palette image's indices (H, W) and palette (256, 3) RGB; None for other images.
+
+    A palette's entries past its length are black, as PIL draws them; they are marked by a
+    colour of -1 so that no index beyond the palette is taken for grey.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "PA"):
+                return None
+            indices = np.asarray(im.getchannel(0) if im.mode == "PA" else im)  # (H, W) uint8
+            entries = np.asarray(im.getpalette() or [], np.int16).reshape(-1, 3)[:256]
+    except (OSError, Image.UnidentifiedImageError):
+        return None  # not for PIL (e.g. some TIFFs): OpenCV decides
+    colours = np.full((256, 3), -1, np.int16)  # (256, 3) RGB, -1 past the palette
+    colours[: len(entries)] = entries
+    return indices, colours
+
+
+def _palette_labels(
+    indices: np.ndarray, colours: np.ndarray, options: ReadOptions
+) -> np.ndarray | None:
+    """(H, W) 0/1 mask of a palette image read by index, or None to read its grey values.
+
+    Grey values are read when the colours the image uses are distinct greys (a 0/255 mask
+    saved as a palette, possibly inverted: PIL's ``quantize`` and ``ADAPTIVE`` palettes often
+    put white at index 0), unless ``mask_values``/``mask_colors`` name what is a building.
+    A colour palette is a class palette: its index is the label.
+    """
+    if options.mask_values is not None:
+        return np.isin(indices, options.mask_values).astype(np.uint8)
+    used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
+    if options.mask_colors is not None:
+        wanted = {tuple(int(v) for v in c) for c in options.mask_colors}
+        hits = [i for i in used if tuple(int(v) for v in colours[i]) in wanted]
+        return np.isin(indices, hits).astype(np.uint8)
+    rgb = colours[used]  # (K, 3)
+    grey = (rgb >= 0).all() and (rgb == rgb[:, :1]).all()
+    if grey and len(np.unique(rgb[:, 0])) == len(used):
+        return None
+    return (indices > 0).astype(np.uint8)
+
+
+def _refuse_label_mask(
+    m: np.ndarray, values: np.ndarray, counts: np.ndarray, cut: float, path: Path
+) -> None:
+    """Raises ValueError unless a multi-valued mask looks like a binary one with soft edges.
+
+    Antialiasing, resampling and JPEG leave building interiors near the top of the range and
+    mid-range values only on edges, where neighbours differ. Label masks (class ids 0/1/2,
+    instance ids 1..N) hold nothing above the cut at all (small ids, or 16-bit ids) or flat
+    areas of mid-range values (pixels whose four neighbours share their value; more than 5%
+    of the mid-range pixels): binarising them would silently drop buildings.
+
+    Args:
+        m: (H, W) one-channel mask.
+        values: Its distinct values, ascending (3 or more, or 2 without 0).
+        counts: Pixels of each value.
+        cut: The threshold it would be binarised at.
+        path: The file, for the message.
+    """
+    if not np.issubdtype(m.dtype, np.integer):
+        return  # float masks are soft 0..1 maps: thresholding is what they are for
+    top = _nominal_max(m)
+    kept = int(counts[values > cut].sum())
+    mid = (m > 0.25 * top) & (m < 0.75 * top)  # (H, W)
+    c = m[1:-1, 1:-1]  # (H-2, W-2) pixels with four neighbours
+    flat = mid[1:-1, 1:-1] & (c == m[:-2, 1:-1]) & (c == m[2:, 1:-1])
+    flat &= (c == m[1:-1, :-2]) & (c == m[1:-1, 2:])
+    n_mid, n_flat = int(mid.sum()), int(flat.sum())
+    if kept > 0 and n_flat <= 0.05 * n_mid:
+        return
+    nonzero = int(counts[values > 0].sum())
+    if kept == 0:
+        why = f"would keep none of its {nonzero} nonzero pixels"
+    else:
+        why = (
+            f"would cut through {n_flat} pixels inside flat areas of mid-range values, which "
+            "antialiasing does not make"
+        )
+    shown = ", ".join(str(v) for v in values[:8]) + (
+        f", ..., {values[-1]}" if len(values) > 8 else ""
+    )
+    example = values[values > 0][0]
+    jpeg = ""
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        jpeg = "; a 0/1 mask saved as JPEG cannot be read exactly (JPEG changes values): save PNG"
+    raise ValueError(
+        f"{path}: this looks like a label mask (class or instance ids), not a binary one: it "
+        f"holds {len(values)} values ({shown}), and binarising it at {cut:g} of 0..{top:g} "
+        f"{why}. For class ids name the building ids with --mask-values (e.g. --mask-values "
+        f"{example}); for instance ids (each building its own number) pass --mask-nonzero{jpeg}"
+    )
 
 
 def _colour_classes(m: np.ndarray, colours, path: Path) -> np.ndarray:

@@ -76,16 +76,25 @@ def write_cases(root: Path, size: int = 48, seed: int = 0) -> dict[str, FormatCa
     case("uint16_01", "tile.png", lambda p: _cv2(p, m.astype(np.uint16)))
     case("uint16_65535", "tile.png", lambda p: _cv2(p, m.astype(np.uint16) * 65535))
 
-    # Palette PNG whose index 0 is drawn white and index 1 black: decoding the colours (as
-    # OpenCV does) would invert the mask; the index is the label.
+    # Class palette PNG whose index 0 is drawn white and index 1 red: decoding the colours as
+    # grey (OpenCV) would invert the mask; in a colour palette the index is the label.
     def palette(p: Path) -> Path:
         im = Image.fromarray(m, "P")
-        im.putpalette([255, 255, 255, 0, 0, 0] + [0] * (256 - 2) * 3)
+        im.putpalette([255, 255, 255, 255, 0, 0] + [0] * (256 - 2) * 3)
         p.parent.mkdir(parents=True, exist_ok=True)
         im.save(p)
         return p
 
     case("palette", "tile.png", palette)
+
+    # A 0/255 mask saved through PIL's quantize: a grey palette with white at index 0, so the
+    # indices are inverted; the grey values are the mask.
+    def palette_grey(p: Path) -> Path:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m * 255).convert("RGB").quantize(2).save(p)
+        return p
+
+    case("palette_grey", "tile.png", palette_grey)
 
     # Palette with classes: 1 = road, 2 = building; --mask-values 2 selects buildings.
     classes = m * 2 + ((1 - m) * (np.arange(size)[None, :] % 7 == 0)).astype(np.uint8)

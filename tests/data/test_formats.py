@@ -5,6 +5,7 @@ import warnings
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from bldseg.data.cache import DatasetCache, ensure_cache
 from bldseg.data.readers import (
@@ -21,7 +22,8 @@ def cases(tmp_path_factory):
     return write_cases(tmp_path_factory.mktemp("formats"))
 
 
-EXACT = ["gray01", "gray255", "rgb255", "uint16_01", "uint16_65535", "palette", "rgba_opaque"]
+EXACT = ["gray01", "gray255", "rgb255", "uint16_01", "uint16_65535", "palette", "palette_grey"]
+EXACT += ["rgba_opaque"]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -39,6 +41,22 @@ def test_palette_index_is_the_label_not_the_colour(cases):
     as_colour = cv2.imread(str(c.mask), cv2.IMREAD_GRAYSCALE)
     assert (as_colour[c.truth == 0] == 255).all()
     np.testing.assert_array_equal(read_mask_image(c.mask).mask, c.truth)
+
+
+def test_grey_palette_is_read_by_its_grey_values(cases, tmp_path):
+    # quantize() put white at index 0: reading the index as the label would invert the mask.
+    c = cases["palette_grey"]
+    with Image.open(c.mask) as im:
+        assert im.mode == "P" and im.getpalette()[:3] == [255, 255, 255]
+        indices = np.asarray(im)  # (H, W)
+    assert (indices[c.truth == 0] == 1).all() and (indices[c.truth == 1] == 0).all()
+    read = read_mask_image(c.mask)
+    assert read.binary
+    np.testing.assert_array_equal(read.mask, c.truth)
+    # An ADAPTIVE palette of greys is read the same way.
+    path = tmp_path / "adaptive.png"
+    Image.fromarray(c.truth * 255).convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(path)
+    np.testing.assert_array_equal(read_mask_image(path).mask, c.truth)
 
 
 def test_palette_building_indices(cases):
@@ -232,3 +250,125 @@ def test_colour_coded_class_masks(tmp_path):
     np.testing.assert_array_equal(read.mask, m)
     two = read_mask_image(path, ReadOptions(mask_colors=((0, 0, 255), (0, 255, 0))))
     assert two.mask.sum() > m.sum()
+
+
+def _instances(dtype=np.uint8, n: int = 200) -> np.ndarray:
+    """(160, 160) instance-id mask: ``n`` buildings of 4x4 pixels numbered 1..n."""
+    m = np.zeros((160, 160), dtype)
+    for k in range(n):
+        y, x = divmod(k, 20)
+        m[y * 8 : y * 8 + 4, x * 8 : x * 8 + 4] = k + 1
+    return m
+
+
+@pytest.mark.parametrize(
+    ("name", "labels"),
+    [
+        ("instances_u8", _instances()),  # a cut at 127.5 would keep ids 128..200 only
+        ("instances_u16", _instances(np.uint16)),  # a cut at 32767.5 would keep nothing
+        ("classes", (_instances() % 3).astype(np.uint8)),  # 0 background, 1 road, 2 building
+    ],
+)
+def test_label_masks_are_refused_with_the_options_to_read_them(tmp_path, name, labels):
+    path = tmp_path / f"{name}.png"
+    assert cv2.imwrite(str(path), labels)
+    with pytest.raises(ValueError, match="label mask") as e:
+        read_mask_image(path)
+    msg = str(e.value)
+    assert str(path) in msg and "--mask-values" in msg and "--mask-nonzero" in msg
+    assert "(0, 1, 2" in msg  # the values found
+    read = read_mask_image(path, ReadOptions(mask_nonzero=True))
+    assert read.binary
+    np.testing.assert_array_equal(read.mask, (labels > 0).astype(np.uint8))
+    classes = read_mask_image(path, ReadOptions(mask_values=(2,))).mask
+    np.testing.assert_array_equal(classes, (labels == 2).astype(np.uint8))
+
+
+def test_mask_values_and_mask_nonzero_exclude_each_other():
+    with pytest.raises(ValueError, match="mask_values or mask_nonzero"):
+        ReadOptions(mask_values=(1,), mask_nonzero=True)
+    assert ReadOptions(mask_nonzero=True).key() != ReadOptions().key()
+
+
+def test_label_mask_in_a_folder_names_the_file(tmp_path):
+    images, masks = _folder(tmp_path, ["a", "b"])
+    cv2.imwrite(str(masks / "b.png"), _instances()[:32, :32])
+    with pytest.raises(ValueError, match=r"b \(.*b\.png\): .*b\.png: this looks like a label"):
+        ensure_cache(read_folder_dataset(images, masks), tmp_path / "cache", progress=False)
+
+
+def _soft_masks(m: np.ndarray) -> dict[str, np.ndarray]:
+    """A 0/255 mask as tools soften it: blurred, resampled, drawn antialiased, JPEG-compressed."""
+    m255 = (m * 255).astype(np.uint8)
+    h, w = m.shape
+    out = {f"blur{k}": cv2.GaussianBlur(m255, (k, k), k / 4) for k in (3, 5, 9, 15)}
+    small = cv2.resize(m255, (w // 3, h // 3), interpolation=cv2.INTER_AREA)
+    out["resampled"] = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    poly = np.zeros((h, w), np.uint8)
+    corners = np.array([[3, 2], [w - 5, 7], [w - 9, h - 3], [6, h - 8]])
+    out["drawn_aa"] = cv2.fillPoly(poly, [corners], 255, lineType=cv2.LINE_AA)
+    for q in (10, 30, 75):
+        _, data = cv2.imencode(".jpg", m255, [cv2.IMWRITE_JPEG_QUALITY, q])
+        out[f"jpeg{q}"] = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    out["antialiased_u16"] = cv2.GaussianBlur(m.astype(np.uint16) * 65535, (5, 5), 1.0)
+    return out
+
+
+@pytest.mark.parametrize("size", [32, 48, 256])
+def test_soft_binary_masks_are_still_binarised(tmp_path, size):
+    _, m = scene(size, seed=size)
+    for name, soft in _soft_masks(m).items():
+        path = tmp_path / f"{name}.png"
+        assert cv2.imwrite(str(path), soft)
+        read = read_mask_image(path)
+        assert not read.binary, name
+        top = np.iinfo(soft.dtype).max
+        np.testing.assert_array_equal(read.mask, (soft > 0.5 * top).astype(np.uint8), name)
+
+
+def _jpeg(path, size=64):
+    rgb, m = scene(size, seed=3)
+    assert cv2.imwrite(str(path), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return path, m
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".jpeg"])
+def test_truncated_jpeg_is_refused_naming_the_file(tmp_path, suffix):
+    path, _ = _jpeg(tmp_path / f"tile{suffix}")
+    whole = read_image(path)
+    data = path.read_bytes()
+    path.write_bytes(data + b"\0" * 16)  # a few bytes after the end marker are allowed
+    np.testing.assert_array_equal(read_image(path), whole)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    for read in (read_image, read_mask_image):
+        with pytest.raises(ValueError, match="truncated JPEG") as e:
+            read(cut)
+        assert str(cut) in str(e.value)
+
+
+def test_truncated_jpeg_mask_is_refused(tmp_path):
+    _, m = scene(64, seed=4)
+    path = tmp_path / "mask.jpg"
+    assert cv2.imwrite(str(path), m * 255, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert read_mask_image(path).mask.sum() > 0
+    path.write_bytes(path.read_bytes()[:-300])
+    with pytest.raises(ValueError, match=r"mask\.jpg: truncated JPEG"):
+        read_mask_image(path)
+
+
+def test_one_mask_for_two_images_is_an_error(tmp_path):
+    # images/austin/1.png and images/chicago/1.png both fall back to masks/1.png.
+    for city in ("austin", "chicago"):
+        _folder(tmp_path, ["1"], sub=city)
+    masks = tmp_path / "masks"
+    for city in ("austin", "chicago"):
+        (masks / city / "1.png").unlink()
+        (masks / city).rmdir()
+    cv2.imwrite(str(masks / "1.png"), np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match="one mask matched to 2 images") as e:
+        read_folder_dataset(tmp_path / "images", masks)
+    msg = str(e.value)
+    assert str(masks / "1.png") in msg
+    assert str(tmp_path / "images" / "austin" / "1.png") in msg
+    assert str(tmp_path / "images" / "chicago" / "1.png") in msg

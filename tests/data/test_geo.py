@@ -246,16 +246,31 @@ def tiffs(tmp_path) -> dict[str, Path]:
             tmp_path / "big16.tif", z((3, 4, 5), np.uint16), crs=None, BIGTIFF="YES"
         ),
         "big8": write_tif(tmp_path / "big8.tif", z((3, 4, 5), np.uint8), crs=None, BIGTIFF="YES"),
+        # Bands OpenCV misreads: a grey (MINISBLACK) 3-band TIFF, RGB + a band not alpha.
+        "grey3": write_tif(
+            tmp_path / "grey3.tif", z((3, 4, 5), np.uint8), crs=None, photometric="MINISBLACK"
+        ),
+        "rgbn8": write_tif(
+            tmp_path / "rgbn8.tif",
+            z((4, 4, 5), np.uint8),
+            crs=None,
+            photometric="RGB",
+            alpha="UNSPECIFIED",
+        ),
     }
 
 
 NEEDS = {"rgb8": False, "grey8": False, "rgba8": False, "two8": True, "five8": True}
 NEEDS |= {"u16": True, "f32": True, "big16": True, "big8": False}
+# Without rasterio OpenCV's reading of these is kept; with it they need the raster reader.
+MISREAD = ("grey3", "rgbn8")
 
 
 def test_needs_raster_reader(tiffs, tmp_path):
-    for name, expected in {**NEEDS, "geo8": True}.items():
+    for name, expected in {**NEEDS, "geo8": True, **dict.fromkeys(MISREAD, True)}.items():
         assert geo.needs_raster_reader(tiffs[name]) is expected, name
+        # Bands asked for are always read with rasterio.
+        assert geo.needs_raster_reader(tiffs[name], bands=(1,)) is True, name
     assert geo.needs_raster_reader(tmp_path / "photo.png") is False
 
 
@@ -274,11 +289,26 @@ def without(monkeypatch, *missing: str) -> None:
 def test_needs_raster_reader_without_rasterio(tiffs, tmp_path, monkeypatch):
     without(monkeypatch, "rasterio")
     # The header alone decides; georeference cannot matter without rasterio.
-    for name, expected in {**NEEDS, "geo8": False}.items():
+    for name, expected in {**NEEDS, "geo8": False, **dict.fromkeys(MISREAD, False)}.items():
         assert geo.needs_raster_reader(tiffs[name]) is expected, name
+        # With bands, only files OpenCV misreads (or cannot read) need rasterio.
+        misread = expected or name in MISREAD
+        assert geo.needs_raster_reader(tiffs[name], bands=(1, 2, 3)) is misread, name
     junk = tmp_path / "junk.tif"
     junk.write_bytes(b"junk")
     assert geo.needs_raster_reader(junk) is False  # left to the plain decoder to report
+
+
+def test_bands_of_a_misread_tiff_without_rasterio_ask_for_the_extra(tiffs, monkeypatch):
+    from bldseg.data.readers import ReadOptions, read_image
+
+    without(monkeypatch, "rasterio")
+    for name in MISREAD:
+        with pytest.raises(ImportError, match=re.escape(geo._PIP_HINT)) as e:
+            read_image(tiffs[name], ReadOptions(bands=(1, 2, 3)))
+        assert str(tiffs[name]) in str(e.value) and "--bands 1,2,3" in str(e.value)
+    # A plain RGB TIFF still reads its bands with OpenCV.
+    assert read_image(tiffs["rgb8"], ReadOptions(bands=(3, 2, 1))).shape == (4, 5, 3)
 
 
 # ---- rasterize_footprints -----------------------------------------------------------------------

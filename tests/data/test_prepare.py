@@ -161,3 +161,32 @@ def test_builtin_world_is_regenerated_with_new_parameters(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a synthetic world"):
         prepare_data(None, data_root=other, synthetic=small, progress=False)
     assert (other / "synthetic" / "notes.txt").read_text() == "mine"
+
+
+def test_mask_nonzero_flag_reads_instance_masks(tmp_path):
+    import argparse
+    from dataclasses import asdict
+
+    from bldseg.data.prepare import add_data_arguments, data_options
+
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    assert data_options(parser.parse_args([])).read.mask_nonzero is False
+    opts = data_options(parser.parse_args(["--mask-nonzero"]))
+    assert opts.read.mask_nonzero is True
+    assert DataOptions.from_dict(asdict(opts)) == opts
+    with pytest.raises(SystemExit, match="mask_values or mask_nonzero"):
+        data_options(parser.parse_args(["--mask-nonzero", "--mask-values", "2"]))
+    # Instance ids 1..N: refused without the flag, every building kept with it.
+    root = _scenes(tmp_path / "ds", [(32, 32), (32, 32)])
+    for i in range(2):
+        m = cv2.imread(str(root / "masks" / f"scene{i}.png"), cv2.IMREAD_UNCHANGED)
+        # 16-bit ids numbered by 8-row bands: several ids per scene, all far below 32768.
+        ids = (m > 0) * (1 + np.arange(32)[:, None] // 8)
+        assert len(np.unique(ids)) > 2
+        cv2.imwrite(str(root / "masks" / f"scene{i}.png"), ids.astype(np.uint16))
+    with pytest.raises(ValueError, match="--mask-nonzero"):
+        prepare_data(root, data_root=tmp_path / "work", progress=False)
+    data = prepare_data(root, options=opts, data_root=tmp_path / "work", progress=False)
+    truth = [cv2.imread(str(root / "masks" / f"scene{i}.png"), -1) > 0 for i in range(2)]
+    np.testing.assert_array_equal(np.asarray(data.train.masks) > 0, np.stack(truth))

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import cv2
@@ -6,6 +7,7 @@ import pandas as pd
 import pytest
 
 from bldseg.data.readers import (
+    ReadOptions,
     load_record,
     read_competition_csv,
     read_folder_dataset,
@@ -178,3 +180,56 @@ def test_folder_dataset_errors(tmp_path):
         load_record(r)
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         read_folder_dataset(tmp_path / "nope")
+
+
+def _plain_tiff(path: Path, bands: np.ndarray, **creation) -> Path:
+    """Writes (C, H, W) uint8 bands as a TIFF without georeference, with rasterio."""
+    rasterio = pytest.importorskip("rasterio")
+    count, h, w = bands.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(
+            path, "w", driver="GTiff", width=w, height=h, count=count, dtype="uint8", **creation
+        ) as dst:
+            dst.write(bands)
+    return path
+
+
+def _distinct_bands(count: int, size: int = 16) -> np.ndarray:
+    """(count, size, size) uint8 bands that differ from each other, none of them opaque."""
+    rng = np.random.default_rng(count)
+    return rng.integers(0, 250, (count, size, size), dtype=np.uint8)
+
+
+def test_grey_multiband_tiff_reads_its_bands(tmp_path):
+    # OpenCV flattens a 3-band MINISBLACK TIFF to one grey band.
+    bands = _distinct_bands(3)
+    path = _plain_tiff(tmp_path / "grey3.tif", bands, photometric="MINISBLACK")
+    np.testing.assert_array_equal(read_image(path), bands.transpose(1, 2, 0))
+    np.testing.assert_array_equal(
+        read_image(path, ReadOptions(bands=(3, 2, 1))), bands[::-1].transpose(1, 2, 0)
+    )
+
+
+def test_rgb_plus_unspecified_band_keeps_rgb(tmp_path):
+    # The 4th band (near-infrared, say) is not declared alpha: OpenCV would take it for alpha
+    # and refuse its "transparent" pixels, or composite the RGB with it.
+    bands = _distinct_bands(4)
+    path = _plain_tiff(tmp_path / "rgbn.tif", bands, photometric="RGB", alpha="UNSPECIFIED")
+    rgb = bands[:3].transpose(1, 2, 0)
+    np.testing.assert_array_equal(read_image(path), rgb)
+    np.testing.assert_array_equal(read_image(path, ReadOptions(alpha="fill")), rgb)
+    np.testing.assert_array_equal(
+        read_image(path, ReadOptions(bands=(4, 1, 2))), bands[[3, 0, 1]].transpose(1, 2, 0)
+    )
+
+
+def test_declared_alpha_band_is_still_alpha(tmp_path):
+    bands = _distinct_bands(4)
+    path = _plain_tiff(tmp_path / "rgba.tif", bands, photometric="RGB", alpha="YES")
+    with pytest.raises(ValueError, match="transparent pixel"):
+        read_image(path)
+    # Bands asked for by number are read as they are, alpha included.
+    np.testing.assert_array_equal(
+        read_image(path, ReadOptions(bands=(4,))), np.repeat(bands[3][..., None], 3, 2)
+    )
