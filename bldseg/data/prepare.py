@@ -78,9 +78,10 @@ class DataOptions:
         return cls(**d, read=ReadOptions(**read))
 
     def key(self) -> str:
-        """Short hash of the options that change which files are read (the cache folder)."""
+        """Short hash of the options that change which files are read and how (the cache
+        folder): jobs on one dataset with other options never rebuild each other's cache."""
         d = asdict(self)
-        d.pop("read")
+        d["read"] = self.read.key()
         d = {
             k: str(Path(v).resolve()) if k in ("images", "masks", "footprints") and v else v
             for k, v in d.items()
@@ -238,7 +239,7 @@ def _prepare_competition(
     path = data.resolve()
     train_csv = path if path.suffix.lower() == ".csv" else path / "train.csv"
     root = train_csv.parent
-    cache_dir = _cache_dir(data_root, root)
+    cache_dir = _cache_dir(data_root, root, options.key())
     train = ensure_cache(
         read_competition_csv(
             train_csv, with_masks=True, group_column=options.group_column, options=options.read

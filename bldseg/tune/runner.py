@@ -316,14 +316,24 @@ def _data_paths(data: PreparedData) -> dict[str, str | None]:
         "test": str(data.test.root) if data.test else None,
         "truth": str(data.test_truth_csv) if data.test_truth_csv else None,
         "clean": str(data.clean_train_csv) if data.clean_train_csv else None,
+        "fingerprint": data.train.fingerprint,
     }
 
 
 def _open_data(paths: dict[str, str | None]) -> PreparedData:
     # O(1): the driver built the caches; trials only map the files.
+    train = DatasetCache(paths["train"])
+    recorded = paths.get("fingerprint")
+    if recorded and train.fingerprint != recorded:
+        # another job rebuilt the cache from changed sources while this search ran
+        raise ValueError(
+            f"the training cache {paths['train']} was rebuilt from other data since the search "
+            f"started (fingerprint {train.fingerprint}, search {recorded}); this trial would "
+            "not be comparable with the others: start a new search on the current data"
+        )
     return PreparedData(
         root=Path(paths["root"]),
-        train=DatasetCache(paths["train"]),
+        train=train,
         test=DatasetCache(paths["test"]) if paths["test"] else None,
         test_truth_csv=Path(paths["truth"]) if paths["truth"] else None,
         clean_train_csv=Path(paths["clean"]) if paths["clean"] else None,

@@ -144,6 +144,31 @@ def test_read_options_are_part_of_the_folder_cache(tmp_path):
     assert a[0].options != b[0].options
 
 
+def test_jobs_with_other_decoding_options_keep_their_own_caches(tmp_path):
+    # Two searches on one dataset with other decoding flags run side by side: neither may
+    # rebuild (and delete) the cache the other's trials are reading.
+    root = _scenes(tmp_path / "ds", [(32, 32), (32, 32)])
+    w = tmp_path / "w"
+    plain = prepare_data(root, data_root=w, progress=False).train
+    other = DataOptions(read=ReadOptions(mask_threshold=0.3))
+    soft = prepare_data(root, options=other, data_root=w, progress=False).train
+    assert soft.root != plain.root
+    again = prepare_data(root, data_root=w, progress=False).train
+    assert again.root == plain.root and again.fingerprint == plain.fingerprint
+    # the competition layout too: its group column and decoding options
+    rows = []
+    for i in range(2):
+        rgb, m = scene(32, i)
+        cv2.imwrite(str(tmp_path / f"t{i}.png"), rgb[..., ::-1])
+        rows.append((f"T{i}", f"t{i}.png", rle_encode(m)))
+    pd.DataFrame(rows, columns=["img_id", "img_path", "mask_rle"]).to_csv(
+        tmp_path / "train.csv", index=False
+    )
+    a = prepare_data(tmp_path, data_root=w, progress=False).train
+    b = prepare_data(tmp_path, options=other, data_root=w, progress=False).train
+    assert a.root != b.root and a.root.is_dir() and b.root.is_dir()
+
+
 def test_builtin_world_is_regenerated_with_new_parameters(tmp_path, capsys):
     small = dict(n_train=3, train_size=48, n_test=4, test_size=16, test_scene_size=32, seed=1)
     a = prepare_data(None, data_root=tmp_path, synthetic=small, progress=False)

@@ -314,6 +314,15 @@ def _reported(exp: Path) -> list[Path]:
     return sorted(exp.glob("trial_*/run/status.json"))
 
 
+def test_trial_refuses_a_cache_rebuilt_from_other_data(small_world):
+    from bldseg.tune.runner import _data_paths, _open_data
+
+    paths = _data_paths(small_world)
+    assert _open_data(paths).train.fingerprint == small_world.train.fingerprint
+    with pytest.raises(ValueError, match="was rebuilt from other data since the search started"):
+        _open_data({**paths, "fingerprint": "0" * 32})
+
+
 def test_resume_on_other_data_is_refused(small_world, tmp_path):
     # A search's trials are compared with each other: resuming it on changed data would mix
     # models of two datasets in one table. Refused before Ray starts, naming both.
