@@ -89,6 +89,8 @@ def test_folder_data_from_the_command_line(tmp_path):
     assert "15 samples of 64x64 from 6 source scene(s)" in r.stdout
     assert "CPU demo's small settings" in r.stdout
     assert (tmp_path / "run" / "best.pt").is_file()
+    # the headline is labelled as chosen on the tiles it is measured on
+    assert "the epoch and threshold were chosen on these validation tiles" in r.stdout
 
     r = _run(
         [

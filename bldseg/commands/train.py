@@ -116,12 +116,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         what = "mean over folds" if result.status == "completed" else "folds so far"
         print(
             f"{result.status}: {result.message}; best epoch {result.best.get('epoch')} "
-            f"({what}) val Dice {result.best.get('val_dice_best', float('nan')):.4f}; "
-            f"{args.out}/folds.json"
+            f"({what}) {_val_dice(result.best)}; {args.out}/folds.json"
         )
         return 0
     print(
         f"{result.status}: {result.message}; best epoch {result.best.get('epoch')} "
-        f"val Dice {result.best.get('val_dice_best', float('nan')):.4f}; {args.out}/best.pt"
+        f"{_val_dice(result.best)}; {args.out}/best.pt"
     )
     return 0
+
+
+def _val_dice(best: dict) -> str:
+    """The best epoch's validation Dice, saying what was chosen on the same tiles."""
+    nan = float("nan")
+    return (
+        f"val Dice {best.get('val_dice_best', nan):.4f} at threshold "
+        f"{best.get('val_thr_best', nan):.2f} ({best.get('val_dice_05', nan):.4f} at 0.5); the "
+        "epoch and threshold were chosen on these validation tiles, so it is optimistic: score "
+        "held-out images with `bldseg predict --truth` or `--masks`"
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import albumentations as A
+import cv2
 
 # ImageNet statistics, as the pretrained InternImage backbones expect (x/255 then standardised).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,7 +96,16 @@ def build_train_transform(cfg: AugConfig, normalize: bool = True) -> A.Compose:
     """The training pipeline for ``cfg`` (image uint8 (H, W, 3) + mask (H, W))."""
     t: list = []
     if cfg.scale_p > 0 and cfg.scale_limit > 0:
-        t.append(A.RandomScale(scale_limit=cfg.scale_limit, interpolation=1, p=cfg.scale_p))
+        # The mask by pixel centres as the linear image resize does (INTER_NEAREST maps by
+        # floor(dst * s) and shifted masks up to half a pixel against their image).
+        t.append(
+            A.RandomScale(
+                scale_limit=cfg.scale_limit,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST_EXACT,
+                p=cfg.scale_p,
+            )
+        )
     t.append(A.RandomCrop(cfg.crop_size, cfg.crop_size, pad_if_needed=True))
     optional = [
         (cfg.vflip_p, lambda p: A.VerticalFlip(p=p)),

@@ -41,6 +41,9 @@ class SchedConfig:
     pct_start: float = 0.3  # onecycle: share of steps rising
     div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor
     final_div_factor: float = 1e4  # onecycle: final lr = initial / final_div_factor
+    # onecycle: AdamW's beta1 cycles 0.95 -> 0.85 -> 0.95 against the lr (PyTorch's and
+    # fast.ai's one-cycle) in place of optim.beta1; False keeps optim.beta1 throughout
+    cycle_momentum: bool = True
     cycles: int = 1  # cosine_restarts: number of equal first cycles the run would hold
     cycle_mult: float = 1.0  # cosine_restarts: growth of the cycle length
     gamma: float = 1.0  # cosine_restarts: peak decay per cycle
@@ -58,6 +61,7 @@ class SchedConfig:
                 pct_start=self.pct_start,
                 div_factor=self.div_factor,
                 final_div_factor=self.final_div_factor,
+                cycle_momentum=self.cycle_momentum,
             )
         if self.name == "cosine_restarts":
             first = max(2, total_steps // max(1, self.cycles))

@@ -20,6 +20,7 @@ import pickle
 import random
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -485,10 +486,21 @@ def split_for(cfg: RunConfig, cache: Any) -> tuple[np.ndarray, np.ndarray]:
     return split_indices(len(cache), cfg.val_fraction, cfg.split_seed, groups)
 
 
+def _batches(n: int, batch_size: int) -> tuple[int, bool]:
+    """(optimizer steps per epoch, whether the last batch is dropped) for ``n`` samples.
+
+    A last batch of one image is dropped: BatchNorm cannot train on one value per channel, and
+    UPerNet's pyramid pooling makes exactly that (its 1x1 pooled maps). Shorter last batches
+    are kept.
+    """
+    drop = batch_size > 1 and n % batch_size == 1
+    return math.ceil(n / batch_size) - drop, drop
+
+
 def steps_per_epoch(cfg: RunConfig, data: PreparedData) -> int:
     """Optimizer steps in one epoch of ``fit(cfg, data=data)`` (the last batch may be short)."""
     n = cfg.samples_per_epoch or len(split_for(cfg, data.train)[0])
-    return math.ceil(n / cfg.batch_size)
+    return _batches(n, cfg.batch_size)[0]
 
 
 def fit(
@@ -564,8 +576,18 @@ def fit(
     )
 
     n_nets = 2 if cfg.coteach.enabled else 1
+    ct = cfg.coteach
+    if ct.enabled and ct.granularity == "tile" and ct.tau > 0 and ct.tau * cfg.batch_size < 1:
+        # R(T)|D| rounds up (Algorithm 1 keeps at least that many): floor(tau * B) tiles go
+        warnings.warn(
+            f"co-teaching drops floor(tau * batch_size) = floor({ct.tau:g} * {cfg.batch_size}) "
+            "= 0 tiles per batch: the two networks train on every tile, as with tau = 0; use "
+            f"batch_size >= {math.ceil(1 / ct.tau)} or coteach.granularity=pixel",
+            stacklevel=2,
+        )
     models, optimizers, schedulers = [], [], []
-    total_steps = math.ceil(len(train_ds) / cfg.batch_size) * cfg.epochs
+    epoch_steps, drop_last = _batches(len(train_ds), cfg.batch_size)
+    total_steps = epoch_steps * cfg.epochs
     for k in range(n_nets):
         # The two co-teaching networks start differently: everything a checkpoint does not set
         # (the decoder under ImageNet weights, the re-made classifiers) has its own seed.
@@ -635,7 +657,7 @@ def fit(
             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
             num_workers=cfg.num_workers,
             pin_memory=pin,
-            drop_last=False,
+            drop_last=drop_last,
         )
         keep = cfg.coteach.keep_ratio(epoch) if cfg.coteach.enabled else 1.0
         for m in models:

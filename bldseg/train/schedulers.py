@@ -147,7 +147,7 @@ def build_scheduler(name: str, optimizer: Optimizer, total_steps: int, **kw) -> 
     # every group's own LR is its peak, so layer-wise LR ratios survive scheduling
     group_lrs = [g["lr"] for g in optimizer.param_groups]
     allowed = {
-        "onecycle": {"pct_start", "div_factor", "final_div_factor"},
+        "onecycle": {"pct_start", "div_factor", "final_div_factor", "cycle_momentum"},
         "cosine_restarts": {"first_cycle_steps", "cycle_mult", "min_lr", "warmup_steps", "gamma"},
         "poly": {"warmup_steps", "power", "min_lr"},
         "constant": set(),

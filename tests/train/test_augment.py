@@ -140,6 +140,19 @@ def test_image_and_mask_stay_aligned(seed):
     np.testing.assert_array_equal(out["mask"], (out["image"][..., 0] > 127).astype(np.uint8))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_scaled_mask_stays_on_its_image(seed):
+    # A rescaled building's mask must cover the same pixels as its linearly resized image:
+    # blocks of 32 px, scaled by 0.8-1.2, thresholded image vs mask.
+    cfg = AugConfig(crop_size=64, scale_p=1.0, scale_limit=0.2, vflip_p=0.0, hflip_p=0.0)
+    y, x = np.mgrid[:160, :160]
+    mask = (((y // 32) + (x // 32)) % 2).astype(np.uint8)  # (160, 160) checkerboard of 32 px
+    image = np.repeat(mask[..., None] * 255, 3, axis=2)
+    out = _seeded(build_train_transform(cfg, normalize=False), seed)(image=image, mask=mask)
+    from_image = out["image"][..., 0] >= 128
+    assert (from_image != out["mask"].astype(bool)).mean() == 0.0
+
+
 def test_geometric_steps_do_change_the_tile():
     # With p = 1 the flips and rotations must move pixels (else the alignment test is vacuous).
     image = _coded_image()

@@ -162,7 +162,7 @@ def test_scheduler_kwargs_values():
     poly = SchedConfig(name="poly", warmup_frac=0.05, power=0.9).scheduler_kwargs(200)
     assert poly == dict(warmup_steps=10, power=0.9, min_lr=1e-6)
     one = SchedConfig(pct_start=0.2).scheduler_kwargs(10)
-    assert one == dict(pct_start=0.2, div_factor=25.0, final_div_factor=1e4)
+    assert one == dict(pct_start=0.2, div_factor=25.0, final_div_factor=1e4, cycle_momentum=True)
     assert SchedConfig(name="constant").scheduler_kwargs(10) == {}
     poly_fixed = SchedConfig(name="poly", warmup_frac=0.05, warmup_steps=1500)
     assert poly_fixed.scheduler_kwargs(160_000)["warmup_steps"] == 1500

@@ -1,6 +1,7 @@
 import copy
 import json
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -175,6 +176,28 @@ def test_killed_between_best_and_last_keeps_one_story(small_world, tmp_path, mon
     a, b = np.load(tmp_path / "a" / "val_probs.npz"), np.load(out / "val_probs.npz")
     assert np.array_equal(a["probs"], b["probs"])
     assert not list(out.glob("*.pending"))
+
+
+def test_a_last_batch_of_one_image_is_dropped(small_world, tmp_path):
+    # 17 samples in batches of 8: a last batch of one would stop BatchNorm after UPerNet's
+    # 1x1 pyramid pooling ("Expected more than 1 value per channel") at the end of epoch 1.
+    c = cfg(epochs=2, samples_per_epoch=17)
+    assert engine.steps_per_epoch(c, small_world) == 2
+    result = fit(c, tmp_path, data=small_world)
+    assert result.status == "completed" and len(result.history) == 2
+    # 18 samples keep their short last batch of two
+    assert engine.steps_per_epoch(cfg(samples_per_epoch=18), small_world) == 3
+
+
+def test_tile_coteaching_that_drops_nothing_says_so(small_world, tmp_path):
+    # Algorithm 1 keeps at least R(T)|D| samples: floor(0.1 * 8) = 0 tiles dropped per batch
+    c = cfg(epochs=1, samples_per_epoch=16, **{"coteach.enabled": True, "coteach.tau": 0.1})
+    with pytest.warns(UserWarning, match=r"= 0 tiles per batch.*batch_size >= 10"):
+        fit(c, tmp_path / "tile", data=small_world)
+    pixel = c.with_updates({"coteach.granularity": "pixel"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="co-teaching drops")
+        fit(pixel, tmp_path / "pixel", data=small_world)
 
 
 def test_resume_refuses_other_config(small_world, tmp_path):

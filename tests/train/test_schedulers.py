@@ -174,6 +174,27 @@ def test_onecycle_peaks_at_optimizer_lr_at_pct_start():
     assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4)
 
 
+def test_onecycle_cycles_beta1_only_when_asked():
+    # With cycle_momentum (the default, torch's one-cycle) AdamW's beta1 follows 0.95 -> 0.85
+    # -> 0.95 and optim.beta1 is not used; without it beta1 stays what the config says.
+    from bldseg.train.config import RunConfig
+
+    def beta1s(cycle: bool) -> list[float]:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1, betas=(0.9, 0.99))
+        kw = RunConfig.from_flat({"sched.cycle_momentum": cycle}).sched.scheduler_kwargs(100)
+        s = build_scheduler("onecycle", opt, 100, **kw)
+        out = []
+        for _ in range(100):
+            out.append(opt.param_groups[0]["betas"][0])
+            opt.step()
+            s.step()
+        return out
+
+    cycled = beta1s(True)
+    assert cycled[0] == pytest.approx(0.95) and min(cycled) == pytest.approx(0.85)
+    assert beta1s(False) == [0.9] * 100
+
+
 def test_cosine_restarts_by_name_uses_optimizer_lr_and_whole_run():
     opt = _optimizer(0.1)
     s = build_scheduler("cosine_restarts", opt, 50, min_lr=1e-4, warmup_steps=5)
