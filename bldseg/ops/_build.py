@@ -283,8 +283,17 @@ def _build_locked(
             "Install it (pip install ninja) and make sure the environment's bin/ folder is on "
             "PATH (activate the virtual environment)."
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder) + ".lock")
+        lock.acquire()
+    except OSError as err:
+        # a read-only home (containers, HPC nodes): the callers fall back to the reference op
+        raise BuildError(
+            f"cannot write the build folder {folder} ({err}); point $BLDSEG_BUILD_DIR at a "
+            "writable folder"
+        ) from err
+    with lock:
         done = folder / ".done"
         if done.is_file():
             return False

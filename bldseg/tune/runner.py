@@ -1025,7 +1025,9 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         exp_dir = storage / name
         if exp_dir.exists():
             raise ValueError(f"{exp_dir} exists: pass --resume to continue it, or a new --name")
-        base = {**spec.base, "epochs": spec.epochs, "data": spec.data}
+        # absolute: a resume may start in another folder
+        data_path = str(Path(spec.data).resolve()) if spec.data else None
+        base = {**spec.base, "epochs": spec.epochs, "data": data_path}
         data_options = spec.data_options
         RunConfig.from_flat(base)  # a bad fixed value fails here, naming it
         experiment = spec.experiment

@@ -23,6 +23,8 @@ waits instead.)
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import logging
 import math
 import os
@@ -137,10 +139,27 @@ def ensure_experiment(
     )
 
 
-def git_revision(repo_dir: str | os.PathLike = ".") -> tuple[str, bool]:
+def git_revision(repo_dir: str | os.PathLike = ".", *, top: bool = False) -> tuple[str, bool]:
     """``(commit, dirty)``: the checked-out commit (``unknown`` outside git) and whether tracked
-    files differ from it."""
+    files differ from it.
+
+    Args:
+        repo_dir: A folder of the checkout.
+        top: ``repo_dir`` must be the checkout's top folder: a package installed in a virtual
+            environment inside some other repository is not that repository's code.
+    """
     try:
+        if top:
+            found = subprocess.run(
+                ["git", "rev-parse", "--show-toplevel"],
+                cwd=repo_dir,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            ).stdout.strip()
+            if Path(found).resolve() != Path(repo_dir).resolve():
+                return "unknown", False
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"],
             cwd=repo_dir,
@@ -177,9 +196,11 @@ def source_tags(repo_dir: str | os.PathLike = ".", entry: str | None = None) -> 
 
     Returns:
         ``mlflow.source.{name,type,git.commit}`` and ``bldseg.git_dirty`` (whether the commit
-        had uncommitted changes: MLflow's commit tag holds only the commit).
+        had uncommitted changes: MLflow's commit tag holds only the commit) when ``repo_dir``
+        is a git checkout's top folder, and ``bldseg.version`` (the installed package's
+        version: a wheel has no commit).
     """
-    sha, dirty = git_revision(repo_dir)
+    sha, dirty = git_revision(repo_dir, top=True)
     if entry is None:
         script = Path(sys.argv[0] or "python").resolve()
         try:
@@ -187,6 +208,8 @@ def source_tags(repo_dir: str | os.PathLike = ".", entry: str | None = None) -> 
         except ValueError:
             entry = script.name
     tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # a bare checkout
+        tags["bldseg.version"] = importlib.metadata.version("bldseg")
     if sha != "unknown":
         tags["mlflow.source.git.commit"] = sha
         tags["bldseg.git_dirty"] = str(dirty).lower()

@@ -98,6 +98,20 @@ def test_build_failure_carries_compiler_message(
     assert isinstance(err.value, RuntimeError)
 
 
+def test_unwritable_build_folder_is_a_build_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A read-only home (containers, HPC nodes): the op must fall back, not crash the model.
+    # (A folder under a plain file: root may write anywhere else.)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "file" / "builds"))
+    with pytest.raises(BuildError, match=r"cannot write the build folder.*BLDSEG_BUILD_DIR"):
+        load_extension("bldseg_tiny_ro", [_write_tiny(tmp_path / "src", 1)])
+    ext = NativeExtension("bldseg_tiny_ro", [_write_tiny(tmp_path / "src", 1)])
+    with pytest.warns(RuntimeWarning, match="cannot write the build folder"):
+        assert ext.try_load() is False
+
+
 def test_native_extension_remembers_failure(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

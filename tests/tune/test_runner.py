@@ -352,8 +352,9 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
     args = [
         sys.executable,
         str(REPO / "experiments" / "tune_aug.py"),
+        # relative, and the resume below starts in another folder: recorded absolute
         "--data",
-        str(small_world.root),
+        os.path.relpath(small_world.root, tmp_path),
         "--trials",
         "2",
         "--epochs",
@@ -412,8 +413,10 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
     }
     assert first, "no epoch was trained before Ctrl-C"
 
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     out = subprocess.run(
-        [*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [*args, "--resume"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
     statuses = {p.parent.parent.name: json.loads(p.read_text())["status"] for p in _reported(exp)}

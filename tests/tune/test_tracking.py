@@ -63,3 +63,25 @@ def test_queued_calls_run_in_order_before_close_returns(tmp_path):
         tracker.submit(lambda client, i=i: seen.append(i))
     tracker.close()
     assert seen == list(range(20)) and tracker.error is None
+
+
+def test_source_commit_only_for_the_checkout_itself(tmp_path):
+    # bldseg installed from a wheel into a venv inside the user's own repository: the
+    # repository's commit is not bldseg's, so no commit tag; the package version instead.
+    import subprocess
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f.txt").write_text("x")
+    subprocess.run([*git, "-C", str(tmp_path), "add", "f.txt"], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-qm", "c"], check=True)
+    inner = tmp_path / ".venv" / "site-packages"
+    inner.mkdir(parents=True)
+    nested = tracking.source_tags(inner, entry="x.py")
+    assert "mlflow.source.git.commit" not in nested and "bldseg.git_dirty" not in nested
+    top = tracking.source_tags(tmp_path, entry="x.py")
+    head = subprocess.run(
+        ["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert top["mlflow.source.git.commit"] == head and top["bldseg.git_dirty"] == "false"
+    assert nested["bldseg.version"] == top["bldseg.version"] != ""
