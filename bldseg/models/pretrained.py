@@ -13,8 +13,8 @@ Two layouts, told apart by their keys (never by the file name):
   classifiers are re-made when their class count differs from the model's (ADE20K's 150 vs our
   1); everything else loads strictly into the whole model. Our own ``best.pt`` reads the same.
 
-Files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a
-file can never run code here. Nothing is ever downloaded.
+Files are read with ``torch.load(weights_only=True)``: tensors, plain containers and numpy
+numbers (mmseg's ``meta``) only, so a file can never run code here. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             "path of a file on this machine)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_data()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(_refusal(path, e)) from None
     except (RuntimeError, KeyError, EOFError) as e:  # torch's errors for non-checkpoint bytes
@@ -158,6 +159,26 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if ours != k:
             file_names[ours] = k
     return Checkpoint(str(path), "segmentation", state, file_names)
+
+
+def _numpy_data() -> list:
+    """numpy scalars and arrays as ``torch.load(weights_only=True)`` may rebuild them.
+
+    mmseg keeps numbers such as ``meta["hook_msgs"]["best_score"]`` as numpy scalars; these
+    constructors rebuild numbers and plain arrays only (an object array's items still pass the
+    weights-only checks). Files written with numpy 1 name the module ``numpy.core``, numpy 2
+    ``numpy._core``: both names are listed.
+    """
+    import numpy as np
+
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32)
+    kinds += (np.uint64, np.float16, np.float32, np.float64)
+    allowed: list = [np.ndarray, np.dtype, *(type(np.dtype(k)) for k in kinds)]
+    for fn in (core.scalar, core._reconstruct):
+        allowed += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}")]
+        allowed.append((fn, f"numpy._core.multiarray.{fn.__name__}"))
+    return allowed
 
 
 def _to_ours(key: str) -> str:

@@ -6,6 +6,7 @@ inverse of bldseg's mapping, written independently below): no official code is i
 """
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -282,11 +283,32 @@ def test_a_checkpoint_with_pickled_objects_is_refused_unrun(cls_model, tmp_path)
         create_model("upernet_internimage_tiny", pretrained=path)
     assert "io.open" in str(e.value) and "weights_only=False" in str(e.value)
     assert not marker.exists()
-    # numpy objects (as in some mmseg "meta") are refused too, with the way out
-    torch.save({"state_dict": {}, "meta": {"best": np.float64(0.5)}}, tmp_path / "np.pth")
-    with pytest.raises(ValueError, match=r"refusing.*numpy") as e:
+    # an object array may not smuggle one in either
+    payload = np.array([_Payload(marker)], dtype=object)
+    torch.save({"state_dict": {}, "meta": {"x": payload}}, tmp_path / "np.pth")
+    with pytest.raises(ValueError, match="refusing") as e:
         read_checkpoint(tmp_path / "np.pth")
-    assert "'state_dict'" in str(e.value)
+    assert "'state_dict'" in str(e.value) and not marker.exists()
+
+
+def test_numpy_numbers_in_mmseg_meta_are_read(seg150, tmp_path):
+    # mmseg's meta holds numpy numbers (hook_msgs.best_score, iter); numpy 1 named their
+    # module numpy.core, numpy 2 numpy._core: a file of either loads.
+    meta = {"hook_msgs": {"best_score": np.float64(0.47)}, "iter": np.int64(160000)}
+    meta["palette"] = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    path = tmp_path / "np2.pth"
+    torch.save({"state_dict": to_mmseg(seg150.state_dict()), "meta": meta}, path)
+    old = tmp_path / "np1.pth"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(item, data)
+    for f in (path, old):
+        ckpt = read_checkpoint(f)
+        assert ckpt.layout == "segmentation" and len(ckpt.state_dict) == len(seg150.state_dict())
 
 
 def test_fit_starts_both_networks_from_the_checkpoint(
