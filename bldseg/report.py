@@ -91,8 +91,8 @@ def compare_arms(
     bootstrap resamples source images, each drawn image bringing its tiles' scores under every
     seed; it covers which test images were drawn, and the estimate is the mean over seeds and
     tiles. Seed ``i`` of an arm is paired with seed ``i`` of the baseline (same split, crops
-    and initialisation), tile by tile. ``seed_interval``: a bootstrap over the per-seed
-    scores (or differences); it covers training randomness, crudely with few seeds. A
+    and initialisation), tile by tile. ``seed_interval``: Student's t interval over the
+    per-seed scores (or differences); it covers training randomness. A
     difference is ``beyond_noise`` only when both of its intervals exclude 0 on the same side.
 
     Args:
@@ -577,7 +577,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             "",
             f"`{pred['submission']}`: {pred['members']} model(s), threshold "
             f"{pred['threshold']:.4f}; official score against the held-out ground truth: "
-            f"**{score}** (95% bootstrap interval over test images).",
+            f"**{score}** (95% bootstrap interval over the test images' source scenes).",
         ]
     path = out / "REPORT.md"
     tmp = path.with_name("REPORT.tmp.md")

@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,10 @@ def main() -> None:
         }
         write_json(path, record, indent=2, default=float)
         print(f"wrote {path}")
+    failed = [r for r in rows if r["status"] not in ("completed", "early-stopped")]
+    if failed:
+        names = ", ".join(f"{r['arm']} seed {r['seed']} ({r['status']})" for r in failed)
+        sys.exit(f"bench_quality: {len(failed)} of {len(rows)} runs did not finish: {names}")
 
 
 if __name__ == "__main__":

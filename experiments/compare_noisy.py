@@ -17,13 +17,14 @@ runs it finds.
 """
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from bldseg import metrics
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, prepare_data
+from bldseg.io import write_json
 from bldseg.pipeline import PREDICT_BATCH, test_truth
 from bldseg.predict import image_loader, load_checkpoint
 from bldseg.report import TileScores, compare_arms
@@ -82,12 +83,16 @@ def main() -> None:
             "coteach.t_k": max(1, base["epochs"] // 4),
         },
     }
-    rows = []
+    rows, failed = [], []
     tiles: dict[str, dict[str, list[TileScores]]] = {rule: {a: [] for a in arms} for rule in RULES}
     for name, flat in arms.items():
         for seed in args.seeds:
             out = Path(args.out) / name / f"seed{seed}"
             r = fit(RunConfig.from_flat({**flat, "seed": seed}), out, data=data, progress=True)
+            if r.status != "completed":
+                # a paired comparison needs every seed of both arms trained to the end
+                failed.append(f"{name} seed {seed}: {r.status} ({r.message})")
+                continue
             b = r.best
             row = {
                 "run": name,
@@ -112,6 +117,10 @@ def main() -> None:
                 )
                 row[f"test_dice_{rule}"] = metrics.competition_score(pred, truth)
             rows.append(row)
+    if failed:
+        sys.exit(
+            "compare_noisy: runs did not finish, no comparison made:\n  " + "\n  ".join(failed)
+        )
     cols = [
         "run",
         "seed",
@@ -155,14 +164,11 @@ def main() -> None:
         )
     print(
         "The first interval covers which test images were drawn, the second the training "
-        "randomness (a bootstrap over the seeds: crude with 3); a difference is beyond noise "
-        "only when both exclude 0."
+        f"randomness (Student's t over the {len(args.seeds)} seeds); a difference is beyond "
+        "noise only when both exclude 0."
     )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"runs": rows, "summary": summary, "base": base}, indent=2)
-        )
+        write_json(args.json, {"runs": rows, "summary": summary, "base": base})
         print(f"wrote {args.json}")
 
 

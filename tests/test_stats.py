@@ -76,8 +76,20 @@ def test_paired_difference_handles_each_arms_nan():
 def test_mean_interval_of_seeds():
     iv = mean_interval([0.70, 0.72, 0.74])
     assert iv.estimate == pytest.approx(0.72)
-    assert 0.70 - 1e-9 <= iv.low < iv.high <= 0.74 + 1e-9
+    # t(0.975, 2 d.f.) = 4.3027; sd 0.02; 0.02 * 4.3027 / sqrt(3) = 0.0497
+    assert iv.low == pytest.approx(0.72 - 0.049683, abs=1e-6)
+    assert iv.high == pytest.approx(0.72 + 0.049683, abs=1e-6)
     assert str(iv) == f"0.7200 [{iv.low:.4f}, {iv.high:.4f}]"
+    assert mean_interval([0.5]).low == -np.inf
+
+
+def test_seed_interval_excludes_zero_as_often_as_its_level_says():
+    # No effect, 3 seeds: three differences of one sign (a quarter of repeats) must not be
+    # enough; a bootstrap over 3 values excluded zero in ~28% of repeats.
+    rng = np.random.default_rng(0)
+    repeats = 2000
+    hits = sum(mean_interval(rng.normal(0.0, 0.01, 3)).excludes_zero for _ in range(repeats))
+    assert 0.03 < hits / repeats < 0.07
 
 
 def test_unpaired_difference_of_independent_samples():

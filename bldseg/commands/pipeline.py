@@ -23,6 +23,7 @@ submission.csv, REPORT.md, report/*.png}; every stage is an MLflow run linked to
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(report.read_text())
     if args.report_to:
         dest = Path(args.report_to)
-        shutil.copyfile(report, dest)
+        tmp = dest.with_name(dest.name + ".tmp")  # a reader never sees half a report
+        shutil.copyfile(report, tmp)
+        os.replace(tmp, dest)
         shutil.copytree(report.parent / "report", dest.parent / "report", dirs_exist_ok=True)
         print(f"copied the report to {dest}")
     print(f"report: {report}")

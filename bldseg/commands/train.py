@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         result = fit(cfg, args.out, data=data, progress=True)
     for row in result.history:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    if result.status == "diverged":
+        # a failed run: scripts and schedulers must see it (its files say how far it got)
+        return fail(f"training diverged: {result.message}; see {args.out}/history.json")
     if cfg.folds >= 2:
         what = "mean over folds" if result.status == "completed" else "folds so far"
         print(

@@ -233,6 +233,20 @@ def test_diverging_run_ends_as_diverged(small_world, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "diverged"
 
 
+def test_train_command_fails_on_a_diverged_run(small_world, tmp_path, monkeypatch, capsys):
+    from bldseg.commands import train as train_cmd
+
+    def nan_loss(logits, target, weight=None):
+        return bce_loss(logits, target, weight) * float("nan")
+
+    monkeypatch.setitem(LOSSES, "bce", nan_loss)
+    argv = ["--data", str(small_world.root), "--out", str(tmp_path / "run")]
+    for kv in ("loss=bce", "epochs=1", "samples_per_epoch=16", "aug.crop_size=32"):
+        argv += ["--set", kv]
+    assert train_cmd.main(argv) == 1
+    assert "error: training diverged: " in capsys.readouterr().err
+
+
 def test_layer_decay_groups():
     from bldseg.models import create_model
 
