@@ -84,6 +84,38 @@ class PipelineConfig:
     seed: int = 0  # searcher seed
 
 
+#: Settings that change a pipeline's results: continuing a pipeline with others would reuse
+#: its finished stages, ensemble and test maps as if they belonged to the new settings.
+RESULT_SETTINGS = ("data", "data_options", "base", "trials", "epochs", "k_min", "k_max", "seed")
+
+
+class ContinuationError(ValueError):
+    """A recorded pipeline continued with other result settings or data."""
+
+
+def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> None:
+    """Raises ContinuationError naming what differs when a recorded pipeline is continued with other
+    result settings or other training data."""
+    # both as JSON has them (tuples become lists)
+    recorded = json.loads(json.dumps(state.get("config") or {}, default=str))
+    now = json.loads(json.dumps(asdict(cfg), default=str))
+    differ = [
+        f"{k}: {recorded[k]!r} -> {now[k]!r}"
+        for k in RESULT_SETTINGS
+        if k in recorded and recorded[k] != now[k]
+    ]
+    started_on = state.get("data_fingerprint")
+    if started_on and started_on != fingerprint:
+        differ.append(f"training data fingerprint: {started_on} -> {fingerprint}")
+    if differ:
+        raise ContinuationError(
+            f"{_state_path(cfg)} records a pipeline started with other settings ("
+            + "; ".join(differ)
+            + "): its finished stages would be reused as if they were this one's. Pass the "
+            "original settings to continue it, or another --name for a new pipeline"
+        )
+
+
 def _state_path(cfg: PipelineConfig) -> Path:
     return Path(cfg.out) / cfg.name / "pipeline_state.json"
 
@@ -327,6 +359,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     # 0. data + cache (idempotent: an up-to-date cache is only opened)
     data = prepare_data(cfg.data, options=cfg.data_options, data_root=cfg.data_root, verbose=True)
+    check_continuation(cfg, state, data.train.fingerprint)
     if "pipeline_run_id" not in state:
         exp_id = tracking.ensure_experiment(client, cfg.name, uri, ".")
         run = client.create_run(
@@ -346,6 +379,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 "pipeline_run_id": run.info.run_id,
                 "experiment_id": exp_id,
                 "config": asdict(cfg),
+                "data_fingerprint": data.train.fingerprint,
                 "stages": {},
             }
         )

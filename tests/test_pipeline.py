@@ -308,6 +308,25 @@ def _raise_on_call(n: int, real):
     return wrapper
 
 
+def test_continuing_with_other_settings_is_refused(fake_baseline, small_world):
+    # The same --name with other epochs/trials would reuse the finished stages, ensemble and
+    # test maps as if they were the new settings': refused before anything runs.
+    from dataclasses import replace
+
+    from bldseg import pipeline
+
+    root, state = fake_baseline
+    before = (root / "results" / "pipeline" / "pipeline_state.json").read_text()
+    same = _config(small_world, root)
+    pipeline.check_continuation(same, state, small_world.train.fingerprint)  # no complaint
+    other = replace(same, epochs=2, trials=3)
+    with pytest.raises(pipeline.ContinuationError, match=r"trials: 2 -> 3; epochs: 1 -> 2"):
+        pipeline.run_pipeline(other)
+    assert (root / "results" / "pipeline" / "pipeline_state.json").read_text() == before
+    with pytest.raises(pipeline.ContinuationError, match="training data fingerprint"):
+        pipeline.check_continuation(same, state, "0" * 32)
+
+
 def test_fake_pipeline_submits_what_the_ensemble_search_decided(fake_baseline):
     _, state = fake_baseline
     ens, pred = state["ensemble"], state["predict"]

@@ -28,8 +28,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from bldseg.commands import fail
 from bldseg.data.prepare import add_data_arguments, data_options
-from bldseg.pipeline import PipelineConfig, run_pipeline
+from bldseg.pipeline import ContinuationError, PipelineConfig, run_pipeline
 from bldseg.tune.cli import (
     DEFAULT_EPOCHS,
     add_folds_argument,
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     try:
         state = run_pipeline(cfg)
+    except ContinuationError as e:
+        return fail(e, prog)
     except KeyboardInterrupt:
         # run_pipeline recorded only the stages that finished: the same command resumes.
         print(
