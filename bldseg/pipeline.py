@@ -36,18 +36,21 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from bldseg import metrics, stats
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
 from bldseg.data.rle import rle_decode
+from bldseg.ensemble.library import FOLDS_FILE, VAL_FILE, find_runs
 from bldseg.predict import (
     EnsembleSpec,
     image_loader,
-    load_checkpoint,
+    load_member,
     predict_cache,
     write_submission,
 )
 from bldseg.train.engine import predict_probs
+from bldseg.train.folds import fold_dir
 from bldseg.tune import tracking
 from bldseg.tune.runner import META_FILE as SEARCH_META
 from bldseg.tune.runner import METRIC, SearchSpec, run_search
@@ -164,17 +167,30 @@ def test_truth(data: PreparedData) -> np.ndarray:
     ).astype(bool)
 
 
+def _member_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint files behind a library entry: ``best.pt``, or a K-fold run's folds'."""
+    folds = run_dir / FOLDS_FILE
+    if folds.is_file():
+        k = int(json.loads(folds.read_text())["folds"])
+        return [fold_dir(run_dir, f) / "best.pt" for f in range(k)]
+    return [run_dir / "best.pt"]
+
+
 def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> Path:
     """``test_probs.npz`` next to a model's ``val_probs.npz``: its held-out test maps.
 
-    Kept while it is newer than ``best.pt`` (a resumed trial may have saved a better epoch).
+    A K-fold run is one model, its folds' mean (as its out-of-fold ``val_probs.npz`` is one
+    library entry). Kept while it is newer than every checkpoint behind it (a resumed trial may
+    have saved a better epoch).
     """
     path = run_dir / TEST_FILE
-    if path.exists() and path.stat().st_mtime_ns >= (run_dir / "best.pt").stat().st_mtime_ns:
+    stamps = [c.stat().st_mtime_ns for c in _member_checkpoints(run_dir)]
+    if path.exists() and path.stat().st_mtime_ns >= max(stamps):
         return path
-    model, _, _ = load_checkpoint(run_dir / "best.pt")
+    models, _, _ = load_member(run_dir)  # one model, or a K-fold run's K
+    first = models if isinstance(models, torch.nn.Module) else models[0]
     loader = image_loader(data.test, PREDICT_BATCH)
-    probs = predict_probs(model, loader, next(model.parameters()).device)
+    probs = predict_probs(models, loader, next(first.parameters()).device)
     tmp = path.with_name("test_probs.tmp.npz")
     ids = np.array(data.test.ids)
     np.savez(
@@ -470,7 +486,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     # 4. held-out test maps of every trained model (the synthetic world has test truth)
     truth = test_truth(data) if data.test is not None and data.test_truth_csv else None
-    runs = sorted(p.parent for p in storage.rglob("best.pt"))
+    # the ensemble library's entries: a K-fold run is one (its folds are not models of their own)
+    runs = find_runs(storage) if any(storage.rglob(VAL_FILE)) else []
     if truth is not None:
         with _stage(client, pipeline_run, "test library"):
             for r in runs:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -325,6 +326,31 @@ def test_continuing_with_other_settings_is_refused(fake_baseline, small_world):
     assert (root / "results" / "pipeline" / "pipeline_state.json").read_text() == before
     with pytest.raises(pipeline.ContinuationError, match="training data fingerprint"):
         pipeline.check_continuation(same, state, "0" * 32)
+
+
+def test_fake_pipeline_with_kfold_trials(small_world, tmp_path, monkeypatch):
+    # --folds K: a trial's run folder holds the K folds and one out-of-fold library. It is one
+    # model for the test library, the ensemble search and the report, not K + 1.
+    from bldseg import pipeline
+    from bldseg.ensemble.library import find_runs
+    from bldseg.train import RunConfig
+    from bldseg.train.folds import fit_folds
+
+    kfolds = [tmp_path / "models" / f"k{seed}" for seed in (0, 1)]
+    for seed, out in enumerate(kfolds):
+        flat = {**TRAIN, "folds": 2, "split_group": r"TRAIN_\d\d(\d)", "seed": seed}
+        assert fit_folds(RunConfig.from_flat(flat), out, data=small_world).status == "completed"
+    monkeypatch.setattr(pipeline, "run_search", FakeSearches(kfolds))
+    state = pipeline.run_pipeline(_config(small_world, tmp_path))
+    storage = tmp_path / "runs" / "pipeline"
+    assert len(find_runs(storage)) == 6  # 3 stages x 2 trials
+    for stage in ("tune_aug", "tune_sched", "tune_tau"):
+        run = storage / f"pipeline-{stage}" / "trial_0" / "run"
+        assert (run / "folds.json").is_file() and (run / "test_probs.npz").is_file()
+        assert not list(run.glob("fold*/test_probs.npz"))
+        assert "sweep" in {k.removeprefix("test_dice_") for k in state["stages"][stage]["test"]}
+    assert np.isfinite(state["ensemble"]["best"]["test_dice"])  # the test column is there
+    assert (tmp_path / "results" / "pipeline" / "REPORT.md").is_file()
 
 
 def test_fake_pipeline_submits_what_the_ensemble_search_decided(fake_baseline):
