@@ -597,6 +597,8 @@ def read_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> 
     if img.shape[2] == 2:  # grey + alpha
         img = _fill_alpha(img[..., :1], img[..., 1], path, options)
     elif img.shape[2] == 4:  # BGRA
+        if path.suffix.lower() in geo.GEO_SUFFIXES:
+            img = _tiff_straight_bgra(path, img)
         img = _fill_alpha(img[..., :3], img[..., 3], path, options)
     if img.shape[2] == 1:
         grey = img[..., 0]
@@ -612,6 +614,20 @@ def read_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> 
         sel = rgb[..., [b - 1 for b in options.bands]]
         rgb = np.repeat(sel, 3, axis=2) if sel.shape[2] == 1 else np.ascontiguousarray(sel)
     return rgb
+
+
+def _tiff_straight_bgra(path: Path, bgra: np.ndarray) -> np.ndarray:
+    """A 4-channel TIFF's pixels with straight (not premultiplied) colour: (H, W, 4) BGRA.
+
+    OpenCV returns a TIFF's colour multiplied by its alpha (libtiff's RGBA interface), so
+    filling the transparent pixels would multiply by alpha twice. PIL reads unassociated alpha
+    as it is stored and converts associated (premultiplied) alpha back.
+    """
+    with Image.open(path) as im:
+        if im.mode not in ("RGBA", "RGBa"):
+            return bgra  # no colour + alpha PIL knows: OpenCV's reading stands
+        rgba = np.asarray(im.convert("RGBA"))  # (H, W, 4) RGBA, straight alpha
+    return np.ascontiguousarray(rgba[..., [2, 1, 0, 3]])
 
 
 @dataclass

@@ -141,6 +141,25 @@ def test_grey_16bit_and_alpha_images(tmp_path):
         read_image(tmp_path / "transparent.png")
 
 
+def test_tiff_alpha_is_filled_once_as_in_a_png(tmp_path):
+    # OpenCV returns a TIFF's colour premultiplied by its alpha: --alpha fill must give the
+    # same pixels as the same RGBA saved as PNG, not the colour multiplied twice.
+    from PIL import Image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[..., 3] = 255
+    rgba[:4, :, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.tif")  # unassociated alpha
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    fill = ReadOptions(alpha="fill")
+    png = read_image(tmp_path / "a.png", fill)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.tif", fill), png)
+    assert tuple(png[0, 0]) == (100, 50, 25) and tuple(png[7, 0]) == (200, 100, 50)
+    with pytest.raises(ValueError, match="transparent"):
+        read_image(tmp_path / "a.tif")
+
+
 def test_tile_windows_cover_without_padding():
     wins = tile_windows(100, 70, 32)
     ys = sorted({w[0] for w in wins})
