@@ -68,7 +68,10 @@ from bldseg.tune import tracking
 
 log = logging.getLogger(__name__)
 
-METRIC = "val_dice_best"  # what the searcher and ASHA optimise (validation Dice, best threshold)
+METRIC = "val_dice_best"  # what ASHA compares at its rungs (validation Dice, best threshold)
+# What the searcher (Optuna) is told a trial scored: the best epoch so far, as the table, the
+# trial's best.pt and the ensemble rank trials (Tune hands the searcher the last report).
+SEARCHER_METRIC = "val_dice_max"
 # Reported first: Tune's console table shows the first four metrics a trial reports.
 CONSOLE_METRICS = (METRIC, "val_thr_best", "epoch", "train_loss")
 # The one file of a trial's Tune checkpoint: {"epoch": n, "trial_id": ...}. The weights stay in
@@ -257,7 +260,9 @@ def _make_searcher(spec: SearchSpec):
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
     else:
         raise ValueError(f"--search {spec.search!r}: use optuna or random")
-    return OptunaSearch(space=get_space(spec.space), metric=METRIC, mode="max", sampler=sampler)
+    return OptunaSearch(
+        space=get_space(spec.space), metric=SEARCHER_METRIC, mode="max", sampler=sampler
+    )
 
 
 def _make_scheduler(spec: SearchSpec):
@@ -580,7 +585,11 @@ def trial_fn(
             with tempfile.TemporaryDirectory() as tmp:
                 meta = {"epoch": row["epoch"], "trial_id": trial_id}
                 (Path(tmp) / CKPT_FILE).write_text(json.dumps(meta))
-                tune.report(_report_row(row), checkpoint=Checkpoint.from_directory(tmp))
+                best_so_far = max(r[METRIC] for r in seen)
+                tune.report(
+                    {**_report_row(row), SEARCHER_METRIC: best_so_far},
+                    checkpoint=Checkpoint.from_directory(tmp),
+                )
 
         before = _read_json(run_dir / STATUS_FILE, {})  # the last attempt's, if any
         for row in history:
@@ -613,7 +622,8 @@ def trial_fn(
         if status == "diverged":
             tracker.close()  # its metrics are in MLflow before the last report
             # a final report so the searcher learns this region is bad; Dice 0 is the honest floor
-            tune.report({METRIC: 0.0, "diverged": 1, "epoch": seen[-1]["epoch"] if seen else 0})
+            epoch = seen[-1]["epoch"] if seen else 0
+            tune.report({METRIC: 0.0, SEARCHER_METRIC: 0.0, "diverged": 1, "epoch": epoch})
     except Exception as e:
         # Recorded for the driver, which finalises the trial once Tune gives up on it.
         record("error", f"{type(e).__name__}: {str(e).strip()[:1000]}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bldseg.tune.runner import METRIC, SearchSpec, run_search
+from bldseg.tune.runner import METRIC, SEARCHER_METRIC, SearchSpec, run_search
 from bldseg.tune_spaces import SPACES
 from tests.conftest import free_port
 from tests.tune.servers import start_mlflow_server, stop_mlflow_server
@@ -127,6 +127,13 @@ def check_trial_records(result, client) -> dict[str, str]:
             assert m["best_threshold"] == pytest.approx(best["val_thr_best"], rel=1e-5)
         steps = [x.step for x in client.get_metric_history(run.info.run_id, METRIC)]
         assert sorted(steps) == [h["epoch"] for h in history]  # each epoch once, step = epoch
+        # the searcher is told the best epoch so far, as the table ranks trials
+        tune_results = run_dir.parent / "result.json"
+        if history:
+            reports = [json.loads(line) for line in tune_results.read_text().splitlines()]
+            reported = [(r["epoch"], r[SEARCHER_METRIC]) for r in reports if "epoch" in r]
+            running = [max(h[METRIC] for h in history[:i]) for i in range(1, len(history) + 1)]
+            assert reported == [(h["epoch"], m) for h, m in zip(history, running, strict=True)]
         statuses[row["trial_id"]] = row["status"]
     return statuses
 
