@@ -350,4 +350,11 @@ def ensure_cache(
     with FileLock(str(cache_dir.parent / f".{cache_dir.name}.lock")):
         if _is_current(cache_dir, fingerprint):
             return DatasetCache(cache_dir)
+        # Builds killed outside Python (SIGKILL, out of memory, a preempted machine) leave their
+        # hidden folders, as large as the cache; under the lock no build of this cache runs.
+        for stale in [
+            *cache_dir.parent.glob(f".{cache_dir.name}.tmp-*"),
+            *cache_dir.parent.glob(f".{cache_dir.name}.old-*"),
+        ]:
+            shutil.rmtree(stale, ignore_errors=True)
         return build_cache(records, cache_dir, progress=progress)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,12 @@ def split_indices(
     """Deterministic split of ``n`` samples into train and validation indices, by group.
 
     Whole groups go to one side, so tiles cut from one scene (or one area, see
-    :func:`split_groups`) never sit on both sides. Groups are shuffled and taken for validation
-    until they hold ``round(n * val_fraction)`` samples; with one group per sample this is the
-    plain random split by image.
+    :func:`split_groups`) never sit on both sides. Groups are shuffled and, in that order, each
+    is taken for validation when it brings the validation side closer to ``round(n *
+    val_fraction)`` samples (a group larger than that is passed over, not taken whole: one
+    scene of 95 tiles among 100 would have made the 5% split 95% validation); when no group
+    fits, the smallest is taken. With one group per sample this is the plain random split by
+    image. A split far from the fraction asked for (groups too uneven) warns.
 
     Args:
         n: Number of samples.
@@ -64,9 +68,21 @@ def split_indices(
     target = min(n - 1, max(1, round(n * val_fraction)))
     sizes = np.bincount(codes, minlength=n_groups)
     perm = np.random.default_rng(seed).permutation(n_groups)
-    # Take groups until the target is reached, keeping at least one group for training.
-    taken = np.searchsorted(np.cumsum(sizes[perm]), target) + 1
-    val_groups = perm[: min(taken, n_groups - 1)]
+    val_groups, size = [], 0
+    for g in perm:
+        if abs(size + sizes[g] - target) < abs(size - target):
+            val_groups.append(g)
+            size += int(sizes[g])
+    if not val_groups:  # every group is larger than the target: the smallest one
+        val_groups = [perm[np.argmin(sizes[perm])]]
+        size = int(sizes[val_groups[0]])
+    if not 0.5 * target <= size <= 2 * target:
+        warnings.warn(
+            f"val_fraction={val_fraction}: whole split groups give {size} of {n} samples "
+            f"({size / n:.1%}) for validation instead of about {target}; the groups (source "
+            "scenes) are too uneven for this fraction: change val_fraction or --split-group",
+            stacklevel=2,
+        )
     is_val = np.isin(codes, val_groups)
     idx = np.arange(n)
     return idx[~is_val], idx[is_val]
@@ -241,6 +257,11 @@ class RandomCropDataset(Dataset):
     Each item is ``{"image": (3, S, S) float, "mask": (1, S, S) float, "index": int}``.
     Randomness is keyed by ``(seed, epoch, item)``, so a run is reproducible with any number
     of workers; call :meth:`set_epoch` at the start of each epoch.
+
+    Images are drawn as one shuffled stream across epochs, every image once per pass over the
+    training set: with ``samples_per_epoch`` below the number of images, successive epochs go
+    on through the pass (item i of every epoch was image i: the images past the first
+    ``samples_per_epoch`` were never trained on).
     """
 
     def __init__(
@@ -276,6 +297,20 @@ class RandomCropDataset(Dataset):
         self.samples_per_epoch = samples_per_epoch or len(self.indices)
         self.seed = seed
         self.epoch = 0
+        self._passes: dict[int, np.ndarray] = {}  # pass number -> its image order (a few kept)
+
+    def _image(self, item: int) -> int:
+        """Cache index of the image behind ``item`` of the current epoch."""
+        n = len(self.indices)
+        pass_no, pos = divmod(self.epoch * self.samples_per_epoch + item, n)
+        order = self._passes.get(pass_no)
+        if order is None:
+            # the constant keeps this stream apart from the crops' (seed, epoch, item) keys
+            order = np.random.default_rng((self.seed, 7_919, pass_no)).permutation(n)
+            if len(self._passes) >= 4:
+                self._passes.pop(min(self._passes))
+            self._passes[pass_no] = order
+        return int(self.indices[order[pos]])
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the random stream of ``epoch`` (call before iterating each epoch)."""
@@ -286,7 +321,7 @@ class RandomCropDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         rng = np.random.default_rng((self.seed, self.epoch, item))
-        index = int(self.indices[item % len(self.indices)])
+        index = self._image(item)
         h, w = self.cache.image_size
         wh, ww = self.window
         y = int(rng.integers(0, h - wh + 1))

@@ -19,6 +19,7 @@ libraries combine unchanged.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,16 @@ class ModelLibrary:
             tile_ids=self.tile_ids[tiles],
             image_ids=self.image_ids[tiles],
         )
+
+
+_UNREADABLE = (OSError, EOFError, ValueError, zipfile.BadZipFile)  # truncated or garbage files
+
+
+def _cannot_read(name: str, f: Path, err: BaseException) -> ValueError:
+    return ValueError(
+        f"model {name!r} ({f}): cannot read it ({type(err).__name__}: {err}); retrain the run "
+        "or remove it from the search folder"
+    )
 
 
 def find_runs(root: str | os.PathLike, file_name: str = VAL_FILE) -> list[Path]:
@@ -178,15 +189,24 @@ def load_library(
     probs = None
     truth = tile_ids = image_ids = None
     for m, (name, f) in enumerate(zip(names, npz, strict=True)):
-        with np.load(f, allow_pickle=False) as z:
+        try:
+            z = np.load(f, allow_pickle=False)
+        except _UNREADABLE as e:
+            raise _cannot_read(name, f, e) from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise _cannot_read(name, f, ValueError("an .npy array, not an .npz archive"))
+        with z:
             missing = [a for a in ("probs", "truth", "tile_ids", "image_ids") if a not in z]
             if missing:
                 raise ValueError(f"model {name!r} ({f}) lacks array(s) {missing}")
-            p, t = z["probs"], z["truth"]
             # Source scenes when recorded (tiles of one scene must stay on one side of the
             # selection/check split), else the sample ids of older libraries.
             ids_key = "group_ids" if "group_ids" in z else "image_ids"
-            tid, iid = z["tile_ids"].astype(str), z[ids_key].astype(str)
+            try:  # the arrays are read here, lazily: a truncated archive fails now
+                p, t = z["probs"], z["truth"]
+                tid, iid = z["tile_ids"].astype(str), z[ids_key].astype(str)
+            except _UNREADABLE as e:
+                raise _cannot_read(name, f, e) from None
         if p.dtype != np.uint8 or p.ndim != 3:
             raise ValueError(
                 f"model {name!r} ({f}): probs must be uint8 (T, S, S) quantised maps, got "

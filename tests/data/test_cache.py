@@ -72,6 +72,24 @@ def test_interrupted_build_leaves_no_valid_cache(tmp_path):
         DatasetCache(tmp_path / "cache")
 
 
+def test_a_build_killed_outside_python_is_cleaned_up_by_the_next(tmp_path):
+    # SIGKILL or an out-of-memory kill leaves the hidden build folder (as large as the cache)
+    csv, _ = make_competition(tmp_path / "ds", n=3)
+    for leftover in (".cache.tmp-0badc0de", ".cache.old-0badc0de"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "images.npy").write_bytes(b"\0" * 1024)
+    other = tmp_path / ".other.tmp-0badc0de"  # another cache's build: not ours to remove
+    other.mkdir()
+    cache = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    assert len(cache) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cache.lock",
+        ".other.tmp-0badc0de",
+        "cache",
+        "ds",
+    ]
+
+
 def test_failed_rebuild_keeps_the_old_cache(tmp_path):
     csv, _ = make_competition(tmp_path / "ds", n=3)
     good = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)

@@ -42,6 +42,20 @@ def _scenes(sizes: list[int]) -> list[str]:
     return [labels[i] for i in np.random.default_rng(0).permutation(len(labels))]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_one_huge_scene_does_not_become_the_validation_side(seed):
+    # a scene of 95 tiles and five single tiles at 5%: the big scene was taken whole whenever
+    # the shuffle put it first (train 1 / val 99), silently
+    groups = _scenes([95, 1, 1, 1, 1, 1])
+    tr, va = split_indices(100, 0.05, seed=seed, groups=groups)
+    assert len(va) == 5 and len(tr) == 95
+    assert {groups[i] for i in va}.isdisjoint(groups[i] for i in tr)
+    # no split near the fraction is possible: the smallest group, and a warning saying so
+    with pytest.warns(UserWarning, match=r"val_fraction=0.05: whole split groups give 40"):
+        tr, va = split_indices(100, 0.05, seed=seed, groups=_scenes([60, 40]))
+    assert len(va) == 40
+
+
 @pytest.mark.parametrize("k", [2, 3, 5, 7])
 def test_folds_partition_the_groups(k):
     groups = _scenes([9, 1, 4, 4, 6, 2, 3, 3, 5, 1, 2])  # 40 tiles of 11 scenes
@@ -155,6 +169,23 @@ def test_dataloader_workers_match_main_process(cache):
     loader = DataLoader(ds, batch_size=2, num_workers=2, shuffle=False)
     got = torch.cat([b["image"] for b in loader])
     assert torch.equal(got, torch.stack(main))
+
+
+def test_short_epochs_go_on_through_every_image(cache):
+    # 5 images, 2 samples per epoch: epochs continue one shuffled pass after another, so every
+    # image is drawn once per pass (item i of every epoch used to be image i: images 2-4 never)
+    ds = RandomCropDataset(cache, [0, 1, 2, 3, 4], None, window=16, samples_per_epoch=2)
+    drawn = []
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        drawn += [ds[i]["index"] for i in range(2)]
+    assert sorted(drawn) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert drawn[:5] != [0, 1, 2, 3, 4] or drawn[5:] != [0, 1, 2, 3, 4]  # shuffled passes
+    # long epochs: each image as often as the epoch allows, and the same draw every time
+    long = RandomCropDataset(cache, [0, 1, 2, 3, 4], None, window=16, samples_per_epoch=12)
+    counts = np.bincount([long[i]["index"] for i in range(12)], minlength=5)
+    assert sorted(counts.tolist()) == [2, 2, 2, 3, 3]
+    assert [long[i]["index"] for i in range(12)] == [long[i]["index"] for i in range(12)]
 
 
 def test_training_needs_masks(tmp_path):

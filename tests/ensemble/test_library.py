@@ -78,6 +78,19 @@ def test_missing_file_and_duplicates(runs, tmp_path):
         find_runs(tmp_path / "results" / "trial_model00" / "..", file_name="nothing.npz")
 
 
+def test_unreadable_member_is_named(runs):
+    # a garbage or truncated val_probs.npz: a ValueError naming the model (the command's one
+    # line and status 2), not a zipfile traceback
+    _, folders = runs
+    f = folders[1] / "val_probs.npz"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model .*: cannot read it \(BadZipFile"):
+        load_library(folders)
+    f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read it"):
+        load_library(folders)
+
+
 def test_split_by_image_keeps_images_whole():
     ids = np.repeat(np.array([f"img{i}" for i in range(10)]), 3)
     sel, chk = split_by_image(ids, 0.5, seed=1)
