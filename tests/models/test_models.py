@@ -190,3 +190,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_decoder_starts_as_mmseg_initialises_it():
+    # mmcv's ConvModule: Kaiming normal (fan_out, ReLU); mmseg's conv_seg: N(0, 0.01), bias 0
+    from bldseg.models.decoders.upernet import ConvBNReLU
+
+    torch.manual_seed(0)
+    model = create_model("upernet_internimage_t", impl="reference")
+    convs = [m.conv for m in model.decode_head.modules() if isinstance(m, ConvBNReLU)]
+    assert len(convs) > 5
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        expected = (2.0 / fan_out) ** 0.5
+        assert abs(conv.weight.std().item() / expected - 1) < 0.05, (conv, expected)
+    for head in (model.decode_head, model.aux_head):
+        assert abs(head.classifier.weight.std().item() - 0.01) < 0.002
+        assert torch.equal(head.classifier.bias, torch.zeros_like(head.classifier.bias))

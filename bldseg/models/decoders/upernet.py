@@ -28,6 +28,14 @@ def _rename_prefix(state_dict: dict, old: str, new: str) -> None:
         state_dict[new + k[len(old) :]] = state_dict.pop(k)
 
 
+def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """The per-pixel 1x1 classifier, initialised as mmseg's ``conv_seg``: N(0, 0.01), bias 0."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 class ConvBNReLU(nn.Sequential):
     """Conv2d (no bias) -> BatchNorm2d -> ReLU, named ``conv``/``bn``/``act`` as mmcv's
     ConvModule."""
@@ -42,6 +50,9 @@ class ConvBNReLU(nn.Sequential):
                 act=nn.ReLU(inplace=True),
             )
         )
+        # mmcv's ConvModule.init_weights: Kaiming normal, fan_out, for the ReLU after it
+        # (PyTorch's default leaves these weights about 5x smaller at 512 channels)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         self.register_load_state_dict_pre_hook(self._load_legacy_names)
 
     @staticmethod
@@ -96,7 +107,7 @@ class UPerHead(nn.Module):
         self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in lower)
         self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = _classifier(channels, num_classes)
         self.register_load_state_dict_pre_hook(self._load_legacy_names)
 
     @staticmethod
@@ -142,7 +153,7 @@ class FCNHead(nn.Module):
         super().__init__()
         self.conv = ConvBNReLU(in_channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = _classifier(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, num_classes, h, w)."""
