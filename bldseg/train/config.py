@@ -120,7 +120,9 @@ class RunConfig:
     fold: int = 0  # with folds >= 2: the held-out partition this run trains without (0..K-1)
     val_tile: int = 0  # side of validation tiles; 0: the training crop size
     epochs: int = 10  # training epochs
-    samples_per_epoch: int = 0  # crops per epoch; 0: one per training image
+    # crops per epoch; 0: one per training image. Fewer than the images: epochs go on through
+    # one shuffled pass over all of them (RandomCropDataset)
+    samples_per_epoch: int = 0
     batch_size: int = 8  # crops per step
     loss: str = "bce"  # bce | dice | bce_dice | lovasz
     aux_weight: float = 0.4  # weight of the auxiliary head's loss
