@@ -149,6 +149,18 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert err.startswith("bldseg ensemble: error: ") and missing in err
 
 
+def test_ensemble_checks_runs_before_starting_ray(tmp_path, capsys, monkeypatch):
+    import bldseg.tune.runner
+
+    def no_ray(*_):
+        raise AssertionError("Ray was started before --runs was checked")
+
+    monkeypatch.setattr(bldseg.tune.runner, "init_ray", no_ray)
+    missing = str(tmp_path / "missing")
+    assert cli.main(["ensemble", "--runs", missing]) == 2  # default: Ray workers
+    assert missing in capsys.readouterr().err
+
+
 def test_python_m_bldseg_without_torch():
     """``python -m bldseg`` works, and listing the commands does not import torch (fast)."""
     r = subprocess.run(

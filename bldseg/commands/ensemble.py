@@ -32,6 +32,7 @@ import argparse
 import json
 import sys
 
+from bldseg.ensemble.library import find_runs
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
 from bldseg.ensemble.run import SearchConfig, run_search, summary_lines
 from bldseg.ensemble.search import default_workers
@@ -141,6 +142,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     a = parser.parse_args(argv)
     ks = list(range(a.k_range[0], a.k_range[1] + 1)) if a.k_range else [a.k]
     workers = a.workers
+    if a.runs and not a.models:
+        try:  # before Ray: a mistyped --runs should not first start or join a cluster
+            find_runs(a.runs)
+        except FileNotFoundError as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
     if a.method == "exhaustive" and workers != 0:
         from bldseg.tune.runner import init_ray
 
