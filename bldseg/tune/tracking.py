@@ -148,34 +148,19 @@ def git_revision(repo_dir: str | os.PathLike = ".", *, top: bool = False) -> tup
         top: ``repo_dir`` must be the checkout's top folder: a package installed in a virtual
             environment inside some other repository is not that repository's code.
     """
+
+    def git(*args: str, check: bool = True) -> str:
+        run = subprocess.run(
+            ["git", *args], cwd=repo_dir, capture_output=True, text=True, check=check, timeout=10
+        )
+        return run.stdout.strip()
+
     try:
-        if top:
-            found = subprocess.run(
-                ["git", "rev-parse", "--show-toplevel"],
-                cwd=repo_dir,
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=10,
-            ).stdout.strip()
-            if Path(found).resolve() != Path(repo_dir).resolve():
-                return "unknown", False
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=repo_dir,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo_dir,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout
-        return sha, bool(dirty.strip())
+        if top and Path(git("rev-parse", "--show-toplevel")).resolve() != Path(repo_dir).resolve():
+            return "unknown", False
+        sha = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", check=False)
+        return sha, bool(dirty)
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
 
