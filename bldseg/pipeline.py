@@ -44,13 +44,13 @@ from bldseg.data.rle import rle_decode
 from bldseg.ensemble.library import FOLDS_FILE, VAL_FILE, find_runs
 from bldseg.predict import (
     EnsembleSpec,
+    fold_checkpoints,
     image_loader,
     load_member,
     predict_cache,
     write_submission,
 )
 from bldseg.train.engine import predict_probs
-from bldseg.train.folds import fold_dir
 from bldseg.tune import tracking
 from bldseg.tune.runner import META_FILE as SEARCH_META
 from bldseg.tune.runner import METRIC, SearchSpec, run_search
@@ -170,10 +170,7 @@ def test_truth(data: PreparedData) -> np.ndarray:
 def _member_checkpoints(run_dir: Path) -> list[Path]:
     """The checkpoint files behind a library entry: ``best.pt``, or a K-fold run's folds'."""
     folds = run_dir / FOLDS_FILE
-    if folds.is_file():
-        k = int(json.loads(folds.read_text())["folds"])
-        return [fold_dir(run_dir, f) / "best.pt" for f in range(k)]
-    return [run_dir / "best.pt"]
+    return fold_checkpoints(folds)[0] if folds.is_file() else [run_dir / "best.pt"]
 
 
 def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> Path:

@@ -279,12 +279,18 @@ def check_member(path: str | os.PathLike) -> Path:
         what = "K-fold manifest" if path.name == FOLDS_FILE else "checkpoint"
         raise FileNotFoundError(f"{what} not found: {path}")
     if path.name == FOLDS_FILE:
-        _fold_checkpoints(path)
+        fold_checkpoints(path)
     return path
 
 
-def _fold_checkpoints(manifest_path: Path) -> tuple[list[Path], dict]:
-    """The fold checkpoints of a K-fold manifest, each checked to exist, and the manifest."""
+def fold_checkpoints(manifest_path: Path) -> tuple[list[Path], dict]:
+    """The fold checkpoints of a K-fold manifest (``folds.json``), each checked to exist, and
+    the manifest.
+
+    Raises:
+        FileNotFoundError: A fold's ``best.pt`` is missing (the message says how to train it).
+        ValueError: Not a K-fold run manifest.
+    """
     manifest = json.loads(manifest_path.read_text())
     if "folds" not in manifest or "config" not in manifest:
         raise ValueError(
@@ -317,7 +323,7 @@ def load_member(path: str | os.PathLike, device: torch.device | str = "cpu"):
         return load_checkpoint(path, device)
     if not path.is_file():
         raise FileNotFoundError(f"K-fold manifest not found: {path}")
-    ckpts, manifest = _fold_checkpoints(path)
+    ckpts, manifest = fold_checkpoints(path)
     models = [load_checkpoint(ckpt, device)[0] for ckpt in ckpts]
     return models, RunConfig.from_flat(manifest["config"]), manifest.get("oof", {})
 
