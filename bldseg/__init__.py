@@ -6,4 +6,11 @@ Sub-packages:
     ops: native operators (DCNv3) with their pure-PyTorch references.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# albumentations asks PyPI for a newer version at import unless told not to: every trial
+# worker and predictor would make a network call (and warn on an offline cluster node).
+# setdefault: a user who wants the check can still set the variable to 0.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

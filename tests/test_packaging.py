@@ -255,3 +255,12 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
 
     times["total"] = time.perf_counter() - t0
     print("\n" + "\n".join(f"{k:18s} {v:6.1f} s" for k, v in times.items()))
+
+
+def test_albumentations_update_check_off():
+    # albumentations asks PyPI for a newer version at import unless this is set
+    code = "import os, bldseg.train.augment; print(os.environ['NO_ALBUMENTATIONS_UPDATE'])"
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"

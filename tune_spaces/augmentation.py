@@ -3,10 +3,11 @@
 import optuna
 
 
-def space(trial: optuna.Trial) -> None:
+def space(trial: optuna.Trial) -> dict | None:
     """Scale/flip probabilities of the reference pipeline, plus rotations, colour, noise, blur.
 
-    The blur strength exists only when blur is on (a conditional parameter).
+    The blur strength exists only when blur is on (a conditional parameter): a blur
+    probability at or below 0.05 means off, and the trial runs (and records) aug.blur_p=0.
     """
     trial.suggest_float("aug.scale_limit", 0.0, 0.4)
     trial.suggest_float("aug.scale_p", 0.0, 1.0)
@@ -19,3 +20,5 @@ def space(trial: optuna.Trial) -> None:
     trial.suggest_float("aug.noise_p", 0.0, 0.5)
     if trial.suggest_float("aug.blur_p", 0.0, 0.5) > 0.05:
         trial.suggest_float("aug.blur_sigma", 0.3, 1.5)
+        return None
+    return {"aug.blur_p": 0.0}

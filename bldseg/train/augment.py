@@ -11,6 +11,7 @@ record.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import albumentations as A
@@ -48,6 +49,7 @@ class AugConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
+            _check_type(f.name, v, f.type)
             if f.name.endswith("_p") and not 0.0 <= v <= 1.0:
                 raise ValueError(f"augmentation parameter {f.name}={v}: a probability in [0, 1]")
         checks = {
@@ -82,7 +84,11 @@ class AugConfig:
 
     @property
     def window(self) -> int:
-        """Side of the window to read from the cache so scale + crop never pads."""
+        """Side of the window to read from the cache so scale + crop never pads.
+
+        A tile smaller than this is read whole, and a crop from it may be padded (by
+        reflection, see :func:`build_train_transform`).
+        """
         import math
 
         return (
@@ -90,6 +96,19 @@ class AugConfig:
             if self.scale_p > 0
             else (self.crop_size)
         )
+
+
+def _check_type(name: str, v, kind: str) -> None:
+    """Refuses a value of the wrong type, naming the parameter (a search space may suggest a
+    float crop size, a --set may pass a string; both used to fail deep inside albumentations)."""
+    if kind == "bool":
+        ok = isinstance(v, bool)
+    elif kind == "int":
+        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    else:
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+    if not ok:
+        raise ValueError(f"augmentation parameter {name}={v!r} must be of type {kind}")
 
 
 def build_train_transform(cfg: AugConfig, normalize: bool = True) -> A.Compose:
@@ -106,7 +125,17 @@ def build_train_transform(cfg: AugConfig, normalize: bool = True) -> A.Compose:
                 p=cfg.scale_p,
             )
         )
-    t.append(A.RandomCrop(cfg.crop_size, cfg.crop_size, pad_if_needed=True))
+    # Images smaller than the window (a small tile, or one scaled down) are padded by
+    # reflection, image and mask alike, as prediction pads a scene: zeros would train on black
+    # borders labelled "no building" that never occur at test time.
+    t.append(
+        A.RandomCrop(
+            cfg.crop_size,
+            cfg.crop_size,
+            pad_if_needed=True,
+            border_mode=cv2.BORDER_REFLECT_101,
+        )
+    )
     optional = [
         (cfg.vflip_p, lambda p: A.VerticalFlip(p=p)),
         (cfg.hflip_p, lambda p: A.HorizontalFlip(p=p)),

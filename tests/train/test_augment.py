@@ -222,3 +222,46 @@ def test_window():
         w = AugConfig(crop_size=crop, scale_limit=limit).window
         assert w * (1 - limit) >= crop  # the smallest scale still covers the crop
         assert (w - 1) * (1 - limit) < crop  # ... and the window is no larger than needed
+
+
+@pytest.mark.parametrize(
+    "kw, named",
+    [
+        (dict(crop_size=200.5), "crop_size"),
+        (dict(crop_size=True), "crop_size"),
+        (dict(hflip_p="0.5"), "hflip_p"),
+        (dict(crop_fit="false"), "crop_fit"),
+        (dict(hue_shift=10.0), "hue_shift"),
+    ],
+)
+def test_wrong_type_names_parameter(kw, named):
+    # a search space suggesting a float crop size failed inside albumentations (naming its
+    # height/width), a string probability with a TypeError naming nothing
+    with pytest.raises(ValueError, match=f"{named}=.*must be of type"):
+        AugConfig.from_dict(kw)
+
+
+def test_numpy_numbers_accepted():
+    cfg = AugConfig(crop_size=np.int64(64), hflip_p=np.float32(0.25))
+    assert cfg.crop_size == 64 and build_train_transform(cfg) is not None
+
+
+@pytest.mark.parametrize("scale_p", [0.0, 1.0])
+def test_small_tile_padded_by_reflection(scale_p):
+    # a 40-px tile (the window is clipped to it) cropped at 64: the padding mirrors the tile,
+    # image and mask alike, as prediction pads a scene; zeros left black borders labelled
+    # "no building"
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, (40, 40, 3), dtype=np.uint8)  # no zero pixel anywhere
+    mask = np.ones((40, 40), np.uint8)
+    t = _seeded(
+        build_train_transform(
+            AugConfig(crop_size=64, scale_limit=0.3, scale_p=scale_p), normalize=False
+        ),
+        0,
+    )
+    for _ in range(5):
+        out = t(image=image, mask=mask)
+        assert out["image"].shape == (64, 64, 3)
+        assert out["image"].min() > 0
+        assert (out["mask"] == 1).all()

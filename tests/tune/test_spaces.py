@@ -135,3 +135,26 @@ def test_ideal_wall_packs_trials_on_free_slots():
     assert ideal_wall(t, 2) == 13.0
     assert ideal_wall(t, 1) == 23.0
     assert ideal_wall(t, 4) == 10.0
+
+
+def test_augmentation_blur_off_below_threshold():
+    # a blur probability too small to search its strength is off: the trial does not blur
+    # with an unsearched default sigma
+    for p, sigma in [(0.03, None), (0.3, 0.8)]:
+        params = {"aug.blur_p": p} | ({"aug.blur_sigma": sigma} if sigma else {})
+        trial = optuna.trial.FixedTrial(
+            {
+                "aug.scale_limit": 0.1,
+                "aug.scale_p": 0.5,
+                "aug.vflip_p": 0.1,
+                "aug.hflip_p": 0.1,
+                "aug.rotate90_p": 0.1,
+                "aug.transpose_p": 0.1,
+                "aug.brightness_contrast_p": 0.1,
+                "aug.hsv_p": 0.1,
+                "aug.noise_p": 0.1,
+                **params,
+            }
+        )
+        fixed = SPACES["augmentation"](trial) or {}
+        assert fixed == ({} if sigma else {"aug.blur_p": 0.0})
