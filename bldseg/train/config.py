@@ -215,6 +215,7 @@ class RunConfig:
             ("optim.layer_decay", 0 < self.optim.layer_decay <= 1, "must be in (0, 1]"),
             ("optim.ema", 0 <= self.optim.ema < 1, "must be in [0, 1) (0 = off)"),
             ("coteach.tau", 0 <= self.coteach.tau < 1, "must be in [0, 1)"),
+            ("coteach.t_k", self.coteach.t_k >= 1, "must be >= 1 (epochs of the ramp)"),
             (
                 "threshold_lo",
                 0 <= self.threshold_lo <= self.threshold_hi <= 1,

@@ -441,6 +441,9 @@ def _rng_state() -> dict[str, Any]:
             "cached_gaussian": float(gauss),
         },
         "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        # one uint8 tensor per GPU: drop-path and dropout draw there on CUDA, and building the
+        # networks re-seeds it, so a resume without it replays the first epoch's masks
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else [],
     }
 
 
@@ -459,6 +462,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    cuda = state.get("cuda", [])
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+    elif cuda:
+        warnings.warn(
+            f"the checkpoint's CUDA random state is for {len(cuda)} GPU(s), this machine has "
+            f"{torch.cuda.device_count()}: the run continues with other dropout draws",
+            stacklevel=2,
+        )
 
 
 def _timed(batches: Any, waited: list[float]):
@@ -587,6 +599,13 @@ def fit(
         )
     models, optimizers, schedulers = [], [], []
     epoch_steps, drop_last = _batches(len(train_ds), cfg.batch_size)
+    if epoch_steps == 0:
+        raise ValueError(
+            f"no training step in an epoch: {len(train_ds)} sample(s) per epoch "
+            f"(samples_per_epoch={cfg.samples_per_epoch}, {len(train_idx)} training images) "
+            f"with batch_size={cfg.batch_size}; a last batch of one is dropped (BatchNorm), so "
+            "raise samples_per_epoch or lower batch_size"
+        )
     total_steps = epoch_steps * cfg.epochs
     for k in range(n_nets):
         # The two co-teaching networks start differently: everything a checkpoint does not set
@@ -629,6 +648,8 @@ def fit(
             sc.load_state_dict(s)
         for e, s in zip(emas, state.get("emas", []), strict=True):
             e.load_state_dict(s)
+        if state.get("scaler"):  # fp16's loss scale (else its first steps are skipped again)
+            scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         _settle_pending(out, best.get("epoch"))
@@ -665,6 +686,7 @@ def fit(
         set_optimizer_mode(optimizers, train=True)
         sums = [0.0] * n_nets
         n_batches = 0
+        stepped_lr = _stepped_lr(optimizers[0].param_groups[-1])
         waited = [0.0]  # seconds the loop waited for batches (cropping, augmenting, collating)
         try:
             iterator = loader
@@ -689,6 +711,8 @@ def fit(
                         scaler.unscale_(opt)
                         clip_grad_norm_(m.parameters(), cfg.optim.grad_clip)
                     scaler.step(opt)
+                    if k == 0:  # the LR this step used (read before the schedule moves on)
+                        stepped_lr = _stepped_lr(opt.param_groups[-1])
                     sch.step()
                     if emas:
                         emas[k].update(m)
@@ -713,8 +737,9 @@ def fit(
         row = {
             "epoch": epoch + 1,
             "train_loss": sums[chosen] / max(1, n_batches),
-            # schedule-free AdamW keeps its base LR and logs the warmed-up one it stepped with
-            "lr": _stepped_lr(optimizers[0].param_groups[-1]),
+            # the LR the epoch's last step used (after it, OneCycle's schedule is read past its
+            # end); schedule-free AdamW keeps its base LR and logs the warmed-up one
+            "lr": stepped_lr,
             **{f"val_{k}": v for k, v in vm.items()},
             "epoch_s": time.perf_counter() - t0,
             # of which the training loop waited for its batches (mmseg's data_time): with
@@ -766,6 +791,7 @@ def fit(
                 "emas": [e.state_dict() for e in emas],  # their averages (optim.ema)
                 "optimizers": [o.state_dict() for o in optimizers],
                 "schedulers": [s.state_dict() for s in schedulers],
+                "scaler": scaler.state_dict(),  # {} unless fp16
                 "rng": _rng_state(),
             },
             last_path,

@@ -113,17 +113,23 @@ def poly_warmup(
     min_lr: float = 0.0,
     warmup_ratio: float = 1e-3,
 ) -> LambdaLR:
-    """Linear warm-up from ``warmup_ratio * lr`` to ``lr``, then ``(1 - t)^power`` decay."""
-    base = [g["lr"] for g in optimizer.param_groups]
+    """Linear warm-up from ``warmup_ratio * lr`` to ``lr``, then ``(1 - t)^power`` decay.
 
-    def factor(step: int, base_lr: float) -> float:
+    ``min_lr`` is the floor of the group with the largest LR; the other groups (layer-wise
+    decay) end at the same fraction of their own LR, as in :class:`CosineAnnealingWarmupRestarts`
+    (one absolute floor, as mmcv's poly hook has it, would make a group whose LR is below it
+    rise instead of decay, and undo the layer-wise ratios).
+    """
+    top = max(g["lr"] for g in optimizer.param_groups)
+    floor = min(1.0, min_lr / top) if top > 0 else 0.0
+
+    def factor(step: int) -> float:
         if step < warmup_steps:
             return warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        floor = min_lr / base_lr if base_lr > 0 else 0.0
         return (1 - floor) * (1 - t) ** power + floor
 
-    return LambdaLR(optimizer, [lambda s, b=b: factor(s, b) for b in base])
+    return LambdaLR(optimizer, factor)
 
 
 SCHEDULERS = ("onecycle", "cosine_restarts", "poly", "constant", "schedulefree")

@@ -97,6 +97,7 @@ def test_unknown_flat_key_is_named(key, named):
         ({"optim.layer_decay": 0.0}, "optim.layer_decay=0.0"),
         ({"coteach.granularity": "image"}, "coteach.granularity='image'"),
         ({"coteach.tau": 1.0}, "coteach.tau=1.0"),
+        ({"coteach.t_k": 0}, "coteach.t_k=0"),
         ({"sched.name": "step"}, "sched.name='step'"),
         ({"precision": "fp8"}, "precision='fp8'"),
         ({"threshold_lo": 0.8}, "threshold_lo=0.8"),

@@ -118,8 +118,21 @@ def test_epoch_rows_record_the_widening(trained):
     assert json.loads((out / "history.json").read_text())[-1]["val_thr_widened"] in (0.0, 1.0)
 
 
-def test_resume_continues_exactly(small_world, tmp_path):
-    c = cfg(epochs=3)
+@pytest.mark.parametrize(
+    "on",
+    [
+        {},
+        # on a GPU dropout and drop-path draw from the CUDA generator, and fp16 has a loss scale:
+        # last.pt must carry both
+        pytest.param(
+            {"device": "cuda", "precision": "fp16", "drop_path_rate": 0.2},
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+        ),
+    ],
+    ids=["cpu", "cuda-fp16"],
+)
+def test_resume_continues_exactly(small_world, tmp_path, on):
+    c = cfg(epochs=3, **on)
     straight = fit(c, tmp_path / "a", data=small_world)
 
     # interrupt after 2 epochs: run a 2-epoch prefix by stopping via the callback
@@ -187,6 +200,22 @@ def test_a_last_batch_of_one_image_is_dropped(small_world, tmp_path):
     assert result.status == "completed" and len(result.history) == 2
     # 18 samples keep their short last batch of two
     assert engine.steps_per_epoch(cfg(samples_per_epoch=18), small_world) == 3
+
+
+def test_an_epoch_without_a_step_is_refused(small_world, tmp_path):
+    # one sample in batches of 8: its batch of one is dropped, and the run "completed" with
+    # an untrained best.pt and train_loss 0.0
+    with pytest.raises(ValueError, match=r"no training step.*samples_per_epoch=1.*batch_size=8"):
+        fit(cfg(epochs=1, samples_per_epoch=1), tmp_path, data=small_world)
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_logged_lr_is_the_one_the_last_step_used(small_world, tmp_path):
+    # OneCycle's LR read after the epoch's last sch.step() lies past the schedule's end
+    c = cfg(epochs=2, samples_per_epoch=32, **{"sched.name": "onecycle"})
+    result = fit(c, tmp_path, data=small_world)
+    final = c.optim.lr / c.sched.div_factor / c.sched.final_div_factor
+    assert result.history[-1]["lr"] == pytest.approx(final, rel=1e-6)
 
 
 def test_tile_coteaching_that_drops_nothing_says_so(small_world, tmp_path):

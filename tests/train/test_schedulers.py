@@ -282,3 +282,18 @@ def test_per_group_lr_ratios_are_kept(name):
         s.step()
     lo, hi = (g["lr"] for g in opt.param_groups)
     assert hi == pytest.approx(10 * lo)
+
+
+@pytest.mark.parametrize("name", ["cosine_restarts", "poly"])
+def test_floor_keeps_group_ratios(name):
+    # min_lr is the top group's floor: a layer-decay group whose LR lies below it must decay,
+    # not rise to it (poly took min_lr as every group's absolute floor: 1e-7 -> 9.9e-7)
+    opt = _optimizer(1e-3, group_lrs=(1e-7, 1e-3))
+    s = build_scheduler(name, opt, 100, min_lr=1e-5)
+    for _ in range(99):
+        opt.step()
+        s.step()
+    lo, hi = (g["lr"] for g in opt.param_groups)
+    assert lo <= 1e-7
+    assert hi == pytest.approx(1e4 * lo)
+    assert 1e-5 <= hi < 2.5e-5  # the last step: near the floor
