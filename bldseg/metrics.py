@@ -44,6 +44,7 @@ Dice at every level
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -645,6 +646,35 @@ def score_csv_per_image(
             "pred_pixels": pred_pixels,
             "truth_pixels": truth_pixels,
         }
+    )
+
+
+def truth_masks(
+    truth_csv: str | os.PathLike[str],
+    ids: Sequence[str],
+    shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Ground-truth masks of ``ids``, in that order, from a truth CSV: (N, H, W) bool.
+
+    Read as :func:`score_csv_per_image` reads it: ids as text (``0007`` and ``NA`` stay
+    themselves), shapes from height/width columns, else ``shape``.
+
+    Raises:
+        ValueError: naming the file, for the reasons of :func:`score_csv_per_image`, or an
+            id it has no row for.
+    """
+    truth = _read_rle_csv(truth_csv)
+    shapes = _row_shapes(truth, truth_csv, shape)  # (N, 2)
+    rows = pd.Index(truth["img_id"]).get_indexer(list(ids))  # (len(ids),) -1 where absent
+    if (rows < 0).any():
+        missing = [i for i, r in zip(ids, rows, strict=True) if r < 0]
+        raise ValueError(f"{truth_csv} has no row for {len(missing)} image(s), e.g. {missing[:5]}")
+    rles, img_ids = truth["mask_rle"].tolist(), truth["img_id"].tolist()
+    return np.stack(
+        [
+            _decode_cell(rles[r], (int(shapes[r, 0]), int(shapes[r, 1])), truth_csv, r, img_ids[r])
+            for r in rows
+        ]
     )
 
 

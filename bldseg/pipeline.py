@@ -40,7 +40,6 @@ import torch
 
 from bldseg import metrics, stats
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
-from bldseg.data.rle import rle_decode
 from bldseg.ensemble.library import FOLDS_FILE, VAL_FILE, find_runs
 from bldseg.predict import (
     EnsembleSpec,
@@ -158,13 +157,8 @@ def carries_forward(stage: dict, best_val: float) -> bool:
 
 def test_truth(data: PreparedData) -> np.ndarray:
     """Held-out test masks in test-cache order: (N, S, S) bool."""
-    df = pd.read_csv(data.test_truth_csv, dtype={"mask_rle": str}).set_index("img_id")
-    return np.stack(
-        [
-            rle_decode(df.loc[i, "mask_rle"], (int(df.loc[i, "height"]), int(df.loc[i, "width"])))
-            for i in data.test.ids
-        ]
-    ).astype(bool)
+    # the test tiles' own size where the CSV has no height/width (the competition's format)
+    return metrics.truth_masks(data.test_truth_csv, data.test.ids, data.test.image_size)
 
 
 def _member_checkpoints(run_dir: Path) -> list[Path]:
@@ -341,7 +335,9 @@ def _best_epoch(run_dir: Path) -> dict:
 
 def _submission_interval(data: PreparedData, submission: Path) -> dict:
     """The submission's official score with a bootstrap interval over source images."""
-    per_image = metrics.score_csv_per_image(data.test_truth_csv, submission)
+    per_image = metrics.score_csv_per_image(
+        data.test_truth_csv, submission, data.test.image_size
+    )
     dice = per_image["dice"].to_numpy()
     if not np.isfinite(dice).any():
         return {}
@@ -526,7 +522,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             pred = predict_cache(spec, data.test, batch_size=PREDICT_BATCH, progress=False)
             sub = out / "submission.csv"
             write_submission(data.test.ids, pred, sub)
-            score = metrics.score_csv(data.test_truth_csv, sub) if data.test_truth_csv else None
+            score = (
+                metrics.score_csv(data.test_truth_csv, sub, data.test.image_size)
+                if data.test_truth_csv
+                else None
+            )
             interval = _submission_interval(data, sub) if score is not None else {}
             run = client.create_run(
                 state["experiment_id"],

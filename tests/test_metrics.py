@@ -29,6 +29,7 @@ from bldseg.metrics import (
     score_csv_per_image,
     scores_from_counts,
     threshold_from_level,
+    truth_masks,
     youden_threshold,
 )
 
@@ -486,3 +487,22 @@ def test_score_csv_rejects(tmp_path: Path, truth: str, sub: str, match: str) -> 
     truth_csv, sub_csv = _csvs(tmp_path, truth, sub)
     with pytest.raises(ValueError, match=match):
         score_csv(truth_csv, sub_csv, shape=(4, 4))
+
+
+def test_truth_masks_read_ids_as_text_in_the_asked_order(tmp_path):
+    # the competition's truth has no height/width; ids like 0007 and NA must stay themselves
+    # (pandas read them as 7 and NaN, and the pipeline's stage 4 failed with a KeyError)
+    a = np.zeros((4, 6), bool)
+    a[1, 2:5] = True
+    b = np.ones((4, 6), bool)
+    path = tmp_path / "truth.csv"
+    pd.DataFrame(
+        {"img_id": ["0007", "NA", "x"], "mask_rle": [rle_encode(a), rle_encode(b), "-1"]}
+    ).to_csv(path, index=False)
+    got = truth_masks(path, ["NA", "0007"], shape=(4, 6))
+    assert got.dtype == bool and got.shape == (2, 4, 6)
+    assert (got[0] == b).all() and (got[1] == a).all()
+    with pytest.raises(ValueError, match=r"no row for 1 image.*'7'"):
+        truth_masks(path, ["7"], shape=(4, 6))
+    with pytest.raises(ValueError, match="pass shape"):
+        truth_masks(path, ["x"])

@@ -562,3 +562,17 @@ def test_folds_flag_reaches_every_trial(monkeypatch):
     assert seen["base"]["folds"] == 3
     with pytest.raises(SystemExit):  # K < 2 is refused by the parser
         command.main(["--folds", "1"])
+
+
+def test_test_truth_reads_a_competition_format_file(small_world, tmp_path):
+    # img_id,mask_rle only (no height/width): the masks take the test tiles' size
+    from dataclasses import replace
+
+    from bldseg.pipeline import test_truth
+
+    full = test_truth(small_world)
+    slim = tmp_path / "truth.csv"
+    df = pd.read_csv(small_world.test_truth_csv, dtype=str, keep_default_na=False)
+    df[["img_id", "mask_rle"]].iloc[::-1].to_csv(slim, index=False)  # other row order too
+    got = test_truth(replace(small_world, test_truth_csv=slim))
+    assert got.shape == full.shape and (got == full).all()
