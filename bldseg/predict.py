@@ -189,15 +189,17 @@ class EnsembleSpec:
             raise ValueError(f"{path}: {e}") from None
         return spec
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, home: str | os.PathLike | None = None) -> None:
         """Writes the spec JSON atomically, member paths relative to its folder.
 
         Relative paths keep a folder holding the spec and the runs movable; a member on
-        another drive (Windows), which has no relative path, is written absolute.
+        another drive (Windows), which has no relative path, is written absolute. ``home``:
+        the folder the file will be moved to, when it is written elsewhere first (the paths are
+        relative to where it will be read).
         """
         self.check()
         path = Path(path)
-        folder = path.parent.resolve()
+        folder = Path(home if home is not None else path.parent).resolve()
         members = []
         for i, (c, w) in enumerate(zip(self.checkpoints, self.member_weights(), strict=True)):
             try:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -288,6 +290,10 @@ def _check_rules(cfg: SearchConfig) -> None:
         raise ValueError(
             "the vote and weighted rules and the empty-tile rule need --method exhaustive"
         )
+    for name in ("top", "weighted_starts", "empty_candidates"):
+        if getattr(cfg, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1, got {getattr(cfg, name)}")
     if cfg.empty_tile and (not cfg.empty_areas or min(cfg.empty_areas) < 1):
         raise ValueError(f"empty-tile areas must be at least 1 pixel, got {cfg.empty_areas}")
 
@@ -372,7 +378,9 @@ def _rule_row(
     return row, tiles
 
 
-def _plots(out: Path, per_k: dict, sel, chk, best: Ensemble, lo: float, hi: float) -> dict:
+def _plots(
+    out: Path, per_k: dict, sel, chk, best: Ensemble, lo: float, hi: float, rules: bool = False
+) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,10 +410,11 @@ def _plots(out: Path, per_k: dict, sel, chk, best: Ensemble, lo: float, hi: floa
     ax.plot(t, s_sel, label="selection")
     ax.plot(t, s_chk, label="check")
     ax.axvspan(lo, hi, color="grey", alpha=0.1, label="searched range")
-    ax.axvline(best.threshold, color="k", ls=":", label=f"chosen {best.threshold:.4f}")
+    ax.axvline(best.threshold, color="k", ls=":", label=f"its threshold {best.threshold:.4f}")
     ax.set_xlabel("threshold on the mean probability")
     ax.set_ylabel("mean Dice")
-    ax.set_title(f"chosen ensemble (k={best.k})")
+    # with other rules searched, the chosen one may not be this mean-rule ensemble
+    ax.set_title(f"{'best mean-rule' if rules else 'chosen'} ensemble (k={best.k})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -465,11 +474,32 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     _check_rules(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Every output is written into a staging folder and moved into --out once all are: a run
+    # that fails half-way leaves the previous run's files as they were, not some of each.
+    stage = Path(tempfile.mkdtemp(prefix=".ensemble-staging-", dir=out))
+    try:
+        return _run_search(cfg, out, stage, t0)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Moves the staged outputs into ``out``; rule specs an earlier run left are removed."""
+    staged = {p.name for p in stage.iterdir()}
+    for old in out.glob("best_ensemble_*.json"):
+        if old.name not in staged:
+            old.unlink()
+    for name in sorted(staged):
+        os.replace(stage / name, out / name)
+
+
+def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchSummary:
     lib = _load(cfg)
     sel_idx, chk_idx = split_by_image(lib.image_ids, cfg.selection_fraction, cfg.seed)
     sel, chk = lib.subset(sel_idx), lib.subset(chk_idx)
     test = _test_library(cfg, lib)
 
+    rules_searched = cfg.rules != ["mean"] or cfg.empty_tile
     lo, hi = cfg.lo, cfg.hi
     single, top, per_k = _search(cfg, sel, lo, hi)
     # A choice on the edge of the range was clipped by it: search the wider range again (the
@@ -483,7 +513,9 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
             single = w_single
         if w_top[0].score > top[0].score:
             top, per_k = w_top, w_per_k
-    per_k.setdefault(1, single)
+    # the single model chosen over the same range as everything reported (after a widening,
+    # the default range's k=1 entry would disagree with best_single)
+    per_k[1] = single
     best = top[0]
 
     rows = [_row(e, lib, sel, chk, test) for e in top]
@@ -491,22 +523,22 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     table.insert(0, "position", np.arange(1, len(table) + 1))
     files = {
         "table": str(
-            _write_atomic(out / "top_ensembles.csv", lambda p: table.to_csv(p, index=False))
+            _write_atomic(stage / "top_ensembles.csv", lambda p: table.to_csv(p, index=False))
         )
     }
     libs = _split_libs(sel, chk, test)
     per_k_rows = {
         k: _with_intervals(_row(e, lib, sel, chk, test), e, libs)[0] for k, e in per_k.items()
     }
-    files.update(_plots(out, per_k_rows, sel, chk, best, lo, hi))
+    files.update(_plots(stage, per_k_rows, sel, chk, best, lo, hi, rules_searched))
 
     spec = EnsembleSpec(
         checkpoints=[str(lib.checkpoints[m].resolve()) for m in best.members],
         weights=[],
         threshold=best.threshold,
     )
-    spec_path = out / "best_ensemble.json"
-    spec.save(spec_path)
+    spec_path = stage / "best_ensemble.json"
+    spec.save(spec_path, home=out)
     files["spec"] = str(spec_path)
     # The best single model as a one-member ensemble: k = 1, so predict applies its level on
     # the 0..255 scale, exactly the rule its scores here were computed with.
@@ -515,13 +547,13 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         weights=[],
         threshold=single.threshold,
     )
-    single_spec.save(out / "best_single.json")
-    files["single_spec"] = str(out / "best_single.json")
+    single_spec.save(stage / "best_single.json", home=out)
+    files["single_spec"] = str(stage / "best_single.json")
 
     best_d, best_tiles = _with_intervals(rows[0], best, libs)
     best_d["rule"] = "mean"
     rule_rows: dict[str, dict] = {}
-    if cfg.rules != ["mean"] or cfg.empty_tile:
+    if rules_searched:
         # Own mask levels chosen on the selection half only (bldseg.ensemble.rules).
         levels = rules_mod.member_levels(sel, cfg.lo, cfg.hi)
         found = _search_rules(cfg, sel, top, levels, lo, hi)
@@ -529,14 +561,14 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         for name, e in found.items():
             rule_rows[name], rule_tiles[name] = _rule_row(name, e, lib, libs, levels)
             rule_spec = e.spec([c.resolve() for c in lib.checkpoints], levels)
-            path = out / f"best_ensemble_{name}.json"
-            rule_spec.save(path)
+            path = stage / f"best_ensemble_{name}.json"
+            rule_spec.save(path, home=out)
             files[f"spec_{name}"] = str(path)
         # max keeps the first of equal scores: the simplest rule (the order of found)
         name = max(found, key=lambda n: found[n].score)
         if name != "mean":
             spec = found[name].spec([c.resolve() for c in lib.checkpoints], levels)
-            spec.save(spec_path)
+            spec.save(spec_path, home=out)
             best_d, best_tiles = rule_rows[name], rule_tiles[name]
     single_d, single_tiles = _with_intervals(_row(single, lib, sel, chk, test), single, libs)
     gain = {
@@ -545,9 +577,9 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     }
     decision = submission_decision(best_d, single_d, gain["check"])
     chosen_spec = spec if decision["submit"] == "ensemble" else single_spec
-    chosen_spec.save(out / "submit.json")
-    files["submit"] = str(out / "submit.json")
-    decision["spec"] = files["submit"]
+    chosen_spec.save(stage / "submit.json", home=out)
+    files["submit"] = str(stage / "submit.json")
+    decision["spec"] = str(out / "submit.json")  # where it lies once published
     summary = {
         "config": asdict(cfg),
         "n_models": lib.n_models,
@@ -568,10 +600,12 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     }
     files["summary"] = str(
         _write_atomic(
-            out / "summary.json",
+            stage / "summary.json",
             lambda p: p.write_text(json.dumps(summary, indent=2, default=str)),
         )
     )
+    _publish(stage, out)
+    files = {k: str(out / Path(v).name) for k, v in files.items()}
     run_id = None
     if cfg.tracking_uri:
         params = {

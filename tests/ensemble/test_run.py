@@ -542,3 +542,74 @@ def test_predict_cli_refuses_a_threshold_for_a_vote_spec(rule_search, capsys):
     spec = proj / "out" / "best_ensemble_vote.json"
     assert predict_cmd.main(["--ensemble", str(spec), "--threshold", "0.4"]) == 1
     assert "--threshold sets the threshold of a mean ensemble" in capsys.readouterr().err
+
+
+def test_a_failed_run_leaves_the_previous_outputs_whole(results, tmp_path, monkeypatch):
+    # the job wrote the table, plots and best_ensemble.json before the rule search and
+    # submit.json/summary.json at the end: a failure in between left some of each run
+    root, _, _ = results
+    out = tmp_path / "out"
+    base = {"runs": str(root / "results"), "out": str(out), "progress": False}
+    run_search(SearchConfig(**base, k=[3]))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*a, **kw):
+        raise RuntimeError("vote search failed")
+
+    monkeypatch.setattr("bldseg.ensemble.rules.vote_search", broken)
+    with pytest.raises(RuntimeError, match="vote search failed"):
+        run_search(SearchConfig(**base, k=[2], rules=["mean", "vote"]))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left
+    monkeypatch.undo()
+    s = run_search(SearchConfig(**base, k=[2], rules=["mean", "vote"]))
+    assert Path(s.files["summary"]).parent == out and Path(s.files["spec_vote"]).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["decision"]["spec"] == str(out / "submit.json")
+    assert not list(out.glob(".ensemble-staging-*"))
+
+
+@pytest.mark.parametrize("flag", ["top", "weighted_starts", "empty_candidates"])
+def test_counts_below_one_are_refused(results, flag):
+    root, _, _ = results
+    cfg = SearchConfig(runs=str(root / "results"), out=str(root / "x"), progress=False)
+    setattr(cfg, flag, 0)
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be at least 1"):
+        run_search(cfg)
+
+
+def test_best_per_k_one_is_the_best_single_after_widening(tmp_path):
+    # the single model's best threshold lies on the default range's edge, the pair's does not:
+    # the widened single replaced best_single, but k=1 kept the default range's choice
+    n, s = 8, 16
+    truth = np.zeros((n, s, s), np.uint8)
+    truth[:, 2:8, 2:8] = 1
+    fg, bg = np.argwhere(truth[0]), np.argwhere(truth[0] == 0)
+    maps = np.zeros((3, n, s, s), np.uint8)
+    for i, (y, x) in enumerate(fg):
+        maps[:, :, y, x] = [
+            [80 if i < 18 else 60],
+            [20 if i < 14 else 200],
+            [20 if i >= 22 else 200],
+        ]
+    for m, rows in ((0, bg[:9]), (1, bg[20:34]), (2, bg[40:54])):
+        for y, x in rows:
+            maps[m, :, y, x] = 60 if m == 0 else 200
+    for name, p in zip("abc", maps, strict=True):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        np.savez(
+            tmp_path / "runs" / name / "val_probs.npz",
+            probs=p,
+            truth=truth,
+            tile_ids=np.array([f"t{i}" for i in range(n)]),
+            image_ids=np.array([f"img{i}" for i in range(n)]),
+            tile_yx=np.zeros((n, 2), int),
+        )
+    run_search(
+        SearchConfig(
+            runs=str(tmp_path / "runs"), k=[1, 2], out=str(tmp_path / "out"), progress=False
+        )
+    )
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["widened"]
+    one, single = summary["best_per_k"]["1"], summary["best_single"]
+    assert (one["members"], one["level"]) == (single["members"], single["level"])
