@@ -11,11 +11,12 @@ record.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import asdict, dataclass, fields
 
 import albumentations as A
 import cv2
+
+from bldseg.train.fieldtypes import checked
 
 # ImageNet statistics, as the pretrained InternImage backbones expect (x/255 then standardised).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +50,8 @@ class AugConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            _check_type(f.name, v, f.type)
+            v = checked(f"augmentation parameter {f.name}", v, f.type)
+            setattr(self, f.name, v)
             if f.name.endswith("_p") and not 0.0 <= v <= 1.0:
                 raise ValueError(f"augmentation parameter {f.name}={v}: a probability in [0, 1]")
         checks = {
@@ -96,19 +98,6 @@ class AugConfig:
             if self.scale_p > 0
             else (self.crop_size)
         )
-
-
-def _check_type(name: str, v, kind: str) -> None:
-    """Refuses a value of the wrong type, naming the parameter (a search space may suggest a
-    float crop size, a --set may pass a string; both used to fail deep inside albumentations)."""
-    if kind == "bool":
-        ok = isinstance(v, bool)
-    elif kind == "int":
-        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
-    else:
-        ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
-    if not ok:
-        raise ValueError(f"augmentation parameter {name}={v!r} must be of type {kind}")
 
 
 def build_train_transform(cfg: AugConfig, normalize: bool = True) -> A.Compose:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from bldseg.train.augment import AugConfig
+from bldseg.train.fieldtypes import checked
 from bldseg.train.losses import LOSSES
 from bldseg.train.schedulers import SCHEDULERS
 
@@ -172,6 +173,16 @@ class RunConfig:
 
         def bad(name: str, why: str) -> None:
             raise ValueError(f"run config: {name}={_lookup(self, name)!r} {why}")
+
+        for f in fields(self):
+            if f.name not in ("aug", "optim", "sched", "coteach"):
+                v = checked(f"run config: {f.name}", getattr(self, f.name), f.type)
+                setattr(self, f.name, v)
+        for section in ("optim", "sched", "coteach"):
+            part = getattr(self, section)
+            for f in fields(part):
+                v = checked(f"run config: {section}.{f.name}", getattr(part, f.name), f.type)
+                setattr(part, f.name, v)
 
         problem = model_name_problem(self.model)
         if problem is not None:

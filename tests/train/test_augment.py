@@ -231,7 +231,7 @@ def test_window():
         (dict(crop_size=True), "crop_size"),
         (dict(hflip_p="0.5"), "hflip_p"),
         (dict(crop_fit="false"), "crop_fit"),
-        (dict(hue_shift=10.0), "hue_shift"),
+        (dict(hue_shift=10.5), "hue_shift"),
     ],
 )
 def test_wrong_type_names_parameter(kw, named):

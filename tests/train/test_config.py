@@ -221,3 +221,30 @@ def test_fold_settings_are_checked(update, named):
     with pytest.raises(ValueError, match=named):
         RunConfig.from_flat(update)
     assert RunConfig.from_flat({"folds": 3, "fold": 2}).fold == 2
+
+
+@pytest.mark.parametrize(
+    "update, named",
+    [
+        # --set tta=False reaches the config as the string 'False', which is true
+        ({"tta": "False"}, "tta='False'"),
+        ({"channels_last": "false"}, "channels_last='false'"),
+        ({"optim.lr": ".001"}, "optim.lr='.001'"),
+        ({"epochs": 2.5}, "epochs=2.5"),
+        ({"batch_size": "abc"}, "batch_size='abc'"),
+        ({"coteach.tau": "0.1"}, "coteach.tau='0.1'"),
+        ({"sched.cycle_momentum": 1}, "sched.cycle_momentum=1"),
+        ({"pretrained": 3}, "pretrained=3"),
+    ],
+)
+def test_wrong_type_names_parameter(update, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.") + " must be of type"):
+        RunConfig.from_flat(update)
+
+
+def test_whole_floats_become_ints():
+    # a trials table (pandas) holds a conditional int parameter as 3.0
+    c = RunConfig.from_flat({"sched.cycles": 3.0, "epochs": 4.0, "aug.crop_size": 64.0})
+    assert (c.sched.cycles, c.epochs, c.aug.crop_size) == (3, 4, 64)
+    assert all(type(v) is int for v in (c.sched.cycles, c.epochs, c.aug.crop_size))
+    assert type(RunConfig.from_flat({"optim.lr": 1e-3}).optim.lr) is float
