@@ -119,3 +119,22 @@ def test_ensemble_spec_member_without_checkpoint(tmp_path):
     spec.write_text(json.dumps({"members": [{"weight": 1.0}]}))
     with pytest.raises(ValueError, match=r"spec\.json: member 0 has no 'checkpoint' entry"):
         EnsembleSpec.load(spec)
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"junk\n", r"not a readable PyTorch checkpoint \(KeyError"),
+        (b"", r"not a readable PyTorch checkpoint \(EOFError"),
+        (bytes(range(256)) * 8, "not a readable PyTorch checkpoint"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "Git LFS pointer"),
+        (b"<!DOCTYPE html><html><body>login</body></html>", "web page"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path, content, says):
+    # torch's readers fail on foreign bytes with a KeyError naming no file, and call a text
+    # file "pickled objects"
+    path = tmp_path / "best.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"best\.pt .*{says}"):
+        load_state(path)

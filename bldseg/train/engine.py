@@ -296,17 +296,45 @@ def load_state(
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
+    except OSError:
+        raise  # a missing or unreadable file says so itself
+    except Exception as e:  # torch's readers fail on foreign bytes in many ways (KeyError...)
+        raise _load_error(path, e) from None
+
+
+def _load_error(path: str | os.PathLike, e: Exception) -> ValueError:
+    """Why ``path`` did not load, for the user: a text file (a Git LFS pointer, a web page from
+    a failed download), pickled objects that are refused, or bytes that are no checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256).lstrip().lower()
+    except OSError:
+        head = b""
+    if head.startswith(b"version https://git-lfs"):
+        return ValueError(
+            f"{path} is a Git LFS pointer, not the checkpoint: fetch the file (git lfs pull)"
+        )
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml")):
+        return ValueError(
+            f"{path} is a web page or XML document, not a checkpoint (a failed download?)"
+        )
+    if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
-        raise ValueError(
+        return ValueError(
             f"{path} holds {what}, not only tensors and plain data; it will not be unpickled "
             "(unpickling can run arbitrary code). bldseg writes checkpoints that load safely: "
             "retrain, or re-save the weights as a plain state dict if you trust where the file "
             "came from"
-        ) from None
-    except (EOFError, RuntimeError) as e:  # empty, truncated or not a torch.save file
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+        )
+    # empty, truncated or not a torch.save file at all; torch's weights-only message suggests
+    # weights_only=False, wrong for bytes that are no checkpoint: keep only its reason
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(e))
+    why = detail.group(1) if detail else f"{type(e).__name__}: {e}"
+    return ValueError(
+        f"{path} is not a readable PyTorch checkpoint ({why}): not a file torch.save wrote, "
+        "or a damaged one"
+    )
 
 
 def eval_weights(state: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
@@ -473,6 +501,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         )
 
 
+def _check_same_config(last_path: Path, cfg: RunConfig) -> None:
+    """Raises ValueError naming the settings in which ``last_path``'s run differs from ``cfg``."""
+    # mmap: the config without reading the weights; normalised through RunConfig so keys added
+    # since (with their defaults) compare equal
+    recorded = RunConfig.from_flat(load_state(last_path, mmap=True)["config"]).to_flat()
+    now = cfg.to_flat()
+    differ = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
+        raise ValueError(
+            f"{last_path} was written by a different config ({shown}); use a new out_dir, or "
+            "the recorded settings to continue it"
+        )
+
+
 def _timed(batches: Any, waited: list[float]):
     """Yields from ``batches``, adding the time each batch took to arrive to ``waited[0]``."""
     it = iter(batches)
@@ -567,6 +610,10 @@ def fit(
         print(f"aug.crop_size={cfg.aug.crop_size} > images {h}x{w}: crops of {min(h, w)} px")
         cfg = cfg.with_updates({"aug.crop_size": min(h, w)})
     crop = cfg.aug.crop_size
+    last_path = out / "last.pt"
+    if resume and last_path.exists():
+        # Before anything is written into out: a run with another config must leave it as is.
+        _check_same_config(last_path, cfg)
     train_tf = build_train_transform(cfg.aug)
     write_json(out / "augmentation.json", serialize(train_tf))
     train_ds = RandomCropDataset(
@@ -634,12 +681,8 @@ def fit(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
     start_epoch = 0
-    last_path = out / "last.pt"
     if resume and last_path.exists():
         state = load_state(last_path, map_location=device)
-        # Normalised through RunConfig so keys added since (with their defaults) compare equal.
-        if RunConfig.from_flat(state["config"]).to_flat() != cfg.to_flat():
-            raise ValueError(f"{last_path} was written by a different config; use a new out_dir")
         for m, s in zip(models, state["models"], strict=True):
             m.load_state_dict(s)
         for o, s in zip(optimizers, state["optimizers"], strict=True):

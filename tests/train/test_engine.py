@@ -231,8 +231,12 @@ def test_tile_coteaching_that_drops_nothing_says_so(small_world, tmp_path):
 
 def test_resume_refuses_other_config(small_world, tmp_path):
     fit(cfg(epochs=1), tmp_path, data=small_world)
-    with pytest.raises(ValueError, match="different config"):
-        fit(cfg(epochs=1, **{"optim.lr": 1e-3}), tmp_path, data=small_world)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    other = cfg(epochs=1, **{"optim.lr": 1e-3, "aug.crop_size": 48})
+    with pytest.raises(ValueError, match=r"different config \(aug.crop_size: 64 -> 48, optim"):
+        fit(other, tmp_path, data=small_world)
+    # refused before writing: augmentation.json was rewritten for the refused config
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_coteaching_end_to_end(small_world, tmp_path):
