@@ -7,11 +7,13 @@ An ensemble spec is JSON (written by the ensemble search, or by hand)::
      "min_area": 0, "tta": false}
 
 Member paths are relative to the spec's folder (absolute paths of older specs still load), so
-a folder holding the spec and the runs can be moved. A member is a ``best.pt``, or the
-``folds.json`` of a K-fold run (:mod:`bldseg.train.folds`): its map is the mean of its K fold
-models' probabilities (and flips, with TTA), quantised once, exactly as one model's map is;
-the ensemble search scored the run's out-of-fold maps, each tile by the one fold model that did
-not train on it, so on new images a K-fold member is an average the search did not score.
+a folder holding the spec and the runs can be moved. A member is a ``best.pt``, the
+``folds.json`` of a K-fold run (:mod:`bldseg.train.folds`), or a run folder (either of them, as
+``--checkpoint`` takes it). Thresholds are probabilities in [0, 1]. A K-fold member's map is
+the mean of its K fold models' probabilities (and flips, with TTA), quantised once, exactly as
+one model's map is; the ensemble search scored the run's out-of-fold maps, each tile by the
+one fold model that did not train on it, so on new images a K-fold member is an average the
+search did not score.
 Members' probabilities are quantised to uint8 exactly as in validation and combined by the
 spec's ``rule`` (:func:`combine_members`), with the same integers the ensemble search scored,
 so a submission of single-model members reproduces the searched ensemble bit for bit:
@@ -140,48 +142,82 @@ class EnsembleSpec:
             raise ValueError(f"empty_votes must lie in 0..{k} (0: off), got {self.empty_votes}")
         if self.empty_votes > 0 and self.empty_area < 1:
             raise ValueError(f"empty_area must be at least 1 pixel, got {self.empty_area}")
+        # A probability threshold outside [0, 1] (or NaN) gives an all-empty or all-building
+        # submission without any error further down.
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        for i, t in enumerate(self.member_thresholds):
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"member {i}'s threshold must lie in [0, 1], got {t}")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EnsembleSpec:
         """Reads a spec JSON; relative member paths are relative to the JSON's folder.
 
+        A member names a ``best.pt``, a K-fold run's ``folds.json``, or a run folder (resolved
+        as ``--checkpoint`` resolves it, :func:`resolve_member`).
+
         Raises:
-            ValueError: No members, a member without a ``checkpoint`` entry, or rule
-                parameters that do not fit (:meth:`check`; the message names the spec).
-            FileNotFoundError: A member's checkpoint file does not exist (the message names the
-                spec and the file), checked here rather than after the first members have
-                already been run over the whole test set.
+            ValueError: Not JSON, no members, a member without a ``checkpoint`` entry, a field
+                that is not a number, or rule parameters that do not fit (:meth:`check`); the
+                message names the spec and the field.
+            FileNotFoundError: The spec, a member's checkpoint or a K-fold member's fold
+                checkpoint does not exist (the message names the spec and the file), checked
+                here rather than after the first members have already been run over the whole
+                test set.
         """
         path = Path(path)
-        d = json.loads(path.read_text())
-        if "members" not in d or not d["members"]:
+        if not path.is_file():
+            raise FileNotFoundError(f"ensemble spec not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a valid JSON ensemble spec: {e}") from None
+        if not isinstance(d, dict) or not d.get("members"):
             raise ValueError(f"{path}: an ensemble spec needs a non-empty 'members' list")
-        ckpts = []
+
+        def number(convert, value, field_name: str):
+            try:
+                return convert(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {field_name} must be a number, got {value!r}") from None
+
+        ckpts, weights, own = [], [], []
         for i, m in enumerate(d["members"]):
             if not isinstance(m, dict) or "checkpoint" not in m:
                 raise ValueError(f"{path}: member {i} has no 'checkpoint' entry: {m!r}")
             # An absolute path (older specs) is kept as it is by the join.
-            ckpt = (path.parent / m["checkpoint"]).resolve()
+            ckpt = resolve_member((path.parent / m["checkpoint"]).resolve())
             if not ckpt.is_file():
                 raise FileNotFoundError(
                     f"{path}: member {i} checkpoint {ckpt} does not exist; fix its path in the "
                     "spec (relative paths are relative to the spec's folder) or re-run the "
                     "ensemble search"
                 )
+            try:
+                check_member(ckpt)  # a K-fold member's fold checkpoints
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{path}: member {i}: {e}") from None
+            except ValueError as e:
+                raise ValueError(f"{path}: member {i}: {e}") from None
             ckpts.append(str(ckpt))
-        weights = [float(m.get("weight", 1.0)) for m in d["members"]]
-        own = [m.get("threshold") for m in d["members"]]
+            weights.append(number(float, m.get("weight", 1.0), f"member {i}'s 'weight'"))
+            t = m.get("threshold")
+            own.append(None if t is None else number(float, t, f"member {i}'s 'threshold'"))
+        tta = d.get("tta", False)
+        if not isinstance(tta, bool):
+            raise ValueError(f"{path}: 'tta' must be true or false, got {tta!r}")
         spec = cls(
             ckpts,
             weights,
-            float(d.get("threshold", 0.5)),
-            int(d.get("min_area", 0)),
-            bool(d.get("tta", False)),
+            number(float, d.get("threshold", 0.5), "'threshold'"),
+            number(int, d.get("min_area", 0), "'min_area'"),
+            tta,
             rule=d.get("rule", "mean"),
-            member_thresholds=[float(t) for t in own] if None not in own else [],
-            votes=int(d.get("votes", 0)),
-            empty_votes=int(d.get("empty_votes", 0)),
-            empty_area=int(d.get("empty_area", 0)),
+            member_thresholds=own if None not in own else [],
+            votes=number(int, d.get("votes", 0), "'votes'"),
+            empty_votes=number(int, d.get("empty_votes", 0), "'empty_votes'"),
+            empty_area=number(int, d.get("empty_area", 0), "'empty_area'"),
         )
         try:
             spec.check()
@@ -233,6 +269,17 @@ class EnsembleSpec:
         return [int(metrics.level_from_threshold(t)) for t in self.member_thresholds]
 
 
+def _checkpoint_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """A ``best.pt``'s saved dict, checked to be a bldseg checkpoint (:func:`load_checkpoint`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # refuses pickled objects: a checkpoint may come from anywhere
+    state = load_state(path, mmap=mmap)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a bldseg checkpoint (no 'model'/'config' entries)")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """A trained model from ``best.pt``: ``(model in eval mode, RunConfig, metrics dict)``.
 
@@ -242,12 +289,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
             tensors and plain data, which are refused rather than unpickled
             (:func:`bldseg.train.engine.load_state`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = load_state(path)  # refuses pickled objects: a checkpoint may come from anywhere
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a bldseg checkpoint (no 'model'/'config' entries)")
+    state = _checkpoint_state(Path(path))
     cfg = RunConfig.from_flat(state["config"])
     # Built as fit() built it (with_cp, drop path), with layer scale when the weights carry
     # gammas (a run fine-tuned from the official T segmentor); never re-reads `pretrained`.
@@ -328,6 +370,27 @@ def load_member(path: str | os.PathLike, device: torch.device | str = "cpu"):
     ckpts, manifest = fold_checkpoints(path)
     models = [load_checkpoint(ckpt, device)[0] for ckpt in ckpts]
     return models, RunConfig.from_flat(manifest["config"]), manifest.get("oof", {})
+
+
+def member_config(path: str | os.PathLike) -> tuple[RunConfig, dict]:
+    """One member's run config and metrics, without building its model(s).
+
+    What prediction needs to choose the threshold and TTA before it runs anything: the
+    metrics of ``best.pt`` (memory-mapped, so the weights are not read) or a K-fold run's
+    out-of-fold metrics, as :func:`load_member` gives them.
+
+    Raises:
+        FileNotFoundError: No such file, or a fold's ``best.pt`` is missing.
+        ValueError: Not a bldseg checkpoint or K-fold manifest.
+    """
+    path = resolve_member(path)
+    if path.name == FOLDS_FILE:
+        if not path.is_file():
+            raise FileNotFoundError(f"K-fold manifest not found: {path}")
+        _, manifest = fold_checkpoints(path)
+        return RunConfig.from_flat(manifest["config"]), manifest.get("oof", {})
+    state = _checkpoint_state(path, mmap=True)
+    return RunConfig.from_flat(state["config"]), state.get("metrics", {})
 
 
 def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarray:
@@ -432,7 +495,12 @@ def predict_cache(
 
 
 def write_submission(ids: Sequence[str], pred: np.ndarray, path: str | os.PathLike) -> pd.DataFrame:
-    """Writes ``img_id,mask_rle`` (``-1`` for empty) atomically; every id exactly once."""
+    """Writes ``img_id,mask_rle`` (``-1`` for empty) atomically; every id exactly once.
+
+    Raises:
+        OSError: The file cannot be written (e.g. ``path`` is a folder); no temporary file is
+            left behind.
+    """
     if len(ids) != len(pred):
         raise ValueError(f"{len(ids)} ids but {len(pred)} predictions")
     if len(set(ids)) != len(ids):
@@ -440,9 +508,15 @@ def write_submission(ids: Sequence[str], pred: np.ndarray, path: str | os.PathLi
     df = pd.DataFrame({"img_id": list(ids), "mask_rle": [rle_encode(p) for p in pred]})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    # A hidden, unique name in the same folder: os.replace stays atomic, and two runs writing
+    # the same submission never share a temporary file.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return df
 
 
@@ -637,6 +711,36 @@ def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
+#: A folder prediction's record (in its output folder) of the files it wrote there: a rerun into
+#: the same folder removes those it does not write again (masks of images gone since, the
+#: scores.json of an earlier run with --masks), and never touches a file it did not write.
+OUTPUTS_FILE = ".bldseg_outputs.json"
+
+
+def _recorded_outputs(out_dir: Path) -> set[Path]:
+    """The files an earlier folder prediction recorded in ``out_dir`` (only those inside it)."""
+    record = out_dir / OUTPUTS_FILE
+    if not record.is_file():
+        return set()
+    try:
+        files = json.loads(record.read_text())["files"]
+        paths = {(out_dir / f).resolve() for f in files}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(
+            f"{record} is not a list of this tool's outputs; delete it (the files it listed "
+            "are then left in place)"
+        ) from None
+    return {f for f in paths if f.is_relative_to(out_dir)}
+
+
+def _record_outputs(out_dir: Path, files: Iterable[Path]) -> None:
+    """Writes :data:`OUTPUTS_FILE`, atomically."""
+    rel = sorted({f.relative_to(out_dir).as_posix() for f in files})
+    tmp = out_dir / f"{OUTPUTS_FILE}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps({"files": rel}, indent=2))
+    os.replace(tmp, out_dir / OUTPUTS_FILE)
+
+
 def _check_out_dir(images_dir: Path, out_dir: Path, recursive: bool) -> None:
     if out_dir == images_dir or (recursive and out_dir.is_relative_to(images_dir)):
         raise ValueError(
@@ -691,7 +795,10 @@ def predict_folder(
     and, when the image is a georeferenced GeoTIFF, ``out_dir/sub/name.tif`` with its CRS and
     transform; each file atomically. Each member predicts each image with
     :func:`predict_image`, and the members' maps are combined by :func:`combine_members`, the
-    rule of :func:`predict_cache`.
+    rule of :func:`predict_cache`. The files written are listed in ``out_dir`` /
+    :data:`OUTPUTS_FILE`; a rerun into the same folder first removes the listed files it will
+    not write again (masks of images no longer there, an earlier ``scores.json``), and leaves
+    every other file alone.
 
     Args:
         spec: The model(s) and the decision rule.
@@ -718,7 +825,8 @@ def predict_folder(
         FileNotFoundError: A folder, checkpoint or an image's mask is missing (the message
             names the image and the mask names tried).
         ValueError: Unreadable image or mask (naming the file), a mask of another size than
-            its image, a bad window or overlap, or ``out_dir`` inside ``images_dir``.
+            its image, a bad window or overlap, ``out_dir`` inside ``images_dir``, or an
+            unreadable :data:`OUTPUTS_FILE` there.
     """
     overlap = check_overlap(overlap)
     if window is not None:
@@ -739,6 +847,23 @@ def predict_folder(
         members.append((models, window or check_window(default_window(cfg), what)))
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The folder must tell one story: an earlier run's outputs that this run does not overwrite
+    # (masks of images gone since, its GeoTIFFs and scores.json, which describe its masks) go
+    # first. The record claims them and this run's before anything is removed or written, so a
+    # run that fails midway still owns what it wrote.
+    masks = {out_dir / r.image_path.relative_to(images_dir).with_suffix(".png") for r in records}
+    scores_path = out_dir / "scores.json"
+    planned = masks | {
+        out_dir / r.image_path.relative_to(images_dir).with_suffix(".tif")
+        for r in records
+        if r.image_path.suffix.lower() in geo.GEO_SUFFIXES
+    }
+    if masks_dir is not None:
+        planned.add(scores_path)
+    earlier = _recorded_outputs(out_dir)
+    _record_outputs(out_dir, earlier | planned)
+    for stale in earlier - masks:  # the masks are replaced one by one, atomically
+        stale.unlink(missing_ok=True)
     result = FolderResult(out_dir)
     rows: list[dict[str, Any]] = []
     warned_geo = False
@@ -785,9 +910,12 @@ def predict_folder(
                     "truth_pixels": int(truth.sum()),
                 }
             )
+    written = [*result.masks, *result.geotiffs]
     if masks_dir is not None:
         result.scores = _scores(rows, spec.threshold)
         tmp = out_dir / f".scores.json.{uuid.uuid4().hex}.tmp"
         tmp.write_text(json.dumps(result.scores, indent=2))
-        os.replace(tmp, out_dir / "scores.json")
+        os.replace(tmp, scores_path)
+        written.append(scores_path)
+    _record_outputs(out_dir, written)
     return result

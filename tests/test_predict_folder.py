@@ -10,6 +10,7 @@ Two kinds of model keep these tests fast and exact:
 """
 
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from bldseg.data.cache import ensure_cache
 from bldseg.data.readers import read_folder_dataset
 from bldseg.models import create_model, registry
 from bldseg.predict import (
+    OUTPUTS_FILE,
     EnsembleSpec,
     blend_weights,
     combine_members,
@@ -35,6 +37,7 @@ from bldseg.predict import (
     predict_folder,
     predict_image,
     sliding_windows,
+    write_submission,
 )
 from bldseg.train.augment import IMAGENET_MEAN, IMAGENET_STD
 from bldseg.train.config import RunConfig
@@ -236,8 +239,10 @@ def test_large_image_gives_full_size_png_in_mirrored_folder(tiny_ckpts, tmp_path
     models = [load_checkpoint(c)[0] for c in tiny_ckpts]
     ref = combine_members((predict_image(m, big, window=32) for m in models), spec)
     np.testing.assert_array_equal(mask == 255, ref)
-    # atomic writes leave no temporary files behind; nothing but the masks is written
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["scene.png", "tile.png"]
+    # atomic writes leave no temporary files behind; nothing but the masks (and the record of
+    # them) is written
+    written = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert written == sorted([OUTPUTS_FILE, "scene.png", "tile.png"])
 
 
 def test_window_from_config_and_flag(pointwise_model, tmp_path):
@@ -461,6 +466,27 @@ def test_dotted_names_keep_one_mask_each(pointwise_model, tmp_path):
         np.testing.assert_array_equal(read_png(mask) == 255, red >= 128)
 
 
+def test_rerun_into_the_same_folder_removes_its_own_stale_outputs(pointwise_model, tmp_path):
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    spec = EnsembleSpec([str(ckpt)])
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    for name in ("a", "sub/b"):
+        write_png(images / f"{name}.png", noise_image(32, 32, seed=len(name)))
+        (masks / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(masks / f"{name}.png"), np.zeros((32, 32), np.uint8))
+    predict_folder(spec, images, out, masks_dir=masks, progress=False)
+    assert (out / "scores.json").is_file() and (out / "sub" / "b.png").is_file()
+    (out / "notes.txt").write_text("the user's own file")
+    # b is gone and this run is not scored: its mask and the earlier scores would tell
+    # another run's story beside the new masks
+    (images / "sub" / "b.png").unlink()
+    r = predict_folder(spec, images, out, progress=False)
+    assert r.masks == [out / "a.png"]
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert left == sorted([OUTPUTS_FILE, "a.png", "notes.txt"])  # the user's file is kept
+    assert json.loads((out / OUTPUTS_FILE).read_text()) == {"files": ["a.png"]}
+
+
 def test_cli_scores_a_truth_csv_without_sizes(tiny_ckpts, small_world, tmp_path, capsys):
     # The competition's truth has only img_id,mask_rle: the tiles' own shape scores it.
     from bldseg.commands import predict as predict_cmd
@@ -499,3 +525,202 @@ def test_cli_checks_every_member_before_predicting(tiny_ckpts, small_world, tmp_
     printed = capsys.readouterr().out
     assert f"threshold 0.5000 is {tiny_ckpts[0]}'s own validation threshold" in printed, printed
     assert "wrote " in printed and out.is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# A test split -> submission CSV
+# --------------------------------------------------------------------------------------------
+
+
+def write_test_split(root: Path, sizes=((32, 32),) * 3) -> Path:
+    """A competition test split (``test.csv`` + PNGs, no train.csv): its CSV."""
+    rows = []
+    for i, (h, w) in enumerate(sizes):
+        write_png(root / "test" / f"t{i}.png", noise_image(h, w, seed=20 + i))
+        rows.append((f"T{i}", f"test/t{i}.png"))
+    pd.DataFrame(rows, columns=["img_id", "img_path"]).to_csv(root / "test.csv", index=False)
+    return root / "test.csv"
+
+
+def predict_main(*argv: str) -> int:
+    from bldseg.commands import predict as predict_cmd
+
+    return predict_cmd.main([*argv, "--device", "cpu"])
+
+
+def test_cli_reads_only_the_test_split(tiny_ckpts, tmp_path, capsys):
+    comp, cache_root = tmp_path / "comp", tmp_path / "data_root"
+    test_csv = write_test_split(comp)
+    base = ["--checkpoint", tiny_ckpts[0], "--data-root", str(cache_root)]
+    # a folder with only test.csv, or the test CSV itself
+    for data, out in ((comp, "a.csv"), (test_csv, "b.csv")):
+        code = predict_main(*base, "--data", str(data), "--out", str(tmp_path / out))
+        assert code == 0, capsys.readouterr().err
+    a, b = (pd.read_csv(tmp_path / n, dtype=str) for n in ("a.csv", "b.csv"))
+    assert list(a.img_id) == ["T0", "T1", "T2"] and a.equals(b)
+    # a train.csv beside it (here with a bad RLE) is neither read nor cached
+    (comp / "train.csv").write_text("img_id,img_path,mask_rle\nX,test/t0.png,3 oops\n")
+    code = predict_main(*base, "--data", str(comp), "--out", str(tmp_path / "c.csv"))
+    assert code == 0, capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "c.csv", dtype=str).equals(a)
+    assert [p.parent.name for p in cache_root.rglob("manifest.json")] == ["test"]
+
+
+def test_cli_refuses_test_images_it_cannot_tile(tiny_ckpts, tmp_path, capsys):
+    cache_root = tmp_path / "data_root"
+    base = ["--checkpoint", tiny_ckpts[0], "--data-root", str(cache_root)]
+    out = str(tmp_path / "sub.csv")
+    # not square: refused naming the test CSV, before any cache is built
+    test_csv = write_test_split(tmp_path / "wide", sizes=[(32, 48)] * 2)
+    assert predict_main(*base, "--data", str(tmp_path / "wide"), "--out", out) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {test_csv}: ") and "is 32x48" in err, err
+    assert "--images DIR --out masks/" in err and not cache_root.exists()
+    # mixed sizes: folder prediction is the way, not --tile-size (which cuts training data)
+    mixed_csv = write_test_split(tmp_path / "mixed", sizes=[(32, 32), (48, 48)])
+    assert predict_main(*base, "--data", str(tmp_path / "mixed"), "--out", out) == 1
+    err = capsys.readouterr().err
+    assert f"{mixed_csv} is predicted one image per tile" in err, err
+    assert "--images DIR --out masks/" in err and "--tile-size" not in err
+    with pytest.raises(SystemExit) as e:
+        predict_main(*base, "--data", str(tmp_path / "mixed"), "--tile-size", "32", "--out", out)
+    assert e.value.code == 2 and "--tile-size cuts training data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1.5", "50", "-0.1", "nan"])
+def test_cli_refuses_a_threshold_outside_0_1(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        predict_main("--checkpoint", "x.pt", "--threshold", value)
+    assert e.value.code == 2 and f"--threshold {float(value)}: " in capsys.readouterr().err
+
+
+def test_cli_refuses_an_out_it_cannot_write(tiny_ckpts, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "a_file").write_text("")
+    images = tmp_path / "images"
+    write_png(images / "a.png", noise_image(32, 32, seed=0))
+    for argv, message in (
+        (["--out", str(tmp_path / "taken")], "is a folder; name the CSV"),
+        (["--out", str(tmp_path / "a_file" / "sub.csv")], "is a file, not a folder"),
+        (["--images", str(images), "--out", str(tmp_path / "a_file")], "is a file; with --images"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            predict_main("--checkpoint", tiny_ckpts[0], *argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_a_failed_write_is_one_error_line_and_leaves_no_temporary_file(
+    tiny_ckpts, tmp_path, capsys, monkeypatch
+):
+    from bldseg.commands import predict as predict_cmd
+
+    taken = tmp_path / "out" / "sub.csv"
+    taken.mkdir(parents=True)
+    (taken / "x").touch()
+    with pytest.raises(OSError):
+        write_submission(["a"], np.zeros((1, 4, 4), bool), taken)
+    assert sorted(p.name for p in taken.parent.iterdir()) == ["sub.csv"]
+    # --out is checked first, so a write can fail only if the disk or the folder changes
+    # while predicting: simulated by the folder appearing then
+    write_test_split(tmp_path / "comp")
+    out = tmp_path / "late" / "sub.csv"
+
+    def predict_then_take_the_name(spec, cache, **kw):
+        out.mkdir(parents=True)
+        (out / "x").touch()
+        return np.zeros((len(cache), 32, 32), bool)
+
+    monkeypatch.setattr(predict_cmd, "predict_cache", predict_then_take_the_name)
+    argv = ["--checkpoint", tiny_ckpts[0], "--data", str(tmp_path / "comp"), "--out", str(out)]
+    assert predict_main(*argv, "--data-root", str(tmp_path / "data_root")) == 1
+    err = capsys.readouterr().err  # after the cache's progress bar
+    assert err.splitlines()[-1].startswith(f"error: writing {out}: ") and "Traceback" not in err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sub.csv"]
+
+
+def test_tta_follows_how_the_members_were_validated(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    from bldseg.commands import predict as predict_cmd
+
+    with_tta = str(save_checkpoint(tmp_path / "tta" / "best.pt", TINY, 0, tta=True))
+    plain = tiny_ckpts[0]
+    write_test_split(tmp_path / "comp", sizes=[(32, 32)])
+    used = []
+
+    def spy(spec, cache, **kw):
+        used.append(spec.tta)
+        return np.zeros((len(cache), 32, 32), bool)
+
+    monkeypatch.setattr(predict_cmd, "predict_cache", spy)
+
+    def run(*argv: str) -> tuple[bool, list[str]]:
+        """(the TTA predicted with, the lines of stderr that are not the cache's progress)"""
+        data = ["--data", str(tmp_path / "comp"), "--data-root", str(tmp_path / "data_root")]
+        assert predict_main(*argv, *data, "--out", str(tmp_path / "sub.csv")) == 0
+        err = capsys.readouterr().err.splitlines()
+        return used.pop(), [line for line in err if line and not line.startswith("caching")]
+
+    # no choice given: as the threshold was chosen
+    assert run("--checkpoint", with_tta) == (True, [])
+    assert run("--checkpoint", plain) == (False, [])
+    # an explicit choice against it is warned about in one line, unless the threshold is the
+    # user's own
+    tta, err = run("--checkpoint", with_tta, "--no-tta")
+    assert not tta and len(err) == 1, err
+    assert err[0].startswith("warning: predicting without TTA (--no-tta)") and with_tta in err[0]
+    assert run("--checkpoint", plain, "--tta", "--threshold", "0.4") == (True, [])
+    # members that disagree: without TTA, named
+    tta, err = run("--checkpoint", with_tta, "--checkpoint", plain)
+    assert not tta and f"validated with TTA ({with_tta}) and without ({plain})" in err[0], err
+    # an ensemble spec's own "tta", warned about when its members were validated otherwise
+    spec = tmp_path / "spec.json"
+    EnsembleSpec([with_tta], threshold=0.5).save(spec)
+    tta, err = run("--ensemble", str(spec))
+    assert not tta and 'predicting without TTA (the spec\'s "tta": false)' in err[0], err
+    assert run("--ensemble", str(spec), "--tta") == (True, [])
+
+
+# --------------------------------------------------------------------------------------------
+# Ensemble spec files
+# --------------------------------------------------------------------------------------------
+
+
+def _spec(tmp_path: Path, text: str | dict) -> Path:
+    path = tmp_path / "spec.json"
+    path.write_text(text if isinstance(text, str) else json.dumps(text))
+    return path
+
+
+def test_spec_errors_name_the_file_and_the_field(tiny_ckpts, tmp_path):
+    ck = {"checkpoint": tiny_ckpts[0]}
+    own = [{**ck, "threshold": 0.5}, {**ck, "threshold": 1.2}]  # members' own thresholds
+    for text, message in (
+        ('{"members": [],}', "not a valid JSON ensemble spec"),
+        ({"members": [ck, {**ck, "weight": "x"}]}, "member 1's 'weight' must be a number, got 'x'"),
+        ({"members": [ck], "min_area": "big"}, "'min_area' must be a number"),
+        ({"members": [ck], "tta": "yes"}, "'tta' must be true or false"),
+        ({"members": [ck], "threshold": 1.7}, r"threshold must lie in \[0, 1\], got 1.7"),
+        ({"members": [ck], "threshold": float("nan")}, r"threshold must lie in \[0, 1\]"),
+        (
+            {"members": own, "rule": "vote", "votes": 1},
+            r"member 1's threshold must lie in \[0, 1\], got 1.2",
+        ),
+    ):
+        path = _spec(tmp_path, text)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {message}"):
+            EnsembleSpec.load(path)
+
+
+def test_spec_members_resolve_like_checkpoint_flags(tiny_ckpts, tmp_path):
+    # a run folder, as --checkpoint takes it
+    run = Path(tiny_ckpts[0]).parent
+    spec = EnsembleSpec.load(_spec(tmp_path, {"members": [{"checkpoint": str(run)}]}))
+    assert spec.checkpoints == [str(Path(tiny_ckpts[0]).resolve())]
+    # a K-fold member whose fold 1 was never trained is refused on loading, not after the
+    # members before it have run over the whole test set
+    kfold = tmp_path / "kfold"
+    (kfold / "fold0").mkdir(parents=True)
+    (kfold / "fold0" / "best.pt").touch()
+    (kfold / "folds.json").write_text(json.dumps({"folds": 2, "config": RunConfig().to_flat()}))
+    path = _spec(tmp_path, {"members": [{"checkpoint": tiny_ckpts[0]}, {"checkpoint": "kfold"}]})
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(path))}: member 1: .*fold 1 "):
+        EnsembleSpec.load(path)

@@ -20,9 +20,20 @@ default 0.25 of the window; the last row/column shifted inwards) whose probabili
 with weights falling linearly from each window's centre to its edge (floor 0.05), so each pixel
 is decided mostly by the window that sees it most centrally. Images smaller than the window are
 padded by reflection. With --masks, the official score (mean per-image Dice), the pixel IoU and
-F1 are printed and written to OUT/scores.json.
+F1 are printed and written to OUT/scores.json. The files written are listed in
+OUT/.bldseg_outputs.json; a rerun into the same --out removes those it does not write again
+(masks of images no longer there, an earlier scores.json) and no other file.
+
+With --data, only the test split is read: a competition folder needs only test.csv (and its
+images), or pass the test CSV itself; train.csv is neither needed nor cached. Each test image is
+predicted as one square tile (images of other shapes or mixed sizes: --images DIR --out masks/).
 
 With one checkpoint the threshold defaults to the one chosen on its validation tiles.
+
+Flip test-time augmentation (TTA) follows how the threshold was chosen unless --tta or --no-tta
+says otherwise: with --checkpoint, on when every member was validated with TTA (run config
+tta=True); with --ensemble, the spec's "tta". A one-line warning says when the members were
+validated differently from each other, or from how this prediction runs.
 
 A K-fold run (bldseg train --folds K) predicts as one model: pass its folder or its
 folds.json as --checkpoint; the K fold models' probabilities are averaged (then quantised, as
@@ -32,19 +43,21 @@ in validation), and the threshold defaults to the one chosen on its out-of-fold 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
 from bldseg import metrics
 from bldseg.commands import USER_ERRORS, fail
-from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
+from bldseg.data.prepare import add_data_arguments, data_options, prepare_test_data
 from bldseg.predict import (
     DEFAULT_OVERLAP,
     EnsembleSpec,
     check_member,
     check_overlap,
     check_window,
-    load_member,
+    member_config,
     predict_cache,
     predict_folder,
     write_submission,
@@ -73,9 +86,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="submission CSV to write (default submission.csv); with --images: the mask folder",
     )
-    p.add_argument("--threshold", type=float, default=None, help="override the threshold")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="override the threshold, in [0, 1]"
+    )
     p.add_argument("--min-area", type=int, default=None, help="images with fewer pixels: empty")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flip test-time augmentation on or off (default: as the threshold was chosen: "
+        "--checkpoint: on when every member was validated with it; --ensemble: the spec's)",
+    )
     p.add_argument("--truth", default=None, help="ground-truth CSV to score against (--data)")
     f = p.add_argument_group("folder prediction (--images)")
     f.add_argument(
@@ -122,6 +143,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     """
     p = build_parser(prog)
     args = p.parse_args(argv)
+    # Outside [0, 1] (or NaN) every pixel falls on one side: an all-empty or all-building run.
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        p.error(f"--threshold {args.threshold}: a threshold is a probability in [0, 1]")
 
     folder_only = [
         ("--masks", args.masks),
@@ -133,6 +157,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         for flag, value in folder_only:
             if value is not None:
                 p.error(f"{flag} applies to folder prediction: pass --images DIR with it")
+        if args.tile_size is not None:
+            p.error(
+                "--tile-size cuts training data; prediction takes each test image whole as one "
+                "tile (images of mixed sizes or large scenes: --images DIR --out masks/)"
+            )
+        _check_out(p, args.out or "submission.csv", folder=False)
         return args
     if args.data is not None:
         p.error("give --data (a dataset's test split -> CSV) or --images (a folder -> masks)")
@@ -144,6 +174,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         p.error("--images needs --out DIR, the folder for the masks")
     if args.out.lower().endswith(".csv"):
         p.error(f"--out {args.out}: with --images, --out is a folder for the mask files, not a CSV")
+    _check_out(p, args.out, folder=True)
     if args.mask_pattern is not None and args.masks is None:
         p.error("--mask-pattern names ground-truth masks: pass --masks DIR with it")
     try:
@@ -154,6 +185,62 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def _check_out(p: argparse.ArgumentParser, out: str, *, folder: bool) -> None:
+    """Refuses an --out that could not be written, before anything is predicted.
+
+    Args:
+        p: The parser (its ``error`` exits with status 2).
+        out: The submission CSV, or with ``folder`` the mask folder.
+        folder: Whether ``out`` is a folder (created when missing).
+    """
+    path = Path(out).absolute()
+    if folder and path.exists() and not path.is_dir():
+        p.error(f"--out {out} is a file; with --images, --out is a folder for the mask files")
+    if not folder and path.is_dir():
+        p.error(f"--out {out} is a folder; name the CSV to write, e.g. {path / 'submission.csv'}")
+    # The deepest folder that exists: the rest of the path is created in it.
+    existing = next(a for a in (path if folder else path.parent, *path.parents) if a.exists())
+    if not existing.is_dir():
+        p.error(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        p.error(f"--out {out}: cannot write in {existing}")
+
+
+def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> str | None:
+    """Sets ``spec.tta``; returns a warning when the members' validation disagrees with it.
+
+    The members' run configs say whether their validation maps, on which their thresholds
+    (and an ensemble search's) were chosen, were flip-averaged: without --tta/--no-tta,
+    --checkpoint predicts with TTA only when every member was validated with it, and
+    --ensemble as its spec says.
+    """
+    validated = {c: member_config(c)[0].tta for c in spec.checkpoints}
+    with_tta = [c for c, tta in validated.items() if tta]
+    if args.tta is not None:
+        spec.tta = args.tta
+    elif not args.ensemble:
+        spec.tta = len(with_tta) == len(validated)
+    how = "with" if spec.tta else "without"
+    if 0 < len(with_tta) < len(validated):
+        without = [c for c, tta in validated.items() if not tta]
+        return (
+            f"warning: members were validated with TTA ({', '.join(with_tta)}) and without "
+            f"({', '.join(without)}); predicting {how} TTA (--tta / --no-tta to choose)"
+        )
+    if args.threshold is None and bool(with_tta) != spec.tta:
+        if args.tta is None:
+            source = f'the spec\'s "tta": {str(spec.tta).lower()}'
+        else:
+            source = "--tta" if args.tta else "--no-tta"
+        other = "with" if with_tta else "without"
+        return (
+            f"warning: predicting {how} TTA ({source}), but the threshold was chosen on "
+            f"validation maps made {other} it ({', '.join(validated)}); pass "
+            f"{'--tta' if with_tta else '--no-tta'} to predict as validated, or a --threshold"
+        )
+    return None
 
 
 def _decision(spec: EnsembleSpec) -> str:
@@ -183,7 +270,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         else:
             # every member checked before any is run over the test set
             members = [str(check_member(c)) for c in args.checkpoint]
-            _, _, m = load_member(members[0])
+            _, m = member_config(members[0])
             spec = EnsembleSpec(members, threshold=float(m.get("val_thr_best", 0.5)))
             if len(members) > 1 and args.threshold is None:
                 print(
@@ -203,7 +290,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         spec.threshold = args.threshold
     if args.min_area is not None:
         spec.min_area = args.min_area
-    spec.tta = spec.tta or args.tta
+    try:
+        warning = _choose_tta(spec, args)
+    except USER_ERRORS as e:
+        return fail(e)
+    if warning:
+        print(warning, file=sys.stderr)
     options = data_options(args)
     t0 = time.perf_counter()
 
@@ -222,7 +314,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 batch_size=args.batch_size,
                 device=args.device,
             )
-        except USER_ERRORS as e:
+        except (*USER_ERRORS, OSError) as e:  # OSError: an output that cannot be written
             return fail(e)
         geotiffs = f" + {len(r.geotiffs)} GeoTIFF(s)" if r.geotiffs else ""
         print(
@@ -241,16 +333,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     out = args.out or "submission.csv"
     try:
-        data = prepare_data(args.data, options=options, data_root=args.data_root, verbose=True)
-    except USER_ERRORS as e:
-        return fail(e)
-    if data.test is None:
-        return fail(f"{data.root} has no test.csv to predict")
-    try:
+        data = prepare_test_data(args.data, options=options, data_root=args.data_root, verbose=True)
         pred = predict_cache(spec, data.test, batch_size=args.batch_size, device=args.device)
     except USER_ERRORS as e:
         return fail(e)
-    write_submission(data.test.ids, pred, out)
+    try:
+        write_submission(data.test.ids, pred, out)
+    except OSError as e:  # checked in parse_args, but the disk can fill or the folder change
+        return fail(f"writing {out}: {e}")
     print(
         f"wrote {out}: {len(pred)} tiles, {int((pred.sum((1, 2)) == 0).sum())} empty, "
         f"{len(spec.checkpoints)} model(s), {_decision(spec)}, "

@@ -40,6 +40,9 @@ from bldseg.data.readers import SourceRecord, decode_record
 
 CACHE_FORMAT_VERSION = 2
 
+#: What the error about images of different sizes advises by default (training data).
+TILE_SIZE_HINT = "pass --tile-size (tile_size=) to cut scenes of varying size into equal tiles"
+
 
 def _stat_key(path: Path) -> list[int]:
     st = path.stat()
@@ -179,6 +182,7 @@ def build_cache(
     *,
     num_threads: int | None = None,
     progress: bool = True,
+    mixed_sizes_hint: str = TILE_SIZE_HINT,
 ) -> DatasetCache:
     """Decodes every record once into a new cache folder, replacing any old one atomically.
 
@@ -188,6 +192,7 @@ def build_cache(
         cache_dir: Destination folder.
         num_threads: Decoding threads (OpenCV releases the GIL); default: the CPU count.
         progress: Show a progress bar.
+        mixed_sizes_hint: What the error about images of different sizes advises.
 
     Returns:
         The opened cache.
@@ -238,8 +243,7 @@ def build_cache(
                 raise ValueError(
                     f"{r.img_id} ({r.image_path}): image is {image.shape[0]}x{image.shape[1]}, "
                     f"expected {h}x{w} like {records[0].img_id}; every sample of one cache must "
-                    "have the same size: pass --tile-size (tile_size=) to cut scenes of "
-                    "varying size into equal tiles"
+                    f"have the same size: {mixed_sizes_hint}"
                 )
             images[i] = image
             if masks is not None:
@@ -336,11 +340,13 @@ def ensure_cache(
     cache_dir: str | os.PathLike,
     *,
     progress: bool = True,
+    mixed_sizes_hint: str = TILE_SIZE_HINT,
 ) -> DatasetCache:
     """Opens ``cache_dir`` if it was built from exactly these sources, else (re)builds it.
 
     Safe to call from many processes at once: a file lock beside the folder serialises builds,
-    and a process that waited finds the cache the first one built.
+    and a process that waited finds the cache the first one built. ``progress`` and
+    ``mixed_sizes_hint`` are passed to :func:`build_cache`.
     """
     cache_dir = Path(cache_dir)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -357,4 +363,4 @@ def ensure_cache(
             *cache_dir.parent.glob(f".{cache_dir.name}.old-*"),
         ]:
             shutil.rmtree(stale, ignore_errors=True)
-        return build_cache(records, cache_dir, progress=progress)
+        return build_cache(records, cache_dir, progress=progress, mixed_sizes_hint=mixed_sizes_hint)

@@ -9,6 +9,10 @@
 - an existing bldseg cache: a cache folder (``manifest.json``) or a folder of caches
   (``train/``, optionally ``test/``).
 
+Prediction (:func:`prepare_test_data`) reads only the test split: a competition folder needs
+only ``test.csv`` there (``--data`` may also name the test CSV itself), and the training split
+is neither read nor cached.
+
 Every kind goes through the same readers and cache, so the demo exercises the real ingestion
 path. Caches live under ``data_root/cache/`` keyed by the dataset's location (never inside a
 possibly read-only dataset folder), and are rebuilt when a source file or a decoding option
@@ -29,6 +33,7 @@ from bldseg.data.cache import DatasetCache, ensure_cache
 from bldseg.data.readers import (
     DEFAULT_MASK_PATTERNS,
     ReadOptions,
+    image_size,
     read_competition_csv,
     read_folder_dataset,
 )
@@ -193,17 +198,7 @@ def prepare_data(
     data_root = Path(data_root).resolve()
     kind = detect_data(data, options)
     if kind == "synthetic":
-        from bldseg.data.synthetic import generate_world
-
-        world_dir = data_root / "synthetic"
-        # The built-in world's folder is ours: one made by an older generator or with other
-        # parameters is regenerated (generate_world still refuses a folder that is not a world).
-        generate_world(
-            world_dir,
-            progress=progress,
-            overwrite=_is_generated_world(world_dir),
-            **(DEFAULT_SYNTHETIC if synthetic is None else synthetic),
-        )
+        world_dir = _synthetic_world(data_root, synthetic, progress)
         prepared = _prepare_competition(world_dir, options, data_root, progress)
         prepared.kind = "synthetic"
         prepared.description = (
@@ -218,6 +213,22 @@ def prepare_data(
     if verbose:
         print(f"data ({prepared.kind}): {prepared.description}", flush=True)
     return prepared
+
+
+def _synthetic_world(data_root: Path, synthetic: dict | None, progress: bool) -> Path:
+    """The built-in world's folder, generated when it is missing or out of date."""
+    from bldseg.data.synthetic import generate_world
+
+    world_dir = data_root / "synthetic"
+    # The built-in world's folder is ours: one made by an older generator or with other
+    # parameters is regenerated (generate_world still refuses a folder that is not a world).
+    generate_world(
+        world_dir,
+        progress=progress,
+        overwrite=_is_generated_world(world_dir),
+        **(DEFAULT_SYNTHETIC if synthetic is None else synthetic),
+    )
+    return world_dir
 
 
 def _is_generated_world(world_dir: Path) -> bool:
@@ -289,6 +300,130 @@ def _prepare_cache(path: Path) -> PreparedData:
         clean_train_csv=None,
         kind="cache",
         description=f"bldseg cache {train_dir}: {_describe_cache(train)}{test_part}",
+    )
+
+
+@dataclass
+class PreparedTest:
+    """The test split of a dataset, for prediction.
+
+    Attributes:
+        root: The dataset folder (holding the test CSV, or the caches).
+        test: Cache of the test images (no masks).
+        test_truth_csv: Held-out ground truth of the test images (synthetic world only).
+        kind: What ``--data`` named.
+        description: One line saying what was found (printed by the predict command).
+    """
+
+    root: Path
+    test: DatasetCache
+    test_truth_csv: Path | None
+    kind: DataKind
+    description: str
+
+
+#: What a test split of images of mixed sizes (or not square) is told to do instead.
+PREDICT_IMAGES_HINT = "predict such images with --images DIR --out masks/ (one mask per image)"
+
+
+def prepare_test_data(
+    data: str | os.PathLike | None = None,
+    *,
+    options: DataOptions | None = None,
+    data_root: str | os.PathLike = DEFAULT_DATA_ROOT,
+    synthetic: dict | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+) -> PreparedTest:
+    """Finds a dataset's test split and opens its cache, building it when needed.
+
+    Only the test split is read: prediction needs neither the training CSV (its masks may be
+    absent, or bad) nor its cache, which for a real dataset takes far longer to build. The
+    test cache is the one :func:`prepare_data` builds, so training and prediction share it.
+
+    Args:
+        data: None (the built-in synthetic world); a competition folder holding ``test.csv``
+            (``train.csv`` is not needed); a test CSV itself (``img_id,img_path``; a
+            ``train.csv`` stands for the ``test.csv`` beside it); or a bldseg cache folder
+            holding ``test/``.
+        options: Decoding options (:class:`DataOptions`).
+        data_root: Folder for the synthetic world and the caches.
+        synthetic: As for :func:`prepare_data`.
+        progress: Show progress bars.
+        verbose: Print what was found.
+
+    Raises:
+        FileNotFoundError: No test split there (the message says what was looked for), or a
+            file the test CSV names is missing.
+        ValueError: Bad files, or test images that are not square or not all of one size
+            (prediction takes each as one tile; the message names the test CSV and advises
+            folder prediction).
+    """
+    options = options or DataOptions()
+    data_root = Path(data_root).resolve()
+    if data is None:
+        prepared = _prepare_competition_test(
+            _synthetic_world(data_root, synthetic, progress) / "test.csv",
+            options,
+            data_root,
+            progress,
+        )
+        prepared.kind = "synthetic"
+    else:
+        path = Path(data).resolve()
+        if path.is_file() and path.suffix.lower() == ".csv":
+            test_csv = path.with_name("test.csv") if path.name == "train.csv" else path
+            prepared = _prepare_competition_test(test_csv, options, data_root, progress)
+        elif (path / "test.csv").is_file():
+            prepared = _prepare_competition_test(path / "test.csv", options, data_root, progress)
+        elif _is_cache(path / "test"):
+            test = DatasetCache(path / "test")
+            prepared = PreparedTest(
+                path, test, None, "cache", f"bldseg cache {test.root}: {_describe_cache(test)}"
+            )
+        elif not path.exists():
+            raise FileNotFoundError(f"--data {path}: no such folder or CSV file")
+        else:
+            raise FileNotFoundError(
+                f"--data {path}: no test split to predict. Looked for test.csv (competition "
+                "layout; train.csv is not needed) and test/manifest.json (a bldseg cache); "
+                "to predict a folder of images pass --images DIR --out masks/"
+            )
+    if verbose:
+        print(f"data ({prepared.kind}): {prepared.description}", flush=True)
+    return prepared
+
+
+def _prepare_competition_test(
+    test_csv: Path, options: DataOptions, data_root: Path, progress: bool
+) -> PreparedTest:
+    root = test_csv.parent
+    if not test_csv.is_file():
+        raise FileNotFoundError(f"--data {root}: no {test_csv.name} to predict")
+    records = read_competition_csv(test_csv, with_masks=False, options=options.read)
+    # Each test image is predicted as one square tile: refused from the first image's header,
+    # before the whole split is decoded into a cache.
+    h, w = image_size(records[0].image_path)
+    if h != w:
+        raise ValueError(
+            f"{test_csv}: prediction takes each image as one square tile, but "
+            f"{records[0].img_id} ({records[0].image_path}) is {h}x{w}; {PREDICT_IMAGES_HINT}"
+        )
+    # The cache prepare_data builds for test.csv; another CSV of the folder gets its own.
+    name = "test" if test_csv.name == "test.csv" else f"test-{test_csv.stem}"
+    test = ensure_cache(
+        records,
+        _cache_dir(data_root, root, options.key()) / name,
+        progress=progress,
+        mixed_sizes_hint=f"{test_csv} is predicted one image per tile; {PREDICT_IMAGES_HINT}",
+    )
+    truth = root / "test_truth.csv"
+    return PreparedTest(
+        root=root,
+        test=test,
+        test_truth_csv=truth if test_csv.name == "test.csv" and truth.is_file() else None,
+        kind="competition",
+        description=f"competition test split {test_csv}: {_describe_cache(test)}",
     )
 
 
