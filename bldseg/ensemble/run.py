@@ -31,7 +31,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -48,7 +49,7 @@ from bldseg.ensemble.search import (
     greedy_search,
     score_members,
 )
-from bldseg.predict import EnsembleSpec
+from bldseg.predict import EnsembleSpec, member_config
 
 __all__ = [
     "SearchConfig",
@@ -483,6 +484,27 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _library_tta(lib: ModelLibrary) -> bool:
+    """Whether the library's runs validated with flip TTA (their maps are flip-averaged).
+
+    False for a library of maps without readable checkpoints (nothing to predict with). A
+    library mixing both is searched as it is, predicted with TTA off, and said so.
+    """
+    flags = set()
+    for c in lib.checkpoints:
+        try:
+            flags.add(member_config(c)[0].tta)
+        except (OSError, ValueError):
+            return False
+    if len(flags) > 1:
+        warnings.warn(
+            "the library mixes runs validated with and without flip TTA; the specs predict "
+            "without it (bldseg predict --tta overrides)",
+            stacklevel=2,
+        )
+    return flags == {True}
+
+
 def _publish(stage: Path, out: Path) -> None:
     """Moves the staged outputs into ``out``; rule specs an earlier run left are removed."""
     staged = {p.name for p in stage.iterdir()}
@@ -532,10 +554,13 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     }
     files.update(_plots(stage, per_k_rows, sel, chk, best, lo, hi, rules_searched))
 
+    # the library's maps were flip-averaged when its runs validated with TTA: predict must too
+    tta = _library_tta(lib)
     spec = EnsembleSpec(
         checkpoints=[str(lib.checkpoints[m].resolve()) for m in best.members],
         weights=[],
         threshold=best.threshold,
+        tta=tta,
     )
     spec_path = stage / "best_ensemble.json"
     spec.save(spec_path, home=out)
@@ -546,6 +571,7 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         checkpoints=[str(lib.checkpoints[m].resolve()) for m in single.members],
         weights=[],
         threshold=single.threshold,
+        tta=tta,
     )
     single_spec.save(stage / "best_single.json", home=out)
     files["single_spec"] = str(stage / "best_single.json")
@@ -560,14 +586,16 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         rule_tiles = {}
         for name, e in found.items():
             rule_rows[name], rule_tiles[name] = _rule_row(name, e, lib, libs, levels)
-            rule_spec = e.spec([c.resolve() for c in lib.checkpoints], levels)
+            rule_spec = replace(e.spec([c.resolve() for c in lib.checkpoints], levels), tta=tta)
             path = stage / f"best_ensemble_{name}.json"
             rule_spec.save(path, home=out)
             files[f"spec_{name}"] = str(path)
         # max keeps the first of equal scores: the simplest rule (the order of found)
         name = max(found, key=lambda n: found[n].score)
         if name != "mean":
-            spec = found[name].spec([c.resolve() for c in lib.checkpoints], levels)
+            spec = replace(
+                found[name].spec([c.resolve() for c in lib.checkpoints], levels), tta=tta
+            )
             spec.save(spec_path, home=out)
             best_d, best_tiles = rule_rows[name], rule_tiles[name]
     single_d, single_tiles = _with_intervals(_row(single, lib, sel, chk, test), single, libs)

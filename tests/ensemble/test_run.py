@@ -613,3 +613,30 @@ def test_best_per_k_one_is_the_best_single_after_widening(tmp_path):
     assert summary["widened"]
     one, single = summary["best_per_k"]["1"], summary["best_single"]
     assert (one["members"], one["level"]) == (single["members"], single["level"])
+
+
+@pytest.mark.parametrize("flags", [(True, True, True), (False, False, False), (True, False, True)])
+def test_specs_predict_with_tta_as_the_library_was_validated(tmp_path, flags):
+    # maps flip-averaged in validation (run config tta) must be predicted with TTA: the specs
+    # said "tta": false for every library
+    import torch
+
+    from bldseg.train.config import RunConfig
+
+    lib = fake_library(3, 16, 16, seed=5, tiles_per_image=2)
+    write_runs(lib, tmp_path / "runs")
+    for ckpt, flag in zip(
+        load_library(find_runs(tmp_path / "runs")).checkpoints, flags, strict=True
+    ):
+        torch.save({"config": RunConfig(tta=flag).to_flat(), "model": {}, "metrics": {}}, ckpt)
+    cfg = SearchConfig(
+        runs=str(tmp_path / "runs"), k=[2], out=str(tmp_path / "out"), progress=False
+    )
+    if len(set(flags)) > 1:
+        with pytest.warns(UserWarning, match="mixes runs validated with and without flip TTA"):
+            run_search(cfg)
+    else:
+        run_search(cfg)
+    for name in ("best_ensemble.json", "best_single.json", "submit.json"):
+        spec = EnsembleSpec.load(tmp_path / "out" / name)
+        assert spec.tta is all(flags), name
