@@ -724,3 +724,62 @@ def test_spec_members_resolve_like_checkpoint_flags(tiny_ckpts, tmp_path):
     path = _spec(tmp_path, {"members": [{"checkpoint": tiny_ckpts[0]}, {"checkpoint": "kfold"}]})
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(path))}: member 1: .*fold 1 "):
         EnsembleSpec.load(path)
+
+
+def test_cli_refuses_an_out_that_overwrites_its_inputs(tmp_path, capsys):
+    # --out on the masks scored against wrote over them and reported a perfect score; on the
+    # dataset's test.csv it replaced the CSV the next run needs
+    data = tmp_path / "comp"
+    data.mkdir()
+    for n in ("train.csv", "test.csv"):
+        (data / n).write_text("img_id,img_path\n")
+    (tmp_path / "truth.csv").write_text("img_id,mask_rle\n")
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    write_png(images / "a.png", noise_image(32, 32, seed=0))
+    masks.mkdir()
+    for argv, message in (
+        (["--images", str(images), "--masks", str(masks), "--out", str(masks)], "overlaps --masks"),
+        (
+            ["--images", str(images), "--masks", str(masks), "--out", str(tmp_path)],
+            "overlaps --masks",
+        ),
+        (["--data", str(data), "--out", str(data / "test.csv")], "is --data's test.csv"),
+        (
+            ["--data", str(data / "test.csv"), "--out", str(data / "test.csv")],
+            "is --data's test.csv",
+        ),
+        (
+            [
+                "--data",
+                str(data),
+                "--truth",
+                str(tmp_path / "truth.csv"),
+                "--out",
+                str(tmp_path / "truth.csv"),
+            ],
+            "is --truth",
+        ),
+    ):
+        with pytest.raises(SystemExit) as e:
+            predict_main("--checkpoint", "x.pt", *argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size 0: at least 1"),
+        (["--device", "bogus"], "--device bogus: use auto, cpu, cuda or cuda:N"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: this torch sees no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
+    ],
+)
+def test_cli_refuses_bad_batch_size_and_device(argv, message, capsys):
+    from bldseg.commands import predict as predict_cmd
+
+    with pytest.raises(SystemExit) as e:
+        predict_cmd.main(["--checkpoint", "x.pt", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -146,6 +146,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     # Outside [0, 1] (or NaN) every pixel falls on one side: an all-empty or all-building run.
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         p.error(f"--threshold {args.threshold}: a threshold is a probability in [0, 1]")
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: at least 1")
+    _check_device(p, args.device)
 
     folder_only = [
         ("--masks", args.masks),
@@ -163,6 +166,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                 "tile (images of mixed sizes or large scenes: --images DIR --out masks/)"
             )
         _check_out(p, args.out or "submission.csv", folder=False)
+        _check_out_spares_inputs(p, args)
         return args
     if args.data is not None:
         p.error("give --data (a dataset's test split -> CSV) or --images (a folder -> masks)")
@@ -175,6 +179,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if args.out.lower().endswith(".csv"):
         p.error(f"--out {args.out}: with --images, --out is a folder for the mask files, not a CSV")
     _check_out(p, args.out, folder=True)
+    _check_out_spares_inputs(p, args)
     if args.mask_pattern is not None and args.masks is None:
         p.error("--mask-pattern names ground-truth masks: pass --masks DIR with it")
     try:
@@ -206,6 +211,52 @@ def _check_out(p: argparse.ArgumentParser, out: str, *, folder: bool) -> None:
         p.error(f"--out {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         p.error(f"--out {out}: cannot write in {existing}")
+
+
+def _check_device(p: argparse.ArgumentParser, device: str) -> None:
+    """Refuses a --device torch does not know, or a GPU this machine lacks, before any work."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        p.error(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {device}: this torch sees no CUDA GPU (use auto or cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        p.error(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def _check_out_spares_inputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses an --out that would overwrite what the run reads: the ground truth it scores
+    against (a perfect score over destroyed masks), or the dataset's CSVs."""
+    if args.images is not None:
+        if args.masks is None:
+            return
+        out, masks = Path(args.out).resolve(), Path(args.masks).resolve()
+        if out == masks or masks in out.parents or out in masks.parents:
+            p.error(
+                f"--out {args.out} overlaps --masks {args.masks}: the predictions would "
+                "overwrite the masks they are scored against; choose another folder"
+            )
+        return
+    out = Path(args.out or "submission.csv").resolve()
+    inputs = [("--truth", args.truth)]
+    if args.data is not None:
+        data = Path(args.data)
+        folder = data if data.is_dir() else data.parent
+        inputs += [
+            (f"--data's {n}", folder / n) for n in ("train.csv", "test.csv", "test_truth.csv")
+        ]
+        inputs.append(("--data", data))
+    for what, path in inputs:
+        if path is not None and Path(path).resolve() == out:
+            p.error(
+                f"--out {args.out} is {what}: the submission would overwrite it; "
+                "choose another file"
+            )
 
 
 def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> str | None:

@@ -106,10 +106,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             fold_assignment(len(data.train), cfg.folds, cfg.split_seed, groups)
     except USER_ERRORS as e:
         return fail(e)
-    if cfg.folds >= 2:
-        result = fit_folds(cfg, args.out, data=data, progress=True, only=args.fold)
-    else:
-        result = fit(cfg, args.out, data=data, progress=True)
+    try:  # what fit finds in the user's input: a crop larger than the images, another
+        # run's folder, a missing --pretrained file, a --split-group that matches nothing
+        if cfg.folds >= 2:
+            result = fit_folds(cfg, args.out, data=data, progress=True, only=args.fold)
+        else:
+            result = fit(cfg, args.out, data=data, progress=True)
+    except USER_ERRORS as e:
+        return fail(e)
     for row in result.history:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     if result.status == "diverged":

@@ -280,6 +280,16 @@ def test_train_command_fails_on_a_diverged_run(small_world, tmp_path, monkeypatc
     assert "error: training diverged: " in capsys.readouterr().err
 
 
+def test_train_command_reports_what_fit_refuses(small_world, tmp_path, capsys):
+    # errors in the user's input that fit() finds were tracebacks
+    from bldseg.commands import train as train_cmd
+
+    argv = ["--data", str(small_world.root), "--out", str(tmp_path / "run"), "--set", "epochs=1"]
+    assert train_cmd.main([*argv, "--pretrained", str(tmp_path / "none.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "none.pth" in err and "Traceback" not in err
+
+
 def test_layer_decay_groups():
     from bldseg.models import create_model
 
