@@ -170,3 +170,21 @@ def test_python_m_bldseg_without_torch():
     code = "import sys; from bldseg import cli; cli.build_parser(); print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--top", "0"], "--top 0: at least 1"),
+        (["--top", "-3"], "--top -3: at least 1"),
+        (["--threshold", "1.5"], "--threshold 1.5: a threshold is a probability"),
+    ],
+)
+def test_suspects_refuses_bad_counts_first(tmp_path, argv, message, capsys):
+    # --top 0 failed with "need at least one array to stack" after suspects.csv was written
+    from bldseg.commands import suspects
+
+    with pytest.raises(SystemExit) as e:
+        suspects.main(["--checkpoint", str(tmp_path / "x.pt"), "--out", str(tmp_path), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "suspects.csv").exists()

@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
         prog: Program name in the usage line.
     """
-    args = build_parser(prog).parse_args(argv)
+    p = build_parser(prog)
+    args = p.parse_args(argv)
+    if args.top < 1:  # before suspects.csv is written and the contact sheet fails on it
+        p.error(f"--top {args.top}: at least 1 image in the contact sheet")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        p.error(f"--threshold {args.threshold}: a threshold is a probability in [0, 1]")
     member = resolve_member(args.checkpoint)
     if not member.is_file():  # before the data is prepared, which can take minutes
         return fail(FileNotFoundError(f"checkpoint not found: {member}"))
