@@ -49,6 +49,7 @@ from bldseg.predict import (
     predict_cache,
     write_submission,
 )
+from bldseg.train.config import RunConfig
 from bldseg.train.engine import predict_probs
 from bldseg.tune import tracking
 from bldseg.tune.runner import META_FILE as SEARCH_META
@@ -116,6 +117,27 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
             + "): its finished stages would be reused as if they were this one's. Pass the "
             "original settings to continue it, or another --name for a new pipeline"
         )
+
+
+def check_config(cfg: PipelineConfig) -> None:
+    """Raises ValueError naming the first setting a pipeline cannot run with.
+
+    Checked before anything is written: a state file records its settings, and a corrected
+    command would be refused as "started with other settings".
+    """
+    for name, ok in (
+        ("trials", cfg.trials >= 1),
+        ("epochs", cfg.epochs >= 1),
+        ("k_min", 1 <= cfg.k_min <= cfg.k_max),
+        ("cpus_per_trial", cfg.cpus_per_trial > 0),
+        ("gpus_per_trial", cfg.gpus_per_trial >= 0),
+    ):
+        if not ok:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {getattr(cfg, name)} is out of range")
+    RunConfig.from_flat({**cfg.base, "epochs": cfg.epochs})  # names an unknown or bad --set
+    if cfg.data is not None and not Path(cfg.data).exists():
+        raise FileNotFoundError(f"--data {cfg.data}: no such file or folder")
 
 
 def _state_path(cfg: PipelineConfig) -> Path:
@@ -359,6 +381,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from bldseg.report import write_report
 
     t_start = time.perf_counter()
+    check_config(cfg)  # before a state file records the settings as this pipeline's
     state = _load_state(cfg)
     out = Path(cfg.out) / cfg.name
     storage = Path(cfg.storage) / cfg.name

@@ -576,3 +576,25 @@ def test_test_truth_reads_a_competition_format_file(small_world, tmp_path):
     df[["img_id", "mask_rle"]].iloc[::-1].to_csv(slim, index=False)  # other row order too
     got = test_truth(replace(small_world, test_truth_csv=slim))
     assert got.shape == full.shape and (got == full).all()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trials", "0"], "--trials 0 is out of range"),
+        (["--k-min", "4", "--k-max", "3"], "--k-min 4 is out of range"),
+        (["--set", "nosuchkey=1"], "nosuchkey"),
+        (["--data", "/nonexistent/bldseg-data"], "--data /nonexistent/bldseg-data: no such"),
+    ],
+)
+def test_bad_settings_are_one_line_and_record_nothing(tmp_path, argv, message, capsys):
+    # the state was saved before the settings were checked: a traceback, and the corrected
+    # command was then refused as "started with other settings"
+    from bldseg.commands import pipeline as pipeline_cmd
+
+    base = ["--name", "p", "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "runs")]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert pipeline_cmd.main([*base, "--tracking-uri", uri, *argv]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "p" / "pipeline_state.json").exists()

@@ -28,7 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bldseg.commands import fail
+from bldseg.commands import USER_ERRORS, fail
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.pipeline import ContinuationError, PipelineConfig, run_pipeline
 from bldseg.tune.cli import (
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     try:
         state = run_pipeline(cfg)
-    except ContinuationError as e:
+    except (ContinuationError, *USER_ERRORS, RuntimeError) as e:
+        # bad settings, missing data, a search in which no trial completed: one line
         return fail(e, prog)
     except KeyboardInterrupt:
         # run_pipeline recorded only the stages that finished: the same command resumes.
