@@ -50,7 +50,7 @@ from bldseg.predict import (
     write_submission,
 )
 from bldseg.train.config import RunConfig
-from bldseg.train.engine import predict_probs
+from bldseg.train.engine import eval_autocast, predict_probs
 from bldseg.tune import tracking
 from bldseg.tune.runner import META_FILE as SEARCH_META
 from bldseg.tune.runner import METRIC, SearchSpec, run_search
@@ -200,10 +200,12 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     stamps = [c.stat().st_mtime_ns for c in _member_checkpoints(run_dir)]
     if path.exists() and path.stat().st_mtime_ns >= max(stamps):
         return path
-    models, _, _ = load_member(run_dir)  # one model, or a K-fold run's K
+    models, cfg, _ = load_member(run_dir)  # one model, or a K-fold run's K
     first = models if isinstance(models, torch.nn.Module) else models[0]
     loader = image_loader(data.test, PREDICT_BATCH)
-    probs = predict_probs(models, loader, next(first.parameters()).device)
+    dev = next(first.parameters()).device
+    # as the validation maps beside it were made, and as bldseg predict makes them
+    probs = predict_probs(models, loader, dev, eval_autocast(cfg.precision, dev))
     tmp = path.with_name("test_probs.tmp.npz")
     ids = np.array(data.test.ids)
     np.savez(
@@ -357,9 +359,7 @@ def _best_epoch(run_dir: Path) -> dict:
 
 def _submission_interval(data: PreparedData, submission: Path) -> dict:
     """The submission's official score with a bootstrap interval over source images."""
-    per_image = metrics.score_csv_per_image(
-        data.test_truth_csv, submission, data.test.image_size
-    )
+    per_image = metrics.score_csv_per_image(data.test_truth_csv, submission, data.test.image_size)
     dice = per_image["dice"].to_numpy()
     if not np.isfinite(dice).any():
         return {}

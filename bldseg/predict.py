@@ -86,7 +86,13 @@ from bldseg.models import create_model
 from bldseg.models.pretrained import overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform
 from bldseg.train.config import RunConfig
-from bldseg.train.engine import load_state, predict_probs, resolve_device, to_run_memory_format
+from bldseg.train.engine import (
+    eval_autocast,
+    load_state,
+    predict_probs,
+    resolve_device,
+    to_run_memory_format,
+)
 from bldseg.train.folds import FOLDS_FILE, fold_dir
 
 #: Default fraction of a window that neighbouring windows share.
@@ -488,8 +494,9 @@ def predict_cache(
         # One member in memory at a time; each map is uint8 (N, H, W).
         bar = tqdm(spec.checkpoints, desc="members", disable=not progress or len(weights) == 1)
         for ckpt in bar:
-            models, _, _ = load_member(ckpt, dev)
-            yield predict_probs(models, loader, dev, tta=spec.tta)
+            models, cfg, _ = load_member(ckpt, dev)
+            amp = eval_autocast(cfg.precision, dev)  # as the member's validation maps were made
+            yield predict_probs(models, loader, dev, amp, tta=spec.tta)
 
     return combine_members(member_maps(), spec)
 
@@ -606,6 +613,7 @@ def predict_image(
     batch_size: int = 16,
     device: torch.device | str | None = None,
     tta: bool = False,
+    amp: torch.dtype | None = None,
 ) -> np.ndarray:
     """One model's probability map of an image of any size, by blended sliding windows.
 
@@ -651,7 +659,7 @@ def predict_image(
         tiles = [normalise(image=padded[y : y + window, x : x + window])["image"] for y, x in batch]
         # (B, 3, S, S) float32, channel-first as TileDataset gives it to validation
         xb = torch.from_numpy(np.ascontiguousarray(np.stack(tiles).transpose(0, 3, 1, 2)))
-        q = predict_probs(model, [{"image": xb}], dev, tta=tta)  # uint8 (B, S, S)
+        q = predict_probs(model, [{"image": xb}], dev, amp, tta=tta)  # uint8 (B, S, S)
         for (y, x), qi in zip(batch, q, strict=True):
             p = qi.astype(np.float32) / metrics.QUANT_MAX  # (S, S)
             acc[y : y + window, x : x + window] += weight * p
@@ -844,7 +852,13 @@ def predict_folder(
     for ckpt in spec.checkpoints:
         models, cfg, _ = load_member(ckpt, dev)
         what = f"the validation tile of {ckpt}"
-        members.append((models, window or check_window(default_window(cfg), what)))
+        members.append(
+            (
+                models,
+                window or check_window(default_window(cfg), what),
+                eval_autocast(cfg.precision, dev),  # as its validation maps were made
+            )
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # The folder must tell one story: an earlier run's outputs that this run does not overwrite
@@ -871,9 +885,16 @@ def predict_folder(
         image = read_image(rec.image_path, options)  # (H, W, 3) uint8
         maps = (
             predict_image(
-                m, image, window=s, overlap=overlap, batch_size=batch_size, device=dev, tta=spec.tta
+                m,
+                image,
+                window=s,
+                overlap=overlap,
+                batch_size=batch_size,
+                device=dev,
+                tta=spec.tta,
+                amp=amp,
             )
-            for m, s in members
+            for m, s, amp in members
         )
         pred = combine_members(maps, spec)  # (H, W) bool
         # only the last suffix goes: "scene.2019.png" and "scene.2020.png" are two masks

@@ -126,3 +126,33 @@ def test_layer_norm_normalises_in_float32_under_autocast():
     # official state-dict keys: the norm sits at the same Sequential index
     norm = build_norm_layer(16, "LN", "channels_first", "channels_first")
     assert isinstance(norm[1], LayerNorm) and set(norm.state_dict()) == {"1.weight", "1.bias"}
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_prediction_runs_in_the_precision_of_validation(
+    small_world, tmp_path, monkeypatch, precision, dtype
+):
+    # thresholds are chosen on validation maps made under the run's autocast; predict and the
+    # pipeline's test maps ran in float32 and moved about a tenth of the levels by one
+    from bldseg import pipeline, predict
+
+    c = RunConfig.from_flat({**BASE, "epochs": 1, "precision": precision})
+    fit(c, tmp_path / "run", data=small_world)
+    seen: list[torch.dtype] = []
+    create = predict.create_model
+
+    def create_and_hook(*args, **kwargs):
+        model = create(*args, **kwargs)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(predict, "create_model", create_and_hook)
+    spec = predict.EnsembleSpec([str(tmp_path / "run" / "best.pt")], threshold=0.5)
+    predict.predict_cache(spec, small_world.test, device="cpu", progress=False)
+    assert set(seen) == {dtype}
+    seen.clear()
+    pipeline.write_test_library(tmp_path / "run", small_world, pipeline.test_truth(small_world))
+    assert set(seen) == {dtype}
+    assert engine.eval_autocast("fp16", CPU) is None  # a GPU's fp16 run predicted on a CPU
