@@ -37,7 +37,7 @@ from bldseg.io import write_json
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader, load_member
 from bldseg.train import RunConfig, fit
-from bldseg.train.engine import predict_probs, resolve_device
+from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
 from bldseg.train.folds import FOLDS_FILE, VAL_FILE, fit_folds
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
@@ -71,8 +71,9 @@ def score(
     noisy = metrics.dice_per_image(z["probs"] >= level, z["truth"].astype(bool))
     clean = metrics.dice_per_image(z["probs"] >= level, clean_truth(data, z))
     device = resolve_device("auto")
-    models, _, _ = load_member(run, device)  # K fold models of a K-fold run: averaged
-    probs = predict_probs(models, image_loader(data.test, 32), device)  # (N, S, S) uint8
+    models, cfg, _ = load_member(run, device)  # K fold models of a K-fold run: averaged
+    amp = eval_autocast(cfg.precision, device)  # as bldseg predict runs it
+    probs = predict_probs(models, image_loader(data.test, 32), device, amp)  # (N, S, S) uint8
     test = metrics.dice_per_image(probs >= level, truth)
     return {
         "arm": name,

@@ -50,7 +50,7 @@ from bldseg.io import write_json
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader, load_checkpoint
 from bldseg.train import RunConfig, fit
-from bldseg.train.engine import predict_probs, resolve_device
+from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
 #: Epochs of a demo trial (``tune_aug.py --epochs`` default, ASHA's max_t): the budget of the
@@ -178,8 +178,9 @@ def train_and_score(
         row["message"] = message
         return row
     device = resolve_device(cfg.device)
-    model, _, _ = load_checkpoint(run_dir / "best.pt", device)
-    probs = predict_probs(model, image_loader(data.test, 32), device)  # (N, S, S) uint8
+    model, run_cfg, _ = load_checkpoint(run_dir / "best.pt", device)
+    amp = eval_autocast(run_cfg.precision, device)  # as bldseg predict runs it
+    probs = predict_probs(model, image_loader(data.test, 32), device, amp)  # (N, S, S) uint8
     thr = float(best["val_thr_best"])
     per_tile = metrics.dice_per_image(probs >= metrics.level_from_threshold(thr), truth)
     at_05 = metrics.dice_per_image(probs >= metrics.level_from_threshold(0.5), truth)

@@ -52,6 +52,7 @@ from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader
 from bldseg.train import RunConfig, fit
 from bldseg.train.engine import (
+    eval_autocast,
     eval_weights,
     load_state,
     predict_probs,
@@ -85,7 +86,9 @@ def train_curve(
     def score(row: dict[str, Any], folder: Path) -> None:
         # The epoch's weights are in last.pt (best.pt only when validation improved).
         model.load_state_dict(eval_weights(load_state(folder / "last.pt", device))[0])
-        probs = predict_probs(model, test_loader, device)  # (N, S, S) uint8
+        # as bldseg predict scores it: under the run's autocast, as validation chose its threshold
+        amp = eval_autocast(cfg.precision, device)
+        probs = predict_probs(model, test_loader, device, amp)  # (N, S, S) uint8
         thr = float(row["val_thr_best"])
         per_tile = metrics.dice_per_image(probs >= metrics.level_from_threshold(thr), truth)
         curve[:] = [c for c in curve if c["epoch"] < row["epoch"]]

@@ -29,7 +29,7 @@ from bldseg.pipeline import PREDICT_BATCH, test_truth
 from bldseg.predict import image_loader, load_checkpoint
 from bldseg.report import TileScores, compare_arms
 from bldseg.train import RunConfig, fit
-from bldseg.train.engine import predict_probs, resolve_device
+from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
 from bldseg.tune.cli import fixed_config
 
 RULES = ("0.5", "sweep", "youden")
@@ -108,8 +108,9 @@ def main() -> None:
             }
             # One pass over the test split; the three rules threshold the same maps, as a
             # one-member ensemble spec would (bldseg.predict.combine_members, k = 1).
-            model, _, _ = load_checkpoint(out / "best.pt", device)
-            probs = predict_probs(model, image_loader(data.test, PREDICT_BATCH), device)
+            model, run_cfg, _ = load_checkpoint(out / "best.pt", device)
+            amp = eval_autocast(run_cfg.precision, device)  # as bldseg predict runs it
+            probs = predict_probs(model, image_loader(data.test, PREDICT_BATCH), device, amp)
             for rule, thr in zip(RULES, (0.5, b["val_thr_best"], b["val_thr_youden"]), strict=True):
                 pred = probs >= metrics.level_from_threshold(thr)
                 tiles[rule][name].append(
