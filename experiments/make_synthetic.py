@@ -5,17 +5,22 @@
     python experiments/make_synthetic.py out/ --competition      # 1024 train scenes, 224 tiles
 
 Running it again with the same arguments returns at once (the world is already complete).
+--overwrite replaces a world made with other arguments; a folder holding anything else (a real
+dataset) is refused, with or without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 
+from bldseg.commands import fail
 from bldseg.data.synthetic import generate_world
 
 
-def main() -> None:
+def main() -> int:
+    """Writes the world; returns the exit status (1 with one ``error:`` line on stderr)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", default="data/synthetic", help="world folder")
     # Defaults: generate_world's own (the demo world), read from its signature.
@@ -38,25 +43,35 @@ def main() -> None:
     )
     a("--noise-fraction", type=float, default=0.3, help="share of noisy masks (0.3, the demo's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace a different world")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a synthetic world made with other arguments (never any other folder)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if args.competition:
         args.train_size, args.test_size, args.test_scene_size = 1024, 224, 1024
-    world = generate_world(
-        args.out_dir,
-        n_train=args.n_train,
-        train_size=args.train_size,
-        n_test=args.n_test,
-        test_size=args.test_size,
-        test_scene_size=args.test_scene_size,
-        noise_fraction=args.noise_fraction,
-        seed=args.seed,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    try:
+        world = generate_world(
+            args.out_dir,
+            n_train=args.n_train,
+            train_size=args.train_size,
+            n_test=args.n_test,
+            test_size=args.test_size,
+            test_scene_size=args.test_scene_size,
+            noise_fraction=args.noise_fraction,
+            seed=args.seed,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, OSError) as e:
+        # Bad sizes, a folder that is not ours or cannot be written: the user's to fix, in one
+        # line, not a bug to trace.
+        return fail(e, parser.prog)
     print(f"world ready: {world.root} (train.csv, test.csv, test_truth.csv, world.json)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

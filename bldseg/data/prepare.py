@@ -244,6 +244,15 @@ def _describe_cache(cache: DatasetCache) -> str:
     return f"{len(cache)} samples of {h}x{w} from {scenes} source scene(s), {masks}"
 
 
+#: What a competition training CSV of images of mixed sizes is told to do. --tile-size is no
+#: help there: the CSV's run-length masks are cached whole, one sample per row.
+COMPETITION_SIZES_HINT = (
+    "the competition layout caches each image whole (--tile-size cuts only image/mask folder "
+    "layouts); resize or crop the images to one size, or save them with their masks as "
+    "images/NAME.png + masks/NAME.png and pass that folder with --tile-size"
+)
+
+
 def _prepare_competition(
     data: Path, options: DataOptions, data_root: Path, progress: bool
 ) -> PreparedData:
@@ -257,6 +266,7 @@ def _prepare_competition(
         ),
         cache_dir / "train",
         progress=progress,
+        mixed_sizes_hint=f"{train_csv}: {COMPETITION_SIZES_HINT}",
     )
     test = None
     test_csv = root / "test.csv"
@@ -265,6 +275,8 @@ def _prepare_competition(
             read_competition_csv(test_csv, with_masks=False, options=options.read),
             cache_dir / "test",
             progress=progress,
+            # The test cache prediction reads (see _prepare_competition_test): same advice.
+            mixed_sizes_hint=f"{test_csv} is predicted one image per tile; {PREDICT_IMAGES_HINT}",
         )
     truth = root / "test_truth.csv"
     clean = root / "train_clean.csv"

@@ -190,14 +190,22 @@ def read_competition_csv(
 
     Raises:
         FileNotFoundError: The CSV or an image it names does not exist.
-        ValueError: Missing columns, empty or duplicate ids, a path escaping the CSV's folder,
-            or an empty ``mask_rle`` cell. Messages name the file and the row.
+        ValueError: A file that does not parse as a CSV, missing columns, empty or duplicate
+            ids, a path escaping the CSV's folder, or an empty ``mask_rle`` cell. Messages name
+            the file and the row.
     """
     csv_path = Path(csv_path).resolve()
     if not csv_path.is_file():
         raise FileNotFoundError(f"CSV file not found: {csv_path}")
     # dtype=str keeps ids like "0001" intact; keep_default_na=False so "-1" and "" stay strings.
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        # pandas' messages name neither the file nor what a readable CSV looks like.
+        raise ValueError(
+            f"{csv_path}: not a readable CSV ({str(e).strip()}); expected UTF-8 text with a "
+            "header row and the same number of comma-separated fields on every line"
+        ) from e
     has_rle = "mask_rle" in df.columns
     if with_masks is None:
         with_masks = has_rle
@@ -319,35 +327,80 @@ def mask_name(pattern: str, stem: str) -> str:
     (``"(\\d+)_img=>\\1\\1.png"`` maps CrowdAI's ``1_img`` to ``11.png``).
 
     Raises:
-        ValueError: A regular-expression pattern does not match the stem, or a bad pattern.
+        ValueError: A regular-expression pattern does not match the stem, or a bad pattern
+            (see :func:`check_mask_pattern`).
     """
+    check_mask_pattern(pattern)
     if "=>" in pattern:
         regex, repl = pattern.split("=>", 1)
         m = re.fullmatch(regex, stem)
         if m is None:
-            raise ValueError(f"mask pattern {pattern!r}: {regex!r} does not match {stem!r}")
+            # Quoted, not repr()'d: a repr doubles every backslash the user typed.
+            raise ValueError(f"mask pattern '{pattern}': '{regex}' does not match '{stem}'")
         return m.expand(repl)
-    if "{stem}" not in pattern:
-        raise ValueError(f"mask pattern {pattern!r} has no {{stem}} (or REGEX=>REPLACEMENT)")
     return pattern.format(stem=stem)
+
+
+def check_mask_pattern(pattern: str) -> None:
+    """Refuses a mask pattern that could never give a file name, whatever the stem.
+
+    Checked once before any image is matched, so a typo in ``--mask-pattern`` is reported as
+    such instead of as a traceback from deep inside the matching, or as "no mask found".
+
+    Raises:
+        ValueError: A regular expression that does not compile, a replacement naming a group
+            the expression lacks, or a format string without ``{stem}`` or with other fields.
+    """
+    if "=>" in pattern:
+        regex, repl = pattern.split("=>", 1)
+        try:
+            # sub() parses the replacement even when nothing matches: bad group references
+            # (re.error "invalid group reference", IndexError "unknown group name") show here.
+            re.compile(regex).sub(repl, "")
+        except (re.error, IndexError) as e:
+            raise ValueError(
+                f"--mask-pattern '{pattern}': not a valid REGEX=>REPLACEMENT: {e}"
+            ) from e
+        return
+    if "{stem}" not in pattern:
+        raise ValueError(
+            f"--mask-pattern '{pattern}' has no {{stem}}; write e.g. '{{stem}}_mask.png', or "
+            "REGEX=>REPLACEMENT"
+        )
+    try:
+        pattern.format(stem="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"--mask-pattern '{pattern}': {{stem}} is the only field a pattern may hold "
+            f"(write a literal brace as {{{{ or }}}}); formatting failed: {e!r}"
+        ) from e
 
 
 def _mask_candidates(
     image: Path, images_dir: Path, masks_dir: Path, patterns: tuple[str, ...]
-) -> list[Path]:
-    """Mask paths for ``image``: in the mirrored sub-folder of ``masks_dir``, then its top."""
+) -> tuple[list[Path], str | None]:
+    """Mask paths for ``image``: in the mirrored sub-folder of ``masks_dir``, then its top.
+
+    Returns:
+        The candidate paths, and why the first pattern that gave no name did not apply (a
+        regex that does not match the stem; None when every pattern applied).
+    """
     rel_dir = image.parent.relative_to(images_dir)
     dirs = [masks_dir / rel_dir] + ([masks_dir] if rel_dir != Path(".") else [])
     out: list[Path] = []
+    skipped: str | None = None
     for d in dirs:
         for pat in patterns:
             try:
                 cand = d / mask_name(pat, image.stem)
-            except ValueError:
-                continue  # a regex pattern that does not apply to this stem
+            except ValueError as e:
+                # A regex pattern that does not apply to this stem (the patterns themselves
+                # were checked up front); the reason is reported when no pattern applies.
+                skipped = skipped or str(e)
+                continue
             if cand not in out and cand != image:
                 out.append(cand)
-    return out
+    return out, skipped
 
 
 def _sample_id(image: Path, images_dir: Path) -> str:
@@ -389,13 +442,16 @@ def read_folder_dataset(
         FileNotFoundError: A folder is missing, or an image has no mask (listing the names
             tried).
         ValueError: No images, two images with one id, two candidate masks for one image, one
-            mask matched to two images, or both ``masks_dir`` and ``footprints``.
+            mask matched to two images, both ``masks_dir`` and ``footprints``, or a
+            ``mask_pattern`` that cannot give a file name (:func:`check_mask_pattern`).
     """
     images_dir = Path(images_dir).resolve()
     if masks_dir is not None and footprints is not None:
         raise ValueError("give masks or footprints, not both")
     if tile_size is not None and tile_size < 8:
         raise ValueError(f"tile_size must be >= 8, got {tile_size}")
+    if mask_pattern:
+        check_mask_pattern(mask_pattern)
     images = list_images(images_dir, recursive=recursive)
     patterns = (mask_pattern,) if mask_pattern else DEFAULT_MASK_PATTERNS
     label_of: dict[Path, Path] = {}
@@ -441,9 +497,9 @@ def _match_masks(
     """Image -> its one mask file; errors name the image and every name tried."""
     existing = {p for p in masks_dir.rglob("*") if p.is_file()}
     out: dict[Path, Path] = {}
-    unmatched: list[tuple[Path, list[Path]]] = []
+    unmatched: list[tuple[Path, list[Path], str | None]] = []
     for img in images:
-        cands = _mask_candidates(img, images_dir, masks_dir, patterns)
+        cands, skipped = _mask_candidates(img, images_dir, masks_dir, patterns)
         found = [c for c in cands if c in existing]
         if len(found) > 1:
             raise ValueError(
@@ -453,15 +509,17 @@ def _match_masks(
         if found:
             out[img] = found[0]
         else:
-            unmatched.append((img, cands))
+            unmatched.append((img, cands, skipped))
     _refuse_shared_masks(out)
     # Beside-the-image masks (images_dir == masks_dir) are listed as images too: an unmatched
     # file that is some image's mask is not an error.
     mask_files = set(out.values())
-    unmatched = [(img, c) for img, c in unmatched if img not in mask_files]
+    unmatched = [u for u in unmatched if u[0] not in mask_files]
     if unmatched:
-        img, cands = unmatched[0]
-        tried = ", ".join(str(c.relative_to(masks_dir)) for c in cands) or "(no pattern applies)"
+        img, cands, skipped = unmatched[0]
+        tried = ", ".join(str(c.relative_to(masks_dir)) for c in cands)
+        if not tried:
+            tried = f"no name, as no pattern applies ({skipped})"
         raise FileNotFoundError(
             f"{img}: no mask found in {masks_dir} ({len(unmatched)} of {len(images)} images "
             f"unmatched); tried {tried}. Name masks like the images, or pass --mask-pattern, "

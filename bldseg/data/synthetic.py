@@ -1131,14 +1131,16 @@ def generate_world(
             (see ``corrupt_mask``); ``train_clean.csv`` keeps the clean masks.
         seed: Seed of the whole world; the same seed gives the same bytes.
         progress: Show a progress bar.
-        overwrite: Replace a world made with other parameters instead of raising.
+        overwrite: Replace a world made with other parameters instead of raising. A folder
+            that holds anything but a world written here is refused even so.
 
     Returns:
         The world's paths and parameters.
 
     Raises:
         ValueError: Bad parameters, or ``out_dir`` holds a world with other parameters (pass
-            ``overwrite=True`` or another folder), or files that are not a synthetic world.
+            ``overwrite=True`` or another folder), or is a non-empty folder that holds no
+            synthetic world (whatever ``overwrite`` says).
     """
     test_scene_size = train_size if test_scene_size is None else test_scene_size
     if n_train < 1 or n_test < 1:
@@ -1165,6 +1167,14 @@ def generate_world(
     root = Path(out_dir)
     world = SyntheticWorld.at(root, params)
     meta_path = root / _WORLD_JSON
+    if root.is_dir() and any(root.iterdir()) and not is_world(root):
+        # Never, not even with overwrite: building deletes train_img/ and test_img/ and replaces
+        # train.csv and test.csv, which in a competition folder are the user's real dataset.
+        raise ValueError(
+            f"{root} is not empty and is not a synthetic world (it has no {_MARKER}, nor a "
+            f"{_WORLD_JSON} written by bldseg); choose an empty or new folder: --overwrite "
+            "(overwrite=True) replaces only a synthetic world"
+        )
     if meta_path.is_file():
         old = json.loads(meta_path.read_text()).get("params")
         if old == params:
@@ -1182,14 +1192,9 @@ def generate_world(
             )
         if not overwrite:
             raise ValueError(
-                f"{root} holds a synthetic world made with other parameters "
-                f"(old, new): {diff}; pass overwrite=True to replace it or choose another folder"
+                f"{root} holds a synthetic world made with other parameters (old, new): {diff}; "
+                "pass --overwrite (overwrite=True) to replace it, or choose another folder"
             )
-    elif root.is_dir() and any(root.iterdir()) and not (root / _MARKER).exists() and not overwrite:
-        raise ValueError(
-            f"{root} is not empty and is not a synthetic world; choose an empty folder or pass "
-            "overwrite=True to write the world into it"
-        )
     _build(world, progress)
     return world
 

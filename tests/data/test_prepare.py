@@ -62,6 +62,41 @@ def test_mixed_sizes_without_tiles_name_the_flag(tmp_path):
         prepare_data(root, data_root=tmp_path / "work", progress=False)
 
 
+def _competition(root, train_sizes, test_sizes=()):
+    """train.csv (+ test.csv when test_sizes) over square scenes of the given sides."""
+    rows, test_rows = [], []
+    for i, size in enumerate(train_sizes):
+        rgb, m = scene(size, i)
+        cv2.imwrite(str(root / f"t{i}.png"), rgb[..., ::-1])
+        rows.append((f"T{i}", f"t{i}.png", rle_encode(m)))
+    pd.DataFrame(rows, columns=["img_id", "img_path", "mask_rle"]).to_csv(
+        root / "train.csv", index=False
+    )
+    for i, size in enumerate(test_sizes):
+        cv2.imwrite(str(root / f"s{i}.png"), scene(size, 10 + i)[0][..., ::-1])
+        test_rows.append((f"S{i}", f"s{i}.png"))
+    if test_rows:
+        pd.DataFrame(test_rows, columns=["img_id", "img_path"]).to_csv(
+            root / "test.csv", index=False
+        )
+    return root
+
+
+def test_competition_mixed_sizes_give_advice_that_works(tmp_path):
+    # --tile-size cuts only folder layouts: advising it for train.csv sent users in a circle.
+    root = _competition(tmp_path, [32, 64])
+    for opts in (DataOptions(), DataOptions(tile_size=16)):
+        with pytest.raises(ValueError) as e:
+            prepare_data(root, options=opts, data_root=tmp_path / "w", progress=False)
+        msg = str(e.value)
+        assert "T1 " in msg and "train.csv: the competition layout caches each image whole" in msg
+        assert "pass --tile-size (tile_size=)" not in msg
+    # A test.csv of mixed sizes gets the prediction advice, as prediction itself gives.
+    _competition(tmp_path, [32, 32], test_sizes=[32, 48])
+    with pytest.raises(ValueError, match=r"S1 .*test\.csv is predicted one image per tile"):
+        prepare_data(root, data_root=tmp_path / "w", progress=False)
+
+
 def test_explicit_folders_and_options(tmp_path):
     root = _scenes(tmp_path / "ds", [(32, 32), (32, 32)])
     (root / "masks").rename(root / "gt")

@@ -91,6 +91,23 @@ def test_duplicate_and_empty_rle(tmp_path):
         read_competition_csv(csv)
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"img_id,img_path\nTEST_0,a.png\nTEST_1,b.png,extra\n", "Expected 2 fields in line 3"),
+        (b"", "No columns to parse"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "can't decode byte"),
+    ],
+    ids=["extra-field", "empty", "binary"],
+)
+def test_unparsable_csv_names_the_file(tmp_path, content, reason):
+    # pandas' own errors name no file: a user with train.csv and test.csv could not tell which.
+    csv = tmp_path / "test.csv"
+    csv.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"test\.csv: not a readable CSV \(.*{reason}"):
+        read_competition_csv(csv, with_masks=False)
+
+
 def test_malformed_rle_names_image_and_row(tmp_path):
     csv, _ = make_competition(tmp_path)
     df = pd.read_csv(csv, dtype=str)
@@ -199,6 +216,33 @@ def test_folder_dataset_errors(tmp_path):
         load_record(r)
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         read_folder_dataset(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "match"),
+    [
+        (r"(\d+=>x", r"--mask-pattern '\(\\d\+=>x': not a valid REGEX=>REPLACEMENT: missing \)"),
+        (r"(\d+)=>\2.png", "invalid group reference 2"),
+        ("{stem}_{n}.png", r"--mask-pattern '\{stem\}_\{n\}\.png': \{stem\} is the only field"),
+        ("{stem.png", r"--mask-pattern '\{stem\.png' has no \{stem\}"),
+        ("{stem}}.png", "the only field"),
+    ],
+)
+def test_bad_mask_pattern_is_refused_up_front(tmp_path, pattern, match):
+    write_png(tmp_path / "images" / "t0.png", np.zeros((32, 32, 3), np.uint8))
+    write_png(tmp_path / "masks" / "t0.png", np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match=match):
+        read_folder_dataset(tmp_path / "images", tmp_path / "masks", mask_pattern=pattern)
+
+
+def test_mask_pattern_mismatch_says_why(tmp_path):
+    write_png(tmp_path / "images" / "t0.png", np.zeros((32, 32, 3), np.uint8))
+    write_png(tmp_path / "masks" / "t0.png", np.zeros((32, 32), np.uint8))
+    # The user's one regex gives no name for t0: the reason, not "(no pattern applies)".
+    with pytest.raises(
+        FileNotFoundError, match=r"no pattern applies \(.*'x\(\\d\)' does not match 't0'\)"
+    ):
+        read_folder_dataset(tmp_path / "images", tmp_path / "masks", mask_pattern=r"x(\d)=>\1.png")
 
 
 def _plain_tiff(path: Path, bands: np.ndarray, **creation) -> Path:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
+import runpy
+import sys
 from pathlib import Path
 
 import cv2
@@ -314,6 +317,75 @@ def test_refuses_foreign_folder(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a synthetic world"):
         generate_world(tmp_path, **SMALL)
     assert (tmp_path / "train.csv").read_text() == "img_id,img_path,mask_rle\n"
+
+
+def _competition_folder(root: Path) -> dict[str, bytes]:
+    """A user's real dataset in the competition layout; returns its files' bytes."""
+    (root / "train_img").mkdir(parents=True)
+    (root / "test_img").mkdir()
+    cv2.imwrite(str(root / "train_img" / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    cv2.imwrite(str(root / "test_img" / "b.png"), np.zeros((32, 32, 3), np.uint8))
+    (root / "train.csv").write_text("img_id,img_path,mask_rle\na,train_img/a.png,-1\n")
+    (root / "test.csv").write_text("img_id,img_path\nb,test_img/b.png\n")
+    return _tree_bytes(root)
+
+
+def test_overwrite_never_replaces_a_real_dataset(tmp_path: Path) -> None:
+    # Building deletes train_img/ and test_img/: overwrite may replace only a world of ours.
+    before = _competition_folder(tmp_path / "comp")
+    with pytest.raises(ValueError, match=r"comp is not empty and is not a synthetic world"):
+        generate_world(tmp_path / "comp", **SMALL, overwrite=True)
+    # A world.json of someone else's does not make the folder ours either.
+    (tmp_path / "comp" / "world.json").write_text('{"params": {}}')
+    with pytest.raises(ValueError, match="not a synthetic world"):
+        generate_world(tmp_path / "comp", **SMALL, overwrite=True)
+    (tmp_path / "comp" / "world.json").unlink()
+    assert _tree_bytes(tmp_path / "comp") == before
+
+
+def _make_synthetic(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Runs experiments/make_synthetic.py with ``argv``; returns its exit status."""
+    script = Path(__file__).resolve().parents[2] / "experiments" / "make_synthetic.py"
+    monkeypatch.setattr(sys, "argv", [script.name, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(script), run_name="__main__")
+    return e.value.code
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--n-train", "0"], "n_train=0 and n_test=.* must both be at least 1"),
+        (["--noise-fraction", "2"], r"noise_fraction=2\.0 must lie in \[0, 1\]"),
+        (["--overwrite"], r"comp is not empty and is not a synthetic world.*--overwrite"),
+    ],
+)
+def test_make_synthetic_user_errors_are_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    flags: list[str],
+    match: str,
+) -> None:
+    before = _competition_folder(tmp_path / "comp")
+    assert _make_synthetic([str(tmp_path / "comp"), "--no-progress", *flags], monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(rf"^make_synthetic\.py: error: .*{match}", err)
+    assert _tree_bytes(tmp_path / "comp") == before
+
+
+def test_make_synthetic_names_the_flag_for_another_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    sizes = ["--train-size", "32", "--test-size", "16", "--test-scene-size", "32"]
+    args = [str(tmp_path / "w"), "--no-progress", "--n-train", "2", "--n-test", "4", *sizes]
+    assert _make_synthetic(args, monkeypatch) == 0
+    assert _make_synthetic([*args, "--seed", "1"], monkeypatch) == 1
+    assert (
+        "other parameters (old, new): {'seed': (0, 1)}; pass --overwrite" in capsys.readouterr().err
+    )
+    assert _make_synthetic([*args, "--seed", "1", "--overwrite"], monkeypatch) == 0
 
 
 @pytest.mark.parametrize(
