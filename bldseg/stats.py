@@ -96,6 +96,10 @@ def _draws(n_clusters: int, draws: int, seed: int) -> np.ndarray:
 
 
 def _interval(est: float, samples: np.ndarray, level: float, n: int, clusters: int) -> Interval:
+    if clusters < 2:
+        # every resample of one source image is that image: a zero-width interval would
+        # present one image's tiles as certainty (and pass any "interval above 0" rule)
+        return Interval(float(est), -np.inf, np.inf, level, n, clusters)
     samples = samples[np.isfinite(samples)]
     if not len(samples):
         return Interval(est, float("nan"), float("nan"), level, n, clusters)

@@ -110,3 +110,14 @@ def test_unpaired_difference_of_independent_samples():
     assert same.low < 0 < same.high
     with pytest.raises(ValueError, match="no valid"):
         unpaired_difference([np.nan], None, [1.0], None)
+
+
+def test_one_source_image_gives_no_interval():
+    # every resample of one cluster is that cluster: the interval was [estimate, estimate], and
+    # the ensemble's "gain interval above 0" rule took any gain as certain
+    d = paired_difference([0.3, 0.9, 0.6, 0.8], [0.2, 0.9, 0.5, 0.7], ["s"] * 4)
+    assert d.estimate == pytest.approx(0.075)
+    assert (d.low, d.high) == (-np.inf, np.inf) and not d.excludes_zero
+    m = bootstrap_mean([0.3, 0.9, 0.6], ["s"] * 3)
+    assert (m.low, m.high) == (-np.inf, np.inf)
+    assert np.isfinite(bootstrap_mean([0.3, 0.9, 0.6], ["s", "s", "t"]).low)

@@ -27,6 +27,7 @@ from bldseg.ensemble.run import (
 from bldseg.ensemble.search import brute_force
 from bldseg.ensemble.synthetic import fake_library, write_runs
 from bldseg.predict import EnsembleSpec
+from bldseg.train.config import RunConfig
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -366,7 +367,9 @@ def _fake_predict(monkeypatch, maps_by_ckpt: dict[str, np.ndarray]) -> None:
     import bldseg.predict as P
 
     monkeypatch.setattr(P, "image_loader", lambda cache, batch_size=16: cache)
-    monkeypatch.setattr(P, "load_checkpoint", lambda ckpt, device="cpu": (str(ckpt), None, {}))
+    monkeypatch.setattr(
+        P, "load_checkpoint", lambda ckpt, device="cpu": (str(ckpt), RunConfig(), {})
+    )
     monkeypatch.setattr(P, "predict_probs", lambda model, loader, *a, **kw: loader[model])
 
 
@@ -620,8 +623,6 @@ def test_specs_predict_with_tta_as_the_library_was_validated(tmp_path, flags):
     # maps flip-averaged in validation (run config tta) must be predicted with TTA: the specs
     # said "tta": false for every library
     import torch
-
-    from bldseg.train.config import RunConfig
 
     lib = fake_library(3, 16, 16, seed=5, tiles_per_image=2)
     write_runs(lib, tmp_path / "runs")
