@@ -264,3 +264,14 @@ def test_albumentations_update_check_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def test_relative_build_dir_is_made_absolute(tmp_path):
+    # Ray trials chdir: a relative $BLDSEG_BUILD_DIR gave every trial its own build
+    code = "import bldseg.ops._build as b; print(b.build_root())"
+    env = {**os.environ, "BLDSEG_BUILD_DIR": "ops-builds", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path.resolve() / "ops-builds")

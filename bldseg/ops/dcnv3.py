@@ -42,6 +42,22 @@ def _register_python_kernels(_library: object) -> None:
     torch.library.register_autograd(
         "bldseg::dcnv3_forward", _forward_backward, setup_context=_forward_setup_context
     )
+    # The backward has no derivative of its own: without this, autograd treated it as a
+    # constant and a double backward (a gradient penalty) silently gave zeros.
+    torch.library.register_autograd(
+        "bldseg::dcnv3_backward", _no_double_backward, setup_context=_no_setup
+    )
+
+
+def _no_setup(ctx: Any, inputs: tuple, output: Any) -> None:
+    pass
+
+
+def _no_double_backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+    raise NotImplementedError(
+        "the compiled DCNv3 op has no double backward (gradients of its gradients); use "
+        "impl='reference' for that"
+    )
 
 
 def _cuda_sources() -> list[os.PathLike]:
@@ -274,8 +290,8 @@ def dcnv3(
         group: Number of groups G.
         group_channels: Channels per group C.
         offset_scale: Scales both the kernel-point grid and the offsets.
-        im2col_step: Batch chunk of the CUDA kernel's column buffer (official default 256);
-            validated but unused on the CPU.
+        im2col_step: The official op's batch chunk (its default 256); validated for
+            compatibility, unused by both our kernels.
         impl: "auto", "compiled" or "reference"; None reads ``$BLDSEG_DCNV3_IMPL`` (default
             "auto").
         mask_softmax: ``mask`` holds logits: the op uses the softmax over the P points of

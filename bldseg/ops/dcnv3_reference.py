@@ -23,7 +23,9 @@ square kernels and equal paddings InternImage uses):
     - ``F.pad`` pads H by pad_h and W by pad_w (the official call swaps them).
 And one difference from the official CUDA kernel, which the compiled op follows: at a
 location exactly on the -1 border (x == -1 or y == -1) the CUDA kernel skips the point, so the
-offset gradient is 0 there, while ``grid_sample`` returns the one-sided derivative.
+offset gradient is 0 there, while ``grid_sample`` returns the one-sided derivative. Likewise a
+non-finite location (a NaN or infinite offset) is skipped by the compiled and official kernels
+(the point adds nothing), while ``grid_sample`` gives NaN.
 """
 
 from __future__ import annotations

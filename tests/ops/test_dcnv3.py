@@ -211,6 +211,29 @@ def test_fused_mask_softmax_matches_reference_float64(dcnv3_op, case: Case) -> N
         torch.testing.assert_close(sums, torch.zeros_like(sums), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_mask_softmax_keeps_a_nan_logit(dcnv3_op, dtype) -> None:
+    # The float exponentials clamped x with x as max's first operand, which returns the other
+    # operand for NaN: a diverged mask branch gave a finite uniform mask on AVX2 CPUs.
+    case = Case(1, 5, 6, 2, 16)
+    x, offset, logits = make_inputs(case, dtype)
+    logits[0, 2, 2, 0] = float("nan")  # group 0's first point at output pixel (2, 2)
+    out = _compiled_softmax(x, offset, logits, *case.params())
+    ref = _softmax_then_reference(x, offset, logits, *case.params())
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+
+
+def test_double_backward_is_refused_not_zero(dcnv3_op) -> None:
+    # The backward op had no derivative, so autograd took it as constant: a gradient of the
+    # gradient (a gradient penalty) silently came out zero.
+    case = Case(1, 4, 5, 1, 8)
+    x, offset, mask = (t.requires_grad_() for t in make_inputs(case))
+    y = _compiled(x, offset, mask, *case.params())
+    (gx,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"no double backward.*impl='reference'"):
+        torch.autograd.grad(gx.sum(), (x, offset, mask))
+
+
 def test_fused_mask_softmax_reference_impl_and_gradcheck(dcnv3_op) -> None:
     case = Case(2, 4, 5, 2, 3, offset_std=0.7)
     inputs = make_inputs(case, seed=2)

@@ -14,12 +14,14 @@
 // backward runs over images, or (image, block of groups) when there are few images, which own
 // disjoint slices of grad_input[n, :, :, block, :], so no two threads scatter into the same
 // element; when there are fewer (n, g) pairs than threads the output rows are also split, each
-// chunk scattering into a private buffer summed afterwards. Each element of grad_input gets
-// its contributions in the same order (output pixels in row order) however the work is split.
-// Work is handed out in blocks from a shared counter rather than split evenly up front: on a
-// shared machine one thread is often descheduled, and the others then take over its blocks.
-// Which thread runs a block never changes what the block computes, so results do not depend
-// on the thread count or the schedule within a code path.
+// chunk scattering into a private buffer summed afterwards. With at least as many (n, g) pairs
+// as threads, each element of grad_input gets its contributions in the same order (output
+// pixels in row order) however the work is split. Work is handed out in blocks from a shared
+// counter rather than split evenly up front: on a shared machine one thread is often
+// descheduled, and the others then take over its blocks. Which thread runs a block never
+// changes what the block computes, so those results do not depend on the thread count or the
+// schedule. The row-chunk path's number of chunks follows the thread count, so there
+// grad_input's float rounding (not its value) can differ between thread counts.
 //
 // Speed: the work per sampling point is small (4 corners x C channels), so the scalar index
 // math matters as much as the vector part. What keeps both short:
@@ -628,9 +630,11 @@ struct Simd<double> {
 // exp of 8 floats: x = n*ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial
 // (about 1 ulp), times 2^n built in the exponent bits. x is clamped to [-87.3, 88.7], where
 // 2^n stays a normal float (below, the true value is < 1.2e-38 and gives a near-zero
-// probability either way).
+// probability either way). x is the second operand of max/min, which return it when it is
+// NaN: a NaN logit stays NaN, as in std::exp and torch's softmax (clamped, it became a
+// finite mask and hid a diverged mask branch).
 BLDSEG_AVX2_INLINE __m256 exp_ps(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
   const __m256 n =
       _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
