@@ -73,7 +73,7 @@ def score(
     device = resolve_device("auto")
     models, cfg, _ = load_member(run, device)  # K fold models of a K-fold run: averaged
     amp = eval_autocast(cfg.precision, device)  # as bldseg predict runs it
-    probs = predict_probs(models, image_loader(data.test, 32), device, amp)  # (N, S, S) uint8
+    probs = predict_probs(models, image_loader(data.test, 32), device, amp, cfg.tta)  # (N, S, S)
     test = metrics.dice_per_image(probs >= level, truth)
     return {
         "arm": name,

@@ -180,7 +180,7 @@ def train_and_score(
     device = resolve_device(cfg.device)
     model, run_cfg, _ = load_checkpoint(run_dir / "best.pt", device)
     amp = eval_autocast(run_cfg.precision, device)  # as bldseg predict runs it
-    probs = predict_probs(model, image_loader(data.test, 32), device, amp)  # (N, S, S) uint8
+    probs = predict_probs(model, image_loader(data.test, 32), device, amp, run_cfg.tta)  # (N, S, S)
     thr = float(best["val_thr_best"])
     per_tile = metrics.dice_per_image(probs >= metrics.level_from_threshold(thr), truth)
     at_05 = metrics.dice_per_image(probs >= metrics.level_from_threshold(0.5), truth)

@@ -85,10 +85,13 @@ def train_curve(
 
     def score(row: dict[str, Any], folder: Path) -> None:
         # The epoch's weights are in last.pt (best.pt only when validation improved).
-        model.load_state_dict(eval_weights(load_state(folder / "last.pt", device))[0])
-        # as bldseg predict scores it: under the run's autocast, as validation chose its threshold
+        # The network validation chose (co-teaching trains two; best.pt keeps that one).
+        chosen = "fg".index(row.get("val_net", "f"))
+        model.load_state_dict(eval_weights(load_state(folder / "last.pt", device))[chosen])
+        # as bldseg predict scores it: under the run's autocast and TTA, as validation chose
+        # its threshold
         amp = eval_autocast(cfg.precision, device)
-        probs = predict_probs(model, test_loader, device, amp)  # (N, S, S) uint8
+        probs = predict_probs(model, test_loader, device, amp, cfg.tta)  # (N, S, S) uint8
         thr = float(row["val_thr_best"])
         per_tile = metrics.dice_per_image(probs >= metrics.level_from_threshold(thr), truth)
         curve[:] = [c for c in curve if c["epoch"] < row["epoch"]]

@@ -110,7 +110,8 @@ def main() -> None:
             # one-member ensemble spec would (bldseg.predict.combine_members, k = 1).
             model, run_cfg, _ = load_checkpoint(out / "best.pt", device)
             amp = eval_autocast(run_cfg.precision, device)  # as bldseg predict runs it
-            probs = predict_probs(model, image_loader(data.test, PREDICT_BATCH), device, amp)
+            loader = image_loader(data.test, PREDICT_BATCH)
+            probs = predict_probs(model, loader, device, amp, run_cfg.tta)
             for rule, thr in zip(RULES, (0.5, b["val_thr_best"], b["val_thr_youden"]), strict=True):
                 pred = probs >= metrics.level_from_threshold(thr)
                 tiles[rule][name].append(
