@@ -8,6 +8,7 @@ The training images are dealt into K folds by split group (source scene, or the
 tiles of one scene are never on both sides. A K-fold run folder holds::
 
     folds.json       the manifest: K, the config, the folds' folders, out-of-fold metrics
+                     (``oof``: Dice and threshold of the out-of-fold library as it stands)
     fold<f>/         fold f's own run folder (fit): best.pt, last.pt, val_probs.npz, plots/
     val_probs.npz    the out-of-fold (OOF) library: the K folds' held-out maps, each at its
                      fold's best epoch, so every training image appears exactly once
@@ -135,6 +136,15 @@ def write_oof(out_dir: str | os.PathLike, folds: int) -> Path:
     return path
 
 
+def oof_metrics(out_dir: str | os.PathLike, lo: float = 0.3, hi: float = 0.7) -> dict[str, float]:
+    """Dice at 0.5, at the best threshold of ``[lo, hi]`` and at Youden's threshold of the
+    out-of-fold library ``<out_dir>/val_probs.npz``, as ``val_*`` keys (``val_thr_best``: the
+    threshold a K-fold run predicts at)."""
+    with np.load(Path(out_dir) / VAL_FILE, allow_pickle=False) as z:
+        scores = threshold_metrics(z["probs"], z["truth"].astype(bool), lo, hi)
+    return {f"val_{key}": v for key, v in scores.items()}
+
+
 def _best(history: list[dict[str, Any]]) -> dict[str, Any]:
     best: dict[str, Any] = {}
     for row in history:  # the first of equals, as fit keeps best.pt
@@ -197,6 +207,9 @@ def fit_folds(
         "config": cfg.to_flat(),
         "status": "running",
     }
+    if resume and (out / VAL_FILE).is_file():
+        # the library of the epochs trained before keeps its scores while the folds go on
+        manifest["oof"] = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
     write_json(out / FOLDS_FILE, manifest)
 
     histories = [run_history(fold_dir(out, f)) if resume else [] for f in range(k)]
@@ -231,6 +244,10 @@ def fit_folds(
         if complete > emitted:
             history = mean_history(histories)
             write_oof(out, k)
+            # Scored with the library, before the caller hears of the epoch: a search trial may
+            # end inside on_epoch_end (ASHA), and prediction takes its threshold from here.
+            manifest["oof"] = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
+            write_json(out / FOLDS_FILE, manifest)
             write_json(out / "history.json", history)
             for row in history[emitted:complete]:
                 if on_epoch_end is not None:
@@ -243,16 +260,13 @@ def fit_folds(
         message = f"fold {only} trained; {k - 1} other fold(s) of {out} still to train"
         return FitResult(status, message, history, _best(history), out)
     write_oof(out, k)
-    with np.load(out / VAL_FILE, allow_pickle=False) as z:
-        oof = threshold_metrics(
-            z["probs"], z["truth"].astype(bool), cfg.threshold_lo, cfg.threshold_hi
-        )
-    manifest.update(status="completed", oof={f"val_{key}": v for key, v in oof.items()})
+    oof = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
+    manifest.update(status="completed", oof=oof)
     write_json(out / FOLDS_FILE, manifest)
     write_json(out / "history.json", history)
     message = (
-        f"trained {k} folds of {cfg.epochs} epochs; out-of-fold Dice {oof['dice_best']:.4f} "
-        f"at threshold {oof['thr_best']:.3f} over {int(sum(manifest['val_images']))} images"
+        f"trained {k} folds of {cfg.epochs} epochs; out-of-fold Dice {oof['val_dice_best']:.4f} "
+        f"at threshold {oof['val_thr_best']:.3f} over {int(sum(manifest['val_images']))} images"
     )
     write_json(out / "status.json", {"status": "completed", "message": message})
     write_run_plots(out, tiles_from_cache(cache), lo=cfg.threshold_lo, hi=cfg.threshold_hi)

@@ -13,7 +13,14 @@ from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.train.config import recipe_defaults
 from bldseg.train.engine import cpu_has_native_bf16
 from bldseg.tune import tracking
-from bldseg.tune.runner import DEFAULT_EXPERIMENT, METRIC, SearchInterrupted, SearchSpec, run_search
+from bldseg.tune.runner import (
+    DEFAULT_EXPERIMENT,
+    METRIC,
+    USABLE,
+    SearchInterrupted,
+    SearchSpec,
+    run_search,
+)
 
 
 def demo_precision() -> str:
@@ -327,6 +334,9 @@ def main(
     )
     if args.folds is not None:
         base["folds"] = args.folds
+    # what the user fixed by name, as opposed to the defaults under it (CPU_DEMO, the recipe)
+    user_keys = set(parse_set(args.set)) - {"pretrained"}
+    user_keys |= {k for k, v in (("model", args.model), ("split_group", args.split_group)) if v}
     spec = SearchSpec(
         space=args.space,
         name=args.name,
@@ -350,10 +360,11 @@ def main(
         data_options=data_options(args),
         data_root=args.data_root,
         max_concurrent=args.max_concurrent,
+        user_keys=tuple(sorted(user_keys)),
     )
     try:
         result = run_search(spec)
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
+    except (RuntimeError, ValueError, OSError) as e:  # OSError: e.g. a --storage not writable
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SearchInterrupted as e:
@@ -375,21 +386,16 @@ def main(
     ):
         print(f"\n=== {result.name}: {len(t)} trials ===")
         print(t[[c for c in cols if c in t.columns]].to_string(index=False))
+    failed = t[~t["status"].isin(USABLE)] if "status" in t else t.iloc[:0]
+    for row in failed.to_dict("records"):  # why each failed: the table has no room for it
+        print(f"  trial {row['trial_id']} {row['status']}: {' '.join(str(row['message']).split())}")
     if result.n_completed and result.best:
         print(
             f"\nbest trial {result.best['trial_id']}: {METRIC}={result.best[METRIC]:.4f} "
             f"at threshold {result.best['val_thr_best']:.3f}"
         )
-        print(
-            "  config: "
-            + json.dumps(
-                {
-                    k.removeprefix("config/"): v
-                    for k, v in result.best.items()
-                    if k.startswith("config/")
-                }
-            )
-        )
+        # the trial's own values, valid JSON that --set takes back
+        print("  config: " + json.dumps(result.best_config))
         from bldseg.ensemble.library import member_checkpoint
 
         ckpt = member_checkpoint(result.best["run_dir"])  # best.pt, or a K-fold run's folds.json

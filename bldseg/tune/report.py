@@ -29,7 +29,9 @@ def plot_trials(table: pd.DataFrame, path: Path, metric: str) -> Path:
 
     Left: the best ``metric`` of each trial (bars). Right: parallel coordinates of the numeric
     searched parameters and, on the last axis, the metric (each min-max scaled to [0, 1]), one
-    line per trial. Both legends list only the statuses present, with their counts.
+    line per trial. A trial without a score (NaN: it ended before its first epoch) has no bar
+    and no point on the metric's axis, and is left out of its scale. Both legends list only the
+    statuses present, with their counts.
 
     Args:
         table: :func:`bldseg.tune.runner.trial_table` (``trial_id``, ``status``, ``metric``,
@@ -47,7 +49,10 @@ def plot_trials(table: pd.DataFrame, path: Path, metric: str) -> Path:
     ]
 
     labels = [str(t)[-5:] for t in table["trial_id"]]
-    ax0.bar(labels, table[metric], color=colours)
+    # a trial without an epoch (NaN) keeps its label but has no bar: 0.0 is not its score
+    ax0.bar(range(len(labels)), table[metric].astype(float), color=colours)
+    ax0.set_xticks(range(len(labels)), labels)
+    ax0.set_xlim(-0.6, len(labels) - 0.4)
     ax0.set(title=f"best {metric} per trial", ylabel=metric)
     ax0.tick_params(axis="x", rotation=60, labelsize=7)
     ax0.legend(
@@ -70,7 +75,10 @@ def plot_trials(table: pd.DataFrame, path: Path, metric: str) -> Path:
     if cols:
         axes = [*cols, metric]
         x = table[axes].astype(float)
-        scaled = (x - x.min()) / (x.max() - x.min()).replace(0, 1)
+        # min and max over the trials that have a value (NaN skipped): a failed trial's line
+        # stops before the metric's axis instead of squeezing the others' differences
+        lo, hi = x.min(skipna=True), x.max(skipna=True)
+        scaled = (x - lo) / (hi - lo).replace(0, 1)
         # completed trials drawn last: on top of the ones that ended early
         order = sorted(range(len(table)), key=lambda i: statuses.iloc[i] == "completed")
         for i in order:

@@ -33,8 +33,10 @@
   each, ``folds.json``), epoch e of every fold before epoch e + 1 of any, and reports per epoch
   the mean over folds of each metric: ASHA compares trials on the configuration's cross-
   validated score at equal epochs, as it compares holdout trials. Before each report the
-  trial's out-of-fold ``val_probs.npz`` (each fold's best epoch so far) is rewritten, so a
-  trial that ASHA stops leaves a whole library, covering every training image, like any other.
+  trial's out-of-fold ``val_probs.npz`` (each fold's best epoch so far) is rewritten and its
+  Dice and threshold recorded in ``folds.json`` (``oof``), so a trial that ASHA stops leaves a
+  whole library, covering every training image, and the threshold it predicts at. The trial
+  table shows those out-of-fold scores for K-fold trials.
 * Ctrl-C: Tune saves the experiment and returns; :func:`run_search` then marks the MLflow runs
   KILLED and raises :class:`SearchInterrupted` (a ``KeyboardInterrupt``), so a partial search is
   never taken for a finished one. ``resume=True`` continues it.
@@ -128,6 +130,9 @@ class SearchSpec:
     max_concurrent: int = 0  # 0: as many as resources allow
     project_dir: str = "."  # where mlflow.db / mlartifacts go by default
     parent_tags: dict[str, str] = field(default_factory=dict)  # extra tags of the parent run
+    # base keys the user fixed by name (--set, --model), not defaults: a warning names those the
+    # space searches, as the space's value then wins
+    user_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -150,6 +155,8 @@ class SearchResult:
     tracking_errors: dict[str, str] = field(default_factory=dict)  # trial id/"search": MLflow error
     experiment: str = DEFAULT_EXPERIMENT  # the MLflow experiment holding the parent run
     experiment_id: str = ""  # its id
+    # the best trial's own searched values (its Tune config), without the other trials' keys
+    best_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mlflow_url(self) -> str:
@@ -192,14 +199,24 @@ RESUMED_SETTINGS = (
     "grace_period",
     "reduction_factor",
     "seed",
+    # the resources the trials were started with (absent from records of older searches)
+    "cpus_per_trial",
+    "gpus_per_trial",
 )
+
+_UNSET = object()  # a base key one side does not set
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is _UNSET else repr(value)
 
 
 def resumed_spec(spec: SearchSpec, meta: dict[str, Any]) -> SearchSpec:
     """``spec`` with the search settings recorded when the search was started.
 
     Flags given with ``--resume`` that differ from the record are named in a warning, as
-    they have no effect.
+    they have no effect: the settings, the fixed run config (``--set``, ``--model``,
+    ``--folds``, ``--pretrained``, ``--split-group``: ``spec.base``), the data and its options.
     """
     recorded = meta.get("spec") or {}
     kept = {k: recorded[k] for k in RESUMED_SETTINGS if recorded.get(k) is not None}
@@ -207,10 +224,23 @@ def resumed_spec(spec: SearchSpec, meta: dict[str, Any]) -> SearchSpec:
         kept["epochs"] = meta["base"]["epochs"]
     kept = {k: type(getattr(spec, k))(v) for k, v in kept.items()}
     differ = {k: (getattr(spec, k), v) for k, v in kept.items() if getattr(spec, k) != v}
+    # The trials go on with the recorded base config (their data included): the values of this
+    # command that differ from it are named too. The epochs are a setting, named above.
+    base = {**spec.base, "data": str(Path(spec.data).resolve()) if spec.data else None}
+    was = {"data": None, **meta.get("base", {})}  # no data recorded: the synthetic world
+    for k in sorted((set(base) | set(was)) - {"epochs"}):
+        given, value = base.get(k, _UNSET), was.get(k, _UNSET)
+        if given != value:
+            differ[k] = (given, value)
+    given_options = asdict(spec.data_options)
+    options = asdict(DataOptions.from_dict(recorded.get("data_options") or {}))
+    for k, value in options.items():
+        if given_options[k] != value:
+            differ[f"data_options.{k}"] = (given_options[k], value)
     if differ:
         log.warning(
             "--resume continues the search as it was started: %s",
-            ", ".join(f"{k}={v!r} (not {given!r})" for k, (given, v) in differ.items()),
+            ", ".join(f"{k}={_shown(v)} (not {_shown(given)})" for k, (given, v) in differ.items()),
         )
     return replace(spec, **kept)
 
@@ -439,6 +469,7 @@ def write_trial_record(
     history: list[dict[str, Any]],
     max_epochs: int,
     final: bool = False,
+    oof: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Writes a trial's ``status.json`` and ``summary.json``; returns the summary.
 
@@ -450,6 +481,7 @@ def write_trial_record(
         history: The epochs trained so far (rows of :func:`fit`'s history).
         max_epochs: The epochs the trial was given.
         final: Whether the trial has ended (written by the driver, which knows).
+        oof: A K-fold trial's out-of-fold scores (``folds.json``), what it predicts with.
     """
     best = best_epoch(history)
     state = {
@@ -465,6 +497,7 @@ def write_trial_record(
         "best_epoch": best.get("epoch", 0),
         "best": best,
         "run_dir": str(run_dir),
+        **({"oof": oof} if oof else {}),
     }
     write_json(run_dir / STATUS_FILE, state)
     write_json(run_dir / SUMMARY_FILE, summary)
@@ -681,6 +714,7 @@ def finalise_trial(
         lo: Low end of the trial's threshold sweep (shaded in the plots).
         hi: High end of the threshold sweep.
     """
+    from bldseg.train.folds import FOLDS_FILE
     from bldseg.train.plots import write_run_plots
 
     history = _read_json(run_dir / "history.json", [])
@@ -706,6 +740,7 @@ def finalise_trial(
         history=history,
         max_epochs=max_epochs,
         final=True,
+        oof=_read_json(run_dir / FOLDS_FILE, {}).get("oof"),
     )
     if _plots_stale(run_dir):
         if summary["best"].get("val_thr_widened"):
@@ -1045,6 +1080,15 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     max_epochs = int(base["epochs"])
     space = get_space(spec.space)
     searched = validate_space(space, base)
+    overridden = sorted(searched.intersection(spec.user_keys))
+    if overridden:
+        # {**base, **config}: a trial's sampled value goes over the fixed one
+        log.warning(
+            "the %s space searches %s: each trial uses the space's value, not the one given "
+            "with --set/--model",
+            spec.space,
+            ", ".join(overridden),
+        )
 
     data = prepare_data(
         base.get("data"), options=data_options, data_root=spec.data_root, verbose=True
@@ -1086,40 +1130,6 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             },
         )
         parent_run_id = parent.info.run_id
-        # The constants of every trial once, here; children carry only the searched values.
-        constants = {
-            k: v for k, v in RunConfig.from_flat(base).to_flat().items() if k not in searched
-        }
-        settings = (
-            "space",
-            "trials",
-            "search",
-            "scheduler",
-            "grace_period",
-            "reduction_factor",
-            "seed",
-        )
-        tracking.log_params(
-            client,
-            parent_run_id,
-            {**constants, **{f"search.{k}": getattr(spec, k) for k in settings}},
-        )
-    if meta is None or meta.get("parent_run_id") != parent_run_id:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        # atomically: a resume needs this file whole, and rewrites it for a new parent run
-        write_json(
-            exp_dir / META_FILE,
-            {
-                "parent_run_id": parent_run_id,
-                "experiment_id": experiment_id,
-                "experiment": experiment,
-                "base": base,
-                "tracking_uri": uri,
-                "data_fingerprint": started_on or data.train.fingerprint,
-                "spec": (meta or {}).get("spec") or asdict(spec),
-            },
-            default=str,
-        )
 
     resume_hint = (
         f"search {name!r} was interrupted; its state is saved: continue it with --resume "
@@ -1136,7 +1146,43 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         spec.tracking_timeout_s,
     )
     _DRIVERS[parent_run_id] = driver
+    # From here the parent run is RUNNING: whatever fails ends it (and its children) below.
     try:
+        if found is None:
+            # The constants of every trial once, here; children carry only the searched values.
+            constants = {
+                k: v for k, v in RunConfig.from_flat(base).to_flat().items() if k not in searched
+            }
+            settings = (
+                "space",
+                "trials",
+                "search",
+                "scheduler",
+                "grace_period",
+                "reduction_factor",
+                "seed",
+            )
+            tracking.log_params(
+                client,
+                parent_run_id,
+                {**constants, **{f"search.{k}": getattr(spec, k) for k in settings}},
+            )
+        if meta is None or meta.get("parent_run_id") != parent_run_id:
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            # atomically: a resume needs this file whole, and rewrites it for a new parent run
+            write_json(
+                exp_dir / META_FILE,
+                {
+                    "parent_run_id": parent_run_id,
+                    "experiment_id": experiment_id,
+                    "experiment": experiment,
+                    "base": base,
+                    "tracking_uri": uri,
+                    "data_fingerprint": started_on or data.train.fingerprint,
+                    "spec": (meta or {}).get("spec") or asdict(spec),
+                },
+                default=str,
+            )
         if not ray.is_initialized():
             init_ray(spec.address)
         if uri.startswith("sqlite:") and sum(n.get("Alive", False) for n in ray.nodes()) > 1:
@@ -1223,6 +1269,16 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         train_s = float(table["train_s"].sum()) if len(table) else 0.0
         usable = table[table["status"].isin(USABLE)] if len(table) else table
         best = usable.iloc[0].to_dict() if len(usable) else {}
+        # The trial's own config, not the table's config/ columns: those widen to every
+        # trial's keys (NaN where a trial has none, whole numbers as floats).
+        best_config = next(
+            (
+                dict(r.config or {})
+                for r in grid
+                if best and Path(r.path).name.removeprefix("trial_") == best["trial_id"]
+            ),
+            {},
+        )
         failed = table[~table["status"].isin(USABLE)] if len(table) else table
         first_failure = ""
         if len(failed):
@@ -1274,6 +1330,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         tracking_errors=tracking_errors,
         experiment=experiment,
         experiment_id=experiment_id,
+        best_config=best_config,
     )
 
 
@@ -1293,8 +1350,11 @@ def trial_table(grid, max_epochs: int) -> pd.DataFrame:
 
     The status and its message are the trial's final record in its run folder
     (:func:`finalise_trial`); without one (an older search), they are derived from Tune's
-    results the same way.
+    results the same way. A K-fold trial's Dice and threshold are its out-of-fold scores
+    (``folds.json``), those it predicts with, not its best epoch's mean over folds.
     """
+    from bldseg.train.folds import FOLDS_FILE
+
     rows = []
     for r in grid:
         df = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
@@ -1316,7 +1376,9 @@ def trial_table(grid, max_epochs: int) -> pd.DataFrame:
         else:
             row.update(
                 {
-                    METRIC: 0.0,
+                    # NaN, not 0.0: no epoch means no score (it would read as the worst one,
+                    # and stretch the trials plot's scale); sorted last, skipped by max()
+                    METRIC: float("nan"),
                     "val_thr_best": float("nan"),
                     "val_dice_05": float("nan"),
                     "best_epoch": 0,
@@ -1332,6 +1394,9 @@ def trial_table(grid, max_epochs: int) -> pd.DataFrame:
             float(first["timestamp"] - first["time_this_iter_s"]) if first is not None else 0.0
         )
         run_dir = trial_run_dir(Path(r.path).parent, trial_id)
+        oof = _read_json(run_dir / FOLDS_FILE, {}).get("oof")
+        if oof:
+            row.update({k: oof[k] for k in (METRIC, "val_thr_best", "val_dice_05")})
         record = _read_json(run_dir / STATUS_FILE, {})
         if record.get("final"):
             status, message = record["status"], record["message"]

@@ -16,9 +16,9 @@ from bldseg.data.dataset import fold_indices, split_groups
 from bldseg.data.readers import tile_windows
 from bldseg.ensemble.library import find_runs, load_library
 from bldseg.ensemble.run import SearchConfig, run_search
-from bldseg.predict import EnsembleSpec, image_loader, load_member, predict_cache
+from bldseg.predict import EnsembleSpec, image_loader, load_member, member_config, predict_cache
 from bldseg.train.config import RunConfig
-from bldseg.train.engine import predict_probs
+from bldseg.train.engine import eval_autocast, predict_probs, threshold_metrics
 from bldseg.train.folds import fit_folds
 
 # The tiny world's images are TRAIN_0000..TRAIN_0023: grouped by their tens digit, 3 "scenes".
@@ -124,6 +124,33 @@ def test_lockstep_trains_the_models_of_the_sequential_run(kfold_runs, small_worl
         np.testing.assert_array_equal(a[key], b[key])
 
 
+class Stopped(Exception):
+    """What a search trial meets when ASHA stops it: its report never returns."""
+
+
+def test_a_stopped_run_predicts_at_its_out_of_fold_threshold(small_world, tmp_path):
+    # ASHA stops a search trial inside its report, so fit_folds never reaches its end: the
+    # out-of-fold scores must be in folds.json before each report, or prediction uses 0.5.
+    cfg = RunConfig.from_flat(
+        {"aug.crop_size": 64, "batch_size": 8, "samples_per_epoch": 32, "epochs": 2}
+        | {"impl": "compiled", "folds": 2, "split_group": SCENES}
+    )
+
+    def stop(row, out):
+        raise Stopped
+
+    run = tmp_path / "run"
+    with pytest.raises(Stopped):
+        fit_folds(cfg, run, data=small_world, on_epoch_end=stop, lockstep=True)
+    manifest = json.loads((run / "folds.json").read_text())
+    assert manifest["status"] == "running"
+    z = np.load(run / "val_probs.npz")
+    scores = threshold_metrics(z["probs"], z["truth"].astype(bool), 0.3, 0.7)
+    assert manifest["oof"] == {f"val_{k}": v for k, v in scores.items()}
+    _, found = member_config(run / "folds.json")
+    assert found["val_thr_best"] == scores["thr_best"]
+
+
 def test_one_fold_at_a_time(small_world, tmp_path):
     assert train(small_world, tmp_path, "--folds", "2", "--fold", "1") == 0
     assert (tmp_path / "fold1" / "best.pt").is_file() and not (tmp_path / "fold0").exists()
@@ -170,7 +197,12 @@ def test_predicting_with_a_kfold_run_averages_its_folds(kfold_runs, small_world,
     assert predict_cmd.main(argv) == 0
     level = metrics.level_from_threshold(found["val_thr_best"])
     spec = EnsembleSpec([str(run / "folds.json")], threshold=found["val_thr_best"])
-    np.testing.assert_array_equal(predict_cache(spec, small_world.test, progress=False), q >= level)
+    # predict runs under the run's autocast, as its validation maps were made
+    cpu = torch.device("cpu")
+    q_run = predict_probs(models, loader, cpu, eval_autocast(cfg.precision, cpu))
+    np.testing.assert_array_equal(
+        predict_cache(spec, small_world.test, progress=False), q_run >= level
+    )
 
 
 def test_ensemble_search_on_kfold_libraries(kfold_runs, small_world, tmp_path):

@@ -1,8 +1,10 @@
 """The fixed run config an entry script builds: CPU defaults, the pretrained recipe, --set."""
 
+import logging
 import os
 
 from bldseg.train.config import PRETRAINED_RECIPE, RunConfig
+from bldseg.tune import cli
 from bldseg.tune.cli import CPU_DEMO, build_parser, fixed_config
 
 
@@ -70,3 +72,22 @@ def test_cpu_demo_takes_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch):
     # AdamW, so its trials report anytime models to ASHA.
     cfg = RunConfig.from_flat(CPU_DEMO)
     assert cfg.sched.name == "schedulefree" and cfg.precision in ("bf16", "auto")
+
+
+def test_a_set_value_the_space_searches_is_named(
+    small_world, tmp_path, monkeypatch, caplog, capsys
+):
+    # The scheduler space searches optim.lr and sched.name. The CPU defaults set both: no
+    # warning. A --set optim.lr is overridden by every trial: named before the search starts
+    # (which then stops here: --folds 4 of the tiny world's 3 scenes).
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--storage", str(tmp_path / "runs"), "--split-group", r"TRAIN_\d\d(\d)"]
+    argv += ["--folds", "4", "--set", "batch_size=4"]
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        assert cli.main("scheduler", "test", argv) == 2
+        assert "searches" not in caplog.text
+        assert cli.main("scheduler", "test", [*argv, "--set", "optim.lr=1e-3"]) == 2
+    assert "--folds 4: the data has only 3 split group(s)" in capsys.readouterr().err
+    (said,) = [r.getMessage() for r in caplog.records if "searches" in r.getMessage()]
+    assert "the scheduler space searches optim.lr: each trial uses the space's value" in said

@@ -1,5 +1,7 @@
 """Honest ends of a search: nothing completed, bad counts, a tracking server that dies."""
 
+import contextlib
+import io
 import json
 import signal
 import threading
@@ -8,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from bldseg.tune import cli
 from bldseg.tune.runner import TRACKING_ERROR_FILE, run_search
@@ -41,6 +44,71 @@ def test_cli_exits_non_zero_when_no_trial_completed(
     assert "error: no trial of broken completed" in err
     assert "larger than the cached images" in err
     assert "checkpoint:" not in out and "best trial" not in out
+
+
+def test_a_search_that_cannot_start_ends_its_mlflow_run(small_world, tmp_path, capsys, monkeypatch):
+    # --storage under a regular file: the results folder cannot be made, after the search's
+    # MLflow run was created. The run must not stay RUNNING, and the CLI says why (exit 2).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--trials", "1", "--epochs", "1", "--name", "nowhere"]
+    argv += ["--storage", str(tmp_path / "afile" / "runs")]
+    assert cli.main("augmentation", "test", argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Not a directory" in err and "Traceback" not in err, err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("bldseg").experiment_id])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("nowhere", "FAILED")]
+
+
+def mixed_space(trial):
+    """Module level: Tune pickles the searcher with its space."""
+    trial.suggest_float("aug.vflip_p", 0.0, 0.5)
+    if trial.number % 2 == 0:
+        trial.suggest_int("seed", 1, 3)  # a whole number that only this trial has
+        return None
+    return {"aug.crop_size": 160}  # larger than the 96-px images: the trial fails
+
+
+@pytest.fixture(scope="module")
+def mixed_search(small_world, ray_session, tmp_path_factory):
+    """The CLI's output for a search whose two trials have different keys; one trains, the
+    other fails: ``(exit status, stdout, results folder)``."""
+    from bldseg import tune_spaces
+
+    tmp = tmp_path_factory.mktemp("mixed")
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--trials", "2", "--epochs", "1", "--scheduler", "fifo", "--search", "random"]
+    argv += ["--max-concurrent", "1", "--name", "mixed", "--storage", str(tmp / "runs")]
+    argv += ["--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
+    for k, v in BASE.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out):
+        m.setitem(tune_spaces.SPACES, "augmentation", mixed_space)
+        status = cli.main("augmentation", "test", argv)
+    return status, out.getvalue(), tmp / "runs" / "mixed"
+
+
+def test_cli_says_why_each_failed_trial_failed(mixed_search):
+    status, out, _ = mixed_search
+    assert status == 0, out  # one trial completed
+    # under the table, before the best trial
+    table = out.split("=== mixed: 2 trials ===", 1)[1].split("\nbest trial", 1)[0]
+    (failed,) = [line for line in table.splitlines() if line.startswith("  trial ")]
+    assert " error: " in failed and "larger than the cached images" in failed, failed
+
+
+def test_cli_prints_the_best_trials_own_config(mixed_search):
+    # The table's config/ columns hold both trials' keys; the best trial's config is its own:
+    # valid JSON (no NaN for the other trial's keys), whole numbers as numbers, as --set takes.
+    _, out, exp = mixed_search
+    best = out.split("\nbest trial ", 1)[1].split(":", 1)[0]
+    line = next(ln for ln in out.splitlines() if ln.startswith("  config: "))
+    config = json.loads(line.removeprefix("  config: "), parse_constant=pytest.fail)  # NaN fails
+    assert set(config) == {"aug.vflip_p", "seed"} and isinstance(config["seed"], int), config
+    assert config == json.loads((exp / f"trial_{best}" / "params.json").read_text())
 
 
 @pytest.mark.parametrize("flag", ["--trials", "--epochs"])

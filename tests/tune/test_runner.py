@@ -1,6 +1,7 @@
 """Integration tests of the search runner: real Ray, a real MLflow server, the real op."""
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -350,6 +352,49 @@ def test_resume_on_other_data_is_refused(small_world, tmp_path):
     assert small_world.train.fingerprint in str(e.value) and "0123456789abcdef" in str(e.value)
 
 
+def test_resume_names_what_it_ignores_and_keeps_the_recorded_resources(tmp_path, caplog):
+    # A resumed search trains on with the config, data and trial resources it started with:
+    # every flag of the new command that differs is named, once, in one warning.
+    from bldseg.data.prepare import DataOptions
+    from bldseg.tune.runner import resumed_spec
+
+    meta = {
+        "base": {**BASE, "folds": 2, "epochs": 2, "data": str(tmp_path / "world")},
+        "spec": {"trials": 2, "cpus_per_trial": 2.0, "gpus_per_trial": 0.5, "data_options": None},
+    }
+    spec = SearchSpec(
+        base={**BASE, "batch_size": 4, "split_group": "x"},
+        trials=2,
+        epochs=2,
+        data=str(tmp_path / "other"),
+        data_options=DataOptions(tile_size=64),
+        cpus_per_trial=1.0,
+        resume=True,
+    )
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        resumed = resumed_spec(spec, meta)
+    assert (resumed.cpus_per_trial, resumed.gpus_per_trial) == (2.0, 0.5)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("--resume continues the search as it was started: ")
+    for change in (
+        "batch_size=8 (not 4)",
+        "folds=2 (not unset)",
+        "split_group=unset (not 'x')",
+        f"data={str(tmp_path / 'world')!r} (not {str(tmp_path / 'other')!r})",
+        "data_options.tile_size=None (not 64)",
+        "cpus_per_trial=2.0 (not 1.0)",
+        "gpus_per_trial=0.5 (not 0.0)",
+    ):
+        assert change in said, change
+    assert "model" not in said and "epochs" not in said and "trials" not in said
+    # a record from before the resources were recorded resumes with this command's
+    caplog.clear()
+    old = {"base": {**spec.base, "epochs": 2, "data": str(tmp_path / "other")}, "spec": {}}
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        resumed = resumed_spec(replace(spec, data_options=DataOptions()), old)
+    assert resumed.cpus_per_trial == 1.0 and not caplog.records
+
+
 def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
     """Ctrl-C once a trial has reported: the script says how to continue and exits non-zero,
     its MLflow runs are KILLED; --resume finishes every trial without training an epoch twice."""
@@ -568,6 +613,11 @@ def test_kfold_trials_leave_out_of_fold_libraries(small_world, ray_session, tmp_
         assert history[-1][METRIC] == pytest.approx(mean)
         z = np.load(run_dir / "val_probs.npz")
         assert sorted(set(z["image_ids"])) == sorted(small_world.train.ids)
+        # the table shows what the trial predicts with (folds.json, scored before each report):
+        # its out-of-fold Dice and threshold, not the best epoch's mean over the folds
+        oof = json.loads((run_dir / "folds.json").read_text())["oof"]
+        assert (row[METRIC], row["val_thr_best"]) == (oof["val_dice_best"], oof["val_thr_best"])
+        assert json.loads((run_dir / "summary.json").read_text())["oof"] == oof
         assert len(set(z["tile_ids"])) == len(z["tile_ids"]) and set(z["fold"]) == {0, 1}
     # the trials' out-of-fold libraries, not their folds, are the ensemble search's models
     runs = find_runs(result.path)
@@ -577,3 +627,42 @@ def test_kfold_trials_leave_out_of_fold_libraries(small_world, ray_session, tmp_
     spec = json.loads((tmp_path / "ens" / "best_ensemble.json").read_text())
     assert len(spec["members"]) == 2
     assert all(m["checkpoint"].endswith("run/folds.json") for m in spec["members"])
+
+
+def test_a_trial_without_an_epoch_has_no_score_in_the_table(tmp_path):
+    # an error before the first epoch: NaN, not Dice 0.0 (which trials.png drew as a bar and
+    # as the bottom of the metric's scale); sorted last, and never the best trial
+    import numpy as np
+    import pandas as pd
+    from ray.tune import Result
+
+    from bldseg.pipeline import best_config
+    from bldseg.tune.report import plot_trials
+    from bldseg.tune.runner import trial_table
+
+    epoch = {"epoch": 1, METRIC: 0.8, "val_thr_best": 0.4, "val_dice_05": 0.7, "diverged": 0}
+    epoch |= {"epoch_s": 2.0, "timestamp": 100, "time_this_iter_s": 3.0, "time_total_s": 3.0}
+    grid = [
+        Result(
+            metrics={"trial_id": "failed", "config": {"optim.lr": 5e-3}},
+            checkpoint=None,
+            error=RuntimeError("CUDA out of memory"),
+            path=str(tmp_path / "trial_failed"),
+            metrics_dataframe=pd.DataFrame(),
+        ),
+        Result(
+            metrics={"trial_id": "good", "config": {"optim.lr": 1e-3}},
+            checkpoint=None,
+            error=None,
+            path=str(tmp_path / "trial_good"),
+            metrics_dataframe=pd.DataFrame([epoch]),
+        ),
+    ]
+    table = trial_table(grid, max_epochs=1)
+    assert list(table["trial_id"]) == ["good", "failed"]
+    assert list(table["status"]) == ["completed", "error"]
+    assert table[METRIC].iloc[0] == 0.8 and np.isnan(table[METRIC].iloc[1])
+    assert best_config(table) == {"optim.lr": 1e-3}
+    table.to_csv(tmp_path / "trials.csv", index=False)
+    assert np.isnan(pd.read_csv(tmp_path / "trials.csv")[METRIC].iloc[1])
+    assert plot_trials(table, tmp_path / "trials.png", METRIC).is_file()

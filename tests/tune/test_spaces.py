@@ -92,9 +92,11 @@ def test_resume_takes_the_recorded_search_settings(caplog):
         7,
         1,
     )
-    # what a resume may change is kept: resources, the flag itself
-    assert spec.resume and spec.cpus_per_trial == 2.0 and spec.name == "s"
+    # the flag itself is kept; the trials go on with the resources they were started with
+    # (a default --cpus-per-trial silently changed their torch threads), and that is named
+    assert spec.resume and spec.cpus_per_trial == 1.0 and spec.name == "s"
     assert "scheduler='fifo' (not 'asha')" in caplog.text and "epochs=3 (not 8)" in caplog.text
+    assert "cpus_per_trial=1.0 (not 2.0)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
         assert resumed_spec(spec, meta) == spec
