@@ -197,15 +197,19 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     have saved a better epoch).
     """
     path = run_dir / TEST_FILE
-    stamps = [c.stat().st_mtime_ns for c in _member_checkpoints(run_dir)]
-    if path.exists() and path.stat().st_mtime_ns >= max(stamps):
-        return path
     models, cfg, _ = load_member(run_dir)  # one model, or a K-fold run's K
     first = models if isinstance(models, torch.nn.Module) else models[0]
-    loader = image_loader(data.test, PREDICT_BATCH)
     dev = next(first.parameters()).device
+    amp = eval_autocast(cfg.precision, dev)
     # as the validation maps beside it were made, and as bldseg predict makes them
-    probs = predict_probs(models, loader, dev, eval_autocast(cfg.precision, dev))
+    made_as = f"tta={cfg.tta} autocast={amp}"
+    stamps = [c.stat().st_mtime_ns for c in _member_checkpoints(run_dir)]
+    if path.exists() and path.stat().st_mtime_ns >= max(stamps):
+        with np.load(path) as z:
+            if "made_as" in z.files and str(z["made_as"]) == made_as:
+                return path
+    loader = image_loader(data.test, PREDICT_BATCH)
+    probs = predict_probs(models, loader, dev, amp, cfg.tta)
     tmp = path.with_name("test_probs.tmp.npz")
     ids = np.array(data.test.ids)
     np.savez(
@@ -216,6 +220,7 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
         # the source scene of each test image: the unit the report's intervals resample
         image_ids=np.array(data.test.groups),
         tile_yx=np.zeros((len(ids), 2), np.int64),
+        made_as=np.array(made_as),
     )
     os.replace(tmp, path)
     return path
@@ -347,14 +352,24 @@ def _stage(client, run_id: str, name: str) -> Iterator[None]:
 
 
 def _best_epoch(run_dir: Path) -> dict:
-    """The best epoch's row of a trial's ``history.json`` (by validation Dice)."""
+    """The best epoch's row of a trial's ``history.json`` (by validation Dice).
+
+    For a K-fold run the validation scores and thresholds are the out-of-fold library's
+    (``folds.json`` ``oof``): ``history.json`` holds means over folds (a mean threshold no
+    fold predicts at), while the run predicts, and the report's intervals are computed, at
+    the out-of-fold threshold.
+    """
     path = run_dir / "history.json"
     if not path.is_file():
         raise RuntimeError(
             f"{path} does not exist: the trial never finished an epoch; run the same command "
             "again to resume its search"
         )
-    return max(json.loads(path.read_text()), key=lambda h: h["val_dice_best"])
+    row = max(json.loads(path.read_text()), key=lambda h: h["val_dice_best"])
+    folds = run_dir / FOLDS_FILE
+    if folds.is_file():
+        row.update(json.loads(folds.read_text()).get("oof") or {})
+    return row
 
 
 def _submission_interval(data: PreparedData, submission: Path) -> dict:

@@ -170,7 +170,12 @@ def _f(v) -> str:
 
 
 def _iv(iv: stats.Interval | dict | None, value: float | None = None, signed: bool = False) -> str:
-    """``estimate [low, high]``; ``value`` replaces the estimate (the exact official score)."""
+    """``estimate [low, high]``; ``value`` replaces the estimate (the exact official score).
+
+    A ``value`` outside ``[low, high]`` cannot be the score the interval was computed for (a
+    different threshold or library): it is printed with a warning sign and the interval's own
+    estimate, never silently beside an interval that does not hold it.
+    """
     if iv is None:
         return _f(value) if value is not None else "–"
     d = iv.to_dict() if isinstance(iv, stats.Interval) else iv
@@ -178,7 +183,10 @@ def _iv(iv: stats.Interval | dict | None, value: float | None = None, signed: bo
     f = "+.4f" if signed else ".4f"
     if np.isnan(d["low"]):
         return f"{est:{f}}"
-    return f"{est:{f}} [{d['low']:{f}}, {d['high']:{f}}]"
+    cell = f"{est:{f}} [{d['low']:{f}}, {d['high']:{f}}]"
+    if value is not None and not d["low"] - 1e-9 <= value <= d["high"] + 1e-9:
+        cell += f" ⚠ outside its interval (estimate {d['estimate']:{f}})"
+    return cell
 
 
 def _err(iv: stats.Interval | dict | None, value: float) -> tuple[float, float]:

@@ -598,3 +598,56 @@ def test_bad_settings_are_one_line_and_record_nothing(tmp_path, argv, message, c
     err = capsys.readouterr().err
     assert "error: " in err and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "p" / "pipeline_state.json").exists()
+
+
+def _kfold_run(run: Path) -> dict:
+    """A K-fold run folder: an out-of-fold library, ``history.json`` rows that are means over
+    two folds (thresholds 0.30 and 0.70 -> 0.50) and ``folds.json`` with the library's scores."""
+    from bldseg.train.folds import mean_row, oof_metrics
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((6, 16, 16)) < 0.3
+    probs = np.clip(truth * 60 + rng.integers(0, 200, truth.shape), 0, 255).astype(np.uint8)
+    run.mkdir(parents=True)
+    ids = np.array([f"i{i}" for i in range(6)])
+    np.savez(
+        run / "val_probs.npz",
+        probs=probs,
+        truth=truth.astype(np.uint8),
+        tile_ids=np.array([f"t{i}" for i in range(6)]),
+        image_ids=ids,
+        group_ids=ids,
+        tile_yx=np.zeros((6, 2), int),
+    )
+    fold = {"epoch": 1, "train_loss": 1.0, "lr": 1.0, "val_dice_05": 0.5, "val_dice_best": 0.6}
+    fold |= {"val_dice_youden": 0.5, "val_thr_youden": 0.5}
+    row = mean_row([{**fold, "val_thr_best": 0.3}, {**fold, "val_thr_best": 0.7}])
+    (run / "history.json").write_text(json.dumps([row]))
+    oof = oof_metrics(run)
+    (run / "folds.json").write_text(json.dumps({"status": "completed", "oof": oof}))
+    return oof
+
+
+def test_kfold_report_thresholds_are_the_out_of_fold_ones(tmp_path):
+    # the interval and Δ columns are computed on the out-of-fold library at its threshold: the
+    # threshold and Dice printed beside them must be that library's too, not history's means
+    from bldseg import pipeline
+    from bldseg.report import write_report
+
+    run = tmp_path / "run"
+    oof = _kfold_run(run)
+    assert abs(oof["val_thr_best"] - 0.5) > 0.05  # else the test could not tell them apart
+    row = pipeline._best_epoch(run)
+    for k in ("val_thr_best", "val_dice_best", "val_dice_05", "val_thr_youden"):
+        assert row[k] == oof[k]
+    best = {"run_dir": str(run), "val_dice_best": oof["val_dice_best"]}
+    best["val_thr_best"] = oof["val_thr_best"]
+    stage = {"best": best, "best_config": {}, "wall_s": 1, "overhead": 0.0, "path": "-"}
+    stage["val_thresholds"] = {k: row.get(k, 0.0) for k in (*oof, "val_thr_widened")}
+    config = {"name": "x", "data": None, "trials": 1, "epochs": 1, "cpus_per_trial": 1}
+    config |= {"k_min": 1, "k_max": 1, "seed": 0, "base": {}}
+    write_report({"config": config, "stages": {"tune_aug": stage}}, tmp_path, has_truth=False)
+    report = (tmp_path / "REPORT.md").read_text()
+    sweep = next(line for line in report.splitlines() if line.startswith("| best of sweep"))
+    assert sweep.startswith(f"| best of sweep | {oof['val_thr_best']:.3f} | ")
+    assert f"{oof['val_dice_best']:.4f} [" in sweep and "⚠" not in report

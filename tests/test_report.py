@@ -95,6 +95,14 @@ def test_seeds_that_disagree_are_not_beyond_noise():
     [
         ({"x": []}, "baseline"),
         ({"bce": [], "coteaching": []}, "same .*number of seeds"),
+        # 3 seeds against 2: pairing seed i with seed i would silently drop one
+        (
+            {
+                "bce": _arm(np.random.default_rng(4), 0.5, seeds=3),
+                "coteaching": _arm(np.random.default_rng(5), 0.6, seeds=2),
+            },
+            r"same \(non-zero\) number of seeds, got \{2, 3\}",
+        ),
     ],
 )
 def test_compare_arms_rejects(arms, match):
@@ -108,3 +116,13 @@ def test_compare_arms_rejects_other_tiles():
     b = [TileScores(a[0].dice, IDS[::-1], GROUPS)]
     with pytest.raises(ValueError, match="other tiles"):
         compare_arms({"bce": a, "coteaching": b}, "bce")
+
+
+def test_a_value_outside_its_interval_is_flagged():
+    from bldseg.report import _iv
+
+    iv = {"estimate": 0.54, "low": 0.517, "high": 0.564}
+    assert _iv(iv, 0.55) == "0.5500 [0.5170, 0.5640]"
+    # a score of another threshold or library beside this interval: visibly not its own
+    cell = _iv(iv, 0.60)
+    assert cell.startswith("0.6000 [0.5170, 0.5640]") and "⚠" in cell and "0.5400" in cell

@@ -174,10 +174,7 @@ def write_run_plots(
         if truth.any() and not truth.all():
             written.append(plot_roc(probs, truth, out / "roc.png"))
         if images_for_tiles is not None:
-            # the library holds the best epoch's maps: use that epoch's chosen threshold
-            history = json.loads(history_path.read_text()) if history_path.exists() else []
-            best = max(history, key=lambda h: h["val_dice_best"], default={})
-            level = metrics.level_from_threshold(float(best.get("val_thr_best", 0.5)))
+            level = metrics.level_from_threshold(_library_threshold(run_dir))
             imgs = images_for_tiles(z["image_ids"], z["tile_yx"], probs.shape[-1])
             written.append(
                 plot_worst_tiles(
@@ -185,6 +182,21 @@ def write_run_plots(
                 )
             )
     return written
+
+
+def _library_threshold(run_dir: Path) -> float:
+    """The threshold the run predicts ``val_probs.npz`` at: a K-fold run's out-of-fold one
+    (``folds.json`` ``oof``; ``history.json`` holds means over folds, a mean threshold no
+    fold's maps were chosen at), else the best epoch's chosen threshold (0.5 without one)."""
+    folds_path = run_dir / "folds.json"  # bldseg.train.folds.FOLDS_FILE (it imports this module)
+    if folds_path.exists():
+        oof = json.loads(folds_path.read_text()).get("oof")
+        if oof:
+            return float(oof["val_thr_best"])
+    history_path = run_dir / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    best = max(history, key=lambda h: h["val_dice_best"], default={})
+    return float(best.get("val_thr_best", 0.5))
 
 
 def tiles_from_cache(cache):

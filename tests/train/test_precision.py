@@ -156,3 +156,29 @@ def test_prediction_runs_in_the_precision_of_validation(
     pipeline.write_test_library(tmp_path / "run", small_world, pipeline.test_truth(small_world))
     assert set(seen) == {dtype}
     assert engine.eval_autocast("fp16", CPU) is None  # a GPU's fp16 run predicted on a CPU
+
+
+def test_pipeline_test_maps_use_the_runs_tta(small_world, tmp_path):
+    # thresholds of a tta=True run are chosen on flip-averaged maps; its held-out test maps
+    # were made without flips, and an older file without the record was kept
+    import numpy as np
+
+    from bldseg import pipeline
+    from bldseg.predict import image_loader, load_member
+
+    c = RunConfig.from_flat({**BASE, "epochs": 1, "tta": True})
+    fit(c, tmp_path / "run", data=small_world)
+    truth = pipeline.test_truth(small_world)
+    path = pipeline.write_test_library(tmp_path / "run", small_world, truth)
+    model, _, _ = load_member(tmp_path / "run")
+    loader = image_loader(small_world.test, 16)
+    with np.load(path) as z:
+        got = z["probs"]
+    assert np.array_equal(got, engine.predict_probs(model, loader, CPU, None, True))
+    assert not np.array_equal(got, engine.predict_probs(model, loader, CPU, None, False))
+    # a file made otherwise (here: without its record) is made again, not kept
+    with np.load(path) as z:
+        np.savez(path, **{k: z[k] for k in z.files if k != "made_as"})
+    pipeline.write_test_library(tmp_path / "run", small_world, truth)
+    with np.load(path) as z:
+        assert "made_as" in z.files

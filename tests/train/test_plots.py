@@ -1,0 +1,50 @@
+"""Run plots: worst_tiles.png draws the library's predictions at the threshold the run uses."""
+
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from bldseg import metrics
+from bldseg.train.folds import mean_row, oof_metrics
+from bldseg.train.plots import plot_worst_tiles, write_run_plots
+
+
+def _tiles(image_ids, tile_yx, size: int) -> np.ndarray:
+    return np.full((len(image_ids), size, size, 3), 128, np.uint8)
+
+
+def test_kfold_worst_tiles_are_drawn_at_the_out_of_fold_threshold(tmp_path):
+    # a K-fold run: history.json holds means over folds (thresholds 0.30 and 0.70 -> 0.50);
+    # the out-of-fold library is predicted at its own threshold, folds.json's "oof"
+    rng = np.random.default_rng(0)
+    truth = rng.random((6, 16, 16)) < 0.3
+    probs = np.clip(truth * 60 + rng.integers(0, 200, truth.shape), 0, 255).astype(np.uint8)
+    ids = np.array([f"i{i}" for i in range(6)])
+    tile_ids = np.array([f"t{i}" for i in range(6)])
+    np.savez(
+        tmp_path / "val_probs.npz",
+        probs=probs,
+        truth=truth.astype(np.uint8),
+        tile_ids=tile_ids,
+        image_ids=ids,
+        tile_yx=np.zeros((6, 2), int),
+    )
+    fold = {"epoch": 1, "train_loss": 1.0, "lr": 1.0, "val_dice_05": 0.5, "val_dice_best": 0.6}
+    fold |= {"val_dice_youden": 0.5, "val_thr_youden": 0.5}
+    row = mean_row([{**fold, "val_thr_best": 0.3}, {**fold, "val_thr_best": 0.7}])
+    (tmp_path / "history.json").write_text(json.dumps([row]))
+    oof = oof_metrics(tmp_path)
+    (tmp_path / "folds.json").write_text(json.dumps({"status": "completed", "oof": oof}))
+
+    write_run_plots(tmp_path, _tiles)
+    got = plt.imread(tmp_path / "plots" / "worst_tiles.png")
+
+    def drawn_at(thr: float) -> np.ndarray:
+        pred = probs >= metrics.level_from_threshold(thr)
+        path = tmp_path / f"expected_{thr}.png"
+        plot_worst_tiles(_tiles(ids, None, 16), truth, pred, path, 8, list(tile_ids))
+        return plt.imread(path)
+
+    assert not np.array_equal(drawn_at(row["val_thr_best"]), drawn_at(oof["val_thr_best"]))
+    assert np.array_equal(got, drawn_at(oof["val_thr_best"]))
