@@ -185,6 +185,50 @@ def test_blend_matches_naive_weighted_mean():
 
 
 # --------------------------------------------------------------------------------------------
+# The ensemble rule, by hand
+# --------------------------------------------------------------------------------------------
+
+
+def test_fractional_weights_give_the_float64_weighted_mean():
+    # Weights 1 and 2.5 are not whole numbers: positive iff (q_a + 2.5 q_b) / (255 * 3.5) >= t.
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 256, (2, 3, 16, 16), dtype=np.uint8)  # (N, H, W) each
+    t = 0.5  # 2 q_a + 5 q_b = 892.5 never holds for integers: no pixel sits on the threshold
+    mean = (a.astype(np.float64) + 2.5 * b) / (255 * 3.5)  # (N, H, W)
+    expected = mean >= t
+    # equal weights, or 2.5 rounded either way, decide some pixels otherwise
+    for other in ([1, 1], [1, 2], [1, 3]):
+        alt = np.average(np.stack([a, b]).astype(float), axis=0, weights=other) / 255 >= t
+        assert (alt != expected).any(), other
+    spec = EnsembleSpec(["a", "b"], [1.0, 2.5], threshold=t)
+    np.testing.assert_array_equal(combine_members([a, b], spec), expected)
+    np.testing.assert_array_equal(combine_members([a[1], b[1]], spec), expected[1])  # (H, W)
+    # the order of the weights follows the order of the maps
+    swapped = EnsembleSpec(["b", "a"], [2.5, 1.0], threshold=t)
+    np.testing.assert_array_equal(combine_members([b, a], swapped), expected)
+    np.testing.assert_array_equal(
+        combine_members([a, b], EnsembleSpec(["a", "b"], [2.5, 1.0], threshold=t)),
+        (2.5 * a.astype(np.float64) + b) / (255 * 3.5) >= t,
+    )
+
+
+def test_min_area_empties_exactly_the_images_below_it():
+    maps = np.zeros((3, 8, 8), np.uint8)
+    maps[0, :2] = 200  # 16 predicted pixels
+    maps[1, :5] = 200  # 40 predicted pixels
+    maps[2, 0, 0] = 100  # below the threshold: already empty
+    above = maps >= 128
+    for min_area, emptied in ((0, []), (16, []), (17, [0]), (40, [0]), (41, [0, 1])):
+        spec = EnsembleSpec(["m"], threshold=0.5, min_area=min_area)
+        expected = above.copy()
+        expected[emptied] = False
+        np.testing.assert_array_equal(combine_members([maps], spec), expected, str(min_area))
+        # one (H, W) image on its own, as folder prediction passes it
+        for i in range(3):
+            np.testing.assert_array_equal(combine_members([maps[i]], spec), expected[i])
+
+
+# --------------------------------------------------------------------------------------------
 # Folders -> masks
 # --------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bldseg.data import cache as cache_module
 from bldseg.data.cache import DatasetCache, build_cache, ensure_cache
 from bldseg.data.readers import read_competition_csv, read_folder_dataset
 from tests.data.test_readers import make_competition, write_png
@@ -36,12 +37,22 @@ def test_pickles_as_path_and_reopens(tmp_path):
     np.testing.assert_array_equal(again.images[1], cache.images[1])
 
 
-def test_ensure_cache_reuses_then_rebuilds_when_stale(tmp_path):
+def _no_rebuild(*args, **kwargs):
+    raise AssertionError("a current cache was rebuilt")
+
+
+def test_ensure_cache_reuses_then_rebuilds_when_stale(tmp_path, monkeypatch):
     csv, _ = make_competition(tmp_path / "ds")
     first = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
     created = first.manifest["created"]
-    again = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    manifest = (tmp_path / "cache" / "manifest.json").stat()
+    # the same sources: opened as it is, nothing decoded or written again
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "build_cache", _no_rebuild)
+        again = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
     assert again.manifest["fingerprint"] == first.fingerprint
+    now = (tmp_path / "cache" / "manifest.json").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (manifest.st_ino, manifest.st_mtime_ns)
 
     # relabel one image: the fingerprint changes and the cache is rebuilt with the new mask
     df = pd.read_csv(csv, dtype=str)
@@ -58,6 +69,29 @@ def test_ensure_cache_reuses_then_rebuilds_when_stale(tmp_path):
     os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))
     rebuilt2 = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
     assert (rebuilt2.images[2] == 7).all()
+
+
+def test_a_process_that_waited_for_the_lock_opens_the_cache_built_meanwhile(tmp_path, monkeypatch):
+    # Another process holds the lock and builds the cache while this one waits: once inside,
+    # this one must open that cache, not build (and replace) it a second time.
+    csv, _ = make_competition(tmp_path / "ds", n=3)
+    records = read_competition_csv(csv)
+    built = []
+
+    class OtherProcessBuilds:
+        def __init__(self, path):
+            pass
+
+        def __enter__(self):
+            built.append(build_cache(records, tmp_path / "cache", progress=False))
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(cache_module, "FileLock", OtherProcessBuilds)
+    monkeypatch.setattr(cache_module, "build_cache", _no_rebuild)
+    cache = ensure_cache(records, tmp_path / "cache", progress=False)
+    assert len(built) == 1 and cache.manifest == built[0].manifest
 
 
 def test_interrupted_build_leaves_no_valid_cache(tmp_path):

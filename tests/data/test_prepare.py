@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bldseg.data import cache as cache_module
 from bldseg.data.dataset import split_groups, split_indices
 from bldseg.data.prepare import DataOptions, detect_data, prepare_data
 from bldseg.data.readers import ReadOptions, read_folder_dataset
@@ -23,6 +24,10 @@ def _scenes(root, sizes, seed=0):
     return root
 
 
+def _no_rebuild(*args, **kwargs):
+    raise AssertionError("a current cache was rebuilt")
+
+
 def test_detects_every_kind(tmp_path, small_world):
     assert detect_data(None) == "synthetic"
     assert detect_data(small_world.root) == "competition"
@@ -38,7 +43,7 @@ def test_detects_every_kind(tmp_path, small_world):
         detect_data(tmp_path / "nope")
 
 
-def test_folder_dataset_with_tiles_is_cached_and_described(tmp_path, capsys):
+def test_folder_dataset_with_tiles_is_cached_and_described(tmp_path, capsys, monkeypatch):
     root = _scenes(tmp_path / "ds", [(64, 64), (96, 64), (64, 128), (32, 32)])
     data = prepare_data(
         root,
@@ -51,9 +56,18 @@ def test_folder_dataset_with_tiles_is_cached_and_described(tmp_path, capsys):
     assert len(data.train) == 4 + 6 + 8 + 1 and data.train.image_size == (32, 32)
     out = capsys.readouterr().out
     assert "data (folders): image/mask folders" in out and "19 samples of 32x32 from 4" in out
+    manifest = (data.train.root / "manifest.json").stat()
+    monkeypatch.setattr(cache_module, "build_cache", _no_rebuild)
     # The same folder as a cache: no rebuild, same arrays.
     again = prepare_data(data.train.root, data_root=tmp_path / "work", progress=False)
     assert again.kind == "cache" and again.train.fingerprint == data.train.fingerprint
+    # The same folder and options again: the cache is reused, not rebuilt.
+    again = prepare_data(
+        root, options=DataOptions(tile_size=32), data_root=tmp_path / "work", progress=False
+    )
+    assert again.train.root == data.train.root
+    now = (data.train.root / "manifest.json").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (manifest.st_ino, manifest.st_mtime_ns)
 
 
 def test_mixed_sizes_without_tiles_name_the_flag(tmp_path):
@@ -179,7 +193,7 @@ def test_read_options_are_part_of_the_folder_cache(tmp_path):
     assert a[0].options != b[0].options
 
 
-def test_jobs_with_other_decoding_options_keep_their_own_caches(tmp_path):
+def test_jobs_with_other_decoding_options_keep_their_own_caches(tmp_path, monkeypatch):
     # Two searches on one dataset with other decoding flags run side by side: neither may
     # rebuild (and delete) the cache the other's trials are reading.
     root = _scenes(tmp_path / "ds", [(32, 32), (32, 32)])
@@ -188,8 +202,13 @@ def test_jobs_with_other_decoding_options_keep_their_own_caches(tmp_path):
     other = DataOptions(read=ReadOptions(mask_threshold=0.3))
     soft = prepare_data(root, options=other, data_root=w, progress=False).train
     assert soft.root != plain.root
-    again = prepare_data(root, data_root=w, progress=False).train
-    assert again.root == plain.root and again.fingerprint == plain.fingerprint
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_module, "build_cache", _no_rebuild)  # each job's cache is reused
+        again = prepare_data(root, data_root=w, progress=False).train
+        assert again.root == plain.root and again.fingerprint == plain.fingerprint
+        assert prepare_data(root, options=other, data_root=w, progress=False).train.root == (
+            soft.root
+        )
     # the competition layout too: its group column and decoding options
     rows = []
     for i in range(2):

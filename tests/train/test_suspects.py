@@ -1,0 +1,114 @@
+"""Wrong-ground-truth finder: the ranking and its precision, on masks corrupted by hand.
+
+A "pointwise" model (probability of a pixel = its red value / 255) sees exactly the buildings
+painted in red, so every disagreement with a mask is one the test put there.
+"""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bldseg.data.cache import build_cache
+from bldseg.data.readers import read_folder_dataset
+from bldseg.train.augment import IMAGENET_MEAN, IMAGENET_STD
+from bldseg.train.suspects import precision_at_k, rank_suspects
+
+S = 32  # image side
+ROOF, GROUND = 200, 30  # red values: 200/255 = 0.78 is a building, 30/255 = 0.12 is not
+
+
+class Pointwise(nn.Module):
+    """Probability of a pixel = its red value / 255 (undoing the ImageNet normalisation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = x[:, :1] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # (B, 1, H, W) in [0, 1]
+        return torch.logit(red.double().clamp(1e-9, 1 - 1e-9)).float()
+
+
+def test_precision_at_k_by_hand():
+    ranked = ["a", "b", "c", "d", "e"]
+    assert precision_at_k(ranked, {"b", "d"}) == 0.5  # k = 2: a, b
+    assert precision_at_k(ranked, {"b", "d"}, k=1) == 0.0
+    assert precision_at_k(ranked, {"b", "d"}, k=3) == pytest.approx(1 / 3)
+    assert precision_at_k(ranked, {"b", "d"}, k=4) == 0.5
+    assert precision_at_k(ranked, {"a", "b"}) == 1.0
+    assert precision_at_k(ranked, {"e", "z"}) == 0.0  # k = 2: a, b; z was never ranked
+    assert precision_at_k(iter(ranked), {"e"}, k=5) == 0.2  # any sequence, read once
+    with pytest.raises(ValueError, match="no noisy images"):
+        precision_at_k(ranked, set())
+
+
+def _square(y: int, x: int, side: int = 16) -> np.ndarray:
+    m = np.zeros((S, S), bool)
+    m[y : y + side, x : x + side] = True
+    return m
+
+
+@pytest.fixture
+def corrupted(tmp_path: Path):
+    """A cache of 7 images: (cache, {img_id: (roofs painted, mask given)})."""
+    none = np.zeros((S, S), bool)
+    two = _square(0, 0, 8) | _square(20, 20, 12)
+    half = _square(4, 4)
+    half[:, 12:] = False  # the left half of the square at (4, 4): 16 x 8 px
+    cases = {
+        "clean_square": (_square(4, 4), _square(4, 4)),
+        "clean_two": (two, two),
+        "clean_empty": (none, none),
+        "missing": (_square(4, 4), none),  # a building left out of the mask
+        "phantom": (none, _square(4, 4)),  # a building in the mask that is not there
+        "shifted": (_square(4, 4), _square(4, 12)),  # the mask 8 px to the right
+        "partial": (_square(4, 4), half),  # half the building traced
+    }
+    for name, (roofs, mask) in cases.items():
+        rgb = np.full((S, S, 3), 90, np.uint8)
+        rgb[..., 0] = np.where(roofs, ROOF, GROUND)
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        assert cv2.imwrite(str(tmp_path / "images" / f"{name}.png"), rgb[..., ::-1])
+        assert cv2.imwrite(str(tmp_path / "masks" / f"{name}.png"), mask.astype(np.uint8) * 255)
+    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks")
+    return build_cache(records, tmp_path / "cache", progress=False), cases
+
+
+def test_masks_corrupted_by_hand_rank_first(corrupted):
+    cache, cases = corrupted
+    df = rank_suspects(Pointwise(), cache, range(len(cache)), batch_size=3)
+    assert sorted(df["img_id"]) == sorted(cases) and len(df) == len(cache)
+    # Dice 0 for the missing and the phantom building (the phantom's BCE is the higher: a
+    # 0.12 probability where the mask says 1), then 2*128/(256+256) for the shifted mask,
+    # 2*128/(256+128) for the half-traced one; the clean masks agree with the model (1.0)
+    assert df["img_id"].tolist()[:4] == ["phantom", "missing", "shifted", "partial"]
+    dice = dict(zip(df["img_id"], df["dice_vs_model"], strict=True))
+    assert dice["phantom"] == pytest.approx(0.0, abs=1e-6)
+    assert dice["missing"] == pytest.approx(0.0, abs=1e-6)
+    assert dice["shifted"] == pytest.approx(0.5)
+    assert dice["partial"] == pytest.approx(2 / 3)
+    assert all(dice[k] == 1.0 for k in ("clean_square", "clean_two", "clean_empty"))
+    assert precision_at_k(df["img_id"], {"missing", "phantom", "shifted", "partial"}) == 1.0
+    # the model's prediction is exactly the painted roofs, the mask pixels the given mask
+    for row in df.itertuples():
+        roofs, mask = cases[row.img_id]
+        assert (row.pred_pixels, row.mask_pixels) == (roofs.sum(), mask.sum()), row.img_id
+        assert cache.ids[row.index] == row.img_id
+    phantom, missing = (df.loc[df["img_id"] == k, "bce"].item() for k in ("phantom", "missing"))
+    area = 16 * 16 / S**2  # the square's share of the image; elsewhere the model is right
+    p_roof, p_ground = ROOF / 255, GROUND / 255
+    right = -(1 - area) * np.log(1 - p_ground)  # ground predicted 0.12 where the mask says 0
+    assert phantom == pytest.approx(right - area * np.log(p_ground), rel=1e-4)
+    assert missing == pytest.approx(right - area * np.log(1 - p_roof), rel=1e-4)
+
+
+def test_ranking_uses_the_threshold_and_only_the_indices_given(corrupted):
+    cache, cases = corrupted
+    # above 200/255 the model predicts no building: every image with a mask disagrees fully
+    df = rank_suspects(Pointwise(), cache, range(len(cache)), threshold=0.8)
+    assert (df["pred_pixels"] == 0).all()
+    empty_masks = {k for k, (_, mask) in cases.items() if not mask.any()}
+    assert set(df["img_id"].tolist()[-2:]) == empty_masks == {"clean_empty", "missing"}
+    some = [cache.ids.index(k) for k in ("clean_square", "shifted")]
+    assert rank_suspects(Pointwise(), cache, some)["img_id"].tolist() == ["shifted", "clean_square"]
