@@ -515,17 +515,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         )
 
 
-def _check_same_config(last_path: Path, cfg: RunConfig) -> None:
-    """Raises ValueError naming the settings in which ``last_path``'s run differs from ``cfg``."""
-    # mmap: the config without reading the weights; normalised through RunConfig so keys added
-    # since (with their defaults) compare equal
-    recorded = RunConfig.from_flat(load_state(last_path, mmap=True)["config"]).to_flat()
+def check_same_config(recorded: dict[str, Any], cfg: RunConfig, where: str | Path) -> None:
+    """Raises ValueError naming the settings in which a recorded run config differs from ``cfg``.
+
+    Args:
+        recorded: The flat config a run folder records (``last.pt``, ``folds.json``).
+        cfg: The config asked for now.
+        where: The file that records it, for the message.
+    """
+    # normalised through RunConfig so keys added since (with their defaults) compare equal
+    was = RunConfig.from_flat(recorded).to_flat()
     now = cfg.to_flat()
-    differ = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+    differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
     if differ:
-        shown = ", ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
+        shown = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
         raise ValueError(
-            f"{last_path} was written by a different config ({shown}); use a new out_dir, or "
+            f"{where} was written by a different config ({shown}); use a new out_dir, or "
             "the recorded settings to continue it"
         )
 
@@ -627,7 +632,8 @@ def fit(
     last_path = out / "last.pt"
     if resume and last_path.exists():
         # Before anything is written into out: a run with another config must leave it as is.
-        _check_same_config(last_path, cfg)
+        # mmap: the config without reading the weights
+        check_same_config(load_state(last_path, mmap=True)["config"], cfg, last_path)
     train_tf = build_train_transform(cfg.aug)
     write_json(out / "augmentation.json", serialize(train_tf))
     train_ds = RandomCropDataset(

@@ -28,6 +28,7 @@ from its ``last.pt``, which continues exactly, so both orders train the same mod
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +40,14 @@ from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.io import write_json
 from bldseg.train.config import RunConfig
-from bldseg.train.engine import EpochCallback, FitResult, fit, load_state, threshold_metrics
+from bldseg.train.engine import (
+    EpochCallback,
+    FitResult,
+    check_same_config,
+    fit,
+    load_state,
+    threshold_metrics,
+)
 from bldseg.train.plots import tiles_from_cache, write_run_plots
 
 #: The manifest of a K-fold run folder (``bldseg.ensemble.library`` knows it by this name).
@@ -200,6 +208,11 @@ def fit_folds(
     # Checked before any fold trains: more folds than groups fails here, naming --folds.
     assigned = fold_assignment(len(cache), k, cfg.split_seed, split_groups(cache, cfg.split_group))
     cfg = fold_config(cfg, 0)
+    if resume and (out / FOLDS_FILE).is_file():
+        # before the manifest is rewritten: finished folds were skipped unchecked, and another
+        # config "completed" with the folds of the first while folds.json recorded the second
+        recorded = json.loads((out / FOLDS_FILE).read_text())
+        check_same_config(recorded["config"], cfg, out / FOLDS_FILE)
     manifest: dict[str, Any] = {
         "folds": k,
         "runs": [fold_dir(out, f).name for f in range(k)],

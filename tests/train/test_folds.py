@@ -161,6 +161,18 @@ def test_one_fold_at_a_time(small_world, tmp_path):
     assert len(np.load(tmp_path / "val_probs.npz")["tile_ids"]) == 24 * 4
 
 
+def test_a_finished_kfold_run_refuses_another_config(kfold_runs, small_world, tmp_path, capsys):
+    # another config "completed" with the first one's folds, while folds.json now recorded it
+    import shutil
+
+    run = shutil.copytree(kfold_runs / "a", tmp_path / "a")
+    before = (run / "folds.json").read_bytes()
+    assert train(small_world, run, "--folds", "2", "--set", "optim.lr=0.001") == 1
+    assert "folds.json was written by a different config (optim.lr: " in capsys.readouterr().err
+    assert (run / "folds.json").read_bytes() == before
+    assert train(small_world, run, "--folds", "2") == 0  # the same config: nothing to train
+
+
 def test_fold_flags_are_checked(small_world, tmp_path, capsys):
     assert train(small_world, tmp_path / "x", "--folds", "4") == 1
     err = capsys.readouterr().err
