@@ -36,6 +36,7 @@ from bldseg.tune.cli import (
     add_folds_argument,
     add_pretrained_argument,
     fixed_config,
+    refuse_search_sets,
 )
 
 
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
         prog: Program name in the usage line.
     """
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    refuse_search_sets(parser, args.set)
     base = fixed_config(
         args.data or args.images,
         args.model,

@@ -78,6 +78,20 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+#: --set keys a search sets from its own flags for every trial (a --set of them was silently
+#: overridden by the flag's value or default).
+_SEARCH_FLAGS = {"epochs": "--epochs", "data": "--data"}
+
+
+def refuse_search_sets(parser: argparse.ArgumentParser, sets: list[str]) -> None:
+    """Exits (status 2) naming a --set of a key the search sets from its own flag."""
+    taken = sorted(set(parse_set(list(sets))) & set(_SEARCH_FLAGS))
+    if taken:
+        parser.error(
+            "; ".join(f"--set {k}=...: a search sets {k} with {_SEARCH_FLAGS[k]}" for k in taken)
+        )
+
+
 def fixed_config(
     data: str | None,
     model: str | None = None,
@@ -322,7 +336,9 @@ def main(
         printed), 2 when the search could not start, 130 when it was interrupted (Ctrl-C; the
         message says how to continue it).
     """
-    args = build_parser(space, description).parse_args(argv)
+    parser = build_parser(space, description)
+    args = parser.parse_args(argv)
+    refuse_search_sets(parser, args.set)
     base = fixed_config(
         args.data or args.images,
         args.model,

@@ -3,6 +3,8 @@
 import logging
 import os
 
+import pytest
+
 from bldseg.train.config import PRETRAINED_RECIPE, RunConfig
 from bldseg.tune import cli
 from bldseg.tune.cli import CPU_DEMO, build_parser, fixed_config
@@ -91,3 +93,21 @@ def test_a_set_value_the_space_searches_is_named(
     assert "--folds 4: the data has only 3 split group(s)" in capsys.readouterr().err
     (said,) = [r.getMessage() for r in caplog.records if "searches" in r.getMessage()]
     assert "the scheduler space searches optim.lr: each trial uses the space's value" in said
+
+
+@pytest.mark.parametrize("key", ["epochs", "data"])
+@pytest.mark.parametrize("command", ["tune", "pipeline"])
+def test_a_set_of_what_a_search_flag_sets_is_refused(key, command, capsys):
+    # --set epochs=3 was overridden by --epochs' default for every trial, without a word
+    if command == "tune":
+        from bldseg.tune.cli import main
+
+        def run(argv):
+            return main("augmentation", "augmentation search", argv)
+
+    else:
+        from bldseg.commands.pipeline import main as run
+    with pytest.raises(SystemExit) as e:
+        run(["--set", f"{key}=3"])
+    flag = {"epochs": "--epochs", "data": "--data"}[key]
+    assert e.value.code == 2 and f"a search sets {key} with {flag}" in capsys.readouterr().err
