@@ -1245,8 +1245,19 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     verbose=1,
                 ),
             )
+        # A trial the cluster can never place waits forever (Ray only logs every minute).
+        total = ray.cluster_resources()
+        for flag, key, want in (
+            ("--cpus-per-trial", "CPU", spec.cpus_per_trial),
+            ("--gpus-per-trial", "GPU", spec.gpus_per_trial),
+        ):
+            if want > total.get(key, 0.0):
+                raise ValueError(
+                    f"{flag} {want:g}: the Ray cluster has {total.get(key, 0.0):g} {key}(s) in "
+                    "all, so no trial could start; ask for fewer or add nodes"
+                )
         # trial slots the cluster offers: the denominator of the overhead figure
-        slots = int(ray.cluster_resources().get("CPU", 1) // max(spec.cpus_per_trial, 1e-9))
+        slots = int(total.get("CPU", 1) // max(spec.cpus_per_trial, 1e-9))
         if spec.max_concurrent:
             slots = min(slots, spec.max_concurrent)
         grid = tuner.fit()

@@ -62,6 +62,17 @@ def test_a_search_that_cannot_start_ends_its_mlflow_run(small_world, tmp_path, c
     assert [(r.info.run_name, r.info.status) for r in runs] == [("nowhere", "FAILED")]
 
 
+@pytest.mark.parametrize(
+    "field, flag", [("cpus_per_trial", "--cpus-per-trial"), ("gpus_per_trial", "--gpus-per-trial")]
+)
+def test_a_trial_the_cluster_cannot_place_is_refused(
+    small_world, ray_session, tmp_path, field, flag
+):
+    # Ray waits forever for resources the cluster does not have, logging once a minute
+    with pytest.raises(ValueError, match=f"{flag} 64: the Ray cluster has .* in all"):
+        run_search(spec_for(small_world, tmp_path, trials=1, epochs=1, **{field: 64}))
+
+
 def mixed_space(trial):
     """Module level: Tune pickles the searcher with its space."""
     trial.suggest_float("aug.vflip_p", 0.0, 0.5)
