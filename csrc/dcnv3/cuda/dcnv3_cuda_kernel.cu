@@ -103,7 +103,9 @@ __device__ __forceinline__ void store_vec(T* __restrict__ ptr, const acc_t<T> (&
 // (checked by the launcher), which is what the sm_90 float2/float4 atomics need.
 template <int V>
 __device__ __forceinline__ void atomic_add_vec(float* ptr, const float (&vals)[V]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// float2/float4 atomicAdd exist on sm_90 from CUDA 12.1; older toolkits take the scalar loop.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
   constexpr bool kVectorAtomics = true;
 #else
   constexpr bool kVectorAtomics = false;
