@@ -68,6 +68,9 @@ def main() -> None:
     args = p.parse_args()
     if len(set(args.seeds)) < MIN_SEEDS:
         p.error(f"--seeds: give at least {MIN_SEEDS} different seeds, got {args.seeds}")
+    if len(set(args.seeds)) < len(args.seeds):
+        # a repeated seed is the same run counted twice: it narrows the interval over seeds
+        p.error(f"--seeds: each seed once, got {args.seeds}")
     data = prepare_data(None, data_root=args.data_root)
     truth = test_truth(data)
     groups = np.array(data.test.groups)  # source scene of each test image: the resampled unit

@@ -152,3 +152,11 @@ def test_bad_data_is_a_clear_error(tmp_path):
     assert "--mask-pattern" in r.stderr and "Traceback" not in r.stderr
     r = _run([str(REPO / "experiments/train.py"), "--data", str(root), "--out", "x"], tmp_path)
     assert r.returncode != 0 and "not a dataset bldseg knows" in r.stderr
+
+
+def test_compare_noisy_refuses_a_repeated_seed(monkeypatch, capsys):
+    # a seed given twice is one run counted twice: it narrowed the interval over seeds
+    monkeypatch.setattr(sys, "argv", ["compare_noisy", "--seeds", "0", "1", "2", "2"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / "experiments" / "compare_noisy.py"), run_name="__main__")
+    assert e.value.code == 2 and "--seeds: each seed once" in capsys.readouterr().err
