@@ -57,10 +57,11 @@ def test_bf16_on_a_cpu_without_it_is_logged(monkeypatch, caplog):
     assert caplog.text == ""
 
 
-def _record_conv_dtypes(monkeypatch) -> list[torch.dtype]:
-    """Every model fit creates gets a hook recording its convolutions' output dtypes."""
+def _record_conv_dtypes(monkeypatch, where=engine) -> list[torch.dtype]:
+    """Every model ``where`` (fit's module, or prediction's) creates gets a hook recording its
+    convolutions' output dtypes."""
     seen: list[torch.dtype] = []
-    create = engine.create_model
+    create = where.create_model
 
     def create_and_hook(*args, **kwargs):
         model = create(*args, **kwargs)
@@ -69,7 +70,7 @@ def _record_conv_dtypes(monkeypatch) -> list[torch.dtype]:
                 m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
         return model
 
-    monkeypatch.setattr(engine, "create_model", create_and_hook)
+    monkeypatch.setattr(where, "create_model", create_and_hook)
     return seen
 
 
@@ -138,17 +139,7 @@ def test_prediction_runs_in_the_precision_of_validation(
 
     c = RunConfig.from_flat({**BASE, "epochs": 1, "precision": precision})
     fit(c, tmp_path / "run", data=small_world)
-    seen: list[torch.dtype] = []
-    create = predict.create_model
-
-    def create_and_hook(*args, **kwargs):
-        model = create(*args, **kwargs)
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-        return model
-
-    monkeypatch.setattr(predict, "create_model", create_and_hook)
+    seen = _record_conv_dtypes(monkeypatch, predict)
     spec = predict.EnsembleSpec([str(tmp_path / "run" / "best.pt")], threshold=0.5)
     predict.predict_cache(spec, small_world.test, device="cpu", progress=False)
     assert set(seen) == {dtype}
