@@ -827,7 +827,10 @@ def _refuse_label_mask(
     mid-range values only on edges, where neighbours differ. Label masks (class ids 0/1/2,
     instance ids 1..N) hold nothing above the cut at all (small ids, or 16-bit ids) or flat
     areas of mid-range values (pixels whose four neighbours share their value; more than 5%
-    of the mid-range pixels): binarising them would silently drop buildings.
+    of the mid-range pixels): binarising them would silently drop buildings. A mask with an
+    "ignore" value (0/1/255: 1 building, 255 ignore) keeps only the ignored pixels at the cut;
+    it is told by the nonzero values below the cut lying mostly in flat areas (more than half
+    of them; JPEG's near-black noise and resampled edges stay under 3% on real masks).
 
     Args:
         m: (H, W) one-channel mask.
@@ -845,11 +848,24 @@ def _refuse_label_mask(
     flat = mid[1:-1, 1:-1] & (c == m[:-2, 1:-1]) & (c == m[2:, 1:-1])
     flat &= (c == m[1:-1, :-2]) & (c == m[1:-1, 2:])
     n_mid, n_flat = int(mid.sum()), int(flat.sum())
-    if kept > 0 and n_flat <= 0.05 * n_mid:
+    low = (m > 0) & (m <= cut)  # (H, W) nonzero pixels the cut drops
+    low_flat = low[1:-1, 1:-1] & (c == m[:-2, 1:-1]) & (c == m[2:, 1:-1])
+    low_flat &= (c == m[1:-1, :-2]) & (c == m[1:-1, 2:])
+    n_low, n_low_flat = int(low.sum()), int(low_flat.sum())
+    dropped_flat = n_low_flat > 16 and n_low_flat > 0.5 * n_low
+    if kept > 0 and n_flat <= 0.05 * n_mid and not dropped_flat:
         return
     nonzero = int(counts[values > 0].sum())
     if kept == 0:
         why = f"would keep none of its {nonzero} nonzero pixels"
+    elif dropped_flat:
+        dropped = values[(values > 0) & (values <= cut)]
+        names = ", ".join(str(v) for v in dropped[:4]) + (", ..." if len(dropped) > 4 else "")
+        why = (
+            f"would drop {n_low} pixels of value {names}, which fill whole areas (a class, or "
+            f"buildings beside an 'ignore' value such as 255 in a 0/1/255 mask: bldseg has no "
+            f"ignore label, --mask-values 1 reads the ignored pixels as background)"
+        )
     else:
         why = (
             f"would cut through {n_flat} pixels inside flat areas of mid-range values, which "

@@ -284,6 +284,31 @@ def test_label_masks_are_refused_with_the_options_to_read_them(tmp_path, name, l
     np.testing.assert_array_equal(classes, (labels == 2).astype(np.uint8))
 
 
+def _ignore_masks(m: np.ndarray) -> dict[str, np.ndarray]:
+    """0/1/255 masks of the 0/1 mask ``m``: 1 building, 255 ignored (border ring, no-data strip)."""
+    ring = cv2.dilate(m, np.ones((3, 3), np.uint8)) - cv2.erode(m, np.ones((3, 3), np.uint8))
+    strip = m.copy()
+    strip[:, : m.shape[1] // 4] = 255
+    return {"ring": np.where(ring > 0, 255, m).astype(np.uint8), "nodata_strip": strip}
+
+
+@pytest.mark.parametrize("kind", ["ring", "nodata_strip"])
+def test_building_value_below_an_ignore_value_is_refused_not_dropped(tmp_path, kind):
+    # Binarised at 127.5 such a mask keeps only the ignored pixels: its buildings (1) would
+    # train as background without a word.
+    _, m = scene(96, seed=7)
+    labels = _ignore_masks(m)[kind]
+    assert (labels == 1).sum() > 100
+    path = tmp_path / f"{kind}.png"
+    assert cv2.imwrite(str(path), labels)
+    with pytest.raises(ValueError, match="label mask") as e:
+        read_mask_image(path)
+    msg = str(e.value)
+    assert str(path) in msg and "of value 1," in msg and "--mask-values 1" in msg
+    read = read_mask_image(path, ReadOptions(mask_values=(1,)))
+    np.testing.assert_array_equal(read.mask, (labels == 1).astype(np.uint8))
+
+
 def test_mask_values_and_mask_nonzero_exclude_each_other():
     with pytest.raises(ValueError, match="mask_values or mask_nonzero"):
         ReadOptions(mask_values=(1,), mask_nonzero=True)
