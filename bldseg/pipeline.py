@@ -46,6 +46,7 @@ from bldseg.predict import (
     fold_checkpoints,
     image_loader,
     load_member,
+    member_config,
     predict_cache,
     write_submission,
 )
@@ -197,9 +198,9 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     have saved a better epoch).
     """
     path = run_dir / TEST_FILE
-    models, cfg, _ = load_member(run_dir)  # one model, or a K-fold run's K
-    first = models if isinstance(models, torch.nn.Module) else models[0]
-    dev = next(first.parameters()).device
+    dev = torch.device("cpu")  # load_member's device
+    # The config alone says how the maps must be made: the weights are read only to remake them.
+    cfg, _ = member_config(run_dir)
     amp = eval_autocast(cfg.precision, dev)
     # as the validation maps beside it were made, and as bldseg predict makes them
     made_as = f"tta={cfg.tta} autocast={amp}"
@@ -208,6 +209,7 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
         with np.load(path) as z:
             if "made_as" in z.files and str(z["made_as"]) == made_as:
                 return path
+    models, _, _ = load_member(run_dir, dev)  # one model, or a K-fold run's K
     loader = image_loader(data.test, PREDICT_BATCH)
     probs = predict_probs(models, loader, dev, amp, cfg.tta)
     tmp = path.with_name("test_probs.tmp.npz")

@@ -651,3 +651,31 @@ def test_kfold_report_thresholds_are_the_out_of_fold_ones(tmp_path):
     sweep = next(line for line in report.splitlines() if line.startswith("| best of sweep"))
     assert sweep.startswith(f"| best of sweep | {oof['val_thr_best']:.3f} | ")
     assert f"{oof['val_dice_best']:.4f} [" in sweep and "⚠" not in report
+
+
+def test_test_library_is_kept_without_loading_the_model_and_remade_after_a_newer_checkpoint(
+    small_world, two_models, tmp_path, monkeypatch
+):
+    from bldseg import pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(two_models[0], run)
+    truth = pipeline.test_truth(small_world)
+    path = pipeline.write_test_library(run, small_world, truth)
+    with np.load(path) as z:
+        first = z["probs"].copy()
+    assert first.shape[0] == len(small_world.test.ids)
+    loads = []
+    real_load = pipeline.load_member
+    monkeypatch.setattr(
+        pipeline, "load_member", lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    )
+    made = path.stat().st_mtime_ns
+    assert pipeline.write_test_library(run, small_world, truth) == path
+    assert loads == [] and path.stat().st_mtime_ns == made  # current: no model built, no rewrite
+    ckpt = run / "best.pt"
+    os.utime(ckpt, ns=(made + 10**9, made + 10**9))  # a resumed trial saved a better epoch
+    pipeline.write_test_library(run, small_world, truth)
+    assert len(loads) == 1 and path.stat().st_mtime_ns > made
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["probs"], first)  # same weights: same maps
