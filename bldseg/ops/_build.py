@@ -2,8 +2,9 @@
 
 Every native op (DCNv3, the ensemble search's hot loop, ...) is built here with
 ``torch.utils.cpp_extension.load`` and ninja, on first use, into a folder keyed by a hash of
-all its sources and headers, the torch version, the compiler flags and the CUDA arch list, so
-edits and upgrades rebuild and nothing stale is ever loaded.
+all its sources and headers, the torch version, the compiler flags, the CUDA arch list and the
+compilers' and C library's versions, so edits and upgrades rebuild and nothing stale is ever
+loaded (a build folder on a shared home serves machines with different compilers).
 
 Concurrency: a finished build is marked by a ``.done`` file written last; processes that find
 it load the library without building or locking. Otherwise they take a file lock on the key
@@ -20,6 +21,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -114,6 +116,35 @@ def _default_depends(sources: Sequence[Path]) -> list[Path]:
     return sorted(found)
 
 
+def _tool_version(command: Sequence[str]) -> str:
+    """The first line a compiler prints for ``--version`` (its path and version), or why not.
+
+    Part of the build key: a build folder shared between machines (an NFS home) must not
+    hand a library built by another compiler or C library to this one.
+    """
+    try:
+        done = subprocess.run(
+            [*command, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{command[0]}: {type(e).__name__}"
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    # nvcc prints its release on the last lines, gcc/clang on the first
+    return f"{shutil.which(command[0]) or command[0]}: " + " / ".join(lines[:1] + lines[-1:])
+
+
+def _compilers(with_cuda: bool) -> str:
+    """Identity of the compilers torch's extension builder runs, and of the C library."""
+    cxx = os.environ.get("CXX", "c++")
+    parts = [_tool_version([cxx]), "libc=" + "-".join(platform.libc_ver())]
+    if with_cuda:
+        from torch.utils import cpp_extension
+
+        home = cpp_extension.CUDA_HOME
+        parts.append(_tool_version([str(Path(home, "bin", "nvcc")) if home else "nvcc"]))
+    return " | ".join(parts)
+
+
 def _build_key(
     name: str,
     files: Sequence[Path],
@@ -139,6 +170,7 @@ def _build_key(
         f"cuda={with_cuda}",
         _cuda_arch_list() if with_cuda else "",
         f"python_module={is_python_module}",
+        _compilers(with_cuda),
     ]
     digest.update("\0".join(parts).encode())
     return digest.hexdigest()[:16]

@@ -209,3 +209,26 @@ def test_build_cli_reports_failure(
     monkeypatch.setattr(dcnv3_module, "_OP", broken)
     assert build_cli.main([]) == 1
     assert "bldseg_syntax_error_marker" in capsys.readouterr().err
+
+
+def test_build_key_names_the_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A build folder shared by machines (an NFS home) must not give one compiler's library to
+    # another: the key holds the compiler's own --version.
+    from bldseg.ops._build import _build_key
+
+    source = _write_tiny(tmp_path / "src", value=1)
+
+    def key() -> str:
+        return _build_key("k", [source], ["-O2"], [], [], False, True)
+
+    monkeypatch.delenv("CXX", raising=False)
+    base = key()
+    assert key() == base
+    other = tmp_path / "other-c++"
+    other.write_text('#!/bin/sh\necho "other c++ 99.1"\n')
+    other.chmod(0o755)
+    monkeypatch.setenv("CXX", str(other))
+    first = key()
+    assert first != base
+    other.write_text('#!/bin/sh\necho "other c++ 99.2"\n')  # same path, upgraded
+    assert key() not in (base, first)
