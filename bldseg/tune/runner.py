@@ -66,6 +66,7 @@ from bldseg.data.cache import DatasetCache
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
 from bldseg.io import write_json
 from bldseg.train.config import RunConfig
+from bldseg.train.folds import FOLDS_FILE
 from bldseg.tune import tracking
 
 log = logging.getLogger(__name__)
@@ -446,17 +447,25 @@ def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def best_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-    """The ``best_*`` summary MLflow shows for a run: its best epoch so far, not its last."""
+def best_metrics(
+    history: list[dict[str, Any]], oof: dict[str, float] | None = None
+) -> dict[str, float]:
+    """The ``best_*`` summary MLflow shows for a run: its best epoch so far, not its last.
+
+    A K-fold trial's scores are those of its out-of-fold library as it stands (``oof`` of
+    ``folds.json``), as the trial table shows them: the threshold it predicts at is chosen
+    there, not the mean of its folds' thresholds.
+    """
     best = best_epoch(history)
     if not best:
         return {}
+    scores = oof or best
     return {
-        "best_val_dice": best[METRIC],
-        "best_threshold": best["val_thr_best"],
+        "best_val_dice": scores[METRIC],
+        "best_threshold": scores["val_thr_best"],
         "best_epoch": best["epoch"],
-        "best_val_dice_05": best["val_dice_05"],
-        "best_val_dice_youden": best["val_dice_youden"],
+        "best_val_dice_05": scores["val_dice_05"],
+        "best_val_dice_youden": scores["val_dice_youden"],
     }
 
 
@@ -609,7 +618,7 @@ def trial_fn(
                         tracking.log_metrics,
                         run_id,
                         # best_* first: MLflow's compare view plots a run's first metric
-                        {**best_metrics(seen), **row},
+                        {**best_metrics(seen, _read_json(out / FOLDS_FILE, {}).get("oof")), **row},
                         step=row["epoch"],
                     )
                 )
@@ -714,7 +723,6 @@ def finalise_trial(
         lo: Low end of the trial's threshold sweep (shaded in the plots).
         hi: High end of the threshold sweep.
     """
-    from bldseg.train.folds import FOLDS_FILE
     from bldseg.train.plots import write_run_plots
 
     history = _read_json(run_dir / "history.json", [])
@@ -772,9 +780,11 @@ def _close_child_run(
     # epochs trained but never reported (a trial that failed right after one) are logged here
     history = _read_json(run_dir / "history.json", [])
     logged = _metric_steps(client, run_id, METRIC)
+    oof = _read_json(run_dir / FOLDS_FILE, {}).get("oof")  # a K-fold trial's, as it ended
     for i, row in enumerate(history):
         if row["epoch"] not in logged:
-            metrics = {**best_metrics(history[: i + 1]), **row}
+            last = i == len(history) - 1
+            metrics = {**best_metrics(history[: i + 1], oof if last else None), **row}
             tracking.log_metrics(client, run_id, metrics, step=row["epoch"])
     tracking.set_tags(client, run_id, {"bldseg.status": status, "bldseg.message": message[:500]})
     log_run_artifacts(client, run_id, run_dir)
@@ -1364,7 +1374,6 @@ def trial_table(grid, max_epochs: int) -> pd.DataFrame:
     results the same way. A K-fold trial's Dice and threshold are its out-of-fold scores
     (``folds.json``), those it predicts with, not its best epoch's mean over folds.
     """
-    from bldseg.train.folds import FOLDS_FILE
 
     rows = []
     for r in grid:

@@ -125,8 +125,11 @@ def check_trial_records(result, client) -> dict[str, str]:
             plots = {p.name for p in (run_dir / "plots").glob("*.png")}
             assert {"curves.png", "threshold_curve.png", "worst_tiles.png"} <= plots, plots
             assert m["best_epoch"] == best["epoch"]
-            assert m["best_val_dice"] == pytest.approx(best[METRIC], rel=1e-5)
-            assert m["best_threshold"] == pytest.approx(best["val_thr_best"], rel=1e-5)
+            # a K-fold trial's scores are its out-of-fold library's, as the table's
+            scores = summary.get("oof", best)
+            assert m["best_val_dice"] == pytest.approx(scores[METRIC], rel=1e-5)
+            assert m["best_threshold"] == pytest.approx(scores["val_thr_best"], rel=1e-5)
+            assert m["best_val_dice"] == pytest.approx(row[METRIC], rel=1e-5)
         steps = [x.step for x in client.get_metric_history(run.info.run_id, METRIC)]
         assert sorted(steps) == [h["epoch"] for h in history]  # each epoch once, step = epoch
         # the searcher is told the best epoch so far, as the table ranks trials
