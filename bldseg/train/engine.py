@@ -104,6 +104,26 @@ def cpu_has_native_bf16() -> bool | None:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def fitted_crop(cfg: RunConfig, image_size: tuple[int, int]) -> RunConfig:
+    """``cfg`` with the training crop :func:`fit` uses on images of ``image_size`` (H, W).
+
+    With ``aug.crop_fit`` a crop larger than the images (the CPU defaults' 192 px on a user's
+    128-px tiles) becomes their side: whole tiles are trained on.
+
+    Raises:
+        ValueError: The crop is larger than the images and ``aug.crop_fit`` is off.
+    """
+    h, w = image_size
+    if cfg.aug.crop_size <= min(h, w):
+        return cfg
+    if not cfg.aug.crop_fit:
+        raise ValueError(
+            f"aug.crop_size={cfg.aug.crop_size} is larger than the cached images ({h}x{w}); "
+            f"pass e.g. --set aug.crop_size={min(h, w)}"
+        )
+    return cfg.with_updates({"aug.crop_size": min(h, w)})
+
+
 def eval_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype to predict with a run's model on ``device``: its validation's.
 
@@ -618,16 +638,11 @@ def fit(
     groups = split_groups(cache, cfg.split_group)  # the validation probabilities record them
     train_idx, val_idx = split_for(cfg, cache)
     h, w = cache.image_size
-    if cfg.aug.crop_size > min(h, w):
-        if not cfg.aug.crop_fit:
-            raise ValueError(
-                f"aug.crop_size={cfg.aug.crop_size} is larger than the cached images ({h}x{w}); "
-                f"pass e.g. --set aug.crop_size={min(h, w)}"
-            )
-        # The CPU defaults' 192-px crops on smaller tiles: whole tiles instead. The checkpoint
-        # and the run's files record the crop that was used.
+    used = fitted_crop(cfg, (h, w))
+    if used.aug.crop_size != cfg.aug.crop_size:
+        # The checkpoint and the run's files record the crop that was used.
         print(f"aug.crop_size={cfg.aug.crop_size} > images {h}x{w}: crops of {min(h, w)} px")
-        cfg = cfg.with_updates({"aug.crop_size": min(h, w)})
+    cfg = used
     crop = cfg.aug.crop_size
     last_path = out / "last.pt"
     if resume and last_path.exists():

@@ -541,7 +541,7 @@ def trial_fn(
     from ray import tune
     from ray.tune import Checkpoint
 
-    from bldseg.train.engine import fit
+    from bldseg.train.engine import fit, fitted_crop
     from bldseg.train.folds import fit_folds
 
     torch.set_num_threads(max(1, threads))
@@ -599,8 +599,14 @@ def trial_fn(
             },
         )
         run_id, created = child if child is not None else (None, False)
+        data = _open_data(data_paths)
         if created:  # only what the searcher chose: the constants are the parent run's params
-            tracker.submit(tracking.log_params, run_id, config)
+            params = dict(config)
+            if cfg.aug.crop_fit:
+                # the crop fit trains with (a searched crop above the images' side is shrunk)
+                used = fitted_crop(cfg, data.train.image_size).aug.crop_size
+                params["aug.crop_size_used"] = used
+            tracker.submit(tracking.log_params, run_id, params)
         # epochs that reached MLflow before an interruption are not logged twice
         logged = tracker.call(_metric_steps, run_id, METRIC) if history and not created else None
 
@@ -646,7 +652,7 @@ def trial_fn(
                 result = fit_folds(
                     cfg,
                     run_dir,
-                    data=_open_data(data_paths),
+                    data=data,
                     on_epoch_end=on_epoch_end,
                     resume=True,
                     lockstep=True,
@@ -655,7 +661,7 @@ def trial_fn(
                 result = fit(
                     cfg,
                     run_dir,
-                    data=_open_data(data_paths),
+                    data=data,
                     on_epoch_end=on_epoch_end,
                     resume=True,
                 )

@@ -291,10 +291,11 @@ def test_invalid_base_is_rejected_before_trials(small_world, tmp_path):
 def faulty_space(trial):
     """Module level: Tune pickles the searcher with its space."""
     trial.suggest_float("aug.vflip_p", 0.0, 0.5)
-    # trial 0 trains normally; trial 1 diverges (absurd weight decay); trial 2 errors at
-    # run time (crop larger than the 96-px images), is retried once, and stays errored
+    # trial 0 trains normally (its crop shrunk to the 96-px images); trial 1 diverges (absurd
+    # weight decay); trial 2 errors at run time (crop larger than the 96-px images, no
+    # crop_fit), is retried once, and stays errored
     return [
-        {},
+        {"aug.crop_size": 128, "aug.crop_fit": True},
         {"optim.weight_decay": 1e6, "optim.lr": 0.5, "sched.name": "constant"},
         {"aug.crop_size": 160},
     ][trial.number % 3]  # validate_space samples more than 3
@@ -319,6 +320,23 @@ def test_erroring_and_diverging_trials(small_world, ray_session, tmp_path, monke
     # the error happens before any epoch: its record says why
     record = json.loads((Path(by_status["error"]["run_dir"]) / "status.json").read_text())
     assert "larger than the cached images" in record["message"]
+    # MLflow shows the crop a shrunk trial trained with beside the one searched
+    params = {
+        r["status"]: client.search_runs(
+            [client.get_run(result.parent_run_id).info.experiment_id],
+            f"tags.`bldseg.trial_id` = '{r['trial_id']}'",
+        )[0].data.params
+        for r in by_status.values()
+    }
+    assert (params["completed"]["aug.crop_size"], params["completed"]["aug.crop_size_used"]) == (
+        "128",
+        "96",
+    )
+    assert "aug.crop_size_used" not in params["error"]
+    from bldseg.train.engine import load_state
+
+    state = load_state(Path(by_status["completed"]["run_dir"]) / "best.pt", mmap=True)
+    assert state["config"]["aug.crop_size"] == 96
 
 
 def _reported(exp: Path) -> list[Path]:
