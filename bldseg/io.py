@@ -3,20 +3,60 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite number (NaN, +-inf; Python or numpy) replaced by None.
+
+    JSON has no NaN or Infinity: Python writes them as bare words that strict readers
+    (JavaScript's ``JSON.parse``, the MLflow UI's artifact view, ``jq``, Go, Rust) refuse.
+    ``null`` is what they read, as pandas' ``to_json`` and ``JSON.stringify`` write it.
+    Tuples become lists, as :func:`json.dumps` writes them.
+    """
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _number(obj: Any) -> float | None:
+    """JSON value of a number type json does not know (numpy, torch scalars)."""
+    return finite_json(float(obj))
+
 
 def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
-    """Writes ``obj`` as JSON through a temporary name, so a reader never sees half a file.
+    """Writes ``obj`` as strict JSON through a temporary name, so a reader never sees half a file.
 
     Creates the parent folders. ``dumps`` go to :func:`json.dumps` (default: ``indent=2``,
-    numpy scalars and other numbers as floats).
+    numpy scalars and other numbers as floats). Non-finite numbers are written as ``null``
+    (:func:`finite_json`). The temporary file is unique to the call (two processes writing one
+    file, e.g. K-fold processes on a shared folder, each rename their own whole file) and is
+    removed when the write fails.
+
+    Raises:
+        OSError: The file cannot be written (full disk, quota, permissions); names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, **{"indent": 2, "default": float, **dumps}) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(finite_json(obj), **{"indent": 2, "default": _number, **dumps}) + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

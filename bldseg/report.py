@@ -181,7 +181,7 @@ def _iv(iv: stats.Interval | dict | None, value: float | None = None, signed: bo
     d = iv.to_dict() if isinstance(iv, stats.Interval) else iv
     est = d["estimate"] if value is None else value
     f = "+.4f" if signed else ".4f"
-    if np.isnan(d["low"]):
+    if d["low"] is None or np.isnan(d["low"]):  # none (one seed), or unbounded read from JSON
         return f"{est:{f}}"
     cell = f"{est:{f}} [{d['low']:{f}}, {d['high']:{f}}]"
     if value is not None and not d["low"] - 1e-9 <= value <= d["high"] + 1e-9:
@@ -194,6 +194,8 @@ def _err(iv: stats.Interval | dict | None, value: float) -> tuple[float, float]:
     if iv is None or np.isnan(value):
         return 0.0, 0.0
     d = iv.to_dict() if isinstance(iv, stats.Interval) else iv
+    if d["low"] is None or d["high"] is None:  # unbounded, as strict JSON writes it
+        return 0.0, 0.0
     return max(0.0, value - d["low"]), max(0.0, d["high"] - value)
 
 

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from bldseg.io import write_json
 
@@ -17,3 +18,51 @@ def test_write_json_creates_folders_and_replaces_whole_files(tmp_path):
 def test_write_json_passes_dumps_options(tmp_path):
     path = write_json(tmp_path / "a.json", {"p": tmp_path}, default=str, indent=None)
     assert path.read_text() == json.dumps({"p": str(tmp_path)}) + "\n"
+
+
+def test_write_json_writes_strict_json_with_null_for_non_finite_numbers(tmp_path):
+    # Python's NaN/Infinity words are not JSON: strict readers (JSON.parse, jq, the MLflow UI)
+    # refuse the whole file.
+    obj = {"a": float("nan"), "iv": (float("-inf"), 0.5, np.inf), "b": np.float32("nan"), "n": 2}
+    path = write_json(tmp_path / "x.json", obj)
+
+    def strict(word):
+        raise ValueError(f"not JSON: {word}")
+
+    assert json.loads(path.read_text(), parse_constant=strict) == {
+        "a": None,
+        "iv": [None, 0.5, None],
+        "b": None,
+        "n": 2,
+    }
+
+
+def test_write_json_failure_names_the_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "status.json"
+    target.mkdir()  # a folder where the file should go: the rename fails
+    (target / "keep").write_text("x")
+    with pytest.raises(OSError, match=r"cannot write .*status\.json"):
+        write_json(target, {"n": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+
+
+def test_write_json_temporaries_are_unique_per_writer(tmp_path):
+    # Two processes writing one file (K-fold processes on a shared folder) must not rename
+    # each other's temporary: each writer's file is whole, and no write fails.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from bldseg.io import write_json\n"
+        "for i in range(300):\n"
+        "    write_json(sys.argv[1], {'w': sys.argv[2], 'i': i, 'pad': 'x' * 4000})\n"
+    )
+    path = tmp_path / "shared.json"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), w], stderr=subprocess.PIPE)
+        for w in "ab"
+    ]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert json.loads(path.read_text())["i"] == 299
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.json"]

@@ -49,6 +49,7 @@ from bldseg.ensemble.search import (
     greedy_search,
     score_members,
 )
+from bldseg.io import finite_json
 from bldseg.predict import EnsembleSpec, member_config
 
 __all__ = [
@@ -629,7 +630,8 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     files["summary"] = str(
         _write_atomic(
             stage / "summary.json",
-            lambda p: p.write_text(json.dumps(summary, indent=2, default=str)),
+            # strict JSON (null for an unbounded interval): read by people's tools, not ours
+            lambda p: p.write_text(json.dumps(finite_json(summary), indent=2, default=str)),
         )
     )
     _publish(stage, out)
