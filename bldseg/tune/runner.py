@@ -392,9 +392,14 @@ def log_run_artifacts(client, run_id: str, run_dir: Path) -> None:
                 "val_probs.npz",
                 "best.pt",
                 "folds.json",  # a K-fold trial: its folds' weights stay in the run folder
+                # which weights it started from (--pretrained): loaded, re-made and dropped keys
+                "pretrained.json",
             )
         ],
     )
+    # a K-fold trial's folds each load them: the first fold's report stands for all
+    if not (run_dir / "pretrained.json").is_file():
+        tracking.log_artifacts(client, run_id, [run_dir / "fold0" / "pretrained.json"])
 
 
 def trial_run_dir(exp_dir: str | os.PathLike, trial_id: str) -> Path:
@@ -1184,7 +1189,16 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                 {**constants, **{f"search.{k}": getattr(spec, k) for k in settings}},
             )
         if meta is None or meta.get("parent_run_id") != parent_run_id:
-            exp_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                # A new search's folder is made here, exclusively: another search started with
+                # the same name since the check above (or in the same second, with the default
+                # name) is refused rather than sharing it (atomic on NFS too).
+                exp_dir.mkdir(parents=True, exist_ok=meta is not None)
+            except FileExistsError:
+                raise ValueError(
+                    f"{exp_dir} was created by another search while this one prepared its data: "
+                    "pass a new --name (or --resume to continue that one once it ends)"
+                ) from None
             # atomically: a resume needs this file whole, and rewrites it for a new parent run
             write_json(
                 exp_dir / META_FILE,

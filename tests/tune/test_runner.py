@@ -687,3 +687,55 @@ def test_a_trial_without_an_epoch_has_no_score_in_the_table(tmp_path):
     table.to_csv(tmp_path / "trials.csv", index=False)
     assert np.isnan(pd.read_csv(tmp_path / "trials.csv")[METRIC].iloc[1])
     assert plot_trials(table, tmp_path / "trials.png", METRIC).is_file()
+
+
+def test_a_search_folder_made_by_another_search_meanwhile_is_not_shared(
+    small_world, tmp_path, monkeypatch
+):
+    # Two searches with one name (or the same second's default name) both pass the "exists"
+    # check while they prepare their data: the second to create the folder is refused, and
+    # the first's files are left alone.
+    from mlflow.tracking import MlflowClient
+
+    from bldseg.tune import runner
+
+    spec = spec_for(small_world, tmp_path, name="shared")
+    other = Path(spec.storage) / "shared"
+    real_prepare = runner.prepare_data
+
+    def prepare_while_another_starts(*a, **k):
+        data = real_prepare(*a, **k)
+        other.mkdir(parents=True)
+        (other / "theirs.txt").write_text("x")
+        return data
+
+    monkeypatch.setattr(runner, "prepare_data", prepare_while_another_starts)
+    with pytest.raises(ValueError, match=r"created by another search.*new --name"):
+        run_search(spec)
+    assert [p.name for p in other.iterdir()] == ["theirs.txt"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("bldseg").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]  # its own run, not left RUNNING
+
+
+def test_trial_artifacts_include_the_pretrained_report(tmp_path):
+    # Which weights a trial started from (and what was dropped or re-made) belongs with its
+    # MLflow record, not only in the run folder; a K-fold trial's is its first fold's.
+    from mlflow.tracking import MlflowClient
+
+    from bldseg.tune.runner import log_run_artifacts
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
+    single, kfold = tmp_path / "single", tmp_path / "kfold"
+    (single / "pretrained.json").parent.mkdir()
+    (single / "pretrained.json").write_text('{"loaded": 3}')
+    (kfold / "fold0").mkdir(parents=True)
+    (kfold / "fold0" / "pretrained.json").write_text('{"loaded": 4}')
+    (kfold / "folds.json").write_text("{}")
+    for run_dir, source in ((single, single), (kfold, kfold / "fold0")):
+        run_id = client.create_run(exp).info.run_id
+        log_run_artifacts(client, run_id, run_dir)
+        assert "pretrained.json" in {f.path for f in client.list_artifacts(run_id)}
+        got = client.download_artifacts(run_id, "pretrained.json", str(tmp_path))
+        assert Path(got).read_text() == (source / "pretrained.json").read_text()
