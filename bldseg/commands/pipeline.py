@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         args.data or args.images,
         args.model,
         args.set,
-        gpu=args.gpus_per_trial > 0 or None,
+        gpu=args.gpus_per_trial > 0,  # trials without a GPU train the CPU defaults
         split_group=args.split_group,
         pretrained=args.pretrained,
         announce=True,

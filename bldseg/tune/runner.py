@@ -523,6 +523,15 @@ def _report_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**{k: row[k] for k in CONSOLE_METRICS if k in row}, **row, "diverged": 0}
 
 
+def trial_device(device: str, gpu_ids: list) -> str:
+    """The device a trial trains on: ``auto`` is the CPU when Ray gave the trial no GPU.
+
+    Ray (2.x, recent) leaves ``CUDA_VISIBLE_DEVICES`` as it is for a trial that asked for no
+    GPU, so ``auto`` would put every such trial on GPU 0, unaccounted by Ray's scheduler.
+    """
+    return "cpu" if device == "auto" and not gpu_ids else device
+
+
 def trial_fn(
     config: dict[str, Any],
     *,
@@ -542,6 +551,7 @@ def trial_fn(
     one: the run folder's status and summary, and the epoch's MLflow metrics (flushed). The
     driver finalises the trial (:class:`_SearchDriver`).
     """
+    import ray
     import torch
     from ray import tune
     from ray.tune import Checkpoint
@@ -553,6 +563,9 @@ def trial_fn(
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     cfg = RunConfig.from_flat({**base, **config})
+    device = trial_device(cfg.device, ray.get_gpu_ids())
+    if device != cfg.device:
+        cfg = cfg.with_updates({"device": device})
     run_dir = trial_run_dir(exp_dir, trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     error_file = run_dir / TRACKING_ERROR_FILE

@@ -111,3 +111,32 @@ def test_a_set_of_what_a_search_flag_sets_is_refused(key, command, capsys):
         run(["--set", f"{key}=3"])
     flag = {"epochs": "--epochs", "data": "--data"}[key]
     assert e.value.code == 2 and f"a search sets {key} with {flag}" in capsys.readouterr().err
+
+
+def test_searches_without_gpus_per_trial_take_the_cpu_defaults_where_a_gpu_is_visible(
+    monkeypatch, tmp_path
+):
+    # --gpus-per-trial 0 (the default) gives each trial no GPU: the T model's GPU settings
+    # must not be chosen because the machine that starts the search has one.
+    import torch
+
+    from bldseg.commands import pipeline as pipeline_cmd
+    from bldseg.tune import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    data = str(tmp_path)
+    assert fixed_config(data, gpu=False)["model"] == CPU_DEMO["model"]
+    assert fixed_config(data)["model"] == "upernet_internimage_t"  # gpu=None: the machine's
+    seen = []
+
+    def record(*a, **k):
+        seen.append(k["gpu"])
+        raise SystemExit(0)
+
+    for module in (cli, pipeline_cmd):
+        monkeypatch.setattr(module, "fixed_config", record)
+    with pytest.raises(SystemExit):
+        cli.main("augmentation", "", ["--data", data])
+    with pytest.raises(SystemExit):
+        pipeline_cmd.main(["--data", data])
+    assert seen == [False, False]

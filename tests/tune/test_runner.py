@@ -739,3 +739,11 @@ def test_trial_artifacts_include_the_pretrained_report(tmp_path):
         assert "pretrained.json" in {f.path for f in client.list_artifacts(run_id)}
         got = client.download_artifacts(run_id, "pretrained.json", str(tmp_path))
         assert Path(got).read_text() == (source / "pretrained.json").read_text()
+
+
+def test_a_trial_without_a_gpu_trains_on_the_cpu_even_where_one_is_visible():
+    from bldseg.tune.runner import trial_device
+
+    assert trial_device("auto", []) == "cpu"  # Ray gave it none: GPU 0 is another's
+    assert trial_device("auto", [0]) == "auto"
+    assert trial_device("cuda:1", []) == "cuda:1"  # asked for by name: as asked
