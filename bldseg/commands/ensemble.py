@@ -16,11 +16,11 @@ rule with 95% bootstrap intervals on the check half (and the test library, when 
             own masks hold fewer than a pixels, m in 1..k and a from --empty-areas
 best_ensemble.json holds the best rule on the selection half, best_ensemble_<rule>.json each.
 
-    bldseg ensemble --runs ray_results/tune_aug -k 6
+    bldseg ensemble --runs runs/augmentation-20261206-101500 -k 6
     bldseg ensemble --models runs/a runs/b runs/c --k-range 2 3 --workers 0
-    bldseg ensemble --runs ray_results --method greedy --greedy-size 12
-    bldseg ensemble --runs ray_results -k 6 --rules mean vote weighted --empty-tile
-    python experiments/ensemble_search.py --runs ray_results/tune_aug -k 6   # from a checkout
+    bldseg ensemble --runs runs --method greedy --greedy-size 12
+    bldseg ensemble --runs runs -k 6 --rules mean vote weighted --empty-tile
+    python experiments/ensemble_search.py --runs runs -k 6   # from a checkout
     # on a Ray cluster (the address is also read from RAY_ADDRESS); python -m puts the
     # uploaded working directory, with its bldseg/, on the path:
     ray job submit --working-dir . -- python -m bldseg ensemble --runs /shared/results

@@ -1228,7 +1228,19 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             )
         if not ray.is_initialized():
             init_ray(spec.address)
-        if uri.startswith("sqlite:") and sum(n.get("Alive", False) for n in ray.nodes()) > 1:
+        db = tracking.sqlite_path(uri)
+        on_network = tracking.network_filesystem(db.parent) if db is not None else None
+        if on_network:
+            # every trial process writes to it: sqlite's locks over a network filesystem can
+            # hang the search or corrupt the database (one machine or many)
+            log.warning(
+                "the MLflow database %s is on a network filesystem (%s), where sqlite can lock "
+                "up or corrupt: keep it on a local disk (--tracking-uri sqlite:////local/"
+                "mlflow.db) or use an MLflow server (--tracking-uri http://...)",
+                db,
+                on_network,
+            )
+        elif uri.startswith("sqlite:") and sum(n.get("Alive", False) for n in ray.nodes()) > 1:
             log.warning(
                 "trials on %d Ray nodes log to the sqlite file %s: every node must see it at "
                 "that path, and sqlite on a network folder can lock up; an MLflow server "

@@ -69,6 +69,60 @@ def default_tracking_uri(project_dir: str | os.PathLike = ".") -> str:
     return "sqlite:///" + str(Path(project_dir).resolve() / "mlflow.db")
 
 
+#: Filesystem types where sqlite's POSIX locks are unreliable (sqlite's own FAQ: "network
+#: filesystems"), as /proc/mounts names them.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "fuse.sshfs",
+        "lustre",
+        "gpfs",
+        "ceph",
+        "fuse.ceph",
+        "beegfs",
+        "glusterfs",
+        "fuse.glusterfs",
+        "9p",
+        "afs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+    }
+)
+
+
+def network_filesystem(path: str | os.PathLike, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the network filesystem holding ``path`` (``nfs4``...), or None.
+
+    None as well where the mount table cannot be read (not Linux).
+    """
+    try:
+        table = Path(mounts).read_text()
+    except OSError:
+        return None
+    target = Path(path).resolve()
+    best, fstype = -1, None
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # mount points escape spaces as \040
+        point = Path(fields[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, fstype = len(point.parts), fields[2]
+    return fstype if fstype in NETWORK_FILESYSTEMS else None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, or None for other stores."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :])
+    return None
+
+
 def absolute_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
     """``uri`` with a relative sqlite or file-store path made absolute against ``cwd``.
 

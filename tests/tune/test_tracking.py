@@ -85,3 +85,25 @@ def test_source_commit_only_for_the_checkout_itself(tmp_path):
     ).stdout.strip()
     assert top["mlflow.source.git.commit"] == head and top["bldseg.git_dirty"] == "false"
     assert nested["bldseg.version"] == top["bldseg.version"] != ""
+
+
+def test_network_filesystem_of_a_path_is_its_deepest_mount(tmp_path):
+    # sqlite's locks are unreliable on NFS and the like: the search warns when its MLflow
+    # database lies there. The deepest mount point holding the path decides.
+    from bldseg.tune.tracking import network_filesystem, sqlite_path
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "overlay / overlay rw 0 0\n"
+        f"server:/export {tmp_path}/shared nfs4 rw,relatime 0 0\n"
+        f"tmpfs {tmp_path}/shared/local tmpfs rw 0 0\n"
+        f"//srv/x {tmp_path}/my\\040share cifs rw 0 0\n"
+    )
+    assert network_filesystem(tmp_path / "shared" / "mlflow.db", mounts) == "nfs4"
+    assert network_filesystem(tmp_path / "shared", mounts) == "nfs4"
+    assert network_filesystem(tmp_path / "shared" / "local" / "m.db", mounts) is None
+    assert network_filesystem(tmp_path / "sharedx" / "m.db", mounts) is None  # not a prefix
+    assert network_filesystem(tmp_path / "my share" / "m.db", mounts) == "cifs"
+    assert network_filesystem(tmp_path / "m.db", tmp_path / "absent") is None
+    assert sqlite_path("sqlite:////abs/mlflow.db").as_posix() == "/abs/mlflow.db"
+    assert sqlite_path("http://host:5000") is None
