@@ -719,34 +719,128 @@ def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
-#: A folder prediction's record (in its output folder) of the files it wrote there: a rerun into
-#: the same folder removes those it does not write again (masks of images gone since, the
-#: scores.json of an earlier run with --masks), and never touches a file it did not write.
+#: A folder prediction's record (in its output folder) of the files it wrote there, per image
+#: folder: a rerun of the same image folder removes those it does not write again (masks of
+#: images gone since, the scores.json of an earlier run with --masks); the outputs of other image
+#: folders (a big job predicted in parts into one folder) are kept, and a file the record does not
+#: list is never touched.
 OUTPUTS_FILE = ".bldseg_outputs.json"
 
 
-def _recorded_outputs(out_dir: Path) -> set[Path]:
-    """The files an earlier folder prediction recorded in ``out_dir`` (only those inside it)."""
+@dataclass
+class _RecordedRun:
+    """One image folder's outputs, as :data:`OUTPUTS_FILE` lists them."""
+
+    images: str | None  # the resolved image folder; None in records older than this field
+    recursive: bool | None  # whether its sub-folders were predicted too (None: not recorded)
+    files: set[Path]  # absolute paths of the files written, all inside the output folder
+
+
+def _recorded_runs(out_dir: Path) -> list[_RecordedRun]:
+    """The earlier folder predictions recorded in ``out_dir``, one per image folder.
+
+    Raises:
+        ValueError: The record is not this tool's (names the file).
+    """
     record = out_dir / OUTPUTS_FILE
     if not record.is_file():
-        return set()
+        return []
     try:
-        files = json.loads(record.read_text())["files"]
-        paths = {(out_dir / f).resolve() for f in files}
+        data = json.loads(record.read_text())
+        if "runs" in data:
+            entries = data["runs"]
+        else:  # written before the image folder was recorded: a run of an unknown folder
+            entries = [{"images": None, "recursive": None, "files": data["files"]}]
+        runs = []
+        for entry in entries:
+            images, recursive = entry["images"], entry["recursive"]
+            if not isinstance(images, str | None) or not isinstance(recursive, bool | None):
+                raise TypeError(f"bad entry {entry!r}")
+            paths = {(out_dir / f).resolve() for f in entry["files"]}
+            runs.append(
+                _RecordedRun(images, recursive, {f for f in paths if f.is_relative_to(out_dir)})
+            )
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError(
             f"{record} is not a list of this tool's outputs; delete it (the files it listed "
             "are then left in place)"
         ) from None
-    return {f for f in paths if f.is_relative_to(out_dir)}
+    return runs
 
 
-def _record_outputs(out_dir: Path, files: Iterable[Path]) -> None:
-    """Writes :data:`OUTPUTS_FILE`, atomically."""
-    rel = sorted({f.relative_to(out_dir).as_posix() for f in files})
+def _record_runs(out_dir: Path, runs: Iterable[_RecordedRun]) -> None:
+    """Writes :data:`OUTPUTS_FILE` (runs that own no file are left out), atomically."""
+    entries = [
+        {
+            "images": run.images,
+            "recursive": run.recursive,
+            "files": sorted({f.relative_to(out_dir).as_posix() for f in run.files}),
+        }
+        for run in runs
+        if run.files
+    ]
     tmp = out_dir / f"{OUTPUTS_FILE}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps({"files": rel}, indent=2))
+    tmp.write_text(json.dumps({"runs": entries}, indent=2))
     os.replace(tmp, out_dir / OUTPUTS_FILE)
+
+
+def _claim_outputs(
+    out_dir: Path, images_dir: Path, recursive: bool, planned: set[Path], masks: set[Path]
+) -> tuple[list[_RecordedRun], set[Path]]:
+    """Claims this run's outputs in the record and removes the files it makes stale.
+
+    Stale: this image folder's earlier outputs that this run does not write again (masks of
+    images gone since, a scores.json that described them), except the masks of sub-folders when
+    this run does not look into sub-folders; and another run's files that this run rewrites
+    other than masks (a scores.json of other masks). They are removed only after the record
+    claims this run's files, so a run that fails midway still owns what it wrote and leaves no
+    file that tells another run's story. Other image folders' outputs are kept.
+
+    Args:
+        out_dir: The output folder (resolved).
+        images_dir: This run's image folder (resolved): the key of its entry in the record.
+        recursive: Whether this run predicts the sub-folders of ``images_dir``.
+        planned: Every file this run may write (masks, GeoTIFFs, scores.json).
+        masks: The mask PNGs among them (replaced one by one, never removed first).
+
+    Returns:
+        The other image folders' runs, without the files this run now owns, and this folder's
+        earlier sub-folder outputs that a run without sub-folders keeps.
+
+    Raises:
+        ValueError: A file this run would write exists and was written for another image
+            folder (two parts of a job holding images of the same name); nothing is removed
+            or written then. Or the record is unreadable.
+    """
+    runs = _recorded_runs(out_dir)
+    here = str(images_dir)
+    earlier = set().union(*(r.files for r in runs if r.images == here))
+    others = [r for r in runs if r.images != here]
+    clashes = sorted(
+        (f, r.images)
+        for r in others
+        if r.images is not None
+        for f in r.files & planned
+        if f != out_dir / "scores.json" and f.is_file()
+    )
+    if clashes:
+        names = ", ".join(f.relative_to(out_dir).as_posix() for f, _ in clashes[:3])
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        raise ValueError(
+            f"--out {out_dir} already holds {names}{more}, predicted from the image folder "
+            f"{clashes[0][1]}; predicting {images_dir} would overwrite them with the masks of "
+            "other images of the same name. Predict into another --out, or delete those files "
+            "first"
+        )
+    # Without sub-folders this run says nothing about the images below them: their masks stay.
+    kept = set() if recursive else {f for f in earlier if f.parent != out_dir}
+    taken = set().union(*(r.files & planned for r in others))
+    for r in others:
+        r.files -= planned
+    _record_runs(out_dir, [*others, _RecordedRun(here, recursive, earlier | planned)])
+    for stale in ((earlier - kept) | taken) - masks:  # the masks are replaced one by one
+        stale.unlink(missing_ok=True)
+    return others, kept
 
 
 def _check_out_dir(images_dir: Path, out_dir: Path, recursive: bool) -> None:
@@ -800,13 +894,21 @@ def predict_folder(
     """Predicts every image under a folder and writes one mask per image.
 
     For ``images_dir/sub/name.ext`` it writes ``out_dir/sub/name.png`` (single channel, 0/255)
-    and, when the image is a georeferenced GeoTIFF, ``out_dir/sub/name.tif`` with its CRS and
-    transform; each file atomically. Each member predicts each image with
-    :func:`predict_image`, and the members' maps are combined by :func:`combine_members`, the
-    rule of :func:`predict_cache`. The files written are listed in ``out_dir`` /
-    :data:`OUTPUTS_FILE`; a rerun into the same folder first removes the listed files it will
-    not write again (masks of images no longer there, an earlier ``scores.json``), and leaves
-    every other file alone.
+    and, when the image is a georeferenced GeoTIFF, ``out_dir/sub/name.tif`` with its
+    georeference (CRS and transform, or ground control points, or RPCs:
+    :func:`bldseg.data.geo.write_geotiff_mask`); each file atomically. Each member predicts
+    each image with :func:`predict_image`, and the members' maps are combined by
+    :func:`combine_members`, the rule of :func:`predict_cache`.
+
+    The files written are listed in ``out_dir`` / :data:`OUTPUTS_FILE` under the resolved
+    ``images_dir``. A rerun of the same image folder into the same ``out_dir`` first removes
+    the files listed for that folder that it will not write again (masks of images no longer
+    there, an earlier ``scores.json``; without ``recursive``, the masks of its sub-folders are
+    kept). Predicting another image folder into the same ``out_dir`` (a big job split into
+    parts) keeps the earlier folders' files and adds its own to the record; it is refused, before
+    anything is written, when it would overwrite an existing file of another folder (images of
+    the same name in two parts). ``scores.json`` describes the last run with ``masks_dir``.
+    Files that the record does not list are never touched.
 
     Args:
         spec: The model(s) and the decision rule.
@@ -832,9 +934,11 @@ def predict_folder(
     Raises:
         FileNotFoundError: A folder, checkpoint or an image's mask is missing (the message
             names the image and the mask names tried).
-        ValueError: Unreadable image or mask (naming the file), a mask of another size than
-            its image, a bad window or overlap, ``out_dir`` inside ``images_dir``, or an
-            unreadable :data:`OUTPUTS_FILE` there.
+        ValueError: Unreadable image or mask (naming the file; the masks are all read
+            before any prediction is written), a mask of another size than its image, a bad
+            window or overlap, ``out_dir`` inside ``images_dir``, an unreadable
+            :data:`OUTPUTS_FILE` there, or a mask name already written there for another
+            image folder.
     """
     overlap = check_overlap(overlap)
     if window is not None:
@@ -847,6 +951,12 @@ def predict_folder(
     records = read_folder_dataset(
         images_dir, masks_dir, mask_pattern=mask_pattern, recursive=recursive, options=options
     )
+    # Every mask is decoded once before anything is written: a mask these options cannot read
+    # (a label mask that needs mask_values) stops the run here, not after some masks and the
+    # record were written. Read again when scored: holding them all could take a lot of memory.
+    scored = [r for r in records if r.mask_path is not None]
+    for rec in tqdm(scored, desc="checking masks", unit="mask", disable=not progress or not scored):
+        read_mask_image(rec.mask_path, options)
     dev = resolve_device(device)
     members = []
     for ckpt in spec.checkpoints:
@@ -861,10 +971,11 @@ def predict_folder(
         )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The folder must tell one story: an earlier run's outputs that this run does not overwrite
-    # (masks of images gone since, its GeoTIFFs and scores.json, which describe its masks) go
-    # first. The record claims them and this run's before anything is removed or written, so a
-    # run that fails midway still owns what it wrote.
+    # The folder must tell one story per image folder: this folder's earlier outputs that this
+    # run does not overwrite (masks of images gone since, its GeoTIFFs and scores.json, which
+    # describe its masks) go first; other image folders' outputs stay. The record claims this
+    # run's files before anything is removed or written, so a run that fails midway still owns
+    # what it wrote.
     masks = {out_dir / r.image_path.relative_to(images_dir).with_suffix(".png") for r in records}
     scores_path = out_dir / "scores.json"
     planned = masks | {
@@ -874,10 +985,7 @@ def predict_folder(
     }
     if masks_dir is not None:
         planned.add(scores_path)
-    earlier = _recorded_outputs(out_dir)
-    _record_outputs(out_dir, earlier | planned)
-    for stale in earlier - masks:  # the masks are replaced one by one, atomically
-        stale.unlink(missing_ok=True)
+    others, kept = _claim_outputs(out_dir, images_dir, recursive, planned, masks)
     result = FolderResult(out_dir)
     rows: list[dict[str, Any]] = []
     warned_geo = False
@@ -938,5 +1046,5 @@ def predict_folder(
         tmp.write_text(json.dumps(result.scores, indent=2))
         os.replace(tmp, scores_path)
         written.append(scores_path)
-    _record_outputs(out_dir, written)
+    _record_runs(out_dir, [*others, _RecordedRun(str(images_dir), recursive, {*written, *kept})])
     return result

@@ -198,15 +198,19 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     build = tmp_path / "ops"
+    #    PATH without this environment's bin/, as when its python is run without activating
+    #    it (Makefile, CI, pipx): the loader finds the ninja pip put there by itself.
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("PYTHONPATH", "RAY_ADDRESS", "BLDSEG_DCNV3_IMPL")
     }
+    bin_dir = Path(python).parent.resolve()
+    path = [p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p]
     env.update(
         PYTHONPATH=str(target),
         BLDSEG_BUILD_DIR=str(build),
-        PATH=f"{Path(python).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+        PATH=os.pathsep.join(p for p in path if Path(p).resolve() != bin_dir),
         PYTHONUNBUFFERED="1",
     )
     t = time.perf_counter()

@@ -333,6 +333,55 @@ def test_geotiff_input_gives_georeferenced_mask(tiny_ckpts, tmp_path):
     np.testing.assert_array_equal(tif_mask, read_png(tmp_path / "out" / "scene.png"))
 
 
+def test_geotiffs_placed_by_control_points_or_rpcs_get_georeferenced_masks(
+    pointwise_model, tmp_path
+):
+    # Raw satellite scenes are often placed by ground control points or RPCs alone (no CRS +
+    # geotransform): their masks must carry the same, or a GIS cannot place them.
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
+    from rasterio.rpc import RPC
+
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    images = tmp_path / "images"
+    images.mkdir()
+    h, w = 40, 48
+    rgb = noise_image(h, w, seed=12).transpose(2, 0, 1)  # (3, H, W)
+    profile = dict(driver="GTiff", height=h, width=w, count=3, dtype="uint8")
+    gcps = [
+        GroundControlPoint(0, 0, 2.0, 48.0),
+        GroundControlPoint(h, 0, 2.0, 47.99),
+        GroundControlPoint(0, w, 2.01, 48.0),
+    ]
+    with rasterio.open(images / "gcp.tif", "w", **profile, gcps=gcps, crs="EPSG:4326") as dst:
+        dst.write(rgb)
+    rpc = RPC(
+        height_off=0, height_scale=100, lat_off=48.0, lat_scale=0.01, long_off=2.0,
+        long_scale=0.01, line_off=h / 2, line_scale=h / 2, samp_off=w / 2, samp_scale=w / 2,
+        line_num_coeff=[0, 0, -1] + [0] * 17, line_den_coeff=[1] + [0] * 19,
+        samp_num_coeff=[0, 1] + [0] * 18, samp_den_coeff=[1] + [0] * 19,
+    )  # fmt: skip
+    with rasterio.open(images / "rpc.tif", "w", **profile, rpcs=rpc) as dst:
+        dst.write(rgb)
+
+    out = tmp_path / "out"
+    r = predict_folder(EnsembleSpec([str(ckpt)]), images, out, progress=False)
+    assert r.geotiffs == [out / "gcp.tif", out / "rpc.tif"]
+    with rasterio.open(out / "gcp.tif") as src:
+        points, crs = src.gcps
+        assert crs == CRS.from_epsg(4326)
+        assert [(p.row, p.col, p.x, p.y) for p in points] == [
+            (p.row, p.col, p.x, p.y) for p in gcps
+        ]
+        np.testing.assert_array_equal(src.read(1), read_png(out / "gcp.png"))
+    with rasterio.open(images / "rpc.tif") as src:
+        scene_rpcs = src.rpcs.to_dict()  # as GDAL stored them (with its error fields)
+    with rasterio.open(out / "rpc.tif") as src:
+        assert src.rpcs is not None and src.rpcs.to_dict() == scene_rpcs
+        np.testing.assert_array_equal(src.read(1), read_png(out / "rpc.png"))
+
+
 def _dice(p: np.ndarray, g: np.ndarray) -> float:
     return (2 * (p & g).sum() + 1e-7) / (p.sum() + g.sum() + 1e-7)
 
@@ -528,7 +577,88 @@ def test_rerun_into_the_same_folder_removes_its_own_stale_outputs(pointwise_mode
     assert r.masks == [out / "a.png"]
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert left == sorted([OUTPUTS_FILE, "a.png", "notes.txt"])  # the user's file is kept
-    assert json.loads((out / OUTPUTS_FILE).read_text()) == {"files": ["a.png"]}
+    assert json.loads((out / OUTPUTS_FILE).read_text()) == {
+        "runs": [{"images": str(images.resolve()), "recursive": True, "files": ["a.png"]}]
+    }
+
+
+def test_parts_of_a_job_in_one_folder_keep_each_others_masks(pointwise_model, tmp_path):
+    # A big job split by image folder into one --out: each part keeps the others' masks, and a
+    # rerun of one part cleans up only its own stale outputs.
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    spec = EnsembleSpec([str(ckpt)])
+    out = tmp_path / "out"
+    for name in ("cityA/a1", "cityA/sub/a2", "cityB/b1", "cityC/a1"):
+        write_png(tmp_path / f"{name}.png", noise_image(32, 32, seed=len(name)))
+
+    def outputs() -> list[str]:
+        return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+    def record() -> dict[str, list[str]]:
+        runs = json.loads((out / OUTPUTS_FILE).read_text())["runs"]
+        return {Path(r["images"]).name: r["files"] for r in runs}
+
+    predict_folder(spec, tmp_path / "cityA", out, progress=False)
+    predict_folder(spec, tmp_path / "cityB", out, progress=False)
+    assert outputs() == [OUTPUTS_FILE, "a1.png", "b1.png", "sub/a2.png"]
+    assert record() == {"cityA": ["a1.png", "sub/a2.png"], "cityB": ["b1.png"]}
+
+    # cityA without its sub-folders: the masks below them stay (their images are not gone)
+    predict_folder(spec, tmp_path / "cityA", out, recursive=False, progress=False)
+    assert outputs() == [OUTPUTS_FILE, "a1.png", "b1.png", "sub/a2.png"]
+    # cityA again after a2 was removed: only cityA's stale mask goes
+    (tmp_path / "cityA" / "sub" / "a2.png").unlink()
+    predict_folder(spec, tmp_path / "cityA", out, progress=False)
+    assert outputs() == [OUTPUTS_FILE, "a1.png", "b1.png"]
+    assert record() == {"cityB": ["b1.png"], "cityA": ["a1.png"]}
+
+    # cityC's a1 would overwrite cityA's: refused, naming both, before anything is written
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"holds a1\.png, predicted from the image folder .*cityA"):
+        predict_folder(spec, tmp_path / "cityC", out, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_cli_reads_label_masks_with_the_mask_flags(pointwise_model, tmp_path, capsys):
+    # Class-id masks (0 background, 1 road, 2 building) need --mask-values, as for training;
+    # without it the run stops before writing a single file.
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    for name in ("a", "b"):
+        img = np.zeros((32, 32, 3), np.uint8)
+        img[:, 16:, 0] = 255  # predicted: the right half
+        write_png(images / f"{name}.png", img)
+        label = np.zeros((32, 32), np.uint8)
+        label[:, :8] = 1
+        label[:, 16:] = 2  # the buildings: exactly the prediction
+        masks.mkdir(exist_ok=True)
+        cv2.imwrite(str(masks / f"{name}.png"), label)
+    argv = ["--checkpoint", str(ckpt), "--images", str(images), "--masks", str(masks)]
+
+    assert predict_main(*argv, "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "a.png: this looks like a label mask" in err and "--mask-values" in err
+    assert not out.exists() or not any(out.iterdir())  # neither masks nor a record
+
+    assert predict_main(*argv, "--out", str(out), "--mask-values", "2") == 0
+    assert "official score (mean Dice over 2 of 2 images): 1.00000" in capsys.readouterr().out
+    assert predict_main(*argv, "--out", str(out), "--mask-nonzero") == 0  # 1 and 2 are buildings
+    assert json.loads((out / "scores.json").read_text())["pixel_iou"] == pytest.approx(2 / 3)
+
+    for flags, message in (
+        (["--mask-values", "2", "--mask-nonzero"], "give --mask-values or --mask-nonzero"),
+        (["--mask-threshold", "1.5"], "--mask-threshold 1.5: a fraction of the range"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            predict_main(*argv, "--out", str(out), *flags)
+        assert e.value.code == 2 and message in capsys.readouterr().err, flags
+    with pytest.raises(SystemExit) as e:
+        predict_main("--checkpoint", str(ckpt), "--images", str(images), "--out", str(out),
+                     "--mask-colors", "0,0,255")  # fmt: skip
+    assert e.value.code == 2
+    assert "--mask-colors says how to find or read ground-truth masks: pass --masks" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_scores_a_truth_csv_without_sizes(tiny_ckpts, small_world, tmp_path, capsys):

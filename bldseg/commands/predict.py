@@ -14,15 +14,20 @@ A folder of images (any size, sub-folders mirrored) -> one mask per image in --o
 From a checkout, python experiments/predict.py takes the same flags.
 
 Each mask is NAME.png (one channel, 0/255) beside the image's relative path; a georeferenced
-GeoTIFF also gets NAME.tif with its CRS and transform. Images larger than the window are
-predicted in overlapping windows (--window, default each model's validation tile; --overlap,
-default 0.25 of the window; the last row/column shifted inwards) whose probabilities are blended
-with weights falling linearly from each window's centre to its edge (floor 0.05), so each pixel
-is decided mostly by the window that sees it most centrally. Images smaller than the window are
-padded by reflection. With --masks, the official score (mean per-image Dice), the pixel IoU and
-F1 are printed and written to OUT/scores.json. The files written are listed in
-OUT/.bldseg_outputs.json; a rerun into the same --out removes those it does not write again
-(masks of images no longer there, an earlier scores.json) and no other file.
+GeoTIFF also gets NAME.tif with its georeference (CRS and transform, or ground control points,
+or RPCs). Images larger than the window are predicted in overlapping windows (--window, default
+each model's validation tile; --overlap, default 0.25 of the window; the last row/column shifted
+inwards) whose probabilities are blended with weights falling linearly from each window's centre
+to its edge (floor 0.05), so each pixel is decided mostly by the window that sees it most
+centrally. Images smaller than the window are padded by reflection. With --masks, the official
+score (mean per-image Dice), the pixel IoU and F1 are printed and written to OUT/scores.json;
+label masks are read as for training (--mask-values, --mask-nonzero, --mask-colors,
+--mask-threshold), and every mask is read before any prediction is written. The files written
+are listed in OUT/.bldseg_outputs.json per image folder: a rerun of the same --images into the
+same --out removes those it does not write again (masks of images no longer there, an earlier
+scores.json) and no other file; another --images folder (a big job in parts) adds its masks
+beside the earlier ones, and is refused if it would overwrite one of them (images of the same
+name in two parts).
 
 With --data, only the test split is read: a competition folder needs only test.csv (and its
 images), or pass the test CSV itself; train.csv is neither needed nor cached. Each test image is
@@ -50,7 +55,14 @@ from pathlib import Path
 
 from bldseg import metrics
 from bldseg.commands import USER_ERRORS, fail
-from bldseg.data.prepare import add_data_arguments, data_options, prepare_test_data
+from bldseg.data.prepare import (
+    _colour_list,
+    _int_list,
+    add_data_arguments,
+    data_options,
+    prepare_test_data,
+)
+from bldseg.data.readers import DEFAULT_READ
 from bldseg.predict import (
     DEFAULT_OVERLAP,
     EnsembleSpec,
@@ -112,6 +124,34 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "substitution '(\\d+)_img=>\\1.png' (default: {stem}.png, {stem}.tif, "
         "{stem}_mask.png, ...; exactly one must exist)",
     )
+    # How --masks are decoded, as for training (bldseg train): label masks need to be told.
+    f.add_argument(
+        "--mask-values",
+        type=_int_list,
+        default=None,
+        help="--masks: mask values / palette indices that are buildings, e.g. 1,2 (default: "
+        "nonzero)",
+    )
+    f.add_argument(
+        "--mask-nonzero",
+        action="store_true",
+        help="--masks: every nonzero mask value is a building: instance-id masks (each "
+        "building numbered 1..N), which are refused without it",
+    )
+    f.add_argument(
+        "--mask-colors",
+        type=_colour_list,
+        default=None,
+        help="--masks: colour-coded class masks: RGB colours that are buildings, e.g. "
+        "'0,0,255' (ISPRS); several separated by ';'",
+    )
+    f.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=None,
+        help="--masks: non-binary masks (antialiased, JPEG) are binarised at this fraction of "
+        "their range (default 0.5)",
+    )
     f.add_argument(
         "--window",
         type=int,
@@ -150,12 +190,21 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         p.error(f"--batch-size {args.batch_size}: at least 1")
     _check_device(p, args.device)
 
+    mask_reading = [
+        ("--mask-pattern", args.mask_pattern),
+        ("--mask-values", args.mask_values),
+        ("--mask-nonzero", args.mask_nonzero or None),
+        ("--mask-colors", args.mask_colors),
+        ("--mask-threshold", args.mask_threshold),
+    ]
     folder_only = [
         ("--masks", args.masks),
-        ("--mask-pattern", args.mask_pattern),
+        *mask_reading,
         ("--window", args.window),
         ("--overlap", args.overlap),
     ]
+    if args.mask_threshold is None:  # None above tells "not given"; data_options needs a value
+        args.mask_threshold = DEFAULT_READ.mask_threshold
     if args.images is None:
         for flag, value in folder_only:
             if value is not None:
@@ -180,8 +229,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         p.error(f"--out {args.out}: with --images, --out is a folder for the mask files, not a CSV")
     _check_out(p, args.out, folder=True)
     _check_out_spares_inputs(p, args)
-    if args.mask_pattern is not None and args.masks is None:
-        p.error("--mask-pattern names ground-truth masks: pass --masks DIR with it")
+    for flag, value in mask_reading:
+        if value is not None and args.masks is None:
+            p.error(f"{flag} says how to find or read ground-truth masks: pass --masks DIR with it")
+    if args.mask_nonzero and args.mask_values is not None:
+        p.error("give --mask-values or --mask-nonzero, not both")
+    if not 0.0 < args.mask_threshold < 1.0:
+        p.error(f"--mask-threshold {args.mask_threshold}: a fraction of the range, in (0, 1)")
     try:
         if args.window is not None:
             check_window(args.window)

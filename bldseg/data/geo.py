@@ -257,7 +257,9 @@ def raster_size(path: PathLike) -> tuple[int, int]:
 
 
 def has_georeference(path: PathLike) -> bool:
-    """Whether ``path`` is a TIFF with both a CRS and a non-identity geotransform.
+    """Whether ``path`` is a TIFF that a GIS can place: it has a CRS and a non-identity
+    geotransform, or ground control points (GCPs) with their CRS, or RPCs (rational polynomial
+    coefficients, as raw satellite scenes ship); :func:`write_geotiff_mask` copies any of them.
 
     Non-TIFF suffixes give False without importing rasterio.
 
@@ -269,7 +271,12 @@ def has_georeference(path: PathLike) -> bool:
     if path.suffix.lower() not in GEO_SUFFIXES:
         return False
     with _open_raster(path, "reading GeoTIFF") as src:
-        return src.crs is not None and not src.transform.is_identity
+        gcps, gcp_crs = src.gcps
+        return (
+            (src.crs is not None and not src.transform.is_identity)
+            or (bool(gcps) and gcp_crs is not None)
+            or src.rpcs is not None
+        )
 
 
 def _resolve_bands(path: Path, count: int, bands: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -503,14 +510,16 @@ def _fmt_bounds(b: Any) -> str:
 def write_geotiff_mask(mask: np.ndarray, out_path: PathLike, *, like: PathLike) -> None:
     """Writes a mask as a single-band uint8 GeoTIFF on the grid of the raster ``like``.
 
-    The file gets ``like``'s CRS and geotransform (none if ``like`` has none), so the mask
-    overlays the scene in a GIS. It is written to a temporary name in the output folder and
-    renamed into place, so a reader never sees half a file.
+    The file gets ``like``'s georeference, so the mask overlays the scene in a GIS: its CRS and
+    geotransform, or, for a scene placed by ground control points alone (no geotransform), the
+    GCPs and their CRS; and its RPCs when it has them. None if ``like`` has none. It is written
+    to a temporary name in the output folder and renamed into place, so a reader never sees
+    half a file.
 
     Args:
         mask: (H, W) bool or integer mask with values 0/255, or 0/1 (scaled to 0/255).
         out_path: The GeoTIFF to write (replaced if it exists; its folder is created).
-        like: The raster whose (H, W), CRS and transform the mask follows.
+        like: The raster whose (H, W) and georeference the mask follows.
 
     Raises:
         ImportError: rasterio is not installed.
@@ -537,16 +546,23 @@ def write_geotiff_mask(mask: np.ndarray, out_path: PathLike, *, like: PathLike) 
                 f"{out_path}: the mask is {data.shape[0]}x{data.shape[1]} but {like} is "
                 f"{src.height}x{src.width}; write masks on the grid of their own scene"
             )
-        profile = dict(
+        profile: dict[str, Any] = dict(
             driver="GTiff",
             height=src.height,
             width=src.width,
             count=1,
             dtype="uint8",
-            crs=src.crs,
-            transform=src.transform,
             compress="deflate",
         )
+        gcps, gcp_crs = src.gcps
+        if src.transform.is_identity and gcps:
+            # Placed by its control points (GDAL gives such a file no geotransform): the mask
+            # shares the scene's pixel grid, so the same points place it.
+            profile.update(gcps=gcps, crs=gcp_crs)
+        else:
+            profile.update(crs=src.crs, transform=src.transform)
+        if src.rpcs is not None:
+            profile["rpcs"] = src.rpcs
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder, so os.replace is an atomic rename; a unique name, so writers do not collide.
     tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")

@@ -8,25 +8,35 @@ loaded (a build folder on a shared home serves machines with different compilers
 
 Concurrency: a finished build is marked by a ``.done`` file written last; processes that find
 it load the library without building or locking. Otherwise they take a file lock on the key
-folder, so when many Ray workers start at once one builds and the others wait, then load.
+folder, so when many Ray workers start at once one builds and the others wait, then load. The
+holder of that lock also removes the ``lock`` file that torch's own builder leaves in the
+folder when a build is killed (torch would otherwise wait for it forever, silently).
 
-Build root: ``$BLDSEG_BUILD_DIR`` if set, else ``~/.cache/bldseg/ops``. The environment is
-read, never written.
+Build root: ``$BLDSEG_BUILD_DIR`` if set, else ``~/.cache/bldseg/ops``.
+
+ninja: the one on PATH, else the one ``pip install ninja`` put beside this Python (the ninja
+package's ``BIN_DIR``, or the environment's scripts folder), which is not on PATH when the
+environment's ``python`` is run without activating it. torch runs ninja through PATH, so in
+that case the folder is put at the front of ``PATH`` for the duration of the build only and
+the previous value is restored afterwards; the environment is otherwise read, never written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -57,6 +67,8 @@ _BASE_CFLAGS = ("-O3",)  # torch adds the C++ standard it needs
 _OPENMP_CFLAGS = ("-fopenmp",)
 _OPENMP_LDFLAGS = ("-fopenmp",)
 _HEADER_SUFFIXES = (".h", ".hpp", ".cuh", ".inl")
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | str] = {}  # key -> module (python) or library path (ops)
@@ -309,12 +321,7 @@ def _build_locked(
     from filelock import FileLock
     from torch.utils.cpp_extension import load
 
-    if shutil.which("ninja") is None:
-        raise BuildError(
-            "ninja was not found on PATH; it is needed to compile bldseg's native ops. "
-            "Install it (pip install ninja) and make sure the environment's bin/ folder is on "
-            "PATH (activate the virtual environment)."
-        )
+    ninja_folder = _ninja_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder) + ".lock")
@@ -329,26 +336,111 @@ def _build_locked(
         done = folder / ".done"
         if done.is_file():
             return False
+        _remove_stale_baton(folder)
         try:
             # load() also imports the library; _load_library below loads it again, which is a
             # no-op for an already loaded shared object.
-            load(
-                name=module_name,
-                sources=[str(s) for s in sources],
-                extra_cflags=cflags,
-                extra_cuda_cflags=cuda_cflags,
-                extra_ldflags=ldflags,
-                extra_include_paths=include_paths,
-                build_directory=str(folder),
-                verbose=verbose,
-                with_cuda=with_cuda,
-                is_python_module=False,
-                is_standalone=False,
-            )
+            with _ninja_on_path(ninja_folder):
+                load(
+                    name=module_name,
+                    sources=[str(s) for s in sources],
+                    extra_cflags=cflags,
+                    extra_cuda_cflags=cuda_cflags,
+                    extra_ldflags=ldflags,
+                    extra_include_paths=include_paths,
+                    build_directory=str(folder),
+                    verbose=verbose,
+                    with_cuda=with_cuda,
+                    is_python_module=False,
+                    is_standalone=False,
+                )
         except (RuntimeError, OSError, ImportError) as err:
             raise BuildError(f"building {module_name} in {folder} failed:\n{err}") from err
         done.write_text(f"{torch.__version__}\n")
         return True
+
+
+def _ninja_folder() -> str | None:
+    """Where the build finds ninja: None when PATH has it, else the folder to put on PATH.
+
+    ``pip install ninja`` puts the program into the environment's ``bin/`` (``Scripts\\`` on
+    Windows), which is on PATH only once the environment is activated; a Makefile, a CI script
+    or pipx calling ``.venv/bin/python`` directly does not activate it.
+
+    Raises:
+        BuildError: ninja is neither on PATH nor beside this Python.
+    """
+    if shutil.which("ninja") is not None:
+        return None
+    candidates = []
+    try:
+        import ninja  # the PyPI package that ships the program
+
+        candidates.append(str(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    candidates.append(sysconfig.get_path("scripts"))
+    for folder in candidates:
+        if folder and shutil.which("ninja", path=folder) is not None:
+            return folder
+    raise BuildError(
+        "ninja was found neither on PATH nor beside this Python "
+        f"({', '.join(c for c in candidates if c)}); it is needed to compile bldseg's native "
+        "ops. Install it into this environment (pip install ninja) or put it on PATH."
+    )
+
+
+@contextlib.contextmanager
+def _ninja_on_path(folder: str | None) -> Iterator[None]:
+    """Puts ``folder`` at the front of PATH while torch builds (it runs ``ninja`` by name).
+
+    Only for the duration of the build, under the loader's lock: PATH gets its previous value
+    (or absence) back afterwards, unless something else set it meanwhile.
+    """
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("PATH")
+    ours = folder + os.pathsep + before if before else folder
+    os.environ["PATH"] = ours
+    try:
+        yield
+    finally:
+        if os.environ.get("PATH") == ours:
+            if before is None:
+                del os.environ["PATH"]
+            else:
+                os.environ["PATH"] = before
+
+
+def _remove_stale_baton(folder: Path) -> None:
+    """Removes the ``lock`` file a killed build left in ``folder``; call holding bldseg's lock.
+
+    torch's builder creates ``<folder>/lock`` exclusively and removes it only when the build
+    returns or raises: after a SIGKILL (an out-of-memory kill, a cancelled job) it stays, and
+    every later build of that folder waits for it forever without a word. Every bldseg builder
+    takes bldseg's own lock first, so while it is held and the build is not done, no builder
+    can be running and a ``lock`` file there is stale.
+
+    Raises:
+        BuildError: The file cannot be removed (the message names it).
+    """
+    baton = folder / "lock"
+    if not baton.exists():
+        return
+    log.warning(
+        "bldseg: removing %s, left by an earlier build of %s that was killed before it "
+        "finished; rebuilding",
+        baton,
+        folder.name,
+    )
+    try:
+        baton.unlink(missing_ok=True)
+    except OSError as err:
+        raise BuildError(
+            f"{baton} was left by a build that was killed, and cannot be removed ({err}); "
+            "delete it by hand, or the build waits for it forever"
+        ) from err
 
 
 class NativeExtension:

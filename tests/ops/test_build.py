@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import warnings
 from pathlib import Path
@@ -188,6 +190,88 @@ def test_concurrent_processes_build_once(tmp_path: Path) -> None:
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert [r["value"] for r in results] == [11, 11, 11]
     assert sum(r["built"] for r in results) == 1
+
+
+def test_stale_torch_lock_of_a_killed_build_is_removed(tmp_path: Path) -> None:
+    # torch's builder leaves <folder>/lock when it is SIGKILLed (OOM, a cancelled job); the next
+    # build must remove it and build, not wait for it forever. A fresh process, so a hang
+    # shows as a timeout here.
+    source = _write_tiny(tmp_path / "src", value=13)
+    env = dict(os.environ, BLDSEG_BUILD_DIR=str(tmp_path / "first"))
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from bldseg.ops._build import load_extension
+        module, info = load_extension("bldseg_tiny", [{str(source)!r}], is_python_module=True)
+        print(json.dumps({{"value": module.value(), "built": info.built,
+                          "folder": str(info.folder)}}))
+        """
+    )
+
+    def load(build_dir: Path) -> tuple[dict, str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=dict(env, BLDSEG_BUILD_DIR=str(build_dir)),
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+    first, _ = load(tmp_path / "first")  # where this extension's folder is named
+    folder = tmp_path / "builds" / Path(first["folder"]).name
+    folder.mkdir(parents=True)
+    (folder / "lock").write_text("")  # what a killed build leaves
+    result, err = load(tmp_path / "builds")
+    assert result == {"value": 13, "built": True, "folder": str(folder)}
+    assert f"removing {folder / 'lock'}" in err and "killed" in err
+    assert not (folder / "lock").exists()
+
+
+def test_ninja_beside_python_is_used_without_activation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # `.venv/bin/python` run directly (Makefile, CI, pipx): the environment's bin/, where pip
+    # put ninja, is not on PATH. PATH here holds only the compiler and binutils.
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja", path=scripts) is None:
+        pytest.skip("no ninja beside this Python (pip install ninja)")
+    tools = {name: shutil.which(name) for name in ("c++", "as", "ld")}
+    if None in tools.values():
+        pytest.skip(f"needs a C++ toolchain on PATH: {tools}")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for name, path in tools.items():
+        (bare / name).symlink_to(path)
+    monkeypatch.setenv("PATH", str(bare))
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    assert shutil.which("ninja") is None
+    environ_before = dict(os.environ)
+
+    module, info = load_extension(
+        "bldseg_tiny", [_write_tiny(tmp_path / "src", value=17)], is_python_module=True
+    )
+    assert module.value() == 17 and info.built
+    assert dict(os.environ) == environ_before  # PATH was widened for the build only
+
+
+def test_missing_ninja_is_a_build_error_naming_where_it_looked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import bldseg.ops._build as build_module
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    # neither the ninja package nor the scripts folder holds ninja
+    monkeypatch.setitem(sys.modules, "ninja", None)
+    monkeypatch.setattr(build_module.sysconfig, "get_path", lambda name: str(empty))
+    with pytest.raises(BuildError, match=r"ninja was found neither on PATH.*pip install ninja"):
+        load_extension("bldseg_tiny_no_ninja", [_write_tiny(tmp_path / "src", value=19)])
 
 
 def test_build_cli_prints_folder_and_seconds(dcnv3_op, capsys: pytest.CaptureFixture) -> None:
