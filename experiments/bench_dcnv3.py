@@ -19,6 +19,14 @@ which is the least disturbed by other work on a shared machine (the JSON has bot
 --dtype bfloat16 gives both ops bf16 tensors (what they get in a module under bf16 autocast;
 ours converts to float32 around its kernels, the reference's grid_sample runs in bf16), and
 runs the module cases under torch.autocast, weights in float32, as `precision=bf16` trains.
+
+Kernels: the compiled op picks its CPU instruction set once per process from the CPU and the
+BLDSEG_CPU_* variables (AVX2 by default; BLDSEG_CPU_NO_AVX2, BLDSEG_CPU_AVX512). The op cases
+run in children without this process's BLDSEG_CPU_* variables (the CPU's default kernels, or
+--isa's), the module cases in this process (with them): every row of the JSON says which
+instruction set its compiled op ran (``isa``; None where no compiled CPU kernel ran), and the
+tables say so where the two differ. --devices naming a device this machine lacks, or a run in
+which no case ran, exits with an error.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,6 +79,7 @@ class Result:
     ms: float  # median time of one call
     ms_min: float  # best time of one call (the table uses it: robust to a busy machine)
     peak_mb: float  # peak memory growth during one call, MiB
+    isa: str | None = None  # the compiled op's CPU instruction set (op_isa); None: none ran
 
 
 def _inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,7 +144,8 @@ def run_case(case: Case, repeat: int) -> Result:
         _call(case, x, offset, mask)
         _sync(case.device)
         times.append(time.perf_counter() - start)
-    return Result(case, 1000 * statistics.median(times), 1000 * min(times), peak_mb)
+    isa = op_isa(os.environ) if case.impl == "compiled" and case.device == "cpu" else None
+    return Result(case, 1000 * statistics.median(times), 1000 * min(times), peak_mb, isa)
 
 
 #: CPU instruction sets of the compiled op, and the environment that selects each (read once
@@ -144,6 +155,61 @@ ISA_ENV = {
     "avx2": {},
     "avx512": {"BLDSEG_CPU_AVX512": "1"},
 }
+
+
+#: The CPU features each of the compiled op's instruction sets needs.
+ISA_FEATURES = {
+    "avx2": {"avx2", "fma"},
+    "avx512": {"avx512f", "avx512vl", "avx512dq", "avx512bw"},
+}
+
+
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The CPU's feature flags (Linux); None where they cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def op_isa(
+    env: Mapping[str, str], flags: set[str] | None = None, machine: str | None = None
+) -> str:
+    """The instruction set the compiled op's CPU kernels run with in a process whose
+    environment is ``env``, decided as ``cpu_isa()`` in csrc/dcnv3/cpu/dcnv3_cpu_kernel.cpp
+    decides it (a variable counts when it is set at all, whatever its value).
+
+    Args:
+        env: The process's environment.
+        flags: The CPU's feature flags; default: this machine's (/proc/cpuinfo).
+        machine: ``platform.machine()``; default: this machine's.
+
+    Returns:
+        ``baseline``, ``avx2`` or ``avx512``; ``unknown`` on an x86 CPU whose flags cannot be
+        read.
+    """
+    machine = platform.machine() if machine is None else machine
+    if machine.lower() not in ("x86_64", "amd64"):
+        return "baseline"  # the kernels dispatch on x86-64 only
+    flags = _cpu_flags() if flags is None else flags
+    if flags is None:
+        return "unknown"
+    if not ISA_FEATURES["avx2"] <= flags or "BLDSEG_CPU_NO_AVX2" in env:
+        return "baseline"
+    if ISA_FEATURES["avx512"] <= flags and "BLDSEG_CPU_AVX512" in env:
+        return "avx512"
+    return "avx2"
+
+
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of an op case's child: this one without BLDSEG_CPU_* (the op's default
+    kernels, whatever this shell asks for), then ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BLDSEG_CPU_")}
+    return clean | dict(env or {})
 
 
 #: glibc tunables that keep freed memory in the process's heap (no munmap, no trimming), for
@@ -164,14 +230,13 @@ def run_in_subprocess(case: Case, repeat: int, env: dict[str, str] | None = None
         "--repeat",
         str(repeat),
     ]
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("BLDSEG_CPU_")}
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, env=child_env | (env or {})
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=child_env(env))
     if proc.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    return Result(Case(**data["case"]), data["ms"], data["ms_min"], data["peak_mb"])
+    return Result(
+        Case(**data["case"]), data["ms"], data["ms_min"], data["peak_mb"], data.get("isa")
+    )
 
 
 def _table(results: list[Result]) -> str:
@@ -234,6 +299,8 @@ def time_isas(
                         "channels": channels,
                         "group": group,
                         "isa": isa,
+                        # what ran: a CPU without AVX-512 runs its AVX2 kernels for "avx512"
+                        "isa_used": result.isa,
                         "ms_min": result.ms_min,
                         "ms_median": result.ms,
                     }
@@ -251,6 +318,9 @@ def _isa_table(rows: list[dict], isas: list[str]) -> str:
     for (level, size, channels, group), ms in by_shape.items():
         cells = "".join(f"{ms[isa]:>10.2f} ({ms[isas[0]] / ms[isa]:4.2f}x)" for isa in isas)
         lines.append(f"{f'{level} {size}x{size}x{channels} G{group}':<22}{cells}")
+    ran = {(r["isa"], r.get("isa_used")) for r in rows if r.get("isa_used") not in (None, r["isa"])}
+    for asked, used in sorted(ran):
+        lines.append(f"{asked}: this CPU ran the {used} kernels (it lacks the {asked} features)")
     return "\n".join(lines)
 
 
@@ -315,7 +385,9 @@ def time_modules(
                     torch.cuda.synchronize()
                 if i:  # the first round warms up
                     times[label].append(time.perf_counter() - t0)
+        impls = {label: impl for label, impl, _ in MODULE_VARIANTS}
         for label in labels:
+            compiled_cpu = impls.get(label) == "compiled" and device == "cpu"
             rows.append(
                 {
                     "level": level,
@@ -325,6 +397,8 @@ def time_modules(
                     "batch": batch,
                     "variant": label,
                     "device": device,
+                    # this process's kernels: its BLDSEG_CPU_* variables are not cleared
+                    "isa": op_isa(os.environ) if compiled_cpu else None,
                     "autocast": str(autocast).removeprefix("torch.") if autocast else None,
                     "ms_median": 1e3 * statistics.median(times[label]),
                     "ms_min": 1e3 * min(times[label]),
@@ -410,13 +484,27 @@ def main() -> None:
         print(json.dumps(asdict(result)))
         return
 
-    info = load_dcnv3_op()  # build once up front, so no child pays for it
+    levels = args.levels.split(",")
+    if unknown := [lvl for lvl in levels if lvl not in LEVELS]:
+        parser.error(
+            f"--levels: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(LEVELS)}"
+        )
     devices = ["cpu", "cuda"] if args.devices == "auto" else args.devices.split(",")
+    if unknown := [d for d in devices if d not in ("cpu", "cuda")]:
+        parser.error(f"--devices: unknown {', '.join(map(repr, unknown))}; cpu, cuda or auto")
     if "cuda" in devices and not torch.cuda.is_available():
+        if args.devices != "auto":
+            # an empty table with exit status 0 read as a benchmark that ran
+            parser.error(
+                f"--devices {args.devices}: CUDA is not available on this machine (torch "
+                f"{torch.__version__}); leave cuda out, or run on a machine with a GPU"
+            )
         devices.remove("cuda")
+
+    info = load_dcnv3_op()  # build once up front, so no child pays for it
     results: list[Result] = []
     for device in devices:
-        for level in args.levels.split(","):
+        for level in levels:
             for size, channels, group in LEVELS[level]:
                 for mode in MODES:
                     for impl in IMPLS:
@@ -435,6 +523,8 @@ def main() -> None:
                             f"peak {result.peak_mb:8.1f} MiB",
                             flush=True,
                         )
+    if not results:
+        sys.exit(f"bench_dcnv3: no case ran (--devices {args.devices}, --levels {args.levels})")
     print()
     print(
         f"DCNv3 benchmark: torch {torch.__version__}, {platform.machine()}, "
@@ -442,10 +532,13 @@ def main() -> None:
         f"{info.folder}"
     )
     print(_table(results))
+    op_isas = sorted({str(r.isa) for r in results if r.isa})
+    if op_isas:
+        print(f"compiled op cases: {', '.join(op_isas)} kernels (children, BLDSEG_CPU_* cleared)")
     modules: list[dict] = []
     if args.modules:
         for device in devices:
-            for level in args.levels.split(","):
+            for level in levels:
                 modules += time_modules(
                     level,
                     args.batch,
@@ -457,10 +550,17 @@ def main() -> None:
         if args.dtype == "bfloat16":
             print("modules under bf16 autocast (float32 weights and input)")
         print(_module_table(modules))
+        module_isas = sorted({str(r["isa"]) for r in modules if r["isa"]})
+        if module_isas:
+            differ = " (not the op cases' kernels)" if module_isas != op_isas else ""
+            print(
+                f"compiled module rows: {', '.join(module_isas)} kernels (this process's "
+                f"environment){differ}"
+            )
     isa_rows: list[dict] = []
     if args.isa and "cpu" in devices:
         isas = args.isa.split(",")
-        isa_rows = time_isas(args.levels.split(","), args.batch, args.dtype, args.repeat, isas)
+        isa_rows = time_isas(levels, args.batch, args.dtype, args.repeat, isas)
         print()
         print(_isa_table(isa_rows, isas))
     if args.json is not None:
@@ -475,7 +575,8 @@ def main() -> None:
                 "cuda": "torch.cuda.max_memory_allocated growth during the first call",
             },
             "results": [
-                asdict(r.case) | {"ms_median": r.ms, "ms_min": r.ms_min, "peak_mb": r.peak_mb}
+                asdict(r.case)
+                | {"ms_median": r.ms, "ms_min": r.ms_min, "peak_mb": r.peak_mb, "isa": r.isa}
                 for r in results
             ],
             "modules": modules,

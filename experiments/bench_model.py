@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bldseg.io import write_json
 from bldseg.models import create_backbone, create_model
 from bldseg.ops import load_dcnv3_op
 
@@ -189,26 +190,22 @@ def main() -> None:
         f"peak memory {c['peak_mib'] / r['peak_mib']:.2f}x the reference's"
     )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "params": counts,
-                    "train_step": {
-                        "model": args.model,
-                        "size": args.size,
-                        "batch": args.batch,
-                        "device": str(device),
-                        "precision": args.precision,
-                        "threads": torch.get_num_threads(),
-                        "memory_method": "CPU: VmHWM - VmRSS before the first step, in a fresh"
-                        " process; CUDA: max_memory_allocated growth",
-                        "steps": steps,
-                    },
-                },
-                indent=2,
-            )
-        )
+        record = {
+            "params": counts,
+            "train_step": {
+                "model": args.model,
+                "size": args.size,
+                "batch": args.batch,
+                "device": str(device),
+                "precision": args.precision,
+                "threads": torch.get_num_threads(),
+                "memory_method": "CPU: VmHWM - VmRSS before the first step, in a fresh"
+                " process; CUDA: max_memory_allocated growth",
+                "steps": steps,
+            },
+        }
+        # through a temporary name: a full disk or a kill leaves the previous file whole
+        write_json(args.json, record)
         print(f"wrote {args.json}")
 
 

@@ -11,8 +11,14 @@ Each run is scored with the official metric (mean per-tile Dice, tiles empty in 
 prediction left out) on the clean test tiles, at its own threshold chosen on validation. The
 95% intervals are cluster bootstraps over the test tiles' source scenes (``bldseg.stats``);
 with several seeds, an arm's tiles of every seed are pooled and resampled together by scene.
-``ours - peer`` is a paired difference on the same tiles. Prints a table and writes JSON.
-Wall times are of whatever else the machine was running too: quality is the result here.
+``ours - peer`` is paired (seed ``s`` of ours with seed ``s`` of the peer, tile by tile) and
+carries two intervals, as ``compare_noisy.py`` does (:func:`bldseg.report.compare_arms`): one
+over the test images and one over the seeds (Student's t over the per-seed differences); it is
+called beyond noise only when both exclude 0 on the same side, so a difference whose sign flips
+from seed to seed is not. One seed can never be beyond noise (its interval over seeds is
+unbounded); with two the t interval is wide: give 3 or more seeds for a verdict. Prints a table
+and writes JSON. Wall times are of whatever else the machine was running too: quality is the
+result here.
 
     python experiments/bench_quality.py --seeds 0 1 --json bench/quality.json
     python experiments/bench_quality.py --search runs/augmentation-20261202-012605  # the demo's
@@ -24,6 +30,12 @@ Wall times are of whatever else the machine was running too: quality is the resu
 CPU seconds (all torch threads; NaN for a run trained before they were recorded). With
 ``--peer-epochs`` the peer trains fewer (or more) epochs on its own full schedule: the
 comparison at an equal CPU budget rather than equal steps.
+
+With ``--search`` the "ours" run of the trial's seed is the search's own best trial, read as it
+is: the best of N trials by validation Dice, trained with the search's ``cpus_per_trial``
+threads (its times are not this process's). The table and the JSON label it so
+(``selection``); it is not an arm trained like the peer, and its seed's pair in ``ours - peer``
+carries that selection.
 
 Runs are kept under ``--out`` keyed by the data and the config, so re-running with more seeds
 trains only the new ones.
@@ -49,6 +61,7 @@ from bldseg.data.prepare import DEFAULT_DATA_ROOT, DEFAULT_SYNTHETIC, prepare_da
 from bldseg.io import write_json
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader, load_checkpoint
+from bldseg.report import TileScores, compare_arms
 from bldseg.train import RunConfig, fit
 from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
@@ -93,8 +106,32 @@ def load_world(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     )
 
 
-def best_trial(search_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The best usable trial of a finished search: its run folder and its full flat config.
+def _search_record(folder: Path) -> dict[str, Any]:
+    """The search's ``bldseg_search.json`` in ``folder`` or up to two folders above it, or {}."""
+    from bldseg.tune.runner import META_FILE
+
+    for d in (folder, folder.parent, folder.parent.parent):
+        if (d / META_FILE).is_file():
+            return json.loads((d / META_FILE).read_text())
+    return {}
+
+
+def selection_label(selection: dict[str, Any]) -> str:
+    """``best of N trials, cpus_per_trial=c`` (each part only where known)."""
+    trials = selection.get("trials")
+    what = f"best of {trials} trials" if trials else "a search's trial"
+    cpus = selection.get("cpus_per_trial")
+    return what + (f", cpus_per_trial={cpus:g}" if cpus is not None else "")
+
+
+def best_trial(search_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The best usable trial of a finished search: its run folder, its full flat config, and
+    how it was chosen.
+
+    Returns:
+        ``(run folder, flat config, selection)``; ``selection`` has ``trials`` (how many it
+        was the best of; None for a trial's folder given directly), ``cpus_per_trial`` (the
+        threads it trained with; None where the search left no record) and ``label``.
 
     Raises:
         FileNotFoundError: No ``trials.csv`` (the search did not finish) or no checkpoint.
@@ -102,10 +139,15 @@ def best_trial(search_dir: Path) -> tuple[Path, dict[str, Any]]:
     """
     from bldseg.tune.runner import METRIC, USABLE
 
+    def selection(trials: int | None, folder: Path) -> dict[str, Any]:
+        spec = _search_record(folder).get("spec", {})
+        out = {"trials": trials, "cpus_per_trial": spec.get("cpus_per_trial")}
+        return {**out, "label": selection_label(out)}
+
     if (search_dir / "best.pt").is_file() and (search_dir / "summary.json").is_file():
         # One trial's run folder (e.g. of an interrupted search, which has no trials.csv).
         _, cfg, _ = load_checkpoint(search_dir / "best.pt")
-        return search_dir, cfg.to_flat()
+        return search_dir, cfg.to_flat(), selection(None, search_dir)
     csv = search_dir / "trials.csv"
     if not csv.is_file():
         raise FileNotFoundError(f"{csv}: not found; pass the folder of a finished search")
@@ -119,7 +161,7 @@ def best_trial(search_dir: Path) -> tuple[Path, dict[str, Any]]:
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: the best trial's checkpoint is missing")
     _, cfg, _ = load_checkpoint(ckpt)
-    return run_dir, cfg.to_flat()
+    return run_dir, cfg.to_flat(), selection(len(table), search_dir)
 
 
 def _run_key(fingerprint: str, flat: dict[str, Any]) -> str:
@@ -135,12 +177,14 @@ def train_and_score(
     truth: np.ndarray,
     groups: list[str],
     run_dir: Path | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Trains one run (or reuses a finished one) and scores it on the test tiles.
 
     Args:
         run_dir: An existing run of exactly ``cfg`` (the search's best trial); default a new
             folder under ``out`` keyed by the data and the config.
+        selection: How ``run_dir`` was chosen (:func:`best_trial`), recorded in the row.
 
     Returns:
         The run's row: config summary, validation figures, per-tile test Dice and interval.
@@ -174,6 +218,9 @@ def train_and_score(
         "epoch_s": [h["epoch_s"] for h in history],
         "cpu_s": sum(h.get("cpu_s", float("nan")) for h in history),  # NaN: an older run
     }
+    if selection is not None:
+        # Not a like-for-like arm: chosen as the best of several, timed with other threads.
+        row["selection"] = selection
     if status not in ("completed", "early-stopped") or not best:
         row["message"] = message
         return row
@@ -198,33 +245,60 @@ def train_and_score(
     return row
 
 
+def _per_tile(row: dict) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in row["per_tile"]], dtype=np.float64)
+
+
 def _tiles(rows: list[dict], seeds: list[int]) -> np.ndarray:
     """Per-tile Dice of the given rows' seeds, concatenated in seed order (NaN kept)."""
     by_seed = {r["seed"]: r for r in rows}
-    return np.concatenate(
-        [np.array([np.nan if v is None else v for v in by_seed[s]["per_tile"]]) for s in seeds]
-    )
+    return np.concatenate([_per_tile(by_seed[s]) for s in seeds])
 
 
-def summarise(rows: list[dict], groups: list[str]) -> dict[str, Any]:
-    """Each arm over its seeds, and ours - peer paired on the same tiles and seeds."""
+def summarise(
+    rows: list[dict], groups: list[str], tile_ids: list[str] | None = None
+) -> dict[str, Any]:
+    """Each arm over its seeds, and ours - peer paired on the same tiles and seeds.
+
+    The difference is :func:`bldseg.report.compare_arms`'s (peer as the baseline): an interval
+    over the test images (seeds pooled, source scenes resampled) and one over the seeds, and
+    ``beyond_noise`` only when both exclude 0 on the same side. Pooling the seeds and
+    resampling scenes alone called a difference whose sign flips between seeds beyond noise.
+
+    Args:
+        rows: :func:`train_and_score` rows; those without ``per_tile`` (failed runs) are left
+            out.
+        groups: Source scene of each test tile.
+        tile_ids: Each test tile's id (default: its position).
+    """
     ok = [r for r in rows if "per_tile" in r]
     arms = {a: [r for r in ok if r["arm"] == a] for a in ("ours", "peer")}
     out: dict[str, Any] = {}
     for arm, rs in arms.items():
         if rs:
             seeds = [r["seed"] for r in rs]
+            per_seed = [r["test_dice"]["estimate"] for r in rs]
             out[arm] = {
                 "seeds": seeds,
                 "test_dice": stats.bootstrap_mean(_tiles(rs, seeds), groups * len(seeds)).to_dict(),
-                "test_dice_per_seed": [r["test_dice"]["estimate"] for r in rs],
+                "test_dice_per_seed": per_seed,
+                "seed_interval": stats.mean_interval(per_seed).to_dict(),
             }
     common = sorted({r["seed"] for r in arms["ours"]} & {r["seed"] for r in arms["peer"]})
     if common:
-        diff = stats.paired_difference(
-            _tiles(arms["ours"], common), _tiles(arms["peer"], common), groups * len(common)
-        )
-        out["ours_minus_peer"] = {"seeds": common, **diff.to_dict()}
+        ids = np.array([str(i) for i in (range(len(groups)) if tile_ids is None else tile_ids)])
+        image_ids = np.array([str(g) for g in groups])
+
+        def scores(arm: str) -> list[TileScores]:
+            # seed order: compare_arms pairs the i-th run of an arm with the baseline's i-th
+            by_seed = {r["seed"]: r for r in arms[arm]}
+            return [TileScores(_per_tile(by_seed[s]), ids, image_ids) for s in common]
+
+        compared = compare_arms({"peer": scores("peer"), "ours": scores("ours")}, "peer")
+        out["ours_minus_peer"] = {"seeds": common, **compared["differences"]["ours"]}
+    selected = [r for r in arms["ours"] if "selection" in r]
+    if selected:
+        out["ours_selection"] = {str(r["seed"]): r["selection"]["label"] for r in selected}
     return out
 
 
@@ -246,19 +320,39 @@ def print_table(rows: list[dict], summary: dict) -> None:
             f"{r['best_epoch']:>2}/{len(r['epoch_s']):<2} {r['val_dice_best']:>8.4f} "
             f"{r['val_thr_best']:>5.3f} {_fmt(r['test_dice']):>26} {r['test_dice_05']:>8.4f} "
             f"{r['train_s']:>7.0f} {r['cpu_s']:>6.0f}"
+            + (f"  ({r['selection']['label']})" if "selection" in r else "")
+        )
+    if any("selection" in r for r in rows):
+        print(
+            "(a run marked 'best of N trials' is the search's own trial, chosen among N by "
+            "validation Dice and timed with its threads: not an arm trained like the peer)"
         )
     print()
     for arm in ("ours", "peer"):
         if arm in summary:
             s = summary[arm]
-            print(f"{arm} over seeds {s['seeds']}: test Dice {_fmt(s['test_dice'])}")
+            iv = s["seed_interval"]
+            print(
+                f"{arm} over seeds {s['seeds']}: test Dice {_fmt(s['test_dice'])} "
+                f"[{iv['low']:.4f}, {iv['high']:.4f}] over seeds"
+            )
     if "ours_minus_peer" in summary:
         d = summary["ours_minus_peer"]
-        beyond = "beyond noise" if d["low"] > 0 or d["high"] < 0 else "within noise"
+        tiles, seeds = d["interval"], d["seed_interval"]
+        verdict = "beyond noise" if d["beyond_noise"] else "within noise"
+        per_seed = ", ".join(f"{v:+.4f}" for v in d["per_seed"])
         print(
             f"ours - peer (paired, same tiles, seeds {d['seeds']}): "
-            f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({beyond})"
+            f"{tiles['estimate']:+.4f} [{tiles['low']:+.4f}, {tiles['high']:+.4f}] over test "
+            f"images, [{seeds['low']:+.4f}, {seeds['high']:+.4f}] over seeds ({verdict}); "
+            f"per seed: {per_seed}"
         )
+        print(
+            "A difference is beyond noise only when both intervals exclude 0 on the same side "
+            "(the test images drawn, and the training seed)."
+        )
+        for seed, label in summary.get("ours_selection", {}).items():
+            print(f"ours seed {seed} is the search's {label}: its pair carries that selection")
 
 
 def main() -> None:
@@ -307,11 +401,11 @@ def main() -> None:
         f"{len(set(groups))} held-out scenes ({empty:.0%} without a building)"
     )
     models = {"ours": args.ours, "peer": args.peer}
-    trial_dir, trial = (None, {})
+    trial_dir, trial, selection = (None, {}, None)
     if args.search:
-        trial_dir, trial = best_trial(Path(args.search))
+        trial_dir, trial, selection = best_trial(Path(args.search))
         models["ours"] = trial["model"]
-        print(f"the search's best trial: {trial_dir}", flush=True)
+        print(f"the search's best trial ({selection['label']}): {trial_dir}", flush=True)
     base = {**CPU_DEMO, "epochs": args.epochs, **trial, **args.config, **parse_set(args.set)}
     rows = []
     for seed in args.seeds:
@@ -320,8 +414,19 @@ def main() -> None:
             cfg = RunConfig.from_flat({**base, "model": models[arm], "seed": seed, **own})
             print(f"== {arm}: {cfg.model}, seed {seed}", flush=True)
             reuse = trial_dir if arm == "ours" and cfg.to_flat() == trial else None
-            rows.append(train_and_score(arm, cfg, Path(args.out), data, truth, groups, reuse))
-    summary = summarise(rows, groups)
+            rows.append(
+                train_and_score(
+                    arm,
+                    cfg,
+                    Path(args.out),
+                    data,
+                    truth,
+                    groups,
+                    reuse,
+                    selection if reuse is not None else None,
+                )
+            )
+    summary = summarise(rows, groups, list(data.test.ids))
     print_table(rows, summary)
     if args.json:
         path = Path(args.json)
@@ -335,6 +440,7 @@ def main() -> None:
             "machine": f"{platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} torch threads",
             "search": args.search,
+            "search_selection": selection,
             "runs": rows,
             "summary": summary,
         }

@@ -8,13 +8,13 @@ The arms train one after the other, never at once: on a 2-core machine a second 
 slow the first.
 
 After every epoch the epoch's model (``last.pt``) is scored on the clean held-out test tiles
-with the official metric at the epoch's validation threshold; that scoring is not counted in
-the run's time. An arm's value at a budget of ``t`` CPU seconds is the test Dice of the
-checkpoint a user stopping at ``t`` keeps, the best validation epoch finished by then
-(:mod:`bldseg.curves`). CPU seconds are the training process's (``time.process_time``, all
-torch threads, validation included); wall seconds are printed beside them. The 95% intervals
-are cluster bootstraps over the test tiles' source scenes; ``ours - peer`` is paired on the
-same tiles.
+with the official metric at the epoch's validation threshold, as ``bldseg predict`` scores a
+run (its autocast, TTA and memory format); that scoring is not counted in the run's time. An
+arm's value at a budget of ``t`` CPU seconds is the test Dice of the checkpoint a user
+stopping at ``t`` keeps, the best validation epoch finished by then (:mod:`bldseg.curves`).
+CPU seconds are the training process's (``time.process_time``, all torch threads, validation
+included); wall seconds are printed beside them. The 95% intervals are cluster bootstraps over
+the test tiles' source scenes; ``ours - peer`` is paired on the same tiles.
 
     python experiments/bench_train.py --json bench/train.json
     python experiments/bench_train.py --peers smp_unet_mobilenetv3_small smp_unet_resnet18
@@ -27,8 +27,13 @@ then keeps the ``--epochs`` run's warm-up length in steps (``sched.warmup_steps`
 arms see the same learning rate at every step (:func:`same_warmup`).
 
 Prints a table, writes JSON and a plot (``--plot``, default beside the JSON). Runs are kept
-under ``--out`` keyed by the data and the config, so a rerun scores finished runs again
-without training them (their recorded times are reused).
+under ``--out`` keyed by the data, the config and the torch thread count (CPU seconds measured
+with other threads are not comparable), so a rerun reuses finished runs without training them:
+their recorded times, and their test scores when ``test_curve.json`` records the scoring this
+version does (:func:`scoring_spec`: the scoring code's version, the device, the autocast, TTA,
+the memory format and the threads). Scores recorded otherwise are computed again from the
+epoch's weights, which every run keeps in ``epoch_weights/`` (one state dict per epoch, of the
+network validation chose; 4 bytes a parameter); a run without them must be trained again.
 """
 
 from __future__ import annotations
@@ -58,13 +63,62 @@ from bldseg.train.engine import (
     predict_probs,
     resolve_device,
     steps_per_epoch,
+    to_run_memory_format,
 )
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
 # The sibling benchmark's helpers (this folder is on sys.path when a script here runs).
 from bench_quality import _run_key, add_world_arguments, load_world  # isort: skip
 
-CURVE_FILE = "test_curve.json"  # per epoch: threshold and per-tile test Dice, in the run folder
+CURVE_FILE = "test_curve.json"  # the scoring (scoring_spec) and per epoch: threshold, per-tile Dice
+EPOCH_WEIGHTS = "epoch_weights"  # per epoch: the weights its test scores were computed from
+#: The scoring code's version, recorded with every curve: raise it whenever the way an epoch's
+#: model is scored changes, and curves scored before are scored again from the epoch weights.
+#: 2: under the run's autocast and TTA, with its memory format (channels-last), as predict.
+SCORING_VERSION = 2
+
+
+def scoring_spec(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """What an epoch's test scores depend on besides its weights, as ``test_curve.json``
+    records it: a curve recorded with another spec is scored again."""
+    amp = eval_autocast(cfg.precision, device)
+    return {
+        "version": SCORING_VERSION,
+        "device": device.type,
+        "precision": cfg.precision,
+        "autocast": None if amp is None else str(amp).removeprefix("torch."),
+        "tta": cfg.tta,
+        "channels_last": cfg.channels_last,
+        # the threads the run trained with (its CPU seconds) and was scored with
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_folder(arm: str, cfg: RunConfig, out: Path, fingerprint: str) -> Path:
+    """An arm's run folder: keyed by the data, the config and the torch thread count, so runs
+    timed with other threads are never mixed into one table."""
+    key = _run_key(fingerprint, {**cfg.to_flat(), "torch_threads": torch.get_num_threads()})
+    return out / f"{arm}-seed{cfg.seed}-{key}"
+
+
+def _read_curve(path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recorded per-epoch scores when they were scored as ``spec`` says; else []."""
+    if not path.is_file():
+        return []
+    recorded = json.loads(path.read_text())
+    # a bare list: a curve of a version before the scoring was recorded
+    scoring = recorded.get("scoring") if isinstance(recorded, dict) else None
+    if scoring != spec:
+        print(f"{path}: scored as {scoring}, not as {spec}: scoring its epochs again", flush=True)
+        return []
+    return recorded["epochs"]
+
+
+def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(weights, tmp)
+    os.replace(tmp, path)  # a killed run leaves no half-written epoch behind
 
 
 def train_curve(
@@ -72,49 +126,78 @@ def train_curve(
 ) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
     """Trains one arm (or reads a finished run) and scores every epoch's model on the test tiles.
 
+    Epochs whose recorded scores are missing or were scored otherwise (:func:`scoring_spec`)
+    are scored from their weights in ``epoch_weights/``.
+
     Returns:
         The run folder, its history (``cpu_s``, ``epoch_s``, validation per epoch) and the
         per-epoch test scores (``epoch``, ``threshold``, ``per_tile`` with NaN as None).
+
+    Raises:
+        RuntimeError: The run did not complete, or an epoch has neither valid scores nor
+            weights (a run trained outside this benchmark or before it kept them).
     """
-    run_dir = out / f"{arm}-seed{cfg.seed}-{_run_key(data.train.fingerprint, cfg.to_flat())}"
+    run_dir = run_folder(arm, cfg, out, data.train.fingerprint)
     curve_path = run_dir / CURVE_FILE
-    curve: list[dict[str, Any]] = json.loads(curve_path.read_text()) if curve_path.is_file() else []
     device = resolve_device(cfg.device)
+    spec = scoring_spec(cfg, device)
+    curve = _read_curve(curve_path, spec)
+    # Built as bldseg predict builds it (load_checkpoint): the run's memory format, in which
+    # bf16 convolutions round differently, so the scores are predict's to the last level.
     model = create_model(cfg.model, **cfg.model_kwargs()).to(device)
+    model = to_run_memory_format(model, cfg, device).eval()
     test_loader = image_loader(data.test, 32)
+    amp = eval_autocast(cfg.precision, device)
+
+    def weights_path(epoch: int) -> Path:
+        return run_dir / EPOCH_WEIGHTS / f"epoch{epoch:03d}.pt"
+
+    def score_weights(row: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        model.load_state_dict(weights)  # copied into the parameters: their layout stays
+        # as bldseg predict scores it: under the run's autocast and TTA, as validation chose
+        # its threshold
+        probs = predict_probs(model, test_loader, device, amp, cfg.tta)  # (N, S, S) uint8
+        thr = float(row["val_thr_best"])
+        per_tile = metrics.dice_per_image(probs >= metrics.level_from_threshold(thr), truth)
+        return {
+            "epoch": int(row["epoch"]),
+            "threshold": thr,
+            "per_tile": [None if np.isnan(v) else float(v) for v in per_tile],
+        }
+
+    def save_curve() -> None:
+        write_json(curve_path, {"scoring": spec, "epochs": sorted(curve, key=lambda c: c["epoch"])})
 
     def score(row: dict[str, Any], folder: Path) -> None:
         # The epoch's weights are in last.pt (best.pt only when validation improved).
         # The network validation chose (co-teaching trains two; best.pt keeps that one).
         chosen = "fg".index(row.get("val_net", "f"))
-        model.load_state_dict(eval_weights(load_state(folder / "last.pt", device))[chosen])
-        # as bldseg predict scores it: under the run's autocast and TTA, as validation chose
-        # its threshold
-        amp = eval_autocast(cfg.precision, device)
-        probs = predict_probs(model, test_loader, device, amp, cfg.tta)  # (N, S, S) uint8
-        thr = float(row["val_thr_best"])
-        per_tile = metrics.dice_per_image(probs >= metrics.level_from_threshold(thr), truth)
+        weights = eval_weights(load_state(folder / "last.pt", device))[chosen]
+        _save_weights(weights, weights_path(int(row["epoch"])))
+        # a resumed run trains the epochs after its last.pt again: their old scores go
         curve[:] = [c for c in curve if c["epoch"] < row["epoch"]]
-        curve.append(
-            {
-                "epoch": int(row["epoch"]),
-                "threshold": thr,
-                "per_tile": [None if np.isnan(v) else float(v) for v in per_tile],
-            }
-        )
-        write_json(curve_path, curve)
+        curve.append(score_weights(row, weights))
+        save_curve()
 
     result = fit(cfg, run_dir, data=data, resume=True, progress=True, on_epoch_end=score)
     if result.status != "completed":
         raise RuntimeError(f"{arm} ({cfg.model}): {result.status}: {result.message}")
-    missing = {h["epoch"] for h in result.history} - {c["epoch"] for c in curve}
-    if missing:
-        raise RuntimeError(
-            f"{run_dir}: epochs {sorted(missing)} were trained without test scores (a run "
-            f"trained outside this benchmark?); delete the folder to retrain it"
-        )
     if any("cpu_s" not in h for h in result.history):
         raise RuntimeError(f"{run_dir}: its history has no cpu_s (an older run); delete it")
+    scored = {c["epoch"] for c in curve}
+    for row in result.history:
+        if row["epoch"] in scored:
+            continue
+        path = weights_path(int(row["epoch"]))
+        if not path.is_file():
+            raise RuntimeError(
+                f"{run_dir}: epoch {row['epoch']} has no test scores of this version and no "
+                f"weights ({path}) to score (a run trained outside this benchmark or before it "
+                "kept them); delete the folder to retrain it"
+            )
+        curve.append(score_weights(row, load_state(path, device)))
+        save_curve()
+    curve.sort(key=lambda c: c["epoch"])
     return run_dir, result.history, curve
 
 
@@ -241,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             "params": params,
             "run_dir": str(run_dir),
             "config_beyond_base": {"epochs": epochs, **pinned},
+            "scoring": scoring_spec(cfg, resolve_device(cfg.device)),
             "call_s": time.perf_counter() - t0,  # this call: ~0 for a run trained before
             "cpu": arm_points(history, curve, "cpu_s"),
             "wall": arm_points(history, curve, "epoch_s"),
@@ -371,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
                 "params": r["params"],
                 "run_dir": r["run_dir"],
                 "config_beyond_base": r["config_beyond_base"],
+                "scoring": r["scoring"],
                 "epochs": [
                     {
                         "epoch": c.epoch,

@@ -10,15 +10,20 @@ and test images with two 95% bootstrap intervals, one over test images (source s
 one over seeds, and co-teaching minus plain BCE as a paired difference (same seed, same
 tiles) with both intervals; it is called beyond noise only when both exclude 0
 (:func:`bldseg.report.compare_arms`). Prints tables and writes JSON; a re-run continues the
-runs it finds.
+runs it finds: run folders are ``--out/<arm>/seed<S>-<key>``, keyed by the training data's
+fingerprint and the run config, so another world (``--data-root``) or config trains its own
+runs instead of reusing (or being refused by) those of the first.
 
     python experiments/compare_noisy.py --json bench/noisy.json
     python experiments/compare_noisy.py --seeds 0 1 2 3 4 --set epochs=24
 """
 
 import argparse
+import hashlib
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +39,18 @@ from bldseg.tune.cli import fixed_config
 
 RULES = ("0.5", "sweep", "youden")
 MIN_SEEDS = 3
+
+
+def run_folder(out: str | Path, arm: str, flat: dict[str, Any], fingerprint: str) -> Path:
+    """A run's folder, keyed by the training data's fingerprint and the run config.
+
+    fit() resumes (or, finished, reuses) whatever run its folder holds when the config matches,
+    whatever data it was trained on: a folder per arm and seed alone gave a second world the
+    first world's models.
+    """
+    blob = json.dumps({"data": fingerprint, "config": flat}, sort_keys=True, default=str)
+    key = hashlib.blake2b(blob.encode(), digest_size=5).hexdigest()
+    return Path(out) / arm / f"seed{flat['seed']}-{key}"
 
 
 def _fmt(iv: dict | None, signed: bool = False) -> str:
@@ -90,8 +107,9 @@ def main() -> None:
     tiles: dict[str, dict[str, list[TileScores]]] = {rule: {a: [] for a in arms} for rule in RULES}
     for name, flat in arms.items():
         for seed in args.seeds:
-            out = Path(args.out) / name / f"seed{seed}"
-            r = fit(RunConfig.from_flat({**flat, "seed": seed}), out, data=data, progress=True)
+            cfg = RunConfig.from_flat({**flat, "seed": seed})
+            out = run_folder(args.out, name, cfg.to_flat(), data.train.fingerprint)
+            r = fit(cfg, out, data=data, progress=True)
             if r.status != "completed":
                 # a paired comparison needs every seed of both arms trained to the end
                 failed.append(f"{name} seed {seed}: {r.status} ({r.message})")
@@ -100,6 +118,7 @@ def main() -> None:
             row = {
                 "run": name,
                 "seed": seed,
+                "run_dir": str(out),
                 "status": r.status,
                 "best_epoch": b["epoch"],
                 "val_dice_05": b["val_dice_05"],
@@ -173,7 +192,8 @@ def main() -> None:
         "noise only when both exclude 0."
     )
     if args.json:
-        write_json(args.json, {"runs": rows, "summary": summary, "base": base})
+        record = {"runs": rows, "summary": summary, "base": base, "data": data.description}
+        write_json(args.json, {**record, "data_fingerprint": data.train.fingerprint})
         print(f"wrote {args.json}")
 
 

@@ -1,9 +1,13 @@
 """experiments/bench_dcnv3.py: the module timing, with the projections-alone floor beside it."""
 
 import importlib
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,3 +87,65 @@ def test_bfloat16_gives_the_ops_bf16_tensors_and_runs_the_modules_under_autocast
         assert {r["autocast"] for r in rows} == {"bfloat16" if autocast else None}
         # 3 module variants, a warm-up round and one timed round
         assert seen == [want] * 6
+
+
+def test_op_isa_follows_the_kernels_choice(tmp_path):
+    x86 = {"machine": "x86_64"}
+    avx2 = {"sse2", "avx2", "fma"}
+    avx512 = avx2 | {"avx512f", "avx512vl", "avx512dq", "avx512bw"}
+    assert bench_dcnv3.op_isa({}, avx2, **x86) == "avx2"
+    assert bench_dcnv3.op_isa({"BLDSEG_CPU_NO_AVX2": ""}, avx512, **x86) == "baseline"
+    assert bench_dcnv3.op_isa({"BLDSEG_CPU_AVX512": "1"}, avx512, **x86) == "avx512"
+    # asked for on a CPU without it: the AVX2 kernels run
+    assert bench_dcnv3.op_isa({"BLDSEG_CPU_AVX512": "1"}, avx2, **x86) == "avx2"
+    assert bench_dcnv3.op_isa({}, {"sse2"}, **x86) == "baseline"
+    assert bench_dcnv3._cpu_flags(tmp_path / "no_cpuinfo") is None  # e.g. macOS
+    assert bench_dcnv3.op_isa({}, avx512, machine="aarch64") == "baseline"
+    # an op case's child never sees this process's choice
+    assert "BLDSEG_CPU_AVX512" not in bench_dcnv3.child_env(None)
+
+
+def test_every_row_says_which_kernels_it_ran(tmp_path):
+    # This process asks for the baseline kernels: the module rows (run here) get them, the op
+    # cases (children without BLDSEG_CPU_*) the CPU's default; the JSON says which is which.
+    out = tmp_path / "dcnv3.json"
+    code = (
+        "import sys; sys.argv = ['bench_dcnv3', '--levels', 'tiny', '--batch', '2', "
+        f"'--repeat', '1', '--devices', 'cpu', '--json', {str(out)!r}]; "
+        "import bench_dcnv3; bench_dcnv3.LEVELS['tiny'] = [(6, 32, 2)]; bench_dcnv3.main()"
+    )
+    env = {**os.environ, "BLDSEG_CPU_NO_AVX2": "1", "PYTHONPATH": str(REPO / "experiments")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    default = bench_dcnv3.op_isa({})  # this CPU's kernels without any variable
+    ops = {(r["impl"], r["mode"]): r["isa"] for r in record["results"]}
+    assert ops == {
+        ("compiled", "fwd"): default,
+        ("compiled", "fwd+bwd"): default,
+        ("reference", "fwd"): None,
+        ("reference", "fwd+bwd"): None,
+    }
+    modules = {r["variant"]: r["isa"] for r in record["modules"]}
+    assert modules == {
+        "reference op": None,
+        "compiled, torch softmax": "baseline",
+        "compiled op": "baseline",
+        bench_dcnv3.PROJECTIONS: None,
+    }
+    if default != "baseline":
+        assert "(not the op cases' kernels)" in done.stdout
+
+
+def test_a_device_or_level_that_cannot_run_is_an_error(monkeypatch, capsys):
+    # an empty table with exit status 0 read as a benchmark that ran
+    cases = [(["--levels", "Q"], "--levels: unknown 'Q'")]
+    if not torch.cuda.is_available():
+        cases.append((["--devices", "cuda"], "--devices cuda: CUDA is not available"))
+    for args, says in cases:
+        monkeypatch.setattr(sys, "argv", ["bench_dcnv3", *args])
+        with pytest.raises(SystemExit) as e:
+            bench_dcnv3.main()
+        assert e.value.code != 0 and says in capsys.readouterr().err

@@ -1,12 +1,22 @@
 """experiments/bench_train.py end to end on a tiny world: curves, table, JSON, plot, reuse."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from bldseg import metrics
+from bldseg.data.prepare import prepare_data
+from bldseg.pipeline import test_truth as held_out_truth
+from bldseg.predict import image_loader, load_checkpoint
+from bldseg.train import RunConfig
+from bldseg.train.engine import eval_autocast, predict_probs
+from bldseg.tune.cli import CPU_DEMO
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = {
@@ -50,7 +60,8 @@ def test_bench_train_writes_curves_and_reuses_finished_runs(tmp_path):
         assert 0 < epochs[0]["wall_s"] < epochs[1]["wall_s"]
         assert all(0.0 <= e["test_dice"] <= 1.0 for e in epochs)
         curve = json.loads((Path(arm["run_dir"]) / "test_curve.json").read_text())
-        assert [len(c["per_tile"]) for c in curve] == [8, 8]
+        assert [len(c["per_tile"]) for c in curve["epochs"]] == [8, 8]
+        assert curve["scoring"] == arm["scoring"]
     budgets = record["budgets"]
     assert len(budgets) == 4 and budgets[-1]["cpu_s"] == max(
         a["epochs"][-1]["cpu_s"] for a in record["arms"].values()
@@ -72,6 +83,60 @@ def test_bench_train_writes_curves_and_reuses_finished_runs(tmp_path):
     assert "epoch 1/2" not in again.stderr
     rerun = json.loads((tmp_path / "train.json").read_text())
     assert rerun["arms"]["ours"]["epochs"] == record["arms"]["ours"]["epochs"]
+
+
+def test_curves_are_scored_as_predict_and_again_when_scored_otherwise(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import bench_train
+
+    data = prepare_data(None, data_root=tmp_path / "data", synthetic=WORLD)
+    truth = held_out_truth(data)
+    # bf16 convolutions round differently in channels-last: the run's memory format matters
+    flat = {**CPU_DEMO, "epochs": 1, "samples_per_epoch": 16, "aug.crop_size": 64}
+    cfg = RunConfig.from_flat({**flat, "precision": "bf16", "channels_last": True})
+    out = tmp_path / "runs"
+    run_dir, _, curve = bench_train.train_curve("ours", cfg, out, data, truth)
+
+    # Scored as bldseg predict scores the run (its one epoch is best.pt).
+    cpu = torch.device("cpu")
+    model, run_cfg, _ = load_checkpoint(run_dir / "best.pt", cpu)
+    amp = eval_autocast(run_cfg.precision, cpu)
+    probs = predict_probs(model, image_loader(data.test, 32), cpu, amp, run_cfg.tta)
+    level = metrics.level_from_threshold(curve[0]["threshold"])
+    per_tile = metrics.dice_per_image(probs >= level, truth)
+    assert curve[0]["per_tile"] == [None if np.isnan(v) else float(v) for v in per_tile]
+    path = run_dir / bench_train.CURVE_FILE
+    recorded = json.loads(path.read_text())
+    assert recorded["scoring"] == bench_train.scoring_spec(cfg, cpu)
+    assert recorded["scoring"]["version"] == bench_train.SCORING_VERSION
+    assert recorded["scoring"]["torch_threads"] == torch.get_num_threads()
+    assert (recorded["scoring"]["autocast"], recorded["scoring"]["channels_last"]) == (
+        "bfloat16",
+        True,
+    )
+
+    # A finished run's curve scored by an older version (a bare list, without its scoring)
+    # or another scoring version is scored again from the epoch's weights, not reused.
+    old = [{"epoch": 1, "threshold": 0.5, "per_tile": [0.1] * len(truth)}]
+    for stale in (old, {**recorded, "scoring": {**recorded["scoring"], "version": 1}}):
+        path.write_text(json.dumps(stale))
+        assert bench_train.train_curve("ours", cfg, out, data, truth)[2] == curve
+        assert json.loads(path.read_text()) == recorded
+
+    # Without the weights, such a curve is refused, never used.
+    path.write_text(json.dumps(old))
+    shutil.rmtree(run_dir / bench_train.EPOCH_WEIGHTS)
+    with pytest.raises(RuntimeError, match=r"no weights .* delete the folder"):
+        bench_train.train_curve("ours", cfg, out, data, truth)
+
+    # CPU seconds measured with other torch threads go to another run folder.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads != 1 else 2)
+    try:
+        other = bench_train.run_folder("ours", cfg, out, data.train.fingerprint)
+    finally:
+        torch.set_num_threads(threads)
+    assert other != run_dir == bench_train.run_folder("ours", cfg, out, data.train.fingerprint)
 
 
 def test_ours_epochs_lengthens_only_our_arm(tmp_path):

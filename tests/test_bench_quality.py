@@ -1,0 +1,88 @@
+"""experiments/bench_quality.py: the verdict needs the seeds to agree, and a search's best
+trial is labelled as what it is."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bldseg.models import create_model
+from bldseg.train import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import bench_quality  # noqa: E402
+
+GROUPS = [f"s{i // 4}" for i in range(64)]  # 16 scenes x 4 tiles
+
+
+def _rows(shifts: list[float]) -> list[dict]:
+    """ours and peer per seed; ours = peer + the seed's shift on every tile (little tile noise)."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.9, len(GROUPS))
+    rows = []
+    for seed, shift in enumerate(shifts):
+        for arm, d in (("ours", shift), ("peer", 0.0)):
+            tiles = base + d + rng.normal(0, 0.002, len(GROUPS))
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "test_dice": {"estimate": float(tiles.mean())},
+                    "per_tile": list(tiles),
+                }
+            )
+    return rows
+
+
+def test_a_sign_flip_between_seeds_is_within_noise():
+    # ours ahead with seed 0, behind with seed 1: pooled, the scenes alone call it an effect
+    summary = bench_quality.summarise(_rows([0.05, -0.03]), GROUPS)
+    d = summary["ours_minus_peer"]
+    assert d["interval"]["low"] > 0  # over test images: above 0
+    assert d["seed_interval"]["low"] < 0 < d["seed_interval"]["high"]
+    assert d["beyond_noise"] is False
+    assert d["per_seed"][0] > 0 > d["per_seed"][1]
+    # Seeds that agree are beyond noise on both counts.
+    agree = bench_quality.summarise(_rows([0.03, 0.032, 0.028]), GROUPS)["ours_minus_peer"]
+    assert agree["beyond_noise"] is True and agree["seeds"] == [0, 1, 2]
+    assert agree["seed_interval"]["low"] > 0
+
+
+def test_a_searchs_best_trial_is_labelled_best_of_n(tmp_path, capsys):
+    search = tmp_path / "search"
+    runs = []
+    for i in range(3):
+        run = search / f"trial_{i}" / "run"
+        cfg = RunConfig.from_flat({"model": "upernet_internimage_tiny", "seed": 0})
+        torch.manual_seed(i)
+        model = create_model(cfg.model, **cfg.model_kwargs())
+        run.mkdir(parents=True)
+        torch.save({"model": model.state_dict(), "config": cfg.to_flat()}, run / "best.pt")
+        runs.append({"run_dir": str(run), "status": "completed", "val_dice_best": 0.5 + i / 10})
+    pd.DataFrame(runs).to_csv(search / "trials.csv", index=False)
+    (search / "bldseg_search.json").write_text(json.dumps({"spec": {"cpus_per_trial": 2.0}}))
+    run_dir, flat, selection = bench_quality.best_trial(search)
+    assert run_dir == search / "trial_2" / "run" and flat["model"] == "upernet_internimage_tiny"
+    assert selection == {
+        "trials": 3,
+        "cpus_per_trial": 2.0,
+        "label": "best of 3 trials, cpus_per_trial=2",
+    }
+    # In the table and the summary, that run is labelled, not shown as a like-for-like arm.
+    rows = _rows([0.01])
+    rows[0]["selection"] = selection
+    for r in rows:
+        r.update(model=r["arm"], status="completed", params=1e6, best_epoch=1, epoch_s=[1.0])
+        r.update(val_dice_best=0.7, val_thr_best=0.5, test_dice_05=0.7, train_s=1.0, cpu_s=1.0)
+        r["test_dice"] = {"estimate": r["test_dice"]["estimate"], "low": 0.0, "high": 1.0}
+    summary = bench_quality.summarise(rows, GROUPS)
+    assert summary["ours_selection"] == {"0": "best of 3 trials, cpus_per_trial=2"}
+    bench_quality.print_table(rows, summary)
+    out = capsys.readouterr().out
+    assert "(best of 3 trials, cpus_per_trial=2)" in out
+    assert "ours seed 0 is the search's best of 3 trials" in out
+    assert "within noise" in out  # one seed: its interval over seeds is unbounded
