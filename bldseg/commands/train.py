@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except USER_ERRORS as e:
         return fail(e)
     for row in result.history:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+        print(epoch_line(row))
     if result.status == "diverged":
         # a failed run: scripts and schedulers must see it (its files say how far it got)
         return fail(f"training diverged: {result.message}; see {args.out}/history.json")
@@ -131,6 +131,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         f"{_val_dice(result.best)}; {args.out}/best.pt"
     )
     return 0
+
+
+def epoch_line(row: dict) -> str:
+    """One epoch's metrics as a JSON line, numbers to 4 significant digits.
+
+    Significant digits, not decimals: a fine-tuning LR of 6e-05 (and the smaller ones of its
+    warm-up) would round to 0.0001 or 0.0 at 4 decimals.
+    """
+    return json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()})
 
 
 def _val_dice(best: dict) -> str:

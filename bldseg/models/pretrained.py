@@ -15,11 +15,17 @@ Two layouts, told apart by their keys (never by the file name):
 
 Files are read with ``torch.load(weights_only=True)``: tensors, plain containers and numpy
 numbers (mmseg's ``meta``) only, so a file can never run code here. Nothing is ever downloaded.
+
+A file that does not fit raises :class:`CheckpointMismatchError` (a ``ValueError``: the command
+line reports it in one line) naming the model and every bad key as the file names it; where the
+file's backbone is that of another registered model (the T weights given to the CPU default
+``upernet_internimage_tiny``), the message names that model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import re
@@ -31,7 +37,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bldseg.models.backbones.internimage import InternImage
+from bldseg.models.backbones.internimage import INTERNIMAGE_VARIANTS, InternImage, internimage
+from bldseg.models.registry import list_backbones, list_models
 from bldseg.models.segmentor import SegmentationModel
 
 #: mmseg key prefix -> ours. The other mmseg names already are ours: ``backbone.*`` and
@@ -52,6 +59,14 @@ SEGMENTATION_CLASSIFIERS = ("decode_head.classifier.", "aux_head.classifier.")
 _GAMMAS = (".gamma1", ".gamma2")
 
 
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint that does not fit the model: its message lists every bad key.
+
+    A ``ValueError`` because the file is the user's input (the commands report it in one line,
+    without a traceback); also a ``RuntimeError``, what :func:`load_pretrained` raised before.
+    """
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint read from disk, with our parameter names.
@@ -62,12 +77,24 @@ class Checkpoint:
             ``decode_head.*``, ...).
         state_dict: Tensors by our names.
         file_names: Our name -> the name in the file, where they differ (for messages).
+        prefix: Removed from every key of the file (``"module."`` of a DistributedDataParallel
+            wrapper), else ``""``.
+        mmseg_names: The file names the classifiers and the auxiliary head as mmseg does
+            (``conv_seg``, ``auxiliary_head``).
     """
 
     path: str
     layout: Literal["classification", "segmentation"]
     state_dict: dict[str, torch.Tensor]
     file_names: dict[str, str] = field(default_factory=dict)
+    prefix: str = ""
+    mmseg_names: bool = False
+
+    def name_in_file(self, key: str) -> str:
+        """The name our ``key`` has in the file, or would have there (a missing key)."""
+        if key in self.file_names:
+            return self.file_names[key]
+        return self.prefix + (_to_mmseg(key) if self.mmseg_names else key)
 
 
 @dataclass
@@ -148,17 +175,29 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{{'state_dict': state_dict}} (mmseg) or a bare state dict of tensors; found {found}"
         )
     sd = dict(sd)
+    prefix = ""
     if all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if not any(k.startswith("backbone.") for k in sd):
-        return Checkpoint(str(path), "classification", sd)
+        prefix = "module."
+        sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    layout = "segmentation" if any(k.startswith("backbone.") for k in sd) else "classification"
     state, file_names = {}, {}
     for k, v in sd.items():
-        ours = _to_ours(k)
+        ours = _to_ours(k) if layout == "segmentation" else k
         state[ours] = v
-        if ours != k:
-            file_names[ours] = k
-    return Checkpoint(str(path), "segmentation", state, file_names)
+        if prefix + k != ours:
+            file_names[ours] = prefix + k
+    mmseg = layout == "segmentation" and any(_to_ours(k) != k for k in sd)
+    return Checkpoint(str(path), layout, state, file_names, prefix, mmseg)
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex digest}`` of a file: a run records which checkpoint it
+    started from, so another file put behind the same path later shows."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
 def _numpy_data() -> list:
@@ -185,6 +224,13 @@ def _to_ours(key: str) -> str:
     for theirs, ours in MMSEG_TO_BLDSEG:
         if key.startswith(theirs):
             return ours + key[len(theirs) :]
+    return key
+
+
+def _to_mmseg(key: str) -> str:
+    for theirs, ours in MMSEG_TO_BLDSEG:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
     return key
 
 
@@ -225,6 +271,10 @@ def overrides_for_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> dict[str
 def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint) -> LoadReport:
     """Loads official weights into a model, strictly, but for the classifiers it re-makes.
 
+    Our own older run files (``best.pt`` with the decoder's former names, ``ppm.stages.*`` and
+    numbered ``.0.``/``.1.`` sub-modules) load too: the model's own renaming hooks, which
+    ``load_state_dict`` runs, are applied before the keys are compared.
+
     Args:
         model: A :class:`SegmentationModel` (classification checkpoints go into its backbone,
             segmentation ones into the whole model) or an :class:`InternImage` (a segmentation
@@ -237,12 +287,16 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint
     Raises:
         FileNotFoundError: No file at the path.
         ValueError: An unsafe or unreadable file (see :func:`read_checkpoint`).
-        RuntimeError: Every missing, unexpected and mis-shaped key, listed by name and grouped,
-            with what to do.
+        CheckpointMismatchError: Every missing, unexpected and mis-shaped key, listed by the
+            file's names and grouped, with what to do: the model by its registered name, and
+            the registered model whose backbone the file fits, where there is one.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     state = dict(ckpt.state_dict)
-    in_file = {k: ckpt.file_names.get(k, k) for k in state}  # current key -> name in the file
+    # The target's keys are the checkpoint's after this prefix (an InternImage given a
+    # segmentation checkpoint holds its backbone.* part).
+    ckpt_prefix = ""
+    in_file = {k: ckpt.name_in_file(k) for k in state}  # current key -> name in the file
     dropped: dict[str, list[str]] = {}
 
     def drop(why: str, keys: list[str]) -> None:
@@ -262,13 +316,15 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint
                 "decoder (not part of a backbone)",
                 [k for k in state if not k.startswith("backbone.")],
             )
-            state = {k.removeprefix("backbone."): v for k, v in state.items()}
-            in_file = {k.removeprefix("backbone."): n for k, n in in_file.items()}
+            ckpt_prefix = "backbone."
+            state = {k.removeprefix(ckpt_prefix): v for k, v in state.items()}
+            in_file = {k.removeprefix(ckpt_prefix): n for k, n in in_file.items()}
     else:
         raise TypeError(
             f"load_pretrained: expected a SegmentationModel or an InternImage, got "
             f"{type(model).__name__}"
         )
+    state, in_file = _renamed_by_hooks(target, state, in_file)
     own = target.state_dict()
     if not any(k.startswith(CLASSIFIER_PREFIXES) for k in own):
         drop(
@@ -298,16 +354,20 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if state[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise RuntimeError(
+        name = _registered_name(model)
+        backbone_only = isinstance(model, InternImage)
+        raise CheckpointMismatchError(
             _mismatch_message(
                 ckpt.path,
-                f"the backbone of {type(model).__name__}" if prefix else type(model).__name__,
+                f"the backbone of {name}" if prefix else name,
                 own,
                 state,
-                in_file,
+                # missing keys have no name in the file: the one they would have there
+                {**{k: ckpt.name_in_file(ckpt_prefix + k) for k in missing}, **in_file},
                 missing,
                 unexpected,
                 shapes,
+                [m for m in _fitting_models(ckpt, backbones=backbone_only) if m != name],
             )
         )
     # Strict: every key of the target is given, the re-made classifiers their own fresh values.
@@ -322,6 +382,98 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint
     )
 
 
+def _renamed_by_hooks(
+    target: nn.Module, state: dict[str, torch.Tensor], in_file: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` with the keys renamed as ``target.load_state_dict`` would rename them, and
+    ``in_file`` (key -> name in the file) following the renames.
+
+    ``load_state_dict`` runs every module's load-state-dict pre-hooks on its part of the state
+    dict, parents before children (the order of ``named_modules``), before it compares keys:
+    the decoder's hooks move our older run files' names (``ppm.stages.*``, numbered ``.0.`` /
+    ``.1.``) to today's. The comparison here must see the names ``load_state_dict`` will.
+    """
+    renamed = dict(state)
+    for name, module in target.named_modules():
+        for hook in module._load_state_dict_pre_hooks.values():
+            # (state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+            hook(renamed, f"{name}." if name else "", {}, True, [], [], [])
+    if renamed.keys() == state.keys():
+        return state, in_file
+    origin = {id(v): k for k, v in state.items()}  # a renamed key keeps its tensor
+    names = {}
+    for k, v in renamed.items():
+        old = k if k in state and state[k] is v else origin.get(id(v), k)
+        names[k] = in_file.get(old, old)
+    return renamed, names
+
+
+#: The settings that tell the InternImage variants apart (and give their tensors' shapes).
+_ARCHITECTURE = ("channels", "depths", "groups")
+
+
+def _registered_name(model: nn.Module) -> str:
+    """The registered name of an InternImage model (``upernet_internimage_t``) or backbone
+    (``internimage_t``), told by its architecture; else its class name."""
+    backbone = model.backbone if isinstance(model, SegmentationModel) else model
+    if isinstance(backbone, InternImage):
+        cfg = backbone.cfg
+        for variant, spec in INTERNIMAGE_VARIANTS.items():
+            if all(_seq(getattr(cfg, k)) == _seq(spec[k]) for k in _ARCHITECTURE):
+                name = f"internimage_{variant}"
+                if isinstance(model, SegmentationModel):
+                    name = "upernet_" + name
+                if name in list_models() or name in list_backbones():
+                    return name
+    return type(model).__name__
+
+
+def _seq(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _fitting_models(ckpt: Checkpoint, *, backbones: bool = False) -> list[str]:
+    """Registered models whose InternImage backbone has exactly the checkpoint's backbone
+    tensors (names and shapes): the models this file is for.
+
+    Builds the backbone of every variant with the file's number of blocks per level (under a
+    second each; only when a file did not fit).
+
+    Args:
+        ckpt: What :func:`read_checkpoint` returned.
+        backbones: Name backbones (``internimage_t``) instead of segmentation models
+            (``upernet_internimage_t``).
+    """
+    if ckpt.layout == "segmentation":
+        part = {
+            k.removeprefix("backbone."): v
+            for k, v in ckpt.state_dict.items()
+            if k.startswith("backbone.")
+        }
+    else:
+        part = dict(ckpt.state_dict)
+    part = {k: v for k, v in part.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    registered = set(list_backbones() if backbones else list_models())
+    overrides = overrides_for_checkpoint(ckpt.state_dict)
+    blocks: dict[int, int] = {}  # level -> blocks, from the names levels.<i>.blocks.<j>.*
+    for k in part:
+        if found := re.match(r"levels\.(\d+)\.blocks\.(\d+)\.", k):
+            level, block = int(found.group(1)), int(found.group(2))
+            blocks[level] = max(blocks.get(level, 0), block + 1)
+    depths = tuple(blocks.get(i, 0) for i in range(len(blocks)))
+    found = []
+    # Building draws the backbones' init from the global generator: leave the caller's as it was.
+    with torch.random.fork_rng(devices=[]):
+        for variant, spec in INTERNIMAGE_VARIANTS.items():
+            name = f"internimage_{variant}" if backbones else f"upernet_internimage_{variant}"
+            if name not in registered or tuple(spec["depths"]) != depths:
+                continue  # not this variant: its names differ (no need to build it)
+            own = internimage(variant, **overrides).state_dict()
+            if own.keys() == part.keys() and all(own[k].shape == part[k].shape for k in own):
+                found.append(name)
+    return found
+
+
 def _mismatch_message(
     path: str,
     target: str,
@@ -331,13 +483,19 @@ def _mismatch_message(
     missing: list[str],
     unexpected: list[str],
     shapes: list[str],
+    fits: list[str],
 ) -> str:
+    hint = ""
+    if fits and fits[0].startswith("upernet_"):  # a segmentation model: what --model takes
+        hint = f"; it holds the backbone of {fits[0]} (--model {fits[0]})"
+    elif fits:  # a backbone
+        hint = f"; it holds {fits[0]} (create_backbone({fits[0]!r}))"
     lines = [
-        f"{path} does not fit {target}: {len(missing)} missing, "
-        f"{len(unexpected)} unexpected, {len(shapes)} of another shape (names as in the file)"
+        f"{path} does not fit {target}: {len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(shapes)} of another shape (names as in the file){hint}"
     ]
     groups = [
-        ("missing from the checkpoint", missing),
+        ("missing from the checkpoint", [in_file[k] for k in missing]),
         ("unexpected in the checkpoint", [in_file[k] for k in unexpected]),
         (
             "shape mismatch",
@@ -364,5 +522,13 @@ def _mismatch_message(
             "The model has layer-scale parameters (gamma1/gamma2) and the checkpoint has none: "
             "T weights for an S/B model, or a model built with layer_scale it does not need."
         )
-    lines.append("Is it a checkpoint of the same variant (t, s or b) as the model?")
+    if fits and fits[0].startswith("upernet_"):
+        lines.append(
+            f"The file is for {fits[0]}, not {target.removeprefix('the backbone of ')}: train "
+            f"that model (--model {fits[0]}, or model={fits[0]} in a run config)."
+        )
+    elif fits:
+        lines.append(f"The file is for {fits[0]}: build it with create_backbone({fits[0]!r}).")
+    else:
+        lines.append("Is it a checkpoint of the same variant (t, s or b) as the model?")
     return "\n".join(lines)

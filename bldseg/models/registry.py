@@ -81,7 +81,8 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **overr
     Raises:
         ValueError: Not a segmentation model (the message says what to use instead).
         FileNotFoundError: No file at ``pretrained``.
-        RuntimeError: The checkpoint does not fit the model (every bad key is listed).
+        CheckpointMismatchError: (a ValueError) The checkpoint does not fit the model (every bad
+            key is listed, by the file's names; another variant it fits is named).
     """
     problem = model_name_problem(name)
     if problem is not None:

@@ -70,7 +70,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bldseg.models.pretrained import Checkpoint, LoadReport, read_checkpoint
+from bldseg.models.pretrained import (
+    Checkpoint,
+    CheckpointMismatchError,
+    LoadReport,
+    read_checkpoint,
+)
 from bldseg.models.registry import register_model
 
 __all__ = [
@@ -288,8 +293,8 @@ def load_smp_pretrained(
     Raises:
         FileNotFoundError: No file at the path.
         ValueError: An unsafe or unreadable file.
-        RuntimeError: The weights do not fit: names the file and a few of the missing,
-            unexpected and mis-shaped keys.
+        CheckpointMismatchError: (a ValueError) The weights do not fit: names the file and a
+            few of the missing, unexpected and mis-shaped keys.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     state = dict(ckpt.state_dict)
@@ -320,7 +325,7 @@ def load_smp_pretrained(
     missing = sorted(set(own) - set(mapped))
     shapes = sorted(k for k, f in mapped.items() if state[f].shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise RuntimeError(
+        raise CheckpointMismatchError(
             _mismatch_message(ckpt.path, model, layout, own, state, mapped, missing, unexpected)
         )
     target.load_state_dict({k: state[f] for k, f in mapped.items()}, strict=True)

@@ -44,6 +44,7 @@ from bldseg.data.dataset import (
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.io import write_json
 from bldseg.models import create_model
+from bldseg.models.pretrained import file_fingerprint, overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
 from bldseg.train.config import RunConfig
 from bldseg.train.coteaching import coteaching_losses
@@ -202,10 +203,11 @@ def build_optimizer(
     """AdamW with no decay on norms/biases/gammas and optional layer-wise LR decay.
 
     With ``sched.name=schedulefree``, schedule-free AdamW with the same parameter groups,
-    warming up over ``sched.warmup_steps`` steps where that is set (> 0), else over
-    ``sched.warmup_frac`` of ``total_steps``. Its parameters hold the point
-    the gradients are taken at while it is in train mode and its average in eval mode
-    (:func:`set_optimizer_mode`).
+    warming up over ``sched.warmup_steps`` steps where that is set (> 0; at most
+    ``sched.warmup_max_frac`` of ``total_steps``), else over ``sched.warmup_frac`` of
+    ``total_steps`` (:meth:`~bldseg.train.config.SchedConfig.warmup_iterations`). Its parameters
+    hold the point the gradients are taken at while it is in train mode and its average in eval
+    mode (:func:`set_optimizer_mode`).
     """
     o = cfg.optim
     backbone_cfg = getattr(getattr(model, "backbone", None), "cfg", None)
@@ -224,7 +226,7 @@ def build_optimizer(
     ]
     if cfg.sched.name == "schedulefree":
         # Its warm-up is the only part of its "schedule" that depends on the run's length.
-        warmup = cfg.sched.warmup_steps or int(cfg.sched.warmup_frac * total_steps)
+        warmup = cfg.sched.warmup_iterations(total_steps)
         # The package's optimizer with its CPU step compiled (bldseg.train.optim).
         return AdamWScheduleFree(
             param_groups, lr=o.lr, betas=(o.beta1, o.beta2), warmup_steps=warmup
@@ -613,6 +615,11 @@ def fit(
     the split groups, trained on the others (:func:`bldseg.data.dataset.fold_indices`);
     :func:`bldseg.train.folds.fit_folds` trains all K.
 
+    With ``cfg.pretrained`` the networks start from that file (``pretrained.json`` records what
+    was loaded, the file's size and sha256). The models are built, and the file checked
+    against them, before anything is written into ``out_dir``. A resumed run does not read the
+    file: ``last.pt`` holds every weight, and ``pretrained.json`` stays that of the start.
+
     Args:
         cfg: The run config.
         out_dir: Run folder; ``last.pt`` there is resumed from when ``resume``.
@@ -626,9 +633,15 @@ def fit(
 
     Returns:
         A :class:`FitResult`; ``status == "diverged"`` when a loss became non-finite.
+
+    Raises:
+        ValueError: A config or data the run cannot use, e.g. another run's ``last.pt`` in
+            ``out_dir``, or a ``cfg.pretrained`` file that does not fit ``cfg.model``
+            (:class:`~bldseg.models.pretrained.CheckpointMismatchError`, naming the model the
+            file is for).
+        FileNotFoundError: No ``cfg.pretrained`` file (when not resuming).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = data or prepare_data(cfg.data, progress=progress)
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
@@ -645,12 +658,20 @@ def fit(
     cfg = used
     crop = cfg.aug.crop_size
     last_path = out / "last.pt"
-    if resume and last_path.exists():
+    resuming = resume and last_path.exists()
+    # Architecture settings a pretrained file chose (layer scale): on a resume they are read
+    # from last.pt's weights, and the file itself is not read at all (last.pt holds every
+    # weight; the file may have moved, or been replaced by another one).
+    rebuild: dict[str, Any] = {}
+    if resuming:
         # Before anything is written into out: a run with another config must leave it as is.
-        # mmap: the config without reading the weights
-        check_same_config(load_state(last_path, mmap=True)["config"], cfg, last_path)
+        # mmap: the config and the names of the weights, without reading them
+        recorded = load_state(last_path, mmap=True)
+        check_same_config(recorded["config"], cfg, last_path)
+        if cfg.pretrained is not None:
+            rebuild = overrides_for_checkpoint(recorded["models"][0])
+        del recorded
     train_tf = build_train_transform(cfg.aug)
-    write_json(out / "augmentation.json", serialize(train_tf))
     train_ds = RandomCropDataset(
         cache,
         train_idx,
@@ -693,7 +714,9 @@ def fit(
         # The two co-teaching networks start differently: everything a checkpoint does not set
         # (the decoder under ImageNet weights, the re-made classifiers) has its own seed.
         torch.manual_seed(cfg.seed + k)
-        m = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs()).to(device)
+        pretrained = None if resuming else cfg.pretrained
+        m = create_model(cfg.model, pretrained=pretrained, **cfg.model_kwargs(), **rebuild)
+        m = m.to(device)
         m = to_run_memory_format(m, cfg, device)
         opt = build_optimizer(m, cfg, total_steps)
         sch = build_scheduler(
@@ -705,18 +728,25 @@ def fit(
     # The weights validation, best.pt and predictions use: each network's average, with optim.ema
     emas = [WeightEMA(m, cfg.optim.ema) for m in models] if cfg.optim.ema else []
     eval_models = [e.module for e in emas] or models
-    if cfg.pretrained is not None:
-        # Every network reads the same file the same way: one record for the run.
+    # The first writes into out: a checkpoint that does not fit the model has failed above and
+    # left the folder as it was.
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "augmentation.json", serialize(train_tf))
+    if cfg.pretrained is not None and not resuming:
+        # Every network reads the same file the same way: one record for the run, with the
+        # file's size and digest (another file later put behind the same path shows). A resumed
+        # run keeps the record of the file it started from.
         report = models[0].pretrained_report
         log.info("%s", report.summary())
-        write_json(out / "pretrained.json", {**report.to_dict(), "networks": n_nets})
+        record = {**report.to_dict(), **file_fingerprint(cfg.pretrained), "networks": n_nets}
+        write_json(out / "pretrained.json", record)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
     loss_fn = build_loss(cfg.loss)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
     start_epoch = 0
-    if resume and last_path.exists():
+    if resuming:
         state = load_state(last_path, map_location=device)
         for m, s in zip(models, state["models"], strict=True):
             m.load_state_dict(s)

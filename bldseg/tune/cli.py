@@ -165,7 +165,8 @@ def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="fine-tune from an official checkpoint you own: internimage_{t,s,b}_1k_224.pth "
         "(backbone) or upernet_internimage_{t,s,b}_512_160k_ade20k.pth (whole model); sets the "
-        "official recipe's defaults (AdamW 6e-5, poly + 1500-step warm-up) under --set",
+        "official recipe's defaults (AdamW 6e-5, poly + 1500-step warm-up, at most 5%% of the "
+        "run) under --set",
     )
 
 

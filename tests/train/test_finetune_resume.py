@@ -1,0 +1,143 @@
+"""Fine-tuning runs: the recipe's warm-up on a short run, a checkpoint that does not fit, and
+resuming without the pretrained file (last.pt holds every weight)."""
+
+import hashlib
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from bldseg.models import create_model
+from bldseg.models.pretrained import CheckpointMismatchError
+from bldseg.train import engine
+from bldseg.train.config import RunConfig, SchedConfig, recipe_defaults
+from bldseg.train.schedulers import build_scheduler
+
+# Our name prefix -> mmseg's (tests/models/test_pretrained.py).
+OURS_TO_MMSEG = [
+    ("decode_head.classifier.", "decode_head.conv_seg."),
+    ("aux_head.conv.", "auxiliary_head.convs.0."),
+    ("aux_head.classifier.", "auxiliary_head.conv_seg."),
+]
+
+
+def mmseg_file(path, seed: int):
+    """A tiny mmseg-layout UPerNet checkpoint with layer scale (as the official T one has)."""
+    torch.manual_seed(seed)
+    sd = create_model("upernet_internimage_tiny", layer_scale=1.0, num_classes=150).state_dict()
+    out = {}
+    for k, v in sd.items():
+        for ours, theirs in OURS_TO_MMSEG:
+            if k.startswith(ours):
+                k = theirs + k[len(ours) :]
+                break
+        out[k] = v
+    torch.save({"state_dict": out, "meta": {}}, path)
+    return path
+
+
+def lrs(cfg: RunConfig, total: int) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=cfg.optim.lr)
+    sch = build_scheduler(cfg.sched.name, opt, total, **cfg.sched.scheduler_kwargs(total))
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    return out
+
+
+def test_the_recipes_warm_up_is_a_share_of_a_short_run():
+    cfg = RunConfig.from_flat({**recipe_defaults("w.pth"), "model": "upernet_internimage_t"})
+    with pytest.warns(UserWarning, match=r"warmup_steps=1500 is 150% .* warming up over 50 "):
+        curve = lrs(cfg, 1000)
+    assert max(curve) == pytest.approx(6e-5, rel=1e-3) and curve.index(max(curve)) == 50
+    assert curve[-1] < 1e-6  # it decays, to about 0 at the end
+    # the official run's length keeps the official 1500 steps, without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cfg.sched.scheduler_kwargs(160_000)["warmup_steps"] == 1500
+        assert cfg.sched.scheduler_kwargs(30_000)["warmup_steps"] == 1500
+    # schedule-free under the recipe's cap too
+    sf = cfg.with_updates({"sched.name": "schedulefree"})
+    with pytest.warns(UserWarning, match="warming up over 100 "):
+        opt = engine.build_optimizer(torch.nn.Linear(2, 2), sf, total_steps=2000)
+    assert {g["warmup_steps"] for g in opt.param_groups} == {100}
+
+
+def test_a_warm_up_set_in_steps_is_kept_and_warned_about_when_long():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (
+            SchedConfig(name="poly", warmup_steps=150).scheduler_kwargs(1000)["warmup_steps"] == 150
+        )
+    with pytest.warns(UserWarning, match=r"warmup_steps=300 is 30% of this run's 1000 steps"):
+        assert (
+            SchedConfig(name="poly", warmup_steps=300).scheduler_kwargs(1000)["warmup_steps"] == 300
+        )
+    with pytest.warns(UserWarning, match="never decays"):
+        assert (
+            SchedConfig(name="poly", warmup_steps=1500).scheduler_kwargs(100)["warmup_steps"] == 99
+        )
+    with pytest.raises(ValueError, match=r"sched.warmup_max_frac=0 must be in \(0, 1\]"):
+        RunConfig.from_flat({"sched.warmup_max_frac": 0})
+
+
+def _cfg(pretrained, **kw) -> RunConfig:
+    flat = {
+        "pretrained": str(pretrained),
+        "epochs": 3,
+        "aug.crop_size": 64,
+        "batch_size": 4,
+        "samples_per_epoch": 8,
+        "val_fraction": 0.25,
+    }
+    return RunConfig.from_flat({**flat, **kw})
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_run_folder_untouched(small_world, tmp_path):
+    sd = create_model("upernet_internimage_tiny").state_dict()
+    sd.pop("decode_head.fpn_bottleneck.bn.running_mean")
+    torch.save(sd, tmp_path / "bad.pt")
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointMismatchError, match="does not fit upernet_internimage_tiny"):
+        engine.fit(_cfg(tmp_path / "bad.pt"), out, data=small_world)
+    assert not out.exists()
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_resume_reads_last_pt_not_the_pretrained_file(small_world, tmp_path):
+    weights = mmseg_file(tmp_path / "upernet_internimage_tiny_ade20k.pth", seed=0)
+    original = {"size": weights.stat().st_size, "sha256": _sha256(weights)}
+    cfg = _cfg(weights)
+    # two of the three epochs, uninterrupted (stopped runs skip the plots: faster)
+    whole = engine.fit(cfg, tmp_path / "whole", data=small_world, stop_after=2)
+    assert whole.status == "stopped"
+
+    run = tmp_path / "run"
+    assert engine.fit(cfg, run, data=small_world, stop_after=1).status == "stopped"
+    record = json.loads((run / "pretrained.json").read_text())
+    assert {k: record[k] for k in original} == original
+    assert record["overrides"] == {"layer_scale": 1.0}
+    # another file behind the same path: not read, and the record stays that of the start
+    replaced = mmseg_file(tmp_path / "other.pth", seed=1)
+    shutil.copyfile(replaced, weights)
+    assert _sha256(weights) != original["sha256"]
+    assert engine.fit(cfg, run, data=small_world, stop_after=1).status == "stopped"
+    assert json.loads((run / "pretrained.json").read_text()) == record
+    # the file gone: the run still trains on (with layer scale, as it was built)
+    weights.unlink()
+    assert engine.fit(cfg, run, data=small_world, stop_after=2).status == "stopped"
+    assert json.loads((run / "pretrained.json").read_text()) == record
+    # and it is the uninterrupted run (its second epoch trained after the file was gone)
+    a = engine.load_state(tmp_path / "whole" / "last.pt")["models"][0]
+    b = engine.load_state(run / "last.pt")["models"][0]
+    assert a.keys() == b.keys() and any(k.endswith(".gamma1") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
