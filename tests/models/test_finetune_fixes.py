@@ -15,24 +15,7 @@ import torch
 from bldseg.commands import train as train_cmd
 from bldseg.models import create_backbone, create_model, read_checkpoint
 from bldseg.models.pretrained import CheckpointMismatchError, file_fingerprint
-
-# Our name prefix -> mmseg's, as in tests/models/test_pretrained.py.
-OURS_TO_MMSEG = [
-    ("decode_head.classifier.", "decode_head.conv_seg."),
-    ("aux_head.conv.", "auxiliary_head.convs.0."),
-    ("aux_head.classifier.", "auxiliary_head.conv_seg."),
-]
-
-
-def to_mmseg(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for ours, theirs in OURS_TO_MMSEG:
-            if k.startswith(ours):
-                k = theirs + k[len(ours) :]
-                break
-        out[k] = v
-    return out
+from tests.models.test_pretrained import to_mmseg
 
 
 @pytest.fixture(scope="module")

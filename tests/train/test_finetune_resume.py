@@ -14,27 +14,14 @@ from bldseg.models.pretrained import CheckpointMismatchError
 from bldseg.train import engine
 from bldseg.train.config import RunConfig, SchedConfig, recipe_defaults
 from bldseg.train.schedulers import build_scheduler
-
-# Our name prefix -> mmseg's (tests/models/test_pretrained.py).
-OURS_TO_MMSEG = [
-    ("decode_head.classifier.", "decode_head.conv_seg."),
-    ("aux_head.conv.", "auxiliary_head.convs.0."),
-    ("aux_head.classifier.", "auxiliary_head.conv_seg."),
-]
+from tests.models.test_pretrained import to_mmseg
 
 
 def mmseg_file(path, seed: int):
     """A tiny mmseg-layout UPerNet checkpoint with layer scale (as the official T one has)."""
     torch.manual_seed(seed)
     sd = create_model("upernet_internimage_tiny", layer_scale=1.0, num_classes=150).state_dict()
-    out = {}
-    for k, v in sd.items():
-        for ours, theirs in OURS_TO_MMSEG:
-            if k.startswith(ours):
-                k = theirs + k[len(ours) :]
-                break
-        out[k] = v
-    torch.save({"state_dict": out, "meta": {}}, path)
+    torch.save({"state_dict": to_mmseg(sd), "meta": {}}, path)
     return path
 
 
