@@ -39,6 +39,7 @@ import numpy as np
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.io import write_json
+from bldseg.models import create_model
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import (
     EpochCallback,
@@ -202,7 +203,6 @@ def fit_folds(
     if only is not None and not 0 <= only < k:
         raise ValueError(f"--fold {only}: the folds of --folds {k} are 0..{k - 1}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = data or prepare_data(cfg.data, progress=progress)
     cache = data.train
     # Checked before any fold trains: more folds than groups fails here, naming --folds.
@@ -223,6 +223,10 @@ def fit_folds(
     if resume and (out / VAL_FILE).is_file():
         # the library of the epochs trained before keeps its scores while the folds go on
         manifest["oof"] = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
+    elif cfg.pretrained is not None and not (resume and (out / FOLDS_FILE).is_file()):
+        # A file that does not fit the model fails here, naming it, before anything is written
+        # (as fit checks it before writing into its folder).
+        create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs())
     write_json(out / FOLDS_FILE, manifest)
 
     histories = [run_history(fold_dir(out, f)) if resume else [] for f in range(k)]

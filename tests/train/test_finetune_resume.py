@@ -128,3 +128,16 @@ def test_a_resume_reads_last_pt_not_the_pretrained_file(small_world, tmp_path):
     assert a.keys() == b.keys() and any(k.endswith(".gamma1") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_kfold_run_checks_the_checkpoint_before_writing_its_manifest(small_world, tmp_path):
+    from bldseg.train.folds import fit_folds
+
+    sd = create_model("upernet_internimage_tiny").state_dict()
+    sd.pop("decode_head.fpn_bottleneck.bn.running_mean")
+    torch.save(sd, tmp_path / "bad.pt")
+    out = tmp_path / "kfold"
+    cfg = _cfg(tmp_path / "bad.pt").with_updates({"folds": 2})
+    with pytest.raises(CheckpointMismatchError, match="does not fit upernet_internimage_tiny"):
+        fit_folds(cfg, out, data=small_world)
+    assert not out.exists()  # no folds.json of a run that never started
