@@ -59,20 +59,20 @@ def test_another_split_gets_its_own_folders_and_seed_is_training_only(tmp_path):
     groups = bench_realdata.split_groups(records, None)
     # on these 8 tiles seeds 0 and 1 hold out different tiles: --seed 1 must not change them
     assert list(split_indices(8, 0.5, 0, groups)[1]) != list(split_indices(8, 0.5, 1, groups)[1])
+    # another fraction, seed or grouping is another split: its own key, so its own folders
+    tr, te = split_indices(8, 0.25, 0, groups)
+    quarter = bench_realdata.split_record(data, records, tr, te, 0.25, 0, None)
     small = ["--epochs", "1", "--samples-per-epoch", "8", "--set", "aug.crop_size=32"]
-    runs = []
-    for fraction, seed in (("0.25", "0"), ("0.5", "1")):  # a rerun in the same --work
-        out = tmp_path / f"r{fraction}.json"
-        where = ["--data", str(data), "--work", str(tmp_path / "work"), "--json", str(out)]
-        bench_realdata.main([*where, "--test-fraction", fraction, "--seed", seed, *small])
-        runs.append(json.loads(out.read_text()))
-    first, second = runs
-    assert first["run_dir"] != second["run_dir"] and first["split"] != second["split"]
-    assert (second["seed"], second["split_seed"]) == (1, 0)
+    out = tmp_path / "r.json"
+    where = ["--data", str(data), "--work", str(tmp_path / "work"), "--json", str(out)]
+    bench_realdata.main([*where, "--test-fraction", "0.5", "--seed", "1", *small])
+    run = json.loads(out.read_text())
+    assert run["split"] != f"split-{bench_realdata._key(quarter)}"
+    assert (run["seed"], run["split_seed"]) == (1, 0)
     train_idx, test_idx = split_indices(8, 0.5, 0, groups)  # the split seed's, not --seed's
-    split_dir = Path(second["run_dir"]).parent
+    split_dir = Path(run["run_dir"]).parent
     assert _linked(split_dir / "test") == {names[i] for i in test_idx}
     assert _linked(split_dir / "train") == {names[i] for i in train_idx}
     recorded = json.loads((split_dir / "split.json").read_text())
     assert (recorded["test_fraction"], recorded["split_seed"]) == (0.5, 0)
-    assert second["test_tiles"] == len(test_idx)
+    assert run["test_tiles"] == len(test_idx)
