@@ -15,6 +15,7 @@ from bldseg.train import engine
 from bldseg.train.config import RunConfig, SchedConfig, recipe_defaults
 from bldseg.train.schedulers import build_scheduler
 from tests.models.test_pretrained import to_mmseg
+from tests.train.test_schedulers import _lrs
 
 
 def mmseg_file(path, seed: int):
@@ -29,12 +30,7 @@ def lrs(cfg: RunConfig, total: int) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=cfg.optim.lr)
     sch = build_scheduler(cfg.sched.name, opt, total, **cfg.sched.scheduler_kwargs(total))
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sch.step()
-    return out
+    return _lrs(opt, sch, total)
 
 
 def test_the_recipes_warm_up_is_a_share_of_a_short_run():
