@@ -2,6 +2,8 @@
 
 A space is ``space(trial: optuna.Trial) -> dict | None``: it suggests values named by the flat
 config keys they set (``"aug.scale_limit"``, ``"sched.name"``, ...) and may return constants.
+A space may take a second argument, ``space(trial, base)``: the search's fixed flat run config
+(read, not changed), e.g. to centre the LR range on a fine-tuning recipe's LR.
 Conditional parameters are plain ``if``s: the scheduler type decides which of its parameters
 exist. ``bldseg.tune.validate_space`` samples a space before any trial starts and rejects an
 unknown key or an impossible value, naming it.

@@ -8,9 +8,13 @@ scratch: not with ``--pretrained`` (an InternImage checkpoint fits none of the s
 Needs ``pip install 'bldseg[smp]'``.
 """
 
+from typing import Any
+
 import optuna
 
 from bldseg.models.smp import smp_available
+
+from ._lr import SCRATCH_RANGE
 
 #: Candidate models -> whether they take ``drop_path_rate``.
 MODELS: dict[str, bool] = {
@@ -27,13 +31,19 @@ MODELS: dict[str, bool] = {
 }
 
 
-def space(trial: optuna.Trial) -> None:
+def space(trial: optuna.Trial, base: dict[str, Any]) -> None:
     """The model, its peak LR and, where it has stochastic depth, its drop-path rate."""
+    if base.get("pretrained"):
+        raise ValueError(
+            f"the models space trains each family from scratch; --pretrained {base['pretrained']} "
+            "fits only upernet_internimage models: search the scheduler or augmentation space "
+            "to fine-tune"
+        )
     if not smp_available():
         raise ImportError(
             "the models space needs segmentation_models_pytorch: pip install 'bldseg[smp]'"
         )
     model = trial.suggest_categorical("model", list(MODELS))
-    trial.suggest_float("optim.lr", 3e-4, 1e-2, log=True)
+    trial.suggest_float("optim.lr", *SCRATCH_RANGE, log=True)
     if MODELS[model]:
         trial.suggest_float("drop_path_rate", 0.0, 0.3)

@@ -46,6 +46,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -176,13 +178,22 @@ class SearchResult:
         return overhead_fraction(self.wall_s, self.train_s, self.slots)
 
 
-def get_space(name: str):
-    """The define-by-run function registered as ``name`` in ``tune_spaces``."""
+def get_space(name: str, base: dict[str, Any] | None = None):
+    """The define-by-run function registered as ``name`` in ``tune_spaces``, as ``space(trial)``.
+
+    A space that also takes ``base`` (``space(trial, base)``) gets a copy of the search's fixed
+    flat run config: a fine-tuning search (``--pretrained``) centres its LR range on the
+    recipe's instead of the from-scratch one. Bound with ``functools.partial`` (picklable, as
+    Tune saves its searcher).
+    """
     from bldseg.tune_spaces import SPACES
 
     if name not in SPACES:
         raise ValueError(f"unknown search space {name!r}; known: {sorted(SPACES)}")
-    return SPACES[name]
+    space = SPACES[name]
+    if "base" in inspect.signature(space).parameters:
+        return functools.partial(space, base=dict(base or {}))
+    return space
 
 
 #: Config keys a space may not set: the search owns them (the epoch budget is ASHA's max_t and
@@ -258,7 +269,8 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
             names the parameter and the space.
     """
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    name = getattr(space, "__module__", str(space))
+    # a space bound to the base config (get_space) is a partial: name its function's module
+    name = getattr(getattr(space, "func", space), "__module__", str(space))
     keys: set[str] = set()
     for _ in range(samples):
         trial = study.ask()
@@ -282,7 +294,7 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
     return keys
 
 
-def _make_searcher(spec: SearchSpec):
+def _make_searcher(spec: SearchSpec, space: Callable):
     from ray.tune.search.optuna import OptunaSearch
 
     if spec.search == "optuna":
@@ -291,9 +303,7 @@ def _make_searcher(spec: SearchSpec):
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
     else:
         raise ValueError(f"--search {spec.search!r}: use optuna or random")
-    return OptunaSearch(
-        space=get_space(spec.space), metric=SEARCHER_METRIC, mode="max", sampler=sampler
-    )
+    return OptunaSearch(space=space, metric=SEARCHER_METRIC, mode="max", sampler=sampler)
 
 
 def _make_scheduler(spec: SearchSpec):
@@ -1112,7 +1122,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         experiment = spec.experiment
         n_trials = spec.trials
     max_epochs = int(base["epochs"])
-    space = get_space(spec.space)
+    space = get_space(spec.space, base)
     searched = validate_space(space, base)
     overridden = sorted(searched.intersection(spec.user_keys))
     if overridden:
@@ -1277,7 +1287,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     # here rather than on the scheduler: the console then shows the best trial
                     metric=METRIC,
                     mode="max",
-                    search_alg=_make_searcher(spec),
+                    search_alg=_make_searcher(spec, space),
                     scheduler=_make_scheduler(spec),
                     num_samples=n_trials,
                     max_concurrent_trials=spec.max_concurrent or None,

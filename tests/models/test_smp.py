@@ -25,7 +25,7 @@ from bldseg.predict import load_checkpoint
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import fit
 from bldseg.tune.cli import CPU_DEMO
-from bldseg.tune.runner import validate_space
+from bldseg.tune.runner import get_space, validate_space
 
 # The module, not the package's `models` (which is the module's space function).
 models_space = importlib.import_module("bldseg.tune_spaces.models")
@@ -227,14 +227,14 @@ def test_mismatched_weights_name_the_file_and_keys(tmp_path):
 
 
 def test_models_search_space_samples_valid_buildable_configs():
-    keys = validate_space(models_space.space, CPU_DEMO, samples=32)
+    keys = validate_space(get_space("models", CPU_DEMO), CPU_DEMO, samples=32)
     assert {"model", "optim.lr", "drop_path_rate"} <= keys
     assert set(models_space.MODELS) <= set(list_models())
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     built = set()
     for _ in range(40):
         trial = study.ask()
-        models_space.space(trial)
+        models_space.space(trial, {})
         name = trial.params["model"]
         # drop_path_rate is a parameter of exactly the models that have stochastic depth.
         assert ("drop_path_rate" in trial.params) == models_space.MODELS[name]

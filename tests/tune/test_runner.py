@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bldseg.tune.runner import METRIC, SEARCHER_METRIC, SearchSpec, run_search
-from bldseg.tune_spaces import SPACES
+from bldseg.tune.runner import METRIC, SEARCHER_METRIC, SearchSpec, get_space, run_search
 from tests.conftest import free_port
 from tests.tune.servers import start_mlflow_server, stop_mlflow_server
 
@@ -79,7 +78,7 @@ def _searched_keys(space: str) -> set[str]:
     keys: set[str] = set()
     for _ in range(64):
         t = study.ask()
-        constants = SPACES[space](t) or {}  # first: it suggests the params
+        constants = get_space(space)(t) or {}  # first: it suggests the params
         keys.update({**t.params, **constants})
         study.tell(t, 0.0)
     return keys

@@ -1,10 +1,12 @@
 import logging
+import pickle
 from pathlib import Path
 
 import optuna
 import pytest
 
 from bldseg.models.smp import smp_available
+from bldseg.train.config import recipe_defaults
 from bldseg.tune import tracking
 from bldseg.tune.cli import CPU_DEMO
 from bldseg.tune.runner import SearchSpec, get_space, resumed_spec, validate_space
@@ -25,7 +27,7 @@ def test_scheduler_space_is_conditional():
     seen = set()
     for _ in range(40):
         t = study.ask()
-        fixed = SPACES["scheduler"](t) or {}
+        fixed = get_space("scheduler")(t) or {}
         name = t.params["sched.name"]
         # a searched warm-up share must not be overridden by a fixed length (the pretrained
         # recipe's 1500 steps), for every schedule whose warm-up reads one
@@ -39,6 +41,38 @@ def test_scheduler_space_is_conditional():
             name in ("cosine_restarts", "poly", "schedulefree")
         )
     assert seen == {"onecycle", "cosine_restarts", "poly", "schedulefree"}
+
+
+def _sampled_lrs(space, n=64):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    lrs = []
+    for _ in range(n):
+        t = study.ask()
+        space(t)
+        lrs.append(t.params["optim.lr"])
+        study.tell(t, 0.0)
+    return lrs
+
+
+def test_fine_tuning_searches_lrs_around_the_recipes(tmp_path):
+    # From scratch: 3e-4 to 1e-2. With --pretrained the base holds the recipe's 6e-5 (or the
+    # user's --set optim.lr): the search stays within /5 and x5 of it, not 5-170x above it.
+    scratch = _sampled_lrs(get_space("scheduler", CPU_DEMO))
+    assert min(scratch) >= 3e-4 and max(scratch) <= 1e-2
+    base = {**CPU_DEMO, **recipe_defaults(tmp_path / "w.pth")}
+    tuned = _sampled_lrs(get_space("scheduler", base))
+    assert 1.2e-5 <= min(tuned) < 3e-5 and 1e-4 < max(tuned) <= 3e-4
+    users = _sampled_lrs(get_space("scheduler", {**base, "optim.lr": 1e-4}))
+    assert min(users) >= 2e-5 and max(users) <= 5e-4 and max(users) > 3e-4
+    # the bound space is what Tune's searcher pickles with its state
+    assert pickle.loads(pickle.dumps(get_space("scheduler", base))).keywords["base"] == base
+    validate_space(get_space("scheduler", base), base, samples=8)
+
+
+def test_models_space_refuses_pretrained_weights(tmp_path):
+    base = {**CPU_DEMO, **recipe_defaults(tmp_path / "w.pth")}
+    with pytest.raises(ValueError, match=r"models failed.*trains each family from scratch"):
+        validate_space(get_space("models", base), base, samples=1)
 
 
 def test_coteaching_space_enables_coteaching():
