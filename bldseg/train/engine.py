@@ -182,7 +182,14 @@ def seed_everything(seed: int) -> None:
 
 
 def _layer_id(name: str, depths: list[int]) -> int:
-    """Depth index of a backbone parameter for layer-wise LR decay (0 = stem)."""
+    """Depth index of a backbone parameter for layer-wise LR decay (0 = stem, 1 + sum(depths)
+    = heads), numbered as the official InternImage optimizer constructor does.
+
+    A level's norm and downsample go with the next level's first block (they make its input);
+    the last two levels' both go with the last level's first block, as in the official
+    constructor, so that official fine-tuning configs with ``layer_decay_rate < 1`` give the
+    same per-parameter LRs here.
+    """
     parts = name.split(".")
     if parts[0] != "backbone":
         return sum(depths) + 1  # heads: the top
@@ -190,17 +197,60 @@ def _layer_id(name: str, depths: list[int]) -> int:
         return 0
     if parts[1] == "levels":
         lvl = int(parts[2])
-        before = sum(depths[:lvl])
         if parts[3] == "blocks":
-            return before + int(parts[4]) + 1
-        return before + depths[lvl]  # the level's norm/downsample: with its last block
+            return sum(depths[:lvl]) + int(parts[4]) + 1
+        return 1 + sum(depths[: min(lvl, max(len(depths) - 2, 0)) + 1])
     return sum(depths) + 1
+
+
+def _decays(name: str, p: nn.Parameter) -> bool:
+    """Whether AdamW's weight decay applies: not to norms, biases and layer-scale gammas (1-D),
+    nor, as in the official recipe, to the DCNv3 offset projections (decaying them pulls every
+    sampling point back to the regular 3x3 grid)."""
+    return p.ndim > 1 and not name.endswith((".gamma1", ".gamma2")) and ".dcn.offset." not in name
+
+
+def optimizer_layout(model: nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
+    """The parameter names of each of ``opt``'s groups, in order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
+def _check_optimizer_layout(
+    saved: list[list[str]] | list[int], model: nn.Module, opt: torch.optim.Optimizer, path: Path
+) -> None:
+    """Refuses a resume whose optimizer state was written for other parameter groups.
+
+    An optimizer's state is keyed by position: loaded into groups laid out otherwise, it would
+    raise deep in torch or, with equal group sizes, give one parameter another's moments.
+    ``saved`` is the checkpoint's :func:`optimizer_layout`, or only its group sizes (checkpoints
+    written before bldseg recorded names).
+    """
+    layout = optimizer_layout(model, opt)
+    if saved and isinstance(saved[0], int):
+        if saved == [len(g) for g in layout]:
+            return
+        where = f"group sizes {saved} there, {[len(g) for g in layout]} here"
+    else:
+        if saved == layout:
+            return
+        group = {n: i for i, g in enumerate(saved) for n in g}
+        moved = [n for i, g in enumerate(layout) for n in g if group.get(n) != i]
+        where = f"{len(moved)} parameter(s) in another group, e.g. {moved[0] if moved else '?'}"
+    raise ValueError(
+        f"{path}: its optimizer state was written for other parameter groups ({where}). "
+        "It comes from an older bldseg, which grouped the parameters for weight and layer "
+        "decay otherwise (DCNv3 offset projections decayed, level norms with the level "
+        "before); resuming would mix up the optimizer's moments. Finish it with the version "
+        "that started it, or train anew in another --out"
+    )
 
 
 def build_optimizer(
     model: nn.Module, cfg: RunConfig, total_steps: int = 0
 ) -> torch.optim.Optimizer:
-    """AdamW with no decay on norms/biases/gammas and optional layer-wise LR decay.
+    """AdamW with no decay on norms/biases/gammas/DCNv3 offsets (:func:`_decays`) and optional
+    layer-wise LR decay (:func:`_layer_id`).
 
     With ``sched.name=schedulefree``, schedule-free AdamW with the same parameter groups,
     warming up over ``sched.warmup_steps`` steps where that is set (> 0; at most
@@ -217,7 +267,7 @@ def build_optimizer(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if p.ndim <= 1 or name.endswith((".gamma1", ".gamma2")) else o.weight_decay
+        wd = o.weight_decay if _decays(name, p) else 0.0
         scale = o.layer_decay ** (top - _layer_id(name, depths)) if o.layer_decay < 1 else 1.0
         groups.setdefault((wd, scale), []).append(p)
     param_groups = [
@@ -670,6 +720,9 @@ def fit(
         check_same_config(recorded["config"], cfg, last_path)
         if cfg.pretrained is not None:
             rebuild = overrides_for_checkpoint(recorded["models"][0])
+        saved_layout = recorded.get("optimizer_groups") or [
+            len(g["params"]) for g in recorded["optimizers"][0]["param_groups"]
+        ]
         del recorded
     train_tf = build_train_transform(cfg.aug)
     train_ds = RandomCropDataset(
@@ -725,6 +778,8 @@ def fit(
         models.append(m)
         optimizers.append(opt)
         schedulers.append(sch)
+    if resuming:
+        _check_optimizer_layout(saved_layout, models[0], optimizers[0], last_path)
     # The weights validation, best.pt and predictions use: each network's average, with optim.ema
     emas = [WeightEMA(m, cfg.optim.ema) for m in models] if cfg.optim.ema else []
     eval_models = [e.module for e in emas] or models
@@ -898,6 +953,8 @@ def fit(
                 "models": [m.state_dict() for m in models],  # the trained weights
                 "emas": [e.state_dict() for e in emas],  # their averages (optim.ema)
                 "optimizers": [o.state_dict() for o in optimizers],
+                # which parameter is in which group (the states above hold only positions)
+                "optimizer_groups": optimizer_layout(models[0], optimizers[0]),
                 "schedulers": [s.state_dict() for s in schedulers],
                 "scaler": scaler.state_dict(),  # {} unless fp16
                 "rng": _rng_state(),

@@ -316,6 +316,47 @@ def check_layer_decay_groups(model, opt) -> None:
     assert head["weight_decay"] == 0.1
 
 
+def test_layer_decay_and_weight_decay_follow_the_official_constructor():
+    # InternImage-T (depths 4, 4, 18, 4) with the official fine-tuning config's
+    # layer_decay_rate 0.9: ids 0 (stem) .. 31 (heads), scale 0.9 ** (31 - id). A level's
+    # norm/downsample take the next level's first block's id, levels 2 and 3 both 1+4+4+18.
+    from bldseg.models import create_model
+
+    model = create_model("upernet_internimage_t", impl="reference")
+    c = cfg(**{"optim.layer_decay": 0.9, "optim.weight_decay": 0.05, "optim.lr": 0.5})
+    opt = engine.build_optimizer(model, c)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expected_id = {
+        "backbone.patch_embed.conv1.weight": 0,
+        "backbone.levels.0.blocks.0.mlp.fc1.weight": 1,
+        "backbone.levels.0.blocks.3.mlp.fc1.weight": 4,
+        "backbone.levels.0.downsample.conv.weight": 5,
+        "backbone.levels.0.norm.0.weight": 5,
+        "backbone.levels.1.blocks.0.mlp.fc1.weight": 5,
+        "backbone.levels.1.downsample.conv.weight": 9,
+        "backbone.levels.2.blocks.17.mlp.fc1.weight": 26,
+        "backbone.levels.2.downsample.conv.weight": 27,
+        "backbone.levels.3.blocks.0.mlp.fc1.weight": 27,
+        "backbone.levels.3.norm.0.weight": 27,
+        "backbone.levels.3.blocks.3.mlp.fc1.weight": 30,
+        "decode_head.classifier.weight": 31,
+    }
+    for name, layer in expected_id.items():
+        assert by_param[id(named[name])]["lr"] == pytest.approx(0.5 * 0.9 ** (31 - layer)), name
+    # Weight decay: not on 1-D parameters nor the offset projections ("sampling_offsets" in
+    # the official names); on the mask projection and every other matrix.
+    wd = {n: by_param[id(p)]["weight_decay"] for n, p in named.items()}
+    assert wd["backbone.levels.1.blocks.2.dcn.offset.weight"] == 0.0
+    assert wd["backbone.levels.1.blocks.2.dcn.offset.bias"] == 0.0
+    assert wd["backbone.levels.1.blocks.2.dcn.mask.weight"] == 0.05
+    assert wd["backbone.levels.1.blocks.2.dcn.input_proj.weight"] == 0.05
+    assert wd["backbone.levels.0.downsample.norm.1.weight"] == 0.0
+    assert {n for n, v in wd.items() if v == 0.0 and named[n].ndim > 1} == {
+        n for n in named if ".dcn.offset.weight" in n
+    }
+
+
 def test_optimizer_is_fused_and_matches_the_loop_implementation():
     from bldseg.models import create_model
 
@@ -344,7 +385,9 @@ def test_optimizer_is_fused_and_matches_the_loop_implementation():
             o.step()
     moved = 0
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p, by_name[name], atol=1e-6, rtol=1e-5, msg=name)
+        # atol: the zero-initialised offset weights get gradients near Adam's eps, where the
+        # two implementations' rounding moves an element by ~1e-6 (a step is ~3e-3)
+        torch.testing.assert_close(p, by_name[name], atol=1e-5, rtol=1e-5, msg=name)
         moved += not torch.equal(p, start[name])
     assert moved > len(start) // 2
 

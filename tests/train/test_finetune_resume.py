@@ -137,3 +137,53 @@ def test_a_kfold_run_checks_the_checkpoint_before_writing_its_manifest(small_wor
     with pytest.raises(CheckpointMismatchError, match="does not fit upernet_internimage_tiny"):
         fit_folds(cfg, out, data=small_world)
     assert not out.exists()  # no folds.json of a run that never started
+
+
+def test_a_resume_refuses_optimizer_state_of_other_parameter_groups(small_world, tmp_path):
+    # An optimizer's state is keyed by position: loaded into groups laid out otherwise (an
+    # older bldseg decayed the DCNv3 offset projections) it would give one parameter another's
+    # moments. last.pt records each group's parameter names; older files only the sizes.
+    cfg = RunConfig.from_flat({k: v for k, v in _cfg("x").to_flat().items() if k != "pretrained"})
+    run = tmp_path / "run"
+    assert engine.fit(cfg, run, data=small_world, stop_after=1).status == "stopped"
+    last = run / "last.pt"
+    state = engine.load_state(last)
+    layout = state["optimizer_groups"]
+    names = [n for g in layout for n in g]
+    assert (
+        len(names)
+        == len(set(names))
+        == len(state["models"][0])
+        - sum("running_" in k or "num_batches" in k for k in state["models"][0])
+    )
+    assert any(n.endswith("dcn.offset.weight") for n in layout[0])  # the no-decay group
+
+    def resume_with(saved) -> str:
+        torch.save(saved, last)
+        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+        with pytest.raises(ValueError, match="optimizer state was written for other") as err:
+            engine.fit(cfg, run, data=small_world, stop_after=2)
+        assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+        return str(err.value)
+
+    moved = layout[0][-1]
+    renamed = {**state, "optimizer_groups": [layout[0][:-1], [moved, *layout[1]], *layout[2:]]}
+    assert f"1 parameter(s) in another group, e.g. {moved}" in resume_with(renamed)
+    # an older file: no names, and one parameter's state in the other group
+    old = {k: v for k, v in state.items() if k != "optimizer_groups"}
+    old["optimizers"] = list(state["optimizers"])
+    opt = old["optimizers"][0]
+    groups = opt["param_groups"]
+    old["optimizers"][0] = {
+        **opt,
+        "param_groups": [
+            {**groups[0], "params": groups[0]["params"][:-1]},
+            {**groups[1], "params": [groups[0]["params"][-1], *groups[1]["params"]]},
+            *groups[2:],
+        ],
+    }
+    sizes = [len(g) for g in layout]
+    assert f"group sizes {[sizes[0] - 1, sizes[1] + 1, *sizes[2:]]} there" in resume_with(old)
+    # an older file laid out as today: it resumes
+    torch.save({k: v for k, v in state.items() if k != "optimizer_groups"}, last)
+    assert engine.fit(cfg, run, data=small_world, stop_after=2).status == "stopped"
