@@ -685,6 +685,8 @@ class FolderResult:
         masks: The mask PNG written for each image, in the order of ``images``.
         geotiffs: The GeoTIFF masks written (one per georeferenced GeoTIFF input).
         empty: How many images were predicted without any building.
+        nodata_pixels: Pixels of GeoTIFF scenes without data (nodata, mask, alpha), predicted
+            as no building and marked no-data in the GeoTIFF masks.
         scores: With ground truth: ``official_score`` (mean per-image Dice, competition rules),
             ``pixel_iou``, ``pixel_f1``, counts and ``per_image`` rows; else None.
     """
@@ -694,6 +696,7 @@ class FolderResult:
     masks: list[Path] = field(default_factory=list)
     geotiffs: list[Path] = field(default_factory=list)
     empty: int = 0
+    nodata_pixels: int = 0
     scores: dict[str, Any] | None = None
 
 
@@ -1005,6 +1008,14 @@ def predict_folder(
             for m, s, amp in members
         )
         pred = combine_members(maps, spec)  # (H, W) bool
+        valid = None  # (H, W) bool where a GeoTIFF scene has data; None: everywhere
+        if rec.image_path.suffix.lower() in geo.GEO_SUFFIXES and geo.geo_available():
+            valid = geo.valid_pixels(rec.image_path, bands=options.bands)
+        if valid is not None:
+            # No building where the scene has no data (its nodata value, mask or alpha): the
+            # network saw zeros there, and edges of such areas look like roofs to it.
+            pred &= valid
+            result.nodata_pixels += int((~valid).sum())
         # only the last suffix goes: "scene.2019.png" and "scene.2020.png" are two masks
         rel = rec.image_path.relative_to(images_dir)
         result.images.append(rec.image_path)
@@ -1014,7 +1025,9 @@ def predict_folder(
             if geo.geo_available():
                 if geo.has_georeference(rec.image_path):
                     tif = out_dir / rel.with_suffix(".tif")
-                    geo.write_geotiff_mask(pred.astype(np.uint8), tif, like=rec.image_path)
+                    geo.write_geotiff_mask(
+                        pred.astype(np.uint8), tif, like=rec.image_path, valid=valid
+                    )
                     result.geotiffs.append(tif)
             elif not warned_geo:
                 warned_geo = True

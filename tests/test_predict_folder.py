@@ -333,6 +333,48 @@ def test_geotiff_input_gives_georeferenced_mask(tiny_ckpts, tmp_path):
     np.testing.assert_array_equal(tif_mask, read_png(tmp_path / "out" / "scene.png"))
 
 
+def test_geotiff_no_data_is_no_building_and_no_data_in_the_mask(pointwise_model, tmp_path):
+    # A scene's no-data area (its nodata value here; a NaN area of a float scene) is predicted
+    # as no building, whatever it looks like, and is no-data in the mask GeoTIFF too.
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    images = tmp_path / "images"
+    images.mkdir()
+    rgb = np.full((40, 48, 3), 200, np.uint8)  # the pointwise model: red >= 128 is a building
+    rgb[:, :10] = 250  # the scene's nodata value (left strip), bright as a roof
+    rgb[30:, 20:] = 20  # real, dark ground
+    profile = dict(driver="GTiff", height=40, width=48, count=3, dtype="uint8", nodata=250)
+    profile.update(crs="EPSG:32633", transform=Affine(0.5, 0, 500000.0, 0, -0.5, 4649776.0))
+    with rasterio.open(images / "scene.tif", "w", **profile) as dst:
+        dst.write(rgb.transpose(2, 0, 1))
+    grey = np.tile(np.linspace(0.0, 1000.0, 24, dtype=np.float32), (24, 1))  # (24, 24) ramp
+    grey[:4] = np.nan  # top rows without data
+    profile.update(height=24, width=24, count=1, dtype="float32", nodata=None)
+    with rasterio.open(images / "float.tif", "w", **profile) as dst:
+        dst.write(grey[None])
+    r = predict_folder(
+        EnsembleSpec([str(ckpt)], threshold=0.5), images, tmp_path / "out", progress=False
+    )
+    assert r.nodata_pixels == 40 * 10 + 4 * 24
+    valid = rgb[..., 0] != 250
+    expected = valid & (rgb[..., 0] >= 128)
+    np.testing.assert_array_equal(read_png(tmp_path / "out" / "scene.png") == 255, expected)
+    with rasterio.open(tmp_path / "out" / "scene.tif") as src:
+        np.testing.assert_array_equal(src.read(1), np.where(expected, 255, 0))
+        np.testing.assert_array_equal(src.read_masks(1), np.where(valid, 255, 0))
+        assert src.mask_flag_enums[0] == [rasterio.enums.MaskFlags.per_dataset]
+    assert not list((tmp_path / "out").glob("*.msk"))  # the mask is inside the file
+    with rasterio.open(tmp_path / "out" / "float.tif") as src:
+        assert (src.read_masks(1)[:4] == 0).all() and (src.read_masks(1)[4:] == 255).all()
+        ramp = src.read(1)
+    png = read_png(tmp_path / "out" / "float.png")
+    assert (ramp[:4] == 0).all() and (png[:4] == 0).all()
+    np.testing.assert_array_equal(ramp, png)
+    assert (png[4:, -1] == 255).all() and (png[4:, 0] == 0).all()  # the ramp's bright side
+
+
 def test_geotiffs_placed_by_control_points_or_rpcs_get_georeferenced_masks(
     pointwise_model, tmp_path
 ):

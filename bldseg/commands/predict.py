@@ -422,6 +422,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         except (*USER_ERRORS, OSError) as e:  # OSError: an output that cannot be written
             return fail(e)
         geotiffs = f" + {len(r.geotiffs)} GeoTIFF(s)" if r.geotiffs else ""
+        if r.nodata_pixels:
+            print(
+                f"{r.nodata_pixels} pixel(s) of the GeoTIFF scenes have no data (nodata, mask "
+                "or alpha): predicted as no building, and no-data in the GeoTIFF masks"
+            )
         print(
             f"wrote {len(r.masks)} mask(s){geotiffs} to {r.out_dir}: {r.empty} empty, "
             f"{len(spec.checkpoints)} model(s), {_decision(spec)}, "

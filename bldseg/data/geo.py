@@ -332,6 +332,33 @@ def _band_limits(
     return float(lo), float(hi)
 
 
+def valid_pixels(path: PathLike, *, bands: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """Where the raster has data: (H, W) bool, False where any band read (``bands``, as
+    :func:`read_raster_rgb` chooses them) is nodata, masked (mask band, alpha) or NaN/inf.
+
+    Returns None when every pixel is valid (no nodata value, mask or alpha, and no non-finite
+    float), without reading the pixels unless the bands are float.
+
+    Raises:
+        ImportError: rasterio is not installed.
+        ValueError: Unreadable file or bad ``bands`` (messages name the file).
+    """
+    path = Path(path)
+    mask_flags = _import_optional("rasterio.enums").MaskFlags
+    with _open_raster(path, "reading GeoTIFF") as src:
+        chosen = tuple(dict.fromkeys(_resolve_bands(path, src.count, bands)))
+        masked = [b for b in chosen if src.mask_flag_enums[b - 1] != [mask_flags.all_valid]]
+        floats = [b for b in chosen if np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating)]
+        if not masked and not floats:
+            return None
+        valid = np.ones((src.height, src.width), bool)  # (H, W)
+        for b in masked:
+            valid &= src.read_masks(b) > 0
+        for b in floats:
+            valid &= np.isfinite(src.read(b))
+    return None if valid.all() else valid
+
+
 def read_raster_rgb(
     path: PathLike,
     *,
@@ -507,7 +534,9 @@ def _fmt_bounds(b: Any) -> str:
     return "(" + ", ".join(f"{float(v):.6g}" for v in b) + ")"
 
 
-def write_geotiff_mask(mask: np.ndarray, out_path: PathLike, *, like: PathLike) -> None:
+def write_geotiff_mask(
+    mask: np.ndarray, out_path: PathLike, *, like: PathLike, valid: np.ndarray | None = None
+) -> None:
     """Writes a mask as a single-band uint8 GeoTIFF on the grid of the raster ``like``.
 
     The file gets ``like``'s georeference, so the mask overlays the scene in a GIS: its CRS and
@@ -520,6 +549,9 @@ def write_geotiff_mask(mask: np.ndarray, out_path: PathLike, *, like: PathLike) 
         mask: (H, W) bool or integer mask with values 0/255, or 0/1 (scaled to 0/255).
         out_path: The GeoTIFF to write (replaced if it exists; its folder is created).
         like: The raster whose (H, W) and georeference the mask follows.
+        valid: (H, W) bool, where the scene has data (:func:`valid_pixels`); elsewhere the
+            file's internal mask band says "no data", as the scene's own nodata does (a GIS
+            shows those pixels as transparent). None: every pixel is valid.
 
     Raises:
         ImportError: rasterio is not installed.
@@ -538,6 +570,10 @@ def write_geotiff_mask(mask: np.ndarray, out_path: PathLike, *, like: PathLike) 
             "binarise it first"
         )
     data = (mask != 0).astype(np.uint8) * np.uint8(255)  # (H, W) 0/255
+    if valid is not None and np.shape(valid) != data.shape:
+        raise ValueError(
+            f"{out_path}: the valid-pixel mask is {np.shape(valid)}, the mask {data.shape}"
+        )
 
     (rasterio,) = _require(f"{out_path}: writing a GeoTIFF", "rasterio")
     with _open_raster(like, "reading GeoTIFF") as src:
@@ -569,8 +605,14 @@ def write_geotiff_mask(mask: np.ndarray, out_path: PathLike, *, like: PathLike) 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(tmp, "w", **profile) as dst:
+            # the no-data mask inside the file, not in a .msk file beside it
+            with (
+                rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
+                rasterio.open(tmp, "w", **profile) as dst,
+            ):
                 dst.write(data, 1)
+                if valid is not None:
+                    dst.write_mask(np.where(valid, np.uint8(255), np.uint8(0)))
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)

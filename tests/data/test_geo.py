@@ -409,6 +409,22 @@ def test_write_geotiff_mask_round_trip(scene, tmp_path):
         np.testing.assert_array_equal(dst.read(1), rect_mask() * 255)
 
 
+def test_valid_pixels_none_without_nodata_else_where_the_read_bands_have_data(scene, tmp_path):
+    assert geo.valid_pixels(scene) is None  # no nodata, mask or alpha: nothing read
+    data = np.full((3, 8, 10), 50, np.uint16)
+    data[0, 0, :3] = 9  # nodata in band 1 only
+    data[2, 5, 5] = 9  # and in band 3
+    path = tmp_path / "nd.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", height=8, width=10, count=3, dtype="uint16", nodata=9
+    ) as dst:
+        dst.write(data)
+    valid = geo.valid_pixels(path)
+    assert valid.shape == (8, 10) and (~valid).sum() == 4 and not valid[5, 5]
+    assert geo.valid_pixels(path, bands=(2,)) is None  # band 2 has no nodata pixel
+    assert (~geo.valid_pixels(path, bands=(1,))).sum() == 3
+
+
 def test_write_geotiff_mask_rejects_bad_masks(scene, tmp_path):
     out = tmp_path / "m.tif"
     with pytest.raises(ValueError, match=r"m\.tif: the mask is 10x10 but .*scene\.tif is 40x50"):
