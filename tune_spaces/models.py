@@ -31,9 +31,9 @@ MODELS: dict[str, bool] = {
 }
 
 
-def space(trial: optuna.Trial, base: dict[str, Any]) -> None:
+def space(trial: optuna.Trial, base: dict[str, Any] | None = None) -> None:
     """The model, its peak LR and, where it has stochastic depth, its drop-path rate."""
-    if base.get("pretrained"):
+    if base and base.get("pretrained"):
         raise ValueError(
             f"the models space trains each family from scratch; --pretrained {base['pretrained']} "
             "fits only upernet_internimage models: search the scheduler or augmentation space "

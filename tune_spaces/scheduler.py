@@ -7,11 +7,12 @@ import optuna
 from ._lr import suggest_lr
 
 
-def space(trial: optuna.Trial, base: dict[str, Any]) -> dict | None:
+def space(trial: optuna.Trial, base: dict[str, Any] | None = None) -> dict | None:
     """OneCycleLR vs CosineAnnealingWarmupRestarts vs poly vs schedule-free AdamW, with the
     peak LR: 3e-4 to 1e-2 from scratch, the base LR /5 to x5 when fine-tuning (``--pretrained``:
-    1.2e-5 to 3e-4 around the official recipe's 6e-5)."""
-    suggest_lr(trial, base)
+    1.2e-5 to 3e-4 around the official recipe's 6e-5). ``base`` None: from scratch (a search
+    saved before spaces took a base calls its space with the trial alone, and goes on so)."""
+    suggest_lr(trial, base or {})
     name = trial.suggest_categorical(
         "sched.name", ["onecycle", "cosine_restarts", "poly", "schedulefree"]
     )

@@ -69,6 +69,25 @@ def test_fine_tuning_searches_lrs_around_the_recipes(tmp_path):
     validate_space(get_space("scheduler", base), base, samples=8)
 
 
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_a_searcher_saved_with_the_bare_space_still_suggests(name, tmp_path):
+    # Tune pickles its searcher's space by reference: a search saved before spaces took the
+    # base config calls the space with the trial alone when it is resumed.
+    from ray.tune.search.optuna import OptunaSearch
+
+    from bldseg.tune.runner import SEARCHER_METRIC
+
+    if name == "models" and not smp_available():
+        pytest.skip("segmentation_models_pytorch is not installed")
+    saved = OptunaSearch(space=SPACES[name], metric=SEARCHER_METRIC, mode="max")
+    saved.save(str(tmp_path / "searcher.pkl"))
+    restored = OptunaSearch(metric=SEARCHER_METRIC, mode="max")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    config = restored.suggest("t1")
+    if "optim.lr" in config:
+        assert 3e-4 <= config["optim.lr"] <= 1e-2  # the from-scratch range it started with
+
+
 def test_models_space_refuses_pretrained_weights(tmp_path):
     base = {**CPU_DEMO, **recipe_defaults(tmp_path / "w.pth")}
     with pytest.raises(ValueError, match=r"models failed.*trains each family from scratch"):
