@@ -205,9 +205,9 @@ def _layer_id(name: str, depths: list[int]) -> int:
 
 def _decays(name: str, p: nn.Parameter) -> bool:
     """Whether AdamW's weight decay applies: not to norms, biases and layer-scale gammas (1-D),
-    nor, as in the official recipe, to the DCNv3 offset projections (decaying them pulls every
-    sampling point back to the regular 3x3 grid)."""
-    return p.ndim > 1 and not name.endswith((".gamma1", ".gamma2")) and ".dcn.offset." not in name
+    as the official constructor (its ``sampling_offsets`` rule matches no InternImage name: the
+    DCNv3 offset projection is ``dcn.offset``, decayed there as here)."""
+    return p.ndim > 1 and not name.endswith((".gamma1", ".gamma2"))
 
 
 def optimizer_layout(model: nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
@@ -239,17 +239,17 @@ def _check_optimizer_layout(
         where = f"{len(moved)} parameter(s) in another group, e.g. {moved[0] if moved else '?'}"
     raise ValueError(
         f"{path}: its optimizer state was written for other parameter groups ({where}). "
-        "It comes from an older bldseg, which grouped the parameters for weight and layer "
-        "decay otherwise (DCNv3 offset projections decayed, level norms with the level "
-        "before); resuming would mix up the optimizer's moments. Finish it with the version "
-        "that started it, or train anew in another --out"
+        "It comes from an older bldseg, which grouped the parameters for layer decay "
+        "otherwise (optim.layer_decay < 1: level norms and downsamples with the level before); "
+        "resuming would mix up the optimizer's moments. Finish it with the version that "
+        "started it, or train anew in another --out"
     )
 
 
 def build_optimizer(
     model: nn.Module, cfg: RunConfig, total_steps: int = 0
 ) -> torch.optim.Optimizer:
-    """AdamW with no decay on norms/biases/gammas/DCNv3 offsets (:func:`_decays`) and optional
+    """AdamW with no decay on norms/biases/gammas (:func:`_decays`) and optional
     layer-wise LR decay (:func:`_layer_id`).
 
     With ``sched.name=schedulefree``, schedule-free AdamW with the same parameter groups,

@@ -141,8 +141,9 @@ def test_a_kfold_run_checks_the_checkpoint_before_writing_its_manifest(small_wor
 
 def test_a_resume_refuses_optimizer_state_of_other_parameter_groups(small_world, tmp_path):
     # An optimizer's state is keyed by position: loaded into groups laid out otherwise (an
-    # older bldseg decayed the DCNv3 offset projections) it would give one parameter another's
-    # moments. last.pt records each group's parameter names; older files only the sizes.
+    # older bldseg put level norms with the level before, with layer decay) it would give one
+    # parameter another's moments. last.pt records each group's parameter names; older files
+    # only the sizes.
     cfg = RunConfig.from_flat({k: v for k, v in _cfg("x").to_flat().items() if k != "pretrained"})
     run = tmp_path / "run"
     assert engine.fit(cfg, run, data=small_world, stop_after=1).status == "stopped"
@@ -156,7 +157,7 @@ def test_a_resume_refuses_optimizer_state_of_other_parameter_groups(small_world,
         == len(state["models"][0])
         - sum("running_" in k or "num_batches" in k for k in state["models"][0])
     )
-    assert any(n.endswith("dcn.offset.weight") for n in layout[0])  # the no-decay group
+    assert any(n.endswith("norm1.0.weight") for n in layout[0])  # the no-decay group
 
     def resume_with(saved) -> str:
         torch.save(saved, last)
