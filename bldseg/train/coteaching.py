@@ -6,7 +6,9 @@ that kept set, so the two filter different errors instead of confirming their ow
 ``R(T) = 1 - min(T / T_k * tau, tau)`` (:meth:`CoTeachConfig.keep_ratio`).
 
 Granularity ``tile`` ranks whole crops by their mean loss; ``pixel`` ranks all pixels of the
-batch by per-pixel BCE (a wrong building outline is a few wrong pixels, not a wrong tile).
+batch by per-pixel BCE (a wrong building outline is a few wrong pixels, not a wrong tile), and
+the update's loss is over the kept pixels: each tile's loss on its kept pixels, weighted by their
+number (for BCE, exactly the mean over the kept set).
 """
 
 from __future__ import annotations
@@ -68,10 +70,20 @@ def coteaching_losses(
             aux = aux[sel] if aux is not None else None
         else:
             tgt = target
-        loss = loss_fn(logits, tgt, weight).mean()
+        loss = reduce(loss_fn(logits, tgt, weight), weight)
         if aux is not None and aux_weight > 0:
-            loss = loss + aux_weight * loss_fn(aux, tgt, weight).mean()
+            loss = loss + aux_weight * reduce(loss_fn(aux, tgt, weight), weight)
         return loss
+
+    def reduce(per_sample: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """(B,) -> scalar. Pixel granularity: each tile's loss (over its kept pixels) weighs
+        as many kept pixels as it has, so BCE is the mean over the kept set as Algorithm 1
+        has it; a plain mean over tiles would give the few survivors of a noisy tile up to
+        S*S times a clean tile's pixel."""
+        if weight is None:
+            return per_sample.mean()
+        kept = weight.flatten(1).sum(1)  # (B,)
+        return (per_sample * kept).sum() / kept.sum().clamp_min(1.0)
 
     if granularity == "tile":
         with torch.no_grad():

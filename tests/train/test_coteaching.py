@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bldseg.train.coteaching import coteaching_losses, small_loss_mask
-from bldseg.train.losses import bce_loss, build_loss, pixel_bce
+from bldseg.train.losses import bce_loss, build_loss, dice_loss, pixel_bce
 
 # --- small_loss_mask ---------------------------------------------------------------------------
 
@@ -143,6 +143,36 @@ def test_pixel_weights_from_other_net_bce():
         assert f.grad[b, 0, y, x] == 0
     for b, y, x in f_wrong:
         assert f.grad[b, 0, y, x] != 0
+
+
+def test_pixel_update_is_the_mean_over_the_kept_set():
+    # Tile 1 is labelled building everywhere while both networks see background: a noisy tile
+    # that keeps 1 of its 16 pixels. Each kept pixel weighs 1 / |kept| in the update (17 of
+    # them), not 1/2 for the noisy tile's survivor and 1/32 for the others (a mean of per-tile
+    # means).
+    t = torch.zeros(2, 1, 4, 4)
+    t[1] = 1.0
+    logit = torch.full((2, 1, 4, 4), -3.0)
+    logit[1, 0, 0, 0] = 3.0
+    f = logit.clone().requires_grad_(True)
+    loss_f, _ = coteaching_losses(
+        [{"logits": f}, {"logits": logit.clone()}], t, bce_loss, 17 / 32, "pixel", 0.0
+    )
+    kept = small_loss_mask(pixel_bce(logit, t), 17 / 32).float()
+    assert kept.flatten(1).sum(1).tolist() == [16.0, 1.0]
+    exact = (pixel_bce(f, t) * kept).sum() / kept.sum()
+    assert loss_f.item() == pytest.approx(exact.item())
+    loss_f.backward()
+    weight = f.grad / (torch.sigmoid(logit) - t)  # d BCE / d logit = w * (p - t)
+    torch.testing.assert_close(weight, kept / 17)
+    # Dice: each tile's loss on its kept pixels, weighted by their number
+    loss_d, _ = coteaching_losses(
+        [{"logits": logit}, {"logits": logit}], t, dice_loss, 17 / 32, "pixel", 0.0
+    )
+    per_tile = dice_loss(logit, t, kept)
+    assert loss_d.item() == pytest.approx(
+        ((per_tile * torch.tensor([16.0, 1.0])).sum() / 17).item()
+    )
 
 
 @pytest.mark.parametrize("granularity", ["tile", "pixel"])
