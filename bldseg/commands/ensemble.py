@@ -16,6 +16,11 @@ rule with 95% bootstrap intervals on the check half (and the test library, when 
             own masks hold fewer than a pixels, m in 1..k and a from --empty-areas
 best_ensemble.json holds the best rule on the selection half, best_ensemble_<rule>.json each.
 
+A flag that does not apply to the chosen method or rule is refused, not ignored: -k, --k-range,
+--workers N and --address size or spread the exhaustive search, --greedy-size and --greedy-init
+the greedy one; --empty-areas and --empty-candidates need --empty-tile, --max-weight and
+--weighted-starts need --rules weighted, --experiment and --parent-run-id need --tracking-uri.
+
     bldseg ensemble --runs runs/augmentation-20261206-101500 -k 6
     bldseg ensemble --models runs/a runs/b runs/c --k-range 2 3 --workers 0
     bldseg ensemble --runs runs --method greedy --greedy-size 12
@@ -31,11 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from bldseg.ensemble.library import find_runs
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
 from bldseg.ensemble.run import SearchConfig, run_search, summary_lines
 from bldseg.ensemble.search import default_workers
+
+#: The job's own defaults, which the flags' defaults and their help texts read.
+DEFAULTS = SearchConfig()
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -50,19 +59,37 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--runs", help="search results folder (run folders found recursively)")
     src.add_argument("--models", nargs="+", help="run folders or val_probs.npz files")
-    p.add_argument("-k", type=int, default=6, help="ensemble size (default 6)")
+    # Flags that apply only to some methods or rules default to None, so that one given where
+    # it does not apply can be refused (_refuse_inapplicable); main() fills in the defaults.
+    p.add_argument(
+        "-k",
+        type=int,
+        default=None,
+        help=f"exhaustive: ensemble size (default {DEFAULTS.k[0]})",
+    )
     p.add_argument(
         "--k-range",
         nargs=2,
         type=int,
         metavar=("KMIN", "KMAX"),
-        help="search every k in KMIN..KMAX instead of -k",
+        help="exhaustive: search every k in KMIN..KMAX instead of one -k",
     )
     p.add_argument("--lo", type=float, default=0.30, help="lowest threshold (default 0.30)")
     p.add_argument("--hi", type=float, default=0.70, help="highest threshold (default 0.70)")
     p.add_argument("--method", choices=("exhaustive", "greedy"), default="exhaustive")
-    p.add_argument("--greedy-size", type=int, default=10, help="greedy: members to stop at")
-    p.add_argument("--greedy-init", type=int, default=0, help="greedy: sorted initialisation")
+    p.add_argument(
+        "--greedy-size",
+        type=int,
+        default=None,
+        help=f"greedy: members to stop at (default {DEFAULTS.greedy_size})",
+    )
+    p.add_argument(
+        "--greedy-init",
+        type=int,
+        default=None,
+        help="greedy: start from this many best single models (sorted initialisation; "
+        f"default {DEFAULTS.greedy_init})",
+    )
     p.add_argument("--kernel", choices=("native", "numpy"), default="native")
     p.add_argument(
         "--rules",
@@ -81,7 +108,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--empty-areas",
         nargs="+",
         type=int,
-        default=list(DEFAULT_EMPTY_AREAS),
+        default=None,
         metavar="PX",
         help="empty-tile rule: pixel counts a searched (default: "
         + " ".join(map(str, DEFAULT_EMPTY_AREAS))
@@ -90,28 +117,33 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--empty-candidates",
         type=int,
-        default=5,
-        help="empty-tile rule: searched on this many best ensembles per rule (default 5)",
+        default=None,
+        help="empty-tile rule: searched on this many best ensembles per rule (default "
+        f"{DEFAULTS.empty_candidates})",
     )
     p.add_argument(
         "--weighted-starts",
         type=int,
-        default=3,
-        help="weighted rule: start from this many best mean ensembles (default 3)",
+        default=None,
+        help="weighted rule: start from this many best mean ensembles (default "
+        f"{DEFAULTS.weighted_starts})",
     )
     p.add_argument(
-        "--max-weight", type=int, default=3, help="weighted rule: weights 1..this (default 3)"
+        "--max-weight",
+        type=int,
+        default=None,
+        help=f"weighted rule: weights 1..this (default {DEFAULTS.max_weight})",
     )
     p.add_argument(
         "--address",
         default=None,
-        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+        help="exhaustive: Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
     )
     p.add_argument(
         "--workers",
         type=int,
         default=None,
-        help="concurrent Ray tasks (default: the cluster's CPUs; 0: no Ray)",
+        help="exhaustive: concurrent Ray tasks (default: the cluster's CPUs; 0: no Ray)",
     )
     p.add_argument("--top", type=int, default=20, help="rows of the result table")
     p.add_argument("--out", default="ensemble_out", help="output folder")
@@ -120,19 +152,84 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default="test_probs.npz",
         help="held-out test library file next to each val_probs.npz, if present",
     )
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: none)")
-    p.add_argument("--experiment", default="ensemble_search", help="MLflow experiment")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI, checked before the search starts (default: none)",
+    )
+    p.add_argument(
+        "--experiment",
+        default=None,
+        help=f"MLflow experiment (default {DEFAULTS.experiment})",
+    )
     p.add_argument("--parent-run-id", default=None, help="MLflow parent run id")
     p.add_argument("--seed", type=int, default=0, help="seed of the selection/check split")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
+def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Exits with a usage error (status 2) when a flag is given where it has no effect.
+
+    Such a flag used to be ignored without a word (``-k 2 --method greedy`` searched a greedy
+    ensemble of up to --greedy-size members), so the run answered another question than the
+    one asked. The flags that can be refused default to None: given is told from default.
+    """
+    if a.k is not None and a.k_range is not None:
+        p.error("-k and --k-range both set the ensemble sizes; give one of them")
+    if a.method == "greedy":
+        for flag, given in (("-k", a.k), ("--k-range", a.k_range)):
+            if given is not None:
+                p.error(
+                    f"{flag} sizes the exhaustive search; --method greedy stops at "
+                    "--greedy-size members (drop it, or drop --method greedy)"
+                )
+        if a.rules != ["mean"] or a.empty_tile:
+            # run_search refuses these too, but only after the tracking check
+            p.error("--rules vote/weighted and --empty-tile need --method exhaustive")
+        # greedy runs in this process: it never starts or joins Ray (--workers 0 says so)
+        if a.workers:
+            p.error(
+                "--workers splits the exhaustive search over Ray tasks; --method greedy runs "
+                "in this process (drop --workers)"
+            )
+        if a.address is not None:
+            p.error(
+                "--address names the Ray cluster of the exhaustive search; --method greedy "
+                "runs in this process (drop --address)"
+            )
+    else:
+        for flag, given in (("--greedy-size", a.greedy_size), ("--greedy-init", a.greedy_init)):
+            if given is not None:
+                p.error(f"{flag} sets the greedy search; it needs --method greedy")
+    if a.workers == 0 and a.address is not None:
+        p.error("--address joins a Ray cluster, but --workers 0 runs without Ray; drop one")
+    if not a.empty_tile:
+        for flag, given in (
+            ("--empty-areas", a.empty_areas),
+            ("--empty-candidates", a.empty_candidates),
+        ):
+            if given is not None:
+                p.error(f"{flag} sets the empty-tile rule; it needs --empty-tile")
+    if "weighted" not in a.rules:
+        for flag, given in (
+            ("--max-weight", a.max_weight),
+            ("--weighted-starts", a.weighted_starts),
+        ):
+            if given is not None:
+                p.error(f"{flag} sets the weighted rule; it needs --rules weighted")
+    if not a.tracking_uri:
+        for flag, given in (("--experiment", a.experiment), ("--parent-run-id", a.parent_run_id)):
+            if given is not None:
+                p.error(f"{flag} sets the MLflow run; it needs --tracking-uri")
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Runs the search and prints the chosen ensemble; returns the exit status.
 
-    Bad input (a missing folder, k larger than the library, ...) is one line on stderr and
-    status 2.
+    Bad input (a missing folder, k larger than the library, a flag that does not apply to the
+    chosen method or rule, an unreachable --tracking-uri, ...) is one line on stderr and
+    status 2; the tracking store is checked before Ray or the data are touched.
 
     Args:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
@@ -140,13 +237,35 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """
     parser = build_parser(prog)
     a = parser.parse_args(argv)
-    ks = list(range(a.k_range[0], a.k_range[1] + 1)) if a.k_range else [a.k]
+    _refuse_inapplicable(parser, a)
+    if a.k_range:
+        ks = list(range(a.k_range[0], a.k_range[1] + 1))
+    else:
+        ks = [a.k] if a.k is not None else list(DEFAULTS.k)
     workers = a.workers
     if a.runs and not a.models:
         try:  # before Ray: a mistyped --runs should not first start or join a cluster
             find_runs(a.runs)
         except FileNotFoundError as err:
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+    uri = None
+    if a.tracking_uri:
+        from bldseg.tune import tracking
+
+        # Absolute, as bldseg tune and pipeline make it: sqlite:///x.db names one database
+        # wherever the job's processes run. Checked now, with a short probe: an unreachable
+        # server would otherwise let the whole search run, then fail after MLflow's minutes
+        # of retries, with a traceback instead of the result.
+        uri = tracking.absolute_uri(a.tracking_uri)
+        try:
+            tracking.check_tracking(uri)
+        except RuntimeError as err:  # its message names the URI and what to do
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # MLflow creating a sqlite store's folder, e.g. under a file
+            msg = f"cannot use MLflow tracking store {uri}: {err}"
+            print(f"{parser.prog}: error: {msg}", file=sys.stderr)
             return 2
     if a.method == "exhaustive" and workers != 0:
         from bldseg.tune.runner import init_ray
@@ -155,6 +274,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # 127.0.0.1 only.
         init_ray(a.address)
         workers = workers or default_workers()
+
+    def given(value: Any, default: Any) -> Any:  # a flag's value, else the job's default
+        return default if value is None else value
+
     cfg = SearchConfig(
         runs=a.runs,
         models=a.models or [],
@@ -162,24 +285,24 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         lo=a.lo,
         hi=a.hi,
         method=a.method,
-        greedy_size=a.greedy_size,
-        greedy_init=a.greedy_init,
+        greedy_size=given(a.greedy_size, DEFAULTS.greedy_size),
+        greedy_init=given(a.greedy_init, DEFAULTS.greedy_init),
         kernel=a.kernel,
         workers=workers or 0,
         top=a.top,
         out=a.out,
         seed=a.seed,
         test_file=a.test_file,
-        tracking_uri=a.tracking_uri,
-        experiment=a.experiment,
+        tracking_uri=uri,
+        experiment=given(a.experiment, DEFAULTS.experiment),
         parent_run_id=a.parent_run_id,
         progress=not a.no_progress,
         rules=["mean", *(r for r in a.rules if r != "mean")],
         empty_tile=a.empty_tile,
-        empty_areas=a.empty_areas,
-        empty_candidates=a.empty_candidates,
-        weighted_starts=a.weighted_starts,
-        max_weight=a.max_weight,
+        empty_areas=given(a.empty_areas, list(DEFAULT_EMPTY_AREAS)),
+        empty_candidates=given(a.empty_candidates, DEFAULTS.empty_candidates),
+        weighted_starts=given(a.weighted_starts, DEFAULTS.weighted_starts),
+        max_weight=given(a.max_weight, DEFAULTS.max_weight),
     )
     try:
         s = run_search(cfg)

@@ -1,0 +1,133 @@
+"""`bldseg ensemble`'s command line: flags that do not apply are refused, the tracking store is
+checked before the search (bldseg.commands.ensemble)."""
+
+import json
+import re
+import shlex
+
+import pytest
+
+from bldseg.commands import ensemble as ensemble_cmd
+from bldseg.ensemble.synthetic import fake_library, write_runs
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A six-model run library of 24 tiny tiles."""
+    root = tmp_path_factory.mktemp("ens_cli")
+    write_runs(fake_library(6, 24, 16, seed=3, tiles_per_image=2), root / "results")
+    return root / "results"
+
+
+# (flags, what the error names): each flag is given where it has no effect
+INAPPLICABLE = [
+    (["--method", "greedy", "-k", "2"], "-k sizes the exhaustive search"),
+    (["--method", "greedy", "--k-range", "2", "3"], "--k-range sizes the exhaustive search"),
+    (["--method", "greedy", "--workers", "2"], "--workers splits the exhaustive search"),
+    (["--method", "greedy", "--address", "127.0.0.1:1"], "--address names the Ray cluster"),
+    (["--method", "greedy", "--rules", "vote"], "--rules vote/weighted and --empty-tile need"),
+    (["--method", "greedy", "--empty-tile"], "--rules vote/weighted and --empty-tile need"),
+    (["--greedy-size", "4"], "--greedy-size sets the greedy search; it needs --method greedy"),
+    (["--greedy-init", "1"], "--greedy-init sets the greedy search; it needs --method greedy"),
+    (["-k", "3", "--k-range", "2", "4"], "-k and --k-range both set the ensemble sizes"),
+    (["--workers", "0", "--address", "127.0.0.1:1"], "--address joins a Ray cluster, but"),
+    (["--empty-areas", "1", "8"], "--empty-areas sets the empty-tile rule; it needs --empty-tile"),
+    (["--no-empty-tile", "--empty-candidates", "2"], "--empty-candidates sets the empty-tile"),
+    (["--max-weight", "2"], "--max-weight sets the weighted rule; it needs --rules weighted"),
+    (["--rules", "vote", "--weighted-starts", "2"], "--weighted-starts sets the weighted rule"),
+    (["--experiment", "x"], "--experiment sets the MLflow run; it needs --tracking-uri"),
+    (["--parent-run-id", "abc"], "--parent-run-id sets the MLflow run; it needs --tracking-uri"),
+]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"), INAPPLICABLE, ids=[" ".join(flags) for flags, _ in INAPPLICABLE]
+)
+def test_a_flag_that_does_not_apply_is_refused(runs, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    # --workers 0 where the combination leaves it free: a run that got past the check (as
+    # before the fix) searches in this process instead of starting Ray
+    ray_free = [] if {"--workers", "--address"} & set(flags) else ["--workers", "0"]
+    argv = ["--runs", str(runs), "--out", str(out), "--no-progress", *ray_free, *flags]
+    with pytest.raises(SystemExit) as exc:
+        ensemble_cmd.main(argv, prog="bldseg ensemble")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"bldseg ensemble: error: {message}" in err
+    assert not out.exists()  # refused before anything ran
+
+
+def test_valid_greedy_command_runs_with_its_flags(runs, tmp_path, capsys):
+    out = tmp_path / "greedy"
+    argv = ["--runs", str(runs), "--method", "greedy", "--greedy-size", "4", "--greedy-init"]
+    argv += ["1", "--workers", "0", "--top", "3", "--no-progress", "--out", str(out)]
+    assert ensemble_cmd.main(argv) == 0
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert (config["method"], config["greedy_size"], config["greedy_init"]) == ("greedy", 4, 1)
+    assert '"files"' in capsys.readouterr().out  # the result summary was printed
+
+
+def test_valid_exhaustive_command_runs_with_its_flags_and_defaults(runs, tmp_path):
+    out = tmp_path / "exhaustive"
+    argv = ["--runs", str(runs), "-k", "2", "--rules", "weighted", "--max-weight", "2"]
+    argv += ["--weighted-starts", "1", "--empty-tile", "--empty-areas", "1", "8"]
+    argv += ["--empty-candidates", "2", "--workers", "0", "--no-progress", "--out", str(out)]
+    assert ensemble_cmd.main(argv) == 0
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert config["k"] == [2] and config["rules"] == ["mean", "weighted"]
+    assert (config["max_weight"], config["weighted_starts"]) == (2, 1)
+    assert (config["empty_areas"], config["empty_candidates"]) == ([1, 8], 2)
+    # the greedy flags, not given, hold the job's defaults
+    defaults = ensemble_cmd.DEFAULTS
+    assert (config["greedy_size"], config["greedy_init"]) == (
+        defaults.greedy_size,
+        defaults.greedy_init,
+    )
+
+
+def test_the_documented_examples_are_accepted():
+    # the examples in the module docstring (bldseg ensemble --help) pass the flag check
+    doc = ensemble_cmd.__doc__
+    examples = re.findall(r"(?:bldseg ensemble|ensemble_search\.py) (--[^#\n]*)", doc)
+    assert len(examples) >= 5
+    for line in examples:
+        p = ensemble_cmd.build_parser("bldseg ensemble")
+        a = p.parse_args(shlex.split(line))
+        ensemble_cmd._refuse_inapplicable(p, a)  # raises SystemExit when refused
+
+
+@pytest.mark.parametrize("store", ["http", "sqlite under a file"])
+def test_an_unusable_tracking_store_stops_the_command_before_the_search(
+    runs, tmp_path, capsys, monkeypatch, store
+):
+    # MLflow's own retries would take minutes: the command must not rely on them. Without
+    # the check, the search ran, wrote --out, then failed in MLflow with a traceback.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    if store == "http":
+        uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    else:
+        (tmp_path / "afile").write_text("")
+        uri = "sqlite:///" + str(tmp_path / "afile" / "mlflow.db")  # its folder is a file
+    out = tmp_path / "out"
+    argv = ["--runs", str(runs), "-k", "2", "--workers", "0", "--no-progress"]
+    argv += ["--tracking-uri", uri, "--out", str(out)]
+    assert ensemble_cmd.main(argv, prog="bldseg ensemble") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bldseg ensemble: error: ") and uri in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_relative_sqlite_uri_is_made_absolute(runs, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--runs", str(runs), "-k", "2", "--workers", "0", "--no-progress"]
+    argv += ["--tracking-uri", "sqlite:///mlflow.db", "--out", str(out)]
+    assert ensemble_cmd.main(argv) == 0
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert config["tracking_uri"] == "sqlite:///" + str((tmp_path / "mlflow.db").resolve())
+    exp = MlflowClient(config["tracking_uri"]).get_experiment_by_name("ensemble_search")
+    assert exp is not None
