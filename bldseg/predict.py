@@ -134,8 +134,9 @@ class EnsembleSpec:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
         if self.weights and len(self.weights) != k:
             raise ValueError(f"{len(self.weights)} weights for {k} member(s)")
-        if any(not w > 0 for w in self.member_weights()):
-            raise ValueError(f"weights must be positive, got {self.member_weights()}")
+        if any(not (w > 0 and math.isfinite(w)) for w in self.member_weights()):
+            # an infinite weight makes every weighted mean NaN: an empty submission, silently
+            raise ValueError(f"weights must be positive and finite, got {self.member_weights()}")
         own = self.rule == "vote" or self.empty_votes > 0
         if own and len(self.member_thresholds) != k:
             raise ValueError(
@@ -184,14 +185,23 @@ class EnsembleSpec:
 
         def number(convert, value, field_name: str):
             try:
-                return convert(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: {field_name} must be a number, got {value!r}") from None
+                out = convert(value)
+                # a count read as int must be whole: int(2.7) would vote with 2, silently
+                if convert is int and (isinstance(value, bool) or out != float(value)):
+                    raise ValueError
+                return out
+            except (TypeError, ValueError, OverflowError):
+                kind = "a whole number" if convert is int else "a number"
+                raise ValueError(f"{path}: {field_name} must be {kind}, got {value!r}") from None
 
         ckpts, weights, own = [], [], []
         for i, m in enumerate(d["members"]):
             if not isinstance(m, dict) or "checkpoint" not in m:
                 raise ValueError(f"{path}: member {i} has no 'checkpoint' entry: {m!r}")
+            if not isinstance(m["checkpoint"], str) or not m["checkpoint"].strip():
+                raise ValueError(
+                    f"{path}: member {i}'s 'checkpoint' must be a path, got {m['checkpoint']!r}"
+                )
             # An absolute path (older specs) is kept as it is by the join.
             ckpt = resolve_member((path.parent / m["checkpoint"]).resolve())
             if not ckpt.is_file():
@@ -432,19 +442,31 @@ def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarra
         weights = [1.0] * k  # equal weights: the plain sum of the maps, as the search scores it
     whole = all(float(w).is_integer() for w in weights)
     own = spec.member_levels()  # (k,) levels of the members' own masks, or []
-    total = None  # (..., H, W): uint32 sum, float64 weighted sum, or uint16 vote count
+    # The running sum, added to in place (a big test set's maps are gigabytes): a vote count,
+    # an integer weighted sum in the narrowest type that holds 255 * sum(w), or float64.
+    if spec.rule == "vote":
+        dtype = np.dtype(np.uint16)
+    elif whole:
+        dtype = np.dtype(np.uint16 if metrics.QUANT_MAX * sum(weights) < 2**16 else np.uint32)
+    else:
+        dtype = np.dtype(np.float64)
+    total = None  # (..., H, W) of dtype
     small = None  # (N,) images where so many members' own masks are nearly empty
     n = 0
     for q in maps:
         if n == k:
             raise ValueError(f"more maps than the {k} member(s) of the ensemble")
+        if total is None:
+            total = np.zeros(q.shape, dtype)
+        elif q.shape != total.shape:
+            raise ValueError(f"member {n}'s map is {q.shape}, the first member's {total.shape}")
         if spec.rule == "vote":
-            add = (q >= own[n]).astype(np.uint16)
-        elif whole:
-            add = q.astype(np.uint32) * np.uint32(weights[n])
+            np.add(total, q >= own[n], out=total, casting="unsafe")
+        elif weights[n] == 1:
+            np.add(total, q, out=total, casting="unsafe")
         else:
-            add = q * np.float64(weights[n])
-        total = add if total is None else total + add
+            # w * q in the sum's type, one member-sized temporary
+            np.add(total, np.multiply(q, dtype.type(weights[n]), dtype=dtype), out=total)
         if spec.empty_votes > 0:
             area = (q >= own[n]).reshape(-1, q.shape[-2] * q.shape[-1]).sum(1)  # (N,)
             nearly_empty = (area < spec.empty_area).astype(np.int64)
@@ -468,13 +490,21 @@ def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarra
     return pred
 
 
-def image_loader(cache: DatasetCache, batch_size: int = 16) -> DataLoader:
-    """Every (square) image of a cache as one normalised tile, in cache order."""
+def image_loader(
+    cache: DatasetCache, batch_size: int = 16, indices: Sequence[int] | None = None
+) -> DataLoader:
+    """Every (square) image of a cache (or those at ``indices``) as one normalised tile, in
+    cache order."""
     h, w = cache.image_size
     if h != w:
         raise ValueError(f"{cache.root}: prediction expects square tiles, got {h}x{w}")
-    tiles = validation_tiles(cache, range(len(cache)), h)
+    tiles = validation_tiles(cache, range(len(cache)) if indices is None else indices, h)
     return DataLoader(TileDataset(cache, tiles, build_eval_transform()), batch_size=batch_size)
+
+
+#: Images predicted per chunk by :func:`predict_cache`: each member's uint8 map of a chunk of
+#: 224-px tiles is 100 MB, and only the combined bool masks are kept.
+PREDICT_CHUNK = 2048
 
 
 def predict_cache(
@@ -484,21 +514,44 @@ def predict_cache(
     batch_size: int = 16,
     device: str = "auto",
     progress: bool = True,
+    chunk: int | None = None,
 ) -> np.ndarray:
-    """Binary predictions (N, H, W) bool for every image of a cache (whole images as tiles)."""
+    """Binary predictions (N, H, W) bool for every image of a cache (whole images as tiles).
+
+    The images go in chunks of ``chunk`` (None: :data:`PREDICT_CHUNK`): every member predicts
+    a chunk, the ensemble rule combines their maps (its rules are per pixel or per image, so
+    chunks decide exactly as one pass would), and only the chunk's bool masks are kept. Memory
+    is then the masks (1 byte per pixel) plus one chunk's maps, not every member's map of the
+    whole test set (the competition's 60,640 tiles of 224 px are 3 GB per member map). The
+    members are loaded once, all of them.
+    """
     dev = resolve_device(device)
-    loader = image_loader(cache, batch_size)
-    weights = spec.member_weights()
+    chunk = PREDICT_CHUNK if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: predict at least one image at a time")
+    image_loader(cache, batch_size, indices=[])  # a cache of non-square images fails here
+    h, w = cache.image_size
+    members = []
+    several = len(spec.checkpoints) > 1
+    for ckpt in tqdm(spec.checkpoints, desc="members", disable=not (progress and several)):
+        models, cfg, _ = load_member(ckpt, dev)
+        members.append((models, eval_autocast(cfg.precision, dev)))  # as validated
+    n = len(cache)
+    pred = np.zeros((n, h, w), bool)  # (N, H, W)
+    bar = tqdm(total=n * len(members), desc="predicting", unit="img", disable=not progress)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        loader = image_loader(cache, batch_size, indices=range(start, stop))
 
-    def member_maps() -> Iterator[np.ndarray]:
-        # One member in memory at a time; each map is uint8 (N, H, W).
-        bar = tqdm(spec.checkpoints, desc="members", disable=not progress or len(weights) == 1)
-        for ckpt in bar:
-            models, cfg, _ = load_member(ckpt, dev)
-            amp = eval_autocast(cfg.precision, dev)  # as the member's validation maps were made
-            yield predict_probs(models, loader, dev, amp, tta=spec.tta)
+        def chunk_maps(loader: DataLoader) -> Iterator[np.ndarray]:
+            for models, amp in members:
+                q = predict_probs(models, loader, dev, amp, tta=spec.tta)  # uint8 (n_c, H, W)
+                bar.update(len(q))
+                yield q
 
-    return combine_members(member_maps(), spec)
+        pred[start:stop] = combine_members(chunk_maps(loader), spec)
+    bar.close()
+    return pred
 
 
 def write_submission(ids: Sequence[str], pred: np.ndarray, path: str | os.PathLike) -> pd.DataFrame:

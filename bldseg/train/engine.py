@@ -442,7 +442,8 @@ def predict_probs(
 
     With ``tta``, the mean of the identity, horizontal-flip and vertical-flip predictions.
     Several models (the K folds of a K-fold run): the mean of their probabilities (and flips),
-    quantised once, as one model's are.
+    quantised once, as one model's are. Each batch is quantised as it comes (clipping and
+    quantising are per pixel): the maps held are 1 byte per pixel, not float32 copies.
     """
     models = [model] if isinstance(model, nn.Module) else list(model)
     for m in models:
@@ -461,9 +462,8 @@ def predict_probs(
                     p = p + torch.sigmoid(m(x.flip(-2)).float()).flip(-2)
             if n_views > 1:
                 p = p / n_views
-        out.append(p[:, 0].cpu().numpy())
-    probs = np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
-    return metrics.quantise(np.clip(probs, 0.0, 1.0))
+        out.append(metrics.quantise(np.clip(p[:, 0].cpu().numpy(), 0.0, 1.0)))  # (B, S, S)
+    return np.concatenate(out) if out else np.zeros((0, 1, 1), np.uint8)
 
 
 def threshold_metrics(

@@ -174,6 +174,26 @@ def test_combine_members_vote_and_empty_tile_rule_by_hand():
         combine_members([a, b], EnsembleSpec(["a", "b"], empty_votes=1, empty_area=4))
 
 
+@pytest.mark.parametrize("weights", [[1.0, 2.0, 3.0], [300.0, 57.0, 1.0], [0.5, 1.5, 2.25]])
+def test_combine_members_sums_in_place_as_a_float64_reference(weights):
+    # The running sum is kept in uint16 while 255 * sum(w) fits (here 1,530), in uint32 above
+    # (91,290: uint16 would wrap), in float64 for fractional weights: each decides as the
+    # exact float64 weighted mean does, and the maps are not changed.
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 256, (3, 8, 8), dtype=np.uint8) for _ in weights]
+    kept = [m.copy() for m in maps]
+    spec = EnsembleSpec(["a", "b", "c"], weights, threshold=0.55, rule="weighted")
+    mean = sum(w * m.astype(np.float64) for w, m in zip(weights, maps, strict=True))
+    mean /= 255 * sum(weights)
+    pred = combine_members(iter(maps), spec)
+    tie = np.isclose(mean, 0.55, atol=1e-9)  # the integer level decides exact ties
+    np.testing.assert_array_equal(pred[~tie], (mean >= 0.55)[~tie])
+    assert 0.2 < pred.mean() < 0.8
+    assert all(np.array_equal(m, k) for m, k in zip(maps, kept, strict=True))
+    with pytest.raises(ValueError, match=r"member 1's map is \(3, 8, 4\), the first"):
+        combine_members([maps[0], maps[1][..., :4], maps[2]], spec)
+
+
 def test_combine_members_whole_weights_use_the_integer_level():
     # q = 100 and 101 with weights 1 and 2: weighted sum 302 of 765; t = 302/765 exactly
     a = np.full((1, 1, 1), 100, np.uint8)

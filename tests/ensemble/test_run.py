@@ -362,15 +362,35 @@ def rule_search(tmp_path_factory):
     return proj, run_search(cfg)
 
 
-def _fake_predict(monkeypatch, maps_by_ckpt: dict[str, np.ndarray]) -> None:
-    """predict_cache with every member's model replaced by its library maps (no network)."""
+class _MapsCache:
+    """A stand-in test cache whose "images" are a library's maps: checkpoint -> (N, S, S)."""
+
+    def __init__(self, maps: dict[str, np.ndarray]):
+        self.maps = maps
+        first = next(iter(maps.values()))
+        self.image_size = first.shape[1:]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.maps.values())))
+
+
+def _fake_predict(monkeypatch, maps_by_ckpt: dict[str, np.ndarray]) -> _MapsCache:
+    """predict_cache with every member's model replaced by its library maps (no network):
+    pass it the returned cache; chunks of 7 images, so the chunked path is what is tested."""
     import bldseg.predict as P
 
-    monkeypatch.setattr(P, "image_loader", lambda cache, batch_size=16: cache)
+    def loader(cache, batch_size=16, indices=None):
+        return cache, range(len(cache)) if indices is None else indices
+
+    monkeypatch.setattr(P, "image_loader", loader)
+    monkeypatch.setattr(P, "PREDICT_CHUNK", 7)
     monkeypatch.setattr(
         P, "load_checkpoint", lambda ckpt, device="cpu": (str(ckpt), RunConfig(), {})
     )
-    monkeypatch.setattr(P, "predict_probs", lambda model, loader, *a, **kw: loader[model])
+    monkeypatch.setattr(
+        P, "predict_probs", lambda model, ld, *a, **kw: ld[0].maps[model][list(ld[1])]
+    )
+    return _MapsCache(maps_by_ckpt)
 
 
 def _selection_maps(runs: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -414,11 +434,11 @@ def test_predict_reproduces_every_rules_selection_score(rule_search, monkeypatch
 
     proj, s = rule_search
     maps, truth = _selection_maps(proj / "runs")
-    _fake_predict(monkeypatch, maps)
+    cache = _fake_predict(monkeypatch, maps)
     for name, row in s.rules.items():
         spec = EnsembleSpec.load(proj / "out" / f"best_ensemble_{name}.json")
         assert spec.rule == row["rule"] and spec.empty_votes == row["empty_votes"]
-        pred = predict_cache(spec, maps, progress=False)
+        pred = predict_cache(spec, cache, progress=False)
         assert metrics.competition_score(pred, truth) == row["selection_dice"], name
 
 
@@ -438,11 +458,11 @@ def test_spec_paths_are_relative_and_the_project_folder_can_move(
     raw = json.loads((moved / "out" / "best_ensemble_vote_empty.json").read_text())
     assert all(m["checkpoint"].startswith("../runs/trial_") for m in raw["members"])
     maps, truth = _selection_maps(moved / "runs")
-    _fake_predict(monkeypatch, maps)
+    cache = _fake_predict(monkeypatch, maps)
     for name, row in s.rules.items():
         spec = EnsembleSpec.load(moved / "out" / f"best_ensemble_{name}.json")
         assert all(Path(c).is_relative_to(moved.resolve()) for c in spec.checkpoints)
-        pred = predict_cache(spec, maps, progress=False)
+        pred = predict_cache(spec, cache, progress=False)
         assert metrics.competition_score(pred, truth) == row["selection_dice"], name
     # a member that is gone is named, with the spec
     victim = Path(EnsembleSpec.load(moved / "out" / "best_ensemble.json").checkpoints[0])
