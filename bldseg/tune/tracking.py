@@ -164,8 +164,9 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
                 f"server --backend-store-uri sqlite:////abs/mlflow.db --host 127.0.0.1`) or "
                 "pass another --tracking-uri. The search was not started."
             ) from e
-    client = MlflowClient(tracking_uri=uri)
     try:
+        # inside: opening a sqlite store creates its folder, which can fail (a file in the way)
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as e:  # MLflow raises many types here; all mean "cannot use this store"
         raise RuntimeError(f"cannot use MLflow tracking store {uri}: {e}") from e

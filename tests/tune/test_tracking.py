@@ -1,7 +1,10 @@
 """The MLflow call queue of a search: never stalls its caller, reports a failure once."""
 
+import re
 import threading
 import time
+
+import pytest
 
 from bldseg.tune import tracking
 from tests.conftest import free_port
@@ -107,3 +110,12 @@ def test_network_filesystem_of_a_path_is_its_deepest_mount(tmp_path):
     assert network_filesystem(tmp_path / "m.db", tmp_path / "absent") is None
     assert sqlite_path("sqlite:////abs/mlflow.db").as_posix() == "/abs/mlflow.db"
     assert sqlite_path("http://host:5000") is None
+
+
+def test_check_tracking_names_a_sqlite_store_that_cannot_be_created(tmp_path):
+    # The database's folder would be under a file: MLflow's own error (FileExistsError) is
+    # turned into the one that names the store, as for every other unusable store.
+    (tmp_path / "file").write_text("not a folder")
+    uri = f"sqlite:///{tmp_path}/file/sub/mlflow.db"
+    with pytest.raises(RuntimeError, match=rf"cannot use MLflow tracking store {re.escape(uri)}"):
+        tracking.check_tracking(uri)
