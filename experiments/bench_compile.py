@@ -1,14 +1,18 @@
 """Does ``torch.compile`` pay on a CPU? One training step, eager vs compiled, side by side.
 
-A step is what ``fit()`` does per batch: forward, BCE on the main and auxiliary logits,
-backward, AdamW step. The compiled model is ``torch.compile(model)`` (inductor, default
-mode); the DCNv3 op is a ``torch.library`` custom op, so it stays one call in the graph. The
-first compiled calls include compilation (reported as ``compile s``: the first step's time
-minus a steady step's); steady steps are the median of ``--steps`` after ``--warmup``.
-Numerics: the loss of the first step, eager vs compiled, from the same weights and batch.
+A step is what ``fit()`` does per batch, with the run config's settings (default the CPU
+demo's: channels-last, bf16 autocast where the CPU computes bf16 natively, schedule-free AdamW
+with its compiled step, gradient clipping): forward through ``fit``'s own loss code, backward,
+clipping, optimizer step. The compiled model is ``torch.compile(model)`` (inductor, default
+mode), as ``--set compile=inductor`` runs it; the DCNv3 op is a ``torch.library`` custom op, so
+it stays one call in the graph. The first compiled calls include compilation (reported as
+``compile s``: the first step's time minus a steady step's); steady steps are the median of
+``--steps`` after ``--warmup``. Numerics: the loss of the first step, eager vs compiled, from
+the same weights and batch.
 
-    python experiments/bench_compile.py                       # the demo's model, 192 px, batch 4
-    python experiments/bench_compile.py --model upernet_internimage_t --size 224 --batch 8
+    python experiments/bench_compile.py                       # the demo's settings
+    python experiments/bench_compile.py --set precision=fp32 --set sched.name=onecycle
+    python experiments/bench_compile.py --set model=upernet_internimage_t --set aug.crop_size=224
 
 Prints a table and writes JSON (``--json``). Run it on a quiet machine: the times are the point.
 """
@@ -23,52 +27,59 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bldseg.io import write_json
 from bldseg.models import create_model
-from bldseg.tune.cli import CPU_DEMO
+from bldseg.train import engine
+from bldseg.train.config import RunConfig
+from bldseg.train.losses import build_loss
+from bldseg.train.optim import clip_grad_norm_
+from bldseg.tune.cli import CPU_DEMO, parse_set
 
 
-def step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer):
-    """One training step on (x, y); returns the loss as a float."""
+def step_fn(model: torch.nn.Module, stepper: torch.nn.Module, cfg: RunConfig, total: int):
+    """One of ``fit``'s training steps on a batch; returns the loss as a float. ``stepper``
+    runs the forward pass (the model itself, or its compiled wrapper sharing its weights)."""
+    device = torch.device("cpu")
+    amp = engine.autocast_dtype(cfg.precision, device)
+    opt = engine.build_optimizer(model, cfg, total_steps=total)
+    engine.set_optimizer_mode([opt], train=True)
+    loss_fn = build_loss(cfg.loss)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        out = model(x)
-        logits = out["logits"] if isinstance(out, dict) else out  # (B, 1, H, W)
-        loss = F.binary_cross_entropy_with_logits(logits, y)
-        if isinstance(out, dict) and out.get("aux_logits") is not None:
-            loss = loss + 0.4 * F.binary_cross_entropy_with_logits(out["aux_logits"], y)
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        (loss,) = engine._step_losses([stepper], batch, cfg, loss_fn, 1.0, device, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.optim.grad_clip > 0:
+            clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         return float(loss)
 
     return step
 
 
-def measure(
-    name: str, compiled: bool, size: int, batch: int, warmup: int, steps: int
-) -> dict[str, float]:
+def measure(cfg: RunConfig, compiled: bool, warmup: int, steps: int) -> dict[str, float]:
     """Times of the first step and the median steady step, and the first step's loss."""
     torch.manual_seed(0)
-    model = create_model(name).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if compiled:
-        model = torch.compile(model)
+    model = create_model(cfg.model, **cfg.model_kwargs()).train()
+    model = engine.to_run_memory_format(model, cfg, torch.device("cpu"))
+    stepper = torch.compile(model) if compiled else model
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g)  # (B, 3, S, S)
-    y = (torch.rand(batch, 1, size, size, generator=g) > 0.7).float()  # (B, 1, S, S)
-    step = step_fn(model, opt)
+    b, s = cfg.batch_size, cfg.aug.crop_size
+    batch = {
+        "image": torch.randn(b, 3, s, s, generator=g),  # (B, 3, S, S)
+        "mask": (torch.rand(b, 1, s, s, generator=g) > 0.7).float(),  # (B, 1, S, S)
+    }
+    step = step_fn(model, stepper, cfg, total=1 + warmup + steps)
     t0 = time.perf_counter()
-    first_loss = step(x, y)
+    first_loss = step(batch)
     first = time.perf_counter() - t0
     for _ in range(warmup):
-        step(x, y)
+        step(batch)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step(x, y)
+        step(batch)
         times.append(time.perf_counter() - t0)
     steady = statistics.median(times)
     return {"first_s": first, "step_s": steady, "compile_s": first - steady, "loss": first_loss}
@@ -78,25 +89,32 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default=CPU_DEMO["model"])
-    p.add_argument("--size", type=int, default=CPU_DEMO["aug.crop_size"])
-    p.add_argument("--batch", type=int, default=CPU_DEMO["batch_size"])
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config values over the CPU demo's (repeatable)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="steps after the first (default 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--json", default="bench/compile.json")
     args = p.parse_args()
+    cfg = RunConfig.from_flat({**CPU_DEMO, **parse_set(args.set)})
+    amp = engine.autocast_dtype(cfg.precision, torch.device("cpu"))
+    settings = (
+        f"{cfg.model}, batch {cfg.batch_size} at {cfg.aug.crop_size} px, "
+        f"{'channels-last' if cfg.channels_last else 'NCHW'}, "
+        f"{str(amp).replace('torch.', '') if amp else 'float32'}, {cfg.sched.name}, "
+        f"grad clip {cfg.optim.grad_clip:g}"
+    )
 
     rows = {}
     for mode in ("eager", "compiled"):
         print(f"== {mode} ...", flush=True)
-        rows[mode] = measure(
-            args.model, mode == "compiled", args.size, args.batch, args.warmup, args.steps
-        )
+        rows[mode] = measure(cfg, mode == "compiled", args.warmup, args.steps)
     e, c = rows["eager"], rows["compiled"]
-    print(
-        f"\n{args.model}, batch {args.batch} at {args.size} px, one training step on the CPU "
-        f"({torch.get_num_threads()} threads)"
-    )
+    print(f"\n{settings}: one training step on the CPU ({torch.get_num_threads()} threads)")
     print(f"{'mode':<10}{'step ms':>9}{'first step s':>14}{'compile s':>11}{'loss':>12}")
     for mode, r in rows.items():
         print(
@@ -111,9 +129,8 @@ def main() -> None:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "model": args.model,
-        "size": args.size,
-        "batch": args.batch,
+        "settings": settings,
+        "config": cfg.to_flat(),
         "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} threads",
