@@ -28,7 +28,9 @@ the greedy one; --empty-areas and --empty-candidates need --empty-tile, --max-we
     python experiments/ensemble_search.py --runs runs -k 6   # from a checkout
     # on a Ray cluster (the address is also read from RAY_ADDRESS); python -m puts the
     # uploaded working directory, with its bldseg/, on the path:
-    ray job submit --working-dir . -- python -m bldseg ensemble --runs /shared/results
+    # (--out on the shared folder: a relative one would lie in Ray's temporary job folder)
+    ray job submit --working-dir . -- python -m bldseg ensemble --runs /shared/results \
+        --out /shared/ensemble
 """
 
 from __future__ import annotations

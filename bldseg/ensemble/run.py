@@ -535,7 +535,13 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         if w_single.score > single.score:
             single = w_single
         if w_top[0].score > top[0].score:
-            top, per_k = w_top, w_per_k
+            top = w_top
+        # each size's best likewise: a size whose widened best only ties keeps its threshold
+        # inside the default range
+        per_k = {
+            k: w if k not in per_k or w.score > per_k[k].score else per_k[k]
+            for k, w in w_per_k.items()
+        }
     # the single model chosen over the same range as everything reported (after a widening,
     # the default range's k=1 entry would disagree with best_single)
     per_k[1] = single
