@@ -1127,11 +1127,16 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     overridden = sorted(searched.intersection(spec.user_keys))
     if overridden:
         # {**base, **config}: a trial's sampled value goes over the fixed one
+        # a space bound to the base (get_space) may centre its range on the given value
+        centred = " (its range is centred on the given optim.lr)" * (
+            "optim.lr" in overridden and bool(base.get("pretrained")) and hasattr(space, "func")
+        )
         log.warning(
             "the %s space searches %s: each trial uses the space's value, not the one given "
-            "with --set/--model",
+            "with --set/--model%s",
             spec.space,
             ", ".join(overridden),
+            centred,
         )
 
     data = prepare_data(

@@ -93,6 +93,14 @@ def test_a_set_value_the_space_searches_is_named(
     assert "--folds 4: the data has only 3 split group(s)" in capsys.readouterr().err
     (said,) = [r.getMessage() for r in caplog.records if "searches" in r.getMessage()]
     assert "the scheduler space searches optim.lr: each trial uses the space's value" in said
+    assert "centred" not in said
+    # fine-tuning: the space's LR range is centred on the given value, and says so
+    caplog.clear()
+    tuned = [*argv, "--pretrained", str(tmp_path / "w.pth"), "--set", "optim.lr=1e-4"]
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        assert cli.main("scheduler", "test", tuned) == 2
+    (said,) = [r.getMessage() for r in caplog.records if "searches" in r.getMessage()]
+    assert said.endswith("(its range is centred on the given optim.lr)")
 
 
 @pytest.mark.parametrize("key", ["epochs", "data"])
