@@ -16,7 +16,8 @@ and plots/ under --out.
 K-fold training (bldseg.train.folds), folds split by source scene:
 
     bldseg train --folds 5 --out runs/kfold           # 5 models, one after the other
-    bldseg train --folds 5 --fold 2 --out runs/kfold  # fold 2 only (e.g. one per GPU); the
+    bldseg train --folds 5 --fold 2 --out runs/kfold  # fold 2 only (e.g. one per GPU), with
+                                                       # its own best epoch and Dice; the
                                                        # command without --fold finishes
 
 trains fold f into --out/fold<f>/ and writes the out-of-fold val_probs.npz (every training
@@ -32,8 +33,9 @@ from bldseg.commands import USER_ERRORS, fail
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.train import RunConfig, fit
-from bldseg.train.folds import fit_folds
-from bldseg.tune.cli import add_folds_argument, add_pretrained_argument, fixed_config
+from bldseg.train.engine import load_state
+from bldseg.train.folds import fit_folds, fold_dir
+from bldseg.tune.cli import add_folds_argument, add_pretrained_argument, fixed_config, parse_set
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.fold is not None and not 0 <= args.fold < args.folds:
         last = args.folds - 1
         parser.error(f"--fold {args.fold}: the folds of --folds {args.folds} are 0..{last}")
+    if "fold" in parse_set(args.set):
+        # K-fold training trains every fold whatever the config's fold says: --fold picks one
+        parser.error("--set fold=...: train one fold with --fold F (and --folds K)")
     fixed = fixed_config(
         args.data or args.images,
         args.model,
@@ -114,16 +119,31 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             result = fit(cfg, args.out, data=data, progress=True)
     except USER_ERRORS as e:
         return fail(e)
-    for row in result.history:
-        print(epoch_line(row))
+    if args.fold is not None and result.status != "diverged":
+        # The mean rows are of the epochs every fold has trained: none while other folds are
+        # still to train. The fold trained here reports its own.
+        fold_run = fold_dir(args.out, args.fold)
+        state = load_state(fold_run / "last.pt", mmap=True)
+        for row in state["history"]:
+            print(epoch_line(row))
+        best = state["best"]
+        print(
+            f"fold {args.fold}: best epoch {best.get('epoch')} {_val_dice(best)}; "
+            f"{fold_run}/best.pt"
+        )
+        if result.status != "completed":
+            print(f"{result.status}: {result.message}")
+            return 0
+    else:
+        for row in result.history:
+            print(epoch_line(row))
     if result.status == "diverged":
         # a failed run: scripts and schedulers must see it (its files say how far it got)
         return fail(f"training diverged: {result.message}; see {args.out}/history.json")
-    if cfg.folds >= 2:
-        what = "mean over folds" if result.status == "completed" else "folds so far"
+    if cfg.folds >= 2:  # every fold trained (a --fold that leaves others returned above)
         print(
             f"{result.status}: {result.message}; best epoch {result.best.get('epoch')} "
-            f"({what}) {_val_dice(result.best)}; {args.out}/folds.json"
+            f"(mean over folds) {_val_dice(result.best)}; {args.out}/folds.json"
         )
         return 0
     print(

@@ -8,6 +8,7 @@ or invalid key.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -16,7 +17,7 @@ from typing import Any, Literal
 from bldseg.train.augment import AugConfig
 from bldseg.train.fieldtypes import checked
 from bldseg.train.losses import LOSSES
-from bldseg.train.schedulers import SCHEDULERS
+from bldseg.train.schedulers import SCHEDULERS, next_cycle_steps
 
 
 @dataclass
@@ -46,8 +47,10 @@ class SchedConfig:
     # onecycle: AdamW's beta1 cycles 0.95 -> 0.85 -> 0.95 against the lr (PyTorch's and
     # fast.ai's one-cycle) in place of optim.beta1; False keeps optim.beta1 throughout
     cycle_momentum: bool = True
-    cycles: int = 1  # cosine_restarts: number of equal first cycles the run would hold
-    cycle_mult: float = 1.0  # cosine_restarts: growth of the cycle length
+    # cosine_restarts: cycles in the run (cycles - 1 restarts), its last step near the end of
+    # the last one; fewer, with a warning, in a run too short for them (cosine_first_cycle)
+    cycles: int = 1
+    cycle_mult: float = 1.0  # cosine_restarts: growth of each cycle's length over the previous
     gamma: float = 1.0  # cosine_restarts: peak decay per cycle
     # cosine_restarts/poly: warm-up share of a (first) cycle; schedulefree: of the whole run
     warmup_frac: float = 0.05
@@ -96,6 +99,62 @@ class SchedConfig:
             )
         return steps
 
+    def cosine_first_cycle(self, total_steps: int) -> tuple[int, int]:
+        """First cycle and warm-up steps of ``cosine_restarts`` in a run of ``total_steps``.
+
+        The first cycle is the shortest for which ``cycles`` cycles, each grown from the one
+        before by ``cycle_mult`` (:func:`bldseg.train.schedulers.next_cycle_steps`), cover the
+        run: the run holds exactly ``cycles`` cycles and its last step is in the decay of the
+        last one, a few steps before that cycle's end (the rounding of whole-step cycles: fewer
+        than ``cycles`` steps with ``cycle_mult=1``), never on a restart. A run too
+        short for that, where the last step would not be three quarters through the last
+        cycle's decay, holds fewer cycles, with a warning.
+
+        Returns:
+            ``(first_cycle_steps, warmup_steps)``; the warm-up is ``warmup_frac`` of the first
+            cycle (every cycle warms up as long), shorter than it.
+        """
+        total = max(1, total_steps)
+        for n in range(self.cycles, 0, -1):
+            lengths = self._shortest_cosine_cycles(total, n)
+            warmup = self._cosine_warmup(lengths[0])
+            in_last = total - sum(lengths[:-1])  # the run's steps in its last cycle
+            # The run's last step must be three quarters through that cycle's decay or more
+            # (an LR within 15% of the floor), not on or just after a restart.
+            if n == 1 or 4 * (in_last - 1 - warmup) >= 3 * (lengths[-1] - warmup):
+                break
+        if n < self.cycles:
+            warnings.warn(
+                f"sched.cycles={self.cycles}: this run's {total_steps} steps are too few for "
+                f"{self.cycles} cosine cycles that each decay; running {n}",
+                stacklevel=3,
+            )
+        return lengths[0], warmup
+
+    def _cosine_warmup(self, first: int) -> int:
+        """Warm-up steps of every cosine cycle when the first lasts ``first`` steps."""
+        return min(first - 1, int(self.warmup_frac * first))
+
+    def _shortest_cosine_cycles(self, total: int, n: int) -> list[int]:
+        """Lengths of the ``n`` cycles from the shortest first one (>= 2) covering ``total``."""
+
+        def lengths(first: int) -> list[int]:
+            warmup = self._cosine_warmup(first)
+            out = [first]
+            while len(out) < n:
+                out.append(next_cycle_steps(out[-1], warmup, self.cycle_mult))
+            return out
+
+        # Every cycle's length grows with the first one's, so their sum does: bisect on it.
+        lo, hi = 2, max(2, total)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(lengths(mid)) >= total:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lengths(lo)
+
     def scheduler_kwargs(self, total_steps: int) -> dict[str, Any]:
         """Keyword arguments of :func:`bldseg.train.schedulers.build_scheduler` for this run.
 
@@ -110,13 +169,13 @@ class SchedConfig:
                 cycle_momentum=self.cycle_momentum,
             )
         if self.name == "cosine_restarts":
-            first = max(2, total_steps // max(1, self.cycles))
+            first, warmup = self.cosine_first_cycle(total_steps)
             return dict(
                 first_cycle_steps=first,
                 cycle_mult=self.cycle_mult,
                 gamma=self.gamma,
                 min_lr=self.min_lr,
-                warmup_steps=min(first - 1, int(self.warmup_frac * first)),
+                warmup_steps=warmup,
             )
         if self.name == "poly":
             # A warm-up asked for longer than the run fills all of it but the last step (the
@@ -270,8 +329,24 @@ class RunConfig:
         checks = [
             ("epochs", self.epochs >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            (
+                "samples_per_epoch",
+                self.samples_per_epoch >= 0,
+                "must be >= 0 (0 = one crop per training image)",
+            ),
+            # the smallest tile a model takes, as aug.crop_size (AugConfig)
+            ("val_tile", self.val_tile == 0 or self.val_tile >= 8, "must be 0 (the crop) or >= 8"),
+            ("num_workers", self.num_workers >= 0, "must be >= 0 (0 = batches made in the loop)"),
+            # numpy's generators, which split and crop, take no negative seed
+            ("seed", self.seed >= 0, "must be >= 0"),
+            ("split_seed", self.split_seed >= 0, "must be >= 0"),
             ("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
             ("optim.lr", 0 < self.optim.lr < 1, "must be in (0, 1)"),
+            # (written so that NaN fails too; infinite decay or clipping would mean nothing)
+            ("optim.weight_decay", 0 <= self.optim.weight_decay < math.inf, "must be >= 0"),
+            ("optim.beta1", 0 <= self.optim.beta1 < 1, "must be in [0, 1)"),
+            ("optim.beta2", 0 <= self.optim.beta2 < 1, "must be in [0, 1)"),
+            ("optim.grad_clip", 0 <= self.optim.grad_clip < math.inf, "must be >= 0 (0 = off)"),
             ("optim.layer_decay", 0 < self.optim.layer_decay <= 1, "must be in (0, 1]"),
             ("optim.ema", 0 <= self.optim.ema < 1, "must be in [0, 1) (0 = off)"),
             ("coteach.tau", 0 <= self.coteach.tau < 1, "must be in [0, 1)"),

@@ -24,16 +24,25 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 
+def next_cycle_steps(length: int, warmup_steps: int, cycle_mult: float) -> int:
+    """Length of the cycle after one of ``length`` steps in :class:`CosineAnnealingWarmupRestarts`.
+
+    Only the part after the warm-up grows, truncated to whole steps: the widely used
+    implementation's rule, not ``first_cycle_steps * cycle_mult**c``.
+    """
+    return int((length - warmup_steps) * cycle_mult) + warmup_steps
+
+
 class CosineAnnealingWarmupRestarts(LRScheduler):
     """Cosine annealing with linear warm-up and warm restarts.
 
     The first cycle lasts ``first_cycle_steps`` steps and each next one
     ``int((L - warmup_steps) * cycle_mult) + warmup_steps`` where ``L`` is the previous cycle's
-    length (only the part after the warm-up grows, truncated to whole steps: the widely used
-    implementation's rule, not ``first_cycle_steps * cycle_mult**c``). Within cycle ``c``
-    (0-based) the LR rises linearly from ``min_lr`` to ``max_lr * gamma**c`` over
-    ``warmup_steps`` steps, then follows a half cosine back down towards ``min_lr`` at the
-    cycle's end.
+    length (:func:`next_cycle_steps`). Within cycle ``c`` (0-based) the LR rises linearly from
+    ``min_lr`` to ``max_lr * gamma**c`` over ``warmup_steps`` steps, then follows a half cosine
+    back down towards ``min_lr`` at the cycle's end. The cycles go on past any run length:
+    :meth:`bldseg.train.config.SchedConfig.cosine_first_cycle` picks ``first_cycle_steps`` so
+    that a run ends in the decay of its last cycle.
 
     Args:
         optimizer: The optimizer; its parameter groups' LRs are overwritten.
@@ -83,7 +92,7 @@ class CosineAnnealingWarmupRestarts(LRScheduler):
         # Cycle starts, extended on demand: a run holds few cycles, so this stays short.
         while self._starts[-1] <= step:
             length = self._starts[-1] - self._starts[-2]
-            grown = int((length - self.warmup_steps) * self.cycle_mult) + self.warmup_steps
+            grown = next_cycle_steps(length, self.warmup_steps, self.cycle_mult)
             self._starts.append(self._starts[-1] + grown)
         c = bisect.bisect_right(self._starts, step) - 1
         return c, step - self._starts[c], self._starts[c + 1] - self._starts[c]

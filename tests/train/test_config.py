@@ -154,9 +154,12 @@ def test_scheduler_kwargs_values():
     cos = SchedConfig(
         name="cosine_restarts", cycles=4, cycle_mult=2.0, gamma=0.5, warmup_frac=0.1, min_lr=1e-5
     )
-    assert cos.scheduler_kwargs(100) == dict(
-        first_cycle_steps=25, cycle_mult=2.0, gamma=0.5, min_lr=1e-5, warmup_steps=2
+    # 4 growing cycles 72 + 137 + 267 + 527 = 1003 steps cover the run's 1000
+    assert cos.scheduler_kwargs(1000) == dict(
+        first_cycle_steps=72, cycle_mult=2.0, gamma=0.5, min_lr=1e-5, warmup_steps=7
     )
+    equal = SchedConfig(name="cosine_restarts", cycles=4, warmup_frac=0.1)
+    assert equal.scheduler_kwargs(100)["first_cycle_steps"] == 25
     # Tiny runs still give a valid cycle (warm-up shorter than the cycle).
     tiny = SchedConfig(name="cosine_restarts", warmup_frac=0.9).scheduler_kwargs(1)
     assert tiny["first_cycle_steps"] == 2 and tiny["warmup_steps"] == 1

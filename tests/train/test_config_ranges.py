@@ -1,0 +1,155 @@
+"""Run-config values that would train silently wrong: the cosine restarts' layout over a run,
+out-of-range optimizer and loop values, and the train command's fold flags."""
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+
+from bldseg.commands import train as train_cmd
+from bldseg.train.config import RunConfig, recipe_defaults
+from bldseg.train.engine import load_state
+from bldseg.train.schedulers import build_scheduler
+from bldseg.tune.cli import CPU_DEMO
+
+PEAK, FLOOR = 1e-2, 1e-6
+
+
+def _cosine_lrs(total: int, **sched) -> list[float]:
+    """The LR of each of a run's ``total`` steps, built as fit builds its scheduler."""
+    flat = {f"sched.{k}": v for k, v in sched.items()}
+    cfg = RunConfig.from_flat({"sched.name": "cosine_restarts", "optim.lr": PEAK, **flat})
+    cfg = cfg.with_updates({"sched.min_lr": FLOOR})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    s = build_scheduler("cosine_restarts", opt, total, **cfg.sched.scheduler_kwargs(total))
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return lrs
+
+
+def _restarts(lrs: list[float]) -> list[int]:
+    """Steps where the LR turns from falling (or resting at the floor) to rising: a restart,
+    either the jump to the peak (no warm-up) or the first step of a warm-up."""
+    return [i for i in range(2, len(lrs)) if lrs[i] > lrs[i - 1] <= lrs[i - 2]]
+
+
+@pytest.mark.parametrize(
+    "total, cycles, warmup_frac, cycle_mult, gamma",
+    [
+        (640, 3, 0.0, 1.0, 1.0),  # the reported run: its last step went back to the peak
+        (643, 4, 0.1, 1.0, 1.0),  # used to end 3 steps into a fifth cycle's warm-up
+        (1280, 3, 0.3, 1.0, 0.5),
+        (999, 4, 0.3, 1.0, 1.0),
+        (1000, 4, 0.1, 2.0, 0.5),  # growing cycles: the run used to end early in the third
+        (700, 3, 0.05, 1.5, 1.0),
+        (500, 2, 0.0, 1.0, 1.0),
+        (300, 1, 0.05, 1.0, 1.0),
+    ],
+)
+def test_cosine_restarts_end_at_the_end_of_the_last_cycle(
+    total, cycles, warmup_frac, cycle_mult, gamma
+):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # these runs hold their cycles: nothing to warn about
+        lrs = _cosine_lrs(
+            total, cycles=cycles, warmup_frac=warmup_frac, cycle_mult=cycle_mult, gamma=gamma
+        )
+    restarts = _restarts(lrs)
+    assert len(restarts) == cycles - 1, restarts
+    last_cycle = lrs[restarts[-1] :] if restarts else lrs
+    top = max(last_cycle)
+    after_peak = last_cycle[last_cycle.index(top) :]
+    # the run ends on the lowest LR of its last cycle's decay, near that cycle's floor
+    assert lrs[-1] == min(after_peak)
+    assert lrs[-1] - FLOOR <= 0.01 * (top - FLOOR), (lrs[-1], top)
+    assert top == pytest.approx(PEAK * gamma ** (cycles - 1))
+
+
+@pytest.mark.parametrize("total, cycles, held", [(10, 3, 2), (6, 4, 1), (2, 3, 1)])
+def test_cosine_restarts_in_a_run_too_short_for_its_cycles(total, cycles, held):
+    with pytest.warns(UserWarning, match=rf"sched.cycles={cycles}: .* running {held}"):
+        lrs = _cosine_lrs(total, cycles=cycles, warmup_frac=0.0)
+    assert len(_restarts(lrs)) == held - 1
+    last_cycle = lrs[_restarts(lrs)[-1] :] if held > 1 else lrs
+    assert lrs[-1] == min(last_cycle) < max(last_cycle)  # still decaying at the end
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("optim.weight_decay", -0.5),
+        ("optim.weight_decay", math.nan),
+        ("optim.weight_decay", math.inf),
+        ("optim.beta1", 1.5),
+        ("optim.beta1", -0.1),
+        ("optim.beta2", 1.0),
+        ("optim.beta2", math.nan),
+        ("optim.grad_clip", -1.0),
+        ("val_tile", -8),
+        ("val_tile", 4),
+        ("samples_per_epoch", -5),
+        ("num_workers", -1),
+        ("seed", -1),
+        ("split_seed", -2),
+    ],
+)
+def test_out_of_range_values_are_refused_by_name(key, value):
+    with pytest.raises(ValueError, match=rf"^run config: {re.escape(key)}="):
+        RunConfig.from_flat({key: value})
+
+
+def test_edge_values_stay_valid():
+    cfg = RunConfig.from_flat(
+        {
+            "optim.weight_decay": 0.0,
+            "optim.beta1": 0.0,
+            "optim.beta2": 0.0,
+            "optim.grad_clip": 0.0,  # off
+            "val_tile": 8,
+            "samples_per_epoch": 0,  # one crop per image
+            "num_workers": 0,
+        }
+    )
+    assert cfg.optim.grad_clip == 0 and cfg.val_tile == 8
+    # the shipped defaults: the CPU demo, and the fine-tuning recipe over it
+    RunConfig.from_flat(CPU_DEMO)
+    RunConfig.from_flat({**CPU_DEMO, **recipe_defaults("/models/upernet_t.pth")})
+
+
+def _train(world, out, *extra: str) -> int:
+    argv = ["--data", str(world.root), "--data-root", str(world.root.parent), "--out", str(out)]
+    for s in ("aug.crop_size=32", "batch_size=8", "samples_per_epoch=16", "epochs=1"):
+        argv += ["--set", s]
+    return train_cmd.main([*argv, "--set", "impl=compiled", *extra])
+
+
+def test_one_fold_reports_its_own_result(small_world, tmp_path, capsys):
+    assert _train(small_world, tmp_path, "--folds", "2", "--fold", "1") == 0
+    out = capsys.readouterr().out
+    best = load_state(tmp_path / "fold1" / "last.pt")["best"]
+    said = (
+        f"fold 1: best epoch {best['epoch']} val Dice {best['val_dice_best']:.4f} "
+        f"at threshold {best['val_thr_best']:.2f}"
+    )
+    assert said in out and "nan" not in out
+    assert '{"epoch": 1, ' in out  # its epoch's row
+    assert "fold 1 trained; 1 other fold(s)" in out
+    # the fold that finishes the run reports itself, then the run over its folds
+    assert _train(small_world, tmp_path, "--folds", "2", "--fold", "0") == 0
+    out = capsys.readouterr().out
+    assert "fold 0: best epoch 1 val Dice " in out and "completed: trained 2 folds" in out
+    assert "(mean over folds) val Dice " in out and "nan" not in out
+
+
+def test_set_fold_is_refused_naming_the_flag(small_world, tmp_path, capsys):
+    # fit_folds trains every fold: a --set fold=1 was ignored and both folds trained
+    with pytest.raises(SystemExit) as e:
+        _train(small_world, tmp_path / "run", "--folds", "2", "--set", "fold=1")
+    assert e.value.code == 2
+    assert "--set fold=...: train one fold with --fold F" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
