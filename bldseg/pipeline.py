@@ -12,9 +12,12 @@ is skipped, and an interrupted search is resumed, so re-running the same command
 instead of redoing work. Ctrl-C (``KeyboardInterrupt``) in any stage leaves that stage
 unrecorded, marks the pipeline's MLflow run KILLED and propagates. A search recorded by an
 older bldseg although it never finished (a trial folder without a finished epoch) is resumed,
-and the stages after it redone. MLflow: a pipeline experiment with a parent run; each search's
-parent run carries tags linking it to the pipeline run and to the previous stage's run; the
-ensemble search and the prediction are child runs of the pipeline run.
+and the stages after it redone. Continuing with other result settings, training data, storage
+or tracking URI is refused (:func:`check_continuation`); other ensemble sizes or another test
+split redo only what depends on them (:func:`refresh_state`). MLflow: a pipeline experiment
+with a parent run; each search's parent run carries tags linking it to the pipeline run and to
+the previous stage's run; the ensemble search and the prediction are child runs of the
+pipeline run.
 
 What is submitted: the ensemble search's ``submit.json``, i.e. the best ensemble only when its
 gain over the best single model on the check half is beyond its 95% bootstrap interval, else
@@ -23,6 +26,7 @@ that single model (:func:`bldseg.ensemble.run.submission_decision`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -86,20 +90,48 @@ class PipelineConfig:
     k_max: int = 6  # largest ensemble size searched (the reference workflow used 6)
     ensemble_workers: int = 0  # Ray tasks for the ensemble search (0: in-process)
     seed: int = 0  # searcher seed
+    # base keys the user fixed by name (--set, --model, --split-group), not defaults: each
+    # search warns about those its space searches, as the space's value then wins
+    user_keys: tuple[str, ...] = ()
+
+
+#: Models the pipeline trains per --trials: one per trial of each search stage.
+MODELS_PER_TRIAL = len(STAGES)
 
 
 #: Settings that change a pipeline's results: continuing a pipeline with others would reuse
 #: its finished stages, ensemble and test maps as if they belonged to the new settings.
-RESULT_SETTINGS = ("data", "data_options", "base", "trials", "epochs", "k_min", "k_max", "seed")
+RESULT_SETTINGS = ("data", "data_options", "base", "trials", "epochs", "seed")
+#: Settings only the ensemble search reads: a continued pipeline with others keeps its trained
+#: models and redoes the ensemble search and the prediction (:func:`refresh_state`).
+ENSEMBLE_SETTINGS = ("k_min", "k_max")
 
 
 class ContinuationError(ValueError):
-    """A recorded pipeline continued with other result settings or data."""
+    """A recorded pipeline continued with other result settings or data, or in another
+    storage folder or MLflow tracking store."""
+
+
+def storage_root(storage: str) -> str:
+    """``--storage`` as an absolute folder: what a pipeline records and compares."""
+    return str(Path(storage).resolve())
+
+
+def tracking_uri(uri: str | None) -> str:
+    """``--tracking-uri`` (None: sqlite in the working folder) with a relative path made
+    absolute: the searches' trials and the ensemble's workers run in other folders."""
+    return tracking.absolute_uri(uri or tracking.default_tracking_uri("."))
 
 
 def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> None:
     """Raises ContinuationError naming what differs when a recorded pipeline is continued with other
-    result settings or other training data."""
+    result settings, other training data, or another storage folder or MLflow tracking URI.
+
+    The storage and the tracking URI are compared as absolute paths: the pipeline's finished
+    searches are in the recorded ones, so another would leave their models out of the ensemble
+    search, or find no pipeline run to continue. A state without the absolute record (older
+    bldseg) is compared by its recorded values made absolute against the working folder.
+    """
     # both as JSON has them (tuples become lists)
     recorded = json.loads(json.dumps(state.get("config") or {}, default=str))
     now = json.loads(json.dumps(asdict(cfg), default=str))
@@ -111,12 +143,26 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
     started_on = state.get("data_fingerprint")
     if started_on and started_on != fingerprint:
         differ.append(f"training data fingerprint: {started_on} -> {fingerprint}")
-    if differ:
+    moved = []
+    for key, flag, resolve in (
+        ("storage", "--storage", storage_root),
+        ("tracking_uri", "--tracking-uri", tracking_uri),
+    ):
+        was = state.get(key) or (resolve(recorded[key]) if key in recorded else None)
+        given = resolve(getattr(cfg, key))
+        if was is not None and was != given:
+            moved.append(f"{flag}: {was!r} -> {given!r}")
+    if differ or moved:
+        why = (
+            "its finished stages would be reused as if they were this one's"
+            if differ
+            else "its finished searches and its MLflow runs are in the recorded ones"
+        )
         raise ContinuationError(
             f"{_state_path(cfg)} records a pipeline started with other settings ("
-            + "; ".join(differ)
-            + "): its finished stages would be reused as if they were this one's. Pass the "
-            "original settings to continue it, or another --name for a new pipeline"
+            + "; ".join(differ + moved)
+            + f"): {why}. Pass the original settings to continue it, or another --name for a "
+            "new pipeline"
         )
 
 
@@ -136,6 +182,14 @@ def check_config(cfg: PipelineConfig) -> None:
         if not ok:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {getattr(cfg, name)} is out of range")
+    n_models = MODELS_PER_TRIAL * cfg.trials
+    if cfg.k_min > n_models:
+        # else the ensemble search fails only after every search has trained
+        raise ValueError(
+            f"--k-min {cfg.k_min} is more than the {n_models} models the pipeline trains "
+            f"({MODELS_PER_TRIAL} searches of --trials {cfg.trials}): pass --k-min {n_models} "
+            "or less, or more --trials"
+        )
     RunConfig.from_flat({**cfg.base, "epochs": cfg.epochs})  # names an unknown or bad --set
     if cfg.data is not None and not Path(cfg.data).exists():
         raise FileNotFoundError(f"--data {cfg.data}: no such file or folder")
@@ -184,6 +238,80 @@ def test_truth(data: PreparedData) -> np.ndarray:
     return metrics.truth_masks(data.test_truth_csv, data.test.ids, data.test.image_size)
 
 
+def fingerprint_test_split(data: PreparedData) -> str | None:
+    """Fingerprint of the test split and its held-out truth CSV (None: no test split).
+
+    What the test maps, the ensemble's test column and the submission were made from: a
+    continued pipeline whose fingerprint differs redoes them (:func:`refresh_state`).
+    """
+    if data.test is None:
+        return None
+    h = hashlib.blake2b(data.test.fingerprint.encode(), digest_size=16)
+    if data.test_truth_csv:
+        with open(data.test_truth_csv, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def refresh_state(
+    cfg: PipelineConfig, state: dict, test_fp: str | None, has_truth: bool
+) -> list[str]:
+    """Forgets the recorded entries that a continued pipeline must redo; returns what it forgot.
+
+    Two changes leave the trained models valid, so they are not refused as other settings are
+    (:func:`check_continuation`), and only what depends on them is redone:
+
+    - other ensemble sizes (``--k-min``/``--k-max``): the ensemble search and the prediction;
+    - another test split or truth CSV (:func:`fingerprint_test_split`): the submission, the
+      stages' test scores, and the ensemble search where it recorded a test column or one can
+      be made now (it chooses on validation maps only). The test maps check themselves
+      (:func:`write_test_library`).
+
+    The state records the new values; the caller saves it. A state without a recorded test
+    fingerprint (older bldseg) records the current one.
+
+    Args:
+        cfg: The settings of this call.
+        state: The recorded pipeline state, changed in place.
+        test_fp: :func:`fingerprint_test_split` of this call's data.
+        has_truth: Whether this call's test split has held-out truth.
+    """
+    notes = []
+    config = state.setdefault("config", {})
+    sizes = [
+        f"{k}: {config[k]} -> {getattr(cfg, k)}"
+        for k in ENSEMBLE_SETTINGS
+        if k in config and config[k] != getattr(cfg, k)
+    ]
+    if sizes:
+        redone = [k for k in ("ensemble", "predict") if state.pop(k, None) is not None]
+        notes.append(f"other ensemble sizes ({'; '.join(sizes)}): redoing {_listed(redone)}")
+    for k in ENSEMBLE_SETTINGS:
+        config[k] = getattr(cfg, k)
+    if "test_fingerprint" in state and state["test_fingerprint"] != test_fp:
+        redone = []
+        ens = state.get("ensemble")
+        if ens is not None and (has_truth or "test_dice" in ens.get("best", {})):
+            del state["ensemble"]
+            redone.append("ensemble")
+        if state.pop("predict", None) is not None:
+            redone.append("predict")
+        for info in state.get("stages", {}).values():
+            if info.pop("test", None) is not None and "stage test scores" not in redone:
+                redone.append("stage test scores")
+        notes.append(
+            f"the test split or its truth changed (fingerprint {state['test_fingerprint']} -> "
+            f"{test_fp}): redoing the test maps and {_listed(redone)}"
+        )
+    state["test_fingerprint"] = test_fp
+    return notes
+
+
+def _listed(entries: list[str]) -> str:
+    return ", ".join(entries) if entries else "nothing else (none was recorded)"
+
+
 def _member_checkpoints(run_dir: Path) -> list[Path]:
     """The checkpoint files behind a library entry: ``best.pt``, or a K-fold run's folds'."""
     folds = run_dir / FOLDS_FILE
@@ -195,7 +323,9 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
 
     A K-fold run is one model, its folds' mean (as its out-of-fold ``val_probs.npz`` is one
     library entry). Kept while it is newer than every checkpoint behind it (a resumed trial may
-    have saved a better epoch).
+    have saved a better epoch), was made as the run's config says (TTA, autocast), and was made
+    of this test split: the same test-cache fingerprint (a file that does not record it, from
+    an older bldseg, is remade), the same tile ids in the same order, and the same truth.
     """
     path = run_dir / TEST_FILE
     dev = torch.device("cpu")  # load_member's device
@@ -204,25 +334,34 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     amp = eval_autocast(cfg.precision, dev)
     # as the validation maps beside it were made, and as bldseg predict makes them
     made_as = f"tta={cfg.tta} autocast={amp}"
+    ids = np.array(data.test.ids)
+    truth = truth.astype(np.uint8)
     stamps = [c.stat().st_mtime_ns for c in _member_checkpoints(run_dir)]
     if path.exists() and path.stat().st_mtime_ns >= max(stamps):
         with np.load(path) as z:
-            if "made_as" in z.files and str(z["made_as"]) == made_as:
+            if (
+                {"made_as", "made_on"} <= set(z.files)
+                and str(z["made_as"]) == made_as
+                # maps of another test split would be scored against this one's truth
+                and str(z["made_on"]) == data.test.fingerprint
+                and np.array_equal(z["tile_ids"], ids)
+                and np.array_equal(z["truth"], truth)
+            ):
                 return path
     models, _, _ = load_member(run_dir, dev)  # one model, or a K-fold run's K
     loader = image_loader(data.test, PREDICT_BATCH)
     probs = predict_probs(models, loader, dev, amp, cfg.tta)
     tmp = path.with_name("test_probs.tmp.npz")
-    ids = np.array(data.test.ids)
     np.savez(
         tmp,
         probs=probs,
-        truth=truth.astype(np.uint8),
+        truth=truth,
         tile_ids=ids,
         # the source scene of each test image: the unit the report's intervals resample
         image_ids=np.array(data.test.groups),
         tile_yx=np.zeros((len(ids), 2), np.int64),
         made_as=np.array(made_as),
+        made_on=np.array(data.test.fingerprint),  # the test cache the maps were made of
     )
     os.replace(tmp, path)
     return path
@@ -385,13 +524,75 @@ def _submission_interval(data: PreparedData, submission: Path) -> dict:
     return stats.bootstrap_mean(dice, groups).to_dict()
 
 
+def ensemble_sizes(cfg: PipelineConfig, n_models: int, storage: Path) -> list[int]:
+    """The ensemble sizes searched: ``--k-min`` to ``--k-max``, at most ``n_models``.
+
+    Raises:
+        RuntimeError: Fewer models than ``--k-min`` trained (trials failed, or were stopped
+            early without a model); a changed ``--k-min`` continues the pipeline.
+    """
+    if n_models < cfg.k_min:
+        raise RuntimeError(
+            f"--k-min {cfg.k_min} is more than the {n_models} trained models in {storage}: "
+            f"run the same command with --k-min {max(n_models, 1)} or less"
+        )
+    return list(range(cfg.k_min, min(cfg.k_max, n_models) + 1))
+
+
+def stage_spec(
+    cfg: PipelineConfig,
+    stage: str,
+    space: str,
+    base: dict[str, Any],
+    uri: str,
+    parent_tags: dict[str, str] | None = None,
+) -> SearchSpec:
+    """The search of one stage, resumed where its folder exists.
+
+    Args:
+        cfg: The pipeline's settings.
+        stage: The stage's name (its search is ``<name>-<stage>`` under ``<storage>/<name>``).
+        space: The search space the stage searches.
+        base: The fixed run config: the pipeline's ``base`` and the best configuration so far.
+        uri: The absolute MLflow tracking URI.
+        parent_tags: Tags of the search's parent run (links to the pipeline's runs).
+    """
+    storage = Path(cfg.storage) / cfg.name
+    name = f"{cfg.name}-{stage}"
+    return SearchSpec(
+        space=space,
+        name=name,
+        experiment=cfg.name,
+        base=base,
+        trials=cfg.trials,
+        epochs=cfg.epochs,
+        cpus_per_trial=cfg.cpus_per_trial,
+        gpus_per_trial=cfg.gpus_per_trial,
+        storage=str(storage),
+        tracking_uri=uri,
+        address=cfg.address,
+        resume=(storage / name / SEARCH_META).exists(),
+        seed=cfg.seed,
+        data=cfg.data,
+        data_options=cfg.data_options,
+        data_root=cfg.data_root,
+        parent_tags=dict(parent_tags or {}),
+        # the runner warns about those the space searches (a value of an earlier stage's best
+        # configuration in ``base`` is not the user's: its key is not among them)
+        user_keys=tuple(cfg.user_keys),
+    )
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Runs (or continues) every stage; returns the pipeline state (also written as JSON).
 
     Raises:
         KeyboardInterrupt: Ctrl-C; the interrupted stage is not recorded, the pipeline's
             MLflow run is KILLED, and the same call resumes.
-        RuntimeError: A search in which no trial completed, or that did not finish.
+        RuntimeError: A search in which no trial completed, or that did not finish; fewer
+            trained models than ``--k-min``.
+        ContinuationError: A recorded pipeline continued with other settings
+            (:func:`check_continuation`).
     """
     from bldseg.ensemble.run import SearchConfig as EnsembleConfig
     from bldseg.ensemble.run import run_search as run_ensemble
@@ -403,12 +604,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out) / cfg.name
     storage = Path(cfg.storage) / cfg.name
     # absolute: the searches' trials and the ensemble's workers run in other folders
-    uri = tracking.absolute_uri(cfg.tracking_uri or tracking.default_tracking_uri("."))
-    client = tracking.check_tracking(uri)
+    uri = tracking_uri(cfg.tracking_uri)
 
     # 0. data + cache (idempotent: an up-to-date cache is only opened)
     data = prepare_data(cfg.data, options=cfg.data_options, data_root=cfg.data_root, verbose=True)
+    # before the tracking store is opened: another --tracking-uri is refused, not created
     check_continuation(cfg, state, data.train.fingerprint)
+    client = tracking.check_tracking(uri)
+    truth = test_truth(data) if data.test is not None and data.test_truth_csv else None
     if "pipeline_run_id" not in state:
         exp_id = tracking.ensure_experiment(client, cfg.name, uri, ".")
         run = client.create_run(
@@ -429,6 +632,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 "experiment_id": exp_id,
                 "config": asdict(cfg),
                 "data_fingerprint": data.train.fingerprint,
+                "test_fingerprint": fingerprint_test_split(data),
+                # where its searches and MLflow runs are, compared on continuation
+                "storage": storage_root(cfg.storage),
+                "tracking_uri": uri,
                 "stages": {},
             }
         )
@@ -436,6 +643,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     else:
         # a continued pipeline: its run was KILLED (Ctrl-C), FAILED or FINISHED before
         client.update_run(state["pipeline_run_id"], status="RUNNING")
+        for note in refresh_state(cfg, state, fingerprint_test_split(data), truth is not None):
+            log.warning("%s", note)
+        # a state of an older bldseg: record where it is (check_continuation found it here)
+        state.setdefault("storage", storage_root(cfg.storage))
+        state.setdefault("tracking_uri", uri)
+        _save_state(cfg, state)
     pipeline_run = state["pipeline_run_id"]
     _repair_state(cfg, state, storage)
 
@@ -447,29 +660,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     for stage, space in STAGES:
         done = state["stages"].get(stage)
         if done is None:
-            name = f"{cfg.name}-{stage}"
-            spec = SearchSpec(
-                space=space,
-                name=name,
-                experiment=cfg.name,
-                base=base,
-                trials=cfg.trials,
-                epochs=cfg.epochs,
-                cpus_per_trial=cfg.cpus_per_trial,
-                gpus_per_trial=cfg.gpus_per_trial,
-                storage=str(storage),
-                tracking_uri=uri,
-                address=cfg.address,
-                resume=(storage / name / SEARCH_META).exists(),
-                seed=cfg.seed,
-                data=cfg.data,
-                data_options=cfg.data_options,
-                data_root=cfg.data_root,
-                parent_tags={
-                    "bldseg.pipeline_run_id": pipeline_run,
-                    "bldseg.previous_run_id": previous_run,
-                },
-            )
+            tags = {"bldseg.pipeline_run_id": pipeline_run, "bldseg.previous_run_id": previous_run}
+            spec = stage_spec(cfg, stage, space, base, uri, tags)
             with _stage(client, pipeline_run, f"search {stage}"):
                 result = run_search(spec)
                 if not result.n_completed:
@@ -518,7 +710,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         previous_run = done["parent_run_id"]
 
     # 4. held-out test maps of every trained model (the synthetic world has test truth)
-    truth = test_truth(data) if data.test is not None and data.test_truth_csv else None
     # the ensemble library's entries: a K-fold run is one (its folds are not models of their own)
     runs = find_runs(storage) if any(storage.rglob(VAL_FILE)) else []
     if truth is not None:
@@ -529,10 +720,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # 5. ensemble search over every trial's saved model
     if "ensemble" not in state:
         with _stage(client, pipeline_run, "ensemble search"):
+            sizes = ensemble_sizes(cfg, len(runs), storage)
             ens = run_ensemble(
                 EnsembleConfig(
                     runs=str(storage),
-                    k=list(range(cfg.k_min, min(cfg.k_max, len(runs)) + 1)),
+                    k=sizes,
                     out=str(out / "ensemble"),
                     tracking_uri=uri,
                     experiment=cfg.name,

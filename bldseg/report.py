@@ -451,11 +451,13 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             "`experiments/compare_noisy.py` runs the controlled one over several seeds.",
         ]
 
-    # 3. thresholds of the final best single model
-    last = stages[names[-1]]
+    # 3. thresholds of the best single model: the best trial of the last stage carried forward
+    # (the incumbent), not of the last stage searched, which may have found nothing better
+    final = carried[-1] if carried else names[-1]
+    last = stages[final]
     if "val_thresholds" in last:
         v, t = last["val_thresholds"], last.get("test", {})
-        sl = scores[names[-1]]
+        sl = scores[final]
         rules = [("05", "fixed 0.5", 0.5), ("sweep", "best of sweep", v["val_thr_best"])]
         rules.append(("youden", "Youden's index", v["val_thr_youden"]))
         val_vals = [v["val_dice_05"], v["val_dice_best"], v["val_dice_youden"]]
@@ -471,7 +473,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             ax,
             ["0.5", sweep_label, "Youden"],
             {"validation (chosen on)": val_vals, "held-out test": test_vals},
-            f"Thresholds of the best {names[-1]} model (95% intervals)",
+            f"Thresholds of the best {final} trial (95% intervals)",
             {
                 "validation (chosen on)": [_interval(sl["val"].get(k)) for k, _, _ in rules],
                 "held-out test": [_interval(sl.get("test", {}).get(k)) for k, _, _ in rules],
@@ -480,7 +482,10 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         save_figure(fig, assets / "thresholds.png")
         lines += [
             "",
-            "## Thresholds: 0.5 vs sweep vs Youden",
+            f"## Thresholds: 0.5 vs sweep vs Youden (best {final} trial)",
+            "",
+            f"The model is the best trial of {final}, the last stage whose configuration was "
+            "carried forward: the best configuration the searches found on validation Dice.",
             "",
             "| rule | threshold | val Dice | test Dice | val Δ vs 0.5 | test Δ vs 0.5 |",
             "|---|---|---|---|---|---|",

@@ -16,7 +16,9 @@ K fold models.
 
 Re-running the same command continues where it stopped: finished stages are skipped and an
 interrupted search is resumed. Ctrl-C stops it (exit status 130) without recording the stage
-it interrupted. Outputs: <out>/<name>/{pipeline_state.json, ensemble/,
+it interrupted. Other --k-min/--k-max, or a changed test split or truth, redo only the ensemble
+search and the prediction (and the test maps); other training data or settings, --storage or
+--tracking-uri are refused. Outputs: <out>/<name>/{pipeline_state.json, ensemble/,
 submission.csv, REPORT.md, report/*.png}; every stage is an MLflow run linked to the previous.
 """
 
@@ -36,6 +38,7 @@ from bldseg.tune.cli import (
     add_folds_argument,
     add_pretrained_argument,
     fixed_config,
+    parse_set,
     refuse_search_sets,
 )
 
@@ -118,6 +121,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     if args.folds is not None:
         base["folds"] = args.folds
+    # what the user fixed by name, as opposed to the defaults under it (CPU_DEMO, the recipe):
+    # a search whose space searches one of them warns that the space's value wins
+    user_keys = set(parse_set(args.set)) - {"pretrained"}
+    user_keys |= {k for k, v in (("model", args.model), ("split_group", args.split_group)) if v}
     cfg = PipelineConfig(
         name=args.name,
         out=args.out,
@@ -136,6 +143,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         k_max=args.k_max,
         ensemble_workers=args.ensemble_workers,
         seed=args.seed,
+        user_keys=tuple(sorted(user_keys)),
     )
     try:
         state = run_pipeline(cfg)

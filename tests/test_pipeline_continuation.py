@@ -1,0 +1,350 @@
+"""Continuing a recorded pipeline: what is refused (another storage or tracking store, an
+ensemble size no model count can give), what is redone (the test maps, the ensemble and the
+submission after the test split changed; the ensemble after other ensemble sizes), and what
+reaches the searches (the keys the user fixed) and the report (the incumbent's thresholds).
+Each is checked on the function that decides it, with hand-made states and tiny data."""
+
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bldseg import pipeline
+from bldseg.pipeline import ContinuationError, PipelineConfig
+
+TRAIN = {
+    "aug.crop_size": 64,
+    "batch_size": 8,
+    "val_fraction": 0.25,
+    "samples_per_epoch": 16,
+    "epochs": 1,
+    "impl": "compiled",
+}
+
+
+def _recorded(cfg: PipelineConfig, **extra) -> dict:
+    """A state as a pipeline started with ``cfg`` records it."""
+    return {"config": json.loads(json.dumps(asdict(cfg), default=str)), **extra}
+
+
+# ------------------------------------------------------------------------------------------
+# 1. the test split changed
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(small_world, tmp_path_factory) -> Path:
+    """A run folder of a one-epoch tiny model."""
+    from bldseg.train import RunConfig, fit
+
+    run = tmp_path_factory.mktemp("model") / "run"
+    fit(RunConfig.from_flat(TRAIN), run, data=small_world)
+    return run
+
+
+@pytest.fixture(scope="module")
+def other_world(tmp_path_factory):
+    """Another synthetic world: its test split has other (and fewer) tiles, of the same size."""
+    from bldseg.data.prepare import prepare_data
+
+    return prepare_data(
+        None,
+        data_root=tmp_path_factory.mktemp("other_world"),
+        synthetic=dict(
+            n_train=8,
+            train_size=64,
+            n_test=6,
+            test_size=32,
+            test_scene_size=64,
+            noise_fraction=0.3,
+            seed=5,
+        ),
+        progress=False,
+    )
+
+
+def _library(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k].copy() for k in z.files}
+
+
+def test_test_maps_of_another_test_split_are_remade(small_world, other_world, model):
+    # the maps were kept while newer than the checkpoint: a rerun on a new test split scored
+    # the old split's maps against the new truth (or failed on their shapes)
+    assert list(other_world.test.ids) != list(small_world.test.ids)
+    path = pipeline.write_test_library(model, small_world, pipeline.test_truth(small_world))
+    old = _library(path)
+    data = replace(small_world, test=other_world.test, test_truth_csv=other_world.test_truth_csv)
+    truth = pipeline.test_truth(data)
+    pipeline.write_test_library(model, data, truth)
+    new = _library(path)
+    assert list(new["tile_ids"]) == list(other_world.test.ids)
+    assert new["probs"].shape == truth.shape and (new["truth"] == truth).all()
+    assert str(new["made_on"]) == other_world.test.fingerprint != str(old["made_on"])
+    pipeline._single_test_scores(model, truth, {"05": 0.5})  # scores the new split
+
+
+def test_test_maps_with_other_truth_or_of_another_cache_are_remade(small_world, model, tmp_path):
+    truth = pipeline.test_truth(small_world)
+    path = pipeline.write_test_library(model, small_world, truth)
+    made = path.stat().st_mtime_ns
+    assert pipeline.write_test_library(model, small_world, truth) == path
+    assert path.stat().st_mtime_ns == made  # current: kept
+    # the same tiles with another truth CSV (here: one tile's buildings removed)
+    df = pd.read_csv(small_world.test_truth_csv, dtype=str, keep_default_na=False)
+    df.loc[(df["mask_rle"] != "-1").idxmax(), "mask_rle"] = "-1"
+    csv = tmp_path / "truth.csv"
+    df.to_csv(csv, index=False)
+    relabelled = replace(small_world, test_truth_csv=csv)
+    other_truth = pipeline.test_truth(relabelled)
+    assert not (other_truth == truth).all()
+    pipeline.write_test_library(model, relabelled, other_truth)
+    assert (_library(path)["truth"] == other_truth).all()
+    # maps recorded as made of another test cache (same ids and truth), or not recording it
+    for made_on in ("0" * 32, None):
+        fields = _library(path)
+        fields["truth"] = other_truth.astype(np.uint8)
+        if made_on is None:
+            del fields["made_on"]
+        else:
+            fields["made_on"] = np.array(made_on)
+        np.savez(path, **fields)
+        pipeline.write_test_library(model, relabelled, other_truth)
+        assert str(_library(path)["made_on"]) == small_world.test.fingerprint
+
+
+def test_test_split_fingerprint_covers_the_truth_csv(small_world, other_world, tmp_path):
+    fp = pipeline.fingerprint_test_split(small_world)
+    assert fp == pipeline.fingerprint_test_split(small_world)
+    moved = replace(small_world, test=other_world.test, test_truth_csv=other_world.test_truth_csv)
+    assert pipeline.fingerprint_test_split(moved) != fp
+    csv = tmp_path / "truth.csv"
+    csv.write_bytes(small_world.test_truth_csv.read_bytes() + b"\n")
+    assert pipeline.fingerprint_test_split(replace(small_world, test_truth_csv=csv)) != fp
+    assert pipeline.fingerprint_test_split(replace(small_world, test=None)) is None
+
+
+def _finished_state(cfg: PipelineConfig, test_fp: str | None, with_test: bool = True) -> dict:
+    """The state of a finished pipeline: three stages, an ensemble search, a submission."""
+    test = {"test_dice": 0.7} if with_test else {}
+    stages = {s: {"best": {"val_dice_best": 0.8}} for s, _ in pipeline.STAGES}
+    for info in stages.values():
+        info.update({"test": test} if test else {})
+    return _recorded(
+        cfg,
+        test_fingerprint=test_fp,
+        stages=stages,
+        ensemble={"best": {"check_dice": 0.8, **test}, "best_single": {}},
+        predict={"submission": "submission.csv", "test_dice": 0.7},
+    )
+
+
+def test_a_changed_test_split_redoes_what_depends_on_it():
+    # "predict" was in the state: the old submission.csv stayed, scored on the old split
+    cfg = PipelineConfig()
+    state = _finished_state(cfg, "aaaa")
+    notes = pipeline.refresh_state(cfg, state, "bbbb", has_truth=True)
+    assert "ensemble" not in state and "predict" not in state
+    assert not any("test" in info for info in state["stages"].values())
+    assert state["test_fingerprint"] == "bbbb" and state["stages"]["tune_aug"]["best"]
+    assert len(notes) == 1 and "aaaa -> bbbb" in notes[0] and "ensemble, predict" in notes[0]
+    # the same fingerprint: nothing is redone
+    state = _finished_state(cfg, "bbbb")
+    assert pipeline.refresh_state(cfg, state, "bbbb", has_truth=True) == []
+    assert "ensemble" in state and "predict" in state
+    # no truth before or now: the ensemble has no test column and is kept; the submission is not
+    state = _finished_state(cfg, "aaaa", with_test=False)
+    pipeline.refresh_state(cfg, state, "bbbb", has_truth=False)
+    assert "ensemble" in state and "predict" not in state
+    # a state of an older bldseg records the current fingerprint, redoing nothing
+    state = _finished_state(cfg, None)
+    del state["test_fingerprint"]
+    assert pipeline.refresh_state(cfg, state, "bbbb", has_truth=True) == []
+    assert state["test_fingerprint"] == "bbbb" and "predict" in state
+
+
+# ------------------------------------------------------------------------------------------
+# 2. the keys the user fixed reach every stage's search
+# ------------------------------------------------------------------------------------------
+
+
+def test_set_and_model_keys_reach_every_stage_search(monkeypatch):
+    # the pipeline built its SearchSpecs without user_keys: a --set of a searched key was
+    # overridden by the space without the runner's warning
+    from bldseg.commands import pipeline as command
+
+    seen = {}
+
+    def capture(cfg):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(command, "run_pipeline", capture)
+    argv = ["--trials", "1", "--set", "aug.hflip_p=0.0", "--set", "batch_size=4"]
+    argv += ["--model", "upernet_internimage_t", "--split-group", "^(.*)_"]
+    assert command.main(argv) == 130
+    cfg = seen["cfg"]
+    keys = ("aug.hflip_p", "batch_size", "model", "split_group")
+    assert cfg.user_keys == keys
+    assert command.main(["--trials", "1"]) == 130
+    assert seen["cfg"].user_keys == ()  # the CPU defaults under them are not the user's
+    for stage, space in pipeline.STAGES:
+        spec = pipeline.stage_spec(cfg, stage, space, dict(cfg.base), "sqlite:////x.db")
+        assert spec.user_keys == keys and spec.space == space
+        assert spec.name == f"pipeline-{stage}"
+    # a state recorded before the field existed continues
+    old = _recorded(PipelineConfig())
+    del old["config"]["user_keys"]
+    pipeline.check_continuation(replace(PipelineConfig(), user_keys=("model",)), old, "fp")
+
+
+def test_a_set_value_the_first_space_searches_is_named_by_its_search(
+    small_world, tmp_path, monkeypatch, caplog, capsys
+):
+    # the real command and search: the augmentation search names the overridden --set before
+    # it starts (and then stops: --folds 4 of the tiny world's 3 scenes)
+    from bldseg.commands import pipeline as command
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--storage", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    argv += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--trials", "1"]
+    argv += ["--split-group", r"TRAIN_\d\d(\d)", "--folds", "4", "--set", "aug.hflip_p=0.0"]
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        assert command.main(argv) == 1
+    assert "--folds 4: the data has only 3 split group(s)" in capsys.readouterr().err
+    (said,) = [r.getMessage() for r in caplog.records if "space searches" in r.getMessage()]
+    assert "the augmentation space searches aug.hflip_p: each trial uses the space's" in said
+
+
+# ------------------------------------------------------------------------------------------
+# 3. ensemble sizes
+# ------------------------------------------------------------------------------------------
+
+
+def test_k_min_above_the_models_trained_is_refused_up_front(tmp_path, capsys):
+    # it failed after every search with "give at least one ensemble size k"
+    from bldseg.commands import pipeline as command
+
+    with pytest.raises(ValueError, match=r"--k-min 4 is more than the 3 models"):
+        pipeline.check_config(PipelineConfig(trials=1, k_min=4, k_max=6))
+    pipeline.check_config(PipelineConfig(trials=1, k_min=3, k_max=6))
+    base = ["--name", "p", "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "runs")]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [*base, "--tracking-uri", uri, "--trials", "1", "--k-min", "4", "--k-max", "6"]
+    assert command.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--k-min 4" in err and "3 models" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "p" / "pipeline_state.json").exists()
+
+
+def test_fewer_trained_models_than_k_min_is_one_line_naming_k_min(tmp_path):
+    cfg = PipelineConfig(trials=2, k_min=3, k_max=6)
+    with pytest.raises(RuntimeError, match=r"--k-min 3 is more than the 2 trained models"):
+        pipeline.ensemble_sizes(cfg, 2, tmp_path)
+    assert pipeline.ensemble_sizes(cfg, 4, tmp_path) == [3, 4]
+    assert pipeline.ensemble_sizes(cfg, 6, tmp_path) == [3, 4, 5, 6]
+
+
+def test_other_ensemble_sizes_continue_and_redo_only_the_ensemble():
+    # k_min was a result setting: a corrected --k-min was refused as "other settings"
+    cfg = PipelineConfig(trials=1, k_min=3, k_max=6)
+    state = _finished_state(cfg, "aaaa")
+    smaller = replace(cfg, k_min=2, k_max=4)
+    pipeline.check_continuation(smaller, state, "fp")  # not refused
+    notes = pipeline.refresh_state(smaller, state, "aaaa", has_truth=True)
+    assert "ensemble" not in state and "predict" not in state
+    assert all("test" in info for info in state["stages"].values())  # the stages are kept
+    assert state["config"]["k_min"] == 2 and state["config"]["k_max"] == 4  # for the report
+    assert len(notes) == 1 and "k_min: 3 -> 2; k_max: 6 -> 4" in notes[0]
+    assert pipeline.refresh_state(smaller, state, "aaaa", has_truth=True) == []
+
+
+# ------------------------------------------------------------------------------------------
+# 4. the report's thresholds are the incumbent's
+# ------------------------------------------------------------------------------------------
+
+
+def _stage(
+    search: Path, val: float, thr: float, youden: float, started: str | None, carried: bool
+) -> dict:
+    """A recorded stage whose best trial's folder is gone (the report shows no intervals)."""
+    search.mkdir(parents=True)
+    header = "trial_id,run_dir,val_thr_best,val_dice_best,config/coteach.tau"
+    (search / "trials.csv").write_text(f"{header}\n0,/nonexistent,0.5,0.7,0.1\n")
+    return {
+        "best": {"run_dir": f"/nonexistent/{val}", "val_dice_best": val, "val_thr_best": thr},
+        "best_config": {},
+        "wall_s": 1,
+        "overhead": 0.0,
+        "path": str(search),
+        "started_from": started,
+        "carried_forward": carried,
+        "val_thresholds": {
+            "val_dice_05": val - 0.01,
+            "val_dice_best": val,
+            "val_dice_youden": val - 0.05,
+            "val_thr_best": thr,
+            "val_thr_youden": youden,
+            "val_thr_widened": 0.0,
+        },
+    }
+
+
+def test_report_thresholds_are_the_incumbents_and_named(tmp_path):
+    # the section showed the last stage's best trial, here tune_tau's, below the incumbent
+    from bldseg.report import write_report
+
+    config = {"name": "x", "data": None, "trials": 1, "epochs": 1, "cpus_per_trial": 1}
+    config |= {"k_min": 1, "k_max": 1, "seed": 0, "base": {}}
+    stages = {
+        "tune_aug": _stage(tmp_path / "aug", 0.80, 0.40, 0.20, None, True),
+        "tune_sched": _stage(tmp_path / "sched", 0.70, 0.55, 0.30, "tune_aug", False),
+        "tune_tau": _stage(tmp_path / "tau", 0.75, 0.65, 0.10, "tune_aug", False),
+    }
+    write_report({"config": config, "stages": stages}, tmp_path, has_truth=False)
+    section = (tmp_path / "REPORT.md").read_text().split("## Thresholds")[1]
+    heading = section.splitlines()[0]
+    assert "tune_aug" in heading and "tune_tau" not in heading
+    rows = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
+    assert rows["| best of sweep"].startswith("| best of sweep | 0.400 | 0.8000")
+    assert rows["| Youden's index"].startswith("| Youden's index | 0.200 | 0.7500")
+
+
+# ------------------------------------------------------------------------------------------
+# 5. another storage or tracking store
+# ------------------------------------------------------------------------------------------
+
+
+def test_another_storage_or_tracking_uri_is_refused_naming_both(tmp_path, monkeypatch):
+    # accepted, then a traceback (no pipeline run in the other MLflow store) or an ensemble
+    # without the earlier stages' models (find_runs of the other storage)
+    monkeypatch.chdir(tmp_path)
+    cfg = PipelineConfig(storage="runs", tracking_uri="sqlite:///mlflow.db")
+    state = _recorded(cfg, data_fingerprint="fp")  # an older state: relative values only
+    pipeline.check_continuation(cfg, state, "fp")
+    # the same places, spelled absolute
+    same = replace(
+        cfg, storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"
+    )
+    pipeline.check_continuation(same, state, "fp")
+    with pytest.raises(ContinuationError) as e:
+        pipeline.check_continuation(replace(cfg, storage="runsB"), state, "fp")
+    assert f"--storage: '{tmp_path / 'runs'}' -> '{tmp_path / 'runsB'}'" in str(e.value)
+    with pytest.raises(ContinuationError) as e:
+        pipeline.check_continuation(replace(cfg, tracking_uri="sqlite:////else/m.db"), state, "fp")
+    assert f"--tracking-uri: 'sqlite:///{tmp_path}/mlflow.db' -> 'sqlite:////else/m.db'" in str(
+        e.value
+    )
+    # a state recording the absolute places is compared by them, from any working folder
+    recorded = _recorded(cfg, storage=str(tmp_path / "runs"), tracking_uri="sqlite:////a/m.db")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    with pytest.raises(ContinuationError, match=r"--storage: .* --tracking-uri: "):
+        pipeline.check_continuation(cfg, recorded, "fp")
+    pipeline.check_continuation(replace(same, tracking_uri="sqlite:////a/m.db"), recorded, "fp")
