@@ -8,7 +8,9 @@ co-teaching, then validation on fixed tiles with the official Dice at 0.5, at th
 threshold of a sweep and at Youden's threshold. The best epoch's validation probabilities
 (uint8, with tile ids and ground truth; the input of the ensemble search) and its weights are
 saved; ``last.pt`` makes the run resumable exactly (model, optimizer, scheduler, epoch, RNG
-states). A non-finite loss ends the run with status ``"diverged"`` instead of raising.
+states). A non-finite loss, or weights or validation probabilities that became non-finite
+(a step whose loss was finite but whose gradients were not), end the run with status
+``"diverged"`` instead of raising.
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ class FitResult:
 
 
 class DivergedError(RuntimeError):
-    """A loss became NaN or infinite."""
+    """A loss, the weights or the validation probabilities became NaN or infinite."""
+
+
+class NonFiniteProbabilitiesError(ValueError):
+    """A model's probabilities hold NaN or infinity (its weights have diverged)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -358,9 +364,15 @@ def _settle_pending(out: Path, best_epoch: int | None) -> None:
 def _save_atomic(obj: Any, path: Path) -> None:
     # Checked before writing: a file that load_state would refuse is never written.
     _check_plain(obj, path.name)
+    # One process writes a run folder, so the name is fixed: a temporary that a killed process
+    # left is overwritten by the next write instead of piling up.
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a checkpoint behind
+        raise
 
 
 def load_state(
@@ -444,6 +456,10 @@ def predict_probs(
     Several models (the K folds of a K-fold run): the mean of their probabilities (and flips),
     quantised once, as one model's are. Each batch is quantised as it comes (clipping and
     quantising are per pixel): the maps held are 1 byte per pixel, not float32 copies.
+
+    Raises:
+        NonFiniteProbabilitiesError: A probability is NaN (weights that diverged, e.g. a last
+            training step whose gradients overflowed); names the batch.
     """
     models = [model] if isinstance(model, nn.Module) else list(model)
     for m in models:
@@ -462,7 +478,14 @@ def predict_probs(
                     p = p + torch.sigmoid(m(x.flip(-2)).float()).flip(-2)
             if n_views > 1:
                 p = p / n_views
-        out.append(metrics.quantise(np.clip(p[:, 0].cpu().numpy(), 0.0, 1.0)))  # (B, S, S)
+        p = p[:, 0].cpu().numpy()  # (B, S, S)
+        # np.clip keeps NaN, which quantise would report as a caller's missing sigmoid.
+        if not np.isfinite(p).all():
+            raise NonFiniteProbabilitiesError(
+                f"the model's probabilities of batch {len(out)} hold NaN or infinity: its "
+                "weights are not finite (the training diverged)"
+            )
+        out.append(metrics.quantise(np.clip(p, 0.0, 1.0)))  # (B, S, S)
     return np.concatenate(out) if out else np.zeros((0, 1, 1), np.uint8)
 
 
@@ -607,6 +630,68 @@ def check_same_config(recorded: dict[str, Any], cfg: RunConfig, where: str | Pat
         )
 
 
+def check_run_folder(out: Path) -> None:
+    """Refuses to train a single run into a K-fold run folder, before anything is written.
+
+    Its files would mix with the folds': prediction and the ensemble search read
+    ``folds.json`` first (the K fold models), beside a single run's ``val_probs.npz``.
+
+    Raises:
+        ValueError: ``out`` holds ``folds.json`` or a fold's run folder (``fold<f>/last.pt``).
+    """
+    # bldseg.train.folds.FOLDS_FILE (it imports this module)
+    found = [out / "folds.json"] if (out / "folds.json").is_file() else []
+    if not found and out.is_dir():
+        found = sorted(
+            d / name
+            for d in out.iterdir()
+            if re.fullmatch(r"fold\d+", d.name) and d.is_dir()
+            for name in ("last.pt", "best.pt")
+            if (d / name).is_file()
+        )
+    if found:
+        raise ValueError(
+            f"{found[0]}: {out} is a K-fold run folder (--folds); a single run there would mix "
+            "its files with the folds'. Use another --out (or --folds K to continue it)"
+        )
+
+
+def _check_finite_weights(modules: Sequence[tuple[str, nn.Module]], epoch: int) -> None:
+    """Raises DivergedError naming the first weight or buffer that is NaN or infinite.
+
+    A step whose loss was finite but whose gradients were not (an overflowing backward)
+    leaves non-finite weights that no loss has seen yet when it is the epoch's last one.
+    A tensor's sum is NaN or infinite when an entry is (short of finite weights summing past
+    3e38): one read of the weights and one read-back, about 10 ms for InternImage-T's 59M
+    weights on a CPU core (isfinite per tensor: 20x that), negligible beside an epoch.
+    """
+    named = [
+        (f"{who}: {name}", t)
+        for who, m in modules
+        for name, t in m.state_dict().items()
+        if t.is_floating_point()
+    ]
+    if not named:
+        return
+    finite = torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for _, t in named]))
+    if bool(finite.all()):
+        return
+    where = named[int(torch.argmin(finite.int()))][0]  # the first non-finite one
+    raise DivergedError(
+        f"weights became non-finite at epoch {epoch + 1} ({where}) after a step with a finite "
+        "loss (its gradients overflowed); lower optim.lr / optim.weight_decay, or train with "
+        "precision=fp32"
+    )
+
+
+def _diverged(
+    out: Path, message: str, history: list[dict[str, Any]], best: dict[str, Any]
+) -> FitResult:
+    """Ends a run as diverged: ``status.json`` says so, last.pt stays the last good epoch's."""
+    write_json(out / "status.json", {"status": "diverged", "message": message})
+    return FitResult("diverged", message, history, best, out)
+
+
 def _timed(batches: Any, waited: list[float]):
     """Yields from ``batches``, adding the time each batch took to arrive to ``waited[0]``."""
     it = iter(batches)
@@ -682,16 +767,19 @@ def fit(
             calling again with ``resume`` continues exactly (K folds trained in lockstep).
 
     Returns:
-        A :class:`FitResult`; ``status == "diverged"`` when a loss became non-finite.
+        A :class:`FitResult`; ``status == "diverged"`` when a loss, the weights or the
+        validation probabilities became non-finite (``last.pt`` stays the last good epoch's).
 
     Raises:
         ValueError: A config or data the run cannot use, e.g. another run's ``last.pt`` in
-            ``out_dir``, or a ``cfg.pretrained`` file that does not fit ``cfg.model``
+            ``out_dir``, a K-fold run folder as ``out_dir`` (:func:`check_run_folder`), or a
+            ``cfg.pretrained`` file that does not fit ``cfg.model``
             (:class:`~bldseg.models.pretrained.CheckpointMismatchError`, naming the model the
             file is for).
         FileNotFoundError: No ``cfg.pretrained`` file (when not resuming).
     """
     out = Path(out_dir)
+    check_run_folder(out)
     data = data or prepare_data(cfg.data, progress=progress)
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
@@ -883,18 +971,30 @@ def fit(
                 scaler.update()
                 n_batches += 1
         except DivergedError as e:
-            status, message = "diverged", str(e)
-            write_json(out / "status.json", {"status": status, "message": message})
-            return FitResult(status, message, history, best, out)
+            return _diverged(out, str(e), history, best)
 
         # Validate every network; co-teaching keeps the better one (reported as such).
         set_optimizer_mode(optimizers, train=False)
         val = []
-        for m in eval_models:
-            probs = predict_probs(m, val_loader, device, amp, cfg.tta)
-            val.append(
-                (threshold_metrics(probs, val_truth, cfg.threshold_lo, cfg.threshold_hi), probs)
+        try:
+            _check_finite_weights(
+                [(f"network {k}", m) for k, m in enumerate(models)]
+                + [(f"network {k} (optim.ema)", e.module) for k, e in enumerate(emas)],
+                epoch,
             )
+            for m in eval_models:
+                try:
+                    probs = predict_probs(m, val_loader, device, amp, cfg.tta)
+                except NonFiniteProbabilitiesError as e:
+                    raise DivergedError(f"validation of epoch {epoch + 1}: {e}") from e
+                val.append(
+                    (
+                        threshold_metrics(probs, val_truth, cfg.threshold_lo, cfg.threshold_hi),
+                        probs,
+                    )
+                )
+        except DivergedError as e:
+            return _diverged(out, str(e), history, best)
         chosen = int(np.argmax([v[0]["dice_best"] for v in val]))
         vm, probs = val[chosen]
         row = {
@@ -966,6 +1066,9 @@ def fit(
         write_json(out / "history.json", history)
         if on_epoch_end is not None:
             on_epoch_end(row, out)
+    # Once more after the loop: a run killed between its last last.pt and history.json resumes
+    # at its last epoch, where the loop body never runs (last.pt's history is the truth).
+    write_json(out / "history.json", history)
     write_json(out / "status.json", {"status": status, "message": message})
     if status == "stopped":  # plots once the run is done
         return FitResult(status, message, history, best, out)
@@ -989,14 +1092,18 @@ def save_val_probs(
     ``tile_yx`` (N, 2) int: the tile's top-left corner in its sample.
     """
     groups = ids if groups is None else groups
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(
-        tmp,
-        probs=probs,
-        truth=truth.astype(np.uint8),
-        tile_ids=np.array([t.tile_id(ids) for t in tiles]),
-        image_ids=np.array([ids[t.index] for t in tiles]),
-        group_ids=np.array([str(groups[t.index]) for t in tiles]),
-        tile_yx=np.array([(t.y, t.x) for t in tiles], dtype=np.int64).reshape(-1, 2),
-    )
-    os.replace(tmp, path)
+    tmp = path.with_name(path.stem + ".tmp.npz")  # one writer per run folder (as last.pt)
+    try:
+        np.savez(
+            tmp,
+            probs=probs,
+            truth=truth.astype(np.uint8),
+            tile_ids=np.array([t.tile_id(ids) for t in tiles]),
+            image_ids=np.array([ids[t.index] for t in tiles]),
+            group_ids=np.array([str(groups[t.index]) for t in tiles]),
+            tile_yx=np.array([(t.y, t.x) for t in tiles], dtype=np.int64).reshape(-1, 2),
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no partial library behind
+        raise

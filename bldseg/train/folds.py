@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bldseg import metrics
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.io import write_json
@@ -138,10 +140,16 @@ def write_oof(out_dir: str | os.PathLike, folds: int) -> Path:
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     if len(np.unique(arrays["tile_ids"])) != len(arrays["tile_ids"]):
         raise ValueError(f"{out}: a tile is validated in two folds; retrain the folds of one run")
-    tmp = out / "val_probs.tmp.npz"
-    np.savez(tmp, **arrays)
     path = out / VAL_FILE
-    os.replace(tmp, path)
+    # Unique to the call: folds trained on several machines (--fold f) may each write the
+    # library when they finish. ".npz" last: np.savez appends it to any other name.
+    tmp = out / f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no partial library behind
+        raise
     return path
 
 
@@ -152,6 +160,23 @@ def oof_metrics(out_dir: str | os.PathLike, lo: float = 0.3, hi: float = 0.7) ->
     with np.load(Path(out_dir) / VAL_FILE, allow_pickle=False) as z:
         scores = threshold_metrics(z["probs"], z["truth"].astype(bool), lo, hi)
     return {f"val_{key}": v for key, v in scores.items()}
+
+
+def check_kfold_folder(out: Path) -> None:
+    """Refuses to train K folds into a single run's folder, before anything is written.
+
+    ``folds.json`` beside a single run's ``best.pt`` and ``last.pt`` would make prediction
+    read the folds while the single run's files stay (and ``last.pt`` is resumed by ``fit``).
+
+    Raises:
+        ValueError: ``out`` holds a single run's ``last.pt`` or ``best.pt``.
+    """
+    for name in ("last.pt", "best.pt"):
+        if (out / name).is_file():
+            raise ValueError(
+                f"{out / name}: {out} holds a single run (trained without --folds); K folds "
+                "there would mix their files with it. Use another --out"
+            )
 
 
 def _best(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -195,7 +220,8 @@ def fit_folds(
         gives the out-of-fold Dice. ``status == "diverged"`` when a fold diverged.
 
     Raises:
-        ValueError: ``cfg.folds`` below 2, or more folds than split groups (naming ``--folds``).
+        ValueError: ``cfg.folds`` below 2, more folds than split groups (naming ``--folds``),
+            or a single run's folder as ``out_dir`` (:func:`check_kfold_folder`).
     """
     k = cfg.folds
     if k < 2:
@@ -203,6 +229,7 @@ def fit_folds(
     if only is not None and not 0 <= only < k:
         raise ValueError(f"--fold {only}: the folds of --folds {k} are 0..{k - 1}")
     out = Path(out_dir)
+    check_kfold_folder(out)
     data = data or prepare_data(cfg.data, progress=progress)
     cache = data.train
     # Checked before any fold trains: more folds than groups fails here, naming --folds.
@@ -286,5 +313,9 @@ def fit_folds(
         f"at threshold {oof['val_thr_best']:.3f} over {int(sum(manifest['val_images']))} images"
     )
     write_json(out / "status.json", {"status": "completed", "message": message})
-    write_run_plots(out, tiles_from_cache(cache), lo=cfg.threshold_lo, hi=cfg.threshold_hi)
+    # The plot shades the range the out-of-fold threshold was chosen in (and marks that one).
+    lo, hi = cfg.threshold_lo, cfg.threshold_hi
+    if oof.get("val_thr_widened"):
+        lo, hi = metrics.widened_range(lo, hi)
+    write_run_plots(out, tiles_from_cache(cache), lo=lo, hi=hi)
     return FitResult("completed", message, history, _best(history), out)

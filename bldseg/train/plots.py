@@ -1,7 +1,7 @@
 """Plots people look at (matplotlib PNGs), written next to a run and logged to MLflow.
 
-* ``threshold_curve.png``: official Dice vs threshold, the sweep range shaded, 0.5 / best /
-  Youden marked;
+* ``threshold_curve.png``: official Dice vs threshold, the sweep range shaded, 0.5 / the
+  threshold the run predicts at (its recorded choice) / Youden marked;
 * ``roc.png``: pixel ROC with Youden's point;
 * ``worst_tiles.png``: the validation tiles with the lowest Dice (image, ground truth,
   prediction overlay);
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import matplotlib
@@ -24,12 +25,22 @@ from bldseg import metrics
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Saves and closes a figure, atomically (temporary name, then rename)."""
+    """Saves and closes a figure, atomically (temporary name, then rename).
+
+    The temporary name is unique to the call (two processes may draw one run folder's plots,
+    e.g. K folds trained on several machines) and is removed when the write fails.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    # the suffix stays: savefig picks the format from it
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -42,12 +53,30 @@ def plot_threshold_curve(
     *,
     max_value: int | None = None,
     title: str = "Validation Dice vs threshold",
+    chosen: float | None = None,
 ) -> Path:
-    """Dice at every threshold, with 0.5, the best in ``[lo, hi]`` and Youden's marked."""
+    """Dice at every threshold, with 0.5, the chosen threshold and Youden's marked.
+
+    Args:
+        probs: (N, S, S) quantised probabilities (or integer sums, with ``max_value``).
+        truth: (N, S, S) binary ground truth.
+        path: Output PNG.
+        lo: Low end of the sweep the threshold was chosen in (shaded).
+        hi: High end of the sweep.
+        max_value: M of the maps (default: inferred, as :func:`bldseg.metrics.dice_at_levels`).
+        title: The plot's title.
+        chosen: The threshold the run predicts at (its recorded choice: ties and the widening
+            rule decide it, which a plain best of ``[lo, hi]`` does not redo); None: the best
+            level of ``[lo, hi]``.
+    """
     scores = metrics.dice_at_levels(probs, truth, max_value)
     m = scores.size - 1
     thr = np.arange(m + 1) / m
-    level, best = metrics.best_level(scores, m, lo, hi)
+    if chosen is None:
+        level, best = metrics.best_level(scores, m, lo, hi)
+    else:
+        level = min(metrics.level_from_threshold(chosen, m), m)
+        best = float(scores[level])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(thr, scores, color="tab:blue", lw=1.5, label="official Dice")
     ax.axvspan(lo, hi, color="tab:blue", alpha=0.08, label=f"sweep {lo:.2f}-{hi:.2f}")
@@ -170,11 +199,14 @@ def write_run_plots(
     if lib.exists():
         z = np.load(lib)
         probs, truth = z["probs"], z["truth"].astype(bool)
-        written.append(plot_threshold_curve(probs, truth, out / "threshold_curve.png", lo, hi))
+        chosen = _recorded_threshold(run_dir)
+        written.append(
+            plot_threshold_curve(probs, truth, out / "threshold_curve.png", lo, hi, chosen=chosen)
+        )
         if truth.any() and not truth.all():
             written.append(plot_roc(probs, truth, out / "roc.png"))
         if images_for_tiles is not None:
-            level = metrics.level_from_threshold(_library_threshold(run_dir))
+            level = metrics.level_from_threshold(0.5 if chosen is None else chosen)
             imgs = images_for_tiles(z["image_ids"], z["tile_yx"], probs.shape[-1])
             written.append(
                 plot_worst_tiles(
@@ -184,10 +216,11 @@ def write_run_plots(
     return written
 
 
-def _library_threshold(run_dir: Path) -> float:
+def _recorded_threshold(run_dir: Path) -> float | None:
     """The threshold the run predicts ``val_probs.npz`` at: a K-fold run's out-of-fold one
     (``folds.json`` ``oof``; ``history.json`` holds means over folds, a mean threshold no
-    fold's maps were chosen at), else the best epoch's chosen threshold (0.5 without one)."""
+    fold's maps were chosen at), else the best epoch's chosen threshold (the first of equal
+    epochs, as fit keeps best.pt); None where the folder records none."""
     folds_path = run_dir / "folds.json"  # bldseg.train.folds.FOLDS_FILE (it imports this module)
     if folds_path.exists():
         oof = json.loads(folds_path.read_text()).get("oof")
@@ -196,7 +229,7 @@ def _library_threshold(run_dir: Path) -> float:
     history_path = run_dir / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     best = max(history, key=lambda h: h["val_dice_best"], default={})
-    return float(best.get("val_thr_best", 0.5))
+    return float(best["val_thr_best"]) if "val_thr_best" in best else None
 
 
 def tiles_from_cache(cache):
