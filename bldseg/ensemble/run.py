@@ -516,6 +516,22 @@ def _publish(stage: Path, out: Path) -> None:
         os.replace(stage / name, out / name)
 
 
+def _keep_widened_where_better(default: tuple, widened: tuple) -> tuple:
+    """``(single, top, per_k)`` of the default range, each replaced by the widened search's
+    only where that scores strictly higher: the single model, the top table (by its best
+    entry) and each ensemble size's best (a size whose widened best only ties keeps its
+    threshold inside the default range)."""
+    (single, top, per_k), (w_single, w_top, w_per_k) = default, widened
+    return (
+        w_single if w_single.score > single.score else single,
+        w_top if w_top[0].score > top[0].score else top,
+        {
+            k: w if k not in per_k or w.score > per_k[k].score else per_k[k]
+            for k, w in w_per_k.items()
+        },
+    )
+
+
 def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchSummary:
     lib = _load(cfg)
     sel_idx, chk_idx = split_by_image(lib.image_ids, cfg.selection_fraction, cfg.seed)
@@ -532,16 +548,9 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     if widened:
         lo, hi = metrics.widened_range(lo, hi)
         w_single, w_top, w_per_k = _search(cfg, sel, lo, hi)
-        if w_single.score > single.score:
-            single = w_single
-        if w_top[0].score > top[0].score:
-            top = w_top
-        # each size's best likewise: a size whose widened best only ties keeps its threshold
-        # inside the default range
-        per_k = {
-            k: w if k not in per_k or w.score > per_k[k].score else per_k[k]
-            for k, w in w_per_k.items()
-        }
+        single, top, per_k = _keep_widened_where_better(
+            (single, top, per_k), (w_single, w_top, w_per_k)
+        )
     # the single model chosen over the same range as everything reported (after a widening,
     # the default range's k=1 entry would disagree with best_single)
     per_k[1] = single

@@ -661,3 +661,21 @@ def test_specs_predict_with_tta_as_the_library_was_validated(tmp_path, flags):
     for name in ("best_ensemble.json", "best_single.json", "submit.json"):
         spec = EnsembleSpec.load(tmp_path / "out" / name)
         assert spec.tta is all(flags), name
+
+
+def test_a_widened_search_replaces_only_what_it_beats():
+    # Each choice of the default range is replaced by the widened search's only where that
+    # scores strictly higher: a size whose widened best ties keeps its in-range threshold.
+    from types import SimpleNamespace as E
+
+    from bldseg.ensemble.run import _keep_widened_where_better
+
+    single, w_single = E(score=0.70, level=90), E(score=0.72, level=20)
+    top, w_top = [E(score=0.80, level=100)], [E(score=0.81, level=30)]
+    per_k = {2: E(score=0.78, level=100), 3: E(score=0.80, level=100)}
+    w_per_k = {2: E(score=0.78, level=25), 3: E(score=0.81, level=30)}
+    s, t, k = _keep_widened_where_better((single, top, per_k), (w_single, w_top, w_per_k))
+    assert s is w_single and t is w_top
+    assert k[2] is per_k[2] and k[3] is w_per_k[3]  # the tie keeps the default range's
+    s, t, _ = _keep_widened_where_better((w_single, w_top, w_per_k), (single, top, per_k))
+    assert s is w_single and t is w_top
