@@ -6,6 +6,8 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,32 @@ def _number(obj: Any) -> float | None:
     return finite_json(float(obj))
 
 
+@contextmanager
+def atomic_path(
+    path: str | os.PathLike, suffix: str = "", *, unique: bool = True
+) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends.
+
+    The name is hidden and unique to the call (two processes writing one file each rename their
+    own whole file), ends with ``suffix`` (writers that pick the format from it, or append it:
+    ``".png"``, ``".npz"``), and is removed when the block raises, so a failed write (a full
+    disk) leaves neither half a file nor a stray temporary. Creates the parent folders.
+    ``unique=False``: ``<name>.tmp<suffix>``, for files one process writes (a run's checkpoints):
+    a temporary that a killed process left is overwritten by the next write, not piled up.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f".{os.getpid()}-{uuid.uuid4().hex[:8]}" if unique else ""
+    name = f".{path.name}{tag}.tmp{suffix}" if unique else f"{path.name}.tmp{suffix}"
+    tmp = path.with_name(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
     """Writes ``obj`` as strict JSON through a temporary name, so a reader never sees half a file.
 
@@ -47,16 +75,10 @@ def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
         OSError: The file cannot be written (full disk, quota, permissions); names ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(finite_json(obj), **{"indent": 2, "default": _number, **dumps}) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -44,7 +44,7 @@ from bldseg.data.dataset import (
     validation_tiles,
 )
 from bldseg.data.prepare import PreparedData, prepare_data
-from bldseg.io import write_json
+from bldseg.io import atomic_path, write_json
 from bldseg.models import create_model
 from bldseg.models.pretrained import file_fingerprint, overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
@@ -364,15 +364,10 @@ def _settle_pending(out: Path, best_epoch: int | None) -> None:
 def _save_atomic(obj: Any, path: Path) -> None:
     # Checked before writing: a file that load_state would refuse is never written.
     _check_plain(obj, path.name)
-    # One process writes a run folder, so the name is fixed: a temporary that a killed process
-    # left is overwritten by the next write instead of piling up.
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    # One process writes a run folder: a fixed name, which the next write overwrites when a
+    # killed process left it; a full disk leaves no half checkpoint behind.
+    with atomic_path(path, unique=False) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a checkpoint behind
-        raise
 
 
 def load_state(
@@ -1092,8 +1087,8 @@ def save_val_probs(
     ``tile_yx`` (N, 2) int: the tile's top-left corner in its sample.
     """
     groups = ids if groups is None else groups
-    tmp = path.with_name(path.stem + ".tmp.npz")  # one writer per run folder (as last.pt)
-    try:
+    # one writer per run folder (as last.pt); np.savez appends .npz to other names
+    with atomic_path(path, suffix=".npz", unique=False) as tmp:
         np.savez(
             tmp,
             probs=probs,
@@ -1103,7 +1098,3 @@ def save_val_probs(
             group_ids=np.array([str(groups[t.index]) for t in tiles]),
             tile_yx=np.array([(t.y, t.x) for t in tiles], dtype=np.int64).reshape(-1, 2),
         )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves no partial library behind
-        raise

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ import numpy as np
 from bldseg import metrics
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import PreparedData, prepare_data
-from bldseg.io import write_json
+from bldseg.io import atomic_path, write_json
 from bldseg.models import create_model
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import (
@@ -143,13 +142,8 @@ def write_oof(out_dir: str | os.PathLike, folds: int) -> Path:
     path = out / VAL_FILE
     # Unique to the call: folds trained on several machines (--fold f) may each write the
     # library when they finish. ".npz" last: np.savez appends it to any other name.
-    tmp = out / f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz"
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves no partial library behind
-        raise
     return path
 
 

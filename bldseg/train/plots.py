@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from bldseg import metrics
+from bldseg.io import atomic_path
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
@@ -30,15 +30,10 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     The temporary name is unique to the call (two processes may draw one run folder's plots,
     e.g. K folds trained on several machines) and is removed when the write fails.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the suffix stays: savefig picks the format from it
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        # the suffix stays: savefig picks the format from it
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
