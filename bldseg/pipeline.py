@@ -135,6 +135,11 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
     # both as JSON has them (tuples become lists)
     recorded = json.loads(json.dumps(state.get("config") or {}, default=str))
     now = json.loads(json.dumps(asdict(cfg), default=str))
+    # `mydata/`, `./mydata` and its absolute path are one folder (the fingerprint below
+    # compares what is in it)
+    for c in (recorded, now):
+        if c.get("data") is not None:
+            c["data"] = str(Path(c["data"]).resolve())
     differ = [
         f"{k}: {recorded[k]!r} -> {now[k]!r}"
         for k in RESULT_SETTINGS

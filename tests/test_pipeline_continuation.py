@@ -348,3 +348,14 @@ def test_another_storage_or_tracking_uri_is_refused_naming_both(tmp_path, monkey
     with pytest.raises(ContinuationError, match=r"--storage: .* --tracking-uri: "):
         pipeline.check_continuation(cfg, recorded, "fp")
     pipeline.check_continuation(replace(same, tracking_uri="sqlite:////a/m.db"), recorded, "fp")
+
+
+def test_the_same_data_folder_spelled_otherwise_continues(tmp_path, monkeypatch):
+    # `--data mydata/` after `--data ./mydata` was refused as "data: './mydata' -> 'mydata/'"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    state = _recorded(PipelineConfig(data="./mydata"), data_fingerprint="fp")
+    for spelled in ("mydata/", "mydata", str(tmp_path / "mydata")):
+        pipeline.check_continuation(PipelineConfig(data=spelled), state, "fp")
+    with pytest.raises(ContinuationError, match=r"data: '.*mydata' -> '.*other'"):
+        pipeline.check_continuation(PipelineConfig(data="other"), state, "fp")
