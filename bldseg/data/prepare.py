@@ -197,6 +197,7 @@ def prepare_data(
     options = options or DataOptions()
     data_root = Path(data_root).resolve()
     kind = detect_data(data, options)
+    _refuse_unused_options(kind, options, data)
     if kind == "synthetic":
         world_dir = _synthetic_world(data_root, synthetic, progress)
         prepared = _prepare_competition(world_dir, options, data_root, progress)
@@ -213,6 +214,44 @@ def prepare_data(
     if verbose:
         print(f"data ({prepared.kind}): {prepared.description}", flush=True)
     return prepared
+
+
+def _refuse_unused_options(kind: DataKind, options: DataOptions, data) -> None:
+    """Raises ValueError naming the layout flags that ``--data``'s kind does not read (they
+    were ignored without a word: ``--tile-size 512`` on a ``train.csv`` trained whole images)."""
+    folder_flags = {
+        "--masks": options.masks,
+        "--footprints": options.footprints,
+        "--mask-pattern": options.mask_pattern,
+        "--tile-size": options.tile_size,
+        "--no-recursive": not options.recursive,
+    }
+    if kind == "folders":
+        unused = {"--group-column": options.group_column}
+        reads = "a competition train.csv"
+    else:
+        unused = dict(folder_flags)
+        if kind == "cache":
+            unused["--group-column"] = options.group_column
+        reads = "image/mask folder layouts (--data DIR with images/, or --images DIR)"
+    given = [flag for flag, value in unused.items() if value not in (None, False)]
+    if given:
+        what = {
+            "synthetic": "the built-in synthetic world (a competition layout)",
+            "competition": f"the competition layout {data}",
+            "cache": f"the bldseg cache {data} (its tiles are already cut and decoded)",
+            "folders": f"the image/mask folders {options.images or data}",
+        }[kind]
+        raise ValueError(
+            f"{', '.join(given)}: only {reads} read {'them' if len(given) > 1 else 'it'}; "
+            f"--data names {what}. Leave {'them' if len(given) > 1 else 'it'} out"
+            + (
+                ", or save the images with their masks as images/NAME.png + masks/NAME.png "
+                "and pass that folder"
+                if kind in ("synthetic", "competition") and options.tile_size
+                else ""
+            )
+        )
 
 
 def _synthetic_world(data_root: Path, synthetic: dict | None, progress: bool) -> Path:

@@ -99,12 +99,17 @@ def _competition(root, train_sizes, test_sizes=()):
 def test_competition_mixed_sizes_give_advice_that_works(tmp_path):
     # --tile-size cuts only folder layouts: advising it for train.csv sent users in a circle.
     root = _competition(tmp_path, [32, 64])
-    for opts in (DataOptions(), DataOptions(tile_size=16)):
-        with pytest.raises(ValueError) as e:
-            prepare_data(root, options=opts, data_root=tmp_path / "w", progress=False)
-        msg = str(e.value)
-        assert "T1 " in msg and "train.csv: the competition layout caches each image whole" in msg
-        assert "pass --tile-size (tile_size=)" not in msg
+    with pytest.raises(ValueError) as e:
+        prepare_data(root, data_root=tmp_path / "w", progress=False)
+    msg = str(e.value)
+    assert "T1 " in msg and "train.csv: the competition layout caches each image whole" in msg
+    assert "pass --tile-size (tile_size=)" not in msg
+    # and --tile-size itself is refused there (it was ignored without a word)
+    with pytest.raises(ValueError) as e:
+        prepare_data(root, options=DataOptions(tile_size=16), data_root=tmp_path / "w")
+    msg = str(e.value)
+    assert msg.startswith("--tile-size: only image/mask folder layouts") and str(root) in msg
+    assert "images/NAME.png + masks/NAME.png" in msg
     # A test.csv of mixed sizes gets the prediction advice, as prediction itself gives.
     _competition(tmp_path, [32, 32], test_sizes=[32, 48])
     with pytest.raises(ValueError, match=r"S1 .*test\.csv is predicted one image per tile"):
@@ -269,3 +274,26 @@ def test_mask_nonzero_flag_reads_instance_masks(tmp_path):
     data = prepare_data(root, options=opts, data_root=tmp_path / "work", progress=False)
     truth = [cv2.imread(str(root / "masks" / f"scene{i}.png"), -1) > 0 for i in range(2)]
     np.testing.assert_array_equal(np.asarray(data.train.masks) > 0, np.stack(truth))
+
+
+def test_layout_flags_the_data_kind_does_not_read_are_refused(tmp_path):
+    # each was ignored without a word: the run trained on something else than asked
+    (tmp_path / "c").mkdir()
+    comp = _competition(tmp_path / "c", [32, 32])
+    folders = _scenes(tmp_path / "ds", [(32, 32), (32, 32)])
+    work = tmp_path / "w"
+    cases = [
+        (comp, DataOptions(masks=str(tmp_path)), r"^--masks: only image/mask folder"),
+        (comp, DataOptions(recursive=False, mask_pattern="{stem}_m.png"), "--mask-pattern, --no"),
+        (None, DataOptions(tile_size=16), r"^--tile-size: .*the built-in synthetic world"),
+        (folders, DataOptions(group_column="city"), r"^--group-column: only a competition"),
+    ]
+    for data, opts, said in cases:
+        with pytest.raises(ValueError, match=said):
+            prepare_data(data, options=opts, data_root=work, progress=False)
+    # a cache: already cut and decoded
+    prepare_data(folders, options=DataOptions(tile_size=32), data_root=work, progress=False)
+    (cache,) = {p.parent.parent for p in work.rglob("manifest.json")}
+    with pytest.raises(ValueError, match=r"^--tile-size, --group-column: .*bldseg cache"):
+        prepare_data(cache, options=DataOptions(tile_size=32, group_column="g"), data_root=work)
+    assert len(prepare_data(cache, data_root=work, progress=False).train) == 2
