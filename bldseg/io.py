@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -82,3 +83,36 @@ def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> Path:
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     return path
+
+
+#: What ``flock`` says on a filesystem that cannot lock: ENOSYS (Lustre without ``-o flock``,
+#: some FUSE mounts), ENOLCK (NFS without a running lock daemon), EOPNOTSUPP.
+NO_FLOCK_ERRNOS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
+    """Holds an exclusive lock on ``path`` (an OS file lock; a lock file's existence where the
+    filesystem cannot lock files) for the block.
+
+    Caches and native builds live on shared folders (an NFS home, a cluster's scratch): a
+    filesystem without ``flock`` must not end a run in a traceback (filelock raises
+    NotImplementedError or OSError there, by version). The fallback lock is another file,
+    ``<path>.soft``: the OS lock's file stays in place after release. ``timeout`` seconds
+    (-1: no limit) to wait for another holder, then ``filelock.Timeout``.
+    """
+    from filelock import FileLock, SoftFileLock
+
+    path = str(path)
+    lock = FileLock(path, timeout=timeout)
+    try:
+        lock.acquire()
+    except (NotImplementedError, OSError) as err:
+        if isinstance(err, OSError) and err.errno not in NO_FLOCK_ERRNOS:
+            raise
+        lock = SoftFileLock(path + ".soft", timeout=timeout)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

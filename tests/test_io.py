@@ -1,9 +1,12 @@
+import errno
+import fcntl
 import json
+import os
 
 import numpy as np
 import pytest
 
-from bldseg.io import write_json
+from bldseg.io import file_lock, write_json
 
 
 def test_write_json_creates_folders_and_replaces_whole_files(tmp_path):
@@ -66,3 +69,44 @@ def test_write_json_temporaries_are_unique_per_writer(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errors
     assert json.loads(path.read_text())["i"] == 299
     assert [p.name for p in tmp_path.iterdir()] == ["shared.json"]
+
+
+def _no_flock(code):
+    def flock(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    return flock
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS])
+def test_file_lock_holds_where_the_filesystem_cannot_lock(tmp_path, monkeypatch, code):
+    # NFS without a lock daemon (ENOLCK) ended a run in "cannot write the build folder"; filelock
+    # releases before 4 raised NotImplementedError on ENOSYS (Lustre without -o flock)
+    from filelock import Timeout
+
+    monkeypatch.setattr(fcntl, "flock", _no_flock(code))
+    path = tmp_path / "x.lock"
+    # held: another lock on the same file waits
+    with file_lock(path), pytest.raises(Timeout), file_lock(path, timeout=0.05):
+        pass
+    with file_lock(path):  # released
+        pass
+
+
+def test_file_lock_falls_back_from_filelocks_not_implemented(tmp_path, monkeypatch):
+    import filelock
+
+    class OldFileLock(filelock.FileLock):
+        def acquire(self, *args, **kwargs):
+            raise NotImplementedError("FileSystem does not appear to support flock")
+
+    monkeypatch.setattr(filelock, "FileLock", OldFileLock)
+    with file_lock(tmp_path / "x.lock"):
+        assert (tmp_path / "x.lock.soft").exists()
+    assert not (tmp_path / "x.lock.soft").exists()
+
+
+def test_file_lock_other_errors_are_raised(tmp_path, monkeypatch):
+    monkeypatch.setattr(fcntl, "flock", _no_flock(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"), file_lock(tmp_path / "x.lock"):
+        pass

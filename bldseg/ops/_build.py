@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from bldseg.io import file_lock
+
 
 def _find_csrc() -> Path:
     """The folder of native sources (``csrc/<op>/...``).
@@ -318,21 +320,20 @@ def _build_locked(
     verbose: bool,
 ) -> bool:
     """Builds under a file lock; returns False when another process finished it meanwhile."""
-    from filelock import FileLock
     from torch.utils.cpp_extension import load
 
     ninja_folder = _ninja_folder()
+    held = contextlib.ExitStack()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder) + ".lock")
-        lock.acquire()
+        held.enter_context(file_lock(str(folder) + ".lock"))
     except OSError as err:
         # a read-only home (containers, HPC nodes): the callers fall back to the reference op
         raise BuildError(
             f"cannot write the build folder {folder} ({err}); point $BLDSEG_BUILD_DIR at a "
             "writable folder"
         ) from err
-    with lock:
+    with held:
         done = folder / ".done"
         if done.is_file():
             return False

@@ -263,6 +263,28 @@ def test_missing_and_unreadable_files(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "no_weights.pth")
     with pytest.raises(ValueError, match=r"holds no state dict.*found \['epoch'\]"):
         read_checkpoint(tmp_path / "no_weights.pth")
+    # zero bytes read as torch's legacy format: its advice to load with weights_only=False
+    # (which runs the file's code) is not passed on
+    (tmp_path / "zeros.pth").write_bytes(bytes(1000))
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint") as e:
+        read_checkpoint(tmp_path / "zeros.pth")
+    assert "weights_only` set to `False`" not in str(e.value)
+
+
+def test_a_checkpoint_damaged_inside_a_tensor_is_refused(cls_model, cls_file, tmp_path):
+    # torch.load does not check the archive's checksums: the damaged tensor loaded silently
+    data = bytearray(cls_file.read_bytes())
+    sd = cls_model.state_dict()
+    name = "levels.3.blocks.0.mlp.fc1.weight"
+    raw = sd[name].numpy().tobytes()
+    at = bytes(data).find(raw[:64])  # the tensor's stored bytes (uncompressed in the archive)
+    assert at > 0
+    data[at + 100 : at + 164] = bytes(b ^ 0x5A for b in data[at + 100 : at + 164])
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged\.pth is damaged: the checksum of its member"):
+        read_checkpoint(damaged)
+    assert len(read_checkpoint(cls_file).state_dict) == len(sd)  # the intact file passes
 
 
 class _Payload:

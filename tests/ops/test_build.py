@@ -316,3 +316,21 @@ def test_build_key_names_the_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert first != base
     other.write_text('#!/bin/sh\necho "other c++ 99.2"\n')  # same path, upgraded
     assert key() not in (base, first)
+
+
+def test_builds_where_the_filesystem_cannot_lock(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # a build folder on NFS without a lock daemon: flock says ENOLCK; the build went to the
+    # fallback path with "cannot write the build folder" although the folder was writable
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    source = _write_tiny(tmp_path / "src", value=5)
+    module, info = load_extension("bldseg_tiny_nolock", [source], is_python_module=True)
+    assert module.value() == 5 and info.built
