@@ -77,11 +77,13 @@ from bldseg.data.dataset import TileDataset, validation_tiles
 from bldseg.data.readers import (
     DEFAULT_READ,
     ReadOptions,
+    image_size,
     read_folder_dataset,
     read_image,
     read_mask_image,
 )
 from bldseg.data.rle import rle_encode
+from bldseg.io import write_json
 from bldseg.models import create_model
 from bldseg.models.pretrained import overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform
@@ -149,6 +151,8 @@ class EnsembleSpec:
             raise ValueError(f"empty_votes must lie in 0..{k} (0: off), got {self.empty_votes}")
         if self.empty_votes > 0 and self.empty_area < 1:
             raise ValueError(f"empty_area must be at least 1 pixel, got {self.empty_area}")
+        if self.min_area < 0:
+            raise ValueError(f"min_area must be at least 0 pixels (0: off), got {self.min_area}")
         # A probability threshold outside [0, 1] (or NaN) gives an all-empty or all-building
         # submission without any error further down.
         if not 0.0 <= self.threshold <= 1.0:
@@ -248,6 +252,10 @@ class EnsembleSpec:
         another drive (Windows), which has no relative path, is written absolute. ``home``:
         the folder the file will be moved to, when it is written elsewhere first (the paths are
         relative to where it will be read).
+
+        Raises:
+            ValueError: Rule parameters that do not fit (:meth:`check`).
+            OSError: The file cannot be written (names it); an earlier spec there is kept.
         """
         self.check()
         path = Path(path)
@@ -272,9 +280,28 @@ class EnsembleSpec:
             "min_area": self.min_area,
             "tta": self.tta,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(d, indent=2))
-        os.replace(tmp, path)
+        # a failed write (a full disk) leaves the earlier spec and no temporary file
+        write_json(path, d)
+
+    def decision(self) -> dict[str, Any]:
+        """The parameters that decide the masks under this spec's rule, as plain data.
+
+        ``threshold`` and ``weights`` for the mean rules, ``votes`` and ``member_thresholds``
+        for the vote rule (whose decision no ensemble threshold enters), the empty-tile rule's
+        parameters when it is on, then ``min_area`` and ``tta``: what a score was made with.
+        """
+        out: dict[str, Any] = {"rule": self.rule}
+        if self.rule == "vote":
+            out |= {"votes": self.votes, "member_thresholds": list(self.member_thresholds)}
+        else:
+            out |= {"threshold": self.threshold, "weights": self.member_weights()}
+        if self.empty_votes > 0:
+            out |= {
+                "member_thresholds": list(self.member_thresholds),
+                "empty_votes": self.empty_votes,
+                "empty_area": self.empty_area,
+            }
+        return out | {"min_area": self.min_area, "tta": self.tta}
 
     def member_weights(self) -> list[float]:
         """One weight per member (equal weights when none are given)."""
@@ -741,7 +768,9 @@ class FolderResult:
         nodata_pixels: Pixels of GeoTIFF scenes without data (nodata, mask, alpha), predicted
             as no building and marked no-data in the GeoTIFF masks.
         scores: With ground truth: ``official_score`` (mean per-image Dice, competition rules),
-            ``pixel_iou``, ``pixel_f1``, counts and ``per_image`` rows; else None.
+            ``pixel_iou``, ``pixel_f1``, counts, ``per_image`` rows, ``decision`` (the
+            rule and its parameters, :meth:`EnsembleSpec.decision`) and ``threshold`` (the
+            ensemble threshold; None for the vote rule); else None.
     """
 
     out_dir: Path
@@ -835,9 +864,8 @@ def _record_runs(out_dir: Path, runs: Iterable[_RecordedRun]) -> None:
         for run in runs
         if run.files
     ]
-    tmp = out_dir / f"{OUTPUTS_FILE}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps({"runs": entries}, indent=2))
-    os.replace(tmp, out_dir / OUTPUTS_FILE)
+    # a failed write (a full disk) keeps the earlier record and leaves no temporary file
+    write_json(out_dir / OUTPUTS_FILE, {"runs": entries})
 
 
 def _claim_outputs(
@@ -899,6 +927,27 @@ def _claim_outputs(
     return others, kept
 
 
+def _image_shape(path: Path, options: ReadOptions) -> tuple[int, int]:
+    """An image's (H, W) from its header; decoded when the header reader cannot open it (a
+    TIFF that only rasterio reads, whose error then says what to install)."""
+    try:
+        return image_size(path)
+    except ValueError:
+        return read_image(path, options).shape[:2]
+
+
+def _check_mask_size(
+    mask_path: Path, mask_shape: tuple[int, ...], image_path: Path, image_shape: tuple[int, ...]
+) -> None:
+    """Raises ValueError, naming both files and sizes, when a mask is not its image's size."""
+    if tuple(mask_shape) != tuple(image_shape):
+        raise ValueError(
+            f"mask {mask_path} is {mask_shape[0]}x{mask_shape[1]} but the image {image_path} is "
+            f"{image_shape[0]}x{image_shape[1]}; a mask must have its image's size: check that "
+            "it belongs to this image (--mask-pattern) or fix the file"
+        )
+
+
 def _check_out_dir(images_dir: Path, out_dir: Path, recursive: bool) -> None:
     if out_dir == images_dir or (recursive and out_dir.is_relative_to(images_dir)):
         raise ValueError(
@@ -907,8 +956,9 @@ def _check_out_dir(images_dir: Path, out_dir: Path, recursive: bool) -> None:
         )
 
 
-def _scores(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """Official score and pixel IoU/F1 from per-image counts (sizes may differ per image)."""
+def _scores(rows: list[dict[str, Any]], spec: EnsembleSpec) -> dict[str, Any]:
+    """Official score and pixel IoU/F1 from per-image counts (sizes may differ per image),
+    with the decision the masks were made by (:meth:`EnsembleSpec.decision`)."""
     tp = np.array([r["intersection"] for r in rows], np.int64)[:, None]  # (N, 1)
     pp = np.array([r["pred_pixels"] for r in rows], np.int64)[:, None]
     gt = np.array([r["truth_pixels"] for r in rows], np.int64)  # (N,)
@@ -927,7 +977,9 @@ def _scores(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
         "pixel_f1": 2 * inter / (pred_sum + truth_sum) if pred_sum + truth_sum else 1.0,
         "n_images": len(rows),
         "n_scored": int((~np.isnan(dice)).sum()),
-        "threshold": threshold,
+        # the vote rule decides by its members' own thresholds: no ensemble threshold
+        "threshold": None if spec.rule == "vote" else spec.threshold,
+        "decision": spec.decision(),
         "per_image": rows,
     }
 
@@ -990,11 +1042,13 @@ def predict_folder(
     Raises:
         FileNotFoundError: A folder, checkpoint or an image's mask is missing (the message
             names the image and the mask names tried).
-        ValueError: Unreadable image or mask (naming the file; the masks are all read
-            before any prediction is written), a mask of another size than its image, a bad
-            window or overlap, ``out_dir`` inside ``images_dir``, an unreadable
-            :data:`OUTPUTS_FILE` there, or a mask name already written there for another
-            image folder.
+        ValueError: Unreadable image or mask, or a mask of another size than its image
+            (naming the files; the masks are all read and their sizes checked before any
+            prediction is written), a bad window or overlap, ``out_dir`` inside
+            ``images_dir``, an unreadable :data:`OUTPUTS_FILE` there, or a mask name already
+            written there for another image folder.
+        OSError: A mask, the record or ``scores.json`` cannot be written (names the file; no
+            temporary file is left).
     """
     overlap = check_overlap(overlap)
     if window is not None:
@@ -1010,9 +1064,13 @@ def predict_folder(
     # Every mask is decoded once before anything is written: a mask these options cannot read
     # (a label mask that needs mask_values) stops the run here, not after some masks and the
     # record were written. Read again when scored: holding them all could take a lot of memory.
+    # A mask of another size than its image is refused here too (the image's size from its
+    # header), not after the images before it were predicted and written.
     scored = [r for r in records if r.mask_path is not None]
     for rec in tqdm(scored, desc="checking masks", unit="mask", disable=not progress or not scored):
-        read_mask_image(rec.mask_path, options)
+        truth = read_mask_image(rec.mask_path, options).mask  # (H, W)
+        shape = _image_shape(rec.image_path, options)
+        _check_mask_size(rec.mask_path, truth.shape, rec.image_path, shape)
     dev = resolve_device(device)
     members = []
     for ckpt in spec.checkpoints:
@@ -1091,11 +1149,8 @@ def predict_folder(
                 )
         if rec.mask_path is not None:
             truth = read_mask_image(rec.mask_path, options).mask.astype(bool)  # (H, W)
-            if truth.shape != pred.shape:
-                raise ValueError(
-                    f"mask {rec.mask_path} is {truth.shape[0]}x{truth.shape[1]} but the image "
-                    f"{rec.image_path} is {pred.shape[0]}x{pred.shape[1]}"
-                )
+            # checked before predicting; again here, where a file replaced since would fail
+            _check_mask_size(rec.mask_path, truth.shape, rec.image_path, pred.shape)
             rows.append(
                 {
                     "image": str(rec.image_path.relative_to(images_dir)),
@@ -1107,10 +1162,8 @@ def predict_folder(
             )
     written = [*result.masks, *result.geotiffs]
     if masks_dir is not None:
-        result.scores = _scores(rows, spec.threshold)
-        tmp = out_dir / f".scores.json.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(result.scores, indent=2))
-        os.replace(tmp, scores_path)
+        result.scores = _scores(rows, spec)
+        write_json(scores_path, result.scores)  # a failed write leaves no temporary file
         written.append(scores_path)
     _record_runs(out_dir, [*others, _RecordedRun(str(images_dir), recursive, {*written, *kept})])
     return result

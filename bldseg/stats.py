@@ -36,8 +36,9 @@ class Interval:
         low: Lower end of the interval.
         high: Upper end of the interval.
         level: Coverage, e.g. 0.95.
-        n: Number of scored tiles.
-        clusters: Number of source images resampled.
+        n: Number of scored tiles (a difference: the smaller arm's or side's).
+        clusters: Number of source images with a scored tile, the resampled unit (a
+            difference: the smaller arm's or side's); below 2 the interval is unbounded.
     """
 
     estimate: float
@@ -70,7 +71,11 @@ class Interval:
 def _cluster_sums(
     scores: np.ndarray, groups: Sequence | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-cluster sums of the valid scores, their counts, and the cluster code of each tile."""
+    """Per-cluster sums of the valid scores, their counts, and the cluster code of each tile.
+
+    Every cluster is listed, also those without a valid score (count 0): the callers drop them
+    (:func:`_scored`) once they know which clusters a statistic uses.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D (one per tile), got shape {scores.shape}")
@@ -85,6 +90,16 @@ def _cluster_sums(
     sums = np.bincount(codes[valid], weights=scores[valid], minlength=k)
     counts = np.bincount(codes[valid], minlength=k).astype(np.float64)
     return sums, counts, codes
+
+
+def _scored(keep: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays`` (per cluster) restricted to the clusters ``keep``.
+
+    A source image none of whose tiles is scored adds nothing to a mean, but resampling it
+    would count it as a cluster: one scored image plus one all-NaN image passed the "at least
+    two clusters" guard with a zero-width interval.
+    """
+    return tuple(a[keep] for a in arrays)
 
 
 def _draws(n_clusters: int, draws: int, seed: int) -> np.ndarray:
@@ -130,6 +145,7 @@ def bootstrap_mean(
     sums, counts, _ = _cluster_sums(np.asarray(scores), groups)
     if counts.sum() == 0:
         raise ValueError("no valid (finite) score to average")
+    sums, counts = _scored(counts > 0, sums, counts)
     w = _draws(len(sums), draws, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         boot = (w @ sums) / (w @ counts)  # (draws,)
@@ -149,7 +165,9 @@ def paired_difference(
     """Mean score of ``a`` minus mean score of ``b`` on the same tiles, with a paired interval.
 
     Each arm's mean leaves out its own NaN tiles (as the official score does per submission);
-    both arms are resampled with the same draws of source images.
+    both arms are resampled with the same draws of the source images that either arm scores.
+    Each arm's mean needs at least two scored source images for an interval (``clusters`` is
+    the smaller arm's count): an arm scored on one image only has no measured uncertainty.
 
     Args:
         a: Per-tile scores of the first model (or ensemble).
@@ -170,11 +188,15 @@ def paired_difference(
     sb, nb, _ = _cluster_sums(b, groups)
     if na.sum() == 0 or nb.sum() == 0:
         raise ValueError("an arm has no valid (finite) score")
+    # a tile scored in one arm only counts in that arm's mean, so an image counts when either
+    # arm scores it; draws in which an arm has no scored image are left out (NaN)
+    sa, na, sb, nb = _scored((na > 0) | (nb > 0), sa, na, sb, nb)
     w = _draws(len(sa), draws, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         boot = (w @ sa) / (w @ na) - (w @ sb) / (w @ nb)
     est = sa.sum() / na.sum() - sb.sum() / nb.sum()
-    return _interval(est, boot, level, int(min(na.sum(), nb.sum())), len(sa))
+    clusters = int(min((na > 0).sum(), (nb > 0).sum()))
+    return _interval(est, boot, level, int(min(na.sum(), nb.sum())), clusters)
 
 
 def unpaired_difference(
@@ -200,6 +222,8 @@ def unpaired_difference(
     sb, nb, _ = _cluster_sums(np.asarray(b), groups_b)
     if na.sum() == 0 or nb.sum() == 0:
         raise ValueError("a side has no valid (finite) score")
+    sa, na = _scored(na > 0, sa, na)
+    sb, nb = _scored(nb > 0, sb, nb)
     wa, wb = _draws(len(sa), draws, seed), _draws(len(sb), draws, seed + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         boot = (wa @ sa) / (wa @ na) - (wb @ sb) / (wb @ nb)

@@ -1004,3 +1004,141 @@ def test_cli_refuses_bad_batch_size_and_device(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         predict_cmd.main(["--checkpoint", "x.pt", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before predicting, the recorded decision, failed writes
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_mask_of_another_size_is_refused_before_anything_is_written(pointwise_model, tmp_path):
+    # the size was compared only after the image had been predicted and its mask written, so
+    # a wrong mask at the end of a long run was found at its end
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    for name in ("a", "b"):
+        write_png(images / f"{name}.png", noise_image(32, 40, seed=3))
+    masks.mkdir()
+    cv2.imwrite(str(masks / "a.png"), np.zeros((32, 40), np.uint8))
+    cv2.imwrite(str(masks / "b.png"), np.zeros((40, 32), np.uint8))  # transposed
+    message = r"mask .*masks/b\.png is 40x32 but the image .*images/b\.png is 32x40"
+    with pytest.raises(ValueError, match=message):
+        predict_folder(EnsembleSpec([str(ckpt)]), images, out, masks_dir=masks, progress=False)
+    assert not out.exists()
+
+
+def _pointwise_spec(tmp_path: Path, model: str, k: int, **fields) -> EnsembleSpec:
+    ckpts = [
+        str(save_checkpoint(tmp_path / f"m{i}" / "best.pt", model, i, **{"aug.crop_size": 32}))
+        for i in range(k)
+    ]
+    return EnsembleSpec(ckpts, **fields)
+
+
+def test_scores_record_the_decision_of_a_vote_ensemble(pointwise_model, tmp_path):
+    # scores.json said "threshold": 0.5 (the spec's unused default) for a vote ensemble,
+    # whose masks its members' own thresholds decide
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    ramp = np.zeros((32, 64, 3), np.uint8)
+    ramp[..., 0] = np.arange(64, dtype=np.uint8)[None, :] * 4  # red 0..252
+    write_png(images / "ramp.png", ramp)
+    masks.mkdir()
+    cv2.imwrite(str(masks / "ramp.png"), np.zeros((32, 64), np.uint8))
+    vote = _pointwise_spec(
+        tmp_path, pointwise_model, 2, rule="vote", votes=1, member_thresholds=[0.3, 0.7]
+    )
+    r = predict_folder(vote, images, tmp_path / "out", masks_dir=masks, progress=False)
+    # one vote of two: the lower member threshold decides
+    level = metrics.level_from_threshold(0.3)
+    np.testing.assert_array_equal(read_png(r.masks[0]) == 255, ramp[..., 0] >= level)
+    saved = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert saved["threshold"] is None
+    assert saved["decision"] == {
+        "rule": "vote",
+        "votes": 1,
+        "member_thresholds": [0.3, 0.7],
+        "min_area": 0,
+        "tta": False,
+    }
+    mean = _pointwise_spec(tmp_path, pointwise_model, 2, threshold=0.4, min_area=3)
+    predict_folder(mean, images, tmp_path / "out2", masks_dir=masks, progress=False)
+    saved = json.loads((tmp_path / "out2" / "scores.json").read_text())
+    assert saved["threshold"] == 0.4
+    assert saved["decision"] == {
+        "rule": "mean",
+        "threshold": 0.4,
+        "weights": [1.0, 1.0],
+        "min_area": 3,
+        "tta": False,
+    }
+
+
+def test_a_negative_min_area_is_refused(tiny_ckpts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        predict_main("--checkpoint", "x.pt", "--min-area", "-5")
+    assert e.value.code == 2
+    assert "--min-area -5: a number of pixels, at least 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"min_area must be at least 0 pixels \(0: off\), got -5"):
+        EnsembleSpec([tiny_ckpts[0]], min_area=-5).check()
+    path = _spec(tmp_path, {"members": [{"checkpoint": tiny_ckpts[0]}], "min_area": -5})
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: min_area must be at least 0"):
+        EnsembleSpec.load(path)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(name)``: writing a file whose name holds ``name`` fails halfway, as on a
+    full disk (half the text is written, then ENOSPC)."""
+    import errno
+
+    write_text = Path.write_text
+
+    def arm(name: str) -> None:
+        def half_then_full(self, data, *args, **kw):
+            if name not in self.name:
+                return write_text(self, data, *args, **kw)
+            write_text(self, data[: len(data) // 2], *args, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(Path, "write_text", half_then_full)
+
+    return arm
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_failed_spec_write_keeps_the_old_spec(tiny_ckpts, tmp_path, full_disk):
+    path = tmp_path / "spec.json"
+    EnsembleSpec([tiny_ckpts[0]], threshold=0.4).save(path)
+    before = path.read_text()
+    full_disk("spec.json")
+    with pytest.raises(OSError) as err:
+        EnsembleSpec([tiny_ckpts[0]], threshold=0.6).save(path)
+    assert path.read_text() == before and _files(tmp_path) == ["spec.json"]
+    assert str(path) in str(err.value)
+
+
+def test_a_failed_record_or_scores_write_leaves_no_temporary(pointwise_model, tmp_path, full_disk):
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    spec = EnsembleSpec([str(ckpt)])
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    write_png(images / "a.png", noise_image(32, 32, seed=4))
+    masks.mkdir()
+    cv2.imwrite(str(masks / "a.png"), np.zeros((32, 32), np.uint8))
+    predict_folder(spec, images, out, progress=False)
+    record = (out / OUTPUTS_FILE).read_text()
+    # the record is rewritten first, claiming this run's files: a failure keeps the old one
+    full_disk(OUTPUTS_FILE)
+    with pytest.raises(OSError) as err:
+        predict_folder(spec, images, out, masks_dir=masks, progress=False)
+    assert (out / OUTPUTS_FILE).read_text() == record
+    assert _files(out) == sorted([OUTPUTS_FILE, "a.png"])
+    assert str(out / OUTPUTS_FILE) in str(err.value)
+    # scores.json is written last
+    full_disk("scores.json")
+    with pytest.raises(OSError) as err:
+        predict_folder(spec, images, out, masks_dir=masks, progress=False)
+    assert _files(out) == sorted([OUTPUTS_FILE, "a.png"])
+    assert str(out / "scores.json") in str(err.value)

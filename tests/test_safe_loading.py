@@ -138,3 +138,35 @@ def test_a_file_that_is_no_checkpoint_is_named(tmp_path, content, says):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=rf"best\.pt .*{says}"):
         load_state(path)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_truncated_checkpoint_is_named(tmp_path, mmap):
+    # torch's zip reader fails on files cut at some lengths with OSError(22, 'Invalid
+    # argument') that names no file: it was re-raised as "a missing file says so itself"
+    whole = tmp_path / "whole.pt"
+    torch.save({"model": {"w": torch.zeros(64, 64)}, "config": {}}, whole)
+    data = whole.read_bytes()
+    path = tmp_path / "best.pt"
+    for cut in (len(data) // 4, len(data) // 2):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"best\.pt is not a readable PyTorch checkpoint"):
+            load_state(path, mmap=mmap)
+    # an OSError that names its file still says so itself
+    with pytest.raises(FileNotFoundError) as err:
+        load_state(tmp_path / "missing.pt", mmap=mmap)
+    assert err.value.filename == str(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_damaged_inside_a_tensor_is_refused(tmp_path):
+    # torch.load does not check the archive's checksums: predict and resume used damaged weights
+    w = torch.arange(4096, dtype=torch.float32)
+    path = tmp_path / "best.pt"
+    torch.save({"model": {"w": w}, "config": {}}, path)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(w.numpy().tobytes()[:64])
+    data[at + 200 : at + 208] = bytes(8)
+    path.write_bytes(bytes(data))
+    for mmap in (False, True):
+        with pytest.raises(ValueError, match=r"best\.pt is damaged: the checksum of its member"):
+            load_state(path, mmap=mmap)

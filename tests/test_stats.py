@@ -121,3 +121,28 @@ def test_one_source_image_gives_no_interval():
     m = bootstrap_mean([0.3, 0.9, 0.6], ["s"] * 3)
     assert (m.low, m.high) == (-np.inf, np.inf)
     assert np.isfinite(bootstrap_mean([0.3, 0.9, 0.6], ["s", "s", "t"]).low)
+
+
+def test_source_images_without_a_scored_tile_are_no_clusters():
+    # an image whose tiles are all NaN (empty/empty) counted as a second cluster: one scored
+    # image then passed the two-cluster guard with a zero-width interval that "excluded zero"
+    a, b = [0.3, 0.9, 0.6, 0.8, np.nan], [0.2, 0.9, 0.5, 0.7, np.nan]
+    groups = ["s"] * 4 + ["t"]
+    d = paired_difference(a, b, groups)
+    assert d.clusters == 1 and (d.low, d.high) == (-np.inf, np.inf) and not d.excludes_zero
+    m = bootstrap_mean(a, groups)
+    assert m.clusters == 1 and (m.low, m.high) == (-np.inf, np.inf)
+    u = unpaired_difference(a, groups, [0.1, 0.4, 0.7], ["u", "v", "w"])
+    assert u.clusters == 1 and (u.low, u.high) == (-np.inf, np.inf)
+    # an arm scored on one image only: its mean has no measured uncertainty, whatever the
+    # other arm's images
+    d = paired_difference([0.3, 0.9, np.nan, np.nan], [0.2, 0.8, 0.5, 0.1], ["s", "s", "t", "t"])
+    assert d.clusters == 1 and not d.excludes_zero
+    # all-NaN images change neither the estimate nor the interval of the scored ones
+    rng = np.random.default_rng(4)
+    x, y = rng.random(40), rng.random(40)
+    g = np.repeat(np.arange(10), 4)
+    padded = [np.concatenate([v, [np.nan] * 8]) for v in (x, y)]
+    g_padded = np.concatenate([g, np.repeat([10, 11], 4)])
+    assert paired_difference(*padded, g_padded) == paired_difference(x, y, g)
+    assert bootstrap_mean(padded[0], g_padded) == bootstrap_mean(x, g)

@@ -101,7 +101,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold", type=float, default=None, help="override the threshold, in [0, 1]"
     )
-    p.add_argument("--min-area", type=int, default=None, help="images with fewer pixels: empty")
+    p.add_argument(
+        "--min-area",
+        type=int,
+        default=None,
+        help="images with fewer predicted pixels are predicted empty; >= 0 (0: off)",
+    )
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -188,6 +193,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         p.error(f"--threshold {args.threshold}: a threshold is a probability in [0, 1]")
     if args.batch_size < 1:
         p.error(f"--batch-size {args.batch_size}: at least 1")
+    if args.min_area is not None and args.min_area < 0:
+        p.error(f"--min-area {args.min_area}: a number of pixels, at least 0 (0: off)")
     _check_device(p, args.device)
 
     mask_reading = [
@@ -349,15 +356,19 @@ def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> str | None:
 
 
 def _decision(spec: EnsembleSpec) -> str:
-    """The spec's rule in a few words, for the summary line."""
-    if spec.rule == "vote":
-        out = f"vote >= {spec.votes} of {len(spec.checkpoints)}"
+    """The spec's rule in a few words, for the summary line: the parameters that
+    ``scores.json`` records (:meth:`EnsembleSpec.decision`)."""
+    d = spec.decision()
+    if d["rule"] == "vote":
+        out = f"vote >= {d['votes']} of {len(spec.checkpoints)}"
     else:
-        out = f"threshold {spec.threshold:.4f}"
-        if spec.rule == "weighted":
+        out = f"threshold {d['threshold']:.4f}"
+        if d["rule"] == "weighted":
             out = "weighted " + out
-    if spec.empty_votes:
-        out += f", empty if >= {spec.empty_votes} masks < {spec.empty_area} px"
+    if "empty_votes" in d:
+        out += f", empty if >= {d['empty_votes']} masks < {d['empty_area']} px"
+    if d["min_area"]:
+        out += f", empty if < {d['min_area']} px"
     return out
 
 

@@ -46,7 +46,7 @@ from bldseg.data.dataset import (
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.io import atomic_path, write_json
 from bldseg.models import create_model
-from bldseg.models.pretrained import file_fingerprint, overrides_for_checkpoint
+from bldseg.models.pretrained import check_archive, file_fingerprint, overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
 from bldseg.train.config import RunConfig
 from bldseg.train.coteaching import coteaching_losses
@@ -385,12 +385,21 @@ def load_state(
 
     Raises:
         ValueError: The file holds a pickled object other than tensors and plain data (the
-            message names the file and the object), or is not a PyTorch checkpoint at all.
+            message names the file and the object), or is not a PyTorch checkpoint at all
+            (empty, truncated, or foreign bytes), or its checksums do not match its bytes.
+        OSError: The file is missing or cannot be read (the error names it).
     """
+    # torch.load does not check the archive's checksums: damaged tensor bytes load silently
+    # (reading the file once costs ~0.1 s per 100 MB, also where only its metadata is wanted)
+    check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except OSError:
-        raise  # a missing or unreadable file says so itself
+    except OSError as e:
+        if e.filename is not None:
+            raise  # a missing or unreadable file says so itself, naming it
+        # torch's zip reader fails on some truncated files with a bare OSError(22, 'Invalid
+        # argument') that names no file
+        raise _load_error(path, e) from None
     except Exception as e:  # torch's readers fail on foreign bytes in many ways (KeyError...)
         raise _load_error(path, e) from None
 
