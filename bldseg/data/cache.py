@@ -33,10 +33,10 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from tqdm.auto import tqdm
 
-from bldseg.data.readers import SourceRecord, decode_record
+from bldseg.data.readers import DecodedRecord, SourceRecord, decode_records, source_runs
+from bldseg.io import file_lock
 
 CACHE_FORMAT_VERSION = 2
 
@@ -215,9 +215,11 @@ def build_cache(
     fingerprint = fingerprint_records(records)
     t0 = time.perf_counter()
 
+    # Tiles of one scene are decoded together: one decode per scene, not per tile.
+    runs = source_runs(records)
     # The first record fixes the size every other one must have.
-    first_image = decode_record(records[0]).image
-    h, w = first_image.shape[:2]
+    first_run = decode_records([records[i] for i in runs[0]])
+    h, w = first_run[0].image.shape[:2]
     n = len(records)
 
     tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -235,9 +237,8 @@ def build_cache(
         not_binary: set[Path] = set()  # mask files binarised at the threshold
         positive: list[int] = []  # a sample with a building pixel, if any (set-wide check)
 
-        def decode(i: int) -> dict:
+        def store(i: int, decoded: DecodedRecord) -> dict:
             r = records[i]
-            decoded = decode_record(r)
             image, mask = decoded.image, decoded.mask
             if image.shape[:2] != (h, w):
                 raise ValueError(
@@ -267,17 +268,22 @@ def build_cache(
                 "group": r.group if r.group is not None else str(r.image_path),
             }
 
-        workers = num_threads or os.cpu_count() or 1
-        with ThreadPoolExecutor(workers) as pool:
-            sources = list(
-                tqdm(
-                    pool.map(decode, range(n)),
-                    total=n,
-                    desc=f"caching {cache_dir.name}",
-                    unit="img",
-                    disable=not progress,
-                )
-            )
+        def decode(run: list[int]) -> list[dict]:
+            # One worker holds one decoded scene at a time; its tiles are views into it.
+            decoded = decode_records([records[i] for i in run])
+            return [store(i, d) for i, d in zip(run, decoded, strict=True)]
+
+        with tqdm(
+            total=n, desc=f"caching {cache_dir.name}", unit="img", disable=not progress
+        ) as bar:
+            sources = [store(i, d) for i, d in zip(runs[0], first_run, strict=True)]
+            del first_run
+            bar.update(len(sources))
+            workers = num_threads or os.cpu_count() or 1
+            with ThreadPoolExecutor(workers) as pool:
+                for done in pool.map(decode, runs[1:]):
+                    sources.extend(done)
+                    bar.update(len(done))
         images.flush()
         if masks is not None:
             masks.flush()
@@ -353,7 +359,8 @@ def ensure_cache(
     fingerprint = fingerprint_records(records)
     if _is_current(cache_dir, fingerprint):
         return DatasetCache(cache_dir)
-    with FileLock(str(cache_dir.parent / f".{cache_dir.name}.lock")):
+    # bldseg.io.file_lock: a data root on NFS without a lock daemon must not end the run
+    with file_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
         if _is_current(cache_dir, fingerprint):
             return DatasetCache(cache_dir)
         # Builds killed outside Python (SIGKILL, out of memory, a preempted machine) leave their

@@ -85,7 +85,11 @@ def require_geo(what: str) -> None:
 
 @contextlib.contextmanager
 def _open_raster(path: Path, what: str) -> Iterator[Any]:
-    """Opens ``path`` with rasterio (read mode); errors name the file."""
+    """Opens ``path`` with rasterio (read mode); errors name the file.
+
+    Reads inside the ``with`` block are covered too: a truncated or corrupt file often opens
+    (its header is intact) and fails only when its pixels are read.
+    """
     (rasterio,) = _require(f"{path}: {what}", "rasterio")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
@@ -100,7 +104,14 @@ def _open_raster(path: Path, what: str) -> Iterator[Any]:
                 "GeoTIFF/TIFF"
             ) from e
     with src:
-        yield src
+        try:
+            yield src
+        except rasterio.errors.RasterioIOError as e:
+            # rasterio's own message is "Read failed. See previous exception for details."
+            raise ValueError(
+                f"{path}: cannot read the pixels ({e.__cause__ or e}); the file is truncated or "
+                "corrupt: copy or download it again"
+            ) from e
 
 
 def _carries_georeference(src: Any) -> bool:
@@ -371,7 +382,8 @@ def read_raster_rgb(
     Band choice: ``bands`` are 1-based indices (rasterio's convention), one (replicated to
     grey) or three (R, G, B). None reads a 1-band raster as grey and bands 1, 2, 3 of a raster
     with 3 or more bands (a 4th band, often alpha or near-infrared, is dropped); a 2-band raster
-    needs an explicit choice.
+    needs an explicit choice. A palette (colour-mapped) band is read as its colours, as PIL and
+    OpenCV read a palette PNG or TIFF.
 
     Pixel values: uint8 bands are kept as they are, nodata included (no stretch). Other dtypes
     (uint16, int16, float32, ...) are stretched per band: the ``stretch`` low/high percentiles
@@ -411,6 +423,11 @@ def read_raster_rgb(
                     f"of {height}x{width}"
                 )
         rio_window = _import_optional("rasterio.windows").Window(x, y, w, h)
+        palette = _import_optional("rasterio.enums").ColorInterp.palette
+        if len(set(chosen)) == 1 and src.colorinterp[chosen[0] - 1] == palette:
+            # The band holds indices into its colour map, not intensities (a GeoTIFF saved
+            # with a colour table): read as grey it would be near-black noise.
+            return _palette_rgb(src, chosen[0], src.read(chosen[0], window=rio_window), path)
         by_band: dict[int, np.ndarray] = {}  # band -> (h, w) uint8; each band read once
         for b in dict.fromkeys(chosen):
             data = src.read(b, window=rio_window)  # (h, w)
@@ -428,6 +445,22 @@ def read_raster_rgb(
             by_band[b] = out
     rgb = [by_band[b] for b in (chosen * 3 if len(chosen) == 1 else chosen)]
     return np.ascontiguousarray(np.stack(rgb, axis=-1))  # (h, w, 3)
+
+
+def _palette_rgb(src: Any, band: int, indices: np.ndarray, path: Path) -> np.ndarray:
+    """(h, w) palette indices of ``band`` -> (h, w, 3) uint8 RGB through its colour map."""
+    try:
+        cmap = src.colormap(band)  # {index: (r, g, b, a)}
+    except ValueError as e:
+        raise ValueError(
+            f"{path}: band {band} is declared a palette band but has no colour table ({e}); "
+            "write the file again with its colour table, or as RGB"
+        ) from e
+    size = max(int(indices.max()) + 1 if indices.size else 0, max(cmap) + 1)
+    lut = np.zeros((size, 3), np.uint8)  # (size, 3); indices the map lacks are black, as in PIL
+    for i, rgba in cmap.items():
+        lut[i] = rgba[:3]
+    return lut[indices]  # (h, w, 3)
 
 
 def rasterize_footprints(
@@ -454,8 +487,9 @@ def rasterize_footprints(
         ImportError: rasterio or geopandas is not installed.
         FileNotFoundError: Either file does not exist.
         ValueError: The image has no CRS/geotransform; the vector file is unreadable, holds no
-            polygon at all, has no CRS and lies elsewhere, or none of its polygons overlaps the
-            image. Messages name both files.
+            polygon at all, has no CRS and lies elsewhere, or the image lies outside the extent
+            of its polygons (an image inside it that no polygon overlaps gets an empty mask).
+            Messages name both files.
     """
     image_path, vector_path = Path(image_path), Path(vector_path)
     both = f"footprints {vector_path} on image {image_path}"
@@ -501,15 +535,19 @@ def rasterize_footprints(
     elif polys.crs != image_crs:
         polys = polys.to_crs(image_crs)
 
+    # A scene without buildings inside the footprints' extent is an empty mask (one file of
+    # footprints for a whole city); a scene outside that extent means a wrong CRS or file.
+    if not _bounds_overlap(polys.total_bounds, bounds):
+        raise ValueError(
+            f"{both}: the image lies outside the extent of the {len(polys)} polygons "
+            f"(footprints {_fmt_bounds(polys.total_bounds)}, image {_fmt_bounds(bounds)} in "
+            f"{crs}); check the CRS of both files"
+        )
     b = polys.bounds  # per polygon: minx, miny, maxx, maxy in the image's CRS
     hit = (b.minx < bounds.right) & (b.maxx > bounds.left)
     hit &= (b.miny < bounds.top) & (b.maxy > bounds.bottom)
     if not hit.any():
-        raise ValueError(
-            f"{both}: none of the {len(polys)} polygons overlaps the image (footprints "
-            f"{_fmt_bounds(polys.total_bounds)}, image {_fmt_bounds(bounds)} in {crs}); "
-            "check the CRS of both files"
-        )
+        return mask
     try:
         features.rasterize(
             ((g, 1) for g in polys[hit.to_numpy()]),

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -60,8 +62,10 @@ DEFAULT_MASK_PATTERNS = (
 
 #: Version of the decoding rules, part of every cache fingerprint: bumped when a file read with
 #: the same options decodes differently (2: grey palettes read as grey values, label masks
-#: refused), so caches built by older rules are rebuilt.
-DECODE_RULES = 2
+#: refused; 3: NaN in float masks read as background, grey palettes with a repeated grey read
+#: by colour, palette GeoTIFF images read as their colours), so caches built by older rules
+#: are rebuilt.
+DECODE_RULES = 3
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,34 @@ def _check_columns(df: pd.DataFrame, required: tuple[str, ...], path: Path) -> N
         )
 
 
+def _without_trailing_fields(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The CSV's columns, without the empty fields some writers add after the last one.
+
+    When data rows have more fields than the header (``a,b,c,`` from a trailing comma),
+    pandas takes the first fields for the row index and shifts every column by one. The
+    fields are put back in file order; the extra ones must be empty, as a value there belongs
+    to no column.
+
+    Raises:
+        ValueError: A row with a non-empty field past the header's columns (names the row).
+    """
+    if isinstance(df.index, pd.RangeIndex):
+        return df  # as many fields as the header
+    levels = [df.index.get_level_values(k).to_numpy() for k in range(df.index.nlevels)]
+    fields = np.column_stack([*levels, df.to_numpy()])  # (rows, fields) in file order
+    ncol = len(df.columns)
+    extra = fields[:, ncol:]
+    for i, row in enumerate(extra, start=1):
+        values = [str(v) for v in row if str(v).strip()]
+        if values:
+            raise ValueError(
+                f"{path}, row {i}: {len(values)} value(s) past the header's {ncol} columns "
+                f"({', '.join(df.columns)}): {values}; remove them, or name their column in "
+                "the header"
+            )
+    return pd.DataFrame(fields[:, :ncol], columns=df.columns)
+
+
 def read_competition_csv(
     csv_path: str | os.PathLike,
     *,
@@ -206,6 +238,7 @@ def read_competition_csv(
             f"{csv_path}: not a readable CSV ({str(e).strip()}); expected UTF-8 text with a "
             "header row and the same number of comma-separated fields on every line"
         ) from e
+    df = _without_trailing_fields(df, csv_path)
     has_rle = "mask_rle" in df.columns
     if with_masks is None:
         with_masks = has_rle
@@ -232,7 +265,9 @@ def read_competition_csv(
         rel = str(row.img_path).strip()
         if not rel:
             raise ValueError(f"{where} ({img_id}): empty img_path")
-        image_path = (root / rel).resolve()
+        # Normalised, not resolved: a folder beside the CSV may be a link to another disk
+        # (train_img -> /mnt/data/train_img); only a path that climbs out with ".." escapes.
+        image_path = Path(os.path.normpath(root / rel))
         if not image_path.is_relative_to(root):
             raise ValueError(
                 f"{where} ({img_id}): img_path {rel!r} points outside the CSV's folder {root}"
@@ -305,18 +340,44 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Pa
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    walk = folder.rglob("*") if recursive else folder.iterdir()
+    walk = _files_under(folder) if recursive else folder.iterdir()
     found = sorted(
         p
         for p in walk
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
     if not found:
         where = "under" if recursive else "in"
         raise ValueError(f"no images with suffix {'/'.join(IMAGE_SUFFIXES)} {where} {folder}")
     return found
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, through symbolic links to folders, hidden folders skipped.
+
+    Datasets are often assembled from links (``images/austin -> /mnt/inria/austin``), which
+    ``Path.rglob`` does not follow. A folder reached twice (a link to a folder already walked,
+    or to one of its own parents) is walked once, under the first path met in sorted order, and
+    the skip is warned about: the same image under two ids would sit on both sides of a split.
+    """
+    files: list[Path] = []
+    walked: dict[str, str] = {}  # real path -> the path it was walked under
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in walked:
+            dirnames[:] = []
+            warnings.warn(
+                f"{dirpath}: the same folder as {walked[real]} (a symbolic link); its files are "
+                "listed once, under the first path",
+                stacklevel=3,
+            )
+            continue
+        walked[real] = dirpath
+        # Sorted in place, so which path of a folder reached twice wins does not depend on the
+        # file system's order.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in filenames)
+    return files
 
 
 def mask_name(pattern: str, stem: str) -> str:
@@ -378,18 +439,20 @@ def check_mask_pattern(pattern: str) -> None:
 
 def _mask_candidates(
     image: Path, images_dir: Path, masks_dir: Path, patterns: tuple[str, ...]
-) -> tuple[list[Path], str | None]:
-    """Mask paths for ``image``: in the mirrored sub-folder of ``masks_dir``, then its top.
+) -> tuple[list[list[Path]], str | None]:
+    """Mask paths for ``image``, by folder: the mirrored sub-folder of ``masks_dir``, then its top.
 
     Returns:
-        The candidate paths, and why the first pattern that gave no name did not apply (a
-        regex that does not match the stem; None when every pattern applied).
+        The candidate paths of each folder (mirrored first), and why the first pattern that
+        gave no name did not apply (a regex that does not match the stem; None when every
+        pattern applied).
     """
     rel_dir = image.parent.relative_to(images_dir)
     dirs = [masks_dir / rel_dir] + ([masks_dir] if rel_dir != Path(".") else [])
-    out: list[Path] = []
+    levels: list[list[Path]] = []
     skipped: str | None = None
     for d in dirs:
+        level: list[Path] = []
         for pat in patterns:
             try:
                 cand = d / mask_name(pat, image.stem)
@@ -398,9 +461,16 @@ def _mask_candidates(
                 # were checked up front); the reason is reported when no pattern applies.
                 skipped = skipped or str(e)
                 continue
-            if cand not in out and cand != image:
-                out.append(cand)
-    return out, skipped
+            if cand not in level:
+                level.append(cand)
+        levels.append(level)
+    return levels, skipped
+
+
+def _suffix_folded(path: Path) -> Path:
+    """``path`` with its suffix in lower case: masks named ``A.PNG`` match ``{stem}.png``, as
+    images with upper-case suffixes are listed."""
+    return path.with_suffix(path.suffix.lower())
 
 
 def _sample_id(image: Path, images_dir: Path) -> str:
@@ -421,9 +491,11 @@ def read_folder_dataset(
     """Reads an image folder, with a mask (or footprint) file per image.
 
     Args:
-        images_dir: Folder of images (searched recursively unless ``recursive=False``).
+        images_dir: Folder of images (searched recursively, through symbolic links, unless
+            ``recursive=False``).
         masks_dir: Folder of masks: each image ``sub/NAME.ext`` is matched to
-            ``masks_dir/sub/<pattern>`` or ``masks_dir/<pattern>``; None for unlabelled data.
+            ``masks_dir/sub/<pattern>``, else ``masks_dir/<pattern>`` (the suffix in any case);
+            None for unlabelled data.
         tile_size: Cut every image into a grid of tiles of this size (for large scenes such as
             Inria's 5000x5000); None keeps whole images.
         mask_pattern: Mask file name for an image stem (see :func:`mask_name`); default: each
@@ -442,7 +514,8 @@ def read_folder_dataset(
         FileNotFoundError: A folder is missing, or an image has no mask (listing the names
             tried).
         ValueError: No images, two images with one id, two candidate masks for one image, one
-            mask matched to two images, both ``masks_dir`` and ``footprints``, or a
+            mask matched to two images, two files that are each other's mask (``a.jpg`` and
+            ``a.png`` beside each other), both ``masks_dir`` and ``footprints``, or a
             ``mask_pattern`` that cannot give a file name (:func:`check_mask_pattern`).
     """
     images_dir = Path(images_dir).resolve()
@@ -494,13 +567,26 @@ def read_folder_dataset(
 def _match_masks(
     images: list[Path], images_dir: Path, masks_dir: Path, patterns: tuple[str, ...]
 ) -> dict[Path, Path]:
-    """Image -> its one mask file; errors name the image and every name tried."""
-    existing = {p for p in masks_dir.rglob("*") if p.is_file()}
+    """Image -> its one mask file; errors name the image and every name tried.
+
+    A mask in the image's mirrored sub-folder (``masks/x/a.png`` for ``images/x/a.png``) wins
+    over one at the top of the mask folder, which only sub-folders without their own mask use.
+    """
+    by_name: dict[Path, list[Path]] = {}  # suffix-folded path -> the files with that name
+    for p in _files_under(masks_dir):
+        if p.is_file():
+            by_name.setdefault(_suffix_folded(p), []).append(p)
     out: dict[Path, Path] = {}
     unmatched: list[tuple[Path, list[Path], str | None]] = []
     for img in images:
-        cands, skipped = _mask_candidates(img, images_dir, masks_dir, patterns)
-        found = [c for c in cands if c in existing]
+        levels, skipped = _mask_candidates(img, images_dir, masks_dir, patterns)
+        found: list[Path] = []
+        for level in levels:
+            # An image is never its own mask (masks beside images: a.png tries a.png too).
+            hits = (f for c in level for f in by_name.get(_suffix_folded(c), []) if f != img)
+            found = list(dict.fromkeys(hits))
+            if found:
+                break
         if len(found) > 1:
             raise ValueError(
                 f"{img}: two candidate masks {[str(f) for f in found]}; keep one, or name the "
@@ -509,7 +595,10 @@ def _match_masks(
         if found:
             out[img] = found[0]
         else:
-            unmatched.append((img, cands, skipped))
+            own = _suffix_folded(img)
+            tried = [c for level in levels for c in level if _suffix_folded(c) != own]
+            unmatched.append((img, tried, skipped))
+    _refuse_mutual_masks(out)
     _refuse_shared_masks(out)
     # Beside-the-image masks (images_dir == masks_dir) are listed as images too: an unmatched
     # file that is some image's mask is not an error.
@@ -526,6 +615,31 @@ def _match_masks(
             "e.g. '{stem}_label.png' or '(\\d+)_img=>\\1.png'"
         )
     return out
+
+
+def _refuse_mutual_masks(mask_of: dict[Path, Path]) -> None:
+    """Raises ValueError when two files are each other's mask.
+
+    With masks beside their images, ``a.jpg`` takes ``a.png`` as its mask and ``a.png`` takes
+    ``a.jpg``, and both used to be dropped as masks. Which one is the image only the user knows
+    (PNG masks beside JPEG photos are the usual case, but PNG tiles beside TIFF masks exist
+    too), so the one flag that says it is named.
+    """
+    pairs = [(img, mask) for img, mask in mask_of.items() if mask_of.get(mask) == img]
+    if not pairs:
+        return
+    img, mask = min(pairs)
+    if img.stem == mask.stem:
+        advice = (
+            f"pass --mask-pattern '{{stem}}{mask.suffix}' if the {mask.suffix} files are the "
+            f"masks, or --mask-pattern '{{stem}}{img.suffix}' if the {img.suffix} files are"
+        )
+    else:
+        advice = "name the masks with --mask-pattern"
+    raise ValueError(
+        f"{img} and {mask} each match the other as its mask ({len(pairs) // 2} such pair(s) "
+        f"in all); say which files are the masks: {advice}"
+    )
 
 
 def _refuse_shared_masks(mask_of: dict[Path, Path]) -> None:
@@ -723,10 +837,12 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
       unless ``options.mask_values`` or ``options.mask_nonzero`` says which values are
       buildings;
     - three (or four, with an opaque alpha) equal channels: as one channel;
-    - palette PNGs: when every colour the image uses is grey (PIL's ``quantize`` often puts
-      white at index 0), the grey values, read as one channel; in a colour (class) palette the
-      index is the label: index > 0 is a building, or the indices in ``options.mask_values``,
-      or the indices of the colours in ``options.mask_colors``;
+    - float masks: NaN/inf pixels (no data) are background, with a warning counting them;
+    - palette PNGs/TIFFs: when every colour the image uses is grey (PIL's ``quantize`` often
+      puts white at index 0; two entries may share a grey), the grey values, read as one
+      channel; in a colour (class) palette the index is the label: index > 0 is a building,
+      or the indices in ``options.mask_values``, or the indices of the colours in
+      ``options.mask_colors``;
     - ``options.mask_values`` set: exactly those values are buildings (class-id masks);
     - ``options.mask_nonzero`` set: every nonzero value is a building (instance-id masks);
     - ``options.mask_colors`` set: colour-coded class masks, exactly those RGB colours are
@@ -756,6 +872,8 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
             raise ValueError(f"{path}: cannot decode the mask (corrupt, truncated or not an image)")
         if m.ndim == 3 and options.mask_colors is not None:
             return MaskRead(_colour_classes(m, options.mask_colors, path), True)
+        if np.issubdtype(m.dtype, np.floating):
+            m = _no_data_to_background(m, path)
         if m.ndim == 3:
             m = _one_channel(m, path)
     if options.mask_values is not None:
@@ -773,6 +891,25 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
     cut = options.mask_threshold * _nominal_max(m)
     _refuse_label_mask(m, values, counts, cut, path)
     return MaskRead((m > cut).astype(np.uint8), False)
+
+
+def _no_data_to_background(m: np.ndarray, path: Path) -> np.ndarray:
+    """A float mask with NaN/inf (no-data, e.g. outside a scene's footprint) -> those pixels 0.
+
+    Left in, NaN makes the mask's maximum NaN and every comparison with the threshold False:
+    the whole mask would read as empty. Nothing is known of buildings where there is no data,
+    so those pixels are background, and the count is warned about.
+    """
+    bad = ~np.isfinite(m)  # (H, W) or (H, W, C)
+    n = int((bad if bad.ndim == 2 else bad.any(axis=2)).sum())
+    if n == 0:
+        return m
+    warnings.warn(
+        f"{path}: {n} of {m.shape[0] * m.shape[1]} mask pixels are NaN/inf (no data); read as "
+        "no building",
+        stacklevel=3,
+    )
+    return np.where(bad, 0, m).astype(m.dtype)
 
 
 def _read_palette(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -799,9 +936,9 @@ def _palette_labels(
 ) -> np.ndarray | None:
     """(H, W) 0/1 mask of a palette image read by index, or None to read its grey values.
 
-    Grey values are read when the colours the image uses are distinct greys (a 0/255 mask
-    saved as a palette, possibly inverted: PIL's ``quantize`` and ``ADAPTIVE`` palettes often
-    put white at index 0), unless ``mask_values``/``mask_colors`` name what is a building.
+    Grey values are read when every colour the image uses is grey, duplicates included (a 0/255
+    mask saved as a palette, possibly inverted: PIL's ``quantize`` and ``ADAPTIVE`` palettes
+    often put white at index 0), unless ``mask_values``/``mask_colors`` name what is a building.
     A colour palette is a class palette: its index is the label.
     """
     if options.mask_values is not None:
@@ -812,8 +949,9 @@ def _palette_labels(
         hits = [i for i in used if tuple(int(v) for v in colours[i]) in wanted]
         return np.isin(indices, hits).astype(np.uint8)
     rgb = colours[used]  # (K, 3)
-    grey = (rgb >= 0).all() and (rgb == rgb[:, :1]).all()
-    if grey and len(np.unique(rgb[:, 0])) == len(used):
+    # Greys are read as what they show, also when two indices share one (a second black entry
+    # is common): the index of a grey palette is no label.
+    if (rgb >= 0).all() and (rgb == rgb[:, :1]).all():
         return None
     return (indices > 0).astype(np.uint8)
 
@@ -939,16 +1077,51 @@ class DecodedRecord:
     mask_binary: bool = True
 
 
-def decode_record(record: SourceRecord) -> DecodedRecord:
-    """Decodes one record with its options, cropped to its window.
+def _source_key(record: SourceRecord) -> tuple:
+    """What a record's decoded pixels depend on, its window aside."""
+    return (record.image_path, record.mask_rle, record.mask_path, record.options)
+
+
+def source_runs(records: Sequence[SourceRecord]) -> list[list[int]]:
+    """Indices of ``records`` in runs of consecutive records cut from one source.
+
+    The tiles of a scene are listed one after the other (:func:`read_folder_dataset`); each run
+    can be decoded with one :func:`decode_records` call instead of one decode per tile.
+    """
+    runs: list[list[int]] = []
+    last = None
+    for i, r in enumerate(records):
+        key = _source_key(r)
+        if runs and key == last:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+        last = key
+    return runs
+
+
+def decode_records(records: Sequence[SourceRecord]) -> list[DecodedRecord]:
+    """Decodes records cut from one source (the tiles of a scene) with one decode of it.
+
+    A 2500x2500 scene cut into 100 tiles is decoded (and its footprints burnt) once, not 100
+    times. The results are views into that one decoded scene, so memory holds it once.
+
+    Args:
+        records: Records with the same image, mask and options (:func:`source_runs`); their
+            windows may differ.
 
     Raises:
-        ValueError: The mask's size differs from the image's, or the RLE is malformed (the
-            message names the image id and the CSV row), or any decoding error.
+        ValueError: Records from different sources; the mask's size differs from the image's,
+            a window outside the image, or the RLE is malformed (the message names the image
+            id and the CSV row), or any decoding error.
     """
+    record = records[0]
+    if any(_source_key(r) != _source_key(record) for r in records[1:]):
+        raise ValueError(f"decode_records: records from different sources ({record.img_id}, ...)")
     image = read_image(record.image_path, record.options)
     full_hw = image.shape[:2]
     mask, binary = None, True
+    row = f", CSV row {record.csv_row}" if record.csv_row is not None else ""
     try:
         if record.mask_rle is not None:
             mask = rle_decode(record.mask_rle, full_hw)
@@ -965,13 +1138,32 @@ def decode_record(record: SourceRecord) -> DecodedRecord:
                     f"is {full_hw[0]}x{full_hw[1]}"
                 )
     except ValueError as e:
-        row = f", CSV row {record.csv_row}" if record.csv_row is not None else ""
         raise ValueError(f"{record.img_id} ({record.image_path}{row}): {e}") from e
-    if record.window is not None:
-        y, x, h, w = record.window
-        image = image[y : y + h, x : x + w]
-        mask = None if mask is None else mask[y : y + h, x : x + w]
-    return DecodedRecord(image, mask, binary)
+    out = []
+    for r in records:
+        if r.window is None:
+            out.append(DecodedRecord(image, mask, binary))
+            continue
+        y, x, h, w = r.window
+        if y < 0 or x < 0 or y + h > full_hw[0] or x + w > full_hw[1]:
+            raise ValueError(
+                f"{r.img_id} ({r.image_path}{row}): window (y, x, h, w) = {r.window} is not "
+                f"inside the decoded image of {full_hw[0]}x{full_hw[1]} (did the file change "
+                "after it was listed?)"
+            )
+        tile_mask = None if mask is None else mask[y : y + h, x : x + w]
+        out.append(DecodedRecord(image[y : y + h, x : x + w], tile_mask, binary))
+    return out
+
+
+def decode_record(record: SourceRecord) -> DecodedRecord:
+    """Decodes one record with its options, cropped to its window.
+
+    Raises:
+        ValueError: The mask's size differs from the image's, or the RLE is malformed (the
+            message names the image id and the CSV row), or any decoding error.
+    """
+    return decode_records([record])[0]
 
 
 def load_record(record: SourceRecord) -> tuple[np.ndarray, np.ndarray | None]:

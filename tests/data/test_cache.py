@@ -2,14 +2,16 @@ import json
 import os
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from bldseg.data import cache as cache_module
+from bldseg.data import readers
 from bldseg.data.cache import DatasetCache, build_cache, ensure_cache
-from bldseg.data.readers import read_competition_csv, read_folder_dataset
+from bldseg.data.readers import load_record, read_competition_csv, read_folder_dataset
 from tests.data.test_readers import make_competition, write_png
 
 
@@ -88,7 +90,7 @@ def test_a_process_that_waited_for_the_lock_opens_the_cache_built_meanwhile(tmp_
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(cache_module, "FileLock", OtherProcessBuilds)
+    monkeypatch.setattr(cache_module, "file_lock", OtherProcessBuilds)
     monkeypatch.setattr(cache_module, "build_cache", _no_rebuild)
     cache = ensure_cache(records, tmp_path / "cache", progress=False)
     assert len(built) == 1 and cache.manifest == built[0].manifest
@@ -155,3 +157,44 @@ def test_unlabelled_cache(tmp_path):
     csv, _ = make_competition(tmp_path / "ds")
     cache = build_cache(read_competition_csv(csv, with_masks=False), tmp_path / "c", progress=False)
     assert cache.masks is None and not cache.manifest["has_masks"]
+
+
+def test_tiles_of_a_scene_are_decoded_once(tmp_path, monkeypatch):
+    # --tile-size decoded the whole scene (and its mask) once per tile.
+    rng = np.random.default_rng(2)
+    for name in ("s1", "s2"):
+        write_png(tmp_path / "images" / f"{name}.png", rng.integers(0, 256, (64, 96, 3), np.uint8))
+        write_png(tmp_path / "masks" / f"{name}.png", (rng.random((64, 96)) > 0.5) * np.uint8(255))
+    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks", tile_size=32)
+    assert len(records) == 2 * 2 * 3
+    expected = [load_record(r) for r in records]
+    decoded: list[str] = []
+    for name in ("read_image", "read_mask_image"):
+        real = getattr(readers, name)
+
+        def counted(path, *args, _real=real, **kwargs):
+            decoded.append(Path(path).name)
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(readers, name, counted)
+    cache = build_cache(records, tmp_path / "cache", num_threads=2, progress=False)
+    assert sorted(decoded) == ["s1.png", "s1.png", "s2.png", "s2.png"]  # image + mask, once each
+    assert cache.ids == [r.img_id for r in records]
+    for i, (img, mask) in enumerate(expected):
+        np.testing.assert_array_equal(cache.images[i], img)
+        np.testing.assert_array_equal(cache.masks[i], mask)
+
+
+def test_ensure_cache_where_the_filesystem_cannot_lock(tmp_path, monkeypatch):
+    # a data root on NFS without a lock daemon: flock says ENOLCK, and the run ended there
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    csv, _ = make_competition(tmp_path / "ds")
+    records = read_competition_csv(csv)
+    cache = ensure_cache(records, tmp_path / "cache", progress=False)
+    assert len(cache) == len(records) and cache.masks is not None

@@ -397,3 +397,90 @@ def test_one_mask_for_two_images_is_an_error(tmp_path):
     assert str(masks / "1.png") in msg
     assert str(tmp_path / "images" / "austin" / "1.png") in msg
     assert str(tmp_path / "images" / "chicago" / "1.png") in msg
+
+
+def test_sub_folders_reached_through_symbolic_links_are_searched(tmp_path):
+    # images/city -> a folder elsewhere, as datasets assembled from several disks are.
+    images, masks = _folder(tmp_path, ["top"])
+    _folder(tmp_path / "elsewhere", ["a", "b"], seed=3)
+    (images / "city").symlink_to(tmp_path / "elsewhere" / "images", target_is_directory=True)
+    (masks / "city").symlink_to(tmp_path / "elsewhere" / "masks", target_is_directory=True)
+    records = read_folder_dataset(images, masks)
+    assert [r.img_id for r in records] == ["city__a", "city__b", "top"]
+    assert records[0].mask_path == masks / "city" / "a.png"
+    # A link to a parent folder is walked once, not forever, and said so.
+    (images / "loop").symlink_to(images, target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"loop: the same folder as .*images"):
+        records = read_folder_dataset(images, masks)
+    assert [r.img_id for r in records] == ["city__a", "city__b", "top"]
+
+
+def test_masks_beside_images_with_the_same_stem_are_refused_not_dropped(tmp_path):
+    # a.jpg takes a.png as its mask and a.png takes a.jpg: both used to be dropped as masks.
+    d = tmp_path / "tiles"
+    d.mkdir()
+    for i, n in enumerate("ab"):
+        rgb, m = scene(32, i)
+        cv2.imwrite(str(d / f"{n}.jpg"), rgb[..., ::-1])
+        cv2.imwrite(str(d / f"{n}.png"), m * 255)
+    with pytest.raises(ValueError) as e:
+        read_folder_dataset(d, d)
+    msg = str(e.value)
+    assert f"{d / 'a.jpg'} and {d / 'a.png'} each match the other as its mask" in msg
+    assert "2 such pair(s)" in msg and "--mask-pattern '{stem}.png'" in msg
+    records = read_folder_dataset(d, d, mask_pattern="{stem}.png")
+    assert [(r.image_path.name, r.mask_path.name) for r in records] == [
+        ("a.jpg", "a.png"),
+        ("b.jpg", "b.png"),
+    ]
+
+
+def test_mask_in_the_mirrored_sub_folder_wins_over_the_top_one(tmp_path):
+    # images/a.png <-> masks/a.png and images/x/a.png <-> masks/x/a.png: the top mask is only a
+    # fallback for sub-folders without their own.
+    _folder(tmp_path, ["a"])
+    images, masks = _folder(tmp_path, ["a"], seed=4, sub="x")
+    records = read_folder_dataset(images, masks)
+    assert [(r.img_id, r.mask_path) for r in records] == [
+        ("a", masks / "a.png"),
+        ("x__a", masks / "x" / "a.png"),
+    ]
+
+
+def test_upper_case_mask_suffixes_are_matched(tmp_path):
+    images, masks = _folder(tmp_path, ["a", "b"])
+    (images / "b.png").rename(images / "b.PNG")
+    for n in "ab":
+        (masks / f"{n}.png").rename(masks / f"{n}.PNG")
+    records = read_folder_dataset(images, masks)
+    assert [r.mask_path for r in records] == [masks / "a.PNG", masks / "b.PNG"]
+    # Two files that differ only in the suffix's case are two candidates.
+    cv2.imwrite(str(masks / "a.png"), np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match="two candidate masks"):
+        read_folder_dataset(images, masks)
+
+
+def test_float_mask_no_data_reads_as_no_building(tmp_path):
+    # NaN made the maximum NaN, so the cut was NaN and every pixel read as background.
+    truth = np.zeros((32, 32), np.uint8)
+    truth[4:12, 6:20] = 1
+    m = truth.astype(np.float32)
+    m[:, 28:] = np.nan  # a no-data strip
+    path = tmp_path / "mask.tif"
+    assert cv2.imwrite(str(path), m)
+    with pytest.warns(UserWarning, match=r"mask\.tif: 128 of 1024 mask pixels are NaN/inf"):
+        read = read_mask_image(path)
+    np.testing.assert_array_equal(read.mask, truth)
+
+
+def test_grey_palette_with_a_repeated_grey_is_read_by_its_colours(tmp_path):
+    # Indices 0 and 1 are both black, 2 white: read by index, index 1 would be a building.
+    indices = np.zeros((32, 32), np.uint8)
+    indices[:10, :10] = 1  # 100 black pixels
+    indices[20:, 12:32] = 2  # 240 white pixels
+    im = Image.fromarray(indices, "P")
+    im.putpalette([0, 0, 0, 0, 0, 0, 255, 255, 255])
+    im.save(tmp_path / "mask.png")
+    read = read_mask_image(tmp_path / "mask.png")
+    assert read.binary
+    np.testing.assert_array_equal(read.mask, (indices == 2).astype(np.uint8))

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from rasterio.transform import Affine  # noqa: E402
 
 from bldseg.data import geo  # noqa: E402
+from bldseg.data.readers import read_image, read_mask_image  # noqa: E402
 
 UTM = "EPSG:32616"
 # 1 m pixels; the upper-left corner sits on whole metres so pixel edges are whole UTM metres.
@@ -219,6 +220,61 @@ def test_unreadable_and_missing_files(tmp_path):
         geo.read_raster_rgb(tmp_path / "gone.tif")
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_truncated_geotiff_names_the_file(tmp_path, dtype):
+    # The header survives, so the file opens; the pixels fail to read (uint16: while the
+    # stretch limits are computed, uint8: in the read itself).
+    data = np.random.default_rng(0).integers(0, 250, (3, H, W)).astype(dtype)
+    path = write_tif(tmp_path / "cut.tif", data)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(
+        ValueError, match=r"cut\.tif: cannot read the pixels .*truncated or corrupt"
+    ):
+        geo.read_raster_rgb(path)
+    with pytest.raises(ValueError, match=r"cut\.tif: cannot read the pixels"):
+        read_image(path)
+
+
+PALETTE = {
+    0: (200, 30, 30, 255),
+    1: (30, 200, 30, 255),
+    2: (30, 30, 200, 255),
+    3: (250, 250, 250, 255),
+}
+
+
+def write_palette_tif(path: Path, indices: np.ndarray) -> Path:
+    """(H, W) uint8 indices as a one-band GeoTIFF with the PALETTE colour table."""
+    h, w = indices.shape
+    profile = dict(driver="GTiff", width=w, height=h, count=1, dtype="uint8", crs=UTM)
+    with rasterio.open(path, "w", photometric="palette", transform=TRANSFORM, **profile) as dst:
+        dst.write(indices, 1)
+        dst.write_colormap(1, PALETTE)
+    return path
+
+
+def test_palette_geotiff_image_is_read_as_its_colours(tmp_path):
+    indices = np.random.default_rng(0).integers(0, 4, (H, W)).astype(np.uint8)
+    path = write_palette_tif(tmp_path / "classes.tif", indices)
+    lut = np.array([PALETTE[i][:3] for i in range(4)], np.uint8)  # (4, 3)
+    np.testing.assert_array_equal(read_image(path), lut[indices])
+    window = geo.read_raster_rgb(path, window=(3, 4, 10, 12))
+    np.testing.assert_array_equal(window, lut[indices[3:13, 4:16]])
+
+
+def test_palette_geotiff_mask_reads_like_the_same_palette_png(tmp_path):
+    from PIL import Image
+
+    truth = rect_mask()
+    path = write_palette_tif(tmp_path / "mask.tif", truth)
+    png = Image.fromarray(truth, "P")
+    png.putpalette([v for i in range(4) for v in PALETTE[i][:3]])
+    png.save(tmp_path / "mask.png")
+    read = read_mask_image(path)
+    np.testing.assert_array_equal(read.mask, read_mask_image(tmp_path / "mask.png").mask)
+    np.testing.assert_array_equal(read.mask, truth)  # a colour palette: the index is the label
+
+
 def test_raster_size_and_georeference(scene, tmp_path):
     assert geo.raster_size(scene) == (H, W)
     assert geo.has_georeference(scene)
@@ -365,8 +421,20 @@ def test_empty_footprint_file_gives_zeros(scene, tmp_path):
 def test_footprints_elsewhere_name_both_files(scene, tmp_path):
     far = to_wgs84([utm_polygon(r, dx=10_000.0) for r in RECTS])  # 10 km east
     gpd.GeoDataFrame(geometry=far, crs="EPSG:4326").to_file(tmp_path / "far.geojson")
-    with pytest.raises(ValueError, match=r"far\.geojson.*scene\.tif.*none of the 2.*check the CRS"):
+    with pytest.raises(
+        ValueError, match=r"far\.geojson.*scene\.tif.*outside the extent of the 2.*check the CRS"
+    ):
         geo.rasterize_footprints(scene, tmp_path / "far.geojson")
+
+
+def test_scene_without_buildings_inside_the_footprints_extent_gives_zeros(scene, tmp_path):
+    # One footprint file for a whole city: buildings west and east of the scene, none on it.
+    # The scene lies inside the file's extent, so it is a scene without buildings, not a
+    # wrong CRS.
+    around = [utm_polygon((5, 5, 15, 20), dx=-1_000.0), utm_polygon((5, 5, 15, 20), dx=1_000.0)]
+    gpd.GeoDataFrame(geometry=around, crs=UTM).to_file(tmp_path / "city.geojson")
+    mask = geo.rasterize_footprints(scene, tmp_path / "city.geojson")
+    assert mask.shape == (H, W) and mask.dtype == np.uint8 and not mask.any()
 
 
 @pytest.mark.filterwarnings("ignore:'crs' was not provided:UserWarning")

@@ -1,3 +1,4 @@
+import shutil
 import warnings
 from pathlib import Path
 
@@ -74,6 +75,36 @@ def test_path_escaping_csv_folder_is_rejected(tmp_path):
     df.loc[0, "img_path"] = "../outside.png"
     df.to_csv(csv, index=False)
     with pytest.raises(ValueError, match="outside the CSV's folder"):
+        read_competition_csv(csv)
+
+
+def test_image_folder_linked_beside_the_csv_is_inside_it(tmp_path):
+    # ds/train_img -> a folder on another disk: the path does not climb out of ds.
+    _, truth = make_competition(tmp_path / "disk")
+    csv, _ = make_competition(tmp_path / "ds")
+    shutil.rmtree(tmp_path / "ds" / "train_img")
+    (tmp_path / "ds" / "train_img").symlink_to(tmp_path / "disk" / "train_img")
+    records = read_competition_csv(csv)
+    assert records[0].image_path == tmp_path / "ds" / "train_img" / "TRAIN_0000.png"
+    np.testing.assert_array_equal(load_record(records[0])[0], truth[0][0])
+
+
+def test_trailing_commas_are_dropped_and_extra_values_refused(tmp_path):
+    # A trailing comma on every data row made pandas take img_id for the index and shift
+    # every column by one.
+    csv, truth = make_competition(tmp_path)
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join([lines[0]] + [line + "," for line in lines[1:]]) + "\n")
+    records = read_competition_csv(csv)
+    assert [r.img_id for r in records] == ["TRAIN_0000", "TRAIN_0001", "TRAIN_0002"]
+    for r, (img, mask) in zip(records, truth, strict=True):
+        got_img, got_mask = load_record(r)
+        np.testing.assert_array_equal(got_img, img)
+        np.testing.assert_array_equal(got_mask, mask)
+    # A value past the header's columns belongs to no column.
+    rows = [lines[0], lines[1] + ",", lines[2] + ",oops", lines[3] + ","]
+    csv.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"train\.csv, row 2: 1 value\(s\) past the header's 3"):
         read_competition_csv(csv)
 
 
