@@ -10,7 +10,9 @@ Choosing the implementation (``impl``):
     "auto"       compiled op if it builds, else the reference with one warning per process;
     "compiled"   compiled op, raising the compiler's message if it cannot be built;
     "reference"  the pure-PyTorch reference.
-``impl=None`` (the default) reads ``$BLDSEG_DCNV3_IMPL``, falling back to "auto".
+``impl=None`` (the default) and ``"auto"`` read ``$BLDSEG_DCNV3_IMPL``, falling back to
+"auto": the variable forces every model's op (models and run configs pass "auto") without
+touching their configs; an explicit "compiled" or "reference" wins over it.
 """
 
 from __future__ import annotations
@@ -218,8 +220,8 @@ def _validate(
 
 
 def _resolve_impl(impl: Impl | None) -> Impl:
-    if impl is None:
-        impl = os.environ.get(IMPL_ENV_VAR, "auto")  # type: ignore[assignment]
+    if impl in (None, "auto"):
+        impl = os.environ.get(IMPL_ENV_VAR) or "auto"  # type: ignore[assignment]
     if impl not in _IMPLS:
         raise ValueError(
             f"dcnv3: impl must be one of {_IMPLS}, got {impl!r} (check ${IMPL_ENV_VAR})"
@@ -292,8 +294,8 @@ def dcnv3(
         offset_scale: Scales both the kernel-point grid and the offsets.
         im2col_step: The official op's batch chunk (its default 256); validated for
             compatibility, unused by both our kernels.
-        impl: "auto", "compiled" or "reference"; None reads ``$BLDSEG_DCNV3_IMPL`` (default
-            "auto").
+        impl: "auto", "compiled" or "reference"; None and "auto" read ``$BLDSEG_DCNV3_IMPL``
+            (default "auto").
         mask_softmax: ``mask`` holds logits: the op uses the softmax over the P points of
             each group (what the DCNv3 module does before the op), and its gradient is that of
             the logits. The CPU kernels fuse it (PyTorch's CPU softmax over a last dimension

@@ -317,6 +317,13 @@ class RunConfig:
             backends = torch._dynamo.list_backends(exclude_tags=())
             if self.compile not in backends:
                 bad("compile", f"is not a torch.compile backend ({', '.join(backends)}), or ''")
+        if self.batch_size == 1 and "upernet" in self.model:
+            # every training step failed with torch's "Expected more than 1 value per channel"
+            bad(
+                "batch_size",
+                "must be >= 2 for UPerNet models: their pyramid pooling runs BatchNorm on 1x1 "
+                "maps, which cannot train on one image (with_cp=true saves memory instead)",
+            )
         if self.sched.name == "schedulefree" and self.optim.ema:
             # Its model is already an average of the iterates; a second average would lag it.
             bad("optim.ema", "must be 0 with sched.name=schedulefree (it averages the weights)")

@@ -207,3 +207,30 @@ def test_decoder_starts_as_mmseg_initialises_it():
     for head in (model.decode_head, model.aux_head):
         assert abs(head.classifier.weight.std().item() - 0.01) < 0.002
         assert torch.equal(head.classifier.bias, torch.zeros_like(head.classifier.bias))
+
+
+def test_the_impl_environment_variable_reaches_models_built_with_auto(monkeypatch):
+    # README: "force it with BLDSEG_DCNV3_IMPL=reference"; models pass impl="auto" explicitly
+    # (RunConfig.impl), so the variable was read by bare op calls only
+    import importlib
+
+    dcnv3_module = importlib.import_module("bldseg.ops.dcnv3")  # not the function of that name
+    calls = []
+    real = dcnv3_module.dcnv3_reference
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(dcnv3_module, "dcnv3_reference", counting)
+    monkeypatch.setenv(dcnv3_module.IMPL_ENV_VAR, "reference")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        create_model("upernet_internimage_tiny", impl="auto").eval()(x)
+        assert calls
+        calls.clear()
+        create_model("upernet_internimage_tiny", impl="compiled").eval()(x)  # explicit wins
+    assert not calls
+    monkeypatch.setenv(dcnv3_module.IMPL_ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=dcnv3_module.IMPL_ENV_VAR), torch.no_grad():
+        create_model("upernet_internimage_tiny", impl="auto").eval()(x)

@@ -96,6 +96,7 @@ def test_cosine_restarts_in_a_run_too_short_for_its_cycles(total, cycles, held):
         ("num_workers", -1),
         ("seed", -1),
         ("split_seed", -2),
+        ("batch_size", 1),  # UPerNet's pyramid pooling: BatchNorm on 1x1 maps of one image
     ],
 )
 def test_out_of_range_values_are_refused_by_name(key, value):
