@@ -8,7 +8,10 @@ mode), as ``--set compile=inductor`` runs it; the DCNv3 op is a ``torch.library`
 it stays one call in the graph. The first compiled calls include compilation (reported as
 ``compile s``: the first step's time minus a steady step's); steady steps are the median of
 ``--steps`` after ``--warmup``. Numerics: the loss of the first step, eager vs compiled, from
-the same weights and batch.
+the same weights and batch, must agree within ``LOSS_RTOL`` (relative: 1e-4 in float32, where
+only the order of the sums differs; 2e-2 under bf16/fp16 autocast, whose 8-bit mantissa the
+compiled graph may round at other places) and be finite; otherwise the script writes its
+JSON and exits with status 1.
 
     python experiments/bench_compile.py                       # the demo's settings
     python experiments/bench_compile.py --set precision=fp32 --set sched.name=onecycle
@@ -20,9 +23,11 @@ Prints a table and writes JSON (``--json``). Run it on a quiet machine: the time
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +40,23 @@ from bldseg.train.config import RunConfig
 from bldseg.train.losses import build_loss
 from bldseg.train.optim import clip_grad_norm_
 from bldseg.tune.cli import CPU_DEMO, parse_set
+
+#: Relative tolerance of the first step's loss, compiled vs eager, by autocast dtype (None:
+#: float32, no autocast).
+LOSS_RTOL = {None: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def loss_problem(eager: float, compiled: float, amp: torch.dtype | None) -> str | None:
+    """Why the first step's losses disagree (or are not finite), in words; None if they agree."""
+    if not (math.isfinite(eager) and math.isfinite(compiled)):
+        return f"a first-step loss is not finite (eager {eager}, compiled {compiled})"
+    rtol = LOSS_RTOL[amp]
+    if abs(compiled - eager) > rtol * abs(eager):
+        return (
+            f"first-step loss compiled {compiled:.8g} vs eager {eager:.8g} (relative "
+            f"difference {abs(compiled - eager) / abs(eager):.2g} > tolerance {rtol:g})"
+        )
+    return None
 
 
 def step_fn(model: torch.nn.Module, stepper: torch.nn.Module, cfg: RunConfig, total: int):
@@ -126,6 +148,7 @@ def main() -> None:
     saved = e["step_s"] - c["step_s"]
     breakeven = c["compile_s"] / saved if saved > 0 else float("inf")
     print(f"speed-up {speedup:.2f}x; compilation repaid after {breakeven:.0f} steps")
+    problem = loss_problem(e["loss"], c["loss"], amp)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -137,9 +160,14 @@ def main() -> None:
         "rows": rows,
         "speedup": speedup,
         "breakeven_steps": breakeven,
+        "loss_rtol": LOSS_RTOL[amp],
+        "loss_ok": problem is None,
     }
     write_json(path, record, indent=2)
     print(f"wrote {path}")
+    if problem is not None:
+        # a compiled step that computes another loss is not a faster version of the same step
+        sys.exit(f"bench_compile: eager and compiled disagree: {problem} ({path})")
 
 
 if __name__ == "__main__":

@@ -6,17 +6,27 @@ VerticalFlip -> HorizontalFlip -> Normalize) on the same images, in one process:
 * png:   decode the 1024x1024 PNG and its RLE mask for every sample (what a plain Dataset does);
 * cache: read a 280x280 window from the memory-mapped cache (enough for the scale + crop).
 
-Also measures the cache build and the time to open it. Prints a table and writes JSON.
+Both paths are timed ``--repeats`` times, in rounds that time each once (the order reversed
+every other round, so a slow spell of the machine is shared): the table and the JSON give the
+median and the min-max (``spread`` in the JSON holds every round), and the JSON the CPU and
+thread counts. Also measures the cache build and the time to open it. Prints a table and
+writes JSON.
 
     python experiments/bench_data.py --json bench/data.json
+    python experiments/bench_data.py --root bench/data_world --size 512 --overwrite
 """
 
 import argparse
+import os
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
+import torch
 
 from bldseg.data.cache import DatasetCache, ensure_cache
 from bldseg.data.dataset import RandomCropDataset, window_for
@@ -39,6 +49,10 @@ def reference_pipeline(crop: int) -> A.Compose:
     )
 
 
+#: RandomScale's limit in :func:`reference_pipeline`: the cache's window must hold its crop.
+SCALE_LIMIT = 0.2
+
+
 def time_samples(fn, n: int) -> float:
     """Samples per second of ``fn(i)`` over ``n`` calls (after one warm-up call)."""
     fn(0)
@@ -48,21 +62,80 @@ def time_samples(fn, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def spread(values: list[float]) -> dict[str, Any]:
+    """One path's rounds: their median, min and max, and the rounds in the order run."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": list(values),
+    }
+
+
+def rates(paths: dict[str, tuple[Any, int]], repeats: int) -> dict[str, list[float]]:
+    """Samples per second of every path in each of ``repeats`` rounds: each round times every
+    path (``(fn, samples)``) once, in reversed order every other round."""
+    out: dict[str, list[float]] = {name: [] for name in paths}
+    for r in range(repeats):
+        for name in list(paths) if r % 2 == 0 else list(reversed(paths)):
+            fn, n = paths[name]
+            out[name].append(time_samples(fn, n))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--root", default="bench/data_world", help="where the bench world goes")
     parser.add_argument("--images", type=int, default=16, help="1024x1024 training images")
-    parser.add_argument("--size", type=int, default=1024, help="training image size")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=1024,
+        help="training image size; at least the window the crop needs (280 for --crop 224)",
+    )
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--samples", type=int, default=200, help="samples timed per path")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds, each timing both paths (default 5): median and min-max",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a bench world in --root made with another --images/--size",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag in ("images", "crop", "samples", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    window = window_for(args.crop, SCALE_LIMIT)
+    if args.size < window:
+        # RandomScale may shrink an image by SCALE_LIMIT before the crop: smaller images
+        # cannot hold it (albumentations' CropSizeError) and the cache's window is this side.
+        parser.error(
+            f"--size {args.size} is smaller than the {window}x{window} window that "
+            f"--crop {args.crop} needs after RandomScale({SCALE_LIMIT}); pass --size {window} "
+            "or more, or a smaller --crop"
+        )
 
     root = Path(args.root)
     world = root / "world"
-    generate_world(world, n_train=args.images, train_size=args.size, n_test=4, test_size=224)
+    try:
+        generate_world(
+            world,
+            n_train=args.images,
+            train_size=args.size,
+            n_test=4,
+            test_size=224,
+            overwrite=args.overwrite,
+        )
+    except ValueError as e:  # another bench world there (the message names --overwrite)
+        parser.error(str(e))
     records = read_competition_csv(world / "train.csv")
 
     t0 = time.perf_counter()
@@ -85,29 +158,55 @@ def main() -> None:
         cache,
         np.arange(len(records)),
         pipe,
-        window=window_for(args.crop, 0.2),
+        window=window,
         samples_per_epoch=args.samples + 1,
     )
 
     def cache_sample(i: int) -> None:
         ds[i]
 
-    png_rate = time_samples(png_sample, min(args.samples, 60))
-    cache_rate = time_samples(cache_sample, args.samples)
+    per_round = rates(
+        {
+            "png": (png_sample, min(args.samples, 60)),  # decoding is slow: fewer samples
+            "cache": (cache_sample, args.samples),
+        },
+        args.repeats,
+    )
+    png_rate = statistics.median(per_round["png"])
+    cache_rate = statistics.median(per_round["cache"])
+    # paired within each round: both paths timed side by side
+    ratios = [c / p for p, c in zip(per_round["png"], per_round["cache"], strict=True)]
     results = {
         "images": args.images,
         "image_size": args.size,
         "crop": args.crop,
         "cache_build_s": round(build_s, 3),
         "cache_open_ms": round(open_ms, 3),
+        # medians over the rounds (min-max and every round in "spread")
         "png_samples_per_s": round(png_rate, 1),
         "cache_samples_per_s": round(cache_rate, 1),
         "speedup": round(cache_rate / png_rate, 1),
+        "repeats": args.repeats,
+        "spread": {
+            "png_samples_per_s": spread(per_round["png"]),
+            "cache_samples_per_s": spread(per_round["cache"]),
+            "speedup": spread(ratios),
+        },
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cv2_threads": cv2.getNumThreads(),  # albumentations' resizes run in OpenCV
     }
-    print(f"\n{'path':<8}{'samples/s':>12}")
-    print(f"{'png':<8}{png_rate:>12.1f}")
-    print(f"{'cache':<8}{cache_rate:>12.1f}")
-    print(f"speed-up: {cache_rate / png_rate:.1f}x (target >= 10x)")
+    print(f"\nmedian [min-max] of {args.repeats} rounds")
+    print(f"{'path':<8}{'samples/s':>12}{'[min-max]':>20}")
+    for name, rate in (("png", png_rate), ("cache", cache_rate)):
+        sp = results["spread"][f"{name}_samples_per_s"]
+        span = f"[{sp['min']:.1f}-{sp['max']:.1f}]"
+        print(f"{name:<8}{rate:>12.1f}{span:>20}")
+    sp = results["spread"]["speedup"]
+    print(
+        f"speed-up: {cache_rate / png_rate:.1f}x (per round {sp['min']:.1f}-{sp['max']:.1f}x; "
+        "target >= 10x)"
+    )
     print(
         f"cache of {args.images} x {args.size}^2: built in {build_s:.1f} s (0 if reused), "
         f"opens in {open_ms:.2f} ms"

@@ -12,8 +12,12 @@ On one synthetic library (``bldseg.ensemble.synthetic.fake_library``), on one co
    vote ensemble (``rules.empty_search``, per-tile counts) vs a loop thresholding, emptying
    and scoring every (area, members, cut).
 
-Each row asserts that both give the same result (members, cut, weights, rule and score, bit
-for bit). Prints a table and writes JSON with --json. The defaults run in well under a minute.
+Each row checks that both give the same result (members, cut, weights, rule and score, bit
+for bit); when a row disagrees, the script writes its table and JSON and exits with status 1,
+naming the rows. Each pair is timed ``--repeats`` times, in rounds that run both once (the
+order reversed every other round): the table and the JSON give the median and the min-max of
+each (``spread`` in the JSON holds every round), and the JSON the CPU and thread counts.
+Prints a table and writes JSON with --json. The defaults run in about a minute.
 
     python experiments/bench_ensemble_rules.py
     python experiments/bench_ensemble_rules.py --models 10 --tiles 64 --json bench/rules.json
@@ -26,11 +30,14 @@ import itertools
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,10 +81,30 @@ def plain_weighted(lib, starts, lo, hi, max_weight):
     return sorted(out, key=lambda e: -e.score)
 
 
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
+def spread(values: list[float]) -> dict[str, Any]:
+    """One arm's rounds: their median, min and max, and the rounds in the order run."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": list(values),
+    }
+
+
+def timed_pair(fast_fn, plain_fn, repeats: int) -> tuple[Any, list[float], Any, list[float]]:
+    """Both searches ``repeats`` times, side by side: each round runs both, the order reversed
+    every other round, so a slow spell of the machine is shared. Returns each one's result of
+    the first round and its seconds per round."""
+    fns = {"fast": fast_fn, "plain": plain_fn}
+    times: dict[str, list[float]] = {"fast": [], "plain": []}
+    results: dict[str, Any] = {}
+    for r in range(repeats):
+        for name in ("fast", "plain") if r % 2 == 0 else ("plain", "fast"):
+            t = time.perf_counter()
+            out = fns[name]()
+            times[name].append(time.perf_counter() - t)
+            results.setdefault(name, out)
+    return results["fast"], times["fast"], results["plain"], times["plain"]
 
 
 def run(args) -> list[dict]:
@@ -97,17 +124,26 @@ def run(args) -> list[dict]:
     n_comb = math.comb(lib.n_models, k)
     rows = []
 
-    def add(mode, units, unit, fast, t_fast, plain, t_plain):
-        same = fast == plain
+    def add(mode, units, unit, fast_fn, plain_fn):
+        fast, t_fast, plain, t_plain = timed_pair(fast_fn, plain_fn, args.repeats)
+        fast_s, plain_s = statistics.median(t_fast), statistics.median(t_plain)
+        # paired within each round: both ran side by side
+        ratios = [p / f if f > 0 else float("inf") for f, p in zip(t_fast, t_plain, strict=True)]
         rows.append(
             {
                 "mode": mode,
                 "units": units,
                 "unit": unit,
-                "fast_s": t_fast,
-                "plain_s": t_plain,
-                "speedup": t_plain / t_fast if t_fast > 0 else float("inf"),
-                "same_result": same,
+                # medians over the rounds (min-max and every round in "spread")
+                "fast_s": fast_s,
+                "plain_s": plain_s,
+                "speedup": plain_s / fast_s if fast_s > 0 else float("inf"),
+                "spread": {
+                    "fast_s": spread(t_fast),
+                    "plain_s": spread(t_plain),
+                    "speedup": spread(ratios),
+                },
+                "same_result": fast == plain,
                 "best": {
                     "rule": fast[0].rule,
                     "members": list(fast[0].members),
@@ -118,27 +154,34 @@ def run(args) -> list[dict]:
                 },
             }
         )
-        assert same, f"{mode}: the fast and the plain search disagree"
 
-    fast, t_fast = timed(
-        lambda: R.vote_search(lib, levels, k, top=n_comb, method="native", progress=False)[0]
+    add(
+        "vote (all combinations x counts)",
+        n_comb,
+        "comb",
+        lambda: R.vote_search(lib, levels, k, top=n_comb, method="native", progress=False)[0],
+        lambda: plain_vote(lib, levels, k),
     )
-    plain, t_plain = timed(lambda: plain_vote(lib, levels, k))
-    add("vote (all combinations x counts)", n_comb, "comb", fast, t_fast, plain, t_plain)
 
     starts = top[: args.starts]
-    fast, t_fast = timed(lambda: R.weighted_search(lib, starts, lo, hi, max_weight=3))
-    plain, t_plain = timed(lambda: plain_weighted(lib, starts, lo, hi, 3))
-    add("weighted (coordinate passes)", len(starts), "start", fast, t_fast, plain, t_plain)
+    add(
+        "weighted (coordinate passes)",
+        len(starts),
+        "start",
+        lambda: R.weighted_search(lib, starts, lo, hi, max_weight=3),
+        lambda: plain_weighted(lib, starts, lo, hi, 3),
+    )
 
     vote_best = R.vote_search(lib, levels, k, top=1, progress=False)[0][0]
     cands = [R.from_mean(top[0]), vote_best]
     areas = R.DEFAULT_EMPTY_AREAS
-    fast, t_fast = timed(lambda: [R.empty_search(lib, e, levels, areas, lo, hi) for e in cands])
-    plain, t_plain = timed(
-        lambda: [R.brute_force_empty(lib, e, levels, areas, lo, hi) for e in cands]
+    add(
+        "empty-tile (areas x m x cut)",
+        len(cands),
+        "ensemble",
+        lambda: [R.empty_search(lib, e, levels, areas, lo, hi) for e in cands],
+        lambda: [R.brute_force_empty(lib, e, levels, areas, lo, hi) for e in cands],
     )
-    add("empty-tile (areas x m x cut)", len(cands), "ensemble", fast, t_fast, plain, t_plain)
     return rows
 
 
@@ -152,31 +195,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lo", type=float, default=0.30)
     p.add_argument("--hi", type=float, default=0.70)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of each pair, both once per round (default 3): median and min-max",
+    )
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     rows = run(args)
     print(
         f"library: {args.models} models x {args.tiles} tiles of {args.size}^2, k={args.k}, "
-        f"thresholds [{args.lo}, {args.hi}], one process"
+        f"thresholds [{args.lo}, {args.hi}], one process; seconds: median [min-max] of "
+        f"{args.repeats} rounds"
     )
-    head = f"{'mode':34s} {'units':>9s} {'fast s':>9s} {'plain s':>9s} {'speedup':>8s}  same"
+    head = (
+        f"{'mode':34s} {'units':>9s} {'fast s':>9s} {'[min-max]':>15s} {'plain s':>9s} "
+        f"{'[min-max]':>15s} {'speedup':>8s}  same"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         units = f"{r['units']} {r['unit']}"
+        fs, ps = (r["spread"][key] for key in ("fast_s", "plain_s"))
+        fast_span, plain_span = (f"[{s['min']:.3f}-{s['max']:.3f}]" for s in (fs, ps))
         print(
-            f"{r['mode']:34s} {units:>9s} {r['fast_s']:9.3f} {r['plain_s']:9.3f} "
+            f"{r['mode']:34s} {units:>9s} {r['fast_s']:9.3f} {fast_span:>15s} "
+            f"{r['plain_s']:9.3f} {plain_span:>15s} "
             f"{r['speedup']:7.1f}x  {'yes' if r['same_result'] else 'NO'}"
         )
     if args.json:
         out = {
             "config": vars(args),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                # the searches run on one thread; recorded for comparisons
+                "torch_threads": torch.get_num_threads(),
+            },
             "rows": rows,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, out)
         print(f"wrote {args.json}")
+    # Checked explicitly, not by assert (python -O removes asserts): disagreeing searches make
+    # the times meaningless, and a script or CI running this must see it fail.
+    disagree = [r["mode"] for r in rows if not r["same_result"]]
+    if disagree:
+        print(
+            f"bench_ensemble_rules: the fast and the plain search disagree: "
+            f"{'; '.join(disagree)} (each row's fast best is in the JSON)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -6,7 +6,14 @@ and the optimizer state are channels-last too) and back-propagates one batch; ea
 then runs on those gradients (copied back before every clipping call, so it clips the same
 values). CPU ms per call: the median of ``--calls`` after ``--warmup``, process CPU time (all
 torch threads), at each ``--threads``. A check beside the times: the two clipped gradients
-and norms, and the parameters after the same steps, agree to rounding.
+and norms, and the parameters after the same steps, agree to rounding; beyond the tolerances
+below (or with a non-finite value) the script writes its JSON and exits with status 1:
+
+* clipped norm: relative difference <= ``NORM_RTOL`` (1e-5: float32 sums of a million terms);
+* clipped gradient: largest difference <= ``CLIP_RTOL`` x the clipped gradients' norm
+  (``--max-norm``, or the norm where it is below that);
+* parameters after 5 steps: largest difference <= ``STEP_ATOL`` (1e-5; float32 rounding of
+  parameters of order 1 is ~1e-7 a step).
 
     python experiments/bench_optim.py                         # the demo model
     python experiments/bench_optim.py --model upernet_internimage_t --size 224 --batch 2
@@ -18,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import schedulefree
 import torch
@@ -31,6 +41,37 @@ import torch.nn.functional as F
 from bldseg.io import write_json
 from bldseg.models import create_model
 from bldseg.train.optim import AdamWScheduleFree, clip_grad_norm_, load_step_op
+
+NORM_RTOL = 1e-5  # clipped norm, relative to torch's
+CLIP_RTOL = 1e-5  # clipped gradient, relative to the clipped gradients' norm
+STEP_ATOL = 1e-5  # parameters after 5 steps, absolute
+
+
+def numerics_problems(record: dict[str, Any], max_norm: float) -> list[str]:
+    """What of the numerics check exceeds its tolerance or is not finite; [] when all pass."""
+    problems = []
+    values = ("norm_torch", "norm_bldseg", "clip_max_abs_diff", "step_max_abs_diff")
+    bad = [k for k in values if not math.isfinite(record[k])]
+    if bad:
+        problems.append(f"non-finite {', '.join(f'{k}={record[k]}' for k in bad)}")
+    norm_diff = abs(record["norm_bldseg"] - record["norm_torch"])
+    if norm_diff > NORM_RTOL * abs(record["norm_torch"]):
+        problems.append(
+            f"clipped norm ours {record['norm_bldseg']:.8g} vs torch {record['norm_torch']:.8g} "
+            f"(relative tolerance {NORM_RTOL:g})"
+        )
+    clipped_norm = min(max_norm, abs(record["norm_torch"]))  # what clipping leaves
+    if record["clip_max_abs_diff"] > CLIP_RTOL * clipped_norm:
+        problems.append(
+            f"clipped gradient differs by {record['clip_max_abs_diff']:.3g} "
+            f"(tolerance {CLIP_RTOL:g} x the clipped norm {clipped_norm:.6g})"
+        )
+    if record["step_max_abs_diff"] > STEP_ATOL:
+        problems.append(
+            f"a parameter after 5 steps differs by {record['step_max_abs_diff']:.3g} "
+            f"(tolerance {STEP_ATOL:g})"
+        )
+    return problems
 
 
 def cpu_ms(fn: Callable[[], object], warmup: int, calls: int) -> float:
@@ -135,24 +176,28 @@ def main() -> None:
         f"difference of a clipped gradient {clip_diff:.2e}, of a parameter after 5 steps "
         f"{step_diff:.2e}"
     )
-    path = write_json(
-        args.json,
-        {
-            "model": args.model,
-            "tensors": len(params),
-            "parameters": n_elem,
-            "size": args.size,
-            "batch": args.batch,
-            "calls": args.calls,
-            "rows": rows,
-            "norm_torch": float(norm_torch),
-            "norm_bldseg": float(norm_ours),
-            "clip_max_abs_diff": clip_diff,
-            "step_max_abs_diff": step_diff,
-            "machine": platform.processor() or platform.machine(),
-        },
-    )
+    record = {
+        "model": args.model,
+        "tensors": len(params),
+        "parameters": n_elem,
+        "size": args.size,
+        "batch": args.batch,
+        "calls": args.calls,
+        "rows": rows,
+        "norm_torch": float(norm_torch),
+        "norm_bldseg": float(norm_ours),
+        "clip_max_abs_diff": clip_diff,
+        "step_max_abs_diff": step_diff,
+        "machine": platform.processor() or platform.machine(),
+    }
+    problems = numerics_problems(record, args.max_norm)
+    record["tolerances"] = {"norm_rtol": NORM_RTOL, "clip_rtol": CLIP_RTOL, "step_atol": STEP_ATOL}
+    record["numerics_ok"] = not problems
+    path = write_json(args.json, record)
     print(f"wrote {path}")
+    if problems:
+        # the times of two paths that compute different things compare nothing
+        sys.exit(f"bench_optim: ours and the reference disagree: {'; '.join(problems)} ({path})")
 
 
 if __name__ == "__main__":

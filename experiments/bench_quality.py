@@ -59,6 +59,7 @@ import torch
 from bldseg import metrics, stats
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, DEFAULT_SYNTHETIC, prepare_data
 from bldseg.io import write_json
+from bldseg.models import create_model
 from bldseg.pipeline import test_truth
 from bldseg.predict import image_loader, load_checkpoint
 from bldseg.report import TileScores, compare_arms
@@ -104,6 +105,59 @@ def load_world(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     return synthetic, prepare_data(
         None, data_root=args.data_root, synthetic=synthetic, verbose=True
     )
+
+
+def check_models(
+    parser: argparse.ArgumentParser, models: list[tuple[str, str]], make_target: str
+) -> None:
+    """Stops (``parser.error``: status 2) before any data or training when a model is not one
+    this Python can build: an smp peer without segmentation_models_pytorch, or a name the
+    registry does not know. Checked for every arm first, so a missing peer is not found after
+    our arm has trained for minutes.
+
+    Args:
+        models: ``(flag, model)`` pairs: the flag that named each model, e.g.
+            ``("--peer", "smp_unet_resnet18")``.
+        make_target: The make target whose venv (``.venv-peers``) has the peers.
+    """
+    from bldseg.models import model_name_problem
+    from bldseg.models.smp import smp_available
+
+    for flag, name in models:
+        if name.startswith("smp_") and not smp_available():
+            parser.error(
+                f"{flag} {name} needs segmentation_models_pytorch, which {sys.executable} does "
+                f"not have: install the smp extra: pip install 'bldseg[smp]' (or make "
+                f"{make_target}, which uses .venv-peers)"
+            )
+        problem = model_name_problem(name)
+        if problem is not None:
+            parser.error(f"{flag} {name} {problem}")
+
+
+def build_arms(
+    parser: argparse.ArgumentParser, flats: dict[str, dict[str, Any]]
+) -> tuple[dict[str, RunConfig], dict[str, int]]:
+    """Every arm's run config, validated, and every model built once, before any training.
+
+    Args:
+        flats: Arm label (named in errors) -> its flat run config.
+
+    Returns:
+        The run configs by label, and each model's parameter count by model name.
+    """
+    cfgs: dict[str, RunConfig] = {}
+    params: dict[str, int] = {}
+    for label, flat in flats.items():
+        try:
+            cfg = RunConfig.from_flat(flat)
+            if cfg.model not in params:  # built here, so a model that cannot be fails now
+                model = create_model(cfg.model, **cfg.model_kwargs())
+                params[cfg.model] = sum(p.numel() for p in model.parameters())
+        except (ValueError, ImportError) as e:
+            parser.error(f"{label}: {e}")
+        cfgs[label] = cfg
+    return cfgs, params
 
 
 def _search_record(folder: Path) -> dict[str, Any]:
@@ -355,7 +409,7 @@ def print_table(rows: list[dict], summary: dict) -> None:
             print(f"ours seed {seed} is the search's {label}: its pair carries that selection")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -390,7 +444,32 @@ def main() -> None:
     a("--out", default="runs/bench_quality", help="run folders go here")
     add_world_arguments(p)
     a("--json", default=None, help="write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+
+    models = {"ours": args.ours, "peer": args.peer}
+    flags = {"ours": "--ours", "peer": "--peer"}
+    trial_dir, trial, selection = (None, {}, None)
+    if args.search:
+        trial_dir, trial, selection = best_trial(Path(args.search))
+        models["ours"] = trial["model"]
+        flags["ours"] = f"--search {args.search}: its best trial's model"
+        print(f"the search's best trial ({selection['label']}): {trial_dir}", flush=True)
+    check_models(p, [(flags[arm], models[arm]) for arm in args.arms], "bench-quality")
+    base = {**CPU_DEMO, "epochs": args.epochs, **trial, **args.config, **parse_set(args.set)}
+    # Every run's config, and each model built once, before the data or any training.
+    cfgs, _ = build_arms(
+        p,
+        {
+            f"{arm} seed {seed}": {
+                **base,
+                "model": models[arm],
+                "seed": seed,
+                **({"epochs": args.peer_epochs} if arm == "peer" and args.peer_epochs else {}),
+            }
+            for seed in args.seeds
+            for arm in args.arms
+        },
+    )
 
     synthetic, data = load_world(args)
     truth = test_truth(data)  # (N, 224, 224) bool, test-cache order
@@ -400,18 +479,10 @@ def main() -> None:
         f"test: {len(truth)} tiles of {truth.shape[1]}x{truth.shape[2]} from "
         f"{len(set(groups))} held-out scenes ({empty:.0%} without a building)"
     )
-    models = {"ours": args.ours, "peer": args.peer}
-    trial_dir, trial, selection = (None, {}, None)
-    if args.search:
-        trial_dir, trial, selection = best_trial(Path(args.search))
-        models["ours"] = trial["model"]
-        print(f"the search's best trial ({selection['label']}): {trial_dir}", flush=True)
-    base = {**CPU_DEMO, "epochs": args.epochs, **trial, **args.config, **parse_set(args.set)}
     rows = []
     for seed in args.seeds:
         for arm in args.arms:
-            own = {"epochs": args.peer_epochs} if arm == "peer" and args.peer_epochs else {}
-            cfg = RunConfig.from_flat({**base, "model": models[arm], "seed": seed, **own})
+            cfg = cfgs[f"{arm} seed {seed}"]
             print(f"== {arm}: {cfg.model}, seed {seed}", flush=True)
             reuse = trial_dir if arm == "ours" and cfg.to_flat() == trial else None
             rows.append(

@@ -34,6 +34,13 @@ version does (:func:`scoring_spec`: the scoring code's version, the device, the 
 the memory format and the threads). Scores recorded otherwise are computed again from the
 epoch's weights, which every run keeps in ``epoch_weights/`` (one state dict per epoch, of the
 network validation chose; 4 bytes a parameter); a run without them must be trained again.
+A reused arm's CPU seconds were measured when it was trained, under that moment's load: the
+table marks it ``(reused)`` and the JSON records per arm (``origin``) how many of its epochs
+this call trained and when its last epoch finished.
+
+Every arm's config is validated, and every model built once, before the data is prepared or
+anything trains: a peer this Python cannot build (an smp model without
+segmentation_models_pytorch) stops the script at once with status 2.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import json
 import os
 import platform
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +76,8 @@ from bldseg.train.engine import (
 from bldseg.tune.cli import CPU_DEMO, DEFAULT_EPOCHS, parse_set
 
 # The sibling benchmark's helpers (this folder is on sys.path when a script here runs).
-from bench_quality import _run_key, add_world_arguments, load_world  # isort: skip
+from bench_quality import _run_key, add_world_arguments, build_arms, check_models  # isort: skip
+from bench_quality import load_world  # isort: skip
 
 CURVE_FILE = "test_curve.json"  # the scoring (scoring_spec) and per epoch: threshold, per-tile Dice
 EPOCH_WEIGHTS = "epoch_weights"  # per epoch: the weights its test scores were computed from
@@ -201,6 +210,37 @@ def train_curve(
     return run_dir, result.history, curve
 
 
+def _epochs_on_disk(run_dir: Path) -> int:
+    """Epochs a run folder holds before this call trains it (``history.json``; 0 if none)."""
+    path = run_dir / "history.json"
+    return len(json.loads(path.read_text())) if path.is_file() else 0
+
+
+def origin(run_dir: Path, before: int, after: int, call_s: float) -> dict[str, Any]:
+    """Whether an arm was trained by this call or read from an earlier one, and when.
+
+    Args:
+        before: Epochs the run folder held before this call; ``after``: after it.
+        call_s: Seconds this call spent on the arm (training and scoring).
+
+    Returns:
+        ``status`` ("trained": every epoch by this call; "reused": none; "resumed": some),
+        ``epochs_trained_now``, ``epochs_reused``, ``last_epoch_finished`` (``last.pt``'s
+        modification time, ISO 8601: a finished run's ``last.pt`` is not written again) and
+        ``call_s``.
+    """
+    reused = min(before, after)
+    status = "reused" if reused == after else "trained" if reused == 0 else "resumed"
+    mtime = (run_dir / "last.pt").stat().st_mtime
+    return {
+        "status": status,
+        "epochs_trained_now": after - reused,
+        "epochs_reused": reused,
+        "last_epoch_finished": datetime.fromtimestamp(mtime).astimezone().isoformat("T", "seconds"),
+        "call_s": call_s,
+    }
+
+
 def same_warmup(base: dict[str, Any], epochs: int, data) -> dict[str, Any]:
     """Run-config values that give an arm of ``epochs`` epochs the warm-up of ``base``'s run.
 
@@ -302,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     a("--json", default="bench/train.json", help="write the results here")
     a("--plot", default=None, help="the curves' PNG (default: the JSON's path with .png)")
     args = p.parse_args(argv)
+    # Before the data or any training: a peer that cannot be built here must not be found
+    # after our arm has trained for minutes.
+    check_models(p, [("--ours", args.ours), *(("--peers", m) for m in args.peers)], "bench-train")
 
     synthetic, data = load_world(args)
     truth = test_truth(data)  # (N, 224, 224) bool, test-cache order
@@ -309,23 +352,32 @@ def main(argv: list[str] | None = None) -> None:
     print(f"test: {len(truth)} tiles from {len(set(groups))} held-out scenes")
     base = {**CPU_DEMO, "epochs": args.epochs, "seed": args.seed, **parse_set(args.set)}
     arms = {"ours": args.ours, **{f"peer{i + 1}": m for i, m in enumerate(args.peers)}}
+    pinned: dict[str, dict[str, Any]] = {}
+    flats = {}
+    for arm, model in arms.items():
+        epochs = args.ours_epochs if arm == "ours" and args.ours_epochs else base["epochs"]
+        try:
+            pinned[arm] = {"epochs": epochs, **same_warmup(base, epochs, data)}
+        except ValueError as e:  # a --set value the run config refuses
+            p.error(str(e))
+        flats[arm] = {**base, "model": model, **pinned[arm]}
+    cfgs, params = build_arms(p, flats)  # every config valid, every model built, before fit
 
     runs: dict[str, dict[str, Any]] = {}
     for arm, model in arms.items():
-        epochs = args.ours_epochs if arm == "ours" and args.ours_epochs else base["epochs"]
-        pinned = same_warmup(base, epochs, data)
-        cfg = RunConfig.from_flat({**base, "model": model, "epochs": epochs, **pinned})
-        print(f"== {arm}: {model}" + (f", {pinned}" if pinned else ""), flush=True)
+        cfg = cfgs[arm]
+        warm = {k: v for k, v in pinned[arm].items() if k != "epochs"}
+        print(f"== {arm}: {model}" + (f", {warm}" if warm else ""), flush=True)
+        before = _epochs_on_disk(run_folder(arm, cfg, Path(args.out), data.train.fingerprint))
         t0 = time.perf_counter()
         run_dir, history, curve = train_curve(arm, cfg, Path(args.out), data, truth)
-        params = sum(p.numel() for p in create_model(model, **cfg.model_kwargs()).parameters())
         runs[arm] = {
             "model": model,
-            "params": params,
+            "params": params[model],
             "run_dir": str(run_dir),
-            "config_beyond_base": {"epochs": epochs, **pinned},
+            "config_beyond_base": pinned[arm],
             "scoring": scoring_spec(cfg, resolve_device(cfg.device)),
-            "call_s": time.perf_counter() - t0,  # this call: ~0 for a run trained before
+            "origin": origin(run_dir, before, len(history), time.perf_counter() - t0),
             "cpu": arm_points(history, curve, "cpu_s"),
             "wall": arm_points(history, curve, "epoch_s"),
             "tiles": {c["epoch"]: _tiles(c) for c in curve},
@@ -361,9 +413,25 @@ def main(argv: list[str] | None = None) -> None:
     print("\ntest Dice [95% CI over scenes] of the checkpoint kept at each CPU-second budget")
     print(f"(torch threads {torch.get_num_threads()}; '*' = the arm had finished by then)")
     names = {arm: f"{arm} {r['model']} ({r['params'] / 1e6:.2f}M)" for arm, r in runs.items()}
+    labels = {arm: arm for arm in arms}
+    listed = dict(names)
+    for arm, r in runs.items():
+        o = r["origin"]
+        if o["status"] != "trained":
+            labels[arm] = f"{arm} ({o['status']})"
+            names[arm] += f" ({o['status']})"  # in the summary lines and the plot's legend
+            listed[arm] += (
+                f" ({o['status']}: {o['epochs_reused']} epochs trained by an earlier call, "
+                f"the last finished {o['last_epoch_finished']})"
+            )
     for arm in arms:
-        print(f"  {names[arm]}")
-    head = f"{'CPU s':>7} " + " ".join(f"{arm:>27}" for arm in arms)
+        print(f"  {listed[arm]}")
+    if any(r["origin"]["status"] != "trained" for r in runs.values()):
+        print(
+            "  (reused/resumed epochs were timed when they were trained, under that moment's "
+            "load; delete the arm's run folder under --out to time it again now)"
+        )
+    head = f"{'CPU s':>7} " + " ".join(f"{labels[arm]:>27}" for arm in arms)
     head += " " + " ".join(f"{'ours-' + arm:>27}" for arm in list(arms)[1:])
     print(head + "\n" + "-" * len(head))
     for row in table:
@@ -456,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
                 "run_dir": r["run_dir"],
                 "config_beyond_base": r["config_beyond_base"],
                 "scoring": r["scoring"],
+                "origin": r["origin"],
                 "epochs": [
                     {
                         "epoch": c.epoch,

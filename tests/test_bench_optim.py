@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import bench_optim  # noqa: E402
@@ -25,4 +27,40 @@ def test_bench_optim_writes_rows_and_agreeing_numerics(monkeypatch, tmp_path, ca
     assert abs(r["norm_bldseg"] - r["norm_torch"]) <= 1e-5 * r["norm_torch"]
     assert r["norm_torch"] > 1e-3
     assert r["clip_max_abs_diff"] < 1e-8 and r["step_max_abs_diff"] < 1e-5
+    assert r["numerics_ok"] is True
     assert "clipped norm torch" in capsys.readouterr().out
+
+
+def test_numerics_beyond_tolerance_or_not_finite_are_named():
+    ok = {"norm_torch": 0.5, "norm_bldseg": 0.5, "clip_max_abs_diff": 1e-11}
+    ok["step_max_abs_diff"] = 1e-7
+    assert bench_optim.numerics_problems(ok, 1e-3) == []
+    (msg,) = bench_optim.numerics_problems({**ok, "norm_bldseg": float("nan")}, 1e-3)
+    assert msg.startswith("non-finite norm_bldseg=nan")
+    (msg,) = bench_optim.numerics_problems({**ok, "clip_max_abs_diff": 2e-8}, 1e-3)
+    assert "clipped gradient differs by 2e-08 (tolerance 1e-05 x the clipped norm 0.001)" in msg
+    # without clipping (max_norm above the norm) the gradients keep the norm's scale
+    assert bench_optim.numerics_problems({**ok, "clip_max_abs_diff": 2e-8}, 10.0) == []
+    (msg,) = bench_optim.numerics_problems({**ok, "step_max_abs_diff": 3e-5}, 1e-3)
+    assert "a parameter after 5 steps differs by 3e-05" in msg
+
+
+def test_a_clipping_that_disagrees_exits_nonzero_after_writing_the_json(monkeypatch, tmp_path):
+    real = bench_optim.clip_grad_norm_
+
+    def off(params, max_norm, **kw):  # ours clips to a slightly different norm
+        norm = real(params, max_norm, **kw)
+        for p in params:
+            p.grad.mul_(1.001)
+        return norm
+
+    monkeypatch.setattr(bench_optim, "clip_grad_norm_", off)
+    out = tmp_path / "b.json"
+    argv = ["bench_optim.py", "--size", "64", "--batch", "2", "--threads", "1"]
+    argv += ["--warmup", "0", "--calls", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        bench_optim.main()
+    assert "ours and the reference disagree: clipped gradient differs" in str(e.value.code)
+    r = json.loads(out.read_text())
+    assert r["numerics_ok"] is False and r["tolerances"]["clip_rtol"] == bench_optim.CLIP_RTOL

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from bldseg.models import create_model
@@ -86,3 +87,26 @@ def test_a_searchs_best_trial_is_labelled_best_of_n(tmp_path, capsys):
     assert "(best of 3 trials, cpus_per_trial=2)" in out
     assert "ours seed 0 is the search's best of 3 trials" in out
     assert "within noise" in out  # one seed: its interval over seeds is unbounded
+
+
+def test_a_peer_that_cannot_be_built_stops_before_the_data_or_any_training(
+    tmp_path, monkeypatch, capsys
+):
+    import bldseg.models.smp
+
+    # As on a machine without segmentation_models_pytorch (.venv), whatever this one has.
+    monkeypatch.setattr(bldseg.models.smp, "smp_available", lambda: False)
+    world = {"n_train": 6, "n_test": 8, "train_size": 96, "test_size": 64}
+    args = ["--data-root", str(tmp_path / "data"), "--synthetic", json.dumps(world)]
+    args += ["--epochs", "1", "--seeds", "0", "--out", str(tmp_path / "runs")]
+    for extra, says in (
+        ([], "--peer smp_unet_resnet18 needs segmentation_models_pytorch"),
+        ([], "pip install 'bldseg[smp]' (or make bench-quality, which uses .venv-peers)"),
+        (["--peer", "no_such_model"], "--peer no_such_model is not a registered model"),
+        (["--peer", "upernet_internimage_tiny", "--peer-epochs", "-1"], "peer seed 0: run config"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            bench_quality.main([*args, *extra])
+        assert e.value.code == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()

@@ -76,13 +76,75 @@ def test_bench_train_writes_curves_and_reuses_finished_runs(tmp_path):
     assert " epoch ends" in done.stdout
     assert (tmp_path / "train.png").stat().st_size > 0
     assert "test Dice [95% CI over scenes]" in done.stdout
+    for arm in record["arms"].values():  # both trained by this call
+        origin = arm["origin"]
+        assert (origin["status"], origin["epochs_trained_now"], origin["epochs_reused"]) == (
+            "trained",
+            2,
+            0,
+        )
+    assert "(reused)" not in done.stdout
 
-    # A rerun trains nothing: the finished runs and their per-epoch test scores are reused.
+    # A rerun trains nothing: the finished runs and their per-epoch test scores are reused,
+    # and the table and the JSON say so (their CPU seconds are of the earlier call).
     again = _bench(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch 1/2" not in again.stderr
     rerun = json.loads((tmp_path / "train.json").read_text())
     assert rerun["arms"]["ours"]["epochs"] == record["arms"]["ours"]["epochs"]
+    for name, arm in rerun["arms"].items():
+        origin, first = arm["origin"], record["arms"][name]["origin"]
+        assert (origin["status"], origin["epochs_trained_now"], origin["epochs_reused"]) == (
+            "reused",
+            0,
+            2,
+        )
+        assert origin["last_epoch_finished"] == first["last_epoch_finished"]
+    assert "ours (reused)" in again.stdout and "peer1 (reused)" in again.stdout
+    assert "2 epochs trained by an earlier call, the last finished" in again.stdout
+
+    # One arm trained again, the other reused: each is labelled as what it is.
+    shutil.rmtree(record["arms"]["peer1"]["run_dir"])
+    mixed = _bench(tmp_path)
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    arms = json.loads((tmp_path / "train.json").read_text())["arms"]
+    assert (arms["ours"]["origin"]["status"], arms["peer1"]["origin"]["status"]) == (
+        "reused",
+        "trained",
+    )
+    assert "ours (reused)" in mixed.stdout and "peer1 (reused)" not in mixed.stdout
+
+
+def test_a_peer_that_cannot_be_built_stops_before_anything_is_prepared_or_trained(
+    tmp_path, monkeypatch, capsys
+):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import bench_train
+
+    import bldseg.models.smp
+
+    # As on a machine without segmentation_models_pytorch (.venv), whatever this one has.
+    monkeypatch.setattr(bldseg.models.smp, "smp_available", lambda: False)
+    args = ["--data-root", str(tmp_path / "data"), "--synthetic", json.dumps(WORLD)]
+    args += ["--epochs", "1", "--set", "aug.crop_size=64", "--set", "samples_per_epoch=16"]
+    args += ["--out", str(tmp_path / "runs"), "--json", str(tmp_path / "train.json")]
+    smp = "install the smp extra: pip install 'bldseg[smp]' (or make bench-train, which uses "
+    for peers, says in (
+        (["smp_unet_mobilenetv3_small"], "--peers smp_unet_mobilenetv3_small needs segmentation"),
+        (["smp_unet_mobilenetv3_small"], smp + ".venv-peers)"),
+        (["upernet_internimage_tiny", "no_such_model"], "--peers no_such_model is not a reg"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            bench_train.main([*args, "--peers", *peers])
+        assert e.value.code == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+    # A config value refused: after the data, still before any arm trains.
+    with pytest.raises(SystemExit) as e:
+        bench_train.main([*args, "--peers", "upernet_internimage_tiny", "--set", "optim.lr=2"])
+    assert e.value.code == 2 and "optim.lr=2" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_curves_are_scored_as_predict_and_again_when_scored_otherwise(tmp_path):

@@ -1,0 +1,48 @@
+"""experiments/bench_compile.py: the eager and compiled first-step losses are checked, not only
+printed (torch.compile itself is not run here: its compilation takes minutes on a CPU)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import bench_compile  # noqa: E402
+
+
+def test_loss_problem_uses_the_autocast_tolerance_and_refuses_non_finite():
+    assert bench_compile.loss_problem(0.7, 0.7 * (1 + 5e-5), None) is None
+    assert "tolerance 0.0001" in bench_compile.loss_problem(0.7, 0.7 * (1 + 5e-4), None)
+    assert bench_compile.loss_problem(0.7, 0.7 * (1 + 5e-3), torch.bfloat16) is None
+    assert "not finite" in bench_compile.loss_problem(0.7, float("nan"), torch.bfloat16)
+    assert "not finite" in bench_compile.loss_problem(float("inf"), 0.7, None)
+
+
+def _run(monkeypatch, tmp_path, compiled_loss: float) -> Path:
+    def measure(cfg, compiled, warmup, steps):  # stands in for the timed steps
+        loss = compiled_loss if compiled else 0.7
+        return {"first_s": 2.0, "step_s": 0.05, "compile_s": 1.95, "loss": loss}
+
+    monkeypatch.setattr(bench_compile, "measure", measure)
+    out = tmp_path / "compile.json"
+    argv = ["bench_compile.py", "--set", "precision=fp32", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_compile.main()
+    return out
+
+
+def test_agreeing_losses_pass_and_are_recorded(monkeypatch, tmp_path):
+    r = json.loads(_run(monkeypatch, tmp_path, 0.7).read_text())
+    assert r["loss_ok"] is True and r["loss_rtol"] == 1e-4
+
+
+@pytest.mark.parametrize("loss", [0.71, float("nan")])
+def test_disagreeing_losses_exit_nonzero_after_writing_the_json(monkeypatch, tmp_path, loss):
+    with pytest.raises(SystemExit) as e:
+        _run(monkeypatch, tmp_path, loss)
+    assert str(e.value.code).startswith("bench_compile: eager and compiled disagree:")
+    r = json.loads((tmp_path / "compile.json").read_text())
+    assert r["loss_ok"] is False and r["rows"]["compiled"]["loss"] in (0.71, None)
