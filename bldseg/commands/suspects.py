@@ -6,7 +6,13 @@
     bldseg suspects --checkpoint runs/kfold --out runs/suspects   # a K-fold run (--folds K)
 
 With a K-fold run (its folder or ``folds.json``) every image is scored by the fold model that
-held it out, at that fold's threshold: no model judges masks it was trained on.
+held it out, at that fold's threshold: no model judges masks it was trained on. Which fold held
+out which image is read from the run's libraries, so the --group-column it was trained with
+need not be passed again.
+
+Images are ranked by a smoothed Dice of the model's mask and the given one (--smooth pixels
+added to both sides): a few stray predicted pixels on an empty mask do not outrank a building
+left out of a mask.
 
 Writes suspects.csv (most suspect first) and suspects.png (contact sheet of the top ones). On
 the synthetic world, whose train_noise.csv records the injected label noise, it also prints
@@ -25,8 +31,9 @@ import pandas as pd
 from bldseg.commands import USER_ERRORS, fail
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.predict import load_checkpoint, resolve_member
-from bldseg.train.folds import FOLDS_FILE, VAL_FILE, fold_dir
+from bldseg.train.folds import FOLDS_FILE, fold_dir, held_out_folds
 from bldseg.train.suspects import (
+    DEFAULT_SMOOTH,
     precision_at_k,
     rank_suspects,
     rank_suspects_oof,
@@ -57,6 +64,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="binarisation threshold (default: the checkpoint's chosen one)",
     )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=DEFAULT_SMOOTH,
+        help="pixels added to both sides of the ranking's Dice: disagreements much smaller "
+        "than this barely count (0: the plain Dice, where one stray pixel on an empty mask "
+        "ranks first)",
+    )
     return p
 
 
@@ -73,6 +88,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"--top {args.top}: at least 1 image in the contact sheet")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         p.error(f"--threshold {args.threshold}: a threshold is a probability in [0, 1]")
+    if not args.smooth >= 0:
+        p.error(f"--smooth {args.smooth}: the Dice smoothing is at least 0 pixels")
     member = resolve_member(args.checkpoint)
     if not member.is_file():  # before the data is prepared, which can take minutes
         return fail(FileNotFoundError(f"checkpoint not found: {member}"))
@@ -81,16 +98,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             args.data, options=data_options(args), data_root=args.data_root, verbose=True
         )
         if member.name == FOLDS_FILE:
-            folds = _load_folds(member, data.train.ids, args.threshold)
+            folds, held_out = _load_folds(member, data.train.ids, args.threshold)
             models = [m for m, _, _ in folds]
             print(f"{member}: {len(folds)} folds, each image scored by the fold that held it out")
-            df = rank_suspects_oof(folds, data.train)
+            df = rank_suspects_oof(folds, data.train, held_out, smooth=args.smooth)
             csv, png = write_suspects(df, data.train, models, args.out, top=args.top)
         else:
             model, _, m = load_checkpoint(member)
             thr = args.threshold
             thr = float(m.get("val_thr_best", 0.5)) if thr is None else thr
-            df = rank_suspects(model, data.train, range(len(data.train)), threshold=thr)
+            everything = range(len(data.train))
+            df = rank_suspects(model, data.train, everything, threshold=thr, smooth=args.smooth)
             csv, png = write_suspects(df, data.train, model, args.out, top=args.top, threshold=thr)
     except USER_ERRORS as e:
         return fail(e)
@@ -110,33 +128,30 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-def _load_folds(manifest_path: Path, ids: list[str], threshold: float | None) -> list:
-    """``(model, config, threshold)`` of every fold of a K-fold run trained on these images.
+def _load_folds(
+    manifest_path: Path, ids: list[str], threshold: float | None
+) -> tuple[list, np.ndarray]:
+    """``(model, config, threshold)`` of every fold of a K-fold run trained on these images,
+    and the fold that held out each image (as the run recorded it: its libraries).
 
     Raises:
-        FileNotFoundError: A fold's ``best.pt`` is missing.
-        ValueError: The run's out-of-fold library names other images than the data's (its
-            folds were drawn on another dataset).
+        FileNotFoundError: A fold's ``best.pt`` or validation library is missing.
+        ValueError: The run's libraries name other images than the data's (its folds were
+            drawn on another dataset).
     """
     manifest = json.loads(manifest_path.read_text())
     if "folds" not in manifest:
         raise ValueError(f"{manifest_path} is not a K-fold run manifest (no 'folds' entry)")
     run = manifest_path.parent
-    oof = run / VAL_FILE
-    if oof.is_file():
-        seen = set(np.load(oof)["image_ids"].tolist())
-        if seen != set(ids):
-            raise ValueError(
-                f"{run}: its out-of-fold library covers {len(seen)} images, "
-                f"{len(seen - set(ids))} of them not in this data ({len(ids)} images); pass the "
-                "--data the run was trained on"
-            )
+    k = int(manifest["folds"])
+    # Before the models load: the data's images against the run's, and who held out whom.
+    held_out = held_out_folds(run, k, ids)
     folds = []
-    for f in range(int(manifest["folds"])):
+    for f in range(k):
         ckpt = fold_dir(run, f) / "best.pt"
         if not ckpt.is_file():
             raise FileNotFoundError(f"{run}: fold {f} has no {ckpt}; finish training it first")
         model, cfg, m = load_checkpoint(ckpt)
         thr = float(m.get("val_thr_best", 0.5)) if threshold is None else threshold
         folds.append((model, cfg, thr))
-    return folds
+    return folds, held_out

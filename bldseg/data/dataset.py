@@ -70,6 +70,8 @@ def split_indices(
     perm = np.random.default_rng(seed).permutation(n_groups)
     val_groups, size = [], 0
     for g in perm:
+        if len(val_groups) == n_groups - 1:
+            break  # the last group stays for training, however close it would bring the target
         if abs(size + sizes[g] - target) < abs(size - target):
             val_groups.append(g)
             size += int(sizes[g])

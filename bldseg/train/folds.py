@@ -8,7 +8,8 @@ The training images are dealt into K folds by split group (source scene, or the
 tiles of one scene are never on both sides. A K-fold run folder holds::
 
     folds.json       the manifest: K, the config, the folds' folders, out-of-fold metrics
-                     (``oof``: Dice and threshold of the out-of-fold library as it stands)
+                     (``oof``: Dice and threshold of the out-of-fold library as it stands),
+                     ``split``: a fingerprint of which image each fold holds out
     fold<f>/         fold f's own run folder (fit): best.pt, last.pt, val_probs.npz, plots/
     val_probs.npz    the out-of-fold (OOF) library: the K folds' held-out maps, each at its
                      fold's best epoch, so every training image appears exactly once
@@ -28,6 +29,7 @@ from its ``last.pt``, which continues exactly, so both orders train the same mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -39,7 +41,7 @@ import numpy as np
 from bldseg import metrics
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import PreparedData, prepare_data
-from bldseg.io import atomic_path, write_json
+from bldseg.io import atomic_path, file_lock, write_json
 from bldseg.models import create_model
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import (
@@ -56,6 +58,10 @@ from bldseg.train.plots import tiles_from_cache, write_run_plots
 FOLDS_FILE = "folds.json"
 #: A run folder's validation library (written by ``bldseg.train.engine.save_val_probs``).
 VAL_FILE = "val_probs.npz"
+
+#: Held while the out-of-fold library and the run's manifest are written: folds trained by
+#: several processes (``--fold f``, one per GPU) may finish together, and each writes them.
+LOCK_FILE = ".folds.lock"
 
 #: Arrays of a validation library, concatenated over the folds.
 _LIBRARY_ARRAYS = ("probs", "truth", "tile_ids", "image_ids", "group_ids", "tile_yx")
@@ -137,14 +143,79 @@ def write_oof(out_dir: str | os.PathLike, folds: int) -> Path:
                 parts[k].append(z[k])
             parts["fold"].append(np.full(len(z["tile_ids"]), f, dtype=np.int64))
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    if len(np.unique(arrays["tile_ids"])) != len(arrays["tile_ids"]):
-        raise ValueError(f"{out}: a tile is validated in two folds; retrain the folds of one run")
+    tiles, counts = np.unique(arrays["tile_ids"], return_counts=True)
+    if (counts > 1).any():
+        tile = tiles[counts > 1][0]
+        twice = sorted(set(arrays["fold"][arrays["tile_ids"] == tile].tolist()))
+        raise ValueError(
+            f"{out}: tile {tile} is validated in folds {twice}: the folds were dealt from "
+            "different split groups (another --group-column or --split-group) or data. Delete "
+            "the folds trained with the other split (fold<f>/) and train them again with the "
+            "flags of the rest"
+        )
     path = out / VAL_FILE
     # Unique to the call: folds trained on several machines (--fold f) may each write the
     # library when they finish. ".npz" last: np.savez appends it to any other name.
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
     return path
+
+
+def held_out_folds(run_dir: str | os.PathLike, folds: int, ids: Sequence[str]) -> np.ndarray:
+    """The fold that held out each of ``ids`` in a K-fold run, as the run recorded it.
+
+    Read from the out-of-fold library's ``fold`` column or, before it is written (folds
+    trained by ``--fold f`` of which some are still running), from the folds' own
+    ``val_probs.npz``. Never dealt again from the data: ``--group-column`` is a data option the
+    run's config does not record, so dealing again without it would hand images to the fold
+    models that trained on them.
+
+    Args:
+        run_dir: The K-fold run folder.
+        folds: K.
+        ids: The id of every training image (the cache's, in cache order).
+
+    Returns:
+        (N,) int, the fold whose validation set held each image.
+
+    Raises:
+        FileNotFoundError: A fold has no ``val_probs.npz`` (and there is no out-of-fold one).
+        ValueError: The run's images are not the data's (the message names both counts), or
+            an image is held out by two folds.
+    """
+    run = Path(run_dir)
+    oof = run / VAL_FILE
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (image ids, their folds) per library
+    if oof.is_file():
+        with np.load(oof, allow_pickle=False) as z:
+            pairs.append((z["image_ids"], z["fold"]))
+        where = f"its out-of-fold library {oof}"
+    else:
+        for f in range(folds):
+            path = fold_dir(run, f) / VAL_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{run}: fold {f} has no {path}; finish training it first")
+            with np.load(path, allow_pickle=False) as z:
+                pairs.append((z["image_ids"], np.full(len(z["image_ids"]), f)))
+        where = f"its folds' {VAL_FILE}"
+    fold_of: dict[str, int] = {}
+    for image_ids, image_folds in pairs:
+        for i, f in zip(image_ids.tolist(), image_folds.tolist(), strict=True):
+            if fold_of.setdefault(i, int(f)) != f:
+                raise ValueError(
+                    f"{run}: {where} has {i} in folds {fold_of[i]} and {f}; the folds were "
+                    "dealt from different splits: retrain them as one run"
+                )
+    known = set(ids)
+    extra = set(fold_of) - known
+    missing = known - set(fold_of)
+    if extra or missing:
+        raise ValueError(
+            f"{run}: {where} covers {len(fold_of)} images, {len(extra)} of them not in this "
+            f"data ({len(ids)} images, {len(missing)} of them in no fold); pass the --data the "
+            "run was trained on"
+        )
+    return np.array([fold_of[i] for i in ids], dtype=np.int64)
 
 
 def oof_metrics(out_dir: str | os.PathLike, lo: float = 0.3, hi: float = 0.7) -> dict[str, float]:
@@ -171,6 +242,93 @@ def check_kfold_folder(out: Path) -> None:
                 f"{out / name}: {out} holds a single run (trained without --folds); K folds "
                 "there would mix their files with it. Use another --out"
             )
+
+
+def split_record(ids: Sequence[str], assigned: np.ndarray) -> dict[str, Any]:
+    """What ``folds.json`` records of a fold assignment: the number of images and SHA-256
+    fingerprints of their ids and of the (id, fold) pairs (order-free; small for any data).
+
+    Args:
+        ids: The id of every training image.
+        assigned: (N,) the fold that holds out each image (:func:`fold_assignment`).
+    """
+    pairs = sorted(zip((str(i) for i in ids), (int(f) for f in assigned), strict=True))
+
+    def digest(lines: Sequence[str]) -> str:
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    return {
+        "images": len(pairs),
+        "ids_sha256": digest([i for i, _ in pairs]),
+        "folds_sha256": digest([f"{i}\t{f}" for i, f in pairs]),
+    }
+
+
+#: What a resumed K-fold run with another fold assignment is told.
+_OTHER_SPLIT = (
+    "the folds would mix two splits and images would be validated by models that trained on "
+    "them. Pass the --group-column / --split-group the run was started with (or the --data it "
+    "was trained on), or use another --out"
+)
+
+
+def check_same_split(
+    out: Path, recorded: dict[str, Any], ids: Sequence[str], assigned: np.ndarray
+) -> None:
+    """Refuses to resume a K-fold run whose images would be dealt into other folds now.
+
+    ``--group-column`` is a data option, not part of the run config, so the config check
+    misses it: compared here are the ``split`` fingerprint ``folds.json`` records
+    (:func:`split_record`) or, for a manifest from before it was recorded, the validation
+    images of the folds trained so far (their ``val_probs.npz``).
+
+    Raises:
+        ValueError: Other images, or the same images in other folds (naming the flags).
+    """
+    where = out / FOLDS_FILE
+    was = recorded.get("split")
+    if was is not None:
+        now = split_record(ids, assigned)
+        if was.get("ids_sha256") != now["ids_sha256"]:
+            raise ValueError(
+                f"{where}: the run's folds were dealt from {was.get('images')} training images, "
+                f"the data now has {now['images']} images with other ids (the data changed); "
+                + _OTHER_SPLIT
+            )
+        if was.get("folds_sha256") != now["folds_sha256"]:
+            raise ValueError(
+                f"{where}: the data's {now['images']} images are dealt into other folds than "
+                "the run's (other split groups: --group-column or --split-group differ); "
+                + _OTHER_SPLIT
+            )
+        return
+    index = {str(i): int(f) for i, f in zip(ids, assigned, strict=True)}
+    for f in range(int(recorded.get("folds", 0))):
+        path = fold_dir(out, f) / VAL_FILE
+        if not path.is_file():
+            continue
+        with np.load(path, allow_pickle=False) as z:
+            held = set(z["image_ids"].tolist())
+        dealt = {i for i, g in index.items() if g == f}
+        if held != dealt:
+            image = min(held ^ dealt)
+            if image in held:
+                now = index.get(image)
+                said = "is not in the data" if now is None else f"is now dealt to fold {now}"
+                what = f"fold {f} validated {image}, which {said}"
+            else:
+                what = f"fold {f} did not validate {image}, which is now dealt to it"
+            raise ValueError(
+                f"{path}: {what} ({len(held ^ dealt)} image(s) moved: other split groups or "
+                "data); " + _OTHER_SPLIT
+            )
+
+
+def _fold_history(out: Path, fold: int) -> list[dict[str, Any]]:
+    """The epochs another process has trained fold ``fold`` for, once its library is in place
+    (``last.pt`` is written just before the best epoch's ``val_probs.npz`` is renamed in)."""
+    d = fold_dir(out, fold)
+    return run_history(d) if (d / VAL_FILE).is_file() else []
 
 
 def _best(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -206,8 +364,10 @@ def fit_folds(
         progress: Show per-epoch progress bars.
         lockstep: Train epoch e of every fold before epoch e + 1 of any (a search), instead
             of fold after fold.
-        only: Train this fold only (e.g. folds on several machines); the out-of-fold library
-            is written when every fold has trained all its epochs.
+        only: Train this fold only (e.g. folds on several machines, started together); the
+            process that finds every fold trained when its own fold ends (the other folds'
+            histories are read again then) writes the out-of-fold library and completes the
+            run, under a lock (:data:`LOCK_FILE`).
 
     Returns:
         A :class:`FitResult` over the mean rows; ``best`` is the best mean epoch, the message
@@ -215,7 +375,8 @@ def fit_folds(
 
     Raises:
         ValueError: ``cfg.folds`` below 2, more folds than split groups (naming ``--folds``),
-            or a single run's folder as ``out_dir`` (:func:`check_kfold_folder`).
+            a single run's folder as ``out_dir`` (:func:`check_kfold_folder`), or a resumed
+            run whose images would now be dealt into other folds (:func:`check_same_split`).
     """
     k = cfg.folds
     if k < 2:
@@ -234,10 +395,14 @@ def fit_folds(
         # config "completed" with the folds of the first while folds.json recorded the second
         recorded = json.loads((out / FOLDS_FILE).read_text())
         check_same_config(recorded["config"], cfg, out / FOLDS_FILE)
+        # --group-column is a data option, not in the config: the folds trained so far were
+        # dealt by the recorded assignment, the rest would be dealt by today's
+        check_same_split(out, recorded, cache.ids, assigned)
     manifest: dict[str, Any] = {
         "folds": k,
         "runs": [fold_dir(out, f).name for f in range(k)],
         "val_images": [int((assigned == f).sum()) for f in range(k)],
+        "split": split_record(cache.ids, assigned),
         "config": cfg.to_flat(),
         "status": "running",
     }
@@ -278,38 +443,50 @@ def fit_folds(
             write_json(out / "status.json", {"status": "diverged", "message": message})
             history = mean_history(histories)
             return FitResult("diverged", message, history, _best(history), out)
+        if only is not None:
+            # The other folds may have trained meanwhile (--fold g in other processes, started
+            # together): what they hold now, not at our start, says whether the run is done.
+            histories = [h if g == only else _fold_history(out, g) for g, h in enumerate(histories)]
         complete = min(len(h) for h in histories)
         if complete > emitted:
             history = mean_history(histories)
-            write_oof(out, k)
-            # Scored with the library, before the caller hears of the epoch: a search trial may
-            # end inside on_epoch_end (ASHA), and prediction takes its threshold from here.
-            manifest["oof"] = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
-            write_json(out / FOLDS_FILE, manifest)
-            write_json(out / "history.json", history)
+            with file_lock(out / LOCK_FILE):
+                write_oof(out, k)
+                # Scored with the library, before the caller hears of the epoch: a search trial
+                # may end inside on_epoch_end (ASHA); prediction takes its threshold from here.
+                manifest["oof"] = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
+                write_json(out / FOLDS_FILE, manifest)
+                write_json(out / "history.json", history)
             for row in history[emitted:complete]:
                 if on_epoch_end is not None:
                     on_epoch_end(row, out)
             emitted = complete
 
     history = mean_history(histories)
-    if len(history) < cfg.epochs:  # `only`: the other folds are still to train
-        status = "stopped"
-        message = f"fold {only} trained; {k - 1} other fold(s) of {out} still to train"
-        return FitResult(status, message, history, _best(history), out)
-    write_oof(out, k)
-    oof = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
-    manifest.update(status="completed", oof=oof)
-    write_json(out / FOLDS_FILE, manifest)
-    write_json(out / "history.json", history)
-    message = (
-        f"trained {k} folds of {cfg.epochs} epochs; out-of-fold Dice {oof['val_dice_best']:.4f} "
-        f"at threshold {oof['val_thr_best']:.3f} over {int(sum(manifest['val_images']))} images"
-    )
-    write_json(out / "status.json", {"status": "completed", "message": message})
-    # The plot shades the range the out-of-fold threshold was chosen in (and marks that one).
-    lo, hi = cfg.threshold_lo, cfg.threshold_hi
-    if oof.get("val_thr_widened"):
-        lo, hi = metrics.widened_range(lo, hi)
-    write_run_plots(out, tiles_from_cache(cache), lo=lo, hi=hi)
+    left = [g for g, h in enumerate(histories) if len(h) < cfg.epochs]
+    if left:  # `only`: other folds are still to train
+        message = (
+            f"fold {only} trained; {len(left)} other fold(s) of {out} still to train "
+            f"(--fold {', '.join(map(str, left))})"
+        )
+        return FitResult("stopped", message, history, _best(history), out)
+    # Two --fold processes ending together both get here, one after the other: each writes the
+    # same library from the same fold files, and the later one has its own fold's in place.
+    with file_lock(out / LOCK_FILE):
+        write_oof(out, k)
+        oof = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
+        manifest.update(status="completed", oof=oof)
+        write_json(out / FOLDS_FILE, manifest)
+        write_json(out / "history.json", history)
+        message = (
+            f"trained {k} folds of {cfg.epochs} epochs; out-of-fold Dice "
+            f"{oof['val_dice_best']:.4f} at threshold {oof['val_thr_best']:.3f} over "
+            f"{int(sum(manifest['val_images']))} images"
+        )
+        write_json(out / "status.json", {"status": "completed", "message": message})
+        # The plot shades the range the out-of-fold threshold was chosen in (and marks it).
+        lo, hi = cfg.threshold_lo, cfg.threshold_hi
+        if oof.get("val_thr_widened"):
+            lo, hi = metrics.widened_range(lo, hi)
+        write_run_plots(out, tiles_from_cache(cache), lo=lo, hi=hi)
     return FitResult("completed", message, history, _best(history), out)

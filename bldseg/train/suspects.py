@@ -1,15 +1,26 @@
 """Wrong-ground-truth finder: rank training images by how much a trained model disagrees.
 
 The reference team found wrong masks by looking at predictions by hand. Here a trained model
-predicts every training image; images are ranked by the Dice between the model's binary
-prediction and the mask (lowest first; ties by higher BCE), written to a CSV with a contact
-sheet of the top suspects. On the synthetic world with injected noise,
-:func:`precision_at_k` measures how many injected noisy images the ranking finds.
+predicts every training image, whole (any size: the models pad to their stride themselves);
+images are ranked by a smoothed Dice between the model's binary prediction ``P`` and the mask
+``G`` (lowest first; ties by higher BCE)::
+
+    smoothed_dice = (2 |P & G| + smooth) / (|P| + |G| + smooth)
+
+``smooth`` (:data:`DEFAULT_SMOOTH` pixels) is what keeps an image with an empty mask and a
+few stray predicted pixels from ranking as the most suspect one: the plain Dice of any
+disagreement on an empty mask is 0, as low as a building left out of the mask, while here a
+disagreement much smaller than ``smooth`` pixels barely counts and one much larger counts
+almost fully (the smoothing term of the soft-Dice loss). The plain Dice is kept beside it.
+The ranking is written to a CSV with a contact sheet of the top suspects. On the synthetic
+world with injected noise, :func:`precision_at_k` measures how many injected noisy images the
+ranking finds.
 
 A model predicting the images it trained on has partly learnt their wrong masks, which hides
 them. A K-fold run (``--folds K``) avoids that: :func:`rank_suspects_oof` scores every image
-with the fold model that held it out, at that fold's own threshold (out-of-fold ranking, as
-confident-learning tools do).
+with the fold model that held it out (as the run recorded it:
+:func:`bldseg.train.folds.held_out_folds`), at that fold's own threshold (out-of-fold ranking,
+as confident-learning tools do).
 """
 
 from __future__ import annotations
@@ -23,12 +34,49 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from bldseg import metrics
 from bldseg.data.cache import DatasetCache
-from bldseg.data.dataset import TileDataset, fold_indices, split_groups, validation_tiles
+from bldseg.io import atomic_path
 from bldseg.train.augment import build_eval_transform
 from bldseg.train.config import RunConfig
 from bldseg.train.plots import plot_worst_tiles
+
+#: Pixels added to both sides of the ranking's Dice (see the module docstring): a few stray
+#: pixels on an empty mask rank as agreement, a missed 16 x 16 building (256 px) as 0.2.
+DEFAULT_SMOOTH = 64.0
+
+
+def _whole_images(
+    cache: DatasetCache, indices: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cached images, whole and normalised as validation tiles are, and their masks.
+
+    Returns:
+        ``(images, masks)``: (B, 3, H, W) float and (B, 1, H, W) float 0/1 (None without
+        masks).
+    """
+    normalise = build_eval_transform()
+    # (H, W, 3) float per image, normalised like TileDataset's tiles; channel-first below
+    images = [normalise(image=np.asarray(cache.images[i]))["image"] for i in indices]
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
+    if cache.masks is None:
+        return x, None
+    y = torch.from_numpy(np.stack([np.asarray(cache.masks[i]) for i in indices]))
+    return x, y[:, None].float()
+
+
+def smoothed_dice(pred: np.ndarray, truth: np.ndarray, smooth: float) -> np.ndarray:
+    """Per-image ``(2 |P & G| + smooth) / (|P| + |G| + smooth)`` of (N, H, W) bool masks.
+
+    With ``smooth`` 0 it is the plain Dice, and 1.0 where both masks are empty.
+    """
+    n = len(pred)
+    p, g = pred.reshape(n, -1), truth.reshape(n, -1)  # (N, H*W)
+    inter = (p & g).sum(1).astype(np.float64)  # (N,)
+    total = (p.sum(1) + g.sum(1)).astype(np.float64)
+    out = np.ones(n)  # empty and empty agree perfectly
+    some = total + smooth > 0
+    out[some] = (2 * inter[some] + smooth) / (total[some] + smooth)
+    return out
 
 
 @torch.no_grad()
@@ -40,35 +88,50 @@ def rank_suspects(
     threshold: float = 0.5,
     batch_size: int = 4,
     device: str | torch.device = "cpu",
+    smooth: float = DEFAULT_SMOOTH,
 ) -> pd.DataFrame:
-    """Scores every image in ``indices`` by model/mask disagreement (whole images at once).
+    """Scores every image in ``indices`` by model/mask disagreement (whole images, any size).
+
+    Args:
+        model: Maps (B, 3, H, W) normalised images to (B, 1, H, W) logits.
+        cache: A cache with masks.
+        indices: Cache indices of the images to score.
+        threshold: Binarisation threshold of the model's probabilities.
+        batch_size: Images per forward pass.
+        device: Where to run.
+        smooth: Pixels added to both sides of the ranking's Dice (module docstring); 0 ranks
+            by the plain Dice.
 
     Returns:
-        DataFrame sorted most-suspect first: ``img_id, index, dice_vs_model, bce,
-        mask_pixels, pred_pixels``.
+        DataFrame sorted most-suspect first: ``img_id, index, smoothed_dice, dice_vs_model,
+        bce, mask_pixels, pred_pixels``; ``dice_vs_model`` is the plain Dice (1.0 where
+        both are empty).
+
+    Raises:
+        ValueError: ``smooth`` is negative.
     """
+    if smooth < 0:
+        raise ValueError(f"smooth={smooth}: the ranking's Dice smoothing is at least 0 pixels")
     model.eval()
-    h, w = cache.image_size
-    tiles = validation_tiles(cache, indices, min(h, w))  # one tile per (square) image
-    ds = TileDataset(cache, tiles, build_eval_transform())
+    indices = [int(i) for i in indices]
     rows = []
-    for start in range(0, len(ds), batch_size):
-        items = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
-        x = torch.stack([it["image"] for it in items]).to(device)  # (B, 3, H, W)
-        y = torch.stack([it["mask"] for it in items]).to(device)  # (B, 1, H, W)
-        logits = model(x).float()
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start : start + batch_size]
+        x, y = _whole_images(cache, batch)  # (B, 3, H, W), (B, 1, H, W)
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()  # (B, 1, H, W)
         bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").flatten(1).mean(1)
-        pred = (torch.sigmoid(logits) >= threshold)[:, 0].cpu().numpy()
+        pred = (torch.sigmoid(logits) >= threshold)[:, 0].cpu().numpy()  # (B, H, W)
         truth = y[:, 0].cpu().numpy().astype(bool)
-        dice = metrics.dice_per_image(pred, truth)
-        for j, it in enumerate(items):
-            t = tiles[it["tile"]]
+        ranked = smoothed_dice(pred, truth, smooth)
+        dice = smoothed_dice(pred, truth, 0.0)
+        for j, i in enumerate(batch):
             rows.append(
                 {
-                    "img_id": cache.ids[t.index],
-                    "index": t.index,
-                    # empty/empty agreement is perfect agreement here
-                    "dice_vs_model": 1.0 if np.isnan(dice[j]) else float(dice[j]),
+                    "img_id": cache.ids[i],
+                    "index": i,
+                    "smoothed_dice": float(ranked[j]),
+                    "dice_vs_model": float(dice[j]),
                     "bce": float(bce[j]),
                     "mask_pixels": int(truth[j].sum()),
                     "pred_pixels": int(pred[j].sum()),
@@ -79,29 +142,35 @@ def rank_suspects(
 
 def _most_suspect_first(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(
-        ["dice_vs_model", "bce"], ascending=[True, False], kind="stable"
+        ["smoothed_dice", "bce"], ascending=[True, False], kind="stable"
     ).reset_index(drop=True)
 
 
 def rank_suspects_oof(
     folds: Sequence[tuple[torch.nn.Module, RunConfig, float]],
     cache: DatasetCache,
+    held_out: Sequence[int] | np.ndarray,
     *,
     batch_size: int = 4,
     device: str | torch.device = "cpu",
+    smooth: float = DEFAULT_SMOOTH,
 ) -> pd.DataFrame:
     """Every image scored by the fold model that did not train on it (a K-fold run).
 
     Args:
-        folds: Per fold, in fold order: its model, its run config (``folds``, ``fold``,
-            ``split_seed``, ``split_group`` give its validation images) and its threshold.
+        folds: Per fold, in fold order: its model, its run config and its threshold.
         cache: The training cache the folds were trained on.
+        held_out: (N,) the fold that held out each cache image, as the run recorded it
+            (:func:`bldseg.train.folds.held_out_folds`); not dealt again from the cache's
+            groups, which need not be those the run was trained with (``--group-column``).
+        smooth: As :func:`rank_suspects`.
 
     Returns:
         As :func:`rank_suspects`, plus ``fold`` and ``threshold`` columns; every image once.
 
     Raises:
-        ValueError: The configs are not folds 0..K-1 of one K-fold run.
+        ValueError: The configs are not folds 0..K-1 of one K-fold run, or ``held_out`` does
+            not give each cache image one of them.
     """
     k = len(folds)
     if [cfg.fold for _, cfg, _ in folds] != list(range(k)) or any(
@@ -111,12 +180,23 @@ def rank_suspects_oof(
             f"expected folds 0..{k - 1} of one {k}-fold run, got folds "
             f"{[(cfg.fold, cfg.folds) for _, cfg, _ in folds]} (fold, of K)"
         )
+    held_out = np.asarray(held_out)
+    if held_out.shape != (len(cache),) or not np.isin(held_out, range(k)).all():
+        raise ValueError(
+            f"held_out: expected a fold in 0..{k - 1} for each of the {len(cache)} images, got "
+            f"shape {held_out.shape} with folds {sorted(set(held_out.ravel().tolist()))}"
+        )
     parts = []
     for model, cfg, threshold in folds:
-        groups = split_groups(cache, cfg.split_group)
-        _, val_idx = fold_indices(len(cache), cfg.folds, cfg.fold, cfg.split_seed, groups)
+        val_idx = np.flatnonzero(held_out == cfg.fold)
         df = rank_suspects(
-            model, cache, val_idx, threshold=threshold, batch_size=batch_size, device=device
+            model,
+            cache,
+            val_idx,
+            threshold=threshold,
+            batch_size=batch_size,
+            device=device,
+            smooth=smooth,
         )
         parts.append(df.assign(fold=cfg.fold, threshold=threshold))
     return _most_suspect_first(pd.concat(parts, ignore_index=True))
@@ -131,28 +211,21 @@ def write_suspects(
     threshold: float = 0.5,
     device: str | torch.device = "cpu",
 ) -> tuple[Path, Path]:
-    """Writes ``suspects.csv`` and ``suspects.png`` (top suspects: image, mask, model).
+    """Writes ``suspects.png`` (top suspects: image, mask, model), then ``suspects.csv``.
 
     ``model`` is one model, or the K fold models of :func:`rank_suspects_oof`'s ranking: each
-    image is then drawn with its own fold's model and threshold (``fold``, ``threshold``).
+    image is then drawn with its own fold's model and threshold (``fold``, ``threshold``). The
+    CSV is written last (atomically): it is there only when everything succeeded.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / "suspects.csv"
-    tmp = csv.with_name("suspects.tmp.csv")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, csv)
     head = df.head(top)
-    images = np.stack([np.asarray(cache.images[i]) for i in head["index"]])
-    masks = np.stack([np.asarray(cache.masks[i]) for i in head["index"]])
-    ds = TileDataset(
-        cache,
-        validation_tiles(cache, list(head["index"]), cache.image_size[0]),
-        build_eval_transform(),
-    )
+    index = [int(i) for i in head["index"]]
+    images = np.stack([np.asarray(cache.images[i]) for i in index])  # (top, H, W, 3)
+    masks = np.stack([np.asarray(cache.masks[i]) for i in index])  # (top, H, W)
     per_fold = not isinstance(model, torch.nn.Module)
     with torch.no_grad():
-        x = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)  # (top, 3, H, W)
+        x, _ = _whole_images(cache, index)
+        x = x.to(device)  # (top, 3, H, W)
         if per_fold:
             preds = []
             for j, row in enumerate(head.itertuples()):
@@ -161,10 +234,14 @@ def write_suspects(
             pred = np.stack(preds)
         else:
             pred = (torch.sigmoid(model.eval()(x).float()) >= threshold)[:, 0].cpu().numpy()
+    out.mkdir(parents=True, exist_ok=True)
     # "prediction" column = the model; "ground truth" column = the suspect mask
     png = plot_worst_tiles(
         images, masks, pred, out / "suspects.png", k=top, labels=list(head["img_id"])
     )
+    csv = out / "suspects.csv"
+    with atomic_path(csv, suffix=".csv") as tmp:
+        df.to_csv(tmp, index=False)
     return csv, png
 
 

@@ -56,6 +56,18 @@ def test_one_huge_scene_does_not_become_the_validation_side(seed):
     assert len(va) == 40
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_last_group_stays_for_training(seed):
+    # two equal scenes at 80%: the second one brought the validation side closer to 80 samples
+    # (100 against 50), so both were taken and training failed later with "no training images"
+    groups = _scenes([50, 50])
+    tr, va = split_indices(100, 0.8, seed=seed, groups=groups)
+    assert len(tr) == len(va) == 50
+    assert {groups[i] for i in va}.isdisjoint(groups[i] for i in tr)
+    tr, va = split_indices(30, 0.95, seed=seed, groups=_scenes([10, 10, 10]))
+    assert (len(tr), len(va)) == (10, 20)
+
+
 @pytest.mark.parametrize("k", [2, 3, 5, 7])
 def test_folds_partition_the_groups(k):
     groups = _scenes([9, 1, 4, 4, 6, 2, 3, 3, 5, 1, 2])  # 40 tiles of 11 scenes

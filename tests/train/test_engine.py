@@ -465,7 +465,7 @@ def test_suspects_rank_noisy_masks_first(trained, small_world, tmp_path):
     # predicts nothing at 0.5, which would rank the images by mask size alone)
     thr = m["val_thr_best"]
     df = rank_suspects(model, small_world.train, range(len(small_world.train)), threshold=thr)
-    assert len(df) == 24 and df["dice_vs_model"].is_monotonic_increasing
+    assert len(df) == 24 and df["smoothed_dice"].is_monotonic_increasing
     assert df["pred_pixels"].gt(0).mean() > 0.5
     noise = pd.read_csv(small_world.root / "train_noise.csv")
     noisy = set(noise.loc[noise["noise"] != "none", "img_id"])

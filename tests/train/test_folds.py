@@ -12,14 +12,15 @@ import torch
 
 from bldseg import metrics
 from bldseg.commands import train as train_cmd
-from bldseg.data.dataset import fold_indices, split_groups
+from bldseg.data.dataset import fold_assignment, fold_indices, split_groups
 from bldseg.data.readers import tile_windows
 from bldseg.ensemble.library import find_runs, load_library
 from bldseg.ensemble.run import SearchConfig, run_search
 from bldseg.predict import EnsembleSpec, image_loader, load_member, member_config, predict_cache
+from bldseg.train import folds as folds_module
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import eval_autocast, predict_probs, threshold_metrics
-from bldseg.train.folds import fit_folds
+from bldseg.train.folds import fit_folds, fold_config
 
 # The tiny world's images are TRAIN_0000..TRAIN_0023: grouped by their tens digit, 3 "scenes".
 SCENES = r"TRAIN_\d\d(\d)"
@@ -253,7 +254,7 @@ def test_suspects_of_a_kfold_run_are_scored_out_of_fold(kfold_runs, small_world,
         thr = torch.load(run / f"fold{f}" / "best.pt")["metrics"]["val_thr_best"]
         assert np.allclose(mine["threshold"], thr)
     # most suspect first, and the contact sheet drawn with each image's own fold
-    assert df["dice_vs_model"].is_monotonic_increasing
+    assert df["smoothed_dice"].is_monotonic_increasing
     assert (tmp_path / "suspects.png").stat().st_size > 0
 
     # One model (a fold's best.pt): every image by that model, no fold columns.
@@ -278,3 +279,130 @@ def test_suspects_of_a_kfold_run_are_scored_out_of_fold(kfold_runs, small_world,
         suspects_cmd.main(["--checkpoint", str(tmp_path / "nope"), *argv, "--out", str(bad)]) == 1
     )
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# A run trained with --group-column (a data option, not in the run's config)
+# --------------------------------------------------------------------------------------------
+
+ONE_EPOCH = ["aug.crop_size=64", "batch_size=8", "samples_per_epoch=16", "epochs=1"]
+
+
+def train_grouped(data: Path, out: Path, *extra: str) -> int:
+    """The train command on a competition folder, without --split-group."""
+    argv = ["--data", str(data), "--data-root", str(data.parent / "cache"), "--out", str(out)]
+    for s in [*ONE_EPOCH, "impl=compiled"]:
+        argv += ["--set", s]
+    return train_cmd.main([*argv, "--folds", "2", *extra])
+
+
+@pytest.fixture(scope="module")
+def grouped(small_world, tmp_path_factory):
+    """The tiny world's images as a competition folder whose train.csv has a ``scene`` column
+    (3 scenes, interleaved), and a 2-fold run of it with --group-column scene, fold 0 only."""
+    root = tmp_path_factory.mktemp("grouped")
+    data = root / "data"
+    data.mkdir()
+    shutil.copytree(small_world.root / "train_img", data / "train_img")
+    df = pd.read_csv(small_world.root / "train.csv")
+    df["scene"] = [f"s{i % 3}" for i in range(len(df))]
+    df.to_csv(data / "train.csv", index=False)
+    run = root / "run"
+    assert train_grouped(data, run, "--group-column", "scene", "--fold", "0") == 0
+    return data, run
+
+
+def test_resuming_with_other_split_groups_is_refused(grouped, tmp_path, capsys):
+    # Resumed without --group-column, fold 1 was dealt by image: images validated by fold 0
+    # were trained on by fold 1, found only at the end ("a tile is validated in two folds")
+    # with the folder stuck. Refused now before anything trains, naming the flag.
+    data, run = grouped
+    copy = shutil.copytree(run, tmp_path / "run")
+    manifest = json.loads((copy / "folds.json").read_text())
+    assert manifest["split"]["images"] == 24
+    before = (copy / "folds.json").read_bytes()
+    assert train_grouped(data, copy) == 1
+    err = capsys.readouterr().err
+    assert "folds.json: the data's 24 images are dealt into other folds" in err
+    assert "--group-column" in err and "--split-group" in err
+    assert not (copy / "fold1").exists() and (copy / "folds.json").read_bytes() == before
+    # a folds.json from before the split was recorded: the trained fold's images decide
+    manifest.pop("split")
+    (copy / "folds.json").write_text(json.dumps(manifest))
+    assert train_grouped(data, copy) == 1
+    err = capsys.readouterr().err
+    assert f"{copy / 'fold0' / 'val_probs.npz'}: fold 0 " in err and "--group-column" in err
+    assert not (copy / "fold1").exists()
+
+
+@pytest.fixture(scope="module")
+def grouped_done(grouped):
+    """The grouped run, completed with --group-column scene from a folds.json of before the
+    split was recorded (such a run keeps working)."""
+    data, run = grouped
+    manifest = json.loads((run / "folds.json").read_text())
+    manifest.pop("split")
+    (run / "folds.json").write_text(json.dumps(manifest))
+    assert train_grouped(data, run, "--group-column", "scene") == 0
+    assert json.loads((run / "folds.json").read_text())["split"]["images"] == 24
+    return data, run
+
+
+def test_suspects_take_the_folds_the_run_recorded(grouped_done, tmp_path, capsys):
+    # Without --group-column (not in the run's config) the folds were dealt again by image:
+    # most images were scored by the fold model that had trained on them, silently.
+    from bldseg.commands import suspects as suspects_cmd
+
+    data, run = grouped_done
+    z = np.load(run / "val_probs.npz")
+    held = dict(zip(z["image_ids"].tolist(), z["fold"].tolist(), strict=True))
+    ids = pd.read_csv(data / "train.csv")["img_id"].tolist()
+    by_image = fold_assignment(len(ids), 2, 0)  # what dealing again without the groups gives
+    assert any(held[i] != f for i, f in zip(ids, by_image, strict=True))
+    argv = ["--data", str(data), "--data-root", str(data.parent / "cache")]
+    assert suspects_cmd.main(["--checkpoint", str(run), *argv, "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "suspects.csv")
+    assert sorted(df["img_id"]) == sorted(ids)
+    assert {r.img_id: r.fold for r in df.itertuples()} == held
+
+
+# --------------------------------------------------------------------------------------------
+# Folds trained one per process (--fold F)
+# --------------------------------------------------------------------------------------------
+
+
+def test_folds_trained_side_by_side_complete_the_run(small_world, tmp_path, monkeypatch):
+    # Two --fold processes started together both read the other's history at their start:
+    # both ended "1 other fold(s) still to train" and no out-of-fold library was written.
+    cfg = RunConfig.from_flat(
+        {"aug.crop_size": 64, "batch_size": 8, "samples_per_epoch": 16, "epochs": 1}
+        | {"impl": "compiled", "folds": 3, "split_group": SCENES}
+    )
+    run = tmp_path / "run"
+    first = fit_folds(cfg, run, data=small_world, only=0)
+    assert first.status == "stopped"
+    assert first.message.endswith(f"2 other fold(s) of {run} still to train (--fold 1, 2)")
+    real_fit = folds_module.fit
+
+    def fit_beside_another(fold_cfg, out, **kw):
+        if fold_cfg.fold == 1:  # fold 2 trains in another process meanwhile, and ends first
+            real_fit(fold_config(fold_cfg, 2), folds_module.fold_dir(run, 2), **kw)
+        return real_fit(fold_cfg, out, **kw)
+
+    monkeypatch.setattr(folds_module, "fit", fit_beside_another)
+    last = fit_folds(cfg, run, data=small_world, only=1)
+    assert last.status == "completed", last.message
+    manifest = json.loads((run / "folds.json").read_text())
+    assert manifest["status"] == "completed" and "oof" in manifest
+    z = np.load(run / "val_probs.npz")
+    assert sorted(set(z["image_ids"])) == sorted(small_world.train.ids)
+    assert sorted(set(z["fold"].tolist())) == [0, 1, 2]
+
+    # folds 0 and 1 trained, fold 2 not: a rerun of --fold 1 said "2 other fold(s)"
+    two = shutil.copytree(run, tmp_path / "two")
+    shutil.rmtree(two / "fold2")
+    (two / "val_probs.npz").unlink()
+    again = fit_folds(cfg, two, data=small_world, only=1)
+    assert again.status == "stopped"
+    assert again.message.endswith(f"1 other fold(s) of {two} still to train (--fold 2)")
+    assert not (two / "val_probs.npz").exists()

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from bldseg.data.cache import build_cache
+from bldseg.data.cache import DatasetCache, build_cache
 from bldseg.data.readers import read_folder_dataset
+from bldseg.models import create_model
 from bldseg.train.augment import IMAGENET_MEAN, IMAGENET_STD
-from bldseg.train.suspects import precision_at_k, rank_suspects
+from bldseg.train.suspects import precision_at_k, rank_suspects, write_suspects
 
 S = 32  # image side
 ROOF, GROUND = 200, 30  # red values: 200/255 = 0.78 is a building, 30/255 = 0.12 is not
@@ -42,10 +44,23 @@ def test_precision_at_k_by_hand():
         precision_at_k(ranked, set())
 
 
-def _square(y: int, x: int, side: int = 16) -> np.ndarray:
-    m = np.zeros((S, S), bool)
+def _square(y: int, x: int, side: int = 16, shape: tuple[int, int] = (S, S)) -> np.ndarray:
+    m = np.zeros(shape, bool)
     m[y : y + side, x : x + side] = True
     return m
+
+
+def _cache(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]]) -> DatasetCache:
+    """A cache of one image per case: its roofs painted red on grey ground, and its mask."""
+    for name, (roofs, mask) in cases.items():
+        rgb = np.full((*roofs.shape, 3), 90, np.uint8)
+        rgb[..., 0] = np.where(roofs, ROOF, GROUND)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        assert cv2.imwrite(str(root / "images" / f"{name}.png"), rgb[..., ::-1])
+        assert cv2.imwrite(str(root / "masks" / f"{name}.png"), mask.astype(np.uint8) * 255)
+    records = read_folder_dataset(root / "images", root / "masks")
+    return build_cache(records, root / "cache", progress=False)
 
 
 @pytest.fixture
@@ -64,15 +79,7 @@ def corrupted(tmp_path: Path):
         "shifted": (_square(4, 4), _square(4, 12)),  # the mask 8 px to the right
         "partial": (_square(4, 4), half),  # half the building traced
     }
-    for name, (roofs, mask) in cases.items():
-        rgb = np.full((S, S, 3), 90, np.uint8)
-        rgb[..., 0] = np.where(roofs, ROOF, GROUND)
-        (tmp_path / "images").mkdir(exist_ok=True)
-        (tmp_path / "masks").mkdir(exist_ok=True)
-        assert cv2.imwrite(str(tmp_path / "images" / f"{name}.png"), rgb[..., ::-1])
-        assert cv2.imwrite(str(tmp_path / "masks" / f"{name}.png"), mask.astype(np.uint8) * 255)
-    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks")
-    return build_cache(records, tmp_path / "cache", progress=False), cases
+    return _cache(tmp_path, cases), cases
 
 
 def test_masks_corrupted_by_hand_rank_first(corrupted):
@@ -89,6 +96,14 @@ def test_masks_corrupted_by_hand_rank_first(corrupted):
     assert dice["shifted"] == pytest.approx(0.5)
     assert dice["partial"] == pytest.approx(2 / 3)
     assert all(dice[k] == 1.0 for k in ("clean_square", "clean_two", "clean_empty"))
+    # ranked by the Dice with 64 px added to both sides: (0 + 64) / (256 + 64) for the missing
+    # and the phantom building, (256 + 64) / (512 + 64), (256 + 64) / (384 + 64)
+    ranked = dict(zip(df["img_id"], df["smoothed_dice"], strict=True))
+    assert ranked["phantom"] == ranked["missing"] == pytest.approx(0.2)
+    assert ranked["shifted"] == pytest.approx(320 / 576)
+    assert ranked["partial"] == pytest.approx(320 / 448)
+    assert all(ranked[k] == 1.0 for k in ("clean_square", "clean_two", "clean_empty"))
+    assert df["smoothed_dice"].is_monotonic_increasing
     assert precision_at_k(df["img_id"], {"missing", "phantom", "shifted", "partial"}) == 1.0
     # the model's prediction is exactly the painted roofs, the mask pixels the given mask
     for row in df.itertuples():
@@ -112,3 +127,69 @@ def test_ranking_uses_the_threshold_and_only_the_indices_given(corrupted):
     assert set(df["img_id"].tolist()[-2:]) == empty_masks == {"clean_empty", "missing"}
     some = [cache.ids.index(k) for k in ("clean_square", "shifted")]
     assert rank_suspects(Pointwise(), cache, some)["img_id"].tolist() == ["shifted", "clean_square"]
+
+
+def test_a_stray_pixel_on_an_empty_mask_is_no_top_suspect(tmp_path):
+    # A right, empty mask where the model predicts one stray pixel had Dice 1e-7 / 1: ranked
+    # above every genuinely wrong mask. A disagreement of a few pixels barely counts now.
+    speck = np.zeros((S, S), bool)
+    speck[5, 5] = True
+    half = _square(4, 4)
+    half[:, 12:] = False
+    cases = {
+        "clean_square": (_square(4, 4), _square(4, 4)),
+        "empty_1px_stray": (speck, np.zeros((S, S), bool)),
+        "missing": (_square(4, 4), np.zeros((S, S), bool)),
+        "shifted": (_square(4, 4), _square(4, 12)),
+        "partial": (_square(4, 4), half),
+    }
+    cache = _cache(tmp_path, cases)
+    df = rank_suspects(Pointwise(), cache, range(len(cases)))
+    assert df["img_id"].tolist() == [
+        "missing", "shifted", "partial", "empty_1px_stray", "clean_square"
+    ]  # fmt: skip
+    row = df.set_index("img_id").loc["empty_1px_stray"]
+    assert (row.pred_pixels, row.mask_pixels, row.dice_vs_model) == (1, 0, 0.0)
+    assert row.smoothed_dice == pytest.approx(64 / 65)
+    # smooth=0 is the plain Dice: the stray pixel ties with the missing building
+    plain = rank_suspects(Pointwise(), cache, range(len(cases)), smooth=0)
+    assert set(plain["img_id"][:2]) == {"missing", "empty_1px_stray"}
+    with pytest.raises(ValueError, match="smooth=-1"):
+        rank_suspects(Pointwise(), cache, [0], smooth=-1)
+
+
+@pytest.mark.parametrize("shape", [(32, 48), (48, 32)])
+def test_non_square_images_are_scored_whole(tmp_path, shape):
+    # 32x48 was cut into two 32-px tiles (two rows per image, then "pred has shape (4,32,32)
+    # but truth (2,32,48)"); 48x32 was refused ("tile_size 48 is larger than the images")
+    wide = shape[1] > shape[0]
+    far = (8, 28) if wide else (28, 8)  # a building in the part the first tile did not see
+    cases = {
+        "clean": (_square(4, 4, 12, shape), _square(4, 4, 12, shape)),
+        "missing_far": (_square(*far, 12, shape), np.zeros(shape, bool)),
+    }
+    cache = _cache(tmp_path, cases)
+    assert cache.image_size == shape
+    df = rank_suspects(Pointwise(), cache, range(2), batch_size=2)
+    assert df["img_id"].tolist() == ["missing_far", "clean"]  # one row per image
+    assert df["pred_pixels"].tolist() == [144, 144] and df["mask_pixels"].tolist() == [0, 144]
+    csv, png = write_suspects(df, cache, Pointwise(), tmp_path / "out", top=2)
+    assert pd.read_csv(csv)["img_id"].tolist() == ["missing_far", "clean"]
+    assert png.stat().st_size > 0
+    # our models pad a side that is not a multiple of 32 themselves: whole images go in as such
+    model = create_model("upernet_internimage_tiny", impl="reference")
+    df = rank_suspects(model, cache, range(2))
+    assert len(df) == 2 and df["pred_pixels"].le(shape[0] * shape[1]).all()
+
+
+def test_a_failed_contact_sheet_leaves_no_csv(corrupted, tmp_path):
+    cache, _ = corrupted
+    df = rank_suspects(Pointwise(), cache, range(len(cache)))
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        write_suspects(df, cache, Broken(), tmp_path / "out")
+    assert not (tmp_path / "out" / "suspects.csv").exists()
