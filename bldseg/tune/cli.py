@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from bldseg.tune.runner import (
     USABLE,
     SearchInterrupted,
     SearchSpec,
+    name_problem,
     run_search,
 )
 
@@ -64,12 +66,32 @@ DEFAULT_EPOCHS = 20
 DEFAULT_TRIALS = 6
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """``["optim.lr=1e-3", "model=upernet_internimage_t"]`` -> typed dict (JSON values)."""
+def _set_problem(item: str) -> str | None:
+    if "=" not in item:
+        return f"{item!r}: expected key=value, e.g. --set optim.lr=1e-3"
+    return None
+
+
+def set_item(text: str) -> str:
+    """An argparse type: a ``--set`` item of the form ``key=value`` (kept as text)."""
+    if (problem := _set_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def parse_set(items: list[str], parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "model=upernet_internimage_t"]`` -> typed dict (JSON values).
+
+    A malformed item exits naming it, with status 2 (a usage error; 1 is a search in which no
+    trial completed): through ``parser.error`` when a parser is given.
+    """
     out = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set optim.lr=1e-3")
+        if (problem := _set_problem(item)) is not None:
+            if parser is not None:
+                parser.error(f"--set {problem}")
+            print(f"error: --set {problem}", file=sys.stderr)
+            raise SystemExit(2)
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -79,17 +101,30 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 #: --set keys a search sets from its own flags for every trial (a --set of them was silently
-#: overridden by the flag's value or default).
-_SEARCH_FLAGS = {"epochs": "--epochs", "data": "--data"}
+#: overridden by the flag's value or default, or went over it).
+_SEARCH_FLAGS = {"epochs": "--epochs", "data": "--data", "folds": "--folds"}
+
+#: --set keys a search has no use for, with what to do instead (every trial ignored them).
+_NOT_IN_SEARCHES = {
+    # a K-fold trial trains every fold in lockstep: it ran all folds, fold=F unused
+    "fold": "a search trains every fold of --folds K in each trial (bldseg train --folds K "
+    "--fold F trains one)",
+}
 
 
 def refuse_search_sets(parser: argparse.ArgumentParser, sets: list[str]) -> None:
-    """Exits (status 2) naming a --set of a key the search sets from its own flag."""
-    taken = sorted(set(parse_set(list(sets))) & set(_SEARCH_FLAGS))
-    if taken:
-        parser.error(
-            "; ".join(f"--set {k}=...: a search sets {k} with {_SEARCH_FLAGS[k]}" for k in taken)
-        )
+    """Exits (status 2) naming a malformed --set, or a --set of a key the search sets from its
+    own flag or does not use."""
+    given = set(parse_set(list(sets), parser))
+    refused = [
+        f"--set {k}=...: a search sets {k} with {_SEARCH_FLAGS[k]}"
+        for k in sorted(given & set(_SEARCH_FLAGS))
+    ]
+    refused += [
+        f"--set {k}=...: {_NOT_IN_SEARCHES[k]}" for k in sorted(given & set(_NOT_IN_SEARCHES))
+    ]
+    if refused:
+        parser.error("; ".join(refused))
 
 
 def fixed_config(
@@ -198,6 +233,38 @@ def add_folds_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def search_name(text: str) -> str:
+    """An argparse type: a search name (a folder name, letters, digits, ``._-``)."""
+    if (problem := name_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return text
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (``--cpus-per-trial``)."""
+    value = _float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text}: must be above 0, e.g. 1")
+    return value
+
+
+def gpu_count(text: str) -> float:
+    """An argparse type: GPUs per trial, 0 or more (fractions share a GPU)."""
+    value = _float(text)
+    if not (value >= 0 and math.isfinite(value)):  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"{text}: must be 0 (no GPU) or more; a fraction shares a GPU, e.g. 0.5"
+        )
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:
@@ -243,10 +310,15 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         default=DEFAULT_EPOCHS,
         help=f"epochs per trial, ASHA's max_t (default {DEFAULT_EPOCHS})",
     )
-    a("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial (default 1)")
+    a(
+        "--cpus-per-trial",
+        type=positive_float,
+        default=1.0,
+        help="CPUs reserved per trial (default 1)",
+    )
     a(
         "--gpus-per-trial",
-        type=float,
+        type=gpu_count,
         default=0.0,
         help="GPUs per trial; fractions share a GPU, e.g. 0.5 (default 0)",
     )
@@ -272,9 +344,10 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     )
     a(
         "--name",
+        type=search_name,
         default=None,
-        help="search name: its results folder and its MLflow parent run (default: "
-        "<space>-<timestamp>)",
+        help="search name: its results folder and its MLflow parent run; letters, digits, "
+        "'.', '_' and '-' (default: <space>-<timestamp>)",
     )
     a(
         "--experiment",
@@ -318,6 +391,7 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     a(
         "--set",
         action="append",
+        type=set_item,
         default=[],
         metavar="KEY=VALUE",
         help="fix a run-config value for all trials, e.g. --set loss=bce_dice (repeatable)",
@@ -417,8 +491,10 @@ def main(
 
         ckpt = member_checkpoint(result.best["run_dir"])  # best.pt, or a K-fold run's folds.json
         print(f"  checkpoint: {ckpt}" + ("" if ckpt.is_file() else " (missing!)"))
+    # the whole search's: a resumed search's epochs include those of its earlier sessions
+    sessions = f" in {result.sessions} sessions" if result.sessions > 1 else ""
     print(
-        f"\nwall {result.wall_s:.1f} s; trial epochs {result.train_s:.1f} s over "
+        f"\nwall {result.wall_s:.1f} s{sessions}; trial epochs {result.train_s:.1f} s over "
         f"{result.slots} slot(s): {100 * result.overhead:.1f}% of slot time not training"
     )
     if len(t) and "trial_s" in t:

@@ -39,7 +39,9 @@
   table shows those out-of-fold scores for K-fold trials.
 * Ctrl-C: Tune saves the experiment and returns; :func:`run_search` then marks the MLflow runs
   KILLED and raises :class:`SearchInterrupted` (a ``KeyboardInterrupt``), so a partial search is
-  never taken for a finished one. ``resume=True`` continues it.
+  never taken for a finished one. ``resume=True`` continues it. Each session's wall time is
+  added to the search's record (:data:`META_FILE`), so a resumed search's wall time and
+  overhead figures are over all its sessions, as its trials' epochs are.
 * A search in which no trial completed says so: :attr:`SearchResult.n_completed` is 0,
   :attr:`SearchResult.best` is empty and :attr:`SearchResult.first_failure` says why.
 """
@@ -50,7 +52,9 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -93,6 +97,9 @@ TRACKING_ERROR_FILE = "mlflow_error.txt"
 # Trial statuses of trials that ran to their end or were stopped early by ASHA: usable models.
 USABLE = ("completed", "early-stopped")
 DEFAULT_EXPERIMENT = "bldseg"  # the MLflow experiment of a project's searches
+#: A search's name: its results folder, and a value in MLflow filter strings (a quote in it
+#: broke ``--resume``), so letters, digits, ``.``, ``_`` and ``-`` only.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 CODE_DIR = Path(__file__).resolve().parents[2]  # bldseg's checkout (or site-packages)
 
 
@@ -148,8 +155,8 @@ class SearchResult:
     best: dict[str, Any]  # the best completed/early-stopped trial's row; {} when there is none
     parent_run_id: str
     tracking_uri: str
-    wall_s: float
-    train_s: float  # sum over trials of their epochs' wall time
+    wall_s: float  # the search's wall time, summed over its sessions (a resume adds one)
+    train_s: float  # sum over trials of their epochs' wall time (every session's)
     slots: int  # trials that could run at once
     ray_address: str  # the Ray cluster the trials ran on
     ideal_s: float  # the same trials' epochs scheduled with no orchestration cost
@@ -160,6 +167,7 @@ class SearchResult:
     experiment_id: str = ""  # its id
     # the best trial's own searched values (its Tune config), without the other trials' keys
     best_config: dict[str, Any] = field(default_factory=dict)
+    sessions: int = 1  # the runs of the search that wall_s adds up (1 + the resumes that trained)
 
     @property
     def mlflow_url(self) -> str:
@@ -176,6 +184,15 @@ class SearchResult:
     def overhead(self) -> float:
         """Share of the slots' wall time not spent in trial epochs (see overhead_fraction)."""
         return overhead_fraction(self.wall_s, self.train_s, self.slots)
+
+
+def name_problem(name: str) -> str | None:
+    """What is wrong with a search name (None: nothing), for a message after ``--name NAME``."""
+    if not NAME_PATTERN.fullmatch(name):
+        return "may hold only letters, digits, '.', '_' and '-' (it names a folder and a run)"
+    if set(name) == {"."}:
+        return "is not a folder name"
+    return None
 
 
 def get_space(name: str, base: dict[str, Any] | None = None):
@@ -198,7 +215,7 @@ def get_space(name: str, base: dict[str, Any] | None = None):
 
 #: Config keys a space may not set: the search owns them (the epoch budget is ASHA's max_t and
 #: each trial's status is judged against it; folds and data are checked once for all trials).
-RUNNER_KEYS = frozenset({"epochs", "folds", "data"})
+RUNNER_KEYS = frozenset({"epochs", "folds", "fold", "data"})
 
 #: A search's settings that a resume takes from its record (``bldseg_search.json``), not from
 #: the command line: a resumed search runs on as it was started.
@@ -1040,6 +1057,88 @@ def _open_parent(
     return run.info.run_id, run.info.experiment_id
 
 
+def _tracking_uri(spec: SearchSpec, project: Path, meta: dict[str, Any] | None) -> str:
+    """The absolute MLflow URI of a search: a resumed one's is its record's (``meta``), so its
+    runs stay in one store wherever the resume starts (a default URI is the current folder's).
+
+    Raises:
+        ValueError: ``--tracking-uri`` names another store than the resumed search's.
+    """
+    recorded = (meta or {}).get("tracking_uri")
+    if recorded:
+        recorded = tracking.absolute_uri(recorded)
+    if spec.tracking_uri:
+        uri = tracking.absolute_uri(spec.tracking_uri)
+        if recorded and uri != recorded:
+            raise ValueError(
+                f"--resume: search {spec.name or spec.space} logs to MLflow at {recorded}, not "
+                f"at --tracking-uri {uri}; leave --tracking-uri out (or pass the recorded one) so "
+                "that its runs stay in one store"
+            )
+        return uri
+    return recorded or tracking.default_tracking_uri(project)
+
+
+def _sessions(meta: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The sessions a search's record lists (none in a new search's, or an older bldseg's)."""
+    return list((meta or {}).get("sessions") or [])
+
+
+def _record_session(
+    exp_dir: Path, parent_run_id: str, wall_s: float, end: str, slots: int | None = None
+) -> None:
+    """Adds a session of the search (its wall time, how it ended) to the search's record
+    (:data:`META_FILE`, rewritten atomically), so that a resume counts the time spent before.
+
+    Only into the record of this search's parent run: a folder another search made meanwhile
+    (see the exclusive mkdir in :func:`_run_search`) is left alone.
+
+    Args:
+        exp_dir: The search's results folder.
+        parent_run_id: The search's parent run.
+        wall_s: This session's wall time.
+        end: ``"finished"``, ``"interrupted"`` or ``"failed"``.
+        slots: The trial slots the session had (what its overhead figure divides by).
+    """
+    path = exp_dir / META_FILE
+    session: dict[str, Any] = {"wall_s": wall_s, "end": end}
+    if slots is not None:
+        session["slots"] = slots
+    try:
+        meta = _read_json(path, None)
+        if meta is None or meta.get("parent_run_id") != parent_run_id:
+            return
+        meta["sessions"] = [*_sessions(meta), session]
+        write_json(path, meta, default=str)
+    except (OSError, ValueError) as e:  # ValueError: a damaged record (JSON)
+        # a by-product: it must not take the place of the search's result or error
+        log.warning("could not record the wall time of this session in %s: %s", path, e)
+
+
+def check_pretrained(cfg: RunConfig, searched: set[str]) -> None:
+    """Refuses a ``--pretrained`` file that does not fit the model every trial builds, before
+    any trial starts (each would fail the same way, after Ray and the data had started).
+
+    The model is built once here, on the CPU, as a trial builds it; the global random state is
+    left as it was. A space that searches the model is not checked (the ``models`` space refuses
+    ``--pretrained`` itself).
+
+    Raises:
+        CheckpointMismatchError: (a ValueError) The file does not fit ``cfg.model``; its message
+            lists the bad keys and names the model the file is for.
+        FileNotFoundError: No file at ``cfg.pretrained``.
+        ValueError: An unsafe or unreadable file.
+    """
+    if cfg.pretrained is None or "model" in searched:
+        return
+    import torch
+
+    from bldseg.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs())
+
+
 def _interrupted(driver: _SearchDriver, grid, n_trials: int) -> bool:
     """Whether Tune returned before every trial ended (Ctrl-C): Tune's SIGINT handler ends the
     tuning loop, saves the experiment and returns normally."""
@@ -1074,6 +1173,25 @@ def run_search(spec: SearchSpec) -> SearchResult:
             "needs a grace period of at least 1 epoch and a factor of at least 2 "
             "(--grace-period, --reduction-factor)"
         )
+    if spec.name is not None and (problem := name_problem(spec.name)) is not None:
+        raise ValueError(f"--name {spec.name!r} {problem}")
+    # NaN fails both: Ray would leave such trials PENDING forever, or fail far from the flag
+    if not spec.cpus_per_trial > 0:
+        raise ValueError(
+            f"cpus_per_trial={spec.cpus_per_trial}: each trial needs a positive number of CPUs "
+            "(--cpus-per-trial, e.g. 1)"
+        )
+    if not (spec.gpus_per_trial >= 0 and math.isfinite(spec.gpus_per_trial)):
+        raise ValueError(
+            f"gpus_per_trial={spec.gpus_per_trial}: GPUs per trial must be 0 (none) or more, "
+            "fractions sharing a GPU (--gpus-per-trial, e.g. 0.5)"
+        )
+    if spec.base.get("fold", 0) != 0:
+        # a K-fold trial trains all its folds; the value would be ignored by every trial
+        raise ValueError(
+            f"fold={spec.base['fold']}: a search trains every fold of --folds K in each trial; "
+            "remove fold (bldseg train --folds K --fold F trains one fold)"
+        )
     if not spec.tracking_timeout_s > 0:
         raise ValueError(
             f"tracking_timeout_s={spec.tracking_timeout_s}: the wait on a silent tracking server "
@@ -1092,16 +1210,15 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     t0 = time.perf_counter()
     project = Path(spec.project_dir).resolve()
     storage = Path(spec.storage).resolve()
-    if spec.tracking_uri:
-        uri = tracking.absolute_uri(spec.tracking_uri)
-    else:
-        uri = tracking.default_tracking_uri(project)
-    client = tracking.check_tracking(uri)  # fail fast, before Ray or data
-
     meta: dict[str, Any] | None = None
     if spec.resume:
         exp_dir = storage / spec.name if spec.name else _latest(storage, spec.space)
         meta = json.loads((exp_dir / META_FILE).read_text())
+        spec = replace(spec, name=exp_dir.name)
+    uri = _tracking_uri(spec, project, meta)
+    client = tracking.check_tracking(uri)  # fail fast, before Ray or data
+
+    if meta is not None:
         # the search goes on as it was started, whatever today's defaults and flags say
         spec = resumed_spec(spec, meta)
         name = exp_dir.name
@@ -1156,6 +1273,9 @@ def _run_search(spec: SearchSpec) -> SearchResult:
 
         groups = split_groups(data.train, fixed.split_group)
         fold_assignment(len(data.train), fixed.folds, fixed.split_seed, groups)
+    if meta is None:
+        # a resume's trials continue from last.pt and may never read the file again
+        check_pretrained(fixed, searched)
     experiment_id = tracking.ensure_experiment(client, experiment, uri, project)
     # the commit of the code that runs (bldseg's checkout), not of the folder it runs in
     source = tracking.source_tags(CODE_DIR)
@@ -1238,6 +1358,8 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     "tracking_uri": uri,
                     "data_fingerprint": started_on or data.train.fingerprint,
                     "spec": (meta or {}).get("spec") or asdict(spec),
+                    # the wall time of the sessions before this one (see _record_session)
+                    "sessions": _sessions(meta),
                 },
                 default=str,
             )
@@ -1335,6 +1457,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         if _interrupted(driver, grid, n_trials):
             driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "KILLED")
             driver.close()
+            _record_session(exp_dir, parent_run_id, time.perf_counter() - t0, "interrupted", slots)
             raise SearchInterrupted(resume_hint)
         # Trials Tune ended without a callback reaching the driver (a driver killed between
         # the two) are finalised now, from their run folders.
@@ -1345,7 +1468,6 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                 error = str(r.error).strip().splitlines()[-1] if r.error is not None else None
                 driver.finalise(trial_id, r.config or {}, error)
         driver.drain()
-        wall = time.perf_counter() - t0
         table = trial_table(grid, max_epochs)
         train_s = float(table["train_s"].sum()) if len(table) else 0.0
         usable = table[table["status"].isin(USABLE)] if len(table) else table
@@ -1366,7 +1488,22 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             f = failed.sort_values("started", kind="stable").iloc[0]
             first_failure = f"trial {f['trial_id']} {f['status']}: {f['message']}"
         slots = max(1, min(slots, len(table)))
-        _finish_parent(driver.tracker, parent_run_id, exp_dir, table, wall, train_s, slots)
+        # The figures are the whole search's: train_s holds the epochs of every session, so
+        # the wall time does too (the sessions' own; the pauses between them are nobody's).
+        # A resume of a search that had finished trains nothing (Tune runs no step): it adds
+        # no session and keeps the recorded figures.
+        earlier = _sessions(meta)
+        if driver.unfinished is None and earlier and earlier[-1].get("end") == "finished":
+            slots = int(earlier[-1].get("slots", slots))
+        else:
+            this = {"wall_s": time.perf_counter() - t0, "end": "finished", "slots": slots}
+            _record_session(exp_dir, parent_run_id, this["wall_s"], "finished", slots)
+            earlier.append(this)
+        wall = sum(float(s["wall_s"]) for s in earlier)
+        sessions = len(earlier)
+        _finish_parent(
+            driver.tracker, parent_run_id, exp_dir, table, wall, train_s, slots, sessions
+        )
         driver.close()  # bounded: a dead tracking server is given up on, not waited for
     except SearchInterrupted:
         raise
@@ -1374,12 +1511,14 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         # the search cannot go on: its runs must not stay RUNNING in the UI
         driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "FAILED")
         driver.tracker.close()
+        _record_session(exp_dir, parent_run_id, time.perf_counter() - t0, "failed")
         raise
     except KeyboardInterrupt as e:
         # Ctrl-C outside Tune's loop (starting Ray, or a second Ctrl-C): the search is as
         # resumable as Tune's last saved state; its runs are marked KILLED, without waiting long.
         driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "KILLED")
         driver.tracker.close()
+        _record_session(exp_dir, parent_run_id, time.perf_counter() - t0, "interrupted")
         raise SearchInterrupted(resume_hint) from e
     finally:
         _DRIVERS.pop(parent_run_id, None)
@@ -1412,6 +1551,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         experiment=experiment,
         experiment_id=experiment_id,
         best_config=best_config,
+        sessions=sessions,
     )
 
 
@@ -1529,9 +1669,10 @@ def _finish_parent(
     wall: float,
     train_s: float,
     slots: int,
+    sessions: int = 1,
 ) -> None:
     """Trial table, summary plot and overhead figures on the parent run (queued on ``tracker``);
-    the parent run FAILED when no trial completed."""
+    the parent run FAILED when no trial completed. ``wall`` is over the search's ``sessions``."""
     from bldseg.tune.report import plot_trials
 
     csv = exp_dir / "trials.csv"
@@ -1547,6 +1688,7 @@ def _finish_parent(
         parent_run_id,
         {
             "wall_s": wall,
+            "sessions": sessions,
             "train_s": train_s,
             "slots": slots,
             "overhead_frac": overhead_fraction(wall, train_s, slots),

@@ -174,14 +174,34 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
 
 
 def ensure_experiment(
-    client: MlflowClient, name: str, uri: str, project_dir: str | os.PathLike = "."
+    client: MlflowClient,
+    name: str,
+    uri: str,
+    project_dir: str | os.PathLike = ".",
+    *,
+    other: str = "--experiment NAME",
 ) -> str:
     """The id of experiment ``name``, created if missing (absolute artifact root for sqlite).
 
     The experiment is tagged as model development (:data:`EXPERIMENT_KIND_TAG`), also when it
-    exists already without the tag.
+    exists already without the tag. ``other``: the flag that names another experiment, for
+    the message about a deleted one.
+
+    Raises:
+        ValueError: The experiment was deleted (in the UI): MLflow neither logs into it nor
+            creates another of that name; the message says how to restore it.
     """
     exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        # the mlflow command reads the store from the environment (default ./mlruns)
+        restore = (
+            f"MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}"
+        )
+        raise ValueError(
+            f"MLflow experiment {name!r} (id {exp.experiment_id}) is deleted: restore it "
+            f"(`{restore}`) or pass {other} to log into another experiment"
+        )
     if exp is not None:
         if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)

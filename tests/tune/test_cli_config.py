@@ -103,10 +103,11 @@ def test_a_set_value_the_space_searches_is_named(
     assert said.endswith("(its range is centred on the given optim.lr)")
 
 
-@pytest.mark.parametrize("key", ["epochs", "data"])
+@pytest.mark.parametrize("key", ["epochs", "data", "folds"])
 @pytest.mark.parametrize("command", ["tune", "pipeline"])
 def test_a_set_of_what_a_search_flag_sets_is_refused(key, command, capsys):
-    # --set epochs=3 was overridden by --epochs' default for every trial, without a word
+    # --set epochs=3 was overridden by --epochs' default for every trial, without a word;
+    # --set folds=2 --folds 3 trained 3 folds
     if command == "tune":
         from bldseg.tune.cli import main
 
@@ -117,8 +118,32 @@ def test_a_set_of_what_a_search_flag_sets_is_refused(key, command, capsys):
         from bldseg.commands.pipeline import main as run
     with pytest.raises(SystemExit) as e:
         run(["--set", f"{key}=3"])
-    flag = {"epochs": "--epochs", "data": "--data"}[key]
+    flag = {"epochs": "--epochs", "data": "--data", "folds": "--folds"}[key]
     assert e.value.code == 2 and f"a search sets {key} with {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["tune", "pipeline"])
+def test_a_set_fold_is_refused_in_searches(command, capsys):
+    # --set fold=1 --folds 2 trained every fold of every trial, fold 1 unused, without a word
+    from bldseg.commands.pipeline import main as pipeline_main
+
+    run = pipeline_main if command == "pipeline" else lambda a: cli.main("augmentation", "t", a)
+    with pytest.raises(SystemExit) as e:
+        run(["--set", "fold=1", "--folds", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--set fold=...: a search trains every fold of --folds K in each trial" in err, err
+    assert "--fold F trains one" in err
+
+
+def test_run_search_refuses_a_fold(small_world, tmp_path):
+    from bldseg.tune.runner import run_search
+    from tests.tune.test_runner import BASE, spec_for
+
+    spec = spec_for(small_world, tmp_path, base={**BASE, "folds": 2, "fold": 1})
+    with pytest.raises(ValueError, match="fold=1: a search trains every fold of --folds K"):
+        run_search(spec)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_searches_without_gpus_per_trial_take_the_cpu_defaults_where_a_gpu_is_visible(

@@ -214,3 +214,119 @@ def test_dead_tracking_server_does_not_hang_the_search(small_world, ray_session,
         assert len((run_dir / TRACKING_ERROR_FILE).read_text().splitlines()) == 1
     port = url.rsplit(":", 1)[1]
     assert all(port in m for m in result.tracking_errors.values()), result.tracking_errors
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--cpus-per-trial", "0"),
+        ("--cpus-per-trial", "-1"),
+        ("--cpus-per-trial", "nan"),
+        ("--gpus-per-trial", "-0.5"),
+        ("--gpus-per-trial", "nan"),
+    ],
+)
+def test_resources_no_trial_could_use_are_usage_errors(flag, value, capsys):
+    # -0.5 GPUs left every trial PENDING forever; 0 or -1 CPUs failed inside Ray
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser("augmentation", "test").parse_args([flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: {value}: must be " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [
+        ("cpus_per_trial", 0.0, "--cpus-per-trial"),
+        ("cpus_per_trial", -1.0, "--cpus-per-trial"),
+        ("gpus_per_trial", -0.5, "--gpus-per-trial"),
+    ],
+)
+def test_run_search_rejects_resources_no_trial_could_use(small_world, tmp_path, field, value, flag):
+    with pytest.raises(ValueError, match=rf"{field}={value}: .*\({flag}, e\.g\. "):
+        run_search(spec_for(small_world, tmp_path, **{field: value}))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["it's", "a b", "x/y", "..", ""])
+def test_a_search_name_is_a_folder_name(small_world, tmp_path, name, capsys):
+    # a quote in the name broke the MLflow filter --resume finds the search's run with
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser("augmentation", "test").parse_args(["--name", name])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --name: {name!r} " in err, err
+    with pytest.raises(ValueError, match=r"--name .* (letters, digits|not a folder name)"):
+        run_search(spec_for(small_world, tmp_path, name=name))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["tune", "pipeline"])
+def test_a_malformed_set_is_a_usage_error(command, capsys):
+    # exit 1 means "no trial completed"; a bad flag is a usage error, 2
+    from bldseg.commands.pipeline import main as pipeline_main
+
+    run = pipeline_main if command == "pipeline" else lambda a: cli.main("augmentation", "t", a)
+    with pytest.raises(SystemExit) as e:
+        run(["--set", "foo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    # argparse's "argument --set: 'foo': ..." for the search, the pipeline's own "--set 'foo'"
+    assert "--set" in err and "'foo': expected key=value, e.g. --set optim.lr=1e-3" in err, err
+
+
+def test_a_deleted_experiment_is_named_with_how_to_restore_it(
+    small_world, tmp_path, capsys, monkeypatch
+):
+    # deleted in the MLflow UI: MLflow neither logs into it nor creates it again (a traceback)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("bldseg")
+    client.delete_experiment(exp_id)
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--trials", "1", "--epochs", "1", "--storage", str(tmp_path / "runs")]
+    argv += ["--tracking-uri", uri]
+    assert cli.main("augmentation", "test", argv) == 2
+    err = capsys.readouterr().err
+    # one line (the others on stderr are MLflow's and the data's own logs)
+    (line,) = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert "Traceback" not in err and line.startswith(
+        f"error: MLflow experiment 'bldseg' (id {exp_id}) is deleted"
+    ), err
+    assert f"MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {exp_id}" in line
+    assert "--experiment NAME" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_pretrained_file_that_does_not_fit_is_refused_before_ray(
+    small_world, tmp_path, capsys, monkeypatch
+):
+    # every trial failed with this error, after Ray and the data had started
+    import torch
+
+    from bldseg.models import create_model
+    from bldseg.tune import runner
+    from tests.models.test_pretrained import to_mmseg
+
+    monkeypatch.chdir(tmp_path)
+    sd = to_mmseg(create_model("upernet_internimage_tiny", num_classes=150).state_dict())
+    del sd[next(k for k in sd if k.startswith("backbone."))]
+    torch.save({"state_dict": sd, "meta": {}}, tmp_path / "bad.pth")
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runner, "init_ray", no_ray)
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--trials", "1", "--epochs", "1", "--storage", str(tmp_path / "runs")]
+    argv += ["--pretrained", str(tmp_path / "bad.pth")]
+    for k, v in BASE.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    state = torch.random.get_rng_state()
+    assert cli.main("augmentation", "test", argv) == 2
+    err = capsys.readouterr().err
+    said = f"\nerror: {tmp_path / 'bad.pth'} does not fit upernet_internimage_tiny: 1 missing"
+    assert said in "\n" + err, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state

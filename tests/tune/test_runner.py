@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -491,6 +492,13 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
         [*args, "--resume"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # the figures are the whole search's: the epochs before Ctrl-C, and the wall time too
+    sessions = json.loads((exp / "bldseg_search.json").read_text())["sessions"]
+    assert [s["end"] for s in sessions] == ["interrupted", "finished"]
+    wall = sum(s["wall_s"] for s in sessions)
+    said = re.search(r"wall ([\d.]+) s in 2 sessions; trial epochs ([\d.]+) s", out.stdout)
+    assert said and float(said[1]) == pytest.approx(wall, abs=0.06), out.stdout[-2000:]
+    assert float(said[1]) >= float(said[2])  # one slot: the epochs fit in the wall time
     statuses = {p.parent.parent.name: json.loads(p.read_text())["status"] for p in _reported(exp)}
     assert list(statuses.values()) == ["completed"] * 2, statuses
     # the epochs trained before Ctrl-C were kept, not trained again
@@ -499,6 +507,8 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
         assert after[: len(history)] == history
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["wall_s"] == pytest.approx(wall, rel=1e-5)
+    assert parent.data.metrics["wall_s"] >= parent.data.metrics["train_s"]
     runs = client.search_runs([exp_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and len(runs) == 3  # the same parent, no duplicate runs
