@@ -21,7 +21,6 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import albumentations as A
 import cv2
@@ -33,6 +32,7 @@ from bldseg.data.dataset import RandomCropDataset, window_for
 from bldseg.data.readers import load_record, read_competition_csv
 from bldseg.data.synthetic import generate_world
 from bldseg.io import write_json
+from bldseg.timing import rounds, spread
 
 
 def reference_pipeline(crop: int) -> A.Compose:
@@ -51,36 +51,6 @@ def reference_pipeline(crop: int) -> A.Compose:
 
 #: RandomScale's limit in :func:`reference_pipeline`: the cache's window must hold its crop.
 SCALE_LIMIT = 0.2
-
-
-def time_samples(fn, n: int) -> float:
-    """Samples per second of ``fn(i)`` over ``n`` calls (after one warm-up call)."""
-    fn(0)
-    t0 = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return n / (time.perf_counter() - t0)
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """One path's rounds: their median, min and max, and the rounds in the order run."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "rounds": list(values),
-    }
-
-
-def rates(paths: dict[str, tuple[Any, int]], repeats: int) -> dict[str, list[float]]:
-    """Samples per second of every path in each of ``repeats`` rounds: each round times every
-    path (``(fn, samples)``) once, in reversed order every other round."""
-    out: dict[str, list[float]] = {name: [] for name in paths}
-    for r in range(repeats):
-        for name in list(paths) if r % 2 == 0 else list(reversed(paths)):
-            fn, n = paths[name]
-            out[name].append(time_samples(fn, n))
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,13 +135,22 @@ def main(argv: list[str] | None = None) -> None:
     def cache_sample(i: int) -> None:
         ds[i]
 
-    per_round = rates(
-        {
-            "png": (png_sample, min(args.samples, 60)),  # decoding is slow: fewer samples
-            "cache": (cache_sample, args.samples),
-        },
-        args.repeats,
+    paths = {
+        "png": (png_sample, min(args.samples, 60)),  # decoding is slow: fewer samples
+        "cache": (cache_sample, args.samples),
+    }
+    for fn, _ in paths.values():
+        fn(0)  # warm-up, outside the timed rounds
+
+    def run(fn, n: int) -> None:
+        for i in range(n):
+            fn(i)
+
+    seconds, _ = rounds(
+        {name: (lambda fn=fn, n=n: run(fn, n)) for name, (fn, n) in paths.items()}, args.repeats
     )
+    # samples per second of each path in each round
+    per_round = {name: [paths[name][1] / s for s in seconds[name]] for name in paths}
     png_rate = statistics.median(per_round["png"])
     cache_rate = statistics.median(per_round["cache"])
     # paired within each round: both paths timed side by side

@@ -35,9 +35,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +49,7 @@ from bldseg.ensemble.prune import level_window, prune
 from bldseg.ensemble.search import exhaustive_search, score_members
 from bldseg.ensemble.synthetic import fake_library
 from bldseg.io import write_json
+from bldseg.timing import rounds, spread
 from bldseg.tune.runner import init_ray
 
 
@@ -65,33 +64,6 @@ def naive_best(probs, truth, combo, lo, hi) -> tuple[int, float]:
         if s > best[1]:
             best = (level, s)
     return best
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """One arm's rounds: their median, min and max, and the rounds in the order run."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "rounds": list(values),
-    }
-
-
-def rounds(arms: dict[Any, Callable[[], Any]], repeats: int) -> tuple[dict[Any, list], dict]:
-    """Seconds of every arm in ``repeats`` rounds, and each arm's result of the first round.
-
-    Every round runs each arm once, in reversed order every other round: arms timed side by
-    side share the machine's slow and fast spells instead of one arm taking them all.
-    """
-    times: dict[Any, list[float]] = {name: [] for name in arms}
-    results: dict[Any, Any] = {}
-    for r in range(repeats):
-        for name in list(arms) if r % 2 == 0 else list(reversed(arms)):
-            t = time.perf_counter()
-            out = arms[name]()
-            times[name].append(time.perf_counter() - t)
-            results.setdefault(name, out)
-    return times, results
 
 
 def per_combination(args) -> dict:

@@ -32,9 +32,7 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +45,7 @@ from bldseg.ensemble import rules as R
 from bldseg.ensemble.search import exhaustive_search
 from bldseg.ensemble.synthetic import fake_library
 from bldseg.io import write_json
+from bldseg.timing import rounds, spread
 
 
 def plain_vote(lib, levels, k):
@@ -81,32 +80,6 @@ def plain_weighted(lib, starts, lo, hi, max_weight):
     return sorted(out, key=lambda e: -e.score)
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    """One arm's rounds: their median, min and max, and the rounds in the order run."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "rounds": list(values),
-    }
-
-
-def timed_pair(fast_fn, plain_fn, repeats: int) -> tuple[Any, list[float], Any, list[float]]:
-    """Both searches ``repeats`` times, side by side: each round runs both, the order reversed
-    every other round, so a slow spell of the machine is shared. Returns each one's result of
-    the first round and its seconds per round."""
-    fns = {"fast": fast_fn, "plain": plain_fn}
-    times: dict[str, list[float]] = {"fast": [], "plain": []}
-    results: dict[str, Any] = {}
-    for r in range(repeats):
-        for name in ("fast", "plain") if r % 2 == 0 else ("plain", "fast"):
-            t = time.perf_counter()
-            out = fns[name]()
-            times[name].append(time.perf_counter() - t)
-            results.setdefault(name, out)
-    return results["fast"], times["fast"], results["plain"], times["plain"]
-
-
 def run(args) -> list[dict]:
     lib = fake_library(
         args.models,
@@ -125,7 +98,14 @@ def run(args) -> list[dict]:
     rows = []
 
     def add(mode, units, unit, fast_fn, plain_fn):
-        fast, t_fast, plain, t_plain = timed_pair(fast_fn, plain_fn, args.repeats)
+        # side by side: a slow spell of the machine is shared
+        seconds, first = rounds({"fast": fast_fn, "plain": plain_fn}, args.repeats)
+        fast, t_fast, plain, t_plain = (
+            first["fast"],
+            seconds["fast"],
+            first["plain"],
+            seconds["plain"],
+        )
         fast_s, plain_s = statistics.median(t_fast), statistics.median(t_plain)
         # paired within each round: both ran side by side
         ratios = [p / f if f > 0 else float("inf") for f, p in zip(t_fast, t_plain, strict=True)]
