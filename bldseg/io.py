@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def finite_json(obj: Any) -> Any:
@@ -99,7 +103,9 @@ def file_lock(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
     filesystem without ``flock`` must not end a run in a traceback (filelock raises
     NotImplementedError or OSError there, by version). The fallback lock is another file,
     ``<path>.soft``: the OS lock's file stays in place after release. ``timeout`` seconds
-    (-1: no limit) to wait for another holder, then ``filelock.Timeout``.
+    (-1: no limit) to wait for another holder, then ``filelock.Timeout``. A lock file outlives a
+    killed holder (filelock clears it only for a dead process of this host), so waiting on one
+    warns every :data:`SOFT_LOCK_NOTE_S` seconds, naming it.
     """
     from filelock import FileLock, SoftFileLock
 
@@ -110,9 +116,36 @@ def file_lock(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
     except (NotImplementedError, OSError) as err:
         if isinstance(err, OSError) and err.errno not in NO_FLOCK_ERRNOS:
             raise
-        lock = SoftFileLock(path + ".soft", timeout=timeout)
-        lock.acquire()
+        lock = SoftFileLock(path + ".soft")
+        _acquire_soft(lock, timeout)
     try:
         yield
     finally:
         lock.release()
+
+
+#: Seconds between the warnings of a wait on a lock file (:func:`file_lock`'s fallback).
+SOFT_LOCK_NOTE_S = 30.0
+
+
+def _acquire_soft(lock: Any, timeout: float) -> None:
+    """Acquires a ``SoftFileLock``, warning while it waits: its file may be a killed process's."""
+    from filelock import Timeout
+
+    start = time.monotonic()
+    while True:
+        left = None if timeout < 0 else timeout - (time.monotonic() - start)
+        step = SOFT_LOCK_NOTE_S if left is None else max(0.0, min(SOFT_LOCK_NOTE_S, left))
+        try:
+            lock.acquire(timeout=step)
+            return
+        except Timeout:
+            if left is not None and left <= SOFT_LOCK_NOTE_S:
+                raise
+            log.warning(
+                "waiting %.0f s for the lock file %s (this filesystem cannot lock files); a "
+                "killed process leaves it behind: delete it if no bldseg process uses %s",
+                time.monotonic() - start,
+                lock.lock_file,
+                Path(lock.lock_file).parent,
+            )

@@ -43,7 +43,13 @@ import pandas as pd
 import torch
 
 from bldseg import metrics, stats
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
+from bldseg.data.prepare import (
+    DEFAULT_DATA_ROOT,
+    DataOptions,
+    PreparedData,
+    prepare_data,
+    without_unread_options,
+)
 from bldseg.ensemble.library import FOLDS_FILE, VAL_FILE, find_runs
 from bldseg.predict import (
     EnsembleSpec,
@@ -140,6 +146,11 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
     for c in (recorded, now):
         if c.get("data") is not None:
             c["data"] = str(Path(c["data"]).resolve())
+    if "data_options" in recorded:
+        # layout flags the data's kind does not read were ignored by older bldseg (now refused)
+        options = DataOptions.from_dict(recorded["data_options"])
+        kept = without_unread_options(cfg.data, options, f"the pipeline {_state_path(cfg)}")
+        recorded["data_options"] = json.loads(json.dumps(asdict(kept), default=str))
     differ = [
         f"{k}: {recorded[k]!r} -> {now[k]!r}"
         for k in RESULT_SETTINGS

@@ -110,3 +110,24 @@ def test_file_lock_other_errors_are_raised(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", _no_flock(errno.EIO))
     with pytest.raises(OSError, match="Input/output error"), file_lock(tmp_path / "x.lock"):
         pass
+
+
+def test_a_left_lock_file_is_named_while_waiting(tmp_path, monkeypatch, caplog):
+    # a holder killed on a filesystem without flock leaves <path>.soft: the wait was silent and
+    # endless (every caller waits without a limit)
+    import logging
+
+    from filelock import Timeout
+
+    from bldseg import io
+
+    monkeypatch.setattr(fcntl, "flock", _no_flock(errno.ENOLCK))
+    monkeypatch.setattr(io, "SOFT_LOCK_NOTE_S", 0.05)
+    path = tmp_path / "x.lock"
+    (tmp_path / "x.lock.soft").write_text("")  # what a killed holder leaves
+    level = caplog.at_level(logging.WARNING, logger="bldseg.io")
+    with level, pytest.raises(Timeout), file_lock(path, timeout=0.3):
+        pass
+    said = [r.getMessage() for r in caplog.records]
+    assert said and all(f"the lock file {path}.soft" in m for m in said)
+    assert "delete it if no bldseg process uses" in said[0]

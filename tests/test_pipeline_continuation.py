@@ -359,3 +359,20 @@ def test_the_same_data_folder_spelled_otherwise_continues(tmp_path, monkeypatch)
         pipeline.check_continuation(PipelineConfig(data=spelled), state, "fp")
     with pytest.raises(ContinuationError, match=r"data: '.*mydata' -> '.*other'"):
         pipeline.check_continuation(PipelineConfig(data="other"), state, "fp")
+
+
+def test_a_pipeline_recorded_with_a_flag_its_data_did_not_read_continues(tmp_path, monkeypatch):
+    # older bldseg ignored --tile-size on the synthetic world (now refused): without the flag the
+    # state's data_options differed, with it prepare_data refused, so it could never continue
+    from bldseg.data.prepare import DataOptions
+
+    monkeypatch.chdir(tmp_path)
+    state = _recorded(PipelineConfig(data_options=DataOptions(tile_size=64)), data_fingerprint="fp")
+    with pytest.warns(UserWarning, match=r"started with --tile-size, which .* \(synthetic\)"):
+        pipeline.check_continuation(PipelineConfig(), state, "fp")
+    (tmp_path / "imgs" / "images").mkdir(parents=True)  # a folder layout reads --tile-size
+    folders = _recorded(
+        PipelineConfig(data="imgs", data_options=DataOptions(tile_size=64)), data_fingerprint="fp"
+    )
+    with pytest.raises(ContinuationError, match="data_options"):
+        pipeline.check_continuation(PipelineConfig(data="imgs"), folders, "fp")

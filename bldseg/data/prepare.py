@@ -25,7 +25,8 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -216,25 +217,67 @@ def prepare_data(
     return prepared
 
 
+#: Layout flags and the DataOptions fields they set (``--no-recursive``: ``recursive=False``).
+_LAYOUT_FLAGS = {
+    "--masks": "masks",
+    "--footprints": "footprints",
+    "--mask-pattern": "mask_pattern",
+    "--tile-size": "tile_size",
+    "--no-recursive": "recursive",
+    "--group-column": "group_column",
+}
+
+
+def _unread_flags(kind: DataKind, options: DataOptions) -> list[str]:
+    """The layout flags set in ``options`` that ``kind`` of data does not read: the folder
+    flags on a competition layout or a cache, ``--group-column`` on folders or a cache."""
+    reads = {
+        "folders": set(_LAYOUT_FLAGS) - {"--group-column"},
+        "cache": set(),
+    }.get(kind, {"--group-column"})
+    defaults = DataOptions()
+    return [
+        flag
+        for flag, name in _LAYOUT_FLAGS.items()
+        if flag not in reads and getattr(options, name) != getattr(defaults, name)
+    ]
+
+
+def without_unread_options(
+    data: str | os.PathLike | None, options: DataOptions, what: str
+) -> DataOptions:
+    """``options`` without the layout flags ``data``'s kind does not read, with a warning.
+
+    For settings recorded before such flags were refused (a search or pipeline started with
+    ``--tile-size`` on a ``train.csv`` ignored it): continuing it must not fail on a flag
+    nobody can leave out. ``what`` names the record in the warning.
+    """
+    try:
+        kind = detect_data(data, options)
+    except FileNotFoundError:
+        return options  # prepare_data says what is missing
+    unread = _unread_flags(kind, options)
+    if not unread:
+        return options
+    warnings.warn(
+        f"{what} was started with {', '.join(unread)}, which --data's kind ({kind}) does not "
+        "read: ignored then, left out now",
+        stacklevel=2,
+    )
+    defaults = DataOptions()
+    return replace(
+        options, **{_LAYOUT_FLAGS[f]: getattr(defaults, _LAYOUT_FLAGS[f]) for f in unread}
+    )
+
+
 def _refuse_unused_options(kind: DataKind, options: DataOptions, data) -> None:
     """Raises ValueError naming the layout flags that ``--data``'s kind does not read (they
     were ignored without a word: ``--tile-size 512`` on a ``train.csv`` trained whole images)."""
-    folder_flags = {
-        "--masks": options.masks,
-        "--footprints": options.footprints,
-        "--mask-pattern": options.mask_pattern,
-        "--tile-size": options.tile_size,
-        "--no-recursive": not options.recursive,
-    }
     if kind == "folders":
-        unused = {"--group-column": options.group_column}
         reads = "a competition train.csv"
     else:
-        unused = dict(folder_flags)
-        if kind == "cache":
-            unused["--group-column"] = options.group_column
         reads = "image/mask folder layouts (--data DIR with images/, or --images DIR)"
-    given = [flag for flag, value in unused.items() if value not in (None, False)]
+    given = _unread_flags(kind, options)
     if given:
         what = {
             "synthetic": "the built-in synthetic world (a competition layout)",

@@ -204,6 +204,13 @@ def check_archive(path: str | os.PathLike) -> None:
     failing disk) loads "fully" and fine-tuning starts from garbage. Reading the whole file
     once costs about 0.1 s per 100 MB.
     """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # torch.load says what is missing
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:  # each network and fold of a run reads the same pretrained file
+        return
     if not zipfile.is_zipfile(path):
         return  # the legacy format (torch < 1.6) has no checksums; torch.load judges it
     try:
@@ -216,6 +223,11 @@ def check_archive(path: str | os.PathLike) -> None:
             f"{path} is damaged: the checksum of its member {bad} does not match its bytes (a "
             "broken download or copy); copy or download the file again"
         )
+    _VERIFIED.add(key)
+
+
+#: Checkpoints whose checksums this process has verified, by (real path, size, mtime).
+_VERIFIED: set[tuple[str, int, int]] = set()
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:

@@ -386,12 +386,14 @@ def load_state(
     Raises:
         ValueError: The file holds a pickled object other than tensors and plain data (the
             message names the file and the object), or is not a PyTorch checkpoint at all
-            (empty, truncated, or foreign bytes), or its checksums do not match its bytes.
+            (empty, truncated, or foreign bytes), or (``mmap=False``: the weights are read) its
+            checksums do not match its bytes.
         OSError: The file is missing or cannot be read (the error names it).
     """
-    # torch.load does not check the archive's checksums: damaged tensor bytes load silently
-    # (reading the file once costs ~0.1 s per 100 MB, also where only its metadata is wanted)
-    check_archive(path)
+    if not mmap:  # mapped: the config and names are read, not the (large) tensors
+        # torch.load does not check the archive's checksums: damaged tensor bytes load
+        # silently (reading the file once costs ~0.1 s per 100 MB)
+        check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except OSError as e:

@@ -69,7 +69,13 @@ import optuna
 import pandas as pd
 
 from bldseg.data.cache import DatasetCache
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, PreparedData, prepare_data
+from bldseg.data.prepare import (
+    DEFAULT_DATA_ROOT,
+    DataOptions,
+    PreparedData,
+    prepare_data,
+    without_unread_options,
+)
 from bldseg.io import write_json
 from bldseg.train.config import RunConfig
 from bldseg.train.folds import FOLDS_FILE
@@ -1223,7 +1229,11 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         spec = resumed_spec(spec, meta)
         name = exp_dir.name
         base = meta["base"]
-        data_options = DataOptions.from_dict(meta["spec"].get("data_options") or {})
+        data_options = without_unread_options(
+            base.get("data"),
+            DataOptions.from_dict(meta["spec"].get("data_options") or {}),
+            f"the search {name}",
+        )
         experiment = meta.get("experiment") or spec.experiment
         n_trials = int(meta["spec"].get("trials", spec.trials))
     else:

@@ -297,3 +297,15 @@ def test_layout_flags_the_data_kind_does_not_read_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^--tile-size, --group-column: .*bldseg cache"):
         prepare_data(cache, options=DataOptions(tile_size=32, group_column="g"), data_root=work)
     assert len(prepare_data(cache, data_root=work, progress=False).train) == 2
+
+
+def test_recorded_flags_the_data_did_not_read_are_left_out_with_a_warning(tmp_path):
+    from bldseg.data.prepare import without_unread_options
+
+    comp = _competition(tmp_path, [32, 32])
+    recorded = DataOptions(tile_size=64, recursive=False, group_column="city")
+    with pytest.warns(UserWarning, match=r"the search s was started with --tile-size, --no-rec"):
+        kept = without_unread_options(comp, recorded, "the search s")
+    assert kept == DataOptions(group_column="city")  # the competition layout reads that one
+    folders = _scenes(tmp_path / "ds", [(32, 32)])
+    assert without_unread_options(folders, DataOptions(tile_size=32), "x").tile_size == 32
