@@ -110,26 +110,28 @@ def file_lock(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
     from filelock import FileLock, SoftFileLock
 
     path = str(path)
-    lock = FileLock(path, timeout=timeout)
+    lock = FileLock(path)
     try:
-        lock.acquire()
+        _acquire_noting(lock, timeout, soft=False)
     except (NotImplementedError, OSError) as err:
         if isinstance(err, OSError) and err.errno not in NO_FLOCK_ERRNOS:
             raise
         lock = SoftFileLock(path + ".soft")
-        _acquire_soft(lock, timeout)
+        _acquire_noting(lock, timeout, soft=True)
     try:
         yield
     finally:
         lock.release()
 
 
-#: Seconds between the warnings of a wait on a lock file (:func:`file_lock`'s fallback).
+#: Seconds between the warnings of a wait on a lock (:func:`file_lock`).
 SOFT_LOCK_NOTE_S = 30.0
 
 
-def _acquire_soft(lock: Any, timeout: float) -> None:
-    """Acquires a ``SoftFileLock``, warning while it waits: its file may be a killed process's."""
+def _acquire_noting(lock: Any, timeout: float, soft: bool) -> None:
+    """Acquires a filelock lock, warning every :data:`SOFT_LOCK_NOTE_S` seconds while it waits:
+    a silent wait looks like a hang (another process building the op takes minutes), and a
+    lock file (``soft``) may be a killed process's."""
     from filelock import Timeout
 
     start = time.monotonic()
@@ -142,10 +144,19 @@ def _acquire_soft(lock: Any, timeout: float) -> None:
         except Timeout:
             if left is not None and left <= SOFT_LOCK_NOTE_S:
                 raise
-            log.warning(
-                "waiting %.0f s for the lock file %s (this filesystem cannot lock files); a "
-                "killed process leaves it behind: delete it if no bldseg process uses %s",
-                time.monotonic() - start,
-                lock.lock_file,
-                Path(lock.lock_file).parent,
-            )
+            waited = time.monotonic() - start
+            if soft:
+                log.warning(
+                    "waiting %.0f s for the lock file %s (this filesystem cannot lock files); a "
+                    "killed process leaves it behind: delete it if no bldseg process uses %s",
+                    waited,
+                    lock.lock_file,
+                    Path(lock.lock_file).parent,
+                )
+            else:
+                log.warning(
+                    "waiting %.0f s for the lock on %s: another process holds it (building the "
+                    "native op or writing this cache); the wait ends when it does",
+                    waited,
+                    lock.lock_file,
+                )

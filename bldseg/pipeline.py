@@ -629,7 +629,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     client = tracking.check_tracking(uri)
     truth = test_truth(data) if data.test is not None and data.test_truth_csv else None
     if "pipeline_run_id" not in state:
-        exp_id = tracking.ensure_experiment(client, cfg.name, uri, ".")
+        exp_id = tracking.ensure_experiment(client, cfg.name, uri, ".", other="--name NAME")
         run = client.create_run(
             exp_id,
             run_name=f"pipeline:{cfg.name}",

@@ -131,3 +131,29 @@ def test_a_left_lock_file_is_named_while_waiting(tmp_path, monkeypatch, caplog):
     said = [r.getMessage() for r in caplog.records]
     assert said and all(f"the lock file {path}.soft" in m for m in said)
     assert "delete it if no bldseg process uses" in said[0]
+
+
+def test_a_wait_on_a_held_lock_is_named(tmp_path, monkeypatch, caplog):
+    # with flock the wait was silent: a process waiting for another's op build looked hung
+    import logging
+
+    import filelock
+    from filelock import Timeout
+
+    from bldseg import io
+
+    monkeypatch.setattr(io, "SOFT_LOCK_NOTE_S", 0.05)
+    path = tmp_path / "x.lock"
+    holder = filelock.FileLock(str(path))  # another open file: flock conflicts as across processes
+    holder.acquire()
+    try:
+        level = caplog.at_level(logging.WARNING, logger="bldseg.io")
+        with level, pytest.raises(Timeout), file_lock(path, timeout=0.3):
+            pass
+    finally:
+        holder.release()
+    said = [r.getMessage() for r in caplog.records]
+    assert said and all(f"for the lock on {path}: another process holds it" in m for m in said)
+    assert not (tmp_path / "x.lock.soft").exists()
+    with file_lock(path, timeout=0.3):  # released: taken at once
+        pass

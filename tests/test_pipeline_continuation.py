@@ -376,3 +376,24 @@ def test_a_pipeline_recorded_with_a_flag_its_data_did_not_read_continues(tmp_pat
     )
     with pytest.raises(ContinuationError, match="data_options"):
         pipeline.check_continuation(PipelineConfig(data="imgs"), folders, "fp")
+
+
+def test_a_deleted_experiment_names_the_pipelines_own_flag(small_world, tmp_path, monkeypatch):
+    # the message said "pass --experiment NAME", a flag the pipeline does not have
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("pipeline"))
+    cfg = PipelineConfig(
+        data=str(small_world.root),
+        data_root=str(small_world.root.parent),
+        tracking_uri=uri,
+        base=dict(TRAIN),
+    )
+    with pytest.raises(ValueError, match="is deleted") as e:
+        pipeline.run_pipeline(cfg)
+    assert "pass --name NAME to log into another experiment" in str(e.value)
+    assert "--experiment NAME" not in str(e.value)
+    assert not (tmp_path / "runs").exists()

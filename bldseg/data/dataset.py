@@ -10,12 +10,14 @@ DataLoader workers map the same files instead of copying the arrays.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +104,28 @@ def _group_codes(n: int, groups: Sequence[str] | None) -> np.ndarray:
     )
     order = np.argsort(np.argsort(first))
     return order[codes]
+
+
+def split_record(ids: Sequence[str], assigned: np.ndarray) -> dict[str, Any]:
+    """What a run records of its split (``folds.json``, a single run's ``last.pt``): the
+    number of images and SHA-256 fingerprints of their ids and of the (id, part) pairs
+    (order-free; small for any data).
+
+    Args:
+        ids: The id of every training image.
+        assigned: (N,) the part each image is in: the fold that holds it out
+            (:func:`fold_assignment`), or 1 for validation and 0 for training.
+    """
+    pairs = sorted(zip((str(i) for i in ids), (int(f) for f in assigned), strict=True))
+
+    def digest(lines: Sequence[str]) -> str:
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    return {
+        "images": len(pairs),
+        "ids_sha256": digest([i for i, _ in pairs]),
+        "folds_sha256": digest([f"{i}\t{f}" for i, f in pairs]),
+    }
 
 
 def fold_assignment(

@@ -41,6 +41,7 @@ from bldseg.data.dataset import (
     fold_indices,
     split_groups,
     split_indices,
+    split_record,
     validation_tiles,
 )
 from bldseg.data.prepare import PreparedData, prepare_data
@@ -711,6 +712,36 @@ def _timed(batches: Any, waited: list[float]):
         yield batch
 
 
+def _check_same_split(was: dict | None, now: dict[str, Any], last_path: Path) -> None:
+    """Refuses to resume a run whose validation images would be others now.
+
+    The split groups (``--group-column``) are a data option, not part of the run config, so
+    the config check misses them; a run resumed with others would validate on images it
+    trained on. ``was`` is None for a ``last.pt`` written before bldseg recorded its split.
+
+    Raises:
+        ValueError: Other images, or the same images split otherwise (naming the flags).
+    """
+    if was is None:
+        return
+    again = (
+        "Resume with the --group-column / --split-group (and the --data) the run was started "
+        "with, or use another --out"
+    )
+    if was.get("ids_sha256") != now["ids_sha256"]:
+        raise ValueError(
+            f"{last_path}: the run was trained on {was.get('images')} images, the data now has "
+            f"{now['images']} images with other ids (the data changed). " + again
+        )
+    if was.get("folds_sha256") != now["folds_sha256"]:
+        raise ValueError(
+            f"{last_path}: the data's {now['images']} images are split into training and "
+            "validation otherwise than when the run started (other split groups: "
+            "--group-column or --split-group differ); the resumed run would validate on images "
+            "it trained on. " + again
+        )
+
+
 def split_for(cfg: RunConfig, cache: Any) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) indices of ``cache``'s images that :func:`fit` uses for ``cfg``.
 
@@ -794,6 +825,9 @@ def fit(
     cache = data.train
     groups = split_groups(cache, cfg.split_group)  # the validation probabilities record them
     train_idx, val_idx = split_for(cfg, cache)
+    validated = np.zeros(len(cache), np.int64)
+    validated[val_idx] = 1
+    split = split_record(cache.ids, validated)  # last.pt records it; a resume compares it
     h, w = cache.image_size
     used = fitted_crop(cfg, (h, w))
     if used.aug.crop_size != cfg.aug.crop_size:
@@ -812,6 +846,7 @@ def fit(
         # mmap: the config and the names of the weights, without reading them
         recorded = load_state(last_path, mmap=True)
         check_same_config(recorded["config"], cfg, last_path)
+        _check_same_split(recorded.get("split"), split, last_path)
         if cfg.pretrained is not None:
             rebuild = overrides_for_checkpoint(recorded["models"][0])
         saved_layout = recorded.get("optimizer_groups") or [
@@ -1064,6 +1099,7 @@ def fit(
                 "schedulers": [s.state_dict() for s in schedulers],
                 "scaler": scaler.state_dict(),  # {} unless fp16
                 "rng": _rng_state(),
+                "split": split,  # which images trained and which validated
             },
             last_path,
         )

@@ -29,7 +29,6 @@ from its ``last.pt``, which continues exactly, so both orders train the same mod
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from bldseg import metrics
-from bldseg.data.dataset import fold_assignment, split_groups
+from bldseg.data.dataset import fold_assignment, split_groups, split_record
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.io import atomic_path, file_lock, write_json
 from bldseg.models import create_model
@@ -242,26 +241,6 @@ def check_kfold_folder(out: Path) -> None:
                 f"{out / name}: {out} holds a single run (trained without --folds); K folds "
                 "there would mix their files with it. Use another --out"
             )
-
-
-def split_record(ids: Sequence[str], assigned: np.ndarray) -> dict[str, Any]:
-    """What ``folds.json`` records of a fold assignment: the number of images and SHA-256
-    fingerprints of their ids and of the (id, fold) pairs (order-free; small for any data).
-
-    Args:
-        ids: The id of every training image.
-        assigned: (N,) the fold that holds out each image (:func:`fold_assignment`).
-    """
-    pairs = sorted(zip((str(i) for i in ids), (int(f) for f in assigned), strict=True))
-
-    def digest(lines: Sequence[str]) -> str:
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-    return {
-        "images": len(pairs),
-        "ids_sha256": digest([i for i, _ in pairs]),
-        "folds_sha256": digest([f"{i}\t{f}" for i, f in pairs]),
-    }
 
 
 #: What a resumed K-fold run with another fold assignment is told.

@@ -114,6 +114,7 @@ def plot_worst_tiles(
     path: Path,
     k: int = 8,
     labels: list[str] | None = None,
+    ranking: tuple[str, np.ndarray] | None = None,
 ) -> Path:
     """Grid of the ``k`` tiles with the lowest Dice: image | ground truth | prediction overlay.
 
@@ -124,9 +125,18 @@ def plot_worst_tiles(
         path: Output PNG.
         k: Rows.
         labels: Tile ids for the row titles.
+        ranking: ``(name, scores)``: the tiles are already ranked by the caller (e.g. the
+            smoothed Dice of :mod:`bldseg.train.suspects`); drawn in their given order, each
+            titled with its score, instead of re-sorted by plain Dice.
     """
-    dice = metrics.dice_per_image(pred.astype(bool), truth.astype(bool))
-    order = np.argsort(np.nan_to_num(dice, nan=2.0))[:k]
+    if ranking is None:
+        name, score = "Dice", metrics.dice_per_image(pred.astype(bool), truth.astype(bool))
+        order = np.argsort(np.nan_to_num(score, nan=2.0))[:k]
+    else:
+        name, score = ranking[0], np.asarray(ranking[1], dtype=np.float64)
+        if score.shape != (len(images),):
+            raise ValueError(f"ranking: expected {len(images)} scores, got shape {score.shape}")
+        order = np.arange(min(k, len(images)))
     fig, axes = plt.subplots(len(order), 3, figsize=(7.5, 2.5 * len(order)), squeeze=False)
     for row, i in enumerate(order):
         overlay = images[i].astype(np.float32) / 255.0
@@ -135,9 +145,9 @@ def plot_worst_tiles(
         for (g, p), c in colours.items():
             sel = (truth[i] == g) & (pred[i] == p)
             overlay[sel] = 0.45 * overlay[sel] + 0.55 * np.array(c)
-        name = labels[i] if labels is not None else str(i)
+        tile = labels[i] if labels is not None else str(i)
         axes[row, 0].imshow(images[i])
-        axes[row, 0].set_title(f"{name}  Dice={dice[i]:.3f}", fontsize=8)
+        axes[row, 0].set_title(f"{tile}  {name}={score[i]:.3f}", fontsize=8)
         axes[row, 1].imshow(truth[i], cmap="gray", vmin=0, vmax=1)
         axes[row, 1].set_title("ground truth", fontsize=8)
         axes[row, 2].imshow(overlay)

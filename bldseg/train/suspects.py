@@ -236,8 +236,15 @@ def write_suspects(
             pred = (torch.sigmoid(model.eval()(x).float()) >= threshold)[:, 0].cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     # "prediction" column = the model; "ground truth" column = the suspect mask
+    # Rows in the CSV's order (smoothed Dice), not re-sorted by the plotter's plain Dice.
     png = plot_worst_tiles(
-        images, masks, pred, out / "suspects.png", k=top, labels=list(head["img_id"])
+        images,
+        masks,
+        pred,
+        out / "suspects.png",
+        k=top,
+        labels=list(head["img_id"]),
+        ranking=("smoothed Dice", head["smoothed_dice"].to_numpy()),
     )
     csv = out / "suspects.csv"
     with atomic_path(csv, suffix=".csv") as tmp:

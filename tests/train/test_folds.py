@@ -335,6 +335,27 @@ def test_resuming_with_other_split_groups_is_refused(grouped, tmp_path, capsys):
     assert not (copy / "fold1").exists()
 
 
+def test_resuming_a_single_run_with_other_split_groups_is_refused(grouped, tmp_path, capsys):
+    # A single run (no --folds) resumed without --group-column validated on images it had
+    # trained on, without a word: last.pt records its split, compared before anything trains.
+    data, _ = grouped
+    argv = ["--data", str(data), "--data-root", str(data.parent / "cache")]
+    argv += ["--out", str(tmp_path / "run")]
+    for s in [*ONE_EPOCH, "impl=compiled"]:
+        argv += ["--set", s]
+    assert train_cmd.main([*argv, "--group-column", "scene"]) == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train_cmd.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "last.pt: the data's 24 images are split into training and validation otherwise" in err
+    assert "--group-column" in err and "--split-group" in err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    # with the same groups the (finished) run is continued: nothing left to train
+    assert train_cmd.main([*argv, "--group-column", "scene"]) == 0
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())) == 1
+
+
 @pytest.fixture(scope="module")
 def grouped_done(grouped):
     """The grouped run, completed with --group-column scene from a folds.json of before the

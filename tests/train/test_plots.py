@@ -48,3 +48,33 @@ def test_kfold_worst_tiles_are_drawn_at_the_out_of_fold_threshold(tmp_path):
 
     assert not np.array_equal(drawn_at(row["val_thr_best"]), drawn_at(oof["val_thr_best"]))
     assert np.array_equal(got, drawn_at(oof["val_thr_best"]))
+
+
+def test_worst_tiles_keep_a_given_ranking(tmp_path):
+    # suspects.png must show the CSV's ranking (smoothed Dice), not re-sort by plain Dice:
+    # tile 0 has the lowest plain Dice, the caller ranks tile 2 first
+    levels = [30, 130, 230]
+    images = np.stack([np.full((16, 16, 3), v, np.uint8) for v in levels])
+    truth = np.zeros((3, 16, 16), bool)
+    truth[:, :8] = True
+    pred = np.zeros_like(truth)
+    pred[1, :4] = True  # Dice 0.67
+    pred[2, :8] = True  # Dice 1.0; tile 0 predicts nothing: Dice 0
+
+    def row_greys(path) -> list[int]:
+        png = plt.imread(path)  # (H, W, 4) floats
+        h, w = png.shape[:2]
+        # centre of each row's first (image) panel
+        return [round(png[int(h * (r + 0.5) / 3), int(w * 0.17), 0] * 255) for r in range(3)]
+
+    plain = plot_worst_tiles(images, truth, pred, tmp_path / "plain.png", k=3)
+    assert row_greys(plain) == [30, 130, 230]
+    ranked = plot_worst_tiles(
+        images[[2, 0, 1]],
+        truth[[2, 0, 1]],
+        pred[[2, 0, 1]],
+        tmp_path / "given.png",
+        k=3,
+        ranking=("smoothed Dice", np.array([0.1, 0.9, 0.95])),
+    )
+    assert row_greys(ranked) == [230, 30, 130]
