@@ -51,6 +51,7 @@ from bldseg.data.prepare import (
     without_unread_options,
 )
 from bldseg.ensemble.library import FOLDS_FILE, VAL_FILE, find_runs
+from bldseg.io import finite_json, write_json
 from bldseg.predict import (
     EnsembleSpec,
     fold_checkpoints,
@@ -221,11 +222,15 @@ def _load_state(cfg: PipelineConfig) -> dict:
 
 
 def _save_state(cfg: PipelineConfig, state: dict) -> None:
-    p = _state_path(cfg)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    os.replace(tmp, p)
+    # Strict JSON (a NaN is written as null, which jq and the MLflow UI read), through a
+    # temporary name; numpy scalars as numbers, paths and other objects as text.
+    write_json(_state_path(cfg), state, default=_state_value)
+
+
+def _state_value(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return finite_json(obj.item())
+    return str(obj)
 
 
 def best_config(table: pd.DataFrame) -> dict[str, Any]:

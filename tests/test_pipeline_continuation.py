@@ -397,3 +397,18 @@ def test_a_deleted_experiment_names_the_pipelines_own_flag(small_world, tmp_path
     assert "pass --name NAME to log into another experiment" in str(e.value)
     assert "--experiment NAME" not in str(e.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_state_is_strict_json(tmp_path):
+    # a NaN was written as a bare NaN (strict readers refuse the whole file)
+    cfg = PipelineConfig(out=str(tmp_path / "results"))
+    state = {"gain": float("nan"), "dice": np.float32(0.5), "n": np.int64(3)}
+    pipeline._save_state(cfg, {**state, "where": tmp_path})
+
+    def refuse(word):
+        raise ValueError(f"not strict JSON: {word}")
+
+    text = (tmp_path / "results" / "pipeline" / "pipeline_state.json").read_text()
+    got = json.loads(text, parse_constant=refuse)
+    assert got == {"gain": None, "dice": 0.5, "n": 3, "where": str(tmp_path)}
+    assert pipeline._load_state(cfg) == got
