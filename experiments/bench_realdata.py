@@ -43,6 +43,7 @@ import numpy as np
 from bldseg.data.dataset import split_indices
 from bldseg.data.readers import read_folder_dataset
 from bldseg.io import write_json
+from bldseg.stats import Interval, bootstrap_mean
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,20 @@ def split_record(
         "train": [str(records[i].image_path.relative_to(images_dir)) for i in train_idx],
         "test": [str(records[i].image_path.relative_to(images_dir)) for i in test_idx],
     }
+
+
+def test_interval(scores: dict, records, test_idx, groups: list[str], images_dir: Path) -> Interval:
+    """The official score's 95% cluster-bootstrap interval over the held-out source scenes.
+
+    ``scores`` is predict's ``scores.json``: its per-image Dice (None for an image empty in
+    both the mask and the prediction, which the official score leaves out). Its estimate is
+    the official score.
+    """
+    # predict names each image by its path under --images: the test folder mirrors data/images
+    scene = {str(records[i].image_path.relative_to(images_dir)): groups[i] for i in test_idx}
+    rows = scores["per_image"]
+    dice = [np.nan if r["dice"] is None else r["dice"] for r in rows]
+    return bootstrap_mean(dice, [scene[r["image"]] for r in rows])
 
 
 def _key(obj: Any) -> str:
@@ -249,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     scores = json.loads((pred_dir / "scores.json").read_text())
+    interval = test_interval(scores, records, test_idx, groups, images_dir)
     row = {
         "dataset": data.name,
         "seed": args.seed,
@@ -266,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         "val_dice_best": best["val_dice_best"],
         "val_thr_best": best["val_thr_best"],
         "test_official_score": scores.get("official_score"),
+        # 95% bootstrap over the held-out source scenes (few scenes: a wide interval)
+        "test_official_low": interval.low,
+        "test_official_high": interval.high,
+        "test_scenes_scored": interval.clusters,
         "test_pixel_iou": scores.get("pixel_iou"),
         "test_pixel_f1": scores.get("pixel_f1"),
         "predict_s": round(predict_s, 1),

@@ -76,3 +76,27 @@ def test_another_split_gets_its_own_folders_and_seed_is_training_only(tmp_path):
     recorded = json.loads((split_dir / "split.json").read_text())
     assert (recorded["test_fraction"], recorded["split_seed"]) == (0.5, 0)
     assert run["test_tiles"] == len(test_idx)
+    assert run["test_official_low"] <= run["test_official_score"] <= run["test_official_high"]
+    assert run["test_scenes_scored"] <= len(test_idx)
+
+
+def test_the_test_score_has_a_scene_bootstrap_interval(tmp_path):
+    # the held-out official score was printed alone: 8 tiles of 2 scenes give a wide interval
+    data = _folder(tmp_path / "data")
+    records = read_folder_dataset(data / "images", data / "masks")
+    groups = bench_realdata.split_groups(records, r"tile(\d)")  # one scene per tile
+    two = [f"s{int(g) % 2}" for g in groups]  # two scenes, tiles interleaved
+    test_idx = [0, 1, 2, 3]
+    dice = [0.9, 0.5, None, 0.7]  # tile2 empty in mask and prediction: left out
+    scores = {
+        "per_image": [
+            {"image": records[i].image_path.name, "dice": d}
+            for i, d in zip(test_idx, dice, strict=True)
+        ]
+    }
+    iv = bench_realdata.test_interval(scores, records, test_idx, two, data / "images")
+    assert iv.estimate == pytest.approx(0.7) and (iv.n, iv.clusters) == (3, 2)
+    assert iv.low < iv.estimate < iv.high
+    assert iv.low >= 0.5 and iv.high <= 0.9
+    alone = bench_realdata.test_interval(scores, records, test_idx, groups, data / "images")
+    assert alone.clusters == 3  # the empty/empty tile's scene has no score
