@@ -127,6 +127,10 @@ def main() -> None:
                 "thr_best": b["val_thr_best"],
                 "thr_widened": bool(b.get("val_thr_widened", 0)),
                 "thr_youden": b["val_thr_youden"],
+                # what the run cost (recorded per epoch; also for a run trained earlier):
+                # co-teaching trains two networks
+                "train_s": sum(h["epoch_s"] for h in r.history),
+                "train_cpu_s": sum(h.get("cpu_s", float("nan")) for h in r.history),
             }
             # One pass over the test split; the three rules threshold the same maps, as a
             # one-member ensemble spec would (bldseg.predict.combine_members, k = 1).
@@ -154,6 +158,8 @@ def main() -> None:
         "thr_best",
         "thr_youden",
         *[f"test_dice_{rule}" for rule in RULES],
+        "train_s",
+        "train_cpu_s",
     ]
     print("\nper run (validation: noisy masks; test: clean held-out masks)")
     print("  ".join(f"{c:>15}" for c in cols))
@@ -186,13 +192,30 @@ def main() -> None:
             f"  {rule:>6} co-teaching - bce (paired): {_fmt(d['interval'], signed=True)} "
             f"[{iv['low']:+.4f}, {iv['high']:+.4f}] ({verdict})   seeds: {seeds}"
         )
+    cost = {
+        arm: {
+            k: float(np.mean([r[k] for r in rows if r["run"] == arm]))
+            for k in ("train_s", "train_cpu_s")
+        }
+        for arm in arms
+    }
+    ratio = cost["coteaching"]["train_cpu_s"] / cost["bce"]["train_cpu_s"]
+    print(
+        "\ncost per run, mean over seeds: "
+        + "; ".join(
+            f"{arm} {c['train_s']:.0f} s wall, {c['train_cpu_s']:.0f} CPU s"
+            for arm, c in cost.items()
+        )
+        + f" (co-teaching / bce CPU: {ratio:.2f}x)"
+    )
     print(
         "The first interval covers which test images were drawn, the second the training "
         f"randomness (Student's t over the {len(args.seeds)} seeds); a difference is beyond "
         "noise only when both exclude 0."
     )
     if args.json:
-        record = {"runs": rows, "summary": summary, "base": base, "data": data.description}
+        record = {"runs": rows, "summary": summary, "cost": cost, "base": base}
+        record["data"] = data.description
         write_json(args.json, {**record, "data_fingerprint": data.train.fingerprint})
         print(f"wrote {args.json}")
 
