@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from bldseg.commands import USER_ERRORS, fail
 from bldseg.data.dataset import fold_assignment, split_groups
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.folds is not None:
         fixed["folds"] = args.folds
     try:
-        cfg = RunConfig.from_flat({**fixed, "data": args.data})
+        # recorded absolute: the same command from another folder continues the run
+        where = None if args.data is None else os.path.abspath(args.data)
+        cfg = RunConfig.from_flat({**fixed, "data": where})
         data = prepare_data(
             args.data, options=data_options(args), data_root=args.data_root, verbose=True
         )

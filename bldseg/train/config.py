@@ -242,7 +242,7 @@ class RunConfig:
     threshold_lo: float = 0.30  # threshold sweep range, low end
     threshold_hi: float = 0.70  # threshold sweep range, high end
     tta: bool = False  # flip test-time augmentation in validation
-    seed: int = 0  # seeds the split, the crops, the init and the batches
+    seed: int = 0  # seeds the crops, the init and the batches (the split: split_seed)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
     # auto: bf16 on GPU, fp32 on CPU; bf16 on a CPU: T's step 1.7-2.2x on AVX512-BF16
     # (CPU_DEMO sets bf16 where the CPU has it natively)
@@ -311,6 +311,17 @@ class RunConfig:
             bad("coteach.granularity", "must be 'tile' or 'pixel'")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             bad("precision", "must be auto, fp32, bf16 or fp16")
+        if self.impl not in ("auto", "compiled", "reference"):
+            bad("impl", "must be auto, compiled or reference")
+        if self.device != "auto":
+            # parsed only: a config made on one machine may run on another (availability is
+            # checked where the run starts, bldseg.train.engine.resolve_device)
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                bad("device", "is not a torch device (auto, cpu, cuda, cuda:N)")
         if self.compile:
             import torch._dynamo
 
@@ -373,7 +384,13 @@ class RunConfig:
             ("sched.warmup_frac", 0 <= self.sched.warmup_frac < 1, "must be in [0, 1)"),
             ("sched.warmup_steps", self.sched.warmup_steps >= 0, "must be >= 0"),
             ("sched.warmup_max_frac", 0 < self.sched.warmup_max_frac <= 1, "must be in (0, 1]"),
-            ("sched.min_lr", 0 <= self.sched.min_lr < self.optim.lr, "must be in [0, optim.lr)"),
+            (
+                "sched.min_lr",
+                # a floor only cosine_restarts and poly read (OneCycle's is final_div_factor)
+                self.sched.name not in ("cosine_restarts", "poly")
+                or 0 <= self.sched.min_lr < self.optim.lr,
+                "must be in [0, optim.lr)",
+            ),
             ("sched.power", self.sched.power > 0, "must be > 0"),
         ]
         for name, ok, why in checks:

@@ -92,10 +92,28 @@ class NonFiniteProbabilitiesError(ValueError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu."""
+    """``auto`` -> cuda if available, else cpu.
+
+    Raises:
+        ValueError: ``name`` is not a torch device, or a CUDA device this machine lacks (torch's
+            own error is an AssertionError deep inside the first ``.to``).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={name!r}: no CUDA device here; use device=auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device={name!r}: this machine has {count} CUDA device(s): "
+                f"cuda:0..cuda:{count - 1}"
+            )
+    return device
 
 
 def cpu_has_native_bf16() -> bool | None:
@@ -629,12 +647,23 @@ def check_same_config(recorded: dict[str, Any], cfg: RunConfig, where: str | Pat
     was = RunConfig.from_flat(recorded).to_flat()
     now = cfg.to_flat()
     differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    if "data" in differ and _same_folder(was.get("data"), now.get("data")):
+        # `--data mydata/` from the run's folder, `--data /abs/mydata` from elsewhere: the same
+        # data (the split check compares its images' ids)
+        differ.remove("data")
     if differ:
         shown = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
         raise ValueError(
             f"{where} was written by a different config ({shown}); use a new out_dir, or "
             "the recorded settings to continue it"
         )
+
+
+def _same_folder(a: str | None, b: str | None) -> bool:
+    """Whether two ``data`` values name one folder (relative ones from the working folder)."""
+    if a is None or b is None:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_run_folder(out: Path) -> None:

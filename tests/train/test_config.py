@@ -100,6 +100,9 @@ def test_unknown_flat_key_is_named(key, named):
         ({"coteach.t_k": 0}, "coteach.t_k=0"),
         ({"sched.name": "step"}, "sched.name='step'"),
         ({"precision": "fp8"}, "precision='fp8'"),
+        ({"impl": "foo"}, "impl='foo' must be auto, compiled or reference"),
+        ({"device": "gpu"}, "device='gpu' is not a torch device"),
+        ({"sched.name": "poly", "sched.min_lr": 1.0}, "sched.min_lr=1.0"),
         ({"threshold_lo": 0.8}, "threshold_lo=0.8"),
         ({"aux_weight": -1.0}, "aux_weight=-1.0"),
         ({"aug.vflip_p": 2.0}, "vflip_p=2.0"),
@@ -251,3 +254,22 @@ def test_whole_floats_become_ints():
     assert (c.sched.cycles, c.epochs, c.aug.crop_size) == (3, 4, 64)
     assert all(type(v) is int for v in (c.sched.cycles, c.epochs, c.aug.crop_size))
     assert type(RunConfig.from_flat({"optim.lr": 1e-3}).optim.lr) is float
+
+
+def test_min_lr_is_checked_only_where_a_schedule_reads_it():
+    # OneCycle's floor is lr / (div_factor * final_div_factor): a low optim.lr was refused for
+    # a min_lr it never reads
+    assert RunConfig.from_flat({"sched.name": "onecycle", "optim.lr": 1e-6}).optim.lr == 1e-6
+    with pytest.raises(ValueError, match=r"sched\.min_lr=1e-06 must be in \[0, optim\.lr\)"):
+        RunConfig.from_flat({"sched.name": "cosine_restarts", "optim.lr": 1e-6})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cuda_device_this_machine_lacks_is_named():
+    from bldseg.train.engine import resolve_device
+
+    # torch's own error was an AssertionError traceback from the first .to()
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device='{name}': no CUDA device here"):
+            resolve_device(name)
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -154,3 +154,27 @@ def test_set_fold_is_refused_naming_the_flag(small_world, tmp_path, capsys):
     assert e.value.code == 2
     assert "--set fold=...: train one fold with --fold F" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_same_data_from_another_folder_continues_the_run(small_world, tmp_path, monkeypatch):
+    # `--data synthetic` from the data root, then the same command from elsewhere with an
+    # absolute path: refused as "a different config (data: 'synthetic' -> '/abs/synthetic')"
+    from bldseg.train.engine import check_same_config
+
+    monkeypatch.chdir(small_world.root.parent)
+    rel = small_world.root.name
+    argv = ["--data", rel, "--data-root", ".", "--out", str(tmp_path / "run")]
+    for s in ("aug.crop_size=32", "batch_size=8", "samples_per_epoch=16", "epochs=1"):
+        argv += ["--set", s]
+    assert train_cmd.main([*argv, "--set", "impl=compiled"]) == 0
+    recorded = load_state(tmp_path / "run" / "last.pt")["config"]
+    assert recorded["data"] == str(small_world.root)  # recorded absolute
+    monkeypatch.chdir(tmp_path)
+    argv[1], argv[3] = str(small_world.root), str(small_world.root.parent)
+    assert train_cmd.main([*argv, "--set", "impl=compiled"]) == 0
+    # a run recorded by older bldseg (as typed) continues from its folder, spelled otherwise
+    monkeypatch.chdir(small_world.root.parent)
+    old = {**recorded, "data": rel}
+    check_same_config(old, RunConfig.from_flat({**recorded, "data": f"./{rel}/"}), "last.pt")
+    with pytest.raises(ValueError, match=r"data: 'synthetic' -> '/elsewhere'"):
+        check_same_config(old, RunConfig.from_flat({**recorded, "data": "/elsewhere"}), "last.pt")
