@@ -188,3 +188,26 @@ def test_suspects_refuses_bad_counts_first(tmp_path, argv, message, capsys):
         suspects.main(["--checkpoint", str(tmp_path / "x.pt"), "--out", str(tmp_path), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "suspects.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "command, argv, message",
+    [
+        # the searches refuse it; train overwrote it with --data (or the synthetic world)
+        (
+            "train",
+            ["--set", "data=/x", "--out", "run"],
+            "--set data=...: pass the dataset with --data",
+        ),
+        # the pipeline failed after writing its state and an MLflow run, naming 'my run-tune_aug'
+        ("pipeline", ["--name", "my run"], "argument --name: 'my run' may hold only letters"),
+        ("pipeline", ["--name", "../x"], "argument --name: '../x' may hold only letters"),
+    ],
+)
+def test_flags_refused_before_anything_runs(command, argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *argv, "--data-root", str(tmp_path / "root")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

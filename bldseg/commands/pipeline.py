@@ -40,6 +40,7 @@ from bldseg.tune.cli import (
     fixed_config,
     parse_set,
     refuse_search_sets,
+    search_name,
 )
 
 
@@ -52,7 +53,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--name", default="pipeline", help="run name (MLflow experiment, folders)")
+    p.add_argument(
+        "--name",
+        default="pipeline",
+        type=search_name,  # its searches are named <name>-<stage>: folder names
+        help="run name (MLflow experiment, folders): letters, digits, '.', '_', '-'",
+    )
     p.add_argument("--out", default="results", help="state, ensemble, submission, report")
     p.add_argument("--storage", default="runs", help="search results (shared on a cluster)")
     add_data_arguments(p)

@@ -635,7 +635,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, training: bool = True
             "--mask-values",
             type=_int_list,
             default=None,
-            help="mask values / palette indices that are buildings, e.g. 1,2 (default: nonzero)",
+            help=(
+                "mask values / palette indices that are buildings, e.g. 1,2 (default: binary "
+                "masks as they are; label masks are refused, naming this flag and --mask-nonzero)"
+            ),
         )
         a(
             "--mask-nonzero",
