@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 from typing import Any
 
 from bldseg.ensemble.library import find_runs
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
-from bldseg.ensemble.run import SearchConfig, run_search, summary_lines
+from bldseg.ensemble.run import SearchConfig, make_out_dir, run_search, summary_lines
 from bldseg.ensemble.search import default_workers
 
 #: The job's own defaults, which the flags' defaults and their help texts read.
@@ -179,6 +181,14 @@ def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
     """
     if a.k is not None and a.k_range is not None:
         p.error("-k and --k-range both set the ensemble sizes; give one of them")
+    # checked here, before Ray starts; the search checks k against the library's size
+    if a.k is not None and a.k < 1:
+        p.error(f"-k must be at least 1, got {a.k}")
+    if a.k_range is not None and not 1 <= a.k_range[0] <= a.k_range[1]:
+        kmin, kmax = a.k_range
+        p.error(f"--k-range {kmin} {kmax}: the sizes KMIN..KMAX need 1 <= KMIN <= KMAX")
+    if a.workers is not None and a.workers < 0:
+        p.error(f"--workers must be 0 (no Ray) or more, got {a.workers}")
     if a.method == "greedy":
         for flag, given in (("-k", a.k), ("--k-range", a.k_range)):
             if given is not None:
@@ -226,12 +236,40 @@ def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
                 p.error(f"{flag} sets the MLflow run; it needs --tracking-uri")
 
 
+def _check_ray_address(address: str | None, flag: str, timeout_s: float = 5.0) -> None:
+    """Refuses a Ray head that does not accept a TCP connection within ``timeout_s``.
+
+    ``ray.init`` retries an unreachable head for minutes before it fails. ``host:port`` and
+    ``ray://host:port`` (a Ray Client server) are probed; other forms (``auto``, ``local``,
+    none) name no port to probe and are left to Ray.
+
+    Raises:
+        ValueError: naming ``flag``, the address and the connection error.
+    """
+    if not address or ("://" in address and not address.startswith("ray://")):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    host = host.strip("[]")  # an IPv6 host: [::1]:6379
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{flag} {address}: no Ray head answers there ({e.strerror or e}); start the "
+            "cluster (ray start --head) or pass the address its head printed, or drop "
+            f"{flag} to run on a local Ray"
+        ) from None
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Runs the search and prints the chosen ensemble; returns the exit status.
 
     Bad input (a missing folder, k larger than the library, a flag that does not apply to the
-    chosen method or rule, an unreachable --tracking-uri, ...) is one line on stderr and
-    status 2; the tracking store is checked before Ray or the data are touched.
+    chosen method or rule, an unreachable --tracking-uri or --address, an --out that cannot be
+    a folder, ...) is one line on stderr and status 2; the tracking store, --out and the Ray
+    head are checked before Ray or the data are touched.
 
     Args:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
@@ -269,12 +307,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             msg = f"cannot use MLflow tracking store {uri}: {err}"
             print(f"{parser.prog}: error: {msg}", file=sys.stderr)
             return 2
+    try:  # before Ray: an --out under a file should not first start or join a cluster
+        make_out_dir(a.out)
+    except ValueError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     if a.method == "exhaustive" and workers != 0:
         from bldseg.tune.runner import init_ray
 
+        address = a.address or os.environ.get("RAY_ADDRESS")
+        try:
+            _check_ray_address(address, "--address" if a.address else "RAY_ADDRESS")
+        except ValueError as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
         # Joins --address or RAY_ADDRESS (set under `ray job submit`); else a local Ray on
         # 127.0.0.1 only.
-        init_ray(a.address)
+        init_ray(address)
         workers = workers or default_workers()
 
     def given(value: Any, default: Any) -> Any:  # a flag's value, else the job's default

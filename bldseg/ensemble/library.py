@@ -170,8 +170,9 @@ def load_library(
     Raises:
         FileNotFoundError: a run folder has no ``file_name``.
         ValueError: naming the model and the tile, when models hold different tiles, a tile's
-            ground truth or source image differs, arrays have the wrong dtype or shape, or a
-            model is given twice.
+            ground truth or source image differs, arrays have the wrong dtype or shape, a
+            model is given twice, or two models' npz files lie in one folder (they would share
+            its checkpoint).
     """
     if not paths:
         raise ValueError("a model library needs at least one model")
@@ -184,6 +185,8 @@ def load_library(
     dup = {str(f) for f in resolved if resolved.count(f) > 1}
     if dup:
         raise ValueError(f"model(s) given more than once: {sorted(dup)}")
+    checkpoints = [member_checkpoint(f.parent) for f in npz]
+    _refuse_shared_checkpoints(npz, checkpoints)
     names = _names(run_paths, Path(root) if root is not None else None)
 
     probs = None
@@ -251,12 +254,31 @@ def load_library(
     return ModelLibrary(
         names=names,
         sources=npz,
-        checkpoints=[member_checkpoint(f.parent) for f in npz],
+        checkpoints=checkpoints,
         probs=probs,
         truth=truth,
         tile_ids=tile_ids,
         image_ids=image_ids,
     )
+
+
+def _refuse_shared_checkpoints(npz: Sequence[Path], checkpoints: Sequence[Path]) -> None:
+    """Refuses two models whose npz files lie in one folder, so share its checkpoint.
+
+    A model predicts with the ``best.pt`` (``folds.json``) next to its npz: the search would
+    score the distinct maps, but the spec would name that one checkpoint for each of them and
+    ``bldseg predict`` would run one model k times.
+    """
+    first: dict[Path, Path] = {}  # resolved checkpoint -> the first npz that uses it
+    for f, c in zip(npz, checkpoints, strict=True):
+        key = c.resolve()
+        if key in first:
+            raise ValueError(
+                f"models {first[key]} and {f} lie in one folder, so both would predict with its "
+                f"checkpoint {c}; pass each model's own run folder (holding its {VAL_FILE} and "
+                f"{CHECKPOINT_FILE}), one per model"
+            )
+        first[key] = f
 
 
 def _align(tid: np.ndarray, ref: np.ndarray, name: str, ref_name: str) -> np.ndarray | None:

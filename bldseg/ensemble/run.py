@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -56,6 +57,7 @@ __all__ = [
     "SearchConfig",
     "SearchSummary",
     "evaluate",
+    "make_out_dir",
     "run_search",
     "submission_decision",
     "summary_lines",
@@ -465,6 +467,28 @@ def _log_mlflow(cfg: SearchConfig, params: dict, scalars: dict, files: dict) -> 
     return rid
 
 
+def make_out_dir(out: str | os.PathLike) -> Path:
+    """Creates the output folder ``--out`` (with its parents) and checks it can be written.
+
+    The command calls it before it starts Ray, so that an unusable ``--out`` is one line, not a
+    traceback after the search.
+
+    Raises:
+        ValueError: naming ``--out`` and why it cannot be used.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder; pass a folder for the outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file among its parents, no permission, a read-only disk, ...
+        why = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        raise ValueError(f"--out {out}: cannot create it ({why}); pass another folder") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: not writable; pass a folder you can write to")
+    return out
+
+
 def run_search(cfg: SearchConfig) -> SearchSummary:
     """Runs the whole job (see the module docstring) and writes its outputs to ``cfg.out``.
 
@@ -474,8 +498,7 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     """
     t0 = time.perf_counter()
     _check_rules(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(cfg.out)
     # Every output is written into a staging folder and moved into --out once all are: a run
     # that fails half-way leaves the previous run's files as they were, not some of each.
     stage = Path(tempfile.mkdtemp(prefix=".ensemble-staging-", dir=out))
@@ -485,25 +508,51 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _library_tta(lib: ModelLibrary) -> bool:
-    """Whether the library's runs validated with flip TTA (their maps are flip-averaged).
+class _MembersTTA:
+    """Whether a spec's members validated with flip TTA (their maps are then flip-averaged, so
+    predict must average flips too), read from each member's own checkpoint, once.
 
-    False for a library of maps without readable checkpoints (nothing to predict with). A
-    library mixing both is searched as it is, predicted with TTA off, and said so.
+    A spec predicts with TTA when every one of its members validated with it; models the
+    search did not choose are never read, so a missing or foreign checkpoint among them changes
+    nothing. A chosen member whose run config cannot be read (a missing ``best.pt``, the empty
+    stand-ins of a synthetic library) and members mixing both are warned about: their specs
+    predict without TTA, which ``bldseg predict --tta`` overrides.
     """
-    flags = set()
-    for c in lib.checkpoints:
-        try:
-            flags.add(member_config(c)[0].tta)
-        except (OSError, ValueError):
-            return False
-    if len(flags) > 1:
-        warnings.warn(
-            "the library mixes runs validated with and without flip TTA; the specs predict "
-            "without it (bldseg predict --tta overrides)",
-            stacklevel=2,
-        )
-    return flags == {True}
+
+    def __init__(self, lib: ModelLibrary):
+        self._lib = lib
+        self._flags: dict[int, bool | None] = {}  # model -> its run config's tta; None: unread
+        self._mixed: set[tuple[int, ...]] = set()  # member sets already warned about
+
+    def _flag(self, m: int) -> bool | None:
+        if m not in self._flags:
+            path = self._lib.checkpoints[m]
+            try:
+                self._flags[m] = member_config(path)[0].tta
+            except (OSError, ValueError) as err:
+                self._flags[m] = None
+                where = "" if str(path) in str(err) else f"{path}: "  # most errors name it
+                warnings.warn(
+                    f"model {self._lib.names[m]!r}: cannot read its run config ({where}{err}), "
+                    "so the specs holding it predict without flip TTA; if that run validated "
+                    "with TTA, predict with bldseg predict --tta",
+                    stacklevel=3,
+                )
+        return self._flags[m]
+
+    def __call__(self, members: Sequence[int]) -> bool:
+        """Whether the spec of these members (model indices) predicts with flip TTA."""
+        flags = {self._flag(m) for m in members}
+        key = tuple(sorted(set(members)))
+        if {True, False} <= flags and key not in self._mixed:
+            self._mixed.add(key)
+            names = "+".join(self._lib.names[m] for m in key)
+            warnings.warn(
+                f"ensemble {names} mixes runs validated with and without flip TTA; its spec "
+                "predicts without it (bldseg predict --tta overrides)",
+                stacklevel=2,
+            )
+        return flags == {True}
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -570,13 +619,13 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     }
     files.update(_plots(stage, per_k_rows, sel, chk, best, lo, hi, rules_searched))
 
-    # the library's maps were flip-averaged when its runs validated with TTA: predict must too
-    tta = _library_tta(lib)
+    # a member's maps were flip-averaged when its run validated with TTA: predict must too
+    tta = _MembersTTA(lib)
     spec = EnsembleSpec(
         checkpoints=[str(lib.checkpoints[m].resolve()) for m in best.members],
         weights=[],
         threshold=best.threshold,
-        tta=tta,
+        tta=tta(best.members),
     )
     spec_path = stage / "best_ensemble.json"
     spec.save(spec_path, home=out)
@@ -587,7 +636,7 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         checkpoints=[str(lib.checkpoints[m].resolve()) for m in single.members],
         weights=[],
         threshold=single.threshold,
-        tta=tta,
+        tta=tta(single.members),
     )
     single_spec.save(stage / "best_single.json", home=out)
     files["single_spec"] = str(stage / "best_single.json")
@@ -602,16 +651,16 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         rule_tiles = {}
         for name, e in found.items():
             rule_rows[name], rule_tiles[name] = _rule_row(name, e, lib, libs, levels)
-            rule_spec = replace(e.spec([c.resolve() for c in lib.checkpoints], levels), tta=tta)
+            rule_spec = e.spec([c.resolve() for c in lib.checkpoints], levels)
+            rule_spec = replace(rule_spec, tta=tta(e.members))
             path = stage / f"best_ensemble_{name}.json"
             rule_spec.save(path, home=out)
             files[f"spec_{name}"] = str(path)
         # max keeps the first of equal scores: the simplest rule (the order of found)
         name = max(found, key=lambda n: found[n].score)
         if name != "mean":
-            spec = replace(
-                found[name].spec([c.resolve() for c in lib.checkpoints], levels), tta=tta
-            )
+            spec = found[name].spec([c.resolve() for c in lib.checkpoints], levels)
+            spec = replace(spec, tta=tta(found[name].members))
             spec.save(spec_path, home=out)
             best_d, best_tiles = rule_rows[name], rule_tiles[name]
     single_d, single_tiles = _with_intervals(_row(single, lib, sel, chk, test), single, libs)

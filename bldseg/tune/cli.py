@@ -276,6 +276,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0 (``--max-concurrent``, where 0 means "as many
+    as the resources allow")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{value} is below 0: pass 1 or more, or 0 for as many trials as the resources allow"
+        )
+    return value
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a searcher seed, 0 to 2**32 - 1 (what Optuna's samplers take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value}: must be from 0 to 2**32 - 1, e.g. 0")
+    return value
+
+
 def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     """The shared flags, with ``space`` as the default search space."""
     p = argparse.ArgumentParser(
@@ -386,8 +411,14 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         help="continue the interrupted search --name (default: the latest of this space); "
         "after Ctrl-C the search says the command",
     )
-    a("--seed", type=int, default=0, help="searcher seed (default 0)")
-    a("--max-concurrent", type=int, default=0, help="max trials at once (default: resources)")
+    a("--seed", type=seed_value, default=0, help="searcher seed, 0 to 2**32 - 1 (default 0)")
+    a(
+        "--max-concurrent",
+        type=non_negative_int,
+        default=0,
+        help="max trials at once; 0: as many as the resources allow (default 0); a resumed "
+        "search keeps the limit it started with",
+    )
     a(
         "--set",
         action="append",
@@ -461,6 +492,14 @@ def main(
     except SearchInterrupted as e:
         # the exit status of a process ended by SIGINT, with the way back in the message
         print(f"\ninterrupted: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        # Ctrl-C while the data or Ray were being prepared: no trial started, no traceback
+        print(
+            "\ninterrupted before the search started (no trial ran); run the same command "
+            "again to start it",
+            file=sys.stderr,
+        )
         return 130
     t = result.table
     cols = [

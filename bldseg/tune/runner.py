@@ -53,8 +53,10 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -237,6 +239,8 @@ RESUMED_SETTINGS = (
     # the resources the trials were started with (absent from records of older searches)
     "cpus_per_trial",
     "gpus_per_trial",
+    # Tune restores the experiment with the concurrency limit it was started with
+    "max_concurrent",
 )
 
 _UNSET = object()  # a base key one side does not set
@@ -280,6 +284,28 @@ def resumed_spec(spec: SearchSpec, meta: dict[str, Any]) -> SearchSpec:
     return replace(spec, **kept)
 
 
+class _NamingTrial:
+    """An Optuna trial whose ``suggest_*`` errors name the parameter: Optuna's own (``low``
+    above ``high``, an empty list of choices) do not say which one of a space is wrong."""
+
+    def __init__(self, trial: optuna.Trial):
+        self._trial = trial
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self._trial, attr)
+        if not attr.startswith("suggest_") or not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def suggest(name: str, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return value(name, *args, **kwargs)
+            except ValueError as e:
+                raise ValueError(f"parameter {name!r}: {e}") from e
+
+        return suggest
+
+
 def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0) -> set[str]:
     """Samples a space and builds a RunConfig from each sample, before any trial starts.
 
@@ -288,8 +314,9 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
         what the trials' MLflow runs carry as params.
 
     Raises:
-        ValueError: A suggested key is not a config key, or a value is invalid; the message
-            names the parameter and the space.
+        ValueError: A suggested key is not a config key, a value or a range is invalid, or
+            the space returns something else than a dict or None; the message names the
+            parameter and the space.
     """
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     # a space bound to the base config (get_space) is a partial: name its function's module
@@ -298,9 +325,17 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
     for _ in range(samples):
         trial = study.ask()
         try:
-            constants = space(trial) or {}
+            constants = space(_NamingTrial(trial))
         except Exception as e:
             raise ValueError(f"search space {name} failed while sampling: {e}") from e
+        if constants is None:
+            constants = {}
+        elif not isinstance(constants, dict):
+            # e.g. `return trial.suggest_float(...)`: the trial's values are its suggestions
+            raise ValueError(
+                f"search space {name} returned {type(constants).__name__}, expected a dict or "
+                "None (the suggested values are the trial's; return only constants, by key)"
+            )
         sample = {**trial.params, **constants}
         owned = sorted(RUNNER_KEYS.intersection(sample))
         if owned:
@@ -1145,6 +1180,19 @@ def check_pretrained(cfg: RunConfig, searched: set[str]) -> None:
         create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs())
 
 
+def _trials_started(exp_dir: Path) -> bool:
+    """Whether Tune made a trial folder in a search's folder (a trial started, or was to)."""
+    return any(exp_dir.glob("trial_*"))
+
+
+def _remove_unstarted(exp_dir: Path) -> None:
+    """Removes the folder of a new search that failed before any trial started."""
+    try:
+        shutil.rmtree(exp_dir)
+    except OSError as e:  # the search's own error is the one to show
+        log.warning("could not remove %s, left by the failed search: %s; remove it", exp_dir, e)
+
+
 def _interrupted(driver: _SearchDriver, grid, n_trials: int) -> bool:
     """Whether Tune returned before every trial ended (Ctrl-C): Tune's SIGINT handler ends the
     tuning loop, saves the experiment and returns normally."""
@@ -1167,7 +1215,9 @@ def run_search(spec: SearchSpec) -> SearchResult:
         SearchInterrupted: Ctrl-C; the experiment state is saved, the MLflow runs are marked
             KILLED, and ``resume=True`` with the same ``name`` continues the search.
         RuntimeError: The MLflow tracking store is unreachable (before any trial starts).
-        ValueError: An invalid space, base config or option (named).
+        ValueError: An invalid space, base config or option (named). A new search refused or
+            failed before any trial started leaves no results folder (its MLflow run, if it
+            had one, is FAILED): the corrected command can reuse its name.
     """
     if spec.trials < 1:
         raise ValueError(f"trials={spec.trials}: a search needs at least 1 trial (--trials)")
@@ -1202,6 +1252,18 @@ def run_search(spec: SearchSpec) -> SearchResult:
         raise ValueError(
             f"tracking_timeout_s={spec.tracking_timeout_s}: the wait on a silent tracking server "
             "must be positive (--tracking-timeout)"
+        )
+    # Optuna's samplers seed numpy (0 to 2**32 - 1); Ray's and numpy's own refusals came once
+    # Ray had started, without naming the flag
+    if not (isinstance(spec.seed, numbers.Integral) and 0 <= spec.seed < 2**32):
+        raise ValueError(
+            f"seed={spec.seed!r}: the searcher seed must be a whole number from 0 to 2**32 - 1 "
+            "(--seed, e.g. 0)"
+        )
+    if not (isinstance(spec.max_concurrent, numbers.Integral) and spec.max_concurrent >= 0):
+        raise ValueError(
+            f"max_concurrent={spec.max_concurrent!r}: the most trials at once must be 1 or more, "
+            "or 0 for as many as the resources allow (--max-concurrent)"
         )
     with _quiet_libraries():
         return _run_search(spec)
@@ -1265,6 +1327,11 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             ", ".join(overridden),
             centred,
         )
+    # Whatever can refuse the search is checked before its MLflow run, folder and record exist
+    # (here, and the cluster's resources below): a refused search leaves nothing behind, so the
+    # corrected command can take its name again (a --resume would restore the refused setting).
+    # A restored Tuner keeps its own searcher and scheduler; these check the recorded settings.
+    searcher, scheduler = _make_searcher(spec, space), _make_scheduler(spec)
 
     data = prepare_data(
         base.get("data"), options=data_options, data_root=spec.data_root, verbose=True
@@ -1286,6 +1353,23 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     if meta is None:
         # a resume's trials continue from last.pt and may never read the file again
         check_pretrained(fixed, searched)
+    if not ray.is_initialized():
+        init_ray(spec.address)
+    # A trial the cluster can never place waits forever (Ray only logs every minute).
+    total = ray.cluster_resources()
+    for flag, key, want in (
+        ("--cpus-per-trial", "CPU", spec.cpus_per_trial),
+        ("--gpus-per-trial", "GPU", spec.gpus_per_trial),
+    ):
+        if want > total.get(key, 0.0):
+            raise ValueError(
+                f"{flag} {want:g}: the Ray cluster has {total.get(key, 0.0):g} {key}(s) in "
+                "all, so no trial could start; ask for fewer or add nodes"
+            )
+    # trial slots the cluster offers: the denominator of the overhead figure
+    slots = int(total.get("CPU", 1) // max(spec.cpus_per_trial, 1e-9))
+    if spec.max_concurrent:
+        slots = min(slots, spec.max_concurrent)
     experiment_id = tracking.ensure_experiment(client, experiment, uri, project)
     # the commit of the code that runs (bldseg's checkout), not of the folder it runs in
     source = tracking.source_tags(CODE_DIR)
@@ -1325,6 +1409,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         spec.tracking_timeout_s,
     )
     _DRIVERS[parent_run_id] = driver
+    created = False  # whether this session made the search's folder (a new search)
     # From here the parent run is RUNNING: whatever fails ends it (and its children) below.
     try:
         if found is None:
@@ -1357,6 +1442,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     f"{exp_dir} was created by another search while this one prepared its data: "
                     "pass a new --name (or --resume to continue that one once it ends)"
                 ) from None
+            created = meta is None
             # atomically: a resume needs this file whole, and rewrites it for a new parent run
             write_json(
                 exp_dir / META_FILE,
@@ -1373,8 +1459,6 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                 },
                 default=str,
             )
-        if not ray.is_initialized():
-            init_ray(spec.address)
         db = tracking.sqlite_path(uri)
         on_network = tracking.network_filesystem(db.parent) if db is not None else None
         if on_network:
@@ -1424,8 +1508,8 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     # here rather than on the scheduler: the console then shows the best trial
                     metric=METRIC,
                     mode="max",
-                    search_alg=_make_searcher(spec, space),
-                    scheduler=_make_scheduler(spec),
+                    search_alg=searcher,
+                    scheduler=scheduler,
                     num_samples=n_trials,
                     max_concurrent_trials=spec.max_concurrent or None,
                     # one worker process serves several trials: torch import, op load and model
@@ -1447,21 +1531,6 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     verbose=1,
                 ),
             )
-        # A trial the cluster can never place waits forever (Ray only logs every minute).
-        total = ray.cluster_resources()
-        for flag, key, want in (
-            ("--cpus-per-trial", "CPU", spec.cpus_per_trial),
-            ("--gpus-per-trial", "GPU", spec.gpus_per_trial),
-        ):
-            if want > total.get(key, 0.0):
-                raise ValueError(
-                    f"{flag} {want:g}: the Ray cluster has {total.get(key, 0.0):g} {key}(s) in "
-                    "all, so no trial could start; ask for fewer or add nodes"
-                )
-        # trial slots the cluster offers: the denominator of the overhead figure
-        slots = int(total.get("CPU", 1) // max(spec.cpus_per_trial, 1e-9))
-        if spec.max_concurrent:
-            slots = min(slots, spec.max_concurrent)
         grid = tuner.fit()
         driver.drain()
         if _interrupted(driver, grid, n_trials):
@@ -1521,10 +1590,15 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         # the search cannot go on: its runs must not stay RUNNING in the UI
         driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "FAILED")
         driver.tracker.close()
-        _record_session(exp_dir, parent_run_id, time.perf_counter() - t0, "failed")
+        if created and not _trials_started(exp_dir):
+            # Nothing to resume: the folder would only keep the corrected command from taking
+            # the name again. Its FAILED MLflow run stays, the record of the attempt.
+            _remove_unstarted(exp_dir)
+        else:
+            _record_session(exp_dir, parent_run_id, time.perf_counter() - t0, "failed")
         raise
     except KeyboardInterrupt as e:
-        # Ctrl-C outside Tune's loop (starting Ray, or a second Ctrl-C): the search is as
+        # Ctrl-C outside Tune's loop (a second Ctrl-C, or before it started): the search is as
         # resumable as Tune's last saved state; its runs are marked KILLED, without waiting long.
         driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "KILLED")
         driver.tracker.close()

@@ -648,10 +648,12 @@ def test_specs_predict_with_tta_as_the_library_was_validated(tmp_path, flags):
 
     lib = fake_library(3, 16, 16, seed=5, tiles_per_image=2)
     write_runs(lib, tmp_path / "runs")
+    validated = {}
     for ckpt, flag in zip(
         load_library(find_runs(tmp_path / "runs")).checkpoints, flags, strict=True
     ):
         torch.save({"config": RunConfig(tta=flag).to_flat(), "model": {}, "metrics": {}}, ckpt)
+        validated[Path(ckpt).resolve()] = flag
     cfg = SearchConfig(
         runs=str(tmp_path / "runs"), k=[2], out=str(tmp_path / "out"), progress=False
     )
@@ -662,7 +664,9 @@ def test_specs_predict_with_tta_as_the_library_was_validated(tmp_path, flags):
         run_search(cfg)
     for name in ("best_ensemble.json", "best_single.json", "submit.json"):
         spec = EnsembleSpec.load(tmp_path / "out" / name)
-        assert spec.tta is all(flags), name
+        # as its own members were validated (a member without TTA: none)
+        members = [validated[Path(c).resolve()] for c in spec.checkpoints]
+        assert spec.tta is all(members), (name, members)
 
 
 def test_a_widened_search_replaces_only_what_it_beats():

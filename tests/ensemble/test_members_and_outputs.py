@@ -1,0 +1,262 @@
+"""What a search's specs name and where its outputs go: one checkpoint per model, each spec's
+TTA from its own members, an unusable --out or an unreachable Ray head refused before Ray
+starts (bldseg.ensemble.library, bldseg.ensemble.run, bldseg.commands.ensemble)."""
+
+import shutil
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bldseg.commands import ensemble as ensemble_cmd
+from bldseg.ensemble.library import find_runs, load_library
+from bldseg.ensemble.run import SearchConfig, run_search
+from bldseg.ensemble.synthetic import fake_library, write_runs
+from bldseg.predict import EnsembleSpec
+from bldseg.train.config import RunConfig
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Four tiny run folders, each holding val_probs.npz and a best.pt stand-in."""
+    root = tmp_path_factory.mktemp("ens_members")
+    write_runs(fake_library(4, 16, 16, seed=7, tiles_per_image=2), root / "results")
+    return root / "results"
+
+
+class _RayStarted(Exception):
+    """Raised by the stand-in for init_ray: the command got as far as starting Ray."""
+
+
+@pytest.fixture
+def ray_calls(monkeypatch):
+    """Addresses init_ray was called with; the call stops the command there."""
+    calls = []
+
+    def fake_init_ray(address=None, **kwargs):
+        calls.append(address)
+        raise _RayStarted(address)
+
+    monkeypatch.setattr("bldseg.tune.runner.init_ray", fake_init_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return calls
+
+
+def _flat(runs: Path, tmp_path: Path, test_file: bool = False) -> list[Path]:
+    """The runs' npz files copied into one folder, next to one best.pt."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    npz = []
+    for m, run in enumerate(find_runs(runs)):
+        npz.append(shutil.copy(run / "val_probs.npz", flat / f"m{m}.npz"))
+    (flat / "best.pt").touch()
+    if test_file:
+        shutil.copy(npz[0], flat / "test_probs.npz")
+    return [Path(f) for f in npz]
+
+
+# --- 1. one checkpoint per model ---------------------------------------------------------
+
+
+def test_npz_files_of_one_folder_are_refused_naming_both(runs, tmp_path):
+    # each would predict with the folder's one best.pt: the spec listed it k times and
+    # predict ran one model k times
+    npz = _flat(runs, tmp_path)
+    with pytest.raises(ValueError) as exc:
+        load_library(npz)
+    msg = str(exc.value)
+    assert f"models {npz[0]} and {npz[1]} lie in one folder" in msg
+    assert str(tmp_path / "flat" / "best.pt") in msg
+    assert "pass each model's own run folder" in msg
+
+
+@pytest.mark.parametrize("test_file", [False, True], ids=["val only", "with test_probs.npz"])
+def test_cli_refuses_npz_files_sharing_a_checkpoint(runs, tmp_path, capsys, test_file):
+    # with a test_probs.npz in the folder, the message was "model(s) given more than once:
+    # [.../test_probs.npz]", which named neither the cause nor the fix
+    npz = _flat(runs, tmp_path, test_file=test_file)
+    out = tmp_path / "out"
+    argv = ["--models", *map(str, npz), "-k", "2", "--workers", "0", "--no-progress"]
+    assert ensemble_cmd.main([*argv, "--out", str(out)], prog="bldseg ensemble") == 2
+    err = capsys.readouterr().err
+    assert f"bldseg ensemble: error: models {npz[0]} and {npz[1]} lie in one folder" in err
+    assert "more than once" not in err
+    assert not (out / "submit.json").exists()
+
+
+def test_npz_files_of_their_own_run_folders_load(runs):
+    npz = [run / "val_probs.npz" for run in find_runs(runs)]
+    lib = load_library(npz)
+    assert [c.parent for c in lib.checkpoints] == [f.parent for f in npz]
+
+
+# --- 2. each spec's TTA from its own members ---------------------------------------------
+
+
+def _tta_runs(root: Path, flags: list[bool | None], worst: int | None = None) -> list[Path]:
+    """Three or four runs whose best.pt says tta=flag (None: no best.pt at all); model
+    ``worst`` predicts the inverse of the truth, so no search chooses it."""
+    lib = fake_library(len(flags), 16, 16, seed=5, tiles_per_image=2)
+    if worst is not None:
+        lib.probs[worst] = np.where(lib.truth, 0, 255).astype(np.uint8)
+    folders = write_runs(lib, root)
+    for run, flag in zip(folders, flags, strict=True):
+        if flag is None:
+            (run / "best.pt").unlink()
+        else:
+            state = {"config": RunConfig(tta=flag).to_flat(), "model": {}, "metrics": {}}
+            torch.save(state, run / "best.pt")
+    return folders
+
+
+def _spec_members(out: Path, folders: list[Path]) -> dict[str, list[int]]:
+    """Spec file name -> its members' model indices."""
+    index = {str((run / "best.pt").resolve()): m for m, run in enumerate(folders)}
+    return {
+        f.name: [index[str(Path(c).resolve())] for c in EnsembleSpec.load(f).checkpoints]
+        for f in sorted(out.glob("*.json"))
+        if f.name != "summary.json"
+    }
+
+
+def test_an_unchosen_runs_missing_checkpoint_leaves_the_specs_tta(tmp_path):
+    # every chosen member validated with TTA: the specs said "tta": false because an unchosen
+    # run had no best.pt (and a fourth validated without TTA)
+    folders = _tta_runs(tmp_path / "runs", [True, True, True, None], worst=3)
+    out = tmp_path / "out"
+    cfg = SearchConfig(
+        runs=str(tmp_path / "runs"), k=[2], out=str(out), progress=False, rules=["mean", "vote"]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_search(cfg)
+    members = _spec_members(out, folders)
+    assert "best_ensemble_vote.json" in members and "submit.json" in members
+    assert all(3 not in m for m in members.values()), members  # the test's premise
+    for name in members:
+        assert EnsembleSpec.load(out / name).tta is True, name
+    assert not [w for w in caught if "flip TTA" in str(w.message)]
+
+
+def test_a_chosen_member_without_a_readable_config_is_warned_by_file(tmp_path):
+    # it fell back to "tta": false for the whole library without a word
+    folders = _tta_runs(tmp_path / "runs", [True, True])
+    (folders[1] / "best.pt").write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    cfg = SearchConfig(runs=str(tmp_path / "runs"), k=[2], out=str(out), progress=False)
+    with pytest.warns(UserWarning, match="cannot read its run config") as caught:
+        run_search(cfg)
+    unread = [str(w.message) for w in caught if "cannot read its run config" in str(w.message)]
+    assert len(unread) == 1  # once per file, however many specs hold it
+    assert "'trial_model01'" in unread[0] and str(folders[1] / "best.pt") in unread[0]
+    assert "bldseg predict --tta" in unread[0]
+    for name, m in _spec_members(out, folders).items():
+        assert EnsembleSpec.load(out / name).tta is (m == [0]), name
+
+
+def test_each_spec_predicts_with_tta_as_its_own_members_validated(tmp_path):
+    # a library mixing both: a spec whose members all validated with TTA predicts with it, a
+    # spec mixing both without it, and with a warning naming its members
+    flags = [True, False, True]
+    folders = _tta_runs(tmp_path / "runs", flags)
+    out = tmp_path / "out"
+    cfg = SearchConfig(runs=str(tmp_path / "runs"), k=[1, 2], out=str(out), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_search(cfg)
+    members = _spec_members(out, folders)
+    for name, m in members.items():
+        assert EnsembleSpec.load(out / name).tta is all(flags[i] for i in m), name
+    mixed = {tuple(m) for m in members.values() if len({flags[i] for i in m}) > 1}
+    said = [str(w.message) for w in caught if "mixes runs" in str(w.message)]
+    assert len(said) == len(mixed)  # once per mixed member set
+    for m in mixed:
+        names = "+".join(f"trial_model{i:02d}" for i in m)
+        assert any(f"ensemble {names} mixes runs validated with and without" in s for s in said)
+    assert not [w for w in caught if "cannot read" in str(w.message)]
+
+
+# --- 3. --out ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [("file", "a file, not a folder"), ("under a file", "cannot create it (Not a directory")],
+)
+def test_an_unusable_out_is_refused_before_ray(runs, tmp_path, capsys, ray_calls, make, reason):
+    # it was a FileExistsError / NotADirectoryError traceback (status 1), after Ray started
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = afile if make == "file" else afile / "sub"
+    argv = ["--runs", str(runs), "-k", "2", "--workers", "2", "--no-progress", "--out", str(out)]
+    assert ensemble_cmd.main(argv, prog="bldseg ensemble") == 2
+    assert f"bldseg ensemble: error: --out {out}: {reason}" in capsys.readouterr().err
+    assert ray_calls == []
+    assert afile.read_text() == "x"
+
+
+def test_run_search_names_an_unusable_out(runs, tmp_path):
+    afile = tmp_path / "afile"
+    afile.touch()
+    cfg = SearchConfig(runs=str(runs), k=[2], out=str(afile / "sub"), progress=False)
+    with pytest.raises(ValueError, match=r"--out .*afile/sub: cannot create it"):
+        run_search(cfg)
+
+
+# --- 4. the Ray head and the flags checked before Ray ----------------------------------------
+
+
+@pytest.mark.parametrize("source", ["--address", "RAY_ADDRESS"])
+def test_an_unreachable_ray_head_is_refused_at_once(
+    runs, tmp_path, capsys, monkeypatch, ray_calls, source
+):
+    # ray.init retried it for minutes
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    argv = ["--runs", str(runs), "-k", "2", "--no-progress", "--out", str(tmp_path / "out")]
+    if source == "--address":
+        argv += ["--address", address]
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    assert ensemble_cmd.main(argv, prog="bldseg ensemble") == 2
+    err = capsys.readouterr().err
+    assert f"bldseg ensemble: error: {source} {address}: no Ray head answers there" in err
+    assert ray_calls == []
+
+
+@pytest.mark.parametrize("form", ["host:port", "auto"])
+def test_a_listening_head_or_an_address_without_a_port_goes_to_ray(runs, tmp_path, ray_calls, form):
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}" if form == "host:port" else "auto"
+        argv = ["--runs", str(runs), "-k", "2", "--address", address, "--no-progress"]
+        with pytest.raises(_RayStarted):
+            ensemble_cmd.main([*argv, "--out", str(tmp_path / "out")])
+    assert ray_calls == [address]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--k-range", "3", "2"], "--k-range 3 2: the sizes KMIN..KMAX need 1 <= KMIN <= KMAX"),
+        (["--k-range", "0", "2"], "--k-range 0 2: the sizes KMIN..KMAX need 1 <= KMIN <= KMAX"),
+        (["-k", "0"], "-k must be at least 1, got 0"),
+        (["--workers", "-3"], "--workers must be 0 (no Ray) or more, got -3"),
+    ],
+)
+def test_sizes_and_workers_are_checked_before_ray(
+    runs, tmp_path, capsys, ray_calls, flags, message
+):
+    # --k-range 3 2 started Ray before it said "give at least one ensemble size k", and
+    # --workers -3 was taken
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        ensemble_cmd.main(["--runs", str(runs), "--out", str(out), *flags], prog="bldseg ensemble")
+    assert exc.value.code == 2
+    assert f"bldseg ensemble: error: {message}" in capsys.readouterr().err
+    assert ray_calls == []
+    assert not out.exists()
