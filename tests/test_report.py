@@ -126,3 +126,24 @@ def test_a_value_outside_its_interval_is_flagged():
     # a score of another threshold or library beside this interval: visibly not its own
     cell = _iv(iv, 0.60)
     assert cell.startswith("0.6000 [0.5170, 0.5640]") and "⚠" in cell and "0.5400" in cell
+
+
+def test_coteaching_that_drops_nothing_is_named():
+    # REPORT.md presented a tune_tau trial with tau 0.22, tile granularity and batch 4 as
+    # co-teaching: floor(0.88) = 0 tiles dropped per batch, so it never ran
+    from bldseg.report import coteaching_dropped_nothing
+    from bldseg.train.config import RunConfig
+
+    def run(**flat):
+        return RunConfig.from_flat({"coteach.enabled": True, "batch_size": 4, **flat})
+
+    idle = coteaching_dropped_nothing(run(**{"coteach.tau": 0.2195}))
+    assert idle == (
+        "tile co-teaching with tau 0.22 and batch_size 4 drops floor(0.88) = 0 tiles per batch"
+    )
+    assert coteaching_dropped_nothing(run(**{"coteach.tau": 0.0})).startswith("tau 0")
+    assert coteaching_dropped_nothing(run(**{"coteach.tau": 0.25})) is None  # one tile of 4
+    pixel = {"coteach.tau": 0.1, "coteach.granularity": "pixel"}
+    assert coteaching_dropped_nothing(run(**pixel)) is None  # pixels have no such floor
+    assert coteaching_dropped_nothing(RunConfig()) is None  # not co-teaching at all
+    assert coteaching_dropped_nothing(None) is None
