@@ -7,8 +7,8 @@ Each search starts from the best configuration found so far: a stage's best conf
 carried forward only when its best trial beats the best so far on validation Dice (the same
 validation tiles in every stage), so a stage whose search found nothing better leaves the
 configuration as it was instead of making it worse. Every stage records its output in
-``<out>/pipeline_state.json`` once it has finished, and only then; a stage whose output exists
-is skipped, and an interrupted search is resumed, so re-running the same command continues
+``<out>/<name>/pipeline_state.json`` once it has finished, and only then; a stage whose output
+exists is skipped, and an interrupted search is resumed, so re-running the same command continues
 instead of redoing work. Ctrl-C (``KeyboardInterrupt``) in any stage leaves that stage
 unrecorded, marks the pipeline's MLflow run KILLED and propagates. A search recorded by an
 older bldseg although it never finished (a trial folder without a finished epoch) is resumed,
