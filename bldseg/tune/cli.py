@@ -265,40 +265,32 @@ def gpu_count(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
+def _int_in(text: str, low: int, high: int | None, why: str) -> int:
+    """``text`` as an integer in [low, high] (no upper bound: None), else argparse's error."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{value} {why}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    return _int_in(text, 1, None, "is below 1")
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer of at least 0 (``--max-concurrent``, where 0 means "as many
     as the resources allow")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"{value} is below 0: pass 1 or more, or 0 for as many trials as the resources allow"
-        )
-    return value
+    why = "is below 0: pass 1 or more, or 0 for as many trials as the resources allow"
+    return _int_in(text, 0, None, why)
 
 
 def seed_value(text: str) -> int:
     """An argparse type: a searcher seed, 0 to 2**32 - 1 (what Optuna's samplers take)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{value}: must be from 0 to 2**32 - 1, e.g. 0")
-    return value
+    return _int_in(text, 0, 2**32 - 1, "is not from 0 to 2**32 - 1 (e.g. 0)")
 
 
 def build_parser(space: str, description: str) -> argparse.ArgumentParser:

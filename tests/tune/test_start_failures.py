@@ -37,8 +37,8 @@ def _runs(uri: str, experiment: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize(
     "flag, value, says",
     [
-        ("--seed", "-1", "-1: must be from 0 to 2**32 - 1"),
-        ("--seed", str(2**32), f"{2**32}: must be from 0 to 2**32 - 1"),
+        ("--seed", "-1", "-1 is not from 0 to 2**32 - 1"),
+        ("--seed", str(2**32), f"{2**32} is not from 0 to 2**32 - 1"),
         ("--max-concurrent", "-1", "-1 is below 0: pass 1 or more, or 0 for as many"),
     ],
 )
