@@ -211,3 +211,18 @@ def test_flags_refused_before_anything_runs(command, argv, message, tmp_path, mo
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline", "tune aug"])
+def test_two_pretrained_checkpoints_are_refused(command, tmp_path, monkeypatch, capsys):
+    # the recipe came from --pretrained's file and the run's weights from --set's
+    monkeypatch.chdir(tmp_path)
+    argv = [*command.split(), "--pretrained", "a.pth", "--set", "pretrained=b.pth"]
+    argv += ["--out", "run"] if command == "train" else []
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "--pretrained and --set pretrained=... both name a checkpoint" in (
+        capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -40,6 +40,7 @@ from bldseg.tune.cli import (
     fixed_config,
     parse_set,
     refuse_search_sets,
+    refuse_two_pretrained,
     search_name,
 )
 
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     refuse_search_sets(parser, args.set)
+    refuse_two_pretrained(parser, args)
     base = fixed_config(
         args.data or args.images,
         args.model,

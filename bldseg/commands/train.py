@@ -36,7 +36,13 @@ from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.train import RunConfig, fit
 from bldseg.train.engine import load_state
 from bldseg.train.folds import fit_folds, fold_dir
-from bldseg.tune.cli import add_folds_argument, add_pretrained_argument, fixed_config, parse_set
+from bldseg.tune.cli import (
+    add_folds_argument,
+    add_pretrained_argument,
+    fixed_config,
+    parse_set,
+    refuse_two_pretrained,
+)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if "data" in parse_set(args.set):
         # the dataset comes from --data (or --images); a --set data= was overwritten silently
         parser.error("--set data=...: pass the dataset with --data (or --images)")
+    refuse_two_pretrained(parser, args)
     if "fold" in parse_set(args.set):
         # K-fold training trains every fold whatever the config's fold says: --fold picks one
         parser.error("--set fold=...: train one fold with --fold F (and --folds K)")

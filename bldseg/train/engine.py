@@ -891,6 +891,12 @@ def fit(
         samples_per_epoch=cfg.samples_per_epoch or None,
         seed=cfg.seed,
     )
+    if cfg.val_tile > min(h, w):
+        # validation_tiles' own message names its argument, not the setting
+        raise ValueError(
+            f"run config: val_tile={cfg.val_tile} is larger than the images ({h}x{w}); use "
+            f"val_tile <= {min(h, w)}, or 0 for tiles of aug.crop_size"
+        )
     tiles = validation_tiles(cache, val_idx, cfg.val_tile or crop)
     val_ds = TileDataset(cache, tiles, build_eval_transform())
     val_truth = np.stack(

@@ -127,6 +127,16 @@ def refuse_search_sets(parser: argparse.ArgumentParser, sets: list[str]) -> None
         parser.error("; ".join(refused))
 
 
+def refuse_two_pretrained(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits (status 2) when both --pretrained and --set pretrained= name a checkpoint: the
+    recipe came from one and the run's file from the other."""
+    if args.pretrained is not None and "pretrained" in parse_set(list(args.set), parser):
+        parser.error(
+            "--pretrained and --set pretrained=... both name a checkpoint; give it once, "
+            "with --pretrained"
+        )
+
+
 def fixed_config(
     data: str | None,
     model: str | None = None,
@@ -437,6 +447,7 @@ def main(
     parser = build_parser(space, description)
     args = parser.parse_args(argv)
     refuse_search_sets(parser, args.set)
+    refuse_two_pretrained(parser, args)
     base = fixed_config(
         args.data or args.images,
         args.model,

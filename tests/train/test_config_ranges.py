@@ -178,3 +178,11 @@ def test_the_same_data_from_another_folder_continues_the_run(small_world, tmp_pa
     check_same_config(old, RunConfig.from_flat({**recorded, "data": f"./{rel}/"}), "last.pt")
     with pytest.raises(ValueError, match=r"data: 'synthetic' -> '/elsewhere'"):
         check_same_config(old, RunConfig.from_flat({**recorded, "data": "/elsewhere"}), "last.pt")
+
+
+def test_a_validation_tile_larger_than_the_images_names_val_tile(small_world, tmp_path, capsys):
+    # the message named validation_tiles' "tile_size", a word the user never typed
+    assert _train(small_world, tmp_path / "run", "--set", "val_tile=200") == 1
+    err = capsys.readouterr().err
+    assert "val_tile=200 is larger than the images (96x96); use val_tile <= 96" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
