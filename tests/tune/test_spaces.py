@@ -101,6 +101,39 @@ def test_coteaching_space_enables_coteaching():
     assert 0.0 <= t.params["coteach.tau"] <= 0.4
 
 
+@pytest.mark.parametrize("batch, tile", [(4, True), (8, True), (2, False), (None, True)])
+def test_tile_coteaching_is_searched_only_where_it_drops_a_tile(batch, tile):
+    # REPORT.md's best tune_tau trial was tile co-teaching with tau 0.22 at batch 4: floor(0.88)
+    # = 0 tiles dropped, plain training of two networks presented as co-teaching
+    from bldseg.report import coteaching_dropped_nothing
+    from bldseg.train.config import RunConfig
+
+    # None: the run config's default batch size (8)
+    base = {k: v for k, v in CPU_DEMO.items() if k != "batch_size"}
+    base |= {} if batch is None else {"batch_size": batch}
+    space = get_space("coteaching", base)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        t = study.ask()
+        constants = space(t)
+        cfg = RunConfig.from_flat({**base, **t.params, **constants})
+        seen.add(cfg.coteach.granularity)
+        if cfg.coteach.granularity == "tile":
+            assert coteaching_dropped_nothing(cfg) is None, t.params
+        assert t.params["coteach.tau"] <= 0.4
+        study.tell(t, 0.5)
+    assert seen == ({"tile", "pixel"} if tile else {"pixel"})
+    # a search saved before spaces took a base goes on as it was started
+    legacy = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    taus = []
+    for _ in range(30):
+        t = legacy.ask()
+        SPACES["coteaching"](t)
+        taus.append(t.params["coteach.tau"])
+    assert min(taus) < 0.25
+
+
 def test_typo_in_space_is_named():
     def typo(trial):
         trial.suggest_float("aug.scale_limt", 0.0, 0.3)
