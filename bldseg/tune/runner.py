@@ -69,6 +69,7 @@ from typing import Any
 
 import optuna
 import pandas as pd
+from optuna.distributions import FloatDistribution, IntDistribution
 
 from bldseg.data.cache import DatasetCache
 from bldseg.data.prepare import (
@@ -347,9 +348,31 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
             RunConfig.from_flat({**base, **sample})
         except (TypeError, ValueError) as e:
             raise ValueError(f"search space {name} is invalid: {e} (sample: {sample})") from e
+        _check_range_ends(name, trial, base, sample)
         keys.update(sample)
         study.tell(trial, 0.0)
     return keys
+
+
+def _check_range_ends(name: str, trial: optuna.Trial, base: dict, sample: dict) -> None:
+    """Builds a RunConfig with each numeric parameter at both ends of its range, the others as
+    sampled: a range reaching past a limit (``coteach.tau`` up to 1.05) fails some trials
+    later, or never in these few samples when the bad end is narrow.
+
+    Raises:
+        ValueError: naming the space, the parameter and its range.
+    """
+    for key, dist in trial.distributions.items():
+        if not isinstance(dist, FloatDistribution | IntDistribution):
+            continue
+        for end in (dist.low, dist.high):
+            try:
+                RunConfig.from_flat({**base, **sample, key: end})
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"search space {name}: parameter {key!r} ranges over [{dist.low}, "
+                    f"{dist.high}], and its end {end} is invalid: {e}"
+                ) from e
 
 
 def _make_searcher(spec: SearchSpec, space: Callable):

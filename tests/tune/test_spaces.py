@@ -246,3 +246,29 @@ def test_augmentation_blur_off_below_threshold():
         )
         fixed = SPACES["augmentation"](trial) or {}
         assert fixed == ({} if sigma else {"aug.blur_p": 0.0})
+
+
+def test_a_range_whose_end_is_invalid_is_refused_before_any_trial():
+    # tau must be below 1: no random sample of [0, 1] lands on 1.0, a trial of a TPE search
+    # near the edge would fail later
+    def reaching(trial):
+        trial.suggest_float("coteach.tau", 0.0, 1.0)
+        trial.suggest_int("coteach.t_k", 1, 5)
+        return {"coteach.enabled": True}
+
+    with pytest.raises(ValueError) as e:
+        validate_space(reaching, dict(CPU_DEMO))
+    msg = str(e.value)
+    assert "parameter 'coteach.tau' ranges over [0.0, 1.0], and its end 1.0 is invalid" in msg
+    assert "coteach.tau=1.0" in msg
+
+    def inside(trial):
+        trial.suggest_float("coteach.tau", 0.0, 0.9)
+        trial.suggest_int("coteach.t_k", 1, 5)
+        return {"coteach.enabled": True}
+
+    assert validate_space(inside, dict(CPU_DEMO)) == {
+        "coteach.tau",
+        "coteach.t_k",
+        "coteach.enabled",
+    }
