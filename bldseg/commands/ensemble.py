@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 from typing import Any
 
@@ -236,33 +234,6 @@ def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
                 p.error(f"{flag} sets the MLflow run; it needs --tracking-uri")
 
 
-def _check_ray_address(address: str | None, flag: str, timeout_s: float = 5.0) -> None:
-    """Refuses a Ray head that does not accept a TCP connection within ``timeout_s``.
-
-    ``ray.init`` retries an unreachable head for minutes before it fails. ``host:port`` and
-    ``ray://host:port`` (a Ray Client server) are probed; other forms (``auto``, ``local``,
-    none) name no port to probe and are left to Ray.
-
-    Raises:
-        ValueError: naming ``flag``, the address and the connection error.
-    """
-    if not address or ("://" in address and not address.startswith("ray://")):
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return
-    host = host.strip("[]")  # an IPv6 host: [::1]:6379
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"{flag} {address}: no Ray head answers there ({e.strerror or e}); start the "
-            "cluster (ray start --head) or pass the address its head printed, or drop "
-            f"{flag} to run on a local Ray"
-        ) from None
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Runs the search and prints the chosen ensemble; returns the exit status.
 
@@ -315,15 +286,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if a.method == "exhaustive" and workers != 0:
         from bldseg.tune.runner import init_ray
 
-        address = a.address or os.environ.get("RAY_ADDRESS")
+        # Joins --address or RAY_ADDRESS (set under `ray job submit`); else a local Ray on
+        # 127.0.0.1 only. An unreachable head is refused at once (ray.init waits minutes).
         try:
-            _check_ray_address(address, "--address" if a.address else "RAY_ADDRESS")
+            init_ray(a.address)
         except ValueError as err:
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
-        # Joins --address or RAY_ADDRESS (set under `ray job submit`); else a local Ray on
-        # 127.0.0.1 only.
-        init_ray(address)
         workers = workers or default_workers()
 
     def given(value: Any, default: Any) -> Any:  # a flag's value, else the job's default

@@ -57,6 +57,7 @@ import numbers
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -1069,6 +1070,33 @@ def _loopback_node():
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+def check_ray_address(address: str | None, flag: str, timeout_s: float = 5.0) -> None:
+    """Refuses a Ray head that does not accept a TCP connection within ``timeout_s``.
+
+    ``ray.init`` retries an unreachable head for minutes before it fails. ``host:port`` and
+    ``ray://host:port`` (a Ray Client server) are probed; other forms (``auto``, ``local``,
+    none) name no port to probe and are left to Ray.
+
+    Raises:
+        ValueError: naming ``flag``, the address and the connection error.
+    """
+    if not address or ("://" in address and not address.startswith("ray://")):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    host = host.strip("[]")  # an IPv6 host: [::1]:6379
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{flag} {address}: no Ray head answers there ({e.strerror or e}); start the "
+            "cluster (ray start --head) or pass the address its head printed, or drop "
+            f"{flag} to run on a local Ray"
+        ) from None
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> str:
     """Connects this process to Ray; returns the cluster's (GCS) address.
 
@@ -1081,12 +1109,17 @@ def init_ray(address: str | None = None, **kwargs: Any) -> str:
     Args:
         address: ``host:port`` of a Ray cluster's head, or None.
         **kwargs: More ``ray.init`` arguments (e.g. ``num_cpus``).
+
+    Raises:
+        ValueError: The head at ``host:port`` does not answer (:func:`check_ray_address`).
     """
     import ray
 
+    flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     opts = {"include_dashboard": False, "log_to_driver": False, **kwargs}
     if address:
+        check_ray_address(address, flag)
         ray.init(address=address, **opts)
     else:
         with _loopback_node():

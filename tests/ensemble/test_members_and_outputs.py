@@ -34,14 +34,17 @@ class _RayStarted(Exception):
 
 @pytest.fixture
 def ray_calls(monkeypatch):
-    """Addresses init_ray was called with; the call stops the command there."""
+    """Addresses ray.init was called with (through bldseg's init_ray and its checks); the call
+    stops the command there."""
+    import ray
+
     calls = []
 
-    def fake_init_ray(address=None, **kwargs):
+    def fake_ray_init(address=None, **kwargs):
         calls.append(address)
         raise _RayStarted(address)
 
-    monkeypatch.setattr("bldseg.tune.runner.init_ray", fake_init_ray)
+    monkeypatch.setattr(ray, "init", fake_ray_init)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return calls
 

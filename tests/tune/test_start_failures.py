@@ -201,3 +201,19 @@ def test_resume_keeps_and_names_the_recorded_max_concurrent(caplog):
     assert resumed.max_concurrent == 1
     (said,) = [r.getMessage() for r in caplog.records]
     assert said == "--resume continues the search as it was started: max_concurrent=1 (not 3)"
+
+
+@pytest.mark.parametrize("via", ["--address", "RAY_ADDRESS"])
+def test_an_unreachable_ray_head_is_refused_at_once(via, monkeypatch):
+    # `bldseg tune --address host:port` waited in ray.init for minutes on a head that is not
+    # there; checked before Ray is touched (a search's ValueError is its rc 2)
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    if via == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(ValueError, match=f"{via} {address}: no Ray head answers there"):
+        runner.init_ray(address if via == "--address" else None)
