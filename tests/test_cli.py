@@ -226,3 +226,11 @@ def test_two_pretrained_checkpoints_are_refused(command, tmp_path, monkeypatch, 
         capsys.readouterr().err
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fixed_config_refuses_two_pretrained_checkpoints():
+    # Python callers too: the recipe was read from one file and base["pretrained"] was the other
+    from bldseg.tune.cli import fixed_config
+
+    with pytest.raises(ValueError, match=r"'a\.pth' and --set pretrained='b\.pth' name two"):
+        fixed_config(None, sets=["pretrained=b.pth"], pretrained="a.pth")

@@ -95,11 +95,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.fold is not None and not 0 <= args.fold < args.folds:
         last = args.folds - 1
         parser.error(f"--fold {args.fold}: the folds of --folds {args.folds} are 0..{last}")
-    if "data" in parse_set(args.set):
+    given = parse_set(args.set)
+    if "data" in given:
         # the dataset comes from --data (or --images); a --set data= was overwritten silently
         parser.error("--set data=...: pass the dataset with --data (or --images)")
     refuse_two_pretrained(parser, args)
-    if "fold" in parse_set(args.set):
+    if "fold" in given:
         # K-fold training trains every fold whatever the config's fold says: --fold picks one
         parser.error("--set fold=...: train one fold with --fold F (and --folds K)")
     fixed = fixed_config(

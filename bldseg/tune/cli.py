@@ -171,7 +171,14 @@ def fixed_config(
     small = data is None or not gpu
     base: dict[str, Any] = dict(CPU_DEMO) if small else {"model": "upernet_internimage_t"}
     sets = parse_set(list(sets))
-    pretrained = pretrained or sets.pop("pretrained", None)
+    # popped whichever names the file: base["pretrained"] is then the file the recipe is of
+    given = sets.pop("pretrained", None)
+    if pretrained and given and str(given) != str(pretrained):
+        raise ValueError(
+            f"pretrained={pretrained!r} and --set pretrained={given!r} name two checkpoints; "
+            "give it once"
+        )
+    pretrained = pretrained or given
     recipe = recipe_defaults(pretrained) if pretrained else {}
     base.update(recipe)
     if model:
