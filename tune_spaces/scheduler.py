@@ -19,7 +19,8 @@ def space(trial: optuna.Trial, base: dict[str, Any] | None = None) -> dict | Non
     if name == "onecycle":
         trial.suggest_float("sched.pct_start", 0.1, 0.5)
         trial.suggest_float("sched.div_factor", 5.0, 50.0, log=True)
-    elif name == "cosine_restarts":
+        return None
+    if name == "cosine_restarts":
         trial.suggest_int("sched.cycles", 1, 4)
         trial.suggest_float("sched.gamma", 0.5, 1.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.3)
@@ -27,7 +28,6 @@ def space(trial: optuna.Trial, base: dict[str, Any] | None = None) -> dict | Non
         if name == "poly":
             trial.suggest_float("sched.power", 0.5, 2.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.2)
-        # poly and schedule-free: a fixed warm-up length (the pretrained recipe's 1500 steps)
-        # would override the searched share: the searched value must be the one that applies.
-        return {"sched.warmup_steps": 0}
-    return None
+    # A fixed warm-up length (the pretrained recipe's 1500 steps) would override the searched
+    # share: the searched value must be the one that applies.
+    return {"sched.warmup_steps": 0}

@@ -54,12 +54,14 @@ class SchedConfig:
     gamma: float = 1.0  # cosine_restarts: peak decay per cycle
     # cosine_restarts/poly: warm-up share of a (first) cycle; schedulefree: of the whole run
     warmup_frac: float = 0.05
-    # poly, schedulefree: warm-up in iterations (> 0 replaces warmup_frac; official poly 1500)
+    # warm-up in iterations (> 0 replaces warmup_frac; official poly 1500); cosine_restarts:
+    # every cycle's, kept shorter than the first cycle
     warmup_steps: int = 0
-    # poly, schedulefree: the largest share of the run warmup_steps may fill; a longer warm-up
-    # is cut to it, with a warning. 1.0: warmup_steps as set (warned past WARMUP_WARN_SHARE of
-    # the run). The fine-tuning recipe sets 0.05: its 1500 steps are 0.9% of the official 160k,
-    # and a short run keeps a short warm-up instead of one that fills it and never decays.
+    # the largest share of the run (cosine_restarts: of its first cycle) warmup_steps may fill; a
+    # longer warm-up is cut to it, with a warning. 1.0: warmup_steps as set (warned past
+    # WARMUP_WARN_SHARE). The fine-tuning recipe sets 0.05: its 1500 steps are 0.9% of the
+    # official 160k, and a short run keeps a short warm-up instead of one that fills it and never
+    # decays.
     warmup_max_frac: float = 1.0
     min_lr: float = 1e-6  # cosine_restarts/poly: floor
     power: float = 1.0  # poly: exponent
@@ -74,30 +76,41 @@ class SchedConfig:
         """
         if self.warmup_steps <= 0:
             return int(self.warmup_frac * total_steps)
+        steps = self._capped_warmup_steps(total_steps)
+        self._warn_warmup(steps, total_steps, "this run's", "the run", stacklevel=4)
+        return steps
+
+    def _capped_warmup_steps(self, span: int) -> int:
+        """``warmup_steps`` cut to ``warmup_max_frac`` of ``span`` steps (no warning)."""
+        if self.warmup_max_frac < 1:
+            return min(self.warmup_steps, int(self.warmup_max_frac * span))
+        return self.warmup_steps
+
+    def _warn_warmup(self, used: int, span: int, of: str, share_of: str, stacklevel: int) -> None:
+        """Warns when ``warmup_steps`` was cut to ``used`` steps of a ``span``-step run or cycle
+        (named by ``of`` / ``share_of``), or fills more than :data:`WARMUP_WARN_SHARE` of it."""
         steps = self.warmup_steps
-        share = steps / max(1, total_steps)
-        cap = int(self.warmup_max_frac * total_steps)
-        if self.warmup_max_frac < 1 and steps > cap:
-            warnings.warn(
-                f"sched.warmup_steps={steps} is {share:.0%} of this run's {total_steps} steps: "
-                f"warming up over {cap} ({self.warmup_max_frac:g} of the run, "
-                f"sched.warmup_max_frac); set sched.warmup_max_frac=1 to keep all {steps}",
-                stacklevel=3,
+        share = steps / max(1, span)
+        head = f"sched.warmup_steps={steps} is {share:.0%} of {of} {span} steps: "
+        if used < steps:
+            how = (
+                f"warming up over {used} ({self.warmup_max_frac:g} of {share_of}, "
+                f"sched.warmup_max_frac); set sched.warmup_max_frac=1 to keep all {steps}"
+                if self.warmup_max_frac < 1 and used == int(self.warmup_max_frac * span)
+                else f"warming up over {used}, one step less than {share_of}"
             )
-            return cap
-        if share > WARMUP_WARN_SHARE:
+            warnings.warn(head + how, stacklevel=stacklevel)
+        elif share > WARMUP_WARN_SHARE:
             effect = (
-                "the LR rises through the whole run and never decays"
-                if steps >= total_steps
+                f"the LR rises through the whole of {share_of} and never decays"
+                if steps >= span
                 else "the LR peaks late and decays over the rest only"
             )
             warnings.warn(
-                f"sched.warmup_steps={steps} is {share:.0%} of this run's {total_steps} steps: "
-                f"{effect}; lower sched.warmup_steps, or set sched.warmup_max_frac to cut it to "
-                "a share of the run",
-                stacklevel=3,
+                f"{head}{effect}; lower sched.warmup_steps, or set sched.warmup_max_frac to cut "
+                f"it to a share of {share_of}",
+                stacklevel=stacklevel,
             )
-        return steps
 
     def cosine_first_cycle(self, total_steps: int) -> tuple[int, int]:
         """First cycle and warm-up steps of ``cosine_restarts`` in a run of ``total_steps``.
@@ -112,7 +125,8 @@ class SchedConfig:
 
         Returns:
             ``(first_cycle_steps, warmup_steps)``; the warm-up is ``warmup_frac`` of the first
-            cycle (every cycle warms up as long), shorter than it.
+            cycle, or ``warmup_steps`` when set (> 0; cut to ``warmup_max_frac`` of the first
+            cycle, with a warning), shorter than it; every cycle warms up as long.
         """
         total = max(1, total_steps)
         for n in range(self.cycles, 0, -1):
@@ -129,10 +143,16 @@ class SchedConfig:
                 f"{self.cycles} cosine cycles that each decay; running {n}",
                 stacklevel=3,
             )
+        if self.warmup_steps > 0:
+            self._warn_warmup(
+                warmup, lengths[0], "the first cosine cycle's", "the cycle", stacklevel=4
+            )
         return lengths[0], warmup
 
     def _cosine_warmup(self, first: int) -> int:
         """Warm-up steps of every cosine cycle when the first lasts ``first`` steps."""
+        if self.warmup_steps > 0:
+            return min(first - 1, self._capped_warmup_steps(first))
         return min(first - 1, int(self.warmup_frac * first))
 
     def _shortest_cosine_cycles(self, total: int, n: int) -> list[int]:

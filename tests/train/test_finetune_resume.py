@@ -188,3 +188,34 @@ def test_a_resume_refuses_optimizer_state_of_other_parameter_groups(small_world,
     # an older file laid out as today: it resumes
     torch.save({k: v for k, v in state.items() if k != "optimizer_groups"}, last)
     assert engine.fit(cfg, run, data=small_world, stop_after=2).status == "stopped"
+
+
+def test_cosine_restarts_warms_up_over_warmup_steps_when_set():
+    # It used to take warmup_frac and ignore warmup_steps without a word (the recipe's 1500
+    # stood in a cosine trial's recorded config, unused).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kw = SchedConfig(name="cosine_restarts", warmup_steps=40).scheduler_kwargs(1000)
+    assert (kw["first_cycle_steps"], kw["warmup_steps"]) == (1000, 40)
+    cfg = RunConfig.from_flat({"sched.name": "cosine_restarts", "sched.warmup_steps": 40})
+    curve = lrs(cfg, 1000)
+    assert curve.index(max(curve)) == 40 and curve[39] < curve[40]
+    # every cycle warms up as long, from its own first step
+    two = SchedConfig(name="cosine_restarts", cycles=2, warmup_steps=30).scheduler_kwargs(1000)
+    assert two["warmup_steps"] == 30 and two["first_cycle_steps"] < 1000
+    # cut to warmup_max_frac of the first cycle, with a warning naming both
+    with pytest.warns(UserWarning, match=r"warmup_steps=1500 is 150% of the first cosine cycle"):
+        capped = SchedConfig(
+            name="cosine_restarts", warmup_steps=1500, warmup_max_frac=0.05
+        ).scheduler_kwargs(1000)
+    assert capped["warmup_steps"] == 50
+    # longer than the cycle: one step less, warned
+    with pytest.warns(UserWarning, match="warming up over 99, one step less than the cycle"):
+        assert (
+            SchedConfig(name="cosine_restarts", warmup_steps=500).scheduler_kwargs(100)[
+                "warmup_steps"
+            ]
+            == 99
+        )
+    with pytest.warns(UserWarning, match=r"is 30% of the first cosine cycle's 1000 steps"):
+        SchedConfig(name="cosine_restarts", warmup_steps=300).scheduler_kwargs(1000)
