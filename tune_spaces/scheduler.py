@@ -19,8 +19,7 @@ def space(trial: optuna.Trial, base: dict[str, Any] | None = None) -> dict | Non
     if name == "onecycle":
         trial.suggest_float("sched.pct_start", 0.1, 0.5)
         trial.suggest_float("sched.div_factor", 5.0, 50.0, log=True)
-        return None
-    if name == "cosine_restarts":
+    elif name == "cosine_restarts":
         trial.suggest_int("sched.cycles", 1, 4)
         trial.suggest_float("sched.gamma", 0.5, 1.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.3)
@@ -29,5 +28,6 @@ def space(trial: optuna.Trial, base: dict[str, Any] | None = None) -> dict | Non
             trial.suggest_float("sched.power", 0.5, 2.0)
         trial.suggest_float("sched.warmup_frac", 0.0, 0.2)
     # A fixed warm-up length (the pretrained recipe's 1500 steps) would override the searched
-    # share: the searched value must be the one that applies.
+    # share (OneCycle's rise is pct_start): the searched value must be the one that applies, and
+    # the trial's recorded config must not name a warm-up it did not run.
     return {"sched.warmup_steps": 0}

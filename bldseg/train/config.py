@@ -181,6 +181,14 @@ class SchedConfig:
         Warns when a warm-up set in steps is cut to the run or is a large share of it
         (:meth:`warmup_iterations`).
         """
+        if self.name in ("onecycle", "constant") and self.warmup_steps > 0:
+            # e.g. the fine-tuning recipe's 1500 under --set sched.name=onecycle
+            rise = "its rise is sched.pct_start" if self.name == "onecycle" else "it has none"
+            warnings.warn(
+                f"sched.warmup_steps={self.warmup_steps} is not used by sched.name={self.name} "
+                f"({rise}); set sched.warmup_steps=0 to silence this",
+                stacklevel=2,
+            )
         if self.name == "onecycle":
             return dict(
                 pct_start=self.pct_start,

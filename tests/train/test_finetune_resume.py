@@ -219,3 +219,12 @@ def test_cosine_restarts_warms_up_over_warmup_steps_when_set():
         )
     with pytest.warns(UserWarning, match=r"is 30% of the first cosine cycle's 1000 steps"):
         SchedConfig(name="cosine_restarts", warmup_steps=300).scheduler_kwargs(1000)
+
+
+@pytest.mark.parametrize("name", ["onecycle", "constant"])
+def test_a_warm_up_in_steps_a_schedule_does_not_read_is_warned_about(name):
+    with pytest.warns(UserWarning, match=rf"warmup_steps=1500 is not used by sched.name={name}"):
+        SchedConfig(name=name, warmup_steps=1500).scheduler_kwargs(1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SchedConfig(name=name).scheduler_kwargs(1000)
