@@ -468,7 +468,9 @@ class RunConfig:
 
 #: The official UPerNet-InternImage fine-tuning recipe (segmentation/configs/ade20k/
 #: upernet_internimage_{t,s,b}_512_160k_ade20k.py): AdamW 6e-5, betas (0.9, 0.999), weight decay
-#: 0.05, layer decay 1.0 (off), poly decay (power 1, to 0) after a 1500-iteration linear warm-up.
+#: 0.05, layer decay 1.0 (off), mmcv's poly decay (power 1, to 0, over the whole run) with a
+#: 1500-iteration linear warm-up from 1e-6 of the LR, no gradient clipping (mmseg's
+#: schedule_160k has none; bldseg's default clips at 1.0).
 #: Its drop path rates 0.2/0.3/0.4 (T/S/B) are the variants' defaults already, so a searched
 #: model keeps its own. Its 1500 warm-up steps are 0.9% of its 160k: a run shorter than 30k
 #: steps warms up over 5% of itself instead (``sched.warmup_max_frac``), with a warning.
@@ -478,6 +480,7 @@ PRETRAINED_RECIPE: dict[str, Any] = {
     "optim.beta2": 0.999,
     "optim.weight_decay": 0.05,
     "optim.layer_decay": 1.0,
+    "optim.grad_clip": 0.0,
     "sched.name": "poly",
     "sched.power": 1.0,
     "sched.min_lr": 0.0,

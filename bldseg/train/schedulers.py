@@ -6,7 +6,8 @@
   cycle (torch has no such scheduler: implemented here with the parameter names and the
   curve of the widely used implementation, katsura-jp/pytorch-cosine-annealing-with-warmup,
   which the reference workflow used, so a ported config gives the same curve).
-* ``poly``: linear warm-up then polynomial decay to ``min_lr`` (mmsegmentation's default).
+* ``poly``: polynomial decay to ``min_lr`` with a linear warm-up, as mmcv's poly hook
+  (mmsegmentation's default; the official InternImage recipe).
 * ``constant``: the optimizer's LR throughout.
 * ``schedulefree``: no schedule at all: the run trains with schedule-free AdamW (Defazio et
   al. 2024, the ``schedulefree`` package), which warms up by itself and evaluates at an average
@@ -120,9 +121,16 @@ def poly_warmup(
     warmup_steps: int = 0,
     power: float = 1.0,
     min_lr: float = 0.0,
-    warmup_ratio: float = 1e-3,
+    warmup_ratio: float = 1e-6,
 ) -> LambdaLR:
-    """Linear warm-up from ``warmup_ratio * lr`` to ``lr``, then ``(1 - t)^power`` decay.
+    """mmcv's poly schedule with linear warm-up (``PolyLrUpdaterHook``, ``warmup='linear'``),
+    as the official UPerNet-InternImage recipe runs it.
+
+    The poly curve ``(1 - step / total_steps)^power`` spans the whole run from step 0; during
+    the first ``warmup_steps`` steps it is scaled by a factor rising linearly from
+    ``warmup_ratio`` (the recipe's 1e-6) to 1, so the LR peaks just below ``lr`` at the end of
+    the warm-up (at ``1 - warmup_steps / total_steps`` of it) and decays on the same line as a run
+    without warm-up.
 
     ``min_lr`` is the floor of the group with the largest LR; the other groups (layer-wise
     decay) end at the same fraction of their own LR, as in :class:`CosineAnnealingWarmupRestarts`
@@ -133,10 +141,11 @@ def poly_warmup(
     floor = min(1.0, min_lr / top) if top > 0 else 0.0
 
     def factor(step: int) -> float:
+        t = min(1.0, step / max(1, total_steps))
+        regular = (1 - floor) * (1 - t) ** power + floor
         if step < warmup_steps:
-            return warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return (1 - floor) * (1 - t) ** power + floor
+            return regular * (warmup_ratio + (1 - warmup_ratio) * step / warmup_steps)
+        return regular
 
     return LambdaLR(optimizer, factor)
 

@@ -150,7 +150,8 @@ def test_scheduler_kwargs_build_valid_schedulers(name):
         opt.step()
         s.step()
     assert all(0 <= lr <= 1e-3 * (1 + 1e-9) for lr in lrs)
-    assert max(lrs) == pytest.approx(1e-3)
+    # poly (mmcv's) peaks where its warm-up (5% of the run) meets the line decaying from step 0
+    assert max(lrs) == pytest.approx(1e-3 * (0.95 if name == "poly" else 1), rel=1e-3)
 
 
 def test_scheduler_kwargs_values():

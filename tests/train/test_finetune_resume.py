@@ -37,7 +37,8 @@ def test_the_recipes_warm_up_is_a_share_of_a_short_run():
     cfg = RunConfig.from_flat({**recipe_defaults("w.pth"), "model": "upernet_internimage_t"})
     with pytest.warns(UserWarning, match=r"warmup_steps=1500 is 150% .* warming up over 50 "):
         curve = lrs(cfg, 1000)
-    assert max(curve) == pytest.approx(6e-5, rel=1e-3) and curve.index(max(curve)) == 50
+    # mmcv's poly: the peak at the warm-up's end lies on the line (1 - step / total) * lr
+    assert curve.index(max(curve)) == 50 and max(curve) == pytest.approx(6e-5 * 0.95)
     assert curve[-1] < 1e-6  # it decays, to about 0 at the end
     # the official run's length keeps the official 1500 steps, without a word
     with warnings.catch_warnings():

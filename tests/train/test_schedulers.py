@@ -208,17 +208,27 @@ def test_cosine_restarts_by_name_uses_optimizer_lr_and_whole_run():
 
 
 def test_poly_warmup_and_decay_values():
+    # mmcv's PolyLrUpdaterHook with warmup="linear": the poly curve over the whole run, scaled
+    # during the warm-up by a factor rising from warmup_ratio to 1
     opt = _optimizer(0.1)
     s = build_scheduler("poly", opt, 100, warmup_steps=10, power=2.0, min_lr=1e-3)
     lrs = _lrs(opt, s, 120)
-    ratio = 1e-3  # poly_warmup's default warm-up start, as a share of the LR
+    floor = 0.01  # min_lr / lr
+
+    def regular(step):
+        return 0.1 * ((1 - floor) * (1 - step / 100) ** 2 + floor)
+
+    ratio = 1e-6  # the official recipe's warmup_ratio, poly_warmup's default
     assert lrs[0] == pytest.approx(0.1 * ratio)
-    assert lrs[5] == pytest.approx(0.1 * (ratio + (1 - ratio) * 0.5))
-    assert lrs[10] == pytest.approx(0.1)
-    # t = 45 / 90 = 0.5: (1 - floor) * 0.5**2 + floor, floor = min_lr / lr = 0.01.
-    assert lrs[55] == pytest.approx(0.1 * (0.99 * 0.25 + 0.01))
+    assert lrs[5] == pytest.approx(regular(5) * (ratio + (1 - ratio) * 0.5))
+    assert lrs[10] == pytest.approx(regular(10)) and lrs[10] == max(lrs)
+    assert lrs[55] == pytest.approx(0.1 * (0.99 * 0.45**2 + 0.01))
     assert lrs[100] == pytest.approx(1e-3)
     assert lrs[119] == pytest.approx(1e-3)  # stays at the floor past the end
+    # past the warm-up it is the curve of a run without one
+    plain_opt = _optimizer(0.1)
+    plain = _lrs(plain_opt, build_scheduler("poly", plain_opt, 100, power=2.0, min_lr=1e-3), 100)
+    assert lrs[10:100] == pytest.approx(plain[10:100])
 
 
 def test_constant_keeps_optimizer_lr():
