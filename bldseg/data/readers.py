@@ -18,10 +18,11 @@ without padding.
 Masks are decoded exactly as real datasets ship them (see :func:`read_mask_image`): one
 channel 0/1 or 0/255 (8 or 16 bit), three equal channels, palette PNGs (a grey palette is read
 as its grey values; in a colour palette index > 0 is a building unless ``mask_values`` names
-the building indices). A mask that is not binary but looks like one with antialiased edges or
-JPEG artefacts is binarised at the midpoint of its range and counted, so the cache build can
-warn; a label mask (class or instance ids) needs ``mask_values`` or ``mask_nonzero``; anything
-ambiguous is an error naming the file.
+the building indices; a pixel drawn fully transparent, or a palette TIFF's nodata index, is no
+data, read as background like NaN in a float mask, with a warning). A mask that is not binary
+but looks like one with antialiased edges or JPEG artefacts is binarised at the midpoint of its
+range and counted, so the cache build can warn; a label mask (class or instance ids) needs
+``mask_values`` or ``mask_nonzero``; anything ambiguous is an error naming the file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -63,9 +64,11 @@ DEFAULT_MASK_PATTERNS = (
 #: Version of the decoding rules, part of every cache fingerprint: bumped when a file read with
 #: the same options decodes differently (2: grey palettes read as grey values, label masks
 #: refused; 3: NaN in float masks read as background, grey palettes with a repeated grey read
-#: by colour, palette GeoTIFF images read as their colours), so caches built by older rules
+#: by colour, palette GeoTIFF images read as their colours; 4: fully transparent palette
+#: entries (PNG tRNS, alpha 0 of a PA image, a palette TIFF's GDAL nodata index) read as
+#: background and left out of the grey-or-colour palette test), so caches built by older rules
 #: are rebuilt.
-DECODE_RULES = 3
+DECODE_RULES = 4
 
 
 @dataclass(frozen=True)
@@ -842,7 +845,9 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
       puts white at index 0; two entries may share a grey), the grey values, read as one
       channel; in a colour (class) palette the index is the label: index > 0 is a building,
       or the indices in ``options.mask_values``, or the indices of the colours in
-      ``options.mask_colors``;
+      ``options.mask_colors``; fully transparent pixels (a tRNS entry or PA alpha of 0, a
+      TIFF's GDAL nodata index) are no data: background, with a warning counting those the
+      palette would have read as building, and their entries' colours decide nothing;
     - ``options.mask_values`` set: exactly those values are buildings (class-id masks);
     - ``options.mask_nonzero`` set: every nonzero value is a building (instance-id masks);
     - ``options.mask_colors`` set: colour-coded class masks, exactly those RGB colours are
@@ -860,12 +865,13 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
     _refuse_truncated_jpeg(path)
     palette = _read_palette(path)
     if palette is not None:
-        indices, colours = palette
-        labels = _palette_labels(indices, colours, options)
+        labels = _palette_labels(palette, options)
+        # (H, W) uint8 0/1 labels, or grey values read on as one channel (all >= 0 but where
+        # the pixel is transparent, which is zeroed next).
+        m = labels if labels is not None else palette.colours[:, 0][palette.indices]
+        m = _transparent_to_background(m.astype(np.uint8), palette, path)
         if labels is not None:
-            return MaskRead(labels, True)
-        # (H, W) uint8 grey values (all >= 0 here): read on as a one-channel mask.
-        m = colours[:, 0][indices].astype(np.uint8)
+            return MaskRead(m, True)
     else:
         m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if m is None:
@@ -912,11 +918,29 @@ def _no_data_to_background(m: np.ndarray, path: Path) -> np.ndarray:
     return np.where(bad, 0, m).astype(m.dtype)
 
 
-def _read_palette(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """A palette image's indices (H, W) and palette (256, 3) RGB; None for other images.
+class _Palette(NamedTuple):
+    """A palette image as read: indices, colours, and the pixels it marks as no data."""
+
+    indices: np.ndarray  # (H, W) uint8
+    colours: np.ndarray  # (256, 3) int16 RGB, -1 past the palette
+    clear: np.ndarray  # (H, W) bool, pixels drawn fully transparent (no data)
+    why: str  # what marks them, for the warning ("" when none are)
+
+
+#: TIFF tag in which GDAL stores a raster's nodata value (as text).
+_GDAL_NODATA_TAG = 42113
+
+
+def _read_palette(path: Path) -> _Palette | None:
+    """A palette image's indices, colours and no-data pixels; None for other images.
 
     A palette's entries past its length are black, as PIL draws them; they are marked by a
-    colour of -1 so that no index beyond the palette is taken for grey.
+    colour of -1 so that no index beyond the palette is taken for grey. Pixels are no data
+    where they are drawn fully transparent: an entry of alpha 0 in a PNG's tRNS chunk (PIL's
+    ``info["transparency"]``, one index or one alpha per entry), alpha 0 in a palette + alpha
+    (PA) image, or a TIFF's GDAL nodata index (a TIFF colour map holds no alpha: GDAL reports
+    the nodata entry as the transparent one). Partly transparent entries (an overlay's
+    half-opaque building colour) are still drawn, so they keep their meaning.
     """
     try:
         with Image.open(path) as im:
@@ -924,26 +948,81 @@ def _read_palette(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
                 return None
             indices = np.asarray(im.getchannel(0) if im.mode == "PA" else im)  # (H, W) uint8
             entries = np.asarray(im.getpalette() or [], np.int16).reshape(-1, 3)[:256]
+            alpha = np.asarray(im.getchannel(1)) if im.mode == "PA" else None  # (H, W)
+            transparency = im.info.get("transparency")
+            nodata = getattr(im, "tag_v2", {}).get(_GDAL_NODATA_TAG)
     except (OSError, Image.UnidentifiedImageError):
         return None  # not for PIL (e.g. some TIFFs): OpenCV decides
     colours = np.full((256, 3), -1, np.int16)  # (256, 3) RGB, -1 past the palette
     colours[: len(entries)] = entries
-    return indices, colours
+    hidden = np.zeros(256, bool)  # (256,) entries drawn fully transparent
+    if isinstance(transparency, int) and 0 <= transparency < 256:
+        hidden[transparency] = True
+    elif isinstance(transparency, bytes):
+        hidden[: len(transparency)] = np.frombuffer(transparency[:256], np.uint8) == 0
+    source = "fully transparent"
+    index = _nodata_index(nodata)
+    if index is not None:
+        hidden[index] = True
+        source = "GDAL nodata"
+    clear = hidden[indices]  # (H, W)
+    used = np.flatnonzero(hidden & np.bincount(indices.ravel(), minlength=256).astype(bool))
+    why = ""
+    if len(used):
+        names = ", ".join(str(i) for i in used)
+        why = f"palette {'index' if len(used) == 1 else 'indices'} {names}: {source}"
+    if alpha is not None and (alpha == 0).any():
+        clear |= alpha == 0
+        why = f"{why}, alpha 0" if why else "alpha 0"
+    return _Palette(indices, colours, clear, why)
 
 
-def _palette_labels(
-    indices: np.ndarray, colours: np.ndarray, options: ReadOptions
-) -> np.ndarray | None:
+def _nodata_index(nodata: object) -> int | None:
+    """The palette index a GDAL nodata tag names (text such as "255" or "2.0"), if any."""
+    if nodata is None:
+        return None
+    try:
+        value = float(str(nodata).strip("\x00 "))
+    except ValueError:
+        return None  # not a number GDAL would read either: no index is no data
+    if value.is_integer() and 0 <= value < 256:
+        return int(value)
+    return None
+
+
+def _transparent_to_background(m: np.ndarray, palette: _Palette, path: Path) -> np.ndarray:
+    """(H, W) mask of a palette image with its no-data (transparent) pixels 0.
+
+    A fully transparent pixel shows nothing, so nothing is known of buildings there: like NaN
+    in a float mask it is background. The count is warned about only where the palette would
+    have read a building: a transparent background (the usual overlay export) changes nothing.
+    """
+    hidden = palette.clear & (m > 0)  # (H, W)
+    n = int(hidden.sum())
+    if n == 0:
+        return m
+    warnings.warn(
+        f"{path}: {n} of {m.shape[0] * m.shape[1]} mask pixels are no data ({palette.why}) "
+        "where the palette would read a building; read as no building",
+        stacklevel=3,
+    )
+    return np.where(palette.clear, 0, m).astype(m.dtype)
+
+
+def _palette_labels(palette: _Palette, options: ReadOptions) -> np.ndarray | None:
     """(H, W) 0/1 mask of a palette image read by index, or None to read its grey values.
 
-    Grey values are read when every colour the image uses is grey, duplicates included (a 0/255
+    Grey values are read when every colour the image draws is grey, duplicates included (a 0/255
     mask saved as a palette, possibly inverted: PIL's ``quantize`` and ``ADAPTIVE`` palettes
     often put white at index 0), unless ``mask_values``/``mask_colors`` name what is a building.
-    A colour palette is a class palette: its index is the label.
+    A colour palette is a class palette: its index is the label. Entries seen only in
+    transparent pixels are not drawn, so their colour (a magenta colour key, say) decides
+    nothing.
     """
+    indices, colours = palette.indices, palette.colours
     if options.mask_values is not None:
         return np.isin(indices, options.mask_values).astype(np.uint8)
-    used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
+    used = np.flatnonzero(np.bincount(indices[~palette.clear], minlength=256))
     if options.mask_colors is not None:
         wanted = {tuple(int(v) for v in c) for c in options.mask_colors}
         hits = [i for i in used if tuple(int(v) for v in colours[i]) in wanted]

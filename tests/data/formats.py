@@ -29,6 +29,7 @@ class FormatCase:
         truth: Expected decoded mask (H, W) 0/1, or None when decoding must fail.
         binary: Whether the mask counts as binary as stored (False: binarised, warned about).
         error: Regex of the expected error, or None.
+        warning: Regex of the warning decoding must give, or None (no warning at all).
     """
 
     image: Path
@@ -37,6 +38,7 @@ class FormatCase:
     truth: np.ndarray | None
     binary: bool = True
     error: str | None = None
+    warning: str | None = None
 
 
 def scene(size: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -167,3 +169,118 @@ def write_image_cases(root: Path, size: int = 48, seed: int = 1) -> dict[str, tu
         {"rgb": filled, "error": "transparent pixel"},
     )
     return out
+
+
+def _palette(entries: list[tuple[int, int, int]]) -> list[int]:
+    """A 256-entry flat RGB palette starting with ``entries``, black after them."""
+    flat = [v for rgb in entries for v in rgb]
+    return flat + [0] * (768 - len(flat))
+
+
+def write_transparent_palette_cases(
+    root: Path, size: int = 48, seed: int = 0
+) -> dict[str, FormatCase]:
+    """Palette masks with fully transparent entries: those pixels are no data (background).
+
+    Every case but ``clear_background`` paints a no-data strip (the top quarter of the scene,
+    buildings included) with an entry a GIS or image viewer shows transparent, and whose
+    colour or index would otherwise read as building. The PNGs mark transparency with a tRNS
+    chunk (PIL's ``info["transparency"]``); the TIFF with a PA (palette + alpha) image.
+    """
+    rgb, m = scene(size, seed)
+    gap = np.zeros((size, size), bool)
+    gap[: size // 4] = True  # (H, W) the no-data strip
+    truth = np.where(gap, 0, m).astype(np.uint8)
+    n = int(gap.sum())
+    cases: dict[str, FormatCase] = {}
+
+    def case(name: str, mask_file: str, im: Image.Image, **kw) -> None:
+        img = _cv2(root / name / "images" / "tile.png", np.ascontiguousarray(rgb[..., ::-1]))
+        mask = root / name / "masks" / mask_file
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        im.save(mask, **kw.pop("save", {}))
+        kw.setdefault("truth", truth)
+        cases[name] = FormatCase(img, mask, rgb, **kw)
+
+    def p_image(indices: np.ndarray, entries: list[tuple[int, int, int]]) -> Image.Image:
+        im = Image.fromarray(indices.astype(np.uint8), "P")
+        im.putpalette(_palette(entries))
+        return im
+
+    # Overlay-style class palette: buildings red at half opacity (still drawn, so a building),
+    # index 2 white and fully transparent; as a colour palette index 2 > 0 would be a building.
+    colour = p_image(np.where(gap, 2, m), [(0, 0, 0), (255, 0, 0), (255, 255, 255)])
+    case(
+        "colour_trns",
+        "tile.png",
+        colour,
+        save={"transparency": bytes([255, 128, 0])},
+        warning=rf"tile\.png: {n} of {size * size} mask pixels .*palette index 2",
+    )
+
+    # A grey 0/255 mask (white at index 1, quantize-style inverted indices) with a magenta
+    # colour key at index 0 for no data: the key's colour is never drawn, so the palette is
+    # grey; taking it for a class palette would read the black background (index 2) as building.
+    keyed = p_image(
+        np.where(gap, 0, np.where(m > 0, 1, 2)), [(255, 0, 255), (255, 255, 255), (0, 0, 0)]
+    )
+    case(
+        "grey_keyed",
+        "tile.png",
+        keyed,
+        save={"transparency": 0},
+        warning=rf"{n} of {size * size} mask pixels .*palette index 0",
+    )
+
+    # The common export: background index 0 transparent, so the mask overlays the image. The
+    # transparent pixels are background anyway: decoded as before, and nothing to warn about.
+    clear = p_image(m, [(0, 0, 0), (255, 255, 255)])
+    case("clear_background", "tile.png", clear, save={"transparency": 0}, truth=m)
+
+    # Palette + alpha TIFF: the strip is drawn as a building (index 1) under alpha 0.
+    pa = Image.merge(
+        "PA",
+        [
+            Image.fromarray(np.where(gap, 1, m).astype(np.uint8), "L"),
+            Image.fromarray(np.where(gap, 0, 255).astype(np.uint8), "L"),
+        ],
+    )
+    pa.putpalette(_palette([(0, 0, 0), (255, 0, 0)]))
+    case("pa_tiff", "tile.tif", pa, warning=rf"tile\.tif: {n} of {size * size} .*alpha 0")
+    return cases
+
+
+def write_palette_geotiff_nodata(root: Path, size: int = 48, seed: int = 0) -> FormatCase:
+    """A palette GeoTIFF mask whose nodata index (shown transparent by GDAL) fills a strip.
+
+    TIFF colour maps hold no alpha: GDAL reports the nodata index's entry as transparent
+    (alpha 0), which is how a GeoTIFF palette says "no data". Needs rasterio.
+    """
+    import rasterio
+    from rasterio.transform import Affine
+
+    rgb, m = scene(size, seed)
+    gap = np.zeros((size, size), bool)
+    gap[: size // 4] = True
+    img = _cv2(root / "images" / "tile.png", np.ascontiguousarray(rgb[..., ::-1]))
+    mask = root / "masks" / "tile.tif"
+    mask.parent.mkdir(parents=True, exist_ok=True)
+    profile = dict(driver="GTiff", width=size, height=size, count=1, dtype="uint8", nodata=2)
+    with rasterio.open(
+        mask,
+        "w",
+        photometric="palette",
+        crs="EPSG:32615",
+        transform=Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0),
+        **profile,
+    ) as dst:
+        dst.write(np.where(gap, 2, m).astype(np.uint8), 1)
+        dst.write_colormap(1, {0: (0, 0, 0, 255), 1: (255, 0, 0, 255), 2: (255, 255, 255, 255)})
+    n = int(gap.sum())
+    return FormatCase(
+        img,
+        mask,
+        rgb,
+        np.where(gap, 0, m).astype(np.uint8),
+        warning=rf"tile\.tif: {n} of {size * size} mask pixels .*palette index 2: GDAL nodata",
+    )

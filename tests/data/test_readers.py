@@ -1,3 +1,4 @@
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -13,9 +14,11 @@ from bldseg.data.readers import (
     read_competition_csv,
     read_folder_dataset,
     read_image,
+    read_mask_image,
     tile_windows,
 )
 from bldseg.data.rle import rle_encode
+from tests.data.formats import write_palette_geotiff_nodata, write_transparent_palette_cases
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
@@ -327,3 +330,44 @@ def test_declared_alpha_band_is_still_alpha(tmp_path):
     np.testing.assert_array_equal(
         read_image(path, ReadOptions(bands=(4,))), np.repeat(bands[3][..., None], 3, 2)
     )
+
+
+TRANSPARENT = ["colour_trns", "grey_keyed", "clear_background", "pa_tiff"]
+
+
+@pytest.mark.parametrize("name", TRANSPARENT)
+def test_transparent_palette_entries_are_no_data(tmp_path, name):
+    # A fully transparent palette entry is drawn as nothing: like NaN in a float mask it is
+    # no data, read as background and counted, whatever colour or index it was given.
+    c = write_transparent_palette_cases(tmp_path)[name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = read_mask_image(c.mask)
+    assert read.binary
+    np.testing.assert_array_equal(read.mask, c.truth)
+    messages = [str(w.message) for w in caught]
+    if c.warning is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and re.search(c.warning, messages[0]), messages
+        assert messages[0].endswith("read as no building")
+
+
+def test_transparent_palette_pixels_stay_out_of_named_values(tmp_path):
+    # --mask-values names building indices; an index drawn transparent still holds no data.
+    c = write_transparent_palette_cases(tmp_path)["colour_trns"]
+    with pytest.warns(UserWarning, match=c.warning):
+        read = read_mask_image(c.mask, ReadOptions(mask_values=(1, 2)))
+    np.testing.assert_array_equal(read.mask, c.truth)
+
+
+def test_palette_geotiff_nodata_index_is_no_data(tmp_path):
+    pytest.importorskip("rasterio")
+    c = write_palette_geotiff_nodata(tmp_path)
+    with pytest.warns(UserWarning, match=c.warning):
+        read = read_mask_image(c.mask)
+    np.testing.assert_array_equal(read.mask, c.truth)
+    # The whole path, as the cache decodes it.
+    (r,) = read_folder_dataset(c.image.parent, c.mask.parent)
+    with pytest.warns(UserWarning, match=c.warning):
+        np.testing.assert_array_equal(load_record(r)[1], c.truth)
