@@ -7,7 +7,8 @@ clipping, optimizer step. The compiled model is ``torch.compile(model)`` (induct
 mode), as ``--set compile=inductor`` runs it; the DCNv3 op is a ``torch.library`` custom op, so
 it stays one call in the graph. The first compiled calls include compilation (reported as
 ``compile s``: the first step's time minus a steady step's); steady steps are the median of
-``--steps`` after ``--warmup``. Numerics: the loss of the first step, eager vs compiled, from
+``--steps`` after ``--warmup``, with the slowest of them beside it (``max ms``: how noisy the
+median's steps were). Numerics: the loss of the first step, eager vs compiled, from
 the same weights and batch, must agree within ``LOSS_RTOL`` (relative: 1e-4 in float32, where
 only the order of the sums differs; 2e-2 under bf16/fp16 autocast, whose 8-bit mantissa the
 compiled graph may round at other places) and be finite; otherwise the script writes its
@@ -75,13 +76,13 @@ def step_fn(model: torch.nn.Module, stepper: torch.nn.Module, cfg: RunConfig, to
         if cfg.optim.grad_clip > 0:
             clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
 
 def measure(cfg: RunConfig, compiled: bool, warmup: int, steps: int) -> dict[str, float]:
-    """Times of the first step and the median steady step, and the first step's loss."""
+    """Times of the first step, the median and slowest steady step, and the first step's loss."""
     torch.manual_seed(0)
     model = create_model(cfg.model, **cfg.model_kwargs()).train()
     model = engine.to_run_memory_format(model, cfg, torch.device("cpu"))
@@ -104,7 +105,28 @@ def measure(cfg: RunConfig, compiled: bool, warmup: int, steps: int) -> dict[str
         step(batch)
         times.append(time.perf_counter() - t0)
     steady = statistics.median(times)
-    return {"first_s": first, "step_s": steady, "compile_s": first - steady, "loss": first_loss}
+    return {
+        "first_s": first,
+        "step_s": steady,
+        "step_max_s": max(times),
+        "compile_s": first - steady,
+        "loss": first_loss,
+    }
+
+
+def table(rows: dict[str, dict[str, float]]) -> list[str]:
+    """Eager vs compiled: the median steady step and the slowest, the first step, compilation
+    (compiled only) and the first step's loss."""
+    lines = [
+        f"{'mode':<10}{'step ms':>9}{'max ms':>9}{'first step s':>14}{'compile s':>11}{'loss':>12}"
+    ]
+    for mode, r in rows.items():
+        lines.append(
+            f"{mode:<10}{r['step_s'] * 1e3:>9.1f}{r['step_max_s'] * 1e3:>9.1f}"
+            f"{r['first_s']:>14.2f}{r['compile_s'] if mode == 'compiled' else 0:>11.1f}"
+            f"{r['loss']:>12.6f}"
+        )
+    return lines
 
 
 def main() -> None:
@@ -137,12 +159,7 @@ def main() -> None:
         rows[mode] = measure(cfg, mode == "compiled", args.warmup, args.steps)
     e, c = rows["eager"], rows["compiled"]
     print(f"\n{settings}: one training step on the CPU ({torch.get_num_threads()} threads)")
-    print(f"{'mode':<10}{'step ms':>9}{'first step s':>14}{'compile s':>11}{'loss':>12}")
-    for mode, r in rows.items():
-        print(
-            f"{mode:<10}{r['step_s'] * 1e3:>9.1f}{r['first_s']:>14.2f}"
-            f"{r['compile_s'] if mode == 'compiled' else 0:>11.1f}{r['loss']:>12.6f}"
-        )
+    print("\n".join(table(rows)))
     speedup = e["step_s"] / c["step_s"]
     # Steps before compiling pays for itself (never when compiled is not faster).
     saved = e["step_s"] - c["step_s"]

@@ -9,8 +9,9 @@ the growth of its resident set during the first call: VmHWM is reset through
 /proc/self/clear_refs, then peak = VmHWM - VmRSS(before the call), so the imports, the inputs
 and any allocator cache from earlier calls are left out. On CUDA it is
 torch.cuda.max_memory_allocated() minus the memory allocated before the call.
-Time: best and median of --repeat calls after one warm-up call; the table shows the best,
-which is the least disturbed by other work on a shared machine (the JSON has both).
+Time: best, median and slowest of --repeat calls after one warm-up call; the tables show the
+best, which is the least disturbed by other work on a shared machine, and beside it how much
+slower the slowest call was (``+N%``), so a noisy case shows (the JSON has all three).
 
     python experiments/bench_dcnv3.py                      # T and B levels, CPU (+ CUDA)
     python experiments/bench_dcnv3.py --levels T --json out.json
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -78,6 +80,7 @@ class Result:
     case: Case
     ms: float  # median time of one call
     ms_min: float  # best time of one call (the table uses it: robust to a busy machine)
+    ms_max: float  # slowest call: its distance from the best is the spread the tables show
     peak_mb: float  # peak memory growth during one call, MiB
     isa: str | None = None  # the compiled op's CPU instruction set (op_isa); None: none ran
 
@@ -145,7 +148,8 @@ def run_case(case: Case, repeat: int) -> Result:
         _sync(case.device)
         times.append(time.perf_counter() - start)
     isa = op_isa(os.environ) if case.impl == "compiled" and case.device == "cpu" else None
-    return Result(case, 1000 * statistics.median(times), 1000 * min(times), peak_mb, isa)
+    ms = [1000 * t for t in times]
+    return Result(case, statistics.median(ms), min(ms), max(ms), peak_mb, isa)
 
 
 #: CPU instruction sets of the compiled op, and the environment that selects each (read once
@@ -235,12 +239,25 @@ def run_in_subprocess(case: Case, repeat: int, env: dict[str, str] | None = None
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     return Result(
-        Case(**data["case"]), data["ms"], data["ms_min"], data["peak_mb"], data.get("isa")
+        Case(**data["case"]),
+        data["ms"],
+        data["ms_min"],
+        data["ms_max"],
+        data["peak_mb"],
+        data.get("isa"),
     )
 
 
+def spread(best: float, worst: float) -> str:
+    """How much slower the slowest repeat was than the best, for a table cell: ``+12%``."""
+    if not (best > 0 and math.isfinite(worst)):
+        return "-"  # no case (nan), or a time too short to measure
+    return f"+{100 * (worst / best - 1):.0f}%"
+
+
 def _table(results: list[Result]) -> str:
-    # One row per (device, level, shape, mode): compiled vs reference and the ratios.
+    # One row per (device, level, shape, mode): compiled vs reference and the ratios; each
+    # best time with the slowest call's excess over it (+max), so a noisy row is seen as such.
     rows = {}
     for r in results:
         c = r.case
@@ -248,36 +265,42 @@ def _table(results: list[Result]) -> str:
         rows.setdefault(key, {})[c.impl] = r
     head = (
         f"{'dev':4} {'lvl':3} {'shape (N,H,W,C) G':>22} {'mode':8} "
-        f"{'comp ms':>9} {'ref ms':>9} {'speedup':>8} {'comp MiB':>9} {'ref MiB':>9} {'mem x':>6}"
+        f"{'comp ms':>9} {'+max':>5} {'ref ms':>9} {'+max':>5} {'speedup':>8} "
+        f"{'comp MiB':>9} {'ref MiB':>9} {'mem x':>6}"
     )
     lines = [head, "-" * len(head)]
     totals: dict[tuple[str, str, str], list[float]] = {}
+    nan = float("nan")
     for key, by_impl in rows.items():
         device, level, size, channels, group, mode = key
         comp, ref = by_impl.get("compiled"), by_impl.get("reference")
         batch = (comp or ref).case.batch  # type: ignore[union-attr]
         shape = f"({batch},{size},{size},{channels}) {group}"
-        speed = ref.ms_min / comp.ms_min if comp and ref else float("nan")
-        mem = ref.peak_mb / comp.peak_mb if comp and ref and comp.peak_mb > 0 else float("nan")
+        speed = ref.ms_min / comp.ms_min if comp and ref else nan
+        mem = ref.peak_mb / comp.peak_mb if comp and ref and comp.peak_mb > 0 else nan
+        times = [(r.ms_min, r.ms_max) if r else (nan, nan) for r in (comp, ref)]
         lines.append(
             f"{device:4} {level:3} {shape:>22} {mode:8} "
-            f"{comp.ms_min if comp else float('nan'):9.2f} "
-            f"{ref.ms_min if ref else float('nan'):9.2f} "
-            f"{speed:8.2f} {comp.peak_mb if comp else float('nan'):9.1f} "
-            f"{ref.peak_mb if ref else float('nan'):9.1f} {mem:6.2f}"
+            + "".join(f"{best:9.2f} {spread(best, worst):>5} " for best, worst in times)
+            + f"{speed:8.2f} {comp.peak_mb if comp else nan:9.1f} "
+            f"{ref.peak_mb if ref else nan:9.1f} {mem:6.2f}"
         )
         if comp and ref:
-            tot = totals.setdefault((device, level, mode), [0.0, 0.0, 0.0, 0.0])
+            tot = totals.setdefault((device, level, mode), [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
             tot[0] += comp.ms_min
-            tot[1] += ref.ms_min
-            tot[2] = max(tot[2], comp.peak_mb)
-            tot[3] = max(tot[3], ref.peak_mb)
+            tot[1] += comp.ms_max
+            tot[2] += ref.ms_min
+            tot[3] += ref.ms_max
+            tot[4] = max(tot[4], comp.peak_mb)
+            tot[5] = max(tot[5], ref.peak_mb)
     lines.append("-" * len(head))
+    lines.append("ms: the best call; +max: how much slower the slowest call was")
     lines.append("level totals (time: sum over the 4 shapes; memory: max over them)")
-    for (device, level, mode), (ct, rt, cm, rm) in totals.items():
+    for (device, level, mode), (ct, cx, rt, rx, cm, rm) in totals.items():
         lines.append(
-            f"{device:4} {level:3} {'all 4 shapes':>22} {mode:8} {ct:9.2f} {rt:9.2f} "
-            f"{rt / ct:8.2f} {cm:9.1f} {rm:9.1f} {rm / cm if cm > 0 else float('nan'):6.2f}"
+            f"{device:4} {level:3} {'all 4 shapes':>22} {mode:8} {ct:9.2f} {spread(ct, cx):>5} "
+            f"{rt:9.2f} {spread(rt, rx):>5} {rt / ct:8.2f} {cm:9.1f} {rm:9.1f} "
+            f"{rm / cm if cm > 0 else nan:6.2f}"
         )
     return "\n".join(lines)
 
@@ -303,20 +326,28 @@ def time_isas(
                         "isa_used": result.isa,
                         "ms_min": result.ms_min,
                         "ms_median": result.ms,
+                        "ms_max": result.ms_max,
                     }
                 )
     return rows
 
 
 def _isa_table(rows: list[dict], isas: list[str]) -> str:
-    by_shape: dict[tuple, dict[str, float]] = {}
+    by_shape: dict[tuple, dict[str, tuple[float, float]]] = {}
     for r in rows:
         key = (r["level"], r["size"], r["channels"], r["group"])
-        by_shape.setdefault(key, {})[r["isa"]] = r["ms_min"]
-    lines = ["compiled op fwd+bwd on the CPU by instruction set (best ms; x = vs " + isas[0] + ")"]
-    lines.append(f"{'shape':<22}" + "".join(f"{isa:>18}" for isa in isas))
+        by_shape.setdefault(key, {})[r["isa"]] = (r["ms_min"], r["ms_max"])
+    lines = [
+        "compiled op fwd+bwd on the CPU by instruction set (best ms, +max: the slowest call's "
+        f"excess over it; x = vs {isas[0]})"
+    ]
+    lines.append(f"{'shape':<22}" + "".join(f"{isa:>24}" for isa in isas))
     for (level, size, channels, group), ms in by_shape.items():
-        cells = "".join(f"{ms[isa]:>10.2f} ({ms[isas[0]] / ms[isa]:4.2f}x)" for isa in isas)
+        base = ms[isas[0]][0]
+        cells = "".join(
+            f"{best:>10.2f} {spread(best, worst):>5} ({base / best:4.2f}x)"
+            for best, worst in (ms[isa] for isa in isas)
+        )
         lines.append(f"{f'{level} {size}x{size}x{channels} G{group}':<22}{cells}")
     ran = {(r["isa"], r.get("isa_used")) for r in rows if r.get("isa_used") not in (None, r["isa"])}
     for asked, used in sorted(ran):
@@ -352,7 +383,7 @@ def time_modules(
 ) -> list[dict]:
     """The whole DCNv3 module (projections, depthwise conv, offsets, softmax, op) fwd+bwd.
 
-    In this process (times only), median and best of ``repeat`` after a warm-up, per level
+    In this process (times only), median, best and slowest of ``repeat`` after a warm-up, per level
     shape and variant (:data:`MODULE_VARIANTS`); offsets and masks randomised so the op
     samples off the grid as in a trained model. ``autocast``: run every variant's forward
     under ``torch.autocast(device, autocast)`` (float32 weights and input, as mixed-precision
@@ -402,22 +433,26 @@ def time_modules(
                     "autocast": str(autocast).removeprefix("torch.") if autocast else None,
                     "ms_median": 1e3 * statistics.median(times[label]),
                     "ms_min": 1e3 * min(times[label]),
+                    "ms_max": 1e3 * max(times[label]),
                 }
             )
             print(
                 f"  module {device} {level} {size}x{size}x{channels} G{group} {label:23} "
-                f"best {rows[-1]['ms_min']:8.2f} ms, median {rows[-1]['ms_median']:8.2f} ms",
+                f"best {rows[-1]['ms_min']:8.2f} ms, median {rows[-1]['ms_median']:8.2f} ms, "
+                f"max {rows[-1]['ms_max']:8.2f} ms",
                 flush=True,
             )
     return rows
 
 
 def _module_table(rows: list[dict]) -> str:
-    """Module fwd+bwd per shape: each variant's best time and speed-up over the first, and the
-    projections alone with their share of the default module."""
+    """Module fwd+bwd per shape: each variant's best time, the slowest call's excess over it
+    and the speed-up over the first, and the projections alone with their share of the default
+    module."""
     labels = [v[0] for v in MODULE_VARIANTS]
     lines = [
-        "DCNv3 module fwd+bwd (best ms; x = speed-up over the reference op module; "
+        "DCNv3 module fwd+bwd (best ms, +max: the slowest call's excess over it; x = speed-up "
+        "over the reference op module; "
         f"{PROJECTIONS}: their share of the {labels[-1]} module)",
         f"{'device':<6} {'shape':<18}"
         + "".join(f"{lab:>26}" for lab in labels)
@@ -426,17 +461,20 @@ def _module_table(rows: list[dict]) -> str:
     keys = sorted({(r["device"], r["level"], r["size"], r["channels"], r["group"]) for r in rows})
     for dev, level, size, ch, g in sorted(keys, key=lambda k: (k[0], k[1], -k[2])):
         cell = {
-            r["variant"]: r["ms_min"]
+            r["variant"]: (r["ms_min"], r["ms_max"])
             for r in rows
             if (r["device"], r["size"], r["channels"]) == (dev, size, ch)
         }
-        base = cell[labels[0]]
+        base = cell[labels[0]][0]
         shape = f"{level} {size}x{size}x{ch} G{g}"
-        floor = cell[PROJECTIONS]
+        floor, floor_max = cell[PROJECTIONS]
         lines.append(
             f"{dev:<6} {shape:<18}"
-            + "".join(f"{cell[lab]:>17.2f} ({base / cell[lab]:4.1f}x)" for lab in labels)
-            + f"{floor:>17.2f} ({floor / cell[labels[-1]]:4.0%})"
+            + "".join(
+                f"{best:>11.2f} {spread(best, worst):>5} ({base / best:4.1f}x)"
+                for best, worst in (cell[lab] for lab in labels)
+            )
+            + f"{floor:>11.2f} {spread(floor, floor_max):>5} ({floor / cell[labels[-1]][0]:4.0%})"
         )
     return "\n".join(lines)
 
@@ -520,7 +558,7 @@ def main() -> None:
                         print(
                             f"  {device} {level} {size}x{size}x{channels} G{group} {mode:8} "
                             f"{impl:9} best {result.ms_min:9.2f} ms, median {result.ms:9.2f} ms, "
-                            f"peak {result.peak_mb:8.1f} MiB",
+                            f"max {result.ms_max:9.2f} ms, peak {result.peak_mb:8.1f} MiB",
                             flush=True,
                         )
     if not results:
@@ -576,7 +614,13 @@ def main() -> None:
             },
             "results": [
                 asdict(r.case)
-                | {"ms_median": r.ms, "ms_min": r.ms_min, "peak_mb": r.peak_mb, "isa": r.isa}
+                | {
+                    "ms_median": r.ms,
+                    "ms_min": r.ms_min,
+                    "ms_max": r.ms_max,
+                    "peak_mb": r.peak_mb,
+                    "isa": r.isa,
+                }
                 for r in results
             ],
             "modules": modules,

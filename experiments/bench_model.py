@@ -58,10 +58,11 @@ def train_step_stats(
     it, BCE loss on float32 logits and aux logits, backward, the AdamW step of
     ``build_optimizer``), as in ``fit``; returns times and peak memory.
 
-    Time: best and median of ``iters`` steps after one warm-up step. Peak memory: on the CPU
-    the growth of the resident set from before the first step to its high-water mark over
-    all steps (run each variant in a fresh process: ``--one-impl``), which includes the
-    optimizer state; on CUDA ``max_memory_allocated`` growth over the same span.
+    Time: best, median and slowest of ``iters`` steps after one warm-up step (the slowest
+    shows how noisy the others are). Peak memory: on the CPU the growth of the resident set
+    from before the first step to its high-water mark over all steps (run each variant in a
+    fresh process: ``--one-impl``), which includes the optimizer state; on CUDA
+    ``max_memory_allocated`` growth over the same span.
     """
     from bldseg.train.config import RunConfig
     from bldseg.train.engine import autocast_dtype, build_optimizer
@@ -103,6 +104,7 @@ def train_step_stats(
         "precision": precision,
         "ms_min": 1000 * min(steady),
         "ms_median": 1000 * statistics.median(steady),
+        "ms_max": 1000 * max(steady),
         "images_per_s": batch / min(steady),
         "peak_mib": peak / 2**20,
     }
@@ -116,6 +118,27 @@ def _in_subprocess(args: argparse.Namespace, impl: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} step failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def step_table(steps: dict[str, dict]) -> list[str]:
+    """The training-step table: per DCNv3 op, best, median and slowest step (the spread of the
+    repeats), throughput of the best and peak memory; then the speed-ups."""
+    lines = [
+        f"  {'DCNv3 op':<10}{'best ms':>10}{'median ms':>11}{'max ms':>9}{'images/s':>10}"
+        f"{'peak MiB':>10}"
+    ]
+    for impl, r in steps.items():
+        lines.append(
+            f"  {impl:<10}{r['ms_min']:10.0f}{r['ms_median']:11.0f}{r['ms_max']:9.0f}"
+            f"{r['images_per_s']:10.2f}{r['peak_mib']:10.0f}"
+        )
+    c, r = steps["compiled"], steps["reference"]
+    lines.append(
+        f"  speed-up {r['ms_min'] / c['ms_min']:.2f}x (best), "
+        f"{r['ms_median'] / c['ms_median']:.2f}x (median); "
+        f"peak memory {c['peak_mib'] / r['peak_mib']:.2f}x the reference's"
+    )
+    return lines
 
 
 def param_counts() -> dict:
@@ -175,20 +198,9 @@ def main() -> None:
     print(
         f"\n{args.model} training step (fwd + bwd + AdamW), batch {args.batch} at "
         f"{args.size}px on {device} ({torch.get_num_threads()} threads, {args.precision}), "
-        f"best / median of {args.iters}:"
+        f"best / median / max of {args.iters}:"
     )
-    print(f"  {'DCNv3 op':<10}{'best ms':>10}{'median ms':>11}{'images/s':>10}{'peak MiB':>10}")
-    for impl, r in steps.items():
-        print(
-            f"  {impl:<10}{r['ms_min']:10.0f}{r['ms_median']:11.0f}{r['images_per_s']:10.2f}"
-            f"{r['peak_mib']:10.0f}"
-        )
-    c, r = steps["compiled"], steps["reference"]
-    print(
-        f"  speed-up {r['ms_min'] / c['ms_min']:.2f}x (best), "
-        f"{r['ms_median'] / c['ms_median']:.2f}x (median); "
-        f"peak memory {c['peak_mib'] / r['peak_mib']:.2f}x the reference's"
-    )
+    print("\n".join(step_table(steps)))
     if args.json:
         record = {
             "params": counts,

@@ -4,8 +4,9 @@
 The model is built as the CPU demo builds it (``CPU_DEMO``: channels-last, so its gradients
 and the optimizer state are channels-last too) and back-propagates one batch; each timed call
 then runs on those gradients (copied back before every clipping call, so it clips the same
-values). CPU ms per call: the median of ``--calls`` after ``--warmup``, process CPU time (all
-torch threads), at each ``--threads``. A check beside the times: the two clipped gradients
+values). CPU ms per call: the median and the slowest of ``--calls`` after ``--warmup`` (the
+slowest shows how noisy the median's calls were), process CPU time (all torch threads), at
+each ``--threads``. A check beside the times: the two clipped gradients
 and norms, and the parameters after the same steps, agree to rounding; beyond the tolerances
 below (or with a non-finite value) the script writes its JSON and exits with status 1:
 
@@ -74,15 +75,34 @@ def numerics_problems(record: dict[str, Any], max_norm: float) -> list[str]:
     return problems
 
 
-def cpu_ms(fn: Callable[[], object], warmup: int, calls: int) -> float:
-    """Median process CPU milliseconds of ``fn()`` over ``calls`` after ``warmup`` calls."""
+def cpu_ms(fn: Callable[[], object], warmup: int, calls: int) -> tuple[float, float]:
+    """Median and slowest process CPU milliseconds of ``fn()`` over ``calls`` after ``warmup``."""
     times = []
     for i in range(warmup + calls):
         c0 = time.process_time()
         fn()
         if i >= warmup:
             times.append(time.process_time() - c0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times), 1e3 * max(times)
+
+
+#: Table columns: (heading, row key); each key has its median (``key``) and slowest call
+#: (``key_max``) in the row.
+COLUMNS = (
+    ("step pkg", "step_package_ms"),
+    ("step ours", "step_bldseg_ms"),
+    ("clip torch", "clip_torch_ms"),
+    ("clip ours", "clip_bldseg_ms"),
+)
+
+
+def table(rows: list[dict[str, float | int]]) -> list[str]:
+    """The times per thread count: each column's median / slowest call, in CPU ms."""
+    lines = [f"{'threads':>7}" + "".join(f"{head:>18}" for head, _ in COLUMNS)]
+    for r in rows:
+        cells = "".join(f"{r[k]:>8.3f} / {r[k + '_max']:>7.3f}" for _, k in COLUMNS)
+        lines.append(f"{r['threads']:>7}{cells}")
+    return lines
 
 
 def main() -> None:
@@ -148,7 +168,9 @@ def main() -> None:
         torch.set_num_threads(threads)
         row: dict[str, float | int] = {"threads": threads}
         for name, (_, opt) in twins.items():
-            row[f"step_{name}_ms"] = cpu_ms(opt.step, args.warmup, args.calls)
+            row[f"step_{name}_ms"], row[f"step_{name}_ms_max"] = cpu_ms(
+                opt.step, args.warmup, args.calls
+            )
 
         def clip_torch() -> None:
             restore()
@@ -158,19 +180,20 @@ def main() -> None:
             restore()
             clip_grad_norm_(params, args.max_norm)
 
-        row["restore_ms"] = cpu_ms(restore, args.warmup, args.calls)
-        # the copy back is timed alone and taken off both clipping times
-        row["clip_torch_ms"] = cpu_ms(clip_torch, args.warmup, args.calls) - row["restore_ms"]
-        row["clip_bldseg_ms"] = cpu_ms(clip_ours, args.warmup, args.calls) - row["restore_ms"]
+        row["restore_ms"], row["restore_ms_max"] = cpu_ms(restore, args.warmup, args.calls)
+        # the copy back is timed alone and its median taken off both clipping times (the
+        # slowest clipping call's too: what is left is the clipping's own spread)
+        for name, clip in (("torch", clip_torch), ("bldseg", clip_ours)):
+            median, slowest = cpu_ms(clip, args.warmup, args.calls)
+            row[f"clip_{name}_ms"] = median - row["restore_ms"]
+            row[f"clip_{name}_ms_max"] = slowest - row["restore_ms"]
         rows.append(row)
 
-    print(f"{args.model}: {len(params)} tensors, {n_elem:,} parameters; CPU ms per call, median")
-    print(f"{'threads':>7} {'step pkg':>9} {'step ours':>9} {'clip torch':>10} {'clip ours':>9}")
-    for r in rows:
-        print(
-            f"{r['threads']:>7} {r['step_package_ms']:>9.3f} {r['step_bldseg_ms']:>9.3f} "
-            f"{r['clip_torch_ms']:>10.3f} {r['clip_bldseg_ms']:>9.3f}"
-        )
+    print(
+        f"{args.model}: {len(params)} tensors, {n_elem:,} parameters; CPU ms per call, "
+        f"median / slowest of {args.calls}"
+    )
+    print("\n".join(table(rows)))
     print(
         f"clipped norm torch {float(norm_torch):.6g} / ours {float(norm_ours):.6g}; largest "
         f"difference of a clipped gradient {clip_diff:.2e}, of a parameter after 5 steps "

@@ -37,7 +37,7 @@ def test_module_timing_has_every_variant_and_the_floor(monkeypatch):
     rows = bench_dcnv3.time_modules("tiny", batch=2, repeat=2, device="cpu")
     labels = [v[0] for v in bench_dcnv3.MODULE_VARIANTS] + [bench_dcnv3.PROJECTIONS]
     assert [r["variant"] for r in rows] == labels
-    assert all(r["ms_min"] > 0 and r["ms_median"] >= r["ms_min"] for r in rows)
+    assert all(0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"] for r in rows)
     table = bench_dcnv3._module_table(rows)
     line = table.splitlines()[-1]
     assert line.startswith("cpu    tiny 6x6x32 G2")
@@ -47,13 +47,50 @@ def test_module_timing_has_every_variant_and_the_floor(monkeypatch):
     assert cells[0].startswith(" 1.0x)")
     floor, module = rows[-1]["ms_min"], rows[-2]["ms_min"]
     assert cells[-1].strip() == f"{floor / module:4.0%})".strip()
+    # each best time with the slowest call's excess over it beside it
+    spreads = [bench_dcnv3.spread(r["ms_min"], r["ms_max"]) for r in rows]
+    shown = [c.split()[-1] for c in line.removeprefix("cpu    tiny 6x6x32 G2").split("(")[:-1]]
+    assert shown == spreads and all(s.startswith("+") and s.endswith("%") for s in spreads)
+
+
+def _result(impl: str, mode: str, best: float, worst: float) -> "bench_dcnv3.Result":
+    case = bench_dcnv3.Case("T", 7, 512, 32, 8, impl, mode, "cpu", "float32")
+    return bench_dcnv3.Result(case, (best + worst) / 2, best, worst, 10.0)
+
+
+def test_op_table_shows_the_slowest_call_beside_the_best():
+    # A noisy case (the reference's slowest call 3x its best) must be visible in the table.
+    results = [
+        _result("compiled", "fwd", 2.0, 2.2),
+        _result("reference", "fwd", 4.0, 12.0),
+    ]
+    lines = bench_dcnv3._table(results).splitlines()
+    assert lines[0].split()[6:13] == ["comp", "ms", "+max", "ref", "ms", "+max", "speedup"]
+    row = lines[2].split()
+    assert row[5:9] == ["2.00", "+10%", "4.00", "+200%"]
+    assert row[9] == "2.00"  # the speed-up is still of the best times
+    assert lines[-1].split()[6:10] == ["2.00", "+10%", "4.00", "+200%"]  # the level total
+    assert max(len(line) for line in lines) <= 110  # no wider than before by much
+    # a side without a case shows no spread, not "nan%"
+    alone = bench_dcnv3._table(results[:1]).splitlines()[2].split()
+    assert alone[5:9] == ["2.00", "+10%", "nan", "-"]
+
+
+def test_isa_table_shows_the_slowest_call_beside_the_best():
+    rows = [
+        {"level": "T", "size": 7, "channels": 512, "group": 32, "isa": isa, "isa_used": isa}
+        | {"ms_min": best, "ms_median": best, "ms_max": worst}
+        for isa, best, worst in (("avx2", 2.0, 2.5), ("baseline", 4.0, 4.0))
+    ]
+    line = bench_dcnv3._isa_table(rows, ["avx2", "baseline"]).splitlines()[2]
+    assert line.split()[-6:] == ["2.00", "+25%", "(1.00x)", "4.00", "+0%", "(0.50x)"]
 
 
 def test_an_op_case_runs_in_a_child_with_the_retaining_allocator():
     case = bench_dcnv3.Case("T", 6, 32, 2, 2, "compiled", "fwd+bwd", "cpu", "float32")
     result = bench_dcnv3.run_in_subprocess(case, repeat=2, env=bench_dcnv3.MALLOC_RETAIN)
     assert result.case == case
-    assert 0 < result.ms_min <= result.ms
+    assert 0 < result.ms_min <= result.ms <= result.ms_max
     assert set(bench_dcnv3.MALLOC_RETAIN) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
 
 
@@ -128,6 +165,9 @@ def test_every_row_says_which_kernels_it_ran(tmp_path):
         ("reference", "fwd"): None,
         ("reference", "fwd+bwd"): None,
     }
+    # every timed row has its best, median and slowest call
+    for r in record["results"] + record["modules"]:
+        assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"], r
     modules = {r["variant"]: r["isa"] for r in record["modules"]}
     assert modules == {
         "reference op": None,

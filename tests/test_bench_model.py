@@ -29,10 +29,25 @@ def test_step_runs_under_the_precision_it_reports(monkeypatch):
             "upernet_internimage_tiny", "reference", 64, 2, 2, cpu, precision
         )
         assert r["precision"] == precision and r["impl"] == "reference"
-        assert 0 < r["ms_min"] <= r["ms_median"]
+        assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"]
         assert seen == [dtype] * 3  # the warm-up step and two timed ones
     with pytest.raises(ValueError, match="needs a CUDA device"):
         bench_model.train_step_stats("upernet_internimage_tiny", "reference", 64, 2, 1, cpu, "fp16")
+
+
+def test_step_table_shows_the_slowest_step_beside_best_and_median():
+    # A noisy reference run (slowest step twice its best) must show in the table.
+    steps = {
+        "compiled": {"ms_min": 100.0, "ms_median": 105.0, "ms_max": 110.0},
+        "reference": {"ms_min": 300.0, "ms_median": 320.0, "ms_max": 600.0},
+    }
+    for r in steps.values():
+        r |= {"images_per_s": 8 / (r["ms_min"] / 1e3), "peak_mib": 50.0}
+    head, comp, ref, speed = bench_model.step_table(steps)
+    assert head.split()[2:8] == ["best", "ms", "median", "ms", "max", "ms"]
+    assert comp.split()[:4] == ["compiled", "100", "105", "110"]
+    assert ref.split()[:4] == ["reference", "300", "320", "600"]
+    assert speed.strip().startswith("speed-up 3.00x (best), 3.05x (median)")
 
 
 def test_json_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, capsys):
@@ -55,6 +70,7 @@ def test_json_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, capsys)
     )
     with pytest.raises(OSError, match="No space left"):
         bench_model.main()
-    assert "speed-up" in capsys.readouterr().out  # the steps ran; only the write failed
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "max ms" in out  # the steps ran; only the write failed
     assert json.loads(path.read_text()) == {"earlier": True}
     assert [p.name for p in tmp_path.iterdir()] == ["model.json"]  # no temporary left

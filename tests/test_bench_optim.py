@@ -22,13 +22,32 @@ def test_bench_optim_writes_rows_and_agreeing_numerics(monkeypatch, tmp_path, ca
     (row,) = r["rows"]
     assert row["threads"] == 1
     for key in ("step_package_ms", "step_bldseg_ms", "clip_torch_ms", "clip_bldseg_ms"):
-        assert key in row
+        assert row[key] <= row[f"{key}_max"]  # the median and the slowest call
+    assert row["restore_ms"] <= row["restore_ms_max"]
     # the clipped norm is the same to float32 rounding, and max_norm (1e-3) is below it
     assert abs(r["norm_bldseg"] - r["norm_torch"]) <= 1e-5 * r["norm_torch"]
     assert r["norm_torch"] > 1e-3
     assert r["clip_max_abs_diff"] < 1e-8 and r["step_max_abs_diff"] < 1e-5
     assert r["numerics_ok"] is True
-    assert "clipped norm torch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "clipped norm torch" in out and "median / slowest of 3" in out
+
+
+def test_table_shows_the_slowest_call_beside_the_median():
+    row = {"threads": 2, "step_package_ms": 1.5, "step_package_ms_max": 9.25}
+    row |= {"step_bldseg_ms": 0.5, "step_bldseg_ms_max": 0.625, "clip_torch_ms": 2.0}
+    row |= {"clip_torch_ms_max": 2.5, "clip_bldseg_ms": 0.25, "clip_bldseg_ms_max": 0.375}
+    head, line = bench_optim.table([row])
+    assert head.split()[:3] == ["threads", "step", "pkg"] and head.endswith("clip ours")
+    cells = line.split()
+    assert cells[0] == "2"
+    assert [" ".join(cells[i : i + 3]) for i in range(1, len(cells), 3)] == [
+        "1.500 / 9.250",
+        "0.500 / 0.625",
+        "2.000 / 2.500",
+        "0.250 / 0.375",
+    ]
+    assert len(head) == len(line) <= 80
 
 
 def test_numerics_beyond_tolerance_or_not_finite_are_named():
