@@ -19,16 +19,18 @@ Masks are decoded exactly as real datasets ship them (see :func:`read_mask_image
 channel 0/1 or 0/255 (8 or 16 bit), three equal channels, palette PNGs (a grey palette is read
 as its grey values; in a colour palette index > 0 is a building unless ``mask_values`` names
 the building indices; a pixel drawn fully transparent, or a palette TIFF's nodata index, is no
-data, read as background like NaN in a float mask, with a warning). A mask that is not binary
-but looks like one with antialiased edges or JPEG artefacts is binarised at the midpoint of its
-range and counted, so the cache build can warn; a label mask (class or instance ids) needs
-``mask_values`` or ``mask_nonzero``; anything ambiguous is an error naming the file.
+data, read as background like NaN in a float mask, with a warning; so is a pixel holding the
+GDAL nodata value of any other TIFF mask). A mask that is not binary but looks like one with
+antialiased edges or JPEG artefacts is binarised at the midpoint of its range and counted, so
+the cache build can warn; a label mask (class or instance ids) needs ``mask_values`` or
+``mask_nonzero``; anything ambiguous is an error naming the file.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from typing import Literal, NamedTuple
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from bldseg.data import geo
 from bldseg.data.rle import rle_decode
@@ -66,9 +68,11 @@ DEFAULT_MASK_PATTERNS = (
 #: refused; 3: NaN in float masks read as background, grey palettes with a repeated grey read
 #: by colour, palette GeoTIFF images read as their colours; 4: fully transparent palette
 #: entries (PNG tRNS, alpha 0 of a PA image, a palette TIFF's GDAL nodata index) read as
-#: background and left out of the grey-or-colour palette test), so caches built by older rules
-#: are rebuilt.
-DECODE_RULES = 4
+#: background and left out of the grey-or-colour palette test; 5: pixels holding the GDAL
+#: nodata value of a non-palette TIFF mask (0/1 with nodata 255, uint16 65535, float -9999)
+#: read as background, before the binary/threshold/label checks see the mask), so caches built
+#: by older rules are rebuilt.
+DECODE_RULES = 5
 
 
 @dataclass(frozen=True)
@@ -841,6 +845,10 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
       buildings;
     - three (or four, with an opaque alpha) equal channels: as one channel;
     - float masks: NaN/inf pixels (no data) are background, with a warning counting them;
+    - TIFFs with a GDAL nodata value (TIFF tag 42113, as rasterio/GDAL write it): pixels
+      holding it (in every band) are no data, background, with a warning counting those that
+      would have read as a building (a nodata value of 0 changes nothing); the checks below
+      see the mask without them, so a 0/1 mask with nodata 255 stays binary;
     - palette PNGs/TIFFs: when every colour the image uses is grey (PIL's ``quantize`` often
       puts white at index 0; two entries may share a grey), the grey values, read as one
       channel; in a colour (class) palette the index is the label: index > 0 is a building,
@@ -864,6 +872,7 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
         raise FileNotFoundError(f"mask not found: {path}")
     _refuse_truncated_jpeg(path)
     palette = _read_palette(path)
+    nodata = None  # (H, W) pixels holding a TIFF's GDAL nodata value; palettes: in `palette`
     if palette is not None:
         labels = _palette_labels(palette, options)
         # (H, W) uint8 0/1 labels, or grey values read on as one channel (all >= 0 but where
@@ -876,14 +885,26 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
         m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if m is None:
             raise ValueError(f"{path}: cannot decode the mask (corrupt, truncated or not an image)")
+        nodata_text = _gdal_nodata(path)
+        nodata = _nodata_pixels(m, nodata_text)  # (H, W) bool, or None
         if m.ndim == 3 and options.mask_colors is not None:
-            return MaskRead(_colour_classes(m, options.mask_colors, path), True)
+            hit = _colour_classes(m, options.mask_colors, path)
+            if nodata is not None:
+                hit = _nodata_to_background(hit, nodata, hit > 0, nodata_text, path)
+            return MaskRead(hit, True)
         if np.issubdtype(m.dtype, np.floating):
             m = _no_data_to_background(m, path)
         if m.ndim == 3:
             m = _one_channel(m, path)
+        if nodata is not None:
+            named = options.mask_values
+            building = m != 0 if named is None else np.isin(m, named)  # (H, W)
+            m = _nodata_to_background(m, nodata, building, nodata_text, path)
     if options.mask_values is not None:
-        return MaskRead(np.isin(m, options.mask_values).astype(np.uint8), True)
+        hit = np.isin(m, options.mask_values)
+        if nodata is not None:
+            hit &= ~nodata  # zeroed, but still no data where 0 is a named value
+        return MaskRead(hit.astype(np.uint8), True)
     if options.mask_nonzero:
         return MaskRead((m > 0).astype(np.uint8), True)
     if m.dtype == np.uint8:
@@ -916,6 +937,83 @@ def _no_data_to_background(m: np.ndarray, path: Path) -> np.ndarray:
         stacklevel=3,
     )
     return np.where(bad, 0, m).astype(m.dtype)
+
+
+def _gdal_nodata(path: Path) -> str | None:
+    """The GDAL nodata value (TIFF tag 42113, text) of a TIFF's first image; None if none.
+
+    Read from the image's header alone, so the pixels are decoded once (by OpenCV); PIL's
+    directory reader takes any TIFF, also those whose pixels PIL cannot decode (float64).
+    Files that are not TIFFs have no such tag.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[2:4] in (b"\x2b\x00", b"\x00\x2b"):  # BigTIFF: 8-byte offset follows
+                head += f.read(8)
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(head)
+            f.seek(ifd.next)
+            ifd.load(f)
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError):
+        return None  # not a TIFF, or a header the decoder will report on
+    nodata = ifd.get(_GDAL_NODATA_TAG)
+    return None if nodata is None else str(nodata).strip("\x00 ")
+
+
+def _nodata_number(nodata: object) -> float | None:
+    """The number a GDAL nodata tag holds (text such as "255", "-9999", "nan"), if any."""
+    if nodata is None:
+        return None
+    try:
+        return float(str(nodata).strip("\x00 "))
+    except ValueError:
+        return None  # not a number GDAL would read either: no pixel is no data
+
+
+def _nodata_pixels(m: np.ndarray, nodata: str | None) -> np.ndarray | None:
+    """(H, W) bool: pixels of a decoded mask whose every band holds the nodata value.
+
+    As GDAL compares, the value is cast to the pixels' type, and one that type cannot hold
+    (255.5 or -9999 in a uint8 mask) marks no pixel. A pixel is no data only when all its
+    bands are (rasterio's ``dataset_mask``): a building coloured (0, 0, 255) under nodata 0
+    keeps its colour. NaN/inf are left to :func:`_no_data_to_background`. None: no pixel.
+    """
+    value = _nodata_number(nodata)
+    if value is None or not np.isfinite(value):
+        return None
+    if np.issubdtype(m.dtype, np.integer):
+        info = np.iinfo(m.dtype)
+        if not value.is_integer() or not info.min <= value <= info.max:
+            return None
+    with np.errstate(over="ignore"):
+        target = np.asarray(value).astype(m.dtype)  # () in the pixels' type
+    if not np.isfinite(target):
+        return None  # past float32's range: no pixel can hold it
+    hit = m == target  # (H, W) or (H, W, C)
+    if hit.ndim == 3:
+        hit = hit.all(axis=2)
+    return hit if hit.any() else None
+
+
+def _nodata_to_background(
+    m: np.ndarray, nodata: np.ndarray, building: np.ndarray, value: str | None, path: Path
+) -> np.ndarray:
+    """(H, W) mask with its GDAL nodata pixels 0.
+
+    Nothing is known of buildings where there is no data (a scene's border, a gap between
+    flight lines): like NaN in a float mask it is background. The count is warned about only
+    where the pixels would have read as a building (``building``): a nodata value of 0, the
+    usual profile copied from the imagery, changes nothing.
+    """
+    n = int((nodata & building).sum())
+    if n:
+        warnings.warn(
+            f"{path}: {n} of {m.shape[0] * m.shape[1]} mask pixels are no data (GDAL nodata "
+            f"value {value}; if they are buildings, unset it: gdal_edit.py -unsetnodata); read "
+            "as no building",
+            stacklevel=3,
+        )
+    return np.where(nodata, 0, m).astype(m.dtype)
 
 
 class _Palette(NamedTuple):
@@ -979,13 +1077,8 @@ def _read_palette(path: Path) -> _Palette | None:
 
 def _nodata_index(nodata: object) -> int | None:
     """The palette index a GDAL nodata tag names (text such as "255" or "2.0"), if any."""
-    if nodata is None:
-        return None
-    try:
-        value = float(str(nodata).strip("\x00 "))
-    except ValueError:
-        return None  # not a number GDAL would read either: no index is no data
-    if value.is_integer() and 0 <= value < 256:
+    value = _nodata_number(nodata)
+    if value is not None and value.is_integer() and 0 <= value < 256:
         return int(value)
     return None
 

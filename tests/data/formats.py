@@ -284,3 +284,70 @@ def write_palette_geotiff_nodata(root: Path, size: int = 48, seed: int = 0) -> F
         np.where(gap, 0, m).astype(np.uint8),
         warning=rf"tile\.tif: {n} of {size * size} mask pixels .*palette index 2: GDAL nodata",
     )
+
+
+def write_geotiff_nodata_cases(root: Path, size: int = 48, seed: int = 0) -> dict[str, FormatCase]:
+    """Non-palette GeoTIFF masks with a GDAL nodata value (TIFF tag 42113), written by rasterio.
+
+    Every case fills a no-data strip (the top quarter of the scene, buildings included) with
+    its nodata value, as a scene's border or a gap between flight lines ships. Where that value
+    is not 0 the strip must read as background with a warning; nodata 0 (the profile copied
+    from the imagery) reads as before, without one. Needs rasterio.
+    """
+    import rasterio
+    from rasterio.transform import Affine
+
+    rgb, m = scene(size, seed)
+    gap = np.zeros((size, size), bool)
+    gap[: size // 4] = True  # (H, W) the no-data strip
+    truth = np.where(gap, 0, m).astype(np.uint8)
+    n = int(gap.sum())
+    cases: dict[str, FormatCase] = {}
+
+    def case(name: str, bands: np.ndarray, nodata: float, *, warns: bool = True, **kw) -> None:
+        img = _cv2(root / name / "images" / "tile.png", np.ascontiguousarray(rgb[..., ::-1]))
+        mask = root / name / "masks" / "tile.tif"
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        count, dtype = bands.shape[0], bands.dtype.name
+        with rasterio.open(
+            mask,
+            "w",
+            driver="GTiff",
+            width=size,
+            height=size,
+            count=count,
+            dtype=dtype,
+            nodata=nodata,
+            crs="EPSG:32615",
+            transform=Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0),
+            **kw.pop("creation", {}),
+        ) as dst:
+            dst.write(bands)
+        kw.setdefault("truth", truth)
+        if warns:
+            kw["warning"] = (
+                rf"tile\.tif: {n} of {size * size} mask pixels are no data \(GDAL nodata"
+            )
+        cases[name] = FormatCase(img, mask, rgb, **kw)
+
+    def strip(values: np.ndarray, nodata: float, dtype: str) -> np.ndarray:
+        """(1, H, W) band of ``values`` with the no-data strip set to ``nodata``."""
+        return np.where(gap, nodata, values.astype(dtype)).astype(dtype)[None]
+
+    # 0/1 with nodata 255: the three values {0, 1, 255} were refused as a label mask.
+    case("u8_01_nd255", strip(m, 255, "uint8"), 255)
+    case("u8_01_nd255_bigtiff", strip(m, 255, "uint8"), 255, creation={"BIGTIFF": "YES"})
+    # nodata equal to the background: the strip is background anyway, nothing to warn about.
+    case("u8_0255_nd0", strip(m * 255, 0, "uint8"), 0, warns=False)
+    # 0/1 with nodata 65535: refused as a label mask ("would drop ... pixels of value 1").
+    case("u16_01_nd65535", strip(m, 65535, "uint16"), 65535)
+    # Float 0/1 with nodata -9999 read right, but as "binarised" (three values): binary now.
+    case("f32_01_nd-9999", strip(m, -9999, "float32"), -9999)
+    # Float64, which PIL cannot open: its nodata is read from the header alone.
+    case("f64_01_nd-9999", strip(m, -9999, "float64"), -9999)
+    # Float 0/1 with nodata near float32's maximum: the threshold, half the mask's maximum,
+    # dropped every building and kept the strip.
+    case("f32_01_nd3.4e38", strip(m, 3.4e38, "float32"), 3.4e38)
+    # Three equal bands (a grey mask saved as RGB): a pixel is no data where all bands are.
+    case("rgb_01_nd255", np.repeat(strip(m, 255, "uint8"), 3, axis=0), 255)
+    return cases

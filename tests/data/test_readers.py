@@ -18,7 +18,12 @@ from bldseg.data.readers import (
     tile_windows,
 )
 from bldseg.data.rle import rle_encode
-from tests.data.formats import write_palette_geotiff_nodata, write_transparent_palette_cases
+from tests.data.formats import (
+    scene,
+    write_geotiff_nodata_cases,
+    write_palette_geotiff_nodata,
+    write_transparent_palette_cases,
+)
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
@@ -371,3 +376,84 @@ def test_palette_geotiff_nodata_index_is_no_data(tmp_path):
     (r,) = read_folder_dataset(c.image.parent, c.mask.parent)
     with pytest.warns(UserWarning, match=c.warning):
         np.testing.assert_array_equal(load_record(r)[1], c.truth)
+
+
+GEOTIFF_NODATA = [
+    "u8_01_nd255",
+    "u8_01_nd255_bigtiff",
+    "u8_0255_nd0",
+    "u16_01_nd65535",
+    "f32_01_nd-9999",
+    "f64_01_nd-9999",
+    "f32_01_nd3.4e38",
+    "rgb_01_nd255",
+]
+
+
+def _read_recording(path: Path, options: ReadOptions | None = None):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = read_mask_image(path, options or ReadOptions())
+    return read, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("name", GEOTIFF_NODATA)
+def test_geotiff_nodata_value_is_no_data(tmp_path, name):
+    # Pixels holding a TIFF's GDAL nodata value are no data, as GDAL and rasterio mask them:
+    # background, and out of the binary/threshold/label checks (0/1 + nodata 255 was refused
+    # as a label mask, float nodata 3.4e38 moved the threshold past every building).
+    pytest.importorskip("rasterio")
+    c = write_geotiff_nodata_cases(tmp_path)[name]
+    read, messages = _read_recording(c.mask)
+    assert read.binary
+    np.testing.assert_array_equal(read.mask, c.truth)
+    if c.warning is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and re.search(c.warning, messages[0]), messages
+        assert messages[0].endswith("read as no building")
+
+
+def test_geotiff_nodata_with_named_values(tmp_path):
+    # A nodata value the options do not read as building changes nothing: no warning; one
+    # they do (every nonzero value, or a named value) is still no data.
+    rasterio = pytest.importorskip("rasterio")
+    c = write_geotiff_nodata_cases(tmp_path)["u8_01_nd255"]
+    with rasterio.open(c.mask) as src:
+        band = src.read(1)  # (H, W) 0/1, 255 in the strip
+        profile = src.profile
+    classes = np.where(band == 1, 2, band).astype(np.uint8)  # buildings 2, background 0
+    classes[-4:] = 1  # a road class along the bottom
+    with rasterio.open(tmp_path / "classes.tif", "w", **profile) as dst:
+        dst.write(classes, 1)
+    read, messages = _read_recording(tmp_path / "classes.tif", ReadOptions(mask_values=(2,)))
+    np.testing.assert_array_equal(read.mask, (classes == 2).astype(np.uint8))
+    assert messages == []
+    read, messages = _read_recording(tmp_path / "classes.tif", ReadOptions(mask_values=(2, 255)))
+    np.testing.assert_array_equal(read.mask, (classes == 2).astype(np.uint8))
+    assert len(messages) == 1 and re.search(r"classes\.tif: 576 of 2304 .*nodata", messages[0])
+    read, messages = _read_recording(c.mask, ReadOptions(mask_nonzero=True))
+    np.testing.assert_array_equal(read.mask, c.truth)
+    assert len(messages) == 1 and re.search(c.warning, messages[0]), messages
+    # The whole path, as the cache decodes it.
+    (r,) = read_folder_dataset(c.image.parent, c.mask.parent)
+    with pytest.warns(UserWarning, match=c.warning):
+        np.testing.assert_array_equal(load_record(r)[1], c.truth)
+
+
+def test_geotiff_nodata_in_a_colour_mask_needs_every_band(tmp_path):
+    # ISPRS-style colour classes (buildings blue, background white) with nodata 0: a pixel is
+    # no data only where all its bands are 0, so the blue (0, 0, 255) buildings stay.
+    _, m = scene(48, 0)
+    rgb = np.where(m[None] > 0, np.array([0, 0, 255])[:, None, None], 255).astype(np.uint8)
+    rgb[:, :12] = 0  # (3, H, W) the no-data strip, black
+    path = _plain_tiff(tmp_path / "colour.tif", rgb, photometric="RGB", nodata=0)
+    truth = ((rgb == np.array([0, 0, 255])[:, None, None]).all(axis=0)).astype(np.uint8)
+    assert truth[12:].sum() > 0
+    read, messages = _read_recording(path, ReadOptions(mask_colors=((0, 0, 255),)))
+    np.testing.assert_array_equal(read.mask, truth)
+    assert messages == []
+    # Black named as a building colour: the no-data strip is still no building.
+    read, messages = _read_recording(path, ReadOptions(mask_colors=((0, 0, 255), (0, 0, 0))))
+    np.testing.assert_array_equal(read.mask, truth)
+    assert len(messages) == 1 and "nodata value 0" in messages[0], messages
