@@ -174,16 +174,16 @@ def _iv(iv: stats.Interval | dict | None, value: float | None = None, signed: bo
 
     A ``value`` outside ``[low, high]`` cannot be the score the interval was computed for (a
     different threshold or library): it is printed with a warning sign and the interval's own
-    estimate, never silently beside an interval that does not hold it.
+    estimate, never silently beside an interval that does not hold it. An interval without
+    ends (one source image or seed) says so (:func:`bldseg.stats.format_interval`).
     """
     if iv is None:
         return _f(value) if value is not None else "–"
     d = iv.to_dict() if isinstance(iv, stats.Interval) else iv
-    est = d["estimate"] if value is None else value
     f = "+.4f" if signed else ".4f"
-    if d["low"] is None or np.isnan(d["low"]):  # none (one seed), or unbounded read from JSON
-        return f"{est:{f}}"
-    cell = f"{est:{f}} [{d['low']:{f}}, {d['high']:{f}}]"
+    cell = stats.format_interval(d, value, signed=signed)
+    if d["low"] is None or d["high"] is None or not np.isfinite([d["low"], d["high"]]).all():
+        return cell  # no ends (inf, NaN, or null read back from JSON) to hold the value
     if value is not None and not d["low"] - 1e-9 <= value <= d["high"] + 1e-9:
         cell += f" ⚠ outside its interval (estimate {d['estimate']:{f}})"
     return cell
@@ -194,8 +194,8 @@ def _err(iv: stats.Interval | dict | None, value: float) -> tuple[float, float]:
     if iv is None or np.isnan(value):
         return 0.0, 0.0
     d = iv.to_dict() if isinstance(iv, stats.Interval) else iv
-    if d["low"] is None or d["high"] is None:  # unbounded, as strict JSON writes it
-        return 0.0, 0.0
+    if d["low"] is None or d["high"] is None or not np.isfinite([d["low"], d["high"]]).all():
+        return 0.0, 0.0  # unbounded (one source image: inf, or null as strict JSON writes it)
     return max(0.0, value - d["low"]), max(0.0, d["high"] - value)
 
 

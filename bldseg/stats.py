@@ -10,6 +10,10 @@ official score leaves out) are left out of every mean, as in the score itself.
 A *paired* comparison (two models on the same tiles) uses the same draws for both, so the
 interval is on the difference and the shared difficulty of the tiles cancels.
 
+Fewer than two source images give no interval (every resample is that one image): its ends are
+-inf and inf, ``null`` in strict JSON (:func:`bldseg.io.finite_json`), and
+:func:`format_interval` prints it as ``0.5000 [no interval: 1 source image]``.
+
 Everything is vectorised over draws: per-cluster sums ``S_g`` and counts ``N_g`` and a
 (draws, clusters) matrix ``W`` of multinomial draw counts give every resampled mean as
 ``(W @ S) / (W @ N)``.
@@ -17,8 +21,10 @@ Everything is vectorised over draws: per-cluster sums ``S_g`` and counts ``N_g``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +45,7 @@ class Interval:
         n: Number of scored tiles (a difference: the smaller arm's or side's).
         clusters: Number of source images with a scored tile, the resampled unit (a
             difference: the smaller arm's or side's); below 2 the interval is unbounded.
+        unit: What ``clusters`` counts, as the printed text names it.
     """
 
     estimate: float
@@ -47,17 +54,24 @@ class Interval:
     level: float = 0.95
     n: int = 0
     clusters: int = 0
+    unit: str = "source image"
 
     @property
     def excludes_zero(self) -> bool:
         """Whether the whole interval lies on one side of zero (a difference beyond noise)."""
         return self.low > 0 or self.high < 0
 
-    def __str__(self) -> str:
-        return f"{self.estimate:.4f} [{self.low:.4f}, {self.high:.4f}]"
+    @property
+    def bounded(self) -> bool:
+        """Whether both ends are finite (not so below 2 clusters, or when no draw scored)."""
+        return math.isfinite(self.low) and math.isfinite(self.high)
 
-    def to_dict(self) -> dict[str, float | int]:
-        """Plain dict for JSON and MLflow."""
+    def __str__(self) -> str:
+        return format_interval(self)
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """Plain dict for JSON and MLflow; unbounded ends stay +-inf (write it through
+        :func:`bldseg.io.write_json` or :func:`bldseg.io.finite_json`: strict JSON, null)."""
         return {
             "estimate": self.estimate,
             "low": self.low,
@@ -65,7 +79,53 @@ class Interval:
             "level": self.level,
             "n": self.n,
             "clusters": self.clusters,
+            "unit": self.unit,
         }
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def format_interval(
+    iv: Interval | Mapping[str, Any],
+    value: float | None = None,
+    *,
+    signed: bool = False,
+    digits: int = 4,
+) -> str:
+    """``estimate [low, high]`` for people; an interval without finite ends says why instead.
+
+    One source image gives ``0.5000 [no interval: 1 source image]``, not ``[-inf, inf]`` (or
+    ``[None, None]`` once read back from strict JSON, where its ends are null).
+
+    Args:
+        iv: An interval, or its :meth:`Interval.to_dict` (also as read back from JSON).
+        value: Printed in place of the estimate (e.g. the exact official score).
+        signed: Signed numbers (a difference).
+        digits: Decimals.
+    """
+    d = iv.to_dict() if isinstance(iv, Interval) else iv
+    f = f"{'+' if signed else ''}.{digits}f"
+    est = d["estimate"] if value is None else value
+    return f"{est:{f}} {format_bounds(d, signed=signed, digits=digits)}"
+
+
+def format_bounds(
+    iv: Interval | Mapping[str, Any], *, signed: bool = False, digits: int = 4, sep: str = ", "
+) -> str:
+    """The ``[low, high]`` part of :func:`format_interval` alone (e.g. a seed interval printed
+    beside a tile interval): ``[no interval: 1 value]`` without finite ends."""
+    d = iv.to_dict() if isinstance(iv, Interval) else iv
+    f = f"{'+' if signed else ''}.{digits}f"
+    low, high = d.get("low"), d.get("high")
+    if _finite(low) and _finite(high):
+        return f"[{low:{f}}{sep}{high:{f}}]"
+    clusters = d.get("clusters")
+    if clusters is not None and clusters < 2:
+        unit = d.get("unit") or "source image"
+        return f"[no interval: {clusters} {unit}{'' if clusters == 1 else 's'}]"
+    return "[no interval]"  # no resample had a score in both arms (NaN ends)
 
 
 def _cluster_sums(
@@ -245,6 +305,6 @@ def mean_interval(values: Sequence[float], *, level: float = 0.95) -> Interval:
     v = np.asarray(values, dtype=np.float64)
     mean = float(v.mean()) if v.size else float("nan")
     if v.size < 2:
-        return Interval(mean, -np.inf, np.inf, level, int(v.size), int(v.size))
+        return Interval(mean, -np.inf, np.inf, level, int(v.size), int(v.size), "value")
     half = float(student_t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return Interval(mean, mean - half, mean + half, level, int(v.size), int(v.size))
+    return Interval(mean, mean - half, mean + half, level, int(v.size), int(v.size), "value")

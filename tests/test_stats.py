@@ -1,9 +1,19 @@
 """Cluster-bootstrap intervals: exact estimates, coverage, pairing, NaN handling."""
 
+import json
+
 import numpy as np
 import pytest
 
-from bldseg.stats import bootstrap_mean, mean_interval, paired_difference, unpaired_difference
+from bldseg import stats
+from bldseg.io import write_json
+from bldseg.stats import (
+    bootstrap_mean,
+    format_interval,
+    mean_interval,
+    paired_difference,
+    unpaired_difference,
+)
 
 
 def test_estimate_is_the_mean_of_valid_tiles():
@@ -123,6 +133,33 @@ def test_one_source_image_gives_no_interval():
     assert np.isfinite(bootstrap_mean([0.3, 0.9, 0.6], ["s", "s", "t"]).low)
 
 
+def test_no_interval_prints_why_in_words_and_stays_strict_json(tmp_path):
+    # it printed as "0.6000 [-inf, inf]", and a report cell as "0.6000 [-inf, inf]" too
+    m = bootstrap_mean([0.3, 0.9, 0.6], ["s"] * 3)
+    assert not m.bounded and str(m) == "0.6000 [no interval: 1 source image]"
+    d = paired_difference([0.3, 0.9], [0.2, 0.9], ["s", "s"])
+    assert format_interval(d, signed=True) == "+0.0500 [no interval: 1 source image]"
+    assert str(mean_interval([0.7])) == "0.7000 [no interval: 1 value]"
+    # as the project writes it: strict JSON (null ends), read back with the same wording
+    path = write_json(tmp_path / "iv.json", {"iv": m.to_dict()})
+
+    def refuse(word):
+        raise AssertionError(f"non-strict JSON: {word}")
+
+    back = json.loads(path.read_text(), parse_constant=refuse)["iv"]
+    assert (back["low"], back["high"]) == (None, None)
+    assert format_interval(back, 0.61) == "0.6100 [no interval: 1 source image]"
+    # every printing site of bldseg says the same
+    from bldseg.report import _err, _iv
+
+    assert _iv(m) == _iv(back) == "0.6000 [no interval: 1 source image]"
+    assert _iv(d, signed=True) == "+0.0500 [no interval: 1 source image]"
+    assert _err(m, 0.6) == (0.0, 0.0)  # no infinite error bar
+    # a bounded interval prints as before
+    two = bootstrap_mean([0.3, 0.9, 0.6], ["s", "s", "t"])
+    assert two.bounded and str(two) == f"{two.estimate:.4f} [{two.low:.4f}, {two.high:.4f}]"
+
+
 def test_source_images_without_a_scored_tile_are_no_clusters():
     # an image whose tiles are all NaN (empty/empty) counted as a second cluster: one scored
     # image then passed the two-cluster guard with a zero-width interval that "excluded zero"
@@ -146,3 +183,12 @@ def test_source_images_without_a_scored_tile_are_no_clusters():
     g_padded = np.concatenate([g, np.repeat([10, 11], 4)])
     assert paired_difference(*padded, g_padded) == paired_difference(x, y, g)
     assert bootstrap_mean(padded[0], g_padded) == bootstrap_mean(x, g)
+
+
+def test_bounds_alone_say_why_there_is_no_interval():
+    one = stats.mean_interval([0.5])
+    assert stats.format_bounds(one) == "[no interval: 1 value]"
+    two = stats.bootstrap_mean([0.2, 0.4, 0.6, 0.8], ["a", "a", "b", "b"])
+    low, high = two.low, two.high
+    assert stats.format_bounds(two, digits=2, sep=",") == f"[{low:.2f},{high:.2f}]"
+    assert stats.format_interval(two.to_dict(), signed=True).startswith("+0.5000 [+")

@@ -152,7 +152,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--test-file",
         default="test_probs.npz",
-        help="held-out test library file next to each val_probs.npz, if present",
+        help="held-out test library file next to each val_probs.npz, if present; scored only, "
+        "never chosen on: files that do not fit (stale, unreadable, other tiles) are left out "
+        "with a warning ('': none)",
     )
     p.add_argument(
         "--tracking-uri",

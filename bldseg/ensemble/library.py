@@ -94,11 +94,14 @@ class ModelLibrary:
 _UNREADABLE = (OSError, EOFError, ValueError, zipfile.BadZipFile)  # truncated or garbage files
 
 
-def _cannot_read(name: str, f: Path, err: BaseException) -> ValueError:
-    return ValueError(
-        f"model {name!r} ({f}): cannot read it ({type(err).__name__}: {err}); retrain the run "
-        "or remove it from the search folder"
+def _cannot_read(name: str, f: Path, err: BaseException, file_name: str) -> ValueError:
+    # a validation library is remade by training; other files (test maps) by what wrote them
+    fix = (
+        "retrain the run or remove it from the search folder"
+        if file_name == VAL_FILE
+        else "remake it or delete it"
     )
+    return ValueError(f"model {name!r} ({f}): cannot read it ({type(err).__name__}: {err}); {fix}")
 
 
 def find_runs(root: str | os.PathLike, file_name: str = VAL_FILE) -> list[Path]:
@@ -161,7 +164,8 @@ def load_library(
     Args:
         paths: run folders (holding ``file_name``) or npz files.
         file_name: the npz inside a run folder (``val_probs.npz``; e.g. ``test_probs.npz`` for
-            a held-out test library of the same models).
+            a held-out test library of the same models); also says how an unreadable file is
+            remade (training remakes a ``val_probs.npz``).
         root: the search results folder the run folders were found in (for short names).
 
     Returns:
@@ -195,9 +199,9 @@ def load_library(
         try:
             z = np.load(f, allow_pickle=False)
         except _UNREADABLE as e:
-            raise _cannot_read(name, f, e) from None
+            raise _cannot_read(name, f, e, file_name) from None
         if not isinstance(z, np.lib.npyio.NpzFile):
-            raise _cannot_read(name, f, ValueError("an .npy array, not an .npz archive"))
+            raise _cannot_read(name, f, ValueError("an .npy array, not an .npz archive"), file_name)
         with z:
             missing = [a for a in ("probs", "truth", "tile_ids", "image_ids") if a not in z]
             if missing:
@@ -209,7 +213,7 @@ def load_library(
                 p, t = z["probs"], z["truth"]
                 tid, iid = z["tile_ids"].astype(str), z[ids_key].astype(str)
             except _UNREADABLE as e:
-                raise _cannot_read(name, f, e) from None
+                raise _cannot_read(name, f, e, file_name) from None
         if p.dtype != np.uint8 or p.ndim != 3:
             raise ValueError(
                 f"model {name!r} ({f}): probs must be uint8 (T, S, S) quantised maps, got "

@@ -4,8 +4,11 @@ Honest evaluation: the validation tiles are split by source image into a *select
 a *check* half. Ensembles and thresholds are chosen on the selection half only and reported on
 both, next to the best single model (chosen the same way). A held-out test library of the same
 models (``test_probs.npz`` next to each ``val_probs.npz``, e.g. on the synthetic world) is
-scored too when present. The gap between the selection and the check Dice is the optimism of
-the choice; the reference workflow reported only the former.
+scored too when present. It is information only, never used for any choice: test files that do
+not fit (missing beside some models, unreadable, of other tiles, images or truth than the
+others', or older than the model's weights) leave the test column out with one warning, and
+the summary says why (``test_library_left_out``). The gap between the selection and the check
+Dice is the optimism of the choice; the reference workflow reported only the former.
 
 Every score carries a 95% cluster-bootstrap interval over source images
 (:mod:`bldseg.stats`), and the ensemble's gain over the best single model a paired one on the
@@ -42,7 +45,14 @@ import pandas as pd
 
 from bldseg import metrics, stats
 from bldseg.ensemble import rules as rules_mod
-from bldseg.ensemble.library import ModelLibrary, find_runs, load_library, split_by_image
+from bldseg.ensemble.library import (
+    FOLDS_FILE,
+    VAL_FILE,
+    ModelLibrary,
+    find_runs,
+    load_library,
+    split_by_image,
+)
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES, RuleEnsemble
 from bldseg.ensemble.search import (
     Ensemble,
@@ -51,7 +61,7 @@ from bldseg.ensemble.search import (
     score_members,
 )
 from bldseg.io import finite_json
-from bldseg.predict import EnsembleSpec, member_config
+from bldseg.predict import EnsembleSpec, fold_checkpoints, member_config
 
 __all__ = [
     "SearchConfig",
@@ -113,6 +123,7 @@ class SearchSummary:
     threshold_range: tuple[float, float] = (0.30, 0.70)  # the sweep the choices were made in
     widened: bool = False  # a choice lay on the edge of [lo, hi], so the sweep was widened
     rules: dict = field(default_factory=dict)  # rule variant -> its best ensemble's row
+    test_left_out: str | None = None  # why the test files next to the models were not scored
 
 
 def evaluate(lib: ModelLibrary, members: tuple[int, ...], level: int) -> float:
@@ -171,14 +182,13 @@ def submission_decision(best: dict, single: dict, gain_check: dict | None) -> di
     elif gain_check["low"] > 0:
         chosen = "ensemble"
         reason = (
-            f"gain on the check half {gain_check['estimate']:+.4f} "
-            f"[{gain_check['low']:+.4f}, {gain_check['high']:+.4f}] lies above 0"
+            f"gain on the check half {stats.format_interval(gain_check, signed=True)} lies above 0"
         )
     else:
         chosen = "single"
         reason = (
-            f"gain on the check half {gain_check['estimate']:+.4f} "
-            f"[{gain_check['low']:+.4f}, {gain_check['high']:+.4f}] does not lie above 0"
+            f"gain on the check half {stats.format_interval(gain_check, signed=True)} "
+            "does not lie above 0"
         )
     row = best if chosen == "ensemble" else single
     return {
@@ -202,14 +212,72 @@ def _load(cfg: SearchConfig, file_name: str | None = None) -> ModelLibrary:
     raise ValueError("no models: pass --runs <search results folder> or --models <paths>")
 
 
-def _test_library(cfg: SearchConfig, lib: ModelLibrary) -> ModelLibrary | None:
-    """The held-out test library of the same models, when every model has one."""
+def _test_library(cfg: SearchConfig, lib: ModelLibrary) -> tuple[ModelLibrary | None, str | None]:
+    """The held-out test library of the same models, or why the test files were left out.
+
+    The test column is information only (no choice reads it), so test files that cannot make
+    one library of these models do not stop the search, unlike a bad ``val_probs.npz``: the
+    column is left out with one warning naming the file and what is wrong with it.
+
+    Returns:
+        ``(library, None)``; ``(None, None)`` when no model has a test file; ``(None, why)``
+        when some do but they do not fit: missing beside other models, older than the model's
+        weights (made by an earlier state of the model, e.g. before a resumed run saved a
+        better epoch), unreadable, or of other tiles, source images or ground truth than the
+        others'.
+    """
+    if not cfg.test_file:
+        return None, None
     files = [Path(s).parent / cfg.test_file for s in lib.sources]
-    if not cfg.test_file or not all(f.is_file() for f in files):
+    missing = [f for f in files if not f.is_file()]
+    if len(missing) == len(files):
+        return None, None
+    why = None
+    if missing:
+        why = f"{len(missing)} of {len(files)} models have none (e.g. {missing[0]} is missing)"
+    else:
+        # the rule bldseg.pipeline remakes test maps by: older than the weights behind them,
+        # they were made by an earlier state of the model
+        stale = [(f, w) for f, c in zip(files, lib.checkpoints, strict=True) if (w := _newer(c, f))]
+        if stale:
+            (f, w), more = stale[0], len(stale) - 1
+            why = (
+                f"{f} is older than {w}, so it was made by an earlier state of that model (an "
+                "older run, or before a resumed run saved a better epoch)"
+                + (f"; {more} more model(s) likewise" if more else "")
+            )
+    if why is None:
+        try:
+            test = load_library(files, file_name=cfg.test_file)
+        except (ValueError, FileNotFoundError) as err:  # unreadable, other tiles, ...
+            why = f"they do not form one test library of these models: {err}"
+        else:
+            test.names = list(lib.names)
+            return test, None
+    why = f"{cfg.test_file} files next to the models' {VAL_FILE}: {why}"
+    warnings.warn(
+        f"held-out test column left out: {why}. The search goes on without it (no choice reads "
+        f"it); to score it, remake or delete those {cfg.test_file} files (bldseg pipeline "
+        "remakes stale ones), or pass --test-file '' to not read them",
+        stacklevel=3,
+    )
+    return None, why
+
+
+def _newer(checkpoint: Path, maps: Path) -> Path | None:
+    """The newest weights file behind a member's ``checkpoint`` when it is newer than its
+    ``maps``, else None.
+
+    A K-fold run's weights are its folds' ``best.pt`` (its ``folds.json`` and out-of-fold
+    ``val_probs.npz`` are rewritten without new weights); a member without readable weights
+    files (e.g. given as a bare npz) is not judged.
+    """
+    try:
+        weights = fold_checkpoints(checkpoint)[0] if checkpoint.name == FOLDS_FILE else [checkpoint]
+        newest = max(weights, key=lambda w: w.stat().st_mtime_ns)
+        return newest if newest.stat().st_mtime_ns > maps.stat().st_mtime_ns else None
+    except (OSError, ValueError):  # no best.pt, or a broken manifest: nothing to judge by
         return None
-    test = load_library(files)
-    test.names = list(lib.names)
-    return test
 
 
 def _write_atomic(path: Path, write) -> Path:
@@ -514,9 +582,9 @@ class _MembersTTA:
 
     A spec predicts with TTA when every one of its members validated with it; models the
     search did not choose are never read, so a missing or foreign checkpoint among them changes
-    nothing. A chosen member whose run config cannot be read (a missing ``best.pt``, the empty
-    stand-ins of a synthetic library) and members mixing both are warned about: their specs
-    predict without TTA, which ``bldseg predict --tta`` overrides.
+    nothing. A chosen member whose run config cannot be read (a missing, empty or foreign
+    ``best.pt``) and members mixing both are warned about: their specs predict without TTA,
+    which ``bldseg predict --tta`` overrides.
     """
 
     def __init__(self, lib: ModelLibrary):
@@ -585,7 +653,7 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     lib = _load(cfg)
     sel_idx, chk_idx = split_by_image(lib.image_ids, cfg.selection_fraction, cfg.seed)
     sel, chk = lib.subset(sel_idx), lib.subset(chk_idx)
-    test = _test_library(cfg, lib)
+    test, test_left_out = _test_library(cfg, lib)
 
     rules_searched = cfg.rules != ["mean"] or cfg.empty_tile
     lo, hi = cfg.lo, cfg.hi
@@ -682,6 +750,7 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
             "check": int(np.unique(chk.image_ids).size),
         },
         "test_library": test is not None,
+        "test_library_left_out": test_left_out,  # null: scored, or no model has test maps
         "threshold_range": [lo, hi],
         "widened": widened,
         "best": best_d,
@@ -751,14 +820,14 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         threshold_range=(lo, hi),
         widened=widened,
         rules=rule_rows,
+        test_left_out=test_left_out,
     )
 
 
 def _fmt(value: float, iv: dict | None, signed: bool = False) -> str:
-    f = "+.4f" if signed else ".4f"
     if iv is None:
-        return f"{value:{f}}"
-    return f"{value:{f}} [{iv['low']:{f}}, {iv['high']:{f}}]"
+        return f"{value:{'+.4f' if signed else '.4f'}}"
+    return stats.format_interval(iv, value, signed=signed)
 
 
 def _rule_cut(d: dict) -> str:
@@ -799,6 +868,8 @@ def summary_lines(s: SearchSummary) -> list[str]:
     )
     if gains:
         lines.append(f"{'gain':12s} ensemble - best single (paired, 95%): {gains}")
+    if s.test_left_out:
+        lines.append(f"{'test':12s} column left out: {s.test_left_out}")
     lo, hi = s.threshold_range
     if s.widened:
         lines.append(

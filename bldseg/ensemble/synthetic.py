@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from bldseg.ensemble.library import CHECKPOINT_FILE, VAL_FILE, ModelLibrary
+from bldseg.train.config import RunConfig
 
-__all__ = ["fake_library", "write_runs"]
+__all__ = ["fake_library", "write_checkpoint_stand_in", "write_runs"]
 
 # Tiles generated per torch call: bounds the float32 temporaries (64 x 224^2 x 4 B = 13 MB).
 _CHUNK = 64
@@ -80,7 +81,7 @@ def fake_library(
 
     Returns:
         The library (checkpoints point at ``best.pt`` files that do not exist;
-        :func:`write_runs` writes empty stand-ins).
+        :func:`write_runs` writes stand-ins holding a run config).
     """
     rng = np.random.default_rng(seed)
     truth = _truth(rng, n_tiles, size, empty_fraction)
@@ -114,12 +115,27 @@ def fake_library(
     )
 
 
-def write_runs(lib: ModelLibrary, root: str | os.PathLike, file_name: str = VAL_FILE) -> list[Path]:
+def write_runs(
+    lib: ModelLibrary,
+    root: str | os.PathLike,
+    file_name: str = VAL_FILE,
+    *,
+    config: RunConfig | None = None,
+) -> list[Path]:
     """Writes a library as run folders ``root/trial_<m>/<file_name>`` (the training layout).
 
-    Each folder also gets an empty ``best.pt`` stand-in for the model the fake library does not
-    have, so that an ensemble spec chosen from these runs passes ``EnsembleSpec.load``'s check
-    that every member file exists (loading it as a model fails: it is not a checkpoint).
+    Each folder also gets a ``best.pt`` stand-in for the model the fake library does not have:
+    a checkpoint as training writes it, with the run config but no weights. It is what the
+    ensemble search reads of a member (``bldseg.predict.member_config``: whether its maps were
+    flip-averaged), and an ensemble spec chosen from these runs passes ``EnsembleSpec.load``'s
+    check that every member file exists; loading it as a model fails. A ``best.pt`` already
+    there is kept (one a test wrote, or this one when a test library is written beside).
+
+    Args:
+        lib: The library.
+        root: Folder of the run folders (created).
+        file_name: The npz each run folder gets (``test_probs.npz``: a held-out test library).
+        config: The run config of every stand-in (default: ``RunConfig()``, no TTA).
 
     Returns:
         The run folders, in model order.
@@ -140,6 +156,29 @@ def write_runs(lib: ModelLibrary, root: str | os.PathLike, file_name: str = VAL_
             tile_yx=tile_yx,
         )
         os.replace(tmp, run / file_name)
-        (run / CHECKPOINT_FILE).touch()
+        if not (run / CHECKPOINT_FILE).exists():
+            write_checkpoint_stand_in(run, config)
         out.append(run)
     return out
+
+
+def write_checkpoint_stand_in(run: str | os.PathLike, config: RunConfig | None = None) -> Path:
+    """Writes ``run/best.pt`` as training writes it, with a run config but no weights.
+
+    What the ensemble search and ``bldseg predict`` read of a member before they load its
+    weights (``bldseg.predict.member_config``); loading it as a model fails.
+
+    Args:
+        run: The run folder (created).
+        config: Its run config (default: ``RunConfig()``, no TTA).
+
+    Returns:
+        The checkpoint's path.
+    """
+    ckpt = Path(run) / CHECKPOINT_FILE
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(".tmp.pt")
+    state = {"model": {}, "config": (config or RunConfig()).to_flat(), "metrics": {}}
+    torch.save(state, tmp)
+    os.replace(tmp, ckpt)
+    return ckpt

@@ -15,7 +15,7 @@ from bldseg.commands import ensemble as ensemble_cmd
 from bldseg.ensemble.library import find_runs, load_library
 from bldseg.ensemble.run import SearchConfig, run_search
 from bldseg.ensemble.synthetic import fake_library, write_runs
-from bldseg.predict import EnsembleSpec
+from bldseg.predict import EnsembleSpec, member_config
 from bldseg.train.config import RunConfig
 from tests.conftest import free_port
 
@@ -124,6 +124,24 @@ def _spec_members(out: Path, folders: list[Path]) -> dict[str, list[int]]:
         for f in sorted(out.glob("*.json"))
         if f.name != "summary.json"
     }
+
+
+def test_fake_runs_hold_the_run_config_the_search_reads(tmp_path):
+    # the fakes' best.pt were empty files: every chosen member was warned about ("cannot read
+    # its run config") and every spec predicted without TTA, whatever the runs validated with
+    lib = fake_library(3, 8, 16, seed=5, tiles_per_image=2)
+    folders = write_runs(lib, tmp_path / "runs", config=RunConfig(tta=True))
+    # a test library written beside keeps the checkpoints, and their config
+    write_runs(lib, tmp_path / "runs", file_name="test_probs.npz")
+    assert all(member_config(run)[0].tta for run in folders)
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        run_search(SearchConfig(runs=str(tmp_path / "runs"), k=[2], out=str(out), progress=False))
+    for name in ("best_ensemble.json", "best_single.json", "submit.json"):
+        assert EnsembleSpec.load(out / name).tta is True, name
+    plain = write_runs(lib, tmp_path / "plain")
+    assert [member_config(run)[0].tta for run in plain] == [False] * 3
 
 
 def test_an_unchosen_runs_missing_checkpoint_leaves_the_specs_tta(tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from bldseg.ensemble.run import (
     tile_scores,
 )
 from bldseg.ensemble.search import brute_force
-from bldseg.ensemble.synthetic import fake_library, write_runs
+from bldseg.ensemble.synthetic import fake_library, write_checkpoint_stand_in, write_runs
 from bldseg.predict import EnsembleSpec
 from bldseg.train.config import RunConfig
 from tests.conftest import free_port
@@ -629,6 +630,7 @@ def test_best_per_k_one_is_the_best_single_after_widening(tmp_path):
             image_ids=np.array([f"img{i}" for i in range(n)]),
             tile_yx=np.zeros((n, 2), int),
         )
+        write_checkpoint_stand_in(tmp_path / "runs" / name)
     run_search(
         SearchConfig(
             runs=str(tmp_path / "runs"), k=[1, 2], out=str(tmp_path / "out"), progress=False
@@ -685,3 +687,131 @@ def test_a_widened_search_replaces_only_what_it_beats():
     assert k[2] is per_k[2] and k[3] is w_per_k[3]  # the tie keeps the default range's
     s, t, _ = _keep_widened_where_better((w_single, w_top, w_per_k), (single, top, per_k))
     assert s is w_single and t is w_top
+
+
+# --- a held-out test library that does not fit is left out, not fatal ----------------------
+
+
+def _spoil_other_tiles(runs: Path) -> str:
+    # one model's test maps from another test split (other tiles)
+    other = runs.parent / "other"
+    write_runs(fake_library(3, 6, 16, seed=9), other, file_name="test_probs.npz")
+    shutil.copy(other / "trial_model00" / "test_probs.npz", runs / "trial_model01")
+    return "trial_model01/test_probs.npz' has no tile"
+
+
+def _spoil_unreadable(runs: Path) -> str:
+    (runs / "trial_model02" / "test_probs.npz").write_bytes(b"not an npz archive")
+    return str(runs / "trial_model02" / "test_probs.npz") + "): cannot read it"
+
+
+def _spoil_stale(runs: Path) -> str:
+    # written by an older run: before the model's weights (and validation maps) were saved
+    saved = (runs / "trial_model01" / "best.pt").stat().st_mtime_ns
+    os.utime(runs / "trial_model01" / "test_probs.npz", ns=(saved - 10**9, saved - 10**9))
+    return f"{runs / 'trial_model01' / 'test_probs.npz'} is older than {runs / 'trial_model01'}"
+
+
+def _spoil_missing(runs: Path) -> str:
+    (runs / "trial_model02" / "test_probs.npz").unlink()
+    return "1 of 3 models have none"
+
+
+@pytest.mark.parametrize(
+    "spoil", [_spoil_other_tiles, _spoil_unreadable, _spoil_stale, _spoil_missing]
+)
+def test_test_files_that_do_not_fit_are_left_out_with_the_reason(tmp_path, spoil):
+    # the optional test column stopped the whole search (status 2) although no choice reads it
+    runs = tmp_path / "runs"
+    write_runs(fake_library(3, 8, 16, seed=3, tiles_per_image=2), runs)
+    write_runs(fake_library(3, 8, 16, seed=4, tiles_per_image=2), runs, file_name="test_probs.npz")
+    why = spoil(runs)
+    out = tmp_path / "out"
+    cfg = SearchConfig(runs=str(runs), k=[2], out=str(out), progress=False)
+    with pytest.warns(UserWarning, match="held-out test column left out") as caught:
+        s = run_search(cfg)
+    left_out = [str(w.message) for w in caught if "test column left out" in str(w.message)]
+    assert len(left_out) == 1 and why in left_out[0], left_out
+    assert "the search goes on without it" in left_out[0].lower()
+    # the choices are those of a search without any test file
+    assert "test_dice" not in s.best and "test" not in s.gain
+    assert why in s.test_left_out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_library"] is False and why in summary["test_library_left_out"]
+    assert any(line.startswith("test") and why in line for line in summary_lines(s))
+
+
+def test_cli_goes_on_without_an_unreadable_test_column(tmp_path, capsys):
+    from bldseg.commands.ensemble import main
+
+    runs = tmp_path / "runs"
+    write_runs(fake_library(3, 8, 16, seed=3, tiles_per_image=2), runs)
+    write_runs(fake_library(3, 8, 16, seed=4, tiles_per_image=2), runs, file_name="test_probs.npz")
+    why = _spoil_unreadable(runs)
+    argv = ["--runs", str(runs), "-k", "2", "--workers", "0", "--no-progress"]
+    with pytest.warns(UserWarning, match="held-out test column left out") as caught:
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert "column left out" in capsys.readouterr().out
+    # test maps are remade by whatever wrote them, not by retraining
+    message = next(str(w.message) for w in caught if why in str(w.message))
+    assert "remake it or delete it" in message and "retrain" not in message
+    # what the search chooses from is still refused
+    (runs / "trial_model00" / "val_probs.npz").write_bytes(b"not an npz archive")
+    assert main([*argv, "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "val_probs.npz): cannot read it" in err and why not in err
+
+
+def test_a_fitting_test_library_is_scored_without_a_warning(results, tmp_path):
+    root, _lib, _test = results
+    cfg = SearchConfig(runs=str(root / "results"), k=[2], out=str(tmp_path), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        s = run_search(cfg)
+    assert "test_dice" in s.best and s.test_left_out is None
+    assert json.loads((tmp_path / "summary.json").read_text())["test_library_left_out"] is None
+
+
+def test_halves_of_one_source_image_print_no_interval_in_words(tmp_path):
+    # validation of two scenes: each half holds one, so no interval can be measured; the
+    # summary printed "[-inf, inf]" for every score, the gain and the decision's reason
+    runs = tmp_path / "runs"
+    write_runs(fake_library(3, 8, 16, seed=3, tiles_per_image=4), runs)
+    out = tmp_path / "out"
+    s = run_search(SearchConfig(runs=str(runs), k=[2], out=str(out), progress=False))
+    lines = "\n".join(summary_lines(s))
+    assert "inf" not in lines and "nan" not in lines
+    assert lines.count("[no interval: 1 source image]") >= 6  # 2 halves x (ens, single, gain)
+    assert "no interval: 1 source image" in s.decision["reason"]
+    assert s.decision["submit"] == "single"  # an unmeasured gain is no gain
+
+    def refuse(word):
+        raise AssertionError(f"non-strict JSON: {word}")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["gain"]["check"]["low"] is None and summary["gain"]["check"]["clusters"] == 1
+
+
+def test_a_kfold_members_test_maps_are_judged_by_its_folds_weights(tmp_path):
+    # its folds.json and out-of-fold val_probs.npz are rewritten without new weights (a resumed
+    # run that had finished): only a fold's newer best.pt makes its test maps stale
+    runs = tmp_path / "runs"
+    folders = write_runs(fake_library(3, 8, 16, seed=3, tiles_per_image=2), runs)
+    kfold = folders[0]
+    (kfold / "best.pt").unlink()
+    for f in range(2):
+        write_checkpoint_stand_in(kfold / f"fold{f}")
+    manifest = {"folds": 2, "config": RunConfig().to_flat(), "status": "completed"}
+    (kfold / "folds.json").write_text(json.dumps(manifest))
+    write_runs(fake_library(3, 8, 16, seed=4, tiles_per_image=2), runs, file_name="test_probs.npz")
+    later = (kfold / "test_probs.npz").stat().st_mtime_ns + 10**9
+    for name in ("folds.json", "val_probs.npz"):
+        os.utime(kfold / name, ns=(later, later))
+    cfg = SearchConfig(runs=str(runs), k=[2], out=str(tmp_path / "out"), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert run_search(cfg).test_left_out is None
+    os.utime(kfold / "fold1" / "best.pt", ns=(later, later))
+    with pytest.warns(UserWarning, match="held-out test column left out"):
+        s = run_search(cfg)
+    assert f"is older than {kfold / 'fold1' / 'best.pt'}" in s.test_left_out
