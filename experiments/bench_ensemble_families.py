@@ -60,7 +60,7 @@ def _fmt(iv: dict | None, value: float | None = None, signed: bool = False) -> s
     f = "+.4f" if signed else ".4f"
     if iv is None:
         return "-" if value is None else f"{value:{f}}"
-    return f"{iv['estimate']:{f}} [{iv['low']:{f}}, {iv['high']:{f}}]"
+    return stats.format_interval(iv, signed=signed)
 
 
 def main() -> None:

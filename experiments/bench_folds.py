@@ -92,8 +92,7 @@ def score(
 
 
 def _fmt(d: dict, signed: bool = False) -> str:
-    f = "+.3f" if signed else ".3f"
-    return f"{d['estimate']:{f}} [{d['low']:{f}},{d['high']:{f}}]"
+    return stats.format_interval(d, signed=signed, digits=3).replace(", ", ",")
 
 
 def main() -> None:

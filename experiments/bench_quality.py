@@ -357,7 +357,7 @@ def summarise(
 
 
 def _fmt(iv: dict) -> str:
-    return f"{iv['estimate']:.4f} [{iv['low']:.4f}, {iv['high']:.4f}]"
+    return stats.format_interval(iv)
 
 
 def print_table(rows: list[dict], summary: dict) -> None:
@@ -388,7 +388,7 @@ def print_table(rows: list[dict], summary: dict) -> None:
             iv = s["seed_interval"]
             print(
                 f"{arm} over seeds {s['seeds']}: test Dice {_fmt(s['test_dice'])} "
-                f"[{iv['low']:.4f}, {iv['high']:.4f}] over seeds"
+                f"{stats.format_bounds(iv)} over seeds"
             )
     if "ours_minus_peer" in summary:
         d = summary["ours_minus_peer"]
@@ -397,8 +397,8 @@ def print_table(rows: list[dict], summary: dict) -> None:
         per_seed = ", ".join(f"{v:+.4f}" for v in d["per_seed"])
         print(
             f"ours - peer (paired, same tiles, seeds {d['seeds']}): "
-            f"{tiles['estimate']:+.4f} [{tiles['low']:+.4f}, {tiles['high']:+.4f}] over test "
-            f"images, [{seeds['low']:+.4f}, {seeds['high']:+.4f}] over seeds ({verdict}); "
+            f"{stats.format_interval(tiles, signed=True)} over test "
+            f"images, {stats.format_bounds(seeds, signed=True)} over seeds ({verdict}); "
             f"per seed: {per_seed}"
         )
         print(

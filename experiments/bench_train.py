@@ -301,6 +301,7 @@ def behind_with_intervals(
                 "diff": d.estimate,
                 "low": d.low,
                 "high": d.high,
+                "clusters": d.clusters,  # below 2: no interval, printed as such
             }
         )
     below = sum(r["high"] < 0 for r in rows)
@@ -442,14 +443,14 @@ def main(argv: list[str] | None = None) -> None:
                 cells.append(f"{'(no epoch yet)':>27}")
             else:
                 mark = "*" if v["done"] else " "
-                iv = f"{v['estimate']:.3f} [{v['low']:.3f},{v['high']:.3f}]"
+                iv = stats.format_interval(v, digits=3).replace(", ", ",")
                 cells.append(f"{iv} e{v['epoch']:<2}{mark:>2}")
         for arm in list(arms)[1:]:
             d = row.get(f"ours-{arm}")
             cells.append(
                 f"{'-':>27}"
                 if d is None
-                else f"{d['estimate']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}]    "
+                else stats.format_interval(d, signed=True, digits=3).replace(", ", ",") + "    "
             )
         print(f"{row['cpu_s']:>7.0f} " + " ".join(f"{c:>27}" for c in cells))
 
@@ -486,14 +487,14 @@ def main(argv: list[str] | None = None) -> None:
             worst = min(rows, key=lambda r: r["diff"])
             print(
                 f"ours is behind {arm} at {len(rows)} of {compared} epoch ends (most: "
-                f"{worst['diff']:+.3f} [{worst['low']:+.3f},{worst['high']:+.3f}] at "
+                f"{worst['diff']:+.3f} {stats.format_bounds(worst, signed=True, digits=3)} at "
                 f"{worst['cpu_s']:.0f} CPU s); the paired 95% interval lies below zero at "
                 f"{behind[arm]['interval_below_zero']} of them"
             )
             for r in rows:
                 print(
                     f"  {r['cpu_s']:>6.0f} CPU s: ours e{r['ours_epoch']} - {arm} "
-                    f"e{r['peer_epoch']} = {r['diff']:+.4f} [{r['low']:+.4f},{r['high']:+.4f}]"
+                    f"e{r['peer_epoch']} = {r['diff']:+.4f} {stats.format_bounds(r, signed=True)}"
                 )
         else:
             print(f"ours is at or above {arm} at all {compared} epoch ends")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bldseg import metrics
+from bldseg import metrics, stats
 from bldseg.data.prepare import DEFAULT_DATA_ROOT, prepare_data
 from bldseg.io import write_json
 from bldseg.pipeline import PREDICT_BATCH, test_truth
@@ -56,8 +56,7 @@ def run_folder(out: str | Path, arm: str, flat: dict[str, Any], fingerprint: str
 def _fmt(iv: dict | None, signed: bool = False) -> str:
     if iv is None:
         return "–"
-    f = "+.4f" if signed else ".4f"
-    return f"{iv['estimate']:{f}} [{iv['low']:{f}}, {iv['high']:{f}}]"
+    return stats.format_interval(iv, signed=signed)
 
 
 def main() -> None:
@@ -181,7 +180,7 @@ def main() -> None:
             seeds = ", ".join(f"{v:.4f}" for v in a["per_seed"])
             print(
                 f"  {rule:>6} {arm:>10}: {_fmt(a['interval'])} "
-                f"[{a['seed_interval']['low']:.4f}, {a['seed_interval']['high']:.4f}]   "
+                f"{stats.format_bounds(a['seed_interval'])}   "
                 f"seeds: {seeds}"
             )
         d = s["differences"]["coteaching"]
@@ -190,7 +189,7 @@ def main() -> None:
         verdict = "beyond noise" if d["beyond_noise"] else "within noise"
         print(
             f"  {rule:>6} co-teaching - bce (paired): {_fmt(d['interval'], signed=True)} "
-            f"[{iv['low']:+.4f}, {iv['high']:+.4f}] ({verdict})   seeds: {seeds}"
+            f"{stats.format_bounds(iv, signed=True)} ({verdict})   seeds: {seeds}"
         )
     cost = {
         arm: {
