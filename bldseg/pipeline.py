@@ -764,6 +764,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             "files": ens.files,
             "mlflow_run_id": ens.mlflow_run_id,
             "seconds": ens.seconds,
+            # why the models' test maps were not scored (None: scored, or none were made)
+            "test_left_out": ens.test_left_out,
         }
         _save_state(cfg, state)
 

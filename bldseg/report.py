@@ -624,6 +624,11 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             "",
             "![ensemble](report/ensemble.png)",
         ]
+        if ens.get("test_left_out"):
+            lines += [
+                "",
+                f"**No test column**: the models' test maps were left out: {ens['test_left_out']}.",
+            ]
         dec = ens.get("decision")
         if dec:
             what = "the best ensemble" if dec["submit"] == "ensemble" else "the best single model"

@@ -147,3 +147,25 @@ def test_coteaching_that_drops_nothing_is_named():
     assert coteaching_dropped_nothing(run(**pixel)) is None  # pixels have no such floor
     assert coteaching_dropped_nothing(RunConfig()) is None  # not co-teaching at all
     assert coteaching_dropped_nothing(None) is None
+
+
+def test_a_test_column_the_ensemble_search_left_out_is_said_in_the_report(tmp_path):
+    from bldseg.report import write_report
+
+    config = {"name": "x", "data": None, "trials": 1, "epochs": 1, "cpus_per_trial": 1}
+    config |= {"k_min": 1, "k_max": 2, "seed": 0, "base": {}}
+    one = {"members": "a", "threshold": 0.5, "k": 1, "selection_dice": 0.7, "check_dice": 0.6}
+    two = {**one, "members": "a+b", "k": 2}
+    why = "runs/b/test_probs.npz is older than runs/b/best.pt (stale maps)"
+    ens = {"best": two, "best_single": one, "gain": {}, "test_left_out": why}
+    best = {"run_dir": str(tmp_path / "no-run"), "val_dice_best": 0.7, "val_thr_best": 0.5}
+    stages = {"tune_aug": {"best": best, "best_config": {}, "wall_s": 1, "overhead": 0.0}}
+    write_report({"config": config, "stages": stages, "ensemble": ens}, tmp_path, has_truth=False)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert f"**No test column**: the models' test maps were left out: {why}." in report
+    write_report(
+        {"config": config, "stages": stages, "ensemble": {**ens, "test_left_out": None}},
+        tmp_path,
+        has_truth=False,
+    )
+    assert "No test column" not in (tmp_path / "REPORT.md").read_text()
