@@ -72,6 +72,7 @@ import optuna
 import pandas as pd
 from optuna.distributions import FloatDistribution, IntDistribution
 
+from bldseg.data import readers
 from bldseg.data.cache import DatasetCache
 from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
@@ -1176,6 +1177,44 @@ def _tracking_uri(spec: SearchSpec, project: Path, meta: dict[str, Any] | None) 
     return recorded or tracking.default_tracking_uri(project)
 
 
+def check_resumed_data(name: str, meta: dict[str, Any], fingerprint: str, data: str | None) -> None:
+    """Refuses to resume a search on training data other than those it started on.
+
+    Its trials are compared with each other: resumed on other data, the table would mix
+    models of two datasets. The cache's fingerprint also changes when bldseg decodes masks
+    differently (:data:`bldseg.data.readers.DECODE_RULES`), through no change of the user's:
+    the record's ``decode_rules`` tells the two apart (a record from before it was kept
+    cannot, and says both).
+
+    Args:
+        name: The search.
+        meta: Its record (``bldseg_search.json``).
+        fingerprint: The training cache's fingerprint now.
+        data: The recorded data source (None: the built-in synthetic world).
+
+    Raises:
+        ValueError: The fingerprints differ.
+    """
+    started_on = meta.get("data_fingerprint")
+    if not started_on or started_on == fingerprint:
+        return
+    rules = meta.get("decode_rules")
+    if rules is not None and rules != readers.DECODE_RULES:
+        raise ValueError(
+            f"--resume {name}: bldseg's mask decoding changed since this search started "
+            f"(rules {rules} -> {readers.DECODE_RULES}: see bldseg.data.readers.DECODE_RULES); the "
+            "cache is rebuilt and decoded differently, so the search cannot continue on it: "
+            "start a new search (another --name)"
+        )
+    since = " (or bldseg's mask decoding changed since)" if rules is None else ""
+    raise ValueError(
+        f"--resume {name}: the training data differ from those the search started on{since} "
+        f"(fingerprint {fingerprint}, recorded {started_on}; data "
+        f"{data or 'built-in synthetic'}); its trials would compare models "
+        "trained on different data: start a new search (another --name) instead"
+    )
+
+
 def _sessions(meta: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The sessions a search's record lists (none in a new search's, or an older bldseg's)."""
     return list((meta or {}).get("sessions") or [])
@@ -1393,13 +1432,8 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         base.get("data"), options=data_options, data_root=spec.data_root, verbose=True
     )
     started_on = (meta or {}).get("data_fingerprint")
-    if started_on and started_on != data.train.fingerprint:
-        raise ValueError(
-            f"--resume {name}: the training data differ from those the search started on "
-            f"(fingerprint {data.train.fingerprint}, recorded {started_on}; data "
-            f"{base.get('data') or 'built-in synthetic'}); its trials would compare models "
-            "trained on different data: start a new search (another --name) instead"
-        )
+    if meta is not None:
+        check_resumed_data(name, meta, data.train.fingerprint, base.get("data"))
     fixed = RunConfig.from_flat(base)
     if fixed.folds >= 2:  # more folds than source scenes: refused before any trial starts
         from bldseg.data.dataset import fold_assignment, split_groups
@@ -1509,6 +1543,9 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     "base": base,
                     "tracking_uri": uri,
                     "data_fingerprint": started_on or data.train.fingerprint,
+                    # the fingerprint holds it too, but cannot tell it apart from the data
+                    # (check_resumed_data); equal fingerprints mean the current rules
+                    "decode_rules": readers.DECODE_RULES,
                     "spec": (meta or {}).get("spec") or asdict(spec),
                     # the wall time of the sessions before this one (see _record_session)
                     "sessions": _sessions(meta),
@@ -1823,6 +1860,9 @@ def _finish_parent(
     usable = table[table["status"].isin(USABLE)] if len(table) else table
     if len(table):
         files.append(plot_trials(table, exp_dir / "trials.png", METRIC))
+    # Without a usable trial there is no best score: the metric is left out, as MLflow shows
+    # a missing value (0.0 would sort as a real, if poor, score among other searches).
+    best = float(usable[METRIC].max()) if len(usable) else float("nan")
     tracker.submit(
         tracking.log_metrics,
         parent_run_id,
@@ -1832,7 +1872,7 @@ def _finish_parent(
             "train_s": train_s,
             "slots": slots,
             "overhead_frac": overhead_fraction(wall, train_s, slots),
-            "best_val_dice": float(usable[METRIC].max()) if len(usable) else 0.0,
+            **({"best_val_dice": best} if math.isfinite(best) else {}),
             "trials": len(table),
             "trials_usable": len(usable),
             **{

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bldseg.tune import cli
-from bldseg.tune.runner import TRACKING_ERROR_FILE, run_search
+from bldseg.tune.runner import METRIC, TRACKING_ERROR_FILE, run_search
 from tests.tune.servers import start_mlflow_server, stop_mlflow_server
 from tests.tune.test_runner import BASE, spec_for
 
@@ -41,6 +41,55 @@ def test_search_without_a_completed_trial_says_so(
     # the CLI names the search and the trial's own failure
     assert "error: no trial of broken completed" in err
     assert f"trial {table['trial_id'][0]} error: " in err and "larger than the cached images" in err
+    # no best score on the search's MLflow run: a 0.0 would sort as a real one
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = client.get_experiment_by_name("bldseg").experiment_id
+    (parent,) = client.search_runs([exp_id], "tags.`bldseg.search` = 'broken'")
+    assert parent.info.status == "FAILED" and parent.data.metrics["trials_error"] == 1
+    assert not [k for k in parent.data.metrics if k.startswith("best_")], parent.data.metrics
+
+
+def _trials(rows: list[tuple[str, float]]) -> pd.DataFrame:
+    """A trial table (:func:`trial_table`'s columns that the parent run reads) of
+    ``(status, best Dice)`` rows."""
+    return pd.DataFrame(
+        {
+            "trial_id": [f"t{i}" for i in range(len(rows))],
+            "status": [status for status, _ in rows],
+            METRIC: [dice for _, dice in rows],
+            "train_s": 1.0,
+            "started": [float(i) for i in range(len(rows))],
+            "config/aug.vflip_p": [0.1 * i for i in range(len(rows))],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "rows, best",
+    [
+        ([("error", float("nan")), ("diverged", 0.41)], None),  # a diverged epoch's score too
+        ([("error", float("nan")), ("diverged", 0.41), ("early-stopped", 0.25)], 0.25),
+    ],
+)
+def test_the_search_run_has_a_best_score_only_with_a_usable_trial(tmp_path, rows, best):
+    # Users sort searches by best_val_dice in MLflow: a search with no usable trial has no
+    # score (the column left empty), not 0.0, which would rank it as a real, poor one.
+    from bldseg.tune import tracking
+    from bldseg.tune.runner import _finish_parent
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("s")).info.run_id
+    tracker = tracking.Tracker(uri, "search")
+    _finish_parent(tracker, run_id, tmp_path, _trials(rows), wall=10.0, train_s=3.0, slots=1)
+    tracker.close()
+    assert tracker.error is None
+    run = client.get_run(run_id)
+    assert run.data.metrics["trials"] == len(rows)
+    assert run.data.metrics["trials_usable"] == (best is not None)
+    assert run.info.status == ("FAILED" if best is None else "FINISHED")
+    scores = {k: v for k, v in run.data.metrics.items() if k.startswith("best_")}
+    assert scores == ({} if best is None else {"best_val_dice": pytest.approx(best)})
 
 
 def test_a_search_that_cannot_start_ends_its_mlflow_run(small_world, tmp_path, capsys, monkeypatch):

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from bldseg.data import readers
+from bldseg.data.prepare import prepare_data
 from bldseg.tune import runner
 from bldseg.tune.runner import META_FILE, SearchInterrupted, run_search
 from tests.tune.test_runner import spec_for
@@ -87,3 +89,35 @@ def test_resume_logs_to_the_searchs_recorded_mlflow_store(
     monkeypatch.chdir(elsewhere)
     again = run_search(replace(resumed, tracking_uri="sqlite:///../mlflow.db"))
     assert again.parent_run_id == result.parent_run_id
+
+
+def test_resume_after_a_change_of_mask_decoding_says_so(ray_session, tmp_path, monkeypatch):
+    # bldseg updated between the sessions decodes masks by newer rules: the rebuilt cache's
+    # fingerprint differs from the recorded one. The resume is refused, blaming the update and
+    # not the user's data. A world of its own: its cache is rebuilt by the "update".
+    world = prepare_data(
+        None,
+        data_root=tmp_path / "world",
+        synthetic=dict(n_train=8, train_size=64, n_test=2, test_size=32, test_scene_size=64),
+        progress=False,
+    )
+    spec = spec_for(world, tmp_path, name="a1", trials=1, epochs=1)
+    record = interrupted_search(spec, monkeypatch)
+    assert record["decode_rules"] == readers.DECODE_RULES
+    assert record["data_fingerprint"] == world.train.fingerprint
+
+    monkeypatch.setattr(readers, "DECODE_RULES", readers.DECODE_RULES + 1)
+    with pytest.raises(ValueError) as e:
+        run_search(replace(spec, resume=True))
+    assert str(e.value) == (
+        f"--resume a1: bldseg's mask decoding changed since this search started (rules "
+        f"{readers.DECODE_RULES - 1} -> {readers.DECODE_RULES}: see "
+        "bldseg.data.readers.DECODE_RULES); the cache is rebuilt and decoded differently, so "
+        "the search cannot continue on it: start a new search (another --name)"
+    )
+    # a record written before the rules were kept: both causes named
+    path = Path(spec.storage) / "a1" / META_FILE
+    older = {k: v for k, v in json.loads(path.read_text()).items() if k != "decode_rules"}
+    path.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"started on \(or bldseg's mask decoding changed since\)"):
+        run_search(replace(spec, resume=True))

@@ -373,6 +373,42 @@ def test_resume_on_other_data_is_refused(small_world, tmp_path):
     assert small_world.train.fingerprint in str(e.value) and "0123456789abcdef" in str(e.value)
 
 
+def test_resume_after_a_change_of_bldseg_mask_decoding_blames_bldseg_not_the_data():
+    # A bldseg update that decodes masks differently (DECODE_RULES) changes the cache's
+    # fingerprint: refusing the resume is right, saying that the user's data changed is not.
+    from bldseg.data.readers import DECODE_RULES
+    from bldseg.tune.runner import check_resumed_data
+
+    now, then = "a" * 32, "b" * 32
+    record = {"data_fingerprint": then, "decode_rules": DECODE_RULES - 2}
+    with pytest.raises(ValueError) as e:
+        check_resumed_data("a1", record, now, "/data/inria")
+    assert str(e.value) == (
+        "--resume a1: bldseg's mask decoding changed since this search started (rules "
+        f"{DECODE_RULES - 2} -> {DECODE_RULES}: see bldseg.data.readers.DECODE_RULES); the cache "
+        "is rebuilt and decoded differently, so the search cannot continue on it: start a new "
+        "search (another --name)"
+    )
+    # the same rules: the data themselves changed
+    with pytest.raises(ValueError) as e:
+        check_resumed_data("a1", {**record, "decode_rules": DECODE_RULES}, now, "/data/inria")
+    assert str(e.value).startswith(
+        "--resume a1: the training data differ from those the search started on (fingerprint "
+        f"{now}, recorded {then}; data /data/inria)"
+    )
+    # a record from before the rules were kept cannot tell: it names both causes
+    with pytest.raises(ValueError) as e:
+        check_resumed_data("a1", {"data_fingerprint": then}, now, None)
+    assert str(e.value).startswith(
+        "--resume a1: the training data differ from those the search started on (or bldseg's "
+        f"mask decoding changed since) (fingerprint {now}, recorded {then}; data built-in "
+        "synthetic)"
+    )
+    # the same fingerprint, or none recorded (an older record): resumed
+    check_resumed_data("a1", record, then, None)
+    check_resumed_data("a1", {}, now, None)
+
+
 def test_resume_names_what_it_ignores_and_keeps_the_recorded_resources(tmp_path, caplog):
     # A resumed search trains on with the config, data and trial resources it started with:
     # every flag of the new command that differs is named, once, in one warning.
