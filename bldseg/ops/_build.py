@@ -522,12 +522,28 @@ class NativeExtension:
         return True
 
     def warn_once(self, reason: str) -> None:
-        """Warns (once per process) that the pure-PyTorch reference runs instead, and why."""
+        """Warns (once per process) that the pure-PyTorch reference runs instead, and why.
+
+        The warning points at the code that called ``try_load`` or this method.
+        """
         if not self._warned:
             self._warned = True
             warnings.warn(
                 f"bldseg: the native extension {self.name!r} is not available, using the "
                 f"pure-PyTorch reference instead (slower, more memory). Reason: {reason}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=_caller_stacklevel(),
             )
+
+
+# Frames a warning must not point at: this loader's, and the torch.compiler.disable wrapper
+# (torch/_dynamo) around load() and try_load(), which a fixed stacklevel landed in.
+_INTERNAL_FRAMES = (__file__, str(Path(torch.__file__).parent / "_dynamo") + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised here that names the first frame outside."""
+    level, frame = 1, sys._getframe(1)  # level 1: the function calling warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_FRAMES):
+        level, frame = level + 1, frame.f_back
+    return level

@@ -6,6 +6,16 @@ registered here with ``torch.library``, so the op works with autograd, ``torch.c
 (no graph break) and ``torch.export``. The pure-PyTorch ``dcnv3_reference`` documents the
 semantics and is the fallback.
 
+``torch.compile``: :class:`DCNv3` loads the op when it is built, because the loader cannot be
+traced, so a model compiles with ``fullgraph=True`` in a fresh process too; a bare
+:func:`dcnv3` compiled before any eager call needs :func:`load_dcnv3_op` first. With inductor,
+tiles whose H and W vary between calls fail when the parameters require grad: torch's
+automatic dynamic shapes (``dynamic=None``, the default) recompile with symbolic H and W at the
+second size, and inductor's lowering raises "cannot determine truth value of Relational"
+(torch 2.13). Compile such models with ``dynamic=False`` (one graph per tile size) or mark H
+and W static (``torch._dynamo.mark_static(x, 1)`` and ``(x, 2)`` on each input); a varying
+batch size alone is fine.
+
 Choosing the implementation (``impl``):
     "auto"       compiled op if it builds, else the reference with one warning per process;
     "compiled"   compiled op, raising the compiler's message if it cannot be built;
@@ -17,6 +27,7 @@ touching their configs; an explicit "compiled" or "reference" wins over it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Literal
 
@@ -229,6 +240,27 @@ def _resolve_impl(impl: Impl | None) -> Impl:
     return impl  # type: ignore[return-value]
 
 
+def _load_for(impl: Impl | None) -> None:
+    """Loads the compiled op now if ``impl`` may run it (see :class:`DCNv3`).
+
+    A failure is left to the op's first call to report, as without this: "auto" warns once
+    (now) and runs the reference, "compiled" raises the remembered build error there, and an
+    unknown ``impl`` raises there too.
+    """
+    if _OP.ready:
+        return
+    try:
+        impl = _resolve_impl(impl)
+    except ValueError:
+        return  # the first call says what is wrong with it
+    if impl == "auto":
+        _OP.try_load()
+    elif impl == "compiled":
+        # remembered by _OP: the first call raises it, where "compiled" is used
+        with contextlib.suppress(BuildError):
+            _OP.load()
+
+
 def _compiled_available(impl: Impl, device: torch.device) -> bool:
     """Whether to run the compiled op; raises for "compiled" when it cannot."""
     if impl == "reference":
@@ -427,6 +459,10 @@ class DCNv3(nn.Module):
         self.center_feature_scale = center_feature_scale
         self.remove_center = int(remove_center)
         self.impl = impl
+        # Load the compiled op now, not at the first forward: that may be under torch.compile,
+        # which cannot trace the loader (it builds and registers ops, so it is excluded from
+        # tracing): a graph break there, an error with fullgraph=True.
+        _load_for(impl)
         # Whether the op takes the mask softmax itself (fused in the CPU kernels, where torch's
         # softmax over 9 points was a fifth of the module); False: torch.softmax before the op,
         # as the official module does (the readable path; same result within rounding).

@@ -57,6 +57,28 @@ def native_step_available() -> bool:
     return _EXT.try_load()
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a strided tensor whose elements fill its memory without gaps or
+    overlaps (some order of its dimensions is contiguous): what the ops walk as a flat array.
+
+    ``Tensor.is_non_overlapping_and_dense`` is C++ only; torch's Python one costs ~40 us, so
+    the two layouts torch keeps a flag for are asked first.
+    """
+    if t.layout != torch.strided:
+        return False
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    # size-1 dimensions take any stride; the others, by increasing stride, must be contiguous
+    expected = 1
+    for stride, size in sorted(
+        (st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, fused: bool | None = None
@@ -89,9 +111,7 @@ def clip_grad_norm_(
     except RuntimeError:
         # checked here only when the op refused (a check per gradient costs as much as the op)
         eligible = all(
-            g.device.type == "cpu"
-            and g.dtype in (torch.float32, torch.float64)
-            and g.is_non_overlapping_and_dense()
+            g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) and _dense(g)
             for g in grads
         )
         if fused or eligible:
@@ -150,7 +170,7 @@ class AdamWScheduleFree(schedulefree.AdamWScheduleFree):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One step; the package's bookkeeping per group, then one compiled call per group."""
+        """One step: the package's bookkeeping per group, one compiled call per dtype in it."""
         if not self._use_fused():
             return super().step(closure)
         if not self.param_groups[0]["train_mode"]:
@@ -167,43 +187,87 @@ class AdamWScheduleFree(schedulefree.AdamWScheduleFree):
             beta1, beta2 = group["betas"]
             k = group["k"]
             # The package's scalars, in its order (warm-up, bias correction, the average's
-            # weight ckp1 from lr_max ** weight_lr_power).
+            # weight ckp1 from lr_max ** weight_lr_power); written to the group only once its
+            # parameters are updated, so a step that raises leaves the group as it was.
             warmup = group["warmup_steps"]
             lr = group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
-            group["scheduled_lr"] = lr
-            lr_max = group["lr_max"] = max(lr, group["lr_max"])
+            lr_max = max(lr, group["lr_max"])
             weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
-            weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+            weight_sum = group["weight_sum"] + weight
             ckp1 = weight / weight_sum if weight_sum else 0.0
-            active = [p for p in group["params"] if p.grad is not None]
-            for p in active:
+            bias_correction2 = 1 - beta2 ** (k + 1)
+            scalars = (
+                lr,
+                beta1,
+                beta2,
+                group["eps"],
+                group["weight_decay"],
+                ckp1,
+                bias_correction2,
+            )
+            # The compiled pass walks a parameter, its gradient and its state as flat arrays:
+            # they need one dense layout (autograd's gradients of dense parameters and state
+            # made here have it), and one call takes one dtype.
+            flat, others = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 state = self.state[p]
                 if "z" not in state:
                     state["z"] = torch.clone(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # The compiled pass walks a parameter, its gradient and its state as flat arrays:
-            # they need one layout (autograd's gradients of dense parameters have it).
-            flat = [p for p in active if p.grad.stride() == p.stride()]
-            scalars = (lr, beta1, beta2, group["eps"], group["weight_decay"], ckp1)
-            bias_correction2 = 1 - beta2 ** (k + 1)
-            if flat:
-                torch.ops.bldseg.schedulefree_adamw_step_(
-                    flat,
-                    [p.grad for p in flat],
-                    [self.state[p]["z"] for p in flat],
-                    [self.state[p]["exp_avg_sq"] for p in flat],
-                    *scalars,
-                    bias_correction2,
-                )
-            if len(flat) < len(active):
-                for p in active:
-                    if p.grad.stride() != p.stride():
-                        state = self.state[p]
-                        update_reference(
-                            p, p.grad, state["z"], state["exp_avg_sq"], *scalars, bias_correction2
-                        )
+                (flat if p.grad.stride() == p.stride() else others).append(p)
+            try:
+                self._compiled_update(flat, scalars)
+            except RuntimeError:
+                # The op checks every tensor before it changes any, so nothing moved. It takes
+                # neither parameters of two dtypes in one call nor state of another layout than
+                # its parameter's (a checkpoint of the model in another memory format): one
+                # call per dtype, the rest to the reference. Sorted only here, after a refusal:
+                # the checks cost ~2 us a parameter, about as much as the compiled update.
+                by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+                for p in flat:
+                    state = self.state[p]
+                    if _flat(p, p.grad, state["z"], state["exp_avg_sq"]):
+                        by_dtype.setdefault(p.dtype, []).append(p)
+                    else:
+                        others.append(p)
+                if len(by_dtype) == 1 and len(next(iter(by_dtype.values()))) == len(flat):
+                    raise  # refused for a reason of its own: its message says which
+                for params in by_dtype.values():
+                    self._compiled_update(params, scalars)
+            for p in others:
+                state = self.state[p]
+                update_reference(p, p.grad, state["z"], state["exp_avg_sq"], *scalars)
+            group["scheduled_lr"] = lr
+            group["lr_max"] = lr_max
+            group["weight_sum"] = weight_sum
             group["k"] = k + 1
         return loss
+
+    def _compiled_update(self, params: list[torch.Tensor], scalars: tuple[float, ...]) -> None:
+        """The compiled update of ``params`` (one dtype and layout each) with the group's
+        ``scalars`` (lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2)."""
+        if params:
+            torch.ops.bldseg.schedulefree_adamw_step_(
+                params,
+                [p.grad for p in params],
+                [self.state[p]["z"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params],
+                *scalars,
+            )
+
+
+def _flat(p: torch.Tensor, grad: torch.Tensor, z: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
+    """Whether the compiled op takes this parameter: the four tensors share a dtype and the
+    strides of a dense layout (the op's own checks, short of device and shape)."""
+    stride = p.stride()
+    return (
+        grad.layout == torch.strided
+        and grad.dtype == z.dtype == exp_avg_sq.dtype == p.dtype
+        and grad.stride() == z.stride() == exp_avg_sq.stride() == stride
+        and _dense(p)
+    )
 
 
 @torch.no_grad()

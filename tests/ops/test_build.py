@@ -42,6 +42,9 @@ TINY_SOURCE = textwrap.dedent(
     """
 )
 
+# dcnv3's parameters for a 3x3 kernel, 2 groups of 2 channels (inputs of 4 channels)
+PARAMS = (3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0)
+
 BROKEN_SOURCE = "int bldseg_broken(int x) { return x + bldseg_syntax_error_marker }\n"
 
 
@@ -158,6 +161,24 @@ def test_auto_falls_back_with_one_warning_and_compiled_raises(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(dcnv3(x, offset, mask, *params), expected, atol=0, rtol=0)
+
+
+def test_fallback_warning_points_at_the_caller(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # load() and try_load() are wrapped by torch.compiler.disable: a fixed stacklevel named
+    # torch's wrapper (torch/_dynamo/eval_frame.py) as the warning's place
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    source = _write_broken(tmp_path / "src")
+    with pytest.warns(RuntimeWarning, match="bldseg_broken") as caught:
+        NativeExtension("bldseg_broken", [source]).try_load()
+    assert caught[0].filename == __file__
+    # through the op: the place in bldseg that asked for it, not torch's wrapper
+    monkeypatch.setattr(dcnv3_module, "_OP", NativeExtension("bldseg_broken", [source]))
+    x = torch.zeros(1, 4, 4, 4)
+    with pytest.warns(RuntimeWarning, match="bldseg_broken") as caught:
+        dcnv3(x, x.new_zeros(1, 4, 4, 36), x.new_zeros(1, 4, 4, 18), *PARAMS, impl="auto")
+    assert caught[0].filename == dcnv3_module.__file__
 
 
 def test_concurrent_processes_build_once(tmp_path: Path) -> None:

@@ -337,6 +337,59 @@ def test_other_isa_kernels(dcnv3_op, env_var: str) -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+# Prints a digest of a float32 forward and backward: the kernels of each ISA round differently
+# (FMA, vector widths), so the digest says which ones ran.
+_ISA_DIGEST = textwrap.dedent(
+    f"""
+    import hashlib, sys
+    sys.path.insert(0, {str(REPO)!r})
+    import torch
+    from bldseg.ops import dcnv3
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(1, 9, 9, c, generator=gen).requires_grad_() for c in (64, 72, 36)]
+    out = dcnv3(*leaves, 3, 3, 1, 1, 1, 1, 1, 1, 4, 16, 1.0, impl="compiled", mask_softmax=True)
+    grads = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=gen))
+    print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in (out.detach(), *grads))).hexdigest())
+    """
+)
+
+
+def test_isa_switches_set_to_an_off_value_are_off(dcnv3_op) -> None:
+    # The switches counted when set at all: BLDSEG_CPU_NO_AVX2=0 forced the baseline kernels,
+    # BLDSEG_CPU_AVX512=0 turned AVX-512 on. One process per setting (the ISA is chosen once
+    # per process), both switches in each.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BLDSEG_CPU_")}
+    clean["OMP_NUM_THREADS"] = "1"
+    settings = {
+        "default": {},
+        "baseline": {"BLDSEG_CPU_NO_AVX2": "1"},
+        "avx512": {"BLDSEG_CPU_AVX512": "1"},
+        "0": {"BLDSEG_CPU_NO_AVX2": "0", "BLDSEG_CPU_AVX512": "0"},
+        "off": {"BLDSEG_CPU_NO_AVX2": "Off", "BLDSEG_CPU_AVX512": "FALSE"},
+        "empty": {"BLDSEG_CPU_NO_AVX2": "", "BLDSEG_CPU_AVX512": "no"},
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", _ISA_DIGEST],
+            env={**clean, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, env in settings.items()
+    }
+    digests = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        digests[name] = out.strip()
+    if digests["baseline"] == digests["default"]:
+        pytest.skip("the baseline kernels are this CPU's default (no AVX2, or not x86)")
+    assert digests["avx512"] != digests["default"] or not _cpu_has_avx512()
+    for name in ("0", "off", "empty"):
+        assert digests[name] == digests["default"], f"{settings[name]} changed the kernels"
+
+
 def test_non_contiguous_inputs(dcnv3_op) -> None:
     case = Case(2, 6, 7, 2, 8, stride=(2, 1))
     x, offset, mask = make_inputs(case)
@@ -469,6 +522,35 @@ def test_torch_compile_fullgraph_aot_eager(dcnv3_op) -> None:
 @pytest.mark.slow
 def test_torch_compile_fullgraph_inductor(dcnv3_op) -> None:
     _check_compiled_module("inductor")
+
+
+def test_module_compiles_fullgraph_in_a_fresh_process(dcnv3_op) -> None:
+    # The module loads the op when it is built. Loaded at the first forward, under
+    # torch.compile, the loader (which tracing must skip) was an error with fullgraph=True.
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        import torch
+        from bldseg.ops import DCNv3
+        targets = []
+        def backend(gm, example_inputs):
+            targets.extend(str(node.target) for node in gm.graph.nodes)
+            return gm.forward
+        torch.manual_seed(0)
+        mod = DCNv3(channels=8, group=2).double()  # impl "auto", as models pass it
+        x = torch.randn(1, 5, 6, 8, dtype=torch.float64)
+        out = torch.compile(mod, backend=backend, fullgraph=True)(x)
+        torch.testing.assert_close(out, mod(x), atol=1e-12, rtol=0)
+        print("ok", targets.count("bldseg.dcnv3_forward"))  # the op, not the reference
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != IMPL_ENV_VAR}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ok", "1"], proc.stdout
 
 
 def test_torch_export(dcnv3_op) -> None:

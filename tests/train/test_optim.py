@@ -259,3 +259,116 @@ def test_clip_grad_norm_nonfinite_and_fallbacks():
     with pytest.raises(RuntimeError, match=r"gradient 0 is BFloat16"):
         clip_grad_norm_([h], 1.0, fused=True)
     assert torch.equal(h.grad, torch.full((4,), 2.0, dtype=torch.bfloat16))
+
+
+def _resumed(opt_cls, dtype, **kw):
+    """A checkpoint of a contiguous model's optimizer resumed in its channels-last copy (as a
+    run that turns on channels-last does): the state keeps the checkpoint's layout."""
+    saved = _model(dtype).to(memory_format=torch.contiguous_format)
+    opt = opt_cls(saved.parameters(), lr=1e-2, weight_decay=0.05, **kw)
+    opt.train()
+    gen = torch.Generator().manual_seed(4)
+    for p in saved.parameters():
+        p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+    opt.step()
+    m = copy.deepcopy(saved).to(memory_format=torch.channels_last)
+    resumed = opt_cls(m.parameters(), lr=1e-2, weight_decay=0.05, **kw)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    resumed.train()
+    for _ in range(2):
+        for p in m.parameters():
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+        resumed.step()
+    return m, resumed
+
+
+def test_state_of_another_memory_format_steps_as_the_package():
+    ref_m, ref_opt = _resumed(schedulefree.AdamWScheduleFree, torch.float64)
+    m, opt = _resumed(AdamWScheduleFree, torch.float64, fused=True)
+    # the conv weights' state is contiguous, their gradients channels-last: not one flat pass
+    w = m[0].weight
+    assert opt.state[w]["z"].stride() != w.grad.stride()
+    for p, q in zip(ref_m.parameters(), m.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+        for key in ("z", "exp_avg_sq"):
+            torch.testing.assert_close(
+                opt.state[q][key], ref_opt.state[p][key], rtol=1e-12, atol=1e-12
+            )
+    assert opt.param_groups[0]["k"] == ref_opt.param_groups[0]["k"] == 3
+
+
+def test_parameters_of_two_dtypes_in_one_group_match_the_package(monkeypatch):
+    from bldseg.train import optim
+
+    # both dtypes go through the compiled op (one call each), none through the reference
+    calls = []
+    monkeypatch.setattr(optim, "update_reference", lambda *a: calls.append(a))
+    results = []
+    for cls, kw in ((schedulefree.AdamWScheduleFree, {}), (AdamWScheduleFree, {"fused": True})):
+        gen = torch.Generator().manual_seed(5)
+        a = nn.Parameter(torch.randn(7, generator=gen))
+        b = nn.Parameter(torch.randn(3, 2, generator=gen, dtype=torch.float64))
+        opt = cls([a, b], lr=1e-2, warmup_steps=2, weight_decay=0.1, **kw)
+        opt.train()
+        for _ in range(3):
+            a.grad = torch.randn(7, generator=gen)
+            b.grad = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+            opt.step()
+        results.append((a, b, opt))
+    (a_ref, b_ref, ref), (a, b, opt) = results
+    assert not calls
+    torch.testing.assert_close(a, a_ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(b, b_ref, rtol=1e-13, atol=1e-13)
+    for key in ("k", "weight_sum", "lr_max", "scheduled_lr"):
+        assert opt.param_groups[0][key] == ref.param_groups[0][key]
+
+
+def test_a_step_that_raises_leaves_the_group_as_it_was():
+    # state of another parameter's shape (a checkpoint of another model): the op refuses it,
+    # and the group's step count and average weights must not count a step that did not happen
+    p = nn.Parameter(torch.ones(4))
+    opt = AdamWScheduleFree([p], fused=True)
+    opt.train()
+    opt.state[p]["z"], opt.state[p]["exp_avg_sq"] = torch.ones(5), torch.zeros(5)
+    p.grad = torch.ones(4)
+    before = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    with pytest.raises(RuntimeError, match=r"parameter 0 .* differs"):
+        opt.step()
+    assert {k: v for k, v in opt.param_groups[0].items() if k != "params"} == before
+    assert torch.equal(p, torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        pytest.param(lambda: torch.full((5,), 2.0, dtype=torch.bfloat16), id="bf16"),
+        pytest.param(lambda: torch.full((5, 2), 2.0)[:, 0], id="strided"),
+    ],
+)
+def test_clip_grad_norm_takes_torchs_way_for_a_gradient_the_op_refuses(second):
+    # a float32 gradient first, one the op refuses second: torch's own clipping, as if unfused
+    def grads():
+        a, b = nn.Parameter(torch.ones(3)), nn.Parameter(second())
+        a.grad, b.grad = torch.full((3,), 3.0), second()
+        return [a, b]
+
+    ref, ours = grads(), grads()
+    total_ref = nn.utils.clip_grad_norm_(ref, 1.0)
+    total = clip_grad_norm_(ours, 1.0)
+    torch.testing.assert_close(total, total_ref, rtol=1e-6, atol=0)
+    for p, q in zip(ref, ours, strict=True):
+        assert q.grad.dtype == p.grad.dtype and q.grad.stride() == p.grad.stride()
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=0)
+
+
+def test_clip_grad_norm_raises_as_torch_for_a_sparse_gradient():
+    def params():
+        a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(4))
+        a.grad, b.grad = torch.ones(3), torch.ones(4).to_sparse()
+        return [a, b]
+
+    with pytest.raises(NotImplementedError) as ref:
+        nn.utils.clip_grad_norm_(params(), 1.0)
+    with pytest.raises(NotImplementedError) as ours:
+        clip_grad_norm_(params(), 1.0)
+    assert str(ours.value) == str(ref.value)

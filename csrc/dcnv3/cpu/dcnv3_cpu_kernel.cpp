@@ -107,8 +107,26 @@ namespace {
 #define BLDSEG_FLATTEN
 #endif
 
+#if BLDSEG_X86_DISPATCH
+// Whether the switch $name is on: set to anything but "", "0", "false", "no" or "off" (in any
+// case). Presence alone turned BLDSEG_CPU_AVX512=0 on, and BLDSEG_CPU_NO_AVX2=0 too.
+bool env_switch(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || value[0] == '\0') return false;
+  for (const char* off : {"0", "false", "no", "off"}) {
+    int i = 0;
+    for (; off[i] != '\0'; ++i) {
+      const char c = value[i];
+      if ((c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c) != off[i]) break;
+    }
+    if (off[i] == '\0' && value[i] == '\0') return false;
+  }
+  return true;
+}
+#endif
+
 // The instruction set the kernels run with, chosen once at run time from what the CPU has:
-// AVX2+FMA where present, else the baseline. $BLDSEG_CPU_NO_AVX2 forces the baseline kernels
+// AVX2+FMA where present, else the baseline. $BLDSEG_CPU_NO_AVX2=1 forces the baseline kernels
 // (the tests cover them on AVX2 machines that way). The AVX-512 kernels are opt-in,
 // $BLDSEG_CPU_AVX512=1, on CPUs with AVX-512 F/VL/DQ/BW: on the AMD Zen 4 we measure on
 // (512-bit operations issued as two 256-bit halves) they are no faster than the AVX2 ones
@@ -120,12 +138,12 @@ Isa cpu_isa() {
 #if BLDSEG_X86_DISPATCH
   static const Isa isa = [] {
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ||
-        std::getenv("BLDSEG_CPU_NO_AVX2") != nullptr) {
+        env_switch("BLDSEG_CPU_NO_AVX2")) {
       return Isa::kBaseline;
     }
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-        std::getenv("BLDSEG_CPU_AVX512") != nullptr) {
+        env_switch("BLDSEG_CPU_AVX512")) {
       return Isa::kAvx512;
     }
     return Isa::kAvx2;
