@@ -202,11 +202,17 @@ def op_isa(
     flags = _cpu_flags() if flags is None else flags
     if flags is None:
         return "unknown"
-    if not ISA_FEATURES["avx2"] <= flags or "BLDSEG_CPU_NO_AVX2" in env:
+    if not ISA_FEATURES["avx2"] <= flags or switch_on(env, "BLDSEG_CPU_NO_AVX2"):
         return "baseline"
-    if ISA_FEATURES["avx512"] <= flags and "BLDSEG_CPU_AVX512" in env:
+    if ISA_FEATURES["avx512"] <= flags and switch_on(env, "BLDSEG_CPU_AVX512"):
         return "avx512"
     return "avx2"
+
+
+def switch_on(env: Mapping[str, str], name: str) -> bool:
+    """Whether a BLDSEG_CPU_* switch is on, as the kernels read it: set to anything but "", 0,
+    false, no or off (any case)."""
+    return env.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

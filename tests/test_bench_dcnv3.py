@@ -131,7 +131,11 @@ def test_op_isa_follows_the_kernels_choice(tmp_path):
     avx2 = {"sse2", "avx2", "fma"}
     avx512 = avx2 | {"avx512f", "avx512vl", "avx512dq", "avx512bw"}
     assert bench_dcnv3.op_isa({}, avx2, **x86) == "avx2"
-    assert bench_dcnv3.op_isa({"BLDSEG_CPU_NO_AVX2": ""}, avx512, **x86) == "baseline"
+    assert bench_dcnv3.op_isa({"BLDSEG_CPU_NO_AVX2": "1"}, avx512, **x86) == "baseline"
+    # an off value is off, as the kernels read it
+    for off in ("", "0", "False", "no", "OFF"):
+        assert bench_dcnv3.op_isa({"BLDSEG_CPU_NO_AVX2": off}, avx512, **x86) == "avx2"
+        assert bench_dcnv3.op_isa({"BLDSEG_CPU_AVX512": off}, avx512, **x86) == "avx2"
     assert bench_dcnv3.op_isa({"BLDSEG_CPU_AVX512": "1"}, avx512, **x86) == "avx512"
     # asked for on a CPU without it: the AVX2 kernels run
     assert bench_dcnv3.op_isa({"BLDSEG_CPU_AVX512": "1"}, avx2, **x86) == "avx2"

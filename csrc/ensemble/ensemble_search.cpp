@@ -58,9 +58,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cctype>
 #include <cstdlib>
 #include <limits>
 #include <queue>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -145,12 +147,22 @@ double pairwise_sum(const double* a, int64_t n) {
   return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-// AVX2 paths where the CPU has them, unless $BLDSEG_CPU_NO_AVX2 is set (read once; the same
+// Whether $BLDSEG_CPU_NO_AVX2 asks for the scalar paths: set to anything but "", 0, false, no
+// or off (any case), the DCNv3 op's rule for its switches.
+bool no_avx2_requested() {
+  const char* value = std::getenv("BLDSEG_CPU_NO_AVX2");
+  if (value == nullptr) return false;
+  std::string v(value);
+  for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return !(v.empty() || v == "0" || v == "false" || v == "no" || v == "off");
+}
+
+// AVX2 paths where the CPU has them, unless $BLDSEG_CPU_NO_AVX2 is on (read once; the same
 // switch as the DCNv3 op's, which the tests use to cover the scalar paths on AVX2 machines).
 bool cpu_has_avx2() {
 #if BLDSEG_X86_DISPATCH
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") &&
-                          std::getenv("BLDSEG_CPU_NO_AVX2") == nullptr;
+                          !no_avx2_requested();
   return has;
 #else
   return false;
