@@ -24,6 +24,7 @@ import pandas as pd
 
 from bldseg import metrics, stats
 from bldseg.train.config import RunConfig
+from bldseg.train.coteaching import first_dropping_epoch
 from bldseg.train.plots import save_figure
 
 __all__ = ["TileScores", "compare_arms", "tile_scores", "write_report"]
@@ -271,25 +272,80 @@ def _run_config(st: dict) -> RunConfig | None:
         return None
 
 
-def coteaching_dropped_nothing(cfg: RunConfig | None) -> str | None:
-    """Why a run configured for co-teaching trained as plain training, or None.
+def _run_history(st: dict) -> list[dict] | None:
+    """The epoch rows of a stage's best trial (its ``history.json``); None where unreadable."""
+    try:
+        return json.loads((Path(st["best"]["run_dir"]) / "history.json").read_text())
+    except (KeyError, OSError, ValueError):
+        return None
 
-    Tile co-teaching drops floor(tau * batch_size) tiles per batch: with the CPU demo's small
-    batches a tau below 1 / batch_size drops none, and its two networks train on every tile
-    (``fit`` warns, but inside a search the warning stays in Ray's worker log). Presented as
-    co-teaching, such a row would say co-teaching does nothing when it never ran.
+
+def _coteaching_idle(cfg: RunConfig | None, history: list[dict] | None) -> tuple[str, bool] | None:
+    """(why, whether all of the run) where co-teaching dropped nothing in epochs past the first.
+
+    The first epoch (R(0) = 1) keeps everything by design and is not counted against a run.
     """
     if cfg is None or not cfg.coteach.enabled:
         return None
-    ct = cfg.coteach
+    ct, b = cfg.coteach, cfg.batch_size
     if ct.tau <= 0:
-        return f"tau {ct.tau:g}: no tile or pixel is dropped"
-    if ct.granularity == "tile" and ct.tau * cfg.batch_size < 1:
+        return f"tau {ct.tau:g}: no tile or pixel is dropped", True
+    # samples ranked per batch: tiles, or every pixel of the batch's crops
+    n = b if ct.granularity == "tile" else b * cfg.aug.crop_size**2
+    # the 0-based epoch from which floor(n * tau * min(T / t_k, 1)) >= 1; the ramp ends at t_k
+    formula = first_dropping_epoch(ct, n, ct.t_k + 1)
+    if formula is None:  # not even at the ramp's end
         return (
-            f"tile co-teaching with tau {ct.tau:.2f} and batch_size {cfg.batch_size} drops "
-            f"floor({ct.tau * cfg.batch_size:.2f}) = 0 tiles per batch"
-        )
-    return None
+            f"{ct.granularity} co-teaching with tau {ct.tau:.2f} and batch_size {b} drops "
+            f"floor({ct.tau * n:.2f}) = 0 {ct.granularity}s per batch: it dropped nothing"
+        ), True
+    # Per epoch what the run recorded (dropped_share); for rows of older runs, which have
+    # none, the formula stands in.
+    rows = history if history is not None else [{"epoch": e + 1} for e in range(cfg.epochs)]
+    if not rows:
+        return None
+    dropped = [
+        r["dropped_share"] > 0 if "dropped_share" in r else r["epoch"] - 1 >= formula for r in rows
+    ]
+    source = (
+        "the dropped_share its history records"
+        if all("dropped_share" in r for r in rows)
+        else f"floor({n} * {ct.tau:g} * min(T / {ct.t_k}, 1)) = 0 in 0-based epoch T < {formula}"
+    )
+    what = f"{ct.granularity} co-teaching with tau {ct.tau:.2f}, t_k {ct.t_k} and batch_size {b}"
+    if not any(dropped):
+        return f"{what} dropped nothing in its {len(rows)} epochs ({source})", True
+    first = rows[dropped.index(True)]["epoch"]
+    if first <= 2:
+        return None
+    return f"{what} dropped nothing until epoch {first} of {len(rows)} ({source})", False
+
+
+def coteaching_dropped_nothing(
+    cfg: RunConfig | None, history: list[dict] | None = None
+) -> str | None:
+    """Why a run configured for co-teaching trained as plain training (in all its epochs, or
+    until one past the first), or None.
+
+    Tile co-teaching keeps ceil(R(T) * batch_size) tiles per batch, i.e. drops
+    floor(batch_size * tau * min(T / t_k, 1)): with the CPU demo's small batches a tau below
+    1 / batch_size drops none at all, and a long ramp none for its first epochs, while the two
+    networks train on every tile (``fit`` warns, but inside a search the warning stays in Ray's
+    worker log). Presented as co-teaching, such a row would credit co-teaching with what two
+    plain networks did.
+
+    Args:
+        cfg: The run's config (None: unknown).
+        history: The run's epoch rows: what each epoch recorded as ``dropped_share`` decides;
+            rows without it (older runs), or no history (``cfg.epochs`` epochs), are judged
+            by the formula above.
+
+    Returns:
+        ``"... dropped nothing ..."`` or ``"... dropped nothing until epoch N of E ..."``
+        (epochs counted from 1, as the history counts them), or None.
+    """
+    idle = _coteaching_idle(cfg, history)
+    return idle[0] if idle else None
 
 
 def _stage_scores(st: dict, has_truth: bool) -> dict[str, dict[str, TileScores | None]]:
@@ -430,8 +486,8 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         sp, sc = scores[start], scores["tune_tau"]
         plain_cfg, cot_cfg = _run_config(plain), _run_config(cot)
         loss = _LOSS_NAMES.get(plain_cfg.loss, plain_cfg.loss) if plain_cfg else "loss"
-        idle = coteaching_dropped_nothing(cot_cfg)
-        cot_name = "two networks, nothing dropped" if idle else "co-teaching"
+        idle, idle_throughout = _coteaching_idle(cot_cfg, _run_history(cot)) or (None, False)
+        cot_name = "two networks, nothing dropped" if idle_throughout else "co-teaching"
         labels = [f"plain {loss} (best of {start})", f"{cot_name} (best of tune_tau)"]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         _bars(
@@ -487,11 +543,19 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             "![co-teaching](report/coteaching.png)",
             "",
         ]
-        if idle:
+        if idle_throughout:
             lines += [
                 f"**The best tune_tau trial applied no co-teaching**: {idle}, so its two "
                 "networks trained on every tile; this comparison measures no co-teaching. "
-                "Pixel granularity, or batch_size >= 1 / tau, drops what tau asks for.",
+                "Pixel granularity, or batch_size >= 1 / tau and coteach.t_k <= tau * "
+                "batch_size, drops what tau asks for.",
+                "",
+            ]
+        elif idle:
+            lines += [
+                f"**The best tune_tau trial applied co-teaching late**: {idle}; before then its "
+                "two networks trained on every tile. coteach.t_k <= tau * batch_size drops "
+                "from the second epoch on.",
                 "",
             ]
         lines += [

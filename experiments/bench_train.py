@@ -179,7 +179,8 @@ def train_curve(
 
     def score(row: dict[str, Any], folder: Path) -> None:
         # The epoch's weights are in last.pt (best.pt only when validation improved).
-        # The network validation chose (co-teaching trains two; best.pt keeps that one).
+        # Co-teaching trains two networks: the run's model is f (runs from before it was fixed
+        # recorded the one validation chose, val_net).
         chosen = "fg".index(row.get("val_net", "f"))
         weights = eval_weights(load_state(folder / "last.pt", device))[chosen]
         _save_weights(weights, weights_path(int(row["epoch"])))

@@ -14,8 +14,13 @@ runs it finds: run folders are ``--out/<arm>/seed<S>-<key>``, keyed by the train
 fingerprint and the run config, so another world (``--data-root``) or config trains its own
 runs instead of reusing (or being refused by) those of the first.
 
+The co-teaching arm's settings come from ``--tau``, ``--t-k`` and ``--granularity`` only
+(``--set coteach.*`` is refused: it would reach the plain arm too, or be overwritten), and each
+arm's header line prints them. Both arms' reported model is one network (a co-teaching run's
+is its network f, never the better of its two on validation), so the comparison is fair.
+
     python experiments/compare_noisy.py --json bench/noisy.json
-    python experiments/compare_noisy.py --seeds 0 1 2 3 4 --set epochs=24
+    python experiments/compare_noisy.py --seeds 0 1 2 3 4 --set epochs=24 --t-k 3
 """
 
 import argparse
@@ -53,13 +58,41 @@ def run_folder(out: str | Path, arm: str, flat: dict[str, Any], fingerprint: str
     return Path(out) / arm / f"seed{flat['seed']}-{key}"
 
 
-def _fmt(iv: dict | None, signed: bool = False) -> str:
-    if iv is None:
-        return "–"
-    return stats.format_interval(iv, signed=signed)
+def build_arms(base: dict[str, Any], tau: float, t_k: int | None, granularity: str) -> dict:
+    """The two arms' run configs: ``base`` as is, and ``base`` with co-teaching.
+
+    Args:
+        base: Run-config values of every run (``--set`` over the CPU demo's).
+        tau: ``--tau``.
+        t_k: ``--t-k``; None: a quarter of the epochs (at least 1).
+        granularity: ``--granularity``.
+    """
+    return {
+        "bce": base,
+        "coteaching": {
+            **base,
+            "coteach.enabled": True,
+            "coteach.tau": tau,
+            "coteach.t_k": t_k if t_k is not None else max(1, base["epochs"] // 4),
+            "coteach.granularity": granularity,
+        },
+    }
 
 
-def main() -> None:
+def arm_header(name: str, flat: dict[str, Any]) -> str:
+    """The line printed before an arm's runs: its co-teaching settings."""
+    cfg = RunConfig.from_flat(flat)
+    ct = cfg.coteach
+    if not ct.enabled:
+        return f"== arm {name}: no co-teaching (one network, loss {cfg.loss})"
+    return (
+        f"== arm {name}: co-teaching tau={ct.tau:g} t_k={ct.t_k} granularity={ct.granularity} "
+        f"(batch_size {cfg.batch_size}, {cfg.epochs} epochs, loss {cfg.loss})"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a usage error exits with status 2 naming the flag."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -70,9 +103,21 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="run-config value for every run (repeatable)",
+        help="run-config value for every run of both arms (repeatable; not coteach.*)",
     )
     p.add_argument("--tau", type=float, default=0.3, help="co-teaching forget rate")
+    p.add_argument(
+        "--t-k",
+        type=int,
+        default=None,
+        help="co-teaching ramp, in epochs (default: a quarter of the epochs, at least 1)",
+    )
+    p.add_argument(
+        "--granularity",
+        choices=("tile", "pixel"),
+        default="tile",
+        help="what co-teaching ranks and drops (default tile)",
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -81,30 +126,44 @@ def main() -> None:
         help=f"training seeds, the same for both arms (at least {MIN_SEEDS}; default 0 1 2)",
     )
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    coteach = [item for item in args.set if item.split("=", 1)[0].strip().startswith("coteach.")]
+    if coteach:
+        # --set goes to both arms: coteach.enabled made the plain arm co-teaching, and the
+        # co-teaching arm's tau and t_k went over the others
+        p.error(
+            f"--set {coteach[0]}: the co-teaching arm's settings are --tau, --t-k and "
+            "--granularity (--set applies to both arms, the plain BCE one too)"
+        )
+    if args.t_k is not None and args.t_k < 1:
+        p.error(f"--t-k {args.t_k}: the ramp is at least 1 epoch")
     if len(set(args.seeds)) < MIN_SEEDS:
         p.error(f"--seeds: give at least {MIN_SEEDS} different seeds, got {args.seeds}")
     if len(set(args.seeds)) < len(args.seeds):
         # a repeated seed is the same run counted twice: it narrows the interval over seeds
         p.error(f"--seeds: each seed once, got {args.seeds}")
+    return args
+
+
+def _fmt(iv: dict | None, signed: bool = False) -> str:
+    if iv is None:
+        return "–"
+    return stats.format_interval(iv, signed=signed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     data = prepare_data(None, data_root=args.data_root)
     truth = test_truth(data)
     groups = np.array(data.test.groups)  # source scene of each test image: the resampled unit
     ids = np.array(data.test.ids)
     device = resolve_device("auto")
     base = fixed_config(None, sets=["epochs=16", "samples_per_epoch=384", *args.set])
-    arms = {
-        "bce": base,
-        "coteaching": {
-            **base,
-            "coteach.enabled": True,
-            "coteach.tau": args.tau,
-            "coteach.t_k": max(1, base["epochs"] // 4),
-        },
-    }
+    arms = build_arms(base, args.tau, args.t_k, args.granularity)
     rows, failed = [], []
     tiles: dict[str, dict[str, list[TileScores]]] = {rule: {a: [] for a in arms} for rule in RULES}
     for name, flat in arms.items():
+        print(arm_header(name, flat), flush=True)
         for seed in args.seeds:
             cfg = RunConfig.from_flat({**flat, "seed": seed})
             out = run_folder(args.out, name, cfg.to_flat(), data.train.fingerprint)
@@ -214,6 +273,9 @@ def main() -> None:
     )
     if args.json:
         record = {"runs": rows, "summary": summary, "cost": cost, "base": base}
+        record["coteach"] = {
+            k: v for k, v in arms["coteaching"].items() if k.startswith("coteach.")
+        }
         record["data"] = data.description
         write_json(args.json, {**record, "data_fingerprint": data.train.fingerprint})
         print(f"wrote {args.json}")

@@ -1,7 +1,10 @@
-"""experiments/compare_noisy.py: its run folders belong to one world and one config."""
+"""experiments/compare_noisy.py: its run folders belong to one world and one config; its arms
+differ in the co-teaching flags only."""
 
 import sys
 from pathlib import Path
+
+import pytest
 
 from bldseg.data.prepare import prepare_data
 from bldseg.train import RunConfig
@@ -33,3 +36,35 @@ def test_another_world_gets_its_own_run_folders(tmp_path):
     # ... and another config (here a seed) has its own
     other = compare_noisy.run_folder(out, "bce", {**flat, "seed": 1}, a.train.fingerprint)
     assert other != in_a and other.name.startswith("seed1-")
+
+
+@pytest.mark.parametrize(
+    "item",
+    ["coteach.enabled=true", "coteach.tau=0.2", "coteach.t_k=2", "coteach.granularity=pixel"],
+)
+def test_coteach_set_is_refused_naming_the_flags(item, capsys):
+    # --set goes to both arms: coteach.enabled=true made the plain BCE arm co-teaching, and the
+    # co-teaching arm's tau and t_k went over a --set of them, both silently
+    with pytest.raises(SystemExit) as e:
+        compare_noisy.parse_args(["--set", "epochs=4", "--set", item])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--set {item}: the co-teaching arm's settings are --tau, --t-k and --granularity" in err
+
+
+def test_arms_take_the_coteaching_flags_and_print_them():
+    args = compare_noisy.parse_args(["--tau", "0.25", "--t-k", "2", "--set", "epochs=8"])
+    base = fixed_config(None, sets=args.set)
+    arms = compare_noisy.build_arms(base, args.tau, args.t_k, args.granularity)
+    plain, cot = (RunConfig.from_flat(arms[a]) for a in ("bce", "coteaching"))
+    assert not plain.coteach.enabled and plain.epochs == cot.epochs == 8
+    assert (cot.coteach.enabled, cot.coteach.tau, cot.coteach.t_k) == (True, 0.25, 2)
+    assert compare_noisy.arm_header("bce", arms["bce"]).startswith("== arm bce: no co-teaching")
+    assert compare_noisy.arm_header("coteaching", arms["coteaching"]).startswith(
+        "== arm coteaching: co-teaching tau=0.25 t_k=2 granularity=tile (batch_size 4, 8 epochs"
+    )
+    # without --t-k: a quarter of the epochs
+    default = compare_noisy.build_arms(base, 0.3, None, "pixel")["coteaching"]
+    assert (default["coteach.t_k"], default["coteach.granularity"]) == (2, "pixel")
+    with pytest.raises(SystemExit):
+        compare_noisy.parse_args(["--t-k", "0"])

@@ -139,14 +139,101 @@ def test_coteaching_that_drops_nothing_is_named():
 
     idle = coteaching_dropped_nothing(run(**{"coteach.tau": 0.2195}))
     assert idle == (
-        "tile co-teaching with tau 0.22 and batch_size 4 drops floor(0.88) = 0 tiles per batch"
+        "tile co-teaching with tau 0.22 and batch_size 4 drops floor(0.88) = 0 tiles per batch: "
+        "it dropped nothing"
     )
     assert coteaching_dropped_nothing(run(**{"coteach.tau": 0.0})).startswith("tau 0")
-    assert coteaching_dropped_nothing(run(**{"coteach.tau": 0.25})) is None  # one tile of 4
+    assert coteaching_dropped_nothing(run(**{"coteach.tau": 0.25, "coteach.t_k": 1})) is None
     pixel = {"coteach.tau": 0.1, "coteach.granularity": "pixel"}
     assert coteaching_dropped_nothing(run(**pixel)) is None  # pixels have no such floor
     assert coteaching_dropped_nothing(RunConfig()) is None  # not co-teaching at all
     assert coteaching_dropped_nothing(None) is None
+
+
+def test_coteaching_that_drops_nothing_during_its_ramp_is_named():
+    # ceil(R(T) * 4) keeps every tile while floor(4 * tau * min(T / t_k, 1)) < 1: with t_k 5
+    # and tau 0.25 (keep_ratio 0.95 .. 0.80) the first five epochs train two plain networks
+    from bldseg.report import coteaching_dropped_nothing
+    from bldseg.train.config import RunConfig
+
+    cfg = RunConfig.from_flat(
+        {"coteach.enabled": True, "batch_size": 4, "coteach.tau": 0.25, "epochs": 10}
+    )
+    what = "tile co-teaching with tau 0.25, t_k 5 and batch_size 4 dropped nothing"
+    formula = "floor(4 * 0.25 * min(T / 5, 1)) = 0 in 0-based epoch T < 5"
+    # no history: the formula over the configured epochs
+    assert coteaching_dropped_nothing(cfg) == f"{what} until epoch 6 of 10 ({formula})"
+    # an older run's history (the better network's val_net, no dropped_share): the formula
+    # over the epochs it trained
+    old = [{"epoch": e, "val_net": "fg"[e % 2], "val_dice_best_other": 0.5} for e in (1, 2, 3)]
+    assert coteaching_dropped_nothing(cfg, old) == f"{what} in its 3 epochs ({formula})"
+    # what the run recorded decides where it has it
+    measured = "(the dropped_share its history records)"
+    shares = [0.0, 0.0, 0.0, 0.25]
+    rows = [{"epoch": e + 1, "dropped_share": d} for e, d in enumerate(shares)]
+    assert coteaching_dropped_nothing(cfg, rows) == f"{what} until epoch 4 of 4 {measured}"
+    assert coteaching_dropped_nothing(cfg, rows[:3]) == f"{what} in its 3 epochs {measured}"
+    # the first epoch keeps everything by design (R(0) = 1)
+    early = [{"epoch": 1, "dropped_share": 0.0}, {"epoch": 2, "dropped_share": 0.25}]
+    assert coteaching_dropped_nothing(cfg, early) is None
+    # a resumed older run: rows without the record judged by the formula, the others as measured
+    mixed = [old[0], *rows[1:3], {"epoch": 4, "dropped_share": 0.0}]
+    assert coteaching_dropped_nothing(cfg, mixed) == f"{what} in its 4 epochs ({formula})"
+
+
+@pytest.mark.parametrize(
+    "shares, says",
+    [
+        ([0.0, 0.0, 0.0], "**The best tune_tau trial applied no co-teaching**"),
+        ([0.0, 0.0, 0.25], "**The best tune_tau trial applied co-teaching late**"),
+        ([0.0, 0.25, 0.25], None),
+    ],
+)
+def test_report_says_when_the_best_tau_trial_dropped_nothing(tmp_path, shares, says):
+    import json
+
+    import torch
+
+    from bldseg.report import write_report
+    from bldseg.train.config import RunConfig
+
+    def stage(name, flat, history):
+        run = tmp_path / name / "run"
+        run.mkdir(parents=True)
+        torch.save({"config": RunConfig.from_flat(flat).to_flat()}, run / "best.pt")
+        (run / "history.json").write_text(json.dumps(history))
+        (tmp_path / name / "trials.csv").write_text(
+            f"trial_id,run_dir,val_thr_best,val_dice_best\nt0,{run},0.5,0.7\n"
+        )
+        best = {"run_dir": str(run), "val_dice_best": 0.7, "val_thr_best": 0.5}
+        return {
+            "best": best,
+            "best_config": {},
+            "wall_s": 1,
+            "overhead": 0.0,
+            "path": str(tmp_path / name),
+        }
+
+    ct = {"coteach.enabled": True, "coteach.tau": 0.3, "coteach.t_k": 2, "batch_size": 4}
+    rows = [{"epoch": e + 1, "dropped_share": d} for e, d in enumerate(shares)]
+    stages = {
+        "tune_sched": stage("tune_sched", {"epochs": 3}, [{"epoch": 1}]),
+        "tune_tau": stage("tune_tau", {"epochs": 3, **ct}, rows),
+    }
+    config = {"name": "x", "data": None, "trials": 1, "epochs": 3, "cpus_per_trial": 1}
+    config |= {"k_min": 1, "k_max": 2, "seed": 0, "base": {}}
+    write_report({"config": config, "stages": stages}, tmp_path, has_truth=False)
+    report = (tmp_path / "REPORT.md").read_text()
+    section = report[report.index("## Plain BCE vs co-teaching") :]
+    for marker in ("applied no co-teaching", "applied co-teaching late"):
+        assert (marker in section) == (says is not None and marker in says)
+    if says is None:
+        return
+    assert says in section
+    until = "until epoch 3 of 3" if shares[-1] else "in its 3 epochs"
+    assert f"t_k 2 and batch_size 4 dropped nothing {until}" in section
+    # a row that trained two plain networks throughout is not called co-teaching
+    assert ("two networks, nothing dropped (best tune_tau trial)" in section) == (not any(shares))
 
 
 def test_a_test_column_the_ensemble_search_left_out_is_said_in_the_report(tmp_path):

@@ -11,6 +11,13 @@ saved; ``last.pt`` makes the run resumable exactly (model, optimizer, scheduler,
 states). A non-finite loss, or weights or validation probabilities that became non-finite
 (a step whose loss was finite but whose gradients were not), end the run with status
 ``"diverged"`` instead of raising.
+
+A co-teaching run's model is its network f, always: the run's validation scores, train_loss,
+``best.pt``, validation probabilities and predictions are f's (or f's weight average). Its
+peer g is trained and validated too (``val_dice_best_peer``) but never chosen: picking the
+better of two on validation every epoch would be a selection a single network's run does not
+get. Each epoch also records ``keep_ratio`` (R(T)) and ``dropped_share``, the share of tiles
+or pixels the small-loss selections actually dropped.
 """
 
 from __future__ import annotations
@@ -50,7 +57,12 @@ from bldseg.models import create_model
 from bldseg.models.pretrained import check_archive, file_fingerprint, overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
 from bldseg.train.config import RunConfig
-from bldseg.train.coteaching import coteaching_losses
+from bldseg.train.coteaching import (
+    DropTally,
+    coteaching_losses,
+    first_dropping_epoch,
+    longest_dropping_ramp,
+)
 from bldseg.train.ema import WeightEMA
 from bldseg.train.losses import build_loss
 from bldseg.train.optim import AdamWScheduleFree, clip_grad_norm_
@@ -568,8 +580,10 @@ def _step_losses(
     keep_ratio: float,
     device: torch.device,
     amp: torch.dtype | None,
+    tally: DropTally | None = None,
 ) -> list[torch.Tensor]:
-    """One loss per network for this batch (co-teaching swaps the kept samples)."""
+    """One loss per network for this batch (co-teaching swaps the kept samples and counts
+    what it dropped into ``tally``)."""
     x = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
     y = batch["mask"].to(device, non_blocking=True)  # (B, 1, S, S)
     outs = []
@@ -586,7 +600,9 @@ def _step_losses(
         if "aux_logits" in o and cfg.aux_weight > 0:
             loss = loss + cfg.aux_weight * loss_fn(o["aux_logits"], y, None).mean()
         return [loss]
-    return coteaching_losses(outs, y, loss_fn, keep_ratio, cfg.coteach.granularity, cfg.aux_weight)
+    return coteaching_losses(
+        outs, y, loss_fn, keep_ratio, cfg.coteach.granularity, cfg.aux_weight, tally
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -800,6 +816,44 @@ def steps_per_epoch(cfg: RunConfig, data: PreparedData) -> int:
     return _batches(n, cfg.batch_size)[0]
 
 
+def _warn_idle_tile_selection(cfg: RunConfig) -> None:
+    """Warns (before training) where tile co-teaching drops no tile in epochs past the first.
+
+    Selection keeps ``ceil(R(T) * B)`` tiles of a batch of ``B`` (Algorithm 1 keeps at least
+    R(T)|D|), so it drops ``floor(B * tau * min(T / t_k, 1))``. R(0) = 1 makes the first epoch
+    plain training by design; a small batch or a long ramp leaves more epochs, or all of them,
+    training two plain networks while keep_ratio says otherwise.
+    """
+    ct, b = cfg.coteach, cfg.batch_size
+    if not ct.enabled or ct.granularity != "tile" or ct.tau <= 0:
+        return
+    # the ramp reaches tau at T = t_k: what the run would drop there, whatever its epochs
+    ramp = first_dropping_epoch(ct, b, ct.t_k + 1)
+    if ramp is None:
+        warnings.warn(
+            f"co-teaching drops floor(tau * batch_size) = floor({ct.tau:g} * {b}) "
+            "= 0 tiles per batch: the two networks train on every tile, as with tau = 0; use "
+            f"batch_size >= {math.ceil(1 / ct.tau)} or coteach.granularity=pixel",
+            stacklevel=3,
+        )
+        return
+    if ramp <= 1:
+        return
+    if ramp < cfg.epochs:
+        where = f"before epoch {ramp + 1} of {cfg.epochs}"
+    else:
+        where = f"in any of its {cfg.epochs} epochs (its ramp first drops one in epoch {ramp + 1})"
+    warnings.warn(
+        f"co-teaching drops no tile {where}: tile selection drops floor(batch_size * tau * "
+        f"min(T / t_k, 1)) = floor({b} * {ct.tau:g} * min(T / {ct.t_k}, 1)) tiles per batch in "
+        f"0-based epoch T, 0 for T < {ramp}; until then the two networks train on every tile, "
+        "as without co-teaching (the history's dropped_share records what was dropped); use "
+        f"coteach.t_k <= {longest_dropping_ramp(ct, b, ct.t_k)} to drop from epoch 2, a larger "
+        "batch_size or coteach.granularity=pixel",
+        stacklevel=3,
+    )
+
+
 def fit(
     cfg: RunConfig,
     out_dir: str | os.PathLike,
@@ -908,15 +962,7 @@ def fit(
     )
 
     n_nets = 2 if cfg.coteach.enabled else 1
-    ct = cfg.coteach
-    if ct.enabled and ct.granularity == "tile" and ct.tau > 0 and ct.tau * cfg.batch_size < 1:
-        # R(T)|D| rounds up (Algorithm 1 keeps at least that many): floor(tau * B) tiles go
-        warnings.warn(
-            f"co-teaching drops floor(tau * batch_size) = floor({ct.tau:g} * {cfg.batch_size}) "
-            "= 0 tiles per batch: the two networks train on every tile, as with tau = 0; use "
-            f"batch_size >= {math.ceil(1 / ct.tau)} or coteach.granularity=pixel",
-            stacklevel=2,
-        )
+    _warn_idle_tile_selection(cfg)
     models, optimizers, schedulers = [], [], []
     epoch_steps, drop_last = _batches(len(train_ds), cfg.batch_size)
     if epoch_steps == 0:
@@ -979,6 +1025,16 @@ def fit(
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        if best.get("val_net") == "g":
+            # an older bldseg kept the better network each epoch: its rows have val_net
+            warnings.warn(
+                f"{last_path}: this co-teaching run was started by an older bldseg, which kept "
+                f"the better of its two networks each epoch; its best.pt (epoch {best['epoch']}) "
+                "is network g's. From here on the run's model is network f: best.pt changes only "
+                f"when f scores above {best['val_dice_best']:.4f}. Train it again in a new folder "
+                "for a model that is f throughout",
+                stacklevel=2,
+            )
         _settle_pending(out, best.get("epoch"))
         log.info("resumed %s at epoch %d", out, start_epoch)
 
@@ -1008,6 +1064,7 @@ def fit(
             drop_last=drop_last,
         )
         keep = cfg.coteach.keep_ratio(epoch) if cfg.coteach.enabled else 1.0
+        tally = DropTally()  # what the selections dropped: R(T) rounds up to whole tiles
         for m in models:
             m.train()
         set_optimizer_mode(optimizers, train=True)
@@ -1022,7 +1079,7 @@ def fit(
 
                 iterator = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
             for batch in _timed(iterator, waited):
-                losses = _step_losses(steppers, batch, cfg, loss_fn, keep, device, amp)
+                losses = _step_losses(steppers, batch, cfg, loss_fn, keep, device, amp, tally)
                 for k, (loss, m, opt, sch) in enumerate(
                     zip(losses, models, optimizers, schedulers, strict=True)
                 ):
@@ -1049,7 +1106,9 @@ def fit(
         except DivergedError as e:
             return _diverged(out, str(e), history, best)
 
-        # Validate every network; co-teaching keeps the better one (reported as such).
+        # Validate every network. A co-teaching run's model is f, whatever g scores: choosing
+        # the better of two on validation each epoch is a selection a single network's run
+        # does not get, and would bias every comparison with one (carry-forward, compare_noisy).
         set_optimizer_mode(optimizers, train=False)
         val = []
         try:
@@ -1071,11 +1130,10 @@ def fit(
                 )
         except DivergedError as e:
             return _diverged(out, str(e), history, best)
-        chosen = int(np.argmax([v[0]["dice_best"] for v in val]))
-        vm, probs = val[chosen]
+        vm, probs = val[0]
         row = {
             "epoch": epoch + 1,
-            "train_loss": sums[chosen] / max(1, n_batches),
+            "train_loss": sums[0] / max(1, n_batches),
             # the LR the epoch's last step used (after it, OneCycle's schedule is read past its
             # end); schedule-free AdamW keeps its base LR and logs the warmed-up one
             "lr": stepped_lr,
@@ -1092,8 +1150,10 @@ def fit(
             row.update(
                 {
                     "keep_ratio": keep,
-                    "val_net": "fg"[chosen],
-                    "val_dice_best_other": val[1 - chosen][0]["dice_best"],
+                    # measured: ceil(R(T) * B) keeps every tile of a small batch early in the
+                    # ramp, where keep_ratio still says 0.9
+                    "dropped_share": tally.share,
+                    "val_dice_best_peer": val[1][0]["dice_best"],
                 }
             )
         history.append(row)
@@ -1105,7 +1165,7 @@ def fit(
             _save_atomic(
                 {
                     "config": cfg.to_flat(),
-                    "model": eval_models[chosen].state_dict(),
+                    "model": eval_models[0].state_dict(),
                     "epoch": epoch + 1,
                     "metrics": row,
                 },

@@ -1,11 +1,26 @@
-"""Co-teaching: small-loss selection and cross-update of the two networks."""
+"""Co-teaching: small-loss selection, cross-update of the two networks, and fit() with it."""
 
 import math
+import shutil
+import warnings
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
-from bldseg.train.coteaching import coteaching_losses, small_loss_mask
+from bldseg.predict import load_checkpoint
+from bldseg.report import coteaching_dropped_nothing
+from bldseg.train import engine
+from bldseg.train.config import CoTeachConfig, RunConfig
+from bldseg.train.coteaching import (
+    DropTally,
+    coteaching_losses,
+    first_dropping_epoch,
+    longest_dropping_ramp,
+    small_loss_mask,
+)
+from bldseg.train.engine import fit
 from bldseg.train.losses import bce_loss, build_loss, dice_loss, pixel_bce
 
 # --- small_loss_mask ---------------------------------------------------------------------------
@@ -177,24 +192,41 @@ def test_pixel_update_is_the_mean_over_the_kept_set():
 
 @pytest.mark.parametrize("granularity", ["tile", "pixel"])
 def test_aux_logits_weighted(granularity):
-    t = _target()
-    f, g = _confident(t, wrong_tiles=[0]), _confident(t, wrong_tiles=[1])
-    fa, ga = 0.5 * f.detach(), 0.25 * g.detach()  # aux heads: less confident
+    t = _target()  # (4, 1, 4, 4)
+    if granularity == "tile":
+        main = {"f": {"wrong_tiles": [0]}, "g": {"wrong_tiles": [1]}}
+        aux = {"wrong_tiles": [2]}
+    else:
+        main = {"f": {"wrong_pixels": [(0, 0, 0), (1, 3, 2)]}}
+        main["g"] = {"wrong_pixels": [(0, 1, 1), (1, 0, 3)]}
+        aux = {"wrong_pixels": [(2, 2, 2), (3, 1, 0)]}
+    f, g = _confident(t, **main["f"]), _confident(t, **main["g"])
+    # The aux heads, less confident, share a blind spot the main heads do not have: ranked on
+    # them, each network would drop it from the other's update; ranked on the main heads
+    # (what co-teaching does) it stays in, with its large aux loss.
+    fa, ga = 0.5 * _confident(t, **aux).detach(), 0.25 * _confident(t, **aux).detach()
     plain = [{"logits": f}, {"logits": g}]
     with_aux = [{"logits": f, "aux_logits": fa}, {"logits": g, "aux_logits": ga}]
-    base = coteaching_losses(plain, t, bce_loss, 0.75, granularity, aux_weight=0.4)
-    got = coteaching_losses(with_aux, t, bce_loss, 0.75, granularity, aux_weight=0.4)
-    # The aux loss uses the same selection, chosen on the main logits.
-    aux_only = coteaching_losses(
-        [{"logits": fa}, {"logits": ga}], t, bce_loss, 0.75, granularity, aux_weight=0.0
-    )
-    if granularity == "tile":  # selection from the main heads: f keeps 1,2,3; g keeps 0,2,3
-        aux_f = bce_loss(fa[[0, 2, 3]], t[[0, 2, 3]]).mean()
-        aux_g = bce_loss(ga[[1, 2, 3]], t[[1, 2, 3]]).mean()
-        assert [a.item() for a in aux_only] == pytest.approx([aux_f.item(), aux_g.item()])
-    for b, a, gt in zip(base, aux_only, got, strict=True):
+    keep = 0.75 if granularity == "tile" else 62 / 64  # each drops its own two errors
+    base = coteaching_losses(plain, t, bce_loss, keep, granularity, aux_weight=0.4)
+    got = coteaching_losses(with_aux, t, bce_loss, keep, granularity, aux_weight=0.4)
+
+    def aux_loss(a, ranked_by):
+        """BCE of aux logits ``a`` on what the other network's ``ranked_by`` logits kept."""
+        if granularity == "tile":
+            kept = small_loss_mask(bce_loss(ranked_by, t), keep)
+            return bce_loss(a[kept], t[kept]).mean()
+        kept = small_loss_mask(pixel_bce(ranked_by, t), keep).float()
+        return (pixel_bce(a, t) * kept).sum() / kept.sum()
+
+    expected = [aux_loss(fa, g.detach()), aux_loss(ga, f.detach())]
+    for b, a, gt in zip(base, expected, got, strict=True):
         assert gt.item() == pytest.approx(b.item() + 0.4 * a.item())
-    zero = coteaching_losses(with_aux, t, bce_loss, 0.75, granularity, aux_weight=0.0)
+    # the test can tell: a selection on the aux heads gives another loss
+    on_aux = [aux_loss(fa, ga), aux_loss(ga, fa)]
+    for a, wrong in zip(expected, on_aux, strict=True):
+        assert a.item() > wrong.item() * 1.05
+    zero = coteaching_losses(with_aux, t, bce_loss, keep, granularity, aux_weight=0.0)
     assert [z.item() for z in zero] == pytest.approx([b.item() for b in base])
 
 
@@ -203,3 +235,157 @@ def test_invalid_granularity():
     outs = [{"logits": _confident(t)}, {"logits": _confident(t)}]
     with pytest.raises(ValueError, match="granularity='image'"):
         coteaching_losses(outs, t, bce_loss, 0.9, "image", aux_weight=0.0)
+
+
+# --- what the selection drops ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tau, t_k, batch, first",
+    [
+        (0.3, 2, 4, 2),  # floor(4 * 0.3 * T / 2): 0, 0, 1
+        (0.3, 5, 4, 5),  # 0.96 at T = 4
+        (0.25, 1, 4, 1),  # exactly 1.0 at T = 1 (R = 0.75 keeps 3)
+        (0.2, 1, 4, None),  # floor(0.8): never
+        (0.4, 3, 8, 1),  # floor(3.2 / 3) = 1
+    ],
+)
+def test_first_dropping_epoch(tau, t_k, batch, first):
+    ct = CoTeachConfig(enabled=True, tau=tau, t_k=t_k)
+    assert first_dropping_epoch(ct, batch, 10) == first
+    if first is not None:  # what small_loss_mask does in that epoch and the one before
+        n = int((~small_loss_mask(torch.arange(float(batch)), ct.keep_ratio(first))).sum())
+        before = small_loss_mask(torch.arange(float(batch)), ct.keep_ratio(first - 1))
+        assert n >= 1 and bool(before.all())
+    assert first_dropping_epoch(ct, batch, 2) == (first if first == 1 else None)
+
+
+@pytest.mark.parametrize(
+    "tau, batch, longest", [(0.25, 4, 1), (0.4, 4, 1), (0.4, 8, 3), (0.25, 8, 2), (0.1, 4, 1)]
+)
+def test_longest_dropping_ramp(tau, batch, longest):
+    ct = CoTeachConfig(enabled=True, tau=tau)
+    assert longest_dropping_ramp(ct, batch, 5) == longest
+    if tau * batch >= 1:
+        ramp = CoTeachConfig(enabled=True, tau=tau, t_k=longest)
+        assert first_dropping_epoch(ramp, batch, 10) == 1
+        assert first_dropping_epoch(replace(ramp, t_k=longest + 1), batch, 10) > 1
+
+
+@pytest.mark.parametrize("granularity, dropped", [("tile", 1), ("pixel", 16)])
+def test_tally_counts_what_each_network_dropped(granularity, dropped):
+    t = _target()  # 4 tiles of 16 pixels
+    outs = [{"logits": _confident(t, wrong_tiles=[0])}, {"logits": _confident(t)}]
+    tally = DropTally()
+    coteaching_losses(outs, t, bce_loss, 0.75, granularity, 0.0, tally)
+    seen = 4 if granularity == "tile" else 64
+    assert (tally.seen, tally.dropped) == (2 * seen, 2 * dropped)
+    coteaching_losses(outs, t, bce_loss, 1.0, granularity, 0.0, tally)
+    assert (tally.seen, tally.dropped) == (4 * seen, 2 * dropped)
+    assert tally.share == pytest.approx(dropped / (2 * seen))
+    assert DropTally().share == 0.0
+
+
+# --- fit with co-teaching --------------------------------------------------------------------
+
+FIT = {
+    "aug.crop_size": 32,
+    "batch_size": 4,
+    "samples_per_epoch": 16,  # 4 full batches
+    "val_fraction": 0.25,
+    "val_tile": 32,
+    "optim.lr": 3e-3,
+    "impl": "compiled",
+    "coteach.enabled": True,
+}
+
+
+def test_fit_records_what_tile_selection_dropped(small_world, tmp_path):
+    # keep_ratio 1, 0.85, 0.7: ceil(R * 4) keeps all 4 tiles until the ramp's last epoch
+    c = RunConfig.from_flat({**FIT, "epochs": 3, "coteach.tau": 0.3, "coteach.t_k": 2})
+    with pytest.warns(UserWarning, match="co-teaching drops no tile") as caught:
+        r = fit(c, tmp_path / "ramp", data=small_world)
+    (w,) = [w for w in caught if "co-teaching" in str(w.message)]  # once, before training
+    assert "before epoch 3 of 3" in str(w.message) and "coteach.t_k <= 1" in str(w.message)
+    assert [h["keep_ratio"] for h in r.history] == pytest.approx([1.0, 0.85, 0.7])
+    assert [h["dropped_share"] for h in r.history] == [0.0, 0.0, 0.25]
+    assert coteaching_dropped_nothing(c, r.history) == (
+        "tile co-teaching with tau 0.30, t_k 2 and batch_size 4 dropped nothing until epoch 3 "
+        "of 3 (the dropped_share its history records)"
+    )
+    # a ramp the run never finishes: no epoch drops
+    with pytest.warns(UserWarning, match=r"no tile in any of its 2 epochs \(its ramp first"):
+        fit(c.with_updates({"epochs": 2}), tmp_path / "short", data=small_world, stop_after=0)
+    # a ramp of at most floor(tau * batch_size) epochs drops from the second epoch: no warning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="co-teaching drops")
+        fast = fit(c.with_updates({"coteach.t_k": 1}), tmp_path / "t1", data=small_world)
+    assert [h["dropped_share"] for h in fast.history] == [0.0, 0.25, 0.25]
+    pixel = c.with_updates({"coteach.granularity": "pixel"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="co-teaching drops")
+        px = fit(pixel, tmp_path / "pixel", data=small_world, stop_after=2)
+    # 4 * 32 * 32 pixels per batch: the share is R(T)'s up to rounding
+    assert [h["dropped_share"] for h in px.history] == pytest.approx([0.0, 0.15], abs=1e-3)
+
+
+def test_fit_model_is_network_f_whatever_g_scores(small_world, tmp_path, monkeypatch):
+    real = engine.threshold_metrics
+    calls = []
+
+    def g_scores_higher(probs, truth, lo, hi):  # validation calls f, then g, every epoch
+        m = real(probs, truth, lo, hi)
+        calls.append(m["dice_best"])
+        return {**m, "dice_best": m["dice_best"] + (0.5 if len(calls) % 2 == 0 else 0.0)}
+
+    monkeypatch.setattr(engine, "threshold_metrics", g_scores_higher)
+    c = RunConfig.from_flat({**FIT, "epochs": 1, "coteach.tau": 0.25, "coteach.t_k": 1})
+    r = fit(c, tmp_path, data=small_world)
+    assert len(calls) == 2
+    pairs = zip(calls[::2], calls[1::2], strict=True)
+    for h, (f_dice, g_dice) in zip(r.history, pairs, strict=True):
+        assert h["val_dice_best"] == f_dice  # f's, though g's is 0.5 higher
+        assert h["val_dice_best_peer"] == g_dice + 0.5
+        assert "val_net" not in h and "val_dice_best_other" not in h
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    for k, w in last["models"][0].items():
+        assert torch.equal(best["model"][k], w), k
+    # f's validation maps are the library entry: the ensemble search scores f
+    probs = np.load(tmp_path / "val_probs.npz")["probs"]
+    model, _, _ = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
+    val = engine.TileDataset(
+        small_world.train,
+        engine.validation_tiles(small_world.train, engine.split_for(c, small_world.train)[1], 32),
+        engine.build_eval_transform(),
+    )
+    loader = torch.utils.data.DataLoader(val, batch_size=8)
+    amp = engine.autocast_dtype(c.precision, torch.device("cpu"))
+    mine = engine.predict_probs(model, loader, torch.device("cpu"), amp, c.tta)
+    assert np.array_equal(mine, probs)
+
+
+def test_coteaching_resumes_exactly_and_reads_older_histories(small_world, tmp_path):
+    c = RunConfig.from_flat({**FIT, "epochs": 2, "coteach.tau": 0.25, "coteach.t_k": 1})
+    straight = fit(c, tmp_path / "a", data=small_world)
+    fit(c, tmp_path / "b", data=small_world, stop_after=1)
+    shutil.copytree(tmp_path / "b", tmp_path / "old")
+    resumed = fit(c, tmp_path / "b", data=small_world)
+    assert resumed.history == [
+        {**h, **{k: resumed.history[i][k] for k in ("epoch_s", "data_s", "cpu_s")}}
+        for i, h in enumerate(straight.history)
+    ]
+    # A last.pt of an older bldseg, which kept the better network each epoch (val_net,
+    # val_dice_best_other, no dropped_share): it resumes, says whose best.pt it keeps, and
+    # the report reads its history.
+    state = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
+    for row in (*state["history"], state["best"]):
+        row.pop("dropped_share")
+        row["val_dice_best_other"] = row.pop("val_dice_best_peer")
+        row["val_net"] = "g"
+    torch.save(state, tmp_path / "old" / "last.pt")
+    with pytest.warns(UserWarning, match=r"older bldseg.*best.pt \(epoch 1\) is network g's"):
+        old = fit(c, tmp_path / "old", data=small_world)
+    assert old.status == "completed" and old.history[0]["val_net"] == "g"
+    assert [("dropped_share" in h) for h in old.history] == [False, True]
+    assert coteaching_dropped_nothing(c, old.history) is None

@@ -251,10 +251,10 @@ def test_coteaching_end_to_end(small_world, tmp_path):
     r = fit(c, tmp_path, data=small_world)
     assert r.status == "completed"
     assert [h["keep_ratio"] for h in r.history] == [1.0, 0.75]
-    assert all(h["val_net"] in ("f", "g") for h in r.history)
-    # the reported network is the better one
-    for h in r.history:
-        assert h["val_dice_best"] >= h["val_dice_best_other"]
+    # the run's model is network f; g's score is logged beside it, as a number
+    assert all("val_net" not in h and isinstance(h["val_dice_best_peer"], float) for h in r.history)
+    # measured: the first epoch keeps every tile, the second drops one of each batch of 4
+    assert [h["dropped_share"] for h in r.history] == [0.0, 0.25]
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert len(state["models"]) == 2
 

@@ -104,7 +104,9 @@ def test_coteaching_space_enables_coteaching():
 @pytest.mark.parametrize("batch, tile", [(4, True), (8, True), (2, False), (None, True)])
 def test_tile_coteaching_is_searched_only_where_it_drops_a_tile(batch, tile):
     # REPORT.md's best tune_tau trial was tile co-teaching with tau 0.22 at batch 4: floor(0.88)
-    # = 0 tiles dropped, plain training of two networks presented as co-teaching
+    # = 0 tiles dropped, plain training of two networks presented as co-teaching. A ramp longer
+    # than floor(tau * batch) epochs drops none before its end either: at batch 4, t_k >= 2
+    # trials trained as plain networks through ASHA's first cut (grace period 2), identical.
     from bldseg.report import coteaching_dropped_nothing
     from bldseg.train.config import RunConfig
 
@@ -113,25 +115,37 @@ def test_tile_coteaching_is_searched_only_where_it_drops_a_tile(batch, tile):
     base |= {} if batch is None else {"batch_size": batch}
     space = get_space("coteaching", base)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = set()
+    seen, t_ks = set(), {"tile": set(), "pixel": set()}
     for _ in range(60):
         t = study.ask()
         constants = space(t)
-        cfg = RunConfig.from_flat({**base, **t.params, **constants})
+        cfg = RunConfig.from_flat({**base, **t.params, **constants, "epochs": 10})
         seen.add(cfg.coteach.granularity)
+        t_ks[cfg.coteach.granularity].add(cfg.coteach.t_k)
         if cfg.coteach.granularity == "tile":
+            # drops a tile per batch from the second epoch (T = 1) on
             assert coteaching_dropped_nothing(cfg) is None, t.params
+            assert cfg.coteach.t_k <= max(1, int(cfg.coteach.tau * cfg.batch_size)), t.params
+            history = [{"epoch": e + 1} for e in range(2)]
+            assert cfg.batch_size * (1 - cfg.coteach.keep_ratio(1)) >= 1 - 1e-9, t.params
+            assert coteaching_dropped_nothing(cfg, history) is None, t.params
         assert t.params["coteach.tau"] <= 0.4
         study.tell(t, 0.5)
     assert seen == ({"tile", "pixel"} if tile else {"pixel"})
+    # batch 4 (tau <= 0.4): floor(4 tau) = 1; batch 8: up to floor(3.2) = 3; pixels: 1 to 5
+    assert max(t_ks["tile"], default=None) == {4: 1, 8: 3, 2: None, None: 3}[batch]
+    assert max(t_ks["pixel"]) == 5
     # a search saved before spaces took a base goes on as it was started
     legacy = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    taus = []
+    taus, legacy_t_ks = [], {"tile": set(), "pixel": set()}
     for _ in range(30):
         t = legacy.ask()
         SPACES["coteaching"](t)
         taus.append(t.params["coteach.tau"])
+        legacy_t_ks[t.params["coteach.granularity"]].add(t.params["coteach.t_k"])
+        legacy.tell(t, 0.5)
     assert min(taus) < 0.25
+    assert max(legacy_t_ks["tile"]) == max(legacy_t_ks["pixel"]) == 5
 
 
 def test_typo_in_space_is_named():
