@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 
 from bldseg import metrics, stats
+from bldseg.data import readers
 from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
     DataOptions,
@@ -159,7 +160,18 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
     ]
     started_on = state.get("data_fingerprint")
     if started_on and started_on != fingerprint:
-        differ.append(f"training data fingerprint: {started_on} -> {fingerprint}")
+        rules = state.get("decode_rules")
+        if rules is not None and rules != readers.DECODE_RULES:
+            # the same files, decoded by another bldseg: nothing the user changed
+            raise ContinuationError(
+                f"{_state_path(cfg)} records a pipeline started before bldseg's mask decoding "
+                f"changed (rules {rules} -> {readers.DECODE_RULES}: see "
+                "bldseg.data.readers.DECODE_RULES); the cache is rebuilt and decoded "
+                "differently, so its finished stages cannot be reused: start a new pipeline "
+                "(another --name)"
+            )
+        since = " (or bldseg's mask decoding changed since)" if rules is None else ""
+        differ.append(f"training data fingerprint{since}: {started_on} -> {fingerprint}")
     moved = []
     for key, flag, resolve in (
         ("storage", "--storage", storage_root),
@@ -653,6 +665,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 "experiment_id": exp_id,
                 "config": asdict(cfg),
                 "data_fingerprint": data.train.fingerprint,
+                # the mask decoding that fingerprint was made with, named on continuation
+                "decode_rules": readers.DECODE_RULES,
                 "test_fingerprint": fingerprint_test_split(data),
                 # where its searches and MLflow runs are, compared on continuation
                 "storage": storage_root(cfg.storage),

@@ -412,3 +412,25 @@ def test_the_state_is_strict_json(tmp_path):
     got = json.loads(text, parse_constant=refuse)
     assert got == {"gain": None, "dice": 0.5, "n": 3, "where": str(tmp_path)}
     assert pipeline._load_state(cfg) == got
+
+
+def test_a_change_of_bldsegs_mask_decoding_is_named_not_blamed_on_the_data(tmp_path, monkeypatch):
+    # the cache's fingerprint includes readers.DECODE_RULES: after a bldseg update the same
+    # files fingerprint differently, and the pipeline said the training data differ
+    from bldseg.data import readers
+
+    monkeypatch.chdir(tmp_path)
+    cfg = PipelineConfig()
+    now = readers.DECODE_RULES
+    state = _recorded(cfg, data_fingerprint="fp", decode_rules=now - 1)
+    with pytest.raises(
+        ContinuationError, match=rf"mask decoding changed \(rules {now - 1} -> {now}"
+    ):
+        pipeline.check_continuation(cfg, state, "fp2")
+    pipeline.check_continuation(cfg, state, "fp")  # same fingerprint: goes on
+    same_rules = _recorded(cfg, data_fingerprint="fp", decode_rules=now)
+    with pytest.raises(ContinuationError, match=r"training data fingerprint: fp -> fp2"):
+        pipeline.check_continuation(cfg, same_rules, "fp2")
+    older = _recorded(cfg, data_fingerprint="fp")  # a state from before decode_rules
+    with pytest.raises(ContinuationError, match=r"fingerprint \(or bldseg's mask decoding"):
+        pipeline.check_continuation(cfg, older, "fp2")
