@@ -177,6 +177,15 @@ def _palette(entries: list[tuple[int, int, int]]) -> list[int]:
     return flat + [0] * (768 - len(flat))
 
 
+def _scene_with_gap(size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A scene, its mask, a no-data strip (the top quarter, (H, W) bool) and the mask a reader
+    must return: the scene's with the strip as background."""
+    rgb, m = scene(size, seed)
+    gap = np.zeros((size, size), bool)
+    gap[: size // 4] = True
+    return rgb, m, gap, np.where(gap, 0, m).astype(np.uint8)
+
+
 def write_transparent_palette_cases(
     root: Path, size: int = 48, seed: int = 0
 ) -> dict[str, FormatCase]:
@@ -187,10 +196,7 @@ def write_transparent_palette_cases(
     colour or index would otherwise read as building. The PNGs mark transparency with a tRNS
     chunk (PIL's ``info["transparency"]``); the TIFF with a PA (palette + alpha) image.
     """
-    rgb, m = scene(size, seed)
-    gap = np.zeros((size, size), bool)
-    gap[: size // 4] = True  # (H, W) the no-data strip
-    truth = np.where(gap, 0, m).astype(np.uint8)
+    rgb, m, gap, truth = _scene_with_gap(size, seed)
     n = int(gap.sum())
     cases: dict[str, FormatCase] = {}
 
@@ -297,10 +303,7 @@ def write_geotiff_nodata_cases(root: Path, size: int = 48, seed: int = 0) -> dic
     import rasterio
     from rasterio.transform import Affine
 
-    rgb, m = scene(size, seed)
-    gap = np.zeros((size, size), bool)
-    gap[: size // 4] = True  # (H, W) the no-data strip
-    truth = np.where(gap, 0, m).astype(np.uint8)
+    rgb, m, gap, truth = _scene_with_gap(size, seed)
     n = int(gap.sum())
     cases: dict[str, FormatCase] = {}
 
