@@ -39,6 +39,7 @@ from bldseg.pipeline import PREDICT_BATCH, test_truth
 from bldseg.predict import image_loader, load_checkpoint
 from bldseg.report import TileScores, compare_arms
 from bldseg.train import RunConfig, fit
+from bldseg.train.coteaching import longest_dropping_ramp
 from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
 from bldseg.tune.cli import fixed_config
 
@@ -64,16 +65,23 @@ def build_arms(base: dict[str, Any], tau: float, t_k: int | None, granularity: s
     Args:
         base: Run-config values of every run (``--set`` over the CPU demo's).
         tau: ``--tau``.
-        t_k: ``--t-k``; None: a quarter of the epochs (at least 1).
+        t_k: ``--t-k``; None: a quarter of the epochs (at least 1), at tile granularity at
+            most the longest ramp that drops a tile per batch from the second epoch (as the tau
+            search's space; a longer one trains both networks on every tile until late in it).
         granularity: ``--granularity``.
     """
+    if t_k is None:
+        t_k = max(1, base["epochs"] // 4)
+        if granularity == "tile":
+            cfg = RunConfig.from_flat({**base, "coteach.tau": tau})
+            t_k = longest_dropping_ramp(cfg.coteach, cfg.batch_size, t_k)
     return {
         "bce": base,
         "coteaching": {
             **base,
             "coteach.enabled": True,
             "coteach.tau": tau,
-            "coteach.t_k": t_k if t_k is not None else max(1, base["epochs"] // 4),
+            "coteach.t_k": t_k,
             "coteach.granularity": granularity,
         },
     }
@@ -110,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--t-k",
         type=int,
         default=None,
-        help="co-teaching ramp, in epochs (default: a quarter of the epochs, at least 1)",
+        help="co-teaching ramp, in epochs (default: a quarter of the epochs, at least 1; with "
+        "tile granularity at most what drops a tile per batch from the second epoch)",
     )
     p.add_argument(
         "--granularity",

@@ -66,5 +66,11 @@ def test_arms_take_the_coteaching_flags_and_print_them():
     # without --t-k: a quarter of the epochs
     default = compare_noisy.build_arms(base, 0.3, None, "pixel")["coteaching"]
     assert (default["coteach.t_k"], default["coteach.granularity"]) == (2, "pixel")
+    # ... at tile granularity no longer than drops a tile of each batch of 4 from epoch 2:
+    # floor(4 * 0.3 * 1 / t_k) >= 1 only for t_k = 1 (t_k 2 dropped nothing until epoch 3)
+    tile = compare_noisy.build_arms(base, 0.3, None, "tile")["coteaching"]
+    assert tile["coteach.t_k"] == 1
+    long = fixed_config(None, sets=["epochs=40", "batch_size=16"])
+    assert compare_noisy.build_arms(long, 0.3, None, "tile")["coteaching"]["coteach.t_k"] == 4
     with pytest.raises(SystemExit):
         compare_noisy.parse_args(["--t-k", "0"])
