@@ -211,8 +211,8 @@ def op_isa(
 
 def switch_on(env: Mapping[str, str], name: str) -> bool:
     """Whether a BLDSEG_CPU_* switch is on, as the kernels read it: set to anything but "", 0,
-    false, no or off (any case)."""
-    return env.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+    false, no or off (any case, no spaces trimmed: "0 " is on there too)."""
+    return env.get(name, "").lower() not in ("", "0", "false", "no", "off")
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

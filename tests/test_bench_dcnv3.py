@@ -136,6 +136,8 @@ def test_op_isa_follows_the_kernels_choice(tmp_path):
     for off in ("", "0", "False", "no", "OFF"):
         assert bench_dcnv3.op_isa({"BLDSEG_CPU_NO_AVX2": off}, avx512, **x86) == "avx2"
         assert bench_dcnv3.op_isa({"BLDSEG_CPU_AVX512": off}, avx512, **x86) == "avx2"
+    # the kernels trim nothing: a value with a space is on
+    assert bench_dcnv3.op_isa({"BLDSEG_CPU_NO_AVX2": "0 "}, avx512, **x86) == "baseline"
     assert bench_dcnv3.op_isa({"BLDSEG_CPU_AVX512": "1"}, avx512, **x86) == "avx512"
     # asked for on a CPU without it: the AVX2 kernels run
     assert bench_dcnv3.op_isa({"BLDSEG_CPU_AVX512": "1"}, avx2, **x86) == "avx2"

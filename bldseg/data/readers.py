@@ -878,7 +878,14 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
         # (H, W) uint8 0/1 labels, or grey values read on as one channel (all >= 0 but where
         # the pixel is transparent, which is zeroed next).
         m = labels if labels is not None else palette.colours[:, 0][palette.indices]
-        m = _transparent_to_background(m.astype(np.uint8), palette, path)
+        building = m > 0  # (H, W) what the palette would read as building
+        if labels is None:
+            # read as grey values: a transparent entry that is no grey (a magenta colour key
+            # on the background) was left out of the grey test and would read as nothing
+            c = palette.colours
+            grey = (c >= 0).all(axis=1) & (c == c[:, :1]).all(axis=1)  # (256,)
+            building &= grey[palette.indices]
+        m = _transparent_to_background(m.astype(np.uint8), palette, building, path)
         if labels is not None:
             return MaskRead(m, True)
     else:
@@ -1083,22 +1090,24 @@ def _nodata_index(nodata: object) -> int | None:
     return None
 
 
-def _transparent_to_background(m: np.ndarray, palette: _Palette, path: Path) -> np.ndarray:
+def _transparent_to_background(
+    m: np.ndarray, palette: _Palette, building: np.ndarray, path: Path
+) -> np.ndarray:
     """(H, W) mask of a palette image with its no-data (transparent) pixels 0.
 
     A fully transparent pixel shows nothing, so nothing is known of buildings there: like NaN
     in a float mask it is background. The count is warned about only where the palette would
-    have read a building: a transparent background (the usual overlay export) changes nothing.
+    have read a building (``building``, (H, W) bool): a transparent background (the usual
+    overlay export, a colour key) changes nothing.
     """
-    hidden = palette.clear & (m > 0)  # (H, W)
-    n = int(hidden.sum())
-    if n == 0:
-        return m
-    warnings.warn(
-        f"{path}: {n} of {m.shape[0] * m.shape[1]} mask pixels are no data ({palette.why}) "
-        "where the palette would read a building; read as no building",
-        stacklevel=3,
-    )
+    n = int((palette.clear & building).sum())
+    if n:
+        warnings.warn(
+            f"{path}: {n} of {m.shape[0] * m.shape[1]} mask pixels are no data ({palette.why}) "
+            "where the palette would read a building; read as no building",
+            stacklevel=3,
+        )
+    # zeroed even where nothing is warned: a colour key's grey-path value is its red channel
     return np.where(palette.clear, 0, m).astype(m.dtype)
 
 
