@@ -17,7 +17,7 @@ from typing import Any, Literal
 from bldseg.train.augment import AugConfig
 from bldseg.train.fieldtypes import checked
 from bldseg.train.losses import LOSSES
-from bldseg.train.schedulers import SCHEDULERS, next_cycle_steps
+from bldseg.train.schedulers import SCHEDULERS, next_cycle_steps, poly_factor
 
 
 @dataclass
@@ -106,6 +106,13 @@ class SchedConfig:
                 if steps >= span
                 else "the LR peaks late and decays over the rest only"
             )
+            if self.name == "poly":
+                # mmcv's poly: the warm-up scales a line decaying from step 0, so the LR never
+                # reaches optim.lr; the scheduler warms up over at most span - 1 steps
+                w = min(steps, max(0, span - 1))
+                top = max(range(w + 1), key=lambda s: poly_factor(s, span, w, self.power, 0.0))
+                peak = poly_factor(top, span, w, self.power, 0.0)
+                effect = f"the LR peaks at {peak:.2f} x optim.lr, at step {top}"
             warnings.warn(
                 f"{head}{effect}; lower sched.warmup_steps, or set sched.warmup_max_frac to cut "
                 f"it to a share of {share_of}",

@@ -115,13 +115,33 @@ class CosineAnnealingWarmupRestarts(LRScheduler):
         return [lr * base / top if top > 0 else lr for base in self.base_lrs]
 
 
+#: Where poly's linear warm-up starts, as a share of the LR (the official recipe's warmup_ratio).
+POLY_WARMUP_RATIO = 1e-6
+
+
+def poly_factor(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    power: float,
+    floor: float,
+    warmup_ratio: float = POLY_WARMUP_RATIO,
+) -> float:
+    """Poly's LR at ``step`` as a share of the group's LR (:func:`poly_warmup`)."""
+    t = min(1.0, step / max(1, total_steps))
+    regular = (1 - floor) * (1 - t) ** power + floor
+    if step < warmup_steps:
+        return regular * (warmup_ratio + (1 - warmup_ratio) * step / warmup_steps)
+    return regular
+
+
 def poly_warmup(
     optimizer: Optimizer,
     total_steps: int,
     warmup_steps: int = 0,
     power: float = 1.0,
     min_lr: float = 0.0,
-    warmup_ratio: float = 1e-6,
+    warmup_ratio: float = POLY_WARMUP_RATIO,
 ) -> LambdaLR:
     """mmcv's poly schedule with linear warm-up (``PolyLrUpdaterHook``, ``warmup='linear'``),
     as the official UPerNet-InternImage recipe runs it.
@@ -141,11 +161,7 @@ def poly_warmup(
     floor = min(1.0, min_lr / top) if top > 0 else 0.0
 
     def factor(step: int) -> float:
-        t = min(1.0, step / max(1, total_steps))
-        regular = (1 - floor) * (1 - t) ** power + floor
-        if step < warmup_steps:
-            return regular * (warmup_ratio + (1 - warmup_ratio) * step / warmup_steps)
-        return regular
+        return poly_factor(step, total_steps, warmup_steps, power, floor, warmup_ratio)
 
     return LambdaLR(optimizer, factor)
 

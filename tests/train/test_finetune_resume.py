@@ -62,10 +62,19 @@ def test_a_warm_up_set_in_steps_is_kept_and_warned_about_when_long():
         assert (
             SchedConfig(name="poly", warmup_steps=300).scheduler_kwargs(1000)["warmup_steps"] == 300
         )
-    with pytest.warns(UserWarning, match="never decays"):
+    # mmcv's poly: the warm-up scales a line decaying from step 0, so a long one keeps the LR
+    # far below optim.lr; the warning says how far (it said "peaks late")
+    with pytest.warns(UserWarning, match=r"the LR peaks at 0\.25 x optim.lr, at step 50\b"):
         assert (
             SchedConfig(name="poly", warmup_steps=1500).scheduler_kwargs(100)["warmup_steps"] == 99
         )
+    cfg = RunConfig.from_flat({"sched.name": "poly", "sched.warmup_steps": 1500})
+    with pytest.warns(UserWarning, match=r"peaks at 0\.33 x optim.lr, at step 1000\b"):
+        curve = lrs(cfg, 2000)
+    assert max(curve) == pytest.approx(cfg.optim.lr / 3, rel=2e-3)  # + the min_lr floor
+    assert abs(curve.index(max(curve)) - 1000) <= 1  # (the floor moves it by a step)
+    with pytest.warns(UserWarning, match="never decays"):
+        SchedConfig(name="schedulefree", warmup_steps=1500).warmup_iterations(100)
     with pytest.raises(ValueError, match=r"sched.warmup_max_frac=0 must be in \(0, 1\]"):
         RunConfig.from_flat({"sched.warmup_max_frac": 0})
 
