@@ -71,7 +71,7 @@ def fingerprint_records(records: Sequence[SourceRecord]) -> str:
             None if r.mask_path is None else [str(r.mask_path), *stats[r.mask_path]],
             r.window,
             r.group,
-            r.options.key(),
+            r.options.key(masks=r.mask_path is not None),
         ]
         h.update(json.dumps(entry).encode())
         h.update(b"\n")

@@ -83,11 +83,12 @@ class DataOptions:
         read = {k: _tuples(v) for k, v in (d.pop("read", None) or {}).items()}
         return cls(**d, read=ReadOptions(**read))
 
-    def key(self) -> str:
+    def key(self, masks: bool = True) -> str:
         """Short hash of the options that change which files are read and how (the cache
-        folder): jobs on one dataset with other options never rebuild each other's cache."""
+        folder): jobs on one dataset with other options never rebuild each other's cache.
+        ``masks`` False: masks given as RLE (:meth:`ReadOptions.key`)."""
         d = asdict(self)
-        d["read"] = self.read.key()
+        d["read"] = self.read.key(masks)
         d = {
             k: str(Path(v).resolve()) if k in ("images", "masks", "footprints") and v else v
             for k, v in d.items()
@@ -341,7 +342,7 @@ def _prepare_competition(
     path = data.resolve()
     train_csv = path if path.suffix.lower() == ".csv" else path / "train.csv"
     root = train_csv.parent
-    cache_dir = _cache_dir(data_root, root, options.key())
+    cache_dir = _cache_dir(data_root, root, options.key(masks=False))  # RLE masks
     train = ensure_cache(
         read_competition_csv(
             train_csv, with_masks=True, group_column=options.group_column, options=options.read
@@ -507,7 +508,7 @@ def _prepare_competition_test(
     name = "test" if test_csv.name == "test.csv" else f"test-{test_csv.stem}"
     test = ensure_cache(
         records,
-        _cache_dir(data_root, root, options.key()) / name,
+        _cache_dir(data_root, root, options.key(masks=False)) / name,  # RLE or no masks
         progress=progress,
         mixed_sizes_hint=f"{test_csv} is predicted one image per tile; {PREDICT_IMAGES_HINT}",
     )

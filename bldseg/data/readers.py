@@ -74,6 +74,13 @@ DEFAULT_MASK_PATTERNS = (
 #: by older rules are rebuilt.
 DECODE_RULES = 5
 
+#: The version of DECODE_RULES in which image (not mask) decoding last changed (3: palette
+#: GeoTIFF images read as their colours). Masks given as RLE (a competition CSV) decode without
+#: the mask rules, so their caches are keyed by this alone: a change of the mask rules neither
+#: rebuilds them nor stops a search or pipeline on them from resuming. Bump it with
+#: DECODE_RULES when image decoding changes.
+IMAGE_RULES = 3
+
 
 @dataclass(frozen=True)
 class ReadOptions:
@@ -121,10 +128,11 @@ class ReadOptions:
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"stretch percentiles need 0 <= low < high <= 100, got {self.stretch}")
 
-    def key(self) -> list:
-        """JSON-able identity for the cache fingerprint."""
+    def key(self, masks: bool = True) -> list:
+        """JSON-able identity for the cache fingerprint; ``masks`` False: of images whose masks
+        are not decoded from files (RLE), which the mask rules do not touch."""
         return [
-            f"rules{DECODE_RULES}",
+            f"rules{DECODE_RULES}" if masks else f"image-rules{IMAGE_RULES}",
             self.mask_threshold,
             None if self.mask_values is None else list(self.mask_values),
             self.mask_nonzero,

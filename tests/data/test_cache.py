@@ -198,3 +198,38 @@ def test_ensure_cache_where_the_filesystem_cannot_lock(tmp_path, monkeypatch):
     records = read_competition_csv(csv)
     cache = ensure_cache(records, tmp_path / "cache", progress=False)
     assert len(cache) == len(records) and cache.masks is not None
+
+
+def test_rle_caches_are_keyed_by_image_rules_only(tmp_path, monkeypatch):
+    # The mask rules (DECODE_RULES) decide how mask files decode; RLE masks never meet them.
+    # Keyed by them, each bump rebuilt competition caches (22 GB at 7,140 images of 1024²) and
+    # refused every search and pipeline on them to resume, with nothing decoded differently.
+    from bldseg.data.prepare import DataOptions, prepare_data
+
+    csv, _ = make_competition(tmp_path / "ds")
+    folder = tmp_path / "folder"
+    write_png(folder / "images" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    write_png(folder / "masks" / "a.png", np.zeros((32, 32), np.uint8))
+
+    def keys():
+        rle = cache_module.fingerprint_records(read_competition_csv(csv))
+        files = cache_module.fingerprint_records(
+            read_folder_dataset(folder / "images", folder / "masks")
+        )
+        return rle, files, DataOptions().key(masks=False), DataOptions().key()
+
+    before = keys()
+    monkeypatch.setattr(readers, "DECODE_RULES", readers.DECODE_RULES + 1)
+    after = keys()
+    assert after[0] == before[0] and after[2] == before[2]  # RLE: fingerprint, cache folder
+    assert after[1] != before[1] and after[3] != before[3]  # mask files: both change
+    monkeypatch.setattr(readers, "IMAGE_RULES", readers.IMAGE_RULES + 1)
+    assert keys()[0] != before[0] and keys()[2] != before[2]  # image rules reach RLE data too
+    # prepare_data after a bump of the mask rules alone: the same competition cache, reused
+    monkeypatch.setattr(readers, "IMAGE_RULES", readers.IMAGE_RULES - 1)
+    first = prepare_data(csv.parent, data_root=tmp_path / "root", progress=False)
+    monkeypatch.setattr(readers, "DECODE_RULES", readers.DECODE_RULES + 1)
+    monkeypatch.setattr(cache_module, "build_cache", _no_rebuild)
+    again = prepare_data(csv.parent, data_root=tmp_path / "root", progress=False)
+    assert again.train.root == first.train.root
+    assert again.train.fingerprint == first.train.fingerprint
