@@ -19,6 +19,7 @@ from bldseg.train.coteaching import (
     first_dropping_epoch,
     longest_dropping_ramp,
     small_loss_mask,
+    small_loss_mask_by_class,
 )
 from bldseg.train.engine import fit
 from bldseg.train.losses import bce_loss, build_loss, dice_loss, pixel_bce
@@ -132,14 +133,22 @@ def test_tile_keep_all_is_plain_loss():
     assert loss_g.item() == pytest.approx(bce_loss(g, t).mean().item())
 
 
+def _one_of_each_class(t: torch.Tensor, k: int) -> list[tuple[int, int, int]]:
+    """The k-th building-labelled and the k-th background-labelled (b, y, x) pixel of ``t``."""
+    return [tuple(int(v) for v in (t[:, 0] == c).nonzero()[k]) for c in (1.0, 0.0)]
+
+
 def test_pixel_weights_from_other_net_bce():
     t = _target(b=2, s=4)  # 32 pixels
-    f_wrong = [(0, 0, 0), (1, 3, 2)]
-    g_wrong = [(0, 1, 1), (1, 0, 3)]
+    n = [int((t == c).sum()) for c in (1.0, 0.0)]
+    # each class drops one pixel: ceil(keep * n_c) = n_c - 1 for both class sizes
+    keep = min((c - 1) / c for c in n) - 1e-9
+    assert all(math.ceil(keep * c) == c - 1 for c in n)
+    f_wrong, g_wrong = _one_of_each_class(t, 0), _one_of_each_class(t, 3)
     f = _confident(t, wrong_pixels=f_wrong)
     g = _confident(t, wrong_pixels=g_wrong)
     outs = [{"logits": f}, {"logits": g}]
-    loss_f, loss_g = coteaching_losses(outs, t, bce_loss, 30 / 32, "pixel", aux_weight=0.0)
+    loss_f, loss_g = coteaching_losses(outs, t, bce_loss, keep, "pixel", aux_weight=0.0)
 
     def keep_all_but(pixels):
         w = torch.ones_like(t)
@@ -147,11 +156,14 @@ def test_pixel_weights_from_other_net_bce():
             w[b, 0, y, x] = 0
         return w
 
-    w_from_g = keep_all_but(g_wrong)  # g drops its own two large-loss pixels
-    assert torch.equal(small_loss_mask(pixel_bce(g, t), 30 / 32).float(), w_from_g)
-    assert loss_f.item() == pytest.approx(bce_loss(f, t, w_from_g).mean().item())
-    assert loss_g.item() == pytest.approx(bce_loss(g, t, keep_all_but(f_wrong)).mean().item())
-    assert loss_f.item() > 10 * bce_loss(f, t, keep_all_but(f_wrong)).mean().item()
+    def kept_mean(logits, w):  # BCE over the kept set
+        return ((pixel_bce(logits, t) * w).sum() / w.sum()).item()
+
+    w_from_g = keep_all_but(g_wrong)  # g drops its own two large-loss pixels, one per class
+    assert torch.equal(small_loss_mask_by_class(pixel_bce(g, t), t, keep).float(), w_from_g)
+    assert loss_f.item() == pytest.approx(kept_mean(f, w_from_g))
+    assert loss_g.item() == pytest.approx(kept_mean(g, keep_all_but(f_wrong)))
+    assert loss_f.item() > 10 * kept_mean(f, keep_all_but(f_wrong))
 
     loss_f.backward()
     for b, y, x in g_wrong:
@@ -162,31 +174,37 @@ def test_pixel_weights_from_other_net_bce():
 
 def test_pixel_update_is_the_mean_over_the_kept_set():
     # Tile 1 is labelled building everywhere while both networks see background: a noisy tile
-    # that keeps 1 of its 16 pixels. Each kept pixel weighs 1 / |kept| in the update (17 of
-    # them), not 1/2 for the noisy tile's survivor and 1/32 for the others (a mean of per-tile
-    # means).
+    # that keeps 1 of its 16 pixels; tile 0 holds 8 well-predicted buildings and 8 background
+    # pixels. Per class (24 buildings: keep 9, the 8 of tile 0 and tile 1's one right pixel; 8
+    # background: keep 3) tile 0 keeps 11 and tile 1 one. Each kept pixel weighs 1 / |kept| in
+    # the update (12 of them), not 1/2 for the noisy tile's survivor and 1/22 for the others (a
+    # mean of per-tile means).
     t = torch.zeros(2, 1, 4, 4)
+    t[0, 0, :2] = 1.0
     t[1] = 1.0
     logit = torch.full((2, 1, 4, 4), -3.0)
+    logit[0, 0, :2] = 3.0
     logit[1, 0, 0, 0] = 3.0
     f = logit.clone().requires_grad_(True)
+    keep = 9 / 24
     loss_f, _ = coteaching_losses(
-        [{"logits": f}, {"logits": logit.clone()}], t, bce_loss, 17 / 32, "pixel", 0.0
+        [{"logits": f}, {"logits": logit.clone()}], t, bce_loss, keep, "pixel", 0.0
     )
-    kept = small_loss_mask(pixel_bce(logit, t), 17 / 32).float()
-    assert kept.flatten(1).sum(1).tolist() == [16.0, 1.0]
+    kept = small_loss_mask_by_class(pixel_bce(logit, t), t, keep).float()
+    assert kept.flatten(1).sum(1).tolist() == [11.0, 1.0]
+    assert kept[1, 0, 0, 0] == 1 and kept[0, 0, :2].all()
     exact = (pixel_bce(f, t) * kept).sum() / kept.sum()
     assert loss_f.item() == pytest.approx(exact.item())
     loss_f.backward()
     weight = f.grad / (torch.sigmoid(logit) - t)  # d BCE / d logit = w * (p - t)
-    torch.testing.assert_close(weight, kept / 17)
+    torch.testing.assert_close(weight, kept / 12)
     # Dice: each tile's loss on its kept pixels, weighted by their number
     loss_d, _ = coteaching_losses(
-        [{"logits": logit}, {"logits": logit}], t, dice_loss, 17 / 32, "pixel", 0.0
+        [{"logits": logit}, {"logits": logit}], t, dice_loss, keep, "pixel", 0.0
     )
     per_tile = dice_loss(logit, t, kept)
     assert loss_d.item() == pytest.approx(
-        ((per_tile * torch.tensor([16.0, 1.0])).sum() / 17).item()
+        ((per_tile * torch.tensor([11.0, 1.0])).sum() / 12).item()
     )
 
 
@@ -207,7 +225,8 @@ def test_aux_logits_weighted(granularity):
     fa, ga = 0.5 * _confident(t, **aux).detach(), 0.25 * _confident(t, **aux).detach()
     plain = [{"logits": f}, {"logits": g}]
     with_aux = [{"logits": f, "aux_logits": fa}, {"logits": g, "aux_logits": ga}]
-    keep = 0.75 if granularity == "tile" else 62 / 64  # each drops its own two errors
+    # pixels: one of each class (ceil(0.95 n_c) = n_c - 1 for its 29 and 35)
+    keep = 0.75 if granularity == "tile" else 0.95
     base = coteaching_losses(plain, t, bce_loss, keep, granularity, aux_weight=0.4)
     got = coteaching_losses(with_aux, t, bce_loss, keep, granularity, aux_weight=0.4)
 
@@ -216,7 +235,7 @@ def test_aux_logits_weighted(granularity):
         if granularity == "tile":
             kept = small_loss_mask(bce_loss(ranked_by, t), keep)
             return bce_loss(a[kept], t[kept]).mean()
-        kept = small_loss_mask(pixel_bce(ranked_by, t), keep).float()
+        kept = small_loss_mask_by_class(pixel_bce(ranked_by, t), t, keep).float()
         return (pixel_bce(a, t) * kept).sum() / kept.sum()
 
     expected = [aux_loss(fa, g.detach()), aux_loss(ga, f.detach())]
@@ -225,7 +244,7 @@ def test_aux_logits_weighted(granularity):
     # the test can tell: a selection on the aux heads gives another loss
     on_aux = [aux_loss(fa, ga), aux_loss(ga, fa)]
     for a, wrong in zip(expected, on_aux, strict=True):
-        assert a.item() > wrong.item() * 1.05
+        assert a.item() > wrong.item() * 1.02
     zero = coteaching_losses(with_aux, t, bce_loss, keep, granularity, aux_weight=0.0)
     assert [z.item() for z in zero] == pytest.approx([b.item() for b in base])
 
@@ -279,6 +298,8 @@ def test_tally_counts_what_each_network_dropped(granularity, dropped):
     tally = DropTally()
     coteaching_losses(outs, t, bce_loss, 0.75, granularity, 0.0, tally)
     seen = 4 if granularity == "tile" else 64
+    if granularity == "pixel":  # a quarter of each class, rounded down
+        dropped = sum(int((t == c).sum()) // 4 for c in (0.0, 1.0))
     assert (tally.seen, tally.dropped) == (2 * seen, 2 * dropped)
     coteaching_losses(outs, t, bce_loss, 1.0, granularity, 0.0, tally)
     assert (tally.seen, tally.dropped) == (4 * seen, 2 * dropped)
@@ -389,3 +410,23 @@ def test_coteaching_resumes_exactly_and_reads_older_histories(small_world, tmp_p
     assert old.status == "completed" and old.history[0]["val_net"] == "g"
     assert [("dropped_share" in h) for h in old.history] == [False, True]
     assert coteaching_dropped_nothing(c, old.history) is None
+
+
+def test_pixel_selection_drops_the_same_share_of_each_class():
+    # Buildings are a minority whose losses are the largest while a network learns: ranked with
+    # the background, every dropped pixel was a building (measured on the built-in world: 90%
+    # of the dropped pixels, 15% of all), and the networks learnt to predict background.
+    g = torch.Generator().manual_seed(1)
+    t = (torch.rand(2, 1, 16, 16, generator=g) > 0.85).float()  # ~15% building
+    losses = torch.rand(t.shape, generator=g) + 3 * t  # every building above the background
+    n_bld, n_bg = int(t.sum()), int((1 - t).sum())
+    assert not small_loss_mask(losses, 0.8)[t > 0].any()  # ranked together: buildings all gone
+    keep = small_loss_mask_by_class(losses, t, 0.8)
+    assert int(keep[t > 0].sum()) == math.ceil(0.8 * n_bld)
+    assert int(keep[t == 0].sum()) == math.ceil(0.8 * n_bg)
+    # within a class the smallest losses are kept
+    kept_bg, dropped_bg = losses[(t == 0) & keep], losses[(t == 0) & ~keep]
+    assert kept_bg.max() <= dropped_bg.min()
+    # one class only, or keep everything: as small_loss_mask
+    assert torch.equal(small_loss_mask_by_class(losses, t * 0, 0.8), small_loss_mask(losses, 0.8))
+    assert small_loss_mask_by_class(losses, t, 1.0).all()
