@@ -106,7 +106,10 @@ def test_resume_after_a_change_of_mask_decoding_says_so(ray_session, tmp_path, m
     assert record["decode_rules"] == readers.DECODE_RULES
     assert record["data_fingerprint"] == world.train.fingerprint
 
+    # the built-in world's masks are RLE, which only the image rules reach (bumped with
+    # DECODE_RULES whenever image decoding changes)
     monkeypatch.setattr(readers, "DECODE_RULES", readers.DECODE_RULES + 1)
+    monkeypatch.setattr(readers, "IMAGE_RULES", readers.IMAGE_RULES + 1)
     with pytest.raises(ValueError) as e:
         run_search(replace(spec, resume=True))
     assert str(e.value) == (
