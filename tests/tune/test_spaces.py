@@ -1,5 +1,6 @@
 import logging
 import pickle
+import warnings
 from pathlib import Path
 
 import optuna
@@ -101,7 +102,9 @@ def test_coteaching_space_enables_coteaching():
     assert 0.0 <= t.params["coteach.tau"] <= 0.4
 
 
-@pytest.mark.parametrize("batch, tile", [(4, True), (8, True), (2, False), (None, True)])
+@pytest.mark.parametrize(
+    "batch, tile", [(4, True), (8, True), (6, True), (2, False), (None, True)]
+)
 def test_tile_coteaching_is_searched_only_where_it_drops_a_tile(batch, tile):
     # REPORT.md's best tune_tau trial was tile co-teaching with tau 0.22 at batch 4: floor(0.88)
     # = 0 tiles dropped, plain training of two networks presented as co-teaching. A ramp longer
@@ -109,16 +112,20 @@ def test_tile_coteaching_is_searched_only_where_it_drops_a_tile(batch, tile):
     # trials trained as plain networks through ASHA's first cut (grace period 2), identical.
     from bldseg.report import coteaching_dropped_nothing
     from bldseg.train.config import RunConfig
+    from bldseg.train.coteaching import n_kept
 
     # None: the run config's default batch size (8)
     base = {k: v for k, v in CPU_DEMO.items() if k != "batch_size"}
     base |= {} if batch is None else {"batch_size": batch}
     space = get_space("coteaching", base)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen, t_ks = set(), {"tile": set(), "pixel": set()}
+    seen, t_ks, drops = set(), {"tile": set(), "pixel": set()}, set()
     for _ in range(60):
         t = study.ask()
-        constants = space(t)
+        with warnings.catch_warnings():
+            # Optuna shrinks a stepped range it finds uneven in decimal (1/6 steps): an error
+            warnings.simplefilter("error")
+            constants = space(t)
         cfg = RunConfig.from_flat({**base, **t.params, **constants, "epochs": 10})
         seen.add(cfg.coteach.granularity)
         t_ks[cfg.coteach.granularity].add(cfg.coteach.t_k)
@@ -129,11 +136,18 @@ def test_tile_coteaching_is_searched_only_where_it_drops_a_tile(batch, tile):
             history = [{"epoch": e + 1} for e in range(2)]
             assert cfg.batch_size * (1 - cfg.coteach.keep_ratio(1)) >= 1 - 1e-9, t.params
             assert coteaching_dropped_nothing(cfg, history) is None, t.params
+            # tau is the share of each batch dropped, k / batch: a tau between two of those
+            # drops what the lower one drops, and its trial would train as that one's
+            k = cfg.batch_size - n_kept(1 - cfg.coteach.tau, cfg.batch_size)
+            assert cfg.coteach.tau == pytest.approx(k / cfg.batch_size, abs=1e-5), t.params
+            drops.add(k)
         assert t.params["coteach.tau"] <= 0.4
         study.tell(t, 0.5)
     assert seen == ({"tile", "pixel"} if tile else {"pixel"})
     # batch 4 (tau <= 0.4): floor(4 tau) = 1; batch 8: up to floor(3.2) = 3; pixels: 1 to 5
-    assert max(t_ks["tile"], default=None) == {4: 1, 8: 3, 2: None, None: 3}[batch]
+    assert max(t_ks["tile"], default=None) == {4: 1, 8: 3, 6: 2, 2: None, None: 3}[batch]
+    # every whole number of tiles up to 0.4 of the batch is searched
+    assert drops == {4: {1}, 8: {1, 2, 3}, 6: {1, 2}, 2: set(), None: {1, 2, 3}}[batch]
     assert max(t_ks["pixel"]) == 5
     # a search saved before spaces took a base goes on as it was started
     legacy = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
