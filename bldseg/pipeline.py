@@ -164,13 +164,13 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
         if rules is not None and rules != readers.DECODE_RULES:
             # the same files, decoded by another bldseg: nothing the user changed
             raise ContinuationError(
-                f"{_state_path(cfg)} records a pipeline started before bldseg's mask decoding "
-                f"changed (rules {rules} -> {readers.DECODE_RULES}: see "
+                f"{_state_path(cfg)} records a pipeline started before bldseg's image or mask "
+                f"decoding changed (rules {rules} -> {readers.DECODE_RULES}: see "
                 "bldseg.data.readers.DECODE_RULES); the cache is rebuilt and decoded "
                 "differently, so its finished stages cannot be reused: start a new pipeline "
                 "(another --name)"
             )
-        since = " (or bldseg's mask decoding changed since)" if rules is None else ""
+        since = " (or bldseg's image or mask decoding changed since)" if rules is None else ""
         differ.append(f"training data fingerprint{since}: {started_on} -> {fingerprint}")
     moved = []
     for key, flag, resolve in (

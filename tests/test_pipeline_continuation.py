@@ -424,7 +424,7 @@ def test_a_change_of_bldsegs_mask_decoding_is_named_not_blamed_on_the_data(tmp_p
     now = readers.DECODE_RULES
     state = _recorded(cfg, data_fingerprint="fp", decode_rules=now - 1)
     with pytest.raises(
-        ContinuationError, match=rf"mask decoding changed \(rules {now - 1} -> {now}"
+        ContinuationError, match=rf"image or mask decoding changed \(rules {now - 1} -> {now}"
     ):
         pipeline.check_continuation(cfg, state, "fp2")
     pipeline.check_continuation(cfg, state, "fp")  # same fingerprint: goes on
@@ -432,5 +432,5 @@ def test_a_change_of_bldsegs_mask_decoding_is_named_not_blamed_on_the_data(tmp_p
     with pytest.raises(ContinuationError, match=r"training data fingerprint: fp -> fp2"):
         pipeline.check_continuation(cfg, same_rules, "fp2")
     older = _recorded(cfg, data_fingerprint="fp")  # a state from before decode_rules
-    with pytest.raises(ContinuationError, match=r"fingerprint \(or bldseg's mask decoding"):
+    with pytest.raises(ContinuationError, match=r"fingerprint \(or bldseg's image or mask"):
         pipeline.check_continuation(cfg, older, "fp2")

@@ -1201,12 +1201,12 @@ def check_resumed_data(name: str, meta: dict[str, Any], fingerprint: str, data: 
     rules = meta.get("decode_rules")
     if rules is not None and rules != readers.DECODE_RULES:
         raise ValueError(
-            f"--resume {name}: bldseg's mask decoding changed since this search started "
+            f"--resume {name}: bldseg's image or mask decoding changed since this search started "
             f"(rules {rules} -> {readers.DECODE_RULES}: see bldseg.data.readers.DECODE_RULES); the "
             "cache is rebuilt and decoded differently, so the search cannot continue on it: "
             "start a new search (another --name)"
         )
-    since = " (or bldseg's mask decoding changed since)" if rules is None else ""
+    since = " (or bldseg's image or mask decoding changed since)" if rules is None else ""
     raise ValueError(
         f"--resume {name}: the training data differ from those the search started on{since} "
         f"(fingerprint {fingerprint}, recorded {started_on}; data "

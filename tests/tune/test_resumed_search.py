@@ -113,7 +113,7 @@ def test_resume_after_a_change_of_mask_decoding_says_so(ray_session, tmp_path, m
     with pytest.raises(ValueError) as e:
         run_search(replace(spec, resume=True))
     assert str(e.value) == (
-        f"--resume a1: bldseg's mask decoding changed since this search started (rules "
+        f"--resume a1: bldseg's image or mask decoding changed since this search started (rules "
         f"{readers.DECODE_RULES - 1} -> {readers.DECODE_RULES}: see "
         "bldseg.data.readers.DECODE_RULES); the cache is rebuilt and decoded differently, so "
         "the search cannot continue on it: start a new search (another --name)"
@@ -122,5 +122,7 @@ def test_resume_after_a_change_of_mask_decoding_says_so(ray_session, tmp_path, m
     path = Path(spec.storage) / "a1" / META_FILE
     older = {k: v for k, v in json.loads(path.read_text()).items() if k != "decode_rules"}
     path.write_text(json.dumps(older))
-    with pytest.raises(ValueError, match=r"started on \(or bldseg's mask decoding changed since\)"):
+    with pytest.raises(
+        ValueError, match=r"started on \(or bldseg's image or mask decoding changed since\)"
+    ):
         run_search(replace(spec, resume=True))

@@ -384,7 +384,7 @@ def test_resume_after_a_change_of_bldseg_mask_decoding_blames_bldseg_not_the_dat
     with pytest.raises(ValueError) as e:
         check_resumed_data("a1", record, now, "/data/inria")
     assert str(e.value) == (
-        "--resume a1: bldseg's mask decoding changed since this search started (rules "
+        "--resume a1: bldseg's image or mask decoding changed since this search started (rules "
         f"{DECODE_RULES - 2} -> {DECODE_RULES}: see bldseg.data.readers.DECODE_RULES); the cache "
         "is rebuilt and decoded differently, so the search cannot continue on it: start a new "
         "search (another --name)"
@@ -401,7 +401,7 @@ def test_resume_after_a_change_of_bldseg_mask_decoding_blames_bldseg_not_the_dat
         check_resumed_data("a1", {"data_fingerprint": then}, now, None)
     assert str(e.value).startswith(
         "--resume a1: the training data differ from those the search started on (or bldseg's "
-        f"mask decoding changed since) (fingerprint {now}, recorded {then}; data built-in "
+        f"image or mask decoding changed since) (fingerprint {now}, recorded {then}; data built-in "
         "synthetic)"
     )
     # the same fingerprint, or none recorded (an older record): resumed

@@ -102,9 +102,7 @@ def test_coteaching_space_enables_coteaching():
     assert 0.0 <= t.params["coteach.tau"] <= 0.4
 
 
-@pytest.mark.parametrize(
-    "batch, tile", [(4, True), (8, True), (6, True), (2, False), (None, True)]
-)
+@pytest.mark.parametrize("batch, tile", [(4, True), (8, True), (6, True), (2, False), (None, True)])
 def test_tile_coteaching_is_searched_only_where_it_drops_a_tile(batch, tile):
     # REPORT.md's best tune_tau trial was tile co-teaching with tau 0.22 at batch 4: floor(0.88)
     # = 0 tiles dropped, plain training of two networks presented as co-teaching. A ramp longer
