@@ -434,3 +434,31 @@ def test_a_change_of_bldsegs_mask_decoding_is_named_not_blamed_on_the_data(tmp_p
     older = _recorded(cfg, data_fingerprint="fp")  # a state from before decode_rules
     with pytest.raises(ContinuationError, match=r"fingerprint \(or bldseg's image or mask"):
         pipeline.check_continuation(cfg, older, "fp2")
+
+
+@pytest.mark.parametrize("to", ["REPORT.md", "docs/", "docs", "new/deeper/R.md"])
+def test_report_to_takes_a_file_or_a_folder(tmp_path, to):
+    # --report-to docs/ replaced the folder docs with a file named docs (os.replace onto it),
+    # and a path in a folder that did not exist yet failed after the whole pipeline had run
+    from bldseg.commands.pipeline import copy_report
+
+    out = tmp_path / "out"
+    (out / "report").mkdir(parents=True)
+    (out / "REPORT.md").write_text("# report\n![](report/curves.png)\n")
+    (out / "report" / "curves.png").write_bytes(b"png")
+    work = tmp_path / "work"
+    (work / "docs").mkdir(parents=True)
+    (work / "docs" / "keep.md").write_text("kept")
+    dest = copy_report(out / "REPORT.md", str(work / to))
+    expected = {
+        "REPORT.md": work / "REPORT.md",
+        "docs/": work / "docs" / "REPORT.md",
+        "docs": work / "docs" / "REPORT.md",  # an existing folder
+        "new/deeper/R.md": work / "new" / "deeper" / "R.md",
+    }[to]
+    assert dest == expected
+    assert dest.read_text() == (out / "REPORT.md").read_text()
+    # the plots lie where the report's links point, and nothing beside it was lost
+    assert (dest.parent / "report" / "curves.png").read_bytes() == b"png"
+    assert (work / "docs" / "keep.md").read_text() == "kept"
+    assert not list(dest.parent.glob("*.tmp"))

@@ -96,13 +96,36 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--report-to",
         default=None,
-        help="also copy REPORT.md (and its plots) to this path, e.g. REPORT.md",
+        help="also copy REPORT.md (and its plots, to report/ beside it) to this file or "
+        "folder (ending in /), e.g. REPORT.md or docs/",
     )
     return p
 
 
 #: Exit status after Ctrl-C: 128 + SIGINT, what shells report for a process stopped by it.
 EXIT_INTERRUPTED = 130
+
+
+def copy_report(report: Path, to: str) -> Path:
+    """Copies a pipeline's REPORT.md, and the plots it links (``report/``), to ``to``.
+
+    Args:
+        report: The pipeline's REPORT.md; its plots lie in ``report/`` beside it.
+        to: A file path, or a folder (an existing one, or a path ending in a separator), which
+            then gets the report under its own name; missing folders are made.
+
+    Returns:
+        The report's copy. Its plots go to ``report/`` beside it, where its links point.
+    """
+    dest = Path(to)
+    if to.endswith(("/", os.sep)) or dest.is_dir():
+        dest = dest / report.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")  # a reader never sees half a report
+    shutil.copyfile(report, tmp)
+    os.replace(tmp, dest)
+    shutil.copytree(report.parent / "report", dest.parent / "report", dirs_exist_ok=True)
+    return dest
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -169,11 +192,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     report = Path(state["report"])
     print(report.read_text())
     if args.report_to:
-        dest = Path(args.report_to)
-        tmp = dest.with_name(dest.name + ".tmp")  # a reader never sees half a report
-        shutil.copyfile(report, tmp)
-        os.replace(tmp, dest)
-        shutil.copytree(report.parent / "report", dest.parent / "report", dirs_exist_ok=True)
+        dest = copy_report(report, args.report_to)
         print(f"copied the report to {dest}")
     print(f"report: {report}")
     return 0
