@@ -13,17 +13,19 @@ one mask in a mask folder by a naming pattern (``{stem}.png``, ``{stem}_mask.png
 ``{stem}.mask.tif``, ... or the user's), or to a vector file of building footprints
 (:mod:`bldseg.data.geo`). Large scenes such as Inria's 5000x5000 are cut into a grid of
 ``tile_size`` tiles; the last row/column of tiles is shifted inwards so tiles cover the scene
-without padding.
+without padding (an image smaller than a tile is refused).
 
 Masks are decoded exactly as real datasets ship them (see :func:`read_mask_image`): one
 channel 0/1 or 0/255 (8 or 16 bit), three equal channels, palette PNGs (a grey palette is read
-as its grey values; in a colour palette index > 0 is a building unless ``mask_values`` names
-the building indices; a pixel drawn fully transparent, or a palette TIFF's nodata index, is no
-data, read as background like NaN in a float mask, with a warning; so is a pixel holding the
-GDAL nodata value of any other TIFF mask). A mask that is not binary but looks like one with
-antialiased edges or JPEG artefacts is binarised at the midpoint of its range and counted, so
-the cache build can warn; a label mask (class or instance ids) needs ``mask_values`` or
-``mask_nonzero``; anything ambiguous is an error naming the file.
+as its grey values; a colour palette drawing one colour on black reads that colour as building,
+one drawing more colours is a class palette, refused unless ``mask_values`` names the building
+indices, any other colour palette reads index > 0 as building; a pixel drawn fully
+transparent, or a palette TIFF's nodata index, is no data, read as background like NaN in a
+float mask, with a warning; so is a pixel holding the GDAL nodata value of any other TIFF
+mask). A mask that is not binary but looks like one with antialiased edges or JPEG artefacts
+is binarised at the midpoint of its range and counted, so the cache build can warn; a label
+mask (class or instance ids) needs ``mask_values`` or ``mask_nonzero``; anything ambiguous is
+an error naming the file.
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ DEFAULT_MASK_PATTERNS = (
 #: entries (PNG tRNS, alpha 0 of a PA image, a palette TIFF's GDAL nodata index) read as
 #: background and left out of the grey-or-colour palette test; 5: pixels holding the GDAL
 #: nodata value of a non-palette TIFF mask (0/1 with nodata 255, uint16 65535, float -9999)
-#: read as background, before the binary/threshold/label checks see the mask), so caches built
-#: by older rules are rebuilt.
-DECODE_RULES = 5
+#: read as background, before the binary/threshold/label checks see the mask; 6: colour
+#: palettes read by the distinct colours they draw: a colour on black is the building whatever
+#: its index (quantize() puts red at index 0), more than two colours (a class palette) are
+#: refused instead of read as index > 0), so caches built by older rules are rebuilt.
+DECODE_RULES = 6
 
 #: The version of DECODE_RULES in which image (not mask) decoding last changed (3: palette
 #: GeoTIFF images read as their colours). Masks given as RLE (a competition CSV) decode without
@@ -90,7 +94,8 @@ class ReadOptions:
         mask_threshold: A mask that is not binary is binarised at this fraction of its range
             (0..1 for masks whose maximum is 1, else 0..255 or 0..65535 by bit depth).
         mask_values: Values (palette indices, class ids) that mean "building"; None: any
-            nonzero value of a binary mask, or a colour palette's index > 0.
+            nonzero value of a binary mask, or the colour a colour palette draws on black (see
+            :func:`read_mask_image`).
         mask_nonzero: Every nonzero value is a building, as in instance-id masks (each
             building numbered 1..N); False: masks with more than two values must look like
             antialiased/JPEG binary masks, or name their building values in ``mask_values``.
@@ -512,7 +517,8 @@ def read_folder_dataset(
             ``masks_dir/sub/<pattern>``, else ``masks_dir/<pattern>`` (the suffix in any case);
             None for unlabelled data.
         tile_size: Cut every image into a grid of tiles of this size (for large scenes such as
-            Inria's 5000x5000); None keeps whole images.
+            Inria's 5000x5000; every image must be at least this large); None keeps whole
+            images.
         mask_pattern: Mask file name for an image stem (see :func:`mask_name`); default: each
             of :data:`DEFAULT_MASK_PATTERNS`, where exactly one must exist.
         footprints: Instead of masks, a folder of vector files named like the images
@@ -530,8 +536,9 @@ def read_folder_dataset(
             tried).
         ValueError: No images, two images with one id, two candidate masks for one image, one
             mask matched to two images, two files that are each other's mask (``a.jpg`` and
-            ``a.png`` beside each other), both ``masks_dir`` and ``footprints``, or a
-            ``mask_pattern`` that cannot give a file name (:func:`check_mask_pattern`).
+            ``a.png`` beside each other), both ``masks_dir`` and ``footprints``, a
+            ``mask_pattern`` that cannot give a file name (:func:`check_mask_pattern`), or an
+            image smaller than ``tile_size``.
     """
     images_dir = Path(images_dir).resolve()
     if masks_dir is not None and footprints is not None:
@@ -557,6 +564,7 @@ def read_folder_dataset(
 
     records: list[SourceRecord] = []
     seen: dict[str, Path] = {}
+    sizes = {} if tile_size is None else _tileable_sizes(images, tile_size)
     for img in images:
         sid = _sample_id(img, images_dir)
         if sid in seen:
@@ -569,7 +577,7 @@ def read_folder_dataset(
         if tile_size is None:
             records.append(SourceRecord(sid, img, mask_path=label, options=options))
             continue
-        h, w = image_size(img)
+        h, w = sizes[img]
         for y, x, th, tw in tile_windows(h, w, tile_size):
             records.append(
                 SourceRecord(
@@ -577,6 +585,37 @@ def read_folder_dataset(
                 )
             )
     return records
+
+
+def _tileable_sizes(images: list[Path], tile_size: int) -> dict[Path, tuple[int, int]]:
+    """Image -> (height, width), from the headers, refusing images smaller than a tile.
+
+    An image smaller than ``tile_size`` would give one smaller tile, which no cache can hold
+    beside the others; the cache build then failed on the size mismatch and advised passing
+    the --tile-size that was passed.
+
+    Raises:
+        ValueError: An image narrower or lower than ``tile_size`` (names the first, how many
+            there are, and the largest tile size every image can give).
+    """
+    sizes = {img: image_size(img) for img in images}
+    small = [img for img, hw in sizes.items() if min(hw) < tile_size]
+    if small:
+        first = small[0]
+        h, w = sizes[first]
+        smallest = min(small, key=lambda img: min(sizes[img]))
+        side = min(sizes[smallest])
+        others = f" ({len(small)} of {len(images)} images are)" if len(small) > 1 else ""
+        if smallest != first:
+            sh, sw = sizes[smallest]
+            others += f"; the smallest is {smallest} ({sh}x{sw})"
+        fix = f"pass --tile-size {side} or less, or " if side >= 8 else ""
+        raise ValueError(
+            f"{first}: the image is {h}x{w}, smaller than --tile-size (tile_size=) {tile_size}"
+            f"{others}; every tile must be {tile_size}x{tile_size}: {fix}move the smaller "
+            "images out of the folder"
+        )
+    return sizes
 
 
 def _match_masks(
@@ -859,9 +898,12 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
       see the mask without them, so a 0/1 mask with nodata 255 stays binary;
     - palette PNGs/TIFFs: when every colour the image uses is grey (PIL's ``quantize`` often
       puts white at index 0; two entries may share a grey), the grey values, read as one
-      channel; in a colour (class) palette the index is the label: index > 0 is a building,
-      or the indices in ``options.mask_values``, or the indices of the colours in
-      ``options.mask_colors``; fully transparent pixels (a tRNS entry or PA alpha of 0, a
+      channel; in a colour palette, the indices in ``options.mask_values``, or the indices of
+      the colours in ``options.mask_colors``, or (``options.mask_nonzero``) index > 0 are
+      buildings; without them the distinct colours drawn decide: one colour on black is the
+      building whatever its index (``quantize`` may put red at index 0), more than two colours
+      (a class palette) are refused, and otherwise (one colour; two, neither black) index > 0
+      is a building; fully transparent pixels (a tRNS entry or PA alpha of 0, a
       TIFF's GDAL nodata index) are no data: background, with a warning counting those the
       palette would have read as building, and their entries' colours decide nothing;
     - ``options.mask_values`` set: exactly those values are buildings (class-id masks);
@@ -873,7 +915,9 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
         FileNotFoundError: The file does not exist.
         ValueError: Corrupt or truncated file; colour channels that differ; a mask stored only
             in the alpha channel; transparent pixels; a label mask without ``mask_values`` or
-            ``mask_nonzero``. Messages name the file and say what to do.
+            ``mask_nonzero``; a colour palette of more than two colours without
+            ``mask_values``, ``mask_colors`` or ``mask_nonzero``. Messages name the file and say
+            what to do.
     """
     path = Path(path)
     if not path.is_file():
@@ -882,7 +926,7 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
     palette = _read_palette(path)
     nodata = None  # (H, W) pixels holding a TIFF's GDAL nodata value; palettes: in `palette`
     if palette is not None:
-        labels = _palette_labels(palette, options)
+        labels = _palette_labels(palette, options, path)
         # (H, W) uint8 0/1 labels, or grey values read on as one channel (all >= 0 but where
         # the pixel is transparent, which is zeroed next).
         m = labels if labels is not None else palette.colours[:, 0][palette.indices]
@@ -1119,20 +1163,34 @@ def _transparent_to_background(
     return np.where(palette.clear, 0, m).astype(m.dtype)
 
 
-def _palette_labels(palette: _Palette, options: ReadOptions) -> np.ndarray | None:
+def _palette_labels(palette: _Palette, options: ReadOptions, path: Path) -> np.ndarray | None:
     """(H, W) 0/1 mask of a palette image read by index, or None to read its grey values.
 
     Grey values are read when every colour the image draws is grey, duplicates included (a 0/255
     mask saved as a palette, possibly inverted: PIL's ``quantize`` and ``ADAPTIVE`` palettes
-    often put white at index 0), unless ``mask_values``/``mask_colors`` name what is a building.
-    A colour palette is a class palette: its index is the label. Entries seen only in
-    transparent pixels are not drawn, so their colour (a magenta colour key, say) decides
-    nothing.
+    often put white at index 0), unless ``mask_values``/``mask_colors`` name what is a building
+    (``mask_nonzero``: every index > 0 of a colour palette). Otherwise the distinct colours
+    drawn decide (two entries of one colour count once):
+
+    - two, one of them black: the other colour is the building, whatever its index (a red mask
+      through ``quantize`` has red at index 0 and black at index 1);
+    - one (not grey): index > 0 is a building;
+    - two, neither black (white background, red buildings): index > 0 is a building;
+    - more (a class palette: background, road, building, a 255 "ignore" border): refused,
+      naming the file and its colours, as a grey label mask is.
+
+    Entries seen only in transparent pixels are not drawn, so their colour (a magenta colour
+    key, say) decides nothing.
+
+    Raises:
+        ValueError: A colour palette drawing more than two colours, without ``mask_values``,
+            ``mask_colors`` or ``mask_nonzero``.
     """
     indices, colours = palette.indices, palette.colours
     if options.mask_values is not None:
         return np.isin(indices, options.mask_values).astype(np.uint8)
-    used = np.flatnonzero(np.bincount(indices[~palette.clear], minlength=256))
+    counts = np.bincount(indices[~palette.clear], minlength=256)  # (256,) pixels drawn per entry
+    used = np.flatnonzero(counts)
     if options.mask_colors is not None:
         wanted = {tuple(int(v) for v in c) for c in options.mask_colors}
         hits = [i for i in used if tuple(int(v) for v in colours[i]) in wanted]
@@ -1142,7 +1200,54 @@ def _palette_labels(palette: _Palette, options: ReadOptions) -> np.ndarray | Non
     # is common): the index of a grey palette is no label.
     if (rgb >= 0).all() and (rgb == rgb[:, :1]).all():
         return None
+    if options.mask_nonzero:
+        return (indices > 0).astype(np.uint8)  # instance ids: every index but 0
+    # Counted by colour, not by index: two entries of one colour draw one thing.
+    drawn = np.unique(rgb, axis=0)  # (D, 3) distinct colours drawn
+    black = (drawn == 0).all(axis=1)  # (D,)
+    if len(drawn) == 2 and black.any():
+        # A building colour on black: PIL's quantize()/ADAPTIVE palettes order entries by
+        # frequency or colour, so the building colour may be index 0 and black index 1. Every
+        # entry that is not black counts, so the no-data warning still counts a transparent
+        # entry's pixels where its colour would have drawn a building.
+        not_black = (colours != 0).any(axis=1)  # (256,)
+        return not_black[indices].astype(np.uint8)
+    if len(drawn) > 2:
+        _refuse_class_palette(used, rgb, counts[used], path)
     return (indices > 0).astype(np.uint8)
+
+
+def _refuse_class_palette(
+    used: np.ndarray, rgb: np.ndarray, counts: np.ndarray, path: Path
+) -> None:
+    """Raises ValueError for a colour palette drawing more than two colours (a class palette).
+
+    Its indices are classes (0 background, 1 road, 2 building, 255 an "ignore" border): read as
+    index > 0 every class would be a building. Refused as a grey label mask is, naming what the
+    user can pass.
+
+    Args:
+        used: (K,) palette indices drawn (transparent pixels left out).
+        rgb: (K, 3) their colours, -1 past the palette.
+        counts: (K,) pixels drawn with each.
+        path: The file, for the message.
+    """
+
+    def entry(i: int, c: np.ndarray, n: int) -> str:
+        colour = "past the palette" if (c < 0).any() else f"RGB {','.join(map(str, c.tolist()))}"
+        return f"index {i} {colour}: {n} px"
+
+    shown = [entry(int(i), c, int(n)) for i, c, n in zip(used, rgb, counts, strict=True)]
+    listed = "; ".join(shown[:8]) + (f"; ... ({len(used)} in all)" if len(used) > 8 else "")
+    k = int(np.flatnonzero(used > 0)[0])  # the first index > 0, as the grey message's example
+    colour = ",".join(map(str, rgb[k].tolist())) if (rgb[k] >= 0).all() else "R,G,B"
+    raise ValueError(
+        f"{path}: this looks like a class palette, not a binary mask: it draws "
+        f"{len(np.unique(rgb, axis=0))} colours ({listed}), and reading every index > 0 as a "
+        f"building would take each class for one. Name the building indices with --mask-values "
+        f"(e.g. --mask-values {used[k]}) or their colours with --mask-colors (e.g. --mask-colors "
+        f"{colour}); for instance ids (each building its own index) pass --mask-nonzero"
+    )
 
 
 def _refuse_label_mask(

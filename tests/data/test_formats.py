@@ -60,11 +60,97 @@ def test_grey_palette_is_read_by_its_grey_values(cases, tmp_path):
 
 
 def test_palette_building_indices(cases):
+    # Black background, grey roads (index 1), red buildings (index 2): read as index > 0 the
+    # roads were buildings; a class palette is refused until the building class is named.
     c = cases["palette_classes"]
-    anything = read_mask_image(c.mask).mask
-    assert anything.sum() > c.truth.sum()  # roads (index 1) count as > 0
+    with pytest.raises(ValueError, match="class palette") as e:
+        read_mask_image(c.mask)
+    msg = str(e.value)
+    assert str(c.mask) in msg and "index 2 RGB 255,0,0" in msg and "--mask-values" in msg
     named = read_mask_image(c.mask, ReadOptions(mask_values=(2,)))
     np.testing.assert_array_equal(named.mask, c.truth)
+    by_colour = read_mask_image(c.mask, ReadOptions(mask_colors=((255, 0, 0),)))
+    np.testing.assert_array_equal(by_colour.mask, c.truth)
+
+
+def _red_on_black(size: int = 32) -> np.ndarray:
+    """(size, size) 0/1 truth of a red-on-black building mask: one rectangle."""
+    truth = np.zeros((size, size), np.uint8)
+    truth[5:15, 5:20] = 1
+    return truth
+
+
+def test_building_colour_on_black_is_read_whatever_its_index(tmp_path):
+    # quantize() and ADAPTIVE palettes put red at index 0 and black at index 1: read as
+    # index > 0 the mask came out inverted, as a binary mask, without a word.
+    truth = _red_on_black()
+    rgb = np.zeros((*truth.shape, 3), np.uint8)
+    rgb[truth > 0] = (255, 0, 0)
+    quantized = tmp_path / "quantized.png"
+    Image.fromarray(rgb).quantize(2).save(quantized)
+    adaptive = tmp_path / "adaptive.png"
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(adaptive)
+    with Image.open(quantized) as im:
+        assert im.getpalette()[:6] == [255, 0, 0, 0, 0, 0]  # red is index 0
+    for path in (quantized, adaptive):
+        read = read_mask_image(path)
+        assert read.binary
+        np.testing.assert_array_equal(read.mask, truth, err_msg=path.name)
+    # Colours are counted, not indices: red drawn through two entries is still one colour.
+    indices = np.where(truth > 0, 0, 1).astype(np.uint8)
+    indices[5:15, 12:20] = np.where(truth[5:15, 12:20] > 0, 2, 1)
+    im = Image.fromarray(indices, "P")
+    im.putpalette([255, 0, 0, 0, 0, 0, 255, 0, 0])
+    im.save(tmp_path / "two_reds.png")
+    np.testing.assert_array_equal(read_mask_image(tmp_path / "two_reds.png").mask, truth)
+
+
+def test_one_or_two_colours_without_black_keep_the_index_rule(tmp_path):
+    # Without black nothing says which colour is background: index > 0 is a building, as before.
+    truth = _red_on_black()
+    cases = {
+        "blue_and_red": truth,  # blue background (0), red buildings (1)
+        "red_everywhere_at_1": np.ones_like(truth),
+        "red_everywhere_at_0": np.zeros_like(truth),
+    }
+    for name, indices in cases.items():
+        im = Image.fromarray(indices, "P")
+        im.putpalette([0, 0, 255, 255, 0, 0] if name == "blue_and_red" else [255, 0, 0] * 2)
+        im.save(tmp_path / f"{name}.png")
+        read = read_mask_image(tmp_path / f"{name}.png")
+        np.testing.assert_array_equal(read.mask, indices, err_msg=name)
+
+
+def test_class_palette_with_an_ignore_border_is_refused_like_a_grey_label_mask(tmp_path):
+    # Classes 0/1/2 and a 255 "ignore" border: as a grey mask it was refused, as a palette the
+    # roads and the border read as buildings.
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:14, 4:14] = 1  # building
+    labels[20:28] = 2  # road
+    labels[3, 3:15] = 255  # ignore border
+    grey = tmp_path / "grey.png"
+    Image.fromarray(labels, "L").save(grey)
+    with pytest.raises(ValueError, match="label mask"):
+        read_mask_image(grey)
+    path = tmp_path / "classes.png"
+    im = Image.fromarray(labels, "P")
+    im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0, 0, 0] * 252 + [224, 224, 192])
+    im.save(path)
+    with pytest.raises(ValueError, match="class palette") as e:
+        read_mask_image(path)
+    msg = str(e.value)
+    assert str(path) in msg and "4 colours" in msg
+    assert "index 1 RGB 128,0,0: 100 px" in msg and "index 255 RGB 224,224,192: 12 px" in msg
+    assert "--mask-values 1" in msg and "--mask-colors 128,0,0" in msg
+    building = (labels == 1).astype(np.uint8)
+    np.testing.assert_array_equal(
+        read_mask_image(path, ReadOptions(mask_values=(1,))).mask, building
+    )
+    colours = ReadOptions(mask_colors=((128, 0, 0),))
+    np.testing.assert_array_equal(read_mask_image(path, colours).mask, building)
+    # Instance ids in a palette (each building its own index) are read with --mask-nonzero.
+    nonzero = read_mask_image(path, ReadOptions(mask_nonzero=True)).mask
+    np.testing.assert_array_equal(nonzero, (labels > 0).astype(np.uint8))
 
 
 def test_antialiased_mask_is_binarised_at_the_midpoint(cases):

@@ -244,6 +244,23 @@ def test_folder_dataset_tiles_large_scenes(tmp_path):
     np.testing.assert_array_equal(m, (mask[48:80, 64:96] > 0).astype(np.uint8))
 
 
+def test_images_smaller_than_the_tile_size_are_refused_naming_the_largest_that_fits(tmp_path):
+    # An image smaller than --tile-size gave one smaller tile; the cache build then failed on
+    # the mixed sizes and advised passing --tile-size, which had been passed.
+    rng = np.random.default_rng(3)
+    for name, (h, w) in {"a_big": (64, 64), "b_small": (48, 64), "c_smaller": (64, 40)}.items():
+        write_png(tmp_path / "images" / f"{name}.png", rng.integers(0, 256, (h, w, 3), np.uint8))
+        write_png(tmp_path / "masks" / f"{name}.png", np.zeros((h, w), np.uint8))
+    with pytest.raises(ValueError) as e:
+        read_folder_dataset(tmp_path / "images", tmp_path / "masks", tile_size=64)
+    msg = str(e.value)
+    assert str(tmp_path / "images" / "b_small.png") in msg and "is 48x64" in msg
+    assert "2 of 3 images" in msg and "c_smaller.png (64x40)" in msg
+    assert "--tile-size 40 or less" in msg
+    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks", tile_size=40)
+    assert {r.window[2:] for r in records} == {(40, 40)}
+
+
 def test_folder_dataset_errors(tmp_path):
     write_png(tmp_path / "images" / "a.png", np.zeros((16, 16, 3), np.uint8))
     (tmp_path / "masks").mkdir()
