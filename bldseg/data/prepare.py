@@ -15,8 +15,8 @@ is neither read nor cached.
 
 Every kind goes through the same readers and cache, so the demo exercises the real ingestion
 path. Caches live under ``data_root/cache/`` keyed by the dataset's location (never inside a
-possibly read-only dataset folder), and are rebuilt when a source file or a decoding option
-changes.
+possibly read-only dataset folder; each training CSV of a competition folder has its own), and
+are rebuilt when a source file or a decoding option changes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+
+import pandas as pd
 
 from bldseg.data.cache import DatasetCache, ensure_cache
 from bldseg.data.readers import (
@@ -228,30 +230,58 @@ _LAYOUT_FLAGS = {
     "--group-column": "group_column",
 }
 
+#: Mask-decoding flags and the ReadOptions fields they set: only mask images read them, and a
+#: competition CSV's masks are run-length codes.
+_MASK_FLAGS = {
+    "--mask-values": "mask_values",
+    "--mask-nonzero": "mask_nonzero",
+    "--mask-colors": "mask_colors",
+    "--mask-threshold": "mask_threshold",
+}
+
+
+def _flag_value(options: DataOptions, flag: str):
+    if flag in _MASK_FLAGS:
+        return getattr(options.read, _MASK_FLAGS[flag])
+    return getattr(options, _LAYOUT_FLAGS[flag])
+
 
 def _unread_flags(kind: DataKind, options: DataOptions) -> list[str]:
-    """The layout flags set in ``options`` that ``kind`` of data does not read: the folder
-    flags on a competition layout or a cache, ``--group-column`` on folders or a cache."""
+    """The data flags set in ``options`` that ``kind`` of data does not read: the folder and
+    mask flags on a competition layout, ``--group-column`` on folders, all of them on a cache."""
+    layout = set(_LAYOUT_FLAGS)
     reads = {
-        "folders": set(_LAYOUT_FLAGS) - {"--group-column"},
+        "folders": (layout - {"--group-column"}) | set(_MASK_FLAGS),
         "cache": set(),
     }.get(kind, {"--group-column"})
     defaults = DataOptions()
     return [
         flag
-        for flag, name in _LAYOUT_FLAGS.items()
-        if flag not in reads and getattr(options, name) != getattr(defaults, name)
+        for flag in (*_LAYOUT_FLAGS, *_MASK_FLAGS)
+        if flag not in reads and _flag_value(options, flag) != _flag_value(defaults, flag)
     ]
+
+
+def _without_flags(options: DataOptions, flags: list[str]) -> DataOptions:
+    """``options`` with ``flags`` back at their defaults."""
+    defaults = DataOptions()
+    layout = [_LAYOUT_FLAGS[f] for f in flags if f in _LAYOUT_FLAGS]
+    read = [_MASK_FLAGS[f] for f in flags if f in _MASK_FLAGS]
+    return replace(
+        options,
+        **{name: getattr(defaults, name) for name in layout},
+        read=replace(options.read, **{name: getattr(defaults.read, name) for name in read}),
+    )
 
 
 def without_unread_options(
     data: str | os.PathLike | None, options: DataOptions, what: str
 ) -> DataOptions:
-    """``options`` without the layout flags ``data``'s kind does not read, with a warning.
+    """``options`` without the data flags ``data``'s kind does not read, with a warning.
 
     For settings recorded before such flags were refused (a search or pipeline started with
-    ``--tile-size`` on a ``train.csv`` ignored it): continuing it must not fail on a flag
-    nobody can leave out. ``what`` names the record in the warning.
+    ``--tile-size`` or ``--mask-values`` on a ``train.csv`` ignored them): continuing it must not
+    fail on a flag nobody can leave out. ``what`` names the record in the warning.
     """
     try:
         kind = detect_data(data, options)
@@ -260,29 +290,39 @@ def without_unread_options(
     unread = _unread_flags(kind, options)
     if not unread:
         return options
+    # The mask flags were part of a competition cache's fingerprint although its masks are
+    # RLE: the record's fingerprint cannot match without them, and the caller's check says so.
+    fingerprint = (
+        "; the data fingerprint it recorded included the mask flags, so it no longer matches"
+        if kind in ("synthetic", "competition") and any(f in _MASK_FLAGS for f in unread)
+        else ""
+    )
     warnings.warn(
         f"{what} was started with {', '.join(unread)}, which --data's kind ({kind}) does not "
-        "read: ignored then, left out now",
+        f"read: ignored then, left out now{fingerprint}",
         stacklevel=2,
     )
-    defaults = DataOptions()
-    return replace(
-        options, **{_LAYOUT_FLAGS[f]: getattr(defaults, _LAYOUT_FLAGS[f]) for f in unread}
-    )
+    return _without_flags(options, unread)
 
 
 def _refuse_unused_options(kind: DataKind, options: DataOptions, data) -> None:
-    """Raises ValueError naming the layout flags that ``--data``'s kind does not read (they
-    were ignored without a word: ``--tile-size 512`` on a ``train.csv`` trained whole images)."""
+    """Raises ValueError naming the data flags that ``--data``'s kind does not read (they were
+    ignored without a word: ``--tile-size 512`` on a ``train.csv`` trained whole images, and
+    each ``--mask-threshold`` value built another copy of its cache)."""
     if kind == "folders":
         reads = "a competition train.csv"
     else:
         reads = "image/mask folder layouts (--data DIR with images/, or --images DIR)"
     given = _unread_flags(kind, options)
     if given:
+        rle = (
+            ", whose masks are its CSV's mask_rle run-length codes (no mask image is decoded)"
+            if any(f in _MASK_FLAGS for f in given)
+            else ""
+        )
         what = {
-            "synthetic": "the built-in synthetic world (a competition layout)",
-            "competition": f"the competition layout {data}",
+            "synthetic": f"the built-in synthetic world (a competition layout){rle}",
+            "competition": f"the competition layout {data}{rle}",
             "cache": f"the bldseg cache {data} (its tiles are already cut and decoded)",
             "folders": f"the image/mask folders {options.images or data}",
         }[kind]
@@ -343,11 +383,16 @@ def _prepare_competition(
     train_csv = path if path.suffix.lower() == ".csv" else path / "train.csv"
     root = train_csv.parent
     cache_dir = _cache_dir(data_root, root, options.key(masks=False))  # RLE masks
+    # Each training CSV of a folder has its own cache (train.csv and train_clean.csv sharing
+    # one rebuilt it at every switch, under the trials of a search reading it); train.csv keeps
+    # the plain name that existing caches, searches and pipelines point at. The test split is
+    # the folder's test.csv whichever CSV trains, so its cache stays shared.
+    name = "train" if train_csv.name == "train.csv" else f"train-{train_csv.stem}"
     train = ensure_cache(
         read_competition_csv(
             train_csv, with_masks=True, group_column=options.group_column, options=options.read
         ),
-        cache_dir / "train",
+        cache_dir / name,
         progress=progress,
         mixed_sizes_hint=f"{train_csv}: {COMPETITION_SIZES_HINT}",
     )
@@ -439,8 +484,8 @@ def prepare_test_data(
     Args:
         data: None (the built-in synthetic world); a competition folder holding ``test.csv``
             (``train.csv`` is not needed); a test CSV itself (``img_id,img_path``; a
-            ``train.csv`` stands for the ``test.csv`` beside it); or a bldseg cache folder
-            holding ``test/``.
+            training CSV, ``train.csv`` or any with a ``mask_rle`` column, stands for the
+            ``test.csv`` beside it); or a bldseg cache folder holding ``test/``.
         options: Decoding options (:class:`DataOptions`).
         data_root: Folder for the synthetic world and the caches.
         synthetic: As for :func:`prepare_data`.
@@ -448,8 +493,9 @@ def prepare_test_data(
         verbose: Print what was found.
 
     Raises:
-        FileNotFoundError: No test split there (the message says what was looked for), or a
-            file the test CSV names is missing.
+        FileNotFoundError: No test split there (the message says what was looked for; a
+            training CSV with no ``test.csv`` beside it is one), or a file the test CSV names
+            is missing.
         ValueError: Bad files, or test images that are not square or not all of one size
             (prediction takes each as one tile; the message names the test CSV and advises
             folder prediction).
@@ -467,8 +513,13 @@ def prepare_test_data(
     else:
         path = Path(data).resolve()
         if path.is_file() and path.suffix.lower() == ".csv":
-            test_csv = path.with_name("test.csv") if path.name == "train.csv" else path
+            test_csv = _test_csv_for(path)
             prepared = _prepare_competition_test(test_csv, options, data_root, progress)
+            if test_csv != path:
+                prepared.description += (
+                    f" (--data {path.name} is a training CSV: prediction reads the test "
+                    f"split beside it, {test_csv.name})"
+                )
         elif (path / "test.csv").is_file():
             prepared = _prepare_competition_test(path / "test.csv", options, data_root, progress)
         elif _is_cache(path / "test"):
@@ -487,6 +538,32 @@ def prepare_test_data(
     if verbose:
         print(f"data ({prepared.kind}): {prepared.description}", flush=True)
     return prepared
+
+
+def _test_csv_for(csv: Path) -> Path:
+    """The test CSV that ``--data CSV`` stands for in prediction: the CSV itself, or for a
+    training CSV (``train.csv``, or any with a ``mask_rle`` column) the ``test.csv`` beside it.
+
+    Raises:
+        FileNotFoundError: A training CSV with no ``test.csv`` beside it (its images would be
+            predicted and labelled a test split: the run's own training images).
+    """
+    if csv.name != "train.csv":
+        try:
+            columns = pd.read_csv(csv, nrows=0).columns
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            return csv  # read_competition_csv names the file and what a readable CSV is
+        if "mask_rle" not in columns:
+            return csv
+    test_csv = csv.with_name("test.csv")
+    if csv == test_csv or test_csv.is_file():
+        return test_csv
+    raise FileNotFoundError(
+        f"--data {csv}: a training CSV (train.csv, or one with a mask_rle column) with no "
+        "test.csv beside it to predict; pass the test CSV (img_id,img_path) or the folder "
+        "holding test.csv (to predict the images this CSV lists, save a copy without its "
+        "mask_rle column)"
+    )
 
 
 def _prepare_competition_test(

@@ -78,6 +78,7 @@ def test_mixed_sizes_without_tiles_name_the_flag(tmp_path):
 
 def _competition(root, train_sizes, test_sizes=()):
     """train.csv (+ test.csv when test_sizes) over square scenes of the given sides."""
+    root.mkdir(parents=True, exist_ok=True)
     rows, test_rows = [], []
     for i, size in enumerate(train_sizes):
         rgb, m = scene(size, i)
@@ -224,7 +225,9 @@ def test_jobs_with_other_decoding_options_keep_their_own_caches(tmp_path, monkey
         tmp_path / "train.csv", index=False
     )
     a = prepare_data(tmp_path, data_root=w, progress=False).train
-    b = prepare_data(tmp_path, options=other, data_root=w, progress=False).train
+    # an image option: the CSV's RLE masks read no mask flag (refused there)
+    filled = DataOptions(read=ReadOptions(alpha="fill"))
+    b = prepare_data(tmp_path, options=filled, data_root=w, progress=False).train
     assert a.root != b.root and a.root.is_dir() and b.root.is_dir()
 
 
@@ -309,3 +312,138 @@ def test_recorded_flags_the_data_did_not_read_are_left_out_with_a_warning(tmp_pa
     assert kept == DataOptions(group_column="city")  # the competition layout reads that one
     folders = _scenes(tmp_path / "ds", [(32, 32)])
     assert without_unread_options(folders, DataOptions(tile_size=32), "x").tile_size == 32
+
+
+def test_each_training_csv_of_a_folder_has_its_own_cache(tmp_path, monkeypatch):
+    # train.csv and train_clean.csv (the built-in world ships both) shared one cache: each
+    # switch rebuilt it, a running search's trials failed its fingerprint check, and a pickled
+    # handle (a DataLoader worker's, a Ray trial's) reopened with the other CSV's masks
+    import pickle
+
+    from bldseg.data.prepare import _cache_dir
+
+    root = _competition(tmp_path / "c", [32, 32], test_sizes=[32])
+    df = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    df["mask_rle"] = "1 100"
+    df.to_csv(root / "train_relabel.csv", index=False)
+    work = tmp_path / "w"
+    a = prepare_data(root, data_root=work, progress=False)
+    # train.csv keeps the cache name existing caches, searches and pipelines point at
+    plain = _cache_dir(work.resolve(), root.resolve(), DataOptions().key(masks=False)) / "train"
+    assert a.train.root == plain
+    handle = pickle.dumps(a.train)
+    b = prepare_data(root / "train_relabel.csv", data_root=work, progress=False)
+    assert b.train.root == plain.with_name("train-train_relabel")
+    assert b.test.root == a.test.root  # one test.csv, one test cache
+    assert int(np.asarray(b.train.masks).sum()) == 2 * 100
+    masks_a = np.asarray(a.train.masks).copy()
+    assert int(masks_a.sum()) != 2 * 100
+    np.testing.assert_array_equal(np.asarray(pickle.loads(handle).masks), masks_a)
+    # switching back and forth rebuilds neither, and each keeps its fingerprint
+    monkeypatch.setattr(cache_module, "build_cache", _no_rebuild)
+    for data, was in ((root, a.train), (root / "train_relabel.csv", b.train)):
+        again = prepare_data(data, data_root=work, progress=False).train
+        assert (again.root, again.fingerprint) == (was.root, was.fingerprint)
+    assert a.train.fingerprint != b.train.fingerprint
+
+
+def test_mask_flags_are_refused_where_no_mask_image_is_decoded(tmp_path):
+    # a competition CSV's masks are RLE: --mask-values/--mask-threshold there were ignored
+    # without a word, and each value built one more full copy of the cache
+    import argparse
+
+    from bldseg.commands import prepare as prepare_cmd
+    from bldseg.data.prepare import add_data_arguments, data_options
+
+    comp = _competition(tmp_path / "c", [32, 32])
+    work = tmp_path / "w"
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    for flags in (
+        ["--mask-values", "2"],
+        ["--mask-nonzero"],
+        ["--mask-colors", "0,0,255"],
+        ["--mask-threshold", "0.9"],
+    ):
+        opts = data_options(parser.parse_args(flags))
+        for data, said in (
+            (comp, rf"^{flags[0]}: only image/mask folder .*competition layout .*mask_rle"),
+            (None, rf"^{flags[0]}: .*built-in synthetic world .*mask_rle"),
+        ):
+            with pytest.raises(ValueError, match=said):
+                prepare_data(data, options=opts, data_root=work, progress=False)
+    assert not work.exists()  # refused before the world or any cache is made
+    code = prepare_cmd.main(
+        ["--data", str(comp), "--data-root", str(work), "--mask-values", "2",
+         "--mask-threshold", "0.9"]
+    )  # fmt: skip
+    assert code == 1 and not work.exists()
+    # a cache: its masks were decoded when it was built
+    prepare_data(comp, data_root=work, progress=False)
+    (cache,) = {p.parent.parent for p in work.rglob("manifest.json")}
+    opts = data_options(parser.parse_args(["--mask-nonzero", "--mask-threshold", "0.3"]))
+    with pytest.raises(ValueError, match=r"^--mask-nonzero, --mask-threshold: .*bldseg cache"):
+        prepare_data(cache, options=opts, data_root=work)
+    # image/mask folders read them
+    folders = _scenes(tmp_path / "ds", [(32, 32)])
+    opts = data_options(parser.parse_args(["--mask-threshold", "0.9"]))
+    assert len(prepare_data(folders, options=opts, data_root=work, progress=False).train) == 1
+
+
+def test_recorded_mask_flags_are_left_out_and_recorded_defaults_kept(tmp_path):
+    # the search and pipeline resumes re-apply their recorded data options through
+    # without_unread_options: the defaults every record holds must pass untouched, silently
+    import json
+    import warnings
+    from dataclasses import asdict
+
+    from bldseg.data.prepare import without_unread_options
+
+    comp = _competition(tmp_path / "c", [32, 32])
+    work = tmp_path / "w"
+    folders = _scenes(tmp_path / "ds", [(32, 32)])
+    prepare_data(comp, data_root=work, progress=False)
+    (cache,) = {p.parent.parent for p in work.rglob("manifest.json")}
+    recorded = DataOptions.from_dict(json.loads(json.dumps(asdict(DataOptions()))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for data in (comp, comp / "train.csv", cache, folders):
+            assert without_unread_options(data, recorded, "the search s") == DataOptions()
+    # recorded mask flags on RLE masks: left out with a warning, and the data then prepare
+    soft = DataOptions(group_column=None, read=ReadOptions(mask_values=(2,), alpha="fill"))
+    with pytest.warns(UserWarning, match=r"started with --mask-values, .*fingerprint"):
+        kept = without_unread_options(comp, soft, "the pipeline p")
+    assert kept == DataOptions(read=ReadOptions(alpha="fill"))  # an image option is read
+    assert len(prepare_data(comp, options=kept, data_root=work, progress=False).train) == 2
+    with pytest.warns(UserWarning, match=r"--mask-threshold, which .*\(cache\) .*now$"):
+        kept = without_unread_options(cache, DataOptions(read=ReadOptions(mask_threshold=0.3)), "x")
+    assert kept == DataOptions()
+    threshold = DataOptions(read=ReadOptions(mask_threshold=0.3))
+    assert without_unread_options(folders, threshold, "x") == threshold
+
+
+def test_a_training_csv_stands_for_the_test_split_beside_it(tmp_path, capsys):
+    # predict --data comp/train_relabel.csv predicted the training images and called them a
+    # test split: only a file named exactly train.csv was sent to test.csv
+    from bldseg.data.prepare import prepare_test_data
+
+    root = _competition(tmp_path / "c", [32, 32], test_sizes=[32])
+    df = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    df.to_csv(root / "train_relabel.csv", index=False)
+    df[["img_id", "img_path"]].to_csv(root / "subset.csv", index=False)
+    work = tmp_path / "w"
+    for name in ("train.csv", "train_relabel.csv"):
+        got = prepare_test_data(root / name, data_root=work, progress=False, verbose=True)
+        assert got.test.ids == ["S0"] and got.test.root.name == "test"
+        out = capsys.readouterr().out
+        assert f"--data {name} is a training CSV" in out and "beside it, test.csv" in out
+    # a CSV of images without masks is predicted itself, as before
+    got = prepare_test_data(root / "subset.csv", data_root=work, progress=False, verbose=True)
+    assert got.test.ids == ["T0", "T1"] and "training CSV" not in capsys.readouterr().out
+    # no test.csv beside it: refused naming the CSV, before anything is cached
+    (root / "test.csv").unlink()
+    other = tmp_path / "w2"
+    for name in ("train.csv", "train_relabel.csv"):
+        with pytest.raises(FileNotFoundError, match=rf"^--data {root / name}: a training CSV"):
+            prepare_test_data(root / name, data_root=other, progress=False)
+    assert not other.exists()
