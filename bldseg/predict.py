@@ -75,7 +75,6 @@ from bldseg.data import geo
 from bldseg.data.cache import DatasetCache
 from bldseg.data.dataset import TileDataset, validation_tiles
 from bldseg.data.readers import (
-    DEFAULT_READ,
     ReadOptions,
     image_size,
     read_folder_dataset,
@@ -89,6 +88,7 @@ from bldseg.models.pretrained import overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import (
+    IMAGE_READ_FIELDS,
     eval_autocast,
     load_state,
     predict_probs,
@@ -434,6 +434,96 @@ def member_config(path: str | os.PathLike) -> tuple[RunConfig, dict]:
         return RunConfig.from_flat(manifest["config"]), manifest.get("oof", {})
     state = _checkpoint_state(path, mmap=True)
     return RunConfig.from_flat(state["config"]), state.get("metrics", {})
+
+
+def _image_read_of(path: Path) -> dict[str, Any] | None:
+    """How a ``best.pt``'s training images were decoded, as ReadOptions keyword arguments
+    (``alpha``, ``bands``, ``stretch``); None when the checkpoint predates the record.
+
+    Raises:
+        ValueError: The record is not one :func:`bldseg.train.engine.fit` writes (names the file).
+    """
+    record = _checkpoint_state(path, mmap=True).get("image_read")
+    if record is None:
+        return None
+    try:
+        if not isinstance(record, dict) or set(record) != set(IMAGE_READ_FIELDS):
+            raise TypeError
+        bands, stretch = record["bands"], record["stretch"]
+        options = {
+            "alpha": record["alpha"],
+            "bands": None if bands is None else tuple(int(b) for b in bands),
+            "stretch": tuple(float(v) for v in stretch),
+        }
+        ReadOptions(**options)  # checks the values
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{path}: its record of how the training images were decoded ('image_read': "
+            f"{record!r}) is not one bldseg writes; pass --bands, --stretch and --alpha as the "
+            "model was trained"
+        ) from None
+    return options
+
+
+def image_read_flag(name: str, value: Any) -> str:
+    """One image read option (``alpha``, ``bands`` or ``stretch``) as the flag that sets it."""
+    if name == "bands":
+        if value is None:
+            return "no --bands (the default)"
+        return "--bands " + ",".join(map(str, value))
+    if name == "stretch":
+        return f"--stretch {value[0]:g} {value[1]:g}"
+    return f"--{name} {value}"
+
+
+def describe_image_read(options: dict[str, Any]) -> str:
+    """Image read options (:func:`recorded_image_read`) as the flags that set them (no
+    ``--bands`` when the default bands were read)."""
+    return " ".join(
+        image_read_flag(name, options[name])
+        for name in ("bands", "stretch", "alpha")
+        if not (name == "bands" and options[name] is None)
+    )
+
+
+def recorded_image_read(checkpoints: Sequence[str | os.PathLike]) -> tuple[dict | None, list[str]]:
+    """How the members' training images were decoded, as their checkpoints record it.
+
+    A model has learnt images decoded one way (which bands, how stretched to 8 bits, what
+    transparent pixels became): new images must be read the same way. ``fit`` records it in
+    ``best.pt`` (``image_read``); a K-fold member's folds are read one by one.
+
+    Args:
+        checkpoints: The members (``best.pt``, ``folds.json`` or run folders).
+
+    Returns:
+        ``(options, unrecorded)``: the ReadOptions keyword arguments (``alpha``, ``bands``,
+        ``stretch``) every member that records them shares, or None when none does; and the
+        members whose checkpoints record none (written before bldseg recorded it).
+
+    Raises:
+        ValueError: Two members (or two folds of one) record different options: one set of test
+            images cannot be read as both were trained; the message names them and their flags.
+        FileNotFoundError: A checkpoint is missing.
+    """
+    found: list[tuple[str, dict]] = []
+    unrecorded = []
+    for member in checkpoints:
+        path = resolve_member(member)
+        files = fold_checkpoints(path)[0] if path.name == FOLDS_FILE else [path]
+        records = [(str(f), _image_read_of(f)) for f in files]
+        if all(r is None for _, r in records):
+            unrecorded.append(str(member))
+        found += [(f, r) for f, r in records if r is not None]
+    for f, r in found[1:]:
+        if r != found[0][1]:
+            raise ValueError(
+                f"the members were trained on images read differently: {found[0][0]} with "
+                f"{describe_image_read(found[0][1])}, {f} with {describe_image_read(r)}; one set "
+                "of images cannot be read as both expect. Predict with each separately, or "
+                "ensemble models trained on images read alike"
+            )
+    return (found[0][1] if found else None), unrecorded
 
 
 def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarray:
@@ -808,7 +898,7 @@ def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
 #: folder: a rerun of the same image folder removes those it does not write again (masks of
 #: images gone since, the scores.json of an earlier run with --masks); the outputs of other image
 #: folders (a big job predicted in parts into one folder) are kept, and a file the record does not
-#: list is never touched.
+#: list is never touched (a run that would overwrite one is refused).
 OUTPUTS_FILE = ".bldseg_outputs.json"
 
 
@@ -893,8 +983,9 @@ def _claim_outputs(
 
     Raises:
         ValueError: A file this run would write exists and was written for another image
-            folder (two parts of a job holding images of the same name); nothing is removed
-            or written then. Or the record is unreadable.
+            folder (two parts of a job holding images of the same name), or exists and the
+            record does not list it (the user's own file); nothing is removed or written then.
+            Or the record is unreadable.
     """
     runs = _recorded_runs(out_dir)
     here = str(images_dir)
@@ -915,6 +1006,18 @@ def _claim_outputs(
             f"{clashes[0][1]}; predicting {images_dir} would overwrite them with the masks of "
             "other images of the same name. Predict into another --out, or delete those files "
             "first"
+        )
+    # A file of this name that no prediction here wrote is the user's (ground truth copied in,
+    # another tool's masks): never overwritten. lexists: a dangling link would be replaced too.
+    recorded = set().union(*(r.files for r in runs))
+    foreign = sorted(f for f in planned - recorded if os.path.lexists(f))
+    if foreign:
+        names = ", ".join(f.relative_to(out_dir).as_posix() for f in foreign[:3])
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ValueError(
+            f"--out {out_dir} holds {len(foreign)} file(s) that predicting {images_dir} would "
+            f"overwrite and that no prediction into it wrote (its {OUTPUTS_FILE} does not list "
+            f"them): {names}{more}. Predict into another --out, or delete those files first"
         )
     # Without sub-folders this run says nothing about the images below them: their masks stay.
     kept = set() if recursive else {f for f in earlier if f.parent != out_dir}
@@ -989,7 +1092,7 @@ def predict_folder(
     images_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    options: ReadOptions = DEFAULT_READ,
+    options: ReadOptions | None = None,
     window: int | None = None,
     overlap: float = DEFAULT_OVERLAP,
     recursive: bool = True,
@@ -1016,13 +1119,16 @@ def predict_folder(
     parts) keeps the earlier folders' files and adds its own to the record; it is refused, before
     anything is written, when it would overwrite an existing file of another folder (images of
     the same name in two parts). ``scores.json`` describes the last run with ``masks_dir``.
-    Files that the record does not list are never touched.
+    Files that the record does not list are never touched: a run that would write one (a mask
+    named like a file the user put there) is refused before anything is written.
 
     Args:
         spec: The model(s) and the decision rule.
         images_dir: Folder of images (suffixes of :data:`bldseg.data.readers.IMAGE_SUFFIXES`).
         out_dir: Folder for the masks (created; not inside ``images_dir``).
-        options: How images (and masks) are decoded.
+        options: How images (and masks) are decoded; None: images as the members' training
+            images were (:func:`recorded_image_read`; the defaults for checkpoints that do not
+            record it), masks by the defaults.
         window: Sliding-window side in px; None: each member's validation tile
             (:func:`default_window`).
         overlap: Fraction of the window shared by neighbouring windows, in [0, 0.9].
@@ -1042,17 +1148,21 @@ def predict_folder(
     Raises:
         FileNotFoundError: A folder, checkpoint or an image's mask is missing (the message
             names the image and the mask names tried).
-        ValueError: Unreadable image or mask, or a mask of another size than its image
+        ValueError: Members whose checkpoints record different image read options (with
+            ``options`` None), unreadable image or mask, or a mask of another size than its image
             (naming the files; the masks are all read and their sizes checked before any
             prediction is written), a bad window or overlap, ``out_dir`` inside
-            ``images_dir``, an unreadable :data:`OUTPUTS_FILE` there, or a mask name already
-            written there for another image folder.
+            ``images_dir``, an unreadable :data:`OUTPUTS_FILE` there, a mask name already
+            written there for another image folder, or an output name taken there by a file
+            the record does not list.
         OSError: A mask, the record or ``scores.json`` cannot be written (names the file; no
             temporary file is left).
     """
     overlap = check_overlap(overlap)
     if window is not None:
         window = check_window(window)
+    if options is None:
+        options = ReadOptions(**(recorded_image_read(spec.checkpoints)[0] or {}))
     images_dir = Path(images_dir).resolve()
     out_dir = Path(out_dir).resolve()
     _check_out_dir(images_dir, out_dir, recursive)

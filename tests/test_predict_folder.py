@@ -661,6 +661,55 @@ def test_parts_of_a_job_in_one_folder_keep_each_others_masks(pointwise_model, tm
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_files_the_record_does_not_list_are_never_overwritten(pointwise_model, tmp_path, capsys):
+    # Ground-truth masks copied into --out share the images' names: predicting into that folder
+    # overwrote them (exit 0), although the record said such files are never touched.
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    spec = EnsembleSpec([str(ckpt)])
+    images, out = tmp_path / "images", tmp_path / "out"
+    names = ("a", "b", "c", "d", "sub/e")
+    for name in names:
+        write_png(images / f"{name}.png", noise_image(32, 32, seed=len(name)))
+    for name in names[:2]:  # the user's own files, named like two masks; and one of another name
+        out.mkdir(exist_ok=True)
+        cv2.imwrite(str(out / f"{name}.png"), np.full((32, 32), 7, np.uint8))
+    (out / "README.txt").write_text("ground truth, do not edit")
+
+    def files() -> dict[str, bytes]:
+        return {
+            p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()
+        }
+
+    before = files()
+    with pytest.raises(ValueError) as err:
+        predict_folder(spec, images, out, progress=False)
+    message = str(err.value)
+    assert "holds 2 file(s)" in message and "a.png, b.png." in message, message
+    assert "another --out" in message and "delete those files" in message, message
+    assert files() == before  # nothing written, not even the record
+
+    # first few and a count; through the command, one error line naming the folder
+    for name in ("c", "d", "sub/e"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out / f"{name}.png"), np.full((32, 32), 7, np.uint8))
+    before = files()
+    argv = ["--checkpoint", str(ckpt), "--images", str(images), "--out", str(out)]
+    assert predict_main(*argv) == 1
+    err_text = capsys.readouterr().err
+    assert f"--out {out} holds 5 file(s)" in err_text and "a.png, b.png, c.png and 2 more" in (
+        err_text
+    ), err_text
+    assert files() == before
+
+    # once they are gone, the folder is this tool's: predicted, the user's README kept, and a
+    # rerun rewrites its own masks
+    for name in names:
+        (out / f"{name}.png").unlink()
+    predict_folder(spec, images, out, progress=False)
+    predict_folder(spec, images, out, progress=False)
+    assert sorted(files()) == sorted([OUTPUTS_FILE, "README.txt", *(f"{n}.png" for n in names)])
+
+
 def test_cli_reads_label_masks_with_the_mask_flags(pointwise_model, tmp_path, capsys):
     # Class-id masks (0 background, 1 road, 2 building) need --mask-values, as for training;
     # without it the run stops before writing a single file.

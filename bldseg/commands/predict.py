@@ -29,6 +29,11 @@ scores.json) and no other file; another --images folder (a big job in parts) add
 beside the earlier ones, and is refused if it would overwrite one of them (images of the same
 name in two parts).
 
+Images are decoded as the model's training images were (--bands, --stretch, --alpha, recorded in
+best.pt by bldseg train): leave those flags out. A flag given explicitly wins, with a warning
+when it differs from the record; members of an ensemble trained on images read differently are
+refused. Checkpoints written before bldseg recorded this take the flags' defaults.
+
 With --data, only the test split is read: a competition folder needs only test.csv (and its
 images), or pass the test CSV itself; train.csv is neither needed nor cached. Each test image is
 predicted as one square tile (images of other shapes or mixed sizes: --images DIR --out masks/).
@@ -69,9 +74,12 @@ from bldseg.predict import (
     check_member,
     check_overlap,
     check_window,
+    describe_image_read,
+    image_read_flag,
     member_config,
     predict_cache,
     predict_folder,
+    recorded_image_read,
     write_submission,
 )
 
@@ -93,6 +101,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     src.add_argument("--ensemble", help="ensemble spec JSON (from bldseg ensemble)")
     add_data_arguments(p, training=False)
+    # None tells "not given": the images are then read as the model's training images were
+    # (--bands and --stretch already default to None).
+    p.set_defaults(alpha=None)
     p.add_argument(
         "--out",
         default=None,
@@ -355,6 +366,51 @@ def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> str | None:
     return None
 
 
+def _choose_image_read(
+    args: argparse.Namespace, members: list[str], recorded: dict | None, unrecorded: list[str]
+) -> tuple[str | None, list[str]]:
+    """Sets ``args.alpha``, ``args.bands`` and ``args.stretch``: ``(a line saying so when the
+    record, not the flags' defaults, chose them; the warnings)``.
+
+    A flag left out reads the images as the members' training images were read (their
+    checkpoints' record, :func:`~bldseg.predict.recorded_image_read`); a flag given wins, with a
+    warning when it differs from the record (test imagery may need it). Members that record
+    nothing (older checkpoints) get the flags' defaults, as before.
+    """
+    given = {
+        "alpha": args.alpha,
+        "bands": None if args.bands is None else tuple(args.bands),
+        "stretch": None if args.stretch is None else tuple(float(v) for v in args.stretch),
+    }
+    if recorded is None:
+        args.alpha = args.alpha or DEFAULT_READ.alpha
+        return None, []
+    recorders = [m for m in members if m not in unrecorded]
+    who = f"{recorders[0]} was" if len(recorders) == 1 else f"{', '.join(recorders)} were"
+    warnings = []
+    if unrecorded:
+        warnings.append(
+            f"warning: {', '.join(unrecorded)} record(s) no image read options (trained before "
+            f"bldseg recorded them); reading the images as {who} trained: "
+            f"{describe_image_read(recorded)}"
+        )
+    chosen = {}
+    for name, value in given.items():
+        chosen[name] = recorded[name] if value is None else value
+        if value is not None and value != recorded[name]:
+            warnings.append(
+                f"warning: predicting with {image_read_flag(name, value)}, but {who} trained "
+                f"on images read with {image_read_flag(name, recorded[name])}; leave the flag "
+                "out to read them as in training"
+            )
+    args.alpha, args.bands, args.stretch = chosen["alpha"], chosen["bands"], chosen["stretch"]
+    defaults = {"alpha": DEFAULT_READ.alpha, "bands": None, "stretch": DEFAULT_READ.stretch}
+    info = None
+    if chosen == recorded != defaults:  # said, as the flags that were left out are not
+        info = f"reading the images as {who} trained: {describe_image_read(chosen)}"
+    return info, warnings
+
+
 def _decision(spec: EnsembleSpec) -> str:
     """The spec's rule in a few words, for the summary line: the parameters that
     ``scores.json`` records (:meth:`EnsembleSpec.decision`)."""
@@ -412,6 +468,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return fail(e)
     if warning:
         print(warning, file=sys.stderr)
+    try:
+        recorded, unrecorded = recorded_image_read(spec.checkpoints)
+    except USER_ERRORS as e:
+        return fail(e)
+    info, warnings = _choose_image_read(args, spec.checkpoints, recorded, unrecorded)
+    for line in warnings:
+        print(line, file=sys.stderr)
+    if info:
+        print(info)
     options = data_options(args)
     t0 = time.perf_counter()
 

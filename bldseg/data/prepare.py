@@ -116,6 +116,8 @@ class PreparedData:
             (synthetic world only).
         kind: What ``--data`` named.
         description: One line saying what was found (printed by the entry scripts).
+        options: How the files were read (training records its image decoding for prediction);
+            None where that is not known (a bldseg cache given as the data).
     """
 
     root: Path
@@ -125,6 +127,7 @@ class PreparedData:
     clean_train_csv: Path | None
     kind: DataKind = "competition"
     description: str = ""
+    options: DataOptions | None = None
 
 
 def _cache_dir(cache_root: Path, dataset_root: Path, extra: str = "") -> Path:
@@ -215,6 +218,8 @@ def prepare_data(
         prepared = _prepare_cache(Path(data))
     else:
         prepared = _prepare_folders(data, options, data_root, progress)
+    # a cache given as the data was decoded by whatever options built it: not known here
+    prepared.options = None if kind == "cache" else options
     if verbose:
         print(f"data ({prepared.kind}): {prepared.description}", flush=True)
     return prepared

@@ -52,6 +52,7 @@ from bldseg.data.dataset import (
     validation_tiles,
 )
 from bldseg.data.prepare import PreparedData, prepare_data
+from bldseg.data.readers import ReadOptions
 from bldseg.io import atomic_path, write_json
 from bldseg.models import create_model
 from bldseg.models.pretrained import check_archive, file_fingerprint, overrides_for_checkpoint
@@ -370,6 +371,22 @@ def _check_plain(obj: Any, where: str) -> None:
         "tensors, dicts, lists, str, int, float, bool and None (convert it, e.g. with .item(), "
         "float() or torch.as_tensor(), where it is made)"
     )
+
+
+#: The :class:`~bldseg.data.readers.ReadOptions` fields that decide how an image (not its mask)
+#: is decoded: ``best.pt`` and ``last.pt`` record them (:func:`image_read_record`), and
+#: prediction reads new images the same way unless its flags say otherwise.
+IMAGE_READ_FIELDS = ("alpha", "bands", "stretch")
+
+
+def image_read_record(read: ReadOptions) -> dict[str, Any]:
+    """How images were decoded, as a checkpoint records it: plain JSON-able data (a
+    weights-only load reads it), one entry per :data:`IMAGE_READ_FIELDS` field."""
+    return {
+        "alpha": str(read.alpha),
+        "bands": None if read.bands is None else [int(b) for b in read.bands],
+        "stretch": [float(s) for s in read.stretch],
+    }
 
 
 VAL_PROBS_FILE = "val_probs.npz"
@@ -878,7 +895,10 @@ def fit(
     Args:
         cfg: The run config.
         out_dir: Run folder; ``last.pt`` there is resumed from when ``resume``.
-        data: Prepared caches; default ``prepare_data(cfg.data)``.
+        data: Prepared caches; default ``prepare_data(cfg.data)``. When they carry the
+            :class:`~bldseg.data.prepare.DataOptions` they were read with (``options``),
+            ``best.pt`` and ``last.pt`` record how the images were decoded (``image_read``,
+            :func:`image_read_record`), and prediction reads new images the same way.
         on_epoch_end: Called after every epoch with the epoch's metrics and ``out_dir`` (after
             the checkpoints are written), e.g. to report to Ray Tune.
         resume: Continue from ``out_dir/last.pt`` if present.
@@ -901,6 +921,10 @@ def fit(
     out = Path(out_dir)
     check_run_folder(out)
     data = data or prepare_data(cfg.data, progress=progress)
+    # How the training images were decoded (bands, stretch, alpha), for prediction to read new
+    # images alike: known when the prepared data records its options (None: a bldseg cache
+    # given as the data, or data made by hand; then nothing is recorded, as before).
+    image_read = None if data.options is None else image_read_record(data.options.read)
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
     seed_everything(cfg.seed)
@@ -1168,6 +1192,7 @@ def fit(
                     "model": eval_models[0].state_dict(),
                     "epoch": epoch + 1,
                     "metrics": row,
+                    "image_read": image_read,
                 },
                 _pending(out, "best.pt", epoch + 1),
             )
@@ -1195,6 +1220,7 @@ def fit(
                 "scaler": scaler.state_dict(),  # {} unless fp16
                 "rng": _rng_state(),
                 "split": split,  # which images trained and which validated
+                "image_read": image_read,  # how its images were decoded; None: not known
             },
             last_path,
         )

@@ -438,7 +438,7 @@ def _quiet_libraries():
         optuna.logging.set_verbosity(verbosity)
 
 
-def _data_paths(data: PreparedData) -> dict[str, str | None]:
+def _data_paths(data: PreparedData) -> dict[str, Any]:
     return {
         "root": str(data.root),
         "train": str(data.train.root),
@@ -446,6 +446,8 @@ def _data_paths(data: PreparedData) -> dict[str, str | None]:
         "truth": str(data.test_truth_csv) if data.test_truth_csv else None,
         "clean": str(data.clean_train_csv) if data.clean_train_csv else None,
         "fingerprint": data.train.fingerprint,
+        # how the images were read, for the trials' checkpoints to record (None: not known)
+        "options": None if data.options is None else asdict(data.options),
     }
 
 
@@ -466,6 +468,7 @@ def _open_data(paths: dict[str, str | None]) -> PreparedData:
         test=DatasetCache(paths["test"]) if paths["test"] else None,
         test_truth_csv=Path(paths["truth"]) if paths["truth"] else None,
         clean_train_csv=Path(paths["clean"]) if paths["clean"] else None,
+        options=DataOptions.from_dict(paths["options"]) if paths.get("options") else None,
     )
 
 
