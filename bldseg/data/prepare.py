@@ -244,10 +244,16 @@ _MASK_FLAGS = {
     "--mask-threshold": "mask_threshold",
 }
 
+#: Image-decoding flags and the ReadOptions fields they set: every kind but a cache (whose
+#: tiles were decoded when it was built) reads them.
+_IMAGE_FLAGS = {"--alpha": "alpha", "--bands": "bands", "--stretch": "stretch"}
+
+_READ_FLAGS = {**_MASK_FLAGS, **_IMAGE_FLAGS}
+
 
 def _flag_value(options: DataOptions, flag: str):
-    if flag in _MASK_FLAGS:
-        return getattr(options.read, _MASK_FLAGS[flag])
+    if flag in _READ_FLAGS:
+        return getattr(options.read, _READ_FLAGS[flag])
     return getattr(options, _LAYOUT_FLAGS[flag])
 
 
@@ -256,13 +262,13 @@ def _unread_flags(kind: DataKind, options: DataOptions) -> list[str]:
     mask flags on a competition layout, ``--group-column`` on folders, all of them on a cache."""
     layout = set(_LAYOUT_FLAGS)
     reads = {
-        "folders": (layout - {"--group-column"}) | set(_MASK_FLAGS),
+        "folders": (layout - {"--group-column"}) | set(_READ_FLAGS),
         "cache": set(),
-    }.get(kind, {"--group-column"})
+    }.get(kind, {"--group-column"} | set(_IMAGE_FLAGS))
     defaults = DataOptions()
     return [
         flag
-        for flag in (*_LAYOUT_FLAGS, *_MASK_FLAGS)
+        for flag in (*_LAYOUT_FLAGS, *_READ_FLAGS)
         if flag not in reads and _flag_value(options, flag) != _flag_value(defaults, flag)
     ]
 
@@ -271,7 +277,7 @@ def _without_flags(options: DataOptions, flags: list[str]) -> DataOptions:
     """``options`` with ``flags`` back at their defaults."""
     defaults = DataOptions()
     layout = [_LAYOUT_FLAGS[f] for f in flags if f in _LAYOUT_FLAGS]
-    read = [_MASK_FLAGS[f] for f in flags if f in _MASK_FLAGS]
+    read = [_READ_FLAGS[f] for f in flags if f in _READ_FLAGS]
     return replace(
         options,
         **{name: getattr(defaults, name) for name in layout},

@@ -384,6 +384,12 @@ def test_mask_flags_are_refused_where_no_mask_image_is_decoded(tmp_path):
     opts = data_options(parser.parse_args(["--mask-nonzero", "--mask-threshold", "0.3"]))
     with pytest.raises(ValueError, match=r"^--mask-nonzero, --mask-threshold: .*bldseg cache"):
         prepare_data(cache, options=opts, data_root=work)
+    # and its images too: --bands/--stretch/--alpha on a cache trained what it held, unsaid
+    opts = data_options(parser.parse_args(["--bands", "3,2,1", "--alpha", "fill"]))
+    with pytest.raises(ValueError, match=r"^--alpha, --bands: .*bldseg cache"):
+        prepare_data(cache, options=opts, data_root=work)
+    # a competition CSV's images are decoded from files: read
+    assert prepare_data(comp, options=opts, data_root=work, progress=False).options == opts
     # image/mask folders read them
     folders = _scenes(tmp_path / "ds", [(32, 32)])
     opts = data_options(parser.parse_args(["--mask-threshold", "0.9"]))
