@@ -156,7 +156,8 @@ def _acquire_noting(lock: Any, timeout: float, soft: bool) -> None:
             else:
                 log.warning(
                     "waiting %.0f s for the lock on %s: another process holds it (building the "
-                    "native op or writing this cache); the wait ends when it does",
+                    "native op, writing a cache or creating an MLflow store); the wait ends when "
+                    "it does",
                     waited,
                     lock.lock_file,
                 )

@@ -501,16 +501,12 @@ def _log_mlflow(cfg: SearchConfig, params: dict, scalars: dict, files: dict) -> 
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
+    from bldseg.tune import tracking
+
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        location = None
-        if not cfg.tracking_uri.startswith(("http://", "https://", "databricks")):
-            # A database store has no artifact root of its own: an absolute file URI.
-            location = (Path(cfg.out).resolve() / "mlartifacts").as_uri()
-        exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
+    # as the searches do: under the store's lock, artifacts of a new sqlite experiment beside
+    # the database (not in --out: another job's, or a folder deleted after the search)
+    exp_id = tracking.ensure_experiment(client, cfg.experiment, cfg.tracking_uri, cfg.out)
     tags = {"bldseg.job": "ensemble_search"}
     if cfg.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.parent_run_id

@@ -10,8 +10,10 @@ metric's step and never a metric of its own, and floats are rounded to
 
 The default store is an absolute ``sqlite:////<project>/mlflow.db`` (trials change directory,
 so a relative URI would scatter databases). Artifacts of a sqlite store go to an absolute
-``<project>/mlartifacts`` folder set on the experiment; an ``http(s)://`` tracking server stores
-them itself.
+``mlartifacts`` folder beside the database, set on the experiment when bldseg creates it (the
+project folder for the default store); an ``http(s)://`` tracking server stores them itself.
+Jobs that open a sqlite store at the same moment take turns (:func:`store_lock`): MLflow
+creates a new database's tables without a lock of its own.
 
 Once a search runs, MLflow calls go through a :class:`Tracker`: they never hold up training,
 and a tracking server that dies mid-search costs a bounded wait, one warning per trial, and an
@@ -35,13 +37,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from bldseg.io import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +122,34 @@ def network_filesystem(path: str | os.PathLike, mounts: str = "/proc/mounts") ->
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, or None for other stores."""
+    """The database file of a ``sqlite:///`` URI (without its ``?options``), or None for other
+    stores."""
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :])
+        return Path(uri[len("sqlite:///") :].split("?", 1)[0])
     return None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Holds the lock file ``<database>.lock`` of a sqlite store for the block (other stores:
+    nothing).
+
+    MLflow creates and migrates a new database's tables on its first open without a lock: two
+    jobs opening one new store at the same moment both migrate it, and can leave it broken
+    for good (``table _alembic_tmp_tags already exists`` on every later open). In turn, the
+    second job opens the finished store.
+
+    Raises:
+        OSError: The database's folder cannot be created or the lock file cannot be opened.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    # MLflow would create the folder on its open; the lock file needs it first
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(f"{db}.lock"):
+        yield
 
 
 def absolute_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
@@ -166,10 +195,18 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
             ) from e
     try:
         # inside: opening a sqlite store creates its folder, which can fail (a file in the way)
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)
+        with store_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+            # the first query opens the store: MLflow creates or migrates its tables here
+            client.search_experiments(max_results=1)
     except Exception as e:  # MLflow raises many types here; all mean "cannot use this store"
-        raise RuntimeError(f"cannot use MLflow tracking store {uri}: {e}") from e
+        hint = ""
+        if isinstance(e, PermissionError) and sqlite_path(uri) is not None:
+            hint = (
+                " (the database's folder and its lock file must be writable by everyone who "
+                "logs there: a group-writable folder, umask 002, for a store shared by users)"
+            )
+        raise RuntimeError(f"cannot use MLflow tracking store {uri}: {e}{hint}") from e
     return client
 
 
@@ -181,8 +218,12 @@ def ensure_experiment(
     *,
     other: str = "--experiment NAME",
 ) -> str:
-    """The id of experiment ``name``, created if missing (absolute artifact root for sqlite).
+    """The id of experiment ``name``, created if missing.
 
+    A new experiment of a sqlite store keeps its artifacts in ``mlartifacts/<name>`` beside the
+    database, wherever the job runs (a shared database has one artifact folder for all its
+    users); of another database (``postgresql://``...), under ``project_dir``; a tracking
+    server chooses itself. An existing experiment keeps the location it was created with.
     The experiment is tagged as model development (:data:`EXPERIMENT_KIND_TAG`), also when it
     exists already without the tag. ``other``: the flag that names another experiment, for
     the message about a deleted one.
@@ -191,6 +232,14 @@ def ensure_experiment(
         ValueError: The experiment was deleted (in the UI): MLflow neither logs into it nor
             creates another of that name; the message says how to restore it.
     """
+    # two jobs starting at once would both find no experiment and both create it
+    with store_lock(uri):
+        return _ensure_experiment(client, name, uri, project_dir, other)
+
+
+def _ensure_experiment(
+    client: MlflowClient, name: str, uri: str, project_dir: str | os.PathLike, other: str
+) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage == "deleted":
         # the mlflow command reads the store from the environment (default ./mlruns)
@@ -207,11 +256,21 @@ def ensure_experiment(
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
-    if not uri.startswith(("http://", "https://")):
+    db = sqlite_path(uri)
+    if db is not None:
+        # not the current folder: it may be read-only, or another user's on a shared database
+        location = (db.resolve().parent / "mlartifacts" / name).as_uri()
+    elif not uri.startswith(("http://", "https://")):
         location = (Path(project_dir).resolve() / "mlartifacts" / name).as_uri()
-    return client.create_experiment(
-        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-    )
+    try:
+        return client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    except MlflowException as e:
+        # another job created it since the look-up (a tracking server: no lock file to share)
+        if e.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
+            raise
+        return _ensure_experiment(client, name, uri, project_dir, other)
 
 
 def git_revision(repo_dir: str | os.PathLike = ".", *, top: bool = False) -> tuple[str, bool]:

@@ -91,6 +91,11 @@ def test_run_search_outputs_and_mlflow(results):
     assert run.data.params["best_threshold"] == str(want.level / (255 * want.k))
     arts = {a.path for a in client.list_artifacts(s.mlflow_run_id)}
     assert {"top_ensembles.csv", "score_vs_k.png", "threshold_curve.png"} <= arts
+    # a new experiment of a sqlite store keeps its artifacts beside the database, as the
+    # searches' do (they went into this job's --out, another job's folder for the next one)
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.artifact_location == (root / "mlartifacts" / cfg.experiment).as_uri()
+    assert not (out / "mlartifacts").exists()
 
 
 def _members(d: dict) -> tuple[int, ...]:
