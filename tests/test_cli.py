@@ -1,6 +1,8 @@
 """The ``bldseg`` command line: every entry script is a sub-command with the same flags."""
 
 import argparse
+import errno
+import os
 import runpy
 import subprocess
 import sys
@@ -234,3 +236,140 @@ def test_fixed_config_refuses_two_pretrained_checkpoints():
 
     with pytest.raises(ValueError, match=r"'a\.pth' and --set pretrained='b\.pth' name two"):
         fixed_config(None, sets=["pretrained=b.pth"], pretrained="a.pth")
+
+
+# Writing where one cannot: one line naming the flag and what to do, exit 1, no traceback.
+
+
+def _tiny_train(world, out) -> list[str]:
+    """``bldseg train`` arguments for a seconds-long run on the tiny world into ``out``."""
+    argv = ["--data", str(world.root), "--data-root", str(world.root.parent), "--out", str(out)]
+    for s in ["aug.crop_size=32", "samples_per_epoch=16", "epochs=1", "impl=compiled"]:
+        argv += ["--set", s]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained bldseg ``best.pt`` of the tiny model (what ``suspects`` reads)."""
+    import torch
+
+    from bldseg.models import create_model
+    from bldseg.train.config import RunConfig
+
+    cfg = RunConfig.from_flat({"aug.crop_size": 32, "impl": "compiled"})
+    model = create_model(cfg.model, **cfg.model_kwargs())
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    torch.save({"config": cfg.to_flat(), "model": model.state_dict(), "metrics": {}}, path)
+    return path
+
+
+def _argv(command, flag, path, world, checkpoint) -> list[str]:
+    """``command`` on the tiny world with ``flag`` set to ``path`` (the other outputs writable)."""
+    data = ["--data", str(world.root), "--data-root", str(world.root.parent)]
+    out = str(path) if flag == "--out" else "run"
+    if command == "train":
+        argv = _tiny_train(world, out)
+    elif command == "suspects":
+        argv = ["--checkpoint", str(checkpoint), *data, "--out", out]
+    else:
+        argv = data
+    if flag == "--data-root":  # the last one given wins
+        argv += ["--data-root", str(path)]
+    return [command, *argv]
+
+
+UNWRITABLE = [
+    ("train", "--out"),
+    ("train", "--data-root"),
+    ("prepare", "--data-root"),
+    ("suspects", "--out"),
+    ("suspects", "--data-root"),
+]
+
+
+@pytest.mark.parametrize("command, flag", UNWRITABLE)
+def test_an_output_under_a_file_fails_in_one_line(
+    command, flag, small_world, checkpoint, tmp_path, monkeypatch, capsys
+):
+    # FileExistsError / NotADirectoryError tracebacks from the folders' mkdir
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    for path in ["afile", "afile/sub"]:  # the folder, or a parent of it, is the file
+        assert cli.main(_argv(command, flag, path, small_world, checkpoint)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} {path}: a file is in the way ([Errno "), err
+        assert err.endswith("); pass a folder (new or existing)\n") and err.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command, flag", UNWRITABLE)
+def test_a_read_only_output_fails_in_one_line(
+    command, flag, small_world, checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("this user writes into read-only folders (root)")
+        assert cli.main(_argv(command, flag, locked / "x", small_world, checkpoint)) == 1
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} {locked / 'x'}: cannot write there ("), err
+    assert f"pass a {flag} you can write" in err and err.count("\n") == 1, err
+
+
+def test_an_error_about_another_file_is_not_blamed_on_the_flag():
+    from bldseg.commands.prepare import cannot_write
+
+    other = PermissionError(errno.EACCES, "Permission denied", "/data/scene.tif")
+    assert cannot_write(other, "--out", "/runs/x") == str(other)
+    # the folder, a file in it, or a parent made for it is the flag's
+    for where in ["/runs/x", "/runs/x/best.pt", "/runs"]:
+        e = PermissionError(errno.EACCES, "Permission denied", where)
+        assert cannot_write(e, "--out", "/runs/x").startswith("--out /runs/x: cannot write there")
+
+
+def test_train_refuses_an_out_another_process_trains_into(small_world, tmp_path, capsys):
+    from bldseg.io import file_lock
+    from bldseg.train.engine import RUN_LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"the other process's")
+    with file_lock(out / RUN_LOCK_FILE):  # as the other process's fit holds it
+        assert cli.main(["train", *_tiny_train(small_world, out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: another process is training into {out} (it holds ")
+    assert err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK_FILE, "last.pt"]
+    assert (out / "last.pt").read_bytes() == b"the other process's"
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_ctrl_c_in_train_says_how_to_continue(started, small_world, tmp_path, monkeypatch, capsys):
+    import bldseg.commands.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bldseg.commands.train, "fit", interrupted)
+    out = tmp_path / "run"
+    if started:
+        out.mkdir()
+        (out / "last.pt").write_bytes(b"")
+    try:
+        assert cli.main(["train", *_tiny_train(small_world, out)]) == 130
+    except KeyboardInterrupt:  # would end the test session
+        pytest.fail("Ctrl-C left bldseg train as a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    said = (
+        "interrupted; run the same command again to continue from the last finished epoch "
+        f"(last.pt under {out})"
+        if started
+        else "interrupted before an epoch ended; run the same command again to start the run"
+    )
+    assert err.endswith(f"\n{said}\n"), err

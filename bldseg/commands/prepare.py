@@ -11,6 +11,8 @@ From a checkout, python experiments/prepare_data.py takes the same flags.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import time
 
 from bldseg.commands import USER_ERRORS, fail
@@ -45,8 +47,35 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         )
     except USER_ERRORS as e:
         return fail(e)
+    except OSError as e:  # the caches and the synthetic world are written under --data-root
+        return fail(cannot_write(e, "--data-root", args.data_root))
     print(f"dataset: {prepared.root}")
     print(f"train cache: {prepared.train}")
     print(f"test cache:  {prepared.test}")
     print(f"ready in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def cannot_write(err: OSError, flag: str, folder: str | os.PathLike) -> str:
+    """One line for ``err``, met writing into ``folder`` (the value of ``flag``): what to do.
+
+    An error about a file elsewhere (an image that cannot be read, a ``--pretrained`` file
+    without read permission) is given as it is: a hint about ``flag`` would point at the wrong
+    folder. ``err.filename`` says where; ``None`` (an error re-raised with the path in its
+    message, :func:`bldseg.io.write_json`) is taken as the folder's.
+    """
+    where = os.path.abspath(folder)
+    if err.filename is not None:
+        path = os.path.abspath(os.fsdecode(err.filename))
+        # the folder, a file inside it, or a parent that had to be made for it
+        if not (
+            path == where or path.startswith(where + os.sep) or where.startswith(path + os.sep)
+        ):
+            return str(err)
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{flag} {folder}: cannot write there ({err}); pass a {flag} you can write"
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{flag} {folder}: a file is in the way ({err}); pass a folder (new or existing)"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{flag} {folder}: the disk is full ({err}); free space and run the command again"
+    return f"{flag} {folder}: {err}"

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from bldseg.commands import USER_ERRORS, fail
+from bldseg.commands.prepare import cannot_write
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.predict import load_checkpoint, resolve_member
 from bldseg.train.folds import FOLDS_FILE, fold_dir, held_out_folds
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         data = prepare_data(
             args.data, options=data_options(args), data_root=args.data_root, verbose=True
         )
+    except USER_ERRORS as e:
+        return fail(e)
+    except OSError as e:  # the caches are written under --data-root
+        return fail(cannot_write(e, "--data-root", args.data_root))
+    try:
         if member.name == FOLDS_FILE:
             folds, held_out = _load_folds(member, data.train.ids, args.threshold)
             models = [m for m, _, _ in folds]
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             csv, png = write_suspects(df, data.train, model, args.out, top=args.top, threshold=thr)
     except USER_ERRORS as e:
         return fail(e)
+    except OSError as e:  # a read-only --out, a file of that name, a full disk
+        return fail(cannot_write(e, "--out", args.out))
     print(df.head(args.top).to_string(index=False))
     print(f"wrote {csv} and {png}")
     noise_csv = data.root / "train_noise.csv"

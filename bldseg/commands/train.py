@@ -29,8 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 from bldseg.commands import USER_ERRORS, fail
+from bldseg.commands.pipeline import EXIT_INTERRUPTED
+from bldseg.commands.prepare import cannot_write
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.train import RunConfig, fit
@@ -114,6 +118,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.folds is not None:
         fixed["folds"] = args.folds
     try:
+        return _train(args, fixed)
+    except KeyboardInterrupt:
+        # last.pt holds every finished epoch: the same command resumes from it
+        print(f"\n{_interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _train(args: argparse.Namespace, fixed: dict) -> int:
+    """Prepares the data and trains (``main`` after its flags are checked)."""
+    try:
         # recorded absolute: the same command from another folder continues the run
         where = None if args.data is None else os.path.abspath(args.data)
         cfg = RunConfig.from_flat({**fixed, "data": where})
@@ -125,14 +139,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             fold_assignment(len(data.train), cfg.folds, cfg.split_seed, groups)
     except USER_ERRORS as e:
         return fail(e)
+    except OSError as e:  # the caches are written under --data-root
+        return fail(cannot_write(e, "--data-root", args.data_root))
     try:  # what fit finds in the user's input: a crop larger than the images, another
         # run's folder, a missing --pretrained file, a --split-group that matches nothing
         if cfg.folds >= 2:
             result = fit_folds(cfg, args.out, data=data, progress=True, only=args.fold)
         else:
             result = fit(cfg, args.out, data=data, progress=True)
-    except USER_ERRORS as e:
+    except USER_ERRORS as e:  # also another process training into --out
         return fail(e)
+    except OSError as e:  # a read-only --out, a file of that name, a full disk
+        return fail(cannot_write(e, "--out", args.out))
     if args.fold is not None and result.status != "diverged":
         # The mean rows are of the epochs every fold has trained: none while other folds are
         # still to train. The fold trained here reports its own.
@@ -165,6 +183,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         f"{_val_dice(result.best)}; {args.out}/best.pt"
     )
     return 0
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted ``bldseg train`` says: how the same command goes on."""
+    out = Path(args.out)
+    if args.folds is None:
+        started = (out / "last.pt").is_file()
+    else:
+        folds = [args.fold] if args.fold is not None else range(args.folds)
+        started = any((fold_dir(out, f) / "last.pt").is_file() for f in folds)
+    if started:
+        return (
+            "interrupted; run the same command again to continue from the last finished epoch "
+            f"(last.pt under {out})"
+        )
+    return "interrupted before an epoch ended; run the same command again to start the run"
 
 
 def epoch_line(row: dict) -> str:

@@ -30,8 +30,8 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from bldseg.data.dataset import (
 )
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.data.readers import ReadOptions
-from bldseg.io import atomic_path, write_json
+from bldseg.io import atomic_path, file_lock, write_json
 from bldseg.models import create_model
 from bldseg.models.pretrained import check_archive, file_fingerprint, overrides_for_checkpoint
 from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
@@ -725,6 +725,71 @@ def check_run_folder(out: Path) -> None:
         )
 
 
+#: Held by :func:`fit` in its run folder for the whole run: a second process training into the
+#: same folder is refused instead of writing its checkpoints over the first's.
+RUN_LOCK_FILE = ".run.lock"
+
+
+class RunFolderInUseError(ValueError):
+    """Another process is training into the run folder (it holds :data:`RUN_LOCK_FILE`)."""
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Holds ``out/.run.lock`` for the block; refuses at once where another process holds it.
+
+    An OS file lock (:func:`bldseg.io.file_lock`): the OS releases it when its process dies, so
+    a killed run leaves nothing to clean up, and the next ``fit`` in this process (a search's
+    next trial, a resume) takes it again once the block has ended, normally or not.
+
+    Creates ``out``. A folder it created is removed again when the block raises before anything
+    but the lock was written into it: a run that fails its checks (a checkpoint that does not
+    fit the model) leaves no empty folder behind.
+
+    Raises:
+        RunFolderInUseError: Another process holds the lock.
+        OSError: ``out`` cannot be created (a read-only folder; a file of that name).
+    """
+    from filelock import Timeout
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock_path = out / RUN_LOCK_FILE
+    soft = out / f"{RUN_LOCK_FILE}.soft"  # file_lock's lock where the filesystem has no flock
+    held = ExitStack()
+    try:
+        held.enter_context(file_lock(lock_path, timeout=0))
+    except Timeout:
+        stale = (
+            f"; this filesystem cannot lock files, and a killed run leaves {soft} behind: "
+            "delete it if no process trains there"
+            if soft.exists()
+            else ""
+        )
+        raise RunFolderInUseError(
+            f"another process is training into {out} (it holds {lock_path}): wait for it to "
+            f"end, or pass another --out{stale}"
+        ) from None
+    remove = False
+    try:
+        with held:
+            try:
+                yield
+            except BaseException:
+                remove = created and {p.name for p in out.iterdir()} <= {lock_path.name, soft.name}
+                if remove:
+                    # Unlinked while still held: a process that opens it now finds a live run
+                    # (after the release it would lock a file no longer in the folder).
+                    lock_path.unlink(missing_ok=True)
+                raise
+    finally:
+        if remove:
+            # After the release (the soft lock's file goes with it); rmdir only removes the
+            # folder while empty: another process may have started writing into it meanwhile.
+            with suppress(OSError):
+                out.rmdir()
+
+
 def _check_finite_weights(modules: Sequence[tuple[str, nn.Module]], epoch: int) -> None:
     """Raises DivergedError naming the first weight or buffer that is NaN or infinite.
 
@@ -851,7 +916,7 @@ def _warn_idle_tile_selection(cfg: RunConfig) -> None:
             f"co-teaching drops floor(tau * batch_size) = floor({ct.tau:g} * {b}) "
             "= 0 tiles per batch: the two networks train on every tile, as with tau = 0; use "
             f"batch_size >= {math.ceil(1 / ct.tau)} or coteach.granularity=pixel",
-            stacklevel=3,
+            stacklevel=4,
         )
         return
     if ramp <= 1:
@@ -867,7 +932,7 @@ def _warn_idle_tile_selection(cfg: RunConfig) -> None:
         "as without co-teaching (the history's dropped_share records what was dropped); use "
         f"coteach.t_k <= {longest_dropping_ramp(ct, b, ct.t_k)} to drop from epoch 2, a larger "
         "batch_size or coteach.granularity=pixel",
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -886,6 +951,10 @@ def fit(
     With ``cfg.folds >= 2`` it trains fold ``cfg.fold`` of K: validated on that partition of
     the split groups, trained on the others (:func:`bldseg.data.dataset.fold_indices`);
     :func:`bldseg.train.folds.fit_folds` trains all K.
+
+    One process at a time trains into ``out_dir``: the run holds its lock from start to end
+    (:func:`run_lock`), and a second ``fit`` there is refused before it reads or writes the
+    run's files.
 
     With ``cfg.pretrained`` the networks start from that file (``pretrained.json`` records what
     was loaded, the file's size and sha256). The models are built, and the file checked
@@ -917,9 +986,25 @@ def fit(
             (:class:`~bldseg.models.pretrained.CheckpointMismatchError`, naming the model the
             file is for).
         FileNotFoundError: No ``cfg.pretrained`` file (when not resuming).
+        RunFolderInUseError: Another process is training into ``out_dir`` (:func:`run_lock`).
+        OSError: ``out_dir`` cannot be created or written (a read-only folder, a file there).
     """
     out = Path(out_dir)
     check_run_folder(out)
+    with run_lock(out):
+        return _fit(cfg, out, data, on_epoch_end, resume, progress, stop_after)
+
+
+def _fit(
+    cfg: RunConfig,
+    out: Path,
+    data: PreparedData | None,
+    on_epoch_end: EpochCallback | None,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+) -> FitResult:
+    """:func:`fit`'s run, with the run folder's lock held."""
     data = data or prepare_data(cfg.data, progress=progress)
     # How the training images were decoded (bands, stretch, alpha), for prediction to read new
     # images alike: known when the prepared data records its options (None: a bldseg cache
@@ -1057,7 +1142,7 @@ def fit(
                 "is network g's. From here on the run's model is network f: best.pt changes only "
                 f"when f scores above {best['val_dice_best']:.4f}. Train it again in a new folder "
                 "for a model that is f throughout",
-                stacklevel=2,
+                stacklevel=3,  # fit's caller (through _fit)
             )
         _settle_pending(out, best.get("epoch"))
         log.info("resumed %s at epoch %d", out, start_epoch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from typing import Any
 
@@ -558,7 +559,8 @@ def main(
     serve = (
         ""
         if result.tracking_uri.startswith(("http://", "https://"))
-        else f"mlflow ui --backend-store-uri {result.tracking_uri}, then open "
+        # quoted: a command to copy, and paths may hold spaces
+        else f"mlflow ui --backend-store-uri {shlex.quote(result.tracking_uri)}, then open "
     )
     print(
         f"MLflow: {serve}{result.mlflow_url}   (experiment {result.experiment!r}, "

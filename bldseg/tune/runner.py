@@ -13,7 +13,8 @@
   ``resume=True`` continues an interrupted search (``Tuner.restore``) without re-running
   finished trials; either way the trial first re-reports the epochs its run folder holds
   beyond its Tune checkpoint. The results folder must therefore be one folder every node
-  sees (shared storage on a cluster), as the ensemble search needs anyway.
+  sees (shared storage on a cluster), as the ensemble search needs anyway, at one path: Tune's
+  saved state holds it, so a resume refuses a folder moved since (:func:`check_resumed_folder`).
 * A trial may end inside any ``tune.report``: ASHA stops it there, at a rung or at its last
   epoch, and the trial's code after that report never runs. So a trial writes everything that
   must survive *before* each report (``status.json``, ``summary.json``, its MLflow metrics
@@ -56,6 +57,7 @@ import math
 import numbers
 import os
 import re
+import shlex
 import shutil
 import socket
 import tempfile
@@ -67,6 +69,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import optuna
 import pandas as pd
@@ -969,6 +973,9 @@ class _SearchDriver:
         )
         self.unfinished: list[str] | None = None  # at the end of Tune's last step; None: no step
         self.n_trials = 0  # trials Tune had created by then
+        # why each trial Tune ended with an error failed: Tune's Result of such a trial has no
+        # error when its error file is unreadable (e.g. its storage could not be set up)
+        self.errors: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bldseg-finalise")
         self._pending: list[Future] = []
 
@@ -979,6 +986,8 @@ class _SearchDriver:
 
     def finalise(self, trial_id: str, config: dict[str, Any], error: str | None = None) -> None:
         """Queues the finalisation of a trial that Tune ended (``error``: why it failed)."""
+        if error is not None:
+            self.errors[trial_id] = error
         self._pending.append(self._pool.submit(self._finalise, trial_id, config, error))
 
     def _finalise(self, trial_id: str, config: dict[str, Any], error: str | None) -> None:
@@ -1162,14 +1171,30 @@ def _tracking_uri(spec: SearchSpec, project: Path, meta: dict[str, Any] | None) 
     """The absolute MLflow URI of a search: a resumed one's is its record's (``meta``), so its
     runs stay in one store wherever the resume starts (a default URI is the current folder's).
 
+    A recorded sqlite file that no longer exists (moved or deleted) is not opened again (that
+    would make a new, empty database there, and its folder): ``--tracking-uri`` must say where
+    the search logs now.
+
     Raises:
-        ValueError: ``--tracking-uri`` names another store than the resumed search's.
+        ValueError: ``--tracking-uri`` names another store than the resumed search's, or it is
+            not given and the resumed search's sqlite file is gone.
     """
     recorded = (meta or {}).get("tracking_uri")
     if recorded:
         recorded = tracking.absolute_uri(recorded)
+    db = _gone_database(meta)
+    gone = db is not None
     if spec.tracking_uri:
         uri = tracking.absolute_uri(spec.tracking_uri)
+        if gone and uri != recorded:
+            log.warning(
+                "--resume: search %s logged to %s, which no longer exists; it logs to "
+                "--tracking-uri %s from now on",
+                spec.name or spec.space,
+                recorded,
+                uri,
+            )
+            return uri
         if recorded and uri != recorded:
             raise ValueError(
                 f"--resume: search {spec.name or spec.space} logs to MLflow at {recorded}, not "
@@ -1177,7 +1202,104 @@ def _tracking_uri(spec: SearchSpec, project: Path, meta: dict[str, Any] | None) 
                 "that its runs stay in one store"
             )
         return uri
+    if gone:
+        raise ValueError(
+            f"--resume: search {spec.name or spec.space} logs to MLflow at {recorded}, but {db} "
+            "no longer exists (moved or deleted); pass --tracking-uri with its new place "
+            "(--tracking-uri sqlite:////new/place/mlflow.db), or a new store for the rest of "
+            "the search"
+        )
     return recorded or tracking.default_tracking_uri(project)
+
+
+def _gone_database(meta: dict[str, Any] | None) -> Path | None:
+    """The sqlite file a resumed search's record logs to, when it no longer exists."""
+    recorded = (meta or {}).get("tracking_uri")
+    db = tracking.sqlite_path(tracking.absolute_uri(recorded)) if recorded else None
+    return db if db is not None and not db.exists() else None
+
+
+def _warn_artifacts_left_behind(client, experiment_id: str, gone: Path, uri: str) -> None:
+    """Warns when an MLflow experiment keeps its artifacts beside a database that was moved
+    (``gone``, now ``uri``): MLflow records an experiment's artifact folder once, absolute, so
+    the search's artifacts still go to the old place (and make it again)."""
+    location = client.get_experiment(experiment_id).artifact_location or ""
+    if location.startswith("file:"):
+        folder = Path(url2pathname(urlparse(location).path))
+    elif "://" not in location and Path(location).is_absolute():
+        folder = Path(location)
+    else:
+        return  # a server's or an object store's: not tied to the database's folder
+    if not folder.is_relative_to(gone.parent):
+        return
+    db = tracking.sqlite_path(uri)
+    if db is not None and not gone.parent.exists():
+        how = f"link the old folder to the new one ({_link_command(db.parent, gone.parent)})"
+    else:
+        how = "keep that folder where it is, or log the rest of the search to a new store"
+    log.warning(
+        "MLflow keeps the artifacts of experiment %s in %s, beside the database's old place: "
+        "this search's artifacts (plots, trials.csv) are written there, not beside %s; %s",
+        experiment_id,
+        folder,
+        uri,
+        how,
+    )
+
+
+def _link_command(target: Path, link: Path) -> str:
+    """A shell command that makes ``link`` point to ``target``: at the highest folder of
+    ``link`` that is missing, when both paths end alike (a whole ``--storage`` folder moved)."""
+    while (
+        not link.parent.exists()
+        and link.name == target.name
+        and link.parent != link
+        and target.parent != target
+    ):
+        link, target = link.parent, target.parent
+    make = "" if link.parent.exists() else f"mkdir -p {shlex.quote(str(link.parent))} && "
+    return f"{make}ln -s {shlex.quote(str(target))} {shlex.quote(str(link))}"
+
+
+def check_resumed_folder(exp_dir: Path, meta: dict[str, Any]) -> None:
+    """Refuses to resume a search from another folder than the one it started in.
+
+    Ray Tune's saved state holds the folder the search started in: a search moved (or a shared
+    drive mounted elsewhere) is restored, but its new trials set up their storage at the old
+    path and fail, every one. The old path leading to the new folder (a link) is accepted. A
+    record from before the folder was kept (no ``path``) is not checked.
+
+    Args:
+        exp_dir: The search's results folder now (absolute).
+        meta: Its record (``bldseg_search.json``).
+
+    Raises:
+        ValueError: The recorded folder is not this one, naming both and how to go on.
+    """
+    started_in = meta.get("path")
+    if not started_in or Path(started_in) == exp_dir:
+        return
+    try:
+        if os.path.samefile(started_in, exp_dir):
+            return  # the old path is a link to the new folder (or the new one to the old)
+    except OSError:  # nothing at the old path any more
+        pass
+    name = exp_dir.name
+    if Path(started_in).exists():
+        how = (
+            f"the search is still there: resume it there (--storage "
+            f"{shlex.quote(str(Path(started_in).parent))}), or remove that copy and link it to "
+            f"this folder ({_link_command(exp_dir, Path(started_in))})"
+        )
+    else:
+        how = (
+            "move the folder back, or link the old path to the new place "
+            f"({_link_command(exp_dir, Path(started_in))}), then resume again"
+        )
+    raise ValueError(
+        f"--resume {name}: the search started in {started_in}, not in {exp_dir}; Ray Tune's "
+        f"saved state holds that path, so its new trials would fail: {how}"
+    )
 
 
 def check_resumed_data(name: str, meta: dict[str, Any], fingerprint: str, data: str | None) -> None:
@@ -1381,8 +1503,10 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         exp_dir = storage / spec.name if spec.name else _latest(storage, spec.space)
         meta = json.loads((exp_dir / META_FILE).read_text())
         spec = replace(spec, name=exp_dir.name)
+        check_resumed_folder(exp_dir, meta)  # before Ray, the tracking store or the data
     uri = _tracking_uri(spec, project, meta)
     client = tracking.check_tracking(uri)  # fail fast, before Ray or data
+    gone_db = _gone_database(meta)  # a resume given the new place of its moved database
 
     if meta is not None:
         # the search goes on as it was started, whatever today's defaults and flags say
@@ -1505,6 +1629,8 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     created = False  # whether this session made the search's folder (a new search)
     # From here the parent run is RUNNING: whatever fails ends it (and its children) below.
     try:
+        if gone_db is not None:
+            _warn_artifacts_left_behind(client, experiment_id, gone_db, uri)
         if found is None:
             # The constants of every trial once, here; children carry only the searched values.
             constants = {
@@ -1524,7 +1650,13 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                 parent_run_id,
                 {**constants, **{f"search.{k}": getattr(spec, k) for k in settings}},
             )
-        if meta is None or meta.get("parent_run_id") != parent_run_id:
+        # rewritten for a new parent run, or a store that replaced a recorded one now gone
+        recorded_uri = (meta or {}).get("tracking_uri")
+        if (
+            meta is None
+            or meta.get("parent_run_id") != parent_run_id
+            or (recorded_uri and tracking.absolute_uri(recorded_uri) != uri)
+        ):
             try:
                 # A new search's folder is made here, exclusively: another search started with
                 # the same name since the check above (or in the same second, with the default
@@ -1545,6 +1677,9 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     "experiment": experiment,
                     "base": base,
                     "tracking_uri": uri,
+                    # where Tune's saved state says the search is (check_resumed_folder); a
+                    # record without it (an older search) is not given one that may be wrong
+                    "path": str(exp_dir) if meta is None else meta.get("path"),
                     "data_fingerprint": started_on or data.train.fingerprint,
                     # the fingerprint holds it too, but cannot tell it apart from the data
                     # (check_resumed_data); equal fingerprints mean the current rules
@@ -1641,9 +1776,11 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             record = _read_json(trial_run_dir(exp_dir, trial_id) / STATUS_FILE, {})
             if not record.get("final"):
                 error = str(r.error).strip().splitlines()[-1] if r.error is not None else None
-                driver.finalise(trial_id, r.config or {}, error)
+                driver.finalise(trial_id, r.config or {}, error or driver.errors.get(trial_id))
         driver.drain()
-        table = trial_table(grid, max_epochs)
+        # the run folders under exp_dir, not under Tune's paths: a restored search's trials
+        # keep the paths Tune saved
+        table = trial_table(grid, max_epochs, exp_dir, driver.errors)
         train_s = float(table["train_s"].sum()) if len(table) else 0.0
         usable = table[table["status"].isin(USABLE)] if len(table) else table
         best = usable.iloc[0].to_dict() if len(usable) else {}
@@ -1746,14 +1883,30 @@ def _failure_message(result, run_dir: Path, status: str) -> str:
     return ""
 
 
-def trial_table(grid, max_epochs: int) -> pd.DataFrame:
+def trial_table(
+    grid,
+    max_epochs: int,
+    exp_dir: Path | None = None,
+    errors: dict[str, str] | None = None,
+) -> pd.DataFrame:
     """One row per trial: searched config, best Dice and threshold, epochs run, status.
 
     The status and its message are the trial's final record in its run folder
-    (:func:`finalise_trial`); without one (an older search), they are derived from Tune's
-    results the same way. A K-fold trial's Dice and threshold are its out-of-fold scores
-    (``folds.json``), those it predicts with, not its best epoch's mean over folds.
+    (:func:`finalise_trial`); without one (an older search, or a trial that failed before its
+    first line ran), they are derived from Tune's results the same way: a trial that Tune
+    ended with an error, or that trained no epoch, is an ``error``, never ``early-stopped``.
+    A K-fold trial's Dice and threshold are its out-of-fold scores (``folds.json``), those it
+    predicts with, not its best epoch's mean over folds.
+
+    Args:
+        grid: Tune's results (one per trial).
+        max_epochs: The epochs each trial was given.
+        exp_dir: The search's results folder, where the run folders are read (default: the
+            folder above each result's path, which Tune keeps as it was saved).
+        errors: Why trials failed, by trial id, as the driver heard it from Tune (a result's
+            own error is empty when Tune could not read it back).
     """
+    errors = errors or {}
 
     rows = []
     for r in grid:
@@ -1793,7 +1946,7 @@ def trial_table(grid, max_epochs: int) -> pd.DataFrame:
         row["started"] = (
             float(first["timestamp"] - first["time_this_iter_s"]) if first is not None else 0.0
         )
-        run_dir = trial_run_dir(Path(r.path).parent, trial_id)
+        run_dir = trial_run_dir(exp_dir or Path(r.path).parent, trial_id)
         oof = _read_json(run_dir / FOLDS_FILE, {}).get("oof")
         if oof:
             row.update({k: oof[k] for k in (METRIC, "val_thr_best", "val_dice_05")})
@@ -1801,15 +1954,19 @@ def trial_table(grid, max_epochs: int) -> pd.DataFrame:
         if record.get("final"):
             status, message = record["status"], record["message"]
         else:
-            if r.error is not None:
+            if r.error is not None or trial_id in errors:
                 status = "error"
             elif diverged:
                 status = "diverged"
+            elif epochs == 0:  # as finalise_trial: no epoch trained is no model
+                status = "error"
             elif epochs < max_epochs:
                 status = "early-stopped"
             else:
                 status = "completed"
-            message = _failure_message(r, run_dir, status)
+            message = _failure_message(r, run_dir, status) or errors.get(trial_id, "")
+            if status == "error" and not message:
+                message = "the trial ended before it trained an epoch"
         row["status"] = status
         row["run_dir"] = str(run_dir)
         row["message"] = message

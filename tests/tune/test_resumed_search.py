@@ -1,6 +1,7 @@
 """A resumed search is one search: its wall time over every session, its one MLflow store."""
 
 import json
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,3 +127,171 @@ def test_resume_after_a_change_of_mask_decoding_says_so(ray_session, tmp_path, m
         ValueError, match=r"started on \(or bldseg's image or mask decoding changed since\)"
     ):
         run_search(replace(spec, resume=True))
+
+
+def _fail_if_reached(monkeypatch) -> None:
+    """The MLflow store and Ray raise if a refused resume gets as far as them."""
+
+    def reached(*a, **k):
+        raise AssertionError("the resume went on to the tracking store or Ray")
+
+    monkeypatch.setattr(runner.tracking, "check_tracking", reached)
+    monkeypatch.setattr(runner, "init_ray", reached)
+
+
+def test_resume_of_a_moved_search_folder_is_refused_before_ray(small_world, tmp_path, monkeypatch):
+    # Tune's saved state holds the folder the search started in: restored from a moved folder,
+    # its new trials failed to set up their storage, every one, and the search exited 0.
+    started_in = tmp_path / "old place" / "runs" / "s"
+    spec = spec_for(small_world, tmp_path, name="s", storage=str(tmp_path / "new place" / "runs"))
+    exp_dir = Path(spec.storage) / "s"
+    exp_dir.mkdir(parents=True)
+    meta = {"path": str(started_in), "base": {"data": str(small_world.root)}, "spec": {}}
+    (exp_dir / META_FILE).write_text(json.dumps(meta))
+    _fail_if_reached(monkeypatch)
+    with pytest.raises(ValueError, match="--resume s: the search started in ") as e:
+        run_search(replace(spec, resume=True))
+    message = str(e.value)
+    assert f"started in {started_in}, not in {exp_dir};" in message
+    assert "Ray Tune's saved state holds that path" in message and "move the folder back" in message
+    # the command to copy links the highest folder that is gone (the whole storage moved), and
+    # survives the spaces in both paths
+    command = message.split("new place (")[1].split("), then resume")[0]
+    assert shlex.split(command) == [
+        "ln",
+        "-s",
+        str(tmp_path / "new place"),
+        str(tmp_path / "old place"),
+    ]
+
+    # linked as the message says: the old path leads to the search, which may go on
+    (tmp_path / "old place").symlink_to(tmp_path / "new place")
+    runner.check_resumed_folder(exp_dir, meta)
+    # a copy left at the old place is another folder: resume that one, or link it
+    (tmp_path / "old place").unlink()
+    started_in.mkdir(parents=True)
+    with pytest.raises(ValueError, match="the search is still there: resume it there") as e:
+        runner.check_resumed_folder(exp_dir, meta)
+    assert shlex.quote(str(started_in.parent)) in str(e.value)
+    # a record from before the folder was kept is not checked (as before)
+    runner.check_resumed_folder(exp_dir, {"base": {}})
+
+
+def test_a_resumed_search_is_recorded_where_it_started(
+    small_world, ray_session, tmp_path, monkeypatch
+):
+    spec = spec_for(small_world, tmp_path, name="here", trials=1, epochs=1)
+    record = interrupted_search(spec, monkeypatch)
+    assert record["path"] == str(Path(spec.storage).resolve() / "here")
+    # moved: refused, and nothing written to the store or the folder
+    moved = tmp_path / "moved runs"
+    Path(spec.storage).rename(moved)
+    with pytest.raises(ValueError, match=r"the search started in .*runs/here, not in .*moved runs"):
+        run_search(replace(spec, resume=True, storage=str(moved)))
+    assert json.loads((moved / "here" / META_FILE).read_text()) == record
+    # linked back to where Tune's state says it is: the same search goes on from either path
+    Path(spec.storage).symlink_to(moved)
+    result = run_search(replace(spec, resume=True, storage=str(moved)))
+    assert result.parent_run_id == record["parent_run_id"] and result.n_completed == 1
+    assert json.loads((moved / "here" / META_FILE).read_text())["path"] == record["path"]
+
+
+def test_resume_with_its_sqlite_store_gone_needs_the_new_place(
+    small_world, ray_session, tmp_path, monkeypatch, caplog
+):
+    # Opening the recorded sqlite URI again made a new, empty database at the old path (and
+    # the folder it had been moved out of): the search's runs were split over two stores.
+    db = tmp_path / "old db" / "mlflow.db"
+    spec = spec_for(
+        small_world, tmp_path, name="db", trials=1, epochs=1, tracking_uri=f"sqlite:///{db}"
+    )
+    record = interrupted_search(spec, monkeypatch)
+    moved = tmp_path / "new db"
+    db.parent.rename(moved)
+    resumed = replace(spec, resume=True, tracking_uri=None)
+    with pytest.raises(ValueError, match=r"--resume: search db logs to MLflow at ") as e:
+        run_search(resumed)
+    assert f"but {db} no longer exists" in str(e.value) and "pass --tracking-uri" in str(e.value)
+    assert not db.parent.exists()
+    # its new place given: the same parent run goes on, and the record says where it is now
+    new_uri = f"sqlite:///{moved}/mlflow.db"
+    with caplog.at_level("WARNING", logger="bldseg.tune.runner"):
+        result = run_search(replace(resumed, tracking_uri=new_uri))
+    assert result.tracking_uri == new_uri and result.parent_run_id == record["parent_run_id"]
+    assert json.loads((result.path / META_FILE).read_text())["tracking_uri"] == new_uri
+    # MLflow still writes the experiment's artifacts at the old place: said, with the way out
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if "beside the database's old place" in r.getMessage()
+    ]
+    assert (
+        len(warned) == 1
+        and f"ln -s {shlex.quote(str(moved))} {shlex.quote(str(db.parent))}" in warned[0]
+    )
+    again = run_search(resumed)
+    assert again.tracking_uri == new_uri and again.parent_run_id == record["parent_run_id"]
+    assert not db.exists()
+
+
+def test_the_table_reads_run_folders_under_the_searchs_folder(tmp_path):
+    # A restored search's results keep the paths Tune saved: the final records are read in
+    # the search's folder now, not at the old path (where there is nothing).
+    import pandas as pd
+    from ray.tune import Result
+
+    exp_dir = tmp_path / "now"
+    runner.write_trial_record(
+        runner.trial_run_dir(exp_dir, "a"),
+        trial_id="a",
+        status="error",
+        message="RuntimeError: out of memory",
+        history=[{"epoch": 1, runner.METRIC: 0.5, "val_thr_best": 0.5, "val_dice_05": 0.5}],
+        max_epochs=3,
+        final=True,
+    )
+    epoch = {"epoch": 1, runner.METRIC: 0.5, "val_thr_best": 0.5, "val_dice_05": 0.5}
+    epoch |= {"diverged": 0, "epoch_s": 1.0, "timestamp": 10, "time_this_iter_s": 1.0}
+    grid = [
+        Result(
+            metrics={"trial_id": "a"},
+            checkpoint=None,
+            error=None,
+            path=str(tmp_path / "before" / "trial_a"),
+            metrics_dataframe=pd.DataFrame([epoch]),
+        )
+    ]
+    table = runner.trial_table(grid, max_epochs=3, exp_dir=exp_dir)
+    assert list(table["status"]) == ["error"]
+    assert table["message"][0] == "RuntimeError: out of memory"
+    assert table["run_dir"][0] == str(runner.trial_run_dir(exp_dir, "a"))
+
+
+def test_a_trial_that_failed_is_never_early_stopped(tmp_path):
+    # Tune's result of a trial whose storage could not be set up has no error (Tune cannot
+    # read its error file back) and no record (the trial's code never ran): the table called it
+    # early-stopped, a usable model, and the search exited 0.
+    import pandas as pd
+    from ray.tune import Result
+
+    epoch = {"epoch": 1, runner.METRIC: 0.5, "val_thr_best": 0.5, "val_dice_05": 0.5}
+    epoch |= {"diverged": 0, "epoch_s": 1.0, "timestamp": 10, "time_this_iter_s": 1.0}
+
+    def result(trial_id: str, epochs: list[dict]) -> Result:
+        return Result(
+            metrics={"trial_id": trial_id},
+            checkpoint=None,
+            error=None,
+            path=str(tmp_path / f"trial_{trial_id}"),
+            metrics_dataframe=pd.DataFrame(epochs),
+        )
+
+    grid = [result("told", [epoch]), result("silent", []), result("stopped", [epoch])]
+    errors = {"told": "RuntimeError: Unable to set up cluster storage"}
+    table = runner.trial_table(grid, max_epochs=3, errors=errors).set_index("trial_id")
+    assert table.loc["told", "status"] == "error"
+    assert table.loc["told", "message"] == errors["told"]
+    assert table.loc["silent", "status"] == "error"
+    assert table.loc["silent", "message"] == "the trial ended before it trained an epoch"
+    # a trial the scheduler stopped after an epoch is still early-stopped
+    assert table.loc["stopped", "status"] == "early-stopped"
