@@ -643,6 +643,15 @@ def _prepare_folders(
             f"{images}: no labels for training; expected a masks/ (or footprints/) folder "
             "beside it, or pass --masks DIR / --footprints PATH"
         )
+    if masks is None:
+        # footprints are rasterised to 0/1: the mask flags would be ignored without a word
+        given = [f for f in _MASK_FLAGS if _flag_value(options, f) != _flag_value(DataOptions(), f)]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: the labels are vector footprints ({footprints}), "
+                "rasterised to 0/1 building masks; no mask image is decoded: leave "
+                f"{'them' if len(given) > 1 else 'it'} out"
+            )
     records = read_folder_dataset(
         images,
         masks,
@@ -756,13 +765,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, training: bool = True
         "--alpha",
         choices=["refuse", "fill"],
         default="refuse",
-        help="images with transparent pixels: refuse (default) or fill them with black",
+        help="images with transparent pixels: refuse (default) or fill them with black"
+        if training
+        else "images with transparent pixels: refuse or fill them with black (default: as the "
+        "model's training images were read, recorded in best.pt; else refuse)",
     )
     a(
         "--bands",
         type=_int_list,
         default=None,
-        help="1-based raster bands read as RGB (3) or grey (1), e.g. 5,3,2 (default 1,2,3)",
+        help="1-based raster bands read as RGB (3) or grey (1), e.g. 5,3,2 (default 1,2,3"
+        + ("" if training else "; in prediction: as recorded in best.pt")
+        + ")",
     )
     a(
         "--stretch",
@@ -770,7 +784,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, training: bool = True
         nargs=2,
         default=None,
         metavar=("LOW", "HIGH"),
-        help="percentiles mapped to 0/255 for 16-bit or float rasters (default 2 98)",
+        help="percentiles mapped to 0/255 for 16-bit or float rasters (default 2 98"
+        + ("" if training else "; in prediction: as recorded in best.pt")
+        + ")",
     )
 
 

@@ -79,3 +79,18 @@ def test_missing_footprint_file_names_the_image(tmp_path):
     (root / "footprints" / "scene1.geojson").unlink()
     with pytest.raises(FileNotFoundError, match=r"scene1\.tif: no footprint file .*scene1\.gpkg"):
         prepare_data(root, data_root=tmp_path / "w", progress=False)
+
+
+def test_mask_flags_with_footprints_are_refused(tmp_path):
+    # footprints are rasterised to 0/1: --mask-threshold/--mask-values were ignored unsaid
+    root = _geo_dataset(tmp_path / "ds")
+    for read, said in (
+        (ReadOptions(mask_threshold=0.9), r"^--mask-threshold: the labels are vector footprints"),
+        (
+            ReadOptions(mask_values=(2,), mask_colors=((255, 0, 0),)),
+            r"^--mask-values, --mask-colors: ",
+        ),
+    ):
+        with pytest.raises(ValueError, match=said):
+            prepare_data(root, options=DataOptions(read=read), data_root=tmp_path / "w")
+    assert not (tmp_path / "w" / "cache").exists()
