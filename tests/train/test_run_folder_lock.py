@@ -11,17 +11,7 @@ import pytest
 from bldseg.io import file_lock
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import RUN_LOCK_FILE, RunFolderInUseError, fit
-
-# Two optimizer steps per epoch (16 crops of 32 px, batches of 8): seconds per run.
-BASE = {
-    "model": "upernet_internimage_tiny",
-    "aug.crop_size": 32,
-    "batch_size": 8,
-    "val_fraction": 0.25,
-    "samples_per_epoch": 16,
-    "optim.lr": 3e-3,
-    "impl": "compiled",
-}
+from tests.train.test_fit_robustness import BASE  # two optimizer steps per epoch
 
 # Another process holding the lock as a running fit does (flock), until its stdin closes.
 HOLD = (
