@@ -439,27 +439,38 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         "",
         "## Best single model per search stage",
         "",
-        "| stage | trials | wall (s) | overhead | best val Dice | threshold | test Dice | "
-        "test Δ vs the stage it started from | carried forward |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stage | trials | wall (s) | overhead | best val Dice | threshold | "
+        "val Δ vs the stage it started from | test Dice | test Δ vs the stage it started from "
+        "| carried forward |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, s in enumerate(names):
         st = stages[s]
         thr = f"{st['best']['val_thr_best']:.3f}"
         if st.get("val_thresholds", {}).get("val_thr_widened"):
             thr += " (widened)"
-        delta = "–"
+        delta = val_delta = "–"
         # the stage whose configuration this search started from (bldseg.pipeline records
         # it; states without the record carried every stage, so it was the one before)
         start = st.get("started_from", names[i - 1] if i else None)
-        if start in scores and has_truth:
-            d = _minus(scores[s]["test"]["sweep"], scores[start]["test"]["sweep"])
-            delta = f"{_iv(d, signed=True)} (vs {start})"
+        carried = "yes" if st.get("carried_forward", True) else "no: not above the best so far"
+        if start in scores:
+            # The carry decision compares the two best trials' validation Dice as numbers
+            # (bldseg.pipeline.carries_forward); the paired interval says whether that gap is
+            # more than the validation tiles' noise, which a bare "yes" hid.
+            dv = _minus(scores[s]["val"]["sweep"], scores[start]["val"]["sweep"])
+            if dv is not None:
+                val_delta = f"{_iv(dv, signed=True)} (vs {start})"
+                if carried == "yes" and not dv.low > 0:
+                    carried = "yes (the val Δ is within noise)"
+            if has_truth:
+                d = _minus(scores[s]["test"]["sweep"], scores[start]["test"]["sweep"])
+                delta = f"{_iv(d, signed=True)} (vs {start})"
         lines.append(
             f"| {s} | {cfg['trials']} | {st['wall_s']:.0f} | {100 * st['overhead']:.0f}% | "
-            f"{_iv(val_iv[i], st['best']['val_dice_best'])} | {thr} | "
+            f"{_iv(val_iv[i], st['best']['val_dice_best'])} | {thr} | {val_delta} | "
             f"{_iv(test_iv[i], st.get('test', {}).get('test_dice_sweep'))} | {delta} | "
-            f"{'yes' if st.get('carried_forward', True) else 'no: not above the best so far'} |"
+            f"{carried} |"
         )
     lines += ["", "![stages](report/stages.png)", ""]
     # a stage's best configuration is carried forward only when it beats the best so far on

@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     add_world_arguments(p)
     a("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    if len(set(args.seeds)) < len(args.seeds):
+        # a repeated seed is the same run counted twice: it narrows the interval over seeds
+        p.error(f"--seeds: each seed once, got {args.seeds}")
 
     models = {"ours": args.ours, "peer": args.peer}
     flags = {"ours": "--ours", "peer": "--peer"}

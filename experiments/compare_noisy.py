@@ -1,18 +1,18 @@
 """Plain BCE vs co-teaching on noisy masks, scored on the clean held-out test split.
 
-Same budget, same data, same seeds for both arms: the built-in synthetic world has 30%
-corrupted training masks and clean test ground truth. Each arm is trained once per seed
-(``--seeds``, at least 3: one seed per arm cannot tell a method from a lucky initialisation);
-seed ``s`` of both arms shares the split, the crops and the initialisation. Per run: the
-validation Dice (noisy validation masks) and the held-out test Dice at three thresholds (0.5,
-the best of the validation sweep, Youden's). Per arm and threshold rule: the mean over seeds
-and test images with two 95% bootstrap intervals, one over test images (source scenes) and
-one over seeds, and co-teaching minus plain BCE as a paired difference (same seed, same
-tiles) with both intervals; it is called beyond noise only when both exclude 0
-(:func:`bldseg.report.compare_arms`). Prints tables and writes JSON; a re-run continues the
-runs it finds: run folders are ``--out/<arm>/seed<S>-<key>``, keyed by the training data's
-fingerprint and the run config, so another world (``--data-root``) or config trains its own
-runs instead of reusing (or being refused by) those of the first.
+Same budget, same data, same seeds for both arms: the built-in synthetic world has 30% corrupted
+training masks and clean test ground truth. Each arm is trained once per seed (``--seeds``, at least
+3: one seed per arm cannot tell a method from a lucky initialisation); seed ``s`` of both arms
+shares the split, the crops and the initialisation. Per run: the validation Dice (noisy validation
+masks) and the held-out test Dice at three thresholds (0.5, the best of the validation sweep,
+Youden's). Per arm and threshold rule: the mean over seeds and test images with two 95% intervals, a
+cluster bootstrap over test images (source scenes) and Student's t over seeds (a bootstrap of 3
+values under-covers), and co-teaching minus plain BCE as a paired difference (same seed, same tiles)
+with both intervals; it is called beyond noise only when both exclude 0
+(:func:`bldseg.report.compare_arms`). Prints tables and writes JSON; a re-run continues the runs it
+finds: run folders are ``--out/<arm>/seed<S>-<key>``, keyed by the training data's fingerprint and
+the run config, so another world (``--data-root``) or config trains its own runs instead of reusing
+(or being refused by) those of the first.
 
 The co-teaching arm's settings come from ``--tau``, ``--t-k`` and ``--granularity`` only
 (``--set coteach.*`` is refused: it would reach the plain arm too, or be overwritten), and each

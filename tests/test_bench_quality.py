@@ -110,3 +110,12 @@ def test_a_peer_that_cannot_be_built_stops_before_the_data_or_any_training(
         assert e.value.code == 2
         assert says in capsys.readouterr().err
         assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_repeated_seed_is_refused_before_anything_runs(tmp_path, capsys):
+    # --seeds 0 0 counted one run twice: a zero-width interval "over seeds"
+    args = ["--data-root", str(tmp_path / "data"), "--seeds", "0", "0"]
+    with pytest.raises(SystemExit) as e:
+        bench_quality.main([*args, "--out", str(tmp_path / "runs")])
+    assert e.value.code == 2 and "--seeds: each seed once, got [0, 0]" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()

@@ -416,6 +416,13 @@ def test_a_stage_that_finds_nothing_better_is_not_carried_forward(
     # test Δ: each search against the configuration it started from, named
     tau_row = next(line for line in report.splitlines() if line.startswith("| tune_tau |"))
     assert "(vs tune_aug) |" in row and "(vs tune_aug) |" in tau_row, tau_row
+    # the tau search was carried on a validation Dice shifted up, but its tiles score exactly
+    # as tune_aug's (the same model): the paired val Δ is 0 and the report says so
+    cells = [c.strip() for c in tau_row.strip("|").split("|")]
+    assert cells[6] == cells[8] == "+0.0000 [+0.0000, +0.0000] (vs tune_aug)", cells
+    assert tau_row.endswith("| yes (the val Δ is within noise) |"), tau_row
+    aug_row = next(line for line in report.splitlines() if line.startswith("| tune_aug |"))
+    assert aug_row.endswith("| – | yes |"), aug_row
     assert "vs tune_sched" not in report
     assert "carried forward (from tune_aug, tune_tau): `" in report
     assert "| plain BCE (best tune_aug trial) |" in report and "tune_aug's, one seed" in report
