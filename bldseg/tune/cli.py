@@ -196,9 +196,11 @@ def fixed_config(
             flush=True,
         )
     if announce and small and data is not None:
+        # the values the trials get (base), not CPU_DEMO's: a --set aug.crop_size turns
+        # aug.crop_fit off above, and printing CPU_DEMO's True described other crops
         kept = {
-            k: v
-            for k, v in CPU_DEMO.items()
+            k: base[k]
+            for k in CPU_DEMO
             if k not in sets and k not in recipe and not (k == "model" and model)
         }
         print(

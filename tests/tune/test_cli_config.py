@@ -1,5 +1,6 @@
 """The fixed run config an entry script builds: CPU defaults, the pretrained recipe, --set."""
 
+import json
 import logging
 import os
 
@@ -53,6 +54,15 @@ def test_cpu_crop_fits_small_images_unless_asked_for():
     assert asked["aug.crop_size"] == 160 and asked["aug.crop_fit"] is False
     both = fixed_config("data", sets=["aug.crop_size=160", "aug.crop_fit=true"], gpu=False)
     assert both["aug.crop_fit"] is True
+
+
+def test_the_announced_cpu_settings_are_the_ones_the_trials_get(capsys):
+    # --set aug.crop_size turns crop_fit off; the line printed CPU_DEMO's crop_fit true
+    base = fixed_config("data", sets=["aug.crop_size=32"], gpu=False, announce=True)
+    line = capsys.readouterr().out
+    kept = json.loads(line.split("small settings ", 1)[1].split("; pass", 1)[0])
+    assert kept["aug.crop_fit"] is False and "aug.crop_size" not in kept
+    assert all(base[k] == v for k, v in kept.items())
 
 
 def test_cpu_demo_takes_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch):
