@@ -17,6 +17,7 @@ from bldseg.train.engine import cpu_has_native_bf16
 from bldseg.tune import tracking
 from bldseg.tune.runner import (
     DEFAULT_EXPERIMENT,
+    META_FILE,
     METRIC,
     USABLE,
     SearchInterrupted,
@@ -212,6 +213,57 @@ def fixed_config(
     return base
 
 
+def start_from(search: str, storage: str) -> tuple[dict[str, Any], str]:
+    """The run config an earlier search's best trial trained with, to start a search from.
+
+    The earlier search's fixed settings (what it recorded as its base) with its best trial's
+    searched values on top: the configuration the pipeline carries from stage to stage, for
+    searches run one by one (``tune_sched.py --from runs/aug``). Its best trial is the best
+    completed or early-stopped one by validation Dice, as its trial table ranks them.
+
+    Args:
+        search: The earlier search's results folder, or its name under ``storage``.
+        storage: The ``--storage`` of this command.
+
+    Returns:
+        The config, and a line saying where it came from.
+
+    Raises:
+        ValueError: No such search, or no trial of it finished.
+    """
+    from pathlib import Path
+
+    from bldseg.pipeline import best_config
+
+    folder = Path(search) if Path(search).is_dir() else Path(storage) / search
+    meta, csv = folder / META_FILE, folder / "trials.csv"
+    if not meta.is_file() or not csv.is_file():
+        raise ValueError(
+            f"--from {search}: {folder.resolve()} is not a finished or interrupted search's "
+            f"results folder ({META_FILE} and trials.csv); give the folder, or a search "
+            f"name under --storage {storage}"
+        )
+    recorded = json.loads(meta.read_text())
+    table = pd.read_csv(csv)
+    try:
+        best = best_config(table)
+    except RuntimeError:
+        raise ValueError(
+            f"--from {search}: no trial of that search completed, so it has no best "
+            f"configuration (see {csv})"
+        ) from None
+    row = table[table["status"].isin(USABLE)].sort_values(METRIC, ascending=False).iloc[0]
+    # --epochs / --folds are this command's own flags, not settings to inherit
+    fixed = {k: v for k, v in recorded.get("base", {}).items() if k not in _SEARCH_FLAGS}
+    config = {**fixed, **best}
+    said = (
+        f"starting from {folder}'s best trial {row['trial_id']} ({METRIC} "
+        f"{float(row[METRIC]):.4f}): its searched values {json.dumps(best)} over that search's "
+        "fixed settings; --set / --model change them"
+    )
+    return config, said
+
+
 def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
     """``--pretrained PATH``: an official InternImage checkpoint the user owns."""
     parser.add_argument(
@@ -336,6 +388,16 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         "upernet_internimage_t on your data with a GPU); see bldseg.models.list_models()",
     )
     a(
+        "--from",
+        dest="start_from",
+        metavar="SEARCH",
+        default=None,
+        help="start from an earlier search's best configuration (its results folder, or its "
+        "--name under --storage): that search's settings and its best trial's searched values, "
+        "under this command's --set / --model, as the pipeline carries them from stage to stage "
+        "(default: the CPU demo settings or the GPU defaults)",
+    )
+    a(
         "--trials",
         type=positive_int,
         default=DEFAULT_TRIALS,
@@ -458,6 +520,11 @@ def main(
     args = parser.parse_args(argv)
     refuse_search_sets(parser, args.set)
     refuse_two_pretrained(parser, args)
+    if args.start_from and (args.pretrained or "pretrained" in parse_set(args.set, parser)):
+        parser.error(
+            "--from and --pretrained: the search you start from recorded its checkpoint and "
+            "the recipe's values; change them with --set"
+        )
     base = fixed_config(
         args.data or args.images,
         args.model,
@@ -465,8 +532,23 @@ def main(
         gpu=args.gpus_per_trial > 0,  # trials without a GPU train the CPU defaults
         split_group=args.split_group,
         pretrained=args.pretrained,
-        announce=True,
+        announce=not args.start_from,
     )
+    parent_tags = {}
+    if args.start_from:
+        try:
+            carried, said = start_from(args.start_from, args.storage)
+        except ValueError as e:
+            parser.error(str(e))
+        # what this command names wins over what is carried (fixed_config's rules: a crop
+        # asked for by name is checked, never shrunk)
+        sets = parse_set(args.set)
+        named = {"model": args.model, "split_group": args.split_group}
+        base = {**carried, **{k: v for k, v in named.items() if v}, **sets}
+        if "aug.crop_size" in sets and "aug.crop_fit" not in sets:
+            base["aug.crop_fit"] = False
+        parent_tags["bldseg.started_from"] = str(args.start_from)
+        print(said, flush=True)
     if args.folds is not None:
         base["folds"] = args.folds
     # what the user fixed by name, as opposed to the defaults under it (CPU_DEMO, the recipe)
@@ -496,6 +578,7 @@ def main(
         data_root=args.data_root,
         max_concurrent=args.max_concurrent,
         user_keys=tuple(sorted(user_keys)),
+        parent_tags=parent_tags,
     )
     try:
         result = run_search(spec)

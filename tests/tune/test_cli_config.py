@@ -183,3 +183,75 @@ def test_searches_without_gpus_per_trial_take_the_cpu_defaults_where_a_gpu_is_vi
     with pytest.raises(SystemExit):
         pipeline_cmd.main(["--data", data])
     assert seen == [False, False]
+
+
+def _earlier_search(folder, base, rows):
+    # what a finished search leaves: its record (with the base it ran with) and trials.csv
+    import pandas as pd
+
+    from bldseg.tune.runner import META_FILE
+
+    folder.mkdir(parents=True)
+    (folder / META_FILE).write_text(json.dumps({"base": base, "spec": {"trials": len(rows)}}))
+    pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
+
+
+def test_from_starts_a_search_from_an_earlier_searchs_best_configuration(
+    tmp_path, monkeypatch, capsys
+):
+    # Run one by one, tune_sched trained on the default augmentation, not tune_aug's best: --from
+    # carries that search's settings and best searched values, under this command's --set.
+    storage = tmp_path / "runs"
+    earlier = {**CPU_DEMO, "aug.crop_size": 32, "aug.crop_fit": False, "folds": 3}
+    rows = [
+        {"trial_id": t, "val_dice_best": d, "status": s, "config/aug.vflip_p": p}
+        for t, d, s, p in (
+            ("a", 0.61, "completed", 0.1),
+            ("b", 0.70, "error", 0.2),
+            ("c", 0.65, "early-stopped", 0.3),
+        )
+    ]
+    _earlier_search(storage / "aug1", earlier, rows)
+    seen = []
+
+    def record(spec):
+        seen.append(spec)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "run_search", record)
+    argv = ["--storage", str(storage), "--from", "aug1", "--set", "batch_size=2"]
+    assert cli.main("scheduler", "t", argv) == 2
+    (spec,) = seen
+    assert spec.base == {
+        **CPU_DEMO,
+        "aug.crop_size": 32,
+        "aug.crop_fit": False,
+        "aug.vflip_p": 0.3,  # the best trial that finished, not the errored one above it
+        "batch_size": 2,  # this command's --set wins
+    }  # "folds" is this command's flag (--folds), not inherited
+    assert spec.parent_tags == {"bldseg.started_from": "aug1"}
+    out = capsys.readouterr().out
+    assert "best trial c (val_dice_best 0.6500)" in out and "CPU demo's small settings" not in out
+    # a folder path works too; a crop asked for now is checked, not shrunk
+    argv = ["--from", str(storage / "aug1"), "--set", "aug.crop_size=48", "--model", "m"]
+    assert cli.main("scheduler", "t", argv) == 2
+    assert seen[1].base["aug.crop_size"] == 48 and seen[1].base["model"] == "m"
+    assert seen[1].base["aug.crop_fit"] is False
+
+
+def test_from_refuses_what_it_cannot_start_from(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "run_search", lambda spec: pytest.fail("the search started"))
+    storage = tmp_path / "runs"
+    _earlier_search(
+        storage / "failed",
+        CPU_DEMO,
+        [{"trial_id": "a", "val_dice_best": float("nan"), "status": "error"}],
+    )
+    for argv, says in (
+        (["--from", "nowhere"], "is not a finished or interrupted search's results folder"),
+        (["--from", "failed"], "--from failed: no trial of that search completed"),
+        (["--from", "failed", "--pretrained", "w.pth"], "--from and --pretrained"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main("scheduler", "t", ["--storage", str(storage), *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
