@@ -1147,6 +1147,34 @@ def _latest(storage: Path, space: str) -> Path:
     return candidates[-1].parent
 
 
+def _resumed_folder(storage: Path, name: str, shown: int = 5) -> Path:
+    """The folder of the search ``--resume --name NAME`` continues.
+
+    Raises:
+        FileNotFoundError: ``storage`` holds no search of that name; the message names the
+            searches it does hold (the newest first), as a mistyped name or ``--storage`` is
+            the usual cause.
+    """
+    exp_dir = storage / name
+    if (exp_dir / META_FILE).is_file():
+        return exp_dir
+    records = sorted(
+        storage.glob(f"*/{META_FILE}"), key=lambda p: (-p.stat().st_mtime, p.parent.name)
+    )
+    names = [p.parent.name for p in records]
+    if names:
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        there = f"; searches there: {', '.join(names[:shown])}{more}"
+    else:
+        there = "; it holds no search" if storage.is_dir() else f"; {storage} does not exist"
+    # a folder of that name without the record: a search refused before it started, or
+    # something else than a search
+    not_one = f"; {exp_dir} is no search (it has no {META_FILE})" if exp_dir.exists() else ""
+    raise FileNotFoundError(
+        f"no search {name} under {storage} to resume (check --storage and --name){not_one}{there}"
+    )
+
+
 def _open_parent(
     client,
     experiment_id: str,
@@ -1500,7 +1528,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     storage = Path(spec.storage).resolve()
     meta: dict[str, Any] | None = None
     if spec.resume:
-        exp_dir = storage / spec.name if spec.name else _latest(storage, spec.space)
+        exp_dir = _resumed_folder(storage, spec.name) if spec.name else _latest(storage, spec.space)
         meta = json.loads((exp_dir / META_FILE).read_text())
         spec = replace(spec, name=exp_dir.name)
         check_resumed_folder(exp_dir, meta)  # before Ray, the tracking store or the data
@@ -1898,6 +1926,11 @@ def trial_table(
     A K-fold trial's Dice and threshold are its out-of-fold scores (``folds.json``), those it
     predicts with, not its best epoch's mean over folds.
 
+    The per-epoch figures (best Dice, its epoch, epochs run, train_s) are the run folder's
+    ``history.json``, as its summary and MLflow have them; Tune's results, which lose the
+    rows of a trial whose worker was killed and retried, stand in only for a trial without
+    one. ``trial_s`` and ``started`` are Tune's clock.
+
     Args:
         grid: Tune's results (one per trial).
         max_epochs: The epochs each trial was given.
@@ -1914,8 +1947,20 @@ def trial_table(
         cfg = {k: v for k, v in (r.config or {}).items()}
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name.removeprefix("trial_")
         row: dict[str, Any] = {"trial_id": trial_id}
-        diverged = bool(len(df) and "diverged" in df and df["diverged"].fillna(0).max() > 0)
-        good = df[df.get("diverged", 0) == 0] if len(df) and "diverged" in df else df
+        run_dir = trial_run_dir(exp_dir or Path(r.path).parent, trial_id)
+        record = _read_json(run_dir / STATUS_FILE, {})
+        history = _read_json(run_dir / "history.json", None)
+        # A diverged trial's last report to Tune is a "diverged" row (Dice 0.0, not an epoch);
+        # its run folder says so in its status (the history holds only the epochs it trained).
+        diverged = record.get("status") == "diverged" or bool(
+            len(df) and "diverged" in df and df["diverged"].fillna(0).max() > 0
+        )
+        if history is not None:
+            # The run folder's epochs, as finalise_trial, summary.json and MLflow have them:
+            # Tune's result.json loses rows when a worker is killed and the trial retried.
+            good = pd.DataFrame(history)
+        else:  # an older search, or a trial that never wrote its history: Tune's reports
+            good = df[df.get("diverged", 0) == 0] if len(df) and "diverged" in df else df
         if len(good) and METRIC in good:
             i = good[METRIC].idxmax()
             row.update(
@@ -1940,17 +1985,17 @@ def trial_table(
         epochs = int(good["epoch"].max()) if len(good) and "epoch" in good else 0
         row["epochs_run"] = epochs
         row["train_s"] = float(good["epoch_s"].sum()) if len(good) and "epoch_s" in good else 0.0
-        # the trial's own clock (Ray): train_s plus reporting, checkpointing and MLflow logging
-        row["trial_s"] = float(df["time_total_s"].max()) if "time_total_s" in df else 0.0
+        # The trial's own clock (Ray): train_s plus reporting, checkpointing and MLflow logging.
+        # Never less than train_s: the epochs Tune lost still ran inside the trial.
+        trial_s = float(df["time_total_s"].max()) if "time_total_s" in df else 0.0
+        row["trial_s"] = max(trial_s, row["train_s"])
         first = df.iloc[0] if len(df) else None
         row["started"] = (
             float(first["timestamp"] - first["time_this_iter_s"]) if first is not None else 0.0
         )
-        run_dir = trial_run_dir(exp_dir or Path(r.path).parent, trial_id)
         oof = _read_json(run_dir / FOLDS_FILE, {}).get("oof")
         if oof:
             row.update({k: oof[k] for k in (METRIC, "val_thr_best", "val_dice_05")})
-        record = _read_json(run_dir / STATUS_FILE, {})
         if record.get("final"):
             status, message = record["status"], record["message"]
         else:
