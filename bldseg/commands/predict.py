@@ -37,6 +37,11 @@ refused. Checkpoints written before bldseg recorded this take the flags' default
 With --data, only the test split is read: a competition folder needs only test.csv (and its
 images), or pass the test CSV itself; train.csv is neither needed nor cached. Each test image is
 predicted as one square tile (images of other shapes or mixed sizes: --images DIR --out masks/).
+Without --data (and --images), the test split is that of the data the model(s) were trained on,
+as recorded in best.pt by bldseg train (a line says which); members recorded on different data,
+or data no longer where it was, are refused, asking for --data. Models trained on the built-in
+synthetic world predict its test split, under --data-root. A --data other than the recorded one
+is predicted, with a warning naming both.
 
 With one checkpoint the threshold defaults to the one chosen on its validation tiles.
 
@@ -314,21 +319,104 @@ def _check_out_spares_inputs(p: argparse.ArgumentParser, args: argparse.Namespac
                 "overwrite the masks they are scored against; choose another folder"
             )
         return
+    message = _out_overwrites_input(args, "--data")
+    if message:
+        p.error(message)
+
+
+def _out_overwrites_input(args: argparse.Namespace, data_name: str) -> str | None:
+    """Why the submission --out would overwrite the --truth or one of the dataset's CSVs, or
+    None; ``data_name`` says where ``args.data`` came from (the flag, or the model's record)."""
     out = Path(args.out or "submission.csv").resolve()
     inputs = [("--truth", args.truth)]
     if args.data is not None:
         data = Path(args.data)
         folder = data if data.is_dir() else data.parent
         inputs += [
-            (f"--data's {n}", folder / n) for n in ("train.csv", "test.csv", "test_truth.csv")
+            (f"{data_name}'s {n}", folder / n) for n in ("train.csv", "test.csv", "test_truth.csv")
         ]
-        inputs.append(("--data", data))
+        inputs.append((data_name, data))
     for what, path in inputs:
         if path is not None and Path(path).resolve() == out:
-            p.error(
+            return (
                 f"--out {args.out} is {what}: the submission would overwrite it; "
                 "choose another file"
             )
+    return None
+
+
+def _dataset(data: str | os.PathLike) -> Path:
+    """The dataset a --data names, as a resolved folder: a CSV stands for the folder holding it
+    (``train.csv`` and the ``test.csv`` beside it are one dataset), so that two spellings of one
+    dataset compare equal."""
+    path = Path(data).expanduser().resolve()
+    return path.parent if path.suffix.lower() == ".csv" else path
+
+
+def _trained_on(recorded: dict[str, str | None]) -> str:
+    """``"a.pt, b.pt trained on /data/x; c.pt trained on no recorded --data (...)"``: members
+    grouped by the dataset they recorded."""
+    groups: dict[Path | None, list[str]] = {}
+    for member, data in recorded.items():
+        groups.setdefault(None if data is None else _dataset(data), []).append(member)
+    # None: fit records it for the synthetic world and for image folders given by --images
+    return "; ".join(
+        f"{', '.join(members)} trained on "
+        + (
+            "no recorded --data (the built-in synthetic world, or --images folders)"
+            if d is None
+            else str(recorded[members[0]])
+        )
+        for d, members in groups.items()
+    )
+
+
+def _choose_data(args: argparse.Namespace, members: list[str]) -> tuple[str | None, str | None]:
+    """Sets ``args.data`` when it was not given: ``(a line saying which data was taken and from
+    where, a warning when the given --data is not what the members trained on)``.
+
+    Each member's run config records the data it was trained on (``data``: the absolute
+    ``--data`` of bldseg train or a search; None for the built-in synthetic world, and for
+    image folders given by --images). Without --data the members' data is predicted (None: the
+    synthetic world, as before the record was read). A --data given wins, as another dataset's
+    test split is a legitimate thing to predict; it is warned about, as a command line copied
+    from another project looks the same.
+
+    Raises:
+        ValueError: Members recorded different data, and no --data chooses.
+        FileNotFoundError: The recorded data is no longer there.
+    """
+    recorded = {m: member_config(m)[0].data for m in members}
+    if args.data is not None:
+        given = _dataset(args.data)
+        # None is not compared: it does not tell the synthetic world from --images folders
+        others = {m: d for m, d in recorded.items() if d is not None and _dataset(d) != given}
+        if not others:
+            return None, None
+        return None, (
+            f"warning: predicting the test split of --data {args.data}, but {_trained_on(others)}"
+            " (recorded in the checkpoint); leave --data out to predict that data's test split"
+        )
+    if len({None if d is None else _dataset(d) for d in recorded.values()}) > 1:
+        raise ValueError(
+            f"the members were trained on different data ({_trained_on(recorded)}); pass --data "
+            "with the dataset whose test split to predict"
+        )
+    data = recorded[members[0]]
+    if data is None:
+        return None, None
+    who = f"{members[0]} was" if len(members) == 1 else f"its {len(members)} members were"
+    if not Path(data).exists():
+        raise FileNotFoundError(
+            f"{data}, the data {who} trained on (recorded in the checkpoint), no longer exists; "
+            "pass --data with the dataset's test split (a competition folder, its test CSV or a "
+            "bldseg cache)"
+        )
+    args.data = data
+    return (
+        f"no --data given: predicting the test split of {data}, the data {who} trained on "
+        "(recorded in the checkpoint); pass --data to predict another"
+    ), None
 
 
 def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> str | None:
@@ -477,6 +565,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(line, file=sys.stderr)
     if info:
         print(info)
+    taken = False  # whether --data came from the members' record
+    if args.images is None:
+        try:
+            info, warning = _choose_data(args, spec.checkpoints)
+        except USER_ERRORS as e:
+            return fail(e)
+        if warning:
+            print(warning, file=sys.stderr)
+        if info:
+            taken = True
+            print(info)
+            # checked in parse_args for a --data given; the recorded one is known only now
+            message = _out_overwrites_input(args, "the recorded data")
+            if message:
+                return fail(message)
     options = data_options(args)
     t0 = time.perf_counter()
 
@@ -520,6 +623,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = args.out or "submission.csv"
     try:
         data = prepare_test_data(args.data, options=options, data_root=args.data_root, verbose=True)
+    except USER_ERRORS as e:
+        # the message names --data, which the user did not type: say where it came from
+        if taken:
+            return fail(f"{e} (the recorded data the model(s) were trained on; pass --data)")
+        return fail(e)
+    try:
         pred = predict_cache(spec, data.test, batch_size=args.batch_size, device=args.device)
     except USER_ERRORS as e:
         return fail(e)

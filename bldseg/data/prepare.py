@@ -704,7 +704,12 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, training: bool = True
         "--data",
         default=None,
         help="competition folder (train.csv), image/mask folder (images/ + masks/), or a "
-        "bldseg cache; default: the built-in synthetic world",
+        "bldseg cache; default: the built-in synthetic world"
+        if training
+        # prediction reads a test split, and defaults to the data the model(s) recorded
+        else "the dataset whose test split to predict: a competition folder (test.csv), a "
+        "test CSV, or a bldseg cache (test/); default: the data the model(s) were trained on, "
+        "recorded in best.pt (the built-in synthetic world for models trained on it)",
     )
     a("--data-root", default=str(DEFAULT_DATA_ROOT), help="caches and the synthetic world")
     a(
