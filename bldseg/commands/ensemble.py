@@ -16,10 +16,16 @@ rule with 95% bootstrap intervals on the check half (and the test library, when 
             own masks hold fewer than a pixels, m in 1..k and a from --empty-areas
 best_ensemble.json holds the best rule on the selection half, best_ensemble_<rule>.json each.
 
+The models are the run folders under --runs whose status.json says completed or early-stopped
+(or that have none: older runs, models copied by hand); those of trials that failed, diverged
+or never finished are left out with one warning naming each (--include-failed takes them).
+--models takes every model given, with a warning for those whose status.json says they failed.
+
 A flag that does not apply to the chosen method or rule is refused, not ignored: -k, --k-range,
 --workers N and --address size or spread the exhaustive search, --greedy-size and --greedy-init
 the greedy one; --empty-areas and --empty-candidates need --empty-tile, --max-weight and
---weighted-starts need --rules weighted, --experiment and --parent-run-id need --tracking-uri.
+--weighted-starts need --rules weighted, --experiment and --parent-run-id need --tracking-uri,
+--include-failed needs --runs.
 
     bldseg ensemble --runs runs/augmentation-20261206-101500 -k 6
     bldseg ensemble --models runs/a runs/b runs/c --k-range 2 3 --workers 0
@@ -38,9 +44,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
-from bldseg.ensemble.library import find_runs
+from bldseg.ensemble.library import STATUS_FILE, find_runs, unusable_runs
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
 from bldseg.ensemble.run import SearchConfig, make_out_dir, run_search, summary_lines
 from bldseg.ensemble.search import default_workers
@@ -61,6 +68,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--runs", help="search results folder (run folders found recursively)")
     src.add_argument("--models", nargs="+", help="run folders or val_probs.npz files")
+    p.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="--runs: also take the runs whose trial failed, diverged or never finished (their "
+        "status.json says so), e.g. to inspect them (default: left out with a warning)",
+    )
     # Flags that apply only to some methods or rules default to None, so that one given where
     # it does not apply can be refused (_refuse_inapplicable); main() fills in the defaults.
     p.add_argument(
@@ -181,6 +194,11 @@ def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
     """
     if a.k is not None and a.k_range is not None:
         p.error("-k and --k-range both set the ensemble sizes; give one of them")
+    if a.include_failed and a.models:
+        p.error(
+            "--include-failed takes the failed runs found under --runs; --models takes every "
+            "model given (drop --include-failed)"
+        )
     # checked here, before Ray starts; the search checks k against the library's size
     if a.k is not None and a.k < 1:
         p.error(f"-k must be at least 1, got {a.k}")
@@ -236,6 +254,27 @@ def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
                 p.error(f"{flag} sets the MLflow run; it needs --tracking-uri")
 
 
+def _warn_failed_models(models: list[str], prog: str, include_failed: bool) -> None:
+    """One warning line naming the models whose ``status.json`` says their run failed.
+
+    They are searched all the same: --models named them, or --include-failed asked for them.
+    """
+    failed = unusable_runs(models)
+    if not failed:
+        return
+    listing = ", ".join(f"{path} ({status})" for path, status in failed)
+    how = (
+        "searched as --include-failed asks (without it they are left out)"
+        if include_failed
+        else "searched as given (leave them out of --models to search finished models only)"
+    )
+    print(
+        f"{prog}: warning: {len(failed)} of the {len(models)} models did not complete (their "
+        f"{STATUS_FILE} says they failed, diverged or never finished): {listing}; {how}",
+        file=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Runs the search and prints the chosen ensemble; returns the exit status.
 
@@ -256,12 +295,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     else:
         ks = [a.k] if a.k is not None else list(DEFAULTS.k)
     workers = a.workers
+    models = a.models or []
     if a.runs and not a.models:
         try:  # before Ray: a mistyped --runs should not first start or join a cluster
-            find_runs(a.runs)
+            with warnings.catch_warnings():
+                # the search finds them again and warns of the runs it leaves out then, once
+                warnings.simplefilter("ignore")
+                found = find_runs(a.runs, include_failed=a.include_failed)
         except FileNotFoundError as err:
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
+        if a.include_failed:
+            _warn_failed_models([str(r) for r in found], parser.prog, True)
+    _warn_failed_models(models, parser.prog, False)
     uri = None
     if a.tracking_uri:
         from bldseg.tune import tracking
@@ -302,7 +348,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     cfg = SearchConfig(
         runs=a.runs,
-        models=a.models or [],
+        models=models,
+        include_failed=a.include_failed,
         k=ks,
         lo=a.lo,
         hi=a.hi,

@@ -14,11 +14,19 @@ run folders, which are part of it and never models of their own. Its checkpoint 
 ``folds.json``: predicting with it averages the K fold models (:func:`bldseg.predict.load_member`).
 Every K-fold configuration trained on the same data and split covers the same tiles, so their
 libraries combine unchanged.
+
+A run folder's ``status.json`` (written by ``bldseg train`` and by a search's trials) says how
+it ended. A search's results folder also holds the models of trials that failed, diverged or
+never finished: they keep the ``best.pt`` and ``val_probs.npz`` of the epochs they trained.
+:func:`find_runs` leaves those out, unless asked (``include_failed``); a run folder without a
+``status.json`` (an older version's, a model copied by hand) is kept.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,12 +36,16 @@ import numpy as np
 
 __all__ = [
     "FOLDS_FILE",
+    "STATUS_FILE",
+    "USABLE_STATUSES",
     "VAL_FILE",
     "ModelLibrary",
     "find_runs",
     "load_library",
     "member_checkpoint",
+    "run_status",
     "split_by_image",
+    "unusable_runs",
 ]
 
 VAL_FILE = "val_probs.npz"
@@ -43,6 +55,15 @@ CHECKPOINT_FILE = "best.pt"
 
 FOLDS_FILE = "folds.json"
 """The manifest of a K-fold run folder (``bldseg.train.folds.FOLDS_FILE``)."""
+
+STATUS_FILE = "status.json"
+"""How a run ended: ``{"status": ..., "message": ...}`` (``bldseg.tune.runner.STATUS_FILE``)."""
+
+# What a model of the library may have ended as: trained every epoch, or stopped early by the
+# search's scheduler (ASHA). Others: "error", "diverged", "running" (a trial of a search still
+# running or killed), "stopped" (a K-fold run whose other folds are still to train). The same
+# as bldseg.tune.runner.USABLE, kept here so the library does not import the tuner.
+USABLE_STATUSES = ("completed", "early-stopped")
 
 
 def member_checkpoint(run_dir: str | os.PathLike) -> Path:
@@ -104,14 +125,64 @@ def _cannot_read(name: str, f: Path, err: BaseException, file_name: str) -> Valu
     return ValueError(f"model {name!r} ({f}): cannot read it ({type(err).__name__}: {err}); {fix}")
 
 
-def find_runs(root: str | os.PathLike, file_name: str = VAL_FILE) -> list[Path]:
+def run_status(path: str | os.PathLike) -> str | None:
+    """How a run ended, as its ``status.json`` says; None when it has none.
+
+    Args:
+        path: A run folder, or a file in it (its ``val_probs.npz``).
+
+    Returns:
+        The recorded status (``"completed"``, ``"early-stopped"``, ``"error"``, ...);
+        ``"unreadable"`` when the file is there but holds no status (a damaged file says nothing
+        about how the run ended, so it is not taken for a finished one); None without the file.
+    """
+    path = Path(path)
+    if not path.exists():  # a mistyped model: loading it says so
+        return None
+    f = (path if path.is_dir() else path.parent) / STATUS_FILE
+    try:
+        record = json.loads(f.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
+        return "unreadable"
+    status = record.get("status") if isinstance(record, dict) else None
+    return status if isinstance(status, str) and status else "unreadable"
+
+
+def unusable_runs(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """The run folders (or files in them) whose ``status.json`` says they are no usable model.
+
+    Returns:
+        ``(path, status)`` in the order given, for every status other than
+        :data:`USABLE_STATUSES`; paths without a ``status.json`` are not listed.
+    """
+    out = []
+    for p in paths:
+        status = run_status(p)
+        if status is not None and status not in USABLE_STATUSES:
+            out.append((Path(p), status))
+    return out
+
+
+def find_runs(
+    root: str | os.PathLike, file_name: str = VAL_FILE, *, include_failed: bool = False
+) -> list[Path]:
     """Every run folder under ``root`` (recursively) holding ``file_name``, sorted by path.
 
     The folds of a K-fold run (folders inside one holding ``folds.json``) are not listed: the
-    K-fold run is, by its out-of-fold file.
+    K-fold run is, by its out-of-fold file. Run folders whose ``status.json`` says anything but
+    completed or early-stopped (a trial that failed, diverged or never finished) are left out
+    with one warning naming each, unless ``include_failed``.
+
+    Args:
+        root: The search results folder (or a folder of several).
+        file_name: The npz a run folder must hold.
+        include_failed: Also list the run folders whose status says they failed.
 
     Raises:
-        FileNotFoundError: if ``root`` does not exist or holds no such run folder.
+        FileNotFoundError: if ``root`` does not exist or holds no such run folder, or no usable
+            one (each says it failed).
     """
     root = Path(root)
     if not root.is_dir():
@@ -124,7 +195,34 @@ def find_runs(root: str | os.PathLike, file_name: str = VAL_FILE) -> list[Path]:
             f"no run folder under {root} holds {file_name}; point --runs at a search's results "
             "folder (trials write it after their first validation) or pass --models"
         )
-    return runs
+    failed = [] if include_failed else unusable_runs(runs)
+    if not failed:
+        return runs
+    listing = ", ".join(f"{_relative(r, root)} ({status})" for r, status in failed)
+    left = {r for r, _ in failed}
+    kept = [r for r in runs if r not in left]
+    if not kept:
+        raise FileNotFoundError(
+            f"no usable model under {root}: the {STATUS_FILE} of each of its {len(runs)} run "
+            f"folder(s) holding {file_name} says it did not complete: {listing}; retrain them "
+            "(rerun or resume the search), or take them anyway with bldseg ensemble "
+            "--include-failed (e.g. to inspect them)"
+        )
+    # Located here (stacklevel 1), not at the caller: the pipeline looks for the runs twice
+    # (for its test maps, then in the ensemble search), and Python's default filter prints a
+    # warning of the same text from the same line once.
+    warnings.warn(
+        f"left out {len(failed)} of the {len(runs)} run folders under {root}: their "
+        f"{STATUS_FILE} says the run failed, diverged or never finished: {listing}; "
+        "bldseg ensemble --include-failed takes them",
+        stacklevel=1,
+    )
+    return kept
+
+
+def _relative(path: Path, root: Path) -> str:
+    """A run folder's name in a library found under ``root``."""
+    return str(path.relative_to(root)) if path != root else path.name
 
 
 def _inside_kfold(run: Path, root: Path) -> bool:
@@ -144,7 +242,7 @@ def _npz_path(path: Path, file_name: str) -> Path:
 def _names(paths: Sequence[Path], root: Path | None) -> list[str]:
     """Short unique names: paths relative to the common root, else the folder names."""
     if root is not None:
-        names = [str(p.relative_to(root)) if p != root else p.name for p in paths]
+        names = [_relative(p, root) for p in paths]
     else:
         names = [p.name if p.is_dir() else p.stem for p in paths]
     if len(set(names)) < len(names):

@@ -83,6 +83,8 @@ class SearchConfig:
 
     runs: str | None = None  # search results folder; run folders are found recursively
     models: list[str] = field(default_factory=list)  # or explicit run folders / npz files
+    # runs: also the run folders whose status.json says the trial failed (find_runs)
+    include_failed: bool = False
     k: list[int] = field(default_factory=lambda: [6])  # ensemble sizes (exhaustive)
     lo: float = 0.30  # lowest threshold considered (widened when a choice lies on the edge)
     hi: float = 0.70  # highest threshold considered (widened likewise)
@@ -206,7 +208,8 @@ def _load(cfg: SearchConfig, file_name: str | None = None) -> ModelLibrary:
     if cfg.runs and cfg.models:
         raise ValueError("give either --runs or --models, not both")
     if cfg.runs:
-        return load_library(find_runs(cfg.runs, **kw), root=cfg.runs, **kw)
+        runs = find_runs(cfg.runs, include_failed=cfg.include_failed, **kw)
+        return load_library(runs, root=cfg.runs, **kw)
     if cfg.models:
         return load_library(cfg.models, **kw)
     raise ValueError("no models: pass --runs <search results folder> or --models <paths>")
