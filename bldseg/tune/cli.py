@@ -514,7 +514,8 @@ def main(
     Returns:
         The exit status: 0 when at least one trial completed, 1 when none did (the reason is
         printed), 2 when the search could not start, 130 when it was interrupted (Ctrl-C; the
-        message says how to continue it).
+        message says how to continue it); a search whose Ray cluster is lost ends its process
+        with 3 (:data:`bldseg.tune.runner.EXIT_CLUSTER_LOST`), saying how to continue it.
     """
     parser = build_parser(space, description)
     args = parser.parse_args(argv)

@@ -43,6 +43,10 @@
   never taken for a finished one. ``resume=True`` continues it. Each session's wall time is
   added to the search's record (:data:`META_FILE`), so a resumed search's wall time and
   overhead figures are over all its sessions, as its trials' epochs are.
+* A lost cluster (its head's GCS port stops accepting connections for
+  :data:`CLUSTER_LOST_AFTER_S`): Ray would end the driver process itself after 60 s, exit 1,
+  leaving the MLflow runs RUNNING. :class:`ClusterWatch` acts first: it marks the runs KILLED,
+  records the session and ends the process with :data:`EXIT_CLUSTER_LOST`, saying how to resume.
 * A search in which no trial completed says so: :attr:`SearchResult.n_completed` is 0,
   :attr:`SearchResult.best` is empty and :attr:`SearchResult.first_failure` says why.
 """
@@ -60,6 +64,7 @@ import re
 import shlex
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -116,6 +121,67 @@ DEFAULT_EXPERIMENT = "bldseg"  # the MLflow experiment of a project's searches
 #: broke ``--resume``), so letters, digits, ``.``, ``_`` and ``-`` only.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 CODE_DIR = Path(__file__).resolve().parents[2]  # bldseg's checkout (or site-packages)
+
+
+#: Exit status of a search process whose Ray cluster stopped answering (:class:`ClusterWatch`).
+EXIT_CLUSTER_LOST = 3
+#: Seconds the cluster's head may refuse connections before a search gives up on it: under
+#: Ray's own 60 s, after which Ray ends the driver process itself (exit 1, nothing closed).
+CLUSTER_LOST_AFTER_S = 30.0
+
+
+class ClusterWatch:
+    """Watches the Ray head while Tune runs, and calls ``on_lost`` once when it is gone.
+
+    Every ``period`` seconds a thread opens a TCP connection to the head's GCS port (the
+    kernel accepts it while the GCS process lives, however busy it is). When none has
+    succeeded for ``after`` seconds, it calls ``on_lost`` (from the thread) and stops.
+
+    Args:
+        gcs_address: ``host:port`` of the cluster's GCS (``ray.get_runtime_context()``).
+        on_lost: Called with the seconds since the last answer.
+        after: Seconds without an answer that mean the cluster is gone.
+        period: Seconds between checks.
+    """
+
+    def __init__(
+        self,
+        gcs_address: str,
+        on_lost: Callable[[float], None],
+        after: float = CLUSTER_LOST_AFTER_S,
+        period: float = 2.0,
+    ) -> None:
+        import threading
+
+        host, _, port = gcs_address.rpartition(":")
+        self._where = (host.strip("[]"), int(port))
+        self._on_lost, self._after, self._period = on_lost, after, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bldseg-cluster-watch", daemon=True)
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(self._where, timeout=self._period):
+                return True
+        except OSError:
+            return False
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self._period):
+            if self._answers():
+                last = time.monotonic()
+            elif time.monotonic() - last >= self._after:
+                self._on_lost(time.monotonic() - last)
+                return
+
+    def __enter__(self) -> ClusterWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._period + 1)
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -1386,7 +1452,7 @@ def _record_session(
         exp_dir: The search's results folder.
         parent_run_id: The search's parent run.
         wall_s: This session's wall time.
-        end: ``"finished"``, ``"interrupted"`` or ``"failed"``.
+        end: ``"finished"``, ``"interrupted"``, ``"failed"`` or ``"cluster lost"``.
         slots: The trial slots the session had (what its overhead figure divides by).
     """
     path = exp_dir / META_FILE
@@ -1790,7 +1856,30 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     verbose=1,
                 ),
             )
-        grid = tuner.fit()
+        gcs = ray.get_runtime_context().gcs_address
+
+        def cluster_lost(silent_s: float) -> None:
+            # From the watch's thread while Tune's loop waits on the dead cluster: close what
+            # the resume needs (the runs KILLED as after Ctrl-C, this session's wall time),
+            # then end the process before Ray does so halfway through something.
+            try:
+                driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "KILLED")
+                driver.tracker.close()
+                _record_session(
+                    exp_dir, parent_run_id, time.perf_counter() - t0, "cluster lost", slots
+                )
+            finally:
+                print(
+                    f"\nerror: the Ray cluster at {gcs} has not answered for {silent_s:.0f} s "
+                    "(its head node or processes are gone); the search's MLflow runs are marked "
+                    f"KILLED. Restart the cluster, then: {resume_hint}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(EXIT_CLUSTER_LOST)
+
+        with ClusterWatch(gcs, cluster_lost):
+            grid = tuner.fit()
         driver.drain()
         if _interrupted(driver, grid, n_trials):
             driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "KILLED")

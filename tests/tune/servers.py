@@ -1,6 +1,9 @@
-"""A real `mlflow server` subprocess for the search tests (sqlite backend, 127.0.0.1)."""
+"""Real servers for the search tests: `mlflow server` (sqlite backend) and a `ray start --head`
+cluster, both on 127.0.0.1."""
 
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,3 +68,60 @@ def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> Non
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def start_ray_head(token_dir: Path) -> tuple[subprocess.Popen, int, dict[str, str], Path]:
+    """`ray start --head --block` on 127.0.0.1; returns ``(process, port, env, temp dir)``.
+
+    ``env`` is what a client process needs to join it (``--address 127.0.0.1:<port>``). The
+    head runs in its own process group, which holds the whole cluster: :func:`stop_ray_head`
+    (or a test that kills it on purpose) stops exactly this cluster, where `ray stop` would
+    also kill the test session's own Ray.
+    """
+    port = free_port()
+    temp = Path("/tmp") / f"ray_{port}"  # short path: Ray's socket names have a length limit
+    token = token_dir / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        # Ray maps 127.0.0.1 to the host's network address unless told this is a one-machine
+        # cluster; keep every socket on loopback.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # a cluster started with `ray start` requires its token from every client
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+    }
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
+    return head, port, env, temp
+
+
+def stop_ray_head(head: subprocess.Popen, temp: Path) -> None:
+    """Stops the cluster of :func:`start_ray_head` (SIGKILL if it does not exit in 60 s)."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)

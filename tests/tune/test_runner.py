@@ -4,8 +4,6 @@ import json
 import logging
 import os
 import re
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +16,12 @@ import pytest
 
 from bldseg.tune.runner import METRIC, SEARCHER_METRIC, SearchSpec, get_space, run_search
 from tests.conftest import free_port
-from tests.tune.servers import start_mlflow_server, stop_mlflow_server
+from tests.tune.servers import (
+    start_mlflow_server,
+    start_ray_head,
+    stop_mlflow_server,
+    stop_ray_head,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -556,43 +559,7 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
 
 def test_runner_joins_a_real_local_cluster(small_world, tmp_path):
     """`ray start --head` on 127.0.0.1, then the script connects with --address."""
-    port = free_port()
-    ray_bin = str(BIN / "ray")
-    temp = Path("/tmp") / f"ray_{port}"  # short path: Ray's socket names have a length limit
-    token = tmp_path / "ray_token"
-    token.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        # Ray maps 127.0.0.1 to the host's network address unless told this is a one-machine
-        # cluster; keep every socket on loopback.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        # a cluster started with `ray start` requires its token from every client
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-    }
-    # --block keeps `ray start` in the foreground; its process group holds the whole cluster,
-    # so the test can stop exactly this cluster (`ray stop` would also kill the session's Ray).
-    head = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--num-cpus",
-            "2",
-            "--include-dashboard=false",
-            f"--temp-dir={temp}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=env,
-    )
+    head, port, env, temp = start_ray_head(tmp_path)
     try:
         args = [
             sys.executable,
@@ -637,12 +604,7 @@ def test_runner_joins_a_real_local_cluster(small_world, tmp_path):
         assert len(trials) == 1 and METRIC in trials[0].data.metrics, [r.data for r in runs]
         assert [p.name for p in tmp_path.rglob("mlflow.db")] == ["mlflow.db"]  # no stray stores
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_ray_head(head, temp)
 
 
 def test_kfold_trials_leave_out_of_fold_libraries(small_world, ray_session, tmp_path):

@@ -1,0 +1,96 @@
+"""A search whose Ray cluster goes away: Ray ended the driver itself after 60 s (exit 1, the
+MLflow runs left RUNNING, the session's wall time lost); bldseg's ClusterWatch acts first."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from bldseg.tune.runner import EXIT_CLUSTER_LOST, ClusterWatch
+from tests.tune.servers import start_ray_head, stop_ray_head
+from tests.tune.test_runner import BASE, REPO
+
+
+def test_the_watch_calls_on_lost_once_the_head_stops_accepting_connections():
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    lost: list[float] = []
+    called = threading.Event()
+
+    def on_lost(silent_s: float) -> None:
+        lost.append(silent_s)
+        called.set()
+
+    with ClusterWatch(address, on_lost, after=0.6, period=0.1):
+        time.sleep(1.0)  # answering: longer than `after`, and nothing is called
+        assert lost == []
+        server.close()  # the head is gone: nothing listens on its port any more
+        assert called.wait(timeout=5)
+        time.sleep(0.3)
+    assert len(lost) == 1 and lost[0] >= 0.6  # once, after `after` seconds of silence
+
+
+def test_a_finished_watch_never_calls_on_lost():
+    server = socket.create_server(("127.0.0.1", 0))
+    lost: list[float] = []
+    with ClusterWatch(f"127.0.0.1:{server.getsockname()[1]}", lost.append, after=0.2, period=0.05):
+        time.sleep(0.2)
+    server.close()
+    time.sleep(0.4)
+    assert lost == []
+
+
+@pytest.mark.slow
+def test_a_search_whose_cluster_dies_ends_resumable_and_says_so(small_world, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    head, port, env, temp = start_ray_head(tmp_path)
+    search = None
+    try:
+        args = [sys.executable, str(REPO / "experiments" / "tune_aug.py")]
+        args += ["--data", str(small_world.root), "--trials", "1", "--epochs", "30"]
+        args += ["--scheduler", "fifo", "--address", f"127.0.0.1:{port}"]
+        args += ["--storage", str(tmp_path / "runs"), "--name", "lost"]
+        args += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+        for k, v in BASE.items():
+            args += ["--set", f"{k}={json.dumps(v)}"]
+        search = subprocess.Popen(
+            args,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # the cluster goes once the trial has trained an epoch (its run folder's history)
+        runs = tmp_path / "runs" / "lost"
+        deadline = time.monotonic() + 300
+        while not list(runs.glob("trial_*/run/history.json")):
+            assert search.poll() is None, search.communicate()
+            assert time.monotonic() < deadline, "no epoch finished in 300 s"
+            time.sleep(0.5)
+        killed = time.monotonic()
+        os.killpg(head.pid, signal.SIGKILL)
+        _, err = search.communicate(timeout=120)
+        waited = time.monotonic() - killed
+    finally:
+        if search is not None and search.poll() is None:
+            search.kill()
+        stop_ray_head(head, temp)
+    assert search.returncode == EXIT_CLUSTER_LOST, err[-3000:]
+    assert waited < 60, waited  # before Ray's own 60 s end of the driver
+    assert f"the Ray cluster at 127.0.0.1:{port} has not answered for" in err
+    assert "continue it with --resume --name lost" in err
+    # what a resume needs is closed: the runs KILLED (not RUNNING), this session recorded
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = [e.experiment_id for e in client.search_experiments()]
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs(exp)}
+    assert statuses["lost"] == "KILLED" and set(statuses.values()) == {"KILLED"}, statuses
+    sessions = json.loads((runs / "bldseg_search.json").read_text())["sessions"]
+    assert [s["end"] for s in sessions] == ["cluster lost"] and sessions[0]["wall_s"] > 0
