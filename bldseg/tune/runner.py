@@ -1207,7 +1207,18 @@ def init_ray(address: str | None = None, **kwargs: Any) -> str:
 
 
 def _latest(storage: Path, space: str) -> Path:
-    candidates = sorted(storage.glob(f"{space}-*/{META_FILE}"), key=lambda p: p.stat().st_mtime)
+    """The most recently recorded search of ``space`` under ``storage`` (``--resume`` without
+    ``--name``): by each record's space, so a search given its own ``--name`` is found too,
+    not only the default ``<space>-<timestamp>`` names."""
+
+    def of_space(record: Path) -> bool:
+        recorded = _read_json(record, {}).get("spec", {}).get("space")
+        # a record without its spec (older versions): the default name says the space
+        return recorded == space if recorded else record.parent.name.startswith(f"{space}-")
+
+    candidates = sorted(
+        (p for p in storage.glob(f"*/{META_FILE}") if of_space(p)), key=lambda p: p.stat().st_mtime
+    )
     if not candidates:
         raise FileNotFoundError(f"--resume: no {space} search under {storage}; pass --name")
     return candidates[-1].parent

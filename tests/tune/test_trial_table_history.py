@@ -169,3 +169,20 @@ def test_resume_names_a_folder_that_is_not_a_search_and_an_empty_storage(tmp_pat
     spec = SearchSpec(space="augmentation", resume=True, name="s7", storage=str(tmp_path / "no"))
     with pytest.raises(FileNotFoundError, match=r"under .*/no to resume .*; .*/no does not exist"):
         run_search(spec)
+
+
+def test_resume_without_a_name_finds_the_latest_search_of_the_space_by_its_record(tmp_path):
+    # --resume without --name looked only at default names (<space>-<timestamp>): a search
+    # started with --name was never found, though --help says "the latest of this space"
+    from bldseg.tune.runner import _latest
+
+    storage = tmp_path / "store"
+    _searches(storage, "augmentation-20261201-000000", "mine", "theirs", "nospec")
+    for name, space in (("mine", "augmentation"), ("theirs", "scheduler")):
+        (storage / name / META_FILE).write_text(json.dumps({"spec": {"space": space}}))
+    os.utime(storage / "mine" / META_FILE, (2000, 2000))
+    os.utime(storage / "theirs" / META_FILE, (3000, 3000))
+    assert _latest(storage, "augmentation") == storage / "mine"
+    assert _latest(storage, "scheduler") == storage / "theirs"
+    with pytest.raises(FileNotFoundError, match="no coteaching search under"):
+        _latest(storage, "coteaching")
