@@ -526,6 +526,113 @@ def recorded_image_read(checkpoints: Sequence[str | os.PathLike]) -> tuple[dict 
     return (found[0][1] if found else None), unrecorded
 
 
+@dataclass(frozen=True)
+class DataUse:
+    """What a command does with a dataset, in the words of its messages about the data the
+    members recorded (:func:`choose_recorded_data`)."""
+
+    verb: str  # "predict": "pass --data to predict another"
+    doing: str  # "predicting": "predicting the test split of ..."
+    part: str  # the part of the dataset it reads: "test split"
+    forms: str  # what --data may then name: "a competition folder, its test CSV or ..."
+
+
+def dataset_of(data: str | os.PathLike) -> Path:
+    """The dataset a --data names, as a resolved folder: a CSV stands for the folder holding it
+    (``train.csv`` and the ``test.csv`` beside it are one dataset), so that two spellings of one
+    dataset compare equal."""
+    path = Path(data).expanduser().resolve()
+    return path.parent if path.suffix.lower() == ".csv" else path
+
+
+def recorded_data(members: Sequence[str]) -> dict[str, str | None]:
+    """The data each member was trained on, as its run config records it (``data``: the
+    absolute ``--data`` of bldseg train or a search; None for the built-in synthetic world, and
+    for image folders given by --images); a K-fold member's from its ``folds.json``.
+
+    Raises:
+        FileNotFoundError: A member, or a fold's ``best.pt`` of a K-fold member, is missing.
+        ValueError: Not a bldseg checkpoint or K-fold manifest.
+    """
+    return {m: member_config(m)[0].data for m in members}
+
+
+def trained_on(recorded: dict[str, str | None]) -> str:
+    """``"a.pt, b.pt trained on /data/x; c.pt trained on no recorded --data (...)"``: members
+    grouped by the dataset they recorded (:func:`recorded_data`)."""
+    groups: dict[Path | None, list[str]] = {}
+    for member, data in recorded.items():
+        groups.setdefault(None if data is None else dataset_of(data), []).append(member)
+    # None: fit records it for the synthetic world and for image folders given by --images
+    return "; ".join(
+        f"{', '.join(members)} trained on "
+        + (
+            "no recorded --data (the built-in synthetic world, or --images folders)"
+            if d is None
+            else str(recorded[members[0]])
+        )
+        for d, members in groups.items()
+    )
+
+
+def choose_recorded_data(
+    given: str | None, members: Sequence[str], use: DataUse
+) -> tuple[str | None, str | None, str | None]:
+    """The data a command run with these members reads: ``(the data, a line saying it was taken
+    from the record, a warning that the given --data is not what the members trained on)``.
+
+    Without --data (``given`` None) the members' recorded data (:func:`recorded_data`) is read;
+    None (the synthetic world, as before the record was read) leaves the data None and says
+    nothing. A --data given wins, as another dataset is a legitimate thing to read; it is
+    warned about, as a command line copied from another project looks the same.
+
+    Args:
+        given: The --data given, or None.
+        members: The members (``best.pt``, ``folds.json`` or run folders), as the messages name
+            them.
+        use: What the command does with the data, for the messages.
+
+    Raises:
+        ValueError: Members recorded different data, and no --data chooses.
+        FileNotFoundError: The recorded data is no longer there, or a member is missing.
+    """
+    recorded = recorded_data(members)
+    if given is not None:
+        # None is not compared: it does not tell the synthetic world from --images folders
+        others = {
+            m: d
+            for m, d in recorded.items()
+            if d is not None and dataset_of(d) != dataset_of(given)
+        }
+        if not others:
+            return given, None, None
+        warning = (
+            f"warning: {use.doing} the {use.part} of --data {given}, but {trained_on(others)} "
+            f"(recorded in the checkpoint); leave --data out to {use.verb} that data's "
+            f"{use.part}"
+        )
+        return given, None, warning
+    if len({None if d is None else dataset_of(d) for d in recorded.values()}) > 1:
+        raise ValueError(
+            f"the members were trained on different data ({trained_on(recorded)}); pass --data "
+            f"with the dataset whose {use.part} to {use.verb}"
+        )
+    data = recorded[members[0]]
+    if data is None:
+        return None, None, None
+    who = f"{members[0]} was" if len(members) == 1 else f"its {len(members)} members were"
+    if not Path(data).exists():
+        raise FileNotFoundError(
+            f"{data}, the data {who} trained on (recorded in the checkpoint), no longer exists; "
+            f"pass --data with the dataset's {use.part} ({use.forms})"
+        )
+    info = (
+        f"no --data given: {use.doing} the {use.part} of {data}, the data {who} trained on "
+        f"(recorded in the checkpoint); pass --data to {use.verb} another"
+    )
+    return data, info, None
+
+
 def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarray:
     """The ensemble's decision from its members' quantised maps, as the ensemble search makes it.
 

@@ -75,10 +75,12 @@ from bldseg.data.prepare import (
 from bldseg.data.readers import DEFAULT_READ
 from bldseg.predict import (
     DEFAULT_OVERLAP,
+    DataUse,
     EnsembleSpec,
     check_member,
     check_overlap,
     check_window,
+    choose_recorded_data,
     describe_image_read,
     image_read_flag,
     member_config,
@@ -86,6 +88,14 @@ from bldseg.predict import (
     predict_folder,
     recorded_image_read,
     write_submission,
+)
+
+#: What prediction reads of a dataset, in its messages about the data the members recorded.
+TEST_SPLIT = DataUse(
+    verb="predict",
+    doing="predicting",
+    part="test split",
+    forms="a competition folder, its test CSV or a bldseg cache",
 )
 
 
@@ -345,80 +355,6 @@ def _out_overwrites_input(args: argparse.Namespace, data_name: str) -> str | Non
     return None
 
 
-def _dataset(data: str | os.PathLike) -> Path:
-    """The dataset a --data names, as a resolved folder: a CSV stands for the folder holding it
-    (``train.csv`` and the ``test.csv`` beside it are one dataset), so that two spellings of one
-    dataset compare equal."""
-    path = Path(data).expanduser().resolve()
-    return path.parent if path.suffix.lower() == ".csv" else path
-
-
-def _trained_on(recorded: dict[str, str | None]) -> str:
-    """``"a.pt, b.pt trained on /data/x; c.pt trained on no recorded --data (...)"``: members
-    grouped by the dataset they recorded."""
-    groups: dict[Path | None, list[str]] = {}
-    for member, data in recorded.items():
-        groups.setdefault(None if data is None else _dataset(data), []).append(member)
-    # None: fit records it for the synthetic world and for image folders given by --images
-    return "; ".join(
-        f"{', '.join(members)} trained on "
-        + (
-            "no recorded --data (the built-in synthetic world, or --images folders)"
-            if d is None
-            else str(recorded[members[0]])
-        )
-        for d, members in groups.items()
-    )
-
-
-def _choose_data(args: argparse.Namespace, members: list[str]) -> tuple[str | None, str | None]:
-    """Sets ``args.data`` when it was not given: ``(a line saying which data was taken and from
-    where, a warning when the given --data is not what the members trained on)``.
-
-    Each member's run config records the data it was trained on (``data``: the absolute
-    ``--data`` of bldseg train or a search; None for the built-in synthetic world, and for
-    image folders given by --images). Without --data the members' data is predicted (None: the
-    synthetic world, as before the record was read). A --data given wins, as another dataset's
-    test split is a legitimate thing to predict; it is warned about, as a command line copied
-    from another project looks the same.
-
-    Raises:
-        ValueError: Members recorded different data, and no --data chooses.
-        FileNotFoundError: The recorded data is no longer there.
-    """
-    recorded = {m: member_config(m)[0].data for m in members}
-    if args.data is not None:
-        given = _dataset(args.data)
-        # None is not compared: it does not tell the synthetic world from --images folders
-        others = {m: d for m, d in recorded.items() if d is not None and _dataset(d) != given}
-        if not others:
-            return None, None
-        return None, (
-            f"warning: predicting the test split of --data {args.data}, but {_trained_on(others)}"
-            " (recorded in the checkpoint); leave --data out to predict that data's test split"
-        )
-    if len({None if d is None else _dataset(d) for d in recorded.values()}) > 1:
-        raise ValueError(
-            f"the members were trained on different data ({_trained_on(recorded)}); pass --data "
-            "with the dataset whose test split to predict"
-        )
-    data = recorded[members[0]]
-    if data is None:
-        return None, None
-    who = f"{members[0]} was" if len(members) == 1 else f"its {len(members)} members were"
-    if not Path(data).exists():
-        raise FileNotFoundError(
-            f"{data}, the data {who} trained on (recorded in the checkpoint), no longer exists; "
-            "pass --data with the dataset's test split (a competition folder, its test CSV or a "
-            "bldseg cache)"
-        )
-    args.data = data
-    return (
-        f"no --data given: predicting the test split of {data}, the data {who} trained on "
-        "(recorded in the checkpoint); pass --data to predict another"
-    ), None
-
-
 def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> str | None:
     """Sets ``spec.tta``; returns a warning when the members' validation disagrees with it.
 
@@ -568,7 +504,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     taken = False  # whether --data came from the members' record
     if args.images is None:
         try:
-            info, warning = _choose_data(args, spec.checkpoints)
+            args.data, info, warning = choose_recorded_data(args.data, spec.checkpoints, TEST_SPLIT)
         except USER_ERRORS as e:
             return fail(e)
         if warning:

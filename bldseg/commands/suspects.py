@@ -14,6 +14,11 @@ Images are ranked by a smoothed Dice of the model's mask and the given one (--sm
 added to both sides): a few stray predicted pixels on an empty mask do not outrank a building
 left out of a mask.
 
+Without --data the images ranked are those of the data the model was trained on, as recorded in
+best.pt (or folds.json) by bldseg train (a line says which); data no longer where it was is
+refused, asking for --data. Models trained on the built-in synthetic world rank its images,
+under --data-root. A --data other than the recorded one is ranked, with a warning naming both.
+
 Writes suspects.csv (most suspect first) and suspects.png (contact sheet of the top ones). On
 the synthetic world, whose train_noise.csv records the injected label noise, it also prints
 precision@k: the share of truly noisy masks among the top k (k = number of noisy images).
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +37,7 @@ import pandas as pd
 from bldseg.commands import USER_ERRORS, fail
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
-from bldseg.predict import load_checkpoint, resolve_member
+from bldseg.predict import DataUse, choose_recorded_data, load_checkpoint, resolve_member
 from bldseg.train.folds import FOLDS_FILE, fold_dir, held_out_folds
 from bldseg.train.suspects import (
     DEFAULT_SMOOTH,
@@ -39,6 +45,14 @@ from bldseg.train.suspects import (
     rank_suspects,
     rank_suspects_oof,
     write_suspects,
+)
+
+#: What suspects reads of a dataset, in its messages about the data the model recorded.
+TRAINING_IMAGES = DataUse(
+    verb="rank",
+    doing="ranking",
+    part="training images",
+    forms="a competition folder, an image/mask folder or a bldseg cache",
 )
 
 
@@ -56,7 +70,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         required=True,
         help="best.pt of a trained model, or a K-fold run's folder / folds.json (out of fold)",
     )
-    add_data_arguments(p)
+    add_data_arguments(
+        p,
+        # the training flags' default (the synthetic world) is not this command's: see main
+        data_help="competition folder (train.csv), image/mask folder (images/ + masks/), or a "
+        "bldseg cache, whose training images to rank; default: the data the model was trained "
+        "on, recorded in best.pt / folds.json (the built-in synthetic world for models trained "
+        "on it)",
+    )
     p.add_argument("--out", required=True, help="folder for suspects.csv / suspects.png")
     p.add_argument("--top", type=int, default=12, help="images in the contact sheet")
     p.add_argument(
@@ -94,11 +115,27 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     member = resolve_member(args.checkpoint)
     if not member.is_file():  # before the data is prepared, which can take minutes
         return fail(FileNotFoundError(f"checkpoint not found: {member}"))
+    info = None
+    # --images (a training layout) names the images itself; fit records no --data for it
+    if args.images is None:
+        try:
+            args.data, info, warning = choose_recorded_data(
+                args.data, [str(member)], TRAINING_IMAGES
+            )
+        except USER_ERRORS as e:
+            return fail(e)
+        if warning:
+            print(warning, file=sys.stderr)
+        if info:
+            print(info)
     try:
         data = prepare_data(
             args.data, options=data_options(args), data_root=args.data_root, verbose=True
         )
     except USER_ERRORS as e:
+        # the message names --data, which the user did not type: say where it came from
+        if info:
+            return fail(f"{e} (the recorded data {member} was trained on; pass --data)")
         return fail(e)
     except OSError as e:  # the caches are written under --data-root
         return fail(cannot_write(e, "--data-root", args.data_root))

@@ -696,21 +696,25 @@ def _colour_list(text: str) -> tuple[tuple[int, int, int], ...]:
     return colours
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, training: bool = True) -> None:
-    """Adds the data flags every entry script shares (``--data`` and the folder options)."""
+def add_data_arguments(
+    parser: argparse.ArgumentParser, *, training: bool = True, data_help: str | None = None
+) -> None:
+    """Adds the data flags every entry script shares (``--data`` and the folder options);
+    ``data_help`` replaces ``--data``'s help where its default is another (a model's record)."""
     g = parser.add_argument_group("data")
     a = g.add_argument
-    a(
-        "--data",
-        default=None,
-        help="competition folder (train.csv), image/mask folder (images/ + masks/), or a "
-        "bldseg cache; default: the built-in synthetic world"
-        if training
-        # prediction reads a test split, and defaults to the data the model(s) recorded
-        else "the dataset whose test split to predict: a competition folder (test.csv), a "
-        "test CSV, or a bldseg cache (test/); default: the data the model(s) were trained on, "
-        "recorded in best.pt (the built-in synthetic world for models trained on it)",
-    )
+    if data_help is None and training:
+        data_help = (
+            "competition folder (train.csv), image/mask folder (images/ + masks/), or a "
+            "bldseg cache; default: the built-in synthetic world"
+        )
+    elif data_help is None:  # prediction reads a test split, by default the model(s)' data
+        data_help = (
+            "the dataset whose test split to predict: a competition folder (test.csv), a "
+            "test CSV, or a bldseg cache (test/); default: the data the model(s) were trained "
+            "on, recorded in best.pt (the built-in synthetic world for models trained on it)"
+        )
+    a("--data", default=None, help=data_help)
     a("--data-root", default=str(DEFAULT_DATA_ROOT), help="caches and the synthetic world")
     a(
         "--images",
