@@ -892,6 +892,38 @@ def _batches(n: int, batch_size: int) -> tuple[int, bool]:
     return math.ceil(n / batch_size) - drop, drop
 
 
+def checked_config(cfg: RunConfig, cache: Any) -> RunConfig:
+    """``cfg`` as :func:`fit` trains it on ``cache``: with the crop it uses
+    (:func:`fitted_crop`), once checked against the images and the training split.
+
+    These are the checks of a config against the data that fail a run before it writes
+    anything: :func:`bldseg.train.folds.fit_folds` makes them for every fold before it writes
+    its manifest, and records the config returned (the crop a K-fold member predicts with).
+
+    Raises:
+        ValueError: A crop larger than the images without ``aug.crop_fit``, a ``val_tile``
+            larger than the images, or no optimizer step in an epoch (naming the settings).
+    """
+    h, w = cache.image_size
+    used = fitted_crop(cfg, (h, w))
+    if cfg.val_tile > min(h, w):
+        # validation_tiles' own message names its argument, not the setting
+        raise ValueError(
+            f"run config: val_tile={cfg.val_tile} is larger than the images ({h}x{w}); use "
+            f"val_tile <= {min(h, w)}, or 0 for tiles of aug.crop_size"
+        )
+    train_idx, _ = split_for(cfg, cache)
+    samples = cfg.samples_per_epoch or len(train_idx)  # RandomCropDataset's length
+    if _batches(samples, cfg.batch_size)[0] == 0:
+        raise ValueError(
+            f"no training step in an epoch: {samples} sample(s) per epoch "
+            f"(samples_per_epoch={cfg.samples_per_epoch}, {len(train_idx)} training images) "
+            f"with batch_size={cfg.batch_size}; a last batch of one is dropped (BatchNorm), so "
+            "raise samples_per_epoch or lower batch_size"
+        )
+    return used
+
+
 def steps_per_epoch(cfg: RunConfig, data: PreparedData) -> int:
     """Optimizer steps in one epoch of ``fit(cfg, data=data)`` (the last batch may be short)."""
     n = cfg.samples_per_epoch or len(split_for(cfg, data.train)[0])
@@ -1021,7 +1053,7 @@ def _fit(
     validated[val_idx] = 1
     split = split_record(cache.ids, validated)  # last.pt records it; a resume compares it
     h, w = cache.image_size
-    used = fitted_crop(cfg, (h, w))
+    used = checked_config(cfg, cache)
     if used.aug.crop_size != cfg.aug.crop_size:
         # The checkpoint and the run's files record the crop that was used.
         print(f"aug.crop_size={cfg.aug.crop_size} > images {h}x{w}: crops of {min(h, w)} px")
@@ -1054,12 +1086,6 @@ def _fit(
         samples_per_epoch=cfg.samples_per_epoch or None,
         seed=cfg.seed,
     )
-    if cfg.val_tile > min(h, w):
-        # validation_tiles' own message names its argument, not the setting
-        raise ValueError(
-            f"run config: val_tile={cfg.val_tile} is larger than the images ({h}x{w}); use "
-            f"val_tile <= {min(h, w)}, or 0 for tiles of aug.crop_size"
-        )
     tiles = validation_tiles(cache, val_idx, cfg.val_tile or crop)
     val_ds = TileDataset(cache, tiles, build_eval_transform())
     val_truth = np.stack(
@@ -1074,13 +1100,6 @@ def _fit(
     _warn_idle_tile_selection(cfg)
     models, optimizers, schedulers = [], [], []
     epoch_steps, drop_last = _batches(len(train_ds), cfg.batch_size)
-    if epoch_steps == 0:
-        raise ValueError(
-            f"no training step in an epoch: {len(train_ds)} sample(s) per epoch "
-            f"(samples_per_epoch={cfg.samples_per_epoch}, {len(train_idx)} training images) "
-            f"with batch_size={cfg.batch_size}; a last batch of one is dropped (BatchNorm), so "
-            "raise samples_per_epoch or lower batch_size"
-        )
     total_steps = epoch_steps * cfg.epochs
     for k in range(n_nets):
         # The two co-teaching networks start differently: everything a checkpoint does not set

@@ -7,7 +7,8 @@ The training images are dealt into K folds by split group (source scene, or the
 ``split_seed``): fold ``f`` validates on the f-th partition and trains on the other K-1, so
 tiles of one scene are never on both sides. A K-fold run folder holds::
 
-    folds.json       the manifest: K, the config, the folds' folders, out-of-fold metrics
+    folds.json       the manifest: K, the config the folds train (the crop fitted to the
+                     images, as in their checkpoints), the folds' folders, out-of-fold metrics
                      (``oof``: Dice and threshold of the out-of-fold library as it stands),
                      ``split``: a fingerprint of which image each fold holds out
     fold<f>/         fold f's own run folder (fit): best.pt, last.pt, val_probs.npz, plots/
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,13 @@ from bldseg.io import atomic_path, file_lock, write_json
 from bldseg.models import create_model
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import (
+    RUN_LOCK_FILE,
     EpochCallback,
     FitResult,
     check_same_config,
+    checked_config,
     fit,
+    fitted_crop,
     load_state,
     threshold_metrics,
 )
@@ -303,6 +308,93 @@ def check_same_split(
             )
 
 
+def _as_trained(recorded: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
+    """A manifest's flat config as its folds trained it on images of ``image_size``.
+
+    ``folds.json`` records the fitted crop (:func:`~bldseg.train.engine.fitted_crop`); one
+    written before held the crop asked for (``aug.crop_size=192`` with ``aug.crop_fit`` on
+    128-px images, whose folds trained on 128), and must resume as the same config.
+    """
+    cfg = RunConfig.from_flat(recorded)
+    if cfg.aug.crop_fit:
+        return fitted_crop(cfg, image_size).to_flat()
+    # without crop_fit a crop larger than the images trained nothing: compared as written
+    return recorded
+
+
+def _trained_folds(out: Path) -> list[Path]:
+    """The ``last.pt`` and ``best.pt`` of the fold folders of ``out`` (any K): what a fold
+    leaves once it has trained an epoch."""
+    if not out.is_dir():
+        return []
+    return sorted(
+        d / name
+        for d in out.iterdir()
+        if re.fullmatch(r"fold\d+", d.name) and d.is_dir()
+        for name in ("last.pt", "best.pt")
+        if (d / name).is_file()
+    )
+
+
+def _folds_in_training(out: Path) -> list[Path]:
+    """The fold folders of ``out`` that a ``fit`` trains into now (it holds their
+    :data:`~bldseg.train.engine.RUN_LOCK_FILE`; its first epoch has written no checkpoint)."""
+    from filelock import Timeout
+
+    busy = []
+    for lock in sorted(out.glob(f"fold*/{RUN_LOCK_FILE}")):
+        if not re.fullmatch(r"fold\d+", lock.parent.name):
+            continue
+        try:
+            with file_lock(lock, timeout=0):
+                pass
+        except Timeout:
+            busy.append(lock.parent)
+    return busy
+
+
+def check_resumable(
+    out: Path, cfg: RunConfig, ids: Sequence[str], image_size: tuple[int, int], assigned: np.ndarray
+) -> None:
+    """Refuses to continue the K-fold run in ``out`` (its ``folds.json``) with another config or
+    split, before anything is written; a manifest whose folds never trained is let go.
+
+    Args:
+        out: The K-fold run folder; it holds ``folds.json``.
+        cfg: The config to train, as the folds train it (:func:`checked_config`).
+        ids: The training images' ids, in cache order.
+        image_size: (H, W) of the training images.
+        assigned: The fold of each image now.
+
+    Raises:
+        ValueError: A fold has trained (or trains now) with another config
+            (:func:`~bldseg.train.engine.check_same_config`), or with another split
+            (:func:`check_same_split`).
+    """
+    where = out / FOLDS_FILE
+    recorded = json.loads(where.read_text())
+    was = _as_trained(recorded["config"], image_size)
+    if _trained_folds(out):
+        # before the manifest is rewritten: finished folds were skipped unchecked, and another
+        # config "completed" with the folds of the first while folds.json recorded the second
+        check_same_config(was, cfg, where)
+        # --group-column is a data option, not in the config: the folds trained so far were
+        # dealt by the recorded assignment, the rest would be dealt by today's
+        check_same_split(out, recorded, ids, assigned)
+        return
+    # No fold has a checkpoint: the command that wrote folds.json failed in its first epoch
+    # (out of memory, a setting the data refused), and its corrected command must not be
+    # refused for its correction; fit starts such fold folders afresh. Unless a fold of the
+    # other config is training now (--fold F processes started together), whose checkpoints
+    # would join this config's folds.
+    try:
+        check_same_config(was, cfg, where)
+    except ValueError:
+        if _folds_in_training(out):  # looked at only here: the look holds the lock an instant
+            raise
+        print(f"{where}: no fold has trained yet; replaced by this config's manifest")
+
+
 def _fold_history(out: Path, fold: int) -> list[dict[str, Any]]:
     """The epochs another process has trained fold ``fold`` for, once its library is in place
     (``last.pt`` is written just before the best epoch's ``val_probs.npz`` is renamed in)."""
@@ -354,8 +446,10 @@ def fit_folds(
 
     Raises:
         ValueError: ``cfg.folds`` below 2, more folds than split groups (naming ``--folds``),
-            a single run's folder as ``out_dir`` (:func:`check_kfold_folder`), or a resumed
-            run whose images would now be dealt into other folds (:func:`check_same_split`).
+            a config the data refuses (:func:`~bldseg.train.engine.checked_config`; nothing
+            is written), a single run's folder as ``out_dir`` (:func:`check_kfold_folder`), or
+            a resumed run whose folds trained with another config or whose images would now
+            be dealt into other folds (:func:`check_resumable`).
     """
     k = cfg.folds
     if k < 2:
@@ -368,15 +462,17 @@ def fit_folds(
     cache = data.train
     # Checked before any fold trains: more folds than groups fails here, naming --folds.
     assigned = fold_assignment(len(cache), k, cfg.split_seed, split_groups(cache, cfg.split_group))
-    cfg = fold_config(cfg, 0)
+    # What fit checks before it writes, for every fold before the manifest is written: a
+    # config error left a folds.json of the failed config that refused the corrected command.
+    # The manifest records the config the folds train (the fitted crop), as their best.pt do:
+    # prediction slides a K-fold member's windows at the manifest's crop.
+    used = [checked_config(fold_config(cfg, f), cache) for f in range(k)]  # the splits differ
+    if used[0].aug.crop_size != cfg.aug.crop_size:
+        h, w = cache.image_size
+        print(f"aug.crop_size={cfg.aug.crop_size} > images {h}x{w}: crops of {min(h, w)} px")
+    cfg = used[0]
     if resume and (out / FOLDS_FILE).is_file():
-        # before the manifest is rewritten: finished folds were skipped unchecked, and another
-        # config "completed" with the folds of the first while folds.json recorded the second
-        recorded = json.loads((out / FOLDS_FILE).read_text())
-        check_same_config(recorded["config"], cfg, out / FOLDS_FILE)
-        # --group-column is a data option, not in the config: the folds trained so far were
-        # dealt by the recorded assignment, the rest would be dealt by today's
-        check_same_split(out, recorded, cache.ids, assigned)
+        check_resumable(out, cfg, cache.ids, cache.image_size, assigned)
     manifest: dict[str, Any] = {
         "folds": k,
         "runs": [fold_dir(out, f).name for f in range(k)],
@@ -388,7 +484,7 @@ def fit_folds(
     if resume and (out / VAL_FILE).is_file():
         # the library of the epochs trained before keeps its scores while the folds go on
         manifest["oof"] = oof_metrics(out, cfg.threshold_lo, cfg.threshold_hi)
-    elif cfg.pretrained is not None and not (resume and (out / FOLDS_FILE).is_file()):
+    elif cfg.pretrained is not None and not (resume and _trained_folds(out)):
         # A file that does not fit the model fails here, naming it, before anything is written
         # (as fit checks it before writing into its folder).
         create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs())
