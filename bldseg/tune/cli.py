@@ -252,7 +252,9 @@ def start_from(search: str, storage: str) -> tuple[dict[str, Any], str]:
             f"--from {search}: no trial of that search completed, so it has no best "
             f"configuration (see {csv})"
         ) from None
-    row = table[table["status"].isin(USABLE)].sort_values(METRIC, ascending=False).iloc[0]
+    # the row best_config took its values from (the same stable order: ties keep the first)
+    row = table[table["status"].isin(USABLE)].sort_values(METRIC, ascending=False, kind="stable")
+    row = row.iloc[0]
     # --epochs / --folds are this command's own flags, not settings to inherit
     fixed = {k: v for k, v in recorded.get("base", {}).items() if k not in _SEARCH_FLAGS}
     config = {**fixed, **best}
