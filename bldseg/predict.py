@@ -535,6 +535,7 @@ class DataUse:
     doing: str  # "predicting": "predicting the test split of ..."
     part: str  # the part of the dataset it reads: "test split"
     forms: str  # what --data may then name: "a competition folder, its test CSV or ..."
+    folders_hint: str = ""  # how to read image folders instead, after "pass --data ..."
 
 
 def dataset_of(data: str | os.PathLike) -> Path:
@@ -543,6 +544,16 @@ def dataset_of(data: str | os.PathLike) -> Path:
     dataset compare equal."""
     path = Path(data).expanduser().resolve()
     return path.parent if path.suffix.lower() == ".csv" else path
+
+
+def _unnamed_user_data(member: str) -> bool:
+    """Whether a member records no ``--data`` yet was not trained on the synthetic world: image
+    folders given by --images/--masks (``best.pt``'s ``data_kind``; checkpoints from before
+    that record: False, as they were read before)."""
+    path = resolve_member(member)
+    first = fold_checkpoints(path)[0][0] if path.name == FOLDS_FILE else path
+    kind = _checkpoint_state(Path(first), mmap=True).get("data_kind")
+    return kind is not None and kind != "synthetic"
 
 
 def recorded_data(members: Sequence[str]) -> dict[str, str | None]:
@@ -619,6 +630,15 @@ def choose_recorded_data(
         )
     data = recorded[members[0]]
     if data is None:
+        folders = [m for m in members if _unnamed_user_data(m)]
+        if folders:
+            # Image folders given by --images/--masks are not recorded: the synthetic world
+            # would be read in their place, as it was, without a word.
+            raise ValueError(
+                f"{', '.join(folders)} {'was' if len(folders) == 1 else 'were'} trained on image "
+                "folders given by --images/--masks, which the checkpoint does not name; pass "
+                f"--data with the dataset whose {use.part} to {use.verb}{use.folders_hint}"
+            )
         return None, None, None
     who = f"{members[0]} was" if len(members) == 1 else f"its {len(members)} members were"
     if not Path(data).exists():

@@ -60,10 +60,12 @@ def trained(tmp_path_factory):
     return comp, root / "run" / "best.pt"
 
 
-def recorded_on(ckpt: Path, data: str | None, path: Path) -> Path:
-    """A copy of ``ckpt`` whose run config records ``data``, as fit records its ``--data``."""
+def recorded_on(ckpt: Path, data: str | None, path: Path, kind: str | None = None) -> Path:
+    """A copy of ``ckpt`` whose run config records ``data``, as fit records its ``--data``
+    (None: the synthetic world, unless ``kind`` names another kind of data)."""
     state = torch.load(ckpt, weights_only=True)
     state["config"]["data"] = data
+    state["data_kind"] = kind or ("synthetic" if data is None else state["data_kind"])
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
@@ -211,3 +213,28 @@ def test_out_may_not_overwrite_the_recorded_datas_csvs(trained, data_root, tmp_p
     err = capsys.readouterr().err
     assert f"error: --out {copy / 'test.csv'} is the recorded data's test.csv" in err, err
     assert (copy / "test.csv").read_bytes() == before
+
+
+def test_a_model_trained_on_image_folders_needs_data(trained, data_root, tmp_path, capsys):
+    # trained with --images/--masks: no --data recorded, yet not the synthetic world, which
+    # was predicted in its place; its best.pt says which kind of data it was
+    comp, ckpt = trained
+    assert torch.load(ckpt, weights_only=True)["data_kind"] == "competition"
+    folders = recorded_on(ckpt, None, tmp_path / "f" / "best.pt", kind="folders")
+    out = tmp_path / "sub.csv"
+    base = ["--checkpoint", str(folders), "--data-root", str(data_root), "--out", str(out)]
+    assert predict_main(*base) == 1
+    assert capsys.readouterr().err == (
+        f"error: {folders} was trained on image folders given by --images/--masks, which the "
+        "checkpoint does not name; pass --data with the dataset whose test split to predict, or "
+        "predict a folder of images with --images DIR --out masks/\n"
+    )
+    assert not out.exists() and not (data_root / "synthetic").exists()
+    assert predict_main(*base, "--data", str(comp)) == 0
+    assert submitted_ids(out) == TEST_IDS
+    # a checkpoint from before the record (no data_kind) is read as before: the synthetic world
+    state = torch.load(folders, weights_only=True)
+    del state["data_kind"]
+    torch.save(state, folders)
+    assert predict_main(*base, "--threshold", "0.5") == 0
+    assert submitted_ids(out) == submitted_ids(data_root / "synthetic" / "test.csv")

@@ -206,6 +206,10 @@ def test_prepared_data_carries_its_read_options_to_search_trials(small_world):
     handle = _data_paths(small_world)
     assert _open_data(handle).options == small_world.options
     assert _open_data({**handle, "options": None}).options is None
+    # and what the data was (checkpoints record it: a model trained on image folders records
+    # no --data, and must not be taken for one of the synthetic world)
+    assert _open_data(handle).kind == small_world.kind
+    assert _open_data({**handle, "kind": "synthetic"}).kind == "synthetic"
     # a bldseg cache given as the data was decoded by options nobody recorded
     cache = prepare_data(small_world.train.root.parent)
     assert cache.kind == "cache" and cache.options is None

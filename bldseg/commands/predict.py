@@ -96,6 +96,7 @@ TEST_SPLIT = DataUse(
     doing="predicting",
     part="test split",
     forms="a competition folder, its test CSV or a bldseg cache",
+    folders_hint=", or predict a folder of images with --images DIR --out masks/",
 )
 
 

@@ -53,6 +53,7 @@ TRAINING_IMAGES = DataUse(
     doing="ranking",
     part="training images",
     forms="a competition folder, an image/mask folder or a bldseg cache",
+    folders_hint=", or the folders again with --images/--masks",
 )
 
 

@@ -1297,6 +1297,7 @@ def _fit(
                     "epoch": epoch + 1,
                     "metrics": row,
                     "image_read": image_read,
+                    "data_kind": data.kind,  # the synthetic world, or which kind of user data
                 },
                 _pending(out, "best.pt", epoch + 1),
             )
@@ -1325,6 +1326,7 @@ def _fit(
                 "rng": _rng_state(),
                 "split": split,  # which images trained and which validated
                 "image_read": image_read,  # how its images were decoded; None: not known
+                "data_kind": data.kind,
             },
             last_path,
         )

@@ -518,6 +518,9 @@ def _data_paths(data: PreparedData) -> dict[str, Any]:
         "fingerprint": data.train.fingerprint,
         # how the images were read, for the trials' checkpoints to record (None: not known)
         "options": None if data.options is None else asdict(data.options),
+        # what --data named (the synthetic world or the user's kind of data): recorded too, as
+        # prediction without --data must not take the synthetic world for image folders
+        "kind": data.kind,
     }
 
 
@@ -539,6 +542,7 @@ def _open_data(paths: dict[str, str | None]) -> PreparedData:
         test_truth_csv=Path(paths["truth"]) if paths["truth"] else None,
         clean_train_csv=Path(paths["clean"]) if paths["clean"] else None,
         options=DataOptions.from_dict(paths["options"]) if paths.get("options") else None,
+        kind=paths["kind"],
     )
 
 
