@@ -130,6 +130,13 @@ EXIT_CLUSTER_LOST = 3
 CLUSTER_LOST_AFTER_S = 30.0
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` (an IPv6 host in brackets, ``[::1]:6379``); None when
+    ``address`` names no port."""
+    host, sep, port = address.rpartition(":")
+    return (host.strip("[]"), int(port)) if sep and port.isdigit() else None
+
+
 class ClusterWatch:
     """Watches the Ray head while Tune runs, and calls ``on_lost`` once when it is gone.
 
@@ -153,8 +160,10 @@ class ClusterWatch:
     ) -> None:
         import threading
 
-        host, _, port = gcs_address.rpartition(":")
-        self._where = (host.strip("[]"), int(port))
+        where = _host_port(gcs_address)
+        if where is None:
+            raise ValueError(f"not a host:port address: {gcs_address!r}")
+        self._where = where
         self._on_lost, self._after, self._period = on_lost, after, period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bldseg-cluster-watch", daemon=True)
@@ -1165,12 +1174,11 @@ def check_ray_address(address: str | None, flag: str, timeout_s: float = 5.0) ->
     """
     if not address or ("://" in address and not address.startswith("ray://")):
         return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
+    where = _host_port(address.removeprefix("ray://"))
+    if where is None:
         return
-    host = host.strip("[]")  # an IPv6 host: [::1]:6379
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
+        with socket.create_connection(where, timeout=timeout_s):
             pass
     except OSError as e:
         raise ValueError(
