@@ -1188,6 +1188,17 @@ def check_ray_address(address: str | None, flag: str, timeout_s: float = 5.0) ->
         ) from None
 
 
+def _refused_token(err: BaseException) -> bool:
+    """Whether ``err`` or an exception it was raised from is Ray's missing/wrong token."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if "InvalidAuthToken" in str(err) or type(err).__name__ == "AuthenticationError":
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> str:
     """Connects this process to Ray; returns the cluster's (GCS) address.
 
@@ -1202,7 +1213,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> str:
         **kwargs: More ``ray.init`` arguments (e.g. ``num_cpus``).
 
     Raises:
-        ValueError: The head at ``host:port`` does not answer (:func:`check_ray_address`).
+        ValueError: The head at ``host:port`` does not answer (:func:`check_ray_address`), or
+            refuses this client's authentication token.
     """
     import ray
 
@@ -1211,7 +1223,19 @@ def init_ray(address: str | None = None, **kwargs: Any) -> str:
     opts = {"include_dashboard": False, "log_to_driver": False, **kwargs}
     if address:
         check_ray_address(address, flag)
-        ray.init(address=address, **opts)
+        try:
+            ray.init(address=address, **opts)
+        except ConnectionError as e:
+            if not _refused_token(e):
+                raise
+            # Ray says only "Failed to connect to Ray cluster at ..."; the reason (a head
+            # started with `ray start` wants its token) is two causes down its chain
+            raise ValueError(
+                f"{flag} {address}: the Ray head refused this client's authentication token "
+                f"(RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}); set "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to a file holding the token "
+                "`ray get-auth-token` prints on the head"
+            ) from None
     else:
         with _loopback_node():
             ray.init(address="local", _node_ip_address="127.0.0.1", **opts)

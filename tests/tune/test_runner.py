@@ -584,6 +584,17 @@ def test_runner_joins_a_real_local_cluster(small_world, tmp_path):
         ]
         for k, v in BASE.items():
             args += ["--set", f"{k}={json.dumps(v)}"]
+        # Without the head's token Ray retries for ~30 s, then says only "Failed to connect to
+        # Ray cluster at ..."; the refusal names the token and how to pass it
+        no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        refused = subprocess.run(
+            args, cwd=tmp_path, env=no_token, capture_output=True, text=True, timeout=600
+        )
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert (
+            f"--address 127.0.0.1:{port}: the Ray head refused this client's authentication "
+            "token (RAY_AUTH_MODE=unset); set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH"
+        ) in refused.stderr, refused.stderr[-3000:]
         out = subprocess.run(
             args,
             cwd=tmp_path,
