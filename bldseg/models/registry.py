@@ -15,6 +15,7 @@ head, the classifiers of the official checkpoints).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 
@@ -60,6 +61,12 @@ def model_name_problem(name: str) -> str | None:
         hint = f"upernet_{name}"
         use = f"; use {hint!r}" if hint in _MODELS else f"; segmentation models: {list_models()}"
         return f"is a backbone, not a segmentation model{use}"
+    if name.startswith("smp_") and importlib.util.find_spec("segmentation_models_pytorch") is None:
+        # the smp peers register only where the smp extra is installed (bldseg.models.smp)
+        return (
+            "is a segmentation_models_pytorch peer, which this environment lacks: install "
+            "the smp extra (pip install 'bldseg[smp]')"
+        )
     return f"is not a registered model; known models: {list_models()}"
 
 
