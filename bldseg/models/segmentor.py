@@ -57,7 +57,8 @@ class SegmentationModel(nn.Module):
         self.stride = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        """(B, 3, H, W) -> logits (B, num_classes, H, W); in training a dict with aux logits."""
+        """(B, 3, H, W) -> logits (B, num_classes, H, W); in training, where the model has an
+        auxiliary head (``aux_channels`` > 0), a dict of ``logits`` and ``aux_logits``."""
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % self.stride, (-w) % self.stride
         if pad_h or pad_w:
