@@ -13,17 +13,21 @@ Opening is O(1) in the cache size: ``np.load(mmap_mode="r")`` maps the files and
 
 A build writes into a hidden temporary folder and renames it into place at the end, with
 ``manifest.json`` written last, so an interrupted build never leaves a cache that looks valid.
-The fingerprint (paths, sizes, mtimes, RLE strings, windows) detects stale caches, which
-:func:`ensure_cache` rebuilds. Concurrent builders (several Ray workers) are serialised with a
-file lock.
+The fingerprint (paths, sizes, mtimes, RLE strings, windows, and the sidecar files GDAL reads
+with a georeferenced input) detects stale caches, which :func:`ensure_cache` rebuilds. The
+disk space a build needs is reserved before anything is decoded, so a full disk is an error
+that names the sizes, not a process killed by the kernel. Concurrent builders (several Ray
+workers) are serialised with a file lock.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -35,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from bldseg.data import geo
 from bldseg.data.readers import DecodedRecord, SourceRecord, decode_records, source_runs
 from bldseg.io import file_lock
 
@@ -49,16 +54,100 @@ def _stat_key(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def fingerprint_records(records: Sequence[SourceRecord]) -> str:
-    """Hash of what a cache is built from: ids, paths, windows, groups, file stats, mask RLEs
-    and the decoding options.
+#: Files of a Shapefile besides ``.shp`` that its features are read with: the index, the
+#: attributes, the CRS and the attributes' encoding.
+SHAPEFILE_PARTS = ("shx", "dbf", "prj", "cpg")
 
-    Cheap (stat calls only), so it can be checked on every start. Any edited, replaced or
-    re-labelled source changes it.
+
+def sidecar_names(path: Path) -> tuple[str, ...]:
+    """Lower-cased names of the files GDAL (rasterio, pyogrio) may read together with ``path``.
+
+    A raster's georeference, nodata and mask can live beside it: the PAM ``NAME.ext.aux.xml``,
+    world files (``NAME.wld``, ``NAME.pgw``/``.tfw``/``.jgw``: the suffix's first and last
+    letter and ``w``, or ``NAME.extw``), a MapInfo ``NAME.tab``, an external mask
+    ``NAME.ext.msk``, an Erdas ``.aux``; a Shapefile's features need its ``.shx``, ``.dbf``,
+    ``.prj`` and ``.cpg``; a GeoPackage's latest edits sit in its ``-wal`` journal until they
+    are checkpointed. GDAL finds each name in any case. A raster's ``NAME.prj`` is not listed:
+    GDAL takes a raster's CRS from the ``.aux.xml``, not from it (checked with GDAL 3.x).
+    """
+    name, stem, ext = path.name, path.stem, path.suffix.lower().lstrip(".")
+    if path.suffix.lower() in geo.VECTOR_SUFFIXES:
+        if ext == "shp":
+            names = [f"{stem}.{part}" for part in SHAPEFILE_PARTS]
+        elif ext == "gpkg":
+            names = [f"{name}-wal"]
+        else:
+            names = []  # GeoJSON: one self-contained file
+    else:
+        names = [
+            f"{name}.aux.xml",
+            f"{name}.msk",
+            f"{name}.aux",
+            f"{stem}.aux",
+            f"{stem}.wld",
+            f"{stem}.tab",
+            f"{stem}.{ext}w",
+        ]
+        if len(ext) >= 2:
+            names.append(f"{stem}.{ext[0]}{ext[-1]}w")
+    return tuple(dict.fromkeys(n.lower() for n in names))
+
+
+def _read_with_gdal(r: SourceRecord) -> list[Path]:
+    """The files of ``r`` whose sidecars change what is decoded: both files of a record with
+    vector footprints (the polygons are burnt through the image's georeference), and TIFFs
+    (read with rasterio: nodata and masks from sidecars). A PNG or JPEG decoded by OpenCV is
+    left out, so a viewer's ``.aux.xml`` of statistics beside a training tile does not rebuild
+    the cache."""
+    if r.mask_path is not None and r.mask_path.suffix.lower() in geo.VECTOR_SUFFIXES:
+        return [r.image_path, r.mask_path]
+    return [
+        p
+        for p in (r.image_path, r.mask_path)
+        if p is not None and p.suffix.lower() in geo.GEO_SUFFIXES
+    ]
+
+
+class _Sidecars:
+    """The sidecar files (:func:`sidecar_names`) that exist beside paths, with their stats.
+
+    Each folder is listed once (not one ``stat`` per candidate name and image: a folder of
+    30,000 scenes would cost 250,000 calls on every start), and names are matched without case,
+    as GDAL finds them.
+    """
+
+    def __init__(self) -> None:
+        self._listings: dict[Path, dict[str, list[str]]] = {}
+        self._found: dict[Path, list] = {}
+
+    def __call__(self, path: Path) -> list:
+        """``[[path, size, mtime_ns], ...]`` of the sidecars of ``path`` that exist."""
+        if path not in self._found:
+            folder = path.parent
+            listing = self._listings.get(folder)
+            if listing is None:
+                listing = {}
+                for n in os.listdir(folder):
+                    listing.setdefault(n.lower(), []).append(n)
+                self._listings[folder] = listing
+            found = sorted(n for want in sidecar_names(path) for n in listing.get(want, ()))
+            self._found[path] = [[str(folder / n), *_stat_key(folder / n)] for n in found]
+        return self._found[path]
+
+
+def fingerprint_records(records: Sequence[SourceRecord]) -> str:
+    """Hash of what a cache is built from: ids, paths, windows, groups, file stats, mask RLEs,
+    the decoding options, and the sidecars GDAL reads with georeferenced inputs.
+
+    Cheap (stat calls and one listing per folder of geo inputs), so it can be checked on every
+    start. Any edited, replaced or re-labelled source changes it, and so does an edited, added
+    or removed georeference sidecar (``.aux.xml``, world file, Shapefile part: see
+    :func:`sidecar_names`), which moves burnt footprints without touching the image.
     """
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{CACHE_FORMAT_VERSION}\n".encode())
     stats: dict[Path, list[int]] = {}
+    sidecars = _Sidecars()
     for r in records:
         for p in (r.image_path, r.mask_path):
             if p is not None and p not in stats:
@@ -73,6 +162,10 @@ def fingerprint_records(records: Sequence[SourceRecord]) -> str:
             r.group,
             r.options.key(masks=r.mask_path is not None),
         ]
+        # Only where sidecars exist: a cache of inputs without any keeps its fingerprint.
+        found = [s for p in _read_with_gdal(r) for s in sidecars(p)]
+        if found:
+            entry.append(found)
         h.update(json.dumps(entry).encode())
         h.update(b"\n")
     return h.hexdigest()
@@ -86,8 +179,9 @@ def _file_hash(path: Path) -> str:
 class DatasetCache:
     """A decoded dataset, memory-mapped from a cache folder.
 
-    Pickles as its path only, so a DataLoader worker or a Ray task reopens the maps instead of
-    receiving a copy of the arrays.
+    Pickles as its path and fingerprint only, so a DataLoader worker or a Ray task reopens the
+    maps instead of receiving a copy of the arrays; unpickling refuses a folder that another
+    command has rebuilt from other data meanwhile (see :meth:`__setstate__`).
 
     Attributes:
         root: The cache folder.
@@ -123,10 +217,33 @@ class DatasetCache:
             )
 
     def __getstate__(self) -> dict:
-        return {"root": str(self.root)}
+        return {"root": str(self.root), "fingerprint": self.fingerprint}
 
     def __setstate__(self, state: dict) -> None:
+        """Reopens the folder, which must still hold the build that was pickled.
+
+        A worker started by spawn or forkserver (or a Ray task) opens the folder anew, while the
+        process that pickled this keeps the maps of the build it opened. Had another command
+        rebuilt the folder from other data in between (an edited mask, a replaced image), the
+        workers would feed one model data the parent does not score it on, without a word.
+
+        Raises:
+            ValueError: The folder holds a cache of other sources than when it was pickled.
+        """
         self.__init__(state["root"])
+        expected = state.get("fingerprint")  # absent from a pickle of an older bldseg
+        if expected is None:
+            return
+        # Read again once the maps are open: a rebuild swapped in between the manifest and the
+        # maps would otherwise pair the old manifest with the new arrays.
+        now = json.loads((self.root / "manifest.json").read_text()).get("fingerprint")
+        if self.fingerprint != expected or now != expected:
+            raise ValueError(
+                f"{self.root} was rebuilt from other data since this run opened it (its source "
+                "files changed and another command prepared them again); this run's workers "
+                "would read other samples than it did. Run it again, and give runs that use "
+                "data that is being edited their own --data-root"
+            )
 
     def __len__(self) -> int:
         return self.manifest["n"]
@@ -233,6 +350,7 @@ def build_cache(
             if with_masks
             else None
         )
+        reserve_space([tmp / "images.npy", *([tmp / "masks.npy"] if with_masks else [])], cache_dir)
         hashes: dict[Path, str] = {}
         not_binary: set[Path] = set()  # mask files binarised at the threshold
         positive: list[int] = []  # a sample with a building pixel, if any (set-wide check)
@@ -307,6 +425,82 @@ def build_cache(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return DatasetCache(cache_dir)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+#: What ``fallocate(2)`` fails with where the filesystem cannot reserve space (NFSv3, some
+#: FUSE filesystems) or the system has no such call; the free space is compared instead.
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
+
+
+def _fallocate(fd: int, length: int) -> None:
+    """Linux ``fallocate(2)`` of ``length`` bytes from 0: blocks reserved by the filesystem,
+    or an OSError (``EOPNOTSUPP`` where it cannot; ``ENOSYS`` off Linux). Not
+    ``os.posix_fallocate``, which glibc emulates there by writing every block."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    call = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if call is None or not sys.platform.startswith("linux"):
+        raise OSError(errno.ENOSYS, "fallocate is Linux only")
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if call(fd, 0, 0, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def reserve_space(files: Sequence[Path], cache_dir: Path) -> None:
+    """Allocates the disk blocks of freshly created (sparse) cache files before they are filled.
+
+    The files are filled through memory maps, and a write into a map that finds the disk full
+    is no Python error: the kernel ends the process with SIGBUS ("Bus error", no message, the
+    half-built folder left behind). Reserved first, a full disk is an OSError here, before
+    anything is decoded, which the commands report as "the disk is full" (and
+    :func:`build_cache` removes the half-built folder). Without Linux's ``fallocate(2)``
+    (macOS), or where the filesystem cannot reserve (NFSv3, where glibc's ``posix_fallocate``
+    would instead write a byte into every block of a 30 GB cache), the free space is
+    compared instead.
+
+    Args:
+        files: The cache's files, created at their full size.
+        cache_dir: The cache they are built for (named in the error).
+
+    Raises:
+        OSError: ``errno.ENOSPC`` (or ``EDQUOT``, a quota) naming the cache, the space it
+            needs and the space that was free.
+    """
+    need = sum(p.stat().st_size for p in files)
+    free = shutil.disk_usage(files[0].parent).free
+
+    def full(code: int) -> OSError:
+        room = (
+            "more than your disk quota leaves"
+            if code == errno.EDQUOT
+            else f"{_size(free)} is free there"
+        )
+        return OSError(
+            code, f"the cache needs {_size(need)} for its images and masks, {room}", str(cache_dir)
+        )
+
+    reserved = True
+    for path in files:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            _fallocate(fd, path.stat().st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise full(e.errno) from e
+            if e.errno not in _NO_FALLOCATE:
+                raise
+            reserved = False
+            break
+        finally:
+            os.close(fd)
+    if not reserved and need > free:
+        raise full(errno.ENOSPC)
 
 
 def _check_masks(records: Sequence[SourceRecord], not_binary: set[Path], any_positive: bool):

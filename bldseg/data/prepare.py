@@ -356,19 +356,15 @@ def _synthetic_world(data_root: Path, synthetic: dict | None, progress: bool) ->
     world_dir = data_root / "synthetic"
     # The built-in world's folder is ours: one made by an older generator or with other
     # parameters is regenerated (generate_world still refuses a folder that is not a world).
+    # Decided by generate_world under its lock, not here: a command that waited for another
+    # one generating the world would have judged the folder before that world existed.
     generate_world(
         world_dir,
         progress=progress,
-        overwrite=_is_generated_world(world_dir),
+        overwrite=True,
         **(DEFAULT_SYNTHETIC if synthetic is None else synthetic),
     )
     return world_dir
-
-
-def _is_generated_world(world_dir: Path) -> bool:
-    from bldseg.data.synthetic import is_world
-
-    return is_world(world_dir)
 
 
 def _describe_cache(cache: DatasetCache) -> str:

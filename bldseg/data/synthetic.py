@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from bldseg.data.rle import EMPTY_RLE, rle_encode
+from bldseg.io import file_lock
 
 __all__ = [
     "BUILDING_SIZES",
@@ -1134,6 +1135,10 @@ def generate_world(
         overwrite: Replace a world made with other parameters instead of raising. A folder
             that holds anything but a world written here is refused even so.
 
+    Safe to call from several processes at once: a file lock beside the folder
+    (``.NAME.lock``) serialises generation, and a process that waited finds the world the first
+    one generated.
+
     Returns:
         The world's paths and parameters.
 
@@ -1166,6 +1171,33 @@ def generate_world(
     }
     root = Path(out_dir)
     world = SyntheticWorld.at(root, params)
+    if is_world(root) and _recorded_params(root) == params:
+        return world  # complete: no lock needed to read it (the folder may be read-only)
+    # Two commands starting on a missing or outdated world would both build it, each deleting
+    # train_img/ while the other writes or reads it (the other then fails with "image not
+    # found"). The lock sits beside the folder, which must stay empty until a build starts.
+    lock = root.resolve().parent / f".{root.resolve().name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock):
+        # A process that waited finds the world the holder finished (or checks it as before).
+        _generate_locked(world, params, progress, overwrite)
+    return world
+
+
+def _recorded_params(root: Path) -> dict | None:
+    """The parameters of the complete world in ``root`` (its world.json), or None."""
+    try:
+        meta = json.loads((root / _WORLD_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("params") if isinstance(meta, dict) else None
+
+
+def _generate_locked(
+    world: SyntheticWorld, params: dict[str, Any], progress: bool, overwrite: bool
+) -> None:
+    """:func:`generate_world` under its lock: refuses, keeps or (re)builds the world."""
+    root = world.root
     meta_path = root / _WORLD_JSON
     if root.is_dir() and any(root.iterdir()) and not is_world(root):
         # Never, not even with overwrite: building deletes train_img/ and test_img/ and replaces
@@ -1178,7 +1210,7 @@ def generate_world(
     if meta_path.is_file():
         old = json.loads(meta_path.read_text()).get("params")
         if old == params:
-            return world
+            return
         diff = {
             k: (old.get(k) if old else None, v)
             for k, v in params.items()
@@ -1196,7 +1228,6 @@ def generate_world(
                 "pass --overwrite (overwrite=True) to replace it, or choose another folder"
             )
     _build(world, progress)
-    return world
 
 
 def is_world(root: str | os.PathLike) -> bool:

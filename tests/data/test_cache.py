@@ -1,6 +1,10 @@
+import errno
 import json
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -233,3 +237,224 @@ def test_rle_caches_are_keyed_by_image_rules_only(tmp_path, monkeypatch):
     again = prepare_data(csv.parent, data_root=tmp_path / "root", progress=False)
     assert again.train.root == first.train.root
     assert again.train.fingerprint == first.train.fingerprint
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+def _no_space(fd, length):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_an_error_before_decoding_and_leaves_nothing(tmp_path, monkeypatch):
+    # The cache is filled through memory maps: a disk found full while writing into one is a
+    # SIGBUS that kills the process ("Bus error", no message, the build folder left behind).
+    csv, _ = make_competition(tmp_path / "ds", n=3)
+    old = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    before = np.array(old.images)
+    (tmp_path / "ds" / "train_img" / "TRAIN_0001.png").touch()  # stale: a rebuild is due
+    monkeypatch.setattr(cache_module, "_fallocate", _no_space)
+    decoded = []
+    real_decode = cache_module.decode_records
+    monkeypatch.setattr(
+        cache_module, "decode_records", lambda rs: decoded.extend(rs) or real_decode(rs)
+    )
+    with pytest.raises(OSError, match=r"the cache needs 0\.0 MiB for its images and masks, ") as e:
+        ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "cache")
+    assert len(decoded) == 1  # only the first image, for the size: nothing else was decoded
+    # no half-built folder left; the old cache is still there, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache", "ds"]
+    np.testing.assert_array_equal(DatasetCache(tmp_path / "cache").images, before)
+
+
+def test_a_full_disk_is_named_by_the_prepare_command(tmp_path, monkeypatch, capsys):
+    from bldseg.commands.prepare import main
+
+    write_png(tmp_path / "ds" / "images" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    write_png(tmp_path / "ds" / "masks" / "a.png", np.full((32, 32), 255, np.uint8))
+    monkeypatch.setattr(cache_module, "_fallocate", _no_space)
+    root = tmp_path / "root"
+    assert main(["--data", str(tmp_path / "ds"), "--data-root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --data-root {root}: the disk is full ([Errno 28] the cache ")
+    assert "free space and run the command again" in err
+    assert not [p for p in (root / "cache").rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fallocate(2) is Linux's")
+def test_fallocate_reserves_the_blocks_of_a_sparse_file(tmp_path):
+    path = tmp_path / "sparse.npy"
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)  # what open_memmap creates: a size, no blocks
+    fd = os.open(path, os.O_RDWR)
+    try:
+        cache_module._fallocate(fd, 1 << 20)
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        pytest.skip(f"{tmp_path}'s filesystem cannot reserve blocks")
+    finally:
+        os.close(fd)
+    assert path.stat().st_blocks * 512 >= 1 << 20 and path.stat().st_size == 1 << 20
+
+
+def test_without_fallocate_the_free_space_is_compared(tmp_path, monkeypatch):
+    # macOS has no fallocate, some filesystems cannot reserve (NFSv3): the sizes are compared
+    import shutil
+    from collections import namedtuple
+
+    csv, _ = make_competition(tmp_path / "ds", n=3)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    for unsupported in (errno.ENOSYS, errno.EOPNOTSUPP):
+
+        def cannot(fd, length, code=unsupported):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(cache_module, "_fallocate", cannot)
+        with pytest.raises(OSError, match=r"needs 0\.0 MiB for its images and masks, 0\.0 MiB is"):
+            build_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    assert len(build_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)) == 3
+
+
+def _can_mount_tmpfs() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="mounting a small tmpfs needs root")
+def test_a_really_full_disk_ends_prepare_with_a_message(tmp_path):
+    # The reviewer's repro: 24 images of 64x64 (400 KB of cache) on a 256 KB tmpfs.
+    for i in range(24):
+        img = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        write_png(tmp_path / "ds" / "images" / f"t{i}.png", img)
+        write_png(tmp_path / "ds" / "masks" / f"t{i}.png", np.full((64, 64), 255, np.uint8))
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        data = ["--data", str(tmp_path / "ds"), "--data-root", str(small)]
+        run = subprocess.run(
+            [sys.executable, "-m", "bldseg", "prepare", *data],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 1, (run.returncode, run.stderr[-2000:])  # not -7: SIGBUS
+        assert "the disk is full" in run.stderr and "the cache needs 0.4 MiB" in run.stderr
+        assert not [p for p in small.rglob("*") if ".tmp-" in p.name]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+# --- reopening in workers -------------------------------------------------------------------
+
+
+def test_a_worker_refuses_a_cache_rebuilt_from_other_data(tmp_path):
+    # spawn/forkserver DataLoader workers and Ray tasks unpickle the cache: they reopen the
+    # folder, while the parent keeps the maps of the build it opened
+    csv, _ = make_competition(tmp_path / "ds")
+    cache = ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    blob = pickle.dumps(cache)
+    # rebuilt by another command from the same sources: the same data, reopened as it is
+    shutil.rmtree(tmp_path / "cache")
+    ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    np.testing.assert_array_equal(pickle.loads(blob).masks[0], cache.masks[0])
+    # rebuilt from a relabelled image: the parent's maps and the folder disagree
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[0, "mask_rle"] = "-1"
+    df.to_csv(csv, index=False)
+    ensure_cache(read_competition_csv(csv), tmp_path / "cache", progress=False)
+    with pytest.raises(ValueError, match=r"cache was rebuilt from other data since this run"):
+        pickle.loads(blob)
+    assert cache.masks[0].any()  # the parent still reads what it opened
+    # a pickle without the fingerprint (an older bldseg) opens the folder as before
+    old = DatasetCache.__new__(DatasetCache)
+    old.__setstate__({"root": str(tmp_path / "cache")})
+    assert not old.masks[0].any()
+
+
+# --- georeference sidecars ------------------------------------------------------------------
+
+
+def _touch(path: Path, text: str = "x", later_s: int = 0) -> None:
+    path.write_text(text)
+    t = time.time_ns() + later_s * 10**9
+    os.utime(path, ns=(t, t))
+
+
+def test_georeference_sidecars_are_part_of_the_fingerprint(tmp_path):
+    # Footprints are burnt through the image's georeference, which GDAL may read from files
+    # beside it: moving it there moved every mask, and the cache went on serving the old ones.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "fp").mkdir()
+    image, polygons = tmp_path / "images" / "a.png", tmp_path / "fp" / "a.shp"
+    image.write_bytes(b"png")
+    polygons.write_bytes(b"shp")
+    record = readers.SourceRecord("a", image, mask_path=polygons)
+    seen = {cache_module.fingerprint_records([record])}
+
+    def changed() -> bool:
+        fp = cache_module.fingerprint_records([record])
+        new = fp not in seen
+        seen.add(fp)
+        return new
+
+    _touch(tmp_path / "images" / "a.png.aux.xml", "<PAMDataset/>")  # added
+    assert changed()
+    _touch(tmp_path / "images" / "a.png.aux.xml", "<PAMDataset>!</PAMDataset>", 5)  # edited
+    assert changed()
+    for name in ("a.wld", "a.PGW", "a.pngw", "a.png.msk"):  # any case, as GDAL finds them
+        _touch(tmp_path / "images" / name)
+        assert changed(), name
+    for name in ("a.dbf", "a.prj", "a.shx", "a.CPG"):  # the Shapefile's other parts
+        _touch(tmp_path / "fp" / name)
+        assert changed(), name
+    (tmp_path / "images" / "a.wld").unlink()  # removed
+    assert changed()
+    # files GDAL does not read with them change nothing
+    for unrelated in ("b.png.aux.xml", "a.jpg.aux.xml", "a.prj", "a.txt"):
+        _touch(tmp_path / "images" / unrelated)
+    _touch(tmp_path / "fp" / "b.dbf")
+    assert not changed()
+
+
+def test_sidecars_count_only_where_gdal_reads_the_file(tmp_path):
+    # A PNG decoded by OpenCV ignores them: a viewer's .aux.xml of statistics beside a training
+    # tile must not rebuild a 30 GB cache. A TIFF is read with rasterio: nodata, masks.
+    write_png(tmp_path / "images" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(tmp_path / "masks" / "a.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "images" / "b.tif").write_bytes(b"tif")
+    plain = readers.SourceRecord(
+        "a", tmp_path / "images" / "a.png", mask_path=tmp_path / "masks" / "a.png"
+    )
+    tiff = readers.SourceRecord("b", tmp_path / "images" / "b.tif", mask_rle="-1")
+    before = [cache_module.fingerprint_records([r]) for r in (plain, tiff)]
+    _touch(tmp_path / "images" / "a.png.aux.xml")
+    _touch(tmp_path / "masks" / "a.png.aux.xml")
+    _touch(tmp_path / "images" / "b.tif.aux.xml")
+    after = [cache_module.fingerprint_records([r]) for r in (plain, tiff)]
+    assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_sidecar_names_follow_gdal():
+    names = cache_module.sidecar_names
+    assert set(names(Path("d/S.TIF"))) == {
+        "s.tif.aux.xml",
+        "s.tif.msk",
+        "s.tif.aux",
+        "s.aux",
+        "s.wld",
+        "s.tab",
+        "s.tifw",
+        "s.tfw",
+    }
+    assert "a.jgw" in names(Path("a.jpeg")) and "a.jpegw" in names(Path("a.jpeg"))
+    assert names(Path("fp.gpkg")) == ("fp.gpkg-wal",)  # edits not yet checkpointed
+    assert names(Path("fp.geojson")) == ()

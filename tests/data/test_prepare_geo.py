@@ -1,11 +1,18 @@
 """A folder of GeoTIFF scenes + footprint polygons, end to end into the cache (bldseg[geo])."""
 
+import json
+import os
+import time
+
 import numpy as np
 import pytest
 
-pytest.importorskip("rasterio")
+rasterio = pytest.importorskip("rasterio")
 gpd = pytest.importorskip("geopandas")
 
+from rasterio.transform import Affine  # noqa: E402
+
+from bldseg.data import cache as cache_module  # noqa: E402
 from bldseg.data import geo  # noqa: E402
 from bldseg.data.prepare import DataOptions, prepare_data  # noqa: E402
 from bldseg.data.readers import ReadOptions  # noqa: E402
@@ -94,3 +101,51 @@ def test_mask_flags_with_footprints_are_refused(tmp_path):
         with pytest.raises(ValueError, match=said):
             prepare_data(root, options=DataOptions(read=read), data_root=tmp_path / "w")
     assert not (tmp_path / "w" / "cache").exists()
+
+
+def test_an_edited_georeference_sidecar_rebuilds_the_masks(tmp_path, monkeypatch):
+    # A PNG's georeference lives in a.png.aux.xml: editing it moves the burnt footprints, and
+    # the cache, which checked only the image and the polygons, served the old masks unsaid.
+    (tmp_path / "images").mkdir()
+    image = tmp_path / "images" / "a.png"
+    pixels = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    profile = dict(driver="PNG", width=64, height=64, count=3, dtype="uint8")
+    origin = Affine(0.5, 0, 500000, 0, -0.5, 4000000)  # 0.5 m pixels, UTM 16N
+    with rasterio.open(image, "w", **profile, crs="EPSG:32616", transform=origin) as dst:
+        dst.write(pixels)
+    aux = tmp_path / "images" / "a.png.aux.xml"
+    assert aux.is_file()
+    square = [[500005, 3999995], [500015, 3999995], [500015, 3999985], [500005, 3999985]]
+    (tmp_path / "fp.geojson").write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "crs": {"type": "name", "properties": {"name": "EPSG:32616"}},
+                "features": [
+                    {
+                        "type": "Feature",
+                        "properties": {},
+                        "geometry": {"type": "Polygon", "coordinates": [[*square, square[0]]]},
+                    }
+                ],
+            }
+        )
+    )
+    opts = DataOptions(images=str(tmp_path / "images"), footprints=str(tmp_path / "fp.geojson"))
+
+    def columns() -> tuple[int, int]:
+        data = prepare_data(None, options=opts, data_root=tmp_path / "w", progress=False)
+        xs = np.nonzero(np.asarray(data.train.masks[0]))[1]
+        return int(xs.min()), int(xs.max())
+
+    assert columns() == (10, 29)  # 5 m east of the origin at 0.5 m/px, 10 m wide
+    with monkeypatch.context() as m:  # reading the scene writes no sidecar of its own
+        m.setattr(cache_module, "build_cache", lambda *a, **k: pytest.fail("rebuilt"))
+        assert columns() == (10, 29)
+    # the origin moved 5 m west (same file size): the building is 10 px further east
+    text = aux.read_text()
+    assert "5.0000000000000000e+05," in text
+    aux.write_text(text.replace("5.0000000000000000e+05,", "4.9999500000000000e+05,"))
+    later = time.time_ns() + 10**9
+    os.utime(aux, ns=(later, later))
+    assert columns() == (20, 39)

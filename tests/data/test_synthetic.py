@@ -6,7 +6,9 @@ import inspect
 import json
 import re
 import runpy
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -310,6 +312,60 @@ def test_half_written_world_is_regenerated(tmp_path: Path) -> None:
     (w.root / "train_img" / "TRAIN_0001.png").write_bytes(b"\x89PNG")
     generate_world(tmp_path / "w", **params)
     assert _tree_bytes(w.root) == before
+
+
+# One command preparing the built-in world: its generation can be held at the start (``A``,
+# until ``go`` exists), and each entry and exit of the generation is logged.
+_PREPARE = """
+import sys, time
+from pathlib import Path
+from bldseg.data import synthetic
+from bldseg.data.prepare import prepare_data
+
+name, root, log, go = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+build = synthetic._build
+
+def logged_build(world, progress):
+    with log.open("a") as f:
+        f.write(f"{name} enters\\n")
+    if name == "A":  # B starts to prepare while A generates
+        while not go.exists():
+            time.sleep(0.02)
+        time.sleep(1.0)
+    build(world, progress)
+    with log.open("a") as f:
+        f.write(f"{name} leaves\\n")
+
+synthetic._build = logged_build
+if name == "B":
+    go.touch()
+world = dict(n_train=4, train_size=32, n_test=4, test_size=16, test_scene_size=32, seed=1)
+data = prepare_data(None, data_root=root, synthetic=world, progress=False)
+print(len(data.train), len(data.test))
+"""
+
+
+def test_two_commands_generating_the_world_at_once(tmp_path: Path) -> None:
+    # Both found no world and generated it: the second deleted train_img/ while the first
+    # wrote and cached it, which failed with "image not found". The second must wait, then
+    # use the world the first generated.
+    log, go = tmp_path / "log", tmp_path / "go"
+
+    def start(name: str) -> subprocess.Popen:
+        argv = [sys.executable, "-c", _PREPARE, name, str(tmp_path / "root"), str(log), str(go)]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    a = start("A")
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and "A enters" in log.read_text()):
+        assert a.poll() is None, a.communicate()
+        assert time.monotonic() < deadline, "A never started generating"
+        time.sleep(0.05)
+    b = start("B")
+    outs = [p.communicate(timeout=120) for p in (a, b)]
+    assert [p.returncode for p in (a, b)] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [out.split() for out, _ in outs] == [["4", "4"], ["4", "4"]]
+    assert log.read_text().splitlines() == ["A enters", "A leaves"]  # generated once
 
 
 def test_refuses_foreign_folder(tmp_path: Path) -> None:
