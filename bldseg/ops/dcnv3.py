@@ -334,7 +334,8 @@ def dcnv3(
             of 9 is slow); elsewhere it runs as ``torch.softmax``.
 
     Returns:
-        (N, H_out, W_out, group*group_channels), dtype of ``input``.
+        (N, H_out, W_out, group*group_channels), dtype of ``input``; float16 and bfloat16
+        are sampled in float32 by every implementation (as under bf16 autocast).
 
     Raises:
         ValueError: Inconsistent shapes, dtypes, devices or parameters.
@@ -371,6 +372,10 @@ def dcnv3(
     )
     if not _compiled_available(_resolve_impl(impl), input.device):
         if mask_softmax:
+            # Half types: the softmax in float32 too, as the compiled op takes it; the
+            # reference computes them in float32 anyway.
+            if mask.dtype in (torch.float16, torch.bfloat16):
+                mask = mask.float()
             mask = point_softmax(mask, group)
         return dcnv3_reference(input, offset, mask, *params)
     return torch.ops.bldseg.dcnv3_forward(

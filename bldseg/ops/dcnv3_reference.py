@@ -17,9 +17,16 @@ Semantics (official InternImage DCNv3, channels-last):
     and output[..., g, :] = sum_p mask[..., g, p] * bilinear(input[..., g, :], y, x), reading
     zeros outside the padded input.
 
+float16 and bfloat16 inputs are computed in float32 and the output rounded to the input's
+dtype once, as the compiled op does. bfloat16 keeps 8 significant bits, too few for sampling
+locations in pixels (they are 1 apart from 128 on): sampled in bfloat16, what CPU bf16
+autocast hands the op, an identity sampling was off by 0.16 on a 32-pixel tile and gave
+2.6e38 or NaN on 128- and 224-pixel ones.
+
 Differences from the official ``dcnv3_core_pytorch`` (both deliberate, both invisible for the
 square kernels and equal paddings InternImage uses):
-    - the base grid is built in the input's dtype, not float32, so float64 is exact;
+    - the base grid is built in the input's dtype (float32 for half types), not always
+      float32, so float64 is exact;
     - ``F.pad`` pads H by pad_h and W by pad_w (the official call swaps them).
 And one difference from the official CUDA kernel, which the compiled op follows: at a
 location exactly on the -1 border (x == -1 or y == -1) the CUDA kernel skips the point, so the
@@ -102,8 +109,12 @@ def dcnv3_reference(
         offset_scale: Scales both the kernel-point grid and the offsets.
 
     Returns:
-        (N, H_out, W_out, group*group_channels).
+        (N, H_out, W_out, group*group_channels), dtype of ``input``; float16 and bfloat16
+        are computed in float32 (gradients flow back through the casts).
     """
+    dtype = input.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        input, offset, mask = input.float(), offset.float(), mask.float()
     n, h_in, w_in, _ = input.shape
     _, h_out, w_out, _ = offset.shape
     g, c, p = group, group_channels, kernel_h * kernel_w
@@ -145,4 +156,4 @@ def dcnv3_reference(
     )
     out = (sampled * mask).sum(-1)  # (N*G, C, H_out*W_out)
     out = out.reshape(n, g * c, h_out, w_out).permute(0, 2, 3, 1)  # (N, H_out, W_out, G*C)
-    return out.contiguous()
+    return out.to(dtype).contiguous()

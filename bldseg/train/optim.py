@@ -92,7 +92,10 @@ def clip_grad_norm_(
         fused: True: the compiled passes (raises where they cannot run); False: torch's; None
             (default): the compiled ones when every gradient is a dense float32 or float64 CPU
             tensor and the op builds. The op sums all squares in float64, torch takes the norm of
-            per-tensor norms: the two agree to rounding.
+            per-tensor norms in the gradients' dtype: the two agree to rounding, overflow
+            included (float32 gradients whose squares sum past the float32 range, a norm of
+            about 1.8e19: inf, and every gradient zeroed, as torch), and return the norm in
+            the same dtype (float64 if any gradient is).
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]

@@ -10,6 +10,15 @@
 // The sum runs in double over fixed blocks of the flat index space, added in block order, so
 // the result does not depend on the number of threads. Gradients must be dense in memory
 // (any layout: each is walked as a flat array) and float32 or float64; one call may mix them.
+//
+// Overflow follows torch, so that switching between the two trains the same: torch squares
+// and sums a float32 gradient's elements in float32 (a one-element tensor's norm is its
+// absolute value, nothing squared), then the per-tensor norms in the dtype they promote to
+// (float32 when every gradient is; a single norm is again not squared). Where such a float32
+// sum passes FLT_MAX torch's norm is inf, and coef = 0 zeroes every gradient; the float64 sums
+// here would give a finite norm instead, so they are compared with FLT_MAX (to rounding: the
+// boundary is where torch's float32 sum crosses it). The norm is returned in the dtype torch
+// returns it in: float64 when any gradient is float64, else float32.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "flat_parts.h"
@@ -42,6 +52,24 @@ double sum_squares(const T* __restrict g, int64_t begin, int64_t end) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
+// Whether torch's float32 arithmetic for this norm overflows (see the top of the file), given
+// the float64 sum of all squares; rare, so the per-tensor sums are only taken when it may.
+bool float32_norm_overflows(at::TensorList grads, double sum) {
+  if (!(sum > std::numeric_limits<float>::max())) return false;  // every partial sum is <= sum
+  const bool all_float = std::all_of(grads.begin(), grads.end(), [](const at::Tensor& g) {
+    return g.scalar_type() == at::kFloat;
+  });
+  if (all_float && grads.size() > 1) return true;  // the norm of the norms overflows
+  for (const at::Tensor& g : grads) {
+    if (g.scalar_type() != at::kFloat || g.numel() < 2) continue;
+    if (sum_squares<float>(g.const_data_ptr<float>(), 0, g.numel()) >
+        std::numeric_limits<float>::max()) {
+      return true;
+    }
+  }
+  return false;
+}
+
 at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm) {
   constexpr const char* op = "bldseg::clip_grad_norm_";
   for (const auto i : c10::irange(grads.size())) {
@@ -52,8 +80,12 @@ at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm) {
     TORCH_CHECK(g.is_non_overlapping_and_dense(), op, ": gradient ", i, " ", g.sizes(),
                 g.strides(), " is not dense in memory");
   }
-  // torch returns the norm as a 0-d tensor of the gradients' dtype (float32 if none)
-  const auto dtype = grads.empty() ? at::kFloat : grads[0].scalar_type();
+  // torch returns the norm as a 0-d tensor of the per-tensor norms' promoted dtype: float64
+  // if any gradient is float64, float32 otherwise (and with no gradients)
+  const bool any_double = std::any_of(grads.begin(), grads.end(), [](const at::Tensor& g) {
+    return g.scalar_type() == at::kDouble;
+  });
+  const auto dtype = any_double ? at::kDouble : at::kFloat;
   const std::vector<int64_t> start = flat_starts(grads);
   const int64_t n = start.back();
   const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -71,7 +103,8 @@ at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm) {
   });
   double sum = 0;
   for (const double p : partial) sum += p;
-  const double total = std::sqrt(sum);
+  const double total =
+      float32_norm_overflows(grads, sum) ? std::numeric_limits<double>::infinity() : std::sqrt(sum);
   const double coef = max_norm / (total + 1e-6);
   if (!(coef >= 1.0)) {  // coef < 1, or NaN (torch.clamp keeps NaN and scales by it)
     at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {

@@ -474,6 +474,74 @@ def test_reduced_precision_runs_in_float32(dcnv3_op, dtype: torch.dtype) -> None
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
 
 
+def test_reference_samples_in_float32_under_bf16_autocast(dcnv3_op) -> None:
+    # Zero offsets and only the centre point: the output is the input. At 128 px bfloat16
+    # cannot hold the sampling locations; the reference used to sample in it (2.6e38 here).
+    s = 128
+    x = torch.randn(1, s, s, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    offset = torch.zeros(1, s, s, 18, dtype=torch.bfloat16)
+    mask = torch.zeros(1, s, s, 9, dtype=torch.bfloat16)
+    mask[..., 4] = 1.0
+    outs, grads = {}, {}
+    for impl in ("reference", "compiled"):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = dcnv3(leaf, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 1, 8, 1.0, impl=impl)
+        out.float().square().sum().backward()
+        outs[impl], grads[impl] = out.detach(), leaf.grad
+        assert out.dtype == leaf.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(out.detach(), x, atol=1e-4, rtol=1.6e-2)
+        torch.testing.assert_close(leaf.grad, 2 * x, atol=1e-4, rtol=1.6e-2)
+    torch.testing.assert_close(outs["reference"], outs["compiled"], atol=1e-4, rtol=1.6e-2)
+    torch.testing.assert_close(grads["reference"], grads["compiled"], atol=1e-4, rtol=1.6e-2)
+
+
+def test_module_reference_matches_compiled_under_bf16_autocast(dcnv3_op) -> None:
+    # How precision=bf16 trains on a CPU (float32 weights, autocast); a fresh module, whose
+    # zero offsets sample on the kernel grid, as at the start of training.
+    torch.manual_seed(0)
+    module = DCNv3(channels=16, group=2)
+    x = torch.randn(1, 128, 128, 16, generator=torch.Generator().manual_seed(1))
+    outs, grads = {}, {}
+    for impl in ("reference", "compiled"):
+        module.impl = impl
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        out.float().square().mean().backward()
+        outs[impl] = out.detach().float()
+        grads[impl] = {name: p.grad.clone() for name, p in module.named_parameters()}
+    # Both sample in float32; they differ only where a bfloat16 rounding flips (1 ulp).
+    assert outs["reference"].abs().max() < 4
+    torch.testing.assert_close(outs["reference"], outs["compiled"], atol=1.6e-2, rtol=0)
+    for name, g in grads["compiled"].items():
+        scale = float(g.abs().max()) or 1.0
+        torch.testing.assert_close(
+            grads["reference"][name],
+            g,
+            atol=0.02 * scale,
+            rtol=0,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_takes_the_fused_mask_softmax_in_float32(dcnv3_op, dtype: torch.dtype) -> None:
+    # The compiled op takes the softmax of half-type logits in float32, and so does the
+    # fallback: the two round once, at the end, so they differ only where float32 summation
+    # order flips a rounding (a softmax in the half type changed about 30% of the outputs).
+    case = Case(2, 16, 16, 2, 4, offset_std=2.0)
+    x, offset, logits = (t.to(dtype) for t in make_inputs(case))
+    logits = 3 * logits
+    outs = [
+        dcnv3(x, offset, logits, *case.params(), impl=impl, mask_softmax=True)
+        for impl in ("reference", "compiled")
+    ]
+    assert outs[0].dtype == dtype
+    assert (outs[0] != outs[1]).float().mean() < 0.01
+    torch.testing.assert_close(outs[0], outs[1])
+
+
 def test_offset_and_mask_gradients_vanish_far_outside(dcnv3_op) -> None:
     case = Case(1, 5, 5, 2, 4, offset_std=0.0)
     x, offset, mask = make_inputs(case)
@@ -638,6 +706,18 @@ def test_cpp_op_rejects_bad_parameters_and_grad(dcnv3_op) -> None:
         torch.ops.bldseg.dcnv3_backward(x, offset, mask, x[:, :-1].contiguous(), *p, 64)
     with pytest.raises(RuntimeError, match="grad_output must have the dtype"):
         torch.ops.bldseg.dcnv3_backward(x, offset, mask, x.float(), *p, 64)
+
+
+@pytest.mark.parametrize("mask_softmax", [False, True])
+def test_cpp_op_rejects_group_zero_before_the_softmax(dcnv3_op, mask_softmax: bool) -> None:
+    # The softmax splits the mask by group: the op must refuse group 0 before dividing by it.
+    case, x, offset, mask = _good()
+    p = case.params()
+    bad = (*p[:8], 0, *p[9:], 64, mask_softmax)
+    with pytest.raises(RuntimeError, match="group and group_channels must be > 0, got 0"):
+        torch.ops.bldseg.dcnv3_forward(x, offset, mask, *bad)
+    with pytest.raises(RuntimeError, match="group and group_channels must be > 0, got 0"):
+        torch.ops.bldseg.dcnv3_backward(x, offset, mask, x, *bad)
 
 
 # ---------------------------------------------------------------------------------------------

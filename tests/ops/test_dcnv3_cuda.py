@@ -563,3 +563,19 @@ def test_cuda_op_rejects_bad_input(dcnv3_op) -> None:
         forward(x.transpose(1, 2).contiguous().transpose(1, 2), offset, mask, *params)
     with pytest.raises(RuntimeError, match="offset of shape"):
         forward(x, offset[..., :-2].contiguous(), mask, *params)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("mask_softmax", [False, True])
+def test_cuda_op_rejects_group_zero_before_the_softmax(dcnv3_op, mask_softmax: bool) -> None:
+    # The softmax splits the mask by group; it ran before the checks (an integer division by
+    # zero for group 0).
+    case = CASES["c16_g2"]
+    x, offset, mask, _ = (t.float().cuda() for t in make_inputs(case))
+    p = case.params()
+    bad = (*p[:8], 0, *p[9:], 64, mask_softmax)
+    with pytest.raises(RuntimeError, match="group and group_channels must be > 0, got 0"):
+        torch.ops.bldseg.dcnv3_forward(x, offset, mask, *bad)
+    with pytest.raises(RuntimeError, match="group and group_channels must be > 0, got 0"):
+        torch.ops.bldseg.dcnv3_backward(x, offset, mask, x, *bad)

@@ -220,6 +220,54 @@ def test_clip_grad_norm_matches_torch(dtype, tol, scale):
     assert float(clipped) == pytest.approx(min(0.5, float(total)), rel=1e-5)
 
 
+def _reviewers_grads() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=gen), torch.randn(3, 3, generator=gen), torch.ones(1)]
+    grads[0][0] = 1e30
+    return grads
+
+
+F64 = torch.float64
+
+
+# torch squares float32 gradients in float32: its norm is inf where their squares sum past
+# FLT_MAX (except a one-element tensor's, its absolute value), and with several gradients
+# again where the per-tensor norms' squares do (in float64 if any gradient is float64).
+@pytest.mark.parametrize(
+    "grads",
+    [
+        pytest.param(_reviewers_grads, id="1e30_among_small"),
+        pytest.param(lambda: [torch.full((2,), 1e20)], id="one_tensor"),
+        pytest.param(lambda: [torch.full((3,), 1e19), torch.full((3,), 1e19)], id="each_fits"),
+        pytest.param(lambda: [torch.full((1, 1), 1e30)], id="one_element_finite"),
+        pytest.param(lambda: [torch.full((1,), 1e20), torch.ones(1)], id="norm_of_norms"),
+        pytest.param(lambda: [torch.full((2,), 1e20), torch.ones(1, dtype=F64)], id="mixed_inf"),
+        pytest.param(lambda: [torch.full((1,), 1e20), torch.ones(3, dtype=F64)], id="mixed_fin"),
+        pytest.param(
+            lambda: [torch.full((1,), 3e38), torch.full((1,), 3e38, dtype=F64)],
+            id="mixed_past_float32",
+        ),
+        pytest.param(lambda: [torch.ones(3), torch.ones(3, dtype=F64)], id="mixed_small"),
+    ],
+)
+def test_clip_grad_norm_overflows_and_promotes_as_torch(grads):
+    def params():
+        ps = []
+        for g in grads():
+            p = nn.Parameter(torch.zeros_like(g))
+            p.grad = g
+            ps.append(p)
+        return ps
+
+    ref, ours = params(), params()
+    total_ref = nn.utils.clip_grad_norm_(ref, 1.0)
+    total = clip_grad_norm_(ours, 1.0, fused=True)
+    assert total.dtype == total_ref.dtype
+    torch.testing.assert_close(total, total_ref, rtol=1e-6, atol=0)
+    for p, q in zip(ref, ours, strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=0)
+
+
 def test_clip_grad_norm_sums_in_one_order_whatever_the_threads():
     # more elements than one task's block, so the two passes split across threads
     g = torch.randn(300_000, generator=torch.Generator().manual_seed(3))

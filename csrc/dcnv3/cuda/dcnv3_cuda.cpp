@@ -92,8 +92,9 @@ void check_launch(const char* op, cudaError_t err) {
 
 // (N, H, W, G*P) logits -> probabilities, softmax over the P points of each group.
 at::Tensor point_softmax(const at::Tensor& mask, int64_t group) {
-  TORCH_CHECK(mask.dim() == 4 && mask.size(3) % group == 0, "bldseg::dcnv3: mask of shape ",
-              shape_str(mask), " does not split into ", group, " groups");
+  TORCH_CHECK(mask.dim() == 4 && group > 0 && mask.size(3) % group == 0,
+              "bldseg::dcnv3: mask of shape ", shape_str(mask), " does not split into ", group,
+              " groups");
   return at::softmax(mask.reshape({-1, mask.size(3) / group}), -1).view(mask.sizes());
 }
 
@@ -104,6 +105,10 @@ at::Tensor dcnv3_forward_cuda(const at::Tensor& input, const at::Tensor& offset,
                               int64_t group_channels, double offset_scale, int64_t im2col_step,
                               bool mask_softmax) {
   const char* op = "bldseg::dcnv3_forward";
+  // Checked before the softmax below, which splits the mask by group (group 0 divided by 0).
+  const Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
+                                          stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                                          group_channels, offset_scale, im2col_step);
   if (mask_softmax) {
     // The CUDA kernels read probabilities; the softmax over the P points runs as ATen's own
     // (fast on a GPU, unlike the CPU's over a short last dim, which the CPU kernel fuses).
@@ -111,9 +116,6 @@ at::Tensor dcnv3_forward_cuda(const at::Tensor& input, const at::Tensor& offset,
                               stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                               group_channels, offset_scale, im2col_step, false);
   }
-  const Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
-                                          stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                                          group_channels, offset_scale, im2col_step);
   check_on_cuda(op, input);
   // im2col_step sized the official op's column buffer; these kernels write the output
   // directly, one launch for the whole batch, so it is only validated.
@@ -144,6 +146,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
     int64_t group, int64_t group_channels, double offset_scale, int64_t im2col_step,
     bool mask_softmax) {
   const char* op = "bldseg::dcnv3_backward";
+  // Checked before the softmax below, which splits the mask by group (group 0 divided by 0).
+  const Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
+                                          stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                                          group_channels, offset_scale, im2col_step);
   if (mask_softmax) {
     // Gradient of the probabilities from the kernels, then through ATen's softmax backward.
     const at::Tensor prob = point_softmax(mask, group);
@@ -156,9 +162,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
                                    prob.reshape({-1, points}), -1, prob.scalar_type());
     return {std::get<0>(grads), std::get<1>(grads), grad_logit.view(mask.sizes())};
   }
-  const Geometry geo = check_dcnv3_inputs(op, input, offset, mask, kernel_h, kernel_w, stride_h,
-                                          stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                                          group_channels, offset_scale, im2col_step);
   check_dcnv3_grad_output(op, grad_output, input, geo);
   check_on_cuda(op, input);
   const c10::cuda::CUDAGuard device_guard(input.device());
