@@ -144,6 +144,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--json", default="bench/compile.json")
     args = p.parse_args()
+    # no timed step: statistics.median([]) failed after compiling, with a traceback
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be 0 or more, got {args.warmup}")
     cfg = RunConfig.from_flat({**CPU_DEMO, **parse_set(args.set)})
     amp = engine.autocast_dtype(cfg.precision, torch.device("cpu"))
     settings = (

@@ -17,8 +17,17 @@ slower the slowest call was (``+N%``), so a noisy case shows (the JSON has all t
     python experiments/bench_dcnv3.py --levels T --json out.json
     python experiments/bench_dcnv3.py --levels T --dtype bfloat16   # as bf16 training runs it
 
+Numerics: every compiled case is checked against the reference on the same inputs, once,
+outside the timed calls (in the compiled case's child): the output and, for fwd+bwd, the three
+gradients, each within ``CHECK_RTOL`` of the dtype (float64 1e-10, float32 1e-4, bfloat16
+2e-2) times the reference tensor's largest magnitude (at least 1); the compiled module rows
+likewise against the reference op module, in float32. The tables show the largest difference
+(``max|diff|``, ``!`` beyond tolerance), the JSON each tensor's (``check``); a case beyond
+tolerance makes the script exit with status 1 naming it, after writing the JSON.
+
 --dtype bfloat16 gives both ops bf16 tensors (what they get in a module under bf16 autocast;
-ours converts to float32 around its kernels, the reference's grid_sample runs in bf16), and
+both convert to float32 around their sampling and back: the reference's grid_sample sampled
+in bf16 gave wrong values and NaN), and
 runs the module cases under torch.autocast, weights in float32, as `precision=bf16` trains.
 
 Kernels: the compiled op picks its CPU instruction set once per process from the CPU and the
@@ -42,9 +51,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,6 +93,7 @@ class Result:
     ms_max: float  # slowest call: its distance from the best is the spread the tables show
     peak_mb: float  # peak memory growth during one call, MiB
     isa: str | None = None  # the compiled op's CPU instruction set (op_isa); None: none ran
+    check: dict[str, Any] | None = None  # compiled vs reference (compare); compiled cases only
 
 
 def _inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,9 +110,13 @@ def _inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(t.requires_grad_(grad) for t in tensors)  # type: ignore[return-value]
 
 
-def _call(case: Case, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> None:
+def _op(case: Case, impl: str, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor):
     c = case.channels // case.group
-    out = dcnv3(x, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, case.group, c, 1.0, 256, impl=case.impl)
+    return dcnv3(x, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, case.group, c, 1.0, 256, impl=impl)
+
+
+def _call(case: Case, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> None:
+    out = _op(case, case.impl, x, offset, mask)
     if case.mode == "fwd+bwd":
         out.backward(torch.ones_like(out))
         for t in (x, offset, mask):
@@ -111,6 +126,82 @@ def _call(case: Case, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor)
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+#: What the numerics check allows, compiled vs reference, as a share of the reference tensor's
+#: largest magnitude (at least 1), by dtype: float64 as tests/ops/test_dcnv3.py compares them
+#: (1e-10, PRODUCT.md's target), float32 as its float32 kernel tests (1e-4), bfloat16 a few of
+#: its roundings (8 bits: ~4e-3 each; ours rounds once at the end, the reference inside
+#: grid_sample).
+CHECK_RTOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2}
+
+
+def compare(
+    got: Sequence[torch.Tensor],
+    want: Sequence[torch.Tensor],
+    names: Sequence[str],
+    rtol: float,
+    keep: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Compiled (``got``) vs reference (``want``) tensors, each against ``rtol`` x the reference
+    tensor's largest magnitude (at least 1); a NaN anywhere fails.
+
+    Args:
+        keep: By name, a boolean mask of the elements compared (default: all).
+
+    Returns:
+        ``max_abs_diff`` (the largest over the tensors), ``worst`` (the tensor nearest its
+        tolerance or furthest past it) and its ``ratio`` (difference / tolerance), ``ok``,
+        ``rtol`` and ``diffs`` (per tensor, the largest difference).
+    """
+    keep = keep or {}
+    diffs: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    for name, a, b in zip(names, got, want, strict=True):
+        a, b = a.detach().double(), b.detach().double()
+        if name in keep:
+            a, b = a[keep[name]], b[keep[name]]
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        diffs[name] = diff
+        ratios[name] = diff / (rtol * scale)  # NaN stays NaN
+    worst = max(ratios, key=lambda n: math.inf if math.isnan(ratios[n]) else ratios[n])
+    return {
+        "max_abs_diff": max(diffs.values(), key=lambda d: math.inf if math.isnan(d) else d),
+        "worst": worst,
+        "ratio": ratios[worst],
+        "ok": all(r <= 1 for r in ratios.values()),
+        "rtol": rtol,
+        "diffs": diffs,
+    }
+
+
+def check_case(
+    case: Case, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor
+) -> dict[str, Any]:
+    """The compiled op against the reference on the inputs both are timed on, once each,
+    outside the timed calls: the output and, for fwd+bwd, the three gradients under one seeded
+    random output gradient (:func:`compare`, :data:`CHECK_RTOL` of the case's dtype)."""
+    grad = case.mode == "fwd+bwd"
+    tensors = {}
+    for impl in IMPLS:
+        leaves = [t.detach().clone().requires_grad_(grad) for t in (x, offset, mask)]
+        out = _op(case, impl, *leaves)
+        got = [out.detach()]
+        if grad:
+            g = torch.Generator().manual_seed(1)
+            grad_out = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+            got += torch.autograd.grad(out, leaves, grad_out)
+        tensors[impl] = got
+    names = ("out", "grad_input", "grad_offset", "grad_mask")[: len(tensors["compiled"])]
+    # Bilinear sampling has a kink where a sample falls on the pixel grid (here: an integer
+    # offset); either one-sided derivative is right there and the two ops take different
+    # sides. bfloat16 offsets land on it (about 1 in 200), float32/float64 ones from randn
+    # never: those elements of the offset gradient are left out.
+    off = offset.detach()
+    keep = {"grad_offset": off != off.round()} if grad else {}
+    check = compare(tensors["compiled"], tensors["reference"], names, CHECK_RTOL[case.dtype], keep)
+    return check | {"kinks_left_out": int((~keep["grad_offset"]).sum()) if grad else 0}
 
 
 def proc_status_kb(field: str) -> int:
@@ -149,7 +240,10 @@ def run_case(case: Case, repeat: int) -> Result:
         times.append(time.perf_counter() - start)
     isa = op_isa(os.environ) if case.impl == "compiled" and case.device == "cpu" else None
     ms = [1000 * t for t in times]
-    return Result(case, statistics.median(ms), min(ms), max(ms), peak_mb, isa)
+    # 3. Numerics, after the timed calls: in the compiled case's process, running the
+    # reference once beside it.
+    check = check_case(case, x, offset, mask) if case.impl == "compiled" else None
+    return Result(case, statistics.median(ms), min(ms), max(ms), peak_mb, isa, check)
 
 
 #: CPU instruction sets of the compiled op, and the environment that selects each (read once
@@ -251,6 +345,7 @@ def run_in_subprocess(case: Case, repeat: int, env: dict[str, str] | None = None
         data["ms_max"],
         data["peak_mb"],
         data.get("isa"),
+        data.get("check"),
     )
 
 
@@ -261,9 +356,20 @@ def spread(best: float, worst: float) -> str:
     return f"+{100 * (worst / best - 1):.0f}%"
 
 
+def diff_cell(checks: Sequence[dict[str, Any] | None]) -> str:
+    """The largest compiled-vs-reference difference among ``checks`` for a table cell, ``!``
+    after it when any is beyond its tolerance; ``-`` where none was checked."""
+    done = [c for c in checks if c]
+    if not done:
+        return "-"
+    diff = max((c["max_abs_diff"] for c in done), key=lambda d: math.inf if math.isnan(d) else d)
+    return f"{diff:.1e}" + ("" if all(c["ok"] for c in done) else "!")
+
+
 def _table(results: list[Result]) -> str:
     # One row per (device, level, shape, mode): compiled vs reference and the ratios; each
-    # best time with the slowest call's excess over it (+max), so a noisy row is seen as such.
+    # best time with the slowest call's excess over it (+max), so a noisy row is seen as such;
+    # last the numerics check's largest difference.
     rows = {}
     for r in results:
         c = r.case
@@ -272,10 +378,11 @@ def _table(results: list[Result]) -> str:
     head = (
         f"{'dev':4} {'lvl':3} {'shape (N,H,W,C) G':>22} {'mode':8} "
         f"{'comp ms':>9} {'+max':>5} {'ref ms':>9} {'+max':>5} {'speedup':>8} "
-        f"{'comp MiB':>9} {'ref MiB':>9} {'mem x':>6}"
+        f"{'comp MiB':>9} {'ref MiB':>9} {'mem x':>6} {'max|diff|':>9}"
     )
     lines = [head, "-" * len(head)]
     totals: dict[tuple[str, str, str], list[float]] = {}
+    checks: dict[tuple[str, str, str], list[dict[str, Any] | None]] = {}
     nan = float("nan")
     for key, by_impl in rows.items():
         device, level, size, channels, group, mode = key
@@ -289,8 +396,11 @@ def _table(results: list[Result]) -> str:
             f"{device:4} {level:3} {shape:>22} {mode:8} "
             + "".join(f"{best:9.2f} {spread(best, worst):>5} " for best, worst in times)
             + f"{speed:8.2f} {comp.peak_mb if comp else nan:9.1f} "
-            f"{ref.peak_mb if ref else nan:9.1f} {mem:6.2f}"
+            f"{ref.peak_mb if ref else nan:9.1f} {mem:6.2f} "
+            f"{diff_cell([comp.check if comp else None]):>9}"
         )
+        if comp:
+            checks.setdefault((device, level, mode), []).append(comp.check)
         if comp and ref:
             tot = totals.setdefault((device, level, mode), [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
             tot[0] += comp.ms_min
@@ -301,12 +411,16 @@ def _table(results: list[Result]) -> str:
             tot[5] = max(tot[5], ref.peak_mb)
     lines.append("-" * len(head))
     lines.append("ms: the best call; +max: how much slower the slowest call was")
-    lines.append("level totals (time: sum over the 4 shapes; memory: max over them)")
+    lines.append(
+        "max|diff|: compiled vs reference on the same inputs, output (fwd+bwd: and gradients); "
+        "! = beyond tolerance"
+    )
+    lines.append("level totals (time: sum over the 4 shapes; memory and max|diff|: max over them)")
     for (device, level, mode), (ct, cx, rt, rx, cm, rm) in totals.items():
         lines.append(
             f"{device:4} {level:3} {'all 4 shapes':>22} {mode:8} {ct:9.2f} {spread(ct, cx):>5} "
             f"{rt:9.2f} {spread(rt, rx):>5} {rt / ct:8.2f} {cm:9.1f} {rm:9.1f} "
-            f"{rm / cm if cm > 0 else nan:6.2f}"
+            f"{rm / cm if cm > 0 else nan:6.2f} {diff_cell(checks[device, level, mode]):>9}"
         )
     return "\n".join(lines)
 
@@ -333,6 +447,7 @@ def time_isas(
                         "ms_min": result.ms_min,
                         "ms_median": result.ms,
                         "ms_max": result.ms_max,
+                        "check": result.check,  # these kernels vs the reference
                     }
                 )
     return rows
@@ -355,6 +470,12 @@ def _isa_table(rows: list[dict], isas: list[str]) -> str:
             for best, worst in (ms[isa] for isa in isas)
         )
         lines.append(f"{f'{level} {size}x{size}x{channels} G{group}':<22}{cells}")
+    lines.append(
+        "max|diff| vs the reference (! = beyond tolerance): "
+        + ", ".join(
+            f"{isa} {diff_cell([r.get('check') for r in rows if r['isa'] == isa])}" for isa in isas
+        )
+    )
     ran = {(r["isa"], r.get("isa_used")) for r in rows if r.get("isa_used") not in (None, r["isa"])}
     for asked, used in sorted(ran):
         lines.append(f"{asked}: this CPU ran the {used} kernels (it lacks the {asked} features)")
@@ -384,6 +505,20 @@ def _projections(module: torch.nn.Module, x: torch.Tensor) -> None:
     sum(out.sum() for out in outs).backward()
 
 
+def _module_pass(
+    module: torch.nn.Module, x: torch.Tensor, impl: str, fused: bool
+) -> list[torch.Tensor]:
+    """One fwd+bwd of ``module`` with the op ``impl`` from zeroed gradients, under one seeded
+    random output gradient: the output, the input's gradient, then every parameter's."""
+    module.impl, module.fused_softmax = impl, fused
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    out = module(x)
+    g = torch.Generator().manual_seed(1)
+    out.backward(torch.randn(out.shape, generator=g).to(out.device, out.dtype))
+    return [out.detach().float(), x.grad.clone(), *(p.grad.clone() for p in module.parameters())]
+
+
 def time_modules(
     level: str, batch: int, repeat: int, device: str, autocast: torch.dtype | None = None
 ) -> list[dict]:
@@ -394,6 +529,13 @@ def time_modules(
     samples off the grid as in a trained model. ``autocast``: run every variant's forward
     under ``torch.autocast(device, autocast)`` (float32 weights and input, as mixed-precision
     training runs the module); None: float32 throughout.
+
+    Each compiled variant's row has ``check``: its output and gradients (input and every
+    parameter) against the reference op module's in float32 (:func:`compare`,
+    ``CHECK_RTOL["float32"]``), from the warm-up call. Under autocast that check is one more
+    float32 call per variant: bf16 offsets fall on the pixel grid, where the two ops take
+    different one-sided derivatives (:func:`check_case`), and the parameters' gradients sum
+    those in where no mask can leave them out.
     """
     from bldseg.ops.dcnv3 import DCNv3
 
@@ -407,6 +549,10 @@ def time_modules(
         x = torch.randn(batch, size, size, channels, device=device, requires_grad=True)
         labels = [label for label, _, _ in MODULE_VARIANTS] + [PROJECTIONS]
         times: dict[str, list[float]] = {label: [] for label in labels}
+        passes: dict[str, list[torch.Tensor]] = {}
+        if autocast:
+            for label, impl, fused in MODULE_VARIANTS:
+                passes[label] = _module_pass(module, x, impl, fused)
         # Variants alternate call by call, so a busy spell of the machine hits all of them.
         for i in range(repeat + 1):
             for label, impl, fused in [*MODULE_VARIANTS, (PROJECTIONS, None, None)]:
@@ -415,6 +561,8 @@ def time_modules(
                 with mixed:
                     if label == PROJECTIONS:
                         _projections(module, x)
+                    elif not i and not autocast:  # the warm-up call gives the numerics check
+                        passes[label] = _module_pass(module, x, impl, fused)
                     else:
                         module.impl, module.fused_softmax = impl, fused
                         module(x).float().sum().backward()
@@ -423,8 +571,13 @@ def time_modules(
                 if i:  # the first round warms up
                     times[label].append(time.perf_counter() - t0)
         impls = {label: impl for label, impl, _ in MODULE_VARIANTS}
+        names = ["out", "grad_input", *(f"grad_{n}" for n, _ in module.named_parameters())]
+        want = passes[MODULE_VARIANTS[0][0]]  # the reference op module
         for label in labels:
             compiled_cpu = impls.get(label) == "compiled" and device == "cpu"
+            check = None
+            if impls.get(label) == "compiled":
+                check = compare(passes[label], want, names, CHECK_RTOL["float32"])
             rows.append(
                 {
                     "level": level,
@@ -440,12 +593,14 @@ def time_modules(
                     "ms_median": 1e3 * statistics.median(times[label]),
                     "ms_min": 1e3 * min(times[label]),
                     "ms_max": 1e3 * max(times[label]),
+                    "check": check,  # vs the reference op module; None: not a compiled variant
                 }
             )
             print(
                 f"  module {device} {level} {size}x{size}x{channels} G{group} {label:23} "
                 f"best {rows[-1]['ms_min']:8.2f} ms, median {rows[-1]['ms_median']:8.2f} ms, "
-                f"max {rows[-1]['ms_max']:8.2f} ms",
+                f"max {rows[-1]['ms_max']:8.2f} ms"
+                + (f", max|diff| {diff_cell([check])}" if check else ""),
                 flush=True,
             )
     return rows
@@ -453,24 +608,22 @@ def time_modules(
 
 def _module_table(rows: list[dict]) -> str:
     """Module fwd+bwd per shape: each variant's best time, the slowest call's excess over it
-    and the speed-up over the first, and the projections alone with their share of the default
-    module."""
+    and the speed-up over the first, the projections alone with their share of the default
+    module, and the compiled variants' largest difference from the reference op module."""
     labels = [v[0] for v in MODULE_VARIANTS]
     lines = [
         "DCNv3 module fwd+bwd (best ms, +max: the slowest call's excess over it; x = speed-up "
         "over the reference op module; "
-        f"{PROJECTIONS}: their share of the {labels[-1]} module)",
+        f"{PROJECTIONS}: their share of the {labels[-1]} module; max|diff|: the compiled "
+        "variants' outputs and gradients vs the reference op module's, ! = beyond tolerance)",
         f"{'device':<6} {'shape':<18}"
         + "".join(f"{lab:>26}" for lab in labels)
-        + f"{PROJECTIONS:>26}",
+        + f"{PROJECTIONS:>26}{'max|diff|':>10}",
     ]
     keys = sorted({(r["device"], r["level"], r["size"], r["channels"], r["group"]) for r in rows})
     for dev, level, size, ch, g in sorted(keys, key=lambda k: (k[0], k[1], -k[2])):
-        cell = {
-            r["variant"]: (r["ms_min"], r["ms_max"])
-            for r in rows
-            if (r["device"], r["size"], r["channels"]) == (dev, size, ch)
-        }
+        mine = [r for r in rows if (r["device"], r["size"], r["channels"]) == (dev, size, ch)]
+        cell = {r["variant"]: (r["ms_min"], r["ms_max"]) for r in mine}
         base = cell[labels[0]][0]
         shape = f"{level} {size}x{size}x{ch} G{g}"
         floor, floor_max = cell[PROJECTIONS]
@@ -481,8 +634,39 @@ def _module_table(rows: list[dict]) -> str:
                 for best, worst in (cell[lab] for lab in labels)
             )
             + f"{floor:>11.2f} {spread(floor, floor_max):>5} ({floor / cell[labels[-1]][0]:4.0%})"
+            + f"{diff_cell([r.get('check') for r in mine]):>10}"
         )
     return "\n".join(lines)
+
+
+def _beyond(check: dict[str, Any]) -> str:
+    worst = check["worst"]
+    return (
+        f"{worst} differs by {check['diffs'][worst]:.3g}, {check['ratio']:.3g}x its tolerance "
+        f"({check['rtol']:g} x the reference's largest magnitude, at least 1)"
+    )
+
+
+def numerics_failures(
+    results: list[Result], modules: list[dict], isa_rows: list[dict]
+) -> list[str]:
+    """Every case whose compiled op (or module) is beyond its tolerance of the reference, named
+    as the tables name it, with the tensor furthest off."""
+    failures = []
+    for r in results:
+        c = r.case
+        if r.check is not None and not r.check["ok"]:
+            shape = f"{c.level} {c.size}x{c.size}x{c.channels} G{c.group}"
+            failures.append(f"{c.device} {shape} {c.mode} {c.dtype}: {_beyond(r.check)}")
+    for r in isa_rows:
+        if r.get("check") is not None and not r["check"]["ok"]:
+            shape = f"{r['level']} {r['size']}x{r['size']}x{r['channels']} G{r['group']}"
+            failures.append(f"cpu {shape} fwd+bwd, {r['isa']} kernels: {_beyond(r['check'])}")
+    for r in modules:
+        if r.get("check") is not None and not r["check"]["ok"]:
+            shape = f"{r['level']} {r['size']}x{r['size']}x{r['channels']} G{r['group']}"
+            failures.append(f"module {r['device']} {shape} {r['variant']}: {_beyond(r['check'])}")
+    return failures
 
 
 def main() -> None:
@@ -519,6 +703,10 @@ def main() -> None:
     )
     parser.add_argument("--one-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # no timed call: statistics.median([]) failed in the first child, with a traceback
+    for flag in ("repeat", "batch"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
     if args.isa and sorted(set(args.isa.split(",")) - set(ISA_ENV)):
         parser.error(f"--isa: choose from {', '.join(ISA_ENV)}, comma-separated")
@@ -564,7 +752,8 @@ def main() -> None:
                         print(
                             f"  {device} {level} {size}x{size}x{channels} G{group} {mode:8} "
                             f"{impl:9} best {result.ms_min:9.2f} ms, median {result.ms:9.2f} ms, "
-                            f"max {result.ms_max:9.2f} ms, peak {result.peak_mb:8.1f} MiB",
+                            f"max {result.ms_max:9.2f} ms, peak {result.peak_mb:8.1f} MiB"
+                            + (f", max|diff| {diff_cell([result.check])}" if result.check else ""),
                             flush=True,
                         )
     if not results:
@@ -607,6 +796,7 @@ def main() -> None:
         isa_rows = time_isas(levels, args.batch, args.dtype, args.repeat, isas)
         print()
         print(_isa_table(isa_rows, isas))
+    failures = numerics_failures(results, modules, isa_rows)
     if args.json is not None:
         payload = {
             "torch": torch.__version__,
@@ -626,14 +816,30 @@ def main() -> None:
                     "ms_max": r.ms_max,
                     "peak_mb": r.peak_mb,
                     "isa": r.isa,
+                    "check": r.check,  # compiled rows: vs the reference on the same inputs
                 }
                 for r in results
             ],
             "modules": modules,
             "isa": isa_rows,
+            "numerics": {
+                "method": "compiled vs reference on the same inputs, once outside the timed "
+                "calls: output and (fwd+bwd) gradients under a seeded random output gradient; "
+                "each tensor's largest difference against rtol x the reference's largest "
+                "magnitude (at least 1); the offset gradient without samples on the pixel grid",
+                "rtol": CHECK_RTOL,
+                "ok": not failures,
+                "failures": failures,
+            },
         }
         write_json(args.json, payload)
         print(f"wrote {args.json}")
+    if failures:
+        # a faster op that computes something else is not a speed-up
+        sys.exit(
+            "bench_dcnv3: compiled and reference disagree beyond tolerance in "
+            f"{len(failures)} case(s):\n  " + "\n  ".join(failures)
+        )
 
 
 if __name__ == "__main__":

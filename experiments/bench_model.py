@@ -181,6 +181,10 @@ def main() -> None:
     p.add_argument("--skip-params", action="store_true", help="only the training step")
     p.add_argument("--one-impl", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    # no timed step: statistics.median([]) failed in the child, after the parameter counts
+    for flag in ("size", "batch", "iters"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     device = torch.device(args.device)
     if args.one_impl is not None:  # child: one variant's steps, JSON on the last line
         if args.one_impl == "compiled":

@@ -116,6 +116,14 @@ def main() -> None:
     ap.add_argument("--max-norm", type=float, default=1e-3, help="small, so every call scales")
     ap.add_argument("--json", type=Path, default=Path("results/bench_optim.json"))
     args = ap.parse_args()
+    # no timed call (statistics.median([])) or no batch failed with a traceback after the setup
+    for flag in ("size", "batch", "calls"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if bad := [t for t in args.threads if t < 1]:
+        ap.error(f"--threads must each be at least 1, got {bad[0]}")
     load_step_op()
 
     torch.manual_seed(0)

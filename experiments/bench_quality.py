@@ -37,6 +37,10 @@ threads (its times are not this process's). The table and the JSON label it so
 (``selection``); it is not an arm trained like the peer, and its seed's pair in ``ours - peer``
 carries that selection.
 
+``--epochs``, when given, sets every arm's epochs over the trial's (or ``--config``'s), as a
+command-line option goes over a config file; the trial's seed of "ours" is then trained again
+with the trial's config for those epochs (the script says so), not read from the trial's run.
+
 Runs are kept under ``--out`` keyed by the data and the config, so re-running with more seeds
 trains only the new ones.
 """
@@ -431,13 +435,19 @@ def main(argv: list[str] | None = None) -> None:
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config value, both arms")
     a("--ours", default=CPU_DEMO["model"], help=f"our model (default {CPU_DEMO['model']})")
     a("--peer", default="smp_unet_resnet18", help="peer model (default smp_unet_resnet18)")
-    a("--epochs", type=int, default=DEMO_EPOCHS, help=f"epochs (default {DEMO_EPOCHS})")
+    a(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of every arm, over the --search trial's and --config's (default: theirs, "
+        f"else {DEMO_EPOCHS})",
+    )
     a(
         "--peer-epochs",
         type=int,
         default=None,
         help="the peer's epochs, its schedule fitted to them (e.g. so that its CPU seconds "
-        "match ours', from bench_train.py); default --epochs",
+        "match ours', from bench_train.py); default: the arms' epochs (--epochs)",
     )
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per arm (default 0 1)")
     a("--arms", nargs="+", choices=["ours", "peer"], default=["ours", "peer"])
@@ -448,6 +458,11 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(args.seeds)) < len(args.seeds):
         # a repeated seed is the same run counted twice: it narrows the interval over seeds
         p.error(f"--seeds: each seed once, got {args.seeds}")
+    # --peer-epochs 0 fell back to the arms' epochs unseen (0 is false)
+    for flag in ("epochs", "peer_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 
     models = {"ours": args.ours, "peer": args.peer}
     flags = {"ours": "--ours", "peer": "--peer"}
@@ -458,7 +473,12 @@ def main(argv: list[str] | None = None) -> None:
         flags["ours"] = f"--search {args.search}: its best trial's model"
         print(f"the search's best trial ({selection['label']}): {trial_dir}", flush=True)
     check_models(p, [(flags[arm], models[arm]) for arm in args.arms], "bench-quality")
-    base = {**CPU_DEMO, "epochs": args.epochs, **trial, **args.config, **parse_set(args.set)}
+    # A given --epochs goes over the trial's and --config's epochs, as a command-line option
+    # goes over a config file (the trial's own epochs silently won); --set over everything.
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    base = {**CPU_DEMO, "epochs": DEMO_EPOCHS, **trial, **args.config, **epochs}
+    base |= parse_set(args.set)
+    peer_epochs = {} if args.peer_epochs is None else {"epochs": args.peer_epochs}
     # Every run's config, and each model built once, before the data or any training.
     cfgs, _ = build_arms(
         p,
@@ -467,12 +487,22 @@ def main(argv: list[str] | None = None) -> None:
                 **base,
                 "model": models[arm],
                 "seed": seed,
-                **({"epochs": args.peer_epochs} if arm == "peer" and args.peer_epochs else {}),
+                **(peer_epochs if arm == "peer" else {}),
             }
             for seed in args.seeds
             for arm in args.arms
         },
     )
+    if trial_dir is not None and "ours" in args.arms and trial["seed"] in args.seeds:
+        flat = cfgs[f"ours seed {trial['seed']}"].to_flat()
+        if changed := [k for k in flat if flat[k] != trial.get(k)]:
+            # e.g. --epochs or --set: then the trial's run is not the one this config trains
+            print(
+                f"ours seed {trial['seed']} is trained again, not read from the search's trial: "
+                "its config differs from the trial's in "
+                + ", ".join(f"{k}={flat[k]!r} (trial: {trial.get(k)!r})" for k in changed),
+                flush=True,
+            )
 
     synthetic, data = load_world(args)
     truth = test_truth(data)  # (N, 224, 224) bool, test-cache order

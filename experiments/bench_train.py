@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     a("--json", default="bench/train.json", help="write the results here")
     a("--plot", default=None, help="the curves' PNG (default: the JSON's path with .png)")
     args = p.parse_args(argv)
+    # --ours-epochs 0 fell back to --epochs unseen (0 is false), and the plot's title too
+    for flag in ("epochs", "ours_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     # Before the data or any training: a peer that cannot be built here must not be found
     # after our arm has trained for minutes.
     check_models(p, [("--ours", args.ours), *(("--peers", m) for m in args.peers)], "bench-train")
@@ -357,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     pinned: dict[str, dict[str, Any]] = {}
     flats = {}
     for arm, model in arms.items():
-        epochs = args.ours_epochs if arm == "ours" and args.ours_epochs else base["epochs"]
+        ours = arm == "ours" and args.ours_epochs is not None
+        epochs = args.ours_epochs if ours else base["epochs"]
         try:
             pinned[arm] = {"epochs": epochs, **same_warmup(base, epochs, data)}
         except ValueError as e:  # a --set value the run config refuses
@@ -503,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     plot = Path(args.plot) if args.plot else path.with_suffix(".png")
-    if args.ours_epochs and args.ours_epochs != base["epochs"]:
+    if args.ours_epochs is not None and args.ours_epochs != base["epochs"]:
         same_lr = any("sched.warmup_steps" in r["config_beyond_base"] for r in runs.values())
         title = "Quality against CPU time, same data, crops"
         title += " and LR at every step,\n" if same_lr else ",\n"

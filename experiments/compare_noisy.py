@@ -26,6 +26,7 @@ is its network f, never the better of its two on validation), so the comparison 
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,54 @@ def build_arms(base: dict[str, Any], tau: float, t_k: int | None, granularity: s
     }
 
 
+#: The run-config keys the co-teaching arm takes from its own flags, and those flags.
+COTEACH_FLAGS = {
+    "coteach.tau": "--tau",
+    "coteach.t_k": "--t-k",
+    "coteach.granularity": "--granularity",
+}
+
+
+def arm_configs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The base run config (this script's budget under ``--set``) and both arms' configs, with
+    every run's config (arm x seed) validated.
+
+    Raises:
+        ValueError: A run config is refused; the message starts with the arm (``arm bce:``,
+            ``arm coteaching:``).
+    """
+    base = fixed_config(None, sets=["epochs=16", "samples_per_epoch=384", *args.set])
+
+    def check(name: str, flat: dict[str, Any]) -> None:
+        for seed in args.seeds:
+            try:
+                RunConfig.from_flat({**flat, "seed": seed})
+            except ValueError as e:
+                raise ValueError(f"arm {name}: {e}") from e
+
+    # the plain arm first: a bad --set is named as the plain arm's, not as co-teaching's
+    check("bce", base)
+    try:
+        arms = build_arms(base, args.tau, args.t_k, args.granularity)
+    except ValueError as e:  # at tile granularity the default ramp reads the co-teaching values
+        raise ValueError(f"arm coteaching: {e}") from e
+    check("coteaching", arms["coteaching"])
+    return base, arms
+
+
+def _flag_of(problem: str, args: argparse.Namespace) -> str | None:
+    """The command-line flag that set the run-config value a config error names, if one did."""
+    named = re.search(r"run config: ([\w.]+)=", problem)
+    key = named.group(1) if named else None
+    flags = {**COTEACH_FLAGS, "seed": "--seeds"}
+    for item in reversed(args.set):  # the last --set of a key is the one that counts
+        k = item.split("=", 1)[0].strip()
+        # a value, or an unknown parameter (of a section: 'optim: unknown ... ['lrx']')
+        if k == key or f"'{k.rsplit('.', 1)[-1]}'" in problem:
+            return f"--set {item}"
+    return flags.get(key) if key else None
+
+
 def arm_header(name: str, flat: dict[str, Any]) -> str:
     """The line printed before an arm's runs: its co-teaching settings."""
     cfg = RunConfig.from_flat(flat)
@@ -100,7 +149,8 @@ def arm_header(name: str, flat: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line; a usage error exits with status 2 naming the flag."""
+    """The command line, every run's config validated (``args.base`` and ``args.arms``, as
+    :func:`arm_configs` makes them); a usage error exits with status 2 naming the flag."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -151,6 +201,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(set(args.seeds)) < len(args.seeds):
         # a repeated seed is the same run counted twice: it narrows the interval over seeds
         p.error(f"--seeds: each seed once, got {args.seeds}")
+    # Every run's config before the data or any training: a --tau out of range was found only
+    # when the co-teaching arm started, after every seed of the plain arm had trained.
+    try:
+        args.base, args.arms = arm_configs(args)
+    except ValueError as e:
+        flag = _flag_of(str(e), args)
+        p.error(f"{flag}: {e}" if flag else str(e))
     return args
 
 
@@ -167,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     groups = np.array(data.test.groups)  # source scene of each test image: the resampled unit
     ids = np.array(data.test.ids)
     device = resolve_device("auto")
-    base = fixed_config(None, sets=["epochs=16", "samples_per_epoch=384", *args.set])
-    arms = build_arms(base, args.tau, args.t_k, args.granularity)
+    base, arms = args.base, args.arms  # validated by parse_args
     rows, failed = [], []
     tiles: dict[str, dict[str, list[TileScores]]] = {rule: {a: [] for a in arms} for rule in RULES}
     for name, flat in arms.items():

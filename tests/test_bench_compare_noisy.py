@@ -74,3 +74,35 @@ def test_arms_take_the_coteaching_flags_and_print_them():
     assert compare_noisy.build_arms(long, 0.3, None, "tile")["coteaching"]["coteach.t_k"] == 4
     with pytest.raises(SystemExit):
         compare_noisy.parse_args(["--t-k", "0"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        # pixel granularity built no config of the co-teaching arm before its header: the whole
+        # plain arm trained first, then a traceback (status 1)
+        (["--granularity", "pixel", "--tau", "1.5"], "--tau: arm coteaching: run config: "),
+        (["--tau", "-0.1"], "--tau: arm coteaching: run config: coteach.tau=-0.1 must be in"),
+        (["--set", "optim.lr=2"], "--set optim.lr=2: arm bce: run config: optim.lr=2"),
+        (["--seeds", "-1", "0", "1"], "--seeds: arm bce: run config: seed=-1"),
+    ],
+)
+def test_a_refused_run_config_stops_before_the_data_or_any_training(
+    argv, says, tmp_path, monkeypatch, capsys
+):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was prepared before the run configs were checked")
+
+    monkeypatch.setattr(compare_noisy, "prepare_data", no_data)
+    monkeypatch.setattr(compare_noisy, "fit", no_data)
+    with pytest.raises(SystemExit) as e:
+        compare_noisy.main([*argv, "--out", str(tmp_path / "runs")])
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_checked_configs_are_the_ones_that_run():
+    args = compare_noisy.parse_args(["--granularity", "pixel", "--tau", "0.2", "--set", "epochs=8"])
+    assert args.base["epochs"] == 8 and args.base["samples_per_epoch"] == 384
+    assert args.arms == compare_noisy.build_arms(args.base, 0.2, None, "pixel")

@@ -68,3 +68,22 @@ def test_disagreeing_losses_exit_nonzero_after_writing_the_json(monkeypatch, tmp
     assert str(e.value.code).startswith("bench_compile: eager and compiled disagree:")
     r = json.loads((tmp_path / "compile.json").read_text())
     assert r["loss_ok"] is False and r["rows"]["compiled"]["loss"] in (0.71, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--warmup", "-1"], "--warmup must"),
+    ],
+)
+def test_no_timed_step_is_refused_naming_the_flag(monkeypatch, capsys, argv, says):
+    # --steps 0 compiled for minutes, then failed in statistics.median([]) with a traceback
+    def measure(*args, **kwargs):
+        raise AssertionError("a step ran before the flags were checked")
+
+    monkeypatch.setattr(bench_compile, "measure", measure)
+    monkeypatch.setattr(sys, "argv", ["bench_compile.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        bench_compile.main()
+    assert e.value.code == 2 and says in capsys.readouterr().err

@@ -39,8 +39,12 @@ def test_module_timing_has_every_variant_and_the_floor(monkeypatch):
     assert [r["variant"] for r in rows] == labels
     assert all(0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"] for r in rows)
     table = bench_dcnv3._module_table(rows)
-    line = table.splitlines()[-1]
+    line, diff = table.splitlines()[-1].rsplit(maxsplit=1)
     assert line.startswith("cpu    tiny 6x6x32 G2")
+    # last, the compiled variants' largest difference from the reference op module
+    assert diff == bench_dcnv3.diff_cell([r["check"] for r in rows])
+    assert [r["check"] is not None for r in rows] == [False, True, True, False]
+    assert all(r["check"]["ok"] for r in rows[1:3])
     # a speed-up per variant, the first over itself, then the floor's share of the module in %
     cells = line.split("(")[1:]
     assert [c.split(")")[0].strip()[-1] for c in cells] == ["x", "x", "x", "%"]
@@ -70,7 +74,7 @@ def test_op_table_shows_the_slowest_call_beside_the_best():
     assert row[5:9] == ["2.00", "+10%", "4.00", "+200%"]
     assert row[9] == "2.00"  # the speed-up is still of the best times
     assert lines[-1].split()[6:10] == ["2.00", "+10%", "4.00", "+200%"]  # the level total
-    assert max(len(line) for line in lines) <= 110  # no wider than before by much
+    assert max(len(line) for line in lines) <= 120  # no wider than before by much
     # a side without a case shows no spread, not "nan%"
     alone = bench_dcnv3._table(results[:1]).splitlines()[2].split()
     assert alone[5:9] == ["2.00", "+10%", "nan", "-"]
@@ -122,8 +126,10 @@ def test_bfloat16_gives_the_ops_bf16_tensors_and_runs_the_modules_under_autocast
         seen.clear()
         rows = bench_dcnv3.time_modules("tiny", 2, 1, "cpu", autocast)
         assert {r["autocast"] for r in rows} == {"bfloat16" if autocast else None}
-        # 3 module variants, a warm-up round and one timed round
-        assert seen == [want] * 6
+        # 3 module variants, a warm-up round and one timed round; the numerics check is the
+        # warm-up call in float32, and under autocast one float32 call more per variant
+        checks = [torch.float32] * 3 if autocast else []
+        assert seen == checks + [want] * 6
 
 
 def test_op_isa_follows_the_kernels_choice(tmp_path):
@@ -174,6 +180,16 @@ def test_every_row_says_which_kernels_it_ran(tmp_path):
     # every timed row has its best, median and slowest call
     for r in record["results"] + record["modules"]:
         assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"], r
+    # the compiled rows, checked in their children against the reference, agree
+    checks = {(r["impl"], r["mode"]): r["check"] for r in record["results"]}
+    assert checks[("compiled", "fwd+bwd")]["ok"] and checks[("compiled", "fwd")]["ok"]
+    assert set(checks[("compiled", "fwd+bwd")]["diffs"]) == {
+        "out",
+        "grad_input",
+        "grad_offset",
+        "grad_mask",
+    }
+    assert record["numerics"] == record["numerics"] | {"ok": True, "failures": []}
     modules = {r["variant"]: r["isa"] for r in record["modules"]}
     assert modules == {
         "reference op": None,
@@ -195,3 +211,123 @@ def test_a_device_or_level_that_cannot_run_is_an_error(monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             bench_dcnv3.main()
         assert e.value.code != 0 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--repeat", "0"], "--repeat must be at least 1, got 0"),
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+    ],
+)
+def test_a_count_below_one_is_refused_naming_the_flag(monkeypatch, capsys, argv, says):
+    # --repeat 0 failed in statistics.median([]) in the first case's child, with a traceback
+    def no_setup():
+        raise AssertionError("the benchmark started before its flags were checked")
+
+    monkeypatch.setattr(bench_dcnv3, "load_dcnv3_op", no_setup)
+    monkeypatch.setattr(sys, "argv", ["bench_dcnv3", "--devices", "cpu", *argv])
+    with pytest.raises(SystemExit) as e:
+        bench_dcnv3.main()
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+TINY = (6, 32, 2)  # H = W, channels, groups: the tests' level shape
+
+
+def _tiny(impl: str, mode: str, dtype: str) -> "bench_dcnv3.Case":
+    return bench_dcnv3.Case("tiny", *TINY, 2, impl, mode, "cpu", dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_the_compiled_case_checks_output_and_gradients_against_the_reference(dtype):
+    case = _tiny("compiled", "fwd+bwd", dtype)
+    check = bench_dcnv3.check_case(case, *bench_dcnv3._inputs(case))
+    assert set(check["diffs"]) == {"out", "grad_input", "grad_offset", "grad_mask"}
+    assert check["ok"] and check["rtol"] == bench_dcnv3.CHECK_RTOL[dtype]
+    assert 0 <= check["max_abs_diff"] == max(check["diffs"].values())
+    assert check["ratio"] <= 1
+    if dtype == "float64":  # PRODUCT.md: equal within 1e-10 in float64
+        assert check["max_abs_diff"] < 1e-12
+    fwd = _tiny("compiled", "fwd", dtype)
+    assert set(bench_dcnv3.check_case(fwd, *bench_dcnv3._inputs(fwd))["diffs"]) == {"out"}
+
+
+def test_compare_scales_by_magnitude_keeps_masks_and_fails_nan():
+    ref = torch.tensor([100.0, 1.0])
+    ok = bench_dcnv3.compare([ref + 5e-3], [ref], ["out"], 1e-4)  # 5e-3 <= 1e-4 x 100
+    assert ok["ok"] and ok["ratio"] == pytest.approx(0.5)
+    small = torch.tensor([0.1, 0.2])  # a magnitude under 1 counts as 1
+    assert not bench_dcnv3.compare([small + 2e-4], [small], ["out"], 1e-4)["ok"]
+    keep = {"out": torch.tensor([True, False])}
+    assert bench_dcnv3.compare([ref + torch.tensor([0.0, 9.0])], [ref], ["out"], 1e-4, keep)["ok"]
+    bad = bench_dcnv3.compare([ref, ref * float("nan")], [ref, ref], ["out", "grad_x"], 1e-4)
+    assert not bad["ok"] and bad["worst"] == "grad_x"
+
+
+def _off_gradient(real, by: float = 1e-6):
+    """``real`` with a wrong offset gradient (``by`` x the offset's mean per point) for the
+    compiled op, and its output unchanged."""
+
+    def op(x, offset, mask, *args, impl=None, **kwargs):
+        out = real(x, offset, mask, *args, impl=impl, **kwargs)
+        if impl == "compiled":
+            drift = by * offset.mean(-1, keepdim=True)
+            out = out + (drift - drift.detach())  # the same value, another gradient
+        return out
+
+    return op
+
+
+def test_a_wrong_compiled_op_exits_1_after_the_json_naming_each_case(tmp_path, monkeypatch, capsys):
+    # The compiled op's offset gradient off by ~1e-7: far beyond float64's 1e-10, within
+    # float32's 1e-4. Before, the benchmark showed its speed-up and exited 0.
+    monkeypatch.setattr(bench_dcnv3, "dcnv3", _off_gradient(bench_dcnv3.dcnv3))
+    # the op cases in this process (their children would not see the wrong op)
+    monkeypatch.setattr(
+        bench_dcnv3,
+        "run_in_subprocess",
+        lambda case, repeat, env=None: bench_dcnv3.run_case(case, repeat),
+    )
+    monkeypatch.setitem(bench_dcnv3.LEVELS, "tiny", [TINY])
+    out = tmp_path / "dcnv3.json"
+    argv = ["bench_dcnv3", "--levels", "tiny", "--batch", "2", "--repeat", "1", "--devices", "cpu"]
+    argv += ["--no-modules", "--json", str(out)]
+    for dtype, fails in (("float32", False), ("float64", True)):
+        monkeypatch.setattr(sys, "argv", [*argv, "--dtype", dtype])
+        if not fails:
+            bench_dcnv3.main()
+        else:
+            with pytest.raises(SystemExit) as e:
+                bench_dcnv3.main()
+            said = str(e.value.code)
+            assert said.startswith("bench_dcnv3: compiled and reference disagree beyond")
+            assert "cpu tiny 6x6x32 G2 fwd+bwd float64: grad_offset differs by" in said
+            assert "fwd float64" not in said  # the output is right
+        record = json.loads(out.read_text())
+        assert record["numerics"]["ok"] is not fails
+        rows = {(r["impl"], r["mode"]): r["check"] for r in record["results"]}
+        assert rows[("reference", "fwd")] is None and rows[("reference", "fwd+bwd")] is None
+        assert rows[("compiled", "fwd")]["ok"]
+        assert rows[("compiled", "fwd+bwd")]["ok"] is not fails
+        assert 1e-9 < rows[("compiled", "fwd+bwd")]["diffs"]["grad_offset"] < 1e-5
+        table = capsys.readouterr().out
+        row = next(line for line in table.splitlines() if "(2,6,6,32) 2 fwd+bwd" in line)
+        assert row.split()[-1] == bench_dcnv3.diff_cell([rows[("compiled", "fwd+bwd")]])
+        assert row.endswith("!") is fails
+
+
+def test_a_wrong_compiled_module_is_named(monkeypatch):
+    dcnv3_module = importlib.import_module("bldseg.ops.dcnv3")
+    # beyond float32's tolerance (1e-4): the offset projection's gradient ~1e-2 off
+    monkeypatch.setattr(dcnv3_module, "dcnv3", _off_gradient(dcnv3_module.dcnv3, 1e-2))
+    monkeypatch.setitem(bench_dcnv3.LEVELS, "tiny", [TINY])
+    rows = bench_dcnv3.time_modules("tiny", 2, 1, "cpu")
+    failures = bench_dcnv3.numerics_failures([], rows, [])
+    assert [f.split(":")[0] for f in failures] == [
+        "module cpu tiny 6x6x32 G2 compiled, torch softmax",
+        "module cpu tiny 6x6x32 G2 compiled op",
+    ]
+    for r in rows[1:3]:  # the output is right; a gradient (offset's, and what feeds it) not
+        assert r["check"]["diffs"]["out"] < 1e-4 < r["check"]["diffs"]["grad_offset.weight"]
+        assert r["check"]["worst"].startswith("grad_")

@@ -74,3 +74,22 @@ def test_json_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch, capsys)
     assert "speed-up" in out and "max ms" in out  # the steps ran; only the write failed
     assert json.loads(path.read_text()) == {"earlier": True}
     assert [p.name for p in tmp_path.iterdir()] == ["model.json"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--iters", "0"], "--iters must be at least 1, got 0"),
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+    ],
+)
+def test_a_count_below_one_is_refused_naming_the_flag(monkeypatch, capsys, argv, says):
+    # --iters 0 counted every model's parameters, then its child failed in statistics.median([])
+    def no_setup():
+        raise AssertionError("the benchmark started before its flags were checked")
+
+    monkeypatch.setattr(bench_model, "load_dcnv3_op", no_setup)
+    monkeypatch.setattr(sys, "argv", ["bench_model.py", "--skip-params", *argv])
+    with pytest.raises(SystemExit) as e:
+        bench_model.main()
+    assert e.value.code == 2 and says in capsys.readouterr().err

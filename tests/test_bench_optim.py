@@ -83,3 +83,24 @@ def test_a_clipping_that_disagrees_exits_nonzero_after_writing_the_json(monkeypa
     assert "ours and the reference disagree: clipped gradient differs" in str(e.value.code)
     r = json.loads(out.read_text())
     assert r["numerics_ok"] is False and r["tolerances"]["clip_rtol"] == bench_optim.CLIP_RTOL
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--calls", "0"], "--calls must be at least 1, got 0"),
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+        (["--threads", "2", "0"], "--threads must each be at least 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be 0 or more, got -1"),
+    ],
+)
+def test_a_count_below_one_is_refused_naming_the_flag(monkeypatch, capsys, argv, says):
+    # --calls 0 built the model and its gradients, then failed in statistics.median([])
+    def no_setup():
+        raise AssertionError("the benchmark started before its flags were checked")
+
+    monkeypatch.setattr(bench_optim, "load_step_op", no_setup)
+    monkeypatch.setattr(sys, "argv", ["bench_optim.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        bench_optim.main()
+    assert e.value.code == 2 and says in capsys.readouterr().err

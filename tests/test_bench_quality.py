@@ -103,7 +103,9 @@ def test_a_peer_that_cannot_be_built_stops_before_the_data_or_any_training(
         ([], "--peer smp_unet_resnet18 needs segmentation_models_pytorch"),
         ([], "pip install 'bldseg[smp]' (or make bench-quality, which uses .venv-peers)"),
         (["--peer", "no_such_model"], "--peer no_such_model is not a registered model"),
-        (["--peer", "upernet_internimage_tiny", "--peer-epochs", "-1"], "peer seed 0: run config"),
+        (["--peer", "upernet_internimage_tiny", "--peer-epochs", "-1"], "--peer-epochs must be"),
+        (["--peer", "upernet_internimage_tiny", "--peer-epochs", "0"], "--peer-epochs must be"),
+        (["--peer", "upernet_internimage_tiny", "--epochs", "0"], "--epochs must be at least 1"),
     ):
         with pytest.raises(SystemExit) as e:
             bench_quality.main([*args, *extra])
@@ -119,3 +121,60 @@ def test_a_repeated_seed_is_refused_before_anything_runs(tmp_path, capsys):
         bench_quality.main([*args, "--out", str(tmp_path / "runs")])
     assert e.value.code == 2 and "--seeds: each seed once, got [0, 0]" in capsys.readouterr().err
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+class _Stop(Exception):
+    """Raised where the data would be prepared: the configs are built by then."""
+
+
+def _configs(monkeypatch, argv: list[str]) -> dict[str, RunConfig]:
+    """The run configs main() builds from ``argv``, stopping before the data."""
+    built = {}
+    real = bench_quality.build_arms
+
+    def build_arms(parser, flats):
+        cfgs, params = real(parser, flats)
+        built.update(cfgs)
+        return cfgs, params
+
+    def stop(args):
+        raise _Stop
+
+    monkeypatch.setattr(bench_quality, "build_arms", build_arms)
+    monkeypatch.setattr(bench_quality, "load_world", stop)
+    with pytest.raises(_Stop):
+        bench_quality.main(argv)
+    return built
+
+
+def test_epochs_given_go_over_the_search_trials(tmp_path, monkeypatch, capsys):
+    # A search whose best trial trained 3 epochs.
+    run = tmp_path / "search" / "trial_0" / "run"
+    cfg = RunConfig.from_flat({"model": "upernet_internimage_tiny", "seed": 0, "epochs": 3})
+    run.mkdir(parents=True)
+    model = create_model(cfg.model, **cfg.model_kwargs())
+    torch.save({"model": model.state_dict(), "config": cfg.to_flat()}, run / "best.pt")
+    row = {"run_dir": str(run), "status": "completed", "val_dice_best": 0.5}
+    pd.DataFrame([row]).to_csv(tmp_path / "search" / "trials.csv", index=False)
+    args = ["--search", str(tmp_path / "search"), "--peer", "upernet_internimage_tiny"]
+    args += ["--seeds", "0", "1", "--out", str(tmp_path / "runs")]
+
+    def epochs(cfgs: dict[str, RunConfig]) -> dict[str, int]:
+        return {label: c.epochs for label, c in cfgs.items()}
+
+    # Without --epochs every arm takes the trial's, and ours seed 0 is the trial read as it is.
+    assert set(epochs(_configs(monkeypatch, args)).values()) == {3}
+    assert "trained again" not in capsys.readouterr().out
+    # --epochs 2 was silently replaced by the trial's 3: it now sets every arm's budget, and
+    # the script says that the trial's run is not the one this config trains.
+    got = epochs(_configs(monkeypatch, [*args, "--epochs", "2"]))
+    assert set(got.values()) == {2}
+    out = capsys.readouterr().out
+    assert "ours seed 0 is trained again, not read from the search's trial" in out
+    assert "epochs=2 (trial: 3)" in out
+    # --peer-epochs goes over both for the peer only
+    got = epochs(_configs(monkeypatch, [*args, "--epochs", "2", "--peer-epochs", "1"]))
+    assert got == {"ours seed 0": 2, "peer seed 0": 1, "ours seed 1": 2, "peer seed 1": 1}
+    # --set still goes over everything
+    got = epochs(_configs(monkeypatch, [*args, "--epochs", "2", "--set", "epochs=4"]))
+    assert set(got.values()) == {4}

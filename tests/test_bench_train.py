@@ -253,3 +253,21 @@ def test_behind_moments_carry_paired_intervals():
     assert rows[1]["diff"] == pytest.approx(-0.005)
     assert rows[1]["low"] < 0 < rows[1]["high"]  # a shortfall the scenes cannot tell apart
     assert got["interval_below_zero"] == 1
+
+
+@pytest.mark.parametrize("flag", ["--ours-epochs", "--epochs"])
+def test_epochs_below_one_are_refused_before_the_data(tmp_path, monkeypatch, capsys, flag):
+    # --ours-epochs 0 was read as "not given" (0 is false): our arm trained --epochs unseen
+    sys.path.insert(0, str(REPO / "experiments"))
+    import bench_train
+
+    def no_world(args):
+        raise AssertionError("the data was prepared before the flags were checked")
+
+    monkeypatch.setattr(bench_train, "load_world", no_world)
+    args = ["--peers", "upernet_internimage_tiny", "--out", str(tmp_path / "runs"), flag, "0"]
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(args)
+    assert e.value.code == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
