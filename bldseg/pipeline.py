@@ -17,7 +17,8 @@ or tracking URI is refused (:func:`check_continuation`); other ensemble sizes or
 split redo only what depends on them (:func:`refresh_state`). MLflow: a pipeline experiment
 with a parent run; each search's parent run carries tags linking it to the pipeline run and to
 the previous stage's run; the ensemble search and the prediction are child runs of the
-pipeline run.
+pipeline run, which names the current ones (tags ``bldseg.ensemble_run_id``,
+``bldseg.predict_run_id``); those a continued pipeline redid carry ``bldseg.superseded_by``.
 
 What is submitted: the ensemble search's ``submit.json``, i.e. the best ensemble only when its
 gain over the best single model on the check half is beyond its 95% bootstrap interval, else
@@ -72,6 +73,9 @@ log = logging.getLogger(__name__)
 
 STAGES = (("tune_aug", "augmentation"), ("tune_sched", "scheduler"), ("tune_tau", "coteaching"))
 TEST_FILE = "test_probs.npz"
+#: The folder beside REPORT.md that holds its plots, and their MLflow artifact folder: the
+#: report links them as ``report/<name>.png`` (:func:`bldseg.report.write_report`).
+REPORT_ASSETS = "report"
 # Batch size of every prediction of the test split: the test library and the submission use
 # the same one, so a one-member submission reproduces its model's library score exactly.
 PREDICT_BATCH = 16
@@ -495,6 +499,55 @@ def _repair_state(cfg: PipelineConfig, state: dict, storage: Path) -> None:
         return
 
 
+def _is_run_of(kind: str, tags: dict[str, str], name: str) -> bool:
+    """Whether a child run of the pipeline run is one of its ``kind`` runs."""
+    job = tags.get("bldseg.job")
+    if kind == "ensemble":
+        return job == "ensemble_search"
+    # the predict runs of older bldseg carry no bldseg.job tag
+    return name == "predict" and job in (None, "predict")
+
+
+def supersede_runs(client, state: dict, kind: str, run_id: str) -> list[str]:
+    """Marks ``run_id`` as the pipeline's current ``kind`` run (``"ensemble"`` search or
+    ``"predict"``) and the earlier ones as superseded by it; returns the superseded run ids.
+
+    A continued pipeline that redoes its ensemble search or prediction (other ``--k-max``,
+    another test split, a search redone) makes new child runs; the earlier ones stay FINISHED
+    under the same names. They get the tag ``bldseg.superseded_by`` and a note saying so, and
+    the pipeline run the tag ``bldseg.<kind>_run_id`` naming the current one. A run superseded
+    before keeps the run that superseded it.
+    """
+    pipeline_run = state["pipeline_run_id"]
+    tracking.set_tags(client, pipeline_run, {f"bldseg.{kind}_run_id": run_id})
+    what = {"ensemble": "ensemble search", "predict": "prediction"}[kind]
+    earlier = [
+        r.info.run_id
+        for r in client.search_runs(
+            [state["experiment_id"]],
+            filter_string=f"tags.`{tracking.PARENT_TAG}` = '{pipeline_run}'",
+            max_results=1000,
+        )
+        if r.info.run_id != run_id
+        and "bldseg.superseded_by" not in r.data.tags
+        and _is_run_of(kind, r.data.tags, r.info.run_name)
+    ]
+    for old in earlier:
+        tracking.set_tags(
+            client,
+            old,
+            {
+                "bldseg.superseded_by": run_id,
+                "mlflow.note.content": (
+                    f"Superseded: the pipeline redid its {what} in run {run_id} (a continued "
+                    "pipeline with other ensemble sizes, another test split or a search "
+                    "redone); this run's results are no longer the pipeline's."
+                ),
+            },
+        )
+    return earlier
+
+
 def _terminate(client, run_id: str, status: str) -> None:
     """Ends an MLflow run; a tracking failure is logged, never raised over the real error."""
     try:
@@ -525,13 +578,18 @@ def _stage(client, run_id: str, name: str) -> Iterator[None]:
         raise
 
 
-def _best_epoch(run_dir: Path) -> dict:
-    """The best epoch's row of a trial's ``history.json`` (by validation Dice).
+def best_epoch_row(run_dir: Path) -> dict:
+    """The best epoch's row of a trial's ``history.json`` (by validation Dice; the first of
+    equal epochs, as fit keeps ``best.pt``).
 
     For a K-fold run the validation scores and thresholds are the out-of-fold library's
     (``folds.json`` ``oof``): ``history.json`` holds means over folds (a mean threshold no
     fold predicts at), while the run predicts, and the report's intervals are computed, at
-    the out-of-fold threshold.
+    the out-of-fold threshold. ``epoch`` stays the best mean epoch's. The report reads trials
+    through this function too, so its counts and captions describe the same epoch.
+
+    Raises:
+        RuntimeError: The trial never finished an epoch (no ``history.json``).
     """
     path = run_dir / "history.json"
     if not path.is_file():
@@ -802,6 +860,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 run_name="predict",
                 tags={
                     tracking.PARENT_TAG: pipeline_run,
+                    "bldseg.job": "predict",
                     "bldseg.previous_run_id": state["ensemble"]["mlflow_run_id"] or "",
                 },
             )
@@ -820,17 +879,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             "test_interval": interval,
             "submitted": state["ensemble"].get("decision", {}).get("submit", "ensemble"),
             "members": len(spec.checkpoints),
-            "threshold": spec.threshold,
+            # the vote rule decides by its members' own thresholds: no ensemble threshold
+            # (as bldseg predict's scores.json records it)
+            "threshold": None if spec.rule == "vote" else spec.threshold,
+            **({"votes": spec.votes} if spec.rule == "vote" else {}),
+            "mlflow_run_id": run.info.run_id,
         }
         _save_state(cfg, state)
 
     # 7. per-stage best single models on held-out data, then the report
     with _stage(client, pipeline_run, "report"):
+        # MLflow: the pipeline run names its current ensemble and predict runs, and those a
+        # redo replaced say so (each call: a call that failed before here leaves none untold)
+        for kind in ("ensemble", "predict"):
+            current = (state.get(kind) or {}).get("mlflow_run_id")
+            if current:
+                supersede_runs(client, state, kind, current)
         if truth is not None:
             for info in state["stages"].values():
                 run_dir = Path(info["best"]["run_dir"])
                 b = info["best"]
-                best_row = _best_epoch(run_dir)
+                best_row = best_epoch_row(run_dir)
                 info["test"] = _single_test_scores(
                     run_dir,
                     truth,
@@ -849,8 +918,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 }
         state["wall_s_last_call"] = time.perf_counter() - t_start
         report = write_report(state, out, truth is not None)
+        # REPORT.md links its plots as report/<name>.png: they go to that artifact folder, so
+        # the report the MLflow UI (or a download) shows finds them
+        tracking.log_artifacts(client, pipeline_run, [report])
         tracking.log_artifacts(
-            client, pipeline_run, [report, *sorted((out / "report").glob("*.png"))]
+            client, pipeline_run, sorted((out / REPORT_ASSETS).glob("*.png")), REPORT_ASSETS
         )
     state["report"] = str(report)
     _save_state(cfg, state)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -225,6 +227,39 @@ def _bars(
     ax.grid(axis="y", alpha=0.3)
 
 
+#: Marker of a tune_tau trial by its co-teaching granularity (tau drops tiles or pixels).
+_GRANULARITY_MARKERS = {"tile": "s", "pixel": "o"}
+
+
+def _tau_scatter(ax, trials: pd.DataFrame, granularity: str | None) -> None:
+    """Dice of every tune_tau trial against its tau, validation and test in two colours.
+
+    A tile tau and a pixel tau drop different things (whole tiles or the hardest pixels):
+    where the search chose the granularity per trial, each has its own marker and legend
+    entry; else the granularity the trials shared (``granularity``) is in the axis label.
+    """
+    col = "config/coteach.granularity"
+    if col in trials:
+        groups = [(str(g), trials[trials[col] == g]) for g in sorted(trials[col].dropna().unique())]
+        xlabel = "tau (forget rate)"
+    else:
+        groups = [(None, trials)]
+        xlabel = (
+            f"tau (forget rate, {granularity} granularity)" if granularity else "tau (forget rate)"
+        )
+    for g, rows in groups:
+        marker = _GRANULARITY_MARKERS.get(g, "o")
+        for key, split, colour in (
+            ("val_dice_best", "validation", "tab:blue"),
+            ("test_dice", "held-out test", "tab:orange"),
+        ):
+            label = f"{split}, {g} tau" if g else split
+            ax.scatter(rows["config/coteach.tau"], rows[key], marker=marker, c=colour, label=label)
+    ax.set(xlabel=xlabel, ylabel="official Dice", title="tune_tau trials")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def _trial_test_dice(trials_csv: Path, truth_ok: bool) -> pd.DataFrame:
     """Per trial of a stage: val Dice and held-out test Dice at the trial's own threshold."""
     t = pd.read_csv(trials_csv)
@@ -241,19 +276,25 @@ def _trial_test_dice(trials_csv: Path, truth_ok: bool) -> pd.DataFrame:
 
 
 def _widened_trials(stages: dict) -> tuple[int, int]:
-    """Trials (of every stage) whose best epoch's sweep was widened, and trials counted."""
+    """Trials (of every stage) whose best epoch's sweep was widened, and trials counted.
+
+    A K-fold trial counts as its out-of-fold library's sweep, the threshold it predicts at
+    (:func:`bldseg.pipeline.best_epoch_row`), not the mean over its folds that
+    ``history.json`` holds.
+    """
+    from bldseg.pipeline import best_epoch_row
+
     widened = counted = 0
     for st in stages.values():
         csv = Path(st["path"]) / "trials.csv"
         if not csv.is_file():
             continue
         for run_dir in pd.read_csv(csv)["run_dir"]:
-            hist = Path(str(run_dir)) / "history.json"
-            if not hist.is_file():  # a failed trial: no epoch to count
+            run = Path(str(run_dir))
+            if not (run / "history.json").is_file():  # a failed trial: no epoch to count
                 continue
-            best = max(json.loads(hist.read_text()), key=lambda h: h["val_dice_best"])
             counted += 1
-            widened += bool(best.get("val_thr_widened", 0))
+            widened += bool(best_epoch_row(run).get("val_thr_widened", 0))
     return widened, counted
 
 
@@ -280,25 +321,50 @@ def _run_history(st: dict) -> list[dict] | None:
         return None
 
 
-def _coteaching_idle(cfg: RunConfig | None, history: list[dict] | None) -> tuple[str, bool] | None:
-    """(why, whether all of the run) where co-teaching dropped nothing in epochs past the first.
+def _run_best_epoch(st: dict) -> int | None:
+    """The epoch a stage's best trial's saved model is from, as the pipeline reads the trial
+    (:func:`bldseg.pipeline.best_epoch_row`: for a K-fold run, the best epoch of the means over
+    its folds); None where its history is unreadable or holds no validation Dice."""
+    from bldseg.pipeline import best_epoch_row
 
-    The first epoch (R(0) = 1) keeps everything by design and is not counted against a run.
+    try:
+        return int(best_epoch_row(Path(st["best"]["run_dir"]))["epoch"])
+    except (KeyError, OSError, RuntimeError, ValueError):
+        return None
+
+
+class _Idle(NamedTuple):
+    """Why a co-teaching run's saved model trained (partly) as plain training."""
+
+    why: str
+    throughout: bool  # nothing dropped in any epoch up to the one its saved model is from
+    best_epoch: int | None = None  # set where it dropped only after that epoch
+
+
+def _coteaching_idle(
+    cfg: RunConfig | None, history: list[dict] | None, best_epoch: int | None = None
+) -> _Idle | None:
+    """Where co-teaching dropped nothing in epochs past the first, or nothing by ``best_epoch``
+    (the epoch the saved model is from: later epochs that dropped did not make it).
+
+    The first epoch (R(0) = 1) keeps everything by design and is not counted against a run;
+    a saved model from it trained two plain networks all the same.
     """
     if cfg is None or not cfg.coteach.enabled:
         return None
     ct, b = cfg.coteach, cfg.batch_size
     if ct.tau <= 0:
-        return f"tau {ct.tau:g}: no tile or pixel is dropped", True
+        return _Idle(f"tau {ct.tau:g}: no tile or pixel is dropped", True)
     # samples ranked per batch: tiles, or every pixel of the batch's crops
     n = b if ct.granularity == "tile" else b * cfg.aug.crop_size**2
     # the 0-based epoch from which floor(n * tau * min(T / t_k, 1)) >= 1; the ramp ends at t_k
     formula = first_dropping_epoch(ct, n, ct.t_k + 1)
     if formula is None:  # not even at the ramp's end
-        return (
+        return _Idle(
             f"{ct.granularity} co-teaching with tau {ct.tau:.2f} and batch_size {b} drops "
-            f"floor({ct.tau * n:.2f}) = 0 {ct.granularity}s per batch: it dropped nothing"
-        ), True
+            f"floor({ct.tau * n:.2f}) = 0 {ct.granularity}s per batch: it dropped nothing",
+            True,
+        )
     # Per epoch what the run recorded (dropped_share); for rows of older runs, which have
     # none, the formula stands in.
     rows = history if history is not None else [{"epoch": e + 1} for e in range(cfg.epochs)]
@@ -314,18 +380,28 @@ def _coteaching_idle(cfg: RunConfig | None, history: list[dict] | None) -> tuple
     )
     what = f"{ct.granularity} co-teaching with tau {ct.tau:.2f}, t_k {ct.t_k} and batch_size {b}"
     if not any(dropped):
-        return f"{what} dropped nothing in its {len(rows)} epochs ({source})", True
+        return _Idle(f"{what} dropped nothing in its {len(rows)} epochs ({source})", True)
     first = rows[dropped.index(True)]["epoch"]
+    if best_epoch is not None and first > best_epoch:
+        # best.pt was saved before the first epoch that dropped: whatever the later epochs
+        # did, the model compared is two networks trained on every tile
+        return _Idle(
+            f"{what} dropped nothing by its best epoch {best_epoch}, the epoch its saved model "
+            f"is from ({source}); it dropped from epoch {first} of {len(rows)} on, and those "
+            "epochs scored no higher on validation Dice",
+            True,
+            best_epoch,
+        )
     if first <= 2:
         return None
-    return f"{what} dropped nothing until epoch {first} of {len(rows)} ({source})", False
+    return _Idle(f"{what} dropped nothing until epoch {first} of {len(rows)} ({source})", False)
 
 
 def coteaching_dropped_nothing(
-    cfg: RunConfig | None, history: list[dict] | None = None
+    cfg: RunConfig | None, history: list[dict] | None = None, best_epoch: int | None = None
 ) -> str | None:
-    """Why a run configured for co-teaching trained as plain training (in all its epochs, or
-    until one past the first), or None.
+    """Why a run configured for co-teaching trained as plain training (in all its epochs, up
+    to its best epoch, or until one past the first), or None.
 
     Tile co-teaching keeps ceil(R(T) * batch_size) tiles per batch, i.e. drops
     floor(batch_size * tau * min(T / t_k, 1)): with the CPU demo's small batches a tau below
@@ -339,13 +415,17 @@ def coteaching_dropped_nothing(
         history: The run's epoch rows: what each epoch recorded as ``dropped_share`` decides;
             rows without it (older runs), or no history (``cfg.epochs`` epochs), are judged
             by the formula above.
+        best_epoch: The epoch the run's saved model (``best.pt``) is from: where nothing was
+            dropped by then, the model is two plain networks even if later epochs dropped.
+            None: every epoch of ``history`` counts.
 
     Returns:
-        ``"... dropped nothing ..."`` or ``"... dropped nothing until epoch N of E ..."``
-        (epochs counted from 1, as the history counts them), or None.
+        ``"... dropped nothing ..."``, ``"... dropped nothing by its best epoch N ..."`` or
+        ``"... dropped nothing until epoch N of E ..."`` (epochs counted from 1, as the
+        history counts them), or None.
     """
-    idle = _coteaching_idle(cfg, history)
-    return idle[0] if idle else None
+    idle = _coteaching_idle(cfg, history, best_epoch)
+    return idle.why if idle else None
 
 
 def _stage_scores(st: dict, has_truth: bool) -> dict[str, dict[str, TileScores | None]]:
@@ -367,6 +447,16 @@ def _interval(s: TileScores | None) -> stats.Interval | None:
 
 def _minus(a: TileScores | None, b: TileScores | None) -> stats.Interval | None:
     return a.minus(b) if a is not None and b is not None else None
+
+
+def _cut(row: dict, digits: int = 3, prefix: str = "") -> str:
+    """How an ensemble decides, for a cell: its threshold, or for the vote rule (which has
+    none: each member's mask at its own threshold) the votes a pixel needs."""
+    if row.get("rule") == "vote" or row.get("votes"):
+        votes = row.get("votes", row.get("cut"))
+        of = f" of {row['k']}" if "k" in row else ""
+        return f">= {votes}{of} votes"
+    return f"{prefix}{row['threshold']:.{digits}f}"
 
 
 def _sweep_range(cfg: dict) -> tuple[float, float]:
@@ -497,9 +587,19 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         sp, sc = scores[start], scores["tune_tau"]
         plain_cfg, cot_cfg = _run_config(plain), _run_config(cot)
         loss = _LOSS_NAMES.get(plain_cfg.loss, plain_cfg.loss) if plain_cfg else "loss"
-        idle, idle_throughout = _coteaching_idle(cot_cfg, _run_history(cot)) or (None, False)
-        cot_name = "two networks, nothing dropped" if idle_throughout else "co-teaching"
-        labels = [f"plain {loss} (best of {start})", f"{cot_name} (best of tune_tau)"]
+        # the tau trial's model is its best.pt: epochs after the best one do not count
+        idle = _coteaching_idle(cot_cfg, _run_history(cot), _run_best_epoch(cot))
+        if idle is None or not idle.throughout:
+            cot_name = "co-teaching"
+        elif idle.best_epoch is not None:
+            cot_name = f"two networks, nothing dropped by its best epoch {idle.best_epoch}"
+        else:
+            cot_name = "two networks, nothing dropped"
+        # wrapped: the longer names ran into each other and into the next plot
+        labels = [
+            textwrap.fill(label, 24)
+            for label in (f"plain {loss} (best of {start})", f"{cot_name} (best of tune_tau)")
+        ]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         _bars(
             axes[0],
@@ -522,11 +622,8 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         )
         tau = _trial_test_dice(Path(cot["path"]) / "trials.csv", has_truth)
         if "config/coteach.tau" in tau:
-            axes[1].scatter(tau["config/coteach.tau"], tau["val_dice_best"], label="validation")
-            axes[1].scatter(tau["config/coteach.tau"], tau["test_dice"], label="held-out test")
-            axes[1].set(xlabel="tau (forget rate)", ylabel="official Dice", title="tune_tau trials")
-            axes[1].legend(fontsize=8)
-            axes[1].grid(alpha=0.3)
+            fixed = cot_cfg.coteach.granularity if cot_cfg else None
+            _tau_scatter(axes[1], tau, fixed)
         save_figure(fig, assets / "coteaching.png")
         d_val = _minus(sc["val"]["sweep"], sp["val"]["sweep"])
         d_test = _minus(sc.get("test", {}).get("sweep"), sp.get("test", {}).get("sweep"))
@@ -554,18 +651,25 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             "![co-teaching](report/coteaching.png)",
             "",
         ]
-        if idle_throughout:
+        if idle is not None and idle.best_epoch is not None:
             lines += [
-                f"**The best tune_tau trial applied no co-teaching**: {idle}, so its two "
+                "**The best tune_tau trial's saved model applied no co-teaching**: "
+                f"{idle.why}. Its best.pt holds two networks trained on every tile, so this "
+                "comparison measures no co-teaching.",
+                "",
+            ]
+        elif idle is not None and idle.throughout:
+            lines += [
+                f"**The best tune_tau trial applied no co-teaching**: {idle.why}, so its two "
                 "networks trained on every tile; this comparison measures no co-teaching. "
                 "Pixel granularity, or batch_size >= 1 / tau and coteach.t_k <= tau * "
                 "batch_size, drops what tau asks for.",
                 "",
             ]
-        elif idle:
+        elif idle is not None:
             lines += [
-                f"**The best tune_tau trial applied co-teaching late**: {idle}; before then its "
-                "two networks trained on every tile. coteach.t_k <= tau * batch_size drops "
+                f"**The best tune_tau trial applied co-teaching late**: {idle.why}; before then "
+                "its two networks trained on every tile. coteach.t_k <= tau * batch_size drops "
                 "from the second epoch on.",
                 "",
             ]
@@ -688,7 +792,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
                 _iv(s_iv.get(k), s1.get(f"{k}_dice")) for k in ("selection", "check", "test")
             )
             + " |",
-            f"| best ensemble | {b['members']} | {b['threshold']:.3f} | "
+            f"| best ensemble | {b['members']} | {_cut(b)} | "
             + " | ".join(
                 _iv(b_iv.get(k), b.get(f"{k}_dice")) for k in ("selection", "check", "test")
             )
@@ -709,7 +813,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             what = "the best ensemble" if dec["submit"] == "ensemble" else "the best single model"
             lines += [
                 "",
-                f"**Submitted: {what}** ({dec['members']}, threshold {dec['threshold']:.4f}). "
+                f"**Submitted: {what}** ({dec['members']}, {_cut(dec, 4, 'threshold ')}). "
                 f"Rule: {dec['rule']}. Here: {dec['reason']}.",
             ]
     pred = state.get("predict")
@@ -719,8 +823,8 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             "",
             "## Submission",
             "",
-            f"`{pred['submission']}`: {pred['members']} model(s), threshold "
-            f"{pred['threshold']:.4f}; official score against the held-out ground truth: "
+            f"`{pred['submission']}`: {pred['members']} model(s), "
+            f"{_cut(pred, 4, 'threshold ')}; official score against the held-out ground truth: "
             f"**{score}** (95% bootstrap interval over the test images' source scenes).",
         ]
     path = out / "REPORT.md"

@@ -391,6 +391,61 @@ def test_fake_pipeline_report_carries_intervals_and_the_rule(fake_baseline):
     assert "widened to [0.05, 0.95]" in report
 
 
+def test_the_report_logged_to_mlflow_finds_its_plots(fake_baseline, tmp_path):
+    # REPORT.md links report/<name>.png: the plots were logged at the artifact root, so the
+    # report downloaded from (or shown by) MLflow had broken images.
+    import mlflow
+
+    root, state = fake_baseline
+    uri = f"sqlite:///{root}/mlflow.db"
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=state["pipeline_run_id"], dst_path=str(tmp_path), tracking_uri=uri
+        )
+    )
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (local / "REPORT.md").read_text())
+    assert {"report/stages.png", "report/coteaching.png", "report/ensemble.png"} <= set(links)
+    for link in links:
+        assert (local / link).read_bytes() == (root / "results" / "pipeline" / link).read_bytes()
+    assert not list(local.glob("*.png"))  # nothing left beside the report
+
+
+def test_a_redone_ensemble_and_prediction_supersede_the_earlier_runs(
+    small_world, two_models, tmp_path, monkeypatch
+):
+    # Another --k-max redoes the ensemble search and the prediction: the earlier child runs
+    # stayed FINISHED under the same names, indistinguishable from the current ones.
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    from bldseg import pipeline
+
+    monkeypatch.setattr(pipeline, "run_search", FakeSearches(two_models))
+    cfg = _config(small_world, tmp_path)
+    first = pipeline.run_pipeline(cfg)
+    second = pipeline.run_pipeline(replace(cfg, k_max=3))
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    ids = {}
+    for kind in ("ensemble", "predict"):
+        old, new = first[kind]["mlflow_run_id"], second[kind]["mlflow_run_id"]
+        assert old != new
+        ids[kind] = new
+        was = client.get_run(old)
+        assert was.data.tags["bldseg.superseded_by"] == new
+        assert new in was.data.tags["mlflow.note.content"]
+        assert "bldseg.superseded_by" not in client.get_run(new).data.tags
+    tags = client.get_run(second["pipeline_run_id"]).data.tags
+    assert tags["bldseg.ensemble_run_id"] == ids["ensemble"]
+    assert tags["bldseg.predict_run_id"] == ids["predict"]
+    # the runs of a kind that are not superseded: the current one only
+    children = client.search_runs(
+        [second["experiment_id"]], f"tags.`mlflow.parentRunId` = '{second['pipeline_run_id']}'"
+    )
+    current = [r.info.run_id for r in children if "bldseg.superseded_by" not in r.data.tags]
+    assert sorted(current) == sorted(ids.values())
+
+
 def test_a_stage_that_finds_nothing_better_is_not_carried_forward(
     small_world, two_models, tmp_path, monkeypatch
 ):
@@ -644,7 +699,7 @@ def test_kfold_report_thresholds_are_the_out_of_fold_ones(tmp_path):
     run = tmp_path / "run"
     oof = _kfold_run(run)
     assert abs(oof["val_thr_best"] - 0.5) > 0.05  # else the test could not tell them apart
-    row = pipeline._best_epoch(run)
+    row = pipeline.best_epoch_row(run)
     for k in ("val_thr_best", "val_dice_best", "val_dice_05", "val_thr_youden"):
         assert row[k] == oof[k]
     best = {"run_dir": str(run), "val_dice_best": oof["val_dice_best"]}

@@ -462,3 +462,30 @@ def test_report_to_takes_a_file_or_a_folder(tmp_path, to):
     assert (dest.parent / "report" / "curves.png").read_bytes() == b"png"
     assert (work / "docs" / "keep.md").read_text() == "kept"
     assert not list(dest.parent.glob("*.tmp"))
+
+
+def test_report_to_replaces_each_plot_by_rename(tmp_path):
+    # The plots were copied straight into place (copytree): a reader of the old plot (a docs
+    # server, an open viewer) saw it rewritten under it, half a file on a failed copy. Each is
+    # now written under a temporary name and renamed, the plots before the report.
+    import os
+
+    from bldseg.commands.pipeline import copy_report
+
+    out = tmp_path / "out"
+    (out / "report").mkdir(parents=True)
+    (out / "REPORT.md").write_text("# new\n![](report/stages.png)\n")
+    (out / "report" / "stages.png").write_bytes(b"new png")
+    docs = tmp_path / "docs"
+    (docs / "report").mkdir(parents=True)
+    (docs / "report" / "stages.png").write_bytes(b"old png")
+    (docs / "report" / "mine.png").write_bytes(b"the user's")
+    # a reader holding the old plot: a second name of the same file
+    os.link(docs / "report" / "stages.png", tmp_path / "held.png")
+    dest = copy_report(out / "REPORT.md", str(docs) + "/")
+    assert dest == docs / "REPORT.md" and dest.read_text() == "# new\n![](report/stages.png)\n"
+    assert (docs / "report" / "stages.png").read_bytes() == b"new png"
+    assert (tmp_path / "held.png").read_bytes() == b"old png"  # replaced, not rewritten
+    assert (docs / "report" / "mine.png").read_bytes() == b"the user's"
+    assert sorted(p.name for p in (docs / "report").iterdir()) == ["mine.png", "stages.png"]
+    assert sorted(p.name for p in docs.iterdir()) == ["REPORT.md", "report"]

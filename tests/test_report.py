@@ -176,9 +176,48 @@ def test_coteaching_that_drops_nothing_during_its_ramp_is_named():
     # the first epoch keeps everything by design (R(0) = 1)
     early = [{"epoch": 1, "dropped_share": 0.0}, {"epoch": 2, "dropped_share": 0.25}]
     assert coteaching_dropped_nothing(cfg, early) is None
+    # ... but a saved model (best.pt) from that first epoch is two plain networks
+    by_best = coteaching_dropped_nothing(cfg, early, best_epoch=1)
+    assert by_best.startswith(f"{what} by its best epoch 1, the epoch its saved model is from")
+    assert coteaching_dropped_nothing(cfg, early, best_epoch=2) is None
     # a resumed older run: rows without the record judged by the formula, the others as measured
     mixed = [old[0], *rows[1:3], {"epoch": 4, "dropped_share": 0.0}]
     assert coteaching_dropped_nothing(cfg, mixed) == f"{what} in its 4 epochs ({formula})"
+
+
+CONFIG = {"name": "x", "data": None, "trials": 1, "epochs": 3, "cpus_per_trial": 1}
+CONFIG |= {"k_min": 1, "k_max": 2, "seed": 0, "base": {}}
+
+
+def _stage(root, name: str, flat: dict, history: list[dict], trials: list[dict] = ()) -> dict:
+    """A finished search stage as the pipeline state records it: its best trial's best.pt
+    holds ``flat`` and its history.json ``history``; ``trials``: more rows of trials.csv."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from bldseg.train.config import RunConfig
+
+    run = root / name / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": RunConfig.from_flat(flat).to_flat()}, run / "best.pt")
+    (run / "history.json").write_text(json.dumps(history))
+    best = {"run_dir": str(run), "val_dice_best": 0.7, "val_thr_best": 0.5}
+    pd.DataFrame([{"trial_id": "t0", **best}, *trials]).to_csv(root / name / "trials.csv")
+    return {"best": best, "best_config": {}, "wall_s": 1, "overhead": 0.0, "path": str(root / name)}
+
+
+def _coteaching_section(root, tau_flat: dict, rows: list[dict], trials: list[dict] = ()) -> str:
+    from bldseg.report import write_report
+
+    stages = {
+        "tune_sched": _stage(root, "tune_sched", {"epochs": 3}, [{"epoch": 1}]),
+        "tune_tau": _stage(root, "tune_tau", {"epochs": 3, **tau_flat}, rows, trials),
+    }
+    write_report({"config": CONFIG, "stages": stages}, root, has_truth=False)
+    report = (root / "REPORT.md").read_text()
+    return report[report.index("## Plain BCE vs co-teaching") :]
 
 
 @pytest.mark.parametrize(
@@ -190,41 +229,13 @@ def test_coteaching_that_drops_nothing_during_its_ramp_is_named():
     ],
 )
 def test_report_says_when_the_best_tau_trial_dropped_nothing(tmp_path, shares, says):
-    import json
-
-    import torch
-
-    from bldseg.report import write_report
-    from bldseg.train.config import RunConfig
-
-    def stage(name, flat, history):
-        run = tmp_path / name / "run"
-        run.mkdir(parents=True)
-        torch.save({"config": RunConfig.from_flat(flat).to_flat()}, run / "best.pt")
-        (run / "history.json").write_text(json.dumps(history))
-        (tmp_path / name / "trials.csv").write_text(
-            f"trial_id,run_dir,val_thr_best,val_dice_best\nt0,{run},0.5,0.7\n"
-        )
-        best = {"run_dir": str(run), "val_dice_best": 0.7, "val_thr_best": 0.5}
-        return {
-            "best": best,
-            "best_config": {},
-            "wall_s": 1,
-            "overhead": 0.0,
-            "path": str(tmp_path / name),
-        }
-
     ct = {"coteach.enabled": True, "coteach.tau": 0.3, "coteach.t_k": 2, "batch_size": 4}
-    rows = [{"epoch": e + 1, "dropped_share": d} for e, d in enumerate(shares)]
-    stages = {
-        "tune_sched": stage("tune_sched", {"epochs": 3}, [{"epoch": 1}]),
-        "tune_tau": stage("tune_tau", {"epochs": 3, **ct}, rows),
-    }
-    config = {"name": "x", "data": None, "trials": 1, "epochs": 3, "cpus_per_trial": 1}
-    config |= {"k_min": 1, "k_max": 2, "seed": 0, "base": {}}
-    write_report({"config": config, "stages": stages}, tmp_path, has_truth=False)
-    report = (tmp_path / "REPORT.md").read_text()
-    section = report[report.index("## Plain BCE vs co-teaching") :]
+    # the last epoch is the best: its best.pt saw every epoch's dropping
+    rows = [
+        {"epoch": e + 1, "dropped_share": d, "val_dice_best": 0.5 + 0.1 * e}
+        for e, d in enumerate(shares)
+    ]
+    section = _coteaching_section(tmp_path, ct, rows)
     for marker in ("applied no co-teaching", "applied co-teaching late"):
         assert (marker in section) == (says is not None and marker in says)
     if says is None:
@@ -234,6 +245,45 @@ def test_report_says_when_the_best_tau_trial_dropped_nothing(tmp_path, shares, s
     assert f"t_k 2 and batch_size 4 dropped nothing {until}" in section
     # a row that trained two plain networks throughout is not called co-teaching
     assert ("two networks, nothing dropped (best tune_tau trial)" in section) == (not any(shares))
+
+
+@pytest.mark.parametrize("kfold", [False, True])
+def test_a_tau_model_saved_before_its_run_dropped_anything_is_not_called_coteaching(
+    tmp_path, kfold
+):
+    # The tau trial's model is its best.pt: here epoch 1, which keeps every pixel (R(0) = 1);
+    # epochs 2 and 3 dropped pixels but scored lower. The row said "co-teaching" and the Δ
+    # compared two plain networks without a word.
+    import json
+
+    ct = {"coteach.enabled": True, "coteach.tau": 0.2, "coteach.granularity": "pixel"}
+    ct["coteach.t_k"] = 3
+    rows = [
+        {"epoch": 1, "dropped_share": 0.0, "val_dice_best": 0.70},
+        {"epoch": 2, "dropped_share": 0.07, "val_dice_best": 0.60},
+        {"epoch": 3, "dropped_share": 0.20, "val_dice_best": 0.55},
+    ]
+    if kfold:
+        # a K-fold trial: the best epoch is the best of history.json's means over folds (as
+        # bldseg.pipeline reads it); folds.json's out-of-fold scores name no epoch
+        run = tmp_path / "tune_tau" / "run"
+        run.mkdir(parents=True)
+        oof = {"val_dice_best": 0.9, "val_thr_best": 0.45, "val_thr_widened": 0.0}
+        (run / "folds.json").write_text(json.dumps({"status": "completed", "oof": oof}))
+    section = _coteaching_section(tmp_path, ct, rows)
+    name = "two networks, nothing dropped by its best epoch 1"
+    assert f"| {name} (best tune_tau trial) |" in section
+    assert f"| Δ {name} − plain (paired) |" in section
+    assert "**The best tune_tau trial's saved model applied no co-teaching**" in section
+    assert "dropped nothing by its best epoch 1" in section
+    assert "it dropped from epoch 2 of 3 on" in section
+    assert "| co-teaching (best tune_tau trial)" not in section
+
+    # best.pt from epoch 3, after the dropping began: co-teaching, no caveat
+    rows[2]["val_dice_best"] = 0.8
+    section = _coteaching_section(tmp_path, ct, rows)
+    assert "| co-teaching (best tune_tau trial) |" in section
+    assert "applied no co-teaching" not in section and "by its best epoch" not in section
 
 
 def test_a_test_column_the_ensemble_search_left_out_is_said_in_the_report(tmp_path):
@@ -256,3 +306,115 @@ def test_a_test_column_the_ensemble_search_left_out_is_said_in_the_report(tmp_pa
         has_truth=False,
     )
     assert "No test column" not in (tmp_path / "REPORT.md").read_text()
+
+
+def test_widened_trials_count_a_kfold_trial_by_its_out_of_fold_sweep(tmp_path):
+    # A K-fold trial's history.json holds means over its folds (one fold's widened sweep makes
+    # val_thr_widened 0.5); it predicts at its out-of-fold threshold (folds.json "oof"), whose
+    # sweep decides, as bldseg.pipeline reads the trial.
+    import json
+
+    import pandas as pd
+
+    from bldseg.report import _widened_trials
+
+    def trial(stage: str, name: str, history: list[dict], oof: dict | None = None) -> str:
+        run = tmp_path / stage / name
+        run.mkdir(parents=True)
+        if history:
+            (run / "history.json").write_text(json.dumps(history))
+        if oof is not None:
+            oof = {"val_dice_best": 0.6, "val_thr_best": 0.5, **oof}
+            (run / "folds.json").write_text(json.dumps({"status": "completed", "oof": oof}))
+        return str(run)
+
+    def stage(name: str, runs: list[str]) -> dict:
+        pd.DataFrame({"run_dir": runs}).to_csv(tmp_path / name / "trials.csv", index=False)
+        return {"path": str(tmp_path / name)}
+
+    def epoch(e: int, dice: float, widened: float) -> dict:
+        return {"epoch": e, "val_dice_best": dice, "val_thr_widened": widened}
+
+    runs = [
+        trial("a", "kfold", [epoch(1, 0.6, 0.5)], oof={"val_thr_widened": 0.0}),
+        # a single run: its best epoch's sweep, not a later one's
+        trial("a", "single", [epoch(1, 0.6, 0.0), epoch(2, 0.5, 1.0)]),
+        trial("a", "failed", []),  # no epoch: not counted
+    ]
+    assert _widened_trials({"a": stage("a", runs)}) == (0, 2)
+    runs = [trial("b", "kfold", [epoch(1, 0.6, 0.0)], oof={"val_thr_widened": 1.0})]
+    assert _widened_trials({"b": stage("b", runs)}) == (1, 1)
+
+
+def test_tau_plot_tells_tile_and_pixel_trials_apart(tmp_path, monkeypatch):
+    # A tile tau (share of tiles dropped) and a pixel tau (share of pixels) were drawn as one
+    # unmarked series: each granularity gets its own marker and legend entry.
+    from pathlib import Path
+
+    import bldseg.report as report
+
+    drawn = {}
+    real = report.save_figure
+
+    def keep(fig, path, dpi=110):
+        ax = fig.axes[-1]
+        drawn[Path(path).name] = (
+            {c.get_label(): c for c in ax.collections},
+            [t.get_text() for t in ax.get_legend().get_texts()],
+            ax.get_xlabel(),
+        )
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    ct = {"coteach.enabled": True, "coteach.tau": 0.2, "coteach.granularity": "pixel"}
+    rows = [{"epoch": 1, "dropped_share": 0.0, "val_dice_best": 0.7}]
+    trials = [
+        {"trial_id": t, "run_dir": str(tmp_path / t), "val_dice_best": d, "val_thr_best": 0.5}
+        for t, d in (("t1", 0.6), ("t2", 0.65))
+    ]
+    searched = [
+        {**trials[0], "config/coteach.tau": 0.25, "config/coteach.granularity": "tile"},
+        {**trials[1], "config/coteach.tau": 0.1, "config/coteach.granularity": "pixel"},
+    ]
+    _coteaching_section(tmp_path, ct, rows, searched)
+    series, legend, xlabel = drawn["coteaching.png"]
+    for split in ("validation", "held-out test"):
+        assert {f"{split}, tile tau", f"{split}, pixel tau"} <= set(legend)
+    tile, pixel = series["validation, tile tau"], series["validation, pixel tau"]
+    assert tile.get_offsets()[:, 0].tolist() == [0.25]
+    assert pixel.get_offsets()[:, 0].tolist() == [0.1]
+    assert not np.array_equal(tile.get_paths()[0].vertices, pixel.get_paths()[0].vertices)
+    # a search that fixed the granularity: the axis names it
+    fixed = [{**t, "config/coteach.tau": tau} for t, tau in zip(trials, (0.25, 0.1), strict=True)]
+    _coteaching_section(tmp_path / "fixed", ct, rows, fixed)
+    series, legend, xlabel = drawn["coteaching.png"]
+    assert legend == ["validation", "held-out test"]
+    assert xlabel == "tau (forget rate, pixel granularity)"
+
+
+def test_a_vote_ensemble_is_reported_by_its_votes(tmp_path):
+    # The vote rule has no ensemble threshold (each member's mask at its own, then a count):
+    # the ensemble search records none, and the report names the votes instead.
+    from bldseg.report import write_report
+
+    one = {"members": "a", "threshold": 0.45, "k": 1, "selection_dice": 0.7, "check_dice": 0.6}
+    vote = {**one, "members": "a+b+c", "k": 3, "rule": "vote", "cut": 2, "votes": 2}
+    vote["threshold"] = None
+    decision = {"submit": "ensemble", "members": "a+b+c", "threshold": None, "votes": 2}
+    decision |= {"rule": "the check half decides", "reason": "its gain lies above 0"}
+    ens = {"best": vote, "best_single": one, "gain": {}, "decision": decision}
+    pred = {"submission": "sub.csv", "members": 3, "threshold": None, "votes": 2}
+    pred |= {"test_dice": 0.8, "test_interval": {}}
+    best = {"run_dir": str(tmp_path / "no-run"), "val_dice_best": 0.7, "val_thr_best": 0.5}
+    stages = {"tune_aug": {"best": best, "best_config": {}, "wall_s": 1, "overhead": 0.0}}
+    state = {"config": CONFIG, "stages": stages, "ensemble": ens, "predict": pred}
+    write_report(state, tmp_path, has_truth=False)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| best ensemble | a+b+c | >= 2 of 3 votes |" in report
+    assert "| best single | a | 0.450 |" in report
+    assert "**Submitted: the best ensemble** (a+b+c, >= 2 votes)." in report
+    assert "`sub.csv`: 3 model(s), >= 2 votes; official score" in report
+    # a state of older bldseg recorded votes / k as the vote row's threshold
+    older = {k: v for k, v in vote.items() if k != "votes"} | {"threshold": 2 / 3}
+    write_report(state | {"ensemble": ens | {"best": older}}, tmp_path, has_truth=False)
+    assert "| best ensemble | a+b+c | >= 2 of 3 votes |" in (tmp_path / "REPORT.md").read_text()

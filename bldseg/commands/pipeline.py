@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bldseg.commands import USER_ERRORS, fail
 from bldseg.data.prepare import add_data_arguments, data_options
+from bldseg.io import atomic_path
 from bldseg.pipeline import ContinuationError, PipelineConfig, run_pipeline
 from bldseg.tune.cli import (
     DEFAULT_EPOCHS,
@@ -115,16 +116,23 @@ def copy_report(report: Path, to: str) -> Path:
             then gets the report under its own name; missing folders are made.
 
     Returns:
-        The report's copy. Its plots go to ``report/`` beside it, where its links point.
+        The report's copy. Its plots go to ``report/`` beside it, where its links point; other
+        files there are left alone.
     """
     dest = Path(to)
     if to.endswith(("/", os.sep)) or dest.is_dir():
         dest = dest / report.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")  # a reader never sees half a report
-    shutil.copyfile(report, tmp)
-    os.replace(tmp, dest)
-    shutil.copytree(report.parent / "report", dest.parent / "report", dirs_exist_ok=True)
+    # Each file through a temporary name, the plots before the report: a reader (a docs
+    # server, a viewer with a plot open) never sees half a file, nor a link to a plot that is
+    # not there yet; a plot replaced by rename leaves an open old one whole.
+    plots = report.parent / "report"
+    for src in sorted(plots.iterdir()) if plots.is_dir() else []:
+        if src.is_file():
+            with atomic_path(dest.parent / "report" / src.name, suffix=src.suffix) as tmp:
+                shutil.copyfile(src, tmp)
+    with atomic_path(dest, suffix=report.suffix) as tmp:
+        shutil.copyfile(report, tmp)
     return dest
 
 

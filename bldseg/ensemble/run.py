@@ -196,7 +196,8 @@ def submission_decision(best: dict, single: dict, gain_check: dict | None) -> di
     return {
         "submit": chosen,
         "members": row["members"],
-        "threshold": row["threshold"],
+        "threshold": row["threshold"],  # None under the vote rule, which decides by votes
+        **({"votes": row["votes"]} if "votes" in row else {}),
         "rule": rule,
         "reason": reason,
         "gain_check": gain_check,
@@ -432,7 +433,11 @@ def _rule_row(
         "member_ids": " ".join(str(m) for m in e.members),
         "weights": list(e.weights),
         "cut": e.cut,
-        "threshold": e.threshold,
+        # as the variant's spec says: the vote rule decides by its members' own thresholds
+        # and a vote count, no ensemble threshold (votes / k, the cut as a fraction, is
+        # applied nowhere; the spec's required threshold field is 0.5, unread)
+        "threshold": None if e.rule == "vote" else e.threshold,
+        **({"votes": e.cut} if e.rule == "vote" else {}),
         "empty_votes": e.empty_votes,
         "empty_area": e.empty_area,
     }
@@ -782,12 +787,13 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
             "n_tiles_check": chk.n_tiles,
             "seed": cfg.seed,
             "best_members": best_d["members"],
-            "best_threshold": best_d["threshold"],
             "best_single": single_d["members"],
             "submit": decision["submit"],
             "rules": ",".join(cfg.rules),
             "empty_tile": cfg.empty_tile,
             "best_rule": best_d["rule"],
+            # what best_ensemble.json applies: a threshold, or (vote rule) a vote count
+            **_decision_params(best_d),
         }
         scalars = {
             f"{who}_{split}_dice": d[f"{split}_dice"]
@@ -821,6 +827,20 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         rules=rule_rows,
         test_left_out=test_left_out,
     )
+
+
+def _decision_params(row: dict) -> dict:
+    """The MLflow params that say how the best ensemble decides, as its spec does: under the
+    vote rule ``best_votes`` and ``best_member_thresholds`` (no ensemble threshold), else
+    ``best_threshold`` (and the members' own thresholds of the empty-tile rule)."""
+    out = {}
+    if row["rule"] == "vote":
+        out["best_votes"] = row["votes"]
+    else:
+        out["best_threshold"] = row["threshold"]
+    if "member_thresholds" in row:
+        out["best_member_thresholds"] = ",".join(map(str, row["member_thresholds"]))
+    return out
 
 
 def _fmt(value: float, iv: dict | None, signed: bool = False) -> str:

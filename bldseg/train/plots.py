@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: trials and CI have no display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from bldseg import metrics
 from bldseg.io import atomic_path
@@ -174,6 +175,8 @@ def plot_history(history: list[dict], path: Path) -> Path:
     axes[2].set(title="validation Dice", xlabel="epoch")
     axes[2].legend(fontsize=8)
     for ax in axes:
+        # epochs are whole: with a few of them the default locator ticks 1.25, 1.5, ...
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return save_figure(fig, path)
 

@@ -599,6 +599,45 @@ def test_a_failed_run_leaves_the_previous_outputs_whole(results, tmp_path, monke
     assert not list(out.glob(".ensemble-staging-*"))
 
 
+def test_a_winning_vote_rule_is_logged_as_its_spec_decides(tmp_path):
+    # The vote rule has no ensemble threshold: best_ensemble.json holds votes (and 0.5 in its
+    # required, unread threshold field), while MLflow's best_threshold and summary.json said
+    # votes / k (1.0 for 2 of 2), a number applied nowhere.
+    from mlflow.tracking import MlflowClient
+
+    # seed 6: the members' own thresholds make the vote strictly better than any mean
+    write_runs(fake_library(4, 24, 16, seed=6, tiles_per_image=2, rho=0.2), tmp_path / "runs")
+    uri = "sqlite:///" + str((tmp_path / "mlflow.db").resolve())
+    cfg = SearchConfig(
+        runs=str(tmp_path / "runs"),
+        k=[2, 3],
+        out=str(tmp_path / "out"),
+        rules=["mean", "vote"],
+        tracking_uri=uri,
+        progress=False,
+    )
+    s = run_search(cfg)
+    assert s.best["rule"] == "vote"
+    spec = EnsembleSpec.load(tmp_path / "out" / "best_ensemble.json")
+    assert spec.rule == "vote"
+    params = MlflowClient(tracking_uri=uri).get_run(s.mlflow_run_id).data.params
+    assert params["best_rule"] == "vote" and "best_threshold" not in params
+    assert params["best_votes"] == str(spec.votes)
+    assert params["best_member_thresholds"] == ",".join(map(str, spec.member_thresholds))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for row in (summary["best"], summary["rules"]["vote"]):
+        assert row["threshold"] is None and row["votes"] == spec.votes == row["cut"]
+        assert row["member_thresholds"] == spec.member_thresholds
+    if summary["decision"]["submit"] == "ensemble":
+        assert summary["decision"]["threshold"] is None
+        assert summary["decision"]["votes"] == spec.votes
+    assert f">= {spec.votes} of {len(spec.checkpoints)} votes" in "\n".join(summary_lines(s))
+    # the mean rule keeps its threshold, as its spec applies it
+    mean = EnsembleSpec.load(tmp_path / "out" / "best_ensemble_mean.json")
+    assert summary["rules"]["mean"]["threshold"] == mean.threshold
+    assert "votes" not in summary["rules"]["mean"]
+
+
 @pytest.mark.parametrize("flag", ["top", "weighted_starts", "empty_candidates"])
 def test_counts_below_one_are_refused(results, flag):
     root, _, _ = results

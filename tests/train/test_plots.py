@@ -78,3 +78,30 @@ def test_worst_tiles_keep_a_given_ranking(tmp_path):
         ranking=("smoothed Dice", np.array([0.1, 0.9, 0.95])),
     )
     assert row_greys(ranked) == [230, 30, 130]
+
+
+def test_curves_of_a_few_epochs_tick_whole_epochs(tmp_path, monkeypatch):
+    # with two epochs matplotlib's default locator ticked 1.0, 1.2, ... 2.0: epochs are whole
+    import bldseg.train.plots as plots
+
+    ticks = []
+    real = plots.save_figure
+
+    def keep(fig, path, dpi=110):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks.append([float(t) for t in ax.get_xticks() if lo <= t <= hi])
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "lr": 0.1 / e, "val_dice_05": 0.5}
+        | {"val_dice_best": 0.5 + 0.1 * e, "val_dice_youden": 0.55}
+        for e in (1, 2)
+    ]
+    plots.plot_history(history, tmp_path / "curves.png")
+    assert len(ticks) == 3  # loss, learning rate, validation Dice
+    for axis in ticks:
+        assert axis and all(t.is_integer() for t in axis), axis
+    assert (tmp_path / "curves.png").stat().st_size > 0
