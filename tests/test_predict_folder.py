@@ -1191,3 +1191,21 @@ def test_a_failed_record_or_scores_write_leaves_no_temporary(pointwise_model, tm
         predict_folder(spec, images, out, masks_dir=masks, progress=False)
     assert _files(out) == sorted([OUTPUTS_FILE, "a.png"])
     assert str(out / "scores.json") in str(err.value)
+
+
+def test_mask_flags_help_says_what_training_does():
+    # predict --help said --mask-values defaulted to "nonzero", while label masks are refused
+    # there as in training (and its --mask-nonzero line said so)
+    import argparse
+
+    from bldseg.commands.predict import build_parser
+    from bldseg.data.prepare import add_data_arguments
+
+    def helps(parser):
+        return {a.dest: a.help for a in parser._actions if a.dest.startswith("mask_")}
+
+    train = argparse.ArgumentParser()
+    add_data_arguments(train)
+    predict, trained = helps(build_parser()), helps(train)
+    for dest in ("mask_values", "mask_nonzero", "mask_colors"):
+        assert predict[dest] == f"--masks: {trained[dest]}", dest

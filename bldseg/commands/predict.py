@@ -162,7 +162,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=_int_list,
         default=None,
         help="--masks: mask values / palette indices that are buildings, e.g. 1,2 (default: "
-        "nonzero)",
+        "binary masks as they are; label masks are refused, naming this flag and "
+        "--mask-nonzero)",
     )
     f.add_argument(
         "--mask-nonzero",
