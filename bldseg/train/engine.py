@@ -68,6 +68,7 @@ from bldseg.train.ema import WeightEMA
 from bldseg.train.losses import build_loss
 from bldseg.train.optim import AdamWScheduleFree, clip_grad_norm_
 from bldseg.train.plots import tiles_from_cache, write_run_plots
+from bldseg.train.resume_checks import check_same_data, data_record, data_source
 from bldseg.train.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -869,6 +870,48 @@ def _check_same_split(was: dict | None, now: dict[str, Any], last_path: Path) ->
         )
 
 
+def _check_same_data(
+    recorded: dict[str, Any], cfg: RunConfig, data: PreparedData, last_path: Path
+) -> None:
+    """Refuses to resume (or re-run a finished) run whose training data changed since it
+    started, e.g. masks fixed after an interruption (:func:`check_same_data`).
+
+    The config and split checks miss it: the images' ids stay, and the cache is rebuilt from
+    the edited files without a word. A ``last.pt`` from before bldseg recorded the data is
+    resumed as it was, with a warning.
+
+    Raises:
+        ValueError: The cache's fingerprint is not the one ``last.pt`` records.
+    """
+    if not recorded.get("data_fingerprint"):
+        warnings.warn(
+            f"{last_path} was written by an older bldseg, which did not record the training "
+            "data's fingerprint: whether the data changed since the run started cannot be "
+            "checked (a last.pt written from now on records it)",
+            stacklevel=4,  # fit's caller (through _fit)
+        )
+        return
+    if recorded["epoch"] >= cfg.epochs:
+        consequence = (
+            "the finished run's result (best.pt, val_probs.npz, its Dice) is of those data, "
+            "not of these"
+        )
+    else:
+        consequence = (
+            f"its {recorded['epoch']} epoch(s) so far were trained and scored on those, the rest "
+            "would be on these, and its best epoch chosen across both"
+        )
+    check_same_data(
+        str(last_path),
+        "run",
+        recorded,
+        data.train.fingerprint,
+        data_source(data),
+        consequence=consequence,
+        remedy="train into a new --out",
+    )
+
+
 def split_for(cfg: RunConfig, cache: Any) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) indices of ``cache``'s images that :func:`fit` uses for ``cfg``.
 
@@ -1013,7 +1056,9 @@ def fit(
 
     Raises:
         ValueError: A config or data the run cannot use, e.g. another run's ``last.pt`` in
-            ``out_dir``, a K-fold run folder as ``out_dir`` (:func:`check_run_folder`), or a
+            ``out_dir``, training data that changed since ``last.pt`` was written (edited
+            masks: :func:`~bldseg.train.resume_checks.check_same_data`), a K-fold run folder
+            as ``out_dir`` (:func:`check_run_folder`), or a
             ``cfg.pretrained`` file that does not fit ``cfg.model``
             (:class:`~bldseg.models.pretrained.CheckpointMismatchError`, naming the model the
             file is for).
@@ -1071,6 +1116,9 @@ def _fit(
         recorded = load_state(last_path, mmap=True)
         check_same_config(recorded["config"], cfg, last_path)
         _check_same_split(recorded.get("split"), split, last_path)
+        # After the split: other split groups change the fingerprint too, and that message
+        # names the flags.
+        _check_same_data(recorded, cfg, data, last_path)
         if cfg.pretrained is not None:
             rebuild = overrides_for_checkpoint(recorded["models"][0])
         saved_layout = recorded.get("optimizer_groups") or [
@@ -1327,6 +1375,9 @@ def _fit(
                 "split": split,  # which images trained and which validated
                 "image_read": image_read,  # how its images were decoded; None: not known
                 "data_kind": data.kind,
+                # which data (masks edited since are refused on a resume: _check_same_data);
+                # a resume got here with the same fingerprint or none recorded
+                **data_record(cache.fingerprint),
             },
             last_path,
         )

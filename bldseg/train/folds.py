@@ -10,7 +10,9 @@ tiles of one scene are never on both sides. A K-fold run folder holds::
     folds.json       the manifest: K, the config the folds train (the crop fitted to the
                      images, as in their checkpoints), the folds' folders, out-of-fold metrics
                      (``oof``: Dice and threshold of the out-of-fold library as it stands),
-                     ``split``: a fingerprint of which image each fold holds out
+                     ``split``: a fingerprint of which image each fold holds out,
+                     ``data_fingerprint``: of the training data (a resume on other data,
+                     e.g. edited masks, is refused)
     fold<f>/         fold f's own run folder (fit): best.pt, last.pt, val_probs.npz, plots/
     val_probs.npz    the out-of-fold (OOF) library: the K folds' held-out maps, each at its
                      fold's best epoch, so every training image appears exactly once
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ from bldseg.data.dataset import fold_assignment, split_groups, split_record
 from bldseg.data.prepare import PreparedData, prepare_data
 from bldseg.io import atomic_path, file_lock, write_json
 from bldseg.models import create_model
+from bldseg.train import resume_checks
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import (
     RUN_LOCK_FILE,
@@ -353,34 +357,77 @@ def _folds_in_training(out: Path) -> list[Path]:
     return busy
 
 
-def check_resumable(
-    out: Path, cfg: RunConfig, ids: Sequence[str], image_size: tuple[int, int], assigned: np.ndarray
-) -> None:
-    """Refuses to continue the K-fold run in ``out`` (its ``folds.json``) with another config or
-    split, before anything is written; a manifest whose folds never trained is let go.
+def check_same_data(out: Path, recorded: dict[str, Any], data: PreparedData) -> None:
+    """Refuses to continue a K-fold run whose training data changed since it started, e.g.
+    masks fixed after an interruption (:func:`bldseg.train.resume_checks.check_same_data`).
+
+    Finished folds are skipped, not resumed, so their ``last.pt`` is never compared: the
+    out-of-fold library would hold their folds' ground truth of before beside the new one of
+    the folds still to train. A ``folds.json`` from before bldseg recorded the data is let go,
+    with a warning.
+
+    Raises:
+        ValueError: The cache's fingerprint is not the one ``folds.json`` records.
+    """
+    where = out / FOLDS_FILE
+    if not recorded.get("data_fingerprint"):
+        warnings.warn(
+            f"{where} was written by an older bldseg, which did not record the training data's "
+            "fingerprint: whether the data changed since the run started cannot be checked "
+            "(the manifest written now records it)",
+            stacklevel=4,  # fit_folds's caller (through check_resumable)
+        )
+        return
+    if recorded.get("status") == "completed":
+        consequence = (
+            f"the finished run's out-of-fold result ({VAL_FILE}, its Dice) is of those data, "
+            "not of these"
+        )
+    else:
+        consequence = (
+            f"the folds trained so far were scored on those, the rest would be on these, and "
+            f"the out-of-fold {VAL_FILE} would hold the ground truth of both"
+        )
+    resume_checks.check_same_data(
+        str(where),
+        "run",
+        recorded,
+        data.train.fingerprint,
+        resume_checks.data_source(data),
+        consequence=consequence,
+        remedy="train into a new --out",
+    )
+
+
+def check_resumable(out: Path, cfg: RunConfig, data: PreparedData, assigned: np.ndarray) -> None:
+    """Refuses to continue the K-fold run in ``out`` (its ``folds.json``) with another config,
+    split or training data, before anything is written; a manifest whose folds never trained
+    is let go.
 
     Args:
         out: The K-fold run folder; it holds ``folds.json``.
         cfg: The config to train, as the folds train it (:func:`checked_config`).
-        ids: The training images' ids, in cache order.
-        image_size: (H, W) of the training images.
+        data: The prepared data to train on.
         assigned: The fold of each image now.
 
     Raises:
         ValueError: A fold has trained (or trains now) with another config
-            (:func:`~bldseg.train.engine.check_same_config`), or with another split
-            (:func:`check_same_split`).
+            (:func:`~bldseg.train.engine.check_same_config`), with another split
+            (:func:`check_same_split`) or on other data (:func:`check_same_data`).
     """
     where = out / FOLDS_FILE
     recorded = json.loads(where.read_text())
-    was = _as_trained(recorded["config"], image_size)
+    was = _as_trained(recorded["config"], data.train.image_size)
     if _trained_folds(out):
         # before the manifest is rewritten: finished folds were skipped unchecked, and another
         # config "completed" with the folds of the first while folds.json recorded the second
         check_same_config(was, cfg, where)
         # --group-column is a data option, not in the config: the folds trained so far were
         # dealt by the recorded assignment, the rest would be dealt by today's
-        check_same_split(out, recorded, ids, assigned)
+        check_same_split(out, recorded, data.train.ids, assigned)
+        # after the split: other split groups change the fingerprint too, and that message
+        # names the flags
+        check_same_data(out, recorded, data)
         return
     # No fold has a checkpoint: the command that wrote folds.json failed in its first epoch
     # (out of memory, a setting the data refused), and its corrected command must not be
@@ -448,8 +495,9 @@ def fit_folds(
         ValueError: ``cfg.folds`` below 2, more folds than split groups (naming ``--folds``),
             a config the data refuses (:func:`~bldseg.train.engine.checked_config`; nothing
             is written), a single run's folder as ``out_dir`` (:func:`check_kfold_folder`), or
-            a resumed run whose folds trained with another config or whose images would now
-            be dealt into other folds (:func:`check_resumable`).
+            a resumed run whose folds trained with another config or on other training
+            data, or whose images would now be dealt into other folds
+            (:func:`check_resumable`).
     """
     k = cfg.folds
     if k < 2:
@@ -472,13 +520,16 @@ def fit_folds(
         print(f"aug.crop_size={cfg.aug.crop_size} > images {h}x{w}: crops of {min(h, w)} px")
     cfg = used[0]
     if resume and (out / FOLDS_FILE).is_file():
-        check_resumable(out, cfg, cache.ids, cache.image_size, assigned)
+        check_resumable(out, cfg, data, assigned)
     manifest: dict[str, Any] = {
         "folds": k,
         "runs": [fold_dir(out, f).name for f in range(k)],
         "val_images": [int((assigned == f).sum()) for f in range(k)],
         "split": split_record(cache.ids, assigned),
         "config": cfg.to_flat(),
+        # which data (masks edited since are refused on a resume: check_same_data); a resumed
+        # run got here with the same fingerprint or none recorded
+        **resume_checks.data_record(cache.fingerprint),
         "status": "running",
     }
     if resume and (out / VAL_FILE).is_file():
