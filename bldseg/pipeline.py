@@ -10,15 +10,17 @@ configuration as it was instead of making it worse. Every stage records its outp
 ``<out>/<name>/pipeline_state.json`` once it has finished, and only then; a stage whose output
 exists is skipped, and an interrupted search is resumed, so re-running the same command continues
 instead of redoing work. Ctrl-C (``KeyboardInterrupt``) in any stage leaves that stage
-unrecorded, marks the pipeline's MLflow run KILLED and propagates. A search recorded by an
-older bldseg although it never finished (a trial folder without a finished epoch) is resumed,
-and the stages after it redone. Continuing with other result settings, training data, storage
-or tracking URI is refused (:func:`check_continuation`); other ensemble sizes or another test
-split redo only what depends on them (:func:`refresh_state`). MLflow: a pipeline experiment
-with a parent run; each search's parent run carries tags linking it to the pipeline run and to
-the previous stage's run; the ensemble search and the prediction are child runs of the
-pipeline run, which names the current ones (tags ``bldseg.ensemble_run_id``,
-``bldseg.predict_run_id``); those a continued pipeline redid carry ``bldseg.superseded_by``.
+unrecorded, marks the pipeline's MLflow run KILLED and propagates; one that came after a
+search's last trial had ended records that search's stage (it finished), then does the same.
+A search recorded by an older bldseg although it never finished (a trial folder without a
+finished epoch) is resumed, and the stages after it redone. Continuing with other result
+settings, training data, storage or tracking URI is refused (:func:`check_continuation`); other
+ensemble sizes or another test split redo only what depends on them (:func:`refresh_state`).
+MLflow: a pipeline experiment with a parent run; each search's parent run carries tags linking
+it to the pipeline run and to the previous stage's run; the ensemble search and the prediction
+are child runs of the pipeline run, which names the current ones (tags
+``bldseg.ensemble_run_id``, ``bldseg.predict_run_id``); those a continued pipeline redid carry
+``bldseg.superseded_by``.
 
 What is submitted: the ensemble search's ``submit.json``, i.e. the best ensemble only when its
 gain over the best single model on the check half is beyond its 95% bootstrap interval, else
@@ -67,7 +69,7 @@ from bldseg.train.config import RunConfig
 from bldseg.train.engine import eval_autocast, predict_probs
 from bldseg.tune import tracking
 from bldseg.tune.runner import META_FILE as SEARCH_META
-from bldseg.tune.runner import METRIC, SearchSpec, run_search
+from bldseg.tune.runner import METRIC, SearchInterrupted, SearchSpec, run_search
 
 log = logging.getLogger(__name__)
 
@@ -678,8 +680,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     """Runs (or continues) every stage; returns the pipeline state (also written as JSON).
 
     Raises:
-        KeyboardInterrupt: Ctrl-C; the interrupted stage is not recorded, the pipeline's
-            MLflow run is KILLED, and the same call resumes.
+        KeyboardInterrupt: Ctrl-C; the interrupted stage is not recorded (a search that had
+            finished when it came is), the pipeline's MLflow run is KILLED, and the same call
+            resumes.
         RuntimeError: A search in which no trial completed, or that did not finish; fewer
             trained models than ``--k-min``.
         ContinuationError: A recorded pipeline continued with other settings
@@ -755,8 +758,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if done is None:
             tags = {"bldseg.pipeline_run_id": pipeline_run, "bldseg.previous_run_id": previous_run}
             spec = stage_spec(cfg, stage, space, base, uri, tags)
+            stopped: SearchInterrupted | None = None  # Ctrl-C after the search had finished
             with _stage(client, pipeline_run, f"search {stage}"):
-                result = run_search(spec)
+                try:
+                    result = run_search(spec)
+                except SearchInterrupted as e:
+                    if e.result is None:  # trials left unfinished: the stage is not done
+                        raise
+                    # Every trial had ended: the stage is done and recorded as any other, and
+                    # the pipeline stops before the next one, as the user asked.
+                    result, stopped = e.result, e
                 if not result.n_completed:
                     raise RuntimeError(
                         f"stage {stage}: no trial of {result.name} completed; "
@@ -783,6 +794,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             }
             state["stages"][stage] = done
             _save_state(cfg, state)
+            if stopped is not None:
+                log.warning(
+                    "interrupted after search %s had finished: it is recorded as done; run the "
+                    "same command again to continue with the next stage",
+                    stage,
+                )
+                _terminate(client, pipeline_run, "KILLED")
+                raise stopped
         carried = carries_forward(done, best_val)
         if done.get("carried_forward") != carried:
             done["carried_forward"] = carried  # derived: recorded for the report

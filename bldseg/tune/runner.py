@@ -40,7 +40,9 @@
   table shows those out-of-fold scores for K-fold trials.
 * Ctrl-C: Tune saves the experiment and returns; :func:`run_search` then marks the MLflow runs
   KILLED and raises :class:`SearchInterrupted` (a ``KeyboardInterrupt``), so a partial search is
-  never taken for a finished one. ``resume=True`` continues it. Each session's wall time is
+  never taken for a finished one. ``resume=True`` continues it. A Ctrl-C after the last trial
+  ended finishes the search as usual, then raises :class:`SearchInterrupted` with the result,
+  so that the caller stops too (a pipeline before its next stage). Each session's wall time is
   added to the search's record (:data:`META_FILE`), so a resumed search's wall time and
   overhead figures are over all its sessions, as its trials' epochs are.
 * A lost cluster (its head's GCS port stops accepting connections for
@@ -63,12 +65,14 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -93,6 +97,7 @@ from bldseg.data.prepare import (
 from bldseg.io import write_json
 from bldseg.train.config import RunConfig
 from bldseg.train.folds import FOLDS_FILE
+from bldseg.train.resume_checks import check_same_data
 from bldseg.tune import tracking
 
 log = logging.getLogger(__name__)
@@ -197,7 +202,61 @@ class SearchInterrupted(KeyboardInterrupt):
     """The search was interrupted (Ctrl-C); its state is saved and ``resume=True`` continues it.
 
     A ``KeyboardInterrupt``: code that does not know it still stops, as on any Ctrl-C.
+
+    Attributes:
+        result: The search's result when Ctrl-C came after its last trial had ended: the search
+            is finished and recorded as such (``resume=True`` returns the same result without
+            training), only what was to follow it is stopped. None when trials were left
+            unfinished.
     """
+
+    def __init__(self, message: str, result: SearchResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+class _TuneSigint:
+    """Tells whether Tune's SIGINT handler caught a Ctrl-C while ``tuner.fit()`` ran.
+
+    Tune installs its own handler at the start of ``fit()``: on Ctrl-C it ends the tuning loop,
+    saves the experiment, puts back the handler from before and returns normally; its flag is
+    local to ``fit()``. A Ctrl-C after the last trial has ended leaves no unfinished trial to
+    tell it by, so the search's callback wraps Tune's handler from ``setup()`` (called once
+    Tune's handler is in place) to note the signal, then lets Tune's handler act as before.
+    """
+
+    def __init__(self) -> None:
+        self.caught = False  # Tune's handler got a SIGINT during fit()
+        self._before: Any = None  # the SIGINT handler before fit(); None: not the main thread
+
+    @contextmanager
+    def around_fit(self) -> Iterator[None]:
+        """Puts back the SIGINT handler from before ``fit()`` once it returns: Tune leaves its
+        own in place after a ``fit()`` that got no signal, and it would swallow a later Ctrl-C
+        (what follows the search: another search, the ensemble search, the prediction)."""
+        # handlers are set from the main thread only (Tune sets none when fit() runs elsewhere)
+        main = threading.current_thread() is threading.main_thread()
+        self._before = signal.getsignal(signal.SIGINT) if main else None
+        try:
+            yield
+        finally:
+            if self._before is not None:  # None also for a handler not set from Python
+                signal.signal(signal.SIGINT, self._before)
+
+    def wrap_tunes_handler(self) -> None:
+        """Notes a SIGINT that reaches Tune's handler, installed at the start of ``fit()``."""
+        if self._before is None:  # fit() outside around_fit, or not in the main thread
+            return
+        tunes = signal.getsignal(signal.SIGINT)
+        # Tune installs none with TUNE_DISABLE_SIGINT_HANDLER=1: Ctrl-C then raises as usual
+        if tunes is self._before or not callable(tunes):
+            return
+
+        def caught(signum, frame):
+            self.caught = True
+            tunes(signum, frame)  # Tune's: ends the loop, puts the handler from before back
+
+        signal.signal(signal.SIGINT, caught)
 
 
 @dataclass
@@ -1017,7 +1076,8 @@ class _SearchDriver:
     queue work: one thread writes a trial's final status, summary and plots
     (:func:`finalise_trial`), then queues its MLflow record on the search's
     :class:`~bldseg.tune.tracking.Tracker`. It also remembers which trials were unfinished at
-    the end of Tune's last step: an interrupted search has some.
+    the end of Tune's last step: an interrupted search has some; and whether Tune caught a
+    Ctrl-C, which may come after the last trial ended (:class:`_TuneSigint`).
 
     Args:
         tracking_uri: The MLflow tracking URI.
@@ -1051,6 +1111,7 @@ class _SearchDriver:
             tracking_uri, f"search {parent_run_id}", dead_after_s=tracking_timeout_s
         )
         self.unfinished: list[str] | None = None  # at the end of Tune's last step; None: no step
+        self.sigint = _TuneSigint()  # whether Tune caught a Ctrl-C (after the last trial, too)
         self.n_trials = 0  # trials Tune had created by then
         # why each trial Tune ended with an error failed: Tune's Result of such a trial has no
         # error when its error file is unreadable (e.g. its storage could not be set up)
@@ -1128,6 +1189,11 @@ def _search_callback(parent_run_id: str):
     # Tune pickles its callbacks with the experiment: this class holds only the run id and
     # reaches the driver through module-level functions (pickled by reference, not by value).
     class FinaliseTrials(Callback):
+        def setup(self, **info):
+            # called once Tune's SIGINT handler is in place, before the first step
+            if (driver := _driver_of(parent_run_id)) is not None:
+                driver.sigint.wrap_tunes_handler()
+
         def on_step_end(self, iteration, trials, **info):
             if (driver := _driver_of(parent_run_id)) is not None:
                 driver.observe(trials)
@@ -1461,23 +1527,14 @@ def check_resumed_data(name: str, meta: dict[str, Any], fingerprint: str, data: 
     Raises:
         ValueError: The fingerprints differ.
     """
-    started_on = meta.get("data_fingerprint")
-    if not started_on or started_on == fingerprint:
-        return
-    rules = meta.get("decode_rules")
-    if rules is not None and rules != readers.DECODE_RULES:
-        raise ValueError(
-            f"--resume {name}: bldseg's image or mask decoding changed since this search started "
-            f"(rules {rules} -> {readers.DECODE_RULES}: see bldseg.data.readers.DECODE_RULES); the "
-            "cache is rebuilt and decoded differently, so the search cannot continue on it: "
-            "start a new search (another --name)"
-        )
-    since = " (or bldseg's image or mask decoding changed since)" if rules is None else ""
-    raise ValueError(
-        f"--resume {name}: the training data differ from those the search started on{since} "
-        f"(fingerprint {fingerprint}, recorded {started_on}; data "
-        f"{data or 'built-in synthetic'}); its trials would compare models "
-        "trained on different data: start a new search (another --name) instead"
+    check_same_data(
+        f"--resume {name}",
+        "search",
+        meta,
+        fingerprint,
+        data,
+        consequence="its trials would compare models trained on different data",
+        remedy="start a new search (another --name)",
     )
 
 
@@ -1574,7 +1631,9 @@ def run_search(spec: SearchSpec) -> SearchResult:
 
     Raises:
         SearchInterrupted: Ctrl-C; the experiment state is saved, the MLflow runs are marked
-            KILLED, and ``resume=True`` with the same ``name`` continues the search.
+            KILLED, and ``resume=True`` with the same ``name`` continues the search. A Ctrl-C
+            that came after every trial had ended leaves the search recorded as finished
+            (its MLflow runs too), and the exception holds its result (``result``).
         RuntimeError: The MLflow tracking store is unreachable (before any trial starts).
         ValueError: An invalid space, base config or option (named). A new search refused or
             failed before any trial started leaves no results folder (its MLflow run, if it
@@ -1925,7 +1984,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                 )
                 os._exit(EXIT_CLUSTER_LOST)
 
-        with ClusterWatch(gcs, cluster_lost):
+        with ClusterWatch(gcs, cluster_lost), driver.sigint.around_fit():
             grid = tuner.fit()
         driver.drain()
         if _interrupted(driver, grid, n_trials):
@@ -2014,7 +2073,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         tracking_errors["search"] = driver.tracker.error
     address = ray.get_runtime_context().gcs_address
     ideal = ideal_wall(table, slots) if len(table) else 0.0
-    return SearchResult(
+    result = SearchResult(
         name,
         exp_dir,
         table,
@@ -2034,6 +2093,18 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         best_config=best_config,
         sessions=sessions,
     )
+    if driver.sigint.caught:
+        # Ctrl-C after the last trial ended: Tune returned as after any Ctrl-C, with nothing
+        # left to stop. The search is finished (recorded above, its results complete), but the
+        # user asked to stop: what was to follow it (the pipeline's next stage) must not start.
+        raise SearchInterrupted(
+            f"Ctrl-C came after every trial of search {name!r} had ended: the search is "
+            f"recorded as finished (results in {exp_dir}; MLflow experiment {experiment!r}, "
+            f"run {parent_run_id}); --resume --name {name} shows its trial table without "
+            "training again",
+            result,
+        )
+    return result
 
 
 def _failure_message(result, run_dir: Path, status: str) -> str:

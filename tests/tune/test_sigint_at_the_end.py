@@ -1,0 +1,118 @@
+"""Ctrl-C after a search's last trial has ended, before Tune's ``fit()`` returns: the search is
+recorded as finished (its results are complete), and the command still stops with exit status
+130 instead of going on to what follows (the pipeline's next stages)."""
+
+import json
+import os
+import signal
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bldseg.tune import runner
+from bldseg.tune.runner import META_FILE
+
+SETS = {
+    "model": "upernet_internimage_tiny",
+    "aug.crop_size": 32,
+    "batch_size": 4,
+    "samples_per_epoch": 16,
+    "val_fraction": 0.25,
+    "impl": "compiled",
+}
+
+
+def _data_args(world, tmp_path) -> list[str]:
+    args = ["--data", str(world.root), "--data-root", str(world.root.parent)]
+    args += ["--trials", "1", "--epochs", "1", "--storage", str(tmp_path / "runs")]
+    args += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    for k, v in SETS.items():
+        args += ["--set", f"{k}={json.dumps(v)}"]
+    return args
+
+
+@pytest.fixture
+def ctrl_c_as_the_trial_completes(monkeypatch):
+    """Sends SIGINT to this process once, from Tune's ``on_trial_complete`` of the first trial
+    (in the driver's tuning loop): with one trial, after the last trial has ended and before
+    ``tuner.fit()`` returns, where a terminal's Ctrl-C was swallowed. Returns the trial ids it
+    was sent at."""
+    sent: list[str] = []
+    finalise = runner._SearchDriver.finalise
+
+    def finalise_then_ctrl_c(self, trial_id, config, error=None):
+        finalise(self, trial_id, config, error)
+        if not sent:
+            # Tune's handler must get it: the default one would end the test session
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            sent.append(trial_id)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(runner._SearchDriver, "finalise", finalise_then_ctrl_c)
+    return sent
+
+
+def _parent(client: MlflowClient, experiment: str, search: str):
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    (parent,) = client.search_runs([exp_id], f"tags.`bldseg.search` = '{search}'")
+    return parent
+
+
+def test_tune_exits_130_with_the_finished_search_recorded(
+    small_world, ray_session, tmp_path, ctrl_c_as_the_trial_completes, capsys
+):
+    from bldseg.commands.tune import main
+
+    before = signal.getsignal(signal.SIGINT)
+    argv = [*_data_args(small_world, tmp_path), "--scheduler", "fifo", "--name", "ended"]
+    assert main("aug", argv) == 130
+    err = capsys.readouterr().err
+    assert ctrl_c_as_the_trial_completes, "the trial never completed"
+    said = " ".join(err.split())
+    assert "every trial of search 'ended' had ended" in said, err[-3000:]
+    assert "recorded as finished" in said and "--resume --name ended" in said, err[-3000:]
+    # finished, not interrupted: the session, the trial table, the MLflow runs
+    exp = tmp_path / "runs" / "ended"
+    sessions = json.loads((exp / META_FILE).read_text())["sessions"]
+    assert [s["end"] for s in sessions] == ["finished"]
+    assert (exp / "trials.csv").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = _parent(client, "bldseg", "ended")
+    assert parent.info.status == "FINISHED"
+    (child,) = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert child.info.status == "FINISHED" and child.data.tags["bldseg.status"] == "completed"
+    # Tune leaves its handler installed after a fit() it was not signalled in (a later Ctrl-C
+    # only set its spent flag): the handler from before the search is back either way
+    assert signal.getsignal(signal.SIGINT) is before
+
+    # --resume, as the message says: the table of the finished search, nothing trained again
+    assert main("aug", [*argv, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "=== ended: 1 trials ===" in out, out[-3000:]
+    again = json.loads((exp / META_FILE).read_text())["sessions"]
+    assert again == sessions
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_pipeline_records_the_finished_stage_and_starts_no_other(
+    small_world, ray_session, tmp_path, ctrl_c_as_the_trial_completes, monkeypatch
+):
+    from bldseg.commands.pipeline import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = [*_data_args(small_world, tmp_path), "--name", "pl", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--k-min", "1", "--k-max", "1"]) == 130
+    assert ctrl_c_as_the_trial_completes, "the trial never completed"
+    state = json.loads((tmp_path / "out" / "pl" / "pipeline_state.json").read_text())
+    # the search had finished: its stage is recorded, so the same command goes on from it
+    assert list(state["stages"]) == ["tune_aug"]
+    assert "ensemble" not in state and "predict" not in state
+    storage = tmp_path / "runs" / "pl"
+    assert sorted(p.name for p in storage.iterdir()) == ["pl-tune_aug"]  # tune_sched never ran
+    sessions = json.loads((storage / "pl-tune_aug" / META_FILE).read_text())["sessions"]
+    assert [s["end"] for s in sessions] == ["finished"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert _parent(client, "pl", "pl-tune_aug").info.status == "FINISHED"
+    assert client.get_run(state["pipeline_run_id"]).info.status == "KILLED"
