@@ -17,6 +17,8 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from bldseg.commands import EXIT_INTERRUPTED
+
 PROG = "bldseg"
 
 #: command (a module of bldseg.commands) -> (its entry script in experiments/, one-line summary).
@@ -98,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     end = i + 2 if argv[i : i + 1] == ["tune"] else i + 1
     head, rest = argv[:end], argv[end:]
     args = build_parser().parse_args(head)
-    module = importlib.import_module(f"bldseg.commands.{args.command}")
+    try:
+        module = importlib.import_module(f"bldseg.commands.{args.command}")
+    except KeyboardInterrupt:  # Ctrl-C while torch and the command load: nothing started yet
+        print(f"\n{PROG} {args.command}: interrupted before it started", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.command == "tune":
         return module.main(args.search, rest, prog=f"{PROG} tune {args.search}")
     return module.main(rest, prog=f"{PROG} {args.command}")

@@ -999,6 +999,22 @@ class FolderResult:
     scores: dict[str, Any] | None = None
 
 
+class FolderPredictionInterrupted(KeyboardInterrupt):
+    """Ctrl-C while :func:`predict_folder` wrote its masks: how far it got.
+
+    A ``KeyboardInterrupt``: code that does not know it still stops, as on any Ctrl-C.
+
+    Attributes:
+        result: What was written before it (``result.masks``: this run's masks so far).
+        total: The masks the run was to write.
+    """
+
+    def __init__(self, result: FolderResult, total: int):
+        super().__init__(f"{len(result.masks)} of {total} mask(s) written to {result.out_dir}")
+        self.result = result
+        self.total = total
+
+
 def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
     """Writes a binary (H, W) mask as a single-channel 0/255 PNG, atomically.
 
@@ -1036,6 +1052,9 @@ class _RecordedRun:
     images: str | None  # the resolved image folder; None in records older than this field
     recursive: bool | None  # whether its sub-folders were predicted too (None: not recorded)
     files: set[Path]  # absolute paths of the files written, all inside the output folder
+    # False from the claim until the run ends: a run stopped midway (Ctrl-C, a kill, an error)
+    # leaves some masks new, others an earlier run's or missing. Records older than it: True.
+    complete: bool = True
 
 
 def _recorded_runs(out_dir: Path) -> list[_RecordedRun]:
@@ -1056,12 +1075,16 @@ def _recorded_runs(out_dir: Path) -> list[_RecordedRun]:
         runs = []
         for entry in entries:
             images, recursive = entry["images"], entry["recursive"]
-            if not isinstance(images, str | None) or not isinstance(recursive, bool | None):
+            complete = entry.get("complete", True)
+            if (
+                not isinstance(images, str | None)
+                or not isinstance(recursive, bool | None)
+                or not isinstance(complete, bool)
+            ):
                 raise TypeError(f"bad entry {entry!r}")
             paths = {(out_dir / f).resolve() for f in entry["files"]}
-            runs.append(
-                _RecordedRun(images, recursive, {f for f in paths if f.is_relative_to(out_dir)})
-            )
+            inside = {f for f in paths if f.is_relative_to(out_dir)}
+            runs.append(_RecordedRun(images, recursive, inside, complete))
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError(
             f"{record} is not a list of this tool's outputs; delete it (the files it listed "
@@ -1077,6 +1100,7 @@ def _record_runs(out_dir: Path, runs: Iterable[_RecordedRun]) -> None:
             "images": run.images,
             "recursive": run.recursive,
             "files": sorted({f.relative_to(out_dir).as_posix() for f in run.files}),
+            "complete": run.complete,
         }
         for run in runs
         if run.files
@@ -1087,7 +1111,7 @@ def _record_runs(out_dir: Path, runs: Iterable[_RecordedRun]) -> None:
 
 def _claim_outputs(
     out_dir: Path, images_dir: Path, recursive: bool, planned: set[Path], masks: set[Path]
-) -> tuple[list[_RecordedRun], set[Path]]:
+) -> tuple[list[_RecordedRun], set[Path], bool]:
     """Claims this run's outputs in the record and removes the files it makes stale.
 
     Stale: this image folder's earlier outputs that this run does not write again (masks of
@@ -1095,7 +1119,10 @@ def _claim_outputs(
     this run does not look into sub-folders; and another run's files that this run rewrites
     other than masks (a scores.json of other masks). They are removed only after the record
     claims this run's files, so a run that fails midway still owns what it wrote and leaves no
-    file that tells another run's story. Other image folders' outputs are kept.
+    file that tells another run's story. Other image folders' outputs are kept. The claim marks
+    this run incomplete until :func:`predict_folder` records its end; the runs the record marks
+    incomplete (stopped midway: some of their masks an earlier run's, or missing) are warned
+    about.
 
     Args:
         out_dir: The output folder (resolved).
@@ -1105,8 +1132,9 @@ def _claim_outputs(
         masks: The mask PNGs among them (replaced one by one, never removed first).
 
     Returns:
-        The other image folders' runs, without the files this run now owns, and this folder's
-        earlier sub-folder outputs that a run without sub-folders keeps.
+        The other image folders' runs, without the files this run now owns; this folder's
+        earlier sub-folder outputs that a run without sub-folders keeps; and whether those are
+        whole (False: the run that wrote them did not finish).
 
     Raises:
         ValueError: A file this run would write exists and was written for another image
@@ -1148,13 +1176,38 @@ def _claim_outputs(
         )
     # Without sub-folders this run says nothing about the images below them: their masks stay.
     kept = set() if recursive else {f for f in earlier if f.parent != out_dir}
+    kept_whole = not kept or all(r.complete for r in runs if r.images == here)
+    _warn_unfinished(out_dir, here, [r for r in runs if not r.complete], kept_whole)
     taken = set().union(*(r.files & planned for r in others))
     for r in others:
         r.files -= planned
-    _record_runs(out_dir, [*others, _RecordedRun(here, recursive, earlier | planned)])
+    _record_runs(out_dir, [*others, _RecordedRun(here, recursive, earlier | planned, False)])
     for stale in ((earlier - kept) | taken) - masks:  # the masks are replaced one by one
         stale.unlink(missing_ok=True)
-    return others, kept
+    return others, kept, kept_whole
+
+
+def _warn_unfinished(
+    out_dir: Path, here: str, unfinished: list[_RecordedRun], kept_whole: bool
+) -> None:
+    """Warns of the predictions into ``out_dir`` that did not finish (the record marks them
+    incomplete): this image folder's (``here``), which this run writes again, and others'."""
+    for run in unfinished:
+        folder = run.images or "an image folder"
+        said = f"{out_dir}: a prediction of {folder} into it did not finish ({OUTPUTS_FILE} marks "
+        said += "it incomplete)"
+        if run.images != here:
+            said += f": some of its masks are missing or from a run before it; predict {folder} "
+            said += "into it again"
+        elif kept_whole:
+            said += "; this run writes its masks again"
+        else:
+            said += (
+                "; this run writes its masks again but keeps those of its sub-folders "
+                "(--no-recursive), some of which are missing or from a run before it: predict "
+                "it without --no-recursive to redo them"
+            )
+        warnings.warn(said, stacklevel=4)
 
 
 def _image_shape(path: Path, options: ReadOptions) -> tuple[int, int]:
@@ -1239,15 +1292,17 @@ def predict_folder(
     :func:`combine_members`, the rule of :func:`predict_cache`.
 
     The files written are listed in ``out_dir`` / :data:`OUTPUTS_FILE` under the resolved
-    ``images_dir``. A rerun of the same image folder into the same ``out_dir`` first removes
-    the files listed for that folder that it will not write again (masks of images no longer
-    there, an earlier ``scores.json``; without ``recursive``, the masks of its sub-folders are
-    kept). Predicting another image folder into the same ``out_dir`` (a big job split into
-    parts) keeps the earlier folders' files and adds its own to the record; it is refused, before
-    anything is written, when it would overwrite an existing file of another folder (images of
-    the same name in two parts). ``scores.json`` describes the last run with ``masks_dir``.
-    Files that the record does not list are never touched: a run that would write one (a mask
-    named like a file the user put there) is refused before anything is written.
+    ``images_dir``, marked incomplete from the start until the run ends: a run stopped midway
+    leaves some masks new and the others an earlier run's (or missing), and the next run into
+    ``out_dir`` warns of it. A rerun of the same image folder into the same ``out_dir`` first
+    removes the files listed for that folder that it will not write again (masks of images no
+    longer there, an earlier ``scores.json``; without ``recursive``, the masks of its
+    sub-folders are kept). Predicting another image folder into the same ``out_dir`` (a big job
+    split into parts) keeps the earlier folders' files and adds its own to the record; it is
+    refused, before anything is written, when it would overwrite an existing file of another
+    folder (images of the same name in two parts). ``scores.json`` describes the last run with
+    ``masks_dir``. Files that the record does not list are never touched: a run that would write
+    one (a mask named like a file the user put there) is refused before anything is written.
 
     Args:
         spec: The model(s) and the decision rule.
@@ -1284,6 +1339,8 @@ def predict_folder(
             the record does not list.
         OSError: A mask, the record or ``scores.json`` cannot be written (names the file; no
             temporary file is left).
+        FolderPredictionInterrupted: Ctrl-C once the outputs were claimed: the record marks
+            the run incomplete, and the exception says how many masks were written.
     """
     overlap = check_overlap(overlap)
     if window is not None:
@@ -1336,71 +1393,77 @@ def predict_folder(
     }
     if masks_dir is not None:
         planned.add(scores_path)
-    others, kept = _claim_outputs(out_dir, images_dir, recursive, planned, masks)
+    others, kept, kept_whole = _claim_outputs(out_dir, images_dir, recursive, planned, masks)
     result = FolderResult(out_dir)
     rows: list[dict[str, Any]] = []
     warned_geo = False
-    for rec in tqdm(records, desc="images", unit="img", disable=not progress):
-        image = read_image(rec.image_path, options)  # (H, W, 3) uint8
-        maps = (
-            predict_image(
-                m,
-                image,
-                window=s,
-                overlap=overlap,
-                batch_size=batch_size,
-                device=dev,
-                tta=spec.tta,
-                amp=amp,
-            )
-            for m, s, amp in members
-        )
-        pred = combine_members(maps, spec)  # (H, W) bool
-        valid = None  # (H, W) bool where a GeoTIFF scene has data; None: everywhere
-        if rec.image_path.suffix.lower() in geo.GEO_SUFFIXES and geo.geo_available():
-            valid = geo.valid_pixels(rec.image_path, bands=options.bands)
-        if valid is not None:
-            # No building where the scene has no data (its nodata value, mask or alpha): the
-            # network saw zeros there, and edges of such areas look like roofs to it.
-            pred &= valid
-            result.nodata_pixels += int((~valid).sum())
-        # only the last suffix goes: "scene.2019.png" and "scene.2020.png" are two masks
-        rel = rec.image_path.relative_to(images_dir)
-        result.images.append(rec.image_path)
-        result.masks.append(write_mask_png(pred, out_dir / rel.with_suffix(".png")))
-        result.empty += int(not pred.any())
-        if rec.image_path.suffix.lower() in geo.GEO_SUFFIXES:
-            if geo.geo_available():
-                if geo.has_georeference(rec.image_path):
-                    tif = out_dir / rel.with_suffix(".tif")
-                    geo.write_geotiff_mask(
-                        pred.astype(np.uint8), tif, like=rec.image_path, valid=valid
-                    )
-                    result.geotiffs.append(tif)
-            elif not warned_geo:
-                warned_geo = True
-                warnings.warn(
-                    f"{rec.image_path}: without the geo extra (pip install 'bldseg[geo]') "
-                    "GeoTIFF inputs get PNG masks only, without their georeference",
-                    stacklevel=2,
+    try:
+        for rec in tqdm(records, desc="images", unit="img", disable=not progress):
+            image = read_image(rec.image_path, options)  # (H, W, 3) uint8
+            maps = (
+                predict_image(
+                    m,
+                    image,
+                    window=s,
+                    overlap=overlap,
+                    batch_size=batch_size,
+                    device=dev,
+                    tta=spec.tta,
+                    amp=amp,
                 )
-        if rec.mask_path is not None:
-            truth = read_mask_image(rec.mask_path, options).mask.astype(bool)  # (H, W)
-            # checked before predicting; again here, where a file replaced since would fail
-            _check_mask_size(rec.mask_path, truth.shape, rec.image_path, pred.shape)
-            rows.append(
-                {
-                    "image": str(rec.image_path.relative_to(images_dir)),
-                    "mask": str(rec.mask_path),
-                    "intersection": int((pred & truth).sum()),
-                    "pred_pixels": int(pred.sum()),
-                    "truth_pixels": int(truth.sum()),
-                }
+                for m, s, amp in members
             )
+            pred = combine_members(maps, spec)  # (H, W) bool
+            valid = None  # (H, W) bool where a GeoTIFF scene has data; None: everywhere
+            if rec.image_path.suffix.lower() in geo.GEO_SUFFIXES and geo.geo_available():
+                valid = geo.valid_pixels(rec.image_path, bands=options.bands)
+            if valid is not None:
+                # No building where the scene has no data (its nodata value, mask or alpha): the
+                # network saw zeros there, and edges of such areas look like roofs to it.
+                pred &= valid
+                result.nodata_pixels += int((~valid).sum())
+            # only the last suffix goes: "scene.2019.png" and "scene.2020.png" are two masks
+            rel = rec.image_path.relative_to(images_dir)
+            result.images.append(rec.image_path)
+            result.masks.append(write_mask_png(pred, out_dir / rel.with_suffix(".png")))
+            result.empty += int(not pred.any())
+            if rec.image_path.suffix.lower() in geo.GEO_SUFFIXES:
+                if geo.geo_available():
+                    if geo.has_georeference(rec.image_path):
+                        tif = out_dir / rel.with_suffix(".tif")
+                        geo.write_geotiff_mask(
+                            pred.astype(np.uint8), tif, like=rec.image_path, valid=valid
+                        )
+                        result.geotiffs.append(tif)
+                elif not warned_geo:
+                    warned_geo = True
+                    warnings.warn(
+                        f"{rec.image_path}: without the geo extra (pip install 'bldseg[geo]') "
+                        "GeoTIFF inputs get PNG masks only, without their georeference",
+                        stacklevel=2,
+                    )
+            if rec.mask_path is not None:
+                truth = read_mask_image(rec.mask_path, options).mask.astype(bool)  # (H, W)
+                # checked before predicting; again here, where a file replaced since would fail
+                _check_mask_size(rec.mask_path, truth.shape, rec.image_path, pred.shape)
+                rows.append(
+                    {
+                        "image": str(rec.image_path.relative_to(images_dir)),
+                        "mask": str(rec.mask_path),
+                        "intersection": int((pred & truth).sum()),
+                        "pred_pixels": int(pred.sum()),
+                        "truth_pixels": int(truth.sum()),
+                    }
+                )
+    except KeyboardInterrupt as err:
+        # The record marks this run incomplete: a rerun, or another part's run, warns of it.
+        raise FolderPredictionInterrupted(result, len(records)) from err
     written = [*result.masks, *result.geotiffs]
     if masks_dir is not None:
         result.scores = _scores(rows, spec)
         write_json(scores_path, result.scores)  # a failed write leaves no temporary file
         written.append(scores_path)
-    _record_runs(out_dir, [*others, _RecordedRun(str(images_dir), recursive, {*written, *kept})])
+    # complete, unless it keeps sub-folder masks of a run that did not finish (kept_whole)
+    done = _RecordedRun(str(images_dir), recursive, {*written, *kept}, kept_whole)
+    _record_runs(out_dir, [*others, done])
     return result

@@ -373,3 +373,101 @@ def test_ctrl_c_in_train_says_how_to_continue(started, small_world, tmp_path, mo
         else "interrupted before an epoch ended; run the same command again to start the run"
     )
     assert err.endswith(f"\n{said}\n"), err
+
+
+# Ctrl-C in the other commands: one line saying what was and was not written, exit 130.
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _ctrl_c(argv: list[str], capsys) -> str:
+    """Runs ``bldseg ARGV``, which is interrupted: its stderr, after checking the exit status."""
+    try:
+        assert cli.main(argv) == 130
+    except KeyboardInterrupt:  # would end the test session
+        pytest.fail(f"Ctrl-C left bldseg {argv[0]} as a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_ctrl_c_in_prepare_is_one_line(tmp_path, monkeypatch, capsys):
+    import bldseg.commands.prepare
+
+    monkeypatch.setattr(bldseg.commands.prepare, "prepare_data", _interrupt)
+    err = _ctrl_c(["prepare", "--data-root", str(tmp_path)], capsys)
+    assert err == (
+        "\nbldseg prepare: interrupted; what was finished is kept (a cache, or the synthetic "
+        "world, counts only once complete); run the same command again to prepare the rest\n"
+    )
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_ctrl_c_in_suspects_says_what_it_wrote(
+    written, small_world, checkpoint, tmp_path, monkeypatch, capsys
+):
+    import bldseg.commands.suspects
+
+    # while ranking (nothing written yet), or after writing (while precision@k is computed)
+    where = "precision_at_k" if written else "rank_suspects"
+    monkeypatch.setattr(bldseg.commands.suspects, where, _interrupt)
+    out = tmp_path / "sus"
+    data = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    err = _ctrl_c(["suspects", "--checkpoint", str(checkpoint), *data, "--out", str(out)], capsys)
+    said = (
+        f"{out / 'suspects.csv'} and {out / 'suspects.png'} were written (only what it prints "
+        "was cut short)"
+        if written
+        else f"nothing was written to --out {out} (a suspects.csv there is an earlier run's); "
+        "run the same command again"
+    )
+    assert err.endswith(f"\nbldseg suspects: interrupted; {said}\n"), err
+    assert (out / "suspects.csv").is_file() == written
+
+
+@pytest.mark.parametrize("published", [False, True])
+def test_ctrl_c_in_ensemble_says_whether_the_outputs_are_in(
+    published, tmp_path, monkeypatch, capsys
+):
+    import bldseg.commands.ensemble
+    from bldseg.ensemble.run import InterruptedAfterPublishing
+    from bldseg.ensemble.synthetic import fake_library, write_runs
+
+    write_runs(fake_library(3, 8, 16, seed=0), tmp_path / "runs")
+
+    def interrupted(cfg):
+        raise InterruptedAfterPublishing if published else KeyboardInterrupt
+
+    monkeypatch.setattr(bldseg.commands.ensemble, "run_search", interrupted)
+    out = tmp_path / "ens"
+    argv = ["ensemble", "--runs", str(tmp_path / "runs"), "--workers", "0", "--out", str(out)]
+    err = _ctrl_c(argv, capsys)
+    said = (
+        f"the outputs are in --out {out}, but the MLflow run was not finished (marked KILLED "
+        "if it was started)"
+        if published
+        else f"nothing was written to --out {out} (an earlier run's outputs there are as they "
+        "were); run the same command again"
+    )
+    assert err.endswith(f"\nbldseg ensemble: interrupted; {said}\n"), err
+
+
+def test_ctrl_c_in_a_script_is_handled_by_main(tmp_path, monkeypatch, capsys):
+    # experiments/*.py call each command's main directly, not bldseg.cli
+    import bldseg.commands.prepare
+
+    monkeypatch.setattr(bldseg.commands.prepare, "prepare_data", _interrupt)
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", "--data-root", str(tmp_path)])
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(
+                str(Path(__file__).parents[1] / "experiments" / "prepare_data.py"),
+                run_name="__main__",
+            )
+    except KeyboardInterrupt:  # would end the test session
+        pytest.fail("Ctrl-C left experiments/prepare_data.py as a KeyboardInterrupt traceback")
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("\nprepare_data.py: interrupted; what was finished is kept"), err

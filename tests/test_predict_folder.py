@@ -14,6 +14,7 @@ import re
 import runpy
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -620,7 +621,14 @@ def test_rerun_into_the_same_folder_removes_its_own_stale_outputs(pointwise_mode
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert left == sorted([OUTPUTS_FILE, "a.png", "notes.txt"])  # the user's file is kept
     assert json.loads((out / OUTPUTS_FILE).read_text()) == {
-        "runs": [{"images": str(images.resolve()), "recursive": True, "files": ["a.png"]}]
+        "runs": [
+            {
+                "images": str(images.resolve()),
+                "recursive": True,
+                "files": ["a.png"],
+                "complete": True,
+            }
+        ]
     }
 
 
@@ -1209,3 +1217,148 @@ def test_mask_flags_help_says_what_training_does():
     predict, trained = helps(build_parser()), helps(train)
     for dest in ("mask_values", "mask_nonzero", "mask_colors"):
         assert predict[dest] == f"--masks: {trained[dest]}", dest
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupted folder prediction
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stop_after(monkeypatch):
+    """``stop_after(n)``: Ctrl-C arrives as the mask after the first ``n`` is written."""
+    import bldseg.predict
+
+    write = bldseg.predict.write_mask_png
+
+    def arm(n: int) -> None:
+        written = []
+
+        def write_then_stop(mask, path):
+            if len(written) == n:
+                raise KeyboardInterrupt
+            written.append(path)
+            return write(mask, path)
+
+        monkeypatch.setattr(bldseg.predict, "write_mask_png", write_then_stop)
+
+    yield arm
+    monkeypatch.setattr(bldseg.predict, "write_mask_png", write)
+
+
+def _record(out: Path) -> dict[str, bool]:
+    runs = json.loads((out / OUTPUTS_FILE).read_text())["runs"]
+    return {Path(r["images"]).name: r["complete"] for r in runs}
+
+
+def test_an_interrupted_folder_prediction_is_recorded_incomplete(
+    pointwise_model, tmp_path, stop_after
+):
+    # Re-predicting with other settings, stopped midway: new masks sat beside the earlier run's,
+    # and the record claimed them all as one run's, with nothing marking it unfinished.
+    from bldseg.predict import FolderPredictionInterrupted
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    for i in range(4):
+        write_png(images / f"{i}.png", np.full((32, 32, 3), 100, np.uint8))  # red 0.39
+    everything = _pointwise_spec(tmp_path, pointwise_model, 1, threshold=0.2)
+    nothing = replace(everything, threshold=0.6)
+    predict_folder(everything, images, out, progress=False)
+    assert _record(out) == {"images": True}
+
+    stop_after(2)
+    with pytest.raises(FolderPredictionInterrupted) as err:
+        predict_folder(nothing, images, out, progress=False)
+    assert isinstance(err.value, KeyboardInterrupt)
+    assert (len(err.value.result.masks), err.value.total) == (2, 4)
+    assert [read_png(out / f"{i}.png").max() for i in range(4)] == [0, 0, 255, 255]  # a mix
+    assert _record(out) == {"images": False}
+
+    # the next run into the folder says so; once it ends, the record is complete again
+    stop_after(4)
+    with pytest.warns(UserWarning, match="did not finish") as said:
+        predict_folder(nothing, images, out, progress=False)
+    assert len(said) == 1 and "this run writes its masks again" in str(said[0].message)
+    assert f"{images.resolve()} into it did not finish ({OUTPUTS_FILE} marks" in str(
+        said[0].message
+    )
+    assert [read_png(out / f"{i}.png").max() for i in range(4)] == [0, 0, 0, 0]
+    assert _record(out) == {"images": True}
+
+
+def test_another_parts_unfinished_prediction_is_warned_about(pointwise_model, tmp_path, stop_after):
+    spec = _pointwise_spec(tmp_path, pointwise_model, 1)
+    out = tmp_path / "out"
+    for name in ("cityA/a1", "cityA/a2", "cityB/b1"):
+        write_png(tmp_path / f"{name}.png", noise_image(32, 32, seed=len(name)))
+    stop_after(1)
+    with pytest.raises(KeyboardInterrupt):
+        predict_folder(spec, tmp_path / "cityA", out, progress=False)
+    stop_after(9)
+    with pytest.warns(UserWarning, match="did not finish") as said:
+        predict_folder(spec, tmp_path / "cityB", out, progress=False)
+    message = str(said[0].message)
+    assert f"a prediction of {(tmp_path / 'cityA').resolve()} into it did not finish" in message
+    assert message.endswith(f"predict {(tmp_path / 'cityA').resolve()} into it again"), message
+    assert _record(out) == {"cityA": False, "cityB": True}
+
+
+def test_cli_ctrl_c_says_how_many_masks_this_run_wrote(
+    pointwise_model, tmp_path, stop_after, capsys
+):
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    images, out = tmp_path / "images", tmp_path / "out"
+    for i in range(3):
+        write_png(images / f"{i}.png", noise_image(32, 32, seed=i))
+    from bldseg.commands import predict as predict_cmd
+
+    stop_after(2)
+    argv = ["--checkpoint", str(ckpt), "--images", str(images), "--out", str(out)]
+    try:
+        assert predict_cmd.main([*argv, "--device", "cpu"], prog="bldseg predict") == 130
+    except KeyboardInterrupt:  # would end the test session
+        pytest.fail("Ctrl-C left bldseg predict as a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    assert err.endswith(
+        f"\nbldseg predict: interrupted; 2 of 3 mask(s) in {out} were written by this run, the "
+        f"others are missing or an earlier run's ({OUTPUTS_FILE} there marks the run "
+        "incomplete); run the same command again to predict them all\n"
+    ), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["predict_cache", "score_csv"])
+def test_cli_ctrl_c_says_whether_the_submission_was_written(
+    where, tiny_ckpts, tmp_path, monkeypatch, capsys
+):
+    import bldseg.commands.predict as predict_cmd
+
+    comp = tmp_path / "comp"
+    write_test_split(comp)
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"img_id": ["T0", "T1", "T2"], "mask_rle": ["-1"] * 3}).to_csv(truth, index=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "predict_cache":
+        monkeypatch.setattr(predict_cmd, "predict_cache", interrupted)
+    else:
+        monkeypatch.setattr(predict_cmd.metrics, "score_csv", interrupted)
+    sub = tmp_path / "sub.csv"
+    argv = ["--checkpoint", tiny_ckpts[0], "--data", str(comp), "--out", str(sub)]
+    argv += ["--data-root", str(tmp_path / "root"), "--truth", str(truth)]
+    try:
+        code = predict_cmd.main([*argv, "--device", "cpu"], prog="bldseg predict")
+    except KeyboardInterrupt:  # would end the test session
+        pytest.fail("Ctrl-C left bldseg predict as a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err, err
+    said = (
+        f"{sub} was not written (an earlier file of that name is as it was); run the same "
+        "command again"
+        if where == "predict_cache"
+        else f"{sub} was written, but not scored; run the same command again to score it"
+    )
+    assert err.endswith(f"\nbldseg predict: interrupted; {said}\n"), err
+    assert sub.is_file() == (where == "score_csv")

@@ -15,7 +15,9 @@ Each module has ``build_parser(prog=None)`` and ``main(argv=None, prog=None) -> 
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 
 #: Errors a user's input causes (a missing file, a bad value, a missing optional package):
 #: reported as one line on stderr, without a traceback.
@@ -27,3 +29,32 @@ def fail(err: BaseException | str, prog: str | None = None) -> int:
     prefix = f"{prog}: " if prog else ""
     print(f"{prefix}error: {err}", file=sys.stderr)
     return 1
+
+
+#: Exit status after Ctrl-C: 128 + SIGINT, what shells report for a process stopped by it.
+EXIT_INTERRUPTED = 130
+
+
+def interruptible(
+    prog: str | None, run: Callable[[], int], left: Callable[[KeyboardInterrupt], str]
+) -> int:
+    """Runs a command's body; Ctrl-C ends it in one line on stderr and :data:`EXIT_INTERRUPTED`.
+
+    A command's ``main`` calls it around everything after its flags are parsed: the scripts in
+    ``experiments/`` call ``main`` directly, so handling it in :mod:`bldseg.cli` alone would
+    leave them the traceback.
+
+    Args:
+        prog: Program name for the line (default: the running script's name, as argparse).
+        run: The command's body; returns its exit status.
+        left: What the interrupted run left behind, given the ``KeyboardInterrupt`` (which may
+            carry it, e.g. :class:`bldseg.predict.FolderPredictionInterrupted`): what was and
+            was not written, and how to go on. Printed as ``<prog>: interrupted; <left>``.
+    """
+    try:
+        return run()
+    except KeyboardInterrupt as err:
+        name = prog or os.path.basename(sys.argv[0])
+        # On a line of its own: the terminal echoed ^C, or a progress bar was half drawn.
+        print(f"\n{name}: interrupted; {left(err)}", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -47,9 +47,16 @@ import sys
 import warnings
 from typing import Any
 
+from bldseg.commands import interruptible
 from bldseg.ensemble.library import STATUS_FILE, find_runs, unusable_runs
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
-from bldseg.ensemble.run import SearchConfig, make_out_dir, run_search, summary_lines
+from bldseg.ensemble.run import (
+    InterruptedAfterPublishing,
+    SearchConfig,
+    make_out_dir,
+    run_search,
+    summary_lines,
+)
 from bldseg.ensemble.search import default_workers
 
 #: The job's own defaults, which the flags' defaults and their help texts read.
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     Bad input (a missing folder, k larger than the library, a flag that does not apply to the
     chosen method or rule, an unreachable --tracking-uri or --address, an --out that cannot be
     a folder, ...) is one line on stderr and status 2; the tracking store, --out and the Ray
-    head are checked before Ray or the data are touched.
+    head are checked before Ray or the data are touched. Ctrl-C is one line and status 130.
 
     Args:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
@@ -290,6 +297,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(prog)
     a = parser.parse_args(argv)
     _refuse_inapplicable(parser, a)
+    return interruptible(parser.prog, lambda: _ensemble(parser, a), lambda e: _interrupted(a, e))
+
+
+def _interrupted(a: argparse.Namespace, err: KeyboardInterrupt) -> str:
+    """What an interrupted ``bldseg ensemble`` says it wrote."""
+    if isinstance(err, InterruptedAfterPublishing):
+        return (
+            f"the outputs are in --out {a.out}, but the MLflow run was not finished (marked "
+            "KILLED if it was started)"
+        )
+    # the outputs are staged and moved into --out only once all are written
+    return (
+        f"nothing was written to --out {a.out} (an earlier run's outputs there are as they "
+        "were); run the same command again"
+    )
+
+
+def _ensemble(parser: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    """Runs the search (``main`` after its flags are checked)."""
     if a.k_range:
         ks = list(range(a.k_range[0], a.k_range[1] + 1))
     else:

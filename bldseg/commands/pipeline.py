@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bldseg.commands import USER_ERRORS, fail
+from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.io import atomic_path
 from bldseg.pipeline import ContinuationError, PipelineConfig, run_pipeline
@@ -101,10 +101,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "folder (ending in /), e.g. REPORT.md or docs/",
     )
     return p
-
-
-#: Exit status after Ctrl-C: 128 + SIGINT, what shells report for a process stopped by it.
-EXIT_INTERRUPTED = 130
 
 
 def copy_report(report: Path, to: str) -> Path:

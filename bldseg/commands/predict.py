@@ -27,7 +27,8 @@ are listed in OUT/.bldseg_outputs.json per image folder: a rerun of the same --i
 same --out removes those it does not write again (masks of images no longer there, an earlier
 scores.json) and no other file; another --images folder (a big job in parts) adds its masks
 beside the earlier ones, and is refused if it would overwrite one of them (images of the same
-name in two parts).
+name in two parts). A run stopped midway (Ctrl-C, a kill) stays marked incomplete there, with
+some masks new and others an earlier run's: the next run into --out warns of it.
 
 Images are decoded as the model's training images were (--bands, --stretch, --alpha, recorded in
 best.pt by bldseg train): leave those flags out. A flag given explicitly wins, with a warning
@@ -64,7 +65,7 @@ import time
 from pathlib import Path
 
 from bldseg import metrics
-from bldseg.commands import USER_ERRORS, fail
+from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.data.prepare import (
     _colour_list,
     _int_list,
@@ -75,8 +76,10 @@ from bldseg.data.prepare import (
 from bldseg.data.readers import DEFAULT_READ
 from bldseg.predict import (
     DEFAULT_OVERLAP,
+    OUTPUTS_FILE,
     DataUse,
     EnsembleSpec,
+    FolderPredictionInterrupted,
     check_member,
     check_overlap,
     check_window,
@@ -455,13 +458,43 @@ def _decision(spec: EnsembleSpec) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Predicts; returns the exit status (1 with a message on stderr for bad input).
+    """Predicts; returns the exit status (1 with a message on stderr for bad input, 130 after
+    Ctrl-C).
 
     Args:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
         prog: Program name in the usage line.
     """
     args = parse_args(argv, prog)
+    written: list[str] = []  # the submission CSV, once in place
+    return interruptible(
+        prog, lambda: _predict(args, written), lambda err: _interrupted(args, written, err)
+    )
+
+
+def _interrupted(args: argparse.Namespace, written: list[str], err: KeyboardInterrupt) -> str:
+    """What an interrupted ``bldseg predict`` says it wrote, and how to go on."""
+    if isinstance(err, FolderPredictionInterrupted):
+        done, total, out = len(err.result.masks), err.total, err.result.out_dir
+        return (
+            f"{done} of {total} mask(s) in {out} were written by this run, the others are "
+            f"missing or an earlier run's ({OUTPUTS_FILE} there marks the run incomplete); run "
+            "the same command again to predict them all"
+        )
+    if written:  # stopped while it was scored
+        return f"{written[0]} was written, but not scored; run the same command again to score it"
+    if args.images is not None:  # stopped before predict_folder claimed or wrote anything
+        return f"nothing was written to --out {args.out}; run the same command again"
+    out = args.out or "submission.csv"
+    return (
+        f"{out} was not written (an earlier file of that name is as it was); run the same "
+        "command again"
+    )
+
+
+def _predict(args: argparse.Namespace, written: list[str]) -> int:
+    """Predicts (``main`` after its flags are parsed); appends the submission CSV to
+    ``written`` once it is in place."""
     try:
         if args.ensemble:
             spec = EnsembleSpec.load(args.ensemble)
@@ -574,6 +607,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         write_submission(data.test.ids, pred, out)
     except OSError as e:  # checked in parse_args, but the disk can fill or the folder change
         return fail(f"writing {out}: {e}")
+    written.append(out)
     print(
         f"wrote {out}: {len(pred)} tiles, {int((pred.sum((1, 2)) == 0).sum())} empty, "
         f"{len(spec.checkpoints)} model(s), {_decision(spec)}, "

@@ -15,7 +15,7 @@ import errno
 import os
 import time
 
-from bldseg.commands import USER_ERRORS, fail
+from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 
 
@@ -33,13 +33,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Prepares the data; returns the exit status (1 with a message on stderr for bad data).
+    """Prepares the data; returns the exit status (1 with a message on stderr for bad data,
+    130 after Ctrl-C).
 
     Args:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
         prog: Program name in the usage line.
     """
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    # A cache is built in a hidden folder renamed into place when complete, the synthetic world
+    # records itself complete last: what an interrupted run finished is kept, the rest redone.
+    return interruptible(
+        parser.prog,
+        lambda: _prepare(args),
+        lambda _: (
+            "what was finished is kept (a cache, or the synthetic world, counts only once "
+            "complete); run the same command again to prepare the rest"
+        ),
+    )
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Prepares the data (``main`` after its flags are parsed)."""
     t0 = time.perf_counter()
     try:
         prepared = prepare_data(

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bldseg.commands import USER_ERRORS, fail
+from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.predict import DataUse, choose_recorded_data, load_checkpoint, resolve_member
@@ -99,7 +99,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Ranks and writes the suspects; returns the exit status (1 with a message for bad input).
+    """Ranks and writes the suspects; returns the exit status (1 with a message for bad input,
+    130 after Ctrl-C).
 
     Args:
         argv: Arguments after the command (default: ``sys.argv[1:]``).
@@ -113,6 +114,26 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"--threshold {args.threshold}: a threshold is a probability in [0, 1]")
     if not args.smooth >= 0:
         p.error(f"--smooth {args.smooth}: the Dice smoothing is at least 0 pixels")
+    written: list[Path] = []  # suspects.csv and .png, once in place
+    return interruptible(
+        p.prog, lambda: _suspects(args, written), lambda _: _interrupted(args, written)
+    )
+
+
+def _interrupted(args: argparse.Namespace, written: list[Path]) -> str:
+    """What an interrupted ``bldseg suspects`` says it wrote."""
+    if written:
+        return f"{' and '.join(map(str, written))} were written (only what it prints was cut short)"
+    # write_suspects renames both files into place at its very end, the CSV last
+    return (
+        f"nothing was written to --out {args.out} (a suspects.csv there is an earlier run's); "
+        "run the same command again"
+    )
+
+
+def _suspects(args: argparse.Namespace, written: list[Path]) -> int:
+    """Ranks and writes the suspects (``main`` after its flags are checked); appends the files
+    to ``written`` once they are in place."""
     member = resolve_member(args.checkpoint)
     if not member.is_file():  # before the data is prepared, which can take minutes
         return fail(FileNotFoundError(f"checkpoint not found: {member}"))
@@ -158,6 +179,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return fail(e)
     except OSError as e:  # a read-only --out, a file of that name, a full disk
         return fail(cannot_write(e, "--out", args.out))
+    written += [csv, png]
     print(df.head(args.top).to_string(index=False))
     print(f"wrote {csv} and {png}")
     noise_csv = data.root / "train_noise.csv"

@@ -32,8 +32,7 @@ import os
 import sys
 from pathlib import Path
 
-from bldseg.commands import USER_ERRORS, fail
-from bldseg.commands.pipeline import EXIT_INTERRUPTED
+from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data

@@ -32,10 +32,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -64,6 +68,7 @@ from bldseg.io import finite_json
 from bldseg.predict import EnsembleSpec, fold_checkpoints, member_config
 
 __all__ = [
+    "InterruptedAfterPublishing",
     "SearchConfig",
     "SearchSummary",
     "evaluate",
@@ -75,6 +80,21 @@ __all__ = [
 ]
 
 SPLITS = ("selection", "check", "test")
+
+#: A run's staging folder in ``--out``: its outputs are written there, then moved into ``--out``.
+STAGING_PREFIX = ".ensemble-staging-"
+#: In a staging folder: the process that made it, ``{"pid": ..., "host": ...}``.
+STAGING_OWNER = ".owner.json"
+#: Seconds after which a staging folder without an owner file counts as stale (one made by a
+#: bldseg before the owner file, or by a run killed between creating it and writing the file).
+STAGING_UNOWNED_STALE_S = 3600.0
+
+
+class InterruptedAfterPublishing(KeyboardInterrupt):
+    """Ctrl-C after the outputs were moved into ``--out``, while the MLflow run was logged.
+
+    A ``KeyboardInterrupt``: code that does not know it still stops, as on any Ctrl-C.
+    """
 
 
 @dataclass
@@ -572,12 +592,55 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     _check_rules(cfg)
     out = make_out_dir(cfg.out)
     # Every output is written into a staging folder and moved into --out once all are: a run
-    # that fails half-way leaves the previous run's files as they were, not some of each.
-    stage = Path(tempfile.mkdtemp(prefix=".ensemble-staging-", dir=out))
+    # that fails half-way leaves the previous run's files as they were, not some of each. A run
+    # removes its own, Ctrl-C included; those of killed runs go here.
+    remove_stale_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
+        owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        (stage / STAGING_OWNER).write_text(json.dumps(owner))
         return _run_search(cfg, out, stage, t0)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_stages(out: Path) -> list[Path]:
+    """Removes the staging folders that killed runs left in ``out``; returns them.
+
+    ``--out`` has no lock (two searches may write into it at once), so a staging folder is
+    stale when the process that made it is gone: one of this host whose owner file names a pid
+    that no longer runs, or one without an owner file older than
+    :data:`STAGING_UNOWNED_STALE_S`. Another host's (an ``--out`` on a shared disk) are kept,
+    as is one whose pid runs again for another process: whether they are in use cannot be told.
+    """
+    removed = []
+    host = socket.gethostname()
+    for stage in out.glob(f"{STAGING_PREFIX}*"):
+        try:
+            owner = json.loads((stage / STAGING_OWNER).read_text())
+            stale = owner["host"] == host and not _pid_runs(int(owner["pid"]))
+        except FileNotFoundError:
+            try:
+                stale = time.time() - stage.stat().st_mtime > STAGING_UNOWNED_STALE_S
+            except OSError:  # removed meanwhile, or not ours to look into
+                continue
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable: not known to be stale
+            continue
+        if stale and stage.is_dir():
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    return removed
+
+
+def _pid_runs(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 class _MembersTTA:
@@ -627,14 +690,48 @@ class _MembersTTA:
         return flags == {True}
 
 
-def _publish(stage: Path, out: Path) -> None:
-    """Moves the staged outputs into ``out``; rule specs an earlier run left are removed."""
-    staged = {p.name for p in stage.iterdir()}
-    for old in out.glob("best_ensemble_*.json"):
-        if old.name not in staged:
-            old.unlink()
-    for name in sorted(staged):
-        os.replace(stage / name, out / name)
+#: Moved into ``--out`` after the other outputs, in this order: ``submit.json`` (what predict
+#: reads) and ``summary.json`` (which names it) replace the earlier run's last.
+_PUBLISHED_LAST = ("submit.json", "summary.json")
+
+
+def _publish(stage: Path, out: Path, moved: list[bool]) -> None:
+    """Moves the staged outputs into ``out``; rule specs an earlier run left are removed.
+
+    A Ctrl-C waits for the moves (a few renames) to end, ``moved`` then holding ``True``:
+    ``out`` holds one run's outputs, not some of each. A kill between two renames (SIGKILL, a
+    power cut) leaves the earlier ``submit.json`` and ``summary.json``: the new ones move last.
+    """
+    with _ctrl_c_deferred():
+        staged = {p.name for p in stage.iterdir()} - {STAGING_OWNER}
+        for name in sorted(staged - set(_PUBLISHED_LAST)):
+            os.replace(stage / name, out / name)
+        for old in out.glob("best_ensemble_*.json"):
+            if old.name not in staged:
+                old.unlink()
+        for name in _PUBLISHED_LAST:
+            if name in staged:
+                os.replace(stage / name, out / name)
+        moved.append(True)
+
+
+@contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Holds a Ctrl-C (SIGINT) back until the block ends, then delivers it."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is None  # a handler set outside Python: left alone
+    ):
+        yield  # only the main thread receives signals (and may set their handlers)
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:  # to the handler it was meant for: KeyboardInterrupt, under Python's own
+        signal.raise_signal(signal.SIGINT)
 
 
 def _keep_widened_where_better(default: tuple, widened: tuple) -> tuple:
@@ -771,9 +868,9 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
             lambda p: p.write_text(json.dumps(finite_json(summary), indent=2, default=str)),
         )
     )
-    _publish(stage, out)
-    files = {k: str(out / Path(v).name) for k, v in files.items()}
-    run_id = None
+    files = {k: str(out / Path(v).name) for k, v in files.items()}  # where they lie once moved
+    params: dict = {}
+    scalars: dict = {}
     if cfg.tracking_uri:
         params = {
             "method": cfg.method,
@@ -812,7 +909,16 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         for split, g in gain.items():
             if g is not None:
                 scalars.update({f"gain_{split}_{k}": g[k] for k in ("estimate", "low", "high")})
-        run_id = _log_mlflow(cfg, params, scalars, files)
+    moved: list[bool] = []  # [True] once every output is in --out
+    run_id = None
+    try:
+        _publish(stage, out, moved)
+        if cfg.tracking_uri:
+            run_id = _log_mlflow(cfg, params, scalars, files)
+    except KeyboardInterrupt as err:
+        if moved:
+            raise InterruptedAfterPublishing(f"the outputs are in {out}") from err
+        raise
     return SearchSummary(
         best=best_d,
         best_single=single_d,

@@ -211,11 +211,12 @@ def write_suspects(
     threshold: float = 0.5,
     device: str | torch.device = "cpu",
 ) -> tuple[Path, Path]:
-    """Writes ``suspects.png`` (top suspects: image, mask, model), then ``suspects.csv``.
+    """Writes ``suspects.png`` (top suspects: image, mask, model) and ``suspects.csv``.
 
     ``model`` is one model, or the K fold models of :func:`rank_suspects_oof`'s ranking: each
-    image is then drawn with its own fold's model and threshold (``fold``, ``threshold``). The
-    CSV is written last (atomically): it is there only when everything succeeded.
+    image is then drawn with its own fold's model and threshold (``fold``, ``threshold``). Both
+    files are written under temporary names and renamed into place once both are whole, the CSV
+    last: a failure leaves the earlier pair (or none) as it was.
     """
     out = Path(out_dir)
     head = df.head(top)
@@ -235,20 +236,22 @@ def write_suspects(
         else:
             pred = (torch.sigmoid(model.eval()(x).float()) >= threshold)[:, 0].cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
-    # "prediction" column = the model; "ground truth" column = the suspect mask
-    # Rows in the CSV's order (smoothed Dice), not re-sorted by the plotter's plain Dice.
-    png = plot_worst_tiles(
-        images,
-        masks,
-        pred,
-        out / "suspects.png",
-        k=top,
-        labels=list(head["img_id"]),
-        ranking=("smoothed Dice", head["smoothed_dice"].to_numpy()),
-    )
-    csv = out / "suspects.csv"
-    with atomic_path(csv, suffix=".csv") as tmp:
-        df.to_csv(tmp, index=False)
+    csv, png = out / "suspects.csv", out / "suspects.png"
+    # Both written under temporary names, then renamed: the sheet first, the CSV (what people
+    # act on) last, so a run that fails or is stopped while writing leaves the earlier pair.
+    with atomic_path(csv, suffix=".csv") as csv_tmp, atomic_path(png, suffix=".png") as png_tmp:
+        # "prediction" column = the model; "ground truth" column = the suspect mask
+        # Rows in the CSV's order (smoothed Dice), not re-sorted by the plotter's plain Dice.
+        plot_worst_tiles(
+            images,
+            masks,
+            pred,
+            png_tmp,
+            k=top,
+            labels=list(head["img_id"]),
+            ranking=("smoothed Dice", head["smoothed_dice"].to_numpy()),
+        )
+        df.to_csv(csv_tmp, index=False)
     return csv, png
 
 

@@ -859,3 +859,151 @@ def test_a_kfold_members_test_maps_are_judged_by_its_folds_weights(tmp_path):
     with pytest.warns(UserWarning, match="held-out test column left out"):
         s = run_search(cfg)
     assert f"is older than {kfold / 'fold1' / 'best.pt'}" in s.test_left_out
+
+
+# --------------------------------------------------------------------------------------------
+# Killed and interrupted runs: staging folders, the move into --out
+# --------------------------------------------------------------------------------------------
+
+
+def _stage(out: Path, name: str, owner: dict | None, age_s: float = 0.0) -> Path:
+    """A staging folder as a run leaves it: a staged output, the owner file, ``age_s`` old."""
+    from bldseg.ensemble.run import STAGING_OWNER, STAGING_PREFIX
+
+    stage = out / f"{STAGING_PREFIX}{name}"
+    stage.mkdir(parents=True)
+    (stage / "summary.json").write_text("{}")
+    if owner is not None:
+        (stage / STAGING_OWNER).write_text(json.dumps(owner))
+    then = time.time() - age_s
+    os.utime(stage, (then, then))
+    return stage
+
+
+def test_staging_folders_of_gone_processes_are_removed(results, tmp_path):
+    # A SIGKILLed search left its staging folder (mode 700) in --out, and no later run removed it.
+    root, _, _ = results
+    out = tmp_path / "out"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid that ran, and ended
+    gone.wait()
+    host = socket.gethostname()
+    stale = [
+        _stage(out, "killed", {"pid": gone.pid, "host": host}),
+        _stage(out, "old-unowned", None, age_s=2 * 3600),  # a bldseg before the owner file
+    ]
+    kept = [
+        _stage(out, "running", {"pid": os.getpid(), "host": host}),  # a search running now
+        _stage(out, "elsewhere", {"pid": gone.pid, "host": host + "-other"}),  # cannot tell
+        _stage(out, "just-made", None),  # its owner file is being written
+    ]
+    run_search(SearchConfig(runs=str(root / "results"), k=[2], out=str(out), progress=False))
+    assert not any(s.exists() for s in stale)
+    assert all((s / "summary.json").is_file() for s in kept)
+    left = sorted(p.name for p in out.glob(".ensemble-staging-*"))
+    assert left == sorted(s.name for s in kept)  # and this run's own is gone
+
+
+def test_a_killed_search_leaves_a_staging_folder_the_next_run_removes(results, tmp_path):
+    root, _, _ = results
+    out = tmp_path / "out"
+    # killed (SIGKILL: no finally runs) as it was about to move its outputs into --out
+    script = (
+        "import os, signal, sys\n"
+        "import bldseg.ensemble.run as run\n"
+        "run._publish = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "run.run_search(run.SearchConfig(runs=sys.argv[1], k=[2], out=sys.argv[2], "
+        "progress=False))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(root / "results"), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+    (left,) = out.glob(".ensemble-staging-*")
+    assert (left / "summary.json").is_file() and not (out / "summary.json").exists()
+    run_search(SearchConfig(runs=str(root / "results"), k=[2], out=str(out), progress=False))
+    assert not left.exists() and (out / "summary.json").is_file()
+    assert not list(out.glob(".ensemble-staging-*"))
+
+
+@pytest.fixture
+def moves_into(monkeypatch):
+    """``moves_into(out, on_move)``: calls ``on_move(name)`` before each rename into ``out``;
+    returns the names moved there, in order."""
+    import bldseg.ensemble.run as run_mod
+
+    replace_file = os.replace
+
+    def arm(out: Path, on_move=lambda name: None) -> list[str]:
+        moved = []
+
+        def replace_noting(src, dst):
+            if Path(dst).parent == out and Path(src).parent != out:
+                on_move(Path(dst).name)
+                moved.append(Path(dst).name)
+            return replace_file(src, dst)
+
+        monkeypatch.setattr(run_mod.os, "replace", replace_noting)
+        return moved
+
+    return arm
+
+
+def test_submit_and_summary_are_moved_last(results, tmp_path, moves_into):
+    # the outputs were moved in name order: a kill between two renames could leave the new
+    # summary.json (or submit.json) beside the earlier run's spec files
+    root, _, _ = results
+    out = tmp_path / "out"
+    moved = moves_into(out)
+    run_search(SearchConfig(runs=str(root / "results"), k=[2], out=str(out), progress=False))
+    assert moved[-2:] == ["submit.json", "summary.json"]
+    assert sorted(moved) == sorted(p.name for p in out.iterdir())
+
+
+def test_ctrl_c_while_the_outputs_move_waits_for_all_of_them(results, tmp_path, moves_into):
+    import signal
+
+    from bldseg.ensemble.run import InterruptedAfterPublishing
+
+    root, _, _ = results
+    out = tmp_path / "out"
+    base = {"runs": str(root / "results"), "out": str(out), "progress": False}
+    run_search(SearchConfig(**base, k=[3]))
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def ctrl_c_at_the_first(name: str) -> None:
+        if not moved:
+            signal.raise_signal(signal.SIGINT)
+
+    moved = moves_into(out, ctrl_c_at_the_first)
+    try:
+        with pytest.raises(InterruptedAfterPublishing):
+            run_search(SearchConfig(**base, k=[2]))
+    except KeyboardInterrupt:  # would end the test session
+        pytest.fail("Ctrl-C stopped the move into --out halfway")
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(now) == sorted(moved) == sorted(earlier)  # every output moved, no stage left
+    summary = json.loads(now["summary.json"])
+    assert summary["config"]["k"] == [2]  # this run's, beside its own files
+    assert now["top_ensembles.csv"] != earlier["top_ensembles.csv"]
+
+
+def test_ctrl_c_while_logging_to_mlflow_says_the_outputs_are_in(results, tmp_path, monkeypatch):
+    from bldseg.ensemble.run import InterruptedAfterPublishing
+
+    root, _, _ = results
+    out = tmp_path / "out"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bldseg.ensemble.run._log_mlflow", interrupted)
+    cfg = SearchConfig(
+        runs=str(root / "results"), k=[2], out=str(out), progress=False, tracking_uri="x"
+    )
+    with pytest.raises(InterruptedAfterPublishing):
+        run_search(cfg)
+    assert (out / "summary.json").is_file() and not list(out.glob(".ensemble-staging-*"))

@@ -193,3 +193,24 @@ def test_a_failed_contact_sheet_leaves_no_csv(corrupted, tmp_path):
     with pytest.raises(RuntimeError, match="out of memory"):
         write_suspects(df, cache, Broken(), tmp_path / "out")
     assert not (tmp_path / "out" / "suspects.csv").exists()
+
+
+def test_a_failed_csv_write_leaves_the_earlier_pair(corrupted, tmp_path, monkeypatch):
+    # The contact sheet was renamed into place before the CSV was written: a CSV write that
+    # failed (or was stopped) left a new suspects.png beside the earlier run's suspects.csv.
+    import errno
+
+    cache, _ = corrupted
+    out = tmp_path / "out"
+    df = rank_suspects(Pointwise(), cache, range(len(cache)))
+    write_suspects(df, cache, Pointwise(), out, top=4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["suspects.csv", "suspects.png"]
+
+    def full_disk(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_suspects(df, cache, Pointwise(), out, top=2)  # another contact sheet
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary left
