@@ -171,6 +171,31 @@ def fingerprint_records(records: Sequence[SourceRecord]) -> str:
     return h.hexdigest()
 
 
+def _sample_digest(image: np.ndarray, mask: np.ndarray | None) -> str:
+    """Digest of one decoded sample as the cache stores it: (H, W, 3) uint8 image and (H, W)
+    uint8 mask (None: no masks)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(image).data)
+    if mask is not None:
+        h.update(b"m")
+        h.update(np.ascontiguousarray(mask).data)
+    return h.hexdigest()
+
+
+def _content_digest(ids: Sequence[str], groups: Sequence[str], samples: Sequence[str]) -> str:
+    """What a model trained on the cache saw: ids, split groups and the decoded pixels of every
+    sample (:func:`_sample_digest`), in order. Unlike the fingerprint, it holds no paths and no
+    file times: the same data read from another folder, regenerated, or copied without their
+    times have the same content digest."""
+    # Which samples share a group, not the groups' names: a group defaults to the image's path
+    first: dict[str, int] = {}
+    partition = [first.setdefault(g, len(first)) for g in groups]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"v{CACHE_FORMAT_VERSION}\n".encode())
+    h.update(json.dumps([list(ids), partition, list(samples)]).encode())
+    return h.hexdigest()
+
+
 def _file_hash(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "blake2b").hexdigest()[:32]
@@ -264,6 +289,19 @@ class DatasetCache:
     def fingerprint(self) -> str:
         """Fingerprint of the sources the cache was built from."""
         return self.manifest["fingerprint"]
+
+    @cached_property
+    def content(self) -> str:
+        """Digest of what training reads: ids, split groups and decoded pixels
+        (:func:`_content_digest`), independent of where the files lie and of their times. Kept
+        in the manifest; a cache built before it was kept is hashed here, once per process."""
+        if self.manifest.get("content"):
+            return self.manifest["content"]
+        samples = [
+            _sample_digest(self.images[i], None if self.masks is None else self.masks[i])
+            for i in range(len(self))
+        ]
+        return _content_digest(self.ids, self.groups, samples)
 
     @cached_property
     def sources(self) -> list[dict]:
@@ -384,6 +422,8 @@ def build_cache(
                 "mtime_ns": r.image_path.stat().st_mtime_ns,
                 "blake2b": hashes[r.image_path],
                 "group": r.group if r.group is not None else str(r.image_path),
+                # what training reads of it (hashing releases the GIL: the threads share it)
+                "content": _sample_digest(image, mask if masks is not None else None),
             }
 
         def decode(run: list[int]) -> list[dict]:
@@ -414,6 +454,11 @@ def build_cache(
             "width": w,
             "has_masks": with_masks,
             "fingerprint": fingerprint,
+            "content": _content_digest(
+                [e["img_id"] for e in sources],
+                [e["group"] for e in sources],
+                [e["content"] for e in sources],
+            ),
             "masks_not_binary": sorted(str(p) for p in not_binary),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.perf_counter() - t0, 3),
@@ -442,10 +487,12 @@ def _fallocate(fd: int, length: int) -> None:
     ``os.posix_fallocate``, which glibc emulates there by writing every block."""
     import ctypes
 
+    if not sys.platform.startswith("linux"):  # (CDLL(None) is not even allowed on Windows)
+        raise OSError(errno.ENOSYS, "fallocate is Linux only")
     libc = ctypes.CDLL(None, use_errno=True)
     call = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
-    if call is None or not sys.platform.startswith("linux"):
-        raise OSError(errno.ENOSYS, "fallocate is Linux only")
+    if call is None:  # a C library without it
+        raise OSError(errno.ENOSYS, "this C library has no fallocate")
     call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     if call(fd, 0, 0, length) != 0:
         code = ctypes.get_errno()

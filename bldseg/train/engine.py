@@ -909,6 +909,7 @@ def _check_same_data(
         data_source(data),
         consequence=consequence,
         remedy="train into a new --out",
+        content=data.train.content,
     )
 
 
@@ -1377,7 +1378,7 @@ def _fit(
                 "data_kind": data.kind,
                 # which data (masks edited since are refused on a resume: _check_same_data);
                 # a resume got here with the same fingerprint or none recorded
-                **data_record(cache.fingerprint),
+                **data_record(cache.fingerprint, cache.content),
             },
             last_path,
         )

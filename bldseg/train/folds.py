@@ -396,6 +396,7 @@ def check_same_data(out: Path, recorded: dict[str, Any], data: PreparedData) -> 
         resume_checks.data_source(data),
         consequence=consequence,
         remedy="train into a new --out",
+        content=data.train.content,
     )
 
 
@@ -529,7 +530,7 @@ def fit_folds(
         "config": cfg.to_flat(),
         # which data (masks edited since are refused on a resume: check_same_data); a resumed
         # run got here with the same fingerprint or none recorded
-        **resume_checks.data_record(cache.fingerprint),
+        **resume_checks.data_record(cache.fingerprint, cache.content),
         "status": "running",
     }
     if resume and (out / VAL_FILE).is_file():

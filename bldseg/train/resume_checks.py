@@ -20,19 +20,24 @@ if TYPE_CHECKING:
     from bldseg.data.prepare import PreparedData
 
 
-def data_record(fingerprint: str) -> dict[str, Any]:
+def data_record(fingerprint: str, content: str | None = None) -> dict[str, Any]:
     """What a run or search records of its training data, for :func:`check_same_data`.
 
     Args:
         fingerprint: The training cache's fingerprint
             (:attr:`~bldseg.data.cache.DatasetCache.fingerprint`).
+        content: Its content digest (:attr:`~bldseg.data.cache.DatasetCache.content`).
 
     Returns:
-        ``data_fingerprint``, and ``decode_rules``: the version of bldseg's decoding rules
-        (:data:`bldseg.data.readers.DECODE_RULES`), which the fingerprint holds too but cannot
-        tell apart from a change of the data.
+        ``data_fingerprint``, ``data_content`` and ``decode_rules``: the version of bldseg's
+        decoding rules (:data:`bldseg.data.readers.DECODE_RULES`), which the fingerprint holds
+        too but cannot tell apart from a change of the data.
     """
-    return {"data_fingerprint": fingerprint, "decode_rules": readers.DECODE_RULES}
+    return {
+        "data_fingerprint": fingerprint,
+        "data_content": content,
+        "decode_rules": readers.DECODE_RULES,
+    }
 
 
 def data_source(data: PreparedData) -> str | None:
@@ -50,6 +55,7 @@ def check_same_data(
     *,
     consequence: str,
     remedy: str,
+    content: str | None = None,
 ) -> None:
     """Refuses to continue a run or search on training data other than those it started on.
 
@@ -67,12 +73,20 @@ def check_same_data(
         data: The data source, for the message (None: the built-in synthetic world).
         consequence: What continuing would do, for the message.
         remedy: What to do instead, for the message.
+        content: The training cache's content digest now. Where the record has one too, it
+            decides: the fingerprint is of paths and file times, so the same data read from
+            another folder, regenerated (the built-in world), or copied without their times
+            change it, and a viewer's ``.aux.xml`` beside a TIFF does too.
 
     Raises:
-        ValueError: The fingerprints differ.
+        ValueError: The data differ (by content digest where both have one, else by
+            fingerprint).
     """
     started_on = recorded.get("data_fingerprint")
-    if not started_on or started_on == fingerprint:
+    if content and recorded.get("data_content"):
+        if recorded["data_content"] == content:
+            return
+    elif not started_on or started_on == fingerprint:
         return
     rules = recorded.get("decode_rules")
     if rules is not None and rules != readers.DECODE_RULES:
@@ -83,11 +97,16 @@ def check_same_data(
             f"{remedy}"
         )
     since = " (or bldseg's image or mask decoding changed since)" if rules is None else ""
-    # The fingerprint is of file stats, not contents: files put back by a copy that does not
-    # keep their modification times still differ.
+    if content and recorded.get("data_content"):
+        what = f"content {content}, recorded {recorded['data_content']}"
+        put_back = " (or put back the images and masks it started on)"
+    else:  # an older record: file stats only, so files put back with new times still differ
+        what = f"fingerprint {fingerprint}, recorded {started_on}"
+        put_back = (
+            " (or put back the files it started on: the fingerprint covers their paths, sizes "
+            "and modification times, and georeference sidecars such as .aux.xml)"
+        )
     raise ValueError(
         f"{where}: the training data differ from those the {run} started on{since} "
-        f"(fingerprint {fingerprint}, recorded {started_on}; data "
-        f"{data or 'built-in synthetic'}); {consequence}: {remedy} (or put back the files it "
-        "started on: the fingerprint covers their paths, sizes and modification times)"
+        f"({what}; data {data or 'built-in synthetic'}); {consequence}: {remedy}{put_back}"
     )

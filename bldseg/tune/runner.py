@@ -1509,7 +1509,13 @@ def check_resumed_folder(exp_dir: Path, meta: dict[str, Any]) -> None:
     )
 
 
-def check_resumed_data(name: str, meta: dict[str, Any], fingerprint: str, data: str | None) -> None:
+def check_resumed_data(
+    name: str,
+    meta: dict[str, Any],
+    fingerprint: str,
+    data: str | None,
+    content: str | None = None,
+) -> None:
     """Refuses to resume a search on training data other than those it started on.
 
     Its trials are compared with each other: resumed on other data, the table would mix
@@ -1523,9 +1529,11 @@ def check_resumed_data(name: str, meta: dict[str, Any], fingerprint: str, data: 
         meta: Its record (``bldseg_search.json``).
         fingerprint: The training cache's fingerprint now.
         data: The recorded data source (None: the built-in synthetic world).
+        content: The training cache's content digest now; it decides where the record has
+            one too (:func:`~bldseg.train.resume_checks.check_same_data`).
 
     Raises:
-        ValueError: The fingerprints differ.
+        ValueError: The data differ.
     """
     check_same_data(
         f"--resume {name}",
@@ -1535,6 +1543,7 @@ def check_resumed_data(name: str, meta: dict[str, Any], fingerprint: str, data: 
         data,
         consequence="its trials would compare models trained on different data",
         remedy="start a new search (another --name)",
+        content=content,
     )
 
 
@@ -1760,7 +1769,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     )
     started_on = (meta or {}).get("data_fingerprint")
     if meta is not None:
-        check_resumed_data(name, meta, data.train.fingerprint, base.get("data"))
+        check_resumed_data(name, meta, data.train.fingerprint, base.get("data"), data.train.content)
     fixed = RunConfig.from_flat(base)
     if fixed.folds >= 2:  # more folds than source scenes: refused before any trial starts
         from bldseg.data.dataset import fold_assignment, split_groups
@@ -1881,6 +1890,9 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     # record without it (an older search) is not given one that may be wrong
                     "path": str(exp_dir) if meta is None else meta.get("path"),
                     "data_fingerprint": started_on or data.train.fingerprint,
+                    # what decides a resume where both have it (check_resumed_data): the same
+                    # data read from another folder or regenerated keep it
+                    "data_content": (meta or {}).get("data_content") or data.train.content,
                     # the fingerprint holds it too, but cannot tell it apart from the data
                     # (check_resumed_data); equal fingerprints mean the current rules
                     "decode_rules": readers.DECODE_RULES,

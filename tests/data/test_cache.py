@@ -458,3 +458,34 @@ def test_sidecar_names_follow_gdal():
     assert "a.jgw" in names(Path("a.jpeg")) and "a.jpegw" in names(Path("a.jpeg"))
     assert names(Path("fp.gpkg")) == ("fp.gpkg-wal",)  # edits not yet checkpointed
     assert names(Path("fp.geojson")) == ()
+
+
+# --- content digest -------------------------------------------------------------------------
+
+
+def test_the_content_digest_follows_the_pixels_not_the_files(tmp_path):
+    # A run records it to tell a resume on other data (masks fixed) from the same data read
+    # from another folder, regenerated, or copied without their times (other fingerprints).
+    csv, _ = make_competition(tmp_path / "a", n=3)
+    first = build_cache(read_competition_csv(csv), tmp_path / "ca", progress=False)
+    copied = shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy)
+    second = build_cache(read_competition_csv(copied / csv.name), tmp_path / "cb", progress=False)
+    assert first.fingerprint != second.fingerprint
+    assert first.content == second.content and len(first.content) == 32
+
+    # a cache built before the digest was kept computes the same one from its arrays
+    manifest = json.loads((second.root / "manifest.json").read_text())
+    del manifest["content"]
+    (second.root / "manifest.json").write_text(json.dumps(manifest))
+    assert DatasetCache(second.root).content == first.content
+
+    # one mask pixel edited: another digest
+    from bldseg.data.rle import rle_decode, rle_encode
+
+    frame = pd.read_csv(copied / csv.name)
+    mask = rle_decode(frame.loc[0, "mask_rle"], (32, 32))
+    mask[0, 0] ^= 1
+    frame.loc[0, "mask_rle"] = rle_encode(mask)
+    frame.to_csv(copied / csv.name, index=False)
+    third = build_cache(read_competition_csv(copied / csv.name), tmp_path / "cc", progress=False)
+    assert third.content != first.content

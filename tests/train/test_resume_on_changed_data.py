@@ -8,7 +8,6 @@ search's record does (``bldseg tune --resume``).
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -69,12 +68,12 @@ def strip_record(path: Path) -> None:
     """``path`` (last.pt or folds.json) as an older bldseg wrote it: no data fingerprint."""
     if path.suffix == ".json":
         manifest = json.loads(path.read_text())
-        for key in ("data_fingerprint", "decode_rules"):
+        for key in ("data_fingerprint", "data_content", "decode_rules"):
             manifest.pop(key)
         path.write_text(json.dumps(manifest))
         return
     state = torch.load(path, weights_only=True)
-    for key in ("data_fingerprint", "decode_rules"):
+    for key in ("data_fingerprint", "data_content", "decode_rules"):
         state.pop(key)
     torch.save(state, path)
 
@@ -88,6 +87,7 @@ def test_a_single_run_resumed_on_edited_masks_is_refused(tmp_path):
     assert cut.status == "stopped"  # as a run killed after its first epoch
     last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (last["data_fingerprint"], last["decode_rules"]) == (started_on, DECODE_RULES)
+    assert last["data_content"] == before.train.content
     stamps = {p: p.stat().st_mtime_ns for p in (root / "masks").glob("*.png")}
     originals = {p: p.read_bytes() for p in stamps}
     old = shutil.copytree(tmp_path / "cut", tmp_path / "old")
@@ -103,10 +103,10 @@ def test_a_single_run_resumed_on_edited_masks_is_refused(tmp_path):
         fit(config(epochs=2), tmp_path / "cut", data=edited)
     assert str(e.value) == (
         f"{tmp_path / 'cut' / 'last.pt'}: the training data differ from those the run started "
-        f"on (fingerprint {now}, recorded {started_on}; data {root}); its 1 epoch(s) so far were "
-        "trained and scored on those, the rest would be on these, and its best epoch chosen "
-        "across both: train into a new --out (or put back the files it started on: the "
-        "fingerprint covers their paths, sizes and modification times)"
+        f"on (content {edited.train.content}, recorded {before.train.content}; data {root}); "
+        "its 1 epoch(s) so far were trained and scored on those, the rest would be on these, "
+        "and its best epoch chosen across both: train into a new --out (or put back the images "
+        "and masks it started on)"
     )
     # the finished run: the same command printed its old result as if of these data
     with pytest.raises(ValueError, match=r"done.last\.pt: the training data differ") as e:
@@ -114,7 +114,7 @@ def test_a_single_run_resumed_on_edited_masks_is_refused(tmp_path):
     assert "the finished run's result (best.pt, val_probs.npz, its Dice) is of those" in str(
         e.value
     )
-    assert str(now) in str(e.value) and str(started_on) in str(e.value)
+    assert edited.train.content in str(e.value) and before.train.content in str(e.value)
     # refused before anything was written
     assert {run: files(tmp_path / run) for run in ("cut", "done")} == kept
 
@@ -124,12 +124,14 @@ def test_a_single_run_resumed_on_edited_masks_is_refused(tmp_path):
         assert fit(config(epochs=2), old, data=edited).status == "completed"
     assert torch.load(old / "last.pt", weights_only=True)["data_fingerprint"] == now
 
-    # The original files put back with their modification times: the run continues.
-    for path, stamp in stamps.items():
+    # The original files put back (new modification times, so another fingerprint: the
+    # content decides) and read from another folder: the same data, and the run continues.
+    for path in stamps:
         path.write_bytes(originals[path])
-        os.utime(path, ns=(stamp, stamp))
-    restored = prepare(root)
-    assert restored.train.fingerprint == started_on
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "data", copy_function=shutil.copy)
+    restored = prepare(moved)
+    assert restored.train.fingerprint != started_on
+    assert restored.train.content == before.train.content
     resumed = fit(config(epochs=2), tmp_path / "cut", data=restored)
     assert resumed.status == "completed" and [h["epoch"] for h in resumed.history] == [1, 2]
 
@@ -161,10 +163,10 @@ def test_a_kfold_run_resumed_on_edited_masks_is_refused(tmp_path):
         fit_folds(kfold(), cut, data=edited)
     assert str(e.value) == (
         f"{cut / FOLDS_FILE}: the training data differ from those the run started on "
-        f"(fingerprint {now}, recorded {started_on}; data {root}); the folds trained so far "
-        "were scored on those, the rest would be on these, and the out-of-fold val_probs.npz "
-        "would hold the ground truth of both: train into a new --out (or put back the files it "
-        "started on: the fingerprint covers their paths, sizes and modification times)"
+        f"(content {edited.train.content}, recorded {before.train.content}; data {root}); the "
+        "folds trained so far were scored on those, the rest would be on these, and the "
+        "out-of-fold val_probs.npz would hold the ground truth of both: train into a new --out "
+        "(or put back the images and masks it started on)"
     )
     with pytest.raises(ValueError, match=r"done.folds\.json: the training data differ") as e:
         fit_folds(kfold(), done, data=edited)
@@ -199,3 +201,15 @@ def test_a_change_of_bldseg_decoding_is_told_apart_from_the_data():
     # the same fingerprint, or none recorded: let go
     check_same_data("runs/a/last.pt", "run", record, then, None, **said)
     check_same_data("runs/a/last.pt", "run", {}, now, None, **said)
+    # Where both have a content digest it decides: the same pixels under another fingerprint
+    # (another folder, a regenerated world, new file times) continue; other pixels do not, and
+    # the older record's fingerprint wording about file times does not apply.
+    with_content = {**record, "decode_rules": DECODE_RULES, "data_content": "c" * 32}
+    check_same_data("runs/a/last.pt", "run", with_content, now, None, **said, content="c" * 32)
+    with pytest.raises(ValueError) as e:
+        check_same_data("runs/a/last.pt", "run", with_content, then, None, **said, content="d" * 32)
+    assert str(e.value) == (
+        "runs/a/last.pt: the training data differ from those the run started on (content "
+        f"{'d' * 32}, recorded {'c' * 32}; data built-in synthetic); it would mix both: train "
+        "into a new --out (or put back the images and masks it started on)"
+    )

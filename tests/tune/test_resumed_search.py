@@ -107,6 +107,15 @@ def test_resume_after_a_change_of_mask_decoding_says_so(ray_session, tmp_path, m
     assert record["decode_rules"] == readers.DECODE_RULES
     assert record["data_fingerprint"] == world.train.fingerprint
 
+    assert record["data_content"] == world.train.content
+    # Where the record has the content digest, it decides: a rules change that decodes the
+    # same pixels continues (tests/train/test_resume_on_changed_data.py). A record of before
+    # it was kept has only the fingerprint, which holds the rules: what this test is about.
+    path = Path(spec.storage) / "a1" / META_FILE
+    path.write_text(
+        json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "data_content"})
+    )
+
     # the built-in world's masks are RLE, which only the image rules reach (bumped with
     # DECODE_RULES whenever image decoding changes)
     monkeypatch.setattr(readers, "DECODE_RULES", readers.DECODE_RULES + 1)
@@ -120,7 +129,6 @@ def test_resume_after_a_change_of_mask_decoding_says_so(ray_session, tmp_path, m
         "the search cannot continue on it: start a new search (another --name)"
     )
     # a record written before the rules were kept: both causes named
-    path = Path(spec.storage) / "a1" / META_FILE
     older = {k: v for k, v in json.loads(path.read_text()).items() if k != "decode_rules"}
     path.write_text(json.dumps(older))
     with pytest.raises(
