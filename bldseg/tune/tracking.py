@@ -116,7 +116,9 @@ def network_filesystem(path: str | os.PathLike, mounts: str = "/proc/mounts") ->
             continue
         # mount points escape spaces as \040
         point = Path(fields[1].replace("\\040", " "))
-        if (target == point or point in target.parents) and len(point.parts) > best:
+        # >=: of two entries at one mount point the later is the one in effect (an automount
+        # lists its autofs placeholder first, then the nfs4 mount over it).
+        if (target == point or point in target.parents) and len(point.parts) >= best:
             best, fstype = len(point.parts), fields[2]
     return fstype if fstype in NETWORK_FILESYSTEMS else None
 

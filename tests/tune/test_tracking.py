@@ -108,6 +108,13 @@ def test_network_filesystem_of_a_path_is_its_deepest_mount(tmp_path):
     assert network_filesystem(tmp_path / "sharedx" / "m.db", mounts) is None  # not a prefix
     assert network_filesystem(tmp_path / "my share" / "m.db", mounts) == "cifs"
     assert network_filesystem(tmp_path / "m.db", tmp_path / "absent") is None
+    # An automounted share: autofs placeholder first, the real mount over it after.
+    (tmp_path / "automount").write_text(
+        "overlay / overlay rw 0 0\n"
+        f"systemd-1 {tmp_path}/auto autofs rw,relatime,fd=45 0 0\n"
+        f"nas:/export/shared {tmp_path}/auto nfs4 rw,relatime 0 0\n"
+    )
+    assert network_filesystem(tmp_path / "auto" / "m.db", tmp_path / "automount") == "nfs4"
     assert sqlite_path("sqlite:////abs/mlflow.db").as_posix() == "/abs/mlflow.db"
     assert sqlite_path("http://host:5000") is None
 
