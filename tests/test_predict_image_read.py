@@ -210,6 +210,6 @@ def test_prepared_data_carries_its_read_options_to_search_trials(small_world):
     # no --data, and must not be taken for one of the synthetic world)
     assert _open_data(handle).kind == small_world.kind
     assert _open_data({**handle, "kind": "synthetic"}).kind == "synthetic"
-    # a bldseg cache given as the data was decoded by options nobody recorded
+    # a bldseg cache given as the data: the read options its manifest records
     cache = prepare_data(small_world.train.root.parent)
-    assert cache.kind == "cache" and cache.options is None
+    assert cache.kind == "cache" and cache.options == small_world.options

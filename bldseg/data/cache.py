@@ -6,7 +6,8 @@ Every image is decoded once into memory-mapped ``.npy`` files::
         images.npy      uint8 (N, H, W, 3)   RGB
         masks.npy       uint8 (N, H, W)      0/1 (absent for unlabelled data, e.g. test.csv)
         sources.json    one entry per sample: img_id, source path, window, size, mtime, hash
-        manifest.json   format version, shapes, fingerprint of the sources (written last)
+        manifest.json   format version, shapes, fingerprint of the sources, the read options
+                        the images were decoded with (written last)
 
 Opening is O(1) in the cache size: ``np.load(mmap_mode="r")`` maps the files and reads only the
 ``.npy`` headers; ``sources.json`` is parsed only when ids are asked for.
@@ -33,6 +34,7 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
@@ -44,6 +46,11 @@ from bldseg.data.readers import DecodedRecord, SourceRecord, decode_records, sou
 from bldseg.io import file_lock
 
 CACHE_FORMAT_VERSION = 2
+
+#: The manifest field recording how the samples were decoded (:attr:`DatasetCache.read_options`):
+#: a cache given as ``--data`` trains a model that records them for prediction. Not part of the
+#: fingerprint, so caches built before it was written stay current.
+READ_OPTIONS_KEY = "read_options"
 
 #: What the error about images of different sizes advises by default (training data).
 TILE_SIZE_HINT = "pass --tile-size (tile_size=) to cut scenes of varying size into equal tiles"
@@ -290,6 +297,13 @@ class DatasetCache:
         """Fingerprint of the sources the cache was built from."""
         return self.manifest["fingerprint"]
 
+    @property
+    def read_options(self) -> dict | None:
+        """The :class:`~bldseg.data.readers.ReadOptions` the samples were decoded with, as
+        ``dataclasses.asdict`` gives them (JSON lists for tuples); None for a cache built before
+        they were recorded, or from records decoded with different options."""
+        return self.manifest.get(READ_OPTIONS_KEY)
+
     @cached_property
     def content(self) -> str:
         """Digest of what training reads: ids, split groups and decoded pixels
@@ -318,6 +332,35 @@ class DatasetCache:
     def ids(self) -> list[str]:
         """Sample ids in cache order."""
         return [s["img_id"] for s in self.sources]
+
+
+def _read_options_record(records: Sequence[SourceRecord]) -> dict | None:
+    """The records' shared read options as the manifest keeps them; None when they differ."""
+    options = records[0].options
+    if any(r.options != options for r in records):
+        return None
+    return asdict(options)
+
+
+def _record_read_options(cache_dir: Path, records: Sequence[SourceRecord]) -> None:
+    """Adds the read options to the manifest of a cache built before they were recorded.
+
+    Its fingerprint includes every read option (:meth:`ReadOptions.key`), so a current cache was
+    decoded with the records' options. Replaced atomically: readers see the old or new file.
+    """
+    path = cache_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if READ_OPTIONS_KEY in manifest:
+        return
+    manifest[READ_OPTIONS_KEY] = _read_options_record(records)
+    tmp = cache_dir / f".manifest.json.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        # The cache is complete and usable without the record (a model trained from it records
+        # no image reading, as before); a read-only data root must not stop the run.
+        tmp.unlink(missing_ok=True)
 
 
 def _is_current(cache_dir: Path, fingerprint: str) -> bool:
@@ -460,6 +503,7 @@ def build_cache(
                 [e["content"] for e in sources],
             ),
             "masks_not_binary": sorted(str(p) for p in not_binary),
+            READ_OPTIONS_KEY: _read_options_record(records),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
@@ -591,6 +635,9 @@ def ensure_cache(
 ) -> DatasetCache:
     """Opens ``cache_dir`` if it was built from exactly these sources, else (re)builds it.
 
+    A current cache built before the read options were recorded gains them in its manifest
+    (:attr:`DatasetCache.read_options`) instead of being rebuilt.
+
     Safe to call from many processes at once: a file lock beside the folder serialises builds,
     and a process that waited finds the cache the first one built. ``progress`` and
     ``mixed_sizes_hint`` are passed to :func:`build_cache`.
@@ -599,10 +646,15 @@ def ensure_cache(
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = fingerprint_records(records)
     if _is_current(cache_dir, fingerprint):
-        return DatasetCache(cache_dir)
+        cache = DatasetCache(cache_dir)
+        # A read-only data root keeps an older cache as it is: taking the lock would fail there.
+        if READ_OPTIONS_KEY in cache.manifest or not os.access(cache_dir.parent, os.W_OK):
+            return cache
     # bldseg.io.file_lock: a data root on NFS without a lock daemon must not end the run
     with file_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
         if _is_current(cache_dir, fingerprint):
+            # one built by an older bldseg gains its record, instead of a rebuild
+            _record_read_options(cache_dir, records)
             return DatasetCache(cache_dir)
         # Builds killed outside Python (SIGKILL, out of memory, a preempted machine) leave their
         # hidden folders, as large as the cache; under the lock no build of this cache runs.

@@ -290,6 +290,73 @@ def has_georeference(path: PathLike) -> bool:
         )
 
 
+#: How far (in the image's pixels, at any corner of it) a georeferenced mask's grid may lie from
+#: its image's: GeoTIFF writers round the origin and pixel size in their last digits, a shifted
+#: or resampled grid is off by whole pixels or a visible fraction of one.
+GRID_TOLERANCE_PX = 0.01
+
+
+def _describe_grid(crs: Any, transform: Any) -> str:
+    """A raster's origin, pixel size and CRS, for messages."""
+    rotation = ""
+    if transform.b or transform.d:
+        rotation = f", rotation terms ({transform.b:.6g}, {transform.d:.6g})"
+    return (
+        f"origin ({transform.c:.12g}, {transform.f:.12g}), pixel size {transform.a:.6g} x "
+        f"{-transform.e:.6g}{rotation}, CRS {crs.to_string() or crs.to_wkt()}"
+    )
+
+
+def check_mask_grid(image_path: PathLike, mask_path: PathLike) -> None:
+    """Raises ValueError when a georeferenced mask lies elsewhere than its georeferenced image.
+
+    A mask is used pixel for pixel with its image; when both files carry a CRS and a
+    geotransform they must agree, or the mask labels another place (a tile cut 100 px east, a
+    mask exported in another CRS). The grids agree when the CRSs are equal and the mask's
+    grid maps every corner of the image within :data:`GRID_TOLERANCE_PX` pixels of the image's
+    own. A file without CRS or geotransform (a plain TIFF, one placed only by GCPs or RPCs)
+    says nothing about where it lies: nothing is checked.
+
+    Raises:
+        ImportError: rasterio is not installed.
+        FileNotFoundError, ValueError: Missing or unreadable file.
+        ValueError: The grids disagree; the message names both files, their origins, pixel
+            sizes and CRSs, and how to align the mask or strip its georeference.
+    """
+    image_path, mask_path = Path(image_path), Path(mask_path)
+    with _open_raster(image_path, "reading GeoTIFF") as src:
+        crs, transform, (h, w), bounds = src.crs, src.transform, src.shape, src.bounds
+    with _open_raster(mask_path, "reading GeoTIFF mask") as src:
+        mask_crs, mask_transform = src.crs, src.transform
+    if crs is None or transform.is_identity or mask_crs is None or mask_transform.is_identity:
+        return
+    if mask_crs == crs:
+        # Where the mask's grid puts each corner of the image, in the image's pixels.
+        corners = [(0, 0), (w, 0), (0, h), (w, h)]
+        placed = [~transform @ (mask_transform @ c) for c in corners]
+        off = [(px - c[0], py - c[1]) for (px, py), c in zip(placed, corners, strict=True)]
+        if max(max(abs(dx), abs(dy)) for dx, dy in off) <= GRID_TOLERANCE_PX:
+            return
+        dx, dy = off[0]
+        where = (
+            f"its pixel (0, 0) lies at column {dx:.4g}, row {dy:.4g} of the image"
+            if abs(dx) > GRID_TOLERANCE_PX or abs(dy) > GRID_TOLERANCE_PX
+            else "its pixel size or rotation differs from the image's"
+        )
+    else:
+        where = "it is in another CRS"
+    raise ValueError(
+        f"mask {mask_path} is georeferenced to another place than its image {image_path} "
+        f"({where}): image {_describe_grid(crs, transform)}; mask "
+        f"{_describe_grid(mask_crs, mask_transform)}. A mask is used pixel for pixel with its "
+        "image: align it to the image's grid (gdalwarp -t_srs "
+        f"{crs.to_string() or 'IMAGE_CRS'} -te {bounds.left:.12g} {bounds.bottom:.12g} "
+        f"{bounds.right:.12g} {bounds.top:.12g} -ts {w} {h} -r near {mask_path} ALIGNED.tif), "
+        "check that it belongs to this image (--mask-pattern), or, if its pixels do match the "
+        f"image's as they are, strip its georeference (gdal_edit.py -unsetgt -unsetsrs {mask_path})"
+    )
+
+
 def _resolve_bands(path: Path, count: int, bands: tuple[int, ...] | None) -> tuple[int, ...]:
     """The 1-based bands to read (1 or 3 of them), checked against the file's ``count``."""
     if bands is None:

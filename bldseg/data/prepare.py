@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -116,8 +116,10 @@ class PreparedData:
             (synthetic world only).
         kind: What ``--data`` named.
         description: One line saying what was found (printed by the entry scripts).
-        options: How the files were read (training records its image decoding for prediction);
-            None where that is not known (a bldseg cache given as the data).
+        options: How the files were read (training records its image decoding for prediction).
+            For a bldseg cache given as the data, the read options its manifest records, with
+            the layout fields at their defaults; None where that is not known (a cache built
+            before they were recorded).
     """
 
     root: Path
@@ -218,8 +220,8 @@ def prepare_data(
         prepared = _prepare_cache(Path(data))
     else:
         prepared = _prepare_folders(data, options, data_root, progress)
-    # a cache given as the data was decoded by whatever options built it: not known here
-    prepared.options = None if kind == "cache" else options
+    if kind != "cache":  # a cache given as the data: the options its manifest records
+        prepared.options = options
     if verbose:
         print(f"data ({prepared.kind}): {prepared.description}", flush=True)
     return prepared
@@ -447,7 +449,30 @@ def _prepare_cache(path: Path) -> PreparedData:
         clean_train_csv=None,
         kind="cache",
         description=f"bldseg cache {train_dir}: {_describe_cache(train)}{test_part}",
+        options=_recorded_options(train),
     )
+
+
+def _recorded_options(cache: DatasetCache) -> DataOptions | None:
+    """The read options ``cache``'s manifest records (layout fields at their defaults: its
+    tiles are already cut), so a model trained on it records how its images were decoded like
+    one trained on the source folder; None for a cache built before they were recorded.
+
+    Raises:
+        ValueError: The record holds values these read options refuse (names the manifest).
+    """
+    recorded = cache.read_options
+    if recorded is None:
+        return None
+    # Fields a newer bldseg may add are left out: the image fields prediction reads are known.
+    known = {f.name for f in fields(ReadOptions)}
+    try:
+        return DataOptions.from_dict({"read": {k: v for k, v in recorded.items() if k in known}})
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{cache.root / 'manifest.json'}: its record of the read options ({recorded}) "
+            f"cannot be used ({e}); build the cache again with bldseg prepare from its source data"
+        ) from e
 
 
 @dataclass

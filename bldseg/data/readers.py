@@ -33,8 +33,10 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -776,6 +778,44 @@ def _refuse_truncated_jpeg(path: Path) -> None:
         )
 
 
+_opencv_quiet_lock = threading.Lock()
+_opencv_quiet_users = 0  # reads in progress with OpenCV's warnings off (cache builds thread)
+_opencv_level_before = 0  # OpenCV's log level when the first of them began
+
+
+@contextmanager
+def _opencv_warnings_off() -> Iterator[None]:
+    """OpenCV's log level at errors for the block, the user's level back afterwards.
+
+    libtiff, inside OpenCV, warns of every GeoTIFF tag it does not know ("TIFF_Warning ...
+    Unknown field with tag 33550"): four lines per georeferenced file, tens of thousands on a
+    SpaceNet-sized folder, saying nothing about the pixels read. The level is process-wide and
+    cache builds read in threads, so it is counted: the last read to end restores it.
+    """
+    global _opencv_quiet_users, _opencv_level_before
+    logging = cv2.utils.logging
+    with _opencv_quiet_lock:
+        if _opencv_quiet_users == 0:
+            _opencv_level_before = logging.getLogLevel()
+            logging.setLogLevel(min(_opencv_level_before, logging.LOG_LEVEL_ERROR))
+        _opencv_quiet_users += 1
+    try:
+        yield
+    finally:
+        with _opencv_quiet_lock:
+            _opencv_quiet_users -= 1
+            if _opencv_quiet_users == 0:
+                logging.setLogLevel(_opencv_level_before)
+
+
+def _imread(path: Path) -> np.ndarray | None:
+    """``cv2.imread(path, IMREAD_UNCHANGED)``, without libtiff's warnings for a TIFF."""
+    if path.suffix.lower() not in geo.GEO_SUFFIXES:
+        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    with _opencv_warnings_off():
+        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
 def read_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> np.ndarray:
     """Decodes an image as 8-bit RGB.
 
@@ -812,7 +852,7 @@ def read_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ) -> 
         return geo.read_raster_rgb(path, bands=options.bands, stretch=options.stretch)
     # IMREAD_UNCHANGED so grey, 16-bit and alpha images are seen as what they are instead of
     # being silently converted.
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    img = _imread(path)
     if img is None:
         raise ValueError(f"{path}: cannot decode the image (corrupt, truncated or not an image)")
     if img.dtype != np.uint8:
@@ -941,7 +981,7 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
         if labels is not None:
             return MaskRead(m, True)
     else:
-        m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        m = _imread(path)
         if m is None:
             raise ValueError(f"{path}: cannot decode the mask (corrupt, truncated or not an image)")
         nodata_text = _gdal_nodata(path)
@@ -1371,6 +1411,21 @@ class DecodedRecord:
     mask_binary: bool = True
 
 
+def check_mask_grid(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> None:
+    """Raises ValueError when a mask GeoTIFF is georeferenced to another place than its GeoTIFF
+    image (:func:`bldseg.data.geo.check_mask_grid`); call it once the sizes are known to agree.
+
+    Only TIFF pairs can carry a georeference, and only rasterio reads it: other files, or
+    either file without a CRS and geotransform, or no ``bldseg[geo]`` extra, check nothing.
+    """
+    image_path, mask_path = Path(image_path), Path(mask_path)
+    if image_path.suffix.lower() not in geo.GEO_SUFFIXES:
+        return
+    if mask_path.suffix.lower() not in geo.GEO_SUFFIXES or not geo.geo_available():
+        return
+    geo.check_mask_grid(image_path, mask_path)
+
+
 def _source_key(record: SourceRecord) -> tuple:
     """What a record's decoded pixels depend on, its window aside."""
     return (record.image_path, record.mask_rle, record.mask_path, record.options)
@@ -1406,8 +1461,9 @@ def decode_records(records: Sequence[SourceRecord]) -> list[DecodedRecord]:
 
     Raises:
         ValueError: Records from different sources; the mask's size differs from the image's,
-            a window outside the image, or the RLE is malformed (the message names the image
-            id and the CSV row), or any decoding error.
+            or a mask GeoTIFF is georeferenced to another place than its GeoTIFF image
+            (:func:`check_mask_grid`), a window outside the image, or the RLE is malformed (the
+            message names the image id and the CSV row), or any decoding error.
     """
     record = records[0]
     if any(_source_key(r) != _source_key(record) for r in records[1:]):
@@ -1431,6 +1487,8 @@ def decode_records(records: Sequence[SourceRecord]) -> list[DecodedRecord]:
                     f"mask {record.mask_path} is {mask.shape[0]}x{mask.shape[1]} but the image "
                     f"is {full_hw[0]}x{full_hw[1]}"
                 )
+            if record.mask_path.suffix.lower() not in geo.VECTOR_SUFFIXES:
+                check_mask_grid(record.image_path, record.mask_path)
     except ValueError as e:
         raise ValueError(f"{record.img_id} ({record.image_path}{row}): {e}") from e
     out = []

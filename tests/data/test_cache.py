@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -489,3 +490,41 @@ def test_the_content_digest_follows_the_pixels_not_the_files(tmp_path):
     frame.to_csv(copied / csv.name, index=False)
     third = build_cache(read_competition_csv(copied / csv.name), tmp_path / "cc", progress=False)
     assert third.content != first.content
+
+
+# --- read options ---------------------------------------------------------------------------
+
+
+def test_the_manifest_records_the_read_options_and_an_older_cache_gains_them(tmp_path, monkeypatch):
+    # A model trained on a cache given as --data records how its images were read from here.
+    csv, _ = make_competition(tmp_path / "ds")
+    options = readers.ReadOptions(alpha="fill", bands=(3, 2, 1), stretch=(10.0, 90.0))
+    records = read_competition_csv(csv, options=options)
+    cache = ensure_cache(records, tmp_path / "cache", progress=False)
+    recorded = json.loads((cache.root / "manifest.json").read_text())["read_options"]
+    assert recorded["alpha"] == "fill" and recorded["bands"] == [3, 2, 1]
+    assert recorded["stretch"] == [10.0, 90.0] and cache.read_options == recorded
+
+    # a cache built before the options were recorded: current (no rebuild), the record added
+    manifest = json.loads((cache.root / "manifest.json").read_text())
+    del manifest["read_options"]
+    (cache.root / "manifest.json").write_text(json.dumps(manifest))
+    assert DatasetCache(cache.root).read_options is None
+    monkeypatch.setattr(cache_module, "build_cache", _no_rebuild)
+    again = ensure_cache(records, tmp_path / "cache", progress=False)
+    assert again.fingerprint == cache.fingerprint and again.content == cache.content
+    assert again.read_options == recorded
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache", "ds"]
+    assert sorted(p.name for p in again.root.iterdir()) == [
+        "images.npy",
+        "manifest.json",
+        "masks.npy",
+        "sources.json",
+    ]
+
+
+def test_records_decoded_with_different_options_record_none(tmp_path):
+    csv, _ = make_competition(tmp_path / "ds")
+    records = read_competition_csv(csv)
+    records[1] = replace(records[1], options=readers.ReadOptions(stretch=(5.0, 95.0)))
+    assert build_cache(records, tmp_path / "cache", progress=False).read_options is None

@@ -18,7 +18,13 @@ import numpy as np  # noqa: E402
 from rasterio.transform import Affine  # noqa: E402
 
 from bldseg.data import geo  # noqa: E402
-from bldseg.data.readers import read_image, read_mask_image  # noqa: E402
+from bldseg.data.readers import (  # noqa: E402
+    check_mask_grid,
+    decode_record,
+    read_folder_dataset,
+    read_image,
+    read_mask_image,
+)
 
 UTM = "EPSG:32616"
 # 1 m pixels; the upper-left corner sits on whole metres so pixel edges are whole UTM metres.
@@ -281,6 +287,90 @@ def test_raster_size_and_georeference(scene, tmp_path):
     plain = write_tif(tmp_path / "plain.tif", np.zeros((3, 4, 5), np.uint8), crs=None)
     assert not geo.has_georeference(plain)
     assert not geo.has_georeference(tmp_path / "x.png")  # not a TIFF: no file needed
+
+
+# ---- a mask GeoTIFF on its image's grid ----------------------------------------------------------
+
+
+def _image_and_mask(tmp_path: Path, **mask_geo) -> tuple[Path, Path]:
+    """images/a.tif (uint8 RGB on TRANSFORM) + masks/a.tif (0/255) georeferenced by ``mask_geo``."""
+    (tmp_path / "images").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "masks").mkdir(exist_ok=True)
+    rgb = np.random.default_rng(1).integers(0, 255, (3, H, W), dtype=np.uint8)
+    image = write_tif(tmp_path / "images" / "a.tif", rgb)
+    mask = write_tif(tmp_path / "masks" / "a.tif", rect_mask()[None] * np.uint8(255), **mask_geo)
+    return image, mask
+
+
+@pytest.mark.parametrize(
+    "mask_geo, match",
+    [
+        # a tile cut 100 px east of the image
+        (
+            dict(transform=Affine(1.0, 0.0, X0 + 100, 0.0, -1.0, Y0)),
+            r"pixel \(0, 0\) lies at column 100, row 0 of the image",
+        ),
+        # the same numbers in another CRS (the next UTM zone)
+        (dict(crs="EPSG:32617"), r"it is in another CRS.*EPSG:32616.*EPSG:32617"),
+        # half-metre pixels: the origin agrees, the far corner lies 25 px off
+        (dict(transform=Affine(0.5, 0.0, X0, 0.0, -0.5, Y0)), "pixel size or rotation differs"),
+    ],
+)
+def test_a_mask_georeferenced_elsewhere_is_refused_naming_both_grids(tmp_path, mask_geo, match):
+    image, mask = _image_and_mask(tmp_path, **mask_geo)
+    with pytest.raises(ValueError, match=match) as e:
+        geo.check_mask_grid(image, mask)
+    msg = str(e.value)
+    assert f"mask {mask} " in msg and f"its image {image} " in msg
+    assert f"origin ({X0:.12g}, {Y0:.12g}), pixel size 1 x 1, CRS EPSG:32616" in msg
+    assert "gdalwarp -t_srs EPSG:32616" in msg and f"-ts {W} {H}" in msg
+    assert f"gdal_edit.py -unsetgt -unsetsrs {mask}" in msg
+    # the cache build (and so training) refuses it, naming the sample
+    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks")
+    with pytest.raises(ValueError, match=rf"^a \({re.escape(str(image))}\): mask .*{match}"):
+        decode_record(records[0])
+    # the check predict --masks calls
+    with pytest.raises(ValueError, match=match):
+        check_mask_grid(image, mask)
+
+
+@pytest.mark.parametrize(
+    "mask_geo",
+    [
+        {},  # the image's own grid
+        # rounded in the last digits, as GeoTIFF writers do
+        dict(transform=Affine(1.0 + 1e-12, 0.0, X0 + 1e-6, 0.0, -1.0, Y0 - 1e-6)),
+        dict(crs=None),  # no georeference: used pixel for pixel, as before
+    ],
+)
+def test_a_mask_on_its_image_grid_or_without_georeference_is_read(tmp_path, mask_geo):
+    image, mask = _image_and_mask(tmp_path, **mask_geo)
+    geo.check_mask_grid(image, mask)
+    check_mask_grid(image, mask)
+    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks")
+    np.testing.assert_array_equal(decode_record(records[0]).mask, rect_mask())
+
+
+def test_a_georeferenced_mask_of_a_plain_image_is_read(tmp_path):
+    # nothing says where the image lies: the mask is used pixel for pixel, as before
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((H, W, 3), np.uint8))
+    _, mask = _image_and_mask(tmp_path / "x", transform=Affine(1.0, 0.0, X0 + 100, 0.0, -1.0, Y0))
+    (tmp_path / "masks").mkdir()
+    mask.rename(tmp_path / "masks" / "a.tif")
+    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks")
+    np.testing.assert_array_equal(decode_record(records[0]).mask, rect_mask())
+
+
+def test_reading_a_georeferenced_uint8_mask_prints_no_libtiff_warnings(tmp_path, capfd):
+    _, mask = _image_and_mask(tmp_path)
+    before = cv2.utils.logging.getLogLevel()
+    capfd.readouterr()
+    np.testing.assert_array_equal(read_mask_image(mask).mask, rect_mask())
+    err = capfd.readouterr().err
+    assert "TIFF_Warning" not in err and "Unknown field" not in err, err
+    # the user's OpenCV log level is back
+    assert cv2.utils.logging.getLogLevel() == before
 
 
 # ---- needs_raster_reader ------------------------------------------------------------------------

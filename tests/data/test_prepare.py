@@ -1,5 +1,9 @@
 """``--data`` for every kind of dataset, and splits that keep source scenes together."""
 
+import json
+import re
+from dataclasses import asdict
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -229,6 +233,46 @@ def test_jobs_with_other_decoding_options_keep_their_own_caches(tmp_path, monkey
     filled = DataOptions(read=ReadOptions(alpha="fill"))
     b = prepare_data(tmp_path, options=filled, data_root=w, progress=False).train
     assert a.root != b.root and a.root.is_dir() and b.root.is_dir()
+
+
+def test_a_cache_given_as_the_data_keeps_the_read_options_it_was_built_with(tmp_path):
+    # Training records them in best.pt; prediction reads new images alike. A cache built with
+    # --stretch 10 90 --bands 3,2,1 trained a model that predicted with 2 98 and bands 1,2,3.
+    root = _scenes(tmp_path / "ds", [(32, 32), (32, 32)])
+    read = ReadOptions(alpha="fill", bands=(3, 2, 1), stretch=(10.0, 90.0))
+    built = prepare_data(
+        root, options=DataOptions(tile_size=16, read=read), data_root=tmp_path / "w", progress=False
+    )
+    cached = prepare_data(built.train.root, data_root=tmp_path / "w", progress=False)
+    assert cached.kind == "cache" and cached.options.read == read
+    # the layout is the cache's own: its tiles are already cut
+    assert cached.options.tile_size is None and cached.options.images is None
+    # the folder holding train/ (and test/), as a competition layout's caches lie
+    rows = []
+    for i in range(2):
+        rgb, m = scene(32, i)
+        cv2.imwrite(str(tmp_path / f"t{i}.png"), rgb[..., ::-1])
+        rows.append((f"T{i}", f"t{i}.png", rle_encode(m)))
+    frame = pd.DataFrame(rows, columns=["img_id", "img_path", "mask_rle"])
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    frame.drop(columns="mask_rle").to_csv(tmp_path / "test.csv", index=False)
+    competition = prepare_data(
+        tmp_path, options=DataOptions(read=read), data_root=tmp_path / "w", progress=False
+    )
+    both = prepare_data(competition.train.root.parent, data_root=tmp_path / "w", progress=False)
+    assert both.test is not None and both.options.read == read
+
+    # a cache built before the options were recorded: not known, as before
+    manifest_path = built.train.root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["read_options"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert prepare_data(built.train.root, data_root=tmp_path / "w", progress=False).options is None
+    # a record these options refuse names the manifest
+    manifest["read_options"] = {**asdict(read), "stretch": [90.0, 10.0]}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(manifest_path))}: .*stretch.*prepare"):
+        prepare_data(built.train.root, data_root=tmp_path / "w", progress=False)
 
 
 def test_builtin_world_is_regenerated_with_new_parameters(tmp_path, capsys):
