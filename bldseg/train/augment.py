@@ -11,6 +11,8 @@ record.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import albumentations as A
@@ -21,6 +23,12 @@ from bldseg.train.fieldtypes import checked
 # ImageNet statistics, as the pretrained InternImage backbones expect (x/255 then standardised).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: The weakest blur drawn, in pixels, and the smallest ``blur_sigma`` accepted. albumentations
+#: sizes the kernel from sigma as PIL does, ``int(3.5 * sigma) * 2 + 1``: below 2/7 that is one
+#: pixel and the tile comes back unchanged. From 0.3 the kernel has 3 taps, and a sharp edge
+#: moves by at least one grey level.
+MIN_BLUR_SIGMA = 0.3
 
 
 @dataclass
@@ -45,13 +53,16 @@ class AugConfig:
     noise_p: float = 0.0  # GaussNoise
     noise_std: float = 0.05  # its maximum standard deviation, as a fraction of 255
     blur_p: float = 0.0  # GaussianBlur
-    blur_sigma: float = 1.0  # its maximum sigma (pixels)
+    # its maximum sigma (pixels): each blur draws sigma from [MIN_BLUR_SIGMA, blur_sigma]
+    blur_sigma: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             v = checked(f"augmentation parameter {f.name}", v, f.type)
             setattr(self, f.name, v)
+            if isinstance(v, numbers.Real) and not math.isfinite(v):
+                raise ValueError(f"augmentation parameter {f.name}={v}: must be a finite number")
             if f.name.endswith("_p") and not 0.0 <= v <= 1.0:
                 raise ValueError(f"augmentation parameter {f.name}={v}: a probability in [0, 1]")
         checks = {
@@ -63,13 +74,21 @@ class AugConfig:
             "sat_shift": 0 <= self.sat_shift <= 255,
             "val_shift": 0 <= self.val_shift <= 255,
             "noise_std": 0.0 < self.noise_std <= 1.0,
-            "blur_sigma": self.blur_sigma >= 0.1,
+            "blur_sigma": self.blur_sigma >= 0.1,  # the range accepted before MIN_BLUR_SIGMA
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(
                     f"augmentation parameter {name}={getattr(self, name)} is out of range"
                 )
+        if self.blur_p > 0 and self.blur_sigma < MIN_BLUR_SIGMA:
+            # a smaller sigma blurs nothing: the step would be a silent no-op (with blur_p 0 the
+            # value is unused, and configs recorded before this check keep loading)
+            raise ValueError(
+                f"augmentation parameter blur_sigma={self.blur_sigma} is below {MIN_BLUR_SIGMA}, "
+                f"the smallest sigma whose Gaussian blur changes a uint8 tile; set "
+                f"aug.blur_sigma >= {MIN_BLUR_SIGMA}, or aug.blur_p=0 for no blur"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> AugConfig:
@@ -141,7 +160,11 @@ def build_train_transform(cfg: AugConfig, normalize: bool = True) -> A.Compose:
         (cfg.noise_p, lambda p: A.GaussNoise(std_range=(0.0, cfg.noise_std), p=p)),
         (
             cfg.blur_p,
-            lambda p: A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, cfg.blur_sigma), p=p),
+            # blur_limit=0: the kernel grows with the drawn sigma, 3 taps or more from
+            # MIN_BLUR_SIGMA, so every applied blur softens the tile's edges
+            lambda p: A.GaussianBlur(
+                blur_limit=0, sigma_limit=(MIN_BLUR_SIGMA, cfg.blur_sigma), p=p
+            ),
         ),
     ]
     t += [make(p) for p, make in optional if p > 0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -66,6 +67,17 @@ class SchedConfig:
     min_lr: float = 1e-6  # cosine_restarts/poly: floor
     power: float = 1.0  # poly: exponent
 
+    # The run's optimizer settings, which RunConfig binds here (not a field: no parameter of the
+    # schedule): poly's scheduler reads min_lr as a share of optim.lr, so the peak its warm-up
+    # warning states depends on both. A SchedConfig on its own has OptimConfig's defaults.
+    _optim = OptimConfig()
+
+    def _floor_share(self) -> float:
+        """``min_lr`` as a share of the peak LR, ``optim.lr``, as poly's scheduler reads it
+        (:func:`bldseg.train.schedulers.poly_warmup`)."""
+        lr = self._optim.lr
+        return min(1.0, self.min_lr / lr) if lr > 0 else 0.0
+
     def warmup_iterations(self, total_steps: int) -> int:
         """Warm-up iterations of ``poly`` and ``schedulefree`` in a run of ``total_steps``.
 
@@ -110,8 +122,9 @@ class SchedConfig:
                 # mmcv's poly: the warm-up scales a line decaying from step 0, so the LR never
                 # reaches optim.lr; the scheduler warms up over at most span - 1 steps
                 w = min(steps, max(0, span - 1))
-                top = max(range(w + 1), key=lambda s: poly_factor(s, span, w, self.power, 0.0))
-                peak = poly_factor(top, span, w, self.power, 0.0)
+                floor = self._floor_share()
+                top = max(range(w + 1), key=lambda s: poly_factor(s, span, w, self.power, floor))
+                peak = poly_factor(top, span, w, self.power, floor)
                 effect = f"the LR peaks at {peak:.2f} x optim.lr, at step {top}"
             warnings.warn(
                 f"{head}{effect}; lower sched.warmup_steps, or set sched.warmup_max_frac to cut "
@@ -308,6 +321,7 @@ class RunConfig:
         ):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, _from_dict(cls, getattr(self, name), name))
+        self.sched._optim = self.optim  # its LR floor is a share of optim.lr (SchedConfig)
         self.validate()
 
     def validate(self) -> None:
@@ -317,15 +331,25 @@ class RunConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"run config: {name}={_lookup(self, name)!r} {why}")
 
+        typed: list[tuple[str, Any]] = []
         for f in fields(self):
             if f.name not in ("aug", "optim", "sched", "coteach"):
                 v = checked(f"run config: {f.name}", getattr(self, f.name), f.type)
                 setattr(self, f.name, v)
+                typed.append((f.name, v))
         for section in ("optim", "sched", "coteach"):
             part = getattr(self, section)
             for f in fields(part):
                 v = checked(f"run config: {section}.{f.name}", getattr(part, f.name), f.type)
                 setattr(part, f.name, v)
+                typed.append((f"{section}.{f.name}", v))
+        # No parameter means anything at infinity or NaN, and the open-ended ranges below
+        # (sched.cycle_mult >= 1, sched.power > 0, aux_weight >= 0) would let inf through to
+        # fail deep in a run (the cosine restarts' cycle lengths: OverflowError); nor is either
+        # valid JSON in the run's record.
+        for name, v in typed:
+            if isinstance(v, numbers.Real) and not math.isfinite(v):
+                bad(name, "must be a finite number")
 
         problem = model_name_problem(self.model)
         if problem is not None:
@@ -398,6 +422,15 @@ class RunConfig:
             # (written so that NaN fails too; infinite decay or clipping would mean nothing)
             ("optim.weight_decay", 0 <= self.optim.weight_decay < math.inf, "must be >= 0"),
             ("optim.beta1", 0 <= self.optim.beta1 < 1, "must be in [0, 1)"),
+            (
+                "optim.beta1",
+                # the weights it validates and saves are y + (1 - 1/beta1) (z - y): at 0 the
+                # first validation divided by zero, and y = z leaves no average to recover
+                self.sched.name != "schedulefree" or self.optim.beta1 > 0,
+                "must be > 0 with sched.name=schedulefree, whose averaged weights (validated "
+                "and saved) are recovered by dividing by beta1: set optim.beta1 in (0, 1), "
+                "e.g. its default 0.9",
+            ),
             ("optim.beta2", 0 <= self.optim.beta2 < 1, "must be in [0, 1)"),
             ("optim.grad_clip", 0 <= self.optim.grad_clip < math.inf, "must be >= 0 (0 = off)"),
             ("optim.layer_decay", 0 < self.optim.layer_decay <= 1, "must be in (0, 1]"),

@@ -1,5 +1,7 @@
 """Augmentation pipelines: structure, outputs, image/mask alignment, serialisation, validation."""
 
+import math
+
 import albumentations as A
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from bldseg.train.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MIN_BLUR_SIGMA,
     AugConfig,
     build_eval_transform,
     build_train_transform,
@@ -38,6 +41,18 @@ def _coded_image(size: int = 300) -> np.ndarray:
 def _seeded(t: A.Compose, seed: int) -> A.Compose:
     t.set_random_seed(seed)
     return t
+
+
+def _buildings_tile(seed: int, size: int = 64) -> np.ndarray:
+    """uint8 (size, size, 3): sharp-edged rectangles of random colours ("roofs") on a flat
+    ground, the edges a blur softens."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), rng.integers(60, 120, 3), np.uint8)
+    for _ in range(6):
+        y, x = rng.integers(0, size - 8, 2)
+        h, w = rng.integers(6, 20, 2)
+        image[y : y + h, x : x + w] = rng.integers(0, 256, 3)
+    return image
 
 
 def test_default_is_reference_pipeline():
@@ -90,7 +105,7 @@ def test_all_optional_steps_in_order_with_params():
     assert tuple(hsv.sat_shift_limit) == (-11, 11)
     assert tuple(hsv.val_shift_limit) == (-13, 13)
     assert tuple(steps["GaussNoise"].std_range) == pytest.approx((0.0, 0.02))
-    assert tuple(steps["GaussianBlur"].sigma_limit) == pytest.approx((0.1, 2.0))
+    assert tuple(steps["GaussianBlur"].sigma_limit) == pytest.approx((MIN_BLUR_SIGMA, 2.0))
 
 
 @pytest.mark.parametrize("kw", [dict(scale_p=0.0), dict(scale_limit=0.0)])
@@ -194,6 +209,10 @@ def test_serialize_round_trip(kw):
         (dict(val_shift=300), "val_shift"),
         (dict(noise_std=0.0), "noise_std"),
         (dict(blur_sigma=0.05), "blur_sigma"),
+        (dict(blur_sigma=0.25, blur_p=0.5), "blur_sigma"),  # a 1-px kernel: no blur at all
+        (dict(blur_sigma=math.inf), "blur_sigma"),
+        (dict(blur_sigma=math.nan), "blur_sigma"),
+        (dict(noise_std=math.nan), "noise_std"),
     ],
 )
 def test_invalid_value_names_parameter(kw, named):
@@ -201,6 +220,30 @@ def test_invalid_value_names_parameter(kw, named):
         AugConfig(**kw)
     with pytest.raises(ValueError, match=named):
         AugConfig.from_dict(kw)
+
+
+@pytest.mark.parametrize("blur_sigma", [MIN_BLUR_SIGMA, 0.5, 1.0, 1.5])
+def test_every_applied_blur_changes_the_tile(blur_sigma):
+    # sigma was drawn from [0.1, blur_sigma] and albumentations' kernel of int(3.5 sigma) * 2 + 1
+    # was a single pixel below 2/7: with blur_p=1, blur_sigma=0.3 left 186 tiles of 200 as they
+    # were, 1.0 45 of them
+    cfg = AugConfig(
+        crop_size=64, scale_p=0.0, vflip_p=0.0, hflip_p=0.0, blur_p=1.0, blur_sigma=blur_sigma
+    )
+    for seed in range(50):
+        image = _buildings_tile(seed)
+        out = _seeded(build_train_transform(cfg, normalize=False), seed)(image=image)["image"]
+        assert not np.array_equal(out, image), f"seed {seed}: the blur left the tile unchanged"
+
+
+def test_blur_sigma_below_the_smallest_blur_says_what_to_set():
+    with pytest.raises(ValueError, match=r"blur_sigma=0\.2 .*set aug\.blur_sigma >= 0\.3"):
+        AugConfig(blur_sigma=0.2, blur_p=0.5)
+    # unused without blur: a config recorded before the check still loads
+    assert AugConfig(blur_sigma=0.2, blur_p=0.0).blur_sigma == 0.2
+    with pytest.raises(ValueError, match=r"blur_sigma=inf: must be a finite number"):
+        AugConfig(blur_sigma=math.inf)
+    assert AugConfig(blur_sigma=MIN_BLUR_SIGMA).blur_sigma == MIN_BLUR_SIGMA
 
 
 def test_unknown_key_named():

@@ -104,6 +104,73 @@ def test_out_of_range_values_are_refused_by_name(key, value):
         RunConfig.from_flat({key: value})
 
 
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sched.cycle_mult",  # inf passed ">= 1": OverflowError in the cycles' lengths
+        "sched.power",
+        "sched.div_factor",
+        "sched.final_div_factor",
+        "sched.min_lr",
+        "aux_weight",
+        "optim.grad_clip",
+    ],
+)
+def test_non_finite_floats_are_refused_by_name(key, value):
+    with pytest.raises(
+        ValueError, match=rf"^run config: {re.escape(key)}={value!r} must be a finite number"
+    ):
+        RunConfig.from_flat({"sched.name": "cosine_restarts", "sched.cycles": 2, key: value})
+
+
+def test_schedule_free_refuses_beta1_zero_naming_it():
+    # its validated and saved weights are y + (1 - 1/beta1) (z - y): the CPU demo's run with
+    # optim.beta1=0 trained its first epoch and died at validation with ZeroDivisionError
+    with pytest.raises(
+        ValueError,
+        match=r"^run config: optim\.beta1=0\.0 must be > 0 with sched\.name=schedulefree.*"
+        r"set optim\.beta1 in \(0, 1\)",
+    ):
+        RunConfig.from_flat({**CPU_DEMO, "optim.beta1": 0.0})
+    # AdamW under a schedule takes beta1=0 (no momentum), and schedule-free any beta1 > 0
+    assert RunConfig.from_flat({"sched.cycle_momentum": False, "optim.beta1": 0.0}).optim.beta1 == 0
+    assert RunConfig.from_flat({**CPU_DEMO, "optim.beta1": 0.01}).optim.beta1 == 0.01
+
+
+@pytest.mark.parametrize(
+    "lr, min_lr, power, warmup, total",
+    [
+        (3e-3, 1e-3, 2.0, 2, 9),  # the report: the warning said 0.60x, the LR peaked at 0.737x
+        (1e-3, 5e-4, 1.0, 30, 100),
+        (6e-5, 0.0, 1.0, 1500, 2000),  # no floor: the numbers were right
+        (1e-2, 1e-6, 0.9, 80, 120),
+    ],
+)
+def test_poly_warm_up_warning_states_the_schedulers_peak(lr, min_lr, power, warmup, total):
+    cfg = RunConfig.from_flat(
+        {
+            "sched.name": "poly",
+            "optim.lr": lr,
+            "sched.min_lr": min_lr,
+            "sched.power": power,
+            "sched.warmup_steps": warmup,
+        }
+    )
+    with pytest.warns(UserWarning, match="the LR peaks at") as caught:
+        kwargs = cfg.sched.scheduler_kwargs(total)
+    said = re.search(r"peaks at ([\d.]+) x optim.lr, at step (\d+)", str(caught[0].message))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched = build_scheduler("poly", opt, total, **kwargs)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"] / lr)
+        opt.step()
+        sched.step()
+    assert float(said[1]) == pytest.approx(max(lrs), abs=0.005)
+    assert int(said[2]) == lrs.index(max(lrs))
+
+
 def test_edge_values_stay_valid():
     cfg = RunConfig.from_flat(
         {

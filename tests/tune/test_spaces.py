@@ -3,10 +3,12 @@ import pickle
 import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 
 from bldseg.models.smp import smp_available
+from bldseg.train.augment import AugConfig, build_train_transform
 from bldseg.train.config import recipe_defaults
 from bldseg.tune import tracking
 from bldseg.tune.cli import CPU_DEMO
@@ -272,6 +274,29 @@ def test_augmentation_blur_off_below_threshold():
         )
         fixed = SPACES["augmentation"](trial) or {}
         assert fixed == ({} if sigma else {"aug.blur_p": 0.0})
+
+
+def test_augmentation_searches_only_blurs_that_blur():
+    # aug.blur_sigma ranged over [0.3, 1.5] and each blur drew sigma from [0.1, blur_sigma]:
+    # with blur_p=1, the range's low end left 186 tiles of 200 unchanged
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"aug.blur_p": 0.3})  # blur on: its strength is searched
+    trial = study.ask()
+    assert SPACES["augmentation"](trial) is None
+    searched = trial.distributions["aug.blur_sigma"]
+    rng = np.random.default_rng(0)
+    for sigma in (searched.low, searched.high):
+        cfg = AugConfig(
+            crop_size=64, scale_p=0.0, vflip_p=0.0, hflip_p=0.0, blur_p=1.0, blur_sigma=sigma
+        )
+        blur = build_train_transform(cfg, normalize=False)
+        for seed in range(50):
+            # sharp-edged "roofs" of random colours on a flat ground
+            image = np.full((64, 64, 3), 90, np.uint8)
+            for y, x, h, w in rng.integers(4, 40, (6, 4)):
+                image[y : y + h, x : x + w] = rng.integers(0, 256, 3)
+            blur.set_random_seed(seed)
+            assert not np.array_equal(blur(image=image)["image"], image), (sigma, seed)
 
 
 def test_a_range_whose_end_is_invalid_is_refused_before_any_trial():
