@@ -2,7 +2,8 @@
 
 An ensemble spec is JSON (written by the ensemble search, or by hand)::
 
-    {"members": [{"checkpoint": "../runs/a/best.pt", "weight": 1.0, "threshold": 0.47}, ...],
+    {"members": [{"checkpoint": "../runs/a/best.pt", "weight": 1.0, "threshold": 0.47,
+                  "tta": true}, ...],
      "rule": "mean", "threshold": 0.43, "votes": 0, "empty_votes": 0, "empty_area": 0,
      "min_area": 0, "tta": false}
 
@@ -14,6 +15,10 @@ the mean of its K fold models' probabilities (and flips, with TTA), quantised on
 one model's map is; the ensemble search scored the run's out-of-fold maps, each tile by the
 one fold model that did not train on it, so on new images a K-fold member is an average the
 search did not score.
+Each member predicts with flip test-time augmentation (TTA) as its member entry's ``"tta"``
+says: the ensemble search writes it as the member's run validated (its maps were then
+flip-averaged), so members validated differently each predict as they were scored. A member
+without one (specs written before the per-member record) takes the spec's ``"tta"``.
 Members' probabilities are quantised to uint8 exactly as in validation and combined by the
 spec's ``rule`` (:func:`combine_members`), with the same integers the ensemble search scored,
 so a submission of single-model members reproduces the searched ensemble bit for bit:
@@ -76,6 +81,7 @@ from bldseg.data.cache import DatasetCache
 from bldseg.data.dataset import TileDataset, validation_tiles
 from bldseg.data.readers import (
     ReadOptions,
+    check_mask_grid,
     image_size,
     read_folder_dataset,
     read_image,
@@ -105,6 +111,9 @@ MAX_OVERLAP = 0.9
 MIN_WINDOW = 32
 #: Blending weight of a window's edge pixels relative to its centre (see the module docstring).
 EDGE_WEIGHT = 0.05
+#: Pixels of a scene's blended map quantised at a time (:func:`predict_image`): quantising
+#: takes float64 temporaries of 8 bytes a pixel, 128 MB each for a 4000 x 4000 scene at once.
+QUANTISE_BLOCK_PIXELS = 1 << 16
 
 
 Rule = Literal["mean", "weighted", "vote"]
@@ -119,13 +128,16 @@ class EnsembleSpec:
     weights: list[float] = field(default_factory=list)  # per member; empty: equal weights
     threshold: float = 0.5  # mean/weighted: positive iff (weighted) mean probability >= this
     min_area: int = 0  # images with fewer predicted pixels are predicted empty
-    tta: bool = False  # flip test-time augmentation
+    tta: bool = False  # flip test-time augmentation of every member without its own (member_tta)
     rule: Rule = "mean"  # how the members' maps are combined
     member_thresholds: list[float] = field(default_factory=list)  # per member: its own mask's
     # threshold (the vote and empty-tile rules); empty when neither is used
     votes: int = 0  # vote rule: positive where at least this many members' masks are
     empty_votes: int = 0  # empty-tile rule: this many members' masks nearly empty -> empty; 0 off
     empty_area: int = 0  # empty-tile rule: a member's mask is "nearly empty" below this many px
+    # per member: flip TTA, as its validation maps (what the search scored) were made; empty:
+    # ``tta`` for every member (specs written before the per-member record)
+    member_tta: list[bool] = field(default_factory=list)
 
     def check(self) -> None:
         """Raises ValueError, naming the field, when the rule's parameters do not fit."""
@@ -160,6 +172,8 @@ class EnsembleSpec:
         for i, t in enumerate(self.member_thresholds):
             if not 0.0 <= t <= 1.0:
                 raise ValueError(f"member {i}'s threshold must lie in [0, 1], got {t}")
+        if self.member_tta and len(self.member_tta) != k:
+            raise ValueError(f"{len(self.member_tta)} member TTA flags for {k} member(s)")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EnsembleSpec:
@@ -198,7 +212,7 @@ class EnsembleSpec:
                 kind = "a whole number" if convert is int else "a number"
                 raise ValueError(f"{path}: {field_name} must be {kind}, got {value!r}") from None
 
-        ckpts, weights, own = [], [], []
+        ckpts, weights, own, own_tta = [], [], [], []
         for i, m in enumerate(d["members"]):
             if not isinstance(m, dict) or "checkpoint" not in m:
                 raise ValueError(f"{path}: member {i} has no 'checkpoint' entry: {m!r}")
@@ -224,6 +238,10 @@ class EnsembleSpec:
             weights.append(number(float, m.get("weight", 1.0), f"member {i}'s 'weight'"))
             t = m.get("threshold")
             own.append(None if t is None else number(float, t, f"member {i}'s 'threshold'"))
+            flag = m.get("tta")
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"{path}: member {i}'s 'tta' must be true or false, got {flag!r}")
+            own_tta.append(flag)
         tta = d.get("tta", False)
         if not isinstance(tta, bool):
             raise ValueError(f"{path}: 'tta' must be true or false, got {tta!r}")
@@ -238,6 +256,12 @@ class EnsembleSpec:
             votes=number(int, d.get("votes", 0), "'votes'"),
             empty_votes=number(int, d.get("empty_votes", 0), "'empty_votes'"),
             empty_area=number(int, d.get("empty_area", 0), "'empty_area'"),
+            # a member without its own flag takes the spec's
+            member_tta=(
+                [tta if f is None else f for f in own_tta]
+                if any(f is not None for f in own_tta)
+                else []
+            ),
         )
         try:
             spec.check()
@@ -269,6 +293,8 @@ class EnsembleSpec:
             m: dict[str, Any] = {"checkpoint": Path(rel).as_posix(), "weight": w}
             if self.member_thresholds:
                 m["threshold"] = self.member_thresholds[i]
+            if self.member_tta:
+                m["tta"] = self.member_tta[i]
             members.append(m)
         d = {
             "members": members,
@@ -288,7 +314,8 @@ class EnsembleSpec:
 
         ``threshold`` and ``weights`` for the mean rules, ``votes`` and ``member_thresholds``
         for the vote rule (whose decision no ensemble threshold enters), the empty-tile rule's
-        parameters when it is on, then ``min_area`` and ``tta``: what a score was made with.
+        parameters when it is on, then ``min_area`` and ``tta``: what a score was made with
+        (``tta`` one flag when every member predicts alike, else one per member).
         """
         out: dict[str, Any] = {"rule": self.rule}
         if self.rule == "vote":
@@ -301,7 +328,13 @@ class EnsembleSpec:
                 "empty_votes": self.empty_votes,
                 "empty_area": self.empty_area,
             }
-        return out | {"min_area": self.min_area, "tta": self.tta}
+        flags = self.member_ttas()
+        tta = flags[0] if len(set(flags)) == 1 else flags
+        return out | {"min_area": self.min_area, "tta": tta}
+
+    def member_ttas(self) -> list[bool]:
+        """Each member's flip TTA: its own (``member_tta``), else the spec's ``tta``."""
+        return list(self.member_tta) if self.member_tta else [self.tta] * len(self.checkpoints)
 
     def member_weights(self) -> list[float]:
         """One weight per member (equal weights when none are given)."""
@@ -546,13 +579,25 @@ def dataset_of(data: str | os.PathLike) -> Path:
     return path.parent if path.suffix.lower() == ".csv" else path
 
 
+def member_data_kind(member: str | os.PathLike) -> str | None:
+    """What kind of data a member was trained on, as its ``best.pt`` records it (``data_kind``:
+    ``"synthetic"``, ``"competition"``, ``"folders"``, ``"cache"``, ...; a K-fold member's
+    first fold's); None for checkpoints from before that record.
+
+    Raises:
+        FileNotFoundError: The checkpoint, or a fold's of a K-fold member, is missing.
+        ValueError: Not a bldseg checkpoint or K-fold manifest.
+    """
+    path = resolve_member(member)
+    first = fold_checkpoints(path)[0][0] if path.name == FOLDS_FILE else path
+    return _checkpoint_state(Path(first), mmap=True).get("data_kind")
+
+
 def _unnamed_user_data(member: str) -> bool:
     """Whether a member records no ``--data`` yet was not trained on the synthetic world: image
     folders given by --images/--masks (``best.pt``'s ``data_kind``; checkpoints from before
     that record: False, as they were read before)."""
-    path = resolve_member(member)
-    first = fold_checkpoints(path)[0][0] if path.name == FOLDS_FILE else path
-    kind = _checkpoint_state(Path(first), mmap=True).get("data_kind")
+    kind = member_data_kind(member)
     return kind is not None and kind != "synthetic"
 
 
@@ -767,7 +812,8 @@ def predict_cache(
     chunks decide exactly as one pass would), and only the chunk's bool masks are kept. Memory
     is then the masks (1 byte per pixel) plus one chunk's maps, not every member's map of the
     whole test set (the competition's 60,640 tiles of 224 px are 3 GB per member map). The
-    members are loaded once, all of them.
+    members are loaded once, all of them; each predicts with its own flip TTA
+    (:meth:`EnsembleSpec.member_ttas`), as its validation maps were made.
     """
     dev = resolve_device(device)
     chunk = PREDICT_CHUNK if chunk is None else chunk
@@ -777,9 +823,13 @@ def predict_cache(
     h, w = cache.image_size
     members = []
     several = len(spec.checkpoints) > 1
-    for ckpt in tqdm(spec.checkpoints, desc="members", disable=not (progress and several)):
+    for ckpt, tta in zip(
+        tqdm(spec.checkpoints, desc="members", disable=not (progress and several)),
+        spec.member_ttas(),
+        strict=True,
+    ):
         models, cfg, _ = load_member(ckpt, dev)
-        members.append((models, eval_autocast(cfg.precision, dev)))  # as validated
+        members.append((models, eval_autocast(cfg.precision, dev), tta))  # as validated
     n = len(cache)
     pred = np.zeros((n, h, w), bool)  # (N, H, W)
     bar = tqdm(total=n * len(members), desc="predicting", unit="img", disable=not progress)
@@ -788,8 +838,8 @@ def predict_cache(
         loader = image_loader(cache, batch_size, indices=range(start, stop))
 
         def chunk_maps(loader: DataLoader) -> Iterator[np.ndarray]:
-            for models, amp in members:
-                q = predict_probs(models, loader, dev, amp, tta=spec.tta)  # uint8 (n_c, H, W)
+            for models, amp, tta in members:
+                q = predict_probs(models, loader, dev, amp, tta=tta)  # uint8 (n_c, H, W)
                 bar.update(len(q))
                 yield q
 
@@ -941,10 +991,13 @@ def predict_image(
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     dev = torch.device(device) if device is not None else _model_device(model)
     h, w = image.shape[:2]
-    # Reflection (not zeros) keeps the padding looking like ground, not like a black border.
-    padded = np.pad(
-        image, ((0, max(0, window - h)), (0, max(0, window - w)), (0, 0)), mode="reflect"
-    )  # (Hp, Wp, 3)
+    if h < window or w < window:
+        # Reflection (not zeros) keeps the padding looking like ground, not like a black border.
+        padded = np.pad(
+            image, ((0, max(0, window - h)), (0, max(0, window - w)), (0, 0)), mode="reflect"
+        )  # (Hp, Wp, 3)
+    else:
+        padded = image  # windows are cut from the scene itself: no copy of a large scene
     hp, wp = padded.shape[:2]
     corners = sliding_windows(hp, wp, window, overlap)
     normalise = build_eval_transform()
@@ -962,9 +1015,18 @@ def predict_image(
             acc[y : y + window, x : x + window] += weight * p
             norm[y : y + window, x : x + window] += weight
     # Where one window covers a pixel, (w * q/255) / w is q/255 to within an ulp, far inside
-    # the half-level rounding margin, so quantising gives back q exactly.
-    probs = np.clip(acc[:h, :w] / norm[:h, :w], 0.0, 1.0)  # (H, W)
-    return metrics.quantise(probs)
+    # the half-level rounding margin, so quantising gives back q exactly. Divided and clipped
+    # in acc's own memory, and quantised in blocks: a large scene's peak is acc, norm and the
+    # output (9 bytes a pixel), not new float32 maps and a float64 map of the whole scene.
+    probs = acc[:h, :w]  # (H, W) view
+    np.divide(probs, norm[:h, :w], out=probs)
+    del norm
+    np.clip(probs, 0.0, 1.0, out=probs)
+    out = np.empty((h, w), np.uint8)
+    rows = max(1, QUANTISE_BLOCK_PIXELS // w)
+    for y in range(0, h, rows):  # quantise is per pixel: blocks give the whole map's levels
+        out[y : y + rows] = metrics.quantise(probs[y : y + rows])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1222,13 +1284,15 @@ def _image_shape(path: Path, options: ReadOptions) -> tuple[int, int]:
 def _check_mask_size(
     mask_path: Path, mask_shape: tuple[int, ...], image_path: Path, image_shape: tuple[int, ...]
 ) -> None:
-    """Raises ValueError, naming both files and sizes, when a mask is not its image's size."""
+    """Raises ValueError, naming both files and sizes, when a mask is not its image's size, or
+    (both GeoTIFFs) is georeferenced to another place than its image (naming both grids)."""
     if tuple(mask_shape) != tuple(image_shape):
         raise ValueError(
             f"mask {mask_path} is {mask_shape[0]}x{mask_shape[1]} but the image {image_path} is "
             f"{image_shape[0]}x{image_shape[1]}; a mask must have its image's size: check that "
             "it belongs to this image (--mask-pattern) or fix the file"
         )
+    check_mask_grid(image_path, mask_path)
 
 
 def _check_out_dir(images_dir: Path, out_dir: Path, recursive: bool) -> None:
@@ -1288,7 +1352,8 @@ def predict_folder(
     and, when the image is a georeferenced GeoTIFF, ``out_dir/sub/name.tif`` with its
     georeference (CRS and transform, or ground control points, or RPCs:
     :func:`bldseg.data.geo.write_geotiff_mask`); each file atomically. Each member predicts
-    each image with :func:`predict_image`, and the members' maps are combined by
+    each image with :func:`predict_image` (with its own flip TTA,
+    :meth:`EnsembleSpec.member_ttas`), and the members' maps are combined by
     :func:`combine_members`, the rule of :func:`predict_cache`.
 
     The files written are listed in ``out_dir`` / :data:`OUTPUTS_FILE` under the resolved
@@ -1367,7 +1432,7 @@ def predict_folder(
         _check_mask_size(rec.mask_path, truth.shape, rec.image_path, shape)
     dev = resolve_device(device)
     members = []
-    for ckpt in spec.checkpoints:
+    for ckpt, tta in zip(spec.checkpoints, spec.member_ttas(), strict=True):
         models, cfg, _ = load_member(ckpt, dev)
         what = f"the validation tile of {ckpt}"
         members.append(
@@ -1375,6 +1440,7 @@ def predict_folder(
                 models,
                 window or check_window(default_window(cfg), what),
                 eval_autocast(cfg.precision, dev),  # as its validation maps were made
+                tta,
             )
         )
 
@@ -1408,10 +1474,10 @@ def predict_folder(
                     overlap=overlap,
                     batch_size=batch_size,
                     device=dev,
-                    tta=spec.tta,
+                    tta=tta,
                     amp=amp,
                 )
-                for m, s, amp in members
+                for m, s, amp, tta in members
             )
             pred = combine_members(maps, spec)  # (H, W) bool
             valid = None  # (H, W) bool where a GeoTIFF scene has data; None: everywhere

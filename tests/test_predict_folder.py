@@ -26,7 +26,7 @@ from torch import nn
 
 from bldseg import metrics
 from bldseg.data.cache import ensure_cache
-from bldseg.data.readers import read_folder_dataset
+from bldseg.data.readers import ReadOptions, read_folder_dataset
 from bldseg.models import create_model, registry
 from bldseg.predict import (
     OUTPUTS_FILE,
@@ -40,8 +40,9 @@ from bldseg.predict import (
     sliding_windows,
     write_submission,
 )
-from bldseg.train.augment import IMAGENET_MEAN, IMAGENET_STD
+from bldseg.train.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from bldseg.train.config import RunConfig
+from bldseg.train.engine import image_read_record, predict_probs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "upernet_internimage_tiny"
@@ -71,16 +72,20 @@ def noise_image(h: int, w: int, seed: int) -> np.ndarray:
     return cv2.GaussianBlur(img, (5, 5), 0)
 
 
-def save_checkpoint(path: Path, model_name: str, seed: int, **flat) -> Path:
-    """A checkpoint in the format load_checkpoint reads (what fit() writes as best.pt)."""
+def save_checkpoint(
+    path: Path, model_name: str, seed: int, *, image_read: bool = True, **flat
+) -> Path:
+    """A checkpoint in the format load_checkpoint reads (what fit() writes as best.pt): with
+    ``image_read``, recording the default image read options, as fit does for data read by
+    them (without: a checkpoint from before that record)."""
     cfg = RunConfig.from_flat({"model": model_name, "impl": "reference", **flat})
     torch.manual_seed(seed)
     model = create_model(cfg.model, impl=cfg.impl)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"model": model.state_dict(), "config": cfg.to_flat(), "metrics": {"val_thr_best": 0.5}},
-        path,
-    )
+    state = {"model": model.state_dict(), "config": cfg.to_flat(), "metrics": {"val_thr_best": 0.5}}
+    if image_read:
+        state["image_read"] = image_read_record(ReadOptions())
+    torch.save(state, path)
     return path
 
 
@@ -185,6 +190,81 @@ def test_blend_matches_naive_weighted_mean():
     assert len(np.unique(q)) > 20  # really blended, not one window's ramp
 
 
+def _predict_image_unbounded(
+    model: nn.Module, image: np.ndarray, window: int, overlap: float
+) -> np.ndarray:
+    """predict_image as it was before its memory was bounded: a padded copy of every scene,
+    new float32 maps for the division and the clip, and the whole map quantised at once."""
+    h, w = image.shape[:2]
+    padded = np.pad(
+        image, ((0, max(0, window - h)), (0, max(0, window - w)), (0, 0)), mode="reflect"
+    )
+    hp, wp = padded.shape[:2]
+    normalise = build_eval_transform()
+    weight = blend_weights(window)
+    acc = np.zeros((hp, wp), np.float32)
+    norm = np.zeros((hp, wp), np.float32)
+    corners = sliding_windows(hp, wp, window, overlap)
+    for start in range(0, len(corners), 16):
+        batch = corners[start : start + 16]
+        tiles = [normalise(image=padded[y : y + window, x : x + window])["image"] for y, x in batch]
+        xb = torch.from_numpy(np.ascontiguousarray(np.stack(tiles).transpose(0, 3, 1, 2)))
+        q = predict_probs(model, [{"image": xb}], torch.device("cpu"))
+        for (y, x), qi in zip(batch, q, strict=True):
+            acc[y : y + window, x : x + window] += weight * (qi.astype(np.float32) / 255)
+            norm[y : y + window, x : x + window] += weight
+    return metrics.quantise(np.clip(acc[:h, :w] / norm[:h, :w], 0.0, 1.0))
+
+
+def _random_conv(seed: int) -> nn.Module:
+    """A model whose maps vary from pixel to pixel and window to window."""
+    torch.manual_seed(seed)
+    return nn.Conv2d(3, 1, 5, padding=2).eval()
+
+
+@pytest.mark.parametrize(
+    ("shape", "overlap", "block"),
+    [
+        ((20, 45), 0.25, 64),  # padded: smaller than the window in one side
+        ((32, 32), 0.25, 1 << 16),  # exactly one window
+        ((70, 53), 0.25, 100),  # blocks of one row (53 px wide)
+        ((97, 64), 0.5, 1000),  # blocks of 15 rows, the last one short
+    ],
+)
+def test_predict_image_is_bit_identical_to_the_unbounded_path(monkeypatch, shape, overlap, block):
+    import bldseg.predict as P
+
+    monkeypatch.setattr(P, "QUANTISE_BLOCK_PIXELS", block)
+    image = noise_image(*shape, seed=5)
+    model = _random_conv(1)
+    got = predict_image(model, image, window=32, overlap=overlap)
+    want = _predict_image_unbounded(model, image, 32, overlap)
+    assert len(np.unique(want)) > 20  # the test's premise: many levels, blended
+    np.testing.assert_array_equal(got, want)
+
+
+def test_predict_image_holds_little_more_than_its_blend_arrays(monkeypatch):
+    # A 4000 x 4000 scene peaked at ~42 bytes per pixel: a padded copy of the scene even when
+    # no padding was needed, new float32 maps for the division and the clip, and float64
+    # temporaries of quantise over 16M pixels at once. What is left: the float32 sums of
+    # weighted probabilities and of weights, and the uint8 map (9 bytes a pixel).
+    import tracemalloc
+
+    import bldseg.predict as P
+
+    # blocks as small against this scene as the default's against a 4000 x 4000 one
+    monkeypatch.setattr(P, "QUANTISE_BLOCK_PIXELS", 4096)
+    image = noise_image(512, 512, seed=6)  # 262,144 px
+    model = _random_conv(2)
+    tracemalloc.start()
+    try:
+        predict_image(model, image, window=32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / image[..., 0].size < 16, peak / image[..., 0].size
+
+
 # --------------------------------------------------------------------------------------------
 # The ensemble rule, by hand
 # --------------------------------------------------------------------------------------------
@@ -266,6 +346,37 @@ def test_tile_sized_images_match_predict_cache(tiny_ckpts, tmp_path):
         np.testing.assert_array_equal(got, ref, err_msg=name)
         assert 0 < ref.mean() < 1 or name == "min_area", name
         assert r.empty == int((ref.sum((1, 2)) == 0).sum())
+
+
+def test_each_member_predicts_with_its_own_tta(tiny_ckpts, tmp_path):
+    # One "tta" for the whole spec: an ensemble of a member validated with flip TTA and one
+    # validated without it ran both alike, which is not the combination the search scored.
+    images = tmp_path / "images"
+    imgs = [noise_image(32, 32, seed=i) for i in range(2)]
+    for i, img in enumerate(imgs):
+        write_png(images / f"t{i}.png", img)
+    cache = ensure_cache(read_folder_dataset(images), tmp_path / "cache", progress=False)
+    models = [load_checkpoint(c)[0] for c in tiny_ckpts]
+
+    def maps(flags: list[bool]) -> list[list[np.ndarray]]:
+        """Per image, each member's (32, 32) map predicted with its flag."""
+        return [
+            [predict_image(m, img, window=32, tta=f) for m, f in zip(models, flags, strict=True)]
+            for img in imgs
+        ]
+
+    own = maps([True, False])  # each as it was validated: what the search scored
+    mean = (own[0][0].astype(float) + own[0][1]) / 2  # threshold at its median: both sides hit
+    spec = EnsembleSpec(
+        tiny_ckpts, threshold=float(np.median(mean)) / 255, member_tta=[True, False]
+    )
+    want = np.stack([combine_members(m, spec) for m in own])  # (2, 32, 32)
+    for flag in (True, False):  # the test's premise: one flag for both gives other masks
+        alike = np.stack([combine_members(m, spec) for m in maps([flag, flag])])
+        assert not np.array_equal(alike, want), flag
+    np.testing.assert_array_equal(predict_cache(spec, cache, device="cpu", progress=False), want)
+    r = predict_folder(spec, images, tmp_path / "out", device="cpu", progress=False)
+    np.testing.assert_array_equal(np.stack([read_png(p) == 255 for p in r.masks]), want)
 
 
 def test_large_image_gives_full_size_png_in_mirrored_folder(tiny_ckpts, tmp_path):
@@ -922,36 +1033,50 @@ def test_tta_follows_how_the_members_were_validated(tiny_ckpts, tmp_path, capsys
     used = []
 
     def spy(spec, cache, **kw):
-        used.append(spec.tta)
+        used.append(spec.member_ttas())
         return np.zeros((len(cache), 32, 32), bool)
 
     monkeypatch.setattr(predict_cmd, "predict_cache", spy)
 
-    def run(*argv: str) -> tuple[bool, list[str]]:
-        """(the TTA predicted with, the lines of stderr that are not the cache's progress)"""
+    def run(*argv: str) -> tuple[list[bool], list[str]]:
+        """(each member's TTA, the lines of stderr that are not the cache's progress)"""
         data = ["--data", str(tmp_path / "comp"), "--data-root", str(tmp_path / "data_root")]
         assert predict_main(*argv, *data, "--out", str(tmp_path / "sub.csv")) == 0
         err = capsys.readouterr().err.splitlines()
         return used.pop(), [line for line in err if line and not line.startswith("caching")]
 
     # no choice given: as the threshold was chosen
-    assert run("--checkpoint", with_tta) == (True, [])
-    assert run("--checkpoint", plain) == (False, [])
+    assert run("--checkpoint", with_tta) == ([True], [])
+    assert run("--checkpoint", plain) == ([False], [])
     # an explicit choice against it is warned about in one line, unless the threshold is the
     # user's own
     tta, err = run("--checkpoint", with_tta, "--no-tta")
-    assert not tta and len(err) == 1, err
+    assert tta == [False] and len(err) == 1, err
     assert err[0].startswith("warning: predicting without TTA (--no-tta)") and with_tta in err[0]
-    assert run("--checkpoint", plain, "--tta", "--threshold", "0.4") == (True, [])
-    # members that disagree: without TTA, named
-    tta, err = run("--checkpoint", with_tta, "--checkpoint", plain)
-    assert not tta and f"validated with TTA ({with_tta}) and without ({plain})" in err[0], err
+    assert run("--checkpoint", plain, "--tta", "--threshold", "0.4") == ([True], [])
+    # members that disagree: each as it was validated (all without TTA, with a warning, was
+    # what the search had not scored)
+    assert run("--checkpoint", with_tta, "--checkpoint", plain) == ([True, False], [])
+    # --tta / --no-tta set every member; the members validated otherwise are named
+    tta, err = run("--checkpoint", with_tta, "--checkpoint", plain, "--tta")
+    assert tta == [True, True] and len(err) == 1, err
+    assert err[0].startswith("warning: predicting with TTA (--tta)") and f"({plain})" in err[0]
     # an ensemble spec's own "tta", warned about when its members were validated otherwise
     spec = tmp_path / "spec.json"
     EnsembleSpec([with_tta], threshold=0.5).save(spec)
     tta, err = run("--ensemble", str(spec))
-    assert not tta and 'predicting without TTA (the spec\'s "tta": false)' in err[0], err
-    assert run("--ensemble", str(spec), "--tta") == (True, [])
+    assert tta == [False] and 'predicting without TTA (the spec\'s "tta": false)' in err[0], err
+    assert "(or pass --tta)" in err[0]
+    assert run("--ensemble", str(spec), "--tta") == ([True], [])
+    # a spec recording each member's flag predicts each with its own, without a word
+    EnsembleSpec([with_tta, plain], threshold=0.5, member_tta=[True, False]).save(spec)
+    assert run("--ensemble", str(spec)) == ([True, False], [])
+    # an older spec of a mixed ensemble (one "tta" for all) names the member to set
+    EnsembleSpec([with_tta, plain], threshold=0.5).save(spec)
+    tta, err = run("--ensemble", str(spec))
+    assert tta == [False, False] and len(err) == 1, err
+    assert f'({with_tta}); set "tta": true on its member entry in {spec}' in err[0], err
+    assert "--tta" not in err[0]  # it would run the other member with TTA: not what was scored
 
 
 # --------------------------------------------------------------------------------------------
@@ -976,6 +1101,7 @@ def test_spec_errors_name_the_file_and_the_field(tiny_ckpts, tmp_path):
         ({"members": [ck, {"checkpoint": None}]}, "member 1's 'checkpoint' must be a path"),
         ({"members": [{**ck, "weight": float("inf")}, ck]}, "weights must be positive and finite"),
         ({"members": [ck], "tta": "yes"}, "'tta' must be true or false"),
+        ({"members": [ck, {**ck, "tta": 1}]}, "member 1's 'tta' must be true or false, got 1"),
         ({"members": [ck], "threshold": 1.7}, r"threshold must lie in \[0, 1\], got 1.7"),
         ({"members": [ck], "threshold": float("nan")}, r"threshold must lie in \[0, 1\]"),
         (
@@ -986,6 +1112,31 @@ def test_spec_errors_name_the_file_and_the_field(tiny_ckpts, tmp_path):
         path = _spec(tmp_path, text)
         with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {message}"):
             EnsembleSpec.load(path)
+
+
+def test_spec_records_each_members_tta(tiny_ckpts, tmp_path):
+    # one "tta" for the whole spec ran a member validated with TTA without it (or, with --tta,
+    # one validated without it with it): neither is what the search scored
+    path = tmp_path / "spec.json"
+    spec = EnsembleSpec(tiny_ckpts, threshold=0.4, member_tta=[True, False])
+    spec.save(path)
+    raw = json.loads(path.read_text())
+    assert [m["tta"] for m in raw["members"]] == [True, False] and raw["tta"] is False
+    loaded = EnsembleSpec.load(path)
+    assert loaded.member_tta == [True, False] and loaded.tta is False
+    assert loaded.decision()["tta"] == [True, False]
+    # a member without its own flag takes the spec's; a spec without any, the spec's for all
+    raw["members"][1].pop("tta")
+    raw["tta"] = True
+    path.write_text(json.dumps(raw))
+    assert EnsembleSpec.load(path).member_ttas() == [True, True]
+    old = {"members": [{"checkpoint": c} for c in tiny_ckpts], "tta": True}
+    path.write_text(json.dumps(old))
+    loaded = EnsembleSpec.load(path)
+    assert loaded.member_tta == [] and loaded.member_ttas() == [True, True]
+    assert loaded.decision()["tta"] is True
+    with pytest.raises(ValueError, match="1 member TTA flags for 2 member"):
+        EnsembleSpec(tiny_ckpts, member_tta=[True]).check()
 
 
 def test_spec_members_resolve_like_checkpoint_flags(tiny_ckpts, tmp_path):

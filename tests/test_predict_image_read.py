@@ -61,7 +61,7 @@ def write_image(path: Path, img: np.ndarray) -> Path:
 
 def checkpoint(path: Path, model: str, **read) -> Path:
     """A pointwise checkpoint; with ``read``, recording those image read options as fit does."""
-    save_checkpoint(path, model, 0, **{"aug.crop_size": 32})
+    save_checkpoint(path, model, 0, image_read=False, **{"aug.crop_size": 32})
     if read:
         state = torch.load(path, weights_only=True)
         state["image_read"] = image_read_record(ReadOptions(**read))
@@ -121,18 +121,35 @@ def test_folder_prediction_reads_images_as_in_training(pointwise_model, tmp_path
     assert "warning" not in capsys.readouterr().err
 
 
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning")]
+
+
 def test_checkpoints_without_the_record_keep_the_flags_defaults(pointwise_model, tmp_path, capsys):
+    # read with the flags' defaults without a word: a model trained on images read otherwise
+    # predicted from images it had never seen the like of
     old = checkpoint(tmp_path / "old.pt", pointwise_model)
     images, out = tmp_path / "images", tmp_path / "out"
     write_image(images / "a.png", blue_left())
     argv = ["--checkpoint", str(old), "--images", str(images), "--out", str(out)]
     assert predict_main(*argv) == 0
     captured = capsys.readouterr()
-    assert "reading the images" not in captured.out and "warning" not in captured.err
+    assert "reading the images" not in captured.out
+    assert _warnings(captured.err) == [
+        f"warning: {old} record(s) no image read options (trained before bldseg recorded them); "
+        "assuming the flags' defaults: no --bands (the default), --stretch 2 98, --alpha refuse; "
+        "pass --bands, --stretch and --alpha as it was trained if they differ"
+    ]
     assert not (read_png(out / "a.png") == 255).any()  # bands 1,2,3
+    # a flag given is not assumed: only those left out are named
     assert predict_main(*argv, "--bands", "3,2,1") == 0
-    assert "warning" not in capsys.readouterr().err
+    (warning,) = _warnings(capsys.readouterr().err)
+    assert "assuming the flags' defaults: --stretch 2 98, --alpha refuse;" in warning
     np.testing.assert_array_equal(read_png(out / "a.png") == 255, LEFT)
+    # all three given: nothing is assumed
+    every = ["--bands", "3,2,1", "--stretch", "2", "98", "--alpha", "refuse"]
+    assert predict_main(*argv, *every) == 0
+    assert _warnings(capsys.readouterr().err) == []
 
     # beside a member that records its options, those are used, and the older one is named
     new = checkpoint(tmp_path / "new.pt", pointwise_model, bands=(3, 2, 1))
@@ -142,6 +159,38 @@ def test_checkpoints_without_the_record_keep_the_flags_defaults(pointwise_model,
     assert f"warning: {old} record(s) no image read options" in err, err
     assert f"as {new} was trained: --bands 3,2,1" in err, err
     np.testing.assert_array_equal(read_png(out / "a.png") == 255, LEFT)
+
+
+def test_members_trained_on_a_cache_are_warned_about_once(pointwise_model, tmp_path, capsys):
+    # a model trained on a bldseg cache records no image read options (the cache does not say
+    # how its images were decoded): an ensemble of such models was read with the defaults,
+    # silently, as no other member recorded any
+    members = []
+    for name in ("a", "b"):
+        ckpt = checkpoint(tmp_path / f"{name}.pt", pointwise_model)
+        state = torch.load(ckpt, weights_only=True)
+        state["data_kind"] = "cache"
+        torch.save(state, ckpt)
+        members += ["--checkpoint", str(ckpt)]
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_image(images / "a.png", blue_left())
+    argv = [*members, "--threshold", "0.5", "--images", str(images), "--out", str(out)]
+    assert predict_main(*argv, "--alpha", "fill") == 0
+    (warning,) = _warnings(capsys.readouterr().err)  # once, naming both
+    assert warning.startswith(
+        f"warning: {tmp_path / 'a.pt'}, {tmp_path / 'b.pt'} record(s) no image read options "
+        "(trained on a bldseg cache, which does not record how its images were decoded); "
+        "assuming the flags' defaults: no --bands (the default), --stretch 2 98;"
+    ), warning
+    assert "as they were trained" in warning and "--alpha refuse" not in warning
+    # beside a member that records them, the others' record is assumed, and the reason given
+    new = checkpoint(tmp_path / "new.pt", pointwise_model, bands=(3, 2, 1))
+    assert predict_main(*argv, "--checkpoint", str(new)) == 0
+    (warning, *_) = _warnings(capsys.readouterr().err)
+    assert "(trained on a bldseg cache, which does not record how its images were decoded)" in (
+        warning
+    )
+    assert f"reading the images as {new} was trained: --bands 3,2,1" in warning
 
 
 def test_members_trained_on_images_read_differently_are_refused(pointwise_model, tmp_path, capsys):

@@ -53,6 +53,7 @@ from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
 from bldseg.ensemble.run import (
     InterruptedAfterPublishing,
     SearchConfig,
+    check_threshold_range,
     make_out_dir,
     run_search,
     summary_lines,
@@ -96,8 +97,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar=("KMIN", "KMAX"),
         help="exhaustive: search every k in KMIN..KMAX instead of one -k",
     )
-    p.add_argument("--lo", type=float, default=0.30, help="lowest threshold (default 0.30)")
-    p.add_argument("--hi", type=float, default=0.70, help="highest threshold (default 0.70)")
+    p.add_argument(
+        "--lo", type=float, default=0.30, help="lowest threshold, in [0, --hi] (default 0.30)"
+    )
+    p.add_argument(
+        "--hi", type=float, default=0.70, help="highest threshold, in [--lo, 1] (default 0.70)"
+    )
     p.add_argument("--method", choices=("exhaustive", "greedy"), default="exhaustive")
     p.add_argument(
         "--greedy-size",
@@ -297,6 +302,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(prog)
     a = parser.parse_args(argv)
     _refuse_inapplicable(parser, a)
+    try:  # outside [0, 1] the sweep was clipped without a word, and lo > hi said "widen"
+        check_threshold_range(a.lo, a.hi)
+    except ValueError as err:
+        parser.error(str(err))
     return interruptible(parser.prog, lambda: _ensemble(parser, a), lambda e: _interrupted(a, e))
 
 

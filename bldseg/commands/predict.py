@@ -33,7 +33,9 @@ some masks new and others an earlier run's: the next run into --out warns of it.
 Images are decoded as the model's training images were (--bands, --stretch, --alpha, recorded in
 best.pt by bldseg train): leave those flags out. A flag given explicitly wins, with a warning
 when it differs from the record; members of an ensemble trained on images read differently are
-refused. Checkpoints written before bldseg recorded this take the flags' defaults.
+refused. Checkpoints that record none (written before bldseg recorded it, or trained on a bldseg
+cache, which does not say how its images were decoded) take the other members' record, else the
+flags' defaults, with one warning naming them and what is assumed.
 
 With --data, only the test split is read: a competition folder needs only test.csv (and its
 images), or pass the test CSV itself; train.csv is neither needed nor cached. Each test image is
@@ -46,10 +48,11 @@ is predicted, with a warning naming both.
 
 With one checkpoint the threshold defaults to the one chosen on its validation tiles.
 
-Flip test-time augmentation (TTA) follows how the threshold was chosen unless --tta or --no-tta
-says otherwise: with --checkpoint, on when every member was validated with TTA (run config
-tta=True); with --ensemble, the spec's "tta". A one-line warning says when the members were
-validated differently from each other, or from how this prediction runs.
+Flip test-time augmentation (TTA) follows how the threshold was chosen: each member predicts as
+it was validated, with --checkpoint as its run config says (tta=True), with --ensemble as its
+member entry's "tta" says (written by bldseg ensemble; older specs: the spec's "tta" for every
+member). --tta / --no-tta override it for every member; a one-line warning says when a member
+is predicted otherwise than it was validated (unless --threshold is given).
 
 A K-fold run (bldseg train --folds K) predicts as one model: pass its folder or its
 folds.json as --checkpoint; the K fold models' probabilities are averaged (then quantised, as
@@ -87,6 +90,7 @@ from bldseg.predict import (
     describe_image_read,
     image_read_flag,
     member_config,
+    member_data_kind,
     predict_cache,
     predict_folder,
     recorded_image_read,
@@ -141,8 +145,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="flip test-time augmentation on or off (default: as the threshold was chosen: "
-        "--checkpoint: on when every member was validated with it; --ensemble: the spec's)",
+        help="flip test-time augmentation on or off for every member, overriding how each was "
+        "validated (default: each member as the threshold was chosen: --checkpoint: as its run "
+        "config's tta; --ensemble: as its member entry's \"tta\" in the spec)",
     )
     p.add_argument("--truth", default=None, help="ground-truth CSV to score against (--data)")
     f = p.add_argument_group("folder prediction (--images)")
@@ -360,39 +365,58 @@ def _out_overwrites_input(args: argparse.Namespace, data_name: str) -> str | Non
     return None
 
 
-def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> str | None:
-    """Sets ``spec.tta``; returns a warning when the members' validation disagrees with it.
+def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> list[str]:
+    """Sets each member's flip TTA (``spec.member_tta``); returns warnings for the members
+    predicted otherwise than they were validated.
 
     The members' run configs say whether their validation maps, on which their thresholds
-    (and an ensemble search's) were chosen, were flip-averaged: without --tta/--no-tta,
-    --checkpoint predicts with TTA only when every member was validated with it, and
-    --ensemble as its spec says.
+    (and an ensemble search's) were chosen, were flip-averaged. Without --tta/--no-tta each
+    member predicts as it was validated: with --checkpoint as its run config says, with
+    --ensemble as the spec says (per member; a spec's ``"tta"`` for members without their own).
+    --tta/--no-tta set every member. A member predicted otherwise is warned about unless the
+    threshold is the user's own (--threshold).
     """
-    validated = {c: member_config(c)[0].tta for c in spec.checkpoints}
-    with_tta = [c for c, tta in validated.items() if tta]
+    validated = [member_config(c)[0].tta for c in spec.checkpoints]
     if args.tta is not None:
-        spec.tta = args.tta
+        spec.tta, spec.member_tta = args.tta, [args.tta] * len(validated)
     elif not args.ensemble:
-        spec.tta = len(with_tta) == len(validated)
-    how = "with" if spec.tta else "without"
-    if 0 < len(with_tta) < len(validated):
-        without = [c for c, tta in validated.items() if not tta]
-        return (
-            f"warning: members were validated with TTA ({', '.join(with_tta)}) and without "
-            f"({', '.join(without)}); predicting {how} TTA (--tta / --no-tta to choose)"
-        )
-    if args.threshold is None and bool(with_tta) != spec.tta:
-        if args.tta is None:
-            source = f'the spec\'s "tta": {str(spec.tta).lower()}'
+        spec.tta, spec.member_tta = all(validated), validated
+    if args.threshold is not None:
+        return []
+    used = spec.member_ttas()
+    wrong = [(c, u) for c, v, u in zip(spec.checkpoints, validated, used, strict=True) if u != v]
+    out = []
+    for how in (True, False):  # one line for those predicted with TTA, one for those without
+        off = [c for c, u in wrong if u == how]
+        if not off:
+            continue
+        said = "with" if how else "without"
+        other = "without" if how else "with"
+        if args.tta is not None:
+            flag = "--tta" if args.tta else "--no-tta"
+            source, fix = flag, f"leave {flag} out to predict each member as it was validated"
         else:
-            source = "--tta" if args.tta else "--no-tta"
-        other = "with" if with_tta else "without"
-        return (
-            f"warning: predicting {how} TTA ({source}), but the threshold was chosen on "
-            f"validation maps made {other} it ({', '.join(validated)}); pass "
-            f"{'--tta' if with_tta else '--no-tta'} to predict as validated, or a --threshold"
+            entries = "its member entry" if len(off) == 1 else "their member entries"
+            source = f'the spec\'s "tta": {str(how).lower()}'
+            fix = f'set "tta": {str(not how).lower()} on {entries} in {args.ensemble}'
+            if len(set(validated)) == 1:  # every member validated alike: one flag says it
+                fix += f" (or pass {'--no-tta' if how else '--tta'})"
+        out.append(
+            f"warning: predicting {said} TTA ({source}), but the threshold was chosen on "
+            f"validation maps made {other} it ({', '.join(off)}); {fix}, or pass a --threshold"
         )
-    return None
+    return out
+
+
+def _unrecorded_why(unrecorded: list[str]) -> str:
+    """Why these members record no image read options, in a few words (from their ``best.pt``'s
+    ``data_kind``: a model trained on a bldseg cache was given images decoded before it)."""
+    kinds = {member_data_kind(m) == "cache" for m in unrecorded}
+    if kinds == {True}:
+        return "trained on a bldseg cache, which does not record how its images were decoded"
+    if kinds == {False}:
+        return "trained before bldseg recorded them"
+    return "trained before bldseg recorded them, or on a bldseg cache, which does not record them"
 
 
 def _choose_image_read(
@@ -404,23 +428,39 @@ def _choose_image_read(
     A flag left out reads the images as the members' training images were read (their
     checkpoints' record, :func:`~bldseg.predict.recorded_image_read`); a flag given wins, with a
     warning when it differs from the record (test imagery may need it). Members that record
-    nothing (older checkpoints) get the flags' defaults, as before.
+    nothing (older checkpoints, models trained on a bldseg cache) are warned about once, naming
+    what is assumed for them: the other members' record, or else the defaults of the flags left
+    out.
     """
     given = {
         "alpha": args.alpha,
         "bands": None if args.bands is None else tuple(args.bands),
         "stretch": None if args.stretch is None else tuple(float(v) for v in args.stretch),
     }
+    defaults = {"alpha": DEFAULT_READ.alpha, "bands": None, "stretch": DEFAULT_READ.stretch}
     if recorded is None:
+        warnings = []
+        left_out = [n for n in ("bands", "stretch", "alpha") if given[n] is None]
+        assumed = [image_read_flag(n, defaults[n]) for n in left_out]
+        if unrecorded and assumed:
+            # read with the defaults as before, but no longer silently: a model trained on
+            # 16-bit scenes read with --bands 5,3,2 predicts noise on images read otherwise
+            them = "it was" if len(unrecorded) == 1 else "they were"
+            warnings.append(
+                f"warning: {', '.join(unrecorded)} record(s) no image read options "
+                f"({_unrecorded_why(unrecorded)}); assuming the flags' defaults: "
+                f"{', '.join(assumed)}; pass --bands, --stretch and --alpha as {them} trained "
+                "if they differ"
+            )
         args.alpha = args.alpha or DEFAULT_READ.alpha
-        return None, []
+        return None, warnings
     recorders = [m for m in members if m not in unrecorded]
     who = f"{recorders[0]} was" if len(recorders) == 1 else f"{', '.join(recorders)} were"
     warnings = []
     if unrecorded:
         warnings.append(
-            f"warning: {', '.join(unrecorded)} record(s) no image read options (trained before "
-            f"bldseg recorded them); reading the images as {who} trained: "
+            f"warning: {', '.join(unrecorded)} record(s) no image read options "
+            f"({_unrecorded_why(unrecorded)}); reading the images as {who} trained: "
             f"{describe_image_read(recorded)}"
         )
     chosen = {}
@@ -433,7 +473,6 @@ def _choose_image_read(
                 "out to read them as in training"
             )
     args.alpha, args.bands, args.stretch = chosen["alpha"], chosen["bands"], chosen["stretch"]
-    defaults = {"alpha": DEFAULT_READ.alpha, "bands": None, "stretch": DEFAULT_READ.stretch}
     info = None
     if chosen == recorded != defaults:  # said, as the flags that were left out are not
         info = f"reading the images as {who} trained: {describe_image_read(chosen)}"
@@ -522,11 +561,11 @@ def _predict(args: argparse.Namespace, written: list[str]) -> int:
     if args.min_area is not None:
         spec.min_area = args.min_area
     try:
-        warning = _choose_tta(spec, args)
+        tta_warnings = _choose_tta(spec, args)
     except USER_ERRORS as e:
         return fail(e)
-    if warning:
-        print(warning, file=sys.stderr)
+    for line in tta_warnings:
+        print(line, file=sys.stderr)
     try:
         recorded, unrecorded = recorded_image_read(spec.checkpoints)
     except USER_ERRORS as e:

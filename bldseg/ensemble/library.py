@@ -40,6 +40,7 @@ __all__ = [
     "USABLE_STATUSES",
     "VAL_FILE",
     "ModelLibrary",
+    "ended_unusable",
     "find_runs",
     "load_library",
     "member_checkpoint",
@@ -181,8 +182,9 @@ def find_runs(
         include_failed: Also list the run folders whose status says they failed.
 
     Raises:
-        FileNotFoundError: if ``root`` does not exist or holds no such run folder, or no usable
-            one (each says it failed).
+        FileNotFoundError: if ``root`` does not exist or holds no such run folder (naming, with
+            their reasons, the runs that ended without one: :func:`ended_unusable`), or no
+            usable one (each says it failed, and why).
     """
     root = Path(root)
     if not root.is_dir():
@@ -191,6 +193,16 @@ def find_runs(
         p.parent for p in root.rglob(file_name) if p.is_file() and not _inside_kfold(p.parent, root)
     )
     if not runs:
+        ended = ended_unusable(root)
+        if ended:
+            # a search whose trials all failed before their first validation: say why they did
+            listing = "; ".join(_why(r, status, message, root) for r, status, message in ended)
+            raise FileNotFoundError(
+                f"no run folder under {root} holds {file_name}: the {STATUS_FILE} of "
+                f"{len(ended)} run folder(s) there says the run ended without a usable model: "
+                f"{listing}. Fix what made them fail and rerun the search, or point --runs at "
+                "another search's results folder"
+            )
         raise FileNotFoundError(
             f"no run folder under {root} holds {file_name}; point --runs at a search's results "
             "folder (trials write it after their first validation) or pass --models"
@@ -202,6 +214,7 @@ def find_runs(
     left = {r for r, _ in failed}
     kept = [r for r in runs if r not in left]
     if not kept:
+        listing = "; ".join(_why(r, status, _status_message(r), root) for r, status in failed)
         raise FileNotFoundError(
             f"no usable model under {root}: the {STATUS_FILE} of each of its {len(runs)} run "
             f"folder(s) holding {file_name} says it did not complete: {listing}; retrain them "
@@ -218,6 +231,59 @@ def find_runs(
         stacklevel=1,
     )
     return kept
+
+
+#: Statuses that end a run whatever ``status.json``'s ``"final"`` says: ``bldseg train`` writes
+#: none, and a trial that failed or diverged trains no further.
+_ENDING_STATUSES = ("error", "diverged")
+
+
+def _status_record(run: Path) -> dict | None:
+    """A run folder's ``status.json`` as a dict; None without one, or when it is unreadable."""
+    try:
+        record = json.loads((run / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _status_message(run: Path) -> str:
+    """Why a run stands where it does, as its ``status.json`` says (first line, shortened)."""
+    message = (_status_record(run) or {}).get("message")
+    if not isinstance(message, str) or not message.strip():
+        return ""
+    line = message.strip().splitlines()[0]
+    return line if len(line) <= 200 else line[:199] + "…"
+
+
+def _why(run: Path, status: str, message: str, root: Path) -> str:
+    """``"trial_x/run (error): what went wrong"``: one run of a listing of failed runs."""
+    return f"{_relative(run, root)} ({status})" + (f": {message}" if message else "")
+
+
+def ended_unusable(root: str | os.PathLike) -> list[tuple[Path, str, str]]:
+    """The run folders under ``root`` whose ``status.json`` says the run ended without a usable
+    model: a trial the search closed (``"final": true``) as anything but completed or
+    early-stopped, or any run that failed or diverged. Runs still going are not listed; nor are
+    the folds of a K-fold run (the run's own status speaks for them).
+
+    Returns:
+        ``(run folder, status, message)`` sorted by path; the message is the first line of the
+        record's ``message`` ("" without one).
+    """
+    root = Path(root)
+    out = []
+    for f in sorted(root.rglob(STATUS_FILE)):
+        run = f.parent
+        if _inside_kfold(run, root):
+            continue
+        record = _status_record(run)
+        status = None if record is None else record.get("status")
+        if not isinstance(status, str) or status in USABLE_STATUSES:
+            continue
+        if record.get("final") is True or status in _ENDING_STATUSES:
+            out.append((run, status, _status_message(run)))
+    return out
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -37,8 +37,10 @@ def level_window(k: int, lo: float, hi: float) -> tuple[int, int]:
     The same window as ``bldseg.metrics.best_level(scores, 255 * k, lo, hi)``.
 
     Raises:
-        ValueError: if no level lies in the range.
+        ValueError: if ``lo > hi``, or no level lies in the range.
     """
+    if lo > hi:  # "widen the range" would send the user the wrong way
+        raise ValueError(f"lo = {lo} > hi = {hi}: swap them")
     m = QUANT_MAX * k
     first = int(level_from_threshold(lo, m))
     last = min(int(np.searchsorted(np.arange(m + 1) / m, hi, side="right")) - 1, m)

@@ -64,13 +64,14 @@ from bldseg.ensemble.search import (
     greedy_search,
     score_members,
 )
-from bldseg.io import finite_json
+from bldseg.io import file_lock, finite_json
 from bldseg.predict import EnsembleSpec, fold_checkpoints, member_config
 
 __all__ = [
     "InterruptedAfterPublishing",
     "SearchConfig",
     "SearchSummary",
+    "check_threshold_range",
     "evaluate",
     "make_out_dir",
     "run_search",
@@ -85,6 +86,9 @@ SPLITS = ("selection", "check", "test")
 STAGING_PREFIX = ".ensemble-staging-"
 #: In a staging folder: the process that made it, ``{"pid": ..., "host": ...}``.
 STAGING_OWNER = ".owner.json"
+#: In a staging folder: the file its run holds locked (:func:`bldseg.io.file_lock`) for as long
+#: as the folder exists; a folder whose lock can be taken is a gone run's.
+STAGING_LOCK = ".owner.lock"
 #: Seconds after which a staging folder without an owner file counts as stale (one made by a
 #: bldseg before the owner file, or by a run killed between creating it and writing the file).
 STAGING_UNOWNED_STALE_S = 3600.0
@@ -375,7 +379,26 @@ def _search(
     return single, top, per_k
 
 
+def check_threshold_range(lo: float, hi: float) -> None:
+    """Refuses a threshold sweep ``[lo, hi]`` that is not ``0 <= lo <= hi <= 1``.
+
+    A threshold outside [0, 1] (or NaN) is no probability: the sweep was clipped without a
+    word, and the summary recorded the range as given.
+
+    Raises:
+        ValueError: naming ``--lo`` / ``--hi`` and what to do.
+    """
+    for flag, value in (("--lo", lo), ("--hi", hi)):
+        if not 0.0 <= value <= 1.0:  # also refuses NaN
+            raise ValueError(
+                f"{flag} {value}: the threshold sweep's ends are probabilities, in [0, 1]"
+            )
+    if lo > hi:
+        raise ValueError(f"--lo {lo} > --hi {hi}: lo > hi: swap them")
+
+
 def _check_rules(cfg: SearchConfig) -> None:
+    check_threshold_range(cfg.lo, cfg.hi)
     bad = [r for r in cfg.rules if r not in RULES]
     if bad or not cfg.rules:
         raise ValueError(f"rules must be some of {RULES}, got {cfg.rules}")
@@ -597,39 +620,83 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     remove_stale_stages(out)
     stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
-        owner = {"pid": os.getpid(), "host": socket.gethostname()}
-        (stage / STAGING_OWNER).write_text(json.dumps(owner))
-        return _run_search(cfg, out, stage, t0)
+        # Held while the folder exists, so that no other run takes it for a killed one's; the
+        # owner file, written once it is held, tells another run that a free lock means gone.
+        with file_lock(stage / STAGING_LOCK):
+            owner = {"pid": os.getpid(), "host": socket.gethostname()}
+            (stage / STAGING_OWNER).write_text(json.dumps(owner))
+            try:
+                return _run_search(cfg, out, stage, t0)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
     finally:
+        # again once the lock is released: an open lock file keeps an NFS folder (.nfs* file)
         shutil.rmtree(stage, ignore_errors=True)
 
 
 def remove_stale_stages(out: Path) -> list[Path]:
     """Removes the staging folders that killed runs left in ``out``; returns them.
 
-    ``--out`` has no lock (two searches may write into it at once), so a staging folder is
-    stale when the process that made it is gone: one of this host whose owner file names a pid
-    that no longer runs, or one without an owner file older than
-    :data:`STAGING_UNOWNED_STALE_S`. Another host's (an ``--out`` on a shared disk) are kept,
-    as is one whose pid runs again for another process: whether they are in use cannot be told.
+    ``--out`` has no lock (two searches may write into it at once), but each run holds a lock
+    on its staging folder's :data:`STAGING_LOCK` for as long as the folder exists. A folder is
+    stale when that lock can be taken at once (its run is gone, whichever host, container or
+    PID namespace it ran in: process ids cannot tell, as another namespace's live run has a pid
+    that does not run here) and its owner file, written once the lock was held, is there. A
+    folder without a lock file (made by a bldseg before it) is stale when its owner file names
+    a pid of this host that no longer runs; another host's are kept, as is one whose pid runs
+    again for another process. A folder without an owner file (being made, or its run killed
+    at once) is stale once older than :data:`STAGING_UNOWNED_STALE_S`.
     """
     removed = []
     host = socket.gethostname()
     for stage in out.glob(f"{STAGING_PREFIX}*"):
-        try:
-            owner = json.loads((stage / STAGING_OWNER).read_text())
-            stale = owner["host"] == host and not _pid_runs(int(owner["pid"]))
-        except FileNotFoundError:
-            try:
-                stale = time.time() - stage.stat().st_mtime > STAGING_UNOWNED_STALE_S
-            except OSError:  # removed meanwhile, or not ours to look into
-                continue
-        except (OSError, ValueError, KeyError, TypeError):  # unreadable: not known to be stale
-            continue
-        if stale and stage.is_dir():
-            shutil.rmtree(stage, ignore_errors=True)
+        if (stage / STAGING_LOCK).is_file():
+            stale = _remove_if_unlocked(stage)
+        else:
+            stale = _stale_by_owner(stage, host)
+            if stale and stage.is_dir():
+                shutil.rmtree(stage, ignore_errors=True)
+        if stale:
             removed.append(stage)
     return removed
+
+
+def _remove_if_unlocked(stage: Path) -> bool:
+    """Removes a staging folder whose run holds its lock no longer; whether it did."""
+    from filelock import Timeout
+
+    try:
+        with file_lock(stage / STAGING_LOCK, timeout=0):
+            # no owner file: its run may have created the lock file and not locked it yet
+            stale = (stage / STAGING_OWNER).is_file() or _older_than_unowned(stage)
+            if stale:
+                shutil.rmtree(stage, ignore_errors=True)
+    except Timeout:  # its run holds it: in use
+        return False
+    except OSError:  # removed meanwhile, or not ours to lock
+        return False
+    if stale:
+        shutil.rmtree(stage, ignore_errors=True)  # what the open lock file kept (NFS)
+    return stale
+
+
+def _stale_by_owner(stage: Path, host: str) -> bool:
+    """Whether a staging folder without a lock file is a gone run's, by its owner file."""
+    try:
+        owner = json.loads((stage / STAGING_OWNER).read_text())
+        return owner["host"] == host and not _pid_runs(int(owner["pid"]))
+    except FileNotFoundError:
+        return _older_than_unowned(stage)
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: not known to be stale
+        return False
+
+
+def _older_than_unowned(stage: Path) -> bool:
+    """Whether a staging folder is older than :data:`STAGING_UNOWNED_STALE_S`."""
+    try:
+        return time.time() - stage.stat().st_mtime > STAGING_UNOWNED_STALE_S
+    except OSError:  # removed meanwhile, or not ours to look into
+        return False
 
 
 def _pid_runs(pid: int) -> bool:
@@ -644,50 +711,43 @@ def _pid_runs(pid: int) -> bool:
 
 
 class _MembersTTA:
-    """Whether a spec's members validated with flip TTA (their maps are then flip-averaged, so
-    predict must average flips too), read from each member's own checkpoint, once.
+    """Whether each model validated with flip TTA (its maps are then flip-averaged, so predict
+    must average flips too), read from its own checkpoint, once.
 
-    A spec predicts with TTA when every one of its members validated with it; models the
-    search did not choose are never read, so a missing or foreign checkpoint among them changes
-    nothing. A chosen member whose run config cannot be read (a missing, empty or foreign
-    ``best.pt``) and members mixing both are warned about: their specs predict without TTA,
-    which ``bldseg predict --tta`` overrides.
+    A spec records the flag per member (:attr:`EnsembleSpec.member_tta`): an ensemble mixing
+    runs validated with and without TTA predicts each member as its maps were made, which is
+    what the search scored. Models the search did not choose are never read, so a missing or
+    foreign checkpoint among them changes nothing. A chosen member whose run config cannot be
+    read (a missing, empty or foreign ``best.pt``) is warned about, once: its member entries
+    say ``"tta": false``.
     """
 
     def __init__(self, lib: ModelLibrary):
         self._lib = lib
-        self._flags: dict[int, bool | None] = {}  # model -> its run config's tta; None: unread
-        self._mixed: set[tuple[int, ...]] = set()  # member sets already warned about
+        self._flags: dict[int, bool] = {}  # model -> its run config's tta (False: unread)
 
-    def _flag(self, m: int) -> bool | None:
+    def _flag(self, m: int) -> bool:
         if m not in self._flags:
             path = self._lib.checkpoints[m]
             try:
                 self._flags[m] = member_config(path)[0].tta
             except (OSError, ValueError) as err:
-                self._flags[m] = None
+                self._flags[m] = False
                 where = "" if str(path) in str(err) else f"{path}: "  # most errors name it
                 warnings.warn(
                     f"model {self._lib.names[m]!r}: cannot read its run config ({where}{err}), "
-                    "so the specs holding it predict without flip TTA; if that run validated "
-                    "with TTA, predict with bldseg predict --tta",
+                    'so the specs holding it predict it without flip TTA ("tta": false on its '
+                    'member entry); if that run validated with TTA, set "tta": true there',
                     stacklevel=3,
                 )
         return self._flags[m]
 
-    def __call__(self, members: Sequence[int]) -> bool:
-        """Whether the spec of these members (model indices) predicts with flip TTA."""
-        flags = {self._flag(m) for m in members}
-        key = tuple(sorted(set(members)))
-        if {True, False} <= flags and key not in self._mixed:
-            self._mixed.add(key)
-            names = "+".join(self._lib.names[m] for m in key)
-            warnings.warn(
-                f"ensemble {names} mixes runs validated with and without flip TTA; its spec "
-                "predicts without it (bldseg predict --tta overrides)",
-                stacklevel=2,
-            )
-        return flags == {True}
+    def __call__(self, spec: EnsembleSpec, members: Sequence[int]) -> EnsembleSpec:
+        """``spec`` (whose members are these model indices) with each member's TTA recorded;
+        the spec-wide ``tta`` (read by older bldseg versions, which know no member flags) is
+        on when every member's is."""
+        flags = [self._flag(m) for m in members]
+        return replace(spec, tta=all(flags), member_tta=flags)
 
 
 #: Moved into ``--out`` after the other outputs, in this order: ``submit.json`` (what predict
@@ -703,7 +763,8 @@ def _publish(stage: Path, out: Path, moved: list[bool]) -> None:
     power cut) leaves the earlier ``submit.json`` and ``summary.json``: the new ones move last.
     """
     with _ctrl_c_deferred():
-        staged = {p.name for p in stage.iterdir()} - {STAGING_OWNER}
+        # not the hidden owner and lock files (nor a filesystem's own lock files beside them)
+        staged = {p.name for p in stage.iterdir() if not p.name.startswith(".")}
         for name in sorted(staged - set(_PUBLISHED_LAST)):
             os.replace(stage / name, out / name)
         for old in out.glob("best_ensemble_*.json"):
@@ -789,13 +850,13 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     files.update(_plots(stage, per_k_rows, sel, chk, best, lo, hi, rules_searched))
 
     # a member's maps were flip-averaged when its run validated with TTA: predict must too
-    tta = _MembersTTA(lib)
+    with_tta = _MembersTTA(lib)
     spec = EnsembleSpec(
         checkpoints=[str(lib.checkpoints[m].resolve()) for m in best.members],
         weights=[],
         threshold=best.threshold,
-        tta=tta(best.members),
     )
+    spec = with_tta(spec, best.members)
     spec_path = stage / "best_ensemble.json"
     spec.save(spec_path, home=out)
     files["spec"] = str(spec_path)
@@ -805,8 +866,8 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         checkpoints=[str(lib.checkpoints[m].resolve()) for m in single.members],
         weights=[],
         threshold=single.threshold,
-        tta=tta(single.members),
     )
+    single_spec = with_tta(single_spec, single.members)
     single_spec.save(stage / "best_single.json", home=out)
     files["single_spec"] = str(stage / "best_single.json")
 
@@ -821,7 +882,7 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         for name, e in found.items():
             rule_rows[name], rule_tiles[name] = _rule_row(name, e, lib, libs, levels)
             rule_spec = e.spec([c.resolve() for c in lib.checkpoints], levels)
-            rule_spec = replace(rule_spec, tta=tta(e.members))
+            rule_spec = with_tta(rule_spec, e.members)
             path = stage / f"best_ensemble_{name}.json"
             rule_spec.save(path, home=out)
             files[f"spec_{name}"] = str(path)
@@ -829,7 +890,7 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         name = max(found, key=lambda n: found[n].score)
         if name != "mean":
             spec = found[name].spec([c.resolve() for c in lib.checkpoints], levels)
-            spec = replace(spec, tta=tta(found[name].members))
+            spec = with_tta(spec, found[name].members)
             spec.save(spec_path, home=out)
             best_d, best_tiles = rule_rows[name], rule_tiles[name]
     single_d, single_tiles = _with_intervals(_row(single, lib, sel, chk, test), single, libs)

@@ -329,9 +329,13 @@ def test_a_mask_georeferenced_elsewhere_is_refused_naming_both_grids(tmp_path, m
     records = read_folder_dataset(tmp_path / "images", tmp_path / "masks")
     with pytest.raises(ValueError, match=rf"^a \({re.escape(str(image))}\): mask .*{match}"):
         decode_record(records[0])
-    # the check predict --masks calls
+    # the check predict --masks calls, and predict's own (before predicting, and when scoring)
     with pytest.raises(ValueError, match=match):
         check_mask_grid(image, mask)
+    from bldseg.predict import _check_mask_size
+
+    with pytest.raises(ValueError, match=match):
+        _check_mask_size(mask, (H, W), image, (H, W))
 
 
 @pytest.mark.parametrize(

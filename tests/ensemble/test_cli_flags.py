@@ -58,6 +58,43 @@ def test_a_flag_that_does_not_apply_is_refused(runs, tmp_path, capsys, flags, me
     assert not out.exists()  # refused before anything ran
 
 
+# (flags, what the error says): a threshold sweep that is not 0 <= lo <= hi <= 1
+BAD_RANGES = [
+    (["--lo", "-3"], "--lo -3.0: the threshold sweep's ends are probabilities, in [0, 1]"),
+    (["--hi", "1.5"], "--hi 1.5: the threshold sweep's ends are probabilities, in [0, 1]"),
+    (["--lo", "nan"], "--lo nan: the threshold sweep's ends are probabilities"),
+    (["--lo", "0.7", "--hi", "0.3"], "--lo 0.7 > --hi 0.3: lo > hi: swap them"),
+]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"), BAD_RANGES, ids=[" ".join(flags) for flags, _ in BAD_RANGES]
+)
+def test_a_threshold_range_outside_0_1_or_reversed_is_refused(
+    runs, tmp_path, capsys, flags, message
+):
+    # --lo -3 ran (exit 0, the summary recording lo -3), and lo > hi said "widen the range"
+    out = tmp_path / "out"
+    argv = ["--runs", str(runs), "--out", str(out), "--no-progress", "--workers", "0", *flags]
+    with pytest.raises(SystemExit) as exc:
+        ensemble_cmd.main([*argv, "-k", "2"], prog="bldseg ensemble")
+    assert exc.value.code == 2
+    assert f"bldseg ensemble: error: {message}" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything ran
+
+
+def test_the_library_refuses_a_bad_threshold_range_too(runs, tmp_path):
+    from bldseg.ensemble.prune import level_window
+    from bldseg.ensemble.run import SearchConfig, run_search
+
+    with pytest.raises(ValueError, match=r"^--lo 0.6 > --hi 0.4: lo > hi: swap them$"):
+        run_search(SearchConfig(runs=str(runs), k=[2], lo=0.6, hi=0.4, out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="swap them"):
+        level_window(2, 0.6, 0.4)
+    # the ends themselves are a range: one threshold, searched alone
+    assert level_window(1, 0.4, 0.4) == (102, 102)
+
+
 def test_valid_greedy_command_runs_with_its_flags(runs, tmp_path, capsys):
     out = tmp_path / "greedy"
     argv = ["--runs", str(runs), "--method", "greedy", "--greedy-size", "4", "--greedy-init"]

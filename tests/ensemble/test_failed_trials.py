@@ -132,8 +132,35 @@ def test_cli_without_a_usable_run_fails_before_the_search(tmp_path, capsys):
     assert _cli(["--runs", str(root)], out) == 2
     err = capsys.readouterr().err
     assert "bldseg ensemble: error: no usable model under" in err
-    assert "trial_model00 (error), trial_model01 (error)" in err
+    assert "trial_model00 (error): m; trial_model01 (error): m" in err  # why each failed
     assert not out.exists()
+
+
+def test_trials_that_all_failed_before_validating_are_named_with_why(tmp_path, capsys):
+    # every trial failed before its first validation (no val_probs.npz anywhere): the error
+    # said only that no run folder held one, though each status.json said why
+    root = tmp_path / "allfail"
+    reasons = {
+        "trial_a": ("error", "RuntimeError: CUDA out of memory\nTraceback (most recent call last)"),
+        "trial_b": ("diverged", "the loss became non-finite at epoch 1"),
+    }
+    for trial, (status, message) in reasons.items():
+        (root / trial / "run").mkdir(parents=True)
+        _status(root / trial / "run", status, message=message, final=True)
+    (root / "trial_c" / "run").mkdir(parents=True)
+    _status(root / "trial_c" / "run", "running", final=False)  # still going: not a reason
+    out = tmp_path / "out"
+    assert _cli(["--runs", str(root)], out) == 2
+    err = capsys.readouterr().err
+    assert f"no run folder under {root} holds val_probs.npz: the status.json of 2 run" in err
+    assert "trial_a/run (error): RuntimeError: CUDA out of memory; " in err  # its first line
+    assert "trial_b/run (diverged): the loss became non-finite at epoch 1" in err
+    assert "trial_c" not in err and "Traceback" not in err
+    assert not out.exists()
+    # a folder of no search at all keeps the message that says where to point --runs
+    (tmp_path / "empty").mkdir()
+    assert _cli(["--runs", str(tmp_path / "empty")], out) == 2
+    assert "point --runs at a search's results folder" in capsys.readouterr().err
 
 
 def test_cli_include_failed_takes_them_and_says_so(search, tmp_path, capsys):

@@ -174,31 +174,64 @@ def test_a_chosen_member_without_a_readable_config_is_warned_by_file(tmp_path):
     unread = [str(w.message) for w in caught if "cannot read its run config" in str(w.message)]
     assert len(unread) == 1  # once per file, however many specs hold it
     assert "'trial_model01'" in unread[0] and str(folders[1] / "best.pt") in unread[0]
-    assert "bldseg predict --tta" in unread[0]
+    assert 'set "tta": true there' in unread[0]
     for name, m in _spec_members(out, folders).items():
-        assert EnsembleSpec.load(out / name).tta is (m == [0]), name
+        # the unreadable one without TTA, the other as it validated
+        assert EnsembleSpec.load(out / name).member_ttas() == [i == 0 for i in m], name
 
 
-def test_each_spec_predicts_with_tta_as_its_own_members_validated(tmp_path):
-    # a library mixing both: a spec whose members all validated with TTA predicts with it, a
-    # spec mixing both without it, and with a warning naming its members
+def test_each_spec_predicts_each_member_with_tta_as_it_validated(tmp_path):
+    # a library mixing both: a spec mixing both predicted all its members without TTA (with a
+    # warning), so the TTA-validated member's maps were not those the search had scored
     flags = [True, False, True]
     folders = _tta_runs(tmp_path / "runs", flags)
     out = tmp_path / "out"
-    cfg = SearchConfig(runs=str(tmp_path / "runs"), k=[1, 2], out=str(out), progress=False)
+    cfg = SearchConfig(runs=str(tmp_path / "runs"), k=[3], out=str(out), progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_search(cfg)
     members = _spec_members(out, folders)
+    assert any(len({flags[i] for i in m}) > 1 for m in members.values())  # the test's premise
     for name, m in members.items():
-        assert EnsembleSpec.load(out / name).tta is all(flags[i] for i in m), name
-    mixed = {tuple(m) for m in members.values() if len({flags[i] for i in m}) > 1}
-    said = [str(w.message) for w in caught if "mixes runs" in str(w.message)]
-    assert len(said) == len(mixed)  # once per mixed member set
-    for m in mixed:
-        names = "+".join(f"trial_model{i:02d}" for i in m)
-        assert any(f"ensemble {names} mixes runs validated with and without" in s for s in said)
-    assert not [w for w in caught if "cannot read" in str(w.message)]
+        spec = EnsembleSpec.load(out / name)
+        assert spec.member_ttas() == [flags[i] for i in m], name
+        assert spec.tta is all(flags[i] for i in m), name  # what older bldseg versions read
+    assert not [w for w in caught if "TTA" in str(w.message)]
+
+
+def test_a_mixed_tta_ensemble_predicts_the_maps_the_search_scored(tmp_path, monkeypatch):
+    # The spec said "tta": false for the whole ensemble: predict ran the TTA-validated member
+    # without TTA, and the warning's --tta would have run the other member with it.
+    import bldseg.predict as P
+
+    flags = [True, False]
+    _tta_runs(tmp_path / "runs", flags)
+    out = tmp_path / "out"
+    run_search(SearchConfig(runs=str(tmp_path / "runs"), k=[2], out=str(out), progress=False))
+    spec = EnsembleSpec.load(out / "best_ensemble.json")
+    lib = load_library(find_runs(tmp_path / "runs"), root=tmp_path / "runs")
+    ckpts = [str(c.resolve()) for c in lib.checkpoints]
+    assert spec.checkpoints == ckpts  # both members, in the library's order
+    # A stand-in network per model: its validation maps when predicted with the TTA its run
+    # validated with, other maps (the inverse) when predicted otherwise.
+    maps = {}
+    for m, ckpt in enumerate(ckpts):
+        maps[ckpt, flags[m]] = lib.probs[m]  # (T, S, S) uint8
+        maps[ckpt, not flags[m]] = 255 - lib.probs[m]
+
+    class Tiles:
+        image_size = lib.probs.shape[2:]
+
+        def __len__(self) -> int:
+            return lib.n_tiles
+
+    monkeypatch.setattr(P, "image_loader", lambda cache, batch_size=16, indices=None: indices)
+    monkeypatch.setattr(P, "load_member", lambda ckpt, device="cpu": (ckpt, RunConfig(), {}))
+    monkeypatch.setattr(
+        P, "predict_probs", lambda model, idx, dev, amp, tta: maps[model, tta][list(idx)]
+    )
+    pred = P.predict_cache(spec, Tiles(), progress=False, chunk=5)
+    np.testing.assert_array_equal(pred, P.combine_members(lib.probs, spec))
 
 
 # --- 3. --out ------------------------------------------------------------------------------
