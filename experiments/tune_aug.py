@@ -1,4 +1,6 @@
-"""Augmentation search: the reference pipeline's scale/crop/flip knobs, rotations, colour, noise.
+"""Augmentation search: the reference pipeline's scale (limit and probability) and flip
+probabilities, plus rotations, transposes, colour (brightness/contrast, HSV), noise and blur;
+the crop is not searched.
 
 The ``bldseg tune aug`` command (:mod:`bldseg.commands.tune`), run from a checkout: the same
 flags, listed by ``--help``.

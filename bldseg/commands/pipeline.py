@@ -38,12 +38,30 @@ from bldseg.tune.cli import (
     DEFAULT_EPOCHS,
     add_folds_argument,
     add_pretrained_argument,
+    exit_status_epilog,
     fixed_config,
     parse_set,
     refuse_search_sets,
     refuse_two_pretrained,
     search_name,
 )
+from bldseg.tune.runner import EXIT_CLUSTER_LOST
+
+#: Exit status of a pipeline stopped by an error (:func:`bldseg.commands.fail`).
+EXIT_FAILED = 1
+#: Exit status of argparse's usage errors (a bad flag or --set item).
+EXIT_USAGE = 2
+
+#: What each exit status of ``bldseg pipeline`` means: its --help lists them.
+EXIT_STATUSES = {
+    0: "every stage finished: the submission and REPORT.md are written",
+    EXIT_FAILED: "stopped by an error, said in one line: bad settings or data, a run it cannot "
+    "continue (other training data or settings), a search in which no trial completed",
+    EXIT_USAGE: "a bad flag or --set item; nothing ran",
+    EXIT_CLUSTER_LOST: "the Ray cluster was lost during a search; restart it and run the same "
+    "command to continue",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); the same command continues where it stopped",
+}
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -53,7 +71,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog: Program name in the usage line (default: the running script's name).
     """
     p = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=__doc__,
+        epilog=exit_status_epilog(EXIT_STATUSES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--name",
@@ -133,7 +154,8 @@ def copy_report(report: Path, to: str) -> Path:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Runs (or resumes) the pipeline and prints the report; returns the exit status.
+    """Runs (or resumes) the pipeline and prints the report; returns the exit status
+    (:data:`EXIT_STATUSES`).
 
     Ctrl-C returns :data:`EXIT_INTERRUPTED` after saying how to resume.
 

@@ -11,7 +11,9 @@ import argparse
 from bldseg.tune import cli as tune_cli
 
 AUG = """\
-Augmentation search: the reference pipeline's scale/crop/flip knobs, rotations, colour, noise.
+Augmentation search: the reference pipeline's scale (limit and probability) and flip
+probabilities, plus rotations, transposes, colour (brightness/contrast, HSV), noise and blur.
+The crop is not searched: aug.crop_size stays as set (--set aug.crop_size=N).
 
     bldseg tune aug                       # built-in synthetic world, tiny model, CPU
     bldseg tune aug --data /path/to/comp --model upernet_internimage_b \\

@@ -7,16 +7,19 @@ import json
 import math
 import shlex
 import sys
+import textwrap
 from typing import Any
 
 import pandas as pd
 
+from bldseg.commands import EXIT_INTERRUPTED
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.train.config import recipe_defaults
 from bldseg.train.engine import cpu_has_native_bf16
 from bldseg.tune import tracking
 from bldseg.tune.runner import (
     DEFAULT_EXPERIMENT,
+    EXIT_CLUSTER_LOST,
     META_FILE,
     METRIC,
     USABLE,
@@ -66,6 +69,36 @@ DEFAULT_EPOCHS = 20
 #: the end (the first ones have nobody to lose against): 55-66 epochs, 5-8 minutes on 2 cores
 #: (schedule-free's anytime models keep more trials level at the rungs than OneCycle did).
 DEFAULT_TRIALS = 6
+
+
+#: Exit status of a search in which at least one trial left a model (completed, or stopped
+#: early by ASHA).
+EXIT_COMPLETED = 0
+#: Exit status of a search in which no trial did (the first failure is printed).
+EXIT_NO_TRIAL_COMPLETED = 1
+#: Exit status of a search that could not start (argparse's usage errors have it too).
+EXIT_NOT_STARTED = 2
+
+#: What each exit status of ``bldseg tune <search>`` means: its --help lists them.
+EXIT_STATUSES = {
+    EXIT_COMPLETED: "at least one trial completed (or was stopped early by ASHA) with a model",
+    EXIT_NO_TRIAL_COMPLETED: "no trial completed; the first failure is printed",
+    EXIT_NOT_STARTED: "the search did not start: a bad flag, setting or space, data its trials "
+    "cannot train on, an unreachable tracking store or cluster (the message names it)",
+    EXIT_CLUSTER_LOST: "the Ray cluster was lost mid-search; the message gives the --resume "
+    "command that continues it",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); the message says how to continue",
+}
+
+
+def exit_status_epilog(statuses: dict[int, str]) -> str:
+    """An "Exit status:" paragraph for a command's --help (``statuses``: status -> meaning)."""
+    lines = ["Exit status:"]
+    for status, meaning in sorted(statuses.items()):
+        lines += textwrap.wrap(
+            meaning, width=92, initial_indent=f"  {status:<5}", subsequent_indent=" " * 7
+        )
+    return "\n".join(lines)
 
 
 def _set_problem(item: str) -> str | None:
@@ -370,7 +403,9 @@ def seed_value(text: str) -> int:
 def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     """The shared flags, with ``space`` as the default search space."""
     p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description,
+        epilog=exit_status_epilog(EXIT_STATUSES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
     a("--space", default=space, help=f"search space in tune_spaces (default: {space})")
@@ -514,10 +549,11 @@ def main(
     """Parses flags, runs the search, prints the trial table and where to look next.
 
     Returns:
-        The exit status: 0 when at least one trial completed, 1 when none did (the reason is
-        printed), 2 when the search could not start, 130 when it was interrupted (Ctrl-C; the
-        message says how to continue it); a search whose Ray cluster is lost ends its process
-        with 3 (:data:`bldseg.tune.runner.EXIT_CLUSTER_LOST`), saying how to continue it.
+        The exit status (:data:`EXIT_STATUSES`): 0 when at least one trial completed, 1 when
+        none did (the reason is printed), 2 when the search could not start, 130 when it was
+        interrupted (Ctrl-C; the message says how to continue it); a search whose Ray cluster
+        is lost ends its process with 3 (:data:`bldseg.tune.runner.EXIT_CLUSTER_LOST`),
+        saying how to continue it.
     """
     parser = build_parser(space, description)
     args = parser.parse_args(argv)
@@ -587,11 +623,11 @@ def main(
         result = run_search(spec)
     except (RuntimeError, ValueError, OSError) as e:  # OSError: e.g. a --storage not writable
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_NOT_STARTED
     except SearchInterrupted as e:
         # the exit status of a process ended by SIGINT, with the way back in the message
         print(f"\ninterrupted: {e}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         # Ctrl-C while the data or Ray were being prepared: no trial started, no traceback
         print(
@@ -599,7 +635,7 @@ def main(
             "again to start it",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_INTERRUPTED
     t = result.table
     cols = [
         "trial_id",
@@ -662,5 +698,5 @@ def main(
             + f"); first failure: {result.first_failure or 'unknown'}",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return EXIT_NO_TRIAL_COMPLETED
+    return EXIT_COMPLETED

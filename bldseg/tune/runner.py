@@ -9,12 +9,15 @@
 * Each trial trains in its run folder ``<storage>/<name>/trial_<id>/run`` (``best.pt``,
   ``last.pt``, ``val_probs.npz``, ...), the only copy of its weights. Each epoch it reports its
   metrics and a Tune checkpoint that holds no weights, only the epoch it stands for
-  (:data:`CKPT_FILE`): ``last.pt`` is the state to continue from. A failed trial is retried,
-  ``resume=True`` continues an interrupted search (``Tuner.restore``) without re-running
-  finished trials; either way the trial first re-reports the epochs its run folder holds
-  beyond its Tune checkpoint. The results folder must therefore be one folder every node
-  sees (shared storage on a cluster), as the ensemble search needs anyway, at one path: Tune's
-  saved state holds it, so a resume refuses a folder moved since (:func:`check_resumed_folder`).
+  (:data:`CKPT_FILE`): ``last.pt`` is the state to continue from. A trial that fails after
+  its first checkpoint is retried from it (one that fails before is not: its start-up error
+  would recur; those that depend on the data are checked before the search starts,
+  :func:`check_trials_on_data`); ``resume=True`` continues an interrupted search
+  (``Tuner.restore``) without re-running finished trials; either way the trial first
+  re-reports the epochs its run folder holds beyond its Tune checkpoint. The results folder
+  must therefore be one folder every node sees (shared storage on a cluster), as the ensemble
+  search needs anyway, at one path: Tune's saved state holds it, so a resume refuses a folder
+  moved since (:func:`check_resumed_folder`).
 * A trial may end inside any ``tune.report``: ASHA stops it there, at a rung or at its last
   epoch, and the trial's code after that report never runs. So a trial writes everything that
   must survive *before* each report (``status.json``, ``summary.json``, its MLflow metrics
@@ -285,7 +288,9 @@ class SearchSpec:
     data: str | None = None  # dataset folder or cache; None: the built-in synthetic world
     data_options: DataOptions = field(default_factory=DataOptions)  # folder layout, decoding
     data_root: str = str(DEFAULT_DATA_ROOT)  # caches and the synthetic world
-    max_failures: int = 1  # retries of a failed trial from its checkpoint
+    # retries of a failed trial from its checkpoint (one failing before its first is not
+    # retried: its error, a config or a file, would recur)
+    max_failures: int = 1
     max_concurrent: int = 0  # 0: as many as resources allow
     project_dir: str = "."  # where mlflow.db / mlartifacts go by default
     parent_tags: dict[str, str] = field(default_factory=dict)  # extra tags of the parent run
@@ -447,17 +452,31 @@ class _NamingTrial:
         return suggest
 
 
-def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0) -> set[str]:
+def validate_space(
+    space,
+    base: dict[str, Any],
+    samples: int = 16,
+    seed: int = 0,
+    check: Callable[[RunConfig], Any] | None = None,
+) -> set[str]:
     """Samples a space and builds a RunConfig from each sample, before any trial starts.
+
+    Args:
+        space: The define-by-run space (:func:`get_space`).
+        base: The flat run config fixed for every trial.
+        samples: Samples drawn (each also with every numeric parameter at both range ends).
+        seed: Seed of the random sampler.
+        check: Also called with each sample's config (and each range end's): what a trial
+            checks against the data before it trains (:func:`check_trials_on_data`).
 
     Returns:
         The config keys the space sets in any sample (suggested or returned as constants):
         what the trials' MLflow runs carry as params.
 
     Raises:
-        ValueError: A suggested key is not a config key, a value or a range is invalid, or
-            the space returns something else than a dict or None; the message names the
-            parameter and the space.
+        ValueError: A suggested key is not a config key, a value or a range is invalid, a
+            config ``check`` refuses, or the space returns something else than a dict or None;
+            the message names the parameter and the space.
     """
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     # a space bound to the base config (get_space) is a partial: name its function's module
@@ -485,19 +504,35 @@ def validate_space(space, base: dict[str, Any], samples: int = 16, seed: int = 0
                 "trials (--epochs, --folds, --data); remove it from the space"
             )
         try:
-            RunConfig.from_flat({**base, **sample})
+            cfg = RunConfig.from_flat({**base, **sample})
         except (TypeError, ValueError) as e:
             raise ValueError(f"search space {name} is invalid: {e} (sample: {sample})") from e
-        _check_range_ends(name, trial, base, sample)
+        # the ends first: a sample the check refuses inside a range is named by its range
+        _check_range_ends(name, trial, base, sample, check)
+        if check is not None:
+            try:
+                check(cfg)
+            except ValueError as e:
+                raise ValueError(
+                    f"search space {name}: the data refuse its sample {sample}: {e}. Change the "
+                    "space (a --set of a key it searches does not reach the trials)"
+                ) from e
         keys.update(sample)
         study.tell(trial, 0.0)
     return keys
 
 
-def _check_range_ends(name: str, trial: optuna.Trial, base: dict, sample: dict) -> None:
+def _check_range_ends(
+    name: str,
+    trial: optuna.Trial,
+    base: dict,
+    sample: dict,
+    check: Callable[[RunConfig], Any] | None = None,
+) -> None:
     """Builds a RunConfig with each numeric parameter at both ends of its range, the others as
-    sampled: a range reaching past a limit (``coteach.tau`` up to 1.05) fails some trials
-    later, or never in these few samples when the bad end is narrow.
+    sampled (and ``check``s it): a range reaching past a limit (``coteach.tau`` up to 1.05, an
+    ``aug.crop_size`` up to more than the images' side) fails some trials later, or never in
+    these few samples when the bad end is narrow.
 
     Raises:
         ValueError: naming the space, the parameter and its range.
@@ -507,11 +542,21 @@ def _check_range_ends(name: str, trial: optuna.Trial, base: dict, sample: dict) 
             continue
         for end in (dist.low, dist.high):
             try:
-                RunConfig.from_flat({**base, **sample, key: end})
+                cfg = RunConfig.from_flat({**base, **sample, key: end})
             except (TypeError, ValueError) as e:
                 raise ValueError(
                     f"search space {name}: parameter {key!r} ranges over [{dist.low}, "
                     f"{dist.high}], and its end {end} is invalid: {e}"
+                ) from e
+            if check is None:
+                continue
+            try:
+                check(cfg)
+            except ValueError as e:
+                raise ValueError(
+                    f"search space {name}: parameter {key!r} ranges over [{dist.low}, "
+                    f"{dist.high}], and the data refuse its end {end}: {e}. Narrow the range "
+                    "in the space (a --set of a key it searches does not reach the trials)"
                 ) from e
 
 
@@ -1182,12 +1227,20 @@ def _driver_of(parent_run_id: str) -> _SearchDriver | None:
     return driver
 
 
-def _search_callback(parent_run_id: str):
-    """The Tune callback of a search: hands each ended trial to its :class:`_SearchDriver`."""
+def _search_callback(parent_run_id: str, max_failures: int = 1):
+    """The Tune callback of a search: hands each ended trial to its :class:`_SearchDriver`,
+    and lets Tune retry (up to ``max_failures`` times) only trials that have a checkpoint.
+
+    A trial that fails before its first checkpoint failed in its start-up (a config the data
+    refuse, a missing file): a retry from scratch fails alike and doubles a failing search's
+    time. Retries are for trials lost mid-run (a worker or node gone), which continue from
+    their checkpoint.
+    """
     from ray.tune import Callback
 
-    # Tune pickles its callbacks with the experiment: this class holds only the run id and
-    # reaches the driver through module-level functions (pickled by reference, not by value).
+    # Tune pickles its callbacks with the experiment: this class holds only the run id and the
+    # retry limit, and reaches the driver through module-level functions (pickled by
+    # reference, not by value).
     class FinaliseTrials(Callback):
         def setup(self, **info):
             # called once Tune's SIGINT handler is in place, before the first step
@@ -1197,6 +1250,13 @@ def _search_callback(parent_run_id: str):
         def on_step_end(self, iteration, trials, **info):
             if (driver := _driver_of(parent_run_id)) is not None:
                 driver.observe(trials)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            # Tune decides on a retry with the trial's own max_failures (Trial.should_recover)
+            trial.max_failures = max_failures if trial.has_checkpoint() else 0
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            trial.max_failures = max_failures
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if (driver := _driver_of(parent_run_id)) is not None:
@@ -1607,6 +1667,54 @@ def check_pretrained(cfg: RunConfig, searched: set[str]) -> None:
         create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs())
 
 
+def check_trials_on_data(space, base: dict[str, Any], cache: DatasetCache) -> None:
+    """Makes the checks of a config against the data that each trial makes before it trains,
+    once, before the search starts: :func:`~bldseg.train.engine.checked_config` (for every fold
+    of a K-fold trial, as :func:`~bldseg.train.folds.fit_folds` makes them).
+
+    Left to the trials, a crop or a ``val_tile`` larger than the images failed every trial
+    (each retried), after the search's MLflow run and results folder existed: the corrected
+    command was then refused its name, and ``--resume`` brought the bad value back. Checked
+    are the fixed config and the space's samples, each numeric parameter also at both ends of
+    its range (a searched ``aug.crop_size`` up to more than the images' side).
+
+    Args:
+        space: The define-by-run space (:func:`get_space`).
+        base: The flat run config fixed for every trial.
+        cache: The training data's cache.
+
+    Raises:
+        ValueError: A fixed value the data refuse (the message of the check, naming the
+            setting), or a space whose samples or range ends they refuse (naming the space,
+            the parameter and its range).
+    """
+    from bldseg.train.engine import checked_config
+    from bldseg.train.folds import fold_config
+
+    def check(cfg: RunConfig) -> None:
+        # warnings (a split far from val_fraction) are each trial's to give, in its own log
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for fold in range(cfg.folds) if cfg.folds >= 2 else [None]:
+                checked_config(cfg if fold is None else fold_config(cfg, fold), cache)
+
+    try:
+        check(RunConfig.from_flat(base))
+    except ValueError as e:
+        fixed: ValueError | None = e
+    else:
+        fixed = None
+    try:
+        # 4 samples: each with its range ends is some 20 configs, and a check splits the data
+        validate_space(space, base, samples=4, check=check)
+    except ValueError as e:
+        if fixed is not None and str(e.__cause__) == str(fixed):
+            # the trials fail on the fixed value (the space leaves it as it is): name only it
+            raise fixed from None
+        raise
+    # passed with a refused fixed value: the space replaces it in every trial, none trains it
+
+
 def _trials_started(exp_dir: Path) -> bool:
     """Whether Tune made a trial folder in a search's folder (a trial started, or was to)."""
     return any(exp_dir.glob("trial_*"))
@@ -1644,9 +1752,10 @@ def run_search(spec: SearchSpec) -> SearchResult:
             that came after every trial had ended leaves the search recorded as finished
             (its MLflow runs too), and the exception holds its result (``result``).
         RuntimeError: The MLflow tracking store is unreachable (before any trial starts).
-        ValueError: An invalid space, base config or option (named). A new search refused or
-            failed before any trial started leaves no results folder (its MLflow run, if it
-            had one, is FAILED): the corrected command can reuse its name.
+        ValueError: An invalid space, base config or option (named), or one the data refuse
+            (:func:`check_trials_on_data`). A new search refused or failed before any trial
+            started leaves no results folder (its MLflow run, if it had one, is FAILED):
+            the corrected command can reuse its name.
     """
     if spec.trials < 1:
         raise ValueError(f"trials={spec.trials}: a search needs at least 1 trial (--trials)")
@@ -1776,6 +1885,16 @@ def _run_search(spec: SearchSpec) -> SearchResult:
 
         groups = split_groups(data.train, fixed.split_group)
         fold_assignment(len(data.train), fixed.folds, fixed.split_seed, groups)
+    try:
+        check_trials_on_data(space, base, data.train)
+    except ValueError as e:
+        if meta is None:
+            raise
+        # its trials would only fail again: the corrected value needs a new search
+        raise ValueError(
+            f"--resume {name}: {e}. The search was started with this setting, so its trials "
+            "cannot train: start a new search (another --name) with it corrected"
+        ) from None
     if meta is None:
         # a resume's trials continue from last.pt and may never read the file again
         check_pretrained(fixed, searched)
@@ -1969,7 +2088,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     # is being written (checkpoints are a few bytes: the weights stay in the run
                     # folder)
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[_search_callback(parent_run_id)],
+                    callbacks=[_search_callback(parent_run_id, spec.max_failures)],
                     progress_reporter=_legacy_reporter(),
                     verbose=1,
                 ),

@@ -18,35 +18,74 @@ from bldseg.tune.runner import METRIC, TRACKING_ERROR_FILE, run_search
 from tests.tune.servers import start_mlflow_server, stop_mlflow_server
 from tests.tune.test_runner import BASE, spec_for
 
-# Every trial fails at run time: crops larger than the 96-px images of the small world.
-FAILING = {**BASE, "aug.crop_size": 160}
+#: A checkpoint file that is not there. Set by a space (the search checks only a fixed
+#: --pretrained before it starts), it fails the trial as it starts, before its first epoch.
+MISSING = str(Path(__file__).parent / "no-such-checkpoint.pt")
+NOT_FOUND = "pretrained checkpoint not found"
+
+
+def failing_space(trial):
+    """Module level: Tune pickles the searcher with its space."""
+    trial.suggest_float("aug.vflip_p", 0.0, 0.5)
+    return {"pretrained": MISSING}
+
+
+def tune_failures(exp: Path, trial_id: str) -> int:
+    """How many times Tune counted a trial as failed (its error file has a line per failure)."""
+    return (exp / f"trial_{trial_id}" / "error.txt").read_text().count("Failure # ")
 
 
 def test_search_without_a_completed_trial_says_so(
     small_world, ray_session, tmp_path, capsys, monkeypatch
 ):
-    # One failing search serves both the CLI's exit and the search's own record.
+    # One failing search serves the CLI's exit, the search's own record and Tune's retries.
+    from bldseg import tune_spaces
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(tune_spaces.SPACES, "augmentation", failing_space)
     argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
     argv += ["--trials", "1", "--epochs", "1", "--scheduler", "fifo", "--name", "broken"]
     argv += ["--storage", str(tmp_path / "runs")]
-    for k, v in FAILING.items():
+    for k, v in BASE.items():
         argv += ["--set", f"{k}={json.dumps(v)}"]
     assert cli.main("augmentation", "test", argv) == 1
     out, err = capsys.readouterr()
     assert "checkpoint:" not in out and "best trial" not in out
     table = pd.read_csv(tmp_path / "runs" / "broken" / "trials.csv")
     assert list(table["status"]) == ["error"]
-    assert "larger than the cached images" in table["message"][0]
+    assert NOT_FOUND in table["message"][0]
+    # it failed before its first checkpoint: not retried, as its error would recur
+    assert tune_failures(tmp_path / "runs" / "broken", table["trial_id"][0]) == 1
     # the CLI names the search and the trial's own failure
     assert "error: no trial of broken completed" in err
-    assert f"trial {table['trial_id'][0]} error: " in err and "larger than the cached images" in err
+    assert f"trial {table['trial_id'][0]} error: " in err and NOT_FOUND in err
     # no best score on the search's MLflow run: a 0.0 would sort as a real one
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp_id = client.get_experiment_by_name("bldseg").experiment_id
     (parent,) = client.search_runs([exp_id], "tags.`bldseg.search` = 'broken'")
     assert parent.info.status == "FAILED" and parent.data.metrics["trials_error"] == 1
     assert not [k for k in parent.data.metrics if k.startswith("best_")], parent.data.metrics
+
+
+def test_tune_retries_only_a_trial_that_has_a_checkpoint():
+    # A retry is for a trial lost mid-run (a worker or node gone), continued from its
+    # checkpoint; one that fails before it has one failed in its start-up and would again.
+    from ray.tune.experiment import Trial
+
+    from bldseg.tune.runner import _search_callback
+
+    callback = _search_callback("a-run", max_failures=1)
+    started, resumed = (Trial("__fake", stub=True, max_failures=1) for _ in range(2))
+    resumed.has_checkpoint = lambda: True  # a trial restarted from its checkpoint
+    for trial in (started, resumed):
+        callback.on_trial_start(iteration=0, trials=[started, resumed], trial=trial)
+        trial.run_metadata.num_failures = 1  # Tune counts the failure, then asks
+    assert (started.should_recover(), resumed.should_recover()) == (False, True)
+    # its first checkpoint makes a trial retryable
+    callback.on_checkpoint(iteration=1, trials=[started], trial=started, checkpoint=None)
+    assert started.should_recover()
+    started.run_metadata.num_failures = 2  # and max_failures still bounds the retries
+    assert not started.should_recover()
 
 
 def _trials(rows: list[tuple[str, float]]) -> pd.DataFrame:
@@ -125,7 +164,7 @@ def mixed_space(trial):
     if trial.number % 2 == 0:
         trial.suggest_int("seed", 1, 3)  # a whole number that only this trial has
         return None
-    return {"aug.crop_size": 160}  # larger than the 96-px images: the trial fails
+    return {"pretrained": MISSING}  # the trial fails as it starts
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +193,7 @@ def test_cli_says_why_each_failed_trial_failed(mixed_search):
     # under the table, before the best trial
     table = out.split("=== mixed: 2 trials ===", 1)[1].split("\nbest trial", 1)[0]
     (failed,) = [line for line in table.splitlines() if line.startswith("  trial ")]
-    assert " error: " in failed and "larger than the cached images" in failed, failed
+    assert " error: " in failed and NOT_FOUND in failed, failed
 
 
 def test_cli_prints_the_best_trials_own_config(mixed_search):

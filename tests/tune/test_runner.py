@@ -295,12 +295,12 @@ def faulty_space(trial):
     """Module level: Tune pickles the searcher with its space."""
     trial.suggest_float("aug.vflip_p", 0.0, 0.5)
     # trial 0 trains normally (its crop shrunk to the 96-px images); trial 1 diverges (absurd
-    # weight decay); trial 2 errors at run time (crop larger than the 96-px images, no
-    # crop_fit), is retried once, and stays errored
+    # weight decay); trial 2 errors as it starts (its checkpoint file is not there: the search
+    # checks only a fixed one before it starts), and is not retried (its error would recur)
     return [
         {"aug.crop_size": 128, "aug.crop_fit": True},
         {"optim.weight_decay": 1e6, "optim.lr": 0.5, "sched.name": "constant"},
-        {"aug.crop_size": 160},
+        {"pretrained": str(Path(__file__).parent / "no-such-checkpoint.pt")},
     ][trial.number % 3]  # validate_space samples more than 3
 
 
@@ -322,7 +322,7 @@ def test_erroring_and_diverging_trials(small_world, ray_session, tmp_path, monke
     assert summary["status"] == "diverged" and "became nan" in summary["message"]
     # the error happens before any epoch: its record says why
     record = json.loads((Path(by_status["error"]["run_dir"]) / "status.json").read_text())
-    assert "larger than the cached images" in record["message"]
+    assert "pretrained checkpoint not found" in record["message"]
     # MLflow shows the crop a shrunk trial trained with beside the one searched
     params = {
         r["status"]: client.search_runs(

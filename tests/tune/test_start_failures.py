@@ -111,7 +111,7 @@ def _fail_after_the_folder(monkeypatch, trial_dir=None):
     """Makes the search fail once its folder and record are written, before Tune starts; with
     ``trial_dir``, as if a trial had started there first."""
 
-    def fail(parent_run_id):
+    def fail(parent_run_id, max_failures=1):
         if trial_dir is not None:
             (trial_dir / "run").mkdir(parents=True)
         raise RuntimeError("injected: Tune could not start")
@@ -217,3 +217,90 @@ def test_an_unreachable_ray_head_is_refused_at_once(via, monkeypatch):
         monkeypatch.setenv("RAY_ADDRESS", address)
     with pytest.raises(ValueError, match=f"{via} {address}: no Ray head answers there"):
         runner.init_ray(address if via == "--address" else None)
+
+
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("aug.crop_size=160", "aug.crop_size=160 is larger than the cached images (96x96)"),
+        ("val_tile=160", "run config: val_tile=160 is larger than the images (96x96)"),
+    ],
+)
+def test_a_crop_or_val_tile_larger_than_the_images_is_refused_before_the_search(
+    small_world, tmp_path, store, setting, says, capsys
+):
+    # Each trial refused it (retried once) after the search's MLflow run and folder existed:
+    # the corrected command was then refused its name, and --resume brought the value back.
+    # Now refused with the usage errors, before the MLflow run, the folder or Ray.
+    experiment = setting.split("=")[0]
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--trials", "2", "--epochs", "1", "--name", "big", "--scheduler", "fifo"]
+    argv += ["--storage", str(tmp_path / "runs"), "--set", setting]
+    argv += ["--tracking-uri", store, "--experiment", experiment]
+    for k, v in BASE.items():
+        if k != setting.split("=")[0]:
+            argv += ["--set", f"{k}={json.dumps(v)}"]
+    for _ in range(2):  # the same name again: not "exists: pass --resume"
+        assert cli.main("augmentation", "test", argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {says}" in err, err
+        assert not (tmp_path / "runs" / "big").exists()
+    assert _runs(store, experiment) == []
+
+
+def crop_range_space(trial):
+    """A crop range reaching past the 96-px images of the small world."""
+    trial.suggest_int("aug.crop_size", 32, 160)
+
+
+def val_tile_choice_space(trial):
+    trial.suggest_categorical("val_tile", [0, 128])
+
+
+@pytest.mark.parametrize(
+    "space, says",
+    [
+        (
+            crop_range_space,
+            r"parameter 'aug.crop_size' ranges over \[32, 160\], and the data refuse its end "
+            r"160: aug.crop_size=160 is larger than the cached images \(96x96\).*\. Narrow the "
+            r"range in the space",
+        ),
+        (
+            val_tile_choice_space,
+            r"the data refuse its sample \{'val_tile': 128\}: run config: val_tile=128 is "
+            r"larger than the images \(96x96\).*\. Change the space",
+        ),
+    ],
+    ids=["crop-range", "val-tile-choice"],
+)
+def test_a_space_reaching_past_the_images_is_refused_before_the_search(
+    small_world, tmp_path, store, monkeypatch, space, says
+):
+    from bldseg import tune_spaces
+
+    monkeypatch.setitem(tune_spaces.SPACES, "augmentation", space)
+    spec = spec_for(small_world, tmp_path, name="far", tracking_uri=store, experiment="far")
+    with pytest.raises(ValueError, match=says):
+        run_search(spec)
+    assert not (tmp_path / "runs").exists()
+    assert _runs(store, "far") == []
+
+
+def small_crop_space(trial):
+    trial.suggest_int("aug.crop_size", 32, 64)
+
+
+def test_a_fixed_crop_that_the_space_replaces_is_not_refused(small_world):
+    from bldseg.tune.runner import check_trials_on_data
+
+    # every trial trains the space's crop: the fixed one is never used
+    check_trials_on_data(small_crop_space, {**BASE, "aug.crop_size": 160}, small_world.train)
+
+
+def test_k_fold_trials_are_checked_on_the_data_too(small_world):
+    from bldseg.tune.runner import check_trials_on_data
+
+    base = {**BASE, "folds": 3, "aug.crop_size": 160}
+    with pytest.raises(ValueError, match=r"^aug.crop_size=160 is larger than the cached images"):
+        check_trials_on_data(lambda trial: None, base, small_world.train)
