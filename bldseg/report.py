@@ -428,6 +428,36 @@ def coteaching_dropped_nothing(
     return idle.why if idle else None
 
 
+def coteaching_model_note(history: list[dict] | None, folds: bool = False) -> str:
+    """Which network a co-teaching trial's model is, with its peer g's best validation Dice
+    (the highest ``val_dice_best_peer`` of ``history``), for the line under the report's
+    co-teaching table.
+
+    Args:
+        history: The trial's epoch rows (None: unreadable).
+        folds: A K-fold trial, whose rows are means over its folds.
+    """
+    if history and any("val_net" in r for r in history):
+        # an older bldseg kept the better network each epoch (bldseg.train.engine warns too)
+        nets = sorted({str(r["val_net"]) for r in history if "val_net" in r})
+        return (
+            "This trial was trained by an older bldseg, which kept the better of its networks f "
+            f"and g each epoch (its epochs' models: {', '.join(nets)}): its model is not network "
+            "f throughout, and the validation Dice above is a best of two."
+        )
+    peer = [r for r in history or () if isinstance(r.get("val_dice_best_peer"), int | float)]
+    if peer:
+        best = max(peer, key=lambda r: r["val_dice_best_peer"])  # the first of equals
+        mean = ", mean over its folds" if folds else ""
+        g = f"{_f(best['val_dice_best_peer'])} (epoch {best['epoch']}{mean})"
+    else:
+        g = "not recorded (no val_dice_best_peer in the trial's history.json)"
+    return (
+        "co-teaching's model is its network f (never the better of f and g); g's best "
+        f"validation Dice: {g}"
+    )
+
+
 def _stage_scores(st: dict, has_truth: bool) -> dict[str, dict[str, TileScores | None]]:
     """Per-tile scores of a stage's best model: split -> threshold rule -> scores."""
     run = Path(st["best"]["run_dir"])
@@ -588,7 +618,8 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
         plain_cfg, cot_cfg = _run_config(plain), _run_config(cot)
         loss = _LOSS_NAMES.get(plain_cfg.loss, plain_cfg.loss) if plain_cfg else "loss"
         # the tau trial's model is its best.pt: epochs after the best one do not count
-        idle = _coteaching_idle(cot_cfg, _run_history(cot), _run_best_epoch(cot))
+        cot_hist = _run_history(cot)
+        idle = _coteaching_idle(cot_cfg, cot_hist, _run_best_epoch(cot))
         if idle is None or not idle.throughout:
             cot_name = "co-teaching"
         elif idle.best_epoch is not None:
@@ -648,6 +679,13 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             *rows,
             f"| Δ {cot_name} − plain (paired) | {val_delta} | {_iv(d_test, signed=True)} |",
             "",
+        ]
+        if cot_cfg is None or cot_cfg.coteach.enabled:
+            # The tau trial's Dice above is f's: g, validated beside it, is never chosen, which
+            # a reader comparing to a best-of-two (older runs, papers) needs to be told.
+            cot_dir = Path(cot["best"]["run_dir"])
+            lines += [coteaching_model_note(cot_hist, (cot_dir / "folds.json").is_file()), ""]
+        lines += [
             "![co-teaching](report/coteaching.png)",
             "",
         ]

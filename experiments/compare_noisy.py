@@ -3,7 +3,9 @@
 Same budget, same data, same seeds for both arms: the built-in synthetic world has 30% corrupted
 training masks and clean test ground truth. Each arm is trained once per seed (``--seeds``, at least
 3: one seed per arm cannot tell a method from a lucky initialisation); seed ``s`` of both arms
-shares the split, the crops and the initialisation. Per run: the validation Dice (noisy validation
+shares the split, the crops, the initialisation and the dropout and drop-path draws (co-teaching's
+network f draws them as the plain run does, g from a stream of its own: at tau 0 f would be the
+plain run's model, bit for bit on a CPU). Per run: the validation Dice (noisy validation
 masks) and the held-out test Dice at three thresholds (0.5, the best of the validation sweep,
 Youden's). Per arm and threshold rule: the mean over seeds and test images with two 95% intervals, a
 cluster bootstrap over test images (source scenes) and Student's t over seeds (a bootstrap of 3
@@ -17,7 +19,12 @@ the run config, so another world (``--data-root``) or config trains its own runs
 The co-teaching arm's settings come from ``--tau``, ``--t-k`` and ``--granularity`` only
 (``--set coteach.*`` is refused: it would reach the plain arm too, or be overwritten), and each
 arm's header line prints them. Both arms' reported model is one network (a co-teaching run's
-is its network f, never the better of its two on validation), so the comparison is fair.
+is its network f, never the better of its two on validation), so the comparison is fair. A
+co-teaching arm that would drop nothing in any epoch (tile selection drops floor(batch_size *
+tau) tiles per batch: none for tau < 0.25 at batch 4) is refused before anything runs; each
+co-teaching run records whether it had dropped anything by its best epoch
+(``dropped_by_best_epoch``, printed and in the JSON): a model saved before the first drop is
+f of two networks trained as plain training.
 
     python experiments/compare_noisy.py --json bench/noisy.json
     python experiments/compare_noisy.py --seeds 0 1 2 3 4 --set epochs=24 --t-k 3
@@ -26,6 +33,7 @@ is its network f, never the better of its two on validation), so the comparison 
 import argparse
 import hashlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -38,9 +46,9 @@ from bldseg.data.prepare import DEFAULT_DATA_ROOT, prepare_data
 from bldseg.io import write_json
 from bldseg.pipeline import PREDICT_BATCH, test_truth
 from bldseg.predict import image_loader, load_checkpoint
-from bldseg.report import TileScores, compare_arms
+from bldseg.report import TileScores, compare_arms, coteaching_dropped_nothing
 from bldseg.train import RunConfig, fit
-from bldseg.train.coteaching import longest_dropping_ramp
+from bldseg.train.coteaching import first_dropping_epoch, longest_dropping_ramp
 from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
 from bldseg.tune.cli import fixed_config
 
@@ -120,7 +128,64 @@ def arm_configs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dic
     except ValueError as e:  # at tile granularity the default ramp reads the co-teaching values
         raise ValueError(f"arm coteaching: {e}") from e
     check("coteaching", arms["coteaching"])
+    idle = never_drops(RunConfig.from_flat({**arms["coteaching"], "seed": args.seeds[0]}))
+    if idle:
+        raise ValueError(f"arm coteaching: {idle}")
     return base, arms
+
+
+def never_drops(cfg: RunConfig) -> str | None:
+    """Why a co-teaching run would drop no tile or pixel in any of its epochs, or None.
+
+    Such an arm trains two plain networks: titled co-teaching, its paired difference would
+    credit co-teaching with what plain training did. The message names the run-config value
+    (``run config: coteach.tau=...``, as :meth:`RunConfig.from_flat` does) and what to change.
+    """
+    ct, b = cfg.coteach, cfg.batch_size
+    if not ct.enabled:
+        return None
+    tau = f"run config: coteach.tau={ct.tau:g}"
+    if ct.tau <= 0:
+        return f"{tau} drops nothing: co-teaching with tau 0 is plain training; use --tau > 0"
+    # ranked per batch: its tiles, or every pixel of its crops (each class among itself)
+    n = b if ct.granularity == "tile" else b * cfg.aug.crop_size**2
+    first = first_dropping_epoch(ct, n, ct.t_k + 1)  # the ramp reaches tau at epoch t_k
+    if first is None:
+        remedy = (
+            f"use --granularity pixel, a batch of at least {math.ceil(1 / ct.tau)} tiles "
+            f"(--set batch_size=N) or --tau {1 / b:g} or more"
+            if ct.granularity == "tile"
+            else "use a larger --tau"
+        )
+        return (
+            f"{tau} with {ct.granularity} granularity and batch_size {b} drops "
+            f"floor({n} * {ct.tau:g}) = 0 {ct.granularity}s per batch in every epoch: the arm "
+            f"would be two plain networks, not co-teaching; {remedy}"
+        )
+    if first >= cfg.epochs:
+        return (
+            f"run config: coteach.t_k={ct.t_k} with tau {ct.tau:g} drops its first "
+            f"{ct.granularity} in epoch {first + 1}, after the run's {cfg.epochs} epochs: the arm "
+            "would be two plain networks, not co-teaching; use --t-k "
+            f"{longest_dropping_ramp(ct, n, ct.t_k)} or less (drops from epoch 2), or more epochs"
+        )
+    return None
+
+
+def dropping_record(cfg: RunConfig, history: list[dict], best_epoch: int) -> dict[str, Any]:
+    """What a run's co-teaching had dropped by its best epoch, the epoch its model is from.
+
+    ``dropped_by_best_epoch``: whether any epoch up to it dropped a tile or pixel (its
+    ``dropped_share`` > 0; None for the plain arm); ``dropped_nothing``: why it trained as plain
+    training (:func:`bldseg.report.coteaching_dropped_nothing`), or None.
+    """
+    if not cfg.coteach.enabled:
+        return {"dropped_by_best_epoch": None, "dropped_nothing": None}
+    upto = [h for h in history if h["epoch"] <= best_epoch]
+    return {
+        "dropped_by_best_epoch": any(h.get("dropped_share", 0.0) > 0 for h in upto),
+        "dropped_nothing": coteaching_dropped_nothing(cfg, history, best_epoch),
+    }
 
 
 def _flag_of(problem: str, args: argparse.Namespace) -> str | None:
@@ -254,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                 # co-teaching trains two networks
                 "train_s": sum(h["epoch_s"] for h in r.history),
                 "train_cpu_s": sum(h.get("cpu_s", float("nan")) for h in r.history),
+                # a model saved before co-teaching's first drop is two plain networks' f
+                **dropping_record(cfg, r.history, b["epoch"]),
             }
             # One pass over the test split; the three rules threshold the same maps, as a
             # one-member ensemble spec would (bldseg.predict.combine_members, k = 1).
@@ -293,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             + ("  (sweep widened)" if row["thr_widened"] else "")
         )
+    idle = [r for r in rows if r["dropped_nothing"]]
+    for row in idle:
+        print(f"  {row['run']} seed {row['seed']}: {row['dropped_nothing']}")
     summary = {rule: compare_arms(tiles[rule], "bce", seeds=args.seeds) for rule in RULES}
     print(
         f"\nper arm: test Dice, mean over {len(args.seeds)} seeds and the test images "
@@ -314,6 +384,14 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  {rule:>6} co-teaching - bce (paired): {_fmt(d['interval'], signed=True)} "
             f"{stats.format_bounds(iv, signed=True)} ({verdict})   seeds: {seeds}"
+        )
+    plain_f = [r["seed"] for r in rows if r["dropped_by_best_epoch"] is False]
+    if plain_f:
+        # the arm as a whole drops (never_drops refused it otherwise), these runs' models not
+        print(
+            f"  co-teaching seed(s) {', '.join(map(str, plain_f))} dropped nothing by their best "
+            "epoch: their models trained as plain training, and their share of the paired "
+            "difference compares no co-teaching"
         )
     cost = {
         arm: {
@@ -341,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         record["coteach"] = {
             k: v for k, v in arms["coteaching"].items() if k.startswith("coteach.")
         }
+        # per run in "runs" too (dropped_by_best_epoch, dropped_nothing)
+        record["coteach_seeds_that_dropped_nothing"] = plain_f
         record["data"] = data.description
         write_json(args.json, {**record, "data_fingerprint": data.train.fingerprint})
         print(f"wrote {args.json}")

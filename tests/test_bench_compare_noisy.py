@@ -85,6 +85,22 @@ def test_arms_take_the_coteaching_flags_and_print_them():
         (["--tau", "-0.1"], "--tau: arm coteaching: run config: coteach.tau=-0.1 must be in"),
         (["--set", "optim.lr=2"], "--set optim.lr=2: arm bce: run config: optim.lr=2"),
         (["--seeds", "-1", "0", "1"], "--seeds: arm bce: run config: seed=-1"),
+        # tile selection at batch 4 drops floor(4 * 0.2) = 0 tiles: two plain networks, which
+        # were titled "co-teaching tau=0.2" and printed as "co-teaching - bce (paired)"
+        (
+            ["--tau", "0.2"],
+            "--tau: arm coteaching: run config: coteach.tau=0.2 with tile granularity and "
+            "batch_size 4 drops floor(4 * 0.2) = 0 tiles per batch in every epoch: the arm would "
+            "be two plain networks, not co-teaching; use --granularity pixel, a batch of at least "
+            "5 tiles (--set batch_size=N) or --tau 0.25 or more",
+        ),
+        (["--granularity", "pixel", "--tau", "0"], "--tau: arm coteaching: run config: coteach."),
+        # a ramp longer than the run: its first drop would come after the last epoch
+        (
+            ["--tau", "0.25", "--t-k", "12", "--set", "epochs=8"],
+            "--t-k: arm coteaching: run config: coteach.t_k=12 with tau 0.25 drops its first "
+            "tile in epoch 13, after the run's 8 epochs",
+        ),
     ],
 )
 def test_a_refused_run_config_stops_before_the_data_or_any_training(
@@ -106,3 +122,43 @@ def test_the_checked_configs_are_the_ones_that_run():
     args = compare_noisy.parse_args(["--granularity", "pixel", "--tau", "0.2", "--set", "epochs=8"])
     assert args.base["epochs"] == 8 and args.base["samples_per_epoch"] == 384
     assert args.arms == compare_noisy.build_arms(args.base, 0.2, None, "pixel")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--granularity", "pixel", "--tau", "0.2"],  # pixels have no floor
+        ["--tau", "0.2", "--set", "batch_size=5"],  # floor(5 * 0.2) = 1 tile
+        ["--tau", "0.25", "--t-k", "7", "--set", "epochs=8"],  # first drop in epoch 8 of 8
+    ],
+)
+def test_a_coteaching_arm_that_drops_is_accepted(argv):
+    args = compare_noisy.parse_args(argv)
+    assert args.arms["coteaching"]["coteach.enabled"]
+
+
+def test_each_run_records_whether_it_dropped_anything_by_its_best_epoch():
+    cot = RunConfig.from_flat(
+        {
+            **fixed_config(None, sets=["epochs=3"]),
+            "coteach.enabled": True,
+            "coteach.tau": 0.25,
+            "coteach.t_k": 2,
+        }
+    )
+    rows = [
+        {"epoch": 1, "dropped_share": 0.0, "val_dice_best": 0.7},
+        {"epoch": 2, "dropped_share": 0.0, "val_dice_best": 0.6},
+        {"epoch": 3, "dropped_share": 0.25, "val_dice_best": 0.65},
+    ]
+    # the model is from epoch 1: nothing dropped by then, whatever epoch 3 did
+    early = compare_noisy.dropping_record(cot, rows, best_epoch=1)
+    assert early["dropped_by_best_epoch"] is False
+    assert "dropped nothing by its best epoch 1" in early["dropped_nothing"]
+    late = compare_noisy.dropping_record(cot, rows, best_epoch=3)
+    assert late["dropped_by_best_epoch"] is True
+    plain = RunConfig.from_flat(fixed_config(None, sets=["epochs=3"]))
+    assert compare_noisy.dropping_record(plain, [{"epoch": 1}], 1) == {
+        "dropped_by_best_epoch": None,
+        "dropped_nothing": None,
+    }

@@ -286,6 +286,45 @@ def test_a_tau_model_saved_before_its_run_dropped_anything_is_not_called_coteach
     assert "applied no co-teaching" not in section and "by its best epoch" not in section
 
 
+def test_report_says_the_coteaching_model_is_network_f_and_what_g_scored(tmp_path):
+    # The table gave the tau trial's Dice without saying whose: f's, while g (validated beside
+    # it every epoch) may have scored higher; a reader could take it for the better of the two.
+    import json
+
+    ct = {"coteach.enabled": True, "coteach.tau": 0.25, "coteach.t_k": 1, "batch_size": 4}
+    rows = [
+        {"epoch": 1, "dropped_share": 0.0, "val_dice_best": 0.60, "val_dice_best_peer": 0.61},
+        {"epoch": 2, "dropped_share": 0.25, "val_dice_best": 0.70, "val_dice_best_peer": 0.74},
+        {"epoch": 3, "dropped_share": 0.25, "val_dice_best": 0.65, "val_dice_best_peer": 0.72},
+    ]
+    section = _coteaching_section(tmp_path, ct, rows)
+    table_end = section.index("| Δ co-teaching − plain (paired) |")
+    line = (
+        "co-teaching's model is its network f (never the better of f and g); g's best "
+        "validation Dice: 0.7400 (epoch 2)"
+    )
+    assert line in section[table_end : section.index("![co-teaching]")]  # under the table
+
+    # a K-fold trial's rows are means over its folds
+    (tmp_path / "tune_tau" / "run" / "folds.json").write_text(json.dumps({"oof": {}}))
+    assert "g's best validation Dice: 0.7400 (epoch 2, mean over its folds)" in (
+        _coteaching_section(tmp_path, ct, rows)
+    )
+    (tmp_path / "tune_tau" / "run" / "folds.json").unlink()
+
+    # a trial of an older bldseg kept the better network each epoch: not f throughout
+    old = [{**r, "val_net": net} for r, net in zip(rows, "fgf", strict=True)]
+    section = _coteaching_section(tmp_path, ct, old)
+    assert "kept the better of its networks f and g each epoch (its epochs' models: f, g)" in (
+        section
+    )
+    assert "co-teaching's model is its network f" not in section
+
+    # no peer score recorded: said, not left out
+    section = _coteaching_section(tmp_path, ct, [{k: r[k] for k in list(r)[:3]} for r in rows])
+    assert "g's best validation Dice: not recorded" in section
+
+
 def test_a_test_column_the_ensemble_search_left_out_is_said_in_the_report(tmp_path):
     from bldseg.report import write_report
 

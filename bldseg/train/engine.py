@@ -18,6 +18,14 @@ peer g is trained and validated too (``val_dice_best_peer``) but never chosen: p
 better of two on validation every epoch would be a selection a single network's run does not
 get. Each epoch also records ``keep_ratio`` (R(T)) and ``dropped_share``, the share of tiles
 or pixels the small-loss selections actually dropped.
+
+Each co-teaching network draws its dropout and drop-path masks from its own random stream: f
+from the global one, seeded and drawn from exactly as a single network's run does, g from a
+stream of its own (seeded ``seed + 1``; ``last.pt`` records it). So co-teaching with tau 0 (and
+the first epoch of any, R(0) = 1) trains f exactly as plain training with the same seed:
+same split, crops, initialisation, masks and loss (bit for bit on a CPU; tested). A ``last.pt``
+of an older bldseg, whose two networks drew from the global stream in turn, resumes with g on a
+new stream (seeded by the seed and the epoch) and a warning.
 """
 
 from __future__ import annotations
@@ -599,28 +607,82 @@ def _step_losses(
     device: torch.device,
     amp: torch.dtype | None,
     tally: DropTally | None = None,
+    streams: Sequence[dict[str, Any] | None] = (),
 ) -> list[torch.Tensor]:
     """One loss per network for this batch (co-teaching swaps the kept samples and counts
-    what it dropped into ``tally``)."""
+    what it dropped into ``tally``).
+
+    ``streams``: per network, its own random stream (:func:`_drawing_from`) or None (the
+    global one, network f's); missing entries are None.
+    """
     x = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
     y = batch["mask"].to(device, non_blocking=True)  # (B, 1, S, S)
     outs = []
-    for m in models:
+    for i, m in enumerate(models):
+        stream = streams[i] if i < len(streams) else None
         ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-        with ctx:
+        # g's dropout and drop-path draws come from its own stream: drawn from the global one
+        # between f's forwards, they shifted every mask f drew after the first batch
+        with _drawing_from(stream, device) if stream is not None else nullcontext(), ctx:
             o = m(x)
         if isinstance(o, torch.Tensor):
             o = {"logits": o}
         outs.append({k: v.float() for k, v in o.items()})
-    if len(models) == 1:
-        o = outs[0]
-        loss = loss_fn(o["logits"], y, None).mean()
-        if "aux_logits" in o and cfg.aux_weight > 0:
-            loss = loss + cfg.aux_weight * loss_fn(o["aux_logits"], y, None).mean()
-        return [loss]
+    if len(models) == 1 or keep_ratio >= 1.0:
+        # Keeping everything (R(0) = 1, tau 0), each network's update is the plain loss, computed
+        # as a single network's run computes it: coteaching_losses' indexing and weighting give
+        # the same value up to rounding (measured on 48-px crops), and f would drift from it.
+        losses = []
+        for o in outs:
+            loss = loss_fn(o["logits"], y, None).mean()
+            if "aux_logits" in o and cfg.aux_weight > 0:
+                loss = loss + cfg.aux_weight * loss_fn(o["aux_logits"], y, None).mean()
+            losses.append(loss)
+        if tally is not None and len(models) > 1:  # seen, none dropped
+            unit = y.shape[:1] if cfg.coteach.granularity == "tile" else y.shape
+            tally.add([torch.ones(unit, dtype=torch.bool)] * len(models))
+        return losses
     return coteaching_losses(
         outs, y, loss_fn, keep_ratio, cfg.coteach.granularity, cfg.aux_weight, tally
     )
+
+
+def _stream_device(device: torch.device) -> int | None:
+    """The GPU whose random stream a network on ``device`` draws from (None: on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _seeded_stream(seed: int, device: torch.device) -> dict[str, Any]:
+    """A network's own random stream, as ``torch.manual_seed(seed)`` would start the global one:
+    ``{"cpu": state, "cuda": state or None}`` (uint8 tensors; the GPU's only on a GPU)."""
+    gpu = _stream_device(device)
+    return {
+        "cpu": torch.Generator().manual_seed(seed).get_state(),
+        "cuda": None
+        if gpu is None
+        else torch.Generator(device=f"cuda:{gpu}").manual_seed(seed).get_state(),
+    }
+
+
+@contextmanager
+def _drawing_from(stream: dict[str, Any], device: torch.device) -> Iterator[None]:
+    """Runs the block on ``stream``'s random states and saves them back into it at its end; the
+    global streams are as they were before the block (:func:`torch.random.fork_rng`).
+
+    Co-teaching's network g runs its forwards (dropout, drop-path) and is built in here, so
+    that f, on the global streams, draws exactly what a single network's run draws.
+    """
+    gpu = _stream_device(device)
+    with torch.random.fork_rng(devices=[] if gpu is None else [gpu]):
+        torch.set_rng_state(stream["cpu"])
+        if gpu is not None:
+            torch.cuda.set_rng_state(stream["cuda"], gpu)
+        yield
+        stream["cpu"] = torch.get_rng_state()
+        if gpu is not None:
+            stream["cuda"] = torch.cuda.get_rng_state(gpu)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -667,6 +729,44 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             f"{torch.cuda.device_count()}: the run continues with other dropout draws",
             stacklevel=2,
         )
+
+
+def _resume_peer_streams(
+    streams: list[dict[str, Any]],
+    state: dict[str, Any],
+    cfg: RunConfig,
+    device: torch.device,
+    epoch: int,
+    path: Path,
+) -> None:
+    """Sets co-teaching's network g's random stream (in place) to what ``last.pt`` recorded.
+
+    A ``last.pt`` written before bldseg gave g a stream of its own (f and g drew from the global
+    one, in turn) records none: g continues from a stream seeded by the run's seed and the
+    epoch resumed at, with a warning; f continues exactly, on the global stream.
+    """
+    if not streams:
+        return
+    recorded = state.get("peer_rng")
+    if not recorded:
+        warnings.warn(
+            f"{path} was written by an older bldseg, whose co-teaching networks drew their "
+            "dropout and drop-path masks from one random stream: network g continues from a "
+            f"new stream (seed {cfg.seed + 1}, epoch {epoch}), so the rest of the run is not the "
+            "one the older version would have trained; a last.pt written from now on records "
+            "g's stream",
+            stacklevel=4,  # fit's caller (through _fit)
+        )
+        fresh = _seeded_stream((cfg.seed + 1) * 100_003 + epoch, device)
+        for s in streams:
+            s.update(fresh)
+        return
+    for s, r in zip(streams, recorded, strict=True):
+        # .cpu(): last.pt is loaded onto the training device, the RNG states live on the host
+        s["cpu"] = r["cpu"].cpu()
+        if s["cuda"] is not None:
+            # a stream recorded on a CPU and continued on a GPU keeps the seeded GPU stream
+            s["cuda"] = r["cuda"].cpu() if r.get("cuda") is not None else s["cuda"]
 
 
 def check_same_config(recorded: dict[str, Any], cfg: RunConfig, where: str | Path) -> None:
@@ -1150,12 +1250,17 @@ def _fit(
     models, optimizers, schedulers = [], [], []
     epoch_steps, drop_last = _batches(len(train_ds), cfg.batch_size)
     total_steps = epoch_steps * cfg.epochs
+    # Network g's own random stream (f draws from the global one, as a single network's run);
+    # its init draws come from it too, so building g moves nothing f draws later.
+    peer_streams = [_seeded_stream(cfg.seed + k, device) for k in range(1, n_nets)]
     for k in range(n_nets):
         # The two co-teaching networks start differently: everything a checkpoint does not set
         # (the decoder under ImageNet weights, the re-made classifiers) has its own seed.
-        torch.manual_seed(cfg.seed + k)
+        if k == 0:
+            torch.manual_seed(cfg.seed)
         pretrained = None if resuming else cfg.pretrained
-        m = create_model(cfg.model, pretrained=pretrained, **cfg.model_kwargs(), **rebuild)
+        with _drawing_from(peer_streams[k - 1], device) if k else nullcontext():
+            m = create_model(cfg.model, pretrained=pretrained, **cfg.model_kwargs(), **rebuild)
         m = m.to(device)
         m = to_run_memory_format(m, cfg, device)
         opt = build_optimizer(m, cfg, total_steps)
@@ -1202,6 +1307,7 @@ def _fit(
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        _resume_peer_streams(peer_streams, state, cfg, device, start_epoch, last_path)
         if best.get("val_net") == "g":
             # an older bldseg kept the better network each epoch: its rows have val_net
             warnings.warn(
@@ -1256,7 +1362,9 @@ def _fit(
 
                 iterator = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
             for batch in _timed(iterator, waited):
-                losses = _step_losses(steppers, batch, cfg, loss_fn, keep, device, amp, tally)
+                losses = _step_losses(
+                    steppers, batch, cfg, loss_fn, keep, device, amp, tally, [None, *peer_streams]
+                )
                 for k, (loss, m, opt, sch) in enumerate(
                     zip(losses, models, optimizers, schedulers, strict=True)
                 ):
@@ -1294,9 +1402,13 @@ def _fit(
                 + [(f"network {k} (optim.ema)", e.module) for k, e in enumerate(emas)],
                 epoch,
             )
-            for m in eval_models:
+            for k, m in enumerate(eval_models):
+                # g's on its own stream: each pass over the loader draws its base seed from the
+                # global one, which f's next epoch would then draw after
+                own = _drawing_from(peer_streams[k - 1], device) if k else nullcontext()
                 try:
-                    probs = predict_probs(m, val_loader, device, amp, cfg.tta)
+                    with own:
+                        probs = predict_probs(m, val_loader, device, amp, cfg.tta)
                 except NonFiniteProbabilitiesError as e:
                     raise DivergedError(f"validation of epoch {epoch + 1}: {e}") from e
                 val.append(
@@ -1372,7 +1484,8 @@ def _fit(
                 "optimizer_groups": optimizer_layout(models[0], optimizers[0]),
                 "schedulers": [s.state_dict() for s in schedulers],
                 "scaler": scaler.state_dict(),  # {} unless fp16
-                "rng": _rng_state(),
+                "rng": _rng_state(),  # network f's (a single network's) and the data's
+                "peer_rng": peer_streams,  # network g's own stream, [] without co-teaching
                 "split": split,  # which images trained and which validated
                 "image_read": image_read,  # how its images were decoded; None: not known
                 "data_kind": data.kind,

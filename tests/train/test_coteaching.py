@@ -1,6 +1,7 @@
 """Co-teaching: small-loss selection, cross-update of the two networks, and fit() with it."""
 
 import math
+import re
 import shutil
 import warnings
 from dataclasses import replace
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from bldseg.models import create_model
+from bldseg.models.backbones.internimage import DropPath
 from bldseg.predict import load_checkpoint
 from bldseg.report import coteaching_dropped_nothing
 from bldseg.train import engine
@@ -387,7 +390,11 @@ def test_fit_model_is_network_f_whatever_g_scores(small_world, tmp_path, monkeyp
 
 
 def test_coteaching_resumes_exactly_and_reads_older_histories(small_world, tmp_path):
-    c = RunConfig.from_flat({**FIT, "epochs": 2, "coteach.tau": 0.25, "coteach.t_k": 1})
+    # drop-path on as well as the heads' Dropout2d: g draws its masks from its own stream,
+    # which last.pt records beside the global one (f's)
+    c = RunConfig.from_flat(
+        {**FIT, "epochs": 2, "coteach.tau": 0.25, "coteach.t_k": 1, "drop_path_rate": 0.3}
+    )
     straight = fit(c, tmp_path / "a", data=small_world)
     fit(c, tmp_path / "b", data=small_world, stop_after=1)
     shutil.copytree(tmp_path / "b", tmp_path / "old")
@@ -396,20 +403,79 @@ def test_coteaching_resumes_exactly_and_reads_older_histories(small_world, tmp_p
         {**h, **{k: resumed.history[i][k] for k in ("epoch_s", "data_s", "cpu_s")}}
         for i, h in enumerate(straight.history)
     ]
+    nets_a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["models"]
+    nets_b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["models"]
+    for net, (a, b) in zip("fg", zip(nets_a, nets_b, strict=True), strict=True):
+        for k, w in a.items():
+            assert torch.equal(w, b[k]), (net, k)
     # A last.pt of an older bldseg, which kept the better network each epoch (val_net,
-    # val_dice_best_other, no dropped_share): it resumes, says whose best.pt it keeps, and
+    # val_dice_best_other, no dropped_share) and drew both networks' masks from one stream
+    # (no peer_rng): it resumes, says whose best.pt it keeps and that g's stream is new, and
     # the report reads its history.
     state = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
     for row in (*state["history"], state["best"]):
         row.pop("dropped_share")
         row["val_dice_best_other"] = row.pop("val_dice_best_peer")
         row["val_net"] = "g"
+    del state["peer_rng"]
     torch.save(state, tmp_path / "old" / "last.pt")
-    with pytest.warns(UserWarning, match=r"older bldseg.*best.pt \(epoch 1\) is network g's"):
+    with pytest.warns(UserWarning) as caught:
         old = fit(c, tmp_path / "old", data=small_world)
+    said = [str(w.message) for w in caught]
+    assert any(re.search(r"older bldseg.*best.pt \(epoch 1\) is network g's", m) for m in said)
+    assert any("network g continues from a new stream (seed 1, epoch 1)" in m for m in said)
     assert old.status == "completed" and old.history[0]["val_net"] == "g"
     assert [("dropped_share" in h) for h in old.history] == [False, True]
     assert coteaching_dropped_nothing(c, old.history) is None
+
+
+@pytest.fixture(scope="module")
+def plain_with_dropout(small_world, tmp_path_factory):
+    """A plain 2-epoch run with the heads' Dropout2d and drop-path in every block: its config,
+    result and run folder. 48-px crops: co-teaching's selected-sample losses (the path a
+    keep-everything step no longer takes) round otherwise than a plain mean over 48 * 48 pixels
+    (over 32 * 32, a power of two, they happened not to)."""
+    c = RunConfig.from_flat(
+        {
+            **FIT,
+            "coteach.enabled": False,
+            "epochs": 2,
+            "drop_path_rate": 0.3,
+            "aug.crop_size": 48,
+            "val_tile": 48,
+        }
+    )
+    out = tmp_path_factory.mktemp("plain")
+    return c, fit(c, out, data=small_world), out
+
+
+@pytest.mark.parametrize("granularity", ["tile", "pixel"])
+def test_tau_0_trains_network_f_exactly_as_plain_training(
+    small_world, tmp_path, plain_with_dropout, granularity
+):
+    # g was built after a re-seed and ran its forwards (and validation) between f's, on the
+    # global random stream: f's dropout and drop-path masks were others than a plain run's
+    # (weights up to 6.6 apart after 2 epochs), so no tau-0 arm was the plain arm it claimed.
+    c, plain, plain_dir = plain_with_dropout
+    model = create_model(c.model, **c.model_kwargs())
+    assert any(isinstance(m, torch.nn.Dropout2d) and m.p > 0 for m in model.modules())
+    assert any(isinstance(m, DropPath) and m.p > 0 for m in model.modules())
+    ct = c.with_updates(
+        {"coteach.enabled": True, "coteach.tau": 0.0, "coteach.granularity": granularity}
+    )
+    r = fit(ct, tmp_path, data=small_world)
+    keys = ("train_loss", "val_dice_best", "val_dice_05", "val_thr_best")
+    for a, b in zip(plain.history, r.history, strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}  # exactly
+        assert b["dropped_share"] == 0.0
+    f, g = torch.load(tmp_path / "last.pt", weights_only=True)["models"]
+    (alone,) = torch.load(plain_dir / "last.pt", weights_only=True)["models"]
+    for k, w in alone.items():
+        assert torch.equal(f[k], w), k  # bit for bit: the same ops in the same order
+    assert not all(torch.equal(g[k], w) for k, w in alone.items())  # g is its own network
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    alone_best = torch.load(plain_dir / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(best[k], w) for k, w in alone_best.items())
 
 
 def test_pixel_selection_drops_the_same_share_of_each_class():
