@@ -1284,7 +1284,9 @@ def _fit(
         # file's size and digest (another file later put behind the same path shows). A resumed
         # run keeps the record of the file it started from.
         report = models[0].pretrained_report
-        log.info("%s", report.summary())
+        # printed, not only logged: the CLI configures no logging, and what a fine-tune started
+        # from is the first thing to check in its output (pretrained.json keeps the details)
+        print(f"pretrained: {report.summary()}", flush=True)
         record = {**report.to_dict(), **file_fingerprint(cfg.pretrained), "networks": n_nets}
         write_json(out / "pretrained.json", record)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)
@@ -1319,7 +1321,7 @@ def _fit(
                 stacklevel=3,  # fit's caller (through _fit)
             )
         _settle_pending(out, best.get("epoch"))
-        log.info("resumed %s at epoch %d", out, start_epoch)
+        print(f"resumed {out} at epoch {start_epoch}", flush=True)
 
     # The training steps run through torch.compile when asked; the wrappers share the models'
     # parameters, so validation, checkpoints and state dicts use the eager modules.

@@ -106,13 +106,15 @@ def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_resume_reads_last_pt_not_the_pretrained_file(small_world, tmp_path):
+def test_a_resume_reads_last_pt_not_the_pretrained_file(small_world, tmp_path, capsys):
     weights = mmseg_file(tmp_path / "upernet_internimage_tiny_ade20k.pth", seed=0)
     original = {"size": weights.stat().st_size, "sha256": _sha256(weights)}
     cfg = _cfg(weights)
     # two of the three epochs, uninterrupted (stopped runs skip the plots: faster)
     whole = engine.fit(cfg, tmp_path / "whole", data=small_world, stop_after=2)
     assert whole.status == "stopped"
+    # what the fine-tune started from is printed (the CLI configures no logging)
+    assert "pretrained: loaded " in capsys.readouterr().out
 
     run = tmp_path / "run"
     assert engine.fit(cfg, run, data=small_world, stop_after=1).status == "stopped"
@@ -123,8 +125,11 @@ def test_a_resume_reads_last_pt_not_the_pretrained_file(small_world, tmp_path):
     replaced = mmseg_file(tmp_path / "other.pth", seed=1)
     shutil.copyfile(replaced, weights)
     assert _sha256(weights) != original["sha256"]
+    capsys.readouterr()
     assert engine.fit(cfg, run, data=small_world, stop_after=1).status == "stopped"
     assert json.loads((run / "pretrained.json").read_text()) == record
+    out = capsys.readouterr().out
+    assert f"resumed {run} at epoch 1" in out and "pretrained: loaded" not in out
     # the file gone: the run still trains on (with layer scale, as it was built)
     weights.unlink()
     assert engine.fit(cfg, run, data=small_world, stop_after=2).status == "stopped"
