@@ -736,7 +736,12 @@ def add_data_arguments(
             "on, recorded in best.pt (the built-in synthetic world for models trained on it)"
         )
     a("--data", default=None, help=data_help)
-    a("--data-root", default=str(DEFAULT_DATA_ROOT), help="caches and the synthetic world")
+    a(
+        "--data-root",
+        default=str(DEFAULT_DATA_ROOT),
+        help="where decoded caches (and the built-in synthetic world) are kept; default: data/ "
+        "in the current folder",
+    )
     a(
         "--images",
         default=None,
