@@ -81,14 +81,6 @@ class AugConfig:
                 raise ValueError(
                     f"augmentation parameter {name}={getattr(self, name)} is out of range"
                 )
-        if self.blur_p > 0 and self.blur_sigma < MIN_BLUR_SIGMA:
-            # a smaller sigma blurs nothing: the step would be a silent no-op (with blur_p 0 the
-            # value is unused, and configs recorded before this check keep loading)
-            raise ValueError(
-                f"augmentation parameter blur_sigma={self.blur_sigma} is below {MIN_BLUR_SIGMA}, "
-                f"the smallest sigma whose Gaussian blur changes a uint8 tile; set "
-                f"aug.blur_sigma >= {MIN_BLUR_SIGMA}, or aug.blur_p=0 for no blur"
-            )
 
     @classmethod
     def from_dict(cls, d: dict) -> AugConfig:
@@ -117,6 +109,24 @@ class AugConfig:
             if self.scale_p > 0
             else (self.crop_size)
         )
+
+
+def blur_problem(cfg: AugConfig) -> str | None:
+    """Why ``cfg``'s blur would train nothing (blur on with ``blur_sigma`` below
+    :data:`MIN_BLUR_SIGMA`, where every drawn blur returns the tile unchanged), or None.
+
+    Not refused by :class:`AugConfig` itself: configs recorded before the limit (checkpoints,
+    runs to resume) must keep loading. New runs are refused (:func:`bldseg.train.engine.fit`,
+    and a search before it starts); a resumed run continues as recorded, with a warning.
+    """
+    if cfg.blur_p > 0 and cfg.blur_sigma < MIN_BLUR_SIGMA:
+        return (
+            f"augmentation parameter blur_sigma={cfg.blur_sigma} is below {MIN_BLUR_SIGMA}, the "
+            f"smallest sigma whose Gaussian blur changes a uint8 tile: its blur (blur_p="
+            f"{cfg.blur_p}) would leave every tile as it is; set aug.blur_sigma >= "
+            f"{MIN_BLUR_SIGMA}, or aug.blur_p=0 for no blur"
+        )
+    return None
 
 
 def build_train_transform(cfg: AugConfig, normalize: bool = True) -> A.Compose:

@@ -64,7 +64,12 @@ from bldseg.data.readers import ReadOptions
 from bldseg.io import atomic_path, file_lock, write_json
 from bldseg.models import create_model
 from bldseg.models.pretrained import check_archive, file_fingerprint, overrides_for_checkpoint
-from bldseg.train.augment import build_eval_transform, build_train_transform, serialize
+from bldseg.train.augment import (
+    blur_problem,
+    build_eval_transform,
+    build_train_transform,
+    serialize,
+)
 from bldseg.train.config import RunConfig
 from bldseg.train.coteaching import (
     DropTally,
@@ -1207,6 +1212,11 @@ def _fit(
     crop = cfg.aug.crop_size
     last_path = out / "last.pt"
     resuming = resume and last_path.exists()
+    if (why := blur_problem(cfg.aug)) is not None:
+        if not resuming:
+            raise ValueError(why)
+        # recorded before the limit: the run continues as it trained (its blur a no-op)
+        warnings.warn(f"{last_path}: {why}; the run continues as recorded", stacklevel=3)
     # Architecture settings a pretrained file chose (layer scale): on a resume they are read
     # from last.pt's weights, and the file itself is not read at all (last.pt holds every
     # weight; the file may have moved, or been replaced by another one).

@@ -244,3 +244,24 @@ def test_a_warm_up_in_steps_a_schedule_does_not_read_is_warned_about(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SchedConfig(name=name).scheduler_kwargs(1000)
+
+
+def test_a_new_run_whose_blur_blurs_nothing_is_refused_and_a_recorded_one_continues(
+    small_world, tmp_path, monkeypatch
+):
+    # blur_sigma below MIN_BLUR_SIGMA with blur on: every drawn blur leaves the tile as it is.
+    # A new run is refused before it writes anything; one recorded before the limit (made here
+    # by lifting the check) resumes as it trained, with a warning.
+    flat = {"epochs": 2, "aug.crop_size": 64, "batch_size": 4, "samples_per_epoch": 8}
+    cfg = RunConfig.from_flat(
+        {**flat, "val_fraction": 0.25, "aug.blur_p": 0.5, "aug.blur_sigma": 0.2}
+    )
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"blur_sigma=0\.2 is below 0\.3"):
+        engine.fit(cfg, out, data=small_world)
+    assert not out.exists()
+    monkeypatch.setattr(engine, "blur_problem", lambda aug: None)
+    assert engine.fit(cfg, out, data=small_world, stop_after=1).status == "stopped"
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"last\.pt: .*blur_sigma=0\.2.*continues as recorded"):
+        assert engine.fit(cfg, out, data=small_world).status == "completed"
