@@ -86,7 +86,7 @@ from urllib.request import url2pathname
 
 import optuna
 import pandas as pd
-from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from bldseg.data import readers
 from bldseg.data.cache import DatasetCache
@@ -538,15 +538,28 @@ def _check_range_ends(
         ValueError: naming the space, the parameter and its range.
     """
     for key, dist in trial.distributions.items():
-        if not isinstance(dist, FloatDistribution | IntDistribution):
+        if isinstance(dist, FloatDistribution | IntDistribution):
+            ends, where, what = (
+                (dist.low, dist.high),
+                f"ranges over [{dist.low}, {dist.high}]",
+                "end",
+            )
+        elif isinstance(dist, CategoricalDistribution):
+            # numeric choices (a crop of 256 ... 640) are each checked, as a range's two ends:
+            # 4 samples need not draw the one the data refuse
+            ends = [
+                c for c in dist.choices if isinstance(c, int | float) and not isinstance(c, bool)
+            ]
+            where, what = f"chooses from {list(dist.choices)}", "choice"
+        else:
             continue
-        for end in (dist.low, dist.high):
+        for end in ends:
             try:
                 cfg = RunConfig.from_flat({**base, **sample, key: end})
             except (TypeError, ValueError) as e:
                 raise ValueError(
-                    f"search space {name}: parameter {key!r} ranges over [{dist.low}, "
-                    f"{dist.high}], and its end {end} is invalid: {e}"
+                    f"search space {name}: parameter {key!r} {where}, and its {what} {end} is "
+                    f"invalid: {e}"
                 ) from e
             if check is None:
                 continue
@@ -554,9 +567,9 @@ def _check_range_ends(
                 check(cfg)
             except ValueError as e:
                 raise ValueError(
-                    f"search space {name}: parameter {key!r} ranges over [{dist.low}, "
-                    f"{dist.high}], and the data refuse its end {end}: {e}. Narrow the range "
-                    "in the space (a --set of a key it searches does not reach the trials)"
+                    f"search space {name}: parameter {key!r} {where}, and the data refuse its "
+                    f"{what} {end}: {e}. Narrow the range in the space (a --set of a key it "
+                    "searches does not reach the trials)"
                 ) from e
 
 
@@ -1688,6 +1701,7 @@ def check_trials_on_data(space, base: dict[str, Any], cache: DatasetCache) -> No
             setting), or a space whose samples or range ends they refuse (naming the space,
             the parameter and its range).
     """
+    from bldseg.train.augment import blur_problem
     from bldseg.train.engine import checked_config
     from bldseg.train.folds import fold_config
 
@@ -1695,6 +1709,8 @@ def check_trials_on_data(space, base: dict[str, Any], cache: DatasetCache) -> No
         # warnings (a split far from val_fraction) are each trial's to give, in its own log
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if (why := blur_problem(cfg.aug)) is not None:
+                raise ValueError(why)
             for fold in range(cfg.folds) if cfg.folds >= 2 else [None]:
                 checked_config(cfg if fold is None else fold_config(cfg, fold), cache)
 

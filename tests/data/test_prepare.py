@@ -176,6 +176,20 @@ def test_split_group_pattern_keeps_map_blocks_together(tmp_path):
     assert len(va) == 10 and len({groups[i] for i in va}) == 1
     with pytest.raises(ValueError, match=r"does not match .*tile_x120_y5"):
         split_groups(cache, r"zz(\d)")
+    # worked out once per cache and pattern (a search's start-up check splits the data for
+    # every sample and fold), and a caller's copy cannot change what the next one gets
+    import bldseg.data.dataset as dataset
+
+    calls = []
+    real = dataset._pattern_groups
+    dataset._pattern_groups = lambda *a: calls.append(a) or real(*a)
+    try:
+        first = split_groups(cache, r"x(\d+)\d_")
+        first.append("changed")
+        assert split_groups(cache, r"x(\d+)\d_") == groups
+    finally:
+        dataset._pattern_groups = real
+    assert len(calls) == 0  # computed by the first call above, before the stand-in
 
 
 def test_competition_group_column(tmp_path):
