@@ -69,7 +69,14 @@ from bldseg.train.config import RunConfig
 from bldseg.train.engine import eval_autocast, predict_probs
 from bldseg.tune import tracking
 from bldseg.tune.runner import META_FILE as SEARCH_META
-from bldseg.tune.runner import METRIC, SearchInterrupted, SearchSpec, run_search
+from bldseg.tune.runner import (
+    METRIC,
+    SearchInterrupted,
+    SearchSpec,
+    check_trials_on_data,
+    get_space,
+    run_search,
+)
 
 log = logging.getLogger(__name__)
 
@@ -707,6 +714,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     client = tracking.check_tracking(uri)
     truth = test_truth(data) if data.test is not None and data.test_truth_csv else None
     if "pipeline_run_id" not in state:
+        # The first search's start-up check, before the state records these settings: a crop
+        # the data refuse would otherwise be recorded, and the corrected command refused as a
+        # pipeline "started with other settings"
+        first = {**cfg.base, "epochs": cfg.epochs}
+        check_trials_on_data(get_space(STAGES[0][1], first), first, data.train)
         exp_id = tracking.ensure_experiment(client, cfg.name, uri, ".", other="--name NAME")
         run = client.create_run(
             exp_id,

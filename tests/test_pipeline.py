@@ -645,7 +645,6 @@ def test_test_truth_reads_a_competition_format_file(small_world, tmp_path):
     [
         (["--trials", "0"], "--trials 0 is out of range"),
         (["--k-min", "4", "--k-max", "3"], "--k-min 4 is out of range"),
-        (["--set", "nosuchkey=1"], "nosuchkey"),
         (["--data", "/nonexistent/bldseg-data"], "--data /nonexistent/bldseg-data: no such"),
     ],
 )
@@ -660,6 +659,38 @@ def test_bad_settings_are_one_line_and_record_nothing(tmp_path, argv, message, c
     err = capsys.readouterr().err
     assert "error: " in err and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "p" / "pipeline_state.json").exists()
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [("nosuchkey=1", "unknown parameter(s) ['nosuchkey']"), ("aug.blur_p=2", "blur_p=2")],
+)
+def test_a_bad_set_item_is_a_usage_error(tmp_path, item, message, capsys):
+    # exit 2, as the README's table and --help say, and as `bldseg tune` gives (it was 1)
+    from bldseg.commands import pipeline as pipeline_cmd
+
+    base = ["--name", "p", "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as e:
+        pipeline_cmd.main([*base, "--set", item])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_crop_the_data_refuse_records_nothing_so_the_corrected_command_runs(
+    small_world, tmp_path
+):
+    # The first search refused the crop only after pipeline_state.json had recorded it: the
+    # corrected command was then refused as a pipeline "started with other settings".
+    from dataclasses import replace
+
+    from bldseg import pipeline
+
+    cfg = _config(small_world, tmp_path)
+    bad = replace(cfg, base={**cfg.base, "aug.crop_size": 4000, "aug.crop_fit": False})
+    with pytest.raises(ValueError, match=r"aug.crop_size=4000 is larger than the cached images"):
+        pipeline.run_pipeline(bad)
+    assert not (tmp_path / "results" / "pipeline" / "pipeline_state.json").exists()
 
 
 def _kfold_run(run: Path) -> dict:

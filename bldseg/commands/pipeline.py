@@ -34,6 +34,7 @@ from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.io import atomic_path
 from bldseg.pipeline import ContinuationError, PipelineConfig, run_pipeline
+from bldseg.train.config import RunConfig
 from bldseg.tune.cli import (
     DEFAULT_EPOCHS,
     add_folds_argument,
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     if args.folds is not None:
         base["folds"] = args.folds
+    try:  # an unknown key or a bad value is a usage error (2), as in `bldseg tune`
+        RunConfig.from_flat({**base, "epochs": args.epochs})
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
     # what the user fixed by name, as opposed to the defaults under it (CPU_DEMO, the recipe):
     # a search whose space searches one of them warns that the space's value wins
     user_keys = set(parse_set(args.set)) - {"pretrained"}
