@@ -179,7 +179,8 @@ def test_members_trained_on_a_cache_are_warned_about_once(pointwise_model, tmp_p
     (warning,) = _warnings(capsys.readouterr().err)  # once, naming both
     assert warning.startswith(
         f"warning: {tmp_path / 'a.pt'}, {tmp_path / 'b.pt'} record(s) no image read options "
-        "(trained on a bldseg cache, which does not record how its images were decoded); "
+        "(trained on a bldseg cache built by an older bldseg, which did not record how its "
+        "images were decoded); "
         "assuming the flags' defaults: no --bands (the default), --stretch 2 98;"
     ), warning
     assert "as they were trained" in warning and "--alpha refuse" not in warning
@@ -187,8 +188,9 @@ def test_members_trained_on_a_cache_are_warned_about_once(pointwise_model, tmp_p
     new = checkpoint(tmp_path / "new.pt", pointwise_model, bands=(3, 2, 1))
     assert predict_main(*argv, "--checkpoint", str(new)) == 0
     (warning, *_) = _warnings(capsys.readouterr().err)
-    assert "(trained on a bldseg cache, which does not record how its images were decoded)" in (
-        warning
+    assert (
+        "(trained on a bldseg cache built by an older bldseg, which did not record how its "
+        "images were decoded)" in warning
     )
     assert f"reading the images as {new} was trained: --bands 3,2,1" in warning
 

@@ -410,13 +410,17 @@ def _choose_tta(spec: EnsembleSpec, args: argparse.Namespace) -> list[str]:
 
 def _unrecorded_why(unrecorded: list[str]) -> str:
     """Why these members record no image read options, in a few words (from their ``best.pt``'s
-    ``data_kind``: a model trained on a bldseg cache was given images decoded before it)."""
+    ``data_kind``: a model trained on a cache built by an older bldseg, which kept no record of
+    how its images were decoded)."""
     kinds = {member_data_kind(m) == "cache" for m in unrecorded}
     if kinds == {True}:
-        return "trained on a bldseg cache, which does not record how its images were decoded"
+        return (
+            "trained on a bldseg cache built by an older bldseg, which did not record how its "
+            "images were decoded"
+        )
     if kinds == {False}:
         return "trained before bldseg recorded them"
-    return "trained before bldseg recorded them, or on a bldseg cache, which does not record them"
+    return "trained before bldseg recorded them, or on a cache built before caches recorded them"
 
 
 def _choose_image_read(
@@ -428,7 +432,7 @@ def _choose_image_read(
     A flag left out reads the images as the members' training images were read (their
     checkpoints' record, :func:`~bldseg.predict.recorded_image_read`); a flag given wins, with a
     warning when it differs from the record (test imagery may need it). Members that record
-    nothing (older checkpoints, models trained on a bldseg cache) are warned about once, naming
+    nothing (older checkpoints, models trained on an older cache) are warned about once, naming
     what is assumed for them: the other members' record, or else the defaults of the flags left
     out.
     """

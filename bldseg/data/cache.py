@@ -42,7 +42,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bldseg.data import geo
-from bldseg.data.readers import DecodedRecord, SourceRecord, decode_records, source_runs
+from bldseg.data.readers import (
+    DecodedRecord,
+    SourceRecord,
+    check_mask_grid,
+    decode_records,
+    source_runs,
+)
 from bldseg.io import file_lock
 
 CACHE_FORMAT_VERSION = 2
@@ -363,6 +369,22 @@ def _record_read_options(cache_dir: Path, records: Sequence[SourceRecord]) -> No
         tmp.unlink(missing_ok=True)
 
 
+def _check_mask_grids(records: Sequence[SourceRecord]) -> None:
+    """:func:`~bldseg.data.readers.check_mask_grid` of every image with a mask file (once per
+    pair), naming the sample as a build's decoding does."""
+    seen = set()
+    for r in records:
+        if r.mask_path is None or (r.image_path, r.mask_path) in seen:
+            continue
+        seen.add((r.image_path, r.mask_path))
+        if Path(r.mask_path).suffix.lower() in geo.VECTOR_SUFFIXES:
+            continue
+        try:
+            check_mask_grid(r.image_path, r.mask_path)
+        except ValueError as e:
+            raise ValueError(f"{r.img_id} ({r.image_path}): {e}") from e
+
+
 def _is_current(cache_dir: Path, fingerprint: str) -> bool:
     try:
         manifest = json.loads((cache_dir / "manifest.json").read_text())
@@ -653,7 +675,11 @@ def ensure_cache(
     # bldseg.io.file_lock: a data root on NFS without a lock daemon must not end the run
     with file_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
         if _is_current(cache_dir, fingerprint):
-            # one built by an older bldseg gains its record, instead of a rebuild
+            # one built by an older bldseg gains its record, instead of a rebuild; it was built
+            # before mask GeoTIFFs were checked against their images' grids, so they are now
+            # (headers only), as a build would (a mask labelling another place is refused)
+            if READ_OPTIONS_KEY not in DatasetCache(cache_dir).manifest:
+                _check_mask_grids(records)
             _record_read_options(cache_dir, records)
             return DatasetCache(cache_dir)
         # Builds killed outside Python (SIGKILL, out of memory, a preempted machine) leave their

@@ -7,6 +7,7 @@ or invalid key.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -321,7 +322,10 @@ class RunConfig:
         ):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, _from_dict(cls, getattr(self, name), name))
-        self.sched._optim = self.optim  # its LR floor is a share of optim.lr (SchedConfig)
+        # its LR floor is a share of optim.lr (SchedConfig); bound on a copy, as
+        # dataclasses.replace(cfg, optim=...) hands the new config this config's sched object
+        self.sched = copy.copy(self.sched)
+        self.sched._optim = self.optim
         self.validate()
 
     def validate(self) -> None:

@@ -338,6 +338,28 @@ def test_a_mask_georeferenced_elsewhere_is_refused_naming_both_grids(tmp_path, m
         _check_mask_size(mask, (H, W), image, (H, W))
 
 
+def test_a_cache_built_before_the_grid_check_is_checked_when_it_gains_its_record(
+    tmp_path, monkeypatch
+):
+    # A cache an older bldseg built from a mask georeferenced elsewhere stays current (same
+    # sources): it is checked, headers only, when it gains its read-options record.
+    import bldseg.data.readers as readers
+    from bldseg.data.cache import READ_OPTIONS_KEY, ensure_cache
+
+    _image_and_mask(tmp_path, transform=Affine(1.0, 0.0, X0 + 100, 0.0, -1.0, Y0))
+    records = read_folder_dataset(tmp_path / "images", tmp_path / "masks")
+    with monkeypatch.context() as m:  # built as an older bldseg did: no grid check
+        m.setattr(readers, "check_mask_grid", lambda *a: None)
+        cache = ensure_cache(records, tmp_path / "cache", progress=False)
+    manifest_path = cache.root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest[READ_OPTIONS_KEY]  # and without the record
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"^a \(.*a\.tif\): mask .* lies at column 100"):
+        ensure_cache(records, tmp_path / "cache", progress=False)
+    assert READ_OPTIONS_KEY not in json.loads(manifest_path.read_text())
+
+
 @pytest.mark.parametrize(
     "mask_geo",
     [

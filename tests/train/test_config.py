@@ -274,3 +274,16 @@ def test_a_cuda_device_this_machine_lacks_is_named():
         with pytest.raises(ValueError, match=f"device='{name}': no CUDA device here"):
             resolve_device(name)
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_replace_keeps_each_configs_schedule_bound_to_its_own_optimizer():
+    # poly's warm-up warning reads the floor as a share of optim.lr through sched._optim:
+    # dataclasses.replace handed the new config the original's sched object, and re-bound it
+    import dataclasses
+
+    from bldseg.train.config import OptimConfig
+
+    c = RunConfig.from_flat({"optim.lr": 0.01})
+    d = dataclasses.replace(c, optim=OptimConfig(lr=0.5))
+    assert c.sched._optim.lr == 0.01 and d.sched._optim.lr == 0.5
+    assert c.sched == d.sched  # the same settings, each bound to its own optimizer
