@@ -352,12 +352,16 @@ def _record_read_options(cache_dir: Path, records: Sequence[SourceRecord]) -> No
     """Adds the read options to the manifest of a cache built before they were recorded.
 
     Its fingerprint includes every read option (:meth:`ReadOptions.key`), so a current cache was
-    decoded with the records' options. Replaced atomically: readers see the old or new file.
+    decoded with the records' options. Such a cache was also built before mask GeoTIFFs were
+    checked against their images' grids: they are checked now (headers only), as a build does,
+    and a mask labelling another place is refused. Replaced atomically: readers see the old or
+    new file.
     """
     path = cache_dir / "manifest.json"
     manifest = json.loads(path.read_text())
     if READ_OPTIONS_KEY in manifest:
         return
+    _check_mask_grids(records)
     manifest[READ_OPTIONS_KEY] = _read_options_record(records)
     tmp = cache_dir / f".manifest.json.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -675,11 +679,8 @@ def ensure_cache(
     # bldseg.io.file_lock: a data root on NFS without a lock daemon must not end the run
     with file_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
         if _is_current(cache_dir, fingerprint):
-            # one built by an older bldseg gains its record, instead of a rebuild; it was built
-            # before mask GeoTIFFs were checked against their images' grids, so they are now
-            # (headers only), as a build would (a mask labelling another place is refused)
-            if READ_OPTIONS_KEY not in DatasetCache(cache_dir).manifest:
-                _check_mask_grids(records)
+            # one built by an older bldseg gains its record (and its masks' grid check),
+            # instead of a rebuild
             _record_read_options(cache_dir, records)
             return DatasetCache(cache_dir)
         # Builds killed outside Python (SIGKILL, out of memory, a preempted machine) leave their
