@@ -33,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 from bldseg.predict import DataUse, choose_recorded_data, load_checkpoint, resolve_member
+from bldseg.train.engine import eval_autocast
 from bldseg.train.folds import FOLDS_FILE, fold_dir, held_out_folds
 from bldseg.train.suspects import (
     DEFAULT_SMOOTH,
@@ -164,17 +166,22 @@ def _suspects(args: argparse.Namespace, written: list[Path]) -> int:
     try:
         if member.name == FOLDS_FILE:
             folds, held_out = _load_folds(member, data.train.ids, args.threshold)
-            models = [m for m, _, _ in folds]
             print(f"{member}: {len(folds)} folds, each image scored by the fold that held it out")
             df = rank_suspects_oof(folds, data.train, held_out, smooth=args.smooth)
-            csv, png = write_suspects(df, data.train, models, args.out, top=args.top)
+            csv, png = write_suspects(df, data.train, folds, args.out, top=args.top)
         else:
-            model, _, m = load_checkpoint(member)
+            model, cfg, m = load_checkpoint(member)
             thr = args.threshold
             thr = float(m.get("val_thr_best", 0.5)) if thr is None else thr
+            # as the run validated (its threshold was chosen on these maps): autocast, flips
+            how = {"amp": eval_autocast(cfg.precision, torch.device("cpu")), "tta": cfg.tta}
             everything = range(len(data.train))
-            df = rank_suspects(model, data.train, everything, threshold=thr, smooth=args.smooth)
-            csv, png = write_suspects(df, data.train, model, args.out, top=args.top, threshold=thr)
+            df = rank_suspects(
+                model, data.train, everything, threshold=thr, smooth=args.smooth, **how
+            )
+            csv, png = write_suspects(
+                df, data.train, model, args.out, top=args.top, threshold=thr, **how
+            )
     except USER_ERRORS as e:
         return fail(e)
     except OSError as e:  # a read-only --out, a file of that name, a full disk

@@ -510,6 +510,19 @@ def eval_weights(state: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
     return [e["module"] for e in emas] or list(state["models"])
 
 
+def view_logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> Iterator[torch.Tensor]:
+    """float32 logits (B, 1, H, W) of each view of ``x`` (B, 3, H, W), flipped back: the
+    image alone, or with ``tta`` also its horizontal and vertical flips.
+
+    The one definition of a run's test-time augmentation: validation (hence its thresholds)
+    and everything predicting at those thresholds use it.
+    """
+    yield model(x).float()
+    if tta:
+        yield model(x.flip(-1)).float().flip(-1)
+        yield model(x.flip(-2)).float().flip(-2)
+
+
 @torch.no_grad()
 def predict_probs(
     model: nn.Module | Sequence[nn.Module],
@@ -540,10 +553,8 @@ def predict_probs(
         with ctx:
             p = 0
             for m in models:
-                p = p + torch.sigmoid(m(x).float())  # (B, 1, S, S)
-                if tta:
-                    p = p + torch.sigmoid(m(x.flip(-1)).float()).flip(-1)
-                    p = p + torch.sigmoid(m(x.flip(-2)).float()).flip(-2)
+                for logits in view_logits(m, x, tta):
+                    p = p + torch.sigmoid(logits)  # (B, 1, S, S)
             if n_views > 1:
                 p = p / n_views
         p = p[:, 0].cpu().numpy()  # (B, S, S)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from bldseg import metrics
 from bldseg.data.cache import DatasetCache
 from bldseg.io import atomic_path
 from bldseg.train.augment import build_eval_transform
 from bldseg.train.config import RunConfig
+from bldseg.train.engine import eval_autocast, view_logits
 from bldseg.train.plots import plot_worst_tiles
 
 #: Pixels added to both sides of the ranking's Dice (see the module docstring): a few stray
@@ -80,6 +83,47 @@ def smoothed_dice(pred: np.ndarray, truth: np.ndarray, smooth: float) -> np.ndar
 
 
 @torch.no_grad()
+def _predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    threshold: float,
+    amp: torch.dtype | None,
+    tta: bool,
+    y: torch.Tensor | None = None,
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """The model's binary masks of ``x`` (B, 3, H, W) as its validation made them, and the
+    per-image BCE against ``y`` (B, 1, H, W) when given (the mean over the views).
+
+    A threshold is chosen on validation maps made under the run's autocast, with its flip
+    TTA, quantised to uint8 levels and binarised ``>=`` at the level (``engine.predict_probs``,
+    ``metrics.binarise``): the masks here are made the same way, so an image's prediction
+    at that threshold is the one the threshold was chosen on.
+
+    Returns:
+        ``(masks, bce)``: (B, H, W) bool and (B,) float32 (None without ``y``).
+    """
+    model.eval()
+    ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
+    p, bce, n = 0, 0, 0
+    with ctx:
+        for logits in view_logits(model, x, tta):  # (B, 1, H, W) float32
+            p = p + torch.sigmoid(logits)
+            if y is not None:
+                bce = bce + F.binary_cross_entropy_with_logits(logits, y, reduction="none").flatten(
+                    1
+                ).mean(1)  # (B,)
+            n += 1
+    prob = (p / n)[:, 0].cpu().numpy()  # (B, H, W)
+    if not np.isfinite(prob).all():
+        raise ValueError(
+            "the model's probabilities hold NaN or infinity: its weights are not finite "
+            "(the training diverged); rank with another checkpoint"
+        )
+    masks = metrics.binarise(metrics.quantise(np.clip(prob, 0.0, 1.0)), threshold)
+    return masks, (bce / n if y is not None else None)
+
+
+@torch.no_grad()
 def rank_suspects(
     model: torch.nn.Module,
     cache: DatasetCache,
@@ -89,6 +133,8 @@ def rank_suspects(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     smooth: float = DEFAULT_SMOOTH,
+    amp: torch.dtype | None = None,
+    tta: bool = False,
 ) -> pd.DataFrame:
     """Scores every image in ``indices`` by model/mask disagreement (whole images, any size).
 
@@ -101,27 +147,26 @@ def rank_suspects(
         device: Where to run.
         smooth: Pixels added to both sides of the ranking's Dice (module docstring); 0 ranks
             by the plain Dice.
+        amp: The autocast dtype the run validated with (``engine.eval_autocast``).
+        tta: Whether the run validated with flip TTA (``cfg.tta``).
 
     Returns:
         DataFrame sorted most-suspect first: ``img_id, index, smoothed_dice, dice_vs_model,
         bce, mask_pixels, pred_pixels``; ``dice_vs_model`` is the plain Dice (1.0 where
-        both are empty).
+        both are empty); ``bce`` is the mean over the TTA views.
 
     Raises:
         ValueError: ``smooth`` is negative.
     """
     if smooth < 0:
         raise ValueError(f"smooth={smooth}: the ranking's Dice smoothing is at least 0 pixels")
-    model.eval()
     indices = [int(i) for i in indices]
     rows = []
     for start in range(0, len(indices), batch_size):
         batch = indices[start : start + batch_size]
         x, y = _whole_images(cache, batch)  # (B, 3, H, W), (B, 1, H, W)
         x, y = x.to(device), y.to(device)
-        logits = model(x).float()  # (B, 1, H, W)
-        bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").flatten(1).mean(1)
-        pred = (torch.sigmoid(logits) >= threshold)[:, 0].cpu().numpy()  # (B, H, W)
+        pred, bce = _predict(model, x, threshold, amp, tta, y)  # (B, H, W), (B,)
         truth = y[:, 0].cpu().numpy().astype(bool)
         ranked = smoothed_dice(pred, truth, smooth)
         dice = smoothed_dice(pred, truth, 0.0)
@@ -158,7 +203,8 @@ def rank_suspects_oof(
     """Every image scored by the fold model that did not train on it (a K-fold run).
 
     Args:
-        folds: Per fold, in fold order: its model, its run config and its threshold.
+        folds: Per fold, in fold order: its model, its run config and its threshold; each
+            fold predicts as its run validated (autocast, TTA: ``cfg.precision``, ``cfg.tta``).
         cache: The training cache the folds were trained on.
         held_out: (N,) the fold that held out each cache image, as the run recorded it
             (:func:`bldseg.train.folds.held_out_folds`); not dealt again from the cache's
@@ -197,6 +243,8 @@ def rank_suspects_oof(
             batch_size=batch_size,
             device=device,
             smooth=smooth,
+            amp=eval_autocast(cfg.precision, torch.device(device)),
+            tta=cfg.tta,
         )
         parts.append(df.assign(fold=cfg.fold, threshold=threshold))
     return _most_suspect_first(pd.concat(parts, ignore_index=True))
@@ -205,18 +253,21 @@ def rank_suspects_oof(
 def write_suspects(
     df: pd.DataFrame,
     cache: DatasetCache,
-    model: torch.nn.Module | Sequence[torch.nn.Module],
+    model: torch.nn.Module | Sequence[tuple[torch.nn.Module, RunConfig, float]],
     out_dir: str | os.PathLike,
     top: int = 12,
     threshold: float = 0.5,
     device: str | torch.device = "cpu",
+    amp: torch.dtype | None = None,
+    tta: bool = False,
 ) -> tuple[Path, Path]:
     """Writes ``suspects.png`` (top suspects: image, mask, model) and ``suspects.csv``.
 
-    ``model`` is one model, or the K fold models of :func:`rank_suspects_oof`'s ranking: each
-    image is then drawn with its own fold's model and threshold (``fold``, ``threshold``). Both
-    files are written under temporary names and renamed into place once both are whole, the CSV
-    last: a failure leaves the earlier pair (or none) as it was.
+    ``model`` is one model (predicting at ``threshold`` with ``amp`` and ``tta``, as
+    :func:`rank_suspects` did), or the K folds of :func:`rank_suspects_oof`'s ranking: each
+    image is then drawn with its own fold's model, settings and threshold (``fold``,
+    ``threshold``). Both files are written under temporary names and renamed into place once
+    both are whole, the CSV last: a failure leaves the earlier pair (or none) as it was.
     """
     out = Path(out_dir)
     head = df.head(top)
@@ -224,17 +275,17 @@ def write_suspects(
     images = np.stack([np.asarray(cache.images[i]) for i in index])  # (top, H, W, 3)
     masks = np.stack([np.asarray(cache.masks[i]) for i in index])  # (top, H, W)
     per_fold = not isinstance(model, torch.nn.Module)
-    with torch.no_grad():
-        x, _ = _whole_images(cache, index)
-        x = x.to(device)  # (top, 3, H, W)
-        if per_fold:
-            preds = []
-            for j, row in enumerate(head.itertuples()):
-                prob = torch.sigmoid(model[row.fold].eval()(x[j : j + 1]).float())  # (1,1,H,W)
-                preds.append((prob >= row.threshold)[0, 0].cpu().numpy())
-            pred = np.stack(preds)
-        else:
-            pred = (torch.sigmoid(model.eval()(x).float()) >= threshold)[:, 0].cpu().numpy()
+    x, _ = _whole_images(cache, index)
+    x = x.to(device)  # (top, 3, H, W)
+    if per_fold:
+        preds = []
+        for j, row in enumerate(head.itertuples()):
+            fold_model, cfg, _ = model[row.fold]
+            amp_f = eval_autocast(cfg.precision, torch.device(device))
+            preds.append(_predict(fold_model, x[j : j + 1], row.threshold, amp_f, cfg.tta)[0][0])
+        pred = np.stack(preds)  # (top, H, W)
+    else:
+        pred = _predict(model, x, threshold, amp, tta)[0]  # (top, H, W)
     out.mkdir(parents=True, exist_ok=True)
     csv, png = out / "suspects.csv", out / "suspects.png"
     # Both written under temporary names, then renamed: the sheet first, the CSV (what people

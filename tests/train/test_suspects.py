@@ -13,11 +13,20 @@ import pytest
 import torch
 from torch import nn
 
+from bldseg import metrics
 from bldseg.data.cache import DatasetCache, build_cache
 from bldseg.data.readers import read_folder_dataset
 from bldseg.models import create_model
 from bldseg.train.augment import IMAGENET_MEAN, IMAGENET_STD
-from bldseg.train.suspects import precision_at_k, rank_suspects, write_suspects
+from bldseg.train.config import RunConfig
+from bldseg.train.engine import predict_probs
+from bldseg.train.suspects import (
+    _whole_images,
+    precision_at_k,
+    rank_suspects,
+    rank_suspects_oof,
+    write_suspects,
+)
 
 S = 32  # image side
 ROOF, GROUND = 200, 30  # red values: 200/255 = 0.78 is a building, 30/255 = 0.12 is not
@@ -214,3 +223,62 @@ def test_a_failed_csv_write_leaves_the_earlier_pair(corrupted, tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         write_suspects(df, cache, Pointwise(), out, top=2)  # another contact sheet
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary left
+
+
+class Ramp(nn.Module):
+    """:class:`Pointwise` plus a left-to-right ramp of the logit: a horizontal flip predicts
+    otherwise, so flip TTA changes its masks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Pointwise()(x) + torch.linspace(-3.0, 3.0, x.shape[-1])  # (B, 1, H, W)
+
+
+def _validated_masks(model, cache, threshold, amp, tta) -> np.ndarray:
+    """(N, H, W) bool: what validation makes of the whole images (engine.predict_probs, then
+    the level machinery's >=), the maps a run's threshold is chosen on."""
+    x, _ = _whole_images(cache, range(len(cache)))
+    probs = predict_probs(model, [{"image": x}], torch.device("cpu"), amp, tta)  # (N, H, W)
+    return metrics.binarise(probs, threshold)
+
+
+def _pixels(masks: np.ndarray) -> list[int]:
+    return masks.reshape(len(masks), -1).sum(1).tolist()
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_suspects_predict_with_the_runs_tta(corrupted, tta):
+    # The threshold is chosen on validation maps made with the run's flip TTA; suspects
+    # predicted without it, so its masks were not the ones the threshold was chosen on.
+    cache, _ = corrupted
+    want = _validated_masks(Ramp(), cache, 0.5, None, tta)
+    assert (want != _validated_masks(Ramp(), cache, 0.5, None, not tta)).any()  # it tells
+    df = rank_suspects(Ramp(), cache, range(len(cache)), threshold=0.5, tta=tta)
+    assert df.sort_values("index")["pred_pixels"].tolist() == _pixels(want)
+
+
+def test_suspects_predict_under_the_runs_autocast(corrupted):
+    # bf16 runs validate under CPU autocast; fp32 predictions move about a tenth of the
+    # quantised levels by one, which flips the pixels on the threshold's level.
+    cache, _ = corrupted
+    torch.manual_seed(0)
+    model = create_model("upernet_internimage_tiny", impl="reference").eval()
+    x, _ = _whole_images(cache, range(len(cache)))
+    probs = predict_probs(model, [{"image": x}], torch.device("cpu"), torch.bfloat16)
+    thr = float(np.median(probs)) / 255  # a level many pixels sit on
+    want = metrics.binarise(probs, thr)
+    assert (want != _validated_masks(model, cache, thr, None, False)).any()  # it tells
+    df = rank_suspects(model, cache, range(len(cache)), threshold=thr, amp=torch.bfloat16)
+    assert df.sort_values("index")["pred_pixels"].tolist() == _pixels(want)
+
+
+def test_out_of_fold_suspects_predict_as_each_fold_validated(corrupted, tmp_path):
+    cache, _ = corrupted
+    held_out = np.arange(len(cache)) % 2
+    folds = [(Ramp(), RunConfig(folds=2, fold=f, tta=True, precision="fp32"), 0.5) for f in (0, 1)]
+    df = rank_suspects_oof(folds, cache, held_out)
+    want = _validated_masks(Ramp(), cache, 0.5, None, True)
+    assert df.sort_values("index")["pred_pixels"].tolist() == _pixels(want)
+    # the contact sheet draws each image with its own fold's settings: written, in order
+    csv, png = write_suspects(df, cache, folds, tmp_path / "out", top=3)
+    assert pd.read_csv(csv)["img_id"].tolist() == df["img_id"].tolist()
+    assert png.stat().st_size > 0
