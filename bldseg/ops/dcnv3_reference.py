@@ -32,7 +32,15 @@ And one difference from the official CUDA kernel, which the compiled op follows:
 location exactly on the -1 border (x == -1 or y == -1) the CUDA kernel skips the point, so the
 offset gradient is 0 there, while ``grid_sample`` returns the one-sided derivative. Likewise a
 non-finite location (a NaN or infinite offset) is skipped by the compiled and official kernels
-(the point adds nothing), while ``grid_sample`` gives NaN.
+(the point adds nothing), while ``grid_sample`` gives NaN. And at a location exactly on an
+integer pixel position the bilinear weights have a kink: the kernels take the derivative on
+the side of an exact ``floor``, while ``grid_sample`` maps its normalised coordinate back to
+pixels as ``((g + 1) * size - 1) / 2``, which for many padded sizes (not powers of two)
+lands a hair below the integer and takes the other side's. Outputs and the input and mask
+gradients agree; the offset gradient of such points can differ. At initialisation (offset
+projections zero) every point sits on an integer, so the fallback's first-step offset
+gradient differs from the compiled op's (both are one-sided derivatives; the official
+``dcnv3_core_pytorch``, also built on ``grid_sample``, behaves as this reference does).
 """
 
 from __future__ import annotations
