@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     for s in args.set:
         train_cmd += ["--set", s]
     out, train_s = _run(train_cmd)
-    history = [json.loads(line) for line in out.splitlines() if line.startswith('{"epoch"')]
+    # The run's own record, at full precision: the console's epoch lines are rounded, and two
+    # epochs that print alike made max() name the earlier one while best.pt held the later.
+    # max() keeps the first of equal scores, as the run's strict ">" keeps its best.pt.
+    history = json.loads((run_dir / "history.json").read_text())
     best = max(history, key=lambda h: h["val_dice_best"])
     print(out.splitlines()[0])
 
