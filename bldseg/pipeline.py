@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from bldseg import metrics, stats
 from bldseg.data import readers
@@ -66,7 +65,7 @@ from bldseg.predict import (
     write_submission,
 )
 from bldseg.train.config import RunConfig
-from bldseg.train.engine import eval_autocast, predict_probs
+from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
 from bldseg.tune import tracking
 from bldseg.tune.runner import META_FILE as SEARCH_META
 from bldseg.tune.runner import (
@@ -374,12 +373,15 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     an older bldseg, is remade), the same tile ids in the same order, and the same truth.
     """
     path = run_dir / TEST_FILE
-    dev = torch.device("cpu")  # load_member's device
+    # Where the submission is predicted (predict_cache's "auto"): on a GPU machine precision
+    # "auto" is bf16 there, as the validation maps were; CPU maps would be float32 ones.
+    dev = resolve_device("auto")
     # The config alone says how the maps must be made: the weights are read only to remake them.
     cfg, _ = member_config(run_dir)
     amp = eval_autocast(cfg.precision, dev)
-    # as the validation maps beside it were made, and as bldseg predict makes them
-    made_as = f"tta={cfg.tta} autocast={amp}"
+    # as the validation maps beside it were made, and as bldseg predict makes them; the device
+    # is named off the CPU (maps of older bldseg versions, all made on the CPU, stay valid)
+    made_as = f"tta={cfg.tta} autocast={amp}" + ("" if dev.type == "cpu" else f" on={dev.type}")
     ids = np.array(data.test.ids)
     truth = truth.astype(np.uint8)
     stamps = [c.stat().st_mtime_ns for c in _member_checkpoints(run_dir)]
