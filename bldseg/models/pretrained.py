@@ -79,7 +79,7 @@ class Checkpoint:
         state_dict: Tensors by our names.
         file_names: Our name -> the name in the file, where they differ (for messages).
         prefix: Removed from every key of the file (``"module."`` of a DistributedDataParallel
-            wrapper), else ``""``.
+            wrapper, ``"model."`` of the Hugging Face port, or both), else ``""``.
         mmseg_names: The file names the classifiers and the auxiliary head as mmseg does
             (``conv_seg``, ``auxiliary_head``).
     """
@@ -160,13 +160,15 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(_refusal(path, e)) from None
-    except (RuntimeError, KeyError, EOFError) as e:  # torch's errors for non-checkpoint bytes
+    except (RuntimeError, KeyError, IndexError, EOFError) as e:  # non-checkpoint bytes
         # its first sentence: the rest advises weights_only=False, which would unpickle
         # whatever the bytes say (and for bytes that are no checkpoint, fail anyway)
         said = str(e).split(". ")[0].rstrip(".")
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {said})"
-        ) from None
+        if isinstance(e, (KeyError, IndexError)):  # the unpickler's state: "101", "pop from ..."
+            said = "torch.load could not read it"
+        else:
+            said = f"{type(e).__name__}: {said}"
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({said})") from None
     sd = obj
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):  # mmseg, then the classification trainer
@@ -183,9 +185,12 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     sd = dict(sd)
     prefix = ""
-    if all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
-        prefix = "module."
-        sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    # "module.": saved from a DistributedDataParallel wrapper; "model.": OpenGVLab's Hugging
+    # Face port (InternImageModel keeps the InternImage as .model); possibly both
+    for wrapper in ("module.", "model."):
+        if all(k.startswith(wrapper) for k in sd):
+            prefix += wrapper
+            sd = {k.removeprefix(wrapper): v for k, v in sd.items()}
     layout = "segmentation" if any(k.startswith("backbone.") for k in sd) else "classification"
     state, file_names = {}, {}
     for k, v in sd.items():

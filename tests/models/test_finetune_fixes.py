@@ -81,6 +81,26 @@ def test_missing_keys_are_named_as_in_the_file(tmp_path):
     assert "unexpected in the checkpoint (1):\n    module.extra.weight\n" in str(e.value)
 
 
+def test_the_hugging_face_port_loads(tmp_path):
+    # OpenGVLab's Hugging Face port keeps the InternImage as InternImageModel.model: a bare
+    # state dict whose every name starts with "model." failed with every key missing and
+    # unexpected, ending "Is it a checkpoint of the same variant?"
+    torch.manual_seed(0)
+    cls = create_backbone("internimage_tiny", num_classes=1000).state_dict()
+    torch.save({f"model.{k}": v for k, v in cls.items()}, tmp_path / "pytorch_model.bin")
+    model = create_model("upernet_internimage_tiny", pretrained=tmp_path / "pytorch_model.bin")
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, cls[k]), k
+    # names in messages are the file's: a missing key with its model. prefix
+    torch.save(
+        {f"model.{k}": v for k, v in cls.items() if k != "levels.1.norm.0.bias"},
+        tmp_path / "short.bin",
+    )
+    with pytest.raises(CheckpointMismatchError) as e:
+        create_model("upernet_internimage_tiny", pretrained=tmp_path / "short.bin")
+    assert "missing from the checkpoint (1):\n    model.levels.1.norm.0.bias\n" in str(e.value)
+
+
 def _legacy(key: str) -> str:
     """Our decoder's names before the mmseg ones: ppm.stages.*, numbered ConvBNReLU parts."""
     if key.startswith("backbone."):

@@ -257,9 +257,13 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.pth.*never downloads"):
         create_model("upernet_internimage_tiny", pretrained=tmp_path / "nope.pth")
     text = tmp_path / "notes.pth"
-    text.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
-        read_checkpoint(text)
+    # text the unpickler fails on in three ways: UnpicklingError, KeyError (a memo id: "KeyError:
+    # 174812789" was the message) and IndexError (a traceback)
+    for words in ("not a checkpoint", "junk\n", "this is junk\n"):
+        text.write_text(words)
+        with pytest.raises(ValueError, match="is not a PyTorch checkpoint") as e:
+            read_checkpoint(text)
+        assert "Error" not in str(e.value), words
     torch.save({"epoch": 3}, tmp_path / "no_weights.pth")
     with pytest.raises(ValueError, match=r"holds no state dict.*found \['epoch'\]"):
         read_checkpoint(tmp_path / "no_weights.pth")
