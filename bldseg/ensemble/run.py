@@ -16,7 +16,12 @@ same tiles. What to submit (``submit.json``): the ensemble only when its gain on
 is beyond that interval (its low end above 0), else the best single model as a one-member
 ensemble. The threshold sweep covers ``[lo, hi]`` and widens to
 :data:`bldseg.metrics.WIDE_RANGE` when a chosen threshold lies on its edge
-(``docs/thresholds.md``).
+(``docs/thresholds.md``). Every choice then (the single model, each size's best, each row of
+``top_ensembles.csv``, which merges both sweeps' ensembles) is the wider sweep's only where
+that scores strictly higher; among equal scores the table lists thresholds inside ``[lo, hi]``
+first. The best single model, the baseline of every run, is searched in ``[lo, hi]`` or, where
+that holds no level of one map (``--lo 0.5 --hi 0.5``), up to the first level at or above ``lo``
+(``single_range`` in the summary).
 
 Rules (``SearchConfig.rules``, ``empty_tile``; :mod:`bldseg.ensemble.rules`): besides the mean
 of probabilities, the vote of the members' own masks and a weighted mean, each optionally with
@@ -148,6 +153,8 @@ class SearchSummary:
     decision: dict = field(default_factory=dict)  # what to submit, the rule and its numbers
     threshold_range: tuple[float, float] = (0.30, 0.70)  # the sweep the choices were made in
     widened: bool = False  # a choice lay on the edge of [lo, hi], so the sweep was widened
+    # [lo, L/255] the single model was searched in, where [lo, hi] holds no level of one map
+    single_range: tuple[float, float] | None = None
     rules: dict = field(default_factory=dict)  # rule variant -> its best ensemble's row
     test_left_out: str | None = None  # why the test files next to the models were not scored
 
@@ -352,9 +359,12 @@ def _on_edge(e: Ensemble, lo: float, hi: float) -> bool:
 def _search(
     cfg: SearchConfig, sel: ModelLibrary, lo: float, hi: float
 ) -> tuple[Ensemble, list[Ensemble], dict[int, Ensemble]]:
-    """Best single model, top ensembles and the best of each k, all chosen in ``[lo, hi]``."""
+    """Best single model, top ensembles and the best of each k, all chosen in ``[lo, hi]``
+    (the single model in :func:`_single_range`)."""
     # Best single model, chosen on the selection half like the ensembles.
-    singles, _ = exhaustive_search(sel, 1, lo, hi, top=1, method=cfg.kernel, progress=False)
+    singles, _ = exhaustive_search(
+        sel, 1, *_single_range(lo, hi), top=1, method=cfg.kernel, progress=False
+    )
     single = singles[0]
     if cfg.method == "exhaustive":
         top, per_k = exhaustive_search(
@@ -377,6 +387,20 @@ def _search(
     else:
         raise ValueError(f"method must be 'exhaustive' or 'greedy', got {cfg.method!r}")
     return single, top, per_k
+
+
+def _single_range(lo: float, hi: float) -> tuple[float, float]:
+    """The range one model's map is searched in: ``[lo, hi]``, or ``[lo, L / 255]`` where that
+    holds no level ``L / 255`` of one map, ``L`` the first level at or above ``lo``.
+
+    A range may hold a level of the asked ensembles' sum and none of one map (0.5 is 255/510,
+    between 127/255 and 128/255), yet the best single model is searched in every run: it is
+    the baseline the ensembles are compared against. One map thresholded anywhere in such a
+    range gives level ``L``'s mask (positive where ``p >= t``), so ``L`` is its answer to it.
+    """
+    m = metrics.QUANT_MAX
+    first = metrics.level_from_threshold(lo, m)  # <= 255, since lo <= 1
+    return (lo, hi) if first / m <= hi else (lo, first / m)
 
 
 def check_threshold_range(lo: float, hi: float) -> None:
@@ -795,20 +819,48 @@ def _ctrl_c_deferred() -> Iterator[None]:
         signal.raise_signal(signal.SIGINT)
 
 
-def _keep_widened_where_better(default: tuple, widened: tuple) -> tuple:
-    """``(single, top, per_k)`` of the default range, each replaced by the widened search's
-    only where that scores strictly higher: the single model, the top table (by its best
-    entry) and each ensemble size's best (a size whose widened best only ties keeps its
-    threshold inside the default range)."""
-    (single, top, per_k), (w_single, w_top, w_per_k) = default, widened
+def _keep_widened_where_better(
+    default: tuple, widened: tuple, lo: float, hi: float, top: int
+) -> tuple:
+    """``(single, top, per_k)`` of the default range ``[lo, hi]``, each choice replaced by the
+    widened search's only where that scores strictly higher.
+
+    The single model and each ensemble size's best are replaced on their own (a size whose
+    widened best only ties keeps its threshold inside the default range). The top table is
+    both searches' entries merged (:func:`_merge_top`), so that it holds every ensemble the
+    summary reports and agrees with it row by row.
+    """
+    (single, d_top, per_k), (w_single, w_top, w_per_k) = default, widened
     return (
         w_single if w_single.score > single.score else single,
-        w_top if w_top[0].score > top[0].score else top,
+        _merge_top(d_top, w_top, lo, hi, top),
         {
             k: w if k not in per_k or w.score > per_k[k].score else per_k[k]
             for k, w in w_per_k.items()
         },
     )
+
+
+def _merge_top(default: list, widened: list, lo: float, hi: float, top: int) -> list:
+    """The ``top`` best of both searches' tables, an ensemble once.
+
+    An ensemble in both keeps the default range's entry unless the widened one scores strictly
+    higher (as :func:`bldseg.metrics.choose_level`). Order: score, then a threshold inside the
+    default range ``[lo, hi]`` before one outside it (so the first row is the default range's
+    best unless the widened best beats it), then k, then rank. Keeping either table whole
+    left out ensembles that scored higher than most of its rows, while the summary's best of
+    each size came from the other range.
+    """
+    chosen = {e.members: e for e in default}
+    for e in widened:
+        if e.members not in chosen or e.score > chosen[e.members].score:
+            chosen[e.members] = e
+    # (level / 255k is the float the level window of [lo, hi] is cut by.) sorted is stable:
+    # among entries equal on every key (greedy ensembles, rank -1 all), the default range's
+    # first
+    return sorted(
+        chosen.values(), key=lambda e: (-e.score, not lo <= e.threshold <= hi, e.k, e.rank)
+    )[:top]
 
 
 def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchSummary:
@@ -819,16 +871,27 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
 
     rules_searched = cfg.rules != ["mean"] or cfg.empty_tile
     lo, hi = cfg.lo, cfg.hi
+    single_range = _single_range(lo, hi)
+    if single_range != (lo, hi):
+        warnings.warn(
+            f"--lo {lo} --hi {hi} holds no threshold L/255 of one model's map, so the best "
+            "single model (the baseline the ensembles are compared against) is searched in "
+            f"[{lo}, {single_range[1]:.6f}]: {single_range[1]:.6f} = "
+            f"{round(single_range[1] * metrics.QUANT_MAX)}/255 is the mask a map thresholded "
+            "anywhere in [lo, hi] gives (summary.json: single_range)",
+            stacklevel=3,
+        )
     single, top, per_k = _search(cfg, sel, lo, hi)
     # A choice on the edge of the range was clipped by it: search the wider range again (the
     # whole search, since another combination may win there). Its choices replace the default
-    # range's only where they score strictly higher, as in bldseg.metrics.choose_level.
-    widened = _on_edge(top[0], lo, hi) or _on_edge(single, lo, hi)
+    # range's only where they score strictly higher, as in bldseg.metrics.choose_level; the top
+    # table merges both searches' (_merge_top).
+    widened = _on_edge(top[0], lo, hi) or _on_edge(single, *single_range)
     if widened:
         lo, hi = metrics.widened_range(lo, hi)
         w_single, w_top, w_per_k = _search(cfg, sel, lo, hi)
         single, top, per_k = _keep_widened_where_better(
-            (single, top, per_k), (w_single, w_top, w_per_k)
+            (single, top, per_k), (w_single, w_top, w_per_k), cfg.lo, cfg.hi, cfg.top
         )
     # the single model chosen over the same range as everything reported (after a widening,
     # the default range's k=1 entry would disagree with best_single)
@@ -876,7 +939,8 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     rule_rows: dict[str, dict] = {}
     if rules_searched:
         # Own mask levels chosen on the selection half only (bldseg.ensemble.rules).
-        levels = rules_mod.member_levels(sel, cfg.lo, cfg.hi)
+        # (one map's levels, as the single model's: _single_range)
+        levels = rules_mod.member_levels(sel, *single_range)
         found = _search_rules(cfg, sel, top, levels, lo, hi)
         rule_tiles = {}
         for name, e in found.items():
@@ -904,7 +968,7 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     files["submit"] = str(stage / "submit.json")
     decision["spec"] = str(out / "submit.json")  # where it lies once published
     summary = {
-        "config": asdict(cfg),
+        "config": _config_record(cfg),
         "n_models": lib.n_models,
         "n_tiles": {"selection": sel.n_tiles, "check": chk.n_tiles},
         "n_images": {
@@ -915,6 +979,9 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         "test_library_left_out": test_left_out,  # null: scored, or no model has test maps
         "threshold_range": [lo, hi],
         "widened": widened,
+        # [lo, L/255]: --lo/--hi held no level of one map, so the best single model's search
+        # of the default range ran there (_single_range); null: it ran in [lo, hi]
+        "single_range": None if single_range == (cfg.lo, cfg.hi) else list(single_range),
         "best": best_d,
         "best_single": single_d,
         "gain": gain,
@@ -935,7 +1002,12 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     if cfg.tracking_uri:
         params = {
             "method": cfg.method,
-            "k": ",".join(map(str, cfg.k)),
+            # the settings of the method that ran: the other's are defaults it never read
+            **(
+                {"k": ",".join(map(str, cfg.k))}
+                if cfg.method == "exhaustive"
+                else {"greedy_size": cfg.greedy_size, "greedy_init": cfg.greedy_init}
+            ),
             "lo": cfg.lo,
             "hi": cfg.hi,
             "threshold_range": f"{lo},{hi}",
@@ -991,9 +1063,20 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         decision=decision,
         threshold_range=(lo, hi),
         widened=widened,
+        single_range=None if single_range == (cfg.lo, cfg.hi) else single_range,
         rules=rule_rows,
         test_left_out=test_left_out,
     )
+
+
+def _config_record(cfg: SearchConfig) -> dict:
+    """The config as ``summary.json`` records it: ``k`` null for a greedy run.
+
+    A greedy run never reads ``k`` (the CLI refuses -k with --method greedy; its sizes are
+    its steps, up to ``greedy_size``), so its default read as the size the run searched. The
+    greedy settings, named as such, keep their values in an exhaustive run's record.
+    """
+    return {**asdict(cfg), **({"k": None} if cfg.method == "greedy" else {})}
 
 
 def _decision_params(row: dict) -> dict:
@@ -1061,6 +1144,12 @@ def summary_lines(s: SearchSummary) -> list[str]:
         lines.append(
             f"{'thresholds':12s} a choice lay on the edge of the default sweep, widened to "
             f"[{lo:.2f}, {hi:.2f}]"
+        )
+    if s.single_range:
+        lo, hi = s.single_range
+        lines.append(
+            f"{'single':12s} no threshold L/255 of one map lay in the range asked for, so the "
+            f"best single model was searched in [{lo}, {hi:.6f}]"
         )
     if s.decision:
         what = "the ensemble" if s.decision["submit"] == "ensemble" else "the best single model"

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -714,19 +715,120 @@ def test_specs_predict_with_tta_as_the_library_was_validated(tmp_path, flags):
 def test_a_widened_search_replaces_only_what_it_beats():
     # Each choice of the default range is replaced by the widened search's only where that
     # scores strictly higher: a size whose widened best ties keeps its in-range threshold.
-    from types import SimpleNamespace as E
-
     from bldseg.ensemble.run import _keep_widened_where_better
+    from bldseg.ensemble.search import Ensemble as E
 
-    single, w_single = E(score=0.70, level=90), E(score=0.72, level=20)
-    top, w_top = [E(score=0.80, level=100)], [E(score=0.81, level=30)]
-    per_k = {2: E(score=0.78, level=100), 3: E(score=0.80, level=100)}
-    w_per_k = {2: E(score=0.78, level=25), 3: E(score=0.81, level=30)}
-    s, t, k = _keep_widened_where_better((single, top, per_k), (w_single, w_top, w_per_k))
-    assert s is w_single and t is w_top
+    single, w_single = E((0,), 90, 0.70), E((1,), 20, 0.72)
+    top, w_top = [E((0, 1), 200, 0.80, 0)], [E((0, 2), 60, 0.81, 1)]
+    per_k = {2: E((0, 1), 200, 0.78, 0), 3: E((0, 1, 2), 300, 0.80, 0)}
+    w_per_k = {2: E((0, 1), 50, 0.78, 0), 3: E((0, 1, 2), 90, 0.81, 0)}
+    s, t, k = _keep_widened_where_better(
+        (single, top, per_k), (w_single, w_top, w_per_k), 0.3, 0.7, 20
+    )
+    assert s is w_single and t == [w_top[0], top[0]]
     assert k[2] is per_k[2] and k[3] is w_per_k[3]  # the tie keeps the default range's
-    s, t, _ = _keep_widened_where_better((w_single, w_top, w_per_k), (single, top, per_k))
-    assert s is w_single and t is w_top
+    s, t, _ = _keep_widened_where_better(
+        (w_single, w_top, w_per_k), (single, top, per_k), 0.3, 0.7, 1
+    )
+    assert s is w_single and t == [w_top[0]]
+
+
+def test_a_widened_top_table_merges_both_ranges_as_the_summary_chooses(tmp_path):
+    # The top table was the default range's whole unless the widened best beat its best,
+    # while each size's best was replaced on its own: the CSV left out the k=3 best that
+    # summary.json reported, at 0.1386, and 18 of its 20 rows scored below it.
+    write_runs(fake_library(6, 16, 12, seed=41, noise=3.5), tmp_path / "runs")
+    cfg = SearchConfig(
+        runs=str(tmp_path / "runs"), k=[2, 3, 4], out=str(tmp_path / "out"), progress=False
+    )
+    run_search(cfg)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    table = pd.read_csv(tmp_path / "out" / "top_ensembles.csv")
+    assert summary["widened"] and len(table) == cfg.top
+    # every ensemble once, with the default range's entry unless the widened one scores
+    # strictly higher; ties: inside [0.30, 0.70] first, then k, then rank
+    full = load_library(find_runs(tmp_path / "runs"), root=tmp_path / "runs")
+    sel = full.subset(split_by_image(full.image_ids, 0.5, 0)[0])
+    narrow = {e.members: e for e in brute_force(sel, cfg.k, 0.30, 0.70)}
+    chosen = [
+        w if w.score > narrow[w.members].score else narrow[w.members]
+        for w in brute_force(sel, cfg.k, 0.05, 0.95)
+    ]
+    chosen.sort(key=lambda e: (-e.score, not 0.30 <= e.threshold <= 0.70, e.k, e.rank))
+    want = chosen[: cfg.top]
+    assert [_members(r) for _, r in table.iterrows()] == [e.members for e in want]
+    assert list(table["level"]) == [e.level for e in want]
+    assert list(table["selection_dice"]) == [e.score for e in want]
+    # so every reported choice that scores as high as a row is that row
+    assert _members(summary["best"]) == _members(table.iloc[0])
+    for k in map(str, cfg.k):
+        best_k = summary["best_per_k"][k]
+        if best_k["selection_dice"] > table["selection_dice"].min():
+            row = table[table["members"] == best_k["members"]]
+            assert list(row["level"]) == [best_k["level"]], k
+    assert summary["best_per_k"]["3"]["threshold"] < 0.30  # the case the reviewer found
+
+
+def test_a_range_with_no_level_of_one_map_still_searches_the_single_model(tmp_path):
+    # 0.5 is a level of two maps' sum (255/510), none of one map's (127/255 < 0.5 < 128/255):
+    # -k 2 --lo 0.5 --hi 0.5 was refused by the hidden search of the best single model, with a
+    # message about L/255, a scale the user did not ask for
+    from bldseg.ensemble.run import _single_range
+
+    assert _single_range(0.5, 0.5) == (0.5, 128 / 255)
+    assert _single_range(0.5, 0.501) == (0.5, 128 / 255)
+    assert _single_range(0.30, 0.70) == (0.30, 0.70)
+    assert _single_range(128 / 255, 128 / 255) == (128 / 255, 128 / 255)
+    write_runs(fake_library(4, 16, 12, seed=2), tmp_path / "runs")
+    cfg = SearchConfig(
+        runs=str(tmp_path / "runs"),
+        k=[2],
+        lo=0.5,
+        hi=0.5,
+        rules=["mean", "vote"],  # the members' own masks are levels of one map too
+        out=str(tmp_path / "out"),
+        progress=False,
+    )
+    with pytest.warns(UserWarning, match=r"no threshold L/255 of one model's map.*128/255"):
+        s = run_search(cfg)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["single_range"] == [0.5, 128 / 255] and s.single_range == (0.5, 128 / 255)
+    assert any("best single model was searched in [0.5, 0.501961]" in x for x in summary_lines(s))
+    # a choice on the edge of a one-level range: widened like any other, ties to the default
+    full = load_library(find_runs(tmp_path / "runs"), root=tmp_path / "runs")
+    sel = full.subset(split_by_image(full.image_ids, 0.5, 0)[0])
+    narrow = brute_force(sel, [1], 0.5, 128 / 255)[0]
+    wide = brute_force(sel, [1], 0.05, 0.95)[0]
+    want = wide if wide.score > narrow.score else narrow
+    assert summary["widened"]
+    assert (_members(s.best_single), s.best_single["level"]) == (want.members, want.level)
+    # a range that holds one map's levels records none
+    s = run_search(replace(cfg, lo=0.3, hi=0.7, out=str(tmp_path / "o2")))
+    assert s.single_range is None
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["single_range"] is None
+
+
+def test_each_method_records_only_its_own_settings(results, tmp_path):
+    # a greedy run logged k=6 (the exhaustive default it never read; the CLI refuses -k with
+    # --method greedy) and neither greedy_size nor greedy_init
+    from mlflow.tracking import MlflowClient
+
+    root, _, _ = results
+    uri = "sqlite:///" + str((tmp_path / "mlflow.db").resolve())
+    base = {"runs": str(root / "results"), "tracking_uri": uri, "progress": False}
+    greedy = run_search(
+        SearchConfig(**base, method="greedy", greedy_size=3, greedy_init=1, out=str(tmp_path / "g"))
+    )
+    exhaustive = run_search(SearchConfig(**base, k=[2, 3], out=str(tmp_path / "e")))
+    client = MlflowClient(tracking_uri=uri)
+    params = client.get_run(greedy.mlflow_run_id).data.params
+    assert "k" not in params and (params["greedy_size"], params["greedy_init"]) == ("3", "1")
+    params = client.get_run(exhaustive.mlflow_run_id).data.params
+    assert params["k"] == "2,3" and not {"greedy_size", "greedy_init"} & set(params)
+    config = json.loads((tmp_path / "g" / "summary.json").read_text())["config"]
+    assert config["k"] is None and (config["greedy_size"], config["greedy_init"]) == (3, 1)
+    config = json.loads((tmp_path / "e" / "summary.json").read_text())["config"]
+    assert config["k"] == [2, 3]
 
 
 # --- a held-out test library that does not fit is left out, not fatal ----------------------
