@@ -63,7 +63,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -79,6 +79,7 @@ from bldseg import metrics
 from bldseg.data import geo
 from bldseg.data.cache import DatasetCache
 from bldseg.data.dataset import TileDataset, validation_tiles
+from bldseg.data.prepare import DataOptions, describe_options, flat_options
 from bldseg.data.readers import (
     ReadOptions,
     check_mask_grid,
@@ -557,6 +558,60 @@ def recorded_image_read(checkpoints: Sequence[str | os.PathLike]) -> tuple[dict 
                 "ensemble models trained on images read alike"
             )
     return (found[0][1] if found else None), unrecorded
+
+
+def _data_options_of(path: Path) -> DataOptions | None:
+    """How a ``best.pt``'s training data was found and read (``data_options``,
+    :func:`bldseg.train.engine.data_options_record`); None when the checkpoint predates the
+    record.
+
+    Raises:
+        ValueError: The record is not one :func:`bldseg.train.engine.fit` writes (names the file).
+    """
+    record = _checkpoint_state(path, mmap=True).get("data_options")
+    if record is None:
+        return None
+    try:
+        if not isinstance(record, dict) or not isinstance(record.get("read"), dict):
+            raise TypeError
+        # Fields a newer bldseg may add are left out: those read here are known.
+        layout = {f.name for f in fields(DataOptions)}
+        read = {f.name for f in fields(ReadOptions)}
+        return DataOptions.from_dict(
+            {
+                **{k: v for k, v in record.items() if k in layout},
+                "read": {k: v for k, v in record["read"].items() if k in read},
+            }
+        )
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{path}: its record of how the training data was read ('data_options': "
+            f"{record!r}) is not one bldseg writes; pass the data flags (--mask-values, "
+            "--tile-size, ...) as the model was trained"
+        ) from None
+
+
+def recorded_data_options(member: str | os.PathLike) -> DataOptions | None:
+    """How a member's training data was found and decoded (folders, tiles, mask values...), as
+    its ``best.pt`` records it; a K-fold member's folds must agree. None for checkpoints from
+    before the record (and for data made by hand, which records nothing).
+
+    Raises:
+        ValueError: The folds of a K-fold member record different options, or a record is
+            not one bldseg writes.
+        FileNotFoundError: The checkpoint, or a fold's of a K-fold member, is missing.
+    """
+    path = resolve_member(member)
+    files = fold_checkpoints(path)[0] if path.name == FOLDS_FILE else [path]
+    found = [(f, r) for f in files if (r := _data_options_of(Path(f))) is not None]
+    for f, r in found[1:]:
+        if r != found[0][1]:
+            raise ValueError(
+                f"{member}: its folds were trained on data read differently: {found[0][0]} "
+                f"with {describe_options(flat_options(found[0][1]))}, {f} with "
+                f"{describe_options(flat_options(r))}; pass the data flags as it was trained"
+            )
+    return found[0][1] if found else None
 
 
 @dataclass(frozen=True)

@@ -264,3 +264,13 @@ def test_prepared_data_carries_its_read_options_to_search_trials(small_world):
     # a bldseg cache given as the data: the read options its manifest records
     cache = prepare_data(small_world.train.root.parent)
     assert cache.kind == "cache" and cache.options == small_world.options
+
+
+def test_help_does_not_say_a_cache_records_nothing():
+    # A model trained on a bldseg cache records how its images were read (the read options the
+    # cache's manifest records); the help said such checkpoints record none.
+    from bldseg.commands.predict import build_parser
+
+    text = " ".join(build_parser("bldseg predict").format_help().split())
+    assert "which does not say how its images were decoded" not in text
+    assert "written before bldseg recorded it, or trained on a cache built before caches" in text

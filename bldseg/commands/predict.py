@@ -19,23 +19,25 @@ or RPCs). Images larger than the window are predicted in overlapping windows (--
 each model's validation tile; --overlap, default 0.25 of the window; the last row/column shifted
 inwards) whose probabilities are blended with weights falling linearly from each window's centre
 to its edge (floor 0.05), so each pixel is decided mostly by the window that sees it most
-centrally. Images smaller than the window are padded by reflection. With --masks, the official
-score (mean per-image Dice), the pixel IoU and F1 are printed and written to OUT/scores.json;
-label masks are read as for training (--mask-values, --mask-nonzero, --mask-colors,
---mask-threshold), and every mask is read before any prediction is written. The files written
-are listed in OUT/.bldseg_outputs.json per image folder: a rerun of the same --images into the
-same --out removes those it does not write again (masks of images no longer there, an earlier
-scores.json) and no other file; another --images folder (a big job in parts) adds its masks
-beside the earlier ones, and is refused if it would overwrite one of them (images of the same
-name in two parts). A run stopped midway (Ctrl-C, a kill) stays marked incomplete there, with
-some masks new and others an earlier run's: the next run into --out warns of it.
+centrally. Images smaller than the window are padded by reflection. With --masks, the official score
+(mean per-image Dice), the pixel IoU and F1 are printed and written to OUT/scores.json; the masks
+are decoded as the model's training masks were (--mask-values, --mask-nonzero, --mask-colors,
+--mask-threshold, recorded in best.pt by bldseg train; a flag given wins, with a warning when it
+differs from the record; checkpoints that record none read them with the flags' defaults, with a
+warning), and every mask is read before any prediction is written. The files written are listed in
+OUT/.bldseg_outputs.json per image folder: a rerun of the same --images into the same --out removes
+those it does not write again (masks of images no longer there, an earlier scores.json) and no other
+file; another --images folder (a big job in parts) adds its masks beside the earlier ones, and is
+refused if it would overwrite one of them (images of the same name in two parts). A run stopped
+midway (Ctrl-C, a kill) stays marked incomplete there, with some masks new and others an earlier
+run's: the next run into --out warns of it.
 
 Images are decoded as the model's training images were (--bands, --stretch, --alpha, recorded in
 best.pt by bldseg train): leave those flags out. A flag given explicitly wins, with a warning
 when it differs from the record; members of an ensemble trained on images read differently are
-refused. Checkpoints that record none (written before bldseg recorded it, or trained on a bldseg
-cache, which does not say how its images were decoded) take the other members' record, else the
-flags' defaults, with one warning naming them and what is assumed.
+refused. Checkpoints that record none (written before bldseg recorded it, or trained on a cache
+built before caches recorded it) take the other members' record, else the flags' defaults, with
+one warning naming them and what is assumed.
 
 With --data, only the test split is read: a competition folder needs only test.csv (and its
 images), or pass the test CSV itself; train.csv is neither needed nor cached. Each test image is
@@ -62,6 +64,7 @@ in validation), and the threshold defaults to the one chosen on its out-of-fold 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -70,10 +73,16 @@ from pathlib import Path
 from bldseg import metrics
 from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.data.prepare import (
+    MASK_READ_NAMES,
+    DataOptions,
     _colour_list,
     _int_list,
     add_data_arguments,
+    choose_data_options,
     data_options,
+    describe_options,
+    flat_options,
+    given_data_options,
     prepare_test_data,
 )
 from bldseg.data.readers import DEFAULT_READ
@@ -93,6 +102,7 @@ from bldseg.predict import (
     member_data_kind,
     predict_cache,
     predict_folder,
+    recorded_data_options,
     recorded_image_read,
     write_submission,
 )
@@ -155,7 +165,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--masks",
         default=None,
         help="ground-truth mask folder: score the predictions (same relative paths and names "
-        "as the images, see --mask-pattern)",
+        "as the images, see --mask-pattern); decoded as the model's training masks were "
+        "(recorded in best.pt), unless the mask flags below are given",
     )
     f.add_argument(
         "--mask-pattern",
@@ -164,7 +175,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "substitution '(\\d+)_img=>\\1.png' (default: {stem}.png, {stem}.tif, "
         "{stem}_mask.png, ...; exactly one must exist)",
     )
-    # How --masks are decoded, as for training (bldseg train): label masks need to be told.
+    # How --masks are decoded, as for training (bldseg train); their defaults are those of
+    # training, the record in best.pt taking their place when they are left out (--masks' help).
     f.add_argument(
         "--mask-values",
         type=_int_list,
@@ -191,7 +203,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="--masks: non-binary masks (antialiased, JPEG) are binarised at this fraction of "
-        "their range (default 0.5)",
+        "their range (default: as recorded in best.pt, else 0.5)",
     )
     f.add_argument(
         "--window",
@@ -246,8 +258,6 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         ("--window", args.window),
         ("--overlap", args.overlap),
     ]
-    if args.mask_threshold is None:  # None above tells "not given"; data_options needs a value
-        args.mask_threshold = DEFAULT_READ.mask_threshold
     if args.images is None:
         for flag, value in folder_only:
             if value is not None:
@@ -277,7 +287,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
             p.error(f"{flag} says how to find or read ground-truth masks: pass --masks DIR with it")
     if args.mask_nonzero and args.mask_values is not None:
         p.error("give --mask-values or --mask-nonzero, not both")
-    if not 0.0 < args.mask_threshold < 1.0:
+    # None tells "not given": the masks are then read as the model's training masks were
+    if args.mask_threshold is not None and not 0.0 < args.mask_threshold < 1.0:
         p.error(f"--mask-threshold {args.mask_threshold}: a fraction of the range, in (0, 1)")
     try:
         if args.window is not None:
@@ -483,6 +494,99 @@ def _choose_image_read(
     return info, warnings
 
 
+def _recorded_mask_read(members: list[str]) -> tuple[dict[str, DataOptions], list[str]]:
+    """How the members' training masks were decoded, as their checkpoints record it:
+    ``({member: its recorded data options}, the members that record none)``.
+
+    Members trained on a competition CSV or the synthetic world (``data_kind``) learnt from
+    run-length masks, which no mask flag decodes: they have no say in how --masks is read.
+    """
+    records, unrecorded = {}, []
+    for member in members:
+        if member_data_kind(member) in ("synthetic", "competition"):
+            continue
+        options = recorded_data_options(member)
+        if options is None:
+            unrecorded.append(member)
+        else:
+            records[member] = options
+    return records, unrecorded
+
+
+def _choose_mask_read(args: argparse.Namespace, members: list[str]) -> tuple[str | None, list[str]]:
+    """Sets ``args.mask_values``, ``args.mask_nonzero``, ``args.mask_colors`` and
+    ``args.mask_threshold``: ``(a line saying so when the record, not the flags' defaults,
+    chose them; the warnings)``.
+
+    The ground truth of --masks is decoded as the members' training masks were (their
+    checkpoints' record, :func:`~bldseg.predict.recorded_data_options`): masks whose buildings
+    are 0 (``--mask-values 0``), or colours, are scored as such without the flags typed again.
+    A flag given wins, with a warning when it differs from the record. Members that record
+    nothing (older checkpoints) are warned about once, naming what is assumed; members whose
+    records differ are refused unless the flags choose.
+
+    Raises:
+        ValueError: Members' training masks were read differently, and no flag chooses.
+    """
+    given = given_data_options(args, MASK_READ_NAMES)
+    if args.masks is None:  # no mask is read
+        args.mask_threshold = DEFAULT_READ.mask_threshold
+        return None, []
+    records, unrecorded = _recorded_mask_read(members)
+    flat = {m: flat_options(o) for m, o in records.items()}
+    mask_read = {m: {n: f[n] for n in MASK_READ_NAMES} for m, f in flat.items()}
+    distinct = {json.dumps(r, sort_keys=True, default=list) for r in mask_read.values()}
+    defaults = {n: flat_options(DataOptions())[n] for n in MASK_READ_NAMES}
+    warnings = []
+    recorded = None
+    if len(distinct) > 1:
+        if not given:
+            said = "; ".join(f"{m} with {describe_options(r)}" for m, r in mask_read.items())
+            raise ValueError(
+                f"the members' training masks were read differently ({said}); pass "
+                "--mask-values, --mask-nonzero, --mask-colors and --mask-threshold as --masks "
+                "needs them"
+            )
+    elif mask_read:
+        recorded = next(iter(records.values()))
+    info = None
+    if recorded is None:
+        if unrecorded:
+            typed = describe_options(given) if given else "the mask flags' defaults"
+            them = "its training masks were" if len(unrecorded) == 1 else "theirs were"
+            warnings.append(
+                f"warning: {', '.join(unrecorded)} record(s) no mask read options (trained "
+                f"before bldseg recorded them); reading --masks with {typed}; pass "
+                f"--mask-values, --mask-nonzero, --mask-colors or --mask-threshold as {them} "
+                "read if they differ"
+            )
+        chosen, _ = choose_data_options(DataOptions(), given, MASK_READ_NAMES)
+    else:
+        recorders = list(records)
+        who = f"{recorders[0]} was" if len(recorders) == 1 else f"{', '.join(recorders)} were"
+        if unrecorded:
+            warnings.append(
+                f"warning: {', '.join(unrecorded)} record(s) no mask read options (trained "
+                f"before bldseg recorded them); reading --masks as {who} trained: "
+                f"{describe_options(mask_read[recorders[0]])}"
+            )
+        chosen, differ = choose_data_options(recorded, given, MASK_READ_NAMES)
+        warnings += [
+            f"warning: reading --masks with {now}, but {who} trained on masks read with {was} "
+            "(recorded in the checkpoint); leave the flag out to read them as in training"
+            for now, was in differ
+        ]
+        taken = {
+            n: v for n, v in mask_read[recorders[0]].items() if n not in given and v != defaults[n]
+        }
+        if taken:
+            info = f"reading --masks as {who} trained: {describe_options(taken)}"
+    read = chosen.read
+    args.mask_values, args.mask_nonzero = read.mask_values, read.mask_nonzero
+    args.mask_colors, args.mask_threshold = read.mask_colors, read.mask_threshold
+    return info, warnings
+
+
 def _decision(spec: EnsembleSpec) -> str:
     """The spec's rule in a few words, for the summary line: the parameters that
     ``scores.json`` records (:meth:`EnsembleSpec.decision`)."""
@@ -575,10 +679,15 @@ def _predict(args: argparse.Namespace, written: list[str]) -> int:
     except USER_ERRORS as e:
         return fail(e)
     info, warnings = _choose_image_read(args, spec.checkpoints, recorded, unrecorded)
-    for line in warnings:
+    try:
+        mask_info, mask_warnings = _choose_mask_read(args, spec.checkpoints)
+    except USER_ERRORS as e:
+        return fail(e)
+    for line in warnings + mask_warnings:
         print(line, file=sys.stderr)
-    if info:
-        print(info)
+    for line in (info, mask_info):
+        if line:
+            print(line)
     taken = False  # whether --data came from the members' record
     if args.images is None:
         try:

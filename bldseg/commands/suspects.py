@@ -18,6 +18,11 @@ Without --data the images ranked are those of the data the model was trained on,
 best.pt (or folds.json) by bldseg train (a line says which); data no longer where it was is
 refused, asking for --data. Models trained on the built-in synthetic world rank its images,
 under --data-root. A --data other than the recorded one is ranked, with a warning naming both.
+The model's own data (--data left out, or naming it) is read as in training: the data flags it
+was trained with (--mask-values, --mask-colors, --tile-size, --masks, --mask-pattern, ...,
+recorded in best.pt) apply without being typed again; a flag given wins, with a warning when it
+differs from the record. Checkpoints from before that record read it with the flags given, with
+a warning.
 
 Writes suspects.csv (most suspect first) and suspects.png (contact sheet of the top ones). On
 the synthetic world, whose train_noise.csv records the injected label noise, it also prints
@@ -37,8 +42,29 @@ import torch
 
 from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.commands.prepare import cannot_write
-from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
-from bldseg.predict import DataUse, choose_recorded_data, load_checkpoint, resolve_member
+from bldseg.data.prepare import (
+    MASK_READ_NAMES,
+    DataOptions,
+    add_data_arguments,
+    choose_data_options,
+    data_options,
+    describe_options,
+    detect_data,
+    flat_options,
+    given_data_options,
+    prepare_data,
+    recorded_options_read_by,
+)
+from bldseg.data.readers import DEFAULT_READ
+from bldseg.predict import (
+    DataUse,
+    choose_recorded_data,
+    dataset_of,
+    load_checkpoint,
+    recorded_data,
+    recorded_data_options,
+    resolve_member,
+)
 from bldseg.train.engine import eval_autocast
 from bldseg.train.folds import FOLDS_FILE, fold_dir, held_out_folds
 from bldseg.train.suspects import (
@@ -81,6 +107,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "on, recorded in best.pt / folds.json (the built-in synthetic world for models trained "
         "on it)",
     )
+    # None tells "not given": the recorded data is then read as the model's training data was
+    # (the other data flags already default to None, or False for a switch).
+    p.set_defaults(alpha=None, mask_threshold=None)
     p.add_argument("--out", required=True, help="folder for suspects.csv / suspects.png")
     p.add_argument("--top", type=int, default=12, help="images in the contact sheet")
     p.add_argument(
@@ -140,22 +169,28 @@ def _suspects(args: argparse.Namespace, written: list[Path]) -> int:
     if not member.is_file():  # before the data is prepared, which can take minutes
         return fail(FileNotFoundError(f"checkpoint not found: {member}"))
     info = None
+    given = given_data_options(args)
+    args.alpha = args.alpha or DEFAULT_READ.alpha  # the flags left out, at their defaults
+    if args.mask_threshold is None:
+        args.mask_threshold = DEFAULT_READ.mask_threshold
+    options = data_options(args)
     # --images (a training layout) names the images itself; fit records no --data for it
     if args.images is None:
         try:
             args.data, info, warning = choose_recorded_data(
                 args.data, [str(member)], TRAINING_IMAGES
             )
+            options, read_info, read_warnings = _recorded_options(args, member, given, options)
         except USER_ERRORS as e:
             return fail(e)
-        if warning:
-            print(warning, file=sys.stderr)
-        if info:
-            print(info)
+        for line in [warning, *read_warnings]:
+            if line:
+                print(line, file=sys.stderr)
+        for line in (info, read_info):
+            if line:
+                print(line)
     try:
-        data = prepare_data(
-            args.data, options=data_options(args), data_root=args.data_root, verbose=True
-        )
+        data = prepare_data(args.data, options=options, data_root=args.data_root, verbose=True)
     except USER_ERRORS as e:
         # the message names --data, which the user did not type: say where it came from
         if info:
@@ -201,6 +236,62 @@ def _suspects(args: argparse.Namespace, written: list[Path]) -> int:
                 f"(random ranking: {k / len(df):.3f})"
             )
     return 0
+
+
+def _recorded_options(
+    args: argparse.Namespace, member: Path, given: dict, options: DataOptions
+) -> tuple[DataOptions, str | None, list[str]]:
+    """The options to read ``args.data`` with: ``(options, a line saying what the record chose,
+    warnings)``.
+
+    The data the model was trained on (``--data`` left out, or naming it again) is read as its
+    checkpoint records it was read: its masks' values, tiles, mask names, image bands... The
+    flags typed now win, each one that differs from the record with a warning naming both.
+    Other data, and the synthetic world, are read with the flags as typed (``options``). A
+    checkpoint from before the record reads the data with the flags typed now, with a warning
+    where mask images are decoded (a model trained with --mask-values 0 ranks every mask it
+    learnt from as wrong when they are read as plain binary masks).
+    """
+    trained = recorded_data([str(member)])[str(member)]
+    if trained is None or args.data is None or dataset_of(args.data) != dataset_of(trained):
+        return options, None, []
+    recorded = recorded_data_options(member)
+    if recorded is None:
+        try:
+            kind = detect_data(args.data, options)
+        except FileNotFoundError:
+            return options, None, []  # prepare_data says what is missing
+        if kind != "folders":  # masks of a competition CSV (RLE) or a cache: none decoded
+            return options, None, []
+        typed = {n: given[n] for n in MASK_READ_NAMES if n in given}
+        read_with = describe_options(typed) if typed else "the mask flags' defaults"
+        warning = (
+            f"warning: {member} records no data read options (trained before bldseg recorded "
+            f"them): the masks of {args.data} are read with {read_with}; if they were read "
+            "otherwise in training, pass the same --mask-values, --mask-nonzero, --mask-colors, "
+            "--mask-threshold, --mask-pattern and --tile-size"
+        )
+        return options, None, [warning]
+    recorded = recorded_options_read_by(args.data, recorded)
+    chosen, differ = choose_data_options(recorded, given)
+    warnings = [
+        f"warning: reading {args.data} with {now}, but {member} was trained on it read with "
+        f"{was} (recorded in the checkpoint); leave the flag out to read it as in training"
+        for now, was in differ
+    ]
+    defaults, was = flat_options(DataOptions()), flat_options(recorded)
+    taken = {
+        n: v
+        for n, v in flat_options(chosen).items()
+        if n not in given and v == was[n] != defaults[n]
+    }
+    info = None
+    if taken:
+        info = (
+            f"reading {args.data} as {member} was trained (recorded in the checkpoint): "
+            f"{describe_options(taken)}"
+        )
+    return chosen, info, warnings
 
 
 def _load_folds(

@@ -853,3 +853,152 @@ def data_options(args: argparse.Namespace) -> DataOptions:
         group_column=getattr(args, "group_column", None),
         read=read,
     )
+
+
+#: The :class:`DataOptions` fields, with those of its ``read`` (:class:`ReadOptions`) beside
+#: them: how a command line's data flags, or a checkpoint's record of them, are compared.
+DATA_OPTION_NAMES = (
+    "images",
+    "masks",
+    "footprints",
+    "mask_pattern",
+    "tile_size",
+    "recursive",
+    "group_column",
+    "mask_threshold",
+    "mask_values",
+    "mask_nonzero",
+    "mask_colors",
+    "alpha",
+    "bands",
+    "stretch",
+)
+
+#: The mask-decoding options (the flags prediction's --masks is read with).
+MASK_READ_NAMES = tuple(_MASK_FLAGS.values())
+
+#: Options given together: one given replaces its group's recorded values, as a --mask-values
+#: given beside a recorded --mask-nonzero would be refused as both, and a --footprints beside
+#: a recorded --masks would go unread.
+_OPTION_GROUPS = (("masks", "footprints"), ("mask_values", "mask_nonzero", "mask_colors"))
+
+_FLAG_OF = {
+    "images": "--images",
+    "recursive": "--no-recursive",
+    **{name: flag for flag, name in _LAYOUT_FLAGS.items() if name != "recursive"},
+    **{name: flag for flag, name in _READ_FLAGS.items()},
+}
+
+_PATH_NAMES = ("images", "masks", "footprints")
+
+
+def flat_options(options: DataOptions) -> dict:
+    """``options`` as one flat dict over :data:`DATA_OPTION_NAMES` (the read fields beside
+    the layout ones)."""
+    layout = {f.name: getattr(options, f.name) for f in fields(DataOptions) if f.name != "read"}
+    return {**layout, **{f.name: getattr(options.read, f.name) for f in fields(ReadOptions)}}
+
+
+def _from_flat(flat: dict) -> DataOptions:
+    read = {f.name: flat[f.name] for f in fields(ReadOptions)}
+    layout = {f.name: flat[f.name] for f in fields(DataOptions) if f.name != "read"}
+    return DataOptions(**layout, read=ReadOptions(**read))
+
+
+def option_flag(name: str, value) -> str:
+    """One data option (a :data:`DATA_OPTION_NAMES` field) as the flag that sets it:
+    ``--mask-values 0,1``; ``no --tile-size`` for an option left unset."""
+    flag = _FLAG_OF[name]
+    if name == "recursive":
+        return "no --no-recursive" if value else flag
+    if value is None or value is False:
+        return f"no {flag}"
+    if value is True:
+        return flag
+    if name == "mask_colors":
+        return f"{flag} '{';'.join(','.join(map(str, c)) for c in value)}'"
+    if name == "stretch":
+        return f"{flag} {value[0]:g} {value[1]:g}"
+    if isinstance(value, tuple):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value}"
+
+
+def describe_options(values: dict) -> str:
+    """Data options (name -> value) as the flags that set them; those at their defaults are
+    left out (``no --mask-values, --mask-nonzero or --mask-colors`` when all are)."""
+    defaults = flat_options(DataOptions())
+    said = [option_flag(n, v) for n, v in values.items() if v != defaults[n]]
+    if said:
+        return " ".join(said)
+    if len(values) == 1:  # --mask-threshold 0.5, --alpha refuse, no --tile-size
+        return option_flag(*next(iter(values.items())))
+    flags = [_FLAG_OF[n] for n in values]
+    return "no " + (flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}")
+
+
+def given_data_options(args: argparse.Namespace, names=DATA_OPTION_NAMES) -> dict:
+    """The data options typed on the command line, name -> value (folder paths absolute).
+
+    A flag is typed when its value is not the parser's "not given" default: None (parsers
+    that read a record set ``alpha`` and ``mask_threshold`` to None), or False for a switch.
+    """
+    given = {}
+    for name in names:
+        value = getattr(args, "no_recursive" if name == "recursive" else name, None)
+        if value is None or value is False:
+            continue
+        if name == "recursive":
+            value = False
+        elif name in _PATH_NAMES:
+            value = os.path.abspath(value)
+        elif name == "stretch":
+            value = tuple(float(v) for v in value)
+        elif name in ("mask_values", "bands"):
+            value = tuple(value)
+        given[name] = value
+    return given
+
+
+def choose_data_options(
+    recorded: DataOptions, given: dict, names=DATA_OPTION_NAMES
+) -> tuple[DataOptions, list[tuple[str, str]]]:
+    """The options to read a model's training data (or masks) with: its record, with what
+    was typed now (:func:`given_data_options`) in place of the recorded values.
+
+    An option given replaces its whole group's record (``--mask-values`` also replaces a
+    recorded ``--mask-nonzero``). Only ``names`` are taken from ``given``.
+
+    Returns:
+        ``(the options, one (given flags, recorded flags) pair per group given otherwise than
+        recorded)``, for the caller's warnings.
+
+    Raises:
+        ValueError: The options chosen do not fit together (names them).
+    """
+    chosen = flat_options(recorded)
+    defaults = flat_options(DataOptions())
+    differ = []
+    groups = [g for g in _OPTION_GROUPS if set(g) <= set(names)]
+    groups += [(n,) for n in names if not any(n in g for g in groups)]
+    for group in groups:
+        typed = [n for n in group if n in given]
+        if not typed:
+            continue
+        now = {n: given.get(n, defaults[n]) for n in group}
+        was = {n: chosen[n] for n in group}
+        chosen.update(now)
+        if now != was:
+            differ.append((describe_options({n: now[n] for n in typed}), describe_options(was)))
+    return _from_flat(chosen), differ
+
+
+def recorded_options_read_by(data: str | os.PathLike | None, options: DataOptions) -> DataOptions:
+    """A model's recorded data options without those ``data``'s kind does not read: a cache
+    given as the data records the read options its manifest records, which a cache (already
+    decoded) refuses as flags. Quiet: nobody typed them."""
+    try:
+        kind = detect_data(data, options)
+    except FileNotFoundError:
+        return options  # prepare_data says what is missing
+    return _without_flags(options, _unread_flags(kind, options))

@@ -30,6 +30,7 @@ new stream (seeded by the seed and the epoch) and a warning.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -40,7 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ from bldseg.data.dataset import (
     split_record,
     validation_tiles,
 )
-from bldseg.data.prepare import PreparedData, prepare_data
+from bldseg.data.prepare import DataOptions, PreparedData, prepare_data
 from bldseg.data.readers import ReadOptions
 from bldseg.io import atomic_path, file_lock, write_json
 from bldseg.models import create_model
@@ -401,6 +402,21 @@ def image_read_record(read: ReadOptions) -> dict[str, Any]:
         "bands": None if read.bands is None else [int(b) for b in read.bands],
         "stretch": [float(s) for s in read.stretch],
     }
+
+
+def data_options_record(options: DataOptions) -> dict[str, Any]:
+    """How the training data was found and decoded, as a checkpoint records it: every
+    :class:`~bldseg.data.prepare.DataOptions` field (mask values, tiles, mask names... beside
+    the image fields of :func:`image_read_record`), so that a command reading the data again
+    without the training's flags (``bldseg suspects``, ``predict --masks``) reads its masks as
+    the model learnt them. Plain JSON-able data (a weights-only load reads it), folder paths
+    absolute (a command run from another folder finds them); ``DataOptions.from_dict`` reads
+    it back."""
+    record = asdict(options)
+    for name in ("images", "masks", "footprints"):
+        if record[name] is not None:
+            record[name] = os.path.abspath(record[name])
+    return json.loads(json.dumps(record))  # tuples to lists; anything else fails here
 
 
 VAL_PROBS_FILE = "val_probs.npz"
@@ -1159,7 +1175,9 @@ def fit(
         data: Prepared caches; default ``prepare_data(cfg.data)``. When they carry the
             :class:`~bldseg.data.prepare.DataOptions` they were read with (``options``),
             ``best.pt`` and ``last.pt`` record how the images were decoded (``image_read``,
-            :func:`image_read_record`), and prediction reads new images the same way.
+            :func:`image_read_record`), and prediction reads new images the same way, and all
+            the options (``data_options``, :func:`data_options_record`), with which ``bldseg
+            suspects`` reads the data again and ``predict --masks`` decodes masks.
         on_epoch_end: Called after every epoch with the epoch's metrics and ``out_dir`` (after
             the checkpoints are written), e.g. to report to Ray Tune.
         resume: Continue from ``out_dir/last.pt`` if present.
@@ -1201,9 +1219,13 @@ def _fit(
     """:func:`fit`'s run, with the run folder's lock held."""
     data = data or prepare_data(cfg.data, progress=progress)
     # How the training images were decoded (bands, stretch, alpha), for prediction to read new
-    # images alike: known when the prepared data records its options (None: a bldseg cache
-    # given as the data, or data made by hand; then nothing is recorded, as before).
+    # images alike, and how the data was found and its masks decoded, for commands that read
+    # it (or other masks) again: known when the prepared data records its options, the flags
+    # it was read with or, for a bldseg cache given as the data, the read options its manifest
+    # records (None: a cache built before caches recorded them, or data made by hand; then
+    # nothing is recorded, as before).
     image_read = None if data.options is None else image_read_record(data.options.read)
+    data_options = None if data.options is None else data_options_record(data.options)
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
     seed_everything(cfg.seed)
@@ -1481,6 +1503,7 @@ def _fit(
                     "epoch": epoch + 1,
                     "metrics": row,
                     "image_read": image_read,
+                    "data_options": data_options,  # how its data was read; None: not known
                     "data_kind": data.kind,  # the synthetic world, or which kind of user data
                 },
                 _pending(out, "best.pt", epoch + 1),
@@ -1511,6 +1534,7 @@ def _fit(
                 "peer_rng": peer_streams,  # network g's own stream, [] without co-teaching
                 "split": split,  # which images trained and which validated
                 "image_read": image_read,  # how its images were decoded; None: not known
+                "data_options": data_options,  # how its data was found and read (masks too)
                 "data_kind": data.kind,
                 # which data (masks edited since are refused on a resume: _check_same_data);
                 # a resume got here with the same fingerprint or none recorded
