@@ -8,12 +8,14 @@ import math
 import shlex
 import sys
 import textwrap
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from bldseg.commands import EXIT_INTERRUPTED
-from bldseg.data.prepare import add_data_arguments, data_options
+from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, add_data_arguments, data_options
 from bldseg.train.config import recipe_defaults
 from bldseg.train.engine import cpu_has_native_bf16
 from bldseg.tune import tracking
@@ -27,6 +29,7 @@ from bldseg.tune.runner import (
     SearchSpec,
     name_problem,
     run_search,
+    section_key_problem,
 )
 
 
@@ -149,7 +152,8 @@ _NOT_IN_SEARCHES = {
 
 def refuse_search_sets(parser: argparse.ArgumentParser, sets: list[str]) -> None:
     """Exits (status 2) naming a malformed --set, or a --set of a key the search sets from its
-    own flag or does not use."""
+    own flag, does not use, or that names a whole config section (``aug`` for ``aug.hflip_p``).
+    """
     given = set(parse_set(list(sets), parser))
     refused = [
         f"--set {k}=...: a search sets {k} with {_SEARCH_FLAGS[k]}"
@@ -157,6 +161,11 @@ def refuse_search_sets(parser: argparse.ArgumentParser, sets: list[str]) -> None
     ]
     refused += [
         f"--set {k}=...: {_NOT_IN_SEARCHES[k]}" for k in sorted(given & set(_NOT_IN_SEARCHES))
+    ]
+    refused += [
+        f"--set {k}=...: {problem}"
+        for k in sorted(given)
+        if (problem := section_key_problem(k)) is not None
     ]
     if refused:
         parser.error("; ".join(refused))
@@ -246,8 +255,57 @@ def fixed_config(
     return base
 
 
-def start_from(search: str, storage: str) -> tuple[dict[str, Any], str]:
-    """The run config an earlier search's best trial trained with, to start a search from.
+@dataclass
+class StartingPoint:
+    """What ``--from SEARCH`` carries from an earlier search (:func:`start_from`)."""
+
+    config: dict[str, Any]  # its fixed settings with its best trial's searched values on top
+    said: str  # a line saying where the config came from
+    data: str | None  # its --data, made absolute (None: the synthetic world, or --images alone)
+    data_options: DataOptions  # its data flags (--images, --tile-size, --mask-values, ...)
+    data_root: str | None  # its --data-root (None: not recorded)
+
+
+#: How a search's last session ended (its record's ``sessions``), in a sentence.
+_ENDED = {
+    "interrupted": "was interrupted (Ctrl-C)",
+    "cluster lost": "lost its Ray cluster",
+    "failed": "stopped on an error",
+}
+
+
+def _unfinished(search: str, folder: Path, storage: str, recorded: dict[str, Any]) -> str:
+    """Why ``--from`` cannot start from a search that has a record but no trial table yet,
+    with the command that finishes it."""
+    from bldseg.commands.tune import SEARCHES  # it imports this module
+
+    # the command whose default space the search has (a resume takes the recorded space; a
+    # differing --space would only be warned about)
+    space = (recorded.get("spec") or {}).get("space") or "augmentation"
+    of_space = {default: search for search, (default, _) in SEARCHES.items()}
+    command = f"bldseg tune {of_space.get(space, 'aug')}"
+    if space not in of_space:
+        command += f" --space {shlex.quote(space)}"
+    # the storage as this command was given it when the search was named, else the folder's
+    where = storage if not Path(search).is_dir() else str(folder.parent)
+    command += f" --resume --name {shlex.quote(folder.name)} --storage {shlex.quote(where)}"
+    sessions = recorded.get("sessions") or []
+    how = (
+        _ENDED.get(sessions[-1].get("end"), "did not finish")
+        if sessions
+        # no session recorded: it runs now, or was killed before it could say so
+        else "has not finished (it is still running, or was killed)"
+    )
+    return (
+        f"--from {search}: the search {folder.name} {how}: it has no trial table "
+        f"({folder.resolve() / 'trials.csv'}) yet, so no best trial; continue it with "
+        f"`{command}`, then run this command again"
+    )
+
+
+def start_from(search: str, storage: str) -> StartingPoint:
+    """The run config an earlier search's best trial trained with, and that search's data, to
+    start a search from.
 
     The earlier search's fixed settings (what it recorded as its base) with its best trial's
     searched values on top: the configuration the pipeline carries from stage to stage, for
@@ -259,24 +317,26 @@ def start_from(search: str, storage: str) -> tuple[dict[str, Any], str]:
         storage: The ``--storage`` of this command.
 
     Returns:
-        The config, and a line saying where it came from.
+        The config with a line saying where it came from, and the search's data.
 
     Raises:
-        ValueError: No such search, or no trial of it finished.
+        ValueError: No such search, one that has not finished (the message gives the command
+            that continues it), or one in which no trial finished.
     """
-    from pathlib import Path
-
     from bldseg.pipeline import best_config
 
     folder = Path(search) if Path(search).is_dir() else Path(storage) / search
     meta, csv = folder / META_FILE, folder / "trials.csv"
-    if not meta.is_file() or not csv.is_file():
+    if not meta.is_file():
         raise ValueError(
             f"--from {search}: {folder.resolve()} is not a finished or interrupted search's "
-            f"results folder ({META_FILE} and trials.csv); give the folder, or a search "
-            f"name under --storage {storage}"
+            f"results folder (it has no {META_FILE}); give the folder, or a search name under "
+            f"--storage {storage}"
         )
     recorded = json.loads(meta.read_text())
+    if not csv.is_file():
+        # the trial table is written when a search finishes (an interrupted one has none)
+        raise ValueError(_unfinished(search, folder, storage, recorded))
     table = pd.read_csv(csv)
     try:
         best = best_config(table)
@@ -288,7 +348,8 @@ def start_from(search: str, storage: str) -> tuple[dict[str, Any], str]:
     # the row best_config took its values from (the same stable order: ties keep the first)
     row = table[table["status"].isin(USABLE)].sort_values(METRIC, ascending=False, kind="stable")
     row = row.iloc[0]
-    # --epochs / --folds are this command's own flags, not settings to inherit
+    # --epochs / --folds are this command's own flags, not settings to inherit; the data is
+    # carried apart (SearchSpec.data and its options), as the runner records it
     fixed = {k: v for k, v in recorded.get("base", {}).items() if k not in _SEARCH_FLAGS}
     config = {**fixed, **best}
     said = (
@@ -296,7 +357,134 @@ def start_from(search: str, storage: str) -> tuple[dict[str, Any], str]:
         f"{float(row[METRIC]):.4f}): its searched values {json.dumps(best)} over that search's "
         "fixed settings; --set / --model change them"
     )
-    return config, said
+    spec = recorded.get("spec") or {}
+    return StartingPoint(
+        config=config,
+        said=said,
+        data=recorded.get("base", {}).get("data"),
+        data_options=DataOptions.from_dict(spec.get("data_options") or {}),
+        data_root=spec.get("data_root"),
+    )
+
+
+#: Each data option (``DataOptions``, ``read.`` for its ReadOptions) and the flag that sets it.
+_DATA_FLAGS = {
+    "images": "--images",
+    "masks": "--masks",
+    "footprints": "--footprints",
+    "mask_pattern": "--mask-pattern",
+    "tile_size": "--tile-size",
+    "recursive": "--no-recursive",
+    "group_column": "--group-column",
+    "read.mask_threshold": "--mask-threshold",
+    "read.mask_values": "--mask-values",
+    "read.mask_nonzero": "--mask-nonzero",
+    "read.mask_colors": "--mask-colors",
+    "read.alpha": "--alpha",
+    "read.bands": "--bands",
+    "read.stretch": "--stretch",
+}
+
+_NOT_GIVEN = object()  # a flag left to its default
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str] | None, flags) -> set[str]:
+    """Which of ``flags`` the command line gives: a flag typed with its default value is given
+    too, which comparing the parsed value with the default cannot tell."""
+    dests = {_dest(f): f for f in flags}
+    defaults = {d: parser.get_default(d) for d in dests}
+    parser.set_defaults(**dict.fromkeys(dests, _NOT_GIVEN))
+    try:
+        parsed = vars(parser.parse_args(argv))  # parsed once already: it cannot fail here
+    finally:
+        parser.set_defaults(**defaults)
+    return {f for d, f in dests.items() if parsed.get(d, _NOT_GIVEN) is not _NOT_GIVEN}
+
+
+def _flat_options(options: DataOptions) -> dict[str, Any]:
+    """``options`` as the keys of :data:`_DATA_FLAGS`, lists as tuples (a record's JSON)."""
+    d = asdict(DataOptions.from_dict(json.loads(json.dumps(asdict(options)))))
+    read = d.pop("read")
+    return {**d, **{f"read.{k}": v for k, v in read.items()}}
+
+
+def _options_from_flat(flat: dict[str, Any]) -> DataOptions:
+    top = {k: v for k, v in flat.items() if not k.startswith("read.")}
+    read = {k.removeprefix("read."): v for k, v in flat.items() if k.startswith("read.")}
+    return DataOptions.from_dict({**top, "read": read})
+
+
+def _data_shown(data: str | None, options: DataOptions) -> str:
+    """The data and its options that differ from the defaults, for a message."""
+    where = data or options.images or "the built-in synthetic world"
+    default = _flat_options(DataOptions())
+    changed = {
+        k.removeprefix("read."): v
+        for k, v in _flat_options(options).items()
+        if v != default[k] and not (k == "images" and where == v)
+    }
+    return where + (f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
+
+
+def carried_data(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    start: StartingPoint,
+) -> tuple[str | None, DataOptions, str]:
+    """The data a search started ``--from`` an earlier one trains on: ``(data, options,
+    data_root)``.
+
+    Without ``--data`` or ``--images``, the earlier search's data, options and data root (its
+    best values were found on those); a data flag given here replaces the recorded value, with
+    a warning, and ``--data-root`` wins. With ``--data`` or ``--images``, this command's data
+    and flags, with a warning when they differ from the earlier search's.
+
+    Raises:
+        SystemExit: The carried options and the flags given here contradict each other.
+    """
+    given = data_options(args)
+    recorded_root = start.data_root or str(DEFAULT_DATA_ROOT)
+    source = f"--from {args.start_from}"
+    if args.data or args.images:
+        data = str(Path(args.data).resolve()) if args.data else None
+        now, was = _flat_options(given), _flat_options(start.data_options)
+        if data != start.data or now != was:
+            print(
+                f"warning: {source}: its best values were found on "
+                f"{_data_shown(start.data, start.data_options)}; this search trains on "
+                f"{_data_shown(data, given)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return args.data, given, args.data_root
+    typed = _given_flags(parser, argv, [*_DATA_FLAGS.values(), "--data-root"])
+    flat, values = _flat_options(start.data_options), _flat_options(given)
+    for key, flag in _DATA_FLAGS.items():
+        if flag in typed and values[key] != flat[key]:
+            print(
+                f"warning: {source}: {flag} replaces the {key.removeprefix('read.')}="
+                f"{flat[key]!r} that search read its data with ({values[key]!r} now), so the "
+                "data differ from those its best values were found on",
+                file=sys.stderr,
+                flush=True,
+            )
+            flat[key] = values[key]
+    try:
+        options = _options_from_flat(flat)
+    except ValueError as e:
+        parser.error(f"{source}: the data flags given here and that search's contradict: {e}")
+    data_root = args.data_root if "--data-root" in typed else recorded_root
+    print(
+        f"{source}: training on that search's data, {_data_shown(start.data, options)} "
+        f"(--data-root {data_root}); give --data to train on other data",
+        flush=True,
+    )
+    return start.data, options, data_root
 
 
 def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
@@ -431,8 +619,10 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         default=None,
         help="start from an earlier search's best configuration (its results folder, or its "
         "--name under --storage): that search's settings and its best trial's searched values, "
-        "under this command's --set / --model, as the pipeline carries them from stage to stage "
-        "(default: the CPU demo settings or the GPU defaults)",
+        "under this command's --set / --model, as the pipeline carries them from stage to stage, "
+        "and its data (--data, its data flags and --data-root) unless --data or --images is "
+        "given; a data flag given alone replaces that search's, with a warning (default: the "
+        "CPU demo settings or the GPU defaults)",
     )
     a(
         "--trials",
@@ -574,20 +764,23 @@ def main(
         announce=not args.start_from,
     )
     parent_tags = {}
+    data, options, data_root = args.data, data_options(args), args.data_root
     if args.start_from:
         try:
-            carried, said = start_from(args.start_from, args.storage)
+            start = start_from(args.start_from, args.storage)
         except ValueError as e:
             parser.error(str(e))
         # what this command names wins over what is carried (fixed_config's rules: a crop
         # asked for by name is checked, never shrunk)
         sets = parse_set(args.set)
         named = {"model": args.model, "split_group": args.split_group}
-        base = {**carried, **{k: v for k, v in named.items() if v}, **sets}
+        base = {**start.config, **{k: v for k, v in named.items() if v}, **sets}
         if "aug.crop_size" in sets and "aug.crop_fit" not in sets:
             base["aug.crop_fit"] = False
         parent_tags["bldseg.started_from"] = str(args.start_from)
-        print(said, flush=True)
+        print(start.said, flush=True)
+        # the best values were found on that search's data: they go on being trained on it
+        data, options, data_root = carried_data(parser, args, argv, start)
     if args.folds is not None:
         base["folds"] = args.folds
     # what the user fixed by name, as opposed to the defaults under it (CPU_DEMO, the recipe)
@@ -612,9 +805,9 @@ def main(
         address=args.address,
         resume=args.resume,
         seed=args.seed,
-        data=args.data,
-        data_options=data_options(args),
-        data_root=args.data_root,
+        data=data,
+        data_options=options,
+        data_root=data_root,
         max_concurrent=args.max_concurrent,
         user_keys=tuple(sorted(user_keys)),
         parent_tags=parent_tags,

@@ -78,7 +78,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -208,8 +208,9 @@ class SearchInterrupted(KeyboardInterrupt):
 
     Attributes:
         result: The search's result when Ctrl-C came after its last trial had ended: the search
-            is finished and recorded as such (``resume=True`` returns the same result without
-            training), only what was to follow it is stopped. None when trials were left
+            is finished and recorded as such (``resume=True`` returns the same result, training
+            again only the trials that ended in an error, as Ray Tune's ``resume_errored``
+            does), only what was to follow it is stopped. None when trials were left
             unfinished.
     """
 
@@ -392,6 +393,33 @@ RESUMED_SETTINGS = (
 _UNSET = object()  # a base key one side does not set
 
 
+def config_sections() -> dict[str, tuple[str, ...]]:
+    """The run config's sections (``aug``, ``optim``, ...) and the leaves of each, in order."""
+    cfg = RunConfig()
+    return {
+        f.name: tuple(leaf.name for leaf in fields(getattr(cfg, f.name)))
+        for f in fields(cfg)
+        if is_dataclass(getattr(cfg, f.name))
+    }
+
+
+def section_key_problem(key: str) -> str | None:
+    """What is wrong with ``key`` as a config value to fix or search when it names a whole
+    section of the run config (``aug``), or None.
+
+    ``RunConfig.from_flat({"aug": 0.5})`` builds a config whose ``aug`` is 0.5, which fails
+    only in a trial; next to a leaf of the section (``aug.crop_size``) it fails with a
+    TypeError that names neither. Values are set and searched leaf by leaf.
+    """
+    leaves = config_sections().get(key)
+    if leaves is None:
+        return None
+    return (
+        f"{key!r} is a section of the run config, not a value: set or search its leaves by "
+        f"their dotted names ({', '.join(f'{key}.{leaf}' for leaf in leaves)})"
+    )
+
+
 def _shown(value: Any) -> str:
     return "unset" if value is _UNSET else repr(value)
 
@@ -474,9 +502,10 @@ def validate_space(
         what the trials' MLflow runs carry as params.
 
     Raises:
-        ValueError: A suggested key is not a config key, a value or a range is invalid, a
-            config ``check`` refuses, or the space returns something else than a dict or None;
-            the message names the parameter and the space.
+        ValueError: A suggested key is not a config key or names a whole section (``aug``
+            instead of ``aug.hflip_p``), a value or a range is invalid, a config ``check``
+            refuses, or the space returns something else than a dict or None; the message
+            names the parameter and the space.
     """
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     # a space bound to the base config (get_space) is a partial: name its function's module
@@ -497,6 +526,9 @@ def validate_space(
                 "None (the suggested values are the trial's; return only constants, by key)"
             )
         sample = {**trial.params, **constants}
+        for key in sample:
+            if (problem := section_key_problem(key)) is not None:
+                raise ValueError(f"search space {name} sets {key!r}: {problem}")
         owned = sorted(RUNNER_KEYS.intersection(sample))
         if owned:
             raise ValueError(
@@ -1802,6 +1834,9 @@ def run_search(spec: SearchSpec) -> SearchResult:
             f"fold={spec.base['fold']}: a search trains every fold of --folds K in each trial; "
             "remove fold (bldseg train --folds K --fold F trains one fold)"
         )
+    for key in spec.base:
+        if (problem := section_key_problem(key)) is not None:
+            raise ValueError(f"the search's fixed config (--set {key}=...): {problem}")
     if not spec.tracking_timeout_s > 0:
         raise ValueError(
             f"tracking_timeout_s={spec.tracking_timeout_s}: the wait on a silent tracking server "
@@ -2078,7 +2113,17 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial},
         )
         if spec.resume and tune.Tuner.can_restore(str(exp_dir)):
+            # A resume retries the trials that ended in an error (a lost node, a full disk, a
+            # file fixed since), as Ray's resume_errored does: said, since a resume of a
+            # finished search trains nothing else.
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+            retried = _errored_trials(tuner, exp_dir)
+            if retried:
+                print(
+                    f"--resume: retrying {len(retried)} trial(s) of search {name} that ended in "
+                    "an error: " + "; ".join(f"trial {t} ({why})" for t, why in retried.items()),
+                    flush=True,
+                )
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -2172,8 +2217,9 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         slots = max(1, min(slots, len(table)))
         # The figures are the whole search's: train_s holds the epochs of every session, so
         # the wall time does too (the sessions' own; the pauses between them are nobody's).
-        # A resume of a search that had finished trains nothing (Tune runs no step): it adds
-        # no session and keeps the recorded figures.
+        # A resume of a search that had finished with no errored trial trains nothing (Tune
+        # runs no step): it adds no session and keeps the recorded figures. One that retries
+        # errored trials (resume_errored above) trains, and adds its session.
         earlier = _sessions(meta)
         if driver.unfinished is None and earlier and earlier[-1].get("end") == "finished":
             slots = int(earlier[-1].get("slots", slots))
@@ -2247,11 +2293,31 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         raise SearchInterrupted(
             f"Ctrl-C came after every trial of search {name!r} had ended: the search is "
             f"recorded as finished (results in {exp_dir}; MLflow experiment {experiment!r}, "
-            f"run {parent_run_id}); --resume --name {name} shows its trial table without "
-            "training again",
+            f"run {parent_run_id}); --resume --name {name} shows its trial table, training "
+            "again only the trials that ended in an error",
             result,
         )
     return result
+
+
+def _errored_trials(tuner, exp_dir: Path) -> dict[str, str]:
+    """The trials of a restored search that ended in an error (which ``resume_errored``
+    runs again), by id, with why each failed in one line."""
+    try:
+        grid = tuner.get_results()  # the restored experiment's state, before fit()
+    except RuntimeError:  # Tune could not read it: fit() says why
+        return {}
+    errored = {}
+    for r in grid:
+        trial_id = Path(r.path).name.removeprefix("trial_")
+        record = _read_json(trial_run_dir(exp_dir, trial_id) / STATUS_FILE, {})
+        # A trial interrupted during a retry has an error from its attempt before: it goes on
+        # as any interrupted trial. One that failed before its run folder existed has no record.
+        if r.error is None or record.get("status", "error") != "error":
+            continue
+        why = record.get("message") or (str(r.error).strip().splitlines() or ["an error"])[-1]
+        errored[trial_id] = " ".join(str(why).split())[:200]
+    return errored
 
 
 def _failure_message(result, run_dir: Path, status: str) -> str:

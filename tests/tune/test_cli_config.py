@@ -185,15 +185,20 @@ def test_searches_without_gpus_per_trial_take_the_cpu_defaults_where_a_gpu_is_vi
     assert seen == [False, False]
 
 
-def _earlier_search(folder, base, rows):
-    # what a finished search leaves: its record (with the base it ran with) and trials.csv
+def _earlier_search(folder, base, rows, spec=None, sessions=None):
+    # what a finished search leaves: its record (with the base it ran with) and trials.csv;
+    # rows None: one interrupted before it finished, which has no trials.csv yet
     import pandas as pd
 
     from bldseg.tune.runner import META_FILE
 
     folder.mkdir(parents=True)
-    (folder / META_FILE).write_text(json.dumps({"base": base, "spec": {"trials": len(rows)}}))
-    pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
+    record = {"base": base, "spec": {"trials": len(rows or [1]), **(spec or {})}}
+    if sessions is not None:
+        record["sessions"] = sessions
+    (folder / META_FILE).write_text(json.dumps(record))
+    if rows is not None:
+        pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
 
 
 def test_from_starts_a_search_from_an_earlier_searchs_best_configuration(
@@ -249,9 +254,167 @@ def test_from_refuses_what_it_cannot_start_from(tmp_path, monkeypatch, capsys):
     )
     for argv, says in (
         (["--from", "nowhere"], "is not a finished or interrupted search's results folder"),
+        (["--from", "nowhere"], "it has no bldseg_search.json"),
         (["--from", "failed"], "--from failed: no trial of that search completed"),
         (["--from", "failed", "--pretrained", "w.pth"], "--from and --pretrained"),
     ):
         with pytest.raises(SystemExit) as e:
             cli.main("scheduler", "t", ["--storage", str(storage), *argv])
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def _stop_at_run_search(monkeypatch) -> list:
+    """Replaces the search by a recorder of its spec (the CLI then exits 2)."""
+    seen = []
+
+    def record(spec):
+        seen.append(spec)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "run_search", record)
+    return seen
+
+
+#: A finished search on a user's folder, cut into 256-px tiles, read as its record keeps it.
+_ON_TILES = {
+    "data": "tiles",
+    "data_options": {"tile_size": 256, "read": {"mask_threshold": 0.6, "stretch": [1, 99]}},
+    "data_root": "/caches",
+}
+
+
+@pytest.fixture
+def search_on_tiles(tmp_path):
+    storage = tmp_path / "runs"
+    data = str(tmp_path / "tiles")
+    rows = [{"trial_id": "a", "val_dice_best": 0.6, "status": "completed"}]
+    _earlier_search(storage / "aug1", {**CPU_DEMO, "data": data}, rows, _ON_TILES)
+    return storage, data
+
+
+def test_from_trains_on_the_earlier_searchs_data(search_on_tiles, monkeypatch, capsys):
+    # `tune sched --from aug` without --data trained on the built-in synthetic world, with the
+    # best values that search had found on the user's tiles
+    storage, data = search_on_tiles
+    seen = _stop_at_run_search(monkeypatch)
+    assert cli.main("scheduler", "t", ["--storage", str(storage), "--from", "aug1"]) == 2
+    (spec,) = seen
+    assert spec.data == data and "data" not in spec.base
+    assert spec.data_options.tile_size == 256 and spec.data_root == "/caches"
+    assert spec.data_options.read.mask_threshold == 0.6
+    assert spec.data_options.read.stretch == (1, 99)
+    out, err = capsys.readouterr()
+    assert (
+        f"--from aug1: training on that search's data, {data} (tile_size=256, "
+        "mask_threshold=0.6, stretch=(1, 99)) (--data-root /caches); give --data" in out
+    )
+    assert "warning" not in err
+
+
+def test_a_data_flag_given_with_from_replaces_the_recorded_one(
+    search_on_tiles, monkeypatch, capsys
+):
+    storage, data = search_on_tiles
+    seen = _stop_at_run_search(monkeypatch)
+    # --mask-threshold 0.5 is its default: given, it is still this command's value
+    argv = ["--storage", str(storage), "--from", "aug1", "--tile-size", "128"]
+    argv += ["--mask-threshold", "0.5", "--data-root", "here"]
+    assert cli.main("scheduler", "t", argv) == 2
+    (spec,) = seen
+    assert spec.data == data and spec.data_root == "here"
+    assert spec.data_options.tile_size == 128 and spec.data_options.read.mask_threshold == 0.5
+    assert spec.data_options.read.stretch == (1, 99)  # not given: carried
+    err = capsys.readouterr().err
+    assert "--tile-size replaces the tile_size=256 that search read its data with (128" in err
+    assert "--mask-threshold replaces the mask_threshold=0.6" in err
+    assert "--stretch" not in err
+    # a flag that contradicts a carried option is a usage error naming both
+    storage2 = storage.parent / "runs2"
+    _earlier_search(
+        storage2 / "nz",
+        CPU_DEMO,
+        [{"trial_id": "a", "val_dice_best": 0.6, "status": "completed"}],
+        {"data_options": {"read": {"mask_nonzero": True}}},
+    )
+    with pytest.raises(SystemExit) as e:
+        cli.main(
+            "scheduler", "t", ["--storage", str(storage2), "--from", "nz", "--mask-values", "1"]
+        )
+    assert e.value.code == 2 and "give mask_values or mask_nonzero" in capsys.readouterr().err
+
+
+def test_data_given_with_from_wins_and_says_the_best_values_came_from_other_data(
+    search_on_tiles, tmp_path, monkeypatch, capsys
+):
+    storage, data = search_on_tiles
+    seen = _stop_at_run_search(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--storage", str(storage), "--from", "aug1", "--data", "other"]
+    assert cli.main("scheduler", "t", argv) == 2
+    assert seen[0].data == "other" and seen[0].data_options.tile_size is None
+    assert seen[0].data_root == "data"  # this command's (default) data root
+    err = capsys.readouterr().err
+    assert (
+        f"warning: --from aug1: its best values were found on {data} (tile_size=256, "
+        f"mask_threshold=0.6, stretch=(1, 99)); this search trains on {tmp_path / 'other'}"
+    ) in err
+    # the same data with the same flags: nothing to warn about
+    argv = ["--storage", str(storage), "--from", "aug1", "--data", data, "--tile-size", "256"]
+    argv += ["--mask-threshold", "0.6", "--stretch", "1", "99"]
+    assert cli.main("scheduler", "t", argv) == 2
+    assert seen[1].data == data and "warning" not in capsys.readouterr().err
+
+
+def test_from_an_interrupted_search_says_how_to_finish_it(tmp_path, monkeypatch, capsys):
+    # trials.csv is written when a search finishes: --from an interrupted one said the folder
+    # was not "a finished or interrupted search's results folder"
+    monkeypatch.setattr(cli, "run_search", lambda spec: pytest.fail("the search started"))
+    storage = tmp_path / "my runs"
+    sessions = [{"wall_s": 3.0, "end": "interrupted"}]
+    _earlier_search(storage / "aug1", CPU_DEMO, None, {"space": "augmentation"}, sessions)
+    _earlier_search(storage / "mine", CPU_DEMO, None, {"space": "custom"}, [])
+    for argv, says in (
+        (
+            ["--storage", str(storage), "--from", "aug1"],
+            f"--from aug1: the search aug1 was interrupted (Ctrl-C): it has no trial table "
+            f"({storage / 'aug1' / 'trials.csv'}) yet, so no best trial; continue it with "
+            f"`bldseg tune aug --resume --name aug1 --storage '{storage}'`, then run this "
+            "command again",
+        ),
+        (
+            ["--from", str(storage / "mine")],
+            "the search mine has not finished (it is still running, or was killed): it has no",
+        ),
+        (
+            ["--from", str(storage / "mine")],
+            f"`bldseg tune aug --space custom --resume --name mine --storage '{storage}'`",
+        ),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main("scheduler", "t", argv)
+        err = " ".join(capsys.readouterr().err.split())  # argparse wraps no lines; be sure
+        assert e.value.code == 2 and " ".join(says.split()) in err, err
+
+
+@pytest.mark.parametrize("command", ["tune", "pipeline"])
+def test_a_set_of_a_whole_config_section_is_refused(command, capsys):
+    # --set aug=0.5 failed with "'float' object does not support item assignment"
+    from bldseg.commands.pipeline import main as pipeline_main
+
+    run = pipeline_main if command == "pipeline" else lambda a: cli.main("augmentation", "t", a)
+    with pytest.raises(SystemExit) as e:
+        run(["--set", "aug=0.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--set aug=...: 'aug' is a section of the run config, not a value" in err
+    assert "aug.crop_size, aug.crop_fit," in err and "aug.hflip_p" in err
+
+
+def test_run_search_refuses_a_fixed_config_section(small_world, tmp_path):
+    from bldseg.tune.runner import run_search
+    from tests.tune.test_runner import BASE, spec_for
+
+    spec = spec_for(small_world, tmp_path, base={**BASE, "optim": 0.1})
+    with pytest.raises(ValueError, match=r"--set optim=...\): 'optim' is a section.*optim\.lr"):
+        run_search(spec)
+    assert not (tmp_path / "runs").exists()

@@ -63,6 +63,47 @@ def test_resumed_search_reports_the_wall_time_of_every_session(
     assert parent_metrics(uri, "twice")["wall_s"] == pytest.approx(result.wall_s, rel=1e-5)
 
 
+def half_failing_space(trial):
+    """Every other trial fails as it starts (module level: Tune pickles the searcher)."""
+    from tests.tune.test_exits import MISSING
+
+    trial.suggest_float("aug.vflip_p", 0.0, 0.5)
+    return [{}, {"pretrained": MISSING}][trial.number % 2]
+
+
+def test_a_resume_of_a_finished_search_retries_its_errored_trials_and_says_so(
+    small_world, ray_session, tmp_path, monkeypatch, capsys
+):
+    # Tune's resume_errored trains the trials that ended in an error again (a search whose
+    # trials all failed, resumed, trained them again and exited 0) while the texts said a
+    # resume of a finished search trains nothing: the resume now names the trials it retries.
+    from bldseg import tune_spaces
+    from tests.tune.test_exits import NOT_FOUND, tune_failures
+
+    monkeypatch.setitem(tune_spaces.SPACES, "augmentation", half_failing_space)
+    spec = spec_for(
+        small_world, tmp_path, name="errs", trials=2, epochs=1, max_concurrent=1, search="random"
+    )
+    result = run_search(spec)
+    status = dict(zip(result.table["trial_id"], result.table["status"], strict=True))
+    assert sorted(status.values()) == ["completed", "error"]
+    (failed,) = [t for t, s in status.items() if s == "error"]
+    (done,) = [t for t, s in status.items() if s == "completed"]
+    capsys.readouterr()
+
+    again = run_search(replace(spec, resume=True))
+    out = capsys.readouterr().out
+    (said,) = [line for line in out.splitlines() if line.startswith("--resume: retrying")]
+    assert said.startswith(
+        f"--resume: retrying 1 trial(s) of search errs that ended in an error: trial {failed} ("
+    )
+    assert NOT_FOUND in said and done not in said
+    # the errored trial ran (and failed) again; the completed one was left as it was
+    assert tune_failures(result.path, failed) == 2
+    assert dict(zip(again.table["trial_id"], again.table["status"], strict=True)) == status
+    assert again.sessions == 2  # it trained: a session of its own
+
+
 def test_resume_logs_to_the_searchs_recorded_mlflow_store(
     small_world, ray_session, tmp_path, monkeypatch
 ):

@@ -178,6 +178,21 @@ def test_impossible_value_is_named():
         validate_space(impossible, CPU_DEMO)
 
 
+@pytest.mark.parametrize("suggest", [True, False])
+def test_a_space_may_not_set_a_whole_config_section(suggest):
+    # suggest_float("aug", 0, 1) was accepted: RunConfig.from_flat({"aug": 0.5}) gives aug=0.5
+    def section(trial):
+        if suggest:
+            trial.suggest_float("aug", 0.0, 1.0)
+            return None
+        return {"optim": {"lr": 1e-3}}
+
+    key, leaf = ("aug", "aug.hflip_p") if suggest else ("optim", "optim.lr")
+    says = rf"sets '{key}': '{key}' is a section of the run config, not a value.*{leaf}"
+    with pytest.raises(ValueError, match=says):
+        validate_space(section, {**CPU_DEMO, "epochs": 2, "data": None})
+
+
 @pytest.mark.parametrize("key", ["epochs", "folds", "data"])
 def test_space_may_not_set_what_the_search_fixes(key):
     # Every trial's status is judged against the search's epoch budget (ASHA's max_t), and
