@@ -287,6 +287,19 @@ def _without_flags(options: DataOptions, flags: list[str]) -> DataOptions:
     )
 
 
+def absolute_folders(options: DataOptions) -> DataOptions:
+    """``options`` with its folders (``images``, ``masks``, ``footprints``) absolute, against
+    the current folder: what a record keeps, for a command run from another folder."""
+    return replace(
+        options,
+        **{
+            name: os.path.abspath(value)
+            for name in ("images", "masks", "footprints")
+            if (value := getattr(options, name)) is not None
+        },
+    )
+
+
 def without_unread_options(
     data: str | os.PathLike | None, options: DataOptions, what: str
 ) -> DataOptions:

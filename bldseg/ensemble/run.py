@@ -872,6 +872,13 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     rules_searched = cfg.rules != ["mean"] or cfg.empty_tile
     lo, hi = cfg.lo, cfg.hi
     single_range = _single_range(lo, hi)
+    if single_range != (lo, hi) and (cfg.method == "greedy" or 1 in cfg.k):
+        # those threshold one map themselves: no level of it lies in the range asked for
+        who = "a greedy search's first step (one model)" if cfg.method == "greedy" else "-k 1"
+        raise ValueError(
+            f"--lo {lo} --hi {hi} holds no threshold L/255 of one model's map, which {who} "
+            f"is thresholded at; widen the range to hold one (e.g. --hi {single_range[1]:.6f})"
+        )
     if single_range != (lo, hi):
         warnings.warn(
             f"--lo {lo} --hi {hi} holds no threshold L/255 of one model's map, so the best "

@@ -8,14 +8,20 @@ import math
 import shlex
 import sys
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from bldseg.commands import EXIT_INTERRUPTED
-from bldseg.data.prepare import DEFAULT_DATA_ROOT, DataOptions, add_data_arguments, data_options
+from bldseg.data.prepare import (
+    DEFAULT_DATA_ROOT,
+    DataOptions,
+    add_data_arguments,
+    data_options,
+    without_unread_options,
+)
 from bldseg.train.config import recipe_defaults
 from bldseg.train.engine import cpu_has_native_bf16
 from bldseg.tune import tracking
@@ -358,13 +364,44 @@ def start_from(search: str, storage: str) -> StartingPoint:
         "fixed settings; --set / --model change them"
     )
     spec = recorded.get("spec") or {}
-    return StartingPoint(
-        config=config,
-        said=said,
-        data=recorded.get("base", {}).get("data"),
-        data_options=DataOptions.from_dict(spec.get("data_options") or {}),
-        data_root=spec.get("data_root"),
+    data = _carried_path(search, "--data", recorded.get("base", {}).get("data"))
+    options = DataOptions.from_dict(spec.get("data_options") or {})
+    options = replace(
+        options,
+        **{
+            name: _carried_path(search, f"--{name}", getattr(options, name))
+            for name in ("images", "masks", "footprints")
+        },
     )
+    # flags recorded before they were refused for data that does not read them (a --tile-size
+    # on a train.csv): that search ignored them, and nobody could leave them out here
+    options = without_unread_options(data, options, f"the search {folder.name}")
+    return StartingPoint(
+        config=config, said=said, data=data, data_options=options, data_root=spec.get("data_root")
+    )
+
+
+def _carried_path(search: str, flag: str, path: str | None) -> str | None:
+    """A folder an earlier search recorded, absolute.
+
+    Searches record their folders absolute; older ones recorded ``--images`` etc. (before
+    2026-12-06 also ``--data``) as typed, relative to a folder they did not record. Such a path
+    is taken from the current folder when it is there, else refused: another folder's
+    ``images/`` would be other data.
+
+    Raises:
+        ValueError: A relative path that is not under the current folder.
+    """
+    if path is None or Path(path).is_absolute():
+        return path
+    here = Path(path).resolve()
+    if not here.exists():
+        raise ValueError(
+            f"--from {search}: that search recorded {flag} as the relative path {path!r} "
+            f"(older bldseg versions kept it as typed), and {here} does not exist: run this "
+            "command in the folder that search was started in, or give --data / --images"
+        )
+    return str(here)
 
 
 #: Each data option (``DataOptions``, ``read.`` for its ReadOptions) and the flag that sets it.
@@ -779,8 +816,10 @@ def main(
             base["aug.crop_fit"] = False
         parent_tags["bldseg.started_from"] = str(args.start_from)
         print(start.said, flush=True)
-        # the best values were found on that search's data: they go on being trained on it
-        data, options, data_root = carried_data(parser, args, argv, start)
+        # the best values were found on that search's data: they go on being trained on it (a
+        # resume goes on with the data this search recorded when it started)
+        if not args.resume:
+            data, options, data_root = carried_data(parser, args, argv, start)
     if args.folds is not None:
         base["folds"] = args.folds
     # what the user fixed by name, as opposed to the defaults under it (CPU_DEMO, the recipe)

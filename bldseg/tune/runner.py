@@ -94,6 +94,7 @@ from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
     DataOptions,
     PreparedData,
+    absolute_folders,
     prepare_data,
     without_unread_options,
 )
@@ -445,8 +446,9 @@ def resumed_spec(spec: SearchSpec, meta: dict[str, Any]) -> SearchSpec:
         given, value = base.get(k, _UNSET), was.get(k, _UNSET)
         if given != value:
             differ[k] = (given, value)
-    given_options = asdict(spec.data_options)
-    options = asdict(DataOptions.from_dict(recorded.get("data_options") or {}))
+    # folders compared absolute: recorded so since 2026-12-07, typed as given before
+    given_options = asdict(absolute_folders(spec.data_options))
+    options = asdict(absolute_folders(DataOptions.from_dict(recorded.get("data_options") or {})))
     for k, value in options.items():
         if given_options[k] != value:
             differ[f"data_options.{k}"] = (given_options[k], value)
@@ -1897,6 +1899,8 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         # absolute: a resume may start in another folder
         data_path = str(Path(spec.data).resolve()) if spec.data else None
         base = {**spec.base, "epochs": spec.epochs, "data": data_path}
+        # its folders too (--images, --masks): --from and --resume may run in another folder
+        spec = replace(spec, data_options=absolute_folders(spec.data_options))
         data_options = spec.data_options
         RunConfig.from_flat(base)  # a bad fixed value fails here, naming it
         experiment = spec.experiment

@@ -808,6 +808,24 @@ def test_a_range_with_no_level_of_one_map_still_searches_the_single_model(tmp_pa
     assert json.loads((tmp_path / "o2" / "summary.json").read_text())["single_range"] is None
 
 
+@pytest.mark.parametrize(
+    "how", [{"k": [1, 2]}, {"method": "greedy", "greedy_size": 3}], ids=["k1", "greedy"]
+)
+def test_a_range_with_no_level_of_one_map_is_refused_where_one_map_is_thresholded(tmp_path, how):
+    # -k 1 and a greedy search's first step threshold one map themselves: after a warning
+    # that the single model was searched in [0.5, 128/255], the run failed on "no threshold
+    # level k/255 lies in [lo, hi]"
+    write_runs(fake_library(3, 16, 12, seed=2), tmp_path / "runs")
+    cfg = SearchConfig(
+        runs=str(tmp_path / "runs"), lo=0.5, hi=0.5, out=str(tmp_path / "out"), progress=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the single model's warning
+        with pytest.raises(ValueError, match=r"holds no threshold L/255 of one model's map"):
+            run_search(replace(cfg, **how))
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
 def test_each_method_records_only_its_own_settings(results, tmp_path):
     # a greedy run logged k=6 (the exhaustive default it never read; the CLI refuses -k with
     # --method greedy) and neither greedy_size nor greedy_init

@@ -418,3 +418,61 @@ def test_run_search_refuses_a_fixed_config_section(small_world, tmp_path):
     with pytest.raises(ValueError, match=r"--set optim=...\): 'optim' is a section.*optim\.lr"):
         run_search(spec)
     assert not (tmp_path / "runs").exists()
+
+
+_ROWS = [{"trial_id": "a", "val_dice_best": 0.6, "status": "completed"}]
+
+
+def test_from_takes_relative_recorded_folders_only_from_where_they_are(
+    tmp_path, monkeypatch, capsys
+):
+    # Older searches recorded --images/--masks (and before 2026-12-06 --data) as typed: run
+    # from another folder, --from read <that folder>/imgs, missing or other data, silently.
+    storage = tmp_path / "runs"
+    options = {"data_options": {"images": "imgs", "masks": "msk"}}
+    _earlier_search(storage / "old", CPU_DEMO, _ROWS, options)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    seen = _stop_at_run_search(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        cli.main("scheduler", "t", ["--storage", str(storage), "--from", "old"])
+    assert e.value.code == 2 and not seen
+    err = capsys.readouterr().err
+    assert "recorded --images as the relative path 'imgs'" in err
+    assert f"{elsewhere / 'imgs'} does not exist" in err
+    # where the search ran (its folders there): taken, made absolute
+    (elsewhere / "imgs").mkdir()
+    (elsewhere / "msk").mkdir()
+    assert cli.main("scheduler", "t", ["--storage", str(storage), "--from", "old"]) == 2
+    (spec,) = seen
+    assert spec.data_options.images == str(elsewhere / "imgs")
+    assert spec.data_options.masks == str(elsewhere / "msk")
+
+
+def test_from_leaves_out_a_recorded_flag_its_data_never_read(tmp_path, monkeypatch, capsys):
+    # A search started with --tile-size on the synthetic world (before such flags were refused)
+    # recorded it; --from carried it raw and was refused ("--tile-size: ... Leave it out"),
+    # although nobody had typed it here and no flag could unset it.
+    storage = tmp_path / "runs"
+    _earlier_search(storage / "aug1", CPU_DEMO, _ROWS, {"data_options": {"tile_size": 256}})
+    seen = _stop_at_run_search(monkeypatch)
+    with pytest.warns(UserWarning, match="--tile-size, which --data's kind .synthetic."):
+        assert cli.main("scheduler", "t", ["--storage", str(storage), "--from", "aug1"]) == 2
+    (spec,) = seen
+    assert spec.data is None and spec.data_options.tile_size is None
+
+
+def test_a_resume_started_from_an_earlier_search_says_nothing_of_its_data(
+    search_on_tiles, monkeypatch, capsys
+):
+    # `--from aug1 --resume`: the resume goes on with the data this search recorded, yet the
+    # command announced training on aug1's data (and the resume then warned of values
+    # nobody typed)
+    storage, _ = search_on_tiles
+    seen = _stop_at_run_search(monkeypatch)
+    argv = ["--storage", str(storage), "--from", "aug1", "--resume", "--name", "sched1"]
+    assert cli.main("scheduler", "t", argv) == 2
+    (spec,) = seen
+    assert spec.data is None and spec.data_options.tile_size is None  # this command's own
+    assert "training on that search's data" not in capsys.readouterr().out

@@ -455,6 +455,30 @@ def test_resume_names_what_it_ignores_and_keeps_the_recorded_resources(tmp_path,
     assert resumed.cpus_per_trial == 1.0 and not caplog.records
 
 
+def test_a_resume_compares_folders_as_absolute_paths(tmp_path, monkeypatch, caplog):
+    # New searches record --images/--masks absolute (--from and --resume may run elsewhere):
+    # the same command resumed with the folders typed relative differs in nothing.
+    from bldseg.data.prepare import DataOptions
+    from bldseg.tune.runner import resumed_spec
+
+    monkeypatch.chdir(tmp_path)
+    meta = {
+        "base": {**BASE, "epochs": 2, "data": None},
+        "spec": {"data_options": {"images": str(tmp_path / "imgs"), "masks": "msk"}},
+    }
+    spec = SearchSpec(base=BASE, epochs=2, data_options=DataOptions(images="imgs", masks="msk"))
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        resumed_spec(spec, meta)
+    assert not caplog.records
+    # other folders are still named
+    with caplog.at_level(logging.WARNING, logger="bldseg.tune.runner"):
+        resumed_spec(replace(spec, data_options=DataOptions(images="other")), meta)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert (
+        f"data_options.images={str(tmp_path / 'imgs')!r} (not {str(tmp_path / 'other')!r})" in said
+    )
+
+
 def test_ctrl_c_stops_the_search_and_resume_finishes_it(small_world, tmp_path):
     """Ctrl-C once a trial has reported: the script says how to continue and exits non-zero,
     its MLflow runs are KILLED; --resume finishes every trial without training an epoch twice."""
