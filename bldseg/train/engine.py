@@ -60,7 +60,7 @@ from bldseg.data.dataset import (
     split_record,
     validation_tiles,
 )
-from bldseg.data.prepare import DataOptions, PreparedData, prepare_data
+from bldseg.data.prepare import DataOptions, PreparedData, absolute_folders, prepare_data
 from bldseg.data.readers import ReadOptions
 from bldseg.io import atomic_path, file_lock, write_json
 from bldseg.models import create_model
@@ -412,10 +412,7 @@ def data_options_record(options: DataOptions) -> dict[str, Any]:
     the model learnt them. Plain JSON-able data (a weights-only load reads it), folder paths
     absolute (a command run from another folder finds them); ``DataOptions.from_dict`` reads
     it back."""
-    record = asdict(options)
-    for name in ("images", "masks", "footprints"):
-        if record[name] is not None:
-            record[name] = os.path.abspath(record[name])
+    record = asdict(absolute_folders(options))
     return json.loads(json.dumps(record))  # tuples to lists; anything else fails here
 
 
