@@ -216,13 +216,18 @@ def check_config(cfg: PipelineConfig) -> None:
     for name, ok in (
         ("trials", cfg.trials >= 1),
         ("epochs", cfg.epochs >= 1),
-        ("k_min", 1 <= cfg.k_min <= cfg.k_max),
+        ("k_min", cfg.k_min >= 1),
         ("cpus_per_trial", cfg.cpus_per_trial > 0),
         ("gpus_per_trial", cfg.gpus_per_trial >= 0),
     ):
         if not ok:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {getattr(cfg, name)} is out of range")
+    if cfg.k_min > cfg.k_max:
+        raise ValueError(
+            f"--k-min {cfg.k_min} is above --k-max {cfg.k_max}: the ensemble sizes searched are "
+            "k-min..k-max"
+        )
     n_models = MODELS_PER_TRIAL * cfg.trials
     if cfg.k_min > n_models:
         # else the ensemble search fails only after every search has trained
@@ -345,9 +350,10 @@ def refresh_state(
         for info in state.get("stages", {}).values():
             if info.pop("test", None) is not None and "stage test scores" not in redone:
                 redone.append("stage test scores")
+        maps = "redoing the test maps" if has_truth else "removing the stale test maps"
         notes.append(
             f"the test split or its truth changed (fingerprint {state['test_fingerprint']} -> "
-            f"{test_fp}): redoing the test maps and {_listed(redone)}"
+            f"{test_fp}): {maps} and {_listed(redone)}"
         )
     state["test_fingerprint"] = test_fp
     return notes
@@ -413,6 +419,19 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     )
     os.replace(tmp, path)
     return path
+
+
+def remove_stale_test_library(run_dir: Path, data: PreparedData) -> None:
+    """Removes a model's ``test_probs.npz`` unless it was made of this test split (its test
+    cache's fingerprint; none recorded, or no test split now: stale)."""
+    path = run_dir / TEST_FILE
+    if not path.exists():
+        return
+    with np.load(path) as z:
+        made_on = str(z["made_on"]) if "made_on" in z.files else None
+    if data.test is None or made_on != data.test.fingerprint:
+        log.info("%s: made of another test split, removed (no truth to remake it)", path)
+        path.unlink()
 
 
 def _single_test_scores(run_dir: Path, truth: np.ndarray, thresholds: dict[str, float]) -> dict:
@@ -842,6 +861,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         with _stage(client, pipeline_run, "test library"):
             for r in runs:
                 write_test_library(r, data, truth)
+    else:
+        # No truth to make them with: maps of another test split (a test.csv replaced since)
+        # would be scored by the ensemble search, and reported, as this split's.
+        for r in runs:
+            remove_stale_test_library(r, data)
 
     # 5. ensemble search over every trial's saved model
     if "ensemble" not in state:

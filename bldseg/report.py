@@ -303,12 +303,21 @@ _LOSS_NAMES = {"bce": "BCE", "dice": "Dice", "bce_dice": "BCE + Dice", "lovasz":
 
 
 def _run_config(st: dict) -> RunConfig | None:
-    """The run config of a stage's best trial (its ``best.pt``); None where it is unreadable."""
+    """The run config of a stage's best trial (its ``best.pt``, or a K-fold run's
+    ``folds.json``); None where it is unreadable."""
+    from bldseg.predict import member_config
     from bldseg.train.engine import load_state
 
     try:
-        flat = load_state(Path(st["best"]["run_dir"]) / "best.pt", mmap=True)["config"]
-        return RunConfig.from_flat(flat)
+        run = Path(st["best"]["run_dir"])
+    except KeyError:
+        return None
+    try:
+        return RunConfig.from_flat(load_state(run / "best.pt", mmap=True)["config"])
+    except (KeyError, OSError, ValueError):
+        pass
+    try:  # a K-fold run has no best.pt of its own: its folds.json records its folds' config
+        return member_config(run)[0]
     except (KeyError, OSError, ValueError):
         return None
 
@@ -856,14 +865,19 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             ]
     pred = state.get("predict")
     if pred:
-        score = _iv(pred.get("test_interval") or None, pred["test_dice"])
+        score = (
+            "official score against the held-out ground truth: "
+            f"**{_iv(pred.get('test_interval') or None, pred['test_dice'])}** (95% bootstrap "
+            "interval over the test images' source scenes)."
+            if pred.get("test_dice") is not None
+            else "not scored (the test split has no ground truth)."
+        )
         lines += [
             "",
             "## Submission",
             "",
             f"`{pred['submission']}`: {pred['members']} model(s), "
-            f"{_cut(pred, 4, 'threshold ')}; official score against the held-out ground truth: "
-            f"**{score}** (95% bootstrap interval over the test images' source scenes).",
+            f"{_cut(pred, 4, 'threshold ')}; {score}",
         ]
     path = out / "REPORT.md"
     tmp = path.with_name("REPORT.tmp.md")

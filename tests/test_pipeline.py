@@ -644,7 +644,7 @@ def test_test_truth_reads_a_competition_format_file(small_world, tmp_path):
     "argv, message",
     [
         (["--trials", "0"], "--trials 0 is out of range"),
-        (["--k-min", "4", "--k-max", "3"], "--k-min 4 is out of range"),
+        (["--k-min", "4", "--k-max", "3"], "--k-min 4 is above --k-max 3"),
         (["--data", "/nonexistent/bldseg-data"], "--data /nonexistent/bldseg-data: no such"),
     ],
 )
@@ -744,6 +744,26 @@ def test_kfold_report_thresholds_are_the_out_of_fold_ones(tmp_path):
     sweep = next(line for line in report.splitlines() if line.startswith("| best of sweep"))
     assert sweep.startswith(f"| best of sweep | {oof['val_thr_best']:.3f} | ")
     assert f"{oof['val_dice_best']:.4f} [" in sweep and "⚠" not in report
+
+
+def test_test_maps_of_another_split_are_removed_when_there_is_no_truth(
+    small_world, two_models, tmp_path
+):
+    # A new test.csv without truth: the maps of the old split stayed, and the redone ensemble
+    # search scored them, and REPORT.md showed them, as this split's held-out Dice.
+    from bldseg import pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(two_models[0], run)
+    path = pipeline.write_test_library(run, small_world, pipeline.test_truth(small_world))
+    pipeline.remove_stale_test_library(run, small_world)
+    assert path.exists()  # made of this split: kept
+    with np.load(path) as z:
+        maps = {**z, "made_on": np.array("another split")}
+    np.savez(path, **maps)
+    pipeline.remove_stale_test_library(run, small_world)
+    assert not path.exists()
+    pipeline.remove_stale_test_library(run, small_world)  # none there: nothing to do
 
 
 def test_test_library_is_kept_without_loading_the_model_and_remade_after_a_newer_checkpoint(

@@ -1,5 +1,7 @@
 """Per-tile scores and the seed-repeated arm comparison behind REPORT.md and compare_noisy."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -457,3 +459,35 @@ def test_a_vote_ensemble_is_reported_by_its_votes(tmp_path):
     older = {k: v for k, v in vote.items() if k != "votes"} | {"threshold": 2 / 3}
     write_report(state | {"ensemble": ens | {"best": older}}, tmp_path, has_truth=False)
     assert "| best ensemble | a+b+c | >= 2 of 3 votes |" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_a_kfold_tau_trial_that_dropped_nothing_is_named(tmp_path):
+    # A K-fold trial has no best.pt of its own (its folds' fold0/best.pt ...): the report read
+    # no config for it and called a tau trial that dropped nothing "co-teaching", no caveat
+    import json
+    import shutil
+
+    from bldseg.report import write_report
+    from bldseg.train.config import RunConfig
+    from bldseg.train.folds import fold_dir
+
+    ct = {"coteach.enabled": True, "coteach.tau": 0.3, "coteach.t_k": 2, "batch_size": 4}
+    rows = [{"epoch": e, "dropped_share": 0.0, "val_dice_best": 0.4 + 0.1 * e} for e in (1, 2, 3)]
+    stages = {
+        "tune_sched": _stage(tmp_path, "tune_sched", {"epochs": 3}, [{"epoch": 1}]),
+        "tune_tau": _stage(tmp_path, "tune_tau", {"epochs": 3, **ct}, rows),
+    }
+    run = Path(stages["tune_tau"]["best"]["run_dir"])
+    for f in range(2):
+        fold_dir(run, f).mkdir(parents=True)
+        shutil.copy(run / "best.pt", fold_dir(run, f) / "best.pt")
+    (run / "best.pt").unlink()
+    oof = {"val_dice_best": 0.7, "val_thr_best": 0.5, "val_thr_widened": 0.0}
+    config = RunConfig.from_flat({"epochs": 3, "folds": 2, **ct}).to_flat()
+    manifest = {"folds": 2, "config": config, "status": "completed", "oof": oof}
+    (run / "folds.json").write_text(json.dumps(manifest))
+    write_report({"config": CONFIG, "stages": stages}, tmp_path, has_truth=False)
+    report = (tmp_path / "REPORT.md").read_text()
+    section = report[report.index("## Plain BCE vs co-teaching") :]
+    assert "**The best tune_tau trial applied no co-teaching**" in section
+    assert "two networks, nothing dropped (best tune_tau trial)" in section
