@@ -79,7 +79,13 @@ from bldseg import metrics
 from bldseg.data import geo
 from bldseg.data.cache import DatasetCache
 from bldseg.data.dataset import TileDataset, validation_tiles
-from bldseg.data.prepare import DataOptions, describe_options, flat_options
+from bldseg.data.prepare import (
+    DataOptions,
+    describe_options,
+    flat_options,
+    recorded_flags_left_out,
+    recorded_folders,
+)
 from bldseg.data.readers import (
     ReadOptions,
     check_mask_grid,
@@ -624,6 +630,9 @@ class DataUse:
     part: str  # the part of the dataset it reads: "test split"
     forms: str  # what --data may then name: "a competition folder, its test CSV or ..."
     folders_hint: str = ""  # how to read image folders instead, after "pass --data ..."
+    # Whether the data is read with the training's data flags (masks, tiles): then data that
+    # has moved is refused naming them, as the record is not applied to the new place.
+    data_flags: bool = False
 
 
 def dataset_of(data: str | os.PathLike) -> Path:
@@ -732,25 +741,68 @@ def choose_recorded_data(
     if data is None:
         folders = [m for m in members if _unnamed_user_data(m)]
         if folders:
-            # Image folders given by --images/--masks are not recorded: the synthetic world
-            # would be read in their place, as it was, without a word.
+            # Image folders given by --images/--masks are no --data: the synthetic world would
+            # be read in their place, as it was, without a word.
             raise ValueError(
-                f"{', '.join(folders)} {'was' if len(folders) == 1 else 'were'} trained on image "
-                "folders given by --images/--masks, which the checkpoint does not name; pass "
-                f"--data with the dataset whose {use.part} to {use.verb}{use.folders_hint}"
+                f"{_folders_trained_on(folders)}; pass --data with the dataset whose "
+                f"{use.part} to {use.verb}{use.folders_hint}"
             )
         return None, None, None
     who = f"{members[0]} was" if len(members) == 1 else f"its {len(members)} members were"
     if not Path(data).exists():
+        flags = _training_flags(members) if use.data_flags else None
         raise FileNotFoundError(
             f"{data}, the data {who} trained on (recorded in the checkpoint), no longer exists; "
             f"pass --data with the dataset's {use.part} ({use.forms})"
+            # the record is applied to the recorded data only: the new place needs them typed
+            + (
+                f", and the flags it was read with, {flags}, if it is read alike there"
+                if flags
+                else ""
+            )
         )
     info = (
         f"no --data given: {use.doing} the {use.part} of {data}, the data {who} trained on "
         f"(recorded in the checkpoint); pass --data to {use.verb} another"
     )
     return data, info, None
+
+
+def _folders_trained_on(members: Sequence[str]) -> str:
+    """``"a.pt was trained on the image folders --images A --masks B (recorded in the
+    checkpoint)"``: members trained on folders given by --images/--masks, each with its folders
+    where its checkpoint records them (older checkpoints do not)."""
+    named = {
+        m: f for m in members if (f := recorded_folders(recorded_data_options(m) or DataOptions()))
+    }
+    said = [
+        f"{m} was trained on the image folders {describe_options(f)} (recorded in the "
+        "checkpoint), not on a dataset --data names"
+        for m, f in named.items()
+    ]
+    unnamed = [m for m in members if m not in named]
+    if unnamed:
+        said.append(
+            f"{', '.join(unnamed)} {'was' if len(unnamed) == 1 else 'were'} trained on image "
+            "folders given by --images/--masks, which the checkpoint does not name"
+        )
+    return "; ".join(said)
+
+
+def _training_flags(members: Sequence[str]) -> str | None:
+    """The data flags (other than the folders) the members were trained with, as typed:
+    ``--tile-size 32 --mask-values 0``; None when none are recorded at other than their
+    defaults, or the members disagree. Only those their kind of data reads (a cache's record
+    holds how it was built, flags a cache refuses)."""
+    said = set()
+    for member in members:
+        recorded = recorded_data_options(member)
+        said.add(
+            None
+            if recorded is None
+            else recorded_flags_left_out(recorded, kind=member_data_kind(member))
+        )
+    return said.pop() if len(said) == 1 else None
 
 
 def combine_members(maps: Iterable[np.ndarray], spec: EnsembleSpec) -> np.ndarray:

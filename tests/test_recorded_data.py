@@ -156,11 +156,17 @@ def test_suspects_on_an_older_checkpoint_warns_once(trained, tmp_path, capsys):
     # read with the flags typed, as before the record
     assert _mask_pixels(df) == {k: TILE * TILE - v for k, v in _expected().items()}
     (warning,) = _warnings(capsys.readouterr().err)
-    assert warning.startswith(
+    # every data flag typed is named (it said "read with the mask flags' defaults", and with
+    # --mask-values 0 typed beside --tile-size, "read with --mask-values 0")
+    assert warning == (
         f"warning: {old} records no data read options (trained before bldseg recorded them): "
-        f"the masks of {data} are read with the mask flags' defaults; if they were read "
-        "otherwise in training, pass the same --mask-values"
-    ), warning
+        f"{data} is read with --tile-size 32 (the other data flags at their defaults); if it "
+        "was read otherwise in training, pass the same --mask-values, --mask-nonzero, "
+        "--mask-colors, --mask-threshold, --mask-pattern and --tile-size"
+    )
+    _suspects(old, tmp_path / "sus2", data_root, "--tile-size", str(TILE), "--mask-values", "0")
+    (warning,) = _warnings(capsys.readouterr().err)
+    assert f"{data} is read with --tile-size 32 --mask-values 0 (the other" in warning, warning
 
 
 def test_a_model_trained_on_a_cache_ranks_the_cache(trained, tmp_path, capsys):
@@ -180,6 +186,152 @@ def test_a_model_trained_on_a_cache_ranks_the_cache(trained, tmp_path, capsys):
     df = _suspects(on_cache, tmp_path / "sus", data_root)
     assert _mask_pixels(df) == _expected()
     assert not _warnings(capsys.readouterr().err)
+
+
+def _on_folders(ckpt: Path, path: Path, images: Path, masks: Path) -> Path:
+    """A copy of ``ckpt`` as ``bldseg train --images IMAGES --masks MASKS --mask-values 0
+    --tile-size 32`` writes it: no --data in its config, the folders in its data options."""
+    options = DataOptions(
+        images=str(images), masks=str(masks), tile_size=TILE, read=ReadOptions(mask_values=(0,))
+    )
+    config = {**torch.load(ckpt, weights_only=True)["config"], "data": None}
+    record = data_options_record(options)
+    return _edited(ckpt, path, config=config, data_kind="folders", data_options=record)
+
+
+def test_suspects_reads_the_recorded_image_folders_as_in_training(trained, tmp_path, capsys):
+    # a run trained with --images/--masks records no --data: suspects refused it ("the
+    # checkpoint does not name" the folders), and with the folders typed again it read the
+    # masks inverted and untiled, without a word
+    data, data_root, ckpt = trained
+    images, masks = data / "images", data / "masks"
+    on_folders = _on_folders(ckpt, tmp_path / "f" / "best.pt", images, masks)
+    df = _suspects(on_folders, tmp_path / "sus", data_root)
+    assert _mask_pixels(df) == _expected()
+    out = capsys.readouterr()
+    assert out.out.startswith(
+        f"no --data given: ranking the training images of --images {images} --masks {masks}, "
+        f"the folders {on_folders} was trained on (recorded in the checkpoint); pass --data or "
+        f"--images to rank others\nreading {images} as {on_folders} was trained (recorded in the "
+        "checkpoint): --tile-size 32 --mask-values 0\n"
+    ), out.out
+    assert not _warnings(out.err)
+    # the folders typed again (here relative) are the recorded ones: read as recorded
+    argv = ["--images", "inv/images", "--masks", "inv/masks"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(data.parent)
+        df = _suspects(on_folders, tmp_path / "sus2", data_root, *argv)
+    assert _mask_pixels(df) == _expected()
+    assert not _warnings(capsys.readouterr().err)
+    # a flag typed wins, with the usual warning
+    df = _suspects(
+        on_folders, tmp_path / "sus3", data_root, "--images", str(images), "--mask-values", "255"
+    )
+    assert _mask_pixels(df) == {k: TILE * TILE - v for k, v in _expected().items()}
+    (warning,) = _warnings(capsys.readouterr().err)
+    assert warning.startswith(f"warning: reading {images} with --mask-values 255, but "), warning
+    # and the same folders named as --data DIR (DIR/images, DIR/masks) are its own data too
+    df = _suspects(on_folders, tmp_path / "sus4", data_root, "--data", str(data))
+    assert _mask_pixels(df) == _expected()
+    assert not _warnings(capsys.readouterr().err)
+
+
+def test_a_run_on_data_named_by_data_reads_its_image_folder_as_its_own(trained, tmp_path, capsys):
+    # --images DATA/images for a model trained on --data DATA: the same images, read as trained
+    data, data_root, ckpt = trained
+    df = _suspects(ckpt, tmp_path / "sus", data_root, "--images", str(data / "images"))
+    assert _mask_pixels(df) == _expected()
+    assert not _warnings(capsys.readouterr().err)
+
+
+def test_moved_image_folders_are_refused_naming_them_and_the_flags(trained, tmp_path, capsys):
+    data, data_root, ckpt = trained
+    gone = tmp_path / "gone"
+    on_folders = _on_folders(ckpt, tmp_path / "f" / "best.pt", gone / "images", gone / "masks")
+    argv = ["--checkpoint", str(on_folders), "--out", str(tmp_path / "sus")]
+    assert suspects_cmd.main([*argv, "--data-root", str(data_root)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {gone / 'images'} and {gone / 'masks'}, of the folders {on_folders} was trained "
+        f"on (--images {gone / 'images'} --masks {gone / 'masks'}, recorded in the checkpoint), "
+        "no longer exist; pass --images and --masks (or --footprints) with their new place, and "
+        "the flags they were read with, --tile-size 32 --mask-values 0, if they are read alike\n"
+    )
+    # following that without the flags: read as typed (the record is not applied to other
+    # folders), with a warning naming them
+    folders = ["--images", str(data / "images"), "--masks", str(data / "masks")]
+    df = _suspects(on_folders, tmp_path / "sus", data_root, *folders)
+    assert len(df) == len(STEMS)  # whole images: untiled, as typed
+    warnings = _warnings(capsys.readouterr().err)
+    assert warnings == [
+        f"warning: ranking the training images of --images {data / 'images'}, but {on_folders} "
+        f"was trained on --images {gone / 'images'} --masks {gone / 'masks'} (recorded in the "
+        "checkpoint); leave --images out to rank those",
+        f"warning: {on_folders} was trained on data read with --tile-size 32 --mask-values 0 "
+        f"(recorded in the checkpoint), which applies to that data only; --images "
+        f"{data / 'images'} is read with the flags given: pass those flags too if it is read "
+        "alike (the same data moved, or a copy)",
+    ]
+    # with the flags typed, nothing is left to say about them
+    flags = ["--tile-size", str(TILE), "--mask-values", "0"]
+    df = _suspects(on_folders, tmp_path / "sus2", data_root, *folders, *flags)
+    assert _mask_pixels(df) == _expected()
+    (warning,) = _warnings(capsys.readouterr().err)
+    assert warning.startswith("warning: ranking the training images of --images"), warning
+
+
+def test_moved_data_names_the_training_flags(trained, tmp_path, capsys):
+    # suspects said only "no longer exists; pass --data": following it read the masks
+    # inverted and untiled, as --data other than the recorded one drops the record, silently
+    data, data_root, ckpt = trained
+    gone = tmp_path / "gone"
+    config = {**torch.load(ckpt, weights_only=True)["config"], "data": str(gone)}
+    moved = _edited(ckpt, tmp_path / "m" / "best.pt", config=config)
+    argv = ["--checkpoint", str(moved), "--out", str(tmp_path / "sus")]
+    assert suspects_cmd.main([*argv, "--data-root", str(data_root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {gone}, the data {moved} was trained on (recorded in the "), err
+    assert err.endswith(
+        "(a competition folder, an image/mask folder or a bldseg cache), and the flags it was "
+        "read with, --tile-size 32 --mask-values 0, if it is read alike there\n"
+    ), err
+    df = _suspects(moved, tmp_path / "sus", data_root, "--data", str(data))
+    assert len(df) == len(STEMS)  # read as typed: whole images
+    warnings = _warnings(capsys.readouterr().err)
+    assert len(warnings) == 2, warnings
+    assert warnings[1] == (
+        f"warning: {moved} was trained on data read with --tile-size 32 --mask-values 0 "
+        f"(recorded in the checkpoint), which applies to that data only; --data {data} is read "
+        "with the flags given: pass those flags too if it is read alike (the same data moved, "
+        "or a copy)"
+    )
+    # a flag typed otherwise than recorded is still named, as recorded
+    _suspects(moved, tmp_path / "sus2", data_root, "--data", str(data), "--mask-values", "0")
+    warnings = _warnings(capsys.readouterr().err)
+    assert warnings[1].startswith(
+        f"warning: {moved} was trained on data read with --tile-size 32 ("
+    )
+
+
+def test_suspects_names_conflicting_mask_flags_as_flags(trained, tmp_path, capsys):
+    _, data_root, ckpt = trained
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "sus"),
+        "--data-root",
+        str(data_root),
+    ]
+    with pytest.raises(SystemExit) as e:
+        suspects_cmd.main([*argv, "--mask-nonzero", "--mask-values", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith("error: give --mask-values or --mask-nonzero, not both\n"), err
+    with pytest.raises(SystemExit):
+        suspects_cmd.main([*argv, "--mask-threshold", "2"])
+    assert (
+        "error: --mask-threshold 2.0: a fraction of the range, in (0, 1)" in capsys.readouterr().err
+    )
 
 
 def _predict(ckpts: list[Path], data: Path, out: Path, *flags: str) -> int:
@@ -241,10 +393,71 @@ def test_members_whose_masks_were_read_differently_need_the_flags(trained, tmp_p
     assert _predict([ckpt, other], data, tmp_path / "p") == 1
     assert capsys.readouterr().err == (
         f"error: the members' training masks were read differently ({ckpt} with --mask-values "
-        f"0; {other} with --mask-values 255); pass --mask-values, --mask-nonzero, --mask-colors "
-        "and --mask-threshold as --masks needs them\n"
+        f"0; {other} with --mask-values 255); pass --mask-values, --mask-nonzero or "
+        "--mask-colors as --masks needs them\n"
     )
     assert _predict([ckpt, other], data, tmp_path / "p", "--mask-values", "0") == 0
+    capsys.readouterr()
+    # a flag of another group leaves the difference open: it read with the defaults, silently
+    assert _predict([ckpt, other], data, tmp_path / "q", "--mask-threshold", "0.3") == 1
+    assert capsys.readouterr().err == (
+        f"error: the members' training masks were read differently ({ckpt} with --mask-values "
+        f"0; {other} with --mask-values 255); pass --mask-values, --mask-nonzero or "
+        "--mask-colors as --masks needs them (--mask-threshold 0.3 leaves that open)\n"
+    )
+
+
+def test_mask_flags_must_settle_each_difference_and_the_rest_is_read_as_recorded(
+    trained, tmp_path, capsys
+):
+    data, _, ckpt = trained
+    buildings = sum(int((inverted_mask(i) == 0).sum()) for i in range(len(STEMS)))
+    both = {"mask_threshold": 0.3}
+    a = _edited(
+        ckpt,
+        tmp_path / "a.pt",
+        data_options=data_options_record(DataOptions(read=ReadOptions(mask_values=(0,), **both))),
+    )
+    b = _edited(
+        ckpt,
+        tmp_path / "b.pt",
+        data_options=data_options_record(DataOptions(read=ReadOptions(mask_values=(255,), **both))),
+    )
+    # they differ in the mask values only: --mask-values settles it, the agreed threshold holds
+    assert _predict([a, b], data, tmp_path / "p", "--mask-values", "0") == 0
+    out = capsys.readouterr()
+    assert _truth_pixels(tmp_path / "p") == buildings
+    assert f"reading --masks as {a}, {b} were trained: --mask-threshold 0.3" in out.out
+    assert not _warnings(out.err)
+    # members differing in the threshold too need both
+    c = _edited(
+        ckpt,
+        tmp_path / "c.pt",
+        data_options=data_options_record(DataOptions(read=ReadOptions(mask_values=(255,)))),
+    )
+    assert _predict([a, c], data, tmp_path / "q", "--mask-nonzero") == 1
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "; pass --mask-threshold as --masks needs it (--mask-nonzero leaves that open)\n"
+    ), err
+    flags = ["--mask-values", "0", "--mask-threshold", "0.5"]
+    assert _predict([a, c], data, tmp_path / "q", *flags) == 0
+    assert _truth_pixels(tmp_path / "q") == buildings
+
+
+def test_predict_names_the_image_folders_a_model_was_trained_on(trained, tmp_path, capsys):
+    # they hold no test split: it said the checkpoint does not name them
+    data, data_root, ckpt = trained
+    images, masks = data / "images", data / "masks"
+    on_folders = _on_folders(ckpt, tmp_path / "f.pt", images, masks)
+    argv = ["--checkpoint", str(on_folders), "--out", str(tmp_path / "s.csv")]
+    assert predict_main(*argv, "--data-root", str(data_root)) == 1
+    assert capsys.readouterr().err == (
+        f"error: {on_folders} was trained on the image folders --images {images} --masks "
+        f"{masks} (recorded in the checkpoint), not on a dataset --data names; pass --data with "
+        "the dataset whose test split to predict, or predict a folder of images with --images "
+        "DIR --out masks/\n"
+    )
 
 
 def test_the_folds_of_a_kfold_member_must_agree(trained, tmp_path):

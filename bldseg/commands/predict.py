@@ -23,7 +23,9 @@ centrally. Images smaller than the window are padded by reflection. With --masks
 (mean per-image Dice), the pixel IoU and F1 are printed and written to OUT/scores.json; the masks
 are decoded as the model's training masks were (--mask-values, --mask-nonzero, --mask-colors,
 --mask-threshold, recorded in best.pt by bldseg train; a flag given wins, with a warning when it
-differs from the record; checkpoints that record none read them with the flags' defaults, with a
+differs from the record; members recorded otherwise are refused unless the flags given choose
+wherever they differ: the mask values (--mask-values, --mask-nonzero or --mask-colors) and the
+--mask-threshold; checkpoints that record none read them with the flags' defaults, with a
 warning), and every mask is read before any prediction is written. The files written are listed in
 OUT/.bldseg_outputs.json per image folder: a rerun of the same --images into the same --out removes
 those it does not write again (masks of images no longer there, an earlier scores.json) and no other
@@ -64,7 +66,6 @@ in validation), and the threshold defaults to the one chosen on its out-of-fold 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -81,9 +82,12 @@ from bldseg.data.prepare import (
     choose_data_options,
     data_options,
     describe_options,
+    flag_names,
     flat_options,
     given_data_options,
+    option_groups,
     prepare_test_data,
+    unsettled_groups,
 )
 from bldseg.data.readers import DEFAULT_READ
 from bldseg.predict import (
@@ -522,62 +526,78 @@ def _choose_mask_read(args: argparse.Namespace, members: list[str]) -> tuple[str
     checkpoints' record, :func:`~bldseg.predict.recorded_data_options`): masks whose buildings
     are 0 (``--mask-values 0``), or colours, are scored as such without the flags typed again.
     A flag given wins, with a warning when it differs from the record. Members that record
-    nothing (older checkpoints) are warned about once, naming what is assumed; members whose
-    records differ are refused unless the flags choose.
+    nothing (older checkpoints) are warned about once, naming what is assumed. Members whose
+    records differ are refused unless the flags typed choose in every group of flags where
+    they differ (the mask values' flags: --mask-values, --mask-nonzero or --mask-colors; and
+    --mask-threshold); what they agree on is read as recorded.
 
     Raises:
-        ValueError: Members' training masks were read differently, and no flag chooses.
+        ValueError: Members' training masks were read differently, and the flags typed leave
+            a difference open (names its flags).
     """
     given = given_data_options(args, MASK_READ_NAMES)
     if args.masks is None:  # no mask is read
         args.mask_threshold = DEFAULT_READ.mask_threshold
         return None, []
     records, unrecorded = _recorded_mask_read(members)
-    flat = {m: flat_options(o) for m, o in records.items()}
-    mask_read = {m: {n: f[n] for n in MASK_READ_NAMES} for m, f in flat.items()}
-    distinct = {json.dumps(r, sort_keys=True, default=list) for r in mask_read.values()}
-    defaults = {n: flat_options(DataOptions())[n] for n in MASK_READ_NAMES}
-    warnings = []
-    recorded = None
-    if len(distinct) > 1:
-        if not given:
-            said = "; ".join(f"{m} with {describe_options(r)}" for m, r in mask_read.items())
-            raise ValueError(
-                f"the members' training masks were read differently ({said}); pass "
-                "--mask-values, --mask-nonzero, --mask-colors and --mask-threshold as --masks "
-                "needs them"
-            )
-    elif mask_read:
-        recorded = next(iter(records.values()))
+    mask_read = {
+        m: {n: v for n, v in flat_options(o).items() if n in MASK_READ_NAMES}
+        for m, o in records.items()
+    }
+    # The groups of flags (the mask values' flags together, the threshold) whose records
+    # differ: each must be chosen by a flag, the others are read as the members agree.
+    differ = unsettled_groups(list(mask_read.values()), {}, MASK_READ_NAMES)
+    unsettled = unsettled_groups(list(mask_read.values()), given, MASK_READ_NAMES)
+    if unsettled:
+        said = "; ".join(f"{m} with {describe_options(r)}" for m, r in mask_read.items())
+        still = " and ".join(flag_names(g) for g in unsettled)
+        typed = f" ({describe_options(given)} leaves that open)" if given else ""
+        raise ValueError(
+            f"the members' training masks were read differently ({said}); pass {still} as "
+            f"--masks needs {'it' if len(unsettled) == 1 and len(unsettled[0]) == 1 else 'them'}"
+            f"{typed}"
+        )
+    chosen_by_flags = {n: v for n, v in given.items() if any(n in g for g in differ)}
+    overriding = {n: v for n, v in given.items() if n not in chosen_by_flags}
     info = None
-    if recorded is None:
+    if not records:
         if unrecorded:
             typed = describe_options(given) if given else "the mask flags' defaults"
             them = "its training masks were" if len(unrecorded) == 1 else "theirs were"
-            warnings.append(
+            warnings = [
                 f"warning: {', '.join(unrecorded)} record(s) no mask read options (trained "
                 f"before bldseg recorded them); reading --masks with {typed}; pass "
                 f"--mask-values, --mask-nonzero, --mask-colors or --mask-threshold as {them} "
                 "read if they differ"
-            )
+            ]
+        else:
+            warnings = []
         chosen, _ = choose_data_options(DataOptions(), given, MASK_READ_NAMES)
     else:
         recorders = list(records)
+        recorded = records[recorders[0]]  # the groups where records differ are all typed
         who = f"{recorders[0]} was" if len(recorders) == 1 else f"{', '.join(recorders)} were"
+        chosen, changed = choose_data_options(recorded, overriding, MASK_READ_NAMES)
+        chosen, _ = choose_data_options(chosen, chosen_by_flags, MASK_READ_NAMES)
+        read = {n: v for n, v in flat_options(chosen).items() if n in MASK_READ_NAMES}
+        warnings = []
         if unrecorded:
+            how = "with" if given else f"as {who} trained"  # records that differ: given
             warnings.append(
                 f"warning: {', '.join(unrecorded)} record(s) no mask read options (trained "
-                f"before bldseg recorded them); reading --masks as {who} trained: "
-                f"{describe_options(mask_read[recorders[0]])}"
+                f"before bldseg recorded them); reading --masks {how}: {describe_options(read)}"
             )
-        chosen, differ = choose_data_options(recorded, given, MASK_READ_NAMES)
         warnings += [
             f"warning: reading --masks with {now}, but {who} trained on masks read with {was} "
             "(recorded in the checkpoint); leave the flag out to read them as in training"
-            for now, was in differ
+            for now, was in changed
         ]
+        defaults = flat_options(DataOptions())
+        typed_groups = [g for g in option_groups(MASK_READ_NAMES) if any(n in given for n in g)]
         taken = {
-            n: v for n, v in mask_read[recorders[0]].items() if n not in given and v != defaults[n]
+            n: v
+            for n, v in read.items()
+            if v != defaults[n] and not any(n in g for g in typed_groups)
         }
         if taken:
             info = f"reading --masks as {who} trained: {describe_options(taken)}"

@@ -14,15 +14,19 @@ Images are ranked by a smoothed Dice of the model's mask and the given one (--sm
 added to both sides): a few stray predicted pixels on an empty mask do not outrank a building
 left out of a mask.
 
-Without --data the images ranked are those of the data the model was trained on, as recorded in
-best.pt (or folds.json) by bldseg train (a line says which); data no longer where it was is
-refused, asking for --data. Models trained on the built-in synthetic world rank its images,
-under --data-root. A --data other than the recorded one is ranked, with a warning naming both.
-The model's own data (--data left out, or naming it) is read as in training: the data flags it
-was trained with (--mask-values, --mask-colors, --tile-size, --masks, --mask-pattern, ...,
-recorded in best.pt) apply without being typed again; a flag given wins, with a warning when it
-differs from the record. Checkpoints from before that record read it with the flags given, with
-a warning.
+Without --data (and --images) the images ranked are those of the data the model was trained on,
+as recorded in best.pt (or folds.json) by bldseg train (a line says which): its --data, or the
+--images/--masks folders it was trained on; data no longer where it was is refused, naming it
+and the flags it was read with. Models trained on the built-in synthetic world rank its images,
+under --data-root. A --data (or --images) other than the recorded one is ranked, with a warning
+naming both.
+The model's own data (--data and --images left out, or naming it: the recorded dataset or image
+folder) is read as in training: the data flags it was trained with (--mask-values,
+--mask-colors, --tile-size, --masks, --mask-pattern, ..., recorded in best.pt) apply without
+being typed again; a flag given wins, with a warning when it differs from the record. Other
+data (the model's own moved elsewhere, too) is read with the flags given, with a warning naming
+the recorded flags not given. Checkpoints from before that record read it with the flags given,
+with a warning.
 
 Writes suspects.csv (most suspect first) and suspects.png (contact sheet of the top ones). On
 the synthetic world, whose train_noise.csv records the injected label noise, it also prints
@@ -43,7 +47,6 @@ import torch
 from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.prepare import (
-    MASK_READ_NAMES,
     DataOptions,
     add_data_arguments,
     choose_data_options,
@@ -51,8 +54,11 @@ from bldseg.data.prepare import (
     describe_options,
     detect_data,
     flat_options,
+    folder_layout,
     given_data_options,
     prepare_data,
+    recorded_flags_left_out,
+    recorded_folders,
     recorded_options_read_by,
 )
 from bldseg.data.readers import DEFAULT_READ
@@ -61,6 +67,7 @@ from bldseg.predict import (
     choose_recorded_data,
     dataset_of,
     load_checkpoint,
+    member_data_kind,
     recorded_data,
     recorded_data_options,
     resolve_member,
@@ -82,6 +89,7 @@ TRAINING_IMAGES = DataUse(
     part="training images",
     forms="a competition folder, an image/mask folder or a bldseg cache",
     folders_hint=", or the folders again with --images/--masks",
+    data_flags=True,
 )
 
 
@@ -145,6 +153,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"--threshold {args.threshold}: a threshold is a probability in [0, 1]")
     if not args.smooth >= 0:
         p.error(f"--smooth {args.smooth}: the Dice smoothing is at least 0 pixels")
+    # as flags, before ReadOptions refuses them by its field names
+    if args.mask_nonzero and args.mask_values is not None:
+        p.error("give --mask-values or --mask-nonzero, not both")
+    if args.mask_threshold is not None and not 0.0 < args.mask_threshold < 1.0:
+        p.error(f"--mask-threshold {args.mask_threshold}: a fraction of the range, in (0, 1)")
     written: list[Path] = []  # suspects.csv and .png, once in place
     return interruptible(
         p.prog, lambda: _suspects(args, written), lambda _: _interrupted(args, written)
@@ -168,33 +181,24 @@ def _suspects(args: argparse.Namespace, written: list[Path]) -> int:
     member = resolve_member(args.checkpoint)
     if not member.is_file():  # before the data is prepared, which can take minutes
         return fail(FileNotFoundError(f"checkpoint not found: {member}"))
-    info = None
     given = given_data_options(args)
     args.alpha = args.alpha or DEFAULT_READ.alpha  # the flags left out, at their defaults
     if args.mask_threshold is None:
         args.mask_threshold = DEFAULT_READ.mask_threshold
-    options = data_options(args)
-    # --images (a training layout) names the images itself; fit records no --data for it
-    if args.images is None:
-        try:
-            args.data, info, warning = choose_recorded_data(
-                args.data, [str(member)], TRAINING_IMAGES
-            )
-            options, read_info, read_warnings = _recorded_options(args, member, given, options)
-        except USER_ERRORS as e:
-            return fail(e)
-        for line in [warning, *read_warnings]:
-            if line:
-                print(line, file=sys.stderr)
-        for line in (info, read_info):
-            if line:
-                print(line)
+    try:
+        options, lines, warnings, source = _choose_data(args, member, given, data_options(args))
+    except USER_ERRORS as e:
+        return fail(e)
+    for line in warnings:
+        print(line, file=sys.stderr)
+    for line in lines:
+        print(line)
     try:
         data = prepare_data(args.data, options=options, data_root=args.data_root, verbose=True)
     except USER_ERRORS as e:
-        # the message names --data, which the user did not type: say where it came from
-        if info:
-            return fail(f"{e} (the recorded data {member} was trained on; pass --data)")
+        # the message names --data or folders, which the user did not type: say where from
+        if source:
+            return fail(f"{e} ({source})")
         return fail(e)
     except OSError as e:  # the caches are written under --data-root
         return fail(cannot_write(e, "--data-root", args.data_root))
@@ -238,44 +242,98 @@ def _suspects(args: argparse.Namespace, written: list[Path]) -> int:
     return 0
 
 
-def _recorded_options(
-    args: argparse.Namespace, member: Path, given: dict, options: DataOptions
-) -> tuple[DataOptions, str | None, list[str]]:
-    """The options to read ``args.data`` with: ``(options, a line saying what the record chose,
-    warnings)``.
+def _choose_data(
+    args: argparse.Namespace, member: Path, given: dict, typed: DataOptions
+) -> tuple[DataOptions, list[str], list[str], str | None]:
+    """The data to rank and the options to read it with: sets ``args.data`` where the record
+    names it; returns ``(options, lines saying what the record chose, warnings, where the data
+    came from when the user did not type it)``.
 
-    The data the model was trained on (``--data`` left out, or naming it again) is read as its
-    checkpoint records it was read: its masks' values, tiles, mask names, image bands... The
+    The data the model was trained on is read as its checkpoint records it was read: its masks'
+    values, tiles, mask names, image bands... It is the model's own data when --data and
+    --images are left out (the recorded --data, or the recorded --images/--masks folders), when
+    --data names the recorded dataset, or when --images names the recorded image folder. The
     flags typed now win, each one that differs from the record with a warning naming both.
-    Other data, and the synthetic world, are read with the flags as typed (``options``). A
-    checkpoint from before the record reads the data with the flags typed now, with a warning
+
+    Other data, and the synthetic world, are read with the flags as typed (``typed``): the
+    record says how the model's data was read, not how another is. Where the record holds flags
+    that were not typed again, a warning names them (the data may be the model's own, moved).
+    A checkpoint from before the record reads the data with the flags typed now, with a warning
     where mask images are decoded (a model trained with --mask-values 0 ranks every mask it
     learnt from as wrong when they are read as plain binary masks).
+
+    Raises:
+        FileNotFoundError: The recorded data (or folders) no longer exists (names the flags it
+            was read with).
+        ValueError: The record is not one bldseg writes, or the options chosen do not fit.
     """
-    trained = recorded_data([str(member)])[str(member)]
-    if trained is None or args.data is None or dataset_of(args.data) != dataset_of(trained):
-        return options, None, []
     recorded = recorded_data_options(member)
-    if recorded is None:
-        try:
-            kind = detect_data(args.data, options)
-        except FileNotFoundError:
-            return options, None, []  # prepare_data says what is missing
-        if kind != "folders":  # masks of a competition CSV (RLE) or a cache: none decoded
-            return options, None, []
-        typed = {n: given[n] for n in MASK_READ_NAMES if n in given}
-        read_with = describe_options(typed) if typed else "the mask flags' defaults"
-        warning = (
-            f"warning: {member} records no data read options (trained before bldseg recorded "
-            f"them): the masks of {args.data} are read with {read_with}; if they were read "
-            "otherwise in training, pass the same --mask-values, --mask-nonzero, --mask-colors, "
-            "--mask-threshold, --mask-pattern and --tile-size"
+    trained = recorded_data([str(member)])[str(member)]
+    folders = {} if recorded is None else recorded_folders(recorded)
+    lines, warnings, source = [], [], None
+    if args.images is None and args.data is None and folders:
+        # fit records no --data for a training layout given by --images: its folders are read
+        missing = [path for path in folders.values() if not Path(path).exists()]
+        if missing:
+            flags = recorded_flags_left_out(recorded, kind="folders")
+            raise FileNotFoundError(
+                f"{' and '.join(missing)}, of the folders {member} was trained on "
+                f"({describe_options(folders)}, recorded in the checkpoint), "
+                f"{'no longer exists' if len(missing) == 1 else 'no longer exist'}; pass "
+                "--images and --masks (or --footprints) with their new place"
+                + (
+                    f", and the flags they were read with, {flags}, if they are read alike"
+                    if flags
+                    else ""
+                )
+            )
+        lines.append(
+            f"no --data given: ranking the training images of {describe_options(folders)}, "
+            f"the folders {member} was trained on (recorded in the checkpoint); pass --data or "
+            "--images to rank others"
         )
-        return options, None, [warning]
+        source = f"the recorded folders {member} was trained on; pass --images and --masks"
+        own = True
+    elif args.images is None:
+        args.data, info, warning = choose_recorded_data(args.data, [str(member)], TRAINING_IMAGES)
+        warnings += [warning] if warning else []
+        if info:
+            lines.append(info)
+            source = f"the recorded data {member} was trained on; pass --data"
+        own = (
+            trained is not None
+            and args.data is not None
+            and dataset_of(args.data) == dataset_of(trained)
+        )
+    else:
+        own = False
+    # The same image folder named otherwise (--images DATA/images for a model trained on
+    # --data DATA, --data DIR for one trained on --images DIR/images) is the model's own data.
+    layout = _folders_read(trained, recorded or DataOptions())
+    if not own and layout is not None:
+        own = (_folders_read(args.data, typed) or {}).get("images") == layout["images"]
+    flags_typed = {n: v for n, v in given.items() if n not in _FOLDER_NAMES}
+    if recorded is None:
+        warnings += _unrecorded_warning(args, member, own, flags_typed, typed)
+        return typed, lines, warnings, source
+    if not own:
+        warnings += _other_data_warnings(args, member, trained, folders, recorded, typed)
+        return typed, lines, warnings, source
+    # Folders typed that the record reads (another spelling: a symlink, a relative path,
+    # DATA/images for --data DATA) repeat it: they are read from the record, without a warning.
+    if layout is not None:
+        given = {
+            n: v
+            for n, v in given.items()
+            if n not in _FOLDER_NAMES or Path(v).resolve() != layout.get(n)
+        }
+        if args.data is None and recorded.images is None:
+            args.data = trained  # --images DATA/images: the recorded --data DATA finds them
     recorded = recorded_options_read_by(args.data, recorded)
     chosen, differ = choose_data_options(recorded, given)
-    warnings = [
-        f"warning: reading {args.data} with {now}, but {member} was trained on it read with "
+    name = args.data if args.data is not None else chosen.images
+    warnings += [
+        f"warning: reading {name} with {now}, but {member} was trained on it read with "
         f"{was} (recorded in the checkpoint); leave the flag out to read it as in training"
         for now, was in differ
     ]
@@ -283,15 +341,104 @@ def _recorded_options(
     taken = {
         n: v
         for n, v in flat_options(chosen).items()
-        if n not in given and v == was[n] != defaults[n]
+        if n not in given and n not in folders and v == was[n] != defaults[n]
     }
-    info = None
     if taken:
-        info = (
-            f"reading {args.data} as {member} was trained (recorded in the checkpoint): "
+        lines.append(
+            f"reading {name} as {member} was trained (recorded in the checkpoint): "
             f"{describe_options(taken)}"
         )
-    return chosen, info, warnings
+    return chosen, lines, warnings, source
+
+
+_FOLDER_NAMES = ("images", "masks", "footprints")
+
+
+def _folders_read(data: str | None, options: DataOptions) -> dict[str, Path] | None:
+    """The folders an image/mask folder dataset is read from (name -> resolved path: images,
+    and masks or footprints where found); None for other kinds of data, and data not found."""
+    try:
+        if detect_data(data, options) != "folders":
+            return None
+        images, masks, footprints = folder_layout(data, options)
+    except FileNotFoundError:
+        return None
+    found = {"images": images, "masks": masks, "footprints": footprints}
+    return {n: v for n, v in found.items() if v is not None}
+
+
+def _unrecorded_warning(
+    args: argparse.Namespace, member: Path, own: bool, flags_typed: dict, typed: DataOptions
+) -> list[str]:
+    """The warning that a checkpoint from before the record reads its own data (as far as can
+    be told: its recorded --data, or any --images for a model trained on folders given by
+    --images) with the flags typed now, where mask images are decoded."""
+    unnamed = args.images is not None and member_data_kind(member) == "folders"
+    if not (own or unnamed):
+        return []
+    try:
+        kind = detect_data(args.data, typed)
+    except FileNotFoundError:
+        return []  # prepare_data says what is missing
+    if kind != "folders":  # masks of a competition CSV (RLE) or a cache: none decoded
+        return []
+    read_with = (
+        f"{describe_options(flags_typed)} (the other data flags at their defaults)"
+        if flags_typed
+        else "the data flags' defaults"
+    )
+    name = args.images if args.images is not None else args.data
+    return [
+        f"warning: {member} records no data read options (trained before bldseg recorded "
+        f"them): {name} is read with {read_with}; if it was read otherwise in training, pass "
+        "the same --mask-values, --mask-nonzero, --mask-colors, --mask-threshold, "
+        "--mask-pattern and --tile-size"
+    ]
+
+
+def _other_data_warnings(
+    args: argparse.Namespace,
+    member: Path,
+    trained: str | None,
+    folders: dict,
+    recorded: DataOptions,
+    typed: DataOptions,
+) -> list[str]:
+    """The warnings for data other than the model's own: which data it was trained on (where
+    :func:`~bldseg.predict.choose_recorded_data` did not say it), and the recorded flags not
+    typed again, which are not applied to other data (a dataset that has moved is other data,
+    and read with the flags typed)."""
+    if args.images is not None:
+        what, flag = f"--images {args.images}", "--images"
+    elif args.data is not None:
+        what, flag = f"--data {args.data}", "--data"
+    else:
+        return []  # the synthetic world, as recorded
+    warnings = []
+    # choose_recorded_data named the recorded --data beside a --data given; not folders
+    if folders and (args.images is not None or trained is None):
+        where = describe_options(folders)
+    elif trained is not None and args.images is not None:
+        where = f"--data {trained}"
+    else:
+        where = None
+    if where:
+        warnings.append(
+            f"warning: ranking the training images of {what}, but {member} was trained on "
+            f"{where} (recorded in the checkpoint); leave {flag} out to rank those"
+        )
+    try:
+        kind = detect_data(args.data, typed)
+    except FileNotFoundError:
+        return warnings  # prepare_data says what is missing
+    flags = recorded_flags_left_out(recorded, typed, kind)
+    if flags:
+        warnings.append(
+            f"warning: {member} was trained on data read with {flags} (recorded in the "
+            f"checkpoint), which applies to that data only; {what} is read with the flags "
+            "given: pass those flags too if it is read alike (the same data moved, or a copy)"
+        )
+    return warnings
 
 
 def _load_folds(

@@ -973,6 +973,63 @@ def given_data_options(args: argparse.Namespace, names=DATA_OPTION_NAMES) -> dic
     return given
 
 
+def option_groups(names=DATA_OPTION_NAMES) -> list[tuple[str, ...]]:
+    """``names`` in the groups an option given replaces whole (:data:`_OPTION_GROUPS`: the
+    mask value flags together, the label folders together), each other name alone."""
+    groups = [g for g in _OPTION_GROUPS if set(g) <= set(names)]
+    return groups + [(n,) for n in names if not any(n in g for g in groups)]
+
+
+def flag_names(names) -> str:
+    """Options (:data:`DATA_OPTION_NAMES` fields) as their flags, for "pass ...":
+    ``--mask-values, --mask-nonzero or --mask-colors``."""
+    flags = [_FLAG_OF[n] for n in names]
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
+
+
+def unsettled_groups(records: list[dict], given: dict, names=DATA_OPTION_NAMES) -> list[tuple]:
+    """The option groups (:func:`option_groups`) in which ``records`` (flat options,
+    :func:`flat_options`, one per model) differ and no option was given
+    (:func:`given_data_options`): what the flags typed leave undecided between models trained
+    on data read differently. A flag of a group settles the whole group, as it replaces it."""
+    return [
+        group
+        for group in option_groups(names)
+        if not any(n in given for n in group)
+        and len({tuple(r[n] for n in group) for r in records}) > 1
+    ]
+
+
+def recorded_folders(options: DataOptions) -> dict:
+    """The folders a model's training data was given by, as --images/--masks/--footprints
+    (name -> path); empty when the record names no --images (data named by --data, whose
+    folders are found inside it)."""
+    if options.images is None:
+        return {}
+    return {n: v for n in _PATH_NAMES if (v := getattr(options, n)) is not None}
+
+
+def recorded_flags_left_out(
+    recorded: DataOptions, now: DataOptions | None = None, kind: DataKind | None = None
+) -> str | None:
+    """The data flags a model's record holds at other than their defaults that the options
+    read with ``now`` do not repeat, as typed: ``--tile-size 32 --mask-values 0``; None when
+    there are none. Said when other data than the model's own is read, where the record is not
+    applied: the flags may well be needed there too.
+
+    Folders are left out (they say where the data was, not how it is read), and with ``kind``
+    the flags that kind of data does not read (a cache's, already decoded; a competition CSV's
+    run-length masks)."""
+    if kind is not None:
+        recorded = _without_flags(recorded, _unread_flags(kind, recorded))
+    was, typed = flat_options(recorded), flat_options(now or DataOptions())
+    defaults = flat_options(DataOptions())
+    left_out = {
+        n: v for n, v in was.items() if n not in _PATH_NAMES and v != defaults[n] and v != typed[n]
+    }
+    return describe_options(left_out) if left_out else None
+
+
 def choose_data_options(
     recorded: DataOptions, given: dict, names=DATA_OPTION_NAMES
 ) -> tuple[DataOptions, list[tuple[str, str]]]:
@@ -992,9 +1049,7 @@ def choose_data_options(
     chosen = flat_options(recorded)
     defaults = flat_options(DataOptions())
     differ = []
-    groups = [g for g in _OPTION_GROUPS if set(g) <= set(names)]
-    groups += [(n,) for n in names if not any(n in g for g in groups)]
-    for group in groups:
+    for group in option_groups(names):
         typed = [n for n in group if n in given]
         if not typed:
             continue
