@@ -798,13 +798,21 @@ def _resume_peer_streams(
             s["cuda"] = r["cuda"].cpu() if r.get("cuda") is not None else s["cuda"]
 
 
-def check_same_config(recorded: dict[str, Any], cfg: RunConfig, where: str | Path) -> None:
+def check_same_config(
+    recorded: dict[str, Any],
+    cfg: RunConfig,
+    where: str | Path,
+    content: str | None = None,
+) -> None:
     """Raises ValueError naming the settings in which a recorded run config differs from ``cfg``.
 
     Args:
         recorded: The flat config a run folder records (``last.pt``, ``folds.json``).
         cfg: The config asked for now.
         where: The file that records it, for the message.
+        content: Given when the training data's content digest now is the one the run
+            recorded: ``data`` may then name another folder (the same data moved, copied or
+            regenerated), with a note; the data checks decide whether the data changed.
     """
     # normalised through RunConfig so keys added since (with their defaults) compare equal
     was = RunConfig.from_flat(recorded).to_flat()
@@ -814,6 +822,15 @@ def check_same_config(recorded: dict[str, Any], cfg: RunConfig, where: str | Pat
         # `--data mydata/` from the run's folder, `--data /abs/mydata` from elsewhere: the same
         # data (the split check compares its images' ids)
         differ.remove("data")
+    elif "data" in differ and content is not None:
+        # the same decoded images, masks, ids and groups in another folder (moved to a faster
+        # disk, copied, the built-in world regenerated): the run goes on on them
+        differ.remove("data")
+        print(
+            f"{where}: continuing on {now.get('data')}, which holds the data the run started on "
+            f"in {was.get('data')} (the same content digest)",
+            flush=True,
+        )
     if differ:
         shown = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
         raise ValueError(
@@ -1255,7 +1272,8 @@ def _fit(
         # Before anything is written into out: a run with another config must leave it as is.
         # mmap: the config and the names of the weights, without reading them
         recorded = load_state(last_path, mmap=True)
-        check_same_config(recorded["config"], cfg, last_path)
+        same = data.train.content and recorded.get("data_content") == data.train.content
+        check_same_config(recorded["config"], cfg, last_path, data.train.content if same else None)
         _check_same_split(recorded.get("split"), split, last_path)
         # After the split: other split groups change the fingerprint too, and that message
         # names the flags.

@@ -422,7 +422,8 @@ def check_resumable(out: Path, cfg: RunConfig, data: PreparedData, assigned: np.
     if _trained_folds(out):
         # before the manifest is rewritten: finished folds were skipped unchecked, and another
         # config "completed" with the folds of the first while folds.json recorded the second
-        check_same_config(was, cfg, where)
+        same = data.train.content and recorded.get("data_content") == data.train.content
+        check_same_config(was, cfg, where, data.train.content if same else None)
         # --group-column is a data option, not in the config: the folds trained so far were
         # dealt by the recorded assignment, the rest would be dealt by today's
         check_same_split(out, recorded, data.train.ids, assigned)

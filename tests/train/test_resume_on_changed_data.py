@@ -213,3 +213,32 @@ def test_a_change_of_bldseg_decoding_is_told_apart_from_the_data():
         f"{'d' * 32}, recorded {'c' * 32}; data built-in synthetic); it would mix both: train "
         "into a new --out (or put back the images and masks it started on)"
     )
+
+
+@pytest.mark.parametrize("kfold_run", [False, True], ids=["run", "kfold"])
+def test_the_same_data_in_another_folder_continues_a_run_that_names_it(tmp_path, capsys, kfold_run):
+    # The README: "the same data read from another folder ... continue". A run started with
+    # --data DIR was refused when DIR moved ("written by a different config (data: ...)"), before
+    # the content digest could say the data were the same.
+    root = write_folder(tmp_path / "data")
+    before = prepare(root)
+    cfg = config(epochs=2, data=str(root), **({"folds": 2} if kfold_run else {}))
+    out = tmp_path / "run"
+    if kfold_run:
+        assert fit_folds(cfg, out, data=before, only=0).status == "stopped"
+    else:
+        assert fit(cfg, out, data=before, stop_after=1).status == "stopped"
+    moved = shutil.copytree(root, tmp_path / "disk2" / "data", copy_function=shutil.copy)
+    restored = prepare(moved)
+    assert restored.train.content == before.train.content
+    again = RunConfig.from_flat({**cfg.to_flat(), "data": str(moved)})
+    capsys.readouterr()
+    resumed = (fit_folds if kfold_run else fit)(again, out, data=restored)
+    assert resumed.status == "completed"
+    assert f"continuing on {moved}, which holds the data the run started on" in (
+        capsys.readouterr().out
+    )
+    # other data in the other folder: still refused, by the content digest
+    flip_masks(moved)
+    with pytest.raises(ValueError, match=r"the training data differ from those the run started"):
+        (fit_folds if kfold_run else fit)(again, out, data=prepare(moved))
