@@ -641,21 +641,27 @@ def test_test_truth_reads_a_competition_format_file(small_world, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "argv, message, status",
     [
-        (["--trials", "0"], "--trials 0 is out of range"),
-        (["--k-min", "4", "--k-max", "3"], "--k-min 4 is above --k-max 3"),
-        (["--data", "/nonexistent/bldseg-data"], "--data /nonexistent/bldseg-data: no such"),
+        # flags out of range are usage errors (2), as --help and the README list them
+        (["--trials", "0"], "--trials 0 is out of range", 2),
+        (["--k-min", "4", "--k-max", "3"], "--k-min 4 is above --k-max 3", 2),
+        (["--trials", "1", "--k-min", "4"], "--k-min 4 is more than the 3 models", 2),
+        (["--data", "/nonexistent/bldseg-data"], "--data /nonexistent/bldseg-data: no such", 1),
     ],
 )
-def test_bad_settings_are_one_line_and_record_nothing(tmp_path, argv, message, capsys):
+def test_bad_settings_are_one_line_and_record_nothing(tmp_path, argv, message, status, capsys):
     # the state was saved before the settings were checked: a traceback, and the corrected
     # command was then refused as "started with other settings"
     from bldseg.commands import pipeline as pipeline_cmd
 
     base = ["--name", "p", "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "runs")]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert pipeline_cmd.main([*base, "--tracking-uri", uri, *argv]) == 1
+    try:
+        got = pipeline_cmd.main([*base, "--tracking-uri", uri, *argv])
+    except SystemExit as e:  # parser.error
+        got = e.code
+    assert got == status
     err = capsys.readouterr().err
     assert "error: " in err and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "p" / "pipeline_state.json").exists()

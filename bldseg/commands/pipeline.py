@@ -33,7 +33,7 @@ from pathlib import Path
 from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.io import atomic_path
-from bldseg.pipeline import ContinuationError, PipelineConfig, run_pipeline
+from bldseg.pipeline import ContinuationError, PipelineConfig, check_config, run_pipeline
 from bldseg.train.config import RunConfig
 from bldseg.tune.cli import (
     DEFAULT_EPOCHS,
@@ -207,6 +207,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         seed=args.seed,
         user_keys=tuple(sorted(user_keys)),
     )
+    try:  # a flag out of range (--trials 0, --k-min above --k-max) is a usage error (2)
+        check_config(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    except FileNotFoundError:
+        pass  # missing data: run_pipeline says so, status 1
     try:
         state = run_pipeline(cfg)
     except (ContinuationError, *USER_ERRORS, RuntimeError) as e:

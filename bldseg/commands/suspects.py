@@ -132,7 +132,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=DEFAULT_SMOOTH,
         help="pixels added to both sides of the ranking's Dice: disagreements much smaller "
         "than this barely count (0: the plain Dice, where one stray pixel on an empty mask "
-        "ranks first)",
+        "ranks first; default %(default)g)",
     )
     return p
 
