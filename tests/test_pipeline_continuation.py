@@ -239,7 +239,9 @@ def test_k_min_above_the_models_trained_is_refused_up_front(tmp_path, capsys):
     base = ["--name", "p", "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "runs")]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = [*base, "--tracking-uri", uri, "--trials", "1", "--k-min", "4", "--k-max", "6"]
-    assert command.main(argv) == 1
+    with pytest.raises(SystemExit) as e:  # a flag out of range: a usage error
+        command.main(argv)
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--k-min 4" in err and "3 models" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "p" / "pipeline_state.json").exists()

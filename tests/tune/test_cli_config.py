@@ -332,7 +332,7 @@ def test_a_data_flag_given_with_from_replaces_the_recorded_one(
     storage2 = storage.parent / "runs2"
     _earlier_search(
         storage2 / "nz",
-        CPU_DEMO,
+        {**CPU_DEMO, "data": str(storage.parent / "folders")},  # a folder layout reads them
         [{"trial_id": "a", "val_dice_best": 0.6, "status": "completed"}],
         {"data_options": {"read": {"mask_nonzero": True}}},
     )
