@@ -4,8 +4,10 @@ import argparse
 import errno
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -373,6 +375,50 @@ def test_ctrl_c_in_train_says_how_to_continue(started, small_world, tmp_path, mo
         else "interrupted before an epoch ended; run the same command again to start the run"
     )
     assert err.endswith(f"\n{said}\n"), err
+
+
+@pytest.fixture
+def sigterm_unhandled_fails(monkeypatch):
+    """A SIGTERM no command handles fails the test (by default it would end the session)."""
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM was not handled as Ctrl-C")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGTERM, before)
+
+
+def _sigterm(*args, **kwargs):
+    """What a job scheduler's stop does to the command (Slurm, `timeout`, `kill`)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the signal arrives first
+    raise AssertionError("no signal came")
+
+
+def test_sigterm_in_train_is_handled_as_ctrl_c(
+    small_world, tmp_path, monkeypatch, capsys, sigterm_unhandled_fails
+):
+    # By default SIGTERM ended the process where it stood, without the line that says how to
+    # continue: as Ctrl-C now, exit 130, and the handler from before is back
+    import bldseg.commands.train
+
+    monkeypatch.setattr(bldseg.commands.train, "fit", _sigterm)
+    out = tmp_path / "run"
+    assert cli.main(["train", *_tiny_train(small_world, out)]) == 130
+    assert "interrupted before an epoch ended" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is sigterm_unhandled_fails
+
+
+def test_sigterm_in_a_command_is_handled_as_ctrl_c(
+    tmp_path, monkeypatch, capsys, sigterm_unhandled_fails
+):
+    import bldseg.commands.prepare
+
+    monkeypatch.setattr(bldseg.commands.prepare, "prepare_data", _sigterm)
+    err = _ctrl_c(["prepare", "--data-root", str(tmp_path)], capsys)
+    assert "interrupted" in err
+    assert signal.getsignal(signal.SIGTERM) is sigterm_unhandled_fails
 
 
 # Ctrl-C in the other commands: one line saying what was and was not written, exit 130.

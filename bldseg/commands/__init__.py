@@ -16,8 +16,11 @@ Each module has ``build_parser(prog=None)`` and ``main(argv=None, prog=None) -> 
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 #: Errors a user's input causes (a missing file, a bad value, a missing optional package):
 #: reported as one line on stderr, without a traceback.
@@ -35,10 +38,37 @@ def fail(err: BaseException | str, prog: str | None = None) -> int:
 EXIT_INTERRUPTED = 130
 
 
+def _as_ctrl_c(signum: int, frame: object) -> None:
+    # whatever SIGINT handler is in place then: Tune's during a search (which stops its trials
+    # and records them), else Python's (a KeyboardInterrupt)
+    signal.raise_signal(signal.SIGINT)
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM handled as Ctrl-C while the body runs, then the handler from before is back.
+
+    Job schedulers stop a job with SIGTERM (Slurm at its time limit, ``timeout``, ``kill``,
+    systemd); by default it ended the process where it stood: a search's MLflow runs stayed
+    RUNNING and its trials "running", a run folder's last epoch half written. As Ctrl-C, the
+    command records what it did, says how to continue, and exits :data:`EXIT_INTERRUPTED`.
+    Only the main thread can install a handler: elsewhere the body runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def interruptible(
     prog: str | None, run: Callable[[], int], left: Callable[[KeyboardInterrupt], str]
 ) -> int:
-    """Runs a command's body; Ctrl-C ends it in one line on stderr and :data:`EXIT_INTERRUPTED`.
+    """Runs a command's body; Ctrl-C (or SIGTERM, :func:`sigterm_as_ctrl_c`) ends it in one line
+    on stderr and :data:`EXIT_INTERRUPTED`.
 
     A command's ``main`` calls it around everything after its flags are parsed: the scripts in
     ``experiments/`` call ``main`` directly, so handling it in :mod:`bldseg.cli` alone would
@@ -52,7 +82,8 @@ def interruptible(
             was not written, and how to go on. Printed as ``<prog>: interrupted; <left>``.
     """
     try:
-        return run()
+        with sigterm_as_ctrl_c():
+            return run()
     except KeyboardInterrupt as err:
         name = prog or os.path.basename(sys.argv[0])
         # On a line of its own: the terminal echoed ^C, or a progress bar was half drawn.

@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail
+from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail, sigterm_as_ctrl_c
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.io import atomic_path
 from bldseg.pipeline import ContinuationError, PipelineConfig, check_config, run_pipeline
@@ -61,7 +61,8 @@ EXIT_STATUSES = {
     EXIT_USAGE: "a bad flag or --set item; nothing ran",
     EXIT_CLUSTER_LOST: "the Ray cluster was lost during a search; restart it and run the same "
     "command to continue",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C); the same command continues where it stopped",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); the same command continues where it "
+    "stopped",
 }
 
 
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except FileNotFoundError:
         pass  # missing data: run_pipeline says so, status 1
     try:
-        state = run_pipeline(cfg)
+        with sigterm_as_ctrl_c():
+            state = run_pipeline(cfg)
     except (ContinuationError, *USER_ERRORS, RuntimeError) as e:
         # bad settings, missing data, a search in which no trial completed: one line
         return fail(e, prog)

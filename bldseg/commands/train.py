@@ -32,7 +32,7 @@ import os
 import sys
 from pathlib import Path
 
-from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail
+from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail, sigterm_as_ctrl_c
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.folds is not None:
         fixed["folds"] = args.folds
     try:
-        return _train(args, fixed)
+        with sigterm_as_ctrl_c():
+            return _train(args, fixed)
     except KeyboardInterrupt:
         # last.pt holds every finished epoch: the same command resumes from it
         print(f"\n{_interrupted(args)}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from bldseg.commands import EXIT_INTERRUPTED
+from bldseg.commands import EXIT_INTERRUPTED, sigterm_as_ctrl_c
 from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
     DataOptions,
@@ -96,7 +96,7 @@ EXIT_STATUSES = {
     "cannot train on, an unreachable tracking store or cluster (the message names it)",
     EXIT_CLUSTER_LOST: "the Ray cluster was lost mid-search; the message gives the --resume "
     "command that continues it",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C); the message says how to continue",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); the message says how to continue",
 }
 
 
@@ -852,7 +852,8 @@ def main(
         parent_tags=parent_tags,
     )
     try:
-        result = run_search(spec)
+        with sigterm_as_ctrl_c():  # a job scheduler's stop ends the search as Ctrl-C does
+            result = run_search(spec)
     except (RuntimeError, ValueError, OSError) as e:  # OSError: e.g. a --storage not writable
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NOT_STARTED

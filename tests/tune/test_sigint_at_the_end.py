@@ -116,3 +116,44 @@ def test_pipeline_records_the_finished_stage_and_starts_no_other(
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert _parent(client, "pl", "pl-tune_aug").info.status == "FINISHED"
     assert client.get_run(state["pipeline_run_id"]).info.status == "KILLED"
+
+
+@pytest.fixture
+def sigterm_as_the_trial_completes(monkeypatch):
+    """As :func:`ctrl_c_as_the_trial_completes`, with SIGTERM, a job scheduler's stop (Slurm
+    at its time limit, ``timeout``); one that reached no handler of ours fails the test (by
+    default it would end the session). Returns the trial ids it was sent at."""
+    sent: list[str] = []
+    finalise = runner._SearchDriver.finalise
+
+    def finalise_then_sigterm(self, trial_id, config, error=None):
+        finalise(self, trial_id, config, error)
+        if not sent:
+            sent.append(trial_id)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached no handler of bldseg's")
+
+    monkeypatch.setattr(runner._SearchDriver, "finalise", finalise_then_sigterm)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    yield sent
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_ends_a_search_as_ctrl_c_does(
+    small_world, ray_session, tmp_path, sigterm_as_the_trial_completes, capsys
+):
+    # A search stopped by SIGTERM left its MLflow runs RUNNING and its trials "running": the
+    # process ended where it stood. Tune's own Ctrl-C path now stops it and records it.
+    from bldseg.commands.tune import main
+
+    argv = [*_data_args(small_world, tmp_path), "--scheduler", "fifo", "--name", "termed"]
+    assert main("aug", argv) == 130
+    assert sigterm_as_the_trial_completes, "the trial never completed"
+    said = " ".join(capsys.readouterr().err.split())
+    assert "recorded as finished" in said and "--resume --name termed" in said, said[-3000:]
+    sessions = json.loads((tmp_path / "runs" / "termed" / META_FILE).read_text())["sessions"]
+    assert [s["end"] for s in sessions] == ["finished"]
+    parent = _parent(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), "bldseg", "termed")
+    assert parent.info.status == "FINISHED"
