@@ -1856,6 +1856,10 @@ def run_search(spec: SearchSpec) -> SearchResult:
             f"max_concurrent={spec.max_concurrent!r}: the most trials at once must be 1 or more, "
             "or 0 for as many as the resources allow (--max-concurrent)"
         )
+    if not spec.resume:
+        # an unknown key or a bad value, named before the tracking store is opened (it made
+        # mlflow.db in the current folder for a command it then refused)
+        RunConfig.from_flat({**spec.base, "epochs": spec.epochs})
     with _quiet_libraries():
         return _run_search(spec)
 

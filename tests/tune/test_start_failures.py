@@ -74,6 +74,17 @@ def test_run_search_checks_seed_and_max_concurrent_first(small_world, tmp_path, 
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_an_unknown_fixed_key_is_refused_before_the_tracking_store_is_made(
+    tmp_path, monkeypatch, capsys
+):
+    # `bldseg tune aug --set nosuchkey=1` made mlflow.db (and its .lock) in the current folder
+    # before refusing the key
+    monkeypatch.chdir(tmp_path)
+    assert cli.main("augmentation", "t", ["--set", "nosuchkey=1", "--trials", "1"]) == 2
+    assert "unknown parameter(s) ['nosuchkey']" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "change, says",
     [
