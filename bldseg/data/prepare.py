@@ -895,7 +895,8 @@ MASK_READ_NAMES = tuple(_MASK_FLAGS.values())
 #: a recorded --masks would go unread.
 _OPTION_GROUPS = (("masks", "footprints"), ("mask_values", "mask_nonzero", "mask_colors"))
 
-_FLAG_OF = {
+#: Each data option (:data:`DATA_OPTION_NAMES`) and the flag that sets it.
+OPTION_FLAGS = {
     "images": "--images",
     "recursive": "--no-recursive",
     **{name: flag for flag, name in _LAYOUT_FLAGS.items() if name != "recursive"},
@@ -912,7 +913,7 @@ def flat_options(options: DataOptions) -> dict:
     return {**layout, **{f.name: getattr(options.read, f.name) for f in fields(ReadOptions)}}
 
 
-def _from_flat(flat: dict) -> DataOptions:
+def options_from_flat(flat: dict) -> DataOptions:
     read = {f.name: flat[f.name] for f in fields(ReadOptions)}
     layout = {f.name: flat[f.name] for f in fields(DataOptions) if f.name != "read"}
     return DataOptions(**layout, read=ReadOptions(**read))
@@ -921,7 +922,7 @@ def _from_flat(flat: dict) -> DataOptions:
 def option_flag(name: str, value) -> str:
     """One data option (a :data:`DATA_OPTION_NAMES` field) as the flag that sets it:
     ``--mask-values 0,1``; ``no --tile-size`` for an option left unset."""
-    flag = _FLAG_OF[name]
+    flag = OPTION_FLAGS[name]
     if name == "recursive":
         return "no --no-recursive" if value else flag
     if value is None or value is False:
@@ -946,7 +947,7 @@ def describe_options(values: dict) -> str:
         return " ".join(said)
     if len(values) == 1:  # --mask-threshold 0.5, --alpha refuse, no --tile-size
         return option_flag(*next(iter(values.items())))
-    flags = [_FLAG_OF[n] for n in values]
+    flags = [OPTION_FLAGS[n] for n in values]
     return "no " + (flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}")
 
 
@@ -983,7 +984,7 @@ def option_groups(names=DATA_OPTION_NAMES) -> list[tuple[str, ...]]:
 def flag_names(names) -> str:
     """Options (:data:`DATA_OPTION_NAMES` fields) as their flags, for "pass ...":
     ``--mask-values, --mask-nonzero or --mask-colors``."""
-    flags = [_FLAG_OF[n] for n in names]
+    flags = [OPTION_FLAGS[n] for n in names]
     return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
 
 
@@ -1058,7 +1059,7 @@ def choose_data_options(
         chosen.update(now)
         if now != was:
             differ.append((describe_options({n: now[n] for n in typed}), describe_options(was)))
-    return _from_flat(chosen), differ
+    return options_from_flat(chosen), differ
 
 
 def recorded_options_read_by(data: str | os.PathLike | None, options: DataOptions) -> DataOptions:

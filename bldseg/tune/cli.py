@@ -17,9 +17,12 @@ import pandas as pd
 from bldseg.commands import EXIT_INTERRUPTED, sigterm_as_ctrl_c
 from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
+    OPTION_FLAGS,
     DataOptions,
     add_data_arguments,
     data_options,
+    flat_options,
+    options_from_flat,
     without_unread_options,
 )
 from bldseg.train.config import recipe_defaults
@@ -404,24 +407,6 @@ def _carried_path(search: str, flag: str, path: str | None) -> str | None:
     return str(here)
 
 
-#: Each data option (``DataOptions``, ``read.`` for its ReadOptions) and the flag that sets it.
-_DATA_FLAGS = {
-    "images": "--images",
-    "masks": "--masks",
-    "footprints": "--footprints",
-    "mask_pattern": "--mask-pattern",
-    "tile_size": "--tile-size",
-    "recursive": "--no-recursive",
-    "group_column": "--group-column",
-    "read.mask_threshold": "--mask-threshold",
-    "read.mask_values": "--mask-values",
-    "read.mask_nonzero": "--mask-nonzero",
-    "read.mask_colors": "--mask-colors",
-    "read.alpha": "--alpha",
-    "read.bands": "--bands",
-    "read.stretch": "--stretch",
-}
-
 _NOT_GIVEN = object()  # a flag left to its default
 
 
@@ -443,16 +428,9 @@ def _given_flags(parser: argparse.ArgumentParser, argv: list[str] | None, flags)
 
 
 def _flat_options(options: DataOptions) -> dict[str, Any]:
-    """``options`` as the keys of :data:`_DATA_FLAGS`, lists as tuples (a record's JSON)."""
-    d = asdict(DataOptions.from_dict(json.loads(json.dumps(asdict(options)))))
-    read = d.pop("read")
-    return {**d, **{f"read.{k}": v for k, v in read.items()}}
-
-
-def _options_from_flat(flat: dict[str, Any]) -> DataOptions:
-    top = {k: v for k, v in flat.items() if not k.startswith("read.")}
-    read = {k.removeprefix("read."): v for k, v in flat.items() if k.startswith("read.")}
-    return DataOptions.from_dict({**top, "read": read})
+    """``options`` as :func:`~bldseg.data.prepare.flat_options`, lists as tuples (as a
+    record's JSON reads back), so typed and recorded values compare alike."""
+    return flat_options(DataOptions.from_dict(json.loads(json.dumps(asdict(options)))))
 
 
 def _data_shown(data: str | None, options: DataOptions) -> str:
@@ -460,7 +438,7 @@ def _data_shown(data: str | None, options: DataOptions) -> str:
     where = data or options.images or "the built-in synthetic world"
     default = _flat_options(DataOptions())
     changed = {
-        k.removeprefix("read."): v
+        k: v
         for k, v in _flat_options(options).items()
         if v != default[k] and not (k == "images" and where == v)
     }
@@ -499,12 +477,12 @@ def carried_data(
                 flush=True,
             )
         return args.data, given, args.data_root
-    typed = _given_flags(parser, argv, [*_DATA_FLAGS.values(), "--data-root"])
+    typed = _given_flags(parser, argv, [*OPTION_FLAGS.values(), "--data-root"])
     flat, values = _flat_options(start.data_options), _flat_options(given)
-    for key, flag in _DATA_FLAGS.items():
+    for key, flag in OPTION_FLAGS.items():
         if flag in typed and values[key] != flat[key]:
             print(
-                f"warning: {source}: {flag} replaces the {key.removeprefix('read.')}="
+                f"warning: {source}: {flag} replaces the {key}="
                 f"{flat[key]!r} that search read its data with ({values[key]!r} now), so the "
                 "data differ from those its best values were found on",
                 file=sys.stderr,
@@ -512,7 +490,7 @@ def carried_data(
             )
             flat[key] = values[key]
     try:
-        options = _options_from_flat(flat)
+        options = options_from_flat(flat)
     except ValueError as e:
         parser.error(f"{source}: the data flags given here and that search's contradict: {e}")
     data_root = args.data_root if "--data-root" in typed else recorded_root
