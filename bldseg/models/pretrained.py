@@ -304,13 +304,20 @@ def overrides_for_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     ``{"layer_scale": 1.0}`` when it has layer-scale parameters (``gamma1``/``gamma2``): the
     official segmentation configs build every variant with ``layer_scale=1.0``, so the T
     segmentation checkpoints have 60 of them (4+4+18+4 layers x 2) where the T classification
-    checkpoint and our default T have none. For S/B, which always have them, only the init
-    value changes and the loaded values overwrite it.
+    checkpoint has none. For S/B, which always have them, only the init value changes and the
+    loaded values overwrite it. ``{"layer_scale": None}`` for a whole segmentation model's
+    state dict without them (a T run trained before ``upernet_internimage_t`` had layer
+    scale); a classification checkpoint without them implies nothing, so a segmentation T
+    fine-tuned from it gets its scales at 1 (see :func:`load_pretrained`).
 
     Also rebuilds the model of a saved run: ``create_model(name,
     **overrides_for_checkpoint(best["model"]))``.
     """
-    return {"layer_scale": 1.0} if any(k.endswith(_GAMMAS) for k in state_dict) else {}
+    if any(k.endswith(_GAMMAS) for k in state_dict):
+        return {"layer_scale": 1.0}
+    if any(k.startswith("backbone.levels.") for k in state_dict):
+        return {"layer_scale": None}
+    return {}
 
 
 def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint) -> LoadReport:
@@ -395,6 +402,13 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint
             n_own = own[remade[0]].shape[0]
             drop(f"{n_file}-class classifiers, re-made for the model's {n_own}", remade)
 
+    # The official segmentation fine-tuning of T: a classification checkpoint without layer
+    # scale into a model built with layer_scale=1.0 (upernet_internimage_t's default). Scales
+    # of exactly 1 leave every block as the checkpoint computed it, so they keep their init.
+    if ckpt.layout == "classification" and not any(k.endswith(_GAMMAS) for k in state):
+        backbone = target.backbone if isinstance(target, SegmentationModel) else target
+        if isinstance(backbone, InternImage) and backbone.cfg.layer_scale == 1.0:
+            remade += [k for k in own if k.endswith(_GAMMAS)]
     missing = sorted(set(own) - set(state) - set(remade))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if state[k].shape != own[k].shape)

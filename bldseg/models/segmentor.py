@@ -109,7 +109,13 @@ def upernet_internimage_tiny(**kw) -> SegmentationModel:
 
 @register_model
 def upernet_internimage_t(**kw) -> SegmentationModel:
-    """UPerNet-InternImage-T (59M parameters with 150 classes)."""
+    """UPerNet-InternImage-T (59M parameters with 150 classes).
+
+    Layer scale 1.0 (``gamma1``/``gamma2`` in every block), as in the official segmentation
+    config; the classification T has none. Fine-tuned from the classification checkpoint the
+    scales start at 1, so every block computes what the checkpoint's did, and then train.
+    """
+    kw.setdefault("layer_scale", 1.0)
     return _upernet("t", kw.pop("head_channels", 512), kw.pop("aux_channels", 256), **kw)
 
 

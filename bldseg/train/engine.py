@@ -1278,8 +1278,9 @@ def _fit(
         # After the split: other split groups change the fingerprint too, and that message
         # names the flags.
         _check_same_data(recorded, cfg, data, last_path)
-        if cfg.pretrained is not None:
-            rebuild = overrides_for_checkpoint(recorded["models"][0])
+        # The saved weights decide the layer scale: a pretrained file chose it, and T runs
+        # made before upernet_internimage_t had layer scale have none.
+        rebuild = overrides_for_checkpoint(recorded["models"][0])
         saved_layout = recorded.get("optimizer_groups") or [
             len(g["params"]) for g in recorded["optimizers"][0]["param_groups"]
         ]

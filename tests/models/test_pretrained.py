@@ -208,6 +208,46 @@ def test_t_segmentation_checkpoint_with_gammas_builds_t_with_layer_scale(tmp_pat
     assert overrides_for_checkpoint(create_backbone("internimage_tiny").state_dict()) == {}
 
 
+def test_t_from_the_classification_checkpoint_starts_its_layer_scales_at_one(tmp_path):
+    # The official T segmentation fine-tuning: the classification T has no layer scale, the
+    # segmentation config builds it with layer_scale=1.0, and the scales start at 1.
+    torch.manual_seed(0)
+    cls = randomise(create_backbone("internimage_t", num_classes=1000), 4).eval()
+    path = tmp_path / "internimage_t_1k_224.pth"
+    torch.save({"model": cls.state_dict()}, path)
+    model = create_model("upernet_internimage_t", pretrained=path).eval()
+    report = model.pretrained_report
+    gammas = [k for k in model.state_dict() if k.endswith((".gamma1", ".gamma2"))]
+    assert len(gammas) == 60 and model.backbone.cfg.layer_scale == 1.0
+    assert set(gammas) <= set(report.initialised) and not set(gammas) & set(report.loaded)
+    assert all(
+        torch.equal(model.state_dict()[k], torch.ones_like(model.state_dict()[k])) for k in gammas
+    )
+    assert_same_tensors(model.backbone, cls.state_dict(), skip=("conv_head.", "head."))
+    # scales of 1: the backbone computes what the classification checkpoint's did
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for a, b in zip(model.backbone(x), cls.forward_features(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # any other init value would change the blocks: those gammas are missing, as before
+    with pytest.raises(RuntimeError, match="missing from the checkpoint"):
+        create_model("upernet_internimage_t", layer_scale=1e-5, pretrained=path)
+
+
+def test_a_t_run_saved_without_layer_scale_is_rebuilt_without_it():
+    # T runs trained before upernet_internimage_t had layer scale: predict and resume rebuild
+    # the model their weights describe.
+    torch.manual_seed(0)
+    old = create_model("upernet_internimage_t", layer_scale=None)
+    assert not any(k.endswith(".gamma1") for k in old.state_dict())
+    overrides = overrides_for_checkpoint(old.state_dict())
+    assert overrides == {"layer_scale": None}
+    create_model("upernet_internimage_t", **overrides).load_state_dict(old.state_dict())
+    assert overrides_for_checkpoint(create_model("upernet_internimage_t").state_dict()) == {
+        "layer_scale": 1.0
+    }
+
+
 def test_gammas_into_a_model_without_layer_scale_say_what_to_do(tmp_path):
     sd = create_model("upernet_internimage_tiny", layer_scale=1.0).state_dict()
     path = tmp_path / "gammas.pth"
