@@ -421,6 +421,24 @@ def test_sigterm_in_a_command_is_handled_as_ctrl_c(
     assert signal.getsignal(signal.SIGTERM) is sigterm_unhandled_fails
 
 
+def test_sigterm_stops_a_command_whose_ctrl_c_is_ignored(
+    tmp_path, monkeypatch, capsys, sigterm_unhandled_fails
+):
+    # A shell script's `bldseg ... &` starts with SIGINT ignored (POSIX), and Python then
+    # installs no Ctrl-C handler: SIGTERM raised an ignored SIGINT, and the command ran on to
+    # exit 0
+    import bldseg.commands.prepare
+
+    monkeypatch.setattr(bldseg.commands.prepare, "prepare_data", _sigterm)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        err = _ctrl_c(["prepare", "--data-root", str(tmp_path)], capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "interrupted" in err
+    assert signal.getsignal(signal.SIGTERM) is sigterm_unhandled_fails
+
+
 # Ctrl-C in the other commands: one line saying what was and was not written, exit 130.
 
 

@@ -40,7 +40,11 @@ EXIT_INTERRUPTED = 130
 
 def _as_ctrl_c(signum: int, frame: object) -> None:
     # whatever SIGINT handler is in place then: Tune's during a search (which stops its trials
-    # and records them), else Python's (a KeyboardInterrupt)
+    # and records them), else Python's (a KeyboardInterrupt). A job a shell script starts with
+    # `&` has SIGINT ignored (POSIX), and then Python installs no handler: raising SIGINT would
+    # do nothing and the command would run on to exit 0.
+    if not callable(signal.getsignal(signal.SIGINT)):  # SIG_IGN, SIG_DFL or not from Python
+        raise KeyboardInterrupt
     signal.raise_signal(signal.SIGINT)
 
 
