@@ -127,6 +127,15 @@ class SchedConfig:
                 top = max(range(w + 1), key=lambda s: poly_factor(s, span, w, self.power, floor))
                 peak = poly_factor(top, span, w, self.power, floor)
                 effect = f"the LR peaks at {peak:.2f} x optim.lr, at step {top}"
+            elif self.name == "schedulefree":
+                # no decay after the warm-up: the LR stays at optim.lr once it gets there
+                effect = (
+                    f"the LR rises through the whole of {share_of} and reaches only "
+                    f"{min(1.0, span / steps):.2f} x optim.lr"
+                    if steps >= span
+                    else f"the LR reaches optim.lr only at step {steps} (schedule-free keeps "
+                    "it there; it has no decay)"
+                )
             warnings.warn(
                 f"{head}{effect}; lower sched.warmup_steps, or set sched.warmup_max_frac to cut "
                 f"it to a share of {share_of}",
@@ -400,7 +409,12 @@ class RunConfig:
             )
         if self.sched.name == "schedulefree" and self.optim.ema:
             # Its model is already an average of the iterates; a second average would lag it.
-            bad("optim.ema", "must be 0 with sched.name=schedulefree (it averages the weights)")
+            bad(
+                "optim.ema",
+                "must be 0 with sched.name=schedulefree (it averages the weights already; "
+                "schedule-free is the CPU settings' schedule, CPU_DEMO: set sched.name=onecycle, "
+                "or another schedule, to use optim.ema)",
+            )
         if self.folds == 1 or self.folds < 0:
             bad("folds", "must be 0 (the holdout split of val_fraction) or at least 2 (--folds K)")
         if self.folds >= 2 and not 0 <= self.fold < self.folds:

@@ -1,8 +1,9 @@
-"""Exponential moving average of a model's weights (timm's ``ModelEmaV3``, mmengine's ``EMAHook``).
+"""Exponential moving average of a model's weights (as timm's ``ModelEmaV2``/``V3`` and mmengine's
+``EMAHook`` keep one).
 
 After every optimizer step the average moves towards the trained weights::
 
-    d = min(decay, (1 + n) / (10 + n))      # n: updates so far; short warm-up, as timm's
+    d = min(decay, (1 + n) / (10 + n))      # n: updates so far; TensorFlow's num_updates warm-up
     avg = d * avg + (1 - d) * weights       # parameters and floating-point buffers (BN stats)
 
 Validation, ``best.pt`` and predictions then use the average: with a high learning rate the
