@@ -8,7 +8,7 @@ import optuna
 from bldseg.train.config import CoTeachConfig
 from bldseg.train.coteaching import longest_dropping_ramp
 
-#: Largest forget rate searched (the slides' noisy share was about 30%).
+#: Largest forget rate searched (the built-in world corrupts 30% of its training masks).
 TAU_MAX = 0.4
 
 #: Longest ramp T_k searched, in epochs.

@@ -675,7 +675,12 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
         default="asha",
         help="trial scheduler: ASHA early stopping or FIFO (default asha)",
     )
-    a("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
+    a(
+        "--grace-period",
+        type=int,
+        default=2,
+        help="ASHA: epochs before a trial can be stopped (default 2)",
+    )
     a(
         "--reduction-factor",
         type=int,
