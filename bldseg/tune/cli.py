@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import textwrap
@@ -20,9 +21,9 @@ from bldseg.data.prepare import (
     OPTION_FLAGS,
     DataOptions,
     add_data_arguments,
+    choose_data_options,
     data_options,
     flat_options,
-    options_from_flat,
     without_unread_options,
 )
 from bldseg.train.config import recipe_defaults
@@ -409,6 +410,8 @@ def _carried_path(search: str, flag: str, path: str | None) -> str | None:
 
 _NOT_GIVEN = object()  # a flag left to its default
 
+_FOLDER_OPTIONS = ("images", "masks", "footprints")
+
 
 def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
@@ -455,9 +458,11 @@ def carried_data(
     data_root)``.
 
     Without ``--data`` or ``--images``, the earlier search's data, options and data root (its
-    best values were found on those); a data flag given here replaces the recorded value, with
-    a warning, and ``--data-root`` wins. With ``--data`` or ``--images``, this command's data
-    and flags, with a warning when they differ from the earlier search's.
+    best values were found on those); a data flag given here replaces its group's recorded
+    values (``--mask-values`` a recorded ``--mask-nonzero``, as suspects and predict read a
+    model's record), with a warning, and ``--data-root`` wins. With ``--data`` or
+    ``--images``, this command's data and flags, with a warning when they differ from the
+    earlier search's.
 
     Raises:
         SystemExit: The carried options and the flags given here contradict each other.
@@ -467,7 +472,9 @@ def carried_data(
     source = f"--from {args.start_from}"
     if args.data or args.images:
         data = str(Path(args.data).resolve()) if args.data else None
+        # folders compare absolute: the record keeps them so, a flag may be typed relative
         now, was = _flat_options(given), _flat_options(start.data_options)
+        now.update({k: os.path.abspath(v) for k in _FOLDER_OPTIONS if (v := now[k])})
         if data != start.data or now != was:
             print(
                 f"warning: {source}: its best values were found on "
@@ -478,21 +485,24 @@ def carried_data(
             )
         return args.data, given, args.data_root
     typed = _given_flags(parser, argv, [*OPTION_FLAGS.values(), "--data-root"])
-    flat, values = _flat_options(start.data_options), _flat_options(given)
-    for key, flag in OPTION_FLAGS.items():
-        if flag in typed and values[key] != flat[key]:
-            print(
-                f"warning: {source}: {flag} replaces the {key}="
-                f"{flat[key]!r} that search read its data with ({values[key]!r} now), so the "
-                "data differ from those its best values were found on",
-                file=sys.stderr,
-                flush=True,
-            )
-            flat[key] = values[key]
+    values = _flat_options(given)
+    typed_values = {key: values[key] for key, flag in OPTION_FLAGS.items() if flag in typed}
+    for key in _FOLDER_OPTIONS:
+        if typed_values.get(key):
+            typed_values[key] = os.path.abspath(typed_values[key])
     try:
-        options = options_from_flat(flat)
+        # a flag replaces its whole group, as suspects and predict read a record:
+        # --mask-values over a recorded --mask-nonzero
+        options, differ = choose_data_options(start.data_options, typed_values)
     except ValueError as e:
         parser.error(f"{source}: the data flags given here and that search's contradict: {e}")
+    for now_flags, was_flags in differ:
+        print(
+            f"warning: {source}: {now_flags} replaces the {was_flags} that search read its "
+            "data with, so the data differ from those its best values were found on",
+            file=sys.stderr,
+            flush=True,
+        )
     data_root = args.data_root if "--data-root" in typed else recorded_root
     print(
         f"{source}: training on that search's data, {_data_shown(start.data, options)} "

@@ -325,10 +325,11 @@ def test_a_data_flag_given_with_from_replaces_the_recorded_one(
     assert spec.data_options.tile_size == 128 and spec.data_options.read.mask_threshold == 0.5
     assert spec.data_options.read.stretch == (1, 99)  # not given: carried
     err = capsys.readouterr().err
-    assert "--tile-size replaces the tile_size=256 that search read its data with (128" in err
-    assert "--mask-threshold replaces the mask_threshold=0.6" in err
+    assert "--tile-size 128 replaces the --tile-size 256 that search read its data with" in err
+    assert "--mask-threshold 0.5 replaces the --mask-threshold 0.6" in err
     assert "--stretch" not in err
-    # a flag that contradicts a carried option is a usage error naming both
+    # a flag replaces its whole group, as suspects and predict read a record: --mask-values
+    # over a recorded --mask-nonzero (it was refused as both given)
     storage2 = storage.parent / "runs2"
     _earlier_search(
         storage2 / "nz",
@@ -336,11 +337,11 @@ def test_a_data_flag_given_with_from_replaces_the_recorded_one(
         [{"trial_id": "a", "val_dice_best": 0.6, "status": "completed"}],
         {"data_options": {"read": {"mask_nonzero": True}}},
     )
-    with pytest.raises(SystemExit) as e:
-        cli.main(
-            "scheduler", "t", ["--storage", str(storage2), "--from", "nz", "--mask-values", "1"]
-        )
-    assert e.value.code == 2 and "give mask_values or mask_nonzero" in capsys.readouterr().err
+    argv = ["--storage", str(storage2), "--from", "nz", "--mask-values", "1"]
+    assert cli.main("scheduler", "t", argv) == 2
+    assert seen[1].data_options.read.mask_values == (1,)
+    assert seen[1].data_options.read.mask_nonzero is False
+    assert "--mask-values 1 replaces the --mask-nonzero that search" in capsys.readouterr().err
 
 
 def test_data_given_with_from_wins_and_says_the_best_values_came_from_other_data(
@@ -363,6 +364,32 @@ def test_data_given_with_from_wins_and_says_the_best_values_came_from_other_data
     argv += ["--mask-threshold", "0.6", "--stretch", "1", "99"]
     assert cli.main("scheduler", "t", argv) == 2
     assert seen[1].data == data and "warning" not in capsys.readouterr().err
+    # the same data with one flag otherwise, or other data with the same flags: warned
+    same_flags = ["--tile-size", "256", "--mask-threshold", "0.6", "--stretch", "1", "99"]
+    for argv in (
+        ["--data", data, "--tile-size", "128", "--mask-threshold", "0.6", "--stretch", "1", "99"],
+        ["--data", "other", *same_flags],
+    ):
+        assert cli.main("scheduler", "t", ["--storage", str(storage), "--from", "aug1", *argv]) == 2
+        assert "warning: --from aug1: its best values were found on" in capsys.readouterr().err
+
+
+def test_folders_typed_relative_with_from_compare_with_the_recorded_absolute_ones(
+    tmp_path, monkeypatch, capsys
+):
+    # a search on --images/--masks records them absolute: the same folders typed relative
+    # from their parent warned that the best values were found on other data
+    storage = tmp_path / "runs"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "msks").mkdir()
+    folders = {"images": str(tmp_path / "imgs"), "masks": str(tmp_path / "msks")}
+    rows = [{"trial_id": "a", "val_dice_best": 0.6, "status": "completed"}]
+    _earlier_search(storage / "aug1", CPU_DEMO, rows, {"data_options": folders})
+    seen = _stop_at_run_search(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--storage", str(storage), "--from", "aug1", "--images", "imgs", "--masks", "msks"]
+    assert cli.main("scheduler", "t", argv) == 2
+    assert len(seen) == 1 and "warning" not in capsys.readouterr().err
 
 
 def test_from_an_interrupted_search_says_how_to_finish_it(tmp_path, monkeypatch, capsys):
