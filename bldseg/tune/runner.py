@@ -110,8 +110,9 @@ METRIC = "val_dice_best"  # what ASHA compares at its rungs (validation Dice, be
 # What the searcher (Optuna) is told a trial scored: the best epoch so far, as the table, the
 # trial's best.pt and the ensemble rank trials (Tune hands the searcher the last report).
 SEARCHER_METRIC = "val_dice_max"
-# Reported first: Tune's console table shows the first four metrics a trial reports.
-CONSOLE_METRICS = (METRIC, "val_thr_best", "epoch", "train_loss")
+# Reported first: Tune's console table shows the first four metrics a trial reports. The best
+# epoch so far first, the value bldseg's own table ranks trials by.
+CONSOLE_METRICS = (SEARCHER_METRIC, METRIC, "epoch", "train_loss")
 # The one file of a trial's Tune checkpoint: {"epoch": n, "trial_id": ...}. The weights stay in
 # the run folder; copying them into every checkpoint kept each trial's weights three times.
 CKPT_FILE = "bldseg_checkpoint.json"
@@ -623,9 +624,12 @@ def _make_scheduler(spec: SearchSpec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if spec.scheduler == "asha":
-        # metric and mode come from the TuneConfig (Tune refuses them twice), where the console
-        # reporter finds them too
+        # ASHA compares the epoch's Dice at its rungs; the TuneConfig names no metric (Tune
+        # refuses one there beside the scheduler's), so Tune's console names no "best trial"
+        # by another rule than bldseg's table (best epoch, SEARCHER_METRIC)
         return ASHAScheduler(
+            metric=METRIC,
+            mode="max",
             time_attr="training_iteration",
             max_t=spec.epochs,
             grace_period=min(spec.grace_period, spec.epochs),
@@ -645,7 +649,10 @@ def _legacy_reporter():
     from ray.tune import CLIReporter
 
     return CLIReporter(
-        metric_columns=list(CONSOLE_METRICS), metric=METRIC, mode="max", sort_by_metric=True
+        metric_columns=list(CONSOLE_METRICS),
+        metric=SEARCHER_METRIC,
+        mode="max",
+        sort_by_metric=True,
     )
 
 
@@ -848,9 +855,11 @@ def write_trial_record(
     return summary
 
 
-def _report_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A history row as reported to Tune: :data:`CONSOLE_METRICS` first, for the console."""
-    return {**{k: row[k] for k in CONSOLE_METRICS if k in row}, **row, "diverged": 0}
+def _report_row(row: dict[str, Any], best_so_far: float) -> dict[str, Any]:
+    """A history row as reported to Tune, with the best epoch's Dice so far
+    (:data:`SEARCHER_METRIC`): :data:`CONSOLE_METRICS` first, for the console."""
+    full = {**row, SEARCHER_METRIC: best_so_far, "diverged": 0}
+    return {**{k: full[k] for k in CONSOLE_METRICS if k in full}, **full}
 
 
 def trial_device(device: str, gpu_ids: list) -> str:
@@ -983,7 +992,7 @@ def trial_fn(
                 (Path(tmp) / CKPT_FILE).write_text(json.dumps(meta))
                 best_so_far = max(r[METRIC] for r in seen)
                 tune.report(
-                    {**_report_row(row), SEARCHER_METRIC: best_so_far},
+                    _report_row(row, best_so_far),
                     checkpoint=Checkpoint.from_directory(tmp),
                 )
 
@@ -2136,9 +2145,6 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    # here rather than on the scheduler: the console then shows the best trial
-                    metric=METRIC,
-                    mode="max",
                     search_alg=searcher,
                     scheduler=scheduler,
                     num_samples=n_trials,
