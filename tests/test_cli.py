@@ -2,12 +2,14 @@
 
 import argparse
 import errno
+import json
 import os
 import runpy
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -394,6 +396,41 @@ def _sigterm(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(5)  # the signal arrives first
     raise AssertionError("no signal came")
+
+
+def test_train_prints_each_epochs_line_as_it_ends(small_world, tmp_path, monkeypatch, capsys):
+    # The lines came all together after the last epoch: on a long run, no validation Dice for
+    # hours, and none at all after Ctrl-C. A resumed run shows its earlier epochs first.
+    import bldseg.commands.train
+
+    real_fit = bldseg.commands.train.fit
+    printed_by_epoch_end = []
+
+    def spying_fit(*args, on_epoch_end, stop_after=None, **kwargs):
+        def watched(row, out):
+            on_epoch_end(row, out)
+            printed_by_epoch_end.append(capsys.readouterr().out)
+
+        return real_fit(*args, on_epoch_end=watched, stop_after=stop_after, **kwargs)
+
+    out = tmp_path / "run"
+    argv = ["train", *_tiny_train(small_world, out), "--set", "epochs=2"]
+    monkeypatch.setattr(bldseg.commands.train, "fit", partial(spying_fit, stop_after=1))
+    assert cli.main(argv) == 0  # stopped after epoch 1, as an interrupted run
+    (first,) = printed_by_epoch_end
+    assert _epochs(first) == [1]
+    monkeypatch.setattr(bldseg.commands.train, "fit", spying_fit)
+    assert cli.main(argv) == 0  # resumed: epoch 1's line, then epoch 2's as it ends
+    assert _epochs(printed_by_epoch_end[1]) == [1, 2]
+    assert "best epoch" in capsys.readouterr().out
+    assert cli.main(argv) == 0  # a finished run: its epochs as they were, nothing trained
+    assert len(printed_by_epoch_end) == 2
+    assert _epochs(capsys.readouterr().out) == [1, 2]
+
+
+def _epochs(out: str) -> list[int]:
+    """The epochs of the JSON epoch lines in a command's output."""
+    return [json.loads(x)["epoch"] for x in out.splitlines() if x.startswith("{")]
 
 
 def test_sigterm_in_train_is_handled_as_ctrl_c(

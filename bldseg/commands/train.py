@@ -141,12 +141,28 @@ def _train(args: argparse.Namespace, fixed: dict) -> int:
         return fail(e)
     except OSError as e:  # the caches are written under --data-root
         return fail(cannot_write(e, "--data-root", args.data_root))
+    shown: list[int] = []  # epochs printed as they ended
+
+    def show(row: dict, run_out: Path) -> None:
+        # each epoch's line as it ends (they came all at once after the last epoch); a resumed
+        # run's earlier epochs first, from the history.json written just before
+        if not shown:
+            earlier = json.loads((Path(run_out) / "history.json").read_text())
+            for old in (r for r in earlier if r["epoch"] < row["epoch"]):
+                print(epoch_line(old), flush=True)
+        print(epoch_line(row), flush=True)
+        shown.append(row["epoch"])
+
     try:  # what fit finds in the user's input: a crop larger than the images, another
         # run's folder, a missing --pretrained file, a --split-group that matches nothing
         if cfg.folds >= 2:
-            result = fit_folds(cfg, args.out, data=data, progress=True, only=args.fold)
+            # one fold (--fold) prints its own epochs once trained, below
+            each = show if args.fold is None else None
+            result = fit_folds(
+                cfg, args.out, data=data, progress=True, only=args.fold, on_epoch_end=each
+            )
         else:
-            result = fit(cfg, args.out, data=data, progress=True)
+            result = fit(cfg, args.out, data=data, progress=True, on_epoch_end=show)
     except USER_ERRORS as e:  # also another process training into --out
         return fail(e)
     except OSError as e:  # a read-only --out, a file of that name, a full disk
@@ -166,7 +182,7 @@ def _train(args: argparse.Namespace, fixed: dict) -> int:
         if result.status != "completed":
             print(f"{result.status}: {result.message}")
             return 0
-    else:
+    elif not shown:  # nothing trained now (a finished run's folder): its epochs as they were
         for row in result.history:
             print(epoch_line(row))
     if result.status == "diverged":
