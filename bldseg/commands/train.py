@@ -231,7 +231,7 @@ def _val_dice(best: dict) -> str:
     nan = float("nan")
     return (
         f"val Dice {best.get('val_dice_best', nan):.4f} at threshold "
-        f"{best.get('val_thr_best', nan):.2f} ({best.get('val_dice_05', nan):.4f} at 0.5); the "
+        f"{best.get('val_thr_best', nan):.4f} ({best.get('val_dice_05', nan):.4f} at 0.5); the "
         "epoch and threshold were chosen on these validation tiles, so it is optimistic: score "
         "held-out images with `bldseg predict --truth` or `--masks`"
     )

@@ -914,6 +914,11 @@ def flat_options(options: DataOptions) -> dict:
 
 
 def options_from_flat(flat: dict) -> DataOptions:
+    """The inverse of :func:`flat_options`.
+
+    Raises:
+        ValueError: Options that do not fit together (``DataOptions`` names them).
+    """
     read = {f.name: flat[f.name] for f in fields(ReadOptions)}
     layout = {f.name: flat[f.name] for f in fields(DataOptions) if f.name != "read"}
     return DataOptions(**layout, read=ReadOptions(**read))

@@ -883,7 +883,7 @@ def main(
     if result.n_completed and result.best:
         print(
             f"\nbest trial {result.best['trial_id']}: {METRIC}={result.best[METRIC]:.4f} "
-            f"at threshold {result.best['val_thr_best']:.3f}"
+            f"at threshold {result.best['val_thr_best']:.4f}"
         )
         # the trial's own values, valid JSON that --set takes back
         print("  config: " + json.dumps(result.best_config))

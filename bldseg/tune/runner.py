@@ -667,12 +667,22 @@ def _quiet_libraries():
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Tune's advice to change CheckpointConfig(num_to_keep) or a TUNE_WARN_* variable, which
+    # no bldseg flag sets: our per-epoch checkpoints are a few bytes (CKPT_FILE) and fast to
+    # snapshot, yet it came every few epochs. Tune's other warnings (a slow sync) still show.
+    state_log = logging.getLogger("ray.tune.execution.experiment_state")
+    state_log.addFilter(_no_snapshot_advice)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=RayDeprecationWarning)
             yield
     finally:
         optuna.logging.set_verbosity(verbosity)
+        state_log.removeFilter(_no_snapshot_advice)
+
+
+def _no_snapshot_advice(record: logging.LogRecord) -> bool:
+    return "snapshotting has been triggered multiple times" not in record.getMessage()
 
 
 def _data_paths(data: PreparedData) -> dict[str, Any]:

@@ -202,7 +202,7 @@ def test_one_fold_reports_its_own_result(small_world, tmp_path, capsys):
     best = load_state(tmp_path / "fold1" / "last.pt")["best"]
     said = (
         f"fold 1: best epoch {best['epoch']} val Dice {best['val_dice_best']:.4f} "
-        f"at threshold {best['val_thr_best']:.2f}"
+        f"at threshold {best['val_thr_best']:.4f}"
     )
     assert said in out and "nan" not in out
     assert '{"epoch": 1, ' in out  # its epoch's row

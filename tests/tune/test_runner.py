@@ -795,3 +795,21 @@ def test_a_trial_without_a_gpu_trains_on_the_cpu_even_where_one_is_visible():
     assert trial_device("auto", []) == "cpu"  # Ray gave it none: GPU 0 is another's
     assert trial_device("auto", [0]) == "auto"
     assert trial_device("cuda:1", []) == "cuda:1"  # asked for by name: as asked
+
+
+def test_tunes_snapshot_advice_is_left_out_and_its_other_warnings_kept(caplog):
+    # Tune advised changing CheckpointConfig(num_to_keep) or a TUNE_WARN_* variable every few
+    # epochs of a search, which no bldseg flag sets (its checkpoints are a few bytes)
+    from bldseg.tune.runner import _quiet_libraries
+
+    log = logging.getLogger("ray.tune.execution.experiment_state")
+    log.addHandler(caplog.handler)  # Ray's loggers do not propagate to the root's
+    try:
+        with _quiet_libraries():
+            log.warning("Experiment state snapshotting has been triggered multiple times in")
+            log.warning("Saving the experiment state took ~9.00 seconds")
+        assert [r.getMessage()[:6] for r in caplog.records] == ["Saving"]
+        log.warning("Experiment state snapshotting has been triggered multiple times, after")
+        assert len(caplog.records) == 2  # the filter is gone with the search
+    finally:
+        log.removeHandler(caplog.handler)
