@@ -415,6 +415,7 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint
     if missing or unexpected or shapes:
         name = _registered_name(model)
         backbone_only = isinstance(model, InternImage)
+        fitting = _fitting_models(ckpt, backbones=backbone_only)
         raise CheckpointMismatchError(
             _mismatch_message(
                 ckpt.path,
@@ -426,7 +427,9 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Checkpoint
                 missing,
                 unexpected,
                 shapes,
-                [m for m in _fitting_models(ckpt, backbones=backbone_only) if m != name],
+                [m for m in fitting if m != name],
+                # a whole model whose backbone fits: only its decoder was built otherwise
+                backbone_fits=name in fitting and not prefix and not backbone_only,
             )
         )
     # Strict: every key of the target is given, the re-made classifiers their own fresh values.
@@ -543,6 +546,7 @@ def _mismatch_message(
     unexpected: list[str],
     shapes: list[str],
     fits: list[str],
+    backbone_fits: bool = False,
 ) -> str:
     hint = ""
     if fits and fits[0].startswith("upernet_"):  # a segmentation model: what --model takes
@@ -588,6 +592,13 @@ def _mismatch_message(
         )
     elif fits:
         lines.append(f"The file is for {fits[0]}: build it with create_backbone({fits[0]!r}).")
+    elif backbone_fits:
+        lines.append(
+            f"The backbone fits {target}; its decoder differs (a head width or an auxiliary "
+            "head built otherwise: head_channels, aux_channels). Build the model with the "
+            "checkpoint's decoder settings, or load the backbone alone "
+            "(load_pretrained(model.backbone, path))."
+        )
     else:
         lines.append("Is it a checkpoint of the same variant (t, s or b) as the model?")
     return "\n".join(lines)

@@ -259,6 +259,23 @@ def test_gammas_into_a_model_without_layer_scale_say_what_to_do(tmp_path):
     assert "backbone.levels.2.blocks.1.gamma2" in msg and "layer_scale=1.0" in msg
 
 
+def test_a_decoder_built_otherwise_is_named_when_the_backbone_fits(tmp_path):
+    # A head width other than the file's: the message asked "Is it a checkpoint of the same
+    # variant?", which it is
+    sd = create_model("upernet_internimage_tiny", head_channels=64).state_dict()
+    path = tmp_path / "wide_head.pth"
+    torch.save({"state_dict": to_mmseg(sd)}, path)
+    with pytest.raises(RuntimeError) as e:
+        load_pretrained(create_model("upernet_internimage_tiny"), path)
+    msg = str(e.value)
+    assert "The backbone fits upernet_internimage_tiny; its decoder differs" in msg
+    assert "same variant" not in msg
+    model = create_model("upernet_internimage_tiny")
+    report = load_pretrained(model.backbone, path)  # what it says to do works
+    assert_same_tensors(model, sd, skip=("decode_head.", "aux_head."))
+    assert report.dropped
+
+
 def test_mismatch_lists_every_bad_key_grouped(cls_model, tmp_path):
     state = dict(cls_model.state_dict())
     missing = ["levels.1.blocks.0.mlp.fc1.bias", "levels.3.blocks.0.dcn.mask.weight"]
