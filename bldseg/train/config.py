@@ -8,12 +8,13 @@ or invalid key.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import numbers
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 from bldseg.train.augment import AugConfig
@@ -505,12 +506,21 @@ class RunConfig:
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_flat`; also accepts nested dicts. Unknown keys are an error."""
         nested: dict[str, Any] = {}
+        sections = _sections(cls)
         for k, v in flat.items():
             if "." in k:
                 head, tail = k.split(".", 1)
                 nested.setdefault(head, {})[tail] = v
             elif isinstance(v, dict):
                 nested.setdefault(k, {}).update(v)
+            elif k in sections:
+                # aug=1 built a config whose aug was 1, which failed later with an
+                # AttributeError naming neither the key nor what to do
+                leaves = ", ".join(f"{k}.{leaf}" for leaf in sections[k])
+                raise ValueError(
+                    f"run config: {k!r} is a section of the run config, not a value: set its "
+                    f"leaves by their dotted names ({leaves})"
+                )
             else:
                 nested[k] = v
         return _from_dict(cls, nested, "run config")
@@ -570,6 +580,18 @@ def _lookup(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+@functools.cache
+def _sections(cls: type) -> dict[str, tuple[str, ...]]:
+    """A config class's sections (fields holding a dataclass: ``aug``, ``optim``, ...) and
+    each one's leaves."""
+    default = cls()
+    return {
+        f.name: tuple(leaf.name for leaf in fields(getattr(default, f.name)))
+        for f in fields(cls)
+        if is_dataclass(getattr(default, f.name))
+    }
 
 
 def _from_dict(cls: type, d: dict[str, Any], where: str):

@@ -81,6 +81,18 @@ def test_unknown_flat_key_is_named(key, named):
         RunConfig().with_updates({key: 1})
 
 
+@pytest.mark.parametrize("section", ["aug", "optim", "sched", "coteach"])
+def test_a_section_given_a_value_is_named_with_its_leaves(section):
+    # train --set aug=1 built a config whose aug was 1 and ended in an AttributeError
+    with pytest.raises(
+        ValueError, match=rf"'{section}' is a section of the run config.*{section}\."
+    ):
+        RunConfig.from_flat({section: 1})
+    with pytest.raises(ValueError, match=rf"'{section}' is a section"):
+        RunConfig().with_updates({section: 0.5})
+    assert RunConfig.from_flat({section: {}}) == RunConfig()  # a nested dict is still a section
+
+
 @pytest.mark.parametrize(
     "update, named",
     [
