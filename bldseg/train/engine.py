@@ -436,6 +436,24 @@ def _settle_pending(out: Path, best_epoch: int | None) -> None:
                 path.unlink()
 
 
+def _check_best_file(path: Path, best_epoch: int, last_epoch: int) -> None:
+    """Refuses a resume (or a rerun of a finished run) whose ``best.pt`` is missing or damaged:
+    the run went on, or said "completed ... best.pt", over a file nothing can load.
+
+    last.pt keeps the last epoch's training state, not the best epoch's weights (nor their
+    average under EMA or schedule-free), so they cannot be written again from it.
+    """
+    try:
+        check_archive(path)  # the checksums: damaged tensor bytes load silently otherwise
+        load_state(path, mmap=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} holds the best epoch ({best_epoch}) of this run and cannot be read: {e}. "
+            f"last.pt (epoch {last_epoch}) does not keep that epoch's weights; train again "
+            "into a new --out (or remove the folder)"
+        ) from None
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     # Checked before writing: a file that load_state would refuse is never written.
     _check_plain(obj, path.name)
@@ -1380,6 +1398,8 @@ def _fit(
                 stacklevel=3,  # fit's caller (through _fit)
             )
         _settle_pending(out, best.get("epoch"))
+        if best.get("epoch") is not None:
+            _check_best_file(out / "best.pt", best["epoch"], start_epoch)
         print(f"resumed {out} at epoch {start_epoch}", flush=True)
 
     # The training steps run through torch.compile when asked; the wrappers share the models'

@@ -246,6 +246,22 @@ def test_resume_refuses_other_config(small_world, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_finished_run_with_an_unreadable_best_pt_is_not_reported_done(
+    small_world, tmp_path, damage
+):
+    # Run again, a finished run said "completed ... best.pt" over a best.pt nothing could load;
+    # last.pt cannot give that epoch's weights back, so it is refused, naming the file
+    fit(cfg(epochs=1), tmp_path, data=small_world)
+    best = tmp_path / "best.pt"
+    if damage == "truncated":
+        best.write_bytes(best.read_bytes()[:1000])
+    else:
+        best.unlink()
+    with pytest.raises(ValueError, match=r"best\.pt holds the best epoch \(1\) of this run and"):
+        fit(cfg(epochs=1), tmp_path, data=small_world)
+
+
 def test_coteaching_end_to_end(small_world, tmp_path):
     c = cfg(epochs=2, **{"coteach.enabled": True, "coteach.tau": 0.25, "coteach.t_k": 1})
     r = fit(c, tmp_path, data=small_world)
