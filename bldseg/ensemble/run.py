@@ -894,12 +894,17 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
     # range's only where they score strictly higher, as in bldseg.metrics.choose_level; the top
     # table merges both searches' (_merge_top).
     widened = _on_edge(top[0], lo, hi) or _on_edge(single, *single_range)
+    # the range the single model reported was searched in, where it is not [lo, hi]: None once
+    # the widened search's single model is kept (the widened range says where it came from)
+    single_searched = None if single_range == (cfg.lo, cfg.hi) else single_range
     if widened:
         lo, hi = metrics.widened_range(lo, hi)
         w_single, w_top, w_per_k = _search(cfg, sel, lo, hi)
         single, top, per_k = _keep_widened_where_better(
             (single, top, per_k), (w_single, w_top, w_per_k), cfg.lo, cfg.hi, cfg.top
         )
+        if single is w_single:
+            single_searched = None
     # the single model chosen over the same range as everything reported (after a widening,
     # the default range's k=1 entry would disagree with best_single)
     per_k[1] = single
@@ -987,8 +992,9 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         "threshold_range": [lo, hi],
         "widened": widened,
         # [lo, L/255]: --lo/--hi held no level of one map, so the best single model's search
-        # of the default range ran there (_single_range); null: it ran in [lo, hi]
-        "single_range": None if single_range == (cfg.lo, cfg.hi) else list(single_range),
+        # of the default range ran there (_single_range); null: it ran in [lo, hi], or the
+        # widened search's single model was kept
+        "single_range": None if single_searched is None else list(single_searched),
         "best": best_d,
         "best_single": single_d,
         "gain": gain,
@@ -1070,7 +1076,7 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
         decision=decision,
         threshold_range=(lo, hi),
         widened=widened,
-        single_range=None if single_range == (cfg.lo, cfg.hi) else single_range,
+        single_range=single_searched,
         rules=rule_rows,
         test_left_out=test_left_out,
     )

@@ -186,6 +186,9 @@ def test_threshold_on_the_edge_widens_the_ensemble_search(tmp_path):
     assert s.widened and s.threshold_range == (0.05, 0.95)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["widened"] and summary["threshold_range"] == [0.05, 0.95]
+    # the single model was searched in the range asked for (widened with the rest): no range
+    # of its own to report, though [0.30, 0.70] is not the widened range
+    assert summary["single_range"] is None and s.single_range is None
     full = load_library(find_runs(tmp_path / "runs"), root=tmp_path / "runs")
     sel = full.subset(split_by_image(full.image_ids, 0.5, 0)[0])
     want = brute_force(sel, [2], 0.05, 0.95)[0]
@@ -733,6 +736,20 @@ def test_a_widened_search_replaces_only_what_it_beats():
     assert s is w_single and t == [w_top[0]]
 
 
+def test_a_tie_in_the_top_table_keeps_the_default_ranges_threshold():
+    # As choose_level: on equal scores a threshold inside the default range [lo, hi] wins over
+    # one outside it, for one ensemble (the widened entry replaced its row) and between two
+    # (the widened one came first, its rank lower, and became best_ensemble.json).
+    from bldseg.ensemble.run import _merge_top
+    from bldseg.ensemble.search import Ensemble as E
+
+    inside, outside = E((0, 1), 255, 0.80, 1), E((0, 1), 50, 0.80, 1)  # thresholds 0.50, 0.098
+    assert _merge_top([inside], [outside], 0.3, 0.7, 20) == [inside]
+    other = E((0, 2), 40, 0.80, 0)  # 0.078: another pair, the same score, a lower rank
+    assert _merge_top([inside], [other], 0.3, 0.7, 20) == [inside, other]
+    assert _merge_top([inside], [other], 0.3, 0.7, 1) == [inside]
+
+
 def test_a_widened_top_table_merges_both_ranges_as_the_summary_chooses(tmp_path):
     # The top table was the default range's whole unless the widened best beat its best,
     # while each size's best was replaced on its own: the CSV left out the k=3 best that
@@ -792,8 +809,6 @@ def test_a_range_with_no_level_of_one_map_still_searches_the_single_model(tmp_pa
     with pytest.warns(UserWarning, match=r"no threshold L/255 of one model's map.*128/255"):
         s = run_search(cfg)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["single_range"] == [0.5, 128 / 255] and s.single_range == (0.5, 128 / 255)
-    assert any("best single model was searched in [0.5, 0.501961]" in x for x in summary_lines(s))
     # a choice on the edge of a one-level range: widened like any other, ties to the default
     full = load_library(find_runs(tmp_path / "runs"), root=tmp_path / "runs")
     sel = full.subset(split_by_image(full.image_ids, 0.5, 0)[0])
@@ -802,6 +817,12 @@ def test_a_range_with_no_level_of_one_map_still_searches_the_single_model(tmp_pa
     want = wide if wide.score > narrow.score else narrow
     assert summary["widened"]
     assert (_members(s.best_single), s.best_single["level"]) == (want.members, want.level)
+    said = any("best single model was searched in [0.5, 0.501961]" in x for x in summary_lines(s))
+    if want is narrow:
+        assert summary["single_range"] == [0.5, 128 / 255] and s.single_range == (0.5, 128 / 255)
+        assert said
+    else:  # the widened search's single model: it was not searched in [0.5, 128/255]
+        assert summary["single_range"] is None and s.single_range is None and not said
     # a range that holds one map's levels records none
     s = run_search(replace(cfg, lo=0.3, hi=0.7, out=str(tmp_path / "o2")))
     assert s.single_range is None
