@@ -772,6 +772,40 @@ def test_test_maps_of_another_split_are_removed_when_there_is_no_truth(
     pipeline.remove_stale_test_library(run, small_world)  # none there: nothing to do
 
 
+def test_a_pipeline_without_truth_removes_the_test_maps_of_another_split(
+    small_world, two_models, tmp_path, monkeypatch
+):
+    # The pipeline's own call, not only the function's: trained models whose test maps were
+    # made of another test split, continued on a test split without truth. The ensemble search
+    # then scored those maps as this split's (a test column in the summary and REPORT.md).
+    from dataclasses import replace
+
+    from bldseg import pipeline
+
+    truth = pipeline.test_truth(small_world)
+    models = []
+    for m in two_models:
+        run = tmp_path / "models" / m.name
+        shutil.copytree(m, run)
+        path = pipeline.write_test_library(run, small_world, truth)
+        with np.load(path) as z:
+            maps = {**z, "made_on": np.array("another split")}
+        np.savez(path, **maps)
+        models.append(run)
+    real_prepare = pipeline.prepare_data
+    monkeypatch.setattr(
+        pipeline,
+        "prepare_data",
+        lambda *a, **k: replace(real_prepare(*a, **k), test_truth_csv=None),
+    )
+    monkeypatch.setattr(pipeline, "run_search", FakeSearches(models))
+    state = pipeline.run_pipeline(_config(small_world, tmp_path))
+    storage = tmp_path / "runs" / "pipeline"
+    assert len(list(storage.rglob("val_probs.npz"))) == 6  # the searches' trials are there
+    assert not list(storage.rglob(pipeline.TEST_FILE))
+    assert "test_dice" not in state["ensemble"]["best"], state["ensemble"]["best"]
+
+
 def test_test_library_is_kept_without_loading_the_model_and_remade_after_a_newer_checkpoint(
     small_world, two_models, tmp_path, monkeypatch
 ):

@@ -157,3 +157,26 @@ def test_sigterm_ends_a_search_as_ctrl_c_does(
     assert [s["end"] for s in sessions] == ["finished"]
     parent = _parent(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), "bldseg", "termed")
     assert parent.info.status == "FINISHED"
+
+
+def test_sigterm_stops_the_pipeline_as_ctrl_c_does(
+    small_world, ray_session, tmp_path, sigterm_as_the_trial_completes, monkeypatch, capsys
+):
+    # The pipeline runs its searches itself, not through `bldseg tune`'s handler: without one
+    # of its own, a job scheduler's stop ended it where it stood, its MLflow run RUNNING.
+    from bldseg.commands.pipeline import main
+
+    monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = [*_data_args(small_world, tmp_path), "--name", "pt", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--k-min", "1", "--k-max", "1"]) == 130
+    assert sigterm_as_the_trial_completes, "the trial never completed"
+    said = " ".join(capsys.readouterr().err.split())
+    assert "interrupted; run the same command again" in said, said[-3000:]
+    state = json.loads((tmp_path / "out" / "pt" / "pipeline_state.json").read_text())
+    assert list(state["stages"]) == ["tune_aug"]  # finished, so recorded; nothing after it
+    assert sorted(p.name for p in (tmp_path / "runs" / "pt").iterdir()) == ["pt-tune_aug"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert _parent(client, "pt", "pt-tune_aug").info.status == "FINISHED"
+    assert client.get_run(state["pipeline_run_id"]).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler from before is back
