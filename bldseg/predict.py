@@ -62,6 +62,7 @@ import math
 import os
 import uuid
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -192,13 +193,16 @@ class EnsembleSpec:
         Raises:
             ValueError: Not JSON, no members, a member without a ``checkpoint`` entry, a field
                 that is not a number, or rule parameters that do not fit (:meth:`check`); the
-                message names the spec and the field.
+                message names the spec and the field. A folder (``bldseg ensemble``'s --out):
+                the message names the spec files in it.
             FileNotFoundError: The spec, a member's checkpoint or a K-fold member's fold
                 checkpoint does not exist (the message names the spec and the file), checked
                 here rather than after the first members have already been run over the whole
                 test set.
         """
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(_spec_folder_message(path))
         if not path.is_file():
             raise FileNotFoundError(f"ensemble spec not found: {path}")
         try:
@@ -352,12 +356,64 @@ class EnsembleSpec:
         return [int(metrics.level_from_threshold(t)) for t in self.member_thresholds]
 
 
+#: The specs ``bldseg ensemble`` writes in its --out, in the order a folder's are named:
+#: the one it decided to submit, the best ensemble, the best single model.
+ENSEMBLE_SPEC_FILES = ("submit.json", "best_ensemble.json", "best_single.json")
+
+
+def _spec_folder_message(folder: Path) -> str:
+    """Why a folder is no ensemble spec, naming the spec files in it to pass instead (the
+    folder is most likely ``bldseg ensemble``'s --out)."""
+    named = [folder / n for n in ENSEMBLE_SPEC_FILES if (folder / n).is_file()]
+    # the best spec of each rule (best_ensemble_<rule>.json), or specs written by hand
+    others = sorted(p for p in folder.glob("*.json") if p.is_file() and p not in named)
+    named += [p for p in others if _looks_like_spec(p)]
+    if not named:
+        return (
+            f"ensemble spec {folder} is a folder, and holds no spec JSON; pass the spec file "
+            f"(bldseg ensemble writes {', '.join(ENSEMBLE_SPEC_FILES)} in its --out)"
+        )
+    hint = " (what bldseg ensemble decided to submit)" if named[0].name == "submit.json" else ""
+    more = f"; or {', '.join(p.name for p in named[1:])}" if len(named) > 1 else ""
+    return f"ensemble spec {folder} is a folder; pass the spec file in it: {named[0]}{hint}{more}"
+
+
+def _looks_like_spec(path: Path) -> bool:
+    """Whether a JSON file has the ``members`` list of an ensemble spec."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("members"), list)
+
+
 def _checkpoint_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     """A ``best.pt``'s saved dict, checked to be a bldseg checkpoint (:func:`load_checkpoint`)."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: the file is empty")
+    if mmap and not zipfile.is_zipfile(path):
+        # torch maps only the zip archives torch.save writes (bldseg's checkpoints are); its
+        # refusal of other bytes advises re-saving them with _use_new_zipfile_serialization,
+        # meaningless for a text file. Read whole, a file of an older torch format still loads,
+        # and other bytes are named for what they are (load_state: a Git LFS pointer, a web page).
+        mmap = False
     # refuses pickled objects: a checkpoint may come from anywhere
     state = load_state(path, mmap=mmap)
+    if isinstance(state, dict) and "models" in state and "optimizers" in state:
+        # a run folder's other file: the last epoch's networks, optimizers and random state
+        best = path.parent / "best.pt"
+        use = (
+            f"predict with {best}, the run's best epoch"
+            if best.is_file()
+            else f"predict with the run's best.pt, which {path.parent} does not hold (bldseg "
+            "train writes it with each new best validation epoch)"
+        )
+        raise ValueError(
+            f"{path} is bldseg's resumable training state (what --resume continues from), not "
+            f"a model checkpoint; {use}"
+        )
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a bldseg checkpoint (no 'model'/'config' entries)")
     return state

@@ -883,15 +883,118 @@ def test_cli_scores_a_truth_csv_without_sizes(tiny_ckpts, small_world, tmp_path,
     printed = capsys.readouterr().out
     expected = metrics.score_csv(small_world.test_truth_csv, out)  # the truth with its sizes
     assert f"official score vs {truth}: {expected:.5f}" in printed, printed
-    # a truth CSV of other tiles fails with one line naming it, the submission kept
+    # a truth CSV of other tiles in part fails with one line naming it, the submission kept
     other = tmp_path / "other.csv"
-    other.write_text("img_id,mask_rle\nnot_a_tile,1 2\n")
+    first = pd.read_csv(small_world.test_truth_csv, dtype=str)["img_id"].iloc[0]
+    other.write_text(f"img_id,mask_rle\n{first},-1\nnot_a_tile,1 2\n")
     assert predict_cmd.main(["--checkpoint", tiny_ckpts[0], *argv, "--truth", str(other)]) == 1
     err = capsys.readouterr().err
     last = err.splitlines()[-1]  # after the progress bars
     assert last.startswith(f"error: scoring against {other}: ") and "not_a_tile" in last, err
     assert "Traceback" not in err
     assert out.is_file()
+
+
+def _no_prediction(*args, **kwargs):
+    raise AssertionError("the test split was predicted")
+
+
+def test_cli_refuses_a_truth_it_cannot_score_before_predicting(tmp_path, capsys):
+    # --truth was first read after the whole test split was predicted (and the submission
+    # overwritten): a folder ended in a pandas traceback, a missing file in a late error
+    folder = tmp_path / "world"
+    folder.mkdir()
+    (folder / "test_truth.csv").write_text("img_id,mask_rle\nA,-1\n")
+    (tmp_path / "no_rle.csv").write_text("img_id,img_path\nA,a.png\n")
+    (tmp_path / "empty.csv").write_text("")
+    for truth, message in (
+        (folder, f"--truth {folder} is a folder; pass the truth CSV (img_id,mask_rle), e.g. "
+         f"{folder / 'test_truth.csv'}"),
+        (tmp_path / "missing.csv", f"--truth {tmp_path / 'missing.csv'}: no such file"),
+        (tmp_path / "no_rle.csv", f"--truth {tmp_path / 'no_rle.csv'} has no mask_rle column "
+         "(its columns: img_id, img_path)"),
+        (tmp_path / "empty.csv", f"--truth {tmp_path / 'empty.csv'}: cannot read it as a CSV"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as e:  # parsing the flags: "x.pt" is never opened
+            predict_main("--checkpoint", "x.pt", "--truth", str(truth))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_cli_refuses_another_splits_truth_before_predicting(
+    tiny_ckpts, tmp_path, capsys, monkeypatch
+):
+    # the truth of other images (train.csv) was scored after predicting, advising to "write
+    # '-1' for images with no building" as if the submission had left them out
+    import bldseg.commands.predict as predict_cmd
+
+    comp = tmp_path / "comp"
+    write_test_split(comp)
+    train = comp / "train.csv"
+    train.write_text("img_id,img_path,mask_rle\nTR0,train/a.png,1 2\nTR1,train/b.png,-1\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("earlier\n")
+    monkeypatch.setattr(predict_cmd, "predict_cache", _no_prediction)
+    argv = ["--checkpoint", tiny_ckpts[0], "--data", str(comp / "test.csv"), "--out", str(sub)]
+    code = predict_main(*argv, "--data-root", str(tmp_path / "root"), "--truth", str(train))
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert (
+        f"error: --truth {train} is the ground truth of other images: none of its 2 img_id(s) "
+        f"(e.g. ['TR0', 'TR1']) is among the 3 test image(s) of {comp / 'test.csv'} (e.g. "
+        "['T0', 'T1', 'T2']); is it another split's truth?"
+    ) in err, err
+    assert "write '-1'" not in err and sub.read_text() == "earlier\n"
+
+
+def test_cli_names_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    # read memory-mapped, a text file or an empty one passed on torch's advice to re-save it
+    # "with _use_new_zipfile_serialization=True"
+    text, empty = tmp_path / "text.pt", tmp_path / "empty.pt"
+    text.write_text("hello\n")
+    empty.touch()
+    for path, message in (
+        (text, f"{text} is not a readable PyTorch checkpoint"),
+        (empty, f"{empty} is not a readable PyTorch checkpoint: the file is empty"),
+    ):
+        assert predict_main("--checkpoint", str(path), "--out", str(tmp_path / "s.csv")) == 1
+        err = capsys.readouterr().err
+        assert message in err and "mmap" not in err and "zipfile" not in err, err
+
+
+def test_cli_names_best_pt_for_a_last_pt(tmp_path, capsys):
+    # last.pt, bldseg's resumable training state, was "not a bldseg checkpoint"
+    run = tmp_path / "run"
+    run.mkdir()
+    last = run / "last.pt"
+    torch.save({"config": RunConfig().to_flat(), "models": [{}], "optimizers": [{}]}, last)
+    argv = ["--checkpoint", str(last), "--out", str(tmp_path / "s.csv")]
+    assert predict_main(*argv) == 1
+    err = capsys.readouterr().err
+    assert f"{last} is bldseg's resumable training state" in err, err
+    assert "the run's best.pt, which" in err and f"{run} does not hold" in err, err
+    save_checkpoint(run / "best.pt", TINY, 0)
+    assert predict_main(*argv) == 1
+    assert f"not a model checkpoint; predict with {run / 'best.pt'}, the run's best epoch" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_ensemble_output_folder_names_the_specs_in_it(tiny_ckpts, tmp_path):
+    # --ensemble on bldseg ensemble's --out said "ensemble spec not found"
+    out = tmp_path / "ens"
+    out.mkdir()
+    with pytest.raises(ValueError, match=r"holds no spec JSON; pass the spec file .*submit\.json"):
+        EnsembleSpec.load(out)
+    for name in ("best_single.json", "submit.json", "best_ensemble_vote.json"):
+        EnsembleSpec([tiny_ckpts[0]]).save(out / name)
+    (out / "summary.json").write_text('{"decision": {}}')
+    with pytest.raises(ValueError) as e:
+        EnsembleSpec.load(out)
+    assert str(e.value) == (
+        f"ensemble spec {out} is a folder; pass the spec file in it: {out / 'submit.json'} "
+        "(what bldseg ensemble decided to submit); or best_single.json, best_ensemble_vote.json"
+    )
 
 
 def test_cli_checks_every_member_before_predicting(tiny_ckpts, small_world, tmp_path, capsys):

@@ -71,6 +71,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from bldseg import metrics
 from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.data.prepare import (
@@ -163,7 +165,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "validated (default: each member as the threshold was chosen: --checkpoint: as its run "
         "config's tta; --ensemble: as its member entry's \"tta\" in the spec)",
     )
-    p.add_argument("--truth", default=None, help="ground-truth CSV to score against (--data)")
+    p.add_argument(
+        "--truth",
+        default=None,
+        help="ground-truth CSV (img_id, mask_rle; height, width optional) to score the "
+        "submission against; checked before anything is predicted",
+    )
     f = p.add_argument_group("folder prediction (--images)")
     f.add_argument(
         "--masks",
@@ -271,6 +278,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                 "--tile-size cuts training data; prediction takes each test image whole as one "
                 "tile (images of mixed sizes or large scenes: --images DIR --out masks/)"
             )
+        if args.truth is not None:
+            _check_truth(p, args.truth)
         _check_out(p, args.out or "submission.csv", folder=False)
         _check_out_spares_inputs(p, args)
         return args
@@ -302,6 +311,68 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def _check_truth(p: argparse.ArgumentParser, truth: str) -> None:
+    """Refuses a --truth that could not be scored against, before the test split is predicted
+    (and the submission CSV overwritten): a folder, a missing file, or a file whose header lacks
+    the columns :func:`~bldseg.metrics.score_csv` matches (only the header is read here).
+
+    Args:
+        p: The parser (its ``error`` exits with status 2).
+        truth: The ground-truth CSV.
+    """
+    path = Path(truth)
+    if path.is_dir():
+        inside = path / "test_truth.csv"  # the synthetic world's held-out truth
+        e_g = f", e.g. {inside}" if inside.is_file() else ""
+        p.error(f"--truth {truth} is a folder; pass the truth CSV (img_id,mask_rle){e_g}")
+    if not path.exists():
+        p.error(f"--truth {truth}: no such file; pass the ground-truth CSV (img_id,mask_rle)")
+    try:
+        # as metrics reads it (a BOM, quoted names), but the header only
+        columns = list(pd.read_csv(path, nrows=0, dtype=str).columns)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        p.error(f"--truth {truth}: cannot read it as a CSV ({e})")
+    except OSError as e:  # unreadable: permissions, a special file
+        p.error(f"--truth {truth}: cannot read it ({e.strerror or e})")
+    absent = [c for c in ("img_id", "mask_rle") if c not in columns]
+    if absent:
+        p.error(
+            f"--truth {truth} has no {' and no '.join(absent)} column (its columns: "
+            f"{', '.join(columns)}); a truth CSV has img_id and mask_rle (height and width "
+            "optional)"
+        )
+
+
+def _truth_of_other_images(truth: str, ids: list[str], data: str | None) -> str | None:
+    """Why --truth cannot score the test split about to be predicted, when none of its images
+    is among the split's (another split's truth, such as train.csv), or None.
+
+    Scoring would only say that the submission lacks the truth's ids, as if the images were
+    left out of it; ids that differ in part are left to the scoring, which names them.
+
+    Args:
+        truth: The --truth CSV (its header checked by :func:`_check_truth`).
+        ids: The test split's image ids, in the submission's order.
+        data: The dataset they come from (--data, or the recorded data), for the message.
+    """
+    try:
+        # ids as text, as metrics reads them: "0007" and "NA" stay themselves
+        found = pd.read_csv(truth, usecols=["img_id"], dtype=str, keep_default_na=False)
+    except (ValueError, OSError, UnicodeDecodeError) as e:  # ParserError is a ValueError
+        return f"--truth {truth}: cannot read it as a CSV ({e})"
+    truth_ids = found["img_id"].tolist()
+    if not truth_ids:
+        return f"--truth {truth} has no rows: there is no image to score against"
+    if set(truth_ids) & set(ids):
+        return None
+    return (
+        f"--truth {truth} is the ground truth of other images: none of its {len(truth_ids)} "
+        f"img_id(s) (e.g. {truth_ids[:3]}) is among the {len(ids)} test image(s)"
+        f"{f' of {data}' if data else ''} (e.g. {ids[:3]}); is it another split's truth? Pass "
+        "the truth CSV of the test split"
+    )
 
 
 def _check_out(p: argparse.ArgumentParser, out: str, *, folder: bool) -> None:
@@ -771,6 +842,11 @@ def _predict(args: argparse.Namespace, written: list[str]) -> int:
         if taken:
             return fail(f"{e} (the recorded data the model(s) were trained on; pass --data)")
         return fail(e)
+    if args.truth is not None:
+        # before the test split is predicted and the submission overwritten
+        message = _truth_of_other_images(args.truth, data.test.ids, args.data)
+        if message:
+            return fail(message)
     try:
         pred = predict_cache(spec, data.test, batch_size=args.batch_size, device=args.device)
     except USER_ERRORS as e:
