@@ -38,6 +38,7 @@ from bldseg.tune.runner import (
     SearchInterrupted,
     SearchSpec,
     name_problem,
+    read_search_record,
     run_search,
     section_key_problem,
 )
@@ -343,7 +344,10 @@ def start_from(search: str, storage: str) -> StartingPoint:
             f"results folder (it has no {META_FILE}); give the folder, or a search name under "
             f"--storage {storage}"
         )
-    recorded = json.loads(meta.read_text())
+    try:
+        recorded = read_search_record(meta.resolve())
+    except ValueError as e:  # named: json's own error gave only a line and column
+        raise ValueError(f"--from {search}: {e}") from None
     if not csv.is_file():
         # the trial table is written when a search finishes (an interrupted one has none)
         raise ValueError(_unfinished(search, folder, storage, recorded))

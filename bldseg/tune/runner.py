@@ -65,6 +65,7 @@ import logging
 import math
 import numbers
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -95,6 +96,8 @@ from bldseg.data.prepare import (
     DataOptions,
     PreparedData,
     absolute_folders,
+    detect_data,
+    folder_layout,
     prepare_data,
     without_unread_options,
 )
@@ -255,7 +258,14 @@ class _TuneSigint:
             return
         tunes = signal.getsignal(signal.SIGINT)
         # Tune installs none with TUNE_DISABLE_SIGINT_HANDLER=1: Ctrl-C then raises as usual
-        if tunes is self._before or not callable(tunes):
+        if int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+            return
+        if tunes is self._before:
+            # Tune's handler put the one from before back: a Ctrl-C came while Tune restored
+            # the search, before this callback's setup() (Tune ends the loop as after any)
+            self.caught = True
+            return
+        if not callable(tunes):
             return
 
         def caught(signum, frame):
@@ -787,6 +797,29 @@ def _read_json(path: Path, default: Any) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return default
+
+
+def read_search_record(path: Path) -> dict[str, Any]:
+    """A search's record (:data:`META_FILE`), read for ``--resume`` or ``--from``.
+
+    Raises:
+        ValueError: The file is not a JSON object (truncated by a full disk, or a copy cut
+            short): the message names it; json's own error gave only a line and column.
+        FileNotFoundError: There is no such file.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        record = e
+    if not isinstance(record, dict):
+        why = f" ({record})" if isinstance(record, ValueError) else ""
+        raise ValueError(
+            f"{path} is damaged{why}: it is the search's record (its settings, data and MLflow "
+            "run), written whole, so it was cut short or overwritten since (a full disk, a copy "
+            "cut short?); put back a copy of it: without it the search can be neither resumed "
+            "nor started from (--from), though its trials' run folders are kept"
+        )
+    return record
 
 
 def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1440,7 +1473,7 @@ def _latest(storage: Path, space: str) -> Path:
     not only the default ``<space>-<timestamp>`` names."""
 
     def of_space(record: Path) -> bool:
-        recorded = _read_json(record, {}).get("spec", {}).get("space")
+        recorded = read_search_record(record).get("spec", {}).get("space")
         # a record without its spec (older versions): the default name says the space
         return recorded == space if recorded else record.parent.name.startswith(f"{space}-")
 
@@ -1635,6 +1668,75 @@ def check_resumed_folder(exp_dir: Path, meta: dict[str, Any]) -> None:
     )
 
 
+#: Ray Tune's saved state of a search, as ``Tuner.restore`` and ``fit()`` read it back: the
+#: Tuner (``tuner.pkl``), then the newest file of each session-stamped kind (experiment state,
+#: searcher wrapper, searcher), with the loader Tune uses for it.
+_TUNE_STATE = (
+    ("tuner.pkl", "pickle"),
+    ("experiment_state-*.json", "json"),
+    ("search_gen_state-*.json", "pickle"),  # a pickle, whatever its name says
+    ("searcher-state-*.pkl", "pickle"),
+)
+
+
+def _unreadable(path: Path, loader: str) -> str | None:
+    """Why Tune could not read ``path`` back (None: it can)."""
+    try:
+        with open(path, "rb") as f:
+            if loader == "json":
+                json.loads(f.read())
+            else:
+                pickle.load(f)
+    except Exception as e:  # unpickling raises many types; each means Tune's read fails too
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return None
+
+
+def check_resumed_state(exp_dir: Path) -> None:
+    """Refuses to resume a search whose Ray Tune state cannot be read back.
+
+    A truncated file there (a full disk, a process killed while copying the folder) was not
+    refused: Tune, failing to read its experiment or searcher state, logs "Failed to restore
+    the run state" and starts the search again from nothing, so the finished trials dropped
+    out of it, new ones trained beside them, and the saved state was replaced by the new
+    one's; an unreadable ``tuner.pkl`` ended in a traceback once the search's MLflow run had
+    been reopened. A search whose trials have started also needs ``tuner.pkl`` and an
+    experiment state: without them Tune starts it again just the same.
+
+    Args:
+        exp_dir: The search's results folder.
+
+    Raises:
+        ValueError: A file is missing or cannot be read, naming it and what is left.
+    """
+    trials = sorted(exp_dir.glob("trial_*"))
+    problems = []
+    for pattern, loader in _TUNE_STATE:
+        found = sorted(exp_dir.glob(pattern))
+        if not found:
+            if trials and pattern in ("tuner.pkl", "experiment_state-*.json"):
+                problems.append(f"{exp_dir / pattern} is missing")
+            continue
+        # Tune reads the newest by name (they are stamped with their session's start)
+        if (why := _unreadable(found[-1], loader)) is not None:
+            problems.append(f"{found[-1]} cannot be read ({why})")
+    if not problems:
+        return
+    table = exp_dir / "trials.csv"
+    start_from = (
+        f", e.g. one from this search's best trial (--from {shlex.quote(str(exp_dir))})"
+        if table.is_file()
+        else ""
+    )
+    raise ValueError(
+        f"--resume {exp_dir.name}: Ray Tune's saved state of the search is damaged (a full disk, "
+        f"a copy cut short?): {'; '.join(problems)}. Tune would start the search again from "
+        f"nothing, without its {len(trials)} trial(s), so it cannot be continued. Its trials' "
+        f"run folders are kept ({exp_dir / 'trial_*' / 'run'}): start a new search (another "
+        f"--name){start_from}"
+    )
+
+
 def check_resumed_data(
     name: str,
     meta: dict[str, Any],
@@ -1784,6 +1886,17 @@ def check_trials_on_data(space, base: dict[str, Any], cache: DatasetCache) -> No
     # passed with a refused fixed value: the space replaces it in every trial, none trains it
 
 
+def _refuse_data_early(data: str | None, options: DataOptions, data_root: str) -> None:
+    """Refuses a new search's data that :func:`prepare_data` refuses without reading a file: a
+    ``--data`` that does not exist or is no layout bldseg knows, an image folder without
+    labels. Called before the tracking store is opened: it made mlflow.db (and its lock) in
+    the current folder for a command it then refused."""
+    kind = detect_data(data, options)
+    if kind == "folders" and folder_layout(data, options)[1:] == (None, None):
+        # refused there, naming the folder and the flags to pass, before any file is read
+        prepare_data(data, options=options, data_root=data_root, progress=False)
+
+
 def _trials_started(exp_dir: Path) -> bool:
     """Whether Tune made a trial folder in a search's folder (a trial started, or was to)."""
     return any(exp_dir.glob("trial_*"))
@@ -1797,15 +1910,25 @@ def _remove_unstarted(exp_dir: Path) -> None:
         log.warning("could not remove %s, left by the failed search: %s; remove it", exp_dir, e)
 
 
-def _interrupted(driver: _SearchDriver, grid, n_trials: int) -> bool:
-    """Whether Tune returned before every trial ended (Ctrl-C): Tune's SIGINT handler ends the
-    tuning loop, saves the experiment and returns normally."""
+def _ended_short(driver: _SearchDriver, grid, n_trials: int) -> bool:
+    """Whether Tune returned before every trial of the ``n_trials`` had ended."""
     if driver.unfinished is None:  # no step ran (a restored search that had ended): its states
         ended = grid.num_terminated + grid.num_errors
         return len(grid) < n_trials or ended < len(grid)
     # Not the trials' states after fit(): Tune marks the trials it stops on the way out as
     # terminated, so only the last step's view tells an interruption from an end.
     return bool(driver.unfinished) or driver.n_trials < n_trials
+
+
+def _interrupted(driver: _SearchDriver, grid, n_trials: int) -> bool:
+    """Whether Ctrl-C (or SIGTERM, raised as one) ended Tune's loop before every trial ended:
+    Tune's SIGINT handler ends the tuning loop, saves the experiment and returns normally.
+
+    Only a signal Tune's handler caught counts (:class:`_TuneSigint`): a search that Tune
+    ended short without one (Ray restarted it from nothing, its saved state unreadable) was
+    called interrupted, and every --resume of it exited 130 again, training nothing.
+    """
+    return driver.sigint.caught and _ended_short(driver, grid, n_trials)
 
 
 def run_search(spec: SearchSpec) -> SearchResult:
@@ -1822,7 +1945,9 @@ def run_search(spec: SearchSpec) -> SearchResult:
             (its MLflow runs too), and the exception holds its result (``result``).
         RuntimeError: The MLflow tracking store is unreachable (before any trial starts).
         ValueError: An invalid space, base config or option (named), or one the data refuse
-            (:func:`check_trials_on_data`). A new search refused or failed before any trial
+            (:func:`check_trials_on_data`); a resume whose record or Ray Tune state is
+            damaged (:func:`read_search_record`, :func:`check_resumed_state`), before anything
+            is opened or rewritten. A new search refused or failed before any trial
             started leaves no results folder (its MLflow run, if it had one, is FAILED):
             the corrected command can reuse its name.
     """
@@ -1895,9 +2020,13 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     meta: dict[str, Any] | None = None
     if spec.resume:
         exp_dir = _resumed_folder(storage, spec.name) if spec.name else _latest(storage, spec.space)
-        meta = json.loads((exp_dir / META_FILE).read_text())
+        meta = read_search_record(exp_dir / META_FILE)
         spec = replace(spec, name=exp_dir.name)
-        check_resumed_folder(exp_dir, meta)  # before Ray, the tracking store or the data
+        # before Ray, the tracking store or the data
+        check_resumed_folder(exp_dir, meta)
+        check_resumed_state(exp_dir)
+    else:  # a resume's data is the recorded one, checked against the record once prepared
+        _refuse_data_early(spec.data, spec.data_options, spec.data_root)
     uri = _tracking_uri(spec, project, meta)
     client = tracking.check_tracking(uri)  # fail fast, before Ray or data
     gone_db = _gone_database(meta)  # a resume given the new place of its moved database
@@ -2208,6 +2337,17 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             driver.close()
             _record_session(exp_dir, parent_run_id, time.perf_counter() - t0, "interrupted", slots)
             raise SearchInterrupted(resume_hint)
+        if not driver.sigint.caught and _ended_short(driver, grid, n_trials):
+            # nobody asked it to stop: a resume would end alike, so the search ends here
+            log.warning(
+                "Ray Tune ended search %s when %d of its %d trials had ended, though it was not "
+                "interrupted (Tune's log above says why, e.g. 'Failed to restore the run "
+                "state'): its results are those of these trials, and --resume would train no "
+                "other; start a new search (another --name) for more",
+                name,
+                grid.num_terminated + grid.num_errors,
+                n_trials,
+            )
         # Trials Tune ended without a callback reaching the driver (a driver killed between
         # the two) are finalised now, from their run folders.
         for r in grid:
