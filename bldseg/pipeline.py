@@ -74,6 +74,7 @@ from bldseg.tune.runner import (
     SearchSpec,
     check_trials_on_data,
     get_space,
+    read_search_record,
     run_search,
 )
 
@@ -478,7 +479,8 @@ def _search_trials(search_dir: Path, default: int) -> int:
     meta = search_dir / SEARCH_META
     if not meta.is_file():
         return default
-    return int(json.loads(meta.read_text()).get("spec", {}).get("trials", default))
+    # a damaged record is named (json's error gave only a line and column)
+    return int(read_search_record(meta).get("spec", {}).get("trials", default))
 
 
 def _recorded_stage_problem(info: dict, trials: int) -> str | None:

@@ -832,3 +832,16 @@ def test_test_library_is_kept_without_loading_the_model_and_remade_after_a_newer
     assert len(loads) == 1 and path.stat().st_mtime_ns > made
     with np.load(path) as z:
         np.testing.assert_array_equal(z["probs"], first)  # same weights: same maps
+
+
+def test_a_damaged_search_record_in_a_stage_is_named(tmp_path):
+    # The pipeline read a stage's bldseg_search.json raw: json's "Expecting value: line 1
+    # column 1" named no file
+    from bldseg.pipeline import _search_trials
+    from bldseg.tune.runner import META_FILE
+
+    (tmp_path / META_FILE).write_text('{"spec": {"trials": 6')
+    with pytest.raises(ValueError, match=rf"{META_FILE} is damaged"):
+        _search_trials(tmp_path, 4)
+    (tmp_path / META_FILE).write_text('{"spec": {"trials": 6}}')
+    assert _search_trials(tmp_path, 4) == 6
