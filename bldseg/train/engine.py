@@ -527,9 +527,15 @@ def _load_error(path: str | os.PathLike, e: Exception) -> ValueError:
     # empty, truncated or not a torch.save file at all; torch's weights-only message suggests
     # weights_only=False, wrong for bytes that are no checkpoint: keep only its reason
     detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(e))
-    why = detail.group(1) if detail else f"{type(e).__name__}: {e}"
+    if detail:
+        why = f" ({detail.group(1)})"
+    elif isinstance(e, (KeyError, IndexError, EOFError)):
+        # torch's readers fail on foreign bytes with a bare key or index ("KeyError: 101")
+        why = " (torch.load could not unpickle it)"
+    else:
+        why = f" ({type(e).__name__}: {e})"
     return ValueError(
-        f"{path} is not a readable PyTorch checkpoint ({why}): not a file torch.save wrote, "
+        f"{path} is not a readable PyTorch checkpoint{why}: not a file torch.save wrote, "
         "or a damaged one"
     )
 
