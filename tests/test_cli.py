@@ -116,6 +116,24 @@ def test_tune_unknown_search_lists_the_searches(capsys):
     assert list(cli.TUNE_SEARCHES) == list(tune.SEARCHES)
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--trials", "0"], "argument --trials: 0 is below 1"),  # found while parsing
+        (["--set", "aug=1"], "'aug' is a section of the run config"),  # found after it
+    ],
+)
+def test_tune_usage_errors_name_the_command(argv, says, capsys):
+    # errors found after parsing named the running script ("__main__.py: error", or
+    # "bldseg: error" without "tune aug")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["tune", "aug", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"bldseg tune aug: error: {argv[0]}" in err or "bldseg tune aug: error: argument" in err
+    assert says in err
+
+
 def test_no_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([])

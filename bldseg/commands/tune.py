@@ -86,8 +86,4 @@ def main(search: str, argv: list[str] | None = None, prog: str | None = None) ->
         prog: Program name in the usage line.
     """
     space, description = _search(search)
-    if prog is not None:
-        # bldseg.tune.cli.main names the program after sys.argv[0]; parsing here first puts
-        # ``prog`` in --help and in usage errors (both exit here). Its own parse then succeeds.
-        build_parser(search, prog).parse_args(argv)
-    return tune_cli.main(space, description, argv)
+    return tune_cli.main(space, description, argv, prog)

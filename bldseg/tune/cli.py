@@ -769,6 +769,7 @@ def main(
     space: str,
     description: str,
     argv: list[str] | None = None,
+    prog: str | None = None,
 ) -> int:
     """Parses flags, runs the search, prints the trial table and where to look next.
 
@@ -780,6 +781,8 @@ def main(
         saying how to continue it.
     """
     parser = build_parser(space, description)
+    if prog is not None:  # in usage errors found after parsing too ("bldseg tune aug: error")
+        parser.prog = prog
     args = parser.parse_args(argv)
     refuse_search_sets(parser, args.set)
     refuse_two_pretrained(parser, args)
