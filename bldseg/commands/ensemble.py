@@ -260,6 +260,10 @@ def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
         ):
             if given is not None:
                 p.error(f"{flag} sets the weighted rule; it needs --rules weighted")
+    # before the mean search: the weighted one refused them only after it, leaving --out
+    for flag, given in (("--max-weight", a.max_weight), ("--weighted-starts", a.weighted_starts)):
+        if given is not None and given < 1:
+            p.error(f"{flag} must be at least 1, got {given}")
     if not a.tracking_uri:
         for flag, given in (("--experiment", a.experiment), ("--parent-run-id", a.parent_run_id)):
             if given is not None:

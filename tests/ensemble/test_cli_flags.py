@@ -38,6 +38,9 @@ INAPPLICABLE = [
     (["--rules", "vote", "--weighted-starts", "2"], "--weighted-starts sets the weighted rule"),
     (["--experiment", "x"], "--experiment sets the MLflow run; it needs --tracking-uri"),
     (["--parent-run-id", "abc"], "--parent-run-id sets the MLflow run; it needs --tracking-uri"),
+    # out of range: refused after the mean search had run, leaving an empty --out
+    (["--rules", "weighted", "--max-weight", "0"], "--max-weight must be at least 1, got 0"),
+    (["--rules", "weighted", "--weighted-starts", "0"], "--weighted-starts must be at least 1"),
 ]
 
 
