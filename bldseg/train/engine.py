@@ -1295,7 +1295,13 @@ def _fit(
     if resuming:
         # Before anything is written into out: a run with another config must leave it as is.
         # mmap: the config and the names of the weights, without reading them
-        recorded = load_state(last_path, mmap=True)
+        try:
+            recorded = load_state(last_path, mmap=True)
+        except ValueError as e:  # damaged: say how to go on, not only what is wrong
+            raise ValueError(
+                f"{e}. The run cannot continue from it: train into another --out, or remove "
+                f"{last_path} to train this folder again from the start"
+            ) from None
         same = data.train.content and recorded.get("data_content") == data.train.content
         check_same_config(recorded["config"], cfg, last_path, data.train.content if same else None)
         _check_same_split(recorded.get("split"), split, last_path)

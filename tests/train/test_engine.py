@@ -262,6 +262,14 @@ def test_a_finished_run_with_an_unreadable_best_pt_is_not_reported_done(
         fit(cfg(epochs=1), tmp_path, data=small_world)
 
 
+def test_a_damaged_last_pt_says_how_to_go_on(small_world, tmp_path):
+    fit(cfg(epochs=1), tmp_path, data=small_world)
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"last\.pt is not a readable.*train into another --out"):
+        fit(cfg(epochs=1), tmp_path, data=small_world)
+
+
 def test_coteaching_end_to_end(small_world, tmp_path):
     c = cfg(epochs=2, **{"coteach.enabled": True, "coteach.tau": 0.25, "coteach.t_k": 1})
     r = fit(c, tmp_path, data=small_world)
