@@ -122,7 +122,8 @@ def test_tune_unknown_search_lists_the_searches(capsys):
         (["--trials", "0"], "argument --trials: 0 is below 1"),  # found while parsing
         (["--set", "aug=1"], "'aug' is a section of the run config"),  # found after it
         # Ray started, and the search's MLflow run was left FAILED, naming no flag
-        (["--storage", __file__], "is a file; give the folder for search results"),
+        (["--storage", __file__], "is a file; give a folder for search results"),
+        (["--storage", f"{__file__}/runs"], f"{__file__} is a file; give a folder"),
     ],
 )
 def test_tune_usage_errors_name_the_command(argv, says, capsys):

@@ -800,10 +800,14 @@ def main(
         pretrained=args.pretrained,
         announce=not args.start_from,
     )
-    # a file there: Ray started, then every write failed naming a path under it, and the
-    # search's MLflow run was left FAILED
-    if Path(args.storage).exists() and not Path(args.storage).is_dir():
-        parser.error(f"--storage {args.storage} is a file; give the folder for search results")
+    # a file there (or above it): Ray started, then every write failed naming a path under
+    # it, and the search's MLflow run was left FAILED
+    storage = Path(args.storage).absolute()
+    existing = next(p for p in (storage, *storage.parents) if p.exists())
+    if not existing.is_dir():
+        parser.error(
+            f"--storage {args.storage}: {existing} is a file; give a folder for search results"
+        )
     parent_tags = {}
     data, options, data_root = args.data, data_options(args), args.data_root
     if args.start_from:

@@ -235,44 +235,62 @@ class _TuneSigint:
     """
 
     def __init__(self) -> None:
-        self.caught = False  # Tune's handler got a SIGINT during fit()
+        self.caught = False  # Tune's handler got a SIGINT (or SIGUSR1) during fit()
         self._before: Any = None  # the SIGINT handler before fit(); None: not the main thread
+        self._before_usr1: Any = None  # the SIGUSR1 handler before fit()
 
     @contextmanager
     def around_fit(self) -> Iterator[None]:
-        """Puts back the SIGINT handler from before ``fit()`` once it returns: Tune leaves its
-        own in place after a ``fit()`` that got no signal, and it would swallow a later Ctrl-C
-        (what follows the search: another search, the ensemble search, the prediction)."""
+        """Puts back the SIGINT and SIGUSR1 handlers from before ``fit()`` once it returns: Tune
+        leaves its own in place after a ``fit()`` that got no signal, and it would swallow a
+        later Ctrl-C (what follows the search: another search, the ensemble search, the
+        prediction)."""
         # handlers are set from the main thread only (Tune sets none when fit() runs elsewhere)
         main = threading.current_thread() is threading.main_thread()
         self._before = signal.getsignal(signal.SIGINT) if main else None
+        if main and _SIGUSR1 is not None:
+            self._before_usr1 = signal.getsignal(_SIGUSR1)
         try:
             yield
         finally:
             if self._before is not None:  # None also for a handler not set from Python
                 signal.signal(signal.SIGINT, self._before)
+            if self._before_usr1 is not None:
+                signal.signal(_SIGUSR1, self._before_usr1)
 
     def wrap_tunes_handler(self) -> None:
-        """Notes a SIGINT that reaches Tune's handler, installed at the start of ``fit()``."""
+        """Notes a SIGINT or SIGUSR1 that reaches Tune's handlers, installed at the start of
+        ``fit()``: Tune stops a search on either (Slurm's ``--signal=USR1@...``, ``kill -USR1``),
+        and a search stopped so is interrupted, to be resumed, as after Ctrl-C."""
         if self._before is None:  # fit() outside around_fit, or not in the main thread
             return
-        tunes = signal.getsignal(signal.SIGINT)
-        # Tune installs none with TUNE_DISABLE_SIGINT_HANDLER=1: Ctrl-C then raises as usual
+        if _SIGUSR1 is not None:
+            self._wrap(_SIGUSR1, self._before_usr1)
+        # Tune installs no SIGINT handler with TUNE_DISABLE_SIGINT_HANDLER=1: Ctrl-C then
+        # raises as usual
         if int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
             return
-        if tunes is self._before:
-            # Tune's handler put the one from before back: a Ctrl-C came while Tune restored
-            # the search, before this callback's setup() (Tune ends the loop as after any)
+        if signal.getsignal(signal.SIGINT) is self._before:
+            # Tune's handler put the one from before back: a stop signal came while Tune
+            # restored the search, before this callback's setup() (Tune ends the loop as
+            # after any)
             self.caught = True
             return
-        if not callable(tunes):
+        self._wrap(signal.SIGINT, self._before)
+
+    def _wrap(self, signum: int, before: Any) -> None:
+        tunes = signal.getsignal(signum)
+        if tunes is before or not callable(tunes):
             return
 
         def caught(signum, frame):
             self.caught = True
-            tunes(signum, frame)  # Tune's: ends the loop, puts the handler from before back
+            tunes(signum, frame)  # Tune's: ends the loop, puts the SIGINT handler back
 
-        signal.signal(signal.SIGINT, caught)
+        signal.signal(signum, caught)
+
+
+_SIGUSR1 = getattr(signal, "SIGUSR1", None)  # not on Windows
 
 
 @dataclass
@@ -797,6 +815,15 @@ def _read_json(path: Path, default: Any) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return default
+
+
+def read_search_problem(path: Path) -> str:
+    """Why a search record cannot be read (:func:`read_search_record`'s message)."""
+    try:
+        read_search_record(path)
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def read_search_record(path: Path) -> dict[str, Any]:
@@ -1472,14 +1499,29 @@ def _latest(storage: Path, space: str) -> Path:
     ``--name``): by each record's space, so a search given its own ``--name`` is found too,
     not only the default ``<space>-<timestamp>`` names."""
 
+    damaged: list[Path] = []
+
     def of_space(record: Path) -> bool:
-        recorded = read_search_record(record).get("spec", {}).get("space")
+        try:
+            recorded = read_search_record(record).get("spec", {}).get("space")
+        except ValueError:  # which space it holds cannot be told: decided below
+            damaged.append(record)
+            return False
         # a record without its spec (older versions): the default name says the space
         return recorded == space if recorded else record.parent.name.startswith(f"{space}-")
 
     candidates = sorted(
         (p for p in storage.glob(f"*/{META_FILE}") if of_space(p)), key=lambda p: p.stat().st_mtime
     )
+    newest = candidates[-1].stat().st_mtime if candidates else -math.inf
+    newer = [p for p in damaged if p.stat().st_mtime > newest]
+    if newer:
+        # it may be the latest search of this space: resuming an older one would be a guess
+        raise ValueError(
+            f"--resume without --name looks for the latest {space} search under {storage}, "
+            f"and the record of a newer search cannot be read: "
+            f"{read_search_problem(newer[-1])} Pass --name to resume a search by its name"
+        )
     if not candidates:
         raise FileNotFoundError(f"--resume: no {space} search under {storage}; pass --name")
     return candidates[-1].parent

@@ -3,6 +3,7 @@ or a --from names the file and exits 2; nothing but Ctrl-C (or SIGTERM) makes a 
 130."""
 
 import json
+import os
 import shutil
 import signal
 from dataclasses import replace
@@ -111,11 +112,14 @@ def test_a_damaged_search_record_is_named(small_world, tmp_path, monkeypatch, ca
     record = _damaged_record(tmp_path)
     _fail_if_reached(monkeypatch)
     spec = spec_for(small_world, tmp_path, resume=True)
-    for resumed in (replace(spec, name="hc1"), spec):  # --name, or the latest of the space
-        with pytest.raises(ValueError, match="is damaged") as e:
-            run_search(resumed)
-        assert str(e.value).startswith(f"{record} is damaged (")
-        assert "put back a copy of it" in str(e.value)
+    with pytest.raises(ValueError, match="is damaged") as e:
+        run_search(replace(spec, name="hc1"))
+    assert str(e.value).startswith(f"{record} is damaged (")
+    assert "put back a copy of it" in str(e.value)
+    # the latest of the space: the damaged one may be it, so it is not guessed past
+    with pytest.raises(ValueError, match="looks for the latest augmentation search") as e:
+        run_search(spec)
+    assert f"{record} is damaged (" in str(e.value) and "Pass --name" in str(e.value)
     storage = str(tmp_path / "runs")
     with pytest.raises(SystemExit) as e:  # argparse's error, as every --from refusal
         main("sched", ["--from", "hc1", "--storage", storage])
@@ -195,3 +199,19 @@ def test_a_search_tune_restarts_is_not_interrupted(finished, monkeypatch, caplog
     assert result.name == "half"
     (said,) = [r.getMessage() for r in caplog.records if "though it was not" in r.getMessage()]
     assert said.startswith("Ray Tune ended search half when ")
+
+
+def test_the_latest_search_is_found_past_an_older_damaged_record(tmp_path):
+    # another search's damaged record refused `--resume` without --name, naming that file as
+    # if it were the search being resumed
+    from bldseg.tune.runner import _latest
+
+    storage = tmp_path / "runs"
+    for name, text in (("old", '{"spec": {"space": "sch'), ("mine", '{"spec": {"space": "x"}}')):
+        (storage / name).mkdir(parents=True)
+        (storage / name / META_FILE).write_text(text)
+    os.utime(storage / "old" / META_FILE, (1_000_000, 1_000_000))  # the older one
+    assert _latest(storage, "x") == storage / "mine"
+    os.utime(storage / "old" / META_FILE)  # now the newer: it may be the latest x search
+    with pytest.raises(ValueError, match=r"old/bldseg_search\.json is damaged.*Pass --name"):
+        _latest(storage, "x")

@@ -180,3 +180,34 @@ def test_sigterm_stops_the_pipeline_as_ctrl_c_does(
     assert _parent(client, "pt", "pt-tune_aug").info.status == "FINISHED"
     assert client.get_run(state["pipeline_run_id"]).info.status == "KILLED"
     assert signal.getsignal(signal.SIGTERM) is before  # the handler from before is back
+
+
+def test_sigusr1_interrupts_a_search_as_ctrl_c_does(
+    small_world, ray_session, tmp_path, monkeypatch, capsys
+):
+    # Tune stops a search on SIGUSR1 too (Slurm's --signal=USR1@..., kill -USR1). Only a
+    # SIGINT was noted as an interrupt: the search was recorded as finished, exit 0, and its
+    # unstarted trial was never trained, with "--resume would train no other" (false).
+    from bldseg.commands.tune import main
+
+    sent: list[str] = []
+    finalise = runner._SearchDriver.finalise
+
+    def finalise_then_usr1(self, trial_id, config, error=None):
+        finalise(self, trial_id, config, error)
+        if not sent:
+            sent.append(trial_id)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(runner._SearchDriver, "finalise", finalise_then_usr1)
+    before = signal.getsignal(signal.SIGUSR1)
+    argv = [*_data_args(small_world, tmp_path), "--trials", "3", "--scheduler", "fifo"]
+    argv += ["--max-concurrent", "1", "--name", "usr1"]
+    assert main("aug", argv) == 130
+    assert sent, "no trial completed"
+    said = " ".join(capsys.readouterr().err.split())
+    assert "--resume --name usr1" in said and "not interrupted" not in said, said[-3000:]
+    sessions = json.loads((tmp_path / "runs" / "usr1" / META_FILE).read_text())["sessions"]
+    assert [s["end"] for s in sessions] == ["interrupted"]
+    # Tune leaves its SIGUSR1 handler installed: the one from before the search is back
+    assert signal.getsignal(signal.SIGUSR1) is before
