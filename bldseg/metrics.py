@@ -43,6 +43,7 @@ Dice at every level
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,6 +172,17 @@ def level_from_threshold(
     grid = np.arange(m + 1) / m  # (m + 1,)
     levels = np.searchsorted(grid, t, side="left").astype(np.int64)
     return int(levels) if levels.ndim == 0 else levels
+
+
+def threshold_text(threshold: float) -> str:
+    """A chosen threshold as printed: 4 decimals, rounded down, so that the printed value typed
+    back (``predict --threshold``) is the same level. A level's threshold ``L/255`` rounded to
+    nearest (77/255 = 0.30196 as 0.3020) is the next level up (``level_from_threshold``:
+    the smallest level at or above it), another mask for about half of the 256 levels.
+    """
+    if not math.isfinite(threshold):
+        return f"{threshold}"
+    return f"{math.floor(threshold * 1e4) / 1e4:.4f}"
 
 
 def threshold_from_level(level: int | np.ndarray, max_value: int = QUANT_MAX) -> float | np.ndarray:

@@ -506,3 +506,15 @@ def test_truth_masks_read_ids_as_text_in_the_asked_order(tmp_path):
         truth_masks(path, ["7"], shape=(4, 6))
     with pytest.raises(ValueError, match="pass shape"):
         truth_masks(path, ["x"])
+
+
+def test_a_printed_threshold_typed_back_is_the_same_level():
+    # printed to nearest, 77/255 = 0.30196 was 0.3020: typed back (predict --threshold), the
+    # next level, another mask, for 125 of the 256 levels
+    from bldseg.metrics import level_from_threshold, threshold_from_level, threshold_text
+
+    for level in range(256):
+        shown = threshold_text(threshold_from_level(level))
+        assert level_from_threshold(float(shown)) == level, (level, shown)
+    assert threshold_text(77 / 255) == "0.3019" and threshold_text(0.5) == "0.5000"
+    assert threshold_text(float("nan")) == "nan"

@@ -685,7 +685,7 @@ def _decision(spec: EnsembleSpec) -> str:
     if d["rule"] == "vote":
         out = f"vote >= {d['votes']} of {len(spec.checkpoints)}"
     else:
-        out = f"threshold {d['threshold']:.4f}"
+        out = f"threshold {metrics.threshold_text(d['threshold'])}"
         if d["rule"] == "weighted":
             out = "weighted " + out
     if "empty_votes" in d:
@@ -743,9 +743,9 @@ def _predict(args: argparse.Namespace, written: list[str]) -> int:
             spec = EnsembleSpec(members, threshold=float(m.get("val_thr_best", 0.5)))
             if len(members) > 1 and args.threshold is None:
                 print(
-                    f"threshold {spec.threshold:.4f} is {members[0]}'s own validation "
-                    "threshold, not one chosen for this mean of members; pass --threshold, "
-                    "or use `bldseg ensemble` to choose one on validation data"
+                    f"threshold {metrics.threshold_text(spec.threshold)} is {members[0]}'s own "
+                    "validation threshold, not one chosen for this mean of members; pass "
+                    "--threshold, or use `bldseg ensemble` to choose one on validation data"
                 )
     except USER_ERRORS as e:
         return fail(e)

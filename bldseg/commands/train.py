@@ -36,6 +36,7 @@ from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail, sigterm_as_ctrl
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
+from bldseg.metrics import threshold_text
 from bldseg.train import RunConfig, fit
 from bldseg.train.engine import load_state
 from bldseg.train.folds import fit_folds, fold_dir
@@ -231,7 +232,8 @@ def _val_dice(best: dict) -> str:
     nan = float("nan")
     return (
         f"val Dice {best.get('val_dice_best', nan):.4f} at threshold "
-        f"{best.get('val_thr_best', nan):.4f} ({best.get('val_dice_05', nan):.4f} at 0.5); the "
-        "epoch and threshold were chosen on these validation tiles, so it is optimistic: score "
-        "held-out images with `bldseg predict --truth` or `--masks`"
+        f"{threshold_text(best.get('val_thr_best', nan))} "
+        f"({best.get('val_dice_05', nan):.4f} at 0.5); the epoch and threshold were chosen on "
+        "these validation tiles, so it is optimistic: score held-out images with `bldseg "
+        "predict --truth` or `--masks`"
     )

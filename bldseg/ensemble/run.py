@@ -1117,7 +1117,7 @@ def _rule_cut(d: dict) -> str:
     if d["rule"] == "vote":
         cut = f">= {d['cut']} of {d['k']} votes"
     else:
-        cut = f"@ t={d['threshold']:.4f}"
+        cut = f"@ t={metrics.threshold_text(d['threshold'])}"
         if d["rule"] == "weighted":
             cut += " w=" + ",".join(map(str, d["weights"]))
     if d["empty_votes"]:
@@ -1135,7 +1135,7 @@ def summary_lines(s: SearchSummary) -> list[str]:
             for split in SPLITS
             if f"{split}_dice" in d
         )
-        cut = _rule_cut(d) if "cut" in d else f"@ t={d['threshold']:.4f}"
+        cut = _rule_cut(d) if "cut" in d else f"@ t={metrics.threshold_text(d['threshold'])}"
         lines.append(f"{who:12s} {d['members']} {cut}: {scores}")
     for name, d in s.rules.items():
         ivs = d.get("intervals", {})

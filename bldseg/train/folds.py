@@ -608,7 +608,8 @@ def fit_folds(
         write_json(out / "history.json", history)
         message = (
             f"trained {k} folds of {cfg.epochs} epochs; out-of-fold Dice "
-            f"{oof['val_dice_best']:.4f} at threshold {oof['val_thr_best']:.4f} over "
+            f"{oof['val_dice_best']:.4f} at threshold "
+            f"{metrics.threshold_text(oof['val_thr_best'])} over "
             f"{int(sum(manifest['val_images']))} images"
         )
         write_json(out / "status.json", {"status": "completed", "message": message})

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from bldseg import metrics
 from bldseg.commands import EXIT_INTERRUPTED, sigterm_as_ctrl_c
 from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
@@ -898,7 +899,7 @@ def main(
     if result.n_completed and result.best:
         print(
             f"\nbest trial {result.best['trial_id']}: {METRIC}={result.best[METRIC]:.4f} "
-            f"at threshold {result.best['val_thr_best']:.4f}"
+            f"at threshold {metrics.threshold_text(result.best['val_thr_best'])}"
         )
         # the trial's own values, valid JSON that --set takes back
         print("  config: " + json.dumps(result.best_config))

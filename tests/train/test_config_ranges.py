@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bldseg.commands import train as train_cmd
+from bldseg.metrics import threshold_text
 from bldseg.train.config import RunConfig, recipe_defaults
 from bldseg.train.engine import load_state
 from bldseg.train.schedulers import build_scheduler
@@ -202,7 +203,7 @@ def test_one_fold_reports_its_own_result(small_world, tmp_path, capsys):
     best = load_state(tmp_path / "fold1" / "last.pt")["best"]
     said = (
         f"fold 1: best epoch {best['epoch']} val Dice {best['val_dice_best']:.4f} "
-        f"at threshold {best['val_thr_best']:.4f}"
+        f"at threshold {threshold_text(best['val_thr_best'])}"
     )
     assert said in out and "nan" not in out
     assert '{"epoch": 1, ' in out  # its epoch's row
