@@ -583,7 +583,9 @@ def _mismatch_message(
     elif own_gammas and not file_gammas:
         lines.append(
             "The model has layer-scale parameters (gamma1/gamma2) and the checkpoint has none: "
-            "T weights for an S/B model, or a model built with layer_scale it does not need."
+            "T weights for an S/B model, or a model built with layer_scale it does not need (a "
+            "T run saved before upernet_internimage_t had layer scale: build it with "
+            "layer_scale=None, as create_model(name, pretrained=path) does by itself)."
         )
     if fits and fits[0].startswith("upernet_"):
         lines.append(
@@ -592,11 +594,12 @@ def _mismatch_message(
         )
     elif fits:
         lines.append(f"The file is for {fits[0]}: build it with create_backbone({fits[0]!r}).")
-    elif backbone_fits:
+    elif backbone_fits and own_gammas == file_gammas:  # a layer-scale mismatch is said above
         lines.append(
             f"The backbone fits {target}; its decoder differs (a head width or an auxiliary "
-            "head built otherwise: head_channels, aux_channels). Build the model with the "
-            "checkpoint's decoder settings, or load the backbone alone "
+            "head built otherwise). In Python, build the model with the checkpoint's decoder "
+            "settings (create_model(name, head_channels=..., aux_channels=...); the command "
+            "line builds the registered widths), or load the backbone alone "
             "(load_pretrained(model.backbone, path))."
         )
     else:

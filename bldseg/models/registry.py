@@ -134,6 +134,8 @@ def _build(fn: Callable[..., nn.Module], pretrained, overrides: dict) -> nn.Modu
     chosen = overrides_for_checkpoint(ckpt.state_dict)
     model = fn(**{**chosen, **overrides})
     report = load_pretrained(model, ckpt)
-    report.overrides = {k: v for k, v in chosen.items() if k not in overrides}
+    # None: no layer scale, the architecture of every variant but T and S/B ("built with
+    # {'layer_scale': None}" said nothing for the tiny model)
+    report.overrides = {k: v for k, v in chosen.items() if k not in overrides and v is not None}
     model.pretrained_report = report
     return model

@@ -510,6 +510,13 @@ class RunConfig:
         for k, v in flat.items():
             if "." in k:
                 head, tail = k.split(".", 1)
+                if head not in sections and head in {f.name for f in fields(cls)}:
+                    # model.head_channels=64 ended in "'str' object does not support item
+                    # assignment", or was dropped when the value came after it
+                    raise ValueError(
+                        f"run config: {k!r}: {head!r} is a value of the run config, not a "
+                        f"section with settings of its own (set it as {head}=...)"
+                    )
                 nested.setdefault(head, {})[tail] = v
             elif isinstance(v, dict):
                 nested.setdefault(k, {}).update(v)

@@ -234,7 +234,7 @@ def test_t_from_the_classification_checkpoint_starts_its_layer_scales_at_one(tmp
         create_model("upernet_internimage_t", layer_scale=1e-5, pretrained=path)
 
 
-def test_a_t_run_saved_without_layer_scale_is_rebuilt_without_it():
+def test_a_t_run_saved_without_layer_scale_is_rebuilt_without_it(tmp_path):
     # T runs trained before upernet_internimage_t had layer scale: predict and resume rebuild
     # the model their weights describe.
     torch.manual_seed(0)
@@ -243,6 +243,15 @@ def test_a_t_run_saved_without_layer_scale_is_rebuilt_without_it():
     overrides = overrides_for_checkpoint(old.state_dict())
     assert overrides == {"layer_scale": None}
     create_model("upernet_internimage_t", **overrides).load_state_dict(old.state_dict())
+    # into a model built today, the message says which it is and what to do, not that the
+    # decoder differs (its backbone "fit" once built without layer scale)
+    path = tmp_path / "old_t_best.pt"
+    torch.save({"model": old.state_dict(), "config": {}}, path)
+    with pytest.raises(RuntimeError) as e:
+        load_pretrained(create_model("upernet_internimage_t"), path)
+    msg = str(e.value)
+    assert "saved before upernet_internimage_t had layer scale" in msg
+    assert "decoder differs" not in msg
     assert overrides_for_checkpoint(create_model("upernet_internimage_t").state_dict()) == {
         "layer_scale": 1.0
     }
@@ -431,3 +440,12 @@ def test_fit_starts_both_networks_from_the_checkpoint(
     assert record["path"] == str(seg_file) and record["networks"] == 2
     assert "decode_head.conv_seg.weight" in next(iter(record["dropped"].values()))
     assert len(record["loaded"]) == len(expected)
+
+
+def test_a_tiny_run_as_pretrained_reports_no_architecture_override(tmp_path):
+    # "built with {'layer_scale': None}" was logged for a model that never has layer scale
+    path = tmp_path / "best.pt"
+    torch.save({"model": create_model("upernet_internimage_tiny").state_dict()}, path)
+    model = create_model("upernet_internimage_tiny", pretrained=path)
+    assert model.pretrained_report.overrides == {}
+    assert "built with" not in model.pretrained_report.summary()

@@ -94,6 +94,16 @@ def test_a_section_given_a_value_is_named_with_its_leaves(section):
 
 
 @pytest.mark.parametrize(
+    "flat", [{"model.head_channels": 64}, {"seed": 3, "seed.x": 1}, {"seed.x": 1, "seed": 3}]
+)
+def test_a_dotted_key_under_a_value_is_named(flat):
+    # a TypeError ("'str' object does not support item assignment"), or seed.x dropped
+    key = next(k for k in flat if "." in k)
+    with pytest.raises(ValueError, match=rf"'{key}': '{key.split('.')[0]}' is a value of the"):
+        RunConfig.from_flat(flat)
+
+
+@pytest.mark.parametrize(
     "update, named",
     [
         ({"model": "resnet50"}, "model='resnet50'"),
