@@ -411,7 +411,8 @@ def _checkpoint_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
             "train writes it with each new best validation epoch)"
         )
         raise ValueError(
-            f"{path} is bldseg's resumable training state (what --resume continues from), not "
+            f"{path} is bldseg's resumable training state (what running the same bldseg train "
+            "command again continues from), not "
             f"a model checkpoint; {use}"
         )
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

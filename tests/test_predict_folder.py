@@ -971,7 +971,9 @@ def test_cli_names_best_pt_for_a_last_pt(tmp_path, capsys):
     argv = ["--checkpoint", str(last), "--out", str(tmp_path / "s.csv")]
     assert predict_main(*argv) == 1
     err = capsys.readouterr().err
-    assert f"{last} is bldseg's resumable training state" in err, err
+    assert f"{last} is bldseg's resumable training state (what running the same bldseg train" in (
+        " ".join(err.split())
+    ), err
     assert "the run's best.pt, which" in err and f"{run} does not hold" in err, err
     save_checkpoint(run / "best.pt", TINY, 0)
     assert predict_main(*argv) == 1

@@ -47,6 +47,9 @@ import sys
 import warnings
 from typing import Any
 
+import numpy as np
+
+from bldseg import metrics
 from bldseg.commands import interruptible
 from bldseg.ensemble.library import STATUS_FILE, find_runs, unusable_runs
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
@@ -264,6 +267,14 @@ def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
     for flag, given in (("--max-weight", a.max_weight), ("--weighted-starts", a.weighted_starts)):
         if given is not None and given < 1:
             p.error(f"{flag} must be at least 1, got {given}")
+    if "weighted" in a.rules and a.max_weight is not None:
+        k_max = a.k_range[1] if a.k_range else a.k if a.k is not None else max(DEFAULTS.k)
+        if metrics.QUANT_MAX * a.max_weight * k_max > np.iinfo(np.uint16).max:
+            p.error(
+                f"--max-weight {a.max_weight} with ensembles of up to {k_max} members: weighted "
+                f"sums of 0..{metrics.QUANT_MAX} maps must fit in uint16 (at most "
+                f"{np.iinfo(np.uint16).max // (metrics.QUANT_MAX * k_max)} here)"
+            )
     if not a.tracking_uri:
         for flag, given in (("--experiment", a.experiment), ("--parent-run-id", a.parent_run_id)):
             if given is not None:

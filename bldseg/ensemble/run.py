@@ -885,7 +885,8 @@ def _run_search(cfg: SearchConfig, out: Path, stage: Path, t0: float) -> SearchS
             "single model (the baseline the ensembles are compared against) is searched in "
             f"[{lo}, {single_range[1]:.6f}]: {single_range[1]:.6f} = "
             f"{round(single_range[1] * metrics.QUANT_MAX)}/255 is the mask a map thresholded "
-            "anywhere in [lo, hi] gives (summary.json: single_range)",
+            "anywhere in [lo, hi] gives (summary.json: single_range, unless a widened sweep's "
+            "single model replaces it)",
             stacklevel=3,
         )
     single, top, per_k = _search(cfg, sel, lo, hi)

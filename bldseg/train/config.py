@@ -132,10 +132,10 @@ class SchedConfig:
                 # no decay after the warm-up: the LR stays at optim.lr once it gets there
                 effect = (
                     f"the LR rises through the whole of {share_of} and reaches only "
-                    f"{min(1.0, span / steps):.2f} x optim.lr"
-                    if steps >= span
-                    else f"the LR reaches optim.lr only at step {steps} (schedule-free keeps "
-                    "it there; it has no decay)"
+                    f"{span / steps:.2f} x optim.lr"
+                    if span / steps < 0.995  # shown as 1.00 above: it reaches optim.lr at the end
+                    else f"the LR reaches optim.lr only at step {min(steps, span)} (schedule-free "
+                    "keeps it there; it has no decay)"
                 )
             warnings.warn(
                 f"{head}{effect}; lower sched.warmup_steps, or set sched.warmup_max_frac to cut "

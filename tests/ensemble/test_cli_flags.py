@@ -41,6 +41,8 @@ INAPPLICABLE = [
     # out of range: refused after the mean search had run, leaving an empty --out
     (["--rules", "weighted", "--max-weight", "0"], "--max-weight must be at least 1, got 0"),
     (["--rules", "weighted", "--weighted-starts", "0"], "--weighted-starts must be at least 1"),
+    # sums that overflow uint16: refused after the mean search, leaving an empty --out
+    (["-k", "3", "--rules", "weighted", "--max-weight", "100"], "--max-weight 100 with ensemble"),
 ]
 
 

@@ -80,6 +80,9 @@ def test_a_warm_up_set_in_steps_is_kept_and_warned_about_when_long():
         SchedConfig(name="schedulefree", warmup_steps=1500).warmup_iterations(100)
     with pytest.warns(UserWarning, match=r"reaches optim\.lr only at step 30 \(schedule-free"):
         SchedConfig(name="schedulefree", warmup_steps=30).warmup_iterations(100)
+    # as long as the run: it gets there at the last step (it said "reaches only 1.00 x")
+    with pytest.warns(UserWarning, match=r"reaches optim\.lr only at step 100 \(schedule-free"):
+        SchedConfig(name="schedulefree", warmup_steps=100).warmup_iterations(100)
     with pytest.raises(ValueError, match=r"sched.warmup_max_frac=0 must be in \(0, 1\]"):
         RunConfig.from_flat({"sched.warmup_max_frac": 0})
 
