@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -133,18 +134,25 @@ def test_the_search_run_has_a_best_score_only_with_a_usable_trial(tmp_path, rows
 
 def test_a_search_that_cannot_start_ends_its_mlflow_run(small_world, tmp_path, capsys, monkeypatch):
     # --storage under a regular file: the results folder cannot be made, after the search's
-    # MLflow run was created. The run must not stay RUNNING, and the CLI says why (exit 2).
+    # MLflow run was created. The run must not stay RUNNING.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
-    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
-    argv += ["--trials", "1", "--epochs", "1", "--name", "nowhere"]
-    argv += ["--storage", str(tmp_path / "afile" / "runs")]
-    assert cli.main("augmentation", "test", argv) == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Not a directory" in err and "Traceback" not in err, err
+    spec = spec_for(small_world, tmp_path, trials=1, epochs=1, name="nowhere")
+    with pytest.raises(OSError, match="Not a directory"):
+        run_search(replace(spec, storage=str(tmp_path / "afile" / "runs")))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("bldseg").experiment_id])
     assert [(r.info.run_name, r.info.status) for r in runs] == [("nowhere", "FAILED")]
+    # the command refuses such a --storage before Ray or the tracking store (exit 2)
+    (tmp_path / "mlflow.db").unlink()
+    argv = ["--data", str(small_world.root), "--data-root", str(small_world.root.parent)]
+    argv += ["--trials", "1", "--epochs", "1", "--name", "nowhere"]
+    argv += ["--storage", str(tmp_path / "afile" / "runs")]
+    with pytest.raises(SystemExit) as e:
+        cli.main("augmentation", "test", argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{tmp_path / 'afile'} is a file; give a folder" in err, err
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize(

@@ -805,11 +805,13 @@ def test_tunes_snapshot_advice_is_left_out_and_its_other_warnings_kept(caplog):
     log = logging.getLogger("ray.tune.execution.experiment_state")
     log.addHandler(caplog.handler)  # Ray's loggers do not propagate to the root's
     try:
+        # (a record may reach the handler twice, also through the root's, where an earlier
+        # test made Ray's loggers propagate)
         with _quiet_libraries():
             log.warning("Experiment state snapshotting has been triggered multiple times in")
             log.warning("Saving the experiment state took ~9.00 seconds")
-        assert [r.getMessage()[:6] for r in caplog.records] == ["Saving"]
+        assert {r.getMessage()[:6] for r in caplog.records} == {"Saving"}
         log.warning("Experiment state snapshotting has been triggered multiple times, after")
-        assert len(caplog.records) == 2  # the filter is gone with the search
+        assert {r.getMessage()[:6] for r in caplog.records} == {"Saving", "Experi"}
     finally:
         log.removeHandler(caplog.handler)
