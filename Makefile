@@ -26,7 +26,7 @@ demo: $(STAMP)
 # Two pytest workers (pytest-xdist), each test file on one worker so its module fixtures (the
 # trained tiny models) are made once: about 10 instead of 16 minutes on 2 cores, as many tests
 # wait on subprocesses, Ray and MLflow servers. `make test TESTFLAGS=` runs them one by one.
-TESTFLAGS ?= -n 2 --dist loadfile
+TESTFLAGS ?= -n 2 --dist loadfile --durations=25
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TESTFLAGS)
