@@ -24,8 +24,9 @@ demo: $(STAMP)
 	$(PY) experiments/tune_aug.py
 
 # Two pytest workers (pytest-xdist), each test file on one worker so its module fixtures (the
-# trained tiny models) are made once: about 10 instead of 16 minutes on 2 cores, as many tests
-# wait on subprocesses, Ray and MLflow servers. `make test TESTFLAGS=` runs them one by one.
+# trained tiny models) are made once: 12-16 minutes on 2 cores (a Zen 4, a Xeon), well under
+# one worker's time, as many tests wait on subprocesses, Ray and MLflow servers.
+# `make test TESTFLAGS=` runs them one by one.
 TESTFLAGS ?= -n 2 --dist loadfile --durations=25
 
 test: $(STAMP)
