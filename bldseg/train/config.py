@@ -506,7 +506,7 @@ class RunConfig:
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_flat`; also accepts nested dicts. Unknown keys are an error."""
         nested: dict[str, Any] = {}
-        sections = _sections(cls)
+        sections = _sections(cls)  # aug, optim, ... and their leaves
         for k, v in flat.items():
             if "." in k:
                 head, tail = k.split(".", 1)
@@ -587,6 +587,11 @@ def _lookup(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def config_sections() -> dict[str, tuple[str, ...]]:
+    """The run config's sections (``aug``, ``optim``, ...) and the leaves of each, in order."""
+    return _sections(RunConfig)
 
 
 @functools.cache

@@ -79,7 +79,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -102,7 +102,7 @@ from bldseg.data.prepare import (
     without_unread_options,
 )
 from bldseg.io import write_json
-from bldseg.train.config import RunConfig
+from bldseg.train.config import RunConfig, config_sections
 from bldseg.train.folds import FOLDS_FILE
 from bldseg.train.resume_checks import check_same_data
 from bldseg.tune import tracking
@@ -423,23 +423,12 @@ RESUMED_SETTINGS = (
 _UNSET = object()  # a base key one side does not set
 
 
-def config_sections() -> dict[str, tuple[str, ...]]:
-    """The run config's sections (``aug``, ``optim``, ...) and the leaves of each, in order."""
-    cfg = RunConfig()
-    return {
-        f.name: tuple(leaf.name for leaf in fields(getattr(cfg, f.name)))
-        for f in fields(cfg)
-        if is_dataclass(getattr(cfg, f.name))
-    }
-
-
 def section_key_problem(key: str) -> str | None:
     """What is wrong with ``key`` as a config value to fix or search when it names a whole
     section of the run config (``aug``), or None.
 
-    ``RunConfig.from_flat({"aug": 0.5})`` builds a config whose ``aug`` is 0.5, which fails
-    only in a trial; next to a leaf of the section (``aug.crop_size``) it fails with a
-    TypeError that names neither. Values are set and searched leaf by leaf.
+    ``RunConfig.from_flat`` refuses it too; said here in the words of a search's ``--set``
+    and space, before the trials are built. Values are set and searched leaf by leaf.
     """
     leaves = config_sections().get(key)
     if leaves is None:
@@ -815,15 +804,6 @@ def _read_json(path: Path, default: Any) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return default
-
-
-def read_search_problem(path: Path) -> str:
-    """Why a search record cannot be read (:func:`read_search_record`'s message)."""
-    try:
-        read_search_record(path)
-    except ValueError as e:
-        return str(e)
-    return ""
 
 
 def read_search_record(path: Path) -> dict[str, Any]:
@@ -1499,13 +1479,13 @@ def _latest(storage: Path, space: str) -> Path:
     ``--name``): by each record's space, so a search given its own ``--name`` is found too,
     not only the default ``<space>-<timestamp>`` names."""
 
-    damaged: list[Path] = []
+    damaged: list[tuple[Path, str]] = []  # (record, why it cannot be read)
 
     def of_space(record: Path) -> bool:
         try:
             recorded = read_search_record(record).get("spec", {}).get("space")
-        except ValueError:  # which space it holds cannot be told: decided below
-            damaged.append(record)
+        except ValueError as e:  # which space it holds cannot be told: decided below
+            damaged.append((record, str(e)))
             return False
         # a record without its spec (older versions): the default name says the space
         return recorded == space if recorded else record.parent.name.startswith(f"{space}-")
@@ -1514,13 +1494,13 @@ def _latest(storage: Path, space: str) -> Path:
         (p for p in storage.glob(f"*/{META_FILE}") if of_space(p)), key=lambda p: p.stat().st_mtime
     )
     newest = candidates[-1].stat().st_mtime if candidates else -math.inf
-    newer = [p for p in damaged if p.stat().st_mtime > newest]
+    newer = [why for p, why in damaged if p.stat().st_mtime > newest]
     if newer:
         # it may be the latest search of this space: resuming an older one would be a guess
         raise ValueError(
             f"--resume without --name looks for the latest {space} search under {storage}, "
-            f"and the record of a newer search cannot be read: "
-            f"{read_search_problem(newer[-1])} Pass --name to resume a search by its name"
+            f"and the record of a newer search cannot be read: {newer[-1]} Pass --name to "
+            "resume a search by its name"
         )
     if not candidates:
         raise FileNotFoundError(f"--resume: no {space} search under {storage}; pass --name")

@@ -31,25 +31,37 @@ def _data_args(world, tmp_path) -> list[str]:
     return args
 
 
-@pytest.fixture
-def ctrl_c_as_the_trial_completes(monkeypatch):
-    """Sends SIGINT to this process once, from Tune's ``on_trial_complete`` of the first trial
-    (in the driver's tuning loop): with one trial, after the last trial has ended and before
-    ``tuner.fit()`` returns, where a terminal's Ctrl-C was swallowed. Returns the trial ids it
-    was sent at."""
+def _signal_as_the_first_trial_completes(monkeypatch, signum: int, check=None) -> list[str]:
+    """Sends ``signum`` to this process once, from Tune's ``on_trial_complete`` of the first
+    trial (in the driver's tuning loop), after ``check()``. Returns the trial ids it was sent
+    at (empty: no trial completed)."""
     sent: list[str] = []
     finalise = runner._SearchDriver.finalise
 
-    def finalise_then_ctrl_c(self, trial_id, config, error=None):
+    def finalise_then_signal(self, trial_id, config, error=None):
         finalise(self, trial_id, config, error)
         if not sent:
-            # Tune's handler must get it: the default one would end the test session
-            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            if check is not None:
+                check()
             sent.append(trial_id)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(runner._SearchDriver, "finalise", finalise_then_ctrl_c)
+    monkeypatch.setattr(runner._SearchDriver, "finalise", finalise_then_signal)
     return sent
+
+
+def _tunes_handler_is_in_place() -> None:
+    # Tune's handler must get it: the default one would end the test session
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+
+
+@pytest.fixture
+def ctrl_c_as_the_trial_completes(monkeypatch):
+    """SIGINT from the first trial's completion: with one trial, after the last trial has
+    ended and before ``tuner.fit()`` returns, where a terminal's Ctrl-C was swallowed."""
+    return _signal_as_the_first_trial_completes(
+        monkeypatch, signal.SIGINT, _tunes_handler_is_in_place
+    )
 
 
 def _parent(client: MlflowClient, experiment: str, search: str):
@@ -123,19 +135,11 @@ def sigterm_as_the_trial_completes(monkeypatch):
     """As :func:`ctrl_c_as_the_trial_completes`, with SIGTERM, a job scheduler's stop (Slurm
     at its time limit, ``timeout``); one that reached no handler of ours fails the test (by
     default it would end the session). Returns the trial ids it was sent at."""
-    sent: list[str] = []
-    finalise = runner._SearchDriver.finalise
-
-    def finalise_then_sigterm(self, trial_id, config, error=None):
-        finalise(self, trial_id, config, error)
-        if not sent:
-            sent.append(trial_id)
-            os.kill(os.getpid(), signal.SIGTERM)
+    sent = _signal_as_the_first_trial_completes(monkeypatch, signal.SIGTERM)
 
     def unhandled(signum, frame):
         raise AssertionError("SIGTERM reached no handler of bldseg's")
 
-    monkeypatch.setattr(runner._SearchDriver, "finalise", finalise_then_sigterm)
     before = signal.signal(signal.SIGTERM, unhandled)
     yield sent
     signal.signal(signal.SIGTERM, before)
@@ -190,16 +194,7 @@ def test_sigusr1_interrupts_a_search_as_ctrl_c_does(
     # unstarted trial was never trained, with "--resume would train no other" (false).
     from bldseg.commands.tune import main
 
-    sent: list[str] = []
-    finalise = runner._SearchDriver.finalise
-
-    def finalise_then_usr1(self, trial_id, config, error=None):
-        finalise(self, trial_id, config, error)
-        if not sent:
-            sent.append(trial_id)
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(runner._SearchDriver, "finalise", finalise_then_usr1)
+    sent = _signal_as_the_first_trial_completes(monkeypatch, signal.SIGUSR1)
     before = signal.getsignal(signal.SIGUSR1)
     argv = [*_data_args(small_world, tmp_path), "--trials", "3", "--scheduler", "fifo"]
     argv += ["--max-concurrent", "1", "--name", "usr1"]
