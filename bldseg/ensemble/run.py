@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 import warnings
@@ -642,7 +642,7 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
     # that fails half-way leaves the previous run's files as they were, not some of each. A run
     # removes its own, Ctrl-C included; those of killed runs go here.
     remove_stale_stages(out)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    stage = _make_stage(out)
     try:
         # Held while the folder exists, so that no other run takes it for a killed one's; the
         # owner file, written once it is held, tells another run that a free lock means gone.
@@ -658,6 +658,21 @@ def run_search(cfg: SearchConfig) -> SearchSummary:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _make_stage(out: Path) -> Path:
+    """A new staging folder in ``out``, with the permissions the umask gives.
+
+    Not ``tempfile.mkdtemp``'s ``drwx------``: in an ``--out`` shared by a group (umask 002),
+    another user's run must look into it to tell whether its run is gone, and remove it then.
+    """
+    while True:
+        stage = out / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+        try:
+            stage.mkdir()
+        except FileExistsError:  # another run's name: draw again
+            continue
+        return stage
+
+
 def remove_stale_stages(out: Path) -> list[Path]:
     """Removes the staging folders that killed runs left in ``out``; returns them.
 
@@ -669,12 +684,25 @@ def remove_stale_stages(out: Path) -> list[Path]:
     folder without a lock file (made by a bldseg before it) is stale when its owner file names
     a pid of this host that no longer runs; another host's are kept, as is one whose pid runs
     again for another process. A folder without an owner file (being made, or its run killed
-    at once) is stale once older than :data:`STAGING_UNOWNED_STALE_S`.
+    at once) is stale once older than :data:`STAGING_UNOWNED_STALE_S`. A folder this user
+    cannot look into (another user's, made by a bldseg that kept it to its owner) is kept,
+    with a warning naming it: whether its run is gone cannot be told.
     """
     removed = []
     host = socket.gethostname()
     for stage in out.glob(f"{STAGING_PREFIX}*"):
-        if (stage / STAGING_LOCK).is_file():
+        try:
+            locked = (stage / STAGING_LOCK).is_file()
+        except OSError as e:
+            why = e.strerror or str(e)
+            warnings.warn(
+                f"--out {out}: the staging folder {stage.name} is another user's search's, "
+                f"which this user cannot look into ({why}): it is kept, as that search may "
+                f"still run; once it has ended, its owner can remove it (`rm -r {stage}`)",
+                stacklevel=2,
+            )
+            continue
+        if locked:
             stale = _remove_if_unlocked(stage)
         else:
             stale = _stale_by_owner(stage, host)

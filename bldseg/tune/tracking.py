@@ -141,8 +141,14 @@ def store_lock(uri: str) -> Iterator[None]:
     for good (``table _alembic_tmp_tags already exists`` on every later open). In turn, the
     second job opens the finished store.
 
+    A new database is created here, empty (SQLite takes an empty file for an empty database,
+    and MLflow then creates its tables), with the permissions the umask gives: SQLite would
+    create it ``-rw-r--r--`` whatever the umask, and a store in a folder shared by a group
+    (umask 002) would be read-only to everyone but its creator.
+
     Raises:
-        OSError: The database's folder cannot be created or the lock file cannot be opened.
+        OSError: The database's folder cannot be created, or the lock file or the new
+            database cannot be made.
     """
     db = sqlite_path(uri)
     if db is None:
@@ -151,6 +157,8 @@ def store_lock(uri: str) -> Iterator[None]:
     # MLflow would create the folder on its open; the lock file needs it first
     db.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(f"{db}.lock"):
+        with contextlib.suppress(FileExistsError):  # an existing store (or what is in its way)
+            os.close(os.open(db, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         yield
 
 
@@ -181,7 +189,8 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
     """A client for ``uri`` after one round trip to it; fails fast with a clear message.
 
     Raises:
-        RuntimeError: The tracking store cannot be reached or opened.
+        RuntimeError: The tracking store cannot be reached or opened, or a sqlite store cannot
+            be written by this user (it would be read, then every write would fail).
     """
     if uri.startswith(("http://", "https://")):
         import urllib.request
@@ -195,6 +204,9 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
                 f"server --backend-store-uri sqlite:////abs/mlflow.db --host 127.0.0.1`) or "
                 "pass another --tracking-uri. The search was not started."
             ) from e
+    db = sqlite_path(uri)
+    if db is not None:
+        _check_writable(uri, db)
     try:
         # inside: opening a sqlite store creates its folder, which can fail (a file in the way)
         with store_lock(uri):
@@ -203,13 +215,59 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
             client.search_experiments(max_results=1)
     except Exception as e:  # MLflow raises many types here; all mean "cannot use this store"
         hint = ""
-        if isinstance(e, PermissionError) and sqlite_path(uri) is not None:
+        if isinstance(e, PermissionError) and db is not None:
             hint = (
-                " (the database's folder and its lock file must be writable by everyone who "
-                "logs there: a group-writable folder, umask 002, for a store shared by users)"
+                " (the database, its lock file and its folder must be writable by everyone "
+                f"who logs there: ask the owner of {e.filename or db.parent} to `chmod g+w` it)"
             )
         raise RuntimeError(f"cannot use MLflow tracking store {uri}: {e}{hint}") from e
     return client
+
+
+def _check_writable(uri: str, db: Path) -> None:
+    """Refuses a sqlite store that this user can read but not write.
+
+    MLflow only reads the store until a search logs to it; SQLite then fails every write
+    (``attempt to write a readonly database``, not a PermissionError), after the work. It
+    writes the database, its lock file, and a journal beside them in the folder. Only what
+    exists is checked: what is missing is created later (a missing folder is made by
+    :func:`store_lock`, which fails in its own words where it cannot).
+
+    Raises:
+        RuntimeError: Naming each file or folder this user cannot write, its owner and mode.
+    """
+    import pwd
+    import stat
+
+    denied = []
+    for path, mode in (
+        (db, os.W_OK),
+        (Path(f"{db}.lock"), os.W_OK),
+        (db.parent, os.W_OK | os.X_OK),
+    ):
+        try:
+            st = path.stat()
+        except OSError:  # missing (made later), or not ours to look into (the open says so)
+            continue
+        if os.access(path, mode):
+            continue
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:  # a user of another machine's (NFS)
+            owner = f"uid {st.st_uid}"
+        denied.append((path, owner, stat.filemode(st.st_mode)))
+    if not denied:
+        return
+    listed = ", ".join(f"{path} (owner {owner}, {mode})" for path, owner, mode in denied)
+    owners = " and ".join(dict.fromkeys(owner for _, owner, _ in denied))
+    paths = " ".join(str(path) for path, _, _ in denied)
+    raise RuntimeError(
+        f"cannot write MLflow tracking store {uri}: this user cannot write {listed}; "
+        "everyone who logs to a shared store must be able to write the database, its lock "
+        f"file and its folder (SQLite writes a journal there): ask {owners} to run "
+        f"`chmod g+w {paths}` (their group must be one you are in), or pass another "
+        "--tracking-uri"
+    )
 
 
 def ensure_experiment(

@@ -1,5 +1,6 @@
 """The whole job: honest split, outputs, MLflow run, spec; and the CLI on a real Ray cluster."""
 
+import errno
 import json
 import os
 import shutil
@@ -1110,6 +1111,52 @@ def test_a_killed_search_leaves_a_staging_folder_the_next_run_removes(results, t
     run_search(SearchConfig(runs=str(root / "results"), k=[2], out=str(out), progress=False))
     assert not left.exists() and (out / "summary.json").is_file()
     assert not list(out.glob(".ensemble-staging-*"))
+
+
+def test_a_staging_folder_follows_the_umask(results, tmp_path, monkeypatch):
+    # In an --out shared by a group (umask 002), another user's run must look into a staging
+    # folder to tell whether its run is gone: mkdtemp made it drwx------ whatever the umask.
+    import bldseg.ensemble.run as run_mod
+
+    root, _, _ = results
+    modes = []
+
+    def staged(cfg, out, stage, t0):
+        modes.append(stage.stat().st_mode & 0o777)
+        return "done"
+
+    monkeypatch.setattr(run_mod, "_run_search", staged)
+    cfg = SearchConfig(runs=str(root / "results"), k=[2], out=str(tmp_path / "out"))
+    old = os.umask(0o002)
+    try:
+        assert run_search(cfg) == "done"
+        os.umask(0o027)
+        assert run_search(cfg) == "done"
+    finally:
+        os.umask(old)
+    assert modes == [0o775, 0o750]
+    assert not list((tmp_path / "out").glob(".ensemble-staging-*"))
+
+
+def test_a_staging_folder_this_user_cannot_look_into_is_kept(results, tmp_path, monkeypatch):
+    # Another user's staging folder (drwx------, made by an earlier bldseg): looking for its
+    # lock file raised PermissionError, and every search into that --out ended in a traceback.
+    root, _, _ = results
+    out = tmp_path / "out"
+    theirs = _stage(out, "theirs", {"pid": 1, "host": socket.gethostname()})
+    is_file = Path.is_file
+
+    def denied_in_theirs(self):
+        if self.parent == theirs:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", denied_in_theirs)
+    with pytest.warns(UserWarning, match=r"staging folder \.ensemble-staging-theirs is another"):
+        run_search(SearchConfig(runs=str(root / "results"), k=[2], out=str(out), progress=False))
+    assert (theirs / "summary.json").read_text() == "{}"  # kept as it was
+    assert json.loads((out / "summary.json").read_text())  # and the search went on
+    assert [p.name for p in out.glob(".ensemble-staging-*")] == [theirs.name]
 
 
 @pytest.fixture

@@ -1,8 +1,12 @@
 """The MLflow call queue of a search: never stalls its caller, reports a failure once."""
 
+import os
+import pwd
 import re
+import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +130,62 @@ def test_check_tracking_names_a_sqlite_store_that_cannot_be_created(tmp_path):
     uri = f"sqlite:///{tmp_path}/file/sub/mlflow.db"
     with pytest.raises(RuntimeError, match=rf"cannot use MLflow tracking store {re.escape(uri)}"):
         tracking.check_tracking(uri)
+
+
+def as_group_member(path, mode, **kwargs):
+    """``os.access`` for another user of ``path``'s group: its group bits decide (the tests run
+    as root, who may write anything)."""
+    st = os.stat(path)
+    bits = ((os.R_OK, stat.S_IRGRP), (os.W_OK, stat.S_IWGRP), (os.X_OK, stat.S_IXGRP))
+    return all(st.st_mode & bit for flag, bit in bits if mode & flag)
+
+
+def test_a_new_sqlite_store_is_as_writable_as_the_umask_makes_it(tmp_path, monkeypatch):
+    # SQLite creates a database -rw-r--r-- whatever the umask: in a folder shared by a group
+    # (umask 002) the store was read-only to all but its creator, whose teammates' searches
+    # then failed in tracebacks ("attempt to write a readonly database") after the work.
+    db = tmp_path / "shared" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    old = os.umask(0o002)
+    try:
+        client = tracking.check_tracking(uri)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(db.stat().st_mode) == 0o664
+    assert stat.S_IMODE(Path(f"{db}.lock").stat().st_mode) == 0o664
+    # an empty file made for it is an empty database: MLflow made its tables
+    assert tracking.ensure_experiment(client, "bldseg", uri) == "1"
+    # a teammate (its group) may use it
+    monkeypatch.setattr(os, "access", as_group_member)
+    tracking.check_tracking(uri)
+
+
+@pytest.mark.parametrize("read_only", ["database", "lock file", "folder"])
+def test_a_sqlite_store_this_user_cannot_write_is_refused_naming_it(
+    read_only, tmp_path, monkeypatch
+):
+    # MLflow only reads the store until a search logs to it: a store its user could not write
+    # was opened, and every write failed after the work (not a PermissionError: no hint either).
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    db = folder / "mlflow.db"
+    db.write_bytes(b"")  # an empty database: enough, nothing is opened before the check
+    Path(f"{db}.lock").write_bytes(b"")
+    for path in (folder, db, Path(f"{db}.lock")):
+        path.chmod(0o775 if path.is_dir() else 0o664)
+    path = {"database": db, "lock file": Path(f"{db}.lock"), "folder": folder}[read_only]
+    path.chmod(0o755 if path.is_dir() else 0o644)
+    monkeypatch.setattr(os, "access", as_group_member)
+    uri = f"sqlite:///{db}"
+    with pytest.raises(RuntimeError) as e:
+        tracking.check_tracking(uri)
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    mode = stat.filemode(path.stat().st_mode)
+    assert str(e.value) == (
+        f"cannot write MLflow tracking store {uri}: this user cannot write {path} (owner "
+        f"{owner}, {mode}); everyone who logs to a shared store must be able to write the "
+        "database, its lock file and its folder (SQLite writes a journal there): ask "
+        f"{owner} to run `chmod g+w {path}` (their group must be one you are in), or pass "
+        "another --tracking-uri"
+    )
+    assert db.read_bytes() == b""  # refused before MLflow opened it
