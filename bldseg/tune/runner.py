@@ -265,6 +265,12 @@ class _TuneSigint:
         if self._before is None:  # fit() outside around_fit, or not in the main thread
             return
         if _SIGUSR1 is not None:
+            if _tunes_stop_event_is_set(signal.getsignal(_SIGUSR1)):
+                # a stop signal came while Tune restored the search, before this callback's
+                # setup() (Tune ends the loop as after any). Tune keeps its SIGUSR1 handler
+                # after it fired, and with TUNE_DISABLE_SIGINT_HANDLER=1 the SIGINT handler
+                # below is the one from before all along: only Tune's flag tells.
+                self.caught = True
             self._wrap(_SIGUSR1, self._before_usr1)
         # Tune installs no SIGINT handler with TUNE_DISABLE_SIGINT_HANDLER=1: Ctrl-C then
         # raises as usual
@@ -291,6 +297,21 @@ class _TuneSigint:
 
 
 _SIGUSR1 = getattr(signal, "SIGUSR1", None)  # not on Windows
+
+
+def _tunes_stop_event_is_set(handler: Any) -> bool:
+    """Whether Tune's stop-signal handler has fired: the flag that ends its tuning loop is a
+    ``threading.Event`` the handler holds (``ray.tune.tune._setup_signal_catching``). False for
+    another handler, or one holding no such flag."""
+    cells = getattr(handler, "__closure__", None) or ()
+    for cell in cells:
+        try:
+            held = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
+        if isinstance(held, threading.Event) and held.is_set():
+            return True
+    return False
 
 
 @dataclass

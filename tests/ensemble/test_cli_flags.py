@@ -43,6 +43,12 @@ INAPPLICABLE = [
     (["--rules", "weighted", "--weighted-starts", "0"], "--weighted-starts must be at least 1"),
     # sums that overflow uint16: refused after the mean search, leaving an empty --out
     (["-k", "3", "--rules", "weighted", "--max-weight", "100"], "--max-weight 100 with ensemble"),
+    # the largest size counts: --k-range's upper end, else the default sizes' largest
+    (
+        ["--k-range", "2", "8", "--rules", "weighted", "--max-weight", "40"],
+        "--max-weight 40 with ensembles of up to 8 members",
+    ),
+    (["--rules", "weighted", "--max-weight", "50"], "--max-weight 50 with ensembles of up to 6"),
 ]
 
 

@@ -246,7 +246,25 @@ def test_resume_refuses_other_config(small_world, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def _flip_a_tensor_byte(path) -> str:
+    """Flips one byte inside the largest tensor member of the checkpoint ``path``, keeping its
+    length (a bad disk sector, a faulty copy); returns the member's name."""
+    import zipfile
+
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert info.compress_type == zipfile.ZIP_STORED  # torch stores tensors uncompressed
+    # the local header's lengths: its extra field (alignment padding) is not the central one's
+    name_len, extra_len = (
+        int.from_bytes(raw[info.header_offset + o :][:2], "little") for o in (26, 28)
+    )
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return info.filename
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "flipped"])
 def test_a_finished_run_with_an_unreadable_best_pt_is_not_reported_done(
     small_world, tmp_path, damage
 ):
@@ -254,11 +272,18 @@ def test_a_finished_run_with_an_unreadable_best_pt_is_not_reported_done(
     # last.pt cannot give that epoch's weights back, so it is refused, naming the file
     fit(cfg(epochs=1), tmp_path, data=small_world)
     best = tmp_path / "best.pt"
+    said = ""
     if damage == "truncated":
         best.write_bytes(best.read_bytes()[:1000])
-    else:
+    elif damage == "missing":
         best.unlink()
-    with pytest.raises(ValueError, match=r"best\.pt holds the best epoch \(1\) of this run and"):
+    else:
+        # same length, one tensor byte changed: torch loads it, only the checksums tell
+        member = _flip_a_tensor_byte(best)
+        said = f".*the checksum of its member {member} does not match its bytes"
+    with pytest.raises(
+        ValueError, match=r"best\.pt holds the best epoch \(1\) of this run and" + said
+    ):
         fit(cfg(epochs=1), tmp_path, data=small_world)
 
 

@@ -81,6 +81,28 @@ def test_a_resume_with_damaged_tune_state_is_refused_naming_the_file(
             table.with_suffix(".kept").rename(table)
 
 
+@pytest.mark.parametrize(
+    "damaged", ["experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"]
+)
+def test_the_newest_of_tunes_state_files_is_checked(finished, damaged, tmp_path):
+    # Each session (the first, every resume) saves its own state files, stamped with its start;
+    # Tune reads the newest. A damaged newest one beside an intact older one is refused too.
+    exp_dir = tmp_path / finished.name
+    shutil.copytree(Path(finished.storage) / finished.name, exp_dir)
+    (newest,) = exp_dir.glob(damaged)
+    older = exp_dir / damaged.replace("*", "2000-01-01_00-00-00")  # an earlier session's
+    shutil.copyfile(newest, older)
+    newest.write_bytes(newest.read_bytes()[:50])
+    with pytest.raises(ValueError, match="saved state of the search is damaged") as e:
+        runner.check_resumed_state(exp_dir)
+    assert f"{newest} cannot be read (" in str(e.value)
+    assert str(older) not in str(e.value)
+    # the other way round: an earlier session's damaged file is not Tune's to read
+    newest.write_bytes(older.read_bytes())
+    older.write_bytes(b"")
+    runner.check_resumed_state(exp_dir)
+
+
 def test_a_resume_without_tunes_state_is_refused(finished, monkeypatch, tmp_path):
     # without tuner.pkl Tune cannot restore, and a new Tuner started the search again beside
     # its trials; without an experiment state Tune restarts it too
@@ -182,6 +204,36 @@ def test_ctrl_c_while_tune_restores_counts(monkeypatch):
     sigint = runner._TuneSigint()
     with sigint.around_fit():
         signal.signal(signal.SIGINT, lambda *a: None)
+        sigint.wrap_tunes_handler()
+    assert not sigint.caught
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 (Windows)")
+@pytest.mark.parametrize("disabled", ["0", "1"])
+def test_sigusr1_while_tune_restores_counts(disabled, monkeypatch):
+    # With TUNE_DISABLE_SIGINT_HANDLER=1 the SIGINT handler from before is in place all along,
+    # and a SIGUSR1 (kill -USR1, Slurm's --signal=USR1@...) during the restore went unnoticed:
+    # Tune ended the loop, the search was recorded finished with exit 0 and a false "--resume
+    # would train no other" warning.
+    import time
+
+    from ray.tune.tune import _setup_signal_catching
+
+    monkeypatch.setenv("TUNE_DISABLE_SIGINT_HANDLER", disabled)
+    sigint = runner._TuneSigint()
+    with sigint.around_fit():
+        stops = _setup_signal_catching()  # what Tune's fit() does first
+        os.kill(os.getpid(), signal.SIGUSR1)  # during the restore
+        deadline = time.monotonic() + 5
+        while not stops.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stops.is_set()  # Tune ends the loop
+        sigint.wrap_tunes_handler()  # the callback's setup()
+    assert sigint.caught
+    # no signal: Tune's handlers are wrapped, nothing caught
+    sigint = runner._TuneSigint()
+    with sigint.around_fit():
+        _setup_signal_catching()
         sigint.wrap_tunes_handler()
     assert not sigint.caught
 
