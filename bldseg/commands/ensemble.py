@@ -2,8 +2,11 @@
 
 Chooses the ensemble and threshold on a selection half of the validation tiles (split by
 source image), reports them on both halves next to the best single model, and writes
-top_ensembles.csv, score_vs_k.png, threshold_curve.png, summary.json and best_ensemble.json
-(for ``bldseg predict --ensemble``) to --out; with --tracking-uri also an MLflow run.
+top_ensembles.csv, score_vs_k.png, threshold_curve.png, summary.json, best_ensemble.json,
+best_single.json (the best single model as a one-member spec) and submit.json (what to pass to
+``bldseg predict --ensemble``: the ensemble only where the 95% interval of its gain on the
+check half lies above 0, else the single model) to --out; with --tracking-uri also an MLflow
+run.
 
 Rules (--rules, --empty-tile), each searched exactly on the selection half and reported per
 rule with 95% bootstrap intervals on the check half (and the test library, when present):
@@ -35,7 +38,7 @@ the greedy one; --empty-areas and --empty-candidates need --empty-tile, --max-we
     # on a Ray cluster (the address is also read from RAY_ADDRESS); python -m puts the
     # uploaded working directory, with its bldseg/, on the path:
     # (--out on the shared folder: a relative one would lie in Ray's temporary job folder)
-    ray job submit --working-dir . -- python -m bldseg ensemble --runs /shared/results \
+    ray job submit --working-dir . -- python -m bldseg ensemble --runs /shared/results \\
         --out /shared/ensemble
 """
 

@@ -111,7 +111,8 @@ class PreparedData:
         root: The dataset folder (holding ``train.csv``, ``images/``, or the caches).
         train: Cache of the training images and masks.
         test: Cache of the test images (no masks), or None when there is no test split.
-        test_truth_csv: Held-out ground truth of the test images (synthetic world only).
+        test_truth_csv: Held-out ground truth of the test images: ``test_truth.csv`` beside
+            ``test.csv`` where there is one (the synthetic world writes it).
         clean_train_csv: Clean training masks when the training masks carry injected noise
             (synthetic world only).
         kind: What ``--data`` named.
@@ -495,7 +496,8 @@ class PreparedTest:
     Attributes:
         root: The dataset folder (holding the test CSV, or the caches).
         test: Cache of the test images (no masks).
-        test_truth_csv: Held-out ground truth of the test images (synthetic world only).
+        test_truth_csv: Held-out ground truth of the test images: ``test_truth.csv`` beside
+            ``test.csv`` where there is one (the synthetic world writes it).
         kind: What ``--data`` named.
         description: One line saying what was found (printed by the predict command).
     """
