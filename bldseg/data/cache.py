@@ -45,6 +45,8 @@ from bldseg.data import geo
 from bldseg.data.readers import (
     DecodedRecord,
     SourceRecord,
+    _imread,
+    _top_colours,
     check_mask_grid,
     decode_records,
     source_runs,
@@ -625,6 +627,16 @@ def _check_masks(records: Sequence[SourceRecord], not_binary: set[Path], any_pos
     if not any_positive:
         first = records[0]
         where = first.mask_path.parent if first.mask_path is not None else first.image_path.parent
+        colours = first.options.mask_colors
+        if colours is not None and first.mask_path is not None:
+            # --mask-values cannot name a colour: say which colours the masks do draw
+            named = " ".join(",".join(str(v) for v in c) for c in colours)
+            raise ValueError(
+                f"no pixel of the {len(records)} masks has the colour(s) --mask-colors {named} "
+                f"(first: {first.mask_path}, in {where}; its most frequent colours, RGB: "
+                f"{_mask_top_colours(first.mask_path)}): wrong mask folder, or name the "
+                "building colour with --mask-colors R,G,B"
+            )
         raise ValueError(
             f"every one of the {len(records)} masks is empty (first: "
             f"{first.mask_path or first.img_id}, in {where}): wrong mask folder, or buildings "
@@ -633,12 +645,31 @@ def _check_masks(records: Sequence[SourceRecord], not_binary: set[Path], any_pos
     if not_binary:
         files = {r.mask_path for r in records if r.mask_path is not None}
         example = sorted(not_binary)[0]
+        how = (
+            f"binarised at {records[0].options.mask_threshold:g} of their range "
+            "(--mask-threshold to change)"
+        )
+        if records[0].options.mask_colors is not None:
+            # --mask-threshold does not apply: colours are matched, not thresholded
+            how = (
+                "each pixel read as its nearest class colour (save the masks as PNG at their "
+                "own size to read them exactly)"
+            )
         warnings.warn(
             f"{len(not_binary)} of {len(files)} mask files were not binary (antialiased edges "
-            f"or JPEG artefacts), e.g. {example}; binarised at "
-            f"{records[0].options.mask_threshold:g} of their range (--mask-threshold to change)",
+            f"or JPEG artefacts), e.g. {example}; {how}",
             stacklevel=3,
         )
+
+
+def _mask_top_colours(path: Path) -> list[list[int]] | str:
+    """The most frequent RGB colours of a mask file, for a message (grey as (v, v, v))."""
+    m = _imread(path)
+    if m is None or m.dtype != np.uint8:
+        return "unreadable as 8-bit"
+    if m.ndim == 2:
+        m = np.repeat(m[..., None], 3, axis=2)
+    return _top_colours(np.ascontiguousarray(m[..., :3]))
 
 
 def _swap_into_place(tmp: Path, cache_dir: Path) -> None:

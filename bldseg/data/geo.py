@@ -357,11 +357,22 @@ def check_mask_grid(image_path: PathLike, mask_path: PathLike) -> None:
     )
 
 
-def _resolve_bands(path: Path, count: int, bands: tuple[int, ...] | None) -> tuple[int, ...]:
-    """The 1-based bands to read (1 or 3 of them), checked against the file's ``count``."""
+def _resolve_bands(
+    path: Path, count: int, bands: tuple[int, ...] | None, colours: tuple[str, ...] = ()
+) -> tuple[int, ...]:
+    """The 1-based bands to read (1 or 3 of them), checked against the file's ``count``.
+
+    Without ``bands``, a raster whose bands declare red, green and blue (``colours``: their
+    colour interpretations as GDAL names them, one each) is read by those declarations: a
+    BGR+NIR GeoTIFF declaring (blue, green, red, undefined) is read as bands 3, 2, 1, not as
+    swapped colours. Otherwise bands 1, 2, 3 (or the one band of a grey raster).
+    """
     if bands is None:
         if count == 1:
             return (1,)
+        declared = [name for name in colours if name in ("red", "green", "blue")]
+        if sorted(declared) == ["blue", "green", "red"]:  # each declared exactly once
+            return tuple(colours.index(name) + 1 for name in ("red", "green", "blue"))
         if count == 2:
             raise ValueError(
                 f"{path}: the raster has 2 bands; choose what to read with --bands, "
@@ -380,6 +391,11 @@ def _resolve_bands(path: Path, count: int, bands: tuple[int, ...] | None) -> tup
             f"1..{count}; choose others with --bands"
         )
     return bands
+
+
+def _colours(src: Any) -> tuple[str, ...]:
+    """An open raster's colour interpretations as GDAL names them (``"red"``, ``"gray"``, ...)."""
+    return tuple(c.name for c in src.colorinterp)
 
 
 def _check_stretch(stretch: tuple[float, float]) -> tuple[float, float]:
@@ -424,7 +440,7 @@ def valid_pixels(path: PathLike, *, bands: tuple[int, ...] | None = None) -> np.
     path = Path(path)
     mask_flags = _import_optional("rasterio.enums").MaskFlags
     with _open_raster(path, "reading GeoTIFF") as src:
-        chosen = tuple(dict.fromkeys(_resolve_bands(path, src.count, bands)))
+        chosen = tuple(dict.fromkeys(_resolve_bands(path, src.count, bands, _colours(src))))
         masked = [b for b in chosen if src.mask_flag_enums[b - 1] != [mask_flags.all_valid]]
         floats = [b for b in chosen if np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating)]
         if not masked and not floats:
@@ -447,10 +463,11 @@ def read_raster_rgb(
     """Reads a GeoTIFF/TIFF with rasterio as uint8 (H, W, 3) RGB.
 
     Band choice: ``bands`` are 1-based indices (rasterio's convention), one (replicated to
-    grey) or three (R, G, B). None reads a 1-band raster as grey and bands 1, 2, 3 of a raster
-    with 3 or more bands (a 4th band, often alpha or near-infrared, is dropped); a 2-band raster
-    needs an explicit choice. A palette (colour-mapped) band is read as its colours, as PIL and
-    OpenCV read a palette PNG or TIFF.
+    grey) or three (R, G, B). None reads a 1-band raster as grey, the bands declared red, green
+    and blue (colour interpretation) of a raster declaring them, and bands 1, 2, 3 of any other
+    raster with 3 or more bands (a 4th band, often alpha or near-infrared, is dropped); a 2-band
+    raster needs an explicit choice. A palette (colour-mapped) band is read as its colours, as
+    PIL and OpenCV read a palette PNG or TIFF.
 
     Pixel values: uint8 bands are kept as they are, nodata included (no stretch). Other dtypes
     (uint16, int16, float32, ...) are stretched per band: the ``stretch`` low/high percentiles
@@ -478,7 +495,7 @@ def read_raster_rgb(
     path = Path(path)
     low, high = _check_stretch(stretch)
     with _open_raster(path, "reading GeoTIFF") as src:
-        chosen = _resolve_bands(path, src.count, bands)
+        chosen = _resolve_bands(path, src.count, bands, _colours(src))
         height, width = src.height, src.width
         if window is None:
             y, x, h, w = 0, 0, height, width

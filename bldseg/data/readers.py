@@ -77,15 +77,18 @@ DEFAULT_MASK_PATTERNS = (
 #: read as background, before the binary/threshold/label checks see the mask; 6: colour
 #: palettes read by the distinct colours they draw: a colour on black is the building whatever
 #: its index (quantize() puts red at index 0), more than two colours (a class palette) are
-#: refused instead of read as index > 0), so caches built by older rules are rebuilt.
-DECODE_RULES = 6
+#: refused instead of read as index > 0; 7: --mask-colors masks with soft edges (resampled,
+#: JPEG) read by the nearest class colour and reported as not binary, one-channel masks read
+#: as grey colours under --mask-colors, and images' bands declared red/green/blue read as RGB
+#: by default), so caches built by older rules are rebuilt.
+DECODE_RULES = 7
 
 #: The version of DECODE_RULES in which image (not mask) decoding last changed (3: palette
-#: GeoTIFF images read as their colours). Masks given as RLE (a competition CSV) decode without
-#: the mask rules, so their caches are keyed by this alone: a change of the mask rules neither
-#: rebuilds them nor stops a search or pipeline on them from resuming. Bump it with
-#: DECODE_RULES when image decoding changes.
-IMAGE_RULES = 3
+#: GeoTIFF images read as their colours; 7: bands declared red/green/blue read as RGB). Masks
+#: given as RLE (a competition CSV) decode without the mask rules, so their caches are keyed
+#: by this alone: a change of the mask rules neither rebuilds them nor stops a search or
+#: pipeline on them from resuming. Bump it with DECODE_RULES when image decoding changes.
+IMAGE_RULES = 7
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,9 @@ class ReadOptions:
             Potsdam/Vaihingen: ``((0, 0, 255),)``); None: colour masks must be grey.
         alpha: Images with transparent pixels: ``"refuse"`` (an error naming the file) or
             ``"fill"`` (composited over black, so transparent pixels become 0).
-        bands: 1-based band indices read as RGB (one band is replicated to grey); None: bands
-            1, 2, 3 of a multi-band raster, the single band of a grey one.
+        bands: 1-based band indices read as RGB (one band is replicated to grey); None: the
+            bands a multi-band raster declares red, green and blue, else its bands 1, 2, 3; the
+            single band of a grey one.
         stretch: Low/high percentiles mapped to 0 and 255 when an image is not 8-bit.
     """
 
@@ -948,8 +952,10 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
       palette would have read as building, and their entries' colours decide nothing;
     - ``options.mask_values`` set: exactly those values are buildings (class-id masks);
     - ``options.mask_nonzero`` set: every nonzero value is a building (instance-id masks);
-    - ``options.mask_colors`` set: colour-coded class masks, exactly those RGB colours are
-      buildings.
+    - ``options.mask_colors`` set: colour-coded class masks (a one-channel mask as the grey
+      colours (v, v, v)), exactly those RGB colours are buildings; a class-colour mask with
+      soft edges (resampled, antialiased, JPEG) is read by the nearest class colour and
+      reported as not binary (:func:`_colour_classes`).
 
     Raises:
         FileNotFoundError: The file does not exist.
@@ -986,11 +992,14 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
             raise ValueError(f"{path}: cannot decode the mask (corrupt, truncated or not an image)")
         nodata_text = _gdal_nodata(path)
         nodata = _nodata_pixels(m, nodata_text)  # (H, W) bool, or None
-        if m.ndim == 3 and options.mask_colors is not None:
-            hit = _colour_classes(m, options.mask_colors, path)
+        if options.mask_colors is not None:
+            # one channel too, as the grey colour (v, v, v): the named colours decide polarity
+            # whatever the channel count (a grey 0/255 mask under --mask-colors 0,0,0 reads
+            # black as building, as the same mask saved as RGB does)
+            hit, binary = _colour_classes(m, options.mask_colors, path)
             if nodata is not None:
                 hit = _nodata_to_background(hit, nodata, hit > 0, nodata_text, path)
-            return MaskRead(hit, True)
+            return MaskRead(hit, binary)
         if np.issubdtype(m.dtype, np.floating):
             m = _no_data_to_background(m, path)
         if m.ndim == 3:
@@ -1358,15 +1367,133 @@ def _refuse_label_mask(
     )
 
 
-def _colour_classes(m: np.ndarray, colours, path: Path) -> np.ndarray:
-    """(H, W, 3|4) BGR(A) class-colour mask -> (H, W) 0/1 where the RGB is a building colour."""
-    if m.shape[2] not in (3, 4) or m.dtype != np.uint8:
-        raise ValueError(f"{path}: --mask-colors needs an 8-bit RGB mask, got {m.shape} {m.dtype}")
-    rgb = m[..., 2::-1] if m.shape[2] == 3 else m[..., 2::-1][..., :3]  # (H, W, 3) RGB
-    hit = np.zeros(m.shape[:2], bool)
-    for c in colours:
-        hit |= (rgb == np.asarray(c, np.uint8)).all(axis=2)
-    return hit.astype(np.uint8)
+#: Colour distance (Euclidean, 0..255 per channel) within which a soft-edged class-colour mask's
+#: pixels are taken for one class colour: JPEG moves flat colours by up to ~20 (q75), while
+#: class palettes keep their colours further apart (ISPRS 255; a palette with two colours
+#: closer than this reads them as one class in a soft-edged mask).
+_COLOUR_TOLERANCE = 32.0
+
+
+def _colour_classes(m: np.ndarray, colours, path: Path) -> tuple[np.ndarray, bool]:
+    """Class-colour mask -> ((H, W) uint8 0/1 where it shows a building colour, binary).
+
+    ``m``: (H, W, 3|4) BGR(A), or (H, W) grey, read as the colour (v, v, v). A clean class mask
+    (every pixel exactly one class colour) is read by exact colour, binary. A mask with soft
+    edges is not: resampling blends neighbouring class colours (a 256->128->256 bilinear ISPRS
+    mask has ~30k colours and ~half its building pixels off (0, 0, 255)) and JPEG moves every
+    pixel off its colour (none stays (0, 0, 255)), so exact matching silently drops buildings.
+    Class colours are those drawn over an area (a pixel whose 3x3 neighbourhood shares its
+    colour exactly) and the named ones; a class too small for that (a car in a coarse tile) is
+    kept apart from blends by its distance to every class colour. A soft mask is told by a
+    colour that is no class colour yet lies within _COLOUR_TOLERANCE of one (no class palette
+    draws that; blends and JPEG noise do), by one the nearest-colour reading takes for a
+    building (a blend with more of a building colour than of any other), or by more than 256
+    colours (class masks hold at most one colour per uint8 class id). Such a mask is read by
+    the nearest class colour (:func:`_nearest_class`), as a soft one-channel mask is binarised
+    at the midpoint of its range, and reported as not binary.
+    """
+    if m.dtype != np.uint8 or (m.ndim == 3 and m.shape[2] not in (3, 4)):
+        raise ValueError(
+            f"{path}: --mask-colors needs an 8-bit RGB (or grey) mask, got {m.shape} {m.dtype}; "
+            "save the mask as 8-bit RGB PNG"
+        )
+    bgr = np.repeat(m[..., None], 3, axis=2) if m.ndim == 2 else np.ascontiguousarray(m[..., :3])
+    key = bgr[..., 2].astype(np.int32) << 16  # (H, W) one int per colour, R << 16 | G << 8 | B
+    key |= bgr[..., 1].astype(np.int32) << 8
+    key |= bgr[..., 0]
+    named = np.asarray(colours, np.int32).reshape(-1, 3)
+    named_key = (named[:, 0] << 16) | (named[:, 1] << 8) | named[:, 2]  # (K,)
+    spread = _colour_spread(bgr)  # (H, W)
+    # Tables over all 2**24 colours (16 MB each) instead of np.unique: a 5000x5000 mask is
+    # sorted in seconds, looked up in a fraction of one.
+    drawn = np.zeros(1 << 24, bool)
+    drawn[key] = True
+    is_class = np.zeros(1 << 24, bool)
+    is_class[key[spread == 0]] = True
+    is_class[named_key] = False  # listed first below
+    others = _key_rgb(np.flatnonzero(is_class))
+    classes = np.concatenate([named.astype(np.float32), others])  # (C, 3) named first
+    is_class[named_key] = True
+    lut = np.zeros(1 << 24, bool)  # colour -> building
+    if np.count_nonzero(drawn) <= 256:
+        loose = _key_rgb(np.flatnonzero(drawn & ~is_class))  # (L, 3) colours of no class
+        near = _distances(loose, classes).min(axis=1, initial=np.inf) <= _COLOUR_TOLERANCE
+        if not near.any() and not _nearest_class(loose, classes, len(named)).any():
+            lut[named_key] = True
+            return lut[key].astype(np.uint8), True
+    anchors = _class_anchors(key, spread, named, _COLOUR_TOLERANCE)  # (A, 3) named first
+    seen = np.flatnonzero(drawn)
+    lut[seen[_nearest_class(_key_rgb(seen), anchors, len(named))]] = True
+    return lut[key].astype(np.uint8), False
+
+
+def _colour_spread(colour: np.ndarray) -> np.ndarray:
+    """(H, W) uint8: the largest per-channel range of each pixel's 3x3 neighbourhood."""
+    kernel = np.ones((3, 3), np.uint8)
+    # erode/dilate skip pixels outside the image (their default border), so edges count too
+    a, b, c = cv2.split(cv2.subtract(cv2.dilate(colour, kernel), cv2.erode(colour, kernel)))
+    return cv2.max(cv2.max(a, b), c)
+
+
+def _key_rgb(keys: np.ndarray) -> np.ndarray:
+    """(N,) colour keys (R << 16 | G << 8 | B) -> (N, 3) float32 RGB."""
+    return np.stack([keys >> 16, (keys >> 8) & 255, keys & 255], axis=1).astype(np.float32)
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 3), (M, 3) float32 colours -> (N, M) Euclidean distances (one column at a time:
+    N may be every colour of a large JPEG mask, M is a few class colours)."""
+    out = np.empty((len(a), len(b)), np.float32)
+    for j, colour in enumerate(b):
+        out[:, j] = np.sqrt(((a - colour) ** 2).sum(axis=1))
+    return out
+
+
+def _class_anchors(
+    key: np.ndarray, spread: np.ndarray, named: np.ndarray, tolerance: float
+) -> np.ndarray:
+    """(A, 3) float32 class colours of a (possibly soft-edged) class-colour mask, named first.
+
+    The other classes are found where the mask is nearly flat (a 3x3 neighbourhood spanning at
+    most tolerance / 2 per channel: interiors, also under JPEG noise; blends lie on edges): the
+    most frequent such colour is a class colour when its flat pixels within ``tolerance`` hold
+    at least 0.05% of the mask (and 16 px), and those pixels are then taken; repeated until
+    none is left. Flat colours within ``tolerance`` of a named colour are that colour.
+    """
+    fkeys, fcounts = np.unique(key[spread <= tolerance / 2], return_counts=True)
+    fcolours = _key_rgb(fkeys)  # (F, 3)
+    named = named.astype(np.float32)
+    left = _distances(fcolours, named).min(axis=1) > tolerance  # (F,)
+    least = max(16, 0.0005 * key.size)
+    found = []
+    while left.any():
+        i = np.flatnonzero(left)[fcounts[left].argmax()]
+        near = left & (_distances(fcolours, fcolours[i : i + 1])[:, 0] <= tolerance)
+        if fcounts[near].sum() >= least:
+            found.append(fcolours[i])
+        left &= ~near
+    return np.concatenate([named, np.asarray(found, np.float32).reshape(-1, 3)])
+
+
+def _nearest_class(colours: np.ndarray, anchors: np.ndarray, n_named: int) -> np.ndarray:
+    """(N,) bool: colours read as a building in a soft-edged class-colour mask.
+
+    A colour is a building when its nearest class colour (``anchors``, (A, 3), the first
+    ``n_named`` named) is a named one, strictly (a tie between a building and another class
+    is not one), and it lies within three quarters of the way from that colour to the nearest
+    other class colour (or within the tolerance, when no other is found): a blend of building
+    and background is cut at its midpoint, as a soft one-channel mask is, while a colour far
+    from every class (a mix of other classes, or a class too rare to be found) is not taken
+    for a building.
+    """
+    dist = _distances(colours, anchors)  # (N, A)
+    to_named = dist[:, :n_named].min(axis=1)
+    which = dist[:, :n_named].argmin(axis=1)
+    if len(anchors) == n_named:
+        return to_named <= _COLOUR_TOLERANCE
+    to_other = dist[:, n_named:].min(axis=1)
+    reach = 0.75 * _distances(anchors[:n_named], anchors[n_named:]).min(axis=1)  # (K,)
+    return (to_named < to_other) & (to_named <= reach[which])
 
 
 def _top_colours(colour: np.ndarray, k: int = 4) -> list[list[int]]:

@@ -338,6 +338,103 @@ def test_colour_coded_class_masks(tmp_path):
     assert two.mask.sum() > m.sum()
 
 
+def _class_colours(size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """ISPRS-style (size, size, 3) RGB class-colour mask and its building truth (bool).
+
+    Roads white, low vegetation cyan, trees green, buildings blue, clutter red, and cars as
+    yellow 2x3 specks (a class too small to fill a 3x3 area, as in coarse ISPRS tiles).
+    """
+    rng = np.random.default_rng(seed)
+    rgb = np.full((size, size, 3), 255, np.uint8)
+    colours = [(0, 255, 255), (0, 255, 0), (0, 0, 255), (255, 0, 0), (0, 0, 255)]
+    for k in range(24):
+        y, x = rng.integers(0, size - 20, 2)
+        h, w = rng.integers(8, 20, 2)
+        rgb[y : y + h, x : x + w] = colours[k % len(colours)]
+    for _ in range(6):
+        y, x = rng.integers(0, size - 3, 2)
+        rgb[y : y + 2, x : x + 3] = (255, 255, 0)
+    return rgb, (rgb == (0, 0, 255)).all(axis=2)
+
+
+def test_soft_edged_colour_masks_are_read_by_nearest_colour_and_reported(tmp_path):
+    # A class-colour mask resampled (bilinear) or saved as JPEG has few pixels left exactly
+    # (0, 0, 255): read by exact colour it silently lost half its buildings (bilinear) or all
+    # of them (JPEG) and said it was binary. It is read by the nearest class colour instead,
+    # and reported as not binary, so the cache build warns.
+    rgb, truth = _class_colours()
+    options = ReadOptions(mask_colors=((0, 0, 255),))
+    clean = tmp_path / "clean.png"
+    cv2.imwrite(str(clean), rgb[..., ::-1])
+    read = read_mask_image(clean, options)
+    assert read.binary  # a clean class mask (yellow specks too) is read exactly
+    np.testing.assert_array_equal(read.mask, truth)
+    small = cv2.resize(rgb, (64, 64), interpolation=cv2.INTER_LINEAR)
+    soft = {
+        "bilinear.png": cv2.resize(small, (128, 128), interpolation=cv2.INTER_LINEAR),
+        "q95.jpg": rgb,
+        "q75.jpg": rgb,
+    }
+    for name, array in soft.items():
+        path = tmp_path / name
+        if name.endswith(".jpg"):
+            Image.fromarray(array).save(path, quality=int(name[1:3]))
+        else:
+            cv2.imwrite(str(path), array[..., ::-1])
+        read = read_mask_image(path, options)
+        assert not read.binary, name
+        # the truth's building share, and no more than its edges wrong
+        assert abs(read.mask.mean() - truth.mean()) < 0.02, (name, read.mask.mean(), truth.mean())
+        assert (read.mask.astype(bool) != truth).mean() < 0.05, name
+
+
+def test_soft_edged_colour_masks_warn_at_the_cache_build(tmp_path):
+    images, masks = _folder(tmp_path, ["a", "b"], size=128)
+    rgb, _ = _class_colours(seed=1)
+    for p in masks.iterdir():
+        p.unlink()
+    cv2.imwrite(str(masks / "a.png"), rgb[..., ::-1])
+    Image.fromarray(rgb).save(masks / "b.jpg", quality=95)
+    records = read_folder_dataset(images, masks, options=ReadOptions(mask_colors=((0, 0, 255),)))
+    with pytest.warns(UserWarning, match=r"1 of 2 mask files were not binary.*b\.jpg.*nearest"):
+        cache = ensure_cache(records, tmp_path / "cache", progress=False)
+    assert cache.manifest["masks_not_binary"] == [str(masks / "b.jpg")]
+    assert np.asarray(cache.masks[1]).mean() > 0.05  # the JPEG's buildings are kept
+
+
+def test_one_channel_masks_read_as_grey_colours_under_mask_colors(tmp_path):
+    # --mask-colors was ignored for a one-channel mask: 0/255 grey read white as building
+    # whatever colour was named, while the same mask saved as RGB read the named colour.
+    _, m = scene(48, 3)
+    grey, rgb = tmp_path / "grey.png", tmp_path / "rgb.png"
+    cv2.imwrite(str(grey), m * 255)
+    cv2.imwrite(str(rgb), np.repeat(m[..., None] * 255, 3, axis=2))
+    for path in (grey, rgb):
+        black = read_mask_image(path, ReadOptions(mask_colors=((0, 0, 0),)))
+        np.testing.assert_array_equal(black.mask, 1 - m)
+        assert black.binary
+        white = read_mask_image(path, ReadOptions(mask_colors=((255, 255, 255),)))
+        np.testing.assert_array_equal(white.mask, m)
+        assert not read_mask_image(path, ReadOptions(mask_colors=((255, 0, 0),))).mask.any()
+
+
+def test_all_empty_under_mask_colors_names_the_colours_found(tmp_path):
+    # With --mask-colors the all-empty error pointed to --mask-values, which cannot read a
+    # colour; it names the colours asked for and those the masks draw.
+    images, masks = _folder(tmp_path, ["a", "b"], size=128)
+    rgb, _ = _class_colours(seed=2)
+    for p in masks.iterdir():
+        cv2.imwrite(str(p), rgb[..., ::-1])
+    records = read_folder_dataset(images, masks, options=ReadOptions(mask_colors=((255, 0, 255),)))
+    with pytest.raises(
+        ValueError,
+        match=r"no pixel of the 2 masks has the colour\(s\) "
+        r"--mask-colors 255,0,255 \(first: .*a\.png",
+    ) as e:
+        ensure_cache(records, tmp_path / "cache", progress=False)
+    assert "[255, 255, 255]" in str(e.value) and "--mask-values" not in str(e.value)
+
+
 def _instances(dtype=np.uint8, n: int = 200) -> np.ndarray:
     """(160, 160) instance-id mask: ``n`` buildings of 4x4 pixels numbered 1..n."""
     m = np.zeros((160, 160), dtype)

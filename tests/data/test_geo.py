@@ -186,6 +186,35 @@ def test_band_selection(tmp_path):
     assert geo.read_raster_rgb(path, bands=(4,))[0, 0].tolist() == [40, 40, 40]
 
 
+def test_declared_colour_bands_are_the_default(tmp_path):
+    # A BGR+NIR GeoTIFF declaring its bands (blue, green, red, undefined), as some sensors'
+    # products are written: read without --bands it is RGB by its declarations, not bands
+    # 1, 2, 3 (which would swap red and blue silently); --bands still wins.
+    color = rasterio.enums.ColorInterp
+    data = np.stack([np.full((4, 5), 10 * (b + 1), np.uint8) for b in range(4)])  # 10..40
+    path = write_tif(tmp_path / "bgrn.tif", data, photometric="MINISBLACK")
+    with rasterio.open(path, "r+") as dst:
+        dst.colorinterp = [color.blue, color.green, color.red, color.undefined]
+    assert geo.read_raster_rgb(path)[0, 0].tolist() == [30, 20, 10]
+    assert read_image(path)[0, 0].tolist() == [30, 20, 10]
+    assert geo.read_raster_rgb(path, bands=(1, 2, 3))[0, 0].tolist() == [10, 20, 30]
+    # NIR first (undefined, blue, green, red), 16-bit, nodata 0 in the NIR band only:
+    # valid_pixels looks at the bands read, so the NIR gap is no gap in the image
+    nbgr = np.random.default_rng(4).integers(1, 5000, (4, 4, 5), dtype=np.uint16)
+    nbgr[0, 1, 1] = 0
+    wide = write_tif(tmp_path / "nbgr16.tif", nbgr, nodata=0, photometric="MINISBLACK")
+    with rasterio.open(wide, "r+") as dst:
+        dst.colorinterp = [color.undefined, color.blue, color.green, color.red]
+    np.testing.assert_array_equal(
+        geo.read_raster_rgb(wide), geo.read_raster_rgb(wide, bands=(4, 3, 2))
+    )
+    assert geo.valid_pixels(wide) is None
+    assert not geo.valid_pixels(wide, bands=(1, 2, 3))[1, 1]
+    # undeclared (grey, undefined) bands keep the 1, 2, 3 default
+    plain = write_tif(tmp_path / "plain.tif", data, photometric="MINISBLACK")
+    assert geo.read_raster_rgb(plain)[0, 0].tolist() == [10, 20, 30]
+
+
 def test_four_band_16bit_default_bands(tmp_path):
     rng = np.random.default_rng(3)
     data = rng.integers(1, 5000, (4, 8, 9), dtype=np.uint16)
