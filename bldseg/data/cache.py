@@ -629,10 +629,11 @@ def _check_masks(records: Sequence[SourceRecord], not_binary: set[Path], any_pos
         where = first.mask_path.parent if first.mask_path is not None else first.image_path.parent
         colours = first.options.mask_colors
         if colours is not None and first.mask_path is not None:
-            # --mask-values cannot name a colour: say which colours the masks do draw
-            named = " ".join(",".join(str(v) for v in c) for c in colours)
+            # --mask-values cannot name a colour: say which colours the masks do draw (as the
+            # flag takes them: several separated by ';', quoted for the shell)
+            named = ";".join(",".join(str(v) for v in c) for c in colours)
             raise ValueError(
-                f"no pixel of the {len(records)} masks has the colour(s) --mask-colors {named} "
+                f"no pixel of the {len(records)} masks has the colour(s) --mask-colors '{named}' "
                 f"(first: {first.mask_path}, in {where}; its most frequent colours, RGB: "
                 f"{_mask_top_colours(first.mask_path)}): wrong mask folder, or name the "
                 "building colour with --mask-colors R,G,B"

@@ -80,8 +80,12 @@ DEFAULT_MASK_PATTERNS = (
 #: refused instead of read as index > 0; 7: --mask-colors masks with soft edges (resampled,
 #: JPEG) read by the nearest class colour and reported as not binary, one-channel masks read
 #: as grey colours under --mask-colors, and images' bands declared red/green/blue read as RGB
-#: by default), so caches built by older rules are rebuilt.
-DECODE_RULES = 7
+#: by default; 8: --mask-colors calls a mask of at most 256 colours soft only by a colour near
+#: a named one (a clean mask with a thin class was read softly) and then takes no colour beyond
+#: that for a building, grey masks under grey colours told soft as without the flag, palette
+#: masks read by their colours as RGB ones, one-channel masks under a colour refused), so
+#: caches built by older rules are rebuilt.
+DECODE_RULES = 8
 
 #: The version of DECODE_RULES in which image (not mask) decoding last changed (3: palette
 #: GeoTIFF images read as their colours; 7: bands declared red/green/blue read as RGB). Masks
@@ -942,28 +946,31 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
       see the mask without them, so a 0/1 mask with nodata 255 stays binary;
     - palette PNGs/TIFFs: when every colour the image uses is grey (PIL's ``quantize`` often
       puts white at index 0; two entries may share a grey), the grey values, read as one
-      channel; in a colour palette, the indices in ``options.mask_values``, or the indices of
-      the colours in ``options.mask_colors``, or (``options.mask_nonzero``) index > 0 are
-      buildings; without them the distinct colours drawn decide: one colour on black is the
-      building whatever its index (``quantize`` may put red at index 0), more than two colours
-      (a class palette) are refused, and otherwise (one colour; two, neither black) index > 0
-      is a building; fully transparent pixels (a tRNS entry or PA alpha of 0, a
-      TIFF's GDAL nodata index) are no data: background, with a warning counting those the
-      palette would have read as building, and their entries' colours decide nothing;
+      channel; in a colour palette, the indices in ``options.mask_values`` or
+      (``options.mask_nonzero``) index > 0 are buildings; without them the distinct colours
+      drawn decide: one colour on black is the building whatever its index (``quantize`` may
+      put red at index 0), more than two colours (a class palette) are refused, and otherwise
+      (one colour; two, neither black) index > 0 is a building; fully transparent pixels (a
+      tRNS entry or PA alpha of 0, a TIFF's GDAL nodata index) are no data: background, with
+      a warning counting those the palette would have read as building, and their entries'
+      colours decide nothing; under ``options.mask_colors`` (without ``mask_values``) a
+      palette image is read as the RGB colours it draws, as below, its transparent pixels
+      background;
     - ``options.mask_values`` set: exactly those values are buildings (class-id masks);
     - ``options.mask_nonzero`` set: every nonzero value is a building (instance-id masks);
     - ``options.mask_colors`` set: colour-coded class masks (a one-channel mask as the grey
-      colours (v, v, v)), exactly those RGB colours are buildings; a class-colour mask with
-      soft edges (resampled, antialiased, JPEG) is read by the nearest class colour and
-      reported as not binary (:func:`_colour_classes`).
+      colours (v, v, v); under a colour that is not grey it is refused), exactly those RGB
+      colours are buildings; a class-colour mask with soft edges (resampled, antialiased,
+      JPEG) is read by the nearest class colour and reported as not binary
+      (:func:`_colour_classes`).
 
     Raises:
         FileNotFoundError: The file does not exist.
         ValueError: Corrupt or truncated file; colour channels that differ; a mask stored only
             in the alpha channel; transparent pixels; a label mask without ``mask_values`` or
             ``mask_nonzero``; a colour palette of more than two colours without
-            ``mask_values``, ``mask_colors`` or ``mask_nonzero``. Messages name the file and say
-            what to do.
+            ``mask_values``, ``mask_colors`` or ``mask_nonzero``; a one-channel mask under
+            ``mask_colors`` that are not grey. Messages name the file and say what to do.
     """
     path = Path(path)
     if not path.is_file():
@@ -971,6 +978,13 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
     _refuse_truncated_jpeg(path)
     palette = _read_palette(path)
     nodata = None  # (H, W) pixels holding a TIFF's GDAL nodata value; palettes: in `palette`
+    if palette is not None and options.mask_colors is not None and options.mask_values is None:
+        # Read by the colours it draws, as the same pixels saved as RGB are: a JPEG'd class
+        # mask quantised to a palette (PIL's quantize) draws no exact class colour, and read by
+        # entry it had no building, binary. Entries past the palette draw black, as PIL does.
+        rgb = np.clip(palette.colours, 0, 255).astype(np.uint8)[palette.indices]  # (H, W, 3)
+        hit, binary = _colour_classes(rgb[..., ::-1], options.mask_colors, path)
+        return MaskRead(_transparent_to_background(hit, palette, hit > 0, path), binary)
     if palette is not None:
         labels = _palette_labels(palette, options, path)
         # (H, W) uint8 0/1 labels, or grey values read on as one channel (all >= 0 but where
@@ -1217,8 +1231,9 @@ def _palette_labels(palette: _Palette, options: ReadOptions, path: Path) -> np.n
 
     Grey values are read when every colour the image draws is grey, duplicates included (a 0/255
     mask saved as a palette, possibly inverted: PIL's ``quantize`` and ``ADAPTIVE`` palettes
-    often put white at index 0), unless ``mask_values``/``mask_colors`` name what is a building
-    (``mask_nonzero``: every index > 0 of a colour palette). Otherwise the distinct colours
+    often put white at index 0), unless ``mask_values`` names what is a building
+    (``mask_nonzero``: every index > 0 of a colour palette; under ``mask_colors`` a palette is
+    not read here but by its colours, :func:`_colour_classes`). Otherwise the distinct colours
     drawn decide (two entries of one colour count once):
 
     - two, one of them black: the other colour is the building, whatever its index (a red mask
@@ -1240,10 +1255,6 @@ def _palette_labels(palette: _Palette, options: ReadOptions, path: Path) -> np.n
         return np.isin(indices, options.mask_values).astype(np.uint8)
     counts = np.bincount(indices[~palette.clear], minlength=256)  # (256,) pixels drawn per entry
     used = np.flatnonzero(counts)
-    if options.mask_colors is not None:
-        wanted = {tuple(int(v) for v in c) for c in options.mask_colors}
-        hits = [i for i in used if tuple(int(v) for v in colours[i]) in wanted]
-        return np.isin(indices, hits).astype(np.uint8)
     rgb = colours[used]  # (K, 3)
     # Greys are read as what they show, also when two indices share one (a second black entry
     # is common): the index of a grey palette is no label.
@@ -1320,8 +1331,35 @@ def _refuse_label_mask(
         cut: The threshold it would be binarised at.
         path: The file, for the message.
     """
+    why = _label_mask_why(m, values, counts, cut)
+    if why is None:
+        return
+    top = _nominal_max(m)
+    shown = ", ".join(str(v) for v in values[:8]) + (
+        f", ..., {values[-1]}" if len(values) > 8 else ""
+    )
+    example = values[values > 0][0]
+    jpeg = ""
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        jpeg = "; a 0/1 mask saved as JPEG cannot be read exactly (JPEG changes values): save PNG"
+    raise ValueError(
+        f"{path}: this looks like a label mask (class or instance ids), not a binary one: it "
+        f"holds {len(values)} values ({shown}), and binarising it at {cut:g} of 0..{top:g} "
+        f"{why}. For class ids name the building ids with --mask-values (e.g. --mask-values "
+        f"{example}); for instance ids (each building its own number) pass --mask-nonzero{jpeg}"
+    )
+
+
+def _label_mask_why(
+    m: np.ndarray, values: np.ndarray, counts: np.ndarray, cut: float
+) -> str | None:
+    """Why a multi-valued one-channel mask is a label mask, not a binary one with soft edges
+    (the text :func:`_refuse_label_mask` gives); None when it looks binary with soft edges.
+
+    Args as :func:`_refuse_label_mask`'s.
+    """
     if not np.issubdtype(m.dtype, np.integer):
-        return  # float masks are soft 0..1 maps: thresholding is what they are for
+        return None  # float masks are soft 0..1 maps: thresholding is what they are for
     top = _nominal_max(m)
     kept = int(counts[values > cut].sum())
     mid = (m > 0.25 * top) & (m < 0.75 * top)  # (H, W)
@@ -1335,7 +1373,7 @@ def _refuse_label_mask(
     n_low, n_low_flat = int(low.sum()), int(low_flat.sum())
     dropped_flat = n_low_flat > 16 and n_low_flat > 0.5 * n_low
     if kept > 0 and n_flat <= 0.05 * n_mid and not dropped_flat:
-        return
+        return None
     nonzero = int(counts[values > 0].sum())
     if kept == 0:
         why = f"would keep none of its {nonzero} nonzero pixels"
@@ -1352,19 +1390,7 @@ def _refuse_label_mask(
             f"would cut through {n_flat} pixels inside flat areas of mid-range values, which "
             "antialiasing does not make"
         )
-    shown = ", ".join(str(v) for v in values[:8]) + (
-        f", ..., {values[-1]}" if len(values) > 8 else ""
-    )
-    example = values[values > 0][0]
-    jpeg = ""
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        jpeg = "; a 0/1 mask saved as JPEG cannot be read exactly (JPEG changes values): save PNG"
-    raise ValueError(
-        f"{path}: this looks like a label mask (class or instance ids), not a binary one: it "
-        f"holds {len(values)} values ({shown}), and binarising it at {cut:g} of 0..{top:g} "
-        f"{why}. For class ids name the building ids with --mask-values (e.g. --mask-values "
-        f"{example}); for instance ids (each building its own number) pass --mask-nonzero{jpeg}"
-    )
+    return why
 
 
 #: Colour distance (Euclidean, 0..255 per channel) within which a soft-edged class-colour mask's
@@ -1382,16 +1408,37 @@ def _colour_classes(m: np.ndarray, colours, path: Path) -> tuple[np.ndarray, boo
     edges is not: resampling blends neighbouring class colours (a 256->128->256 bilinear ISPRS
     mask has ~30k colours and ~half its building pixels off (0, 0, 255)) and JPEG moves every
     pixel off its colour (none stays (0, 0, 255)), so exact matching silently drops buildings.
-    Class colours are those drawn over an area (a pixel whose 3x3 neighbourhood shares its
-    colour exactly) and the named ones; a class too small for that (a car in a coarse tile) is
-    kept apart from blends by its distance to every class colour. A soft mask is told by a
-    colour that is no class colour yet lies within _COLOUR_TOLERANCE of one (no class palette
-    draws that; blends and JPEG noise do), by one the nearest-colour reading takes for a
-    building (a blend with more of a building colour than of any other), or by more than 256
-    colours (class masks hold at most one colour per uint8 class id). Such a mask is read by
-    the nearest class colour (:func:`_nearest_class`), as a soft one-channel mask is binarised
-    at the midpoint of its range, and reported as not binary.
+
+    The test is kept conservative, since a clean mask read softly takes other classes for
+    buildings: a mask of at most 256 colours (class masks hold at most one colour per uint8
+    class id) is clean unless a colour other than the named ones lies within
+    _COLOUR_TOLERANCE of one (a JPEG'd, quantised or blended building colour; no class palette
+    puts another class that close to the building's). Whether a class fills areas or is drawn
+    only in 1-px lines and specks decides nothing. Grey masks under grey colours (class ids
+    0/1/2/3 under 1,1,1 lie within the tolerance of each other) are told as a one-channel mask
+    is without --mask-colors: two values, or a label mask, are clean; a binary one with soft
+    edges is not (:func:`_label_mask_why`). A soft mask is read by the nearest class colour
+    (:func:`_nearest_class`), as a soft one-channel mask is binarised at the midpoint of its
+    range, and reported as not binary; in one of at most 256 colours only the colours the near
+    rule takes for the building's can be one: its other colours are exact colours drawn on
+    purpose (a thin class), which the nearest-class reading would merge into the building
+    whenever they are too rare to be found as a class of their own.
+
+    Raises:
+        ValueError: A one-channel mask under a colour that is not grey (it cannot draw it: its
+            buildings would all read as background); a mask that is not 8-bit grey or RGB.
     """
+    named = np.asarray(colours, np.int32).reshape(-1, 3)
+    named_grey = bool((named == named[:, :1]).all())
+    if m.ndim == 2 and not named_grey:
+        flag = ";".join(",".join(map(str, c)) for c in named.tolist())
+        colour = " ".join(",".join(map(str, c)) for c in named.tolist() if len(set(c)) > 1)
+        raise ValueError(
+            f"{path}: a one-channel (grey) mask cannot hold the colour(s) {colour} that "
+            f"--mask-colors '{flag}' names, so its buildings would read as background; convert "
+            "the grey masks to the class colours (RGB), or read grey masks with --mask-values "
+            "(e.g. --mask-values 255) or without a mask flag"
+        )
     if m.dtype != np.uint8 or (m.ndim == 3 and m.shape[2] not in (3, 4)):
         raise ValueError(
             f"{path}: --mask-colors needs an 8-bit RGB (or grey) mask, got {m.shape} {m.dtype}; "
@@ -1401,29 +1448,33 @@ def _colour_classes(m: np.ndarray, colours, path: Path) -> tuple[np.ndarray, boo
     key = bgr[..., 2].astype(np.int32) << 16  # (H, W) one int per colour, R << 16 | G << 8 | B
     key |= bgr[..., 1].astype(np.int32) << 8
     key |= bgr[..., 0]
-    named = np.asarray(colours, np.int32).reshape(-1, 3)
     named_key = (named[:, 0] << 16) | (named[:, 1] << 8) | named[:, 2]  # (K,)
-    spread = _colour_spread(bgr)  # (H, W)
     # Tables over all 2**24 colours (16 MB each) instead of np.unique: a 5000x5000 mask is
     # sorted in seconds, looked up in a fraction of one.
     drawn = np.zeros(1 << 24, bool)
     drawn[key] = True
-    is_class = np.zeros(1 << 24, bool)
-    is_class[key[spread == 0]] = True
-    is_class[named_key] = False  # listed first below
-    others = _key_rgb(np.flatnonzero(is_class))
-    classes = np.concatenate([named.astype(np.float32), others])  # (C, 3) named first
-    is_class[named_key] = True
+    seen = np.flatnonzero(drawn)  # (N,) the colours drawn
+    seen_rgb = _key_rgb(seen)  # (N, 3)
+    few = len(seen) <= 256
+    grey = named_grey and bool((seen_rgb == seen_rgb[:, :1]).all())
+    if grey:
+        g = bgr[..., 0]  # (H, W)
+        values = (seen & 255).astype(np.uint8)
+        counts = np.bincount(g.ravel(), minlength=256)[values]
+        cut = 0.5 * _nominal_max(g)
+        clean = len(values) <= 2 or _label_mask_why(g, values, counts, cut) is not None
+    else:
+        loose = seen_rgb[~np.isin(seen, named_key)]  # (L, 3) drawn colours not named
+        clean = few and not (_distances(loose, named.astype(np.float32)) <= _COLOUR_TOLERANCE).any()
     lut = np.zeros(1 << 24, bool)  # colour -> building
-    if np.count_nonzero(drawn) <= 256:
-        loose = _key_rgb(np.flatnonzero(drawn & ~is_class))  # (L, 3) colours of no class
-        near = _distances(loose, classes).min(axis=1, initial=np.inf) <= _COLOUR_TOLERANCE
-        if not near.any() and not _nearest_class(loose, classes, len(named)).any():
-            lut[named_key] = True
-            return lut[key].astype(np.uint8), True
-    anchors = _class_anchors(key, spread, named, _COLOUR_TOLERANCE)  # (A, 3) named first
-    seen = np.flatnonzero(drawn)
-    lut[seen[_nearest_class(_key_rgb(seen), anchors, len(named))]] = True
+    if clean:
+        lut[named_key] = True
+        return lut[key].astype(np.uint8), True
+    anchors = _class_anchors(key, _colour_spread(bgr), named, _COLOUR_TOLERANCE)  # named first
+    hit = _nearest_class(seen_rgb, anchors, len(named))  # (N,)
+    if few and not grey:
+        hit &= _distances(seen_rgb, named.astype(np.float32)).min(axis=1) <= _COLOUR_TOLERANCE
+    lut[seen[hit]] = True
     return lut[key].astype(np.uint8), False
 
 

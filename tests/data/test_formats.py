@@ -415,7 +415,11 @@ def test_one_channel_masks_read_as_grey_colours_under_mask_colors(tmp_path):
         assert black.binary
         white = read_mask_image(path, ReadOptions(mask_colors=((255, 255, 255),)))
         np.testing.assert_array_equal(white.mask, m)
-        assert not read_mask_image(path, ReadOptions(mask_colors=((255, 0, 0),))).mask.any()
+    # a colour that is not grey: not in the RGB one, refused for the one-channel one (which
+    # cannot hold it: test_one_channel_mask_under_a_colour_is_refused_naming_the_file)
+    assert not read_mask_image(rgb, ReadOptions(mask_colors=((255, 0, 0),))).mask.any()
+    with pytest.raises(ValueError, match="one-channel"):
+        read_mask_image(grey, ReadOptions(mask_colors=((255, 0, 0),)))
 
 
 def test_all_empty_under_mask_colors_names_the_colours_found(tmp_path):
@@ -429,10 +433,96 @@ def test_all_empty_under_mask_colors_names_the_colours_found(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"no pixel of the 2 masks has the colour\(s\) "
-        r"--mask-colors 255,0,255 \(first: .*a\.png",
+        r"--mask-colors '255,0,255' \(first: .*a\.png",
     ) as e:
         ensure_cache(records, tmp_path / "cache", progress=False)
     assert "[255, 255, 255]" in str(e.value) and "--mask-values" not in str(e.value)
+
+
+def test_clean_class_colour_masks_with_thin_classes_are_read_exactly(tmp_path):
+    # A class drawn only in 1-px lines or specks (never filling a 3x3 area) made a clean
+    # class-colour PNG look soft: the thin class was taken for a building and the mask said
+    # not binary; a grey class-id mask (0 background, 1 building, 2 road, 2 px of id 3) under
+    # --mask-colors 1,1,1 read every pixel as a building.
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[:, :32] = (70, 70, 70)  # Cityscapes building
+    rgb[:, 32:] = (0, 0, 142)  # car
+    rgb[20, :] = (0, 80, 100)  # a 1-px line of train
+    rgb[40, 5] = rgb[41, 40] = (220, 20, 60)  # person specks
+    path = tmp_path / "cityscapes.png"
+    cv2.imwrite(str(path), rgb[..., ::-1])
+    read = read_mask_image(path, ReadOptions(mask_colors=((70, 70, 70),)))
+    assert read.binary
+    np.testing.assert_array_equal(read.mask, (rgb == (70, 70, 70)).all(axis=2))
+    ids = np.zeros((64, 64), np.uint8)
+    ids[10:30, 10:40] = 1
+    ids[40:50] = 2
+    ids[5, 50] = ids[6, 51] = 3
+    for name, array in (("ids.png", ids), ("ids_rgb.png", np.repeat(ids[..., None], 3, 2))):
+        cv2.imwrite(str(tmp_path / name), array)
+        read = read_mask_image(tmp_path / name, ReadOptions(mask_colors=((1, 1, 1),)))
+        assert read.binary, name
+        np.testing.assert_array_equal(read.mask, ids == 1, err_msg=name)
+
+
+def test_soft_class_colour_masks_of_few_colours_take_no_far_colour_for_a_building(tmp_path):
+    # A mask of at most 256 colours is soft only by a colour near a named one; read softly,
+    # its distinct colours farther from every named colour stay what they are (a thin class),
+    # not merged into the building by its nearest-class reading.
+    rgb = np.full((64, 64, 3), 255, np.uint8)  # roads white
+    rgb[8:40, 8:40] = (0, 0, 255)  # a building
+    rgb[8:40, 40] = (0, 0, 240)  # its edge, off the class colour (a blended/quantised one)
+    rgb[50, :] = (60, 60, 200)  # a 1-px line of a class 83 from the building colour
+    path = tmp_path / "few.png"
+    cv2.imwrite(str(path), rgb[..., ::-1])
+    read = read_mask_image(path, ReadOptions(mask_colors=((0, 0, 255),)))
+    assert not read.binary
+    truth = (rgb[..., 0] == 0) & (rgb[..., 2] >= 240)
+    np.testing.assert_array_equal(read.mask, truth)
+
+
+def test_one_channel_mask_under_a_colour_is_refused_naming_the_file(tmp_path):
+    # A grey 0/255 mask (ISPRS ground truth as some ship it) under --mask-colors 0,0,255 read
+    # as empty, silently: a folder mixing grey and colour masks lost the grey ones' buildings.
+    _, m = scene(48, 3)
+    path = tmp_path / "grey.png"
+    cv2.imwrite(str(path), m * 255)
+    with pytest.raises(ValueError, match=r"one-channel") as e:
+        read_mask_image(path, ReadOptions(mask_colors=((255, 255, 255), (0, 0, 255))))
+    msg = str(e.value)
+    assert str(path) in msg and "0,0,255" in msg and "--mask-values" in msg
+    # grey colours keep reading it
+    white = read_mask_image(path, ReadOptions(mask_colors=((255, 255, 255),)))
+    np.testing.assert_array_equal(white.mask, m)
+
+
+def test_palette_class_colour_masks_read_as_their_colours(tmp_path):
+    # A JPEG'd class-colour mask quantised to a palette (PIL's quantize) draws no exact class
+    # colour: read by palette entry it had no building and said it was binary. It is read as
+    # the same pixels saved as RGB are.
+    rgb, truth = _class_colours()
+    jpeg = tmp_path / "q75.jpg"
+    Image.fromarray(rgb).save(jpeg, quality=75)
+    quantised = Image.open(jpeg).convert("RGB").quantize(64, method=Image.Quantize.MEDIANCUT)
+    quantised.save(tmp_path / "palette.png")
+    quantised.convert("RGB").save(tmp_path / "rgb.png")
+    options = ReadOptions(mask_colors=((0, 0, 255),))
+    palette = read_mask_image(tmp_path / "palette.png", options)
+    as_rgb = read_mask_image(tmp_path / "rgb.png", options)
+    np.testing.assert_array_equal(palette.mask, as_rgb.mask)
+    assert palette.binary == as_rgb.binary is False
+    assert (palette.mask.astype(bool) != truth).mean() < 0.05
+
+
+def test_all_empty_under_several_mask_colors_names_them_as_the_flag_takes_them(tmp_path):
+    # The colours were printed "--mask-colors 255,0,255 1,2,3", which the flag does not take.
+    images, masks = _folder(tmp_path, ["a"], size=128)
+    rgb, _ = _class_colours(seed=2)
+    cv2.imwrite(str(masks / "a.png"), rgb[..., ::-1])
+    colours = ((255, 0, 255), (1, 2, 3))
+    records = read_folder_dataset(images, masks, options=ReadOptions(mask_colors=colours))
+    with pytest.raises(ValueError, match=r"--mask-colors '255,0,255;1,2,3' \(first: "):
+        ensure_cache(records, tmp_path / "cache", progress=False)
 
 
 def _instances(dtype=np.uint8, n: int = 200) -> np.ndarray:
