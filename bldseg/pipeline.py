@@ -66,6 +66,7 @@ from bldseg.predict import (
 )
 from bldseg.train.config import RunConfig
 from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
+from bldseg.train.resume_checks import data_record
 from bldseg.tune import tracking
 from bldseg.tune.runner import META_FILE as SEARCH_META
 from bldseg.tune.runner import (
@@ -144,7 +145,9 @@ def tracking_uri(uri: str | None) -> str:
     return tracking.absolute_uri(uri or tracking.default_tracking_uri("."))
 
 
-def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> None:
+def check_continuation(
+    cfg: PipelineConfig, state: dict, fingerprint: str, content: str | None = None
+) -> None:
     """Raises ContinuationError naming what differs when a recorded pipeline is continued with other
     result settings, other training data, or another storage folder or MLflow tracking URI.
 
@@ -152,6 +155,19 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
     searches are in the recorded ones, so another would leave their models out of the ensemble
     search, or find no pipeline run to continue. A state without the absolute record (older
     bldseg) is compared by its recorded values made absolute against the working folder.
+
+    The training data are compared as a resumed search or run compares them
+    (:func:`~bldseg.train.resume_checks.check_same_data`): by the cache's content digest where
+    the state records one too, else (a state of an older bldseg) by its fingerprint. The
+    fingerprint also changes when bldseg's decoding rules do
+    (:data:`bldseg.data.readers.DECODE_RULES`), so after a bldseg update that decodes the same
+    files to the same pixels only the digest tells that nothing changed.
+
+    Args:
+        cfg: The settings of this call.
+        state: The recorded pipeline state (``pipeline_state.json``).
+        fingerprint: The training cache's fingerprint now.
+        content: The training cache's content digest now (None: compared by fingerprint).
     """
     # both as JSON has them (tuples become lists)
     recorded = json.loads(json.dumps(state.get("config") or {}, default=str))
@@ -172,9 +188,22 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
         if k in recorded and recorded[k] != now[k]
     ]
     started_on = state.get("data_fingerprint")
-    if started_on and started_on != fingerprint:
-        rules = state.get("decode_rules")
-        if rules is not None and rules != readers.DECODE_RULES:
+    rules = state.get("decode_rules")
+    rules_changed = rules is not None and rules != readers.DECODE_RULES
+    if content and state.get("data_content"):
+        # as a resumed search or run (resume_checks.check_same_data): the digest decides where
+        # both have one; the fingerprint changes with bldseg's decoding rules, paths and times
+        was_content = state["data_content"]
+        other_data = (
+            None if was_content == content else f"training data content: {was_content} -> {content}"
+        )
+    elif started_on and started_on != fingerprint:
+        since = " (or bldseg's image or mask decoding changed since)" if rules is None else ""
+        other_data = f"training data fingerprint{since}: {started_on} -> {fingerprint}"
+    else:
+        other_data = None
+    if other_data is not None:
+        if rules_changed:
             # the same files, decoded by another bldseg: nothing the user changed
             raise ContinuationError(
                 f"{_state_path(cfg)} records a pipeline started before bldseg's image or mask "
@@ -183,8 +212,7 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
                 "differently, so its finished stages cannot be reused: start a new pipeline "
                 "(another --name)"
             )
-        since = " (or bldseg's image or mask decoding changed since)" if rules is None else ""
-        differ.append(f"training data fingerprint{since}: {started_on} -> {fingerprint}")
+        differ.append(other_data)
     moved = []
     for key, flag, resolve in (
         ("storage", "--storage", storage_root),
@@ -205,6 +233,15 @@ def check_continuation(cfg: PipelineConfig, state: dict, fingerprint: str) -> No
             + "; ".join(differ + moved)
             + f"): {why}. Pass the original settings to continue it, or another --name for a "
             "new pipeline"
+        )
+    if rules_changed:  # and the content digests are equal (other data are refused above)
+        log.info(
+            "%s: bldseg's image or mask decoding changed since this pipeline started (rules "
+            "%s -> %s), but the training data decode the same (the same content digest): "
+            "continuing",
+            _state_path(cfg),
+            rules,
+            readers.DECODE_RULES,
         )
 
 
@@ -733,7 +770,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # 0. data + cache (idempotent: an up-to-date cache is only opened)
     data = prepare_data(cfg.data, options=cfg.data_options, data_root=cfg.data_root, verbose=True)
     # before the tracking store is opened: another --tracking-uri is refused, not created
-    check_continuation(cfg, state, data.train.fingerprint)
+    check_continuation(cfg, state, data.train.fingerprint, data.train.content)
     client = tracking.check_tracking(uri)
     truth = test_truth(data) if data.test is not None and data.test_truth_csv else None
     if "pipeline_run_id" not in state:
@@ -760,9 +797,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 "pipeline_run_id": run.info.run_id,
                 "experiment_id": exp_id,
                 "config": asdict(cfg),
-                "data_fingerprint": data.train.fingerprint,
-                # the mask decoding that fingerprint was made with, named on continuation
-                "decode_rules": readers.DECODE_RULES,
+                # the training data (data_fingerprint, data_content: what decides on
+                # continuation) and the decoding rules that fingerprint was made with
+                **data_record(data.train.fingerprint, data.train.content),
                 "test_fingerprint": fingerprint_test_split(data),
                 # where its searches and MLflow runs are, compared on continuation
                 "storage": storage_root(cfg.storage),
@@ -779,6 +816,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         # a state of an older bldseg: record where it is (check_continuation found it here)
         state.setdefault("storage", storage_root(cfg.storage))
         state.setdefault("tracking_uri", uri)
+        # the same data (check_continuation): their fingerprint and decoding rules now, and
+        # the content digest a state of an older bldseg lacks, so that a later bldseg update
+        # that decodes them the same is told apart from other data
+        state.update(data_record(data.train.fingerprint, data.train.content))
         _save_state(cfg, state)
     pipeline_run = state["pipeline_run_id"]
     _repair_state(cfg, state, storage)

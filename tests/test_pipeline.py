@@ -577,6 +577,39 @@ def test_a_recorded_but_unfinished_search_is_resumed_and_later_stages_redone(
     assert _report(tmp_path) == _report(base_root)
 
 
+def test_a_pipeline_recorded_before_a_bldseg_update_continues_on_the_same_content(
+    small_world, two_models, fake_baseline, tmp_path, monkeypatch
+):
+    # The cache's fingerprint includes bldseg's decoding rules: after an update that decodes
+    # the same files to the same pixels, the pipeline was refused ("start a new pipeline")
+    # although the content digest, which resumed searches and runs go by, was equal.
+    from bldseg import pipeline
+    from bldseg.data import readers
+
+    base_root, _ = fake_baseline
+    shutil.copytree(base_root, tmp_path, dirs_exist_ok=True)
+    state = _state(tmp_path)
+    for key, value in list(state.items()):  # the state refers to the baseline's folders
+        state[key] = json.loads(json.dumps(value).replace(str(base_root), str(tmp_path)))
+    # as an older bldseg recorded the same data: another fingerprint, older rules
+    state.update(data_fingerprint="0" * 32, decode_rules=readers.DECODE_RULES - 1)
+    path = tmp_path / "results" / "pipeline" / "pipeline_state.json"
+    path.write_text(json.dumps(state))
+    searches = FakeSearches(two_models)
+    monkeypatch.setattr(pipeline, "run_search", searches)
+    again = pipeline.run_pipeline(_config(small_world, tmp_path))  # was refused
+    assert searches.calls == []  # its finished stages are kept
+    # the data it is on, as this bldseg fingerprints and decodes them
+    assert again["data_fingerprint"] == small_world.train.fingerprint
+    assert again["decode_rules"] == readers.DECODE_RULES
+    assert again["data_content"] == small_world.train.content
+    # other content is still refused, naming the decoding change
+    state.update(data_content="1" * 32)
+    path.write_text(json.dumps(state))
+    with pytest.raises(pipeline.ContinuationError, match="decoding changed"):
+        pipeline.run_pipeline(_config(small_world, tmp_path))
+
+
 def test_a_search_that_returns_unfinished_is_not_recorded(
     small_world, two_models, tmp_path, monkeypatch
 ):

@@ -441,6 +441,41 @@ def test_a_change_of_bldsegs_mask_decoding_is_named_not_blamed_on_the_data(tmp_p
         pipeline.check_continuation(cfg, older, "fp2")
 
 
+def test_a_bldseg_update_that_decodes_the_data_the_same_continues(tmp_path, monkeypatch, caplog):
+    # the fingerprint includes readers.DECODE_RULES, so after a bldseg update it differs for the
+    # same files; a state that records the content digest is decided by it, as a resumed search
+    # or run is (resume_checks.check_same_data): the same pixels continue, other ones do not
+    from bldseg.data import readers
+
+    monkeypatch.chdir(tmp_path)
+    cfg = PipelineConfig()
+    now = readers.DECODE_RULES
+    state = _recorded(cfg, data_fingerprint="fp", data_content="c1", decode_rules=now - 1)
+    with caplog.at_level(logging.INFO, logger="bldseg.pipeline"):
+        pipeline.check_continuation(cfg, state, "fp2", "c1")  # not refused
+    assert f"decoding changed since this pipeline started (rules {now - 1} -> {now})" in (
+        caplog.text
+    )
+    assert "decode the same" in caplog.text
+    # other pixels after the update: refused, naming the decoding change
+    with pytest.raises(ContinuationError, match=r"image or mask decoding changed \(rules"):
+        pipeline.check_continuation(cfg, state, "fp2", "c2")
+    # the same rules: the same content continues whatever the fingerprint (another folder,
+    # new file times), other content is refused naming both digests
+    same_rules = _recorded(cfg, data_fingerprint="fp", data_content="c1", decode_rules=now)
+    pipeline.check_continuation(cfg, same_rules, "fp2", "c1")
+    with pytest.raises(ContinuationError, match=r"training data content: c1 -> c2"):
+        pipeline.check_continuation(cfg, same_rules, "fp", "c2")
+    # a state without a digest (an older bldseg's) is compared by its fingerprint, as before
+    older = _recorded(cfg, data_fingerprint="fp", decode_rules=now - 1)
+    with pytest.raises(ContinuationError, match=r"image or mask decoding changed \(rules"):
+        pipeline.check_continuation(cfg, older, "fp2", "c1")
+    pipeline.check_continuation(cfg, older, "fp", "c1")
+    # other settings are still named with the same data
+    with pytest.raises(ContinuationError, match=r"trials: 6 -> 7\)"):
+        pipeline.check_continuation(replace(cfg, trials=7), state, "fp2", "c1")
+
+
 @pytest.mark.parametrize("to", ["REPORT.md", "docs/", "docs", "new/deeper/R.md"])
 def test_report_to_takes_a_file_or_a_folder(tmp_path, to):
     # --report-to docs/ replaced the folder docs with a file named docs (os.replace onto it),
