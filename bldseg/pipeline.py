@@ -771,7 +771,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     data = prepare_data(cfg.data, options=cfg.data_options, data_root=cfg.data_root, verbose=True)
     # before the tracking store is opened: another --tracking-uri is refused, not created
     check_continuation(cfg, state, data.train.fingerprint, data.train.content)
-    client = tracking.check_tracking(uri)
+    client = tracking.check_tracking(uri, experiment=cfg.name)
     truth = test_truth(data) if data.test is not None and data.test_truth_csv else None
     if "pipeline_run_id" not in state:
         # The first search's start-up check, before the state records these settings: a crop

@@ -371,7 +371,7 @@ def _ensemble(parser: argparse.ArgumentParser, a: argparse.Namespace) -> int:
         # of retries, with a traceback instead of the result.
         uri = tracking.absolute_uri(a.tracking_uri)
         try:
-            tracking.check_tracking(uri)
+            tracking.check_tracking(uri, experiment=a.experiment or DEFAULTS.experiment)
         except RuntimeError as err:  # its message names the URI and what to do
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2

@@ -685,8 +685,9 @@ def remove_stale_stages(out: Path) -> list[Path]:
     a pid of this host that no longer runs; another host's are kept, as is one whose pid runs
     again for another process. A folder without an owner file (being made, or its run killed
     at once) is stale once older than :data:`STAGING_UNOWNED_STALE_S`. A folder this user
-    cannot look into (another user's, made by a bldseg that kept it to its owner) is kept,
-    with a warning naming it: whether its run is gone cannot be told.
+    cannot look into (another user's, made by a bldseg that kept it to its owner) or whose
+    lock file it cannot open (another user's, made under umask 022) is kept, with a warning
+    naming it: whether its run is gone cannot be told.
     """
     removed = []
     host = socket.gethostname()
@@ -694,13 +695,7 @@ def remove_stale_stages(out: Path) -> list[Path]:
         try:
             locked = (stage / STAGING_LOCK).is_file()
         except OSError as e:
-            why = e.strerror or str(e)
-            warnings.warn(
-                f"--out {out}: the staging folder {stage.name} is another user's search's, "
-                f"which this user cannot look into ({why}): it is kept, as that search may "
-                f"still run; once it has ended, its owner can remove it (`rm -r {stage}`)",
-                stacklevel=2,
-            )
+            _warn_kept(stage, "which this user cannot look into", e, stacklevel=3)
             continue
         if locked:
             stale = _remove_if_unlocked(stage)
@@ -725,11 +720,27 @@ def _remove_if_unlocked(stage: Path) -> bool:
                 shutil.rmtree(stage, ignore_errors=True)
     except Timeout:  # its run holds it: in use
         return False
-    except OSError:  # removed meanwhile, or not ours to lock
+    except FileNotFoundError:  # removed meanwhile
+        return False
+    except OSError as e:
+        # Not ours to lock: a run under umask 022 made it drwxr-sr-x with a -rw-r--r-- lock
+        # file, which other users can look into but not open for writing (nor remove).
+        _warn_kept(stage, "whose lock file this user cannot open", e, stacklevel=4)
         return False
     if stale:
         shutil.rmtree(stage, ignore_errors=True)  # what the open lock file kept (NFS)
     return stale
+
+
+def _warn_kept(stage: Path, why: str, err: OSError, stacklevel: int) -> None:
+    """Warns that another user's staging folder is kept: whether its run is gone cannot be
+    told. ``stacklevel``: that of the caller of :func:`remove_stale_stages`."""
+    warnings.warn(
+        f"--out {stage.parent}: the staging folder {stage.name} is another user's search's, "
+        f"{why} ({err.strerror or err}): it is kept, as that search may still run; once it "
+        f"has ended, its owner can remove it (`rm -r {stage}`)",
+        stacklevel=stacklevel,
+    )
 
 
 def _stale_by_owner(stage: Path, host: str) -> bool:

@@ -2071,7 +2071,9 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     else:  # a resume's data is the recorded one, checked against the record once prepared
         _refuse_data_early(spec.data, spec.data_options, spec.data_root)
     uri = _tracking_uri(spec, project, meta)
-    client = tracking.check_tracking(uri)  # fail fast, before Ray or data
+    # fail fast, before Ray or data; the experiment its runs log to (a resume's recorded one)
+    experiment = ((meta or {}).get("spec") or {}).get("experiment") or spec.experiment
+    client = tracking.check_tracking(uri, experiment=experiment)
     gone_db = _gone_database(meta)  # a resume given the new place of its moved database
 
     if meta is not None:

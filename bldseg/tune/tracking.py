@@ -157,8 +157,9 @@ def store_lock(uri: str) -> Iterator[None]:
     # MLflow would create the folder on its open; the lock file needs it first
     db.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(f"{db}.lock"):
+        # resolved: O_EXCL refuses a dangling symlink, and SQLite would create its target
         with contextlib.suppress(FileExistsError):  # an existing store (or what is in its way)
-            os.close(os.open(db, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            os.close(os.open(db.resolve(), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         yield
 
 
@@ -185,8 +186,17 @@ def absolute_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
     return str((base / uri).resolve())  # a plain relative folder: a file store
 
 
-def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
+def check_tracking(
+    uri: str, timeout_s: float = 10.0, *, experiment: str | None = None
+) -> MlflowClient:
     """A client for ``uri`` after one round trip to it; fails fast with a clear message.
+
+    Args:
+        uri: The tracking URI.
+        timeout_s: How long a tracking server's health probe may take.
+        experiment: The experiment the job logs to, where known: a sqlite store's check then
+            looks at that experiment's artifact folder rather than at the one that holds them
+            all (which only a new experiment needs to write).
 
     Raises:
         RuntimeError: The tracking store cannot be reached or opened, or a sqlite store cannot
@@ -206,7 +216,7 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
             ) from e
     db = sqlite_path(uri)
     if db is not None:
-        _check_writable(uri, db)
+        _check_writable(uri, db, experiment)
     try:
         # inside: opening a sqlite store creates its folder, which can fail (a file in the way)
         with store_lock(uri):
@@ -216,58 +226,128 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> MlflowClient:
     except Exception as e:  # MLflow raises many types here; all mean "cannot use this store"
         hint = ""
         if isinstance(e, PermissionError) and db is not None:
+            # the folder it could not create is not there to chmod: its nearest parent is
+            where = Path(e.filename or db.parent)
+            while not os.path.exists(where) and where != where.parent:
+                where = where.parent
             hint = (
                 " (the database, its lock file and its folder must be writable by everyone "
-                f"who logs there: ask the owner of {e.filename or db.parent} to `chmod g+w` it)"
+                f"who logs there: {_chmod_advice([where], db)})"
             )
         raise RuntimeError(f"cannot use MLflow tracking store {uri}: {e}{hint}") from e
     return client
 
 
-def _check_writable(uri: str, db: Path) -> None:
+def _check_writable(uri: str, db: Path, experiment: str | None = None) -> None:
     """Refuses a sqlite store that this user can read but not write.
 
     MLflow only reads the store until a search logs to it; SQLite then fails every write
     (``attempt to write a readonly database``, not a PermissionError), after the work. It
-    writes the database, its lock file, and a journal beside them in the folder. Only what
-    exists is checked: what is missing is created later (a missing folder is made by
+    writes the database, its lock file, and a journal beside them in the folder; MLflow writes
+    a run's artifacts into its experiment's folder under ``mlartifacts`` beside the database
+    (:func:`ensure_experiment`), and a new experiment's folder into ``mlartifacts`` itself.
+    Only what exists is checked: what is missing is created later (a missing folder is made by
     :func:`store_lock`, which fails in its own words where it cannot).
 
     Raises:
-        RuntimeError: Naming each file or folder this user cannot write, its owner and mode.
+        RuntimeError: Naming each file or folder this user cannot write, its owner and mode,
+            and what to run; or those that lie on a read-only filesystem.
     """
-    import pwd
     import stat
 
+    artifacts = db.resolve().parent / "mlartifacts"
+    # os.path: False, not a PermissionError, where mlartifacts is not ours to look into
+    if experiment is not None and os.path.isdir(artifacts / experiment):
+        artifacts_used = artifacts / experiment  # a run of an existing experiment's
+    else:
+        artifacts_used = artifacts  # a new experiment's folder goes here
     denied = []
     for path, mode in (
         (db, os.W_OK),
         (Path(f"{db}.lock"), os.W_OK),
         (db.parent, os.W_OK | os.X_OK),
+        (artifacts_used, os.W_OK | os.X_OK),
     ):
         try:
             st = path.stat()
         except OSError:  # missing (made later), or not ours to look into (the open says so)
             continue
-        if os.access(path, mode):
-            continue
-        try:
-            owner = pwd.getpwuid(st.st_uid).pw_name
-        except KeyError:  # a user of another machine's (NFS)
-            owner = f"uid {st.st_uid}"
-        denied.append((path, owner, stat.filemode(st.st_mode)))
+        if not os.access(path, mode):
+            denied.append((path, st))
     if not denied:
         return
-    listed = ", ".join(f"{path} (owner {owner}, {mode})" for path, owner, mode in denied)
-    owners = " and ".join(dict.fromkeys(owner for _, owner, _ in denied))
-    paths = " ".join(str(path) for path, _, _ in denied)
+    read_only = [str(path) for path, _ in denied if _read_only_filesystem(path)]
+    if read_only:  # no mode bits help there
+        raise RuntimeError(
+            f"cannot write MLflow tracking store {uri}: {', '.join(read_only)} "
+            f"{'lies' if len(read_only) == 1 else 'lie'} on a read-only filesystem; pass a "
+            "--tracking-uri on a writable one (or have that filesystem mounted read-write)"
+        )
+    listed = ", ".join(
+        f"{path} (owner {_owner_name(st.st_uid)}, {stat.filemode(st.st_mode)})"
+        for path, st in denied
+    )
     raise RuntimeError(
         f"cannot write MLflow tracking store {uri}: this user cannot write {listed}; "
         "everyone who logs to a shared store must be able to write the database, its lock "
-        f"file and its folder (SQLite writes a journal there): ask {owners} to run "
-        f"`chmod g+w {paths}` (their group must be one you are in), or pass another "
+        "file, its folder (SQLite writes a journal there) and the artifact folders under "
+        f"{artifacts}: {_chmod_advice([path for path, _ in denied], db)}, or pass another "
         "--tracking-uri"
     )
+
+
+def _read_only_filesystem(path: Path) -> bool:
+    """Whether ``path`` lies on a filesystem mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _owner_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a user of another machine's (NFS)
+        return f"uid {uid}"
+
+
+def _chmod_advice(paths: list[Path], db: Path) -> str:
+    """What makes ``paths`` of the store of database ``db`` writable: ``chmod u+w`` for those of
+    this user (its group's bits do not apply to their owner), ``chmod g+w`` by their owners for
+    the others; ``-R`` for the artifact folders, whose run folders other users log into too
+    (never for the database's folder: it may be a whole project's)."""
+    artifacts = db.resolve().parent / "mlartifacts"
+    mine, theirs, owners = [], [], {}
+    for path in paths:
+        try:
+            uid = path.stat().st_uid
+        except OSError:
+            uid = None
+        if uid == os.getuid():
+            mine.append(path)
+        else:
+            theirs.append(path)
+            owners[_owner_name(uid) if uid is not None else f"the owner of {path}"] = None
+
+    def chmod(bits: str, some: list[Path]) -> str:
+        tree = [p for p in some if p == artifacts or artifacts in p.parents]
+        plain = [p for p in some if p not in tree]
+        runs = [f"`chmod {bits} {' '.join(map(str, plain))}`"] if plain else []
+        if tree:
+            runs.append(f"`chmod -R {bits} {' '.join(map(str, tree))}`")
+        return " and ".join(runs)
+
+    advice = []
+    if mine:
+        advice.append(f"run {chmod('u+w', mine)}")
+    if theirs:
+        advice.append(
+            f"ask {' and '.join(owners)} to run {chmod('g+w', theirs)} (their group must be "
+            "one you are in)"
+        )
+    return "; ".join(advice)
 
 
 def ensure_experiment(

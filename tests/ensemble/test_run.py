@@ -1159,6 +1159,37 @@ def test_a_staging_folder_this_user_cannot_look_into_is_kept(results, tmp_path, 
     assert [p.name for p in out.glob(".ensemble-staging-*")] == [theirs.name]
 
 
+def test_a_staging_folder_whose_lock_this_user_cannot_open_is_kept_with_a_warning(
+    results, tmp_path, monkeypatch
+):
+    # Another user's run under umask 022, killed: its folder (drwxr-sr-x) can be looked into,
+    # but its lock file (-rw-r--r--) cannot be opened to test the lock; it was kept silently.
+    import bldseg.ensemble.run as run_mod
+    from bldseg.ensemble.run import STAGING_LOCK
+
+    root, _, _ = results
+    out = tmp_path / "out"
+    theirs = _stage(out, "theirs", {"pid": 1, "host": socket.gethostname()})
+    (theirs / STAGING_LOCK).write_bytes(b"")
+    file_lock = run_mod.file_lock
+
+    def denied_in_theirs(path, *args, **kwargs):
+        if Path(path).parent == theirs:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return file_lock(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "file_lock", denied_in_theirs)
+    with pytest.warns(
+        UserWarning,
+        match=r"staging folder \.ensemble-staging-theirs is another user's search's, whose "
+        r"lock file this user cannot open \(Permission denied\): it is kept",
+    ):
+        run_search(SearchConfig(runs=str(root / "results"), k=[2], out=str(out), progress=False))
+    assert (theirs / "summary.json").read_text() == "{}"  # kept as it was
+    assert json.loads((out / "summary.json").read_text())  # and the search went on
+    assert [p.name for p in out.glob(".ensemble-staging-*")] == [theirs.name]
+
+
 @pytest.fixture
 def moves_into(monkeypatch):
     """``moves_into(out, on_move)``: calls ``on_move(name)`` before each rename into ``out``;

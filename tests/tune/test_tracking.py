@@ -134,10 +134,42 @@ def test_check_tracking_names_a_sqlite_store_that_cannot_be_created(tmp_path):
 
 def as_group_member(path, mode, **kwargs):
     """``os.access`` for another user of ``path``'s group: its group bits decide (the tests run
-    as root, who may write anything)."""
+    as root, who may write anything). Tests that use it also patch ``os.getuid``
+    (:func:`another_user`): the files they make are root's."""
     st = os.stat(path)
     bits = ((os.R_OK, stat.S_IRGRP), (os.W_OK, stat.S_IWGRP), (os.X_OK, stat.S_IXGRP))
     return all(st.st_mode & bit for flag, bit in bits if mode & flag)
+
+
+def as_owner(path, mode, **kwargs):
+    """``os.access`` for ``path``'s owner without root's bypass: its user bits decide."""
+    st = os.stat(path)
+    bits = ((os.R_OK, stat.S_IRUSR), (os.W_OK, stat.S_IWUSR), (os.X_OK, stat.S_IXUSR))
+    return all(st.st_mode & bit for flag, bit in bits if mode & flag)
+
+
+def another_user(monkeypatch):
+    """This process is a user of the group, not the owner (root) of the files the test made."""
+    monkeypatch.setattr(os, "access", as_group_member)
+    monkeypatch.setattr(os, "getuid", lambda: 12345)
+
+
+def shared_store(folder, artifacts=None):
+    """A store's database, lock file and folder, group-writable; ``mlartifacts/<artifacts>``
+    beside them made as under umask 022 (``drwxr-xr-x``), as its owner left it after running
+    the ``chmod g+w`` a refusal advised for the other three."""
+    folder.mkdir()
+    db = folder / "mlflow.db"
+    db.write_bytes(b"")  # an empty database: enough, nothing is opened before the check
+    Path(f"{db}.lock").write_bytes(b"")
+    for path in (folder, db, Path(f"{db}.lock")):
+        path.chmod(0o775 if path.is_dir() else 0o664)
+    if artifacts is not None:
+        (folder / "mlartifacts" / artifacts / "run1" / "artifacts").mkdir(parents=True)
+        for path in (folder / "mlartifacts").rglob("*"):
+            path.chmod(0o755)
+        (folder / "mlartifacts").chmod(0o755)
+    return db
 
 
 def test_a_new_sqlite_store_is_as_writable_as_the_umask_makes_it(tmp_path, monkeypatch):
@@ -156,7 +188,7 @@ def test_a_new_sqlite_store_is_as_writable_as_the_umask_makes_it(tmp_path, monke
     # an empty file made for it is an empty database: MLflow made its tables
     assert tracking.ensure_experiment(client, "bldseg", uri) == "1"
     # a teammate (its group) may use it
-    monkeypatch.setattr(os, "access", as_group_member)
+    another_user(monkeypatch)
     tracking.check_tracking(uri)
 
 
@@ -167,25 +199,119 @@ def test_a_sqlite_store_this_user_cannot_write_is_refused_naming_it(
     # MLflow only reads the store until a search logs to it: a store its user could not write
     # was opened, and every write failed after the work (not a PermissionError: no hint either).
     folder = tmp_path / "shared"
-    folder.mkdir()
-    db = folder / "mlflow.db"
-    db.write_bytes(b"")  # an empty database: enough, nothing is opened before the check
-    Path(f"{db}.lock").write_bytes(b"")
-    for path in (folder, db, Path(f"{db}.lock")):
-        path.chmod(0o775 if path.is_dir() else 0o664)
+    db = shared_store(folder)
     path = {"database": db, "lock file": Path(f"{db}.lock"), "folder": folder}[read_only]
     path.chmod(0o755 if path.is_dir() else 0o644)
-    monkeypatch.setattr(os, "access", as_group_member)
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    another_user(monkeypatch)
     uri = f"sqlite:///{db}"
     with pytest.raises(RuntimeError) as e:
         tracking.check_tracking(uri)
-    owner = pwd.getpwuid(os.getuid()).pw_name
     mode = stat.filemode(path.stat().st_mode)
     assert str(e.value) == (
         f"cannot write MLflow tracking store {uri}: this user cannot write {path} (owner "
         f"{owner}, {mode}); everyone who logs to a shared store must be able to write the "
-        "database, its lock file and its folder (SQLite writes a journal there): ask "
-        f"{owner} to run `chmod g+w {path}` (their group must be one you are in), or pass "
-        "another --tracking-uri"
+        "database, its lock file, its folder (SQLite writes a journal there) and the "
+        f"artifact folders under {folder}/mlartifacts: ask {owner} to run `chmod g+w {path}` "
+        "(their group must be one you are in), or pass another --tracking-uri"
     )
     assert db.read_bytes() == b""  # refused before MLflow opened it
+
+
+def test_a_sqlite_store_whose_artifacts_this_user_cannot_write_is_refused(tmp_path, monkeypatch):
+    # Its owner (umask 022) logged artifacts, then ran the chmod a refusal advised: the check
+    # passed, and a teammate's ensemble search ran, published its outputs, then failed logging
+    # them into mlartifacts/ (PermissionError traceback, exit 1).
+    folder = tmp_path / "shared"
+    db = shared_store(folder, artifacts="e")
+    artifacts = folder / "mlartifacts"
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    another_user(monkeypatch)
+    uri = f"sqlite:///{db}"
+    with pytest.raises(RuntimeError) as e:  # a new experiment's folder would go there
+        tracking.check_tracking(uri)
+    assert f"this user cannot write {artifacts} (owner {owner}, drwxr-xr-x);" in str(e.value)
+    assert f"ask {owner} to run `chmod -R g+w {artifacts}` (their group" in str(e.value)
+    # a job that logs to experiment e writes into its folder, not into mlartifacts itself
+    with pytest.raises(RuntimeError, match=rf"cannot write {re.escape(str(artifacts))}/e "):
+        tracking.check_tracking(uri, experiment="e")
+    (artifacts / "e").chmod(0o775)
+    with pytest.raises(RuntimeError):  # a new experiment would still fail
+        tracking.check_tracking(uri, experiment="new")
+    assert db.read_bytes() == b""  # refused before MLflow opened it
+    tracking.check_tracking(uri, experiment="e")  # which it may
+
+
+def test_a_sqlite_store_on_a_read_only_filesystem_is_refused_as_that(tmp_path, monkeypatch):
+    # Its files were group-writable, yet the refusal asked their owner to `chmod g+w` them: the
+    # filesystem (a read-only mount, a snapshot) refuses every write, whatever the mode.
+    folder = tmp_path / "shared"
+    db = shared_store(folder)
+    statvfs = os.statvfs
+
+    def read_only_mount(path):
+        st = statvfs(path)
+        flags = st.f_flag | (os.ST_RDONLY if folder in (Path(path), *Path(path).parents) else 0)
+        return os.statvfs_result((*st[:8], flags, st.f_namemax))
+
+    monkeypatch.setattr(os, "statvfs", read_only_mount)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: not mode & os.W_OK)
+    uri = f"sqlite:///{db}"
+    with pytest.raises(RuntimeError) as e:
+        tracking.check_tracking(uri)
+    assert str(e.value) == (
+        f"cannot write MLflow tracking store {uri}: {db}, {db}.lock, {folder} lie on a "
+        "read-only filesystem; pass a --tracking-uri on a writable one (or have that "
+        "filesystem mounted read-write)"
+    )
+
+
+def test_a_sqlite_store_its_owner_cannot_write_is_refused_with_what_the_owner_runs(
+    tmp_path, monkeypatch
+):
+    # The owner's own store, made read-only by them: they were told to ask themselves to
+    # `chmod g+w` it, which does not give its owner write access.
+    folder = tmp_path / "shared"
+    db = shared_store(folder)
+    db.chmod(0o444)
+    monkeypatch.setattr(os, "access", as_owner)
+    uri = f"sqlite:///{db}"
+    with pytest.raises(RuntimeError) as e:
+        tracking.check_tracking(uri)
+    assert str(e.value).endswith(f": run `chmod u+w {db}`, or pass another --tracking-uri")
+
+
+def test_a_store_folder_that_cannot_be_made_names_its_existing_parent(tmp_path, monkeypatch):
+    # The hint named the folder that could not be created: there is nothing to chmod there.
+    shared = tmp_path / "share3"
+    shared.mkdir()
+    mkdir = os.mkdir
+
+    def denied_in_shared(path, *args, **kwargs):
+        if Path(path).parent == shared:
+            raise PermissionError(13, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", denied_in_shared)
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    monkeypatch.setattr(os, "getuid", lambda: 12345)
+    with pytest.raises(RuntimeError) as e:
+        tracking.check_tracking(f"sqlite:///{shared}/sub/deeper/mlflow.db")
+    assert str(e.value).endswith(
+        f"its folder must be writable by everyone who logs there: ask {owner} to run "
+        f"`chmod g+w {shared}` (their group must be one you are in))"
+    )
+
+
+def test_a_new_store_behind_a_dangling_symlink_follows_the_umask(tmp_path):
+    # O_EXCL refuses a symlink, even a dangling one: SQLite then created its target -rw-r--r--.
+    target = tmp_path / "stores" / "mlflow.db"
+    target.parent.mkdir()
+    link = tmp_path / "mlflow.db"
+    link.symlink_to(target)
+    old = os.umask(0o002)
+    try:
+        tracking.check_tracking(f"sqlite:///{link}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o664
