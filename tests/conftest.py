@@ -8,15 +8,23 @@ import pytest
 # the test harness keeps every Ray address on loopback (set before anything imports Ray, and
 # inherited by the scripts the tests start).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Under pytest-xdist (`make test`: two workers on the 2-core machine) each worker computes with
+# one thread, and so do the scripts it starts (they inherit this, set before torch is
+# imported): two workers of two OpenMP threads each on two cores ran the training tests about
+# 3x slower (measured: tests/train/test_coteaching.py beside test_folds.py, 217 s vs 71 s).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 from bldseg.data.prepare import prepare_data
 
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
 
 @pytest.fixture(scope="session", autouse=True)
-def _two_threads():
+def _threads():
     # The CI machine has 2 cores; more threads only add contention.
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -136,7 +136,7 @@ def test_valid_exhaustive_command_runs_with_its_flags_and_defaults(runs, tmp_pat
 
 def test_the_documented_examples_are_accepted():
     # the examples in the module docstring (bldseg ensemble --help) pass the flag check
-    doc = ensemble_cmd.__doc__
+    doc = ensemble_cmd.__doc__.replace("\\\n", " ")  # a shell line continued with a backslash
     examples = re.findall(r"(?:bldseg ensemble|ensemble_search\.py) (--[^#\n]*)", doc)
     assert len(examples) >= 5
     for line in examples:

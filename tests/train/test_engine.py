@@ -1,5 +1,6 @@
 import copy
 import json
+import shutil
 import time
 import warnings
 
@@ -236,8 +237,16 @@ def test_tile_coteaching_that_drops_nothing_says_so(small_world, tmp_path):
         fit(pixel, tmp_path / "pixel", data=small_world)
 
 
-def test_resume_refuses_other_config(small_world, tmp_path):
-    fit(cfg(epochs=1), tmp_path, data=small_world)
+@pytest.fixture(scope="module")
+def one_epoch_run(small_world, tmp_path_factory):
+    """A finished one-epoch run folder; tests that damage it work on their own copy."""
+    out = tmp_path_factory.mktemp("one_epoch") / "run"
+    fit(cfg(epochs=1), out, data=small_world)
+    return out
+
+
+def test_resume_refuses_other_config(small_world, one_epoch_run, tmp_path):
+    tmp_path = shutil.copytree(one_epoch_run, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     other = cfg(epochs=1, **{"optim.lr": 1e-3, "aug.crop_size": 48})
     with pytest.raises(ValueError, match=r"different config \(aug.crop_size: 64 -> 48, optim"):
@@ -266,11 +275,11 @@ def _flip_a_tensor_byte(path) -> str:
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "flipped"])
 def test_a_finished_run_with_an_unreadable_best_pt_is_not_reported_done(
-    small_world, tmp_path, damage
+    small_world, one_epoch_run, tmp_path, damage
 ):
     # Run again, a finished run said "completed ... best.pt" over a best.pt nothing could load;
     # last.pt cannot give that epoch's weights back, so it is refused, naming the file
-    fit(cfg(epochs=1), tmp_path, data=small_world)
+    tmp_path = shutil.copytree(one_epoch_run, tmp_path / "run")
     best = tmp_path / "best.pt"
     said = ""
     if damage == "truncated":
@@ -287,8 +296,8 @@ def test_a_finished_run_with_an_unreadable_best_pt_is_not_reported_done(
         fit(cfg(epochs=1), tmp_path, data=small_world)
 
 
-def test_a_damaged_last_pt_says_how_to_go_on(small_world, tmp_path):
-    fit(cfg(epochs=1), tmp_path, data=small_world)
+def test_a_damaged_last_pt_says_how_to_go_on(small_world, one_epoch_run, tmp_path):
+    tmp_path = shutil.copytree(one_epoch_run, tmp_path / "run")
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"last\.pt is not a readable.*train into another --out"):

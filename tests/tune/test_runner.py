@@ -617,6 +617,8 @@ def test_runner_joins_a_real_local_cluster(small_world, tmp_path):
         # Without the head's token Ray retries for ~30 s, then says only "Failed to connect to
         # Ray cluster at ..."; the refusal names the token and how to pass it
         no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        # Ray's own knob for how long a client retries the GCS (default 30 s)
+        no_token["RAY_gcs_server_port_wait_time_s"] = "2"
         refused = subprocess.run(
             args, cwd=tmp_path, env=no_token, capture_output=True, text=True, timeout=600
         )

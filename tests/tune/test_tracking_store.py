@@ -98,14 +98,17 @@ def test_jobs_opening_a_new_sqlite_store_at_once_take_turns(tmp_path):
 class _RacedClient:
     """A client whose first look-up misses the experiment that another job creates just then."""
 
-    def __init__(self, client):
+    def __init__(self, client, artifacts: str):
         self.client = client
+        self.artifacts = artifacts
         self.lookups = 0
 
     def get_experiment_by_name(self, name):
         self.lookups += 1
         if self.lookups == 1:
-            self.client.create_experiment(name)  # the other job, between look-up and create
+            # the other job, between look-up and create; its artifacts under the test's
+            # folder (without a location MLflow makes ./mlruns in the working directory)
+            self.client.create_experiment(name, artifact_location=self.artifacts)
             return None
         return self.client.get_experiment_by_name(name)
 
@@ -118,7 +121,7 @@ def test_experiment_created_by_another_job_meanwhile_is_used(tmp_path, made_stor
     # the look-up and the creation is the one to log into, not a failed start.
     uri = store_at(made_store, tmp_path / "mlflow.db")
     client = MlflowClient(uri)
-    raced = _RacedClient(client)
+    raced = _RacedClient(client, (tmp_path / "artifacts").as_uri())
     exp_id = tracking.ensure_experiment(raced, "bldseg", uri)
     assert exp_id == client.get_experiment_by_name("bldseg").experiment_id
     # the other job's experiment is tagged like one bldseg created
@@ -139,7 +142,7 @@ def test_other_experiment_errors_are_not_taken_for_a_race(tmp_path, made_store):
 
     # already exists, yet no experiment of that name: the error stands
     with pytest.raises(MlflowException, match="name taken"):
-        tracking.ensure_experiment(Refusing(MlflowClient(uri)), "bldseg", uri)
+        tracking.ensure_experiment(Refusing(MlflowClient(uri), tmp_path.as_uri()), "bldseg", uri)
 
 
 def test_artifacts_of_a_sqlite_store_lie_beside_it_not_in_the_current_folder(
