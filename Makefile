@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(PY) experiments/tune_aug.py
 
 # Two pytest workers (pytest-xdist), each test file on one worker so its module fixtures (the
-# trained tiny models) are made once: 12-16 minutes on 2 cores (a Zen 4, a Xeon), well under
-# one worker's time, as many tests wait on subprocesses, Ray and MLflow servers.
+# trained tiny models) are made once, each computing with one thread (tests/conftest.py): about
+# 12 minutes on 2 cores (744 s on a Xeon, 2026-12-07), bound by the tests of Ray searches.
 # `make test TESTFLAGS=` runs them one by one.
 TESTFLAGS ?= -n 2 --dist loadfile --durations=25
 
