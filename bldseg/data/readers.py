@@ -983,7 +983,12 @@ def read_mask_image(path: str | os.PathLike, options: ReadOptions = DEFAULT_READ
         # mask quantised to a palette (PIL's quantize) draws no exact class colour, and read by
         # entry it had no building, binary. Entries past the palette draw black, as PIL does.
         rgb = np.clip(palette.colours, 0, 255).astype(np.uint8)[palette.indices]  # (H, W, 3)
-        hit, binary = _colour_classes(rgb[..., ::-1], options.mask_colors, path)
+        # a palette drawing only greys is a grey mask saved as P (PIL's convert("P")): read as
+        # one channel, so a colour it cannot hold is refused as for an L-mode mask
+        grey = bool((rgb == rgb[..., :1]).all())
+        hit, binary = _colour_classes(
+            rgb[..., 0] if grey else rgb[..., ::-1], options.mask_colors, path
+        )
         return MaskRead(_transparent_to_background(hit, palette, hit > 0, path), binary)
     if palette is not None:
         labels = _palette_labels(palette, options, path)
@@ -1465,7 +1470,8 @@ def _colour_classes(m: np.ndarray, colours, path: Path) -> tuple[np.ndarray, boo
         clean = len(values) <= 2 or _label_mask_why(g, values, counts, cut) is not None
     else:
         loose = seen_rgb[~np.isin(seen, named_key)]  # (L, 3) drawn colours not named
-        clean = few and not (_distances(loose, named.astype(np.float32)) <= _COLOUR_TOLERANCE).any()
+        near = (_distances(loose, named.astype(np.float32)) <= _COLOUR_TOLERANCE).any()
+        clean = few and not near and not _blends_of_named(loose, named, seen_rgb).any()
     lut = np.zeros(1 << 24, bool)  # colour -> building
     if clean:
         lut[named_key] = True
@@ -1473,9 +1479,32 @@ def _colour_classes(m: np.ndarray, colours, path: Path) -> tuple[np.ndarray, boo
     anchors = _class_anchors(key, _colour_spread(bgr), named, _COLOUR_TOLERANCE)  # named first
     hit = _nearest_class(seen_rgb, anchors, len(named))  # (N,)
     if few and not grey:
-        hit &= _distances(seen_rgb, named.astype(np.float32)).min(axis=1) <= _COLOUR_TOLERANCE
+        # a building's blends are read by the nearest class colour, other colours far from
+        # every named one are no building (a thin class too rare to be found as a class)
+        hit &= (
+            _distances(seen_rgb, named.astype(np.float32)).min(axis=1) <= _COLOUR_TOLERANCE
+        ) | _blends_of_named(seen_rgb, named, seen_rgb)
     lut[seen[hit]] = True
     return lut[key].astype(np.uint8), False
+
+
+def _blends_of_named(colours: np.ndarray, named: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """(N,) bool: ``colours`` ((N, 3) RGB) that lie between a named colour (``named``, (K, 3))
+    and another drawn colour (``drawn``, (M, 3)), within 2 of the segment joining them: what
+    resampling or antialiasing makes of a building's edge (a 2x bilinear upsample of blue on
+    white draws (64, 64, 255), 64 from the blue, beyond _COLOUR_TOLERANCE). Exact class
+    palettes seldom put a class on such a segment."""
+    colours = np.asarray(colours, np.float32)
+    out = np.zeros(len(colours), bool)
+    for a in np.asarray(named, np.float32):
+        d = np.asarray(drawn, np.float32) - a  # (M, 3) from the named colour to each drawn
+        length2 = (d * d).sum(axis=1)
+        d, length2 = d[length2 > 0], length2[length2 > 0]
+        c = colours - a  # (N, 3)
+        t = (c @ d.T) / length2  # (N, M) where along each segment a colour projects
+        off = (c * c).sum(axis=1)[:, None] - t * t * length2  # squared distance to the line
+        out |= ((t > 0) & (t < 1) & (off <= 4.0)).any(axis=1)
+    return out
 
 
 def _colour_spread(colour: np.ndarray) -> np.ndarray:

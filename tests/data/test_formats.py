@@ -494,6 +494,29 @@ def test_one_channel_mask_under_a_colour_is_refused_naming_the_file(tmp_path):
     # grey colours keep reading it
     white = read_mask_image(path, ReadOptions(mask_colors=((255, 255, 255),)))
     np.testing.assert_array_equal(white.mask, m)
+    # the same grey mask saved as a palette PNG (PIL's convert("P")) read as empty
+    Image.fromarray(m * 255).convert("P").save(tmp_path / "grey_p.png")
+    with pytest.raises(ValueError, match=r"grey_p\.png: a one-channel"):
+        read_mask_image(tmp_path / "grey_p.png", ReadOptions(mask_colors=((0, 0, 255),)))
+
+
+@pytest.mark.parametrize(
+    "resample", [(cv2.INTER_LINEAR, 2.0), (cv2.INTER_LINEAR, 1.5), (cv2.INTER_AREA, 0.5)]
+)
+def test_resampled_class_colour_masks_of_few_colours_read_their_blends(tmp_path, resample):
+    # Blue on white resampled leaves a few blends (a 2x bilinear upsample: 10 colours); the
+    # blends nearest the blue lie ~64 from it, beyond the tolerance, so they were taken for a
+    # clean mask (AREA: read exactly, "binary") or left out: 17% of the buildings lost.
+    how, scale = resample
+    _, m = scene(64, 5)
+    rgb = np.where(m[..., None] > 0, np.uint8([0, 0, 255]), np.uint8(255))  # (H, W, 3) RGB
+    big = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=how)
+    truth = cv2.resize(m.astype(np.float32), None, fx=scale, fy=scale, interpolation=how) > 0.5
+    cv2.imwrite(str(tmp_path / "m.png"), big[..., ::-1])  # BGR
+    read = read_mask_image(tmp_path / "m.png", ReadOptions(mask_colors=((0, 0, 255),)))
+    assert not read.binary
+    # nearest class colour: a pixel is building where the blend holds more blue than white
+    assert (read.mask.astype(bool) != truth).mean() < 0.01
 
 
 def test_palette_class_colour_masks_read_as_their_colours(tmp_path):
