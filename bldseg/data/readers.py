@@ -81,10 +81,10 @@ DEFAULT_MASK_PATTERNS = (
 #: JPEG) read by the nearest class colour and reported as not binary, one-channel masks read
 #: as grey colours under --mask-colors, and images' bands declared red/green/blue read as RGB
 #: by default; 8: --mask-colors calls a mask of at most 256 colours soft only by a colour near
-#: a named one (a clean mask with a thin class was read softly) and then takes no colour beyond
-#: that for a building, grey masks under grey colours told soft as without the flag, palette
-#: masks read by their colours as RGB ones, one-channel masks under a colour refused), so
-#: caches built by older rules are rebuilt.
+#: a named one or a blend of one (a clean mask with a thin class was read softly) and then
+#: takes no other colour far from the named ones for a building, grey masks under grey colours
+#: told soft as without the flag, palette masks read by their colours as RGB ones, one-channel
+#: masks under a colour refused), so caches built by older rules are rebuilt.
 DECODE_RULES = 8
 
 #: The version of DECODE_RULES in which image (not mask) decoding last changed (3: palette
@@ -1418,14 +1418,16 @@ def _colour_classes(m: np.ndarray, colours, path: Path) -> tuple[np.ndarray, boo
     buildings: a mask of at most 256 colours (class masks hold at most one colour per uint8
     class id) is clean unless a colour other than the named ones lies within
     _COLOUR_TOLERANCE of one (a JPEG'd, quantised or blended building colour; no class palette
-    puts another class that close to the building's). Whether a class fills areas or is drawn
+    puts another class that close to the building's) or on the line between a named colour and
+    another drawn one (:func:`_blends_of_named`: a resampled edge, whose blends step too far
+    apart for the tolerance). Whether a class fills areas or is drawn
     only in 1-px lines and specks decides nothing. Grey masks under grey colours (class ids
     0/1/2/3 under 1,1,1 lie within the tolerance of each other) are told as a one-channel mask
     is without --mask-colors: two values, or a label mask, are clean; a binary one with soft
     edges is not (:func:`_label_mask_why`). A soft mask is read by the nearest class colour
     (:func:`_nearest_class`), as a soft one-channel mask is binarised at the midpoint of its
-    range, and reported as not binary; in one of at most 256 colours only the colours the near
-    rule takes for the building's can be one: its other colours are exact colours drawn on
+    range, and reported as not binary; in one of at most 256 colours only the colours near a
+    named one or blends of one can be a building: its other colours are exact colours drawn on
     purpose (a thin class), which the nearest-class reading would merge into the building
     whenever they are too rare to be found as a class of their own.
 
