@@ -1471,9 +1471,12 @@ def _colour_classes(m: np.ndarray, colours, path: Path) -> tuple[np.ndarray, boo
         cut = 0.5 * _nominal_max(g)
         clean = len(values) <= 2 or _label_mask_why(g, values, counts, cut) is not None
     else:
-        loose = seen_rgb[~np.isin(seen, named_key)]  # (L, 3) drawn colours not named
-        near = (_distances(loose, named.astype(np.float32)) <= _COLOUR_TOLERANCE).any()
-        clean = few and not near and not _blends_of_named(loose, named, seen_rgb).any()
+        clean = False  # more than 256 colours: soft, without a look at each
+        if few:
+            to_named = _distances(seen_rgb, named.astype(np.float32)).min(axis=1)  # (N,)
+            blend = _blends_of_named(seen_rgb, named, seen_rgb)  # (N,)
+            loose = ~np.isin(seen, named_key)  # (N,) drawn colours not named
+            clean = not ((to_named[loose] <= _COLOUR_TOLERANCE) | blend[loose]).any()
     lut = np.zeros(1 << 24, bool)  # colour -> building
     if clean:
         lut[named_key] = True
@@ -1483,9 +1486,7 @@ def _colour_classes(m: np.ndarray, colours, path: Path) -> tuple[np.ndarray, boo
     if few and not grey:
         # a building's blends are read by the nearest class colour, other colours far from
         # every named one are no building (a thin class too rare to be found as a class)
-        hit &= (
-            _distances(seen_rgb, named.astype(np.float32)).min(axis=1) <= _COLOUR_TOLERANCE
-        ) | _blends_of_named(seen_rgb, named, seen_rgb)
+        hit &= (to_named <= _COLOUR_TOLERANCE) | blend
     lut[seen[hit]] = True
     return lut[key].astype(np.uint8), False
 
