@@ -51,6 +51,15 @@ from bldseg.data.rle import rle_decode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 
+#: Raster formats users bring that bldseg does not read (JPEG 2000 orthophotos, GDAL virtual
+#: and Erdas files, GIFs, netpbm): an image folder holding them is told so, where listing only
+#: :data:`IMAGE_SUFFIXES` skipped them without a word. Sidecars (.tfw, .aux.xml, .prj) are
+#: not images and are left out of the count.
+UNREAD_RASTER_SUFFIXES = (
+    ".jp2", ".j2k", ".jpx", ".gif", ".img", ".vrt", ".ecw", ".sid", ".ntf", ".nitf",
+    ".heic", ".heif", ".avif", ".ppm", ".pgm", ".pnm", ".tga", ".jfif",
+)  # fmt: skip
+
 #: Mask file names tried for an image ``{stem}`` when no pattern is given, in this order; every
 #: one that exists is a candidate, and two candidates for one image are an error.
 DEFAULT_MASK_PATTERNS = (
@@ -361,25 +370,45 @@ def image_size(path: Path) -> tuple[int, int]:
 def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
     """Image files under ``folder`` (suffixes :data:`IMAGE_SUFFIXES`, any case), sorted.
 
-    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are skipped.
+    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are skipped. Files of a
+    raster format bldseg does not read (:data:`UNREAD_RASTER_SUFFIXES`) are skipped with a
+    warning that counts them by suffix.
 
     Raises:
         FileNotFoundError: The folder does not exist.
-        ValueError: It holds no image.
+        ValueError: It holds no image (naming any unread raster files it holds).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     walk = _files_under(folder) if recursive else folder.iterdir()
-    found = sorted(
-        p
-        for p in walk
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    found: list[Path] = []
+    unread: dict[str, int] = {}  # suffix -> files of a raster format bldseg does not read
+    for p in walk:
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        suffix = p.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            found.append(p)
+        elif suffix in UNREAD_RASTER_SUFFIXES:
+            unread[suffix] = unread.get(suffix, 0) + 1
+    where = "under" if recursive else "in"
+    skipped = ""
+    if unread:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(unread.items(), key=lambda kv: -kv[1]))
+        n = sum(unread.values())
+        skipped = (
+            f"{n} file{'s' if n > 1 else ''} {where} {folder} {'are' if n > 1 else 'is'} in a "
+            "format bldseg does not read "
+            f"({counts}); it reads {'/'.join(IMAGE_SUFFIXES)}: convert them, e.g. "
+            "'gdal_translate -of GTiff in.jp2 out.tif'"
+        )
     if not found:
-        where = "under" if recursive else "in"
-        raise ValueError(f"no images with suffix {'/'.join(IMAGE_SUFFIXES)} {where} {folder}")
-    return found
+        tail = f"; {skipped}" if skipped else ""
+        raise ValueError(f"no images with suffix {'/'.join(IMAGE_SUFFIXES)} {where} {folder}{tail}")
+    if skipped:
+        warnings.warn(f"{skipped}; skipped", stacklevel=2)
+    return sorted(found)
 
 
 def _files_under(folder: Path) -> list[Path]:
