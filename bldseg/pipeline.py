@@ -145,6 +145,29 @@ def tracking_uri(uri: str | None) -> str:
     return tracking.absolute_uri(uri or tracking.default_tracking_uri("."))
 
 
+def _content_of_stages(state: dict) -> str | None:
+    """The training data's content digest as a finished stage's search recorded it, or None.
+
+    A state written before pipelines recorded the digest has only the fingerprint, which
+    changes with bldseg's decoding rules: after such an update the pipeline was refused even
+    where the files decode to the same pixels. Its searches recorded the digest (since the
+    search records hold one) with the fingerprint they started on; a search that started on
+    the state's fingerprint read the same cache, so its digest is the state's data too.
+    """
+    started_on = state.get("data_fingerprint")
+    if not started_on:
+        return None
+    for info in (state.get("stages") or {}).values():
+        meta = Path(str(info.get("path", ""))) / SEARCH_META
+        try:
+            record = read_search_record(meta)
+        except (OSError, ValueError):
+            continue  # moved, or damaged: the stage check names it later
+        if record.get("data_fingerprint") == started_on and record.get("data_content"):
+            return str(record["data_content"])
+    return None
+
+
 def check_continuation(
     cfg: PipelineConfig, state: dict, fingerprint: str, content: str | None = None
 ) -> None:
@@ -158,7 +181,8 @@ def check_continuation(
 
     The training data are compared as a resumed search or run compares them
     (:func:`~bldseg.train.resume_checks.check_same_data`): by the cache's content digest where
-    the state records one too, else (a state of an older bldseg) by its fingerprint. The
+    the state records one too (a state of an older bldseg: as one of its finished searches
+    recorded it, :func:`_content_of_stages`), else by its fingerprint. The
     fingerprint also changes when bldseg's decoding rules do
     (:data:`bldseg.data.readers.DECODE_RULES`), so after a bldseg update that decodes the same
     files to the same pixels only the digest tells that nothing changed.
@@ -190,10 +214,10 @@ def check_continuation(
     started_on = state.get("data_fingerprint")
     rules = state.get("decode_rules")
     rules_changed = rules is not None and rules != readers.DECODE_RULES
-    if content and state.get("data_content"):
+    was_content = state.get("data_content") or _content_of_stages(state)
+    if content and was_content:
         # as a resumed search or run (resume_checks.check_same_data): the digest decides where
         # both have one; the fingerprint changes with bldseg's decoding rules, paths and times
-        was_content = state["data_content"]
         other_data = (
             None if was_content == content else f"training data content: {was_content} -> {content}"
         )

@@ -476,6 +476,35 @@ def test_a_bldseg_update_that_decodes_the_data_the_same_continues(tmp_path, monk
         pipeline.check_continuation(replace(cfg, trials=7), state, "fp2", "c1")
 
 
+def test_a_state_without_a_digest_takes_its_finished_searchs_digest(tmp_path, monkeypatch):
+    # A state written before pipelines recorded the content digest was refused after any
+    # decoding-rule bump, whatever the pixels; its searches recorded the digest beside the
+    # fingerprint they started on, which is the state's data where the fingerprints agree.
+    from bldseg.data import readers
+    from bldseg.tune.runner import META_FILE
+
+    monkeypatch.chdir(tmp_path)
+    cfg = PipelineConfig()
+    now = readers.DECODE_RULES
+    search = tmp_path / "storage" / "pipeline-aug"
+    search.mkdir(parents=True)
+    stages = {"aug": {"path": str(search)}, "sched": {"path": str(tmp_path / "gone")}}
+    state = _recorded(cfg, data_fingerprint="fp", decode_rules=now - 1, stages=stages)
+    record = {"data_fingerprint": "fp", "data_content": "c1"}
+    (search / META_FILE).write_text(json.dumps(record))
+    pipeline.check_continuation(cfg, state, "fp2", "c1")  # the same pixels: continues
+    with pytest.raises(ContinuationError, match=r"image or mask decoding changed \(rules"):
+        pipeline.check_continuation(cfg, state, "fp2", "c2")
+    # a search that started on other data (its fingerprint differs) says nothing of the state's
+    (search / META_FILE).write_text(json.dumps({**record, "data_fingerprint": "fp0"}))
+    with pytest.raises(ContinuationError, match=r"image or mask decoding changed \(rules"):
+        pipeline.check_continuation(cfg, state, "fp2", "c1")
+    # a damaged record is not read as a digest (the stage check names it later)
+    (search / META_FILE).write_text("{")
+    with pytest.raises(ContinuationError, match=r"image or mask decoding changed \(rules"):
+        pipeline.check_continuation(cfg, state, "fp2", "c1")
+
+
 @pytest.mark.parametrize("to", ["REPORT.md", "docs/", "docs", "new/deeper/R.md"])
 def test_report_to_takes_a_file_or_a_folder(tmp_path, to):
     # --report-to docs/ replaced the folder docs with a file named docs (os.replace onto it),
