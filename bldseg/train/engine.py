@@ -961,7 +961,20 @@ def run_lock(out: Path) -> Iterator[None]:
                 out.rmdir()
 
 
-def _check_finite_weights(modules: Sequence[tuple[str, nn.Module]], epoch: int) -> None:
+def _divergence_advice(cfg: RunConfig, amp: torch.dtype | None) -> str:
+    """What may keep a diverged run finite, leaving out what it already does: clipping is
+    suggested only where it was off, float32 only where the run computed under autocast."""
+    hints = ["lower optim.lr / optim.weight_decay"]
+    if cfg.optim.grad_clip <= 0:
+        hints.append("set optim.grad_clip (e.g. 1.0)")
+    if amp is not None:
+        hints.append("train with precision=fp32")
+    return ", ".join(hints[:-1]) + (" or " if len(hints) > 1 else "") + hints[-1]
+
+
+def _check_finite_weights(
+    modules: Sequence[tuple[str, nn.Module]], epoch: int, advice: str
+) -> None:
     """Raises DivergedError naming the first weight or buffer that is NaN or infinite.
 
     A step whose loss was finite but whose gradients were not (an overflowing backward)
@@ -984,8 +997,7 @@ def _check_finite_weights(modules: Sequence[tuple[str, nn.Module]], epoch: int) 
     where = named[int(torch.argmin(finite.int()))][0]  # the first non-finite one
     raise DivergedError(
         f"weights became non-finite at epoch {epoch + 1} ({where}) after a step with a finite "
-        "loss (its gradients overflowed); lower optim.lr / optim.weight_decay, or train with "
-        "precision=fp32"
+        f"loss (its gradients overflowed); {advice}"
     )
 
 
@@ -1464,8 +1476,7 @@ def _fit(
                     if not torch.isfinite(loss):
                         raise DivergedError(
                             f"loss of network {k} became {loss.item()} at epoch {epoch + 1}, "
-                            f"step {n_batches + 1}; lower optim.lr / optim.weight_decay or "
-                            "set optim.grad_clip"
+                            f"step {n_batches + 1}; {_divergence_advice(cfg, amp)}"
                         )
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
@@ -1494,6 +1505,7 @@ def _fit(
                 [(f"network {k}", m) for k, m in enumerate(models)]
                 + [(f"network {k} (optim.ema)", e.module) for k, e in enumerate(emas)],
                 epoch,
+                _divergence_advice(cfg, amp),
             )
             for k, m in enumerate(eval_models):
                 # g's on its own stream: each pass over the loader draws its base seed from the

@@ -130,10 +130,37 @@ def test_nan_gradients_on_an_epochs_last_step_end_the_run_as_diverged(
     result = fit(cfg(epochs=2), tmp_path, data=small_world)
     assert result.status == "diverged", result.message
     assert "epoch 1" in result.message and "non-finite" in result.message
+    # the advice leaves out what the run already does (clipping on, float32)
+    assert result.message.endswith(
+        "(its gradients overflowed); lower optim.lr / optim.weight_decay"
+    )
     status = json.loads((tmp_path / "status.json").read_text())
     assert status == {"status": "diverged", "message": result.message}
     # the diverged epoch is not recorded: no checkpoint holds NaN weights
     assert result.history == [] and not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("flat", "amp", "advice"),
+    [
+        ({}, None, "lower optim.lr / optim.weight_decay"),
+        (
+            {"optim.grad_clip": 0.0},
+            None,
+            "lower optim.lr / optim.weight_decay or set optim.grad_clip (e.g. 1.0)",
+        ),
+        (
+            {"optim.grad_clip": 0.0},
+            torch.bfloat16,
+            "lower optim.lr / optim.weight_decay, set optim.grad_clip (e.g. 1.0) or train with "
+            "precision=fp32",
+        ),
+        ({}, torch.bfloat16, "lower optim.lr / optim.weight_decay or train with precision=fp32"),
+    ],
+)
+def test_divergence_advice_leaves_out_what_the_run_already_does(flat, amp, advice):
+    # it told a run with clipping on to set optim.grad_clip, and an fp32 run to train in fp32
+    assert engine._divergence_advice(cfg(**flat), amp) == advice
 
 
 def test_predict_probs_names_non_finite_probabilities(small_world):
