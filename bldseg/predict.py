@@ -1003,9 +1003,8 @@ def predict_cache(
 
         def chunk_maps(loader: DataLoader) -> Iterator[np.ndarray]:
             for models, amp, tta in members:
-                q = predict_probs(models, loader, dev, amp, tta=tta)  # uint8 (n_c, H, W)
-                bar.update(len(q))
-                yield q
+                # the bar moves per batch: a chunk is an hour of InternImage-T on a CPU
+                yield predict_probs(models, loader, dev, amp, tta=tta, on_batch=bar.update)
 
         pred[start:stop] = combine_members(chunk_maps(loader), spec)
     bar.close()

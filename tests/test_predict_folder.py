@@ -314,6 +314,31 @@ def test_min_area_empties_exactly_the_images_below_it():
 # --------------------------------------------------------------------------------------------
 
 
+def test_the_prediction_bar_moves_per_batch_not_per_chunk(tiny_ckpts, tmp_path, monkeypatch):
+    # It moved once a member had predicted a whole chunk (2,048 images): at 0% for an hour
+    # with InternImage-T on a CPU.
+    import bldseg.predict as P
+
+    images = tmp_path / "images"
+    for i in range(5):
+        write_png(images / f"t{i}.png", noise_image(32, 32, seed=i))
+    cache = ensure_cache(read_folder_dataset(images), tmp_path / "cache", progress=False)
+    updates: list[int] = []
+    real_tqdm = P.tqdm
+
+    def recording(*args, **kwargs):
+        bar = real_tqdm(*args, **kwargs)
+        if kwargs.get("desc") == "predicting":
+            bar.update = updates.append
+        return bar
+
+    monkeypatch.setattr(P, "tqdm", recording)
+    spec = EnsembleSpec(tiny_ckpts, threshold=0.5)
+    predict_cache(spec, cache, batch_size=2, device="cpu", progress=True, chunk=4)
+    # two members, chunks of 4 + 1 images, batches of 2: 2, 2 | 1 for each member
+    assert updates == [2, 2, 2, 2, 1, 1]
+
+
 def test_tile_sized_images_match_predict_cache(tiny_ckpts, tmp_path):
     images = tmp_path / "images"
     for i in range(3):

@@ -1707,7 +1707,13 @@ def decode_records(records: Sequence[SourceRecord]) -> list[DecodedRecord]:
     record = records[0]
     if any(_source_key(r) != _source_key(record) for r in records[1:]):
         raise ValueError(f"decode_records: records from different sources ({record.img_id}, ...)")
-    image = read_image(record.image_path, record.options)
+    try:
+        image = read_image(record.image_path, record.options)
+    except ValueError as e:
+        if record.csv_row is None:
+            raise  # its message starts with the file's path: all a folder's record names
+        # a corrupt test PNG was named by its path alone, a missing one by its CSV row and id
+        raise ValueError(f"{record.img_id} (CSV row {record.csv_row}): {e}") from e
     full_hw = image.shape[:2]
     mask, binary = None, True
     row = f", CSV row {record.csv_row}" if record.csv_row is not None else ""

@@ -567,6 +567,7 @@ def predict_probs(
     device: torch.device,
     amp: torch.dtype | None = None,
     tta: bool = False,
+    on_batch: Callable[[int], object] | None = None,
 ) -> np.ndarray:
     """Sigmoid probabilities of every tile in ``loader``, quantised: uint8 (N, S, S).
 
@@ -574,6 +575,8 @@ def predict_probs(
     Several models (the K folds of a K-fold run): the mean of their probabilities (and flips),
     quantised once, as one model's are. Each batch is quantised as it comes (clipping and
     quantising are per pixel): the maps held are 1 byte per pixel, not float32 copies.
+    ``on_batch`` is called with each batch's tile count as it is done (a progress bar's
+    ``update``: a chunk of thousands of tiles takes an hour on a CPU for InternImage-T).
 
     Raises:
         NonFiniteProbabilitiesError: A probability is NaN (weights that diverged, e.g. a last
@@ -602,6 +605,8 @@ def predict_probs(
                 "weights are not finite (the training diverged)"
             )
         out.append(metrics.quantise(np.clip(p, 0.0, 1.0)))  # (B, S, S)
+        if on_batch is not None:
+            on_batch(len(p))
     return np.concatenate(out) if out else np.zeros((0, 1, 1), np.uint8)
 
 

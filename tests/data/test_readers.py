@@ -75,6 +75,17 @@ def test_missing_image_names_row(tmp_path):
         read_competition_csv(csv)
 
 
+def test_corrupt_image_names_row_and_id(tmp_path):
+    # a missing image was named by its CSV row and id, a corrupt one by its path alone
+    csv, _ = make_competition(tmp_path)
+    (tmp_path / "train_img" / "TRAIN_0001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (r,) = read_competition_csv(csv)[1:2]
+    with pytest.raises(
+        ValueError, match=r"^TRAIN_0001 \(CSV row 2\): .*TRAIN_0001\.png: cannot decode the image"
+    ):
+        load_record(r)
+
+
 def test_path_escaping_csv_folder_is_rejected(tmp_path):
     sub = tmp_path / "ds"
     csv, _ = make_competition(sub)

@@ -228,7 +228,7 @@ def test_a_mixed_tta_ensemble_predicts_the_maps_the_search_scored(tmp_path, monk
     monkeypatch.setattr(P, "image_loader", lambda cache, batch_size=16, indices=None: indices)
     monkeypatch.setattr(P, "load_member", lambda ckpt, device="cpu": (ckpt, RunConfig(), {}))
     monkeypatch.setattr(
-        P, "predict_probs", lambda model, idx, dev, amp, tta: maps[model, tta][list(idx)]
+        P, "predict_probs", lambda model, idx, dev, amp, tta, on_batch: maps[model, tta][list(idx)]
     )
     pred = P.predict_cache(spec, Tiles(), progress=False, chunk=5)
     np.testing.assert_array_equal(pred, P.combine_members(lib.probs, spec))
