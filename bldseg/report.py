@@ -488,14 +488,15 @@ def _minus(a: TileScores | None, b: TileScores | None) -> stats.Interval | None:
     return a.minus(b) if a is not None and b is not None else None
 
 
-def _cut(row: dict, digits: int = 3, prefix: str = "") -> str:
-    """How an ensemble decides, for a cell: its threshold, or for the vote rule (which has
+def _cut(row: dict, prefix: str = "") -> str:
+    """How an ensemble decides, for a cell: its threshold (floored to 4 decimals, so that it
+    types back to its level, :func:`metrics.threshold_text`), or for the vote rule (which has
     none: each member's mask at its own threshold) the votes a pixel needs."""
     if row.get("rule") == "vote" or row.get("votes"):
         votes = row.get("votes", row.get("cut"))
         of = f" of {row['k']}" if "k" in row else ""
         return f">= {votes}{of} votes"
-    return f"{prefix}{row['threshold']:.{digits}f}"
+    return f"{prefix}{metrics.threshold_text(row['threshold'])}"
 
 
 def _sweep_range(cfg: dict) -> tuple[float, float]:
@@ -575,7 +576,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
     ]
     for i, s in enumerate(names):
         st = stages[s]
-        thr = f"{st['best']['val_thr_best']:.3f}"
+        thr = metrics.threshold_text(st["best"]["val_thr_best"])
         if st.get("val_thresholds", {}).get("val_thr_widened"):
             thr += " (widened)"
         delta = val_delta = "–"
@@ -774,7 +775,8 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             if key == "sweep" and widened:
                 label += " (widened)"
             lines.append(
-                f"| {label} | {thr:.3f} | {_iv(_interval(sl['val'].get(key)), vv)} | "
+                f"| {label} | {metrics.threshold_text(thr)} | "
+                f"{_iv(_interval(sl['val'].get(key)), vv)} | "
                 f"{_iv(_interval(sl.get('test', {}).get(key)), tv)} | {dv} | {dt} |"
             )
         n_wide, n_trials = _widened_trials(stages)
@@ -834,7 +836,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             "",
             "| | members | threshold | selection | check | test |",
             "|---|---|---|---|---|---|",
-            f"| best single | {s1['members']} | {s1['threshold']:.3f} | "
+            f"| best single | {s1['members']} | {metrics.threshold_text(s1['threshold'])} | "
             + " | ".join(
                 _iv(s_iv.get(k), s1.get(f"{k}_dice")) for k in ("selection", "check", "test")
             )
@@ -860,7 +862,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             what = "the best ensemble" if dec["submit"] == "ensemble" else "the best single model"
             lines += [
                 "",
-                f"**Submitted: {what}** ({dec['members']}, {_cut(dec, 4, 'threshold ')}). "
+                f"**Submitted: {what}** ({dec['members']}, {_cut(dec, 'threshold ')}). "
                 f"Rule: {dec['rule']}. Here: {dec['reason']}.",
             ]
     pred = state.get("predict")
@@ -877,7 +879,7 @@ def write_report(state: dict, out: str | os.PathLike, has_truth: bool) -> Path:
             "## Submission",
             "",
             f"`{pred['submission']}`: {pred['members']} model(s), "
-            f"{_cut(pred, 4, 'threshold ')}; {score}",
+            f"{_cut(pred, 'threshold ')}; {score}",
         ]
     path = out / "REPORT.md"
     tmp = path.with_name("REPORT.tmp.md")

@@ -452,7 +452,7 @@ def test_a_vote_ensemble_is_reported_by_its_votes(tmp_path):
     write_report(state, tmp_path, has_truth=False)
     report = (tmp_path / "REPORT.md").read_text()
     assert "| best ensemble | a+b+c | >= 2 of 3 votes |" in report
-    assert "| best single | a | 0.450 |" in report
+    assert "| best single | a | 0.4500 |" in report
     assert "**Submitted: the best ensemble** (a+b+c, >= 2 votes)." in report
     assert "`sub.csv`: 3 model(s), >= 2 votes; official score" in report
     # a state of older bldseg recorded votes / k as the vote row's threshold
@@ -491,3 +491,24 @@ def test_a_kfold_tau_trial_that_dropped_nothing_is_named(tmp_path):
     section = report[report.index("## Plain BCE vs co-teaching") :]
     assert "**The best tune_tau trial applied no co-teaching**" in section
     assert "two networks, nothing dropped (best tune_tau trial)" in section
+
+
+def test_thresholds_in_the_report_type_back_to_their_level(tmp_path):
+    # 105/255 = 0.411765 was written "0.412" (3 decimals, rounded), which predict --threshold
+    # reads as level 106: another mask than the trial's and the ensemble search's own
+    from bldseg.report import write_report
+
+    thr = 105 / 255
+    one = {"members": "a", "threshold": thr, "k": 1, "selection_dice": 0.7, "check_dice": 0.6}
+    decision = {"submit": "single", "members": "a", "threshold": thr}
+    decision |= {"rule": "the check half decides", "reason": "no gain"}
+    ens = {"best": one | {"members": "a+b", "k": 2}, "best_single": one, "gain": {}}
+    best = {"run_dir": str(tmp_path / "no-run"), "val_dice_best": 0.7, "val_thr_best": thr}
+    stages = {"tune_aug": {"best": best, "best_config": {}, "wall_s": 1, "overhead": 0.0}}
+    state = {"config": CONFIG, "stages": stages, "ensemble": ens | {"decision": decision}}
+    write_report(state, tmp_path, has_truth=False)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| best single | a | 0.4117 |" in report
+    stage_row = next(line for line in report.splitlines() if line.startswith("| tune_aug |"))
+    assert "| 0.4117 |" in stage_row, stage_row
+    assert "0.412 " not in report and "0.412|" not in report

@@ -557,7 +557,12 @@ def _plots(
     ax.plot(t, s_sel, label="selection")
     ax.plot(t, s_chk, label="check")
     ax.axvspan(lo, hi, color="grey", alpha=0.1, label="searched range")
-    ax.axvline(best.threshold, color="k", ls=":", label=f"its threshold {best.threshold:.4f}")
+    ax.axvline(
+        best.threshold,
+        color="k",
+        ls=":",
+        label=f"its threshold {metrics.threshold_text(best.threshold)}",
+    )
     ax.set_xlabel("threshold on the mean probability")
     ax.set_ylabel("mean Dice")
     # with other rules searched, the chosen one may not be this mean-rule ensemble

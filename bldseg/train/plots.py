@@ -101,7 +101,9 @@ def plot_roc(probs: np.ndarray, truth: np.ndarray, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr, color="tab:blue")
     ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=0.8)
-    ax.plot([fpr[i]], [tpr[i]], "o", color="tab:red", label=f"Youden t={thr[i]:.3f}, J={j[i]:.3f}")
+    # floored (metrics.threshold_text): the printed t typed back is the same level
+    label = f"Youden t={metrics.threshold_text(float(thr[i]))}, J={j[i]:.3f}"
+    ax.plot([fpr[i]], [tpr[i]], "o", color="tab:red", label=label)
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="Pixel ROC")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)

@@ -766,6 +766,30 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def trial_table_text(t: pd.DataFrame) -> str:
+    """The trial table a search prints: scores and epochs, then the searched config/ columns.
+
+    Thresholds are floored to 4 decimals as everywhere else (:func:`metrics.threshold_text`):
+    the value a user copies into ``predict --threshold`` is the trial's level; rounded to
+    nearest it was the next level up for about half of them.
+    """
+    cols = [
+        "trial_id",
+        METRIC,
+        "val_thr_best",
+        "val_dice_05",
+        "best_epoch",
+        "epochs_run",
+        "status",
+    ] + [c for c in t.columns if c.startswith("config/")]
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format
+    ):
+        return t[[c for c in cols if c in t.columns]].to_string(
+            index=False, formatters={"val_thr_best": metrics.threshold_text}
+        )
+
+
 def main(
     space: str,
     description: str,
@@ -879,20 +903,8 @@ def main(
         )
         return EXIT_INTERRUPTED
     t = result.table
-    cols = [
-        "trial_id",
-        METRIC,
-        "val_thr_best",
-        "val_dice_05",
-        "best_epoch",
-        "epochs_run",
-        "status",
-    ] + [c for c in t.columns if c.startswith("config/")]
-    with pd.option_context(
-        "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format
-    ):
-        print(f"\n=== {result.name}: {len(t)} trials ===")
-        print(t[[c for c in cols if c in t.columns]].to_string(index=False))
+    print(f"\n=== {result.name}: {len(t)} trials ===")
+    print(trial_table_text(t))
     failed = t[~t["status"].isin(USABLE)] if "status" in t else t.iloc[:0]
     for row in failed.to_dict("records"):  # why each failed: the table has no room for it
         print(f"  trial {row['trial_id']} {row['status']}: {' '.join(str(row['message']).split())}")
