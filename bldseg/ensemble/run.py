@@ -565,8 +565,9 @@ def _plots(
     )
     ax.set_xlabel("threshold on the mean probability")
     ax.set_ylabel("mean Dice")
-    # with other rules searched, the chosen one may not be this mean-rule ensemble
-    ax.set_title(f"{'best mean-rule' if rules else 'chosen'} ensemble (k={best.k})")
+    # with other rules searched, the chosen one may not be this mean-rule ensemble; and the
+    # check half may submit the best single model instead (submit.json), so not "chosen"
+    ax.set_title(f"{'best mean-rule' if rules else 'best'} ensemble (k={best.k})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

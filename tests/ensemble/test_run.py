@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bldseg import stats
+from bldseg import metrics, stats
 from bldseg.ensemble.library import find_runs, load_library, split_by_image
 from bldseg.ensemble.run import (
     SearchConfig,
@@ -104,9 +104,21 @@ def _members(d: dict) -> tuple[int, ...]:
     return tuple(int(m) for m in d["member_ids"].split())
 
 
-def test_summary_intervals_gain_and_decision(results, tmp_path):
+def test_summary_intervals_gain_and_decision(results, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
     root, _lib, test = results
     out = tmp_path / "out"
+    drawn = []  # (title, legend texts) of every figure saved
+    real_savefig = Figure.savefig
+
+    def recording(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        drawn.append((ax.get_title(), [t.get_text() for t in legend.get_texts()] if legend else []))
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
     s = run_search(SearchConfig(runs=str(root / "results"), k=[2, 3], out=str(out), progress=False))
     summary = json.loads((out / "summary.json").read_text())
     full = load_library(find_runs(root / "results"), root=root / "results")
@@ -140,6 +152,11 @@ def test_summary_intervals_gain_and_decision(results, tmp_path):
     assert len(one.checkpoints) == 1 and one.threshold == single["level"] / 255
     lines = "\n".join(summary_lines(s))
     assert "gain" in lines and "submit" in lines and "[" in lines
+    # the threshold curve is the best ensemble's (submit.json may be the single model), and
+    # its threshold types back to its level (rounded to nearest it was the next level up)
+    ((title, legend),) = [d for d in drawn if any("its threshold" in t for t in d[1])]
+    assert title == f"best ensemble (k={best['k']})"
+    assert f"its threshold {metrics.threshold_text(best['threshold'])}" in legend
 
 
 def test_submission_decision_rule():
