@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bldseg import metrics, stats
+from bldseg import metrics
 from bldseg.data import readers
 from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
@@ -62,6 +62,7 @@ from bldseg.predict import (
     load_member,
     member_config,
     predict_cache,
+    submission_interval,
     write_submission,
 )
 from bldseg.train.config import RunConfig
@@ -699,13 +700,7 @@ def best_epoch_row(run_dir: Path) -> dict:
 
 def _submission_interval(data: PreparedData, submission: Path) -> dict:
     """The submission's official score with a bootstrap interval over source images."""
-    per_image = metrics.score_csv_per_image(data.test_truth_csv, submission, data.test.image_size)
-    dice = per_image["dice"].to_numpy()
-    if not np.isfinite(dice).any():
-        return {}
-    group = dict(zip(data.test.ids, data.test.groups, strict=True))
-    groups = [group.get(str(i), str(i)) for i in per_image["img_id"]]
-    return stats.bootstrap_mean(dice, groups).to_dict()
+    return submission_interval(data.test_truth_csv, submission, data.test)
 
 
 def ensemble_sizes(cfg: PipelineConfig, n_models: int, storage: Path) -> list[int]:

@@ -908,6 +908,19 @@ def test_cli_scores_a_truth_csv_without_sizes(tiny_ckpts, small_world, tmp_path,
     printed = capsys.readouterr().out
     expected = metrics.score_csv(small_world.test_truth_csv, out)  # the truth with its sizes
     assert f"official score vs {truth}: {expected:.5f}" in printed, printed
+    # with its interval over the test tiles' source scenes (test.csv's group), as the
+    # pipeline reports its submission: it printed a bare score
+    from bldseg import stats
+
+    tiles = pd.read_csv(small_world.root / "test.csv", dtype=str)
+    per_image = metrics.score_csv_per_image(small_world.test_truth_csv, out)
+    scene = dict(zip(tiles["img_id"], tiles["group"], strict=True))
+    iv = stats.bootstrap_mean(per_image["dice"], [scene[i] for i in per_image["img_id"]])
+    assert 1 < iv.clusters < iv.n, iv  # scenes, not tiles, are resampled
+    assert (
+        f"{expected:.5f} {stats.format_bounds(iv)} (95% interval over {iv.clusters} source "
+        f"images; {iv.n} of {len(tiles)} images scored"
+    ) in printed, printed
     # a truth CSV of other tiles in part fails with one line naming it, the submission kept
     other = tmp_path / "other.csv"
     first = pd.read_csv(small_world.test_truth_csv, dtype=str)["img_id"].iloc[0]

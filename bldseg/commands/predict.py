@@ -73,7 +73,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bldseg import metrics
+from bldseg import metrics, stats
 from bldseg.commands import USER_ERRORS, fail, interruptible
 from bldseg.data.prepare import (
     MASK_READ_NAMES,
@@ -110,6 +110,7 @@ from bldseg.predict import (
     predict_folder,
     recorded_data_options,
     recorded_image_read,
+    submission_interval,
     write_submission,
 )
 
@@ -866,7 +867,16 @@ def _predict(args: argparse.Namespace, written: list[str]) -> int:
         # a truth CSV in the competition's format has no height/width: the tiles' shape
         try:
             score = metrics.score_csv(truth, out, shape=tuple(pred.shape[1:]))
+            # over source scenes (test.csv's group), as the pipeline reports its submission
+            iv = submission_interval(truth, out, data.test)
         except USER_ERRORS as e:
             return fail(f"scoring against {truth}: {e}")
-        print(f"official score vs {truth}: {score:.5f}")
+        if iv:
+            print(
+                f"official score vs {truth}: {score:.5f} {stats.format_bounds(iv)} (95% "
+                f"interval over {iv['clusters']} {iv['unit']}s; {iv['n']} of {len(pred)} "
+                "images scored, those empty in both left out)"
+            )
+        else:
+            print(f"official score vs {truth}: {score:.5f} (every image empty in both)")
     return 0
