@@ -215,6 +215,17 @@ def test_declared_colour_bands_are_the_default(tmp_path):
     assert geo.read_raster_rgb(plain)[0, 0].tolist() == [10, 20, 30]
 
 
+def test_a_colour_declared_twice_is_no_rgb_declaration(tmp_path):
+    # (red, red, green, blue) holds red, green and blue, but not each once: which red is red
+    # is unknown, so the bands are read as undeclared ones (1, 2, 3), not as bands 1, 3, 4
+    color = rasterio.enums.ColorInterp
+    data = np.stack([np.full((4, 5), 10 * (b + 1), np.uint8) for b in range(4)])  # 10..40
+    path = write_tif(tmp_path / "rrgb.tif", data, photometric="MINISBLACK")
+    with rasterio.open(path, "r+") as dst:
+        dst.colorinterp = [color.red, color.red, color.green, color.blue]
+    assert geo.read_raster_rgb(path)[0, 0].tolist() == [10, 20, 30]
+
+
 def test_four_band_16bit_default_bands(tmp_path):
     rng = np.random.default_rng(3)
     data = rng.integers(1, 5000, (4, 8, 9), dtype=np.uint16)
