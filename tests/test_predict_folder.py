@@ -921,6 +921,19 @@ def test_cli_scores_a_truth_csv_without_sizes(tiny_ckpts, small_world, tmp_path,
         f"{expected:.5f} {stats.format_bounds(iv)} (95% interval over {iv.clusters} source "
         f"images; {iv.n} of {len(tiles)} images scored"
     ) in printed, printed
+    # one image scored (nothing predicted at threshold 1, one truth mask not empty): a single
+    # scene gives no interval, and the line does not claim one
+    one = pd.read_csv(small_world.test_truth_csv, dtype=str)[["img_id", "mask_rle"]]
+    one.loc[one["mask_rle"] != "-1", "mask_rle"] = "-1"
+    one.loc[0, "mask_rle"] = "1 5"
+    one.to_csv(tmp_path / "one.csv", index=False)
+    argv_one = [*argv, "--truth", str(tmp_path / "one.csv"), "--threshold", "1.0"]
+    assert predict_cmd.main(["--checkpoint", tiny_ckpts[0], *argv_one]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"official score vs {tmp_path / 'one.csv'}: 0.00000 (one source image; 1 of "
+        f"{len(tiles)} images scored, those empty in both left out)"
+    ) in printed, printed
     # a truth CSV of other tiles in part fails with one line naming it, the submission kept
     other = tmp_path / "other.csv"
     first = pd.read_csv(small_world.test_truth_csv, dtype=str)["img_id"].iloc[0]

@@ -871,12 +871,14 @@ def _predict(args: argparse.Namespace, written: list[str]) -> int:
             iv = submission_interval(truth, out, data.test)
         except USER_ERRORS as e:
             return fail(f"scoring against {truth}: {e}")
-        if iv:
+        scored = f"{iv.get('n', 0)} of {len(pred)} images scored, those empty in both left out"
+        if iv.get("clusters", 0) >= 2:
             print(
                 f"official score vs {truth}: {score:.5f} {stats.format_bounds(iv)} (95% "
-                f"interval over {iv['clusters']} {iv['unit']}s; {iv['n']} of {len(pred)} "
-                "images scored, those empty in both left out)"
+                f"interval over {iv['clusters']} {iv['unit']}s; {scored})"
             )
+        elif iv:  # one source scene scored: no interval to give
+            print(f"official score vs {truth}: {score:.5f} (one {iv['unit']}; {scored})")
         else:
             print(f"official score vs {truth}: {score:.5f} (every image empty in both)")
     return 0

@@ -222,9 +222,15 @@ def epoch_line(row: dict) -> str:
     """One epoch's metrics as a JSON line, numbers to 4 significant digits.
 
     Significant digits, not decimals: a fine-tuning LR of 6e-05 (and the smaller ones of its
-    warm-up) would round to 0.0001 or 0.0 at 4 decimals.
+    warm-up) would round to 0.0001 or 0.0 at 4 decimals. Thresholds (``val_thr_*``) are
+    floored to 4 decimals as every printed threshold is (:func:`threshold_text`): rounded, the
+    epoch line said 0.4275 where the run's summary says 0.4274, another level typed back.
     """
-    return json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()})
+
+    def number(k: str, v: float) -> float:
+        return float(threshold_text(v)) if k.startswith("val_thr_") else float(f"{v:.4g}")
+
+    return json.dumps({k: number(k, v) if isinstance(v, float) else v for k, v in row.items()})
 
 
 def _val_dice(best: dict) -> str:

@@ -51,10 +51,12 @@ from bldseg.data.rle import rle_decode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 
-#: Raster formats users bring that bldseg does not read (JPEG 2000 orthophotos, GDAL virtual
-#: and Erdas files, GIFs, netpbm): an image folder holding them is told so, where listing only
-#: :data:`IMAGE_SUFFIXES` skipped them without a word. Sidecars (.tfw, .aux.xml, .prj) are
-#: not images and are left out of the count.
+#: Raster formats users bring that image folders do not list (JPEG 2000 orthophotos, GDAL
+#: virtual and Erdas files, GIFs, netpbm): an image folder holding them is told so, where
+#: listing only :data:`IMAGE_SUFFIXES` skipped them without a word. Some of them OpenCV
+#: decodes (a competition CSV may name them), but not their georeference, palette or bands as
+#: the listed formats are read. Sidecars (.tfw, .aux.xml, .prj) are not images and are not
+#: counted.
 UNREAD_RASTER_SUFFIXES = (
     ".jp2", ".j2k", ".jpx", ".gif", ".img", ".vrt", ".ecw", ".sid", ".ntf", ".nitf",
     ".heic", ".heif", ".avif", ".ppm", ".pgm", ".pnm", ".tga", ".jfif",
@@ -370,9 +372,9 @@ def image_size(path: Path) -> tuple[int, int]:
 def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
     """Image files under ``folder`` (suffixes :data:`IMAGE_SUFFIXES`, any case), sorted.
 
-    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are skipped. Files of a
-    raster format bldseg does not read (:data:`UNREAD_RASTER_SUFFIXES`) are skipped with a
-    warning that counts them by suffix.
+    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) are skipped. Files of
+    another raster format (:data:`UNREAD_RASTER_SUFFIXES`) are skipped with a warning that
+    counts them by suffix.
 
     Raises:
         FileNotFoundError: The folder does not exist.
@@ -383,7 +385,7 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Pa
         raise FileNotFoundError(f"image folder not found: {folder}")
     walk = _files_under(folder) if recursive else folder.iterdir()
     found: list[Path] = []
-    unread: dict[str, int] = {}  # suffix -> files of a raster format bldseg does not read
+    unread: dict[str, int] = {}  # suffix -> files of a raster format folders do not list
     for p in walk:
         if p.name.startswith(".") or not p.is_file():
             continue
@@ -398,10 +400,10 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Pa
         counts = ", ".join(f"{n} {s}" for s, n in sorted(unread.items(), key=lambda kv: -kv[1]))
         n = sum(unread.values())
         skipped = (
-            f"{n} file{'s' if n > 1 else ''} {where} {folder} {'are' if n > 1 else 'is'} in a "
-            "format bldseg does not read "
-            f"({counts}); it reads {'/'.join(IMAGE_SUFFIXES)}: convert them, e.g. "
-            "'gdal_translate -of GTiff in.jp2 out.tif'"
+            f"{n} file{'s' if n > 1 else ''} {where} {folder} {'are' if n > 1 else 'is'} of a "
+            f"raster format image folders do not list ({counts}; folders list "
+            f"{'/'.join(IMAGE_SUFFIXES)}): convert them, e.g. 'gdal_translate -of GTiff in.jp2 "
+            "out.tif'"
         )
     if not found:
         tail = f"; {skipped}" if skipped else ""

@@ -78,13 +78,20 @@ def plot_threshold_curve(
     ax.axvspan(lo, hi, color="tab:blue", alpha=0.08, label=f"sweep {lo:.2f}-{hi:.2f}")
     s05 = scores[metrics.level_from_threshold(0.5, m)]
     ax.plot([0.5], [s05], "o", color="gray", label=f"0.50: {s05:.4f}")
-    ax.plot(
-        [level / m], [best], "*", ms=12, color="tab:red", label=f"best {level / m:.3f}: {best:.4f}"
-    )
+    # thresholds floored (metrics.threshold_text): the printed value typed back into predict
+    # --threshold is the same level (0.412 for 105/255 read back as 106)
+    best_label = f"best {metrics.threshold_text(level / m)}: {best:.4f}"
+    ax.plot([level / m], [best], "*", ms=12, color="tab:red", label=best_label)
     try:
         ty, _ = metrics.youden_threshold(probs, truth, max_value=max_value)
         sy = scores[metrics.level_from_threshold(ty, m)]
-        ax.plot([ty], [sy], "s", color="tab:green", label=f"Youden {ty:.3f}: {sy:.4f}")
+        ax.plot(
+            [ty],
+            [sy],
+            "s",
+            color="tab:green",
+            label=f"Youden {metrics.threshold_text(ty)}: {sy:.4f}",
+        )
     except ValueError:
         pass  # no building or no background pixel: Youden's J is undefined
     ax.set(xlabel="threshold", ylabel="Dice (empty/empty excluded)", title=title, xlim=(0, 1))

@@ -285,14 +285,17 @@ def test_folder_dataset_errors(tmp_path):
         read_folder_dataset(tmp_path / "nope")
 
 
-def test_raster_files_bldseg_cannot_read_are_counted_not_skipped_silently(tmp_path):
+def test_raster_files_folders_do_not_list_are_counted_not_skipped_silently(tmp_path):
     # An orthophoto folder of JPEG 2000 tiles: listing only the suffixes bldseg reads gave a
     # smaller dataset (or "no images") without saying why. Sidecars are not counted.
     images = tmp_path / "images"
     write_png(images / "a.png", np.zeros((16, 16, 3), np.uint8))
     for name in ("b.jp2", "c.JP2", "d.gif", "b.tfw", "a.aux.xml"):
         (images / name).write_bytes(b"x")
-    with pytest.warns(UserWarning, match=r"3 files under .* \(2 \.jp2, 1 \.gif\).*skipped"):
+    with pytest.warns(
+        UserWarning,
+        match=r"3 files under .* raster format image folders do not list \(2 \.jp2, 1 \.gif;.*skipped",
+    ):
         (r,) = read_folder_dataset(images)
     assert r.image_path.name == "a.png"
     (images / "a.png").unlink()

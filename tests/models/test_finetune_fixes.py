@@ -172,3 +172,19 @@ def test_epoch_lines_keep_small_learning_rates():
     row = {"epoch": 1, "lr": 6e-05, "warm_lr": 6e-08, "train_loss": 0.978712, "val_net": "f"}
     line = json.loads(train_cmd.epoch_line(row))
     assert line == {"epoch": 1, "lr": 6e-05, "warm_lr": 6e-08, "train_loss": 0.9787, "val_net": "f"}
+
+
+def test_epoch_lines_print_thresholds_that_type_back_to_their_level():
+    # 109/255 = 0.42745 printed 0.4275 (4 significant digits, rounded), level 110 typed back;
+    # the run's summary line says 0.4274
+    from bldseg import metrics
+
+    row = {"epoch": 1, "val_thr_best": 109 / 255, "val_thr_widened": 1.0, "val_dice_best": 0.5}
+    line = json.loads(train_cmd.epoch_line(row))
+    assert line == {
+        "epoch": 1,
+        "val_thr_best": 0.4274,
+        "val_thr_widened": 1.0,
+        "val_dice_best": 0.5,
+    }
+    assert metrics.level_from_threshold(line["val_thr_best"]) == 109

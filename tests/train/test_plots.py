@@ -105,3 +105,27 @@ def test_curves_of_a_few_epochs_tick_whole_epochs(tmp_path, monkeypatch):
     for axis in ticks:
         assert axis and all(t.is_integer() for t in axis), axis
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_threshold_curve_labels_type_back_to_their_levels(tmp_path, monkeypatch):
+    # "best 0.412" for level 105 read back as level 106 in predict --threshold
+    import bldseg.train.plots as plots
+
+    labels = []
+    real = plots.save_figure
+
+    def keep(fig, path, dpi=110):
+        labels.extend(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    rng = np.random.default_rng(0)
+    probs = rng.integers(0, 256, (4, 16, 16)).astype(np.uint8)
+    truth = probs > 120
+    plots.plot_threshold_curve(probs, truth, tmp_path / "t.png", chosen=105 / 255)
+    (best,) = [s for s in labels if s.startswith("best ")]
+    assert best.startswith("best 0.4117: "), labels
+    (youden,) = [s for s in labels if s.startswith("Youden ")]
+    shown = float(youden.split()[1].rstrip(":"))
+    ty, _ = metrics.youden_threshold(probs, truth)
+    assert metrics.level_from_threshold(shown) == metrics.level_from_threshold(ty), (shown, ty)
