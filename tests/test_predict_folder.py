@@ -934,16 +934,20 @@ def test_cli_scores_a_truth_csv_without_sizes(tiny_ckpts, small_world, tmp_path,
         f"official score vs {tmp_path / 'one.csv'}: 0.00000 (one source image; 1 of "
         f"{len(tiles)} images scored, those empty in both left out)"
     ) in printed, printed
-    # a truth CSV of other tiles in part fails with one line naming it, the submission kept
+    # a truth CSV of other tiles in part fails with one line naming it, before anything is
+    # predicted (it failed in the scoring, after the whole split), the submission kept
     other = tmp_path / "other.csv"
     first = pd.read_csv(small_world.test_truth_csv, dtype=str)["img_id"].iloc[0]
     other.write_text(f"img_id,mask_rle\n{first},-1\nnot_a_tile,1 2\n")
+    before = out.stat().st_mtime_ns
     assert predict_cmd.main(["--checkpoint", tiny_ckpts[0], *argv, "--truth", str(other)]) == 1
     err = capsys.readouterr().err
-    last = err.splitlines()[-1]  # after the progress bars
-    assert last.startswith(f"error: scoring against {other}: ") and "not_a_tile" in last, err
-    assert "Traceback" not in err
-    assert out.is_file()
+    last = err.splitlines()[-1]
+    assert last.startswith(f"error: --truth {other} does not match the test split"), err
+    assert f"{len(tiles) - 1} of the {len(tiles)} test images have no row in it" in last
+    assert "1 of its rows names no test image (e.g. ['not_a_tile'])" in last
+    assert "predicting" not in err and "Traceback" not in err
+    assert out.stat().st_mtime_ns == before
 
 
 def _no_prediction(*args, **kwargs):

@@ -351,7 +351,8 @@ def _truth_of_other_images(truth: str, ids: list[str], data: str | None) -> str 
     is among the split's (another split's truth, such as train.csv), or None.
 
     Scoring would only say that the submission lacks the truth's ids, as if the images were
-    left out of it; ids that differ in part are left to the scoring, which names them.
+    left out of it. A truth that covers the split only in part is refused too: scoring needs a
+    truth row for every submission row and refused it after the whole split was predicted.
 
     Args:
         truth: The --truth CSV (its header checked by :func:`_check_truth`).
@@ -366,8 +367,26 @@ def _truth_of_other_images(truth: str, ids: list[str], data: str | None) -> str 
     truth_ids = found["img_id"].tolist()
     if not truth_ids:
         return f"--truth {truth} has no rows: there is no image to score against"
-    if set(truth_ids) & set(ids):
+    truth_set, test_set = set(truth_ids), set(ids)
+    if truth_set == test_set:
         return None
+    if truth_set & test_set:
+        untrue = [i for i in ids if i not in truth_set]
+        other = [i for i in truth_ids if i not in test_set]
+        parts = []
+        if untrue:
+            have = "has" if len(untrue) == 1 else "have"
+            parts.append(
+                f"{len(untrue)} of the {len(ids)} test images {have} no row in it "
+                f"(e.g. {untrue[:3]})"
+            )
+        if other:
+            name = "names" if len(other) == 1 else "name"
+            parts.append(f"{len(other)} of its rows {name} no test image (e.g. {other[:3]})")
+        return (
+            f"--truth {truth} does not match the test split{f' of {data}' if data else ''}: "
+            f"{'; '.join(parts)}; the official score needs one truth row per test image"
+        )
     return (
         f"--truth {truth} is the ground truth of other images: none of its {len(truth_ids)} "
         f"img_id(s) (e.g. {truth_ids[:3]}) is among the {len(ids)} test image(s)"

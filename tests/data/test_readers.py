@@ -294,7 +294,7 @@ def test_raster_files_folders_do_not_list_are_counted_not_skipped_silently(tmp_p
         (images / name).write_bytes(b"x")
     with pytest.warns(
         UserWarning,
-        match=r"3 files under .* raster format image folders do not list \(2 \.jp2, 1 \.gif;.*skipped",
+        match=r"3 files under .* raster format image folders do not list \(2 \.jp2, 1 \.gif;.*skip",
     ):
         (r,) = read_folder_dataset(images)
     assert r.image_path.name == "a.png"
