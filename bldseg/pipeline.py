@@ -227,6 +227,22 @@ def check_continuation(
         other_data = f"training data fingerprint{since}: {started_on} -> {fingerprint}"
     else:
         other_data = None
+    data_moved = (
+        content is not None
+        and content == was_content
+        and recorded.get("data") not in (None, now.get("data"))
+    )
+    if data_moved:
+        # The same pixels, ids and groups read from another folder (a share mounted elsewhere,
+        # a copy): as a stopped run or a resumed search, the pipeline continues on them.
+        differ.remove(f"data: {recorded['data']!r} -> {now['data']!r}")
+        log.warning(
+            "%s: the training data are read from %s now, not %s as when this pipeline started; "
+            "they are the same (the same content digest): continuing",
+            _state_path(cfg),
+            now["data"],
+            recorded["data"],
+        )
     if other_data is not None:
         if rules_changed:
             # the same files, decoded by another bldseg: nothing the user changed
@@ -839,6 +855,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         # the content digest a state of an older bldseg lacks, so that a later bldseg update
         # that decodes them the same is told apart from other data
         state.update(data_record(data.train.fingerprint, data.train.content))
+        # where the same data are read from now (check_continuation let another folder of the
+        # same content through): the report and a later continuation name this one
+        state.setdefault("config", {})["data"] = cfg.data
         _save_state(cfg, state)
     pipeline_run = state["pipeline_run_id"]
     _repair_state(cfg, state, storage)

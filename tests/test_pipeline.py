@@ -781,7 +781,9 @@ def test_kfold_report_thresholds_are_the_out_of_fold_ones(tmp_path):
     write_report({"config": config, "stages": {"tune_aug": stage}}, tmp_path, has_truth=False)
     report = (tmp_path / "REPORT.md").read_text()
     sweep = next(line for line in report.splitlines() if line.startswith("| best of sweep"))
-    assert sweep.startswith(f"| best of sweep | {oof['val_thr_best']:.3f} | ")
+    from bldseg.metrics import threshold_text
+
+    assert sweep.startswith(f"| best of sweep | {threshold_text(oof['val_thr_best'])} | ")
     assert f"{oof['val_dice_best']:.4f} [" in sweep and "⚠" not in report
 
 

@@ -316,8 +316,8 @@ def test_report_thresholds_are_the_incumbents_and_named(tmp_path):
     heading = section.splitlines()[0]
     assert "tune_aug" in heading and "tune_tau" not in heading
     rows = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
-    assert rows["| best of sweep"].startswith("| best of sweep | 0.400 | 0.8000")
-    assert rows["| Youden's index"].startswith("| Youden's index | 0.200 | 0.7500")
+    assert rows["| best of sweep"].startswith("| best of sweep | 0.4000 | 0.8000")
+    assert rows["| Youden's index"].startswith("| Youden's index | 0.2000 | 0.7500")
 
 
 # ------------------------------------------------------------------------------------------
@@ -364,6 +364,25 @@ def test_the_same_data_folder_spelled_otherwise_continues(tmp_path, monkeypatch)
         pipeline.check_continuation(PipelineConfig(data=spelled), state, "fp")
     with pytest.raises(ContinuationError, match=r"data: '.*mydata' -> '.*other'"):
         pipeline.check_continuation(PipelineConfig(data="other"), state, "fp")
+
+
+def test_the_same_data_in_another_folder_continues(tmp_path, monkeypatch, caplog):
+    # a share mounted elsewhere, a copy: the same content digest continues, as a stopped run
+    # and a resumed search do (it was refused as "data: '.../a' -> '.../b'")
+    monkeypatch.chdir(tmp_path)
+    state = _recorded(PipelineConfig(data="a"), data_fingerprint="fp", data_content="c1")
+    with caplog.at_level(logging.WARNING, logger="bldseg.pipeline"):
+        pipeline.check_continuation(PipelineConfig(data="b"), state, "fp2", "c1")
+    assert f"read from {tmp_path / 'b'} now, not {tmp_path / 'a'}" in caplog.text
+    with pytest.raises(ContinuationError, match=r"data: '.*a' -> '.*b'; training data content"):
+        pipeline.check_continuation(PipelineConfig(data="b"), state, "fp2", "c2")
+    # other settings are still refused beside it
+    with pytest.raises(ContinuationError, match=r"\(trials: 6 -> 7\)"):
+        pipeline.check_continuation(PipelineConfig(data="b", trials=7), state, "fp2", "c1")
+    # without a digest (an older state), another folder is still refused
+    older = _recorded(PipelineConfig(data="a"), data_fingerprint="fp")
+    with pytest.raises(ContinuationError, match=r"data: '.*a' -> '.*b'"):
+        pipeline.check_continuation(PipelineConfig(data="b"), older, "fp", "c1")
 
 
 def test_a_pipeline_recorded_with_a_flag_its_data_did_not_read_continues(tmp_path, monkeypatch):
