@@ -423,6 +423,10 @@ def get_space(name: str, base: dict[str, Any] | None = None):
 #: each trial's status is judged against it; folds and data are checked once for all trials).
 RUNNER_KEYS = frozenset({"epochs", "folds", "fold", "data"})
 
+#: Settings that decide which tiles validate a trial: a space may fix them, not search them,
+#: or ASHA and the best trial would compare trials scored on different tiles.
+SPLIT_KEYS = frozenset({"val_fraction", "split_group", "split_seed", "val_tile"})
+
 #: A search's settings that a resume takes from its record (``bldseg_search.json``), not from
 #: the command line: a resumed search runs on as it was started.
 RESUMED_SETTINGS = (
@@ -580,6 +584,7 @@ def validate_space(
             cfg = RunConfig.from_flat({**base, **sample})
         except (TypeError, ValueError) as e:
             raise ValueError(f"search space {name} is invalid: {e} (sample: {sample})") from e
+        _refuse_searched_validation(name, set(trial.params), cfg)
         # the ends first: a sample the check refuses inside a range is named by its range
         _check_range_ends(name, trial, base, sample, check)
         if check is not None:
@@ -593,6 +598,26 @@ def validate_space(
         keys.update(sample)
         study.tell(trial, 0.0)
     return keys
+
+
+def _refuse_searched_validation(name: str, searched: set[str], cfg: RunConfig) -> None:
+    """Raises ValueError where a space's suggested keys would give trials other validation
+    tiles: the split's keys (:data:`SPLIT_KEYS`), or the crop size while validation tiles are
+    the crop's size (``val_tile`` 0). Constants a space returns are the same for every trial.
+    """
+    split = sorted(SPLIT_KEYS & searched)
+    if split:
+        raise ValueError(
+            f"search space {name} searches {', '.join(split)}, which decide the validation "
+            "tiles: its trials would be compared on different tiles. Fix them (--set), not "
+            "search them"
+        )
+    if "aug.crop_size" in searched and cfg.val_tile == 0:
+        raise ValueError(
+            f"search space {name} searches aug.crop_size while val_tile is 0 (validation tiles "
+            "of the crop's size): its trials would be compared on different tiles. Fix the "
+            "validation tiles, e.g. --set val_tile=224"
+        )
 
 
 def _check_range_ends(

@@ -208,6 +208,37 @@ def test_space_may_not_set_what_the_search_fixes(key):
         validate_space(owns, CPU_DEMO)
 
 
+@pytest.mark.parametrize(
+    ("suggest", "base", "says"),
+    [
+        (lambda t: t.suggest_float("val_fraction", 0.1, 0.3), {}, "searches val_fraction"),
+        (lambda t: t.suggest_int("split_seed", 0, 3), {}, "searches split_seed"),
+        (lambda t: t.suggest_categorical("val_tile", [32, 64]), {}, "searches val_tile"),
+        (
+            lambda t: t.suggest_categorical("aug.crop_size", [32, 48]),
+            {"val_tile": 0},
+            r"searches aug.crop_size while val_tile is 0 .* --set val_tile=224",
+        ),
+    ],
+)
+def test_space_may_not_search_what_decides_the_validation_tiles(suggest, base, says):
+    # ASHA and the best trial compared trials scored on different validation tiles
+    def space(trial):
+        suggest(trial)
+
+    with pytest.raises(ValueError, match=says):
+        validate_space(space, {**CPU_DEMO, **base})
+
+
+def test_space_may_fix_the_split_and_search_the_crop_with_fixed_validation_tiles():
+    def space(trial):
+        trial.suggest_categorical("aug.crop_size", [32, 48])
+        return {"split_seed": 3, "val_fraction": 0.2}  # the same for every trial
+
+    keys = validate_space(space, {**CPU_DEMO, "val_tile": 64})
+    assert {"aug.crop_size", "split_seed", "val_fraction"} <= keys
+
+
 def test_resume_takes_the_recorded_search_settings(caplog):
     started = SearchSpec(scheduler="fifo", epochs=3, trials=2, seed=7, grace_period=1)
     meta = {"base": {"epochs": 3}, "spec": {**started.__dict__, "data_options": None}}
