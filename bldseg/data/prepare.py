@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -383,11 +384,44 @@ def _synthetic_world(data_root: Path, synthetic: dict | None, progress: bool) ->
     return world_dir
 
 
-def _describe_cache(cache: DatasetCache) -> str:
+def _describe_cache(cache: DatasetCache, *, training: bool = False) -> str:
     h, w = cache.image_size
     scenes = len(set(cache.groups))
     masks = "with masks" if cache.masks is not None else "no masks"
-    return f"{len(cache)} samples of {h}x{w} from {scenes} source scene(s), {masks}"
+    hint = _tile_names_hint(cache) if training else ""
+    return f"{len(cache)} samples of {h}x{w} from {scenes} source scene(s), {masks}{hint}"
+
+
+#: A file stem that reads as a tile of a larger scene: the scene's name, then a number.
+_TILE_STEM = re.compile(r"^(.+)[_-]\d+$")
+
+
+def _tile_names_hint(cache: DatasetCache) -> str:
+    """A note where every source file is its own split group but the names say they are tiles
+    of fewer scenes (Inria's ``austin1_10``, ``chicago1_3``): the validation split then holds
+    tiles of the scenes it trains on, without a word. Empty where they do not.
+
+    Two or more name prefixes, each shared by two or more files, and every stem of that form:
+    a competition's ``TRAIN_0001``..., one prefix for distinct scenes, gives no note.
+    """
+    sources = cache.sources
+    paths = {s["path"] for s in sources}
+    if any(s.get("group") not in (None, s["path"]) for s in sources) or len(paths) < 4:
+        return ""  # a CSV's group column decides, or too few files to tell
+    prefixes: dict[str, int] = {}
+    for path in paths:
+        m = _TILE_STEM.match(Path(path).stem)
+        if m is None:
+            return ""
+        prefixes[m.group(1)] = prefixes.get(m.group(1), 0) + 1
+    if len(prefixes) < 2 or min(prefixes.values()) < 2:
+        return ""
+    examples = ", ".join(f"{p}_*" for p in sorted(prefixes)[:2])
+    return (
+        f"; their file names look like tiles of {len(prefixes)} larger scenes ({examples}): "
+        "if they are, train with --split-group '^(.+)[_-]\\d+$' so that each scene's tiles "
+        "stay on one side of the validation split"
+    )
 
 
 #: What a competition training CSV of images of mixed sizes is told to do. --tile-size is no
@@ -439,7 +473,9 @@ def _prepare_competition(
         test_truth_csv=truth if truth.is_file() else None,
         clean_train_csv=clean if clean.is_file() else None,
         kind="competition",
-        description=f"competition layout {train_csv}: {_describe_cache(train)}{test_part}",
+        description=(
+            f"competition layout {train_csv}: {_describe_cache(train, training=True)}{test_part}"
+        ),
     )
 
 
@@ -462,7 +498,9 @@ def _prepare_cache(path: Path) -> PreparedData:
         test_truth_csv=None,
         clean_train_csv=None,
         kind="cache",
-        description=f"bldseg cache {train_dir}: {_describe_cache(train)}{test_part}",
+        description=(
+            f"bldseg cache {train_dir}: {_describe_cache(train, training=True)}{test_part}"
+        ),
         options=_recorded_options(train),
     )
 
@@ -714,7 +752,10 @@ def _prepare_folders(
         test_truth_csv=None,
         clean_train_csv=None,
         kind="folders",
-        description=f"image/mask folders {images} + {labels}{tiles}: {_describe_cache(train)}",
+        description=(
+            f"image/mask folders {images} + {labels}{tiles}: "
+            f"{_describe_cache(train, training=True)}"
+        ),
     )
 
 

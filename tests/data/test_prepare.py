@@ -511,3 +511,30 @@ def test_a_training_csv_stands_for_the_test_split_beside_it(tmp_path, capsys):
         with pytest.raises(FileNotFoundError, match=rf"^--data {root / name}: a training CSV"):
             prepare_test_data(root / name, data_root=other, progress=False)
     assert not other.exists()
+
+
+@pytest.mark.parametrize(
+    ("stems", "hint"),
+    [
+        (["austin1_0", "austin1_1", "austin1_10", "chicago1_2", "chicago1_3"], True),
+        (["TRAIN_0000", "TRAIN_0001", "TRAIN_0002", "TRAIN_0003"], False),  # one prefix
+        (["a_0", "a_1", "b_0", "c_0"], False),  # b and c: one file each
+        (["a_0", "a_1", "b_0", "b_x"], False),  # b_x is no tile name
+    ],
+)
+def test_tile_names_of_larger_scenes_get_a_split_group_hint(tmp_path, stems, hint):
+    # Inria tiles austin1_10, chicago1_3 were split tile by tile (each file its own scene)
+    # without a word: validation then holds tiles of the scenes it trains on.
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for stem in stems:
+        img, mask = scene(32, seed=len(stem))
+        cv2.imwrite(str(tmp_path / "data" / "images" / f"{stem}.png"), img)
+        cv2.imwrite(str(tmp_path / "data" / "masks" / f"{stem}.png"), mask * 255)
+    data = prepare_data(tmp_path / "data", data_root=tmp_path / "root")
+    said = "file names look like tiles of 2 larger scenes (austin1_*, chicago1_*)"
+    assert (said in data.description) == hint, data.description
+    if hint:
+        pattern = re.search(r"--split-group '([^']+)'", data.description).group(1)
+        groups = split_groups(data.train, pattern)
+        assert sorted(set(groups)) == ["austin1", "chicago1"]
