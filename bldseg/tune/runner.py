@@ -766,6 +766,18 @@ def _data_paths(data: PreparedData) -> dict[str, Any]:
 
 def _open_data(paths: dict[str, str | None]) -> PreparedData:
     # O(1): the driver built the caches; trials only map the files.
+    if not Path(str(paths["train"])).is_dir():
+        # The driver built it on its own disk: on a cluster every node maps the same folder.
+        # DatasetCache's "not a complete cache ... build it" sent users to a cache that was
+        # complete, on the driver's node.
+        import socket
+
+        raise FileNotFoundError(
+            f"the training cache {paths['train']} that the search's driver built is not on "
+            f"this node ({socket.gethostname()}): on a cluster, --data-root must be shared "
+            "storage every node mounts at the same path (e.g. --data-root /shared/data); "
+            "or it was removed since the search started"
+        )
     train = DatasetCache(paths["train"])
     recorded = paths.get("fingerprint")
     if recorded and train.fingerprint != recorded:

@@ -71,13 +71,16 @@ def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> Non
         proc.wait(timeout=30)
 
 
-def start_ray_head(token_dir: Path) -> tuple[subprocess.Popen, int, dict[str, str], Path]:
+def start_ray_head(
+    token_dir: Path, dashboard_port: int | None = None
+) -> tuple[subprocess.Popen, int, dict[str, str], Path]:
     """`ray start --head --block` on 127.0.0.1; returns ``(process, port, env, temp dir)``.
 
     ``env`` is what a client process needs to join it (``--address 127.0.0.1:<port>``). The
     head runs in its own process group, which holds the whole cluster: :func:`stop_ray_head`
     (or a test that kills it on purpose) stops exactly this cluster, where `ray stop` would
-    also kill the test session's own Ray.
+    also kill the test session's own Ray. With ``dashboard_port`` the head serves its
+    dashboard and job server there (``ray job submit --address http://127.0.0.1:<port>``).
     """
     port = free_port()
     temp = Path("/tmp") / f"ray_{port}"  # short path: Ray's socket names have a length limit
@@ -105,7 +108,15 @@ def start_ray_head(token_dir: Path) -> tuple[subprocess.Popen, int, dict[str, st
             str(port),
             "--num-cpus",
             "2",
-            "--include-dashboard=false",
+            *(
+                ["--include-dashboard=false"]
+                if dashboard_port is None
+                else [
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard_port}",
+                ]
+            ),
             f"--temp-dir={temp}",
         ],
         stdout=subprocess.DEVNULL,

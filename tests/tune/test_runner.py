@@ -362,6 +362,17 @@ def test_trial_refuses_a_cache_rebuilt_from_other_data(small_world):
         _open_data({**paths, "fingerprint": "0" * 32})
 
 
+def test_a_trial_on_a_node_without_the_drivers_cache_names_the_data_root(small_world, tmp_path):
+    # On a cluster whose --data-root is the driver's local disk, every trial said the cache was
+    # "not a complete bldseg cache ... build it", a cache that was complete on the driver.
+    from bldseg.tune.runner import _data_paths, _open_data
+
+    paths = _data_paths(small_world)
+    elsewhere = tmp_path / "data" / "cache" / "x" / "train"  # not on this node
+    with pytest.raises(FileNotFoundError, match=r"not on this node .*--data-root must be shared"):
+        _open_data({**paths, "train": str(elsewhere)})
+
+
 def test_resume_on_other_data_is_refused(small_world, tmp_path):
     # A search's trials are compared with each other: resuming it on changed data would mix
     # models of two datasets in one table. Refused before Ray starts, naming both.
