@@ -89,6 +89,7 @@ import optuna
 import pandas as pd
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from bldseg.commands import EXIT_INTERRUPTED
 from bldseg.data import readers
 from bldseg.data.cache import DatasetCache
 from bldseg.data.prepare import (
@@ -1511,6 +1512,34 @@ def init_ray(address: str | None = None, **kwargs: Any) -> str:
     flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     opts = {"include_dashboard": False, "log_to_driver": False, **kwargs}
+    with _sigterm_handler_kept():
+        _init(ray, address, flag, opts)
+    return ray.get_runtime_context().gcs_address
+
+
+@contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """A Python SIGTERM handler set before ``ray.init`` (a command's, which stops it as Ctrl-C
+    does: :func:`bldseg.commands.sigterm_as_ctrl_c`) is set again after it.
+
+    ``ray.init`` puts its own in its place (and its core worker a native crash handler): a job
+    scheduler's SIGTERM then aborted a search or a pipeline with exit 134, its MLflow runs left
+    RUNNING, without the line saying how to continue. Setting the handler again gives the
+    signal back to Python, and to it. Where none was set (the default action), Ray's stays.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if before not in (None, signal.SIG_DFL):  # a handler, or SIG_IGN (nohup-like)
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init(ray: Any, address: str | None, flag: str, opts: dict[str, Any]) -> None:
+    """``ray.init`` on ``address`` (joined, its token refusal named) or a local instance."""
     if address:
         check_ray_address(address, flag)
         try:
@@ -1529,7 +1558,6 @@ def init_ray(address: str | None = None, **kwargs: Any) -> str:
     else:
         with _loopback_node():
             ray.init(address="local", _node_ip_address="127.0.0.1", **opts)
-    return ray.get_runtime_context().gcs_address
 
 
 def _latest(storage: Path, space: str) -> Path:
@@ -2187,6 +2215,8 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     if meta is None:
         # a resume's trials continue from last.pt and may never read the file again
         check_pretrained(fixed, searched)
+    # a local instance this search starts: its servers share the command's process group
+    local_ray = not ray.is_initialized() and not (spec.address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         init_ray(spec.address)
     # A trial the cluster can never place waits forever (Ray only logs every minute).
@@ -2402,6 +2432,18 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     exp_dir, parent_run_id, time.perf_counter() - t0, "cluster lost", slots
                 )
             finally:
+                if local_ray and driver.sigint.caught:
+                    # A job scheduler's stop (Slurm, `timeout`) signals the whole process
+                    # group, this search's local Ray servers with it: an interrupt, not a lost
+                    # cluster to restart.
+                    print(
+                        "\ninterrupted: the stop signal also ended this search's local Ray "
+                        "instance (a job scheduler signals the whole process group); the "
+                        f"search's MLflow runs are marked KILLED. {resume_hint}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    os._exit(EXIT_INTERRUPTED)
                 print(
                     f"\nerror: the Ray cluster at {gcs} has not answered for {silent_s:.0f} s "
                     "(its head node or processes are gone); the search's MLflow runs are marked "

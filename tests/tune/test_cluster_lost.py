@@ -94,3 +94,42 @@ def test_a_search_whose_cluster_dies_ends_resumable_and_says_so(small_world, tmp
     assert statuses["lost"] == "KILLED" and set(statuses.values()) == {"KILLED"}, statuses
     sessions = json.loads((runs / "bldseg_search.json").read_text())["sessions"]
     assert [s["end"] for s in sessions] == ["cluster lost"] and sessions[0]["wall_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_the_whole_process_group_is_an_interrupt(small_world, tmp_path):
+    # Slurm and `timeout` signal the job's whole process group: the search's local Ray servers
+    # died with it, and the search ended as a lost cluster ("restart the cluster", exit 3) or,
+    # before its handler was set again after ray.init, aborted (exit 134, runs RUNNING).
+    from mlflow.tracking import MlflowClient
+
+    args = [sys.executable, str(REPO / "experiments" / "tune_aug.py")]
+    args += ["--data", str(small_world.root), "--trials", "1", "--epochs", "30"]
+    args += ["--scheduler", "fifo", "--storage", str(tmp_path / "runs"), "--name", "stopped"]
+    args += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    for k, v in BASE.items():
+        args += ["--set", f"{k}={json.dumps(v)}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    search = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a scheduler's job step
+    )  # fmt: skip
+    try:
+        runs = tmp_path / "runs" / "stopped"
+        deadline = time.monotonic() + 300
+        while not list(runs.glob("trial_*/run/history.json")):
+            assert search.poll() is None, search.communicate()
+            assert time.monotonic() < deadline, "no epoch finished in 300 s"
+            time.sleep(0.5)
+        os.killpg(search.pid, signal.SIGTERM)
+        _, err = search.communicate(timeout=120)
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+    assert search.returncode == 130, err[-3000:]
+    assert "interrupted: the stop signal also ended this search's local Ray instance" in err
+    assert "continue it with --resume --name stopped" in err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = [e.experiment_id for e in client.search_experiments()]
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs(exp)}
+    assert statuses["stopped"] == "KILLED" and set(statuses.values()) == {"KILLED"}, statuses

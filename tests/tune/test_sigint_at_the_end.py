@@ -206,3 +206,35 @@ def test_sigusr1_interrupts_a_search_as_ctrl_c_does(
     assert [s["end"] for s in sessions] == ["interrupted"]
     # Tune leaves its SIGUSR1 handler installed: the one from before the search is back
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_sigterm_after_ray_starts_is_still_ctrl_c(tmp_path):
+    # ray.init sets its own SIGTERM handler (and its core worker a native crash handler) over
+    # the command's: a job scheduler's SIGTERM aborted a search with exit 134, its MLflow runs
+    # left RUNNING. The tests above start Ray before the command sets its handler, so it won.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from bldseg.commands import sigterm_as_ctrl_c
+        from bldseg.tune.runner import init_ray
+
+        with sigterm_as_ctrl_c():
+            init_ray(num_cpus=1)
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            except KeyboardInterrupt:
+                print("stopped as Ctrl-C", flush=True)
+                sys.exit(130)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 130 and "stopped as Ctrl-C" in r.stdout, (r.returncode, r.stderr[-2000:])
