@@ -2421,12 +2421,27 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             )
         gcs = ray.get_runtime_context().gcs_address
 
+        pipeline_run = spec.parent_tags.get("bldseg.pipeline_run_id")
+        # the process ends in cluster_lost, before a pipeline could say how it goes on
+        lost_hint = (
+            f"search {name!r} of a pipeline was interrupted; its state is saved: run the same "
+            "bldseg pipeline command again to continue it"
+            if pipeline_run
+            else resume_hint
+        )
+
         def cluster_lost(silent_s: float) -> None:
             # From the watch's thread while Tune's loop waits on the dead cluster: close what
             # the resume needs (the runs KILLED as after Ctrl-C, this session's wall time),
             # then end the process before Ray does so halfway through something.
             try:
                 driver.tracker.submit(_stop_runs, experiment_id, parent_run_id, "KILLED")
+                # a pipeline's stage: the process ends here, before the pipeline's own handler
+                # could end its run, which stayed RUNNING
+                if pipeline_run:
+                    driver.tracker.submit(
+                        lambda client: client.set_terminated(pipeline_run, status="KILLED")
+                    )
                 driver.tracker.close()
                 _record_session(
                     exp_dir, parent_run_id, time.perf_counter() - t0, "cluster lost", slots
@@ -2439,7 +2454,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                     print(
                         "\ninterrupted: the stop signal also ended this search's local Ray "
                         "instance (a job scheduler signals the whole process group); the "
-                        f"search's MLflow runs are marked KILLED. {resume_hint}",
+                        f"search's MLflow runs are marked KILLED. {lost_hint}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -2447,7 +2462,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
                 print(
                     f"\nerror: the Ray cluster at {gcs} has not answered for {silent_s:.0f} s "
                     "(its head node or processes are gone); the search's MLflow runs are marked "
-                    f"KILLED. Restart the cluster, then: {resume_hint}",
+                    f"KILLED. Restart the cluster, then: {lost_hint}",
                     file=sys.stderr,
                     flush=True,
                 )
