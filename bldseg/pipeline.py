@@ -69,8 +69,8 @@ from bldseg.train.config import RunConfig
 from bldseg.train.engine import eval_autocast, predict_probs, resolve_device
 from bldseg.train.resume_checks import data_record
 from bldseg.tune import tracking
-from bldseg.tune.runner import META_FILE as SEARCH_META
 from bldseg.tune.runner import (
+    CODE_DIR,
     METRIC,
     SearchInterrupted,
     SearchSpec,
@@ -79,6 +79,7 @@ from bldseg.tune.runner import (
     read_search_record,
     run_search,
 )
+from bldseg.tune.runner import META_FILE as SEARCH_META
 
 log = logging.getLogger(__name__)
 
@@ -820,7 +821,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             run_name=f"pipeline:{cfg.name}",
             tags={
                 "bldseg.kind": "pipeline",
-                "git_commit": tracking.git_commit("."),
+                # the commit of the code that runs (bldseg's checkout) and its version, as a
+                # search's run: git in the current folder named the user's own project's commit
+                **tracking.source_tags(CODE_DIR),
                 "data_fingerprint": data.train.fingerprint,
             },
         )

@@ -309,6 +309,22 @@ def _raise_on_call(n: int, real):
     return wrapper
 
 
+def test_the_pipeline_run_records_bldsegs_own_commit_not_the_current_folders(fake_baseline):
+    # it ran `git` in the current folder: a pip-installed bldseg run inside the user's own
+    # project recorded that project's commit as bldseg's, and no bldseg.version
+    from mlflow.tracking import MlflowClient
+
+    from bldseg.tune import tracking
+    from bldseg.tune.runner import CODE_DIR
+
+    root, state = fake_baseline
+    tags = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(state["pipeline_run_id"]).data.tags
+    assert "git_commit" not in tags
+    want = tracking.source_tags(CODE_DIR)
+    for key in ("mlflow.source.git.commit", "bldseg.version"):
+        assert tags.get(key) == want.get(key), key
+
+
 def test_continuing_with_other_settings_is_refused(fake_baseline, small_world):
     # The same --name with other epochs/trials would reuse the finished stages, ensemble and
     # test maps as if they were the new settings': refused before anything runs.

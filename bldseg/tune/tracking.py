@@ -439,12 +439,6 @@ def git_revision(repo_dir: str | os.PathLike = ".", *, top: bool = False) -> tup
         return "unknown", False
 
 
-def git_commit(repo_dir: str | os.PathLike = ".") -> str:
-    """The current git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
-    sha, dirty = git_revision(repo_dir)
-    return sha + ("-dirty" if dirty else "")
-
-
 def source_tags(repo_dir: str | os.PathLike = ".", entry: str | None = None) -> dict[str, str]:
     """MLflow's source tags: the UI's Source and Version columns show them.
 
