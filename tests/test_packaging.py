@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -189,6 +190,8 @@ def test_wheel_installs_and_runs_from_another_folder(tmp_path):
     _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", "dist", "."],
          src, dict(os.environ))  # fmt: skip
     (wheel,) = (src / "dist").glob("bldseg-*.whl")
+    with zipfile.ZipFile(wheel) as z:  # Apache-2.0 asks that recipients get its text
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in z.namelist())
     target = tmp_path / "T"
     _run([*pip, "install", "--no-deps", "--no-index", "--target", target, wheel], tmp_path,
          dict(os.environ))  # fmt: skip

@@ -6,7 +6,7 @@ A space may take a second argument, ``space(trial, base=None)``: the search's fi
 config (read, not changed), e.g. to centre the LR range on a fine-tuning recipe's LR. Its default
 must keep ``space(trial)`` working: a search saved by Tune before may call it so on a resume.
 Conditional parameters are plain ``if``s: the scheduler type decides which of its parameters
-exist. ``bldseg.tune.validate_space`` samples a space before any trial starts and rejects an
+exist. ``bldseg.tune.runner.validate_space`` samples a space before any trial starts and rejects an
 unknown key or an impossible value, naming it.
 """
 

@@ -38,6 +38,8 @@ _EXT = NativeExtension(
     "bldseg_ensemble",
     [CSRC_DIR / "ensemble" / "ensemble_search.cpp"],
     is_python_module=True,
+    # not a PyTorch reference: the search's own numpy kernel (--kernel numpy)
+    fallback="the numpy kernel (--kernel numpy: the same results, slower)",
 )
 
 

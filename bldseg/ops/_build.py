@@ -458,6 +458,7 @@ class NativeExtension:
         cuda_sources: Sources compiled only where CUDA can be built.
         on_load: Called once after a successful load with the loaded module or library path,
             e.g. to register fake and autograd implementations of the ops.
+        fallback: What runs instead where it cannot be loaded, as its warning names it.
         **options: More keyword arguments of :func:`load_extension`.
     """
 
@@ -468,9 +469,11 @@ class NativeExtension:
         *,
         cuda_sources: Sequence[str | os.PathLike] = (),
         on_load: Callable[[ModuleType | str], None] | None = None,
+        fallback: str = "the pure-PyTorch reference (slower, more memory)",
         **options: Any,
     ) -> None:
         self.name = name
+        self.fallback = fallback
         self.sources = list(sources)
         self.cuda_sources = list(cuda_sources)
         self.on_load = on_load
@@ -522,15 +525,15 @@ class NativeExtension:
         return True
 
     def warn_once(self, reason: str) -> None:
-        """Warns (once per process) that the pure-PyTorch reference runs instead, and why.
+        """Warns (once per process) that the fallback runs instead, and why.
 
         The warning points at the code that called ``try_load`` or this method.
         """
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"bldseg: the native extension {self.name!r} is not available, using the "
-                f"pure-PyTorch reference instead (slower, more memory). Reason: {reason}",
+                f"bldseg: the native extension {self.name!r} is not available, using "
+                f"{self.fallback} instead. Reason: {reason}",
                 RuntimeWarning,
                 stacklevel=_caller_stacklevel(),
             )

@@ -181,6 +181,21 @@ def test_fallback_warning_points_at_the_caller(
     assert caught[0].filename == dcnv3_module.__file__
 
 
+def test_the_fallback_warning_names_what_runs_instead(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the ensemble kernel's said "using the pure-PyTorch reference", where its numpy kernel runs
+    from bldseg.ensemble import kernels
+
+    monkeypatch.setenv("BLDSEG_BUILD_DIR", str(tmp_path / "builds"))
+    source = _write_broken(tmp_path / "src")
+    with pytest.warns(RuntimeWarning, match="using the pure-PyTorch reference .* instead"):
+        NativeExtension("bldseg_broken", [source]).try_load()
+    broken = NativeExtension("bldseg_broken", [source], fallback=kernels._EXT.fallback)
+    with pytest.warns(RuntimeWarning, match=r"using the numpy kernel \(--kernel numpy"):
+        broken.try_load()
+
+
 def test_concurrent_processes_build_once(tmp_path: Path) -> None:
     # Several fresh processes ask for the same extension at once: one builds, all load it.
     source = _write_tiny(tmp_path / "src", value=11)
