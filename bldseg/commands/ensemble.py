@@ -195,9 +195,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--experiment",
         default=None,
-        help=f"MLflow experiment (default {DEFAULTS.experiment})",
+        help=(
+            f"MLflow experiment (default {DEFAULTS.experiment}; with --parent-run-id, the "
+            "parent run's)"
+        ),
     )
-    p.add_argument("--parent-run-id", default=None, help="MLflow parent run id")
+    p.add_argument(
+        "--parent-run-id", default=None, help="MLflow parent run id (checked: it must exist)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the selection/check split")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -284,6 +289,40 @@ def _refuse_inapplicable(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
                 p.error(f"{flag} sets the MLflow run; it needs --tracking-uri")
 
 
+def given(value: Any, default: Any) -> Any:
+    """A flag's value, else the job's default."""
+    return default if value is None else value
+
+
+def _parent_experiment(client: Any, run_id: str, typed: str | None, uri: str) -> str:
+    """The experiment the search logs to under ``--parent-run-id``: the parent run's own.
+
+    MLflow's UI nests a child run only under a parent of its experiment; the parent was not
+    looked up, so a mistyped id or one of another experiment (the default ``ensemble_search``
+    beside a search's ``bldseg``) gave a run linked to nothing visible, exit 0.
+
+    Raises:
+        ValueError: No such run in the store, or an ``--experiment`` typed other than the
+            parent's.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(
+            f"--parent-run-id {run_id}: no such run in MLflow tracking store {uri} ({e.message})"
+        ) from None
+    name = client.get_experiment(run.info.experiment_id).name
+    if typed is not None and typed != name:
+        raise ValueError(
+            f"--parent-run-id {run_id} is a run of experiment {name!r}, not of --experiment "
+            f"{typed!r}: MLflow nests a run only under a parent of its own experiment; leave "
+            f"--experiment out (the parent's is taken) or pass --experiment {name}"
+        )
+    return name
+
+
 def _warn_failed_models(models: list[str], prog: str, include_failed: bool) -> None:
     """One warning line naming the models whose ``status.json`` says their run failed.
 
@@ -362,6 +401,7 @@ def _ensemble(parser: argparse.ArgumentParser, a: argparse.Namespace) -> int:
             _warn_failed_models([str(r) for r in found], parser.prog, True)
     _warn_failed_models(models, parser.prog, False)
     uri = None
+    experiment = given(a.experiment, DEFAULTS.experiment)
     if a.tracking_uri:
         from bldseg.tune import tracking
 
@@ -371,8 +411,10 @@ def _ensemble(parser: argparse.ArgumentParser, a: argparse.Namespace) -> int:
         # of retries, with a traceback instead of the result.
         uri = tracking.absolute_uri(a.tracking_uri)
         try:
-            tracking.check_tracking(uri, experiment=a.experiment or DEFAULTS.experiment)
-        except RuntimeError as err:  # its message names the URI and what to do
+            client = tracking.check_tracking(uri, experiment=a.experiment or DEFAULTS.experiment)
+            if a.parent_run_id:
+                experiment = _parent_experiment(client, a.parent_run_id, a.experiment, uri)
+        except (RuntimeError, ValueError) as err:  # its message names the URI and what to do
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
         except OSError as err:  # MLflow creating a sqlite store's folder, e.g. under a file
@@ -396,9 +438,6 @@ def _ensemble(parser: argparse.ArgumentParser, a: argparse.Namespace) -> int:
             return 2
         workers = workers or default_workers()
 
-    def given(value: Any, default: Any) -> Any:  # a flag's value, else the job's default
-        return default if value is None else value
-
     cfg = SearchConfig(
         runs=a.runs,
         models=models,
@@ -416,7 +455,7 @@ def _ensemble(parser: argparse.ArgumentParser, a: argparse.Namespace) -> int:
         seed=a.seed,
         test_file=a.test_file,
         tracking_uri=uri,
-        experiment=given(a.experiment, DEFAULTS.experiment),
+        experiment=experiment,
         parent_run_id=a.parent_run_id,
         progress=not a.no_progress,
         rules=["mean", *(r for r in a.rules if r != "mean")],

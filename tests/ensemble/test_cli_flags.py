@@ -179,3 +179,29 @@ def test_a_relative_sqlite_uri_is_made_absolute(runs, tmp_path, monkeypatch):
     assert config["tracking_uri"] == "sqlite:///" + str((tmp_path / "mlflow.db").resolve())
     exp = MlflowClient(config["tracking_uri"]).get_experiment_by_name("ensemble_search")
     assert exp is not None
+
+
+def test_the_parent_run_is_checked_and_its_experiment_taken(runs, tmp_path, capsys):
+    # it was never looked up: a mistyped id, or a search's run in experiment 'bldseg' with the
+    # ensemble logging to 'ensemble_search', gave a run linked to nothing MLflow shows, exit 0
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("bldseg")).info.run_id
+    argv = ["--runs", str(runs), "-k", "2", "--workers", "0", "--no-progress"]
+    argv += ["--tracking-uri", uri]
+    missing = "0123456789abcdef0123456789abcdef"
+    out = tmp_path / "out"
+    assert ensemble_cmd.main([*argv, "--out", str(out), "--parent-run-id", missing]) == 2
+    assert f"--parent-run-id {missing}: no such run" in capsys.readouterr().err
+    flags = ["--parent-run-id", parent, "--experiment", "other"]
+    assert ensemble_cmd.main([*argv, "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "is a run of experiment 'bldseg', not of --experiment 'other'" in err
+    assert not out.exists()  # refused before anything ran
+    assert ensemble_cmd.main([*argv, "--out", str(out), "--parent-run-id", parent]) == 0
+    exp = client.get_experiment_by_name("bldseg").experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 1  # the ensemble's run, in the parent's experiment
+    assert client.get_experiment_by_name("ensemble_search") is None
