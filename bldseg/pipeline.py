@@ -804,7 +804,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     uri = tracking_uri(cfg.tracking_uri)
 
     # 0. data + cache (idempotent: an up-to-date cache is only opened)
-    data = prepare_data(cfg.data, options=cfg.data_options, data_root=cfg.data_root, verbose=True)
+    data = prepare_data(
+        cfg.data,
+        options=cfg.data_options,
+        data_root=cfg.data_root,
+        verbose=True,
+        split_group=cfg.base.get("split_group"),
+    )
     # before the tracking store is opened: another --tracking-uri is refused, not created
     check_continuation(cfg, state, data.train.fingerprint, data.train.content)
     client = tracking.check_tracking(uri, experiment=cfg.name)

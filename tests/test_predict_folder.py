@@ -948,6 +948,13 @@ def test_cli_scores_a_truth_csv_without_sizes(tiny_ckpts, small_world, tmp_path,
     assert "1 of its rows names no test image (e.g. ['not_a_tile'])" in last
     assert "predicting" not in err and "Traceback" not in err
     assert out.stat().st_mtime_ns == before
+    # a truth row twice: refused before anything is predicted too
+    twice = tmp_path / "twice.csv"
+    rows = pd.read_csv(small_world.test_truth_csv, dtype=str)[["img_id", "mask_rle"]]
+    pd.concat([rows, rows.iloc[:1]]).to_csv(twice, index=False)
+    assert predict_cmd.main(["--checkpoint", tiny_ckpts[0], *argv, "--truth", str(twice)]) == 1
+    err = capsys.readouterr().err
+    assert f"has img_id '{first}' in more than one row" in err and "predicting" not in err
 
 
 def _no_prediction(*args, **kwargs):

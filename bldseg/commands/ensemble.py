@@ -302,8 +302,8 @@ def _parent_experiment(client: Any, run_id: str, typed: str | None, uri: str) ->
     beside a search's ``bldseg``) gave a run linked to nothing visible, exit 0.
 
     Raises:
-        ValueError: No such run in the store, or an ``--experiment`` typed other than the
-            parent's.
+        ValueError: No such run in the store, a deleted run or one of a deleted experiment,
+            or an ``--experiment`` typed other than the parent's.
     """
     from mlflow.exceptions import MlflowException
 
@@ -313,7 +313,19 @@ def _parent_experiment(client: Any, run_id: str, typed: str | None, uri: str) ->
         raise ValueError(
             f"--parent-run-id {run_id}: no such run in MLflow tracking store {uri} ({e.message})"
         ) from None
-    name = client.get_experiment(run.info.experiment_id).name
+    experiment = client.get_experiment(run.info.experiment_id)
+    name = experiment.name
+    if experiment.lifecycle_stage == "deleted":  # its runs are deleted with it
+        raise ValueError(
+            f"--parent-run-id {run_id} is a run of the deleted experiment {name!r}: restore it "
+            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or pass "
+            "another parent"
+        )
+    if run.info.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"--parent-run-id {run_id} is a deleted run: restore it (`mlflow runs restore "
+            f"--run-id {run_id}`) or pass another parent"
+        )
     if typed is not None and typed != name:
         raise ValueError(
             f"--parent-run-id {run_id} is a run of experiment {name!r}, not of --experiment "

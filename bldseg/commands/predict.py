@@ -368,6 +368,10 @@ def _truth_of_other_images(truth: str, ids: list[str], data: str | None) -> str 
     if not truth_ids:
         return f"--truth {truth} has no rows: there is no image to score against"
     truth_set, test_set = set(truth_ids), set(ids)
+    if len(truth_set) < len(truth_ids):  # the scoring refuses them, after the prediction
+        seen: set[str] = set()
+        twice = next(i for i in truth_ids if i in seen or seen.add(i))
+        return f"--truth {truth} has img_id {twice!r} in more than one row: keep one"
     if truth_set == test_set:
         return None
     if truth_set & test_set:

@@ -133,7 +133,11 @@ def _train(args: argparse.Namespace, fixed: dict) -> int:
         where = None if args.data is None else os.path.abspath(args.data)
         cfg = RunConfig.from_flat({**fixed, "data": where})
         data = prepare_data(
-            args.data, options=data_options(args), data_root=args.data_root, verbose=True
+            args.data,
+            options=data_options(args),
+            data_root=args.data_root,
+            verbose=True,
+            split_group=cfg.split_group,
         )
         if cfg.folds >= 2:  # more folds than source scenes: said here, naming --folds
             groups = split_groups(data.train, cfg.split_group)

@@ -118,6 +118,9 @@ class PreparedData:
             (synthetic world only).
         kind: What ``--data`` named.
         description: One line saying what was found (printed by the entry scripts).
+        split_hint: Where the training files are named like tiles of fewer larger scenes
+            but each is its own split group, the note that says so and names the
+            ``--split-group`` that groups them (:func:`_tile_names_hint`); else empty.
         options: How the files were read (training records its image decoding for prediction).
             For a bldseg cache given as the data, the read options its manifest records, with
             the layout fields at their defaults; None where that is not known (a cache built
@@ -132,6 +135,7 @@ class PreparedData:
     kind: DataKind = "competition"
     description: str = ""
     options: DataOptions | None = None
+    split_hint: str = ""
 
 
 def _cache_dir(cache_root: Path, dataset_root: Path, extra: str = "") -> Path:
@@ -184,6 +188,7 @@ def prepare_data(
     synthetic: dict | None = None,
     progress: bool = True,
     verbose: bool = False,
+    split_group: str | None = None,
 ) -> PreparedData:
     """Finds (or generates) a dataset and opens its caches, building them when needed.
 
@@ -195,7 +200,9 @@ def prepare_data(
         synthetic: Keyword arguments for :func:`bldseg.data.synthetic.generate_world` when
             ``data`` is None (default: :data:`DEFAULT_SYNTHETIC`).
         progress: Show progress bars.
-        verbose: Print what was found (the entry scripts do).
+        verbose: Print what was found (the entry scripts do), with the training files'
+            split note (:attr:`PreparedData.split_hint`) unless ``split_group`` is given.
+        split_group: The run's ``--split-group`` pattern, where the caller has one.
 
     Returns:
         The opened caches.
@@ -224,8 +231,11 @@ def prepare_data(
         prepared = _prepare_folders(data, options, data_root, progress)
     if kind != "cache":  # a cache given as the data: the options its manifest records
         prepared.options = options
+    if kind != "synthetic":
+        prepared.split_hint = _tile_names_hint(prepared.train)
     if verbose:
-        print(f"data ({prepared.kind}): {prepared.description}", flush=True)
+        hint = "" if split_group else prepared.split_hint
+        print(f"data ({prepared.kind}): {prepared.description}{hint}", flush=True)
     return prepared
 
 
@@ -384,12 +394,11 @@ def _synthetic_world(data_root: Path, synthetic: dict | None, progress: bool) ->
     return world_dir
 
 
-def _describe_cache(cache: DatasetCache, *, training: bool = False) -> str:
+def _describe_cache(cache: DatasetCache) -> str:
     h, w = cache.image_size
     scenes = len(set(cache.groups))
     masks = "with masks" if cache.masks is not None else "no masks"
-    hint = _tile_names_hint(cache) if training else ""
-    return f"{len(cache)} samples of {h}x{w} from {scenes} source scene(s), {masks}{hint}"
+    return f"{len(cache)} samples of {h}x{w} from {scenes} source scene(s), {masks}"
 
 
 #: A file stem that reads as a tile of a larger scene: the scene's name, then a number.
@@ -473,9 +482,7 @@ def _prepare_competition(
         test_truth_csv=truth if truth.is_file() else None,
         clean_train_csv=clean if clean.is_file() else None,
         kind="competition",
-        description=(
-            f"competition layout {train_csv}: {_describe_cache(train, training=True)}{test_part}"
-        ),
+        description=f"competition layout {train_csv}: {_describe_cache(train)}{test_part}",
     )
 
 
@@ -498,9 +505,7 @@ def _prepare_cache(path: Path) -> PreparedData:
         test_truth_csv=None,
         clean_train_csv=None,
         kind="cache",
-        description=(
-            f"bldseg cache {train_dir}: {_describe_cache(train, training=True)}{test_part}"
-        ),
+        description=f"bldseg cache {train_dir}: {_describe_cache(train)}{test_part}",
         options=_recorded_options(train),
     )
 
@@ -752,10 +757,7 @@ def _prepare_folders(
         test_truth_csv=None,
         clean_train_csv=None,
         kind="folders",
-        description=(
-            f"image/mask folders {images} + {labels}{tiles}: "
-            f"{_describe_cache(train, training=True)}"
-        ),
+        description=f"image/mask folders {images} + {labels}{tiles}: {_describe_cache(train)}",
     )
 
 

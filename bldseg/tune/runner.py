@@ -617,7 +617,7 @@ def _refuse_searched_validation(name: str, searched: set[str], cfg: RunConfig) -
         raise ValueError(
             f"search space {name} searches aug.crop_size while val_tile is 0 (validation tiles "
             "of the crop's size): its trials would be compared on different tiles. Fix the "
-            "validation tiles, e.g. --set val_tile=224"
+            "validation tiles (--set val_tile=N, e.g. the smallest crop the space searches)"
         )
 
 
@@ -1538,8 +1538,15 @@ def _sigterm_handler_kept() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
+#: Whether this process's Ray is a local instance it started (:func:`init_ray` without an
+#: address): its servers share the command's process group, so a job scheduler's stop signal
+#: ends them too. Read by every search in the process (a pipeline's later stages find Ray up).
+_RAY_STARTED_HERE = {"local": False}
+
+
 def _init(ray: Any, address: str | None, flag: str, opts: dict[str, Any]) -> None:
     """``ray.init`` on ``address`` (joined, its token refusal named) or a local instance."""
+    _RAY_STARTED_HERE["local"] = not address
     if address:
         check_ray_address(address, flag)
         try:
@@ -2191,7 +2198,11 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     searcher, scheduler = _make_searcher(spec, space), _make_scheduler(spec)
 
     data = prepare_data(
-        base.get("data"), options=data_options, data_root=spec.data_root, verbose=True
+        base.get("data"),
+        options=data_options,
+        data_root=spec.data_root,
+        verbose=True,
+        split_group=base.get("split_group"),
     )
     started_on = (meta or {}).get("data_fingerprint")
     if meta is not None:
@@ -2215,10 +2226,10 @@ def _run_search(spec: SearchSpec) -> SearchResult:
     if meta is None:
         # a resume's trials continue from last.pt and may never read the file again
         check_pretrained(fixed, searched)
-    # a local instance this search starts: its servers share the command's process group
-    local_ray = not ray.is_initialized() and not (spec.address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         init_ray(spec.address)
+    # a local instance this process started (for this search, or a pipeline's earlier stage)
+    local_ray = _RAY_STARTED_HERE["local"]
     # A trial the cluster can never place waits forever (Ray only logs every minute).
     total = ray.cluster_resources()
     for flag, key, want in (

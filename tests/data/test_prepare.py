@@ -522,7 +522,7 @@ def test_a_training_csv_stands_for_the_test_split_beside_it(tmp_path, capsys):
         (["a_0", "a_1", "b_0", "b_x"], False),  # b_x is no tile name
     ],
 )
-def test_tile_names_of_larger_scenes_get_a_split_group_hint(tmp_path, stems, hint):
+def test_tile_names_of_larger_scenes_get_a_split_group_hint(tmp_path, capsys, stems, hint):
     # Inria tiles austin1_10, chicago1_3 were split tile by tile (each file its own scene)
     # without a word: validation then holds tiles of the scenes it trains on.
     for folder in ("images", "masks"):
@@ -531,10 +531,15 @@ def test_tile_names_of_larger_scenes_get_a_split_group_hint(tmp_path, stems, hin
         img, mask = scene(32, seed=len(stem))
         cv2.imwrite(str(tmp_path / "data" / "images" / f"{stem}.png"), img)
         cv2.imwrite(str(tmp_path / "data" / "masks" / f"{stem}.png"), mask * 255)
-    data = prepare_data(tmp_path / "data", data_root=tmp_path / "root")
+    data = prepare_data(tmp_path / "data", data_root=tmp_path / "root", verbose=True)
     said = "file names look like tiles of 2 larger scenes (austin1_*, chicago1_*)"
-    assert (said in data.description) == hint, data.description
+    assert (said in data.split_hint) == hint, data.split_hint
+    assert (said in capsys.readouterr().out) == hint  # on the data line
     if hint:
-        pattern = re.search(r"--split-group '([^']+)'", data.description).group(1)
+        pattern = re.search(r"--split-group '([^']+)'", data.split_hint).group(1)
         groups = split_groups(data.train, pattern)
         assert sorted(set(groups)) == ["austin1", "chicago1"]
+        # a run that groups them already is not told to
+        prepare_data(tmp_path / "data", data_root=tmp_path / "root", verbose=True,
+                     split_group=pattern)  # fmt: skip
+        assert said not in capsys.readouterr().out

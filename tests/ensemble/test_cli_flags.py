@@ -203,5 +203,16 @@ def test_the_parent_run_is_checked_and_its_experiment_taken(runs, tmp_path, caps
     assert ensemble_cmd.main([*argv, "--out", str(out), "--parent-run-id", parent]) == 0
     exp = client.get_experiment_by_name("bldseg").experiment_id
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    # deleted: the run, or its experiment (the search ran, then its logging failed)
+    gone = client.create_run(client.create_experiment("gone")).info.run_id
+    client.delete_experiment(client.get_experiment_by_name("gone").experiment_id)
+    client.delete_run(parent)
+    for run_id, says in ((parent, "is a deleted run"), (gone, "of the deleted experiment 'gone'")):
+        assert (
+            ensemble_cmd.main([*argv, "--out", str(tmp_path / "o2"), "--parent-run-id", run_id])
+            == 2
+        )
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
     assert len(children) == 1  # the ensemble's run, in the parent's experiment
     assert client.get_experiment_by_name("ensemble_search") is None

@@ -219,7 +219,7 @@ def test_single_run_plot_marks_its_recorded_threshold(tmp_path, monkeypatch):
     seen = legend_of(monkeypatch, "threshold_curve.png")
     lo, hi = metrics.widened_range(0.3, 0.7)  # as fit draws a widened best epoch
     plots.write_run_plots(tmp_path, None, lo=lo, hi=hi)
-    assert f"best {tm['thr_best']:.3f}: 1.0000" in seen["threshold_curve.png"]
+    assert f"best {metrics.threshold_text(tm['thr_best'])}: 1.0000" in seen["threshold_curve.png"]
 
 
 def test_kfold_plot_marks_the_out_of_fold_threshold(tmp_path, monkeypatch):
@@ -237,7 +237,7 @@ def test_kfold_plot_marks_the_out_of_fold_threshold(tmp_path, monkeypatch):
     seen = legend_of(monkeypatch, "threshold_curve.png")
     # drawn over the default range: the marker is still the recorded choice, below it
     plots.write_run_plots(tmp_path, None, lo=0.3, hi=0.7)
-    expected = f"best {oof['val_thr_best']:.3f}: {oof['val_dice_best']:.4f}"
+    expected = f"best {metrics.threshold_text(oof['val_thr_best'])}: {oof['val_dice_best']:.4f}"
     assert expected in seen["threshold_curve.png"], seen
 
 
@@ -250,7 +250,9 @@ def test_fit_folds_shades_the_widened_range(small_world, tmp_path, monkeypatch):
     legend = seen["threshold_curve.png"]
     lo, hi = metrics.widened_range(ONE_LEVEL["threshold_lo"], ONE_LEVEL["threshold_hi"])
     assert f"sweep {lo:.2f}-{hi:.2f}" in legend, legend
-    assert any(t.startswith(f"best {oof['val_thr_best']:.3f}:") for t in legend), legend
+    assert any(
+        t.startswith(f"best {metrics.threshold_text(oof['val_thr_best'])}:") for t in legend
+    ), legend
 
 
 # 4. failed writes leave no temporary

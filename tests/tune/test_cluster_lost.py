@@ -133,3 +133,20 @@ def test_a_stop_signal_to_the_whole_process_group_is_an_interrupt(small_world, t
     exp = [e.experiment_id for e in client.search_experiments()]
     statuses = {r.info.run_name: r.info.status for r in client.search_runs(exp)}
     assert statuses["stopped"] == "KILLED" and set(statuses.values()) == {"KILLED"}, statuses
+
+
+def test_a_local_ray_started_by_an_earlier_search_is_still_known_as_local(monkeypatch):
+    # A pipeline's later stages find Ray initialised by the first: "not ray.is_initialized()"
+    # took their local instance for a cluster, and a stop signal for a lost cluster (exit 3).
+    from bldseg.tune import runner
+
+    class Ray:
+        def init(self, **kwargs):
+            self.kwargs = kwargs
+
+    monkeypatch.setitem(runner._RAY_STARTED_HERE, "local", False)
+    runner._init(Ray(), None, "RAY_ADDRESS", {})
+    assert runner._RAY_STARTED_HERE["local"] is True
+    monkeypatch.setattr(runner, "check_ray_address", lambda address, flag: None)
+    runner._init(Ray(), "10.0.0.1:6379", "--address", {})
+    assert runner._RAY_STARTED_HERE["local"] is False
