@@ -188,7 +188,9 @@ def test_the_parent_run_is_checked_and_its_experiment_taken(runs, tmp_path, caps
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    parent = client.create_run(client.create_experiment("bldseg")).info.run_id
+    # artifact folders in tmp_path: MLflow's default is ./mlruns in the current folder
+    art = (tmp_path / "mlartifacts").as_uri()
+    parent = client.create_run(client.create_experiment("bldseg", f"{art}/bldseg")).info.run_id
     argv = ["--runs", str(runs), "-k", "2", "--workers", "0", "--no-progress"]
     argv += ["--tracking-uri", uri]
     missing = "0123456789abcdef0123456789abcdef"
@@ -204,7 +206,7 @@ def test_the_parent_run_is_checked_and_its_experiment_taken(runs, tmp_path, caps
     exp = client.get_experiment_by_name("bldseg").experiment_id
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
     # deleted: the run, or its experiment (the search ran, then its logging failed)
-    gone = client.create_run(client.create_experiment("gone")).info.run_id
+    gone = client.create_run(client.create_experiment("gone", f"{art}/gone")).info.run_id
     client.delete_experiment(client.get_experiment_by_name("gone").experiment_id)
     client.delete_run(parent)
     for run_id, says in ((parent, "is a deleted run"), (gone, "of the deleted experiment 'gone'")):
