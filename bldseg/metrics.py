@@ -700,8 +700,13 @@ def score_csv(
     Returns:
         The mean Dice over images that are not empty/empty (1.0 if all are).
     """
-    dice = score_csv_per_image(truth_csv, submission_csv, shape)["dice"].to_numpy()
-    return float(_mean_valid(dice[None, :])[0])
+    return official_score(score_csv_per_image(truth_csv, submission_csv, shape)["dice"])
+
+
+def official_score(dice: np.ndarray | pd.Series) -> float:
+    """The official score of per-image Dice (NaN for empty/empty images, left out): their
+    mean, 1.0 if every image is empty in both."""
+    return float(_mean_valid(np.asarray(dice, np.float64)[None, :])[0])
 
 
 # --------------------------------------------------------------------------------------------

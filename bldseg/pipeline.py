@@ -62,7 +62,7 @@ from bldseg.predict import (
     load_member,
     member_config,
     predict_cache,
-    submission_interval,
+    score_submission,
     write_submission,
 )
 from bldseg.train.config import RunConfig
@@ -715,11 +715,6 @@ def best_epoch_row(run_dir: Path) -> dict:
     return row
 
 
-def _submission_interval(data: PreparedData, submission: Path) -> dict:
-    """The submission's official score with a bootstrap interval over source images."""
-    return submission_interval(data.test_truth_csv, submission, data.test)
-
-
 def ensemble_sizes(cfg: PipelineConfig, n_models: int, storage: Path) -> list[int]:
     """The ensemble sizes searched: ``--k-min`` to ``--k-max``, at most ``n_models``.
 
@@ -996,12 +991,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             pred = predict_cache(spec, data.test, batch_size=PREDICT_BATCH, progress=False)
             sub = out / "submission.csv"
             write_submission(data.test.ids, pred, sub)
-            score = (
-                metrics.score_csv(data.test_truth_csv, sub, data.test.image_size)
+            score, interval = (
+                score_submission(data.test_truth_csv, sub, data.test)
                 if data.test_truth_csv
-                else None
+                else (None, {})
             )
-            interval = _submission_interval(data, sub) if score is not None else {}
             run = client.create_run(
                 state["experiment_id"],
                 run_name="predict",

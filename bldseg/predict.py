@@ -1011,25 +1011,27 @@ def predict_cache(
     return pred
 
 
-def submission_interval(
+def score_submission(
     truth_csv: str | os.PathLike,
     submission: str | os.PathLike,
     cache: DatasetCache,
-) -> dict[str, Any]:
-    """A submission's official score with a bootstrap interval over the test images' source
-    scenes (the cache's split groups: ``test.csv``'s ``group`` column, else each image its
-    own), as :meth:`bldseg.stats.Interval.to_dict`; {} where no image is scored (every one
-    empty in both). ``n`` counts the images scored, ``clusters`` the scenes resampled.
+) -> tuple[float, dict[str, Any]]:
+    """A submission's official score (:func:`bldseg.metrics.score_csv`) and its bootstrap
+    interval over the test images' source scenes (the cache's split groups: ``test.csv``'s
+    ``group`` column, else each image its own), as :meth:`bldseg.stats.Interval.to_dict`, {}
+    where no image is scored (every one empty in both). ``n`` counts the images scored,
+    ``clusters`` the scenes resampled. Both from one reading of the two CSVs.
     """
     from bldseg import stats
 
     per_image = metrics.score_csv_per_image(truth_csv, submission, cache.image_size)
     dice = per_image["dice"].to_numpy()  # (N,) NaN where both masks are empty
+    score = metrics.official_score(dice)
     if not np.isfinite(dice).any():
-        return {}
+        return score, {}
     group = dict(zip(cache.ids, cache.groups, strict=True))
     groups = [group.get(str(i), str(i)) for i in per_image["img_id"]]
-    return stats.bootstrap_mean(dice, groups).to_dict()
+    return score, stats.bootstrap_mean(dice, groups).to_dict()
 
 
 def write_submission(ids: Sequence[str], pred: np.ndarray, path: str | os.PathLike) -> pd.DataFrame:

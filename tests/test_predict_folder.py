@@ -1645,7 +1645,7 @@ def test_cli_ctrl_c_says_how_many_masks_this_run_wrote(
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("where", ["predict_cache", "score_csv"])
+@pytest.mark.parametrize("where", ["predict_cache", "score_submission"])
 def test_cli_ctrl_c_says_whether_the_submission_was_written(
     where, tiny_ckpts, tmp_path, monkeypatch, capsys
 ):
@@ -1662,7 +1662,7 @@ def test_cli_ctrl_c_says_whether_the_submission_was_written(
     if where == "predict_cache":
         monkeypatch.setattr(predict_cmd, "predict_cache", interrupted)
     else:
-        monkeypatch.setattr(predict_cmd.metrics, "score_csv", interrupted)
+        monkeypatch.setattr(predict_cmd, "score_submission", interrupted)
     sub = tmp_path / "sub.csv"
     argv = ["--checkpoint", tiny_ckpts[0], "--data", str(comp), "--out", str(sub)]
     argv += ["--data-root", str(tmp_path / "root"), "--truth", str(truth)]
@@ -1679,4 +1679,4 @@ def test_cli_ctrl_c_says_whether_the_submission_was_written(
         else f"{sub} was written, but not scored; run the same command again to score it"
     )
     assert err.endswith(f"\nbldseg predict: interrupted; {said}\n"), err
-    assert sub.is_file() == (where == "score_csv")
+    assert sub.is_file() == (where == "score_submission")

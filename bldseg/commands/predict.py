@@ -110,7 +110,7 @@ from bldseg.predict import (
     predict_folder,
     recorded_data_options,
     recorded_image_read,
-    submission_interval,
+    score_submission,
     write_submission,
 )
 
@@ -889,9 +889,9 @@ def _predict(args: argparse.Namespace, written: list[str]) -> int:
     if truth:
         # a truth CSV in the competition's format has no height/width: the tiles' shape
         try:
-            score = metrics.score_csv(truth, out, shape=tuple(pred.shape[1:]))
-            # over source scenes (test.csv's group), as the pipeline reports its submission
-            iv = submission_interval(truth, out, data.test)
+            # with its interval over source scenes (test.csv's group), as the pipeline reports
+            # its submission
+            score, iv = score_submission(truth, out, data.test)
         except USER_ERRORS as e:
             return fail(f"scoring against {truth}: {e}")
         scored = f"{iv.get('n', 0)} of {len(pred)} images scored, those empty in both left out"

@@ -120,7 +120,8 @@ class PreparedData:
         description: One line saying what was found (printed by the entry scripts).
         split_hint: Where the training files are named like tiles of fewer larger scenes
             but each is its own split group, the note that says so and names the
-            ``--split-group`` that groups them (:func:`_tile_names_hint`); else empty.
+            ``--split-group`` that groups them (:func:`_tile_names_hint`); else empty. Worked
+            out for the printed data line only (``verbose``, no ``split_group``).
         options: How the files were read (training records its image decoding for prediction).
             For a bldseg cache given as the data, the read options its manifest records, with
             the layout fields at their defaults; None where that is not known (a cache built
@@ -231,11 +232,11 @@ def prepare_data(
         prepared = _prepare_folders(data, options, data_root, progress)
     if kind != "cache":  # a cache given as the data: the options its manifest records
         prepared.options = options
-    if kind != "synthetic":
-        prepared.split_hint = _tile_names_hint(prepared.train)
     if verbose:
-        hint = "" if split_group else prepared.split_hint
-        print(f"data ({prepared.kind}): {prepared.description}{hint}", flush=True)
+        # only for the printed line (it reads every source's record): commands print it once
+        if kind != "synthetic" and not split_group:
+            prepared.split_hint = _tile_names_hint(prepared.train)
+        print(f"data ({prepared.kind}): {prepared.description}{prepared.split_hint}", flush=True)
     return prepared
 
 

@@ -186,15 +186,22 @@ def test_band_selection(tmp_path):
     assert geo.read_raster_rgb(path, bands=(4,))[0, 0].tolist() == [40, 40, 40]
 
 
+def _declared_bands_tif(path, colours: list[str]):
+    """A 4-band uint8 GeoTIFF, band b holding 10 * b everywhere, whose bands declare
+    ``colours`` (rasterio ColorInterp names); returns its path and the (4, 4, 5) data."""
+    data = np.stack([np.full((4, 5), 10 * (b + 1), np.uint8) for b in range(4)])  # 10..40
+    write_tif(path, data, photometric="MINISBLACK")
+    with rasterio.open(path, "r+") as dst:
+        dst.colorinterp = [rasterio.enums.ColorInterp[c] for c in colours]
+    return path, data
+
+
 def test_declared_colour_bands_are_the_default(tmp_path):
     # A BGR+NIR GeoTIFF declaring its bands (blue, green, red, undefined), as some sensors'
     # products are written: read without --bands it is RGB by its declarations, not bands
     # 1, 2, 3 (which would swap red and blue silently); --bands still wins.
     color = rasterio.enums.ColorInterp
-    data = np.stack([np.full((4, 5), 10 * (b + 1), np.uint8) for b in range(4)])  # 10..40
-    path = write_tif(tmp_path / "bgrn.tif", data, photometric="MINISBLACK")
-    with rasterio.open(path, "r+") as dst:
-        dst.colorinterp = [color.blue, color.green, color.red, color.undefined]
+    path, data = _declared_bands_tif(tmp_path / "bgrn.tif", ["blue", "green", "red", "undefined"])
     assert geo.read_raster_rgb(path)[0, 0].tolist() == [30, 20, 10]
     assert read_image(path)[0, 0].tolist() == [30, 20, 10]
     assert geo.read_raster_rgb(path, bands=(1, 2, 3))[0, 0].tolist() == [10, 20, 30]
@@ -218,11 +225,7 @@ def test_declared_colour_bands_are_the_default(tmp_path):
 def test_a_colour_declared_twice_is_no_rgb_declaration(tmp_path):
     # (red, red, green, blue) holds red, green and blue, but not each once: which red is red
     # is unknown, so the bands are read as undeclared ones (1, 2, 3), not as bands 1, 3, 4
-    color = rasterio.enums.ColorInterp
-    data = np.stack([np.full((4, 5), 10 * (b + 1), np.uint8) for b in range(4)])  # 10..40
-    path = write_tif(tmp_path / "rrgb.tif", data, photometric="MINISBLACK")
-    with rasterio.open(path, "r+") as dst:
-        dst.colorinterp = [color.red, color.red, color.green, color.blue]
+    path, _ = _declared_bands_tif(tmp_path / "rrgb.tif", ["red", "red", "green", "blue"])
     assert geo.read_raster_rgb(path)[0, 0].tolist() == [10, 20, 30]
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,15 @@ def test_a_finished_watch_never_calls_on_lost():
     assert lost == []
 
 
+def _wait_for_an_epoch(search: subprocess.Popen, runs: Path, timeout: float = 300) -> None:
+    """Waits until a trial of the search in ``runs`` has trained an epoch (its history)."""
+    deadline = time.monotonic() + timeout
+    while not list(runs.glob("trial_*/run/history.json")):
+        assert search.poll() is None, search.communicate()
+        assert time.monotonic() < deadline, f"no epoch finished in {timeout:.0f} s"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_a_search_whose_cluster_dies_ends_resumable_and_says_so(small_world, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -70,11 +80,7 @@ def test_a_search_whose_cluster_dies_ends_resumable_and_says_so(small_world, tmp
         )
         # the cluster goes once the trial has trained an epoch (its run folder's history)
         runs = tmp_path / "runs" / "lost"
-        deadline = time.monotonic() + 300
-        while not list(runs.glob("trial_*/run/history.json")):
-            assert search.poll() is None, search.communicate()
-            assert time.monotonic() < deadline, "no epoch finished in 300 s"
-            time.sleep(0.5)
+        _wait_for_an_epoch(search, runs)
         killed = time.monotonic()
         os.killpg(head.pid, signal.SIGKILL)
         _, err = search.communicate(timeout=120)
@@ -115,12 +121,7 @@ def test_a_stop_signal_to_the_whole_process_group_is_an_interrupt(small_world, t
         start_new_session=True,  # its own process group, as a scheduler's job step
     )  # fmt: skip
     try:
-        runs = tmp_path / "runs" / "stopped"
-        deadline = time.monotonic() + 300
-        while not list(runs.glob("trial_*/run/history.json")):
-            assert search.poll() is None, search.communicate()
-            assert time.monotonic() < deadline, "no epoch finished in 300 s"
-            time.sleep(0.5)
+        _wait_for_an_epoch(search, tmp_path / "runs" / "stopped")
         os.killpg(search.pid, signal.SIGTERM)
         _, err = search.communicate(timeout=120)
     finally:
