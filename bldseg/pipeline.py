@@ -208,15 +208,22 @@ def check_continuation(
         options = DataOptions.from_dict(recorded["data_options"])
         kept = without_unread_options(cfg.data, options, f"the pipeline {_state_path(cfg)}")
         recorded["data_options"] = json.loads(json.dumps(asdict(kept), default=str))
+    was_content = state.get("data_content") or _content_of_stages(state)
+    # The same pixels, ids and groups read from another folder (a share mounted elsewhere, a
+    # copy): as a stopped run or a resumed search, the pipeline continues on them.
+    data_moved = (
+        content is not None
+        and content == was_content
+        and recorded.get("data") not in (None, now.get("data"))
+    )
     differ = [
         f"{k}: {recorded[k]!r} -> {now[k]!r}"
         for k in RESULT_SETTINGS
-        if k in recorded and recorded[k] != now[k]
+        if k in recorded and recorded[k] != now[k] and not (k == "data" and data_moved)
     ]
     started_on = state.get("data_fingerprint")
     rules = state.get("decode_rules")
     rules_changed = rules is not None and rules != readers.DECODE_RULES
-    was_content = state.get("data_content") or _content_of_stages(state)
     if content and was_content:
         # as a resumed search or run (resume_checks.check_same_data): the digest decides where
         # both have one; the fingerprint changes with bldseg's decoding rules, paths and times
@@ -228,15 +235,7 @@ def check_continuation(
         other_data = f"training data fingerprint{since}: {started_on} -> {fingerprint}"
     else:
         other_data = None
-    data_moved = (
-        content is not None
-        and content == was_content
-        and recorded.get("data") not in (None, now.get("data"))
-    )
     if data_moved:
-        # The same pixels, ids and groups read from another folder (a share mounted elsewhere,
-        # a copy): as a stopped run or a resumed search, the pipeline continues on them.
-        differ.remove(f"data: {recorded['data']!r} -> {now['data']!r}")
         log.warning(
             "%s: the training data are read from %s now, not %s as when this pipeline started; "
             "they are the same (the same content digest): continuing",
