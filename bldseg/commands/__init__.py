@@ -37,6 +37,57 @@ def fail(err: BaseException | str, prog: str | None = None) -> int:
 #: Exit status after Ctrl-C: 128 + SIGINT, what shells report for a process stopped by it.
 EXIT_INTERRUPTED = 130
 
+#: Set by Ray in the environment of a ``ray job submit`` job's entrypoint (its job config).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def warn_job_relative_paths(
+    prog: str, paths: dict[str, str | None], tracking_uri: str | bool | None = False
+) -> list[str]:
+    """Under ``ray job submit``, warns on stderr about each relative output path.
+
+    A job's entrypoint runs in the job's working folder: with ``--working-dir`` that is Ray's
+    copy of the upload, under Ray's temporary folder on the node that runs the job, which Ray
+    may delete once no job uses it. Results written to a relative ``--out`` or
+    ``--storage`` (or a default MLflow store in the current folder) land there without a word
+    and are lost; a relative ``--data-root`` keeps the caches where other nodes' trials cannot
+    read them. Outside a Ray job nothing is printed.
+
+    Args:
+        prog: Program name for the lines.
+        paths: Flag -> its value (None: not given, nothing to say).
+        tracking_uri: The command's ``--tracking-uri`` when it logs to MLflow: None means the
+            default store in the current folder; False: the command has no MLflow store.
+
+    Returns:
+        The warning lines printed (for tests).
+    """
+    if RAY_JOB_ENV not in os.environ:
+        return []
+    # what to call each path -> the path, relative to the current folder
+    relative = {
+        f"{flag} {value}": value
+        for flag, value in paths.items()
+        if value and not os.path.isabs(value)
+    }
+    if tracking_uri is None:
+        relative["the MLflow store (no --tracking-uri)"] = "mlflow.db"
+    elif isinstance(tracking_uri, str) and tracking_uri:
+        # sqlite:///rel/path and a plain folder (a file store) are relative to the current
+        # folder; sqlite:////abs/path, http://... and file:///... are not
+        path = tracking_uri.removeprefix("sqlite:///")
+        if "://" not in path and not os.path.isabs(path):
+            relative[f"--tracking-uri {tracking_uri}"] = path
+    lines = [
+        f"{prog}: warning: {what} is relative to the current folder, here the Ray job's "
+        "working folder, which Ray keeps in its temporary folder on this node and may delete "
+        f"once no job uses it ({os.path.abspath(path)}); give a path on the shared folder"
+        for what, path in relative.items()
+    ]
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
+
 
 def _as_ctrl_c(signum: int, frame: object) -> None:
     # whatever SIGINT handler is in place then: Tune's during a search (which stops its trials

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from bldseg import metrics
-from bldseg.commands import interruptible
+from bldseg.commands import interruptible, warn_job_relative_paths
 from bldseg.ensemble.library import STATUS_FILE, find_runs, unusable_runs
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
 from bldseg.ensemble.run import (
@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(prog)
     a = parser.parse_args(argv)
     _refuse_inapplicable(parser, a)
+    # without --tracking-uri the ensemble logs to no MLflow store
+    warn_job_relative_paths(parser.prog, {"--out": a.out}, a.tracking_uri or False)
     try:  # outside [0, 1] the sweep was clipped without a word, and lo > hi said "widen"
         check_threshold_range(a.lo, a.hi)
     except ValueError as err:

@@ -30,7 +30,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail, sigterm_as_ctrl_c
+from bldseg.commands import (
+    EXIT_INTERRUPTED,
+    USER_ERRORS,
+    fail,
+    sigterm_as_ctrl_c,
+    warn_job_relative_paths,
+)
 from bldseg.data.prepare import add_data_arguments, data_options
 from bldseg.io import atomic_path
 from bldseg.pipeline import ContinuationError, PipelineConfig, check_config, run_pipeline
@@ -169,6 +175,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     refuse_search_sets(parser, args.set)
     refuse_two_pretrained(parser, args)
+    paths = {"--out": args.out, "--storage": args.storage, "--data-root": args.data_root}
+    warn_job_relative_paths(parser.prog, paths, args.tracking_uri)
     base = fixed_config(
         args.data or args.images,
         args.model,

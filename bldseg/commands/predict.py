@@ -74,7 +74,7 @@ from pathlib import Path
 import pandas as pd
 
 from bldseg import metrics, stats
-from bldseg.commands import USER_ERRORS, fail, interruptible
+from bldseg.commands import USER_ERRORS, fail, interruptible, warn_job_relative_paths
 from bldseg.data.prepare import (
     MASK_READ_NAMES,
     DataOptions,
@@ -728,6 +728,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prog: Program name in the usage line.
     """
     args = parse_args(argv, prog)
+    # the submission's default name (with --images a mask folder, which is required)
+    out = args.out or (None if args.images else "submission.csv")
+    warn_job_relative_paths(prog or "bldseg predict", {"--out": out})
     written: list[str] = []  # the submission CSV, once in place
     return interruptible(
         prog, lambda: _predict(args, written), lambda err: _interrupted(args, written, err)

@@ -15,7 +15,7 @@ import errno
 import os
 import time
 
-from bldseg.commands import USER_ERRORS, fail, interruptible
+from bldseg.commands import USER_ERRORS, fail, interruptible, warn_job_relative_paths
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
 
 
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    warn_job_relative_paths(parser.prog, {"--data-root": args.data_root})
     # A cache is built in a hidden folder renamed into place when complete, the synthetic world
     # records itself complete last: what an interrupted run finished is kept, the rest redone.
     return interruptible(

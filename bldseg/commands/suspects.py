@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bldseg.commands import USER_ERRORS, fail, interruptible
+from bldseg.commands import USER_ERRORS, fail, interruptible, warn_job_relative_paths
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.prepare import (
     DataOptions,
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("give --mask-values or --mask-nonzero, not both")
     if args.mask_threshold is not None and not 0.0 < args.mask_threshold < 1.0:
         p.error(f"--mask-threshold {args.mask_threshold}: a fraction of the range, in (0, 1)")
+    warn_job_relative_paths(p.prog, {"--out": args.out})
     written: list[Path] = []  # suspects.csv and .png, once in place
     return interruptible(
         p.prog, lambda: _suspects(args, written), lambda _: _interrupted(args, written)

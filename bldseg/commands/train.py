@@ -32,7 +32,13 @@ import os
 import sys
 from pathlib import Path
 
-from bldseg.commands import EXIT_INTERRUPTED, USER_ERRORS, fail, sigterm_as_ctrl_c
+from bldseg.commands import (
+    EXIT_INTERRUPTED,
+    USER_ERRORS,
+    fail,
+    sigterm_as_ctrl_c,
+    warn_job_relative_paths,
+)
 from bldseg.commands.prepare import cannot_write
 from bldseg.data.dataset import fold_assignment, split_groups
 from bldseg.data.prepare import add_data_arguments, data_options, prepare_data
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.fold is not None and not 0 <= args.fold < args.folds:
         last = args.folds - 1
         parser.error(f"--fold {args.fold}: the folds of --folds {args.folds} are 0..{last}")
+    warn_job_relative_paths(parser.prog, {"--out": args.out})
     given = parse_set(args.set)
     if "data" in given:
         # the dataset comes from --data (or --images); a --set data= was overwritten silently

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from bldseg import metrics
-from bldseg.commands import EXIT_INTERRUPTED, sigterm_as_ctrl_c
+from bldseg.commands import EXIT_INTERRUPTED, sigterm_as_ctrl_c, warn_job_relative_paths
 from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
     OPTION_FLAGS,
@@ -833,6 +833,10 @@ def main(
         parser.error(
             f"--storage {args.storage}: {existing} is a file; give a folder for search results"
         )
+    # a resumed search logs to the store it recorded (absolute) when --tracking-uri is left out
+    tracking = args.tracking_uri if args.tracking_uri or not args.resume else False
+    paths = {"--storage": args.storage, "--data-root": args.data_root}
+    warn_job_relative_paths(parser.prog, paths, tracking)
     parent_tags = {}
     data, options, data_root = args.data, data_options(args), args.data_root
     if args.start_from:

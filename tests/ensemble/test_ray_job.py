@@ -59,11 +59,14 @@ def test_the_ensemble_search_runs_as_a_ray_job(tmp_path):
         assert "succeeded" in log, log
         summary = json.loads((out / "summary.json").read_text())
         assert summary["best"]["k"] == 2 and (out / "submit.json").is_file()
+        assert "relative to the current folder" not in log, log  # every path absolute
         # a job that fails ends FAILED, with bldseg's one-line error in its logs, and the
-        # submitting command exits non-zero
-        r = _submit(url, env, "--runs", str(tmp_path / "nowhere"), "--out", str(out), *flags)
+        # submitting command exits non-zero; a relative --out would land in Ray's copy of the
+        # working folder: the job's log says so (Ray's job environment is what tells)
+        r = _submit(url, env, "--runs", str(tmp_path / "nowhere"), "--out", "ensemble", *flags)
         log = r.stdout + r.stderr
         assert r.returncode != 0, log
         assert "search results folder not found" in log and "failed" in log.lower(), log
+        assert "--out ensemble is relative to the current folder, here the Ray job's" in log, log
     finally:
         stop_ray_head(head, temp)
