@@ -15,6 +15,7 @@ Each module has ``build_parser(prog=None)`` and ``main(argv=None, prog=None) -> 
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -87,6 +88,14 @@ def warn_job_relative_paths(
     for line in lines:
         print(line, file=sys.stderr)
     return lines
+
+
+def experiment_name(text: str) -> str:
+    """An argparse type: an MLflow experiment name, which has a visible character (an empty
+    ``--experiment ''`` was checked against one store folder and logged elsewhere)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give the MLflow experiment a name")
+    return text
 
 
 def _as_ctrl_c(signum: int, frame: object) -> None:

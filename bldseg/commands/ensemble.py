@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from bldseg import metrics
-from bldseg.commands import interruptible, warn_job_relative_paths
+from bldseg.commands import experiment_name, interruptible, warn_job_relative_paths
 from bldseg.ensemble.library import STATUS_FILE, find_runs, unusable_runs
 from bldseg.ensemble.rules import DEFAULT_EMPTY_AREAS, RULES
 from bldseg.ensemble.run import (
@@ -194,6 +194,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--experiment",
+        type=experiment_name,
         default=None,
         help=(
             f"MLflow experiment (default {DEFAULTS.experiment}; with --parent-run-id, the "

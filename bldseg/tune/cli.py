@@ -16,7 +16,12 @@ from typing import Any
 import pandas as pd
 
 from bldseg import metrics
-from bldseg.commands import EXIT_INTERRUPTED, sigterm_as_ctrl_c, warn_job_relative_paths
+from bldseg.commands import (
+    EXIT_INTERRUPTED,
+    experiment_name,
+    sigterm_as_ctrl_c,
+    warn_job_relative_paths,
+)
 from bldseg.data.prepare import (
     DEFAULT_DATA_ROOT,
     OPTION_FLAGS,
@@ -712,6 +717,7 @@ def build_parser(space: str, description: str) -> argparse.ArgumentParser:
     )
     a(
         "--experiment",
+        type=experiment_name,
         default=DEFAULT_EXPERIMENT,
         help=f"MLflow experiment holding the project's searches, one parent run per search "
         f"(default {DEFAULT_EXPERIMENT})",

@@ -2123,6 +2123,14 @@ def run_search(spec: SearchSpec) -> SearchResult:
         return _run_search(spec)
 
 
+def _recorded_experiment(meta: dict[str, Any] | None) -> str | None:
+    """The MLflow experiment a recorded search logged to (None: a new search): the one its
+    parent run was made in, else the one its settings named (records before the first)."""
+    if meta is None:
+        return None
+    return meta.get("experiment") or (meta.get("spec") or {}).get("experiment")
+
+
 def _run_search(spec: SearchSpec) -> SearchResult:
     import ray
     from ray import tune
@@ -2144,7 +2152,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         _refuse_data_early(spec.data, spec.data_options, spec.data_root)
     uri = _tracking_uri(spec, project, meta)
     # fail fast, before Ray or data; the experiment its runs log to (a resume's recorded one)
-    experiment = ((meta or {}).get("spec") or {}).get("experiment") or spec.experiment
+    experiment = _recorded_experiment(meta) or spec.experiment
     client = tracking.check_tracking(uri, experiment=experiment)
     gone_db = _gone_database(meta)  # a resume given the new place of its moved database
 
@@ -2158,7 +2166,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
             DataOptions.from_dict(meta["spec"].get("data_options") or {}),
             f"the search {name}",
         )
-        experiment = meta.get("experiment") or spec.experiment
+        experiment = _recorded_experiment(meta) or spec.experiment
         n_trials = int(meta["spec"].get("trials", spec.trials))
     else:
         name = spec.name or f"{spec.space}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -357,6 +357,21 @@ def test_a_search_name_is_a_folder_name(small_world, tmp_path, name, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("command", ["tune", "ensemble"])
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_experiment_name_is_a_usage_error(command, name, capsys):
+    # the store check looked at one experiment's folder, the runs logged to another
+    from bldseg.commands.ensemble import build_parser as ensemble_parser
+
+    parser = ensemble_parser() if command == "ensemble" else cli.build_parser("aug", "test")
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--experiment", name])
+    assert e.value.code == 2
+    assert f"argument --experiment: {name!r}: give the MLflow experiment a name" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize("command", ["tune", "pipeline"])
 def test_a_malformed_set_is_a_usage_error(command, capsys):
     # exit 1 means "no trial completed"; a bad flag is a usage error, 2

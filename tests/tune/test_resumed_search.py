@@ -344,3 +344,13 @@ def test_a_trial_that_failed_is_never_early_stopped(tmp_path):
     assert table.loc["silent", "message"] == "the trial ended before it trained an epoch"
     # a trial the scheduler stopped after an epoch is still early-stopped
     assert table.loc["stopped", "status"] == "early-stopped"
+
+
+def test_a_resume_checks_the_experiment_it_logs_to():
+    # the store check and the runs both take the experiment the parent run was made in; the
+    # check read the settings' name, the runs the parent's (they differ in an edited record)
+    both = {"experiment": "made-in", "spec": {"experiment": "named"}}
+    assert runner._recorded_experiment(both) == "made-in"
+    assert runner._recorded_experiment({"spec": {"experiment": "named"}}) == "named"
+    assert runner._recorded_experiment({"spec": {}}) is None
+    assert runner._recorded_experiment(None) is None
