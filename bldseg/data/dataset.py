@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -366,8 +367,14 @@ class RandomCropDataset(Dataset):
         image = np.array(self.cache.images[index, y : y + wh, x : x + ww])
         mask = np.array(self.cache.masks[index, y : y + wh, x : x + ww])
         if self.transform is not None:
-            if hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(int(rng.integers(2**31)))
+            if hasattr(self.transform, "set_random_state"):
+                # One stream shared by the pipeline's transforms, seeded per (seed, epoch, item).
+                # Not set_random_seed: it gives every transform its own generator from the same
+                # seed, so all drew the same numbers: both flips applied together or not at all
+                # (never one), the crop's offset followed the flip, a rarer transform applied
+                # only with every likelier one.
+                seed = int(rng.integers(2**31))
+                self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         image_t, mask_t = _to_tensors(image, mask)
