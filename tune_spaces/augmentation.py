@@ -19,9 +19,9 @@ def space(trial: optuna.Trial) -> dict | None:
     trial.suggest_float("aug.hsv_p", 0.0, 0.8)
     trial.suggest_float("aug.noise_p", 0.0, 0.5)
     if trial.suggest_float("aug.blur_p", 0.0, 0.5) > 0.05:
-        # the largest sigma of a trial's blurs, each drawn from 0.3 up (MIN_BLUR_SIGMA in
-        # bldseg.train.augment, where a sharp edge moves by a grey level or two): from 0.5 most
-        # of every trial's blurs soften edges visibly
+        # the largest sigma of a trial's blurs, each drawn from 0.4 up (MIN_BLUR_SIGMA in
+        # bldseg.train.augment, where a sharp roof edge softens by about 14 grey levels): from
+        # 0.5 most of every trial's blurs soften edges visibly
         trial.suggest_float("aug.blur_sigma", 0.5, 1.5)
         return None
     return {"aug.blur_p": 0.0}

@@ -237,11 +237,23 @@ def test_every_applied_blur_changes_the_tile(blur_sigma):
         assert not np.array_equal(out, image), f"seed {seed}: the blur left the tile unchanged"
 
 
+def test_the_weakest_blur_drawn_softens_edges():
+    # every blur draws sigma from [MIN_BLUR_SIGMA, blur_sigma]: at the bottom of that range a
+    # roof edge still softens by grey levels one can see (at 0.3: by 1 level, median of tiles)
+    blur = A.GaussianBlur(blur_limit=0, sigma_limit=(MIN_BLUR_SIGMA, MIN_BLUR_SIGMA), p=1.0)
+    for seed in range(20):
+        image = _buildings_tile(seed)
+        moved = np.abs(blur(image=image)["image"].astype(int) - image.astype(int)).max()
+        assert moved >= 5, f"seed {seed}: the weakest blur moved an edge by {moved} grey levels"
+
+
 def test_blur_sigma_below_the_smallest_blur_says_what_to_set():
     # a config recorded before the limit (a checkpoint to predict with, a run to resume) loads;
     # blur_problem says why a new run with it is refused (fit, and a search before it starts)
     cfg = AugConfig(blur_sigma=0.2, blur_p=0.5)
-    assert re.search(r"blur_sigma=0\.2 .*set aug\.blur_sigma >= 0\.3", blur_problem(cfg))
+    assert re.search(r"blur_sigma=0\.2 .*set aug\.blur_sigma >= 0\.4", blur_problem(cfg))
+    # 0.3 draws a 3-tap kernel whose side weights (0.004) move a roof edge by one grey level
+    assert "blur_sigma=0.3 is below 0.4" in blur_problem(AugConfig(blur_sigma=0.3, blur_p=0.5))
     assert blur_problem(AugConfig(blur_sigma=0.2, blur_p=0.0)) is None  # unused without blur
     assert blur_problem(AugConfig(blur_sigma=MIN_BLUR_SIGMA, blur_p=1.0)) is None
     with pytest.raises(ValueError, match=r"blur_sigma=inf: must be a finite number"):

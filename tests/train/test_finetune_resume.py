@@ -264,7 +264,7 @@ def test_a_new_run_whose_blur_blurs_nothing_is_refused_and_a_recorded_one_contin
         {**flat, "val_fraction": 0.25, "aug.blur_p": 0.5, "aug.blur_sigma": 0.2}
     )
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"blur_sigma=0\.2 is below 0\.3"):
+    with pytest.raises(ValueError, match=r"blur_sigma=0\.2 is below 0\.4"):
         engine.fit(cfg, out, data=small_world)
     assert not out.exists()
     monkeypatch.setattr(engine, "blur_problem", lambda aug: None)
