@@ -115,6 +115,12 @@ def start_ray_head(
                     "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard_port}",
+                    # the dashboard's agent otherwise takes Ray's fixed default ports (52365
+                    # ...), which another dashboard Ray on this machine may hold
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--metrics-export-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}",
                 ]
             ),
             f"--temp-dir={temp}",
