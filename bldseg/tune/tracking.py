@@ -256,8 +256,11 @@ def _check_writable(uri: str, db: Path, experiment: str | None = None) -> None:
     import stat
 
     artifacts = db.resolve().parent / "mlartifacts"
+    recorded = _recorded_artifact_folder(db, experiment) if experiment is not None else None
     # os.path: False, not a PermissionError, where mlartifacts is not ours to look into
-    if experiment is not None and os.path.isdir(artifacts / experiment):
+    if recorded is not None:
+        artifacts_used = recorded  # an existing experiment's, wherever it was made to keep them
+    elif experiment is not None and os.path.isdir(artifacts / experiment):
         artifacts_used = artifacts / experiment  # a run of an existing experiment's
     else:
         artifacts_used = artifacts  # a new experiment's folder goes here
@@ -291,9 +294,39 @@ def _check_writable(uri: str, db: Path, experiment: str | None = None) -> None:
         f"cannot write MLflow tracking store {uri}: this user cannot write {listed}; "
         "everyone who logs to a shared store must be able to write the database, its lock "
         "file, its folder (SQLite writes a journal there) and the artifact folders under "
-        f"{artifacts}: {_chmod_advice([path for path, _ in denied], db)}, or pass another "
+        f"{artifacts if recorded is None else recorded}: {_chmod_advice([path for path, _ in denied], db)}, or pass another "
         "--tracking-uri"
     )
+
+
+def _recorded_artifact_folder(db: Path, experiment: str) -> Path | None:
+    """The local folder where the store records ``experiment``'s artifacts, read from the
+    database without writing it; None where it records none (a new experiment, or a store
+    not made yet) or a remote one (s3://, mlflow-artifacts:, which no file mode decides).
+
+    An experiment made by the MLflow UI, ``mlflow experiments create`` or another tool keeps
+    them where it was told (``./mlruns`` by default), not in ``mlartifacts/<name>``.
+    """
+    import sqlite3
+    import urllib.parse
+
+    try:
+        # read-only: an unwritable store is what the caller is about to name
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = con.execute(
+                "SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)
+            ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # no database or no table yet, or not ours to read (the open says)
+        return None
+    if not row or not row[0]:
+        return None
+    location = urllib.parse.urlparse(row[0])
+    if location.scheme == "file":
+        return Path(urllib.parse.unquote(location.path))
+    return Path(row[0]) if not location.scheme else None
 
 
 def _read_only_filesystem(path: Path) -> bool:

@@ -242,6 +242,32 @@ def test_a_sqlite_store_whose_artifacts_this_user_cannot_write_is_refused(tmp_pa
     tracking.check_tracking(uri, experiment="e")  # which it may
 
 
+def test_an_experiment_made_elsewhere_is_checked_where_it_keeps_its_artifacts(
+    tmp_path, monkeypatch
+):
+    # An experiment made by the MLflow UI or `mlflow experiments create` keeps its artifacts
+    # where it was told, not in mlartifacts/<name>: the check looked at mlartifacts itself.
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o775)
+    db = folder / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    old = os.umask(0o002)
+    try:
+        client = tracking.check_tracking(uri)
+    finally:
+        os.umask(old)
+    own = tmp_path / "team-artifacts"
+    own.mkdir()
+    own.chmod(0o755)
+    client.create_experiment("made-elsewhere", artifact_location=own.as_uri())
+    another_user(monkeypatch)
+    with pytest.raises(RuntimeError, match=rf"cannot write {re.escape(str(own))} \(owner"):
+        tracking.check_tracking(uri, experiment="made-elsewhere")
+    own.chmod(0o775)
+    tracking.check_tracking(uri, experiment="made-elsewhere")  # mlartifacts/ is not its folder
+
+
 def test_a_sqlite_store_on_a_read_only_filesystem_is_refused_as_that(tmp_path, monkeypatch):
     # Its files were group-writable, yet the refusal asked their owner to `chmod g+w` them: the
     # filesystem (a read-only mount, a snapshot) refuses every write, whatever the mode.
