@@ -294,8 +294,8 @@ def _check_writable(uri: str, db: Path, experiment: str | None = None) -> None:
         f"cannot write MLflow tracking store {uri}: this user cannot write {listed}; "
         "everyone who logs to a shared store must be able to write the database, its lock "
         "file, its folder (SQLite writes a journal there) and the artifact folders under "
-        f"{artifacts if recorded is None else recorded}: {_chmod_advice([path for path, _ in denied], db)}, or pass another "
-        "--tracking-uri"
+        f"{artifacts if recorded is None else recorded}: "
+        f"{_chmod_advice([path for path, _ in denied], db)}, or pass another --tracking-uri"
     )
 
 
