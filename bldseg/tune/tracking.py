@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -557,29 +558,45 @@ def round_float(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
     return float(f"{value:.{digits}g}") if math.isfinite(value) else value
 
 
-def param_text(value: Any) -> str:
-    """A param value as MLflow shows it: floats rounded (:func:`round_float`), ``repr``-free."""
+#: A metric or param name that holds a decision threshold (``best_threshold``,
+#: ``val_thr_best``, ``thr_youden``): logged rounded down (:func:`logged_float`).
+_THRESHOLD_NAME = re.compile(r"threshold|(^|_)thr(_|$)")
+
+
+def logged_float(key: str, value: float) -> float:
+    """``value`` as logged under ``key``: :func:`round_float`, but a threshold is rounded down
+    to 6 decimals, so the value read in the MLflow UI and typed back (``predict --threshold``)
+    is the same level: a level's ``L/255`` rounded to nearest (86/255 = 0.3372549 as 0.337255)
+    is the next level up (:func:`bldseg.metrics.level_from_threshold`), for 123 of 256."""
+    if _THRESHOLD_NAME.search(key.rsplit(".", 1)[-1]) and math.isfinite(value):
+        return math.floor(value * 1e6) / 1e6
+    return round_float(value)
+
+
+def param_text(value: Any, key: str = "") -> str:
+    """A param value as MLflow shows it: floats rounded (:func:`logged_float`), ``repr``-free."""
     if isinstance(value, float):
-        return f"{value:.{SIGNIFICANT_DIGITS}g}"
+        return f"{logged_float(key, value):.{SIGNIFICANT_DIGITS}g}"
     return str(value)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     """Logs a flat dict of params in batches of 100 (MLflow's limit); floats rounded."""
-    items = [Param(k, param_text(v)[:6000]) for k, v in sorted(params.items())]
+    items = [Param(k, param_text(v, k)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    """Logs the numeric entries of ``metrics`` at ``step``, rounded (non-finite ones skipped).
+    """Logs the numeric entries of ``metrics`` at ``step``, rounded (:func:`logged_float`;
+    non-finite ones skipped).
 
     The step is the epoch: an ``epoch`` entry is not logged (as a metric it would only plot a
     line against itself, and MLflow's compare view would pick it as its default metric).
     """
     ts = int(time.time() * 1000)
     items = [
-        Metric(k, round_float(float(v)), ts, step)
+        Metric(k, logged_float(k, float(v)), ts, step)
         for k, v in metrics.items()
         if k != "epoch"
         and isinstance(v, int | float)

@@ -341,3 +341,22 @@ def test_a_new_store_behind_a_dangling_symlink_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o664
+
+
+def test_logged_thresholds_read_back_as_their_level(tmp_path):
+    # Rounded to nearest, 86/255 = 0.3372549 was logged 0.337255, which typed back into
+    # `predict --threshold` is level 87: another mask, for 123 of the 256 levels.
+    from bldseg.metrics import level_from_threshold
+
+    for level in range(256):
+        for key in ("best_threshold", "val_thr_best", "thr_youden"):
+            logged = tracking.logged_float(key, level / 255)
+            assert level_from_threshold(logged) == level, (key, level, logged)
+        assert level_from_threshold(float(tracking.param_text(level / 255, "threshold"))) == level
+    assert tracking.logged_float("val_dice", 86 / 255) == 0.337255  # others: to nearest
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.check_tracking(uri)
+    run = client.create_run(tracking.ensure_experiment(client, "e", uri))
+    tracking.log_metrics(client, run.info.run_id, {"val_thr_best": 86 / 255}, step=0)
+    logged = client.get_run(run.info.run_id).data.metrics["val_thr_best"]
+    assert level_from_threshold(logged) == 86
