@@ -14,8 +14,10 @@ unrecorded, marks the pipeline's MLflow run KILLED and propagates; one that came
 search's last trial had ended records that search's stage (it finished), then does the same.
 A search recorded by an older bldseg although it never finished (a trial folder without a
 finished epoch) is resumed, and the stages after it redone. Continuing with other result
-settings, training data, storage or tracking URI is refused (:func:`check_continuation`); other
-ensemble sizes or another test split redo only what depends on them (:func:`refresh_state`).
+settings, training data, storage or tracking URI is refused (:func:`check_continuation`), and
+so is a stage's search whose saved files are damaged (:func:`check_stage_search`); the same
+data read from another folder continue, redoing nothing; other ensemble sizes or another test
+split redo only what depends on them (:func:`refresh_state`).
 MLflow: a pipeline experiment with a parent run; each search's parent run carries tags linking
 it to the pipeline run and to the previous stage's run; the ensemble search and the prediction
 are child runs of the pipeline run, which names the current ones (tags
@@ -33,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Iterator
@@ -74,6 +77,7 @@ from bldseg.tune.runner import (
     METRIC,
     SearchInterrupted,
     SearchSpec,
+    check_resumed_state,
     check_trials_on_data,
     get_space,
     read_search_record,
@@ -133,7 +137,7 @@ ENSEMBLE_SETTINGS = ("k_min", "k_max")
 
 class ContinuationError(ValueError):
     """A recorded pipeline continued with other result settings or data, or in another
-    storage folder or MLflow tracking store."""
+    storage folder or MLflow tracking store, or with a stage's search damaged."""
 
 
 def storage_root(storage: str) -> str:
@@ -210,14 +214,16 @@ def check_continuation(
         recorded["data_options"] = json.loads(json.dumps(asdict(kept), default=str))
     was_content = state.get("data_content") or _content_of_stages(state)
     # The same pixels, ids and groups read from another folder (a share mounted elsewhere, a
-    # copy): as a stopped run or a resumed search, the pipeline continues on them.
+    # copy): as a stopped run or a resumed search, the pipeline continues on them. The built-in
+    # synthetic world (no --data) and `--data` of its folder are one such case, either way round.
     data_moved = (
         content is not None
         and content == was_content
-        and recorded.get("data") not in (None, now.get("data"))
+        and "data" in recorded
+        and recorded["data"] != now.get("data")
     )
     differ = [
-        f"{k}: {recorded[k]!r} -> {now[k]!r}"
+        f"{k}: {_setting_text(k, recorded[k])} -> {_setting_text(k, now[k])}"
         for k in RESULT_SETTINGS
         if k in recorded and recorded[k] != now[k] and not (k == "data" and data_moved)
     ]
@@ -240,8 +246,8 @@ def check_continuation(
             "%s: the training data are read from %s now, not %s as when this pipeline started; "
             "they are the same (the same content digest): continuing",
             _state_path(cfg),
-            now["data"],
-            recorded["data"],
+            _data_text(now["data"]),
+            _data_text(recorded["data"]),
         )
     if other_data is not None:
         if rules_changed:
@@ -284,6 +290,17 @@ def check_continuation(
             rules,
             readers.DECODE_RULES,
         )
+
+
+def _data_text(data: str | None) -> str:
+    """A recorded ``data`` setting as a message names it (None: the synthetic world)."""
+    return "the built-in synthetic world (no --data)" if data is None else data
+
+
+def _setting_text(key: str, value: Any) -> str:
+    """A recorded setting's value in a refusal: the data's None says what it stands for, the
+    rest as Python writes them (a setting typed otherwise shows its type)."""
+    return _data_text(value) if key == "data" and value is None else repr(value)
 
 
 def check_config(cfg: PipelineConfig) -> None:
@@ -375,7 +392,25 @@ def fingerprint_test_split(data: PreparedData) -> str | None:
     """
     if data.test is None:
         return None
-    h = hashlib.blake2b(data.test.fingerprint.encode(), digest_size=16)
+    return _with_truth(data, data.test.fingerprint)
+
+
+def test_split_content(data: PreparedData) -> str | None:
+    """Content digest of the test split and its held-out truth CSV (None: no test split).
+
+    As :func:`fingerprint_test_split`, but of the decoded test images, ids and groups
+    (:attr:`~bldseg.data.cache.DatasetCache.content`), not of their paths and file times: the
+    same test split read from another folder (data moved, the synthetic world given as
+    ``--data``) has the same digest, and its test maps, ensemble and submission are kept.
+    """
+    if data.test is None:
+        return None
+    return _with_truth(data, data.test.content)
+
+
+def _with_truth(data: PreparedData, test_key: str) -> str:
+    """``test_key`` (what the test cache is) hashed with the truth CSV's bytes."""
+    h = hashlib.blake2b(test_key.encode(), digest_size=16)
     if data.test_truth_csv:
         with open(data.test_truth_csv, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -384,7 +419,11 @@ def fingerprint_test_split(data: PreparedData) -> str | None:
 
 
 def refresh_state(
-    cfg: PipelineConfig, state: dict, test_fp: str | None, has_truth: bool
+    cfg: PipelineConfig,
+    state: dict,
+    test_fp: str | None,
+    has_truth: bool,
+    test_content: str | None = None,
 ) -> list[str]:
     """Forgets the recorded entries that a continued pipeline must redo; returns what it forgot.
 
@@ -395,16 +434,20 @@ def refresh_state(
     - another test split or truth CSV (:func:`fingerprint_test_split`): the submission, the
       stages' test scores, and the ensemble search where it recorded a test column or one can
       be made now (it chooses on validation maps only). The test maps check themselves
-      (:func:`write_test_library`).
+      (:func:`write_test_library`). The same test split read from another folder (its
+      fingerprint holds paths) is not another one: where the state records its content digest
+      (:func:`test_split_content`) and it is this call's, nothing is redone.
 
     The state records the new values; the caller saves it. A state without a recorded test
-    fingerprint (older bldseg) records the current one.
+    fingerprint or content digest (older bldseg) records the current ones.
 
     Args:
         cfg: The settings of this call.
         state: The recorded pipeline state, changed in place.
         test_fp: :func:`fingerprint_test_split` of this call's data.
         has_truth: Whether this call's test split has held-out truth.
+        test_content: :func:`test_split_content` of this call's data (None: the test split
+            is compared by its fingerprint only).
     """
     notes = []
     config = state.setdefault("config", {})
@@ -418,7 +461,14 @@ def refresh_state(
         notes.append(f"other ensemble sizes ({'; '.join(sizes)}): redoing {_listed(redone)}")
     for k in ENSEMBLE_SETTINGS:
         config[k] = getattr(cfg, k)
-    if "test_fingerprint" in state and state["test_fingerprint"] != test_fp:
+    same_content = test_content is not None and state.get("test_content") == test_content
+    if same_content and state.get("test_fingerprint") not in (None, test_fp):
+        notes.append(
+            "the test split is read from another folder (fingerprint "
+            f"{state['test_fingerprint']} -> {test_fp}) but is the same (the same content "
+            "digest): its test maps, ensemble and submission are kept"
+        )
+    elif "test_fingerprint" in state and state["test_fingerprint"] != test_fp:
         redone = []
         ens = state.get("ensemble")
         if ens is not None and (has_truth or "test_dice" in ens.get("best", {})):
@@ -434,7 +484,8 @@ def refresh_state(
             f"the test split or its truth changed (fingerprint {state['test_fingerprint']} -> "
             f"{test_fp}): {maps} and {_listed(redone)}"
         )
-    state["test_fingerprint"] = test_fp
+    # what the entries kept or redone are of from now on
+    state["test_fingerprint"], state["test_content"] = test_fp, test_content
     return notes
 
 
@@ -454,8 +505,9 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     A K-fold run is one model, its folds' mean (as its out-of-fold ``val_probs.npz`` is one
     library entry). Kept while it is newer than every checkpoint behind it (a resumed trial may
     have saved a better epoch), was made as the run's config says (TTA, autocast), and was made
-    of this test split: the same test-cache fingerprint (a file that does not record it, from
-    an older bldseg, is remade), the same tile ids in the same order, and the same truth.
+    of this test split: the same test cache (:func:`_made_of_this_split`; a file that does not
+    record it, from an older bldseg, is remade), the same tile ids in the same order, and the
+    same truth.
     """
     path = run_dir / TEST_FILE
     # Where the submission is predicted (predict_cache's "auto"): on a GPU machine precision
@@ -473,10 +525,10 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     if path.exists() and path.stat().st_mtime_ns >= max(stamps):
         with np.load(path) as z:
             if (
-                {"made_as", "made_on"} <= set(z.files)
+                "made_as" in z.files
                 and str(z["made_as"]) == made_as
                 # maps of another test split would be scored against this one's truth
-                and str(z["made_on"]) == data.test.fingerprint
+                and _made_of_this_split(z, data)
                 and np.array_equal(z["tile_ids"], ids)
                 and np.array_equal(z["truth"], truth)
             ):
@@ -495,22 +547,32 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
         tile_yx=np.zeros((len(ids), 2), np.int64),
         made_as=np.array(made_as),
         made_on=np.array(data.test.fingerprint),  # the test cache the maps were made of
+        made_of=np.array(data.test.content),  # and what it holds, wherever it is read from
     )
     os.replace(tmp, path)
     return path
 
 
 def remove_stale_test_library(run_dir: Path, data: PreparedData) -> None:
-    """Removes a model's ``test_probs.npz`` unless it was made of this test split (its test
-    cache's fingerprint; none recorded, or no test split now: stale)."""
+    """Removes a model's ``test_probs.npz`` unless it was made of this test split
+    (:func:`_made_of_this_split`; none recorded, or no test split now: stale)."""
     path = run_dir / TEST_FILE
     if not path.exists():
         return
     with np.load(path) as z:
-        made_on = str(z["made_on"]) if "made_on" in z.files else None
-    if data.test is None or made_on != data.test.fingerprint:
+        current = data.test is not None and _made_of_this_split(z, data)
+    if not current:
         log.info("%s: made of another test split, removed (no truth to remake it)", path)
         path.unlink()
+
+
+def _made_of_this_split(maps: Any, data: PreparedData) -> bool:
+    """Whether test maps (an open ``test_probs.npz``) were made of ``data``'s test cache: the
+    same fingerprint, or the same content digest (the same images read from another folder,
+    whose fingerprint holds other paths; maps of older bldseg record the fingerprint only)."""
+    if "made_on" in maps.files and str(maps["made_on"]) == data.test.fingerprint:
+        return True
+    return "made_of" in maps.files and str(maps["made_of"]) == data.test.content
 
 
 def _single_test_scores(run_dir: Path, truth: np.ndarray, thresholds: dict[str, float]) -> dict:
@@ -561,6 +623,69 @@ def _search_trials(search_dir: Path, default: int) -> int:
     return int(read_search_record(meta).get("spec", {}).get("trials", default))
 
 
+def check_stage_search(cfg: PipelineConfig, stage: str, folder: Path, resumed: bool) -> None:
+    """Refuses a stage's search folder that the pipeline cannot read or resume, saying what a
+    pipeline user can do (the search's own refusal names ``bldseg tune``'s --name and --from).
+
+    Its record (``bldseg_search.json``) cut short or missing, or, for a search to be resumed,
+    Ray Tune's saved state damaged (:func:`~bldseg.tune.runner.check_resumed_state`: Tune would
+    start it again from nothing). Moved out of ``<storage>/<name>`` (where the ensemble search
+    would still find its trials), the stage's search runs again from its start on the next
+    call, and the stages after it are redone (:func:`_repair_state`).
+
+    Args:
+        cfg: The pipeline's settings.
+        stage: The stage whose search it is.
+        folder: The search's results folder (``<storage>/<name>/<name>-<stage>``).
+        resumed: Whether the search is to be resumed (else only its record, where it has
+            one, is read: the stage finished, and its Tune state is not read again).
+
+    Raises:
+        ContinuationError: The folder cannot be read or resumed, naming it and what to do.
+    """
+    record = folder / SEARCH_META
+    why = None
+    if not record.is_file():
+        # a finished stage's record is read for its trial count only (the pipeline's is taken
+        # without it); a search resumed without it is no search to Tune ("pass --resume")
+        if resumed:
+            why = f"it has no {SEARCH_META} (the search's record)"
+    else:
+        try:
+            read_search_record(record)
+        except ValueError:  # its message names bldseg tune's remedies
+            why = f"{record} is damaged ({_json_error(record)})"
+    if why is None and resumed:
+        try:
+            check_resumed_state(folder)
+        except ValueError:
+            why = (
+                "Ray Tune's saved state there (tuner.pkl, experiment_state-*.json, the "
+                "searcher's state) is damaged or missing, so Tune would start the search again "
+                "from nothing"
+            )
+    if why is None:
+        return
+    stale = Path(cfg.storage) / f"{cfg.name}.stale"
+    raise ContinuationError(
+        f"stage {stage}: its search {folder} cannot be continued: {why} (a full disk, a copy "
+        f"cut short?). Move that folder out of {folder.parent} (e.g. mkdir -p "
+        f"{shlex.quote(str(stale))} && mv {shlex.quote(str(folder))} "
+        f"{shlex.quote(str(stale))}/) and run the same command again: the stage's search runs "
+        "again from its start and the stages after it are redone; or start a new pipeline "
+        "(another --name)"
+    )
+
+
+def _json_error(path: Path) -> str:
+    """Why ``path`` is not a JSON object, in json's words (a line and column)."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:
+        return str(e)
+    return f"a JSON {type(value).__name__}, not an object"
+
+
 def _recorded_stage_problem(info: dict, trials: int) -> str | None:
     """Why a stage recorded in the state did not really finish (state files of older runs)."""
     best_run = Path(str(info.get("best", {}).get("run_dir", "")))
@@ -584,6 +709,9 @@ def _repair_state(cfg: PipelineConfig, state: dict, storage: Path) -> None:
     for i, stage in enumerate(names):
         if stage not in stages:
             continue
+        folder = stages[stage].get("path")
+        if folder and Path(folder).is_dir():  # a folder moved away: the stage is redone (below)
+            check_stage_search(cfg, stage, Path(folder), resumed=False)
         why = _recorded_stage_problem(stages[stage], cfg.trials)
         if why is None:
             continue
@@ -839,6 +967,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 # continuation) and the decoding rules that fingerprint was made with
                 **data_record(data.train.fingerprint, data.train.content),
                 "test_fingerprint": fingerprint_test_split(data),
+                # the same by content: what a continuation from another folder compares
+                "test_content": test_split_content(data),
                 # where its searches and MLflow runs are, compared on continuation
                 "storage": storage_root(cfg.storage),
                 "tracking_uri": uri,
@@ -849,7 +979,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     else:
         # a continued pipeline: its run was KILLED (Ctrl-C), FAILED or FINISHED before
         client.update_run(state["pipeline_run_id"], status="RUNNING")
-        for note in refresh_state(cfg, state, fingerprint_test_split(data), truth is not None):
+        test_fp, test_content = fingerprint_test_split(data), test_split_content(data)
+        for note in refresh_state(cfg, state, test_fp, truth is not None, test_content):
             log.warning("%s", note)
         # a state of an older bldseg: record where it is (check_continuation found it here)
         state.setdefault("storage", storage_root(cfg.storage))
@@ -863,7 +994,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         state.setdefault("config", {})["data"] = cfg.data
         _save_state(cfg, state)
     pipeline_run = state["pipeline_run_id"]
-    _repair_state(cfg, state, storage)
+    # a damaged stage search is refused here: the pipeline run is FAILED, not left RUNNING
+    with _stage(client, pipeline_run, "the check of the recorded stages"):
+        _repair_state(cfg, state, storage)
 
     # 1-3. the three searches, each starting from the best config so far
     base = dict(cfg.base)
@@ -877,6 +1010,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             spec = stage_spec(cfg, stage, space, base, uri, tags)
             stopped: SearchInterrupted | None = None  # Ctrl-C after the search had finished
             with _stage(client, pipeline_run, f"search {stage}"):
+                folder = storage / spec.name
+                if folder.exists():  # resumed: refused in the pipeline's words where damaged
+                    check_stage_search(cfg, stage, folder, resumed=True)
                 try:
                     result = run_search(spec)
                 except SearchInterrupted as e:

@@ -4,6 +4,7 @@ with the searches replaced by copies of two trained models (fast)."""
 
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -209,6 +210,9 @@ class FakeSearches:
         assert spec.resume == exp.exists()
         exp.mkdir(parents=True, exist_ok=True)
         (exp / META_FILE).write_text(json.dumps({"spec": {"trials": spec.trials}}))
+        # Ray Tune's saved state, which the pipeline reads before it resumes a search
+        (exp / "tuner.pkl").write_bytes(pickle.dumps({}))
+        (exp / "experiment_state-0.json").write_text("{}")
         rows = []
         for i, model in enumerate(self.models):
             run = exp / f"trial_{i}" / "run"
@@ -816,7 +820,7 @@ def test_test_maps_of_another_split_are_removed_when_there_is_no_truth(
     pipeline.remove_stale_test_library(run, small_world)
     assert path.exists()  # made of this split: kept
     with np.load(path) as z:
-        maps = {**z, "made_on": np.array("another split")}
+        maps = {**z, "made_on": np.array("another split"), "made_of": np.array("its content")}
     np.savez(path, **maps)
     pipeline.remove_stale_test_library(run, small_world)
     assert not path.exists()
@@ -840,7 +844,7 @@ def test_a_pipeline_without_truth_removes_the_test_maps_of_another_split(
         shutil.copytree(m, run)
         path = pipeline.write_test_library(run, small_world, truth)
         with np.load(path) as z:
-            maps = {**z, "made_on": np.array("another split")}
+            maps = {**z, "made_on": np.array("another split"), "made_of": np.array("its content")}
         np.savez(path, **maps)
         models.append(run)
     real_prepare = pipeline.prepare_data

@@ -108,6 +108,7 @@ def test_test_maps_with_other_truth_or_of_another_cache_are_remade(small_world, 
     for made_on in ("0" * 32, None):
         fields = _library(path)
         fields["truth"] = other_truth.astype(np.uint8)
+        del fields["made_of"]  # the content digest: as maps of older bldseg, or below
         if made_on is None:
             del fields["made_on"]
         else:
@@ -115,6 +116,15 @@ def test_test_maps_with_other_truth_or_of_another_cache_are_remade(small_world, 
         np.savez(path, **fields)
         pipeline.write_test_library(model, relabelled, other_truth)
         assert str(_library(path)["made_on"]) == small_world.test.fingerprint
+    # made of another cache whose content is other: remade; of the same content read from
+    # another folder (another fingerprint): kept
+    for made_of, kept in (("0" * 32, False), (small_world.test.content, True)):
+        fields = _library(path)
+        fields.update(made_on=np.array("0" * 32), made_of=np.array(made_of))
+        np.savez(path, **fields)
+        made = path.stat().st_mtime_ns
+        pipeline.write_test_library(model, relabelled, other_truth)
+        assert (path.stat().st_mtime_ns == made) == kept
 
 
 def test_test_split_fingerprint_covers_the_truth_csv(small_world, other_world, tmp_path):
@@ -577,3 +587,167 @@ def test_report_to_replaces_each_plot_by_rename(tmp_path):
     assert (docs / "report" / "mine.png").read_bytes() == b"the user's"
     assert sorted(p.name for p in (docs / "report").iterdir()) == ["mine.png", "stages.png"]
     assert sorted(p.name for p in docs.iterdir()) == ["REPORT.md", "report"]
+
+
+# ------------------------------------------------------------------------------------------
+# 6. the same data from another folder; a damaged stage search
+# ------------------------------------------------------------------------------------------
+
+
+def _fake_run(small_world, model, root: Path, monkeypatch, **changes):
+    """The pipeline with its searches replaced by copies of ``model`` (tests/test_pipeline.py):
+    (its settings, the stand-in searches)."""
+    from tests.test_pipeline import FakeSearches, _config
+
+    searches = FakeSearches([model, model])
+    monkeypatch.setattr(pipeline, "run_search", searches)
+    return replace(_config(small_world, root), **changes), searches
+
+
+def test_the_same_data_in_another_folder_reuses_the_finished_stages(
+    small_world, model, tmp_path, monkeypatch, caplog
+):
+    # The test split's fingerprint holds its files' paths: a pipeline continued on its data
+    # moved to another folder remade every test map, the ensemble search and the submission
+    # ("the test split or its truth changed") although it was told the data are the same.
+    import shutil
+
+    world = tmp_path / "a"
+    shutil.copytree(small_world.root, world)
+    cfg, searches = _fake_run(
+        small_world, model, tmp_path, monkeypatch, data=str(world), data_root=str(tmp_path / "c")
+    )
+    first = pipeline.run_pipeline(cfg)
+    res = tmp_path / "results" / "pipeline"
+    made = [res / "submission.csv", res / "ensemble" / "submit.json"]
+    made += sorted((tmp_path / "runs").rglob(pipeline.TEST_FILE))
+    assert len(made) == 2 + 2 * len(pipeline.STAGES)
+    stamps = [p.stat().st_mtime_ns for p in made]
+    shutil.move(world, tmp_path / "b")
+    searches.calls.clear()
+    with caplog.at_level(logging.WARNING, logger="bldseg.pipeline"):
+        again = pipeline.run_pipeline(replace(cfg, data=str(tmp_path / "b")))
+    assert searches.calls == []  # the searches were skipped before too
+    assert [p.stat().st_mtime_ns for p in made] == stamps  # nothing remade
+    for kind in ("ensemble", "predict"):
+        assert again[kind]["mlflow_run_id"] == first[kind]["mlflow_run_id"]
+    assert "is the same (the same content digest): its test maps, ensemble and submission are" in (
+        caplog.text
+    )
+    assert "the test split or its truth changed" not in caplog.text
+    assert again["config"]["data"] == str(tmp_path / "b")
+    # other test content is still another split (refresh_state): everything after it redone
+    state = {**again, "test_content": "0" * 32, "test_fingerprint": "1" * 32}
+    notes = pipeline.refresh_state(cfg, state, again["test_fingerprint"], True, "2" * 32)
+    assert "ensemble" not in state and "predict" not in state
+    assert len(notes) == 1 and "the test split or its truth changed" in notes[0]
+
+
+def test_the_synthetic_world_continues_with_its_folder_as_data_and_back(
+    small_world, tmp_path, monkeypatch, caplog
+):
+    # Started without --data (the built-in world), the pipeline was refused with --data of that
+    # world's folder ("data: None -> '.../synthetic'"), the same files; the reverse continued.
+    from bldseg.data.prepare import prepare_data
+
+    monkeypatch.chdir(tmp_path)
+    world = str(small_world.root)
+    read = prepare_data(world, data_root=small_world.root.parent, progress=False)
+    train = read.train
+    assert pipeline.fingerprint_test_split(read) == pipeline.fingerprint_test_split(small_world)
+    synthetic = PipelineConfig(data_root=str(small_world.root.parent))
+    recorded = _recorded(
+        synthetic,
+        data_fingerprint=small_world.train.fingerprint,
+        data_content=small_world.train.content,
+    )
+    with caplog.at_level(logging.WARNING, logger="bldseg.pipeline"):
+        pipeline.check_continuation(
+            replace(synthetic, data=world), recorded, train.fingerprint, train.content
+        )
+    assert f"read from {world} now, not the built-in synthetic world (no --data)" in caplog.text
+    # and back: started with --data, continued without (it continued before too)
+    caplog.clear()
+    with_data = _recorded(
+        replace(synthetic, data=world),
+        data_fingerprint=train.fingerprint,
+        data_content=train.content,
+    )
+    with caplog.at_level(logging.WARNING, logger="bldseg.pipeline"):
+        pipeline.check_continuation(
+            synthetic, with_data, small_world.train.fingerprint, small_world.train.content
+        )
+    assert f"from the built-in synthetic world (no --data) now, not {world}" in caplog.text
+    # other data in its place are refused, saying what the recorded setting was
+    with pytest.raises(
+        ContinuationError,
+        match=r"\(data: the built-in synthetic world \(no --data\) -> '.*'; training data content",
+    ):
+        pipeline.check_continuation(
+            replace(synthetic, data=world), recorded, train.fingerprint, "0" * 32
+        )
+
+
+def test_a_damaged_stage_search_names_the_pipelines_remedy(
+    small_world, model, tmp_path, monkeypatch, capsys
+):
+    # The pipeline passed on bldseg tune's refusal: "start a new search (another --name)",
+    # "--from", flags the pipeline does not have (its --name names a new pipeline), and nothing
+    # said how to redo the stage. The command exits 1, as any pipeline it cannot continue.
+    import pickle
+
+    from bldseg.commands import pipeline as command
+    from bldseg.tune.runner import META_FILE
+
+    cfg, searches = _fake_run(small_world, model, tmp_path, monkeypatch)
+    searches.interrupt = "tune_sched"  # tune_aug recorded, tune_sched left to resume
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg)
+    storage = tmp_path / "runs" / "pipeline"
+    sched, aug = storage / "pipeline-tune_sched", storage / "pipeline-tune_aug"
+    stale = tmp_path / "runs" / "pipeline.stale"
+
+    def refused(stage: Path, what: str) -> str:
+        with pytest.raises(ContinuationError) as e:
+            pipeline.run_pipeline(cfg)
+        said = str(e.value)
+        assert f"stage {stage.name.split('-')[1]}: its search {stage} cannot be continued" in said
+        assert what in said
+        assert f"mkdir -p {stale} && mv {stage} {stale}/" in said
+        assert "start a new pipeline (another --name)" in said
+        assert "--from" not in said and "start a new search" not in said
+        return said
+
+    def damaged(path: Path) -> bytes:
+        kept = path.read_bytes()
+        path.write_bytes(kept[: len(kept) // 2])
+        return kept
+
+    searches.calls.clear()
+    kept = damaged(sched / "tuner.pkl")
+    refused(sched, "Ray Tune's saved state there")
+    (sched / "tuner.pkl").write_bytes(kept)
+    kept = damaged(sched / META_FILE)
+    refused(sched, f"{sched / META_FILE} is damaged (")
+    (sched / META_FILE).unlink()
+    refused(sched, f"it has no {META_FILE}")
+    (sched / META_FILE).write_bytes(kept)
+    kept = damaged(aug / META_FILE)  # a finished stage's record: read for its trial count
+    refused(aug, f"{aug / META_FILE} is damaged (")
+    assert searches.calls == []  # refused before any search
+    # the command: one line, exit status 1 (a pipeline it cannot continue)
+    monkeypatch.setattr(command, "run_pipeline", lambda _: pipeline.run_pipeline(cfg))
+    assert command.main(["--trials", "1"], prog="bldseg pipeline") == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert line.startswith("bldseg pipeline: error: stage tune_aug: its search")
+    assert "Traceback" not in err
+    (aug / META_FILE).write_bytes(kept)
+    # a finished stage's Tune state is not read again: damaged, it is no reason to refuse
+    (aug / "tuner.pkl").write_bytes(pickle.dumps({})[:3])
+    # what the message says works: the moved search runs again from its start
+    stale.mkdir(parents=True)
+    (sched).rename(stale / sched.name)
+    state = pipeline.run_pipeline(cfg)
+    assert searches.calls == [("tune_sched", False), ("tune_tau", False)]
+    assert list(state["stages"]) == [s for s, _ in pipeline.STAGES] and "predict" in state
