@@ -195,7 +195,9 @@ def _suspects(args: argparse.Namespace, written: list[Path]) -> int:
     for line in lines:
         print(line)
     try:
-        data = prepare_data(args.data, options=options, data_root=args.data_root, verbose=True)
+        data = prepare_data(
+            args.data, options=options, data_root=args.data_root, verbose=True, test_split=False
+        )
     except USER_ERRORS as e:
         # the message names --data or folders, which the user did not type: say where from
         if source:

@@ -145,6 +145,7 @@ def _train(args: argparse.Namespace, fixed: dict) -> int:
             data_root=args.data_root,
             verbose=True,
             split_group=cfg.split_group,
+            test_split=False,  # training never reads it (a competition's: ~9 GB to decode)
         )
         if cfg.folds >= 2:  # more folds than source scenes: said here, naming --folds
             groups = split_groups(data.train, cfg.split_group)

@@ -1272,7 +1272,7 @@ def _fit(
     stop_after: int | None,
 ) -> FitResult:
     """:func:`fit`'s run, with the run folder's lock held."""
-    data = data or prepare_data(cfg.data, progress=progress)
+    data = data or prepare_data(cfg.data, progress=progress, test_split=False)
     # How the training images were decoded (bands, stretch, alpha), for prediction to read new
     # images alike, and how the data was found and its masks decoded, for commands that read
     # it (or other masks) again: known when the prepared data records its options, the flags

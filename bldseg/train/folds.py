@@ -508,7 +508,7 @@ def fit_folds(
         raise ValueError(f"--fold {only}: the folds of --folds {k} are 0..{k - 1}")
     out = Path(out_dir)
     check_kfold_folder(out)
-    data = data or prepare_data(cfg.data, progress=progress)
+    data = data or prepare_data(cfg.data, progress=progress, test_split=False)
     cache = data.train
     # Checked before any fold trains: more folds than groups fails here, naming --folds.
     assigned = fold_assignment(len(cache), k, cfg.split_seed, split_groups(cache, cfg.split_group))

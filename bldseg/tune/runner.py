@@ -2009,7 +2009,7 @@ def _refuse_data_early(data: str | None, options: DataOptions, data_root: str) -
     kind = detect_data(data, options)
     if kind == "folders" and folder_layout(data, options)[1:] == (None, None):
         # refused there, naming the folder and the flags to pass, before any file is read
-        prepare_data(data, options=options, data_root=data_root, progress=False)
+        prepare_data(data, options=options, data_root=data_root, progress=False, test_split=False)
 
 
 def _trials_started(exp_dir: Path) -> bool:
@@ -2211,6 +2211,7 @@ def _run_search(spec: SearchSpec) -> SearchResult:
         data_root=spec.data_root,
         verbose=True,
         split_group=base.get("split_group"),
+        test_split=False,  # no trial reads the test split: not cached for them
     )
     started_on = (meta or {}).get("data_fingerprint")
     if meta is not None:
