@@ -81,6 +81,7 @@ from bldseg.tune.runner import (
     check_trials_on_data,
     get_space,
     read_search_record,
+    read_trial_table,
     run_search,
 )
 from bldseg.tune.runner import META_FILE as SEARCH_META
@@ -694,7 +695,7 @@ def _recorded_stage_problem(info: dict, trials: int) -> str | None:
     csv = Path(info["path"]) / "trials.csv"
     if not csv.is_file():
         return f"{csv} does not exist"
-    return unfinished_trials(pd.read_csv(csv), _search_trials(Path(info["path"]), trials))
+    return unfinished_trials(read_trial_table(csv), _search_trials(Path(info["path"]), trials))
 
 
 def _repair_state(cfg: PipelineConfig, state: dict, storage: Path) -> None:

@@ -262,7 +262,9 @@ def _tau_scatter(ax, trials: pd.DataFrame, granularity: str | None) -> None:
 
 def _trial_test_dice(trials_csv: Path, truth_ok: bool) -> pd.DataFrame:
     """Per trial of a stage: val Dice and held-out test Dice at the trial's own threshold."""
-    t = pd.read_csv(trials_csv)
+    from bldseg.tune.runner import read_trial_table
+
+    t = read_trial_table(trials_csv)
     rows = []
     for _, r in t.iterrows():
         run = Path(r["run_dir"])

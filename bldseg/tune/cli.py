@@ -45,6 +45,7 @@ from bldseg.tune.runner import (
     SearchSpec,
     name_problem,
     read_search_record,
+    read_trial_table,
     run_search,
     section_key_problem,
 )
@@ -357,7 +358,7 @@ def start_from(search: str, storage: str) -> StartingPoint:
     if not csv.is_file():
         # the trial table is written when a search finishes (an interrupted one has none)
         raise ValueError(_unfinished(search, folder, storage, recorded))
-    table = pd.read_csv(csv)
+    table = read_trial_table(csv)
     try:
         best = best_config(table)
     except RuntimeError:

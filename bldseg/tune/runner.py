@@ -137,6 +137,13 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 CODE_DIR = Path(__file__).resolve().parents[2]  # bldseg's checkout (or site-packages)
 
 
+def read_trial_table(csv: str | os.PathLike) -> pd.DataFrame:
+    """A search's ``trials.csv``, its trial ids read as the text they are: Ray's 8 hex digits
+    may be all digits (``00012345`` read as the number 12345) or look like a float
+    (``1234e567``, read as inf), about one trial in 40."""
+    return pd.read_csv(csv, dtype={"trial_id": str})
+
+
 #: Exit status of a search process whose Ray cluster stopped answering (:class:`ClusterWatch`).
 EXIT_CLUSTER_LOST = 3
 #: Seconds the cluster's head may refuse connections before a search gives up on it: under

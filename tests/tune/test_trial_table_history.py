@@ -186,3 +186,25 @@ def test_resume_without_a_name_finds_the_latest_search_of_the_space_by_its_recor
     assert _latest(storage, "scheduler") == storage / "theirs"
     with pytest.raises(FileNotFoundError, match="no coteaching search under"):
         _latest(storage, "coteaching")
+
+
+def test_trial_ids_that_look_like_numbers_stay_text(tmp_path):
+    # Ray's ids are 8 hex digits: about one in 40 is all digits, and some read as floats;
+    # pandas made 00012345 the number 12345 and 1234e567 inf, so --from named another trial
+    folder = tmp_path / "augmentation-x"
+    folder.mkdir()
+    (folder / META_FILE).write_text(json.dumps({"base": {"epochs": 2}, "spec": {}}))
+    table = pd.DataFrame(
+        {
+            "trial_id": ["00012345", "1234e567"],
+            "status": ["completed", "completed"],
+            METRIC: [0.5, 0.7],
+            "config/aug.hflip_p": [0.1, 0.3],
+        }
+    )
+    table.to_csv(folder / "trials.csv", index=False)
+    assert list(runner.read_trial_table(folder / "trials.csv")["trial_id"]) == list(
+        table["trial_id"]
+    )
+    start = cli.start_from(str(folder), str(tmp_path))
+    assert "best trial 1234e567 " in start.said and start.config["aug.hflip_p"] == 0.3
