@@ -24,11 +24,13 @@ the previous value is restored afterwards; the environment is otherwise read, ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -99,10 +101,61 @@ def build_root() -> Path:
 
 
 def cuda_build_available() -> bool:
-    """True when CUDA sources can be compiled and run: a CUDA device and a CUDA toolkit."""
+    """True when CUDA sources can be compiled and run: a CUDA device and a CUDA toolkit whose
+    major version is torch's (:func:`cuda_toolkit_problem`; otherwise warned about once)."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.cuda.is_available() and CUDA_HOME is not None
+    if not torch.cuda.is_available() or CUDA_HOME is None:
+        return False
+    problem = cuda_toolkit_problem(CUDA_HOME, torch.version.cuda)
+    if problem is not None:
+        _warn_once(problem)
+    return problem is None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def nvcc_release(cuda_home: str | os.PathLike) -> str | None:
+    """The release ``cuda_home``'s nvcc reports (``12.8``), or None where it does not run."""
+    nvcc = Path(cuda_home, "bin", "nvcc")
+    try:
+        done = subprocess.run(
+            [str(nvcc), "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", done.stdout)
+    return found.group(1) if found else None
+
+
+@functools.cache
+def cuda_toolkit_problem(cuda_home: str | os.PathLike, torch_cuda: str | None) -> str | None:
+    """Why the CUDA toolkit at ``cuda_home`` cannot build for a torch built with CUDA
+    ``torch_cuda``, or None. torch's JIT builder does not check it (only its setuptools
+    ``BuildExtension`` does): another major version fails every build of the op, CPU part
+    included, and each new process (every Ray trial) tries again."""
+    release = nvcc_release(cuda_home)
+    if release is None:
+        return (
+            f"CUDA_HOME={cuda_home} has no nvcc that runs: the native ops are built without "
+            "their CUDA kernels (CUDA tensors use the reference op); set CUDA_HOME to the CUDA "
+            f"toolkit {torch_cuda} that torch was built with"
+        )
+    if torch_cuda is not None and release.split(".")[0] != torch_cuda.split(".")[0]:
+        return (
+            f"the CUDA toolkit at {cuda_home} is {release}, torch was built with CUDA "
+            f"{torch_cuda}: the native ops are built without their CUDA kernels (CUDA tensors "
+            f"use the reference op); install CUDA {torch_cuda.split('.')[0]}.x and point "
+            "CUDA_HOME at it"
+        )
+    return None
 
 
 def _openmp_supported() -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bldseg.ops import BuildError, NativeExtension, build_root, dcnv3, dcnv3_reference
+from bldseg.ops import BuildError, NativeExtension, _build, build_root, dcnv3, dcnv3_reference
 from bldseg.ops import build as build_cli
 from bldseg.ops._build import load_extension
 
@@ -370,3 +370,36 @@ def test_builds_where_the_filesystem_cannot_lock(
     source = _write_tiny(tmp_path / "src", value=5)
     module, info = load_extension("bldseg_tiny_nolock", [source], is_python_module=True)
     assert module.value() == 5 and info.built
+
+
+def _cuda_home(tmp_path: Path, release: str | None) -> Path:
+    """A CUDA_HOME whose bin/nvcc prints ``release`` as nvcc does (None: it fails)."""
+    home = tmp_path / f"cuda-{release}"
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    said = f"Cuda compilation tools, release {release}, V{release}.89" if release else ""
+    nvcc.write_text(f"#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\necho '{said}'\n")
+    nvcc.chmod(0o755)
+    return home
+
+
+def test_a_cuda_toolkit_of_another_major_version_than_torchs_is_not_built_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch's JIT builder does not check it: nvcc 11.8 for a CUDA 12 torch failed every build
+    # of the op (its CPU part too), again in every new process and Ray trial
+    from torch.utils import cpp_extension
+
+    old, same = _cuda_home(tmp_path, "11.8"), _cuda_home(tmp_path, "12.4")
+    assert _build.nvcc_release(old) == "11.8"
+    problem = _build.cuda_toolkit_problem(str(old), "12.8")
+    assert "is 11.8, torch was built with CUDA 12.8" in problem and "install CUDA 12.x" in problem
+    assert _build.cuda_toolkit_problem(str(same), "12.8") is None  # minor versions may differ
+    assert "has no nvcc that runs" in _build.cuda_toolkit_problem(str(tmp_path / "none"), "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(old))
+    with pytest.warns(RuntimeWarning, match=r"built without their CUDA kernels"):
+        assert _build.cuda_build_available() is False
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(same))
+    assert _build.cuda_build_available() is True
