@@ -511,10 +511,11 @@ def write_test_library(run_dir: Path, data: PreparedData, truth: np.ndarray) -> 
     same truth.
     """
     path = run_dir / TEST_FILE
-    # Where the submission is predicted (predict_cache's "auto"): on a GPU machine precision
-    # "auto" is bf16 there, as the validation maps were; CPU maps would be float32 ones.
+    # Where the submission is predicted (predict_cache's "auto").
     dev = resolve_device("auto")
     # The config alone says how the maps must be made: the weights are read only to remake them.
+    # Its precision is the one the run validated in (recorded; trials forced onto the CPU of a
+    # GPU machine validated in float32, which "auto" on the GPU would have made bf16).
     cfg, _ = member_config(run_dir)
     amp = eval_autocast(cfg.precision, dev)
     # as the validation maps beside it were made, and as bldseg predict makes them; the device

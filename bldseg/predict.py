@@ -64,7 +64,7 @@ import uuid
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -420,6 +420,15 @@ def _checkpoint_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
+def as_validated(cfg: RunConfig, record: dict) -> RunConfig:
+    """``cfg`` of a checkpoint or K-fold manifest, its ``precision`` the one its validation ran
+    in where ``record`` says (``amp``, :func:`~bldseg.train.engine.validated_precision`), so
+    that :func:`~bldseg.train.engine.eval_autocast` predicts as it validated on any device.
+    Records of older bldseg have none: ``auto`` is then resolved on the predicting device."""
+    amp = record.get("amp")
+    return cfg if amp in (None, cfg.precision) else replace(cfg, precision=amp)
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """A trained model from ``best.pt``: ``(model in eval mode, RunConfig, metrics dict)``.
 
@@ -430,7 +439,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
             (:func:`bldseg.train.engine.load_state`).
     """
     state = _checkpoint_state(Path(path))
-    cfg = RunConfig.from_flat(state["config"])
+    cfg = as_validated(RunConfig.from_flat(state["config"]), state)
     # Built as fit() built it (with_cp, drop path), with layer scale when the weights carry
     # gammas (a run fine-tuned from the official T segmentor); never re-reads `pretrained`.
     kwargs = {**cfg.model_kwargs(), **overrides_for_checkpoint(state["model"])}
@@ -509,7 +518,11 @@ def load_member(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise FileNotFoundError(f"K-fold manifest not found: {path}")
     ckpts, manifest = fold_checkpoints(path)
     models = [load_checkpoint(ckpt, device)[0] for ckpt in ckpts]
-    return models, RunConfig.from_flat(manifest["config"]), manifest.get("oof", {})
+    return (
+        models,
+        as_validated(RunConfig.from_flat(manifest["config"]), manifest),
+        manifest.get("oof", {}),
+    )
 
 
 def member_config(path: str | os.PathLike) -> tuple[RunConfig, dict]:
@@ -528,9 +541,11 @@ def member_config(path: str | os.PathLike) -> tuple[RunConfig, dict]:
         if not path.is_file():
             raise FileNotFoundError(f"K-fold manifest not found: {path}")
         _, manifest = fold_checkpoints(path)
-        return RunConfig.from_flat(manifest["config"]), manifest.get("oof", {})
+        return as_validated(RunConfig.from_flat(manifest["config"]), manifest), manifest.get(
+            "oof", {}
+        )
     state = _checkpoint_state(path, mmap=True)
-    return RunConfig.from_flat(state["config"]), state.get("metrics", {})
+    return as_validated(RunConfig.from_flat(state["config"]), state), state.get("metrics", {})
 
 
 def _image_read_of(path: Path) -> dict[str, Any] | None:

@@ -192,6 +192,19 @@ def eval_autocast(precision: str, device: torch.device) -> torch.dtype | None:
         return None
 
 
+def validated_precision(precision: str, device: torch.device) -> str:
+    """The precision a run's validation maps are made in on ``device``: ``precision`` with
+    ``auto`` resolved ("bf16", "fp16" or "fp32"). ``best.pt`` and ``folds.json`` record it
+    (``amp``): ``auto`` alone resolved on the predicting device is float32 on a CPU and bf16
+    on a GPU, so a run validated on one and predicted on the other was predicted in another
+    precision than its thresholds were chosen in."""
+    try:
+        amp = autocast_dtype(precision, device)
+    except ValueError:  # fp16 on a CPU: fit refuses it before this is asked
+        return precision
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a precision setting (None: float32, no autocast).
 
@@ -1570,6 +1583,9 @@ def _fit(
                     "image_read": image_read,
                     "data_options": data_options,  # how its data was read; None: not known
                     "data_kind": data.kind,  # the synthetic world, or which kind of user data
+                    # the precision its validation ran in (`auto` resolved on this device):
+                    # what prediction runs in, wherever it runs (predict.as_validated)
+                    "amp": validated_precision(cfg.precision, device),
                 },
                 _pending(out, "best.pt", epoch + 1),
             )

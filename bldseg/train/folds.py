@@ -58,7 +58,9 @@ from bldseg.train.engine import (
     fit,
     fitted_crop,
     load_state,
+    resolve_device,
     threshold_metrics,
+    validated_precision,
 )
 from bldseg.train.plots import tiles_from_cache, write_run_plots
 
@@ -529,6 +531,8 @@ def fit_folds(
         "val_images": [int((assigned == f).sum()) for f in range(k)],
         "split": split_record(cache.ids, assigned),
         "config": cfg.to_flat(),
+        # the precision the folds validated in (each fold's best.pt records it too)
+        "amp": validated_precision(cfg.precision, resolve_device(cfg.device)),
         # which data (masks edited since are refused on a resume: check_same_data); a resumed
         # run got here with the same fingerprint or none recorded
         **resume_checks.data_record(cache.fingerprint, cache.content),

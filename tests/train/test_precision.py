@@ -1,5 +1,6 @@
 """Run precision: bf16 autocast on the CPU, fp16 refused there, and the CPU's bf16 flag."""
 
+import json
 import logging
 
 import pytest
@@ -147,6 +148,44 @@ def test_prediction_runs_in_the_precision_of_validation(
     pipeline.write_test_library(tmp_path / "run", small_world, pipeline.test_truth(small_world))
     assert set(seen) == {dtype}
     assert engine.eval_autocast("fp16", CPU) is None  # a GPU's fp16 run predicted on a CPU
+
+
+def test_prediction_runs_in_the_precision_the_run_validated_in_on_any_device(
+    small_world, tmp_path, monkeypatch
+):
+    # `auto` is float32 on a CPU and bf16 on a GPU: resolved again on the predicting device, a
+    # run validated on a GPU (bf16 maps, thresholds chosen on them) was predicted on a CPU in
+    # float32, and a CPU-validated one on a GPU in bf16. best.pt and folds.json record it.
+    from bldseg import predict
+    from bldseg.train.folds import FOLDS_FILE, fit_folds
+
+    c = RunConfig.from_flat({**BASE, "epochs": 1, "precision": "auto"})
+    fit(c, tmp_path / "run", data=small_world)
+    best = tmp_path / "run" / "best.pt"
+    assert torch.load(best, weights_only=True)["amp"] == "fp32"  # validated on this CPU
+    # as a GPU machine's fit records the same run (auto: bf16 there)
+    state = torch.load(best, weights_only=True)
+    assert engine.validated_precision("auto", torch.device("cuda")) == "bf16"
+    torch.save({**state, "amp": "bf16"}, best)
+    _, cfg, _ = predict.load_checkpoint(best)
+    assert cfg.precision == "bf16" and engine.eval_autocast(cfg.precision, CPU) == torch.bfloat16
+    assert predict.member_config(best)[0].precision == "bf16"
+    seen = _record_conv_dtypes(monkeypatch, predict)
+    spec = predict.EnsembleSpec([str(best)], threshold=0.5)
+    predict.predict_cache(spec, small_world.test, device="cpu", progress=False)
+    assert set(seen) == {torch.bfloat16}
+    # a checkpoint of older bldseg records none: `auto` resolved where it predicts, as before
+    torch.save({k: v for k, v in state.items() if k != "amp"}, best)
+    assert predict.load_checkpoint(best)[1].precision == "auto"
+    # a K-fold run's manifest records it too
+    folds = c.with_updates({"folds": 2})
+    fit_folds(folds, tmp_path / "kfold", data=small_world, progress=False)
+    manifest = json.loads((tmp_path / "kfold" / FOLDS_FILE).read_text())
+    assert manifest["amp"] == "fp32" and manifest["config"]["precision"] == "auto"
+    manifest["amp"] = "bf16"
+    (tmp_path / "kfold" / FOLDS_FILE).write_text(json.dumps(manifest))
+    assert predict.member_config(tmp_path / "kfold")[0].precision == "bf16"
+    assert predict.load_member(tmp_path / "kfold")[1].precision == "bf16"
 
 
 def test_pipeline_test_maps_use_the_runs_tta(small_world, tmp_path):
