@@ -241,9 +241,18 @@ def prepare_data(
         prepared.options = options
     if verbose:
         # only for the printed line (it reads every source's record): commands print it once
+        grouped = ""
         if kind != "synthetic" and not split_group:
             prepared.split_hint = _tile_names_hint(prepared.train)
-        print(f"data ({prepared.kind}): {prepared.description}{prepared.split_hint}", flush=True)
+        elif split_group:  # the line counted source scenes; the split keeps these together
+            from bldseg.data.dataset import split_groups
+
+            n = len(set(split_groups(prepared.train, split_group)))
+            grouped = f", {n} split group(s) by --split-group {split_group!r}"
+        print(
+            f"data ({prepared.kind}): {prepared.description}{grouped}{prepared.split_hint}",
+            flush=True,
+        )
     return prepared
 
 

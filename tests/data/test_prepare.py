@@ -542,4 +542,10 @@ def test_tile_names_of_larger_scenes_get_a_split_group_hint(tmp_path, capsys, st
         # a run that groups them already is not told to
         prepare_data(tmp_path / "data", data_root=tmp_path / "root", verbose=True,
                      split_group=pattern)  # fmt: skip
-        assert said not in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert said not in out
+        # the line counts source files as scenes; the split's groups are said beside them
+        assert (
+            f"from 5 source scene(s), with masks, 2 split group(s) by --split-group {pattern!r}"
+            in out
+        )
