@@ -1689,6 +1689,8 @@ def predict_folder(
                 # network saw zeros there, and edges of such areas look like roofs to it.
                 pred &= valid
                 result.nodata_pixels += int((~valid).sum())
+                if 0 < pred.sum() < spec.min_area:  # counted on what is written, as elsewhere
+                    pred[:] = False
             # only the last suffix goes: "scene.2019.png" and "scene.2020.png" are two masks
             rel = rec.image_path.relative_to(images_dir)
             result.images.append(rec.image_path)

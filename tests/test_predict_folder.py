@@ -1680,3 +1680,27 @@ def test_cli_ctrl_c_says_whether_the_submission_was_written(
     )
     assert err.endswith(f"\nbldseg predict: interrupted; {said}\n"), err
     assert sub.is_file() == (where == "score_submission")
+
+
+def test_min_area_counts_the_pixels_left_after_no_data(pointwise_model, tmp_path):
+    # min-area was applied before the scene's no-data area was cleared: a bright no-data strip
+    # counted towards it, and the 9 building pixels left of a 400-pixel "prediction" were kept
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+
+    ckpt = save_checkpoint(tmp_path / "pw.pt", pointwise_model, 0, **{"aug.crop_size": 32})
+    images = tmp_path / "images"
+    images.mkdir()
+    rgb = np.full((40, 48, 3), 20, np.uint8)  # dark ground: no building
+    rgb[:, :10] = 250  # the nodata value (left strip), bright as a roof
+    rgb[20:23, 30:33] = 200  # one small roof of 9 pixels
+    profile = dict(driver="GTiff", height=40, width=48, count=3, dtype="uint8", nodata=250)
+    profile.update(crs="EPSG:32633", transform=Affine(0.5, 0, 500000.0, 0, -0.5, 4649776.0))
+    with rasterio.open(images / "scene.tif", "w", **profile) as dst:
+        dst.write(rgb.transpose(2, 0, 1))
+    for min_area, kept in ((100, 0), (9, 9)):
+        spec = EnsembleSpec([str(ckpt)], threshold=0.5, min_area=min_area)
+        out = tmp_path / f"out{min_area}"
+        r = predict_folder(spec, images, out, progress=False)
+        assert (read_png(out / "scene.png") == 255).sum() == kept
+        assert r.empty == int(kept == 0)

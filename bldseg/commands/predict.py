@@ -231,7 +231,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help=f"fraction of the window shared by neighbouring windows, 0..0.9 (default "
         f"{DEFAULT_OVERLAP}); overlaps are blended with centre-weighted (triangular) weights",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="tiles (or windows) per batch")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="tiles (or windows) per batch (default 16, as the pipeline's test maps; under bf16 "
+        "autocast other sizes move about 0.03%% of the pixels by one probability level)",
+    )
     p.add_argument("--device", default="auto")
     return p
 
