@@ -136,12 +136,53 @@ class LoadReport:
         return "; ".join(p for p in parts if p)
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file: an 8-byte little-endian header length, then the
+    header's JSON (torch.save writes a zip archive, ``PK``, or a pickle, ``\\x80``)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (no code runs: the format holds tensors only)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as e:  # a dependency; an environment without it says what to install
+        raise ImportError(f"{path} is a safetensors file: pip install safetensors") from e
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` of a checkpoint, tensors and plain data only; its checksums checked."""
+    check_archive(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_data()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(_refusal(path, e)) from None
+    except (RuntimeError, KeyError, IndexError, EOFError) as e:  # non-checkpoint bytes
+        # its first sentence: the rest advises weights_only=False, which would unpickle
+        # whatever the bytes say (and for bytes that are no checkpoint, fail anyway)
+        said = str(e).split(". ")[0].rstrip(".")
+        if isinstance(e, (KeyError, IndexError)):  # the unpickler's state: "101", "pop from ..."
+            said = "torch.load could not read it"
+        else:
+            said = f"{type(e).__name__}: {said}"
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({said})") from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Reads an official (or bldseg) checkpoint without running any code from it.
 
     Args:
         path: ``{"model": sd}``, ``{"state_dict": sd, ...}`` or a bare state dict, saved by
-            ``torch.save``. Never downloaded: it must be on disk.
+            ``torch.save``; or a ``.safetensors`` file (Hugging Face's format, a flat state
+            dict, as its hub converts weights to). Never downloaded: it must be on disk.
 
     Raises:
         FileNotFoundError: No file at ``path``.
@@ -154,21 +195,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"pretrained checkpoint not found: {path} (bldseg never downloads weights: pass the "
             "path of a file on this machine)"
         )
-    check_archive(path)
-    try:
-        with torch.serialization.safe_globals(_numpy_data()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(_refusal(path, e)) from None
-    except (RuntimeError, KeyError, IndexError, EOFError) as e:  # non-checkpoint bytes
-        # its first sentence: the rest advises weights_only=False, which would unpickle
-        # whatever the bytes say (and for bytes that are no checkpoint, fail anyway)
-        said = str(e).split(". ")[0].rstrip(".")
-        if isinstance(e, (KeyError, IndexError)):  # the unpickler's state: "101", "pop from ..."
-            said = "torch.load could not read it"
-        else:
-            said = f"{type(e).__name__}: {said}"
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({said})") from None
+    obj = _read_safetensors(path) if _is_safetensors(path) else _torch_load(path)
     sd = obj
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):  # mmseg, then the classification trainer

@@ -187,6 +187,27 @@ def test_classification_checkpoint_loads_into_the_backbone(cls_model, cls_file):
         torch.testing.assert_close(clf.eval()(x), cls_model(x), rtol=0, atol=0)
 
 
+def test_a_safetensors_file_loads_as_its_torch_save(cls_model, tmp_path):
+    # Hugging Face's hub keeps weights as .safetensors (OpenGVLab's port, every name under
+    # "model."): refused as "not a PyTorch checkpoint" before
+    from safetensors.torch import save_file
+
+    sd = {f"model.{k}": v.contiguous() for k, v in cls_model.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    save_file(sd, path)
+    model = create_model("upernet_internimage_tiny", pretrained=path).eval()
+    assert model.pretrained_report.layout == "classification"
+    assert_same_tensors(model.backbone, cls_model.state_dict(), skip=("conv_head.", "head."))
+    # recognised by its bytes too (a file renamed .bin), and a damaged one is named
+    renamed = tmp_path / "weights.bin"
+    renamed.write_bytes(path.read_bytes())
+    assert read_checkpoint(renamed).layout == "classification"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{cut} is not a readable safetensors file"):
+        read_checkpoint(cut)
+
+
 def test_t_segmentation_checkpoint_with_gammas_builds_t_with_layer_scale(tmp_path):
     # The official T segmentation config has layer_scale=1.0: gamma1/gamma2 in all 30 layers.
     torch.manual_seed(0)
