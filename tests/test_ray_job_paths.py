@@ -4,8 +4,10 @@ tests/ensemble/test_ray_job.py; here Ray's job variable is set by hand)."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import pandas as pd
 import pytest
 
 from bldseg.commands import RAY_JOB_ENV, warn_job_relative_paths
@@ -50,9 +52,14 @@ def test_each_relative_path_is_named_with_where_it_lands(in_ray_job, capsys):
         ("sqlite:///mlflow.db", "mlflow.db"),
         ("sqlite:///db/m.db", os.path.join("db", "m.db")),
         ("mlruns", "mlruns"),
+        ("file:./mlruns", "mlruns"),
+        ("file:mlruns", "mlruns"),
         ("sqlite:////shared/mlflow.db", None),
         ("http://127.0.0.1:5000", None),
         ("file:///shared/mlruns", None),
+        ("file:/shared/mlruns", None),
+        ("databricks", None),
+        ("postgresql://db:5432/mlflow", None),
     ],
 )
 def test_a_relative_tracking_store_is_named(in_ray_job, uri, relative):
@@ -72,9 +79,35 @@ def test_commands_warn_before_they_work(in_ray_job, capsys):
     assert predict_cmd.main(["--checkpoint", "missing.pt"]) != 0
     assert "--out submission.csv is relative" in capsys.readouterr().err
     assert train_cmd.main(["--out", "run", "--data", "nowhere"]) != 0
-    assert "--out run is relative" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--out run is relative" in err and "--data-root data is relative" in err
     assert tune_cli.main("aug", "augmentation search", ["--data", "nowhere"]) != 0
     err = capsys.readouterr().err
     for said in ("--storage runs is", "--data-root data is", "MLflow store (no --tracking-uri)"):
         assert said in err
     assert not (in_ray_job / "runs").exists()  # refused before anything was written
+
+
+def test_a_search_from_another_names_the_data_root_it_uses(
+    in_ray_job, tmp_path, capsys, monkeypatch
+):
+    # --from trains on the earlier search's data (its recorded --data-root): the warning
+    # named this command's default data/ instead, which nothing was written to
+    from bldseg.tune.runner import META_FILE
+
+    earlier = tmp_path / "shared" / "augmentation-1"
+    earlier.mkdir(parents=True)
+    record = {"base": {"epochs": 2, "data": None}, "spec": {"data_root": "/shared/data"}}
+    (earlier / META_FILE).write_text(json.dumps(record))
+    table = {"trial_id": ["a1"], "status": ["completed"], "val_dice_best": [0.5]}
+    pd.DataFrame({**table, "config/aug.hflip_p": [0.3]}).to_csv(earlier / "trials.csv")
+
+    def stop(spec):
+        raise ValueError(f"stopped with --data-root {spec.data_root}")
+
+    monkeypatch.setattr(tune_cli, "run_search", stop)
+    argv = ["--from", str(earlier), "--storage", "/shared/runs", "--tracking-uri", "http://h"]
+    assert tune_cli.main("scheduler", "schedule search", argv) == 2
+    err = capsys.readouterr().err
+    assert "stopped with --data-root /shared/data" in err
+    assert "is relative" not in err, err  # every path it uses is absolute

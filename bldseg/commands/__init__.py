@@ -65,25 +65,32 @@ def warn_job_relative_paths(
     """
     if RAY_JOB_ENV not in os.environ:
         return []
-    # what to call each path -> the path, relative to the current folder
+    # what to call each path -> where it lands (absolute)
     relative = {
-        f"{flag} {value}": value
+        f"{flag} {value}": os.path.abspath(value)
         for flag, value in paths.items()
         if value and not os.path.isabs(value)
     }
     if tracking_uri is None:
-        relative["the MLflow store (no --tracking-uri)"] = "mlflow.db"
+        relative["the MLflow store (no --tracking-uri)"] = os.path.abspath("mlflow.db")
     elif isinstance(tracking_uri, str) and tracking_uri:
-        # sqlite:///rel/path and a plain folder (a file store) are relative to the current
-        # folder; sqlite:////abs/path, http://... and file:///... are not
-        path = tracking_uri.removeprefix("sqlite:///")
-        if "://" not in path and not os.path.isabs(path):
-            relative[f"--tracking-uri {tracking_uri}"] = path
+        from urllib.parse import urlparse
+
+        from bldseg.tune.tracking import absolute_uri  # (MLflow: imported in a Ray job only)
+
+        # relative: sqlite:///rel, file:rel or file:./rel, a plain folder (a file store); not
+        # sqlite:////abs, file:/abs, http://..., databricks, postgresql://...
+        resolved = absolute_uri(tracking_uri)
+        if resolved != tracking_uri:
+            where = resolved.removeprefix("sqlite:///")
+            relative[f"--tracking-uri {tracking_uri}"] = (
+                urlparse(where).path if where.startswith("file:") else where
+            )
     lines = [
         f"{prog}: warning: {what} is relative to the current folder, here the Ray job's "
         "working folder, which Ray keeps in its temporary folder on this node and may delete "
-        f"once no job uses it ({os.path.abspath(path)}); give a path on the shared folder"
-        for what, path in relative.items()
+        f"once no job uses it ({where}); give a path on the shared folder"
+        for what, where in relative.items()
     ]
     for line in lines:
         print(line, file=sys.stderr)

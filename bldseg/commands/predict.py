@@ -736,7 +736,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     # the submission's default name (with --images a mask folder, which is required)
     out = args.out or (None if args.images else "submission.csv")
-    warn_job_relative_paths(prog or "bldseg predict", {"--out": out})
+    paths = {"--out": out, "--data-root": args.data_root}
+    warn_job_relative_paths(prog or "bldseg predict", paths)
     written: list[str] = []  # the submission CSV, once in place
     return interruptible(
         prog, lambda: _predict(args, written), lambda err: _interrupted(args, written, err)

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("give --mask-values or --mask-nonzero, not both")
     if args.mask_threshold is not None and not 0.0 < args.mask_threshold < 1.0:
         p.error(f"--mask-threshold {args.mask_threshold}: a fraction of the range, in (0, 1)")
-    warn_job_relative_paths(p.prog, {"--out": args.out})
+    warn_job_relative_paths(p.prog, {"--out": args.out, "--data-root": args.data_root})
     written: list[Path] = []  # suspects.csv and .png, once in place
     return interruptible(
         p.prog, lambda: _suspects(args, written), lambda _: _interrupted(args, written)

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.fold is not None and not 0 <= args.fold < args.folds:
         last = args.folds - 1
         parser.error(f"--fold {args.fold}: the folds of --folds {args.folds} are 0..{last}")
-    warn_job_relative_paths(parser.prog, {"--out": args.out})
+    warn_job_relative_paths(parser.prog, {"--out": args.out, "--data-root": args.data_root})
     given = parse_set(args.set)
     if "data" in given:
         # the dataset comes from --data (or --images); a --set data= was overwritten silently

@@ -840,10 +840,6 @@ def main(
         parser.error(
             f"--storage {args.storage}: {existing} is a file; give a folder for search results"
         )
-    # a resumed search logs to the store it recorded (absolute) when --tracking-uri is left out
-    tracking = args.tracking_uri if args.tracking_uri or not args.resume else False
-    paths = {"--storage": args.storage, "--data-root": args.data_root}
-    warn_job_relative_paths(parser.prog, paths, tracking)
     parent_tags = {}
     data, options, data_root = args.data, data_options(args), args.data_root
     if args.start_from:
@@ -866,6 +862,11 @@ def main(
             data, options, data_root = carried_data(parser, args, argv, start)
     if args.folds is not None:
         base["folds"] = args.folds
+    # the data root used (--from carries its search's); a resumed search logs to the store it
+    # recorded (absolute) when --tracking-uri is left out
+    tracking = args.tracking_uri if args.tracking_uri or not args.resume else False
+    paths = {"--storage": args.storage, "--data-root": data_root}
+    warn_job_relative_paths(parser.prog, paths, tracking)
     # what the user fixed by name, as opposed to the defaults under it (CPU_DEMO, the recipe)
     user_keys = set(parse_set(args.set)) - {"pretrained"}
     user_keys |= {k for k, v in (("model", args.model), ("split_group", args.split_group)) if v}
