@@ -40,6 +40,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,11 @@ def _check_writable(uri: str, db: Path, experiment: str | None = None) -> None:
     recorded = _recorded_artifact_folder(db, experiment) if experiment is not None else None
     # os.path: False, not a PermissionError, where mlartifacts is not ours to look into
     if recorded is not None:
-        artifacts_used = recorded  # an existing experiment's, wherever it was made to keep them
+        # an existing experiment's, wherever it was made to keep them; not made yet (`mlflow
+        # experiments create` records a folder it does not make): where it will be made
+        artifacts_used = recorded
+        while not os.path.exists(artifacts_used) and artifacts_used != artifacts_used.parent:
+            artifacts_used = artifacts_used.parent
     elif experiment is not None and os.path.isdir(artifacts / experiment):
         artifacts_used = artifacts / experiment  # a run of an existing experiment's
     else:
@@ -569,7 +574,8 @@ def logged_float(key: str, value: float) -> float:
     is the same level: a level's ``L/255`` rounded to nearest (86/255 = 0.3372549 as 0.337255)
     is the next level up (:func:`bldseg.metrics.level_from_threshold`), for 123 of 256."""
     if _THRESHOLD_NAME.search(key.rsplit(".", 1)[-1]) and math.isfinite(value):
-        return math.floor(value * 1e6) / 1e6
+        # on the decimal digits: floor(value * 1e6) / 1e6 took 0.0157 to 0.015699
+        return float(Decimal(repr(value)).quantize(Decimal("1e-6"), rounding=ROUND_FLOOR))
     return round_float(value)
 
 

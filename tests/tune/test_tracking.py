@@ -261,11 +261,15 @@ def test_an_experiment_made_elsewhere_is_checked_where_it_keeps_its_artifacts(
     own.mkdir()
     own.chmod(0o755)
     client.create_experiment("made-elsewhere", artifact_location=own.as_uri())
+    # `mlflow experiments create` records <its cwd>/mlruns/<id> and does not make it
+    client.create_experiment("not-made-yet", artifact_location=(own / "mlruns" / "2").as_uri())
     another_user(monkeypatch)
-    with pytest.raises(RuntimeError, match=rf"cannot write {re.escape(str(own))} \(owner"):
-        tracking.check_tracking(uri, experiment="made-elsewhere")
+    for experiment in ("made-elsewhere", "not-made-yet"):
+        with pytest.raises(RuntimeError, match=rf"cannot write {re.escape(str(own))} \(owner"):
+            tracking.check_tracking(uri, experiment=experiment)
     own.chmod(0o775)
-    tracking.check_tracking(uri, experiment="made-elsewhere")  # mlartifacts/ is not its folder
+    for experiment in ("made-elsewhere", "not-made-yet"):  # mlartifacts/ is not their folder
+        tracking.check_tracking(uri, experiment=experiment)
 
 
 def test_a_sqlite_store_on_a_read_only_filesystem_is_refused_as_that(tmp_path, monkeypatch):
@@ -354,6 +358,8 @@ def test_logged_thresholds_read_back_as_their_level(tmp_path):
             assert level_from_threshold(logged) == level, (key, level, logged)
         assert level_from_threshold(float(tracking.param_text(level / 255, "threshold"))) == level
     assert tracking.logged_float("val_dice", 86 / 255) == 0.337255  # others: to nearest
+    # floored on the decimal digits: a value read back and logged again stays itself
+    assert tracking.logged_float("best_threshold", 0.0157) == 0.0157
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = tracking.check_tracking(uri)
     run = client.create_run(tracking.ensure_experiment(client, "e", uri))
