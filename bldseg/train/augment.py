@@ -30,6 +30,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: 0.004: a sharp roof edge moves by one grey level, a 72-level edge not at all. From 0.4 (side
 #: weights 0.04) a roof edge softens by about 14 levels, at 0.5 by about 35.
 MIN_BLUR_SIGMA = 0.4
+#: The weakest blur of earlier bldseg versions, newest first: a run recorded with a
+#: ``blur_sigma`` below today's minimum drew from [the minimum then in force, blur_sigma], and
+#: a resumed one goes on so (:func:`blur_sigma_range`).
+EARLIER_BLUR_MINIMA = (0.3, 0.1)
+
+
+def blur_sigma_range(blur_sigma: float) -> tuple[float, float]:
+    """The sigmas a config's blurs draw from: [:data:`MIN_BLUR_SIGMA`, blur_sigma]; a recorded
+    ``blur_sigma`` below it keeps the range it trained with (albumentations would sort
+    (0.4, 0.35) into [0.35, 0.4], a stronger blur than the run's earlier epochs had)."""
+    if blur_sigma >= MIN_BLUR_SIGMA:
+        return (MIN_BLUR_SIGMA, blur_sigma)
+    low = next((m for m in EARLIER_BLUR_MINIMA if m <= blur_sigma), blur_sigma)
+    return (low, blur_sigma)
 
 
 @dataclass
@@ -113,8 +127,9 @@ class AugConfig:
 
 
 def blur_problem(cfg: AugConfig) -> str | None:
-    """Why ``cfg``'s blur would train nothing (blur on with ``blur_sigma`` below
-    :data:`MIN_BLUR_SIGMA`, where every drawn blur returns the tile unchanged), or None.
+    """Why ``cfg``'s blur would train (almost) nothing (blur on with ``blur_sigma`` below
+    :data:`MIN_BLUR_SIGMA`, where a drawn blur moves a sharp edge by a few grey levels at most,
+    or returns the tile unchanged), or None.
 
     Not refused by :class:`AugConfig` itself: configs recorded before the limit (checkpoints,
     runs to resume) must keep loading. New runs are refused (:func:`bldseg.train.engine.fit`,
@@ -123,9 +138,9 @@ def blur_problem(cfg: AugConfig) -> str | None:
     if cfg.blur_p > 0 and cfg.blur_sigma < MIN_BLUR_SIGMA:
         return (
             f"augmentation parameter blur_sigma={cfg.blur_sigma} is below {MIN_BLUR_SIGMA}, the "
-            f"smallest sigma whose Gaussian blur changes a uint8 tile: its blur (blur_p="
-            f"{cfg.blur_p}) would leave every tile as it is; set aug.blur_sigma >= "
-            f"{MIN_BLUR_SIGMA}, or aug.blur_p=0 for no blur"
+            f"weakest blur bldseg draws: its blur (blur_p={cfg.blur_p}) would barely change a "
+            "tile (a sharp roof edge by a few grey levels at most, by one at 0.3, not at all "
+            f"below 2/7); set aug.blur_sigma >= {MIN_BLUR_SIGMA}, or aug.blur_p=0 for no blur"
         )
     return None
 
@@ -174,7 +189,7 @@ def build_train_transform(cfg: AugConfig, normalize: bool = True) -> A.Compose:
             # blur_limit=0: the kernel grows with the drawn sigma, 3 taps or more from
             # MIN_BLUR_SIGMA, so every applied blur softens the tile's edges
             lambda p: A.GaussianBlur(
-                blur_limit=0, sigma_limit=(MIN_BLUR_SIGMA, cfg.blur_sigma), p=p
+                blur_limit=0, sigma_limit=blur_sigma_range(cfg.blur_sigma), p=p
             ),
         ),
     ]

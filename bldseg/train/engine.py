@@ -1316,7 +1316,7 @@ def _fit(
     if (why := blur_problem(cfg.aug)) is not None:
         if not resuming:
             raise ValueError(why)
-        # recorded before the limit: the run continues as it trained (its blur a no-op)
+        # recorded before the limit: the run continues as it trained (blur_sigma_range)
         warnings.warn(f"{last_path}: {why}; the run continues as recorded", stacklevel=3)
     # Architecture settings a pretrained file chose (layer scale): on a resume they are read
     # from last.pt's weights, and the file itself is not read at all (last.pt holds every

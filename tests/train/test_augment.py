@@ -2,6 +2,7 @@
 
 import math
 import re
+from dataclasses import replace
 
 import albumentations as A
 import numpy as np
@@ -13,6 +14,7 @@ from bldseg.train.augment import (
     MIN_BLUR_SIGMA,
     AugConfig,
     blur_problem,
+    blur_sigma_range,
     build_eval_transform,
     build_train_transform,
     serialize,
@@ -235,6 +237,17 @@ def test_every_applied_blur_changes_the_tile(blur_sigma):
         image = _buildings_tile(seed)
         out = _seeded(build_train_transform(cfg, normalize=False), seed)(image=image)["image"]
         assert not np.array_equal(out, image), f"seed {seed}: the blur left the tile unchanged"
+
+
+def test_a_recorded_blur_below_the_minimum_keeps_the_range_it_trained_with():
+    # albumentations sorts (0.4, 0.35) into [0.35, 0.4]: a resumed run recorded with 0.35
+    # (drawn from [0.3, 0.35]) would have blurred more strongly than its earlier epochs
+    assert blur_sigma_range(1.0) == (MIN_BLUR_SIGMA, 1.0)
+    assert blur_sigma_range(0.35) == (0.3, 0.35)  # recorded while 0.3 was the minimum
+    assert blur_sigma_range(0.2) == (0.1, 0.2)  # before any minimum (from 0.1)
+    cfg = AugConfig(crop_size=64, scale_p=0.0, vflip_p=0.0, hflip_p=0.0, blur_p=1.0)
+    blur = build_train_transform(replace(cfg, blur_sigma=0.35), normalize=False).transforms[-1]
+    assert tuple(blur.sigma_limit) == pytest.approx((0.3, 0.35))
 
 
 def test_the_weakest_blur_drawn_softens_edges():
