@@ -402,6 +402,25 @@ def check_same_data(out: Path, recorded: dict[str, Any], data: PreparedData) -> 
     )
 
 
+def _kept_precision(out: Path, now: str) -> str:
+    """The precision a continued K-fold run records: the one its trained folds validated in
+    (the manifest's ``amp``), not this call's device's (``now``): ``auto`` continued on a CPU
+    after a GPU recorded float32 over bf16 maps, and the member was predicted in float32.
+    Warns where this call validates in another one: the out-of-fold maps then mix both."""
+    recorded = json.loads((out / FOLDS_FILE).read_text()).get("amp")
+    if recorded is None or not _trained_folds(out):
+        return now
+    if recorded != now:
+        warnings.warn(
+            f"{out / FOLDS_FILE}: its folds validated in {recorded}, this device validates in "
+            f"{now} (precision=auto resolves by device): the folds trained now validate in "
+            f"{now}, and the run is predicted in {recorded}, as recorded (continue it on a "
+            "device of the first kind to keep its maps alike)",
+            stacklevel=3,
+        )
+    return recorded
+
+
 def check_resumable(out: Path, cfg: RunConfig, data: PreparedData, assigned: np.ndarray) -> None:
     """Refuses to continue the K-fold run in ``out`` (its ``folds.json``) with another config,
     split or training data, before anything is written; a manifest whose folds never trained
@@ -523,8 +542,10 @@ def fit_folds(
         h, w = cache.image_size
         print(f"aug.crop_size={cfg.aug.crop_size} > images {h}x{w}: crops of {min(h, w)} px")
     cfg = used[0]
+    amp = validated_precision(cfg.precision, resolve_device(cfg.device))
     if resume and (out / FOLDS_FILE).is_file():
         check_resumable(out, cfg, data, assigned)
+        amp = _kept_precision(out, amp)
     manifest: dict[str, Any] = {
         "folds": k,
         "runs": [fold_dir(out, f).name for f in range(k)],
@@ -532,7 +553,7 @@ def fit_folds(
         "split": split_record(cache.ids, assigned),
         "config": cfg.to_flat(),
         # the precision the folds validated in (each fold's best.pt records it too)
-        "amp": validated_precision(cfg.precision, resolve_device(cfg.device)),
+        "amp": amp,
         # which data (masks edited since are refused on a resume: check_same_data); a resumed
         # run got here with the same fingerprint or none recorded
         **resume_checks.data_record(cache.fingerprint, cache.content),

@@ -186,6 +186,10 @@ def test_prediction_runs_in_the_precision_the_run_validated_in_on_any_device(
     (tmp_path / "kfold" / FOLDS_FILE).write_text(json.dumps(manifest))
     assert predict.member_config(tmp_path / "kfold")[0].precision == "bf16"
     assert predict.load_member(tmp_path / "kfold")[1].precision == "bf16"
+    # continued on a device that validates otherwise, it keeps what its folds validated in
+    with pytest.warns(UserWarning, match=r"its folds validated in bf16, this device validates"):
+        fit_folds(folds, tmp_path / "kfold", data=small_world, progress=False)
+    assert json.loads((tmp_path / "kfold" / FOLDS_FILE).read_text())["amp"] == "bf16"
 
 
 def test_pipeline_test_maps_use_the_runs_tta(small_world, tmp_path):
