@@ -137,11 +137,17 @@ class LoadReport:
 
 
 def _is_safetensors(path: Path) -> bool:
-    """Whether ``path`` is a safetensors file: an 8-byte little-endian header length, then the
-    header's JSON (torch.save writes a zip archive, ``PK``, or a pickle, ``\\x80``)."""
+    """Whether ``path`` is a safetensors file: an 8-byte little-endian header length that fits
+    the file, then the header's JSON. Decided by the bytes: torch.save writes a zip archive
+    (``PK``) or a pickle (``\\x80``), whatever the file is named; the ``.safetensors`` suffix
+    decides only for bytes that are neither (a damaged download is then named as one)."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+    if head.startswith((b"PK", b"\x80")):
+        return False
+    fits = len(head) == 9 and head[8:9] == b"{"
+    fits = fits and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    return fits or path.suffix == ".safetensors"
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -161,8 +167,9 @@ def _torch_load(path: Path) -> Any:
     """``torch.load`` of a checkpoint, tensors and plain data only; its checksums checked."""
     check_archive(path)
     try:
-        with torch.serialization.safe_globals(_numpy_data()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # an open file, not the path: torch.load reads a path named *.safetensors as one
+        with open(path, "rb") as f, torch.serialization.safe_globals(_numpy_data()):
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(_refusal(path, e)) from None
     except (RuntimeError, KeyError, IndexError, EOFError) as e:  # non-checkpoint bytes

@@ -206,6 +206,14 @@ def test_a_safetensors_file_loads_as_its_torch_save(cls_model, tmp_path):
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"{cut} is not a readable safetensors file"):
         read_checkpoint(cut)
+    # the bytes decide: a torch.save file named .safetensors loads, JSON text is no checkpoint
+    misnamed = tmp_path / "torch.safetensors"
+    torch.save({"model": cls_model.state_dict()}, misnamed)
+    assert read_checkpoint(misnamed).layout == "classification"
+    text = tmp_path / "cfg.json"
+    text.write_text('{"cfg": {"a": 1}}')  # its 9th byte is "{" too
+    with pytest.raises(ValueError, match=rf"{text} is not a PyTorch checkpoint"):
+        read_checkpoint(text)
 
 
 def test_t_segmentation_checkpoint_with_gammas_builds_t_with_layer_scale(tmp_path):
