@@ -109,7 +109,7 @@ from bldseg.train.engine import (
     resolve_device,
     to_run_memory_format,
 )
-from bldseg.train.folds import FOLDS_FILE, fold_dir
+from bldseg.train.folds import FOLDS_FILE, fold_dir, unfinished_folds_problem
 
 #: Default fraction of a window that neighbouring windows share.
 DEFAULT_OVERLAP = 0.25
@@ -496,6 +496,8 @@ def fold_checkpoints(manifest_path: Path) -> tuple[list[Path], dict]:
                 f"{manifest_path}: fold {f} has no {ckpt}; train it (bldseg train --folds "
                 f"{manifest['folds']} --out {manifest_path.parent}) before predicting"
             )
+    if (problem := unfinished_folds_problem(manifest_path, manifest)) is not None:
+        raise ValueError(problem)
     return ckpts, manifest
 
 

@@ -73,7 +73,7 @@ from bldseg.predict import (
     resolve_member,
 )
 from bldseg.train.engine import eval_autocast
-from bldseg.train.folds import FOLDS_FILE, fold_dir, held_out_folds
+from bldseg.train.folds import FOLDS_FILE, fold_dir, held_out_folds, unfinished_folds_problem
 from bldseg.train.suspects import (
     DEFAULT_SMOOTH,
     precision_at_k,
@@ -460,6 +460,8 @@ def _load_folds(
         raise ValueError(f"{manifest_path} is not a K-fold run manifest (no 'folds' entry)")
     run = manifest_path.parent
     k = int(manifest["folds"])
+    if (problem := unfinished_folds_problem(manifest_path, manifest)) is not None:
+        raise ValueError(problem)  # a fold still training would rank its images
     # Before the models load: the data's images against the run's, and who held out whom.
     held_out = held_out_folds(run, k, ids)
     folds = []

@@ -465,6 +465,27 @@ def check_resumable(out: Path, cfg: RunConfig, data: PreparedData, assigned: np.
         print(f"{where}: no fold has trained yet; replaced by this config's manifest")
 
 
+def unfinished_folds_problem(manifest_path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why a K-fold run cannot be predicted with yet, or None: its manifest records no
+    out-of-fold result (the threshold it predicts at, chosen on maps of every fold), as while
+    ``--fold`` runs of its folds are still training or one was stopped. Predicted anyway, it
+    took the threshold 0.5 and a half-trained fold without a word."""
+    if "oof" in manifest:
+        return None
+    k, epochs = int(manifest["folds"]), manifest.get("config", {}).get("epochs")
+    left = [
+        f
+        for f in range(k)
+        if epochs is None or len(_fold_history(manifest_path.parent, f)) < epochs
+    ]
+    which = f"fold(s) {', '.join(map(str, left))} not trained to the end" if left else "its end"
+    return (
+        f"{manifest_path}: the K-fold run is not finished ({which}; no out-of-fold result, the "
+        f"threshold it predicts at, is recorded): finish it (bldseg train --folds {k} "
+        f"{'--fold F ' if left else ''}--out {manifest_path.parent}, with its other flags) first"
+    )
+
+
 def _fold_history(out: Path, fold: int) -> list[dict[str, Any]]:
     """The epochs another process has trained fold ``fold`` for, once its library is in place
     (``last.pt`` is written just before the best epoch's ``val_probs.npz`` is renamed in)."""

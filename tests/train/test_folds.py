@@ -156,6 +156,13 @@ def test_one_fold_at_a_time(small_world, tmp_path):
     assert train(small_world, tmp_path, "--folds", "2", "--fold", "1") == 0
     assert (tmp_path / "fold1" / "best.pt").is_file() and not (tmp_path / "fold0").exists()
     assert not (tmp_path / "val_probs.npz").exists()  # not until every fold is trained
+    # every fold with a best.pt, but no out-of-fold result yet (a --fold still training in
+    # another process looks so): predicted at 0.5 with the folds as they were, without a word
+    shutil.copytree(tmp_path / "fold1", tmp_path / "fold0")
+    for use in (member_config, load_member):
+        with pytest.raises(ValueError, match=r"folds\.json: the K-fold run is not finished"):
+            use(tmp_path / "folds.json")
+    shutil.rmtree(tmp_path / "fold0")
     done = (tmp_path / "fold1" / "best.pt").stat().st_mtime_ns
     assert train(small_world, tmp_path, "--folds", "2") == 0  # trains fold 0 only
     assert (tmp_path / "fold1" / "best.pt").stat().st_mtime_ns == done
