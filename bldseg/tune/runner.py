@@ -102,7 +102,7 @@ from bldseg.data.prepare import (
     prepare_data,
     without_unread_options,
 )
-from bldseg.io import write_json
+from bldseg.io import file_lock, write_json
 from bldseg.train.config import RunConfig, config_sections
 from bldseg.train.folds import FOLDS_FILE
 from bldseg.train.resume_checks import check_same_data
@@ -1177,6 +1177,21 @@ def _plots_stale(run_dir: Path) -> bool:
     return any(not p.exists() or p.stat().st_mtime_ns < newest for p in plots)
 
 
+def _finish_manifest(run_dir: Path, status: str) -> None:
+    """A K-fold trial's ``folds.json`` takes the trial's final status: Tune ends the trial
+    inside its last report, before fit_folds marks the manifest completed, and it said
+    "running" forever (a resumed trial on edited masks was then told of folds still to train)."""
+    from bldseg.train.folds import LOCK_FILE
+
+    path = run_dir / FOLDS_FILE
+    if not path.is_file():
+        return
+    with file_lock(run_dir / LOCK_FILE):
+        manifest = _read_json(path, None)
+        if isinstance(manifest, dict) and manifest.get("status") != status:
+            write_json(path, {**manifest, "status": status})
+
+
 def finalise_trial(
     run_dir: Path,
     trial_id: str,
@@ -1229,6 +1244,7 @@ def finalise_trial(
         final=True,
         oof=_read_json(run_dir / FOLDS_FILE, {}).get("oof"),
     )
+    _finish_manifest(run_dir, status)
     if _plots_stale(run_dir):
         if summary["best"].get("val_thr_widened"):
             # as fit draws them: shaded, the range the best epoch's threshold was chosen in

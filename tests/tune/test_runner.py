@@ -698,8 +698,11 @@ def test_kfold_trials_leave_out_of_fold_libraries(small_world, ray_session, tmp_
         assert sorted(set(z["image_ids"])) == sorted(small_world.train.ids)
         # the table shows what the trial predicts with (folds.json, scored before each report):
         # its out-of-fold Dice and threshold, not the best epoch's mean over the folds
-        oof = json.loads((run_dir / "folds.json").read_text())["oof"]
+        manifest = json.loads((run_dir / "folds.json").read_text())
+        oof = manifest["oof"]
         assert (row[METRIC], row["val_thr_best"]) == (oof["val_dice_best"], oof["val_thr_best"])
+        # Tune ended the trial in its last report: the manifest said "running" for ever
+        assert manifest["status"] == row["status"] in ("completed", "early-stopped")
         assert json.loads((run_dir / "summary.json").read_text())["oof"] == oof
         assert len(set(z["tile_ids"])) == len(z["tile_ids"]) and set(z["fold"]) == {0, 1}
     # the trials' out-of-fold libraries, not their folds, are the ensemble search's models
