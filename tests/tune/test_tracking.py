@@ -172,17 +172,22 @@ def shared_store(folder, artifacts=None):
     return db
 
 
+def store_made_by_a_team(uri: str):
+    """A client of a sqlite store created as a team member creates it (umask 002)."""
+    old = os.umask(0o002)
+    try:
+        return tracking.check_tracking(uri)
+    finally:
+        os.umask(old)
+
+
 def test_a_new_sqlite_store_is_as_writable_as_the_umask_makes_it(tmp_path, monkeypatch):
     # SQLite creates a database -rw-r--r-- whatever the umask: in a folder shared by a group
     # (umask 002) the store was read-only to all but its creator, whose teammates' searches
     # then failed in tracebacks ("attempt to write a readonly database") after the work.
     db = tmp_path / "shared" / "mlflow.db"
     uri = f"sqlite:///{db}"
-    old = os.umask(0o002)
-    try:
-        client = tracking.check_tracking(uri)
-    finally:
-        os.umask(old)
+    client = store_made_by_a_team(uri)
     assert stat.S_IMODE(db.stat().st_mode) == 0o664
     assert stat.S_IMODE(Path(f"{db}.lock").stat().st_mode) == 0o664
     # an empty file made for it is an empty database: MLflow made its tables
@@ -250,13 +255,8 @@ def test_an_experiment_made_elsewhere_is_checked_where_it_keeps_its_artifacts(
     folder = tmp_path / "shared"
     folder.mkdir()
     folder.chmod(0o775)
-    db = folder / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    old = os.umask(0o002)
-    try:
-        client = tracking.check_tracking(uri)
-    finally:
-        os.umask(old)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = store_made_by_a_team(uri)
     own = tmp_path / "team-artifacts"
     own.mkdir()
     own.chmod(0o755)
