@@ -199,9 +199,13 @@ def validated_precision(precision: str, device: torch.device) -> str:
     on a GPU, so a run validated on one and predicted on the other was predicted in another
     precision than its thresholds were chosen in."""
     try:
-        amp = autocast_dtype(precision, device)
+        return precision_name(autocast_dtype(precision, device))
     except ValueError:  # fp16 on a CPU: fit refuses it before this is asked
         return precision
+
+
+def precision_name(amp: torch.dtype | None) -> str:
+    """The precision setting of an autocast dtype: "bf16", "fp16", or "fp32" (None)."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
 
 
@@ -1585,7 +1589,7 @@ def _fit(
                     "data_kind": data.kind,  # the synthetic world, or which kind of user data
                     # the precision its validation ran in (`auto` resolved on this device):
                     # what prediction runs in, wherever it runs (predict.as_validated)
-                    "amp": validated_precision(cfg.precision, device),
+                    "amp": precision_name(amp),
                 },
                 _pending(out, "best.pt", epoch + 1),
             )
