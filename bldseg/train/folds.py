@@ -466,12 +466,12 @@ def check_resumable(out: Path, cfg: RunConfig, data: PreparedData, assigned: np.
 
 
 def unfinished_folds_problem(manifest_path: Path, manifest: dict[str, Any]) -> str | None:
-    """Why a K-fold run cannot be predicted with yet, or None: its manifest records no
-    out-of-fold result (the threshold it predicts at, chosen on maps of every fold), as while
-    ``--fold`` runs of its folds are still training or one was stopped. Predicted anyway, it
-    took the threshold 0.5 and a half-trained fold without a word."""
-    if "oof" in manifest:
-        return None
+    """Why a K-fold run cannot be predicted with yet, or None: its manifest says "running" and
+    records no out-of-fold result (the threshold it predicts at, chosen on maps of every
+    fold), as while ``--fold`` runs of its folds are still training or one was stopped.
+    Predicted anyway, it took the threshold 0.5 and a half-trained fold without a word."""
+    if "oof" in manifest or manifest.get("status") != "running":
+        return None  # finished (or a manifest written by hand, without a status)
     k, epochs = int(manifest["folds"]), manifest.get("config", {}).get("epochs")
     left = [
         f
